@@ -1,0 +1,5 @@
+//! Hardware-independent logic of the hypervisor: everything here builds and
+//! unit-tests on the host with `cargo test`.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
