@@ -3,3 +3,7 @@
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
+
+pub mod frame_bitmap;
+pub mod acpi_sleep;
+pub mod loader;

@@ -1,1 +1,43 @@
-#![cfg_attr(not(test), no_std)]
+//! `mm`: the hypervisor's guest memory manager.
+//!
+//! - [`addr`]: typed guest- and host-physical addresses.
+//! - [`hal`]: the hardware behind small traits (frames, contiguous blocks,
+//!   the direct map), so everything here also runs in host tests on
+//!   `sim::SimPhys` (feature `sim`).
+//! - [`paging`]: one nested-page-table engine for EPT and NPT.
+//! - [`GuestRam`]: a VM's RAM, its bounds-checked access, and its mapping
+//!   into a nested page table.
+//!
+//! `no_std` with `alloc`; std only for tests and the `sim` feature.
+#![no_std]
+
+extern crate alloc;
+#[cfg(any(test, feature = "sim"))]
+extern crate std;
+
+pub mod addr;
+mod error;
+mod guest_ram;
+pub mod hal;
+pub mod paging;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
+pub use addr::{GuestPhysAddr, HostPhysAddr};
+pub use error::{Error, MergeRefusal};
+pub use guest_ram::{GuestRam, LeInt, MemoryReport, RamChunk};
+
+/// Called from `Drop` of an object that still owns host frames. Freeing them
+/// needs an allocator (and maybe a TLB flush) that `Drop` does not have, so
+/// leaking is the only safe choice; debug builds panic so tests notice.
+pub(crate) fn leaked(what: &str, frames: usize) {
+    #[cfg(any(test, feature = "sim"))]
+    if std::thread::panicking() {
+        return;
+    }
+    if cfg!(debug_assertions) {
+        panic!("{what} was dropped without being freed: leaking {frames} host frame(s)");
+    }
+}

@@ -1,0 +1,148 @@
+//! The crate's one error type.
+
+use core::fmt;
+
+use crate::addr::{GuestPhysAddr, HostPhysAddr};
+use crate::paging::{Access, PageSize};
+
+/// Why `merge` refused to collapse a table into one large page.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum MergeRefusal {
+    /// The target is 4 KiB: there is nothing smaller to merge.
+    TooSmall,
+    /// The range is already one large page.
+    AlreadyLarge,
+    /// Some child entry is not present.
+    Hole,
+    /// Some child is itself a table (merge its children first).
+    ChildIsTable,
+    /// The children's host pages are not consecutive.
+    NotContiguous,
+    /// The children's host pages do not start on a large-page boundary.
+    HostMisaligned,
+    /// The children differ in access rights or memory type.
+    NotUniform,
+}
+
+impl fmt::Display for MergeRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MergeRefusal::TooSmall => "4 KiB pages cannot be merged",
+            MergeRefusal::AlreadyLarge => "it is already mapped by one page",
+            MergeRefusal::Hole => "part of it is not mapped",
+            MergeRefusal::ChildIsTable => "part of it is mapped by smaller pages",
+            MergeRefusal::NotContiguous => "its host pages are not contiguous",
+            MergeRefusal::HostMisaligned => "its host pages are not aligned to the large page size",
+            MergeRefusal::NotUniform => "its pages differ in access rights or memory type",
+        })
+    }
+}
+
+/// Everything that can go wrong in this crate. No operation panics on bad
+/// input; it returns one of these and leaves its object unchanged unless the
+/// operation's documentation says otherwise.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Error {
+    /// A guest-physical address is not aligned to the page size asked for.
+    MisalignedGuestAddress { gpa: GuestPhysAddr, size: PageSize },
+    /// A host-physical address is not aligned to the page size asked for.
+    MisalignedHostAddress { hpa: HostPhysAddr, size: PageSize },
+    /// A guest-physical range reaches beyond the 48 bits nested paging covers.
+    GuestAddressOutOfRange(GuestPhysAddr),
+    /// A host-physical range reaches beyond the 52 bits an entry can hold.
+    HostAddressOutOfRange(HostPhysAddr),
+    /// The entry format cannot grant exactly these rights.
+    UnsupportedAccess {
+        format: &'static str,
+        access: Access,
+    },
+    /// The table is limited to smaller pages (see `set_max_page_size`).
+    UnsupportedPageSize(PageSize),
+    /// `map` would overlap an existing mapping.
+    AlreadyMapped { gpa: GuestPhysAddr, size: PageSize },
+    /// Nothing is mapped at the address.
+    NotMapped(GuestPhysAddr),
+    /// The address is mapped by a larger page than the operation names.
+    InsideLargerPage { gpa: GuestPhysAddr, size: PageSize },
+    /// The range is mapped by smaller pages than the operation names.
+    MappedBySmallerPages { gpa: GuestPhysAddr, size: PageSize },
+    /// `split` found a 4 KiB page.
+    CannotSplit(GuestPhysAddr),
+    /// `merge` refused.
+    CannotMerge {
+        gpa: GuestPhysAddr,
+        size: PageSize,
+        reason: MergeRefusal,
+    },
+    /// The frame allocator ran out while building page tables.
+    OutOfTableMemory,
+    /// The host ran out of memory while allocating guest RAM.
+    OutOfGuestMemory { size: u64 },
+    /// A guest RAM layout is empty, misaligned, overlapping or out of order.
+    InvalidRamLayout { gpa: GuestPhysAddr, size: u64 },
+    /// A guest RAM access touches bytes outside guest RAM.
+    OutsideGuestRam { gpa: GuestPhysAddr, len: u64 },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Error::MisalignedGuestAddress { gpa, size } => {
+                write!(f, "Guest-physical address {gpa} is not aligned to {size}")
+            }
+            Error::MisalignedHostAddress { hpa, size } => {
+                write!(f, "Host-physical address {hpa} is not aligned to {size}")
+            }
+            Error::GuestAddressOutOfRange(gpa) => write!(
+                f,
+                "Guest-physical range at {gpa} reaches beyond the 48-bit guest-physical space"
+            ),
+            Error::HostAddressOutOfRange(hpa) => write!(
+                f,
+                "Host-physical range at {hpa} reaches beyond the 52-bit physical address space"
+            ),
+            Error::UnsupportedAccess { format, access } => {
+                write!(f, "{format} entries cannot grant access {access}")
+            }
+            Error::UnsupportedPageSize(size) => {
+                write!(f, "{size} pages are not enabled for this nested page table")
+            }
+            Error::AlreadyMapped { gpa, size } => {
+                write!(f, "{size} page at {gpa} overlaps an existing mapping")
+            }
+            Error::NotMapped(gpa) => write!(f, "Guest-physical address {gpa} is not mapped"),
+            Error::InsideLargerPage { gpa, size } => {
+                write!(
+                    f,
+                    "Guest-physical address {gpa} lies inside a {size} page (split it first)"
+                )
+            }
+            Error::MappedBySmallerPages { gpa, size } => {
+                write!(f, "The {size} range at {gpa} is mapped by smaller pages")
+            }
+            Error::CannotSplit(gpa) => {
+                write!(f, "The page at {gpa} is already 4 KiB and cannot be split")
+            }
+            Error::CannotMerge { gpa, size, reason } => {
+                write!(f, "Cannot merge the {size} range at {gpa}: {reason}")
+            }
+            Error::OutOfTableMemory => f.write_str("Out of host memory for page tables"),
+            Error::OutOfGuestMemory { size } => {
+                write!(f, "Out of host memory for {size:#x} bytes of guest RAM")
+            }
+            Error::InvalidRamLayout { gpa, size } => write!(
+                f,
+                "Guest RAM region at {gpa} of {size:#x} bytes is empty, not 4 KiB-aligned, \
+                 out of order or beyond the guest-physical space"
+            ),
+            Error::OutsideGuestRam { gpa, len } => {
+                write!(
+                    f,
+                    "Guest-physical range at {gpa} of {len:#x} bytes is outside guest RAM"
+                )
+            }
+        }
+    }
+}
+
+impl core::error::Error for Error {}
