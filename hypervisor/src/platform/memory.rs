@@ -1,0 +1,121 @@
+//! Physical memory: the frame allocator built from the boot memory map, the
+//! direct map the bootloader set up (all physical memory at a fixed offset),
+//! and the kernel heap carved out of it.
+
+use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
+use core::sync::atomic::{AtomicU64, Ordering};
+use hypervisor::frame_bitmap::{FRAME_SIZE, FrameBitmap};
+use linked_list_allocator::LockedHeap;
+use spin::Mutex;
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
+static FRAMES: Mutex<Option<FrameBitmap<'static>>> = Mutex::new(None);
+
+/// What the host has, for `host` and `mem` reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryInfo {
+    pub usable_bytes: u64,
+    pub heap_bytes: u64,
+    pub highest_usable: u64,
+}
+
+static INFO: Mutex<MemoryInfo> = Mutex::new(MemoryInfo {
+    usable_bytes: 0,
+    heap_bytes: 0,
+    highest_usable: 0,
+});
+
+/// Below 1 MiB stays out of the pool: legacy BIOS data, and the place SMP
+/// bring-up will need for its real-mode trampoline.
+const LOW_MEMORY_END: u64 = 1 << 20;
+
+/// Largest kernel heap; it shrinks to an eighth of RAM on small machines.
+const HEAP_MAX: u64 = 64 << 20;
+
+pub fn phys_to_virt(pa: u64) -> *mut u8 {
+    (PHYS_OFFSET.load(Ordering::Relaxed) + pa) as *mut u8
+}
+
+/// Sets up the frame allocator and the heap.
+pub fn init(regions: &MemoryRegions, phys_offset: u64) {
+    PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
+    let usable = || regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable);
+    let highest = usable().map(|r| r.end).max().unwrap_or(0);
+    let total: u64 = usable().map(|r| r.end - r.start).sum();
+
+    // The bitmap's own storage comes from the first usable region above 1 MiB
+    // that can hold it.
+    let words = FrameBitmap::words_for(highest);
+    let bytes = (words * 8) as u64;
+    let bytes_pages = bytes.div_ceil(FRAME_SIZE) * FRAME_SIZE;
+    let home = usable()
+        .map(|r| (r.start.max(LOW_MEMORY_END).next_multiple_of(FRAME_SIZE), r.end))
+        .find(|(s, e)| s + bytes_pages <= *e)
+        .map(|(s, _)| s)
+        .expect("no usable region can hold the frame bitmap");
+    // SAFETY: [home, home+bytes) is usable RAM reported by the firmware,
+    // reachable through the bootloader's direct map, and reserved in the
+    // bitmap below so nothing else is ever handed this memory.
+    let storage: &'static mut [u64] =
+        unsafe { core::slice::from_raw_parts_mut(phys_to_virt(home) as *mut u64, words) };
+    let mut bitmap = FrameBitmap::new(storage);
+    for r in usable() {
+        bitmap.add_free(r.start, r.end);
+    }
+    bitmap.reserve(0, LOW_MEMORY_END);
+    bitmap.reserve(home, home + bytes_pages);
+
+    let heap_size = (total / 8).clamp(4 << 20, HEAP_MAX) & !(FRAME_SIZE - 1);
+    let heap = bitmap
+        .alloc_contiguous(heap_size, FRAME_SIZE)
+        .expect("no contiguous memory for the kernel heap");
+    // SAFETY: the heap range was just taken from the frame allocator and is
+    // used for nothing else; it is mapped by the direct map.
+    unsafe { HEAP.lock().init(phys_to_virt(heap), heap_size as usize) };
+    *FRAMES.lock() = Some(bitmap);
+    *INFO.lock() = MemoryInfo { usable_bytes: total, heap_bytes: heap_size, highest_usable: highest };
+}
+
+pub fn info() -> MemoryInfo {
+    *INFO.lock()
+}
+
+pub fn free_bytes() -> u64 {
+    FRAMES.lock().as_ref().map_or(0, |b| b.free_frames() * FRAME_SIZE)
+}
+
+pub fn heap_used() -> usize {
+    HEAP.lock().used()
+}
+
+/// A zeroed 4 KiB frame.
+pub fn alloc_frame() -> Option<u64> {
+    let pa = FRAMES.lock().as_mut()?.alloc()?;
+    zero(pa, FRAME_SIZE);
+    Some(pa)
+}
+
+/// `size` bytes of zeroed contiguous memory aligned to `align`.
+pub fn alloc_contiguous(size: u64, align: u64) -> Option<u64> {
+    let pa = FRAMES.lock().as_mut()?.alloc_contiguous(size, align)?;
+    zero(pa, size);
+    Some(pa)
+}
+
+pub fn free_range(pa: u64, size: u64) {
+    if let Some(b) = FRAMES.lock().as_mut()
+        && let Err(e) = b.free_range(pa, size)
+    {
+        // A kernel bookkeeping bug, not a guest's doing: loud, not fatal.
+        log::error!("frame allocator: {e}");
+    }
+}
+
+fn zero(pa: u64, size: u64) {
+    // SAFETY: the range was just allocated to the caller and is mapped by the
+    // direct map; nothing else references it yet.
+    unsafe { core::ptr::write_bytes(phys_to_virt(pa), 0, size as usize) };
+}

@@ -1,0 +1,13 @@
+//! Platform bring-up: the thin, hardware-facing layer of the kernel. Everything
+//! here talks to real devices or CPU state; the logic it serves lives in the
+//! library (`hypervisor::*`) where it is unit-tested on the host.
+
+pub mod acpi;
+pub mod cpu;
+pub mod gdt;
+pub mod idt;
+pub mod logger;
+pub mod memory;
+pub mod power;
+pub mod serial;
+pub mod time;
