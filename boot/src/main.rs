@@ -1,1 +1,112 @@
-fn main() {}
+//! `cargo run -p boot -- <build|run>`: build the UEFI image, run it.
+
+use anyhow::Result;
+use boot::emulator::Emulator;
+use boot::image::{self, ImageOptions};
+use boot::session::Session;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(about = "Build and run the hypervisor's UEFI disk image")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernel, the guests and the disk image; print the image path.
+    Build,
+    /// Build the image and boot it in an emulator with the console attached.
+    Run {
+        /// bochs (VT-x), qemu (TCG, AMD-V), qemu-kvm, or auto.
+        #[arg(long, default_value = "auto")]
+        emulator: String,
+        /// Feed the console this script instead of the terminal (see
+        /// boot/src/script.rs for the syntax).
+        #[arg(long)]
+        script: Option<PathBuf>,
+        /// Fail if the machine has not powered off after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Console command to run at boot (repeatable). Without --script
+        /// and without this, the default guest is started: `vm run selftest`.
+        #[arg(long)]
+        autorun: Vec<String>,
+        /// Kernel log level: error, warn, info, debug, trace.
+        #[arg(long)]
+        log_level: Option<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("boot: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Build => {
+            let img = image::build(&ImageOptions {
+                debug_exit: true,
+                ..Default::default()
+            })?;
+            println!("{}", img.disk.display());
+            Ok(())
+        }
+        Cmd::Run {
+            emulator,
+            script,
+            timeout,
+            mut autorun,
+            log_level,
+        } => {
+            let steps = match &script {
+                Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
+                None => None,
+            };
+            if autorun.is_empty() && steps.is_none() {
+                autorun.push("vm run selftest".into());
+            }
+            let emu = match Emulator::parse(&emulator)? {
+                Some(e) => e,
+                None => Emulator::auto(),
+            };
+            eprintln!("[boot] building the image");
+            let img = image::build(&ImageOptions {
+                autorun,
+                debug_exit: true,
+                log_level,
+                name: "run".into(),
+            })?;
+            eprintln!("[boot] starting {} on {}", emu.name(), img.disk.display());
+            let mut session = Session::start(emu, &img.disk, "run", true)?;
+            let driven = match &steps {
+                Some(steps) => session.run_steps(steps),
+                None => session.interactive(),
+            };
+            let outcome = session.finish(timeout.map(Duration::from_secs));
+            if let Err(e) = driven {
+                eprintln!("\n[boot] script failed: {e:#}");
+                eprintln!("{}", outcome.failure_report());
+                std::process::exit(1);
+            }
+            if outcome.success() {
+                eprintln!(
+                    "\n[boot] {} run ended cleanly in {:.1}s",
+                    emu.name(),
+                    outcome.elapsed.as_secs_f64()
+                );
+                outcome.tidy();
+                Ok(())
+            } else {
+                eprintln!("\n[boot] {}", outcome.failure_report());
+                std::process::exit(1);
+            }
+        }
+    }
+}

@@ -52,7 +52,11 @@ fn parse_package(b: &[u8]) -> Option<(u8, u8)> {
     }
     let (a, used) = integer(b.get(p..)?)?;
     p += used;
-    let bval = if count >= 2 { integer(b.get(p..)?).map(|(v, _)| v)? } else { 0 };
+    let bval = if count >= 2 {
+        integer(b.get(p..)?).map(|(v, _)| v)?
+    } else {
+        0
+    };
     Some((a as u8, bval as u8))
 }
 
@@ -78,7 +82,9 @@ mod tests {
     #[test]
     fn qemu_q35_style_zero_ops() {
         // Name(_S5_, Package(4){Zero, Zero, Zero, Zero})
-        let aml = [0x10, 0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0];
+        let aml = [
+            0x10, 0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0,
+        ];
         assert_eq!(find_s5(&aml), Some((0, 0)));
     }
 
@@ -95,7 +101,10 @@ mod tests {
     #[test]
     fn truncated_or_absent_package_is_none() {
         assert_eq!(find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06]), None);
-        assert_eq!(find_s5(&[0x08, b'_', b'S', b'4', b'_', 0x12, 0x06, 1, 0]), None);
+        assert_eq!(
+            find_s5(&[0x08, b'_', b'S', b'4', b'_', 0x12, 0x06, 1, 0]),
+            None
+        );
         assert_eq!(find_s5(&[]), None);
     }
 }

@@ -45,7 +45,12 @@ impl<'a> FrameBitmap<'a> {
     pub fn new(bits: &'a mut [u64]) -> Self {
         bits.fill(!0);
         let frames = bits.len() as u64 * 64;
-        FrameBitmap { bits, frames, free: 0, hint: 0 }
+        FrameBitmap {
+            bits,
+            frames,
+            free: 0,
+            hint: 0,
+        }
     }
 
     /// Marks whole frames inside [start, end) free; partial frames stay used.
@@ -213,7 +218,10 @@ mod tests {
         let a = b.alloc_contiguous(4 * FRAME_SIZE, FRAME_SIZE).unwrap();
         let free = b.free_frames();
         assert_eq!(b.free(a + 1), Err(FreeError::Misaligned(a + 1)));
-        assert_eq!(b.free_range(a, 8 * FRAME_SIZE), Err(FreeError::NotAllocated(a + 4 * FRAME_SIZE)));
+        assert_eq!(
+            b.free_range(a, 8 * FRAME_SIZE),
+            Err(FreeError::NotAllocated(a + 4 * FRAME_SIZE))
+        );
         assert_eq!(b.free_frames(), free, "refused free changed nothing");
         assert_eq!(b.free(64 * MB), Err(FreeError::OutOfRange(64 * MB)));
         b.free_range(a, 4 * FRAME_SIZE).unwrap();

@@ -4,6 +4,23 @@
 
 extern crate alloc;
 
-pub mod frame_bitmap;
 pub mod acpi_sleep;
+pub mod backend;
+pub mod boot_config;
+pub mod cpuid;
+pub mod devices;
+pub mod frame_bitmap;
+pub mod hypercall;
 pub mod loader;
+pub mod manager;
+pub mod msr;
+pub mod vm;
+
+/// Per-exit tracing hook (compiled out unless the `trace-exits` feature is
+/// on, so the exit path pays nothing for it).
+#[inline(always)]
+pub fn trace_exit(_vm: u32, _exit: &vcpu::VmExit) {
+    #[cfg(feature = "trace-exits")]
+    log::trace!("vm {_vm}: {_exit:?}");
+}
+pub mod console;

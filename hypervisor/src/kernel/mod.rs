@@ -1,12 +1,21 @@
 //! Kernel entry and main loop: platform bring-up, then the console and the
-//! VM scheduler.
+//! VM scheduler on the boot CPU.
 
 pub mod context;
+mod vmx_backend;
 
+use alloc::string::String;
+use alloc::vec::Vec;
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{BootInfo, entry_point};
+use hypervisor::boot_config::{self, BootConfig};
+use hypervisor::console::{self, Edit, LineEditor, commands::After};
+use hypervisor::loader::archive::Archive;
+use hypervisor::manager::{GuestImage, Manager};
+use hypervisor::vm::exit::Console;
 
 use crate::platform;
+use vmx_backend::VmxBackend;
 
 pub static BOOTLOADER_CONFIG: BootloaderConfig = {
     let mut config = BootloaderConfig::new_default();
@@ -18,6 +27,15 @@ pub static BOOTLOADER_CONFIG: BootloaderConfig = {
 };
 
 entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
+
+/// The console is COM1.
+struct Serial;
+
+impl Console for Serial {
+    fn line(&mut self, text: &str) {
+        crate::println!("{text}");
+    }
+}
 
 fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     platform::serial::init();
@@ -33,6 +51,21 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         .into_option()
         .expect("bootloader maps physical memory");
     platform::memory::init(&boot_info.memory_regions, phys_offset);
+    let ramdisk: &'static [u8] = match boot_info.ramdisk_addr.into_option() {
+        // SAFETY: the bootloader mapped the ramdisk at this address for the
+        // kernel's lifetime, `ramdisk_len` bytes long, and nothing writes it.
+        Some(addr) => unsafe {
+            core::slice::from_raw_parts(addr as *const u8, boot_info.ramdisk_len as usize)
+        },
+        None => &[],
+    };
+    let (config, images) = read_ramdisk(ramdisk);
+    if let Some(port) = config.debug_exit_port {
+        platform::power::set_debug_exit_port(port);
+    }
+    if let Some(level) = config.log_level.as_deref().and_then(|l| l.parse().ok()) {
+        log::set_max_level(level);
+    }
     let mem = platform::memory::info();
     log::info!(
         "memory: {} MiB usable, heap {} MiB, {} MiB free",
@@ -48,8 +81,157 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         acpi.s5
     );
     let cpu = platform::cpu::detect();
-    log::info!("cpu: {} {} vmx={} svm={}", cpu.vendor, cpu.brand, cpu.vmx, cpu.svm);
-    crate::println!("hypervisor: ready");
+    log::info!(
+        "cpu: {} {} (family {} model {})",
+        cpu.vendor,
+        cpu.brand,
+        cpu.family,
+        cpu.model
+    );
+    let backend = start_backend(&cpu);
+    match &backend {
+        Ok(b) => {
+            log::info!(
+                "virtualization: VT-x ({})",
+                hypervisor::backend::Backend::features(b).join(", ")
+            );
+            let c = b.caps();
+            log::debug!(
+                "vmx caps: basic {:#x} pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x} misc {:#x} ept/vpid {:#x}",
+                c.basic,
+                c.pinbased,
+                c.procbased,
+                c.procbased2,
+                c.exit,
+                c.entry,
+                c.misc,
+                c.ept_vpid
+            );
+        }
+        Err(why) => {
+            log::warn!("virtualization unavailable: {why}; the console still works, VMs cannot run")
+        }
+    }
+    let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
+    log::info!("guests in the ramdisk: {}", names.join(", "));
+    let mut manager = Manager::new(backend, images);
+    let status = || host_status(&cpu);
+    crate::println!("hypervisor: ready; type 'help' for commands");
+
+    let mut con = Serial;
+    for cmd in &config.autorun {
+        crate::println!("{}{cmd}", console::PROMPT);
+        if run_line(cmd, &mut manager, &status(), &mut con) == After::PowerOff {
+            power_off();
+        }
+    }
+    crate::print!("{}", console::PROMPT);
+    let mut editor = LineEditor::default();
+    loop {
+        while let Some(b) = platform::serial::try_read() {
+            match editor.feed(b) {
+                Edit::Echo(bytes) => {
+                    for c in bytes {
+                        crate::print!("{}", c as char);
+                    }
+                }
+                Edit::Line(line) => {
+                    crate::println!();
+                    if run_line(&line, &mut manager, &status(), &mut con) == After::PowerOff {
+                        power_off();
+                    }
+                    crate::print!("{}", console::PROMPT);
+                }
+                Edit::None => {}
+            }
+        }
+        if !manager.run_slice(&mut con) {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+fn run_line(
+    line: &str,
+    m: &mut Manager<VmxBackend>,
+    status: &console::HostStatus,
+    con: &mut Serial,
+) -> After {
+    match console::parse(line) {
+        Ok(Some(p)) => console::execute(&p, m, status, con),
+        Ok(None) => After::Nothing,
+        Err(e) => {
+            console::commands::report_parse_error(&e, con);
+            After::Nothing
+        }
+    }
+}
+
+fn start_backend(cpu: &platform::cpu::CpuInfo) -> Result<VmxBackend, String> {
+    if !cpu.vmx {
+        return Err(if cpu.svm {
+            String::from("this CPU has no VT-x; it offers AMD-V, whose backend is not built yet")
+        } else {
+            String::from("this CPU has neither VT-x nor AMD-V")
+        });
+    }
+    VmxBackend::start()
+}
+
+fn read_ramdisk(ramdisk: &'static [u8]) -> (BootConfig, Vec<GuestImage>) {
+    let mut images = Vec::new();
+    let mut config = BootConfig::default();
+    if ramdisk.is_empty() {
+        log::warn!("no ramdisk: no guests and no boot configuration");
+        return (config, images);
+    }
+    let archive = match Archive::new(ramdisk) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("ramdisk unreadable: {e}");
+            return (config, images);
+        }
+    };
+    for (name, bytes) in archive.files() {
+        if name == "hypervisor.cfg" {
+            let text = core::str::from_utf8(bytes).unwrap_or("");
+            let (c, problems) = boot_config::parse(text);
+            for p in problems {
+                log::warn!("hypervisor.cfg: {p}");
+            }
+            config = c;
+        } else {
+            images.push(GuestImage {
+                name: String::from(name),
+                bytes,
+            });
+        }
+    }
+    (config, images)
+}
+
+fn host_status(cpu: &platform::cpu::CpuInfo) -> console::HostStatus {
+    let mem = platform::memory::info();
+    console::HostStatus {
+        cpu_vendor: cpu.vendor.clone(),
+        cpu_brand: cpu.brand.clone(),
+        family: cpu.family,
+        model: cpu.model,
+        stepping: cpu.stepping,
+        apic_ids: platform::acpi::info()
+            .map(|a| a.apic_ids.clone())
+            .unwrap_or_default(),
+        mem_usable_bytes: mem.usable_bytes,
+        mem_free_bytes: platform::memory::free_bytes(),
+        heap_bytes: mem.heap_bytes,
+        heap_used_bytes: platform::memory::heap_used() as u64,
+        tsc_hz: platform::time::tsc_hz(),
+        uptime_us: platform::time::micros(),
+    }
+}
+
+fn power_off() -> ! {
+    crate::println!("hypervisor: power off (ok)");
     platform::power::off(true);
 }
 

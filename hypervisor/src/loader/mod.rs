@@ -19,7 +19,7 @@ mod error;
 pub mod multiboot;
 mod plan;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 pub use error::{Error, Region, Result};
 pub use plan::{Entry, EntryMode, GuestWrite, GuestWriteError, LoadPlan, Op, PAGE_SIZE, RamLayout};

@@ -18,7 +18,8 @@ impl Handler for DirectMap {
     unsafe fn map_physical_region<T>(&self, pa: usize, size: usize) -> PhysicalMapping<Self, T> {
         PhysicalMapping {
             physical_start: pa,
-            virtual_start: NonNull::new(phys_to_virt(pa as u64) as *mut T).expect("direct map is non-null"),
+            virtual_start: NonNull::new(phys_to_virt(pa as u64) as *mut T)
+                .expect("direct map is non-null"),
             region_length: size,
             mapped_length: size,
             handler: *self,
@@ -163,7 +164,9 @@ fn find_s5_at(dsdt: u64) -> Option<(u8, u8)> {
 /// Enters S5. Returns only if the platform ignored the request.
 pub fn power_off() {
     let Some(info) = INFO.get() else { return };
-    let (Some(a), Some((typ_a, typ_b))) = (info.pm1a_cnt, info.s5) else { return };
+    let (Some(a), Some((typ_a, typ_b))) = (info.pm1a_cnt, info.s5) else {
+        return;
+    };
     const SLP_EN: u16 = 1 << 13;
     // SAFETY: PM1a/PM1b_CNT are the ACPI fixed-hardware power-management
     // control ports named by the FADT; writing SLP_TYP|SLP_EN requests S5.

@@ -20,7 +20,10 @@ pub struct CpuInfo {
 
 pub fn detect() -> CpuInfo {
     let id = CpuId::new();
-    let vendor = id.get_vendor_info().map(|v| String::from(v.as_str())).unwrap_or_default();
+    let vendor = id
+        .get_vendor_info()
+        .map(|v| String::from(v.as_str()))
+        .unwrap_or_default();
     let brand = id
         .get_processor_brand_string()
         .map(|b| String::from(b.as_str().trim()))

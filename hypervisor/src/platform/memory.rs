@@ -42,7 +42,11 @@ pub fn phys_to_virt(pa: u64) -> *mut u8 {
 /// Sets up the frame allocator and the heap.
 pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
-    let usable = || regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable);
+    let usable = || {
+        regions
+            .iter()
+            .filter(|r| r.kind == MemoryRegionKind::Usable)
+    };
     let highest = usable().map(|r| r.end).max().unwrap_or(0);
     let total: u64 = usable().map(|r| r.end - r.start).sum();
 
@@ -52,7 +56,12 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     let bytes = (words * 8) as u64;
     let bytes_pages = bytes.div_ceil(FRAME_SIZE) * FRAME_SIZE;
     let home = usable()
-        .map(|r| (r.start.max(LOW_MEMORY_END).next_multiple_of(FRAME_SIZE), r.end))
+        .map(|r| {
+            (
+                r.start.max(LOW_MEMORY_END).next_multiple_of(FRAME_SIZE),
+                r.end,
+            )
+        })
         .find(|(s, e)| s + bytes_pages <= *e)
         .map(|(s, _)| s)
         .expect("no usable region can hold the frame bitmap");
@@ -76,7 +85,11 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     // used for nothing else; it is mapped by the direct map.
     unsafe { HEAP.lock().init(phys_to_virt(heap), heap_size as usize) };
     *FRAMES.lock() = Some(bitmap);
-    *INFO.lock() = MemoryInfo { usable_bytes: total, heap_bytes: heap_size, highest_usable: highest };
+    *INFO.lock() = MemoryInfo {
+        usable_bytes: total,
+        heap_bytes: heap_size,
+        highest_usable: highest,
+    };
 }
 
 pub fn info() -> MemoryInfo {
@@ -84,7 +97,10 @@ pub fn info() -> MemoryInfo {
 }
 
 pub fn free_bytes() -> u64 {
-    FRAMES.lock().as_ref().map_or(0, |b| b.free_frames() * FRAME_SIZE)
+    FRAMES
+        .lock()
+        .as_ref()
+        .map_or(0, |b| b.free_frames() * FRAME_SIZE)
 }
 
 pub fn heap_used() -> usize {
@@ -118,4 +134,37 @@ fn zero(pa: u64, size: u64) {
     // SAFETY: the range was just allocated to the caller and is mapped by the
     // direct map; nothing else references it yet.
     unsafe { core::ptr::write_bytes(phys_to_virt(pa), 0, size as usize) };
+}
+
+/// Host memory as `mm` sees it: the frame allocator and the direct map.
+pub struct HostMem;
+
+// SAFETY: `phys_to_virt` is the bootloader's direct map of all physical
+// memory, valid for every frame the allocator hands out.
+unsafe impl mm::hal::PhysMem for HostMem {
+    fn phys_to_ptr(&self, pa: mm::HostPhysAddr) -> *mut u8 {
+        phys_to_virt(pa.0)
+    }
+}
+
+// SAFETY: frames come zeroed from the bitmap allocator, each handed out once.
+unsafe impl mm::hal::FrameAlloc for HostMem {
+    fn alloc_frame(&mut self) -> Option<mm::HostPhysAddr> {
+        alloc_frame().map(mm::HostPhysAddr)
+    }
+
+    unsafe fn free_frame(&mut self, frame: mm::HostPhysAddr) {
+        free_range(frame.0, FRAME_SIZE);
+    }
+}
+
+// SAFETY: contiguous runs come zeroed and aligned from the same allocator.
+unsafe impl mm::hal::ContiguousAlloc for HostMem {
+    fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<mm::HostPhysAddr> {
+        alloc_contiguous(size, align).map(mm::HostPhysAddr)
+    }
+
+    unsafe fn free_contiguous(&mut self, base: mm::HostPhysAddr, size: u64) {
+        free_range(base.0, size);
+    }
 }

@@ -30,5 +30,6 @@ pub fn off(success: bool) -> ! {
 }
 
 pub fn fail() -> ! {
+    crate::platform::serial::force_write_fmt(format_args!("hypervisor: power off (failure)\n"));
     off(false)
 }

@@ -1,0 +1,197 @@
+//! The emulators the image runs in, and how each is started.
+//!
+//! Facts these command lines rely on (checked on this project's machines, see
+//! `BRIEF.md`): Bochs 2.7 offers VT-x with EPT on `model=tigerlake` and needs
+//! `ignore_bad_msrs=1` for OVMF; QEMU TCG offers AMD-V with nested paging but
+//! no VT-x; QEMU with KVM runs the image natively when nested virtualisation
+//! works on the host.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Emulator {
+    /// Bochs with VT-x + EPT (Intel `tigerlake` model).
+    Bochs,
+    /// QEMU, software emulation (TCG): AMD-V with NPT, no VT-x.
+    QemuTcg,
+    /// QEMU with KVM and `-cpu host`: needs working nested virtualisation.
+    QemuKvm,
+}
+
+impl Emulator {
+    pub fn parse(s: &str) -> Result<Option<Emulator>> {
+        Ok(match s {
+            "bochs" => Some(Emulator::Bochs),
+            "qemu" | "qemu-tcg" => Some(Emulator::QemuTcg),
+            "qemu-kvm" | "kvm" => Some(Emulator::QemuKvm),
+            "auto" => None,
+            other => bail!("unknown emulator {other:?}: use bochs, qemu, qemu-kvm or auto"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Emulator::Bochs => "bochs",
+            Emulator::QemuTcg => "qemu-tcg",
+            Emulator::QemuKvm => "qemu-kvm",
+        }
+    }
+
+    /// The best emulator here: QEMU with KVM when nested virtualisation works,
+    /// otherwise Bochs (the only emulator here with VT-x).
+    pub fn auto() -> Emulator {
+        if kvm_works() {
+            Emulator::QemuKvm
+        } else {
+            Emulator::Bochs
+        }
+    }
+}
+
+/// Whether QEMU can start a KVM vCPU with `-cpu host` here. `/dev/kvm` may
+/// exist and still fail (on this project's machines QEMU aborts with "failed
+/// to set MSR 0x10a"), so the probe starts QEMU for real.
+pub fn kvm_works() -> bool {
+    if std::fs::File::open("/dev/kvm").is_err() {
+        return false;
+    }
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-display", "none",
+        ])
+        .args(["-nodefaults", "-S", "-monitor", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    std::thread::sleep(Duration::from_millis(1500));
+    if let Ok(Some(_)) = child.try_wait() {
+        return false; // it died on its own: KVM refused
+    }
+    if let Some(stdin) = child.stdin.as_mut() {
+        use std::io::Write;
+        let _ = stdin.write_all(b"quit\n");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st.success();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    false
+}
+
+/// Guest RAM of the emulated machine (MiB).
+pub const MACHINE_MEM_MIB: u32 = 512;
+
+/// Starts `emu` on `disk` with COM1 connected to 127.0.0.1:`serial_port`
+/// (the caller listens there). Logs go to `run_dir`.
+pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Result<Child> {
+    std::fs::create_dir_all(run_dir)?;
+    let log =
+        |name: &str| -> Result<std::fs::File> { Ok(std::fs::File::create(run_dir.join(name))?) };
+    let child = match emu {
+        Emulator::Bochs => {
+            let rc = run_dir.join("bochsrc");
+            std::fs::write(&rc, bochsrc(disk, serial_port, run_dir)?)?;
+            let cmds = run_dir.join("bochs.cmds");
+            std::fs::write(&cmds, "c\n")?;
+            Command::new("bochs")
+                .arg("-q")
+                .arg("-unlock")
+                .arg("-f")
+                .arg(&rc)
+                .arg("-rc")
+                .arg(&cmds)
+                .current_dir(run_dir)
+                .stdin(Stdio::null())
+                .stdout(log("emulator.stdout")?)
+                .stderr(log("emulator.stderr")?)
+                .spawn()
+                .context("starting bochs (apt-get install bochs bochsbios vgabios)")?
+        }
+        Emulator::QemuTcg | Emulator::QemuKvm => {
+            let mut cmd = Command::new("qemu-system-x86_64");
+            cmd.args([
+                "-machine",
+                "q35",
+                "-m",
+                &MACHINE_MEM_MIB.to_string(),
+                "-smp",
+                "2",
+            ]);
+            if emu == Emulator::QemuKvm {
+                cmd.args(["-accel", "kvm", "-cpu", "host"]);
+            } else {
+                cmd.args(["-accel", "tcg", "-cpu", "max"]);
+            }
+            cmd.args(["-bios", OVMF])
+                .arg("-drive")
+                .arg(format!("format=raw,file={}", disk.display()))
+                .arg("-serial")
+                .arg(format!("tcp:127.0.0.1:{serial_port}"))
+                .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+                .args(["-d", "guest_errors,cpu_reset", "-D"])
+                .arg(run_dir.join("qemu.log"))
+                .current_dir(run_dir)
+                .stdin(Stdio::null())
+                .stdout(log("emulator.stdout")?)
+                .stderr(log("emulator.stderr")?);
+            cmd.spawn()
+                .context("starting qemu (apt-get install qemu-system-x86 ovmf)")?
+        }
+    };
+    Ok(child)
+}
+
+fn bochsrc(disk: &Path, serial_port: u16, run_dir: &Path) -> Result<String> {
+    let len = std::fs::metadata(disk)?.len();
+    let cylinders = len / crate::image::CYLINDER_BYTES;
+    Ok(format!(
+        "# written by boot/ for one run
+megs: {MACHINE_MEM_MIB}
+cpu: model=tigerlake, count=1, ips=100000000, ignore_bad_msrs=1
+clock: sync=none, time0=1
+romimage: file={OVMF}, address=0xffe00000
+vgaromimage: file=/usr/share/vgabios/vgabios.bin
+pci: enabled=1, chipset=i440fx
+ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14
+ata0-master: type=disk, path=\"{disk}\", mode=flat, cylinders={cylinders}, heads=16, spt=63
+boot: disk
+com1: enabled=1, mode=socket-client, dev=127.0.0.1:{serial_port}
+display_library: rfb, options=\"timeout=0\"
+speaker: enabled=0
+sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
+port_e9_hack: enabled=1
+log: {log}
+panic: action=fatal
+error: action=report
+info: action=ignore
+debug: action=ignore
+",
+        disk = disk.display(),
+        log = run_dir.join("bochs.log").display(),
+    ))
+}
+
+/// A fresh directory for one run's logs: `target/runs/<name>-<emulator>-<n>`.
+pub fn new_run_dir(name: &str, emu: Emulator) -> Result<PathBuf> {
+    let base = crate::target_dir().join("runs");
+    std::fs::create_dir_all(&base)?;
+    for n in 0.. {
+        let dir = base.join(format!("{name}-{}-{n}", emu.name()));
+        if std::fs::create_dir(&dir).is_ok() {
+            return Ok(dir);
+        }
+    }
+    unreachable!()
+}

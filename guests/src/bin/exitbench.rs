@@ -1,0 +1,64 @@
+//! Exit round-trip benchmark: N exits each of CPUID, VMCALL and port I/O to
+//! an in-hypervisor device (the UART scratch register), timed with RDTSC in
+//! the guest. Under Bochs with `clock: sync=none` the TSC counts emulated
+//! instructions, so "ticks per exit" is the instruction path length of one
+//! exit, entry included, and repeats exactly.
+//!
+//! Command line: `n=<count>` (default 10000).
+#![no_std]
+#![no_main]
+
+use guests::hypercall as hc;
+use guests::io::{cpuid, hypercall, inb, outb, rdtsc};
+use guests::{Boot, println};
+
+fn measure(n: u64, mut f: impl FnMut()) -> u64 {
+    let t0 = rdtsc();
+    for _ in 0..n {
+        f();
+    }
+    rdtsc() - t0
+}
+
+fn main(boot: Boot) -> u32 {
+    let n = boot
+        .cmdline()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("n="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000u64)
+        .max(1);
+    let empty = measure(n, || core::hint::black_box(()));
+    let rows: [(&str, u64); 4] = [
+        (
+            "cpuid",
+            measure(n, || {
+                core::hint::black_box(cpuid(0, 0));
+            }),
+        ),
+        (
+            "vmcall",
+            measure(n, || {
+                core::hint::black_box(hypercall(hc::PING, 0, 0));
+            }),
+        ),
+        ("outb", measure(n, || outb(0x3ff, 0x42))),
+        (
+            "inb",
+            measure(n, || {
+                core::hint::black_box(inb(0x3ff));
+            }),
+        ),
+    ];
+    println!(
+        "exitbench: n={n}, loop overhead {} ticks/iteration",
+        empty / n
+    );
+    for (name, total) in rows {
+        let per = total.saturating_sub(empty) / n;
+        println!("exitbench: {name:<6} {per} ticks/exit");
+    }
+    0
+}
+
+guests::entry!(main);

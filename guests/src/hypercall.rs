@@ -1,0 +1,16 @@
+//! The hypercall ABI as guests see it (VMCALL/VMMCALL, RAX = function,
+//! RDI/RSI = arguments, result in RAX). Mirrors `hypervisor::hypercall`.
+
+pub const PING: u64 = 0;
+pub const VM_ID: u64 = 1;
+pub const STAT: u64 = 2;
+/// What PING returns: "HVOK".
+pub const PING_REPLY: u64 = 0x4b4f_5648;
+/// Returned for an unknown function.
+pub const UNKNOWN: u64 = u64::MAX;
+/// STAT argument: total exits of this VM.
+pub const STAT_EXITS: u64 = 0;
+/// STAT argument: HLT exits of this VM.
+pub const STAT_HLT: u64 = 1;
+/// The vendor signature in CPUID 0x40000000 EBX:ECX:EDX.
+pub const SIGNATURE: &[u8; 12] = b"RustyHVType1";

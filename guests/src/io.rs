@@ -1,0 +1,86 @@
+//! Port I/O, CPUID, TSC and the hypercall, as the guest sees them.
+
+use core::arch::asm;
+
+/// The debug-exit port: writing V ends the VM with status (V << 1) | 1, the
+/// convention of QEMU's isa-debug-exit device.
+pub const EXIT_PORT: u16 = 0xf4;
+
+pub fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O has no memory effects; in a VM it is intercepted.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as above.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as above.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as above.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpuid {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    Cpuid {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
+}
+
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// VMCALL with RAX = function, RDI/RSI = arguments; returns RAX.
+pub fn hypercall(func: u64, a: u64, b: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: VMCALL traps to the hypervisor, which only changes RAX.
+    unsafe { asm!("vmcall", inout("rax") func => ret, in("rdi") a, in("rsi") b, options(nostack)) }
+    ret
+}
+
+/// Ends the VM through the exit port; halts if the write returns.
+pub fn exit(code: u32) -> ! {
+    outl(EXIT_PORT, code);
+    loop {
+        // SAFETY: with interrupts off this stops the CPU for good.
+        unsafe { asm!("cli; hlt", options(nomem, nostack)) }
+    }
+}
+
+/// One HLT with interrupts enabled; the hypervisor resumes the guest.
+pub fn halt_once() {
+    // SAFETY: no interrupt handlers exist, but none are delivered to this
+    // guest either; IF is cleared again right after.
+    unsafe { asm!("sti; hlt; cli", options(nomem, nostack)) }
+}

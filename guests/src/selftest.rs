@@ -1,0 +1,191 @@
+//! The self-test: each check runs in the guest and is judged by the guest;
+//! it prints one line per check and a final PASS/FAIL line, and exits with
+//! 0 (pass) or 1 (fail) through the debug-exit port.
+
+use crate::hypercall as hc;
+use crate::io::{cpuid, hypercall, inb, outb};
+use crate::{Boot, println};
+
+struct Checks {
+    run: u32,
+    failed: u32,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, ok: bool, detail: core::fmt::Arguments) {
+        self.run += 1;
+        if ok {
+            println!("selftest: ok   {name}");
+        } else {
+            self.failed += 1;
+            println!("selftest: FAIL {name}: {detail}");
+        }
+    }
+}
+
+/// Guest RAM size as the boot protocol describes it.
+fn ram_bytes(boot: &Boot) -> u64 {
+    match *boot {
+        Boot::Elf64 { ram_bytes, .. } => ram_bytes,
+        Boot::Multiboot { info, .. } => {
+            // SAFETY: the info structure is in identity-mapped guest RAM;
+            // mem_upper (KiB above 1 MiB) is at offset 8.
+            let upper = unsafe { core::ptr::read_volatile((info as u64 + 8) as *const u32) };
+            (1 << 20) + upper as u64 * 1024
+        }
+    }
+}
+
+pub fn run(boot: Boot) -> u32 {
+    let mut c = Checks { run: 0, failed: 0 };
+    println!(
+        "selftest: starting ({boot:?}, cmdline {:?})",
+        boot.cmdline()
+    );
+
+    if let Boot::Multiboot { magic, info } = boot {
+        c.check(
+            "multiboot magic",
+            magic == 0x2BAD_B002,
+            format_args!("eax={magic:#x}"),
+        );
+        // SAFETY: as in `ram_bytes`; offset 0 is `flags`.
+        let flags = unsafe { core::ptr::read_volatile(info as u64 as *const u32) };
+        let want = (1 << 0) | (1 << 6);
+        c.check(
+            "multiboot info flags",
+            flags & want == want,
+            format_args!("flags={flags:#x}"),
+        );
+    }
+
+    let leaf1 = cpuid(1, 0);
+    c.check(
+        "cpuid hypervisor bit",
+        leaf1.ecx & (1 << 31) != 0,
+        format_args!("ecx={:#x}", leaf1.ecx),
+    );
+    c.check(
+        "cpuid hides vmx",
+        leaf1.ecx & (1 << 5) == 0,
+        format_args!("ecx={:#x}", leaf1.ecx),
+    );
+    let ext = cpuid(0x8000_0001, 0);
+    c.check(
+        "cpuid hides svm",
+        ext.ecx & (1 << 2) == 0,
+        format_args!("ecx={:#x}", ext.ecx),
+    );
+    let hv = cpuid(0x4000_0000, 0);
+    let mut sig = [0u8; 12];
+    sig[0..4].copy_from_slice(&hv.ebx.to_le_bytes());
+    sig[4..8].copy_from_slice(&hv.ecx.to_le_bytes());
+    sig[8..12].copy_from_slice(&hv.edx.to_le_bytes());
+    c.check(
+        "cpuid vendor leaf",
+        &sig == hc::SIGNATURE && hv.eax >= 0x4000_0001,
+        format_args!("eax={:#x} sig={:?}", hv.eax, core::str::from_utf8(&sig)),
+    );
+
+    let ping = hypercall(hc::PING, 0, 0);
+    c.check(
+        "vmcall ping",
+        ping == hc::PING_REPLY,
+        format_args!("rax={ping:#x}"),
+    );
+    let id = hypercall(hc::VM_ID, 0, 0);
+    let id_ok = match boot {
+        Boot::Elf64 { vm_id, .. } => id == vm_id && id != 0,
+        Boot::Multiboot { .. } => id != 0 && id != hc::UNKNOWN,
+    };
+    c.check("vmcall vm id", id_ok, format_args!("rax={id:#x}"));
+    let unknown = hypercall(0xdead, 0, 0);
+    c.check(
+        "vmcall unknown function",
+        unknown == hc::UNKNOWN,
+        format_args!("rax={unknown:#x}"),
+    );
+
+    // The 16550's scratch register (offset 7) holds what was written.
+    outb(0x3ff, 0x5a);
+    let a = inb(0x3ff);
+    outb(0x3ff, 0xa5);
+    let b = inb(0x3ff);
+    c.check(
+        "port i/o uart scratch",
+        a == 0x5a && b == 0xa5,
+        format_args!("read {a:#x} {b:#x}"),
+    );
+    let none = inb(0x2e8);
+    c.check(
+        "port i/o unbacked port",
+        none == 0xff,
+        format_args!("read {none:#x}"),
+    );
+
+    let (start, len) = test_region(ram_bytes(&boot));
+    let bad = memory_pattern(start, len);
+    c.check(
+        "memory write/read",
+        len >= 2 << 20 && bad.is_none(),
+        format_args!("{len:#x} bytes at {start:#x}, first bad at {bad:?}"),
+    );
+
+    let halts = hypercall(hc::STAT, hc::STAT_HLT, 0);
+    crate::io::halt_once();
+    let after = hypercall(hc::STAT, hc::STAT_HLT, 0);
+    c.check(
+        "hlt resumes",
+        after == halts + 1,
+        format_args!("hlt exits {halts} -> {after}"),
+    );
+
+    let exits = hypercall(hc::STAT, hc::STAT_EXITS, 0);
+    c.check(
+        "exit counter",
+        exits > c.run as u64,
+        format_args!("{exits} exits"),
+    );
+
+    if c.failed == 0 {
+        println!("selftest: PASS ({}/{} checks)", c.run, c.run);
+        0
+    } else {
+        println!("selftest: FAIL ({} of {} checks failed)", c.failed, c.run);
+        1
+    }
+}
+
+/// Up to 8 MiB of RAM above the image (which ends below 2 MiB) and below the
+/// top 1 MiB, where the hypervisor may keep boot structures.
+fn test_region(ram: u64) -> (u64, u64) {
+    let start = 4 << 20;
+    let end = ram.saturating_sub(1 << 20).min(start + (8 << 20));
+    (start, end.saturating_sub(start))
+}
+
+/// Writes a pseudo-random pattern, reads it back; the first mismatch.
+fn memory_pattern(start: u64, len: u64) -> Option<u64> {
+    let words = len / 8;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..words {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // SAFETY: [start, start+len) is guest RAM, identity-mapped, and not
+        // used by this program's image, stack or page tables.
+        unsafe { core::ptr::write_volatile((start + i * 8) as *mut u64, x) };
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..words {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // SAFETY: as above.
+        let v = unsafe { core::ptr::read_volatile((start + i * 8) as *const u64) };
+        if v != x {
+            return Some(start + i * 8);
+        }
+    }
+    None
+}

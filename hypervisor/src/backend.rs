@@ -1,0 +1,45 @@
+//! What the VM layer needs from the machine: a virtualization backend (VT-x
+//! or AMD-V) with its nested-page-table format, host memory, and a clock.
+//! The kernel implements it on hardware; tests implement it with simulated
+//! memory and scripted vCPUs. Static dispatch: no vtable on the exit path.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use mm::addr::HostPhysAddr;
+use mm::hal::ContiguousAlloc;
+use mm::paging::{EntryFormat, PageSize};
+use vcpu::{GuestState, Vcpu};
+
+use crate::cpuid::{HostQuirks, Regs};
+
+pub trait Backend {
+    /// The nested page-table entry format (EPT or NPT).
+    type Format: EntryFormat;
+    type Vcpu: Vcpu;
+    type Mem: ContiguousAlloc;
+
+    /// "vmx" or "svm".
+    fn name(&self) -> &'static str;
+    /// Feature names for the `host` report.
+    fn features(&self) -> Vec<String>;
+    /// Host memory: frames for tables and guest RAM, and the direct map.
+    fn mem(&mut self) -> &mut Self::Mem;
+    /// The largest nested page the hardware supports.
+    fn max_page_size(&self) -> PageSize;
+
+    /// A vCPU in the nested table rooted at `nested_root`, starting at
+    /// `state`.
+    fn create_vcpu(
+        &mut self,
+        nested_root: HostPhysAddr,
+        state: &GuestState,
+    ) -> Result<Self::Vcpu, vcpu::Error>;
+    fn destroy_vcpu(&mut self, vcpu: Self::Vcpu);
+
+    /// The host's own CPUID answer.
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> Regs;
+    fn quirks(&self) -> HostQuirks;
+    /// The time-stamp counter and its rate.
+    fn now(&self) -> u64;
+    fn tsc_hz(&self) -> u64;
+}

@@ -1,0 +1,74 @@
+//! `hypervisor.cfg`, the boot configuration in the ramdisk: `key = value`
+//! lines, `#` comments. Unknown keys and bad values are reported, not fatal:
+//! the hypervisor still boots with its defaults.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootConfig {
+    /// I/O port of an emulator's debug-exit device, written at power-off.
+    pub debug_exit_port: Option<u16>,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub log_level: Option<String>,
+    /// Console commands run at start-up, in order.
+    pub autorun: Vec<String>,
+}
+
+/// Parses the file; returns the configuration and one message per line that
+/// was ignored.
+pub fn parse(text: &str) -> (BootConfig, Vec<String>) {
+    let mut cfg = BootConfig::default();
+    let mut problems = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            problems.push(alloc::format!("line {}: expected key = value", n + 1));
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        match key {
+            "debug_exit_port" => match parse_u16(value) {
+                Some(p) if p != 0 => cfg.debug_exit_port = Some(p),
+                _ => problems.push(alloc::format!("line {}: bad port {value:?}", n + 1)),
+            },
+            "log_level" => match value {
+                "error" | "warn" | "info" | "debug" | "trace" => {
+                    cfg.log_level = Some(value.to_string())
+                }
+                _ => problems.push(alloc::format!("line {}: bad log level {value:?}", n + 1)),
+            },
+            "autorun" if !value.is_empty() => cfg.autorun.push(value.to_string()),
+            _ => problems.push(alloc::format!("line {}: unknown key {key:?}", n + 1)),
+        }
+    }
+    (cfg, problems)
+}
+
+/// Decimal or `0x` hexadecimal.
+pub fn parse_u16(s: &str) -> Option<u16> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_keys_and_reports_bad_lines() {
+        let (cfg, problems) = parse(
+            "# c\ndebug_exit_port = 0xf4\nlog_level = debug\nautorun = vm run selftest\nautorun = vm list\nbogus\nfoo = 1\nlog_level = loud\ndebug_exit_port = 0\n",
+        );
+        assert_eq!(cfg.debug_exit_port, Some(0xf4));
+        assert_eq!(cfg.log_level.as_deref(), Some("debug"));
+        assert_eq!(cfg.autorun, ["vm run selftest", "vm list"]);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].starts_with("line 6"));
+    }
+}

@@ -1,0 +1,332 @@
+//! Running console commands against the VM manager, and their replies: a
+//! few text lines, or exactly one JSON line with `--json`.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use serde::Serialize;
+use serde_json::{Value, json};
+use vcpu::ExitKind;
+
+use super::parse::{Command, Parsed};
+use crate::backend::Backend;
+use crate::manager::Manager;
+use crate::vm::exit::{Console, ticks_to_us};
+use crate::vm::{RunState, Vm};
+
+/// Host facts the kernel gathers for `host` (the manager knows the rest).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HostStatus {
+    pub cpu_vendor: String,
+    pub cpu_brand: String,
+    pub family: u8,
+    pub model: u8,
+    pub stepping: u8,
+    pub apic_ids: Vec<u32>,
+    pub mem_usable_bytes: u64,
+    pub mem_free_bytes: u64,
+    pub heap_bytes: u64,
+    pub heap_used_bytes: u64,
+    pub tsc_hz: u64,
+    pub uptime_us: u64,
+}
+
+/// What the kernel must do after a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    Nothing,
+    PowerOff,
+}
+
+const HELP: &[(&str, &str)] = &[
+    ("help", "this list"),
+    ("host", "CPU, memory and virtualization features"),
+    (
+        "vm run <guest> [mem=<MiB>] [-- <cmdline>]",
+        "start a VM from a ramdisk guest image",
+    ),
+    ("vm list", "every VM with its state and exit status"),
+    (
+        "vm stats <id>",
+        "exits by reason, run time, host memory overhead",
+    ),
+    ("vm stop <id>", "stop a VM and free its memory"),
+    ("poweroff", "stop all VMs and power the machine off"),
+];
+
+/// Runs `p`; prints its reply (and any VM end reports) to `console`.
+pub fn execute<B: Backend>(
+    p: &Parsed,
+    m: &mut Manager<B>,
+    host: &HostStatus,
+    console: &mut impl Console,
+) -> After {
+    let name = p.command.name();
+    let result = run(&p.command, m, host, console);
+    match (result, p.json) {
+        (Ok(reply), false) => {
+            for l in reply.text.lines() {
+                console.line(l);
+            }
+        }
+        (Ok(reply), true) => {
+            let mut v = json!({ "ok": true, "command": name });
+            if let (Value::Object(o), Value::Object(extra)) = (&mut v, reply.json) {
+                o.extend(extra);
+            }
+            console.line(&v.to_string());
+        }
+        (Err(e), false) => console.line(&format!("error: {e}")),
+        (Err(e), true) => {
+            console.line(&json!({ "ok": false, "command": name, "error": e }).to_string())
+        }
+    }
+    if p.command == Command::Poweroff {
+        After::PowerOff
+    } else {
+        After::Nothing
+    }
+}
+
+/// A parse error in the form the operator asked for.
+pub fn report_parse_error(e: &super::ParseError, console: &mut impl Console) {
+    if e.json {
+        console.line(&json!({ "ok": false, "error": e.message }).to_string());
+    } else {
+        console.line(&format!("error: {}", e.message));
+    }
+}
+
+struct Reply {
+    text: String,
+    json: Value,
+}
+
+fn run<B: Backend>(
+    c: &Command,
+    m: &mut Manager<B>,
+    host: &HostStatus,
+    console: &mut impl Console,
+) -> Result<Reply, String> {
+    match c {
+        Command::Help => {
+            let width = HELP.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+            let text = HELP
+                .iter()
+                .map(|(c, d)| format!("  {c:<width$}  {d}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let text = format!("commands (add --json to any for one JSON line):\n{text}");
+            let cmds: Vec<Value> = HELP
+                .iter()
+                .map(|(c, d)| json!({ "usage": c, "summary": d }))
+                .collect();
+            Ok(Reply {
+                text,
+                json: json!({ "commands": cmds }),
+            })
+        }
+        Command::Host => Ok(host_reply(m, host)),
+        Command::VmRun {
+            guest,
+            mem_mib,
+            cmdline,
+        } => {
+            let id = m.run_vm(guest, *mem_mib, cmdline)?;
+            let vm = m.get(id).ok_or("the VM vanished")?;
+            Ok(Reply {
+                text: format!(
+                    "vm {id} started: {guest} ({}, {mem_mib} MiB, {} KiB host overhead)",
+                    vm.protocol.name(),
+                    vm.overhead_bytes.div_ceil(1024)
+                ),
+                json: json!({ "id": id, "guest": guest, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
+            })
+        }
+        Command::VmList => {
+            let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
+            let mut text = String::from("  ID  GUEST         STATE     MEM(MiB)    EXITS  STATUS");
+            for vm in &m.vms {
+                text.push_str(&format!(
+                    "\n{:>4}  {:<12}  {:<8}  {:>8}  {:>7}  {}",
+                    vm.id,
+                    vm.guest,
+                    vm.state.name(),
+                    vm.mem_bytes >> 20,
+                    vm.stats.total_exits(),
+                    status_text(vm)
+                ));
+            }
+            if m.vms.is_empty() {
+                text.push_str("\n  (no VMs)");
+            }
+            let vms: Vec<Value> = m.vms.iter().map(|vm| vm_json(vm, hz)).collect();
+            Ok(Reply {
+                text,
+                json: json!({ "vms": vms }),
+            })
+        }
+        Command::VmStats { id } => {
+            let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
+            let vm = m.get(*id).ok_or_else(|| format!("no VM {id}"))?;
+            Ok(stats_reply(vm, hz))
+        }
+        Command::VmStop { id } => {
+            m.stop(*id, console)?;
+            Ok(Reply {
+                text: format!("vm {id} stopped"),
+                json: json!({ "id": id }),
+            })
+        }
+        Command::Poweroff => {
+            m.stop_all(console);
+            Ok(Reply {
+                text: "stopping all VMs and powering off".into(),
+                json: json!({}),
+            })
+        }
+    }
+}
+
+fn status_text<B: Backend>(vm: &Vm<B>) -> String {
+    match &vm.state {
+        RunState::Exited { status } => format!("status {status}"),
+        RunState::Halted { rip } => format!("hlt at {rip:#x}"),
+        RunState::Stopped { reason } => truncate(reason, 60),
+        _ => String::new(),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 3).collect();
+        t.push_str("...");
+        t
+    }
+}
+
+fn vm_json<B: Backend>(vm: &Vm<B>, hz: u64) -> Value {
+    let mut v = json!({
+        "id": vm.id,
+        "guest": vm.guest,
+        "protocol": vm.protocol.name(),
+        "mem_mib": vm.mem_bytes >> 20,
+        "state": vm.state.name(),
+        "exits": vm.stats.total_exits(),
+        "run_us": ticks_to_us(vm.stats.run_ticks, hz),
+    });
+    if let Value::Object(o) = &mut v {
+        match &vm.state {
+            RunState::Exited { status } => {
+                o.insert("exit_status".into(), json!(status));
+            }
+            RunState::Stopped { reason } => {
+                o.insert("reason".into(), json!(reason));
+            }
+            RunState::Halted { rip } => {
+                o.insert("rip".into(), json!(rip));
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
+    let run_us = ticks_to_us(vm.stats.run_ticks, hz);
+    let wall_end = vm.stats.ended_tsc;
+    let mut text = format!(
+        "vm {} ({}, {}, {} MiB): {}\n  run time in guest: {}.{:03} ms ({} TSC ticks)\n  exits: {} total",
+        vm.id,
+        vm.guest,
+        vm.protocol.name(),
+        vm.mem_bytes >> 20,
+        vm.state.name(),
+        run_us / 1000,
+        run_us % 1000,
+        vm.stats.run_ticks,
+        vm.stats.total_exits()
+    );
+    let mut by_reason = serde_json::Map::new();
+    for k in ExitKind::ALL {
+        let n = vm.stats.exits[k as usize];
+        if n > 0 {
+            text.push_str(&format!("\n    {:<20} {n}", k.name()));
+        }
+        by_reason.insert(k.name().into(), json!(n));
+    }
+    text.push_str(&format!(
+        "\n  unbacked port accesses: {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        vm.stats.unbacked_io,
+        vm.uart.bytes_out,
+        vm.overhead_bytes,
+        vm.overhead_bytes.div_ceil(1024),
+        vm.mem_bytes >> 20
+    ));
+    let mut j = vm_json(vm, hz);
+    if let Value::Object(o) = &mut j {
+        o.insert("exits_by_reason".into(), Value::Object(by_reason));
+        o.insert("run_ticks".into(), json!(vm.stats.run_ticks));
+        o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
+        o.insert("uart_bytes_out".into(), json!(vm.uart.bytes_out));
+        o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));
+        o.insert("ended".into(), json!(wall_end.is_some()));
+    }
+    Reply { text, json: j }
+}
+
+fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
+    let mib = |b: u64| b >> 20;
+    let virt = match &m.backend {
+        Ok(b) => format!("{} ({})", b.name(), b.features().join(", ")),
+        Err(why) => format!("unavailable: {why}"),
+    };
+    let running = m.vms.iter().filter(|v| !v.state.ended()).count();
+    let guests: Vec<&str> = m.images.iter().map(|g| g.name.as_str()).collect();
+    let text = format!(
+        "cpu: {} {} (family {} model {} stepping {}), {} cpu(s), apic ids {:?}\n\
+         memory: {} MiB usable, {} MiB free, heap {} MiB ({} KiB used)\n\
+         virtualization: {virt}\n\
+         tsc: {} kHz, up {}.{:03} s\n\
+         vms: {running} live, {} ended; guests: {}",
+        h.cpu_vendor,
+        h.cpu_brand,
+        h.family,
+        h.model,
+        h.stepping,
+        h.apic_ids.len(),
+        h.apic_ids,
+        mib(h.mem_usable_bytes),
+        mib(h.mem_free_bytes),
+        mib(h.heap_bytes),
+        h.heap_used_bytes / 1024,
+        h.tsc_hz / 1000,
+        h.uptime_us / 1_000_000,
+        (h.uptime_us / 1000) % 1000,
+        m.vms.len() - running,
+        guests.join(", ")
+    );
+    let mut j = serde_json::to_value(h).unwrap_or(Value::Null);
+    if let Value::Object(o) = &mut j {
+        o.insert("cpus".into(), json!(h.apic_ids.len()));
+        match &m.backend {
+            Ok(b) => {
+                o.insert(
+                    "virtualization".into(),
+                    json!({ "backend": b.name(), "features": b.features() }),
+                );
+            }
+            Err(why) => {
+                o.insert(
+                    "virtualization".into(),
+                    json!({ "backend": null, "unavailable": why }),
+                );
+            }
+        }
+        o.insert("guests".into(), json!(guests));
+        o.insert("vms_live".into(), json!(running));
+    }
+    Reply { text, json: j }
+}

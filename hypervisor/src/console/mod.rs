@@ -1,0 +1,14 @@
+//! The operator console: a line editor for the serial port, the command
+//! grammar, and the replies in text or JSON. Bad input gets a one-line error
+//! and changes nothing.
+
+pub mod commands;
+pub mod line;
+pub mod parse;
+
+pub use commands::{HostStatus, execute};
+pub use line::{Edit, LineEditor};
+pub use parse::{Command, ParseError, Parsed, parse};
+
+/// What the console prints before reading a line.
+pub const PROMPT: &str = "hv> ";

@@ -1,0 +1,250 @@
+//! The console's command grammar:
+//!
+//! ```text
+//! help | host | poweroff
+//! vm run <guest> [mem=<MiB>] [-- <command line>]
+//! vm list | vm stats <id> | vm stop <id>
+//! ```
+//! Every command also takes `--json` (anywhere on the line): its reply is
+//! then exactly one JSON line.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use crate::manager::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MIN_MEM_MIB};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Help,
+    Host,
+    VmRun {
+        guest: String,
+        mem_mib: u32,
+        cmdline: String,
+    },
+    VmList,
+    VmStats {
+        id: u32,
+    },
+    VmStop {
+        id: u32,
+    },
+    Poweroff,
+}
+
+impl Command {
+    /// The command's name in replies.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Help => "help",
+            Command::Host => "host",
+            Command::VmRun { .. } => "vm run",
+            Command::VmList => "vm list",
+            Command::VmStats { .. } => "vm stats",
+            Command::VmStop { .. } => "vm stop",
+            Command::Poweroff => "poweroff",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub command: Command,
+    pub json: bool,
+}
+
+/// A refused line: the message, and whether `--json` was asked for (so
+/// the error can be printed in the same form).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseError {
+    pub message: String,
+    pub json: bool,
+}
+
+/// Parses one line; `Ok(None)` for a blank line.
+pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
+    let mut words: Vec<&str> = line.split_whitespace().collect();
+    // `--json` is a flag of every command, but not inside a guest command
+    // line (after `--`).
+    let dashdash = words.iter().position(|w| *w == "--").unwrap_or(words.len());
+    let json = words[..dashdash].contains(&"--json");
+    if json {
+        let tail = words.split_off(dashdash);
+        words.retain(|w| *w != "--json");
+        words.extend(tail);
+    }
+    let err = |m: String| ParseError { message: m, json };
+    let Some((&first, rest)) = words.split_first() else {
+        return if json {
+            Err(err("empty command".into()))
+        } else {
+            Ok(None)
+        };
+    };
+    let command = match first {
+        "help" => no_args("help", rest, Command::Help),
+        "host" => no_args("host", rest, Command::Host),
+        "poweroff" => no_args("poweroff", rest, Command::Poweroff),
+        "vm" => parse_vm(rest),
+        other => Err(alloc::format!("unknown command {other:?} (type 'help')")),
+    }
+    .map_err(err)?;
+    Ok(Some(Parsed { command, json }))
+}
+
+fn no_args(name: &str, rest: &[&str], c: Command) -> Result<Command, String> {
+    match rest.first() {
+        None => Ok(c),
+        Some(extra) => Err(alloc::format!("{name}: unexpected argument {extra:?}")),
+    }
+}
+
+fn parse_id(cmd: &str, rest: &[&str]) -> Result<u32, String> {
+    match rest {
+        [] => Err(alloc::format!("vm {cmd}: missing VM id")),
+        [id] => id
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| alloc::format!("vm {cmd}: {id:?} is not a VM id")),
+        [_, extra, ..] => Err(alloc::format!("vm {cmd}: unexpected argument {extra:?}")),
+    }
+}
+
+fn parse_vm(rest: &[&str]) -> Result<Command, String> {
+    let Some((&sub, args)) = rest.split_first() else {
+        return Err("vm: missing subcommand (run, list, stats, stop)".into());
+    };
+    match sub {
+        "list" => no_args("vm list", args, Command::VmList),
+        "stats" => parse_id("stats", args).map(|id| Command::VmStats { id }),
+        "stop" => parse_id("stop", args).map(|id| Command::VmStop { id }),
+        "run" => parse_run(args),
+        other => Err(alloc::format!(
+            "vm: unknown subcommand {other:?} (run, list, stats, stop)"
+        )),
+    }
+}
+
+fn parse_run(args: &[&str]) -> Result<Command, String> {
+    let (opts, cmdline) = match args.iter().position(|w| *w == "--") {
+        Some(i) => (&args[..i], args[i + 1..].join(" ")),
+        None => (args, String::new()),
+    };
+    let Some((&guest, opts)) = opts.split_first() else {
+        return Err("vm run: missing guest name".into());
+    };
+    if guest.contains('=') {
+        return Err(alloc::format!(
+            "vm run: missing guest name before {guest:?}"
+        ));
+    }
+    let mut mem_mib = DEFAULT_MEM_MIB;
+    for opt in opts {
+        match opt.split_once('=') {
+            Some(("mem", v)) => {
+                mem_mib = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m))
+                    .ok_or_else(|| alloc::format!("vm run: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {v:?}"))?;
+            }
+            _ => {
+                return Err(alloc::format!(
+                    "vm run: unknown option {opt:?} (expected mem=<MiB>)"
+                ));
+            }
+        }
+    }
+    Ok(Command::VmRun {
+        guest: guest.to_string(),
+        mem_mib,
+        cmdline,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(line: &str) -> Parsed {
+        parse(line).unwrap().unwrap()
+    }
+
+    fn err(line: &str) -> String {
+        parse(line).unwrap_err().message
+    }
+
+    #[test]
+    fn commands_and_json_flag() {
+        assert_eq!(ok("help").command, Command::Help);
+        assert_eq!(
+            ok("  vm   list  "),
+            Parsed {
+                command: Command::VmList,
+                json: false
+            }
+        );
+        assert_eq!(
+            ok("vm list --json"),
+            Parsed {
+                command: Command::VmList,
+                json: true
+            }
+        );
+        assert_eq!(ok("--json host").command, Command::Host);
+        assert_eq!(ok("vm stats 3").command, Command::VmStats { id: 3 });
+        assert_eq!(ok("vm stop 12 --json").command, Command::VmStop { id: 12 });
+        assert_eq!(parse("   ").unwrap(), None);
+    }
+
+    #[test]
+    fn vm_run_options_and_command_line() {
+        assert_eq!(
+            ok("vm run selftest").command,
+            Command::VmRun {
+                guest: "selftest".into(),
+                mem_mib: DEFAULT_MEM_MIB,
+                cmdline: String::new()
+            }
+        );
+        assert_eq!(
+            ok("vm run escape mem=8 -- write addr=0x1000 --json").command,
+            Command::VmRun {
+                guest: "escape".into(),
+                mem_mib: 8,
+                cmdline: "write addr=0x1000 --json".into()
+            }
+        );
+        assert!(
+            !ok("vm run escape -- --json").json,
+            "--json after -- belongs to the guest"
+        );
+    }
+
+    #[test]
+    fn bad_input_is_one_line_errors() {
+        assert_eq!(
+            err("frobnicate"),
+            "unknown command \"frobnicate\" (type 'help')"
+        );
+        assert!(err("vm").contains("missing subcommand"));
+        assert!(err("vm fly").contains("unknown subcommand"));
+        assert!(err("vm run").contains("missing guest"));
+        assert!(err("vm run mem=4").contains("missing guest name"));
+        assert!(err("vm run selftest mem=0").contains("mem must be"));
+        assert!(err("vm run selftest mem=lots").contains("mem must be"));
+        assert!(err("vm run selftest mem=99999999999").contains("mem must be"));
+        assert!(err("vm run selftest cpus=2").contains("unknown option"));
+        assert!(err("vm stats").contains("missing VM id"));
+        assert!(err("vm stats x").contains("not a VM id"));
+        assert!(err("vm stats 0").contains("not a VM id"));
+        assert!(err("vm stop 1 2").contains("unexpected argument"));
+        assert!(err("help me").contains("unexpected argument"));
+        assert!(parse("bogus --json").unwrap_err().json);
+        assert!(parse("--json").unwrap_err().json);
+        for e in [err("frobnicate"), err("vm run selftest mem=0")] {
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The hypercall ABI (VMCALL on VT-x, VMMCALL on AMD-V): RAX = function,
+//! RDI and RSI = arguments, result in RAX. Only ring 0 of the guest may call;
+//! from user mode the instruction raises #UD, as on bare metal.
+
+/// Returns [`PING_REPLY`].
+pub const PING: u64 = 0;
+/// Returns the VM's id.
+pub const VM_ID: u64 = 1;
+/// Returns a statistic of this VM: RDI = [`STAT_EXITS`] or [`STAT_HLT`].
+pub const STAT: u64 = 2;
+/// "HVOK".
+pub const PING_REPLY: u64 = 0x4b4f_5648;
+/// The result of an unknown function or argument.
+pub const UNKNOWN: u64 = u64::MAX;
+pub const STAT_EXITS: u64 = 0;
+pub const STAT_HLT: u64 = 1;
+
+/// What the hypercall needs from its VM.
+pub trait Context {
+    fn vm_id(&self) -> u64;
+    fn total_exits(&self) -> u64;
+    fn hlt_exits(&self) -> u64;
+}
+
+/// The result for function `func` with first argument `a`.
+pub fn dispatch(func: u64, a: u64, ctx: &impl Context) -> u64 {
+    match (func, a) {
+        (PING, _) => PING_REPLY,
+        (VM_ID, _) => ctx.vm_id(),
+        (STAT, STAT_EXITS) => ctx.total_exits(),
+        (STAT, STAT_HLT) => ctx.hlt_exits(),
+        _ => UNKNOWN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ctx;
+    impl Context for Ctx {
+        fn vm_id(&self) -> u64 {
+            7
+        }
+        fn total_exits(&self) -> u64 {
+            100
+        }
+        fn hlt_exits(&self) -> u64 {
+            3
+        }
+    }
+
+    #[test]
+    fn functions_and_unknowns() {
+        assert_eq!(dispatch(PING, 0, &Ctx), PING_REPLY);
+        assert_eq!(dispatch(VM_ID, 0, &Ctx), 7);
+        assert_eq!(dispatch(STAT, STAT_EXITS, &Ctx), 100);
+        assert_eq!(dispatch(STAT, STAT_HLT, &Ctx), 3);
+        assert_eq!(dispatch(STAT, 99, &Ctx), UNKNOWN);
+        assert_eq!(dispatch(0xdead, 0, &Ctx), UNKNOWN);
+    }
+}

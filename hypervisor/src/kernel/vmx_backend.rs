@@ -1,0 +1,105 @@
+//! The VT-x backend on this machine: `vmx` crate objects plus host memory.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use hypervisor::backend::Backend;
+use hypervisor::cpuid::{HostQuirks, Regs};
+use mm::paging::{Ept, PageSize};
+use vcpu::GuestState;
+use vmx::{VmxCpu, VmxVcpu};
+
+use crate::platform::{memory::HostMem, time};
+
+pub struct VmxBackend {
+    cpu: VmxCpu,
+    mem: HostMem,
+    quirks: HostQuirks,
+}
+
+impl VmxBackend {
+    /// Enters VMX operation, or says why it cannot.
+    pub fn start() -> Result<VmxBackend, String> {
+        let mut mem = HostMem;
+        // SAFETY: called once, on the boot CPU, with interrupts off.
+        let cpu = unsafe { VmxCpu::enable(&mut mem) }.map_err(|e| alloc::format!("{e}"))?;
+        // SAFETY: IA32_MISC_ENABLE exists on every CPU with VMX.
+        let misc = unsafe { vmx::hw::rdmsr(0x1a0) };
+        Ok(VmxBackend {
+            cpu,
+            mem,
+            quirks: HostQuirks {
+                fast_strings_off: misc & 1 == 0,
+            },
+        })
+    }
+
+    pub fn caps(&self) -> &vmx::caps::VmxCaps {
+        &self.cpu.caps
+    }
+}
+
+impl Backend for VmxBackend {
+    type Format = Ept;
+    type Vcpu = Box<VmxVcpu>;
+    type Mem = HostMem;
+
+    fn name(&self) -> &'static str {
+        "vmx"
+    }
+
+    fn features(&self) -> Vec<String> {
+        self.cpu.features()
+    }
+
+    fn mem(&mut self) -> &mut HostMem {
+        &mut self.mem
+    }
+
+    fn max_page_size(&self) -> PageSize {
+        if self.cpu.controls.ept_1g {
+            PageSize::Size1G
+        } else if self.cpu.caps.ept_2m() {
+            PageSize::Size2M
+        } else {
+            PageSize::Size4K
+        }
+    }
+
+    fn create_vcpu(
+        &mut self,
+        root: mm::HostPhysAddr,
+        state: &GuestState,
+    ) -> Result<Box<VmxVcpu>, vcpu::Error> {
+        // SAFETY: VMX is on (this backend exists) and the nested table
+        // outlives the vCPU: the manager destroys the vCPU first.
+        unsafe { VmxVcpu::new(&mut self.cpu, &mut self.mem, root, state) }
+    }
+
+    fn destroy_vcpu(&mut self, vcpu: Box<VmxVcpu>) {
+        // SAFETY: the manager only destroys vCPUs that no longer run.
+        unsafe { vcpu.destroy(&mut self.cpu, &mut self.mem) }
+    }
+
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> Regs {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        Regs {
+            eax: r.eax,
+            ebx: r.ebx,
+            ecx: r.ecx,
+            edx: r.edx,
+        }
+    }
+
+    fn quirks(&self) -> HostQuirks {
+        self.quirks
+    }
+
+    fn now(&self) -> u64 {
+        time::rdtsc()
+    }
+
+    fn tsc_hz(&self) -> u64 {
+        time::tsc_hz()
+    }
+}

@@ -1,0 +1,271 @@
+//! Exit handling, vendor-neutral. Everything the guest controls is hostile
+//! here: port numbers, register values, MSR indices, addresses. A handler
+//! either completes the guest's instruction, injects the fault real
+//! hardware would raise, or ends this VM with a report; never the host.
+
+use alloc::format;
+use alloc::string::String;
+use vcpu::{Event, ExitKind, IoAccess, MemAccess, Vcpu, VmExit};
+
+use super::{RunState, Vm};
+use crate::backend::Backend;
+use crate::cpuid;
+use crate::devices::{self, COM1_BASE, EXIT_PORT};
+use crate::{hypercall, msr};
+
+/// Where operator-visible text goes (the console).
+pub trait Console {
+    fn line(&mut self, text: &str);
+}
+
+/// What the scheduler does after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Re-enter the guest.
+    Continue,
+    /// Give the CPU to someone else; the VM stays runnable.
+    Yield,
+    /// The VM is no longer runnable (ended or halted for good).
+    Stop,
+}
+
+struct HcCtx<'a> {
+    id: u32,
+    exits: &'a [u64; ExitKind::COUNT],
+}
+
+impl hypercall::Context for HcCtx<'_> {
+    fn vm_id(&self) -> u64 {
+        self.id as u64
+    }
+    fn total_exits(&self) -> u64 {
+        self.exits.iter().sum()
+    }
+    fn hlt_exits(&self) -> u64 {
+        self.exits[ExitKind::Hlt as usize]
+    }
+}
+
+impl<B: Backend> Vm<B> {
+    /// Handles one exit of this (live) VM.
+    pub fn handle_exit(
+        &mut self,
+        exit: VmExit,
+        backend: &mut B,
+        console: &mut impl Console,
+    ) -> Flow {
+        let Some(res) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let vcpu = &mut res.vcpu;
+        match exit {
+            VmExit::Cpuid => {
+                let g = vcpu.gprs();
+                let (leaf, sub) = (g.rax as u32, g.rcx as u32);
+                let r =
+                    cpuid::guest_cpuid(leaf, sub, backend.host_cpuid(leaf, sub), backend.quirks());
+                let g = vcpu.gprs_mut();
+                g.rax = r.eax as u64;
+                g.rbx = r.ebx as u64;
+                g.rcx = r.ecx as u64;
+                g.rdx = r.edx as u64;
+                vcpu.skip_instruction();
+                Flow::Continue
+            }
+            VmExit::Io(io) => self.handle_io(io, backend, console),
+            VmExit::Hlt => {
+                vcpu.skip_instruction();
+                if vcpu.rflags() & vcpu::state::bits::RFLAGS_IF != 0 {
+                    self.state = RunState::Waiting;
+                    Flow::Yield
+                } else {
+                    let rip = vcpu.rip();
+                    self.end(RunState::Halted { rip }, backend, console);
+                    Flow::Stop
+                }
+            }
+            VmExit::Hypercall => {
+                if vcpu.cpl() != 0 {
+                    vcpu.inject(Event::UD);
+                    return Flow::Continue;
+                }
+                let g = vcpu.gprs();
+                let ctx = HcCtx {
+                    id: self.id,
+                    exits: &self.stats.exits,
+                };
+                let r = hypercall::dispatch(g.rax, g.rdi, &ctx);
+                vcpu.gprs_mut().rax = r;
+                vcpu.skip_instruction();
+                Flow::Continue
+            }
+            VmExit::Rdmsr { msr: index } => {
+                match msr::read(index, &self.msrs) {
+                    Some(v) => {
+                        let g = vcpu.gprs_mut();
+                        g.rax = v & 0xffff_ffff;
+                        g.rdx = v >> 32;
+                        vcpu.skip_instruction();
+                    }
+                    None => vcpu.inject(Event::GP0),
+                }
+                Flow::Continue
+            }
+            VmExit::Wrmsr { msr: index, value } => {
+                if msr::write(index, value, &mut self.msrs) {
+                    vcpu.skip_instruction();
+                } else {
+                    vcpu.inject(Event::GP0);
+                }
+                Flow::Continue
+            }
+            VmExit::NestedPageFault { gpa, access, gva } => {
+                let reason = self.fault_report(gpa, access, gva, backend);
+                self.end(RunState::Stopped { reason }, backend, console);
+                Flow::Stop
+            }
+            VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => Flow::Continue,
+            VmExit::Preempted => Flow::Yield,
+            VmExit::Shutdown { report }
+            | VmExit::EntryFailed { report }
+            | VmExit::Unexpected { report } => {
+                let reason = self.with_code_bytes(report, backend);
+                self.end(RunState::Stopped { reason }, backend, console);
+                Flow::Stop
+            }
+        }
+    }
+
+    fn handle_io(&mut self, io: IoAccess, backend: &mut B, console: &mut impl Console) -> Flow {
+        let Some(res) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let vcpu = &mut res.vcpu;
+        if io.string || !matches!(io.size, 1 | 2 | 4) {
+            // INS/OUTS need the guest's segments and paging; no device
+            // here needs them yet, so the guest gets #GP rather than
+            // silently wrong data.
+            vcpu.inject(Event::GP0);
+            self.stats.unbacked_io += 1;
+            return Flow::Continue;
+        }
+        let mask: u64 = match io.size {
+            1 => 0xff,
+            2 => 0xffff,
+            _ => 0xffff_ffff,
+        };
+        let value = (vcpu.gprs().rax & mask) as u32;
+        let read = match io.port {
+            EXIT_PORT if io.write => {
+                vcpu.skip_instruction();
+                let status = devices::exit_status(value);
+                self.end(RunState::Exited { status }, backend, console);
+                return Flow::Stop;
+            }
+            p @ COM1_BASE..=0x3ff => {
+                let off = p - COM1_BASE;
+                if io.write {
+                    self.uart.write(off, value as u8);
+                    if self.uart.has_output() {
+                        for l in self.uart.take_lines() {
+                            console.line(&format!("[vm {}] {l}", self.id));
+                        }
+                    }
+                    None
+                } else {
+                    Some(self.uart.read(off) as u32)
+                }
+            }
+            _ => {
+                self.stats.unbacked_io += 1;
+                (!io.write).then(|| devices::unbacked_read(io.size))
+            }
+        };
+        if let Some(v) = read {
+            let g = vcpu.gprs_mut();
+            // A 32-bit IN zero-extends into RAX; 8/16-bit ones merge.
+            g.rax = if io.size == 4 {
+                v as u64
+            } else {
+                (g.rax & !mask) | (v as u64 & mask)
+            };
+        }
+        vcpu.skip_instruction();
+        Flow::Continue
+    }
+
+    /// Says what the guest touched, where, and with which instruction.
+    fn fault_report(
+        &self,
+        gpa: u64,
+        access: MemAccess,
+        gva: Option<u64>,
+        backend: &mut B,
+    ) -> String {
+        let Some(res) = &self.res else {
+            return String::new();
+        };
+        let inside = gpa < self.mem_bytes;
+        let mut r = format!(
+            "{} of guest-physical {gpa:#x} {} at rip {:#x}",
+            access.as_str(),
+            if inside {
+                "not permitted"
+            } else {
+                "outside its memory"
+            },
+            res.vcpu.rip()
+        );
+        if let Some(la) = gva {
+            r.push_str(&format!(" (guest-linear {la:#x})"));
+        }
+        self.with_code_bytes(r, backend)
+    }
+
+    fn with_code_bytes(&self, mut report: String, backend: &mut B) -> String {
+        let Some(res) = &self.res else { return report };
+        let bytes = self.read_virt(backend, res.vcpu.rip(), 15);
+        if !bytes.is_empty() {
+            report.push_str("; code at rip:");
+            for b in bytes {
+                report.push_str(&format!(" {b:02x}"));
+            }
+        }
+        report
+    }
+
+    /// Moves the VM to a final state and prints its end report. Resources
+    /// are released by the manager.
+    pub fn end(&mut self, state: RunState, backend: &mut B, console: &mut impl Console) {
+        self.uart.flush_partial();
+        for l in self.uart.take_lines() {
+            console.line(&format!("[vm {}] {l}", self.id));
+        }
+        self.state = state;
+        self.stats.ended_tsc = Some(backend.now());
+        console.line(&self.end_report(backend.tsc_hz()));
+    }
+
+    /// One line: what happened to the VM, after how much work.
+    pub fn end_report(&self, tsc_hz: u64) -> String {
+        let what = match &self.state {
+            RunState::Exited { status } => format!("exited with status {status} ({status:#x})"),
+            RunState::Halted { rip } => format!("halted with interrupts disabled at rip {rip:#x}"),
+            RunState::Stopped { reason } => format!("stopped: {reason}"),
+            RunState::Running | RunState::Waiting => String::from("is running"),
+        };
+        let run_us = ticks_to_us(self.stats.run_ticks, tsc_hz);
+        format!(
+            "vm {} ({}) {what}; {} exits, {}.{:03} ms in guest",
+            self.id,
+            self.guest,
+            self.stats.total_exits(),
+            run_us / 1000,
+            run_us % 1000
+        )
+    }
+}
+
+pub fn ticks_to_us(ticks: u64, hz: u64) -> u64 {
+    ((ticks as u128 * 1_000_000) / hz.max(1) as u128) as u64
+}

@@ -1,0 +1,127 @@
+//! One virtual machine: its RAM and nested page table (from `mm`), its vCPU
+//! (from the backend), its devices, and what it has done. Exit handling is
+//! in `exit`; creating and scheduling VMs is the manager's job.
+
+pub mod boot;
+pub mod exit;
+pub mod walk;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use mm::GuestRam;
+use mm::addr::GuestPhysAddr;
+use mm::paging::NestedPageTable;
+use vcpu::{ExitKind, Vcpu};
+
+use crate::backend::Backend;
+use crate::devices::uart::Uart;
+use crate::msr::MsrState;
+pub use boot::Protocol;
+
+/// Where a VM is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    /// In HLT with interrupts enabled: resumes at the next scheduling round
+    /// (no virtual interrupt sources exist yet to wake it earlier).
+    Waiting,
+    /// In HLT with interrupts disabled: nothing can ever wake it.
+    Halted {
+        rip: u64,
+    },
+    /// Wrote V to the debug-exit port: status (V << 1) | 1.
+    Exited {
+        status: u32,
+    },
+    /// Ended by the hypervisor (a fault, an access outside its memory, an
+    /// operator's `vm stop`), with the reason.
+    Stopped {
+        reason: String,
+    },
+}
+
+impl RunState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Waiting => "waiting",
+            RunState::Halted { .. } => "halted",
+            RunState::Exited { .. } => "exited",
+            RunState::Stopped { .. } => "stopped",
+        }
+    }
+
+    pub fn runnable(&self) -> bool {
+        matches!(self, RunState::Running | RunState::Waiting)
+    }
+
+    /// Ended for good: resources can be freed.
+    pub fn ended(&self) -> bool {
+        matches!(self, RunState::Exited { .. } | RunState::Stopped { .. })
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct VmStats {
+    pub exits: [u64; ExitKind::COUNT],
+    /// TSC ticks spent running the guest (entry to exit, handler included).
+    pub run_ticks: u64,
+    pub started_tsc: u64,
+    pub ended_tsc: Option<u64>,
+    /// Reads and writes of ports no device decodes.
+    pub unbacked_io: u64,
+}
+
+impl VmStats {
+    pub fn total_exits(&self) -> u64 {
+        self.exits.iter().sum()
+    }
+}
+
+/// What a live VM holds; dropped (and returned to the host) when it ends.
+pub struct Resources<B: Backend> {
+    pub ram: GuestRam,
+    pub npt: NestedPageTable<B::Format>,
+    pub vcpu: B::Vcpu,
+}
+
+pub struct Vm<B: Backend> {
+    pub id: u32,
+    pub guest: String,
+    pub protocol: Protocol,
+    pub mem_bytes: u64,
+    pub cmdline: String,
+    pub state: RunState,
+    pub stats: VmStats,
+    pub uart: Uart,
+    pub msrs: MsrState,
+    /// Host memory the VM's control structures use, measured at start:
+    /// VMCS/VMCB and vCPU state, nested page tables, RAM bookkeeping.
+    pub overhead_bytes: u64,
+    pub res: Option<Resources<B>>,
+}
+
+impl<B: Backend> Vm<B> {
+    /// Up to `len` bytes at guest-virtual `gva` (through the guest's page
+    /// tables), for reports; stops at the first unreadable byte.
+    pub fn read_virt(&self, backend: &mut B, gva: u64, len: usize) -> Vec<u8> {
+        let Some(res) = &self.res else {
+            return Vec::new();
+        };
+        let state = res.vcpu.state();
+        let mem = backend.mem();
+        let read64 = |gpa: u64| res.ram.read_obj::<u64, _>(&*mem, GuestPhysAddr(gpa)).ok();
+        let mut out = Vec::with_capacity(len);
+        for i in 0..len as u64 {
+            let Some(gpa) = walk::translate(&state, gva.wrapping_add(i), &read64) else {
+                break;
+            };
+            let mut b = [0u8; 1];
+            if res.ram.read(&*mem, GuestPhysAddr(gpa), &mut b).is_err() {
+                break;
+            }
+            out.push(b[0]);
+        }
+        out
+    }
+}

@@ -1,0 +1,324 @@
+//! Exit decoding: the raw exit reason and the VMCS exit-information fields
+//! become a neutral `VmExit`, or an action the backend handles itself
+//! (control-register moves, instructions VMX guests must not have). Pure
+//! logic over a field reader, so it is tested with recorded field values.
+
+use alloc::format;
+use vcpu::{ExitKind, Gprs, IoAccess, MemAccess, VmExit};
+use x86::vmx::vmcs::{guest, ro};
+
+use crate::names;
+
+/// What the backend does with an exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Goes up to the hypervisor.
+    Exit(VmExit),
+    /// MOV to CR0/CR3/CR4/CR8 from general-purpose register `gpr`.
+    MovToCr { cr: u8, gpr: u8 },
+    /// MOV from CRn to `gpr`.
+    MovFromCr { cr: u8, gpr: u8 },
+    /// CLTS.
+    Clts,
+    /// LMSW with this 16-bit source.
+    Lmsw { value: u16 },
+    /// WRMSR to IA32_EFER: long-mode activation is tracked by the backend.
+    EferWrite { value: u64 },
+    /// Raise #UD in the guest (VMX instructions, MONITOR/MWAIT: the guest
+    /// is told by CPUID that it has neither).
+    InjectUd,
+    /// A failed VM entry (exit reason bit 31): the backend adds the guest
+    /// state check and reports it.
+    EntryFailure { reason: u16, qualification: u64 },
+    /// Triple fault: the backend adds the registers and reports it.
+    TripleFault,
+}
+
+/// Exit-information fields the decoder may read (SDM Vol. 3C 25.9).
+pub trait Fields {
+    fn read(&self, field: u32) -> u64;
+}
+
+impl<F: Fn(u32) -> u64> Fields for F {
+    fn read(&self, field: u32) -> u64 {
+        self(field)
+    }
+}
+
+pub const IA32_EFER: u32 = 0xC000_0080;
+
+/// Decodes exit reason `raw_reason` (the full 32-bit field).
+pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
+    let reason = (raw_reason & 0xffff) as u16;
+    if raw_reason & (1 << 31) != 0 {
+        return Decoded::EntryFailure {
+            reason,
+            qualification: f.read(ro::EXIT_QUALIFICATION),
+        };
+    }
+    match reason {
+        0 => {
+            let info = f.read(ro::VMEXIT_INTERRUPTION_INFO);
+            let vector = (info & 0xff) as u8;
+            let kind = (info >> 8) & 7;
+            if kind == 2 {
+                // An NMI meant for the host arrived while the guest ran.
+                Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) })
+            } else {
+                unexpected(
+                    reason,
+                    f,
+                    format!(", exception vector {vector} (interruption info {info:#x})"),
+                )
+            }
+        }
+        1 => {
+            let info = f.read(ro::VMEXIT_INTERRUPTION_INFO);
+            let vector = (info & (1 << 31) != 0).then_some((info & 0xff) as u8);
+            Decoded::Exit(VmExit::ExternalInterrupt { vector })
+        }
+        2 => Decoded::TripleFault,
+        10 => Decoded::Exit(VmExit::Cpuid),
+        12 => Decoded::Exit(VmExit::Hlt),
+        18 => Decoded::Exit(VmExit::Hypercall),
+        28 => {
+            let q = f.read(ro::EXIT_QUALIFICATION);
+            let cr = (q & 0xf) as u8;
+            let gpr = ((q >> 8) & 0xf) as u8;
+            match (q >> 4) & 3 {
+                0 => Decoded::MovToCr { cr, gpr },
+                1 => Decoded::MovFromCr { cr, gpr },
+                2 => Decoded::Clts,
+                _ => Decoded::Lmsw {
+                    value: (q >> 16) as u16,
+                },
+            }
+        }
+        30 => {
+            let q = f.read(ro::EXIT_QUALIFICATION);
+            Decoded::Exit(VmExit::Io(IoAccess {
+                port: (q >> 16) as u16,
+                size: ((q & 7) + 1) as u8,
+                write: q & (1 << 3) == 0,
+                string: q & (1 << 4) != 0,
+                rep: q & (1 << 5) != 0,
+            }))
+        }
+        31 => Decoded::Exit(VmExit::Rdmsr {
+            msr: gprs.rcx as u32,
+        }),
+        32 => {
+            let msr = gprs.rcx as u32;
+            let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
+            if msr == IA32_EFER {
+                Decoded::EferWrite { value }
+            } else {
+                Decoded::Exit(VmExit::Wrmsr { msr, value })
+            }
+        }
+        19..=27 | 36 | 39 | 50 | 53 => Decoded::InjectUd,
+        48 => {
+            let q = f.read(ro::EXIT_QUALIFICATION);
+            let access = if q & 2 != 0 {
+                MemAccess::Write
+            } else if q & 4 != 0 {
+                MemAccess::Execute
+            } else {
+                MemAccess::Read
+            };
+            let gva = (q & (1 << 7) != 0).then(|| f.read(ro::GUEST_LINEAR_ADDR));
+            Decoded::Exit(VmExit::NestedPageFault {
+                gpa: f.read(ro::GUEST_PHYSICAL_ADDR_FULL),
+                access,
+                gva,
+            })
+        }
+        49 => unexpected(
+            reason,
+            f,
+            format!(
+                ", guest-physical {:#x} (a hypervisor EPT bug)",
+                f.read(ro::GUEST_PHYSICAL_ADDR_FULL)
+            ),
+        ),
+        52 => Decoded::Exit(VmExit::Preempted),
+        _ => unexpected(reason, f, alloc::string::String::new()),
+    }
+}
+
+fn unexpected(reason: u16, f: &impl Fields, extra: alloc::string::String) -> Decoded {
+    Decoded::Exit(VmExit::Unexpected {
+        report: format!(
+            "unhandled VM exit {reason} ({}) at rip {:#x}, qualification {:#x}{extra}",
+            names::exit_reason(reason),
+            f.read(guest::RIP),
+            f.read(ro::EXIT_QUALIFICATION)
+        ),
+    })
+}
+
+/// The statistics class of a backend-handled exit.
+pub fn handled_kind(d: &Decoded) -> ExitKind {
+    match d {
+        Decoded::MovToCr { .. }
+        | Decoded::MovFromCr { .. }
+        | Decoded::Clts
+        | Decoded::Lmsw { .. } => ExitKind::ControlRegister,
+        Decoded::EferWrite { .. } => ExitKind::Wrmsr,
+        _ => ExitKind::Unexpected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &'static [(u32, u64)]) -> impl Fn(u32) -> u64 {
+        move |f| pairs.iter().find(|(k, _)| *k == f).map_or(0, |(_, v)| *v)
+    }
+
+    #[test]
+    fn io_qualification_decodes_port_size_direction() {
+        // OUT DX, AL to 0x3f8: size-1 = 0, direction 0 (out), port in 31:16.
+        let f = fields(&[(ro::EXIT_QUALIFICATION, 0x03f8_0000)]);
+        assert_eq!(
+            decode(30, &f, &Gprs::default()),
+            Decoded::Exit(VmExit::Io(IoAccess {
+                port: 0x3f8,
+                size: 1,
+                write: true,
+                string: false,
+                rep: false
+            }))
+        );
+        // REP INSD from 0x1f0: size-1 = 3, in, string, rep.
+        let f = fields(&[(ro::EXIT_QUALIFICATION, 0x01f0_0000 | 3 | 8 | 16 | 32)]);
+        assert_eq!(
+            decode(30, &f, &Gprs::default()),
+            Decoded::Exit(VmExit::Io(IoAccess {
+                port: 0x1f0,
+                size: 4,
+                write: false,
+                string: true,
+                rep: true
+            }))
+        );
+    }
+
+    #[test]
+    fn ept_violation_reports_gpa_access_and_linear_address() {
+        let f = fields(&[
+            (ro::EXIT_QUALIFICATION, 0b1000_0010),
+            (ro::GUEST_PHYSICAL_ADDR_FULL, 0x1_0000_0000),
+            (ro::GUEST_LINEAR_ADDR, 0xffff_8000_0000_0000),
+        ]);
+        assert_eq!(
+            decode(48, &f, &Gprs::default()),
+            Decoded::Exit(VmExit::NestedPageFault {
+                gpa: 0x1_0000_0000,
+                access: MemAccess::Write,
+                gva: Some(0xffff_8000_0000_0000)
+            })
+        );
+        let f = fields(&[
+            (ro::EXIT_QUALIFICATION, 0b100),
+            (ro::GUEST_PHYSICAL_ADDR_FULL, 0x5000),
+        ]);
+        assert_eq!(
+            decode(48, &f, &Gprs::default()),
+            Decoded::Exit(VmExit::NestedPageFault {
+                gpa: 0x5000,
+                access: MemAccess::Execute,
+                gva: None
+            })
+        );
+    }
+
+    #[test]
+    fn msr_exits_take_index_and_value_from_registers() {
+        let g = Gprs {
+            rcx: 0x277,
+            rax: 0xdead_beef_0000_0006,
+            rdx: 0x0007_0406,
+            ..Default::default()
+        };
+        assert_eq!(
+            decode(32, &fields(&[]), &g),
+            Decoded::Exit(VmExit::Wrmsr {
+                msr: 0x277,
+                value: 0x0007_0406_0000_0006
+            })
+        );
+        let g = Gprs {
+            rcx: IA32_EFER as u64,
+            rax: 0x500,
+            ..Default::default()
+        };
+        assert_eq!(
+            decode(32, &fields(&[]), &g),
+            Decoded::EferWrite { value: 0x500 }
+        );
+        assert_eq!(
+            decode(31, &fields(&[]), &g),
+            Decoded::Exit(VmExit::Rdmsr { msr: IA32_EFER })
+        );
+    }
+
+    #[test]
+    fn control_register_moves() {
+        // MOV CR0, RBX: cr 0, type 0, gpr 3.
+        let f = fields(&[(ro::EXIT_QUALIFICATION, 3 << 8)]);
+        assert_eq!(
+            decode(28, &f, &Gprs::default()),
+            Decoded::MovToCr { cr: 0, gpr: 3 }
+        );
+        // MOV RAX, CR4 (from).
+        let f = fields(&[(ro::EXIT_QUALIFICATION, 4 | (1 << 4))]);
+        assert_eq!(
+            decode(28, &f, &Gprs::default()),
+            Decoded::MovFromCr { cr: 4, gpr: 0 }
+        );
+        let f = fields(&[(ro::EXIT_QUALIFICATION, (3 << 4) | (0x0011 << 16))]);
+        assert_eq!(
+            decode(28, &f, &Gprs::default()),
+            Decoded::Lmsw { value: 0x11 }
+        );
+    }
+
+    #[test]
+    fn entry_failures_triple_faults_and_unknowns() {
+        let f = fields(&[(ro::EXIT_QUALIFICATION, 0), (guest::RIP, 0x1234)]);
+        assert_eq!(
+            decode((1 << 31) | 33, &f, &Gprs::default()),
+            Decoded::EntryFailure {
+                reason: 33,
+                qualification: 0
+            }
+        );
+        assert_eq!(decode(2, &f, &Gprs::default()), Decoded::TripleFault);
+        assert_eq!(decode(27, &f, &Gprs::default()), Decoded::InjectUd);
+        match decode(55, &f, &Gprs::default()) {
+            Decoded::Exit(VmExit::Unexpected { report }) => {
+                assert!(
+                    report.contains("XSETBV") && report.contains("0x1234"),
+                    "{report}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn external_interrupts_and_host_nmis() {
+        let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | 0x30)]);
+        assert_eq!(
+            decode(1, &f, &Gprs::default()),
+            Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(0x30) })
+        );
+        let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (2 << 8) | 2)]);
+        assert_eq!(
+            decode(0, &f, &Gprs::default()),
+            Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) })
+        );
+    }
+}
