@@ -60,7 +60,10 @@ pub fn build_binaries() -> Result<PathBuf> {
 pub fn config_text(opts: &ImageOptions) -> String {
     let mut s = String::from("# written by boot/; read by the hypervisor at start-up\n");
     if opts.debug_exit {
+        // QEMU's isa-debug-exit (added by `emulator::spawn`), and the PIIX4
+        // PM control port for soft-off under Bochs, whose OVMF has no ACPI.
         s.push_str("debug_exit_port = 0xf4\n");
+        s.push_str("pm1a_cnt_fallback = 0xb004\n");
     }
     if let Some(level) = &opts.log_level {
         s.push_str(&format!("log_level = {level}\n"));

@@ -16,6 +16,8 @@ use crate::script::Step;
 
 /// What the kernel prints; the harness keys on these.
 pub const PROMPT: &str = "hv> ";
+/// Printed once boot and the autorun commands are done.
+pub const READY: &str = "hypervisor: ready";
 pub const POWER_OFF_OK: &str = "hypervisor: power off (ok)";
 pub const POWER_OFF_FAIL: &str = "hypervisor: power off (failure)";
 pub const FATAL: &str = "!!! hypervisor";
@@ -96,6 +98,15 @@ impl Outcome {
         if self.success() {
             let _ = std::fs::remove_dir_all(&self.run_dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn started_vms_are_found() {
+        let t = "hv> vm run selftest\nvm 1 started: selftest (elf64)\n[vm 1] vm 9 started\nvm 12 started: x\n";
+        assert_eq!(super::started_vms(t), vec![1, 12]);
     }
 }
 
@@ -272,6 +283,14 @@ impl Session {
                 let steps = crate::script::parse(&line)?;
                 self.run_steps(&steps)?;
             }
+            // Input ended: once the console is up (autorun done), let every
+            // VM that was started finish, then power off, so a
+            // non-interactive run always ends.
+            self.wait_for(READY, 0, Duration::from_secs(300))?;
+            for id in started_vms(&self.transcript()) {
+                self.wait_for(&format!("vm {id} ("), 0, Duration::from_secs(600))?;
+            }
+            self.send_line("poweroff", Duration::from_secs(120))?;
         }
         Ok(())
     }
@@ -316,6 +335,14 @@ impl Drop for Session {
     fn drop(&mut self) {
         let _ = self.child.kill();
     }
+}
+
+/// Ids of the VMs the transcript shows being started ("vm N started").
+pub fn started_vms(transcript: &str) -> Vec<u32> {
+    transcript
+        .lines()
+        .filter_map(|l| l.strip_prefix("vm ")?.split_once(" started")?.0.parse().ok())
+        .collect()
 }
 
 /// Copies console bytes into the transcript ('\r' dropped).

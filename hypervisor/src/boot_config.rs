@@ -13,6 +13,9 @@ pub struct BootConfig {
     pub log_level: Option<String>,
     /// Console commands run at start-up, in order.
     pub autorun: Vec<String>,
+    /// PM1a control port to use for soft-off when the firmware provides no
+    /// ACPI tables (OVMF under Bochs: the PIIX4 PM block at 0xb000).
+    pub pm1a_cnt_fallback: Option<u16>,
 }
 
 /// Parses the file; returns the configuration and one message per line that
@@ -41,6 +44,10 @@ pub fn parse(text: &str) -> (BootConfig, Vec<String>) {
                 }
                 _ => problems.push(alloc::format!("line {}: bad log level {value:?}", n + 1)),
             },
+            "pm1a_cnt_fallback" => match parse_u16(value) {
+                Some(p) if p != 0 => cfg.pm1a_cnt_fallback = Some(p),
+                _ => problems.push(alloc::format!("line {}: bad port {value:?}", n + 1)),
+            },
             "autorun" if !value.is_empty() => cfg.autorun.push(value.to_string()),
             _ => problems.push(alloc::format!("line {}: unknown key {key:?}", n + 1)),
         }
@@ -63,12 +70,13 @@ mod tests {
     #[test]
     fn reads_keys_and_reports_bad_lines() {
         let (cfg, problems) = parse(
-            "# c\ndebug_exit_port = 0xf4\nlog_level = debug\nautorun = vm run selftest\nautorun = vm list\nbogus\nfoo = 1\nlog_level = loud\ndebug_exit_port = 0\n",
+            "# c\ndebug_exit_port = 0xf4\npm1a_cnt_fallback = 0xb004\nlog_level = debug\nautorun = vm run selftest\nautorun = vm list\nbogus\nfoo = 1\nlog_level = loud\ndebug_exit_port = 0\n",
         );
         assert_eq!(cfg.debug_exit_port, Some(0xf4));
         assert_eq!(cfg.log_level.as_deref(), Some("debug"));
         assert_eq!(cfg.autorun, ["vm run selftest", "vm list"]);
         assert_eq!(problems.len(), 4, "{problems:?}");
-        assert!(problems[0].starts_with("line 6"));
+        assert!(problems[0].starts_with("line 7"));
+        assert_eq!(cfg.pm1a_cnt_fallback, Some(0xb004));
     }
 }

@@ -106,7 +106,7 @@ impl<'a> FrameBitmap<'a> {
     /// `size` bytes of contiguous frames starting at a multiple of `align`
     /// (both multiples of 4 KiB, align a power of two).
     pub fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<u64> {
-        if size == 0 || size % FRAME_SIZE != 0 || !align.is_power_of_two() || align < FRAME_SIZE {
+        if size == 0 || !size.is_multiple_of(FRAME_SIZE) || !align.is_power_of_two() || align < FRAME_SIZE {
             return None;
         }
         let count = size / FRAME_SIZE;
@@ -138,7 +138,7 @@ impl<'a> FrameBitmap<'a> {
     /// Frees [addr, addr+size); checks every frame first so a bad request
     /// changes nothing.
     pub fn free_range(&mut self, addr: u64, size: u64) -> Result<(), FreeError> {
-        if addr % FRAME_SIZE != 0 || size % FRAME_SIZE != 0 {
+        if !addr.is_multiple_of(FRAME_SIZE) || !size.is_multiple_of(FRAME_SIZE) {
             return Err(FreeError::Misaligned(addr));
         }
         let first = addr / FRAME_SIZE;
@@ -185,7 +185,7 @@ mod tests {
         assert_eq!(b.free_frames(), 255);
         let mut got = Vec::new();
         while let Some(f) = b.alloc() {
-            assert!(f >= MB + FRAME_SIZE && f < 2 * MB, "{f:#x}");
+            assert!((MB + FRAME_SIZE..2 * MB).contains(&f), "{f:#x}");
             got.push(f);
         }
         assert_eq!(got.len(), 255);

@@ -7,6 +7,7 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
 use mm::GuestPhysAddr;
 use mm::GuestRam;
 use mm::paging::NestedPageTable;
@@ -16,6 +17,17 @@ use crate::backend::Backend;
 use crate::loader::{GuestWrite, GuestWriteError};
 use crate::vm::exit::{Console, Flow};
 use crate::vm::{Resources, RunState, Vm, VmStats, boot};
+
+/// The VM whose slice is running (0: none), for fault reports.
+static CURRENT_VM: AtomicU32 = AtomicU32::new(0);
+
+/// The VM this CPU is running or handling an exit for, if any.
+pub fn current_vm() -> Option<u32> {
+    match CURRENT_VM.load(Ordering::Relaxed) {
+        0 => None,
+        id => Some(id),
+    }
+}
 
 /// A guest image from the ramdisk.
 #[derive(Clone, Debug)]
@@ -204,29 +216,38 @@ impl<B: Backend> Manager<B> {
         self.cursor = (i + 1) % n.max(1);
         let vm = &mut self.vms[i];
         vm.state = RunState::Running;
+        CURRENT_VM.store(vm.id, Ordering::Relaxed);
         let flow = {
             let Some(res) = vm.res.as_mut() else {
                 return false;
             };
             res.vcpu.load();
             res.vcpu.set_time_slice(self.slice_ticks);
-            let mut flow;
+            // The preemption timer counts guest time only; a VM that exits
+            // all the time must still give the CPU up after a slice of
+            // wall-clock time, or the console and other VMs starve.
+            let deadline = backend.now().saturating_add(self.slice_ticks);
             loop {
                 let t0 = backend.now();
                 let exit = vm.res.as_mut().map(|r| r.vcpu.run());
                 let Some(exit) = exit else { break Flow::Stop };
-                vm.stats.run_ticks += backend.now().wrapping_sub(t0);
+                let t1 = backend.now();
+                vm.stats.run_ticks += t1.wrapping_sub(t0);
                 vm.stats.exits[exit.kind() as usize] += 1;
                 crate::trace_exit(vm.id, &exit);
-                flow = vm.handle_exit(exit, backend, console);
+                let flow = vm.handle_exit(exit, backend, console);
                 if flow != Flow::Continue {
                     break flow;
+                }
+                if t1 >= deadline {
+                    break Flow::Yield;
                 }
             }
         };
         if let Some(res) = vm.res.as_mut() {
             res.vcpu.put();
         }
+        CURRENT_VM.store(0, Ordering::Relaxed);
         if flow == Flow::Stop && vm.state.ended() {
             release(backend, vm);
         }

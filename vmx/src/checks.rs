@@ -276,9 +276,11 @@ mod tests {
         );
     }
 
+    type Breakage = (&'static str, fn(&mut GuestState));
+
     #[test]
     fn each_broken_field_is_named() {
-        let cases: &[(&str, fn(&mut GuestState))] = &[
+        let cases: &[Breakage] = &[
             ("CR0", |s| s.cr0 &= !CR0_NE),
             ("CR4", |s| s.cr4 &= !CR4_VMXE),
             ("LMA", |s| s.efer = EFER_LME),

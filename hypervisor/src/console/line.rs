@@ -25,6 +25,11 @@ pub enum Edit {
 }
 
 impl LineEditor {
+    /// Nothing typed on the current line.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     pub fn feed(&mut self, b: u8) -> Edit {
         let after_cr = core::mem::replace(&mut self.last_cr, b == b'\r');
         match b {

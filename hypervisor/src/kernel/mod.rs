@@ -28,12 +28,34 @@ pub static BOOTLOADER_CONFIG: BootloaderConfig = {
 
 entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
 
-/// The console is COM1.
-struct Serial;
+/// The console is COM1. While the operator is typing a line, output from
+/// VMs is held back (so it does not split the line being typed) and printed
+/// when the line is entered.
+#[derive(Default)]
+struct Serial {
+    hold: bool,
+    held: Vec<String>,
+}
+
+/// Held lines beyond this are printed anyway.
+const MAX_HELD_LINES: usize = 256;
+
+impl Serial {
+    fn release(&mut self) {
+        self.hold = false;
+        for l in core::mem::take(&mut self.held) {
+            crate::println!("{l}");
+        }
+    }
+}
 
 impl Console for Serial {
     fn line(&mut self, text: &str) {
-        crate::println!("{text}");
+        if self.hold && self.held.len() < MAX_HELD_LINES {
+            self.held.push(String::from(text));
+        } else {
+            crate::println!("{text}");
+        }
     }
 }
 
@@ -63,6 +85,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     if let Some(port) = config.debug_exit_port {
         platform::power::set_debug_exit_port(port);
     }
+    if let Some(port) = config.pm1a_cnt_fallback {
+        platform::acpi::set_pm1a_fallback(port);
+    }
     if let Some(level) = config.log_level.as_deref().and_then(|l| l.parse().ok()) {
         log::set_max_level(level);
     }
@@ -82,11 +107,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     );
     let cpu = platform::cpu::detect();
     log::info!(
-        "cpu: {} {} (family {} model {})",
+        "cpu: {} {} (family {} model {}){}",
         cpu.vendor,
         cpu.brand,
         cpu.family,
-        cpu.model
+        cpu.model,
+        if cpu.nested { ", under another hypervisor" } else { "" }
     );
     let backend = start_backend(&cpu);
     match &backend {
@@ -116,15 +142,15 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     log::info!("guests in the ramdisk: {}", names.join(", "));
     let mut manager = Manager::new(backend, images);
     let status = || host_status(&cpu);
-    crate::println!("hypervisor: ready; type 'help' for commands");
-
-    let mut con = Serial;
+    let mut con = Serial::default();
     for cmd in &config.autorun {
         crate::println!("{}{cmd}", console::PROMPT);
         if run_line(cmd, &mut manager, &status(), &mut con) == After::PowerOff {
             power_off();
         }
     }
+    // After the autorun commands: from here on the console takes input.
+    crate::println!("hypervisor: ready; type 'help' for commands");
     crate::print!("{}", console::PROMPT);
     let mut editor = LineEditor::default();
     loop {
@@ -137,6 +163,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
                 }
                 Edit::Line(line) => {
                     crate::println!();
+                    con.release();
                     if run_line(&line, &mut manager, &status(), &mut con) == After::PowerOff {
                         power_off();
                     }
@@ -144,6 +171,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
                 }
                 Edit::None => {}
             }
+            con.hold = !editor.is_empty();
         }
         if !manager.run_slice(&mut con) {
             core::hint::spin_loop();

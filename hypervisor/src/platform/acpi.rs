@@ -6,6 +6,7 @@ use acpi::sdt::fadt::Fadt;
 use acpi::{AcpiTables, Handler, PciAddress, PhysicalMapping};
 use alloc::vec::Vec;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU16, Ordering};
 use x86_64::instructions::port::Port;
 
 use super::memory::phys_to_virt;
@@ -161,17 +162,29 @@ fn find_s5_at(dsdt: u64) -> Option<(u8, u8)> {
     hypervisor::acpi_sleep::find_s5(aml)
 }
 
+static PM1A_FALLBACK: AtomicU16 = AtomicU16::new(0);
+
+/// The PM1a control port to use when the firmware gave no ACPI tables (set
+/// from the boot configuration; SLP_TYP 0, as on the PIIX4).
+pub fn set_pm1a_fallback(port: u16) {
+    PM1A_FALLBACK.store(port, Ordering::Relaxed);
+}
+
 /// Enters S5. Returns only if the platform ignored the request.
 pub fn power_off() {
-    let Some(info) = INFO.get() else { return };
-    let (Some(a), Some((typ_a, typ_b))) = (info.pm1a_cnt, info.s5) else {
-        return;
+    let from_tables = INFO.get().and_then(|i| Some((i.pm1a_cnt?, i.s5?, i.pm1b_cnt)));
+    let fallback = PM1A_FALLBACK.load(Ordering::Relaxed);
+    let (a, (typ_a, typ_b), b) = match from_tables {
+        Some(t) => t,
+        None if fallback != 0 => (fallback, (0, 0), None),
+        None => return,
     };
     const SLP_EN: u16 = 1 << 13;
     // SAFETY: PM1a/PM1b_CNT are the ACPI fixed-hardware power-management
-    // control ports named by the FADT; writing SLP_TYP|SLP_EN requests S5.
+    // control ports (named by the FADT, or by the operator's configuration
+    // for firmware without ACPI); writing SLP_TYP|SLP_EN requests S5.
     unsafe {
-        if let Some(b) = info.pm1b_cnt {
+        if let Some(b) = b {
             Port::<u16>::new(b).write(((typ_b as u16) << 10) | SLP_EN);
         }
         Port::<u16>::new(a).write(((typ_a as u16) << 10) | SLP_EN);

@@ -14,8 +14,6 @@ pub struct CpuInfo {
     pub svm: bool,
     /// Running under another hypervisor (CPUID.1:ECX[31]).
     pub nested: bool,
-    pub x2apic: bool,
-    pub page_1g: bool,
 }
 
 pub fn detect() -> CpuInfo {
@@ -39,7 +37,5 @@ pub fn detect() -> CpuInfo {
         vmx: f.as_ref().is_some_and(|f| f.has_vmx()),
         svm: ext.as_ref().is_some_and(|e| e.has_svm()),
         nested: f.as_ref().is_some_and(|f| f.has_hypervisor()),
-        x2apic: f.as_ref().is_some_and(|f| f.has_x2apic()),
-        page_1g: ext.as_ref().is_some_and(|e| e.has_1gib_pages()),
     }
 }

@@ -16,21 +16,21 @@ pub const MACHINE_CHECK_IST: u16 = 2;
 
 const IST_STACK_SIZE: usize = 16 * 1024;
 
+/// Only its address is used: the CPU switches to it.
 #[repr(align(16))]
-struct Stack([u8; IST_STACK_SIZE]);
+struct Stack(#[allow(dead_code)] [u8; IST_STACK_SIZE]);
 
 static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
 
-/// The selectors the VMCS host-state area needs (SDM Vol. 3C 26.2.3).
-#[derive(Clone, Copy, Debug)]
-pub struct Selectors {
-    pub code: SegmentSelector,
-    pub data: SegmentSelector,
-    pub tss: SegmentSelector,
-}
-
 static TSS: Once<TaskStateSegment> = Once::new();
 static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
+
+#[derive(Clone, Copy)]
+struct Selectors {
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
+}
 
 pub fn init() {
     let tss = TSS.call_once(|| {
@@ -65,13 +65,4 @@ pub fn init() {
         GS::set_reg(SegmentSelector(0));
         load_tss(sel.tss);
     }
-}
-
-pub fn selectors() -> Selectors {
-    GDT.get().expect("GDT initialised").1
-}
-
-/// Base of the TSS (for the VMCS host TR base).
-pub fn tss_base() -> u64 {
-    TSS.get().map(|t| t as *const _ as u64).unwrap_or(0)
 }

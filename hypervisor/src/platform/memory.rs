@@ -19,13 +19,11 @@ static FRAMES: Mutex<Option<FrameBitmap<'static>>> = Mutex::new(None);
 pub struct MemoryInfo {
     pub usable_bytes: u64,
     pub heap_bytes: u64,
-    pub highest_usable: u64,
 }
 
 static INFO: Mutex<MemoryInfo> = Mutex::new(MemoryInfo {
     usable_bytes: 0,
     heap_bytes: 0,
-    highest_usable: 0,
 });
 
 /// Below 1 MiB stays out of the pool: legacy BIOS data, and the place SMP
@@ -85,11 +83,7 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     // used for nothing else; it is mapped by the direct map.
     unsafe { HEAP.lock().init(phys_to_virt(heap), heap_size as usize) };
     *FRAMES.lock() = Some(bitmap);
-    *INFO.lock() = MemoryInfo {
-        usable_bytes: total,
-        heap_bytes: heap_size,
-        highest_usable: highest,
-    };
+    *INFO.lock() = MemoryInfo { usable_bytes: total, heap_bytes: heap_size };
 }
 
 pub fn info() -> MemoryInfo {

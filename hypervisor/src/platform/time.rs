@@ -62,9 +62,3 @@ pub fn micros() -> u64 {
     let dt = rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
     ((dt as u128 * 1_000_000) / hz as u128) as u64
 }
-
-/// Converts a TSC delta to microseconds.
-pub fn tsc_to_micros(delta: u64) -> u64 {
-    let hz = TSC_HZ.load(Ordering::Relaxed).max(1);
-    ((delta as u128 * 1_000_000) / hz as u128) as u64
-}

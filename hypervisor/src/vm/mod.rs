@@ -113,7 +113,7 @@ impl<B: Backend> Vm<B> {
         let read64 = |gpa: u64| res.ram.read_obj::<u64, _>(&*mem, GuestPhysAddr(gpa)).ok();
         let mut out = Vec::with_capacity(len);
         for i in 0..len as u64 {
-            let Some(gpa) = walk::translate(&state, gva.wrapping_add(i), &read64) else {
+            let Some(gpa) = walk::translate(&state, gva.wrapping_add(i), read64) else {
                 break;
             };
             let mut b = [0u8; 1];

@@ -1,0 +1,151 @@
+//! Whole-system tests on Bochs with VT-x + EPT: the real image boots, the
+//! hypervisor enters VMX operation and runs the test guests.
+
+use boot::emulator::Emulator;
+use std::time::Duration;
+use tests_qemu::{Machine, vm_entry};
+
+const EMU: Emulator = Emulator::Bochs;
+const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
+
+#[test]
+fn boot_host_report_and_json_forms() {
+    let mut m = Machine::boot(EMU, "bochs-host");
+    let host = m.cmd("host");
+    assert!(host.contains("virtualization: vmx ("), "{host}");
+    for f in ["ept", "unrestricted-guest", "preemption-timer", "vpid"] {
+        assert!(host.contains(f), "feature {f} missing: {host}");
+    }
+    let j = m.json("host --json");
+    assert_eq!(j["ok"], true);
+    assert_eq!(j["virtualization"]["backend"], "vmx");
+    assert!(j["guests"].as_array().unwrap().iter().any(|g| g == "selftest"), "{j}");
+    assert!(j["mem_usable_bytes"].as_u64().unwrap() > 64 << 20);
+
+    let j = m.json("help --json");
+    assert!(j["commands"].as_array().unwrap().len() >= 7);
+    let j = m.json("vm list --json");
+    assert_eq!(j["vms"].as_array().unwrap().len(), 0);
+    let j = m.json("vm run selftest mem=8 --json");
+    assert_eq!(j["ok"], true);
+    assert_eq!(j["id"], 1);
+    assert_eq!(j["protocol"], "elf64");
+    m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
+    let j = m.json("vm stats 1 --json");
+    assert_eq!(j["state"], "exited");
+    assert_eq!(j["exit_status"], 1);
+    assert!(j["exits_by_reason"]["cpuid"].as_u64().unwrap() >= 3);
+    assert!(j["exits_by_reason"]["hypercall"].as_u64().unwrap() >= 5);
+    assert!(j["overhead_bytes"].as_u64().unwrap() < 64 * 1024, "per-VM overhead over 64 KiB: {j}");
+    let j = m.json("vm stop 1 --json");
+    assert_eq!(j["ok"], false, "stopping an exited VM is refused");
+    assert!(j["error"].as_str().unwrap().contains("already exited"));
+    m.poweroff();
+}
+
+#[test]
+fn selftest_passes_as_elf64_and_multiboot_concurrently() {
+    let mut m = Machine::boot(EMU, "bochs-selftest");
+    assert!(m.cmd("vm run selftest").contains("vm 1 started: selftest (elf64"));
+    assert!(m.cmd("vm run selftest-mb -- hello multiboot").contains("vm 2 started: selftest-mb (multiboot"));
+    m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
+    m.wait_for("vm 2 (selftest-mb) exited", GUEST_TIMEOUT);
+    let t = m.transcript();
+    assert!(t.contains("[vm 1] selftest: PASS"), "{t}");
+    assert!(t.contains("[vm 2] selftest: PASS"), "{t}");
+    assert!(t.contains("[vm 2] selftest: starting (Multiboot"), "{t}");
+    assert!(t.contains("cmdline \"hello multiboot\""), "{t}");
+    assert!(!t.contains("selftest: FAIL"), "{t}");
+    let list = m.json("vm list --json");
+    for id in [1, 2] {
+        let e = vm_entry(&list, id);
+        assert_eq!(e["state"], "exited", "{e}");
+        assert_eq!(e["exit_status"], 1, "status (0 << 1) | 1 = pass: {e}");
+    }
+    // Both were time-sliced: each was preempted while the other waited.
+    for id in [1, 2] {
+        let s = m.json(&format!("vm stats {id} --json"));
+        assert!(s["exits_by_reason"]["preempted"].as_u64().unwrap() > 0, "{s}");
+    }
+    // The two ran interleaved: vm 2's output starts before vm 1 finishes.
+    let v2_start = t.find("[vm 2] selftest: starting").unwrap();
+    let v1_end = t.find("vm 1 (selftest) exited").unwrap();
+    assert!(v2_start < v1_end, "the VMs did not run concurrently:\n{t}");
+    m.poweroff();
+}
+
+#[test]
+fn escape_is_stopped_while_another_guest_finishes() {
+    let mut m = Machine::boot(EMU, "bochs-escape");
+    m.cmd("vm run selftest");
+    m.cmd("vm run escape");
+    m.cmd("vm run escape mem=4 -- write addr=0xc0000000");
+    m.wait_for("vm 2 (escape) stopped", GUEST_TIMEOUT);
+    m.wait_for("vm 3 (escape) stopped", GUEST_TIMEOUT);
+    m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
+    let t = m.transcript();
+    assert!(!t.contains("ESCAPED"), "a guest reached memory it does not own:\n{t}");
+    assert!(t.contains("vm 2 (escape) stopped: read of guest-physical 0x1000000 outside its memory"), "{t}");
+    assert!(t.contains("vm 3 (escape) stopped: write of guest-physical 0xc0000000 outside its memory"), "{t}");
+    assert!(t.contains("code at rip:"), "the report shows the faulting instruction: {t}");
+    assert!(t.contains("[vm 1] selftest: PASS"), "{t}");
+    let list = m.json("vm list --json");
+    assert_eq!(vm_entry(&list, 1)["exit_status"], 1);
+    assert_eq!(vm_entry(&list, 2)["state"], "stopped");
+    // The host is fine: it still starts and runs guests.
+    m.cmd("vm run selftest mem=4");
+    m.wait_for("vm 4 (selftest) exited with status 1", GUEST_TIMEOUT);
+    m.poweroff();
+}
+
+#[test]
+fn bad_console_input_changes_nothing() {
+    let mut m = Machine::boot(EMU, "bochs-badinput");
+    m.cmd("vm run selftest mem=4");
+    let before = m.json("vm list --json");
+    for (line, want) in [
+        ("frobnicate", "error: unknown command \"frobnicate\""),
+        ("vm", "error: vm: missing subcommand"),
+        ("vm run", "error: vm run: missing guest name"),
+        ("vm run nosuchguest", "error: no guest named \"nosuchguest\""),
+        ("vm run selftest mem=0", "error: vm run: mem must be"),
+        ("vm run selftest mem=999999", "error: vm run: mem must be"),
+        ("vm run selftest cpus=4", "error: vm run: unknown option"),
+        ("vm stats", "error: vm stats: missing VM id"),
+        ("vm stats abc", "error: vm stats: \"abc\" is not a VM id"),
+        ("vm stats 99", "error: no VM 99"),
+        ("vm stop 99", "error: no VM 99"),
+        ("host extra", "error: host: unexpected argument"),
+    ] {
+        let out = m.cmd(line);
+        let ours: Vec<&str> = out.lines().filter(|l| !l.starts_with("[vm ") && !l.starts_with("vm ")).collect();
+        assert_eq!(ours.len(), 1, "{line:?} must answer with one line: {out}");
+        assert!(ours[0].starts_with(want), "{line:?} answered {:?}, want {want:?}", ours[0]);
+    }
+    let j = m.json("vm stats 99 --json");
+    assert_eq!(j["ok"], false);
+    let j = m.json("nonsense --json");
+    assert_eq!(j["ok"], false);
+    m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
+    let after = m.json("vm list --json");
+    assert_eq!(after["vms"].as_array().unwrap().len(), before["vms"].as_array().unwrap().len(), "bad input started or removed VMs");
+    m.poweroff();
+}
+
+#[test]
+fn exit_benchmark_reports_ticks_per_exit() {
+    let mut m = Machine::boot(EMU, "bochs-exitbench");
+    m.cmd("vm run exitbench -- n=2000");
+    m.wait_for("vm 1 (exitbench) exited with status 1", GUEST_TIMEOUT);
+    let t = m.transcript();
+    for kind in ["cpuid", "vmcall", "outb", "inb"] {
+        let line = t.lines().find(|l| l.contains(&format!("exitbench: {kind} "))).unwrap_or_else(|| panic!("no {kind} figure:\n{t}"));
+        let ticks: u64 = line.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
+        eprintln!("bochs/vmx {kind}: {ticks} ticks/exit");
+        assert!(ticks > 0);
+    }
+    let s = m.json("vm stats 1 --json");
+    assert_eq!(s["exits_by_reason"]["cpuid"], 2000);
+    assert_eq!(s["exits_by_reason"]["hypercall"], 2000);
+    m.poweroff();
+}
