@@ -341,7 +341,13 @@ impl Drop for Session {
 pub fn started_vms(transcript: &str) -> Vec<u32> {
     transcript
         .lines()
-        .filter_map(|l| l.strip_prefix("vm ")?.split_once(" started")?.0.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("vm ")?
+                .split_once(" started")?
+                .0
+                .parse()
+                .ok()
+        })
         .collect()
 }
 

@@ -106,7 +106,11 @@ impl<'a> FrameBitmap<'a> {
     /// `size` bytes of contiguous frames starting at a multiple of `align`
     /// (both multiples of 4 KiB, align a power of two).
     pub fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<u64> {
-        if size == 0 || !size.is_multiple_of(FRAME_SIZE) || !align.is_power_of_two() || align < FRAME_SIZE {
+        if size == 0
+            || !size.is_multiple_of(FRAME_SIZE)
+            || !align.is_power_of_two()
+            || align < FRAME_SIZE
+        {
             return None;
         }
         let count = size / FRAME_SIZE;

@@ -24,3 +24,5 @@ pub fn trace_exit(_vm: u32, _exit: &vcpu::VmExit) {
     log::trace!("vm {_vm}: {_exit:?}");
 }
 pub mod console;
+#[cfg(test)]
+pub mod testing;

@@ -15,8 +15,12 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 fn image() -> &'static Image {
     static IMAGE: OnceLock<Image> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        image::build(&ImageOptions { debug_exit: true, name: "tests".into(), ..Default::default() })
-            .unwrap_or_else(|e| panic!("building the test image: {e:#}"))
+        image::build(&ImageOptions {
+            debug_exit: true,
+            name: "tests".into(),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("building the test image: {e:#}"))
     })
 }
 
@@ -30,9 +34,18 @@ impl Machine {
     /// Boots the test image; `name` labels the run's log directory.
     pub fn boot(emulator: Emulator, name: &str) -> Machine {
         let img = image();
-        let session = Session::start(emulator, &img.disk, name, false).expect("starting the emulator");
-        eprintln!("[{name}] running on {} (logs: {})", emulator.name(), session.run_dir.display());
-        let m = Machine { session: Some(session), emulator, name: name.into() };
+        let session =
+            Session::start(emulator, &img.disk, name, false).expect("starting the emulator");
+        eprintln!(
+            "[{name}] running on {} (logs: {})",
+            emulator.name(),
+            session.run_dir.display()
+        );
+        let m = Machine {
+            session: Some(session),
+            emulator,
+            name: name.into(),
+        };
         m.wait_for(boot::session::READY, Duration::from_secs(120));
         m
     }
@@ -57,8 +70,14 @@ impl Machine {
             .lines()
             .filter(|l| !l.trim().is_empty() && !l.starts_with("[vm ") && !l.starts_with("vm "))
             .collect();
-        assert_eq!(lines.len(), 1, "[{}] {line:?} must print one JSON line, printed:\n{out}", self.name);
-        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("[{}] {line:?}: not JSON ({e}): {}", self.name, lines[0]))
+        assert_eq!(
+            lines.len(),
+            1,
+            "[{}] {line:?} must print one JSON line, printed:\n{out}",
+            self.name
+        );
+        serde_json::from_str(lines[0])
+            .unwrap_or_else(|e| panic!("[{}] {line:?}: not JSON ({e}): {}", self.name, lines[0]))
     }
 
     /// Waits until `text` has appeared anywhere in the console output.
@@ -78,7 +97,12 @@ impl Machine {
         let mut s = self.session.take().expect("session");
         let _ = s.send_line("poweroff", COMMAND_TIMEOUT);
         let outcome = s.finish(Some(Duration::from_secs(600)));
-        assert!(outcome.success(), "[{}] {}", self.name, outcome.failure_report());
+        assert!(
+            outcome.success(),
+            "[{}] {}",
+            self.name,
+            outcome.failure_report()
+        );
         outcome.tidy();
         outcome
     }

@@ -19,7 +19,14 @@ fn boot_host_report_and_json_forms() {
     let j = m.json("host --json");
     assert_eq!(j["ok"], true);
     assert_eq!(j["virtualization"]["backend"], "vmx");
-    assert!(j["guests"].as_array().unwrap().iter().any(|g| g == "selftest"), "{j}");
+    assert!(
+        j["guests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g == "selftest"),
+        "{j}"
+    );
     assert!(j["mem_usable_bytes"].as_u64().unwrap() > 64 << 20);
 
     let j = m.json("help --json");
@@ -36,7 +43,10 @@ fn boot_host_report_and_json_forms() {
     assert_eq!(j["exit_status"], 1);
     assert!(j["exits_by_reason"]["cpuid"].as_u64().unwrap() >= 3);
     assert!(j["exits_by_reason"]["hypercall"].as_u64().unwrap() >= 5);
-    assert!(j["overhead_bytes"].as_u64().unwrap() < 64 * 1024, "per-VM overhead over 64 KiB: {j}");
+    assert!(
+        j["overhead_bytes"].as_u64().unwrap() < 64 * 1024,
+        "per-VM overhead over 64 KiB: {j}"
+    );
     let j = m.json("vm stop 1 --json");
     assert_eq!(j["ok"], false, "stopping an exited VM is refused");
     assert!(j["error"].as_str().unwrap().contains("already exited"));
@@ -46,8 +56,14 @@ fn boot_host_report_and_json_forms() {
 #[test]
 fn selftest_passes_as_elf64_and_multiboot_concurrently() {
     let mut m = Machine::boot(EMU, "bochs-selftest");
-    assert!(m.cmd("vm run selftest").contains("vm 1 started: selftest (elf64"));
-    assert!(m.cmd("vm run selftest-mb -- hello multiboot").contains("vm 2 started: selftest-mb (multiboot"));
+    assert!(
+        m.cmd("vm run selftest")
+            .contains("vm 1 started: selftest (elf64")
+    );
+    assert!(
+        m.cmd("vm run selftest-mb -- hello multiboot")
+            .contains("vm 2 started: selftest-mb (multiboot")
+    );
     m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
     m.wait_for("vm 2 (selftest-mb) exited", GUEST_TIMEOUT);
     let t = m.transcript();
@@ -65,7 +81,10 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently() {
     // Both were time-sliced: each was preempted while the other waited.
     for id in [1, 2] {
         let s = m.json(&format!("vm stats {id} --json"));
-        assert!(s["exits_by_reason"]["preempted"].as_u64().unwrap() > 0, "{s}");
+        assert!(
+            s["exits_by_reason"]["preempted"].as_u64().unwrap() > 0,
+            "{s}"
+        );
     }
     // The two ran interleaved: vm 2's output starts before vm 1 finishes.
     let v2_start = t.find("[vm 2] selftest: starting").unwrap();
@@ -84,10 +103,22 @@ fn escape_is_stopped_while_another_guest_finishes() {
     m.wait_for("vm 3 (escape) stopped", GUEST_TIMEOUT);
     m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
     let t = m.transcript();
-    assert!(!t.contains("ESCAPED"), "a guest reached memory it does not own:\n{t}");
-    assert!(t.contains("vm 2 (escape) stopped: read of guest-physical 0x1000000 outside its memory"), "{t}");
-    assert!(t.contains("vm 3 (escape) stopped: write of guest-physical 0xc0000000 outside its memory"), "{t}");
-    assert!(t.contains("code at rip:"), "the report shows the faulting instruction: {t}");
+    assert!(
+        !t.contains("ESCAPED"),
+        "a guest reached memory it does not own:\n{t}"
+    );
+    assert!(
+        t.contains("vm 2 (escape) stopped: read of guest-physical 0x1000000 outside its memory"),
+        "{t}"
+    );
+    assert!(
+        t.contains("vm 3 (escape) stopped: write of guest-physical 0xc0000000 outside its memory"),
+        "{t}"
+    );
+    assert!(
+        t.contains("code at rip:"),
+        "the report shows the faulting instruction: {t}"
+    );
     assert!(t.contains("[vm 1] selftest: PASS"), "{t}");
     let list = m.json("vm list --json");
     assert_eq!(vm_entry(&list, 1)["exit_status"], 1);
@@ -107,7 +138,10 @@ fn bad_console_input_changes_nothing() {
         ("frobnicate", "error: unknown command \"frobnicate\""),
         ("vm", "error: vm: missing subcommand"),
         ("vm run", "error: vm run: missing guest name"),
-        ("vm run nosuchguest", "error: no guest named \"nosuchguest\""),
+        (
+            "vm run nosuchguest",
+            "error: no guest named \"nosuchguest\"",
+        ),
         ("vm run selftest mem=0", "error: vm run: mem must be"),
         ("vm run selftest mem=999999", "error: vm run: mem must be"),
         ("vm run selftest cpus=4", "error: vm run: unknown option"),
@@ -118,9 +152,16 @@ fn bad_console_input_changes_nothing() {
         ("host extra", "error: host: unexpected argument"),
     ] {
         let out = m.cmd(line);
-        let ours: Vec<&str> = out.lines().filter(|l| !l.starts_with("[vm ") && !l.starts_with("vm ")).collect();
+        let ours: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.starts_with("[vm ") && !l.starts_with("vm "))
+            .collect();
         assert_eq!(ours.len(), 1, "{line:?} must answer with one line: {out}");
-        assert!(ours[0].starts_with(want), "{line:?} answered {:?}, want {want:?}", ours[0]);
+        assert!(
+            ours[0].starts_with(want),
+            "{line:?} answered {:?}, want {want:?}",
+            ours[0]
+        );
     }
     let j = m.json("vm stats 99 --json");
     assert_eq!(j["ok"], false);
@@ -128,7 +169,11 @@ fn bad_console_input_changes_nothing() {
     assert_eq!(j["ok"], false);
     m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
     let after = m.json("vm list --json");
-    assert_eq!(after["vms"].as_array().unwrap().len(), before["vms"].as_array().unwrap().len(), "bad input started or removed VMs");
+    assert_eq!(
+        after["vms"].as_array().unwrap().len(),
+        before["vms"].as_array().unwrap().len(),
+        "bad input started or removed VMs"
+    );
     m.poweroff();
 }
 
@@ -139,8 +184,17 @@ fn exit_benchmark_reports_ticks_per_exit() {
     m.wait_for("vm 1 (exitbench) exited with status 1", GUEST_TIMEOUT);
     let t = m.transcript();
     for kind in ["cpuid", "vmcall", "outb", "inb"] {
-        let line = t.lines().find(|l| l.contains(&format!("exitbench: {kind} "))).unwrap_or_else(|| panic!("no {kind} figure:\n{t}"));
-        let ticks: u64 = line.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
+        let line = t
+            .lines()
+            .find(|l| l.contains(&format!("exitbench: {kind} ")))
+            .unwrap_or_else(|| panic!("no {kind} figure:\n{t}"));
+        let ticks: u64 = line
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         eprintln!("bochs/vmx {kind}: {ticks} ticks/exit");
         assert!(ticks > 0);
     }

@@ -112,7 +112,11 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.brand,
         cpu.family,
         cpu.model,
-        if cpu.nested { ", under another hypervisor" } else { "" }
+        if cpu.nested {
+            ", under another hypervisor"
+        } else {
+            ""
+        }
     );
     let backend = start_backend(&cpu);
     match &backend {

@@ -172,7 +172,9 @@ pub fn set_pm1a_fallback(port: u16) {
 
 /// Enters S5. Returns only if the platform ignored the request.
 pub fn power_off() {
-    let from_tables = INFO.get().and_then(|i| Some((i.pm1a_cnt?, i.s5?, i.pm1b_cnt)));
+    let from_tables = INFO
+        .get()
+        .and_then(|i| Some((i.pm1a_cnt?, i.s5?, i.pm1b_cnt)));
     let fallback = PM1A_FALLBACK.load(Ordering::Relaxed);
     let (a, (typ_a, typ_b), b) = match from_tables {
         Some(t) => t,

@@ -83,7 +83,10 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     // used for nothing else; it is mapped by the direct map.
     unsafe { HEAP.lock().init(phys_to_virt(heap), heap_size as usize) };
     *FRAMES.lock() = Some(bitmap);
-    *INFO.lock() = MemoryInfo { usable_bytes: total, heap_bytes: heap_size };
+    *INFO.lock() = MemoryInfo {
+        usable_bytes: total,
+        heap_bytes: heap_size,
+    };
 }
 
 pub fn info() -> MemoryInfo {

@@ -263,6 +263,18 @@ impl<B: Backend> Manager<B> {
     }
 }
 
+impl<B: Backend> Drop for Manager<B> {
+    /// Returns every live VM's memory (the kernel's manager lives forever;
+    /// this matters for tests and for an orderly shutdown).
+    fn drop(&mut self) {
+        if let Ok(backend) = self.backend.as_mut() {
+            for vm in &mut self.vms {
+                release(backend, vm);
+            }
+        }
+    }
+}
+
 /// Writes load plans into guest RAM through the direct map.
 struct RamWriter<'a, M: mm::hal::PhysMem> {
     ram: &'a GuestRam,
@@ -303,3 +315,6 @@ fn release<B: Backend>(backend: &mut B, vm: &mut Vm<B>) {
         release_memory(backend, res.npt, res.ram);
     }
 }
+
+#[cfg(test)]
+mod tests;
