@@ -101,15 +101,6 @@ impl Outcome {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn started_vms_are_found() {
-        let t = "hv> vm run selftest\nvm 1 started: selftest (elf64)\n[vm 1] vm 9 started\nvm 12 started: x\n";
-        assert_eq!(super::started_vms(t), vec![1, 12]);
-    }
-}
-
 pub fn tail(text: &str, lines: usize) -> String {
     let v: Vec<&str> = text.lines().collect();
     let start = v.len().saturating_sub(lines);
@@ -405,5 +396,14 @@ impl Drop for RawTerminal {
         unsafe {
             libc::tcsetattr(0, libc::TCSANOW, &self.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn started_vms_are_found() {
+        let t = "hv> vm run selftest\nvm 1 started: selftest (elf64)\n[vm 1] vm 9 started\nvm 12 started: x\n";
+        assert_eq!(super::started_vms(t), vec![1, 12]);
     }
 }
