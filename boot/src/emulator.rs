@@ -102,8 +102,16 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
         Emulator::Bochs => {
             let rc = run_dir.join("bochsrc");
             std::fs::write(&rc, bochsrc(disk, serial_port, run_dir)?)?;
+            // The debugger starts stopped; "c" runs. BOCHS_DEBUGGER_CMDS may
+            // name a file of debugger commands to use instead (breakpoints,
+            // `trace on`, stepping: how the exit path is measured).
             let cmds = run_dir.join("bochs.cmds");
-            std::fs::write(&cmds, "c\n")?;
+            match std::env::var_os("BOCHS_DEBUGGER_CMDS") {
+                Some(f) => {
+                    std::fs::copy(f, &cmds)?;
+                }
+                None => std::fs::write(&cmds, "c\n")?,
+            }
             Command::new("bochs")
                 .arg("-q")
                 .arg("-unlock")

@@ -38,6 +38,9 @@ enum Cmd {
         /// Kernel log level: error, warn, info, debug, trace.
         #[arg(long)]
         log_level: Option<String>,
+        /// Keep the emulator's logs even when the run succeeds.
+        #[arg(long)]
+        keep_logs: bool,
     },
 }
 
@@ -64,6 +67,7 @@ fn real_main() -> Result<()> {
             timeout,
             mut autorun,
             log_level,
+            keep_logs,
         } => {
             let steps = match &script {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
@@ -101,7 +105,11 @@ fn real_main() -> Result<()> {
                     emu.name(),
                     outcome.elapsed.as_secs_f64()
                 );
-                outcome.tidy();
+                if keep_logs {
+                    eprintln!("[boot] logs kept in {}", outcome.run_dir.display());
+                } else {
+                    outcome.tidy();
+                }
                 Ok(())
             } else {
                 eprintln!("\n[boot] {}", outcome.failure_report());

@@ -40,6 +40,11 @@ impl core::fmt::Display for Error {
 
 /// A virtual CPU of one backend. Exits come back decoded; the caller handles
 /// them with the accessors below and calls `run` again.
+///
+/// Contract: `run`, `rip`, `rflags`, `cpl`, `skip_instruction` and the
+/// register accessors are the exit path; they may only be used between
+/// `load` and `put`, when the backend's control structure is the CPU's
+/// current one. The other methods work at any time.
 pub trait Vcpu {
     /// Enters the guest and returns at the next exit the backend does not
     /// handle itself.

@@ -281,6 +281,30 @@ impl VmxVcpu {
         unsafe { vmread(field) }
     }
 
+    /// VMREAD on the exit path: the VMCS is current between an exit and the
+    /// next entry (the `Vcpu` contract), so the check is debug-only.
+    #[inline(always)]
+    fn read_hot(&self, field: u32) -> u64 {
+        debug_assert_eq!(
+            CURRENT_VMCS.load(Ordering::Relaxed),
+            self.vmcs.0,
+            "exit-path access to a VMCS that is not current"
+        );
+        // SAFETY: as above; the fields used exist on every VMX CPU.
+        unsafe { vmread(field) }
+    }
+
+    #[inline(always)]
+    fn write_hot(&mut self, field: u32, value: u64) {
+        debug_assert_eq!(
+            CURRENT_VMCS.load(Ordering::Relaxed),
+            self.vmcs.0,
+            "exit-path access to a VMCS that is not current"
+        );
+        // SAFETY: as for `write`.
+        unsafe { vmwrite(field, value) }
+    }
+
     fn write(&mut self, field: u32, value: u64) {
         self.make_current();
         // SAFETY: the VMCS is current; callers keep guest state valid (an
@@ -592,25 +616,25 @@ impl vcpu::Vcpu for VmxVcpu {
     }
 
     fn rip(&self) -> u64 {
-        self.read(guest::RIP)
+        self.read_hot(guest::RIP)
     }
 
     fn rflags(&self) -> u64 {
-        self.read(guest::RFLAGS)
+        self.read_hot(guest::RFLAGS)
     }
 
     fn cpl(&self) -> u8 {
-        ((self.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
+        ((self.read_hot(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
     }
 
     fn skip_instruction(&mut self) {
-        let len = self.read(ro::VMEXIT_INSTRUCTION_LEN);
-        let rip = self.read(guest::RIP);
-        self.write(guest::RIP, rip.wrapping_add(len));
+        let len = self.read_hot(ro::VMEXIT_INSTRUCTION_LEN);
+        let rip = self.read_hot(guest::RIP);
+        self.write_hot(guest::RIP, rip.wrapping_add(len));
         // Moving past the instruction ends an STI/MOV SS interrupt shadow.
-        let intr = self.read(guest::INTERRUPTIBILITY_STATE);
+        let intr = self.read_hot(guest::INTERRUPTIBILITY_STATE);
         if intr & 3 != 0 {
-            self.write(guest::INTERRUPTIBILITY_STATE, intr & !3);
+            self.write_hot(guest::INTERRUPTIBILITY_STATE, intr & !3);
         }
     }
 

@@ -226,13 +226,16 @@ impl<B: Backend> Manager<B> {
             // The preemption timer counts guest time only; a VM that exits
             // all the time must still give the CPU up after a slice of
             // wall-clock time, or the console and other VMs starve.
-            let deadline = backend.now().saturating_add(self.slice_ticks);
+            let mut t0 = backend.now();
+            let deadline = t0.saturating_add(self.slice_ticks);
             loop {
-                let t0 = backend.now();
                 let exit = vm.res.as_mut().map(|r| r.vcpu.run());
                 let Some(exit) = exit else { break Flow::Stop };
+                // One clock read per exit: it ends this run and starts the
+                // next, so exit handling counts as the VM's time.
                 let t1 = backend.now();
                 vm.stats.run_ticks += t1.wrapping_sub(t0);
+                t0 = t1;
                 vm.stats.exits[exit.kind() as usize] += 1;
                 crate::trace_exit(vm.id, &exit);
                 let flow = vm.handle_exit(exit, backend, console);
