@@ -45,11 +45,7 @@ impl Emulator {
     /// The best emulator here: QEMU with KVM when nested virtualisation works,
     /// otherwise Bochs (the only emulator here with VT-x).
     pub fn auto() -> Emulator {
-        if kvm_works() {
-            Emulator::QemuKvm
-        } else {
-            Emulator::Bochs
-        }
+        if kvm_works() { Emulator::QemuKvm } else { Emulator::Bochs }
     }
 }
 
@@ -61,9 +57,7 @@ pub fn kvm_works() -> bool {
         return false;
     }
     let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-display", "none",
-        ])
+        .args(["-accel", "kvm", "-cpu", "host", "-machine", "q35", "-display", "none"])
         .args(["-nodefaults", "-S", "-monitor", "stdio"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -96,8 +90,7 @@ pub const MACHINE_MEM_MIB: u32 = 512;
 /// (the caller listens there). Logs go to `run_dir`.
 pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Result<Child> {
     std::fs::create_dir_all(run_dir)?;
-    let log =
-        |name: &str| -> Result<std::fs::File> { Ok(std::fs::File::create(run_dir.join(name))?) };
+    let log = |name: &str| -> Result<std::fs::File> { Ok(std::fs::File::create(run_dir.join(name))?) };
     let child = match emu {
         Emulator::Bochs => {
             let rc = run_dir.join("bochsrc");
@@ -128,14 +121,7 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
         }
         Emulator::QemuTcg | Emulator::QemuKvm => {
             let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.args([
-                "-machine",
-                "q35",
-                "-m",
-                &MACHINE_MEM_MIB.to_string(),
-                "-smp",
-                "2",
-            ]);
+            cmd.args(["-machine", "q35", "-m", &MACHINE_MEM_MIB.to_string(), "-smp", "2"]);
             if emu == Emulator::QemuKvm {
                 cmd.args(["-accel", "kvm", "-cpu", "host"]);
             } else {
@@ -154,8 +140,7 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
                 .stdin(Stdio::null())
                 .stdout(log("emulator.stdout")?)
                 .stderr(log("emulator.stderr")?);
-            cmd.spawn()
-                .context("starting qemu (apt-get install qemu-system-x86 ovmf)")?
+            cmd.spawn().context("starting qemu (apt-get install qemu-system-x86 ovmf)")?
         }
     };
     Ok(child)

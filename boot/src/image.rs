@@ -10,7 +10,7 @@ use std::process::Command;
 pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
 
 /// Guest binaries of the `guests` package that go into the ramdisk.
-pub const GUESTS: &[&str] = &["selftest", "selftest-mb", "escape", "exitbench"];
+pub const GUESTS: &[&str] = &["selftest", "selftest-mb", "escape", "crash", "exitbench"];
 
 /// Settings baked into the image's `hypervisor.cfg`.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +23,8 @@ pub struct ImageOptions {
     pub log_level: Option<String>,
     /// Name of the image (so that parallel runs do not overwrite each other).
     pub name: String,
+    /// More `key = value` lines for `hypervisor.cfg` (e.g. `fault_inject`).
+    pub extra_config: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -38,16 +40,7 @@ pub fn build_binaries() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .current_dir(crate::workspace_root())
-        .args([
-            "build",
-            "--release",
-            "--target",
-            KERNEL_TARGET,
-            "-p",
-            "hypervisor",
-            "-p",
-            "guests",
-        ])
+        .args(["build", "--release", "--target", KERNEL_TARGET, "-p", "hypervisor", "-p", "guests"])
         .status()
         .with_context(|| format!("running {cargo}"))?;
     if !status.success() {
@@ -71,6 +64,10 @@ pub fn config_text(opts: &ImageOptions) -> String {
     for cmd in &opts.autorun {
         s.push_str(&format!("autorun = {cmd}\n"));
     }
+    for line in &opts.extra_config {
+        s.push_str(line);
+        s.push('\n');
+    }
     s
 }
 
@@ -84,11 +81,7 @@ pub fn build(opts: &ImageOptions) -> Result<Image> {
 pub fn assemble(bin_dir: &Path, opts: &ImageOptions) -> Result<Image> {
     let out = crate::target_dir().join("images");
     std::fs::create_dir_all(&out)?;
-    let name = if opts.name.is_empty() {
-        "hypervisor"
-    } else {
-        &opts.name
-    };
+    let name = if opts.name.is_empty() { "hypervisor" } else { &opts.name };
     let kernel = bin_dir.join("hypervisor");
     let ramdisk = out.join(format!("{name}.ramdisk.tar"));
     write_ramdisk(bin_dir, &config_text(opts), &ramdisk)?;
@@ -103,11 +96,7 @@ pub fn assemble(bin_dir: &Path, opts: &ImageOptions) -> Result<Image> {
         .create_disk_image(&disk)
         .context("creating the UEFI disk image")?;
     pad_to_cylinders(&disk)?;
-    Ok(Image {
-        disk,
-        kernel,
-        ramdisk,
-    })
+    Ok(Image { disk, kernel, ramdisk })
 }
 
 fn write_ramdisk(bin_dir: &Path, config: &str, path: &Path) -> Result<()> {

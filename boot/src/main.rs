@@ -54,21 +54,11 @@ fn main() {
 fn real_main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build => {
-            let img = image::build(&ImageOptions {
-                debug_exit: true,
-                ..Default::default()
-            })?;
+            let img = image::build(&ImageOptions { debug_exit: true, ..Default::default() })?;
             println!("{}", img.disk.display());
             Ok(())
         }
-        Cmd::Run {
-            emulator,
-            script,
-            timeout,
-            mut autorun,
-            log_level,
-            keep_logs,
-        } => {
+        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs } => {
             let steps = match &script {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
                 None => None,
@@ -86,6 +76,7 @@ fn real_main() -> Result<()> {
                 debug_exit: true,
                 log_level,
                 name: "run".into(),
+                ..Default::default()
             })?;
             eprintln!("[boot] starting {} on {}", emu.name(), img.disk.display());
             let mut session = Session::start(emu, &img.disk, "run", true)?;
@@ -101,9 +92,10 @@ fn real_main() -> Result<()> {
             }
             if outcome.success() {
                 eprintln!(
-                    "\n[boot] {} run ended cleanly in {:.1}s",
+                    "\n[boot] {} run ended cleanly in {:.1}s (emulator exit code {:?})",
                     emu.name(),
-                    outcome.elapsed.as_secs_f64()
+                    outcome.elapsed.as_secs_f64(),
+                    outcome.exit_code
                 );
                 if keep_logs {
                     eprintln!("[boot] logs kept in {}", outcome.run_dir.display());

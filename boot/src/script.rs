@@ -31,10 +31,7 @@ pub fn parse(text: &str) -> Result<Vec<Step>> {
             let (word, arg) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
             let arg = arg.trim();
             match word {
-                "wait" if !arg.is_empty() => steps.push(Step::Wait {
-                    text: arg.into(),
-                    timeout: wait,
-                }),
+                "wait" if !arg.is_empty() => steps.push(Step::Wait { text: arg.into(), timeout: wait }),
                 "wait-secs" => wait = Duration::from_secs(num(arg, n)?),
                 "sleep" => steps.push(Step::Sleep(Duration::from_secs(num(arg, n)?))),
                 _ => bail!("script line {}: unknown directive {line:?}", n + 1),
@@ -47,8 +44,7 @@ pub fn parse(text: &str) -> Result<Vec<Step>> {
 }
 
 fn num(s: &str, line: usize) -> Result<u64> {
-    s.parse()
-        .map_err(|_| anyhow::anyhow!("script line {}: {s:?} is not a number", line + 1))
+    s.parse().map_err(|_| anyhow::anyhow!("script line {}: {s:?} is not a number", line + 1))
 }
 
 #[cfg(test)]
@@ -57,17 +53,12 @@ mod tests {
 
     #[test]
     fn parses_commands_waits_and_comments() {
-        let s =
-            parse("# hi\n\nvm run selftest\n@wait-secs 5\n@wait vm 1 exited\n@sleep 1\npoweroff\n")
-                .unwrap();
+        let s = parse("# hi\n\nvm run selftest\n@wait-secs 5\n@wait vm 1 exited\n@sleep 1\npoweroff\n").unwrap();
         assert_eq!(
             s,
             vec![
                 Step::Send("vm run selftest".into()),
-                Step::Wait {
-                    text: "vm 1 exited".into(),
-                    timeout: Duration::from_secs(5)
-                },
+                Step::Wait { text: "vm 1 exited".into(), timeout: Duration::from_secs(5) },
                 Step::Sleep(Duration::from_secs(1)),
                 Step::Send("poweroff".into()),
             ]

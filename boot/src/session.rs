@@ -56,6 +56,9 @@ pub enum Ending {
 pub struct Outcome {
     pub emulator: Emulator,
     pub ending: Ending,
+    /// The emulator's exit code, if it exited on its own. QEMU with
+    /// isa-debug-exit: 3 = the hypervisor reported failure; 0 = ACPI soft-off.
+    pub exit_code: Option<i32>,
     pub transcript: String,
     pub run_dir: PathBuf,
     pub elapsed: Duration,
@@ -78,12 +81,7 @@ impl Outcome {
             self.run_dir.display()
         );
         s.push_str(&tail(&self.transcript, 40));
-        for f in [
-            "emulator.stderr",
-            "emulator.stdout",
-            "bochs.log",
-            "qemu.log",
-        ] {
+        for f in ["emulator.stderr", "emulator.stdout", "bochs.log", "qemu.log"] {
             if let Ok(t) = std::fs::read_to_string(self.run_dir.join(f))
                 && !t.trim().is_empty()
             {
@@ -145,15 +143,7 @@ impl Session {
         let reader = stream.try_clone()?;
         let out2 = out.clone();
         std::thread::spawn(move || pump(reader, out2, echo));
-        Ok(Session {
-            emulator: emu,
-            run_dir,
-            child,
-            stream,
-            out,
-            started: Instant::now(),
-            prompts_at_send: None,
-        })
+        Ok(Session { emulator: emu, run_dir, child, stream, out, started: Instant::now(), prompts_at_send: None })
     }
 
     pub fn transcript(&self) -> String {
@@ -178,15 +168,16 @@ impl Session {
         }
     }
 
-    /// Waits for `text` to appear after byte offset `from` of the transcript.
+    /// Waits for `text` to appear after byte offset `from` of the
+    /// transcript, and for the line it is on to be complete.
     pub fn wait_for(&self, text: &str, from: usize, timeout: Duration) -> Result<()> {
-        if self.wait_until(timeout, |t| t.get(from..).is_some_and(|s| s.contains(text))) {
+        let complete = |t: &str| {
+            t.get(from..).and_then(|s| s.find(text).map(|p| s[p + text.len()..].contains('\n'))).unwrap_or(false)
+        };
+        if self.wait_until(timeout, complete) {
             Ok(())
         } else {
-            bail!(
-                "timed out after {}s waiting for {text:?}",
-                timeout.as_secs()
-            )
+            bail!("timed out after {}s waiting for {text:?}", timeout.as_secs())
         }
     }
 
@@ -195,10 +186,7 @@ impl Session {
     pub fn send_line(&mut self, line: &str, timeout: Duration) -> Result<usize> {
         let need = self.prompts_at_send.map_or(1, |n| n + 1);
         if !self.wait_until(timeout, |t| t.matches(PROMPT).count() >= need) {
-            bail!(
-                "the console showed no prompt within {}s (before sending {line:?})",
-                timeout.as_secs()
-            );
+            bail!("the console showed no prompt within {}s (before sending {line:?})", timeout.as_secs());
         }
         let (count, offset) = {
             let g = self.out.0.lock().unwrap();
@@ -220,13 +208,13 @@ impl Session {
         }
         let t = self.transcript();
         let body = &t[from..];
+        // The output starts after the echo of the command (VM output may
+        // come before it) and ends at the next prompt.
+        let echo = format!("{line}\n");
+        let start = body.find(&echo).map_or(0, |p| p + echo.len());
+        let body = &body[start..];
         let end = body.find(PROMPT).unwrap_or(body.len());
-        // Drop the echoed command line itself.
-        let body = &body[..end];
-        Ok(body
-            .split_once('\n')
-            .map_or("", |(_, rest)| rest)
-            .to_string())
+        Ok(body[..end].to_string())
     }
 
     pub fn run_steps(&mut self, steps: &[Step]) -> Result<()> {
@@ -291,9 +279,7 @@ impl Session {
     pub fn finish(mut self, timeout: Option<Duration>) -> Outcome {
         let limit = timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
         let remaining = limit.saturating_sub(self.started.elapsed());
-        let powered = self.wait_until(remaining, |t| {
-            t.contains(POWER_OFF_OK) || t.contains(POWER_OFF_FAIL)
-        });
+        let powered = self.wait_until(remaining, |t| t.contains(POWER_OFF_OK) || t.contains(POWER_OFF_FAIL));
         let ending = if powered {
             let ok = self.transcript().contains(POWER_OFF_OK);
             // Give the emulator a moment to act on the power-off.
@@ -308,6 +294,10 @@ impl Session {
                 _ => Ending::TimedOut,
             }
         };
+        let exit_code = match self.child.try_wait() {
+            Ok(Some(st)) => st.code(),
+            _ => None,
+        };
         let _ = self.child.kill();
         let _ = self.child.wait();
         let transcript = self.transcript();
@@ -315,6 +305,7 @@ impl Session {
         Outcome {
             emulator: self.emulator,
             ending,
+            exit_code,
             transcript,
             run_dir: self.run_dir.clone(),
             elapsed: self.started.elapsed(),
@@ -330,16 +321,7 @@ impl Drop for Session {
 
 /// Ids of the VMs the transcript shows being started ("vm N started").
 pub fn started_vms(transcript: &str) -> Vec<u32> {
-    transcript
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("vm ")?
-                .split_once(" started")?
-                .0
-                .parse()
-                .ok()
-        })
-        .collect()
+    transcript.lines().filter_map(|l| l.strip_prefix("vm ")?.split_once(" started")?.0.parse().ok()).collect()
 }
 
 /// Copies console bytes into the transcript ('\r' dropped).

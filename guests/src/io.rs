@@ -8,33 +8,25 @@ pub const EXIT_PORT: u16 = 0xf4;
 
 pub fn outb(port: u16, v: u8) {
     // SAFETY: port I/O has no memory effects; in a VM it is intercepted.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
 }
 
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as above.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
     v
 }
 
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as above.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
 }
 
 pub fn inl(port: u16) -> u32 {
     let v: u32;
     // SAFETY: as above.
-    unsafe {
-        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) }
     v
 }
 
@@ -48,12 +40,7 @@ pub struct Cpuid {
 
 pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    Cpuid {
-        eax: r.eax,
-        ebx: r.ebx,
-        ecx: r.ecx,
-        edx: r.edx,
-    }
+    Cpuid { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
 }
 
 pub fn rdtsc() -> u64 {
@@ -83,4 +70,27 @@ pub fn halt_once() {
     // SAFETY: no interrupt handlers exist, but none are delivered to this
     // guest either; IF is cleared again right after.
     unsafe { asm!("sti; hlt; cli", options(nomem, nostack)) }
+}
+
+/// RDMSR (2 bytes: 0f 32).
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: in a VM every RDMSR the hypervisor does not pass through
+    // exits; a refused one raises #GP, which tests catch with `trap::probe`.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack)) };
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// WRMSR (2 bytes: 0f 30).
+pub fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: as for `rdmsr`.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack)) };
+}
+
+/// VMXON with a memory operand (4 bytes: f3 0f c7 30): must raise #UD in
+/// a guest that CPUID tells has no VMX.
+pub fn vmxon_attempt() {
+    let region = 0u64;
+    // SAFETY: the instruction faults in the guest; the operand is a local.
+    unsafe { asm!("vmxon [rax]", in("rax") &region, options(nostack)) };
 }

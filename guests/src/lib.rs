@@ -16,21 +16,15 @@ pub mod io;
 pub mod multiboot;
 pub mod selftest;
 pub mod serial;
+pub mod trap;
 
 use core::arch::global_asm;
 
 /// How the guest was started.
 #[derive(Clone, Copy, Debug)]
 pub enum Boot {
-    Elf64 {
-        ram_bytes: u64,
-        vm_id: u64,
-        cmdline: u64,
-    },
-    Multiboot {
-        magic: u32,
-        info: u32,
-    },
+    Elf64 { ram_bytes: u64, vm_id: u64, cmdline: u64 },
+    Multiboot { magic: u32, info: u32 },
 }
 
 impl Boot {
@@ -86,16 +80,9 @@ global_asm!(
 #[doc(hidden)]
 pub extern "C" fn __rt_start(a: u64, b: u64, c: u64, protocol: u64) -> ! {
     let boot = if protocol == 0 {
-        Boot::Elf64 {
-            ram_bytes: a,
-            vm_id: b,
-            cmdline: c,
-        }
+        Boot::Elf64 { ram_bytes: a, vm_id: b, cmdline: c }
     } else {
-        Boot::Multiboot {
-            magic: a as u32,
-            info: b as u32,
-        }
+        Boot::Multiboot { magic: a as u32, info: b as u32 }
     };
     unsafe extern "Rust" {
         fn guest_main(boot: Boot) -> u32;

@@ -3,7 +3,7 @@
 //! 0 (pass) or 1 (fail) through the debug-exit port.
 
 use crate::hypercall as hc;
-use crate::io::{cpuid, hypercall, inb, outb};
+use crate::io::{cpuid, hypercall, inb, outb, rdmsr, wrmsr};
 use crate::{Boot, println};
 
 struct Checks {
@@ -38,44 +38,40 @@ fn ram_bytes(boot: &Boot) -> u64 {
 
 pub fn run(boot: Boot) -> u32 {
     let mut c = Checks { run: 0, failed: 0 };
-    println!(
-        "selftest: starting ({boot:?}, cmdline {:?})",
-        boot.cmdline()
-    );
+    println!("selftest: starting ({boot:?}, cmdline {:?})", boot.cmdline());
 
     if let Boot::Multiboot { magic, info } = boot {
-        c.check(
-            "multiboot magic",
-            magic == 0x2BAD_B002,
-            format_args!("eax={magic:#x}"),
-        );
+        c.check("multiboot magic", magic == 0x2BAD_B002, format_args!("eax={magic:#x}"));
         // SAFETY: as in `ram_bytes`; offset 0 is `flags`.
         let flags = unsafe { core::ptr::read_volatile(info as u64 as *const u32) };
         let want = (1 << 0) | (1 << 6);
-        c.check(
-            "multiboot info flags",
-            flags & want == want,
-            format_args!("flags={flags:#x}"),
-        );
+        c.check("multiboot info flags", flags & want == want, format_args!("flags={flags:#x}"));
+        // `modules=N` on the command line: N modules, each an ELF file from
+        // the ramdisk, named by its module string.
+        if let Some(n) = boot.cmdline().split_whitespace().find_map(|w| w.strip_prefix("modules=")) {
+            let want: u32 = n.parse().unwrap_or(u32::MAX);
+            // SAFETY: offsets 20/24 are mods_count/mods_addr; each module
+            // entry is start, end, string (Multiboot 0.6.96, 3.3).
+            let (count, first_magic) = unsafe {
+                let count = core::ptr::read_volatile((info as u64 + 20) as *const u32);
+                let mods = core::ptr::read_volatile((info as u64 + 24) as *const u32) as u64;
+                let start = core::ptr::read_volatile(mods as *const u32) as u64;
+                let magic = if count > 0 { core::ptr::read_volatile(start as *const [u8; 4]) } else { [0; 4] };
+                (count, magic)
+            };
+            c.check(
+                "multiboot modules",
+                count == want && (count == 0 || &first_magic == b"\x7fELF"),
+                format_args!("{count} module(s), first starts {first_magic:02x?}"),
+            );
+        }
     }
 
     let leaf1 = cpuid(1, 0);
-    c.check(
-        "cpuid hypervisor bit",
-        leaf1.ecx & (1 << 31) != 0,
-        format_args!("ecx={:#x}", leaf1.ecx),
-    );
-    c.check(
-        "cpuid hides vmx",
-        leaf1.ecx & (1 << 5) == 0,
-        format_args!("ecx={:#x}", leaf1.ecx),
-    );
+    c.check("cpuid hypervisor bit", leaf1.ecx & (1 << 31) != 0, format_args!("ecx={:#x}", leaf1.ecx));
+    c.check("cpuid hides vmx", leaf1.ecx & (1 << 5) == 0, format_args!("ecx={:#x}", leaf1.ecx));
     let ext = cpuid(0x8000_0001, 0);
-    c.check(
-        "cpuid hides svm",
-        ext.ecx & (1 << 2) == 0,
-        format_args!("ecx={:#x}", ext.ecx),
-    );
+    c.check("cpuid hides svm", ext.ecx & (1 << 2) == 0, format_args!("ecx={:#x}", ext.ecx));
     let hv = cpuid(0x4000_0000, 0);
     let mut sig = [0u8; 12];
     sig[0..4].copy_from_slice(&hv.ebx.to_le_bytes());
@@ -88,11 +84,7 @@ pub fn run(boot: Boot) -> u32 {
     );
 
     let ping = hypercall(hc::PING, 0, 0);
-    c.check(
-        "vmcall ping",
-        ping == hc::PING_REPLY,
-        format_args!("rax={ping:#x}"),
-    );
+    c.check("vmcall ping", ping == hc::PING_REPLY, format_args!("rax={ping:#x}"));
     let id = hypercall(hc::VM_ID, 0, 0);
     let id_ok = match boot {
         Boot::Elf64 { vm_id, .. } => id == vm_id && id != 0,
@@ -100,28 +92,16 @@ pub fn run(boot: Boot) -> u32 {
     };
     c.check("vmcall vm id", id_ok, format_args!("rax={id:#x}"));
     let unknown = hypercall(0xdead, 0, 0);
-    c.check(
-        "vmcall unknown function",
-        unknown == hc::UNKNOWN,
-        format_args!("rax={unknown:#x}"),
-    );
+    c.check("vmcall unknown function", unknown == hc::UNKNOWN, format_args!("rax={unknown:#x}"));
 
     // The 16550's scratch register (offset 7) holds what was written.
     outb(0x3ff, 0x5a);
     let a = inb(0x3ff);
     outb(0x3ff, 0xa5);
     let b = inb(0x3ff);
-    c.check(
-        "port i/o uart scratch",
-        a == 0x5a && b == 0xa5,
-        format_args!("read {a:#x} {b:#x}"),
-    );
+    c.check("port i/o uart scratch", a == 0x5a && b == 0xa5, format_args!("read {a:#x} {b:#x}"));
     let none = inb(0x2e8);
-    c.check(
-        "port i/o unbacked port",
-        none == 0xff,
-        format_args!("read {none:#x}"),
-    );
+    c.check("port i/o unbacked port", none == 0xff, format_args!("read {none:#x}"));
 
     let (start, len) = test_region(ram_bytes(&boot));
     let bad = memory_pattern(start, len);
@@ -131,21 +111,32 @@ pub fn run(boot: Boot) -> u32 {
         format_args!("{len:#x} bytes at {start:#x}, first bad at {bad:?}"),
     );
 
+    crate::trap::install();
+    // SYSENTER_CS is passed through: written and read back directly.
+    let fault = crate::trap::probe(2, || wrmsr(0x174, 0x1234));
+    let back = rdmsr(0x174);
+    c.check("msr pass-through", fault.is_none() && back == 0x1234, format_args!("fault {fault:?}, read {back:#x}"));
+    // IA32_FEATURE_CONTROL is emulated: locked, VMX off.
+    let fc = rdmsr(0x3a);
+    c.check("msr emulated", fc == 1, format_args!("IA32_FEATURE_CONTROL = {fc:#x}"));
+    let r = crate::trap::probe(2, || {
+        rdmsr(0x4b56_4d00);
+    });
+    let w = crate::trap::probe(2, || wrmsr(0x3a, 5));
+    c.check("msr refused with #GP", r == Some(13) && w == Some(13), format_args!("rdmsr {r:?}, wrmsr {w:?}"));
+    let efer = rdmsr(0xc000_0080);
+    let long = matches!(boot, Boot::Elf64 { .. }) || efer & (1 << 10) != 0;
+    c.check("efer readable", long && efer & (1 << 8) != 0, format_args!("EFER = {efer:#x}"));
+    let ud = crate::trap::probe(4, crate::io::vmxon_attempt);
+    c.check("vmxon raises #UD", ud == Some(6), format_args!("fault {ud:?}"));
+
     let halts = hypercall(hc::STAT, hc::STAT_HLT, 0);
     crate::io::halt_once();
     let after = hypercall(hc::STAT, hc::STAT_HLT, 0);
-    c.check(
-        "hlt resumes",
-        after == halts + 1,
-        format_args!("hlt exits {halts} -> {after}"),
-    );
+    c.check("hlt resumes", after == halts + 1, format_args!("hlt exits {halts} -> {after}"));
 
     let exits = hypercall(hc::STAT, hc::STAT_EXITS, 0);
-    c.check(
-        "exit counter",
-        exits > c.run as u64,
-        format_args!("{exits} exits"),
-    );
+    c.check("exit counter", exits > c.run as u64, format_args!("{exits} exits"));
 
     if c.failed == 0 {
         println!("selftest: PASS ({}/{} checks)", c.run, c.run);

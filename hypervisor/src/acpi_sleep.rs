@@ -21,8 +21,7 @@ pub fn find_s5(aml: &[u8]) -> Option<(u8, u8)> {
         let at = i + off;
         i = at + 4;
         // NameOp may be followed by a root ('\') prefix before the name.
-        let named = (at >= 1 && aml[at - 1] == NAME_OP)
-            || (at >= 2 && aml[at - 1] == b'\\' && aml[at - 2] == NAME_OP);
+        let named = (at >= 1 && aml[at - 1] == NAME_OP) || (at >= 2 && aml[at - 1] == b'\\' && aml[at - 2] == NAME_OP);
         if !named {
             continue;
         }
@@ -52,11 +51,7 @@ fn parse_package(b: &[u8]) -> Option<(u8, u8)> {
     }
     let (a, used) = integer(b.get(p..)?)?;
     p += used;
-    let bval = if count >= 2 {
-        integer(b.get(p..)?).map(|(v, _)| v)?
-    } else {
-        0
-    };
+    let bval = if count >= 2 { integer(b.get(p..)?).map(|(v, _)| v)? } else { 0 };
     Some((a as u8, bval as u8))
 }
 
@@ -82,9 +77,7 @@ mod tests {
     #[test]
     fn qemu_q35_style_zero_ops() {
         // Name(_S5_, Package(4){Zero, Zero, Zero, Zero})
-        let aml = [
-            0x10, 0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0,
-        ];
+        let aml = [0x10, 0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0];
         assert_eq!(find_s5(&aml), Some((0, 0)));
     }
 
@@ -92,8 +85,7 @@ mod tests {
     fn byte_prefixed_values_and_root_prefix() {
         // Name(\_S5_, Package(2){0x07, 0x05}) preceded by an unrelated "_S5_"
         let aml = [
-            b'_', b'S', b'5', b'_', 0xff, 0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 0x02,
-            0x0a, 0x07, 0x0a, 0x05,
+            b'_', b'S', b'5', b'_', 0xff, 0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 0x02, 0x0a, 0x07, 0x0a, 0x05,
         ];
         assert_eq!(find_s5(&aml), Some((7, 5)));
     }
@@ -101,10 +93,7 @@ mod tests {
     #[test]
     fn truncated_or_absent_package_is_none() {
         assert_eq!(find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06]), None);
-        assert_eq!(
-            find_s5(&[0x08, b'_', b'S', b'4', b'_', 0x12, 0x06, 1, 0]),
-            None
-        );
+        assert_eq!(find_s5(&[0x08, b'_', b'S', b'4', b'_', 0x12, 0x06, 1, 0]), None);
         assert_eq!(find_s5(&[]), None);
     }
 }

@@ -29,11 +29,7 @@ pub trait Backend {
 
     /// A vCPU in the nested table rooted at `nested_root`, starting at
     /// `state`.
-    fn create_vcpu(
-        &mut self,
-        nested_root: HostPhysAddr,
-        state: &GuestState,
-    ) -> Result<Self::Vcpu, vcpu::Error>;
+    fn create_vcpu(&mut self, nested_root: HostPhysAddr, state: &GuestState) -> Result<Self::Vcpu, vcpu::Error>;
     fn destroy_vcpu(&mut self, vcpu: Self::Vcpu);
 
     /// The host's own CPUID answer.

@@ -16,6 +16,19 @@ pub struct BootConfig {
     /// PM1a control port to use for soft-off when the firmware provides no
     /// ACPI tables (OVMF under Bochs: the PIIX4 PM block at 0xb000).
     pub pm1a_cnt_fallback: Option<u16>,
+    /// Deliberate failures, for the tests of the failure paths.
+    pub fault_inject: Option<FaultInject>,
+}
+
+/// A failure the hypervisor provokes on purpose (test images only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultInject {
+    /// A page fault in the hypervisor itself right after start-up: tests the
+    /// exception report and the failure power-off.
+    HostPageFault,
+    /// The next VM's first entry is given an invalid guest state (unusable
+    /// TR): tests the VM-entry failure report.
+    VmEntry,
 }
 
 /// Parses the file; returns the configuration and one message per line that
@@ -39,14 +52,17 @@ pub fn parse(text: &str) -> (BootConfig, Vec<String>) {
                 _ => problems.push(alloc::format!("line {}: bad port {value:?}", n + 1)),
             },
             "log_level" => match value {
-                "error" | "warn" | "info" | "debug" | "trace" => {
-                    cfg.log_level = Some(value.to_string())
-                }
+                "error" | "warn" | "info" | "debug" | "trace" => cfg.log_level = Some(value.to_string()),
                 _ => problems.push(alloc::format!("line {}: bad log level {value:?}", n + 1)),
             },
             "pm1a_cnt_fallback" => match parse_u16(value) {
                 Some(p) if p != 0 => cfg.pm1a_cnt_fallback = Some(p),
                 _ => problems.push(alloc::format!("line {}: bad port {value:?}", n + 1)),
+            },
+            "fault_inject" => match value {
+                "host-page-fault" => cfg.fault_inject = Some(FaultInject::HostPageFault),
+                "vm-entry" => cfg.fault_inject = Some(FaultInject::VmEntry),
+                _ => problems.push(alloc::format!("line {}: unknown fault {value:?}", n + 1)),
             },
             "autorun" if !value.is_empty() => cfg.autorun.push(value.to_string()),
             _ => problems.push(alloc::format!("line {}: unknown key {key:?}", n + 1)),
@@ -78,5 +94,8 @@ mod tests {
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems[0].starts_with("line 7"));
         assert_eq!(cfg.pm1a_cnt_fallback, Some(0xb004));
+        let (cfg, problems) = parse("fault_inject = vm-entry\nfault_inject = everything\n");
+        assert_eq!(cfg.fault_inject, Some(FaultInject::VmEntry));
+        assert_eq!(problems.len(), 1);
     }
 }

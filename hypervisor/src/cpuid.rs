@@ -100,27 +100,10 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
             }
         }
         HV_LEAF => {
-            let w = |i: usize| {
-                u32::from_le_bytes([
-                    SIGNATURE[i],
-                    SIGNATURE[i + 1],
-                    SIGNATURE[i + 2],
-                    SIGNATURE[i + 3],
-                ])
-            };
-            r = Regs {
-                eax: HV_MAX_LEAF,
-                ebx: w(0),
-                ecx: w(4),
-                edx: w(8),
-            };
+            let w = |i: usize| u32::from_le_bytes([SIGNATURE[i], SIGNATURE[i + 1], SIGNATURE[i + 2], SIGNATURE[i + 3]]);
+            r = Regs { eax: HV_MAX_LEAF, ebx: w(0), ecx: w(4), edx: w(8) };
         }
-        0x4000_0001 => {
-            r = Regs {
-                eax: HV_VERSION,
-                ..Default::default()
-            }
-        }
+        0x4000_0001 => r = Regs { eax: HV_VERSION, ..Default::default() },
         0x4000_0002..=0x4fff_ffff => r = Regs::default(),
         0x8000_0001 => r.ecx &= !EXT_ECX_SVM,
         _ => {}
@@ -132,24 +115,11 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
 mod tests {
     use super::*;
 
-    const ALL: Regs = Regs {
-        eax: !0,
-        ebx: !0,
-        ecx: !0,
-        edx: !0,
-    };
+    const ALL: Regs = Regs { eax: !0, ebx: !0, ecx: !0, edx: !0 };
 
     #[test]
     fn hides_virtualisation_and_sets_hypervisor_bit() {
-        let r = guest_cpuid(
-            1,
-            0,
-            Regs {
-                ecx: ECX_VMX | ECX_SMX,
-                ..Default::default()
-            },
-            HostQuirks::default(),
-        );
+        let r = guest_cpuid(1, 0, Regs { ecx: ECX_VMX | ECX_SMX, ..Default::default() }, HostQuirks::default());
         assert_eq!(r.ecx & (ECX_VMX | ECX_SMX), 0);
         assert_ne!(r.ecx & ECX_HYPERVISOR, 0);
         let r = guest_cpuid(0x8000_0001, 0, ALL, HostQuirks::default());
@@ -166,21 +136,13 @@ mod tests {
         sig[8..].copy_from_slice(&r.edx.to_le_bytes());
         assert_eq!(&sig, SIGNATURE);
         assert_eq!(r.eax, HV_MAX_LEAF);
-        assert_eq!(
-            guest_cpuid(0x4000_0001, 0, ALL, HostQuirks::default()).eax,
-            HV_VERSION
-        );
-        assert_eq!(
-            guest_cpuid(0x4000_0100, 0, ALL, HostQuirks::default()),
-            Regs::default()
-        );
+        assert_eq!(guest_cpuid(0x4000_0001, 0, ALL, HostQuirks::default()).eax, HV_VERSION);
+        assert_eq!(guest_cpuid(0x4000_0100, 0, ALL, HostQuirks::default()), Regs::default());
     }
 
     #[test]
     fn fast_string_quirk_hides_erms_and_fsrm() {
-        let q = HostQuirks {
-            fast_strings_off: true,
-        };
+        let q = HostQuirks { fast_strings_off: true };
         let r = guest_cpuid(7, 0, ALL, q);
         assert_eq!(r.ebx & L7_EBX_ERMS, 0);
         assert_eq!(r.edx & L7_EDX_FSRM, 0);

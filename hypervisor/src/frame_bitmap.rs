@@ -45,12 +45,7 @@ impl<'a> FrameBitmap<'a> {
     pub fn new(bits: &'a mut [u64]) -> Self {
         bits.fill(!0);
         let frames = bits.len() as u64 * 64;
-        FrameBitmap {
-            bits,
-            frames,
-            free: 0,
-            hint: 0,
-        }
+        FrameBitmap { bits, frames, free: 0, hint: 0 }
     }
 
     /// Marks whole frames inside [start, end) free; partial frames stay used.
@@ -106,11 +101,7 @@ impl<'a> FrameBitmap<'a> {
     /// `size` bytes of contiguous frames starting at a multiple of `align`
     /// (both multiples of 4 KiB, align a power of two).
     pub fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<u64> {
-        if size == 0
-            || !size.is_multiple_of(FRAME_SIZE)
-            || !align.is_power_of_two()
-            || align < FRAME_SIZE
-        {
+        if size == 0 || !size.is_multiple_of(FRAME_SIZE) || !align.is_power_of_two() || align < FRAME_SIZE {
             return None;
         }
         let count = size / FRAME_SIZE;
@@ -222,10 +213,7 @@ mod tests {
         let a = b.alloc_contiguous(4 * FRAME_SIZE, FRAME_SIZE).unwrap();
         let free = b.free_frames();
         assert_eq!(b.free(a + 1), Err(FreeError::Misaligned(a + 1)));
-        assert_eq!(
-            b.free_range(a, 8 * FRAME_SIZE),
-            Err(FreeError::NotAllocated(a + 4 * FRAME_SIZE))
-        );
+        assert_eq!(b.free_range(a, 8 * FRAME_SIZE), Err(FreeError::NotAllocated(a + 4 * FRAME_SIZE)));
         assert_eq!(b.free_frames(), free, "refused free changed nothing");
         assert_eq!(b.free(64 * MB), Err(FreeError::OutOfRange(64 * MB)));
         b.free_range(a, 4 * FRAME_SIZE).unwrap();

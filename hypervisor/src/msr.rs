@@ -13,10 +13,7 @@ impl Default for MsrState {
     fn default() -> Self {
         // MISC_ENABLE: fast strings on, BTS and PEBS unavailable (SDM Vol. 4
         // table 2-2, bits 0, 11, 12). MTRRs default to write-back, enabled.
-        MsrState {
-            mtrr_def_type: 0xc06,
-            misc_enable: 1 | (1 << 11) | (1 << 12),
-        }
+        MsrState { mtrr_def_type: 0xc06, misc_enable: 1 | (1 << 11) | (1 << 12) }
     }
 }
 
@@ -77,22 +74,12 @@ mod tests {
         assert_eq!(read(IA32_FEATURE_CONTROL, &s), Some(1));
         assert_eq!(read(0x1234_5678, &s), None);
         assert!(!write(0x1234_5678, 0, &mut s));
-        assert!(
-            !write(IA32_FEATURE_CONTROL, 5, &mut s),
-            "the guest cannot enable VMX"
-        );
+        assert!(!write(IA32_FEATURE_CONTROL, 5, &mut s), "the guest cannot enable VMX");
         assert!(write(IA32_MTRR_DEF_TYPE, 0x806, &mut s));
         assert_eq!(read(IA32_MTRR_DEF_TYPE, &s), Some(0x806));
-        assert!(
-            !write(IA32_MTRR_DEF_TYPE, 0x803, &mut s),
-            "type 3 is reserved"
-        );
+        assert!(!write(IA32_MTRR_DEF_TYPE, 0x803, &mut s), "type 3 is reserved");
         assert!(!write(IA32_MTRR_DEF_TYPE, 1 << 20, &mut s));
-        assert_eq!(
-            read(IA32_MTRR_DEF_TYPE, &s),
-            Some(0x806),
-            "a refused write changes nothing"
-        );
+        assert_eq!(read(IA32_MTRR_DEF_TYPE, &s), Some(0x806), "a refused write changes nothing");
         assert!(write(IA32_MISC_ENABLE, 0, &mut s));
         assert_eq!(read(IA32_MISC_ENABLE, &s), Some((1 << 11) | (1 << 12)));
     }

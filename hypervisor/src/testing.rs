@@ -62,10 +62,7 @@ impl Vcpu for MockVcpu {
         self.state.rip += 2;
     }
     fn state(&self) -> GuestState {
-        GuestState {
-            gprs: self.gprs,
-            ..self.state.clone()
-        }
+        GuestState { gprs: self.gprs, ..self.state.clone() }
     }
     fn set_state(&mut self, s: &GuestState) -> Result<(), vcpu::Error> {
         self.state = s.clone();
@@ -131,11 +128,7 @@ impl Backend for MockBackend {
     fn max_page_size(&self) -> PageSize {
         PageSize::Size2M
     }
-    fn create_vcpu(
-        &mut self,
-        _root: mm::HostPhysAddr,
-        state: &GuestState,
-    ) -> Result<MockVcpu, vcpu::Error> {
+    fn create_vcpu(&mut self, _root: mm::HostPhysAddr, state: &GuestState) -> Result<MockVcpu, vcpu::Error> {
         self.created += 1;
         let script = self.scripts.pop_front().unwrap_or_default();
         Ok(MockVcpu {
@@ -157,18 +150,8 @@ impl Backend for MockBackend {
     fn host_cpuid(&self, leaf: u32, _subleaf: u32) -> Regs {
         // A plausible Intel host: VMX in leaf 1, max leaf 0x16.
         match leaf {
-            0 => Regs {
-                eax: 0x16,
-                ebx: 0x756e_6547,
-                ecx: 0x6c65_746e,
-                edx: 0x4965_6e69,
-            },
-            1 => Regs {
-                eax: 0x806c1,
-                ebx: 0x0010_0800,
-                ecx: 0x7ffa_fbbf,
-                edx: 0xbfeb_fbff,
-            },
+            0 => Regs { eax: 0x16, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69 },
+            1 => Regs { eax: 0x806c1, ebx: 0x0010_0800, ecx: 0x7ffa_fbbf, edx: 0xbfeb_fbff },
             _ => Regs::default(),
         }
     }

@@ -121,10 +121,7 @@ mod tests {
 
     #[test]
     fn debug_shows_hex() {
-        assert_eq!(
-            format!("{:?}", GuestPhysAddr(0x1000)),
-            "GuestPhysAddr(0x1000)"
-        );
+        assert_eq!(format!("{:?}", GuestPhysAddr(0x1000)), "GuestPhysAddr(0x1000)");
         assert_eq!(format!("{:?}", HostPhysAddr(255)), "HostPhysAddr(0xff)");
         assert_eq!(format!("{}", HostPhysAddr(0x2000)), "0x2000");
     }

@@ -52,10 +52,7 @@ pub enum Error {
     /// A host-physical range reaches beyond the 52 bits an entry can hold.
     HostAddressOutOfRange(HostPhysAddr),
     /// The entry format cannot grant exactly these rights.
-    UnsupportedAccess {
-        format: &'static str,
-        access: Access,
-    },
+    UnsupportedAccess { format: &'static str, access: Access },
     /// The table is limited to smaller pages (see `set_max_page_size`).
     UnsupportedPageSize(PageSize),
     /// `map` would overlap an existing mapping.
@@ -69,11 +66,7 @@ pub enum Error {
     /// `split` found a 4 KiB page.
     CannotSplit(GuestPhysAddr),
     /// `merge` refused.
-    CannotMerge {
-        gpa: GuestPhysAddr,
-        size: PageSize,
-        reason: MergeRefusal,
-    },
+    CannotMerge { gpa: GuestPhysAddr, size: PageSize, reason: MergeRefusal },
     /// The frame allocator ran out while building page tables.
     OutOfTableMemory,
     /// The host ran out of memory while allocating guest RAM.
@@ -93,14 +86,12 @@ impl fmt::Display for Error {
             Error::MisalignedHostAddress { hpa, size } => {
                 write!(f, "Host-physical address {hpa} is not aligned to {size}")
             }
-            Error::GuestAddressOutOfRange(gpa) => write!(
-                f,
-                "Guest-physical range at {gpa} reaches beyond the 48-bit guest-physical space"
-            ),
-            Error::HostAddressOutOfRange(hpa) => write!(
-                f,
-                "Host-physical range at {hpa} reaches beyond the 52-bit physical address space"
-            ),
+            Error::GuestAddressOutOfRange(gpa) => {
+                write!(f, "Guest-physical range at {gpa} reaches beyond the 48-bit guest-physical space")
+            }
+            Error::HostAddressOutOfRange(hpa) => {
+                write!(f, "Host-physical range at {hpa} reaches beyond the 52-bit physical address space")
+            }
             Error::UnsupportedAccess { format, access } => {
                 write!(f, "{format} entries cannot grant access {access}")
             }
@@ -112,10 +103,7 @@ impl fmt::Display for Error {
             }
             Error::NotMapped(gpa) => write!(f, "Guest-physical address {gpa} is not mapped"),
             Error::InsideLargerPage { gpa, size } => {
-                write!(
-                    f,
-                    "Guest-physical address {gpa} lies inside a {size} page (split it first)"
-                )
+                write!(f, "Guest-physical address {gpa} lies inside a {size} page (split it first)")
             }
             Error::MappedBySmallerPages { gpa, size } => {
                 write!(f, "The {size} range at {gpa} is mapped by smaller pages")
@@ -136,10 +124,7 @@ impl fmt::Display for Error {
                  out of order or beyond the guest-physical space"
             ),
             Error::OutsideGuestRam { gpa, len } => {
-                write!(
-                    f,
-                    "Guest-physical range at {gpa} of {len:#x} bytes is outside guest RAM"
-                )
+                write!(f, "Guest-physical range at {gpa} of {len:#x} bytes is outside guest RAM")
             }
         }
     }

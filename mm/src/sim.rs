@@ -65,10 +65,7 @@ impl SimPhys {
     /// what the test touches.
     pub fn with_base(base: HostPhysAddr, frames: usize) -> Self {
         assert!(frames > 0, "SimPhys needs at least one frame");
-        assert!(
-            base.is_aligned(PAGE_SIZE_4K),
-            "SimPhys base must be 4 KiB-aligned"
-        );
+        assert!(base.is_aligned(PAGE_SIZE_4K), "SimPhys base must be 4 KiB-aligned");
         let layout = Layout::array::<Frame>(frames).expect("SimPhys size overflows");
         // SAFETY: the layout has a non-zero size (frames > 0).
         let raw = unsafe { alloc_zeroed(layout) };
@@ -137,10 +134,7 @@ impl SimPhys {
     }
 
     fn index_of(&self, pa: HostPhysAddr) -> usize {
-        assert!(
-            self.contains(pa),
-            "SimPhys: {pa:?} is outside simulated memory"
-        );
+        assert!(self.contains(pa), "SimPhys: {pa:?} is outside simulated memory");
         ((pa.0 - self.base.0) / PAGE_SIZE_4K) as usize
     }
 
@@ -201,10 +195,7 @@ impl core::fmt::Debug for SimPhys {
 // addresses panic.
 unsafe impl PhysMem for SimPhys {
     fn phys_to_ptr(&self, pa: HostPhysAddr) -> *mut u8 {
-        assert!(
-            self.contains(pa),
-            "SimPhys: {pa:?} is outside simulated memory"
-        );
+        assert!(self.contains(pa), "SimPhys: {pa:?} is outside simulated memory");
         let offset = (pa.0 - self.base.0) as usize;
         // SAFETY: `offset` is inside the block (checked above).
         unsafe { self.mem.as_ptr().cast::<u8>().add(offset) }
@@ -216,9 +207,7 @@ unsafe impl PhysMem for SimPhys {
 unsafe impl FrameAlloc for SimPhys {
     fn alloc_frame(&mut self) -> Option<HostPhysAddr> {
         let n = self.slots.len();
-        let index = (0..n)
-            .map(|i| (self.next + i) % n)
-            .find(|&i| matches!(self.slots[i], Slot::Free { .. }))?;
+        let index = (0..n).map(|i| (self.next + i) % n).find(|&i| matches!(self.slots[i], Slot::Free { .. }))?;
         if !self.take_budget() {
             return None;
         }
@@ -229,10 +218,7 @@ unsafe impl FrameAlloc for SimPhys {
     }
 
     unsafe fn free_frame(&mut self, frame: HostPhysAddr) {
-        assert!(
-            frame.is_aligned(PAGE_SIZE_4K),
-            "SimPhys: free of unaligned {frame:?}"
-        );
+        assert!(frame.is_aligned(PAGE_SIZE_4K), "SimPhys: free of unaligned {frame:?}");
         let index = self.index_of(frame);
         match self.slots[index] {
             Slot::Frame => {}
@@ -261,10 +247,7 @@ unsafe impl ContiguousAlloc for SimPhys {
         let first = self.base.align_up(align)?;
         let mut start = ((first.0 - self.base.0) / PAGE_SIZE_4K) as usize;
         while start + frames <= self.slots.len() {
-            match self.slots[start..start + frames]
-                .iter()
-                .rposition(|s| !matches!(s, Slot::Free { .. }))
-            {
+            match self.slots[start..start + frames].iter().rposition(|s| !matches!(s, Slot::Free { .. })) {
                 None => {
                     if !self.take_budget() {
                         return None;
@@ -349,10 +332,7 @@ mod tests {
         let mut sim = SimPhys::new(8);
         sim.fail_after(2);
         assert!(sim.alloc_frame().is_some());
-        assert!(
-            sim.alloc_contiguous(PAGE_SIZE_4K * 2, PAGE_SIZE_4K)
-                .is_some()
-        );
+        assert!(sim.alloc_contiguous(PAGE_SIZE_4K * 2, PAGE_SIZE_4K).is_some());
         assert!(sim.alloc_frame().is_none());
         sim.stop_failing();
         assert!(sim.alloc_frame().is_some());

@@ -6,22 +6,32 @@
 use boot::emulator::Emulator;
 use boot::image::{self, Image, ImageOptions};
 use boot::session::{Outcome, Session};
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// How long one console command may take (Bochs runs ~100 MIPS).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn image() -> &'static Image {
-    static IMAGE: OnceLock<Image> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        image::build(&ImageOptions {
-            debug_exit: true,
-            name: "tests".into(),
-            ..Default::default()
+/// The test image with `extra` lines in its `hypervisor.cfg`; each variant
+/// is built once per test binary.
+fn image(extra: &[&str]) -> Image {
+    static IMAGES: OnceLock<Mutex<HashMap<Vec<String>, Image>>> = OnceLock::new();
+    let key: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let mut images = IMAGES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let n = images.len();
+    images
+        .entry(key.clone())
+        .or_insert_with(|| {
+            let opts = ImageOptions {
+                debug_exit: true,
+                name: format!("tests-{}-{n}", std::process::id()),
+                extra_config: key,
+                ..Default::default()
+            };
+            image::build(&opts).unwrap_or_else(|e| panic!("building the test image: {e:#}"))
         })
-        .unwrap_or_else(|e| panic!("building the test image: {e:#}"))
-    })
+        .clone()
 }
 
 pub struct Machine {
@@ -33,21 +43,31 @@ pub struct Machine {
 impl Machine {
     /// Boots the test image; `name` labels the run's log directory.
     pub fn boot(emulator: Emulator, name: &str) -> Machine {
-        let img = image();
-        let session =
-            Session::start(emulator, &img.disk, name, false).expect("starting the emulator");
-        eprintln!(
-            "[{name}] running on {} (logs: {})",
-            emulator.name(),
-            session.run_dir.display()
-        );
-        let m = Machine {
-            session: Some(session),
-            emulator,
-            name: name.into(),
-        };
+        Self::boot_with(emulator, name, &[])
+    }
+
+    /// Boots the test image with extra `hypervisor.cfg` lines.
+    pub fn boot_with(emulator: Emulator, name: &str, config: &[&str]) -> Machine {
+        let m = Self::start(emulator, name, config);
         m.wait_for(boot::session::READY, Duration::from_secs(120));
         m
+    }
+
+    /// Starts the emulator without waiting for the console.
+    pub fn start(emulator: Emulator, name: &str, config: &[&str]) -> Machine {
+        let img = image(config);
+        let session = Session::start(emulator, &img.disk, name, false).expect("starting the emulator");
+        eprintln!("[{name}] running on {} (logs: {})", emulator.name(), session.run_dir.display());
+        Machine { session: Some(session), emulator, name: name.into() }
+    }
+
+    /// Waits for the machine to power off by itself and returns how it
+    /// ended, whatever that was (for tests of the failure paths).
+    pub fn finish(mut self) -> Outcome {
+        let s = self.session.take().expect("session");
+        let outcome = s.finish(Some(Duration::from_secs(300)));
+        let _ = std::fs::remove_dir_all(&outcome.run_dir);
+        outcome
     }
 
     fn s(&self) -> &Session {
@@ -66,16 +86,9 @@ impl Machine {
     /// Runs a `--json` command: its output must be exactly one JSON line.
     pub fn json(&mut self, line: &str) -> serde_json::Value {
         let out = self.cmd(line);
-        let lines: Vec<&str> = out
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with("[vm ") && !l.starts_with("vm "))
-            .collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "[{}] {line:?} must print one JSON line, printed:\n{out}",
-            self.name
-        );
+        let lines: Vec<&str> =
+            out.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("[vm ") && !l.starts_with("vm ")).collect();
+        assert_eq!(lines.len(), 1, "[{}] {line:?} must print one JSON line, printed:\n{out}", self.name);
         serde_json::from_str(lines[0])
             .unwrap_or_else(|e| panic!("[{}] {line:?}: not JSON ({e}): {}", self.name, lines[0]))
     }
@@ -97,12 +110,7 @@ impl Machine {
         let mut s = self.session.take().expect("session");
         let _ = s.send_line("poweroff", COMMAND_TIMEOUT);
         let outcome = s.finish(Some(Duration::from_secs(600)));
-        assert!(
-            outcome.success(),
-            "[{}] {}",
-            self.name,
-            outcome.failure_report()
-        );
+        assert!(outcome.success(), "[{}] {}", self.name, outcome.failure_report());
         outcome.tidy();
         outcome
     }

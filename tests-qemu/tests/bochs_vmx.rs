@@ -19,14 +19,7 @@ fn boot_host_report_and_json_forms() {
     let j = m.json("host --json");
     assert_eq!(j["ok"], true);
     assert_eq!(j["virtualization"]["backend"], "vmx");
-    assert!(
-        j["guests"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|g| g == "selftest"),
-        "{j}"
-    );
+    assert!(j["guests"].as_array().unwrap().iter().any(|g| g == "selftest"), "{j}");
     assert!(j["mem_usable_bytes"].as_u64().unwrap() > 64 << 20);
 
     let j = m.json("help --json");
@@ -43,10 +36,7 @@ fn boot_host_report_and_json_forms() {
     assert_eq!(j["exit_status"], 1);
     assert!(j["exits_by_reason"]["cpuid"].as_u64().unwrap() >= 3);
     assert!(j["exits_by_reason"]["hypercall"].as_u64().unwrap() >= 5);
-    assert!(
-        j["overhead_bytes"].as_u64().unwrap() < 64 * 1024,
-        "per-VM overhead over 64 KiB: {j}"
-    );
+    assert!(j["overhead_bytes"].as_u64().unwrap() < 64 * 1024, "per-VM overhead over 64 KiB: {j}");
     let j = m.json("vm stop 1 --json");
     assert_eq!(j["ok"], false, "stopping an exited VM is refused");
     assert!(j["error"].as_str().unwrap().contains("already exited"));
@@ -56,14 +46,8 @@ fn boot_host_report_and_json_forms() {
 #[test]
 fn selftest_passes_as_elf64_and_multiboot_concurrently() {
     let mut m = Machine::boot(EMU, "bochs-selftest");
-    assert!(
-        m.cmd("vm run selftest")
-            .contains("vm 1 started: selftest (elf64")
-    );
-    assert!(
-        m.cmd("vm run selftest-mb -- hello multiboot")
-            .contains("vm 2 started: selftest-mb (multiboot")
-    );
+    assert!(m.cmd("vm run selftest").contains("vm 1 started: selftest (elf64"));
+    assert!(m.cmd("vm run selftest-mb -- hello multiboot").contains("vm 2 started: selftest-mb (multiboot"));
     m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
     m.wait_for("vm 2 (selftest-mb) exited", GUEST_TIMEOUT);
     let t = m.transcript();
@@ -71,6 +55,10 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently() {
     assert!(t.contains("[vm 2] selftest: PASS"), "{t}");
     assert!(t.contains("[vm 2] selftest: starting (Multiboot"), "{t}");
     assert!(t.contains("cmdline \"hello multiboot\""), "{t}");
+    for check in ["msr pass-through", "msr emulated", "msr refused with #GP", "vmxon raises #UD", "hlt resumes"] {
+        assert!(t.contains(&format!("[vm 1] selftest: ok   {check}")), "{check}: {t}");
+        assert!(t.contains(&format!("[vm 2] selftest: ok   {check}")), "{check}: {t}");
+    }
     assert!(!t.contains("selftest: FAIL"), "{t}");
     let list = m.json("vm list --json");
     for id in [1, 2] {
@@ -81,10 +69,7 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently() {
     // Both were time-sliced: each was preempted while the other waited.
     for id in [1, 2] {
         let s = m.json(&format!("vm stats {id} --json"));
-        assert!(
-            s["exits_by_reason"]["preempted"].as_u64().unwrap() > 0,
-            "{s}"
-        );
+        assert!(s["exits_by_reason"]["preempted"].as_u64().unwrap() > 0, "{s}");
     }
     // The two ran interleaved: vm 2's output starts before vm 1 finishes.
     let v2_start = t.find("[vm 2] selftest: starting").unwrap();
@@ -99,49 +84,38 @@ fn escape_is_stopped_while_another_guest_finishes() {
     m.cmd("vm run selftest");
     m.cmd("vm run escape");
     m.cmd("vm run escape mem=4 -- write addr=0xc0000000");
+    m.cmd("vm run crash mem=2");
     m.wait_for("vm 2 (escape) stopped", GUEST_TIMEOUT);
     m.wait_for("vm 3 (escape) stopped", GUEST_TIMEOUT);
+    m.wait_for("vm 4 (crash) stopped", GUEST_TIMEOUT);
     m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
     let t = m.transcript();
-    assert!(
-        !t.contains("ESCAPED"),
-        "a guest reached memory it does not own:\n{t}"
-    );
-    assert!(
-        t.contains("vm 2 (escape) stopped: read of guest-physical 0x1000000 outside its memory"),
-        "{t}"
-    );
-    assert!(
-        t.contains("vm 3 (escape) stopped: write of guest-physical 0xc0000000 outside its memory"),
-        "{t}"
-    );
-    assert!(
-        t.contains("code at rip:"),
-        "the report shows the faulting instruction: {t}"
-    );
+    assert!(t.contains("vm 4 (crash) stopped: triple fault at rip 0x"), "{t}");
+    assert!(!t.contains("ESCAPED"), "a guest reached memory it does not own:\n{t}");
+    assert!(t.contains("vm 2 (escape) stopped: read of guest-physical 0x1000000 outside its memory"), "{t}");
+    assert!(t.contains("vm 3 (escape) stopped: write of guest-physical 0xc0000000 outside its memory"), "{t}");
+    assert!(t.contains("code at rip:"), "the report shows the faulting instruction: {t}");
     assert!(t.contains("[vm 1] selftest: PASS"), "{t}");
     let list = m.json("vm list --json");
     assert_eq!(vm_entry(&list, 1)["exit_status"], 1);
     assert_eq!(vm_entry(&list, 2)["state"], "stopped");
     // The host is fine: it still starts and runs guests.
     m.cmd("vm run selftest mem=4");
-    m.wait_for("vm 4 (selftest) exited with status 1", GUEST_TIMEOUT);
+    m.wait_for("vm 5 (selftest) exited with status 1", GUEST_TIMEOUT);
     m.poweroff();
 }
 
 #[test]
 fn bad_console_input_changes_nothing() {
     let mut m = Machine::boot(EMU, "bochs-badinput");
-    m.cmd("vm run selftest mem=4");
+    // 3 MiB: the last MiB is mapped with 4 KiB nested pages.
+    m.cmd("vm run selftest mem=3");
     let before = m.json("vm list --json");
     for (line, want) in [
         ("frobnicate", "error: unknown command \"frobnicate\""),
         ("vm", "error: vm: missing subcommand"),
         ("vm run", "error: vm run: missing guest name"),
-        (
-            "vm run nosuchguest",
-            "error: no guest named \"nosuchguest\"",
-        ),
+        ("vm run nosuchguest", "error: no guest named \"nosuchguest\""),
         ("vm run selftest mem=0", "error: vm run: mem must be"),
         ("vm run selftest mem=999999", "error: vm run: mem must be"),
         ("vm run selftest cpus=4", "error: vm run: unknown option"),
@@ -152,22 +126,17 @@ fn bad_console_input_changes_nothing() {
         ("host extra", "error: host: unexpected argument"),
     ] {
         let out = m.cmd(line);
-        let ours: Vec<&str> = out
-            .lines()
-            .filter(|l| !l.starts_with("[vm ") && !l.starts_with("vm "))
-            .collect();
+        let ours: Vec<&str> = out.lines().filter(|l| !l.starts_with("[vm ") && !l.starts_with("vm ")).collect();
         assert_eq!(ours.len(), 1, "{line:?} must answer with one line: {out}");
-        assert!(
-            ours[0].starts_with(want),
-            "{line:?} answered {:?}, want {want:?}",
-            ours[0]
-        );
+        assert!(ours[0].starts_with(want), "{line:?} answered {:?}, want {want:?}", ours[0]);
     }
     let j = m.json("vm stats 99 --json");
     assert_eq!(j["ok"], false);
     let j = m.json("nonsense --json");
     assert_eq!(j["ok"], false);
-    m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
+    m.wait_for("vm 1 (selftest) exited with status 1", GUEST_TIMEOUT);
+    let s = m.json("vm stats 1 --json");
+    assert_eq!(s["nested_pages"], serde_json::json!({ "4k": 256, "2m": 1, "1g": 0 }), "{s}");
     let after = m.json("vm list --json");
     assert_eq!(
         after["vms"].as_array().unwrap().len(),
@@ -188,18 +157,41 @@ fn exit_benchmark_reports_ticks_per_exit() {
             .lines()
             .find(|l| l.contains(&format!("exitbench: {kind} ")))
             .unwrap_or_else(|| panic!("no {kind} figure:\n{t}"));
-        let ticks: u64 = line
-            .split_whitespace()
-            .rev()
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ticks: u64 = line.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
         eprintln!("bochs/vmx {kind}: {ticks} ticks/exit");
         assert!(ticks > 0);
     }
     let s = m.json("vm stats 1 --json");
     assert_eq!(s["exits_by_reason"]["cpuid"], 2000);
     assert_eq!(s["exits_by_reason"]["hypercall"], 2000);
+    m.poweroff();
+}
+
+#[test]
+fn multiboot_modules_reach_the_guest() {
+    let mut m = Machine::boot(EMU, "bochs-modules");
+    m.cmd("vm run selftest-mb mod=escape mod=crash -- modules=2");
+    m.wait_for("vm 1 (selftest-mb) exited", GUEST_TIMEOUT);
+    let t = m.transcript();
+    assert!(t.contains("[vm 1] selftest: ok   multiboot modules"), "{t}");
+    assert!(t.contains("vm 1 (selftest-mb) exited with status 1"), "{t}");
+    let out = m.cmd("vm run selftest mod=escape");
+    assert!(out.contains("error: cannot load selftest: modules can only be passed to Multiboot guests"), "{out}");
+    let out = m.cmd("vm run selftest-mb mod=nothing");
+    assert!(out.contains("error: no ramdisk file \"nothing\""), "{out}");
+    m.poweroff();
+}
+
+#[test]
+fn a_failed_vm_entry_ends_only_that_vm_with_a_report() {
+    let mut m = Machine::boot_with(EMU, "bochs-entryfail", &["fault_inject = vm-entry"]);
+    m.cmd("vm run selftest mem=4");
+    m.wait_for("vm 1 (selftest) stopped", GUEST_TIMEOUT);
+    let t = m.transcript();
+    assert!(t.contains("vm 1 (selftest) stopped: VM entry failed: VM-entry failure: invalid guest state"), "{t}");
+    assert!(t.contains("guest TR is unusable"), "the report names the broken field: {t}");
+    // Only that VM: the next one runs.
+    m.cmd("vm run selftest mem=4");
+    m.wait_for("vm 2 (selftest) exited with status 1", GUEST_TIMEOUT);
     m.poweroff();
 }

@@ -139,15 +139,9 @@ pub enum Event {
 
 impl Event {
     /// #GP(0), what the guest gets for a refused MSR access.
-    pub const GP0: Event = Event::Exception {
-        vector: 13,
-        error_code: Some(0),
-    };
+    pub const GP0: Event = Event::Exception { vector: 13, error_code: Some(0) };
     /// #UD.
-    pub const UD: Event = Event::Exception {
-        vector: 6,
-        error_code: None,
-    };
+    pub const UD: Event = Event::Exception { vector: 6, error_code: None };
 }
 
 /// Everything needed to resume a vCPU elsewhere.
@@ -239,18 +233,12 @@ mod tests {
         assert_eq!(g.rdi, 107);
         assert_eq!(g.r15, 115);
         assert_eq!(g.get(10), 110);
-        assert_eq!(
-            g.get(16 + 3),
-            g.rbx,
-            "only the low four bits select a register"
-        );
+        assert_eq!(g.get(16 + 3), g.rbx, "only the low four bits select a register");
     }
 
     #[test]
     fn segment_attribute_presets_decode() {
-        assert!(
-            SegAttrs::CODE64.long() && SegAttrs::CODE64.present() && !SegAttrs::CODE64.system()
-        );
+        assert!(SegAttrs::CODE64.long() && SegAttrs::CODE64.present() && !SegAttrs::CODE64.system());
         assert_eq!(SegAttrs::CODE64.seg_type(), 0xb);
         assert!(SegAttrs::TSS_BUSY.system() && SegAttrs::TSS_BUSY.seg_type() == 11);
         assert!(!SegAttrs::UNUSABLE.present());

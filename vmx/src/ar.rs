@@ -14,11 +14,7 @@ pub fn to_vmx(attrs: SegAttrs) -> u32 {
 
 pub fn from_vmx(ar: u32) -> SegAttrs {
     let a = ((ar & 0xff) | ((ar >> 4) & 0xf00)) as u16;
-    if ar & UNUSABLE != 0 {
-        SegAttrs(a & !SegAttrs::P)
-    } else {
-        SegAttrs(a)
-    }
+    if ar & UNUSABLE != 0 { SegAttrs(a & !SegAttrs::P) } else { SegAttrs(a) }
 }
 
 #[cfg(test)]

@@ -35,24 +35,14 @@ impl VmxCaps {
         let basic = rdmsr(msr::IA32_VMX_BASIC);
         let true_ctls = basic & BASIC_TRUE_CTLS != 0;
         let pick = |plain, tru| rdmsr(if true_ctls { tru } else { plain });
-        let procbased = pick(
-            msr::IA32_VMX_PROCBASED_CTLS,
-            msr::IA32_VMX_TRUE_PROCBASED_CTLS,
-        );
+        let procbased = pick(msr::IA32_VMX_PROCBASED_CTLS, msr::IA32_VMX_TRUE_PROCBASED_CTLS);
         let secondary = procbased & PROC_SECONDARY != 0;
-        let procbased2 = if secondary {
-            rdmsr(msr::IA32_VMX_PROCBASED_CTLS2)
-        } else {
-            0
-        };
+        let procbased2 = if secondary { rdmsr(msr::IA32_VMX_PROCBASED_CTLS2) } else { 0 };
         // EPT/VPID capabilities exist only if EPT or VPID can be enabled.
         let ept_or_vpid = procbased2 & ((1 << (1 + 32)) | (1 << (5 + 32))) != 0;
         VmxCaps {
             basic,
-            pinbased: pick(
-                msr::IA32_VMX_PINBASED_CTLS,
-                msr::IA32_VMX_TRUE_PINBASED_CTLS,
-            ),
+            pinbased: pick(msr::IA32_VMX_PINBASED_CTLS, msr::IA32_VMX_TRUE_PINBASED_CTLS),
             procbased,
             procbased2,
             exit: pick(msr::IA32_VMX_EXIT_CTLS, msr::IA32_VMX_TRUE_EXIT_CTLS),
@@ -62,11 +52,7 @@ impl VmxCaps {
             cr0_fixed1: rdmsr(msr::IA32_VMX_CR0_FIXED1),
             cr4_fixed0: rdmsr(msr::IA32_VMX_CR4_FIXED0),
             cr4_fixed1: rdmsr(msr::IA32_VMX_CR4_FIXED1),
-            ept_vpid: if ept_or_vpid {
-                rdmsr(msr::IA32_VMX_EPT_VPID_CAP)
-            } else {
-                0
-            },
+            ept_vpid: if ept_or_vpid { rdmsr(msr::IA32_VMX_EPT_VPID_CAP) } else { 0 },
         }
     }
 

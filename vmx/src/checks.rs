@@ -35,11 +35,7 @@ pub fn check_guest_state(s: &GuestState, ctx: &EntryContext) -> Vec<String> {
         fixed0 &= !(CR0_PE | CR0_PG);
     }
     if s.cr0 & fixed0 != fixed0 {
-        p.push(format!(
-            "guest CR0 {:#x}: bits {:#x} must be set (IA32_VMX_CR0_FIXED0)",
-            s.cr0,
-            fixed0 & !s.cr0
-        ));
+        p.push(format!("guest CR0 {:#x}: bits {:#x} must be set (IA32_VMX_CR0_FIXED0)", s.cr0, fixed0 & !s.cr0));
     }
     if s.cr0 & !ctx.cr0_fixed1 & 0xffff_ffff != 0 {
         p.push(format!(
@@ -49,10 +45,7 @@ pub fn check_guest_state(s: &GuestState, ctx: &EntryContext) -> Vec<String> {
         ));
     }
     if s.cr0 & CR0_PG != 0 && s.cr0 & CR0_PE == 0 {
-        p.push(format!(
-            "guest CR0 {:#x}: paging (PG) without protection (PE)",
-            s.cr0
-        ));
+        p.push(format!("guest CR0 {:#x}: paging (PG) without protection (PE)", s.cr0));
     }
     if s.cr4 & ctx.cr4_fixed0 != ctx.cr4_fixed0 {
         p.push(format!(
@@ -69,10 +62,7 @@ pub fn check_guest_state(s: &GuestState, ctx: &EntryContext) -> Vec<String> {
         ));
     }
     if ctx.ia32e_guest && (s.cr0 & CR0_PG == 0 || s.cr4 & CR4_PAE == 0) {
-        p.push(format!(
-            "IA-32e mode guest needs CR0.PG and CR4.PAE (cr0 {:#x}, cr4 {:#x})",
-            s.cr0, s.cr4
-        ));
+        p.push(format!("IA-32e mode guest needs CR0.PG and CR4.PAE (cr0 {:#x}, cr4 {:#x})", s.cr0, s.cr4));
     }
     if s.efer & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
         p.push(format!("guest IA32_EFER {:#x}: reserved bits set", s.efer));
@@ -85,59 +75,33 @@ pub fn check_guest_state(s: &GuestState, ctx: &EntryContext) -> Vec<String> {
         ));
     }
     if s.cr0 & CR0_PG != 0 && (s.efer & EFER_LMA != 0) != (s.efer & EFER_LME != 0) {
-        p.push(format!(
-            "guest IA32_EFER {:#x}: LMA differs from LME while paging is on",
-            s.efer
-        ));
+        p.push(format!("guest IA32_EFER {:#x}: LMA differs from LME while paging is on", s.efer));
     }
     let reserved_rflags = (1 << 3) | (1 << 5) | (1 << 15) | !0x3f_ffff;
     if s.rflags & RFLAGS_FIXED == 0 || s.rflags & reserved_rflags != 0 {
-        p.push(format!(
-            "guest RFLAGS {:#x}: bit 1 must be set and reserved bits clear",
-            s.rflags
-        ));
+        p.push(format!("guest RFLAGS {:#x}: bit 1 must be set and reserved bits clear", s.rflags));
     }
     if ctx.ia32e_guest && s.rflags & (1 << 17) != 0 {
-        p.push(format!(
-            "guest RFLAGS {:#x}: virtual-8086 mode in IA-32e mode",
-            s.rflags
-        ));
+        p.push(format!("guest RFLAGS {:#x}: virtual-8086 mode in IA-32e mode", s.rflags));
     }
     let long_cs = ctx.ia32e_guest && s.cs.attrs.long();
     if long_cs && !canonical(s.rip) {
         p.push(format!("guest RIP {:#x} is not canonical", s.rip));
     } else if !long_cs && s.rip >> 32 != 0 {
-        p.push(format!(
-            "guest RIP {:#x}: bits 63:32 must be clear outside 64-bit mode",
-            s.rip
-        ));
+        p.push(format!("guest RIP {:#x}: bits 63:32 must be clear outside 64-bit mode", s.rip));
     }
     check_cs(&s.cs, ctx, &mut p);
     let ss = s.ss.attrs;
     if ss.present() && !matches!(ss.seg_type(), 3 | 7) {
-        p.push(format!(
-            "guest SS type {} is not a writable data segment",
-            ss.seg_type()
-        ));
+        p.push(format!("guest SS type {} is not a writable data segment", ss.seg_type()));
     }
-    for (name, seg) in [
-        ("DS", &s.ds),
-        ("ES", &s.es),
-        ("FS", &s.fs),
-        ("GS", &s.gs),
-        ("SS", &s.ss),
-    ] {
+    for (name, seg) in [("DS", &s.ds), ("ES", &s.es), ("FS", &s.fs), ("GS", &s.gs), ("SS", &s.ss)] {
         if seg.attrs.present() {
             if seg.attrs.system() {
-                p.push(format!(
-                    "guest {name}: a system descriptor in a data segment register"
-                ));
+                p.push(format!("guest {name}: a system descriptor in a data segment register"));
             }
             if seg.attrs.seg_type() & 1 == 0 {
-                p.push(format!(
-                    "guest {name} type {}: accessed bit must be set",
-                    seg.attrs.seg_type()
-                ));
+                p.push(format!("guest {name} type {}: accessed bit must be set", seg.attrs.seg_type()));
             }
         }
     }
@@ -145,17 +109,10 @@ pub fn check_guest_state(s: &GuestState, ctx: &EntryContext) -> Vec<String> {
     if !tr.present() {
         p.push("guest TR is unusable (a task register is required)".into());
     } else if !tr.system() || !(tr.seg_type() == 11 || (!ctx.ia32e_guest && tr.seg_type() == 3)) {
-        p.push(format!(
-            "guest TR type {} (S={}) is not a busy TSS",
-            tr.seg_type(),
-            !tr.system() as u8
-        ));
+        p.push(format!("guest TR type {} (S={}) is not a busy TSS", tr.seg_type(), !tr.system() as u8));
     }
     if s.tr.selector & 4 != 0 {
-        p.push(format!(
-            "guest TR selector {:#x} points into the LDT",
-            s.tr.selector
-        ));
+        p.push(format!("guest TR selector {:#x} points into the LDT", s.tr.selector));
     }
     let ldtr = s.ldtr.attrs;
     if ldtr.present() && (!ldtr.system() || ldtr.seg_type() != 2) {
@@ -176,22 +133,13 @@ pub fn check_guest_state(s: &GuestState, ctx: &EntryContext) -> Vec<String> {
         }
         let g = seg.attrs.granularity();
         if seg.limit & 0xfff != 0xfff && g {
-            p.push(format!(
-                "guest {name} limit {:#x} with G=1 must end in 0xfff",
-                seg.limit
-            ));
+            p.push(format!("guest {name} limit {:#x} with G=1 must end in 0xfff", seg.limit));
         }
         if seg.limit >> 20 != 0 && !g {
-            p.push(format!(
-                "guest {name} limit {:#x} above 1 MiB needs G=1",
-                seg.limit
-            ));
+            p.push(format!("guest {name} limit {:#x} above 1 MiB needs G=1", seg.limit));
         }
         if !canonical(seg.base) {
-            p.push(format!(
-                "guest {name} base {:#x} is not canonical",
-                seg.base
-            ));
+            p.push(format!("guest {name} base {:#x} is not canonical", seg.base));
         }
     }
     for (name, t) in [("GDTR", &s.gdtr), ("IDTR", &s.idtr)] {
@@ -235,12 +183,7 @@ mod tests {
     }
 
     fn long_mode() -> GuestState {
-        let flat = |sel, attrs| Segment {
-            selector: sel,
-            base: 0,
-            limit: 0xffff_ffff,
-            attrs,
-        };
+        let flat = |sel, attrs| Segment { selector: sel, base: 0, limit: 0xffff_ffff, attrs };
         GuestState {
             rip: 0x10_0000,
             rflags: 2,
@@ -253,27 +196,16 @@ mod tests {
             es: flat(16, SegAttrs::DATA),
             fs: flat(16, SegAttrs::DATA),
             gs: flat(16, SegAttrs::DATA),
-            tr: Segment {
-                selector: 0,
-                base: 0,
-                limit: 0x67,
-                attrs: SegAttrs::TSS_BUSY,
-            },
+            tr: Segment { selector: 0, base: 0, limit: 0x67, attrs: SegAttrs::TSS_BUSY },
             ldtr: Segment::default(),
-            gdtr: DescriptorTable {
-                base: 0x7000,
-                limit: 23,
-            },
+            gdtr: DescriptorTable { base: 0x7000, limit: 23 },
             ..Default::default()
         }
     }
 
     #[test]
     fn a_good_long_mode_state_passes() {
-        assert_eq!(
-            check_guest_state(&long_mode(), &ctx()),
-            Vec::<String>::new()
-        );
+        assert_eq!(check_guest_state(&long_mode(), &ctx()), Vec::<String>::new());
     }
 
     type Breakage = (&'static str, fn(&mut GuestState));
@@ -286,16 +218,10 @@ mod tests {
             ("LMA", |s| s.efer = EFER_LME),
             ("RFLAGS", |s| s.rflags = 0),
             ("RIP", |s| s.rip = 0x0000_8000_0000_0000),
-            ("CS: L and D/B", |s| {
-                s.cs.attrs = SegAttrs(s.cs.attrs.0 | SegAttrs::DB)
-            }),
+            ("CS: L and D/B", |s| s.cs.attrs = SegAttrs(s.cs.attrs.0 | SegAttrs::DB)),
             ("TR is unusable", |s| s.tr.attrs = SegAttrs::UNUSABLE),
-            ("SS type", |s| {
-                s.ss.attrs = SegAttrs(SegAttrs::DATA.0 & !0xf | 0x1)
-            }),
-            ("DS type 2: accessed", |s| {
-                s.ds.attrs = SegAttrs(SegAttrs::DATA.0 & !1)
-            }),
+            ("SS type", |s| s.ss.attrs = SegAttrs(SegAttrs::DATA.0 & !0xf | 0x1)),
+            ("DS type 2: accessed", |s| s.ds.attrs = SegAttrs(SegAttrs::DATA.0 & !1)),
             ("limit 0xfffff000", |s| s.es.limit = 0xffff_f000),
             ("GDTR base", |s| s.gdtr.base = 0x1234_0000_0000_0000),
         ];
@@ -303,10 +229,7 @@ mod tests {
             let mut s = long_mode();
             break_it(&mut s);
             let problems = check_guest_state(&s, &ctx());
-            assert!(
-                problems.iter().any(|p| p.contains(want)),
-                "{want}: {problems:?}"
-            );
+            assert!(problems.iter().any(|p| p.contains(want)), "{want}: {problems:?}");
         }
     }
 

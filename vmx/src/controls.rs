@@ -3,9 +3,7 @@
 //! so bits a CPU forces on are on and bits it lacks are reported by name.
 
 use vcpu::state::bits::*;
-use x86::vmx::vmcs::control::{
-    EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
-};
+use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls};
 
 use crate::caps::{VmxCaps, adjust};
 
@@ -48,12 +46,7 @@ pub fn derive(caps: &VmxCaps) -> Result<Controls, &'static str> {
         0,
         "external-interrupt and NMI exiting",
     )?;
-    let pin = need(
-        caps.pinbased,
-        pin | PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
-        0,
-        "the VMX-preemption timer",
-    )?;
+    let pin = need(caps.pinbased, pin | PinbasedControls::VMX_PREEMPTION_TIMER.bits(), 0, "the VMX-preemption timer")?;
     let proc = need(
         caps.procbased,
         (PrimaryControls::HLT_EXITING
@@ -69,18 +62,10 @@ pub fn derive(caps: &VmxCaps) -> Result<Controls, &'static str> {
     let proc2 = need(
         caps.procbased2,
         SecondaryControls::ENABLE_EPT.bits(),
-        (SecondaryControls::ENABLE_VPID
-            | SecondaryControls::ENABLE_RDTSCP
-            | SecondaryControls::ENABLE_INVPCID)
-            .bits(),
+        (SecondaryControls::ENABLE_VPID | SecondaryControls::ENABLE_RDTSCP | SecondaryControls::ENABLE_INVPCID).bits(),
         "EPT",
     )?;
-    let proc2 = need(
-        caps.procbased2,
-        proc2 | SecondaryControls::UNRESTRICTED_GUEST.bits(),
-        0,
-        "unrestricted guest",
-    )?;
+    let proc2 = need(caps.procbased2, proc2 | SecondaryControls::UNRESTRICTED_GUEST.bits(), 0, "unrestricted guest")?;
     let exit = need(
         caps.exit,
         (ExitControls::HOST_ADDRESS_SPACE_SIZE
@@ -105,13 +90,8 @@ pub fn derive(caps: &VmxCaps) -> Result<Controls, &'static str> {
     if !(caps.invept_single() || caps.invept_all()) {
         return Err("INVEPT");
     }
-    let vpid = proc2 & SecondaryControls::ENABLE_VPID.bits() != 0
-        && (caps.invvpid_single() || caps.invvpid_all());
-    let proc2 = if vpid {
-        proc2
-    } else {
-        proc2 & !SecondaryControls::ENABLE_VPID.bits()
-    };
+    let vpid = proc2 & SecondaryControls::ENABLE_VPID.bits() != 0 && (caps.invvpid_single() || caps.invvpid_all());
+    let proc2 = if vpid { proc2 } else { proc2 & !SecondaryControls::ENABLE_VPID.bits() };
     // With unrestricted guest, PE and PG may be 0 (SDM Vol. 3C 27.3.1.1).
     let cr0_forced = caps.cr0_fixed0 & !(CR0_PE | CR0_PG);
     let cr0_mask = (cr0_forced | !caps.cr0_fixed1 | CR0_PG) & 0xffff_ffff;
@@ -259,22 +239,12 @@ mod tests {
     #[test]
     fn msr_bitmap_passes_through_only_what_is_listed() {
         let mut b = [0u8; 4096];
-        build_msr_bitmap(
-            &mut b,
-            &[
-                (0x174, true, true),
-                (0xc000_0100, true, true),
-                (0x10, true, false),
-            ],
-        );
+        build_msr_bitmap(&mut b, &[(0x174, true, true), (0xc000_0100, true, true), (0x10, true, false)]);
         assert!(!msr_intercepted(&b, 0x174, false) && !msr_intercepted(&b, 0x174, true));
         assert!(!msr_intercepted(&b, 0xc000_0100, true));
         assert!(!msr_intercepted(&b, 0x10, false) && msr_intercepted(&b, 0x10, true));
         assert!(msr_intercepted(&b, 0x175 + 1, false));
         assert!(msr_intercepted(&b, 0xc000_0080, true), "EFER writes exit");
-        assert!(
-            msr_intercepted(&b, 0x4000_0000, false),
-            "out-of-range MSRs always exit"
-        );
+        assert!(msr_intercepted(&b, 0x4000_0000, false), "out-of-range MSRs always exit");
     }
 }

@@ -37,13 +37,7 @@ pub const PASSTHROUGH: &[(u32, bool, bool)] = &[
 ];
 
 /// The lazily switched MSRs, in `GuestState` order.
-pub const LAZY_MSRS: [u32; 5] = [
-    0xc000_0102,
-    0xc000_0081,
-    0xc000_0082,
-    0xc000_0083,
-    0xc000_0084,
-];
+pub const LAZY_MSRS: [u32; 5] = [0xc000_0102, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084];
 
 pub struct VmxCpu {
     pub caps: VmxCaps,
@@ -73,9 +67,7 @@ impl VmxCpu {
             // prescribes before VMXON (Vol. 3C 24.7).
             unsafe { hw::wrmsr(IA32_FEATURE_CONTROL, fc | FC_LOCK | FC_VMXON_OUTSIDE_SMX) };
         } else if fc & FC_VMXON_OUTSIDE_SMX == 0 {
-            return Err(Error::Unsupported(
-                "VMX enabled by firmware (IA32_FEATURE_CONTROL is locked with VMX off)",
-            ));
+            return Err(Error::Unsupported("VMX enabled by firmware (IA32_FEATURE_CONTROL is locked with VMX off)"));
         }
         // SAFETY: every capability MSR exists when VMX does; `read` only
         // reads the optional ones when their presence bits say so.
@@ -108,14 +100,7 @@ impl VmxCpu {
                 let _ = unsafe { hw::invept(2, 0) };
             }
         }
-        Ok(VmxCpu {
-            caps,
-            controls,
-            vmxon,
-            msr_bitmap,
-            next_vpid: 1,
-            free_vpids: Vec::new(),
-        })
+        Ok(VmxCpu { caps, controls, vmxon, msr_bitmap, next_vpid: 1, free_vpids: Vec::new() })
     }
 
     /// A VPID for a new vCPU (0 belongs to the host).
@@ -141,10 +126,8 @@ impl VmxCpu {
     /// What the `host` command shows.
     pub fn features(&self) -> Vec<String> {
         let c = &self.controls;
-        let mut f: Vec<String> = ["vmx", "ept", "unrestricted-guest", "preemption-timer"]
-            .iter()
-            .map(|s| String::from(*s))
-            .collect();
+        let mut f: Vec<String> =
+            ["vmx", "ept", "unrestricted-guest", "preemption-timer"].iter().map(|s| String::from(*s)).collect();
         for (on, name) in [
             (c.vpid, "vpid"),
             (c.ept_ad, "ept-ad"),

@@ -51,10 +51,7 @@ pub const IA32_EFER: u32 = 0xC000_0080;
 pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
     let reason = (raw_reason & 0xffff) as u16;
     if raw_reason & (1 << 31) != 0 {
-        return Decoded::EntryFailure {
-            reason,
-            qualification: f.read(ro::EXIT_QUALIFICATION),
-        };
+        return Decoded::EntryFailure { reason, qualification: f.read(ro::EXIT_QUALIFICATION) };
     }
     match reason {
         0 => {
@@ -65,11 +62,7 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
                 // An NMI meant for the host arrived while the guest ran.
                 Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) })
             } else {
-                unexpected(
-                    reason,
-                    f,
-                    format!(", exception vector {vector} (interruption info {info:#x})"),
-                )
+                unexpected(reason, f, format!(", exception vector {vector} (interruption info {info:#x})"))
             }
         }
         1 => {
@@ -89,9 +82,7 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
                 0 => Decoded::MovToCr { cr, gpr },
                 1 => Decoded::MovFromCr { cr, gpr },
                 2 => Decoded::Clts,
-                _ => Decoded::Lmsw {
-                    value: (q >> 16) as u16,
-                },
+                _ => Decoded::Lmsw { value: (q >> 16) as u16 },
             }
         }
         30 => {
@@ -104,17 +95,11 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
                 rep: q & (1 << 5) != 0,
             }))
         }
-        31 => Decoded::Exit(VmExit::Rdmsr {
-            msr: gprs.rcx as u32,
-        }),
+        31 => Decoded::Exit(VmExit::Rdmsr { msr: gprs.rcx as u32 }),
         32 => {
             let msr = gprs.rcx as u32;
             let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
-            if msr == IA32_EFER {
-                Decoded::EferWrite { value }
-            } else {
-                Decoded::Exit(VmExit::Wrmsr { msr, value })
-            }
+            if msr == IA32_EFER { Decoded::EferWrite { value } } else { Decoded::Exit(VmExit::Wrmsr { msr, value }) }
         }
         19..=27 | 36 | 39 | 50 | 53 => Decoded::InjectUd,
         48 => {
@@ -127,19 +112,12 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
                 MemAccess::Read
             };
             let gva = (q & (1 << 7) != 0).then(|| f.read(ro::GUEST_LINEAR_ADDR));
-            Decoded::Exit(VmExit::NestedPageFault {
-                gpa: f.read(ro::GUEST_PHYSICAL_ADDR_FULL),
-                access,
-                gva,
-            })
+            Decoded::Exit(VmExit::NestedPageFault { gpa: f.read(ro::GUEST_PHYSICAL_ADDR_FULL), access, gva })
         }
         49 => unexpected(
             reason,
             f,
-            format!(
-                ", guest-physical {:#x} (a hypervisor EPT bug)",
-                f.read(ro::GUEST_PHYSICAL_ADDR_FULL)
-            ),
+            format!(", guest-physical {:#x} (a hypervisor EPT bug)", f.read(ro::GUEST_PHYSICAL_ADDR_FULL)),
         ),
         52 => Decoded::Exit(VmExit::Preempted),
         _ => unexpected(reason, f, alloc::string::String::new()),
@@ -160,10 +138,9 @@ fn unexpected(reason: u16, f: &impl Fields, extra: alloc::string::String) -> Dec
 /// The statistics class of a backend-handled exit.
 pub fn handled_kind(d: &Decoded) -> ExitKind {
     match d {
-        Decoded::MovToCr { .. }
-        | Decoded::MovFromCr { .. }
-        | Decoded::Clts
-        | Decoded::Lmsw { .. } => ExitKind::ControlRegister,
+        Decoded::MovToCr { .. } | Decoded::MovFromCr { .. } | Decoded::Clts | Decoded::Lmsw { .. } => {
+            ExitKind::ControlRegister
+        }
         Decoded::EferWrite { .. } => ExitKind::Wrmsr,
         _ => ExitKind::Unexpected,
     }
@@ -183,25 +160,13 @@ mod tests {
         let f = fields(&[(ro::EXIT_QUALIFICATION, 0x03f8_0000)]);
         assert_eq!(
             decode(30, &f, &Gprs::default()),
-            Decoded::Exit(VmExit::Io(IoAccess {
-                port: 0x3f8,
-                size: 1,
-                write: true,
-                string: false,
-                rep: false
-            }))
+            Decoded::Exit(VmExit::Io(IoAccess { port: 0x3f8, size: 1, write: true, string: false, rep: false }))
         );
         // REP INSD from 0x1f0: size-1 = 3, in, string, rep.
         let f = fields(&[(ro::EXIT_QUALIFICATION, 0x01f0_0000 | 3 | 8 | 16 | 32)]);
         assert_eq!(
             decode(30, &f, &Gprs::default()),
-            Decoded::Exit(VmExit::Io(IoAccess {
-                port: 0x1f0,
-                size: 4,
-                write: false,
-                string: true,
-                rep: true
-            }))
+            Decoded::Exit(VmExit::Io(IoAccess { port: 0x1f0, size: 4, write: false, string: true, rep: true }))
         );
     }
 
@@ -220,69 +185,35 @@ mod tests {
                 gva: Some(0xffff_8000_0000_0000)
             })
         );
-        let f = fields(&[
-            (ro::EXIT_QUALIFICATION, 0b100),
-            (ro::GUEST_PHYSICAL_ADDR_FULL, 0x5000),
-        ]);
+        let f = fields(&[(ro::EXIT_QUALIFICATION, 0b100), (ro::GUEST_PHYSICAL_ADDR_FULL, 0x5000)]);
         assert_eq!(
             decode(48, &f, &Gprs::default()),
-            Decoded::Exit(VmExit::NestedPageFault {
-                gpa: 0x5000,
-                access: MemAccess::Execute,
-                gva: None
-            })
+            Decoded::Exit(VmExit::NestedPageFault { gpa: 0x5000, access: MemAccess::Execute, gva: None })
         );
     }
 
     #[test]
     fn msr_exits_take_index_and_value_from_registers() {
-        let g = Gprs {
-            rcx: 0x277,
-            rax: 0xdead_beef_0000_0006,
-            rdx: 0x0007_0406,
-            ..Default::default()
-        };
+        let g = Gprs { rcx: 0x277, rax: 0xdead_beef_0000_0006, rdx: 0x0007_0406, ..Default::default() };
         assert_eq!(
             decode(32, &fields(&[]), &g),
-            Decoded::Exit(VmExit::Wrmsr {
-                msr: 0x277,
-                value: 0x0007_0406_0000_0006
-            })
+            Decoded::Exit(VmExit::Wrmsr { msr: 0x277, value: 0x0007_0406_0000_0006 })
         );
-        let g = Gprs {
-            rcx: IA32_EFER as u64,
-            rax: 0x500,
-            ..Default::default()
-        };
-        assert_eq!(
-            decode(32, &fields(&[]), &g),
-            Decoded::EferWrite { value: 0x500 }
-        );
-        assert_eq!(
-            decode(31, &fields(&[]), &g),
-            Decoded::Exit(VmExit::Rdmsr { msr: IA32_EFER })
-        );
+        let g = Gprs { rcx: IA32_EFER as u64, rax: 0x500, ..Default::default() };
+        assert_eq!(decode(32, &fields(&[]), &g), Decoded::EferWrite { value: 0x500 });
+        assert_eq!(decode(31, &fields(&[]), &g), Decoded::Exit(VmExit::Rdmsr { msr: IA32_EFER }));
     }
 
     #[test]
     fn control_register_moves() {
         // MOV CR0, RBX: cr 0, type 0, gpr 3.
         let f = fields(&[(ro::EXIT_QUALIFICATION, 3 << 8)]);
-        assert_eq!(
-            decode(28, &f, &Gprs::default()),
-            Decoded::MovToCr { cr: 0, gpr: 3 }
-        );
+        assert_eq!(decode(28, &f, &Gprs::default()), Decoded::MovToCr { cr: 0, gpr: 3 });
         // MOV RAX, CR4 (from).
         let f = fields(&[(ro::EXIT_QUALIFICATION, 4 | (1 << 4))]);
-        assert_eq!(
-            decode(28, &f, &Gprs::default()),
-            Decoded::MovFromCr { cr: 4, gpr: 0 }
-        );
+        assert_eq!(decode(28, &f, &Gprs::default()), Decoded::MovFromCr { cr: 4, gpr: 0 });
         let f = fields(&[(ro::EXIT_QUALIFICATION, (3 << 4) | (0x0011 << 16))]);
-        assert_eq!(
-            decode(28, &f, &Gprs::default()),
-            Decoded::Lmsw { value: 0x11 }
-        );
+        assert_eq!(decode(28, &f, &Gprs::default()), Decoded::Lmsw { value: 0x11 });
     }
 
     #[test]
@@ -290,19 +221,13 @@ mod tests {
         let f = fields(&[(ro::EXIT_QUALIFICATION, 0), (guest::RIP, 0x1234)]);
         assert_eq!(
             decode((1 << 31) | 33, &f, &Gprs::default()),
-            Decoded::EntryFailure {
-                reason: 33,
-                qualification: 0
-            }
+            Decoded::EntryFailure { reason: 33, qualification: 0 }
         );
         assert_eq!(decode(2, &f, &Gprs::default()), Decoded::TripleFault);
         assert_eq!(decode(27, &f, &Gprs::default()), Decoded::InjectUd);
         match decode(55, &f, &Gprs::default()) {
             Decoded::Exit(VmExit::Unexpected { report }) => {
-                assert!(
-                    report.contains("XSETBV") && report.contains("0x1234"),
-                    "{report}"
-                )
+                assert!(report.contains("XSETBV") && report.contains("0x1234"), "{report}")
             }
             other => panic!("{other:?}"),
         }
@@ -311,14 +236,8 @@ mod tests {
     #[test]
     fn external_interrupts_and_host_nmis() {
         let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | 0x30)]);
-        assert_eq!(
-            decode(1, &f, &Gprs::default()),
-            Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(0x30) })
-        );
+        assert_eq!(decode(1, &f, &Gprs::default()), Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(0x30) }));
         let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (2 << 8) | 2)]);
-        assert_eq!(
-            decode(0, &f, &Gprs::default()),
-            Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) })
-        );
+        assert_eq!(decode(0, &f, &Gprs::default()), Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) }));
     }
 }

@@ -21,11 +21,7 @@ impl core::fmt::Display for VmFail {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             VmFail::Invalid => write!(f, "VMfailInvalid"),
-            VmFail::Valid(n) => write!(
-                f,
-                "VM-instruction error {n} ({})",
-                crate::names::instruction_error(*n)
-            ),
+            VmFail::Valid(n) => write!(f, "VM-instruction error {n} ({})", crate::names::instruction_error(*n)),
         }
     }
 }
@@ -71,9 +67,7 @@ vmx_op_pa!(vmptrld, "vmptrld");
 pub unsafe fn vmread(field: u32) -> u64 {
     let v: u64;
     // SAFETY: as the caller promises.
-    unsafe {
-        asm!("vmread {v}, {f}", v = out(reg) v, f = in(reg) field as u64, options(nostack, nomem))
-    };
+    unsafe { asm!("vmread {v}, {f}", v = out(reg) v, f = in(reg) field as u64, options(nostack, nomem)) };
     v
 }
 
@@ -85,9 +79,7 @@ pub unsafe fn vmread(field: u32) -> u64 {
 #[inline(always)]
 pub unsafe fn vmwrite(field: u32, value: u64) {
     // SAFETY: as the caller promises.
-    unsafe {
-        asm!("vmwrite {f}, {v}", f = in(reg) field as u64, v = in(reg) value, options(nostack, nomem))
-    };
+    unsafe { asm!("vmwrite {f}, {v}", f = in(reg) field as u64, v = in(reg) value, options(nostack, nomem)) };
 }
 
 /// VMWRITE that reports failure (used while building a VMCS).

@@ -56,67 +56,18 @@ pub struct VmxVcpu {
 
 /// Segment field encodings: selector, base, limit, access rights.
 const SEGS: [(u32, u32, u32, u32); 8] = [
-    (
-        guest::ES_SELECTOR,
-        guest::ES_BASE,
-        guest::ES_LIMIT,
-        guest::ES_ACCESS_RIGHTS,
-    ),
-    (
-        guest::CS_SELECTOR,
-        guest::CS_BASE,
-        guest::CS_LIMIT,
-        guest::CS_ACCESS_RIGHTS,
-    ),
-    (
-        guest::SS_SELECTOR,
-        guest::SS_BASE,
-        guest::SS_LIMIT,
-        guest::SS_ACCESS_RIGHTS,
-    ),
-    (
-        guest::DS_SELECTOR,
-        guest::DS_BASE,
-        guest::DS_LIMIT,
-        guest::DS_ACCESS_RIGHTS,
-    ),
-    (
-        guest::FS_SELECTOR,
-        guest::FS_BASE,
-        guest::FS_LIMIT,
-        guest::FS_ACCESS_RIGHTS,
-    ),
-    (
-        guest::GS_SELECTOR,
-        guest::GS_BASE,
-        guest::GS_LIMIT,
-        guest::GS_ACCESS_RIGHTS,
-    ),
-    (
-        guest::LDTR_SELECTOR,
-        guest::LDTR_BASE,
-        guest::LDTR_LIMIT,
-        guest::LDTR_ACCESS_RIGHTS,
-    ),
-    (
-        guest::TR_SELECTOR,
-        guest::TR_BASE,
-        guest::TR_LIMIT,
-        guest::TR_ACCESS_RIGHTS,
-    ),
+    (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
+    (guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS),
+    (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+    (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
+    (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
+    (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+    (guest::LDTR_SELECTOR, guest::LDTR_BASE, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS),
+    (guest::TR_SELECTOR, guest::TR_BASE, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS),
 ];
 
 fn segs_mut(s: &mut GuestState) -> [&mut Segment; 8] {
-    [
-        &mut s.es,
-        &mut s.cs,
-        &mut s.ss,
-        &mut s.ds,
-        &mut s.fs,
-        &mut s.gs,
-        &mut s.ldtr,
-        &mut s.tr,
-    ]
+    [&mut s.es, &mut s.cs, &mut s.ss, &mut s.ds, &mut s.fs, &mut s.gs, &mut s.ldtr, &mut s.tr]
 }
 
 impl VmxVcpu {
@@ -169,6 +120,14 @@ impl VmxVcpu {
         Ok(v)
     }
 
+    /// Makes the next VM entry fail: TR becomes unusable, which the entry
+    /// checks forbid (SDM Vol. 3C 27.3.1.2). Only for tests of the entry
+    /// failure report.
+    pub fn break_guest_state_for_test(&mut self) {
+        let ar = self.read(guest::TR_ACCESS_RIGHTS) | ar::UNUSABLE as u64;
+        self.write(guest::TR_ACCESS_RIGHTS, ar);
+    }
+
     /// Frees the VMCS and the VPID.
     ///
     /// # Safety
@@ -177,8 +136,7 @@ impl VmxVcpu {
         // SAFETY: clearing a VMCS we own; afterwards nothing references it.
         unsafe {
             let _ = hw::vmclear(self.vmcs.0);
-            let _ =
-                CURRENT_VMCS.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
+            let _ = CURRENT_VMCS.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
             alloc.free_frame(self.vmcs);
         }
         cpu.free_vpid(self.vpid);
@@ -202,8 +160,7 @@ impl VmxVcpu {
         let w = |field: u32, value: u64| -> Result<(), Error> {
             // SAFETY: the VMCS is current; each field below exists on every
             // CPU that passed `controls::derive`.
-            unsafe { hw::vmwrite_checked(field, value) }
-                .map_err(|e| fail(&format!("VMWRITE {field:#x}"), e))
+            unsafe { hw::vmwrite_checked(field, value) }.map_err(|e| fail(&format!("VMWRITE {field:#x}"), e))
         };
         w(control::PINBASED_EXEC_CONTROLS, ctl.pin as u64)?;
         w(control::PRIMARY_PROCBASED_EXEC_CONTROLS, ctl.proc as u64)?;
@@ -243,14 +200,8 @@ impl VmxVcpu {
             w(field, (sel & !7) as u64)?;
         }
         // SAFETY: these MSRs exist on every x86-64 CPU.
-        let (fs_base, gs_base, efer, pat) = unsafe {
-            (
-                hw::rdmsr(0xc000_0100),
-                hw::rdmsr(0xc000_0101),
-                hw::rdmsr(0xc000_0080),
-                hw::rdmsr(0x277),
-            )
-        };
+        let (fs_base, gs_base, efer, pat) =
+            unsafe { (hw::rdmsr(0xc000_0100), hw::rdmsr(0xc000_0101), hw::rdmsr(0xc000_0080), hw::rdmsr(0x277)) };
         w(host::FS_BASE, fs_base)?;
         w(host::GS_BASE, gs_base)?;
         w(host::TR_BASE, tr_base)?;
@@ -337,22 +288,14 @@ impl VmxVcpu {
     /// (SDM Vol. 3C 27.3.1.1).
     fn set_efer(&mut self, efer: u64) {
         self.write(guest::IA32_EFER_FULL, efer);
-        let e =
-            self.read(control::VMENTRY_CONTROLS) & !(EntryControls::IA32E_MODE_GUEST.bits() as u64);
-        let lma = if efer & EFER_LMA != 0 {
-            EntryControls::IA32E_MODE_GUEST.bits() as u64
-        } else {
-            0
-        };
+        let e = self.read(control::VMENTRY_CONTROLS) & !(EntryControls::IA32E_MODE_GUEST.bits() as u64);
+        let lma = if efer & EFER_LMA != 0 { EntryControls::IA32E_MODE_GUEST.bits() as u64 } else { 0 };
         self.write(control::VMENTRY_CONTROLS, e | lma);
     }
 
     /// MOV to CR0 as the guest asked for it (SDM Vol. 3A 2.5, 9.8.5).
     fn write_cr0(&mut self, v: u64) -> Result<(), Event> {
-        if v >> 32 != 0
-            || (v & CR0_PG != 0 && v & CR0_PE == 0)
-            || (v & CR0_NW != 0 && v & CR0_CD == 0)
-        {
+        if v >> 32 != 0 || (v & CR0_PG != 0 && v & CR0_PE == 0) || (v & CR0_NW != 0 && v & CR0_CD == 0) {
             return Err(Event::GP0);
         }
         let efer = self.read(guest::IA32_EFER_FULL);
@@ -382,9 +325,7 @@ impl VmxVcpu {
     fn write_efer(&mut self, v: u64) -> Result<(), Event> {
         let cur = self.read(guest::IA32_EFER_FULL);
         let paging = self.guest_cr0() & CR0_PG != 0;
-        if v & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0
-            || (paging && (v ^ cur) & EFER_LME != 0)
-        {
+        if v & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 || (paging && (v ^ cur) & EFER_LME != 0) {
             return Err(Event::GP0);
         }
         // LMA is the CPU's to set: keep the current value.
@@ -405,9 +346,7 @@ impl VmxVcpu {
                             // A MOV to CR3 flushes the guest's TLB.
                             // SAFETY: VMX operation, single-context INVVPID
                             // checked at start-up (else all-context).
-                            let _ = unsafe {
-                                hw::invvpid(if self.ctl.invvpid_single { 1 } else { 2 }, self.vpid)
-                            };
+                            let _ = unsafe { hw::invvpid(if self.ctl.invvpid_single { 1 } else { 2 }, self.vpid) };
                         }
                         Ok(())
                     }
@@ -448,9 +387,7 @@ impl VmxVcpu {
 
     fn entry_context(&self) -> EntryContext {
         EntryContext {
-            ia32e_guest: self.read(control::VMENTRY_CONTROLS)
-                & EntryControls::IA32E_MODE_GUEST.bits() as u64
-                != 0,
+            ia32e_guest: self.read(control::VMENTRY_CONTROLS) & EntryControls::IA32E_MODE_GUEST.bits() as u64 != 0,
             unrestricted: true,
             cr0_fixed0: self.ctl.cr0_fixed0,
             cr0_fixed1: self.ctl.cr0_fixed1,
@@ -466,10 +403,7 @@ impl VmxVcpu {
         s.cr0 = self.read(guest::CR0);
         s.cr4 = self.read(guest::CR4);
         let problems = check_guest_state(&s, &self.entry_context());
-        let mut r = format!(
-            "{what}; guest rip {:#x} cr0 {:#x} cr4 {:#x} efer {:#x}",
-            s.rip, s.cr0, s.cr4, s.efer
-        );
+        let mut r = format!("{what}; guest rip {:#x} cr0 {:#x} cr4 {:#x} efer {:#x}", s.rip, s.cr0, s.cr4, s.efer);
         if problems.is_empty() {
             r.push_str("; the software checks found no broken guest-state rule");
         }
@@ -485,23 +419,10 @@ impl VmxVcpu {
         let idt_info = self.read(ro::IDT_VECTORING_INFO);
         let mut r = format!(
             "triple fault at rip {:#x} (cs {:#x}, rsp {:#x}, rflags {:#x}, cr0 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}, idtr {:#x}/{:#x})",
-            s.rip,
-            s.cs.selector,
-            s.gprs.rsp,
-            s.rflags,
-            s.cr0,
-            s.cr3,
-            s.cr4,
-            s.efer,
-            s.idtr.base,
-            s.idtr.limit
+            s.rip, s.cs.selector, s.gprs.rsp, s.rflags, s.cr0, s.cr3, s.cr4, s.efer, s.idtr.base, s.idtr.limit
         );
         if idt_info & (1 << 31) != 0 {
-            r.push_str(&format!(
-                "; while delivering vector {} (type {})",
-                idt_info & 0xff,
-                (idt_info >> 8) & 7
-            ));
+            r.push_str(&format!("; while delivering vector {} (type {})", idt_info & 0xff, (idt_info >> 8) & 7));
         }
         r
     }
@@ -540,8 +461,7 @@ impl vcpu::Vcpu for VmxVcpu {
         // `vmx_exit`; `gprs` lives as long as the call.
         let rc = unsafe {
             if !self.ctl.saves_timer {
-                let left = self.deadline.saturating_sub(core::arch::x86_64::_rdtsc())
-                    >> self.ctl.timer_rate;
+                let left = self.deadline.saturating_sub(core::arch::x86_64::_rdtsc()) >> self.ctl.timer_rate;
                 vmwrite(guest::VMX_PREEMPTION_TIMER_VALUE, left.min(u32::MAX as u64));
             }
             vmwrite(guest::RSP, self.gprs.rsp);
@@ -552,14 +472,9 @@ impl vcpu::Vcpu for VmxVcpu {
                 String::from("VM entry failed: VMfailInvalid (no current VMCS)")
             } else {
                 let n = self.read(ro::VM_INSTRUCTION_ERROR);
-                format!(
-                    "VM entry failed: VM-instruction error {n} ({})",
-                    names::instruction_error(n)
-                )
+                format!("VM entry failed: VM-instruction error {n} ({})", names::instruction_error(n))
             };
-            return VmExit::EntryFailed {
-                report: self.entry_report(what),
-            };
+            return VmExit::EntryFailed { report: self.entry_report(what) };
         }
         self.launched = true;
         // SAFETY: after an exit the VMCS is current.
@@ -570,23 +485,13 @@ impl vcpu::Vcpu for VmxVcpu {
         let decoded = decode::decode(reason, &|f: u32| self.read(f), &self.gprs);
         match decoded {
             Decoded::Exit(e) => {
-                if matches!(
-                    e,
-                    VmExit::NestedPageFault { .. }
-                        | VmExit::ExternalInterrupt { .. }
-                        | VmExit::Preempted
-                ) {
+                if matches!(e, VmExit::NestedPageFault { .. } | VmExit::ExternalInterrupt { .. } | VmExit::Preempted) {
                     self.requeue_interrupted_event();
                 }
                 e
             }
-            Decoded::TripleFault => VmExit::Shutdown {
-                report: self.triple_fault_report(),
-            },
-            Decoded::EntryFailure {
-                reason,
-                qualification,
-            } => VmExit::EntryFailed {
+            Decoded::TripleFault => VmExit::Shutdown { report: self.triple_fault_report() },
+            Decoded::EntryFailure { reason, qualification } => VmExit::EntryFailed {
                 report: self.entry_report(format!(
                     "VM entry failed: {} (qualification {qualification:#x})",
                     names::exit_reason(reason)
@@ -639,10 +544,7 @@ impl vcpu::Vcpu for VmxVcpu {
     }
 
     fn state(&self) -> GuestState {
-        let mut s = GuestState {
-            gprs: self.gprs,
-            ..Default::default()
-        };
+        let mut s = GuestState { gprs: self.gprs, ..Default::default() };
         for (seg, &(sel, base, limit, ar)) in segs_mut(&mut s).into_iter().zip(SEGS.iter()) {
             *seg = Segment {
                 selector: self.read(sel) as u16,
@@ -659,14 +561,8 @@ impl vcpu::Vcpu for VmxVcpu {
         s.dr7 = self.read(guest::DR7);
         s.efer = self.read(guest::IA32_EFER_FULL);
         s.pat = self.read(guest::IA32_PAT_FULL);
-        s.gdtr = DescriptorTable {
-            base: self.read(guest::GDTR_BASE),
-            limit: self.read(guest::GDTR_LIMIT) as u16,
-        };
-        s.idtr = DescriptorTable {
-            base: self.read(guest::IDTR_BASE),
-            limit: self.read(guest::IDTR_LIMIT) as u16,
-        };
+        s.gdtr = DescriptorTable { base: self.read(guest::GDTR_BASE), limit: self.read(guest::GDTR_LIMIT) as u16 };
+        s.idtr = DescriptorTable { base: self.read(guest::IDTR_BASE), limit: self.read(guest::IDTR_LIMIT) as u16 };
         s.sysenter_cs = self.read(guest::IA32_SYSENTER_CS);
         s.sysenter_esp = self.read(guest::IA32_SYSENTER_ESP);
         s.sysenter_eip = self.read(guest::IA32_SYSENTER_EIP);
@@ -686,8 +582,7 @@ impl vcpu::Vcpu for VmxVcpu {
                 2 => Event::Nmi,
                 _ => Event::Exception {
                     vector,
-                    error_code: (info & (1 << 11) != 0)
-                        .then(|| self.read(control::VMENTRY_EXCEPTION_ERR_CODE) as u32),
+                    error_code: (info & (1 << 11) != 0).then(|| self.read(control::VMENTRY_EXCEPTION_ERR_CODE) as u32),
                 },
             });
         }
@@ -711,10 +606,7 @@ impl vcpu::Vcpu for VmxVcpu {
         self.set_cr4(s.cr4);
         self.write(guest::DR7, s.dr7 | 0x400);
         self.set_efer(s.efer);
-        self.write(
-            guest::IA32_PAT_FULL,
-            if s.pat == 0 { PAT_DEFAULT } else { s.pat },
-        );
+        self.write(guest::IA32_PAT_FULL, if s.pat == 0 { PAT_DEFAULT } else { s.pat });
         self.write(guest::GDTR_BASE, s.gdtr.base);
         self.write(guest::GDTR_LIMIT, s.gdtr.limit as u64);
         self.write(guest::IDTR_BASE, s.idtr.base);
@@ -723,10 +615,7 @@ impl vcpu::Vcpu for VmxVcpu {
         self.write(guest::IA32_SYSENTER_ESP, s.sysenter_esp);
         self.write(guest::IA32_SYSENTER_EIP, s.sysenter_eip);
         self.write(guest::ACTIVITY_STATE, 0);
-        self.write(
-            guest::INTERRUPTIBILITY_STATE,
-            if s.interrupt_shadow { 1 } else { 0 },
-        );
+        self.write(guest::INTERRUPTIBILITY_STATE, if s.interrupt_shadow { 1 } else { 0 });
         self.write(guest::PENDING_DBG_EXCEPTIONS, 0);
         self.lazy_msrs = [s.kernel_gs_base, s.star, s.lstar, s.cstar, s.sfmask];
         if self.loaded {
@@ -780,13 +669,7 @@ impl vcpu::Vcpu for VmxVcpu {
     fn flush_nested_tlb(&mut self, _scope: FlushScope) {
         // INVEPT has no per-address form: drop the whole context.
         // SAFETY: VMX operation; the INVEPT type was checked at start-up.
-        let _ = unsafe {
-            if self.ctl.invept_single {
-                hw::invept(1, self.eptp)
-            } else {
-                hw::invept(2, 0)
-            }
-        };
+        let _ = unsafe { if self.ctl.invept_single { hw::invept(1, self.eptp) } else { hw::invept(2, 0) } };
     }
 
     fn load(&mut self) {

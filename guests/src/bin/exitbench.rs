@@ -50,10 +50,7 @@ fn main(boot: Boot) -> u32 {
             }),
         ),
     ];
-    println!(
-        "exitbench: n={n}, loop overhead {} ticks/iteration",
-        empty / n
-    );
+    println!("exitbench: n={n}, loop overhead {} ticks/iteration", empty / n);
     for (name, total) in rows {
         let per = total.saturating_sub(empty) / n;
         println!("exitbench: {name:<6} {per} ticks/exit");

@@ -41,26 +41,15 @@ pub enum After {
 const HELP: &[(&str, &str)] = &[
     ("help", "this list"),
     ("host", "CPU, memory and virtualization features"),
-    (
-        "vm run <guest> [mem=<MiB>] [-- <cmdline>]",
-        "start a VM from a ramdisk guest image",
-    ),
+    ("vm run <guest> [mem=<MiB>] [mod=<file>]... [-- <cmdline>]", "start a VM from a ramdisk guest image"),
     ("vm list", "every VM with its state and exit status"),
-    (
-        "vm stats <id>",
-        "exits by reason, run time, host memory overhead",
-    ),
+    ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
     ("poweroff", "stop all VMs and power the machine off"),
 ];
 
 /// Runs `p`; prints its reply (and any VM end reports) to `console`.
-pub fn execute<B: Backend>(
-    p: &Parsed,
-    m: &mut Manager<B>,
-    host: &HostStatus,
-    console: &mut impl Console,
-) -> After {
+pub fn execute<B: Backend>(p: &Parsed, m: &mut Manager<B>, host: &HostStatus, console: &mut impl Console) -> After {
     let name = p.command.name();
     let result = run(&p.command, m, host, console);
     match (result, p.json) {
@@ -77,15 +66,9 @@ pub fn execute<B: Backend>(
             console.line(&v.to_string());
         }
         (Err(e), false) => console.line(&format!("error: {e}")),
-        (Err(e), true) => {
-            console.line(&json!({ "ok": false, "command": name, "error": e }).to_string())
-        }
+        (Err(e), true) => console.line(&json!({ "ok": false, "command": name, "error": e }).to_string()),
     }
-    if p.command == Command::Poweroff {
-        After::PowerOff
-    } else {
-        After::Nothing
-    }
+    if p.command == Command::Poweroff { After::PowerOff } else { After::Nothing }
 }
 
 /// A parse error in the form the operator asked for.
@@ -111,28 +94,14 @@ fn run<B: Backend>(
     match c {
         Command::Help => {
             let width = HELP.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
-            let text = HELP
-                .iter()
-                .map(|(c, d)| format!("  {c:<width$}  {d}"))
-                .collect::<Vec<_>>()
-                .join("\n");
+            let text = HELP.iter().map(|(c, d)| format!("  {c:<width$}  {d}")).collect::<Vec<_>>().join("\n");
             let text = format!("commands (add --json to any for one JSON line):\n{text}");
-            let cmds: Vec<Value> = HELP
-                .iter()
-                .map(|(c, d)| json!({ "usage": c, "summary": d }))
-                .collect();
-            Ok(Reply {
-                text,
-                json: json!({ "commands": cmds }),
-            })
+            let cmds: Vec<Value> = HELP.iter().map(|(c, d)| json!({ "usage": c, "summary": d })).collect();
+            Ok(Reply { text, json: json!({ "commands": cmds }) })
         }
         Command::Host => Ok(host_reply(m, host)),
-        Command::VmRun {
-            guest,
-            mem_mib,
-            cmdline,
-        } => {
-            let id = m.run_vm(guest, *mem_mib, cmdline)?;
+        Command::VmRun { guest, mem_mib, modules, cmdline } => {
+            let id = m.run_vm_with(guest, *mem_mib, modules, cmdline)?;
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(
@@ -161,10 +130,7 @@ fn run<B: Backend>(
                 text.push_str("\n  (no VMs)");
             }
             let vms: Vec<Value> = m.vms.iter().map(|vm| vm_json(vm, hz)).collect();
-            Ok(Reply {
-                text,
-                json: json!({ "vms": vms }),
-            })
+            Ok(Reply { text, json: json!({ "vms": vms }) })
         }
         Command::VmStats { id } => {
             let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
@@ -173,17 +139,11 @@ fn run<B: Backend>(
         }
         Command::VmStop { id } => {
             m.stop(*id, console)?;
-            Ok(Reply {
-                text: format!("vm {id} stopped"),
-                json: json!({ "id": id }),
-            })
+            Ok(Reply { text: format!("vm {id} stopped"), json: json!({ "id": id }) })
         }
         Command::Poweroff => {
             m.stop_all(console);
-            Ok(Reply {
-                text: "stopping all VMs and powering off".into(),
-                json: json!({}),
-            })
+            Ok(Reply { text: "stopping all VMs and powering off".into(), json: json!({}) })
         }
     }
 }
@@ -258,6 +218,10 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
         by_reason.insert(k.name().into(), json!(n));
     }
     text.push_str(&format!(
+        "\n  nested page table: {} x 1 GiB, {} x 2 MiB, {} x 4 KiB pages",
+        vm.nested_pages[2], vm.nested_pages[1], vm.nested_pages[0]
+    ));
+    text.push_str(&format!(
         "\n  unbacked port accesses: {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.unbacked_io,
         vm.uart.bytes_out,
@@ -272,6 +236,10 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
         o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
         o.insert("uart_bytes_out".into(), json!(vm.uart.bytes_out));
         o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));
+        o.insert(
+            "nested_pages".into(),
+            json!({ "4k": vm.nested_pages[0], "2m": vm.nested_pages[1], "1g": vm.nested_pages[2] }),
+        );
         o.insert("ended".into(), json!(wall_end.is_some()));
     }
     Reply { text, json: j }
@@ -313,16 +281,10 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         o.insert("cpus".into(), json!(h.apic_ids.len()));
         match &m.backend {
             Ok(b) => {
-                o.insert(
-                    "virtualization".into(),
-                    json!({ "backend": b.name(), "features": b.features() }),
-                );
+                o.insert("virtualization".into(), json!({ "backend": b.name(), "features": b.features() }));
             }
             Err(why) => {
-                o.insert(
-                    "virtualization".into(),
-                    json!({ "backend": null, "unavailable": why }),
-                );
+                o.insert("virtualization".into(), json!({ "backend": null, "unavailable": why }));
             }
         }
         o.insert("guests".into(), json!(guests));

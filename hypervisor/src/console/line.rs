@@ -77,20 +77,15 @@ mod tests {
     use super::*;
 
     fn feed_all(e: &mut LineEditor, s: &[u8]) -> Vec<Edit> {
-        s.iter()
-            .map(|&b| e.feed(b))
-            .filter(|x| *x != Edit::None)
-            .collect()
+        s.iter().map(|&b| e.feed(b)).filter(|x| *x != Edit::None).collect()
     }
 
     #[test]
     fn lines_end_on_cr_lf_or_crlf_once() {
         let mut e = LineEditor::default();
         let out = feed_all(&mut e, b"ab\r\ncd\nef\r");
-        let lines: Vec<_> = out
-            .into_iter()
-            .filter_map(|x| if let Edit::Line(l) = x { Some(l) } else { None })
-            .collect();
+        let lines: Vec<_> =
+            out.into_iter().filter_map(|x| if let Edit::Line(l) = x { Some(l) } else { None }).collect();
         assert_eq!(lines, ["ab", "cd", "ef"]);
     }
 
@@ -100,24 +95,12 @@ mod tests {
         feed_all(&mut e, b"vm lisx\x7ft");
         assert_eq!(e.feed(b'\r'), Edit::Line("vm list".into()));
         feed_all(&mut e, b"junk\x03");
-        assert_eq!(
-            e.feed(b'\r'),
-            Edit::Line("".into()),
-            "Ctrl-C discards the line"
-        );
+        assert_eq!(e.feed(b'\r'), Edit::Line("".into()), "Ctrl-C discards the line");
         feed_all(&mut e, b"abc\x15help");
         assert_eq!(e.feed(b'\n'), Edit::Line("help".into()));
-        assert_eq!(
-            e.feed(0x7f),
-            Edit::None,
-            "backspace on an empty line does nothing"
-        );
+        assert_eq!(e.feed(0x7f), Edit::None, "backspace on an empty line does nothing");
         feed_all(&mut e, b"\x1b[A\xffok");
-        assert_eq!(
-            e.feed(b'\r'),
-            Edit::Line("[Aok".into()),
-            "escape and non-ASCII bytes are dropped"
-        );
+        assert_eq!(e.feed(b'\r'), Edit::Line("[Aok".into()), "escape and non-ASCII bytes are dropped");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! help | host | poweroff
-//! vm run <guest> [mem=<MiB>] [-- <command line>]
+//! vm run <guest> [mem=<MiB>] [mod=<file>]... [-- <command line>]
 //! vm list | vm stats <id> | vm stop <id>
 //! ```
 //! Every command also takes `--json` (anywhere on the line): its reply is
@@ -20,6 +20,8 @@ pub enum Command {
     VmRun {
         guest: String,
         mem_mib: u32,
+        /// Ramdisk files passed as Multiboot modules.
+        modules: Vec<String>,
         cmdline: String,
     },
     VmList,
@@ -75,11 +77,7 @@ pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
     }
     let err = |m: String| ParseError { message: m, json };
     let Some((&first, rest)) = words.split_first() else {
-        return if json {
-            Err(err("empty command".into()))
-        } else {
-            Ok(None)
-        };
+        return if json { Err(err("empty command".into())) } else { Ok(None) };
     };
     let command = match first {
         "help" => no_args("help", rest, Command::Help),
@@ -102,11 +100,9 @@ fn no_args(name: &str, rest: &[&str], c: Command) -> Result<Command, String> {
 fn parse_id(cmd: &str, rest: &[&str]) -> Result<u32, String> {
     match rest {
         [] => Err(alloc::format!("vm {cmd}: missing VM id")),
-        [id] => id
-            .parse::<u32>()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| alloc::format!("vm {cmd}: {id:?} is not a VM id")),
+        [id] => {
+            id.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| alloc::format!("vm {cmd}: {id:?} is not a VM id"))
+        }
         [_, extra, ..] => Err(alloc::format!("vm {cmd}: unexpected argument {extra:?}")),
     }
 }
@@ -120,9 +116,7 @@ fn parse_vm(rest: &[&str]) -> Result<Command, String> {
         "stats" => parse_id("stats", args).map(|id| Command::VmStats { id }),
         "stop" => parse_id("stop", args).map(|id| Command::VmStop { id }),
         "run" => parse_run(args),
-        other => Err(alloc::format!(
-            "vm: unknown subcommand {other:?} (run, list, stats, stop)"
-        )),
+        other => Err(alloc::format!("vm: unknown subcommand {other:?} (run, list, stats, stop)")),
     }
 }
 
@@ -135,32 +129,27 @@ fn parse_run(args: &[&str]) -> Result<Command, String> {
         return Err("vm run: missing guest name".into());
     };
     if guest.contains('=') {
-        return Err(alloc::format!(
-            "vm run: missing guest name before {guest:?}"
-        ));
+        return Err(alloc::format!("vm run: missing guest name before {guest:?}"));
     }
     let mut mem_mib = DEFAULT_MEM_MIB;
+    let mut modules = Vec::new();
     for opt in opts {
         match opt.split_once('=') {
+            Some(("mod", name)) if !name.is_empty() => modules.push(name.to_string()),
             Some(("mem", v)) => {
-                mem_mib = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m))
-                    .ok_or_else(|| alloc::format!("vm run: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {v:?}"))?;
+                mem_mib =
+                    v.parse::<u32>().ok().filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m)).ok_or_else(|| {
+                        alloc::format!(
+                            "vm run: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {v:?}"
+                        )
+                    })?;
             }
             _ => {
-                return Err(alloc::format!(
-                    "vm run: unknown option {opt:?} (expected mem=<MiB>)"
-                ));
+                return Err(alloc::format!("vm run: unknown option {opt:?} (expected mem=<MiB> or mod=<file>)"));
             }
         }
     }
-    Ok(Command::VmRun {
-        guest: guest.to_string(),
-        mem_mib,
-        cmdline,
-    })
+    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline })
 }
 
 #[cfg(test)]
@@ -178,20 +167,8 @@ mod tests {
     #[test]
     fn commands_and_json_flag() {
         assert_eq!(ok("help").command, Command::Help);
-        assert_eq!(
-            ok("  vm   list  "),
-            Parsed {
-                command: Command::VmList,
-                json: false
-            }
-        );
-        assert_eq!(
-            ok("vm list --json"),
-            Parsed {
-                command: Command::VmList,
-                json: true
-            }
-        );
+        assert_eq!(ok("  vm   list  "), Parsed { command: Command::VmList, json: false });
+        assert_eq!(ok("vm list --json"), Parsed { command: Command::VmList, json: true });
         assert_eq!(ok("--json host").command, Command::Host);
         assert_eq!(ok("vm stats 3").command, Command::VmStats { id: 3 });
         assert_eq!(ok("vm stop 12 --json").command, Command::VmStop { id: 12 });
@@ -205,6 +182,7 @@ mod tests {
             Command::VmRun {
                 guest: "selftest".into(),
                 mem_mib: DEFAULT_MEM_MIB,
+                modules: Vec::new(),
                 cmdline: String::new()
             }
         );
@@ -213,21 +191,26 @@ mod tests {
             Command::VmRun {
                 guest: "escape".into(),
                 mem_mib: 8,
+                modules: Vec::new(),
                 cmdline: "write addr=0x1000 --json".into()
             }
         );
-        assert!(
-            !ok("vm run escape -- --json").json,
-            "--json after -- belongs to the guest"
+        assert_eq!(
+            ok("vm run k mod=a mod=b").command,
+            Command::VmRun {
+                guest: "k".into(),
+                mem_mib: DEFAULT_MEM_MIB,
+                modules: vec!["a".into(), "b".into()],
+                cmdline: String::new()
+            }
         );
+        assert!(err("vm run k mod=").contains("unknown option"));
+        assert!(!ok("vm run escape -- --json").json, "--json after -- belongs to the guest");
     }
 
     #[test]
     fn bad_input_is_one_line_errors() {
-        assert_eq!(
-            err("frobnicate"),
-            "unknown command \"frobnicate\" (type 'help')"
-        );
+        assert_eq!(err("frobnicate"), "unknown command \"frobnicate\" (type 'help')");
         assert!(err("vm").contains("missing subcommand"));
         assert!(err("vm fly").contains("unknown subcommand"));
         assert!(err("vm run").contains("missing guest"));

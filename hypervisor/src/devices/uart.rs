@@ -92,16 +92,7 @@ impl Uart {
         let text = String::from_utf8_lossy(&self.line);
         // Control characters from a guest must not drive the operator's
         // terminal: show them escaped.
-        let clean: String = text
-            .chars()
-            .map(|c| {
-                if c.is_control() && c != '\t' {
-                    '\u{fffd}'
-                } else {
-                    c
-                }
-            })
-            .collect();
+        let clean: String = text.chars().map(|c| if c.is_control() && c != '\t' { '\u{fffd}' } else { c }).collect();
         self.pending.push(clean);
         self.line.clear();
     }

@@ -8,7 +8,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{BootInfo, entry_point};
-use hypervisor::boot_config::{self, BootConfig};
+use hypervisor::boot_config::{self, BootConfig, FaultInject};
 use hypervisor::console::{self, Edit, LineEditor, commands::After};
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
@@ -68,17 +68,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     crate::println!();
     log::info!("hypervisor {} starting", env!("CARGO_PKG_VERSION"));
 
-    let phys_offset = boot_info
-        .physical_memory_offset
-        .into_option()
-        .expect("bootloader maps physical memory");
+    let phys_offset = boot_info.physical_memory_offset.into_option().expect("bootloader maps physical memory");
     platform::memory::init(&boot_info.memory_regions, phys_offset);
     let ramdisk: &'static [u8] = match boot_info.ramdisk_addr.into_option() {
         // SAFETY: the bootloader mapped the ramdisk at this address for the
         // kernel's lifetime, `ramdisk_len` bytes long, and nothing writes it.
-        Some(addr) => unsafe {
-            core::slice::from_raw_parts(addr as *const u8, boot_info.ramdisk_len as usize)
-        },
+        Some(addr) => unsafe { core::slice::from_raw_parts(addr as *const u8, boot_info.ramdisk_len as usize) },
         None => &[],
     };
     let (config, images) = read_ramdisk(ramdisk);
@@ -99,12 +94,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         platform::memory::free_bytes() >> 20
     );
     let acpi = platform::acpi::init(boot_info.rsdp_addr.into_option());
-    log::info!(
-        "acpi: {} cpu(s), apic ids {:?}, s5 {:?}",
-        acpi.apic_ids.len(),
-        acpi.apic_ids,
-        acpi.s5
-    );
+    log::info!("acpi: {} cpu(s), apic ids {:?}, s5 {:?}", acpi.apic_ids.len(), acpi.apic_ids, acpi.s5);
     let cpu = platform::cpu::detect();
     log::info!(
         "cpu: {} {} (family {} model {}){}",
@@ -112,19 +102,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.brand,
         cpu.family,
         cpu.model,
-        if cpu.nested {
-            ", under another hypervisor"
-        } else {
-            ""
-        }
+        if cpu.nested { ", under another hypervisor" } else { "" }
     );
     let backend = start_backend(&cpu);
     match &backend {
         Ok(b) => {
-            log::info!(
-                "virtualization: VT-x ({})",
-                hypervisor::backend::Backend::features(b).join(", ")
-            );
+            log::info!("virtualization: VT-x ({})", hypervisor::backend::Backend::features(b).join(", "));
             let c = b.caps();
             log::debug!(
                 "vmx caps: basic {:#x} pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x} misc {:#x} ept/vpid {:#x}",
@@ -141,6 +124,21 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         Err(why) => {
             log::warn!("virtualization unavailable: {why}; the console still works, VMs cannot run")
         }
+    }
+    let mut backend = backend;
+    match config.fault_inject {
+        Some(FaultInject::HostPageFault) => {
+            log::warn!("fault injection: touching unmapped memory");
+            // SAFETY: deliberately not: this must fault (test images only).
+            unsafe { core::ptr::read_volatile(0x0000_7fff_dead_0000 as *const u64) };
+        }
+        Some(FaultInject::VmEntry) => {
+            log::warn!("fault injection: the next VM's entry will fail");
+            if let Ok(b) = backend.as_mut() {
+                b.break_next_entry = true;
+            }
+        }
+        None => {}
     }
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
@@ -183,12 +181,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
 }
 
-fn run_line(
-    line: &str,
-    m: &mut Manager<VmxBackend>,
-    status: &console::HostStatus,
-    con: &mut Serial,
-) -> After {
+fn run_line(line: &str, m: &mut Manager<VmxBackend>, status: &console::HostStatus, con: &mut Serial) -> After {
     match console::parse(line) {
         Ok(Some(p)) => console::execute(&p, m, status, con),
         Ok(None) => After::Nothing,
@@ -233,10 +226,7 @@ fn read_ramdisk(ramdisk: &'static [u8]) -> (BootConfig, Vec<GuestImage>) {
             }
             config = c;
         } else {
-            images.push(GuestImage {
-                name: String::from(name),
-                bytes,
-            });
+            images.push(GuestImage { name: String::from(name), bytes });
         }
     }
     (config, images)
@@ -250,9 +240,7 @@ fn host_status(cpu: &platform::cpu::CpuInfo) -> console::HostStatus {
         family: cpu.family,
         model: cpu.model,
         stepping: cpu.stepping,
-        apic_ids: platform::acpi::info()
-            .map(|a| a.apic_ids.clone())
-            .unwrap_or_default(),
+        apic_ids: platform::acpi::info().map(|a| a.apic_ids.clone()).unwrap_or_default(),
         mem_usable_bytes: mem.usable_bytes,
         mem_free_bytes: platform::memory::free_bytes(),
         heap_bytes: mem.heap_bytes,

@@ -15,6 +15,8 @@ pub struct VmxBackend {
     cpu: VmxCpu,
     mem: HostMem,
     quirks: HostQuirks,
+    /// Break the next vCPU's guest state (fault injection for tests).
+    pub break_next_entry: bool,
 }
 
 impl VmxBackend {
@@ -25,13 +27,7 @@ impl VmxBackend {
         let cpu = unsafe { VmxCpu::enable(&mut mem) }.map_err(|e| alloc::format!("{e}"))?;
         // SAFETY: IA32_MISC_ENABLE exists on every CPU with VMX.
         let misc = unsafe { vmx::hw::rdmsr(0x1a0) };
-        Ok(VmxBackend {
-            cpu,
-            mem,
-            quirks: HostQuirks {
-                fast_strings_off: misc & 1 == 0,
-            },
-        })
+        Ok(VmxBackend { cpu, mem, quirks: HostQuirks { fast_strings_off: misc & 1 == 0 }, break_next_entry: false })
     }
 
     pub fn caps(&self) -> &vmx::caps::VmxCaps {
@@ -66,14 +62,14 @@ impl Backend for VmxBackend {
         }
     }
 
-    fn create_vcpu(
-        &mut self,
-        root: mm::HostPhysAddr,
-        state: &GuestState,
-    ) -> Result<Box<VmxVcpu>, vcpu::Error> {
+    fn create_vcpu(&mut self, root: mm::HostPhysAddr, state: &GuestState) -> Result<Box<VmxVcpu>, vcpu::Error> {
         // SAFETY: VMX is on (this backend exists) and the nested table
         // outlives the vCPU: the manager destroys the vCPU first.
-        unsafe { VmxVcpu::new(&mut self.cpu, &mut self.mem, root, state) }
+        let mut v = unsafe { VmxVcpu::new(&mut self.cpu, &mut self.mem, root, state) }?;
+        if core::mem::take(&mut self.break_next_entry) {
+            v.break_guest_state_for_test();
+        }
+        Ok(v)
     }
 
     fn destroy_vcpu(&mut self, vcpu: Box<VmxVcpu>) {
@@ -83,12 +79,7 @@ impl Backend for VmxBackend {
 
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> Regs {
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        Regs {
-            eax: r.eax,
-            ebx: r.ebx,
-            ecx: r.ecx,
-            edx: r.edx,
-        }
+        Regs { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
     }
 
     fn quirks(&self) -> HostQuirks {

@@ -30,10 +30,7 @@ impl<'a> Archive<'a> {
     pub fn new(bytes: &'a [u8]) -> Result<Self> {
         // An archive with no entries is just the two-zero-block end marker;
         // `tar-no-std` wants at least three blocks, so accept it here.
-        if bytes.len() >= 2 * BLOCK
-            && bytes.len().is_multiple_of(BLOCK)
-            && bytes.iter().all(|&b| b == 0)
-        {
+        if bytes.len() >= 2 * BLOCK && bytes.len().is_multiple_of(BLOCK) && bytes.iter().all(|&b| b == 0) {
             return Ok(Self { files: Vec::new() });
         }
         let archive = TarArchiveRef::new(bytes).map_err(|e| map_corrupt(e, bytes.len()))?;
@@ -61,10 +58,7 @@ impl<'a> Archive<'a> {
     /// The bytes of the file called `name` (a leading `./` is ignored).
     pub fn get(&self, name: &str) -> Option<&'a [u8]> {
         let name = name.strip_prefix("./").unwrap_or(name);
-        self.files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, data)| *data)
+        self.files.iter().find(|(n, _)| n == name).map(|(_, data)| *data)
     }
 
     /// Number of regular files.
@@ -83,15 +77,9 @@ fn map_corrupt(e: CorruptDataError, len: usize) -> Error {
         CorruptDataError::EmptyArchive => Error::ArchiveEmpty,
         CorruptDataError::InvalidBlockSize => Error::ArchiveMisaligned { len },
         CorruptDataError::TooShort { byte_count, .. } => Error::ArchiveTooShort { len: byte_count },
-        CorruptDataError::InvalidChecksum { block_index } => {
-            Error::ArchiveChecksum { block: block_index }
-        }
-        CorruptDataError::InvalidTypeFlag { block_index } => {
-            Error::ArchiveEntryType { block: block_index }
-        }
-        CorruptDataError::InvalidPayloadSize { block_index } => {
-            Error::ArchiveSize { block: block_index }
-        }
+        CorruptDataError::InvalidChecksum { block_index } => Error::ArchiveChecksum { block: block_index },
+        CorruptDataError::InvalidTypeFlag { block_index } => Error::ArchiveEntryType { block: block_index },
+        CorruptDataError::InvalidPayloadSize { block_index } => Error::ArchiveSize { block: block_index },
         CorruptDataError::PayloadExtendsBeyondArchive { block_index } => {
             Error::ArchivePayloadPastEnd { block: block_index }
         }
@@ -118,21 +106,10 @@ mod tests {
     #[test]
     fn reads_files_by_name_in_order() {
         let big = vec![0x5Au8; 1500];
-        let bytes = build(&[
-            ("guest.elf", b"\x7fELF..."),
-            ("big.bin", &big),
-            ("empty", b""),
-        ]);
+        let bytes = build(&[("guest.elf", b"\x7fELF..."), ("big.bin", &big), ("empty", b"")]);
         let archive = Archive::new(&bytes).unwrap();
         let files: Vec<_> = archive.files().collect();
-        assert_eq!(
-            files,
-            vec![
-                ("guest.elf", &b"\x7fELF..."[..]),
-                ("big.bin", &big[..]),
-                ("empty", &b""[..])
-            ]
-        );
+        assert_eq!(files, vec![("guest.elf", &b"\x7fELF..."[..]), ("big.bin", &big[..]), ("empty", &b""[..])]);
         assert_eq!(archive.len(), 3);
         assert_eq!(archive.get("big.bin"), Some(&big[..]));
         assert_eq!(archive.get("./guest.elf"), Some(&b"\x7fELF..."[..]));
@@ -148,15 +125,10 @@ mod tests {
         builder.append_data(&mut dir, "./", &b""[..]).unwrap();
         let mut file = tar::Header::new_ustar();
         file.set_size(3);
-        builder
-            .append_data(&mut file, "./kernels/mb.elf", &b"abc"[..])
-            .unwrap();
+        builder.append_data(&mut file, "./kernels/mb.elf", &b"abc"[..]).unwrap();
         let bytes = builder.into_inner().unwrap();
         let archive = Archive::new(&bytes).unwrap();
-        assert_eq!(
-            archive.files().collect::<Vec<_>>(),
-            vec![("kernels/mb.elf", &b"abc"[..])]
-        );
+        assert_eq!(archive.files().collect::<Vec<_>>(), vec![("kernels/mb.elf", &b"abc"[..])]);
     }
 
     #[test]
@@ -175,43 +147,26 @@ mod tests {
         let bytes = build(&[("a", b"1")]);
         assert_eq!(
             Archive::new(&bytes[..bytes.len() - 100]).unwrap_err(),
-            Error::ArchiveMisaligned {
-                len: bytes.len() - 100
-            }
+            Error::ArchiveMisaligned { len: bytes.len() - 100 }
         );
-        assert_eq!(
-            Archive::new(&[0u8; BLOCK]).unwrap_err(),
-            Error::ArchiveTooShort { len: BLOCK }
-        );
+        assert_eq!(Archive::new(&[0u8; BLOCK]).unwrap_err(), Error::ArchiveTooShort { len: BLOCK });
     }
 
     #[test]
     fn refuses_a_header_with_a_bad_checksum() {
         let mut bytes = build(&[("a", b"1"), ("b", b"2")]);
         bytes[2 * BLOCK] ^= 0x20; // 'b' -> 'B' in the second header's name
-        assert_eq!(
-            Archive::new(&bytes).unwrap_err(),
-            Error::ArchiveChecksum { block: 2 }
-        );
+        assert_eq!(Archive::new(&bytes).unwrap_err(), Error::ArchiveChecksum { block: 2 });
     }
 
     #[test]
     fn refuses_truncated_archives() {
         let bytes = build(&[("a", &[7u8; 2000])]);
         // Header plus two of four data blocks, no end marker.
-        assert_eq!(
-            Archive::new(&bytes[..3 * BLOCK]).unwrap_err(),
-            Error::ArchivePayloadPastEnd { block: 0 }
-        );
+        assert_eq!(Archive::new(&bytes[..3 * BLOCK]).unwrap_err(), Error::ArchivePayloadPastEnd { block: 0 });
         // All data, end marker missing.
-        assert_eq!(
-            Archive::new(&bytes[..5 * BLOCK]).unwrap_err(),
-            Error::ArchiveMissingEnd
-        );
-        assert_eq!(
-            Archive::new(&bytes[..6 * BLOCK]).unwrap_err(),
-            Error::ArchiveMissingEnd
-        );
+        assert_eq!(Archive::new(&bytes[..5 * BLOCK]).unwrap_err(), Error::ArchiveMissingEnd);
+        assert_eq!(Archive::new(&bytes[..6 * BLOCK]).unwrap_err(), Error::ArchiveMissingEnd);
     }
 
     #[test]
@@ -222,10 +177,7 @@ mod tests {
         let long = "n".repeat(150);
         builder.append_data(&mut header, &long, &b"x"[..]).unwrap();
         let bytes = builder.into_inner().unwrap();
-        assert_eq!(
-            Archive::new(&bytes).unwrap_err(),
-            Error::ArchiveEntryType { block: 0 }
-        );
+        assert_eq!(Archive::new(&bytes).unwrap_err(), Error::ArchiveEntryType { block: 0 });
     }
 
     /// An archive with one entry whose header fields are set raw.
@@ -242,26 +194,14 @@ mod tests {
     #[test]
     fn refuses_bad_sizes_names_and_duplicates() {
         let bytes = raw_entry(b"a", b"0000000001x\0", b"1");
-        assert_eq!(
-            Archive::new(&bytes).unwrap_err(),
-            Error::ArchiveSize { block: 0 }
-        );
+        assert_eq!(Archive::new(&bytes).unwrap_err(), Error::ArchiveSize { block: 0 });
 
         let bytes = raw_entry(b"\xff\xfe", b"00000000001\0", b"1");
-        assert_eq!(
-            Archive::new(&bytes).unwrap_err(),
-            Error::ArchiveName { index: 0 }
-        );
+        assert_eq!(Archive::new(&bytes).unwrap_err(), Error::ArchiveName { index: 0 });
         let bytes = raw_entry(b"./", b"00000000001\0", b"1");
-        assert_eq!(
-            Archive::new(&bytes).unwrap_err(),
-            Error::ArchiveName { index: 0 }
-        );
+        assert_eq!(Archive::new(&bytes).unwrap_err(), Error::ArchiveName { index: 0 });
 
         let bytes = build(&[("./x", b"1"), ("x", b"2")]);
-        assert_eq!(
-            Archive::new(&bytes).unwrap_err(),
-            Error::ArchiveDuplicate { name: "x".into() }
-        );
+        assert_eq!(Archive::new(&bytes).unwrap_err(), Error::ArchiveDuplicate { name: "x".into() });
     }
 }

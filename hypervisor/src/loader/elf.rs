@@ -68,21 +68,12 @@ pub fn plan(image: &[u8], machine: Machine, layout: &RamLayout<'_>) -> Result<Lo
         Machine::X86_64 => EntryMode::Long64,
         Machine::I386 => EntryMode::Protected32,
     };
-    builder.finish(Entry {
-        mode,
-        rip,
-        rax: 0,
-        rbx: 0,
-    })
+    builder.finish(Entry { mode, rip, rax: 0, rbx: 0 })
 }
 
 /// Checks the headers, claims every `PT_LOAD` segment in `builder`, pushes
 /// its copy and zero-fill steps, and returns the physical entry point.
-pub(crate) fn load_segments(
-    image: &[u8],
-    machine: Machine,
-    builder: &mut PlanBuilder<'_>,
-) -> Result<u64> {
+pub(crate) fn load_segments(image: &[u8], machine: Machine, builder: &mut PlanBuilder<'_>) -> Result<u64> {
     let file = ElfBytes::<LittleEndian>::minimal_parse(image).map_err(map_parse)?;
     let ehdr = &file.ehdr;
     let found = match ehdr.class {
@@ -90,21 +81,13 @@ pub(crate) fn load_segments(
         Class::ELF64 => 64,
     };
     if found != machine.class_bits() {
-        return Err(Error::ElfClass {
-            found,
-            expected: machine.class_bits(),
-        });
+        return Err(Error::ElfClass { found, expected: machine.class_bits() });
     }
     if ehdr.e_machine != machine.e_machine() {
-        return Err(Error::ElfMachine {
-            machine: ehdr.e_machine,
-            expected: machine,
-        });
+        return Err(Error::ElfMachine { machine: ehdr.e_machine, expected: machine });
     }
     if ehdr.e_type != ET_EXEC {
-        return Err(Error::ElfType {
-            e_type: ehdr.e_type,
-        });
+        return Err(Error::ElfType { e_type: ehdr.e_type });
     }
     let segments = file.segments().ok_or(Error::ElfNoSegments)?;
 
@@ -124,8 +107,7 @@ pub(crate) fn load_segments(
         if loaded > MAX_SEGMENTS {
             return Err(Error::ElfTooManySegments { max: MAX_SEGMENTS });
         }
-        let src = file_range(ph.p_offset, ph.p_filesz, image.len())
-            .ok_or(Error::SegmentFileRange { index })?;
+        let src = file_range(ph.p_offset, ph.p_filesz, image.len()).ok_or(Error::SegmentFileRange { index })?;
         let gpa = ph.p_paddr;
         builder.claim(Region::Segment(index), gpa, ph.p_memsz)?;
         // Both fit: the claim checked `gpa + p_memsz` and `p_filesz <= p_memsz`.
@@ -134,10 +116,7 @@ pub(crate) fn load_segments(
             builder.push(Op::Copy { gpa, src });
         }
         if bss > 0 {
-            builder.push(Op::Zero {
-                gpa: gpa + ph.p_filesz,
-                len: bss,
-            });
+            builder.push(Op::Zero { gpa: gpa + ph.p_filesz, len: bss });
         }
         // `e_entry` is virtual; QEMU translates it through the executable
         // segment that holds it, and so do we. Only file-backed bytes count:
@@ -153,9 +132,7 @@ pub(crate) fn load_segments(
     if loaded == 0 {
         return Err(Error::ElfNoSegments);
     }
-    entry.ok_or(Error::EntryNotLoaded {
-        entry: ehdr.e_entry,
-    })
+    entry.ok_or(Error::EntryNotLoaded { entry: ehdr.e_entry })
 }
 
 /// `offset..offset + len` as a range of an image of `image_len` bytes.
@@ -182,16 +159,10 @@ mod tests {
     use core::ops::Range;
 
     const MIB: u64 = 1 << 20;
-    const LOW: [Range<u64>; 1] = [Range {
-        start: 0,
-        end: 0x8000,
-    }];
+    const LOW: [Range<u64>; 1] = [Range { start: 0, end: 0x8000 }];
 
     fn layout(ram_size: u64) -> RamLayout<'static> {
-        RamLayout {
-            ram_size,
-            reserved: &LOW,
-        }
+        RamLayout { ram_size, reserved: &LOW }
     }
 
     fn plan64(image: &[u8]) -> Result<LoadPlan<'static>> {
@@ -207,41 +178,18 @@ mod tests {
     fn elf64_plan_copies_zeroes_and_enters_at_physical_address() {
         let text = [0x90u8; 0x30];
         let data = [7u8; 0x10];
-        let image = elf64(
-            0x20_0010,
-            &[
-                Seg::text(0x20_0000, &text),
-                Seg::data(0x20_1000, &data, 0x100),
-            ],
-        );
+        let image = elf64(0x20_0010, &[Seg::text(0x20_0000, &text), Seg::data(0x20_1000, &data, 0x100)]);
         let plan = plan64(&image).unwrap();
         let text_off = EHDR64 + 2 * PHDR64;
         assert_eq!(
             plan.ops(),
             &[
-                Op::Copy {
-                    gpa: 0x20_0000,
-                    src: text_off..text_off + 0x30
-                },
-                Op::Copy {
-                    gpa: 0x20_1000,
-                    src: text_off + 0x30..text_off + 0x40
-                },
-                Op::Zero {
-                    gpa: 0x20_1010,
-                    len: 0xF0
-                },
+                Op::Copy { gpa: 0x20_0000, src: text_off..text_off + 0x30 },
+                Op::Copy { gpa: 0x20_1000, src: text_off + 0x30..text_off + 0x40 },
+                Op::Zero { gpa: 0x20_1010, len: 0xF0 },
             ]
         );
-        assert_eq!(
-            *plan.entry(),
-            Entry {
-                mode: EntryMode::Long64,
-                rip: 0x20_0010,
-                rax: 0,
-                rbx: 0
-            }
-        );
+        assert_eq!(*plan.entry(), Entry { mode: EntryMode::Long64, rip: 0x20_0010, rax: 0, rbx: 0 });
         assert_eq!(plan.extent(), Some(0x20_0000..0x20_1100));
 
         let mut ram = vec![0xAAu8; 4 * MIB as usize];
@@ -280,37 +228,22 @@ mod tests {
 
     #[test]
     fn refuses_images_that_are_not_elf_or_cut_short() {
-        assert_eq!(
-            plan64(b"MZ\x90\x00 not an elf at all").unwrap_err(),
-            Error::NotElf
-        );
+        assert_eq!(plan64(b"MZ\x90\x00 not an elf at all").unwrap_err(), Error::NotElf);
         assert_eq!(plan64(b"").unwrap_err(), Error::ElfTruncated);
         let image = elf64(0x10_0000, &[Seg::text(0x10_0000, &[0xF4; 16])]);
         assert_eq!(plan64(&image[..40]).unwrap_err(), Error::ElfTruncated);
         // Header intact, program header table cut.
-        assert_eq!(
-            plan64(&image[..EHDR64 + 10]).unwrap_err(),
-            Error::ElfTruncated
-        );
+        assert_eq!(plan64(&image[..EHDR64 + 10]).unwrap_err(), Error::ElfTruncated);
     }
 
     #[test]
     fn refuses_wrong_class_endianness_machine_and_type() {
         let image64 = elf64(0x10_0000, &[Seg::text(0x10_0000, &[0xF4])]);
         let image32 = elf32(0x10_0000, &[Seg::text(0x10_0000, &[0xF4])]);
-        assert_eq!(
-            plan64(&image32).unwrap_err(),
-            Error::ElfClass {
-                found: 32,
-                expected: 64
-            }
-        );
+        assert_eq!(plan64(&image32).unwrap_err(), Error::ElfClass { found: 32, expected: 64 });
         assert_eq!(
             plan(&image64, Machine::I386, &layout(16 * MIB)).unwrap_err(),
-            Error::ElfClass {
-                found: 64,
-                expected: 32
-            }
+            Error::ElfClass { found: 64, expected: 32 }
         );
         let mut big = image64.clone();
         big[E_IDENT_DATA] = 2;
@@ -320,13 +253,7 @@ mod tests {
         assert_eq!(plan64(&bad_class).unwrap_err(), Error::ElfMalformed);
         let mut arm = image64.clone();
         patch(&mut arm, E_MACHINE, &183u16.to_le_bytes());
-        assert_eq!(
-            plan64(&arm).unwrap_err(),
-            Error::ElfMachine {
-                machine: 183,
-                expected: Machine::X86_64
-            }
-        );
+        assert_eq!(plan64(&arm).unwrap_err(), Error::ElfMachine { machine: 183, expected: Machine::X86_64 });
         let mut dyn_ = image64;
         patch(&mut dyn_, E_TYPE, &3u16.to_le_bytes());
         assert_eq!(plan64(&dyn_).unwrap_err(), Error::ElfType { e_type: 3 });
@@ -336,25 +263,14 @@ mod tests {
     fn refuses_images_without_loadable_segments() {
         let mut note = Seg::text(0x10_0000, &[1, 2, 3, 4]);
         note.p_type = PT_NOTE;
-        assert_eq!(
-            plan64(&elf64(0x10_0000, &[note])).unwrap_err(),
-            Error::ElfNoSegments
-        );
-        assert_eq!(
-            plan64(&elf64(0x10_0000, &[])).unwrap_err(),
-            Error::ElfNoSegments
-        );
+        assert_eq!(plan64(&elf64(0x10_0000, &[note])).unwrap_err(), Error::ElfNoSegments);
+        assert_eq!(plan64(&elf64(0x10_0000, &[])).unwrap_err(), Error::ElfNoSegments);
     }
 
     #[test]
     fn refuses_too_many_segments() {
-        let segs: Vec<Seg> = (0..=MAX_SEGMENTS as u64)
-            .map(|i| Seg::text(0x10_0000 + i * 0x1000, &[0xF4]))
-            .collect();
-        assert_eq!(
-            plan64(&elf64(0x10_0000, &segs)).unwrap_err(),
-            Error::ElfTooManySegments { max: MAX_SEGMENTS }
-        );
+        let segs: Vec<Seg> = (0..=MAX_SEGMENTS as u64).map(|i| Seg::text(0x10_0000 + i * 0x1000, &[0xF4])).collect();
+        assert_eq!(plan64(&elf64(0x10_0000, &segs)).unwrap_err(), Error::ElfTooManySegments { max: MAX_SEGMENTS });
     }
 
     #[test]
@@ -364,24 +280,15 @@ mod tests {
         // p_offset past the end of the file.
         let mut past = image.clone();
         patch(&mut past, ph + 8, &(image.len() as u64).to_le_bytes());
-        assert_eq!(
-            plan64(&past).unwrap_err(),
-            Error::SegmentFileRange { index: 0 }
-        );
+        assert_eq!(plan64(&past).unwrap_err(), Error::SegmentFileRange { index: 0 });
         // p_offset + p_filesz overflows.
         let mut wrap = image.clone();
         patch(&mut wrap, ph + 8, &u64::MAX.to_le_bytes());
-        assert_eq!(
-            plan64(&wrap).unwrap_err(),
-            Error::SegmentFileRange { index: 0 }
-        );
+        assert_eq!(plan64(&wrap).unwrap_err(), Error::SegmentFileRange { index: 0 });
         // p_filesz > p_memsz.
         let mut fat = image;
         patch(&mut fat, ph + 40, &8u64.to_le_bytes());
-        assert_eq!(
-            plan64(&fat).unwrap_err(),
-            Error::SegmentFileSize { index: 0 }
-        );
+        assert_eq!(plan64(&fat).unwrap_err(), Error::SegmentFileSize { index: 0 });
     }
 
     #[test]
@@ -399,37 +306,20 @@ mod tests {
         let reserved = elf64(0x7000, &[Seg::text(0x7000, &[0xF4; 0x2000])]);
         assert_eq!(
             plan64(&reserved).unwrap_err(),
-            Error::Reserved {
-                region: Region::Segment(0),
-                start: 0x7000,
-                end: 0x9000,
-                reserved: 0..0x8000
-            }
+            Error::Reserved { region: Region::Segment(0), start: 0x7000, end: 0x9000, reserved: 0..0x8000 }
         );
         let wrap = elf64(0x10_0000, &[Seg::data(u64::MAX - 4, &[], 0x100)]);
-        assert_eq!(
-            plan64(&wrap).unwrap_err(),
-            Error::AddressOverflow {
-                region: Region::Segment(0)
-            }
-        );
+        assert_eq!(plan64(&wrap).unwrap_err(), Error::AddressOverflow { region: Region::Segment(0) });
     }
 
     #[test]
     fn refuses_32_bit_segments_above_4_gib() {
         // The addresses fit 32 bits, the end does not.
         let image = elf32(0xFFFF_F000, &[Seg::data(0xFFFF_F000, &[], 0x2000)]);
-        let ram = RamLayout {
-            ram_size: 8 << 30,
-            reserved: &[],
-        };
+        let ram = RamLayout { ram_size: 8 << 30, reserved: &[] };
         assert_eq!(
             plan(&image, Machine::I386, &ram).unwrap_err(),
-            Error::Above4GiB {
-                region: Region::Segment(0),
-                start: 0xFFFF_F000,
-                end: 0x1_0000_1000
-            }
+            Error::Above4GiB { region: Region::Segment(0), start: 0xFFFF_F000, end: 0x1_0000_1000 }
         );
     }
 
@@ -437,50 +327,27 @@ mod tests {
     fn refuses_overlapping_segments() {
         let image = elf64(
             0x10_0000,
-            &[
-                Seg::text(0x10_0000, &[0xF4; 0x10]),
-                Seg::data(0x10_0800, &[], 0x1000),
-                Seg::data(0x10_0008, &[1; 4], 4),
-            ],
+            &[Seg::text(0x10_0000, &[0xF4; 0x10]), Seg::data(0x10_0800, &[], 0x1000), Seg::data(0x10_0008, &[1; 4], 4)],
         );
         assert_eq!(
             plan64(&image).unwrap_err(),
-            Error::Overlap {
-                first: Region::Segment(0),
-                second: Region::Segment(2),
-                gpa: 0x10_0008
-            }
+            Error::Overlap { first: Region::Segment(0), second: Region::Segment(2), gpa: 0x10_0008 }
         );
     }
 
     #[test]
     fn refuses_entry_outside_loaded_executable_bytes() {
         // In a data segment.
-        let image = elf64(
-            0x20_0000,
-            &[
-                Seg::text(0x10_0000, &[0xF4]),
-                Seg::data(0x20_0000, &[0; 4], 4),
-            ],
-        );
-        assert_eq!(
-            plan64(&image).unwrap_err(),
-            Error::EntryNotLoaded { entry: 0x20_0000 }
-        );
+        let image = elf64(0x20_0000, &[Seg::text(0x10_0000, &[0xF4]), Seg::data(0x20_0000, &[0; 4], 4)]);
+        assert_eq!(plan64(&image).unwrap_err(), Error::EntryNotLoaded { entry: 0x20_0000 });
         // In the bss of an executable segment.
         let mut seg = Seg::data(0x10_0000, &[0xF4; 4], 0x100);
         seg.flags |= PF_X;
         let image = elf64(0x10_0010, &[seg]);
-        assert_eq!(
-            plan64(&image).unwrap_err(),
-            Error::EntryNotLoaded { entry: 0x10_0010 }
-        );
+        assert_eq!(plan64(&image).unwrap_err(), Error::EntryNotLoaded { entry: 0x10_0010 });
         // Below every segment.
         let image = elf64(0x1000, &[Seg::text(0x10_0000, &[0xF4])]);
-        assert_eq!(
-            plan64(&image).unwrap_err(),
-            Error::EntryNotLoaded { entry: 0x1000 }
-        );
+        assert_eq!(plan64(&image).unwrap_err(), Error::EntryNotLoaded { entry: 0x1000 });
     }
 
     #[test]
@@ -489,18 +356,9 @@ mod tests {
         let plan = plan64(&image).unwrap();
         let mut ram = vec![0u8; 2 * MIB as usize];
         let short = &image[..image.len() - 1];
-        assert!(matches!(
-            plan.apply(short, &mut ram[..]),
-            Err(Error::PlanImageMismatch { .. })
-        ));
+        assert!(matches!(plan.apply(short, &mut ram[..]), Err(Error::PlanImageMismatch { .. })));
         assert!(ram.iter().all(|&b| b == 0), "nothing written on refusal");
         let mut small = vec![0u8; MIB as usize];
-        assert_eq!(
-            plan.apply(&image, &mut small[..]).unwrap_err(),
-            Error::GuestWrite {
-                gpa: 0x10_0000,
-                len: 64
-            }
-        );
+        assert_eq!(plan.apply(&image, &mut small[..]).unwrap_err(), Error::GuestWrite { gpa: 0x10_0000, len: 64 });
     }
 }

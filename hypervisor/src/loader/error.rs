@@ -92,31 +92,13 @@ pub enum Error {
     /// `start + len` overflows.
     AddressOverflow { region: Region },
     /// A region ends past the end of guest RAM.
-    OutsideRam {
-        region: Region,
-        start: u64,
-        end: u64,
-        ram_size: u64,
-    },
+    OutsideRam { region: Region, start: u64, end: u64, ram_size: u64 },
     /// A region ends past 4 GiB, where a 32-bit kernel cannot reach it.
-    Above4GiB {
-        region: Region,
-        start: u64,
-        end: u64,
-    },
+    Above4GiB { region: Region, start: u64, end: u64 },
     /// A region intersects a range the hypervisor reserved.
-    Reserved {
-        region: Region,
-        start: u64,
-        end: u64,
-        reserved: Range<u64>,
-    },
+    Reserved { region: Region, start: u64, end: u64, reserved: Range<u64> },
     /// Two regions of the plan intersect.
-    Overlap {
-        first: Region,
-        second: Region,
-        gpa: u64,
-    },
+    Overlap { first: Region, second: Region, gpa: u64 },
     /// No free, page-aligned room is left for a region the loader places itself.
     NoRoom { region: Region, len: u64 },
 
@@ -140,21 +122,13 @@ pub enum Error {
     /// A command line holds a NUL byte (`module` is `None` for the kernel's).
     CmdlineNul { module: Option<usize> },
     /// A command line is longer than the loader accepts.
-    CmdlineTooLong {
-        module: Option<usize>,
-        len: usize,
-        max: usize,
-    },
+    CmdlineTooLong { module: Option<usize>, len: usize, max: usize },
     /// More modules than the loader accepts.
     TooManyModules { count: usize, max: usize },
 
     // --- Applying a plan ---
     /// The plan copies image bytes the given image does not have.
-    PlanImageMismatch {
-        start: usize,
-        end: usize,
-        len: usize,
-    },
+    PlanImageMismatch { start: usize, end: usize, len: usize },
     /// The guest-memory backend refused a write.
     GuestWrite { gpa: u64, len: u64 },
 }
@@ -176,20 +150,13 @@ impl fmt::Display for Error {
         match self {
             Self::ArchiveEmpty => f.write_str("Ramdisk archive is empty"),
             Self::ArchiveMisaligned { len } => {
-                write!(
-                    f,
-                    "Ramdisk archive length {len} is not a multiple of 512 bytes"
-                )
+                write!(f, "Ramdisk archive length {len} is not a multiple of 512 bytes")
             }
-            Self::ArchiveTooShort { len } => write!(
-                f,
-                "Ramdisk archive of {len} bytes is too short for a header and the end marker"
-            ),
+            Self::ArchiveTooShort { len } => {
+                write!(f, "Ramdisk archive of {len} bytes is too short for a header and the end marker")
+            }
             Self::ArchiveChecksum { block } => {
-                write!(
-                    f,
-                    "Ramdisk archive header at block {block} has a bad checksum"
-                )
+                write!(f, "Ramdisk archive header at block {block} has a bad checksum")
             }
             Self::ArchiveEntryType { block } => write!(
                 f,
@@ -197,23 +164,14 @@ impl fmt::Display for Error {
                  (GNU long names and sparse files are not supported)"
             ),
             Self::ArchiveSize { block } => {
-                write!(
-                    f,
-                    "Ramdisk archive entry at block {block} has an unreadable size"
-                )
+                write!(f, "Ramdisk archive entry at block {block} has an unreadable size")
             }
-            Self::ArchivePayloadPastEnd { block } => write!(
-                f,
-                "Ramdisk archive entry at block {block} runs past the end of the archive"
-            ),
-            Self::ArchiveMissingEnd => {
-                f.write_str("Ramdisk archive does not end with two zero blocks")
+            Self::ArchivePayloadPastEnd { block } => {
+                write!(f, "Ramdisk archive entry at block {block} runs past the end of the archive")
             }
+            Self::ArchiveMissingEnd => f.write_str("Ramdisk archive does not end with two zero blocks"),
             Self::ArchiveName { index } => {
-                write!(
-                    f,
-                    "Ramdisk archive file {index} has an empty or non-UTF-8 name"
-                )
+                write!(f, "Ramdisk archive file {index} has an empty or non-UTF-8 name")
             }
             Self::ArchiveDuplicate { name } => {
                 write!(f, "Ramdisk archive holds '{name}' more than once")
@@ -222,10 +180,7 @@ impl fmt::Display for Error {
             Self::ElfTruncated => f.write_str("ELF headers run past the end of the image"),
             Self::ElfMalformed => f.write_str("ELF header fields are out of range"),
             Self::ElfClass { found, expected } => {
-                write!(
-                    f,
-                    "Image is a {found}-bit ELF; a {expected}-bit one is needed"
-                )
+                write!(f, "Image is a {found}-bit ELF; a {expected}-bit one is needed")
             }
             Self::ElfEndianness => f.write_str("ELF image is not little-endian"),
             Self::ElfMachine { machine, expected } => {
@@ -241,23 +196,14 @@ impl fmt::Display for Error {
             Self::SegmentFileRange { index } => {
                 write!(f, "Segment {index} file data lies outside the image")
             }
-            Self::SegmentFileSize { index } => write!(
-                f,
-                "Segment {index} is larger in the file than in memory (p_filesz > p_memsz)"
-            ),
-            Self::EntryNotLoaded { entry } => write!(
-                f,
-                "Entry point {entry:#x} is not inside loaded executable bytes"
-            ),
+            Self::SegmentFileSize { index } => {
+                write!(f, "Segment {index} is larger in the file than in memory (p_filesz > p_memsz)")
+            }
+            Self::EntryNotLoaded { entry } => write!(f, "Entry point {entry:#x} is not inside loaded executable bytes"),
             Self::AddressOverflow { region } => {
                 write!(f, "Load region {region} wraps around the address space")
             }
-            Self::OutsideRam {
-                region,
-                start,
-                end,
-                ram_size,
-            } => write!(
+            Self::OutsideRam { region, start, end, ram_size } => write!(
                 f,
                 "Load region {region} ({start:#x}..{end:#x}) lies outside guest RAM \
                  ({ram_size:#x} bytes)"
@@ -267,12 +213,7 @@ impl fmt::Display for Error {
                 "Load region {region} ({start:#x}..{end:#x}) lies above 4 GiB, \
                  out of reach of a 32-bit kernel"
             ),
-            Self::Reserved {
-                region,
-                start,
-                end,
-                reserved,
-            } => write!(
+            Self::Reserved { region, start, end, reserved } => write!(
                 f,
                 "Load region {region} ({start:#x}..{end:#x}) overlaps reserved guest memory \
                  {:#x}..{:#x}",
@@ -281,59 +222,41 @@ impl fmt::Display for Error {
             Self::Overlap { first, second, gpa } => {
                 write!(f, "Load regions {first} and {second} overlap at {gpa:#x}")
             }
-            Self::NoRoom { region, len } => write!(
-                f,
-                "No room in guest RAM below 4 GiB for {region} ({len} bytes)"
-            ),
-            Self::MultibootNoHeader => {
-                f.write_str("Image has no Multiboot header in its first 8 KiB")
+            Self::NoRoom { region, len } => write!(f, "No room in guest RAM below 4 GiB for {region} ({len} bytes)"),
+            Self::MultibootNoHeader => f.write_str("Image has no Multiboot header in its first 8 KiB"),
+            Self::MultibootHeaderTooLate { offset } => {
+                write!(f, "Multiboot header at offset {offset:#x} is past the first 8 KiB")
             }
-            Self::MultibootHeaderTooLate { offset } => write!(
-                f,
-                "Multiboot header at offset {offset:#x} is past the first 8 KiB"
-            ),
             Self::MultibootChecksum { offset } => {
-                write!(
-                    f,
-                    "Multiboot header at offset {offset:#x} has a bad checksum"
-                )
+                write!(f, "Multiboot header at offset {offset:#x} has a bad checksum")
             }
             Self::MultibootHeaderTruncated { offset } => write!(
                 f,
                 "Multiboot header at offset {offset:#x} is cut off by the 8 KiB limit \
                  or the end of the image"
             ),
-            Self::MultibootFlags { flags } => write!(
-                f,
-                "Multiboot header requires unsupported features (flags {flags:#x})"
-            ),
+            Self::MultibootFlags { flags } => {
+                write!(f, "Multiboot header requires unsupported features (flags {flags:#x})")
+            }
             Self::MultibootAddresses { reason } => {
                 write!(f, "Multiboot address fields are inconsistent: {reason}")
             }
-            Self::MultibootElf64 => {
-                f.write_str("Cannot load a 64-bit ELF as a Multiboot kernel; give a 32-bit image")
+            Self::MultibootElf64 => f.write_str("Cannot load a 64-bit ELF as a Multiboot kernel; give a 32-bit image"),
+            Self::MultibootNotElf => {
+                f.write_str("Multiboot image is not ELF and its header has no address fields (flag 16)")
             }
-            Self::MultibootNotElf => f.write_str(
-                "Multiboot image is not ELF and its header has no address fields (flag 16)",
-            ),
             Self::CmdlineNul { module } => {
                 write!(f, "{} contains a NUL byte", Cmdline(*module))
             }
-            Self::CmdlineTooLong { module, len, max } => write!(
-                f,
-                "{} is {len} bytes long; at most {max} are accepted",
-                Cmdline(*module)
-            ),
-            Self::TooManyModules { count, max } => {
-                write!(
-                    f,
-                    "{count} Multiboot modules given; at most {max} are accepted"
-                )
+            Self::CmdlineTooLong { module, len, max } => {
+                write!(f, "{} is {len} bytes long; at most {max} are accepted", Cmdline(*module))
             }
-            Self::PlanImageMismatch { start, end, len } => write!(
-                f,
-                "Load plan copies image bytes {start:#x}..{end:#x} but the image has {len:#x}"
-            ),
+            Self::TooManyModules { count, max } => {
+                write!(f, "{count} Multiboot modules given; at most {max} are accepted")
+            }
+            Self::PlanImageMismatch { start, end, len } => {
+                write!(f, "Load plan copies image bytes {start:#x}..{end:#x} but the image has {len:#x}")
+            }
             Self::GuestWrite { gpa, len } => {
                 write!(f, "Guest memory write of {len:#x} bytes at {gpa:#x} failed")
             }

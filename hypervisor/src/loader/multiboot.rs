@@ -153,9 +153,7 @@ pub fn find_header(image: &[u8]) -> Result<Header> {
         if read_u32(window, offset) != Some(HEADER_MAGIC) {
             continue;
         }
-        let (Some(flags), Some(checksum)) =
-            (read_u32(window, offset + 4), read_u32(window, offset + 8))
-        else {
+        let (Some(flags), Some(checksum)) = (read_u32(window, offset + 4), read_u32(window, offset + 8)) else {
             return Err(Error::MultibootHeaderTruncated { offset });
         };
         if HEADER_MAGIC.wrapping_add(flags).wrapping_add(checksum) != 0 {
@@ -168,9 +166,7 @@ pub fn find_header(image: &[u8]) -> Result<Header> {
         return Err(Error::MultibootChecksum { offset });
     }
     // Only for a better message: is there a header, just too far in?
-    let late = (SEARCH_LEN..image.len())
-        .step_by(4)
-        .find(|&offset| read_u32(image, offset) == Some(HEADER_MAGIC));
+    let late = (SEARCH_LEN..image.len()).step_by(4).find(|&offset| read_u32(image, offset) == Some(HEADER_MAGIC));
     Err(match late {
         Some(offset) => Error::MultibootHeaderTooLate { offset },
         None => Error::MultibootNoHeader,
@@ -205,11 +201,7 @@ fn parse_header(window: &[u8], offset: usize, flags: u32) -> Result<Header> {
     } else {
         None
     };
-    Ok(Header {
-        offset,
-        flags,
-        addresses,
-    })
+    Ok(Header { offset, flags, addresses })
 }
 
 /// Plans booting the Multiboot kernel `image` with `config`'s command line
@@ -219,10 +211,7 @@ fn parse_header(window: &[u8], offset: usize, flags: u32) -> Result<Header> {
 pub fn plan<'a>(image: &[u8], config: &Config<'a>) -> Result<LoadPlan<'a>> {
     check_cmdline(config.cmdline, None)?;
     if config.modules.len() > MAX_MODULES {
-        return Err(Error::TooManyModules {
-            count: config.modules.len(),
-            max: MAX_MODULES,
-        });
+        return Err(Error::TooManyModules { count: config.modules.len(), max: MAX_MODULES });
     }
     for (i, module) in config.modules.iter().enumerate() {
         check_cmdline(module.cmdline, Some(i))?;
@@ -241,10 +230,7 @@ pub fn plan<'a>(image: &[u8], config: &Config<'a>) -> Result<LoadPlan<'a>> {
         let len = module.data.len() as u64;
         let gpa = builder.place(Region::Module(i), cursor, len)?;
         if len > 0 {
-            builder.push(Op::Module {
-                gpa,
-                data: module.data,
-            });
+            builder.push(Op::Module { gpa, data: module.data });
         }
         // `place` checked that `gpa + len` stays below 4 GiB.
         cursor = gpa + len;
@@ -255,25 +241,13 @@ pub fn plan<'a>(image: &[u8], config: &Config<'a>) -> Result<LoadPlan<'a>> {
     let info_len = info.bytes.len() as u64;
     let info_gpa = builder.place(Region::BootInfo, cursor, info_len)?;
     info.relocate(info_gpa, &modules)?;
-    builder.push(Op::Write {
-        gpa: info_gpa,
-        data: info.bytes,
-    });
-    builder.finish(Entry {
-        mode: EntryMode::Protected32,
-        rip,
-        rax: u64::from(BOOTLOADER_MAGIC),
-        rbx: info_gpa,
-    })
+    builder.push(Op::Write { gpa: info_gpa, data: info.bytes });
+    builder.finish(Entry { mode: EntryMode::Protected32, rip, rax: u64::from(BOOTLOADER_MAGIC), rbx: info_gpa })
 }
 
 fn check_cmdline(cmdline: &str, module: Option<usize>) -> Result<()> {
     if cmdline.len() > MAX_CMDLINE_LEN {
-        return Err(Error::CmdlineTooLong {
-            module,
-            len: cmdline.len(),
-            max: MAX_CMDLINE_LEN,
-        });
+        return Err(Error::CmdlineTooLong { module, len: cmdline.len(), max: MAX_CMDLINE_LEN });
     }
     if cmdline.bytes().any(|b| b == 0) {
         return Err(Error::CmdlineNul { module });
@@ -295,37 +269,23 @@ fn load_elf(image: &[u8], builder: &mut PlanBuilder<'_>) -> Result<u64> {
 /// Loads through the address fields (§3.1.3): the bytes from file offset
 /// `header.offset - (header_addr - load_addr)` go to `load_addr`, up to
 /// `load_end_addr` (0: end of file); `load_end_addr..bss_end_addr` is zeroed.
-fn load_with_addresses(
-    image: &[u8],
-    header: &Header,
-    a: &AddressFields,
-    builder: &mut PlanBuilder<'_>,
-) -> Result<u64> {
+fn load_with_addresses(image: &[u8], header: &Header, a: &AddressFields, builder: &mut PlanBuilder<'_>) -> Result<u64> {
     let bad = |reason| Error::MultibootAddresses { reason };
     let header_addr = u64::from(a.header_addr);
     let load_addr = u64::from(a.load_addr);
     let entry = u64::from(a.entry_addr);
 
-    let delta = header_addr
-        .checked_sub(load_addr)
-        .ok_or(bad("header_addr is below load_addr"))?;
-    let load_offset = (header.offset as u64)
-        .checked_sub(delta)
-        .ok_or(bad("load_addr lies before the start of the image"))?;
+    let delta = header_addr.checked_sub(load_addr).ok_or(bad("header_addr is below load_addr"))?;
+    let load_offset =
+        (header.offset as u64).checked_sub(delta).ok_or(bad("load_addr lies before the start of the image"))?;
     // `load_offset <= header.offset < image.len()`.
     let available = (image.len() as u64).saturating_sub(load_offset);
     let load_end = if a.load_end_addr == 0 {
-        load_addr
-            .checked_add(available)
-            .ok_or(Error::AddressOverflow {
-                region: Region::KernelText,
-            })?
+        load_addr.checked_add(available).ok_or(Error::AddressOverflow { region: Region::KernelText })?
     } else {
         u64::from(a.load_end_addr)
     };
-    let load_len = load_end
-        .checked_sub(load_addr)
-        .ok_or(bad("load_end_addr is below load_addr"))?;
+    let load_len = load_end.checked_sub(load_addr).ok_or(bad("load_end_addr is below load_addr"))?;
     if load_len > available {
         return Err(bad("load_end_addr lies past the end of the image"));
     }
@@ -351,15 +311,9 @@ fn load_with_addresses(
         .zip(usize::try_from(load_offset + load_len).ok())
         .map(|(start, end)| start..end)
         .ok_or(bad("load_end_addr lies past the end of the image"))?;
-    builder.push(Op::Copy {
-        gpa: load_addr,
-        src,
-    });
+    builder.push(Op::Copy { gpa: load_addr, src });
     if bss_end > load_end {
-        builder.push(Op::Zero {
-            gpa: load_end,
-            len: bss_end - load_end,
-        });
+        builder.push(Op::Zero { gpa: load_end, len: bss_end - load_end });
     }
     Ok(entry)
 }
@@ -371,13 +325,8 @@ type MapEntry = (u64, u64, u32);
 /// hole and the caller's reserved ranges, which are reported reserved.
 fn memory_map(layout: &RamLayout<'_>) -> Vec<MapEntry> {
     let ram = layout.ram_size;
-    let reserved: Vec<Range<u64>> = layout
-        .reserved
-        .iter()
-        .cloned()
-        .chain(core::iter::once(LEGACY_HOLE))
-        .filter(|r| r.start < r.end)
-        .collect();
+    let reserved: Vec<Range<u64>> =
+        layout.reserved.iter().cloned().chain(core::iter::once(LEGACY_HOLE)).filter(|r| r.start < r.end).collect();
     let mut points: Vec<u64> = Vec::with_capacity(2 * reserved.len() + 2);
     points.push(0);
     points.push(ram);
@@ -391,15 +340,9 @@ fn memory_map(layout: &RamLayout<'_>) -> Vec<MapEntry> {
     let mut map: Vec<MapEntry> = Vec::new();
     for pair in points.windows(2) {
         let &[start, end] = pair else { continue };
-        let kind = if reserved.iter().any(|r| r.start < end && start < r.end) {
-            MMAP_RESERVED
-        } else {
-            MMAP_AVAILABLE
-        };
+        let kind = if reserved.iter().any(|r| r.start < end && start < r.end) { MMAP_RESERVED } else { MMAP_AVAILABLE };
         match map.last_mut() {
-            Some((base, len, last)) if *last == kind && *base + *len == start => {
-                *len += end - start
-            }
+            Some((base, len, last)) if *last == kind && *base + *len == start => *len += end - start,
             _ => map.push((start, end - start, kind)),
         }
     }
@@ -440,11 +383,7 @@ impl InfoBlob {
         align4(&mut bytes);
         let mods = bytes.len();
         bytes.resize(mods + MODULE_ENTRY_SIZE * config.modules.len(), 0);
-        let mod_strings = config
-            .modules
-            .iter()
-            .map(|m| push_cstr(&mut bytes, m.cmdline))
-            .collect();
+        let mod_strings = config.modules.iter().map(|m| push_cstr(&mut bytes, m.cmdline)).collect();
         align4(&mut bytes);
         let mmap = bytes.len();
         for &(base, len, kind) in map {
@@ -456,28 +395,14 @@ impl InfoBlob {
         let mmap_len = bytes.len() - mmap;
 
         let (mem_lower, mem_upper) = mem_lower_upper(&config.layout);
-        let flags = info_flags::MEM
-            | info_flags::CMDLINE
-            | info_flags::MODS
-            | info_flags::MMAP
-            | info_flags::BOOT_LOADER_NAME;
+        let flags =
+            info_flags::MEM | info_flags::CMDLINE | info_flags::MODS | info_flags::MMAP | info_flags::BOOT_LOADER_NAME;
         put32(&mut bytes, info_off::FLAGS, flags);
         put32(&mut bytes, info_off::MEM_LOWER, mem_lower);
         put32(&mut bytes, info_off::MEM_UPPER, mem_upper);
-        put32(
-            &mut bytes,
-            info_off::MODS_COUNT,
-            config.modules.len() as u32,
-        );
+        put32(&mut bytes, info_off::MODS_COUNT, config.modules.len() as u32);
         put32(&mut bytes, info_off::MMAP_LENGTH, mmap_len as u32);
-        Self {
-            bytes,
-            cmdline,
-            name,
-            mods,
-            mod_strings,
-            mmap,
-        }
+        Self { bytes, cmdline, name, mods, mod_strings, mmap }
     }
 
     /// Fills in the absolute guest-physical pointers, the blob being at
@@ -487,26 +412,16 @@ impl InfoBlob {
         let addr = |offset: usize| {
             base.checked_add(offset as u64)
                 .and_then(|a| u32::try_from(a).ok())
-                .ok_or(Error::NoRoom {
-                    region: Region::BootInfo,
-                    len,
-                })
+                .ok_or(Error::NoRoom { region: Region::BootInfo, len })
         };
         put32(&mut self.bytes, info_off::CMDLINE, addr(self.cmdline)?);
         put32(&mut self.bytes, info_off::MODS_ADDR, addr(self.mods)?);
         put32(&mut self.bytes, info_off::MMAP_ADDR, addr(self.mmap)?);
-        put32(
-            &mut self.bytes,
-            info_off::BOOT_LOADER_NAME,
-            addr(self.name)?,
-        );
+        put32(&mut self.bytes, info_off::BOOT_LOADER_NAME, addr(self.name)?);
         for (i, (range, &string)) in modules.iter().zip(&self.mod_strings).enumerate() {
             let entry = self.mods + i * MODULE_ENTRY_SIZE;
             let module_addr = |a: u64| {
-                u32::try_from(a).map_err(|_| Error::NoRoom {
-                    region: Region::Module(i),
-                    len: range.end - range.start,
-                })
+                u32::try_from(a).map_err(|_| Error::NoRoom { region: Region::Module(i), len: range.end - range.start })
             };
             put32(&mut self.bytes, entry, module_addr(range.start)?);
             put32(&mut self.bytes, entry + 4, module_addr(range.end)?);
@@ -532,9 +447,7 @@ fn align4(bytes: &mut Vec<u8>) {
 /// Stores `value` at `offset`; offsets come from the layout built in
 /// [`InfoBlob::new`] and are always inside the blob.
 fn put32(bytes: &mut [u8], offset: usize, value: u32) {
-    let dst = offset
-        .checked_add(4)
-        .and_then(|end| bytes.get_mut(offset..end));
+    let dst = offset.checked_add(4).and_then(|end| bytes.get_mut(offset..end));
     if let Some(dst) = dst {
         dst.copy_from_slice(&value.to_le_bytes());
     }
@@ -547,10 +460,7 @@ mod tests {
     use alloc::string::String;
 
     const MIB: u64 = 1 << 20;
-    const LOW: [Range<u64>; 1] = [Range {
-        start: 0,
-        end: 0x1000,
-    }];
+    const LOW: [Range<u64>; 1] = [Range { start: 0, end: 0x1000 }];
 
     /// The error of a refused plan, without printing a big plan on success.
     fn err<T>(result: Result<T>) -> Error {
@@ -561,14 +471,7 @@ mod tests {
     }
 
     fn config<'a>(ram_size: u64, cmdline: &'a str, modules: &'a [Module<'a>]) -> Config<'a> {
-        Config {
-            layout: RamLayout {
-                ram_size,
-                reserved: &LOW,
-            },
-            cmdline,
-            modules,
-        }
+        Config { layout: RamLayout { ram_size, reserved: &LOW }, cmdline, modules }
     }
 
     /// A kernel loaded through the address fields: 0x200 bytes with the
@@ -616,55 +519,35 @@ mod tests {
         assert_eq!(find_header(&image).unwrap().offset, 0x40);
         // Only a bad one.
         let image = image_with_header(0x100, 0x20, &bad);
-        assert_eq!(
-            find_header(&image).unwrap_err(),
-            Error::MultibootChecksum { offset: 0x20 }
-        );
+        assert_eq!(find_header(&image).unwrap_err(), Error::MultibootChecksum { offset: 0x20 });
     }
 
     #[test]
     fn refuses_headers_past_or_across_the_8_kib_limit() {
         let header = mb_header(0, &[]);
         let image = image_with_header(0x3000, 0x2000, &header);
-        assert_eq!(
-            find_header(&image).unwrap_err(),
-            Error::MultibootHeaderTooLate { offset: 0x2000 }
-        );
+        assert_eq!(find_header(&image).unwrap_err(), Error::MultibootHeaderTooLate { offset: 0x2000 });
         // Magic in, flags and checksum out.
         let image = image_with_header(0x3000, 0x1FFC, &header);
-        assert_eq!(
-            find_header(&image).unwrap_err(),
-            Error::MultibootHeaderTruncated { offset: 0x1FFC }
-        );
+        assert_eq!(find_header(&image).unwrap_err(), Error::MultibootHeaderTruncated { offset: 0x1FFC });
         // Address fields cut by the limit.
         let header = mb_header(flags::ADDRESS, &[0; 5]);
         let image = image_with_header(0x3000, 0x1FF0, &header);
-        assert_eq!(
-            find_header(&image).unwrap_err(),
-            Error::MultibootHeaderTruncated { offset: 0x1FF0 }
-        );
+        assert_eq!(find_header(&image).unwrap_err(), Error::MultibootHeaderTruncated { offset: 0x1FF0 });
         // Address fields cut by the end of the image.
         let image = image_with_header(0x20, 0x8, &header[..0x18]);
-        assert_eq!(
-            find_header(&image).unwrap_err(),
-            Error::MultibootHeaderTruncated { offset: 0x8 }
-        );
+        assert_eq!(find_header(&image).unwrap_err(), Error::MultibootHeaderTruncated { offset: 0x8 });
     }
 
     #[test]
     fn checks_requirement_flags() {
-        let find = |flags: u32, fields: &[u32]| {
-            find_header(&image_with_header(0x100, 0, &mb_header(flags, fields)))
-        };
+        let find = |flags: u32, fields: &[u32]| find_header(&image_with_header(0x100, 0, &mb_header(flags, fields)));
         // Video mode: accepted, ignored.
         assert!(find(flags::VIDEO_MODE, &[0; 9]).is_ok());
         // Optional bits above 16 are ignored.
         assert!(find(1 << 20, &[]).is_ok());
         for bit in 3..16 {
-            assert_eq!(
-                find(1 << bit, &[]).unwrap_err(),
-                Error::MultibootFlags { flags: 1 << bit }
-            );
+            assert_eq!(find(1 << bit, &[]).unwrap_err(), Error::MultibootFlags { flags: 1 << bit });
         }
     }
 
@@ -674,59 +557,21 @@ mod tests {
     fn plans_an_address_field_kernel_with_modules_and_exact_info() {
         let kernel = kludge_kernel();
         let big = vec![0x33u8; 0x1001];
-        let modules = [
-            Module {
-                data: b"first",
-                cmdline: "mod0 a",
-            },
-            Module {
-                data: &big,
-                cmdline: "m1",
-            },
-        ];
+        let modules = [Module { data: b"first", cmdline: "mod0 a" }, Module { data: &big, cmdline: "m1" }];
         let cfg = config(16 * MIB, "console=ttyS0", &modules);
         let plan = plan(&kernel, &cfg).unwrap();
 
         let info_gpa = 0x10_4000;
         assert_eq!(
             *plan.entry(),
-            Entry {
-                mode: EntryMode::Protected32,
-                rip: 0x10_0040,
-                rax: 0x2BAD_B002,
-                rbx: info_gpa
-            }
+            Entry { mode: EntryMode::Protected32, rip: 0x10_0040, rax: 0x2BAD_B002, rbx: info_gpa }
         );
         let ops = plan.ops();
         assert_eq!(ops.len(), 5);
-        assert_eq!(
-            ops[0],
-            Op::Copy {
-                gpa: 0x10_0000,
-                src: 0..0x200
-            }
-        );
-        assert_eq!(
-            ops[1],
-            Op::Zero {
-                gpa: 0x10_0200,
-                len: 0xE00
-            }
-        );
-        assert_eq!(
-            ops[2],
-            Op::Module {
-                gpa: 0x10_1000,
-                data: b"first"
-            }
-        );
-        assert_eq!(
-            ops[3],
-            Op::Module {
-                gpa: 0x10_2000,
-                data: &big
-            }
-        );
+        assert_eq!(ops[0], Op::Copy { gpa: 0x10_0000, src: 0..0x200 });
+        assert_eq!(ops[1], Op::Zero { gpa: 0x10_0200, len: 0xE00 });
+        assert_eq!(ops[2], Op::Module { gpa: 0x10_1000, data: b"first" });
+        assert_eq!(ops[3], Op::Module { gpa: 0x10_2000, data: &big });
         let Op::Write { gpa, data: info } = &ops[4] else {
             panic!("last op is the info structure: {:?}", ops[4]);
         };
@@ -734,11 +579,7 @@ mod tests {
 
         // Fixed part (Multiboot 0.6.96 §3.3).
         let base = info_gpa as u32;
-        assert_eq!(
-            u32_at(info, 0),
-            0x24D,
-            "MEM|CMDLINE|MODS|MMAP|BOOT_LOADER_NAME"
-        );
+        assert_eq!(u32_at(info, 0), 0x24D, "MEM|CMDLINE|MODS|MMAP|BOOT_LOADER_NAME");
         assert_eq!(u32_at(info, 4), 640);
         assert_eq!(u32_at(info, 8), 15 * 1024);
         assert_eq!(u32_at(info, 12), 0, "no boot device");
@@ -759,10 +600,7 @@ mod tests {
 
         // Strings, NUL-terminated, inside the blob.
         assert_eq!(&info[88..name_at], b"console=ttyS0\0");
-        assert_eq!(
-            &info[name_at..name_at + BOOT_LOADER_NAME.len()],
-            BOOT_LOADER_NAME.as_bytes()
-        );
+        assert_eq!(&info[name_at..name_at + BOOT_LOADER_NAME.len()], BOOT_LOADER_NAME.as_bytes());
         assert_eq!(&info[str0_at..str1_at], b"mod0 a\0");
         assert_eq!(&info[str1_at..str1_at + 3], b"m1\0");
 
@@ -770,28 +608,14 @@ mod tests {
         let words: Vec<u32> = (0..8).map(|i| u32_at(info, mods_at + 4 * i)).collect();
         assert_eq!(
             words,
-            vec![
-                0x10_1000,
-                0x10_1005,
-                base + str0_at as u32,
-                0,
-                0x10_2000,
-                0x10_3001,
-                base + str1_at as u32,
-                0
-            ]
+            vec![0x10_1000, 0x10_1005, base + str0_at as u32, 0, 0x10_2000, 0x10_3001, base + str1_at as u32, 0]
         );
 
         // Memory map: size (20) precedes each base/length/type entry.
         let entries: Vec<(u32, u64, u64, u32)> = (0..4)
             .map(|i| {
                 let at = mmap_at + 24 * i;
-                (
-                    u32_at(info, at),
-                    u64_at(info, at + 4),
-                    u64_at(info, at + 12),
-                    u32_at(info, at + 20),
-                )
+                (u32_at(info, at), u64_at(info, at + 4), u64_at(info, at + 12), u32_at(info, at + 20))
             })
             .collect();
         assert_eq!(
@@ -820,19 +644,10 @@ mod tests {
     fn computes_the_load_offset_from_header_and_load_addresses() {
         // Header at file offset 0x100 belongs at 0x200100; text starts at
         // 0x200080, so loading starts at file offset 0x80.
-        let header = mb_header(
-            flags::ADDRESS,
-            &[0x20_0100, 0x20_0080, 0x20_0180, 0, 0x20_0080],
-        );
+        let header = mb_header(flags::ADDRESS, &[0x20_0100, 0x20_0080, 0x20_0180, 0, 0x20_0080]);
         let image = image_with_header(0x400, 0x100, &header);
         let plan = plan(&image, &config(16 * MIB, "", &[])).unwrap();
-        assert_eq!(
-            plan.ops()[0],
-            Op::Copy {
-                gpa: 0x20_0080,
-                src: 0x80..0x180
-            }
-        );
+        assert_eq!(plan.ops()[0], Op::Copy { gpa: 0x20_0080, src: 0x80..0x180 });
         assert!(matches!(plan.ops()[1], Op::Write { gpa: 0x20_1000, .. }));
         assert_eq!(plan.ops().len(), 2, "no bss");
     }
@@ -847,18 +662,9 @@ mod tests {
     fn refuses_inconsistent_address_fields() {
         let bad = |reason| Err(Error::MultibootAddresses { reason });
         let m = 0x10_0000;
-        assert_eq!(
-            plan_fields([m, m + 4, 0, 0, m + 4], 16 * MIB),
-            bad("header_addr is below load_addr")
-        );
-        assert_eq!(
-            plan_fields([m + 0x200, m, 0, 0, m], 16 * MIB),
-            bad("load_addr lies before the start of the image")
-        );
-        assert_eq!(
-            plan_fields([m + 0x100, m, m - 1, 0, m], 16 * MIB),
-            bad("load_end_addr is below load_addr")
-        );
+        assert_eq!(plan_fields([m, m + 4, 0, 0, m + 4], 16 * MIB), bad("header_addr is below load_addr"));
+        assert_eq!(plan_fields([m + 0x200, m, 0, 0, m], 16 * MIB), bad("load_addr lies before the start of the image"));
+        assert_eq!(plan_fields([m + 0x100, m, m - 1, 0, m], 16 * MIB), bad("load_end_addr is below load_addr"));
         assert_eq!(
             plan_fields([m + 0x100, m, m + 0x401, 0, m], 16 * MIB),
             bad("load_end_addr lies past the end of the image")
@@ -873,9 +679,7 @@ mod tests {
         );
         assert_eq!(
             plan_fields([m + 0x100, m, m + 0x200, 0, m + 0x200], 16 * MIB),
-            Err(Error::EntryNotLoaded {
-                entry: m as u64 + 0x200
-            })
+            Err(Error::EntryNotLoaded { entry: m as u64 + 0x200 })
         );
     }
 
@@ -884,37 +688,22 @@ mod tests {
         // In the hypervisor's reserved low page.
         assert!(matches!(
             plan_fields([0x100, 0, 0, 0, 0], 16 * MIB),
-            Err(Error::Reserved {
-                region: Region::KernelText,
-                ..
-            })
+            Err(Error::Reserved { region: Region::KernelText, .. })
         ));
         // In the legacy VGA/BIOS hole.
         assert_eq!(
             plan_fields([0xA0100, 0xA0000, 0, 0, 0xA0000], 16 * MIB),
-            Err(Error::Reserved {
-                region: Region::KernelText,
-                start: 0xA0000,
-                end: 0xA0400,
-                reserved: LEGACY_HOLE
-            })
+            Err(Error::Reserved { region: Region::KernelText, start: 0xA0000, end: 0xA0400, reserved: LEGACY_HOLE })
         );
         // Past the end of RAM (bss).
         assert!(matches!(
             plan_fields([0x10_0100, 0x10_0000, 0, 0x200_0000, 0x10_0000], 16 * MIB),
-            Err(Error::OutsideRam {
-                region: Region::KernelBss,
-                ..
-            })
+            Err(Error::OutsideRam { region: Region::KernelBss, .. })
         ));
         // Across 4 GiB, with RAM above it.
         assert_eq!(
             plan_fields([0xFFFF_FF00, 0xFFFF_FE00, 0, 0, 0xFFFF_FE00], 8 << 30),
-            Err(Error::Above4GiB {
-                region: Region::KernelText,
-                start: 0xFFFF_FE00,
-                end: 0x1_0000_0200
-            })
+            Err(Error::Above4GiB { region: Region::KernelText, start: 0xFFFF_FE00, end: 0x1_0000_0200 })
         );
     }
 
@@ -938,15 +727,9 @@ mod tests {
         let mut text = mb_header(0, &[]);
         text.extend_from_slice(&[0xF4; 4]);
         let image = elf64(0x10_0000, &[Seg::text(0x10_0000, &text)]);
-        assert_eq!(
-            plan(&image, &config(16 * MIB, "", &[])).unwrap_err(),
-            Error::MultibootElf64
-        );
+        assert_eq!(plan(&image, &config(16 * MIB, "", &[])).unwrap_err(), Error::MultibootElf64);
         let image = image_with_header(0x100, 0, &mb_header(0, &[]));
-        assert_eq!(
-            plan(&image, &config(16 * MIB, "", &[])).unwrap_err(),
-            Error::MultibootNotElf
-        );
+        assert_eq!(plan(&image, &config(16 * MIB, "", &[])).unwrap_err(), Error::MultibootNotElf);
     }
 
     #[test]
@@ -954,18 +737,9 @@ mod tests {
         // An ELF whose header also has flag 16: loaded through the fields.
         let mut elf = elf32(0x10_0000, &[Seg::text(0x40_0000, &[0xF4; 0x40])]);
         let offset = elf.len();
-        elf.extend_from_slice(&mb_header(
-            flags::ADDRESS,
-            &[0x10_0000 + offset as u32, 0x10_0000, 0, 0, 0x10_0000],
-        ));
+        elf.extend_from_slice(&mb_header(flags::ADDRESS, &[0x10_0000 + offset as u32, 0x10_0000, 0, 0, 0x10_0000]));
         let plan = plan(&elf, &config(16 * MIB, "", &[])).unwrap();
-        assert_eq!(
-            plan.ops()[0],
-            Op::Copy {
-                gpa: 0x10_0000,
-                src: 0..elf.len()
-            }
-        );
+        assert_eq!(plan.ops()[0], Op::Copy { gpa: 0x10_0000, src: 0..elf.len() });
     }
 
     // --- Arguments and placement ---
@@ -973,46 +747,18 @@ mod tests {
     #[test]
     fn refuses_bad_command_lines_and_too_many_modules() {
         let kernel = kludge_kernel();
-        assert_eq!(
-            plan(&kernel, &config(16 * MIB, "a\0b", &[])).unwrap_err(),
-            Error::CmdlineNul { module: None }
-        );
+        assert_eq!(plan(&kernel, &config(16 * MIB, "a\0b", &[])).unwrap_err(), Error::CmdlineNul { module: None });
         let long = "x".repeat(MAX_CMDLINE_LEN + 1);
         assert_eq!(
             plan(&kernel, &config(16 * MIB, &long, &[])).unwrap_err(),
-            Error::CmdlineTooLong {
-                module: None,
-                len: MAX_CMDLINE_LEN + 1,
-                max: MAX_CMDLINE_LEN
-            }
+            Error::CmdlineTooLong { module: None, len: MAX_CMDLINE_LEN + 1, max: MAX_CMDLINE_LEN }
         );
-        let nul = [
-            Module {
-                data: b"",
-                cmdline: "ok",
-            },
-            Module {
-                data: b"",
-                cmdline: "\0",
-            },
-        ];
-        assert_eq!(
-            plan(&kernel, &config(16 * MIB, "", &nul)).unwrap_err(),
-            Error::CmdlineNul { module: Some(1) }
-        );
-        let many = vec![
-            Module {
-                data: b"m",
-                cmdline: ""
-            };
-            MAX_MODULES + 1
-        ];
+        let nul = [Module { data: b"", cmdline: "ok" }, Module { data: b"", cmdline: "\0" }];
+        assert_eq!(plan(&kernel, &config(16 * MIB, "", &nul)).unwrap_err(), Error::CmdlineNul { module: Some(1) });
+        let many = vec![Module { data: b"m", cmdline: "" }; MAX_MODULES + 1];
         assert_eq!(
             plan(&kernel, &config(16 * MIB, "", &many)).unwrap_err(),
-            Error::TooManyModules {
-                count: MAX_MODULES + 1,
-                max: MAX_MODULES
-            }
+            Error::TooManyModules { count: MAX_MODULES + 1, max: MAX_MODULES }
         );
     }
 
@@ -1020,22 +766,10 @@ mod tests {
     fn places_modules_around_reserved_ranges() {
         let kernel = kludge_kernel();
         let module = vec![9u8; 0x10_0000];
-        let modules = [Module {
-            data: &module,
-            cmdline: "",
-        }];
-        let reserved = [Range {
-            start: 0x20_0000,
-            end: 0x30_0000,
-        }];
-        let cfg = Config {
-            layout: RamLayout {
-                ram_size: 16 * MIB,
-                reserved: &reserved,
-            },
-            cmdline: "",
-            modules: &modules,
-        };
+        let modules = [Module { data: &module, cmdline: "" }];
+        let reserved = [Range { start: 0x20_0000, end: 0x30_0000 }];
+        let cfg =
+            Config { layout: RamLayout { ram_size: 16 * MIB, reserved: &reserved }, cmdline: "", modules: &modules };
         let plan = plan(&kernel, &cfg).unwrap();
         assert!(matches!(plan.ops()[2], Op::Module { gpa: 0x30_0000, .. }));
         assert_eq!(plan.entry().rbx, 0x40_0000);
@@ -1051,29 +785,17 @@ mod tests {
     fn refuses_modules_that_do_not_fit() {
         let kernel = kludge_kernel();
         let module = vec![0u8; 2 * MIB as usize];
-        let modules = [Module {
-            data: &module,
-            cmdline: "",
-        }];
+        let modules = [Module { data: &module, cmdline: "" }];
         assert_eq!(
             err(plan(&kernel, &config(2 * MIB, "", &modules))),
-            Error::NoRoom {
-                region: Region::Module(0),
-                len: 2 * MIB
-            }
+            Error::NoRoom { region: Region::Module(0), len: 2 * MIB }
         );
         // The module fits exactly; the info structure does not.
         let module = vec![0u8; 0xF_F000];
-        let modules = [Module {
-            data: &module,
-            cmdline: "",
-        }];
+        let modules = [Module { data: &module, cmdline: "" }];
         assert!(matches!(
             err(plan(&kernel, &config(2 * MIB, "", &modules))),
-            Error::NoRoom {
-                region: Region::BootInfo,
-                ..
-            }
+            Error::NoRoom { region: Region::BootInfo, .. }
         ));
     }
 
@@ -1086,10 +808,7 @@ mod tests {
         assert_eq!(u32_at(info, 8), (4 << 20) - 1024);
         let mmap = (u32_at(info, 48) - plan.entry().rbx as u32) as usize;
         let last = mmap + 3 * 24;
-        assert_eq!(
-            (u64_at(info, last + 4), u64_at(info, last + 12)),
-            (MIB, (8 << 30) - MIB)
-        );
+        assert_eq!((u64_at(info, last + 4), u64_at(info, last + 12)), (MIB, (8 << 30) - MIB));
     }
 
     /// Fuzzing regression: an empty (or reversed) reserved range reserves
@@ -1100,14 +819,7 @@ mod tests {
         let image = image_with_header(0x100, 0x10, &header);
         #[allow(clippy::reversed_empty_ranges)]
         let reserved = [0x1_1000..0x1_1000, 0x1_8000..0x1_2000];
-        let cfg = Config {
-            layout: RamLayout {
-                ram_size: 2 * MIB,
-                reserved: &reserved,
-            },
-            cmdline: "",
-            modules: &[],
-        };
+        let cfg = Config { layout: RamLayout { ram_size: 2 * MIB, reserved: &reserved }, cmdline: "", modules: &[] };
         let plan = plan(&image, &cfg).unwrap();
         let Op::Write { data: info, .. } = &plan.ops()[2] else {
             panic!("info structure expected");
@@ -1119,24 +831,10 @@ mod tests {
     fn messages_are_one_sentence_case_line() {
         let samples = [
             Error::ArchiveChecksum { block: 3 },
-            Error::ArchiveDuplicate {
-                name: String::from("a"),
-            },
-            Error::ElfMachine {
-                machine: 40,
-                expected: Machine::I386,
-            },
-            Error::Reserved {
-                region: Region::Segment(1),
-                start: 0,
-                end: 1,
-                reserved: 0..1,
-            },
-            Error::Overlap {
-                first: Region::Module(0),
-                second: Region::BootInfo,
-                gpa: 5,
-            },
+            Error::ArchiveDuplicate { name: String::from("a") },
+            Error::ElfMachine { machine: 40, expected: Machine::I386 },
+            Error::Reserved { region: Region::Segment(1), start: 0, end: 1, reserved: 0..1 },
+            Error::Overlap { first: Region::Module(0), second: Region::BootInfo, gpa: 5 },
             Error::CmdlineNul { module: Some(2) },
             Error::MultibootElf64,
             Error::GuestWrite { gpa: 1, len: 2 },

@@ -115,19 +115,12 @@ impl<'a> LoadPlan<'a> {
             if let Op::Copy { src, .. } = op
                 && src.end > image.len()
             {
-                return Err(Error::PlanImageMismatch {
-                    start: src.start,
-                    end: src.end,
-                    len: image.len(),
-                });
+                return Err(Error::PlanImageMismatch { start: src.start, end: src.end, len: image.len() });
             }
         }
         for op in &self.ops {
             let range = op.gpa_range();
-            let fault = || Error::GuestWrite {
-                gpa: range.start,
-                len: range.end - range.start,
-            };
+            let fault = || Error::GuestWrite { gpa: range.start, len: range.end - range.start };
             match op {
                 Op::Copy { gpa, src } => {
                     // Checked above: `src.end <= image.len()`; `get` keeps it panic-free.
@@ -201,65 +194,29 @@ pub(crate) struct PlanBuilder<'a> {
 impl<'a> PlanBuilder<'a> {
     /// A builder for `layout`; with `below_4gib` every region must end at or
     /// below 4 GiB. `extra_reserved` adds ranges the format itself keeps free.
-    pub(crate) fn new(
-        layout: &RamLayout<'_>,
-        below_4gib: bool,
-        extra_reserved: &[Range<u64>],
-    ) -> Self {
-        let limit = if below_4gib {
-            layout.ram_size.min(FOUR_GIB)
-        } else {
-            layout.ram_size
-        };
-        let reserved = layout
-            .reserved
-            .iter()
-            .chain(extra_reserved)
-            .filter(|r| !r.is_empty())
-            .cloned()
-            .collect();
-        Self {
-            ram_size: layout.ram_size,
-            limit,
-            reserved,
-            regions: Vec::new(),
-            ops: Vec::new(),
-        }
+    pub(crate) fn new(layout: &RamLayout<'_>, below_4gib: bool, extra_reserved: &[Range<u64>]) -> Self {
+        let limit = if below_4gib { layout.ram_size.min(FOUR_GIB) } else { layout.ram_size };
+        let reserved = layout.reserved.iter().chain(extra_reserved).filter(|r| !r.is_empty()).cloned().collect();
+        Self { ram_size: layout.ram_size, limit, reserved, regions: Vec::new(), ops: Vec::new() }
     }
 
     /// Checks that `len` bytes at `gpa` fit guest RAM and avoid the reserved
     /// ranges, then records them as taken by `region`. Empty regions are
     /// accepted and not recorded.
     pub(crate) fn claim(&mut self, region: Region, gpa: u64, len: u64) -> Result<Range<u64>> {
-        let end = gpa
-            .checked_add(len)
-            .ok_or(Error::AddressOverflow { region })?;
+        let end = gpa.checked_add(len).ok_or(Error::AddressOverflow { region })?;
         let range = gpa..end;
         if len == 0 {
             return Ok(range);
         }
         if end > self.ram_size {
-            return Err(Error::OutsideRam {
-                region,
-                start: gpa,
-                end,
-                ram_size: self.ram_size,
-            });
+            return Err(Error::OutsideRam { region, start: gpa, end, ram_size: self.ram_size });
         }
         if end > self.limit {
-            return Err(Error::Above4GiB {
-                region,
-                start: gpa,
-                end,
-            });
+            return Err(Error::Above4GiB { region, start: gpa, end });
         }
         if let Some(r) = self.reserved.iter().find(|r| intersects(r, &range)) {
-            return Err(Error::Reserved {
-                region,
-                start: gpa,
-                end,
-                reserved: r.clone(),
-            });
+            return Err(Error::Reserved { region, start: gpa, end, reserved: r.clone() });
         }
         self.regions.push((range.clone(), region));
         Ok(range)
@@ -279,13 +236,7 @@ impl<'a> PlanBuilder<'a> {
             let range = gpa..end;
             // Skip past every reserved range in the way; `gpa` strictly grows
             // (an intersecting range ends above `gpa`), so this terminates.
-            match self
-                .reserved
-                .iter()
-                .filter(|r| len > 0 && intersects(r, &range))
-                .map(|r| r.end)
-                .max()
-            {
+            match self.reserved.iter().filter(|r| len > 0 && intersects(r, &range)).map(|r| r.end).max() {
                 Some(past) => gpa = page_align_up(past).ok_or(no_room.clone())?,
                 None => {
                     self.claim(region, gpa, len)?;
@@ -312,16 +263,9 @@ impl<'a> PlanBuilder<'a> {
             if let [(a, first), (b, second)] = pair
                 && b.start < a.end
             {
-                return Err(Error::Overlap {
-                    first: *first,
-                    second: *second,
-                    gpa: b.start,
-                });
+                return Err(Error::Overlap { first: *first, second: *second, gpa: b.start });
             }
         }
-        Ok(LoadPlan {
-            ops: self.ops,
-            entry,
-        })
+        Ok(LoadPlan { ops: self.ops, entry })
     }
 }

@@ -31,26 +31,12 @@ pub struct Seg {
 impl Seg {
     /// A loadable, executable segment at `paddr` (identity-mapped).
     pub fn text(paddr: u64, data: &[u8]) -> Self {
-        Self {
-            p_type: PT_LOAD,
-            flags: PF_R | PF_X,
-            vaddr: paddr,
-            paddr,
-            data: data.to_vec(),
-            memsz: data.len() as u64,
-        }
+        Self { p_type: PT_LOAD, flags: PF_R | PF_X, vaddr: paddr, paddr, data: data.to_vec(), memsz: data.len() as u64 }
     }
 
     /// A loadable, writable segment with `memsz - data.len()` bytes of bss.
     pub fn data(paddr: u64, data: &[u8], memsz: u64) -> Self {
-        Self {
-            p_type: PT_LOAD,
-            flags: PF_R | PF_W,
-            vaddr: paddr,
-            paddr,
-            data: data.to_vec(),
-            memsz,
-        }
+        Self { p_type: PT_LOAD, flags: PF_R | PF_W, vaddr: paddr, paddr, data: data.to_vec(), memsz }
     }
 }
 

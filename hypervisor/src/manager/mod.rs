@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 use mm::GuestPhysAddr;
 use mm::GuestRam;
-use mm::paging::NestedPageTable;
+use mm::paging::{NestedPageTable, PageSize};
 use vcpu::Vcpu;
 
 use crate::backend::Backend;
@@ -55,17 +55,8 @@ pub struct Manager<B: Backend> {
 
 impl<B: Backend> Manager<B> {
     pub fn new(backend: Result<B, String>, images: Vec<GuestImage>) -> Self {
-        let slice_ticks = backend
-            .as_ref()
-            .map_or(1_000_000, |b| (b.tsc_hz() / 100).max(10_000));
-        Manager {
-            backend,
-            images,
-            vms: Vec::new(),
-            next_id: 1,
-            cursor: 0,
-            slice_ticks,
-        }
+        let slice_ticks = backend.as_ref().map_or(1_000_000, |b| (b.tsc_hz() / 100).max(10_000));
+        Manager { backend, images, vms: Vec::new(), next_id: 1, cursor: 0, slice_ticks }
     }
 
     pub fn get(&self, id: u32) -> Option<&Vm<B>> {
@@ -78,10 +69,12 @@ impl<B: Backend> Manager<B> {
 
     /// Starts guest `name` with `mem_mib` MiB of RAM; returns its id.
     pub fn run_vm(&mut self, name: &str, mem_mib: u32, cmdline: &str) -> Result<u32, String> {
-        let backend = self
-            .backend
-            .as_mut()
-            .map_err(|why| format!("virtualization is unavailable: {why}"))?;
+        self.run_vm_with(name, mem_mib, &[], cmdline)
+    }
+
+    /// As `run_vm`, passing ramdisk files as Multiboot modules.
+    pub fn run_vm_with(&mut self, name: &str, mem_mib: u32, modules: &[String], cmdline: &str) -> Result<u32, String> {
+        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
         let image = self
             .images
             .iter()
@@ -91,6 +84,15 @@ impl<B: Backend> Manager<B> {
                 format!("no guest named {name:?} (available: {})", names.join(", "))
             })?
             .bytes;
+        let mut mods = Vec::with_capacity(modules.len());
+        for m in modules {
+            let file = self
+                .images
+                .iter()
+                .find(|g| &g.name == m)
+                .ok_or_else(|| format!("no ramdisk file {m:?} for a module"))?;
+            mods.push(boot::Module { name: m.as_str(), data: file.bytes });
+        }
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
             return Err(format!("mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"));
         }
@@ -98,8 +100,7 @@ impl<B: Backend> Manager<B> {
         let size = (mem_mib as u64) << 20;
         let max_page = backend.max_page_size();
         let mem = backend.mem();
-        let ram = GuestRam::new(mem, size)
-            .map_err(|e| format!("cannot allocate {mem_mib} MiB of guest RAM: {e}"))?;
+        let ram = GuestRam::new(mem, size).map_err(|e| format!("cannot allocate {mem_mib} MiB of guest RAM: {e}"))?;
         let mut npt = match NestedPageTable::<B::Format>::new(mem) {
             Ok(t) => t,
             Err(e) => {
@@ -112,16 +113,10 @@ impl<B: Backend> Manager<B> {
         let (inv, mapped) = ram.map_into(&mut npt, mem);
         // A fresh table: no vCPU has cached anything from it yet.
         inv.flush(mem, |_| {});
-        let loaded = mapped
-            .map_err(|e| format!("cannot map guest RAM: {e}"))
-            .and_then(|_| {
-                let mut w = RamWriter {
-                    ram: &ram,
-                    mem: &*mem,
-                };
-                boot::prepare(image, size, cmdline, id, &mut w)
-                    .map_err(|e| format!("cannot load {name}: {e}"))
-            });
+        let loaded = mapped.map_err(|e| format!("cannot map guest RAM: {e}")).and_then(|_| {
+            let mut w = RamWriter { ram: &ram, mem: &*mem };
+            boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))
+        });
         let (state, protocol) = match loaded {
             Ok(v) => v,
             Err(e) => {
@@ -136,9 +131,16 @@ impl<B: Backend> Manager<B> {
                 return Err(format!("cannot create the vCPU: {e}"));
             }
         };
-        let overhead = vcpu.overhead_bytes()
-            + ram.memory_report(&npt).overhead_bytes()
-            + core::mem::size_of::<Vm<B>>() as u64;
+        let overhead =
+            vcpu.overhead_bytes() + ram.memory_report(&npt).overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
+        let mut nested_pages = [0u64; 3];
+        for m in npt.mappings(&*backend.mem(), mm::GuestPhysAddr(0)..mm::GuestPhysAddr(size)) {
+            nested_pages[match m.leaf.size {
+                PageSize::Size4K => 0,
+                PageSize::Size2M => 1,
+                PageSize::Size1G => 2,
+            }] += 1;
+        }
         let now = backend.now();
         self.next_id += 1;
         self.vms.push(Box::new(Vm {
@@ -148,13 +150,11 @@ impl<B: Backend> Manager<B> {
             mem_bytes: size,
             cmdline: String::from(cmdline),
             state: RunState::Running,
-            stats: VmStats {
-                started_tsc: now,
-                ..Default::default()
-            },
+            stats: VmStats { started_tsc: now, ..Default::default() },
             uart: Default::default(),
             msrs: Default::default(),
             overhead_bytes: overhead,
+            nested_pages,
             res: Some(Resources { ram, npt, vcpu }),
         }));
         self.forget_old_records();
@@ -164,37 +164,19 @@ impl<B: Backend> Manager<B> {
     /// Stops VM `id` (if it still runs) and frees its memory; the record
     /// stays for `vm list`.
     pub fn stop(&mut self, id: u32, console: &mut impl Console) -> Result<(), String> {
-        let backend = self
-            .backend
-            .as_mut()
-            .map_err(|why| format!("virtualization is unavailable: {why}"))?;
-        let vm = self
-            .vms
-            .iter_mut()
-            .find(|v| v.id == id)
-            .ok_or_else(|| format!("no VM {id}"))?;
+        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
         if vm.state.ended() {
             return Err(format!("vm {id} has already {}", vm.state.name()));
         }
-        vm.end(
-            RunState::Stopped {
-                reason: String::from("by the operator"),
-            },
-            backend,
-            console,
-        );
+        vm.end(RunState::Stopped { reason: String::from("by the operator") }, backend, console);
         release(backend, vm);
         Ok(())
     }
 
     /// Stops every VM still running (before power-off).
     pub fn stop_all(&mut self, console: &mut impl Console) {
-        let ids: Vec<u32> = self
-            .vms
-            .iter()
-            .filter(|v| !v.state.ended())
-            .map(|v| v.id)
-            .collect();
+        let ids: Vec<u32> = self.vms.iter().filter(|v| !v.state.ended()).map(|v| v.id).collect();
         for id in ids {
             let _ = self.stop(id, console);
         }
@@ -207,10 +189,7 @@ impl<B: Backend> Manager<B> {
             return false;
         };
         let n = self.vms.len();
-        let Some(i) = (0..n)
-            .map(|k| (self.cursor + k) % n)
-            .find(|&i| self.vms[i].state.runnable())
-        else {
+        let Some(i) = (0..n).map(|k| (self.cursor + k) % n).find(|&i| self.vms[i].state.runnable()) else {
             return false;
         };
         self.cursor = (i + 1) % n.max(1);
@@ -286,9 +265,7 @@ struct RamWriter<'a, M: mm::hal::PhysMem> {
 
 impl<M: mm::hal::PhysMem> GuestWrite for RamWriter<'_, M> {
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), GuestWriteError> {
-        self.ram
-            .write(self.mem, GuestPhysAddr(gpa), data)
-            .map_err(|_| GuestWriteError)
+        self.ram.write(self.mem, GuestPhysAddr(gpa), data).map_err(|_| GuestWriteError)
     }
 
     fn fill_zero(&mut self, gpa: u64, len: u64) -> Result<(), GuestWriteError> {

@@ -11,13 +11,7 @@ use super::*;
 use crate::testing::{Lines, MockBackend, Step, elf_guest};
 
 fn io(port: u16, size: u8, write: bool) -> VmExit {
-    VmExit::Io(IoAccess {
-        port,
-        size,
-        write,
-        string: false,
-        rep: false,
-    })
+    VmExit::Io(IoAccess { port, size, write, string: false, rep: false })
 }
 
 /// A step that sets RAX (and more, through `f`) then exits with `exit`.
@@ -29,9 +23,7 @@ fn step(f: impl Fn(&mut vcpu::Gprs) + 'static, exit: VmExit) -> Step {
 }
 
 fn out_str(s: &str) -> Vec<Step> {
-    s.bytes()
-        .map(|b| step(move |g| g.rax = b as u64, io(0x3f8, 1, true)))
-        .collect()
+    s.bytes().map(|b| step(move |g| g.rax = b as u64, io(0x3f8, 1, true))).collect()
 }
 
 fn exit_with(v: u64) -> Step {
@@ -40,14 +32,8 @@ fn exit_with(v: u64) -> Step {
 
 fn manager(frames: usize) -> Manager<MockBackend> {
     let images = vec![
-        GuestImage {
-            name: "tiny".into(),
-            bytes: elf_guest(&[0x90; 32]),
-        },
-        GuestImage {
-            name: "other".into(),
-            bytes: elf_guest(&[0xf4; 16]),
-        },
+        GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) },
+        GuestImage { name: "other".into(), bytes: elf_guest(&[0xf4; 16]) },
     ];
     Manager::new(Ok(MockBackend::new(frames)), images)
 }
@@ -75,11 +61,7 @@ fn a_guest_prints_and_exits_and_its_memory_comes_back() {
     let id = m.run_vm("tiny", 4, "").unwrap();
     assert_eq!(id, 1);
     let vm = m.get(1).unwrap();
-    assert!(
-        vm.overhead_bytes > 4096 && vm.overhead_bytes < 64 * 1024,
-        "{}",
-        vm.overhead_bytes
-    );
+    assert!(vm.overhead_bytes > 4096 && vm.overhead_bytes < 64 * 1024, "{}", vm.overhead_bytes);
     let mut con = Lines::default();
     run_all(&mut m, &mut con);
     let t = con.text();
@@ -90,11 +72,7 @@ fn a_guest_prints_and_exits_and_its_memory_comes_back() {
     assert!(vm.res.is_none(), "resources released");
     assert_eq!(vm.stats.exits[ExitKind::Io as usize], 4);
     assert_eq!(be(&mut m).destroyed, 1);
-    assert_eq!(
-        be(&mut m).mem.frames_in_use(),
-        baseline,
-        "every frame returned"
-    );
+    assert_eq!(be(&mut m).mem.frames_in_use(), baseline, "every frame returned");
 }
 
 #[test]
@@ -108,22 +86,22 @@ fn the_image_and_boot_state_land_in_guest_ram() {
     assert_eq!((s.gprs.rdi, s.gprs.rsi), (4 << 20, 1));
     let mut code = [0u8; 32];
     let mem = &m.backend.as_ref().unwrap().mem;
-    res.ram
-        .read(mem, mm::GuestPhysAddr(0x10_0000), &mut code)
-        .unwrap();
+    res.ram.read(mem, mm::GuestPhysAddr(0x10_0000), &mut code).unwrap();
     assert_eq!(code, [0x90; 32]);
     let mut cmd = [0u8; 4];
-    res.ram
-        .read(mem, mm::GuestPhysAddr(s.gprs.rdx), &mut cmd)
-        .unwrap();
+    res.ram.read(mem, mm::GuestPhysAddr(s.gprs.rdx), &mut cmd).unwrap();
     assert_eq!(&cmd, b"a b\0");
+    assert_eq!(vm.nested_pages, [0, 2, 0], "4 MiB of 2 MiB-aligned RAM: two 2 MiB pages");
     // Nothing outside RAM is mapped in the nested table.
     assert!(res.npt.translate(mem, mm::GuestPhysAddr(4 << 20)).is_none());
-    assert!(
-        res.npt
-            .translate(mem, mm::GuestPhysAddr((4 << 20) - 1))
-            .is_some()
-    );
+    assert!(res.npt.translate(mem, mm::GuestPhysAddr((4 << 20) - 1)).is_some());
+}
+
+#[test]
+fn ram_that_is_not_a_multiple_of_2_mib_ends_in_4k_pages() {
+    let mut m = manager(4096);
+    m.run_vm("tiny", 3, "").unwrap();
+    assert_eq!(m.get(1).unwrap().nested_pages, [256, 1, 0]);
 }
 
 #[test]
@@ -131,26 +109,16 @@ fn refusals_name_the_problem_and_leak_nothing() {
     let mut m = manager(600);
     let baseline = be(&mut m).mem.frames_in_use();
     let e = m.run_vm("nope", 4, "").unwrap_err();
-    assert!(
-        e.contains("no guest named \"nope\"") && e.contains("tiny, other"),
-        "{e}"
-    );
+    assert!(e.contains("no guest named \"nope\"") && e.contains("tiny, other"), "{e}");
     assert!(m.run_vm("tiny", 1, "").unwrap_err().contains("mem must be"));
     let e = m.run_vm("tiny", 64, "").unwrap_err();
     assert!(e.contains("cannot allocate 64 MiB"), "{e}");
     let e = m.run_vm("tiny", 2, &"x".repeat(5000)).unwrap_err();
     assert!(e.contains("command line"), "{e}");
-    assert_eq!(
-        be(&mut m).mem.frames_in_use(),
-        baseline,
-        "failed starts free what they took"
-    );
+    assert_eq!(be(&mut m).mem.frames_in_use(), baseline, "failed starts free what they took");
     assert!(m.vms.is_empty());
     let mut none: Manager<MockBackend> = Manager::new(Err("no VT-x".into()), vec![]);
-    assert_eq!(
-        none.run_vm("tiny", 4, "").unwrap_err(),
-        "virtualization is unavailable: no VT-x"
-    );
+    assert_eq!(none.run_vm("tiny", 4, "").unwrap_err(), "virtualization is unavailable: no VT-x");
     assert!(!none.run_slice(&mut Lines::default()));
 }
 
@@ -166,19 +134,8 @@ fn cpuid_hypercall_and_msr_exits_complete_or_fault() {
             VmExit::Hypercall,
         ),
         step(|g| g.rcx = 0x1234, VmExit::Rdmsr { msr: 0x1234 }),
-        step(
-            |_| {},
-            VmExit::Rdmsr {
-                msr: crate::msr::IA32_FEATURE_CONTROL,
-            },
-        ),
-        step(
-            |_| {},
-            VmExit::Wrmsr {
-                msr: 0x3a,
-                value: 5,
-            },
-        ),
+        step(|_| {}, VmExit::Rdmsr { msr: crate::msr::IA32_FEATURE_CONTROL }),
+        step(|_| {}, VmExit::Wrmsr { msr: 0x3a, value: 5 }),
         exit_with(3),
     ]);
     m.run_vm("tiny", 4, "").unwrap();
@@ -196,42 +153,23 @@ fn cpuid_hypercall_and_msr_exits_complete_or_fault() {
     };
     // CPUID 0x40000000: the vendor signature in EBX:ECX:EDX.
     let (g, _, skipped) = step_once(vm);
-    let sig = [
-        (g.rbx as u32).to_le_bytes(),
-        (g.rcx as u32).to_le_bytes(),
-        (g.rdx as u32).to_le_bytes(),
-    ]
-    .concat();
+    let sig = [(g.rbx as u32).to_le_bytes(), (g.rcx as u32).to_le_bytes(), (g.rdx as u32).to_le_bytes()].concat();
     assert_eq!(&sig[..], crate::cpuid::SIGNATURE);
     assert_eq!(skipped, 1);
     let (g, _, _) = step_once(vm);
     assert_eq!(g.rax, 1, "VM_ID");
     let (_, injected, skipped) = step_once(vm);
-    assert_eq!(
-        (injected, skipped),
-        (vec![Event::GP0], 2),
-        "an unknown MSR read faults, RIP stays"
-    );
+    assert_eq!((injected, skipped), (vec![Event::GP0], 2), "an unknown MSR read faults, RIP stays");
     let (g, _, skipped) = step_once(vm);
-    assert_eq!(
-        (g.rax, g.rdx, skipped),
-        (1, 0, 3),
-        "IA32_FEATURE_CONTROL reads locked, VMX off"
-    );
+    assert_eq!((g.rax, g.rdx, skipped), (1, 0, 3), "IA32_FEATURE_CONTROL reads locked, VMX off");
     let (_, injected, skipped) = step_once(vm);
-    assert_eq!(
-        (injected.len(), skipped),
-        (2, 3),
-        "enabling VMX by WRMSR faults"
-    );
+    assert_eq!((injected.len(), skipped), (2, 3), "enabling VMX by WRMSR faults");
 }
 
 #[test]
 fn hypercalls_from_user_mode_raise_ud() {
     let mut m = manager(4096);
-    be(&mut m)
-        .scripts
-        .push_back(vec![step(|g| g.rax = 0, VmExit::Hypercall)]);
+    be(&mut m).scripts.push_back(vec![step(|g| g.rax = 0, VmExit::Hypercall)]);
     m.run_vm("tiny", 4, "").unwrap();
     let vm = &mut m.vms[0];
     let backend = m.backend.as_mut().unwrap();
@@ -254,15 +192,7 @@ fn port_io_reads_merge_and_strings_fault() {
         step(|g| g.rax = 0xdead_beef_1234_5678, io(0x2e8, 4, false)),
         step(|g| g.rax = 0x77, io(0x3ff, 1, true)),
         step(|g| g.rax = 0, io(0x3ff, 1, false)),
-        Box::new(|_| {
-            VmExit::Io(IoAccess {
-                port: 0x3f8,
-                size: 1,
-                write: true,
-                string: true,
-                rep: true,
-            })
-        }),
+        Box::new(|_| VmExit::Io(IoAccess { port: 0x3f8, size: 1, write: true, string: true, rep: true })),
     ]);
     m.run_vm("tiny", 4, "").unwrap();
     let vm = &mut m.vms[0];
@@ -271,38 +201,27 @@ fn port_io_reads_merge_and_strings_fault() {
     let mut rax = Vec::new();
     for _ in 0..5 {
         let exit = vm.res.as_mut().unwrap().vcpu.run();
-        assert_eq!(
-            vm.handle_exit(exit, backend, &mut Lines::default()),
-            Flow::Continue
-        );
+        assert_eq!(vm.handle_exit(exit, backend, &mut Lines::default()), Flow::Continue);
         rax.push(vm.res.as_ref().unwrap().vcpu.gprs.rax);
     }
     assert_eq!(rax[0], 0xdead_beef_1234_56ff, "8-bit IN merges into AL");
     assert_eq!(rax[1], 0xffff_ffff, "32-bit IN zero-extends");
     assert_eq!(rax[3], 0x77, "the UART scratch register holds the value");
-    assert_eq!(
-        vm.res.as_ref().unwrap().vcpu.injected,
-        vec![Event::GP0],
-        "string I/O faults"
-    );
+    assert_eq!(vm.res.as_ref().unwrap().vcpu.injected, vec![Event::GP0], "string I/O faults");
     assert_eq!(vm.stats.unbacked_io, 3);
 }
 
 #[test]
 fn nested_page_faults_and_triple_faults_stop_only_that_vm() {
     let mut m = manager(8192);
+    be(&mut m).scripts.push_back(vec![Box::new(|_| VmExit::NestedPageFault {
+        gpa: 0x4000_0000,
+        access: MemAccess::Write,
+        gva: Some(0x4000_0000),
+    })]);
     be(&mut m)
         .scripts
-        .push_back(vec![Box::new(|_| VmExit::NestedPageFault {
-            gpa: 0x4000_0000,
-            access: MemAccess::Write,
-            gva: Some(0x4000_0000),
-        })]);
-    be(&mut m)
-        .scripts
-        .push_back(vec![Box::new(|_| VmExit::Shutdown {
-            report: "triple fault at rip 0x100000".into(),
-        })]);
+        .push_back(vec![Box::new(|_| VmExit::Shutdown { report: "triple fault at rip 0x100000".into() })]);
     let mut ok = out_str("fine\n");
     ok.push(exit_with(0));
     be(&mut m).scripts.push_back(ok);
@@ -312,15 +231,12 @@ fn nested_page_faults_and_triple_faults_stop_only_that_vm() {
     let mut con = Lines::default();
     run_all(&mut m, &mut con);
     let t = con.text();
-    assert!(t.contains("vm 1 (tiny) stopped: write of guest-physical 0x40000000 outside its memory at rip 0x100000"), "{t}");
     assert!(
-        t.contains("code at rip: 90 90 90"),
-        "the report shows the instruction bytes: {t}"
-    );
-    assert!(
-        t.contains("vm 2 (tiny) stopped: triple fault at rip 0x100000"),
+        t.contains("vm 1 (tiny) stopped: write of guest-physical 0x40000000 outside its memory at rip 0x100000"),
         "{t}"
     );
+    assert!(t.contains("code at rip: 90 90 90"), "the report shows the instruction bytes: {t}");
+    assert!(t.contains("vm 2 (tiny) stopped: triple fault at rip 0x100000"), "{t}");
     assert!(t.contains("vm 3 (tiny) exited with status 1"), "{t}");
     assert_eq!(be(&mut m).destroyed, 3);
 }
@@ -345,22 +261,10 @@ fn hlt_waits_with_interrupts_on_and_halts_for_good_with_them_off() {
     assert!(m.run_slice(&mut con));
     assert_eq!(m.get(1).unwrap().state, RunState::Waiting);
     run_all(&mut m, &mut con);
-    assert_eq!(
-        m.get(1).unwrap().state,
-        RunState::Exited { status: 1 },
-        "the waiting VM resumed"
-    );
+    assert_eq!(m.get(1).unwrap().state, RunState::Exited { status: 1 }, "the waiting VM resumed");
     assert!(matches!(m.get(2).unwrap().state, RunState::Halted { .. }));
-    assert!(
-        m.get(2).unwrap().res.is_some(),
-        "a halted VM keeps its memory until stopped"
-    );
-    assert!(
-        con.text()
-            .contains("vm 2 (tiny) halted with interrupts disabled"),
-        "{}",
-        con.text()
-    );
+    assert!(m.get(2).unwrap().res.is_some(), "a halted VM keeps its memory until stopped");
+    assert!(con.text().contains("vm 2 (tiny) halted with interrupts disabled"), "{}", con.text());
     m.stop(2, &mut con).unwrap();
     assert!(m.get(2).unwrap().res.is_none());
 }
@@ -370,9 +274,7 @@ fn vms_take_turns_and_busy_exiters_yield_after_a_wall_clock_slice() {
     let mut m = manager(8192);
     m.slice_ticks = 1000;
     // VM 1 exits forever on CPUID; VM 2 prints then ends.
-    let forever: Vec<Step> = (0..10_000)
-        .map(|_| step(|g| g.rax = 0, VmExit::Cpuid))
-        .collect();
+    let forever: Vec<Step> = (0..10_000).map(|_| step(|g| g.rax = 0, VmExit::Cpuid)).collect();
     be(&mut m).scripts.push_back(forever);
     let mut second = out_str("two\n");
     second.push(exit_with(0));
@@ -382,16 +284,9 @@ fn vms_take_turns_and_busy_exiters_yield_after_a_wall_clock_slice() {
     let mut con = Lines::default();
     m.run_slice(&mut con);
     let first_slice = m.get(1).unwrap().stats.exits[ExitKind::Cpuid as usize];
-    assert!(
-        first_slice > 10 && first_slice < 200,
-        "vm 1 ran {first_slice} exits in one slice"
-    );
+    assert!(first_slice > 10 && first_slice < 200, "vm 1 ran {first_slice} exits in one slice");
     m.run_slice(&mut con);
-    assert_eq!(
-        m.get(2).unwrap().state,
-        RunState::Exited { status: 1 },
-        "vm 2 got its turn"
-    );
+    assert_eq!(m.get(2).unwrap().state, RunState::Exited { status: 1 }, "vm 2 got its turn");
     assert_eq!(m.get(1).unwrap().state, RunState::Running);
 }
 
@@ -420,22 +315,14 @@ fn old_ended_records_are_forgotten() {
     }
     m.run_vm("tiny", 2, "").unwrap();
     assert_eq!(m.vms.len(), MAX_ENDED_RECORDS + 1);
-    assert_eq!(
-        m.vms.last().unwrap().id,
-        MAX_ENDED_RECORDS as u32 + 6,
-        "ids are never reused"
-    );
+    assert_eq!(m.vms.last().unwrap().id, MAX_ENDED_RECORDS as u32 + 6, "ids are never reused");
 }
 
 #[test]
 fn console_commands_end_to_end() {
     use crate::console::{HostStatus, execute, parse};
     let mut m = manager(8192);
-    let host = HostStatus {
-        cpu_vendor: "GenuineIntel".into(),
-        apic_ids: vec![0],
-        ..Default::default()
-    };
+    let host = HostStatus { cpu_vendor: "GenuineIntel".into(), apic_ids: vec![0], ..Default::default() };
     let mut con = Lines::default();
     let run = |line: &str, m: &mut Manager<MockBackend>, con: &mut Lines| {
         con.0.clear();
@@ -463,18 +350,9 @@ fn console_commands_end_to_end() {
     assert_eq!(j["cpus"], 1);
     let out = run("vm stop 9 --json", &mut m, &mut con);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        (j["ok"].clone(), j["error"].clone()),
-        (false.into(), "no VM 9".into())
-    );
+    assert_eq!((j["ok"].clone(), j["error"].clone()), (false.into(), "no VM 9".into()));
     let out = run("vm stop 1", &mut m, &mut con);
     assert!(out.ends_with("vm 1 stopped"), "{out}");
     let out = run("poweroff --json", &mut m, &mut con);
-    assert!(
-        out.lines()
-            .last()
-            .unwrap()
-            .starts_with("{\"command\":\"poweroff\",\"ok\":true"),
-        "{out}"
-    );
+    assert!(out.lines().last().unwrap().starts_with("{\"command\":\"poweroff\",\"ok\":true"), "{out}");
 }

@@ -19,8 +19,7 @@ impl Handler for DirectMap {
     unsafe fn map_physical_region<T>(&self, pa: usize, size: usize) -> PhysicalMapping<Self, T> {
         PhysicalMapping {
             physical_start: pa,
-            virtual_start: NonNull::new(phys_to_virt(pa as u64) as *mut T)
-                .expect("direct map is non-null"),
+            virtual_start: NonNull::new(phys_to_virt(pa as u64) as *mut T).expect("direct map is non-null"),
             region_length: size,
             mapped_length: size,
             handler: *self,
@@ -136,8 +135,7 @@ fn parse(rsdp: u64) -> Result<AcpiInfo, acpi::AcpiError> {
     }
     if let Some(fadt) = tables.find_table::<Fadt>() {
         let io = |g: acpi::address::GenericAddress| {
-            (g.address_space == acpi::address::AddressSpace::SystemIo && g.address != 0)
-                .then_some(g.address as u16)
+            (g.address_space == acpi::address::AddressSpace::SystemIo && g.address != 0).then_some(g.address as u16)
         };
         info.pm1a_cnt = fadt.pm1a_control_block().ok().and_then(io);
         info.pm1b_cnt = fadt.pm1b_control_block().ok().flatten().and_then(io);
@@ -172,9 +170,7 @@ pub fn set_pm1a_fallback(port: u16) {
 
 /// Enters S5. Returns only if the platform ignored the request.
 pub fn power_off() {
-    let from_tables = INFO
-        .get()
-        .and_then(|i| Some((i.pm1a_cnt?, i.s5?, i.pm1b_cnt)));
+    let from_tables = INFO.get().and_then(|i| Some((i.pm1a_cnt?, i.s5?, i.pm1b_cnt)));
     let fallback = PM1A_FALLBACK.load(Ordering::Relaxed);
     let (a, (typ_a, typ_b), b) = match from_tables {
         Some(t) => t,

@@ -18,14 +18,8 @@ pub struct CpuInfo {
 
 pub fn detect() -> CpuInfo {
     let id = CpuId::new();
-    let vendor = id
-        .get_vendor_info()
-        .map(|v| String::from(v.as_str()))
-        .unwrap_or_default();
-    let brand = id
-        .get_processor_brand_string()
-        .map(|b| String::from(b.as_str().trim()))
-        .unwrap_or_default();
+    let vendor = id.get_vendor_info().map(|v| String::from(v.as_str())).unwrap_or_default();
+    let brand = id.get_processor_brand_string().map(|b| String::from(b.as_str().trim())).unwrap_or_default();
     let f = id.get_feature_info();
     let ext = id.get_extended_processor_and_feature_identifiers();
     CpuInfo {

@@ -35,10 +35,7 @@ struct Selectors {
 pub fn init() {
     let tss = TSS.call_once(|| {
         let mut tss = TaskStateSegment::new();
-        for (i, slot) in [DOUBLE_FAULT_IST, NMI_IST, MACHINE_CHECK_IST]
-            .iter()
-            .enumerate()
-        {
+        for (i, slot) in [DOUBLE_FAULT_IST, NMI_IST, MACHINE_CHECK_IST].iter().enumerate() {
             // SAFETY: the IST stacks are only ever used by the CPU as stacks;
             // taking their address does not create a reference.
             let base = unsafe { core::ptr::addr_of!(IST_STACKS[i]) } as u64;

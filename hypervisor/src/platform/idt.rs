@@ -64,10 +64,7 @@ extern "x86-interrupt" fn page_fault(frame: InterruptStackFrame, code: PageFault
 /// Interrupts the kernel did not ask for (it runs with IF=0 and masks the
 /// legacy PIC): reported and ignored.
 extern "x86-interrupt" fn unexpected_interrupt(frame: InterruptStackFrame) {
-    log::warn!(
-        "unexpected interrupt at rip={:#x}",
-        frame.instruction_pointer.as_u64()
-    );
+    log::warn!("unexpected interrupt at rip={:#x}", frame.instruction_pointer.as_u64());
 }
 
 pub fn init() {
@@ -79,36 +76,26 @@ pub fn init() {
         idt.overflow.set_handler_fn(overflow);
         idt.bound_range_exceeded.set_handler_fn(bound_range);
         idt.invalid_opcode.set_handler_fn(invalid_opcode);
-        idt.device_not_available
-            .set_handler_fn(device_not_available);
+        idt.device_not_available.set_handler_fn(device_not_available);
         idt.invalid_tss.set_handler_fn(invalid_tss);
         idt.segment_not_present.set_handler_fn(segment_not_present);
         idt.stack_segment_fault.set_handler_fn(stack_segment);
-        idt.general_protection_fault
-            .set_handler_fn(general_protection);
+        idt.general_protection_fault.set_handler_fn(general_protection);
         idt.page_fault.set_handler_fn(page_fault);
         idt.x87_floating_point.set_handler_fn(x87_fp);
         idt.alignment_check.set_handler_fn(alignment_check);
         idt.simd_floating_point.set_handler_fn(simd_fp);
         idt.virtualization.set_handler_fn(virtualization);
-        idt.cp_protection_exception
-            .set_handler_fn(control_protection);
+        idt.cp_protection_exception.set_handler_fn(control_protection);
         idt.hv_injection_exception.set_handler_fn(hv_injection);
-        idt.vmm_communication_exception
-            .set_handler_fn(vmm_communication);
+        idt.vmm_communication_exception.set_handler_fn(vmm_communication);
         idt.security_exception.set_handler_fn(security);
         // SAFETY: the IST indices name stacks installed in the TSS by
         // `gdt::init`, which runs first; each is used by one vector only.
         unsafe {
-            idt.double_fault
-                .set_handler_fn(double_fault)
-                .set_stack_index(gdt::DOUBLE_FAULT_IST);
-            idt.non_maskable_interrupt
-                .set_handler_fn(nmi)
-                .set_stack_index(gdt::NMI_IST);
-            idt.machine_check
-                .set_handler_fn(machine_check)
-                .set_stack_index(gdt::MACHINE_CHECK_IST);
+            idt.double_fault.set_handler_fn(double_fault).set_stack_index(gdt::DOUBLE_FAULT_IST);
+            idt.non_maskable_interrupt.set_handler_fn(nmi).set_stack_index(gdt::NMI_IST);
+            idt.machine_check.set_handler_fn(machine_check).set_stack_index(gdt::MACHINE_CHECK_IST);
         }
         for i in 32..=255u8 {
             idt[i].set_handler_fn(unexpected_interrupt);
@@ -122,15 +109,11 @@ fn fatal(vector: u8, label: &str, code: Option<u64>, frame: &InterruptStackFrame
     let nested = REPORTING.swap(true, Ordering::SeqCst);
     let p = |args: core::fmt::Arguments| super::serial::force_write_fmt(args);
     if nested {
-        p(format_args!(
-            "\nhypervisor: fault while reporting a fault (vector {vector})\n"
-        ));
+        p(format_args!("\nhypervisor: fault while reporting a fault (vector {vector})\n"));
         super::power::fail();
     }
     let rip = frame.instruction_pointer.as_u64();
-    p(format_args!(
-        "\n!!! hypervisor: CPU exception {vector} {label}\n"
-    ));
+    p(format_args!("\n!!! hypervisor: CPU exception {vector} {label}\n"));
     match code {
         Some(c) => p(format_args!("    error code {c:#x}\n")),
         None => p(format_args!("    no error code\n")),
@@ -144,15 +127,8 @@ fn fatal(vector: u8, label: &str, code: Option<u64>, frame: &InterruptStackFrame
         frame.stack_pointer.as_u64(),
         frame.stack_segment.0
     ));
-    p(format_args!(
-        "    cr2={:#018x} cr3={:#018x}\n",
-        Cr2::read_raw(),
-        cr3.start_address().as_u64()
-    ));
-    p(format_args!(
-        "    context: {}\n",
-        crate::kernel::context::describe()
-    ));
+    p(format_args!("    cr2={:#018x} cr3={:#018x}\n", Cr2::read_raw(), cr3.start_address().as_u64()));
+    p(format_args!("    context: {}\n", crate::kernel::context::describe()));
     if x86_64::VirtAddr::try_new(rip).is_ok() {
         // SAFETY: best effort; a fault here re-enters `fatal`, which sees
         // REPORTING set and powers off without dumping.

@@ -24,13 +24,7 @@ impl Log for SerialLogger {
             Level::Debug => "DEBUG",
             Level::Trace => "TRACE",
         };
-        crate::println!(
-            "[{:>5}.{:06}] {} {}",
-            us / 1_000_000,
-            us % 1_000_000,
-            level,
-            record.args()
-        );
+        crate::println!("[{:>5}.{:06}] {} {}", us / 1_000_000, us % 1_000_000, level, record.args());
     }
 
     fn flush(&self) {}

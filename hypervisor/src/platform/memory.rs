@@ -21,10 +21,7 @@ pub struct MemoryInfo {
     pub heap_bytes: u64,
 }
 
-static INFO: Mutex<MemoryInfo> = Mutex::new(MemoryInfo {
-    usable_bytes: 0,
-    heap_bytes: 0,
-});
+static INFO: Mutex<MemoryInfo> = Mutex::new(MemoryInfo { usable_bytes: 0, heap_bytes: 0 });
 
 /// Below 1 MiB stays out of the pool: legacy BIOS data, and the place SMP
 /// bring-up will need for its real-mode trampoline.
@@ -40,11 +37,7 @@ pub fn phys_to_virt(pa: u64) -> *mut u8 {
 /// Sets up the frame allocator and the heap.
 pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
-    let usable = || {
-        regions
-            .iter()
-            .filter(|r| r.kind == MemoryRegionKind::Usable)
-    };
+    let usable = || regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable);
     let highest = usable().map(|r| r.end).max().unwrap_or(0);
     let total: u64 = usable().map(|r| r.end - r.start).sum();
 
@@ -54,20 +47,14 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     let bytes = (words * 8) as u64;
     let bytes_pages = bytes.div_ceil(FRAME_SIZE) * FRAME_SIZE;
     let home = usable()
-        .map(|r| {
-            (
-                r.start.max(LOW_MEMORY_END).next_multiple_of(FRAME_SIZE),
-                r.end,
-            )
-        })
+        .map(|r| (r.start.max(LOW_MEMORY_END).next_multiple_of(FRAME_SIZE), r.end))
         .find(|(s, e)| s + bytes_pages <= *e)
         .map(|(s, _)| s)
         .expect("no usable region can hold the frame bitmap");
     // SAFETY: [home, home+bytes) is usable RAM reported by the firmware,
     // reachable through the bootloader's direct map, and reserved in the
     // bitmap below so nothing else is ever handed this memory.
-    let storage: &'static mut [u64] =
-        unsafe { core::slice::from_raw_parts_mut(phys_to_virt(home) as *mut u64, words) };
+    let storage: &'static mut [u64] = unsafe { core::slice::from_raw_parts_mut(phys_to_virt(home) as *mut u64, words) };
     let mut bitmap = FrameBitmap::new(storage);
     for r in usable() {
         bitmap.add_free(r.start, r.end);
@@ -76,17 +63,12 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     bitmap.reserve(home, home + bytes_pages);
 
     let heap_size = (total / 8).clamp(4 << 20, HEAP_MAX) & !(FRAME_SIZE - 1);
-    let heap = bitmap
-        .alloc_contiguous(heap_size, FRAME_SIZE)
-        .expect("no contiguous memory for the kernel heap");
+    let heap = bitmap.alloc_contiguous(heap_size, FRAME_SIZE).expect("no contiguous memory for the kernel heap");
     // SAFETY: the heap range was just taken from the frame allocator and is
     // used for nothing else; it is mapped by the direct map.
     unsafe { HEAP.lock().init(phys_to_virt(heap), heap_size as usize) };
     *FRAMES.lock() = Some(bitmap);
-    *INFO.lock() = MemoryInfo {
-        usable_bytes: total,
-        heap_bytes: heap_size,
-    };
+    *INFO.lock() = MemoryInfo { usable_bytes: total, heap_bytes: heap_size };
 }
 
 pub fn info() -> MemoryInfo {
@@ -94,10 +76,7 @@ pub fn info() -> MemoryInfo {
 }
 
 pub fn free_bytes() -> u64 {
-    FRAMES
-        .lock()
-        .as_ref()
-        .map_or(0, |b| b.free_frames() * FRAME_SIZE)
+    FRAMES.lock().as_ref().map_or(0, |b| b.free_frames() * FRAME_SIZE)
 }
 
 pub fn heap_used() -> usize {

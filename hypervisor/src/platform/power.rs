@@ -13,10 +13,22 @@ pub fn set_debug_exit_port(port: u16) {
     DEBUG_EXIT_PORT.store(port, Ordering::Relaxed);
 }
 
-/// Powers off; `success` selects the status an emulator reports.
+/// Powers off; `success` selects the status an emulator reports. Success
+/// goes through ACPI soft-off (the real path, which an emulator reports as a
+/// clean exit); failure first writes the debug-exit port so an emulator's
+/// exit code says so.
 pub fn off(success: bool) -> ! {
     x86_64::instructions::interrupts::disable();
     let port = DEBUG_EXIT_PORT.load(Ordering::Relaxed);
+    if success {
+        super::acpi::power_off();
+        // Soft-off takes effect asynchronously (in QEMU, after the vCPU
+        // returns to the main loop): give it time before the fallback.
+        let until = super::time::micros() + 200_000;
+        while super::time::micros() < until {
+            core::hint::spin_loop();
+        }
+    }
     if port != 0 {
         // QEMU's isa-debug-exit exits with (v << 1) | 1: 0 -> 1, 1 -> 3.
         // SAFETY: the operator configured this port as a debug-exit device.

@@ -25,6 +25,13 @@ const GDT: u64 = 0x7000;
 const CMDLINE: u64 = 0x8000;
 pub const MAX_CMDLINE: usize = 4095;
 
+/// A file passed to a Multiboot guest as a module.
+#[derive(Clone, Copy, Debug)]
+pub struct Module<'a> {
+    pub name: &'a str,
+    pub data: &'a [u8],
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     Elf64,
@@ -45,6 +52,8 @@ impl Protocol {
 pub enum BootError {
     Load(loader::Error),
     CommandLine,
+    /// Modules were given for a guest that is not booted through Multiboot.
+    ModulesNeedMultiboot,
     /// Writing guest RAM failed: a hypervisor bug, the plan was checked.
     Memory,
 }
@@ -53,10 +62,8 @@ impl core::fmt::Display for BootError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             BootError::Load(e) => write!(f, "{e}"),
-            BootError::CommandLine => write!(
-                f,
-                "the command line is longer than {MAX_CMDLINE} bytes or holds a NUL"
-            ),
+            BootError::CommandLine => write!(f, "the command line is longer than {MAX_CMDLINE} bytes or holds a NUL"),
+            BootError::ModulesNeedMultiboot => write!(f, "modules can only be passed to Multiboot guests"),
             BootError::Memory => write!(f, "guest RAM refused a write of the checked load plan"),
         }
     }
@@ -65,10 +72,7 @@ impl core::fmt::Display for BootError {
 fn has_multiboot_header(image: &[u8]) -> bool {
     // A header with a bad checksum is not a header (spec 3.1.2); an
     // unsupported but valid header is reported by the Multiboot loader.
-    !matches!(
-        loader::multiboot::find_header(image),
-        Err(loader::Error::MultibootNoHeader)
-    )
+    !matches!(loader::multiboot::find_header(image), Err(loader::Error::MultibootNoHeader))
 }
 
 /// Loads `image` into guest RAM (`mem`, `ram_size` bytes from 0) and
@@ -77,6 +81,7 @@ pub fn prepare(
     image: &[u8],
     ram_size: u64,
     cmdline: &str,
+    modules: &[Module<'_>],
     vm_id: u32,
     mem: &mut (impl GuestWrite + ?Sized),
 ) -> Result<(GuestState, Protocol), BootError> {
@@ -84,23 +89,20 @@ pub fn prepare(
         return Err(BootError::CommandLine);
     }
     let reserved = [RESERVED];
-    let layout = RamLayout {
-        ram_size,
-        reserved: &reserved,
-    };
+    let layout = RamLayout { ram_size, reserved: &reserved };
     if has_multiboot_header(image) {
-        let config = loader::multiboot::Config {
-            layout,
-            cmdline,
-            modules: &[],
-        };
+        let mods: alloc::vec::Vec<loader::multiboot::Module<'_>> =
+            modules.iter().map(|m| loader::multiboot::Module { data: m.data, cmdline: m.name }).collect();
+        let config = loader::multiboot::Config { layout, cmdline, modules: &mods };
         let plan = loader::multiboot::plan(image, &config).map_err(BootError::Load)?;
         plan.apply(image, mem).map_err(BootError::Load)?;
         write_gdt(mem, &GDT_32)?;
         Ok((protected_mode_state(&plan), Protocol::Multiboot))
     } else {
-        let plan = loader::elf::plan(image, loader::elf::Machine::X86_64, &layout)
-            .map_err(BootError::Load)?;
+        if !modules.is_empty() {
+            return Err(BootError::ModulesNeedMultiboot);
+        }
+        let plan = loader::elf::plan(image, loader::elf::Machine::X86_64, &layout).map_err(BootError::Load)?;
         plan.apply(image, mem).map_err(BootError::Load)?;
         write_identity_map(mem)?;
         write_gdt(mem, &GDT_64)?;
@@ -112,12 +114,7 @@ pub fn prepare(
             mem.write(CMDLINE, &bytes).map_err(|_| BootError::Memory)?;
             CMDLINE
         };
-        let gprs = Gprs {
-            rdi: ram_size,
-            rsi: vm_id as u64,
-            rdx: cmd_gpa,
-            ..Default::default()
-        };
+        let gprs = Gprs { rdi: ram_size, rsi: vm_id as u64, rdx: cmd_gpa, ..Default::default() };
         Ok((long_mode_state(&plan, gprs), Protocol::Elf64))
     }
 }
@@ -138,17 +135,10 @@ fn write_gdt(mem: &mut (impl GuestWrite + ?Sized), gdt: &[u64; 3]) -> Result<(),
 /// mapping 0..4 GiB with 2 MiB pages (present, writable, PS).
 fn write_identity_map(mem: &mut (impl GuestWrite + ?Sized)) -> Result<(), BootError> {
     let w = |mem: &mut dyn FnMut(u64, u64) -> Result<(), BootError>, at: u64, v: u64| mem(at, v);
-    let mut put = |at: u64, v: u64| {
-        mem.write(at, &v.to_le_bytes())
-            .map_err(|_| BootError::Memory)
-    };
+    let mut put = |at: u64, v: u64| mem.write(at, &v.to_le_bytes()).map_err(|_| BootError::Memory);
     w(&mut put, PML4, (PML4 + 0x1000) | 3)?;
     for i in 0..4u64 {
-        w(
-            &mut put,
-            PML4 + 0x1000 + i * 8,
-            (PML4 + 0x2000 + i * 0x1000) | 3,
-        )?;
+        w(&mut put, PML4 + 0x1000 + i * 8, (PML4 + 0x2000 + i * 0x1000) | 3)?;
     }
     let mut pd = [0u8; 4 * 4096];
     for i in 0..2048u64 {
@@ -159,12 +149,7 @@ fn write_identity_map(mem: &mut (impl GuestWrite + ?Sized)) -> Result<(), BootEr
 }
 
 fn flat(selector: u16, attrs: SegAttrs) -> Segment {
-    Segment {
-        selector,
-        base: 0,
-        limit: 0xffff_ffff,
-        attrs,
-    }
+    Segment { selector, base: 0, limit: 0xffff_ffff, attrs }
 }
 
 fn common(rip: u64) -> GuestState {
@@ -179,22 +164,9 @@ fn common(rip: u64) -> GuestState {
         fs: flat(0x10, SegAttrs::DATA),
         gs: flat(0x10, SegAttrs::DATA),
         // A busy TSS and no LDT: required to enter any protected mode.
-        tr: Segment {
-            selector: 0,
-            base: 0,
-            limit: 0x67,
-            attrs: SegAttrs::TSS_BUSY,
-        },
-        ldtr: Segment {
-            selector: 0,
-            base: 0,
-            limit: 0xffff,
-            attrs: SegAttrs::UNUSABLE,
-        },
-        gdtr: DescriptorTable {
-            base: GDT,
-            limit: 23,
-        },
+        tr: Segment { selector: 0, base: 0, limit: 0x67, attrs: SegAttrs::TSS_BUSY },
+        ldtr: Segment { selector: 0, base: 0, limit: 0xffff, attrs: SegAttrs::UNUSABLE },
+        gdtr: DescriptorTable { base: GDT, limit: 23 },
         ..Default::default()
     }
 }
@@ -215,11 +187,7 @@ fn long_mode_state(plan: &LoadPlan<'_>, gprs: Gprs) -> GuestState {
 fn protected_mode_state(plan: &LoadPlan<'_>) -> GuestState {
     let e = plan.entry();
     GuestState {
-        gprs: Gprs {
-            rax: e.rax,
-            rbx: e.rbx,
-            ..Default::default()
-        },
+        gprs: Gprs { rax: e.rax, rbx: e.rbx, ..Default::default() },
         cr0: CR0_PE | CR0_ET,
         cs: flat(0x08, SegAttrs::CODE32),
         ..common(e.rip)
@@ -246,7 +214,7 @@ mod tests {
     fn elf64_guest_gets_identity_map_gdt_and_registers() {
         let image = elf(0x10_0000, &[0x90; 64]);
         let mut ram = alloc::vec![0u8; 16 << 20];
-        let (s, p) = prepare(&image, 16 << 20, "hello", 3, &mut ram[..]).unwrap();
+        let (s, p) = prepare(&image, 16 << 20, "hello", &[], 3, &mut ram[..]).unwrap();
         assert_eq!(p, Protocol::Elf64);
         assert_eq!(s.rip, 0x10_0000);
         assert_eq!((s.gprs.rdi, s.gprs.rsi, s.gprs.rdx), (16 << 20, 3, CMDLINE));
@@ -264,12 +232,20 @@ mod tests {
     fn multiboot_header_selects_protected_mode() {
         let image = multiboot_kludge();
         let mut ram = alloc::vec![0u8; 8 << 20];
-        let (s, p) = prepare(&image, 8 << 20, "", 1, &mut ram[..]).unwrap();
+        let (s, p) =
+            prepare(&image, 8 << 20, "", &[Module { name: "m0", data: b"module-bytes" }], 1, &mut ram[..]).unwrap();
         assert_eq!(p, Protocol::Multiboot);
         assert_eq!(s.gprs.rax, 0x2bad_b002);
         assert_ne!(s.gprs.rbx, 0);
         assert_eq!(s.cr0 & CR0_PG, 0);
         assert!(!s.long_mode() && s.cs.attrs.db());
+        // The module is listed in the info structure and its bytes are in RAM.
+        let rd = |a: u64| u32::from_le_bytes(ram[a as usize..a as usize + 4].try_into().unwrap()) as u64;
+        let info = s.gprs.rbx;
+        assert_eq!(rd(info + 20), 1, "mods_count");
+        let m = rd(info + 24);
+        let (start, end) = (rd(m), rd(m + 4));
+        assert_eq!(&ram[start as usize..end as usize], b"module-bytes");
     }
 
     #[test]
@@ -277,19 +253,12 @@ mod tests {
         let image = elf(0x10_0000, &[0x90; 16]);
         let mut ram = alloc::vec![0u8; 4 << 20];
         let long = "x".repeat(MAX_CMDLINE + 1);
-        assert_eq!(
-            prepare(&image, 4 << 20, &long, 1, &mut ram[..]),
-            Err(BootError::CommandLine)
-        );
-        assert!(matches!(
-            prepare(b"not an image", 4 << 20, "", 1, &mut ram[..]),
-            Err(BootError::Load(_))
-        ));
+        assert_eq!(prepare(&image, 4 << 20, &long, &[], 1, &mut ram[..]), Err(BootError::CommandLine));
+        let m = [Module { name: "m", data: b"x" }];
+        assert_eq!(prepare(&image, 4 << 20, "", &m, 1, &mut ram[..]), Err(BootError::ModulesNeedMultiboot));
+        assert!(matches!(prepare(b"not an image", 4 << 20, "", &[], 1, &mut ram[..]), Err(BootError::Load(_))));
         // An image placed in the hypervisor's reserved low pages is refused.
         let low = elf(0x2000, &[0x90; 16]);
-        assert!(matches!(
-            prepare(&low, 4 << 20, "", 1, &mut ram[..]),
-            Err(BootError::Load(_))
-        ));
+        assert!(matches!(prepare(&low, 4 << 20, "", &[], 1, &mut ram[..]), Err(BootError::Load(_))));
     }
 }

@@ -48,12 +48,7 @@ impl hypercall::Context for HcCtx<'_> {
 
 impl<B: Backend> Vm<B> {
     /// Handles one exit of this (live) VM.
-    pub fn handle_exit(
-        &mut self,
-        exit: VmExit,
-        backend: &mut B,
-        console: &mut impl Console,
-    ) -> Flow {
+    pub fn handle_exit(&mut self, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Flow {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;
         };
@@ -62,8 +57,7 @@ impl<B: Backend> Vm<B> {
             VmExit::Cpuid => {
                 let g = vcpu.gprs();
                 let (leaf, sub) = (g.rax as u32, g.rcx as u32);
-                let r =
-                    cpuid::guest_cpuid(leaf, sub, backend.host_cpuid(leaf, sub), backend.quirks());
+                let r = cpuid::guest_cpuid(leaf, sub, backend.host_cpuid(leaf, sub), backend.quirks());
                 let g = vcpu.gprs_mut();
                 g.rax = r.eax as u64;
                 g.rbx = r.ebx as u64;
@@ -90,10 +84,7 @@ impl<B: Backend> Vm<B> {
                     return Flow::Continue;
                 }
                 let g = vcpu.gprs();
-                let ctx = HcCtx {
-                    id: self.id,
-                    exits: &self.stats.exits,
-                };
+                let ctx = HcCtx { id: self.id, exits: &self.stats.exits };
                 let r = hypercall::dispatch(g.rax, g.rdi, &ctx);
                 vcpu.gprs_mut().rax = r;
                 vcpu.skip_instruction();
@@ -126,9 +117,7 @@ impl<B: Backend> Vm<B> {
             }
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => Flow::Continue,
             VmExit::Preempted => Flow::Yield,
-            VmExit::Shutdown { report }
-            | VmExit::EntryFailed { report }
-            | VmExit::Unexpected { report } => {
+            VmExit::Shutdown { report } | VmExit::EntryFailed { report } | VmExit::Unexpected { report } => {
                 let reason = self.with_code_bytes(report, backend);
                 self.end(RunState::Stopped { reason }, backend, console);
                 Flow::Stop
@@ -184,24 +173,14 @@ impl<B: Backend> Vm<B> {
         if let Some(v) = read {
             let g = vcpu.gprs_mut();
             // A 32-bit IN zero-extends into RAX; 8/16-bit ones merge.
-            g.rax = if io.size == 4 {
-                v as u64
-            } else {
-                (g.rax & !mask) | (v as u64 & mask)
-            };
+            g.rax = if io.size == 4 { v as u64 } else { (g.rax & !mask) | (v as u64 & mask) };
         }
         vcpu.skip_instruction();
         Flow::Continue
     }
 
     /// Says what the guest touched, where, and with which instruction.
-    fn fault_report(
-        &self,
-        gpa: u64,
-        access: MemAccess,
-        gva: Option<u64>,
-        backend: &mut B,
-    ) -> String {
+    fn fault_report(&self, gpa: u64, access: MemAccess, gva: Option<u64>, backend: &mut B) -> String {
         let Some(res) = &self.res else {
             return String::new();
         };
@@ -209,11 +188,7 @@ impl<B: Backend> Vm<B> {
         let mut r = format!(
             "{} of guest-physical {gpa:#x} {} at rip {:#x}",
             access.as_str(),
-            if inside {
-                "not permitted"
-            } else {
-                "outside its memory"
-            },
+            if inside { "not permitted" } else { "outside its memory" },
             res.vcpu.rip()
         );
         if let Some(la) = gva {

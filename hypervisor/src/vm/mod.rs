@@ -98,6 +98,8 @@ pub struct Vm<B: Backend> {
     /// Host memory the VM's control structures use, measured at start:
     /// VMCS/VMCB and vCPU state, nested page tables, RAM bookkeeping.
     pub overhead_bytes: u64,
+    /// Nested-page-table leaves mapping RAM at start: 4 KiB, 2 MiB, 1 GiB.
+    pub nested_pages: [u64; 3],
     pub res: Option<Resources<B>>,
 }
 

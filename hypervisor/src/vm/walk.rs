@@ -72,8 +72,7 @@ mod tests {
     fn reader(mem: &[u8]) -> impl Fn(u64) -> Option<u64> + '_ {
         move |a| {
             let a = a as usize;
-            mem.get(a..a + 8)
-                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            mem.get(a..a + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
         }
     }
 
@@ -101,46 +100,27 @@ mod tests {
         assert_eq!(translate(&s, 0x20_0042, reader(&mem)), Some(0x60_0042));
         assert_eq!(translate(&s, 0x4000_1234, reader(&mem)), Some(0x4000_1234));
         assert_eq!(translate(&s, 0x6000, reader(&mem)), None, "not-present PTE");
-        assert_eq!(
-            translate(&s, 0x80_0000_0000, reader(&mem)),
-            None,
-            "not-present PML4E"
-        );
+        assert_eq!(translate(&s, 0x80_0000_0000, reader(&mem)), None, "not-present PML4E");
     }
 
     #[test]
     fn hostile_tables_pointing_outside_memory_give_none() {
         let mut mem: Vec<u8> = vec![0; 0x3000];
         put(&mut mem, 0x1000, 0xdead_b000_0000 | 3);
-        let s = GuestState {
-            cr0: CR0_PE | CR0_PG,
-            cr4: CR4_PAE,
-            efer: EFER_LMA,
-            cr3: 0x1000,
-            ..Default::default()
-        };
+        let s = GuestState { cr0: CR0_PE | CR0_PG, cr4: CR4_PAE, efer: EFER_LMA, cr3: 0x1000, ..Default::default() };
         assert_eq!(translate(&s, 0x1000, reader(&mem)), None);
     }
 
     #[test]
     fn no_paging_and_32_bit_paging() {
-        let s = GuestState {
-            cr0: CR0_PE,
-            ..Default::default()
-        };
+        let s = GuestState { cr0: CR0_PE, ..Default::default() };
         assert_eq!(translate(&s, 0x1234_5678, |_| None), Some(0x1234_5678));
         let mut mem: Vec<u8> = vec![0; 0x10_0000];
-        let put32 =
-            |mem: &mut [u8], at: usize, v: u32| mem[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put32 = |mem: &mut [u8], at: usize, v: u32| mem[at..at + 4].copy_from_slice(&v.to_le_bytes());
         put32(&mut mem, 0x1000 + 4, 0x0040_0000 | 0x83); // PDE[1]: 4 MiB page
         put32(&mut mem, 0x1000, 0x2000 | 3); // PDE[0] -> PT
         put32(&mut mem, 0x2000 + 8, 0x7000 | 3); // PTE[2]
-        let s = GuestState {
-            cr0: CR0_PE | CR0_PG,
-            cr4: 1 << 4,
-            cr3: 0x1000,
-            ..Default::default()
-        };
+        let s = GuestState { cr0: CR0_PE | CR0_PG, cr4: 1 << 4, cr3: 0x1000, ..Default::default() };
         assert_eq!(translate(&s, 0x0040_1234, reader(&mem)), Some(0x0040_1234));
         assert_eq!(translate(&s, 0x2abc, reader(&mem)), Some(0x7abc));
     }

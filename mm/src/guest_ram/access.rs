@@ -61,11 +61,7 @@ impl GuestRam {
     fn pieces(&self, gpa: GuestPhysAddr, len: u64) -> Result<Pieces<'_>, Error> {
         let outside = Error::OutsideGuestRam { gpa, len };
         let end = gpa.0.checked_add(len).ok_or(outside)?;
-        let first = if len == 0 {
-            0
-        } else {
-            self.chunk_index(gpa.0).ok_or(outside)?
-        };
+        let first = if len == 0 { 0 } else { self.chunk_index(gpa.0).ok_or(outside)? };
         // Chunks are sorted and non-overlapping: the range is covered iff
         // each following chunk starts where the previous one ends.
         let mut covered = self.chunks.get(first).map_or(gpa.0, |c| c.end());
@@ -78,13 +74,7 @@ impl GuestRam {
         if len != 0 && covered < end {
             return Err(outside);
         }
-        Ok(Pieces {
-            ram: self,
-            chunk: first,
-            cur: gpa.0,
-            end,
-            offset: 0,
-        })
+        Ok(Pieces { ram: self, chunk: first, cur: gpa.0, end, offset: 0 })
     }
 
     /// Whether every byte of `[gpa, gpa + len)` is RAM.
@@ -94,12 +84,7 @@ impl GuestRam {
 
     /// Copy guest RAM at `gpa` into `buf`. Fails, copying nothing, if any byte
     /// is outside RAM.
-    pub fn read<M: PhysMem>(
-        &self,
-        mem: &M,
-        gpa: GuestPhysAddr,
-        buf: &mut [u8],
-    ) -> Result<(), Error> {
+    pub fn read<M: PhysMem>(&self, mem: &M, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), Error> {
         for p in self.pieces(gpa, buf.len() as u64)? {
             let src = mem.phys_to_ptr(p.hpa);
             // SAFETY: the piece lies inside one allocation of RAM owned by
@@ -130,12 +115,7 @@ impl GuestRam {
     }
 
     /// Write a little-endian integer at `gpa` (any alignment).
-    pub fn write_obj<T: LeInt, M: PhysMem>(
-        &self,
-        mem: &M,
-        gpa: GuestPhysAddr,
-        value: T,
-    ) -> Result<(), Error> {
+    pub fn write_obj<T: LeInt, M: PhysMem>(&self, mem: &M, gpa: GuestPhysAddr, value: T) -> Result<(), Error> {
         let mut buf = [0u8; 8];
         value.to_le(&mut buf);
         self.write(mem, gpa, &buf[..T::SIZE])
@@ -213,11 +193,7 @@ unsafe fn copy_to_guest(dst: *mut u8, src: &[u8]) {
             let mut word = [0u8; 8];
             word.copy_from_slice(&src[i..i + 8]);
             // SAFETY: `i + 8 <= n`, inside the valid range, 8-byte aligned.
-            unsafe {
-                dst.add(i)
-                    .cast::<u64>()
-                    .write_volatile(u64::from_ne_bytes(word))
-            };
+            unsafe { dst.add(i).cast::<u64>().write_volatile(u64::from_ne_bytes(word)) };
             i += 8;
         } else {
             // SAFETY: `i < n`, inside the valid range.

@@ -10,9 +10,7 @@ use alloc::vec::Vec;
 
 pub use access::LeInt;
 
-use crate::addr::{
-    GUEST_PHYS_LIMIT, GuestPhysAddr, HostPhysAddr, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K,
-};
+use crate::addr::{GUEST_PHYS_LIMIT, GuestPhysAddr, HostPhysAddr, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
 use crate::hal::{ContiguousAlloc, FrameAlloc};
 use crate::paging::{Access, EntryFormat, Invalidation, MemType, NestedPageTable, PageSize};
@@ -93,10 +91,7 @@ impl GuestRam {
     /// RAM in several regions `(start, size)`, e.g. around a PCI hole. The
     /// regions must be 4 KiB-aligned, non-empty, sorted and non-overlapping.
     /// On error nothing stays allocated.
-    pub fn with_regions<A: ContiguousAlloc>(
-        alloc: &mut A,
-        regions: &[(GuestPhysAddr, u64)],
-    ) -> Result<Self, Error> {
+    pub fn with_regions<A: ContiguousAlloc>(alloc: &mut A, regions: &[(GuestPhysAddr, u64)]) -> Result<Self, Error> {
         let mut prev_end = 0;
         for &(gpa, size) in regions {
             let end = gpa.0.checked_add(size);
@@ -110,10 +105,7 @@ impl GuestRam {
             }
             prev_end = gpa.0 + size;
         }
-        let mut ram = GuestRam {
-            chunks: Vec::new(),
-            size: 0,
-        };
+        let mut ram = GuestRam { chunks: Vec::new(), size: 0 };
         for &(gpa, size) in regions {
             if ram.allocate_region(alloc, gpa, size).is_none() {
                 let total = regions.iter().map(|r| r.1).sum();
@@ -128,12 +120,7 @@ impl GuestRam {
 
     /// Back `[gpa, gpa + size)` with host memory; `None` when out of memory
     /// (what was allocated stays recorded in `self.chunks`).
-    fn allocate_region<A: ContiguousAlloc>(
-        &mut self,
-        alloc: &mut A,
-        gpa: GuestPhysAddr,
-        size: u64,
-    ) -> Option<()> {
+    fn allocate_region<A: ContiguousAlloc>(&mut self, alloc: &mut A, gpa: GuestPhysAddr, size: u64) -> Option<()> {
         let end = gpa.0 + size;
         let mut cur = gpa.0;
         'next: while cur < end {
@@ -142,23 +129,13 @@ impl GuestRam {
                     && end - cur >= block
                     && let Some(hpa) = alloc.alloc_contiguous(block, block)
                 {
-                    self.push(Chunk {
-                        gpa: GuestPhysAddr(cur),
-                        hpa,
-                        len: block,
-                        backing: Backing::Block,
-                    });
+                    self.push(Chunk { gpa: GuestPhysAddr(cur), hpa, len: block, backing: Backing::Block });
                     cur += block;
                     continue 'next;
                 }
             }
             let hpa = alloc.alloc_frame()?;
-            self.push(Chunk {
-                gpa: GuestPhysAddr(cur),
-                hpa,
-                len: PAGE_SIZE_4K,
-                backing: Backing::Frames,
-            });
+            self.push(Chunk { gpa: GuestPhysAddr(cur), hpa, len: PAGE_SIZE_4K, backing: Backing::Frames });
             cur += PAGE_SIZE_4K;
         }
         Some(())
@@ -185,19 +162,12 @@ impl GuestRam {
 
     /// The physically contiguous pieces, in guest-physical order.
     pub fn chunks(&self) -> impl Iterator<Item = RamChunk> + '_ {
-        self.chunks.iter().map(|c| RamChunk {
-            gpa: c.gpa,
-            hpa: c.hpa,
-            len: c.len,
-        })
+        self.chunks.iter().map(|c| RamChunk { gpa: c.gpa, hpa: c.hpa, len: c.len })
     }
 
     /// Index of the chunk containing `gpa`.
     fn chunk_index(&self, gpa: u64) -> Option<usize> {
-        let i = self
-            .chunks
-            .partition_point(|c| c.gpa.0 <= gpa)
-            .checked_sub(1)?;
+        let i = self.chunks.partition_point(|c| c.gpa.0 <= gpa).checked_sub(1)?;
         (gpa < self.chunks[i].end()).then_some(i)
     }
 
@@ -228,11 +198,7 @@ impl GuestRam {
                 let size = PageSize::LARGEST_FIRST
                     .into_iter()
                     .filter(|&s| s <= table.max_page_size())
-                    .find(|s| {
-                        gpa.is_aligned(s.bytes())
-                            && hpa.is_aligned(s.bytes())
-                            && end - gpa.0 >= s.bytes()
-                    })
+                    .find(|s| gpa.is_aligned(s.bytes()) && hpa.is_aligned(s.bytes()) && end - gpa.0 >= s.bytes())
                     .unwrap_or(PageSize::Size4K);
                 match table.map(alloc, gpa, hpa, size, Access::RWX, MemType::WriteBack) {
                     Ok(i) => inv = inv.combine(i),
@@ -308,9 +274,6 @@ impl Drop for GuestRam {
 
 impl core::fmt::Debug for GuestRam {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("GuestRam")
-            .field("size", &self.size)
-            .field("chunks", &self.chunks.len())
-            .finish()
+        f.debug_struct("GuestRam").field("size", &self.size).field("chunks", &self.chunks.len()).finish()
     }
 }

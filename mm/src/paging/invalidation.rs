@@ -46,22 +46,10 @@ impl FlushScope {
     /// The smallest scope covering both.
     pub fn union(self, other: FlushScope) -> FlushScope {
         match (self, other) {
-            (
-                FlushScope::Range {
-                    start: a,
-                    len: alen,
-                },
-                FlushScope::Range {
-                    start: b,
-                    len: blen,
-                },
-            ) => {
+            (FlushScope::Range { start: a, len: alen }, FlushScope::Range { start: b, len: blen }) => {
                 let start = a.min(b);
                 let end = (a.0 + alen).max(b.0 + blen);
-                FlushScope::Range {
-                    start,
-                    len: end - start.0,
-                }
+                FlushScope::Range { start, len: end - start.0 }
             }
             _ => FlushScope::All,
         }
@@ -99,27 +87,15 @@ pub struct Invalidation<F: EntryFormat> {
 impl<F: EntryFormat> Invalidation<F> {
     /// Nothing to flush.
     pub fn none() -> Self {
-        Self {
-            scope: None,
-            retired: Vec::new(),
-            _format: PhantomData,
-        }
+        Self { scope: None, retired: Vec::new(), _format: PhantomData }
     }
 
     pub(super) fn range(start: GuestPhysAddr, len: u64) -> Self {
-        Self {
-            scope: Some(FlushScope::Range { start, len }),
-            retired: Vec::new(),
-            _format: PhantomData,
-        }
+        Self { scope: Some(FlushScope::Range { start, len }), retired: Vec::new(), _format: PhantomData }
     }
 
     pub(super) fn all() -> Self {
-        Self {
-            scope: Some(FlushScope::All),
-            retired: Vec::new(),
-            _format: PhantomData,
-        }
+        Self { scope: Some(FlushScope::All), retired: Vec::new(), _format: PhantomData }
     }
 
     /// Add a detached table whose frames may be freed after the flush.
@@ -178,10 +154,7 @@ impl<F: EntryFormat> Default for Invalidation<F> {
 
 impl<F: EntryFormat> core::fmt::Debug for Invalidation<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Invalidation")
-            .field("scope", &self.scope)
-            .field("retired_tables", &self.retired.len())
-            .finish()
+        f.debug_struct("Invalidation").field("scope", &self.scope).field("retired_tables", &self.retired.len()).finish()
     }
 }
 
@@ -190,10 +163,7 @@ impl<F: EntryFormat> Drop for Invalidation<F> {
     /// to someone else, so an unflushed token leaks its tables instead.
     fn drop(&mut self) {
         if !self.retired.is_empty() {
-            crate::leaked(
-                "an Invalidation carrying retired page tables",
-                self.retired.len(),
-            );
+            crate::leaked("an Invalidation carrying retired page tables", self.retired.len());
         }
     }
 }

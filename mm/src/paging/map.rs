@@ -31,10 +31,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
         mem_type: MemType,
     ) -> Result<Invalidation<F>, Error> {
         if !F::supports(access) {
-            return Err(Error::UnsupportedAccess {
-                format: F::NAME,
-                access,
-            });
+            return Err(Error::UnsupportedAccess { format: F::NAME, access });
         }
         if size > self.max_page_size() {
             return Err(Error::UnsupportedPageSize(size));
@@ -43,21 +40,10 @@ impl<F: EntryFormat> NestedPageTable<F> {
         if !hpa.is_aligned(size.bytes()) {
             return Err(Error::MisalignedHostAddress { hpa, size });
         }
-        if hpa
-            .0
-            .checked_add(size.bytes())
-            .is_none_or(|end| end > HOST_PHYS_LIMIT)
-        {
+        if hpa.0.checked_add(size.bytes()).is_none_or(|end| end > HOST_PHYS_LIMIT) {
             return Err(Error::HostAddressOutOfRange(hpa));
         }
-        let leaf = F::encode_leaf(&Leaf {
-            hpa,
-            size,
-            access,
-            mem_type,
-            accessed: false,
-            dirty: false,
-        });
+        let leaf = F::encode_leaf(&Leaf { hpa, size, access, mem_type, accessed: false, dirty: false });
         let target = size.level();
         let w = self.walk(&*alloc, gpa.0, target);
         if F::is_present(w.raw) {
@@ -160,10 +146,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
         access: Access,
     ) -> Result<Invalidation<F>, Error> {
         if !F::supports(access) {
-            return Err(Error::UnsupportedAccess {
-                format: F::NAME,
-                access,
-            });
+            return Err(Error::UnsupportedAccess { format: F::NAME, access });
         }
         check_page(gpa, size)?;
         let w = self.find_exact(mem, gpa, size)?;
@@ -173,10 +156,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
             let new = F::encode_leaf(&Leaf { access, ..leaf });
             (new != raw).then_some(new)
         };
-        match w
-            .slot
-            .try_update(Ordering::AcqRel, Ordering::Acquire, update)
-        {
+        match w.slot.try_update(Ordering::AcqRel, Ordering::Acquire, update) {
             Ok(_) => Ok(Invalidation::range(gpa, size.bytes())),
             Err(_) => Ok(Invalidation::none()), // already had exactly these rights
         }
@@ -195,10 +175,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
         let size = PageSize::at_level(w.level)?;
         let leaf = F::decode_leaf(w.raw, size);
         let offset = gpa.0 & (size.bytes() - 1);
-        Some(Translation {
-            hpa: HostPhysAddr(leaf.hpa.0 + offset),
-            leaf,
-        })
+        Some(Translation { hpa: HostPhysAddr(leaf.hpa.0 + offset), leaf })
     }
 
     /// The walk to the leaf of exactly `size` at `gpa`, or why there is none.
@@ -245,11 +222,7 @@ fn has_leaf<F: EntryFormat, M: PhysMem>(mem: &M, table: HostPhysAddr, level: usi
 
 /// Number of table frames in the subtree of `table` (at `level`), itself
 /// included.
-pub(super) fn count_tables<F: EntryFormat, M: PhysMem>(
-    mem: &M,
-    table: HostPhysAddr,
-    level: usize,
-) -> usize {
+pub(super) fn count_tables<F: EntryFormat, M: PhysMem>(mem: &M, table: HostPhysAddr, level: usize) -> usize {
     let entries = slots(mem, table);
     1 + (0..ENTRIES)
         .map(|i| entries[i].load(Ordering::Acquire))

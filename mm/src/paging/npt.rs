@@ -32,11 +32,7 @@ const LARGE: u64 = 1 << 7;
 const NO_EXECUTE: u64 = 1 << 63;
 
 const _: () = {
-    assert!(
-        (PRESENT | WRITABLE | USER | PWT | PCD | ACCESSED | DIRTY | LARGE | NO_EXECUTE)
-            & ADDR_MASK_4K
-            == 0
-    );
+    assert!((PRESENT | WRITABLE | USER | PWT | PCD | ACCESSED | DIRTY | LARGE | NO_EXECUTE) & ADDR_MASK_4K == 0);
     assert!(ACCESSED == 0x20 && DIRTY == 0x40 && LARGE == 0x80);
     assert!(NO_EXECUTE == 0x8000_0000_0000_0000);
 };

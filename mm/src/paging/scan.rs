@@ -35,12 +35,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
                 }
                 if !is_table::<F>(raw, level) {
                     let size = PageSize::at_level(level)?;
-                    return Some(Found {
-                        slot,
-                        gpa: cur & !(span - 1),
-                        size,
-                        raw,
-                    });
+                    return Some(Found { slot, gpa: cur & !(span - 1), size, raw });
                 }
                 table = F::decode_table(raw);
             }
@@ -54,17 +49,8 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// Every leaf mapping overlapping `range`, in address order (large pages
     /// that straddle the range start are included, with their own base). The
     /// range is clamped to the 48-bit guest-physical space.
-    pub fn mappings<'a, M: PhysMem>(
-        &'a self,
-        mem: &'a M,
-        range: Range<GuestPhysAddr>,
-    ) -> Mappings<'a, F, M> {
-        Mappings {
-            table: self,
-            mem,
-            cur: range.start.0,
-            end: range.end.0.min(GUEST_PHYS_LIMIT),
-        }
+    pub fn mappings<'a, M: PhysMem>(&'a self, mem: &'a M, range: Range<GuestPhysAddr>) -> Mappings<'a, F, M> {
+        Mappings { table: self, mem, cur: range.start.0, end: range.end.0.min(GUEST_PHYS_LIMIT) }
     }
 
     /// Clear the dirty bit of every leaf overlapping `range` that has it,
@@ -131,18 +117,12 @@ impl<F: EntryFormat, M: PhysMem> Iterator for Mappings<'_, F, M> {
     fn next(&mut self) -> Option<Mapping> {
         let found = self.table.next_leaf(self.mem, self.cur, self.end)?;
         self.cur = found.gpa + found.size.bytes();
-        Some(Mapping {
-            gpa: GuestPhysAddr(found.gpa),
-            leaf: F::decode_leaf(found.raw, found.size),
-        })
+        Some(Mapping { gpa: GuestPhysAddr(found.gpa), leaf: F::decode_leaf(found.raw, found.size) })
     }
 }
 
 impl<F: EntryFormat, M: PhysMem> core::fmt::Debug for Mappings<'_, F, M> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Mappings")
-            .field("cur", &self.cur)
-            .field("end", &self.end)
-            .finish()
+        f.debug_struct("Mappings").field("cur", &self.cur).field("end", &self.end).finish()
     }
 }

@@ -23,11 +23,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// Replace the 1 GiB or 2 MiB page containing `gpa` by a table of 512
     /// pages of the next smaller size with the same rights, memory type and
     /// A/D state. Needs one frame; without it the table is unchanged.
-    pub fn split<A: FrameAlloc>(
-        &mut self,
-        alloc: &mut A,
-        gpa: GuestPhysAddr,
-    ) -> Result<Invalidation<F>, Error> {
+    pub fn split<A: FrameAlloc>(&mut self, alloc: &mut A, gpa: GuestPhysAddr) -> Result<Invalidation<F>, Error> {
         if gpa.0 >= GUEST_PHYS_LIMIT {
             return Err(Error::GuestAddressOutOfRange(gpa));
         }
@@ -50,23 +46,11 @@ impl<F: EntryFormat> NestedPageTable<F> {
             let leaf = F::decode_leaf(raw, size);
             for (i, child) in children.iter().enumerate() {
                 let hpa = HostPhysAddr(leaf.hpa.0 + i as u64 * child_size.bytes());
-                child.store(
-                    F::encode_leaf(&Leaf {
-                        hpa,
-                        size: child_size,
-                        ..leaf
-                    }),
-                    Ordering::Relaxed,
-                );
+                child.store(F::encode_leaf(&Leaf { hpa, size: child_size, ..leaf }), Ordering::Relaxed);
             }
             // Publish only if the hardware has not set A/D meanwhile;
             // otherwise refill with the new bits.
-            match w.slot.compare_exchange(
-                raw,
-                F::encode_table(table),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match w.slot.compare_exchange(raw, F::encode_table(table), Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(now) => raw = now,
             }
@@ -82,12 +66,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// Refused unless all 512 children are present leaves, their host pages
     /// are consecutive and start on a `size` boundary, and they share rights
     /// and memory type. The table frame is freed by the token's flush.
-    pub fn merge<M: PhysMem>(
-        &mut self,
-        mem: &M,
-        gpa: GuestPhysAddr,
-        size: PageSize,
-    ) -> Result<Invalidation<F>, Error> {
+    pub fn merge<M: PhysMem>(&mut self, mem: &M, gpa: GuestPhysAddr, size: PageSize) -> Result<Invalidation<F>, Error> {
         check_page(gpa, size)?;
         let refuse = |reason| Error::CannotMerge { gpa, size, reason };
         let Some(child_size) = size.smaller() else {
@@ -110,12 +89,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
             return Err(refuse(MergeRefusal::HostMisaligned));
         }
         let (accessed, dirty) = harvest_ad::<F>(children, child_size);
-        let leaf = F::encode_leaf(&Leaf {
-            size,
-            accessed,
-            dirty,
-            ..first
-        });
+        let leaf = F::encode_leaf(&Leaf { size, accessed, dirty, ..first });
         // The table entry itself only changes by the hardware setting its
         // accessed bit, which does not matter once it is replaced.
         w.slot.swap(leaf, Ordering::AcqRel);

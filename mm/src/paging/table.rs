@@ -98,12 +98,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// An empty table (one zeroed root frame: every address faults).
     pub fn new<A: FrameAlloc>(alloc: &mut A) -> Result<Self, Error> {
         let root = alloc.alloc_frame().ok_or(Error::OutOfTableMemory)?;
-        Ok(Self {
-            root,
-            table_frames: 1,
-            max_page_size: PageSize::Size1G,
-            _format: PhantomData,
-        })
+        Ok(Self { root, table_frames: 1, max_page_size: PageSize::Size1G, _format: PhantomData })
     }
 
     /// Limit the leaves this table may hold (default: 1 GiB). 1 GiB leaves
@@ -150,12 +145,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
 
     /// Walk from the root towards `gpa`, stopping at a non-present entry, at a
     /// leaf, or at the entry of level `stop`, whichever comes first.
-    pub(super) fn walk<'m, M: PhysMem + ?Sized>(
-        &self,
-        mem: &'m M,
-        gpa: u64,
-        stop: usize,
-    ) -> Walk<'m> {
+    pub(super) fn walk<'m, M: PhysMem + ?Sized>(&self, mem: &'m M, gpa: u64, stop: usize) -> Walk<'m> {
         let mut table = self.root;
         let mut level = 4;
         loop {
@@ -207,12 +197,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// Do what the hardware walker does on a guest access to `gpa`: set the
     /// leaf's accessed bit, and its dirty bit for a write. Returns false if
     /// `gpa` is not mapped.
-    pub(crate) fn simulate_access<M: PhysMem>(
-        &self,
-        mem: &M,
-        gpa: GuestPhysAddr,
-        write: bool,
-    ) -> bool {
+    pub(crate) fn simulate_access<M: PhysMem>(&self, mem: &M, gpa: GuestPhysAddr, write: bool) -> bool {
         let w = self.walk(mem, gpa.0, 1);
         if !is_leaf::<F>(w.raw, w.level) {
             return false;

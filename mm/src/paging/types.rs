@@ -96,11 +96,7 @@ impl Access {
 impl fmt::Display for Access {
     /// `rwx` notation with `-` for a missing right, e.g. `r-x`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (flag, c) in [
-            (Access::READ, 'r'),
-            (Access::WRITE, 'w'),
-            (Access::EXECUTE, 'x'),
-        ] {
+        for (flag, c) in [(Access::READ, 'r'), (Access::WRITE, 'w'), (Access::EXECUTE, 'x')] {
             fmt::Write::write_char(f, if self.contains(flag) { c } else { '-' })?;
         }
         Ok(())

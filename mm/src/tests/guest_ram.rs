@@ -4,9 +4,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::{all_mappings, destroy, flush};
-use crate::addr::{
-    GuestPhysAddr as G, HostPhysAddr as H, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K,
-};
+use crate::addr::{GuestPhysAddr as G, HostPhysAddr as H, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
 use crate::guest_ram::GuestRam;
 use crate::hal::{FrameAlloc, PhysMem};
@@ -43,16 +41,7 @@ fn largest_pages<F: EntryFormat>() {
     let ram = GuestRam::new(&mut sim, size).unwrap();
     assert_eq!(ram.size(), size);
     let lens: Vec<u64> = ram.chunks().map(|c| c.len).collect();
-    assert_eq!(
-        lens,
-        [
-            PAGE_SIZE_1G,
-            PAGE_SIZE_2M,
-            PAGE_SIZE_2M,
-            PAGE_SIZE_2M,
-            3 * PAGE_SIZE_4K
-        ]
-    );
+    assert_eq!(lens, [PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_2M, PAGE_SIZE_2M, 3 * PAGE_SIZE_4K]);
 
     let mut t = NestedPageTable::<F>::new(&mut sim).unwrap();
     let (inv, r) = ram.map_into(&mut t, &mut sim);
@@ -63,17 +52,11 @@ fn largest_pages<F: EntryFormat>() {
     assert_eq!(count_sizes(&maps), [3, 3, 1]);
     for m in &maps {
         assert_eq!(Some(m.leaf.hpa), ram.gpa_to_hpa(m.gpa));
-        assert_eq!(
-            (m.leaf.access, m.leaf.mem_type),
-            (Access::RWX, MemType::WriteBack)
-        );
+        assert_eq!((m.leaf.access, m.leaf.mem_type), (Access::RWX, MemType::WriteBack));
     }
     // Every byte of RAM translates like gpa_to_hpa; nothing past it does.
     for gpa in [0, PAGE_SIZE_1G - 1, PAGE_SIZE_1G + 5 * MIB, size - 1] {
-        assert_eq!(
-            t.translate(&sim, G(gpa)).map(|tr| tr.hpa),
-            ram.gpa_to_hpa(G(gpa))
-        );
+        assert_eq!(t.translate(&sim, G(gpa)).map(|tr| tr.hpa), ram.gpa_to_hpa(G(gpa)));
     }
     assert!(t.translate(&sim, G(size)).is_none());
     assert!(ram.gpa_to_hpa(G(size)).is_none());
@@ -152,13 +135,7 @@ fn regions_with_hole<F: EntryFormat>() {
     // Reads and writes that touch the hole are refused whole.
     let mut buf = [0u8; 16];
     let at = 2 * MIB + 2 * PAGE_SIZE_4K - 8;
-    assert_eq!(
-        ram.write(&sim, G(at), &[0xEE; 16]),
-        Err(Error::OutsideGuestRam {
-            gpa: G(at),
-            len: 16
-        })
-    );
+    assert_eq!(ram.write(&sim, G(at), &[0xEE; 16]), Err(Error::OutsideGuestRam { gpa: G(at), len: 16 }));
     ram.read(&sim, G(at), &mut buf[..8]).unwrap();
     assert_eq!(buf[..8], [0; 8], "a refused write changed memory");
     assert!(ram.read(&sim, G(4 * MIB - 4), &mut buf).is_err());
@@ -186,10 +163,7 @@ fn read_write_across_chunks() {
     }
     // Integers, little-endian, unaligned, across the seam.
     ram.write_obj(&sim, G(2 * MIB - 2), 0x1122_3344u32).unwrap();
-    assert_eq!(
-        ram.read_obj::<u32, _>(&sim, G(2 * MIB - 2)).unwrap(),
-        0x1122_3344
-    );
+    assert_eq!(ram.read_obj::<u32, _>(&sim, G(2 * MIB - 2)).unwrap(), 0x1122_3344);
     assert_eq!(ram.read_obj::<u8, _>(&sim, G(2 * MIB - 2)).unwrap(), 0x44);
     assert_eq!(ram.read_obj::<u16, _>(&sim, G(2 * MIB)).unwrap(), 0x1122);
     ram.write_obj(&sim, G(8), -2i64).unwrap();
@@ -212,10 +186,7 @@ fn read_write_across_scattered_frames() {
     let ram = GuestRam::new(&mut sim, 4 * PAGE_SIZE_4K).unwrap();
     let hpas: Vec<H> = ram.chunks().map(|c| c.hpa).collect();
     assert_eq!(hpas, [all[0], all[2], all[4], all[6]]);
-    let data: Vec<u8> = (0..=255u8)
-        .cycle()
-        .take(2 * PAGE_SIZE_4K as usize + 100)
-        .collect();
+    let data: Vec<u8> = (0..=255u8).cycle().take(2 * PAGE_SIZE_4K as usize + 100).collect();
     ram.write(&sim, G(PAGE_SIZE_4K - 50), &data).unwrap();
     let mut back = vec![0u8; data.len()];
     ram.read(&sim, G(PAGE_SIZE_4K - 50), &mut back).unwrap();
@@ -236,13 +207,7 @@ fn hostile_addresses_refused() {
     let ram = GuestRam::new(&mut sim, 8 * PAGE_SIZE_4K).unwrap();
     let size = ram.size();
     let mut buf = [0u8; 8];
-    for (gpa, len) in [
-        (size - 4, 8u64),
-        (size, 1),
-        (u64::MAX, 2),
-        (u64::MAX - 3, 8),
-        (1 << 48, 1),
-    ] {
+    for (gpa, len) in [(size - 4, 8u64), (size, 1), (u64::MAX, 2), (u64::MAX - 3, 8), (1 << 48, 1)] {
         let want = Err(Error::OutsideGuestRam { gpa: G(gpa), len });
         assert_eq!(ram.read(&sim, G(gpa), &mut buf[..len as usize]), want);
         assert_eq!(ram.write(&sim, G(gpa), &buf[..len as usize]), want);
@@ -267,10 +232,7 @@ fn invalid_layouts_refused() {
     ];
     for regions in bad {
         let e = GuestRam::with_regions(&mut sim, regions).unwrap_err();
-        assert!(
-            matches!(e, Error::InvalidRamLayout { .. }),
-            "{regions:?}: {e}"
-        );
+        assert!(matches!(e, Error::InvalidRamLayout { .. }), "{regions:?}: {e}");
     }
     assert_eq!(sim.allocations(), 0);
 }
@@ -281,12 +243,7 @@ fn out_of_memory_frees_everything() {
         let mut sim = SimPhys::new(2048);
         sim.fail_after(budget);
         let e = GuestRam::new(&mut sim, 2 * MIB + 16 * PAGE_SIZE_4K).unwrap_err();
-        assert_eq!(
-            e,
-            Error::OutOfGuestMemory {
-                size: 2 * MIB + 16 * PAGE_SIZE_4K
-            }
-        );
+        assert_eq!(e, Error::OutOfGuestMemory { size: 2 * MIB + 16 * PAGE_SIZE_4K });
         assert_eq!(sim.frames_in_use(), 0);
         assert_eq!(sim.frees(), budget);
     }
@@ -311,10 +268,7 @@ fn map_into_out_of_table_frames<F: EntryFormat>() {
     flush(inv, &mut sim);
     r.unwrap();
     assert_eq!(all_mappings(&t, &sim).len(), 2);
-    assert!(
-        ram.map_into(&mut t, &mut sim).1.is_err(),
-        "mapping twice must overlap"
-    );
+    assert!(ram.map_into(&mut t, &mut sim).1.is_err(), "mapping twice must overlap");
     destroy(t, &mut sim, 1024);
     free(ram, &mut sim);
 }
@@ -331,19 +285,7 @@ fn dropping_ram_is_a_loud_leak() {
 #[test]
 fn page_size_discriminants_index_counts() {
     // `count_sizes` indexes by discriminant: 4K, 2M, 1G.
-    assert_eq!(
-        [
-            PageSize::Size4K as usize,
-            PageSize::Size2M as usize,
-            PageSize::Size1G as usize
-        ],
-        [0, 1, 2]
-    );
+    assert_eq!([PageSize::Size4K as usize, PageSize::Size2M as usize, PageSize::Size1G as usize], [0, 1, 2]);
 }
 
-super::for_both_formats!(
-    largest_pages,
-    small_pages_when_unaligned,
-    regions_with_hole,
-    map_into_out_of_table_frames
-);
+super::for_both_formats!(largest_pages, small_pages_when_unaligned, regions_with_hole, map_into_out_of_table_frames);

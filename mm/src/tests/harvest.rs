@@ -12,16 +12,7 @@ fn dirty_pages_reported_once<F: EntryFormat>() {
     let mut sim = table_sim();
     let mut t = NestedPageTable::<F>::new(&mut sim).unwrap();
     let mut map = |gpa: u64, size| {
-        let inv = t
-            .map(
-                &mut sim,
-                G(gpa),
-                H(gpa),
-                size,
-                Access::RWX,
-                MemType::WriteBack,
-            )
-            .unwrap();
+        let inv = t.map(&mut sim, G(gpa), H(gpa), size, Access::RWX, MemType::WriteBack).unwrap();
         assert!(inv.is_none());
         inv.flush(&mut sim, |_| {});
     };
@@ -46,29 +37,14 @@ fn dirty_pages_reported_once<F: EntryFormat>() {
 
     let mut dirty = Vec::new();
     let inv = t.test_and_clear_dirty(&sim, range.clone(), |gpa, size| dirty.push((gpa.0, size)));
-    assert_eq!(
-        dirty,
-        [
-            (0x20_0000, Size2M),
-            (0x100_3000, Size4K),
-            (0x100_F000, Size4K)
-        ]
-    );
+    assert_eq!(dirty, [(0x20_0000, Size2M), (0x100_3000, Size4K), (0x100_F000, Size4K)]);
     // The flush covers everything cleared.
     let scope = flush(inv, &mut sim).unwrap();
     assert!(dirty.iter().all(|&(g, _)| scope.covers(G(g))));
-    assert_eq!(
-        scope,
-        FlushScope::Range {
-            start: G(0x20_0000),
-            len: 0x101_0000 - 0x20_0000
-        }
-    );
+    assert_eq!(scope, FlushScope::Range { start: G(0x20_0000), len: 0x101_0000 - 0x20_0000 });
 
     // Reported once: a second harvest finds nothing and needs no flush.
-    let inv = t.test_and_clear_dirty(&sim, range.clone(), |gpa, _| {
-        panic!("{gpa:?} reported twice")
-    });
+    let inv = t.test_and_clear_dirty(&sim, range.clone(), |gpa, _| panic!("{gpa:?} reported twice"));
     assert!(inv.is_none());
     flush(inv, &mut sim);
     // Accessed bits were left alone; the page outside the range kept D.
@@ -89,16 +65,7 @@ fn accessed_sampling<F: EntryFormat>() {
     let mut sim = table_sim();
     let mut t = NestedPageTable::<F>::new(&mut sim).unwrap();
     for i in 0..8 {
-        let inv = t
-            .map(
-                &mut sim,
-                G(i << 21),
-                H(i << 21),
-                Size2M,
-                Access::RW,
-                MemType::WriteBack,
-            )
-            .unwrap();
+        let inv = t.map(&mut sim, G(i << 21), H(i << 21), Size2M, Access::RW, MemType::WriteBack).unwrap();
         inv.flush(&mut sim, |_| {});
     }
     for i in [1u64, 4, 6] {
@@ -106,9 +73,7 @@ fn accessed_sampling<F: EntryFormat>() {
     }
     // A range starting inside page 4 still reports page 4, by its base.
     let mut hot = Vec::new();
-    let inv = t.test_and_clear_accessed(&sim, G((4 << 21) + 0x1000)..G(8 << 21), |gpa, _| {
-        hot.push(gpa.0 >> 21)
-    });
+    let inv = t.test_and_clear_accessed(&sim, G((4 << 21) + 0x1000)..G(8 << 21), |gpa, _| hot.push(gpa.0 >> 21));
     flush(inv, &mut sim);
     assert_eq!(hot, [4, 6]);
     let mut rest = Vec::new();
@@ -120,9 +85,7 @@ fn accessed_sampling<F: EntryFormat>() {
 }
 
 fn all_clear<F: EntryFormat>(t: &NestedPageTable<F>, sim: &crate::sim::SimPhys) -> bool {
-    super::all_mappings(t, sim)
-        .iter()
-        .all(|m| !m.leaf.accessed && !m.leaf.dirty)
+    super::all_mappings(t, sim).iter().all(|m| !m.leaf.accessed && !m.leaf.dirty)
 }
 
 super::for_both_formats!(dirty_pages_reported_once, accessed_sampling);

@@ -3,9 +3,7 @@
 use super::{Rng, all_mappings, destroy, flush, table_sim};
 use crate::addr::{GUEST_PHYS_LIMIT, GuestPhysAddr as G, HOST_PHYS_LIMIT, HostPhysAddr as H};
 use crate::error::Error;
-use crate::paging::{
-    Access, EntryFormat, FlushScope, Invalidation, MemType, NestedPageTable, PageSize,
-};
+use crate::paging::{Access, EntryFormat, FlushScope, Invalidation, MemType, NestedPageTable, PageSize};
 use crate::sim::SimPhys;
 
 use PageSize::{Size1G, Size2M, Size4K};
@@ -13,10 +11,7 @@ use PageSize::{Size1G, Size2M, Size4K};
 const WB: MemType = MemType::WriteBack;
 
 fn range(start: u64, len: u64) -> Option<FlushScope> {
-    Some(FlushScope::Range {
-        start: G(start),
-        len,
-    })
+    Some(FlushScope::Range { start: G(start), len })
 }
 
 /// Map and expect an empty token (a fresh mapping needs no flush).
@@ -83,93 +78,47 @@ fn refusals_change_nothing<F: EntryFormat>() {
     let before = all_mappings(&t, &sim);
     let frames = t.table_frames();
 
-    let mut try_map = |gpa: u64, hpa: u64, size, access| {
-        t.map(&mut sim, G(gpa), H(hpa), size, access, WB)
-            .map(|inv| inv.is_none())
-    };
+    let mut try_map =
+        |gpa: u64, hpa: u64, size, access| t.map(&mut sim, G(gpa), H(hpa), size, access, WB).map(|inv| inv.is_none());
     // Misaligned guest and host addresses.
     assert_eq!(
         try_map(0x80_1000, 0, Size2M, Access::RW),
-        Err(Error::MisalignedGuestAddress {
-            gpa: G(0x80_1000),
-            size: Size2M
-        })
+        Err(Error::MisalignedGuestAddress { gpa: G(0x80_1000), size: Size2M })
     );
     assert_eq!(
         try_map(0x80_0000, 0x1000, Size2M, Access::RW),
-        Err(Error::MisalignedHostAddress {
-            hpa: H(0x1000),
-            size: Size2M
-        })
+        Err(Error::MisalignedHostAddress { hpa: H(0x1000), size: Size2M })
     );
-    assert!(matches!(
-        try_map(0x123, 0, Size4K, Access::RW),
-        Err(Error::MisalignedGuestAddress { .. })
-    ));
+    assert!(matches!(try_map(0x123, 0, Size4K, Access::RW), Err(Error::MisalignedGuestAddress { .. })));
     // Beyond 48-bit guest-physical and 52-bit host-physical space.
     assert_eq!(
         try_map(GUEST_PHYS_LIMIT, 0, Size4K, Access::RW),
         Err(Error::GuestAddressOutOfRange(G(GUEST_PHYS_LIMIT)))
     );
-    assert!(matches!(
-        try_map(!0xfff, 0, Size4K, Access::RW),
-        Err(Error::GuestAddressOutOfRange(_))
-    ));
+    assert!(matches!(try_map(!0xfff, 0, Size4K, Access::RW), Err(Error::GuestAddressOutOfRange(_))));
     assert_eq!(
         try_map(0x9000_0000, HOST_PHYS_LIMIT, Size4K, Access::RW),
         Err(Error::HostAddressOutOfRange(H(HOST_PHYS_LIMIT)))
     );
     // Rights the formats cannot express.
-    for bad in [
-        Access::WRITE,
-        Access::EXECUTE,
-        Access::WRITE | Access::EXECUTE,
-        Access::empty(),
-    ] {
+    for bad in [Access::WRITE, Access::EXECUTE, Access::WRITE | Access::EXECUTE, Access::empty()] {
         assert_eq!(
             try_map(0x9000_0000, 0, Size4K, bad),
-            Err(Error::UnsupportedAccess {
-                format: F::NAME,
-                access: bad
-            })
+            Err(Error::UnsupportedAccess { format: F::NAME, access: bad })
         );
     }
     // Overlaps at every level: inside the 2 MiB page, the same page, a 1 GiB
     // page over it, and a 2 MiB page over the 4 KiB one.
-    assert_eq!(
-        try_map(0x1000, 0, Size4K, Access::RW),
-        Err(Error::AlreadyMapped {
-            gpa: G(0x1000),
-            size: Size4K
-        })
-    );
-    assert_eq!(
-        try_map(0, 0, Size2M, Access::RW),
-        Err(Error::AlreadyMapped {
-            gpa: G(0),
-            size: Size2M
-        })
-    );
-    assert_eq!(
-        try_map(0, 0, Size1G, Access::RW),
-        Err(Error::AlreadyMapped {
-            gpa: G(0),
-            size: Size1G
-        })
-    );
+    assert_eq!(try_map(0x1000, 0, Size4K, Access::RW), Err(Error::AlreadyMapped { gpa: G(0x1000), size: Size4K }));
+    assert_eq!(try_map(0, 0, Size2M, Access::RW), Err(Error::AlreadyMapped { gpa: G(0), size: Size2M }));
+    assert_eq!(try_map(0, 0, Size1G, Access::RW), Err(Error::AlreadyMapped { gpa: G(0), size: Size1G }));
     assert_eq!(
         try_map(0x4000_0000, 0, Size2M, Access::RW),
-        Err(Error::AlreadyMapped {
-            gpa: G(0x4000_0000),
-            size: Size2M
-        })
+        Err(Error::AlreadyMapped { gpa: G(0x4000_0000), size: Size2M })
     );
     assert_eq!(
         try_map(0x4000_0000, 0, Size1G, Access::RW),
-        Err(Error::AlreadyMapped {
-            gpa: G(0x4000_0000),
-            size: Size1G
-        })
+        Err(Error::AlreadyMapped { gpa: G(0x4000_0000), size: Size1G })
     );
 
     assert_eq!(all_mappings(&t, &sim), before);
@@ -187,10 +136,7 @@ fn invalidation_scopes<F: EntryFormat>() {
     // protect: the page's range; unchanged rights: nothing.
     let inv = t.protect(&sim, G(0x20_0000), Size2M, Access::R).unwrap();
     assert_eq!(flush(inv, &mut sim), range(0x20_0000, 0x20_0000));
-    assert_eq!(
-        t.translate(&sim, G(0x20_0000)).unwrap().leaf.access,
-        Access::R
-    );
+    assert_eq!(t.translate(&sim, G(0x20_0000)).unwrap().leaf.access, Access::R);
     let inv = t.protect(&sim, G(0x20_0000), Size2M, Access::R).unwrap();
     assert_eq!(flush(inv, &mut sim), None);
 
@@ -211,20 +157,12 @@ fn invalidation_scopes<F: EntryFormat>() {
     assert!(t.translate(&sim, G(0x5000)).is_none());
 
     // Combining: hull of ranges; anything with All is All; none is neutral.
-    let a = Invalidation::<F>::none()
-        .combine(t.protect(&sim, G(0x20_0000), Size2M, Access::RW).unwrap());
+    let a = Invalidation::<F>::none().combine(t.protect(&sim, G(0x20_0000), Size2M, Access::RW).unwrap());
     assert_eq!(a.scope(), range(0x20_0000, 0x20_0000));
     map_fresh(&mut t, &mut sim, 0x1000, 0x1000, Size4K, Access::RW);
     let b = a.combine(t.protect(&sim, G(0x1000), Size4K, Access::R).unwrap());
     assert_eq!(flush(b, &mut sim), range(0x1000, 0x40_0000 - 0x1000));
-    assert_eq!(
-        FlushScope::Range {
-            start: G(0),
-            len: 1
-        }
-        .union(FlushScope::All),
-        FlushScope::All
-    );
+    assert_eq!(FlushScope::Range { start: G(0), len: 1 }.union(FlushScope::All), FlushScope::All);
     destroy(t, &mut sim, 0);
 }
 
@@ -234,34 +172,19 @@ fn unmap_and_protect_errors<F: EntryFormat>() {
     map_fresh(&mut t, &mut sim, 0x20_0000, 0x40_0000, Size2M, Access::RWX);
     map_fresh(&mut t, &mut sim, 0x4000_0000, 0x9000, Size4K, Access::RWX);
 
-    assert_eq!(
-        t.unmap(&sim, G(0x60_0000), Size2M).err(),
-        Some(Error::NotMapped(G(0x60_0000)))
-    );
-    assert_eq!(
-        t.unmap(&sim, G(0x8000_0000), Size1G).err(),
-        Some(Error::NotMapped(G(0x8000_0000)))
-    );
+    assert_eq!(t.unmap(&sim, G(0x60_0000), Size2M).err(), Some(Error::NotMapped(G(0x60_0000))));
+    assert_eq!(t.unmap(&sim, G(0x8000_0000), Size1G).err(), Some(Error::NotMapped(G(0x8000_0000))));
     assert_eq!(
         t.unmap(&sim, G(0x20_1000), Size4K).err(),
-        Some(Error::InsideLargerPage {
-            gpa: G(0x20_1000),
-            size: Size2M
-        })
+        Some(Error::InsideLargerPage { gpa: G(0x20_1000), size: Size2M })
     );
     assert_eq!(
         t.unmap(&sim, G(0x4000_0000), Size2M).err(),
-        Some(Error::MappedBySmallerPages {
-            gpa: G(0x4000_0000),
-            size: Size2M
-        })
+        Some(Error::MappedBySmallerPages { gpa: G(0x4000_0000), size: Size2M })
     );
     assert_eq!(
         t.unmap(&sim, G(0x20_1000), Size2M).err(),
-        Some(Error::MisalignedGuestAddress {
-            gpa: G(0x20_1000),
-            size: Size2M
-        })
+        Some(Error::MisalignedGuestAddress { gpa: G(0x20_1000), size: Size2M })
     );
     assert_eq!(
         t.unmap(&sim, G(GUEST_PHYS_LIMIT), Size4K).err(),
@@ -269,17 +192,11 @@ fn unmap_and_protect_errors<F: EntryFormat>() {
     );
     assert_eq!(
         t.protect(&sim, G(0x20_0000), Size2M, Access::WRITE).err(),
-        Some(Error::UnsupportedAccess {
-            format: F::NAME,
-            access: Access::WRITE
-        })
+        Some(Error::UnsupportedAccess { format: F::NAME, access: Access::WRITE })
     );
     assert_eq!(
         t.protect(&sim, G(0x20_1000), Size4K, Access::R).err(),
-        Some(Error::InsideLargerPage {
-            gpa: G(0x20_1000),
-            size: Size2M
-        })
+        Some(Error::InsideLargerPage { gpa: G(0x20_1000), size: Size2M })
     );
     assert_eq!(all_mappings(&t, &sim).len(), 2);
     // Nothing beyond the guest-physical space translates.
@@ -291,16 +208,7 @@ fn unmap_and_protect_errors<F: EntryFormat>() {
 fn protect_keeps_the_rest<F: EntryFormat>() {
     let mut sim = table_sim();
     let mut t = NestedPageTable::<F>::new(&mut sim).unwrap();
-    let inv = t
-        .map(
-            &mut sim,
-            G(0x4000_0000),
-            H(0x8000_0000),
-            Size1G,
-            Access::RW,
-            MemType::Uncacheable,
-        )
-        .unwrap();
+    let inv = t.map(&mut sim, G(0x4000_0000), H(0x8000_0000), Size1G, Access::RW, MemType::Uncacheable).unwrap();
     assert!(inv.is_none());
     inv.flush(&mut sim, |_| {});
     assert!(t.simulate_access(&sim, G(0x4000_1234), true));
@@ -326,16 +234,11 @@ fn large_page_over_emptied_table<F: EntryFormat>() {
     // Still one page left: refused.
     let (_, inv) = t.unmap(&sim, G(0x20_0000), Size4K).unwrap();
     flush(inv, &mut sim);
-    assert!(matches!(
-        t.map(&mut sim, G(0x20_0000), H(0), Size2M, Access::RW, WB),
-        Err(Error::AlreadyMapped { .. })
-    ));
+    assert!(matches!(t.map(&mut sim, G(0x20_0000), H(0), Size2M, Access::RW, WB), Err(Error::AlreadyMapped { .. })));
     let (_, inv) = t.unmap(&sim, G(0x20_1000), Size4K).unwrap();
     flush(inv, &mut sim);
     // Now empty: the 2 MiB page replaces the page table, retired by the flush.
-    let inv = t
-        .map(&mut sim, G(0x20_0000), H(0x60_0000), Size2M, Access::RW, WB)
-        .unwrap();
+    let inv = t.map(&mut sim, G(0x20_0000), H(0x60_0000), Size2M, Access::RW, WB).unwrap();
     assert_eq!(inv.retired_tables(), 1);
     assert_eq!(flush(inv, &mut sim), range(0x20_0000, 0x20_0000));
     assert_eq!(t.table_frames(), 3);
@@ -343,27 +246,11 @@ fn large_page_over_emptied_table<F: EntryFormat>() {
     assert_eq!(t.translate(&sim, G(0x20_0040)).unwrap().hpa, H(0x60_0040));
 
     // Same at 1 GiB, where the emptied subtree is a PD with a PT below it.
-    map_fresh(
-        &mut t,
-        &mut sim,
-        0x4000_0000 + 0x1000,
-        0x1000,
-        Size4K,
-        Access::RW,
-    );
+    map_fresh(&mut t, &mut sim, 0x4000_0000 + 0x1000, 0x1000, Size4K, Access::RW);
     let (_, inv) = t.unmap(&sim, G(0x4000_1000), Size4K).unwrap();
     flush(inv, &mut sim);
     assert_eq!(t.table_frames(), 5);
-    let inv = t
-        .map(
-            &mut sim,
-            G(0x4000_0000),
-            H(0x4000_0000),
-            Size1G,
-            Access::RW,
-            WB,
-        )
-        .unwrap();
+    let inv = t.map(&mut sim, G(0x4000_0000), H(0x4000_0000), Size1G, Access::RW, WB).unwrap();
     assert_eq!(flush(inv, &mut sim), range(0x4000_0000, 0x4000_0000));
     assert_eq!(t.table_frames(), 3);
     assert_eq!(sim.frames_in_use(), 3);
@@ -382,14 +269,9 @@ fn random_against_model<F: EntryFormat>() {
             let size = [Size4K, Size4K, Size2M, Size1G][rng.below(4) as usize];
             let gpa = rng.below(16 << 30) & !(size.bytes() - 1);
             let hpa = rng.below(1 << 40) & !(size.bytes() - 1);
-            let overlaps = model
-                .iter()
-                .any(|(&g, &(_, s))| g < gpa + size.bytes() && gpa < g + s.bytes());
+            let overlaps = model.iter().any(|(&g, &(_, s))| g < gpa + size.bytes() && gpa < g + s.bytes());
             if rng.chance(30) && !model.is_empty() {
-                let (&g, &(h, s)) = model
-                    .iter()
-                    .nth(rng.below(model.len() as u64) as usize)
-                    .unwrap();
+                let (&g, &(h, s)) = model.iter().nth(rng.below(model.len() as u64) as usize).unwrap();
                 let (old, inv) = t.unmap(&sim, G(g), s).unwrap();
                 assert_eq!(old, H(h));
                 assert_eq!(flush(inv, &mut sim), range(g, s.bytes()));
@@ -408,12 +290,9 @@ fn random_against_model<F: EntryFormat>() {
                 }
             }
         }
-        let got: alloc::vec::Vec<(u64, u64, PageSize)> = all_mappings(&t, &sim)
-            .iter()
-            .map(|m| (m.gpa.0, m.leaf.hpa.0, m.leaf.size))
-            .collect();
-        let want: alloc::vec::Vec<(u64, u64, PageSize)> =
-            model.iter().map(|(&g, &(h, s))| (g, h, s)).collect();
+        let got: alloc::vec::Vec<(u64, u64, PageSize)> =
+            all_mappings(&t, &sim).iter().map(|m| (m.gpa.0, m.leaf.hpa.0, m.leaf.size)).collect();
+        let want: alloc::vec::Vec<(u64, u64, PageSize)> = model.iter().map(|(&g, &(h, s))| (g, h, s)).collect();
         assert_eq!(got, want, "seed {seed}");
         assert_eq!(t.table_frames(), sim.frames_in_use());
         destroy(t, &mut sim, 0);
@@ -425,17 +304,11 @@ fn max_page_size_enforced<F: EntryFormat>() {
     let mut t = NestedPageTable::<F>::new(&mut sim).unwrap();
     assert_eq!(t.max_page_size(), Size1G);
     t.set_max_page_size(Size2M);
-    assert_eq!(
-        t.map(&mut sim, G(0), H(0), Size1G, Access::RW, WB).err(),
-        Some(Error::UnsupportedPageSize(Size1G))
-    );
+    assert_eq!(t.map(&mut sim, G(0), H(0), Size1G, Access::RW, WB).err(), Some(Error::UnsupportedPageSize(Size1G)));
     for i in 0..512 {
         map_fresh(&mut t, &mut sim, i << 21, i << 21, Size2M, Access::RW);
     }
-    assert_eq!(
-        t.merge(&sim, G(0), Size1G).err(),
-        Some(Error::UnsupportedPageSize(Size1G))
-    );
+    assert_eq!(t.merge(&sim, G(0), Size1G).err(), Some(Error::UnsupportedPageSize(Size1G)));
     assert_eq!(all_mappings(&t, &sim).len(), 512);
     destroy(t, &mut sim, 0);
 }
@@ -446,9 +319,7 @@ fn mappings_range_clips<F: EntryFormat>() {
     map_fresh(&mut t, &mut sim, 0x20_0000, 0, Size2M, Access::RW);
     map_fresh(&mut t, &mut sim, 0x40_0000, 0x1000, Size4K, Access::RW);
     map_fresh(&mut t, &mut sim, 0x40_2000, 0x2000, Size4K, Access::RW);
-    let in_range = |a: u64, b: u64| -> alloc::vec::Vec<u64> {
-        t.mappings(&sim, G(a)..G(b)).map(|m| m.gpa.0).collect()
-    };
+    let in_range = |a: u64, b: u64| -> alloc::vec::Vec<u64> { t.mappings(&sim, G(a)..G(b)).map(|m| m.gpa.0).collect() };
     // A large page straddling the start is reported with its own base.
     assert_eq!(in_range(0x30_0000, 0x40_1000), [0x20_0000, 0x40_0000]);
     assert_eq!(in_range(0x40_1000, 0x40_2000), [] as [u64; 0]);
@@ -459,28 +330,12 @@ fn mappings_range_clips<F: EntryFormat>() {
 
 #[test]
 fn error_messages_are_sentences() {
-    let e = Error::AlreadyMapped {
-        gpa: G(0x20_0000),
-        size: Size2M,
-    };
-    assert_eq!(
-        alloc::format!("{e}"),
-        "2 MiB page at 0x200000 overlaps an existing mapping"
-    );
-    let e = Error::UnsupportedAccess {
-        format: "EPT",
-        access: Access::WRITE,
-    };
+    let e = Error::AlreadyMapped { gpa: G(0x20_0000), size: Size2M };
+    assert_eq!(alloc::format!("{e}"), "2 MiB page at 0x200000 overlaps an existing mapping");
+    let e = Error::UnsupportedAccess { format: "EPT", access: Access::WRITE };
     assert_eq!(alloc::format!("{e}"), "EPT entries cannot grant access -w-");
-    let e = Error::CannotMerge {
-        gpa: G(0),
-        size: Size2M,
-        reason: crate::MergeRefusal::Hole,
-    };
-    assert_eq!(
-        alloc::format!("{e}"),
-        "Cannot merge the 2 MiB range at 0x0: part of it is not mapped"
-    );
+    let e = Error::CannotMerge { gpa: G(0), size: Size2M, reason: crate::MergeRefusal::Hole };
+    assert_eq!(alloc::format!("{e}"), "Cannot merge the 2 MiB range at 0x0: part of it is not mapped");
 }
 
 // The leak check is a debug-build panic.

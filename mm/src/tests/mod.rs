@@ -70,11 +70,7 @@ pub(crate) fn flush<F: EntryFormat>(inv: Invalidation<F>, sim: &mut SimPhys) -> 
 
 /// Destroy `table`, check it asked for a full flush, and that every table
 /// frame went back.
-pub(crate) fn destroy<F: EntryFormat>(
-    table: NestedPageTable<F>,
-    sim: &mut SimPhys,
-    other_frames: usize,
-) {
+pub(crate) fn destroy<F: EntryFormat>(table: NestedPageTable<F>, sim: &mut SimPhys, other_frames: usize) {
     let frames = table.table_frames();
     let before = sim.frames_in_use();
     assert_eq!(flush(table.destroy(), sim), Some(FlushScope::All));
@@ -82,14 +78,6 @@ pub(crate) fn destroy<F: EntryFormat>(
     assert_eq!(sim.frames_in_use(), other_frames, "table frames leaked");
 }
 
-pub(crate) fn all_mappings<F: EntryFormat>(
-    table: &NestedPageTable<F>,
-    sim: &SimPhys,
-) -> Vec<Mapping> {
-    table
-        .mappings(
-            sim,
-            GuestPhysAddr(0)..GuestPhysAddr(crate::addr::GUEST_PHYS_LIMIT),
-        )
-        .collect()
+pub(crate) fn all_mappings<F: EntryFormat>(table: &NestedPageTable<F>, sim: &SimPhys) -> Vec<Mapping> {
+    table.mappings(sim, GuestPhysAddr(0)..GuestPhysAddr(crate::addr::GUEST_PHYS_LIMIT)).collect()
 }

@@ -11,11 +11,7 @@ use crate::sim::SimPhys;
 use PageSize::{Size1G, Size2M, Size4K};
 
 const RIGHTS: [Access; 4] = [Access::R, Access::RW, Access::RX, Access::RWX];
-const TYPES: [MemType; 3] = [
-    MemType::WriteBack,
-    MemType::WriteThrough,
-    MemType::Uncacheable,
-];
+const TYPES: [MemType; 3] = [MemType::WriteBack, MemType::WriteThrough, MemType::Uncacheable];
 
 /// Mappings as maximal runs contiguous in both spaces with equal
 /// attributes: what the guest can observe, independent of page sizes.
@@ -30,15 +26,7 @@ fn runs(maps: &[Mapping]) -> Vec<(u64, u64, u64, Access, MemType, bool, bool)> {
         {
             r.2 += l.size.bytes();
         } else {
-            out.push((
-                m.gpa.0,
-                l.hpa.0,
-                l.size.bytes(),
-                l.access,
-                l.mem_type,
-                l.accessed,
-                l.dirty,
-            ));
+            out.push((m.gpa.0, l.hpa.0, l.size.bytes(), l.access, l.mem_type, l.accessed, l.dirty));
         }
     }
     out
@@ -121,25 +109,15 @@ fn split_then_merge_restores<F: EntryFormat>() {
             }
         }
         let split = all_mappings(&t, &sim);
-        assert_eq!(
-            runs(&split),
-            runs(&original),
-            "seed {seed}: split changed a translation"
-        );
+        assert_eq!(runs(&split), runs(&original), "seed {seed}: split changed a translation");
         assert!(split.len() >= original.len());
 
         for &(gpa, size) in undo.iter().rev() {
-            let inv = t
-                .merge(&sim, G(gpa), size)
-                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let inv = t.merge(&sim, G(gpa), size).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(inv.retired_tables(), 1);
             flush(inv, &mut sim);
         }
-        assert_eq!(
-            all_mappings(&t, &sim),
-            original,
-            "seed {seed}: merge did not restore"
-        );
+        assert_eq!(all_mappings(&t, &sim), original, "seed {seed}: merge did not restore");
         assert_eq!(t.table_frames(), frames);
         assert_eq!(sim.frames_in_use(), frames);
         destroy(t, &mut sim, 0);
@@ -149,15 +127,7 @@ fn split_then_merge_restores<F: EntryFormat>() {
 fn split_keeps_attributes<F: EntryFormat>() {
     let mut sim = table_sim();
     let mut t = NestedPageTable::<F>::new(&mut sim).unwrap();
-    map(
-        &mut t,
-        &mut sim,
-        1 << 30,
-        3 << 30,
-        Size1G,
-        Access::RX,
-        MemType::Uncacheable,
-    );
+    map(&mut t, &mut sim, 1 << 30, 3 << 30, Size1G, Access::RX, MemType::Uncacheable);
     assert!(t.simulate_access(&sim, G(1 << 30), true));
     let inv = t.split(&mut sim, G((1 << 30) + 5)).unwrap();
     flush(inv, &mut sim);
@@ -168,28 +138,16 @@ fn split_keeps_attributes<F: EntryFormat>() {
         assert_eq!(m.gpa, G((1 << 30) + off));
         assert_eq!(m.leaf.hpa, H((3 << 30) + off));
         assert_eq!(m.leaf.size, Size2M);
-        assert_eq!(
-            (m.leaf.access, m.leaf.mem_type),
-            (Access::RX, MemType::Uncacheable)
-        );
+        assert_eq!((m.leaf.access, m.leaf.mem_type), (Access::RX, MemType::Uncacheable));
         assert!(m.leaf.accessed && m.leaf.dirty);
     }
     // Split one 2 MiB child further.
     let inv = t.split(&mut sim, G((1 << 30) + (2 << 20))).unwrap();
     flush(inv, &mut sim);
-    assert_eq!(
-        t.translate(&sim, G((1 << 30) + (2 << 20) + 0x1234))
-            .unwrap()
-            .leaf
-            .size,
-        Size4K
-    );
+    assert_eq!(t.translate(&sim, G((1 << 30) + (2 << 20) + 0x1234)).unwrap().leaf.size, Size4K);
     // Root, PDPT, the PD from the first split, the PT from the second.
     assert_eq!(t.table_frames(), 4);
-    assert_eq!(
-        t.split(&mut sim, G((1 << 30) + (2 << 20))).err(),
-        Some(Error::CannotSplit(G((1 << 30) + (2 << 20))))
-    );
+    assert_eq!(t.split(&mut sim, G((1 << 30) + (2 << 20))).err(), Some(Error::CannotSplit(G((1 << 30) + (2 << 20)))));
     assert_eq!(t.split(&mut sim, G(0)).err(), Some(Error::NotMapped(G(0))));
     destroy(t, &mut sim, 0);
 }
@@ -215,10 +173,7 @@ fn merge_of_mapped_pages<F: EntryFormat>() {
     let inv = t.merge(&sim, G(0x60_0000), Size2M).unwrap();
     flush(inv, &mut sim);
     let leaf = t.translate(&sim, G(0x60_0000)).unwrap().leaf;
-    assert_eq!(
-        (leaf.hpa, leaf.size, leaf.access),
-        (H(0x1_0020_0000), Size2M, Access::RW)
-    );
+    assert_eq!((leaf.hpa, leaf.size, leaf.access), (H(0x1_0020_0000), Size2M, Access::RW));
     assert!(leaf.accessed && leaf.dirty);
     assert_eq!(t.table_frames(), 3);
     assert_eq!(sim.frames_in_use(), 3);
@@ -247,57 +202,22 @@ fn merge_refusals<F: EntryFormat>() {
     }
     let before = all_mappings(&t, &sim);
     let frames = t.table_frames();
-    let refused = |n: u64, reason| {
-        Some(Error::CannotMerge {
-            gpa: G(region(n)),
-            size: Size2M,
-            reason,
-        })
-    };
+    let refused = |n: u64, reason| Some(Error::CannotMerge { gpa: G(region(n)), size: Size2M, reason });
     // Each of these must fail (an unexpected success would drop a token that
     // carries a table, which panics).
     let mut merge = |gpa: u64, size| t.merge(&sim, G(gpa), size).err();
     assert_eq!(merge(region(0), Size2M), refused(0, MergeRefusal::Hole));
-    assert_eq!(
-        merge(region(1), Size2M),
-        refused(1, MergeRefusal::NotContiguous)
-    );
-    assert_eq!(
-        merge(region(2), Size2M),
-        refused(2, MergeRefusal::NotUniform)
-    );
-    assert_eq!(
-        merge(region(3), Size2M),
-        refused(3, MergeRefusal::NotUniform)
-    );
-    assert_eq!(
-        merge(region(4), Size2M),
-        refused(4, MergeRefusal::HostMisaligned)
-    );
+    assert_eq!(merge(region(1), Size2M), refused(1, MergeRefusal::NotContiguous));
+    assert_eq!(merge(region(2), Size2M), refused(2, MergeRefusal::NotUniform));
+    assert_eq!(merge(region(3), Size2M), refused(3, MergeRefusal::NotUniform));
+    assert_eq!(merge(region(4), Size2M), refused(4, MergeRefusal::HostMisaligned));
     // The 1 GiB range holds tables, not 2 MiB leaves.
     assert_eq!(
         merge(0, Size1G),
-        Some(Error::CannotMerge {
-            gpa: G(0),
-            size: Size1G,
-            reason: MergeRefusal::ChildIsTable
-        })
+        Some(Error::CannotMerge { gpa: G(0), size: Size1G, reason: MergeRefusal::ChildIsTable })
     );
-    assert_eq!(
-        merge(0, Size4K),
-        Some(Error::CannotMerge {
-            gpa: G(0),
-            size: Size4K,
-            reason: MergeRefusal::TooSmall
-        })
-    );
-    assert_eq!(
-        merge(0x1000, Size2M),
-        Some(Error::MisalignedGuestAddress {
-            gpa: G(0x1000),
-            size: Size2M
-        })
-    );
+    assert_eq!(merge(0, Size4K), Some(Error::CannotMerge { gpa: G(0), size: Size4K, reason: MergeRefusal::TooSmall }));
+    assert_eq!(merge(0x1000, Size2M), Some(Error::MisalignedGuestAddress { gpa: G(0x1000), size: Size2M }));
     assert_eq!(merge(1 << 30, Size1G), Some(Error::NotMapped(G(1 << 30))));
     assert_eq!(all_mappings(&t, &sim), before);
     assert_eq!(t.table_frames(), frames);
@@ -306,26 +226,13 @@ fn merge_refusals<F: EntryFormat>() {
     map(&mut t, &mut sim, 0x4000_0000, 0, Size1G, Access::RW, wb);
     assert_eq!(
         t.merge(&sim, G(0x4000_0000), Size1G).err(),
-        Some(Error::CannotMerge {
-            gpa: G(0x4000_0000),
-            size: Size1G,
-            reason: MergeRefusal::AlreadyLarge
-        })
+        Some(Error::CannotMerge { gpa: G(0x4000_0000), size: Size1G, reason: MergeRefusal::AlreadyLarge })
     );
     assert_eq!(
         t.merge(&sim, G(0x4020_0000), Size2M).err(),
-        Some(Error::CannotMerge {
-            gpa: G(0x4020_0000),
-            size: Size2M,
-            reason: MergeRefusal::AlreadyLarge
-        })
+        Some(Error::CannotMerge { gpa: G(0x4020_0000), size: Size2M, reason: MergeRefusal::AlreadyLarge })
     );
     destroy(t, &mut sim, 0);
 }
 
-super::for_both_formats!(
-    split_then_merge_restores,
-    split_keeps_attributes,
-    merge_of_mapped_pages,
-    merge_refusals
-);
+super::for_both_formats!(split_then_merge_restores, split_keeps_attributes, merge_of_mapped_pages, merge_refusals);
