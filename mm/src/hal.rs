@@ -70,11 +70,16 @@ pub unsafe trait ContiguousAlloc: FrameAlloc {
     /// zeroed, or `None` when no such block is free.
     fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<HostPhysAddr>;
 
-    /// Give a block back.
+    /// Give a block, or any 4 KiB-aligned piece of one, back.
+    ///
+    /// Freeing pieces lets the memory manager return single 4 KiB frames of
+    /// a 2 MiB / 1 GiB block to the pool (a page that became shared,
+    /// ballooned or swapped out) while the rest of the block stays in use.
     ///
     /// # Safety
     ///
-    /// `base` and `size` are exactly those of one earlier `alloc_contiguous`
-    /// of this allocator, not freed since, and nothing references the block.
+    /// `[base, base + size)` is 4 KiB-aligned, non-empty, and lies inside one
+    /// block an earlier `alloc_contiguous` of this allocator returned; none of
+    /// its frames has been freed since, and nothing references them.
     unsafe fn free_contiguous(&mut self, base: HostPhysAddr, size: u64);
 }

@@ -25,8 +25,9 @@ enum Slot {
     Free { clean: bool },
     /// Handed out by `alloc_frame`.
     Frame,
-    /// Part of a block handed out by `alloc_contiguous`.
-    Chunk,
+    /// Part of the block handed out by `alloc_contiguous` that starts at
+    /// this frame index (pieces of a block may be freed separately).
+    Chunk(u32),
 }
 
 /// Simulated host physical memory. See the module documentation.
@@ -34,7 +35,8 @@ pub struct SimPhys {
     mem: NonNull<Frame>,
     base: HostPhysAddr,
     slots: Vec<Slot>,
-    /// First frame index -> frame count of each live contiguous block.
+    /// First frame index -> frames still allocated of each live contiguous
+    /// block.
     chunks: BTreeMap<usize, usize>,
     next: usize,
     in_use: usize,
@@ -223,7 +225,7 @@ unsafe impl FrameAlloc for SimPhys {
         match self.slots[index] {
             Slot::Frame => {}
             Slot::Free { .. } => panic!("SimPhys: double free of frame {frame:?}"),
-            Slot::Chunk => panic!("SimPhys: free_frame of {frame:?}, part of a contiguous block"),
+            Slot::Chunk(_) => panic!("SimPhys: free_frame of {frame:?}, part of a contiguous block"),
         }
         self.release(index);
         self.frees += 1;
@@ -252,8 +254,9 @@ unsafe impl ContiguousAlloc for SimPhys {
                     if !self.take_budget() {
                         return None;
                     }
+                    let tag = u32::try_from(start).expect("SimPhys is limited to 2^32 frames");
                     for i in start..start + frames {
-                        self.claim(i, Slot::Chunk);
+                        self.claim(i, Slot::Chunk(tag));
                     }
                     self.chunks.insert(start, frames);
                     self.allocations += 1;
@@ -266,18 +269,31 @@ unsafe impl ContiguousAlloc for SimPhys {
         None
     }
 
+    /// Frees the whole block or any 4 KiB-aligned piece of it; panics if
+    /// any frame of the range is not an allocated frame of one same block.
     unsafe fn free_contiguous(&mut self, base: HostPhysAddr, size: u64) {
+        assert!(
+            base.is_aligned(PAGE_SIZE_4K) && size > 0 && size.is_multiple_of(PAGE_SIZE_4K),
+            "SimPhys: free_contiguous({base:?}, {size:#x}) is not a 4 KiB-aligned range"
+        );
         let index = self.index_of(base);
-        match self.chunks.get(&index) {
-            Some(&frames) if frames as u64 * PAGE_SIZE_4K == size => {}
-            Some(&frames) => panic!(
-                "SimPhys: free_contiguous({base:?}, {size:#x}) of a block of {:#x} bytes",
-                frames as u64 * PAGE_SIZE_4K
-            ),
-            None => panic!("SimPhys: free_contiguous({base:?}) is not a live block (double free?)"),
+        let frames = (size / PAGE_SIZE_4K) as usize;
+        assert!(index + frames <= self.slots.len(), "SimPhys: free_contiguous({base:?}, {size:#x}) runs past memory");
+        let Slot::Chunk(tag) = self.slots[index] else {
+            panic!("SimPhys: free_contiguous({base:?}) is not part of a live block (double free?)");
+        };
+        if let Some(i) = (index..index + frames).find(|&i| self.slots[i] != Slot::Chunk(tag)) {
+            panic!(
+                "SimPhys: free_contiguous({base:?}, {size:#x}): frame {:?} is not part of the same live block",
+                self.addr_of(i)
+            );
         }
-        self.chunks.remove(&index);
-        for i in index..index + (size / PAGE_SIZE_4K) as usize {
+        let left = self.chunks.get_mut(&(tag as usize)).expect("SimPhys: block bookkeeping");
+        *left -= frames;
+        if *left == 0 {
+            self.chunks.remove(&(tag as usize));
+        }
+        for i in index..index + frames {
             self.release(i);
         }
         self.frees += 1;
@@ -359,5 +375,49 @@ mod tests {
         assert_eq!(sim.frames_in_use(), 0);
         sim.set_contiguous(false);
         assert!(sim.alloc_contiguous(PAGE_SIZE_2M, PAGE_SIZE_2M).is_none());
+    }
+
+    #[test]
+    fn pieces_of_a_block_are_freed_separately() {
+        let mut sim = SimPhys::new(1024);
+        let a = sim.alloc_contiguous(PAGE_SIZE_2M, PAGE_SIZE_2M).unwrap();
+        let frame = |i: u64| HostPhysAddr(a.0 + i * PAGE_SIZE_4K);
+        // SAFETY: pieces of the live block `a`, each freed once, unreferenced.
+        unsafe {
+            sim.free_contiguous(frame(3), PAGE_SIZE_4K);
+            sim.free_contiguous(frame(100), 10 * PAGE_SIZE_4K);
+        }
+        assert_eq!(sim.frames_in_use(), 512 - 11);
+        // A freed piece is reused by single-frame allocations, and a later
+        // piece free of the same block still works.
+        let mut got = Vec::new();
+        while let Some(f) = sim.alloc_frame() {
+            got.push(f);
+        }
+        assert!(got.contains(&frame(3)) && got.contains(&frame(105)));
+        // SAFETY: as above; the rest of the block, in two pieces around the
+        // freed (and reallocated) ones.
+        unsafe {
+            sim.free_contiguous(frame(0), 3 * PAGE_SIZE_4K);
+            sim.free_contiguous(frame(4), 96 * PAGE_SIZE_4K);
+            sim.free_contiguous(frame(110), (512 - 110) * PAGE_SIZE_4K);
+            for f in got {
+                sim.free_frame(f);
+            }
+        }
+        assert_eq!(sim.frames_in_use(), 0);
+        assert!(sim.chunks.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "not part of a live block")]
+    fn double_free_of_a_piece_panics() {
+        let mut sim = SimPhys::new(1024);
+        let a = sim.alloc_contiguous(PAGE_SIZE_2M, PAGE_SIZE_2M).unwrap();
+        // SAFETY: deliberately wrong second free; SimPhys must catch it.
+        unsafe {
+            sim.free_contiguous(a, PAGE_SIZE_4K);
+            sim.free_contiguous(a, PAGE_SIZE_4K);
+        }
     }
 }
