@@ -48,11 +48,35 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// VMCALL with RAX = function, RDI/RSI = arguments; returns RAX.
+/// 0 = not yet known, 1 = Intel (VMCALL), 2 = AMD (VMMCALL).
+static HYPERCALL_KIND: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+
+/// Whether this CPU is AMD's, whose hypercall instruction is VMMCALL (VMCALL
+/// raises #UD there, APM Vol. 3): the same choice Linux guests make.
+pub fn amd() -> bool {
+    use core::sync::atomic::Ordering::Relaxed;
+    let mut k = HYPERCALL_KIND.load(Relaxed);
+    if k == 0 {
+        // "AuthenticAMD": EBX "Auth", EDX "enti", ECX "cAMD".
+        let v = cpuid(0, 0);
+        k = if v.ebx == u32::from_le_bytes(*b"Auth") && v.ecx == u32::from_le_bytes(*b"cAMD") { 2 } else { 1 };
+        HYPERCALL_KIND.store(k, Relaxed);
+    }
+    k == 2
+}
+
+/// The hypercall (VMCALL, or VMMCALL on AMD) with RAX = function, RDI/RSI =
+/// arguments; returns RAX.
 pub fn hypercall(func: u64, a: u64, b: u64) -> u64 {
     let ret: u64;
-    // SAFETY: VMCALL traps to the hypervisor, which only changes RAX.
-    unsafe { asm!("vmcall", inout("rax") func => ret, in("rdi") a, in("rsi") b, options(nostack)) }
+    // SAFETY: the instruction traps to the hypervisor, which only changes RAX.
+    unsafe {
+        if amd() {
+            asm!("vmmcall", inout("rax") func => ret, in("rdi") a, in("rsi") b, options(nostack))
+        } else {
+            asm!("vmcall", inout("rax") func => ret, in("rdi") a, in("rsi") b, options(nostack))
+        }
+    }
     ret
 }
 
@@ -93,4 +117,11 @@ pub fn vmxon_attempt() {
     let region = 0u64;
     // SAFETY: the instruction faults in the guest; the operand is a local.
     unsafe { asm!("vmxon [rax]", in("rax") &region, options(nostack)) };
+}
+
+/// VMRUN (3 bytes: 0f 01 d8): must raise #UD in a guest — undefined on
+/// Intel, intercepted and refused by the hypervisor on AMD.
+pub fn vmrun_attempt() {
+    // SAFETY: the instruction faults in the guest; RAX holds no real VMCB.
+    unsafe { asm!("vmrun rax", in("rax") 0u64, options(nostack)) };
 }

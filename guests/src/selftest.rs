@@ -127,8 +127,23 @@ pub fn run(boot: Boot) -> u32 {
     let efer = rdmsr(0xc000_0080);
     let long = matches!(boot, Boot::Elf64 { .. }) || efer & (1 << 10) != 0;
     c.check("efer readable", long && efer & (1 << 8) != 0, format_args!("EFER = {efer:#x}"));
+    c.check("efer hides svme", efer & (1 << 12) == 0, format_args!("EFER = {efer:#x}"));
+    // PAT: a valid value reads back; a reserved memory type (2) is #GP.
+    let pat = rdmsr(0x277);
+    let mine = (pat & !0xff00) | (1 << 8); // PA1 = write-combining
+    wrmsr(0x277, mine);
+    let back = rdmsr(0x277);
+    let bad = crate::trap::probe(2, || wrmsr(0x277, 0x0202_0202_0202_0202));
+    wrmsr(0x277, pat);
+    c.check(
+        "pat writable",
+        back == mine && bad == Some(13),
+        format_args!("wrote {mine:#x}, read {back:#x}, bad {bad:?}"),
+    );
     let ud = crate::trap::probe(4, crate::io::vmxon_attempt);
     c.check("vmxon raises #UD", ud == Some(6), format_args!("fault {ud:?}"));
+    let ud = crate::trap::probe(3, crate::io::vmrun_attempt);
+    c.check("vmrun raises #UD", ud == Some(6), format_args!("fault {ud:?}"));
 
     let halts = hypercall(hc::STAT, hc::STAT_HLT, 0);
     crate::io::halt_once();

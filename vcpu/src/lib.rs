@@ -10,6 +10,7 @@ extern crate alloc;
 
 pub mod exit;
 pub mod state;
+pub mod walk;
 
 pub use exit::{ExitKind, IoAccess, MemAccess, VmExit};
 pub use state::{Activity, DescriptorTable, Event, Gprs, GuestState, SegAttrs, Segment};

@@ -2,6 +2,7 @@
 //! VM scheduler on the boot CPU.
 
 pub mod context;
+mod svm_backend;
 mod vmx_backend;
 
 use alloc::string::String;
@@ -15,6 +16,8 @@ use hypervisor::manager::{GuestImage, Manager};
 use hypervisor::vm::exit::Console;
 
 use crate::platform;
+use hypervisor::backend::Backend;
+use svm_backend::SvmBackend;
 use vmx_backend::VmxBackend;
 
 pub static BOOTLOADER_CONFIG: BootloaderConfig = {
@@ -104,22 +107,66 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.model,
         if cpu.nested { ", under another hypervisor" } else { "" }
     );
-    let backend = start_backend(&cpu);
+    if cpu.vmx {
+        serve(VmxBackend::start(), &config, images, &cpu)
+    } else if cpu.svm {
+        serve(SvmBackend::start(), &config, images, &cpu)
+    } else {
+        serve::<VmxBackend>(Err(String::from("this CPU has neither VT-x nor AMD-V")), &config, images, &cpu)
+    }
+}
+
+/// A backend as the kernel drives it: the VM layer's interface plus the
+/// start-up report and the test hook for a failing entry.
+trait HostBackend: Backend {
+    /// "VT-x" or "AMD-V".
+    const VENDOR: &'static str;
+    fn log_caps(&self);
+    fn break_next_entry(&mut self);
+}
+
+impl HostBackend for VmxBackend {
+    const VENDOR: &'static str = "VT-x";
+    fn log_caps(&self) {
+        let c = self.caps();
+        log::debug!(
+            "vmx caps: basic {:#x} pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x} misc {:#x} ept/vpid {:#x}",
+            c.basic,
+            c.pinbased,
+            c.procbased,
+            c.procbased2,
+            c.exit,
+            c.entry,
+            c.misc,
+            c.ept_vpid
+        );
+    }
+    fn break_next_entry(&mut self) {
+        self.break_next_entry = true;
+    }
+}
+
+impl HostBackend for SvmBackend {
+    const VENDOR: &'static str = "AMD-V";
+    fn log_caps(&self) {
+        log::debug!("svm caps: {:?}", self.caps());
+    }
+    fn break_next_entry(&mut self) {
+        self.break_next_entry = true;
+    }
+}
+
+/// The console and the VM scheduler, forever, on `backend`.
+fn serve<B: HostBackend>(
+    backend: Result<B, String>,
+    config: &BootConfig,
+    images: Vec<GuestImage>,
+    cpu: &platform::cpu::CpuInfo,
+) -> ! {
     match &backend {
         Ok(b) => {
-            log::info!("virtualization: VT-x ({})", hypervisor::backend::Backend::features(b).join(", "));
-            let c = b.caps();
-            log::debug!(
-                "vmx caps: basic {:#x} pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x} misc {:#x} ept/vpid {:#x}",
-                c.basic,
-                c.pinbased,
-                c.procbased,
-                c.procbased2,
-                c.exit,
-                c.entry,
-                c.misc,
-                c.ept_vpid
-            );
+            log::info!("virtualization: {} ({})", B::VENDOR, b.features().join(", "));
+            b.log_caps();
         }
         Err(why) => {
             log::warn!("virtualization unavailable: {why}; the console still works, VMs cannot run")
@@ -135,7 +182,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         Some(FaultInject::VmEntry) => {
             log::warn!("fault injection: the next VM's entry will fail");
             if let Ok(b) = backend.as_mut() {
-                b.break_next_entry = true;
+                b.break_next_entry();
             }
         }
         None => {}
@@ -143,7 +190,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
     let mut manager = Manager::new(backend, images);
-    let status = || host_status(&cpu);
+    let status = || host_status(cpu);
     let mut con = Serial::default();
     for cmd in &config.autorun {
         crate::println!("{}{cmd}", console::PROMPT);
@@ -181,7 +228,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
 }
 
-fn run_line(line: &str, m: &mut Manager<VmxBackend>, status: &console::HostStatus, con: &mut Serial) -> After {
+fn run_line<B: Backend>(line: &str, m: &mut Manager<B>, status: &console::HostStatus, con: &mut Serial) -> After {
     match console::parse(line) {
         Ok(Some(p)) => console::execute(&p, m, status, con),
         Ok(None) => After::Nothing,
@@ -190,17 +237,6 @@ fn run_line(line: &str, m: &mut Manager<VmxBackend>, status: &console::HostStatu
             After::Nothing
         }
     }
-}
-
-fn start_backend(cpu: &platform::cpu::CpuInfo) -> Result<VmxBackend, String> {
-    if !cpu.vmx {
-        return Err(if cpu.svm {
-            String::from("this CPU has no VT-x; it offers AMD-V, whose backend is not built yet")
-        } else {
-            String::from("this CPU has neither VT-x nor AMD-V")
-        });
-    }
-    VmxBackend::start()
 }
 
 fn read_ramdisk(ramdisk: &'static [u8]) -> (BootConfig, Vec<GuestImage>) {

@@ -100,6 +100,7 @@ pub fn init() {
         for i in 32..=255u8 {
             idt[i].set_handler_fn(unexpected_interrupt);
         }
+        idt[super::apic::TIMER_VECTOR].set_handler_fn(super::apic::timer_interrupt);
         idt
     });
     idt.load();

@@ -113,6 +113,7 @@ fn zero(pa: u64, size: u64) {
 }
 
 /// Host memory as `mm` sees it: the frame allocator and the direct map.
+#[derive(Clone, Copy)]
 pub struct HostMem;
 
 // SAFETY: `phys_to_virt` is the bootloader's direct map of all physical

@@ -3,6 +3,7 @@
 //! library (`hypervisor::*`) where it is unit-tested on the host.
 
 pub mod acpi;
+pub mod apic;
 pub mod cpu;
 pub mod gdt;
 pub mod idt;

@@ -4,7 +4,7 @@
 
 pub mod boot;
 pub mod exit;
-pub mod walk;
+use vcpu::walk;
 
 use alloc::string::String;
 use alloc::vec::Vec;

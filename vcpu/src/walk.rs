@@ -3,16 +3,42 @@
 //! faulting RIP) and, later, instruction emulation. Reads go through a
 //! caller-supplied function so a missing or hostile table only yields `None`.
 
-use vcpu::GuestState;
-use vcpu::state::bits::*;
+use crate::GuestState;
+use crate::state::bits::*;
 
 const P: u64 = 1;
 const PS: u64 = 1 << 7;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
+/// The registers that select and root the guest's paging mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Paging {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+impl Paging {
+    pub fn of(s: &GuestState) -> Paging {
+        Paging { cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer }
+    }
+
+    /// 4-level long-mode paging rooted at `root`: also the layout of AMD's
+    /// nested page tables (APM Vol. 2 15.25.5).
+    pub fn long_mode(root: u64) -> Paging {
+        Paging { cr0: CR0_PE | CR0_PG, cr3: root, cr4: CR4_PAE, efer: EFER_LME | EFER_LMA }
+    }
+}
+
 /// The guest-physical address of `gva`, or `None` if it is not mapped.
 /// `read64` reads 8 bytes of guest-physical memory.
 pub fn translate(s: &GuestState, gva: u64, read64: impl Fn(u64) -> Option<u64>) -> Option<u64> {
+    translate_with(Paging::of(s), gva, read64)
+}
+
+/// [`translate`] from the paging registers alone.
+pub fn translate_with(s: Paging, gva: u64, read64: impl Fn(u64) -> Option<u64>) -> Option<u64> {
     if s.cr0 & CR0_PG == 0 {
         return Some(gva & 0xffff_ffff);
     }

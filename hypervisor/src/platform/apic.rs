@@ -1,0 +1,104 @@
+//! The local APIC timer, for time slices on CPUs without a VMX-style
+//! preemption timer (AMD-V): a one-shot interrupt at the slice's end makes
+//! the running guest exit (SDM Vol. 3A 11.5.4; APM Vol. 2 16.4).
+//!
+//! xAPIC registers are reached through the direct map (the bootloader maps
+//! the first 4 GiB, where the APIC lives); x2APIC mode, when firmware left
+//! it on, through MSRs. The timer counts at a rate calibrated against the
+//! TSC once.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use x86_64::structures::idt::InterruptStackFrame;
+
+use super::{memory, time};
+
+/// The timer's interrupt vector.
+pub const TIMER_VECTOR: u8 = 0x40;
+const SPURIOUS_VECTOR: u32 = 0xff;
+
+const IA32_APIC_BASE: u32 = 0x1b;
+const BASE_ENABLE: u64 = 1 << 11;
+const BASE_X2APIC: u64 = 1 << 10;
+
+const REG_EOI: u32 = 0xb0;
+const REG_SVR: u32 = 0xf0;
+const REG_LVT_TIMER: u32 = 0x320;
+const REG_INITIAL_COUNT: u32 = 0x380;
+const REG_CURRENT_COUNT: u32 = 0x390;
+const REG_DIVIDE: u32 = 0x3e0;
+
+static BASE: AtomicU64 = AtomicU64::new(0);
+static X2APIC: AtomicBool = AtomicBool::new(false);
+/// Timer counts per TSC tick, as a 32.32 fixed-point number.
+static RATE: AtomicU64 = AtomicU64::new(0);
+static FIRED: AtomicU64 = AtomicU64::new(0);
+
+fn read(reg: u32) -> u32 {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: x2APIC MSRs 0x800 + reg/16 exist in x2APIC mode.
+        unsafe { x86_64::registers::model_specific::Msr::new(0x800 + (reg >> 4)).read() as u32 }
+    } else {
+        let p = memory::phys_to_virt(BASE.load(Ordering::Relaxed) + reg as u64) as *const u32;
+        // SAFETY: the APIC's register page, mapped by the direct map; APIC
+        // registers are read with aligned 32-bit accesses.
+        unsafe { p.read_volatile() }
+    }
+}
+
+fn write(reg: u32, v: u32) {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: as in `read`; these registers take any 32-bit value.
+        unsafe { x86_64::registers::model_specific::Msr::new(0x800 + (reg >> 4)).write(v as u64) }
+    } else {
+        let p = memory::phys_to_virt(BASE.load(Ordering::Relaxed) + reg as u64) as *mut u32;
+        // SAFETY: as in `read`.
+        unsafe { p.write_volatile(v) }
+    }
+}
+
+/// Enables the APIC and calibrates its timer. Returns the timer's rate in
+/// counts per second.
+pub fn init() -> u64 {
+    let mut msr = x86_64::registers::model_specific::Msr::new(IA32_APIC_BASE);
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU; setting the global
+    // enable bit keeps the firmware's base address.
+    let base = unsafe {
+        let v = msr.read();
+        if v & BASE_ENABLE == 0 {
+            msr.write(v | BASE_ENABLE);
+        }
+        v
+    };
+    X2APIC.store(base & BASE_X2APIC != 0, Ordering::Relaxed);
+    BASE.store(base & 0x000f_ffff_ffff_f000, Ordering::Relaxed);
+    write(REG_SVR, 0x100 | SPURIOUS_VECTOR);
+    write(REG_DIVIDE, 0b1011); // divide by 1
+    // One-shot, masked while calibrating.
+    write(REG_LVT_TIMER, (1 << 16) | TIMER_VECTOR as u32);
+    let tsc_hz = time::tsc_hz().max(1);
+    let window = (tsc_hz / 1000).max(10_000);
+    write(REG_INITIAL_COUNT, u32::MAX);
+    let start = time::rdtsc();
+    while time::rdtsc() - start < window {
+        core::hint::spin_loop();
+    }
+    let counted = u32::MAX - read(REG_CURRENT_COUNT);
+    let elapsed = time::rdtsc() - start;
+    write(REG_INITIAL_COUNT, 0);
+    let rate = ((counted as u128) << 32) / elapsed.max(1) as u128;
+    RATE.store(rate.max(1) as u64, Ordering::Relaxed);
+    write(REG_LVT_TIMER, TIMER_VECTOR as u32);
+    ((counted as u128 * tsc_hz as u128) / elapsed.max(1) as u128) as u64
+}
+
+/// Fires the timer interrupt at TSC `deadline` (or at once if it passed).
+pub fn arm(deadline: u64) {
+    let ticks = deadline.saturating_sub(time::rdtsc());
+    let count = ((ticks as u128 * RATE.load(Ordering::Relaxed) as u128) >> 32).clamp(1, u32::MAX as u128);
+    write(REG_INITIAL_COUNT, count as u32);
+}
+
+pub extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
+    FIRED.fetch_add(1, Ordering::Relaxed);
+    write(REG_EOI, 0);
+}

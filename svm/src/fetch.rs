@@ -1,0 +1,83 @@
+//! Instruction lengths for CPUs without next-RIP saving (NRIPS; QEMU's SVM
+//! has none): the backend reads the bytes at the guest's RIP and measures
+//! the one instruction the exit names — prefixes, then its known opcode —
+//! instead of running a general instruction decoder. Bytes that are not
+//! that instruction (the guest rewrote its code, or a stale cached
+//! translation) give `None`, and the caller reads them again uncached.
+
+/// The intercepted instructions whose length the backend must find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opcode {
+    Cpuid,
+    Rdmsr,
+    Wrmsr,
+    Hlt,
+    Vmmcall,
+    Invd,
+}
+
+impl Opcode {
+    pub fn bytes(self) -> &'static [u8] {
+        match self {
+            Opcode::Cpuid => &[0x0f, 0xa2],
+            Opcode::Rdmsr => &[0x0f, 0x32],
+            Opcode::Wrmsr => &[0x0f, 0x30],
+            Opcode::Hlt => &[0xf4],
+            Opcode::Vmmcall => &[0x0f, 0x01, 0xd9],
+            Opcode::Invd => &[0x0f, 0x08],
+        }
+    }
+}
+
+/// The architectural limit on an instruction's length (APM Vol. 3 1.1).
+pub const MAX_LEN: usize = 15;
+
+/// The length of `op` at the start of `bytes`, counting legacy prefixes and
+/// (in 64-bit code) REX prefixes; `None` if the bytes are not `op`.
+pub fn instruction_length(bytes: &[u8], op: Opcode, long_mode: bool) -> Option<u8> {
+    let mut i = 0;
+    while i < bytes.len().min(MAX_LEN) {
+        match bytes[i] {
+            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 => i += 1,
+            0x40..=0x4f if long_mode => i += 1,
+            _ => break,
+        }
+    }
+    let code = op.bytes();
+    let end = i + code.len();
+    (end <= MAX_LEN && bytes.get(i..end) == Some(code)).then_some(end as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_prefixed_forms() {
+        assert_eq!(instruction_length(&[0x0f, 0xa2, 0x90], Opcode::Cpuid, true), Some(2));
+        assert_eq!(instruction_length(&[0xf4], Opcode::Hlt, false), Some(1));
+        assert_eq!(instruction_length(&[0x0f, 0x01, 0xd9], Opcode::Vmmcall, true), Some(3));
+        assert_eq!(instruction_length(&[0x66, 0x2e, 0x0f, 0x32], Opcode::Rdmsr, false), Some(4));
+        assert_eq!(instruction_length(&[0x48, 0x0f, 0x30], Opcode::Wrmsr, true), Some(3), "REX.W");
+    }
+
+    #[test]
+    fn rex_is_only_a_prefix_in_64_bit_code() {
+        // In 32-bit code 0x48 is DEC EAX: not a WRMSR.
+        assert_eq!(instruction_length(&[0x48, 0x0f, 0x30], Opcode::Wrmsr, false), None);
+    }
+
+    #[test]
+    fn other_bytes_and_overlong_forms_are_refused() {
+        assert_eq!(instruction_length(&[0x0f, 0xa3], Opcode::Cpuid, true), None);
+        assert_eq!(instruction_length(&[0x0f], Opcode::Cpuid, true), None, "truncated");
+        assert_eq!(instruction_length(&[], Opcode::Hlt, true), None);
+        let mut long = [0x66u8; 16];
+        long[14] = 0x0f;
+        long[15] = 0xa2;
+        assert_eq!(instruction_length(&long, Opcode::Cpuid, true), None, "16 bytes: over the limit");
+        long[13] = 0x0f;
+        long[14] = 0xa2;
+        assert_eq!(instruction_length(&long, Opcode::Cpuid, true), Some(15), "exactly 15 bytes");
+    }
+}
