@@ -40,6 +40,9 @@ pub enum Decoded {
 
 /// `rax`/`rcx`/`rdx` are the guest's registers at the exit.
 pub fn decode(code: u64, info1: u64, info2: u64, rax: u64, rcx: u64, rdx: u64) -> Decoded {
+    // The negative codes are 64-bit -1 and -2, but some implementations
+    // (QEMU 7.2) store them as 32-bit values.
+    let code = if code >> 32 == 0 && code as u32 >= 0xffff_fff0 { code | 0xffff_ffff_0000_0000 } else { code };
     match code {
         CPUID => Decoded::Exit(VmExit::Cpuid, Some(Opcode::Cpuid)),
         HLT => Decoded::Exit(VmExit::Hlt, Some(Opcode::Hlt)),
@@ -147,6 +150,7 @@ mod tests {
         }
         assert_eq!(decode(SHUTDOWN, 0, 0, 0, 0, 0), Decoded::Shutdown);
         assert_eq!(decode(INVALID, 0, 0, 0, 0, 0), Decoded::Invalid);
+        assert_eq!(decode(0xffff_ffff, 0, 0, 0, 0, 0), Decoded::Invalid, "a 32-bit -1");
         assert_eq!(decode(0x65, 0, 0, 0, 0, 0), Decoded::Unknown(0x65));
         assert_eq!(decode(CPUID, 0, 0, 0, 0, 0), Decoded::Exit(VmExit::Cpuid, Some(Opcode::Cpuid)));
     }

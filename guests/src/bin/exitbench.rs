@@ -1,4 +1,5 @@
-//! Exit round-trip benchmark: N exits each of CPUID, VMCALL and port I/O to
+//! Exit round-trip benchmark: N exits each of CPUID, VMCALL (VMMCALL on AMD)
+//! and port I/O to
 //! an in-hypervisor device (the UART scratch register), timed with RDTSC in
 //! the guest. Under Bochs with `clock: sync=none` the TSC counts emulated
 //! instructions, so "ticks per exit" is the instruction path length of one
@@ -29,6 +30,7 @@ fn main(boot: Boot) -> u32 {
         .unwrap_or(10_000u64)
         .max(1);
     let empty = measure(n, || core::hint::black_box(()));
+    let hypercall_name = if guests::io::amd() { "vmmcall" } else { "vmcall" };
     let rows: [(&str, u64); 4] = [
         (
             "cpuid",
@@ -37,7 +39,7 @@ fn main(boot: Boot) -> u32 {
             }),
         ),
         (
-            "vmcall",
+            hypercall_name,
             measure(n, || {
                 core::hint::black_box(hypercall(hc::PING, 0, 0));
             }),

@@ -1,24 +1,60 @@
-//! Whole-system tests on Bochs with VT-x + EPT: the real image boots, the
-//! hypervisor enters VMX operation and runs the test guests.
+//! Whole-system tests, each run on both backends: Bochs with VT-x + EPT
+//! (`vmx_bochs::*`) and QEMU TCG with AMD-V + NPT (`svm_qemu::*`). The real
+//! image boots, the hypervisor turns virtualization on and runs the test
+//! guests; the test names and the log directories say which backend ran.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
 use tests_qemu::{Machine, vm_entry};
 
-const EMU: Emulator = Emulator::Bochs;
 const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 
-#[test]
-fn boot_host_report_and_json_forms() {
-    let mut m = Machine::boot(EMU, "bochs-host");
+/// One module per backend, each with every test of this file.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod vmx_bochs {
+            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::Bochs) })*
+        }
+        mod svm_qemu {
+            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::QemuTcg) })*
+        }
+    };
+}
+
+on_both_backends!(
+    boot_host_report_and_json_forms,
+    selftest_passes_as_elf64_and_multiboot_concurrently,
+    escape_is_stopped_while_another_guest_finishes,
+    bad_console_input_changes_nothing,
+    exit_benchmark_reports_ticks_per_exit,
+    multiboot_modules_reach_the_guest,
+    a_failed_vm_entry_ends_only_that_vm_with_a_report,
+);
+
+fn svm(emu: Emulator) -> bool {
+    emu.backend() == "svm"
+}
+
+/// A log-directory label: the test and the emulator.
+fn label(emu: Emulator, test: &str) -> String {
+    format!("{}-{test}", emu.backend())
+}
+
+fn boot_host_report_and_json_forms(emu: Emulator) {
+    let mut m = Machine::boot(emu, &label(emu, "host"));
     let host = m.cmd("host");
-    assert!(host.contains("virtualization: vmx ("), "{host}");
-    for f in ["ept", "unrestricted-guest", "preemption-timer", "vpid"] {
+    let (backend, features): (&str, &[&str]) = if svm(emu) {
+        ("svm", &["npt", "lapic-timer-slicing", "asids="])
+    } else {
+        ("vmx", &["ept", "unrestricted-guest", "preemption-timer", "vpid"])
+    };
+    assert!(host.contains(&format!("virtualization: {backend} (")), "{host}");
+    for f in features {
         assert!(host.contains(f), "feature {f} missing: {host}");
     }
     let j = m.json("host --json");
     assert_eq!(j["ok"], true);
-    assert_eq!(j["virtualization"]["backend"], "vmx");
+    assert_eq!(j["virtualization"]["backend"], backend);
     assert!(j["guests"].as_array().unwrap().iter().any(|g| g == "selftest"), "{j}");
     assert!(j["mem_usable_bytes"].as_u64().unwrap() > 64 << 20);
 
@@ -43,9 +79,8 @@ fn boot_host_report_and_json_forms() {
     m.poweroff();
 }
 
-#[test]
-fn selftest_passes_as_elf64_and_multiboot_concurrently() {
-    let mut m = Machine::boot(EMU, "bochs-selftest");
+fn selftest_passes_as_elf64_and_multiboot_concurrently(emu: Emulator) {
+    let mut m = Machine::boot(emu, &label(emu, "selftest"));
     assert!(m.cmd("vm run selftest").contains("vm 1 started: selftest (elf64"));
     assert!(m.cmd("vm run selftest-mb -- hello multiboot").contains("vm 2 started: selftest-mb (multiboot"));
     m.wait_for("vm 1 (selftest) exited", GUEST_TIMEOUT);
@@ -55,7 +90,16 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently() {
     assert!(t.contains("[vm 2] selftest: PASS"), "{t}");
     assert!(t.contains("[vm 2] selftest: starting (Multiboot"), "{t}");
     assert!(t.contains("cmdline \"hello multiboot\""), "{t}");
-    for check in ["msr pass-through", "msr emulated", "msr refused with #GP", "vmxon raises #UD", "hlt resumes"] {
+    for check in [
+        "msr pass-through",
+        "msr emulated",
+        "msr refused with #GP",
+        "efer hides svme",
+        "pat writable",
+        "vmxon raises #UD",
+        "vmrun raises #UD",
+        "hlt resumes",
+    ] {
         assert!(t.contains(&format!("[vm 1] selftest: ok   {check}")), "{check}: {t}");
         assert!(t.contains(&format!("[vm 2] selftest: ok   {check}")), "{check}: {t}");
     }
@@ -78,9 +122,8 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently() {
     m.poweroff();
 }
 
-#[test]
-fn escape_is_stopped_while_another_guest_finishes() {
-    let mut m = Machine::boot(EMU, "bochs-escape");
+fn escape_is_stopped_while_another_guest_finishes(emu: Emulator) {
+    let mut m = Machine::boot(emu, &label(emu, "escape"));
     m.cmd("vm run selftest");
     m.cmd("vm run escape");
     m.cmd("vm run escape mem=4 -- write addr=0xc0000000");
@@ -105,9 +148,8 @@ fn escape_is_stopped_while_another_guest_finishes() {
     m.poweroff();
 }
 
-#[test]
-fn bad_console_input_changes_nothing() {
-    let mut m = Machine::boot(EMU, "bochs-badinput");
+fn bad_console_input_changes_nothing(emu: Emulator) {
+    let mut m = Machine::boot(emu, &label(emu, "badinput"));
     // 3 MiB: the last MiB is mapped with 4 KiB nested pages.
     m.cmd("vm run selftest mem=3");
     let before = m.json("vm list --json");
@@ -146,30 +188,31 @@ fn bad_console_input_changes_nothing() {
     m.poweroff();
 }
 
-#[test]
-fn exit_benchmark_reports_ticks_per_exit() {
-    let mut m = Machine::boot(EMU, "bochs-exitbench");
+fn exit_benchmark_reports_ticks_per_exit(emu: Emulator) {
+    let mut m = Machine::boot(emu, &label(emu, "exitbench"));
     m.cmd("vm run exitbench -- n=2000");
     m.wait_for("vm 1 (exitbench) exited with status 1", GUEST_TIMEOUT);
     let t = m.transcript();
-    for kind in ["cpuid", "vmcall", "outb", "inb"] {
+    let hypercall = if svm(emu) { "vmmcall" } else { "vmcall" };
+    for kind in ["cpuid", hypercall, "outb", "inb"] {
         let line = t
             .lines()
             .find(|l| l.contains(&format!("exitbench: {kind} ")))
             .unwrap_or_else(|| panic!("no {kind} figure:\n{t}"));
         let ticks: u64 = line.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
-        eprintln!("bochs/vmx {kind}: {ticks} ticks/exit");
+        eprintln!("{}/{}: {kind}: {ticks} ticks/exit", emu.name(), emu.backend());
         assert!(ticks > 0);
     }
     let s = m.json("vm stats 1 --json");
-    assert_eq!(s["exits_by_reason"]["cpuid"], 2000);
+    // Plus one: the guest asks CPUID for the vendor once, to choose VMCALL
+    // or VMMCALL.
+    assert_eq!(s["exits_by_reason"]["cpuid"], 2001);
     assert_eq!(s["exits_by_reason"]["hypercall"], 2000);
     m.poweroff();
 }
 
-#[test]
-fn multiboot_modules_reach_the_guest() {
-    let mut m = Machine::boot(EMU, "bochs-modules");
+fn multiboot_modules_reach_the_guest(emu: Emulator) {
+    let mut m = Machine::boot(emu, &label(emu, "modules"));
     m.cmd("vm run selftest-mb mod=escape mod=crash -- modules=2");
     m.wait_for("vm 1 (selftest-mb) exited", GUEST_TIMEOUT);
     let t = m.transcript();
@@ -182,14 +225,18 @@ fn multiboot_modules_reach_the_guest() {
     m.poweroff();
 }
 
-#[test]
-fn a_failed_vm_entry_ends_only_that_vm_with_a_report() {
-    let mut m = Machine::boot_with(EMU, "bochs-entryfail", &["fault_inject = vm-entry"]);
+fn a_failed_vm_entry_ends_only_that_vm_with_a_report(emu: Emulator) {
+    let mut m = Machine::boot_with(emu, &label(emu, "entryfail"), &["fault_inject = vm-entry"]);
     m.cmd("vm run selftest mem=4");
     m.wait_for("vm 1 (selftest) stopped", GUEST_TIMEOUT);
     let t = m.transcript();
-    assert!(t.contains("vm 1 (selftest) stopped: VM entry failed: VM-entry failure: invalid guest state"), "{t}");
-    assert!(t.contains("guest TR is unusable"), "the report names the broken field: {t}");
+    let (failure, field) = if svm(emu) {
+        ("vm 1 (selftest) stopped: VMRUN failed: VMEXIT_INVALID", "EFER.SVME is clear")
+    } else {
+        ("vm 1 (selftest) stopped: VM entry failed: VM-entry failure: invalid guest state", "guest TR is unusable")
+    };
+    assert!(t.contains(failure), "{t}");
+    assert!(t.contains(field), "the report names the broken field: {t}");
     // Only that VM: the next one runs.
     m.cmd("vm run selftest mem=4");
     m.wait_for("vm 2 (selftest) exited with status 1", GUEST_TIMEOUT);

@@ -1,16 +1,18 @@
-//! QEMU TCG emulates AMD-V but not VT-x: the hypervisor must say clearly
-//! that it cannot run VMs, and the console must still work.
+//! The host's own paths, in QEMU: a machine without hardware
+//! virtualization (`-cpu max,-svm`), where the hypervisor must say clearly
+//! that it cannot run VMs and the console must still work; and a CPU
+//! exception in the hypervisor itself.
 
 use boot::emulator::Emulator;
 use tests_qemu::Machine;
 
 #[test]
-fn without_vtx_the_console_works_and_says_why() {
-    let mut m = Machine::boot(Emulator::QemuTcg, "qemu-novmx");
+fn without_virtualization_the_console_works_and_says_why() {
+    let mut m = Machine::boot(Emulator::QemuNoVirt, "novirt");
     let t = m.transcript();
-    assert!(t.contains("virtualization unavailable: this CPU has no VT-x"), "{t}");
+    assert!(t.contains("virtualization unavailable: this CPU has neither VT-x nor AMD-V"), "{t}");
     let host = m.cmd("host");
-    assert!(host.contains("virtualization: unavailable: this CPU has no VT-x"), "{host}");
+    assert!(host.contains("virtualization: unavailable: this CPU has neither VT-x nor AMD-V"), "{host}");
     let j = m.json("host --json");
     assert_eq!(j["virtualization"]["backend"], serde_json::Value::Null);
     let host_json = j.clone();
