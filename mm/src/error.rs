@@ -75,6 +75,38 @@ pub enum Error {
     InvalidRamLayout { gpa: GuestPhysAddr, size: u64 },
     /// A guest RAM access touches bytes outside guest RAM.
     OutsideGuestRam { gpa: GuestPhysAddr, len: u64 },
+    // --- vm_memory: the per-VM memory object (keep this block together) ---
+    /// A guest-physical memory map region is empty, not 4 KiB-aligned,
+    /// overlapping another or beyond the guest-physical space.
+    InvalidMemoryMap { gpa: GuestPhysAddr, size: u64 },
+    /// The address is not RAM of this VM.
+    NotGuestRam(GuestPhysAddr),
+    /// The page's state does not allow the operation.
+    WrongPageState { gpa: GuestPhysAddr, state: crate::vm_memory::PageState },
+    /// The page is poisoned (uncorrectable memory error); its contents are lost.
+    PagePoisoned(GuestPhysAddr),
+    /// The host ran out of 4 KiB frames for a guest page (copy-on-write
+    /// copy, page-in, balloon deflation, lazy load).
+    OutOfHostFrames,
+    /// The operation needs a hook (sharing index, page store or page
+    /// source) the caller did not supply.
+    MissingHook(&'static str),
+    /// A page store refused to take a page (full).
+    PageStoreFull,
+    /// A page store slot failed its integrity check: the stored copy is
+    /// corrupt and was not used.
+    PageStoreCorrupt { gpa: GuestPhysAddr },
+    /// A lazy-load page source could not supply a page.
+    PageSourceFailed(GuestPhysAddr),
+    /// Dirty logging is already running (start) or not running (harvest, stop).
+    DirtyLogState { running: bool },
+    /// Access sampling is already running (start) or not running (finish).
+    SamplingState { running: bool },
+    /// A vCPU index beyond the 64 this crate tracks.
+    InvalidVcpu(usize),
+    /// A granularity the operation does not support.
+    UnsupportedGranularity(PageSize),
+    // --- end vm_memory ---
 }
 
 impl fmt::Display for Error {
@@ -126,6 +158,29 @@ impl fmt::Display for Error {
             Error::OutsideGuestRam { gpa, len } => {
                 write!(f, "Guest-physical range at {gpa} of {len:#x} bytes is outside guest RAM")
             }
+            Error::InvalidMemoryMap { gpa, size } => write!(
+                f,
+                "Memory map region at {gpa} of {size:#x} bytes is empty, not 4 KiB-aligned, \
+                 overlapping or beyond the guest-physical space"
+            ),
+            Error::NotGuestRam(gpa) => write!(f, "Guest-physical address {gpa} is not RAM of this VM"),
+            Error::WrongPageState { gpa, state } => {
+                write!(f, "The page at {gpa} is {state:?}, which does not allow this operation")
+            }
+            Error::PagePoisoned(gpa) => write!(f, "The page at {gpa} is poisoned by an uncorrectable memory error"),
+            Error::OutOfHostFrames => f.write_str("Out of host memory for a guest page"),
+            Error::MissingHook(what) => write!(f, "This operation needs a {what}, and none was supplied"),
+            Error::PageStoreFull => f.write_str("The page store is full"),
+            Error::PageStoreCorrupt { gpa } => {
+                write!(f, "The stored copy of the page at {gpa} is corrupt (checksum or header mismatch)")
+            }
+            Error::PageSourceFailed(gpa) => write!(f, "The page source could not supply the page at {gpa}"),
+            Error::DirtyLogState { running: true } => f.write_str("Dirty logging is already running"),
+            Error::DirtyLogState { running: false } => f.write_str("Dirty logging is not running"),
+            Error::SamplingState { running: true } => f.write_str("Access sampling is already running"),
+            Error::SamplingState { running: false } => f.write_str("Access sampling is not running"),
+            Error::InvalidVcpu(n) => write!(f, "vCPU {n} is beyond the 64 vCPUs memory tracking supports"),
+            Error::UnsupportedGranularity(size) => write!(f, "{size} granularity is not supported here"),
         }
     }
 }

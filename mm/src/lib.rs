@@ -7,6 +7,9 @@
 //! - [`paging`]: one nested-page-table engine for EPT and NPT.
 //! - [`GuestRam`]: a VM's RAM, its bounds-checked access, and its mapping
 //!   into a nested page table.
+//! - [`vm_memory`]: [`VmMemory`], the per-VM memory object (memory map,
+//!   per-page state, fault handling, dirty logging, access sampling, page
+//!   sharing, ballooning, swap-out); [`swap_hook`]: the swap store interface.
 //!
 //! `no_std` with `alloc`; std only for tests and the `sim` feature.
 #![no_std]
@@ -22,12 +25,15 @@ pub mod hal;
 pub mod paging;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod swap_hook;
 #[cfg(test)]
 mod tests;
+pub mod vm_memory;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr};
 pub use error::{Error, MergeRefusal};
 pub use guest_ram::{GuestRam, LeInt, MemoryReport, RamChunk};
+pub use vm_memory::{VmMemory, VmMemoryConfig};
 
 /// Called from `Drop` of an object that still owns host frames. Freeing them
 /// needs an allocator (and maybe a TLB flush) that `Drop` does not have, so

@@ -264,6 +264,83 @@ impl GuestRam {
     }
 }
 
+/// Per-page ownership, for the memory manager that frees single frames of
+/// a chunk (a page that became shared, ballooned or swapped out).
+impl GuestRam {
+    /// Give back the host frame originally backing the 4 KiB page at `gpa`.
+    /// Returns false (freeing nothing) if `gpa` is not RAM.
+    ///
+    /// # Safety
+    ///
+    /// `alloc` is the allocator the RAM came from, the page's frame has not
+    /// been freed before, and nothing references it any more (no table maps
+    /// it, or the unmap has been flushed). The caller must then never access
+    /// the page through `read`/`write`/`gpa_to_hpa` again, nor free it: use
+    /// [`Self::free_owned`] instead of [`Self::free`].
+    pub(crate) unsafe fn free_page<A: ContiguousAlloc>(&self, alloc: &mut A, gpa: GuestPhysAddr) -> bool {
+        let Some(i) = self.chunk_index(gpa.0) else { return false };
+        let c = &self.chunks[i];
+        let hpa = HostPhysAddr(c.hpa.0 + (gpa.align_down(PAGE_SIZE_4K).0 - c.gpa.0));
+        match c.backing {
+            // SAFETY: a 4 KiB piece of one `alloc_contiguous` block, which
+            // the relaxed contract allows; the caller guarantees it was not
+            // freed before and is unreferenced.
+            Backing::Block => unsafe { alloc.free_contiguous(hpa, PAGE_SIZE_4K) },
+            // SAFETY: each frame of a `Frames` chunk came from `alloc_frame`;
+            // as above.
+            Backing::Frames => unsafe { alloc.free_frame(hpa) },
+        }
+        true
+    }
+
+    /// Give back the frames of every 4 KiB page for which `owned(gpa)` is
+    /// true (in maximal runs), and forget all chunks.
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::free`], for the pages `owned` selects; exactly the pages
+    /// not already given back with [`Self::free_page`] must be selected.
+    pub(crate) unsafe fn free_owned<A: ContiguousAlloc>(
+        mut self,
+        alloc: &mut A,
+        mut owned: impl FnMut(GuestPhysAddr) -> bool,
+    ) {
+        for c in core::mem::take(&mut self.chunks) {
+            let pages = c.len / PAGE_SIZE_4K;
+            let mut p = 0;
+            while p < pages {
+                if !owned(GuestPhysAddr(c.gpa.0 + p * PAGE_SIZE_4K)) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < pages && owned(GuestPhysAddr(c.gpa.0 + p * PAGE_SIZE_4K)) {
+                    p += 1;
+                }
+                let hpa = HostPhysAddr(c.hpa.0 + start * PAGE_SIZE_4K);
+                match c.backing {
+                    // SAFETY: a 4 KiB-aligned piece of one block whose frames
+                    // the caller guarantees are still allocated and unreferenced.
+                    Backing::Block => unsafe { alloc.free_contiguous(hpa, (p - start) * PAGE_SIZE_4K) },
+                    Backing::Frames => {
+                        for f in start..p {
+                            // SAFETY: frames of a `Frames` chunk came from
+                            // `alloc_frame`; as above.
+                            unsafe { alloc.free_frame(HostPhysAddr(c.hpa.0 + f * PAGE_SIZE_4K)) };
+                        }
+                    }
+                }
+            }
+        }
+        self.size = 0;
+    }
+
+    /// Heap bytes of the chunk list.
+    pub(crate) fn bookkeeping_bytes(&self) -> u64 {
+        (self.chunks.capacity() * core::mem::size_of::<Chunk>()) as u64
+    }
+}
+
 impl Drop for GuestRam {
     fn drop(&mut self) {
         if !self.chunks.is_empty() {

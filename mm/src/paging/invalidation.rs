@@ -90,6 +90,13 @@ impl<F: EntryFormat> Invalidation<F> {
         Self { scope: None, retired: Vec::new(), _format: PhantomData }
     }
 
+    /// A flush of `[start, start + len)` with nothing to free, for changes
+    /// made outside the table (e.g. a stale translation a fault handler
+    /// found: the TLB may still hold what the table no longer says).
+    pub fn of_range(start: GuestPhysAddr, len: u64) -> Self {
+        Self::range(start, len)
+    }
+
     pub(super) fn range(start: GuestPhysAddr, len: u64) -> Self {
         Self { scope: Some(FlushScope::Range { start, len }), retired: Vec::new(), _format: PhantomData }
     }

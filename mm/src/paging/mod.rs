@@ -9,6 +9,7 @@
 //!   Ept  Npt          the bits, per SDM Vol. 3C 29.3.2 and APM Vol. 2 15.25
 //! ```
 
+mod bulk;
 mod ept;
 mod format;
 mod invalidation;

@@ -1,8 +1,9 @@
 //! Walking all leaves of a range: the iterator and accessed/dirty harvesting.
 
 use core::ops::Range;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
+use super::bulk::Span;
 use super::format::EntryFormat;
 use super::invalidation::Invalidation;
 use super::table::{NestedPageTable, index, is_table, level_bytes, slots};
@@ -11,8 +12,7 @@ use crate::addr::{GUEST_PHYS_LIMIT, GuestPhysAddr};
 use crate::hal::PhysMem;
 
 /// A leaf found by [`NestedPageTable::next_leaf`].
-struct Found<'m> {
-    slot: &'m AtomicU64,
+struct Found {
     gpa: u64,
     size: PageSize,
     raw: u64,
@@ -21,7 +21,7 @@ struct Found<'m> {
 impl<F: EntryFormat> NestedPageTable<F> {
     /// The first leaf that overlaps `[cur, end)`, in address order. A large
     /// leaf that starts before `cur` is reported with its own base.
-    fn next_leaf<'m, M: PhysMem>(&self, mem: &'m M, mut cur: u64, end: u64) -> Option<Found<'m>> {
+    fn next_leaf<M: PhysMem>(&self, mem: &M, mut cur: u64, end: u64) -> Option<Found> {
         'restart: while cur < end {
             let mut table = self.root();
             for level in (1..=4).rev() {
@@ -35,7 +35,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
                 }
                 if !is_table::<F>(raw, level) {
                     let size = PageSize::at_level(level)?;
-                    return Some(Found { slot, gpa: cur & !(span - 1), size, raw });
+                    return Some(Found { gpa: cur & !(span - 1), size, raw });
                 }
                 table = F::decode_table(raw);
             }
@@ -85,21 +85,16 @@ impl<F: EntryFormat> NestedPageTable<F> {
         bit: u64,
         mut report: impl FnMut(GuestPhysAddr, PageSize),
     ) -> Invalidation<F> {
-        let end = range.end.0.min(GUEST_PHYS_LIMIT);
-        let mut cur = range.start.0;
-        let mut inv = Invalidation::none();
-        while let Some(found) = self.next_leaf(mem, cur, end) {
-            let bytes = found.size.bytes();
+        let mut cleared = Span::default();
+        self.for_each_leaf(mem, range.start.0..range.end.0, &mut |gpa, size, slot, raw| {
             // Atomic RMW: a bit the hardware sets right now is either seen
             // here or stays set for the next harvest.
-            if found.raw & bit != 0 && found.slot.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
-                let gpa = GuestPhysAddr(found.gpa);
-                report(gpa, found.size);
-                inv = inv.combine(Invalidation::range(gpa, bytes));
+            if raw & bit != 0 && slot.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                report(GuestPhysAddr(gpa), size);
+                cleared.add(gpa, size.bytes());
             }
-            cur = found.gpa + bytes;
-        }
-        inv
+        });
+        cleared.into_invalidation()
     }
 }
 

@@ -1,0 +1,321 @@
+//! The nested-page-fault entry point (EPT violation, SDM Vol. 3C 29.3.3.2;
+//! #NPF, APM Vol. 2 15.25.6) and what it resolves: copy-on-write breaks,
+//! dirty-logging write protection, lazy loading, balloon re-backing and
+//! page-in from swap.
+
+use core::fmt::Debug;
+
+use super::state::{Override, REPLACED};
+use super::{Hooks, Lookup, MmioId, PageState, VmMemory, combine, write_frame};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use crate::error::Error;
+use crate::hal::{ContiguousAlloc, FrameAlloc, PhysMem};
+use crate::paging::{Access, EntryFormat, Invalidation};
+
+/// What the faulting access tried to do (from the exit qualification /
+/// EXITINFO1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum AccessKind {
+    /// A data read (or a guest page-table walk).
+    Read,
+    /// A data write.
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
+
+impl AccessKind {
+    /// The right the access needs.
+    pub fn access(self) -> Access {
+        match self {
+            AccessKind::Read => Access::READ,
+            AccessKind::Write => Access::WRITE,
+            AccessKind::Execute => Access::EXECUTE,
+        }
+    }
+}
+
+/// What the exit handler does after [`VmMemory::handle_fault`].
+#[derive(Debug)]
+#[must_use = "a resolved fault carries a TLB flush"]
+pub enum FaultOutcome<F: EntryFormat> {
+    /// Fixed: flush the token (all of the VM's roots), then re-enter the
+    /// guest to retry the access.
+    Resolved(Invalidation<F>),
+    /// The address is in an MMIO region: emulate the device access.
+    Mmio {
+        /// Which region (see [`MemoryMap::mmio`](super::MemoryMap::mmio)).
+        id: MmioId,
+        /// Offset of the faulting address in the region.
+        offset: u64,
+    },
+    /// Neither RAM nor MMIO: the VM must be stopped.
+    OutsideMemory,
+    /// The page is poisoned: inject a machine check or stop the VM.
+    Poisoned,
+    /// The fault could not be resolved (store or source error, host out of
+    /// memory, missing hook): the page is unchanged; stop the VM or retry
+    /// later.
+    Failed(Error),
+}
+
+/// Where `NotLoaded` pages get their contents on first touch (a lazy
+/// restore's checkpoint reader, post-copy migration's page requests).
+pub trait PageSource {
+    /// Fill `page` with the contents of the guest page at `gpa`.
+    fn fill(&mut self, gpa: GuestPhysAddr, page: &mut [u8; 4096]) -> Result<(), Error>;
+
+    /// How many 4 KiB pages to load together: a fault loads every
+    /// not-loaded page of the aligned block of this many pages around it
+    /// (block-wise lazy restore). Rounded up to a power of two, at most 512;
+    /// a whole 2 MiB block is then mapped with one large page again.
+    fn block_pages(&self) -> u32 {
+        1
+    }
+}
+
+impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+    /// Handle a nested page fault of vCPU `vcpu` at `gpa`.
+    ///
+    /// Never panics on guest-controlled input: any address and access kind
+    /// gives an outcome. On `Failed` nothing about the page changed.
+    pub fn handle_fault<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        vcpu: usize,
+        gpa: GuestPhysAddr,
+        kind: AccessKind,
+    ) -> FaultOutcome<F> {
+        match self.map.lookup(gpa) {
+            Lookup::Mmio { id, offset, .. } => return FaultOutcome::Mmio { id, offset },
+            Lookup::Nothing => return FaultOutcome::OutsideMemory,
+            Lookup::Ram => {}
+        }
+        if self.index_of(gpa.0).is_none() {
+            return FaultOutcome::OutsideMemory;
+        }
+        match self.resolve_for(alloc, hooks, Some(vcpu), gpa, kind) {
+            Ok(inv) => FaultOutcome::Resolved(inv),
+            Err(Error::PagePoisoned(_)) => FaultOutcome::Poisoned,
+            Err(e) => FaultOutcome::Failed(e),
+        }
+    }
+
+    /// Resolve an access by the host (no vCPU): as a fault, but host writes
+    /// are always dirty-logged.
+    pub(super) fn resolve<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        gpa: GuestPhysAddr,
+        kind: AccessKind,
+    ) -> Result<Invalidation<F>, Error> {
+        self.resolve_for(alloc, hooks, None, gpa, kind)
+    }
+
+    fn resolve_for<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        vcpu: Option<usize>,
+        gpa: GuestPhysAddr,
+        kind: AccessKind,
+    ) -> Result<Invalidation<F>, Error> {
+        let i = self.index_of(gpa.0).ok_or(Error::NotGuestRam(gpa))?;
+        let page = gpa.align_down(PAGE_SIZE_4K);
+        let mut inv = Invalidation::none();
+        match self.state(i) {
+            PageState::Poisoned => return Err(Error::PagePoisoned(page)),
+            PageState::Ballooned => {
+                self.back_fresh(alloc, i, &mut inv)?;
+            }
+            PageState::Swapped => self.page_in(alloc, hooks, i, &mut inv)?,
+            PageState::NotLoaded => self.load(alloc, hooks, i, &mut inv)?,
+            PageState::Zero | PageState::Shared if kind == AccessKind::Write => {
+                self.break_cow(alloc, hooks, i, &mut inv)?;
+            }
+            PageState::Present | PageState::Zero | PageState::Shared => {
+                // Already mapped as it should be unless the fault is the
+                // dirty log's (handled below): repair the mapping, and flush
+                // what the faulting CPU may have cached.
+                self.sync_page(alloc, i, &mut inv)?;
+                combine(&mut inv, Invalidation::of_range(page, PAGE_SIZE_4K));
+            }
+        }
+        if kind == AccessKind::Write && self.state(i) == PageState::Present {
+            self.log_write(&*alloc, vcpu, i, &mut inv);
+        }
+        Ok(inv)
+    }
+
+    /// Back page `i` with a fresh zeroed frame (a ballooned page touched).
+    pub(super) fn back_fresh<A: FrameAlloc>(
+        &mut self,
+        alloc: &mut A,
+        i: usize,
+        inv: &mut Invalidation<F>,
+    ) -> Result<HostPhysAddr, Error> {
+        let frame = alloc.alloc_frame().ok_or(Error::OutOfHostFrames)?;
+        if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv) {
+            // SAFETY: allocated above and never mapped.
+            unsafe { alloc.free_frame(frame) };
+            return Err(e);
+        }
+        // The guest sees new (zero) contents: migration must send them.
+        let gpa = self.gpa_of(i).0;
+        if let Some(log) = &mut self.dirty {
+            log.mark(gpa);
+        }
+        Ok(frame)
+    }
+
+    /// Give a `Zero` or `Shared` page a private writable frame.
+    fn break_cow<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        i: usize,
+        inv: &mut Invalidation<F>,
+    ) -> Result<(), Error> {
+        let index = hooks.sharing.as_deref_mut().ok_or(Error::MissingHook("sharing index"))?;
+        match self.state(i) {
+            PageState::Zero => {
+                let frame = alloc.alloc_frame().ok_or(Error::OutOfHostFrames)?;
+                if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv)
+                {
+                    // SAFETY: allocated above and never mapped.
+                    unsafe { alloc.free_frame(frame) };
+                    return Err(e);
+                }
+                index.release_zero();
+            }
+            _ => {
+                let shared = self.override_frame(i).ok_or(Error::WrongPageState {
+                    gpa: self.gpa_of(i),
+                    state: PageState::Shared,
+                })?;
+                if index.refs(shared) == 1 {
+                    // The last user: take the frame over instead of copying.
+                    self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(shared)), inv)?;
+                    index.take_exclusive(shared);
+                    return Ok(());
+                }
+                let frame = alloc.alloc_frame().ok_or(Error::OutOfHostFrames)?;
+                let src = alloc.phys_to_ptr(shared);
+                let dst = alloc.phys_to_ptr(frame);
+                // SAFETY: both are live 4 KiB frames (the shared frame is
+                // referenced by this page, the new one was just allocated);
+                // the shared frame is read-only to every guest and never
+                // written by the host, and the new one is not yet mapped, so
+                // nothing writes either concurrently. They do not overlap.
+                unsafe { core::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE_4K as usize) };
+                if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv)
+                {
+                    // SAFETY: allocated above and never mapped.
+                    unsafe { alloc.free_frame(frame) };
+                    return Err(e);
+                }
+                // More than one reference was held, so this never frees the
+                // shared frame (which a stale TLB entry may still read).
+                index.release(alloc, shared);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bring a swapped page back from the store.
+    fn page_in<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        i: usize,
+        inv: &mut Invalidation<F>,
+    ) -> Result<(), Error> {
+        let gpa = self.gpa_of(i);
+        let store = hooks.store.as_deref_mut().ok_or(Error::MissingHook("page store"))?;
+        let slot = self.override_slot(i).ok_or(Error::WrongPageState { gpa, state: PageState::Swapped })?;
+        let mut buf = [0u8; 4096];
+        // Read before allocating: a corrupt slot costs nothing.
+        store.page_in(slot, gpa, &mut buf)?;
+        let frame = alloc.alloc_frame().ok_or(Error::OutOfHostFrames)?;
+        // SAFETY: a fresh 4 KiB frame, 4 KiB-aligned, not mapped yet.
+        unsafe { write_frame(alloc.phys_to_ptr(frame), &buf) };
+        if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv) {
+            // SAFETY: allocated above and never mapped.
+            unsafe { alloc.free_frame(frame) };
+            return Err(e);
+        }
+        store.release(slot);
+        Ok(())
+    }
+
+    /// Load a not-loaded page (and the not-loaded pages of its block) from
+    /// the page source.
+    fn load<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        i: usize,
+        inv: &mut Invalidation<F>,
+    ) -> Result<(), Error> {
+        let source = hooks.source.as_deref_mut().ok_or(Error::MissingHook("page source"))?;
+        let block = source.block_pages().clamp(1, 512).next_power_of_two() as u64;
+        let gpa = self.gpa_of(i);
+        let start = gpa.align_down(block * PAGE_SIZE_4K);
+        let mut buf = [0u8; 4096];
+        for p in 0..block {
+            let g = GuestPhysAddr(start.0 + p * PAGE_SIZE_4K);
+            let Some(j) = self.index_of(g.0) else { continue };
+            if self.state(j) != PageState::NotLoaded {
+                continue;
+            }
+            if let Err(e) = source.fill(g, &mut buf) {
+                if j == i {
+                    return Err(e);
+                }
+                continue; // prefetch is best effort
+            }
+            let frame = self.own_frame(j).ok_or(Error::NotGuestRam(g))?;
+            // SAFETY: the page's own frame, not mapped while not loaded, so
+            // no guest accesses it; 4 KiB-aligned.
+            unsafe { write_frame(alloc.phys_to_ptr(frame), &buf) };
+            let replaced = self.states[j] & REPLACED != 0;
+            let over = self.overrides.get(&(j as u32)).copied();
+            if let Err(e) = self.transition(alloc, j, PageState::Present, replaced, over, inv)
+                && j == i
+            {
+                return Err(e);
+            }
+        }
+        if block * PAGE_SIZE_4K == PAGE_SIZE_2M {
+            self.try_merge_2m(&*alloc, start, inv);
+        }
+        Ok(())
+    }
+
+    /// A write by `vcpu` (or the host) to `Present` page `i`: log it and,
+    /// under write protection, open its granule for writing.
+    fn log_write<M: PhysMem>(&mut self, mem: &M, vcpu: Option<usize>, i: usize, inv: &mut Invalidation<F>) {
+        let gpa = self.gpa_of(i).0;
+        let view_exists = self.view.is_some();
+        let Some(log) = &mut self.dirty else { return };
+        if let Some(n) = vcpu
+            && view_exists
+            && !log.config.vcpus.contains(n)
+        {
+            // An untraced vCPU on the primary table: not logged.
+            return;
+        }
+        if log.config.mechanism == super::DirtyMechanism::DirtyBits {
+            if vcpu.is_none() {
+                log.mark(gpa);
+            }
+            return;
+        }
+        log.mark(gpa);
+        let granule = log.granule_bytes();
+        let start = gpa & !(granule - 1);
+        self.open_for_writes(mem, start, granule, inv);
+    }
+}
