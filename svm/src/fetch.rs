@@ -27,6 +27,18 @@ impl Opcode {
             Opcode::Invd => &[0x0f, 0x08],
         }
     }
+
+    /// The opcode as a little-endian word and the mask of its bytes, for a
+    /// one-load comparison on the exit path.
+    #[inline(always)]
+    pub fn word(self) -> (u32, u32) {
+        let b = self.bytes();
+        let mut w = 0u32;
+        for (i, &x) in b.iter().enumerate() {
+            w |= (x as u32) << (8 * i);
+        }
+        (w, u32::MAX >> (8 * (4 - b.len())))
+    }
 }
 
 /// The architectural limit on an instruction's length (APM Vol. 3 1.1).
@@ -59,6 +71,13 @@ mod tests {
         assert_eq!(instruction_length(&[0x0f, 0x01, 0xd9], Opcode::Vmmcall, true), Some(3));
         assert_eq!(instruction_length(&[0x66, 0x2e, 0x0f, 0x32], Opcode::Rdmsr, false), Some(4));
         assert_eq!(instruction_length(&[0x48, 0x0f, 0x30], Opcode::Wrmsr, true), Some(3), "REX.W");
+    }
+
+    #[test]
+    fn opcode_words() {
+        assert_eq!(Opcode::Cpuid.word(), (0xa20f, 0xffff));
+        assert_eq!(Opcode::Vmmcall.word(), (0xd9010f, 0xff_ffff));
+        assert_eq!(Opcode::Hlt.word(), (0xf4, 0xff));
     }
 
     #[test]

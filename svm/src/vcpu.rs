@@ -222,37 +222,43 @@ impl<M: PhysMem> SvmVcpu<M> {
         })
     }
 
-    /// Up to 15 code bytes at the guest's RIP.
-    fn code_bytes(&mut self, use_cache: bool) -> ([u8; fetch::MAX_LEN], usize) {
+    /// The linear address of RIP, and whether the code is 64-bit.
+    #[inline(always)]
+    fn code_address(&self) -> (u64, bool) {
+        let attrs = vcpu::SegAttrs(self.vmcb.read::<u16>(save::CS + 2));
+        let long = attrs.long() && self.vmcb.u64(save::EFER) & EFER_LMA != 0;
+        let rip = self.vmcb.u64(save::RIP);
+        if long { (rip, true) } else { (self.vmcb.u64(save::CS + 8).wrapping_add(rip) & 0xffff_ffff, false) }
+    }
+
+    /// The host page behind the guest's linear code page `page`.
+    fn code_page(&mut self, page: u64, use_cache: bool) -> Option<u64> {
+        let cr3 = self.vmcb.u64(save::CR3);
+        if use_cache
+            && let Some((c, p, h)) = self.code_page
+            && c == cr3
+            && p == page
+        {
+            return Some(h);
+        }
         let paging = Paging {
             cr0: self.vmcb.u64(save::CR0),
-            cr3: self.vmcb.u64(save::CR3),
+            cr3,
             cr4: self.vmcb.u64(save::CR4),
             efer: self.vmcb.u64(save::EFER),
         };
-        let long = paging.efer & EFER_LMA != 0 && self.vmcb.segment(save::CS).attrs.long();
-        let cs_base = if long { 0 } else { self.vmcb.segment(save::CS).base };
-        let mut lin = cs_base.wrapping_add(self.vmcb.u64(save::RIP));
-        if !long {
-            lin &= 0xffff_ffff;
-        }
+        let gpa = walk::translate_with(paging, page, |a| self.read_guest64(a))?;
+        let h = self.gpa_to_hpa(gpa)? & !0xfff;
+        self.code_page = Some((cr3, page, h));
+        Some(h)
+    }
+
+    /// Up to 15 code bytes at linear address `lin`.
+    fn code_bytes(&mut self, mut lin: u64, use_cache: bool) -> ([u8; fetch::MAX_LEN], usize) {
         let mut out = [0u8; fetch::MAX_LEN];
         let mut n = 0;
         while n < out.len() {
-            let page = lin & !0xfff;
-            let cached = match self.code_page {
-                Some((cr3, p, h)) if use_cache && cr3 == paging.cr3 && p == page => Some(h),
-                _ => None,
-            };
-            let host_page = match cached {
-                Some(h) => h,
-                None => {
-                    let Some(gpa) = walk::translate_with(paging, page, |a| self.read_guest64(a)) else { break };
-                    let Some(h) = self.gpa_to_hpa(gpa) else { break };
-                    self.code_page = Some((paging.cr3, page, h & !0xfff));
-                    h & !0xfff
-                }
-            };
+            let Some(host_page) = self.code_page(lin & !0xfff, use_cache) else { break };
             let off = (lin & 0xfff) as usize;
             let take = (4096 - off).min(out.len() - n);
             let src = self.mem.phys_to_ptr(mm::HostPhysAddr(host_page + off as u64));
@@ -267,16 +273,33 @@ impl<M: PhysMem> SvmVcpu<M> {
 
     /// The length of `op` at RIP; the architectural length if the bytes
     /// cannot be read or are not that instruction.
+    ///
+    /// Fast path: the code page is cached and the bytes are the bare opcode
+    /// (what compilers emit), compared in place.
     fn measure(&mut self, op: Opcode) -> u64 {
-        let long = self.vmcb.u64(save::EFER) & EFER_LMA != 0 && self.vmcb.segment(save::CS).attrs.long();
+        let (lin, long) = self.code_address();
+        let code = op.bytes();
+        let off = lin & 0xfff;
+        if off <= 4096 - 4
+            && let Some(h) = self.code_page(lin & !0xfff, true)
+        {
+            let p = self.mem.phys_to_ptr(mm::HostPhysAddr(h + off));
+            // SAFETY: guest RAM from the nested table; the 4 bytes read stay
+            // inside the page (checked above).
+            let here = unsafe { (p as *const u32).read_unaligned() };
+            let (word, mask) = op.word();
+            if here & mask == word {
+                return code.len() as u64;
+            }
+        }
         for use_cache in [true, false] {
-            let (bytes, n) = self.code_bytes(use_cache);
+            let (bytes, n) = self.code_bytes(lin, use_cache);
             if let Some(len) = fetch::instruction_length(&bytes[..n], op, long) {
                 return len as u64;
             }
         }
         self.skip_fallbacks += 1;
-        op.bytes().len() as u64
+        code.len() as u64
     }
 
     fn set_skip(&mut self, op: Opcode) {
