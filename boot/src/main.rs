@@ -21,7 +21,8 @@ enum Cmd {
     Build,
     /// Build the image and boot it in an emulator with the console attached.
     Run {
-        /// bochs (VT-x), qemu (TCG, AMD-V), qemu-kvm, or auto.
+        /// bochs (VT-x), qemu (TCG, AMD-V), qemu-icount (TCG with a TSC that
+        /// counts instructions), qemu-novirt (no SVM), qemu-kvm, or auto.
         #[arg(long, default_value = "auto")]
         emulator: String,
         /// Feed the console this script instead of the terminal (see
