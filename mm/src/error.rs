@@ -107,6 +107,28 @@ pub enum Error {
     /// A granularity the operation does not support.
     UnsupportedGranularity(PageSize),
     // --- end vm_memory ---
+    // --- swap: host swap devices, reservations and files (keep this block together) ---
+    /// A block transfer's buffer is empty or not a whole number of blocks.
+    BadBlockBuffer { len: usize },
+    /// A block transfer reaches beyond the device.
+    BlockOutOfRange { block: u64, len: u64 },
+    /// The block device failed a transfer starting at `block`.
+    BlockIo { block: u64, write: bool },
+    /// The device's swap superblock was refused.
+    SwapDeviceRefused(crate::swap::SuperblockRefusal),
+    /// A pool's reservation would need more swap slots than the device has.
+    SwapReservationTooLarge { requested: u64, available: u64 },
+    /// A pool or file would shrink below the pages it already holds.
+    SwapShrinkBelowUse { in_use: u64, requested: u64 },
+    /// No such swap pool.
+    UnknownSwapPool(u32),
+    /// The VM has no swap file.
+    UnknownSwapFile(u32),
+    /// The VM already has a swap file.
+    SwapFileExists(u32),
+    /// A swapped-out page failed its checks on page-in; nothing was returned.
+    SwapSlotCorrupt { gpa: GuestPhysAddr, reason: crate::swap::SlotRefusal },
+    // --- end swap ---
 }
 
 impl fmt::Display for Error {
@@ -181,6 +203,28 @@ impl fmt::Display for Error {
             Error::SamplingState { running: false } => f.write_str("Access sampling is not running"),
             Error::InvalidVcpu(n) => write!(f, "vCPU {n} is beyond the 64 vCPUs memory tracking supports"),
             Error::UnsupportedGranularity(size) => write!(f, "{size} granularity is not supported here"),
+            Error::BadBlockBuffer { len } => {
+                write!(f, "A block transfer of {len} bytes is not a whole number of 512-byte blocks")
+            }
+            Error::BlockOutOfRange { block, len } => {
+                write!(f, "A transfer of {len} block(s) at block {block} reaches beyond the device")
+            }
+            Error::BlockIo { block, write: true } => write!(f, "The device failed a write at block {block}"),
+            Error::BlockIo { block, write: false } => write!(f, "The device failed a read at block {block}"),
+            Error::SwapDeviceRefused(reason) => write!(f, "Refusing the swap device: {reason}"),
+            Error::SwapReservationTooLarge { requested, available } => write!(
+                f,
+                "A swap reservation of {requested} pages does not fit the device's {available} usable slots"
+            ),
+            Error::SwapShrinkBelowUse { in_use, requested } => {
+                write!(f, "Cannot shrink swap to {requested} pages: {in_use} pages are swapped out")
+            }
+            Error::UnknownSwapPool(p) => write!(f, "There is no swap pool {p}"),
+            Error::UnknownSwapFile(vm) => write!(f, "VM {vm} has no swap file"),
+            Error::SwapFileExists(vm) => write!(f, "VM {vm} already has a swap file"),
+            Error::SwapSlotCorrupt { gpa, reason } => {
+                write!(f, "Refusing the swapped-out copy of the page at {gpa}: {reason}")
+            }
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`vm_memory`]: [`VmMemory`], the per-VM memory object (memory map,
 //!   per-page state, fault handling, dirty logging, access sampling, page
 //!   sharing, ballooning, swap-out); [`swap_hook`]: the swap store interface.
+//! - [`swap`]: host swap on a block device: a thick swap reservation per
+//!   resource pool feeding thin per-VM swap files, checksummed slots.
 //!
 //! `no_std` with `alloc`; std only for tests and the `sim` feature.
 #![no_std]
@@ -25,6 +27,7 @@ pub mod hal;
 pub mod paging;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod swap;
 pub mod swap_hook;
 #[cfg(test)]
 mod tests;
