@@ -6,6 +6,7 @@ mod harvest;
 mod map_translate;
 mod oom;
 mod split_merge;
+pub(crate) mod vm;
 
 use alloc::vec::Vec;
 

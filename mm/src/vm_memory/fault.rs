@@ -36,7 +36,6 @@ impl AccessKind {
 }
 
 /// What the exit handler does after [`VmMemory::handle_fault`].
-#[derive(Debug)]
 #[must_use = "a resolved fault carries a TLB flush"]
 pub enum FaultOutcome<F: EntryFormat> {
     /// Fixed: flush the token (all of the VM's roots), then re-enter the
@@ -57,6 +56,18 @@ pub enum FaultOutcome<F: EntryFormat> {
     /// memory, missing hook): the page is unchanged; stop the VM or retry
     /// later.
     Failed(Error),
+}
+
+impl<F: EntryFormat> Debug for FaultOutcome<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FaultOutcome::Resolved(inv) => f.debug_tuple("Resolved").field(inv).finish(),
+            FaultOutcome::Mmio { id, offset } => f.debug_struct("Mmio").field("id", id).field("offset", offset).finish(),
+            FaultOutcome::OutsideMemory => f.write_str("OutsideMemory"),
+            FaultOutcome::Poisoned => f.write_str("Poisoned"),
+            FaultOutcome::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
 }
 
 /// Where `NotLoaded` pages get their contents on first touch (a lazy
@@ -163,10 +174,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             return Err(e);
         }
         // The guest sees new (zero) contents: migration must send them.
-        let gpa = self.gpa_of(i).0;
-        if let Some(log) = &mut self.dirty {
-            log.mark(gpa);
-        }
+        self.log_write(&*alloc, None, i, inv);
         Ok(frame)
     }
 
@@ -296,7 +304,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
 
     /// A write by `vcpu` (or the host) to `Present` page `i`: log it and,
     /// under write protection, open its granule for writing.
-    fn log_write<M: PhysMem>(&mut self, mem: &M, vcpu: Option<usize>, i: usize, inv: &mut Invalidation<F>) {
+    pub(super) fn log_write<M: PhysMem>(&mut self, mem: &M, vcpu: Option<usize>, i: usize, inv: &mut Invalidation<F>) {
         let gpa = self.gpa_of(i).0;
         let view_exists = self.view.is_some();
         let Some(log) = &mut self.dirty else { return };

@@ -414,9 +414,11 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             // frame, valid for 4 KiB; `off + n <= 4096`; guest memory is never
             // referenced by Rust references.
             unsafe { copy_to_guest(dst, &data[done..done + n]) };
-            if let Some(log) = &mut self.dirty {
-                log.mark(cur);
-            }
+            let mut inv = Invalidation::none();
+            self.log_write(&*alloc, None, i, &mut inv);
+            // Only write rights were added: a stale read-only translation at
+            // worst faults once more, so no shootdown is needed.
+            inv.flush(alloc, |_| {});
             done += n;
         }
         Ok(())
@@ -538,12 +540,6 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         }
     }
 
-    /// Whether page `i` still owns its original chunk frame (freed by
-    /// `free` with the rest of the chunks).
-    fn owns_original(&self, i: usize) -> bool {
-        matches!(self.state(i), PageState::Present | PageState::NotLoaded) && !self.replaced(i)
-    }
-
     /// Rights a `Present`/`Zero`/`Shared` page gets without dirty logging.
     fn base_rights(&self, i: usize) -> Access {
         match self.state(i) {
@@ -611,13 +607,10 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
     /// both tables (best effort: refused unless its 512 pages are `Present`
     /// on their original contiguous frames with equal rights).
     fn try_merge_2m<M: PhysMem>(&mut self, mem: &M, gpa: GuestPhysAddr, inv: &mut Invalidation<F>) -> bool {
-        if PageSize::Size2M > self.primary.max_page_size() {
-            return false;
-        }
-        let Some(first) = self.index_of(gpa.0) else { return false };
-        if self.index_of(gpa.0 + PAGE_SIZE_2M - 1) != Some(first + 511)
-            || !(first..first + 512).all(|i| self.owns_original(i) && self.state(i) == PageState::Present)
-        {
+        // Not while dirty logging runs: merging ORs 512 dirty bits into one
+        // and would need the granule's uniform write protection (KVM, too,
+        // only recovers large pages once logging stops).
+        if PageSize::Size2M > self.primary.max_page_size() || self.dirty.is_some() || !self.mergeable_2m(gpa) {
             return false;
         }
         let mut merged = false;
@@ -930,5 +923,128 @@ pub(crate) unsafe fn write_frame(dst: *mut u8, src: &[u8; 4096]) {
     for (i, chunk) in src.as_chunks::<8>().0.iter().enumerate() {
         // SAFETY: `i < 512`, inside the frame; aligned.
         unsafe { dst.add(i).write_volatile(u64::from_ne_bytes(*chunk)) };
+    }
+}
+
+/// Simulated guest accesses, for tests and benchmarks: what a vCPU does.
+#[cfg(any(test, feature = "sim"))]
+impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+    #[allow(clippy::too_many_arguments)]
+    /// Access guest memory as vCPU `vcpu` would: translate through its
+    /// root, setting accessed/dirty bits like the page walker; on a
+    /// violation call [`Self::handle_fault`], flush, and retry. Returns the
+    /// fault outcome that stopped the access, if any.
+    fn sim_access<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        vcpu: usize,
+        gpa: GuestPhysAddr,
+        len: usize,
+        kind: AccessKind,
+        mut copy: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), FaultOutcome<F>> {
+        let mut done = 0usize;
+        while done < len {
+            let cur = GuestPhysAddr(gpa.0 + done as u64);
+            let n = (PAGE_SIZE_4K as usize - (cur.0 % PAGE_SIZE_4K) as usize).min(len - done);
+            let mut tries = 0;
+            let hpa = loop {
+                let table = match &self.view {
+                    Some(view) if self.root_for_vcpu(vcpu) == view.root() => view,
+                    _ => &self.primary,
+                };
+                if let Some(hpa) = table.hw_access(&*alloc, cur, kind.access()) {
+                    break hpa;
+                }
+                tries += 1;
+                assert!(tries < 4, "fault at {cur:?} ({kind:?}) not resolved after {tries} tries");
+                match self.handle_fault(alloc, hooks, vcpu, cur, kind) {
+                    FaultOutcome::Resolved(inv) => inv.flush(alloc, |_scope| {
+                        #[cfg(test)]
+                        crate::tests::vm::record_flush(_scope);
+                    }),
+                    other => return Err(other),
+                }
+            };
+            copy(alloc.phys_to_ptr(hpa), done, n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// vCPU `vcpu` writes `data` at `gpa` (see `sim_access`).
+    pub fn sim_write<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        vcpu: usize,
+        gpa: GuestPhysAddr,
+        data: &[u8],
+    ) -> Result<(), FaultOutcome<F>> {
+        self.sim_access(alloc, hooks, vcpu, gpa, data.len(), AccessKind::Write, |dst, off, n| {
+            // SAFETY: `dst` is the translation of a mapped, writable guest
+            // page, valid for `n` bytes (the piece stays inside the page).
+            unsafe { copy_to_guest(dst, &data[off..off + n]) }
+        })
+    }
+
+    /// vCPU `vcpu` reads `buf.len()` bytes at `gpa`.
+    pub fn sim_read<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        vcpu: usize,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+    ) -> Result<(), FaultOutcome<F>> {
+        let len = buf.len();
+        self.sim_access(alloc, hooks, vcpu, gpa, len, AccessKind::Read, |src, off, n| {
+            // SAFETY: as in `sim_write`, for reads.
+            unsafe { copy_from_guest(src, &mut buf[off..off + n]) }
+        })
+    }
+
+    /// The primary and view tables, for tests that inspect mappings.
+    pub fn tables(&self) -> (&NestedPageTable<F>, Option<&NestedPageTable<F>>) {
+        (&self.primary, self.view.as_ref())
+    }
+}
+
+#[cfg(test)]
+impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+    /// Panic unless the tables, state table, overrides and counts agree.
+    pub(crate) fn check_invariants<M: PhysMem>(&self, mem: &M) {
+        let mut counts = StateCounts::default();
+        for i in 0..self.states.len() {
+            let state = self.state(i);
+            *counts.slot(state) += 1;
+            let gpa = self.gpa_of(i);
+            let over = self.overrides.get(&(i as u32));
+            match state {
+                PageState::Shared => assert!(matches!(over, Some(Override::Frame(_))), "{gpa:?} shared without frame"),
+                PageState::Swapped => assert!(matches!(over, Some(Override::Slot(_))), "{gpa:?} swapped without slot"),
+                _ if self.replaced(i) => assert!(matches!(over, Some(Override::Frame(_))), "{gpa:?} replaced w/o frame"),
+                _ => assert!(over.is_none(), "{gpa:?} ({state:?}) has a stray override {over:?}"),
+            }
+            let tables = [(false, Some(&self.primary)), (true, self.view.as_ref())];
+            for (is_view, table) in tables {
+                let Some(table) = table else { continue };
+                let want = self.desired(i, is_view);
+                let got = table.translate(mem, gpa);
+                match (want, got) {
+                    (None, None) => {}
+                    (Some((hpa, access)), Some(t)) => {
+                        assert_eq!(t.hpa, hpa, "{gpa:?} ({state:?}, view {is_view}) maps the wrong frame");
+                        assert_eq!(t.leaf.access, access, "{gpa:?} ({state:?}, view {is_view}) has wrong rights");
+                        if t.leaf.size != PageSize::Size4K {
+                            assert_eq!(self.states[i], PageState::Present.code(), "{gpa:?} large over {state:?}");
+                        }
+                    }
+                    (w, g) => panic!("{gpa:?} ({state:?}, view {is_view}): want {w:?}, table has {g:?}"),
+                }
+            }
+        }
+        assert_eq!(counts, self.counts, "state counts out of date");
     }
 }
