@@ -595,7 +595,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
     }
 
     /// Split both tables down to 4 KiB at `gpa`.
-    fn split_to_4k<A: FrameAlloc>(&mut self, alloc: &mut A, gpa: GuestPhysAddr, inv: &mut Invalidation<F>) -> Result<(), Error> {
+    pub(crate) fn split_to_4k<A: FrameAlloc>(&mut self, alloc: &mut A, gpa: GuestPhysAddr, inv: &mut Invalidation<F>) -> Result<(), Error> {
         split_down(&mut self.primary, alloc, gpa, PageSize::Size4K, inv)?;
         if let Some(view) = &mut self.view {
             split_down(view, alloc, gpa, PageSize::Size4K, inv)?;

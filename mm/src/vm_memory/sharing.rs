@@ -201,6 +201,12 @@ impl SharingIndex {
         self.hints[slot] = tag << 48 | (u64::from(vm) & 0xFFF) << 36 | (page & ((1 << 36) - 1));
     }
 
+    /// Make `hash` name `frame` (tests: a forged hash collision).
+    #[cfg(test)]
+    pub(crate) fn forge_hash(&mut self, hash: u64, frame: HostPhysAddr) {
+        self.by_hash.insert(hash, frame);
+    }
+
     /// Give the zero frame and every shared frame back.
     ///
     /// # Safety
