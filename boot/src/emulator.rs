@@ -17,6 +17,9 @@ pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 pub enum Emulator {
     /// Bochs with VT-x + EPT (Intel `tigerlake` model).
     Bochs,
+    /// Bochs with AMD-V (`ryzen` model): nested paging with next-RIP saving
+    /// and flush-by-ASID, which QEMU's AMD-V lacks.
+    BochsAmd,
     /// QEMU, software emulation (TCG): AMD-V with NPT, no VT-x.
     QemuTcg,
     /// QEMU TCG with `-icount shift=0`: the guest-visible TSC follows the
@@ -33,18 +36,22 @@ impl Emulator {
     pub fn parse(s: &str) -> Result<Option<Emulator>> {
         Ok(match s {
             "bochs" => Some(Emulator::Bochs),
+            "bochs-amd" => Some(Emulator::BochsAmd),
             "qemu" | "qemu-tcg" => Some(Emulator::QemuTcg),
             "qemu-icount" => Some(Emulator::QemuIcount),
             "qemu-novirt" => Some(Emulator::QemuNoVirt),
             "qemu-kvm" | "kvm" => Some(Emulator::QemuKvm),
             "auto" => None,
-            other => bail!("unknown emulator {other:?}: use bochs, qemu, qemu-icount, qemu-novirt, qemu-kvm or auto"),
+            other => bail!(
+                "unknown emulator {other:?}: use bochs, bochs-amd, qemu, qemu-icount, qemu-novirt, qemu-kvm or auto"
+            ),
         })
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Emulator::Bochs => "bochs",
+            Emulator::BochsAmd => "bochs-amd",
             Emulator::QemuTcg => "qemu-tcg",
             Emulator::QemuIcount => "qemu-icount",
             Emulator::QemuNoVirt => "qemu-novirt",
@@ -56,7 +63,7 @@ impl Emulator {
     pub fn backend(self) -> &'static str {
         match self {
             Emulator::Bochs => "vmx",
-            Emulator::QemuTcg | Emulator::QemuIcount => "svm",
+            Emulator::QemuTcg | Emulator::QemuIcount | Emulator::BochsAmd => "svm",
             Emulator::QemuKvm => "the host CPU's",
             Emulator::QemuNoVirt => "none",
         }
@@ -64,7 +71,7 @@ impl Emulator {
 
     /// Whether this is one of the QEMU variants.
     pub fn is_qemu(self) -> bool {
-        !matches!(self, Emulator::Bochs)
+        !matches!(self, Emulator::Bochs | Emulator::BochsAmd)
     }
 
     /// The best emulator here: QEMU with KVM when nested virtualisation works,
@@ -128,9 +135,10 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
     std::fs::create_dir_all(run_dir)?;
     let log = |name: &str| -> Result<std::fs::File> { Ok(std::fs::File::create(run_dir.join(name))?) };
     let child = match emu {
-        Emulator::Bochs => {
+        Emulator::Bochs | Emulator::BochsAmd => {
             let rc = run_dir.join("bochsrc");
-            std::fs::write(&rc, bochsrc(disk, serial_port, run_dir)?)?;
+            let model = if emu == Emulator::BochsAmd { "ryzen" } else { "tigerlake" };
+            std::fs::write(&rc, bochsrc(disk, serial_port, run_dir, model)?)?;
             // The debugger starts stopped; "c" runs. BOCHS_DEBUGGER_CMDS may
             // name a file of debugger commands to use instead (breakpoints,
             // `trace on`, stepping: how the exit path is measured).
@@ -185,13 +193,13 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
     Ok(child)
 }
 
-fn bochsrc(disk: &Path, serial_port: u16, run_dir: &Path) -> Result<String> {
+fn bochsrc(disk: &Path, serial_port: u16, run_dir: &Path, model: &str) -> Result<String> {
     let len = std::fs::metadata(disk)?.len();
     let cylinders = len / crate::image::CYLINDER_BYTES;
     Ok(format!(
         "# written by boot/ for one run
 megs: {MACHINE_MEM_MIB}
-cpu: model=tigerlake, count=1, ips=100000000, ignore_bad_msrs=1
+cpu: model={model}, count=1, ips=100000000, ignore_bad_msrs=1
 clock: sync=none, time0=1
 romimage: file={OVMF}, address=0xffe00000
 vgaromimage: file=/usr/share/vgabios/vgabios.bin

@@ -1,5 +1,7 @@
 //! Whole-system tests, each run on both backends: Bochs with VT-x + EPT
-//! (`vmx_bochs::*`) and QEMU TCG with AMD-V + NPT (`svm_qemu::*`). The real
+//! (`vmx_bochs::*`) and QEMU TCG with AMD-V + NPT (`svm_qemu::*`: no
+//! next-RIP saving, no flush-by-ASID); part of it also on Bochs with AMD-V
+//! (`svm_bochs::*`, which has both, so the backend's other paths run). The real
 //! image boots, the hypervisor turns virtualization on and runs the test
 //! guests; the test names and the log directories say which backend ran.
 
@@ -21,6 +23,32 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Bochs with AMD-V runs the tests that do not depend on time slicing, triple
+/// faults or a failed VMRUN: there its local-APIC timer interrupt does not
+/// end the guest's run (no INTR intercept is seen), a triple fault does not
+/// reach the SHUTDOWN intercept, and after a failed VMRUN it writes its own
+/// state into the VMCB (so the report checks the wrong state). These run in
+/// QEMU's AMD-V; in Bochs they are open work.
+mod svm_bochs {
+    use boot::emulator::Emulator::BochsAmd;
+    #[test]
+    fn boot_host_report_and_json_forms() {
+        super::boot_host_report_and_json_forms(BochsAmd)
+    }
+    #[test]
+    fn bad_console_input_changes_nothing() {
+        super::bad_console_input_changes_nothing(BochsAmd)
+    }
+    #[test]
+    fn exit_benchmark_reports_ticks_per_exit() {
+        super::exit_benchmark_reports_ticks_per_exit(BochsAmd)
+    }
+    #[test]
+    fn multiboot_modules_reach_the_guest() {
+        super::multiboot_modules_reach_the_guest(BochsAmd)
+    }
+}
+
 on_both_backends!(
     boot_host_report_and_json_forms,
     selftest_passes_as_elf64_and_multiboot_concurrently,
@@ -35,7 +63,8 @@ fn svm(emu: Emulator) -> bool {
     emu.backend() == "svm"
 }
 
-/// A log-directory label: the test and the emulator.
+/// A log-directory label: the backend and the test (the directory name
+/// adds the emulator).
 fn label(emu: Emulator, test: &str) -> String {
     format!("{}-{test}", emu.backend())
 }
@@ -51,6 +80,13 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
     assert!(host.contains(&format!("virtualization: {backend} (")), "{host}");
     for f in features {
         assert!(host.contains(f), "feature {f} missing: {host}");
+    }
+    // The AMD-V feature report matches what each emulator offers.
+    let amd_extras = host.contains("nrips") && host.contains("flush-by-asid");
+    match emu {
+        Emulator::BochsAmd => assert!(amd_extras, "{host}"),
+        Emulator::QemuTcg => assert!(!amd_extras && !host.contains("nrips"), "{host}"),
+        _ => {}
     }
     let j = m.json("host --json");
     assert_eq!(j["ok"], true);
