@@ -400,7 +400,11 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
 
     /// Stop dirty logging: give write rights back (or drop the view), and
     /// map with large pages again what logging split, where possible.
-    pub fn stop_dirty_log<A: FrameAlloc>(&mut self, alloc: &mut A, flush: &mut dyn FnMut(FlushScope)) -> Result<(), Error> {
+    pub fn stop_dirty_log<A: FrameAlloc>(
+        &mut self,
+        alloc: &mut A,
+        flush: &mut dyn FnMut(FlushScope),
+    ) -> Result<(), Error> {
         let Some(log) = self.dirty.take() else {
             return Err(Error::DirtyLogState { running: false });
         };

@@ -62,7 +62,9 @@ impl<F: EntryFormat> Debug for FaultOutcome<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             FaultOutcome::Resolved(inv) => f.debug_tuple("Resolved").field(inv).finish(),
-            FaultOutcome::Mmio { id, offset } => f.debug_struct("Mmio").field("id", id).field("offset", offset).finish(),
+            FaultOutcome::Mmio { id, offset } => {
+                f.debug_struct("Mmio").field("id", id).field("offset", offset).finish()
+            }
             FaultOutcome::OutsideMemory => f.write_str("OutsideMemory"),
             FaultOutcome::Poisoned => f.write_str("Poisoned"),
             FaultOutcome::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
@@ -190,8 +192,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         match self.state(i) {
             PageState::Zero => {
                 let frame = alloc.alloc_frame().ok_or(Error::OutOfHostFrames)?;
-                if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv)
-                {
+                if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv) {
                     // SAFETY: allocated above and never mapped.
                     unsafe { alloc.free_frame(frame) };
                     return Err(e);
@@ -199,10 +200,9 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
                 index.release_zero();
             }
             _ => {
-                let shared = self.override_frame(i).ok_or(Error::WrongPageState {
-                    gpa: self.gpa_of(i),
-                    state: PageState::Shared,
-                })?;
+                let shared = self
+                    .override_frame(i)
+                    .ok_or(Error::WrongPageState { gpa: self.gpa_of(i), state: PageState::Shared })?;
                 if index.refs(shared) == 1 {
                     // The last user: take the frame over instead of copying.
                     self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(shared)), inv)?;
@@ -218,8 +218,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
                 // written by the host, and the new one is not yet mapped, so
                 // nothing writes either concurrently. They do not overlap.
                 unsafe { core::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE_4K as usize) };
-                if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv)
-                {
+                if let Err(e) = self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(frame)), inv) {
                     // SAFETY: allocated above and never mapped.
                     unsafe { alloc.free_frame(frame) };
                     return Err(e);

@@ -366,20 +366,22 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
     }
 
     /// Copy guest memory at `gpa` into `buf` as a guest read would see it,
-    /// bringing swapped and not-loaded pages in (through `hooks`).
+    /// bringing swapped and not-loaded pages in (through `hooks`). `flush`
+    /// invalidates the given scope on every CPU running the VM (all roots).
     pub fn read<A: ContiguousAlloc>(
         &mut self,
         alloc: &mut A,
         hooks: &mut Hooks<'_, S>,
         gpa: GuestPhysAddr,
         buf: &mut [u8],
+        flush: &mut dyn FnMut(FlushScope),
     ) -> Result<(), Error> {
         self.check_ram(gpa, buf.len() as u64)?;
         let mut page = gpa.0 & !(PAGE_SIZE_4K - 1);
         while page < gpa.0 + buf.len() as u64 {
             let i = self.index_of(page).ok_or(Error::NotGuestRam(GuestPhysAddr(page)))?;
             if matches!(self.state(i), PageState::Swapped | PageState::NotLoaded) {
-                self.resolve_host(alloc, hooks, GuestPhysAddr(page), AccessKind::Read)?;
+                self.resolve_host(alloc, hooks, GuestPhysAddr(page), AccessKind::Read, flush)?;
             }
             page += PAGE_SIZE_4K;
         }
@@ -390,13 +392,15 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
     /// copy-on-write breaks, page-ins, balloon re-backing, and dirty
     /// logging all apply (device emulation, loaders). Fails, writing
     /// nothing, if any byte is outside RAM; a later page failing to resolve
-    /// (poisoned, store error) leaves earlier pages written.
+    /// (poisoned, store error) leaves earlier pages written. `flush` as for
+    /// [`Self::read`].
     pub fn write<A: ContiguousAlloc>(
         &mut self,
         alloc: &mut A,
         hooks: &mut Hooks<'_, S>,
         gpa: GuestPhysAddr,
         data: &[u8],
+        flush: &mut dyn FnMut(FlushScope),
     ) -> Result<(), Error> {
         self.check_ram(gpa, data.len() as u64)?;
         let mut done = 0usize;
@@ -406,7 +410,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             let off = (cur % PAGE_SIZE_4K) as usize;
             let n = (PAGE_SIZE_4K as usize - off).min(data.len() - done);
             if self.state(i) != PageState::Present {
-                self.resolve_host(alloc, hooks, GuestPhysAddr(cur), AccessKind::Write)?;
+                self.resolve_host(alloc, hooks, GuestPhysAddr(cur), AccessKind::Write, flush)?;
             }
             let hpa = self.own_frame(i).ok_or(Error::NotGuestRam(GuestPhysAddr(cur)))?;
             let dst = alloc.phys_to_ptr(HostPhysAddr(hpa.0 + off as u64));
@@ -424,27 +428,20 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         Ok(())
     }
 
-    /// Resolve a host access to a page as the fault handler would.
+    /// Resolve a host access to a page as the fault handler would, and
+    /// flush what changed (a copy-on-write break moves the page off a frame
+    /// that vCPUs may still have cached).
     fn resolve_host<A: ContiguousAlloc>(
         &mut self,
         alloc: &mut A,
         hooks: &mut Hooks<'_, S>,
         gpa: GuestPhysAddr,
         kind: AccessKind,
+        flush: &mut dyn FnMut(FlushScope),
     ) -> Result<(), Error> {
-        match self.resolve(alloc, hooks, gpa, kind) {
-            Ok(inv) => {
-                // The flush needs the caller's TLB shootdown only when a
-                // mapping was downgraded or moved; resolving only adds rights
-                // or maps fresh pages (stale entries at worst fault again),
-                // except a copy-on-write break moving a page off a shared
-                // frame, which the next guest access corrects by faulting
-                // on the read-only stale entry. No frame is freed here.
-                inv.flush(alloc, |_| {});
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        let inv = self.resolve(alloc, hooks, gpa, kind)?;
+        inv.flush(alloc, &mut *flush);
+        Ok(())
     }
 
     fn check_ram(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), Error> {
@@ -595,7 +592,12 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
     }
 
     /// Split both tables down to 4 KiB at `gpa`.
-    pub(crate) fn split_to_4k<A: FrameAlloc>(&mut self, alloc: &mut A, gpa: GuestPhysAddr, inv: &mut Invalidation<F>) -> Result<(), Error> {
+    pub(crate) fn split_to_4k<A: FrameAlloc>(
+        &mut self,
+        alloc: &mut A,
+        gpa: GuestPhysAddr,
+        inv: &mut Invalidation<F>,
+    ) -> Result<(), Error> {
         split_down(&mut self.primary, alloc, gpa, PageSize::Size4K, inv)?;
         if let Some(view) = &mut self.view {
             split_down(view, alloc, gpa, PageSize::Size4K, inv)?;
@@ -1024,7 +1026,9 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             match state {
                 PageState::Shared => assert!(matches!(over, Some(Override::Frame(_))), "{gpa:?} shared without frame"),
                 PageState::Swapped => assert!(matches!(over, Some(Override::Slot(_))), "{gpa:?} swapped without slot"),
-                _ if self.replaced(i) => assert!(matches!(over, Some(Override::Frame(_))), "{gpa:?} replaced w/o frame"),
+                _ if self.replaced(i) => {
+                    assert!(matches!(over, Some(Override::Frame(_))), "{gpa:?} replaced w/o frame")
+                }
                 _ => assert!(over.is_none(), "{gpa:?} ({state:?}) has a stray override {over:?}"),
             }
             let tables = [(false, Some(&self.primary)), (true, self.view.as_ref())];

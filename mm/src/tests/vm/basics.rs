@@ -51,7 +51,8 @@ fn fault_outcomes<F: EntryFormat>() {
     let dev = map.add_mmio(g(0x1000_0000), 0x1000, "dev").unwrap();
     let mut v: VmMemory<F> = VmMemory::new(&mut sim, map, VmMemoryConfig::new(1, 2)).unwrap();
     let mut hooks = Hooks::none();
-    let mut fault = |v: &mut VmMemory<F>, sim: &mut SimPhys, gpa, kind| v.handle_fault(sim, &mut hooks, 0, g(gpa), kind);
+    let mut fault =
+        |v: &mut VmMemory<F>, sim: &mut SimPhys, gpa, kind| v.handle_fault(sim, &mut hooks, 0, g(gpa), kind);
     assert!(matches!(
         fault(&mut v, &mut sim, 0x1000_0010, AccessKind::Write),
         FaultOutcome::Mmio { id, offset: 0x10 } if id == dev
@@ -81,15 +82,18 @@ fn host_read_write_cross_pages<F: EntryFormat>() {
     let mut hooks = Hooks::none();
     let data: Vec<u8> = (0..10000u32).map(|i| (i * 7) as u8).collect();
     let at = g((1 << 20) - 5000);
-    v.write(&mut sim, &mut hooks, at, &data).unwrap();
+    v.write(&mut sim, &mut hooks, at, &data, &mut |_| {}).unwrap();
     let mut back = vec![0u8; data.len()];
-    v.read(&mut sim, &mut hooks, at, &mut back).unwrap();
+    v.read(&mut sim, &mut hooks, at, &mut back, &mut |_| {}).unwrap();
     assert_eq!(back, data);
     let mut via_cpu = vec![0u8; data.len()];
     v.sim_read(&mut sim, &mut hooks, 0, at, &mut via_cpu).unwrap();
     assert_eq!(via_cpu, data);
     // Refused whole when any byte is outside RAM.
-    assert!(matches!(v.write(&mut sim, &mut hooks, g((2 << 20) - 2), &[1, 2, 3]), Err(Error::OutsideGuestRam { .. })));
+    assert!(matches!(
+        v.write(&mut sim, &mut hooks, g((2 << 20) - 2), &[1, 2, 3], &mut |_| {}),
+        Err(Error::OutsideGuestRam { .. })
+    ));
     let mut b = [0u8; 2];
     v.peek(&sim, g((2 << 20) - 2), &mut b).unwrap();
     assert_eq!(b, [0, 0], "refused write must change nothing");
@@ -146,13 +150,11 @@ fn lazy_load_fills_on_first_touch<F: EntryFormat>() {
         Err(FaultOutcome::Failed(Error::PageSourceFailed(_)))
     ));
     assert_eq!(v.page_state(g(0x7000)), Some(PageState::NotLoaded));
-    drop(hooks);
     assert_eq!(src.fills, [0x5000]);
     // A whole 2 MiB block at once, mapped large again.
     let mut src = Source { fills: Vec::new(), bad: None, block: 512 };
     let mut hooks = Hooks { source: Some(&mut src), ..Hooks::none() };
     v.sim_write(&mut sim, &mut hooks, 2, g((2 << 20) + 0x10), &[0xEE]).unwrap();
-    drop(hooks);
     assert_eq!(src.fills.len(), 512);
     let t = v.table().translate(&sim, g(2 << 20)).unwrap();
     assert_eq!(t.leaf.size, PageSize::Size2M, "a fully loaded 2 MiB block is mapped large again");
@@ -172,12 +174,12 @@ fn poisoned_page<F: EntryFormat>() {
     let mut sim = SimPhys::new(4096);
     let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
     let mut hooks = Hooks::none();
-    v.write(&mut sim, &mut hooks, g(0x3000), b"important").unwrap();
+    v.write(&mut sim, &mut hooks, g(0x3000), b"important", &mut |_| {}).unwrap();
     v.mark_poisoned(&mut sim, &mut hooks, g(0x3123), &mut |_| {}).unwrap();
     assert_eq!(v.page_state(g(0x3000)), Some(PageState::Poisoned));
     assert!(matches!(v.handle_fault(&mut sim, &mut hooks, 0, g(0x3000), AccessKind::Read), FaultOutcome::Poisoned));
     assert!(matches!(v.peek(&sim, g(0x3000), &mut [0u8; 1]), Err(Error::PagePoisoned(_))));
-    assert!(matches!(v.write(&mut sim, &mut hooks, g(0x3000), &[1]), Err(Error::PagePoisoned(_))));
+    assert!(matches!(v.write(&mut sim, &mut hooks, g(0x3000), &[1], &mut |_| {}), Err(Error::PagePoisoned(_))));
     // The rest of the (split) large page still works.
     let mut b = [0u8; 9];
     v.sim_read(&mut sim, &mut hooks, 0, g(0x4000), &mut b).unwrap();
@@ -231,7 +233,10 @@ fn states_and_counts_track_changes<F: EntryFormat>() {
     let c = v.state_counts();
     assert_eq!((c.present, c.ballooned, c.total()), (510, 2, 512));
     let states: Vec<_> = v.page_states().take(3).collect();
-    assert_eq!(states, [(g(0), PageState::Ballooned), (g(0x1000), PageState::Ballooned), (g(0x2000), PageState::Present)]);
+    assert_eq!(
+        states,
+        [(g(0), PageState::Ballooned), (g(0x1000), PageState::Ballooned), (g(0x2000), PageState::Present)]
+    );
     v.check_invariants(&sim);
     free(v, &mut sim, &mut hooks);
     assert_eq!(sim.frames_in_use(), 0);

@@ -40,7 +40,7 @@ fn exactly_once_fmt<F: EntryFormat>(
     for p in 0..pages {
         if rng.chance(30) {
             let tag = rng.below(8) as u8;
-            v.write(&mut sim, &mut hooks, g(p * PAGE_SIZE_4K), &[tag; 16]).unwrap();
+            v.write(&mut sim, &mut hooks, g(p * PAGE_SIZE_4K), &[tag; 16], &mut |_| {}).unwrap();
         }
     }
     let config = DirtyLogConfig { granule, mechanism, vcpus: traced };
@@ -61,11 +61,17 @@ fn exactly_once_fmt<F: EntryFormat>(
             match rng.below(20) {
                 0 => {
                     // The host writes (device emulation): always logged.
-                    v.write(&mut sim, &mut hooks, g(gpa), &[rng.below(256) as u8]).unwrap();
+                    v.write(&mut sim, &mut hooks, g(gpa), &[rng.below(256) as u8], &mut |_| {}).unwrap();
                     expected.insert(gpa / gran);
                 }
                 1 => {
-                    let _ = v.swap_out(&mut sim, g(gpa), &mut **hooks.store.as_mut().unwrap(), hooks.sharing.as_deref_mut(), &mut |_| {});
+                    let _ = v.swap_out(
+                        &mut sim,
+                        g(gpa),
+                        &mut **hooks.store.as_mut().unwrap(),
+                        hooks.sharing.as_deref_mut(),
+                        &mut |_| {},
+                    );
                 }
                 2 => {
                     let _ = v.share_scan(&mut sim, hooks.sharing.as_deref_mut().unwrap(), 64, &mut |_| {});
@@ -108,7 +114,6 @@ fn exactly_once_fmt<F: EntryFormat>(
         assert_eq!(v.root_for_vcpu(vcpu), v.table().root());
     }
     free(v, &mut sim, &mut hooks);
-    drop(hooks);
     assert_eq!(store.live_slots(), 0);
     // SAFETY: the only VM using it is freed.
     unsafe { index.free(&mut sim) };
@@ -160,8 +165,11 @@ fn subset_view_isolation<F: EntryFormat>() {
     let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
     let mut hooks = Hooks::none();
     let gen0 = v.roots_generation();
-    let cfg =
-        DirtyLogConfig { granule: PageSize::Size4K, mechanism: DirtyMechanism::WriteProtect, vcpus: VcpuSet::of(&[0]).unwrap() };
+    let cfg = DirtyLogConfig {
+        granule: PageSize::Size4K,
+        mechanism: DirtyMechanism::WriteProtect,
+        vcpus: VcpuSet::of(&[0]).unwrap(),
+    };
     v.start_dirty_log(&mut sim, cfg, &mut |_| {}).unwrap();
     assert_ne!(v.roots_generation(), gen0);
     let (primary, view) = v.tables();

@@ -31,11 +31,6 @@ pub(crate) fn take_flushes() -> Vec<FlushScope> {
 
 pub(crate) type Vm<F> = VmMemory<F, u64>;
 
-/// A flush callback that records into the same list.
-pub(crate) fn flusher() -> impl FnMut(FlushScope) {
-    record_flush
-}
-
 /// `mib` MiB of RAM at 0, `vcpus` vCPUs, pages up to `max`.
 pub(crate) fn vm<F: EntryFormat>(sim: &mut SimPhys, id: u32, mib: u64, max: PageSize) -> Vm<F> {
     let map = MemoryMap::ram_only(mib << 20).unwrap();
@@ -53,8 +48,8 @@ pub(crate) fn free<F: EntryFormat>(vm: Vm<F>, sim: &mut SimPhys, hooks: &mut Hoo
 /// A page-sized pattern identifying `tag`.
 pub(crate) fn pattern(tag: u64) -> [u8; 4096] {
     let mut p = [0u8; 4096];
-    for (i, c) in p.chunks_exact_mut(8).enumerate() {
-        c.copy_from_slice(&(tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64).to_le_bytes());
+    for (i, c) in p.as_chunks_mut::<8>().0.iter_mut().enumerate() {
+        *c = (tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64).to_le_bytes();
     }
     p
 }

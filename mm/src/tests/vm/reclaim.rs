@@ -38,7 +38,7 @@ fn balloon_returns_and_takes_frames<F: EntryFormat>() {
     v.check_invariants(&sim);
     // Deflate half: frames come back from the pool, pages read zero.
     let back: Vec<GuestPhysAddr> = list[..150].to_vec();
-    v.write(&mut sim, &mut hooks, g(PAGE_SIZE_4K), &[9]).unwrap(); // not ballooned: refused below
+    v.write(&mut sim, &mut hooks, g(PAGE_SIZE_4K), &[9], &mut |_| {}).unwrap(); // not ballooned: refused below
     let r = v.balloon_deflate(&mut sim, &[&back[..], &[g(PAGE_SIZE_4K)]].concat(), &mut |_| {}).unwrap();
     assert_eq!((r.accepted, r.rejected, r.frames), (150, 1, 150));
     assert_eq!(sim.frames_in_use(), used - 150);
@@ -65,7 +65,7 @@ fn balloon_releases_shared_and_swapped<F: EntryFormat>() {
     let mut index = SharingIndex::with_hint_slots(&mut sim, 64).unwrap();
     let mut store = MemStore::new();
     let mut v = vm::<F>(&mut sim, 1, 2, PageSize::Size4K);
-    v.write(&mut sim, &mut Hooks::none(), g(0x2000), &pattern(5)).unwrap();
+    v.write(&mut sim, &mut Hooks::none(), g(0x2000), &pattern(5), &mut |_| {}).unwrap();
     v.share_scan(&mut sim, &mut index, 4, &mut |_| {}); // pages 0, 1, 3 -> zero
     v.swap_out(&mut sim, g(0x2000), &mut store, None, &mut |_| {}).unwrap();
     assert_eq!(store.live_slots(), 1);
@@ -75,7 +75,6 @@ fn balloon_releases_shared_and_swapped<F: EntryFormat>() {
     let mut hooks = Hooks { sharing: Some(&mut index), store: Some(&mut store), source: None };
     let r = v.balloon_inflate(&mut sim, &mut hooks, &[g(0), g(0x2000)], &mut |_| {});
     assert_eq!((r.accepted, r.rejected, r.frames), (2, 0, 0));
-    drop(hooks);
     assert_eq!(store.live_slots(), 0);
     assert_eq!(index.stats().zero_refs, 2);
     v.check_invariants(&sim);
@@ -91,7 +90,7 @@ fn swap_round_trip<F: EntryFormat>() {
     let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
     let mut hooks = Hooks::none();
     for p in 0..8u64 {
-        v.write(&mut sim, &mut hooks, g(PAGE_SIZE_2M + p * PAGE_SIZE_4K), &pattern(p)).unwrap();
+        v.write(&mut sim, &mut hooks, g(PAGE_SIZE_2M + p * PAGE_SIZE_4K), &pattern(p), &mut |_| {}).unwrap();
     }
     let used = sim.frames_in_use();
     for p in 0..8u64 {
@@ -117,7 +116,6 @@ fn swap_round_trip<F: EntryFormat>() {
         v.sim_read(&mut sim, &mut hooks, (p % 4) as usize, g(PAGE_SIZE_2M + p * PAGE_SIZE_4K), &mut got).unwrap();
         assert_eq!(got, pattern(p), "page {p} came back different");
     }
-    drop(hooks);
     assert_eq!(store.live_slots(), 0, "slots released after page-in");
     assert_eq!(sim.frames_in_use(), used + 1);
     v.check_invariants(&sim);
@@ -130,8 +128,8 @@ fn corrupt_store_is_an_error<F: EntryFormat>() {
     let mut store = MemStore::new();
     let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
     let mut hooks = Hooks::none();
-    v.write(&mut sim, &mut hooks, g(0x7000), &pattern(7)).unwrap();
-    v.write(&mut sim, &mut hooks, g(0x8000), &pattern(8)).unwrap();
+    v.write(&mut sim, &mut hooks, g(0x7000), &pattern(7), &mut |_| {}).unwrap();
+    v.write(&mut sim, &mut hooks, g(0x8000), &pattern(8), &mut |_| {}).unwrap();
     v.swap_out(&mut sim, g(0x7000), &mut store, None, &mut |_| {}).unwrap();
     assert!(store.corrupt(0));
     let used = sim.frames_in_use();
@@ -143,13 +141,12 @@ fn corrupt_store_is_an_error<F: EntryFormat>() {
             other => panic!("{other:?}"),
         }
     }
-    assert!(matches!(v.write(&mut sim, &mut hooks, g(0x7000), &[1]), Err(Error::PageStoreCorrupt { .. })));
+    assert!(matches!(v.write(&mut sim, &mut hooks, g(0x7000), &[1], &mut |_| {}), Err(Error::PageStoreCorrupt { .. })));
     assert_eq!(v.page_state(g(0x7000)), Some(PageState::Swapped), "the page stays swapped");
     assert_eq!(sim.frames_in_use(), used, "a failed page-in keeps no frame");
     // The rest of the VM is intact.
     v.sim_read(&mut sim, &mut hooks, 0, g(0x8000), &mut got).unwrap();
     assert_eq!(got, pattern(8));
-    drop(hooks);
     assert_eq!(store.live_slots(), 1);
     v.check_invariants(&sim);
     free(v, &mut sim, &mut Hooks { store: Some(&mut store), ..Hooks::none() });
@@ -163,8 +160,8 @@ fn full_store_leaves_page_mapped<F: EntryFormat>() {
     let mut index = SharingIndex::with_hint_slots(&mut sim, 64).unwrap();
     let mut v = vm::<F>(&mut sim, 1, 2, PageSize::Size4K);
     let mut hooks = Hooks::none();
-    v.write(&mut sim, &mut hooks, g(0x1000), &pattern(1)).unwrap();
-    v.write(&mut sim, &mut hooks, g(0x2000), &pattern(2)).unwrap();
+    v.write(&mut sim, &mut hooks, g(0x1000), &pattern(1), &mut |_| {}).unwrap();
+    v.write(&mut sim, &mut hooks, g(0x2000), &pattern(2), &mut |_| {}).unwrap();
     v.swap_out(&mut sim, g(0x1000), &mut store, None, &mut |_| {}).unwrap();
     let used = sim.frames_in_use();
     let e = v.swap_out(&mut sim, g(0x2000), &mut store, None, &mut |_| {});
@@ -176,7 +173,10 @@ fn full_store_leaves_page_mapped<F: EntryFormat>() {
     assert_eq!(got, pattern(2));
     // Zero pages are not worth swapping; shared pages need the index.
     v.share_scan(&mut sim, &mut index, 8, &mut |_| {});
-    assert!(matches!(v.swap_out(&mut sim, g(0x3000), &mut store, None, &mut |_| {}), Err(Error::WrongPageState { .. })));
+    assert!(matches!(
+        v.swap_out(&mut sim, g(0x3000), &mut store, None, &mut |_| {}),
+        Err(Error::WrongPageState { .. })
+    ));
     assert!(v.swap_out(&mut sim, g(1 << 30), &mut store, None, &mut |_| {}).is_err());
     v.check_invariants(&sim);
     free(v, &mut sim, &mut Hooks { sharing: Some(&mut index), store: Some(&mut store), source: None });

@@ -14,7 +14,7 @@ fn zero_pages_share_one_frame<F: EntryFormat>() {
     let mut v = vm::<F>(&mut sim, 1, 2, PageSize::Size4K);
     let mut hooks = Hooks::sharing(&mut index);
     for p in [3u64, 100, 511] {
-        v.write(&mut sim, &mut hooks, g(p * PAGE_SIZE_4K + 7), &[p as u8]).unwrap();
+        v.write(&mut sim, &mut hooks, g(p * PAGE_SIZE_4K + 7), &[p as u8], &mut |_| {}).unwrap();
     }
     let before = sim.frames_in_use();
     // A budget: only 100 pages per call.
@@ -46,7 +46,6 @@ fn zero_pages_share_one_frame<F: EntryFormat>() {
     assert_eq!(hooks.sharing.as_deref().unwrap().stats().zero_refs, 508);
     v.check_invariants(&sim);
     free(v, &mut sim, &mut hooks);
-    drop(hooks);
     assert_eq!(index.stats().zero_refs, 0);
     // SAFETY: no VM uses the index any more.
     unsafe { index.free(&mut sim) };
@@ -63,10 +62,10 @@ fn cow_isolates_vms<F: EntryFormat>() {
     let mut hooks = Hooks::sharing(&mut index);
     let page = pattern(42);
     let other = pattern(43);
-    a.write(&mut sim, &mut hooks, g(0x5000), &page).unwrap();
-    b.write(&mut sim, &mut hooks, g(0x9000), &page).unwrap();
-    b.write(&mut sim, &mut hooks, g(0xA000), &page).unwrap();
-    a.write(&mut sim, &mut hooks, g(0x6000), &other).unwrap();
+    a.write(&mut sim, &mut hooks, g(0x5000), &page, &mut |_| {}).unwrap();
+    b.write(&mut sim, &mut hooks, g(0x9000), &page, &mut |_| {}).unwrap();
+    b.write(&mut sim, &mut hooks, g(0xA000), &page, &mut |_| {}).unwrap();
+    a.write(&mut sim, &mut hooks, g(0x6000), &other, &mut |_| {}).unwrap();
     // Small mappings, so the scan shares instead of only counting.
     for v in [&mut a, &mut b] {
         let mut inv = crate::paging::Invalidation::none();
@@ -117,7 +116,6 @@ fn cow_isolates_vms<F: EntryFormat>() {
     b.check_invariants(&sim);
     free(a, &mut sim, &mut hooks);
     free(b, &mut sim, &mut hooks);
-    drop(hooks);
     // SAFETY: no VM uses the index any more.
     unsafe { index.free(&mut sim) };
     assert_eq!(sim.frames_in_use(), 0);
@@ -131,8 +129,8 @@ fn hash_match_is_verified<F: EntryFormat>() {
     let mut v = vm::<F>(&mut sim, 1, 2, PageSize::Size4K);
     let mut hooks = Hooks::sharing(&mut index);
     let p = pattern(1);
-    v.write(&mut sim, &mut hooks, g(0x1000), &p).unwrap();
-    v.write(&mut sim, &mut hooks, g(0x2000), &p).unwrap();
+    v.write(&mut sim, &mut hooks, g(0x1000), &p, &mut |_| {}).unwrap();
+    v.write(&mut sim, &mut hooks, g(0x2000), &p, &mut |_| {}).unwrap();
     let idx = hooks.sharing.as_deref_mut().unwrap();
     v.share_scan(&mut sim, idx, 512, &mut |_| {});
     assert_eq!(v.page_state(g(0x2000)), Some(PageState::Shared));
@@ -140,7 +138,7 @@ fn hash_match_is_verified<F: EntryFormat>() {
     let h2 = xxhash_rust::xxh3::xxh3_64(&pattern(2));
     let shared = v.table().translate(&sim, g(0x2000)).unwrap().hpa;
     idx.forge_hash(h2, shared);
-    v.write(&mut sim, &mut Hooks::sharing(idx), g(0x3000), &pattern(2)).unwrap();
+    v.write(&mut sim, &mut Hooks::sharing(idx), g(0x3000), &pattern(2), &mut |_| {}).unwrap();
     v.share_scan(&mut sim, idx, 512, &mut |_| {});
     assert_eq!(v.page_state(g(0x3000)), Some(PageState::Present), "different bytes must not merge");
     let mut got = [0u8; 4096];
@@ -148,7 +146,6 @@ fn hash_match_is_verified<F: EntryFormat>() {
     assert_eq!(got, pattern(2));
     v.check_invariants(&sim);
     free(v, &mut sim, &mut hooks);
-    drop(hooks);
     // SAFETY: no VM uses the index any more.
     unsafe { index.free(&mut sim) };
     assert_eq!(sim.frames_in_use(), 0);
@@ -165,11 +162,11 @@ fn large_page_opportunities<F: EntryFormat>() {
     // Regions 0 and 1: 10 non-zero pages each (the rest zero); region 1's
     // pages duplicate region 0's. Regions 2 and 3: all pages unique.
     for p in 0..10u64 {
-        v.write(&mut sim, &mut hooks, g(p * PAGE_SIZE_4K), &pattern(p)).unwrap();
-        v.write(&mut sim, &mut hooks, g(PAGE_SIZE_2M + p * PAGE_SIZE_4K), &pattern(p)).unwrap();
+        v.write(&mut sim, &mut hooks, g(p * PAGE_SIZE_4K), &pattern(p), &mut |_| {}).unwrap();
+        v.write(&mut sim, &mut hooks, g(PAGE_SIZE_2M + p * PAGE_SIZE_4K), &pattern(p), &mut |_| {}).unwrap();
     }
     for p in 0..1024u64 {
-        v.write(&mut sim, &mut hooks, g(2 * PAGE_SIZE_2M + p * PAGE_SIZE_4K), &pattern(1000 + p)).unwrap();
+        v.write(&mut sim, &mut hooks, g(2 * PAGE_SIZE_2M + p * PAGE_SIZE_4K), &pattern(1000 + p), &mut |_| {}).unwrap();
     }
     let frames = sim.frames_in_use();
     let r = v.share_scan(&mut sim, hooks.sharing.as_deref_mut().unwrap(), 2048, &mut |_| {});
@@ -200,7 +197,6 @@ fn large_page_opportunities<F: EntryFormat>() {
     }
     v.check_invariants(&sim);
     free(v, &mut sim, &mut hooks);
-    drop(hooks);
     // SAFETY: no VM uses the index any more.
     unsafe { index.free(&mut sim) };
     assert_eq!(sim.frames_in_use(), 0);
