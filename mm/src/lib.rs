@@ -10,6 +10,8 @@
 //! - [`vm_memory`]: [`VmMemory`], the per-VM memory object (memory map,
 //!   per-page state, fault handling, dirty logging, access sampling, page
 //!   sharing, ballooning, swap-out); [`swap_hook`]: the swap store interface.
+//! - [`reclaim`]: the reclaim policy: usage classes per VM and a plan of
+//!   sharing, ballooning and swapping to meet a host free-memory target.
 //! - [`swap`]: host swap on a block device: a thick swap reservation per
 //!   resource pool feeding thin per-VM swap files, checksummed slots.
 //!
@@ -25,6 +27,7 @@ mod error;
 mod guest_ram;
 pub mod hal;
 pub mod paging;
+pub mod reclaim;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod swap;
