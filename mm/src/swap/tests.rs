@@ -470,3 +470,58 @@ fn block_store_checks_transfers() {
     assert_eq!(d.stats().writes, 2);
     assert_eq!(d.stats().injected_failures, 1);
 }
+
+/// End to end: a VM's pages swapped out through its `SwapFile` by
+/// `VmMemory`, faulted back by host reads, with the reservation's counts
+/// following, and a corrupt slot refused with the page kept swapped.
+#[test]
+fn vm_memory_swaps_through_a_swap_file() {
+    use crate::paging::{Ept, PageSize};
+    use crate::sim::SimPhys;
+    use crate::vm_memory::{Hooks, MemoryMap, PageState, VmMemory, VmMemoryConfig};
+
+    let mut sim = SimPhys::new(4096);
+    let map = MemoryMap::ram_only(4 << 20).unwrap();
+    let config = VmMemoryConfig { id: 1, vcpus: 1, max_page_size: PageSize::Size2M };
+    let mut v: VmMemory<Ept, SwapSlot> = VmMemory::new(&mut sim, map, config).unwrap();
+    let mut r = SwapReservation::format(device(2048)).unwrap();
+    let pool = r.create_pool_with(0, &[spec(1, 1024, 256)]).unwrap();
+    let mut rng = Rng(30);
+    let pages: Vec<[u8; 4096]> = (0..64).map(|_| rng.page()).collect();
+    for (i, p) in pages.iter().enumerate() {
+        v.write(&mut sim, &mut Hooks::none(), gpa(i as u64), p, &mut |_| {}).unwrap();
+    }
+    let frames = sim.frames_in_use();
+    for i in 0..64 {
+        v.swap_out(&mut sim, gpa(i), &mut r.file(1).unwrap(), None, &mut |_| {}).unwrap();
+    }
+    assert_eq!(r.file_stats(1).unwrap().used, 64);
+    assert_eq!(r.pool_stats(pool).unwrap().in_files, 64);
+    // 64 frames back to the host, one table frame to split the 2 MiB page.
+    assert_eq!(sim.frames_in_use(), frames - 64 + 1);
+
+    // Damage page 5's copy: reading it is refused and it stays swapped.
+    let slot_block = FIRST_SLOT_BLOCK + 5 * SLOT_BLOCKS;
+    r.device_mut().corrupt(slot_block + 3, 17, 0x40);
+    let mut buf = [0u8; 4096];
+    let mut file = r.file(1).unwrap();
+    let mut hooks = Hooks { sharing: None, store: Some(&mut file), source: None };
+    let err = v.read(&mut sim, &mut hooks, gpa(5), &mut buf, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, Error::SwapSlotCorrupt { reason: SlotRefusal::DataChecksum, .. }), "{err:?}");
+    assert_eq!(v.page_state(gpa(5)), Some(PageState::Swapped));
+
+    // Every other page comes back intact, and its slot goes back.
+    for (i, p) in pages.iter().enumerate().filter(|(i, _)| *i != 5) {
+        v.read(&mut sim, &mut hooks, gpa(i as u64), &mut buf, &mut |_| {}).unwrap();
+        assert_eq!(&buf, p, "page {i}");
+    }
+    assert_eq!(file.stats().used, 1);
+    // Freeing the VM releases the damaged page's slot too.
+    let mut hooks = Hooks { sharing: None, store: Some(&mut file), source: None };
+    // SAFETY: simulated tables; no vCPU runs on them.
+    let report = unsafe { v.free(&mut sim, &mut hooks, &mut |_| {}) };
+    assert_eq!(report.leaked_references, 0);
+    assert_eq!(r.stats().in_files, 0);
+    assert_eq!(r.remove_vm(1).unwrap(), 0);
+    assert_eq!(sim.frames_in_use(), 0);
+}
