@@ -212,10 +212,9 @@ impl fmt::Display for Error {
             Error::BlockIo { block, write: true } => write!(f, "The device failed a write at block {block}"),
             Error::BlockIo { block, write: false } => write!(f, "The device failed a read at block {block}"),
             Error::SwapDeviceRefused(reason) => write!(f, "Refusing the swap device: {reason}"),
-            Error::SwapReservationTooLarge { requested, available } => write!(
-                f,
-                "A swap reservation of {requested} pages does not fit the device's {available} usable slots"
-            ),
+            Error::SwapReservationTooLarge { requested, available } => {
+                write!(f, "A swap reservation of {requested} pages does not fit the device's {available} usable slots")
+            }
             Error::SwapShrinkBelowUse { in_use, requested } => {
                 write!(f, "Cannot shrink swap to {requested} pages: {in_use} pages are swapped out")
             }
