@@ -146,7 +146,7 @@ fn bench_dirty() {
         v.harvest_dirty(&mut s, &mut bm, &mut |_| {}).unwrap();
         for dirty_pct in [0u64, 1, 10, 100] {
             let mut hooks = Hooks::none();
-            let step = if dirty_pct == 0 { u64::MAX } else { 100 / dirty_pct };
+            let step = 100u64.checked_div(dirty_pct).unwrap_or(u64::MAX);
             let mut written = 0;
             let mut p = 0;
             while dirty_pct > 0 && p < PAGES {
@@ -177,7 +177,8 @@ fn bench_dirty() {
 
 fn bench_sharing() {
     println!("-- page sharing scan, 1 GiB of 4 KiB mappings");
-    let cases: [(&str, u8, fn(u64) -> u64); 3] = [
+    type Case = (&'static str, u8, fn(u64) -> u64);
+    let cases: [Case; 3] = [
         ("all pages unique (hash + hint)", 0x5A, |p| p + 1),
         ("16 distinct contents (hash + compare + merge)", 0x5A, |p| p % 16 + 1),
         ("all zero (zero check + merge)", 0, |_| 0),

@@ -235,4 +235,79 @@ fn merge_refusals<F: EntryFormat>() {
     destroy(t, &mut sim, 0);
 }
 
-super::for_both_formats!(split_then_merge_restores, split_keeps_attributes, merge_of_mapped_pages, merge_refusals);
+/// The bulk operations (`for_each_mapping`, `update_access`, `remap`) agree
+/// with the per-leaf ones on random layouts: nothing lost or duplicated,
+/// addresses, memory types and A/D bits kept, and every changed leaf covered
+/// by the returned flush.
+fn bulk_ops_match_per_leaf_ops<F: EntryFormat>() {
+    for seed in 0..16 {
+        let mut rng = Rng::new(100 + seed);
+        let mut sim = table_sim();
+        let mut t = NestedPageTable::<F>::new(&mut sim).unwrap();
+        random_layout(&mut rng, &mut t, &mut sim);
+        let original = all_mappings(&t, &sim);
+        // Any sub-range, including ones starting inside a large page.
+        let (a, b) = (rng.below(9 << 30), rng.below(9 << 30));
+        let range = G(a.min(b))..G(a.max(b));
+        let mut visited = Vec::new();
+        t.for_each_mapping(&sim, range.clone(), |m| visited.push(m));
+        let expected: Vec<Mapping> = t.mappings(&sim, range.clone()).collect();
+        assert_eq!(visited, expected, "seed {seed}");
+
+        // Take write away from every leaf in the range that has it.
+        let inv = t.update_access(&sim, range.clone(), |_, _, a| a - Access::WRITE);
+        let scope = flush(inv, &mut sim);
+        let after = all_mappings(&t, &sim);
+        assert_eq!(after.len(), original.len(), "seed {seed}: a leaf appeared or vanished");
+        for (old, new) in original.iter().zip(&after) {
+            assert_eq!(
+                (old.gpa, old.leaf.hpa, old.leaf.size, old.leaf.mem_type),
+                (new.gpa, new.leaf.hpa, new.leaf.size, new.leaf.mem_type)
+            );
+            assert_eq!((old.leaf.accessed, old.leaf.dirty), (new.leaf.accessed, new.leaf.dirty), "A/D lost");
+            let inside = expected.iter().any(|m| m.gpa == old.gpa);
+            let want = if inside { old.leaf.access - Access::WRITE } else { old.leaf.access };
+            assert_eq!(new.leaf.access, want, "seed {seed}: {:?}", old.gpa);
+            if new.leaf.access != old.leaf.access {
+                assert!(scope.is_some_and(|s| s.covers(old.gpa)), "seed {seed}: {:?} changed without a flush", old.gpa);
+            }
+        }
+        // Idempotent: nothing left to change, nothing to flush.
+        assert!(t.update_access(&sim, range, |_, _, a| a - Access::WRITE).is_none());
+
+        // Remap one leaf of each size found; the old address comes back.
+        for m in &after {
+            if !rng.chance(20) {
+                continue;
+            }
+            let new_hpa = H(rng.below(1 << 10) * m.leaf.size.bytes());
+            let (old, inv) = t.remap(&sim, m.gpa, m.leaf.size, new_hpa, Access::R).unwrap();
+            assert_eq!(old, m.leaf.hpa);
+            assert_eq!(flush(inv, &mut sim).map(|s| s.covers(m.gpa)), Some(true));
+            let tr = t.translate(&sim, m.gpa).unwrap();
+            assert_eq!(
+                (tr.hpa, tr.leaf.access, tr.leaf.size, tr.leaf.mem_type),
+                (new_hpa, Access::R, m.leaf.size, m.leaf.mem_type)
+            );
+            if m.leaf.size != Size4K {
+                let inner = G(m.gpa.0 + Size4K.bytes());
+                assert!(matches!(t.remap(&sim, inner, Size4K, H(0), Access::R), Err(Error::InsideLargerPage { .. })));
+            }
+        }
+        assert!(matches!(t.remap(&sim, G(9 << 30), Size4K, H(0), Access::R), Err(Error::NotMapped(_))));
+        assert!(matches!(
+            t.remap(&sim, G(0x1000), Size4K, H(0x1001), Access::R),
+            Err(Error::MisalignedHostAddress { .. })
+        ));
+        assert_eq!(all_mappings(&t, &sim).len(), original.len());
+        destroy(t, &mut sim, 0);
+    }
+}
+
+super::for_both_formats!(
+    split_then_merge_restores,
+    split_keeps_attributes,
+    merge_of_mapped_pages,
+    merge_refusals,
+    bulk_ops_match_per_leaf_ops,
+);
