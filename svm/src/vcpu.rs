@@ -341,9 +341,15 @@ impl<M: PhysMem> SvmVcpu<M> {
     }
 
     /// A physical interrupt ended the run: the host took it (in `svm_run`);
-    /// it was the slice's end if the deadline has passed.
+    /// it was the slice's end if the deadline has passed. An interrupt that
+    /// came early (another source, or an APIC timer that runs fast against
+    /// the TSC, as under QEMU TCG) re-arms the timer so the slice still ends.
     fn interrupted(&self) -> VmExit {
-        if hw::rdtsc() >= self.deadline { VmExit::Preempted } else { VmExit::ExternalInterrupt { vector: None } }
+        if hw::rdtsc() >= self.deadline {
+            return VmExit::Preempted;
+        }
+        (self.arm_timer)(self.deadline);
+        VmExit::ExternalInterrupt { vector: None }
     }
 }
 

@@ -146,11 +146,10 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently(emu: Emulator) {
         assert_eq!(e["state"], "exited", "{e}");
         assert_eq!(e["exit_status"], 1, "status (0 << 1) | 1 = pass: {e}");
     }
-    // Both were time-sliced: each was preempted while the other waited.
-    for id in [1, 2] {
-        let s = m.json(&format!("vm stats {id} --json"));
-        assert!(s["exits_by_reason"]["preempted"].as_u64().unwrap() > 0, "{s}");
-    }
+    // They were time-sliced: the first was preempted while the other
+    // waited. (The second may finish alone once the first has exited.)
+    let s = m.json("vm stats 1 --json");
+    assert!(s["slices_expired"].as_u64().unwrap() > 0, "{s}");
     // The two ran interleaved: vm 2's output starts before vm 1 finishes.
     let v2_start = t.find("[vm 2] selftest: starting").unwrap();
     let v1_end = t.find("vm 1 (selftest) exited").unwrap();

@@ -217,11 +217,14 @@ impl<B: Backend> Manager<B> {
                 t0 = t1;
                 vm.stats.exits[exit.kind() as usize] += 1;
                 crate::trace_exit(vm.id, &exit);
+                let preempted = matches!(exit, vcpu::VmExit::Preempted);
                 let flow = vm.handle_exit(exit, backend, console);
                 if flow != Flow::Continue {
+                    vm.stats.slices_expired += preempted as u64;
                     break flow;
                 }
                 if t1 >= deadline {
+                    vm.stats.slices_expired += 1;
                     break Flow::Yield;
                 }
             }

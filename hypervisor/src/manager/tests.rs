@@ -285,9 +285,25 @@ fn vms_take_turns_and_busy_exiters_yield_after_a_wall_clock_slice() {
     m.run_slice(&mut con);
     let first_slice = m.get(1).unwrap().stats.exits[ExitKind::Cpuid as usize];
     assert!(first_slice > 10 && first_slice < 200, "vm 1 ran {first_slice} exits in one slice");
+    assert_eq!(m.get(1).unwrap().stats.slices_expired, 1, "the wall-clock check ended the slice");
     m.run_slice(&mut con);
     assert_eq!(m.get(2).unwrap().state, RunState::Exited { status: 1 }, "vm 2 got its turn");
+    assert_eq!(m.get(2).unwrap().stats.slices_expired, 0, "vm 2 ended before its slice did");
     assert_eq!(m.get(1).unwrap().state, RunState::Running);
+}
+
+#[test]
+fn a_timer_exit_ends_the_slice_and_counts_it() {
+    let mut m = manager(8192);
+    // Out of script, the mock vCPU reports `Preempted` like a spinning guest.
+    be(&mut m).scripts.push_back(Vec::new());
+    m.run_vm("tiny", 4, "").unwrap();
+    let mut con = Lines::default();
+    m.run_slice(&mut con);
+    m.run_slice(&mut con);
+    let vm = m.get(1).unwrap();
+    assert_eq!(vm.stats.slices_expired, 2);
+    assert_eq!(vm.stats.exits[ExitKind::Preempted as usize], 2);
 }
 
 #[test]

@@ -70,6 +70,9 @@ pub struct VmStats {
     pub ended_tsc: Option<u64>,
     /// Reads and writes of ports no device decodes.
     pub unbacked_io: u64,
+    /// Time slices that ran out (timer exit or wall-clock check) and made
+    /// the VM give the CPU up.
+    pub slices_expired: u64,
 }
 
 impl VmStats {
