@@ -14,12 +14,21 @@ pub const PING_REPLY: u64 = 0x4b4f_5648;
 pub const UNKNOWN: u64 = u64::MAX;
 pub const STAT_EXITS: u64 = 0;
 pub const STAT_HLT: u64 = 1;
+/// Pages of this VM mapped to a shared or the zero frame (copy-on-write).
+pub const STAT_SHARED_PAGES: u64 = 2;
+/// Pages of this VM in host swap.
+pub const STAT_SWAPPED_PAGES: u64 = 3;
+/// Pages of this VM read back from swap on a fault since it started.
+pub const STAT_PAGE_INS: u64 = 4;
 
 /// What the hypercall needs from its VM.
 pub trait Context {
     fn vm_id(&self) -> u64;
     fn total_exits(&self) -> u64;
     fn hlt_exits(&self) -> u64;
+    fn shared_pages(&self) -> u64;
+    fn swapped_pages(&self) -> u64;
+    fn page_ins(&self) -> u64;
 }
 
 /// The result for function `func` with first argument `a`.
@@ -29,6 +38,9 @@ pub fn dispatch(func: u64, a: u64, ctx: &impl Context) -> u64 {
         (VM_ID, _) => ctx.vm_id(),
         (STAT, STAT_EXITS) => ctx.total_exits(),
         (STAT, STAT_HLT) => ctx.hlt_exits(),
+        (STAT, STAT_SHARED_PAGES) => ctx.shared_pages(),
+        (STAT, STAT_SWAPPED_PAGES) => ctx.swapped_pages(),
+        (STAT, STAT_PAGE_INS) => ctx.page_ins(),
         _ => UNKNOWN,
     }
 }
@@ -48,6 +60,15 @@ mod tests {
         fn hlt_exits(&self) -> u64 {
             3
         }
+        fn shared_pages(&self) -> u64 {
+            40
+        }
+        fn swapped_pages(&self) -> u64 {
+            50
+        }
+        fn page_ins(&self) -> u64 {
+            60
+        }
     }
 
     #[test]
@@ -56,6 +77,9 @@ mod tests {
         assert_eq!(dispatch(VM_ID, 0, &Ctx), 7);
         assert_eq!(dispatch(STAT, STAT_EXITS, &Ctx), 100);
         assert_eq!(dispatch(STAT, STAT_HLT, &Ctx), 3);
+        assert_eq!(dispatch(STAT, STAT_SHARED_PAGES, &Ctx), 40);
+        assert_eq!(dispatch(STAT, STAT_SWAPPED_PAGES, &Ctx), 50);
+        assert_eq!(dispatch(STAT, STAT_PAGE_INS, &Ctx), 60);
         assert_eq!(dispatch(STAT, 99, &Ctx), UNKNOWN);
         assert_eq!(dispatch(0xdead, 0, &Ctx), UNKNOWN);
     }

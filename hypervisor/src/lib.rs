@@ -13,6 +13,7 @@ pub mod frame_bitmap;
 pub mod hypercall;
 pub mod loader;
 pub mod manager;
+pub mod memory;
 pub mod msr;
 pub mod vm;
 

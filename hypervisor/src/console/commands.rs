@@ -45,6 +45,10 @@ const HELP: &[(&str, &str)] = &[
     ("vm list", "every VM with its state and exit status"),
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
+    ("mem", "host and per-VM memory by page state, sharing and swap"),
+    ("mem sharing on [<pages per round>] | off", "background page sharing and its scan budget"),
+    ("mem scan [<id>]", "one full page-sharing pass now"),
+    ("mem target <id> <MiB>|none", "hold a VM to a memory target by sharing, then swapping"),
     ("poweroff", "stop all VMs and power the machine off"),
 ];
 
@@ -80,9 +84,9 @@ pub fn report_parse_error(e: &super::ParseError, console: &mut impl Console) {
     }
 }
 
-struct Reply {
-    text: String,
-    json: Value,
+pub(super) struct Reply {
+    pub(super) text: String,
+    pub(super) json: Value,
 }
 
 fn run<B: Backend>(
@@ -141,6 +145,10 @@ fn run<B: Backend>(
             m.stop(*id, console)?;
             Ok(Reply { text: format!("vm {id} stopped"), json: json!({ "id": id }) })
         }
+        Command::MemShow => Ok(super::mem::show(m, host)),
+        Command::MemSharing { on, pages_per_round } => super::mem::sharing(m, *on, *pages_per_round),
+        Command::MemScan { id } => super::mem::scan(m, *id),
+        Command::MemTarget { id, mib } => super::mem::target(m, *id, *mib),
         Command::Poweroff => {
             m.stop_all(console);
             Ok(Reply { text: "stopping all VMs and powering off".into(), json: json!({}) })

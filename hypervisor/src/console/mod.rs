@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod line;
+mod mem;
 pub mod parse;
 
 pub use commands::{HostStatus, execute};

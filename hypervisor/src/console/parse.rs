@@ -4,6 +4,8 @@
 //! help | host | poweroff
 //! vm run <guest> [mem=<MiB>] [mod=<file>]... [-- <command line>]
 //! vm list | vm stats <id> | vm stop <id>
+//! mem | mem sharing on [<pages per round>] | mem sharing off
+//! mem scan [<id>] | mem target <id> <MiB>|none
 //! ```
 //! Every command also takes `--json` (anywhere on the line): its reply is
 //! then exactly one JSON line.
@@ -31,6 +33,22 @@ pub enum Command {
     VmStop {
         id: u32,
     },
+    /// Host and per-VM memory by page state.
+    MemShow,
+    /// Background page sharing on (with a scan budget) or off.
+    MemSharing {
+        on: bool,
+        pages_per_round: Option<usize>,
+    },
+    /// One full sharing pass now, over one VM or all.
+    MemScan {
+        id: Option<u32>,
+    },
+    /// A VM's memory target in MiB (`None`: no target).
+    MemTarget {
+        id: u32,
+        mib: Option<u32>,
+    },
     Poweroff,
 }
 
@@ -44,6 +62,10 @@ impl Command {
             Command::VmList => "vm list",
             Command::VmStats { .. } => "vm stats",
             Command::VmStop { .. } => "vm stop",
+            Command::MemShow => "mem",
+            Command::MemSharing { .. } => "mem sharing",
+            Command::MemScan { .. } => "mem scan",
+            Command::MemTarget { .. } => "mem target",
             Command::Poweroff => "poweroff",
         }
     }
@@ -84,6 +106,7 @@ pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
         "host" => no_args("host", rest, Command::Host),
         "poweroff" => no_args("poweroff", rest, Command::Poweroff),
         "vm" => parse_vm(rest),
+        "mem" => parse_mem(rest),
         other => Err(alloc::format!("unknown command {other:?} (type 'help')")),
     }
     .map_err(err)?;
@@ -117,6 +140,47 @@ fn parse_vm(rest: &[&str]) -> Result<Command, String> {
         "stop" => parse_id("stop", args).map(|id| Command::VmStop { id }),
         "run" => parse_run(args),
         other => Err(alloc::format!("vm: unknown subcommand {other:?} (run, list, stats, stop)")),
+    }
+}
+
+/// Most pages a sharing step may visit per scheduling round.
+pub const MAX_SCAN_PAGES_PER_ROUND: usize = 1 << 20;
+
+fn parse_mem(rest: &[&str]) -> Result<Command, String> {
+    let vm_id =
+        |w: &str| w.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| alloc::format!("{w:?} is not a VM id"));
+    match rest {
+        [] | ["show"] => Ok(Command::MemShow),
+        ["sharing", "on"] => Ok(Command::MemSharing { on: true, pages_per_round: None }),
+        ["sharing", "on", n] => match n.parse::<usize>() {
+            Ok(p) if (1..=MAX_SCAN_PAGES_PER_ROUND).contains(&p) => {
+                Ok(Command::MemSharing { on: true, pages_per_round: Some(p) })
+            }
+            _ => {
+                Err(alloc::format!("mem sharing on: pages per round must be 1..={MAX_SCAN_PAGES_PER_ROUND}, not {n:?}"))
+            }
+        },
+        ["sharing", "off"] => Ok(Command::MemSharing { on: false, pages_per_round: None }),
+        ["sharing", ..] => Err("mem sharing: use 'mem sharing on [<pages per round>]' or 'mem sharing off'".into()),
+        ["scan"] => Ok(Command::MemScan { id: None }),
+        ["scan", id] => {
+            vm_id(id).map(|id| Command::MemScan { id: Some(id) }).map_err(|e| alloc::format!("mem scan: {e}"))
+        }
+        ["target", id, v] => {
+            let id = vm_id(id).map_err(|e| alloc::format!("mem target: {e}"))?;
+            let mib = match *v {
+                "none" => None,
+                v => Some(
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|m| (1..=MAX_MEM_MIB).contains(m))
+                        .ok_or_else(|| alloc::format!("mem target: {v:?} is not 1..={MAX_MEM_MIB} MiB or 'none'"))?,
+                ),
+            };
+            Ok(Command::MemTarget { id, mib })
+        }
+        ["target", ..] => Err("mem target: use 'mem target <id> <MiB>|none'".into()),
+        [other, ..] => Err(alloc::format!("mem: unknown subcommand {other:?} (show, sharing, scan, target)")),
     }
 }
 

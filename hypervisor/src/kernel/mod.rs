@@ -222,7 +222,9 @@ fn serve<B: HostBackend>(
             }
             con.hold = !editor.is_empty();
         }
-        if !manager.run_slice(&mut con) {
+        if manager.run_slice(&mut con) {
+            manager.reclaim_round();
+        } else {
             core::hint::spin_loop();
         }
     }

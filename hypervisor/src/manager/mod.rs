@@ -10,11 +10,14 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 use mm::GuestPhysAddr;
 use mm::GuestRam;
-use mm::paging::{NestedPageTable, PageSize};
+use mm::paging::PageSize;
+use mm::vm_memory::{MemoryMap, ScanReport, VmMemoryConfig};
 use vcpu::Vcpu;
 
 use crate::backend::Backend;
 use crate::loader::{GuestWrite, GuestWriteError};
+use crate::memory::reclaim::{self, VmReclaim};
+use crate::memory::{GuestMemory, HostMemory, MIN_TARGET_PAGES};
 use crate::vm::exit::{Console, Flow};
 use crate::vm::{Resources, RunState, Vm, VmStats, boot};
 
@@ -51,12 +54,20 @@ pub struct Manager<B: Backend> {
     cursor: usize,
     /// TSC ticks per time slice.
     pub slice_ticks: u64,
+    /// Sharing, swap and reclaim, for all VMs.
+    pub host_mem: HostMemory,
 }
 
 impl<B: Backend> Manager<B> {
-    pub fn new(backend: Result<B, String>, images: Vec<GuestImage>) -> Self {
+    pub fn new(mut backend: Result<B, String>, images: Vec<GuestImage>) -> Self {
         let slice_ticks = backend.as_ref().map_or(1_000_000, |b| (b.tsc_hz() / 100).max(10_000));
-        Manager { backend, images, vms: Vec::new(), next_id: 1, cursor: 0, slice_ticks }
+        let mut host_mem = HostMemory::default();
+        if let Ok(b) = backend.as_mut() {
+            // The zero frame is the host's, not any VM's: take it up front
+            // (`run_vm` retries if this fails).
+            let _ = host_mem.ensure_sharing(b.mem());
+        }
+        Manager { backend, images, vms: Vec::new(), next_id: 1, cursor: 0, slice_ticks, host_mem }
     }
 
     pub fn get(&self, id: u32) -> Option<&Vm<B>> {
@@ -98,49 +109,43 @@ impl<B: Backend> Manager<B> {
         }
         let id = self.next_id;
         let size = (mem_mib as u64) << 20;
-        let max_page = backend.max_page_size();
-        let mem = backend.mem();
-        let ram = GuestRam::new(mem, size).map_err(|e| format!("cannot allocate {mem_mib} MiB of guest RAM: {e}"))?;
-        let mut npt = match NestedPageTable::<B::Format>::new(mem) {
-            Ok(t) => t,
-            Err(e) => {
-                // SAFETY: nothing maps the RAM yet.
-                unsafe { ram.free(mem) };
-                return Err(format!("cannot allocate a nested page table: {e}"));
-            }
-        };
-        npt.set_max_page_size(max_page);
-        let (inv, mapped) = ram.map_into(&mut npt, mem);
-        // A fresh table: no vCPU has cached anything from it yet.
-        inv.flush(mem, |_| {});
-        let loaded = mapped.map_err(|e| format!("cannot map guest RAM: {e}")).and_then(|_| {
-            let mut w = RamWriter { ram: &ram, mem: &*mem };
+        let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
+        let alloc = backend.mem();
+        self.host_mem.ensure_sharing(alloc).map_err(|e| format!("cannot set up page sharing: {e}"))?;
+        let map = MemoryMap::ram_only(size).map_err(|e| format!("bad memory size: {e}"))?;
+        // RAM in the largest host chunks available, mapped with the largest
+        // nested pages alignment allows (2 MiB or 1 GiB where it can).
+        let mem = GuestMemory::<B::Format>::new(alloc, map, config)
+            .map_err(|e| format!("cannot allocate {mem_mib} MiB of guest RAM: {e}"))?;
+        let loaded = {
+            let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
             boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))
-        });
+        };
         let (state, protocol) = match loaded {
             Ok(v) => v,
             Err(e) => {
-                release_memory(backend, npt, ram);
+                free_memory(backend, &mut self.host_mem, id, mem);
                 return Err(e);
             }
         };
-        let vcpu = match backend.create_vcpu(npt.root(), &state) {
+        let vcpu = match backend.create_vcpu(mem.root_for_vcpu(0), &state) {
             Ok(v) => v,
             Err(e) => {
-                release_memory(backend, npt, ram);
+                free_memory(backend, &mut self.host_mem, id, mem);
                 return Err(format!("cannot create the vCPU: {e}"));
             }
         };
         let overhead =
-            vcpu.overhead_bytes() + ram.memory_report(&npt).overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
+            vcpu.overhead_bytes() + mem.memory_report().overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
         let mut nested_pages = [0u64; 3];
-        for m in npt.mappings(&*backend.mem(), mm::GuestPhysAddr(0)..mm::GuestPhysAddr(size)) {
+        for m in mem.table().mappings(&*backend.mem(), mm::GuestPhysAddr(0)..mm::GuestPhysAddr(size)) {
             nested_pages[match m.leaf.size {
                 PageSize::Size4K => 0,
                 PageSize::Size2M => 1,
                 PageSize::Size1G => 2,
             }] += 1;
         }
+        let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
         let now = backend.now();
         self.next_id += 1;
         self.vms.push(Box::new(Vm {
@@ -155,7 +160,8 @@ impl<B: Backend> Manager<B> {
             msrs: Default::default(),
             overhead_bytes: overhead,
             nested_pages,
-            res: Some(Resources { ram, npt, vcpu }),
+            reclaim,
+            res: Some(Resources { mem, vcpu }),
         }));
         self.forget_old_records();
         Ok(id)
@@ -170,7 +176,7 @@ impl<B: Backend> Manager<B> {
             return Err(format!("vm {id} has already {}", vm.state.name()));
         }
         vm.end(RunState::Stopped { reason: String::from("by the operator") }, backend, console);
-        release(backend, vm);
+        release(backend, &mut self.host_mem, vm);
         Ok(())
     }
 
@@ -218,7 +224,7 @@ impl<B: Backend> Manager<B> {
                 vm.stats.exits[exit.kind() as usize] += 1;
                 crate::trace_exit(vm.id, &exit);
                 let preempted = matches!(exit, vcpu::VmExit::Preempted);
-                let flow = vm.handle_exit(exit, backend, console);
+                let flow = vm.handle_exit(exit, backend, &mut self.host_mem, console);
                 if flow != Flow::Continue {
                     vm.stats.slices_expired += preempted as u64;
                     break flow;
@@ -234,9 +240,74 @@ impl<B: Backend> Manager<B> {
         }
         CURRENT_VM.store(0, Ordering::Relaxed);
         if flow == Flow::Stop && vm.state.ended() {
-            release(backend, vm);
+            release(backend, &mut self.host_mem, vm);
         }
         true
+    }
+
+    /// Memory work between scheduling rounds: a background sharing step
+    /// over every live VM while sharing is on, and one round of target
+    /// enforcement for VMs over their target.
+    pub fn reclaim_round(&mut self) {
+        let Ok(backend) = self.backend.as_mut() else {
+            return;
+        };
+        let host = &mut self.host_mem;
+        for vm in self.vms.iter_mut() {
+            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            let flush = &mut |scope| vcpu.flush_nested_tlb(scope);
+            if host.sharing_enabled {
+                let pages = host.scan_pages_per_round;
+                reclaim::share_step(mem, backend.mem(), host, pages, reclaim::BREAK_LARGE_PER_ROUND, flush);
+            }
+            reclaim::enforce_target(vm.id, mem, &mut vm.reclaim, backend.mem(), host, flush);
+        }
+    }
+
+    /// One full sharing pass over VM `id` (or every live VM): large pages
+    /// an earlier pass found opportunities in and the guest has not touched
+    /// since are broken up and shared first. What it did.
+    pub fn share_now(&mut self, id: Option<u32>) -> Result<ScanReport, String> {
+        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
+        if let Some(id) = id {
+            match self.vms.iter().find(|v| v.id == id) {
+                None => return Err(format!("no VM {id}")),
+                Some(v) if v.res.is_none() => return Err(format!("vm {id} has {}", v.state.name())),
+                Some(_) => {}
+            }
+        }
+        let host = &mut self.host_mem;
+        let mut total = ScanReport::default();
+        for vm in self.vms.iter_mut().filter(|v| id.is_none_or(|id| v.id == id)) {
+            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            let pages = mem.pages() as usize;
+            let r = reclaim::share_step(mem, backend.mem(), host, pages, usize::MAX, &mut |scope| {
+                vcpu.flush_nested_tlb(scope)
+            });
+            reclaim::add(&mut total, &r);
+        }
+        Ok(total)
+    }
+
+    /// Sets (or with `None` clears) VM `id`'s memory target in pages.
+    pub fn set_target(&mut self, id: u32, pages: Option<u64>) -> Result<(), String> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+        let Some(res) = vm.res.as_ref() else {
+            return Err(format!("vm {id} has {}", vm.state.name()));
+        };
+        if let Some(p) = pages {
+            if p < MIN_TARGET_PAGES {
+                return Err(format!("a target must be at least {} KiB", MIN_TARGET_PAGES * 4));
+            }
+            if p < res.mem.pages()
+                && let Some(why) = &vm.reclaim.no_swap
+            {
+                return Err(format!("vm {id} cannot be held below its size: it has no swap file ({why})"));
+            }
+        }
+        vm.reclaim.target = pages;
+        vm.reclaim.stuck = None;
+        Ok(())
     }
 
     fn forget_old_records(&mut self) {
@@ -254,13 +325,18 @@ impl<B: Backend> Drop for Manager<B> {
     fn drop(&mut self) {
         if let Ok(backend) = self.backend.as_mut() {
             for vm in &mut self.vms {
-                release(backend, vm);
+                release(backend, &mut self.host_mem, vm);
+            }
+            if let Some(index) = self.host_mem.sharing.take() {
+                // SAFETY: every VM that used the index was freed above.
+                unsafe { index.free(backend.mem()) };
             }
         }
     }
 }
 
-/// Writes load plans into guest RAM through the direct map.
+/// Writes load plans into a new VM's RAM through the direct map (every page
+/// still has its original frame, so no page state is involved).
 struct RamWriter<'a, M: mm::hal::PhysMem> {
     ram: &'a GuestRam,
     mem: &'a M,
@@ -283,21 +359,31 @@ impl<M: mm::hal::PhysMem> GuestWrite for RamWriter<'_, M> {
     }
 }
 
-fn release_memory<B: Backend>(backend: &mut B, npt: NestedPageTable<B::Format>, ram: GuestRam) {
-    let mem = backend.mem();
-    npt.destroy().flush(mem, |_| {});
-    // SAFETY: the table that mapped the RAM is gone and no vCPU uses it.
-    unsafe { ram.free(mem) };
+/// Gives a VM's memory back: frames, shared references and swap slots, then
+/// its swap file.
+fn free_memory<B: Backend>(backend: &mut B, host: &mut HostMemory, id: u32, mem: GuestMemory<B::Format>) {
+    let alloc = backend.mem();
+    let report = host.with_hooks(id, |hooks| {
+        // SAFETY: no vCPU runs on the VM's tables (it was destroyed or never
+        // created) and no device uses its memory; `alloc` is where it came from.
+        unsafe { mem.free(alloc, hooks, &mut |_| {}) }
+    });
+    if report.leaked_references > 0 {
+        log::error!("vm {id}: {} shared pages or swap slots could not be released", report.leaked_references);
+    }
+    host.remove_vm(id);
 }
 
 /// Frees what a VM holds: the vCPU first (nothing runs on the table after
-/// that), then the nested table, then RAM.
-fn release<B: Backend>(backend: &mut B, vm: &mut Vm<B>) {
+/// that), then its memory.
+fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
     if let Some(res) = vm.res.take() {
         backend.destroy_vcpu(res.vcpu);
-        release_memory(backend, res.npt, res.ram);
+        free_memory(backend, host, vm.id, res.mem);
     }
 }
 
+#[cfg(test)]
+mod mem_tests;
 #[cfg(test)]
 mod tests;

@@ -86,15 +86,15 @@ fn the_image_and_boot_state_land_in_guest_ram() {
     assert_eq!((s.gprs.rdi, s.gprs.rsi), (4 << 20, 1));
     let mut code = [0u8; 32];
     let mem = &m.backend.as_ref().unwrap().mem;
-    res.ram.read(mem, mm::GuestPhysAddr(0x10_0000), &mut code).unwrap();
+    res.mem.peek(mem, mm::GuestPhysAddr(0x10_0000), &mut code).unwrap();
     assert_eq!(code, [0x90; 32]);
     let mut cmd = [0u8; 4];
-    res.ram.read(mem, mm::GuestPhysAddr(s.gprs.rdx), &mut cmd).unwrap();
+    res.mem.peek(mem, mm::GuestPhysAddr(s.gprs.rdx), &mut cmd).unwrap();
     assert_eq!(&cmd, b"a b\0");
     assert_eq!(vm.nested_pages, [0, 2, 0], "4 MiB of 2 MiB-aligned RAM: two 2 MiB pages");
     // Nothing outside RAM is mapped in the nested table.
-    assert!(res.npt.translate(mem, mm::GuestPhysAddr(4 << 20)).is_none());
-    assert!(res.npt.translate(mem, mm::GuestPhysAddr((4 << 20) - 1)).is_some());
+    assert!(res.mem.table().translate(mem, mm::GuestPhysAddr(4 << 20)).is_none());
+    assert!(res.mem.table().translate(mem, mm::GuestPhysAddr((4 << 20) - 1)).is_some());
 }
 
 #[test]
@@ -143,11 +143,12 @@ fn cpuid_hypercall_and_msr_exits_complete_or_fault() {
     let mut con = Lines::default();
     let vm = &mut m.vms[0];
     let backend = m.backend.as_mut().unwrap();
+    let host = &mut m.host_mem;
     let res = vm.res.as_mut().unwrap();
     res.vcpu.load();
     let mut step_once = |vm: &mut Vm<MockBackend>| {
         let exit = vm.res.as_mut().unwrap().vcpu.run();
-        assert_eq!(vm.handle_exit(exit, backend, &mut con), Flow::Continue);
+        assert_eq!(vm.handle_exit(exit, backend, host, &mut con), Flow::Continue);
         let v = &vm.res.as_ref().unwrap().vcpu;
         (v.gprs, v.injected.clone(), v.skipped)
     };
@@ -177,7 +178,7 @@ fn hypercalls_from_user_mode_raise_ud() {
     v.cpl = 3;
     v.load();
     let exit = v.run();
-    vm.handle_exit(exit, backend, &mut Lines::default());
+    vm.handle_exit(exit, backend, &mut m.host_mem, &mut Lines::default());
     let v = &vm.res.as_ref().unwrap().vcpu;
     assert_eq!(v.injected, vec![Event::UD]);
     assert_eq!(v.gprs.rax, 0, "no result delivered");
@@ -201,7 +202,7 @@ fn port_io_reads_merge_and_strings_fault() {
     let mut rax = Vec::new();
     for _ in 0..5 {
         let exit = vm.res.as_mut().unwrap().vcpu.run();
-        assert_eq!(vm.handle_exit(exit, backend, &mut Lines::default()), Flow::Continue);
+        assert_eq!(vm.handle_exit(exit, backend, &mut m.host_mem, &mut Lines::default()), Flow::Continue);
         rax.push(vm.res.as_ref().unwrap().vcpu.gprs.rax);
     }
     assert_eq!(rax[0], 0xdead_beef_1234_56ff, "8-bit IN merges into AL");

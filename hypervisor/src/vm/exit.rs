@@ -7,10 +7,14 @@ use alloc::format;
 use alloc::string::String;
 use vcpu::{Event, ExitKind, IoAccess, MemAccess, Vcpu, VmExit};
 
-use super::{RunState, Vm};
+use mm::addr::GuestPhysAddr;
+use mm::vm_memory::{AccessKind, FaultOutcome, PageState, StateCounts};
+
+use super::{Resources, RunState, Vm};
 use crate::backend::Backend;
 use crate::cpuid;
 use crate::devices::{self, COM1_BASE, EXIT_PORT};
+use crate::memory::HostMemory;
 use crate::{hypercall, msr};
 
 /// Where operator-visible text goes (the console).
@@ -32,6 +36,8 @@ pub enum Flow {
 struct HcCtx<'a> {
     id: u32,
     exits: &'a [u64; ExitKind::COUNT],
+    pages: StateCounts,
+    page_ins: u64,
 }
 
 impl hypercall::Context for HcCtx<'_> {
@@ -44,11 +50,26 @@ impl hypercall::Context for HcCtx<'_> {
     fn hlt_exits(&self) -> u64 {
         self.exits[ExitKind::Hlt as usize]
     }
+    fn shared_pages(&self) -> u64 {
+        self.pages.zero + self.pages.shared
+    }
+    fn swapped_pages(&self) -> u64 {
+        self.pages.swapped
+    }
+    fn page_ins(&self) -> u64 {
+        self.page_ins
+    }
 }
 
 impl<B: Backend> Vm<B> {
     /// Handles one exit of this (live) VM.
-    pub fn handle_exit(&mut self, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Flow {
+    pub fn handle_exit(
+        &mut self,
+        exit: VmExit,
+        backend: &mut B,
+        host: &mut HostMemory,
+        console: &mut impl Console,
+    ) -> Flow {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;
         };
@@ -84,7 +105,12 @@ impl<B: Backend> Vm<B> {
                     return Flow::Continue;
                 }
                 let g = vcpu.gprs();
-                let ctx = HcCtx { id: self.id, exits: &self.stats.exits };
+                let ctx = HcCtx {
+                    id: self.id,
+                    exits: &self.stats.exits,
+                    pages: res.mem.state_counts(),
+                    page_ins: self.reclaim.swapped_in,
+                };
                 let r = hypercall::dispatch(g.rax, g.rdi, &ctx);
                 vcpu.gprs_mut().rax = r;
                 vcpu.skip_instruction();
@@ -111,9 +137,7 @@ impl<B: Backend> Vm<B> {
                 Flow::Continue
             }
             VmExit::NestedPageFault { gpa, access, gva } => {
-                let reason = self.fault_report(gpa, access, gva, backend);
-                self.end(RunState::Stopped { reason }, backend, console);
-                Flow::Stop
+                self.nested_page_fault(gpa, access, gva, backend, host, console)
             }
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => Flow::Continue,
             VmExit::Preempted => Flow::Yield,
@@ -177,6 +201,55 @@ impl<B: Backend> Vm<B> {
         }
         vcpu.skip_instruction();
         Flow::Continue
+    }
+
+    /// A nested page fault: copy-on-write, page-in and the like are resolved
+    /// by the memory manager and the guest retries; anything else ends the
+    /// VM with a report.
+    fn nested_page_fault(
+        &mut self,
+        gpa: u64,
+        access: MemAccess,
+        gva: Option<u64>,
+        backend: &mut B,
+        host: &mut HostMemory,
+        console: &mut impl Console,
+    ) -> Flow {
+        let Some(Resources { mem, vcpu }) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let kind = match access {
+            MemAccess::Read => AccessKind::Read,
+            MemAccess::Write => AccessKind::Write,
+            MemAccess::Execute => AccessKind::Execute,
+        };
+        let before = mem.page_state(GuestPhysAddr(gpa));
+        let outcome =
+            host.with_hooks(self.id, |hooks| mem.handle_fault(backend.mem(), hooks, 0, GuestPhysAddr(gpa), kind));
+        let reason = match outcome {
+            FaultOutcome::Resolved(inv) => {
+                inv.flush(backend.mem(), |scope| vcpu.flush_nested_tlb(scope));
+                match before {
+                    Some(PageState::Swapped) => {
+                        self.reclaim.swapped_in += 1;
+                        host.stats.swapped_in += 1;
+                    }
+                    Some(PageState::Zero | PageState::Shared) if kind == AccessKind::Write => {
+                        self.reclaim.cow_breaks += 1;
+                        host.stats.cow_breaks += 1;
+                    }
+                    _ => {}
+                }
+                return Flow::Continue;
+            }
+            FaultOutcome::OutsideMemory | FaultOutcome::Mmio { .. } => self.fault_report(gpa, access, gva, backend),
+            FaultOutcome::Poisoned => format!("machine check: guest-physical {gpa:#x} is poisoned"),
+            FaultOutcome::Failed(e) => {
+                format!("{} of guest-physical {gpa:#x} could not be resolved: {e}", access.as_str())
+            }
+        };
+        self.end(RunState::Stopped { reason }, backend, console);
+        Flow::Stop
     }
 
     /// Says what the guest touched, where, and with which instruction.

@@ -8,13 +8,13 @@ use vcpu::walk;
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use mm::GuestRam;
 use mm::addr::GuestPhysAddr;
-use mm::paging::NestedPageTable;
 use vcpu::{ExitKind, Vcpu};
 
 use crate::backend::Backend;
 use crate::devices::uart::Uart;
+use crate::memory::GuestMemory;
+use crate::memory::reclaim::VmReclaim;
 use crate::msr::MsrState;
 pub use boot::Protocol;
 
@@ -83,8 +83,8 @@ impl VmStats {
 
 /// What a live VM holds; dropped (and returned to the host) when it ends.
 pub struct Resources<B: Backend> {
-    pub ram: GuestRam,
-    pub npt: NestedPageTable<B::Format>,
+    /// RAM, page states and the nested page table.
+    pub mem: GuestMemory<B::Format>,
     pub vcpu: B::Vcpu,
 }
 
@@ -103,6 +103,8 @@ pub struct Vm<B: Backend> {
     pub overhead_bytes: u64,
     /// Nested-page-table leaves mapping RAM at start: 4 KiB, 2 MiB, 1 GiB.
     pub nested_pages: [u64; 3],
+    /// Memory target, swap file and paging counters.
+    pub reclaim: VmReclaim,
     pub res: Option<Resources<B>>,
 }
 
@@ -115,14 +117,18 @@ impl<B: Backend> Vm<B> {
         };
         let state = res.vcpu.state();
         let mem = backend.mem();
-        let read64 = |gpa: u64| res.ram.read_obj::<u64, _>(&*mem, GuestPhysAddr(gpa)).ok();
+        // `peek` never faults pages in: a report must not change the VM.
+        let read64 = |gpa: u64| {
+            let mut b = [0u8; 8];
+            res.mem.peek(&*mem, GuestPhysAddr(gpa), &mut b).ok().map(|_| u64::from_le_bytes(b))
+        };
         let mut out = Vec::with_capacity(len);
         for i in 0..len as u64 {
             let Some(gpa) = walk::translate(&state, gva.wrapping_add(i), read64) else {
                 break;
             };
             let mut b = [0u8; 1];
-            if res.ram.read(&*mem, GuestPhysAddr(gpa), &mut b).is_err() {
+            if res.mem.peek(&*mem, GuestPhysAddr(gpa), &mut b).is_err() {
                 break;
             }
             out.push(b[0]);

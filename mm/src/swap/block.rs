@@ -38,6 +38,23 @@ pub trait BlockStore {
     fn flush(&mut self) -> Result<(), Error>;
 }
 
+/// A boxed driver is a block store: the kernel picks its swap disk's driver
+/// at boot (ATA or virtio-blk) and keeps it as `Box<dyn BlockStore>`.
+impl<T: BlockStore + ?Sized> BlockStore for alloc::boxed::Box<T> {
+    fn block_count(&self) -> u64 {
+        (**self).block_count()
+    }
+    fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), Error> {
+        (**self).read(block, buf)
+    }
+    fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), Error> {
+        (**self).write(block, buf)
+    }
+    fn flush(&mut self) -> Result<(), Error> {
+        (**self).flush()
+    }
+}
+
 /// Check a transfer's shape against a device of `blocks` blocks; returns
 /// the number of blocks it covers. Drivers and [`MemBlockStore`] share it so
 /// they refuse the same requests with the same errors.

@@ -1,0 +1,205 @@
+//! The `mem` commands: host and per-VM memory by page state, page sharing
+//! on/off and scans, and per-VM memory targets.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde_json::{Value, json};
+
+use super::commands::{HostStatus, Reply};
+use crate::backend::Backend;
+use crate::manager::Manager;
+use crate::memory::MIN_TARGET_PAGES;
+
+const PAGE: u64 = 4096;
+
+fn kib(pages: u64) -> u64 {
+    pages * PAGE / 1024
+}
+
+/// `mem`: the whole picture.
+pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
+    let hm = &m.host_mem;
+    let live: Vec<_> = m.vms.iter().filter(|v| v.res.is_some()).collect();
+    let configured: u64 = live.iter().map(|v| v.mem_bytes).sum();
+    let mut private = 0;
+    let mut rows = String::new();
+    let mut vms = Vec::new();
+    for vm in &live {
+        let Some(res) = vm.res.as_ref() else { continue };
+        let c = res.mem.state_counts();
+        private += c.present;
+        let file = hm.swap.as_ref().and_then(|s| s.file_usage(vm.id));
+        let r = &vm.reclaim;
+        rows.push_str(&format!(
+            "\n{:>4}  {:<10} {:>5} {:>8} {:>6} {:>7} {:>8} {:>9} {:>8}  {}",
+            vm.id,
+            vm.guest,
+            vm.mem_bytes >> 20,
+            c.present,
+            c.zero,
+            c.shared,
+            c.swapped,
+            c.ballooned,
+            r.target.map_or(String::from("-"), |t| format!("{}", t)),
+            match file {
+                Some((used, limit)) => format!("{used}/{limit}"),
+                None => String::from("none"),
+            }
+        ));
+        if let Some(why) = &r.stuck {
+            rows.push_str(&format!("\n      target not met: {why}"));
+        }
+        vms.push(json!({
+            "id": vm.id,
+            "guest": vm.guest,
+            "mem_mib": vm.mem_bytes >> 20,
+            "pages": {
+                "present": c.present, "zero": c.zero, "shared": c.shared, "ballooned": c.ballooned,
+                "swapped": c.swapped, "poisoned": c.poisoned, "not_loaded": c.not_loaded,
+            },
+            "target_pages": r.target,
+            "target_met": r.target.is_none_or(|t| c.present <= t),
+            "stuck": r.stuck,
+            "swap_file": file.map(|(used, limit)| json!({ "used_pages": used, "limit_pages": limit })),
+            "no_swap": r.no_swap,
+            "swapped_out": r.swapped_out,
+            "swapped_in": r.swapped_in,
+            "cow_breaks": r.cow_breaks,
+            "bookkeeping_bytes": res.mem.bookkeeping_bytes(),
+        }));
+    }
+    let share = hm.sharing.as_ref().map(|s| s.stats()).unwrap_or_default();
+    let st = hm.stats;
+    let mut text = format!(
+        "host: {} MiB usable, {} MiB free; {} live VMs with {} MiB configured, {} KiB in private frames",
+        h.mem_usable_bytes >> 20,
+        h.mem_free_bytes >> 20,
+        live.len(),
+        configured >> 20,
+        kib(private)
+    );
+    text.push_str(&format!(
+        "\nsharing: {}; {} shared frames hold {} pages, {} zero pages; {} frames saved ({} KiB)\n  \
+         since boot: {} pages scanned, {} merged, {} frames freed, {} copy-on-write breaks",
+        if hm.sharing_enabled { format!("on ({} pages/round)", hm.scan_pages_per_round) } else { "off".into() },
+        share.shared_frames,
+        share.shared_refs,
+        share.zero_refs,
+        share.saved_frames,
+        kib(share.saved_frames),
+        st.scanned,
+        st.merged,
+        st.frames_freed,
+        st.cow_breaks
+    ));
+    let swap_json = match &hm.swap {
+        Some(s) => {
+            let rs = s.stats();
+            text.push_str(&format!(
+                "\nswap: {} ({:?}): {} slots, {} reserved, {} in use, {} retired; {} pages out, {} in since boot",
+                s.device, s.attached, rs.slots, rs.reserved, rs.in_files, rs.retired, st.swapped_out, st.swapped_in
+            ));
+            json!({
+                "device": s.device, "slots": rs.slots, "reserved": rs.reserved, "in_use": rs.in_files,
+                "retired": rs.retired, "swapped_out": st.swapped_out, "swapped_in": st.swapped_in,
+            })
+        }
+        None => {
+            text.push_str(&format!("\nswap: none ({})", hm.swap_missing));
+            Value::Null
+        }
+    };
+    text.push_str("\n  ID  GUEST        MiB  PRESENT   ZERO  SHARED  SWAPPED  BALLOONED   TARGET  SWAP FILE (pages)");
+    if live.is_empty() {
+        text.push_str("\n  (no live VMs)");
+    }
+    text.push_str(&rows);
+    let json = json!({
+        "host": {
+            "usable_bytes": h.mem_usable_bytes,
+            "free_bytes": h.mem_free_bytes,
+            "configured_bytes": configured,
+            "private_pages": private,
+        },
+        "sharing": {
+            "enabled": hm.sharing_enabled,
+            "pages_per_round": hm.scan_pages_per_round,
+            "shared_frames": share.shared_frames,
+            "shared_pages": share.shared_refs,
+            "zero_pages": share.zero_refs,
+            "saved_frames": share.saved_frames,
+            "scanned": st.scanned,
+            "merged": st.merged,
+            "frames_freed": st.frames_freed,
+            "cow_breaks": st.cow_breaks,
+            "bookkeeping_bytes": hm.sharing.as_ref().map_or(0, |s| s.bookkeeping_bytes()),
+        },
+        "swap": swap_json,
+        "swap_missing": if hm.swap.is_none() { Some(&hm.swap_missing) } else { None },
+        "vms": vms,
+    });
+    Reply { text, json }
+}
+
+/// `mem sharing on|off`.
+pub(super) fn sharing<B: Backend>(m: &mut Manager<B>, on: bool, pages: Option<usize>) -> Result<Reply, String> {
+    m.backend.as_ref().map_err(|why| format!("virtualization is unavailable: {why}"))?;
+    let hm = &mut m.host_mem;
+    if on && hm.sharing.is_none() {
+        return Err("page sharing is unavailable: the host had no frame for the zero page".into());
+    }
+    hm.sharing_enabled = on;
+    if let Some(p) = pages {
+        hm.scan_pages_per_round = p;
+    }
+    let text = if on {
+        format!("sharing on: scanning {} pages per scheduling round", hm.scan_pages_per_round)
+    } else {
+        String::from("sharing off: no background scans (shared pages stay shared)")
+    };
+    Ok(Reply { text, json: json!({ "enabled": on, "pages_per_round": hm.scan_pages_per_round }) })
+}
+
+/// `mem scan [<id>]`.
+pub(super) fn scan<B: Backend>(m: &mut Manager<B>, id: Option<u32>) -> Result<Reply, String> {
+    let r = m.share_now(id)?;
+    let share = m.host_mem.sharing.as_ref().map(|s| s.stats()).unwrap_or_default();
+    let text = format!(
+        "scanned {} pages ({} hashed): {} merged into the zero page, {} into shared frames, {} frames freed ({} KiB); \
+         {} already shared, {} skipped; host saves {} frames",
+        r.scanned,
+        r.hashed,
+        r.zero_merged,
+        r.shared_merged,
+        r.frames_freed,
+        kib(r.frames_freed),
+        r.already_shared,
+        r.skipped,
+        share.saved_frames
+    );
+    Ok(Reply {
+        text,
+        json: json!({
+            "scanned": r.scanned, "hashed": r.hashed, "zero_merged": r.zero_merged,
+            "shared_merged": r.shared_merged, "frames_freed": r.frames_freed,
+            "already_shared": r.already_shared, "skipped": r.skipped,
+            "large_broken": r.large_broken, "saved_frames": share.saved_frames,
+        }),
+    })
+}
+
+/// `mem target <id> <MiB>|none`.
+pub(super) fn target<B: Backend>(m: &mut Manager<B>, id: u32, mib: Option<u32>) -> Result<Reply, String> {
+    let pages = mib.map(|v| u64::from(v) << 8);
+    m.set_target(id, pages)?;
+    let text = match pages {
+        Some(p) => format!(
+            "vm {id}: target {} MiB ({p} pages); reclaimed by sharing, then swapping (minimum {} KiB)",
+            p >> 8,
+            kib(MIN_TARGET_PAGES)
+        ),
+        None => format!("vm {id}: no target"),
+    };
+    Ok(Reply { text, json: json!({ "id": id, "target_pages": pages }) })
+}

@@ -1,0 +1,107 @@
+//! Host-wide memory services the VMs share: the page-sharing index, the swap
+//! device with its thick reservation and the VMs' thin swap files, and the
+//! reclaimer's settings. Each VM's own memory (map, page states, nested page
+//! table) is an [`mm::VmMemory`] in its `Resources`; operations that need a
+//! shared service get it through [`HostMemory::with_hooks`].
+
+pub mod reclaim;
+pub mod swap;
+
+use alloc::string::String;
+use mm::hal::FrameAlloc;
+use mm::swap::{SwapSlot, VmSwapSpec};
+use mm::swap_hook::PageStore;
+use mm::vm_memory::{Hooks, SharingIndex, VmMemory};
+
+pub use swap::{Swap, SwapDisk};
+
+/// A VM's memory, paging out to the host swap device.
+pub type GuestMemory<F> = VmMemory<F, SwapSlot>;
+
+/// Pages no target may go below: the guest must keep enough resident to
+/// make progress between two faults (its code, stack and page tables).
+pub const MIN_TARGET_PAGES: u64 = 256;
+
+/// Pages the background sharing scan visits per scheduling round while
+/// sharing is on (the operator's CPU budget; `mem sharing on <pages>`).
+pub const DEFAULT_SCAN_PAGES_PER_ROUND: usize = 256;
+
+/// Host-wide counters since boot.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostMemStats {
+    /// Pages visited by sharing scans.
+    pub scanned: u64,
+    /// Pages merged into the zero frame or a shared frame.
+    pub merged: u64,
+    /// Host frames sharing gave back.
+    pub frames_freed: u64,
+    /// Pages written to swap.
+    pub swapped_out: u64,
+    /// Pages read back from swap on a guest fault.
+    pub swapped_in: u64,
+    /// Copy-on-write breaks (a guest wrote to a shared or zero page).
+    pub cow_breaks: u64,
+}
+
+pub struct HostMemory {
+    /// The content index (created with the first VM: it needs a frame for
+    /// the zero page).
+    pub sharing: Option<SharingIndex>,
+    /// Background scanning between scheduling rounds.
+    pub sharing_enabled: bool,
+    pub scan_pages_per_round: usize,
+    pub swap: Option<Swap>,
+    /// Why there is no swap device, for reports.
+    pub swap_missing: String,
+    pub stats: HostMemStats,
+}
+
+impl Default for HostMemory {
+    fn default() -> Self {
+        Self {
+            sharing: None,
+            sharing_enabled: false,
+            scan_pages_per_round: DEFAULT_SCAN_PAGES_PER_ROUND,
+            swap: None,
+            swap_missing: String::from("no swap disk attached"),
+            stats: HostMemStats::default(),
+        }
+    }
+}
+
+impl HostMemory {
+    /// Make sure the sharing index exists.
+    pub fn ensure_sharing(&mut self, alloc: &mut impl FrameAlloc) -> Result<(), mm::Error> {
+        if self.sharing.is_none() {
+            self.sharing = Some(SharingIndex::new(alloc)?);
+        }
+        Ok(())
+    }
+
+    /// Run `f` with the hooks VM `vm`'s memory operations need: the sharing
+    /// index and the VM's swap file (when it has one).
+    pub fn with_hooks<R>(&mut self, vm: u32, f: impl FnOnce(&mut Hooks<'_, SwapSlot>) -> R) -> R {
+        let mut file = self.swap.as_mut().and_then(|s| s.file(vm));
+        let store = file.as_mut().map(|f| f as &mut dyn PageStore<Slot = SwapSlot>);
+        let mut hooks = Hooks { sharing: self.sharing.as_mut(), store, source: None };
+        f(&mut hooks)
+    }
+
+    /// Give VM `vm` a swap file for up to `configured_pages -
+    /// MIN_TARGET_PAGES` pages. Returns why not when it gets none (no
+    /// device, or the reservation cannot hold it: thick provisioning).
+    pub fn add_vm(&mut self, vm: u32, configured_pages: u64) -> Result<(), String> {
+        let Some(swap) = self.swap.as_mut() else {
+            return Err(self.swap_missing.clone());
+        };
+        let spec = VmSwapSpec { vm, configured_pages, reserved_pages: MIN_TARGET_PAGES.min(configured_pages) };
+        swap.add_vm(spec)
+    }
+
+    /// Drop VM `vm`'s swap file (after its memory was freed).
+    pub fn remove_vm(&mut self, vm: u32) {
+        if let Some(swap) = self.swap.as_mut() {
+            swap.remove_vm(vm);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Reclaiming memory from running VMs between scheduling rounds: the
+//! background sharing scan, and per-VM memory targets enforced by sharing,
+//! then by swapping.
+//!
+//! A VM is charged for its private frames (`Present` pages). Pages mapped to
+//! the zero frame or a shared frame cost the VM nothing: the host pays for
+//! the one shared copy. A target therefore squeezes a VM first by sharing
+//! (free, if its pages have twins) and then by paging out.
+//!
+//! Victims are chosen by a clock hand over the VM's pages, resuming where
+//! the last round stopped. A guest that touches a swapped page faults it
+//! back in (and goes over its target by one page until the next round), so
+//! a VM squeezed below its working set keeps computing correctly, only
+//! slower.
+
+use alloc::string::String;
+use mm::addr::{GuestPhysAddr, PAGE_SIZE_4K};
+use mm::hal::ContiguousAlloc;
+use mm::paging::{EntryFormat, FlushScope};
+use mm::swap_hook::PageStore;
+use mm::vm_memory::{PageState, ScanReport};
+
+use super::{GuestMemory, HostMemory};
+
+/// Most pages one VM pages out per round: bounds the time the scheduler
+/// spends on reclaim before it runs a guest again.
+pub const MAX_SWAP_OUT_PER_ROUND: u64 = 512;
+
+/// A VM's reclaim settings and state.
+#[derive(Clone, Debug, Default)]
+pub struct VmReclaim {
+    /// Private pages the VM may keep (`mem target`); `None`: unlimited.
+    pub target: Option<u64>,
+    /// Clock hand: the next page index to consider for page-out.
+    pub hand: u64,
+    /// Why the VM has no swap file, if it has none.
+    pub no_swap: Option<String>,
+    /// Why the last round could not meet the target, if it could not.
+    pub stuck: Option<String>,
+    /// Pages this VM has had paged out / in / copied on write.
+    pub swapped_out: u64,
+    pub swapped_in: u64,
+    pub cow_breaks: u64,
+}
+
+/// What one round did for one VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub scan: ScanReport,
+    pub swapped_out: u64,
+}
+
+/// Large pages a background round may break up to share their small pages.
+pub const BREAK_LARGE_PER_ROUND: usize = 2;
+
+/// One sharing step over `mem`: first break up to `break_large` large pages
+/// that an earlier scan found sharing opportunities in and that the guest
+/// has not touched since (cold), sharing their small pages; then scan at
+/// most `pages` pages. Counted in the host totals. No-op without the index.
+pub fn share_step<F: EntryFormat, A: ContiguousAlloc>(
+    mem: &mut GuestMemory<F>,
+    alloc: &mut A,
+    host: &mut HostMemory,
+    pages: usize,
+    break_large: usize,
+    flush: &mut dyn FnMut(FlushScope),
+) -> ScanReport {
+    let Some(index) = host.sharing.as_mut() else {
+        return ScanReport::default();
+    };
+    let mut r = if break_large > 0 && mem.large_page_sharing().regions > 0 {
+        mem.break_cold_large_pages(alloc, index, break_large, flush)
+    } else {
+        ScanReport::default()
+    };
+    add(&mut r, &mem.share_scan(alloc, index, pages, flush));
+    host.stats.scanned += r.scanned;
+    host.stats.merged += r.zero_merged + r.shared_merged;
+    host.stats.frames_freed += r.frames_freed;
+    r
+}
+
+/// Accumulate `b` into `a`.
+pub fn add(a: &mut ScanReport, b: &ScanReport) {
+    a.scanned += b.scanned;
+    a.hashed += b.hashed;
+    a.zero_merged += b.zero_merged;
+    a.shared_merged += b.shared_merged;
+    a.promoted += b.promoted;
+    a.hints_added += b.hints_added;
+    a.already_shared += b.already_shared;
+    a.skipped += b.skipped;
+    a.large_opportunities += b.large_opportunities;
+    a.large_broken += b.large_broken;
+    a.frames_freed += b.frames_freed;
+    a.out_of_memory += b.out_of_memory;
+}
+
+/// One round of holding VM `vm` (memory `mem`) to its target: a sharing
+/// step, then page-outs by the clock hand until the VM is within target,
+/// [`MAX_SWAP_OUT_PER_ROUND`] pages went out, or swap refuses.
+pub fn enforce_target<F: EntryFormat, A: ContiguousAlloc>(
+    vm: u32,
+    mem: &mut GuestMemory<F>,
+    policy: &mut VmReclaim,
+    alloc: &mut A,
+    host: &mut HostMemory,
+    flush: &mut dyn FnMut(FlushScope),
+) -> RoundReport {
+    let mut report = RoundReport::default();
+    let Some(target) = policy.target else {
+        return report;
+    };
+    if mem.state_counts().present <= target {
+        policy.stuck = None;
+        return report;
+    }
+    let budget = host.scan_pages_per_round;
+    report.scan = share_step(mem, alloc, host, budget, BREAK_LARGE_PER_ROUND, flush);
+    let pages = mem.pages();
+    let HostMemory { sharing, swap, stats, .. } = host;
+    let Some(mut file) = swap.as_mut().and_then(|s| s.file(vm)) else {
+        if mem.state_counts().present > target {
+            policy.stuck = Some(policy.no_swap.clone().unwrap_or_else(|| String::from("no swap file")));
+        }
+        return report;
+    };
+    let mut looked = 0;
+    while mem.state_counts().present > target && report.swapped_out < MAX_SWAP_OUT_PER_ROUND && looked < pages {
+        let gpa = GuestPhysAddr(policy.hand * PAGE_SIZE_4K);
+        policy.hand = (policy.hand + 1) % pages.max(1);
+        looked += 1;
+        if mem.page_state(gpa) != Some(PageState::Present) {
+            continue;
+        }
+        match mem.swap_out(alloc, gpa, &mut file as &mut dyn PageStore<Slot = _>, sharing.as_mut(), flush) {
+            Ok(()) => report.swapped_out += 1,
+            Err(e) => {
+                policy.stuck = Some(alloc::format!("page-out of {:#x} refused: {e}", gpa.0));
+                break;
+            }
+        }
+    }
+    policy.swapped_out += report.swapped_out;
+    stats.swapped_out += report.swapped_out;
+    if mem.state_counts().present <= target {
+        policy.stuck = None;
+    }
+    report
+}
