@@ -12,5 +12,13 @@ pub const UNKNOWN: u64 = u64::MAX;
 pub const STAT_EXITS: u64 = 0;
 /// STAT argument: HLT exits of this VM.
 pub const STAT_HLT: u64 = 1;
+/// STAT argument: this VM's 4 KiB pages currently backed by a shared
+/// (copy-on-write) frame, the zero frame included.
+pub const STAT_SHARED_PAGES: u64 = 2;
+/// STAT argument: this VM's pages currently swapped out to the host's swap
+/// disk.
+pub const STAT_SWAPPED_PAGES: u64 = 3;
+/// STAT argument: pages swapped back in on fault since the VM started.
+pub const STAT_PAGE_INS: u64 = 4;
 /// The vendor signature in CPUID 0x40000000 EBX:ECX:EDX.
 pub const SIGNATURE: &[u8; 12] = b"RustyHVType1";

@@ -28,6 +28,19 @@ pub enum Boot {
 }
 
 impl Boot {
+    /// Guest RAM size in bytes, as the boot protocol describes it.
+    pub fn ram_bytes(&self) -> u64 {
+        match *self {
+            Boot::Elf64 { ram_bytes, .. } => ram_bytes,
+            Boot::Multiboot { info, .. } => {
+                // SAFETY: the info structure is in identity-mapped guest RAM;
+                // mem_upper (KiB above 1 MiB) is at offset 8.
+                let upper = unsafe { core::ptr::read_volatile((info as u64 + 8) as *const u32) };
+                (1 << 20) + upper as u64 * 1024
+            }
+        }
+    }
+
     /// The command line, if the boot protocol passed one.
     pub fn cmdline(&self) -> &'static str {
         let gpa = match *self {
@@ -58,6 +71,17 @@ impl Boot {
             core::str::from_utf8(core::slice::from_raw_parts(p, n)).unwrap_or("")
         }
     }
+}
+
+/// The first guest-physical byte above this program: its image, page
+/// tables and stack (`guest.ld`'s `__bss_end`). Below it, the image starts at
+/// 1 MiB and the hypervisor's boot structures fill the first 64 KiB.
+pub fn image_end() -> u64 {
+    unsafe extern "C" {
+        static __bss_end: u8;
+    }
+    // Only the symbol's address is taken; nothing is read through it.
+    core::ptr::addr_of!(__bss_end) as u64
 }
 
 // 64-bit entry (ELF64 boot). RDI/RSI/RDX come from the hypervisor and pass

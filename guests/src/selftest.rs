@@ -23,19 +23,6 @@ impl Checks {
     }
 }
 
-/// Guest RAM size as the boot protocol describes it.
-fn ram_bytes(boot: &Boot) -> u64 {
-    match *boot {
-        Boot::Elf64 { ram_bytes, .. } => ram_bytes,
-        Boot::Multiboot { info, .. } => {
-            // SAFETY: the info structure is in identity-mapped guest RAM;
-            // mem_upper (KiB above 1 MiB) is at offset 8.
-            let upper = unsafe { core::ptr::read_volatile((info as u64 + 8) as *const u32) };
-            (1 << 20) + upper as u64 * 1024
-        }
-    }
-}
-
 pub fn run(boot: Boot) -> u32 {
     let mut c = Checks { run: 0, failed: 0 };
     println!("selftest: starting ({boot:?}, cmdline {:?})", boot.cmdline());
@@ -103,7 +90,7 @@ pub fn run(boot: Boot) -> u32 {
     let none = inb(0x2e8);
     c.check("port i/o unbacked port", none == 0xff, format_args!("read {none:#x}"));
 
-    let (start, len) = test_region(ram_bytes(&boot));
+    let (start, len) = test_region(boot.ram_bytes());
     let bad = memory_pattern(start, len);
     c.check(
         "memory write/read",

@@ -1,0 +1,348 @@
+//! Memory-manager whole-system test: fills a region of guest RAM, waits
+//! (HLT rounds) for the hypervisor to share or swap its pages, then checks
+//! that every page still holds what the guest wrote. Every output line starts
+//! with `memtest:`; the exit code is 0 on PASS, 1 on FAIL and 2 for a bad
+//! command line or a region that does not fit in RAM.
+//!
+//! Command line (`key=value` words):
+//! - `mode=share|swap` (default `share`);
+//! - `mib=N`: region size (default 8), from 4 MiB guest-physical (or the
+//!   first page above the image, if that is higher);
+//! - `wait=N`: at most N HLT rounds of waiting (default 2000);
+//! - `target=N`: stop waiting once the statistic reaches N pages (default:
+//!   half the region's pages shared, or 1 page swapped);
+//! - `seed=S`: content seed (default 0);
+//! - `passes=N`: swap mode's verification passes (default 3).
+//!
+//! share: page i holds words that depend only on i and the seed (so identical
+//! VMs given the same seed have identical pages), and pages with i % 8 in
+//! {1, 2} are all zero (a quarter: the zero frame). After the wait, every
+//! even page gets one VM-specific word (breaking copy-on-write, half of the
+//! zero pages included); then every word of every page is checked.
+//!
+//! swap: page contents depend on the page, the seed and the VM id, so no
+//! sharing can help; after the wait the region is checked in several passes
+//! (with one HLT between them) and its checksum compared.
+#![no_std]
+#![no_main]
+
+use core::fmt;
+use guests::hypercall as hc;
+use guests::io::{halt_once, hypercall};
+use guests::{Boot, println};
+
+const PAGE: u64 = 4096;
+const WORDS: u64 = PAGE / 8;
+/// Where the region starts unless the image reaches higher: well above the
+/// image (1 MiB up) and the hypervisor's boot structures (first 64 KiB).
+const REGION_BASE: u64 = 4 << 20;
+/// Odd multiplier (2^64 / golden ratio) that spreads a word index.
+const SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Share,
+    Swap,
+}
+
+struct Options {
+    mode: Mode,
+    mib: u64,
+    wait: u64,
+    target: Option<u64>,
+    seed: u64,
+    passes: u64,
+}
+
+fn parse(cmdline: &str) -> Result<Options, &str> {
+    let mut o = Options { mode: Mode::Share, mib: 8, wait: 2000, target: None, seed: 0, passes: 3 };
+    for word in cmdline.split_whitespace() {
+        let (key, value) = word.split_once('=').ok_or(word)?;
+        let num = || parse_u64(value).ok_or(word);
+        match key {
+            "mode" if value == "share" => o.mode = Mode::Share,
+            "mode" if value == "swap" => o.mode = Mode::Swap,
+            "mib" => o.mib = num()?,
+            "wait" => o.wait = num()?,
+            "target" => o.target = Some(num()?),
+            "seed" => o.seed = num()?,
+            "passes" => o.passes = num()?,
+            _ => return Err(word),
+        }
+    }
+    Ok(o)
+}
+
+/// Decimal, or hexadecimal with `0x`.
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// A statistic of this VM, `None` if the hypervisor does not know it.
+fn stat(which: u64) -> Option<u64> {
+    let v = hypercall(hc::STAT, which, 0);
+    (v != hc::UNKNOWN).then_some(v)
+}
+
+/// Prints a statistic's value, or `unsupported`.
+struct Stat(Option<u64>);
+
+impl fmt::Display for Stat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("unsupported"),
+        }
+    }
+}
+
+/// A 64-bit mixing function (xorshift-multiply rounds): every input bit
+/// affects every output bit.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    x ^= x >> 32;
+    x = x.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    x ^ (x >> 32)
+}
+
+/// The guest-physical region under test, in whole pages.
+#[derive(Clone, Copy)]
+struct Region {
+    start: u64,
+    pages: u64,
+}
+
+impl Region {
+    fn gpa(&self, page: u64, word: u64) -> u64 {
+        self.start + page * PAGE + word * 8
+    }
+
+    fn write(&self, page: u64, word: u64, v: u64) {
+        // SAFETY: `main` checked that the region lies in guest RAM (identity-
+        // mapped by the boot protocol) above this program's image, page
+        // tables and stack, and nothing else uses it.
+        unsafe { core::ptr::write_volatile(self.gpa(page, word) as *mut u64, v) }
+    }
+
+    fn read(&self, page: u64, word: u64) -> u64 {
+        // SAFETY: as in `write`.
+        unsafe { core::ptr::read_volatile(self.gpa(page, word) as *const u64) }
+    }
+
+    /// Writes `content(page, word)` everywhere; the checksum of what was
+    /// written.
+    fn fill(&self, content: impl Fn(u64, u64) -> u64) -> u64 {
+        let mut sum = Checksum::new();
+        for p in 0..self.pages {
+            for w in 0..WORDS {
+                let v = content(p, w);
+                self.write(p, w, v);
+                sum.add(v);
+            }
+        }
+        sum.0
+    }
+
+    /// Compares every word with `expected(page, word)`.
+    fn verify(&self, expected: impl Fn(u64, u64) -> u64) -> Mismatches {
+        let mut m = Mismatches { first: None, count: 0 };
+        for p in 0..self.pages {
+            for w in 0..WORDS {
+                let (want, found) = (expected(p, w), self.read(p, w));
+                if want != found {
+                    m.count += 1;
+                    if m.first.is_none() {
+                        m.first = Some(Mismatch { gpa: self.gpa(p, 0), offset: w * 8, want, found });
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    fn checksum(&self) -> u64 {
+        let mut sum = Checksum::new();
+        for p in 0..self.pages {
+            for w in 0..WORDS {
+                sum.add(self.read(p, w));
+            }
+        }
+        sum.0
+    }
+}
+
+/// Halts until `stat(which)` reaches `target` or `wait` rounds pass:
+/// the last value (`None`: unsupported, not waited) and the rounds.
+fn wait_for(which: u64, target: u64, wait: u64) -> (Option<u64>, u64) {
+    let mut rounds = 0;
+    let mut n = stat(which);
+    while let Some(v) = n {
+        if v >= target || rounds >= wait {
+            break;
+        }
+        halt_once();
+        rounds += 1;
+        n = stat(which);
+    }
+    (n, rounds)
+}
+
+/// An order-dependent checksum of 64-bit words.
+struct Checksum(u64);
+
+impl Checksum {
+    fn new() -> Self {
+        Checksum(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(23) ^ v).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
+struct Mismatch {
+    gpa: u64,
+    offset: u64,
+    want: u64,
+    found: u64,
+}
+
+struct Mismatches {
+    first: Option<Mismatch>,
+    count: u64,
+}
+
+impl Mismatches {
+    fn merge(&mut self, other: Mismatches) {
+        self.count += other.count;
+        if self.first.is_none() {
+            self.first = other.first;
+        }
+    }
+
+    /// Prints PASS, or FAIL with the first mismatch; whether it passed.
+    fn report(&self) -> bool {
+        match &self.first {
+            None => {
+                println!("memtest: PASS");
+                true
+            }
+            Some(m) => {
+                println!(
+                    "memtest: FAIL page {:#x} offset {}: expected {:#018x} found {:#018x} ({} mismatched reads)",
+                    m.gpa, m.offset, m.want, m.found, self.count
+                );
+                false
+            }
+        }
+    }
+}
+
+fn main(boot: Boot) -> u32 {
+    let o = match parse(boot.cmdline()) {
+        Ok(o) => o,
+        Err(word) => {
+            println!("memtest: error: bad option {word:?} (mode=share|swap mib= wait= target= seed= passes=)");
+            return 2;
+        }
+    };
+    let start = REGION_BASE.max(guests::image_end().next_multiple_of(PAGE));
+    let ram = boot.ram_bytes();
+    let end = o.mib.checked_mul(1 << 20).and_then(|len| start.checked_add(len));
+    let end = match end {
+        Some(end) if o.mib > 0 && end <= ram => end,
+        _ => {
+            println!("memtest: error: a {} MiB region from {start:#x} does not fit in {} MiB of RAM", o.mib, ram >> 20);
+            return 2;
+        }
+    };
+    let region = Region { start, pages: (end - start) / PAGE };
+    let mode = if o.mode == Mode::Share { "share" } else { "swap" };
+    println!("memtest: mode={mode} region {start:#x}..{end:#x} ({} pages)", region.pages);
+    let vm_id = hypercall(hc::VM_ID, 0, 0);
+    let passed = match o.mode {
+        Mode::Share => share(&o, region, vm_id),
+        Mode::Swap => swap(&o, region, vm_id),
+    };
+    if passed { 0 } else { 1 }
+}
+
+/// share mode: page `p`'s original word `w`.
+fn shared_content(seed: u64, p: u64, w: u64) -> u64 {
+    if matches!(p % 8, 1 | 2) { 0 } else { mix(seed ^ mix(p)) ^ w.wrapping_mul(SPREAD) }
+}
+
+fn share(o: &Options, region: Region, vm_id: u64) -> bool {
+    let seed = o.seed;
+    let sum = region.fill(|p, w| shared_content(seed, p, w));
+    println!("memtest: filled {} pages ({} MiB), checksum {sum:#018x}", region.pages, o.mib);
+
+    let target = o.target.unwrap_or(region.pages / 2);
+    match wait_for(hc::STAT_SHARED_PAGES, target, o.wait) {
+        (Some(n), rounds) => println!("memtest: {n} pages shared after {rounds} rounds"),
+        (None, _) => println!("memtest: shared-page statistic unsupported, not waiting"),
+    }
+
+    // One word in every even page: which word moves with the page, the
+    // value names the VM and the page.
+    let written_word = |p: u64| (p / 2) % WORDS;
+    let mark = |p: u64| 0x4d54_0000_0000_0000 | ((vm_id & 0xffff) << 32) | p;
+    let mut written = 0;
+    for p in (0..region.pages).step_by(2) {
+        region.write(p, written_word(p), mark(p));
+        written += 1;
+    }
+    let bad =
+        region.verify(|p, w| if p % 2 == 0 && w == written_word(p) { mark(p) } else { shared_content(seed, p, w) });
+    println!("memtest: verified {} pages, {written} written after sharing", region.pages);
+    let passed = bad.report();
+    match stat(hc::STAT_SHARED_PAGES) {
+        Some(n) => println!("memtest: {n} pages shared at end"),
+        None => println!("memtest: shared-page statistic unsupported at end"),
+    }
+    passed
+}
+
+/// swap mode: words unique to this VM, seed, page and word.
+fn swap_content(key: u64, p: u64, w: u64) -> u64 {
+    mix(key ^ p) ^ w.wrapping_mul(SPREAD)
+}
+
+fn swap(o: &Options, region: Region, vm_id: u64) -> bool {
+    let key = mix(o.seed ^ mix(vm_id.rotate_left(32) ^ 0x7377_6170));
+    let expected = region.fill(|p, w| swap_content(key, p, w));
+    println!("memtest: filled {} pages ({} MiB), checksum {expected:#018x}", region.pages, o.mib);
+
+    match wait_for(hc::STAT_SWAPPED_PAGES, o.target.unwrap_or(1), o.wait) {
+        (Some(n), rounds) => println!("memtest: {n} pages swapped after {rounds} rounds"),
+        (None, _) => println!("memtest: swapped-page statistic unsupported, not waiting"),
+    }
+
+    let mut bad = Mismatches { first: None, count: 0 };
+    for pass in 1..=o.passes {
+        if pass > 1 {
+            // Give the hypervisor a chance to swap pages out again.
+            halt_once();
+        }
+        bad.merge(region.verify(|p, w| swap_content(key, p, w)));
+        println!(
+            "memtest: pass {pass} verified {} pages, page-ins {}, swapped {}",
+            region.pages,
+            Stat(stat(hc::STAT_PAGE_INS)),
+            Stat(stat(hc::STAT_SWAPPED_PAGES))
+        );
+    }
+    let sum = region.checksum();
+    println!("memtest: checksum {sum:#018x} (expected {expected:#018x})");
+    if bad.first.is_none() && sum != expected {
+        println!("memtest: FAIL checksum");
+        return false;
+    }
+    bad.report()
+}
+
+guests::entry!(main);
