@@ -6,8 +6,12 @@
 pub const PING: u64 = 0;
 /// Returns the VM's id.
 pub const VM_ID: u64 = 1;
-/// Returns a statistic of this VM: RDI = [`STAT_EXITS`] or [`STAT_HLT`].
+/// Returns a statistic of this VM: RDI = one of the `STAT_*` selectors.
 pub const STAT: u64 = 2;
+/// Returns how many 4 KiB pages of guest-physical [RDI, RDI + RSI) are
+/// mapped to a shared or the zero frame (the part outside RAM counts as
+/// not shared). Lets a guest watch page sharing reach its own data.
+pub const SHARED_IN_RANGE: u64 = 3;
 /// "HVOK".
 pub const PING_REPLY: u64 = 0x4b4f_5648;
 /// The result of an unknown function or argument.
@@ -29,11 +33,13 @@ pub trait Context {
     fn shared_pages(&self) -> u64;
     fn swapped_pages(&self) -> u64;
     fn page_ins(&self) -> u64;
+    fn shared_in_range(&self, gpa: u64, len: u64) -> u64;
 }
 
-/// The result for function `func` with first argument `a`.
-pub fn dispatch(func: u64, a: u64, ctx: &impl Context) -> u64 {
+/// The result for function `func` with arguments `a` (RDI) and `b` (RSI).
+pub fn dispatch(func: u64, a: u64, b: u64, ctx: &impl Context) -> u64 {
     match (func, a) {
+        (SHARED_IN_RANGE, _) => ctx.shared_in_range(a, b),
         (PING, _) => PING_REPLY,
         (VM_ID, _) => ctx.vm_id(),
         (STAT, STAT_EXITS) => ctx.total_exits(),
@@ -69,18 +75,22 @@ mod tests {
         fn page_ins(&self) -> u64 {
             60
         }
+        fn shared_in_range(&self, gpa: u64, len: u64) -> u64 {
+            gpa + len
+        }
     }
 
     #[test]
     fn functions_and_unknowns() {
-        assert_eq!(dispatch(PING, 0, &Ctx), PING_REPLY);
-        assert_eq!(dispatch(VM_ID, 0, &Ctx), 7);
-        assert_eq!(dispatch(STAT, STAT_EXITS, &Ctx), 100);
-        assert_eq!(dispatch(STAT, STAT_HLT, &Ctx), 3);
-        assert_eq!(dispatch(STAT, STAT_SHARED_PAGES, &Ctx), 40);
-        assert_eq!(dispatch(STAT, STAT_SWAPPED_PAGES, &Ctx), 50);
-        assert_eq!(dispatch(STAT, STAT_PAGE_INS, &Ctx), 60);
-        assert_eq!(dispatch(STAT, 99, &Ctx), UNKNOWN);
-        assert_eq!(dispatch(0xdead, 0, &Ctx), UNKNOWN);
+        assert_eq!(dispatch(PING, 0, 0, &Ctx), PING_REPLY);
+        assert_eq!(dispatch(VM_ID, 0, 0, &Ctx), 7);
+        assert_eq!(dispatch(STAT, STAT_EXITS, 0, &Ctx), 100);
+        assert_eq!(dispatch(STAT, STAT_HLT, 0, &Ctx), 3);
+        assert_eq!(dispatch(STAT, STAT_SHARED_PAGES, 0, &Ctx), 40);
+        assert_eq!(dispatch(STAT, STAT_SWAPPED_PAGES, 0, &Ctx), 50);
+        assert_eq!(dispatch(STAT, STAT_PAGE_INS, 0, &Ctx), 60);
+        assert_eq!(dispatch(SHARED_IN_RANGE, 0x1000, 0x2000, &Ctx), 0x3000);
+        assert_eq!(dispatch(STAT, 99, 0, &Ctx), UNKNOWN);
+        assert_eq!(dispatch(0xdead, 0, 0, &Ctx), UNKNOWN);
     }
 }

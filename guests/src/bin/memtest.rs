@@ -10,7 +10,8 @@
 //!   first page above the image, if that is higher);
 //! - `wait=N`: at most N HLT rounds of waiting (default 2000);
 //! - `target=N`: stop waiting once the statistic reaches N pages (default:
-//!   half the region's pages shared, or 1 page swapped);
+//!   half the region's pages shared, counted inside the region with the
+//!   SHARED_IN_RANGE hypercall, or 1 page of the VM swapped);
 //! - `seed=S`: content seed (default 0);
 //! - `passes=N`: swap mode's verification passes (default 3).
 //!
@@ -175,20 +176,26 @@ impl Region {
     }
 }
 
-/// Halts until `stat(which)` reaches `target` or `wait` rounds pass:
-/// the last value (`None`: unsupported, not waited) and the rounds.
-fn wait_for(which: u64, target: u64, wait: u64) -> (Option<u64>, u64) {
+/// Halts until `value()` reaches `target` or `wait` rounds pass: the last
+/// value (`None`: unsupported, not waited) and the rounds.
+fn wait_for(value: impl Fn() -> Option<u64>, target: u64, wait: u64) -> (Option<u64>, u64) {
     let mut rounds = 0;
-    let mut n = stat(which);
+    let mut n = value();
     while let Some(v) = n {
         if v >= target || rounds >= wait {
             break;
         }
         halt_once();
         rounds += 1;
-        n = stat(which);
+        n = value();
     }
     (n, rounds)
+}
+
+/// Pages of `region` the hypervisor maps shared (or to the zero page).
+fn shared_in(region: Region) -> Option<u64> {
+    let v = hypercall(hc::SHARED_IN_RANGE, region.start, region.pages * PAGE);
+    (v != hc::UNKNOWN).then_some(v)
 }
 
 /// An order-dependent checksum of 64-bit words.
@@ -282,8 +289,8 @@ fn share(o: &Options, region: Region, vm_id: u64) -> bool {
     println!("memtest: filled {} pages ({} MiB), checksum {sum:#018x}", region.pages, o.mib);
 
     let target = o.target.unwrap_or(region.pages / 2);
-    match wait_for(hc::STAT_SHARED_PAGES, target, o.wait) {
-        (Some(n), rounds) => println!("memtest: {n} pages shared after {rounds} rounds"),
+    match wait_for(|| shared_in(region), target, o.wait) {
+        (Some(n), rounds) => println!("memtest: {n} of {} region pages shared after {rounds} rounds", region.pages),
         (None, _) => println!("memtest: shared-page statistic unsupported, not waiting"),
     }
 
@@ -317,7 +324,7 @@ fn swap(o: &Options, region: Region, vm_id: u64) -> bool {
     let expected = region.fill(|p, w| swap_content(key, p, w));
     println!("memtest: filled {} pages ({} MiB), checksum {expected:#018x}", region.pages, o.mib);
 
-    match wait_for(hc::STAT_SWAPPED_PAGES, o.target.unwrap_or(1), o.wait) {
+    match wait_for(|| stat(hc::STAT_SWAPPED_PAGES), o.target.unwrap_or(1), o.wait) {
         (Some(n), rounds) => println!("memtest: {n} pages swapped after {rounds} rounds"),
         (None, _) => println!("memtest: swapped-page statistic unsupported, not waiting"),
     }

@@ -14,8 +14,9 @@ use super::{Resources, RunState, Vm};
 use crate::backend::Backend;
 use crate::cpuid;
 use crate::devices::{self, COM1_BASE, EXIT_PORT};
-use crate::memory::HostMemory;
+use crate::memory::{GuestMemory, HostMemory};
 use crate::{hypercall, msr};
+use mm::paging::EntryFormat;
 
 /// Where operator-visible text goes (the console).
 pub trait Console {
@@ -33,14 +34,20 @@ pub enum Flow {
     Stop,
 }
 
-struct HcCtx<'a> {
+struct HcCtx<'a, F: EntryFormat> {
     id: u32,
     exits: &'a [u64; ExitKind::COUNT],
-    pages: StateCounts,
+    mem: &'a GuestMemory<F>,
     page_ins: u64,
 }
 
-impl hypercall::Context for HcCtx<'_> {
+impl<F: EntryFormat> HcCtx<'_, F> {
+    fn pages(&self) -> StateCounts {
+        self.mem.state_counts()
+    }
+}
+
+impl<F: EntryFormat> hypercall::Context for HcCtx<'_, F> {
     fn vm_id(&self) -> u64 {
         self.id as u64
     }
@@ -51,13 +58,22 @@ impl hypercall::Context for HcCtx<'_> {
         self.exits[ExitKind::Hlt as usize]
     }
     fn shared_pages(&self) -> u64 {
-        self.pages.zero + self.pages.shared
+        self.pages().zero + self.pages().shared
     }
     fn swapped_pages(&self) -> u64 {
-        self.pages.swapped
+        self.pages().swapped
     }
     fn page_ins(&self) -> u64 {
         self.page_ins
+    }
+    fn shared_in_range(&self, gpa: u64, len: u64) -> u64 {
+        // Guest-controlled bounds: clamp to RAM so the work is bounded.
+        let ram_end = self.mem.pages() * 4096;
+        let (start, end) = (gpa.min(ram_end) & !0xfff, gpa.saturating_add(len).min(ram_end));
+        (start..end)
+            .step_by(4096)
+            .filter(|&p| matches!(self.mem.page_state(GuestPhysAddr(p)), Some(PageState::Zero | PageState::Shared)))
+            .count() as u64
     }
 }
 
@@ -105,13 +121,9 @@ impl<B: Backend> Vm<B> {
                     return Flow::Continue;
                 }
                 let g = vcpu.gprs();
-                let ctx = HcCtx {
-                    id: self.id,
-                    exits: &self.stats.exits,
-                    pages: res.mem.state_counts(),
-                    page_ins: self.reclaim.swapped_in,
-                };
-                let r = hypercall::dispatch(g.rax, g.rdi, &ctx);
+                let ctx =
+                    HcCtx { id: self.id, exits: &self.stats.exits, mem: &res.mem, page_ins: self.reclaim.swapped_in };
+                let r = hypercall::dispatch(g.rax, g.rdi, g.rsi, &ctx);
                 vcpu.gprs_mut().rax = r;
                 vcpu.skip_instruction();
                 Flow::Continue
