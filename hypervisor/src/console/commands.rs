@@ -238,8 +238,27 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
         vm.overhead_bytes.div_ceil(1024),
         vm.mem_bytes >> 20
     ));
+    let pages = vm.res.as_ref().map(|r| r.mem.state_counts());
+    if let Some(c) = pages {
+        text.push_str(&format!(
+            "\n  memory pages: {} present, {} zero, {} shared, {} swapped, {} ballooned; {} swapped in, {} copy-on-write breaks",
+            c.present, c.zero, c.shared, c.swapped, c.ballooned, vm.reclaim.swapped_in, vm.reclaim.cow_breaks
+        ));
+    }
     let mut j = vm_json(vm, hz);
     if let Value::Object(o) = &mut j {
+        if let Some(c) = pages {
+            o.insert(
+                "pages".into(),
+                json!({
+                    "present": c.present, "zero": c.zero, "shared": c.shared, "swapped": c.swapped,
+                    "ballooned": c.ballooned, "poisoned": c.poisoned, "not_loaded": c.not_loaded,
+                }),
+            );
+        }
+        o.insert("swapped_in".into(), json!(vm.reclaim.swapped_in));
+        o.insert("swapped_out".into(), json!(vm.reclaim.swapped_out));
+        o.insert("cow_breaks".into(), json!(vm.reclaim.cow_breaks));
         o.insert("exits_by_reason".into(), Value::Object(by_reason));
         o.insert("run_ticks".into(), json!(vm.stats.run_ticks));
         o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
