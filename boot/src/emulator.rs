@@ -129,16 +129,35 @@ pub fn kvm_works() -> bool {
 /// Guest RAM of the emulated machine (MiB).
 pub const MACHINE_MEM_MIB: u32 = 512;
 
+/// The scratch disk every machine gets beside its boot disk (the hypervisor
+/// uses it for host swap): 128 cylinders of 16 heads x 63 sectors, so that
+/// Bochs accepts its geometry, which is exactly 63 MiB (129024 blocks).
+pub const SCRATCH_CYLINDERS: u64 = 128;
+pub const SCRATCH_BYTES: u64 = SCRATCH_CYLINDERS * crate::image::CYLINDER_BYTES;
+
+/// Creates `run_dir/scratch.img`: sparse and zero-filled, fresh for each run
+/// (so nothing carries over between runs, and parallel runs do not share it).
+pub fn create_scratch_disk(run_dir: &Path) -> Result<PathBuf> {
+    let path = run_dir.join("scratch.img");
+    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(SCRATCH_BYTES)?;
+    Ok(path)
+}
+
 /// Starts `emu` on `disk` with COM1 connected to 127.0.0.1:`serial_port`
-/// (the caller listens there). Logs go to `run_dir`.
+/// (the caller listens there), and a fresh scratch disk: Bochs's ata0-slave
+/// (its i440fx has no AHCI and QEMU's q35 no legacy IDE, so each gets the
+/// disk its hypervisor driver knows), QEMU's virtio-blk-pci. Logs go to
+/// `run_dir`.
 pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Result<Child> {
     std::fs::create_dir_all(run_dir)?;
+    let scratch = create_scratch_disk(run_dir)?;
     let log = |name: &str| -> Result<std::fs::File> { Ok(std::fs::File::create(run_dir.join(name))?) };
     let child = match emu {
         Emulator::Bochs | Emulator::BochsAmd => {
             let rc = run_dir.join("bochsrc");
             let model = if emu == Emulator::BochsAmd { "ryzen" } else { "tigerlake" };
-            std::fs::write(&rc, bochsrc(disk, serial_port, run_dir, model)?)?;
+            std::fs::write(&rc, bochsrc(disk, &scratch, serial_port, run_dir, model)?)?;
             // The debugger starts stopped; "c" runs. BOCHS_DEBUGGER_CMDS may
             // name a file of debugger commands to use instead (breakpoints,
             // `trace on`, stepping: how the exit path is measured).
@@ -177,6 +196,9 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
                 // snapshot=on: writes go to a throwaway overlay, so several
                 // machines can boot one image at once (QEMU locks it otherwise).
                 .arg(format!("format=raw,file={},snapshot=on", disk.display()))
+                .arg("-drive")
+                .arg(format!("if=none,id=scratch,format=raw,file={}", scratch.display()))
+                .args(["-device", "virtio-blk-pci,drive=scratch"])
                 .arg("-serial")
                 .arg(format!("tcp:127.0.0.1:{serial_port}"))
                 .args(["-display", "none", "-no-reboot", "-monitor", "none"])
@@ -193,9 +215,14 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
     Ok(child)
 }
 
-fn bochsrc(disk: &Path, serial_port: u16, run_dir: &Path, model: &str) -> Result<String> {
+fn bochsrc(disk: &Path, scratch: &Path, serial_port: u16, run_dir: &Path, model: &str) -> Result<String> {
     let len = std::fs::metadata(disk)?.len();
     let cylinders = len / crate::image::CYLINDER_BYTES;
+    let scratch_len = std::fs::metadata(scratch)?.len();
+    if !scratch_len.is_multiple_of(crate::image::CYLINDER_BYTES) {
+        bail!("{} is not a whole number of cylinders", scratch.display());
+    }
+    let scratch_cylinders = scratch_len / crate::image::CYLINDER_BYTES;
     Ok(format!(
         "# written by boot/ for one run
 megs: {MACHINE_MEM_MIB}
@@ -206,6 +233,7 @@ vgaromimage: file=/usr/share/vgabios/vgabios.bin
 pci: enabled=1, chipset=i440fx
 ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14
 ata0-master: type=disk, path=\"{disk}\", mode=flat, cylinders={cylinders}, heads=16, spt=63
+ata0-slave: type=disk, path=\"{scratch}\", mode=flat, cylinders={scratch_cylinders}, heads=16, spt=63, model=\"HV scratch disk\"
 boot: disk
 com1: enabled=1, mode=socket-client, dev=127.0.0.1:{serial_port}
 display_library: rfb, options=\"timeout=0\"
@@ -219,6 +247,7 @@ info: action=ignore
 debug: action=ignore
 ",
         disk = disk.display(),
+        scratch = scratch.display(),
         log = run_dir.join("bochs.log").display(),
     ))
 }

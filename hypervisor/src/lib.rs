@@ -9,12 +9,14 @@ pub mod backend;
 pub mod boot_config;
 pub mod cpuid;
 pub mod devices;
+pub mod disk;
 pub mod frame_bitmap;
 pub mod hypercall;
 pub mod loader;
 pub mod manager;
 pub mod memory;
 pub mod msr;
+pub mod pci;
 pub mod vm;
 
 /// Per-exit tracing hook (compiled out unless the `trace-exits` feature is

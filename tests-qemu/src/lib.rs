@@ -7,6 +7,7 @@ use boot::emulator::Emulator;
 use boot::image::{self, Image, ImageOptions};
 use boot::session::{Outcome, Session};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -34,10 +35,17 @@ fn image(extra: &[&str]) -> Image {
         .clone()
 }
 
+/// The test image's boot disk (built on first use).
+pub fn boot_disk() -> PathBuf {
+    image(&[]).disk
+}
+
 pub struct Machine {
     session: Option<Session>,
     pub emulator: Emulator,
     name: String,
+    /// The boot disk image (shared by the machines of one test binary).
+    pub boot_disk: PathBuf,
 }
 
 impl Machine {
@@ -58,7 +66,7 @@ impl Machine {
         let img = image(config);
         let session = Session::start(emulator, &img.disk, name, false).expect("starting the emulator");
         eprintln!("[{name}] running on {} (logs: {})", emulator.name(), session.run_dir.display());
-        Machine { session: Some(session), emulator, name: name.into() }
+        Machine { session: Some(session), emulator, name: name.into(), boot_disk: img.disk }
     }
 
     /// Waits for the machine to power off by itself and returns how it
@@ -102,6 +110,11 @@ impl Machine {
 
     pub fn transcript(&self) -> String {
         self.s().transcript()
+    }
+
+    /// This run's directory (logs, and the scratch disk `scratch.img`).
+    pub fn run_dir(&self) -> PathBuf {
+        self.s().run_dir.clone()
     }
 
     /// Powers off and checks that the machine ended cleanly; keeps the

@@ -1,7 +1,9 @@
 //! The host's own paths, in QEMU: a machine without hardware
 //! virtualization (`-cpu max,-svm`), where the hypervisor must say clearly
-//! that it cannot run VMs and the console must still work; and a CPU
-//! exception in the hypervisor itself.
+//! that it cannot run VMs and the console must still work; a CPU
+//! exception in the hypervisor itself. And the host's scratch disk (for
+//! swap) in both emulators: ATA PIO on Bochs's ata0-slave, virtio-blk on
+//! QEMU.
 
 use boot::emulator::Emulator;
 use tests_qemu::Machine;
@@ -48,4 +50,49 @@ fn a_cpu_exception_in_the_hypervisor_is_reported_and_powers_off_with_failure() {
     }
     assert_eq!(outcome.ending, boot::session::Ending::PoweredOff { ok: false });
     assert_eq!(outcome.exit_code, Some(3), "isa-debug-exit status for failure: (1 << 1) | 1");
+}
+
+/// "129024 blocks (63 MiB)": the scratch disk `boot/` gives every machine.
+fn scratch_size() -> String {
+    let blocks = boot::emulator::SCRATCH_BYTES / 512;
+    format!("{blocks} blocks ({} MiB)", boot::emulator::SCRATCH_BYTES >> 20)
+}
+
+const SELF_CHECK_OK: &str = "disk: self-check ok (write+read 9 blocks)";
+
+/// The scratch disk after the run: the self-check put back what it found
+/// (zeros on a fresh disk).
+fn assert_scratch_untouched(m: &Machine) {
+    let scratch = std::fs::read(m.run_dir().join("scratch.img")).expect("reading the scratch disk");
+    assert_eq!(scratch.len() as u64, boot::emulator::SCRATCH_BYTES);
+    assert!(scratch.iter().all(|&b| b == 0), "the self-check left data on the scratch disk");
+}
+
+#[test]
+fn bochs_uses_ata0_slave_as_its_scratch_disk() {
+    let before = std::fs::read(tests_qemu::boot_disk()).expect("reading the boot disk");
+    let m = Machine::boot(Emulator::Bochs, "bochs-disk");
+    let t = m.transcript();
+    let want = format!("disk: ata0-slave, {}, model \"HV scratch disk\"", scratch_size());
+    assert!(t.contains(&want), "missing {want:?} in:\n{t}");
+    assert!(t.contains(SELF_CHECK_OK), "{t}");
+    assert_scratch_untouched(&m);
+    let boot_disk = m.boot_disk.clone();
+    m.poweroff();
+    // The master (the boot disk) is never written.
+    assert!(std::fs::read(boot_disk).unwrap() == before, "the boot disk changed");
+}
+
+#[test]
+fn qemu_uses_virtio_blk_as_its_scratch_disk() {
+    let m = Machine::boot(Emulator::QemuTcg, "qemu-disk");
+    let t = m.transcript();
+    let line =
+        t.lines().find(|l| l.contains("disk: virtio-blk ")).unwrap_or_else(|| panic!("no virtio-blk disk in:\n{t}"));
+    // "disk: virtio-blk 0000:00:03.0, ..." (the slot is QEMU's choice).
+    let rest = line.split("disk: virtio-blk 0000:00:").nth(1).expect("a bus-0 PCI address");
+    assert_eq!(rest[2..], format!(".0, {}", scratch_size()), "{line}");
+    assert!(t.contains(SELF_CHECK_OK), "{t}");
+    assert_scratch_untouched(&m);
+    m.poweroff();
 }

@@ -5,15 +5,18 @@ pub mod context;
 mod svm_backend;
 mod vmx_backend;
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{BootInfo, entry_point};
 use hypervisor::boot_config::{self, BootConfig, FaultInject};
 use hypervisor::console::{self, Edit, LineEditor, commands::After};
+use hypervisor::disk::selfcheck;
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
 use hypervisor::vm::exit::Console;
+use mm::swap::BlockStore;
 
 use crate::platform;
 use hypervisor::backend::Backend;
@@ -107,12 +110,41 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.model,
         if cpu.nested { ", under another hypervisor" } else { "" }
     );
+    // The scratch disk host swap will use; kept for the kernel's lifetime
+    // (`serve` never returns).
+    let _disk = open_disk();
     if cpu.vmx {
         serve(VmxBackend::start(), &config, images, &cpu)
     } else if cpu.svm {
         serve(SvmBackend::start(), &config, images, &cpu)
     } else {
         serve::<VmxBackend>(Err(String::from("this CPU has neither VT-x nor AMD-V")), &config, images, &cpu)
+    }
+}
+
+/// Probes for the scratch disk and checks it with a pattern at its end
+/// (restored afterwards); a disk that fails the check is not used.
+fn open_disk() -> Option<Box<dyn BlockStore + Send>> {
+    let (disk, text) = platform::block::probe();
+    let Some(mut disk) = disk else {
+        log::info!("disk: none ({text})");
+        return None;
+    };
+    log::info!("disk: {text}");
+    let start = platform::time::micros();
+    match selfcheck::check(disk.as_mut()) {
+        Ok(first) => {
+            let us = platform::time::micros() - start;
+            log::info!(
+                "disk: self-check ok (write+read {} blocks) at block {first}, {us} us with save and restore",
+                selfcheck::CHECK_BLOCKS
+            );
+            Some(disk)
+        }
+        Err(e) => {
+            log::error!("disk: SELF-CHECK FAILED: {e}; the disk will not be used");
+            None
+        }
     }
 }
 

@@ -9,7 +9,13 @@ static LOGGER: SerialLogger = SerialLogger;
 
 impl Log for SerialLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        // virtio-drivers announces each device it starts at info level:
+        // debug detail on this console.
+        let level = match metadata.level() {
+            Level::Info if metadata.target().starts_with("virtio_drivers") => Level::Debug,
+            l => l,
+        };
+        level <= log::max_level()
     }
 
     fn log(&self, record: &Record) {

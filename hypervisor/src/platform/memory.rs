@@ -34,6 +34,11 @@ pub fn phys_to_virt(pa: u64) -> *mut u8 {
     (PHYS_OFFSET.load(Ordering::Relaxed) + pa) as *mut u8
 }
 
+/// Where the direct map starts: physical address 0 is mapped here.
+pub fn phys_offset() -> u64 {
+    PHYS_OFFSET.load(Ordering::Relaxed)
+}
+
 /// Sets up the frame allocator and the heap.
 pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);

@@ -4,11 +4,14 @@
 
 pub mod acpi;
 pub mod apic;
+pub mod block;
 pub mod cpu;
 pub mod gdt;
 pub mod idt;
 pub mod logger;
 pub mod memory;
+pub mod mmio;
+pub mod pci;
 pub mod power;
 pub mod serial;
 pub mod time;
