@@ -66,7 +66,6 @@ fn identical_guests_share_memory_and_keep_their_own_writes(emu: Emulator) {
     m.poweroff();
 }
 
-#[allow(dead_code)] // enabled with the scratch-disk drivers
 fn a_guest_squeezed_by_swapping_computes_correctly(emu: Emulator) {
     let mut m = Machine::boot(emu, &label(emu, "swap"));
     let j = m.json("mem --json");

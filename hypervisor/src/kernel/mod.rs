@@ -6,6 +6,7 @@ mod svm_backend;
 mod vmx_backend;
 
 use alloc::boxed::Box;
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use bootloader_api::config::{BootloaderConfig, Mapping};
@@ -15,6 +16,7 @@ use hypervisor::console::{self, Edit, LineEditor, commands::After};
 use hypervisor::disk::selfcheck;
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
+use hypervisor::memory::Swap;
 use hypervisor::vm::exit::Console;
 use mm::swap::BlockStore;
 
@@ -110,25 +112,25 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.model,
         if cpu.nested { ", under another hypervisor" } else { "" }
     );
-    // The scratch disk host swap will use; kept for the kernel's lifetime
-    // (`serve` never returns).
-    let _disk = open_disk();
+    // The scratch disk becomes the host swap device.
+    let disk = open_disk();
     if cpu.vmx {
-        serve(VmxBackend::start(), &config, images, &cpu)
+        serve(VmxBackend::start(), &config, images, &cpu, disk)
     } else if cpu.svm {
-        serve(SvmBackend::start(), &config, images, &cpu)
+        serve(SvmBackend::start(), &config, images, &cpu, disk)
     } else {
-        serve::<VmxBackend>(Err(String::from("this CPU has neither VT-x nor AMD-V")), &config, images, &cpu)
+        serve::<VmxBackend>(Err(String::from("this CPU has neither VT-x nor AMD-V")), &config, images, &cpu, disk)
     }
 }
 
 /// Probes for the scratch disk and checks it with a pattern at its end
-/// (restored afterwards); a disk that fails the check is not used.
-fn open_disk() -> Option<Box<dyn BlockStore + Send>> {
+/// (restored afterwards); a disk that fails the check is not used. The disk
+/// and its description, or why there is none.
+fn open_disk() -> Result<(Box<dyn BlockStore + Send>, String), String> {
     let (disk, text) = platform::block::probe();
     let Some(mut disk) = disk else {
         log::info!("disk: none ({text})");
-        return None;
+        return Err(format!("no disk: {text}"));
     };
     log::info!("disk: {text}");
     let start = platform::time::micros();
@@ -139,11 +141,11 @@ fn open_disk() -> Option<Box<dyn BlockStore + Send>> {
                 "disk: self-check ok (write+read {} blocks) at block {first}, {us} us with save and restore",
                 selfcheck::CHECK_BLOCKS
             );
-            Some(disk)
+            Ok((disk, text))
         }
         Err(e) => {
             log::error!("disk: SELF-CHECK FAILED: {e}; the disk will not be used");
-            None
+            Err(format!("{text}: failed its self-check: {e}"))
         }
     }
 }
@@ -194,6 +196,7 @@ fn serve<B: HostBackend>(
     config: &BootConfig,
     images: Vec<GuestImage>,
     cpu: &platform::cpu::CpuInfo,
+    disk: Result<(Box<dyn BlockStore + Send>, String), String>,
 ) -> ! {
     match &backend {
         Ok(b) => {
@@ -222,6 +225,17 @@ fn serve<B: HostBackend>(
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
     let mut manager = Manager::new(backend, images);
+    match disk.and_then(|(dev, text)| Swap::attach(dev, text)) {
+        Ok(swap) => {
+            let st = swap.stats();
+            log::info!("swap: {} ({:?}), {} page slots ({} MiB)", swap.device, swap.attached, st.slots, st.slots >> 8);
+            manager.host_mem.swap = Some(swap);
+        }
+        Err(why) => {
+            log::warn!("swap: none ({why})");
+            manager.host_mem.swap_missing = why;
+        }
+    }
     let status = || host_status(cpu);
     let mut con = Serial::default();
     for cmd in &config.autorun {
