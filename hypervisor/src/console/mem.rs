@@ -71,6 +71,14 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     }
     let share = hm.sharing.as_ref().map(|s| s.stats()).unwrap_or_default();
     let st = hm.stats;
+    // What the manager itself costs: per-VM page states and maps, the
+    // sharing index, the swap maps.
+    let vm_books: u64 = live.iter().filter_map(|v| v.res.as_ref()).map(|r| r.mem.bookkeeping_bytes()).sum();
+    let books = vm_books
+        + hm.sharing.as_ref().map_or(0, |s| s.bookkeeping_bytes())
+        + hm.swap.as_ref().map_or(0, |s| s.bookkeeping_bytes());
+    // Per GiB of guest RAM, in bytes.
+    let books_per_gib = if configured == 0 { 0 } else { (books as u128 * (1 << 30) / configured as u128) as u64 };
     let mut text = format!(
         "host: {} MiB usable, {} MiB free; {} live VMs with {} MiB configured, {} KiB in private frames",
         h.mem_usable_bytes >> 20,
@@ -79,6 +87,14 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         configured >> 20,
         kib(private)
     );
+    text.push_str(&format!(
+        "\nbookkeeping: {} KiB ({} KiB per VM state tables; {} KiB per GiB of guest RAM, {}.{:03}%)",
+        books / 1024,
+        vm_books / 1024,
+        books_per_gib / 1024,
+        books_per_gib * 100 / (1 << 30),
+        books_per_gib * 100_000 / (1 << 30) % 1000
+    ));
     text.push_str(&format!(
         "\nsharing: {}; {} shared frames hold {} pages, {} zero pages; {} frames saved ({} KiB)\n  \
          since boot: {} pages scanned, {} merged, {} frames freed, {} copy-on-write breaks",
@@ -121,6 +137,9 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             "free_bytes": h.mem_free_bytes,
             "configured_bytes": configured,
             "private_pages": private,
+            "bookkeeping_bytes": books,
+            "vm_bookkeeping_bytes": vm_books,
+            "bookkeeping_bytes_per_gib": books_per_gib,
         },
         "sharing": {
             "enabled": hm.sharing_enabled,

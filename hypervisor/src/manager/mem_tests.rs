@@ -221,6 +221,10 @@ fn mem_commands_report_and_refuse_bad_input_changing_nothing() {
     assert_eq!(j["swap"], serde_json::Value::Null);
     assert_eq!(j["vms"][0]["pages"]["present"], 1024);
     assert_eq!(j["vms"][0]["swap_file"], serde_json::Value::Null);
+    // One state byte per page and a few maps: well under 0.5 % of RAM per VM.
+    let vm_books = j["host"]["vm_bookkeeping_bytes"].as_u64().unwrap();
+    assert!(vm_books > 1024 && vm_books < (4 << 20) / 200, "{j}");
+    assert!(j["host"]["bookkeeping_bytes"].as_u64().unwrap() > vm_books, "the sharing index counts too: {j}");
     // Bad input: one line, nothing changes.
     for (line, msg) in [
         ("mem target 9 4", "no VM 9"),

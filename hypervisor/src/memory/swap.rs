@@ -57,6 +57,11 @@ impl Swap {
         self.res.stats()
     }
 
+    /// Heap bytes of the swap maps.
+    pub fn bookkeeping_bytes(&self) -> u64 {
+        self.res.bookkeeping_bytes()
+    }
+
     pub fn pool_stats(&self) -> Option<PoolStats> {
         self.res.pool_stats(self.pool)
     }

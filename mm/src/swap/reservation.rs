@@ -230,6 +230,16 @@ impl<D: BlockStore> SwapReservation<D> {
         })
     }
 
+    /// Heap bytes the reservation's own maps use (per-slot owners, free
+    /// list, pools, files, the page-in scratch buffer).
+    pub fn bookkeeping_bytes(&self) -> u64 {
+        (self.meta.capacity() * core::mem::size_of::<SlotMeta>()
+            + self.free.capacity() * 4
+            + self.pools.capacity() * core::mem::size_of::<Option<Pool>>()
+            + self.files.len() * (core::mem::size_of::<VmId>() + core::mem::size_of::<File>())
+            + SLOT_BYTES) as u64
+    }
+
     /// Give the device back. Every swapped page is lost; callers do this
     /// at shutdown, after their VMs ended.
     pub fn into_device(self) -> D {
