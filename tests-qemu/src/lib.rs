@@ -11,6 +11,26 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+/// Defines modules `vmx_bochs` and `svm_qemu`, each with one `#[test]` per
+/// named function of the calling file, run on Bochs with VT-x + EPT and on
+/// QEMU TCG with AMD-V + NPT.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod vmx_bochs {
+            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::Bochs) })*
+        }
+        mod svm_qemu {
+            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::QemuTcg) })*
+        }
+    };
+}
+
+/// A run name that says which backend ran: `vmx-<test>` or `svm-<test>`.
+pub fn label(emu: Emulator, test: &str) -> String {
+    format!("{}-{test}", emu.backend())
+}
+
 /// How long one console command may take (Bochs runs ~100 MIPS).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 

@@ -6,29 +6,14 @@
 
 use boot::emulator::Emulator;
 use std::time::Duration;
-use tests_qemu::Machine;
+use tests_qemu::{Machine, label, on_both_backends};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
-
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod vmx_bochs {
-            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::Bochs) })*
-        }
-        mod svm_qemu {
-            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::QemuTcg) })*
-        }
-    };
-}
 
 on_both_backends!(
     identical_guests_share_memory_and_keep_their_own_writes,
     a_guest_squeezed_by_swapping_computes_correctly
 );
-
-fn label(emu: Emulator, name: &str) -> String {
-    format!("{}-{name}", if emu.is_qemu() { "svm" } else { "vmx" })
-}
 
 /// The number after `prefix` in `line`.
 fn number_after(t: &str, prefix: &str) -> Option<u64> {

@@ -7,21 +7,9 @@
 
 use boot::emulator::Emulator;
 use std::time::Duration;
-use tests_qemu::{Machine, vm_entry};
+use tests_qemu::{Machine, label, on_both_backends, vm_entry};
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// One module per backend, each with every test of this file.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod vmx_bochs {
-            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::Bochs) })*
-        }
-        mod svm_qemu {
-            $(#[test] fn $test() { super::$test(boot::emulator::Emulator::QemuTcg) })*
-        }
-    };
-}
 
 /// Bochs with AMD-V runs the tests that do not depend on time slicing, triple
 /// faults or a failed VMRUN: there its local-APIC timer interrupt does not
@@ -61,12 +49,6 @@ on_both_backends!(
 
 fn svm(emu: Emulator) -> bool {
     emu.backend() == "svm"
-}
-
-/// A log-directory label: the backend and the test (the directory name
-/// adds the emulator).
-fn label(emu: Emulator, test: &str) -> String {
-    format!("{}-{test}", emu.backend())
 }
 
 fn boot_host_report_and_json_forms(emu: Emulator) {
