@@ -172,6 +172,44 @@ fn a_target_is_met_by_swapping_and_pages_come_back_intact() {
 }
 
 #[test]
+fn pages_the_guest_touched_get_a_second_chance() {
+    let mut m = manager(16384);
+    with_swap(&mut m, 32768);
+    m.run_vm("tiny", 4, "").unwrap();
+    for p in 0..1024u64 {
+        guest_write(&mut m, 1, p * 4096, &pattern(p));
+    }
+    // The guest reads pages 100..200 through its nested table (sets their
+    // accessed bits); the hand starts at page 0.
+    {
+        let Manager { backend, vms, host_mem, .. } = &mut m;
+        let mem = &mut vms[0].res.as_mut().unwrap().mem;
+        let mut b = [0u8; 1];
+        for p in 100..200u64 {
+            host_mem
+                .with_hooks(1, |h| {
+                    mem.sim_read(&mut backend.as_mut().unwrap().mem, h, 0, GuestPhysAddr(p * 4096), &mut b)
+                })
+                .unwrap();
+        }
+    }
+    // RAM is mapped with 2 MiB leaves: the touched leaf (pages 0..512)
+    // gets its second chance as a whole; the hand takes the other one.
+    m.set_target(1, Some(1024 - 300)).unwrap();
+    m.reclaim_round();
+    for p in 0..512u64 {
+        assert_eq!(state(&m, 1, p * 4096), PageState::Present, "page {p} shares a touched leaf");
+    }
+    for p in 512..812u64 {
+        assert_eq!(state(&m, 1, p * 4096), PageState::Swapped, "page {p}");
+    }
+    // The bit is clear now: the next squeeze takes from the first leaf too.
+    m.set_target(1, Some(256)).unwrap();
+    m.reclaim_round();
+    assert_eq!(state(&m, 1, 100 * 4096), PageState::Swapped);
+}
+
+#[test]
 fn a_corrupt_swap_slot_stops_only_that_vm() {
     let mut m = manager(16384);
     let disk = with_swap(&mut m, 32768);

@@ -256,11 +256,13 @@ impl<B: Backend> Manager<B> {
         for vm in self.vms.iter_mut() {
             let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
             let flush = &mut |scope| vcpu.flush_nested_tlb(scope);
+            // Targets first: their clock reads accessed bits that the
+            // sharing scan's large-page analysis clears.
+            reclaim::enforce_target(vm.id, mem, &mut vm.reclaim, backend.mem(), host, flush);
             if host.sharing_enabled {
                 let pages = host.scan_pages_per_round;
                 reclaim::share_step(mem, backend.mem(), host, pages, reclaim::BREAK_LARGE_PER_ROUND, flush);
             }
-            reclaim::enforce_target(vm.id, mem, &mut vm.reclaim, backend.mem(), host, flush);
         }
     }
 

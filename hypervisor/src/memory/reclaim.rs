@@ -8,7 +8,8 @@
 //! (free, if its pages have twins) and then by paging out.
 //!
 //! Victims are chosen by a clock hand over the VM's pages, resuming where
-//! the last round stopped. A guest that touches a swapped page faults it
+//! the last round stopped, with a second chance for pages whose nested
+//! accessed bit says the guest touched them since the hand last passed. A guest that touches a swapped page faults it
 //! back in (and goes over its target by one page until the next round), so
 //! a VM squeezed below its working set keeps computing correctly, only
 //! slower.
@@ -16,7 +17,7 @@
 use alloc::string::String;
 use mm::addr::{GuestPhysAddr, PAGE_SIZE_4K};
 use mm::hal::ContiguousAlloc;
-use mm::paging::{EntryFormat, FlushScope};
+use mm::paging::{EntryFormat, FlushScope, Invalidation};
 use mm::swap_hook::PageStore;
 use mm::vm_memory::{PageState, ScanReport};
 
@@ -48,6 +49,8 @@ pub struct VmReclaim {
 pub struct RoundReport {
     pub scan: ScanReport,
     pub swapped_out: u64,
+    /// Pages passed over because the guest had touched them.
+    pub second_chances: u64,
 }
 
 /// Large pages a background round may break up to share their small pages.
@@ -115,36 +118,72 @@ pub fn enforce_target<F: EntryFormat, A: ContiguousAlloc>(
         policy.stuck = None;
         return report;
     }
+    policy.stuck = None;
+    report.swapped_out = page_out(vm, mem, policy, target, alloc, host, flush, &mut report.second_chances);
+    // Sharing after the clock: its large-page analysis clears accessed
+    // bits too, so within a round the clock reads them first; the next
+    // round's clock then sees what the guest touched since this one.
     let budget = host.scan_pages_per_round;
     report.scan = share_step(mem, alloc, host, budget, BREAK_LARGE_PER_ROUND, flush);
+    if mem.state_counts().present <= target {
+        policy.stuck = None;
+    } else if policy.stuck.is_none() && host.swap.as_ref().and_then(|s| s.file_usage(vm)).is_none() {
+        policy.stuck = Some(policy.no_swap.clone().unwrap_or_else(|| String::from("no swap file")));
+    }
+    report
+}
+
+/// The clock: page out until `target`, the round's limit or a refusal.
+#[allow(clippy::too_many_arguments)]
+fn page_out<F: EntryFormat, A: ContiguousAlloc>(
+    vm: u32,
+    mem: &mut GuestMemory<F>,
+    policy: &mut VmReclaim,
+    target: u64,
+    alloc: &mut A,
+    host: &mut HostMemory,
+    flush: &mut dyn FnMut(FlushScope),
+    second_chances: &mut u64,
+) -> u64 {
     let pages = mem.pages();
     let HostMemory { sharing, swap, stats, .. } = host;
     let Some(mut file) = swap.as_mut().and_then(|s| s.file(vm)) else {
-        if mem.state_counts().present > target {
-            policy.stuck = Some(policy.no_swap.clone().unwrap_or_else(|| String::from("no swap file")));
-        }
-        return report;
+        return 0;
     };
+    let mut swapped = 0;
+    // Second chance: a page the guest touched since the hand last passed
+    // loses its accessed bit and stays; the hand may go round twice.
     let mut looked = 0;
-    while mem.state_counts().present > target && report.swapped_out < MAX_SWAP_OUT_PER_ROUND && looked < pages {
+    let mut cleared = Invalidation::none();
+    while mem.state_counts().present > target && swapped < MAX_SWAP_OUT_PER_ROUND && looked < 2 * pages {
         let gpa = GuestPhysAddr(policy.hand * PAGE_SIZE_4K);
         policy.hand = (policy.hand + 1) % pages.max(1);
         looked += 1;
         if mem.page_state(gpa) != Some(PageState::Present) {
             continue;
         }
+        let (accessed, inv) = mem.test_and_clear_accessed(&*alloc, gpa);
+        cleared = cleared.combine(inv);
+        if let Some(size) = accessed {
+            // A large leaf's bit speaks for all its pages: pass them all.
+            let leaf_pages = size.bytes() / PAGE_SIZE_4K;
+            let next = ((gpa.0 / PAGE_SIZE_4K) | (leaf_pages - 1)) + 1;
+            looked += next - gpa.0 / PAGE_SIZE_4K - 1;
+            policy.hand = next % pages.max(1);
+            *second_chances += leaf_pages;
+            continue;
+        }
         match mem.swap_out(alloc, gpa, &mut file as &mut dyn PageStore<Slot = _>, sharing.as_mut(), flush) {
-            Ok(()) => report.swapped_out += 1,
+            Ok(()) => swapped += 1,
             Err(e) => {
                 policy.stuck = Some(alloc::format!("page-out of {:#x} refused: {e}", gpa.0));
                 break;
             }
         }
     }
-    policy.swapped_out += report.swapped_out;
-    stats.swapped_out += report.swapped_out;
-    if mem.state_counts().present <= target {
-        policy.stuck = None;
-    }
-    report
+    // Accesses from now on must set the bits again for the next round.
+    cleared.flush(alloc, &mut *flush);
+    policy.swapped_out += swapped;
+    stats.swapped_out += swapped;
+    swapped
 }

@@ -272,6 +272,28 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         }
     }
 
+    /// Whether the guest accessed the page at `gpa` since the last call,
+    /// from the accessed bit of the nested leaf mapping it (in every table;
+    /// cleared by this call): the size of that leaf if so. A large leaf
+    /// answers, and is cleared, for all of its pages. `None` for unmapped
+    /// pages. For second-chance reclaim: flush the token before relying on
+    /// the next answer, since a cached translation lets the guest access
+    /// the page without setting the bit.
+    pub fn test_and_clear_accessed<M: PhysMem>(
+        &mut self,
+        mem: &M,
+        gpa: GuestPhysAddr,
+    ) -> (Option<PageSize>, Invalidation<F>) {
+        let page = gpa.align_down(PAGE_SIZE_4K);
+        let range = page..GuestPhysAddr(page.0 + PAGE_SIZE_4K);
+        let mut accessed = None;
+        let mut inv = self.primary.test_and_clear_accessed(mem, range.clone(), |_, size| accessed = Some(size));
+        if let Some(view) = self.view.as_mut() {
+            combine(&mut inv, view.test_and_clear_accessed(mem, range, |_, size| accessed = Some(size)));
+        }
+        (accessed, inv)
+    }
+
     /// Bumped whenever some vCPU's root changes.
     pub fn roots_generation(&self) -> u64 {
         self.roots_generation

@@ -99,4 +99,35 @@ fn usage_classes<F: EntryFormat>() {
     assert_eq!(sim.frames_in_use(), 0);
 }
 
-for_both_formats!(demote_count_restore, usage_classes);
+for_both_formats!(demote_count_restore, usage_classes, second_chance_accessed_bit);
+
+fn second_chance_accessed_bit<F: EntryFormat>() {
+    let mut sim = SimPhys::new(4096);
+    let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size4K);
+    let mut hooks = Hooks::none();
+    let page = g(3 * PAGE_SIZE_4K);
+    // Fresh mappings start with A clear.
+    assert_eq!(v.test_and_clear_accessed(&sim, page).0, None);
+    let mut b = [0u8; 1];
+    v.sim_read(&mut sim, &mut hooks, 0, g(page.0 + 100), &mut b).unwrap();
+    let (accessed, inv) = v.test_and_clear_accessed(&sim, page);
+    assert_eq!(accessed, Some(PageSize::Size4K), "a read sets the accessed bit");
+    assert!(inv.scope().is_some(), "clearing a live bit asks for a flush");
+    inv.flush(&mut sim, |_| {});
+    assert_eq!(v.test_and_clear_accessed(&sim, page).0, None, "reported once");
+    // Neighbours are their own pages; an address outside RAM is never accessed.
+    v.sim_write(&mut sim, &mut hooks, 0, g(4 * PAGE_SIZE_4K), &[1]).unwrap();
+    assert_eq!(v.test_and_clear_accessed(&sim, page).0, None);
+    assert_eq!(v.test_and_clear_accessed(&sim, g(4 * PAGE_SIZE_4K)).0, Some(PageSize::Size4K));
+    assert_eq!(v.test_and_clear_accessed(&sim, g(64 << 20)).0, None);
+    free(v, &mut sim, &mut hooks);
+    // A large leaf answers for all of its pages, once.
+    let mut v = vm::<F>(&mut sim, 2, 4, PageSize::Size2M);
+    v.sim_read(&mut sim, &mut hooks, 0, g(PAGE_SIZE_2M + 0x5000), &mut b).unwrap();
+    assert_eq!(v.test_and_clear_accessed(&sim, g(0)).0, None);
+    let (accessed, inv) = v.test_and_clear_accessed(&sim, g(PAGE_SIZE_2M + 0x9000));
+    assert_eq!(accessed, Some(PageSize::Size2M));
+    inv.flush(&mut sim, |_| {});
+    assert_eq!(v.test_and_clear_accessed(&sim, g(PAGE_SIZE_2M + 0x5000)).0, None);
+    free(v, &mut sim, &mut hooks);
+}
