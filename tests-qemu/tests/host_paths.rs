@@ -61,11 +61,15 @@ fn scratch_size() -> String {
 const SELF_CHECK_OK: &str = "disk: self-check ok (write+read 9 blocks)";
 
 /// The scratch disk after the run: the self-check put back what it found
-/// (zeros on a fresh disk).
+/// (zeros on a fresh disk), and the blank disk became the swap device, so
+/// block 0 holds a swap superblock and nothing else was written (no VM ran).
 fn assert_scratch_untouched(m: &Machine) {
     let scratch = std::fs::read(m.run_dir().join("scratch.img")).expect("reading the scratch disk");
     assert_eq!(scratch.len() as u64, boot::emulator::SCRATCH_BYTES);
-    assert!(scratch.iter().all(|&b| b == 0), "the self-check left data on the scratch disk");
+    assert!(scratch[512..].iter().all(|&b| b == 0), "the self-check left data on the scratch disk");
+    assert!(scratch[..512].iter().any(|&b| b != 0), "no swap superblock in block 0");
+    let t = m.transcript();
+    assert!(t.contains("swap: ") && t.contains("(Formatted), 14335 page slots (55 MiB)"), "{t}");
 }
 
 #[test]
