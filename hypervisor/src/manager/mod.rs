@@ -286,7 +286,7 @@ impl<B: Backend> Manager<B> {
             let r = reclaim::share_step(mem, backend.mem(), host, pages, usize::MAX, &mut |scope| {
                 vcpu.flush_nested_tlb(scope)
             });
-            reclaim::add(&mut total, &r);
+            total += r;
         }
         Ok(total)
     }

@@ -76,27 +76,11 @@ pub fn share_step<F: EntryFormat, A: ContiguousAlloc>(
     } else {
         ScanReport::default()
     };
-    add(&mut r, &mem.share_scan(alloc, index, pages, flush));
+    r += mem.share_scan(alloc, index, pages, flush);
     host.stats.scanned += r.scanned;
     host.stats.merged += r.zero_merged + r.shared_merged;
     host.stats.frames_freed += r.frames_freed;
     r
-}
-
-/// Accumulate `b` into `a`.
-pub fn add(a: &mut ScanReport, b: &ScanReport) {
-    a.scanned += b.scanned;
-    a.hashed += b.hashed;
-    a.zero_merged += b.zero_merged;
-    a.shared_merged += b.shared_merged;
-    a.promoted += b.promoted;
-    a.hints_added += b.hints_added;
-    a.already_shared += b.already_shared;
-    a.skipped += b.skipped;
-    a.large_opportunities += b.large_opportunities;
-    a.large_broken += b.large_broken;
-    a.frames_freed += b.frames_freed;
-    a.out_of_memory += b.out_of_memory;
 }
 
 /// One round of holding VM `vm` (memory `mem`) to its target: a sharing

@@ -267,6 +267,24 @@ pub struct ScanReport {
     pub out_of_memory: u64,
 }
 
+/// Totals over several scans (VMs, rounds).
+impl core::ops::AddAssign for ScanReport {
+    fn add_assign(&mut self, b: Self) {
+        self.scanned += b.scanned;
+        self.hashed += b.hashed;
+        self.zero_merged += b.zero_merged;
+        self.shared_merged += b.shared_merged;
+        self.promoted += b.promoted;
+        self.hints_added += b.hints_added;
+        self.already_shared += b.already_shared;
+        self.skipped += b.skipped;
+        self.large_opportunities += b.large_opportunities;
+        self.large_broken += b.large_broken;
+        self.frames_freed += b.frames_freed;
+        self.out_of_memory += b.out_of_memory;
+    }
+}
+
 /// Sharing opportunities inside large pages, from the scans so far.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct LargePageSharing {
