@@ -189,6 +189,12 @@ fn bad_console_input_changes_nothing(emu: Emulator) {
         assert_eq!(ours.len(), 1, "{line:?} must answer with one line: {out}");
         assert!(ours[0].starts_with(want), "{line:?} answered {:?}, want {want:?}", ours[0]);
     }
+    // Past the 256-character cap the line is refused whole: the prefix that
+    // fitted (`vm stop 1`) must not run.
+    let overlong = format!("{}vm stop 12", " ".repeat(256 - "vm stop 1".len()));
+    let out = m.cmd(&overlong);
+    assert!(out.contains("error: line too long (257 characters, at most 256); nothing was run"), "{out}");
+    assert!(!out.contains("stopped"), "the truncated line ran: {out}");
     let j = m.json("vm stats 99 --json");
     assert_eq!(j["ok"], false);
     let j = m.json("nonsense --json");

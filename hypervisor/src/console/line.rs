@@ -1,17 +1,26 @@
 //! Line editing over a byte stream from a terminal: printable characters,
 //! backspace/delete, Ctrl-C (discard the line) and Ctrl-U (erase it); CR,
 //! LF and CR LF all end a line.
+//!
+//! A line that grew past [`MAX_LINE`] is refused as a whole when it ends:
+//! running the prefix that fitted could turn `vm stop 12` into `vm stop 1`.
 
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-/// Longest accepted line; further characters are refused with a bell.
+use super::ParseError;
+
+/// Longest accepted line; further characters are refused with a bell, and
+/// the line is refused when it ends.
 pub const MAX_LINE: usize = 256;
 
 #[derive(Debug, Default)]
 pub struct LineEditor {
     buf: String,
     last_cr: bool,
+    /// Printable characters dropped from the current line (past `MAX_LINE`).
+    dropped: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -20,6 +29,9 @@ pub enum Edit {
     Echo(Vec<u8>),
     /// A complete line (its newline already echoed).
     Line(String),
+    /// A complete line that was refused (too long): report the error and
+    /// run nothing.
+    Refused(ParseError),
     /// Nothing to do.
     None,
 }
@@ -27,7 +39,7 @@ pub enum Edit {
 impl LineEditor {
     /// Nothing typed on the current line.
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.buf.is_empty() && self.dropped == 0
     }
 
     pub fn feed(&mut self, b: u8) -> Edit {
@@ -36,10 +48,23 @@ impl LineEditor {
             b'\n' if after_cr => Edit::None,
             b'\r' | b'\n' => {
                 let line = core::mem::take(&mut self.buf);
-                Edit::Line(line)
+                match core::mem::take(&mut self.dropped) {
+                    0 => Edit::Line(line),
+                    dropped => Edit::Refused(ParseError {
+                        message: format!(
+                            "line too long ({} characters, at most {MAX_LINE}); nothing was run",
+                            line.len() + dropped
+                        ),
+                        json: line.split_whitespace().any(|w| w == "--json"),
+                    }),
+                }
             }
             0x08 | 0x7f => {
-                if self.buf.pop().is_some() {
+                // What was dropped cannot be edited back: the line stays
+                // refused until it ends or is discarded.
+                if self.dropped > 0 {
+                    Edit::Echo(b"\x07".to_vec())
+                } else if self.buf.pop().is_some() {
                     Edit::Echo(b"\x08 \x08".to_vec())
                 } else {
                     Edit::None
@@ -47,11 +72,13 @@ impl LineEditor {
             }
             0x03 => {
                 self.buf.clear();
+                self.dropped = 0;
                 Edit::Echo(b"^C\r\n".to_vec())
             }
             0x15 => {
                 let n = self.buf.chars().count();
                 self.buf.clear();
+                self.dropped = 0;
                 let mut e = Vec::new();
                 for _ in 0..n {
                     e.extend_from_slice(b"\x08 \x08");
@@ -60,6 +87,7 @@ impl LineEditor {
             }
             0x20..=0x7e => {
                 if self.buf.len() >= MAX_LINE {
+                    self.dropped += 1;
                     return Edit::Echo(b"\x07".to_vec());
                 }
                 self.buf.push(b as char);
@@ -103,15 +131,59 @@ mod tests {
         assert_eq!(e.feed(b'\r'), Edit::Line("[Aok".into()), "escape and non-ASCII bytes are dropped");
     }
 
+    fn refused(e: Edit) -> ParseError {
+        match e {
+            Edit::Refused(err) => err,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn overlong_lines_are_capped() {
+    fn overlong_lines_are_refused_whole() {
+        // `vm stop 12` pushed past the cap: the prefix `vm stop 1` must not run.
         let mut e = LineEditor::default();
-        for _ in 0..MAX_LINE + 10 {
-            e.feed(b'x');
+        let line = format!("{}vm stop 12", " ".repeat(MAX_LINE - 9));
+        let out = feed_all(&mut e, line.as_bytes());
+        assert_eq!(out.last(), Some(&Edit::Echo(b"\x07".to_vec())), "the dropped character rings the bell");
+        assert!(!e.is_empty(), "an overflowed line is still a line being typed");
+        let err = refused(e.feed(b'\r'));
+        assert_eq!(err.message, "line too long (257 characters, at most 256); nothing was run");
+        assert!(!err.json && !err.message.contains('\n'));
+        // The next line is unaffected.
+        feed_all(&mut e, b"vm list");
+        assert_eq!(e.feed(b'\r'), Edit::Line("vm list".into()));
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_cap_runs() {
+        let mut e = LineEditor::default();
+        feed_all(&mut e, "x".repeat(MAX_LINE).as_bytes());
+        assert_eq!(e.feed(b'\n'), Edit::Line("x".repeat(MAX_LINE)));
+    }
+
+    #[test]
+    fn overflow_survives_backspace_but_not_discard() {
+        let mut e = LineEditor::default();
+        feed_all(&mut e, "y".repeat(MAX_LINE + 3).as_bytes());
+        // Deleting below the cap does not bring the dropped characters back.
+        for _ in 0..10 {
+            assert_eq!(e.feed(0x7f), Edit::Echo(b"\x07".to_vec()));
         }
-        match e.feed(b'\r') {
-            Edit::Line(l) => assert_eq!(l.len(), MAX_LINE),
-            other => panic!("{other:?}"),
-        }
+        let err = refused(e.feed(b'\r'));
+        assert!(err.message.contains("259 characters"), "{}", err.message);
+        // Ctrl-C and Ctrl-U start afresh.
+        feed_all(&mut e, "z".repeat(MAX_LINE + 1).as_bytes());
+        feed_all(&mut e, b"\x03help");
+        assert_eq!(e.feed(b'\r'), Edit::Line("help".into()));
+        feed_all(&mut e, "z".repeat(MAX_LINE + 1).as_bytes());
+        feed_all(&mut e, b"\x15help");
+        assert_eq!(e.feed(b'\r'), Edit::Line("help".into()));
+    }
+
+    #[test]
+    fn an_overlong_json_command_is_refused_in_json() {
+        let mut e = LineEditor::default();
+        feed_all(&mut e, format!("vm list --json {}", "a".repeat(MAX_LINE)).as_bytes());
+        assert!(refused(e.feed(b'\n')).json);
     }
 }

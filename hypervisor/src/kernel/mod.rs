@@ -264,6 +264,12 @@ fn serve<B: HostBackend>(
                     }
                     crate::print!("{}", console::PROMPT);
                 }
+                Edit::Refused(e) => {
+                    crate::println!();
+                    con.release();
+                    console::commands::report_parse_error(&e, &mut con);
+                    crate::print!("{}", console::PROMPT);
+                }
                 Edit::None => {}
             }
             con.hold = !editor.is_empty();
