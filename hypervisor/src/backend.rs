@@ -26,6 +26,9 @@ pub trait Backend {
     fn mem(&mut self) -> &mut Self::Mem;
     /// The largest nested page the hardware supports.
     fn max_page_size(&self) -> PageSize;
+    /// Bytes of the host heap still free (the memory manager's per-VM
+    /// tables come from it).
+    fn heap_free(&self) -> u64;
 
     /// A vCPU in the nested table rooted at `nested_root`, starting at
     /// `state`.

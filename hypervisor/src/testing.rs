@@ -96,6 +96,8 @@ pub struct MockBackend {
     /// The clock: advances by `tick` on every read.
     pub clock: Cell<u64>,
     pub tick: u64,
+    /// What `heap_free` answers (tests of the heap-room check).
+    pub heap_free: u64,
 }
 
 impl MockBackend {
@@ -107,6 +109,7 @@ impl MockBackend {
             destroyed: 0,
             clock: Cell::new(0),
             tick: 10,
+            heap_free: 64 << 20,
         }
     }
 }
@@ -127,6 +130,9 @@ impl Backend for MockBackend {
     }
     fn max_page_size(&self) -> PageSize {
         PageSize::Size2M
+    }
+    fn heap_free(&self) -> u64 {
+        self.heap_free
     }
     fn create_vcpu(&mut self, _root: mm::HostPhysAddr, state: &GuestState) -> Result<MockVcpu, vcpu::Error> {
         self.created += 1;

@@ -88,6 +88,9 @@ pub enum Error {
     /// The host ran out of 4 KiB frames for a guest page (copy-on-write
     /// copy, page-in, balloon deflation, lazy load).
     OutOfHostFrames,
+    /// The host heap has no room for the manager's own bookkeeping (a VM's
+    /// per-page tables, a sharing-index entry).
+    OutOfHeap { bytes: u64 },
     /// The operation needs a hook (sharing index, page store or page
     /// source) the caller did not supply.
     MissingHook(&'static str),
@@ -191,6 +194,9 @@ impl fmt::Display for Error {
             }
             Error::PagePoisoned(gpa) => write!(f, "The page at {gpa} is poisoned by an uncorrectable memory error"),
             Error::OutOfHostFrames => f.write_str("Out of host memory for a guest page"),
+            Error::OutOfHeap { bytes } => {
+                write!(f, "The host heap has no room for {bytes} bytes of memory-manager bookkeeping")
+            }
             Error::MissingHook(what) => write!(f, "This operation needs a {what}, and none was supplied"),
             Error::PageStoreFull => f.write_str("The page store is full"),
             Error::PageStoreCorrupt { gpa } => {

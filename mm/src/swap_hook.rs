@@ -11,9 +11,31 @@ use alloc::vec::Vec;
 
 use crate::addr::GuestPhysAddr;
 
+/// A swap store's handle for one stored page, packed into one 64-bit word.
+///
+/// `VmMemory` keeps one word per guest page for whatever backs it (a frame
+/// address or a slot), allocated with the VM, so nothing it tracks grows
+/// while the guest runs.
+pub trait SlotWord: Copy + Eq + core::fmt::Debug {
+    /// The handle as a word; [`from_word`](Self::from_word) gives it back.
+    fn to_word(self) -> u64;
+    /// The handle [`to_word`](Self::to_word) packed.
+    fn from_word(word: u64) -> Self;
+}
+
+impl SlotWord for u64 {
+    fn to_word(self) -> u64 {
+        self
+    }
+
+    fn from_word(word: u64) -> Self {
+        word
+    }
+}
+
 /// Where swapped-out guest pages go. Implemented by `mm::swap::SwapFile`.
 pub trait PageStore {
-    type Slot: Copy + Eq + core::fmt::Debug;
+    type Slot: SlotWord;
     /// Write one 4 KiB page; returns the slot that now holds it.
     fn page_out(&mut self, gpa: GuestPhysAddr, page: &[u8; 4096]) -> Result<Self::Slot, crate::Error>;
     /// Read a slot back into `page`; a slot whose checksum or header does not match is an error, never silently wrong data.

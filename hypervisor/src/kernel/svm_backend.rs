@@ -90,4 +90,8 @@ impl Backend for SvmBackend {
     fn tsc_hz(&self) -> u64 {
         time::tsc_hz()
     }
+
+    fn heap_free(&self) -> u64 {
+        crate::platform::memory::heap_free()
+    }
 }

@@ -42,6 +42,8 @@ pub struct GuestImage {
 pub const DEFAULT_MEM_MIB: u32 = 16;
 pub const MIN_MEM_MIB: u32 = 2;
 pub const MAX_MEM_MIB: u32 = 65536;
+/// Host heap a new VM must leave free (console, reports, sharing index).
+pub const HEAP_RESERVE: u64 = 2 << 20;
 /// Ended VMs kept for `vm list` before the oldest are forgotten.
 pub const MAX_ENDED_RECORDS: usize = 64;
 
@@ -110,9 +112,22 @@ impl<B: Backend> Manager<B> {
         let id = self.next_id;
         let size = (mem_mib as u64) << 20;
         let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
+        let map = MemoryMap::ram_only(size).map_err(|e| format!("bad memory size: {e}"))?;
+        // The memory manager's tables for this VM come from the host heap,
+        // all at once: refuse the VM unless they fit with room to spare.
+        let tables = GuestMemory::<B::Format>::table_bytes(&map);
+        let free = backend.heap_free();
+        if tables.saturating_add(HEAP_RESERVE) > free {
+            return Err(format!(
+                "not enough host heap for {mem_mib} MiB of guest RAM: its per-page tables need {} KiB, {} KiB are free \
+                 and {} KiB stay reserved for the host",
+                tables >> 10,
+                free >> 10,
+                HEAP_RESERVE >> 10
+            ));
+        }
         let alloc = backend.mem();
         self.host_mem.ensure_sharing(alloc).map_err(|e| format!("cannot set up page sharing: {e}"))?;
-        let map = MemoryMap::ram_only(size).map_err(|e| format!("bad memory size: {e}"))?;
         // RAM in the largest host chunks available, mapped with the largest
         // nested pages alignment allows (2 MiB or 1 GiB where it can).
         let mem = GuestMemory::<B::Format>::new(alloc, map, config)

@@ -373,3 +373,22 @@ fn console_commands_end_to_end() {
     let out = run("poweroff --json", &mut m, &mut con);
     assert!(out.lines().last().unwrap().starts_with("{\"command\":\"poweroff\",\"ok\":true"), "{out}");
 }
+
+#[test]
+fn a_vm_whose_tables_do_not_fit_the_heap_is_refused_before_taking_anything() {
+    let mut m = manager(8192);
+    let frames = be(&mut m).mem.frames_in_use();
+    // 16 MiB of RAM needs 4096 state bytes and words: 36 KiB and a bit.
+    be(&mut m).heap_free = HEAP_RESERVE + 30 * 1024;
+    let err = m.run_vm("tiny", 16, "").unwrap_err();
+    assert_eq!(
+        err,
+        "not enough host heap for 16 MiB of guest RAM: its per-page tables need 36 KiB, 2078 KiB are free and \
+         2048 KiB stay reserved for the host"
+    );
+    assert!(m.vms.is_empty());
+    assert_eq!(be(&mut m).mem.frames_in_use(), frames, "a refused VM took frames");
+    // With room for them it starts.
+    be(&mut m).heap_free = HEAP_RESERVE + 40 * 1024;
+    assert!(m.run_vm("tiny", 16, "").is_ok());
+}

@@ -27,8 +27,13 @@ static INFO: Mutex<MemoryInfo> = Mutex::new(MemoryInfo { usable_bytes: 0, heap_b
 /// bring-up will need for its real-mode trampoline.
 const LOW_MEMORY_END: u64 = 1 << 20;
 
-/// Largest kernel heap; it shrinks to an eighth of RAM on small machines.
-const HEAP_MAX: u64 = 64 << 20;
+/// The kernel heap is an eighth of RAM up to this size...
+const HEAP_SMALL_MAX: u64 = 64 << 20;
+/// ...and a 32nd of RAM beyond it. It holds the memory manager's per-VM
+/// tables (about 0.23% of each VM's RAM) and the sharing index (which grows
+/// with the pages guests make identical), so it must scale with the RAM
+/// guests can have rather than stop at a fixed cap.
+const HEAP_RAM_SHARE: u64 = 32;
 
 pub fn phys_to_virt(pa: u64) -> *mut u8 {
     (PHYS_OFFSET.load(Ordering::Relaxed) + pa) as *mut u8
@@ -67,7 +72,7 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     bitmap.reserve(0, LOW_MEMORY_END);
     bitmap.reserve(home, home + bytes_pages);
 
-    let heap_size = (total / 8).clamp(4 << 20, HEAP_MAX) & !(FRAME_SIZE - 1);
+    let heap_size = (total / 8).clamp(4 << 20, HEAP_SMALL_MAX).max(total / HEAP_RAM_SHARE) & !(FRAME_SIZE - 1);
     let heap = bitmap.alloc_contiguous(heap_size, FRAME_SIZE).expect("no contiguous memory for the kernel heap");
     // SAFETY: the heap range was just taken from the frame allocator and is
     // used for nothing else; it is mapped by the direct map.
@@ -86,6 +91,10 @@ pub fn free_bytes() -> u64 {
 
 pub fn heap_used() -> usize {
     HEAP.lock().used()
+}
+
+pub fn heap_free() -> u64 {
+    HEAP.lock().free() as u64
 }
 
 /// A zeroed 4 KiB frame.

@@ -9,7 +9,7 @@ use super::block::{BLOCK_SIZE, BlockStore};
 use super::format::{FIRST_SLOT_BLOCK, PAGE_BYTES, SLOT_BLOCKS, SLOT_BYTES, SlotHeader, SlotRefusal, Superblock};
 use crate::Error;
 use crate::addr::GuestPhysAddr;
-use crate::swap_hook::PageStore;
+use crate::swap_hook::{PageStore, SlotWord};
 
 /// A resource pool: a set of VMs whose swap is reserved together.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -37,10 +37,25 @@ impl VmSwapSpec {
 /// A handle to one swapped-out page: the slot and the page-out's
 /// generation. A handle that outlives its page (released, or the VM's file
 /// removed) is refused on page-in because the generation no longer matches.
+///
+/// Both halves are 32 bits so the handle packs into the one word per page
+/// that `VmMemory` keeps ([`SlotWord`]). The generation wraps after 2^32
+/// page-outs; a stale handle would then need the same slot *and* the same
+/// generation modulo 2^32 to pass, on top of the header's address check.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct SwapSlot {
     index: u32,
-    generation: u64,
+    generation: u32,
+}
+
+impl SlotWord for SwapSlot {
+    fn to_word(self) -> u64 {
+        u64::from(self.generation) << 32 | u64::from(self.index)
+    }
+
+    fn from_word(word: u64) -> Self {
+        SwapSlot { index: word as u32, generation: (word >> 32) as u32 }
+    }
 }
 
 impl SwapSlot {
@@ -51,7 +66,7 @@ impl SwapSlot {
 
     /// The page-out's generation (unique within the reservation's run).
     pub fn generation(self) -> u64 {
-        self.generation
+        u64::from(self.generation)
     }
 
     /// The device block where the slot starts.
@@ -134,7 +149,7 @@ enum Owner {
 #[derive(Clone, Copy, Debug)]
 struct SlotMeta {
     owner: Owner,
-    generation: u64,
+    generation: u32,
 }
 
 fn slot_block(index: u32) -> u64 {
@@ -163,7 +178,8 @@ pub struct SwapReservation<D: BlockStore> {
     files: BTreeMap<VmId, File>,
     reserved: u64,
     in_files: u64,
-    next_generation: u64,
+    /// Never 0 (the generation of a slot never used).
+    next_generation: u32,
     /// One slot's bytes: page-ins are read here and verified before a byte
     /// reaches the caller's page; kept to avoid a 4.5 KiB stack buffer.
     scratch: Box<[u8; SLOT_BYTES]>,
@@ -476,8 +492,8 @@ impl<D: BlockStore> SwapReservation<D> {
     fn page_out(&mut self, vm: VmId, gpa: GuestPhysAddr, page: &[u8; PAGE_BYTES]) -> Result<SwapSlot, Error> {
         let index = self.take_slot(vm)?;
         let generation = self.next_generation;
-        self.next_generation += 1;
-        let header = SlotHeader { slot: index, epoch: self.sb.epoch, generation, vm, gpa };
+        self.next_generation = self.next_generation.checked_add(1).unwrap_or(1);
+        let header = SlotHeader { slot: index, epoch: self.sb.epoch, generation: u64::from(generation), vm, gpa };
         header.encode_slot(page, &mut self.scratch);
         if let Err(e) = self.dev.write(slot_block(index), &self.scratch[..]) {
             // The caller still has the page, so nothing is lost. A sector
@@ -511,7 +527,8 @@ impl<D: BlockStore> SwapReservation<D> {
             return Err(Error::SwapSlotCorrupt { gpa, reason: SlotRefusal::NotAllocated });
         }
         self.dev.read(slot_block(slot.index), &mut self.scratch[..])?;
-        let expect = SlotHeader { slot: slot.index, epoch: self.sb.epoch, generation: slot.generation, vm, gpa };
+        let expect =
+            SlotHeader { slot: slot.index, epoch: self.sb.epoch, generation: u64::from(slot.generation), vm, gpa };
         expect.verify_slot(&self.scratch).map_err(|reason| Error::SwapSlotCorrupt { gpa, reason })?;
         page.copy_from_slice(&self.scratch[BLOCK_SIZE..]);
         Ok(())

@@ -7,6 +7,8 @@
 use alloc::vec::Vec;
 use core::fmt::Debug;
 
+use crate::swap_hook::SlotWord;
+
 use super::{Backing, Hooks, PageState, VmMemory};
 use crate::addr::GuestPhysAddr;
 use crate::error::Error;
@@ -26,7 +28,7 @@ pub struct BalloonReport {
     pub frames: u64,
 }
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Set how many pages the balloon should hold (clamped to the VM's RAM);
     /// the balloon device asks the guest for the difference.
     pub fn set_balloon_target(&mut self, pages: u64) {

@@ -31,6 +31,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Debug;
 
+use crate::swap_hook::SlotWord;
+
 use super::{PageState, VmMemory, combine, split_down};
 use crate::addr::{GuestPhysAddr, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
@@ -224,7 +226,7 @@ fn runs(words: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
     })
 }
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// The running dirty log's configuration.
     pub fn dirty_logging(&self) -> Option<DirtyLogConfig> {
         self.dirty.as_ref().map(|l| l.config)

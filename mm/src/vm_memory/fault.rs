@@ -5,6 +5,8 @@
 
 use core::fmt::Debug;
 
+use crate::swap_hook::SlotWord;
+
 use super::state::{Override, REPLACED};
 use super::{Hooks, Lookup, MmioId, PageState, VmMemory, combine, write_frame};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE_2M, PAGE_SIZE_4K};
@@ -87,7 +89,7 @@ pub trait PageSource {
     }
 }
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Handle a nested page fault of vCPU `vcpu` at `gpa`.
     ///
     /// Never panics on guest-controlled input: any address and access kind
@@ -288,7 +290,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             // no guest accesses it; 4 KiB-aligned.
             unsafe { write_frame(alloc.phys_to_ptr(frame), &buf) };
             let replaced = self.states[j] & REPLACED != 0;
-            let over = self.overrides.get(&(j as u32)).copied();
+            let over = self.override_of(j);
             if let Err(e) = self.transition(alloc, j, PageState::Present, replaced, over, inv)
                 && j == i
             {

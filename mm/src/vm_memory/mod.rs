@@ -9,9 +9,14 @@
 //!   view         NestedPageTable<F>: write-protected copy for the traced
 //!                vCPUs while dirty logging runs on a subset of them
 //!   states       one byte per 4 KiB page (PageState + "frame replaced" bit)
-//!   overrides    page -> frame or swap slot, for pages whose backing is not
-//!                their original chunk frame
+//!   words        one word per 4 KiB page: the frame or swap slot backing it
+//!                when that is not its original chunk frame
 //! ```
+//!
+//! Every per-page and per-region table is allocated, fallibly, when the VM
+//! is created and never grows: nothing a guest does makes the manager
+//! allocate from the host heap (a full heap would otherwise be a host
+//! panic).
 //!
 //! Submodules add the subsystems: `fault` (the nested-page-fault entry point,
 //! copy-on-write, page-in, lazy load), `dirty` (dirty logging), `sample`
@@ -38,11 +43,9 @@ mod sharing;
 mod state;
 mod swapout;
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Debug;
-
-use hashbrown::HashMap;
+use core::marker::PhantomData;
 
 pub use balloon::BalloonReport;
 pub use dirty::{DirtyBitmap, DirtyLogConfig, DirtyMechanism, VcpuSet};
@@ -58,7 +61,7 @@ use crate::error::Error;
 use crate::guest_ram::{GuestRam, MemoryReport};
 use crate::hal::{ContiguousAlloc, FrameAlloc, PhysMem};
 use crate::paging::{Access, EntryFormat, FlushScope, Invalidation, MemType, NestedPageTable, PageSize};
-use crate::swap_hook::PageStore;
+use crate::swap_hook::{PageStore, SlotWord};
 
 /// How a VM's memory is set up.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -148,7 +151,7 @@ pub struct FreeReport {
 ///
 /// Free it with [`Self::free`]; dropping it leaks its frames (and its
 /// `GuestRam` and tables panic in debug builds).
-pub struct VmMemory<F: EntryFormat, S: Copy + Eq + Debug = u64> {
+pub struct VmMemory<F: EntryFormat, S: SlotWord = u64> {
     config: VmMemoryConfig,
     map: MemoryMap,
     ram: GuestRam,
@@ -157,7 +160,11 @@ pub struct VmMemory<F: EntryFormat, S: Copy + Eq + Debug = u64> {
     ranges: Vec<RamRange>,
     /// One byte per page: `PageState` code | `REPLACED`.
     states: Vec<u8>,
-    overrides: HashMap<u32, Override<S>>,
+    /// One word per page: the `Override` its state byte says it has (a
+    /// frame address or a packed slot), else 0.
+    words: Vec<u64>,
+    /// The slot type `words` packs (see [`SlotWord`]).
+    slot: PhantomData<S>,
     counts: StateCounts,
     /// The sharing index's zero frame, once a page maps it.
     zero_frame: Option<HostPhysAddr>,
@@ -174,7 +181,7 @@ pub struct VmMemory<F: EntryFormat, S: Copy + Eq + Debug = u64> {
     roots_generation: u64,
 }
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Allocate the RAM of `map` (largest host chunks first), build the
     /// nested page table mapping it with the largest pages alignment allows,
     /// and mark every page `Present`. On error nothing stays allocated.
@@ -193,6 +200,13 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             return Err(Error::InvalidMemoryMap { gpa: GuestPhysAddr(0), size: map.ram_bytes() });
         }
         let ram_end = regions.last().map_or(0, |&(g, s)| g.0 + s);
+        // The tables first: without room for them the VM is refused before
+        // any frame is taken.
+        let regions_2m = ram_end.div_ceil(PAGE_SIZE_2M) as usize;
+        let states = filled_vec(pages, PageState::Present.code())?;
+        let words = filled_vec(pages, 0u64)?;
+        let heat = filled_vec(regions_2m, 0u16)?;
+        let share = sharing::ScanState::new(regions_2m)?;
         let ram = GuestRam::with_regions(alloc, &regions)?;
         let mut primary = match NestedPageTable::<F>::new(alloc) {
             Ok(t) => t,
@@ -220,19 +234,31 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             primary,
             view: None,
             ranges,
-            states: vec![PageState::Present.code(); pages],
-            overrides: HashMap::new(),
+            states,
+            words,
+            slot: PhantomData,
             counts,
             zero_frame: None,
             ram_end,
             dirty: None,
             sampling: None,
             usage: None,
-            heat: vec![0; ram_end.div_ceil(PAGE_SIZE_2M) as usize],
-            share: sharing::ScanState::default(),
+            heat,
+            share,
             balloon_target: 0,
             roots_generation: 0,
         })
+    }
+
+    /// Heap bytes [`Self::new`] takes for the per-page and per-region
+    /// tables of a VM with `map` (all of them are allocated then, none
+    /// later), so a caller can check for room before creating the VM.
+    pub fn table_bytes(map: &MemoryMap) -> u64 {
+        let pages = map.ram_bytes() / PAGE_SIZE_4K;
+        let end = map.ram_ranges().last().map_or(0, |(g, s)| g.0 + s);
+        // A state byte and a word per page; heat and sharing counters per
+        // 2 MiB region.
+        pages * 9 + end.div_ceil(PAGE_SIZE_2M) * 4
     }
 
     /// The VM's id (sharing index).
@@ -324,7 +350,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
     /// Page-table frames are separate (see [`Self::memory_report`]).
     pub fn bookkeeping_bytes(&self) -> u64 {
         let mut bytes = self.states.capacity() as u64
-            + self.overrides.allocation_size() as u64
+            + (self.words.capacity() * 8) as u64
             + (self.ranges.capacity() * core::mem::size_of::<RamRange>()) as u64
             + (self.heat.capacity() * 2) as u64
             + self.map.bookkeeping_bytes()
@@ -504,33 +530,35 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         self.states[i] & REPLACED != 0
     }
 
-    /// Set page `i`'s state and override (`None` removes it).
+    /// Set page `i`'s state and override (`None`: it has none).
     fn set_state(&mut self, i: usize, state: PageState, replaced: bool, over: Option<Override<S>>) {
         let old = self.state(i);
         *self.counts.slot(old) -= 1;
         *self.counts.slot(state) += 1;
         self.states[i] = state.code() | if replaced { REPLACED } else { 0 };
-        let key = i as u32;
-        match over {
-            Some(o) => {
-                self.overrides.insert(key, o);
-            }
-            None => {
-                self.overrides.remove(&key);
-            }
-        }
+        self.words[i] = over.map_or(0, Override::to_word);
+    }
+
+    /// Set page `i`'s override without changing its state.
+    fn set_override(&mut self, i: usize, over: Override<S>) {
+        self.words[i] = over.to_word();
+    }
+
+    /// Page `i`'s override, as its state byte says it has one.
+    fn override_of(&self, i: usize) -> Option<Override<S>> {
+        Override::decode(self.states[i], self.words[i])
     }
 
     fn override_frame(&self, i: usize) -> Option<HostPhysAddr> {
-        match self.overrides.get(&(i as u32)) {
-            Some(Override::Frame(hpa)) => Some(*hpa),
+        match self.override_of(i) {
+            Some(Override::Frame(hpa)) => Some(hpa),
             _ => None,
         }
     }
 
     fn override_slot(&self, i: usize) -> Option<S> {
-        match self.overrides.get(&(i as u32)) {
-            Some(Override::Slot(s)) => Some(*s),
+        match self.override_of(i) {
+            Some(Override::Slot(slot)) => Some(slot),
             _ => None,
         }
     }
@@ -663,7 +691,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         inv: &mut Invalidation<F>,
     ) -> Result<(), Error> {
         let old_code = self.states[i];
-        let old_over = self.overrides.get(&(i as u32)).copied();
+        let old_over = self.override_of(i);
         self.set_state(i, state, replaced, over);
         if let Err(e) = self.sync_page(alloc, i, inv) {
             self.set_state(i, PageState::from_code(old_code), old_code & REPLACED != 0, old_over);
@@ -694,16 +722,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
 
     /// What page `i` holds that must be given back if it stops holding it.
     fn backing(&self, i: usize) -> Backing<S> {
-        match self.state(i) {
-            PageState::Present | PageState::NotLoaded => match self.override_frame(i) {
-                Some(hpa) if self.replaced(i) => Backing::Frame(hpa),
-                _ => Backing::Original,
-            },
-            PageState::Zero => Backing::Zero,
-            PageState::Shared => self.override_frame(i).map_or(Backing::None, Backing::Shared),
-            PageState::Swapped => self.override_slot(i).map_or(Backing::None, Backing::Slot),
-            PageState::Ballooned | PageState::Poisoned => Backing::None,
-        }
+        Backing::of(self.states[i], self.words[i])
     }
 
     /// Whether `backing` needs a hook `hooks` lacks.
@@ -730,29 +749,31 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         flush: &mut dyn FnMut(FlushScope),
     ) -> FreeReport {
         let mut report = FreeReport::default();
-        let mut give_back = Vec::new();
-        for i in 0..self.states.len() {
-            let backing = self.backing(i);
-            if self.state(i) == PageState::Poisoned {
-                report.quarantined_frames += 1;
-            } else if matches!(backing, Backing::Original | Backing::None) {
-                // Originals go back with the chunks below.
-            } else if Self::missing_hook(&backing, hooks).is_some() {
-                report.leaked_references += 1;
-            } else {
-                give_back.push((self.gpa_of(i), backing));
-            }
-        }
-        let Self { primary, view, ram, states, ranges, .. } = self;
+        let Self { primary, view, ram, states, words, ranges, .. } = self;
         let mut inv = primary.destroy();
         if let Some(view) = view {
             inv = inv.combine(view.destroy());
         }
         inv.flush(alloc, &mut *flush);
-        for (gpa, backing) in give_back {
-            // SAFETY: the tables are destroyed and flushed; the caller
-            // guarantees nothing else uses the memory.
-            unsafe { release(&ram, alloc, hooks, gpa, backing) };
+        // Straight from the tables, allocating nothing: a VM is often
+        // stopped because the host is short of memory.
+        for r in &ranges {
+            for p in 0..r.pages {
+                let i = r.first + p as usize;
+                let backing = Backing::<S>::of(states[i], words[i]);
+                if PageState::from_code(states[i]) == PageState::Poisoned {
+                    report.quarantined_frames += 1;
+                } else if matches!(backing, Backing::Original | Backing::None) {
+                    // Originals go back with the chunks below.
+                } else if Self::missing_hook(&backing, hooks).is_some() {
+                    report.leaked_references += 1;
+                } else {
+                    let gpa = GuestPhysAddr(r.gpa + p * PAGE_SIZE_4K);
+                    // SAFETY: the tables are destroyed and flushed; the
+                    // caller guarantees nothing else uses the memory.
+                    unsafe { release(&ram, alloc, hooks, gpa, backing) };
+                }
+            }
         }
         let owned = |gpa: GuestPhysAddr| {
             let r = &ranges[ranges.partition_point(|r| r.gpa <= gpa.0) - 1];
@@ -774,7 +795,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
 ///
 /// The frame is no longer mapped (the unmap was flushed) and nothing else
 /// uses it; `alloc` is the allocator it came from.
-unsafe fn release<A: ContiguousAlloc, S: Copy + Eq + Debug>(
+unsafe fn release<A: ContiguousAlloc, S: SlotWord>(
     ram: &GuestRam,
     alloc: &mut A,
     hooks: &mut Hooks<'_, S>,
@@ -820,7 +841,38 @@ enum Backing<S> {
     Slot(S),
 }
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> Debug for VmMemory<F, S> {
+impl<S: SlotWord> Backing<S> {
+    /// The backing of a page with state byte `code` and word `word`.
+    fn of(code: u8, word: u64) -> Self {
+        let over = Override::decode(code, word);
+        match PageState::from_code(code) {
+            PageState::Present | PageState::NotLoaded => match over {
+                Some(Override::Frame(hpa)) => Backing::Frame(hpa),
+                _ => Backing::Original,
+            },
+            PageState::Zero => Backing::Zero,
+            PageState::Shared => match over {
+                Some(Override::Frame(hpa)) => Backing::Shared(hpa),
+                _ => Backing::None,
+            },
+            PageState::Swapped => match over {
+                Some(Override::Slot(slot)) => Backing::Slot(slot),
+                _ => Backing::None,
+            },
+            PageState::Ballooned | PageState::Poisoned => Backing::None,
+        }
+    }
+}
+
+/// A zero-initialised table of `n` entries, or `OutOfHeap` (never a panic).
+pub(crate) fn filled_vec<T: Clone>(n: usize, value: T) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfHeap { bytes: (n * core::mem::size_of::<T>()) as u64 })?;
+    v.resize(n, value);
+    Ok(v)
+}
+
+impl<F: EntryFormat, S: SlotWord> Debug for VmMemory<F, S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("VmMemory")
             .field("id", &self.config.id)
@@ -952,7 +1004,7 @@ pub(crate) unsafe fn write_frame(dst: *mut u8, src: &[u8; 4096]) {
 
 /// Simulated guest accesses, for tests and benchmarks: what a vCPU does.
 #[cfg(any(test, feature = "sim"))]
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     #[allow(clippy::too_many_arguments)]
     /// Access guest memory as vCPU `vcpu` would: translate through its
     /// root, setting accessed/dirty bits like the page walker; on a
@@ -1036,7 +1088,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
 }
 
 #[cfg(test)]
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Panic unless the tables, state table, overrides and counts agree.
     pub(crate) fn check_invariants<M: PhysMem>(&self, mem: &M) {
         let mut counts = StateCounts::default();
@@ -1044,14 +1096,13 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             let state = self.state(i);
             *counts.slot(state) += 1;
             let gpa = self.gpa_of(i);
-            let over = self.overrides.get(&(i as u32));
-            match state {
-                PageState::Shared => assert!(matches!(over, Some(Override::Frame(_))), "{gpa:?} shared without frame"),
-                PageState::Swapped => assert!(matches!(over, Some(Override::Slot(_))), "{gpa:?} swapped without slot"),
-                _ if self.replaced(i) => {
-                    assert!(matches!(over, Some(Override::Frame(_))), "{gpa:?} replaced w/o frame")
+            let (code, word) = (self.states[i], self.words[i]);
+            match Override::<S>::decode(code, word) {
+                Some(Override::Frame(hpa)) => {
+                    assert!(hpa.0 != 0 && hpa.0 % PAGE_SIZE_4K == 0, "{gpa:?} ({state:?}) has no frame: {word:#x}")
                 }
-                _ => assert!(over.is_none(), "{gpa:?} ({state:?}) has a stray override {over:?}"),
+                Some(Override::Slot(_)) => {}
+                None => assert_eq!(word, 0, "{gpa:?} ({state:?}) has a stray word"),
             }
             let tables = [(false, Some(&self.primary)), (true, self.view.as_ref())];
             for (is_view, table) in tables {
@@ -1072,5 +1123,17 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             }
         }
         assert_eq!(counts, self.counts, "state counts out of date");
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn a_table_too_large_for_the_heap_is_an_error_not_a_panic() {
+        let n = usize::MAX / 16;
+        assert_eq!(filled_vec(n, 0u64).unwrap_err(), Error::OutOfHeap { bytes: (n * 8) as u64 });
+        assert_eq!(filled_vec(3, 7u16).unwrap(), [7, 7, 7]);
     }
 }

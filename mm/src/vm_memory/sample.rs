@@ -15,6 +15,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Debug;
 
+use crate::swap_hook::SlotWord;
+
 use super::{PageState, VmMemory, combine, read_frame};
 use crate::addr::{GuestPhysAddr, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
@@ -104,7 +106,7 @@ impl Rng {
     }
 }
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Start an access-sampling interval: map each 2 MiB region of `regions`
     /// that is mapped large (by a 2 MiB or 1 GiB leaf) with 4 KiB pages and
     /// clear their accessed bits. Regions already small are left out.

@@ -31,6 +31,8 @@
 use alloc::vec::Vec;
 use core::fmt::Debug;
 
+use crate::swap_hook::SlotWord;
+
 use hashbrown::HashMap;
 
 use super::state::Override;
@@ -123,6 +125,14 @@ impl SharingIndex {
     /// Heap bytes of the index.
     pub fn bookkeeping_bytes(&self) -> u64 {
         (self.by_hash.allocation_size() + self.frames.allocation_size() + self.hints.capacity() * 8) as u64
+    }
+
+    /// Room for one more shared frame in both maps, or `OutOfHeap`, so the
+    /// inserts that follow cannot fail (a failed growth would panic).
+    fn reserve_one(&mut self) -> Result<(), Error> {
+        let bytes = || Error::OutOfHeap { bytes: 64 };
+        self.by_hash.try_reserve(1).map_err(|_| bytes())?;
+        self.frames.try_reserve(1).map_err(|_| bytes())
     }
 
     pub(super) fn refs(&self, frame: HostPhysAddr) -> u32 {
@@ -297,17 +307,32 @@ pub struct LargePageSharing {
 }
 
 /// A VM's scan position and large-page findings.
-#[derive(Default)]
 pub(super) struct ScanState {
     cursor: usize,
-    /// 2 MiB region index -> shareable small pages found inside its large
-    /// mapping by the last pass.
-    large: HashMap<u32, u16>,
+    /// Per 2 MiB region of guest-physical space: shareable small pages the
+    /// last pass found inside its large mapping (0: none, or not large).
+    large: Vec<u16>,
 }
 
 impl ScanState {
+    /// For a VM whose RAM ends below `regions` 2 MiB regions.
+    pub(super) fn new(regions: usize) -> Result<Self, Error> {
+        Ok(Self { cursor: 0, large: super::filled_vec(regions, 0)? })
+    }
+
     pub(super) fn bookkeeping_bytes(&self) -> u64 {
-        self.large.allocation_size() as u64
+        (self.large.capacity() * 2) as u64
+    }
+
+    fn forget(&mut self, region: u32) {
+        if let Some(c) = self.large.get_mut(region as usize) {
+            *c = 0;
+        }
+    }
+
+    /// `(region, opportunities)` of the regions with any.
+    fn regions(&self) -> impl Iterator<Item = (u32, u16)> + '_ {
+        self.large.iter().enumerate().filter(|&(_, &c)| c != 0).map(|(r, &c)| (r as u32, c))
     }
 }
 
@@ -324,7 +349,7 @@ enum Target {
     Shared(HostPhysAddr),
 }
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Scan up to `max_pages` pages (from where the last scan stopped,
     /// wrapping around) and share what can be shared. Frees frames only
     /// after flushing through `flush`.
@@ -383,7 +408,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         if gpa.is_aligned(PAGE_SIZE_2M) {
             // A new pass over this region: forget the old count, and start
             // watching its accessed bit (cold = not accessed since the scan).
-            self.share.large.remove(&region);
+            self.share.forget(region);
             let range = gpa..GuestPhysAddr(gpa.0 + PAGE_SIZE_2M);
             let inv = self.primary.test_and_clear_accessed(&*alloc, range, |_, _| {});
             // Clearing accessed bits needs no immediate flush: a cached
@@ -417,8 +442,8 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
                 }
             }
         };
-        if opportunity {
-            *self.share.large.entry(region).or_insert(0) += 1;
+        if opportunity && let Some(c) = self.share.large.get_mut(region as usize) {
+            *c = c.saturating_add(1);
             report.large_opportunities += 1;
         }
     }
@@ -476,6 +501,12 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             let gpa_page = self.gpa_of(i).0 / PAGE_SIZE_4K;
             match index.hint(hash) {
                 Some((vm, p)) if (vm, p) != (u64::from(self.config.id) & 0xFFF, gpa_page) => {
+                    // The index grows with the pages guests make identical:
+                    // without heap room the page just stays private.
+                    if index.reserve_one().is_err() {
+                        report.out_of_memory += 1;
+                        continue;
+                    }
                     let Some(copy) = alloc.alloc_frame() else {
                         report.out_of_memory += 1;
                         continue;
@@ -566,8 +597,8 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
     /// What breaking the large pages with sharing opportunities would free,
     /// per the scans so far.
     pub fn large_page_sharing(&self) -> LargePageSharing {
-        let pages: u64 = self.share.large.values().map(|&c| u64::from(c)).sum();
-        LargePageSharing { regions: self.share.large.len() as u64, pages, bytes: pages * PAGE_SIZE_4K }
+        let (regions, pages) = self.share.regions().fold((0, 0), |(r, p), (_, c)| (r + 1, p + u64::from(c)));
+        LargePageSharing { regions, pages, bytes: pages * PAGE_SIZE_4K }
     }
 
     /// When memory is scarce: break up to `max_regions` large pages with
@@ -582,7 +613,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         flush: &mut dyn FnMut(FlushScope),
     ) -> ScanReport {
         let mut report = ScanReport::default();
-        let mut regions: Vec<(u32, u16)> = self.share.large.iter().map(|(&r, &c)| (r, c)).collect();
+        let mut regions: Vec<(u32, u16)> = self.share.regions().collect();
         regions.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         // Make accessed bits trustworthy: a cached translation hides
         // accesses until flushed.
@@ -594,13 +625,13 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             }
             let gpa = GuestPhysAddr(u64::from(r) * PAGE_SIZE_2M);
             let Some(t) = self.primary.translate(&*alloc, gpa) else {
-                self.share.large.remove(&r);
+                self.share.forget(r);
                 continue;
             };
             if t.leaf.size == PageSize::Size4K {
                 // Broken meanwhile (by sampling, swap-out, ...): a normal
                 // scan shares it.
-                self.share.large.remove(&r);
+                self.share.forget(r);
                 continue;
             }
             if t.leaf.accessed {
@@ -613,7 +644,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             if res.is_err() {
                 break;
             }
-            self.share.large.remove(&r);
+            self.share.forget(r);
             broken += 1;
             report.large_broken += 1;
             let first = self.index_of(gpa.0);

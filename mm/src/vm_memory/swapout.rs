@@ -2,7 +2,7 @@
 //! uncorrectable memory error, and marking pages not-yet-loaded for a lazy
 //! restore.
 
-use core::fmt::Debug;
+use crate::swap_hook::SlotWord;
 
 use super::state::{Override, REPLACED};
 use super::{Backing, Hooks, PageState, SharingIndex, VmMemory, combine, read_frame};
@@ -12,7 +12,7 @@ use crate::hal::ContiguousAlloc;
 use crate::paging::{EntryFormat, FlushScope, Invalidation};
 use crate::swap_hook::PageStore;
 
-impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
+impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Page out the 4 KiB page at `gpa` (a `Present` or `Shared` page):
     /// split a large mapping around it, unmap it, flush through `flush`,
     /// write its contents to `store`, then give its frame back (or drop its
@@ -37,7 +37,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         }
         let frame = self.mapped_hpa(i).ok_or(Error::WrongPageState { gpa: page, state })?;
         let backing = self.backing(i);
-        let (old_code, old_over) = (self.states[i], self.overrides.get(&(i as u32)).copied());
+        let (old_code, old_over) = (self.states[i], self.override_of(i));
 
         let mut inv = Invalidation::none();
         let unmapped = self.transition(alloc, i, PageState::Swapped, false, None, &mut inv);
@@ -50,7 +50,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         unsafe { read_frame(alloc.phys_to_ptr(frame), &mut buf) };
         match store.page_out(page, &buf) {
             Ok(slot) => {
-                self.overrides.insert(i as u32, Override::Slot(slot));
+                self.set_override(i, Override::Slot(slot));
                 let mut hooks = Hooks { sharing, store: None, source: None };
                 // SAFETY: unmapped and flushed above.
                 unsafe { self.release_backing(alloc, &mut hooks, page, backing) };
@@ -101,9 +101,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
         }
         let (replaced, over) = match state {
             // The frame stays with the page (quarantined).
-            PageState::Present | PageState::NotLoaded => {
-                (self.states[i] & REPLACED != 0, self.overrides.get(&(i as u32)).copied())
-            }
+            PageState::Present | PageState::NotLoaded => (self.states[i] & REPLACED != 0, self.override_of(i)),
             _ => (false, None),
         };
         let mut inv = Invalidation::none();
@@ -179,7 +177,7 @@ impl<F: EntryFormat, S: Copy + Eq + Debug> VmMemory<F, S> {
             }
             if self.state(i) == PageState::Present {
                 let replaced = self.states[i] & REPLACED != 0;
-                let over = self.overrides.get(&(i as u32)).copied();
+                let over = self.override_of(i);
                 if let Err(e) = self.transition(alloc, i, PageState::NotLoaded, replaced, over, &mut inv) {
                     result = Err(e);
                     break;

@@ -5,6 +5,7 @@ use super::{free, g, pattern, vm};
 use crate::addr::{PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::paging::{Access, EntryFormat, PageSize};
 use crate::sim::SimPhys;
+use crate::swap_hook::MemStore;
 use crate::tests::for_both_formats;
 use crate::vm_memory::{Hooks, PageState, SharingIndex};
 
@@ -202,4 +203,50 @@ fn large_page_opportunities<F: EntryFormat>() {
     assert_eq!(sim.frames_in_use(), 0);
 }
 
-for_both_formats!(zero_pages_share_one_frame, cow_isolates_vms, hash_match_is_verified, large_page_opportunities);
+/// A guest that writes every page after its zero pages were merged gives
+/// each page a private replacement frame; a guest that then has every page
+/// swapped out gives each a slot. Neither may grow the manager's heap: a
+/// side map of such pages once grew by 16.5 MiB per GiB, and its growth
+/// failing on a full heap was a host panic.
+fn bookkeeping_does_not_grow_with_guest_writes<F: EntryFormat>() {
+    let mut sim = SimPhys::new(4096);
+    let mut index = SharingIndex::with_hint_slots(&mut sim, 1024).unwrap();
+    let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size4K);
+    let at_start = v.bookkeeping_bytes();
+    let pages = v.pages();
+    let mut hooks = Hooks::sharing(&mut index);
+    let r = v.share_scan(&mut sim, hooks.sharing.as_deref_mut().unwrap(), pages as usize, &mut |_| {});
+    assert_eq!(r.zero_merged, pages);
+    for p in 0..pages {
+        v.sim_write(&mut sim, &mut hooks, 0, g(p * PAGE_SIZE_4K), &p.to_le_bytes()).unwrap();
+    }
+    assert_eq!(v.state_counts().present, pages, "every page has its own frame again");
+    assert_eq!(v.bookkeeping_bytes(), at_start, "copy-on-write breaks grew the bookkeeping");
+    let mut store = MemStore::new();
+    for p in 0..pages {
+        v.swap_out(&mut sim, g(p * PAGE_SIZE_4K), &mut store, hooks.sharing.as_deref_mut(), &mut |_| {}).unwrap();
+    }
+    assert_eq!(v.state_counts().swapped, pages);
+    assert_eq!(v.bookkeeping_bytes(), at_start, "swap-out grew the bookkeeping");
+    // Every page comes back with its own contents from its own slot.
+    let mut hooks = Hooks { sharing: Some(&mut index), store: Some(&mut store), source: None };
+    for p in (0..pages).rev() {
+        let mut b = [0u8; 8];
+        v.sim_read(&mut sim, &mut hooks, 0, g(p * PAGE_SIZE_4K), &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), p);
+    }
+    v.check_invariants(&sim);
+    free(v, &mut sim, &mut hooks);
+    assert_eq!(store.live_slots(), 0);
+    // SAFETY: no VM uses the index any more.
+    unsafe { index.free(&mut sim) };
+    assert_eq!(sim.frames_in_use(), 0);
+}
+
+for_both_formats!(
+    zero_pages_share_one_frame,
+    cow_isolates_vms,
+    hash_match_is_verified,
+    large_page_opportunities,
+    bookkeeping_does_not_grow_with_guest_writes,
+);
