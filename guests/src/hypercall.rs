@@ -5,7 +5,8 @@ pub const PING: u64 = 0;
 pub const VM_ID: u64 = 1;
 pub const STAT: u64 = 2;
 /// Pages of guest-physical [RDI, RDI + RSI) mapped to a shared or the zero
-/// frame.
+/// frame. One call looks at a bounded part of the range and returns RDI and
+/// RSI advanced past it: call again, adding up RAX, until RSI is 0.
 pub const SHARED_IN_RANGE: u64 = 3;
 /// What PING returns: "HVOK".
 pub const PING_REPLY: u64 = 0x4b4f_5648;

@@ -68,16 +68,23 @@ pub fn amd() -> bool {
 /// The hypercall (VMCALL, or VMMCALL on AMD) with RAX = function, RDI/RSI =
 /// arguments; returns RAX.
 pub fn hypercall(func: u64, a: u64, b: u64) -> u64 {
-    let ret: u64;
-    // SAFETY: the instruction traps to the hypervisor, which only changes RAX.
+    hypercall_args(func, a, b).0
+}
+
+/// A hypercall that may hand its arguments back changed (a range function
+/// that did part of the range): `(RAX, RDI, RSI)` after the call.
+pub fn hypercall_args(func: u64, a: u64, b: u64) -> (u64, u64, u64) {
+    let (ret, rdi, rsi): (u64, u64, u64);
+    // SAFETY: the instruction traps to the hypervisor, which changes only
+    // RAX, RDI and RSI (declared as outputs).
     unsafe {
         if amd() {
-            asm!("vmmcall", inout("rax") func => ret, in("rdi") a, in("rsi") b, options(nostack))
+            asm!("vmmcall", inout("rax") func => ret, inout("rdi") a => rdi, inout("rsi") b => rsi, options(nostack))
         } else {
-            asm!("vmcall", inout("rax") func => ret, in("rdi") a, in("rsi") b, options(nostack))
+            asm!("vmcall", inout("rax") func => ret, inout("rdi") a => rdi, inout("rsi") b => rsi, options(nostack))
         }
     }
-    ret
+    (ret, rdi, rsi)
 }
 
 /// Ends the VM through the exit port; halts if the write returns.

@@ -29,7 +29,7 @@
 
 use core::fmt;
 use guests::hypercall as hc;
-use guests::io::{halt_once, hypercall};
+use guests::io::{halt_once, hypercall, hypercall_args};
 use guests::{Boot, println};
 
 const PAGE: u64 = 4096;
@@ -194,8 +194,16 @@ fn wait_for(value: impl Fn() -> Option<u64>, target: u64, wait: u64) -> (Option<
 
 /// Pages of `region` the hypervisor maps shared (or to the zero page).
 fn shared_in(region: Region) -> Option<u64> {
-    let v = hypercall(hc::SHARED_IN_RANGE, region.start, region.pages * PAGE);
-    (v != hc::UNKNOWN).then_some(v)
+    let (mut start, mut len, mut total) = (region.start, region.pages * PAGE, 0);
+    // Each call covers a bounded part and hands back the rest.
+    while len > 0 {
+        let (v, next, rest) = hypercall_args(hc::SHARED_IN_RANGE, start, len);
+        if v == hc::UNKNOWN || rest >= len {
+            return None;
+        }
+        (total, start, len) = (total + v, next, rest);
+    }
+    Some(total)
 }
 
 /// An order-dependent checksum of 64-bit words.

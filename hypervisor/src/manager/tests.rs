@@ -133,6 +133,12 @@ fn cpuid_hypercall_and_msr_exits_complete_or_fault() {
             },
             VmExit::Hypercall,
         ),
+        step(
+            |g| {
+                (g.rax, g.rdi, g.rsi) = (crate::hypercall::SHARED_IN_RANGE, 0x1000, 1 << 40);
+            },
+            VmExit::Hypercall,
+        ),
         step(|g| g.rcx = 0x1234, VmExit::Rdmsr { msr: 0x1234 }),
         step(|_| {}, VmExit::Rdmsr { msr: crate::msr::IA32_FEATURE_CONTROL }),
         step(|_| {}, VmExit::Wrmsr { msr: 0x3a, value: 5 }),
@@ -159,12 +165,16 @@ fn cpuid_hypercall_and_msr_exits_complete_or_fault() {
     assert_eq!(skipped, 1);
     let (g, _, _) = step_once(vm);
     assert_eq!(g.rax, 1, "VM_ID");
-    let (_, injected, skipped) = step_once(vm);
-    assert_eq!((injected, skipped), (vec![Event::GP0], 2), "an unknown MSR read faults, RIP stays");
+    // A range hypercall hands back the rest of its range in RDI/RSI: here
+    // none, as the 4 MiB of RAM fit one call and the rest is not RAM.
     let (g, _, skipped) = step_once(vm);
-    assert_eq!((g.rax, g.rdx, skipped), (1, 0, 3), "IA32_FEATURE_CONTROL reads locked, VMX off");
+    assert_eq!((g.rax, g.rdi, g.rsi, skipped), (0, (1 << 40) + 0x1000, 0, 3), "SHARED_IN_RANGE");
     let (_, injected, skipped) = step_once(vm);
-    assert_eq!((injected.len(), skipped), (2, 3), "enabling VMX by WRMSR faults");
+    assert_eq!((injected, skipped), (vec![Event::GP0], 3), "an unknown MSR read faults, RIP stays");
+    let (g, _, skipped) = step_once(vm);
+    assert_eq!((g.rax, g.rdx, skipped), (1, 0, 4), "IA32_FEATURE_CONTROL reads locked, VMX off");
+    let (_, injected, skipped) = step_once(vm);
+    assert_eq!((injected.len(), skipped), (2, 4), "enabling VMX by WRMSR faults");
 }
 
 #[test]

@@ -66,14 +66,11 @@ impl<F: EntryFormat> hypercall::Context for HcCtx<'_, F> {
     fn page_ins(&self) -> u64 {
         self.page_ins
     }
-    fn shared_in_range(&self, gpa: u64, len: u64) -> u64 {
-        // Guest-controlled bounds: clamp to RAM so the work is bounded.
-        let ram_end = self.mem.pages() * 4096;
-        let (start, end) = (gpa.min(ram_end) & !0xfff, gpa.saturating_add(len).min(ram_end));
-        (start..end)
-            .step_by(4096)
-            .filter(|&p| matches!(self.mem.page_state(GuestPhysAddr(p)), Some(PageState::Zero | PageState::Shared)))
-            .count() as u64
+    fn ram_end(&self) -> u64 {
+        self.mem.map().ram_ranges().last().map_or(0, |(gpa, size)| gpa.0 + size)
+    }
+    fn page_shared(&self, gpa: u64) -> bool {
+        matches!(self.mem.page_state(GuestPhysAddr(gpa)), Some(PageState::Zero | PageState::Shared))
     }
 }
 
@@ -124,7 +121,11 @@ impl<B: Backend> Vm<B> {
                 let ctx =
                     HcCtx { id: self.id, exits: &self.stats.exits, mem: &res.mem, page_ins: self.reclaim.swapped_in };
                 let r = hypercall::dispatch(g.rax, g.rdi, g.rsi, &ctx);
-                vcpu.gprs_mut().rax = r;
+                let g = vcpu.gprs_mut();
+                g.rax = r.rax;
+                if let Some((rdi, rsi)) = r.args {
+                    (g.rdi, g.rsi) = (rdi, rsi);
+                }
                 vcpu.skip_instruction();
                 Flow::Continue
             }
