@@ -126,6 +126,12 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             Value::Null
         }
     };
+    if st.out_of_memory > 0 {
+        text.push_str(&format!(
+            "\nout of frames: {} times since boot; {} VMs stopped when nothing could be reclaimed",
+            st.out_of_memory, st.oom_stopped
+        ));
+    }
     text.push_str("\n  ID  GUEST        MiB  PRESENT   ZERO  SHARED  SWAPPED  BALLOONED   TARGET  SWAP FILE (pages)");
     if live.is_empty() {
         text.push_str("\n  (no live VMs)");
@@ -140,6 +146,8 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             "bookkeeping_bytes": books,
             "vm_bookkeeping_bytes": vm_books,
             "bookkeeping_bytes_per_gib": books_per_gib,
+            "out_of_memory": st.out_of_memory,
+            "oom_stopped": st.oom_stopped,
         },
         "sharing": {
             "enabled": hm.sharing_enabled,

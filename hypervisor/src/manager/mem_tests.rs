@@ -314,3 +314,99 @@ fn mem_commands_report_and_refuse_bad_input_changing_nothing() {
 fn be(m: &mut Manager<MockBackend>) -> &mut MockBackend {
     m.backend.as_mut().unwrap()
 }
+
+/// Three VMs with their zero pages shared and the host's frames taken down
+/// to `spare` free ones; VM 1 then writes distinct data into pages until the
+/// host has none left (it grabbed them all). Returns the frames the test
+/// holds, to give back at the end.
+fn overcommitted(m: &mut Manager<MockBackend>, spare: usize) -> Vec<mm::HostPhysAddr> {
+    use mm::hal::FrameAlloc;
+    for _ in 0..3 {
+        m.run_vm("tiny", 4, "").unwrap();
+    }
+    // Share all there is to share: the first pass only finds the chances
+    // inside large pages, later ones break them up and share (the guests'
+    // identical images too) until nothing is left.
+    m.share_now(None).unwrap();
+    while m.share_now(None).unwrap().frames_freed > 0 {}
+    let mut eaten = Vec::new();
+    while let Some(f) = be(m).mem.alloc_frame() {
+        eaten.push(f);
+    }
+    for _ in 0..spare {
+        // SAFETY: just allocated above and not used.
+        unsafe { be(m).mem.free_frame(eaten.pop().unwrap()) };
+    }
+    let mut page = 1u64 << 20;
+    loop {
+        match fault(m, 1, page, MemAccess::Write) {
+            Flow::Continue => guest_write(m, 1, page, &unique(page)),
+            Flow::OutOfMemory => break,
+            other => panic!("VM 1's write at {page:#x}: {other:?}"),
+        }
+        page += 4096;
+    }
+    eaten
+}
+
+/// A page no other page equals (nothing to share).
+fn unique(page: u64) -> Vec<u8> {
+    let mut p = pattern(page);
+    p[..8].copy_from_slice(&page.to_le_bytes());
+    p
+}
+
+fn give_back(m: &mut Manager<MockBackend>, eaten: Vec<mm::HostPhysAddr>) {
+    use mm::hal::FrameAlloc;
+    for f in eaten {
+        // SAFETY: allocated by `overcommitted`, never used.
+        unsafe { be(m).mem.free_frame(f) };
+    }
+}
+
+/// The host is out of frames because VM 1 took them; VM 2 faults next. VM 2
+/// must not pay: with nothing to reclaim (no swap, no twins), VM 1 (furthest
+/// over its share) is stopped and VM 2's access goes through on retry.
+#[test]
+fn out_of_frames_stops_the_vm_over_its_share_not_the_one_that_faulted() {
+    let mut m = manager(8192);
+    let eaten = overcommitted(&mut m, 100);
+    assert_eq!(fault(&mut m, 2, 3 << 20, MemAccess::Write), Flow::OutOfMemory, "the host has no frame left");
+    assert!(m.get(2).unwrap().state.runnable(), "a VM that found no frame is not stopped by the fault");
+    let mut con = Lines::default();
+    m.relieve_memory_pressure(2, &mut con);
+    let stopped = &m.get(1).unwrap().state;
+    match stopped {
+        RunState::Stopped { reason } => {
+            assert!(reason.contains("ran out of memory") && reason.contains("beyond its share"), "{reason}")
+        }
+        other => panic!("VM 1 is {other:?}"),
+    }
+    assert!(m.get(1).unwrap().res.is_none(), "the stopped VM's memory was given back");
+    assert!(m.get(2).unwrap().state.runnable() && m.get(3).unwrap().state.runnable());
+    assert_eq!(fault(&mut m, 2, 3 << 20, MemAccess::Write), Flow::Continue, "VM 2's retried access goes through");
+    assert_eq!((m.host_mem.stats.out_of_memory, m.host_mem.stats.oom_stopped), (1, 1));
+    give_back(&mut m, eaten);
+}
+
+/// With swap, the VM over its share gives pages back instead of being
+/// stopped, and every VM goes on.
+#[test]
+fn out_of_frames_pages_out_the_vm_over_its_share_when_it_can() {
+    let mut m = manager(8192);
+    with_swap(&mut m, 16384);
+    let eaten = overcommitted(&mut m, 100);
+    let grabbed = m.get(1).unwrap().res.as_ref().unwrap().mem.state_counts().present;
+    assert_eq!(fault(&mut m, 3, 3 << 20, MemAccess::Write), Flow::OutOfMemory);
+    m.relieve_memory_pressure(3, &mut Lines::default());
+    assert!(m.vms.iter().all(|v| v.state.runnable()), "nobody is stopped when reclaim works");
+    let now = m.get(1).unwrap().res.as_ref().unwrap().mem.state_counts().present;
+    assert!(now < grabbed, "VM 1 gave pages back ({grabbed} -> {now})");
+    assert_eq!(m.get(3).unwrap().reclaim.swapped_out, 0, "the innocent VM kept its pages");
+    assert_eq!(fault(&mut m, 3, 3 << 20, MemAccess::Write), Flow::Continue);
+    // What VM 1 wrote is still there, paged back in on demand.
+    assert_eq!(fault(&mut m, 1, 1 << 20, MemAccess::Read), Flow::Continue);
+    assert_eq!(peek(&m, 1, 1 << 20, 4096).unwrap(), unique(1 << 20));
+    assert_eq!(m.host_mem.stats.oom_stopped, 0);
+    give_back(&mut m, eaten);
+}

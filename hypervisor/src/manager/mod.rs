@@ -257,7 +257,72 @@ impl<B: Backend> Manager<B> {
         if flow == Flow::Stop && vm.state.ended() {
             release(backend, &mut self.host_mem, vm);
         }
+        if flow == Flow::OutOfMemory {
+            let id = vm.id;
+            self.relieve_memory_pressure(id, console);
+        }
         true
+    }
+
+    /// A guest access of VM `faulting` found no free frame (it retries when
+    /// it runs next). Get frames back: a sharing pass over every VM, then
+    /// page-outs from the VMs over their entitlement, furthest over first.
+    /// If that frees nothing, stop the VM furthest over its entitlement
+    /// (the faulting one only if it is that VM, or no VM is over): the VM
+    /// that grabbed the frames pays, not the one that asked next.
+    pub fn relieve_memory_pressure(&mut self, faulting: u32, console: &mut impl Console) {
+        let Ok(backend) = self.backend.as_mut() else {
+            return;
+        };
+        let host = &mut self.host_mem;
+        host.stats.out_of_memory += 1;
+        let mut freed = 0;
+        for vm in self.vms.iter_mut() {
+            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            let r =
+                reclaim::share_step(mem, backend.mem(), host, reclaim::PRESSURE_SCAN_PAGES, usize::MAX, &mut |scope| {
+                    vcpu.flush_nested_tlb(scope)
+                });
+            // A first merge of two twins costs a frame for the shared copy.
+            freed += r.frames_freed.saturating_sub(r.promoted);
+        }
+        let claims: Vec<reclaim::Claim> = self
+            .vms
+            .iter()
+            .filter_map(|v| {
+                let mem = &v.res.as_ref()?.mem;
+                Some(reclaim::Claim {
+                    vm: v.id,
+                    configured: mem.pages(),
+                    private: mem.state_counts().present,
+                    target: v.reclaim.target,
+                })
+            })
+            .collect();
+        let over = reclaim::over_entitlement(&claims);
+        for &(id, pages) in &over {
+            let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else { continue };
+            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            freed += reclaim::page_out_some(id, mem, &mut vm.reclaim, pages, backend.mem(), host, &mut |scope| {
+                vcpu.flush_nested_tlb(scope)
+            });
+        }
+        if freed > 0 {
+            return;
+        }
+        let (victim, reason) = match over.first() {
+            Some(&(id, pages)) => (
+                id,
+                format!(
+                    "the host ran out of memory and nothing could be reclaimed; this VM held {pages} pages beyond its share"
+                ),
+            ),
+            None => (faulting, String::from("the host ran out of memory and nothing could be reclaimed")),
+        };
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == victim) else { return };
+        host.stats.oom_stopped += 1;
+        vm.end(RunState::Stopped { reason }, backend, console);
+        release(backend, host, vm);
     }
 
     /// Memory work between scheduling rounds: a background sharing step

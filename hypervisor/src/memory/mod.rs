@@ -41,6 +41,10 @@ pub struct HostMemStats {
     pub swapped_in: u64,
     /// Copy-on-write breaks (a guest wrote to a shared or zero page).
     pub cow_breaks: u64,
+    /// Times a guest access found no free frame.
+    pub out_of_memory: u64,
+    /// VMs stopped because frames ran out and nothing could be reclaimed.
+    pub oom_stopped: u64,
 }
 
 pub struct HostMemory {

@@ -42,6 +42,65 @@ pub struct VmReclaim {
     pub swapped_out: u64,
     pub swapped_in: u64,
     pub cow_breaks: u64,
+    /// Guest accesses that found the host out of frames.
+    pub out_of_memory: u64,
+}
+
+/// What a VM holds and may hold when the host runs out of frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub vm: u32,
+    /// Pages of RAM it was configured with.
+    pub configured: u64,
+    /// Private frames it holds (`Present` pages).
+    pub private: u64,
+    /// Its memory target, if the operator set one.
+    pub target: Option<u64>,
+}
+
+impl Claim {
+    /// Its entitlement when the VMs' `held` private frames are all there
+    /// is: a share of them in proportion to configured size (`total`
+    /// configured pages over all VMs), and no more than its target.
+    pub fn entitlement(&self, held: u64, total: u64) -> u64 {
+        let share = (u128::from(held) * u128::from(self.configured) / u128::from(total.max(1))) as u64;
+        self.target.map_or(share, |t| t.min(share))
+    }
+}
+
+/// The VMs holding more private frames than their entitlement, furthest
+/// over first, as `(vm, pages over)`. When frames run out these give memory
+/// back, and the first is stopped if nothing can be reclaimed: one VM that
+/// grabs frames must not get an innocent one stopped.
+pub fn over_entitlement(claims: &[Claim]) -> alloc::vec::Vec<(u32, u64)> {
+    let held: u64 = claims.iter().map(|c| c.private).sum();
+    let total: u64 = claims.iter().map(|c| c.configured).sum();
+    let mut over: alloc::vec::Vec<(u32, u64)> = claims
+        .iter()
+        .filter_map(|c| c.private.checked_sub(c.entitlement(held, total)).filter(|&n| n > 0).map(|n| (c.vm, n)))
+        .collect();
+    over.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    over
+}
+
+/// Pages one VM's sharing pass looks at when the host is out of frames
+/// (bounded: the faulting guest waits for it).
+pub const PRESSURE_SCAN_PAGES: usize = 16384;
+
+/// Page out up to `pages` private pages of VM `vm` by its clock (second
+/// chance as for targets), when the host needs frames back. Pages out.
+pub fn page_out_some<F: EntryFormat, A: ContiguousAlloc>(
+    vm: u32,
+    mem: &mut GuestMemory<F>,
+    policy: &mut VmReclaim,
+    pages: u64,
+    alloc: &mut A,
+    host: &mut HostMemory,
+    flush: &mut dyn FnMut(FlushScope),
+) -> u64 {
+    let target = mem.state_counts().present.saturating_sub(pages.min(MAX_SWAP_OUT_PER_ROUND));
+    let mut second_chances = 0;
+    page_out(vm, mem, policy, target, alloc, host, flush, &mut second_chances)
 }
 
 /// What one round did for one VM.
@@ -170,4 +229,33 @@ fn page_out<F: EntryFormat, A: ContiguousAlloc>(
     policy.swapped_out += swapped;
     stats.swapped_out += swapped;
     swapped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(vm: u32, configured: u64, private: u64, target: Option<u64>) -> Claim {
+        Claim { vm, configured, private, target }
+    }
+
+    #[test]
+    fn entitlement_is_a_share_by_size_capped_by_the_target() {
+        // 3000 frames held by VMs of 1000, 1000 and 2000 pages: shares of
+        // 750, 750 and 1500.
+        let claims = [claim(1, 1000, 1000, None), claim(2, 1000, 500, None), claim(3, 2000, 1500, Some(1200))];
+        assert_eq!(claims[0].entitlement(3000, 4000), 750);
+        assert_eq!(claims[2].entitlement(3000, 4000), 1200, "the target caps the share");
+        // VM 1 is 250 over, VM 3 300 over its target; VM 2 is under.
+        assert_eq!(over_entitlement(&claims), [(3, 300), (1, 250)]);
+    }
+
+    #[test]
+    fn nobody_over_and_no_vms_are_handled() {
+        assert_eq!(over_entitlement(&[claim(1, 100, 50, None), claim(2, 100, 50, None)]), []);
+        assert_eq!(over_entitlement(&[]), []);
+        assert_eq!(claim(1, 0, 0, None).entitlement(0, 0), 0);
+        // Huge numbers do not overflow the proportion.
+        assert_eq!(claim(1, u64::MAX / 2, 0, None).entitlement(u64::MAX, u64::MAX), u64::MAX / 2);
+    }
 }

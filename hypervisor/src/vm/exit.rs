@@ -32,6 +32,9 @@ pub enum Flow {
     Yield,
     /// The VM is no longer runnable (ended or halted for good).
     Stop,
+    /// The host had no frame for the VM's access: reclaim (or stop the VM
+    /// furthest over its share), then run it again to retry the access.
+    OutOfMemory,
 }
 
 struct HcCtx<'a, F: EntryFormat> {
@@ -257,6 +260,12 @@ impl<B: Backend> Vm<B> {
             }
             FaultOutcome::OutsideMemory | FaultOutcome::Mmio { .. } => self.fault_report(gpa, access, gva, backend),
             FaultOutcome::Poisoned => format!("machine check: guest-physical {gpa:#x} is poisoned"),
+            // Not this VM's doing as such: nothing changed, RIP still names
+            // the access, and the manager decides who gives memory back.
+            FaultOutcome::Failed(mm::Error::OutOfHostFrames | mm::Error::OutOfTableMemory) => {
+                self.reclaim.out_of_memory += 1;
+                return Flow::OutOfMemory;
+            }
             FaultOutcome::Failed(e) => {
                 format!("{} of guest-physical {gpa:#x} could not be resolved: {e}", access.as_str())
             }
