@@ -233,7 +233,7 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
         "\n  time slices used up: {}\n  unbacked port accesses: {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.unbacked_io,
-        vm.uart.bytes_out,
+        vm.devices.com1_bytes_out(),
         vm.overhead_bytes,
         vm.overhead_bytes.div_ceil(1024),
         vm.mem_bytes >> 20
@@ -263,7 +263,7 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
         o.insert("run_ticks".into(), json!(vm.stats.run_ticks));
         o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
         o.insert("slices_expired".into(), json!(vm.stats.slices_expired));
-        o.insert("uart_bytes_out".into(), json!(vm.uart.bytes_out));
+        o.insert("uart_bytes_out".into(), json!(vm.devices.com1_bytes_out()));
         o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));
         o.insert(
             "nested_pages".into(),

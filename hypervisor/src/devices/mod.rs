@@ -1,7 +1,23 @@
-//! Guest-facing device models reached through port I/O. Each model is plain
-//! logic over its registers, so it is tested on the host.
+//! Guest-facing device models. Each model is plain logic over its
+//! registers, so it is tested on the host, and implements [`Persist`] so
+//! its state can be saved, moved and restored.
+//!
+//! A VM's devices are a [`DeviceSet`]: the models, and a port-I/O [`Bus`]
+//! mapping port ranges to them (an MMIO bus joins it with the interrupt
+//! controllers). Dispatch is a `match` over [`Device`], not a vtable: the
+//! exit path stays statically dispatched, and adding a device means adding
+//! a variant, which the compiler then makes every `match` handle (save and
+//! restore included).
 
+pub mod bus;
+pub mod persist;
 pub mod uart;
+
+use alloc::vec::Vec;
+
+pub use bus::Bus;
+pub use persist::{Persist, RestoreError, SavedDevice};
+use uart::Uart;
 
 /// The debug-exit port: a write of V ends the VM with status (V << 1) | 1,
 /// like QEMU's `isa-debug-exit` device, so test kernels written for QEMU
@@ -18,6 +34,149 @@ pub enum PortEffect {
     Done(u32),
     /// The guest asked to end with this exit status.
     Exit(u32),
+    /// No device decodes the port: reads see all-ones, writes vanish.
+    Unbacked,
+}
+
+/// Every device model a VM can have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// A 16550A UART (COM1).
+    Uart(Uart),
+    /// QEMU's `isa-debug-exit`: a write ends the VM (no state).
+    DebugExit,
+}
+
+/// A VM's devices and where the guest reaches them.
+#[derive(Clone, Debug)]
+pub struct DeviceSet {
+    /// Each device with its stable name (the key in saved state).
+    devices: Vec<(&'static str, Device)>,
+    pio: Bus<usize>,
+}
+
+impl DeviceSet {
+    /// The legacy PC pieces every VM has today: COM1 at 0x3f8 and the
+    /// debug-exit port at 0xf4.
+    pub fn pc() -> Self {
+        let mut set = DeviceSet { devices: Vec::new(), pio: Bus::default() };
+        // Fixed, non-overlapping ranges: these inserts cannot fail.
+        let _ = set.add_pio("com1", COM1_BASE.into(), 8, Device::Uart(Uart::default()));
+        // QEMU's `isa-debug-exit,iosize=4`.
+        let _ = set.add_pio("debug-exit", EXIT_PORT.into(), 4, Device::DebugExit);
+        set
+    }
+
+    fn add_pio(&mut self, name: &'static str, base: u64, len: u64, device: Device) -> Result<(), bus::Conflict> {
+        self.pio.insert(base, len, self.devices.len())?;
+        self.devices.push((name, device));
+        Ok(())
+    }
+
+    /// COM1, whose output the console shows.
+    pub fn com1(&mut self) -> &mut Uart {
+        self.uart_ref_mut().expect("every device set has COM1")
+    }
+
+    fn uart_ref_mut(&mut self) -> Option<&mut Uart> {
+        self.devices.iter_mut().find_map(|(_, d)| match d {
+            Device::Uart(u) => Some(u),
+            _ => None,
+        })
+    }
+
+    /// COM1's counters, for reports.
+    pub fn com1_bytes_out(&self) -> u64 {
+        self.devices
+            .iter()
+            .find_map(|(_, d)| match d {
+                Device::Uart(u) => Some(u.bytes_out),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    /// A guest `in` of `size` bytes (1, 2 or 4) from `port`. Devices with
+    /// byte registers (the UART) answer per byte lane, as an 8-bit ISA
+    /// device does on a wider cycle: each byte of the access decodes on its
+    /// own, and lanes no device decodes read as all-ones.
+    pub fn pio_read(&mut self, port: u16, size: u8) -> PortEffect {
+        let mut value = 0u32;
+        let mut backed = false;
+        for lane in 0..size.min(4) {
+            let byte = match self.pio.find(u64::from(port) + u64::from(lane)) {
+                Some((i, offset)) => match &mut self.devices[i].1 {
+                    Device::Uart(u) => {
+                        backed = true;
+                        u.read(offset as u16)
+                    }
+                    Device::DebugExit => 0xff,
+                },
+                None => 0xff,
+            };
+            value |= u32::from(byte) << (8 * lane);
+        }
+        if backed { PortEffect::Done(value) } else { PortEffect::Unbacked }
+    }
+
+    /// A guest `out` of `size` bytes of `value` to `port` (byte lanes as for
+    /// [`Self::pio_read`]; the debug-exit port takes the whole value).
+    pub fn pio_write(&mut self, port: u16, size: u8, value: u32) -> PortEffect {
+        if let Some((i, _)) = self.pio.find(port.into())
+            && self.devices[i].1 == Device::DebugExit
+        {
+            return PortEffect::Exit(exit_status(value));
+        }
+        let mut backed = false;
+        for lane in 0..size.min(4) {
+            if let Some((i, offset)) = self.pio.find(u64::from(port) + u64::from(lane))
+                && let Device::Uart(u) = &mut self.devices[i].1
+            {
+                u.write(offset as u16, (value >> (8 * lane)) as u8);
+                backed = true;
+            }
+        }
+        if backed { PortEffect::Done(0) } else { PortEffect::Unbacked }
+    }
+
+    /// Every device's state.
+    pub fn save(&self) -> Vec<SavedDevice> {
+        self.devices
+            .iter()
+            .filter_map(|(name, d)| match d {
+                Device::Uart(u) => Some(persist::save(name, u)),
+                // Stateless: nothing to carry.
+                Device::DebugExit => None,
+            })
+            .collect()
+    }
+
+    /// Restore every device from `saved`: all of it is decoded and checked
+    /// first, then applied, so on error nothing changed.
+    pub fn restore(&mut self, saved: &[SavedDevice]) -> Result<(), RestoreError> {
+        for (k, s) in saved.iter().enumerate() {
+            if saved[..k].iter().any(|o| o.name == s.name) {
+                return Err(RestoreError::Duplicate(s.name.clone()));
+            }
+            if !self.devices.iter().any(|(name, d)| *name == s.name && !matches!(d, Device::DebugExit)) {
+                return Err(RestoreError::UnknownDevice(s.name.clone()));
+            }
+        }
+        let mut states = Vec::with_capacity(self.devices.len());
+        for (name, d) in &self.devices {
+            let find = || saved.iter().find(|s| s.name == *name).ok_or(RestoreError::MissingDevice(name));
+            match d {
+                Device::Uart(_) => states.push(Some(persist::decode::<Uart>(name, find()?)?)),
+                Device::DebugExit => states.push(None),
+            }
+        }
+        for ((_, d), state) in self.devices.iter_mut().zip(states) {
+            if let (Device::Uart(u), Some(s)) = (d, state) {
+                u.restore(s);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// All-ones for reads of ports no device decodes, as on a PC bus.
@@ -37,6 +196,49 @@ pub fn exit_status(value: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_reach_their_devices() {
+        let mut set = DeviceSet::pc();
+        set.pio_write(COM1_BASE + 7, 1, 0x5a);
+        assert_eq!(set.pio_read(COM1_BASE + 7, 1), PortEffect::Done(0x5a));
+        assert_eq!(set.pio_read(COM1_BASE + 7, 2), PortEffect::Done(0xff5a), "the lane past COM1 is unbacked");
+        // A 16-bit access reads two byte registers: LCR (3) and MCR (4).
+        set.pio_write(COM1_BASE + 3, 2, 0x0b03);
+        assert_eq!(set.pio_read(COM1_BASE + 3, 2), PortEffect::Done(0x0b03));
+        assert_eq!(set.pio_read(COM1_BASE - 1, 1), PortEffect::Unbacked);
+        assert_eq!(set.pio_write(EXIT_PORT, 1, 3), PortEffect::Exit(7));
+        assert_eq!(set.pio_read(EXIT_PORT, 1), PortEffect::Unbacked);
+        assert_eq!(set.pio_read(0x80, 1), PortEffect::Unbacked);
+        for b in b"hi\n" {
+            set.pio_write(COM1_BASE, 1, u32::from(*b));
+        }
+        assert_eq!(set.com1().take_lines(), ["hi"]);
+        assert_eq!(set.com1_bytes_out(), 3);
+    }
+
+    #[test]
+    fn a_restore_is_all_or_nothing() {
+        let mut a = DeviceSet::pc();
+        a.pio_write(COM1_BASE + 7, 1, 0x11);
+        let saved = a.save();
+        assert_eq!(saved.len(), 1, "the debug-exit port has no state");
+        let mut b = DeviceSet::pc();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.pio_read(COM1_BASE + 7, 1), PortEffect::Done(0x11));
+
+        let before = b.save();
+        let mut extra = saved.clone();
+        extra.push(SavedDevice { name: "rtc".into(), version: 1, bytes: alloc::vec![] });
+        assert_eq!(b.restore(&extra), Err(RestoreError::UnknownDevice("rtc".into())));
+        let twice = [saved[0].clone(), saved[0].clone()];
+        assert_eq!(b.restore(&twice), Err(RestoreError::Duplicate("com1".into())));
+        assert_eq!(b.restore(&[]), Err(RestoreError::MissingDevice("com1")));
+        let mut corrupt = saved.clone();
+        corrupt[0].bytes[0] ^= 0xff;
+        assert!(b.restore(&corrupt).is_err());
+        assert_eq!(b.save(), before, "a refused restore changed nothing");
+    }
 
     #[test]
     fn exit_status_follows_isa_debug_exit() {

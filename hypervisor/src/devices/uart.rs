@@ -6,6 +6,9 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+use super::persist::{Invalid, Persist};
 
 const LCR_DLAB: u8 = 0x80;
 const LSR_THRE: u8 = 0x20;
@@ -14,7 +17,10 @@ const MCR_LOOP: u8 = 0x10;
 /// Longest line kept before it is flushed anyway.
 pub const MAX_LINE: usize = 512;
 
-#[derive(Clone, Debug, Default)]
+/// Complete lines a saved state may hold before the console took them.
+const MAX_PENDING: usize = 256;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Uart {
     ier: u8,
     lcr: u8,
@@ -114,6 +120,34 @@ impl Uart {
     }
 }
 
+/// The UART's state is its registers and the output not yet shown: the
+/// runtime object is plain data already, so it is its own saved form.
+impl Persist for Uart {
+    type State = Uart;
+    const STATE_VERSION: u16 = 1;
+
+    fn save(&self) -> Uart {
+        self.clone()
+    }
+
+    fn validate(s: &Uart) -> Result<(), Invalid> {
+        if s.line.len() >= MAX_LINE {
+            return Err(Invalid("the partial output line is longer than the line limit"));
+        }
+        if s.pending.len() > MAX_PENDING || s.pending.iter().any(|l| l.len() > 4 * MAX_LINE) {
+            return Err(Invalid("more or longer pending output lines than the UART keeps"));
+        }
+        if s.ier & !0x0f != 0 || s.mcr & !0x1f != 0 {
+            return Err(Invalid("IER or MCR has bits a 16550 does not keep"));
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, state: Uart) {
+        *self = state;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +186,40 @@ mod tests {
         u.write(1, 0xff);
         assert_eq!(u.read(1), 0x0f, "IER keeps its defined bits");
         assert_eq!(u.read(2) & 1, 1, "no interrupt pending");
+    }
+
+    #[test]
+    fn state_round_trips_and_hostile_state_is_refused() {
+        use crate::devices::persist::{RestoreError, decode, save};
+        let mut u = Uart::default();
+        u.write(3, 0x03);
+        u.write(7, 0x42);
+        u.write(1, 0x05);
+        write_str(&mut u, "done\npart");
+        let saved = save("com1", &u);
+        let mut back = Uart::default();
+        back.restore(decode::<Uart>("com1", &saved).unwrap());
+        assert_eq!(back, u);
+        assert_eq!(back.take_lines(), ["done"]);
+        // The partial line carries on where it stopped.
+        write_str(&mut back, "ial\n");
+        assert_eq!(back.take_lines(), ["partial"]);
+
+        let mut bad = u.clone();
+        bad.mcr = 0xff;
+        let saved = save("com1", &bad);
+        assert_eq!(
+            decode::<Uart>("com1", &saved),
+            Err(RestoreError::Invalid { device: "com1", why: "IER or MCR has bits a 16550 does not keep" })
+        );
+        let mut saved = save("com1", &u);
+        saved.bytes.truncate(saved.bytes.len() - 1);
+        assert_eq!(decode::<Uart>("com1", &saved), Err(RestoreError::Corrupt { device: "com1" }));
+        let mut saved = save("com1", &u);
+        saved.bytes.push(0);
+        assert_eq!(decode::<Uart>("com1", &saved), Err(RestoreError::Corrupt { device: "com1" }), "trailing bytes");
+        saved.version = 2;
+        assert!(matches!(decode::<Uart>("com1", &saved), Err(RestoreError::Version { found: 2, expected: 1, .. })));
     }
 
     #[test]

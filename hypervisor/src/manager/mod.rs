@@ -171,7 +171,7 @@ impl<B: Backend> Manager<B> {
             cmdline: String::from(cmdline),
             state: RunState::Running,
             stats: VmStats { started_tsc: now, ..Default::default() },
-            uart: Default::default(),
+            devices: crate::devices::DeviceSet::pc(),
             msrs: Default::default(),
             overhead_bytes: overhead,
             nested_pages,

@@ -13,7 +13,7 @@ use mm::vm_memory::{AccessKind, FaultOutcome, PageState, StateCounts};
 use super::{Resources, RunState, Vm};
 use crate::backend::Backend;
 use crate::cpuid;
-use crate::devices::{self, COM1_BASE, EXIT_PORT};
+use crate::devices::{self, PortEffect};
 use crate::memory::{GuestMemory, HostMemory};
 use crate::{hypercall, msr};
 use mm::paging::EntryFormat;
@@ -184,28 +184,27 @@ impl<B: Backend> Vm<B> {
             _ => 0xffff_ffff,
         };
         let value = (vcpu.gprs().rax & mask) as u32;
-        let read = match io.port {
-            EXIT_PORT if io.write => {
+        let effect = if io.write {
+            self.devices.pio_write(io.port, io.size, value)
+        } else {
+            self.devices.pio_read(io.port, io.size)
+        };
+        let read = match effect {
+            PortEffect::Exit(status) => {
                 vcpu.skip_instruction();
-                let status = devices::exit_status(value);
                 self.end(RunState::Exited { status }, backend, console);
                 return Flow::Stop;
             }
-            p @ COM1_BASE..=0x3ff => {
-                let off = p - COM1_BASE;
-                if io.write {
-                    self.uart.write(off, value as u8);
-                    if self.uart.has_output() {
-                        for l in self.uart.take_lines() {
-                            console.line(&format!("[vm {}] {l}", self.id));
-                        }
+            PortEffect::Done(v) => {
+                let com1 = self.devices.com1();
+                if com1.has_output() {
+                    for l in com1.take_lines() {
+                        console.line(&format!("[vm {}] {l}", self.id));
                     }
-                    None
-                } else {
-                    Some(self.uart.read(off) as u32)
                 }
+                (!io.write).then_some(v)
             }
-            _ => {
+            PortEffect::Unbacked => {
                 self.stats.unbacked_io += 1;
                 (!io.write).then(|| devices::unbacked_read(io.size))
             }
@@ -307,8 +306,9 @@ impl<B: Backend> Vm<B> {
     /// Moves the VM to a final state and prints its end report. Resources
     /// are released by the manager.
     pub fn end(&mut self, state: RunState, backend: &mut B, console: &mut impl Console) {
-        self.uart.flush_partial();
-        for l in self.uart.take_lines() {
+        let com1 = self.devices.com1();
+        com1.flush_partial();
+        for l in com1.take_lines() {
             console.line(&format!("[vm {}] {l}", self.id));
         }
         self.state = state;

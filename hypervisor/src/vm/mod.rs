@@ -12,7 +12,7 @@ use mm::addr::GuestPhysAddr;
 use vcpu::{ExitKind, Vcpu};
 
 use crate::backend::Backend;
-use crate::devices::uart::Uart;
+use crate::devices::DeviceSet;
 use crate::memory::GuestMemory;
 use crate::memory::reclaim::VmReclaim;
 use crate::msr::MsrState;
@@ -96,7 +96,8 @@ pub struct Vm<B: Backend> {
     pub cmdline: String,
     pub state: RunState,
     pub stats: VmStats,
-    pub uart: Uart,
+    /// The guest's devices (COM1, the debug-exit port).
+    pub devices: DeviceSet,
     pub msrs: MsrState,
     /// Host memory the VM's control structures use, measured at start:
     /// VMCS/VMCB and vCPU state, nested page tables, RAM bookkeeping.
