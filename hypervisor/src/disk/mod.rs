@@ -6,6 +6,7 @@
 
 pub mod ata;
 pub mod classify;
+pub mod request;
 pub mod selfcheck;
 
 use alloc::format;
