@@ -145,13 +145,24 @@ pub fn create_scratch_disk(run_dir: &Path) -> Result<PathBuf> {
 }
 
 /// Starts `emu` on `disk` with COM1 connected to 127.0.0.1:`serial_port`
-/// (the caller listens there), and a fresh scratch disk: Bochs's ata0-slave
+/// (the caller listens there), and a scratch disk: Bochs's ata0-slave
 /// (its i440fx has no AHCI and QEMU's q35 no legacy IDE, so each gets the
-/// disk its hypervisor driver knows), QEMU's virtio-blk-pci. Logs go to
-/// `run_dir`.
-pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Result<Child> {
+/// disk its hypervisor driver knows), QEMU's virtio-blk-pci. The scratch
+/// disk is `scratch` if given (an existing raw image, used in place: the
+/// machine's writes reach the file; Bochs needs a whole number of 16 x 63
+/// cylinders), else a fresh one in `run_dir`. Logs go to `run_dir`.
+pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u16, run_dir: &Path) -> Result<Child> {
     std::fs::create_dir_all(run_dir)?;
-    let scratch = create_scratch_disk(run_dir)?;
+    let scratch = match scratch {
+        Some(p) => {
+            let meta = std::fs::metadata(p).with_context(|| format!("the scratch disk {}", p.display()))?;
+            if !meta.is_file() || meta.len() == 0 || !meta.len().is_multiple_of(512) {
+                bail!("the scratch disk {} must be a file of whole 512-byte blocks", p.display());
+            }
+            std::path::absolute(p)?
+        }
+        None => create_scratch_disk(run_dir)?,
+    };
     let log = |name: &str| -> Result<std::fs::File> { Ok(std::fs::File::create(run_dir.join(name))?) };
     let child = match emu {
         Emulator::Bochs | Emulator::BochsAmd => {
@@ -196,6 +207,8 @@ pub fn spawn(emu: Emulator, disk: &Path, serial_port: u16, run_dir: &Path) -> Re
                 // snapshot=on: writes go to a throwaway overlay, so several
                 // machines can boot one image at once (QEMU locks it otherwise).
                 .arg(format!("format=raw,file={},snapshot=on", disk.display()))
+                // No snapshot on the scratch disk: what the machine writes
+                // reaches the file, which tests then inspect.
                 .arg("-drive")
                 .arg(format!("if=none,id=scratch,format=raw,file={}", scratch.display()))
                 .args(["-device", "virtio-blk-pci,drive=scratch"])

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use boot::emulator::Emulator;
 use boot::image::{self, ImageOptions};
-use boot::session::Session;
+use boot::session::{Session, SessionOptions};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,6 +42,13 @@ enum Cmd {
         /// Keep the emulator's logs even when the run succeeds.
         #[arg(long)]
         keep_logs: bool,
+        /// Use this existing raw image as the scratch disk (in place: the
+        /// machine's writes reach it) instead of a fresh blank one. The
+        /// hypervisor takes only a blank disk or its own swap disk, and
+        /// refuses anything else without writing to it. Bochs needs a
+        /// whole number of cylinders (16 heads x 63 sectors x 512 bytes).
+        #[arg(long)]
+        scratch_disk: Option<PathBuf>,
     },
 }
 
@@ -59,7 +66,7 @@ fn real_main() -> Result<()> {
             println!("{}", img.disk.display());
             Ok(())
         }
-        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs } => {
+        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, scratch_disk } => {
             let steps = match &script {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
                 None => None,
@@ -80,7 +87,8 @@ fn real_main() -> Result<()> {
                 ..Default::default()
             })?;
             eprintln!("[boot] starting {} on {}", emu.name(), img.disk.display());
-            let mut session = Session::start(emu, &img.disk, "run", true)?;
+            let options = SessionOptions { scratch_disk };
+            let mut session = Session::start_with(emu, &img.disk, "run", true, &options)?;
             let driven = match &steps {
                 Some(steps) => session.run_steps(steps),
                 None => session.interactive(),

@@ -30,6 +30,14 @@ struct Shared {
 
 type Output = Arc<(Mutex<Shared>, Condvar)>;
 
+/// How a machine is set up beyond its boot disk.
+#[derive(Clone, Debug, Default)]
+pub struct SessionOptions {
+    /// An existing raw image to use as the scratch disk, in place, instead
+    /// of a fresh blank one in the run directory.
+    pub scratch_disk: Option<PathBuf>,
+}
+
 pub struct Session {
     pub emulator: Emulator,
     pub run_dir: PathBuf,
@@ -111,10 +119,21 @@ impl Session {
     /// Starts the emulator and waits for it to connect its serial port.
     /// With `echo`, console output is copied to stdout as it arrives.
     pub fn start(emu: Emulator, disk: &std::path::Path, name: &str, echo: bool) -> Result<Session> {
+        Self::start_with(emu, disk, name, echo, &SessionOptions::default())
+    }
+
+    /// [`start`](Self::start) with `options`.
+    pub fn start_with(
+        emu: Emulator,
+        disk: &std::path::Path,
+        name: &str,
+        echo: bool,
+        options: &SessionOptions,
+    ) -> Result<Session> {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the console socket")?;
         let port = listener.local_addr()?.port();
         let run_dir = emulator::new_run_dir(name, emu)?;
-        let mut child = emulator::spawn(emu, disk, port, &run_dir)?;
+        let mut child = emulator::spawn(emu, disk, options.scratch_disk.as_deref(), port, &run_dir)?;
         listener.set_nonblocking(true)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let stream = loop {

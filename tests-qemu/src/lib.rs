@@ -5,9 +5,9 @@
 
 use boot::emulator::Emulator;
 use boot::image::{self, Image, ImageOptions};
-use boot::session::{Outcome, Session};
+use boot::session::{Outcome, Session, SessionOptions};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -81,10 +81,23 @@ impl Machine {
         m
     }
 
+    /// Boots the test image with `scratch`, an existing raw image, as its
+    /// scratch disk (used in place, so the test can inspect it afterwards).
+    pub fn boot_with_scratch(emulator: Emulator, name: &str, scratch: &Path) -> Machine {
+        let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()) };
+        let m = Self::start_with(emulator, name, &[], &options);
+        m.wait_for(boot::session::READY, Duration::from_secs(120));
+        m
+    }
+
     /// Starts the emulator without waiting for the console.
     pub fn start(emulator: Emulator, name: &str, config: &[&str]) -> Machine {
+        Self::start_with(emulator, name, config, &SessionOptions::default())
+    }
+
+    fn start_with(emulator: Emulator, name: &str, config: &[&str], options: &SessionOptions) -> Machine {
         let img = image(config);
-        let session = Session::start(emulator, &img.disk, name, false).expect("starting the emulator");
+        let session = Session::start_with(emulator, &img.disk, name, false, options).expect("starting the emulator");
         eprintln!("[{name}] running on {} (logs: {})", emulator.name(), session.run_dir.display());
         Machine { session: Some(session), emulator, name: name.into(), boot_disk: img.disk }
     }

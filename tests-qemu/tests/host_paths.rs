@@ -3,10 +3,13 @@
 //! that it cannot run VMs and the console must still work; a CPU
 //! exception in the hypervisor itself. And the host's scratch disk (for
 //! swap) in both emulators: ATA PIO on Bochs's ata0-slave, virtio-blk on
-//! QEMU.
+//! QEMU; a scratch disk holding someone else's data is left untouched.
 
 use boot::emulator::Emulator;
-use tests_qemu::Machine;
+use std::time::{Duration, SystemTime};
+use tests_qemu::{Machine, label, on_both_backends};
+
+on_both_backends!(a_disk_with_other_data_is_refused_without_a_write);
 
 #[test]
 fn without_virtualization_the_console_works_and_says_why() {
@@ -99,4 +102,50 @@ fn qemu_uses_virtio_blk_as_its_scratch_disk() {
     assert!(t.contains(SELF_CHECK_OK), "{t}");
     assert_scratch_untouched(&m);
     m.poweroff();
+}
+
+/// A disk that is neither blank nor swap: every byte non-zero, with a
+/// FAT-style boot signature in block 0. Bochs wants whole cylinders: 8 of
+/// 16 x 63 sectors (8064 blocks).
+fn foreign_disk_bytes() -> Vec<u8> {
+    let mut d: Vec<u8> = (0..8 * boot::image::CYLINDER_BYTES as usize)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+        .collect();
+    d[3..11].copy_from_slice(b"MSDOS5.0");
+    d[510..512].copy_from_slice(&[0x55, 0xaa]);
+    d
+}
+
+fn a_disk_with_other_data_is_refused_without_a_write(emu: Emulator) {
+    let name = label(emu, "foreign-disk");
+    let dir = boot::target_dir().join("test-disks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{}.img", std::process::id()));
+    let bytes = foreign_disk_bytes();
+    std::fs::write(&path, &bytes).unwrap();
+    // An old modification time: any write that reaches the file, even one
+    // that puts back what was there, moves it.
+    let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+
+    let mut m = Machine::boot_with_scratch(emu, &name, &path);
+    let t = m.transcript();
+    let found = match emu {
+        Emulator::Bochs => "disk: ata0-slave, 8064 blocks (3.9 MiB)",
+        _ => "disk: virtio-blk 0000:00:",
+    };
+    assert!(t.contains(found), "the disk was not found:\n{t}");
+    let refused = "disk: refused without a write: block 0 has no swap superblock and block 0 holds data (not blank)";
+    assert!(t.contains(refused), "missing {refused:?} in:\n{t}");
+    assert!(!t.contains("self-check"), "the self-check ran on a foreign disk:\n{t}");
+    let mem = m.json("mem --json");
+    let missing = mem["swap_missing"].as_str().unwrap_or_else(|| panic!("swap attached: {mem}"));
+    assert!(missing.contains("refused without a write"), "{mem}");
+    m.poweroff();
+
+    let after = std::fs::read(&path).unwrap();
+    assert!(after == bytes, "the foreign disk's contents changed");
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    assert_eq!(modified, old, "something wrote to the foreign disk (its modification time moved)");
+    std::fs::remove_file(&path).unwrap();
 }

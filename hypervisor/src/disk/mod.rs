@@ -5,6 +5,8 @@
 //! checking a disk with a test pattern — is here, unit-tested on the host.
 
 pub mod ata;
+pub mod classify;
+pub mod request;
 pub mod selfcheck;
 
 use alloc::format;

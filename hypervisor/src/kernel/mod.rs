@@ -5,7 +5,6 @@ pub mod context;
 mod svm_backend;
 mod vmx_backend;
 
-use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -17,8 +16,8 @@ use hypervisor::disk::selfcheck;
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
 use hypervisor::memory::Swap;
+use hypervisor::memory::swap::AttachError;
 use hypervisor::vm::exit::Console;
-use mm::swap::BlockStore;
 
 use crate::platform;
 use hypervisor::backend::Backend;
@@ -123,29 +122,34 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
 }
 
-/// Probes for the scratch disk and checks it with a pattern at its end
-/// (restored afterwards); a disk that fails the check is not used. The disk
-/// and its description, or why there is none.
-fn open_disk() -> Result<(Box<dyn BlockStore + Send>, String), String> {
+/// Probes for the scratch disk and takes it over as the swap device
+/// (`Swap::attach`: classified first, refused without a write if it holds
+/// other data, else self-checked and formatted or reopened). The swap
+/// device, or why there is none.
+fn open_disk() -> Result<Swap, String> {
     let (disk, text) = platform::block::probe();
-    let Some(mut disk) = disk else {
+    let Some(disk) = disk else {
         log::info!("disk: none ({text})");
         return Err(format!("no disk: {text}"));
     };
     log::info!("disk: {text}");
-    let start = platform::time::micros();
-    match selfcheck::check(disk.as_mut()) {
-        Ok(first) => {
-            let us = platform::time::micros() - start;
+    match Swap::attach(disk, text.clone(), platform::time::micros) {
+        Ok(swap) => {
             log::info!(
-                "disk: self-check ok (write+read {} blocks) at block {first}, {us} us with save and restore",
-                selfcheck::CHECK_BLOCKS
+                "disk: self-check ok (write+read {} blocks) at block {}, {} us with save and restore",
+                selfcheck::CHECK_BLOCKS,
+                swap.check.first,
+                swap.check.micros
             );
-            Ok((disk, text))
+            Ok(swap)
         }
         Err(e) => {
-            log::error!("disk: SELF-CHECK FAILED: {e}; the disk will not be used");
-            Err(format!("{text}: failed its self-check: {e}"))
+            match e {
+                AttachError::SelfCheck(_) => log::error!("disk: SELF-CHECK FAILED: {e}; the disk will not be used"),
+                AttachError::Refused(_) => log::warn!("disk: {e}; the disk will not be used"),
+                _ => log::error!("disk: {e}; the disk will not be used"),
+            }
+            Err(format!("{text}: {e}"))
         }
     }
 }
@@ -196,7 +200,7 @@ fn serve<B: HostBackend>(
     config: &BootConfig,
     images: Vec<GuestImage>,
     cpu: &platform::cpu::CpuInfo,
-    disk: Result<(Box<dyn BlockStore + Send>, String), String>,
+    disk: Result<Swap, String>,
 ) -> ! {
     match &backend {
         Ok(b) => {
@@ -225,7 +229,7 @@ fn serve<B: HostBackend>(
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
     let mut manager = Manager::new(backend, images);
-    match disk.and_then(|(dev, text)| Swap::attach(dev, text)) {
+    match disk {
         Ok(swap) => {
             let st = swap.stats();
             log::info!("swap: {} ({:?}), {} page slots ({} MiB)", swap.device, swap.attached, st.slots, st.slots >> 8);

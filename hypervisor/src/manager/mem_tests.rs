@@ -44,7 +44,7 @@ impl BlockStore for SharedDisk {
 
 fn with_swap(m: &mut Manager<MockBackend>, blocks: u64) -> Rc<RefCell<MemBlockStore>> {
     let disk = Rc::new(RefCell::new(MemBlockStore::new(blocks)));
-    let swap = Swap::attach(Box::new(SharedDisk(disk.clone())), "simdisk".into()).unwrap();
+    let swap = Swap::attach(Box::new(SharedDisk(disk.clone())), "simdisk".into(), || 0).unwrap();
     m.host_mem.swap = Some(swap);
     disk
 }

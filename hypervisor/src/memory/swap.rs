@@ -1,19 +1,22 @@
 //! The host swap device: which disk becomes swap, and the one resource pool
 //! every VM's swap file reserves from.
 //!
-//! Taking a disk over is careful: a disk with a valid swap superblock is
-//! reopened (its old contents are stale by the epoch bump), a blank disk
-//! (block 0 all zeros, as a fresh scratch image) is formatted, and anything
-//! else is refused, so swap never writes over a disk holding other data.
+//! Taking a disk over is careful, and decided before anything is written:
+//! [`classify`] reads block 0 (and the blank zone after it); a disk with
+//! someone else's data is refused without a single write. Only a blank
+//! disk or our own swap device gets the self-check (which restores what it
+//! overwrote) and then a superblock: the blank one is formatted, the swap
+//! device reopened (its old contents are stale by the epoch bump).
 
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use mm::swap::format::Superblock;
-use mm::swap::{
-    BLOCK_SIZE, BlockStore, PoolId, PoolStats, ReservationStats, SuperblockRefusal, SwapFile, SwapReservation,
-    VmSwapSpec,
-};
+use core::fmt;
+
+use mm::swap::{BlockStore, PoolId, PoolStats, ReservationStats, SwapFile, SwapReservation, VmSwapSpec};
+
+use crate::disk::classify::{DiskKind, Foreign, classify};
+use crate::disk::selfcheck::{self, CheckError};
 
 /// The driver under swap (ATA PIO or virtio-blk, chosen at boot).
 pub type SwapDisk = Box<dyn BlockStore>;
@@ -27,30 +30,69 @@ pub enum Attached {
     Formatted,
 }
 
+/// Why a disk did not become the swap device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// Reading it to classify it failed; nothing was written.
+    Unreadable(mm::Error),
+    /// It holds someone else's data; nothing was written.
+    Refused(Foreign),
+    /// The boot-time self-check failed (the error says whether the old
+    /// contents were restored).
+    SelfCheck(CheckError),
+    /// Formatting or reopening failed.
+    Swap(mm::Error),
+}
+
+impl fmt::Display for AttachError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttachError::Unreadable(e) => write!(f, "cannot read it to see what it holds: {e}; nothing written"),
+            AttachError::Refused(why) => write!(f, "refused without a write: {why}"),
+            AttachError::SelfCheck(e) => write!(f, "failed its self-check: {e}"),
+            AttachError::Swap(e) => write!(f, "not used for swap: {e}"),
+        }
+    }
+}
+
+/// The boot-time self-check that preceded the take-over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelfCheck {
+    /// The first block it used.
+    pub first: u64,
+    /// How long it took, with save and restore (microseconds).
+    pub micros: u64,
+}
+
 pub struct Swap {
     res: SwapReservation<SwapDisk>,
     pool: PoolId,
     /// The driver's description of the disk.
     pub device: String,
     pub attached: Attached,
+    pub check: SelfCheck,
 }
 
 impl Swap {
-    /// Take `dev` over as the swap device (see the module documentation).
-    pub fn attach(mut dev: SwapDisk, device: String) -> Result<Swap, String> {
-        let blocks = dev.block_count();
-        let mut b0 = [0u8; BLOCK_SIZE];
-        dev.read(0, &mut b0).map_err(|e| format!("{device}: cannot read block 0: {e}"))?;
-        let (res, attached) = match Superblock::decode(&b0, blocks) {
-            Ok(_) => (SwapReservation::open(dev), Attached::Reopened),
-            Err(SuperblockRefusal::NoMagic) if b0.iter().all(|&b| b == 0) => {
-                (SwapReservation::format(dev), Attached::Formatted)
-            }
-            Err(why) => return Err(format!("{device}: not used for swap: {why}")),
+    /// Take `dev` over as the swap device (see the module documentation);
+    /// `now_us` times the self-check.
+    pub fn attach(mut dev: SwapDisk, device: String, now_us: fn() -> u64) -> Result<Swap, AttachError> {
+        // One classification decides both whether anything may be written
+        // and, after the check, whether to format or reopen.
+        let kind = classify(dev.as_mut()).map_err(AttachError::Unreadable)?;
+        if let DiskKind::Foreign(why) = kind {
+            return Err(AttachError::Refused(why));
+        }
+        let start = now_us();
+        let first = selfcheck::check(dev.as_mut()).map_err(AttachError::SelfCheck)?;
+        let check = SelfCheck { first, micros: now_us().wrapping_sub(start) };
+        let (res, attached) = match kind {
+            DiskKind::Swap(_) => (SwapReservation::open(dev), Attached::Reopened),
+            _ => (SwapReservation::format(dev), Attached::Formatted),
         };
-        let mut res = res.map_err(|e| format!("{device}: {e}"))?;
+        let mut res = res.map_err(AttachError::Swap)?;
         let pool = res.create_pool(0);
-        Ok(Swap { res, pool, device, attached })
+        Ok(Swap { res, pool, device, attached, check })
     }
 
     pub fn stats(&self) -> ReservationStats {
@@ -87,53 +129,180 @@ impl Swap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mm::swap::MemBlockStore;
+    use crate::disk::classify::BLANK_BLOCKS;
+    use crate::disk::selfcheck::{CHECK_BLOCKS, Fault};
+    use alloc::rc::Rc;
+    use alloc::vec::Vec;
+    use core::cell::RefCell;
+    use mm::swap::format::Superblock;
+    use mm::swap::{BLOCK_SIZE, MemBlockStore, SuperblockRefusal};
+
+    fn no_clock() -> u64 {
+        0
+    }
+
+    /// A disk the test keeps a handle on after handing it to `attach`.
+    #[derive(Clone)]
+    struct Shared(Rc<RefCell<MemBlockStore>>);
+    impl Shared {
+        fn new(d: MemBlockStore) -> Self {
+            Shared(Rc::new(RefCell::new(d)))
+        }
+        fn raw(&self) -> Vec<u8> {
+            self.0.borrow().raw().to_vec()
+        }
+    }
+    impl BlockStore for Shared {
+        fn block_count(&self) -> u64 {
+            self.0.borrow().block_count()
+        }
+        fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), mm::Error> {
+            self.0.borrow_mut().read(block, buf)
+        }
+        fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), mm::Error> {
+            self.0.borrow_mut().write(block, buf)
+        }
+        fn flush(&mut self) -> Result<(), mm::Error> {
+            self.0.borrow_mut().flush()
+        }
+    }
+
+    fn attach(d: &Shared) -> Result<Swap, AttachError> {
+        Swap::attach(Box::new(d.clone()), "mem0".into(), no_clock)
+    }
 
     #[test]
-    fn a_blank_disk_is_formatted_then_reopened() {
-        let s = Swap::attach(Box::new(MemBlockStore::new(4096)), "mem0".into()).unwrap();
+    fn a_blank_disk_is_checked_formatted_then_reopened() {
+        let s = Swap::attach(Box::new(MemBlockStore::new(4096)), "mem0".into(), no_clock).unwrap();
         assert_eq!(s.attached, Attached::Formatted);
+        assert_eq!(s.check.first, 4096 - CHECK_BLOCKS);
         assert!(s.stats().slots > 400, "{:?}", s.stats());
         // Hand the device back and attach again: the superblock is found.
         let dev = s.res.into_device();
-        let again = Swap::attach(dev, "mem0".into()).unwrap();
+        let again = Swap::attach(dev, "mem0".into(), no_clock).unwrap();
         assert_eq!(again.attached, Attached::Reopened);
     }
 
-    /// Counts writes that reach the device.
-    struct Watched(MemBlockStore, alloc::rc::Rc<core::cell::Cell<u64>>);
-    impl BlockStore for Watched {
-        fn block_count(&self) -> u64 {
-            self.0.block_count()
+    /// Disks holding someone else's data, as a whole-system test would
+    /// give them: every byte must survive the boot path.
+    fn foreign_disks() -> Vec<(&'static str, MemBlockStore)> {
+        let mut v = Vec::new();
+        let mut d = MemBlockStore::new(4096);
+        for (i, b) in d.raw_mut().iter_mut().enumerate() {
+            *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] | 1;
         }
-        fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), mm::Error> {
-            self.0.read(block, buf)
-        }
-        fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), mm::Error> {
-            self.1.set(self.1.get() + 1);
-            self.0.write(block, buf)
-        }
-        fn flush(&mut self) -> Result<(), mm::Error> {
-            self.0.flush()
-        }
+        v.push(("filled with a pattern", d));
+        let mut d = MemBlockStore::new(4096);
+        d.raw_mut()[0..4].copy_from_slice(b"\x7fELF");
+        v.push(("an ELF header in block 0", d));
+        // ext2: block 0 and 1 zero, the superblock's magic 0xef53 at 1080.
+        let mut d = MemBlockStore::new(4096);
+        d.raw_mut()[1080..1082].copy_from_slice(&[0x53, 0xef]);
+        v.push(("ext2, block 0 zero", d));
+        // Data only in the last blocks, where the self-check writes, and
+        // a non-blank block 0.
+        let mut d = MemBlockStore::new(4096);
+        d.raw_mut()[510..512].copy_from_slice(&[0x55, 0xaa]);
+        let n = d.raw().len();
+        d.raw_mut()[n - 512..].fill(0xee);
+        v.push(("a boot sector and a GPT backup", d));
+        // Another build's swap device (a damaged or resized superblock).
+        let mut d = MemBlockStore::new(4096);
+        let mut sb = Superblock::for_device(8192, 3).unwrap().encode();
+        d.raw_mut()[..BLOCK_SIZE].copy_from_slice(&sb);
+        v.push(("swap for another size", d));
+        sb[40] ^= 1;
+        let mut d = MemBlockStore::new(4096);
+        d.raw_mut()[..BLOCK_SIZE].copy_from_slice(&sb);
+        v.push(("damaged swap", d));
+        v
     }
 
     #[test]
-    fn a_disk_with_other_data_is_refused_without_a_write() {
+    fn a_foreign_disk_is_refused_and_not_one_byte_changes() {
+        for (what, d) in foreign_disks() {
+            let d = Shared::new(d);
+            let before = d.raw();
+            let e = attach(&d).err().unwrap_or_else(|| panic!("{what}: attached"));
+            assert!(matches!(e, AttachError::Refused(_)), "{what}: {e:?}");
+            assert!(e.to_string().starts_with("refused without a write: block 0 has "), "{what}: {e}");
+            let s = d.0.borrow().stats();
+            assert_eq!((s.writes, s.flushes), (0, 0), "{what}: written to");
+            assert!(d.raw() == before, "{what}: contents changed");
+        }
+        let e = attach(&Shared::new(foreign_disks().remove(2).1)).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "refused without a write: block 0 has no swap superblock and block 2 holds data (not blank)"
+        );
+        let e = attach(&Shared::new(foreign_disks().remove(5).1)).err().unwrap();
+        assert_eq!(e, AttachError::Refused(Foreign::Unusable(SuperblockRefusal::BadChecksum)));
+    }
+
+    #[test]
+    fn an_unreadable_disk_is_not_written() {
         let mut d = MemBlockStore::new(4096);
-        d.raw_mut()[0..4].copy_from_slice(b"\x7fELF");
-        let writes = alloc::rc::Rc::new(core::cell::Cell::new(0));
-        let e = Swap::attach(Box::new(Watched(d, writes.clone())), "mem0".into()).err().unwrap();
-        assert!(e.starts_with("mem0: not used for swap: block 0 has no swap superblock"), "{e}");
-        assert_eq!(writes.get(), 0);
-        // A blank one is written to (the superblock).
-        Swap::attach(Box::new(Watched(MemBlockStore::new(4096), writes.clone())), "mem1".into()).unwrap();
-        assert!(writes.get() > 0);
+        d.fail_next_reads(1);
+        let d = Shared::new(d);
+        let e = attach(&d).err().unwrap();
+        assert_eq!(e, AttachError::Unreadable(mm::Error::BlockIo { block: 0, write: false }));
+        assert_eq!(d.0.borrow().stats().writes, 0);
+    }
+
+    /// Our swap device from an earlier run, with data in the last slot
+    /// (where the self-check writes).
+    fn our_swap_disk() -> Shared {
+        let mut d = MemBlockStore::new(4096);
+        d.raw_mut()[..BLOCK_SIZE].copy_from_slice(&Superblock::for_device(4096, 1).unwrap().encode());
+        let n = d.raw().len();
+        for (i, b) in d.raw_mut()[n - CHECK_BLOCKS as usize * BLOCK_SIZE..].iter_mut().enumerate() {
+            *b = i as u8 ^ 0x5a;
+        }
+        Shared::new(d)
+    }
+
+    #[test]
+    fn a_failed_self_check_restores_the_disk_and_does_not_attach() {
+        // A lost pattern write (a mismatch), then a failed read-back: the
+        // disk is given up, with what it held put back.
+        let d = our_swap_disk();
+        let before = d.raw();
+        d.0.borrow_mut().lose_next_writes(1);
+        let e = attach(&d).err().unwrap();
+        assert!(matches!(e, AttachError::SelfCheck(CheckError::Failed(Fault::Mismatch { .. }))), "{e:?}");
+        assert!(d.raw() == before, "the mismatch left the pattern behind");
+
+        let d = our_swap_disk();
+        // Classification reads blocks 0 only (a superblock); the check's
+        // first read saves, the second is the read-back.
+        d.0.borrow_mut().fail_reads_after(2, 1);
+        let e = attach(&d).err().unwrap();
+        assert!(matches!(e, AttachError::SelfCheck(CheckError::Failed(Fault::ReadBack(_)))), "{e:?}");
+        assert!(d.raw() == before, "the failed read-back left the pattern behind");
+
+        // A restore that never lands: said loudly, and swap is not started.
+        let d = our_swap_disk();
+        d.0.borrow_mut().fail_writes_after(1, selfcheck::RESTORE_ATTEMPTS);
+        let e = attach(&d).err().unwrap();
+        assert!(e.to_string().contains("RESTORING THE OLD CONTENTS FAILED"), "{e}");
+        assert_eq!(d.raw()[..BLOCK_SIZE], before[..BLOCK_SIZE], "the superblock was rewritten");
+    }
+
+    #[test]
+    fn a_blank_disk_that_fails_its_check_is_not_formatted() {
+        let mut d = MemBlockStore::new(4096);
+        d.lose_next_writes(1);
+        let d = Shared::new(d);
+        let e = attach(&d).err().unwrap();
+        assert!(matches!(e, AttachError::SelfCheck(_)), "{e:?}");
+        assert!(d.raw().iter().all(|&b| b == 0), "a superblock or the pattern was written");
+        let blank = BLANK_BLOCKS.min(4096);
+        assert_eq!(d.0.borrow().stats().blocks_read, blank + 2 * CHECK_BLOCKS + CHECK_BLOCKS);
     }
 
     #[test]
     fn files_reserve_thickly_from_one_pool() {
-        let mut s = Swap::attach(Box::new(MemBlockStore::new(4096)), "mem0".into()).unwrap();
+        let mut s = Swap::attach(Box::new(MemBlockStore::new(4096)), "mem0".into(), no_clock).unwrap();
         let slots = s.stats().slots;
         s.add_vm(VmSwapSpec { vm: 1, configured_pages: slots, reserved_pages: 10 }).unwrap();
         assert_eq!(s.pool_stats().unwrap().size, slots - 10);

@@ -103,10 +103,37 @@ mod sim {
     pub struct MemBlockStore {
         data: Vec<u8>,
         stats: IoStats,
-        fail_writes: u32,
-        fail_reads: u32,
+        fail_writes: Injected,
+        fail_reads: Injected,
+        fail_flushes: Injected,
         fail_write_block: Option<u64>,
-        lose_writes: u32,
+        lose_writes: Injected,
+    }
+
+    /// One injected fault: let `skip` calls through, then hit `n`.
+    #[derive(Clone, Copy, Debug, Default)]
+    struct Injected {
+        skip: u32,
+        n: u32,
+    }
+
+    impl Injected {
+        fn new(skip: u32, n: u32) -> Self {
+            Self { skip, n }
+        }
+
+        /// Called once per call of the kind: does this one hit?
+        fn hit(&mut self) -> bool {
+            if self.n == 0 {
+                false
+            } else if self.skip > 0 {
+                self.skip -= 1;
+                false
+            } else {
+                self.n -= 1;
+                true
+            }
+        }
     }
 
     impl MemBlockStore {
@@ -115,10 +142,11 @@ mod sim {
             Self {
                 data: vec![0; blocks as usize * BLOCK_SIZE],
                 stats: IoStats::default(),
-                fail_writes: 0,
-                fail_reads: 0,
+                fail_writes: Injected::default(),
+                fail_reads: Injected::default(),
+                fail_flushes: Injected::default(),
                 fail_write_block: None,
-                lose_writes: 0,
+                lose_writes: Injected::default(),
             }
         }
 
@@ -152,7 +180,13 @@ mod sim {
 
         /// The next `n` writes fail with [`Error::BlockIo`] and change nothing.
         pub fn fail_next_writes(&mut self, n: u32) {
-            self.fail_writes = n;
+            self.fail_writes_after(0, n);
+        }
+
+        /// After `skip` more writes, `n` writes fail with
+        /// [`Error::BlockIo`] and change nothing.
+        pub fn fail_writes_after(&mut self, skip: u32, n: u32) {
+            self.fail_writes = Injected::new(skip, n);
         }
 
         /// The next write that touches `block` fails.
@@ -162,13 +196,29 @@ mod sim {
 
         /// The next `n` reads fail with [`Error::BlockIo`].
         pub fn fail_next_reads(&mut self, n: u32) {
-            self.fail_reads = n;
+            self.fail_reads_after(0, n);
+        }
+
+        /// After `skip` more reads, `n` reads fail with [`Error::BlockIo`].
+        pub fn fail_reads_after(&mut self, skip: u32, n: u32) {
+            self.fail_reads = Injected::new(skip, n);
+        }
+
+        /// The next `n` flushes fail with [`Error::BlockIo`].
+        pub fn fail_next_flushes(&mut self, n: u32) {
+            self.fail_flushes = Injected::new(0, n);
         }
 
         /// The next `n` writes report success but store nothing (a lying
         /// write cache or a misdirected write).
         pub fn lose_next_writes(&mut self, n: u32) {
-            self.lose_writes = n;
+            self.lose_writes_after(0, n);
+        }
+
+        /// After `skip` more writes (that do not fail by injection), `n`
+        /// writes report success but store nothing.
+        pub fn lose_writes_after(&mut self, skip: u32, n: u32) {
+            self.lose_writes = Injected::new(skip, n);
         }
 
         fn range(block: u64, n: u64) -> core::ops::Range<usize> {
@@ -184,8 +234,7 @@ mod sim {
 
         fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), Error> {
             let n = check_transfer(self.block_count(), block, buf.len())?;
-            if self.fail_reads > 0 {
-                self.fail_reads -= 1;
+            if self.fail_reads.hit() {
                 self.stats.injected_failures += 1;
                 return Err(Error::BlockIo { block, write: false });
             }
@@ -198,18 +247,16 @@ mod sim {
         fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), Error> {
             let n = check_transfer(self.block_count(), block, buf.len())?;
             let hits_bad = self.fail_write_block.is_some_and(|b| (block..block + n).contains(&b));
-            if self.fail_writes > 0 || hits_bad {
-                if hits_bad {
-                    self.fail_write_block = None;
-                } else {
-                    self.fail_writes -= 1;
-                }
+            if hits_bad {
+                self.fail_write_block = None;
+            }
+            // In order: a write that fails is not also lost (nor counted
+            // by the lost writes' `skip`).
+            if hits_bad || self.fail_writes.hit() {
                 self.stats.injected_failures += 1;
                 return Err(Error::BlockIo { block, write: true });
             }
-            if self.lose_writes > 0 {
-                self.lose_writes -= 1;
-            } else {
+            if !self.lose_writes.hit() {
                 self.data[Self::range(block, n)].copy_from_slice(buf);
             }
             self.stats.writes += 1;
@@ -218,6 +265,10 @@ mod sim {
         }
 
         fn flush(&mut self) -> Result<(), Error> {
+            if self.fail_flushes.hit() {
+                self.stats.injected_failures += 1;
+                return Err(Error::BlockIo { block: 0, write: true });
+            }
             self.stats.flushes += 1;
             Ok(())
         }

@@ -525,3 +525,32 @@ fn vm_memory_swaps_through_a_swap_file() {
     assert_eq!(r.remove_vm(1).unwrap(), 0);
     assert_eq!(sim.frames_in_use(), 0);
 }
+
+#[test]
+fn injected_faults_skip_then_hit() {
+    let mut d = MemBlockStore::new(4);
+    let one = [7u8; BLOCK_SIZE];
+    let mut buf = [0u8; BLOCK_SIZE];
+    // Reads: one through, then two fail, then through again.
+    d.fail_reads_after(1, 2);
+    assert!(d.read(0, &mut buf).is_ok());
+    assert_eq!(d.read(1, &mut buf), Err(Error::BlockIo { block: 1, write: false }));
+    assert_eq!(d.read(2, &mut buf), Err(Error::BlockIo { block: 2, write: false }));
+    assert!(d.read(3, &mut buf).is_ok());
+    // Writes: the second fails; the lost one counts only writes that did
+    // not fail, so it is the third.
+    d.fail_writes_after(1, 1);
+    d.lose_writes_after(1, 1);
+    assert!(d.write(0, &one).is_ok());
+    assert!(d.write(1, &one).is_err());
+    assert!(d.write(2, &one).is_ok());
+    assert!(d.write(3, &one).is_ok());
+    let raw = d.raw();
+    let block = |b: usize| &raw[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
+    assert_eq!((block(0)[0], block(1)[0], block(2)[0], block(3)[0]), (7, 0, 0, 7));
+    d.fail_next_flushes(1);
+    assert!(d.flush().is_err());
+    assert!(d.flush().is_ok());
+    let s = d.stats();
+    assert_eq!((s.reads, s.writes, s.flushes, s.injected_failures), (2, 3, 1, 4));
+}
