@@ -11,12 +11,14 @@
 
 pub mod bus;
 pub mod persist;
+pub mod rtc;
 pub mod uart;
 
 use alloc::vec::Vec;
 
 pub use bus::Bus;
 pub use persist::{Persist, RestoreError, SavedDevice};
+use rtc::Rtc;
 use uart::Uart;
 
 /// The debug-exit port: a write of V ends the VM with status (V << 1) | 1,
@@ -26,6 +28,9 @@ pub const EXIT_PORT: u16 = 0xf4;
 
 /// COM1's ports.
 pub const COM1_BASE: u16 = 0x3f8;
+
+/// The CMOS clock's index and data ports.
+pub const RTC_BASE: u16 = 0x70;
 
 /// What a port access did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +50,14 @@ pub enum Device {
     Uart(Uart),
     /// QEMU's `isa-debug-exit`: a write ends the VM (no state).
     DebugExit,
+    /// The CMOS clock and RAM.
+    Rtc(Rtc),
+}
+
+/// A device's state decoded and checked, waiting to be applied.
+enum Decoded {
+    Uart(<Uart as Persist>::State),
+    Rtc(<Rtc as Persist>::State),
 }
 
 /// A VM's devices and where the guest reaches them.
@@ -56,12 +69,15 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// The legacy PC pieces every VM has today: COM1 at 0x3f8 and the
-    /// debug-exit port at 0xf4.
-    pub fn pc() -> Self {
+    /// The legacy PC pieces every VM has today: COM1 at 0x3f8, the CMOS
+    /// clock at 0x70 (set from `host_epoch`, the host's Unix time at its
+    /// boot, and telling `ram_bytes` of RAM) and the debug-exit port at
+    /// 0xf4.
+    pub fn pc(host_epoch: u64, ram_bytes: u64) -> Self {
         let mut set = DeviceSet { devices: Vec::new(), pio: Bus::default() };
         // Fixed, non-overlapping ranges: these inserts cannot fail.
         let _ = set.add_pio("com1", COM1_BASE.into(), 8, Device::Uart(Uart::default()));
+        let _ = set.add_pio("rtc", RTC_BASE.into(), 2, Device::Rtc(Rtc::new(host_epoch, ram_bytes)));
         // QEMU's `isa-debug-exit,iosize=4`.
         let _ = set.add_pio("debug-exit", EXIT_PORT.into(), 4, Device::DebugExit);
         set
@@ -97,10 +113,11 @@ impl DeviceSet {
     }
 
     /// A guest `in` of `size` bytes (1, 2 or 4) from `port`. Devices with
-    /// byte registers (the UART) answer per byte lane, as an 8-bit ISA
-    /// device does on a wider cycle: each byte of the access decodes on its
-    /// own, and lanes no device decodes read as all-ones.
-    pub fn pio_read(&mut self, port: u16, size: u8) -> PortEffect {
+    /// byte registers (the UART, the RTC) answer per byte lane, as an 8-bit
+    /// ISA device does on a wider cycle: each byte of the access decodes on
+    /// its own, and lanes no device decodes read as all-ones. `now_ns` is
+    /// the VM's clock, asked only by devices that keep time.
+    pub fn pio_read(&mut self, port: u16, size: u8, now_ns: impl Fn() -> u64) -> PortEffect {
         let mut value = 0u32;
         let mut backed = false;
         for lane in 0..size.min(4) {
@@ -109,6 +126,10 @@ impl DeviceSet {
                     Device::Uart(u) => {
                         backed = true;
                         u.read(offset as u16)
+                    }
+                    Device::Rtc(r) => {
+                        backed = true;
+                        r.read(offset, now_ns())
                     }
                     Device::DebugExit => 0xff,
                 },
@@ -121,7 +142,7 @@ impl DeviceSet {
 
     /// A guest `out` of `size` bytes of `value` to `port` (byte lanes as for
     /// [`Self::pio_read`]; the debug-exit port takes the whole value).
-    pub fn pio_write(&mut self, port: u16, size: u8, value: u32) -> PortEffect {
+    pub fn pio_write(&mut self, port: u16, size: u8, value: u32, now_ns: impl Fn() -> u64) -> PortEffect {
         if let Some((i, _)) = self.pio.find(port.into())
             && self.devices[i].1 == Device::DebugExit
         {
@@ -129,12 +150,16 @@ impl DeviceSet {
         }
         let mut backed = false;
         for lane in 0..size.min(4) {
-            if let Some((i, offset)) = self.pio.find(u64::from(port) + u64::from(lane))
-                && let Device::Uart(u) = &mut self.devices[i].1
-            {
-                u.write(offset as u16, (value >> (8 * lane)) as u8);
-                backed = true;
+            let byte = (value >> (8 * lane)) as u8;
+            match self.pio.find(u64::from(port) + u64::from(lane)) {
+                Some((i, offset)) => match &mut self.devices[i].1 {
+                    Device::Uart(u) => u.write(offset as u16, byte),
+                    Device::Rtc(r) => r.write(offset, byte, now_ns()),
+                    Device::DebugExit => continue,
+                },
+                None => continue,
             }
+            backed = true;
         }
         if backed { PortEffect::Done(0) } else { PortEffect::Unbacked }
     }
@@ -145,6 +170,7 @@ impl DeviceSet {
             .iter()
             .filter_map(|(name, d)| match d {
                 Device::Uart(u) => Some(persist::save(name, u)),
+                Device::Rtc(r) => Some(persist::save(name, r)),
                 // Stateless: nothing to carry.
                 Device::DebugExit => None,
             })
@@ -165,14 +191,18 @@ impl DeviceSet {
         let mut states = Vec::with_capacity(self.devices.len());
         for (name, d) in &self.devices {
             let find = || saved.iter().find(|s| s.name == *name).ok_or(RestoreError::MissingDevice(name));
-            match d {
-                Device::Uart(_) => states.push(Some(persist::decode::<Uart>(name, find()?)?)),
-                Device::DebugExit => states.push(None),
-            }
+            states.push(match d {
+                Device::Uart(_) => Some(Decoded::Uart(persist::decode::<Uart>(name, find()?)?)),
+                Device::Rtc(_) => Some(Decoded::Rtc(persist::decode::<Rtc>(name, find()?)?)),
+                Device::DebugExit => None,
+            });
         }
         for ((_, d), state) in self.devices.iter_mut().zip(states) {
-            if let (Device::Uart(u), Some(s)) = (d, state) {
-                u.restore(s);
+            match (d, state) {
+                (Device::Uart(u), Some(Decoded::Uart(s))) => u.restore(s),
+                (Device::Rtc(r), Some(Decoded::Rtc(s))) => r.restore(s),
+                // Decoded above from this very list, so kinds match.
+                _ => {}
             }
         }
         Ok(())
@@ -199,38 +229,41 @@ mod tests {
 
     #[test]
     fn ports_reach_their_devices() {
-        let mut set = DeviceSet::pc();
-        set.pio_write(COM1_BASE + 7, 1, 0x5a);
-        assert_eq!(set.pio_read(COM1_BASE + 7, 1), PortEffect::Done(0x5a));
-        assert_eq!(set.pio_read(COM1_BASE + 7, 2), PortEffect::Done(0xff5a), "the lane past COM1 is unbacked");
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        set.pio_write(COM1_BASE + 7, 1, 0x5a, || 0);
+        assert_eq!(set.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x5a));
+        assert_eq!(set.pio_read(COM1_BASE + 7, 2, || 0), PortEffect::Done(0xff5a), "the lane past COM1 is unbacked");
         // A 16-bit access reads two byte registers: LCR (3) and MCR (4).
-        set.pio_write(COM1_BASE + 3, 2, 0x0b03);
-        assert_eq!(set.pio_read(COM1_BASE + 3, 2), PortEffect::Done(0x0b03));
-        assert_eq!(set.pio_read(COM1_BASE - 1, 1), PortEffect::Unbacked);
-        assert_eq!(set.pio_write(EXIT_PORT, 1, 3), PortEffect::Exit(7));
-        assert_eq!(set.pio_read(EXIT_PORT, 1), PortEffect::Unbacked);
-        assert_eq!(set.pio_read(0x80, 1), PortEffect::Unbacked);
+        set.pio_write(COM1_BASE + 3, 2, 0x0b03, || 0);
+        assert_eq!(set.pio_read(COM1_BASE + 3, 2, || 0), PortEffect::Done(0x0b03));
+        assert_eq!(set.pio_read(COM1_BASE - 1, 1, || 0), PortEffect::Unbacked);
+        assert_eq!(set.pio_write(EXIT_PORT, 1, 3, || 0), PortEffect::Exit(7));
+        assert_eq!(set.pio_read(EXIT_PORT, 1, || 0), PortEffect::Unbacked);
+        assert_eq!(set.pio_read(0x80, 1, || 0), PortEffect::Unbacked);
         for b in b"hi\n" {
-            set.pio_write(COM1_BASE, 1, u32::from(*b));
+            set.pio_write(COM1_BASE, 1, u32::from(*b), || 0);
         }
         assert_eq!(set.com1().take_lines(), ["hi"]);
         assert_eq!(set.com1_bytes_out(), 3);
+        // The RTC's seconds through 0x70/0x71, on the VM's clock.
+        set.pio_write(RTC_BASE, 1, 0x00, || 0);
+        assert_eq!(set.pio_read(RTC_BASE + 1, 1, || 42_000_000_000), PortEffect::Done(0x42));
     }
 
     #[test]
     fn a_restore_is_all_or_nothing() {
-        let mut a = DeviceSet::pc();
-        a.pio_write(COM1_BASE + 7, 1, 0x11);
+        let mut a = DeviceSet::pc(0, 16 << 20);
+        a.pio_write(COM1_BASE + 7, 1, 0x11, || 0);
         let saved = a.save();
-        assert_eq!(saved.len(), 1, "the debug-exit port has no state");
-        let mut b = DeviceSet::pc();
+        assert_eq!(saved.len(), 2, "COM1 and the RTC; the debug-exit port has no state");
+        let mut b = DeviceSet::pc(0, 16 << 20);
         b.restore(&saved).unwrap();
-        assert_eq!(b.pio_read(COM1_BASE + 7, 1), PortEffect::Done(0x11));
+        assert_eq!(b.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x11));
 
         let before = b.save();
         let mut extra = saved.clone();
-        extra.push(SavedDevice { name: "rtc".into(), version: 1, bytes: alloc::vec![] });
-        assert_eq!(b.restore(&extra), Err(RestoreError::UnknownDevice("rtc".into())));
+        extra.push(SavedDevice { name: "pit".into(), version: 1, bytes: alloc::vec![] });
+        assert_eq!(b.restore(&extra), Err(RestoreError::UnknownDevice("pit".into())));
         let twice = [saved[0].clone(), saved[0].clone()];
         assert_eq!(b.restore(&twice), Err(RestoreError::Duplicate("com1".into())));
         assert_eq!(b.restore(&[]), Err(RestoreError::MissingDevice("com1")));

@@ -229,6 +229,15 @@ fn serve<B: HostBackend>(
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
     let mut manager = Manager::new(backend, images);
+    // Guests' clocks start from the host's: its Unix time when the TSC
+    // (the backends' clock) was 0.
+    match platform::rtc::unix_time() {
+        Some(t) => {
+            manager.host_epoch = t.saturating_sub(platform::time::rdtsc() / platform::time::tsc_hz().max(1));
+            log::info!("rtc: host clock reads {t} (Unix seconds)");
+        }
+        None => log::warn!("rtc: the host clock is unreadable; guest clocks start at 1970"),
+    }
     match disk {
         Ok(swap) => {
             let st = swap.stats();

@@ -58,6 +58,9 @@ pub struct Manager<B: Backend> {
     pub slice_ticks: u64,
     /// Sharing, swap and reclaim, for all VMs.
     pub host_mem: HostMemory,
+    /// The host's Unix time when its clock (`Backend::now`) was 0: what
+    /// guests' real-time clocks start from.
+    pub host_epoch: u64,
 }
 
 impl<B: Backend> Manager<B> {
@@ -69,7 +72,7 @@ impl<B: Backend> Manager<B> {
             // (`run_vm` retries if this fails).
             let _ = host_mem.ensure_sharing(b.mem());
         }
-        Manager { backend, images, vms: Vec::new(), next_id: 1, cursor: 0, slice_ticks, host_mem }
+        Manager { backend, images, vms: Vec::new(), next_id: 1, cursor: 0, slice_ticks, host_mem, host_epoch: 0 }
     }
 
     pub fn get(&self, id: u32) -> Option<&Vm<B>> {
@@ -171,7 +174,7 @@ impl<B: Backend> Manager<B> {
             cmdline: String::from(cmdline),
             state: RunState::Running,
             stats: VmStats { started_tsc: now, ..Default::default() },
-            devices: crate::devices::DeviceSet::pc(),
+            devices: crate::devices::DeviceSet::pc(self.host_epoch, size),
             msrs: Default::default(),
             overhead_bytes: overhead,
             nested_pages,

@@ -13,5 +13,6 @@ pub mod memory;
 pub mod mmio;
 pub mod pci;
 pub mod power;
+pub mod rtc;
 pub mod serial;
 pub mod time;

@@ -23,6 +23,11 @@ pub trait Console {
     fn line(&mut self, text: &str);
 }
 
+/// Nanoseconds for `ticks` of a `hz` clock (no overflow for any input).
+pub fn ticks_to_ns(ticks: u64, hz: u64) -> u64 {
+    (u128::from(ticks) * 1_000_000_000 / u128::from(hz.max(1))).min(u128::from(u64::MAX)) as u64
+}
+
 /// What the scheduler does after an exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -184,10 +189,12 @@ impl<B: Backend> Vm<B> {
             _ => 0xffff_ffff,
         };
         let value = (vcpu.gprs().rax & mask) as u32;
+        // The VM's clock, for the devices that keep time (the RTC).
+        let now_ns = || ticks_to_ns(backend.now(), backend.tsc_hz());
         let effect = if io.write {
-            self.devices.pio_write(io.port, io.size, value)
+            self.devices.pio_write(io.port, io.size, value, now_ns)
         } else {
-            self.devices.pio_read(io.port, io.size)
+            self.devices.pio_read(io.port, io.size, now_ns)
         };
         let read = match effect {
             PortEffect::Exit(status) => {
