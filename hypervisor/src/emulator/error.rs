@@ -77,19 +77,19 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Error::PageFault { gva, error_code } => {
-                write!(f, "page fault at {gva:#x} (error code {error_code:#x})")
+                write!(f, "Page fault at {gva:#x} (error code {error_code:#x})")
             }
-            Error::InvalidOpcode => f.write_str("invalid instruction"),
-            Error::TooLong => f.write_str("instruction longer than 15 bytes"),
-            Error::NonCanonical { .. } => f.write_str("non-canonical address"),
-            Error::FetchFromMmio => f.write_str("instruction fetch from MMIO"),
-            Error::CodeNotInRam { gpa } => write!(f, "instruction bytes at {gpa:#x} are not in guest memory"),
-            Error::NotEmulated { .. } => f.write_str("instruction not emulated on MMIO"),
-            Error::UnsupportedOperand { .. } => f.write_str("operand not emulated on MMIO"),
-            Error::Locked => f.write_str("locked read-modify-write of MMIO"),
-            Error::NotTheFaultingAccess => f.write_str("instruction does not make the faulting MMIO access"),
+            Error::InvalidOpcode => f.write_str("Invalid instruction"),
+            Error::TooLong => f.write_str("Instruction longer than 15 bytes"),
+            Error::NonCanonical { .. } => f.write_str("Non-canonical address"),
+            Error::FetchFromMmio => f.write_str("Instruction fetch from MMIO"),
+            Error::CodeNotInRam { gpa } => write!(f, "Instruction bytes at {gpa:#x} are not in guest memory"),
+            Error::NotEmulated { .. } => f.write_str("Instruction not emulated on MMIO"),
+            Error::UnsupportedOperand { .. } => f.write_str("Operand not emulated on MMIO"),
+            Error::Locked => f.write_str("Locked read-modify-write of MMIO"),
+            Error::NotTheFaultingAccess => f.write_str("Instruction does not make the faulting MMIO access"),
             Error::SplitAccess { gva } => write!(f, "MMIO access at {gva:#x} crosses a page boundary"),
-            Error::NotRam { gpa } => write!(f, "string operand at {gpa:#x} is neither RAM nor the MMIO page"),
+            Error::NotRam { gpa } => write!(f, "String operand at {gpa:#x} is neither RAM nor the MMIO page"),
         }
     }
 }

@@ -19,13 +19,13 @@ use super::flags::{RF, STATUS, mask};
 use super::{Emulated, Error, MmioFault, Mode, PageFaultCode, Platform, Seg, emulate, page};
 
 /// Guest RAM: guest-physical [0, RAM_SIZE).
-pub const RAM_SIZE: u64 = 0x30000;
+pub const RAM_SIZE: u64 = 0x10000;
 /// A page of code (identity-mapped, like all RAM but `HOLE`).
-pub const CODE: u64 = 0x10000;
+pub const CODE: u64 = 0xa000;
 /// The page after `CODE`, left unmapped so fetches and accesses can fault.
-pub const HOLE: u64 = 0x11000;
-/// Data pages in RAM.
-pub const DATA: u64 = 0x20000;
+pub const HOLE: u64 = 0xb000;
+/// Four data pages in RAM, up to `RAM_SIZE`.
+pub const DATA: u64 = 0xc000;
 /// The device page in 32- and 64-bit modes, identity-mapped...
 pub const MMIO: u64 = 0xfebf_0000;
 /// ...and mapped a second time here (a linear address unlike the physical).
@@ -35,7 +35,20 @@ pub const MMIO_REAL: u64 = 0xa_0000;
 /// The pages the page-table builder allocates from (RAM below `TABLES_END`
 /// is not mapped).
 const TABLES: u64 = 0x1000;
-const TABLES_END: u64 = 0xa000;
+const TABLES_END: u64 = 0x9000;
+
+/// The device's registers at reset: a pattern, so that different registers
+/// read differently (built at compile time: the fuzz loop makes a mock per
+/// case).
+const DEVICE_PATTERN: [u8; 4096] = {
+    let mut a = [0u8; 4096];
+    let mut i = 0;
+    while i < 4096 {
+        a[i] = ((i as u32).wrapping_mul(0x9d) >> 1 ^ 0x5a) as u8;
+        i += 1;
+    }
+    a
+};
 
 /// One device access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +97,7 @@ impl Mock {
             paging: Paging::default(),
             ram: vec![0; RAM_SIZE as usize],
             device_gpa: if mode == Mode::Bits16 { MMIO_REAL } else { MMIO },
-            device: (0..4096u32).map(|i| (i.wrapping_mul(0x9d) ^ 0x5a) as u8).collect(),
+            device: DEVICE_PATTERN.to_vec(),
             log: Vec::new(),
             ram_written: 0,
             next_table: TABLES,
@@ -298,22 +311,19 @@ impl Platform for Mock {
     }
 }
 
-/// Takes bytes from the front of the fuzz input, zeros once it runs out.
+/// Takes fields from the front of the fuzz input, zeros once it runs out.
 struct Input<'a>(&'a [u8]);
 
 impl Input<'_> {
     fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
+        self.field(1) as u8
     }
 
-    fn u64(&mut self, bytes: usize) -> u64 {
-        (0..bytes).fold(0, |v, n| v | (u64::from(self.byte()) << (8 * n)))
+    /// `bytes` little-endian bytes (at most 8), always consumed whole.
+    fn field(&mut self, bytes: usize) -> u64 {
+        let (head, rest) = self.0.split_at(bytes.min(self.0.len()));
+        self.0 = rest;
+        head.iter().rev().fold(0, |v, &b| (v << 8) | u64::from(b))
     }
 }
 
@@ -324,12 +334,18 @@ pub enum Outcome {
     Refused(Error),
 }
 
+/// Bytes of fuzz input before the instruction bytes (see [`check`]).
+pub const HEADER: usize = 1 + 16 * 9 + 3 + 5 * 9 + 3 + 2;
+
 /// Runs one fuzz case and checks the emulator's promises; panics (the
 /// fuzzer's signal) if one is broken.
 ///
-/// Input: a mode byte, per register a kind byte (the device page, a small
-/// number, a RAM address or any value) and its operand, RFLAGS, the fault,
-/// where the code sits, then the instruction bytes.
+/// Input, fixed-size fields so the fuzzer's mutations stay in place: the
+/// mode; per register a kind (the device page, its alias, a small number,
+/// a RAM address, any value) and 8 bytes of operand; RFLAGS (3 bytes); per
+/// segment ES, SS, DS, FS, GS a base kind and 8 bytes; the faulting offset
+/// in the device page (2) and its direction (1); where the code sits (2);
+/// then up to 15 instruction bytes. `HEADER` is the length before them.
 ///
 /// Promises: no panic; on success the length is 1..=15, RIP moved by it
 /// (or, for an unfinished REP, not at all), only registers the instruction
@@ -345,36 +361,38 @@ pub fn check(data: &[u8]) -> Outcome {
     };
     let mut m = Mock::new(mode);
     let device = m.device_gva();
-    let alias = if mode == Mode::Bits16 { device } else { MMIO_ALIAS };
+    let alias = if mode == Mode::Bits16 { 0 } else { MMIO_ALIAS };
     for n in 0..16 {
-        let v = match input.byte() % 5 {
-            0 => device + input.u64(2) % 4096,
-            1 => alias + input.u64(1) * 8,
-            2 => input.u64(1),
-            3 => DATA + input.u64(2) % 0x2000,
-            _ => input.u64(8),
+        let kind = input.byte();
+        let operand = input.field(8);
+        let v = match kind % 5 {
+            0 => device + operand % 4096,
+            1 => alias + operand % 4096,
+            2 => operand & 0xff,
+            3 => DATA + operand % 0x2000,
+            _ => operand,
         };
         m.gprs.set(n, v);
     }
-    m.rflags = 2 | (input.u64(3) & (STATUS | super::flags::DF | super::flags::TF | RF));
+    m.rflags = 2 | (input.field(3) & (STATUS | super::flags::DF | super::flags::TF | RF));
     for seg in [Seg::Es, Seg::Ss, Seg::Ds, Seg::Fs, Seg::Gs] {
-        m.seg_base[seg as usize] = match input.byte() % 4 {
+        let kind = input.byte();
+        let operand = input.field(8);
+        m.seg_base[seg as usize] = match kind % 4 {
             0 => device,
             1 => DATA,
-            2 => input.u64(8),
+            2 => operand,
             _ => 0,
         };
     }
     let fault = MmioFault {
-        gpa: m.device_gpa + input.u64(2) % 4096,
+        gpa: m.device_gpa + input.field(2) % 4096,
         access: if input.byte() & 1 == 0 { MemAccess::Read } else { MemAccess::Write },
         gva: None,
     };
-    // Code at the start of its page, or up to 15 bytes before the hole.
-    let offset = match input.byte() % 4 {
-        0 => 4096 - 1 - u64::from(input.byte() % 15),
-        _ => 0,
-    };
+    // Code at the start of its page, or ending 1..15 bytes into the hole.
+    let place = input.field(2);
+    let offset = if place % 4 == 0 { 4096 - 1 - (place >> 8) % 15 } else { 0 };
     let code: Vec<u8> = input.0.iter().copied().take(15).collect();
     m.set_code(offset, &code);
     let (gprs, rip, rflags) = (m.gprs, m.rip, m.rflags);
@@ -393,7 +411,10 @@ pub fn check(data: &[u8]) -> Outcome {
         Ok(done) => {
             let len = u64::from(done.len);
             assert!((1..=15).contains(&len), "length {len}");
-            let decoded = Decoder::try_with_ip(mode.bits(), &code, rip, DecoderOptions::NONE).map(|mut d| d.decode());
+            // The bytes as the guest sees them (the input may be shorter).
+            let at = (CODE + offset) as usize;
+            let bytes = &m.ram[at..at + 15];
+            let decoded = Decoder::try_with_ip(mode.bits(), bytes, rip, DecoderOptions::NONE).map(|mut d| d.decode());
             let Ok(insn) = decoded else { panic!("emulated what does not decode") };
             assert_eq!(insn.len() as u64, len, "emulated length differs from a fresh decode");
             let string = (0..insn.op_count()).any(|n| super::exec::is_string_operand(insn.op_kind(n)));
