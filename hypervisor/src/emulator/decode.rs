@@ -51,8 +51,13 @@ pub fn fetch_and_decode<P: Platform>(p: &mut P, mode: Mode) -> Result<Instructio
         DecoderError::None => Ok(insn),
         DecoderError::NoMoreBytes => Err(beyond.unwrap_or(Error::TooLong)),
         _ if avail == MAX_LEN && too_long(mode, &buf) => Err(Error::TooLong),
+        _ if vector_extension(mode, &buf[..avail]) => Err(Error::VectorInstruction),
         _ => Err(Error::InvalidOpcode),
     }
+}
+
+pub fn warm_up() {
+    let _ = decode(Mode::Bits64, &[0x90], 0);
 }
 
 fn decode(mode: Mode, bytes: &[u8], rip: u64) -> (Instruction, DecoderError) {
@@ -84,4 +89,21 @@ fn too_long(mode: Mode, buf: &[u8; MAX_LEN]) -> bool {
     }
     let (_, err) = decode(mode, &buf[prefixes..], 0);
     err == DecoderError::NoMoreBytes
+}
+
+/// Whether bytes the decoder rejects start a VEX- or EVEX-encoded
+/// instruction. The decoder is built without those tables (they would add
+/// about 70 KB to the kernel, and no such instruction is emulated), so they
+/// are recognised here: the CPU ran one, which must not come back to the
+/// guest as #UD. The escape byte may follow segment and 67h prefixes only
+/// (66h, F2h, F3h, LOCK or REX before it are #UD); outside 64-bit mode
+/// C4h/C5h/62h are LES/LDS/BOUND unless the next byte has bits 7:6 set,
+/// which as a ModRM byte would name a register (SDM Vol. 2A 2.3.5; EVEX's
+/// first payload byte follows the same rule).
+fn vector_extension(mode: Mode, bytes: &[u8]) -> bool {
+    let prefixes = bytes.iter().take_while(|&&b| matches!(b, 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x67)).count();
+    match bytes.get(prefixes..) {
+        Some([0xc4 | 0xc5 | 0x62, next, ..]) => mode == Mode::Bits64 || next & 0xc0 == 0xc0,
+        _ => false,
+    }
 }

@@ -32,6 +32,8 @@ pub enum Error {
     CodeNotInRam { gpa: u64 },
     /// A valid instruction the emulator does not implement on MMIO.
     NotEmulated { mnemonic: Mnemonic },
+    /// A VEX- or EVEX-encoded (AVX) instruction: not decoded, not emulated.
+    VectorInstruction,
     /// An instruction it implements, with an operand it does not (a
     /// segment, control, vector or x87 register, an unusual memory size).
     UnsupportedOperand { mnemonic: Mnemonic },
@@ -64,6 +66,7 @@ impl Error {
             Error::FetchFromMmio
             | Error::CodeNotInRam { .. }
             | Error::NotEmulated { .. }
+            | Error::VectorInstruction
             | Error::UnsupportedOperand { .. }
             | Error::Locked
             | Error::NotTheFaultingAccess
@@ -85,6 +88,7 @@ impl fmt::Display for Error {
             Error::FetchFromMmio => f.write_str("Instruction fetch from MMIO"),
             Error::CodeNotInRam { gpa } => write!(f, "Instruction bytes at {gpa:#x} are not in guest memory"),
             Error::NotEmulated { .. } => f.write_str("Instruction not emulated on MMIO"),
+            Error::VectorInstruction => f.write_str("VEX or EVEX instruction not emulated on MMIO"),
             Error::UnsupportedOperand { .. } => f.write_str("Operand not emulated on MMIO"),
             Error::Locked => f.write_str("Locked read-modify-write of MMIO"),
             Error::NotTheFaultingAccess => f.write_str("Instruction does not make the faulting MMIO access"),

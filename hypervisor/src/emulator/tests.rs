@@ -813,7 +813,6 @@ fn instructions_and_operands_not_emulated() {
     let cases: &[(&[u8], Error)] = &[
         (&[0x0f, 0xaf, 0x08], Error::NotEmulated { mnemonic: Mnemonic::Imul }), // imul ecx, [rax]
         (&[0x66, 0x0f, 0x6f, 0x00], Error::NotEmulated { mnemonic: Mnemonic::Movdqa }), // movdqa xmm0, [rax]
-        (&[0xc5, 0xf9, 0x6f, 0x00], Error::NotEmulated { mnemonic: Mnemonic::Vmovdqa }), // vmovdqa xmm0, [rax]
         (&[0xd1, 0x20], Error::NotEmulated { mnemonic: Mnemonic::Shl }),        // shl dword [rax], 1
         (&[0x0f, 0xb1, 0x08], Error::NotEmulated { mnemonic: Mnemonic::Cmpxchg }),
         (&[0xa6], Error::NotEmulated { mnemonic: Mnemonic::Cmpsb }),
@@ -826,6 +825,26 @@ fn instructions_and_operands_not_emulated() {
         assert_eq!(e, *want, "{code:02x?}");
         assert_eq!(e.fault(), None, "{code:02x?}: stops the VM");
     }
+}
+
+#[test]
+fn vex_and_evex_instructions_stop_the_vm_rather_than_raise_ud() {
+    let mut m = mock64();
+    let vmovdqa = [0xc5, 0xf9, 0x6f, 0x00]; // vmovdqa xmm0, [rax]
+    let e = refuse(&mut m, &vmovdqa, on_read(DEV));
+    assert_eq!((e, e.fault()), (Error::VectorInstruction, None));
+    // vmovdqu ymm0, [rax] (3-byte VEX) behind a segment override.
+    assert_eq!(refuse(&mut m, &[0x3e, 0xc4, 0xe1, 0x7e, 0x6f, 0x00], on_read(DEV)), Error::VectorInstruction);
+    // vmovdqu32 zmm0, [rax] (EVEX).
+    assert_eq!(refuse(&mut m, &[0x62, 0xf1, 0x7e, 0x48, 0x6f, 0x00], on_read(DEV)), Error::VectorInstruction);
+    // VEX after 66h or REX is #UD on the CPU too.
+    assert_eq!(refuse(&mut m, &[0x66, 0xc5, 0xf9, 0x6f, 0x00], on_read(DEV)), Error::InvalidOpcode);
+    assert_eq!(refuse(&mut m, &[0x48, 0xc5, 0xf9, 0x6f, 0x00], on_read(DEV)), Error::InvalidOpcode);
+    // In 32-bit mode C5h with a memory ModRM is LDS, with bits 7:6 set VEX.
+    let mut m = Mock::new(Mode::Bits32);
+    m.gprs.rax = DEV;
+    assert_eq!(refuse(&mut m, &vmovdqa, on_read(DEV)), Error::VectorInstruction);
+    assert_eq!(refuse(&mut m, &[0xc5, 0x00], on_read(DEV)), Error::NotEmulated { mnemonic: Mnemonic::Lds });
 }
 
 #[test]
@@ -896,6 +915,7 @@ fn every_refusal_has_a_report() {
         Error::FetchFromMmio,
         Error::CodeNotInRam { gpa: 3 },
         Error::NotEmulated { mnemonic: Mnemonic::Imul },
+        Error::VectorInstruction,
         Error::UnsupportedOperand { mnemonic: Mnemonic::Mov },
         Error::Locked,
         Error::NotTheFaultingAccess,
@@ -907,4 +927,11 @@ fn every_refusal_has_a_report() {
         assert!(text.chars().next().is_some_and(|c| c.is_ascii_uppercase()), "{text}");
         assert!(!text.ends_with('.'), "{text}");
     }
+}
+
+#[test]
+fn warm_up_then_decode() {
+    warm_up();
+    let mut m = mock64();
+    run(&mut m, &[0x89, 0x18], on_write(DEV));
 }
