@@ -396,6 +396,11 @@ pub fn check(data: &[u8]) -> Outcome {
     let code: Vec<u8> = input.0.iter().copied().take(15).collect();
     m.set_code(offset, &code);
     let (gprs, rip, rflags) = (m.gprs, m.rip, m.rflags);
+    // The bytes as the guest sees them (the input may be shorter), kept
+    // before a string instruction can overwrite them.
+    let at = (CODE + offset) as usize;
+    let mut bytes = [0u8; 15];
+    bytes.copy_from_slice(&m.ram[at..at + 15]);
 
     let result = emulate(&mut m, &fault);
     match result {
@@ -411,10 +416,7 @@ pub fn check(data: &[u8]) -> Outcome {
         Ok(done) => {
             let len = u64::from(done.len);
             assert!((1..=15).contains(&len), "length {len}");
-            // The bytes as the guest sees them (the input may be shorter).
-            let at = (CODE + offset) as usize;
-            let bytes = &m.ram[at..at + 15];
-            let decoded = Decoder::try_with_ip(mode.bits(), bytes, rip, DecoderOptions::NONE).map(|mut d| d.decode());
+            let decoded = Decoder::try_with_ip(mode.bits(), &bytes, rip, DecoderOptions::NONE).map(|mut d| d.decode());
             let Ok(insn) = decoded else { panic!("emulated what does not decode") };
             assert_eq!(insn.len() as u64, len, "emulated length differs from a fresh decode");
             let string = (0..insn.op_count()).any(|n| super::exec::is_string_operand(insn.op_kind(n)));

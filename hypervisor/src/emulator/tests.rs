@@ -207,6 +207,23 @@ fn fuzz_check_holds_on_generated_instructions() {
     assert!(emulated > 10_000, "too few cases got through to the device: {emulated}");
 }
 
+/// The same, longer and seeded from the environment, for a manual run:
+/// `EMULATOR_FUZZ_CASES=5000000 EMULATOR_FUZZ_SEED=1 cargo test --release
+/// -p hypervisor --lib emulator::tests::fuzz_check_long -- --ignored`.
+#[test]
+#[ignore]
+fn fuzz_check_long() {
+    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let mut rng = Rng(env("EMULATOR_FUZZ_SEED", 1) | 1);
+    let mut emulated = 0u64;
+    for _ in 0..env("EMULATOR_FUZZ_CASES", 5_000_000) {
+        if let Outcome::Emulated(_) = check(&fuzz_input(&mut rng)) {
+            emulated += 1;
+        }
+    }
+    std::println!("emulated {emulated}");
+}
+
 #[test]
 fn fuzz_check_survives_short_and_empty_inputs() {
     let mut rng = Rng(7);
@@ -697,6 +714,20 @@ fn rep_movs_between_ram_and_the_device_both_ways() {
     m.gprs.rsi = MMIO + 0x40;
     run(&mut m, &[0xad], on_read(MMIO + 0x40));
     assert_eq!((m.gprs.rax, m.gprs.rsi), (0x1111_1111, MMIO + 0x44));
+}
+
+#[test]
+fn a_string_instruction_may_overwrite_its_own_bytes() {
+    // rep movsb from the device over the instruction itself (found by the
+    // fuzzer, which first blamed the emulator for it): it completes, as on
+    // the CPU, and the code page holds the device's bytes.
+    let mut m = mock64();
+    m.set_device(REG, 2, 0x9090);
+    m.gprs.rsi = DEV;
+    m.gprs.rdi = CODE;
+    m.gprs.rcx = 2;
+    run(&mut m, &[0xf3, 0xa4], on_read(DEV));
+    assert_eq!(m.ram[CODE as usize..CODE as usize + 2], [0x90, 0x90]);
 }
 
 #[test]
