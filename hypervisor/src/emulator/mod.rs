@@ -17,11 +17,12 @@
 //!
 //! 1. `emulate(&mut platform, &MmioFault { gpa, access, gva })`;
 //! 2. `Ok(done)`: the instruction ran (RIP advanced by its length) or, for a
-//!    REP string instruction, ran until it left the device page (RIP left on
-//!    it, so the guest re-executes it for the rest, as after an interrupt
-//!    between iterations). The handler then drops the interrupt shadow
-//!    (STI/MOV SS blocking ends with the instruction) and, if RFLAGS.TF was
-//!    set before, injects the single-step #DB (DR6.BS);
+//!    REP string instruction, ran until it left the device page or used up
+//!    its budget of iterations (`done.completed` false, RIP left on it, so
+//!    the guest re-executes it for the rest, as after an interrupt between
+//!    iterations). When it completed, the handler drops the interrupt
+//!    shadow (STI/MOV SS blocking ends with the instruction) and, if
+//!    RFLAGS.TF was set before, injects the single-step #DB (DR6.BS);
 //! 3. `Err(e)`: nothing changed. `e.fault()` is the exception hardware would
 //!    raise (inject it; for #PF also set CR2 to the address in the error),
 //!    or `None`: stop the VM with `e` as the report.
