@@ -10,6 +10,7 @@ pub mod boot_config;
 pub mod cpuid;
 pub mod devices;
 pub mod disk;
+pub mod emulator;
 pub mod frame_bitmap;
 pub mod hypercall;
 pub mod loader;
