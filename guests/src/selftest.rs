@@ -12,7 +12,7 @@ struct Checks {
 }
 
 impl Checks {
-    fn check(&mut self, name: &str, ok: bool, detail: core::fmt::Arguments) {
+    fn check(&mut self, name: impl core::fmt::Display, ok: bool, detail: core::fmt::Arguments) {
         self.run += 1;
         if ok {
             println!("selftest: ok   {name}");
@@ -129,8 +129,10 @@ pub fn run(boot: Boot) -> u32 {
     );
     let ud = crate::trap::probe(4, crate::io::vmxon_attempt);
     c.check("vmxon raises #UD", ud == Some(6), format_args!("fault {ud:?}"));
-    let ud = crate::trap::probe(3, crate::io::vmrun_attempt);
-    c.check("vmrun raises #UD", ud == Some(6), format_args!("fault {ud:?}"));
+    for name in crate::io::SVM_INSTRUCTIONS {
+        let ud = crate::trap::probe(3, || crate::io::svm_attempt(name));
+        c.check(format_args!("{name} raises #UD"), ud == Some(6), format_args!("fault {ud:?}"));
+    }
 
     let halts = hypercall(hc::STAT, hc::STAT_HLT, 0);
     crate::io::halt_once();

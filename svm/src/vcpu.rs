@@ -106,14 +106,8 @@ impl<M: PhysMem> SvmVcpu<M> {
             loaded: false,
         });
         let c = &mut v.vmcb;
-        c.write(ctl::INTERCEPT_MISC1, {
-            use misc1::*;
-            INTR | NMI | CPUID | INVD | HLT | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN
-        });
-        c.write(ctl::INTERCEPT_MISC2, {
-            use misc2::*;
-            VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU
-        });
+        c.write(ctl::INTERCEPT_MISC1, misc1::GUEST);
+        c.write(ctl::INTERCEPT_MISC2, misc2::GUEST);
         c.set_u64(ctl::IOPM_BASE_PA, cpu.io_map.0);
         c.set_u64(ctl::MSRPM_BASE_PA, cpu.msr_map.0);
         c.write(ctl::GUEST_ASID, asid);

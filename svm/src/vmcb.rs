@@ -74,10 +74,17 @@ pub mod misc1 {
     pub const CPUID: u32 = 1 << 18;
     pub const INVD: u32 = 1 << 22;
     pub const HLT: u32 = 1 << 24;
+    /// INVLPGA: the guest runs with EFER.SVME set (VMRUN requires it), so
+    /// without this intercept it could drop TLB entries of any ASID, the
+    /// host's included, and learn that SVM is there.
+    pub const INVLPGA: u32 = 1 << 26;
     pub const IOIO_PROT: u32 = 1 << 27;
     pub const MSR_PROT: u32 = 1 << 28;
     pub const TASK_SWITCH: u32 = 1 << 29;
     pub const SHUTDOWN: u32 = 1 << 31;
+
+    /// What every guest runs with.
+    pub const GUEST: u32 = INTR | NMI | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN;
 }
 
 /// Intercept bits of the second misc vector (offset 0x010).
@@ -95,6 +102,13 @@ pub mod misc2 {
     pub const MWAIT_ARMED: u32 = 1 << 12;
     pub const XSETBV: u32 = 1 << 13;
     pub const RDPRU: u32 = 1 << 14;
+
+    /// What every guest runs with: VMRUN must be intercepted (APM 15.5.1),
+    /// and with it every other SVM instruction, which the guest could run
+    /// because its EFER.SVME is set (APM 15.9); VMMCALL is the hypercall.
+    /// INVLPGA is in the first vector.
+    pub const GUEST: u32 =
+        VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU;
 }
 
 /// V_INTR_MASKING (offset 0x060 bit 24): the guest's RFLAGS.IF masks only
