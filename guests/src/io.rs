@@ -144,3 +144,19 @@ pub fn svm_attempt(name: &str) {
         }
     }
 }
+
+/// CR2, the linear address of the last page fault (SDM Vol. 3A 2.5).
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 at CPL 0 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Reads the byte at `addr` with a 2-byte instruction (`8a 07`, MOV AL,
+/// [RDI]), for `trap::probe` to resume after when it faults.
+pub fn touch(addr: u64) {
+    // SAFETY: the read has no effect but the page walk; an unmapped address
+    // raises #PF, which the caller catches with `trap::probe`.
+    unsafe { asm!("mov al, [rdi]", in("rdi") addr, out("al") _, options(nostack, readonly)) };
+}
