@@ -371,6 +371,7 @@ mod tests {
         let mut back = GuestState { gprs: s.gprs, ..Default::default() };
         v.store_state(&mut back);
         assert_eq!(back, s);
+        assert_eq!((v.u64(save::CR2), back.cr2), (0xdead_0000, 0xdead_0000), "CR2 in and out");
         // The hardware's view differs from the guest's only where it must.
         assert_ne!(v.u64(save::EFER) & EFER_SVME, 0, "VMRUN needs EFER.SVME");
         assert_eq!(v.read::<u8>(save::CPL), 3, "CPL follows SS.DPL");
@@ -383,6 +384,7 @@ mod tests {
         assert_eq!(save::RAX - 0x400, 0x1f8);
         assert_eq!(save::G_PAT - 0x400, 0x268);
         assert_eq!(save::CPL - 0x400, 0xcb);
+        assert_eq!(save::CR2 - 0x400, 0x240, "CR2: VMRUN loads it, #VMEXIT saves it");
         let mut p = page();
         // SAFETY: as above.
         let mut v = unsafe { Vmcb::new(p.0.as_mut_ptr()) };
