@@ -10,7 +10,7 @@ use std::process::Command;
 pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
 
 /// Guest binaries of the `guests` package that go into the ramdisk.
-pub const GUESTS: &[&str] = &["selftest", "selftest-mb", "escape", "crash", "exitbench", "memtest"];
+pub const GUESTS: &[&str] = &["selftest", "selftest-mb", "escape", "crash", "exitbench", "memtest", "cr2"];
 
 /// Settings baked into the image's `hypervisor.cfg`.
 #[derive(Clone, Debug, Default)]

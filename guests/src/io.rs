@@ -126,9 +126,44 @@ pub fn vmxon_attempt() {
     unsafe { asm!("vmxon [rax]", in("rax") &region, options(nostack)) };
 }
 
-/// VMRUN (3 bytes: 0f 01 d8): must raise #UD in a guest — undefined on
-/// Intel, intercepted and refused by the hypervisor on AMD.
-pub fn vmrun_attempt() {
-    // SAFETY: the instruction faults in the guest; RAX holds no real VMCB.
-    unsafe { asm!("vmrun rax", in("rax") 0u64, options(nostack)) };
+/// The SVM instructions a guest must not run, VMMCALL (the hypercall)
+/// aside: all 3 bytes, `0f 01 d8`..`0f 01 df` (APM Vol. 3). Each must raise
+/// #UD in a guest: undefined on Intel, intercepted and refused by the
+/// hypervisor on AMD, where the guest runs with EFER.SVME set underneath.
+pub const SVM_INSTRUCTIONS: [&str; 7] = ["vmrun", "vmload", "vmsave", "stgi", "clgi", "skinit", "invlpga"];
+
+/// Executes the SVM instruction `name` (one of [`SVM_INSTRUCTIONS`]).
+pub fn svm_attempt(name: &str) {
+    // SAFETY: each instruction faults in the guest (see above). Should one
+    // run anyway, its operands are harmless: RAX = 0 names no VMCB or save
+    // area the guest owns, and INVLPGA of address 0 in ASID 0 only drops a
+    // TLB entry. The test that follows reports it.
+    unsafe {
+        match name {
+            "vmrun" => asm!("vmrun rax", in("rax") 0u64, options(nostack)),
+            "vmload" => asm!("vmload rax", in("rax") 0u64, options(nostack)),
+            "vmsave" => asm!("vmsave rax", in("rax") 0u64, options(nostack)),
+            "stgi" => asm!("stgi", options(nostack)),
+            "clgi" => asm!("clgi", options(nostack)),
+            "skinit" => asm!("skinit eax", in("eax") 0u32, options(nostack)),
+            "invlpga" => asm!("invlpga rax, ecx", in("rax") 0u64, in("ecx") 0u32, options(nostack)),
+            _ => {}
+        }
+    }
+}
+
+/// CR2, the linear address of the last page fault (SDM Vol. 3A 2.5).
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 at CPL 0 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Reads the byte at `addr` with a 2-byte instruction (`8a 07`, MOV AL,
+/// [RDI]), for `trap::probe` to resume after when it faults.
+pub fn touch(addr: u64) {
+    // SAFETY: the read has no effect but the page walk; an unmapped address
+    // raises #PF, which the caller catches with `trap::probe`.
+    unsafe { asm!("mov al, [rdi]", in("rdi") addr, out("al") _, options(nostack, readonly)) };
 }

@@ -12,7 +12,7 @@ struct Checks {
 }
 
 impl Checks {
-    fn check(&mut self, name: &str, ok: bool, detail: core::fmt::Arguments) {
+    fn check(&mut self, name: impl core::fmt::Display, ok: bool, detail: core::fmt::Arguments) {
         self.run += 1;
         if ok {
             println!("selftest: ok   {name}");
@@ -129,8 +129,19 @@ pub fn run(boot: Boot) -> u32 {
     );
     let ud = crate::trap::probe(4, crate::io::vmxon_attempt);
     c.check("vmxon raises #UD", ud == Some(6), format_args!("fault {ud:?}"));
-    let ud = crate::trap::probe(3, crate::io::vmrun_attempt);
-    c.check("vmrun raises #UD", ud == Some(6), format_args!("fault {ud:?}"));
+    for name in crate::io::SVM_INSTRUCTIONS {
+        let ud = crate::trap::probe(3, || crate::io::svm_attempt(name));
+        c.check(format_args!("{name} raises #UD"), ud == Some(6), format_args!("fault {ud:?}"));
+    }
+
+    match remapped_code_page(start, len) {
+        Some((first, second)) => c.check(
+            "cpuid on a remapped code page",
+            first && second,
+            format_args!("page A returned right: {first}; page B ran the CMC after CPUID: {second}"),
+        ),
+        None => c.check("cpuid on a remapped code page", false, format_args!("no room at {start:#x} or 8 GiB mapped")),
+    }
 
     let halts = hypercall(hc::STAT, hc::STAT_HLT, 0);
     crate::io::halt_once();
@@ -147,6 +158,92 @@ pub fn run(boot: Boot) -> u32 {
         println!("selftest: FAIL ({} of {} checks failed)", c.failed, c.run);
         1
     }
+}
+
+/// Linear 8 GiB: PML4 entry 0, PDPT entry 8, beyond the 4 GiB either boot
+/// protocol's page tables map.
+const REMAP_LINEAR: u64 = 8 << 30;
+
+/// A CPUID on a code page the guest remaps with CR3 unchanged: it rewrites
+/// the page-table entry and runs INVLPG, neither of which exits. A
+/// hypervisor that finds instruction lengths by reading the code (AMD-V
+/// without next-RIP saving) must read the page the entry maps now.
+///
+/// Page A holds `66 0f a2 c3` (CPUID with an operand-size prefix, RET),
+/// page B `0f a2 f5 c3` (CPUID, CMC, RET), both at offset 0x100; the linear
+/// page maps A, runs, then maps B and runs again with CF clear. Measured
+/// through B, CPUID is 2 bytes and CMC sets CF; measured through a stale A
+/// it would be 3, skipping CMC straight to RET. Returns whether CPUID came
+/// back to the right place both times (A: RET reached; B: CF set), or None
+/// when the region is too small or 8 GiB is already mapped.
+fn remapped_code_page(start: u64, len: u64) -> Option<(bool, bool)> {
+    const P_W: u64 = 3;
+    if len < 4 * 4096 {
+        return None;
+    }
+    let (pd, pt, a, b) = (start, start + 0x1000, start + 0x2000, start + 0x3000);
+    let cr3: u64;
+    // SAFETY: reading CR3.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    let pml4 = cr3 & 0x000f_ffff_ffff_f000;
+    let w = |at: u64, v: u64| {
+        // SAFETY: page tables and the test region are identity-mapped guest
+        // RAM this program owns (the test region is unused by now).
+        unsafe { core::ptr::write_volatile(at as *mut u64, v) }
+    };
+    // SAFETY: as above; PML4 entry 0 exists in both boot protocols' tables.
+    let pdpt = unsafe { core::ptr::read_volatile(pml4 as *const u64) } & 0x000f_ffff_ffff_f000;
+    let slot = pdpt + 8 * (REMAP_LINEAR >> 30);
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(slot as *const u64) } != 0 {
+        return None;
+    }
+    for off in (0..0x4000).step_by(8) {
+        w(start + off, 0);
+    }
+    let code = |page: u64, bytes: &[u8]| {
+        for (i, &x) in bytes.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile((page + 0x100 + i as u64) as *mut u8, x) };
+        }
+    };
+    code(a, &[0x66, 0x0f, 0xa2, 0xc3]);
+    code(b, &[0x0f, 0xa2, 0xf5, 0xc3]);
+    w(pt, a | P_W);
+    w(pd, pt | P_W);
+    w(slot, pd | P_W);
+    let entry = REMAP_LINEAR + 0x100;
+    let run = || -> bool {
+        let cf: u8;
+        // SAFETY: calls the 4-byte routine just written at `entry`, mapped
+        // and executable; CPUID clobbers EAX, EBX (saved here), ECX, EDX.
+        unsafe {
+            core::arch::asm!(
+                "push rbx",
+                "clc",
+                "call {f}",
+                "setc {cf}",
+                "pop rbx",
+                f = in(reg) entry,
+                cf = out(reg_byte) cf,
+                inout("eax") 0u32 => _,
+                inout("ecx") 0u32 => _,
+                out("edx") _,
+            )
+        };
+        cf != 0
+    };
+    let invlpg = || {
+        // SAFETY: drops this guest's TLB entry for the test page.
+        unsafe { core::arch::asm!("invlpg [{}]", in(reg) REMAP_LINEAR, options(nostack, preserves_flags)) }
+    };
+    let first = !run(); // RET reached, no CMC on page A
+    w(pt, b | P_W);
+    invlpg();
+    let second = run();
+    w(slot, 0);
+    invlpg();
+    Some((first, second))
 }
 
 /// Up to 8 MiB of RAM from 2 MiB, above the image, its stack and page

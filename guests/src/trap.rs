@@ -1,6 +1,6 @@
 //! A minimal IDT so a test can run an instruction that should fault (#UD,
-//! #GP) and observe the fault instead of dying: `probe` arms a handler that
-//! records the vector and resumes after the faulting instruction, whose
+//! #GP, #PF) and observe the fault instead of dying: `probe` arms a handler
+//! that records the vector and resumes after the faulting instruction, whose
 //! length the caller gives.
 
 use core::arch::{asm, global_asm};
@@ -13,13 +13,18 @@ static PROBE_LEN: AtomicU64 = AtomicU64::new(0);
 #[unsafe(no_mangle)]
 static PROBE_VECTOR: AtomicU64 = AtomicU64::new(u64::MAX);
 
-// Handlers: with an error code (#GP) drop it first; then, if probing, record
+// Handlers: with an error code (#GP, #PF) drop it first; then, if probing, record
 // the vector, move the saved RIP past the instruction and return; otherwise
 // report the unexpected fault through the exit port (status 0xff).
 global_asm!(
     ".global trap_ud",
     "trap_ud:",
     "    push 6",
+    "    jmp 2f",
+    ".global trap_pf",
+    "trap_pf:",
+    "    add rsp, 8",
+    "    push 14",
     "    jmp 2f",
     ".global trap_gp",
     "trap_gp:",
@@ -44,6 +49,7 @@ global_asm!(
 unsafe extern "C" {
     fn trap_ud();
     fn trap_gp();
+    fn trap_pf();
 }
 
 #[repr(C, align(16))]
@@ -63,7 +69,7 @@ fn gate(handler: u64, cs: u16) -> (u64, u64) {
     (lo, handler >> 32)
 }
 
-/// Installs handlers for #UD and #GP.
+/// Installs handlers for #UD, #GP and #PF.
 pub fn install() {
     let cs: u16;
     // SAFETY: reading CS.
@@ -72,7 +78,11 @@ pub fn install() {
     // it is loaded.
     unsafe {
         let idt = &mut *core::ptr::addr_of_mut!(IDT);
-        for (vector, handler) in [(6usize, trap_ud as *const () as u64), (13, trap_gp as *const () as u64)] {
+        for (vector, handler) in [
+            (6usize, trap_ud as *const () as u64),
+            (13, trap_gp as *const () as u64),
+            (14, trap_pf as *const () as u64),
+        ] {
             let (lo, hi) = gate(handler, cs);
             idt.0[vector * 2] = lo;
             idt.0[vector * 2 + 1] = hi;

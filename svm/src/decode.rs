@@ -76,7 +76,7 @@ pub fn decode(code: u64, info1: u64, info2: u64, rax: u64, rcx: u64, rdx: u64) -
         NMI => Decoded::Nmi,
         SHUTDOWN => Decoded::Shutdown,
         INVALID => Decoded::Invalid,
-        VMRUN | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU => {
+        VMRUN | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | INVLPGA | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU => {
             Decoded::InjectUd
         }
         INVD => Decoded::SkipOnly(Opcode::Invd),
@@ -144,8 +144,31 @@ mod tests {
     }
 
     #[test]
+    fn every_svm_instruction_but_vmmcall_is_intercepted_and_refused() {
+        use crate::vmcb::{misc1, misc2};
+        // (intercept vector, bit, #VMEXIT code), APM Vol. 2 table B-1 and
+        // appendix C.
+        let svm = [
+            (2, misc2::VMRUN, VMRUN),
+            (2, misc2::VMLOAD, VMLOAD),
+            (2, misc2::VMSAVE, VMSAVE),
+            (2, misc2::STGI, STGI),
+            (2, misc2::CLGI, CLGI),
+            (2, misc2::SKINIT, SKINIT),
+            (1, misc1::INVLPGA, INVLPGA),
+        ];
+        for (vector, bit, code) in svm {
+            let on = if vector == 1 { misc1::GUEST } else { misc2::GUEST };
+            assert_ne!(on & bit, 0, "{} is not intercepted", exit_code(code));
+            assert_eq!(decode(code, 0, 0, 0, 0, 0), Decoded::InjectUd, "{}", exit_code(code));
+        }
+        assert_eq!(misc1::INVLPGA, 1 << 26, "vector 3 (offset 0x0c) bit 26");
+        assert_ne!(misc2::GUEST & misc2::VMMCALL, 0, "the hypercall exits");
+    }
+
+    #[test]
     fn svm_instructions_are_undefined_for_guests() {
-        for code in [VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, XSETBV] {
+        for code in [VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, INVLPGA, XSETBV] {
             assert_eq!(decode(code, 0, 0, 0, 0, 0), Decoded::InjectUd, "{}", exit_code(code));
         }
         assert_eq!(decode(SHUTDOWN, 0, 0, 0, 0, 0), Decoded::Shutdown);

@@ -2,8 +2,8 @@
 //! has none): the backend reads the bytes at the guest's RIP and measures
 //! the one instruction the exit names — prefixes, then its known opcode —
 //! instead of running a general instruction decoder. Bytes that are not
-//! that instruction (the guest rewrote its code, or a stale cached
-//! translation) give `None`, and the caller reads them again uncached.
+//! that instruction give `None`, and the caller falls back to the bare
+//! opcode's length. `code` reads the bytes.
 
 /// The intercepted instructions whose length the backend must find.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 //!
 //! Host-testable logic (the VMCB layout, exit decoding, the VMRUN
 //! consistency checks, instruction-length decoding for CPUs without
-//! next-RIP saving) is separate from the thin hardware layer (`hw`, `entry`,
-//! `cpu`, `vcpu`).
+//! next-RIP saving and the code reads it needs) is separate from the thin
+//! hardware layer (`hw`, `entry`, `cpu`, `vcpu`).
 //!
 //! The `x86` crate knows neither the VMCB layout nor the SVM instructions,
 //! so both are written here from AMD's manual (APM Vol. 2, chapter 15 and
@@ -14,6 +14,7 @@
 extern crate alloc;
 
 pub mod checks;
+pub mod code;
 pub mod cpu;
 pub mod decode;
 pub mod entry;

@@ -3,6 +3,7 @@
 pub const CPUID: u64 = 0x72;
 pub const INVD: u64 = 0x76;
 pub const HLT: u64 = 0x78;
+pub const INVLPGA: u64 = 0x7a;
 pub const IOIO: u64 = 0x7b;
 pub const MSR: u64 = 0x7c;
 pub const TASK_SWITCH: u64 = 0x7d;
@@ -50,7 +51,7 @@ pub fn exit_code(code: u64) -> &'static str {
         0x77 => "PAUSE",
         HLT => "HLT",
         0x79 => "INVLPG",
-        0x7a => "INVLPGA",
+        INVLPGA => "INVLPGA",
         IOIO => "I/O",
         MSR => "MSR",
         TASK_SWITCH => "task switch",

@@ -9,13 +9,13 @@ use mm::addr::HostPhysAddr;
 use mm::hal::{FrameAlloc, PhysMem};
 use mm::paging::FlushScope;
 use vcpu::state::bits::*;
-use vcpu::walk::{self, Paging};
 use vcpu::{Error, Event, ExitKind, Gprs, GuestState, VmExit};
 
 use crate::checks::{ControlContext, check_guest_state};
+use crate::code::CodeReader;
 use crate::cpu::SvmCpu;
 use crate::decode::{self, Decoded};
-use crate::fetch::{self, Opcode};
+use crate::fetch::Opcode;
 use crate::vmcb::{self, Vmcb, ctl, misc1, misc2, save};
 use crate::{entry, hw, names};
 
@@ -56,12 +56,8 @@ pub struct SvmVcpu<M: PhysMem> {
     skip: Skip,
     deadline: u64,
     arm_timer: crate::cpu::ArmTimer,
-    /// Last code page translated: (guest CR3, linear page, host page).
-    code_page: Option<(u64, u64, u64)>,
-    /// Skips whose bytes could not be read or matched (architectural
-    /// length used instead).
-    pub skip_fallbacks: u64,
-    mem: M,
+    /// The guest's code bytes, for instruction lengths without NRIPS.
+    code: CodeReader<M>,
     fx: Box<FxArea>,
     loaded: bool,
 }
@@ -99,21 +95,13 @@ impl<M: PhysMem> SvmVcpu<M> {
             skip: Skip::None,
             deadline: u64::MAX,
             arm_timer: cpu.arm_timer,
-            code_page: None,
-            skip_fallbacks: 0,
-            mem,
+            code: CodeReader::new(mem),
             fx: Box::new(FxArea::reset()),
             loaded: false,
         });
         let c = &mut v.vmcb;
-        c.write(ctl::INTERCEPT_MISC1, {
-            use misc1::*;
-            INTR | NMI | CPUID | INVD | HLT | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN
-        });
-        c.write(ctl::INTERCEPT_MISC2, {
-            use misc2::*;
-            VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU
-        });
+        c.write(ctl::INTERCEPT_MISC1, misc1::GUEST);
+        c.write(ctl::INTERCEPT_MISC2, misc2::GUEST);
         c.set_u64(ctl::IOPM_BASE_PA, cpu.io_map.0);
         c.set_u64(ctl::MSRPM_BASE_PA, cpu.msr_map.0);
         c.write(ctl::GUEST_ASID, asid);
@@ -194,112 +182,10 @@ impl<M: PhysMem> SvmVcpu<M> {
         }
     }
 
-    /// Host address of guest-physical `gpa` through the nested table.
-    fn gpa_to_hpa(&self, gpa: u64) -> Option<u64> {
-        let root = self.vmcb.u64(ctl::N_CR3);
-        walk::translate_with(Paging::long_mode(root), gpa, |pa| {
-            // SAFETY: `pa` is inside a nested table frame (the walk only
-            // follows addresses this hypervisor wrote into its tables).
-            Some(unsafe { (self.mem.phys_to_ptr(mm::HostPhysAddr(pa)) as *const u64).read_volatile() })
-        })
-    }
-
-    /// 8 bytes of guest-physical memory, or 4 at a page's last 4 bytes
-    /// (a 32-bit table entry): never past the page that was translated.
-    fn read_guest64(&self, gpa: u64) -> Option<u64> {
-        let hpa = self.gpa_to_hpa(gpa)?;
-        let p = self.mem.phys_to_ptr(mm::HostPhysAddr(hpa));
-        // SAFETY: `hpa` is guest RAM mapped by the nested table (host
-        // memory the allocator handed out); the read stays inside its page.
-        // The guest may change it concurrently only on other CPUs, and it is
-        // read as plain bytes.
-        Some(unsafe {
-            if gpa & 0xfff <= 0xff8 {
-                (p as *const u64).read_unaligned()
-            } else {
-                (p as *const u32).read_unaligned() as u64
-            }
-        })
-    }
-
-    /// The linear address of RIP, and whether the code is 64-bit.
-    #[inline(always)]
-    fn code_address(&self) -> (u64, bool) {
-        let attrs = vcpu::SegAttrs(self.vmcb.read::<u16>(save::CS + 2));
-        let long = attrs.long() && self.vmcb.u64(save::EFER) & EFER_LMA != 0;
-        let rip = self.vmcb.u64(save::RIP);
-        if long { (rip, true) } else { (self.vmcb.u64(save::CS + 8).wrapping_add(rip) & 0xffff_ffff, false) }
-    }
-
-    /// The host page behind the guest's linear code page `page`.
-    fn code_page(&mut self, page: u64, use_cache: bool) -> Option<u64> {
-        let cr3 = self.vmcb.u64(save::CR3);
-        if use_cache
-            && let Some((c, p, h)) = self.code_page
-            && c == cr3
-            && p == page
-        {
-            return Some(h);
-        }
-        let paging = Paging {
-            cr0: self.vmcb.u64(save::CR0),
-            cr3,
-            cr4: self.vmcb.u64(save::CR4),
-            efer: self.vmcb.u64(save::EFER),
-        };
-        let gpa = walk::translate_with(paging, page, |a| self.read_guest64(a))?;
-        let h = self.gpa_to_hpa(gpa)? & !0xfff;
-        self.code_page = Some((cr3, page, h));
-        Some(h)
-    }
-
-    /// Up to 15 code bytes at linear address `lin`.
-    fn code_bytes(&mut self, mut lin: u64, use_cache: bool) -> ([u8; fetch::MAX_LEN], usize) {
-        let mut out = [0u8; fetch::MAX_LEN];
-        let mut n = 0;
-        while n < out.len() {
-            let Some(host_page) = self.code_page(lin & !0xfff, use_cache) else { break };
-            let off = (lin & 0xfff) as usize;
-            let take = (4096 - off).min(out.len() - n);
-            let src = self.mem.phys_to_ptr(mm::HostPhysAddr(host_page + off as u64));
-            // SAFETY: `host_page` is a guest RAM page from the nested table;
-            // `take` bytes from `off` stay inside it.
-            unsafe { core::ptr::copy_nonoverlapping(src as *const u8, out[n..].as_mut_ptr(), take) };
-            n += take;
-            lin = lin.wrapping_add(take as u64);
-        }
-        (out, n)
-    }
-
-    /// The length of `op` at RIP; the architectural length if the bytes
-    /// cannot be read or are not that instruction.
-    ///
-    /// Fast path: the code page is cached and the bytes are the bare opcode
-    /// (what compilers emit), compared in place.
-    fn measure(&mut self, op: Opcode) -> u64 {
-        let (lin, long) = self.code_address();
-        let code = op.bytes();
-        let off = lin & 0xfff;
-        if off <= 4096 - 4
-            && let Some(h) = self.code_page(lin & !0xfff, true)
-        {
-            let p = self.mem.phys_to_ptr(mm::HostPhysAddr(h + off));
-            // SAFETY: guest RAM from the nested table; the 4 bytes read stay
-            // inside the page (checked above).
-            let here = unsafe { (p as *const u32).read_unaligned() };
-            let (word, mask) = op.word();
-            if here & mask == word {
-                return code.len() as u64;
-            }
-        }
-        for use_cache in [true, false] {
-            let (bytes, n) = self.code_bytes(lin, use_cache);
-            if let Some(len) = fetch::instruction_length(&bytes[..n], op, long) {
-                return len as u64;
-            }
-        }
-        self.skip_fallbacks += 1;
-        code.len() as u64
+    /// Skips whose bytes could not be read or matched (the architectural
+    /// length was used instead).
+    pub fn skip_fallbacks(&self) -> u64 {
+        self.code.fallbacks()
     }
 
     fn set_skip(&mut self, op: Opcode) {
@@ -455,7 +341,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         let next = match self.skip {
             Skip::None => return,
             Skip::To(n) => n,
-            Skip::Measure(op) => rip.wrapping_add(self.measure(op)),
+            Skip::Measure(op) => rip.wrapping_add(self.code.measure(self.vmcb, op)),
         };
         self.skip = Skip::None;
         self.vmcb.set_u64(save::RIP, next);
@@ -475,7 +361,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
     fn set_state(&mut self, s: &GuestState) -> Result<(), Error> {
         self.gprs = s.gprs;
         self.vmcb.load_state(s);
-        self.code_page = None;
+        self.code.invalidate();
         match check_guest_state(s, &self.control_context()).into_iter().next() {
             Some(p) => Err(Error::InvalidState(p)),
             None => Ok(()),
@@ -498,7 +384,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
     fn flush_nested_tlb(&mut self, _scope: FlushScope) {
         // No per-address nested flush exists: drop the ASID's translations.
         self.flush = self.flush_value;
-        self.code_page = None;
+        self.code.invalidate();
     }
 
     fn load(&mut self) {

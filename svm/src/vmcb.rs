@@ -74,10 +74,17 @@ pub mod misc1 {
     pub const CPUID: u32 = 1 << 18;
     pub const INVD: u32 = 1 << 22;
     pub const HLT: u32 = 1 << 24;
+    /// INVLPGA: the guest runs with EFER.SVME set (VMRUN requires it), so
+    /// without this intercept it could drop TLB entries of any ASID, the
+    /// host's included, and learn that SVM is there.
+    pub const INVLPGA: u32 = 1 << 26;
     pub const IOIO_PROT: u32 = 1 << 27;
     pub const MSR_PROT: u32 = 1 << 28;
     pub const TASK_SWITCH: u32 = 1 << 29;
     pub const SHUTDOWN: u32 = 1 << 31;
+
+    /// What every guest runs with.
+    pub const GUEST: u32 = INTR | NMI | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN;
 }
 
 /// Intercept bits of the second misc vector (offset 0x010).
@@ -95,6 +102,13 @@ pub mod misc2 {
     pub const MWAIT_ARMED: u32 = 1 << 12;
     pub const XSETBV: u32 = 1 << 13;
     pub const RDPRU: u32 = 1 << 14;
+
+    /// What every guest runs with: VMRUN must be intercepted (APM 15.5.1),
+    /// and with it every other SVM instruction, which the guest could run
+    /// because its EFER.SVME is set (APM 15.9); VMMCALL is the hypercall.
+    /// INVLPGA is in the first vector.
+    pub const GUEST: u32 =
+        VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU;
 }
 
 /// V_INTR_MASKING (offset 0x060 bit 24): the guest's RFLAGS.IF masks only
@@ -357,6 +371,7 @@ mod tests {
         let mut back = GuestState { gprs: s.gprs, ..Default::default() };
         v.store_state(&mut back);
         assert_eq!(back, s);
+        assert_eq!((v.u64(save::CR2), back.cr2), (0xdead_0000, 0xdead_0000), "CR2 in and out");
         // The hardware's view differs from the guest's only where it must.
         assert_ne!(v.u64(save::EFER) & EFER_SVME, 0, "VMRUN needs EFER.SVME");
         assert_eq!(v.read::<u8>(save::CPL), 3, "CPL follows SS.DPL");
@@ -369,6 +384,7 @@ mod tests {
         assert_eq!(save::RAX - 0x400, 0x1f8);
         assert_eq!(save::G_PAT - 0x400, 0x268);
         assert_eq!(save::CPL - 0x400, 0xcb);
+        assert_eq!(save::CR2 - 0x400, 0x240, "CR2: VMRUN loads it, #VMEXIT saves it");
         let mut p = page();
         // SAFETY: as above.
         let mut v = unsafe { Vmcb::new(p.0.as_mut_ptr()) };

@@ -37,7 +37,9 @@ fn identical_guests_share_memory_and_keep_their_own_writes(emu: Emulator) {
         assert!(t.contains(&format!("vm {id} (memtest) exited with status 1 ")), "{t}");
         // The guest saw its pages shared (through the statistics hypercall)
         // before it wrote to half of them.
-        let line = t.lines().find(|l| l.starts_with(&me) && l.contains("pages shared after"));
+        // `contains`, not `starts_with`: guest output can follow the
+        // console's prompt on the same line.
+        let line = t.lines().find(|l| l.contains(&me) && l.contains("pages shared after"));
         let line = line.unwrap_or_else(|| panic!("vm {id} never reported sharing:\n{t}"));
         let n = number_after(line, "memtest: ").unwrap();
         assert!(n >= 768, "vm {id}: only {n} of 1536 pages shared: {line}");

@@ -144,6 +144,27 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
     };
 }
 
+/// The CPU's CR2, for the guest CR2 switch (`crate::cr2`).
+pub struct Cr2;
+
+impl crate::cr2::Cr2Register for Cr2 {
+    #[inline(always)]
+    fn get(&self) -> u64 {
+        let v;
+        // SAFETY: reading CR2 has no side effects.
+        unsafe { asm!("mov {}, cr2", out(reg) v, options(nostack, nomem, preserves_flags)) };
+        v
+    }
+
+    #[inline(always)]
+    fn set(&mut self, value: u64) {
+        // SAFETY: CR2 only reports the address of the last page fault; no
+        // host code depends on its value (a host page fault is fatal and
+        // reports the value the fault itself wrote).
+        unsafe { asm!("mov cr2, {}", in(reg) value, options(nostack, nomem, preserves_flags)) };
+    }
+}
+
 pub fn read_cr0() -> u64 {
     let v;
     // SAFETY: reading CR0 has no side effects.

@@ -2,7 +2,7 @@
 //! on a VMCS; nothing outside this crate names a VMCS field.
 //!
 //! Host-testable logic (capabilities and control derivation, exit decoding,
-//! guest-state checks, access-rights conversion) is separate from the thin
+//! guest-state checks, access-rights conversion, the CR2 switch) is separate from the thin
 //! hardware layer (`hw`, `entry`, `cpu`, `vcpu`).
 #![cfg_attr(not(test), no_std)]
 
@@ -13,6 +13,7 @@ pub mod caps;
 pub mod checks;
 pub mod controls;
 pub mod cpu;
+pub mod cr2;
 pub mod decode;
 pub mod entry;
 pub mod hw;

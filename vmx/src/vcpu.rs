@@ -16,6 +16,7 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 use crate::checks::{EntryContext, check_guest_state};
 use crate::controls::Controls;
 use crate::cpu::{LAZY_MSRS, VmxCpu};
+use crate::cr2::GuestCr2;
 use crate::decode::{self, Decoded};
 use crate::hw::{self, vmread, vmwrite};
 use crate::{ar, entry, names};
@@ -49,6 +50,9 @@ pub struct VmxVcpu {
     deadline: u64,
     /// Guest CR8 (TPR) when CR8 moves exit; no local APIC is modelled yet.
     cr8: u64,
+    /// Guest CR2, which the VMCS does not hold: switched by hand around
+    /// every entry and exit (see `crate::cr2`).
+    cr2: GuestCr2,
     lazy_msrs: [u64; 5],
     fx: Box<FxArea>,
     loaded: bool,
@@ -96,6 +100,7 @@ impl VmxVcpu {
             ctl,
             deadline: 0,
             cr8: 0,
+            cr2: GuestCr2(state.cr2),
             lazy_msrs: [0; 5],
             fx: Box::new(FxArea::reset()),
             loaded: false,
@@ -465,7 +470,11 @@ impl vcpu::Vcpu for VmxVcpu {
                 vmwrite(guest::VMX_PREEMPTION_TIMER_VALUE, left.min(u32::MAX as u64));
             }
             vmwrite(guest::RSP, self.gprs.rsp);
-            entry::vmx_run(&mut self.gprs, self.launched as u64)
+            self.cr2.load(&mut hw::Cr2);
+            let rc = entry::vmx_run(&mut self.gprs, self.launched as u64);
+            // Before anything else can fault: the guest's page-fault address.
+            self.cr2.save(&hw::Cr2);
+            rc
         };
         if rc != 0 {
             let what = if rc == 1 {
@@ -556,6 +565,7 @@ impl vcpu::Vcpu for VmxVcpu {
         s.rip = self.read(guest::RIP);
         s.rflags = self.read(guest::RFLAGS);
         s.cr0 = self.guest_cr0();
+        s.cr2 = self.cr2.0;
         s.cr3 = self.read(guest::CR3);
         s.cr4 = self.guest_cr4();
         s.dr7 = self.read(guest::DR7);
@@ -602,6 +612,7 @@ impl vcpu::Vcpu for VmxVcpu {
         self.write(guest::RFLAGS, s.rflags);
         self.write(guest::RSP, s.gprs.rsp);
         self.set_cr0(s.cr0);
+        self.cr2 = GuestCr2(s.cr2);
         self.write(guest::CR3, s.cr3);
         self.set_cr4(s.cr4);
         self.write(guest::DR7, s.dr7 | 0x400);
