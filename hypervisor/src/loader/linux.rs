@@ -65,7 +65,7 @@ const ONE_MIB: u64 = 0x10_0000;
 
 /// Field offsets in the image and in the zero page (the setup header sits
 /// at the same offset in both: "The Real-Mode Kernel Header").
-mod off {
+pub(crate) mod off {
     pub const SETUP_HEADER: usize = 0x1f1;
     pub const SETUP_SECTS: usize = 0x1f1;
     pub const SYSSIZE: usize = 0x1f4;

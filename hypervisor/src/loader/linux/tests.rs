@@ -7,7 +7,7 @@
 
 use super::plan as load;
 use super::*;
-use crate::loader::testutil::{u32_at, u64_at};
+use crate::loader::testutil::{Hdr, bzimage, u32_at, u64_at};
 use alloc::string::String;
 use alloc::vec;
 
@@ -16,82 +16,6 @@ const MIB: u64 = 1 << 20;
 /// area above.
 const LOW: [Range<u64>; 1] = [0..0x9000];
 const BOOT_AREA: Range<u64> = 0x9000..0x1_0000;
-
-/// The header fields of a synthetic bzImage.
-#[derive(Clone, Debug)]
-struct Hdr {
-    setup_sects: u8,
-    boot_flag: u16,
-    signature: [u8; 4],
-    version: u16,
-    /// The byte at 0x201: the header ends at 0x202 + this.
-    jump: u8,
-    loadflags: u8,
-    xloadflags: u16,
-    kernel_len: usize,
-    /// `None`: the kernel length in paragraphs, rounded up.
-    syssize: Option<u32>,
-    initrd_addr_max: u32,
-    kernel_alignment: u32,
-    relocatable: u8,
-    cmdline_size: u32,
-    payload: (u32, u32),
-    pref_address: u64,
-    init_size: u32,
-}
-
-impl Default for Hdr {
-    fn default() -> Self {
-        Self {
-            setup_sects: 4,
-            boot_flag: 0xAA55,
-            signature: *b"HdrS",
-            version: 0x020f,
-            jump: 0x6a,
-            loadflags: loadflags::LOADED_HIGH,
-            xloadflags: xloadflags::KERNEL_64,
-            kernel_len: 0x3000,
-            syssize: None,
-            initrd_addr_max: 0x7fff_ffff,
-            kernel_alignment: 0x20_0000,
-            relocatable: 1,
-            cmdline_size: 2047,
-            payload: (0x100, 0x1000),
-            pref_address: 0x20_0000,
-            init_size: 0x10_0000,
-        }
-    }
-}
-
-fn set(image: &mut [u8], at: usize, bytes: &[u8]) {
-    image[at..at + bytes.len()].copy_from_slice(bytes);
-}
-
-/// A bzImage with header `h`: setup sectors and kernel filled with a
-/// recognisable pattern, the header fields written over it.
-fn bzimage(h: &Hdr) -> Vec<u8> {
-    let sects = if h.setup_sects == 0 { 4 } else { usize::from(h.setup_sects) };
-    let len = (sects + 1) * 512 + h.kernel_len;
-    let mut img: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
-    img[off::SETUP_SECTS] = h.setup_sects;
-    let syssize = h.syssize.unwrap_or(h.kernel_len.div_ceil(16) as u32);
-    set(&mut img, off::SYSSIZE, &syssize.to_le_bytes());
-    set(&mut img, off::BOOT_FLAG, &h.boot_flag.to_le_bytes());
-    set(&mut img, off::JUMP, &[0xEB, h.jump]);
-    set(&mut img, off::HEADER, &h.signature);
-    set(&mut img, off::VERSION, &h.version.to_le_bytes());
-    img[off::LOADFLAGS] = h.loadflags;
-    set(&mut img, off::INITRD_ADDR_MAX, &h.initrd_addr_max.to_le_bytes());
-    set(&mut img, off::KERNEL_ALIGNMENT, &h.kernel_alignment.to_le_bytes());
-    img[off::RELOCATABLE_KERNEL] = h.relocatable;
-    set(&mut img, off::XLOADFLAGS, &h.xloadflags.to_le_bytes());
-    set(&mut img, off::CMDLINE_SIZE, &h.cmdline_size.to_le_bytes());
-    set(&mut img, off::PAYLOAD_OFFSET, &h.payload.0.to_le_bytes());
-    set(&mut img, off::PAYLOAD_LENGTH, &h.payload.1.to_le_bytes());
-    set(&mut img, off::PREF_ADDRESS, &h.pref_address.to_le_bytes());
-    set(&mut img, off::INIT_SIZE, &h.init_size.to_le_bytes());
-    img
-}
 
 fn config<'a>(ram: &'a [Range<u64>], cmdline: &'a str, initrd: Option<&'a [u8]>) -> Config<'a> {
     Config { ram, reserved: &LOW, boot_area: BOOT_AREA, cmdline, initrd }
