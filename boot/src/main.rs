@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use boot::emulator::Emulator;
-use boot::image::{self, ImageOptions};
+use boot::image::{self, ExtraFile, ImageOptions};
 use boot::session::Session;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -18,7 +18,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the kernel, the guests and the disk image; print the image path.
-    Build,
+    Build {
+        /// Put a host file into the image's ramdisk as NAME (repeatable):
+        /// `vm run NAME` starts it, `mod=NAME` passes it as a module.
+        #[arg(long = "file", value_name = "NAME=PATH")]
+        files: Vec<ExtraFile>,
+    },
     /// Build the image and boot it in an emulator with the console attached.
     Run {
         /// bochs (VT-x), qemu (TCG, AMD-V), qemu-icount (TCG with a TSC that
@@ -42,6 +47,10 @@ enum Cmd {
         /// Keep the emulator's logs even when the run succeeds.
         #[arg(long)]
         keep_logs: bool,
+        /// Put a host file into the image's ramdisk as NAME (repeatable):
+        /// `vm run NAME` starts it, `mod=NAME` passes it as a module.
+        #[arg(long = "file", value_name = "NAME=PATH")]
+        files: Vec<ExtraFile>,
     },
 }
 
@@ -54,12 +63,13 @@ fn main() {
 
 fn real_main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Build => {
-            let img = image::build(&ImageOptions { debug_exit: true, ..Default::default() })?;
+        Cmd::Build { files } => {
+            let files = [image::default_files(), files].concat();
+            let img = image::build(&ImageOptions { debug_exit: true, files, ..Default::default() })?;
             println!("{}", img.disk.display());
             Ok(())
         }
-        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs } => {
+        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, files } => {
             let steps = match &script {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
                 None => None,
@@ -77,6 +87,7 @@ fn real_main() -> Result<()> {
                 debug_exit: true,
                 log_level,
                 name: "run".into(),
+                files: [image::default_files(), files].concat(),
                 ..Default::default()
             })?;
             eprintln!("[boot] starting {} on {}", emu.name(), img.disk.display());
