@@ -3,6 +3,7 @@
 use anyhow::Result;
 use boot::emulator::Emulator;
 use boot::image::{self, ExtraFile, ImageOptions};
+use boot::initramfs;
 use boot::session::Session;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -52,6 +53,20 @@ enum Cmd {
         #[arg(long = "file", value_name = "NAME=PATH")]
         files: Vec<ExtraFile>,
     },
+    /// Build the Linux guest's initramfs from unpacked Debian packages
+    /// (scripts/guest-linux runs this); the file is rewritten only if its
+    /// contents change.
+    Initramfs {
+        /// The unpacked kernel package (holding lib/modules/<version>/).
+        #[arg(long)]
+        kernel_root: PathBuf,
+        /// The busybox binary (from busybox-static).
+        #[arg(long)]
+        busybox: PathBuf,
+        /// Where to write the gzip'd cpio archive.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() {
@@ -63,6 +78,22 @@ fn main() {
 
 fn real_main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Initramfs { kernel_root, busybox, out } => {
+            let (bytes, summary) = initramfs::build(&initramfs::Inputs { kernel_root, busybox })?;
+            for m in &summary.missing {
+                eprintln!("[initramfs] {} has no module {m}; the guest goes without it", summary.version);
+            }
+            let wrote = initramfs::write_if_changed(&out, &bytes)?;
+            eprintln!(
+                "[initramfs] {} ({} KiB, {} modules for {}){}",
+                out.display(),
+                bytes.len() / 1024,
+                summary.modules.len(),
+                summary.version,
+                if wrote { "" } else { ", unchanged" }
+            );
+            Ok(())
+        }
         Cmd::Build { files } => {
             let files = [image::default_files(), files].concat();
             let img = image::build(&ImageOptions { debug_exit: true, files, ..Default::default() })?;
