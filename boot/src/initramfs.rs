@@ -289,8 +289,10 @@ mod tests {
         Node::File { data: data.to_vec(), mode: 0o644 }
     }
 
-    /// Reads back a newc archive as (name, mode, rdev, data).
-    fn read_back(mut archive: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    /// An archive entry read back: name, mode, (rdev major, minor), data.
+    type Entry = (String, u32, (u32, u32), Vec<u8>);
+
+    fn read_back(mut archive: &[u8]) -> Vec<Entry> {
         let mut out = Vec::new();
         loop {
             let mut reader = cpio::NewcReader::new(archive).unwrap();
