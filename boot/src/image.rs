@@ -12,6 +12,106 @@ pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
 /// Guest binaries of the `guests` package that go into the ramdisk.
 pub const GUESTS: &[&str] = &["selftest", "selftest-mb", "escape", "crash", "exitbench", "memtest", "cr2"];
 
+/// The configuration file's name in the ramdisk.
+pub const CONFIG_NAME: &str = "hypervisor.cfg";
+
+/// Host files that `boot build` and `boot run` put into the default image
+/// besides the test guests, as (ramdisk name, path from the workspace root);
+/// `--file` adds more. The Linux guest that `scripts/setup` prepares joins
+/// them with one line here (once the device model can boot it):
+/// `("linux", "target/guests/linux/vmlinuz"), ("linux-initrd", "target/guests/linux/initrd.img"),`
+/// The whole-system tests build their images without these.
+pub const DEFAULT_FILES: &[(&str, &str)] = &[];
+
+/// Longest ramdisk file name: a ustar name field, as the hypervisor's
+/// archive reader takes no GNU long names.
+pub const MAX_FILE_NAME: usize = 100;
+
+/// A host file put into the ramdisk under `name`, so that the console can
+/// start it (`vm run NAME`) or pass it as a module (`mod=NAME`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraFile {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for ExtraFile {
+    type Err = anyhow::Error;
+
+    /// Parses `NAME=PATH` (the `--file` argument) and checks the name.
+    fn from_str(arg: &str) -> Result<Self> {
+        // clap names the argument in front of these messages.
+        let Some((name, path)) = arg.split_once('=') else {
+            bail!("expected NAME=PATH");
+        };
+        if path.is_empty() {
+            bail!("the path is empty");
+        }
+        check_file_name(name)?;
+        Ok(Self { name: name.into(), path: path.into() })
+    }
+}
+
+/// A ramdisk name must be one console word (the console splits commands at
+/// whitespace), a plain file name (no `/`), fit a ustar header, and not be
+/// the configuration file.
+pub fn check_file_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        bail!("the name is empty");
+    }
+    if name.len() > MAX_FILE_NAME {
+        bail!("the name is {} bytes long; at most {MAX_FILE_NAME} fit the ramdisk", name.len());
+    }
+    if name.contains('/') {
+        bail!("the name {name:?} contains '/'; ramdisk files have plain names");
+    }
+    if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+        bail!("the name {name:?} contains {c:?}; use printable ASCII without spaces");
+    }
+    if name == CONFIG_NAME {
+        bail!("the name {CONFIG_NAME} is taken by the boot configuration");
+    }
+    Ok(())
+}
+
+/// Refuses bad names, names already taken (by a test guest or an earlier
+/// file) and paths that are not files, before anything is built.
+pub fn check_files(files: &[ExtraFile]) -> Result<()> {
+    for (i, f) in files.iter().enumerate() {
+        check_file_name(&f.name).with_context(|| format!("--file {}", f.name))?;
+        if GUESTS.contains(&f.name.as_str()) {
+            bail!("--file {}: the name is taken by a test guest", f.name);
+        }
+        if files[..i].iter().any(|g| g.name == f.name) {
+            bail!("--file {}: the name is given twice", f.name);
+        }
+        let meta = std::fs::metadata(&f.path).with_context(|| format!("--file {}: {}", f.name, f.path.display()))?;
+        if !meta.is_file() {
+            bail!("--file {}: {} is not a file", f.name, f.path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Checks `files` and reads them, as (name, bytes).
+pub fn read_files(files: &[ExtraFile]) -> Result<Vec<(&str, Vec<u8>)>> {
+    check_files(files)?;
+    files
+        .iter()
+        .map(|f| {
+            let data =
+                std::fs::read(&f.path).with_context(|| format!("--file {}: reading {}", f.name, f.path.display()))?;
+            Ok((f.name.as_str(), data))
+        })
+        .collect()
+}
+
+/// [`DEFAULT_FILES`] as ramdisk files, paths resolved from the workspace.
+pub fn default_files() -> Vec<ExtraFile> {
+    let root = crate::workspace_root();
+    DEFAULT_FILES.iter().map(|(name, path)| ExtraFile { name: (*name).into(), path: root.join(path) }).collect()
+}
+
 /// Settings baked into the image's `hypervisor.cfg`.
 #[derive(Clone, Debug, Default)]
 pub struct ImageOptions {
@@ -25,6 +125,8 @@ pub struct ImageOptions {
     pub name: String,
     /// More `key = value` lines for `hypervisor.cfg` (e.g. `fault_inject`).
     pub extra_config: Vec<String>,
+    /// Host files for the ramdisk besides the test guests.
+    pub files: Vec<ExtraFile>,
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +175,8 @@ pub fn config_text(opts: &ImageOptions) -> String {
 
 /// Builds everything and writes `target/images/<name>.img`.
 pub fn build(opts: &ImageOptions) -> Result<Image> {
+    // A mistyped --file fails now, not after a minute of building.
+    check_files(&opts.files)?;
     let bin_dir = build_binaries()?;
     assemble(&bin_dir, opts)
 }
@@ -84,7 +188,7 @@ pub fn assemble(bin_dir: &Path, opts: &ImageOptions) -> Result<Image> {
     let name = if opts.name.is_empty() { "hypervisor" } else { &opts.name };
     let kernel = bin_dir.join("hypervisor");
     let ramdisk = out.join(format!("{name}.ramdisk.tar"));
-    write_ramdisk(bin_dir, &config_text(opts), &ramdisk)?;
+    write_ramdisk(bin_dir, &config_text(opts), &opts.files, &ramdisk)?;
     let disk = out.join(format!("{name}.img"));
     let mut config = bootloader::BootConfig::default();
     // The bootloader's own log would interleave with the console transcript.
@@ -99,7 +203,9 @@ pub fn assemble(bin_dir: &Path, opts: &ImageOptions) -> Result<Image> {
     Ok(Image { disk, kernel, ramdisk })
 }
 
-fn write_ramdisk(bin_dir: &Path, config: &str, path: &Path) -> Result<()> {
+fn write_ramdisk(bin_dir: &Path, config: &str, files: &[ExtraFile], path: &Path) -> Result<()> {
+    // Read (and so check) the extra files before writing anything.
+    let extra = read_files(files)?;
     let mut tar = tar::Builder::new(std::fs::File::create(path)?);
     tar.mode(tar::HeaderMode::Deterministic);
     let mut add = |name: &str, data: &[u8]| -> Result<()> {
@@ -110,11 +216,14 @@ fn write_ramdisk(bin_dir: &Path, config: &str, path: &Path) -> Result<()> {
         tar.append_data(&mut h, name, data)?;
         Ok(())
     };
-    add("hypervisor.cfg", config.as_bytes())?;
+    add(CONFIG_NAME, config.as_bytes())?;
     for g in GUESTS {
         let p = bin_dir.join(g);
         let data = std::fs::read(&p).with_context(|| format!("reading guest {}", p.display()))?;
         add(g, &data)?;
+    }
+    for (name, data) in &extra {
+        add(name, data)?;
     }
     tar.into_inner()?;
     Ok(())
@@ -129,4 +238,57 @@ fn pad_to_cylinders(disk: &Path) -> Result<()> {
     let len = f.metadata()?.len();
     f.set_len(len.div_ceil(CYLINDER_BYTES) * CYLINDER_BYTES)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(arg: &str) -> Result<ExtraFile> {
+        arg.parse()
+    }
+
+    #[test]
+    fn file_arguments_are_name_equals_path() {
+        assert_eq!(
+            parse("linux=/tmp/vmlinuz").unwrap(),
+            ExtraFile { name: "linux".into(), path: "/tmp/vmlinuz".into() }
+        );
+        // Only the first '=' splits: paths may hold more.
+        assert_eq!(parse("k=a=b").unwrap().path, PathBuf::from("a=b"));
+        for bad in ["linux", "=x", "k=", "a/b=x", "a b=x", "hypervisor.cfg=x", "é=x"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let long = format!("{}=x", "n".repeat(MAX_FILE_NAME + 1));
+        assert!(format!("{:#}", parse(&long).unwrap_err()).contains("at most 100"));
+        assert!(parse(&format!("{}=x", "n".repeat(MAX_FILE_NAME))).is_ok());
+    }
+
+    #[test]
+    fn files_must_be_readable_and_named_once() {
+        let dir = std::env::temp_dir().join(format!("boot-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("kernel");
+        std::fs::write(&f, b"bytes").unwrap();
+        let file = |name: &str, path: &Path| ExtraFile { name: name.into(), path: path.into() };
+        let two = [file("k", &f), file("k2", &f)];
+        assert_eq!(read_files(&two).unwrap(), vec![("k", b"bytes".to_vec()), ("k2", b"bytes".to_vec())]);
+        let dup = read_files(&[file("k", &f), file("k", &f)]).unwrap_err();
+        assert!(format!("{dup:#}").contains("given twice"), "{dup:#}");
+        let guest = read_files(&[file("selftest", &f)]).unwrap_err();
+        assert!(format!("{guest:#}").contains("test guest"), "{guest:#}");
+        let missing = read_files(&[file("k", &dir.join("nope"))]).unwrap_err();
+        assert!(format!("{missing:#}").contains("No such file"), "{missing:#}");
+        let not_file = check_files(&[file("k", &dir)]).unwrap_err();
+        assert!(format!("{not_file:#}").contains("is not a file"), "{not_file:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn default_files_have_good_names() {
+        let files = default_files();
+        for f in &files {
+            check_file_name(&f.name).unwrap();
+        }
+    }
 }

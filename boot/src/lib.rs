@@ -5,6 +5,7 @@
 
 pub mod emulator;
 pub mod image;
+pub mod initramfs;
 pub mod script;
 pub mod session;
 

@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use boot::emulator::Emulator;
-use boot::image::{self, ImageOptions};
+use boot::image::{self, ExtraFile, ImageOptions};
+use boot::initramfs;
 use boot::session::{Session, SessionOptions};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -18,7 +19,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the kernel, the guests and the disk image; print the image path.
-    Build,
+    Build {
+        /// Put a host file into the image's ramdisk as NAME (repeatable):
+        /// `vm run NAME` starts it, `mod=NAME` passes it as a module.
+        #[arg(long = "file", value_name = "NAME=PATH")]
+        files: Vec<ExtraFile>,
+    },
     /// Build the image and boot it in an emulator with the console attached.
     Run {
         /// bochs (VT-x), qemu (TCG, AMD-V), qemu-icount (TCG with a TSC that
@@ -49,6 +55,24 @@ enum Cmd {
         /// whole number of cylinders (16 heads x 63 sectors x 512 bytes).
         #[arg(long)]
         scratch_disk: Option<PathBuf>,
+        /// Put a host file into the image's ramdisk as NAME (repeatable):
+        /// `vm run NAME` starts it, `mod=NAME` passes it as a module.
+        #[arg(long = "file", value_name = "NAME=PATH")]
+        files: Vec<ExtraFile>,
+    },
+    /// Build the Linux guest's initramfs from unpacked Debian packages
+    /// (scripts/guest-linux runs this); the file is rewritten only if its
+    /// contents change.
+    Initramfs {
+        /// The unpacked kernel package (holding lib/modules/<version>/).
+        #[arg(long)]
+        kernel_root: PathBuf,
+        /// The busybox binary (from busybox-static).
+        #[arg(long)]
+        busybox: PathBuf,
+        /// Where to write the gzip'd cpio archive.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -61,12 +85,29 @@ fn main() {
 
 fn real_main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Build => {
-            let img = image::build(&ImageOptions { debug_exit: true, ..Default::default() })?;
+        Cmd::Initramfs { kernel_root, busybox, out } => {
+            let (bytes, summary) = initramfs::build(&initramfs::Inputs { kernel_root, busybox })?;
+            for m in &summary.missing {
+                eprintln!("[initramfs] {} has no module {m}; the guest goes without it", summary.version);
+            }
+            let wrote = initramfs::write_if_changed(&out, &bytes)?;
+            eprintln!(
+                "[initramfs] {} ({} KiB, {} modules for {}){}",
+                out.display(),
+                bytes.len() / 1024,
+                summary.modules.len(),
+                summary.version,
+                if wrote { "" } else { ", unchanged" }
+            );
+            Ok(())
+        }
+        Cmd::Build { files } => {
+            let files = [image::default_files(), files].concat();
+            let img = image::build(&ImageOptions { debug_exit: true, files, ..Default::default() })?;
             println!("{}", img.disk.display());
             Ok(())
         }
-        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, scratch_disk } => {
+        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, scratch_disk, files } => {
             let steps = match &script {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
                 None => None,
@@ -84,6 +125,7 @@ fn real_main() -> Result<()> {
                 debug_exit: true,
                 log_level,
                 name: "run".into(),
+                files: [image::default_files(), files].concat(),
                 ..Default::default()
             })?;
             eprintln!("[boot] starting {} on {}", emu.name(), img.disk.display());

@@ -22,7 +22,8 @@ pub enum Command {
     VmRun {
         guest: String,
         mem_mib: u32,
-        /// Ramdisk files passed as Multiboot modules.
+        /// Ramdisk files passed as Multiboot modules (or, for a Linux guest, its
+        /// one initramfs).
         modules: Vec<String>,
         cmdline: String,
     },

@@ -68,7 +68,7 @@ pub fn plan(image: &[u8], machine: Machine, layout: &RamLayout<'_>) -> Result<Lo
         Machine::X86_64 => EntryMode::Long64,
         Machine::I386 => EntryMode::Protected32,
     };
-    builder.finish(Entry { mode, rip, rax: 0, rbx: 0 })
+    builder.finish(Entry { mode, rip, rax: 0, rbx: 0, rsi: 0 })
 }
 
 /// Checks the headers, claims every `PT_LOAD` segment in `builder`, pushes
@@ -189,7 +189,7 @@ mod tests {
                 Op::Zero { gpa: 0x20_1010, len: 0xF0 },
             ]
         );
-        assert_eq!(*plan.entry(), Entry { mode: EntryMode::Long64, rip: 0x20_0010, rax: 0, rbx: 0 });
+        assert_eq!(*plan.entry(), Entry { mode: EntryMode::Long64, rip: 0x20_0010, rax: 0, rbx: 0, rsi: 0 });
         assert_eq!(plan.extent(), Some(0x20_0000..0x20_1100));
 
         let mut ram = vec![0xAAu8; 4 * MIB as usize];

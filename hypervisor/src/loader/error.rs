@@ -23,6 +23,15 @@ pub enum Region {
     Module(usize),
     /// The Multiboot information structure.
     BootInfo,
+    /// A Linux kernel's protected-mode part, with the room it needs while
+    /// it decompresses itself (`init_size`).
+    LinuxKernel,
+    /// The initial ramdisk given to a Linux kernel.
+    Initrd,
+    /// The Linux zero page (`struct boot_params`).
+    BootParams,
+    /// The Linux kernel command line.
+    LinuxCmdline,
 }
 
 impl fmt::Display for Region {
@@ -33,6 +42,10 @@ impl fmt::Display for Region {
             Self::KernelBss => f.write_str("kernel bss"),
             Self::Module(i) => write!(f, "module {i}"),
             Self::BootInfo => f.write_str("Multiboot information structure"),
+            Self::LinuxKernel => f.write_str("Linux kernel"),
+            Self::Initrd => f.write_str("initramfs"),
+            Self::BootParams => f.write_str("zero page (boot_params)"),
+            Self::LinuxCmdline => f.write_str("kernel command line"),
         }
     }
 }
@@ -95,6 +108,8 @@ pub enum Error {
     OutsideRam { region: Region, start: u64, end: u64, ram_size: u64 },
     /// A region ends past 4 GiB, where a 32-bit kernel cannot reach it.
     Above4GiB { region: Region, start: u64, end: u64 },
+    /// A region intersects a hole in guest RAM (addresses between RAM ranges).
+    RamHole { region: Region, start: u64, end: u64, hole: Range<u64> },
     /// A region intersects a range the hypervisor reserved.
     Reserved { region: Region, start: u64, end: u64, reserved: Range<u64> },
     /// Two regions of the plan intersect.
@@ -125,6 +140,34 @@ pub enum Error {
     CmdlineTooLong { module: Option<usize>, len: usize, max: usize },
     /// More modules than the loader accepts.
     TooManyModules { count: usize, max: usize },
+
+    // --- Linux (boot.rst) ---
+    /// The image is too short for the setup header it must have.
+    LinuxTruncated { len: usize },
+    /// No 0xAA55 `boot_flag` at 0x1FE.
+    LinuxBootFlag { found: u16 },
+    /// No "HdrS" signature at 0x202: a pre-2.00 kernel or not Linux at all.
+    LinuxNoHdrS,
+    /// The boot protocol is older than the loader accepts.
+    LinuxVersion { version: u16, min: u16 },
+    /// `xloadflags` lacks `XLF_KERNEL_64`: no 64-bit entry point.
+    LinuxNot64Bit { xloadflags: u16 },
+    /// `loadflags` lacks `LOADED_HIGH`: a zImage, loaded at 0x10000.
+    LinuxNotLoadedHigh { loadflags: u8 },
+    /// The setup header ends (0x202 + the byte at 0x201) before the fields
+    /// the loader reads.
+    LinuxHeaderEnd { end: usize, need: usize },
+    /// The protected-mode kernel is shorter than the header says
+    /// (`syssize`, `payload_offset + payload_length`, the 64-bit entry).
+    LinuxKernelTruncated { need: u64, len: u64 },
+    /// A relocatable kernel whose `kernel_alignment` is not a power of two.
+    LinuxKernelAlignment { align: u32 },
+    /// A kernel that is not relocatable wants to run below 1 MiB.
+    LinuxLoadAddress { pref_address: u64 },
+    /// The caller's boot area cannot hold the zero page and the command line.
+    LinuxBootArea { len: u64, need: u64 },
+    /// The guest memory map does not fit the zero page's e820 table.
+    LinuxE820Full { entries: usize, max: usize },
 
     // --- Applying a plan ---
     /// The plan copies image bytes the given image does not have.
@@ -213,6 +256,11 @@ impl fmt::Display for Error {
                 "Load region {region} ({start:#x}..{end:#x}) lies above 4 GiB, \
                  out of reach of a 32-bit kernel"
             ),
+            Self::RamHole { region, start, end, hole } => write!(
+                f,
+                "Load region {region} ({start:#x}..{end:#x}) overlaps {:#x}..{:#x}, which is not guest RAM",
+                hole.start, hole.end
+            ),
             Self::Reserved { region, start, end, reserved } => write!(
                 f,
                 "Load region {region} ({start:#x}..{end:#x}) overlaps reserved guest memory \
@@ -253,6 +301,48 @@ impl fmt::Display for Error {
             }
             Self::TooManyModules { count, max } => {
                 write!(f, "{count} Multiboot modules given; at most {max} are accepted")
+            }
+            Self::LinuxTruncated { len } => {
+                write!(f, "Image of {len} bytes is too short for a Linux setup header and kernel")
+            }
+            Self::LinuxBootFlag { found } => {
+                write!(f, "Linux setup header has boot_flag {found:#06x} at 0x1fe, not 0xaa55")
+            }
+            Self::LinuxNoHdrS => f.write_str("Image has no Linux setup header (no \"HdrS\" at 0x202)"),
+            Self::LinuxVersion { version, min } => write!(
+                f,
+                "Linux boot protocol {}.{:02} is older than {}.{:02}, the first with a 64-bit entry",
+                version >> 8,
+                version & 0xff,
+                min >> 8,
+                min & 0xff
+            ),
+            Self::LinuxNot64Bit { xloadflags } => {
+                write!(f, "Linux kernel has no 64-bit entry point (xloadflags {xloadflags:#x} lack XLF_KERNEL_64)")
+            }
+            Self::LinuxNotLoadedHigh { loadflags } => {
+                write!(f, "Linux kernel is a zImage (loadflags {loadflags:#x} lack LOADED_HIGH); give a bzImage")
+            }
+            Self::LinuxHeaderEnd { end, need } => {
+                write!(f, "Linux setup header ends at {end:#x}, before the fields up to {need:#x} it must have")
+            }
+            Self::LinuxKernelTruncated { need, len } => {
+                write!(f, "Linux protected-mode kernel is {len:#x} bytes; its header needs {need:#x}")
+            }
+            Self::LinuxKernelAlignment { align } => {
+                write!(f, "Linux kernel_alignment {align:#x} is not a power of two")
+            }
+            Self::LinuxLoadAddress { pref_address } => {
+                write!(f, "Linux kernel is not relocatable and wants to run at {pref_address:#x}, below 1 MiB")
+            }
+            Self::LinuxBootArea { len, need } => {
+                write!(
+                    f,
+                    "Boot area of {len:#x} bytes cannot hold the zero page and the command line ({need:#x} bytes)"
+                )
+            }
+            Self::LinuxE820Full { entries, max } => {
+                write!(f, "Guest memory map needs {entries} e820 entries; the zero page holds {max}")
             }
             Self::PlanImageMismatch { start, end, len } => {
                 write!(f, "Load plan copies image bytes {start:#x}..{end:#x} but the image has {len:#x}")

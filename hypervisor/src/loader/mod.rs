@@ -7,6 +7,8 @@
 //!   physical addresses.
 //! - [`multiboot`]: Multiboot v1 kernels (what QEMU's `-kernel` accepts),
 //!   with modules and the Multiboot information structure.
+//! - [`linux`]: Linux bzImages through the 64-bit boot protocol, with an
+//!   initramfs, the command line and a zero page holding the e820 map.
 //!
 //! Images and archives are hostile: nothing here panics on them, all address
 //! arithmetic is checked, and every refusal is an [`Error`] with a one-line
@@ -16,6 +18,7 @@
 pub mod archive;
 pub mod elf;
 mod error;
+pub mod linux;
 pub mod multiboot;
 mod plan;
 #[cfg(test)]

@@ -242,7 +242,7 @@ pub fn plan<'a>(image: &[u8], config: &Config<'a>) -> Result<LoadPlan<'a>> {
     let info_gpa = builder.place(Region::BootInfo, cursor, info_len)?;
     info.relocate(info_gpa, &modules)?;
     builder.push(Op::Write { gpa: info_gpa, data: info.bytes });
-    builder.finish(Entry { mode: EntryMode::Protected32, rip, rax: u64::from(BOOTLOADER_MAGIC), rbx: info_gpa })
+    builder.finish(Entry { mode: EntryMode::Protected32, rip, rax: u64::from(BOOTLOADER_MAGIC), rbx: info_gpa, rsi: 0 })
 }
 
 fn check_cmdline(cmdline: &str, module: Option<usize>) -> Result<()> {
@@ -564,7 +564,7 @@ mod tests {
         let info_gpa = 0x10_4000;
         assert_eq!(
             *plan.entry(),
-            Entry { mode: EntryMode::Protected32, rip: 0x10_0040, rax: 0x2BAD_B002, rbx: info_gpa }
+            Entry { mode: EntryMode::Protected32, rip: 0x10_0040, rax: 0x2BAD_B002, rbx: info_gpa, rsi: 0 }
         );
         let ops = plan.ops();
         assert_eq!(ops.len(), 5);

@@ -62,6 +62,11 @@ pub enum EntryMode {
     /// 32-bit protected mode, paging off, flat 4 GiB code and data segments,
     /// A20 on, `EFLAGS.IF = 0` — the machine state of Multiboot 0.6.96 §3.2.
     Protected32,
+    /// The Linux 64-bit boot protocol (boot.rst, "64-bit Boot Protocol"):
+    /// long mode with the kernel, zero page and command line
+    /// identity-mapped, flat segments with CS = `__BOOT_CS` (0x10) and
+    /// DS/ES/SS = `__BOOT_DS` (0x18), interrupts off, RSI = the zero page.
+    Linux64,
 }
 
 /// The architectural state the guest starts with.
@@ -75,6 +80,8 @@ pub struct Entry {
     pub rax: u64,
     /// Initial RBX (Multiboot: the information structure's address).
     pub rbx: u64,
+    /// Initial RSI (Linux: the zero page, `struct boot_params`).
+    pub rsi: u64,
 }
 
 /// A validated recipe for putting an image into guest RAM: what to copy and
@@ -170,13 +177,30 @@ fn byte_range(gpa: u64, len: u64) -> Option<Range<usize>> {
     Some(start..end)
 }
 
-/// Rounds `value` up to a multiple of [`PAGE_SIZE`], or `None` on overflow.
-pub(crate) fn page_align_up(value: u64) -> Option<u64> {
-    Some(value.checked_add(PAGE_SIZE - 1)? & !(PAGE_SIZE - 1))
+/// Rounds `value` up to a multiple of `align` (a power of two), or `None`
+/// on overflow.
+pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
+    debug_assert!(align.is_power_of_two());
+    Some(value.checked_add(align - 1)? & !(align - 1))
 }
 
 fn intersects(a: &Range<u64>, b: &Range<u64>) -> bool {
     a.start < b.end && b.start < a.end
+}
+
+/// `ranges` without empty ones, sorted by start, overlapping and touching
+/// ones merged.
+pub(crate) fn normalize(ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut sorted: Vec<Range<u64>> = ranges.iter().filter(|r| r.start < r.end).cloned().collect();
+    sorted.sort_unstable_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 /// Collects the steps of a plan, checking every region against guest RAM,
@@ -187,6 +211,9 @@ pub(crate) struct PlanBuilder<'a> {
     /// for 32-bit kernels.
     limit: u64,
     reserved: Vec<Range<u64>>,
+    /// Addresses below `ram_size` that are not RAM (gaps between the RAM
+    /// ranges the caller gave).
+    holes: Vec<Range<u64>>,
     regions: Vec<(Range<u64>, Region)>,
     ops: Vec<Op<'a>>,
 }
@@ -197,7 +224,31 @@ impl<'a> PlanBuilder<'a> {
     pub(crate) fn new(layout: &RamLayout<'_>, below_4gib: bool, extra_reserved: &[Range<u64>]) -> Self {
         let limit = if below_4gib { layout.ram_size.min(FOUR_GIB) } else { layout.ram_size };
         let reserved = layout.reserved.iter().chain(extra_reserved).filter(|r| !r.is_empty()).cloned().collect();
-        Self { ram_size: layout.ram_size, limit, reserved, regions: Vec::new(), ops: Vec::new() }
+        Self { ram_size: layout.ram_size, limit, reserved, holes: Vec::new(), regions: Vec::new(), ops: Vec::new() }
+    }
+
+    /// A builder for guest RAM made of the ranges `ram` (in any order;
+    /// empty ones ignored), which may leave holes: the addresses between
+    /// them, and below the first, are not RAM and nothing is placed there.
+    pub(crate) fn with_ram(
+        ram: &[Range<u64>],
+        reserved: &[Range<u64>],
+        below_4gib: bool,
+        extra_reserved: &[Range<u64>],
+    ) -> Self {
+        let ram = normalize(ram);
+        let ram_size = ram.last().map_or(0, |r| r.end);
+        let mut holes = Vec::new();
+        let mut at = 0;
+        for r in &ram {
+            if r.start > at {
+                holes.push(at..r.start);
+            }
+            at = r.end;
+        }
+        let mut builder = Self::new(&RamLayout { ram_size, reserved }, below_4gib, extra_reserved);
+        builder.holes = holes;
+        builder
     }
 
     /// Checks that `len` bytes at `gpa` fit guest RAM and avoid the reserved
@@ -215,6 +266,9 @@ impl<'a> PlanBuilder<'a> {
         if end > self.limit {
             return Err(Error::Above4GiB { region, start: gpa, end });
         }
+        if let Some(hole) = self.holes.iter().find(|h| intersects(h, &range)) {
+            return Err(Error::RamHole { region, start: gpa, end, hole: hole.clone() });
+        }
         if let Some(r) = self.reserved.iter().find(|r| intersects(r, &range)) {
             return Err(Error::Reserved { region, start: gpa, end, reserved: r.clone() });
         }
@@ -222,22 +276,56 @@ impl<'a> PlanBuilder<'a> {
         Ok(range)
     }
 
+    /// Everything a placed region must stay clear of: reserved ranges, holes
+    /// in RAM and the regions already claimed.
+    fn obstacles(&self) -> impl Iterator<Item = &Range<u64>> {
+        self.reserved.iter().chain(&self.holes).chain(self.regions.iter().map(|(r, _)| r))
+    }
+
     /// Finds the first page-aligned address at or above `from` where `len`
-    /// bytes fit below the limit without touching a reserved range, and
-    /// claims it for `region`.
+    /// bytes fit below the limit without touching a reserved range, a hole
+    /// or a claimed region, and claims it for `region`.
     pub(crate) fn place(&mut self, region: Region, from: u64, len: u64) -> Result<u64> {
+        self.place_aligned(region, from, len, PAGE_SIZE)
+    }
+
+    /// As [`PlanBuilder::place`], at a multiple of `align` (a power of two).
+    pub(crate) fn place_aligned(&mut self, region: Region, from: u64, len: u64, align: u64) -> Result<u64> {
         let no_room = Error::NoRoom { region, len };
-        let mut gpa = page_align_up(from).ok_or(no_room.clone())?;
+        let mut gpa = align_up(from, align).ok_or(no_room.clone())?;
         loop {
             let end = gpa.checked_add(len).ok_or(no_room.clone())?;
             if end > self.limit {
                 return Err(no_room);
             }
             let range = gpa..end;
-            // Skip past every reserved range in the way; `gpa` strictly grows
-            // (an intersecting range ends above `gpa`), so this terminates.
-            match self.reserved.iter().filter(|r| len > 0 && intersects(r, &range)).map(|r| r.end).max() {
-                Some(past) => gpa = page_align_up(past).ok_or(no_room.clone())?,
+            // Skip past every obstacle in the way; `gpa` strictly grows (an
+            // intersecting range ends above `gpa`), so this terminates.
+            match self.obstacles().filter(|r| len > 0 && intersects(r, &range)).map(|r| r.end).max() {
+                Some(past) => gpa = align_up(past, align).ok_or(no_room.clone())?,
+                None => {
+                    self.claim(region, gpa, len)?;
+                    return Ok(gpa);
+                }
+            }
+        }
+    }
+
+    /// Finds the highest multiple of `align` (a power of two) where `len`
+    /// bytes end at or below `below` and the limit without touching a
+    /// reserved range, a hole or a claimed region, and claims it for
+    /// `region`.
+    pub(crate) fn place_high(&mut self, region: Region, below: u64, len: u64, align: u64) -> Result<u64> {
+        let no_room = Error::NoRoom { region, len };
+        let fit_below = |top: u64| top.checked_sub(len).map(|start| start & !(align - 1)).ok_or(no_room.clone());
+        let mut gpa = fit_below(below.min(self.limit))?;
+        loop {
+            // `gpa + len <= below`, so this does not overflow.
+            let range = gpa..gpa + len;
+            // Drop below every obstacle in the way; `gpa` strictly falls (an
+            // intersecting range starts below `gpa + len`), so this terminates.
+            match self.obstacles().filter(|r| len > 0 && intersects(r, &range)).map(|r| r.start).min() {
+                Some(under) => gpa = fit_below(under)?,
                 None => {
                     self.claim(region, gpa, len)?;
                     return Ok(gpa);

@@ -1,7 +1,9 @@
 //! Byte-by-byte builders for the loader's tests: minimal ELF64/ELF32
-//! executables and Multiboot headers.
+//! executables, Multiboot headers and Linux bzImages.
 
 use alloc::vec::Vec;
+
+use super::linux::{loadflags, off, xloadflags};
 
 pub use elf::abi::{PF_R, PF_W, PF_X, PT_LOAD, PT_NOTE};
 
@@ -154,4 +156,78 @@ pub fn u32_at(bytes: &[u8], at: usize) -> u32 {
 /// Reads a little-endian u64 at `at`.
 pub fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// The header fields of a synthetic Linux bzImage (boot.rst, "The
+/// Real-Mode Kernel Header"); `Default` is a valid 64-bit relocatable kernel
+/// preferring 2 MiB.
+#[derive(Clone, Debug)]
+pub struct Hdr {
+    pub setup_sects: u8,
+    pub boot_flag: u16,
+    pub signature: [u8; 4],
+    pub version: u16,
+    /// The byte at 0x201: the header ends at 0x202 + this.
+    pub jump: u8,
+    pub loadflags: u8,
+    pub xloadflags: u16,
+    pub kernel_len: usize,
+    /// `None`: the kernel length in paragraphs, rounded up.
+    pub syssize: Option<u32>,
+    pub initrd_addr_max: u32,
+    pub kernel_alignment: u32,
+    pub relocatable: u8,
+    pub cmdline_size: u32,
+    pub payload: (u32, u32),
+    pub pref_address: u64,
+    pub init_size: u32,
+}
+
+impl Default for Hdr {
+    fn default() -> Self {
+        Self {
+            setup_sects: 4,
+            boot_flag: 0xAA55,
+            signature: *b"HdrS",
+            version: 0x020f,
+            jump: 0x6a,
+            loadflags: loadflags::LOADED_HIGH,
+            xloadflags: xloadflags::KERNEL_64,
+            kernel_len: 0x3000,
+            syssize: None,
+            initrd_addr_max: 0x7fff_ffff,
+            kernel_alignment: 0x20_0000,
+            relocatable: 1,
+            cmdline_size: 2047,
+            payload: (0x100, 0x1000),
+            pref_address: 0x20_0000,
+            init_size: 0x10_0000,
+        }
+    }
+}
+
+/// A bzImage with header `h`: setup sectors and kernel filled with a
+/// recognisable pattern, the header fields written over it.
+pub fn bzimage(h: &Hdr) -> Vec<u8> {
+    let sects = if h.setup_sects == 0 { 4 } else { usize::from(h.setup_sects) };
+    let len = (sects + 1) * 512 + h.kernel_len;
+    let mut img: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+    img[off::SETUP_SECTS] = h.setup_sects;
+    let syssize = h.syssize.unwrap_or(h.kernel_len.div_ceil(16) as u32);
+    put(&mut img, off::SYSSIZE, &syssize.to_le_bytes());
+    put(&mut img, off::BOOT_FLAG, &h.boot_flag.to_le_bytes());
+    put(&mut img, off::JUMP, &[0xEB, h.jump]);
+    put(&mut img, off::HEADER, &h.signature);
+    put(&mut img, off::VERSION, &h.version.to_le_bytes());
+    img[off::LOADFLAGS] = h.loadflags;
+    put(&mut img, off::INITRD_ADDR_MAX, &h.initrd_addr_max.to_le_bytes());
+    put(&mut img, off::KERNEL_ALIGNMENT, &h.kernel_alignment.to_le_bytes());
+    img[off::RELOCATABLE_KERNEL] = h.relocatable;
+    put(&mut img, off::XLOADFLAGS, &h.xloadflags.to_le_bytes());
+    put(&mut img, off::CMDLINE_SIZE, &h.cmdline_size.to_le_bytes());
+    put(&mut img, off::PAYLOAD_OFFSET, &h.payload.0.to_le_bytes());
+    put(&mut img, off::PAYLOAD_LENGTH, &h.payload.1.to_le_bytes());
+    put(&mut img, off::PREF_ADDRESS, &h.pref_address.to_le_bytes());
+    put(&mut img, off::INIT_SIZE, &h.init_size.to_le_bytes());
+    img
 }

@@ -1,8 +1,17 @@
-//! Starting a guest: load its image (ELF64 or Multiboot v1, chosen the way
-//! QEMU's `-kernel` chooses: a Multiboot header wins), write the boot
-//! structures the protocol promises, and build the first vCPU state.
+//! Starting a guest: load its image (Linux bzImage, Multiboot v1 or ELF64,
+//! chosen the way QEMU's `-kernel` chooses: a Linux setup header wins, then
+//! a Multiboot header), write the boot structures the protocol promises, and
+//! build the first vCPU state.
 //!
 //! Boot contracts:
+//! - Linux (boot.rst, "64-bit Boot Protocol"): an image with the 0xAA55 boot
+//!   flag at 0x1FE and "HdrS" at 0x202. 64-bit mode at the kernel's 64-bit
+//!   entry (load address + 0x200), the low 4 GiB identity-mapped as for
+//!   ELF64, a GDT with `__BOOT_CS` = 0x10 (64-bit code) and `__BOOT_DS` =
+//!   0x18 (data), CS = 0x10, DS/ES/SS/FS/GS = 0x18, interrupts off; RSI =
+//!   the zero page at 0x9000, the command line at 0xA000 (both in the
+//!   reserved low 64 KiB, which the e820 map reports reserved); every other
+//!   general register 0. The one module, if given, is the initramfs.
 //! - ELF64: 64-bit mode at the entry point; the low 4 GiB of guest-physical
 //!   space identity-mapped with 2 MiB pages (page tables at 0x1000); RDI =
 //!   RAM size in bytes, RSI = VM id, RDX = command line (NUL-terminated, at
@@ -24,6 +33,13 @@ const PML4: u64 = 0x1000;
 const GDT: u64 = 0x7000;
 const CMDLINE: u64 = 0x8000;
 pub const MAX_CMDLINE: usize = 4095;
+/// Where a Linux guest's zero page and command line go: the part of the
+/// reserved low 64 KiB that the page tables, the GDT and the ELF command
+/// line leave free. The zero page is at its start.
+pub const LINUX_BOOT_AREA: Range<u64> = 0x9000..RESERVED.end;
+/// `__BOOT_CS` and `__BOOT_DS` (boot.rst, "64-bit Boot Protocol").
+const LINUX_BOOT_CS: u16 = 0x10;
+const LINUX_BOOT_DS: u16 = 0x18;
 
 /// A file passed to a Multiboot guest as a module.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +52,7 @@ pub struct Module<'a> {
 pub enum Protocol {
     Elf64,
     Multiboot,
+    Linux,
 }
 
 impl Protocol {
@@ -43,6 +60,7 @@ impl Protocol {
         match self {
             Protocol::Elf64 => "elf64",
             Protocol::Multiboot => "multiboot",
+            Protocol::Linux => "linux",
         }
     }
 }
@@ -54,6 +72,10 @@ pub enum BootError {
     CommandLine,
     /// Modules were given for a guest that is not booted through Multiboot.
     ModulesNeedMultiboot,
+    /// A Linux guest was given more than one module (its initramfs).
+    LinuxOneInitrd {
+        given: usize,
+    },
     /// Writing guest RAM failed: a hypervisor bug, the plan was checked.
     Memory,
 }
@@ -63,7 +85,12 @@ impl core::fmt::Display for BootError {
         match self {
             BootError::Load(e) => write!(f, "{e}"),
             BootError::CommandLine => write!(f, "the command line is longer than {MAX_CMDLINE} bytes or holds a NUL"),
-            BootError::ModulesNeedMultiboot => write!(f, "modules can only be passed to Multiboot guests"),
+            BootError::ModulesNeedMultiboot => {
+                write!(f, "modules can only be passed to Multiboot guests (and one, the initramfs, to Linux)")
+            }
+            BootError::LinuxOneInitrd { given } => {
+                write!(f, "a Linux guest takes one module, its initramfs; {given} were given")
+            }
             BootError::Memory => write!(f, "guest RAM refused a write of the checked load plan"),
         }
     }
@@ -90,7 +117,23 @@ pub fn prepare(
     }
     let reserved = [RESERVED];
     let layout = RamLayout { ram_size, reserved: &reserved };
-    if has_multiboot_header(image) {
+    if loader::linux::is_linux(image) {
+        let initrd = match modules {
+            [] => None,
+            [m] => Some(m.data),
+            _ => return Err(BootError::LinuxOneInitrd { given: modules.len() }),
+        };
+        // The hypervisor keeps the low 64 KiB but lends the loader its boot
+        // area for the zero page and the command line.
+        let ram = [Range { start: 0, end: ram_size }];
+        let kept = [Range { start: RESERVED.start, end: LINUX_BOOT_AREA.start }];
+        let config = loader::linux::Config { ram: &ram, reserved: &kept, boot_area: LINUX_BOOT_AREA, cmdline, initrd };
+        let plan = loader::linux::plan(image, &config).map_err(BootError::Load)?;
+        plan.apply(image, mem).map_err(BootError::Load)?;
+        write_identity_map(mem)?;
+        write_gdt(mem, &GDT_LINUX)?;
+        Ok((linux_state(&plan), Protocol::Linux))
+    } else if has_multiboot_header(image) {
         let mods: alloc::vec::Vec<loader::multiboot::Module<'_>> =
             modules.iter().map(|m| loader::multiboot::Module { data: m.data, cmdline: m.name }).collect();
         let config = loader::multiboot::Config { layout, cmdline, modules: &mods };
@@ -122,12 +165,11 @@ pub fn prepare(
 /// Null, code, data descriptors (SDM Vol. 3A 3.4.5).
 const GDT_64: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 const GDT_32: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+/// Linux wants its code and data at 0x10 and 0x18: null, unused, code, data.
+const GDT_LINUX: [u64; 4] = [0, 0, GDT_64[1], GDT_64[2]];
 
-fn write_gdt(mem: &mut (impl GuestWrite + ?Sized), gdt: &[u64; 3]) -> Result<(), BootError> {
-    let mut bytes = [0u8; 24];
-    for (i, d) in gdt.iter().enumerate() {
-        bytes[i * 8..i * 8 + 8].copy_from_slice(&d.to_le_bytes());
-    }
+fn write_gdt(mem: &mut (impl GuestWrite + ?Sized), gdt: &[u64]) -> Result<(), BootError> {
+    let bytes: alloc::vec::Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     mem.write(GDT, &bytes).map_err(|_| BootError::Memory)
 }
 
@@ -172,7 +214,7 @@ fn common(rip: u64) -> GuestState {
 }
 
 fn long_mode_state(plan: &LoadPlan<'_>, gprs: Gprs) -> GuestState {
-    debug_assert_eq!(plan.entry().mode, EntryMode::Long64);
+    debug_assert_ne!(plan.entry().mode, EntryMode::Protected32);
     GuestState {
         gprs,
         cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
@@ -181,6 +223,22 @@ fn long_mode_state(plan: &LoadPlan<'_>, gprs: Gprs) -> GuestState {
         efer: EFER_LME | EFER_LMA,
         cs: flat(0x08, SegAttrs::CODE64),
         ..common(plan.entry().rip)
+    }
+}
+
+fn linux_state(plan: &LoadPlan<'_>) -> GuestState {
+    debug_assert_eq!(plan.entry().mode, EntryMode::Linux64);
+    let data = flat(LINUX_BOOT_DS, SegAttrs::DATA);
+    GuestState {
+        gprs: Gprs { rsi: plan.entry().rsi, ..Default::default() },
+        cs: flat(LINUX_BOOT_CS, SegAttrs::CODE64),
+        ds: data,
+        es: data,
+        ss: data,
+        fs: data,
+        gs: data,
+        gdtr: DescriptorTable { base: GDT, limit: (GDT_LINUX.len() * 8 - 1) as u16 },
+        ..long_mode_state(plan, Gprs::default())
     }
 }
 
@@ -246,6 +304,47 @@ mod tests {
         let m = rd(info + 24);
         let (start, end) = (rd(m), rd(m + 4));
         assert_eq!(&ram[start as usize..end as usize], b"module-bytes");
+    }
+
+    #[test]
+    fn linux_guest_enters_64_bit_with_boot_selectors_and_zero_page() {
+        let image = testutil::bzimage(&testutil::Hdr::default());
+        let mut ram = alloc::vec![0u8; 16 << 20];
+        let initrd = Module { name: "initrd", data: b"initramfs-bytes" };
+        let (s, p) = prepare(&image, 16 << 20, "console=ttyS0", &[initrd], 2, &mut ram[..]).unwrap();
+        assert_eq!(p, Protocol::Linux);
+        // Loaded at its preferred 2 MiB, entered at +0x200.
+        assert_eq!(s.rip, 0x20_0200);
+        assert_eq!(&ram[0x20_0000..0x20_0010], &image[5 * 512..5 * 512 + 16]);
+        assert_eq!(s.gprs, Gprs { rsi: LINUX_BOOT_AREA.start, ..Default::default() });
+        assert!(s.long_mode() && s.cs.attrs.long());
+        assert_eq!((s.cs.selector, s.ds.selector, s.es.selector, s.ss.selector), (0x10, 0x18, 0x18, 0x18));
+        assert_eq!(s.rflags & RFLAGS_IF, 0);
+        let rd = |a: u64| u64::from_le_bytes(ram[a as usize..a as usize + 8].try_into().unwrap());
+        assert_eq!((rd(GDT + 0x10), rd(GDT + 0x18)), (GDT_64[1], GDT_64[2]));
+        assert_eq!(s.gdtr.limit, 31);
+        assert_eq!(rd(PML4) & !0xfff, 0x2000, "identity map as for ELF64");
+        // The zero page names the command line and the initramfs.
+        let zp = LINUX_BOOT_AREA.start as usize;
+        assert_eq!(&ram[zp + 0x202..zp + 0x206], b"HdrS");
+        let cmd = rd(zp as u64 + 0x228) as u32 as usize;
+        assert_eq!(&ram[cmd..cmd + 14], b"console=ttyS0\0");
+        let (rd_at, rd_len) = (rd(zp as u64 + 0x218) as u32 as usize, rd(zp as u64 + 0x21c) as u32 as usize);
+        assert_eq!(&ram[rd_at..rd_at + rd_len], b"initramfs-bytes");
+    }
+
+    #[test]
+    fn linux_guest_takes_one_module() {
+        let image = testutil::bzimage(&testutil::Hdr::default());
+        let mut ram = alloc::vec![0u8; 16 << 20];
+        let m = [Module { name: "a", data: b"x" }, Module { name: "b", data: b"y" }];
+        assert_eq!(prepare(&image, 16 << 20, "", &m, 1, &mut ram[..]), Err(BootError::LinuxOneInitrd { given: 2 }));
+        // A malformed Linux image is refused by the Linux loader.
+        let old = testutil::bzimage(&testutil::Hdr { version: 0x0206, ..Default::default() });
+        assert!(matches!(
+            prepare(&old, 16 << 20, "", &[], 1, &mut ram[..]),
+            Err(BootError::Load(loader::Error::LinuxVersion { .. }))
+        ));
     }
 
     #[test]
