@@ -11,6 +11,7 @@
 
 pub mod bus;
 pub mod persist;
+pub mod pic;
 pub mod rtc;
 pub mod uart;
 
