@@ -12,6 +12,7 @@
 pub mod bus;
 pub mod persist;
 pub mod pic;
+pub mod pit;
 pub mod rtc;
 pub mod uart;
 
