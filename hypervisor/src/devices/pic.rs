@@ -461,11 +461,13 @@ impl Pic {
     /// goes in service and its vector is returned, from the slave when the
     /// master's request is a cascaded IR ("Cascade Mode": the master names
     /// the slave, the slave whose ICW3 ID matches supplies the vector).
-    /// A request that is gone by the acknowledge makes the chip answer with
-    /// IR7 and set no ISR bit ("Interrupt Sequence": the default IR7), so
-    /// the guest sees a spurious IRQ 7, or IRQ 15 from the slave (the
-    /// master's IR2 does go in service then, as Linux expects when it EOIs
-    /// the master after a spurious IRQ 15).
+    /// A request that is gone by the acknowledge (a level-triggered line
+    /// dropped, or the line was masked) makes the chip answer with IR7 and
+    /// set no ISR bit ("Interrupt Sequence": the default IR7): the guest
+    /// sees a spurious IRQ 7, which Linux recognises by reading the ISR.
+    /// The slave would answer IRQ 15 the same way, but here it is never
+    /// asked without a request: the master follows its INT as a level, so a
+    /// slave request that vanishes withdraws the master's IR2 with it.
     pub fn acknowledge(&mut self) -> u8 {
         let slaves = self.slaves();
         let master = &mut self.state.chips[0];

@@ -129,7 +129,9 @@ pub struct CounterState {
     pub edge_mark: u64,
 }
 
-/// The timer's state.
+/// The timer's state. Its times are on the VM clock (`now_ns`), which
+/// continues across save and restore: restored on a clock that goes on from
+/// the saved moment, every counter resumes exactly where it was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PitState {
     pub counters: [CounterState; 3],
