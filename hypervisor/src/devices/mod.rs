@@ -20,6 +20,8 @@ use alloc::vec::Vec;
 
 pub use bus::Bus;
 pub use persist::{Persist, RestoreError, SavedDevice};
+use pic::Pic;
+use pit::Pit;
 use rtc::Rtc;
 use uart::Uart;
 
@@ -54,12 +56,47 @@ pub enum Device {
     DebugExit,
     /// The CMOS clock and RAM.
     Rtc(Rtc),
+    /// The two cascaded 8259A interrupt controllers and their ELCR.
+    Pic(Pic),
+    /// The 8254 timer and port 0x61 (speaker gate, counter 2's output).
+    Pit(Pit),
+}
+
+impl Device {
+    /// One byte lane of a port read: `port` is the lane's port, `offset`
+    /// its offset in the device's range. `None`: the device does not
+    /// decode reads there.
+    fn read_byte(&mut self, port: u16, offset: u64, now_ns: &impl Fn() -> u64) -> Option<u8> {
+        match self {
+            Device::Uart(u) => Some(u.read(offset as u16)),
+            Device::Rtc(r) => Some(r.read(offset, now_ns())),
+            Device::Pic(p) => Some(p.read(port)),
+            Device::Pit(t) if port == pit::PORT61 => Some(t.read_port61(now_ns())),
+            Device::Pit(t) => Some(t.read(port, now_ns())),
+            Device::DebugExit => None,
+        }
+    }
+
+    /// One byte lane of a port write; whether the device decoded it.
+    fn write_byte(&mut self, port: u16, offset: u64, value: u8, now_ns: &impl Fn() -> u64) -> bool {
+        match self {
+            Device::Uart(u) => u.write(offset as u16, value),
+            Device::Rtc(r) => r.write(offset, value, now_ns()),
+            Device::Pic(p) => p.write(port, value),
+            Device::Pit(t) if port == pit::PORT61 => t.write_port61(value, now_ns()),
+            Device::Pit(t) => t.write(port, value, now_ns()),
+            Device::DebugExit => return false,
+        }
+        true
+    }
 }
 
 /// A device's state decoded and checked, waiting to be applied.
 enum Decoded {
     Uart(<Uart as Persist>::State),
     Rtc(<Rtc as Persist>::State),
+    Pic(<Pic as Persist>::State),
+    Pit(<Pit as Persist>::State),
 }
 
 /// A VM's devices and where the guest reaches them.
@@ -71,22 +108,28 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// The legacy PC pieces every VM has today: COM1 at 0x3f8, the CMOS
-    /// clock at 0x70 (set from `host_epoch`, the host's Unix time at its
-    /// boot, and telling `ram_bytes` of RAM) and the debug-exit port at
-    /// 0xf4.
+    /// The legacy PC pieces every VM has: COM1 at 0x3f8, the CMOS clock at
+    /// 0x70 (set from `host_epoch`, the host's Unix time at its boot, and
+    /// telling `ram_bytes` of RAM), the PICs at 0x20/0xa0 (ELCR at 0x4d0),
+    /// the PIT at 0x40 with port 0x61, and the debug-exit port at 0xf4.
     pub fn pc(host_epoch: u64, ram_bytes: u64) -> Self {
         let mut set = DeviceSet { devices: Vec::new(), pio: Bus::default() };
         // Fixed, non-overlapping ranges: these inserts cannot fail.
-        let _ = set.add_pio("com1", COM1_BASE.into(), 8, Device::Uart(Uart::default()));
-        let _ = set.add_pio("rtc", RTC_BASE.into(), 2, Device::Rtc(Rtc::new(host_epoch, ram_bytes)));
+        let _ = set.add_pio("com1", &[(COM1_BASE, 8)], Device::Uart(Uart::default()));
+        let _ = set.add_pio("rtc", &[(RTC_BASE, 2)], Device::Rtc(Rtc::new(host_epoch, ram_bytes)));
+        let pic_ports = [(pic::MASTER_CMD, 2), (pic::SLAVE_CMD, 2), (pic::ELCR_MASTER, 2)];
+        let _ = set.add_pio("pic", &pic_ports, Device::Pic(Pic::new()));
+        let _ = set.add_pio("pit", &[(pit::COUNTER0, 4), (pit::PORT61, 1)], Device::Pit(Pit::new()));
         // QEMU's `isa-debug-exit,iosize=4`.
-        let _ = set.add_pio("debug-exit", EXIT_PORT.into(), 4, Device::DebugExit);
+        let _ = set.add_pio("debug-exit", &[(EXIT_PORT, 4)], Device::DebugExit);
         set
     }
 
-    fn add_pio(&mut self, name: &'static str, base: u64, len: u64, device: Device) -> Result<(), bus::Conflict> {
-        self.pio.insert(base, len, self.devices.len())?;
+    /// Add `device` as `name`, decoding the port ranges `(base, len)`.
+    fn add_pio(&mut self, name: &'static str, ranges: &[(u16, u64)], device: Device) -> Result<(), bus::Conflict> {
+        for &(base, len) in ranges {
+            self.pio.insert(base.into(), len, self.devices.len())?;
+        }
         self.devices.push((name, device));
         Ok(())
     }
@@ -123,21 +166,13 @@ impl DeviceSet {
         let mut value = 0u32;
         let mut backed = false;
         for lane in 0..size.min(4) {
-            let byte = match self.pio.find(u64::from(port) + u64::from(lane)) {
-                Some((i, offset)) => match &mut self.devices[i].1 {
-                    Device::Uart(u) => {
-                        backed = true;
-                        u.read(offset as u16)
-                    }
-                    Device::Rtc(r) => {
-                        backed = true;
-                        r.read(offset, now_ns())
-                    }
-                    Device::DebugExit => 0xff,
-                },
-                None => 0xff,
+            let lane_port = port.wrapping_add(lane.into());
+            let byte = match self.pio.find(lane_port.into()) {
+                Some((i, offset)) => self.devices[i].1.read_byte(lane_port, offset, &now_ns),
+                None => None,
             };
-            value |= u32::from(byte) << (8 * lane);
+            backed |= byte.is_some();
+            value |= u32::from(byte.unwrap_or(0xff)) << (8 * lane);
         }
         if backed { PortEffect::Done(value) } else { PortEffect::Unbacked }
     }
@@ -152,16 +187,10 @@ impl DeviceSet {
         }
         let mut backed = false;
         for lane in 0..size.min(4) {
-            let byte = (value >> (8 * lane)) as u8;
-            match self.pio.find(u64::from(port) + u64::from(lane)) {
-                Some((i, offset)) => match &mut self.devices[i].1 {
-                    Device::Uart(u) => u.write(offset as u16, byte),
-                    Device::Rtc(r) => r.write(offset, byte, now_ns()),
-                    Device::DebugExit => continue,
-                },
-                None => continue,
+            let lane_port = port.wrapping_add(lane.into());
+            if let Some((i, offset)) = self.pio.find(lane_port.into()) {
+                backed |= self.devices[i].1.write_byte(lane_port, offset, (value >> (8 * lane)) as u8, &now_ns);
             }
-            backed = true;
         }
         if backed { PortEffect::Done(0) } else { PortEffect::Unbacked }
     }
@@ -173,6 +202,8 @@ impl DeviceSet {
             .filter_map(|(name, d)| match d {
                 Device::Uart(u) => Some(persist::save(name, u)),
                 Device::Rtc(r) => Some(persist::save(name, r)),
+                Device::Pic(p) => Some(persist::save(name, p)),
+                Device::Pit(t) => Some(persist::save(name, t)),
                 // Stateless: nothing to carry.
                 Device::DebugExit => None,
             })
@@ -196,6 +227,8 @@ impl DeviceSet {
             states.push(match d {
                 Device::Uart(_) => Some(Decoded::Uart(persist::decode::<Uart>(name, find()?)?)),
                 Device::Rtc(_) => Some(Decoded::Rtc(persist::decode::<Rtc>(name, find()?)?)),
+                Device::Pic(_) => Some(Decoded::Pic(persist::decode::<Pic>(name, find()?)?)),
+                Device::Pit(_) => Some(Decoded::Pit(persist::decode::<Pit>(name, find()?)?)),
                 Device::DebugExit => None,
             });
         }
@@ -203,6 +236,8 @@ impl DeviceSet {
             match (d, state) {
                 (Device::Uart(u), Some(Decoded::Uart(s))) => u.restore(s),
                 (Device::Rtc(r), Some(Decoded::Rtc(s))) => r.restore(s),
+                (Device::Pic(p), Some(Decoded::Pic(s))) => p.restore(s),
+                (Device::Pit(t), Some(Decoded::Pit(s))) => t.restore(s),
                 // Decoded above from this very list, so kinds match.
                 _ => {}
             }
@@ -250,6 +285,24 @@ mod tests {
         // The RTC's seconds through 0x70/0x71, on the VM's clock.
         set.pio_write(RTC_BASE, 1, 0x00, || 0);
         assert_eq!(set.pio_read(RTC_BASE + 1, 1, || 42_000_000_000), PortEffect::Done(0x42));
+        // Linux's 8259A probe: the IMRs keep what is written.
+        set.pio_write(0x21, 1, 0xfb, || 0);
+        set.pio_write(0xa1, 1, 0xff, || 0);
+        assert_eq!(set.pio_read(0x21, 1, || 0), PortEffect::Done(0xfb));
+        assert_eq!(set.pio_read(0xa1, 1, || 0), PortEffect::Done(0xff));
+        // PIT counter 2, gated through port 0x61, counts down in mode 0 and
+        // raises its output (port 0x61 bit 5) when done, as Linux's TSC
+        // calibration polls it.
+        set.pio_write(0x61, 1, 0x01, || 0);
+        set.pio_write(0x43, 1, 0xb0, || 0);
+        set.pio_write(0x42, 1, 0x9b, || 0);
+        set.pio_write(0x42, 1, 0x2e, || 0); // 11931 ticks: 10 ms
+        let out2 = |set: &mut DeviceSet, t: u64| match set.pio_read(0x61, 1, || t) {
+            PortEffect::Done(v) => v & 0x20 != 0,
+            other => panic!("{other:?}"),
+        };
+        assert!(!out2(&mut set, 9_000_000));
+        assert!(out2(&mut set, 10_100_000));
     }
 
     #[test]
@@ -257,15 +310,15 @@ mod tests {
         let mut a = DeviceSet::pc(0, 16 << 20);
         a.pio_write(COM1_BASE + 7, 1, 0x11, || 0);
         let saved = a.save();
-        assert_eq!(saved.len(), 2, "COM1 and the RTC; the debug-exit port has no state");
+        assert_eq!(saved.len(), 4, "COM1, the RTC, the PIC and the PIT; the debug-exit port has no state");
         let mut b = DeviceSet::pc(0, 16 << 20);
         b.restore(&saved).unwrap();
         assert_eq!(b.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x11));
 
         let before = b.save();
         let mut extra = saved.clone();
-        extra.push(SavedDevice { name: "pit".into(), version: 1, bytes: alloc::vec![] });
-        assert_eq!(b.restore(&extra), Err(RestoreError::UnknownDevice("pit".into())));
+        extra.push(SavedDevice { name: "hpet".into(), version: 1, bytes: alloc::vec![] });
+        assert_eq!(b.restore(&extra), Err(RestoreError::UnknownDevice("hpet".into())));
         let twice = [saved[0].clone(), saved[0].clone()];
         assert_eq!(b.restore(&twice), Err(RestoreError::Duplicate("com1".into())));
         assert_eq!(b.restore(&[]), Err(RestoreError::MissingDevice("com1")));
