@@ -10,6 +10,7 @@
 //! restore included).
 
 pub mod bus;
+pub mod ioapic;
 pub mod lapic;
 pub mod persist;
 pub mod rtc;

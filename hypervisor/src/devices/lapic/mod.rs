@@ -265,7 +265,7 @@ pub enum Effect {
     /// The guest wrote the ICR: route this IPI.
     Ipi(Ipi),
     /// The guest ended a level-triggered interrupt: broadcast an EOI for
-    /// this vector to the I/O APICs (the I/O APIC's `eoi`).
+    /// this vector to the I/O APICs (`IoApic::eoi`).
     EoiBroadcast(u8),
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::devices::ioapic::IoApic;
 use crate::devices::persist::{RestoreError, SavedDevice, decode, save};
 
 const TSC_HZ: u64 = 2_000_000_000;
@@ -693,6 +694,40 @@ fn linux_style_bring_up_in_x2apic_mode() {
     assert_eq!(l.next_timer_deadline(3_000_000, 6_000_000), Some(3_050_000));
     assert!(l.tick(3_050_000, 6_100_000));
     assert_eq!(l.pending_vector(), Some(0xec));
+}
+
+#[test]
+fn an_ioapic_level_interrupt_end_to_end() {
+    let mut io = IoApic::new(0);
+    let mut l = enabled();
+    // Pin 10: level-triggered, vector 0x41, physical destination 3.
+    io.write(0x00, 0x10 + 2 * 10 + 1);
+    io.write(0x10, 3 << 24);
+    io.write(0x00, 0x10 + 2 * 10);
+    assert_eq!(io.write(0x10, 0x8041), None);
+    let deliver = |l: &mut Lapic, m: crate::devices::ioapic::Message| {
+        assert!(l.is_destination(m.logical, u32::from(m.destination), false));
+        assert_eq!(m.mode, DeliveryMode::Fixed);
+        assert!(l.accept(m.vector, m.level_triggered));
+    };
+    let m = io.set_irq(10, true).unwrap();
+    deliver(&mut l, m);
+    assert_eq!(l.pending_vector(), Some(0x41));
+    l.acknowledge(0x41);
+    assert_eq!(io.set_irq(10, true), None, "remote IRR: nothing more until EOI");
+    // The handler does not quiet the device: the EOI re-delivers.
+    let Effect::EoiBroadcast(v) = l.write(0xb0, 0, 0) else { panic!("level EOI is broadcast") };
+    let again: Vec<_> = io.eoi(v).collect();
+    assert_eq!(again.len(), 1);
+    deliver(&mut l, again[0]);
+    assert_eq!(l.pending_vector(), Some(0x41));
+    l.acknowledge(0x41);
+    // Now it does: the line drops and the EOI ends it.
+    io.set_irq(10, false);
+    let Effect::EoiBroadcast(v) = l.write(0xb0, 0, 0) else { panic!("level EOI is broadcast") };
+    assert_eq!(io.eoi(v).count(), 0);
+    assert_eq!(l.pending_vector(), None);
+    assert!(io.set_irq(10, true).is_some(), "a new assertion is a new interrupt");
 }
 
 #[test]
