@@ -10,6 +10,8 @@
 //! restore included).
 
 pub mod bus;
+pub mod ioapic;
+pub mod lapic;
 pub mod persist;
 pub mod pic;
 pub mod pit;
