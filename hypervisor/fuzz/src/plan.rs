@@ -1,4 +1,4 @@
-//! Checks shared by the fuzz targets: a plan the loader accepted must keep
+//! Checks shared by the loader targets: a plan the loader accepted must keep
 //! every promise the loader makes, independently re-checked here.
 
 use std::cell::RefCell;
@@ -32,10 +32,7 @@ pub fn check_plan(plan: &LoadPlan<'_>, image: &[u8], layout: &RamLayout<'_>, bel
         assert!(range.end <= layout.ram_size, "{op:?} outside RAM");
         assert!(!below_4gib || range.end <= 1 << 32, "{op:?} above 4 GiB");
         for reserved in layout.reserved {
-            assert!(
-                !intersects(&range, reserved),
-                "{op:?} in reserved {reserved:?}"
-            );
+            assert!(!intersects(&range, reserved), "{op:?} in reserved {reserved:?}");
         }
         if let Op::Copy { src, .. } = op {
             assert!(src.end <= image.len(), "{op:?} past the image");
@@ -48,9 +45,7 @@ pub fn check_plan(plan: &LoadPlan<'_>, image: &[u8], layout: &RamLayout<'_>, bel
     }
     let rip = plan.entry().rip;
     assert!(
-        plan.ops()
-            .iter()
-            .any(|op| matches!(op, Op::Copy { .. }) && op.gpa_range().contains(&rip)),
+        plan.ops().iter().any(|op| matches!(op, Op::Copy { .. }) && op.gpa_range().contains(&rip)),
         "entry {rip:#x} not in copied bytes"
     );
     RAM.with_borrow_mut(|ram| {
