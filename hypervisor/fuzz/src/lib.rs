@@ -4,18 +4,43 @@
 //! through [`TARGETS`] on every `scripts/test`).
 
 mod archive;
+mod ata_identify;
 mod console;
 mod elf;
+mod guest_walk;
 pub mod input;
 mod multiboot;
 mod plan;
+mod svm_exit;
+mod svm_fetch;
+mod swap_format;
+mod vmx_exit;
 
 pub use archive::archive;
+pub use ata_identify::ata_identify;
 pub use console::console;
 pub use elf::elf;
+pub use guest_walk::guest_walk;
 pub use multiboot::multiboot;
 pub use plan::{MAX_RAM, check_plan};
+pub use svm_exit::svm_exit;
+pub use svm_fetch::svm_fetch;
+pub use swap_format::swap_format;
+pub use vmx_exit::vmx_exit;
+
+/// A target's body: takes the fuzzer's bytes, panics on a broken promise.
+pub type Target = fn(&[u8]);
 
 /// Every target by name (the `[[bin]]` names in Cargo.toml).
-pub const TARGETS: &[(&str, fn(&[u8]))] =
-    &[("console", console), ("archive", archive), ("elf", elf), ("multiboot", multiboot)];
+pub const TARGETS: &[(&str, Target)] = &[
+    ("console", console),
+    ("archive", archive),
+    ("elf", elf),
+    ("multiboot", multiboot),
+    ("vmx_exit", vmx_exit),
+    ("svm_exit", svm_exit),
+    ("svm_fetch", svm_fetch),
+    ("guest_walk", guest_walk),
+    ("swap_format", swap_format),
+    ("ata_identify", ata_identify),
+];
