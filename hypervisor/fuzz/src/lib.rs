@@ -8,7 +8,9 @@ mod ata_identify;
 mod console;
 mod elf;
 mod guest_walk;
+mod handle_exit;
 pub mod input;
+mod mm_fault;
 mod multiboot;
 mod plan;
 mod svm_exit;
@@ -21,6 +23,8 @@ pub use ata_identify::ata_identify;
 pub use console::console;
 pub use elf::elf;
 pub use guest_walk::guest_walk;
+pub use handle_exit::handle_exit;
+pub use mm_fault::mm_fault;
 pub use multiboot::multiboot;
 pub use plan::{MAX_RAM, check_plan};
 pub use svm_exit::svm_exit;
@@ -41,6 +45,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("svm_exit", svm_exit),
     ("svm_fetch", svm_fetch),
     ("guest_walk", guest_walk),
+    ("handle_exit", handle_exit),
+    ("mm_fault", mm_fault),
     ("swap_format", swap_format),
     ("ata_identify", ata_identify),
 ];
