@@ -28,5 +28,5 @@ pub fn trace_exit(_vm: u32, _exit: &vcpu::VmExit) {
     log::trace!("vm {_vm}: {_exit:?}");
 }
 pub mod console;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;

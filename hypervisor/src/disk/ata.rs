@@ -335,7 +335,10 @@ pub fn decode_identify(w: &[u16; 256]) -> Result<Identity, IdentifyRefusal> {
     }
     let w83 = if valid(w[83]) { w[83] } else { 0 };
     let lba48 = w83 & (1 << 10) != 0;
-    let lba28_sectors = u64::from(w[60]) | u64::from(w[61]) << 16;
+    // Words 60-61 count at most 0x0fff_ffff sectors (what 28-bit commands
+    // reach); a device claiming more must not make the disk look larger
+    // than its commands can address.
+    let lba28_sectors = (u64::from(w[60]) | u64::from(w[61]) << 16).min(LBA28_LIMIT);
     let lba48_sectors = (0..4).fold(0u64, |acc, i| acc | u64::from(w[100 + i]) << (16 * i));
     let sectors = if lba48 && lba48_sectors != 0 { lba48_sectors.min(LBA48_LIMIT) } else { lba28_sectors };
     if sectors == 0 {
@@ -414,6 +417,16 @@ mod tests {
         w[83] = 0x4000 | 1 << 10;
         w[100..104].fill(0);
         assert_eq!(decode_identify(&w).unwrap().sectors, 0x0fff_ffff);
+    }
+
+    #[test]
+    fn a_28_bit_size_past_the_28_bit_limit_is_clamped() {
+        // Found by the ata_identify fuzz target: 0x2020_2020 sectors on a
+        // device without 48-bit commands, whose end no command can reach.
+        let id = decode_identify(&identify(0x2020_2020)).unwrap();
+        assert!(!id.lba48);
+        assert_eq!(id.sectors, LBA28_LIMIT);
+        assert!(Transfers::new(Drive::Slave, false, id.sectors - 1, 1, false).is_some());
     }
 
     #[test]

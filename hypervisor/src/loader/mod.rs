@@ -21,7 +21,8 @@ mod error;
 pub mod linux;
 pub mod multiboot;
 mod plan;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports))] // `testing::elf_guest` uses a part
 pub(crate) mod testutil;
 
 pub use error::{Error, Region, Result};

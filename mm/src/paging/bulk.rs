@@ -174,7 +174,8 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// (a subset of one right): if the leaf grants it, set the accessed bit
     /// (and dirty for a write) and return the host address; otherwise the
     /// access would cause an EPT violation / nested page fault: `None`.
-    pub(crate) fn hw_access<M: PhysMem>(&self, mem: &M, gpa: GuestPhysAddr, access: Access) -> Option<HostPhysAddr> {
+    /// Public (with `sim`) so the fuzz targets' simulated guests use it too.
+    pub fn hw_access<M: PhysMem>(&self, mem: &M, gpa: GuestPhysAddr, access: Access) -> Option<HostPhysAddr> {
         if gpa.0 >= GUEST_PHYS_LIMIT {
             return None;
         }

@@ -205,6 +205,12 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
                 let shared = self
                     .override_frame(i)
                     .ok_or(Error::WrongPageState { gpa: self.gpa_of(i), state: PageState::Shared })?;
+                if index.is_quarantined(shared) {
+                    // Another sharer's page was poisoned: the frame is bad
+                    // memory. Neither take it over (it would be freed and
+                    // reused) nor copy it (reading it is a machine check).
+                    return Err(Error::PagePoisoned(self.gpa_of(i)));
+                }
                 if index.refs(shared) == 1 {
                     // The last user: take the frame over instead of copying.
                     self.transition(alloc, i, PageState::Present, true, Some(Override::Frame(shared)), inv)?;

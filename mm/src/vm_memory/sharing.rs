@@ -139,6 +139,11 @@ impl SharingIndex {
         self.frames.get(&frame).map_or(0, |f| f.refs)
     }
 
+    /// Whether `frame` was hit by an uncorrectable error (see `quarantine`).
+    pub(super) fn is_quarantined(&self, frame: HostPhysAddr) -> bool {
+        self.frames.get(&frame).is_some_and(|f| f.poisoned)
+    }
+
     /// Hand a frame with exactly one reference over to its user.
     pub(super) fn take_exclusive(&mut self, frame: HostPhysAddr) {
         if let Some(f) = self.frames.remove(&frame) {

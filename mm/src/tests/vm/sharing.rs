@@ -7,7 +7,7 @@ use crate::paging::{Access, EntryFormat, PageSize};
 use crate::sim::SimPhys;
 use crate::swap_hook::MemStore;
 use crate::tests::for_both_formats;
-use crate::vm_memory::{Hooks, PageState, SharingIndex};
+use crate::vm_memory::{AccessKind, FaultOutcome, Hooks, PageState, SharingIndex};
 
 fn zero_pages_share_one_frame<F: EntryFormat>() {
     let mut sim = SimPhys::new(4096);
@@ -243,10 +243,42 @@ fn bookkeeping_does_not_grow_with_guest_writes<F: EntryFormat>() {
     assert_eq!(sim.frames_in_use(), 0);
 }
 
+/// A shared frame poisoned through one of its pages stays quarantined: the
+/// last other sharer's write must neither take it over as its private frame
+/// (it would be freed and reused) nor copy it. Found by the mm_fault fuzz
+/// target's frame accounting.
+fn a_poisoned_shared_frame_is_never_taken_over<F: EntryFormat>() {
+    let mut sim = SimPhys::new(4096);
+    let mut index = SharingIndex::with_hint_slots(&mut sim, 1024).unwrap();
+    let mut v = vm::<F>(&mut sim, 1, 2, PageSize::Size4K);
+    let mut hooks = Hooks::sharing(&mut index);
+    for p in [10u64, 11] {
+        v.write(&mut sim, &mut hooks, g(p * PAGE_SIZE_4K), &pattern(5), &mut |_| {}).unwrap();
+    }
+    for _ in 0..2 {
+        v.share_scan(&mut sim, hooks.sharing.as_deref_mut().unwrap(), 512, &mut |_| {});
+    }
+    assert_eq!(v.page_state(g(11 * PAGE_SIZE_4K)), Some(PageState::Shared));
+    let frame = v.table().translate(&sim, g(11 * PAGE_SIZE_4K)).unwrap().hpa;
+    v.mark_poisoned(&mut sim, &mut hooks, g(10 * PAGE_SIZE_4K), &mut |_| {}).unwrap();
+    let out = v.handle_fault(&mut sim, &mut hooks, 0, g(11 * PAGE_SIZE_4K), AccessKind::Write);
+    assert!(matches!(out, FaultOutcome::Poisoned), "{out:?}");
+    assert_eq!(v.page_state(g(11 * PAGE_SIZE_4K)), Some(PageState::Shared));
+    v.check_invariants(&sim);
+    free(v, &mut sim, &mut hooks);
+    // SAFETY: no VM uses the index any more.
+    unsafe { index.free(&mut sim) };
+    // Page 10's frame went to the sharing index when it was merged, so
+    // only the poisoned shared frame stays out of the pool.
+    assert_eq!(sim.frames_in_use(), 1);
+    assert!(sim.contains(frame));
+}
+
 for_both_formats!(
     zero_pages_share_one_frame,
     cow_isolates_vms,
     hash_match_is_verified,
     large_page_opportunities,
     bookkeeping_does_not_grow_with_guest_writes,
+    a_poisoned_shared_frame_is_never_taken_over,
 );
