@@ -1,6 +1,7 @@
 //! The operator's input paths on arbitrary bytes: the serial line editor,
 //! the command parser and the boot configuration parser. Never panics; every
-//! refusal is one line; accepted commands carry in-range values.
+//! refusal is one line; accepted commands carry in-range values; a line that
+//! overflowed the editor is refused whole, never run truncated.
 
 use hypervisor::boot_config;
 use hypervisor::console::{Command, Edit, LineEditor, parse};
@@ -8,8 +9,28 @@ use hypervisor::manager::{MAX_MEM_MIB, MIN_MEM_MIB};
 
 pub fn console(data: &[u8]) {
     let mut editor = LineEditor::default();
+    // Whether the line being typed lost a character (the editor rang the
+    // bell: only an overflowed line does); Ctrl-C and Ctrl-U start afresh.
+    let mut overflowed = false;
     for &b in data {
-        if let Edit::Line(line) = editor.feed(b) {
+        let edit = editor.feed(b);
+        if matches!(b, 0x03 | 0x15) {
+            overflowed = false;
+        }
+        match &edit {
+            Edit::Echo(e) if e.as_slice() == b"\x07" => overflowed = true,
+            Edit::Refused(e) => {
+                assert!(overflowed, "a line that fitted was refused: {}", e.message);
+                assert!(e.message.starts_with("line too long") && !e.message.contains('\n'));
+                overflowed = false;
+            }
+            Edit::Line(_) => {
+                assert!(!overflowed, "an overflowed line ran truncated");
+                overflowed = false;
+            }
+            _ => {}
+        }
+        if let Edit::Line(line) = edit {
             assert!(line.len() <= hypervisor::console::line::MAX_LINE);
             assert!(line.bytes().all(|c| (0x20..0x7f).contains(&c)));
             match parse(&line) {

@@ -7,6 +7,7 @@ mod archive;
 mod ata_identify;
 mod console;
 mod elf;
+mod emulator;
 mod guest_walk;
 mod handle_exit;
 pub mod input;
@@ -22,6 +23,7 @@ pub use archive::archive;
 pub use ata_identify::ata_identify;
 pub use console::console;
 pub use elf::elf;
+pub use emulator::emulator;
 pub use guest_walk::guest_walk;
 pub use handle_exit::handle_exit;
 pub use mm_fault::mm_fault;
@@ -38,6 +40,7 @@ pub type Target = fn(&[u8]);
 /// Every target by name (the `[[bin]]` names in Cargo.toml).
 pub const TARGETS: &[(&str, Target)] = &[
     ("console", console),
+    ("emulator", emulator),
     ("archive", archive),
     ("elf", elf),
     ("multiboot", multiboot),

@@ -136,6 +136,11 @@ impl DeviceSet {
         Ok(())
     }
 
+    /// Whether some device decodes `port` (reads of the others see 0xff).
+    pub fn decodes_port(&self, port: u16) -> bool {
+        self.pio.find(port.into()).is_some_and(|(i, _)| self.devices[i].1 != Device::DebugExit)
+    }
+
     /// COM1, whose output the console shows.
     pub fn com1(&mut self) -> &mut Uart {
         self.uart_ref_mut().expect("every device set has COM1")
