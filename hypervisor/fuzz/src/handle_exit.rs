@@ -57,24 +57,6 @@ fn image() -> &'static [u8] {
     IMAGE.get_or_init(|| elf_guest(&[0xf4; 16]))
 }
 
-/// The swap disk, still reachable by the harness to damage it.
-struct SharedDisk(Rc<RefCell<MemBlockStore>>);
-
-impl BlockStore for SharedDisk {
-    fn block_count(&self) -> u64 {
-        self.0.borrow().block_count()
-    }
-    fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), mm::Error> {
-        self.0.borrow_mut().read(block, buf)
-    }
-    fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), mm::Error> {
-        self.0.borrow_mut().write(block, buf)
-    }
-    fn flush(&mut self) -> Result<(), mm::Error> {
-        self.0.borrow_mut().flush()
-    }
-}
-
 struct Host {
     m: Manager<MockBackend>,
     disk: Option<Rc<RefCell<MemBlockStore>>>,
@@ -96,7 +78,7 @@ pub fn handle_exit(data: &[u8]) {
         0 => None,
         pages => {
             let disk = Rc::new(RefCell::new(MemBlockStore::new(1 + 9 * pages)));
-            let swap = Swap::attach(Box::new(SharedDisk(disk.clone())), "simdisk".into(), || 0).unwrap();
+            let swap = Swap::attach(Box::new(disk.clone()), "simdisk".into(), || 0).unwrap();
             m.host_mem.swap = Some(swap);
             Some(disk)
         }

@@ -9,7 +9,6 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use mm::swap::BlockStore;
 use mm::swap::MemBlockStore;
 use mm::vm_memory::PageState;
 use vcpu::{MemAccess, VmExit};
@@ -24,27 +23,9 @@ fn manager(frames: usize) -> Manager<MockBackend> {
     Manager::new(Ok(MockBackend::new(frames)), images)
 }
 
-/// A simulated disk the test can still reach after the swap took it.
-struct SharedDisk(Rc<RefCell<MemBlockStore>>);
-
-impl BlockStore for SharedDisk {
-    fn block_count(&self) -> u64 {
-        self.0.borrow().block_count()
-    }
-    fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), mm::Error> {
-        self.0.borrow_mut().read(block, buf)
-    }
-    fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), mm::Error> {
-        self.0.borrow_mut().write(block, buf)
-    }
-    fn flush(&mut self) -> Result<(), mm::Error> {
-        self.0.borrow_mut().flush()
-    }
-}
-
 fn with_swap(m: &mut Manager<MockBackend>, blocks: u64) -> Rc<RefCell<MemBlockStore>> {
     let disk = Rc::new(RefCell::new(MemBlockStore::new(blocks)));
-    let swap = Swap::attach(Box::new(SharedDisk(disk.clone())), "simdisk".into(), || 0).unwrap();
+    let swap = Swap::attach(Box::new(disk.clone()), "simdisk".into(), || 0).unwrap();
     m.host_mem.swap = Some(swap);
     disk
 }

@@ -152,23 +152,8 @@ mod tests {
             self.0.borrow().raw().to_vec()
         }
     }
-    impl BlockStore for Shared {
-        fn block_count(&self) -> u64 {
-            self.0.borrow().block_count()
-        }
-        fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), mm::Error> {
-            self.0.borrow_mut().read(block, buf)
-        }
-        fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), mm::Error> {
-            self.0.borrow_mut().write(block, buf)
-        }
-        fn flush(&mut self) -> Result<(), mm::Error> {
-            self.0.borrow_mut().flush()
-        }
-    }
-
     fn attach(d: &Shared) -> Result<Swap, AttachError> {
-        Swap::attach(Box::new(d.clone()), "mem0".into(), no_clock)
+        Swap::attach(Box::new(d.0.clone()), "mem0".into(), no_clock)
     }
 
     #[test]

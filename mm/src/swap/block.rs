@@ -38,6 +38,23 @@ pub trait BlockStore {
     fn flush(&mut self) -> Result<(), Error>;
 }
 
+/// A shared handle is a block store: a test hands one clone to the code
+/// under test and keeps another to look at (or damage) the disk.
+impl<T: BlockStore> BlockStore for alloc::rc::Rc<core::cell::RefCell<T>> {
+    fn block_count(&self) -> u64 {
+        self.borrow().block_count()
+    }
+    fn read(&mut self, block: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.borrow_mut().read(block, buf)
+    }
+    fn write(&mut self, block: u64, buf: &[u8]) -> Result<(), Error> {
+        self.borrow_mut().write(block, buf)
+    }
+    fn flush(&mut self) -> Result<(), Error> {
+        self.borrow_mut().flush()
+    }
+}
+
 /// A boxed driver is a block store: the kernel picks its swap disk's driver
 /// at boot (ATA or virtio-blk) and keeps it as `Box<dyn BlockStore>`.
 impl<T: BlockStore + ?Sized> BlockStore for alloc::boxed::Box<T> {
