@@ -11,6 +11,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod disk;
 pub mod emulator;
+pub mod firmware;
 pub mod frame_bitmap;
 pub mod hypercall;
 pub mod loader;

@@ -159,6 +159,7 @@ fn run<B: Backend>(
 fn status_text<B: Backend>(vm: &Vm<B>) -> String {
     match &vm.state {
         RunState::Exited { status } => format!("status {status}"),
+        RunState::PoweredOff => String::from("powered off"),
         RunState::Halted { rip } => format!("hlt at {rip:#x}"),
         RunState::Stopped { reason } => truncate(reason, 60),
         _ => String::new(),

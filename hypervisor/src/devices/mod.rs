@@ -9,6 +9,7 @@
 //! a variant, which the compiler then makes every `match` handle (save and
 //! restore included).
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod ioapic;
 pub mod lapic;
@@ -20,6 +21,7 @@ pub mod uart;
 
 use alloc::vec::Vec;
 
+use acpi_pm::AcpiPm;
 pub use bus::Bus;
 pub use persist::{Persist, RestoreError, SavedDevice};
 use pic::Pic;
@@ -47,6 +49,10 @@ pub enum PortEffect {
     Exit(u32),
     /// No device decodes the port: reads see all-ones, writes vanish.
     Unbacked,
+    /// The guest asked for soft-off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (the reset control port).
+    Reset,
 }
 
 /// Every device model a VM can have.
@@ -62,6 +68,8 @@ pub enum Device {
     Pic(Pic),
     /// The 8254 timer and port 0x61 (speaker gate, counter 2's output).
     Pit(Pit),
+    /// The ACPI PM1 blocks and PM timer, and the reset control port.
+    AcpiPm(AcpiPm),
 }
 
 impl Device {
@@ -75,21 +83,29 @@ impl Device {
             Device::Pic(p) => Some(p.read(port)),
             Device::Pit(t) if port == pit::PORT61 => Some(t.read_port61(now_ns())),
             Device::Pit(t) => Some(t.read(port, now_ns())),
+            Device::AcpiPm(pm) => Some(pm.read(port, now_ns())),
             Device::DebugExit => None,
         }
     }
 
-    /// One byte lane of a port write; whether the device decoded it.
-    fn write_byte(&mut self, port: u16, offset: u64, value: u8, now_ns: &impl Fn() -> u64) -> bool {
+    /// One byte lane of a port write: whether the device decoded it, and
+    /// what it asks of the platform.
+    fn write_byte(&mut self, port: u16, offset: u64, value: u8, now_ns: &impl Fn() -> u64) -> (bool, PortEffect) {
+        let mut effect = PortEffect::Done(0);
         match self {
             Device::Uart(u) => u.write(offset as u16, value),
             Device::Rtc(r) => r.write(offset, value, now_ns()),
             Device::Pic(p) => p.write(port, value),
             Device::Pit(t) if port == pit::PORT61 => t.write_port61(value, now_ns()),
             Device::Pit(t) => t.write(port, value, now_ns()),
-            Device::DebugExit => return false,
+            Device::AcpiPm(pm) => match pm.write(port, value) {
+                Some(acpi_pm::Request::PowerOff) => effect = PortEffect::PowerOff,
+                Some(acpi_pm::Request::Reset) => effect = PortEffect::Reset,
+                None => {}
+            },
+            Device::DebugExit => return (false, PortEffect::Unbacked),
         }
-        true
+        (true, effect)
     }
 }
 
@@ -99,6 +115,7 @@ enum Decoded {
     Rtc(<Rtc as Persist>::State),
     Pic(<Pic as Persist>::State),
     Pit(<Pit as Persist>::State),
+    AcpiPm(<AcpiPm as Persist>::State),
 }
 
 /// A VM's devices and where the guest reaches them.
@@ -122,6 +139,7 @@ impl DeviceSet {
         let pic_ports = [(pic::MASTER_CMD, 2), (pic::SLAVE_CMD, 2), (pic::ELCR_MASTER, 2)];
         let _ = set.add_pio("pic", &pic_ports, Device::Pic(Pic::new()));
         let _ = set.add_pio("pit", &[(pit::COUNTER0, 4), (pit::PORT61, 1)], Device::Pit(Pit::new()));
+        let _ = set.add_pio("acpi-pm", &AcpiPm::PORTS, Device::AcpiPm(AcpiPm::new()));
         // QEMU's `isa-debug-exit,iosize=4`.
         let _ = set.add_pio("debug-exit", &[(EXIT_PORT, 4)], Device::DebugExit);
         set
@@ -192,14 +210,18 @@ impl DeviceSet {
         {
             return PortEffect::Exit(exit_status(value));
         }
-        let mut backed = false;
+        let mut effect = PortEffect::Unbacked;
         for lane in 0..size.min(4) {
             let lane_port = port.wrapping_add(lane.into());
             if let Some((i, offset)) = self.pio.find(lane_port.into()) {
-                backed |= self.devices[i].1.write_byte(lane_port, offset, (value >> (8 * lane)) as u8, &now_ns);
+                let (decoded, asked) =
+                    self.devices[i].1.write_byte(lane_port, offset, (value >> (8 * lane)) as u8, &now_ns);
+                if decoded && !matches!(effect, PortEffect::PowerOff | PortEffect::Reset) {
+                    effect = asked;
+                }
             }
         }
-        if backed { PortEffect::Done(0) } else { PortEffect::Unbacked }
+        effect
     }
 
     /// Every device's state.
@@ -211,6 +233,7 @@ impl DeviceSet {
                 Device::Rtc(r) => Some(persist::save(name, r)),
                 Device::Pic(p) => Some(persist::save(name, p)),
                 Device::Pit(t) => Some(persist::save(name, t)),
+                Device::AcpiPm(pm) => Some(persist::save(name, pm)),
                 // Stateless: nothing to carry.
                 Device::DebugExit => None,
             })
@@ -236,6 +259,7 @@ impl DeviceSet {
                 Device::Rtc(_) => Some(Decoded::Rtc(persist::decode::<Rtc>(name, find()?)?)),
                 Device::Pic(_) => Some(Decoded::Pic(persist::decode::<Pic>(name, find()?)?)),
                 Device::Pit(_) => Some(Decoded::Pit(persist::decode::<Pit>(name, find()?)?)),
+                Device::AcpiPm(_) => Some(Decoded::AcpiPm(persist::decode::<AcpiPm>(name, find()?)?)),
                 Device::DebugExit => None,
             });
         }
@@ -245,6 +269,7 @@ impl DeviceSet {
                 (Device::Rtc(r), Some(Decoded::Rtc(s))) => r.restore(s),
                 (Device::Pic(p), Some(Decoded::Pic(s))) => p.restore(s),
                 (Device::Pit(t), Some(Decoded::Pit(s))) => t.restore(s),
+                (Device::AcpiPm(pm), Some(Decoded::AcpiPm(s))) => pm.restore(s),
                 // Decoded above from this very list, so kinds match.
                 _ => {}
             }
@@ -310,6 +335,12 @@ mod tests {
         };
         assert!(!out2(&mut set, 9_000_000));
         assert!(out2(&mut set, 10_100_000));
+        // ACPI: the PM timer as one 32-bit read, soft-off as one 16-bit
+        // write of SLP_TYP | SLP_EN, a reset through 0xcf9.
+        use crate::firmware::acpi::{PM_TMR, PM1A_CNT, RESET_PORT};
+        assert_eq!(set.pio_read(PM_TMR, 4, || 2_000_000_000), PortEffect::Done(7_159_090));
+        assert_eq!(set.pio_write(PM1A_CNT, 2, 1 << 13, || 0), PortEffect::PowerOff);
+        assert_eq!(set.pio_write(RESET_PORT, 1, 0x06, || 0), PortEffect::Reset);
     }
 
     #[test]
@@ -317,7 +348,7 @@ mod tests {
         let mut a = DeviceSet::pc(0, 16 << 20);
         a.pio_write(COM1_BASE + 7, 1, 0x11, || 0);
         let saved = a.save();
-        assert_eq!(saved.len(), 4, "COM1, the RTC, the PIC and the PIT; the debug-exit port has no state");
+        assert_eq!(saved.len(), 5, "all but the debug-exit port, which has no state");
         let mut b = DeviceSet::pc(0, 16 << 20);
         b.restore(&saved).unwrap();
         assert_eq!(b.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x11));

@@ -15,6 +15,7 @@ use mm::vm_memory::{MemoryMap, ScanReport, VmMemoryConfig};
 use vcpu::Vcpu;
 
 use crate::backend::Backend;
+use crate::firmware;
 use crate::loader::{GuestWrite, GuestWriteError};
 use crate::memory::reclaim::{self, VmReclaim};
 use crate::memory::{GuestMemory, HostMemory, MIN_TARGET_PAGES};
@@ -137,6 +138,16 @@ impl<B: Backend> Manager<B> {
             .map_err(|e| format!("cannot allocate {mem_mib} MiB of guest RAM: {e}"))?;
         let loaded = {
             let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
+            // The firmware's ACPI tables in the BIOS area (the e820 map
+            // reserves it), written first so an image placed there wins.
+            // No MADT yet: the local APIC is not connected, so a guest must
+            // not find one.
+            let acpi = firmware::acpi::build(&firmware::acpi::Config {
+                apic_ids: Vec::new(),
+                ioapic: None,
+                lapic_address: 0xfee0_0000,
+            });
+            let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
             boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))
         };
         let (state, protocol) = match loaded {

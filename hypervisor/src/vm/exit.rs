@@ -202,6 +202,18 @@ impl<B: Backend> Vm<B> {
                 self.end(RunState::Exited { status }, backend, console);
                 return Flow::Stop;
             }
+            PortEffect::PowerOff => {
+                vcpu.skip_instruction();
+                self.end(RunState::PoweredOff, backend, console);
+                return Flow::Stop;
+            }
+            PortEffect::Reset => {
+                // Restarting a VM in place is not built yet: end it, saying
+                // why, rather than run on as if nothing had happened.
+                let reason = String::from("the guest reset the machine (a VM restart is not supported yet)");
+                self.end(RunState::Stopped { reason }, backend, console);
+                return Flow::Stop;
+            }
             PortEffect::Done(v) => {
                 let com1 = self.devices.com1();
                 if com1.has_output() {
@@ -327,6 +339,7 @@ impl<B: Backend> Vm<B> {
     pub fn end_report(&self, tsc_hz: u64) -> String {
         let what = match &self.state {
             RunState::Exited { status } => format!("exited with status {status} ({status:#x})"),
+            RunState::PoweredOff => String::from("powered off (ACPI S5)"),
             RunState::Halted { rip } => format!("halted with interrupts disabled at rip {rip:#x}"),
             RunState::Stopped { reason } => format!("stopped: {reason}"),
             RunState::Running | RunState::Waiting => String::from("is running"),

@@ -33,6 +33,8 @@ pub enum RunState {
     Exited {
         status: u32,
     },
+    /// The guest powered its machine off (ACPI S5): a clean end.
+    PoweredOff,
     /// Ended by the hypervisor (a fault, an access outside its memory, an
     /// operator's `vm stop`), with the reason.
     Stopped {
@@ -47,6 +49,7 @@ impl RunState {
             RunState::Waiting => "waiting",
             RunState::Halted { .. } => "halted",
             RunState::Exited { .. } => "exited",
+            RunState::PoweredOff => "off",
             RunState::Stopped { .. } => "stopped",
         }
     }
@@ -57,7 +60,7 @@ impl RunState {
 
     /// Ended for good: resources can be freed.
     pub fn ended(&self) -> bool {
-        matches!(self, RunState::Exited { .. } | RunState::Stopped { .. })
+        matches!(self, RunState::Exited { .. } | RunState::PoweredOff | RunState::Stopped { .. })
     }
 }
 

@@ -1,0 +1,238 @@
+//! The ACPI tables a guest reads (ACPI 6.5 chapter 5): an RSDP where a
+//! legacy BIOS puts it (findable by scanning 0xE0000-0xFFFFF, 5.2.5.1), an
+//! XSDT and RSDT, a FADT naming the fixed-hardware PM blocks the device
+//! model emulates ([`AcpiPm`](crate::devices::acpi_pm)), a FACS, a DSDT
+//! holding only `\_S5` (soft-off), and, when the VM has local APICs, a MADT.
+//!
+//! Built as bytes for a fixed guest-physical area: the VM layer copies them
+//! into RAM that the e820 map reports as reserved, so the guest never
+//! reuses it.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Where the tables live: the BIOS read-only area the e820 map reserves.
+pub const AREA_BASE: u64 = 0xe_0000;
+/// Bytes of that area the tables may use.
+pub const AREA_LEN: u64 = 0x2_0000;
+
+/// The ACPI PM register blocks (port I/O), as on QEMU's q35.
+pub const PM_BASE: u16 = 0x600;
+/// PM1a event block: status (2 bytes) then enable (2 bytes).
+pub const PM1A_EVT: u16 = PM_BASE;
+/// PM1a control block (2 bytes).
+pub const PM1A_CNT: u16 = PM_BASE + 4;
+/// The PM timer (4 bytes, 32-bit counter).
+pub const PM_TMR: u16 = PM_BASE + 8;
+/// The system control interrupt's ISA IRQ.
+pub const SCI_IRQ: u8 = 9;
+/// The reset register (the PC's "reset control" port) and the value that
+/// resets the machine (a hard reset, CPU included).
+pub const RESET_PORT: u16 = 0xcf9;
+pub const RESET_VALUE: u8 = 0x06;
+/// `\_S5`'s SLP_TYP (what the PM1 control block must see for soft-off).
+pub const S5_SLP_TYP: u8 = 0;
+
+const OEM_ID: &[u8; 6] = b"RUSTHV";
+const OEM_TABLE_ID: &[u8; 8] = b"RUSTHVT1";
+const CREATOR_ID: &[u8; 4] = b"RHV ";
+
+/// What the guest's tables describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Local APIC ids of the vCPUs (the boot vCPU first). Empty: no MADT,
+    /// the guest runs on the PICs alone.
+    pub apic_ids: Vec<u8>,
+    /// The I/O APIC's id and address, when there is one.
+    pub ioapic: Option<(u8, u32)>,
+    /// The local APICs' address.
+    pub lapic_address: u32,
+}
+
+/// The tables, ready to copy to [`AREA_BASE`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tables {
+    /// The bytes of the area from [`AREA_BASE`].
+    pub bytes: Vec<u8>,
+    /// Guest-physical address of the RSDP (within the area, 16-aligned).
+    pub rsdp: u64,
+}
+
+/// The 36-byte header every system description table starts with (5.2.6).
+fn header(signature: &[u8; 4], revision: u8, body_len: usize) -> Vec<u8> {
+    let mut t = Vec::with_capacity(36 + body_len);
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&((36 + body_len) as u32).to_le_bytes());
+    t.push(revision);
+    t.push(0); // checksum, set by `finish`
+    t.extend_from_slice(OEM_ID);
+    t.extend_from_slice(OEM_TABLE_ID);
+    t.extend_from_slice(&1u32.to_le_bytes()); // OEM revision
+    t.extend_from_slice(CREATOR_ID);
+    t.extend_from_slice(&1u32.to_le_bytes()); // creator revision
+    t
+}
+
+/// Make `bytes` sum to zero by setting the byte at `at`.
+fn checksum(bytes: &mut [u8], at: usize) {
+    bytes[at] = 0;
+    let sum = bytes.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+    bytes[at] = sum.wrapping_neg();
+}
+
+/// Fix a table's length field and checksum.
+fn finish(mut t: Vec<u8>) -> Vec<u8> {
+    let len = t.len() as u32;
+    t[4..8].copy_from_slice(&len.to_le_bytes());
+    checksum(&mut t, 9);
+    t
+}
+
+/// A Generic Address Structure (5.2.3.2) for a port-I/O register of
+/// `bits` bits accessed `access` bytes at a time.
+fn gas_io(port: u16, bits: u8, access: u8) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = 1; // system I/O space
+    g[1] = bits;
+    g[3] = access;
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
+/// The FADT (5.2.9), revision 6: fixed-hardware PM blocks at [`PM_BASE`],
+/// no SMI command port (the platform is in ACPI mode from reset: SCI_EN
+/// reads 1), the reset register, a 32-bit PM timer, and no 8042 or VGA.
+fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
+    let mut t = header(b"FACP", 6, 276 - 36);
+    t.resize(276, 0);
+    t[36..40].copy_from_slice(&(facs as u32).to_le_bytes());
+    t[40..44].copy_from_slice(&(dsdt as u32).to_le_bytes());
+    t[45] = 4; // preferred PM profile: enterprise server
+    t[46..48].copy_from_slice(&u16::from(SCI_IRQ).to_le_bytes());
+    // SMI_CMD = 0: no SMM, ACPI enabled from reset (4.8.2.1).
+    t[56..60].copy_from_slice(&u32::from(PM1A_EVT).to_le_bytes());
+    t[64..68].copy_from_slice(&u32::from(PM1A_CNT).to_le_bytes());
+    t[76..80].copy_from_slice(&u32::from(PM_TMR).to_le_bytes());
+    t[88] = 4; // PM1_EVT_LEN
+    t[89] = 2; // PM1_CNT_LEN
+    t[91] = 4; // PM_TMR_LEN
+    // C2 and C3 latencies above their limits: not supported (5.2.9).
+    t[96..98].copy_from_slice(&101u16.to_le_bytes());
+    t[98..100].copy_from_slice(&1001u16.to_le_bytes());
+    t[108] = 0x32; // the RTC's century byte
+    // IAPC_BOOT_ARCH (5.2.9.3): legacy devices present, no 8042, no VGA.
+    t[109..111].copy_from_slice(&(1u16 | 1 << 2).to_le_bytes());
+    // Flags (5.2.9, table 5.10): WBINVD, C1 on all processors, power and
+    // sleep buttons not fixed features, 32-bit PM timer, reset register.
+    let flags: u32 = 1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 10;
+    t[112..116].copy_from_slice(&flags.to_le_bytes());
+    t[116..128].copy_from_slice(&gas_io(RESET_PORT, 8, 1));
+    t[128] = RESET_VALUE;
+    t[131] = 5; // FADT minor version (6.5)
+    t[132..140].copy_from_slice(&facs.to_le_bytes());
+    t[140..148].copy_from_slice(&dsdt.to_le_bytes());
+    t[148..160].copy_from_slice(&gas_io(PM1A_EVT, 32, 2));
+    t[172..184].copy_from_slice(&gas_io(PM1A_CNT, 16, 2));
+    t[208..220].copy_from_slice(&gas_io(PM_TMR, 32, 3));
+    t[268..276].copy_from_slice(b"RustyHV1");
+    finish(t)
+}
+
+/// The FACS (5.2.10): 64 bytes, no waking vector, no global lock users.
+fn facs() -> Vec<u8> {
+    let mut t = vec![0u8; 64];
+    t[0..4].copy_from_slice(b"FACS");
+    t[4..8].copy_from_slice(&64u32.to_le_bytes());
+    t[32] = 2; // version
+    t
+}
+
+/// The DSDT (5.2.11.1): only `Name (_S5, Package () { 0, 0, 0, 0 })`, the
+/// SLP_TYP values for soft-off (7.4.2). AML encoded by hand (ACPI 6.5
+/// 20.2): NameOp, the name, PackageOp, PkgLength, NumElements, ZeroOp x4.
+fn dsdt() -> Vec<u8> {
+    let aml = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00];
+    debug_assert_eq!(S5_SLP_TYP, 0, "the AML encodes SLP_TYP 0");
+    let mut t = header(b"DSDT", 2, aml.len());
+    t.extend_from_slice(&aml);
+    finish(t)
+}
+
+/// The MADT (5.2.12): local APIC address, PC-AT compatible (the 8259s are
+/// there, masked by an APIC-aware guest), one local APIC per vCPU, the I/O
+/// APIC, ISA IRQ 0 overridden to GSI 2 (the PIT's line on an I/O APIC, as
+/// on every PC), the SCI as level-triggered active-high, and LINT1 as NMI.
+fn madt(config: &Config) -> Vec<u8> {
+    let mut t = header(b"APIC", 5, 8);
+    t.extend_from_slice(&config.lapic_address.to_le_bytes());
+    t.extend_from_slice(&1u32.to_le_bytes()); // PCAT_COMPAT
+    for (uid, &id) in config.apic_ids.iter().enumerate() {
+        t.extend_from_slice(&[0, 8, uid as u8, id]);
+        t.extend_from_slice(&1u32.to_le_bytes()); // enabled
+    }
+    if let Some((id, address)) = config.ioapic {
+        t.extend_from_slice(&[1, 12, id, 0]);
+        t.extend_from_slice(&address.to_le_bytes());
+        t.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+        // Interrupt source overrides: bus 0 (ISA), source, GSI, flags.
+        let overrides: [(u8, u32, u16); 2] = [(0, 2, 0), (SCI_IRQ, u32::from(SCI_IRQ), 0b1101)];
+        for (source, gsi, flags) in overrides {
+            t.extend_from_slice(&[2, 10, 0, source]);
+            t.extend_from_slice(&gsi.to_le_bytes());
+            t.extend_from_slice(&flags.to_le_bytes());
+        }
+    }
+    if !config.apic_ids.is_empty() {
+        // Local APIC NMI: all processors (0xff), flags 0, LINT1.
+        t.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
+    }
+    finish(t)
+}
+
+/// Append `table` to `area` at the next `align`-aligned offset; its
+/// guest-physical address.
+fn place(area: &mut Vec<u8>, table: &[u8], align: usize) -> u64 {
+    let at = area.len().next_multiple_of(align);
+    area.resize(at, 0);
+    area.extend_from_slice(table);
+    AREA_BASE + at as u64
+}
+
+/// Every table for `config`, laid out from [`AREA_BASE`].
+pub fn build(config: &Config) -> Tables {
+    let mut area = Vec::new();
+    // The RSDP first, 16-aligned: a scan of the BIOS area finds it at once.
+    area.resize(36, 0);
+    let facs = place(&mut area, &facs(), 64);
+    let dsdt = place(&mut area, &dsdt(), 16);
+    let fadt = place(&mut area, &fadt(facs, dsdt), 16);
+    let mut entries = vec![fadt];
+    if !config.apic_ids.is_empty() {
+        entries.push(place(&mut area, &madt(config), 16));
+    }
+    let mut xsdt = header(b"XSDT", 1, 8 * entries.len());
+    let mut rsdt = header(b"RSDT", 1, 4 * entries.len());
+    for &e in &entries {
+        xsdt.extend_from_slice(&e.to_le_bytes());
+        rsdt.extend_from_slice(&(e as u32).to_le_bytes());
+    }
+    let xsdt = place(&mut area, &finish(xsdt), 16);
+    let rsdt = place(&mut area, &finish(rsdt), 16);
+
+    // The RSDP (5.2.5.3): revision 2, both pointers, both checksums.
+    let mut rsdp = [0u8; 36];
+    rsdp[0..8].copy_from_slice(b"RSD PTR ");
+    rsdp[9..15].copy_from_slice(OEM_ID);
+    rsdp[15] = 2;
+    rsdp[16..20].copy_from_slice(&(rsdt as u32).to_le_bytes());
+    rsdp[20..24].copy_from_slice(&36u32.to_le_bytes());
+    rsdp[24..32].copy_from_slice(&xsdt.to_le_bytes());
+    checksum(&mut rsdp[..20], 8);
+    checksum(&mut rsdp, 32);
+    area[..36].copy_from_slice(&rsdp);
+    debug_assert!(area.len() as u64 <= AREA_LEN);
+    Tables { bytes: area, rsdp: AREA_BASE }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+//! The tables checked byte by byte, then parsed by the `acpi` crate the way
+//! a guest's ACPI code would find and read them.
+
+use super::*;
+use ::acpi::platform::{InterruptModel, PmTimer};
+use ::acpi::sdt::fadt::Fadt;
+use ::acpi::{AcpiTables, Handle, Handler, PciAddress, PhysicalMapping};
+use core::ptr::NonNull;
+use std::boxed::Box;
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn sums_to_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |a, &x| a.wrapping_add(x)) == 0
+}
+
+/// The table at guest-physical `gpa` in `t`.
+fn table(t: &Tables, gpa: u64) -> &[u8] {
+    let at = (gpa - AREA_BASE) as usize;
+    let len = u32_at(&t.bytes, at + 4) as usize;
+    &t.bytes[at..at + len]
+}
+
+fn two_cpus() -> Config {
+    Config { apic_ids: vec![0, 1], ioapic: Some((2, 0xfec0_0000)), lapic_address: 0xfee0_0000 }
+}
+
+#[test]
+fn the_rsdp_is_where_a_bios_scan_finds_it_and_every_checksum_holds() {
+    let t = build(&two_cpus());
+    assert!(t.bytes.len() as u64 <= AREA_LEN);
+    assert_eq!(t.rsdp % 16, 0);
+    // The scan (5.2.5.1): 16-byte boundaries of 0xE0000..0xFFFFF.
+    let found = (0..t.bytes.len()).step_by(16).find(|&o| t.bytes[o..].starts_with(b"RSD PTR "));
+    assert_eq!(found.map(|o| AREA_BASE + o as u64), Some(t.rsdp));
+    let rsdp = &t.bytes[..36];
+    assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(rsdp));
+    assert_eq!(rsdp[15], 2);
+    let xsdt = table(&t, u64_at(rsdp, 24));
+    let rsdt = table(&t, u64::from(u32_at(rsdp, 16)));
+    assert_eq!((&xsdt[..4], &rsdt[..4]), (&b"XSDT"[..], &b"RSDT"[..]));
+    let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+    let signatures: Vec<&[u8]> = entries.iter().map(|&e| &table(&t, e)[..4]).collect();
+    assert_eq!(signatures, [&b"FACP"[..], b"APIC"]);
+    for (k, &e) in entries.iter().enumerate() {
+        assert_eq!(u64::from(u32_at(rsdt, 36 + 4 * k)), e, "RSDT and XSDT agree");
+    }
+    for tab in [xsdt, rsdt].into_iter().chain(entries.iter().map(|&e| table(&t, e))) {
+        assert!(sums_to_zero(tab), "{} checksum", String::from_utf8_lossy(&tab[..4]));
+    }
+    let fadt = table(&t, entries[0]);
+    assert_eq!(fadt.len(), 276);
+    let dsdt = table(&t, u64_at(fadt, 140));
+    assert!(sums_to_zero(dsdt));
+    assert_eq!(crate::acpi_sleep::find_s5(&dsdt[36..]), Some((S5_SLP_TYP, S5_SLP_TYP)), "soft-off is findable");
+    let facs = u64_at(fadt, 132);
+    assert_eq!(facs % 64, 0);
+    assert_eq!(&t.bytes[(facs - AREA_BASE) as usize..][..4], b"FACS");
+}
+
+#[test]
+fn without_local_apics_there_is_no_madt() {
+    let t = build(&Config { apic_ids: vec![], ioapic: None, lapic_address: 0xfee0_0000 });
+    let xsdt = table(&t, u64_at(&t.bytes, 24));
+    assert_eq!(xsdt.len(), 36 + 8, "the FADT only");
+}
+
+/// Reads guest-physical memory from the tables' bytes (nothing else exists).
+#[derive(Clone, Copy)]
+struct Area(&'static [u8]);
+
+impl Handler for Area {
+    unsafe fn map_physical_region<T>(&self, pa: usize, size: usize) -> PhysicalMapping<Self, T> {
+        let off = pa - AREA_BASE as usize;
+        assert!(off + size <= self.0.len(), "the parser read outside the tables: {pa:#x}+{size:#x}");
+        PhysicalMapping {
+            physical_start: pa,
+            virtual_start: NonNull::new(self.0[off..].as_ptr() as *mut T).unwrap(),
+            region_length: size,
+            mapped_length: size,
+            handler: *self,
+        }
+    }
+    fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
+    fn read_u8(&self, _: usize) -> u8 {
+        unreachable!("no AML is run")
+    }
+    fn read_u16(&self, _: usize) -> u16 {
+        unreachable!()
+    }
+    fn read_u32(&self, _: usize) -> u32 {
+        unreachable!()
+    }
+    fn read_u64(&self, _: usize) -> u64 {
+        unreachable!()
+    }
+    fn write_u8(&self, _: usize, _: u8) {}
+    fn write_u16(&self, _: usize, _: u16) {}
+    fn write_u32(&self, _: usize, _: u32) {}
+    fn write_u64(&self, _: usize, _: u64) {}
+    fn read_io_u8(&self, _: u16) -> u8 {
+        0xff
+    }
+    fn read_io_u16(&self, _: u16) -> u16 {
+        0xffff
+    }
+    fn read_io_u32(&self, _: u16) -> u32 {
+        !0
+    }
+    fn write_io_u8(&self, _: u16, _: u8) {}
+    fn write_io_u16(&self, _: u16, _: u16) {}
+    fn write_io_u32(&self, _: u16, _: u32) {}
+    fn read_pci_u8(&self, _: PciAddress, _: u16) -> u8 {
+        0xff
+    }
+    fn read_pci_u16(&self, _: PciAddress, _: u16) -> u16 {
+        0xffff
+    }
+    fn read_pci_u32(&self, _: PciAddress, _: u16) -> u32 {
+        !0
+    }
+    fn write_pci_u8(&self, _: PciAddress, _: u16, _: u8) {}
+    fn write_pci_u16(&self, _: PciAddress, _: u16, _: u16) {}
+    fn write_pci_u32(&self, _: PciAddress, _: u16, _: u32) {}
+    fn nanos_since_boot(&self) -> u64 {
+        0
+    }
+    fn stall(&self, _: u64) {}
+    fn sleep(&self, _: u64) {}
+    fn create_mutex(&self) -> Handle {
+        Handle(0)
+    }
+    fn acquire(&self, _: Handle, _: u16) -> Result<(), ::acpi::aml::AmlError> {
+        Ok(())
+    }
+    fn release(&self, _: Handle) {}
+}
+
+#[test]
+fn a_guest_parser_reads_the_cpus_the_ioapic_and_the_pm_blocks() {
+    let t = build(&two_cpus());
+    let area = Area(Box::leak(t.bytes.clone().into_boxed_slice()));
+    // SAFETY: the handler maps only the leaked copy of the tables.
+    let tables = unsafe { AcpiTables::from_rsdp(area, t.rsdp as usize) }.expect("the tables parse");
+    let fadt = tables.find_table::<Fadt>().expect("a FADT");
+    let port = |g: ::acpi::address::GenericAddress| g.address as u16;
+    assert_eq!(fadt.pm1a_event_block().map(port).unwrap(), PM1A_EVT);
+    assert_eq!(fadt.pm1a_control_block().map(port).unwrap(), PM1A_CNT);
+    let (model, cpus) = InterruptModel::new(&tables).expect("a MADT");
+    let cpus = cpus.expect("processors");
+    assert_eq!(cpus.boot_processor.local_apic_id, 0);
+    assert_eq!(cpus.application_processors.iter().map(|p| p.local_apic_id).collect::<Vec<_>>(), [1]);
+    let InterruptModel::Apic(apic) = model else { panic!("not the APIC model") };
+    assert_eq!(apic.local_apic_address, 0xfee0_0000);
+    assert!(apic.also_has_legacy_pics);
+    assert_eq!(apic.io_apics.len(), 1);
+    assert_eq!((apic.io_apics[0].id, apic.io_apics[0].address), (2, 0xfec0_0000));
+    let timer_override = apic.interrupt_source_overrides.iter().find(|o| o.isa_source == 0).expect("IRQ 0");
+    assert_eq!(timer_override.global_system_interrupt, 2);
+    let timer = PmTimer::new(&fadt).expect("FADT").expect("a PM timer");
+    assert_eq!(timer.base.address as u16, PM_TMR);
+    assert!(timer.supports_32bit);
+}
