@@ -200,9 +200,8 @@ fn place(area: &mut Vec<u8>, table: &[u8], align: usize) -> u64 {
 
 /// Every table for `config`, laid out from [`AREA_BASE`].
 pub fn build(config: &Config) -> Tables {
-    let mut area = Vec::new();
     // The RSDP first, 16-aligned: a scan of the BIOS area finds it at once.
-    area.resize(36, 0);
+    let mut area = vec![0u8; 36];
     let facs = place(&mut area, &facs(), 64);
     let dsdt = place(&mut area, &dsdt(), 16);
     let fadt = place(&mut area, &fadt(facs, dsdt), 16);
