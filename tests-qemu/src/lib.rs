@@ -4,7 +4,7 @@
 //! lines and where the logs are.
 
 use boot::emulator::Emulator;
-use boot::image::{self, Image, ImageOptions};
+use boot::image::{self, ExtraFile, Image, ImageOptions};
 use boot::session::{Outcome, Session, SessionOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,8 +37,15 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// The test image with `extra` lines in its `hypervisor.cfg`; each variant
 /// is built once per test binary.
 fn image(extra: &[&str]) -> Image {
+    image_with(extra, &[])
+}
+
+/// The test image with `extra` config lines and host `files` in its
+/// ramdisk; each variant is built once per test binary.
+fn image_with(extra: &[&str], files: &[ExtraFile]) -> Image {
     static IMAGES: OnceLock<Mutex<HashMap<Vec<String>, Image>>> = OnceLock::new();
-    let key: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let mut key: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    key.extend(files.iter().map(|f| format!("file:{}={}", f.name, f.path.display())));
     let mut images = IMAGES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     let n = images.len();
     images
@@ -47,7 +54,8 @@ fn image(extra: &[&str]) -> Image {
             let opts = ImageOptions {
                 debug_exit: true,
                 name: format!("tests-{}-{n}", std::process::id()),
-                extra_config: key,
+                extra_config: extra.iter().map(|s| s.to_string()).collect(),
+                files: files.to_vec(),
                 ..Default::default()
             };
             image::build(&opts).unwrap_or_else(|e| panic!("building the test image: {e:#}"))
@@ -86,6 +94,17 @@ impl Machine {
     pub fn boot_with_scratch(emulator: Emulator, name: &str, scratch: &Path) -> Machine {
         let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()) };
         let m = Self::start_with(emulator, name, &[], &options);
+        m.wait_for(boot::session::READY, Duration::from_secs(120));
+        m
+    }
+
+    /// Boots the test image with host `files` added to its ramdisk.
+    pub fn boot_with_files(emulator: Emulator, name: &str, files: &[ExtraFile]) -> Machine {
+        let img = image_with(&[], files);
+        let session = Session::start_with(emulator, &img.disk, name, false, &SessionOptions::default())
+            .expect("starting the emulator");
+        eprintln!("[{name}] running on {} (logs: {})", emulator.name(), session.run_dir.display());
+        let m = Machine { session: Some(session), emulator, name: name.into(), boot_disk: img.disk };
         m.wait_for(boot::session::READY, Duration::from_secs(120));
         m
     }
