@@ -19,6 +19,13 @@ pub const STAT: u64 = 2;
 pub const SHARED_IN_RANGE: u64 = 3;
 /// Pages of RAM one range hypercall examines at most (16 MiB of guest RAM).
 pub const RANGE_PAGES_PER_CALL: u64 = 4096;
+/// Queues external interrupt RDI (32-255) for the calling vCPU, delivered
+/// when it can take one (RFLAGS.IF = 1, no interrupt shadow); returns 0.
+/// A test hook for event delivery: a guest can only interrupt itself.
+pub const QUEUE_INTERRUPT: u64 = 4;
+/// Queues an NMI for the calling vCPU (delivered when no NMI handler of
+/// its runs); returns 0.
+pub const QUEUE_NMI: u64 = 5;
 /// "HVOK".
 pub const PING_REPLY: u64 = 0x4b4f_5648;
 /// The result of an unknown function or argument.
@@ -53,11 +60,13 @@ pub struct Reply {
     pub rax: u64,
     /// New RDI and RSI (range functions: what is left to do).
     pub args: Option<(u64, u64)>,
+    /// An event for the calling vCPU, queued after the hypercall completes.
+    pub event: Option<vcpu::Event>,
 }
 
 impl From<u64> for Reply {
     fn from(rax: u64) -> Self {
-        Reply { rax, args: None }
+        Reply { rax, args: None, event: None }
     }
 }
 
@@ -72,6 +81,8 @@ pub fn dispatch(func: u64, a: u64, b: u64, ctx: &impl Context) -> Reply {
         (STAT, STAT_SHARED_PAGES) => ctx.shared_pages().into(),
         (STAT, STAT_SWAPPED_PAGES) => ctx.swapped_pages().into(),
         (STAT, STAT_PAGE_INS) => ctx.page_ins().into(),
+        (QUEUE_INTERRUPT, 32..=255) => Reply { event: Some(vcpu::Event::Interrupt { vector: a as u8 }), ..0.into() },
+        (QUEUE_NMI, _) => Reply { event: Some(vcpu::Event::Nmi), ..0.into() },
         _ => UNKNOWN.into(),
     }
 }
@@ -95,7 +106,7 @@ fn shared_in_range(gpa: u64, len: u64, ctx: &impl Context) -> Reply {
         count += u64::from(ctx.page_shared(page));
         page += PAGE;
     }
-    Reply { rax: count, args: Some((stop, end - stop)) }
+    Reply { rax: count, args: Some((stop, end - stop)), event: None }
 }
 
 #[cfg(test)]
@@ -146,13 +157,18 @@ mod tests {
         assert_eq!(rax(STAT, 99, 0), UNKNOWN);
         assert_eq!(rax(0xdead, 0, 0), UNKNOWN);
         assert_eq!(dispatch(PING, 1, 2, &Ctx).args, None, "only range functions change RDI/RSI");
+        let r = dispatch(QUEUE_INTERRUPT, 0x41, 0, &Ctx);
+        assert_eq!((r.rax, r.event), (0, Some(vcpu::Event::Interrupt { vector: 0x41 })));
+        assert_eq!(dispatch(QUEUE_INTERRUPT, 14, 0, &Ctx), UNKNOWN.into(), "exception vectors are not interrupts");
+        assert_eq!(dispatch(QUEUE_INTERRUPT, 256, 0, &Ctx), UNKNOWN.into());
+        assert_eq!(dispatch(QUEUE_NMI, 0, 0, &Ctx).event, Some(vcpu::Event::Nmi));
     }
 
     #[test]
     fn a_small_range_is_done_in_one_call() {
         // Pages 1..=6 (the first and last partly): pages 3 and 6 are shared.
         let r = dispatch(SHARED_IN_RANGE, 0x1800, 0x5900, &Ctx);
-        assert_eq!(r, Reply { rax: 2, args: Some((0x7100, 0)) });
+        assert_eq!(r, Reply { rax: 2, args: Some((0x7100, 0)), event: None });
     }
 
     /// The whole of a 64 GiB VM in bounded calls: each looks at no more than
@@ -175,8 +191,8 @@ mod tests {
     #[test]
     fn edges_never_overflow() {
         let r = dispatch(SHARED_IN_RANGE, u64::MAX - 10, u64::MAX, &Ctx);
-        assert_eq!(r, Reply { rax: 0, args: Some((u64::MAX, 0)) });
+        assert_eq!(r, Reply { rax: 0, args: Some((u64::MAX, 0)), event: None });
         let r = dispatch(SHARED_IN_RANGE, 0, 0, &Ctx);
-        assert_eq!(r, Reply { rax: 0, args: Some((0, 0)) });
+        assert_eq!(r, Reply { rax: 0, args: Some((0, 0)), event: None });
     }
 }

@@ -139,13 +139,16 @@ impl<B: Backend> Manager<B> {
             let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
             boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))
         };
-        let (state, protocol) = match loaded {
+        let (mut state, protocol) = match loaded {
             Ok(v) => v,
             Err(e) => {
                 free_memory(backend, &mut self.host_mem, id, mem);
                 return Err(e);
             }
         };
+        // The guest's TSC starts at 0 when the VM does (the backend adds the
+        // offset to every RDTSC, RDTSCP and TSC read).
+        state.tsc_offset = 0u64.wrapping_sub(backend.now());
         let vcpu = match backend.create_vcpu(mem.root_for_vcpu(0), &state) {
             Ok(v) => v,
             Err(e) => {

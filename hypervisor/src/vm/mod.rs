@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod exit;
+pub mod regs;
 use vcpu::walk;
 
 use alloc::string::String;
