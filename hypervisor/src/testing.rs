@@ -41,6 +41,10 @@ pub struct MockVcpu {
     pub loaded: bool,
     pub slice: u64,
     pub runs: u32,
+    /// Changes what `state` returns (tests of the conformance check).
+    pub state_filter: Option<fn(&mut GuestState)>,
+    /// Changes the state at `put`, as a CPU's save can (same tests).
+    pub put_filter: Option<fn(&mut GuestState)>,
 }
 
 impl MockVcpu {
@@ -58,6 +62,8 @@ impl MockVcpu {
             loaded: false,
             slice: 0,
             runs: 0,
+            state_filter: None,
+            put_filter: None,
         }
     }
 
@@ -112,7 +118,11 @@ impl Vcpu for MockVcpu {
         self.state.interrupt_shadow = false;
     }
     fn state(&self) -> GuestState {
-        GuestState { gprs: self.gprs, rflags: self.rflags, ..self.state.clone() }
+        let mut s = GuestState { gprs: self.gprs, rflags: self.rflags, ..self.state.clone() };
+        if let Some(f) = self.state_filter {
+            f(&mut s);
+        }
+        s
     }
     fn set_state(&mut self, s: &GuestState) -> Result<(), vcpu::Error> {
         s.check_neutral(0xffff).map_err(vcpu::Error::InvalidState)?;
@@ -184,6 +194,9 @@ impl Vcpu for MockVcpu {
     }
     fn put(&mut self) {
         self.loaded = false;
+        if let Some(f) = self.put_filter {
+            f(&mut self.state);
+        }
     }
     fn flush_nested_tlb(&mut self, _: FlushScope) {}
 }
@@ -199,6 +212,10 @@ pub struct MockBackend {
     pub tick: u64,
     /// What `heap_free` answers (tests of the heap-room check).
     pub heap_free: u64,
+    /// Given to the vCPUs it creates (see `MockVcpu::state_filter` and
+    /// `put_filter`).
+    pub state_filter: Option<fn(&mut GuestState)>,
+    pub put_filter: Option<fn(&mut GuestState)>,
 }
 
 impl MockBackend {
@@ -211,6 +228,8 @@ impl MockBackend {
             clock: Cell::new(0),
             tick: 10,
             heap_free: 64 << 20,
+            state_filter: None,
+            put_filter: None,
         }
     }
 }
@@ -240,6 +259,8 @@ impl Backend for MockBackend {
         let script = self.scripts.pop_front().unwrap_or_default();
         let mut v = MockVcpu::new(state);
         v.script = script.into();
+        v.state_filter = self.state_filter;
+        v.put_filter = self.put_filter;
         Ok(v)
     }
     fn destroy_vcpu(&mut self, _v: MockVcpu) {
