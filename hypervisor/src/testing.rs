@@ -271,6 +271,8 @@ impl Backend for MockBackend {
         match leaf {
             0 => Regs { eax: 0x16, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69 },
             1 => Regs { eax: 0x806c1, ebx: 0x0010_0800, ecx: 0x7ffa_fbbf, edx: 0xbfeb_fbff },
+            // XSAVE with x87, SSE and AVX.
+            0xd if _subleaf == 0 => Regs { eax: 7, ebx: 576, ecx: 832, edx: 0 },
             _ => Regs::default(),
         }
     }

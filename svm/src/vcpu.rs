@@ -412,14 +412,29 @@ impl<M: PhysMem> SvmVcpu<M> {
         }
     }
 
-    /// Makes the CPU's XCR0 `to` if the host's and the guest's differ.
+    /// The guest's XCR0. While it is loaded, the CPU's: QEMU's TCG does not
+    /// implement the XSETBV intercept (APM Vol. 2 15.9 has one), so there a
+    /// guest's XSETBV changes the CPU's XCR0 without an exit; the state keeps
+    /// what it can hold of it.
+    fn guest_xcr0(&self) -> u64 {
+        if self.loaded && self.host.xcr0.is_some() {
+            // SAFETY: the host turned CR4.OSXSAVE on.
+            (unsafe { hw::xgetbv0() } & self.host.xcr0_mask) | 1
+        } else {
+            self.xcr0
+        }
+    }
+
+    /// Puts `to` into the CPU's XCR0 unless it is there.
     fn switch_xcr0(&self, to: u64) {
-        if let Some(host) = self.host.xcr0
-            && host != self.xcr0
-        {
-            // SAFETY: the host turned CR4.OSXSAVE on; both values were
-            // checked against the CPU's XCR0 mask.
-            unsafe { hw::xsetbv0(to) };
+        if self.host.xcr0.is_some() {
+            // SAFETY: the host turned CR4.OSXSAVE on; `to` is the host's
+            // value or a guest value checked against the CPU's mask.
+            unsafe {
+                if hw::xgetbv0() != to {
+                    hw::xsetbv0(to);
+                }
+            }
         }
     }
 }
@@ -587,7 +602,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         } else {
             self.tsc_aux
         };
-        s.xcr0 = self.xcr0;
+        s.xcr0 = self.guest_xcr0();
         s.fpu = self.guest_fpu();
         s.activity = self.activity;
         s.nmi_blocked = self.nmi_blocked && !matches!(self.iret_at, Some(at) if at != s.rip);
@@ -614,20 +629,17 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         self.dr = s.dr;
         self.tsc_aux = s.tsc_aux;
         self.fx.0 = s.fpu.to_fxsave();
-        let old_xcr0 = self.xcr0;
         self.xcr0 = s.xcr0;
         if self.loaded {
             // SAFETY: an FXSAVE image with MXCSR checked against the CPU's
-            // mask, TSC_AUX with its reserved bits clear, a checked XCR0.
+            // mask, TSC_AUX with its reserved bits clear.
             unsafe {
                 hw::fxrstor(self.fx.0.as_ptr());
                 if self.host.tsc_aux {
                     hw::wrmsr(IA32_TSC_AUX, self.tsc_aux);
                 }
-                if self.host.xcr0.is_some() && old_xcr0 != self.xcr0 {
-                    hw::xsetbv0(self.xcr0);
-                }
             }
+            self.switch_xcr0(self.xcr0);
             DR_OWNER.store(0, Ordering::Relaxed);
             self.load_debug_registers();
         }
@@ -654,7 +666,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
             Reg::Dr6 => self.vmcb.u64(save::DR6),
             Reg::Dr7 => self.vmcb.u64(save::DR7),
             Reg::Efer => self.vmcb.u64(save::EFER) & !EFER_SVME,
-            Reg::Xcr0 => self.xcr0,
+            Reg::Xcr0 => self.guest_xcr0(),
             Reg::TscOffset => self.vmcb.u64(ctl::TSC_OFFSET),
         }
     }
@@ -683,11 +695,10 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
             Reg::Dr7 => self.vmcb.set_u64(save::DR7, v),
             Reg::Efer => self.vmcb.set_u64(save::EFER, v | EFER_SVME),
             Reg::Xcr0 => {
-                if self.loaded && self.host.xcr0.is_some() && v != self.xcr0 {
-                    // SAFETY: the caller checked `v` against the XCR0 mask.
-                    unsafe { hw::xsetbv0(v) };
-                }
                 self.xcr0 = v;
+                if self.loaded {
+                    self.switch_xcr0(v);
+                }
             }
             Reg::TscOffset => self.vmcb.set_u64(ctl::TSC_OFFSET, v),
         }
@@ -769,6 +780,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
             }
         }
         if let Some(host) = self.host.xcr0 {
+            self.xcr0 = self.guest_xcr0();
             self.switch_xcr0(host);
         }
         self.loaded = false;

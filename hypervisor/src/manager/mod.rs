@@ -475,3 +475,5 @@ fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
 mod mem_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vcpu_tests;
