@@ -85,6 +85,12 @@ pub struct SvmVcpu<M: PhysMem> {
     entry_event: Option<(Event, u64)>,
     /// The first intercept vector as in the VMCB (VINTR and IRET come and go).
     misc1_now: u32,
+    /// `prepare_events` has something to do: one flag for the exit path to
+    /// test instead of six.
+    event_work: bool,
+    /// `after_exit` has something to do beyond an interrupted delivery: an
+    /// event went in, or an IRET is waited for.
+    exit_work: bool,
 }
 
 impl<M: PhysMem> SvmVcpu<M> {
@@ -136,6 +142,8 @@ impl<M: PhysMem> SvmVcpu<M> {
             want: Windows::default(),
             entry_event: None,
             misc1_now: misc1::GUEST,
+            event_work: false,
+            exit_work: false,
         });
         let c = &mut v.vmcb;
         c.write(ctl::INTERCEPT_MISC1, misc1::GUEST);
@@ -218,7 +226,12 @@ impl<M: PhysMem> SvmVcpu<M> {
     /// After an exit: what became of the event this entry injected, and an
     /// event whose delivery the exit interrupted is kept to go in again
     /// first (APM 15.7.2: EXITINTINFO).
+    #[inline(never)]
     fn after_exit(&mut self, interrupted: bool) {
+        self.event_work = true;
+        if self.iret_at.is_some() {
+            self.check_iret_done();
+        }
         let info = if interrupted { vmcb::decode_event(self.vmcb.u64(ctl::EXIT_INT_INFO)) } else { None };
         let entry = self.entry_event.take();
         match (info, entry) {
@@ -240,6 +253,7 @@ impl<M: PhysMem> SvmVcpu<M> {
             (None, Some((Event::Nmi, _))) => self.nmi_blocked = true,
             (None, _) => {}
         }
+        self.exit_work = self.iret_at.is_some();
     }
 
     /// Skips whose bytes could not be read or matched (the architectural
@@ -338,6 +352,7 @@ impl<M: PhysMem> SvmVcpu<M> {
             let protected = self.vmcb.u64(save::CR0) & CR0_PE != 0;
             self.vmcb.set_u64(ctl::EVENT_INJ, vmcb::encode_event(ev, protected));
             self.entry_event = Some((ev, rip));
+            self.exit_work = true;
         }
         let nmi_going_in = matches!(plan.event, Some(Event::Nmi));
         // While NMIs are blocked, IRET tells when the handler ends; after
@@ -362,10 +377,18 @@ impl<M: PhysMem> SvmVcpu<M> {
             self.vmcb.write(ctl::INTERCEPT_MISC1, misc);
             self.misc1_now = misc;
         }
+        self.event_work = self.injected.is_some()
+            || !self.queue.is_empty()
+            || self.want != Windows::default()
+            || self.nmi_blocked
+            || self.misc1_now != misc1::GUEST
+            || self.activity != Activity::Active;
         None
     }
 
     /// NMIs are unblocked once the IRET the intercept stopped at has run.
+    #[cold]
+    #[inline(never)]
     fn check_iret_done(&mut self) {
         if let Some(at) = self.iret_at
             && self.vmcb.u64(save::RIP) != at
@@ -378,6 +401,8 @@ impl<M: PhysMem> SvmVcpu<M> {
     /// MOV DR: which general-purpose register, from the decode assists or
     /// the instruction's bytes, and where the next instruction is. `None`:
     /// the bytes are not a MOV DR the guest may run (#UD).
+    #[cold]
+    #[inline(never)]
     fn decode_mov_dr(&mut self, info1: u64) -> Option<(u8, u64)> {
         let rip = self.vmcb.u64(save::RIP);
         if self.decode_assists && self.nrips && info1 & (1 << 63) != 0 {
@@ -441,12 +466,7 @@ impl<M: PhysMem> SvmVcpu<M> {
 
 impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
     fn run(&mut self) -> VmExit {
-        if (self.injected.is_some()
-            || !self.queue.is_empty()
-            || self.want != Windows::default()
-            || self.nmi_blocked
-            || self.misc1_now != misc1::GUEST
-            || self.activity != Activity::Active)
+        if self.event_work
             && let Some(exit) = self.prepare_events()
         {
             return exit;
@@ -463,9 +483,6 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         self.gprs.rax = self.vmcb.u64(save::RAX);
         self.gprs.rsp = self.vmcb.u64(save::RSP);
         self.vmcb.set_u64(ctl::EVENT_INJ, 0);
-        if self.iret_at.is_some() {
-            self.check_iret_done();
-        }
         let code = self.vmcb.u64(ctl::EXIT_CODE);
         let d = decode::decode(
             code,
@@ -476,7 +493,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
             self.gprs.rdx,
         );
         let interrupted = matches!(d, Decoded::Exit(_, None) | Decoded::Interrupt | Decoded::Nmi);
-        if self.entry_event.is_some() || interrupted {
+        if self.exit_work || interrupted {
             self.after_exit(interrupted);
         }
         match d {
@@ -508,6 +525,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
                 }
             },
             Decoded::Vintr => {
+                self.event_work = true;
                 // The window is open: take the virtual interrupt back.
                 let v = self.vmcb.u64(ctl::VINTR) & !(vintr::IRQ | vintr::PRIO | vintr::IGN_TPR);
                 self.vmcb.set_u64(ctl::VINTR, v);
@@ -522,6 +540,8 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
                 }
             }
             Decoded::Iret => {
+                self.event_work = true;
+                self.exit_work = true;
                 // Before the IRET: it runs when the guest resumes.
                 self.iret_at = Some(self.vmcb.u64(save::RIP));
                 let misc = self.misc1_now & !misc1::IRET;
@@ -649,7 +669,9 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         self.injected = s.injected_event;
         self.queue = s.pending_events;
         self.entry_event = None;
+        self.exit_work = false;
         self.vmcb.set_u64(ctl::EVENT_INJ, 0);
+        self.event_work = true;
         Ok(())
     }
 
@@ -713,10 +735,12 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         // A full queue cannot happen (see `vcpu::events::QUEUE_LEN`); were
         // it to, the newest event is the one lost.
         let _ = self.queue.push(event);
+        self.event_work = true;
     }
 
     fn request_interrupt_window(&mut self) {
         self.want.interrupt = true;
+        self.event_work = true;
     }
 
     fn interrupt_window_open(&self) -> bool {
@@ -729,6 +753,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
 
     fn request_nmi_window(&mut self) {
         self.want.nmi = true;
+        self.event_work = true;
     }
 
     fn nmi_window_open(&self) -> bool {

@@ -92,6 +92,9 @@ pub struct VmxVcpu {
     proc_now: u32,
     /// The last entry injected an event (its field must be cleared).
     entry_event: bool,
+    /// `prepare_events` has something to do: one flag for the exit path to
+    /// test instead of five.
+    event_work: bool,
 }
 
 /// Segment field encodings: selector, base, limit, access rights.
@@ -150,6 +153,7 @@ impl VmxVcpu {
             want: Windows::default(),
             proc_now: ctl.proc,
             entry_event: false,
+            event_work: false,
         });
         // SAFETY: VMX is on; the region has the revision identifier.
         let setup = unsafe { v.setup(cpu) };
@@ -401,6 +405,11 @@ impl VmxVcpu {
             self.write_hot(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc as u64);
             self.proc_now = proc;
         }
+        self.event_work = self.injected.is_some()
+            || !self.queue.is_empty()
+            || self.want != Windows::default()
+            || self.proc_now != self.ctl.proc
+            || self.entry_event;
     }
 
     /// The VM-entry interruption information for `ev` (SDM Vol. 3C 25.8.3).
@@ -531,6 +540,7 @@ impl VmxVcpu {
             return;
         }
         let vector = info as u8;
+        self.event_work = true;
         self.injected = Some(match (info >> 8) & 7 {
             TYPE_EXTERNAL => Event::Interrupt { vector },
             TYPE_NMI => Event::Nmi,
@@ -558,12 +568,7 @@ fn tss_base(gdt_base: u64, sel: u16) -> u64 {
 impl vcpu::Vcpu for VmxVcpu {
     fn run(&mut self) -> VmExit {
         self.make_current();
-        if self.injected.is_some()
-            || !self.queue.is_empty()
-            || self.want != Windows::default()
-            || self.proc_now != self.ctl.proc
-            || self.entry_event
-        {
+        if self.event_work {
             self.prepare_events();
         }
         // SAFETY: the VMCS is current, complete (`setup`), and HOST_RIP is
@@ -605,10 +610,12 @@ impl vcpu::Vcpu for VmxVcpu {
             }
             Decoded::InterruptWindow => {
                 self.want.interrupt = false;
+                self.event_work = true;
                 VmExit::InterruptWindow
             }
             Decoded::NmiWindow => {
                 self.want.nmi = false;
+                self.event_work = true;
                 VmExit::NmiWindow
             }
             Decoded::TripleFault => VmExit::Shutdown { report: self.triple_fault_report() },
@@ -805,6 +812,7 @@ impl vcpu::Vcpu for VmxVcpu {
         self.entry_event = false;
         self.injected = s.injected_event;
         self.queue = s.pending_events;
+        self.event_work = true;
         Ok(())
     }
 
@@ -874,10 +882,12 @@ impl vcpu::Vcpu for VmxVcpu {
         // A full queue cannot happen (see `vcpu::events::QUEUE_LEN`); were
         // it to, the newest event is the one lost.
         let _ = self.queue.push(event);
+        self.event_work = true;
     }
 
     fn request_interrupt_window(&mut self) {
         self.want.interrupt = true;
+        self.event_work = true;
     }
 
     fn interrupt_window_open(&self) -> bool {
@@ -890,6 +900,7 @@ impl vcpu::Vcpu for VmxVcpu {
 
     fn request_nmi_window(&mut self) {
         self.want.nmi = true;
+        self.event_work = true;
     }
 
     fn nmi_window_open(&self) -> bool {

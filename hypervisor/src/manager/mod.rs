@@ -235,8 +235,10 @@ impl<B: Backend> Manager<B> {
             let mut t0 = backend.now();
             let deadline = t0.saturating_add(self.slice_ticks);
             loop {
-                let exit = vm.res.as_mut().map(|r| r.vcpu.run());
-                let Some(exit) = exit else { break Flow::Stop };
+                // Not `map` into an `Option<VmExit>`: that moves the exit
+                // once more on every exit.
+                let Some(res) = vm.res.as_mut() else { break Flow::Stop };
+                let exit = res.vcpu.run();
                 // One clock read per exit: it ends this run and starts the
                 // next, so exit handling counts as the VM's time.
                 let t1 = backend.now();

@@ -48,6 +48,7 @@ struct HcCtx<'a, F: EntryFormat> {
     exits: &'a [u64; ExitKind::COUNT],
     mem: &'a GuestMemory<F>,
     page_ins: u64,
+    event: core::cell::Cell<Option<Event>>,
 }
 
 impl<F: EntryFormat> HcCtx<'_, F> {
@@ -80,6 +81,9 @@ impl<F: EntryFormat> hypercall::Context for HcCtx<'_, F> {
     }
     fn page_shared(&self, gpa: u64) -> bool {
         matches!(self.mem.page_state(GuestPhysAddr(gpa)), Some(PageState::Zero | PageState::Shared))
+    }
+    fn queue_event(&self, event: Event) {
+        self.event.set(Some(event));
     }
 }
 
@@ -131,8 +135,13 @@ impl<B: Backend> Vm<B> {
                     return Flow::Continue;
                 }
                 let g = vcpu.gprs();
-                let ctx =
-                    HcCtx { id: self.id, exits: &self.stats.exits, mem: &res.mem, page_ins: self.reclaim.swapped_in };
+                let ctx = HcCtx {
+                    id: self.id,
+                    exits: &self.stats.exits,
+                    mem: &res.mem,
+                    page_ins: self.reclaim.swapped_in,
+                    event: core::cell::Cell::new(None),
+                };
                 let r = hypercall::dispatch(g.rax, g.rdi, g.rsi, &ctx);
                 let g = vcpu.gprs_mut();
                 g.rax = r.rax;
@@ -140,7 +149,7 @@ impl<B: Backend> Vm<B> {
                     (g.rdi, g.rsi) = (rdi, rsi);
                 }
                 vcpu.skip_instruction();
-                if let Some(ev) = r.event {
+                if let Some(ev) = ctx.event.get() {
                     vcpu.inject(ev);
                 }
                 Flow::Continue
@@ -175,6 +184,28 @@ impl<B: Backend> Vm<B> {
             VmExit::NestedPageFault { gpa, access, gva } => {
                 self.nested_page_fault(gpa, access, gva, backend, host, console)
             }
+            VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => Flow::Continue,
+            VmExit::Preempted => Flow::Yield,
+            VmExit::Shutdown { report } | VmExit::EntryFailed { report } | VmExit::Unexpected { report } => {
+                let reason = self.with_code_bytes(report, backend);
+                self.end(RunState::Stopped { reason }, backend, console);
+                Flow::Stop
+            }
+            other => self.handle_vcpu_exit(other, backend, console),
+        }
+    }
+
+    /// The exits of the vCPU model: windows, register instructions, cache
+    /// flushes, MONITOR/MWAIT, PAUSE, INIT/SIPI. Apart from the hot path
+    /// (CPUID, port I/O, hypercalls), which stays small for it.
+    #[cold]
+    #[inline(never)]
+    fn handle_vcpu_exit(&mut self, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Flow {
+        let Some(res) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let vcpu = &mut res.vcpu;
+        match exit {
             // The backend delivers queued events when the window opens; a
             // device model with an interrupt for this vCPU injects it here.
             VmExit::InterruptWindow | VmExit::NmiWindow => Flow::Continue,
@@ -240,13 +271,8 @@ impl<B: Backend> Vm<B> {
                 }
                 Flow::Continue
             }
-            VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => Flow::Continue,
-            VmExit::Preempted => Flow::Yield,
-            VmExit::Shutdown { report } | VmExit::EntryFailed { report } | VmExit::Unexpected { report } => {
-                let reason = self.with_code_bytes(report, backend);
-                self.end(RunState::Stopped { reason }, backend, console);
-                Flow::Stop
-            }
+            // Handled by `handle_exit`.
+            _ => Flow::Continue,
         }
     }
 }
