@@ -296,8 +296,8 @@ fn each_vm_sees_its_own_cr2_while_sharing_the_cpu(emu: Emulator) {
     assert!(t.contains("[vm 1] cr2: PASS"), "{t}");
     assert!(t.contains("[vm 2] cr2: PASS"), "{t}");
     // Each VM's DR0 watched its own word, and every write trapped: no VM ran
-    // with the other's debug registers. (QEMU's TCG does not arm breakpoints
-    // from a VMCB's DR7, so there the guest says it could not check.)
+    // with the other's debug registers. (In QEMU's TCG an AMD-V guest's data
+    // breakpoint does not fire; there the guest says it could not check.)
     if !svm(emu) {
         assert!(!t.contains("data breakpoints do not fire"), "{t}");
     }

@@ -80,8 +80,8 @@ fn main(boot: Boot) -> u32 {
     let watched = word.as_ptr() as u64;
     watch(watched);
     word.store(1, SeqCst);
-    // QEMU's TCG does not arm breakpoints from the DR7 that VMRUN loads: there
-    // the debug registers cannot be checked this way.
+    // In QEMU's TCG an AMD-V guest's data breakpoint does not fire (seen,
+    // not explained): there the debug registers cannot be checked this way.
     let breakpoints = DEBUG_TRAPS.load(SeqCst) == 1;
     if !breakpoints {
         println!("cr2: note data breakpoints do not fire here; the debug registers are not checked");
