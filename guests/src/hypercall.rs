@@ -8,6 +8,11 @@ pub const STAT: u64 = 2;
 /// frame. One call looks at a bounded part of the range and returns RDI and
 /// RSI advanced past it: call again, adding up RAX, until RSI is 0.
 pub const SHARED_IN_RANGE: u64 = 3;
+/// Queues external interrupt RDI (32-255) for this vCPU: delivered when
+/// it can take one (RFLAGS.IF = 1, no STI/MOV SS shadow).
+pub const QUEUE_INTERRUPT: u64 = 4;
+/// Queues an NMI for this vCPU: delivered when no NMI handler runs.
+pub const QUEUE_NMI: u64 = 5;
 /// What PING returns: "HVOK".
 pub const PING_REPLY: u64 = 0x4b4f_5648;
 /// Returned for an unknown function.

@@ -1,5 +1,5 @@
-//! A minimal IDT so a test can run an instruction that should fault (#UD,
-//! #GP, #PF) and observe the fault instead of dying: `probe` arms a handler
+//! A minimal IDT so a test can run an instruction that should fault (#DB,
+//! #UD, #GP, #PF) and observe the fault instead of dying: `probe` arms a handler
 //! that records the vector and resumes after the faulting instruction, whose
 //! length the caller gives.
 
@@ -17,6 +17,10 @@ static PROBE_VECTOR: AtomicU64 = AtomicU64::new(u64::MAX);
 // the vector, move the saved RIP past the instruction and return; otherwise
 // report the unexpected fault through the exit port (status 0xff).
 global_asm!(
+    ".global trap_db",
+    "trap_db:",
+    "    push 1",
+    "    jmp 2f",
     ".global trap_ud",
     "trap_ud:",
     "    push 6",
@@ -47,15 +51,17 @@ global_asm!(
 );
 
 unsafe extern "C" {
+    fn trap_db();
     fn trap_ud();
     fn trap_gp();
     fn trap_pf();
 }
 
 #[repr(C, align(16))]
-struct Idt([u64; 64]);
+struct Idt([u64; 512]);
 
-static mut IDT: Idt = Idt([0; 64]);
+/// All 256 vectors, so tests can add interrupt handlers (`set_handler`).
+static mut IDT: Idt = Idt([0; 512]);
 
 #[repr(C, packed)]
 struct DtPtr {
@@ -69,7 +75,7 @@ fn gate(handler: u64, cs: u16) -> (u64, u64) {
     (lo, handler >> 32)
 }
 
-/// Installs handlers for #UD, #GP and #PF.
+/// Installs handlers for #DB, #UD, #GP and #PF.
 pub fn install() {
     let cs: u16;
     // SAFETY: reading CS.
@@ -79,6 +85,7 @@ pub fn install() {
     unsafe {
         let idt = &mut *core::ptr::addr_of_mut!(IDT);
         for (vector, handler) in [
+            (1usize, trap_db as *const () as u64),
             (6usize, trap_ud as *const () as u64),
             (13, trap_gp as *const () as u64),
             (14, trap_pf as *const () as u64),
@@ -87,8 +94,24 @@ pub fn install() {
             idt.0[vector * 2] = lo;
             idt.0[vector * 2 + 1] = hi;
         }
-        let ptr = DtPtr { limit: 32 * 16 - 1, base: idt as *const Idt as u64 };
+        let ptr = DtPtr { limit: 256 * 16 - 1, base: idt as *const Idt as u64 };
         asm!("lidt [{}]", in(reg) &ptr, options(nostack));
+    }
+}
+
+/// Points IDT vector `vector` at `handler` (an interrupt gate: IF is 0 in
+/// the handler). Call after `install`.
+pub fn set_handler(vector: u8, handler: u64) {
+    let cs: u16;
+    // SAFETY: reading CS.
+    unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack)) };
+    let (lo, hi) = gate(handler, cs);
+    // SAFETY: single-threaded guest; the CPU reads a gate only when it
+    // delivers through it, and tests set gates before they can be used.
+    unsafe {
+        let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        idt.0[vector as usize * 2] = lo;
+        idt.0[vector as usize * 2 + 1] = hi;
     }
 }
 

@@ -18,6 +18,8 @@ pub struct BootConfig {
     pub pm1a_cnt_fallback: Option<u16>,
     /// Deliberate failures, for the tests of the failure paths.
     pub fault_inject: Option<FaultInject>,
+    /// Run the vCPU conformance check (`vm::conformance`) at boot.
+    pub vcpu_conformance: bool,
 }
 
 /// A failure the hypervisor provokes on purpose (test images only).
@@ -64,6 +66,11 @@ pub fn parse(text: &str) -> (BootConfig, Vec<String>) {
                 "vm-entry" => cfg.fault_inject = Some(FaultInject::VmEntry),
                 _ => problems.push(alloc::format!("line {}: unknown fault {value:?}", n + 1)),
             },
+            "vcpu_conformance" => match value {
+                "true" => cfg.vcpu_conformance = true,
+                "false" => cfg.vcpu_conformance = false,
+                _ => problems.push(alloc::format!("line {}: expected true or false, not {value:?}", n + 1)),
+            },
             "autorun" if !value.is_empty() => cfg.autorun.push(value.to_string()),
             _ => problems.push(alloc::format!("line {}: unknown key {key:?}", n + 1)),
         }
@@ -97,5 +104,9 @@ mod tests {
         let (cfg, problems) = parse("fault_inject = vm-entry\nfault_inject = everything\n");
         assert_eq!(cfg.fault_inject, Some(FaultInject::VmEntry));
         assert_eq!(problems.len(), 1);
+        assert!(!cfg.vcpu_conformance);
+        let (cfg, problems) = parse("vcpu_conformance = true\nvcpu_conformance = yes\n");
+        assert!(cfg.vcpu_conformance);
+        assert_eq!(problems, ["line 2: expected true or false, not \"yes\""]);
     }
 }

@@ -19,6 +19,13 @@ pub const STAT: u64 = 2;
 pub const SHARED_IN_RANGE: u64 = 3;
 /// Pages of RAM one range hypercall examines at most (16 MiB of guest RAM).
 pub const RANGE_PAGES_PER_CALL: u64 = 4096;
+/// Queues external interrupt RDI (32-255) for the calling vCPU, delivered
+/// when it can take one (RFLAGS.IF = 1, no interrupt shadow); returns 0.
+/// A test hook for event delivery: a guest can only interrupt itself.
+pub const QUEUE_INTERRUPT: u64 = 4;
+/// Queues an NMI for the calling vCPU (delivered when no NMI handler of
+/// its runs); returns 0.
+pub const QUEUE_NMI: u64 = 5;
 /// "HVOK".
 pub const PING_REPLY: u64 = 0x4b4f_5648;
 /// The result of an unknown function or argument.
@@ -45,6 +52,8 @@ pub trait Context {
     /// Whether the page at `gpa` (in RAM) is mapped shared or to the zero
     /// frame.
     fn page_shared(&self, gpa: u64) -> bool;
+    /// Queues `event` for the calling vCPU, after the hypercall completes.
+    fn queue_event(&self, event: vcpu::Event);
 }
 
 /// What a hypercall returns: RAX, and RDI/RSI when it changes them.
@@ -72,8 +81,18 @@ pub fn dispatch(func: u64, a: u64, b: u64, ctx: &impl Context) -> Reply {
         (STAT, STAT_SHARED_PAGES) => ctx.shared_pages().into(),
         (STAT, STAT_SWAPPED_PAGES) => ctx.swapped_pages().into(),
         (STAT, STAT_PAGE_INS) => ctx.page_ins().into(),
+        (QUEUE_INTERRUPT, 32..=255) => queue(ctx, vcpu::Event::Interrupt { vector: a as u8 }),
+        (QUEUE_NMI, _) => queue(ctx, vcpu::Event::Nmi),
         _ => UNKNOWN.into(),
     }
+}
+
+/// The test hooks that queue an event: off the hot path.
+#[cold]
+#[inline(never)]
+fn queue(ctx: &impl Context, event: vcpu::Event) -> Reply {
+    ctx.queue_event(event);
+    0.into()
 }
 
 /// [`SHARED_IN_RANGE`] over at most [`RANGE_PAGES_PER_CALL`] pages of RAM
@@ -104,6 +123,9 @@ mod tests {
 
     /// 64 GiB of RAM, every third page shared.
     struct Ctx;
+    std::thread_local! {
+        static QUEUED: core::cell::Cell<Option<vcpu::Event>> = const { core::cell::Cell::new(None) };
+    }
     const RAM: u64 = 64 << 30;
     impl Context for Ctx {
         fn vm_id(&self) -> u64 {
@@ -131,6 +153,9 @@ mod tests {
             assert!(gpa < RAM && gpa % 4096 == 0, "asked about {gpa:#x}");
             (gpa / 4096) % 3 == 0
         }
+        fn queue_event(&self, event: vcpu::Event) {
+            QUEUED.with(|q| q.set(Some(event)));
+        }
     }
 
     #[test]
@@ -146,6 +171,14 @@ mod tests {
         assert_eq!(rax(STAT, 99, 0), UNKNOWN);
         assert_eq!(rax(0xdead, 0, 0), UNKNOWN);
         assert_eq!(dispatch(PING, 1, 2, &Ctx).args, None, "only range functions change RDI/RSI");
+        let queued = || QUEUED.with(|q| q.take());
+        assert_eq!(rax(QUEUE_INTERRUPT, 0x41, 0), 0);
+        assert_eq!(queued(), Some(vcpu::Event::Interrupt { vector: 0x41 }));
+        assert_eq!(rax(QUEUE_INTERRUPT, 14, 0), UNKNOWN, "exception vectors are not interrupts");
+        assert_eq!(rax(QUEUE_INTERRUPT, 256, 0), UNKNOWN);
+        assert_eq!(queued(), None);
+        assert_eq!(rax(QUEUE_NMI, 0, 0), 0);
+        assert_eq!(queued(), Some(vcpu::Event::Nmi));
     }
 
     #[test]

@@ -9,7 +9,8 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 use mm::paging::{Ept, FlushScope, PageSize};
 use mm::sim::SimPhys;
-use vcpu::{Event, Gprs, GuestState, Vcpu, VmExit};
+use vcpu::events::{self, Blocking, Windows};
+use vcpu::{Event, Gprs, GuestState, Reg, Vcpu, VmExit};
 
 use crate::backend::Backend;
 use crate::cpuid::{HostQuirks, Regs};
@@ -19,23 +20,77 @@ use crate::vm::exit::Console;
 /// have before exiting).
 pub type Step = Box<dyn FnMut(&mut MockVcpu) -> VmExit>;
 
+/// A vCPU whose guest is a script. Its state is a `GuestState`; events go
+/// through the same queue and entry plan as on the backends
+/// (`vcpu::events`): before each step, the event the guest can take is
+/// "delivered" (recorded in `delivered`), and an open window that was armed
+/// ends the run as `InterruptWindow`/`NmiWindow` instead of the step, as
+/// VT-x's window exits do.
 pub struct MockVcpu {
     pub script: VecDeque<Step>,
     pub gprs: Gprs,
     pub state: GuestState,
     pub rflags: u64,
     pub cpl: u8,
+    /// Every event `inject` was given, in order.
     pub injected: Vec<Event>,
+    /// Events that went into the guest, in delivery order.
+    pub delivered: Vec<Event>,
+    pub want: Windows,
     pub skipped: u32,
     pub loaded: bool,
     pub slice: u64,
     pub runs: u32,
+    /// Changes what `state` returns (tests of the conformance check).
+    pub state_filter: Option<fn(&mut GuestState)>,
+    /// Changes the state at `put`, as a CPU's save can (same tests).
+    pub put_filter: Option<fn(&mut GuestState)>,
+}
+
+impl MockVcpu {
+    pub fn new(state: &GuestState) -> MockVcpu {
+        MockVcpu {
+            script: VecDeque::new(),
+            gprs: state.gprs,
+            state: state.clone(),
+            rflags: state.rflags,
+            cpl: 0,
+            injected: Vec::new(),
+            delivered: Vec::new(),
+            want: Windows::default(),
+            skipped: 0,
+            loaded: false,
+            slice: 0,
+            runs: 0,
+            state_filter: None,
+            put_filter: None,
+        }
+    }
+
+    fn blocking(&self) -> Blocking {
+        GuestState { rflags: self.rflags, ..self.state.clone() }.blocking()
+    }
 }
 
 impl Vcpu for MockVcpu {
     fn run(&mut self) -> VmExit {
         assert!(self.loaded, "run without load");
         self.runs += 1;
+        let blocked = self.blocking();
+        let s = &mut self.state;
+        let plan = events::plan_entry(&mut s.injected_event, &mut s.pending_events, blocked, self.want);
+        if let Some(e) = plan.event {
+            self.delivered.push(e);
+            if e == Event::Nmi {
+                self.state.nmi_blocked = true;
+            }
+        } else if plan.windows.interrupt && !blocked.interrupt {
+            self.want.interrupt = false;
+            return VmExit::InterruptWindow;
+        } else if plan.windows.nmi && !blocked.nmi {
+            self.want.nmi = false;
+            return VmExit::NmiWindow;
+        }
         match self.script.pop_front() {
             Some(mut step) => step(self),
             // Out of script: behave like a guest spinning without exits.
@@ -60,17 +115,73 @@ impl Vcpu for MockVcpu {
     fn skip_instruction(&mut self) {
         self.skipped += 1;
         self.state.rip += 2;
+        self.state.interrupt_shadow = false;
     }
     fn state(&self) -> GuestState {
-        GuestState { gprs: self.gprs, ..self.state.clone() }
+        let mut s = GuestState { gprs: self.gprs, rflags: self.rflags, ..self.state.clone() };
+        if let Some(f) = self.state_filter {
+            f(&mut s);
+        }
+        s
     }
     fn set_state(&mut self, s: &GuestState) -> Result<(), vcpu::Error> {
+        s.check_neutral(0xffff).map_err(vcpu::Error::InvalidState)?;
         self.state = s.clone();
         self.gprs = s.gprs;
+        self.rflags = s.rflags;
         Ok(())
+    }
+    fn reg(&self, r: Reg) -> u64 {
+        let s = &self.state;
+        match r {
+            Reg::Cr0 => s.cr0,
+            Reg::Cr3 => s.cr3,
+            Reg::Cr4 => s.cr4,
+            Reg::Cr8 => s.cr8,
+            Reg::Dr0 => s.dr[0],
+            Reg::Dr1 => s.dr[1],
+            Reg::Dr2 => s.dr[2],
+            Reg::Dr3 => s.dr[3],
+            Reg::Dr6 => s.dr6,
+            Reg::Dr7 => s.dr7,
+            Reg::Efer => s.efer,
+            Reg::Xcr0 => s.xcr0,
+            Reg::TscOffset => s.tsc_offset,
+        }
+    }
+    fn set_reg(&mut self, r: Reg, v: u64) {
+        let s = &mut self.state;
+        match r {
+            Reg::Cr0 => s.cr0 = v,
+            Reg::Cr3 => s.cr3 = v,
+            Reg::Cr4 => s.cr4 = v,
+            Reg::Cr8 => s.cr8 = v,
+            Reg::Dr0 => s.dr[0] = v,
+            Reg::Dr1 => s.dr[1] = v,
+            Reg::Dr2 => s.dr[2] = v,
+            Reg::Dr3 => s.dr[3] = v,
+            Reg::Dr6 => s.dr6 = v,
+            Reg::Dr7 => s.dr7 = v,
+            Reg::Efer => s.efer = v,
+            Reg::Xcr0 => s.xcr0 = v,
+            Reg::TscOffset => s.tsc_offset = v,
+        }
     }
     fn inject(&mut self, e: Event) {
         self.injected.push(e);
+        self.state.pending_events.push(e);
+    }
+    fn request_interrupt_window(&mut self) {
+        self.want.interrupt = true;
+    }
+    fn interrupt_window_open(&self) -> bool {
+        !self.blocking().interrupt && self.state.injected_event.is_none() && self.state.pending_events.is_empty()
+    }
+    fn request_nmi_window(&mut self) {
+        self.want.nmi = true;
+    }
+    fn nmi_window_open(&self) -> bool {
+        !self.blocking().nmi && self.state.injected_event.is_none() && !self.state.pending_events.has_nmi()
     }
     fn set_time_slice(&mut self, ticks: u64) {
         self.slice = ticks;
@@ -83,6 +194,9 @@ impl Vcpu for MockVcpu {
     }
     fn put(&mut self) {
         self.loaded = false;
+        if let Some(f) = self.put_filter {
+            f(&mut self.state);
+        }
     }
     fn flush_nested_tlb(&mut self, _: FlushScope) {}
 }
@@ -98,6 +212,10 @@ pub struct MockBackend {
     pub tick: u64,
     /// What `heap_free` answers (tests of the heap-room check).
     pub heap_free: u64,
+    /// Given to the vCPUs it creates (see `MockVcpu::state_filter` and
+    /// `put_filter`).
+    pub state_filter: Option<fn(&mut GuestState)>,
+    pub put_filter: Option<fn(&mut GuestState)>,
 }
 
 impl MockBackend {
@@ -110,6 +228,8 @@ impl MockBackend {
             clock: Cell::new(0),
             tick: 10,
             heap_free: 64 << 20,
+            state_filter: None,
+            put_filter: None,
         }
     }
 }
@@ -137,18 +257,11 @@ impl Backend for MockBackend {
     fn create_vcpu(&mut self, _root: mm::HostPhysAddr, state: &GuestState) -> Result<MockVcpu, vcpu::Error> {
         self.created += 1;
         let script = self.scripts.pop_front().unwrap_or_default();
-        Ok(MockVcpu {
-            script: script.into(),
-            gprs: state.gprs,
-            state: state.clone(),
-            rflags: state.rflags,
-            cpl: 0,
-            injected: Vec::new(),
-            skipped: 0,
-            loaded: false,
-            slice: 0,
-            runs: 0,
-        })
+        let mut v = MockVcpu::new(state);
+        v.script = script.into();
+        v.state_filter = self.state_filter;
+        v.put_filter = self.put_filter;
+        Ok(v)
     }
     fn destroy_vcpu(&mut self, _v: MockVcpu) {
         self.destroyed += 1;
@@ -158,6 +271,8 @@ impl Backend for MockBackend {
         match leaf {
             0 => Regs { eax: 0x16, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69 },
             1 => Regs { eax: 0x806c1, ebx: 0x0010_0800, ecx: 0x7ffa_fbbf, edx: 0xbfeb_fbff },
+            // XSAVE with x87, SSE and AVX.
+            0xd if _subleaf == 0 => Regs { eax: 7, ebx: 576, ecx: 832, edx: 0 },
             _ => Regs::default(),
         }
     }

@@ -183,6 +183,14 @@ impl<M: PhysMem> CodeReader<M> {
         }
     }
 
+    /// Up to 15 code bytes at the guest's RIP (fewer where they cannot be
+    /// read), and whether the code is 64-bit.
+    pub fn read_at_rip(&mut self, vmcb: Vmcb) -> ([u8; fetch::MAX_LEN], usize, bool) {
+        let (lin, long) = Self::code_address(vmcb);
+        let (bytes, n) = self.code_bytes(vmcb, lin);
+        (bytes, n, long)
+    }
+
     /// Up to 15 code bytes at linear address `lin`.
     fn code_bytes(&mut self, vmcb: Vmcb, mut lin: u64) -> ([u8; fetch::MAX_LEN], usize) {
         let mut out = [0u8; fetch::MAX_LEN];

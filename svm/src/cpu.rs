@@ -35,6 +35,60 @@ pub const PASSTHROUGH: &[(u32, bool, bool)] = &[
     (0xc000_0102, true, true), // KERNEL_GS_BASE
 ];
 
+/// IA32_TSC_AUX, what RDTSCP and RDPID read: passed through and switched by
+/// `load`/`put` (the VMCB does not hold it) when the CPU has it.
+pub const IA32_TSC_AUX: u32 = 0xc000_0103;
+
+/// What the host CPU offers the state switched by software (FPU, XCR0,
+/// TSC_AUX), found once when SVM is turned on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostSwitch {
+    /// FXSAVE's MXCSR_MASK: the MXCSR bits FXRSTOR accepts (0 means the
+    /// default 0xffbf, APM Vol. 2 11.4.4).
+    pub mxcsr_mask: u32,
+    /// The host's XCR0, if it has XSAVE (the host turns CR4.OSXSAVE on so
+    /// that XSETBV can switch XCR0 between host and guest).
+    pub xcr0: Option<u64>,
+    /// XCR0 bits a guest may set: CPUID 0xD.0 EDX:EAX limited to what the
+    /// state holds (`vcpu::state::XCR0_SUPPORTED`).
+    pub xcr0_mask: u64,
+    /// Whether the CPU has IA32_TSC_AUX (RDTSCP or RDPID).
+    pub tsc_aux: bool,
+}
+
+#[repr(C, align(16))]
+struct FxProbe([u8; 512]);
+
+impl HostSwitch {
+    /// Probes the CPU and turns on CR4.OSXSAVE where XSAVE exists.
+    ///
+    /// # Safety
+    /// Ring 0, interrupts off, CR4.OSFXSR set (FXSAVE works).
+    pub unsafe fn probe() -> HostSwitch {
+        let mut area = FxProbe([0; 512]);
+        // SAFETY: a 16-byte aligned local of 512 bytes.
+        unsafe { hw::fxsave(area.0.as_mut_ptr()) };
+        let mask = u32::from_le_bytes([area.0[28], area.0[29], area.0[30], area.0[31]]);
+        let xsave = core::arch::x86_64::__cpuid(1).ecx & (1 << 26) != 0;
+        let (xcr0, xcr0_mask) = if xsave {
+            let l = core::arch::x86_64::__cpuid_count(0xd, 0);
+            let supported = ((l.edx as u64) << 32 | l.eax as u64) & vcpu::state::XCR0_SUPPORTED;
+            // SAFETY: the CPU has XSAVE; OSXSAVE only enables XGETBV/XSETBV
+            // and the XSAVE family, and x87|SSE is a valid XCR0 on it.
+            unsafe {
+                hw::write_cr4(hw::read_cr4() | vcpu::state::bits::CR4_OSXSAVE);
+                hw::xsetbv0(supported | 1);
+                (Some(hw::xgetbv0()), supported | 1)
+            }
+        } else {
+            (None, 1)
+        };
+        let rdtscp = core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 27) != 0;
+        let rdpid = core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 22) != 0;
+        HostSwitch { mxcsr_mask: if mask == 0 { 0xffbf } else { mask }, xcr0, xcr0_mask, tsc_aux: rdtscp || rdpid }
+    }
+}
+
 /// What CPUID leaf 0x8000_000A and friends say (APM Vol. 3 E.4.9).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SvmCaps {
@@ -70,6 +124,11 @@ impl SvmCaps {
 /// intercepts. MSRs outside the ranges are always intercepted.
 pub fn build_msr_map(map: &mut [u8; 8192], passthrough: &[(u32, bool, bool)]) {
     map.fill(0xff);
+    allow_msrs(map, passthrough);
+}
+
+/// Lets more MSRs through a map built by [`build_msr_map`].
+pub fn allow_msrs(map: &mut [u8; 8192], passthrough: &[(u32, bool, bool)]) {
     for &(msr, read, write) in passthrough {
         let base = match msr {
             0..=0x1fff => 0,
@@ -93,6 +152,7 @@ pub type ArmTimer = fn(deadline_tsc: u64);
 
 pub struct SvmCpu {
     pub caps: SvmCaps,
+    pub host: HostSwitch,
     hsave: HostPhysAddr,
     /// The host's VMSAVE state, VMLOADed after every #VMEXIT.
     pub host_vmcb: HostPhysAddr,
@@ -132,6 +192,9 @@ impl SvmCpu {
         if caps.asids < 3 {
             return Err(Error::Unsupported("at least 3 ASIDs"));
         }
+        // SAFETY: ring 0 with interrupts off (our caller); the bootloader
+        // leaves SSE (CR4.OSFXSR) on for x86-64 code.
+        let host = unsafe { HostSwitch::probe() };
         let hsave = alloc.alloc_frame().ok_or(Error::OutOfMemory)?;
         let host_vmcb = alloc.alloc_frame().ok_or(Error::OutOfMemory)?;
         let msr_map = alloc.alloc_contiguous(8192, 4096).ok_or(Error::OutOfMemory)?;
@@ -140,7 +203,11 @@ impl SvmCpu {
         // SAFETY: fresh memory of the sizes just allocated, reachable through
         // the direct map and used by nothing else.
         unsafe {
-            build_msr_map(&mut *(alloc.phys_to_ptr(msr_map) as *mut [u8; 8192]), PASSTHROUGH);
+            let map = &mut *(alloc.phys_to_ptr(msr_map) as *mut [u8; 8192]);
+            build_msr_map(map, PASSTHROUGH);
+            if host.tsc_aux {
+                allow_msrs(map, &[(IA32_TSC_AUX, true, true)]);
+            }
             // Every port exits: the hypervisor emulates or refuses each.
             core::ptr::write_bytes(alloc.phys_to_ptr(io_map), 0xff, 16384);
         }
@@ -151,7 +218,7 @@ impl SvmCpu {
             hw::wrmsr(MSR_VM_HSAVE_PA, hsave.0);
             hw::vmsave(host_vmcb.0);
         }
-        Ok(SvmCpu { caps, hsave, host_vmcb, msr_map, io_map, arm_timer, next_asid: 1, free_asids: Vec::new() })
+        Ok(SvmCpu { caps, host, hsave, host_vmcb, msr_map, io_map, arm_timer, next_asid: 1, free_asids: Vec::new() })
     }
 
     /// An ASID for a new vCPU, and whether it is the shared one.
@@ -187,6 +254,8 @@ impl SvmCpu {
             (c.decode_assists, "decode-assists"),
             (c.vmcb_clean, "vmcb-clean"),
             (c.page_1g, "npt-1g"),
+            (self.host.tsc_aux, "rdtscp"),
+            (self.host.xcr0.is_some(), "xsave"),
         ] {
             if on {
                 f.push(String::from(name));

@@ -24,16 +24,24 @@ pub enum Decoded {
     Shutdown,
     /// VMRUN refused the state.
     Invalid,
-    /// An SVM or hidden instruction (VMRUN, VMLOAD, XSETBV, ...): #UD.
+    /// An SVM instruction (VMRUN, VMLOAD, ...): #UD.
     InjectUd,
+    /// MOV to (`write`) or from DR`dr`: which register is the GPR needs
+    /// decode assists (EXITINFO1) or the instruction bytes.
+    Dr {
+        dr: u8,
+        write: bool,
+        info1: u64,
+    },
+    /// The interrupt window opened (V_IRQ taken: VINTR).
+    Vintr,
+    /// IRET while NMIs are blocked: the NMI handler is returning.
+    Iret,
     /// Backend-owned MSRs.
     EferRead,
     EferWrite(u64),
     PatRead,
     PatWrite(u64),
-    /// INVD: would drop the host's dirty cache lines; done as a no-op
-    /// (the caches are coherent with guest memory anyway).
-    SkipOnly(Opcode),
     /// An exit this backend never enables.
     Unknown(u64),
 }
@@ -76,10 +84,16 @@ pub fn decode(code: u64, info1: u64, info2: u64, rax: u64, rcx: u64, rdx: u64) -
         NMI => Decoded::Nmi,
         SHUTDOWN => Decoded::Shutdown,
         INVALID => Decoded::Invalid,
-        VMRUN | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | INVLPGA | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU => {
-            Decoded::InjectUd
-        }
-        INVD => Decoded::SkipOnly(Opcode::Invd),
+        VMRUN | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | INVLPGA | RDPRU => Decoded::InjectUd,
+        MONITOR | MWAIT | MWAIT_ARMED => Decoded::Exit(VmExit::MonitorMwait, None),
+        XSETBV => Decoded::Exit(VmExit::Xsetbv, Some(Opcode::Xsetbv)),
+        INVD => Decoded::Exit(VmExit::CacheFlush { invd: true }, Some(Opcode::Invd)),
+        WBINVD => Decoded::Exit(VmExit::CacheFlush { invd: false }, Some(Opcode::Wbinvd)),
+        PAUSE => Decoded::Exit(VmExit::Pause, Some(Opcode::Pause)),
+        INIT => Decoded::Exit(VmExit::Init, None),
+        VINTR => Decoded::Vintr,
+        IRET => Decoded::Iret,
+        c @ DR_READ..=0x3f => Decoded::Dr { dr: (c & 0xf) as u8, write: c >= DR_WRITE, info1 },
         other => Decoded::Unknown(other),
     }
 }
@@ -167,8 +181,28 @@ mod tests {
     }
 
     #[test]
+    fn the_instruction_exits_linux_needs() {
+        let d = |code| decode(code, 0, 0, 0, 0, 0);
+        assert_eq!(d(XSETBV), Decoded::Exit(VmExit::Xsetbv, Some(Opcode::Xsetbv)));
+        assert_eq!(d(INVD), Decoded::Exit(VmExit::CacheFlush { invd: true }, Some(Opcode::Invd)));
+        assert_eq!(d(WBINVD), Decoded::Exit(VmExit::CacheFlush { invd: false }, Some(Opcode::Wbinvd)));
+        assert_eq!(d(MONITOR), Decoded::Exit(VmExit::MonitorMwait, None));
+        assert_eq!(d(MWAIT), Decoded::Exit(VmExit::MonitorMwait, None));
+        assert_eq!(d(PAUSE), Decoded::Exit(VmExit::Pause, Some(Opcode::Pause)));
+        assert_eq!(d(INIT), Decoded::Exit(VmExit::Init, None));
+        assert_eq!(d(VINTR), Decoded::Vintr);
+        assert_eq!(d(IRET), Decoded::Iret);
+        assert_eq!(decode(0x27, 5, 0, 0, 0, 0), Decoded::Dr { dr: 7, write: false, info1: 5 });
+        assert_eq!(decode(0x33, 0, 0, 0, 0, 0), Decoded::Dr { dr: 3, write: true, info1: 0 });
+        use crate::vmcb::{misc1, misc2};
+        assert_ne!(misc2::GUEST & misc2::WBINVD, 0);
+        assert_ne!(misc1::GUEST & misc1::INIT, 0);
+        assert_eq!(misc1::GUEST & (misc1::VINTR | misc1::IRET), 0, "armed per entry");
+    }
+
+    #[test]
     fn svm_instructions_are_undefined_for_guests() {
-        for code in [VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, INVLPGA, XSETBV] {
+        for code in [VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, INVLPGA] {
             assert_eq!(decode(code, 0, 0, 0, 0, 0), Decoded::InjectUd, "{}", exit_code(code));
         }
         assert_eq!(decode(SHUTDOWN, 0, 0, 0, 0, 0), Decoded::Shutdown);

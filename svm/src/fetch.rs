@@ -14,6 +14,9 @@ pub enum Opcode {
     Hlt,
     Vmmcall,
     Invd,
+    Wbinvd,
+    Xsetbv,
+    Pause,
 }
 
 impl Opcode {
@@ -25,6 +28,9 @@ impl Opcode {
             Opcode::Hlt => &[0xf4],
             Opcode::Vmmcall => &[0x0f, 0x01, 0xd9],
             Opcode::Invd => &[0x0f, 0x08],
+            Opcode::Wbinvd => &[0x0f, 0x09],
+            Opcode::Xsetbv => &[0x0f, 0x01, 0xd1],
+            Opcode::Pause => &[0xf3, 0x90],
         }
     }
 
@@ -60,9 +66,51 @@ pub fn instruction_length(bytes: &[u8], op: Opcode, long_mode: bool) -> Option<u
     (end <= MAX_LEN && bytes.get(i..end) == Some(code)).then_some(end as u8)
 }
 
+/// A MOV to or from a debug register (0F 23 /r, 0F 21 /r; SDM Vol. 2B
+/// "MOV—Move to/from Debug Registers"): ModRM.reg names the DR, ModRM.rm
+/// the general-purpose register (REX.B extends it); the mod field is
+/// ignored. Returns (length, DR, GPR, write), or `None` if the bytes are not
+/// one (REX.R, naming DR8-DR15, is #UD and comes back as `None` too).
+pub fn mov_dr(bytes: &[u8], long_mode: bool) -> Option<(u8, u8, u8, bool)> {
+    let mut i = 0;
+    let mut rex = 0u8;
+    while i < bytes.len().min(MAX_LEN) {
+        match bytes[i] {
+            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 => rex = 0,
+            b @ 0x40..=0x4f if long_mode => rex = b,
+            _ => break,
+        }
+        i += 1;
+    }
+    let write = match bytes.get(i..i + 2)? {
+        [0x0f, 0x21] => false,
+        [0x0f, 0x23] => true,
+        _ => return None,
+    };
+    let modrm = *bytes.get(i + 2)?;
+    let len = i + 3;
+    if len > MAX_LEN || rex & 4 != 0 {
+        return None;
+    }
+    Some((len as u8, (modrm >> 3) & 7, (modrm & 7) | ((rex & 1) << 3), write))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mov_dr_forms() {
+        // mov dr7, rax; mov rcx, dr6; mov dr0, r9 (REX.B); with a 0x66.
+        assert_eq!(mov_dr(&[0x0f, 0x23, 0xf8], true), Some((3, 7, 0, true)));
+        assert_eq!(mov_dr(&[0x0f, 0x21, 0xf1], true), Some((3, 6, 1, false)));
+        assert_eq!(mov_dr(&[0x41, 0x0f, 0x23, 0xc1], true), Some((4, 0, 9, true)));
+        assert_eq!(mov_dr(&[0x66, 0x0f, 0x21, 0xc3], false), Some((4, 0, 3, false)));
+        assert_eq!(mov_dr(&[0x41, 0x0f, 0x23, 0xc1], false), None, "0x41 is INC ECX outside 64-bit code");
+        assert_eq!(mov_dr(&[0x44, 0x0f, 0x23, 0xc1], true), None, "REX.R: DR8 is #UD");
+        assert_eq!(mov_dr(&[0x0f, 0x22, 0xc1], true), None, "MOV CR");
+        assert_eq!(mov_dr(&[0x0f, 0x23], true), None, "truncated");
+    }
 
     #[test]
     fn plain_and_prefixed_forms() {

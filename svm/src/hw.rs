@@ -51,3 +51,72 @@ pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC only reads the time-stamp counter.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+pub fn read_cr4() -> u64 {
+    let v;
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nostack, nomem, preserves_flags)) };
+    v
+}
+
+/// # Safety
+/// The new value keeps the host's paging and protection intact.
+pub unsafe fn write_cr4(v: u64) {
+    // SAFETY: as the caller promises.
+    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, nomem)) };
+}
+
+/// XGETBV of XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE is set.
+pub unsafe fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: as the caller promises; XGETBV only reads.
+    unsafe { asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nostack, nomem, preserves_flags)) };
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// XSETBV of XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE is set and `value` is a valid XCR0 for this CPU.
+pub unsafe fn xsetbv0(value: u64) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, nomem, preserves_flags))
+    };
+}
+
+/// DR0-DR3 (`n` = 0-3; anything else reads DR3).
+pub fn read_dr(n: u8) -> u64 {
+    let v: u64;
+    // SAFETY: reading a debug register in ring 0 has no side effects.
+    unsafe {
+        match n {
+            0 => asm!("mov {}, dr0", out(reg) v, options(nostack, nomem, preserves_flags)),
+            1 => asm!("mov {}, dr1", out(reg) v, options(nostack, nomem, preserves_flags)),
+            2 => asm!("mov {}, dr2", out(reg) v, options(nostack, nomem, preserves_flags)),
+            _ => asm!("mov {}, dr3", out(reg) v, options(nostack, nomem, preserves_flags)),
+        }
+    }
+    v
+}
+
+/// Writes DR0-DR3 (`n` = 0-3; anything else writes DR3).
+///
+/// # Safety
+/// `value` is canonical. The host runs with DR7 = 0x400 (#VMEXIT restores
+/// the host's, APM Vol. 2 15.6), so breakpoint addresses have no effect on
+/// it.
+pub unsafe fn write_dr(n: u8, value: u64) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        match n {
+            0 => asm!("mov dr0, {}", in(reg) value, options(nostack, nomem, preserves_flags)),
+            1 => asm!("mov dr1, {}", in(reg) value, options(nostack, nomem, preserves_flags)),
+            2 => asm!("mov dr2, {}", in(reg) value, options(nostack, nomem, preserves_flags)),
+            _ => asm!("mov dr3, {}", in(reg) value, options(nostack, nomem, preserves_flags)),
+        }
+    }
+}

@@ -1,6 +1,13 @@
 //! Names of #VMEXIT codes (APM Vol. 2 appendix C), for reports.
 
+pub const DR_READ: u64 = 0x20;
+pub const DR_WRITE: u64 = 0x30;
+pub const INIT: u64 = 0x63;
+pub const VINTR: u64 = 0x64;
 pub const CPUID: u64 = 0x72;
+pub const IRET: u64 = 0x74;
+pub const PAUSE: u64 = 0x77;
+pub const WBINVD: u64 = 0x89;
 pub const INVD: u64 = 0x76;
 pub const HLT: u64 = 0x78;
 pub const INVLPGA: u64 = 0x7a;
@@ -39,16 +46,16 @@ pub fn exit_code(code: u64) -> &'static str {
         INTR => "INTR",
         NMI => "NMI",
         0x62 => "SMI",
-        0x63 => "INIT",
-        0x64 => "VINTR",
+        INIT => "INIT",
+        VINTR => "VINTR",
         0x65 => "CR0 selective write",
         0x66..=0x71 => "descriptor-table or flag access",
         CPUID => "CPUID",
         0x73 => "RSM",
-        0x74 => "IRET",
+        IRET => "IRET",
         0x75 => "software interrupt",
         INVD => "INVD",
-        0x77 => "PAUSE",
+        PAUSE => "PAUSE",
         HLT => "HLT",
         0x79 => "INVLPG",
         INVLPGA => "INVLPGA",
@@ -66,7 +73,7 @@ pub fn exit_code(code: u64) -> &'static str {
         SKINIT => "SKINIT",
         0x87 => "RDTSCP",
         ICEBP => "ICEBP",
-        0x89 => "WBINVD",
+        WBINVD => "WBINVD",
         MONITOR => "MONITOR",
         MWAIT => "MWAIT",
         MWAIT_ARMED => "MWAIT (armed)",

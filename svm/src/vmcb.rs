@@ -71,7 +71,14 @@ pub mod save {
 pub mod misc1 {
     pub const INTR: u32 = 1 << 0;
     pub const NMI: u32 = 1 << 1;
+    /// INIT: the neutral layer models it (the vCPU waits for a SIPI).
+    pub const INIT: u32 = 1 << 3;
+    /// VINTR: the interrupt window (a pending V_IRQ the guest could take).
+    pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
+    /// IRET: set while the guest's NMIs are blocked, to see the handler end
+    /// (AMD-V has no NMI-window intercept).
+    pub const IRET: u32 = 1 << 20;
     pub const INVD: u32 = 1 << 22;
     pub const HLT: u32 = 1 << 24;
     /// INVLPGA: the guest runs with EFER.SVME set (VMRUN requires it), so
@@ -84,7 +91,11 @@ pub mod misc1 {
     pub const SHUTDOWN: u32 = 1 << 31;
 
     /// What every guest runs with.
-    pub const GUEST: u32 = INTR | NMI | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN;
+    /// PAUSE is not intercepted: a VM has one vCPU, so a spinning guest
+    /// waits for nothing another vCPU of its own could do sooner; with SMP
+    /// guests the pause filter (APM 15.14.4) is the tool.
+    pub const GUEST: u32 =
+        INTR | NMI | INIT | CPUID | INVD | HLT | INVLPGA | IOIO_PROT | MSR_PROT | TASK_SWITCH | SHUTDOWN;
 }
 
 /// Intercept bits of the second misc vector (offset 0x010).
@@ -97,6 +108,8 @@ pub mod misc2 {
     pub const CLGI: u32 = 1 << 5;
     pub const SKINIT: u32 = 1 << 6;
     pub const ICEBP: u32 = 1 << 8;
+    /// WBINVD (and WBNOINVD): completed by skipping it.
+    pub const WBINVD: u32 = 1 << 9;
     pub const MONITOR: u32 = 1 << 10;
     pub const MWAIT: u32 = 1 << 11;
     pub const MWAIT_ARMED: u32 = 1 << 12;
@@ -107,8 +120,34 @@ pub mod misc2 {
     /// and with it every other SVM instruction, which the guest could run
     /// because its EFER.SVME is set (APM 15.9); VMMCALL is the hypercall.
     /// INVLPGA is in the first vector.
-    pub const GUEST: u32 =
-        VMRUN | VMMCALL | VMLOAD | VMSAVE | STGI | CLGI | SKINIT | MONITOR | MWAIT | MWAIT_ARMED | XSETBV | RDPRU;
+    pub const GUEST: u32 = VMRUN
+        | VMMCALL
+        | VMLOAD
+        | VMSAVE
+        | STGI
+        | CLGI
+        | SKINIT
+        | WBINVD
+        | MONITOR
+        | MWAIT
+        | MWAIT_ARMED
+        | XSETBV
+        | RDPRU;
+}
+
+/// Debug-register intercepts (offset 0x004): reads of DR0-DR7 in bits 7:0,
+/// writes in bits 23:16. DR0-DR3 are not in the VMCB, so every MOV DR
+/// exits and the vCPU's copies are always the guest's.
+pub const INTERCEPT_DR_ALL: u32 = 0x00ff_00ff;
+
+/// The VINTR field (offset 0x060, APM Vol. 2 table B-1, 15.21): V_TPR in
+/// bits 3:0 (the guest's CR8 with V_INTR_MASKING), V_IRQ bit 8, V_INTR_PRIO
+/// 19:16, V_IGN_TPR bit 20.
+pub mod vintr {
+    pub const TPR: u64 = 0xf;
+    pub const IRQ: u64 = 1 << 8;
+    pub const PRIO: u64 = 0xf << 16;
+    pub const IGN_TPR: u64 = 1 << 20;
 }
 
 /// V_INTR_MASKING (offset 0x060 bit 24): the guest's RFLAGS.IF masks only
@@ -131,24 +170,32 @@ pub mod event {
     pub const TYPE_SOFT_INT: u64 = 4;
 }
 
-/// Encodes an event for EVENTINJ.
-pub fn encode_event(ev: Event) -> u64 {
+/// Encodes an event for EVENTINJ (APM 15.20); `protected_mode` decides
+/// whether an exception pushes its error code. INT3, INTO and INT1 (one
+/// byte, vectors 3, 4, 1) go in as exceptions, other software interrupts as
+/// type 4; for both the caller has moved RIP past the instruction, since
+/// without next-RIP saving the CPU pushes RIP as it is.
+pub fn encode_event(ev: Event, protected_mode: bool) -> u64 {
     use event::*;
     match ev {
-        Event::Exception { vector, error_code } => {
+        Event::Exception { vector, .. } => {
             let mut v = VALID | (TYPE_EXCEPTION << 8) | vector as u64;
-            if let Some(c) = error_code {
+            if let Some(c) = ev.delivered_error_code(protected_mode) {
                 v |= EV | ((c as u64) << 32);
             }
             v
         }
         Event::Interrupt { vector } => VALID | (TYPE_INTR << 8) | vector as u64,
         Event::Nmi => VALID | (TYPE_NMI << 8) | 2,
+        Event::SoftwareInterrupt { vector, len: 1 } if matches!(vector, 1 | 3 | 4) => {
+            VALID | (TYPE_EXCEPTION << 8) | vector as u64
+        }
+        Event::SoftwareInterrupt { vector, .. } => VALID | (TYPE_SOFT_INT << 8) | vector as u64,
     }
 }
 
-/// Decodes EVENTINJ / EXITINTINFO; `None` when not valid. Software
-/// interrupts come back as what re-injection needs: an interrupt vector.
+/// Decodes EXITINTINFO; `None` when not valid. A software interrupt comes
+/// back with length 0: only the caller knows it (see `SvmVcpu`).
 pub fn decode_event(v: u64) -> Option<Event> {
     use event::*;
     if v & VALID == 0 {
@@ -158,6 +205,7 @@ pub fn decode_event(v: u64) -> Option<Event> {
     Some(match (v >> 8) & 7 {
         TYPE_NMI => Event::Nmi,
         TYPE_EXCEPTION => Event::Exception { vector, error_code: (v & EV != 0).then_some((v >> 32) as u32) },
+        TYPE_SOFT_INT => Event::SoftwareInterrupt { vector, len: 0 },
         _ => Event::Interrupt { vector },
     })
 }
@@ -228,8 +276,10 @@ impl Vmcb {
     }
 
     /// The guest's architectural state as the VMCB holds it, except the
-    /// general-purpose registers other than RAX and RSP (the caller's) and
-    /// EFER.SVME (the host's requirement, not the guest's state).
+    /// general-purpose registers other than RAX and RSP (the caller's),
+    /// EFER.SVME (the host's requirement, not the guest's state) and what
+    /// the VMCB does not hold (DR0-DR3, XCR0, TSC_AUX, the FPU, the activity
+    /// state, NMI blocking and events: the vCPU's).
     pub fn store_state(&self, s: &mut GuestState) {
         use save::*;
         s.es = self.segment(ES);
@@ -247,6 +297,7 @@ impl Vmcb {
         s.cr2 = self.u64(CR2);
         s.cr3 = self.u64(CR3);
         s.cr4 = self.u64(CR4);
+        s.cr8 = self.u64(ctl::VINTR) & vintr::TPR;
         s.dr6 = self.u64(DR6);
         s.dr7 = self.u64(DR7);
         s.rflags = self.u64(RFLAGS);
@@ -262,8 +313,8 @@ impl Vmcb {
         s.sysenter_esp = self.u64(SYSENTER_ESP);
         s.sysenter_eip = self.u64(SYSENTER_EIP);
         s.pat = self.u64(G_PAT);
+        s.tsc_offset = self.u64(ctl::TSC_OFFSET);
         s.interrupt_shadow = self.u64(ctl::INTERRUPT_SHADOW) & 1 != 0;
-        s.pending_event = decode_event(self.u64(ctl::EVENT_INJ));
     }
 
     /// Writes `s` into the state save area (RAX and RSP included); EFER
@@ -289,8 +340,10 @@ impl Vmcb {
         self.set_u64(CR2, s.cr2);
         self.set_u64(CR3, s.cr3);
         self.set_u64(CR4, s.cr4);
-        self.set_u64(DR6, if s.dr6 == 0 { 0xffff_0ff0 } else { s.dr6 });
-        self.set_u64(DR7, s.dr7 | 0x400);
+        let v = self.u64(ctl::VINTR);
+        self.set_u64(ctl::VINTR, (v & !vintr::TPR) | (s.cr8 & vintr::TPR));
+        self.set_u64(DR6, s.dr6);
+        self.set_u64(DR7, s.dr7);
         self.set_u64(RFLAGS, s.rflags | RFLAGS_FIXED);
         self.set_u64(RIP, s.rip);
         self.set_u64(RSP, s.gprs.rsp);
@@ -303,9 +356,9 @@ impl Vmcb {
         self.set_u64(SYSENTER_CS, s.sysenter_cs);
         self.set_u64(SYSENTER_ESP, s.sysenter_esp);
         self.set_u64(SYSENTER_EIP, s.sysenter_eip);
-        self.set_u64(G_PAT, if s.pat == 0 { PAT_DEFAULT } else { s.pat });
+        self.set_u64(G_PAT, s.pat);
+        self.set_u64(ctl::TSC_OFFSET, s.tsc_offset);
         self.set_u64(ctl::INTERRUPT_SHADOW, s.interrupt_shadow as u64);
-        self.set_u64(ctl::EVENT_INJ, s.pending_event.map_or(0, encode_event));
     }
 }
 
@@ -352,8 +405,9 @@ mod tests {
             cstar: 3,
             sfmask: 4,
             kernel_gs_base: 5,
+            cr8: 7,
+            tsc_offset: 0xffff_fff0_0000_1234,
             interrupt_shadow: true,
-            pending_event: Some(Event::GP0),
             ..Default::default()
         };
         s.gprs.rax = 0x1234;
@@ -400,10 +454,17 @@ mod tests {
             Event::Exception { vector: 14, error_code: Some(0xdead) },
             Event::Interrupt { vector: 0x30 },
             Event::Nmi,
+            Event::SoftwareInterrupt { vector: 0x80, len: 0 },
         ] {
-            assert_eq!(decode_event(encode_event(ev)), Some(ev));
+            assert_eq!(decode_event(encode_event(ev, true)), Some(ev));
         }
         assert_eq!(decode_event(0x30), None, "not valid");
-        assert_eq!(encode_event(Event::GP0), 0x8000_0b0d);
+        assert_eq!(encode_event(Event::GP0, true), 0x8000_0b0d);
+        assert_eq!(encode_event(Event::GP0, false), 0x8000_030d, "no error code in real mode");
+        assert_eq!(
+            encode_event(Event::SoftwareInterrupt { vector: 3, len: 1 }, true),
+            0x8000_0303,
+            "INT3 goes in as #BP"
+        );
     }
 }

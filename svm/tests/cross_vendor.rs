@@ -8,7 +8,7 @@
 use svm::checks::{ControlContext, check_guest_state as svm_check};
 use svm::vmcb::Vmcb;
 use vcpu::state::bits::*;
-use vcpu::{DescriptorTable, Event, GuestState, SegAttrs, Segment};
+use vcpu::{DescriptorTable, GuestState, SegAttrs, Segment};
 use vmx::checks::{EntryContext, check_guest_state as vmx_check};
 
 #[repr(C, align(4096))]
@@ -20,7 +20,7 @@ fn seg(selector: u16, base: u64, limit: u32, attrs: SegAttrs) -> Segment {
 
 /// States as the backends hold them: a 64-bit kernel at its entry, a
 /// Multiboot kernel at its 32-bit entry, and a 64-bit guest caught in user
-/// mode with a pending page fault, an interrupt shadow and its syscall MSRs.
+/// mode with an interrupt shadow, a TPR, a TSC offset and its syscall MSRs.
 fn recorded_states() -> Vec<(&'static str, GuestState)> {
     let long_entry = GuestState {
         rip: 0x10_0000,
@@ -93,7 +93,8 @@ fn recorded_states() -> Vec<(&'static str, GuestState)> {
         sfmask: 0x4_7700,
         kernel_gs_base: 0xffff_8880_1000_0000,
         interrupt_shadow: true,
-        pending_event: Some(Event::Exception { vector: 14, error_code: Some(6) }),
+        cr8: 5,
+        tsc_offset: 0xffff_ff00_0000_0000,
         ..Default::default()
     };
     for n in 0..16 {

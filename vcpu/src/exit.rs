@@ -33,6 +33,24 @@ impl MemAccess {
     }
 }
 
+/// What a control-register exit was (SDM Vol. 3C table 28-3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrAccess {
+    /// MOV to CRn from general-purpose register `gpr`.
+    MovTo {
+        gpr: u8,
+    },
+    /// MOV from CRn to `gpr`.
+    MovFrom {
+        gpr: u8,
+    },
+    Clts,
+    /// LMSW with this 16-bit source.
+    Lmsw {
+        value: u16,
+    },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
     /// CPUID; leaf and subleaf are in RAX and RCX.
@@ -69,6 +87,41 @@ pub enum VmExit {
     EntryFailed {
         report: String,
     },
+    /// The guest can take an external interrupt now (asked for with
+    /// `request_interrupt_window`, or armed by the backend for a queued
+    /// interrupt, which goes in at the next entry).
+    InterruptWindow,
+    /// The guest can take an NMI now.
+    NmiWindow,
+    /// A control-register access that exited (VT-x: CR0/CR4 bits the
+    /// guest/host masks own, CR3 and CR8 if their exiting is on; AMD-V
+    /// intercepts none, see `svm::vmcb`). RIP is at the instruction.
+    CrAccess {
+        cr: u8,
+        access: CrAccess,
+    },
+    /// MOV to (`write`) or from DR`dr`, with general-purpose register `gpr`.
+    DrAccess {
+        dr: u8,
+        gpr: u8,
+        write: bool,
+    },
+    /// XSETBV: XCR index in ECX, value in EDX:EAX.
+    Xsetbv,
+    /// WBINVD, or INVD (`invd`).
+    CacheFlush {
+        invd: bool,
+    },
+    /// An INIT signal arrived.
+    Init,
+    /// A startup IPI with this vector arrived while waiting for one.
+    Sipi {
+        vector: u8,
+    },
+    /// PAUSE (in a spin loop).
+    Pause,
+    /// MONITOR or MWAIT, which guests are told they do not have.
+    MonitorMwait,
     /// The backend handled the exit itself (kept for the statistics).
     Handled(ExitKind),
     /// Anything else; ends the VM with this report.
@@ -93,11 +146,19 @@ pub enum ExitKind {
     Shutdown,
     EntryFailed,
     ControlRegister,
+    InterruptWindow,
+    NmiWindow,
+    DebugRegister,
+    Xsetbv,
+    CacheFlush,
+    InitSipi,
+    Pause,
+    MonitorMwait,
     Unexpected,
 }
 
 impl ExitKind {
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 21;
     pub const ALL: [ExitKind; Self::COUNT] = [
         ExitKind::Cpuid,
         ExitKind::Io,
@@ -111,6 +172,14 @@ impl ExitKind {
         ExitKind::Shutdown,
         ExitKind::EntryFailed,
         ExitKind::ControlRegister,
+        ExitKind::InterruptWindow,
+        ExitKind::NmiWindow,
+        ExitKind::DebugRegister,
+        ExitKind::Xsetbv,
+        ExitKind::CacheFlush,
+        ExitKind::InitSipi,
+        ExitKind::Pause,
+        ExitKind::MonitorMwait,
         ExitKind::Unexpected,
     ];
 
@@ -128,6 +197,14 @@ impl ExitKind {
             ExitKind::Shutdown => "shutdown",
             ExitKind::EntryFailed => "entry_failed",
             ExitKind::ControlRegister => "control_register",
+            ExitKind::InterruptWindow => "interrupt_window",
+            ExitKind::NmiWindow => "nmi_window",
+            ExitKind::DebugRegister => "debug_register",
+            ExitKind::Xsetbv => "xsetbv",
+            ExitKind::CacheFlush => "wbinvd",
+            ExitKind::InitSipi => "init_sipi",
+            ExitKind::Pause => "pause",
+            ExitKind::MonitorMwait => "monitor_mwait",
             ExitKind::Unexpected => "unexpected",
         }
     }
@@ -147,6 +224,15 @@ impl VmExit {
             VmExit::Preempted => ExitKind::Preempted,
             VmExit::Shutdown { .. } => ExitKind::Shutdown,
             VmExit::EntryFailed { .. } => ExitKind::EntryFailed,
+            VmExit::InterruptWindow => ExitKind::InterruptWindow,
+            VmExit::NmiWindow => ExitKind::NmiWindow,
+            VmExit::CrAccess { .. } => ExitKind::ControlRegister,
+            VmExit::DrAccess { .. } => ExitKind::DebugRegister,
+            VmExit::Xsetbv => ExitKind::Xsetbv,
+            VmExit::CacheFlush { .. } => ExitKind::CacheFlush,
+            VmExit::Init | VmExit::Sipi { .. } => ExitKind::InitSipi,
+            VmExit::Pause => ExitKind::Pause,
+            VmExit::MonitorMwait => ExitKind::MonitorMwait,
             VmExit::Handled(k) => *k,
             VmExit::Unexpected { .. } => ExitKind::Unexpected,
         }

@@ -8,12 +8,51 @@
 
 extern crate alloc;
 
+pub mod events;
 pub mod exit;
 pub mod state;
 pub mod walk;
 
-pub use exit::{ExitKind, IoAccess, MemAccess, VmExit};
-pub use state::{Activity, DescriptorTable, Event, Gprs, GuestState, SegAttrs, Segment};
+pub use events::{Event, EventQueue};
+pub use exit::{CrAccess, ExitKind, IoAccess, MemAccess, VmExit};
+pub use state::{Activity, DescriptorTable, Fpu, Gprs, GuestState, SegAttrs, Segment};
+
+/// A register the exit handlers emulate, read and written one at a time
+/// through [`Vcpu::reg`] and [`Vcpu::set_reg`] (cheaper than a whole
+/// [`GuestState`] on the exit path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg {
+    Cr0,
+    Cr3,
+    Cr4,
+    /// The task-priority register (bits 3:0).
+    Cr8,
+    Dr0,
+    Dr1,
+    Dr2,
+    Dr3,
+    Dr6,
+    Dr7,
+    Efer,
+    Xcr0,
+    /// The guest's TSC minus the host's (see [`GuestState::tsc_offset`]).
+    TscOffset,
+}
+
+impl Reg {
+    /// DR`n` for n in 0-3, 6 and 7.
+    pub fn dr(n: u8) -> Option<Reg> {
+        Some(match n {
+            0 => Reg::Dr0,
+            1 => Reg::Dr1,
+            2 => Reg::Dr2,
+            3 => Reg::Dr3,
+            6 => Reg::Dr6,
+            7 => Reg::Dr7,
+            _ => return None,
+        })
+    }
+}
 
 /// Why a vCPU could not be created or could not take a state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,8 +106,34 @@ pub trait Vcpu {
     /// Replaces the complete architectural state.
     fn set_state(&mut self, state: &GuestState) -> Result<(), Error>;
 
-    /// Delivers `event` at the next entry.
+    /// A register the exit handlers emulate.
+    fn reg(&self, r: Reg) -> u64;
+    /// Writes one as the guest's instruction would have, after the caller
+    /// checked the value against the architecture's rules. The backend keeps
+    /// its own view consistent (VT-x: the CR0/CR4 read shadows, EFER.LMA with
+    /// the IA-32e-mode entry control, a guest-TLB flush where a MOV to CR0,
+    /// CR3 or CR4 would flush; DR0-DR3 in the CPU while the vCPU is loaded).
+    fn set_reg(&mut self, r: Reg, value: u64);
+
+    /// Queues `event`. Events are delivered one per entry, when the guest
+    /// can take them, in the order of SDM Vol. 3A 6.9 (exceptions, then
+    /// NMIs, then external interrupts); a second event never overwrites the
+    /// first. An external interrupt waits for RFLAGS.IF = 1 and the end of
+    /// an interrupt shadow, an NMI for the IRET of the NMI handler.
     fn inject(&mut self, event: Event);
+
+    /// Asks for one [`VmExit::InterruptWindow`] as soon as the guest can take
+    /// an external interrupt; at the next entry if it can now.
+    fn request_interrupt_window(&mut self);
+    /// Whether the guest can take an external interrupt at the next entry:
+    /// RFLAGS.IF = 1, no STI/MOV SS shadow, nothing waiting for delivery.
+    fn interrupt_window_open(&self) -> bool;
+    /// Asks for one [`VmExit::NmiWindow`] as soon as the guest can take an
+    /// NMI; at the next entry if it can now.
+    fn request_nmi_window(&mut self);
+    /// Whether the guest can take an NMI at the next entry: no NMI handler
+    /// running, no shadow, no NMI waiting.
+    fn nmi_window_open(&self) -> bool;
 
     /// Grants the vCPU `ticks` TSC ticks before `run` returns
     /// [`VmExit::Preempted`].
@@ -117,8 +182,26 @@ impl<T: Vcpu + ?Sized> Vcpu for alloc::boxed::Box<T> {
     fn set_state(&mut self, state: &GuestState) -> Result<(), Error> {
         (**self).set_state(state)
     }
+    fn reg(&self, r: Reg) -> u64 {
+        (**self).reg(r)
+    }
+    fn set_reg(&mut self, r: Reg, value: u64) {
+        (**self).set_reg(r, value)
+    }
     fn inject(&mut self, event: Event) {
         (**self).inject(event)
+    }
+    fn request_interrupt_window(&mut self) {
+        (**self).request_interrupt_window()
+    }
+    fn interrupt_window_open(&self) -> bool {
+        (**self).interrupt_window_open()
+    }
+    fn request_nmi_window(&mut self) {
+        (**self).request_nmi_window()
+    }
+    fn nmi_window_open(&self) -> bool {
+        (**self).nmi_window_open()
     }
     fn set_time_slice(&mut self, ticks: u64) {
         (**self).set_time_slice(ticks)

@@ -147,6 +147,10 @@ pub fn check_guest_state(s: &GuestState, ctx: &EntryContext) -> Vec<String> {
             p.push(format!("guest {name} base {:#x} is not canonical", t.base));
         }
     }
+    // 27.3.1.5: the HLT activity state needs CPL 0.
+    if s.activity == vcpu::Activity::Halted && s.ss.attrs.dpl() != 0 {
+        p.push(format!("guest activity state HLT with SS.DPL {}", s.ss.attrs.dpl()));
+    }
     p
 }
 
@@ -224,6 +228,10 @@ mod tests {
             ("DS type 2: accessed", |s| s.ds.attrs = SegAttrs(SegAttrs::DATA.0 & !1)),
             ("limit 0xfffff000", |s| s.es.limit = 0xffff_f000),
             ("GDTR base", |s| s.gdtr.base = 0x1234_0000_0000_0000),
+            ("HLT with SS.DPL 3", |s| {
+                s.activity = vcpu::Activity::Halted;
+                s.ss.attrs = SegAttrs(SegAttrs::DATA.0 | (3 << 5));
+            }),
         ];
         for (want, break_it) in cases {
             let mut s = long_mode();

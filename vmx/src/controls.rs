@@ -31,8 +31,19 @@ pub struct Controls {
     pub ept_1g: bool,
     pub invept_single: bool,
     pub invvpid_single: bool,
+    /// "Enable RDTSCP": the guest may run RDTSCP and RDPID (which read
+    /// IA32_TSC_AUX); without it both raise #UD and CPUID hides them.
     pub rdtscp: bool,
+    /// VM entry into the HLT and wait-for-SIPI activity states (IA32_VMX_MISC
+    /// bits 6 and 8, SDM Vol. 3D A.6).
+    pub activity_hlt: bool,
+    pub activity_wait_sipi: bool,
 }
+
+/// Primary controls the backend sets and clears per entry (SDM Vol. 3C
+/// 25.6.2): exits when the guest can take an interrupt or an NMI.
+pub const INTERRUPT_WINDOW: u32 = PrimaryControls::INTERRUPT_WINDOW_EXITING.bits();
+pub const NMI_WINDOW: u32 = PrimaryControls::NMI_WINDOW_EXITING.bits();
 
 fn need(cap: u64, required: u32, optional: u32, what: &'static str) -> Result<u32, &'static str> {
     adjust(cap, required, optional).map_err(|_| what)
@@ -47,6 +58,9 @@ pub fn derive(caps: &VmxCaps) -> Result<Controls, &'static str> {
         "external-interrupt and NMI exiting",
     )?;
     let pin = need(caps.pinbased, pin | PinbasedControls::VMX_PREEMPTION_TIMER.bits(), 0, "the VMX-preemption timer")?;
+    // Virtual NMIs: the VMCS tracks the guest's NMI blocking (until its
+    // IRET), which NMI-window exiting needs (SDM Vol. 3C 25.6.1, 26.2.1.1).
+    let pin = need(caps.pinbased, pin | PinbasedControls::VIRTUAL_NMIS.bits(), 0, "virtual NMIs")?;
     let proc = need(
         caps.procbased,
         (PrimaryControls::HLT_EXITING
@@ -54,15 +68,28 @@ pub fn derive(caps: &VmxCaps) -> Result<Controls, &'static str> {
             | PrimaryControls::USE_MSR_BITMAPS
             | PrimaryControls::MWAIT_EXITING
             | PrimaryControls::MONITOR_EXITING
+            // RDTSC, RDTSCP and RDMSR of the TSC add the VMCS TSC offset
+            // instead of exiting (SDM Vol. 3C 26.3).
+            | PrimaryControls::USE_TSC_OFFSETTING
+            // DR0-DR3 and DR6 are not in the VMCS: every MOV DR exits, so
+            // the vCPU's copies are always what the guest wrote.
+            | PrimaryControls::MOV_DR_EXITING
             | PrimaryControls::SECONDARY_CONTROLS)
             .bits(),
         0,
-        "HLT/I-O/MSR-bitmap exiting or secondary controls",
+        "HLT/I-O/MSR-bitmap/MOV-DR exiting, TSC offsetting or secondary controls",
     )?;
+    if !VmxCaps::may_set(caps.procbased, 22) || !VmxCaps::may_set(caps.procbased, 2) {
+        return Err("interrupt- and NMI-window exiting");
+    }
     let proc2 = need(
         caps.procbased2,
         SecondaryControls::ENABLE_EPT.bits(),
-        (SecondaryControls::ENABLE_VPID | SecondaryControls::ENABLE_RDTSCP | SecondaryControls::ENABLE_INVPCID).bits(),
+        (SecondaryControls::ENABLE_VPID
+            | SecondaryControls::ENABLE_RDTSCP
+            | SecondaryControls::ENABLE_INVPCID
+            | SecondaryControls::WBINVD_EXITING)
+            .bits(),
         "EPT",
     )?;
     let proc2 = need(caps.procbased2, proc2 | SecondaryControls::UNRESTRICTED_GUEST.bits(), 0, "unrestricted guest")?;
@@ -73,16 +100,18 @@ pub fn derive(caps: &VmxCaps) -> Result<Controls, &'static str> {
             | ExitControls::SAVE_IA32_PAT
             | ExitControls::LOAD_IA32_PAT
             | ExitControls::SAVE_IA32_EFER
-            | ExitControls::LOAD_IA32_EFER)
+            | ExitControls::LOAD_IA32_EFER
+            // The guest's DR7 lives in the VMCS.
+            | ExitControls::SAVE_DEBUG_CONTROLS)
             .bits(),
         ExitControls::SAVE_VMX_PREEMPTION_TIMER.bits(),
-        "64-bit host and PAT/EFER switching on exit",
+        "64-bit host and PAT/EFER/DR7 switching on exit",
     )?;
     let entry = need(
         caps.entry,
-        (EntryControls::LOAD_IA32_PAT | EntryControls::LOAD_IA32_EFER).bits(),
+        (EntryControls::LOAD_IA32_PAT | EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_DEBUG_CONTROLS).bits(),
         0,
-        "PAT/EFER loading on entry",
+        "PAT/EFER/DR7 loading on entry",
     )? & !EntryControls::IA32E_MODE_GUEST.bits();
     if !(caps.ept_walk4() && caps.ept_wb()) {
         return Err("4-level write-back EPT");
@@ -116,6 +145,8 @@ pub fn derive(caps: &VmxCaps) -> Result<Controls, &'static str> {
         invept_single: caps.invept_single(),
         invvpid_single: caps.invvpid_single(),
         rdtscp: proc2 & SecondaryControls::ENABLE_RDTSCP.bits() != 0,
+        activity_hlt: caps.misc & (1 << 6) != 0,
+        activity_wait_sipi: caps.misc & (1 << 8) != 0,
     })
 }
 
@@ -142,6 +173,11 @@ impl Controls {
 /// makes the access exit.
 pub fn build_msr_bitmap(bitmap: &mut [u8; 4096], passthrough: &[(u32, bool, bool)]) {
     bitmap.fill(0xff);
+    build_msr_bitmap_add(bitmap, passthrough);
+}
+
+/// Lets more MSRs through a bitmap built by [`build_msr_bitmap`].
+pub fn build_msr_bitmap_add(bitmap: &mut [u8; 4096], passthrough: &[(u32, bool, bool)]) {
     for &(msr, read, write) in passthrough {
         let (base, index) = match msr {
             0..=0x1fff => (0, msr),
@@ -184,7 +220,7 @@ mod tests {
             procbased2: all(0),
             exit: all(0x36dff),
             entry: all(0x11ff),
-            misc: 5,
+            misc: 5 | (1 << 6) | (1 << 8),
             cr0_fixed0: 0x8000_0021,
             cr0_fixed1: 0xffff_ffff,
             cr4_fixed0: 0x2000,
@@ -206,6 +242,14 @@ mod tests {
     #[test]
     fn derives_controls_and_forced_bits() {
         let c = derive(&bochs_like()).unwrap();
+        assert_ne!(c.pin & PinbasedControls::VIRTUAL_NMIS.bits(), 0);
+        for bit in [PrimaryControls::USE_TSC_OFFSETTING, PrimaryControls::MOV_DR_EXITING] {
+            assert_ne!(c.proc & bit.bits(), 0, "{bit:?}");
+        }
+        assert_eq!(c.proc & (INTERRUPT_WINDOW | NMI_WINDOW), 0, "windows are armed per entry");
+        assert_ne!(c.entry & EntryControls::LOAD_DEBUG_CONTROLS.bits(), 0);
+        assert_ne!(c.exit & ExitControls::SAVE_DEBUG_CONTROLS.bits(), 0);
+        assert_ne!(c.proc2 & SecondaryControls::WBINVD_EXITING.bits(), 0);
         assert_ne!(c.pin & PinbasedControls::VMX_PREEMPTION_TIMER.bits(), 0);
         assert_ne!(c.proc & PrimaryControls::UNCOND_IO_EXITING.bits(), 0);
         assert_eq!(c.proc & 0x0401_e172, 0x0401_e172, "default-1 bits stay set");
@@ -234,6 +278,12 @@ mod tests {
         let mut caps = bochs_like();
         caps.ept_vpid = 0;
         assert_eq!(derive(&caps), Err("4-level write-back EPT"));
+        let mut caps = bochs_like();
+        caps.pinbased &= !(1u64 << (5 + 32));
+        assert_eq!(derive(&caps), Err("virtual NMIs"));
+        let mut caps = bochs_like();
+        caps.procbased &= !(1u64 << (22 + 32));
+        assert_eq!(derive(&caps), Err("interrupt- and NMI-window exiting"));
     }
 
     #[test]

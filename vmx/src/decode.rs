@@ -1,10 +1,10 @@
 //! Exit decoding: the raw exit reason and the VMCS exit-information fields
 //! become a neutral `VmExit`, or an action the backend handles itself
-//! (control-register moves, instructions VMX guests must not have). Pure
-//! logic over a field reader, so it is tested with recorded field values.
+//! (EFER writes, instructions VMX guests must not have). Pure logic over a
+//! field reader, so it is tested with recorded field values.
 
 use alloc::format;
-use vcpu::{ExitKind, Gprs, IoAccess, MemAccess, VmExit};
+use vcpu::{CrAccess, ExitKind, Gprs, IoAccess, MemAccess, VmExit};
 use x86::vmx::vmcs::{guest, ro};
 
 use crate::names;
@@ -14,18 +14,15 @@ use crate::names;
 pub enum Decoded {
     /// Goes up to the hypervisor.
     Exit(VmExit),
-    /// MOV to CR0/CR3/CR4/CR8 from general-purpose register `gpr`.
-    MovToCr { cr: u8, gpr: u8 },
-    /// MOV from CRn to `gpr`.
-    MovFromCr { cr: u8, gpr: u8 },
-    /// CLTS.
-    Clts,
-    /// LMSW with this 16-bit source.
-    Lmsw { value: u16 },
+    /// The interrupt window opened (exit reason 7): the backend clears the
+    /// control it armed and reports it.
+    InterruptWindow,
+    /// The NMI window opened (reason 8).
+    NmiWindow,
     /// WRMSR to IA32_EFER: long-mode activation is tracked by the backend.
     EferWrite { value: u64 },
-    /// Raise #UD in the guest (VMX instructions, MONITOR/MWAIT: the guest
-    /// is told by CPUID that it has neither).
+    /// Raise #UD in the guest (VMX and SMX instructions: CPUID says the
+    /// guest has neither).
     InjectUd,
     /// A failed VM entry (exit reason bit 31): the backend adds the guest
     /// state check and reports it.
@@ -71,19 +68,33 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
             Decoded::Exit(VmExit::ExternalInterrupt { vector })
         }
         2 => Decoded::TripleFault,
+        3 => Decoded::Exit(VmExit::Init),
+        // The SIPI's vector is in the qualification (SDM Vol. 3C table 28-1).
+        4 => Decoded::Exit(VmExit::Sipi { vector: f.read(ro::EXIT_QUALIFICATION) as u8 }),
+        7 => Decoded::InterruptWindow,
+        8 => Decoded::NmiWindow,
         10 => Decoded::Exit(VmExit::Cpuid),
         12 => Decoded::Exit(VmExit::Hlt),
+        13 => Decoded::Exit(VmExit::CacheFlush { invd: true }),
         18 => Decoded::Exit(VmExit::Hypercall),
         28 => {
+            // Table 28-3: CR number 3:0, access type 5:4, GPR 11:8, LMSW
+            // source 31:16.
             let q = f.read(ro::EXIT_QUALIFICATION);
             let cr = (q & 0xf) as u8;
             let gpr = ((q >> 8) & 0xf) as u8;
-            match (q >> 4) & 3 {
-                0 => Decoded::MovToCr { cr, gpr },
-                1 => Decoded::MovFromCr { cr, gpr },
-                2 => Decoded::Clts,
-                _ => Decoded::Lmsw { value: (q >> 16) as u16 },
-            }
+            let access = match (q >> 4) & 3 {
+                0 => CrAccess::MovTo { gpr },
+                1 => CrAccess::MovFrom { gpr },
+                2 => CrAccess::Clts,
+                _ => CrAccess::Lmsw { value: (q >> 16) as u16 },
+            };
+            Decoded::Exit(VmExit::CrAccess { cr, access })
+        }
+        29 => {
+            // Table 28-4: DR number 2:0, direction 4 (0 = MOV to DR), GPR 11:8.
+            let q = f.read(ro::EXIT_QUALIFICATION);
+            Decoded::Exit(VmExit::DrAccess { dr: (q & 7) as u8, gpr: ((q >> 8) & 0xf) as u8, write: q & (1 << 4) == 0 })
         }
         30 => {
             let q = f.read(ro::EXIT_QUALIFICATION);
@@ -101,7 +112,9 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
             let value = (gprs.rdx << 32) | (gprs.rax & 0xffff_ffff);
             if msr == IA32_EFER { Decoded::EferWrite { value } } else { Decoded::Exit(VmExit::Wrmsr { msr, value }) }
         }
-        19..=27 | 36 | 39 | 50 | 53 => Decoded::InjectUd,
+        11 | 19..=27 | 50 | 53 => Decoded::InjectUd,
+        36 | 39 => Decoded::Exit(VmExit::MonitorMwait),
+        40 => Decoded::Exit(VmExit::Pause),
         48 => {
             let q = f.read(ro::EXIT_QUALIFICATION);
             let access = if q & 2 != 0 {
@@ -120,6 +133,8 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
             format!(", guest-physical {:#x} (a hypervisor EPT bug)", f.read(ro::GUEST_PHYSICAL_ADDR_FULL)),
         ),
         52 => Decoded::Exit(VmExit::Preempted),
+        54 => Decoded::Exit(VmExit::CacheFlush { invd: false }),
+        55 => Decoded::Exit(VmExit::Xsetbv),
         _ => unexpected(reason, f, alloc::string::String::new()),
     }
 }
@@ -138,9 +153,6 @@ fn unexpected(reason: u16, f: &impl Fields, extra: alloc::string::String) -> Dec
 /// The statistics class of a backend-handled exit.
 pub fn handled_kind(d: &Decoded) -> ExitKind {
     match d {
-        Decoded::MovToCr { .. } | Decoded::MovFromCr { .. } | Decoded::Clts | Decoded::Lmsw { .. } => {
-            ExitKind::ControlRegister
-        }
         Decoded::EferWrite { .. } => ExitKind::Wrmsr,
         _ => ExitKind::Unexpected,
     }
@@ -206,14 +218,43 @@ mod tests {
 
     #[test]
     fn control_register_moves() {
+        let cr = |q: u64| decode(28, &fields(Box::leak(Box::new([(ro::EXIT_QUALIFICATION, q)]))), &Gprs::default());
         // MOV CR0, RBX: cr 0, type 0, gpr 3.
-        let f = fields(&[(ro::EXIT_QUALIFICATION, 3 << 8)]);
-        assert_eq!(decode(28, &f, &Gprs::default()), Decoded::MovToCr { cr: 0, gpr: 3 });
-        // MOV RAX, CR4 (from).
-        let f = fields(&[(ro::EXIT_QUALIFICATION, 4 | (1 << 4))]);
-        assert_eq!(decode(28, &f, &Gprs::default()), Decoded::MovFromCr { cr: 4, gpr: 0 });
-        let f = fields(&[(ro::EXIT_QUALIFICATION, (3 << 4) | (0x0011 << 16))]);
-        assert_eq!(decode(28, &f, &Gprs::default()), Decoded::Lmsw { value: 0x11 });
+        assert_eq!(cr(3 << 8), Decoded::Exit(VmExit::CrAccess { cr: 0, access: CrAccess::MovTo { gpr: 3 } }));
+        // MOV RAX, CR4 (from); MOV CR8, R12.
+        assert_eq!(cr(4 | (1 << 4)), Decoded::Exit(VmExit::CrAccess { cr: 4, access: CrAccess::MovFrom { gpr: 0 } }));
+        assert_eq!(cr(8 | (12 << 8)), Decoded::Exit(VmExit::CrAccess { cr: 8, access: CrAccess::MovTo { gpr: 12 } }));
+        assert_eq!(cr(2 << 4), Decoded::Exit(VmExit::CrAccess { cr: 0, access: CrAccess::Clts }));
+        assert_eq!(
+            cr((3 << 4) | (0x0011 << 16)),
+            Decoded::Exit(VmExit::CrAccess { cr: 0, access: CrAccess::Lmsw { value: 0x11 } })
+        );
+    }
+
+    #[test]
+    fn debug_register_moves_and_the_other_instruction_exits() {
+        let q = |q: u64| -> &'static [(u32, u64)] { Box::leak(Box::new([(ro::EXIT_QUALIFICATION, q)])) };
+        let g = Gprs::default();
+        // MOV DR7, RCX (to DR: direction 0); MOV R9, DR6 (from).
+        assert_eq!(
+            decode(29, &fields(q(7 | (1 << 8))), &g),
+            Decoded::Exit(VmExit::DrAccess { dr: 7, gpr: 1, write: true })
+        );
+        assert_eq!(
+            decode(29, &fields(q(6 | (1 << 4) | (9 << 8))), &g),
+            Decoded::Exit(VmExit::DrAccess { dr: 6, gpr: 9, write: false })
+        );
+        assert_eq!(decode(55, &fields(q(0)), &g), Decoded::Exit(VmExit::Xsetbv));
+        assert_eq!(decode(13, &fields(q(0)), &g), Decoded::Exit(VmExit::CacheFlush { invd: true }));
+        assert_eq!(decode(54, &fields(q(0)), &g), Decoded::Exit(VmExit::CacheFlush { invd: false }));
+        assert_eq!(decode(36, &fields(q(0)), &g), Decoded::Exit(VmExit::MonitorMwait));
+        assert_eq!(decode(39, &fields(q(0)), &g), Decoded::Exit(VmExit::MonitorMwait));
+        assert_eq!(decode(40, &fields(q(0)), &g), Decoded::Exit(VmExit::Pause));
+        assert_eq!(decode(3, &fields(q(0)), &g), Decoded::Exit(VmExit::Init));
+        assert_eq!(decode(4, &fields(q(0x9a)), &g), Decoded::Exit(VmExit::Sipi { vector: 0x9a }));
+        assert_eq!(decode(7, &fields(q(0)), &g), Decoded::InterruptWindow);
+        assert_eq!(decode(8, &fields(q(0)), &g), Decoded::NmiWindow);
+        assert_eq!(decode(11, &fields(q(0)), &g), Decoded::InjectUd, "GETSEC: SMX is hidden");
     }
 
     #[test]
@@ -225,9 +266,9 @@ mod tests {
         );
         assert_eq!(decode(2, &f, &Gprs::default()), Decoded::TripleFault);
         assert_eq!(decode(27, &f, &Gprs::default()), Decoded::InjectUd);
-        match decode(55, &f, &Gprs::default()) {
+        match decode(56, &f, &Gprs::default()) {
             Decoded::Exit(VmExit::Unexpected { report }) => {
-                assert!(report.contains("XSETBV") && report.contains("0x1234"), "{report}")
+                assert!(report.contains("APIC write") && report.contains("0x1234"), "{report}")
             }
             other => panic!("{other:?}"),
         }

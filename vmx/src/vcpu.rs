@@ -1,5 +1,7 @@
 //! A VT-x vCPU: one VMCS, the guest's general-purpose registers, and the
-//! state the VMCS does not hold (FPU/SSE image, lazily switched MSRs).
+//! state the VMCS does not hold (SDM Vol. 3C 25.4): CR2, DR0-DR3 and DR6,
+//! CR8, XCR0, the FPU/SSE image, the lazily switched MSRs, and the events
+//! waiting for delivery.
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -8,14 +10,17 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use mm::addr::HostPhysAddr;
 use mm::hal::FrameAlloc;
 use mm::paging::FlushScope;
+use vcpu::events::{self, Blocking, Windows};
 use vcpu::state::bits::*;
-use vcpu::{DescriptorTable, Error, Event, ExitKind, Gprs, GuestState, Segment, VmExit};
+use vcpu::{
+    Activity, DescriptorTable, Error, Event, EventQueue, ExitKind, Fpu, Gprs, GuestState, Reg, Segment, VmExit,
+};
 use x86::vmx::vmcs::control::EntryControls;
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::checks::{EntryContext, check_guest_state};
-use crate::controls::Controls;
-use crate::cpu::{LAZY_MSRS, VmxCpu};
+use crate::controls::{self, Controls};
+use crate::cpu::{HostSwitch, IA32_TSC_AUX, LAZY_MSRS, VmxCpu};
 use crate::cr2::GuestCr2;
 use crate::decode::{self, Decoded};
 use crate::hw::{self, vmread, vmwrite};
@@ -25,19 +30,35 @@ use vcpu::Vcpu as _;
 /// The VMCS this CPU has current (physical address), 0 if none.
 static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
 
-#[repr(C, align(16))]
-struct FxArea([u8; 512]);
+/// The vCPU (its VMCS address) whose DR0-DR3 and DR6 are in this CPU's
+/// debug registers, 0 if none. The VMCS holds only DR7 (SDM Vol. 3C
+/// 25.4.1), and neither entry nor exit switches the others; the host never
+/// uses them (it runs with DR7 = 0x400, which VM exit sets, 28.5.1), so a
+/// vCPU's values are written when it is loaded after another vCPU's, not on
+/// every entry.
+static DR_OWNER: AtomicU64 = AtomicU64::new(0);
 
-impl FxArea {
-    /// The FNINIT/reset image: FCW 0x37f, MXCSR 0x1f80 (SDM Vol. 1 10.5.1).
-    fn reset() -> FxArea {
-        let mut a = FxArea([0; 512]);
-        a.0[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
-        a.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
-        a.0[28..32].copy_from_slice(&0xffffu32.to_le_bytes()); // MXCSR_MASK
-        a
-    }
-}
+#[repr(C, align(16))]
+pub(crate) struct FxArea(pub(crate) [u8; 512]);
+
+/// Interruptibility state (SDM Vol. 3C 25.4.2, table 25-3).
+const BLOCKING_STI: u64 = 1;
+const BLOCKING_MOV_SS: u64 = 2;
+const BLOCKING_NMI: u64 = 8;
+/// Activity states (table 25-2... 25.4.2).
+const ACTIVITY_ACTIVE: u64 = 0;
+const ACTIVITY_HLT: u64 = 1;
+const ACTIVITY_WAIT_SIPI: u64 = 3;
+/// VM-entry interruption information (25.8.3): valid bit 31, deliver error
+/// code bit 11, type 10:8.
+const INTR_VALID: u64 = 1 << 31;
+const INTR_ERROR_CODE: u64 = 1 << 11;
+const TYPE_EXTERNAL: u64 = 0;
+const TYPE_NMI: u64 = 2;
+const TYPE_HW_EXCEPTION: u64 = 3;
+const TYPE_SOFT_INT: u64 = 4;
+const TYPE_PRIV_SOFT_EXCEPTION: u64 = 5;
+const TYPE_SOFT_EXCEPTION: u64 = 6;
 
 pub struct VmxVcpu {
     gprs: Gprs,
@@ -46,16 +67,34 @@ pub struct VmxVcpu {
     vpid: u16,
     eptp: u64,
     ctl: Controls,
+    host: HostSwitch,
     /// TSC deadline of the slice, when the CPU cannot save the timer.
     deadline: u64,
-    /// Guest CR8 (TPR) when CR8 moves exit; no local APIC is modelled yet.
+    /// Guest CR8 (TPR): CR8 moves exit; the local APIC above reads it.
     cr8: u64,
     /// Guest CR2, which the VMCS does not hold: switched by hand around
     /// every entry and exit (see `crate::cr2`).
     cr2: GuestCr2,
+    /// DR0-DR3, DR6: in the CPU while this vCPU owns them (`DR_OWNER`).
+    dr: [u64; 4],
+    dr6: u64,
     lazy_msrs: [u64; 5],
+    tsc_aux: u64,
+    xcr0: u64,
     fx: Box<FxArea>,
     loaded: bool,
+    /// An event whose delivery the last exit interrupted.
+    injected: Option<Event>,
+    queue: EventQueue,
+    /// Windows the layer above asked for.
+    want: Windows,
+    /// The primary controls in the VMCS (the window exits come and go).
+    proc_now: u32,
+    /// The last entry injected an event (its field must be cleared).
+    entry_event: bool,
+    /// `prepare_events` has something to do: one flag for the exit path to
+    /// test instead of five.
+    event_work: bool,
 }
 
 /// Segment field encodings: selector, base, limit, access rights.
@@ -98,12 +137,23 @@ impl VmxVcpu {
             vpid: if ctl.vpid { cpu.alloc_vpid() } else { 0 },
             eptp: ctl.eptp(ept_root.0),
             ctl,
+            host: cpu.host,
             deadline: 0,
             cr8: 0,
             cr2: GuestCr2(state.cr2),
+            dr: [0; 4],
+            dr6: DR6_FIXED,
             lazy_msrs: [0; 5],
-            fx: Box::new(FxArea::reset()),
+            tsc_aux: 0,
+            xcr0: 1,
+            fx: Box::new(FxArea(Fpu::default().to_fxsave())),
             loaded: false,
+            injected: None,
+            queue: EventQueue::default(),
+            want: Windows::default(),
+            proc_now: ctl.proc,
+            entry_event: false,
+            event_work: false,
         });
         // SAFETY: VMX is on; the region has the revision identifier.
         let setup = unsafe { v.setup(cpu) };
@@ -142,6 +192,9 @@ impl VmxVcpu {
         unsafe {
             let _ = hw::vmclear(self.vmcs.0);
             let _ = CURRENT_VMCS.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
+            // A later vCPU may get this VMCS frame: it must not find the
+            // debug registers marked as its own.
+            let _ = DR_OWNER.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
             alloc.free_frame(self.vmcs);
         }
         cpu.free_vpid(self.vpid);
@@ -186,6 +239,9 @@ impl VmxVcpu {
         w(control::VMENTRY_MSR_LOAD_COUNT, 0)?;
         w(control::TSC_OFFSET_FULL, 0)?;
         w(guest::LINK_PTR_FULL, u64::MAX)?;
+        // Loaded and saved with DR7 ("debug controls"); the guest's WRMSR
+        // of it is refused, so it stays 0.
+        w(guest::IA32_DEBUGCTL_FULL, 0)?;
         w(guest::VMX_PREEMPTION_TIMER_VALUE, u32::MAX as u64)?;
 
         // Host state: what the CPU returns to on every exit (SDM 26.2.3).
@@ -298,35 +354,6 @@ impl VmxVcpu {
         self.write(control::VMENTRY_CONTROLS, e | lma);
     }
 
-    /// MOV to CR0 as the guest asked for it (SDM Vol. 3A 2.5, 9.8.5).
-    fn write_cr0(&mut self, v: u64) -> Result<(), Event> {
-        if v >> 32 != 0 || (v & CR0_PG != 0 && v & CR0_PE == 0) || (v & CR0_NW != 0 && v & CR0_CD == 0) {
-            return Err(Event::GP0);
-        }
-        let efer = self.read(guest::IA32_EFER_FULL);
-        let old = self.guest_cr0();
-        if v & CR0_PG != 0 && old & CR0_PG == 0 && efer & EFER_LME != 0 {
-            if self.guest_cr4() & CR4_PAE == 0 {
-                return Err(Event::GP0);
-            }
-            self.set_efer(efer | EFER_LMA);
-        } else if v & CR0_PG == 0 && old & CR0_PG != 0 {
-            self.set_efer(efer & !EFER_LMA);
-        }
-        self.set_cr0(v);
-        Ok(())
-    }
-
-    fn write_cr4(&mut self, v: u64) -> Result<(), Event> {
-        let long = self.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
-        // VMX is hidden from guests; bits the CPU cannot run with are refused.
-        if v & CR4_VMXE != 0 || v & !self.ctl.cr4_fixed1 != 0 || (long && v & CR4_PAE == 0) {
-            return Err(Event::GP0);
-        }
-        self.set_cr4(v);
-        Ok(())
-    }
-
     fn write_efer(&mut self, v: u64) -> Result<(), Event> {
         let cur = self.read(guest::IA32_EFER_FULL);
         let paging = self.guest_cr0() & CR0_PG != 0;
@@ -338,55 +365,126 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// Handles an exit the backend owns. `Ok` means: skip the instruction.
-    fn emulate(&mut self, d: &Decoded) -> Result<(), Event> {
-        match *d {
-            Decoded::MovToCr { cr, gpr } => {
-                let v = self.gprs.get(gpr);
-                match cr {
-                    0 => self.write_cr0(v),
-                    3 => {
-                        self.write(guest::CR3, v);
-                        if self.ctl.vpid {
-                            // A MOV to CR3 flushes the guest's TLB.
-                            // SAFETY: VMX operation, single-context INVVPID
-                            // checked at start-up (else all-context).
-                            let _ = unsafe { hw::invvpid(if self.ctl.invvpid_single { 1 } else { 2 }, self.vpid) };
-                        }
-                        Ok(())
-                    }
-                    4 => self.write_cr4(v),
-                    8 => {
-                        self.cr8 = v & 0xf;
-                        Ok(())
-                    }
-                    _ => Err(Event::UD),
-                }
-            }
-            Decoded::MovFromCr { cr, gpr } => {
-                let v = match cr {
-                    0 => self.guest_cr0(),
-                    3 => self.read(guest::CR3),
-                    4 => self.guest_cr4(),
-                    8 => self.cr8,
-                    _ => return Err(Event::UD),
+    /// Drops the guest's cached linear translations, as a MOV to CR3 (or a
+    /// CR0/CR4 write that changes paging) does on hardware: with VPID they
+    /// outlive the exit (SDM Vol. 3C 29.4.3.1).
+    fn flush_guest_tlb(&self) {
+        if self.ctl.vpid {
+            // SAFETY: VMX operation; the INVVPID type was checked at
+            // start-up (single context, else all contexts).
+            let _ = unsafe { hw::invvpid(if self.ctl.invvpid_single { 1 } else { 2 }, self.vpid) };
+        }
+    }
+
+    /// Before an entry with events waiting or windows armed: inject the next
+    /// event the guest can take and arm the window exits for the rest
+    /// (`vcpu::events::plan_entry`; SDM Vol. 3C 26.6.5, 27.6).
+    #[inline(never)]
+    fn prepare_events(&mut self) {
+        let intr = self.read_hot(guest::INTERRUPTIBILITY_STATE);
+        let rflags = self.read_hot(guest::RFLAGS);
+        let parked = self.read_hot(guest::ACTIVITY_STATE) == ACTIVITY_WAIT_SIPI;
+        let shadow = intr & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 || parked;
+        let blocked =
+            Blocking { interrupt: rflags & RFLAGS_IF == 0 || shadow, nmi: intr & BLOCKING_NMI != 0 || shadow };
+        let plan = events::plan_entry(&mut self.injected, &mut self.queue, blocked, self.want);
+        if let Some(ev) = plan.event {
+            self.write_injection(ev);
+        } else if self.entry_event {
+            self.write_hot(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+            self.entry_event = false;
+        }
+        let mut proc = self.ctl.proc;
+        if plan.windows.interrupt {
+            proc |= controls::INTERRUPT_WINDOW;
+        }
+        if plan.windows.nmi {
+            proc |= controls::NMI_WINDOW;
+        }
+        if proc != self.proc_now {
+            self.write_hot(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc as u64);
+            self.proc_now = proc;
+        }
+        self.event_work = self.injected.is_some()
+            || !self.queue.is_empty()
+            || self.want != Windows::default()
+            || self.proc_now != self.ctl.proc
+            || self.entry_event;
+    }
+
+    /// The VM-entry interruption information for `ev` (SDM Vol. 3C 25.8.3).
+    /// Software interrupts carry their instruction's length: INT3 and INTO
+    /// (one byte, vectors 3 and 4) are software exceptions, INT1 (one byte,
+    /// vector 1) a privileged software exception, the rest INT n.
+    fn write_injection(&mut self, ev: Event) {
+        let protected = self.read_hot(guest::CR0) & CR0_PE != 0;
+        let (vector, kind) = match ev {
+            Event::Exception { vector, .. } => (vector, TYPE_HW_EXCEPTION),
+            Event::Interrupt { vector } => (vector, TYPE_EXTERNAL),
+            Event::Nmi => (2, TYPE_NMI),
+            Event::SoftwareInterrupt { vector, len } => {
+                self.write_hot(control::VMENTRY_INSTRUCTION_LEN, len as u64);
+                let kind = match (vector, len) {
+                    (1, 1) => TYPE_PRIV_SOFT_EXCEPTION,
+                    (3 | 4, 1) => TYPE_SOFT_EXCEPTION,
+                    _ => TYPE_SOFT_INT,
                 };
-                self.gprs.set(gpr, v);
-                Ok(())
+                (vector, kind)
             }
-            Decoded::Clts => {
-                let v = self.guest_cr0() & !(1 << 3);
-                self.set_cr0(v);
-                Ok(())
+        };
+        let mut info = INTR_VALID | (kind << 8) | vector as u64;
+        if let Some(code) = ev.delivered_error_code(protected) {
+            info |= INTR_ERROR_CODE;
+            self.write_hot(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
+        }
+        self.write_hot(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+        self.entry_event = true;
+    }
+
+    fn activity(&self) -> u64 {
+        self.read(guest::ACTIVITY_STATE)
+    }
+
+    /// Writes DR0-DR3 and DR6 into the CPU unless they are already there.
+    fn load_debug_registers(&mut self) {
+        if DR_OWNER.load(Ordering::Relaxed) != self.vmcs.0 {
+            for (n, &v) in self.dr.iter().enumerate() {
+                // SAFETY: values checked canonical by `set_state`/the MOV DR
+                // handler; the host runs with breakpoints disabled.
+                unsafe { hw::write_dr(n as u8, v) };
             }
-            Decoded::Lmsw { value } => {
-                // LMSW loads PE, MP, EM, TS and cannot clear PE.
-                let old = self.guest_cr0();
-                let v = (old & !0xe) | (value as u64 & 0xf) | (old & CR0_PE);
-                self.write_cr0(v)
-            }
-            Decoded::EferWrite { value } => self.write_efer(value),
-            _ => Err(Event::UD),
+            // SAFETY: bits 63:32 checked clear.
+            unsafe { hw::write_dr(6, self.dr6) };
+            DR_OWNER.store(self.vmcs.0, Ordering::Relaxed);
+        }
+    }
+
+    /// Guest DR6: the CPU's while this vCPU is loaded (a #DB in the guest
+    /// changes it without an exit).
+    fn guest_dr6(&self) -> u64 {
+        if self.loaded && DR_OWNER.load(Ordering::Relaxed) == self.vmcs.0 { hw::read_dr(6) } else { self.dr6 }
+    }
+
+    /// The guest's FPU: from the CPU while loaded.
+    fn guest_fpu(&self) -> Fpu {
+        if self.loaded {
+            let mut a = FxArea([0; 512]);
+            // SAFETY: a 16-byte aligned local; FXSAVE only stores.
+            unsafe { hw::fxsave(a.0.as_mut_ptr()) };
+            Fpu::from_fxsave(&a.0)
+        } else {
+            Fpu::from_fxsave(&self.fx.0)
+        }
+    }
+
+    /// Makes the host's XCR0 the guest's, or back.
+    fn switch_xcr0(&self, to: u64) {
+        if let Some(host) = self.host.xcr0
+            && host != self.xcr0
+        {
+            // SAFETY: the host turned CR4.OSXSAVE on; both values were
+            // checked against the CPU's XCR0 mask.
+            unsafe { hw::xsetbv0(to) };
         }
     }
 
@@ -432,20 +530,28 @@ impl VmxVcpu {
         r
     }
 
-    /// Re-injects an event whose delivery the exit interrupted (SDM Vol. 3C
-    /// 28.2.4 and 29.2.3).
+    /// Keeps an event whose delivery the exit interrupted, to deliver it
+    /// again first (SDM Vol. 3C 28.2.3, 29.2.3): the IDT-vectoring
+    /// information has the entry field's format; a software interrupt's
+    /// instruction length is the exit's.
     fn requeue_interrupted_event(&mut self) {
         let info = self.read(ro::IDT_VECTORING_INFO);
-        if info & (1 << 31) == 0 {
+        if info & INTR_VALID == 0 {
             return;
         }
-        self.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
-        if info & (1 << 11) != 0 {
-            let code = self.read(ro::IDT_VECTORING_ERR_CODE);
-            self.write(control::VMENTRY_EXCEPTION_ERR_CODE, code);
-        }
-        let len = self.read(ro::VMEXIT_INSTRUCTION_LEN);
-        self.write(control::VMENTRY_INSTRUCTION_LEN, len);
+        let vector = info as u8;
+        self.event_work = true;
+        self.injected = Some(match (info >> 8) & 7 {
+            TYPE_EXTERNAL => Event::Interrupt { vector },
+            TYPE_NMI => Event::Nmi,
+            TYPE_SOFT_INT | TYPE_PRIV_SOFT_EXCEPTION | TYPE_SOFT_EXCEPTION => {
+                Event::SoftwareInterrupt { vector, len: self.read(ro::VMEXIT_INSTRUCTION_LEN) as u8 }
+            }
+            _ => Event::Exception {
+                vector,
+                error_code: (info & INTR_ERROR_CODE != 0).then(|| self.read(ro::IDT_VECTORING_ERR_CODE) as u32),
+            },
+        });
     }
 }
 
@@ -462,6 +568,9 @@ fn tss_base(gdt_base: u64, sel: u16) -> u64 {
 impl vcpu::Vcpu for VmxVcpu {
     fn run(&mut self) -> VmExit {
         self.make_current();
+        if self.event_work {
+            self.prepare_events();
+        }
         // SAFETY: the VMCS is current, complete (`setup`), and HOST_RIP is
         // `vmx_exit`; `gprs` lives as long as the call.
         let rc = unsafe {
@@ -499,6 +608,16 @@ impl vcpu::Vcpu for VmxVcpu {
                 }
                 e
             }
+            Decoded::InterruptWindow => {
+                self.want.interrupt = false;
+                self.event_work = true;
+                VmExit::InterruptWindow
+            }
+            Decoded::NmiWindow => {
+                self.want.nmi = false;
+                self.event_work = true;
+                VmExit::NmiWindow
+            }
             Decoded::TripleFault => VmExit::Shutdown { report: self.triple_fault_report() },
             Decoded::EntryFailure { reason, qualification } => VmExit::EntryFailed {
                 report: self.entry_report(format!(
@@ -510,13 +629,12 @@ impl vcpu::Vcpu for VmxVcpu {
                 self.inject(Event::UD);
                 VmExit::Handled(ExitKind::Unexpected)
             }
-            ref d => {
-                let kind = decode::handled_kind(d);
-                match self.emulate(d) {
+            Decoded::EferWrite { value } => {
+                match self.write_efer(value) {
                     Ok(()) => self.skip_instruction(),
                     Err(ev) => self.inject(ev),
                 }
-                VmExit::Handled(kind)
+                VmExit::Handled(decode::handled_kind(&decoded))
             }
         }
     }
@@ -547,8 +665,8 @@ impl vcpu::Vcpu for VmxVcpu {
         self.write_hot(guest::RIP, rip.wrapping_add(len));
         // Moving past the instruction ends an STI/MOV SS interrupt shadow.
         let intr = self.read_hot(guest::INTERRUPTIBILITY_STATE);
-        if intr & 3 != 0 {
-            self.write_hot(guest::INTERRUPTIBILITY_STATE, intr & !3);
+        if intr & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 {
+            self.write_hot(guest::INTERRUPTIBILITY_STATE, intr & !(BLOCKING_STI | BLOCKING_MOV_SS));
         }
     }
 
@@ -568,6 +686,9 @@ impl vcpu::Vcpu for VmxVcpu {
         s.cr2 = self.cr2.0;
         s.cr3 = self.read(guest::CR3);
         s.cr4 = self.guest_cr4();
+        s.cr8 = self.cr8;
+        s.dr = self.dr;
+        s.dr6 = self.guest_dr6();
         s.dr7 = self.read(guest::DR7);
         s.efer = self.read(guest::IA32_EFER_FULL);
         s.pat = self.read(guest::IA32_PAT_FULL);
@@ -576,30 +697,54 @@ impl vcpu::Vcpu for VmxVcpu {
         s.sysenter_cs = self.read(guest::IA32_SYSENTER_CS);
         s.sysenter_esp = self.read(guest::IA32_SYSENTER_ESP);
         s.sysenter_eip = self.read(guest::IA32_SYSENTER_EIP);
-        let lazy = if self.loaded {
+        let (lazy, tsc_aux) = if self.loaded {
             // SAFETY: these MSRs exist on every x86-64 CPU.
-            LAZY_MSRS.map(|m| unsafe { hw::rdmsr(m) })
+            let lazy = LAZY_MSRS.map(|m| unsafe { hw::rdmsr(m) });
+            // SAFETY: read only when the CPU has it.
+            (lazy, if self.host.tsc_aux { unsafe { hw::rdmsr(IA32_TSC_AUX) } } else { self.tsc_aux })
         } else {
-            self.lazy_msrs
+            (self.lazy_msrs, self.tsc_aux)
         };
         [s.kernel_gs_base, s.star, s.lstar, s.cstar, s.sfmask] = lazy;
-        s.interrupt_shadow = self.read(guest::INTERRUPTIBILITY_STATE) & 3 != 0;
-        let info = self.read(control::VMENTRY_INTERRUPTION_INFO_FIELD);
-        if info & (1 << 31) != 0 {
-            let vector = info as u8;
-            s.pending_event = Some(match (info >> 8) & 7 {
-                0 => Event::Interrupt { vector },
-                2 => Event::Nmi,
-                _ => Event::Exception {
-                    vector,
-                    error_code: (info & (1 << 11) != 0).then(|| self.read(control::VMENTRY_EXCEPTION_ERR_CODE) as u32),
-                },
-            });
-        }
+        s.tsc_aux = tsc_aux;
+        s.xcr0 = self.xcr0;
+        s.fpu = self.guest_fpu();
+        s.tsc_offset = self.read(control::TSC_OFFSET_FULL);
+        s.activity = match self.activity() {
+            ACTIVITY_HLT => Activity::Halted,
+            ACTIVITY_WAIT_SIPI => Activity::WaitForSipi,
+            _ => Activity::Active,
+        };
+        let intr = self.read(guest::INTERRUPTIBILITY_STATE);
+        s.interrupt_shadow = intr & (BLOCKING_STI | BLOCKING_MOV_SS) != 0;
+        s.nmi_blocked = intr & BLOCKING_NMI != 0;
+        s.injected_event = self.injected;
+        s.pending_events = self.queue;
         s
     }
 
     fn set_state(&mut self, s: &GuestState) -> Result<(), Error> {
+        s.check_neutral(self.host.mxcsr_mask).map_err(Error::InvalidState)?;
+        if s.xcr0 & !self.host.xcr0_mask != 0 {
+            return Err(Error::InvalidState(format!("XCR0 {:#x}: this CPU allows {:#x}", s.xcr0, self.host.xcr0_mask)));
+        }
+        if s.tsc_aux != 0 && !self.host.tsc_aux {
+            return Err(Error::InvalidState(String::from("IA32_TSC_AUX: this CPU cannot give guests RDTSCP")));
+        }
+        let activity = match s.activity {
+            Activity::Active => ACTIVITY_ACTIVE,
+            Activity::Halted if self.ctl.activity_hlt => ACTIVITY_HLT,
+            Activity::WaitForSipi if self.ctl.activity_wait_sipi => ACTIVITY_WAIT_SIPI,
+            a => return Err(Error::InvalidState(format!("activity state {a:?}: this CPU cannot enter it"))),
+        };
+        let mut check = s.clone();
+        check.cr0 = self.ctl.real_cr0(s.cr0);
+        check.cr4 = self.ctl.real_cr4(s.cr4);
+        let efer_lma = s.efer & EFER_LMA != 0;
+        let ctx = EntryContext { ia32e_guest: efer_lma, ..self.entry_context() };
+        if let Some(p) = check_guest_state(&check, &ctx).into_iter().next() {
+            return Err(Error::InvalidState(p));
+        }
         self.gprs = s.gprs;
         let segs = [&s.es, &s.cs, &s.ss, &s.ds, &s.fs, &s.gs, &s.ldtr, &s.tr];
         for (seg, &(sel, base, limit, ar)) in segs.into_iter().zip(SEGS.iter()) {
@@ -615,9 +760,10 @@ impl vcpu::Vcpu for VmxVcpu {
         self.cr2 = GuestCr2(s.cr2);
         self.write(guest::CR3, s.cr3);
         self.set_cr4(s.cr4);
-        self.write(guest::DR7, s.dr7 | 0x400);
+        self.cr8 = s.cr8;
+        self.write(guest::DR7, s.dr7);
         self.set_efer(s.efer);
-        self.write(guest::IA32_PAT_FULL, if s.pat == 0 { PAT_DEFAULT } else { s.pat });
+        self.write(guest::IA32_PAT_FULL, s.pat);
         self.write(guest::GDTR_BASE, s.gdtr.base);
         self.write(guest::GDTR_LIMIT, s.gdtr.limit as u64);
         self.write(guest::IDTR_BASE, s.idtr.base);
@@ -625,43 +771,143 @@ impl vcpu::Vcpu for VmxVcpu {
         self.write(guest::IA32_SYSENTER_CS, s.sysenter_cs);
         self.write(guest::IA32_SYSENTER_ESP, s.sysenter_esp);
         self.write(guest::IA32_SYSENTER_EIP, s.sysenter_eip);
-        self.write(guest::ACTIVITY_STATE, 0);
-        self.write(guest::INTERRUPTIBILITY_STATE, if s.interrupt_shadow { 1 } else { 0 });
+        self.write(control::TSC_OFFSET_FULL, s.tsc_offset);
+        self.write(guest::ACTIVITY_STATE, activity);
+        // Blocking by STI needs RFLAGS.IF = 1 (SDM Vol. 3C 27.3.1.5); the
+        // neutral shadow is either, so one with IF = 0 is MOV SS's.
+        let shadow = match (s.interrupt_shadow, s.interrupts_enabled()) {
+            (false, _) => 0,
+            (true, true) => BLOCKING_STI,
+            (true, false) => BLOCKING_MOV_SS,
+        };
+        self.write(guest::INTERRUPTIBILITY_STATE, shadow | if s.nmi_blocked { BLOCKING_NMI } else { 0 });
         self.write(guest::PENDING_DBG_EXCEPTIONS, 0);
         self.lazy_msrs = [s.kernel_gs_base, s.star, s.lstar, s.cstar, s.sfmask];
+        self.tsc_aux = s.tsc_aux;
+        self.fx.0 = s.fpu.to_fxsave();
+        self.dr = s.dr;
+        self.dr6 = s.dr6;
+        let old_xcr0 = self.xcr0;
+        self.xcr0 = s.xcr0;
         if self.loaded {
-            for (m, v) in LAZY_MSRS.iter().zip(self.lazy_msrs) {
-                // SAFETY: the guest's own values for MSRs the host never uses.
-                unsafe { hw::wrmsr(*m, v) };
+            // SAFETY: the guest's own values for MSRs the host never uses,
+            // an FXSAVE image with MXCSR checked against the CPU's mask,
+            // checked debug-register values and XCR0.
+            unsafe {
+                for (m, v) in LAZY_MSRS.iter().zip(self.lazy_msrs) {
+                    hw::wrmsr(*m, v);
+                }
+                if self.host.tsc_aux {
+                    hw::wrmsr(IA32_TSC_AUX, self.tsc_aux);
+                }
+                hw::fxrstor(self.fx.0.as_ptr());
+                if self.host.xcr0.is_some() && old_xcr0 != self.xcr0 {
+                    hw::xsetbv0(self.xcr0);
+                }
             }
+            DR_OWNER.store(0, Ordering::Relaxed);
+            self.load_debug_registers();
         }
         self.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-        if let Some(ev) = s.pending_event {
-            self.inject(ev);
+        self.entry_event = false;
+        self.injected = s.injected_event;
+        self.queue = s.pending_events;
+        self.event_work = true;
+        Ok(())
+    }
+
+    fn reg(&self, r: Reg) -> u64 {
+        match r {
+            Reg::Cr0 => self.guest_cr0(),
+            Reg::Cr3 => self.read(guest::CR3),
+            Reg::Cr4 => self.guest_cr4(),
+            Reg::Cr8 => self.cr8,
+            Reg::Dr0 => self.dr[0],
+            Reg::Dr1 => self.dr[1],
+            Reg::Dr2 => self.dr[2],
+            Reg::Dr3 => self.dr[3],
+            Reg::Dr6 => self.guest_dr6(),
+            Reg::Dr7 => self.read(guest::DR7),
+            Reg::Efer => self.read(guest::IA32_EFER_FULL),
+            Reg::Xcr0 => self.xcr0,
+            Reg::TscOffset => self.read(control::TSC_OFFSET_FULL),
         }
-        let mut check = s.clone();
-        check.cr0 = self.read(guest::CR0);
-        check.cr4 = self.read(guest::CR4);
-        let problems = check_guest_state(&check, &self.entry_context());
-        match problems.into_iter().next() {
-            Some(p) => Err(Error::InvalidState(p)),
-            None => Ok(()),
+    }
+
+    fn set_reg(&mut self, r: Reg, v: u64) {
+        let dr = |n: u8, this: &mut Self| {
+            if n == 6 {
+                this.dr6 = v;
+            } else {
+                this.dr[n as usize] = v;
+            }
+            if this.loaded && DR_OWNER.load(Ordering::Relaxed) == this.vmcs.0 {
+                // SAFETY: the caller checked the value as MOV DR would.
+                unsafe { hw::write_dr(n, v) };
+            }
+        };
+        match r {
+            Reg::Cr0 => {
+                self.set_cr0(v);
+                self.flush_guest_tlb();
+            }
+            Reg::Cr3 => {
+                self.write(guest::CR3, v);
+                self.flush_guest_tlb();
+            }
+            Reg::Cr4 => {
+                self.set_cr4(v);
+                self.flush_guest_tlb();
+            }
+            Reg::Cr8 => self.cr8 = v & 0xf,
+            Reg::Dr0 => dr(0, self),
+            Reg::Dr1 => dr(1, self),
+            Reg::Dr2 => dr(2, self),
+            Reg::Dr3 => dr(3, self),
+            Reg::Dr6 => dr(6, self),
+            Reg::Dr7 => self.write(guest::DR7, v),
+            Reg::Efer => self.set_efer(v),
+            Reg::Xcr0 => {
+                if self.loaded && self.host.xcr0.is_some() && v != self.xcr0 {
+                    // SAFETY: the caller checked `v` against the XCR0 mask.
+                    unsafe { hw::xsetbv0(v) };
+                }
+                self.xcr0 = v;
+            }
+            Reg::TscOffset => self.write(control::TSC_OFFSET_FULL, v),
         }
     }
 
     fn inject(&mut self, event: Event) {
-        // VM-entry interruption information (SDM Vol. 3C 25.8.3).
-        let (vector, kind, code) = match event {
-            Event::Exception { vector, error_code } => (vector as u64, 3u64, error_code),
-            Event::Interrupt { vector } => (vector as u64, 0, None),
-            Event::Nmi => (2, 2, None),
-        };
-        let mut info = (1 << 31) | (kind << 8) | vector;
-        if let Some(c) = code {
-            info |= 1 << 11;
-            self.write(control::VMENTRY_EXCEPTION_ERR_CODE, c as u64);
-        }
-        self.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+        // A full queue cannot happen (see `vcpu::events::QUEUE_LEN`); were
+        // it to, the newest event is the one lost.
+        let _ = self.queue.push(event);
+        self.event_work = true;
+    }
+
+    fn request_interrupt_window(&mut self) {
+        self.want.interrupt = true;
+        self.event_work = true;
+    }
+
+    fn interrupt_window_open(&self) -> bool {
+        self.read(guest::RFLAGS) & RFLAGS_IF != 0
+            && self.read(guest::INTERRUPTIBILITY_STATE) & (BLOCKING_STI | BLOCKING_MOV_SS) == 0
+            && self.activity() != ACTIVITY_WAIT_SIPI
+            && self.injected.is_none()
+            && self.queue.is_empty()
+    }
+
+    fn request_nmi_window(&mut self) {
+        self.want.nmi = true;
+        self.event_work = true;
+    }
+
+    fn nmi_window_open(&self) -> bool {
+        self.read(guest::INTERRUPTIBILITY_STATE) & (BLOCKING_STI | BLOCKING_MOV_SS | BLOCKING_NMI) == 0
+            && self.activity() != ACTIVITY_WAIT_SIPI
+            && self.injected.is_none()
+            && !self.queue.has_nmi()
     }
 
     fn set_time_slice(&mut self, ticks: u64) {
@@ -685,14 +931,20 @@ impl vcpu::Vcpu for VmxVcpu {
 
     fn load(&mut self) {
         self.make_current();
-        // SAFETY: the FXSAVE image is ours and valid; the lazy MSRs are not
-        // used by the host, so loading guest values there is harmless.
+        // SAFETY: the FXSAVE image is ours and valid (MXCSR checked); the
+        // lazy MSRs, TSC_AUX and XCR0's guest value are not used by the
+        // host, so loading guest values there is harmless.
         unsafe {
             hw::fxrstor(self.fx.0.as_ptr());
             for (m, v) in LAZY_MSRS.iter().zip(self.lazy_msrs) {
                 hw::wrmsr(*m, v);
             }
+            if self.host.tsc_aux {
+                hw::wrmsr(IA32_TSC_AUX, self.tsc_aux);
+            }
         }
+        self.switch_xcr0(self.xcr0);
+        self.load_debug_registers();
         self.loaded = true;
     }
 
@@ -704,6 +956,13 @@ impl vcpu::Vcpu for VmxVcpu {
         unsafe {
             hw::fxsave(self.fx.0.as_mut_ptr());
             self.lazy_msrs = LAZY_MSRS.map(|m| hw::rdmsr(m));
+            if self.host.tsc_aux {
+                self.tsc_aux = hw::rdmsr(IA32_TSC_AUX);
+            }
+        }
+        self.dr6 = self.guest_dr6();
+        if let Some(host) = self.host.xcr0 {
+            self.switch_xcr0(host);
         }
         self.loaded = false;
     }

@@ -226,6 +226,11 @@ fn serve<B: HostBackend>(
         }
         None => {}
     }
+    if config.vcpu_conformance
+        && let Ok(b) = backend.as_mut()
+    {
+        hypervisor::vm::conformance::run_on(b, &mut |line: &str| crate::println!("{line}"));
+    }
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
     let mut manager = Manager::new(backend, images);

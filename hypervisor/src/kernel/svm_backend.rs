@@ -28,7 +28,8 @@ impl SvmBackend {
         log::info!("apic timer: {} kHz, vector {:#x}", timer_hz / 1000, apic::TIMER_VECTOR);
         // SAFETY: called once, on the boot CPU, with interrupts off.
         let cpu = unsafe { SvmCpu::enable(&mut mem, apic::arm) }.map_err(|e| alloc::format!("{e}"))?;
-        Ok(SvmBackend { cpu, mem, quirks: HostQuirks::default(), break_next_entry: false })
+        let quirks = HostQuirks { rdtscp: cpu.host.tsc_aux, ..Default::default() };
+        Ok(SvmBackend { cpu, mem, quirks, break_next_entry: false })
     }
 
     pub fn caps(&self) -> &svm::SvmCaps {

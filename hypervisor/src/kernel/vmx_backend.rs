@@ -27,7 +27,8 @@ impl VmxBackend {
         let cpu = unsafe { VmxCpu::enable(&mut mem) }.map_err(|e| alloc::format!("{e}"))?;
         // SAFETY: IA32_MISC_ENABLE exists on every CPU with VMX.
         let misc = unsafe { vmx::hw::rdmsr(0x1a0) };
-        Ok(VmxBackend { cpu, mem, quirks: HostQuirks { fast_strings_off: misc & 1 == 0 }, break_next_entry: false })
+        let quirks = HostQuirks { fast_strings_off: misc & 1 == 0, rdtscp: cpu.controls.rdtscp };
+        Ok(VmxBackend { cpu, mem, quirks, break_next_entry: false })
     }
 
     pub fn caps(&self) -> &vmx::caps::VmxCaps {

@@ -150,13 +150,16 @@ impl<B: Backend> Manager<B> {
             let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
             boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))
         };
-        let (state, protocol) = match loaded {
+        let (mut state, protocol) = match loaded {
             Ok(v) => v,
             Err(e) => {
                 free_memory(backend, &mut self.host_mem, id, mem);
                 return Err(e);
             }
         };
+        // The guest's TSC starts at 0 when the VM does (the backend adds the
+        // offset to every RDTSC, RDTSCP and TSC read).
+        state.tsc_offset = 0u64.wrapping_sub(backend.now());
         let vcpu = match backend.create_vcpu(mem.root_for_vcpu(0), &state) {
             Ok(v) => v,
             Err(e) => {
@@ -243,8 +246,10 @@ impl<B: Backend> Manager<B> {
             let mut t0 = backend.now();
             let deadline = t0.saturating_add(self.slice_ticks);
             loop {
-                let exit = vm.res.as_mut().map(|r| r.vcpu.run());
-                let Some(exit) = exit else { break Flow::Stop };
+                // Not `map` into an `Option<VmExit>`: that moves the exit
+                // once more on every exit.
+                let Some(res) = vm.res.as_mut() else { break Flow::Stop };
+                let exit = res.vcpu.run();
                 // One clock read per exit: it ends this run and starts the
                 // next, so exit handling counts as the VM's time.
                 let t1 = backend.now();
@@ -483,3 +488,5 @@ fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
 mod mem_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vcpu_tests;

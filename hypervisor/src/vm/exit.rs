@@ -5,12 +5,13 @@
 
 use alloc::format;
 use alloc::string::String;
-use vcpu::{Event, ExitKind, IoAccess, MemAccess, Vcpu, VmExit};
+use vcpu::state::bits::{CR4_OSXSAVE, RFLAGS_IF};
+use vcpu::{Activity, Event, ExitKind, IoAccess, MemAccess, Reg, Vcpu, VmExit};
 
 use mm::addr::GuestPhysAddr;
 use mm::vm_memory::{AccessKind, FaultOutcome, PageState, StateCounts};
 
-use super::{Resources, RunState, Vm};
+use super::{Resources, RunState, Vm, regs};
 use crate::backend::Backend;
 use crate::cpuid;
 use crate::devices::{self, PortEffect};
@@ -47,6 +48,7 @@ struct HcCtx<'a, F: EntryFormat> {
     exits: &'a [u64; ExitKind::COUNT],
     mem: &'a GuestMemory<F>,
     page_ins: u64,
+    event: core::cell::Cell<Option<Event>>,
 }
 
 impl<F: EntryFormat> HcCtx<'_, F> {
@@ -80,6 +82,9 @@ impl<F: EntryFormat> hypercall::Context for HcCtx<'_, F> {
     fn page_shared(&self, gpa: u64) -> bool {
         matches!(self.mem.page_state(GuestPhysAddr(gpa)), Some(PageState::Zero | PageState::Shared))
     }
+    fn queue_event(&self, event: Event) {
+        self.event.set(Some(event));
+    }
 }
 
 impl<B: Backend> Vm<B> {
@@ -99,7 +104,11 @@ impl<B: Backend> Vm<B> {
             VmExit::Cpuid => {
                 let g = vcpu.gprs();
                 let (leaf, sub) = (g.rax as u32, g.rcx as u32);
-                let r = cpuid::guest_cpuid(leaf, sub, backend.host_cpuid(leaf, sub), backend.quirks());
+                let mut r = cpuid::guest_cpuid(leaf, sub, backend.host_cpuid(leaf, sub), backend.quirks());
+                if leaf == 1 && vcpu.reg(Reg::Cr4) & CR4_OSXSAVE != 0 {
+                    // OSXSAVE mirrors the guest's CR4 (SDM Vol. 2A CPUID).
+                    r.ecx |= 1 << 27;
+                }
                 let g = vcpu.gprs_mut();
                 g.rax = r.eax as u64;
                 g.rbx = r.ebx as u64;
@@ -111,7 +120,7 @@ impl<B: Backend> Vm<B> {
             VmExit::Io(io) => self.handle_io(io, backend, console),
             VmExit::Hlt => {
                 vcpu.skip_instruction();
-                if vcpu.rflags() & vcpu::state::bits::RFLAGS_IF != 0 {
+                if vcpu.rflags() & RFLAGS_IF != 0 {
                     self.state = RunState::Waiting;
                     Flow::Yield
                 } else {
@@ -126,8 +135,13 @@ impl<B: Backend> Vm<B> {
                     return Flow::Continue;
                 }
                 let g = vcpu.gprs();
-                let ctx =
-                    HcCtx { id: self.id, exits: &self.stats.exits, mem: &res.mem, page_ins: self.reclaim.swapped_in };
+                let ctx = HcCtx {
+                    id: self.id,
+                    exits: &self.stats.exits,
+                    mem: &res.mem,
+                    page_ins: self.reclaim.swapped_in,
+                    event: core::cell::Cell::new(None),
+                };
                 let r = hypercall::dispatch(g.rax, g.rdi, g.rsi, &ctx);
                 let g = vcpu.gprs_mut();
                 g.rax = r.rax;
@@ -135,6 +149,9 @@ impl<B: Backend> Vm<B> {
                     (g.rdi, g.rsi) = (rdi, rsi);
                 }
                 vcpu.skip_instruction();
+                if let Some(ev) = ctx.event.get() {
+                    vcpu.inject(ev);
+                }
                 Flow::Continue
             }
             VmExit::Rdmsr { msr: index } => {
@@ -147,6 +164,13 @@ impl<B: Backend> Vm<B> {
                     }
                     None => vcpu.inject(Event::GP0),
                 }
+                Flow::Continue
+            }
+            VmExit::Wrmsr { msr: msr::IA32_TSC, value } => {
+                // Writing the TSC moves the guest's clock: the offset the
+                // hardware adds becomes value minus the host's TSC now.
+                vcpu.set_reg(Reg::TscOffset, value.wrapping_sub(backend.now()));
+                vcpu.skip_instruction();
                 Flow::Continue
             }
             VmExit::Wrmsr { msr: index, value } => {
@@ -167,9 +191,102 @@ impl<B: Backend> Vm<B> {
                 self.end(RunState::Stopped { reason }, backend, console);
                 Flow::Stop
             }
+            other => self.handle_vcpu_exit(other, backend, console),
         }
     }
 
+    /// The exits of the vCPU model: windows, register instructions, cache
+    /// flushes, MONITOR/MWAIT, PAUSE, INIT/SIPI. Apart from the hot path
+    /// (CPUID, port I/O, hypercalls), which stays small for it.
+    #[cold]
+    #[inline(never)]
+    fn handle_vcpu_exit(&mut self, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Flow {
+        let Some(res) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let vcpu = &mut res.vcpu;
+        match exit {
+            // The backend delivers queued events when the window opens; a
+            // device model with an interrupt for this vCPU injects it here.
+            VmExit::InterruptWindow | VmExit::NmiWindow => Flow::Continue,
+            VmExit::CrAccess { cr, access } => {
+                let allowed =
+                    cpuid::cr4_allowed(|l, s| cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks()));
+                let r = regs::cr_access(vcpu, cr, access, allowed);
+                complete(vcpu, r)
+            }
+            VmExit::DrAccess { dr, gpr, write } => {
+                let r = regs::dr_access(vcpu, dr, gpr, write);
+                complete(vcpu, r)
+            }
+            VmExit::Xsetbv => {
+                let l = backend.host_cpuid(0xd, 0);
+                let host_mask = ((l.edx as u64) << 32) | l.eax as u64;
+                let r = regs::xsetbv(vcpu, host_mask);
+                complete(vcpu, r)
+            }
+            VmExit::CacheFlush { .. } => {
+                // WBINVD: guest memory is ordinary write-back host memory,
+                // coherent with every device that reaches it, so there is
+                // nothing to write back for the guest. INVD is done the same
+                // way: really discarding dirty lines would lose the host's
+                // and other VMs' data (SDM Vol. 2A INVD warns of exactly that).
+                let r = if vcpu.cpl() == 0 { Ok(()) } else { Err(Event::GP0) };
+                complete(vcpu, r)
+            }
+            // MONITOR/MWAIT: CPUID says the guest has neither, and a CPU
+            // without them raises #UD (SDM Vol. 2B MONITOR, MWAIT).
+            VmExit::MonitorMwait => {
+                vcpu.inject(Event::UD);
+                Flow::Continue
+            }
+            // Not intercepted by either backend (one vCPU per VM: a spin
+            // loop waits for nothing another vCPU of the VM could do). If a
+            // backend ever exits on it, give the CPU to another VM.
+            VmExit::Pause => {
+                vcpu.skip_instruction();
+                Flow::Yield
+            }
+            VmExit::Init => {
+                // INIT restarts the bootstrap processor at the reset vector
+                // (SDM Vol. 3A 11.4.3); only application processors wait for
+                // a SIPI. A VM's one vCPU is its BSP, and there is no
+                // firmware at 0xFFFF0 to restart: the VM ends.
+                let reason =
+                    String::from("INIT signal: the VM would restart at its reset vector, where it has no firmware");
+                self.end(RunState::Stopped { reason }, backend, console);
+                Flow::Stop
+            }
+            VmExit::Sipi { vector } => {
+                // A SIPI starts a vCPU that waits for one, and is ignored
+                // otherwise (SDM Vol. 3A 11.4.4.1).
+                let mut s = vcpu.state();
+                if s.activity == Activity::WaitForSipi {
+                    s.start_at_sipi(vector);
+                    if let Err(e) = vcpu.set_state(&s) {
+                        let reason = format!("SIPI: the vCPU cannot start: {e}");
+                        self.end(RunState::Stopped { reason }, backend, console);
+                        return Flow::Stop;
+                    }
+                }
+                Flow::Continue
+            }
+            // Handled by `handle_exit`.
+            _ => Flow::Continue,
+        }
+    }
+}
+
+/// Completes an emulated instruction: past it, or the fault it raised.
+fn complete(vcpu: &mut impl Vcpu, r: Result<(), Event>) -> Flow {
+    match r {
+        Ok(()) => vcpu.skip_instruction(),
+        Err(ev) => vcpu.inject(ev),
+    }
+    Flow::Continue
+}
+
+impl<B: Backend> Vm<B> {
     fn handle_io(&mut self, io: IoAccess, backend: &mut B, console: &mut impl Console) -> Flow {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;

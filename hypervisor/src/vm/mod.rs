@@ -3,7 +3,9 @@
 //! in `exit`; creating and scheduling VMs is the manager's job.
 
 pub mod boot;
+pub mod conformance;
 pub mod exit;
+pub mod regs;
 use vcpu::walk;
 
 use alloc::string::String;
