@@ -41,6 +41,7 @@ use mm::GuestPhysAddr;
 use mm::hal::PhysMem;
 use mm::paging::Access;
 use mm::swap::{BlockStore, MemBlockStore};
+use vcpu::exit::CrAccess;
 use vcpu::state::bits::RFLAGS_IF;
 use vcpu::{Event, ExitKind, Gprs, IoAccess, MemAccess, VmExit};
 
@@ -48,6 +49,21 @@ use crate::input::Input;
 
 const MAX_STEPS: usize = 48;
 const EXIT_PORT: u16 = 0xf4;
+
+/// Marks ModRM register `gpr` (0 = RAX ... 15) as one the instruction may
+/// write, in the order of `may`: RAX, RBX, RCX, RDX, RSI, RDI.
+fn mark_gpr(may: &mut [bool; 6], gpr: u8) {
+    match gpr {
+        0 => may[0] = true,
+        1 => may[2] = true,
+        2 => may[3] = true,
+        3 => may[1] = true,
+        6 => may[4] = true,
+        7 => may[5] = true,
+        // RSP, RBP and R8-R15 are not compared, except R8 below.
+        _ => {}
+    }
+}
 
 /// Whether a port write reaches the PM1a control block or the reset port.
 fn power_port(io: &IoAccess) -> bool {
@@ -254,7 +270,7 @@ impl Host {
 
     fn random_exit(&mut self, i: usize, input: &mut Input<'_>) {
         let pages = self.pages(i);
-        let exit = match input.u8() % 14 {
+        let exit = match input.u8() % 15 {
             0 => VmExit::Cpuid,
             1 => {
                 let port = match input.u8() % 4 {
@@ -296,6 +312,28 @@ impl Host {
             10 => VmExit::Shutdown { report: report(input) },
             11 => VmExit::EntryFailed { report: report(input) },
             12 => VmExit::Handled(ExitKind::ALL[input.below(ExitKind::COUNT as u64) as usize]),
+            // The vCPU model's exits (register instructions, windows, INIT).
+            13 => match input.u8() % 10 {
+                0 => VmExit::Xsetbv,
+                1 => VmExit::CacheFlush { invd: input.bool() },
+                2 => VmExit::Pause,
+                3 => VmExit::MonitorMwait,
+                4 => VmExit::InterruptWindow,
+                5 => VmExit::NmiWindow,
+                6 => VmExit::Sipi { vector: input.u8() },
+                7 => VmExit::DrAccess { dr: input.u8() % 8, gpr: input.u8() % 16, write: input.bool() },
+                8 => {
+                    let gpr = input.u8() % 16;
+                    let access = match input.u8() % 4 {
+                        0 => CrAccess::MovTo { gpr },
+                        1 => CrAccess::MovFrom { gpr },
+                        2 => CrAccess::Clts,
+                        _ => CrAccess::Lmsw { value: input.u16() },
+                    };
+                    VmExit::CrAccess { cr: [0, 3, 4, 8, 2, 5][usize::from(input.u8() % 6)], access }
+                }
+                _ => VmExit::Init,
+            },
             _ => {
                 // The guest's paging state is its own: the report walks it.
                 let vcpu = &mut self.m.vms[i].res.as_mut().unwrap().vcpu;
@@ -351,7 +389,7 @@ impl Host {
             VmExit::Io(io) if io.write && !io.string && matches!(io.size, 1 | 2 | 4) && power_port(io) => {
                 vm.state.ended()
             }
-            VmExit::Shutdown { .. } | VmExit::EntryFailed { .. } | VmExit::Unexpected { .. } => true,
+            VmExit::Shutdown { .. } | VmExit::EntryFailed { .. } | VmExit::Unexpected { .. } | VmExit::Init => true,
             VmExit::NestedPageFault { .. } => vm.state.ended(),
             _ => false,
         };
@@ -423,7 +461,17 @@ impl Host {
             }
             VmExit::Hypercall if cpl != 0 => assert!(one_fault(Event::UD), "hypercall from ring {cpl}"),
             VmExit::Hypercall => {
-                assert!(completed);
+                // QUEUE_INTERRUPT (a vector 32-255) and QUEUE_NMI queue one
+                // event for the caller; nothing else injects anything.
+                let queued = match (b.gprs.rax, b.gprs.rdi) {
+                    (4, v @ 32..=255) => Some(Event::Interrupt { vector: v as u8 }),
+                    (5, _) => Some(Event::Nmi),
+                    _ => None,
+                };
+                match queued {
+                    Some(e) => assert!(skipped == 1 && injected == [e], "{e:?}: {skipped} skipped, {injected:?}"),
+                    None => assert!(completed, "hypercall {:#x}: {skipped} skipped, {injected:?}", b.gprs.rax),
+                }
                 may[0] = true;
                 match b.gprs.rax {
                     0 => assert_eq!(g.rax, 0x4b4f_5648),
@@ -450,13 +498,51 @@ impl Host {
             VmExit::Wrmsr { .. } => {
                 assert!(completed || one_fault(Event::GP0), "{exit:?}: {skipped} skipped, {injected:?}")
             }
+            // XSETBV: #UD with CR4.OSXSAVE clear, #GP for a bad XCR0 or
+            // from ring 3; WBINVD/INVD: #GP from ring 3.
+            VmExit::Xsetbv => {
+                let fault = one_fault(Event::GP0) || one_fault(Event::UD);
+                assert!(completed || fault, "{exit:?}: {skipped} skipped, {injected:?}")
+            }
+            VmExit::CacheFlush { .. } => {
+                assert!(completed || one_fault(Event::GP0), "{exit:?}: {skipped} skipped, {injected:?}")
+            }
+            VmExit::Pause => assert!(completed, "PAUSE: {skipped} skipped, {injected:?}"),
+            VmExit::MonitorMwait => assert!(one_fault(Event::UD), "{exit:?}: {skipped} skipped, {injected:?}"),
+            VmExit::CrAccess { access, .. } => {
+                // #UD for a control register that does not exist (CR1, CR5).
+                let fault = one_fault(Event::GP0) || one_fault(Event::UD);
+                assert!(completed || fault, "{exit:?}: {skipped} skipped, {injected:?}");
+                if let (true, CrAccess::MovFrom { gpr }) = (completed, access) {
+                    mark_gpr(&mut may, *gpr);
+                }
+            }
+            VmExit::DrAccess { gpr, write, .. } => {
+                // #GP (privilege, reserved bits), #UD (DR4/5 with CR4.DE),
+                // #DB (DR7.GD) or done; a read writes its GPR.
+                let fault = skipped == 0
+                    && injected.len() == 1
+                    && matches!(injected[0], Event::Exception { vector: 1 | 6 | 13, .. });
+                assert!(completed || fault, "{exit:?}: {skipped} skipped, {injected:?}");
+                if completed && !write {
+                    mark_gpr(&mut may, *gpr);
+                }
+            }
             _ => assert!(skipped == 0 && injected.is_empty(), "{exit:?}: {skipped} skipped, {injected:?}"),
         }
         let regs = |g: &Gprs| [g.rax, g.rbx, g.rcx, g.rdx, g.rsi, g.rdi];
+        // (The windows and SIPI fall in the arm above that wants no skip
+        // and no injection: nothing was queued for the window, and a vCPU
+        // that is not waiting for a SIPI ignores it.)
         for (k, (now, was)) in regs(&g).into_iter().zip(regs(&b.gprs)).enumerate() {
             assert!(may[k] || now == was, "{exit:?} changed register {k}: {was:#x} -> {now:#x}");
         }
-        assert_eq!(g.r8, 0x8888);
+        let writes_r8 = match &exit {
+            VmExit::CrAccess { access: CrAccess::MovFrom { gpr }, .. } => *gpr == 8,
+            VmExit::DrAccess { gpr, write: false, .. } => *gpr == 8,
+            _ => false,
+        };
+        assert!(writes_r8 || g.r8 == 0x8888, "{exit:?} changed R8");
         if !matches!(exit, VmExit::Hlt) {
             assert_eq!(vm.state, RunState::Running, "after {exit:?}");
         }

@@ -18,6 +18,7 @@
 
 use std::cell::RefCell;
 
+use vcpu::exit::CrAccess;
 use vcpu::{ExitKind, Gprs, IoAccess, MemAccess, VmExit};
 use vmx::decode::{Decoded, IA32_EFER, decode, handled_kind};
 use x86::vmx::vmcs::{guest, ro};
@@ -86,30 +87,18 @@ fn check_raw(raw: &Raw) {
     }
     match &d {
         Decoded::Exit(exit) => check_exit(raw, basic, exit),
-        Decoded::MovToCr { cr, gpr } | Decoded::MovFromCr { cr, gpr } => {
-            // Table 28-3: CR number in 3:0, access type 5:4, GPR in 11:8.
-            assert_eq!(basic, 28);
-            assert_eq!(u64::from(*cr), q & 0xf);
-            assert_eq!(u64::from(*gpr), (q >> 8) & 0xf);
-            assert_eq!(matches!(d, Decoded::MovFromCr { .. }), (q >> 4) & 3 == 1);
-        }
-        Decoded::Clts => assert!(basic == 28 && (q >> 4) & 3 == 2),
-        Decoded::Lmsw { value } => assert!(basic == 28 && (q >> 4) & 3 == 3 && *value == (q >> 16) as u16),
+        Decoded::InterruptWindow => assert_eq!(basic, 7),
+        Decoded::NmiWindow => assert_eq!(basic, 8),
         Decoded::EferWrite { value } => {
             assert!(basic == 32 && raw.gprs[1] as u32 == IA32_EFER);
             assert_eq!(*value, raw.gprs[2] << 32 | (raw.gprs[0] & 0xffff_ffff));
         }
-        Decoded::InjectUd => assert!(matches!(basic, 19..=27 | 36 | 39 | 50 | 53), "#UD for reason {basic}"),
+        Decoded::InjectUd => assert!(matches!(basic, 11 | 19..=27 | 50 | 53), "#UD for reason {basic}"),
         Decoded::EntryFailure { .. } => panic!("entry failure without bit 31"),
         Decoded::TripleFault => assert_eq!(basic, 2),
     }
-    let kind = handled_kind(&d);
-    match d {
-        Decoded::MovToCr { .. } | Decoded::MovFromCr { .. } | Decoded::Clts | Decoded::Lmsw { .. } => {
-            assert_eq!(kind, ExitKind::ControlRegister)
-        }
-        Decoded::EferWrite { .. } => assert_eq!(kind, ExitKind::Wrmsr),
-        _ => {}
+    if let Decoded::EferWrite { .. } = d {
+        assert_eq!(handled_kind(&d), ExitKind::Wrmsr);
     }
 }
 
@@ -118,6 +107,32 @@ fn check_exit(raw: &Raw, basic: u16, exit: &VmExit) {
     let (rax, rcx, rdx) = (raw.gprs[0], raw.gprs[1], raw.gprs[2]);
     match exit {
         VmExit::Cpuid => assert_eq!(basic, 10),
+        VmExit::CrAccess { cr, access } => {
+            // Table 28-3: CR number in 3:0, access type 5:4, GPR in 11:8,
+            // LMSW's source in 31:16.
+            assert_eq!(basic, 28);
+            assert_eq!(u64::from(*cr), q & 0xf);
+            let gpr = ((q >> 8) & 0xf) as u8;
+            let want = match (q >> 4) & 3 {
+                0 => CrAccess::MovTo { gpr },
+                1 => CrAccess::MovFrom { gpr },
+                2 => CrAccess::Clts,
+                _ => CrAccess::Lmsw { value: (q >> 16) as u16 },
+            };
+            assert_eq!(*access, want);
+        }
+        VmExit::DrAccess { dr, gpr, write } => {
+            // Table 28-4: DR number 2:0, direction 4 (0 = MOV to DR), GPR 11:8.
+            assert_eq!(basic, 29);
+            assert_eq!((u64::from(*dr), u64::from(*gpr), *write), (q & 7, (q >> 8) & 0xf, q & 16 == 0));
+        }
+        VmExit::Init => assert_eq!(basic, 3),
+        VmExit::Sipi { vector } => assert!(basic == 4 && *vector == q as u8, "SIPI vector from the qualification"),
+        VmExit::CacheFlush { invd } => assert!(matches!((basic, *invd), (13, true) | (54, false))),
+        VmExit::Xsetbv => assert_eq!(basic, 55),
+        VmExit::Pause => assert_eq!(basic, 40),
+        VmExit::MonitorMwait => assert!(matches!(basic, 36 | 39)),
+        VmExit::InterruptWindow | VmExit::NmiWindow => panic!("the decoder reports windows as Decoded, not {exit:?}"),
         VmExit::Hlt => assert_eq!(basic, 12),
         VmExit::Hypercall => assert_eq!(basic, 18),
         VmExit::Preempted => assert_eq!(basic, 52),

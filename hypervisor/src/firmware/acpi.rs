@@ -215,7 +215,11 @@ pub fn build(config: &Config) -> Tables {
         xsdt.extend_from_slice(&e.to_le_bytes());
         rsdt.extend_from_slice(&(e as u32).to_le_bytes());
     }
-    let xsdt = place(&mut area, &finish(xsdt), 16);
+    // 4 bytes past an 8-byte boundary, so that the 64-bit entries after
+    // the 36-byte header are naturally aligned for parsers that read them
+    // as u64 (the `acpi` crate does).
+    area.resize(area.len().next_multiple_of(8) + 4, 0);
+    let xsdt = place(&mut area, &finish(xsdt), 4);
     let rsdt = place(&mut area, &finish(rsdt), 16);
 
     // The RSDP (5.2.5.3): revision 2, both pointers, both checksums.

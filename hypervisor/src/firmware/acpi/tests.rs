@@ -36,6 +36,7 @@ fn the_rsdp_is_where_a_bios_scan_finds_it_and_every_checksum_holds() {
     let t = build(&two_cpus());
     assert!(t.bytes.len() as u64 <= AREA_LEN);
     assert_eq!(t.rsdp % 16, 0);
+    assert_eq!((u64_at(&t.bytes, 24) + 36) % 8, 0, "the XSDT's entries are 8-aligned");
     // The scan (5.2.5.1): 16-byte boundaries of 0xE0000..0xFFFFF.
     let found = (0..t.bytes.len()).step_by(16).find(|&o| t.bytes[o..].starts_with(b"RSD PTR "));
     assert_eq!(found.map(|o| AREA_BASE + o as u64), Some(t.rsdp));
@@ -145,7 +146,13 @@ impl Handler for Area {
 #[test]
 fn a_guest_parser_reads_the_cpus_the_ioapic_and_the_pm_blocks() {
     let t = build(&two_cpus());
-    let area = Area(Box::leak(t.bytes.clone().into_boxed_slice()));
+    // An 8-aligned copy, as guest RAM is page-aligned.
+    let words: &'static mut [u64] = Box::leak(vec![0u64; t.bytes.len().div_ceil(8)].into_boxed_slice());
+    // SAFETY: the words are plain bytes to the parser; `bytes` is no longer
+    // than they are.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), t.bytes.len()) };
+    bytes.copy_from_slice(&t.bytes);
+    let area = Area(bytes);
     // SAFETY: the handler maps only the leaked copy of the tables.
     let tables = unsafe { AcpiTables::from_rsdp(area, t.rsdp as usize) }.expect("the tables parse");
     let fadt = tables.find_table::<Fadt>().expect("a FADT");
