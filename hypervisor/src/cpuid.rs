@@ -78,6 +78,9 @@ const L7_ECX_UMIP: u32 = 1 << 2;
 const L7_ECX_PKU: u32 = 1 << 3;
 const L7_ECX_WAITPKG: u32 = 1 << 5;
 const L7_ECX_CET_SS: u32 = 1 << 7;
+/// 5-level paging: the hypervisor's walks of guest page tables (reports,
+/// instruction bytes on AMD without NRIPS, MOV DR and MMIO decoding) know
+/// 4 levels, so a guest must not turn on a fifth.
 const L7_ECX_LA57: u32 = 1 << 16;
 const L7_ECX_RDPID: u32 = 1 << 22;
 const L7_EDX_CET_IBT: u32 = 1 << 20;
@@ -135,7 +138,7 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
         7 => {
             if subleaf == 0 {
                 r.ebx &= !(L7_EBX_AVX2 | L7_EBX_AVX512 | L7_EBX_TSC_ADJUST | L7_EBX_MPX);
-                r.ecx &= !(L7_ECX_WAITPKG | L7_ECX_PKU | L7_ECX_CET_SS);
+                r.ecx &= !(L7_ECX_WAITPKG | L7_ECX_PKU | L7_ECX_CET_SS | L7_ECX_LA57);
                 if !quirks.rdtscp {
                     r.ecx &= !L7_ECX_RDPID;
                 }
@@ -190,6 +193,14 @@ mod tests {
     use super::*;
 
     const ALL: Regs = Regs { eax: !0, ebx: !0, ecx: !0, edx: !0 };
+
+    #[test]
+    fn five_level_paging_is_hidden_and_its_cr4_bit_refused() {
+        let r = guest_cpuid(7, 0, ALL, HostQuirks::default());
+        assert_eq!(r.ecx & L7_ECX_LA57, 0);
+        let allowed = cr4_allowed(|l, s| guest_cpuid(l, s, ALL, HostQuirks::default()));
+        assert_eq!(allowed & (1 << 12), 0, "CR4.LA57");
+    }
 
     #[test]
     fn hides_virtualisation_and_sets_hypervisor_bit() {
