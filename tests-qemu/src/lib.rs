@@ -84,38 +84,51 @@ impl Machine {
 
     /// Boots the test image with extra `hypervisor.cfg` lines.
     pub fn boot_with(emulator: Emulator, name: &str, config: &[&str]) -> Machine {
-        let m = Self::start(emulator, name, config);
-        m.wait_for(boot::session::READY, Duration::from_secs(120));
-        m
+        Self::boot_image(emulator, name, image(config), &SessionOptions::default())
     }
 
     /// Boots the test image with `scratch`, an existing raw image, as its
     /// scratch disk (used in place, so the test can inspect it afterwards).
     pub fn boot_with_scratch(emulator: Emulator, name: &str, scratch: &Path) -> Machine {
         let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()) };
-        let m = Self::start_with(emulator, name, &[], &options);
-        m.wait_for(boot::session::READY, Duration::from_secs(120));
-        m
+        Self::boot_image(emulator, name, image(&[]), &options)
     }
 
     /// Boots the test image with host `files` added to its ramdisk.
     pub fn boot_with_files(emulator: Emulator, name: &str, files: &[ExtraFile]) -> Machine {
-        let img = image_with(&[], files);
-        let session = Session::start_with(emulator, &img.disk, name, false, &SessionOptions::default())
-            .expect("starting the emulator");
-        eprintln!("[{name}] running on {} (logs: {})", emulator.name(), session.run_dir.display());
-        let m = Machine { session: Some(session), emulator, name: name.into(), boot_disk: img.disk };
-        m.wait_for(boot::session::READY, Duration::from_secs(120));
-        m
+        Self::boot_image(emulator, name, image_with(&[], files), &SessionOptions::default())
+    }
+
+    /// Starts `img` and waits for the console. Bochs sometimes cannot start
+    /// at all on a busy machine: its display library exits at once when no
+    /// port in 5900-5949 is free ("RFB could not bind any port"). That is
+    /// the test machine's state, not the hypervisor's, so such a start is
+    /// retried (three times, two seconds apart); any other failure is not.
+    fn boot_image(emulator: Emulator, name: &str, img: Image, options: &SessionOptions) -> Machine {
+        for attempt in 1..=3 {
+            let m = Self::start_image(emulator, name, img.clone(), options);
+            if m.s().wait_for(boot::session::READY, 0, Duration::from_secs(120)).is_ok() {
+                return m;
+            }
+            let stderr = std::fs::read_to_string(m.run_dir().join("emulator.stderr")).unwrap_or_default();
+            if attempt < 3 && stderr.contains("RFB could not bind any port") {
+                eprintln!("[{name}] {} could not open its display port; starting it again", emulator.name());
+                drop(m);
+                std::thread::sleep(Duration::from_secs(2));
+                continue;
+            }
+            // Drop prints the console's last lines and where the logs are.
+            panic!("[{name}] timed out after 120s waiting for {:?}", boot::session::READY);
+        }
+        unreachable!("the last attempt either returned or panicked")
     }
 
     /// Starts the emulator without waiting for the console.
     pub fn start(emulator: Emulator, name: &str, config: &[&str]) -> Machine {
-        Self::start_with(emulator, name, config, &SessionOptions::default())
+        Self::start_image(emulator, name, image(config), &SessionOptions::default())
     }
 
-    fn start_with(emulator: Emulator, name: &str, config: &[&str], options: &SessionOptions) -> Machine {
-        let img = image(config);
+    fn start_image(emulator: Emulator, name: &str, img: Image, options: &SessionOptions) -> Machine {
         let session = Session::start_with(emulator, &img.disk, name, false, options).expect("starting the emulator");
         eprintln!("[{name}] running on {} (logs: {})", emulator.name(), session.run_dir.display());
         Machine { session: Some(session), emulator, name: name.into(), boot_disk: img.disk }
