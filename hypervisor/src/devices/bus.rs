@@ -69,6 +69,15 @@ impl<T: Copy> Bus<T> {
         (offset < e.len).then_some((e.device, offset))
     }
 
+    /// The device at `addr`, `addr`'s offset in its range, and how many
+    /// bytes of the range lie from `addr` on.
+    pub fn find_with_rest(&self, addr: u64) -> Option<(T, u64, u64)> {
+        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let e = &self.entries[i];
+        let offset = addr - e.base;
+        (offset < e.len).then(|| (e.device, offset, e.len - offset))
+    }
+
     /// The device an access of `len` bytes at `addr` falls in, if all of it
     /// does (an access straddling two devices or a device's end reaches
     /// none, as on a PC bus where each byte lane decodes on its own; the

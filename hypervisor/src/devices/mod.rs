@@ -37,6 +37,9 @@ pub const EXIT_PORT: u16 = 0xf4;
 /// COM1's ports.
 pub const COM1_BASE: u16 = 0x3f8;
 
+/// COM1's place in `DeviceSet::devices`.
+const COM1_INDEX: usize = 0;
+
 /// The CMOS clock's index and data ports.
 pub const RTC_BASE: u16 = 0x70;
 
@@ -133,7 +136,8 @@ impl DeviceSet {
     /// the PIT at 0x40 with port 0x61, and the debug-exit port at 0xf4.
     pub fn pc(host_epoch: u64, ram_bytes: u64) -> Self {
         let mut set = DeviceSet { devices: Vec::new(), pio: Bus::default() };
-        // Fixed, non-overlapping ranges: these inserts cannot fail.
+        // Fixed, non-overlapping ranges: these inserts cannot fail. COM1
+        // first: `com1()` finds it at COM1_INDEX.
         let _ = set.add_pio("com1", &[(COM1_BASE, 8)], Device::Uart(Uart::default()));
         let _ = set.add_pio("rtc", &[(RTC_BASE, 2)], Device::Rtc(Rtc::new(host_epoch, ram_bytes)));
         let pic_ports = [(pic::MASTER_CMD, 2), (pic::SLAVE_CMD, 2), (pic::ELCR_MASTER, 2)];
@@ -161,14 +165,17 @@ impl DeviceSet {
 
     /// COM1, whose output the console shows.
     pub fn com1(&mut self) -> &mut Uart {
-        self.uart_ref_mut().expect("every device set has COM1")
+        match &mut self.devices[COM1_INDEX].1 {
+            Device::Uart(u) => u,
+            // `pc()` puts COM1 first; nothing moves it.
+            _ => unreachable!("COM1 is the first device"),
+        }
     }
 
-    fn uart_ref_mut(&mut self) -> Option<&mut Uart> {
-        self.devices.iter_mut().find_map(|(_, d)| match d {
-            Device::Uart(u) => Some(u),
-            _ => None,
-        })
+    /// Whether COM1 holds complete lines for the console (cheap: checked
+    /// after every port write).
+    pub fn com1_has_output(&self) -> bool {
+        matches!(&self.devices[COM1_INDEX].1, Device::Uart(u) if u.has_output())
     }
 
     /// COM1's counters, for reports.
@@ -188,6 +195,20 @@ impl DeviceSet {
     /// its own, and lanes no device decodes read as all-ones. `now_ns` is
     /// the VM's clock, asked only by devices that keep time.
     pub fn pio_read(&mut self, port: u16, size: u8, now_ns: impl Fn() -> u64) -> PortEffect {
+        // The usual case first, on the exit path: one device decodes the
+        // whole access (one lookup, then its lanes).
+        if let Some((i, offset, rest)) = self.pio.find_with_rest(port.into())
+            && u64::from(size) <= rest
+            && !matches!(self.devices[i].1, Device::DebugExit)
+        {
+            let device = &mut self.devices[i].1;
+            let mut value = 0u32;
+            for lane in 0..size.min(4) {
+                let byte = device.read_byte(port.wrapping_add(lane.into()), offset + u64::from(lane), &now_ns);
+                value |= u32::from(byte.unwrap_or(0xff)) << (8 * lane);
+            }
+            return PortEffect::Done(value);
+        }
         let mut value = 0u32;
         let mut backed = false;
         for lane in 0..size.min(4) {
@@ -205,10 +226,25 @@ impl DeviceSet {
     /// A guest `out` of `size` bytes of `value` to `port` (byte lanes as for
     /// [`Self::pio_read`]; the debug-exit port takes the whole value).
     pub fn pio_write(&mut self, port: u16, size: u8, value: u32, now_ns: impl Fn() -> u64) -> PortEffect {
-        if let Some((i, _)) = self.pio.find(port.into())
-            && self.devices[i].1 == Device::DebugExit
-        {
-            return PortEffect::Exit(exit_status(value));
+        let first = self.pio.find_with_rest(port.into());
+        if let Some((i, offset, rest)) = first {
+            if matches!(self.devices[i].1, Device::DebugExit) {
+                return PortEffect::Exit(exit_status(value));
+            }
+            // One device decodes the whole access: its lanes, one lookup.
+            if u64::from(size) <= rest {
+                let device = &mut self.devices[i].1;
+                let mut effect = PortEffect::Done(0);
+                for lane in 0..size.min(4) {
+                    let byte = (value >> (8 * lane)) as u8;
+                    let (_, asked) =
+                        device.write_byte(port.wrapping_add(lane.into()), offset + u64::from(lane), byte, &now_ns);
+                    if !matches!(effect, PortEffect::PowerOff | PortEffect::Reset) {
+                        effect = asked;
+                    }
+                }
+                return effect;
+            }
         }
         let mut effect = PortEffect::Unbacked;
         for lane in 0..size.min(4) {

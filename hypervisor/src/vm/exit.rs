@@ -332,9 +332,8 @@ impl<B: Backend> Vm<B> {
                 return Flow::Stop;
             }
             PortEffect::Done(v) => {
-                let com1 = self.devices.com1();
-                if com1.has_output() {
-                    for l in com1.take_lines() {
+                if io.write && self.devices.com1_has_output() {
+                    for l in self.devices.com1().take_lines() {
                         console.line(&format!("[vm {}] {l}", self.id));
                     }
                 }
