@@ -1,8 +1,11 @@
 //! An address-range map from bus addresses (I/O ports, guest-physical MMIO)
 //! to devices. Ranges never overlap; a lookup is a binary search, so the
-//! exit path costs O(log devices) with no allocation.
+//! exit path costs O(log devices) with no allocation, after a check of the
+//! range the last lookup found (a guest talks to one device many times in
+//! a row: a console write is a run of THR writes and LSR reads).
 
 use alloc::vec::Vec;
+use core::cell::Cell;
 use core::fmt;
 use core::ops::Range;
 
@@ -38,11 +41,14 @@ impl fmt::Display for Conflict {
 #[derive(Clone, Debug)]
 pub struct Bus<T> {
     entries: Vec<Entry<T>>,
+    /// The entry the last successful lookup found (a hint, always a valid
+    /// index when `entries` is not empty).
+    last: Cell<usize>,
 }
 
 impl<T> Default for Bus<T> {
     fn default() -> Self {
-        Self { entries: Vec::new() }
+        Self { entries: Vec::new(), last: Cell::new(0) }
     }
 }
 
@@ -58,24 +64,39 @@ impl<T: Copy> Bus<T> {
             }
         }
         self.entries.insert(at, Entry { base, len, device });
+        self.last.set(0);
         Ok(())
+    }
+
+    /// The index of the entry holding `addr`: the last one found, if it
+    /// still matches, else a binary search.
+    fn entry_of(&self, addr: u64) -> Option<usize> {
+        if let Some(e) = self.entries.get(self.last.get())
+            && e.base <= addr
+            && addr - e.base < e.len
+        {
+            return Some(self.last.get());
+        }
+        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let e = &self.entries[i];
+        (addr - e.base < e.len).then(|| {
+            self.last.set(i);
+            i
+        })
     }
 
     /// The device at `addr` and `addr`'s offset in its range.
     pub fn find(&self, addr: u64) -> Option<(T, u64)> {
-        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
-        let e = &self.entries[i];
-        let offset = addr - e.base;
-        (offset < e.len).then_some((e.device, offset))
+        let e = &self.entries[self.entry_of(addr)?];
+        Some((e.device, addr - e.base))
     }
 
     /// The device at `addr`, `addr`'s offset in its range, and how many
     /// bytes of the range lie from `addr` on.
     pub fn find_with_rest(&self, addr: u64) -> Option<(T, u64, u64)> {
-        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
-        let e = &self.entries[i];
+        let e = &self.entries[self.entry_of(addr)?];
         let offset = addr - e.base;
-        (offset < e.len).then(|| (e.device, offset, e.len - offset))
+        Some((e.device, offset, e.len - offset))
     }
 
     /// The device an access of `len` bytes at `addr` falls in, if all of it
@@ -83,9 +104,8 @@ impl<T: Copy> Bus<T> {
     /// none, as on a PC bus where each byte lane decodes on its own; the
     /// caller treats it as unbacked).
     pub fn find_access(&self, addr: u64, len: u64) -> Option<(T, u64)> {
-        let (device, offset) = self.find(addr)?;
-        let i = self.entries.partition_point(|e| e.base <= addr) - 1;
-        (offset.checked_add(len)? <= self.entries[i].len).then_some((device, offset))
+        let (device, offset, rest) = self.find_with_rest(addr)?;
+        (len <= rest).then_some((device, offset))
     }
 }
 

@@ -411,3 +411,26 @@ mod tests {
         assert_eq!(unbacked_read(4), 0xffff_ffff);
     }
 }
+
+/// The port-I/O dispatch alone, for instruction counts of the exit path's
+/// device half: `valgrind --tool=callgrind` on this test (release build)
+/// divided by its iterations.
+#[cfg(test)]
+mod hot_path {
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement: run under callgrind"]
+    fn pio_hot_loop() {
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        let n: u32 = std::env::var("PIO_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+        let mut acc = 0u32;
+        for i in 0..n {
+            let _ = core::hint::black_box(&mut set).pio_write(COM1_BASE + 7, 1, i, || 0);
+            if let PortEffect::Done(v) = core::hint::black_box(&mut set).pio_read(COM1_BASE + 7, 1, || 0) {
+                acc = acc.wrapping_add(v);
+            }
+        }
+        core::hint::black_box(acc);
+    }
+}
