@@ -37,8 +37,10 @@ pub const EXIT_PORT: u16 = 0xf4;
 /// COM1's ports.
 pub const COM1_BASE: u16 = 0x3f8;
 
-/// COM1's place in `DeviceSet::devices`.
+/// COM1's, the PIC's and the PIT's places in `DeviceSet::devices`.
 const COM1_INDEX: usize = 0;
+const PIC_INDEX: usize = 2;
+const PIT_INDEX: usize = 3;
 
 /// The CMOS clock's index and data ports.
 pub const RTC_BASE: u16 = 0x70;
@@ -127,6 +129,12 @@ pub struct DeviceSet {
     /// Each device with its stable name (the key in saved state).
     devices: Vec<(&'static str, Device)>,
     pio: Bus<usize>,
+    /// When the PIT's next IRQ 0 edge is due (VM clock, ns), if armed: a
+    /// cache so that most exits check one number instead of the timer.
+    next_timer_ns: Option<u64>,
+    /// Whether the PIC asserts INTR (kept up to date by every change of
+    /// its inputs or state, so the exit path reads one flag).
+    intr: bool,
 }
 
 impl DeviceSet {
@@ -135,7 +143,7 @@ impl DeviceSet {
     /// telling `ram_bytes` of RAM), the PICs at 0x20/0xa0 (ELCR at 0x4d0),
     /// the PIT at 0x40 with port 0x61, and the debug-exit port at 0xf4.
     pub fn pc(host_epoch: u64, ram_bytes: u64) -> Self {
-        let mut set = DeviceSet { devices: Vec::new(), pio: Bus::default() };
+        let mut set = DeviceSet { devices: Vec::new(), pio: Bus::default(), next_timer_ns: None, intr: false };
         // Fixed, non-overlapping ranges: these inserts cannot fail. COM1
         // first: `com1()` finds it at COM1_INDEX.
         let _ = set.add_pio("com1", &[(COM1_BASE, 8)], Device::Uart(Uart::default()));
@@ -146,7 +154,68 @@ impl DeviceSet {
         let _ = set.add_pio("acpi-pm", &AcpiPm::PORTS, Device::AcpiPm(AcpiPm::new()));
         // QEMU's `isa-debug-exit,iosize=4`.
         let _ = set.add_pio("debug-exit", &[(EXIT_PORT, 4)], Device::DebugExit);
+        debug_assert!(matches!(set.devices[PIC_INDEX].1, Device::Pic(_)));
+        debug_assert!(matches!(set.devices[PIT_INDEX].1, Device::Pit(_)));
         set
+    }
+
+    fn pic(&mut self) -> &mut Pic {
+        match &mut self.devices[PIC_INDEX].1 {
+            Device::Pic(p) => p,
+            // `pc()` puts it there; nothing moves it.
+            _ => unreachable!("the PIC is device {PIC_INDEX}"),
+        }
+    }
+
+    fn pit(&mut self) -> &mut Pit {
+        match &mut self.devices[PIT_INDEX].1 {
+            Device::Pit(t) => t,
+            _ => unreachable!("the PIT is device {PIT_INDEX}"),
+        }
+    }
+
+    /// After a port access (or input for COM1): bring the interrupt lines
+    /// up to date. COM1 drives IRQ 4 as a level, and the PIT's next IRQ 0
+    /// is looked up again (the guest may have reprogrammed it).
+    pub fn update_lines(&mut self, now_ns: u64) {
+        let com1 = self.com1().irq();
+        self.pic().set_irq(4, com1);
+        self.next_timer_ns = None;
+        self.poll_timers(now_ns);
+        self.intr = self.pic().output();
+    }
+
+    /// Fire what is due by `now_ns`: the PIT's IRQ 0 edges (however many
+    /// passed, the guest sees one: an edge is latched until acknowledged,
+    /// as lost ticks are on a busy PC). Cheap when nothing is due.
+    pub fn poll_timers(&mut self, now_ns: u64) {
+        if self.next_timer_ns.is_some_and(|t| now_ns < t) {
+            return;
+        }
+        if self.pit().irq0_edges(now_ns) > 0 {
+            let pic = self.pic();
+            pic.set_irq(0, true);
+            pic.set_irq(0, false);
+            self.intr = self.pic().output();
+        }
+        self.next_timer_ns = self.pit().next_irq0(now_ns).filter(|&t| t > now_ns);
+    }
+
+    /// When the next timer interrupt is due, if one is armed.
+    pub fn next_timer(&self) -> Option<u64> {
+        self.next_timer_ns
+    }
+
+    /// Whether the interrupt controller asserts INTR to the vCPU.
+    pub fn interrupt_pending(&self) -> bool {
+        self.intr
+    }
+
+    /// The interrupt acknowledge cycle: the vector to inject.
+    pub fn acknowledge_interrupt(&mut self) -> u8 {
+        let vector = self.pic().acknowledge();
+        self.intr = self.pic().output();
+        vector
     }
 
     /// Add `device` as `name`, decoding the port ranges `(base, len)`.
@@ -310,6 +379,9 @@ impl DeviceSet {
                 _ => {}
             }
         }
+        // The timer and the PIC were replaced wholesale: look again.
+        self.next_timer_ns = None;
+        self.intr = self.pic().output();
         Ok(())
     }
 }
@@ -400,6 +472,44 @@ mod tests {
         corrupt[0].bytes[0] ^= 0xff;
         assert!(b.restore(&corrupt).is_err());
         assert_eq!(b.save(), before, "a refused restore changed nothing");
+    }
+
+    #[test]
+    fn the_pit_and_com1_raise_their_irqs_through_the_pic() {
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        // Linux's 8259 init: vectors 0x30/0x38, cascade on IR2, all unmasked.
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        for (port, v) in [(0xa0, 0x11), (0xa1, 0x38), (0xa1, 0x02), (0xa1, 0x01), (0xa1, 0x00)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        // PIT counter 0, mode 2, 11932 ticks: a 10 ms tick.
+        for (port, v) in [(0x43, 0x34), (0x40, 0x9c), (0x40, 0x2e)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        set.update_lines(0);
+        assert!(!set.interrupt_pending());
+        let due = set.next_timer().expect("the PIT is armed");
+        assert!((9_900_000..10_100_000).contains(&due), "{due}");
+        set.poll_timers(due - 1);
+        assert!(!set.interrupt_pending(), "not before it is due");
+        set.poll_timers(due);
+        assert!(set.interrupt_pending());
+        assert_eq!(set.acknowledge_interrupt(), 0x30, "IRQ 0");
+        set.pio_write(0x20, 1, 0x20, || due); // EOI
+        assert!(set.next_timer().is_some_and(|t| t > due), "the next tick is armed");
+        // COM1 with OUT2 and THRE enabled: IRQ 4 as a level.
+        set.pio_write(COM1_BASE + 4, 1, 0x08, || due);
+        set.pio_write(COM1_BASE + 1, 1, 0x02, || due);
+        set.update_lines(due);
+        assert!(set.interrupt_pending());
+        assert_eq!(set.acknowledge_interrupt(), 0x34, "IRQ 4");
+        // Reading IIR acknowledges THRE: the line drops.
+        assert_eq!(set.pio_read(COM1_BASE + 2, 1, || due), PortEffect::Done(0x02));
+        set.update_lines(due);
+        set.pio_write(0x20, 1, 0x20, || due);
+        assert!(!set.interrupt_pending());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! A 16550A UART as the guest sees it (register map: National Semiconductor
-//! PC16550D datasheet, table II). Transmit only: bytes the guest writes are
-//! collected into lines for the console; the receiver is always empty. No
-//! interrupts are raised (IER is stored but the VM has no interrupt
-//! controller yet).
+//! PC16550D datasheet, table II). Bytes the guest writes are collected into
+//! lines for the console; bytes for the guest wait in a receive buffer
+//! ([`Uart::receive`]). Transmission is instant, so the transmitter is
+//! always empty. Interrupts (datasheet table IV): received data (IER bit 0)
+//! and transmitter empty (IER bit 1), prioritised in IIR; the line to the
+//! interrupt controller is gated by MCR OUT2, as on every PC.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -11,9 +13,20 @@ use serde::{Deserialize, Serialize};
 use super::persist::{Invalid, Persist};
 
 const LCR_DLAB: u8 = 0x80;
+const LSR_DR: u8 = 0x01;
 const LSR_THRE: u8 = 0x20;
 const LSR_TEMT: u8 = 0x40;
+const MCR_OUT2: u8 = 0x08;
 const MCR_LOOP: u8 = 0x10;
+const IER_RDA: u8 = 0x01;
+const IER_THRE: u8 = 0x02;
+/// IIR values: no interrupt, transmitter empty, received data.
+const IIR_NONE: u8 = 0x01;
+const IIR_THRE: u8 = 0x02;
+const IIR_RDA: u8 = 0x04;
+/// Bytes the receive buffer holds for the guest (more than the chip's
+/// 16-byte FIFO: the operator may paste a line faster than the guest reads).
+pub const RX_BUFFER: usize = 4096;
 /// Longest line kept before it is flushed anyway.
 pub const MAX_LINE: usize = 512;
 
@@ -33,6 +46,12 @@ pub struct Uart {
     /// Complete lines not yet taken by the console.
     pending: Vec<String>,
     pub bytes_out: u64,
+    /// Bytes for the guest, oldest first.
+    rx: alloc::collections::VecDeque<u8>,
+    /// The transmitter-empty interrupt is pending (set when the holding
+    /// register empties or the interrupt is enabled while it is empty;
+    /// cleared by reading IIR while it is the source, or by a write).
+    thre: bool,
 }
 
 impl Uart {
@@ -41,14 +60,22 @@ impl Uart {
         let dlab = self.lcr & LCR_DLAB != 0;
         match offset {
             0 if dlab => self.dll,
-            0 => 0, // receive buffer: nothing ever arrives
+            0 => self.rx.pop_front().unwrap_or(0),
             1 if dlab => self.dlm,
             1 => self.ier,
-            // IIR: no interrupt pending; FIFO-enabled bits mirror FCR.0.
-            2 => 0x01 | if self.fcr & 1 != 0 { 0xc0 } else { 0 },
+            // IIR: the highest-priority source; FIFO bits mirror FCR.0.
+            2 => {
+                let id = self.interrupt_id();
+                if id == IIR_THRE {
+                    // Reading IIR with THRE as the source clears it
+                    // (datasheet table IV).
+                    self.thre = false;
+                }
+                id | if self.fcr & 1 != 0 { 0xc0 } else { 0 }
+            }
             3 => self.lcr,
             4 => self.mcr,
-            5 => LSR_THRE | LSR_TEMT,
+            5 => LSR_THRE | LSR_TEMT | if self.rx.is_empty() { 0 } else { LSR_DR },
             // MSR: CTS, DSR, DCD asserted unless in loopback.
             6 => {
                 if self.mcr & MCR_LOOP != 0 {
@@ -66,9 +93,22 @@ impl Uart {
         let dlab = self.lcr & LCR_DLAB != 0;
         match offset {
             0 if dlab => self.dll = v,
-            0 => self.transmit(v),
+            0 => {
+                self.transmit(v);
+                // The byte leaves at once: the holding register is empty
+                // again, which is a new THRE interrupt.
+                self.thre = true;
+            }
             1 if dlab => self.dlm = v,
-            1 => self.ier = v & 0x0f,
+            1 => {
+                // Enabling THRE while the register is empty interrupts at
+                // once (what Linux's 8250 driver relies on to start a
+                // transmission).
+                if v & IER_THRE != 0 && self.ier & IER_THRE == 0 {
+                    self.thre = true;
+                }
+                self.ier = v & 0x0f;
+            }
             2 => self.fcr = v,
             3 => self.lcr = v,
             4 => self.mcr = v & 0x1f,
@@ -103,6 +143,43 @@ impl Uart {
         self.line.clear();
     }
 
+    /// The IIR interrupt identification: received data first, then the
+    /// transmitter (datasheet table IV).
+    fn interrupt_id(&self) -> u8 {
+        if self.ier & IER_RDA != 0 && !self.rx.is_empty() {
+            IIR_RDA
+        } else if self.ier & IER_THRE != 0 && self.thre {
+            IIR_THRE
+        } else {
+            IIR_NONE
+        }
+    }
+
+    /// The level of the UART's interrupt line (IRQ 4 for COM1): a source
+    /// is pending and OUT2 connects the line.
+    pub fn irq(&self) -> bool {
+        self.mcr & MCR_OUT2 != 0 && self.interrupt_id() != IIR_NONE
+    }
+
+    /// Bytes for the guest (the operator's keys); what does not fit the
+    /// receive buffer is dropped, as an overrun would. Returns how many
+    /// were taken.
+    pub fn receive(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(RX_BUFFER - self.rx.len());
+        self.rx.extend(&bytes[..n]);
+        n
+    }
+
+    /// The partial line written so far, taken (for a console that shows a
+    /// prompt before its line ends).
+    pub fn take_partial(&mut self) -> Option<String> {
+        if self.line.is_empty() {
+            return None;
+        }
+        self.end_line();
+        self.pending.pop()
+    }
+
     /// Takes the complete lines written so far.
     pub fn take_lines(&mut self) -> Vec<String> {
         core::mem::take(&mut self.pending)
@@ -124,7 +201,8 @@ impl Uart {
 /// runtime object is plain data already, so it is its own saved form.
 impl Persist for Uart {
     type State = Uart;
-    const STATE_VERSION: u16 = 1;
+    /// 2: the receive buffer and the pending THRE interrupt.
+    const STATE_VERSION: u16 = 2;
 
     fn save(&self) -> Uart {
         self.clone()
@@ -136,6 +214,9 @@ impl Persist for Uart {
         }
         if s.pending.len() > MAX_PENDING || s.pending.iter().any(|l| l.len() > 4 * MAX_LINE) {
             return Err(Invalid("more or longer pending output lines than the UART keeps"));
+        }
+        if s.rx.len() > RX_BUFFER {
+            return Err(Invalid("more received bytes than the receive buffer holds"));
         }
         if s.ier & !0x0f != 0 || s.mcr & !0x1f != 0 {
             return Err(Invalid("IER or MCR has bits a 16550 does not keep"));
@@ -185,7 +266,8 @@ mod tests {
         assert_eq!(u.take_lines().len(), 0, "divisor writes are not output");
         u.write(1, 0xff);
         assert_eq!(u.read(1), 0x0f, "IER keeps its defined bits");
-        assert_eq!(u.read(2) & 1, 1, "no interrupt pending");
+        assert_eq!(u.read(2) & 0x0f, IIR_THRE, "enabling THRE with the register empty interrupts");
+        assert_eq!(u.read(2) & 1, 1, "and reading IIR acknowledged it");
     }
 
     #[test]
@@ -218,8 +300,48 @@ mod tests {
         let mut saved = save("com1", &u);
         saved.bytes.push(0);
         assert_eq!(decode::<Uart>("com1", &saved), Err(RestoreError::Corrupt { device: "com1" }), "trailing bytes");
-        saved.version = 2;
-        assert!(matches!(decode::<Uart>("com1", &saved), Err(RestoreError::Version { found: 2, expected: 1, .. })));
+        saved.version = 1;
+        assert!(matches!(decode::<Uart>("com1", &saved), Err(RestoreError::Version { found: 1, expected: 2, .. })));
+    }
+
+    #[test]
+    fn thre_and_receive_interrupts_follow_ier_iir_and_out2() {
+        let mut u = Uart::default();
+        assert!(!u.irq());
+        u.write(4, MCR_OUT2);
+        // Enabling THRE with the register empty interrupts at once.
+        u.write(1, IER_THRE);
+        assert!(u.irq());
+        assert_eq!(u.read(2) & 0x0f, IIR_THRE);
+        assert!(!u.irq(), "reading IIR acknowledged THRE");
+        assert_eq!(u.read(2) & 0x0f, IIR_NONE);
+        // Each byte written empties the register again: another THRE.
+        u.write(0, b'x');
+        assert!(u.irq());
+        // Received data takes priority and holds the line until read.
+        u.write(1, IER_THRE | IER_RDA);
+        assert_eq!(u.receive(b"ab"), 2);
+        assert_eq!(u.read(5) & LSR_DR, LSR_DR);
+        assert_eq!(u.read(2) & 0x0f, IIR_RDA);
+        assert_eq!(u.read(0), b'a');
+        assert_eq!(u.read(0), b'b');
+        assert_eq!(u.read(5) & LSR_DR, 0);
+        assert_eq!(u.read(2) & 0x0f, IIR_THRE, "then the pending THRE");
+        // OUT2 clear: the line stays low whatever is pending.
+        u.receive(b"c");
+        u.write(4, 0);
+        assert!(!u.irq());
+        // A full buffer drops the rest.
+        assert_eq!(u.receive(&[0; RX_BUFFER]), RX_BUFFER - 1);
+    }
+
+    #[test]
+    fn a_partial_line_can_be_taken() {
+        let mut u = Uart::default();
+        write_str(&mut u, "done\n# ");
+        assert_eq!(u.take_partial().as_deref(), Some("# "));
+        assert_eq!(u.take_lines(), ["done"]);
+        assert_eq!(u.take_partial(), None);
     }
 
     #[test]

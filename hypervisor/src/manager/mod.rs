@@ -189,6 +189,7 @@ impl<B: Backend> Manager<B> {
             state: RunState::Running,
             stats: VmStats { started_tsc: now, ..Default::default() },
             devices: crate::devices::DeviceSet::pc(self.host_epoch, size),
+            timer_tick: u64::MAX,
             msrs: Default::default(),
             overhead_bytes: overhead,
             nested_pages,
@@ -227,7 +228,8 @@ impl<B: Backend> Manager<B> {
             return false;
         };
         let n = self.vms.len();
-        let Some(i) = (0..n).map(|k| (self.cursor + k) % n).find(|&i| self.vms[i].state.runnable()) else {
+        let now = backend.now();
+        let Some(i) = (0..n).map(|k| (self.cursor + k) % n).find(|&i| self.vms[i].wants_cpu(now)) else {
             return false;
         };
         self.cursor = (i + 1) % n.max(1);
@@ -235,11 +237,15 @@ impl<B: Backend> Manager<B> {
         vm.state = RunState::Running;
         CURRENT_VM.store(vm.id, Ordering::Relaxed);
         let flow = {
+            // The slice ends early enough for the VM's next timer
+            // interrupt to be delivered on time.
+            let slice = self.slice_ticks.min(vm.ticks_to_timer(now).max(1000));
             let Some(res) = vm.res.as_mut() else {
                 return false;
             };
             res.vcpu.load();
-            res.vcpu.set_time_slice(self.slice_ticks);
+            res.vcpu.set_time_slice(slice);
+            vm.deliver_interrupts(now, backend.tsc_hz());
             // The preemption timer counts guest time only; a VM that exits
             // all the time must still give the CPU up after a slice of
             // wall-clock time, or the console and other VMs starve.
@@ -263,6 +269,7 @@ impl<B: Backend> Manager<B> {
                     vm.stats.slices_expired += preempted as u64;
                     break flow;
                 }
+                vm.deliver_interrupts(t1, backend.tsc_hz());
                 if t1 >= deadline {
                     vm.stats.slices_expired += 1;
                     break Flow::Yield;

@@ -11,6 +11,7 @@ use vcpu::{Activity, Event, ExitKind, IoAccess, MemAccess, Reg, Vcpu, VmExit};
 use mm::addr::GuestPhysAddr;
 use mm::vm_memory::{AccessKind, FaultOutcome, PageState, StateCounts};
 
+use super::interrupts::ns_to_ticks;
 use super::{Resources, RunState, Vm, regs};
 use crate::backend::Backend;
 use crate::cpuid;
@@ -313,6 +314,11 @@ impl<B: Backend> Vm<B> {
         } else {
             self.devices.pio_read(io.port, io.size, now_ns)
         };
+        // The port access may have changed an interrupt line or a timer.
+        if !matches!(effect, PortEffect::Unbacked) {
+            self.devices.update_lines(now_ns());
+            self.timer_tick = self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
+        }
         let read = match effect {
             PortEffect::Exit(status) => {
                 vcpu.skip_instruction();

@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod conformance;
 pub mod exit;
+pub mod interrupts;
 pub mod regs;
 use vcpu::walk;
 
@@ -101,8 +102,11 @@ pub struct Vm<B: Backend> {
     pub cmdline: String,
     pub state: RunState,
     pub stats: VmStats,
-    /// The guest's devices (COM1, the debug-exit port).
+    /// The guest's devices (the legacy PC set: see `DeviceSet::pc`).
     pub devices: DeviceSet,
+    /// The host clock reading (TSC ticks) at which the devices' next timer
+    /// interrupt is due (`u64::MAX`: none armed); see `interrupts`.
+    pub timer_tick: u64,
     pub msrs: MsrState,
     /// Host memory the VM's control structures use, measured at start:
     /// VMCS/VMCB and vCPU state, nested page tables, RAM bookkeeping.

@@ -1,0 +1,68 @@
+//! Device interrupts to the vCPU: timers that came due raise their lines,
+//! and INTR from the PIC is delivered as an external interrupt when the
+//! vCPU can take one (RFLAGS.IF set, no interrupt shadow, nothing being
+//! injected: `Vcpu::interrupt_window_open`), else the backend is asked for
+//! an interrupt-window exit (SDM Vol. 3C 26.7.5; APM Vol. 2 15.21.4) and
+//! delivery happens at that exit. The vector is taken from the PIC (its
+//! acknowledge cycle) only at injection, so a vector is never lost.
+//!
+//! The host clock is read in TSC ticks on the exit path; the devices count
+//! in nanoseconds. `Vm::timer_tick` holds the next timer deadline in ticks,
+//! so an exit with nothing due costs one comparison.
+
+use vcpu::{Event, Vcpu};
+
+use super::{RunState, Vm};
+use crate::backend::Backend;
+use crate::vm::exit::ticks_to_ns;
+
+/// Nanoseconds to TSC ticks of a `hz` clock (saturating).
+pub fn ns_to_ticks(ns: u64, hz: u64) -> u64 {
+    (u128::from(ns) * u128::from(hz) / 1_000_000_000).min(u128::from(u64::MAX)) as u64
+}
+
+impl<B: Backend> Vm<B> {
+    /// After a change of the devices' lines or timers (a port access):
+    /// refresh the cached deadline.
+    pub fn timers_changed(&mut self, hz: u64) {
+        self.timer_tick = self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, hz));
+    }
+
+    /// Fire due timers and hand a pending interrupt to the vCPU (or ask
+    /// for the window). `now` is the host clock in TSC ticks.
+    pub fn deliver_interrupts(&mut self, now: u64, hz: u64) {
+        if now >= self.timer_tick {
+            self.devices.poll_timers(ticks_to_ns(now, hz));
+            self.timers_changed(hz);
+        }
+        if !self.devices.interrupt_pending() {
+            return;
+        }
+        let Some(res) = self.res.as_mut() else { return };
+        if res.vcpu.interrupt_window_open() {
+            let vector = self.devices.acknowledge_interrupt();
+            res.vcpu.inject(Event::Interrupt { vector });
+        } else {
+            res.vcpu.request_interrupt_window();
+        }
+    }
+
+    /// Whether the scheduler should run this VM now (host clock `now`, TSC
+    /// ticks): a running VM always; one halted with interrupts enabled when
+    /// an interrupt is pending or its timer is due, or (no timer armed, as
+    /// for the test guests) at every scheduling round.
+    pub fn wants_cpu(&self, now: u64) -> bool {
+        match self.state {
+            RunState::Running => true,
+            RunState::Waiting => {
+                self.devices.interrupt_pending() || self.timer_tick == u64::MAX || now >= self.timer_tick
+            }
+            _ => false,
+        }
+    }
+
+    /// TSC ticks until the next timer interrupt (`u64::MAX` if none).
+    pub fn ticks_to_timer(&self, now: u64) -> u64 {
+        self.timer_tick.saturating_sub(now)
+    }
+}
