@@ -45,6 +45,7 @@ const HELP: &[(&str, &str)] = &[
     ("vm list", "every VM with its state and exit status"),
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
+    ("vm send <id> -- <text>", "type a line into the VM's serial console (COM1)"),
     ("mem", "host and per-VM memory by page state, sharing and swap"),
     ("mem sharing on [<pages per round>] | off", "background page sharing and its scan budget"),
     ("mem scan [<id>]", "one full page-sharing pass now"),
@@ -144,6 +145,12 @@ fn run<B: Backend>(
         Command::VmStop { id } => {
             m.stop(*id, console)?;
             Ok(Reply { text: format!("vm {id} stopped"), json: json!({ "id": id }) })
+        }
+        Command::VmSend { id, text } => {
+            let mut line = text.clone().into_bytes();
+            line.push(b'\r'); // Enter, as a terminal sends it
+            let n = m.send_input(*id, &line)?;
+            Ok(Reply { text: format!("{n} bytes sent to vm {id}"), json: json!({ "id": id, "bytes": n }) })
         }
         Command::MemShow => Ok(super::mem::show(m, host)),
         Command::MemSharing { on, pages_per_round } => super::mem::sharing(m, *on, *pages_per_round),

@@ -34,6 +34,11 @@ pub enum Command {
     VmStop {
         id: u32,
     },
+    /// A line of input for the guest's serial console (COM1).
+    VmSend {
+        id: u32,
+        text: String,
+    },
     /// Host and per-VM memory by page state.
     MemShow,
     /// Background page sharing on (with a scan budget) or off.
@@ -63,6 +68,7 @@ impl Command {
             Command::VmList => "vm list",
             Command::VmStats { .. } => "vm stats",
             Command::VmStop { .. } => "vm stop",
+            Command::VmSend { .. } => "vm send",
             Command::MemShow => "mem",
             Command::MemSharing { .. } => "mem sharing",
             Command::MemScan { .. } => "mem scan",
@@ -133,16 +139,34 @@ fn parse_id(cmd: &str, rest: &[&str]) -> Result<u32, String> {
 
 fn parse_vm(rest: &[&str]) -> Result<Command, String> {
     let Some((&sub, args)) = rest.split_first() else {
-        return Err("vm: missing subcommand (run, list, stats, stop)".into());
+        return Err("vm: missing subcommand (run, list, stats, stop, send)".into());
     };
     match sub {
         "list" => no_args("vm list", args, Command::VmList),
         "stats" => parse_id("stats", args).map(|id| Command::VmStats { id }),
         "stop" => parse_id("stop", args).map(|id| Command::VmStop { id }),
+        "send" => parse_send(args),
         "run" => parse_run(args),
-        other => Err(alloc::format!("vm: unknown subcommand {other:?} (run, list, stats, stop)")),
+        other => Err(alloc::format!("vm: unknown subcommand {other:?} (run, list, stats, stop, send)")),
     }
 }
+
+/// `vm send <id> -- <text>`: the words after `--`, joined by single spaces
+/// (as a guest command line is).
+fn parse_send(args: &[&str]) -> Result<Command, String> {
+    let Some(dashdash) = args.iter().position(|w| *w == "--") else {
+        return Err("vm send: use 'vm send <id> -- <text>'".into());
+    };
+    let id = parse_id("send", &args[..dashdash])?;
+    let text = args[dashdash + 1..].join(" ");
+    if text.len() > MAX_SEND {
+        return Err(alloc::format!("vm send: the text is longer than {MAX_SEND} bytes"));
+    }
+    Ok(Command::VmSend { id, text })
+}
+
+/// Longest text `vm send` passes (the console line caps it anyway).
+pub const MAX_SEND: usize = 240;
 
 /// Most pages a sharing step may visit per scheduling round.
 pub const MAX_SCAN_PAGES_PER_ROUND: usize = 1 << 20;
@@ -237,6 +261,11 @@ mod tests {
         assert_eq!(ok("--json host").command, Command::Host);
         assert_eq!(ok("vm stats 3").command, Command::VmStats { id: 3 });
         assert_eq!(ok("vm stop 12 --json").command, Command::VmStop { id: 12 });
+        assert_eq!(
+            ok("vm send 3 -- uname  -r --json").command,
+            Command::VmSend { id: 3, text: "uname -r --json".into() }
+        );
+        assert_eq!(ok("vm send 3 --").command, Command::VmSend { id: 3, text: String::new() });
         assert_eq!(parse("   ").unwrap(), None);
     }
 

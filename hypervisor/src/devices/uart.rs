@@ -161,6 +161,11 @@ impl Uart {
         self.mcr & MCR_OUT2 != 0 && self.interrupt_id() != IIR_NONE
     }
 
+    /// Room left in the receive buffer.
+    pub fn rx_room(&self) -> usize {
+        RX_BUFFER - self.rx.len()
+    }
+
     /// Bytes for the guest (the operator's keys); what does not fit the
     /// receive buffer is dropped, as an overrun would. Returns how many
     /// were taken.

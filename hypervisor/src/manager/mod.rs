@@ -397,6 +397,24 @@ impl<B: Backend> Manager<B> {
         Ok(total)
     }
 
+    /// Bytes for VM `id`'s COM1 (the operator typing): queued in the UART's
+    /// receive buffer, which interrupts the guest. How many were taken.
+    pub fn send_input(&mut self, id: u32, bytes: &[u8]) -> Result<usize, String> {
+        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+        if vm.res.is_none() {
+            return Err(format!("vm {id} has {}", vm.state.name()));
+        }
+        if vm.devices.com1().rx_room() < bytes.len() {
+            return Err(format!("vm {id}'s serial input is full: it has not read what was sent before"));
+        }
+        let n = vm.devices.com1().receive(bytes);
+        let hz = backend.tsc_hz();
+        vm.devices.update_lines(crate::vm::exit::ticks_to_ns(backend.now(), hz));
+        vm.timers_changed(hz);
+        Ok(n)
+    }
+
     /// Sets (or with `None` clears) VM `id`'s memory target in pages.
     pub fn set_target(&mut self, id: u32, pages: Option<u64>) -> Result<(), String> {
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;

@@ -402,3 +402,18 @@ fn a_vm_whose_tables_do_not_fit_the_heap_is_refused_before_taking_anything() {
     be(&mut m).heap_free = HEAP_RESERVE + 40 * 1024;
     assert!(m.run_vm("tiny", 16, "").is_ok());
 }
+
+#[test]
+fn typed_input_reaches_com1_and_a_full_buffer_refuses_without_queuing() {
+    let mut m = manager(4096);
+    m.run_vm("tiny", 4, "").unwrap();
+    assert_eq!(m.send_input(1, b"ls\r"), Ok(3));
+    let uart = m.vms[0].devices.com1();
+    assert_eq!((uart.read(0), uart.read(0), uart.read(0)), (b'l', b's', b'\r'));
+    assert_eq!(m.send_input(9, b"x"), Err("no VM 9".into()));
+    let big = vec![b'y'; crate::devices::uart::RX_BUFFER];
+    assert_eq!(m.send_input(1, &big), Ok(big.len()));
+    let err = m.send_input(1, b"z").unwrap_err();
+    assert!(err.contains("serial input is full"), "{err}");
+    assert_eq!(m.vms[0].devices.com1().rx_room(), 0, "nothing of the refused input was queued");
+}

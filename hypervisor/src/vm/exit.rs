@@ -123,6 +123,11 @@ impl<B: Backend> Vm<B> {
                 vcpu.skip_instruction();
                 if vcpu.rflags() & RFLAGS_IF != 0 {
                     self.state = RunState::Waiting;
+                    // An idle guest has said all it will for now: show a
+                    // line it left open (a shell prompt waits for input).
+                    if let Some(partial) = self.devices.com1().take_partial() {
+                        console.line(&format!("[vm {}] {partial}", self.id));
+                    }
                     Flow::Yield
                 } else {
                     let rip = vcpu.rip();
