@@ -21,7 +21,8 @@ pub const CONFIG_NAME: &str = "hypervisor.cfg";
 /// them with one line here (once the device model can boot it):
 /// `("linux", "target/guests/linux/vmlinuz"), ("linux-initrd", "target/guests/linux/initrd.img"),`
 /// The whole-system tests build their images without these.
-pub const DEFAULT_FILES: &[(&str, &str)] = &[];
+pub const DEFAULT_FILES: &[(&str, &str)] =
+    &[("linux", "target/guests/linux/vmlinuz"), ("linux-initrd", "target/guests/linux/initrd.img")];
 
 /// Longest ramdisk file name: a ustar name field, as the hypervisor's
 /// archive reader takes no GNU long names.
@@ -106,10 +107,27 @@ pub fn read_files(files: &[ExtraFile]) -> Result<Vec<(&str, Vec<u8>)>> {
         .collect()
 }
 
-/// [`DEFAULT_FILES`] as ramdisk files, paths resolved from the workspace.
+/// [`DEFAULT_FILES`] as ramdisk files, paths resolved from the workspace;
+/// those the setup could not prepare (offline) are left out.
 pub fn default_files() -> Vec<ExtraFile> {
     let root = crate::workspace_root();
-    DEFAULT_FILES.iter().map(|(name, path)| ExtraFile { name: (*name).into(), path: root.join(path) }).collect()
+    DEFAULT_FILES
+        .iter()
+        .map(|(name, path)| ExtraFile { name: (*name).into(), path: root.join(path) })
+        .filter(|f| f.path.exists())
+        .collect()
+}
+
+/// The console commands `boot run` starts with when given none: the Linux
+/// guest with the terminal attached to its console, when the image has it
+/// and someone is at a terminal to type; the selftest guest otherwise.
+pub fn default_autorun(files: &[ExtraFile], interactive: bool) -> Vec<String> {
+    let has = |n: &str| files.iter().any(|f| f.name == n);
+    if interactive && has("linux") && has("linux-initrd") {
+        vec!["vm run linux mem=256 mod=linux-initrd -- console=ttyS0".into(), "vm console 1".into()]
+    } else {
+        vec!["vm run selftest".into()]
+    }
 }
 
 /// Settings baked into the image's `hypervisor.cfg`.
@@ -282,6 +300,18 @@ mod tests {
         let not_file = check_files(&[file("k", &dir)]).unwrap_err();
         assert!(format!("{not_file:#}").contains("is not a file"), "{not_file:#}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_default_run_is_linux_at_a_terminal_and_selftest_otherwise() {
+        let linux = [
+            ExtraFile { name: "linux".into(), path: "k".into() },
+            ExtraFile { name: "linux-initrd".into(), path: "i".into() },
+        ];
+        assert_eq!(default_autorun(&linux, true)[1], "vm console 1");
+        assert!(default_autorun(&linux, true)[0].starts_with("vm run linux "));
+        assert_eq!(default_autorun(&linux, false), ["vm run selftest"], "a script or pipe keeps the selftest");
+        assert_eq!(default_autorun(&linux[..1], true), ["vm run selftest"], "no initramfs, no Linux");
     }
 
     #[test]

@@ -112,8 +112,9 @@ fn real_main() -> Result<()> {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
                 None => None,
             };
+            let files = [image::default_files(), files].concat();
             if autorun.is_empty() && steps.is_none() {
-                autorun.push("vm run selftest".into());
+                autorun = image::default_autorun(&files, std::io::IsTerminal::is_terminal(&std::io::stdin()));
             }
             let emu = match Emulator::parse(&emulator)? {
                 Some(e) => e,
@@ -125,7 +126,7 @@ fn real_main() -> Result<()> {
                 debug_exit: true,
                 log_level,
                 name: "run".into(),
-                files: [image::default_files(), files].concat(),
+                files,
                 ..Default::default()
             })?;
             eprintln!("[boot] starting {} on {}", emu.name(), img.disk.display());

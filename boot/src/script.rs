@@ -6,6 +6,9 @@
 //!   after the previous command was sent); `@wait-secs N` sets how long the
 //!   following waits may take (default 120 s);
 //! - `@sleep SECS` pauses;
+//! - `@type TEXT` types TEXT and Enter without waiting for a prompt (into a
+//!   guest's console after `vm console <id>`);
+//! - `@detach` types Ctrl-], which detaches the terminal from a guest;
 //! - anything else is a console line, sent once the hypervisor shows its
 //!   prompt (so a line is never typed into a busy console).
 
@@ -15,7 +18,12 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     Send(String),
-    Wait { text: String, timeout: Duration },
+    /// Raw bytes, sent at once (no prompt awaited).
+    Type(Vec<u8>),
+    Wait {
+        text: String,
+        timeout: Duration,
+    },
     Sleep(Duration),
 }
 
@@ -34,6 +42,8 @@ pub fn parse(text: &str) -> Result<Vec<Step>> {
                 "wait" if !arg.is_empty() => steps.push(Step::Wait { text: arg.into(), timeout: wait }),
                 "wait-secs" => wait = Duration::from_secs(num(arg, n)?),
                 "sleep" => steps.push(Step::Sleep(Duration::from_secs(num(arg, n)?))),
+                "type" => steps.push(Step::Type(format!("{arg}\r").into_bytes())),
+                "detach" if arg.is_empty() => steps.push(Step::Type(vec![0x1d])),
                 _ => bail!("script line {}: unknown directive {line:?}", n + 1),
             }
         } else {
@@ -50,6 +60,14 @@ fn num(s: &str, line: usize) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typing_into_a_guest_and_detaching() {
+        let s = parse("vm console 1\n@type uname -r\n@wait 6.1\n@detach\n").unwrap();
+        assert_eq!(s[1], Step::Type(b"uname -r\r".to_vec()));
+        assert_eq!(s[3], Step::Type(vec![0x1d]));
+        assert!(parse("@detach now").is_err());
+    }
 
     #[test]
     fn parses_commands_waits_and_comments() {

@@ -115,6 +115,10 @@ pub fn tail(text: &str, lines: usize) -> String {
     s
 }
 
+/// The key that ends an interactive run: Ctrl-\ (Ctrl-] belongs to the
+/// hypervisor, which detaches from a guest's console on it).
+pub const QUIT_KEY: u8 = 0x1c;
+
 impl Session {
     /// Starts the emulator and waits for it to connect its serial port.
     /// With `echo`, console output is copied to stdout as it arrives.
@@ -200,6 +204,15 @@ impl Session {
         }
     }
 
+    /// Sends `bytes` as they are, at once (keys for an attached guest);
+    /// returns the transcript offset from which their effect shows.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<usize> {
+        let offset = self.out.0.lock().unwrap().text.len();
+        self.stream.write_all(bytes)?;
+        self.stream.flush()?;
+        Ok(offset)
+    }
+
     /// Sends one console line once the hypervisor is at its prompt; returns
     /// the transcript offset where the command's output begins.
     pub fn send_line(&mut self, line: &str, timeout: Duration) -> Result<usize> {
@@ -243,18 +256,20 @@ impl Session {
                 Step::Send(line) => mark = self.send_line(line, Duration::from_secs(120))?,
                 Step::Wait { text, timeout } => self.wait_for(text, mark, *timeout)?,
                 Step::Sleep(d) => std::thread::sleep(*d),
+                Step::Type(bytes) => mark = self.send_raw(bytes)?,
             }
         }
         Ok(())
     }
 
     /// Forwards the terminal to the console until the machine powers off.
-    /// On a terminal, keys go through raw (Ctrl-] quits); otherwise stdin is
-    /// read as console lines.
+    /// On a terminal, keys go through raw (Ctrl-\\ quits; Ctrl-] is the
+    /// hypervisor's key to detach from a guest's console); otherwise stdin
+    /// is read as console lines.
     pub fn interactive(&mut self) -> Result<()> {
         let stdin_tty = unsafe_isatty(0);
         if stdin_tty {
-            eprintln!("[boot] console attached; Ctrl-] quits");
+            eprintln!("[boot] console attached; Ctrl-\\ quits (Ctrl-] detaches from a guest's console)");
             let _raw = RawTerminal::enable()?;
             let mut w = self.stream.try_clone()?;
             let out = self.out.clone();
@@ -262,7 +277,7 @@ impl Session {
                 let mut buf = [0u8; 64];
                 let mut stdin = std::io::stdin();
                 while let Ok(n) = stdin.read(&mut buf) {
-                    if n == 0 || buf[..n].contains(&0x1d) {
+                    if n == 0 || buf[..n].contains(&QUIT_KEY) {
                         break;
                     }
                     if w.write_all(&buf[..n]).is_err() {

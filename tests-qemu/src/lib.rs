@@ -156,6 +156,15 @@ impl Machine {
         }
     }
 
+    /// Types `bytes` at once (keys for a guest after `vm console`).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let name = self.name.clone();
+        let s = self.session.as_mut().expect("session");
+        if let Err(e) = s.send_raw(bytes) {
+            panic!("[{name}] typing {bytes:?} failed: {e:#}");
+        }
+    }
+
     /// Runs a `--json` command: its output must be exactly one JSON line.
     pub fn json(&mut self, line: &str) -> serde_json::Value {
         let out = self.cmd(line);

@@ -3,7 +3,8 @@
 //! the memory map, command line, initramfs and ACPI tables it was given,
 //! reads the guest's clock from the CMOS RTC, uses the PM timer, runs
 //! `/init` to its marker and gives the console a shell; commands typed with
-//! `vm send` run and their output comes back; `poweroff` in the guest ends
+//! `vm send` run and their output comes back, and so do keys typed with the
+//! terminal attached (`vm console`, Ctrl-] to detach); `poweroff` in the guest ends
 //! the VM through ACPI S5. On both backends: Bochs with VT-x (about 35 s to
 //! the shell) and QEMU TCG with AMD-V (about 3 s). Skipped (with a message)
 //! when the guest has not been prepared.
@@ -43,6 +44,14 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for("sum=42", Duration::from_secs(120));
     m.cmd("vm send 1 -- grep -o -m1 hypervisor /proc/cpuinfo");
     m.wait_for("[vm 1] hypervisor", Duration::from_secs(120));
+    // The terminal attached to the guest's console: keys go to its shell,
+    // its output comes back byte for byte; Ctrl-] detaches.
+    m.send_raw(b"vm console 1\r");
+    m.wait_for("attached to vm 1's console; Ctrl-] detaches", Duration::from_secs(60));
+    m.send_raw(b"echo attached-$((2+3))\r");
+    m.wait_for("attached-5", Duration::from_secs(120));
+    m.send_raw(&[0x1d]);
+    m.wait_for("[detached from vm 1]", Duration::from_secs(60));
     let t = m.transcript();
     for want in [
         "Command line: console=ttyS0",

@@ -36,7 +36,13 @@ pub struct HostStatus {
 pub enum After {
     Nothing,
     PowerOff,
+    /// Attach the terminal to this VM's serial console.
+    Attach(u32),
 }
+
+/// The key that detaches a terminal from a VM's console: Ctrl-], as in
+/// telnet and virsh.
+pub const DETACH_KEY: u8 = 0x1d;
 
 const HELP: &[(&str, &str)] = &[
     ("help", "this list"),
@@ -46,6 +52,7 @@ const HELP: &[(&str, &str)] = &[
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
     ("vm send <id> -- <text>", "type a line into the VM's serial console (COM1)"),
+    ("vm console <id>", "attach this terminal to the VM's serial console (Ctrl-] detaches)"),
     ("mem", "host and per-VM memory by page state, sharing and swap"),
     ("mem sharing on [<pages per round>] | off", "background page sharing and its scan budget"),
     ("mem scan [<id>]", "one full page-sharing pass now"),
@@ -57,6 +64,10 @@ const HELP: &[(&str, &str)] = &[
 pub fn execute<B: Backend>(p: &Parsed, m: &mut Manager<B>, host: &HostStatus, console: &mut impl Console) -> After {
     let name = p.command.name();
     let result = run(&p.command, m, host, console);
+    let attach = match (&p.command, &result) {
+        (Command::VmConsole { id }, Ok(_)) => Some(*id),
+        _ => None,
+    };
     match (result, p.json) {
         (Ok(reply), false) => {
             for l in reply.text.lines() {
@@ -73,7 +84,11 @@ pub fn execute<B: Backend>(p: &Parsed, m: &mut Manager<B>, host: &HostStatus, co
         (Err(e), false) => console.line(&format!("error: {e}")),
         (Err(e), true) => console.line(&json!({ "ok": false, "command": name, "error": e }).to_string()),
     }
-    if p.command == Command::Poweroff { After::PowerOff } else { After::Nothing }
+    match (attach, &p.command) {
+        (Some(id), _) => After::Attach(id),
+        (None, Command::Poweroff) => After::PowerOff,
+        _ => After::Nothing,
+    }
 }
 
 /// A parse error in the form the operator asked for.
@@ -145,6 +160,13 @@ fn run<B: Backend>(
         Command::VmStop { id } => {
             m.stop(*id, console)?;
             Ok(Reply { text: format!("vm {id} stopped"), json: json!({ "id": id }) })
+        }
+        Command::VmConsole { id } => {
+            m.attach(*id)?;
+            Ok(Reply {
+                text: format!("attached to vm {id}'s console; Ctrl-] detaches"),
+                json: json!({ "id": id, "detach_key": "ctrl-]" }),
+            })
         }
         Command::VmSend { id, text } => {
             let mut line = text.clone().into_bytes();

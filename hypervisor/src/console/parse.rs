@@ -34,6 +34,10 @@ pub enum Command {
     VmStop {
         id: u32,
     },
+    /// Attach the operator's terminal to the guest's serial console.
+    VmConsole {
+        id: u32,
+    },
     /// A line of input for the guest's serial console (COM1).
     VmSend {
         id: u32,
@@ -69,6 +73,7 @@ impl Command {
             Command::VmStats { .. } => "vm stats",
             Command::VmStop { .. } => "vm stop",
             Command::VmSend { .. } => "vm send",
+            Command::VmConsole { .. } => "vm console",
             Command::MemShow => "mem",
             Command::MemSharing { .. } => "mem sharing",
             Command::MemScan { .. } => "mem scan",
@@ -139,15 +144,16 @@ fn parse_id(cmd: &str, rest: &[&str]) -> Result<u32, String> {
 
 fn parse_vm(rest: &[&str]) -> Result<Command, String> {
     let Some((&sub, args)) = rest.split_first() else {
-        return Err("vm: missing subcommand (run, list, stats, stop, send)".into());
+        return Err("vm: missing subcommand (run, list, stats, stop, send, console)".into());
     };
     match sub {
         "list" => no_args("vm list", args, Command::VmList),
         "stats" => parse_id("stats", args).map(|id| Command::VmStats { id }),
         "stop" => parse_id("stop", args).map(|id| Command::VmStop { id }),
         "send" => parse_send(args),
+        "console" => parse_id("console", args).map(|id| Command::VmConsole { id }),
         "run" => parse_run(args),
-        other => Err(alloc::format!("vm: unknown subcommand {other:?} (run, list, stats, stop, send)")),
+        other => Err(alloc::format!("vm: unknown subcommand {other:?} (run, list, stats, stop, send, console)")),
     }
 }
 
@@ -266,6 +272,7 @@ mod tests {
             Command::VmSend { id: 3, text: "uname -r --json".into() }
         );
         assert_eq!(ok("vm send 3 --").command, Command::VmSend { id: 3, text: String::new() });
+        assert_eq!(ok("vm console 2").command, Command::VmConsole { id: 2 });
         assert_eq!(parse("   ").unwrap(), None);
     }
 

@@ -24,6 +24,8 @@ const IER_THRE: u8 = 0x02;
 const IIR_NONE: u8 = 0x01;
 const IIR_THRE: u8 = 0x02;
 const IIR_RDA: u8 = 0x04;
+/// Output bytes kept for an attached terminal between two reads.
+pub const RAW_BUFFER: usize = 64 * 1024;
 /// Bytes the receive buffer holds for the guest (more than the chip's
 /// 16-byte FIFO: the operator may paste a line faster than the guest reads).
 pub const RX_BUFFER: usize = 4096;
@@ -52,6 +54,11 @@ pub struct Uart {
     /// register empties or the interrupt is enabled while it is empty;
     /// cleared by reading IIR while it is the source, or by a write).
     thre: bool,
+    /// While an operator's terminal is attached (`vm console`): output goes
+    /// here byte for byte instead of into lines. Host-side, not the
+    /// guest's state: never saved.
+    #[serde(skip)]
+    raw: Option<alloc::collections::VecDeque<u8>>,
 }
 
 impl Uart {
@@ -122,6 +129,14 @@ impl Uart {
         if self.mcr & MCR_LOOP != 0 {
             return;
         }
+        if let Some(raw) = self.raw.as_mut() {
+            // A terminal that stopped reading loses the oldest output.
+            if raw.len() >= RAW_BUFFER {
+                raw.pop_front();
+            }
+            raw.push_back(v);
+            return;
+        }
         match v {
             b'\n' => self.end_line(),
             b'\r' => {}
@@ -159,6 +174,26 @@ impl Uart {
     /// is pending and OUT2 connects the line.
     pub fn irq(&self) -> bool {
         self.mcr & MCR_OUT2 != 0 && self.interrupt_id() != IIR_NONE
+    }
+
+    /// Attach (`true`) or detach an operator's terminal: while attached,
+    /// output is kept byte for byte for [`Self::take_raw`]; on attaching,
+    /// the line written so far goes first.
+    pub fn set_raw(&mut self, on: bool) {
+        match (on, self.raw.is_some()) {
+            (true, false) => {
+                let mut raw = alloc::collections::VecDeque::new();
+                raw.extend(core::mem::take(&mut self.line));
+                self.raw = Some(raw);
+            }
+            (false, true) => self.raw = None,
+            _ => {}
+        }
+    }
+
+    /// Output bytes since the last call, while attached.
+    pub fn take_raw(&mut self) -> Vec<u8> {
+        self.raw.as_mut().map(|r| r.drain(..).collect()).unwrap_or_default()
     }
 
     /// Room left in the receive buffer.
@@ -210,7 +245,8 @@ impl Persist for Uart {
     const STATE_VERSION: u16 = 2;
 
     fn save(&self) -> Uart {
-        self.clone()
+        // The attached terminal is the host's business, not the guest's.
+        Uart { raw: None, ..self.clone() }
     }
 
     fn validate(s: &Uart) -> Result<(), Invalid> {
@@ -230,7 +266,9 @@ impl Persist for Uart {
     }
 
     fn restore(&mut self, state: Uart) {
+        let raw = self.raw.take();
         *self = state;
+        self.raw = raw;
     }
 }
 
@@ -338,6 +376,23 @@ mod tests {
         assert!(!u.irq());
         // A full buffer drops the rest.
         assert_eq!(u.receive(&[0; RX_BUFFER]), RX_BUFFER - 1);
+    }
+
+    #[test]
+    fn an_attached_terminal_gets_every_byte_and_lines_resume_after() {
+        let mut u = Uart::default();
+        write_str(&mut u, "line\n$ ");
+        u.set_raw(true);
+        write_str(&mut u, "ls\r\n\x1b[0m");
+        assert_eq!(u.take_raw(), b"$ ls\r\n\x1b[0m", "the open line first, then raw bytes");
+        assert_eq!(u.take_lines(), ["line"], "lines finished before attaching are still there");
+        u.set_raw(false);
+        write_str(&mut u, "back\n");
+        assert_eq!(u.take_lines(), ["back"]);
+        assert!(u.take_raw().is_empty());
+        // Not part of the saved state.
+        u.set_raw(true);
+        assert_eq!(u.save().raw, None::<alloc::collections::VecDeque<u8>>);
     }
 
     #[test]

@@ -256,17 +256,54 @@ fn serve<B: HostBackend>(
     }
     let status = || host_status(cpu);
     let mut con = Serial::default();
+    // The VM whose serial console the terminal is attached to, if any.
+    let mut attached = None;
     for cmd in &config.autorun {
         crate::println!("{}{cmd}", console::PROMPT);
-        if run_line(cmd, &mut manager, &status(), &mut con) == After::PowerOff {
-            power_off();
+        match run_line(cmd, &mut manager, &status(), &mut con) {
+            After::PowerOff => power_off(),
+            After::Attach(id) => attached = Some(id),
+            After::Nothing => {}
         }
     }
     // After the autorun commands: from here on the console takes input.
     crate::println!("hypervisor: ready; type 'help' for commands");
-    crate::print!("{}", console::PROMPT);
+    if attached.is_none() {
+        crate::print!("{}", console::PROMPT);
+    }
     let mut editor = LineEditor::default();
     loop {
+        if let Some(id) = attached {
+            // Attached: keys go to the guest, its output to the terminal;
+            // other VMs' lines wait. Ctrl-] (or the VM ending) detaches.
+            con.hold = true;
+            let mut detach = false;
+            while let Some(b) = platform::serial::try_read() {
+                if b == console::commands::DETACH_KEY {
+                    detach = true;
+                    break;
+                }
+                // A full receive buffer drops the key, as an overrun would.
+                let _ = manager.send_input(id, &[b]);
+            }
+            match manager.console_output(id) {
+                Some(out) => platform::serial::write_bytes(&out),
+                None => detach = true,
+            }
+            if detach {
+                manager.detach(id);
+                attached = None;
+                crate::println!("\r\n[detached from vm {id}]");
+                con.release();
+                crate::print!("{}", console::PROMPT);
+            }
+            if manager.run_slice(&mut con) {
+                manager.reclaim_round();
+            } else {
+                core::hint::spin_loop();
+            }
+            continue;
+        }
         while let Some(b) = platform::serial::try_read() {
             match editor.feed(b) {
                 Edit::Echo(bytes) => {
@@ -277,10 +314,14 @@ fn serve<B: HostBackend>(
                 Edit::Line(line) => {
                     crate::println!();
                     con.release();
-                    if run_line(&line, &mut manager, &status(), &mut con) == After::PowerOff {
-                        power_off();
+                    match run_line(&line, &mut manager, &status(), &mut con) {
+                        After::PowerOff => power_off(),
+                        After::Attach(id) => {
+                            attached = Some(id);
+                            break;
+                        }
+                        After::Nothing => crate::print!("{}", console::PROMPT),
                     }
-                    crate::print!("{}", console::PROMPT);
                 }
                 Edit::Refused(e) => {
                     crate::println!();

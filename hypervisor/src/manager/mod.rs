@@ -397,6 +397,35 @@ impl<B: Backend> Manager<B> {
         Ok(total)
     }
 
+    /// Attach the operator's terminal to VM `id`'s COM1: its output is
+    /// kept byte for byte for [`Self::console_output`] instead of lines.
+    pub fn attach(&mut self, id: u32) -> Result<(), String> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+        if vm.res.is_none() {
+            return Err(format!("vm {id} has {}", vm.state.name()));
+        }
+        vm.devices.com1().set_raw(true);
+        Ok(())
+    }
+
+    /// Detach the terminal from VM `id` (if it still exists).
+    pub fn detach(&mut self, id: u32) {
+        if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
+            vm.devices.com1().set_raw(false);
+        }
+    }
+
+    /// What attached VM `id` wrote since the last call, or `None` once the
+    /// VM has ended (the terminal should detach).
+    pub fn console_output(&mut self, id: u32) -> Option<Vec<u8>> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id)?;
+        let out = vm.devices.com1().take_raw();
+        if vm.res.is_none() && out.is_empty() {
+            return None;
+        }
+        Some(out)
+    }
+
     /// Bytes for VM `id`'s COM1 (the operator typing): queued in the UART's
     /// receive buffer, which interrupts the guest. How many were taken.
     pub fn send_input(&mut self, id: u32, bytes: &[u8]) -> Result<usize, String> {

@@ -50,6 +50,19 @@ pub fn force_write_fmt(args: fmt::Arguments) {
     write_fmt(args);
 }
 
+/// Bytes exactly as given (an attached guest's terminal output: its own
+/// line endings and escape sequences).
+pub fn write_bytes(bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    if let Some(port) = PORT.lock().as_mut() {
+        for &b in bytes {
+            port.send_raw(b);
+        }
+    }
+}
+
 /// One received byte, if any arrived.
 pub fn try_read() -> Option<u8> {
     PORT.lock().as_mut().and_then(|p| p.try_receive().ok())
