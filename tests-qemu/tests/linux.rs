@@ -16,6 +16,15 @@ use tests_qemu::{Machine, label, on_both_backends};
 
 on_both_backends!(debian_kernel_boots_under_the_hypervisor_to_a_shell);
 
+/// The numbers of the guest's `tick-N` lines, in order.
+fn all_ticks(t: &str) -> Vec<u64> {
+    t.lines().filter_map(|l| l.rsplit_once("tick-").and_then(|(_, n)| n.trim().parse().ok())).collect()
+}
+
+fn last_tick(t: &str) -> u64 {
+    all_ticks(t).last().copied().unwrap_or(0)
+}
+
 fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     let dir = boot::target_dir().join("guests/linux");
     let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
@@ -52,6 +61,20 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for("attached-5", Duration::from_secs(120));
     m.send_raw(&[0x1d]);
     m.wait_for("[detached from vm 1]", Duration::from_secs(60));
+    // Pause and resume: a counting loop stops while the VM is paused and
+    // goes on from where it stood, nothing lost.
+    m.cmd("vm send 1 -- (i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo tick-$i; sleep 1; done) &");
+    m.wait_for("tick-3\n", Duration::from_secs(120));
+    let out = m.cmd("vm pause 1");
+    assert!(out.contains("vm 1 paused"), "{out}");
+    let paused_at = last_tick(&m.transcript());
+    assert_eq!(m.json("vm list --json")["vms"][0]["state"], "paused");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(last_tick(&m.transcript()), paused_at, "the loop went on while the VM was paused");
+    m.cmd("vm resume 1");
+    m.wait_for(&format!("tick-{}\n", paused_at + 2), Duration::from_secs(120));
+    let ticks = all_ticks(&m.transcript());
+    assert_eq!(ticks, (1..=ticks.len() as u64).collect::<Vec<_>>(), "a tick was lost or repeated");
     let t = m.transcript();
     for want in [
         "Command line: console=ttyS0",

@@ -53,6 +53,7 @@ const HELP: &[(&str, &str)] = &[
     ("vm stop <id>", "stop a VM and free its memory"),
     ("vm send <id> -- <text>", "type a line into the VM's serial console (COM1)"),
     ("vm console <id>", "attach this terminal to the VM's serial console (Ctrl-] detaches)"),
+    ("vm pause <id> | vm resume <id>", "stop running the VM (nothing lost) / run it again"),
     ("mem", "host and per-VM memory by page state, sharing and swap"),
     ("mem sharing on [<pages per round>] | off", "background page sharing and its scan budget"),
     ("mem scan [<id>]", "one full page-sharing pass now"),
@@ -140,7 +141,7 @@ fn run<B: Backend>(
                     "\n{:>4}  {:<12}  {:<8}  {:>8}  {:>7}  {}",
                     vm.id,
                     vm.guest,
-                    vm.state.name(),
+                    if vm.paused && vm.res.is_some() { "paused" } else { vm.state.name() },
                     vm.mem_bytes >> 20,
                     vm.stats.total_exits(),
                     status_text(vm)
@@ -160,6 +161,14 @@ fn run<B: Backend>(
         Command::VmStop { id } => {
             m.stop(*id, console)?;
             Ok(Reply { text: format!("vm {id} stopped"), json: json!({ "id": id }) })
+        }
+        Command::VmPause { id } => {
+            m.set_paused(*id, true)?;
+            Ok(Reply { text: format!("vm {id} paused"), json: json!({ "id": id }) })
+        }
+        Command::VmResume { id } => {
+            m.set_paused(*id, false)?;
+            Ok(Reply { text: format!("vm {id} resumed"), json: json!({ "id": id }) })
         }
         Command::VmConsole { id } => {
             m.attach(*id)?;
@@ -211,7 +220,7 @@ fn vm_json<B: Backend>(vm: &Vm<B>, hz: u64) -> Value {
         "guest": vm.guest,
         "protocol": vm.protocol.name(),
         "mem_mib": vm.mem_bytes >> 20,
-        "state": vm.state.name(),
+        "state": if vm.paused && vm.res.is_some() { "paused" } else { vm.state.name() },
         "exits": vm.stats.total_exits(),
         "run_us": ticks_to_us(vm.stats.run_ticks, hz),
     });

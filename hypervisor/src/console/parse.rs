@@ -34,6 +34,13 @@ pub enum Command {
     VmStop {
         id: u32,
     },
+    /// Stop scheduling a VM / schedule it again.
+    VmPause {
+        id: u32,
+    },
+    VmResume {
+        id: u32,
+    },
     /// Attach the operator's terminal to the guest's serial console.
     VmConsole {
         id: u32,
@@ -74,6 +81,8 @@ impl Command {
             Command::VmStop { .. } => "vm stop",
             Command::VmSend { .. } => "vm send",
             Command::VmConsole { .. } => "vm console",
+            Command::VmPause { .. } => "vm pause",
+            Command::VmResume { .. } => "vm resume",
             Command::MemShow => "mem",
             Command::MemSharing { .. } => "mem sharing",
             Command::MemScan { .. } => "mem scan",
@@ -144,7 +153,7 @@ fn parse_id(cmd: &str, rest: &[&str]) -> Result<u32, String> {
 
 fn parse_vm(rest: &[&str]) -> Result<Command, String> {
     let Some((&sub, args)) = rest.split_first() else {
-        return Err("vm: missing subcommand (run, list, stats, stop, send, console)".into());
+        return Err("vm: missing subcommand (run, list, stats, stop, pause, resume, send, console)".into());
     };
     match sub {
         "list" => no_args("vm list", args, Command::VmList),
@@ -152,8 +161,12 @@ fn parse_vm(rest: &[&str]) -> Result<Command, String> {
         "stop" => parse_id("stop", args).map(|id| Command::VmStop { id }),
         "send" => parse_send(args),
         "console" => parse_id("console", args).map(|id| Command::VmConsole { id }),
+        "pause" => parse_id("pause", args).map(|id| Command::VmPause { id }),
+        "resume" => parse_id("resume", args).map(|id| Command::VmResume { id }),
         "run" => parse_run(args),
-        other => Err(alloc::format!("vm: unknown subcommand {other:?} (run, list, stats, stop, send, console)")),
+        other => Err(alloc::format!(
+            "vm: unknown subcommand {other:?} (run, list, stats, stop, pause, resume, send, console)"
+        )),
     }
 }
 
@@ -273,6 +286,8 @@ mod tests {
         );
         assert_eq!(ok("vm send 3 --").command, Command::VmSend { id: 3, text: String::new() });
         assert_eq!(ok("vm console 2").command, Command::VmConsole { id: 2 });
+        assert_eq!(ok("vm pause 2 --json").command, Command::VmPause { id: 2 });
+        assert_eq!(ok("vm resume 2").command, Command::VmResume { id: 2 });
         assert_eq!(parse("   ").unwrap(), None);
     }
 

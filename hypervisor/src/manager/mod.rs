@@ -190,6 +190,7 @@ impl<B: Backend> Manager<B> {
             stats: VmStats { started_tsc: now, ..Default::default() },
             devices: crate::devices::DeviceSet::pc(self.host_epoch, size),
             timer_tick: u64::MAX,
+            paused: false,
             msrs: Default::default(),
             overhead_bytes: overhead,
             nested_pages,
@@ -395,6 +396,22 @@ impl<B: Backend> Manager<B> {
             total += r;
         }
         Ok(total)
+    }
+
+    /// Pause (`true`) or resume VM `id`. A paused VM keeps its memory and
+    /// devices; only the scheduler passes it over. Its clock devices keep
+    /// host time, so a guest sees the pause as lost time, as after a host
+    /// that was busy.
+    pub fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), String> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+        if vm.res.is_none() {
+            return Err(format!("vm {id} has {}", vm.state.name()));
+        }
+        if vm.paused == paused {
+            return Err(format!("vm {id} is {}", if paused { "already paused" } else { "not paused" }));
+        }
+        vm.paused = paused;
+        Ok(())
     }
 
     /// Attach the operator's terminal to VM `id`'s COM1: its output is

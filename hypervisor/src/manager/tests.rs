@@ -417,3 +417,23 @@ fn typed_input_reaches_com1_and_a_full_buffer_refuses_without_queuing() {
     assert!(err.contains("serial input is full"), "{err}");
     assert_eq!(m.vms[0].devices.com1().rx_room(), 0, "nothing of the refused input was queued");
 }
+
+#[test]
+fn a_paused_vm_is_not_run_until_resumed() {
+    let mut m = manager(4096);
+    let mut script = out_str("abc");
+    script.push(exit_with(0));
+    be(&mut m).scripts.push_back(script);
+    m.run_vm("tiny", 4, "").unwrap();
+    m.set_paused(1, true).unwrap();
+    assert_eq!(m.set_paused(1, true).unwrap_err(), "vm 1 is already paused");
+    let mut con = Lines::default();
+    assert!(!m.run_slice(&mut con), "nothing to run while paused");
+    assert_eq!(m.vms[0].stats.total_exits(), 0);
+    m.set_paused(1, false).unwrap();
+    assert_eq!(m.set_paused(1, false).unwrap_err(), "vm 1 is not paused");
+    run_all(&mut m, &mut con);
+    assert_eq!(m.vms[0].state, RunState::Exited { status: 1 }, "it ran to the end, nothing lost");
+    assert_eq!(m.set_paused(1, true).unwrap_err(), "vm 1 has exited");
+    assert_eq!(m.set_paused(7, true).unwrap_err(), "no VM 7");
+}

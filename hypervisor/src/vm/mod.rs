@@ -104,6 +104,10 @@ pub struct Vm<B: Backend> {
     pub stats: VmStats,
     /// The guest's devices (the legacy PC set: see `DeviceSet::pc`).
     pub devices: DeviceSet,
+    /// Paused by the operator: the scheduler does not run it (its vCPU is
+    /// outside the guest, at an instruction boundary, whenever the console
+    /// runs a command: on one CPU they take turns).
+    pub paused: bool,
     /// The host clock reading (TSC ticks) at which the devices' next timer
     /// interrupt is due (`u64::MAX`: none armed); see `interrupts`.
     pub timer_tick: u64,
