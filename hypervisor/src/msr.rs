@@ -25,6 +25,10 @@ pub const IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const IA32_MTRR_DEF_TYPE: u32 = 0x2ff;
 pub const IA32_TSC: u32 = 0x10;
 pub const MSR_PLATFORM_INFO: u32 = 0xce;
+/// AMD's interrupt-pending message register (BKDG, family 10h-16h): Linux
+/// reads it to decide whether C1E can break its timer (AMD erratum 400,
+/// `arch/x86/kernel/process.c`). Zero: no SMI/C1E message is pending.
+pub const MSR_K8_INT_PENDING_MSG: u32 = 0xc001_0055;
 
 /// The guest's RDMSR, or `None` for #GP.
 pub fn read(msr: u32, s: &MsrState) -> Option<u64> {
@@ -36,6 +40,7 @@ pub fn read(msr: u32, s: &MsrState) -> Option<u64> {
         IA32_MTRRCAP => 0,
         IA32_MTRR_DEF_TYPE => s.mtrr_def_type,
         IA32_MISC_ENABLE => s.misc_enable,
+        MSR_K8_INT_PENDING_MSG => 0,
         _ => return None,
     })
 }
@@ -67,6 +72,13 @@ pub fn write(msr: u32, value: u64, s: &mut MsrState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_c1e_message_register_reads_zero_and_refuses_writes() {
+        let mut s = MsrState::default();
+        assert_eq!(read(MSR_K8_INT_PENDING_MSG, &s), Some(0));
+        assert!(!write(MSR_K8_INT_PENDING_MSG, 1 << 27, &mut s));
+    }
 
     #[test]
     fn known_msrs_emulated_unknown_ones_refused() {
