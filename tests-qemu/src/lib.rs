@@ -182,6 +182,14 @@ impl Machine {
         }
     }
 
+    /// Waits until `text` appears in the console output after byte `from`
+    /// of the transcript (for text a guest prints more than once).
+    pub fn wait_for_after(&self, text: &str, from: usize, timeout: Duration) {
+        if let Err(e) = self.s().wait_for(text, from, timeout) {
+            panic!("[{}] {e:#}", self.name);
+        }
+    }
+
     pub fn transcript(&self) -> String {
         self.s().transcript()
     }

@@ -4,7 +4,9 @@
 //! reads the guest's clock from the CMOS RTC, uses the PM timer, runs
 //! `/init` to its marker and gives the console a shell; commands typed with
 //! `vm send` run and their output comes back, and so do keys typed with the
-//! terminal attached (`vm console`, Ctrl-] to detach); `poweroff` in the guest ends
+//! terminal attached (`vm console`, Ctrl-] to detach); `vm pause` stops a
+//! counting loop and `vm resume` continues it with nothing lost; `reboot`
+//! starts the VM again to a new shell; `poweroff` in the guest ends
 //! the VM through ACPI S5. On both backends: Bochs with VT-x (about 35 s to
 //! the shell) and QEMU TCG with AMD-V (about 3 s). Skipped (with a message)
 //! when the guest has not been prepared.
@@ -75,6 +77,13 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for(&format!("tick-{}\n", paused_at + 2), Duration::from_secs(120));
     let ticks = all_ticks(&m.transcript());
     assert_eq!(ticks, (1..=ticks.len() as u64).collect::<Vec<_>>(), "a tick was lost or repeated");
+    // `reboot` in the guest resets the machine: the VM starts again from
+    // its image, same id, and boots to a shell again.
+    let mark = m.transcript().len();
+    m.cmd("vm send 1 -- reboot");
+    m.wait_for_after("vm 1 (linux) restarted (reset 1)", mark, Duration::from_secs(120));
+    m.wait_for_after("Run /init as init process", mark, Duration::from_secs(400));
+    m.wait_for_after("linux-guest:/# ", mark, Duration::from_secs(120));
     let t = m.transcript();
     for want in [
         "Command line: console=ttyS0",

@@ -137,6 +137,7 @@ struct Before {
     injected: usize,
     rip: u64,
     exits: u64,
+    reboots: u64,
 }
 
 impl Host {
@@ -375,12 +376,24 @@ impl Host {
             injected: v.injected.len(),
             rip: v.state.rip,
             exits: vm.stats.exits[exit.kind() as usize],
+            reboots: vm.reboots,
         };
         let (cpl, interrupts) = (v.cpl, v.rflags & RFLAGS_IF != 0);
         let lines = self.console.0.len();
         self.deliver(i, exit.clone());
 
         let vm = &self.m.vms[i];
+        if vm.reboots != b.reboots {
+            // The guest reset its machine (port 0xcf9): the VM started again
+            // from its image, same id, fresh memory and vCPU.
+            assert!(matches!(&exit, VmExit::Io(io) if io.write && power_port(io)), "reset after {exit:?}");
+            assert_eq!(vm.reboots, b.reboots + 1);
+            assert!(vm.res.is_some() && vm.state == RunState::Running, "VM {id} after a reset: {:?}", vm.state);
+            let text = self.console.0[lines..].join("\n");
+            assert!(text.contains(&format!("vm {id} (tiny) restarted")), "no restart report: {text}");
+            self.written.insert(id, Default::default());
+            return;
+        }
         let ends = match &exit {
             VmExit::Io(io) if io.write && !io.string && matches!(io.size, 1 | 2 | 4) && io.port == EXIT_PORT => true,
             // Soft-off (SLP_EN in PM1a control) and a reset (port 0xcf9)
@@ -400,7 +413,9 @@ impl Host {
             if let VmExit::Io(io) = &exit
                 && io.port != EXIT_PORT
             {
-                let reset = matches!(&vm.state, RunState::Stopped { reason } if reason.contains("reset the machine"));
+                // A reset restarts the VM (above); only a failed restart ends it.
+                let reset =
+                    matches!(&vm.state, RunState::Stopped { reason } if reason.contains("could not start again"));
                 assert!(vm.state == RunState::PoweredOff || reset, "VM {id} after {exit:?}: {:?}", vm.state);
             }
             if let (VmExit::NestedPageFault { gpa, .. }, RunState::Stopped { reason }) = (&exit, &vm.state) {

@@ -191,6 +191,11 @@ impl Uart {
         }
     }
 
+    /// Whether a terminal is attached.
+    pub fn is_raw(&self) -> bool {
+        self.raw.is_some()
+    }
+
     /// Output bytes since the last call, while attached.
     pub fn take_raw(&mut self) -> Vec<u8> {
         self.raw.as_mut().map(|r| r.drain(..).collect()).unwrap_or_default()

@@ -91,6 +91,23 @@ impl<B: Backend> Manager<B> {
 
     /// As `run_vm`, passing ramdisk files as Multiboot modules.
     pub fn run_vm_with(&mut self, name: &str, mem_mib: u32, modules: &[String], cmdline: &str) -> Result<u32, String> {
+        let id = self.next_id;
+        let vm = self.create_vm(id, name, mem_mib, modules, cmdline)?;
+        self.next_id += 1;
+        self.vms.push(vm);
+        self.forget_old_records();
+        Ok(id)
+    }
+
+    /// Builds VM `id` from guest `name`: memory, image, devices, vCPU.
+    fn create_vm(
+        &mut self,
+        id: u32,
+        name: &str,
+        mem_mib: u32,
+        modules: &[String],
+        cmdline: &str,
+    ) -> Result<Box<Vm<B>>, String> {
         let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
         let image = self
             .images
@@ -113,7 +130,6 @@ impl<B: Backend> Manager<B> {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
             return Err(format!("mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"));
         }
-        let id = self.next_id;
         let size = (mem_mib as u64) << 20;
         let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
         let map = MemoryMap::ram_only(size).map_err(|e| format!("bad memory size: {e}"))?;
@@ -179,13 +195,14 @@ impl<B: Backend> Manager<B> {
         }
         let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
         let now = backend.now();
-        self.next_id += 1;
-        self.vms.push(Box::new(Vm {
+        Ok(Box::new(Vm {
             id,
             guest: String::from(name),
             protocol,
             mem_bytes: size,
             cmdline: String::from(cmdline),
+            modules: modules.to_vec(),
+            reboots: 0,
             state: RunState::Running,
             stats: VmStats { started_tsc: now, ..Default::default() },
             devices: crate::devices::DeviceSet::pc(self.host_epoch, size),
@@ -196,9 +213,38 @@ impl<B: Backend> Manager<B> {
             nested_pages,
             reclaim,
             res: Some(Resources { mem, vcpu }),
-        }));
-        self.forget_old_records();
-        Ok(id)
+        }))
+    }
+
+    /// The guest of VM at `index` asked for a reset: the VM starts again
+    /// from its image, with fresh memory and devices, under the same id
+    /// (what a PC's reset does, firmware included). If it cannot be
+    /// rebuilt, it ends with the reason.
+    fn reboot_vm(&mut self, index: usize, console: &mut impl Console) {
+        let Ok(backend) = self.backend.as_mut() else { return };
+        let old = &mut self.vms[index];
+        release(backend, &mut self.host_mem, old);
+        let (id, guest, mem_mib, modules, cmdline) =
+            (old.id, old.guest.clone(), (old.mem_bytes >> 20) as u32, old.modules.clone(), old.cmdline.clone());
+        let (reboots, stats, paused) = (old.reboots + 1, old.stats.clone(), old.paused);
+        let attached = old.devices.com1().is_raw();
+        match self.create_vm(id, &guest, mem_mib, &modules, &cmdline) {
+            Ok(mut vm) => {
+                vm.reboots = reboots;
+                vm.stats.exits = stats.exits;
+                vm.stats.run_ticks = stats.run_ticks;
+                vm.paused = paused;
+                // An attached terminal stays attached across the reset.
+                vm.devices.com1().set_raw(attached);
+                console.line(&format!("vm {id} ({guest}) restarted (reset {reboots})"));
+                self.vms[index] = vm;
+            }
+            Err(e) => {
+                let backend = self.backend.as_mut().expect("checked above");
+                let reason = format!("the guest reset the machine and it could not start again: {e}");
+                self.vms[index].end(RunState::Stopped { reason }, backend, console);
+            }
+        }
     }
 
     /// Stops VM `id` (if it still runs) and frees its memory; the record
@@ -287,6 +333,9 @@ impl<B: Backend> Manager<B> {
         if flow == Flow::OutOfMemory {
             let id = vm.id;
             self.relieve_memory_pressure(id, console);
+        }
+        if flow == Flow::Reset {
+            self.reboot_vm(i, console);
         }
         true
     }

@@ -437,3 +437,23 @@ fn a_paused_vm_is_not_run_until_resumed() {
     assert_eq!(m.set_paused(1, true).unwrap_err(), "vm 1 has exited");
     assert_eq!(m.set_paused(7, true).unwrap_err(), "no VM 7");
 }
+
+#[test]
+fn a_guest_reset_starts_the_vm_again_under_the_same_id() {
+    let mut m = manager(8192);
+    let baseline = be(&mut m).mem.frames_in_use();
+    // Reset through the reset control register (0xcf9, value 6), then the
+    // restarted guest exits.
+    be(&mut m).scripts.push_back(vec![step(|g| g.rax = 0x06, io(0xcf9, 1, true))]);
+    be(&mut m).scripts.push_back(vec![exit_with(0)]);
+    m.run_vm("tiny", 4, "").unwrap();
+    let mut con = Lines::default();
+    run_all(&mut m, &mut con);
+    assert_eq!(be(&mut m).created, 2, "a second vCPU for the restarted VM");
+    assert_eq!(be(&mut m).destroyed, 2);
+    assert_eq!(m.vms.len(), 1);
+    let vm = &m.vms[0];
+    assert_eq!((vm.id, vm.reboots, &vm.state), (1, 1, &RunState::Exited { status: 1 }));
+    assert!(con.0.iter().any(|l| l == "vm 1 (tiny) restarted (reset 1)"), "{:?}", con.0);
+    assert_eq!(be(&mut m).mem.frames_in_use(), baseline, "the first run's memory came back");
+}

@@ -42,6 +42,8 @@ pub enum Flow {
     /// The host had no frame for the VM's access: reclaim (or stop the VM
     /// furthest over its share), then run it again to retry the access.
     OutOfMemory,
+    /// The guest reset its machine: start the VM again from its image.
+    Reset,
 }
 
 struct HcCtx<'a, F: EntryFormat> {
@@ -336,11 +338,8 @@ impl<B: Backend> Vm<B> {
                 return Flow::Stop;
             }
             PortEffect::Reset => {
-                // Restarting a VM in place is not built yet: end it, saying
-                // why, rather than run on as if nothing had happened.
-                let reason = String::from("the guest reset the machine (a VM restart is not supported yet)");
-                self.end(RunState::Stopped { reason }, backend, console);
-                return Flow::Stop;
+                console.line(&format!("vm {} ({}) reset by the guest", self.id, self.guest));
+                return Flow::Reset;
             }
             PortEffect::Done(v) => {
                 if io.write && self.devices.com1_has_output() {

@@ -100,6 +100,11 @@ pub struct Vm<B: Backend> {
     pub protocol: Protocol,
     pub mem_bytes: u64,
     pub cmdline: String,
+    /// Ramdisk files passed at start (Multiboot modules, the initramfs):
+    /// a reset starts the VM again with them.
+    pub modules: Vec<String>,
+    /// Resets the guest asked for (each started it again).
+    pub reboots: u64,
     pub state: RunState,
     pub stats: VmStats,
     /// The guest's devices (the legacy PC set: see `DeviceSet::pc`).
