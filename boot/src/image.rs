@@ -124,7 +124,7 @@ pub fn default_files() -> Vec<ExtraFile> {
 pub fn default_autorun(files: &[ExtraFile], interactive: bool) -> Vec<String> {
     let has = |n: &str| files.iter().any(|f| f.name == n);
     if interactive && has("linux") && has("linux-initrd") {
-        vec!["vm run linux mem=256 mod=linux-initrd -- console=ttyS0".into(), "vm console 1".into()]
+        vec!["vm run linux".into(), "vm console 1".into()]
     } else {
         vec!["vm run selftest".into()]
     }
@@ -309,7 +309,7 @@ mod tests {
             ExtraFile { name: "linux-initrd".into(), path: "i".into() },
         ];
         assert_eq!(default_autorun(&linux, true)[1], "vm console 1");
-        assert!(default_autorun(&linux, true)[0].starts_with("vm run linux "));
+        assert!(default_autorun(&linux, true)[0] == "vm run linux");
         assert_eq!(default_autorun(&linux, false), ["vm run selftest"], "a script or pipe keeps the selftest");
         assert_eq!(default_autorun(&linux[..1], true), ["vm run selftest"], "no initramfs, no Linux");
     }

@@ -146,9 +146,16 @@ pub fn allow_msrs(map: &mut [u8; 8192], passthrough: &[(u32, bool, bool)]) {
     }
 }
 
-/// Tells the platform when the current time slice ends (a TSC value); it
-/// arranges a host interrupt then. SVM has no preemption timer.
-pub type ArmTimer = fn(deadline_tsc: u64);
+/// The platform's one-shot timer that ends a time slice (SVM has no
+/// preemption timer): `arm` arranges a host interrupt at a TSC value;
+/// `fired` counts the interrupts taken, so a vCPU can tell whether the
+/// interrupt it armed was spent while the host ran (taken at STGI after an
+/// unrelated exit) and must be armed again before the guest runs.
+#[derive(Clone, Copy)]
+pub struct SliceTimer {
+    pub arm: fn(deadline_tsc: u64),
+    pub fired: fn() -> u64,
+}
 
 pub struct SvmCpu {
     pub caps: SvmCaps,
@@ -158,7 +165,7 @@ pub struct SvmCpu {
     pub host_vmcb: HostPhysAddr,
     pub msr_map: HostPhysAddr,
     pub io_map: HostPhysAddr,
-    pub arm_timer: ArmTimer,
+    pub timer: SliceTimer,
     next_asid: u32,
     free_asids: Vec<u32>,
 }
@@ -175,7 +182,7 @@ impl SvmCpu {
     /// # Safety
     /// Ring 0, called once per CPU, with interrupts off; `alloc` hands out
     /// memory reachable through its direct map.
-    pub unsafe fn enable(alloc: &mut impl ContiguousAlloc, arm_timer: ArmTimer) -> Result<SvmCpu, Error> {
+    pub unsafe fn enable(alloc: &mut impl ContiguousAlloc, timer: SliceTimer) -> Result<SvmCpu, Error> {
         let ext = core::arch::x86_64::__cpuid(0x8000_0001);
         if ext.ecx & (1 << 2) == 0 {
             return Err(Error::Unsupported("SVM (CPUID 0x80000001:ECX.SVM = 0)"));
@@ -218,7 +225,7 @@ impl SvmCpu {
             hw::wrmsr(MSR_VM_HSAVE_PA, hsave.0);
             hw::vmsave(host_vmcb.0);
         }
-        Ok(SvmCpu { caps, host, hsave, host_vmcb, msr_map, io_map, arm_timer, next_asid: 1, free_asids: Vec::new() })
+        Ok(SvmCpu { caps, host, hsave, host_vmcb, msr_map, io_map, timer, next_asid: 1, free_asids: Vec::new() })
     }
 
     /// An ASID for a new vCPU, and whether it is the shared one.

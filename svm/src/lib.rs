@@ -24,5 +24,5 @@ pub mod names;
 pub mod vcpu;
 pub mod vmcb;
 
-pub use cpu::{SvmCaps, SvmCpu};
+pub use cpu::{SliceTimer, SvmCaps, SvmCpu};
 pub use vcpu::SvmVcpu;

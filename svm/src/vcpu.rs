@@ -56,7 +56,9 @@ pub struct SvmVcpu<M: PhysMem> {
     decode_assists: bool,
     skip: Skip,
     deadline: u64,
-    arm_timer: crate::cpu::ArmTimer,
+    timer: crate::cpu::SliceTimer,
+    /// `timer.fired()` when the slice timer was last armed.
+    armed_gen: u64,
     /// The guest's code bytes, for instruction lengths without NRIPS.
     code: CodeReader<M>,
     host: HostSwitch,
@@ -126,7 +128,8 @@ impl<M: PhysMem> SvmVcpu<M> {
             decode_assists: cpu.caps.decode_assists,
             skip: Skip::None,
             deadline: u64::MAX,
-            arm_timer: cpu.arm_timer,
+            timer: cpu.timer,
+            armed_gen: 0,
             code: CodeReader::new(mem),
             host: cpu.host,
             dr: [0; 4],
@@ -304,12 +307,34 @@ impl<M: PhysMem> SvmVcpu<M> {
     /// it was the slice's end if the deadline has passed. An interrupt that
     /// came early (another source, or an APIC timer that runs fast against
     /// the TSC, as under QEMU TCG) re-arms the timer so the slice still ends.
-    fn interrupted(&self) -> VmExit {
+    fn interrupted(&mut self) -> VmExit {
         if hw::rdtsc() >= self.deadline {
             return VmExit::Preempted;
         }
-        (self.arm_timer)(self.deadline);
+        self.arm_slice_timer();
         VmExit::ExternalInterrupt { vector: None }
+    }
+
+    fn arm_slice_timer(&mut self) {
+        self.armed_gen = (self.timer.fired)();
+        (self.timer.arm)(self.deadline);
+    }
+
+    /// Before an entry: the slice timer is one-shot, and it may have fired
+    /// while the host handled an exit (taken at the STGI that follows
+    /// `svm_run`, not as an INTR intercept). Then the slice ends now if its
+    /// time is up, or the timer is armed again; else the guest would run on
+    /// with nothing to stop it, and a guest spinning without exits would
+    /// hold the CPU for good.
+    fn slice_timer_spent(&mut self) -> bool {
+        if (self.timer.fired)() == self.armed_gen {
+            return false;
+        }
+        if hw::rdtsc() >= self.deadline {
+            return true;
+        }
+        self.arm_slice_timer();
+        false
     }
 
     /// Before an entry with events waiting, windows asked for or NMIs
@@ -470,6 +495,9 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
             && let Some(exit) = self.prepare_events()
         {
             return exit;
+        }
+        if self.slice_timer_spent() {
+            return VmExit::Preempted;
         }
         self.vmcb.set_u64(save::RAX, self.gprs.rax);
         self.vmcb.set_u64(save::RSP, self.gprs.rsp);
@@ -766,7 +794,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
 
     fn set_time_slice(&mut self, ticks: u64) {
         self.deadline = hw::rdtsc().saturating_add(ticks);
-        (self.arm_timer)(self.deadline);
+        self.arm_slice_timer();
     }
 
     fn overhead_bytes(&self) -> u64 {

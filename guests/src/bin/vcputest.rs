@@ -10,7 +10,10 @@
 //! IRET. Exits: WRMSR of the TSC moves RDTSC (the TSC offset), RDTSCP reads
 //! TSC_AUX (or both are hidden and refused), MOV DR reads back what was
 //! written and DR7.GD raises #DB, XSETBV takes x87|SSE and refuses AVX,
-//! WBINVD and INVD complete, MONITOR and MWAIT raise #UD.
+//! WBINVD and INVD complete, MONITOR and MWAIT raise #UD. Timer: PIT
+//! interrupts through the 8259 reach a guest that spins without exits,
+//! also right after a stretch of exits (when the host's slice timer is
+//! likely to fire while the host handles one).
 //!
 //! Prints one line per check and `vcputest: PASS`/`FAIL`; exits 0 or 1.
 #![no_std]
@@ -194,6 +197,77 @@ fn events(c: &mut Checks) {
     );
 }
 
+/// The PIC's vector base for IRQ 0-7, and the PIT's count for 1 kHz.
+const PIC_BASE: u8 = 0x20;
+const PIT_1KHZ: u16 = 1193;
+/// How long a spin waits for one 1 ms tick before calling it lost: 2^32
+/// TSC ticks (over a second at any TSC rate these emulators give).
+const SPIN_LIMIT: u64 = 1 << 32;
+const TIMER_ROUNDS: u32 = 200;
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+
+extern "x86-interrupt" fn pit_tick(_f: Frame) {
+    TICKS.fetch_add(1, SeqCst);
+    outb(0x20, 0x20); // non-specific EOI
+}
+
+fn wait_tick_with_exits() {
+    let t = TICKS.load(SeqCst);
+    while TICKS.load(SeqCst) == t {
+        outb(0x80, 0);
+    }
+}
+
+/// Spins without a single exit until the next tick; false if it never came.
+fn wait_tick_without_exits() -> bool {
+    let t = TICKS.load(SeqCst);
+    let start = rdtsc();
+    while TICKS.load(SeqCst) == t {
+        if rdtsc().wrapping_sub(start) > SPIN_LIMIT {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+fn timer(c: &mut Checks) {
+    trap::set_handler(PIC_BASE, pit_tick as *const () as u64);
+    // 8259 pair: ICW1 (edge, cascade, ICW4), ICW2 vector base, ICW3 wiring,
+    // ICW4 8086 mode; then mask all but IRQ 0.
+    for (cmd, data, base, wiring, mask) in [(0x20, 0x21, PIC_BASE, 0x04, 0xfe), (0xa0, 0xa1, PIC_BASE + 8, 0x02, 0xff)]
+    {
+        outb(cmd, 0x11);
+        outb(data, base);
+        outb(data, wiring);
+        outb(data, 0x01);
+        outb(data, mask);
+    }
+    // Counter 0, low then high byte, mode 2 (rate generator).
+    outb(0x43, 0x34);
+    outb(0x40, PIT_1KHZ as u8);
+    outb(0x40, (PIT_1KHZ >> 8) as u8);
+    // SAFETY: the only unmasked interrupt is IRQ 0, whose handler is set.
+    unsafe { asm!("sti", options(nomem, nostack)) };
+    let mut lost_at = None;
+    for round in 0..TIMER_ROUNDS {
+        wait_tick_with_exits();
+        if !wait_tick_without_exits() {
+            lost_at = Some(round);
+            break;
+        }
+    }
+    cli();
+    outb(0x21, 0xff);
+    let ticks = TICKS.load(SeqCst);
+    c.check(
+        "pit ticks reach a guest spinning without exits",
+        lost_at.is_none() && ticks >= 2 * u64::from(TIMER_ROUNDS),
+        format_args!("{ticks} ticks; no tick for 2^32 TSC ticks in round {lost_at:?} of {TIMER_ROUNDS}"),
+    );
+}
+
 fn rdtscp() -> (u64, u32) {
     let (lo, hi, aux): (u32, u32, u32);
     // SAFETY: RDTSCP reads the TSC and TSC_AUX (or raises #UD, which the
@@ -362,6 +436,7 @@ fn main(_boot: Boot) -> u32 {
     let mut c = Checks { failed: 0, total: 0 };
     events(&mut c);
     exits(&mut c);
+    timer(&mut c);
     if c.failed == 0 {
         println!("vcputest: PASS ({} checks)", c.total);
         0

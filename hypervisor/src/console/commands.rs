@@ -122,7 +122,8 @@ fn run<B: Backend>(
         }
         Command::Host => Ok(host_reply(m, host)),
         Command::VmRun { guest, mem_mib, modules, cmdline } => {
-            let id = m.run_vm_with(guest, *mem_mib, modules, cmdline)?;
+            let (mem_mib, modules, cmdline) = m.run_defaults(guest, *mem_mib, modules, cmdline.as_deref())?;
+            let id = m.run_vm_with(guest, mem_mib, &modules, &cmdline)?;
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(

@@ -13,19 +13,22 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use crate::manager::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MIN_MEM_MIB};
+use crate::manager::{MAX_MEM_MIB, MIN_MEM_MIB};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Help,
     Host,
+    /// What the line left out is `None` (or empty): the manager fills it
+    /// in by the kind of guest (`Manager::run_defaults`).
     VmRun {
         guest: String,
-        mem_mib: u32,
+        mem_mib: Option<u32>,
         /// Ramdisk files passed as Multiboot modules (or, for a Linux guest, its
         /// one initramfs).
         modules: Vec<String>,
-        cmdline: String,
+        /// The guest's command line: `None` without `--`.
+        cmdline: Option<String>,
     },
     VmList,
     VmStats {
@@ -230,8 +233,8 @@ fn parse_mem(rest: &[&str]) -> Result<Command, String> {
 
 fn parse_run(args: &[&str]) -> Result<Command, String> {
     let (opts, cmdline) = match args.iter().position(|w| *w == "--") {
-        Some(i) => (&args[..i], args[i + 1..].join(" ")),
-        None => (args, String::new()),
+        Some(i) => (&args[..i], Some(args[i + 1..].join(" "))),
+        None => (args, None),
     };
     let Some((&guest, opts)) = opts.split_first() else {
         return Err("vm run: missing guest name".into());
@@ -239,18 +242,19 @@ fn parse_run(args: &[&str]) -> Result<Command, String> {
     if guest.contains('=') {
         return Err(alloc::format!("vm run: missing guest name before {guest:?}"));
     }
-    let mut mem_mib = DEFAULT_MEM_MIB;
+    let mut mem_mib = None;
     let mut modules = Vec::new();
     for opt in opts {
         match opt.split_once('=') {
             Some(("mod", name)) if !name.is_empty() => modules.push(name.to_string()),
             Some(("mem", v)) => {
-                mem_mib =
-                    v.parse::<u32>().ok().filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m)).ok_or_else(|| {
+                mem_mib = Some(v.parse::<u32>().ok().filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m)).ok_or_else(
+                    || {
                         alloc::format!(
                             "vm run: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {v:?}"
                         )
-                    })?;
+                    },
+                )?);
             }
             _ => {
                 return Err(alloc::format!("vm run: unknown option {opt:?} (expected mem=<MiB> or mod=<file>)"));
@@ -295,30 +299,20 @@ mod tests {
     fn vm_run_options_and_command_line() {
         assert_eq!(
             ok("vm run selftest").command,
-            Command::VmRun {
-                guest: "selftest".into(),
-                mem_mib: DEFAULT_MEM_MIB,
-                modules: Vec::new(),
-                cmdline: String::new()
-            }
+            Command::VmRun { guest: "selftest".into(), mem_mib: None, modules: Vec::new(), cmdline: None }
         );
         assert_eq!(
             ok("vm run escape mem=8 -- write addr=0x1000 --json").command,
             Command::VmRun {
                 guest: "escape".into(),
-                mem_mib: 8,
+                mem_mib: Some(8),
                 modules: Vec::new(),
-                cmdline: "write addr=0x1000 --json".into()
+                cmdline: Some("write addr=0x1000 --json".into())
             }
         );
         assert_eq!(
             ok("vm run k mod=a mod=b").command,
-            Command::VmRun {
-                guest: "k".into(),
-                mem_mib: DEFAULT_MEM_MIB,
-                modules: vec!["a".into(), "b".into()],
-                cmdline: String::new()
-            }
+            Command::VmRun { guest: "k".into(), mem_mib: None, modules: vec!["a".into(), "b".into()], cmdline: None }
         );
         assert!(err("vm run k mod=").contains("unknown option"));
         assert!(!ok("vm run escape -- --json").json, "--json after -- belongs to the guest");

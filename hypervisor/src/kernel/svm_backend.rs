@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use hypervisor::backend::Backend;
 use hypervisor::cpuid::{HostQuirks, Regs};
 use mm::paging::{Npt, PageSize};
-use svm::{SvmCpu, SvmVcpu};
+use svm::{SliceTimer, SvmCpu, SvmVcpu};
 use vcpu::GuestState;
 
 use crate::platform::{apic, memory::HostMem, time};
@@ -27,7 +27,8 @@ impl SvmBackend {
         let timer_hz = apic::init();
         log::info!("apic timer: {} kHz, vector {:#x}", timer_hz / 1000, apic::TIMER_VECTOR);
         // SAFETY: called once, on the boot CPU, with interrupts off.
-        let cpu = unsafe { SvmCpu::enable(&mut mem, apic::arm) }.map_err(|e| alloc::format!("{e}"))?;
+        let cpu = unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired }) }
+            .map_err(|e| alloc::format!("{e}"))?;
         let quirks = HostQuirks { rdtscp: cpu.host.tsc_aux, ..Default::default() };
         Ok(SvmBackend { cpu, mem, quirks, break_next_entry: false })
     }

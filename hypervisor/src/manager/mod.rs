@@ -41,6 +41,14 @@ pub struct GuestImage {
 }
 
 pub const DEFAULT_MEM_MIB: u32 = 16;
+/// `vm run`'s memory for a Linux kernel: Debian's cloud kernel needs about
+/// 54 MiB to decompress into, and its shell and modules room beyond that.
+pub const LINUX_MEM_MIB: u32 = 256;
+/// `vm run`'s command line for a Linux kernel.
+pub const LINUX_CMDLINE: &str = "console=ttyS0";
+/// The shortest slice armed for a timer that is due (or nearly): long
+/// enough for the guest to make progress between timer exits.
+const MIN_SLICE_TICKS: u64 = 1000;
 pub const MIN_MEM_MIB: u32 = 2;
 pub const MAX_MEM_MIB: u32 = 65536;
 /// Host heap a new VM must leave free (console, reports, sharing index).
@@ -89,6 +97,37 @@ impl<B: Backend> Manager<B> {
         self.run_vm_with(name, mem_mib, &[], cmdline)
     }
 
+    /// What `vm run` left out, by the kind of guest. A Linux kernel gets
+    /// `LINUX_MEM_MIB`, the file `<name>-initrd` as its initramfs when the
+    /// image carries one, and `console=ttyS0` (its shell on COM1); other
+    /// guests `DEFAULT_MEM_MIB`, no modules and an empty command line.
+    pub fn run_defaults(
+        &self,
+        name: &str,
+        mem_mib: Option<u32>,
+        modules: &[String],
+        cmdline: Option<&str>,
+    ) -> Result<(u32, Vec<String>, String), String> {
+        let image = self.image(name)?;
+        if !crate::loader::linux::is_linux(image) {
+            return Ok((mem_mib.unwrap_or(DEFAULT_MEM_MIB), modules.to_vec(), cmdline.unwrap_or("").into()));
+        }
+        let initrd = format!("{name}-initrd");
+        let modules = if modules.is_empty() && self.images.iter().any(|g| g.name == initrd) {
+            alloc::vec![initrd]
+        } else {
+            modules.to_vec()
+        };
+        Ok((mem_mib.unwrap_or(LINUX_MEM_MIB), modules, cmdline.unwrap_or(LINUX_CMDLINE).into()))
+    }
+
+    fn image(&self, name: &str) -> Result<&'static [u8], String> {
+        self.images.iter().find(|g| g.name == name).map(|g| g.bytes).ok_or_else(|| {
+            let names: Vec<&str> = self.images.iter().map(|g| g.name.as_str()).collect();
+            format!("no guest named {name:?} (available: {})", names.join(", "))
+        })
+    }
+
     /// As `run_vm`, passing ramdisk files as Multiboot modules.
     pub fn run_vm_with(&mut self, name: &str, mem_mib: u32, modules: &[String], cmdline: &str) -> Result<u32, String> {
         let id = self.next_id;
@@ -108,16 +147,11 @@ impl<B: Backend> Manager<B> {
         modules: &[String],
         cmdline: &str,
     ) -> Result<Box<Vm<B>>, String> {
+        if let Err(why) = &self.backend {
+            return Err(format!("virtualization is unavailable: {why}"));
+        }
+        let image = self.image(name)?;
         let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
-        let image = self
-            .images
-            .iter()
-            .find(|g| g.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.images.iter().map(|g| g.name.as_str()).collect();
-                format!("no guest named {name:?} (available: {})", names.join(", "))
-            })?
-            .bytes;
         let mut mods = Vec::with_capacity(modules.len());
         for m in modules {
             let file = self
@@ -146,6 +180,18 @@ impl<B: Backend> Manager<B> {
                 HEAP_RESERVE >> 10
             ));
         }
+        // Linux calibrates the TSC against the PIT or the PM timer, which
+        // fails when every read of them is a slow exit (under nested
+        // emulation); the guest's TSC runs at the host's rate, so tell it
+        // (`tsc_early_khz=`, Linux's kernel-parameters.txt): AMD CPUs have
+        // no CPUID leaf for it, Intel's 0x15 is often absent.
+        let hinted;
+        let cmdline = if crate::loader::linux::is_linux(image) && !cmdline.contains("tsc_early_khz=") {
+            hinted = format!("{cmdline} tsc_early_khz={}", backend.tsc_hz() / 1000);
+            hinted.trim_start()
+        } else {
+            cmdline
+        };
         let alloc = backend.mem();
         self.host_mem.ensure_sharing(alloc).map_err(|e| format!("cannot set up page sharing: {e}"))?;
         // RAM in the largest host chunks available, mapped with the largest
@@ -286,12 +332,13 @@ impl<B: Backend> Manager<B> {
         let flow = {
             // The slice ends early enough for the VM's next timer
             // interrupt to be delivered on time.
-            let slice = self.slice_ticks.min(vm.ticks_to_timer(now).max(1000));
+            let slice = self.slice_ticks.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS));
             let Some(res) = vm.res.as_mut() else {
                 return false;
             };
             res.vcpu.load();
             res.vcpu.set_time_slice(slice);
+            let mut slice_end = now.saturating_add(slice);
             vm.deliver_interrupts(now, backend.tsc_hz());
             // The preemption timer counts guest time only; a VM that exits
             // all the time must still give the CPU up after a slice of
@@ -317,6 +364,17 @@ impl<B: Backend> Manager<B> {
                     break flow;
                 }
                 vm.deliver_interrupts(t1, backend.tsc_hz());
+                // The guest moved its timer earlier than the slice's end
+                // (reprogrammed a counter): end the slice in time for it,
+                // or a guest that spins waiting for that interrupt gets it
+                // only when the slice runs out.
+                let timer = vm.timer_tick.max(t1.saturating_add(MIN_SLICE_TICKS));
+                if timer < slice_end {
+                    if let Some(res) = vm.res.as_mut() {
+                        res.vcpu.set_time_slice(timer - t1);
+                    }
+                    slice_end = timer;
+                }
                 if t1 >= deadline {
                     vm.stats.slices_expired += 1;
                     break Flow::Yield;

@@ -457,3 +457,65 @@ fn a_guest_reset_starts_the_vm_again_under_the_same_id() {
     assert!(con.0.iter().any(|l| l == "vm 1 (tiny) restarted (reset 1)"), "{:?}", con.0);
     assert_eq!(be(&mut m).mem.frames_in_use(), baseline, "the first run's memory came back");
 }
+
+#[test]
+fn a_guest_timer_programmed_mid_slice_shortens_the_slice() {
+    let mut m = manager(8192);
+    // PIT counter 0, mode 2, count 1193 (1 ms; the mock clock runs at
+    // 1 MHz, so 1000 ticks), then exits that are not timer-related.
+    let mut script = vec![
+        step(|g| g.rax = 0x34, io(0x43, 1, true)),
+        step(|g| g.rax = 0xa9, io(0x40, 1, true)),
+        step(|g| g.rax = 0x04, io(0x40, 1, true)),
+    ];
+    script.extend((0..3).map(|_| step(|g| g.rax = 0, VmExit::Cpuid)));
+    be(&mut m).scripts.push_back(script);
+    m.run_vm("tiny", 4, "").unwrap();
+    let mut con = Lines::default();
+    m.run_slice(&mut con);
+    let vm = m.get(1).unwrap();
+    let slice = vm.res.as_ref().unwrap().vcpu.slice;
+    assert!(m.slice_ticks >= 10_000, "{}", m.slice_ticks);
+    assert!(
+        (900..1100).contains(&slice),
+        "the slice was armed for {slice} ticks, not to the timer about 1000 ticks on"
+    );
+}
+
+#[test]
+fn vm_run_fills_in_what_a_linux_guest_needs() {
+    let kernel = Box::leak(crate::loader::testutil::bzimage(&Default::default()).into_boxed_slice());
+    let images = vec![
+        GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) },
+        GuestImage { name: "linux".into(), bytes: kernel },
+        GuestImage { name: "linux-initrd".into(), bytes: &[7; 4096] },
+        GuestImage { name: "bare".into(), bytes: kernel },
+    ];
+    let mut m = Manager::new(Ok(MockBackend::new(16384)), images);
+    let d = |m: &Manager<MockBackend>, name, mem, mods: &[&str], cmd| {
+        let mods: Vec<String> = mods.iter().map(|s| s.to_string()).collect();
+        m.run_defaults(name, mem, &mods, cmd).unwrap()
+    };
+    let linux = (LINUX_MEM_MIB, vec![String::from("linux-initrd")], String::from("console=ttyS0"));
+    assert_eq!(d(&m, "linux", None, &[], None), linux);
+    assert_eq!(
+        d(&m, "linux", Some(64), &["x"], Some("quiet")),
+        (64, vec![String::from("x")], String::from("quiet")),
+        "what the operator gave is kept"
+    );
+    assert_eq!(d(&m, "linux", None, &[], Some("")).2, "", "an empty `--` is an empty command line");
+    assert_eq!(d(&m, "bare", None, &[], None).1, Vec::<String>::new(), "no <name>-initrd file, no initramfs");
+    assert_eq!(d(&m, "tiny", None, &[], None), (DEFAULT_MEM_MIB, Vec::new(), String::new()));
+    assert_eq!(
+        m.run_defaults("nope", None, &[], None).unwrap_err(),
+        "no guest named \"nope\" (available: tiny, linux, linux-initrd, bare)"
+    );
+    // The kernel is told the TSC's rate (the mock clock's 1 MHz), once,
+    // and not when the operator set it.
+    let id = m.run_vm_with("linux", 8, &[String::from("linux-initrd")], "console=ttyS0").unwrap();
+    assert_eq!(m.get(id).unwrap().cmdline, "console=ttyS0 tsc_early_khz=1000");
+    let id = m.run_vm_with("linux", 8, &[], "tsc_early_khz=5").unwrap();
+    assert_eq!(m.get(id).unwrap().cmdline, "tsc_early_khz=5");
+    let id = m.run_vm("tiny", 4, "x").unwrap();
+    assert_eq!(m.get(id).unwrap().cmdline, "x", "only Linux kernels get the hint");
+}

@@ -98,6 +98,11 @@ pub fn arm(deadline: u64) {
     write(REG_INITIAL_COUNT, count as u32);
 }
 
+/// How many timer interrupts the host has taken.
+pub fn fired() -> u64 {
+    FIRED.load(Ordering::Relaxed)
+}
+
 pub extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
     FIRED.fetch_add(1, Ordering::Relaxed);
     write(REG_EOI, 0);
