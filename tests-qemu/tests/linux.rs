@@ -90,6 +90,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert!(!t.contains("Marking TSC unstable"), "{t}");
     for want in [
         "Command line: console=ttyS0 tsc_early_khz=",
+        " tsc=reliable",
         // The TSC's rate came from the hypervisor: no calibration against
         // the emulated timers, no fallback to jiffies.
         "Calibrating delay loop (skipped), value calculated using timer frequency",

@@ -185,18 +185,23 @@ impl DeviceSet {
         self.intr = self.pic().output();
     }
 
-    /// Fire what is due by `now_ns`: the PIT's IRQ 0 edges (however many
-    /// passed, the guest sees one: an edge is latched until acknowledged,
-    /// as lost ticks are on a busy PC). Cheap when nothing is due.
+    /// Fire what is due by `now_ns`: the PIT's IRQ 0 edges. The PIC
+    /// latches one edge until the guest takes it; the edges beyond are owed
+    /// to the guest and raised one per acknowledge (`acknowledge_interrupt`),
+    /// so a guest that counts ticks keeps time even when it was not run for
+    /// several periods. Cheap when nothing is due.
     pub fn poll_timers(&mut self, now_ns: u64) {
         if self.next_timer_ns.is_some_and(|t| now_ns < t) {
             return;
         }
-        if self.pit().irq0_edges(now_ns) > 0 {
+        let edges = self.pit().irq0_edges(now_ns);
+        if edges > 0 {
+            let latched = self.pic().master_requested(0);
             let pic = self.pic();
             pic.set_irq(0, true);
             pic.set_irq(0, false);
             self.intr = self.pic().output();
+            self.pit().owe_ticks(edges - u64::from(!latched));
         }
         self.next_timer_ns = self.pit().next_irq0(now_ns).filter(|&t| t > now_ns);
     }
@@ -214,6 +219,13 @@ impl DeviceSet {
     /// The interrupt acknowledge cycle: the vector to inject.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
         let vector = self.pic().acknowledge();
+        if vector == self.pic().master_vector(0) && self.pit().take_owed_tick() {
+            // The next owed tick: latched now, delivered once the guest's
+            // EOI ends this one's service.
+            let pic = self.pic();
+            pic.set_irq(0, true);
+            pic.set_irq(0, false);
+        }
         self.intr = self.pic().output();
         vector
     }
@@ -510,6 +522,62 @@ mod tests {
         set.update_lines(due);
         set.pio_write(0x20, 1, 0x20, || due);
         assert!(!set.interrupt_pending());
+    }
+
+    /// A 10 ms PIT tick into a PIC at vectors 0x30/0x38; returns when the
+    /// first tick is due.
+    fn ticking_pc() -> (DeviceSet, u64) {
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        for (port, v) in [(0x43, 0x34), (0x40, 0x9c), (0x40, 0x2e)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        set.update_lines(0);
+        let due = set.next_timer().expect("the PIT is armed");
+        (set, due)
+    }
+
+    /// Takes every IRQ 0 the set offers at `now`, EOI after each.
+    fn take_ticks(set: &mut DeviceSet, now: u64) -> u32 {
+        let mut n = 0;
+        while set.interrupt_pending() {
+            assert_eq!(set.acknowledge_interrupt(), 0x30);
+            set.pio_write(0x20, 1, 0x20, || now);
+            set.update_lines(now);
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn ticks_a_guest_was_not_run_for_are_delivered_late_not_lost() {
+        let (mut set, due) = ticking_pc();
+        // Five periods pass before the VM runs again: five ticks, one per
+        // acknowledge and EOI, as the guest's handler would take them.
+        set.poll_timers(due * 5);
+        assert_eq!(take_ticks(&mut set, due * 5), 5);
+        assert_eq!(take_ticks(&mut set, due * 5), 0);
+        // Three more while the last was still latched (not yet taken).
+        set.poll_timers(due * 6);
+        set.poll_timers(due * 8);
+        assert_eq!(take_ticks(&mut set, due * 8), 3);
+        // A VM that stood still for an hour is owed at most MAX_OWED_TICKS
+        // (and the latched one).
+        let hour = 3_600_000_000_000;
+        set.poll_timers(hour);
+        assert_eq!(take_ticks(&mut set, hour), pit::MAX_OWED_TICKS + 1);
+        // Reprogramming counter 0 forgives what is owed.
+        set.poll_timers(hour + due * 4);
+        assert_eq!(set.acknowledge_interrupt(), 0x30);
+        for (port, v) in [(0x43, 0x34), (0x40, 0x9c), (0x40, 0x2e)] {
+            set.pio_write(port, 1, v, || hour + due * 4);
+        }
+        set.pio_write(0x20, 1, 0x20, || hour + due * 4);
+        set.update_lines(hour + due * 4);
+        assert_eq!(set.pit().owed_ticks(), 0);
+        assert_eq!(take_ticks(&mut set, hour + due * 4), 1, "only the edge the PIC had latched");
     }
 
     #[test]

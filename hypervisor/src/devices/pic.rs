@@ -452,6 +452,16 @@ impl Pic {
         self.cascade();
     }
 
+    /// The vector the master gives for its input `ir` (0-7).
+    pub fn master_vector(&self, ir: u8) -> u8 {
+        self.state.chips[0].vector(ir & 7)
+    }
+
+    /// Whether the master has a request latched on `ir` (0-7).
+    pub fn master_requested(&self, ir: u8) -> bool {
+        self.state.chips[0].irr & (1 << (ir & 7)) != 0
+    }
+
     /// Whether INTR to the CPU is asserted.
     pub fn output(&self) -> bool {
         self.state.chips[0].pending(self.slaves()).is_some()

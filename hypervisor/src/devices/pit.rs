@@ -141,7 +141,17 @@ pub struct PitState {
     pub refresh: bool,
     /// The latest VM time seen: time never runs backwards for the device.
     pub clock_ns: u64,
+    /// Counter 0's edges that found IRQ 0 still latched (the guest had not
+    /// taken the last one): owed to the guest, one per acknowledge, so a
+    /// guest that counts ticks keeps time when it was not run for a while
+    /// (KVM's PIT does the same, "reinject"). At most `MAX_OWED_TICKS`;
+    /// reprogramming counter 0 forgives them.
+    pub owed_ticks: u32,
 }
+
+/// The most ticks owed: a few seconds at Linux's HZ, so a VM that stood
+/// still for long does not spend as long again catching up.
+pub const MAX_OWED_TICKS: u32 = 1000;
 
 /// The 8254 with port 0x61.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -549,6 +559,7 @@ impl Pit {
                 port61: 0,
                 refresh: false,
                 clock_ns: 0,
+                owed_ticks: 0,
             },
         }
     }
@@ -613,6 +624,9 @@ impl Pit {
             c.latch_count(now);
         } else {
             c.write_control(value, now);
+            if select == 0 {
+                self.state.owed_ticks = 0;
+            }
         }
     }
 
@@ -659,9 +673,27 @@ impl Pit {
     }
 }
 
+impl Pit {
+    /// Counter 0 rose `n` more times than IRQ 0 could latch.
+    pub fn owe_ticks(&mut self, n: u64) {
+        self.state.owed_ticks = (u64::from(self.state.owed_ticks) + n).min(u64::from(MAX_OWED_TICKS)) as u32;
+    }
+
+    /// Takes one owed tick, if any.
+    pub fn take_owed_tick(&mut self) -> bool {
+        let owed = self.state.owed_ticks > 0;
+        self.state.owed_ticks -= u32::from(owed);
+        owed
+    }
+
+    pub fn owed_ticks(&self) -> u32 {
+        self.state.owed_ticks
+    }
+}
+
 impl Persist for Pit {
     type State = PitState;
-    const STATE_VERSION: u16 = 1;
+    const STATE_VERSION: u16 = 2;
 
     fn save(&self) -> PitState {
         self.state
@@ -699,6 +731,9 @@ impl Persist for Pit {
             }
             if i < 2 && !c.gate {
                 return Err(Invalid("the GATE of counter 0 or 1 is low; it is wired high"));
+            }
+            if s.owed_ticks > MAX_OWED_TICKS {
+                return Err(Invalid("more owed ticks than the timer keeps"));
             }
             if c.since_ns > s.clock_ns {
                 return Err(Invalid("a counter started after the timer's clock"));

@@ -72,6 +72,28 @@ pub struct Manager<B: Backend> {
     pub host_epoch: u64,
 }
 
+/// What Linux is told about its TSC, unless its command line says
+/// otherwise (Linux's kernel-parameters.txt):
+/// - `tsc_early_khz=`: its rate. Linux calibrates the TSC against the PIT or
+///   the PM timer, which fails when every read of them is a slow exit
+///   (nested emulation); AMD CPUs have no CPUID leaf for the rate and
+///   Intel's 0x15 is often absent.
+/// - `tsc=reliable`: no clocksource watchdog. The guest's TSC is the host's
+///   plus a constant, and the timers the watchdog would check it against
+///   (PIT, PM timer) are emulated from that same TSC, so the watchdog can
+///   only ever see the VM not being run for a while, and would then switch
+///   the guest to a jiffies clock for good.
+pub fn linux_timing_hints(cmdline: &str, tsc_hz: u64) -> String {
+    let mut line = String::from(cmdline);
+    if !cmdline.contains("tsc_early_khz=") {
+        line.push_str(&format!(" tsc_early_khz={}", tsc_hz / 1000));
+    }
+    if !cmdline.split_whitespace().any(|w| w.starts_with("tsc=")) {
+        line.push_str(" tsc=reliable");
+    }
+    String::from(line.trim_start())
+}
+
 impl<B: Backend> Manager<B> {
     pub fn new(mut backend: Result<B, String>, images: Vec<GuestImage>) -> Self {
         let slice_ticks = backend.as_ref().map_or(1_000_000, |b| (b.tsc_hz() / 100).max(10_000));
@@ -180,15 +202,10 @@ impl<B: Backend> Manager<B> {
                 HEAP_RESERVE >> 10
             ));
         }
-        // Linux calibrates the TSC against the PIT or the PM timer, which
-        // fails when every read of them is a slow exit (under nested
-        // emulation); the guest's TSC runs at the host's rate, so tell it
-        // (`tsc_early_khz=`, Linux's kernel-parameters.txt): AMD CPUs have
-        // no CPUID leaf for it, Intel's 0x15 is often absent.
         let hinted;
-        let cmdline = if crate::loader::linux::is_linux(image) && !cmdline.contains("tsc_early_khz=") {
-            hinted = format!("{cmdline} tsc_early_khz={}", backend.tsc_hz() / 1000);
-            hinted.trim_start()
+        let cmdline = if crate::loader::linux::is_linux(image) {
+            hinted = linux_timing_hints(cmdline, backend.tsc_hz());
+            hinted.as_str()
         } else {
             cmdline
         };

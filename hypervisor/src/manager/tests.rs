@@ -513,9 +513,11 @@ fn vm_run_fills_in_what_a_linux_guest_needs() {
     // The kernel is told the TSC's rate (the mock clock's 1 MHz), once,
     // and not when the operator set it.
     let id = m.run_vm_with("linux", 8, &[String::from("linux-initrd")], "console=ttyS0").unwrap();
-    assert_eq!(m.get(id).unwrap().cmdline, "console=ttyS0 tsc_early_khz=1000");
+    assert_eq!(m.get(id).unwrap().cmdline, "console=ttyS0 tsc_early_khz=1000 tsc=reliable");
     let id = m.run_vm_with("linux", 8, &[], "tsc_early_khz=5").unwrap();
-    assert_eq!(m.get(id).unwrap().cmdline, "tsc_early_khz=5");
+    assert_eq!(m.get(id).unwrap().cmdline, "tsc_early_khz=5 tsc=reliable");
+    let id = m.run_vm_with("linux", 8, &[], "tsc=unstable").unwrap();
+    assert_eq!(m.get(id).unwrap().cmdline, "tsc=unstable tsc_early_khz=1000");
     let id = m.run_vm("tiny", 4, "x").unwrap();
     assert_eq!(m.get(id).unwrap().cmdline, "x", "only Linux kernels get the hint");
 }
