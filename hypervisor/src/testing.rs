@@ -112,6 +112,11 @@ impl Vcpu for MockVcpu {
     fn cpl(&self) -> u8 {
         self.cpl
     }
+    fn complete_emulated(&mut self, rip: u64, rflags: u64) {
+        self.state.rip = rip;
+        self.rflags = rflags;
+        self.state.interrupt_shadow = false;
+    }
     fn skip_instruction(&mut self) {
         self.skipped += 1;
         self.state.rip += 2;

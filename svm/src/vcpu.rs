@@ -637,6 +637,13 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         self.vmcb.set_u64(ctl::INTERRUPT_SHADOW, 0);
     }
 
+    fn complete_emulated(&mut self, rip: u64, rflags: u64) {
+        self.skip = Skip::None;
+        self.vmcb.set_u64(save::RIP, rip);
+        self.vmcb.set_u64(save::RFLAGS, rflags);
+        self.vmcb.set_u64(ctl::INTERRUPT_SHADOW, 0);
+    }
+
     fn state(&self) -> GuestState {
         let mut s = GuestState { gprs: self.gprs, ..Default::default() };
         self.vmcb.store_state(&mut s);

@@ -100,6 +100,10 @@ pub trait Vcpu {
     fn cpl(&self) -> u8;
     /// Moves RIP past the instruction that caused the last exit.
     fn skip_instruction(&mut self);
+    /// Ends an instruction the hypervisor emulated (an MMIO access): RIP
+    /// and RFLAGS take the values it left, and an STI/MOV SS interrupt
+    /// shadow ends with it.
+    fn complete_emulated(&mut self, rip: u64, rflags: u64);
 
     /// The complete architectural state.
     fn state(&self) -> GuestState;
@@ -175,6 +179,9 @@ impl<T: Vcpu + ?Sized> Vcpu for alloc::boxed::Box<T> {
     }
     fn skip_instruction(&mut self) {
         (**self).skip_instruction()
+    }
+    fn complete_emulated(&mut self, rip: u64, rflags: u64) {
+        (**self).complete_emulated(rip, rflags)
     }
     fn state(&self) -> GuestState {
         (**self).state()

@@ -670,6 +670,15 @@ impl vcpu::Vcpu for VmxVcpu {
         }
     }
 
+    fn complete_emulated(&mut self, rip: u64, rflags: u64) {
+        self.write_hot(guest::RIP, rip);
+        self.write_hot(guest::RFLAGS, rflags);
+        let intr = self.read_hot(guest::INTERRUPTIBILITY_STATE);
+        if intr & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 {
+            self.write_hot(guest::INTERRUPTIBILITY_STATE, intr & !(BLOCKING_STI | BLOCKING_MOV_SS));
+        }
+    }
+
     fn state(&self) -> GuestState {
         let mut s = GuestState { gprs: self.gprs, ..Default::default() };
         for (seg, &(sel, base, limit, ar)) in segs_mut(&mut s).into_iter().zip(SEGS.iter()) {

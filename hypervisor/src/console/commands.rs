@@ -270,9 +270,10 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
         vm.nested_pages[2], vm.nested_pages[1], vm.nested_pages[0]
     ));
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  unbacked port accesses: {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  unbacked port accesses: {}\n  device register accesses (emulated): {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.unbacked_io,
+        vm.stats.mmio,
         vm.devices.com1_bytes_out(),
         vm.overhead_bytes,
         vm.overhead_bytes.div_ceil(1024),
@@ -302,6 +303,7 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
         o.insert("exits_by_reason".into(), Value::Object(by_reason));
         o.insert("run_ticks".into(), json!(vm.stats.run_ticks));
         o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
+        o.insert("mmio".into(), json!(vm.stats.mmio));
         o.insert("slices_expired".into(), json!(vm.stats.slices_expired));
         o.insert("uart_bytes_out".into(), json!(vm.devices.com1_bytes_out()));
         o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));

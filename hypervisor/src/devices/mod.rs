@@ -11,6 +11,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+mod interrupts;
 pub mod ioapic;
 pub mod lapic;
 pub mod persist;
@@ -23,11 +24,30 @@ use alloc::vec::Vec;
 
 use acpi_pm::AcpiPm;
 pub use bus::Bus;
+pub use interrupts::ioapic_pin;
+use ioapic::IoApic;
+use lapic::{Lapic, LapicConfig};
 pub use persist::{Persist, RestoreError, SavedDevice};
 use pic::Pic;
 use pit::Pit;
 use rtc::Rtc;
 use uart::Uart;
+
+/// `f`, called at most once: its first answer is kept.
+fn once(f: impl Fn() -> u64) -> impl Fn() -> u64 {
+    let kept = core::cell::Cell::new(None);
+    move || {
+        kept.get().unwrap_or_else(|| {
+            let v = f();
+            kept.set(Some(v));
+            v
+        })
+    }
+}
+
+/// The interrupt controllers' names in saved state (they sit on no port).
+const LAPIC_NAME: &str = "lapic0";
+const IOAPIC_NAME: &str = "ioapic";
 
 /// The debug-exit port: a write of V ends the VM with status (V << 1) | 1,
 /// like QEMU's `isa-debug-exit` device, so test kernels written for QEMU
@@ -132,10 +152,27 @@ pub struct DeviceSet {
     /// When the PIT's next IRQ 0 edge is due (VM clock, ns), if armed: a
     /// cache so that most exits check one number instead of the timer.
     next_timer_ns: Option<u64>,
-    /// Whether the PIC asserts INTR (kept up to date by every change of
-    /// its inputs or state, so the exit path reads one flag).
+    /// Whether an interrupt waits for the vCPU, from the PIC or the local
+    /// APIC (kept up to date by every change of their inputs or state, so
+    /// the exit path reads one flag).
     intr: bool,
+    /// The vCPU's local APIC (each vCPU will have its own).
+    lapic: Lapic,
+    ioapic: IoApic,
+    /// The guest's TSC minus the host's, and the TSC's rate: a TSC-deadline
+    /// timer counts in guest TSC.
+    tsc_offset: u64,
+    tsc_hz: u64,
 }
+
+/// The local APIC as firmware leaves the boot processor (SeaBIOS does the
+/// same, and KVM's reset of the BSP): software-enabled with spurious vector
+/// 0xff, LINT0 ExtINT (the PIC's INTR passes: "virtual wire mode", MP spec
+/// 3.6.2.2), LINT1 NMI.
+const FIRMWARE_LAPIC: [(u64, u32); 3] = [(0xf0, 0x1ff), (0x350, 0x700), (0x360, 0x400)];
+
+/// The I/O APIC's ID (the MADT says the same).
+pub const IOAPIC_ID: u8 = 1;
 
 impl DeviceSet {
     /// The legacy PC pieces every VM has: COM1 at 0x3f8, the CMOS clock at
@@ -143,7 +180,26 @@ impl DeviceSet {
     /// telling `ram_bytes` of RAM), the PICs at 0x20/0xa0 (ELCR at 0x4d0),
     /// the PIT at 0x40 with port 0x61, and the debug-exit port at 0xf4.
     pub fn pc(host_epoch: u64, ram_bytes: u64) -> Self {
-        let mut set = DeviceSet { devices: Vec::new(), pio: Bus::default(), next_timer_ns: None, intr: false };
+        let lapic = Lapic::new(LapicConfig {
+            id: 0,
+            bsp: true,
+            bus_hz: lapic::DEFAULT_BUS_HZ,
+            tsc_hz: lapic::DEFAULT_BUS_HZ,
+            phys_addr_bits: 36,
+        });
+        let mut set = DeviceSet {
+            devices: Vec::new(),
+            pio: Bus::default(),
+            next_timer_ns: None,
+            intr: false,
+            lapic,
+            ioapic: IoApic::new(IOAPIC_ID),
+            tsc_offset: 0,
+            tsc_hz: lapic::DEFAULT_BUS_HZ,
+        };
+        for (offset, value) in FIRMWARE_LAPIC {
+            let _ = set.lapic.write(offset, value, 0);
+        }
         // Fixed, non-overlapping ranges: these inserts cannot fail. COM1
         // first: `com1()` finds it at COM1_INDEX.
         let _ = set.add_pio("com1", &[(COM1_BASE, 8)], Device::Uart(Uart::default()));
@@ -157,6 +213,36 @@ impl DeviceSet {
         debug_assert!(matches!(set.devices[PIC_INDEX].1, Device::Pic(_)));
         debug_assert!(matches!(set.devices[PIT_INDEX].1, Device::Pit(_)));
         set
+    }
+
+    /// The vCPU's view of the TSC: its rate, the offset the backend adds,
+    /// and MAXPHYADDR as CPUID tells it (IA32_APIC_BASE's reserved bits).
+    /// A new VM's local APIC is built again for them; call before it runs.
+    pub fn set_cpu(&mut self, tsc_offset: u64, tsc_hz: u64, phys_addr_bits: u8) {
+        self.tsc_offset = tsc_offset;
+        self.tsc_hz = tsc_hz.max(1);
+        self.lapic = Lapic::new(LapicConfig {
+            id: 0,
+            bsp: true,
+            bus_hz: lapic::DEFAULT_BUS_HZ,
+            tsc_hz: self.tsc_hz,
+            phys_addr_bits,
+        });
+        for (offset, value) in FIRMWARE_LAPIC {
+            let _ = self.lapic.write(offset, value, 0);
+        }
+    }
+
+    /// The guest wrote its TSC: the backend's offset changed.
+    pub fn set_tsc_offset(&mut self, tsc_offset: u64) {
+        self.tsc_offset = tsc_offset;
+        self.next_timer_ns = None;
+    }
+
+    /// The guest's TSC at VM time `now_ns` (the host's TSC in ns).
+    fn guest_tsc(&self, now_ns: u64) -> u64 {
+        let host = (u128::from(now_ns) * u128::from(self.tsc_hz) / 1_000_000_000) as u64;
+        host.wrapping_add(self.tsc_offset)
     }
 
     fn pic(&mut self) -> &mut Pic {
@@ -179,10 +265,10 @@ impl DeviceSet {
     /// is looked up again (the guest may have reprogrammed it).
     pub fn update_lines(&mut self, now_ns: u64) {
         let com1 = self.com1().irq();
-        self.pic().set_irq(4, com1);
+        self.set_isa_irq(4, com1);
         self.next_timer_ns = None;
         self.poll_timers(now_ns);
-        self.intr = self.pic().output();
+        self.refresh_intr();
     }
 
     /// Fire what is due by `now_ns`: the PIT's IRQ 0 edges. The PIC
@@ -197,13 +283,20 @@ impl DeviceSet {
         let edges = self.pit().irq0_edges(now_ns);
         if edges > 0 {
             let latched = self.pic().master_requested(0);
-            let pic = self.pic();
-            pic.set_irq(0, true);
-            pic.set_irq(0, false);
-            self.intr = self.pic().output();
+            self.pulse_isa_irq(0);
             self.pit().owe_ticks(edges - u64::from(!latched));
         }
-        self.next_timer_ns = self.pit().next_irq0(now_ns).filter(|&t| t > now_ns);
+        let tsc = self.guest_tsc(now_ns);
+        self.lapic.tick(now_ns, tsc);
+        self.refresh_intr();
+        let pit = self.pit().next_irq0(now_ns).filter(|&t| t > now_ns);
+        // A deadline at or before now was delivered by `tick`; a rounding
+        // of TSC to ns could name now again: then look again in 1 ns.
+        let lapic = self.lapic.next_timer_deadline(now_ns, tsc).map(|t| t.max(now_ns + 1));
+        self.next_timer_ns = match (pit, lapic) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 
     /// When the next timer interrupt is due, if one is armed.
@@ -216,8 +309,8 @@ impl DeviceSet {
         self.intr
     }
 
-    /// The interrupt acknowledge cycle: the vector to inject.
-    pub fn acknowledge_interrupt(&mut self) -> u8 {
+    /// The PIC's interrupt acknowledge cycle: its vector.
+    fn acknowledge_pic(&mut self) -> u8 {
         let vector = self.pic().acknowledge();
         if vector == self.pic().master_vector(0) && self.pit().take_owed_tick() {
             // The next owed tick: latched now, delivered once the guest's
@@ -226,7 +319,6 @@ impl DeviceSet {
             pic.set_irq(0, true);
             pic.set_irq(0, false);
         }
-        self.intr = self.pic().output();
         vector
     }
 
@@ -276,6 +368,10 @@ impl DeviceSet {
     /// its own, and lanes no device decodes read as all-ones. `now_ns` is
     /// the VM's clock, asked only by devices that keep time.
     pub fn pio_read(&mut self, port: u16, size: u8, now_ns: impl Fn() -> u64) -> PortEffect {
+        // One clock reading for the whole access: the byte lanes of a wide
+        // read of a counter (the PM timer) must come from one instant.
+        let now = once(now_ns);
+        let now_ns = || now();
         // The usual case first, on the exit path: one device decodes the
         // whole access (one lookup, then its lanes).
         if let Some((i, offset, rest)) = self.pio.find_with_rest(port.into())
@@ -307,6 +403,8 @@ impl DeviceSet {
     /// A guest `out` of `size` bytes of `value` to `port` (byte lanes as for
     /// [`Self::pio_read`]; the debug-exit port takes the whole value).
     pub fn pio_write(&mut self, port: u16, size: u8, value: u32, now_ns: impl Fn() -> u64) -> PortEffect {
+        let now = once(now_ns);
+        let now_ns = || now();
         let first = self.pio.find_with_rest(port.into());
         if let Some((i, offset, rest)) = first {
             if matches!(self.devices[i].1, Device::DebugExit) {
@@ -354,6 +452,7 @@ impl DeviceSet {
                 // Stateless: nothing to carry.
                 Device::DebugExit => None,
             })
+            .chain([persist::save(LAPIC_NAME, &self.lapic), persist::save(IOAPIC_NAME, &self.ioapic)])
             .collect()
     }
 
@@ -364,7 +463,8 @@ impl DeviceSet {
             if saved[..k].iter().any(|o| o.name == s.name) {
                 return Err(RestoreError::Duplicate(s.name.clone()));
             }
-            if !self.devices.iter().any(|(name, d)| *name == s.name && !matches!(d, Device::DebugExit)) {
+            let controller = s.name == LAPIC_NAME || s.name == IOAPIC_NAME;
+            if !controller && !self.devices.iter().any(|(name, d)| *name == s.name && !matches!(d, Device::DebugExit)) {
                 return Err(RestoreError::UnknownDevice(s.name.clone()));
             }
         }
@@ -380,6 +480,9 @@ impl DeviceSet {
                 Device::DebugExit => None,
             });
         }
+        let find = |name: &'static str| saved.iter().find(|s| s.name == name).ok_or(RestoreError::MissingDevice(name));
+        let lapic = persist::decode::<Lapic>(LAPIC_NAME, find(LAPIC_NAME)?)?;
+        let ioapic = persist::decode::<IoApic>(IOAPIC_NAME, find(IOAPIC_NAME)?)?;
         for ((_, d), state) in self.devices.iter_mut().zip(states) {
             match (d, state) {
                 (Device::Uart(u), Some(Decoded::Uart(s))) => u.restore(s),
@@ -391,9 +494,11 @@ impl DeviceSet {
                 _ => {}
             }
         }
-        // The timer and the PIC were replaced wholesale: look again.
+        self.lapic.restore(lapic);
+        self.ioapic.restore(ioapic);
+        // The timers and controllers were replaced wholesale: look again.
         self.next_timer_ns = None;
-        self.intr = self.pic().output();
+        self.refresh_intr();
         Ok(())
     }
 }
@@ -467,11 +572,17 @@ mod tests {
     fn a_restore_is_all_or_nothing() {
         let mut a = DeviceSet::pc(0, 16 << 20);
         a.pio_write(COM1_BASE + 7, 1, 0x11, || 0);
+        // The local APIC's TPR and an I/O APIC redirection entry.
+        assert!(a.mmio_write(0xfee0_0080, 4, 0x20, 0));
+        assert!(a.mmio_write(0xfec0_0000, 4, 0x12, 0));
+        assert!(a.mmio_write(0xfec0_0010, 4, 0x31, 0));
         let saved = a.save();
-        assert_eq!(saved.len(), 5, "all but the debug-exit port, which has no state");
+        assert_eq!(saved.len(), 7, "all but the debug-exit port, which has no state, and both APICs");
         let mut b = DeviceSet::pc(0, 16 << 20);
         b.restore(&saved).unwrap();
         assert_eq!(b.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x11));
+        assert_eq!(b.mmio_read(0xfee0_0080, 4, 0), Some(0x20));
+        assert_eq!(b.mmio_read(0xfec0_0010, 4, 0), Some(0x31), "IOREGSEL and the entry came along");
 
         let before = b.save();
         let mut extra = saved.clone();
@@ -578,6 +689,81 @@ mod tests {
         set.update_lines(hour + due * 4);
         assert_eq!(set.pit().owed_ticks(), 0);
         assert_eq!(take_ticks(&mut set, hour + due * 4), 1, "only the edge the PIC had latched");
+    }
+
+    #[test]
+    fn the_pit_reaches_the_local_apic_through_the_io_apic() {
+        let (mut set, due) = ticking_pc();
+        // Linux with an I/O APIC: the PICs masked, LINT0 masked, IRQ 0 on
+        // pin 2 as vector 0x30, fixed, physical destination APIC 0.
+        set.pio_write(0x21, 1, 0xff, || 0);
+        assert!(set.mmio_write(0xfee0_0350, 4, 1 << 16, 0));
+        assert!(set.mmio_write(0xfec0_0000, 4, 0x10 + 2 * 2, 0));
+        assert!(set.mmio_write(0xfec0_0010, 4, 0x30, 0));
+        set.poll_timers(due);
+        assert!(set.interrupt_pending());
+        assert_eq!(set.acknowledge_interrupt(), 0x30);
+        assert!(!set.interrupt_pending(), "in service, not requested again");
+        // ISR bits 63:32 (vectors 0x20-0x3f) are at offset 0x110.
+        assert_eq!(set.mmio_read(0xfee0_0110, 4, due), Some(1 << (0x30 - 0x20)), "ISR");
+        // EOI through the local APIC.
+        assert!(set.mmio_write(0xfee0_00b0, 4, 0, due));
+        assert_eq!(set.mmio_read(0xfee0_0110, 4, due), Some(0));
+        set.poll_timers(2 * due);
+        assert_eq!(set.acknowledge_interrupt(), 0x30, "the next tick");
+        // Narrow and unbacked accesses: bytes of a register, nothing claimed
+        // outside the two pages.
+        assert_eq!(set.mmio_read(0xfee0_0033, 1, 0), Some(0x00), "version register, top byte");
+        assert_eq!(set.mmio_read(0xfee0_0030, 2, 0), Some(0x0014));
+        assert!(!set.claims_mmio(0xfed0_0000));
+        assert_eq!(set.mmio_read(0xfed0_0000, 4, 0), None);
+    }
+
+    #[test]
+    fn local_apic_timers_fire_in_one_shot_and_tsc_deadline_modes() {
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        // TSC at 2 GHz, guest TSC = host TSC + 1000.
+        set.set_cpu(1000, 2_000_000_000, 39);
+        set.pio_write(0x21, 1, 0xff, || 0);
+        // One-shot, vector 0x40, divide by 1, 5000 counts of the 1 GHz bus.
+        assert!(set.mmio_write(0xfee0_03e0, 4, 0b1011, 0));
+        assert!(set.mmio_write(0xfee0_0320, 4, 0x40, 0));
+        assert!(set.mmio_write(0xfee0_0380, 4, 5000, 0));
+        assert_eq!(set.next_timer(), Some(5000));
+        set.poll_timers(4999);
+        assert!(!set.interrupt_pending());
+        set.poll_timers(5000);
+        assert_eq!(set.acknowledge_interrupt(), 0x40);
+        assert!(set.mmio_write(0xfee0_00b0, 4, 0, 5000));
+        assert_eq!(set.next_timer(), None, "one-shot: nothing more");
+        // TSC-deadline mode, vector 0x41, deadline at guest TSC 1000 +
+        // 20000 (10 us of host TSC after 0).
+        assert!(set.mmio_write(0xfee0_0320, 4, 0x41 | (2 << 17), 5000));
+        assert_eq!(set.lapic_write_msr(lapic::IA32_TSC_DEADLINE, 21_000, 5000), Some(Ok(())));
+        assert_eq!(set.next_timer(), Some(10_000));
+        set.poll_timers(10_000);
+        assert_eq!(set.acknowledge_interrupt(), 0x41);
+        assert_eq!(set.lapic_read_msr(lapic::IA32_TSC_DEADLINE, 10_000), Some(Ok(0)), "disarmed");
+        assert_eq!(set.lapic_read_msr(0x10, 0), None, "not the APIC's");
+        // IA32_APIC_BASE: relocating the page moves what MMIO reaches.
+        assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, 0xfed0_0000 | (1 << 11) | (1 << 8), 0), Some(Ok(())));
+        assert!(set.claims_mmio(0xfed0_0030) && !set.claims_mmio(0xfee0_0030));
+        assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, 1 << 45, 0), Some(Err(lapic::Gp)), "past MAXPHYADDR");
+    }
+
+    #[test]
+    fn a_wide_read_takes_one_clock_reading() {
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        let reads = core::cell::Cell::new(0u64);
+        // A clock that moves 1 ms per reading: byte lanes read at different
+        // instants would mix counter values.
+        let clock = || {
+            reads.set(reads.get() + 1);
+            reads.get() * 1_000_000
+        };
+        let PortEffect::Done(v) = set.pio_read(crate::firmware::acpi::PM_TMR, 4, clock) else { panic!() };
+        assert_eq!(reads.get(), 1);
+        assert_eq!(v, acpi_pm::AcpiPm::timer(1_000_000));
     }
 
     #[test]

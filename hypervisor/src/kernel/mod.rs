@@ -233,6 +233,9 @@ fn serve<B: HostBackend>(
     }
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
+    // The MMIO instruction decoder's tables, built now rather than at a
+    // guest's first device access.
+    hypervisor::emulator::warm_up();
     let mut manager = Manager::new(backend, images);
     // Guests' clocks start from the host's: its Unix time when the TSC
     // (the backends' clock) was 0.

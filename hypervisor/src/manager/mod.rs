@@ -218,13 +218,12 @@ impl<B: Backend> Manager<B> {
         let loaded = {
             let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
             // The firmware's ACPI tables in the BIOS area (the e820 map
-            // reserves it), written first so an image placed there wins.
-            // No MADT yet: the local APIC is not connected, so a guest must
-            // not find one.
+            // reserves it), written first so an image placed there wins:
+            // the MADT names the vCPU's local APIC and the I/O APIC.
             let acpi = firmware::acpi::build(&firmware::acpi::Config {
-                apic_ids: Vec::new(),
-                ioapic: None,
-                lapic_address: 0xfee0_0000,
+                apic_ids: alloc::vec![0],
+                ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
+                lapic_address: crate::devices::lapic::DEFAULT_BASE as u32,
             });
             let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
             boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))
@@ -256,6 +255,9 @@ impl<B: Backend> Manager<B> {
                 PageSize::Size1G => 2,
             }] += 1;
         }
+        let phys_bits = backend.host_cpuid(0x8000_0008, 0).eax as u8;
+        let mut devices = crate::devices::DeviceSet::pc(self.host_epoch, size);
+        devices.set_cpu(state.tsc_offset, backend.tsc_hz(), phys_bits.clamp(36, 52));
         let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
         let now = backend.now();
         Ok(Box::new(Vm {
@@ -268,7 +270,7 @@ impl<B: Backend> Manager<B> {
             reboots: 0,
             state: RunState::Running,
             stats: VmStats { started_tsc: now, ..Default::default() },
-            devices: crate::devices::DeviceSet::pc(self.host_epoch, size),
+            devices,
             timer_tick: u64::MAX,
             paused: false,
             msrs: Default::default(),

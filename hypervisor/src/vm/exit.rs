@@ -5,18 +5,18 @@
 
 use alloc::format;
 use alloc::string::String;
-use vcpu::state::bits::{CR4_OSXSAVE, RFLAGS_IF};
+use vcpu::state::bits::{CR4_OSXSAVE, RFLAGS_IF, RFLAGS_TF};
 use vcpu::{Activity, Event, ExitKind, IoAccess, MemAccess, Reg, Vcpu, VmExit};
 
 use mm::addr::GuestPhysAddr;
 use mm::vm_memory::{AccessKind, FaultOutcome, PageState, StateCounts};
 
 use super::interrupts::ns_to_ticks;
-use super::{Resources, RunState, Vm, regs};
+use super::{Resources, RunState, Vm, mmio, regs};
 use crate::backend::Backend;
-use crate::cpuid;
 use crate::devices::{self, PortEffect};
 use crate::memory::{GuestMemory, HostMemory};
+use crate::{cpuid, emulator};
 use crate::{hypercall, msr};
 use mm::paging::EntryFormat;
 
@@ -163,7 +163,12 @@ impl<B: Backend> Vm<B> {
                 Flow::Continue
             }
             VmExit::Rdmsr { msr: index } => {
-                match msr::read(index, &self.msrs) {
+                let now_ns = ticks_to_ns(backend.now(), backend.tsc_hz());
+                let value = match self.devices.lapic_read_msr(index, now_ns) {
+                    Some(r) => r.ok(),
+                    None => msr::read(index, &self.msrs),
+                };
+                match value {
                     Some(v) => {
                         let g = vcpu.gprs_mut();
                         g.rax = v & 0xffff_ffff;
@@ -177,12 +182,24 @@ impl<B: Backend> Vm<B> {
             VmExit::Wrmsr { msr: msr::IA32_TSC, value } => {
                 // Writing the TSC moves the guest's clock: the offset the
                 // hardware adds becomes value minus the host's TSC now.
-                vcpu.set_reg(Reg::TscOffset, value.wrapping_sub(backend.now()));
+                let offset = value.wrapping_sub(backend.now());
+                vcpu.set_reg(Reg::TscOffset, offset);
+                self.devices.set_tsc_offset(offset);
                 vcpu.skip_instruction();
+                self.timer_tick = self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
                 Flow::Continue
             }
             VmExit::Wrmsr { msr: index, value } => {
-                if msr::write(index, value, &mut self.msrs) {
+                let now_ns = ticks_to_ns(backend.now(), backend.tsc_hz());
+                let done = match self.devices.lapic_write_msr(index, value, now_ns) {
+                    Some(r) => {
+                        self.timer_tick =
+                            self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
+                        r.is_ok()
+                    }
+                    None => msr::write(index, value, &mut self.msrs),
+                };
+                if done {
                     vcpu.skip_instruction();
                 } else {
                     vcpu.inject(Event::GP0);
@@ -221,6 +238,10 @@ impl<B: Backend> Vm<B> {
                 let allowed =
                     cpuid::cr4_allowed(|l, s| cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks()));
                 let r = regs::cr_access(vcpu, cr, access, allowed);
+                if cr == 8 && matches!(access, vcpu::CrAccess::MovTo { .. }) && r.is_ok() {
+                    // CR8 is the local APIC's TPR[7:4] (SDM Vol. 3A 11.8.6.1).
+                    self.devices.set_cr8(vcpu.reg(Reg::Cr8));
+                }
                 complete(vcpu, r)
             }
             VmExit::DrAccess { dr, gpr, write } => {
@@ -402,6 +423,9 @@ impl<B: Backend> Vm<B> {
                 }
                 return Flow::Continue;
             }
+            FaultOutcome::OutsideMemory | FaultOutcome::Mmio { .. } if self.devices.claims_mmio(gpa) => {
+                return self.emulate_mmio(gpa, access, gva, backend, host, console);
+            }
             FaultOutcome::OutsideMemory | FaultOutcome::Mmio { .. } => self.fault_report(gpa, access, gva, backend),
             FaultOutcome::Poisoned => format!("machine check: guest-physical {gpa:#x} is poisoned"),
             // Not this VM's doing as such: nothing changed, RIP still names
@@ -414,6 +438,84 @@ impl<B: Backend> Vm<B> {
                 format!("{} of guest-physical {gpa:#x} could not be resolved: {e}", access.as_str())
             }
         };
+        self.end(RunState::Stopped { reason }, backend, console);
+        Flow::Stop
+    }
+
+    /// An access to a device's registers: the instruction is emulated
+    /// (`emulator`), RIP moves past it, and the devices' interrupts and
+    /// timers are looked at again. A fault the instruction would raise
+    /// goes to the guest; an instruction the emulator cannot carry out
+    /// ends the VM with a report naming it.
+    fn emulate_mmio(
+        &mut self,
+        gpa: u64,
+        access: MemAccess,
+        gva: Option<u64>,
+        backend: &mut B,
+        host: &mut HostMemory,
+        console: &mut impl Console,
+    ) -> Flow {
+        let Some(Resources { mem, vcpu }) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let state = vcpu.state();
+        let hz = backend.tsc_hz();
+        let now_ns = ticks_to_ns(backend.now(), hz);
+        let fault = emulator::MmioFault { gpa, access, gva };
+        let devices = &mut self.devices;
+        let (result, rip, rflags) = host.with_hooks(self.id, |hooks| {
+            let mut p = mmio::VmPlatform {
+                vcpu: &mut *vcpu,
+                state: &state,
+                rip: state.rip,
+                rflags: state.rflags,
+                mem,
+                alloc: backend.mem(),
+                hooks,
+                devices,
+                now_ns,
+                accesses: 0,
+            };
+            let r = emulator::emulate(&mut p, &fault);
+            (r, p.rip, p.rflags)
+        });
+        self.stats.mmio += 1;
+        let reason = match result {
+            Ok(done) => {
+                if done.completed {
+                    vcpu.complete_emulated(rip, rflags);
+                    if state.rflags & RFLAGS_TF != 0 {
+                        // The single-step trap of the emulated instruction
+                        // (SDM Vol. 3A 18.3.1.4: DR6.BS).
+                        let dr6 = vcpu.reg(Reg::Dr6);
+                        vcpu.set_reg(Reg::Dr6, dr6 | (1 << 14));
+                        vcpu.inject(Event::DB);
+                    }
+                } else {
+                    vcpu.complete_emulated(state.rip, rflags);
+                }
+                self.timers_changed(hz);
+                return Flow::Continue;
+            }
+            Err(e) => match e.fault() {
+                Some(event) => {
+                    if let emulator::Error::PageFault { gva, .. } = e {
+                        // CR2 is only in the whole state: a rare path.
+                        let mut s = vcpu.state();
+                        s.cr2 = gva;
+                        let _ = vcpu.set_state(&s);
+                    }
+                    vcpu.inject(event);
+                    return Flow::Continue;
+                }
+                None => format!(
+                    "{} of device registers at guest-physical {gpa:#x} could not be emulated: {e}",
+                    access.as_str()
+                ),
+            },
+        };
+        let reason = self.with_code_bytes(format!("{reason} at rip {:#x}", state.rip), backend);
         self.end(RunState::Stopped { reason }, backend, console);
         Flow::Stop
     }

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod conformance;
 pub mod exit;
 pub mod interrupts;
+pub mod mmio;
 pub mod regs;
 use vcpu::walk;
 
@@ -76,6 +77,8 @@ pub struct VmStats {
     pub ended_tsc: Option<u64>,
     /// Reads and writes of ports no device decodes.
     pub unbacked_io: u64,
+    /// Accesses to device registers in guest-physical memory (emulated).
+    pub mmio: u64,
     /// Time slices that ran out (timer exit or wall-clock check) and made
     /// the VM give the CPU up.
     pub slices_expired: u64,

@@ -430,6 +430,12 @@ impl Lapic {
         Lapic { s }
     }
 
+    /// The spurious-interrupt vector (SVR bits 7:0), what an acknowledge
+    /// with nothing to deliver gives.
+    pub fn spurious_vector(&self) -> u8 {
+        self.s.svr as u8
+    }
+
     /// The mode IA32_APIC_BASE selects.
     pub fn mode(&self) -> Mode {
         match (self.s.apic_base & BASE_EN != 0, self.s.apic_base & BASE_EXTD != 0) {

@@ -1,0 +1,123 @@
+//! A guest access to a device's registers in guest-physical memory (the
+//! local APIC's page, the I/O APIC's): the nested page fault names the
+//! address but not the value or the register, so the instruction is
+//! decoded and carried out by `emulator` through [`VmPlatform`], over the
+//! vCPU's registers, guest RAM (through `mm`, so page-ins and dirty logging
+//! apply) and the VM's devices.
+
+use mm::addr::GuestPhysAddr;
+use mm::hal::ContiguousAlloc;
+use mm::swap::SwapSlot;
+use mm::vm_memory::Hooks;
+use vcpu::{Gprs, GuestState, MemAccess, Vcpu, walk};
+
+use crate::devices::DeviceSet;
+use crate::emulator::{Mode, PageFaultCode, Platform, Seg};
+use crate::memory::GuestMemory;
+
+/// The emulator's view of one VM at one exit.
+pub struct VmPlatform<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> {
+    pub vcpu: &'a mut V,
+    /// The vCPU's state at the exit: mode, segments and paging for the
+    /// decoder and the page walk (the instruction cannot change them).
+    pub state: &'a GuestState,
+    pub rip: u64,
+    pub rflags: u64,
+    pub mem: &'a mut GuestMemory<F>,
+    pub alloc: &'a mut A,
+    pub hooks: &'a mut Hooks<'h, SwapSlot>,
+    pub devices: &'a mut DeviceSet,
+    pub now_ns: u64,
+    /// Device accesses carried out, for the exit statistics.
+    pub accesses: u32,
+}
+
+impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPlatform<'_, '_, V, F, A> {
+    fn gprs(&self) -> &Gprs {
+        self.vcpu.gprs()
+    }
+
+    fn gprs_mut(&mut self) -> &mut Gprs {
+        self.vcpu.gprs_mut()
+    }
+
+    fn rip(&self) -> u64 {
+        self.rip
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.rip = rip;
+    }
+
+    fn rflags(&self) -> u64 {
+        self.rflags
+    }
+
+    fn set_rflags(&mut self, rflags: u64) {
+        self.rflags = rflags;
+    }
+
+    fn mode(&self) -> Mode {
+        Mode::of(self.state)
+    }
+
+    fn segment_base(&self, seg: Seg) -> u64 {
+        let s = self.state;
+        match seg {
+            Seg::Es => s.es.base,
+            Seg::Cs => s.cs.base,
+            Seg::Ss => s.ss.base,
+            Seg::Ds => s.ds.base,
+            Seg::Fs => s.fs.base,
+            Seg::Gs => s.gs.base,
+        }
+    }
+
+    /// The walk reads the guest's tables without bringing pages in: the CPU
+    /// walked the same tables for this very instruction, so they are
+    /// present unless swapped out since (then the guest gets the #PF a
+    /// racing table change would give it). Permissions are not checked
+    /// again: the CPU checked them before the access faulted.
+    fn translate(&mut self, gva: u64, access: MemAccess) -> Result<u64, PageFaultCode> {
+        let (mem, alloc) = (&*self.mem, &*self.alloc);
+        let read64 = |gpa: u64| {
+            let mut b = [0u8; 8];
+            mem.peek(alloc, GuestPhysAddr(gpa), &mut b).ok().map(|_| u64::from_le_bytes(b))
+        };
+        walk::translate(self.state, gva, read64).ok_or_else(|| {
+            // Not present; W/R, U/S and I/D as the access was (SDM Vol. 3A
+            // 4.7).
+            let mut code = 0;
+            if access == MemAccess::Write {
+                code |= 1 << 1;
+            }
+            if self.state.cs.selector & 3 == 3 {
+                code |= 1 << 2;
+            }
+            if access == MemAccess::Execute {
+                code |= 1 << 4;
+            }
+            PageFaultCode(code)
+        })
+    }
+
+    fn read_ram(&mut self, gpa: u64, buf: &mut [u8]) -> bool {
+        let vcpu = &mut *self.vcpu;
+        self.mem.read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| vcpu.flush_nested_tlb(s)).is_ok()
+    }
+
+    fn write_ram(&mut self, gpa: u64, data: &[u8]) -> bool {
+        let vcpu = &mut *self.vcpu;
+        self.mem.write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| vcpu.flush_nested_tlb(s)).is_ok()
+    }
+
+    fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
+        self.accesses += 1;
+        self.devices.mmio_read(gpa, size, self.now_ns).unwrap_or(u64::MAX)
+    }
+
+    fn mmio_write(&mut self, gpa: u64, size: u8, value: u64) {
+        self.accesses += 1;
+        self.devices.mmio_write(gpa, size, value, self.now_ns);
+    }
+}
