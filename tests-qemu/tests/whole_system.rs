@@ -40,7 +40,7 @@ mod svm_bochs {
 on_both_backends!(
     boot_host_report_and_json_forms,
     selftest_passes_as_elf64_and_multiboot_concurrently,
-    escape_is_stopped_while_another_guest_finishes,
+    hostile_guests_are_stopped_or_faulted_while_another_guest_finishes,
     bad_console_input_changes_nothing,
     exit_benchmark_reports_ticks_per_exit,
     multiboot_modules_reach_the_guest,
@@ -147,12 +147,18 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently(emu: Emulator) {
     m.poweroff();
 }
 
-fn escape_is_stopped_while_another_guest_finishes(emu: Emulator) {
+fn hostile_guests_are_stopped_or_faulted_while_another_guest_finishes(emu: Emulator) {
     let mut m = Machine::boot(emu, &label(emu, "escape"));
     m.cmd("vm run selftest");
     m.cmd("vm run escape");
     m.cmd("vm run escape mem=4 -- write addr=0xc0000000");
     m.cmd("vm run crash mem=2");
+    // Random port I/O; bad APIC bases, a moved APIC page, then an
+    // instruction no MMIO emulator needs (an IMUL of an APIC register).
+    m.cmd("vm run hostile mem=4 -- ports n=5000");
+    m.cmd("vm run hostile mem=4 -- apic");
+    m.wait_for("vm 5 (hostile) exited", GUEST_TIMEOUT);
+    m.wait_for("vm 6 (hostile) stopped", GUEST_TIMEOUT);
     m.wait_for("vm 2 (escape) stopped", GUEST_TIMEOUT);
     m.wait_for("vm 3 (escape) stopped", GUEST_TIMEOUT);
     m.wait_for("vm 4 (crash) stopped", GUEST_TIMEOUT);
@@ -164,12 +170,30 @@ fn escape_is_stopped_while_another_guest_finishes(emu: Emulator) {
     assert!(t.contains("vm 3 (escape) stopped: write of guest-physical 0xc0000000 outside its memory"), "{t}");
     assert!(t.contains("code at rip:"), "the report shows the faulting instruction: {t}");
     assert!(t.contains("[vm 1] selftest: PASS"), "{t}");
+    assert!(t.contains("[vm 5] hostile: ports done: 5000 accesses"), "{t}");
+    assert!(t.contains("vm 5 (hostile) exited with status 1 "), "{t}");
+    for check in [
+        "apic base as firmware left it",
+        "bad apic base values and x2apic msrs raise #gp",
+        "the apic page follows ia32_apic_base",
+    ] {
+        assert!(t.contains(&format!("[vm 6] hostile: ok   {check}")), "{check}: {t}");
+    }
+    assert!(!t.contains("hostile: UNREACHABLE"), "{t}");
+    assert!(
+        t.contains(
+            "vm 6 (hostile) stopped: read of device registers at guest-physical 0xfee00030 could not be emulated"
+        ),
+        "{t}"
+    );
     let list = m.json("vm list --json");
     assert_eq!(vm_entry(&list, 1)["exit_status"], 1);
     assert_eq!(vm_entry(&list, 2)["state"], "stopped");
+    let s = m.json("vm stats 5 --json");
+    assert!(s["unbacked_io"].as_u64().unwrap() > 1000, "most random ports decode to nothing: {s}");
     // The host is fine: it still starts and runs guests.
     m.cmd("vm run selftest mem=4");
-    m.wait_for("vm 5 (selftest) exited with status 1", GUEST_TIMEOUT);
+    m.wait_for("vm 7 (selftest) exited with status 1", GUEST_TIMEOUT);
     m.poweroff();
 }
 

@@ -23,6 +23,9 @@ pub const fn ioapic_pin(irq: u8) -> usize {
     if irq == 0 { 2 } else { irq as usize }
 }
 
+/// IA32_APIC_BASE.EXTD.
+const X2APIC_ENABLE: u64 = 1 << 10;
+
 /// The I/O APIC's register page.
 const IOAPIC_PAGE: core::ops::Range<u64> = IOAPIC_BASE..IOAPIC_BASE + 0x1000;
 
@@ -178,6 +181,11 @@ impl DeviceSet {
     pub fn lapic_write_msr(&mut self, msr: u32, value: u64, now_ns: u64) -> Option<Result<(), Gp>> {
         if !lapic::Lapic::handles_msr(msr) {
             return None;
+        }
+        if msr == lapic::IA32_APIC_BASE && value & X2APIC_ENABLE != 0 {
+            // CPUID offers no x2APIC: enabling it is a #GP (SDM Vol. 3A
+            // 11.12.1).
+            return Some(Err(Gp));
         }
         let r = self.lapic.write_msr(msr, value, now_ns).map(|effect| self.apply(effect));
         self.interrupts_changed(now_ns);

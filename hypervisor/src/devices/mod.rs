@@ -749,6 +749,8 @@ mod tests {
         assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, 0xfed0_0000 | (1 << 11) | (1 << 8), 0), Some(Ok(())));
         assert!(set.claims_mmio(0xfed0_0030) && !set.claims_mmio(0xfee0_0030));
         assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, 1 << 45, 0), Some(Err(lapic::Gp)), "past MAXPHYADDR");
+        let x2apic = 0xfee0_0000 | (1 << 11) | (1 << 10);
+        assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, x2apic, 0), Some(Err(lapic::Gp)), "CPUID has no x2APIC");
     }
 
     #[test]
