@@ -9,7 +9,9 @@
 //! starts the VM again to a new shell; `poweroff` in the guest ends
 //! the VM through ACPI S5. The guest finds the local APIC and I/O APIC in
 //! the MADT and runs on them (IRQ 0 through the I/O APIC, ticks from the
-//! TSC-deadline timer), with no complaint about them in its log. On both
+//! TSC-deadline timer), with no complaint about them in its log; `sleep 5`
+//! takes five seconds of host time; a second Linux guest and a selftest
+//! run beside it. On both
 //! backends: Bochs with VT-x (about 35 s to the shell) and QEMU TCG with
 //! AMD-V (about 3 s). Skipped (with a message) when the guest has not been
 //! prepared.
@@ -92,6 +94,31 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for(&format!("tick-{}\n", paused_at + 2), Duration::from_secs(120));
     let ticks = all_ticks(&m.transcript());
     assert_eq!(ticks, (1..=ticks.len() as u64).collect::<Vec<_>>(), "a tick was lost or repeated");
+    // The guest's time runs at the host's rate: `sleep 5` takes five
+    // seconds of the hypervisor's clock (the emulator's notion of time:
+    // Bochs's is virtual), plus the console's round trips.
+    let uptime = |m: &mut Machine| m.json("host --json")["uptime_us"].as_u64().unwrap();
+    let before = uptime(&mut m);
+    m.cmd("vm send 1 -- sleep 5; echo slept-$((1+1))");
+    m.wait_for("slept-2", Duration::from_secs(120));
+    let slept = (uptime(&mut m) - before) as f64 / 1e6;
+    eprintln!("{}: `sleep 5` in the guest took {slept:.2} s of host time", emu.name());
+    assert!((5.0..8.0).contains(&slept), "`sleep 5` took {slept:.2} s of host time");
+    // Two Linux guests and a selftest at once, time-sliced, each with its
+    // own memory and console (the second in 128 MiB: the emulated host
+    // has 512 MiB).
+    let out = m.cmd("vm run linux mem=128");
+    assert!(out.contains("vm 2 started: linux (linux, 128 MiB"), "{out}");
+    m.cmd("vm run selftest");
+    m.wait_for("vm 3 (selftest) exited with status 1", Duration::from_secs(400));
+    m.wait_for("[vm 2] linux-guest:/# ", Duration::from_secs(400));
+    m.cmd("vm send 2 -- echo second-$((20+2)) && grep -c ^processor /proc/cpuinfo");
+    m.wait_for("[vm 2] second-22", Duration::from_secs(120));
+    let t = m.transcript();
+    assert!(t.contains("[vm 3] selftest: PASS"), "{t}");
+    assert!(!t.contains("[vm 1] second-22"), "vm 2's output reached vm 1's console:\n{t}");
+    m.cmd("vm send 2 -- poweroff");
+    m.wait_for("vm 2 (linux) powered off (ACPI S5)", Duration::from_secs(120));
     // `reboot` in the guest resets the machine: the VM starts again from
     // its image, same id, and boots to a shell again.
     let mark = m.transcript().len();
@@ -140,6 +167,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for("vm 1 (linux) powered off (ACPI S5)", Duration::from_secs(120));
     let list = m.json("vm list --json");
     assert_eq!(list["vms"][0]["state"], "off", "{list}");
+    assert_eq!(list["vms"][1]["state"], "off", "{list}");
     println!("linux under the hypervisor ({}): {secs:.1} s from `vm run` to the init marker", emu.name());
     m.poweroff();
 }
