@@ -28,6 +28,8 @@
 //! them vanish. With the enable bit clear, CONFIG_DATA is an ordinary port
 //! nothing decodes.
 
+use alloc::vec;
+use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use super::persist::{Invalid, Persist};
@@ -228,7 +230,7 @@ pub struct PciHost {
     config_address: u32,
     /// Bus 0's functions by device/function number (`device << 3 |
     /// function`); the host bridge first.
-    functions: alloc::vec::Vec<(u8, PciFunction)>,
+    functions: Vec<(u8, PciFunction)>,
 }
 
 impl Default for PciHost {
@@ -240,7 +242,7 @@ impl Default for PciHost {
 impl PciHost {
     /// The bus with the host bridge at 00:00.0 and CONFIG_ADDRESS clear.
     pub fn new() -> Self {
-        PciHost { config_address: 0, functions: alloc::vec![(0, PciFunction::HostBridge(HostBridge::default()))] }
+        PciHost { config_address: 0, functions: vec![(0, PciFunction::HostBridge(HostBridge::default()))] }
     }
 
     /// A dword read of CONFIG_ADDRESS.
@@ -421,7 +423,7 @@ mod tests {
     fn the_host_bridge_is_read_only_but_for_two_command_bits() {
         let mut p = PciHost::new();
         let hb = at(0, 0);
-        let before: alloc::vec::Vec<u32> = (0..64).map(|r| read32(&mut p, hb, r * 4)).collect();
+        let before: Vec<u32> = (0..64).map(|r| read32(&mut p, hb, r * 4)).collect();
         for r in 0..64 {
             write(&mut p, hb, r * 4, 4, 0xffff_ffff);
         }
