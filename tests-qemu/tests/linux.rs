@@ -156,6 +156,8 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
         "clocksource: acpi_pm: mask: 0xffffff",
         "clocksource: Switched to clocksource tsc",
         "ACPI: PM: (supports S0 S5)",
+        "PCI: Using configuration type 1 for base access",
+        "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000",
         "Freeing initrd memory",
         "setting system clock to 20",
         "BusyBox v1.35.0",

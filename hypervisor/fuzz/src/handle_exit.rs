@@ -65,9 +65,15 @@ fn mark_gpr(may: &mut [bool; 6], gpr: u8) {
     }
 }
 
-/// Whether a port write reaches the PM1a control block or the reset port.
+/// Whether a port write reaches the PM1a control block or the reset port
+/// (0xcf9; a dword at 0xcf8 is the PCI host bridge's CONFIG_ADDRESS, not
+/// a write to 0xcf9 in its second lane).
 fn power_port(io: &IoAccess) -> bool {
+    use hypervisor::devices::pci::CONFIG_ADDRESS;
     use hypervisor::firmware::acpi::{PM1A_CNT, RESET_PORT};
+    if io.port == CONFIG_ADDRESS && io.size == 4 {
+        return false;
+    }
     (0..u16::from(io.size)).map(|l| io.port.wrapping_add(l)).any(|p| p == PM1A_CNT + 1 || p == RESET_PORT)
 }
 
@@ -277,7 +283,12 @@ impl Host {
                 let port = match input.u8() % 4 {
                     0 => EXIT_PORT,
                     1 => 0x3f8 + input.below(8) as u16,
-                    2 if input.u8() & 1 == 0 => [0x604, 0xcf9][usize::from(input.u8() & 1)],
+                    // Power (PM1a control, reset), PCI configuration
+                    // (CONFIG_ADDRESS, CONFIG_DATA and a byte of each),
+                    // fw_cfg (selector, data).
+                    2 if input.u8() & 1 == 0 => {
+                        [0x604, 0xcf9, 0xcf8, 0xcfc, 0xcfe, 0x510, 0x511, 0xcfb][usize::from(input.u8() & 7)]
+                    }
                     _ => input.u16(),
                 };
                 let flags = input.u8();
@@ -462,7 +473,7 @@ impl Host {
                     }
                     for lane in 0..u16::from(io.size) {
                         let port = io.port.wrapping_add(lane);
-                        if !vm.devices.decodes_port(port) {
+                        if !vm.devices.decodes_port(port) && !vm.devices.claims_access(io.port, io.size) {
                             let byte = (g.rax >> (8 * lane)) & 0xff;
                             assert_eq!(byte, 0xff, "no device at {port:#x}: all ones");
                         }

@@ -6,6 +6,7 @@
 mod archive;
 mod ata_identify;
 mod console;
+mod devices;
 mod elf;
 mod emulator;
 mod guest_walk;
@@ -22,6 +23,7 @@ mod vmx_exit;
 pub use archive::archive;
 pub use ata_identify::ata_identify;
 pub use console::console;
+pub use devices::devices;
 pub use elf::elf;
 pub use emulator::emulator;
 pub use guest_walk::guest_walk;
@@ -52,4 +54,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("mm_fault", mm_fault),
     ("swap_format", swap_format),
     ("ata_identify", ata_identify),
+    ("devices", devices),
 ];

@@ -101,11 +101,13 @@ impl AcpiPm {
                 self.state.status &= !((u16::from(value) << shift) & STS_BITS);
             }
             p if p == PM1A_EVT + 2 || p == PM1A_EVT + 3 => set(&mut self.state.enable, p != PM1A_EVT + 2, EN_BITS),
-            p if p == PM1A_CNT => set(&mut self.state.control, false, CNT_BITS),
-            p if p == PM1A_CNT + 1 => {
-                set(&mut self.state.control, true, CNT_BITS);
+            p if p == PM1A_CNT => {
+                set(&mut self.state.control, false, CNT_BITS);
                 // SCI_EN is hardware-owned here: always in ACPI mode.
                 self.state.control |= SCI_EN;
+            }
+            p if p == PM1A_CNT + 1 => {
+                set(&mut self.state.control, true, CNT_BITS);
                 let slp_typ = ((self.state.control >> SLP_TYP_SHIFT) & 7) as u8;
                 if u16::from(value) << 8 & SLP_EN != 0 && slp_typ == S5_SLP_TYP {
                     return Some(Request::PowerOff);
@@ -178,6 +180,11 @@ mod tests {
         let mut pm = AcpiPm::new();
         assert_eq!(write16(&mut pm, PM1A_CNT, 5 << 10 | SLP_EN), None);
         assert_eq!(pm.read(PM1A_CNT + 1, 0) & 0x20, 0, "SLP_EN reads 0");
+        // A byte write of the control block's low half cannot clear SCI_EN
+        // either (the state would then be one `validate` refuses).
+        assert_eq!(pm.write(PM1A_CNT, 0), None);
+        assert_eq!(pm.read(PM1A_CNT, 0) & 1, 1);
+        assert_eq!(AcpiPm::validate(&pm.save()), Ok(()));
     }
 
     #[test]

@@ -11,9 +11,11 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod fw_cfg;
 mod interrupts;
 pub mod ioapic;
 pub mod lapic;
+pub mod pci;
 pub mod persist;
 pub mod pic;
 pub mod pit;
@@ -24,9 +26,11 @@ use alloc::vec::Vec;
 
 use acpi_pm::AcpiPm;
 pub use bus::Bus;
+use fw_cfg::FwCfg;
 pub use interrupts::ioapic_pin;
 use ioapic::IoApic;
 use lapic::{Lapic, LapicConfig};
+use pci::PciHost;
 pub use persist::{Persist, RestoreError, SavedDevice};
 use pic::Pic;
 use pit::Pit;
@@ -57,10 +61,16 @@ pub const EXIT_PORT: u16 = 0xf4;
 /// COM1's ports.
 pub const COM1_BASE: u16 = 0x3f8;
 
-/// COM1's, the PIC's and the PIT's places in `DeviceSet::devices`.
+/// COM1's, the PIC's, the PIT's and the PCI host's places in
+/// `DeviceSet::devices`.
 const COM1_INDEX: usize = 0;
 const PIC_INDEX: usize = 2;
 const PIT_INDEX: usize = 3;
+const PCI_INDEX: usize = 6;
+
+/// The vCPUs fw_cfg reports. One for now: SMP will pass the VM's vCPU
+/// count to `DeviceSet::pc` instead.
+const VCPUS: u16 = 1;
 
 /// The CMOS clock's index and data ports.
 pub const RTC_BASE: u16 = 0x70;
@@ -95,6 +105,11 @@ pub enum Device {
     Pit(Pit),
     /// The ACPI PM1 blocks and PM timer, and the reset control port.
     AcpiPm(AcpiPm),
+    /// PCI configuration mechanism #1 and bus 0 (CONFIG_DATA on the bus;
+    /// CONFIG_ADDRESS is claimed by width, see [`pci`]).
+    Pci(PciHost),
+    /// QEMU's fw_cfg, the legacy I/O interface.
+    FwCfg(FwCfg),
 }
 
 impl Device {
@@ -109,8 +124,44 @@ impl Device {
             Device::Pit(t) if port == pit::PORT61 => Some(t.read_port61(now_ns())),
             Device::Pit(t) => Some(t.read(port, now_ns())),
             Device::AcpiPm(pm) => Some(pm.read(port, now_ns())),
+            Device::Pci(p) => p.read_data(offset),
+            Device::FwCfg(f) => f.read(offset, 1).map(|v| v as u8),
             Device::DebugExit => None,
         }
+    }
+
+    /// A read of `size` bytes at `offset` that lies wholly in the device's
+    /// range: byte lane by byte lane (lanes it does not decode read as
+    /// all-ones), except for fw_cfg, whose ports are defined by access
+    /// width (a word read of the data port is not two byte reads).
+    fn read(&mut self, port: u16, offset: u64, size: u8, now_ns: &impl Fn() -> u64) -> u32 {
+        if let Device::FwCfg(f) = self {
+            return f.read(offset, size).unwrap_or(unbacked_read(size));
+        }
+        let mut value = 0u32;
+        for lane in 0..size.min(4) {
+            let byte = self.read_byte(port.wrapping_add(lane.into()), offset + u64::from(lane), now_ns);
+            value |= u32::from(byte.unwrap_or(0xff)) << (8 * lane);
+        }
+        value
+    }
+
+    /// A write of `size` bytes at `offset` that lies wholly in the device's
+    /// range (lanes as for [`Self::read`]); what it asks of the platform.
+    fn write(&mut self, port: u16, offset: u64, size: u8, value: u32, now_ns: &impl Fn() -> u64) -> PortEffect {
+        if let Device::FwCfg(f) = self {
+            f.write(offset, size, value);
+            return PortEffect::Done(0);
+        }
+        let mut effect = PortEffect::Done(0);
+        for lane in 0..size.min(4) {
+            let byte = (value >> (8 * lane)) as u8;
+            let (_, asked) = self.write_byte(port.wrapping_add(lane.into()), offset + u64::from(lane), byte, now_ns);
+            if !matches!(effect, PortEffect::PowerOff | PortEffect::Reset) {
+                effect = asked;
+            }
+        }
+        effect
     }
 
     /// One byte lane of a port write: whether the device decoded it, and
@@ -128,6 +179,9 @@ impl Device {
                 Some(acpi_pm::Request::Reset) => effect = PortEffect::Reset,
                 None => {}
             },
+            Device::Pci(p) => return (p.write_data(offset, value), effect),
+            // Byte writes are not the interface's: decoded, ignored.
+            Device::FwCfg(f) => f.write(offset, 1, value.into()),
             Device::DebugExit => return (false, PortEffect::Unbacked),
         }
         (true, effect)
@@ -141,6 +195,8 @@ enum Decoded {
     Pic(<Pic as Persist>::State),
     Pit(<Pit as Persist>::State),
     AcpiPm(<AcpiPm as Persist>::State),
+    Pci(<PciHost as Persist>::State),
+    FwCfg(<FwCfg as Persist>::State),
 }
 
 /// A VM's devices and where the guest reaches them.
@@ -178,7 +234,10 @@ impl DeviceSet {
     /// The legacy PC pieces every VM has: COM1 at 0x3f8, the CMOS clock at
     /// 0x70 (set from `host_epoch`, the host's Unix time at its boot, and
     /// telling `ram_bytes` of RAM), the PICs at 0x20/0xa0 (ELCR at 0x4d0),
-    /// the PIT at 0x40 with port 0x61, and the debug-exit port at 0xf4.
+    /// the PIT at 0x40 with port 0x61, the ACPI PM blocks, the debug-exit
+    /// port at 0xf4, PCI configuration mechanism #1 at 0xcf8/0xcfc with the
+    /// 440FX host bridge on bus 0, and fw_cfg at 0x510 (telling
+    /// `ram_bytes` and the vCPUs).
     pub fn pc(host_epoch: u64, ram_bytes: u64) -> Self {
         let lapic = Lapic::new(LapicConfig {
             id: 0,
@@ -210,8 +269,14 @@ impl DeviceSet {
         let _ = set.add_pio("acpi-pm", &AcpiPm::PORTS, Device::AcpiPm(AcpiPm::new()));
         // QEMU's `isa-debug-exit,iosize=4`.
         let _ = set.add_pio("debug-exit", &[(EXIT_PORT, 4)], Device::DebugExit);
+        // New devices go after the ones above: the indices stay valid.
+        // CONFIG_ADDRESS is not on the bus: see `pio_read`.
+        let _ = set.add_pio("pci", &[(pci::CONFIG_DATA, 4)], Device::Pci(PciHost::new()));
+        let _ = set.add_pio("fw-cfg", &[(fw_cfg::SELECTOR_PORT, 2)], Device::FwCfg(FwCfg::new(ram_bytes, VCPUS)));
         debug_assert!(matches!(set.devices[PIC_INDEX].1, Device::Pic(_)));
         debug_assert!(matches!(set.devices[PIT_INDEX].1, Device::Pit(_)));
+        debug_assert!(matches!(set.devices[PCI_INDEX].1, Device::Pci(_)));
+        debug_assert!(set.pio.find(pci::CONFIG_ADDRESS.into()).is_none());
         set
     }
 
@@ -257,6 +322,13 @@ impl DeviceSet {
         match &mut self.devices[PIT_INDEX].1 {
             Device::Pit(t) => t,
             _ => unreachable!("the PIT is device {PIT_INDEX}"),
+        }
+    }
+
+    fn pci(&mut self) -> &mut PciHost {
+        match &mut self.devices[PCI_INDEX].1 {
+            Device::Pci(p) => p,
+            _ => unreachable!("the PCI host is device {PCI_INDEX}"),
         }
     }
 
@@ -332,8 +404,18 @@ impl DeviceSet {
     }
 
     /// Whether some device decodes `port` (reads of the others see 0xff).
+    /// A device that claims accesses by their width may answer for ports
+    /// it does not decode byte by byte: see [`Self::claims_access`].
     pub fn decodes_port(&self, port: u16) -> bool {
         self.pio.find(port.into()).is_some_and(|(i, _)| self.devices[i].1 != Device::DebugExit)
+    }
+
+    /// Whether an access of `size` bytes at `port` is claimed whole by its
+    /// width, whatever its byte lanes decode: a dword at CONFIG_ADDRESS
+    /// (the host bridge's; 0xcf9 in its second lane is the reset register,
+    /// for byte accesses).
+    pub fn claims_access(&self, port: u16, size: u8) -> bool {
+        port == pci::CONFIG_ADDRESS && size == 4
     }
 
     /// COM1, whose output the console shows.
@@ -365,8 +447,11 @@ impl DeviceSet {
     /// A guest `in` of `size` bytes (1, 2 or 4) from `port`. Devices with
     /// byte registers (the UART, the RTC) answer per byte lane, as an 8-bit
     /// ISA device does on a wider cycle: each byte of the access decodes on
-    /// its own, and lanes no device decodes read as all-ones. `now_ns` is
-    /// the VM's clock, asked only by devices that keep time.
+    /// its own, and lanes no device decodes read as all-ones. Registers
+    /// defined by access width see the whole access: fw_cfg's ports, and
+    /// CONFIG_ADDRESS, which a dword at 0xcf8 reaches and narrower ones do
+    /// not ([`Self::claims_access`]). `now_ns` is the VM's clock, asked
+    /// only by devices that keep time.
     pub fn pio_read(&mut self, port: u16, size: u8, now_ns: impl Fn() -> u64) -> PortEffect {
         // One clock reading for the whole access: the byte lanes of a wide
         // read of a counter (the PM timer) must come from one instant.
@@ -378,13 +463,12 @@ impl DeviceSet {
             && u64::from(size) <= rest
             && !matches!(self.devices[i].1, Device::DebugExit)
         {
-            let device = &mut self.devices[i].1;
-            let mut value = 0u32;
-            for lane in 0..size.min(4) {
-                let byte = device.read_byte(port.wrapping_add(lane.into()), offset + u64::from(lane), &now_ns);
-                value |= u32::from(byte.unwrap_or(0xff)) << (8 * lane);
-            }
-            return PortEffect::Done(value);
+            return PortEffect::Done(self.devices[i].1.read(port, offset, size, &now_ns));
+        }
+        // Nothing is on the bus at CONFIG_ADDRESS, so a dword there comes
+        // here, off the usual path.
+        if self.claims_access(port, size) {
+            return PortEffect::Done(self.pci().read_address());
         }
         let mut value = 0u32;
         let mut backed = false;
@@ -410,20 +494,14 @@ impl DeviceSet {
             if matches!(self.devices[i].1, Device::DebugExit) {
                 return PortEffect::Exit(exit_status(value));
             }
-            // One device decodes the whole access: its lanes, one lookup.
+            // One device decodes the whole access: one lookup.
             if u64::from(size) <= rest {
-                let device = &mut self.devices[i].1;
-                let mut effect = PortEffect::Done(0);
-                for lane in 0..size.min(4) {
-                    let byte = (value >> (8 * lane)) as u8;
-                    let (_, asked) =
-                        device.write_byte(port.wrapping_add(lane.into()), offset + u64::from(lane), byte, &now_ns);
-                    if !matches!(effect, PortEffect::PowerOff | PortEffect::Reset) {
-                        effect = asked;
-                    }
-                }
-                return effect;
+                return self.devices[i].1.write(port, offset, size, value, &now_ns);
             }
+        }
+        if self.claims_access(port, size) {
+            self.pci().write_address(value);
+            return PortEffect::Done(0);
         }
         let mut effect = PortEffect::Unbacked;
         for lane in 0..size.min(4) {
@@ -449,6 +527,8 @@ impl DeviceSet {
                 Device::Pic(p) => Some(persist::save(name, p)),
                 Device::Pit(t) => Some(persist::save(name, t)),
                 Device::AcpiPm(pm) => Some(persist::save(name, pm)),
+                Device::Pci(p) => Some(persist::save(name, p)),
+                Device::FwCfg(f) => Some(persist::save(name, f)),
                 // Stateless: nothing to carry.
                 Device::DebugExit => None,
             })
@@ -477,6 +557,8 @@ impl DeviceSet {
                 Device::Pic(_) => Some(Decoded::Pic(persist::decode::<Pic>(name, find()?)?)),
                 Device::Pit(_) => Some(Decoded::Pit(persist::decode::<Pit>(name, find()?)?)),
                 Device::AcpiPm(_) => Some(Decoded::AcpiPm(persist::decode::<AcpiPm>(name, find()?)?)),
+                Device::Pci(_) => Some(Decoded::Pci(persist::decode::<PciHost>(name, find()?)?)),
+                Device::FwCfg(_) => Some(Decoded::FwCfg(persist::decode::<FwCfg>(name, find()?)?)),
                 Device::DebugExit => None,
             });
         }
@@ -490,6 +572,8 @@ impl DeviceSet {
                 (Device::Pic(p), Some(Decoded::Pic(s))) => p.restore(s),
                 (Device::Pit(t), Some(Decoded::Pit(s))) => t.restore(s),
                 (Device::AcpiPm(pm), Some(Decoded::AcpiPm(s))) => pm.restore(s),
+                (Device::Pci(p), Some(Decoded::Pci(s))) => p.restore(s),
+                (Device::FwCfg(f), Some(Decoded::FwCfg(s))) => f.restore(s),
                 // Decoded above from this very list, so kinds match.
                 _ => {}
             }
@@ -569,6 +653,77 @@ mod tests {
     }
 
     #[test]
+    fn pci_configuration_mechanism_1_through_the_ports() {
+        use crate::firmware::acpi::RESET_PORT;
+        use pci::{CONFIG_ADDRESS, CONFIG_DATA};
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        // Linux's pci_check_type1: a byte write to 0xcfb, then a dword
+        // 0x80000000 to 0xcf8 that reads back.
+        assert_eq!(set.pio_write(CONFIG_ADDRESS + 3, 1, 0x01, || 0), PortEffect::Unbacked);
+        assert_eq!(set.pio_read(CONFIG_ADDRESS, 4, || 0), PortEffect::Done(0));
+        assert_eq!(set.pio_write(CONFIG_ADDRESS, 4, 0x8000_0000, || 0), PortEffect::Done(0));
+        assert_eq!(set.pio_read(CONFIG_ADDRESS, 4, || 0), PortEffect::Done(0x8000_0000));
+        assert!(set.claims_access(CONFIG_ADDRESS, 4) && !set.decodes_port(CONFIG_ADDRESS));
+        assert_eq!(set.pio_read(CONFIG_DATA, 4, || 0), PortEffect::Done(0x1237_8086), "the 440FX at 00:00.0");
+        // Linux's pci_check_type2: byte accesses to 0xcf8-0xcfb are not
+        // CONFIG_ADDRESS; they reach no device (and the latch is kept).
+        assert_eq!(set.pio_write(CONFIG_ADDRESS, 1, 0x00, || 0), PortEffect::Unbacked);
+        assert_eq!(set.pio_write(CONFIG_ADDRESS + 2, 1, 0x00, || 0), PortEffect::Unbacked);
+        assert_eq!(set.pio_read(CONFIG_ADDRESS, 1, || 0), PortEffect::Unbacked);
+        assert_eq!(set.pio_read(CONFIG_ADDRESS + 2, 2, || 0), PortEffect::Unbacked);
+        assert_eq!(set.pio_read(CONFIG_ADDRESS, 4, || 0), PortEffect::Done(0x8000_0000));
+        // A word at 0xcf8 is two byte lanes: the second is the reset
+        // control register, which keeps what is written.
+        assert_eq!(set.pio_write(CONFIG_ADDRESS, 2, 0x0200, || 0), PortEffect::Done(0));
+        assert_eq!(set.pio_read(RESET_PORT, 1, || 0), PortEffect::Done(0x02));
+        assert_eq!(set.pio_read(CONFIG_ADDRESS, 2, || 0), PortEffect::Done(0x02ff));
+        // A dword at 0xcf8 never reaches the reset register, whatever its
+        // second byte (function 4 of device 0 puts bit 2 there).
+        assert_eq!(set.pio_write(CONFIG_ADDRESS, 4, 0x8000_0400, || 0), PortEffect::Done(0));
+        assert_eq!(set.pio_read(RESET_PORT, 1, || 0), PortEffect::Done(0x02));
+        assert_eq!(set.pio_read(CONFIG_DATA, 4, || 0), PortEffect::Done(0xffff_ffff), "00:00.4: no device");
+        // Sub-dword CONFIG_DATA accesses: the class word at 0x0a, the
+        // command byte at 0x04.
+        set.pio_write(CONFIG_ADDRESS, 4, 0x8000_0008, || 0);
+        assert_eq!(set.pio_read(CONFIG_DATA + 2, 2, || 0), PortEffect::Done(0x0600));
+        assert_eq!(set.pio_read(CONFIG_DATA + 3, 1, || 0), PortEffect::Done(0x06));
+        set.pio_write(CONFIG_ADDRESS, 4, 0x8000_0004, || 0);
+        set.pio_write(CONFIG_DATA + 1, 1, 0x01, || 0);
+        assert_eq!(set.pio_read(CONFIG_DATA, 2, || 0), PortEffect::Done(0x0106));
+        // Enable clear: CONFIG_DATA is nothing's.
+        set.pio_write(CONFIG_ADDRESS, 4, 0x0000_0004, || 0);
+        set.pio_write(CONFIG_DATA, 2, 0, || 0);
+        assert_eq!(set.pio_read(CONFIG_DATA, 4, || 0), PortEffect::Done(0xffff_ffff));
+        set.pio_write(CONFIG_ADDRESS, 4, 0x8000_0004, || 0);
+        assert_eq!(set.pio_read(CONFIG_DATA, 2, || 0), PortEffect::Done(0x0106), "the disabled write went nowhere");
+    }
+
+    #[test]
+    fn fw_cfg_through_the_ports() {
+        use fw_cfg::{DATA_PORT, SELECTOR_PORT, key};
+        let mut set = DeviceSet::pc(0, 256 << 20);
+        let item = |set: &mut DeviceSet, k: u16, n: usize| -> Vec<u8> {
+            assert_eq!(set.pio_write(SELECTOR_PORT, 2, k.into(), || 0), PortEffect::Done(0));
+            (0..n)
+                .map(|_| match set.pio_read(DATA_PORT, 1, || 0) {
+                    PortEffect::Done(v) => v as u8,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(item(&mut set, key::SIGNATURE, 4), b"QEMU");
+        assert_eq!(item(&mut set, key::RAM_SIZE, 8), (256u64 << 20).to_le_bytes());
+        assert_eq!(item(&mut set, key::NB_CPUS, 2), [1, 0]);
+        assert_eq!(item(&mut set, key::FILE_DIR, 4), [0; 4]);
+        // A byte write to the selector is not a selection; a word read of
+        // the data port is not two byte reads.
+        item(&mut set, key::SIGNATURE, 1);
+        set.pio_write(SELECTOR_PORT, 1, 0x03, || 0);
+        assert_eq!(set.pio_read(SELECTOR_PORT, 2, || 0), PortEffect::Done(0xffff));
+        assert_eq!(set.pio_read(DATA_PORT, 1, || 0), PortEffect::Done(u32::from(b'E')));
+    }
+
+    #[test]
     fn a_restore_is_all_or_nothing() {
         let mut a = DeviceSet::pc(0, 16 << 20);
         a.pio_write(COM1_BASE + 7, 1, 0x11, || 0);
@@ -576,13 +731,31 @@ mod tests {
         assert!(a.mmio_write(0xfee0_0080, 4, 0x20, 0));
         assert!(a.mmio_write(0xfec0_0000, 4, 0x12, 0));
         assert!(a.mmio_write(0xfec0_0010, 4, 0x31, 0));
+        // The PCI host: SERR# enable in the bridge's command register and a
+        // latched address; fw_cfg: two bytes into the signature.
+        a.pio_write(pci::CONFIG_ADDRESS, 4, 0x8000_0004, || 0);
+        a.pio_write(pci::CONFIG_DATA + 1, 1, 0x01, || 0);
+        a.pio_write(pci::CONFIG_ADDRESS, 4, 0x8000_0008, || 0);
+        a.pio_write(fw_cfg::SELECTOR_PORT, 2, fw_cfg::key::SIGNATURE.into(), || 0);
+        a.pio_read(fw_cfg::DATA_PORT, 1, || 0);
+        a.pio_read(fw_cfg::DATA_PORT, 1, || 0);
         let saved = a.save();
-        assert_eq!(saved.len(), 7, "all but the debug-exit port, which has no state, and both APICs");
+        let names: Vec<&str> = saved.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["com1", "rtc", "pic", "pit", "acpi-pm", "pci", "fw-cfg", "lapic0", "ioapic"],
+            "all but the debug-exit port, which has no state"
+        );
         let mut b = DeviceSet::pc(0, 16 << 20);
         b.restore(&saved).unwrap();
+        assert_eq!(b.save(), saved, "a restored set saves what it was given");
         assert_eq!(b.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x11));
         assert_eq!(b.mmio_read(0xfee0_0080, 4, 0), Some(0x20));
         assert_eq!(b.mmio_read(0xfec0_0010, 4, 0), Some(0x31), "IOREGSEL and the entry came along");
+        assert_eq!(b.pio_read(pci::CONFIG_ADDRESS, 4, || 0), PortEffect::Done(0x8000_0008));
+        b.pio_write(pci::CONFIG_ADDRESS, 4, 0x8000_0004, || 0);
+        assert_eq!(b.pio_read(pci::CONFIG_DATA, 2, || 0), PortEffect::Done(0x0106));
+        assert_eq!(b.pio_read(fw_cfg::DATA_PORT, 1, || 0), PortEffect::Done(u32::from(b'M')));
 
         let before = b.save();
         let mut extra = saved.clone();
@@ -594,6 +767,15 @@ mod tests {
         let mut corrupt = saved.clone();
         corrupt[0].bytes[0] ^= 0xff;
         assert!(b.restore(&corrupt).is_err());
+        // The new devices' refusals stop the whole restore too, though
+        // every device before them decoded.
+        let mut bad_pci = saved.clone();
+        bad_pci[5].bytes = postcard::to_allocvec(&pci::PciState { config_address: 3, ..Default::default() }).unwrap();
+        assert!(matches!(b.restore(&bad_pci), Err(RestoreError::Invalid { device: "pci", .. })));
+        let mut bad_fw_cfg = saved.clone();
+        bad_fw_cfg[6].bytes = postcard::to_allocvec(&fw_cfg::FwCfgState { selector: 0, offset: 5 }).unwrap();
+        assert!(matches!(b.restore(&bad_fw_cfg), Err(RestoreError::Invalid { device: "fw-cfg", .. })));
+        assert_eq!(b.restore(&saved[..6]), Err(RestoreError::MissingDevice("fw-cfg")));
         assert_eq!(b.save(), before, "a refused restore changed nothing");
     }
 

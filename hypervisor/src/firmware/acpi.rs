@@ -2,7 +2,8 @@
 //! legacy BIOS puts it (findable by scanning 0xE0000-0xFFFFF, 5.2.5.1), an
 //! XSDT and RSDT, a FADT naming the fixed-hardware PM blocks the device
 //! model emulates ([`AcpiPm`](crate::devices::acpi_pm)), a FACS, a DSDT
-//! holding only `\_S5` (soft-off), and, when the VM has local APICs, a MADT.
+//! holding `\_S5` (soft-off) and the PCI root bridge, and, when the VM has
+//! local APICs, a MADT.
 //!
 //! Built as bytes for a fixed guest-physical area: the VM layer copies them
 //! into RAM that the e820 map reports as reserved, so the guest never
@@ -147,12 +148,88 @@ fn facs() -> Vec<u8> {
     t
 }
 
-/// The DSDT (5.2.11.1): only `Name (_S5, Package () { 0, 0, 0, 0 })`, the
-/// SLP_TYP values for soft-off (7.4.2). AML encoded by hand (ACPI 6.5
-/// 20.2): NameOp, the name, PackageOp, PkgLength, NumElements, ZeroOp x4.
+/// AML encodings (ACPI 6.5 20.2).
+mod aml {
+    pub const ZERO_OP: u8 = 0x00;
+    pub const NAME_OP: u8 = 0x08;
+    pub const BYTE_PREFIX: u8 = 0x0a;
+    pub const DWORD_PREFIX: u8 = 0x0c;
+    pub const SCOPE_OP: u8 = 0x10;
+    pub const BUFFER_OP: u8 = 0x11;
+    pub const PACKAGE_OP: u8 = 0x12;
+    pub const DEVICE_OP: [u8; 2] = [0x5b, 0x82];
+}
+
+/// `op`, a PkgLength (20.2.4) and `body`. The length counts its own bytes:
+/// one byte up to 63, else a lead byte holding the low nibble and the
+/// number of bytes that follow with the rest.
+fn package(op: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut t = op.to_vec();
+    if body.len() < 0x3f {
+        t.push(body.len() as u8 + 1);
+    } else {
+        let extra = (1..=3).find(|&n| body.len() + 1 + n < 1 << (4 + 8 * n)).unwrap_or(3);
+        let len = body.len() + 1 + extra;
+        t.push((extra as u8) << 6 | (len & 0xf) as u8);
+        t.extend((0..extra).map(|k| (len >> (4 + 8 * k)) as u8));
+    }
+    t.extend_from_slice(body);
+    t
+}
+
+/// `Name (name, value)` for a value already encoded.
+fn name(name: &[u8; 4], value: &[u8]) -> Vec<u8> {
+    let mut t = vec![aml::NAME_OP];
+    t.extend_from_slice(name);
+    t.extend_from_slice(value);
+    t
+}
+
+/// A Word Address Space Descriptor (6.4.3.5.3) the bridge produces, fixed
+/// at `min..=max`: resource type 1 (I/O, with `type_flags` 3: ISA and
+/// non-ISA ranges) or 2 (bus numbers).
+fn word_window(resource_type: u8, type_flags: u8, min: u16, max: u16) -> Vec<u8> {
+    // Producer, positive decode, minimum and maximum fixed.
+    let mut d = vec![0x88, 13, 0, resource_type, 0b1100, type_flags];
+    for field in [0, min, max, 0, max - min + 1] {
+        d.extend_from_slice(&field.to_le_bytes());
+    }
+    d
+}
+
+/// The PCI root bridge, `\_SB.PCI0` (PNP0A03): an ACPI guest enumerates
+/// PCI only below the host bridges its namespace names (Linux scans no bus
+/// on its own once ACPI is in use). Its `_CRS` gives bus numbers 0-255 and
+/// the port ranges it forwards: everything but the configuration ports
+/// 0xcf8-0xcff. No memory window yet: no function has a BAR to place.
+fn pci_root() -> Vec<u8> {
+    use crate::devices::pci::{CONFIG_ADDRESS, CONFIG_DATA};
+    let mut crs = word_window(2, 0, 0, 0xff);
+    crs.extend(word_window(1, 3, 0, CONFIG_ADDRESS - 1));
+    crs.extend(word_window(1, 3, CONFIG_DATA + 4, 0xffff));
+    crs.extend_from_slice(&[0x79, 0]); // end tag, no checksum
+    let mut buffer = vec![aml::BYTE_PREFIX, crs.len() as u8];
+    buffer.extend_from_slice(&crs);
+    // EISA ID "PNP0A03", compressed (6.1.5): 'P' 'N' 'P' in 5 bits each,
+    // then the product number, big-endian.
+    let hid = [aml::DWORD_PREFIX, 0x41, 0xd0, 0x0a, 0x03];
+    let mut device = b"PCI0".to_vec();
+    device.extend(name(b"_HID", &hid));
+    device.extend(name(b"_UID", &[aml::ZERO_OP]));
+    device.extend(name(b"_CRS", &package(&[aml::BUFFER_OP], &buffer)));
+    let mut scope = b"\\_SB_".to_vec();
+    scope.extend(package(&aml::DEVICE_OP, &device));
+    package(&[aml::SCOPE_OP], &scope)
+}
+
+/// The DSDT (5.2.11.1): `Name (_S5, Package () { 0, 0, 0, 0 })`, the
+/// SLP_TYP values for soft-off (7.4.2), and the PCI root bridge. AML
+/// encoded by hand (ACPI 6.5 20.2).
 fn dsdt() -> Vec<u8> {
-    let aml = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00];
     debug_assert_eq!(S5_SLP_TYP, 0, "the AML encodes SLP_TYP 0");
+    let s5 = package(&[aml::PACKAGE_OP], &[0x04, aml::ZERO_OP, aml::ZERO_OP, aml::ZERO_OP, aml::ZERO_OP]);
+    let mut aml = name(b"_S5_", &s5);
+    aml.extend(pci_root());
     let mut t = header(b"DSDT", 2, aml.len());
     t.extend_from_slice(&aml);
     finish(t)

@@ -143,9 +143,8 @@ impl Handler for Area {
     fn release(&self, _: Handle) {}
 }
 
-#[test]
-fn a_guest_parser_reads_the_cpus_the_ioapic_and_the_pm_blocks() {
-    let t = build(&two_cpus());
+/// The tables as a guest's parser finds them, from `t`'s RSDP.
+fn parsed(t: &Tables) -> (AcpiTables<Area>, Area) {
     // An 8-aligned copy, as guest RAM is page-aligned.
     let words: &'static mut [u64] = Box::leak(vec![0u64; t.bytes.len().div_ceil(8)].into_boxed_slice());
     // SAFETY: the words are plain bytes to the parser; `bytes` is no longer
@@ -154,7 +153,13 @@ fn a_guest_parser_reads_the_cpus_the_ioapic_and_the_pm_blocks() {
     bytes.copy_from_slice(&t.bytes);
     let area = Area(bytes);
     // SAFETY: the handler maps only the leaked copy of the tables.
-    let tables = unsafe { AcpiTables::from_rsdp(area, t.rsdp as usize) }.expect("the tables parse");
+    (unsafe { AcpiTables::from_rsdp(area, t.rsdp as usize) }.expect("the tables parse"), area)
+}
+
+#[test]
+fn a_guest_parser_reads_the_cpus_the_ioapic_and_the_pm_blocks() {
+    let t = build(&two_cpus());
+    let (tables, _) = parsed(&t);
     let fadt = tables.find_table::<Fadt>().expect("a FADT");
     let port = |g: ::acpi::address::GenericAddress| g.address as u16;
     assert_eq!(fadt.pm1a_event_block().map(port).unwrap(), PM1A_EVT);
@@ -173,4 +178,55 @@ fn a_guest_parser_reads_the_cpus_the_ioapic_and_the_pm_blocks() {
     let timer = PmTimer::new(&fadt).expect("FADT").expect("a PM timer");
     assert_eq!(timer.base.address as u16, PM_TMR);
     assert!(timer.supports_32bit);
+}
+
+#[test]
+fn the_dsdt_names_the_pci_root_bridge_and_what_it_forwards() {
+    use ::acpi::aml::Interpreter;
+    use ::acpi::aml::namespace::AmlName;
+    use ::acpi::aml::object::Object;
+    use ::acpi::aml::resource::{AddressSpaceResourceType, Resource, resource_descriptor_list};
+    use ::acpi::platform::AcpiPlatform;
+    use core::str::FromStr;
+    let (tables, area) = parsed(&build(&two_cpus()));
+    let platform = AcpiPlatform::new(tables, area).expect("a platform");
+    // The DSDT run by an AML interpreter, as a guest's ACPI code runs it.
+    let aml = Interpreter::new_from_platform(&platform).expect("the DSDT loads");
+    let eval = |path: &str| aml.evaluate(AmlName::from_str(path).unwrap(), vec![]).expect(path);
+    assert!(matches!(*eval("\\_SB.PCI0._HID"), Object::Integer(0x030a_d041)), "EisaId (\"PNP0A03\")");
+    assert!(matches!(*eval("\\_SB.PCI0._UID"), Object::Integer(0)));
+    let windows: Vec<(AddressSpaceResourceType, (u64, u64), u64)> = resource_descriptor_list(eval("\\_SB.PCI0._CRS"))
+        .expect("_CRS parses")
+        .into_iter()
+        .map(|r| match r {
+            Resource::AddressSpace(a) => {
+                assert!(a.is_minimum_address_fixed && a.is_maximum_address_fixed);
+                (a.resource_type, a.address_range, a.length)
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        windows,
+        [
+            (AddressSpaceResourceType::BusNumberRange, (0, 0xff), 0x100),
+            (AddressSpaceResourceType::IORange, (0, 0xcf7), 0xcf8),
+            (AddressSpaceResourceType::IORange, (0xd00, 0xffff), 0xf300),
+        ]
+    );
+    // \_S5 is still where the hypervisor's own pattern search finds it.
+    let t = build(&two_cpus());
+    let fadt = table(&t, u64_at(table(&t, u64_at(&t.bytes, 24)), 36));
+    let dsdt = table(&t, u64_at(fadt, 140));
+    assert_eq!(crate::acpi_sleep::find_s5(&dsdt[36..]), Some((S5_SLP_TYP, S5_SLP_TYP)));
+}
+
+#[test]
+fn pkg_lengths_count_their_own_bytes() {
+    assert_eq!(package(&[0x10], &[0; 5])[..2], [0x10, 6]);
+    assert_eq!(package(&[0x10], &[0; 62])[1], 63);
+    // 63 bytes: two length bytes, 65 in all (0x41: 1 extra byte, nibble 1).
+    assert_eq!(package(&[0x10], &[0; 63])[1..3], [0x41, 0x04]);
+    assert_eq!(package(&[0x10], &[0; 300])[1..3], [0x4e, 0x12], "302 = 0x12e");
+    assert_eq!(package(&[0x10], &[0; 5000])[1..4], [0x8b, 0x38, 0x01], "5003 = 0x138b");
 }

@@ -1,0 +1,123 @@
+//! The PC device set (`DeviceSet::pc`) under a guest's port I/O, with the
+//! VM clock moving and interrupts taken, checked through saved state: every
+//! state a guest can drive the devices into must save, pass each device's
+//! own `validate` and restore, and the restored set must be the same set.
+//!
+//! Checks, after every operation:
+//! - no panic;
+//! - lanes of a read that no device decodes read all ones (a dword at
+//!   CONFIG_ADDRESS, claimed whole by the PCI host bridge, aside);
+//! - the set's saved state restores into a fresh set (so `validate`
+//!   accepts every reachable state), which saves the same bytes;
+//! - that copy then answers the next access exactly as the original does,
+//!   and agrees on the interrupt line and, once both have looked again
+//!   (a restore drops the cached deadline), the next timer deadline.
+//!
+//! Input: RAM size (one byte, MiB), then operations (see `step`).
+
+use hypervisor::devices::{DeviceSet, PortEffect, fw_cfg, pci};
+
+use crate::input::Input;
+
+const MAX_STEPS: usize = 200;
+
+/// Ports worth hitting more often than at random: each device's.
+const PORTS: [u16; 24] = [
+    0x3f8,
+    0x3f9,
+    0x3fa,
+    0x3fb,
+    0x3fd,
+    0x70,
+    0x71,
+    0x20,
+    0x21,
+    0xa0,
+    0xa1,
+    0x4d0,
+    0x40,
+    0x43,
+    0x61,
+    0x600,
+    0x604,
+    0x608,
+    pci::CONFIG_ADDRESS,
+    pci::CONFIG_ADDRESS + 1,
+    pci::CONFIG_DATA,
+    pci::CONFIG_DATA + 2,
+    fw_cfg::SELECTOR_PORT,
+    fw_cfg::DATA_PORT,
+];
+
+pub fn devices(data: &[u8]) {
+    let mut input = Input::new(data);
+    let ram = (1 + u64::from(input.u8())) << 20;
+    let mut set = DeviceSet::pc(0, ram);
+    let mut now = 0u64;
+    let mut steps = 0;
+    while !input.is_empty() && steps < MAX_STEPS {
+        let mut copy = restored(&set, ram);
+        step(&mut input, &mut now, &mut set, &mut copy);
+        steps += 1;
+    }
+}
+
+/// A fresh set given `set`'s saved state: it must take it, and save it back
+/// unchanged.
+fn restored(set: &DeviceSet, ram: u64) -> DeviceSet {
+    let saved = set.save();
+    let mut copy = DeviceSet::pc(0, ram);
+    if let Err(e) = copy.restore(&saved) {
+        panic!("a state the guest reached was refused: {e}");
+    }
+    assert_eq!(copy.save(), saved, "restored state saves differently");
+    copy
+}
+
+fn step(input: &mut Input<'_>, now: &mut u64, set: &mut DeviceSet, copy: &mut DeviceSet) {
+    let op = input.u8();
+    // Time moves by up to ~65 ms, in ns.
+    *now += u64::from(input.u16()) * 1000;
+    let t = *now;
+    match op % 8 {
+        0..=5 => {
+            let port = match op >> 3 & 1 {
+                0 => PORTS[input.below(PORTS.len() as u64) as usize],
+                _ => input.u16(),
+            };
+            let size = [1, 2, 4, 1][usize::from(op >> 4 & 3)];
+            let (a, b) = if op % 8 < 3 {
+                let value = input.u32();
+                (set.pio_write(port, size, value, || t), copy.pio_write(port, size, value, || t))
+            } else {
+                let (a, b) = (set.pio_read(port, size, || t), copy.pio_read(port, size, || t));
+                if let PortEffect::Done(v) = a {
+                    for lane in 0..u16::from(size) {
+                        let p = port.wrapping_add(lane);
+                        if !set.decodes_port(p) && !set.claims_access(port, size) {
+                            assert_eq!(v >> (8 * lane) & 0xff, 0xff, "no device at {p:#x}: all ones");
+                        }
+                    }
+                }
+                (a, b)
+            };
+            assert_eq!(a, b, "the restored copy answered {size} bytes at {port:#x} differently");
+            if !matches!(a, PortEffect::Unbacked) {
+                set.update_lines(t);
+                copy.update_lines(t);
+                assert_eq!(set.next_timer(), copy.next_timer(), "the next timer differs after op {op:#x}");
+            }
+        }
+        6 => {
+            set.poll_timers(t);
+            copy.poll_timers(t);
+            assert_eq!(set.next_timer(), copy.next_timer(), "the next timer differs after op {op:#x}");
+        }
+        _ => {
+            if set.interrupt_pending() {
+                assert_eq!(set.acknowledge_interrupt(), copy.acknowledge_interrupt());
+            }
+        }
+    }
+    assert_eq!(set.interrupt_pending(), copy.interrupt_pending(), "INTR differs after op {op:#x}");
+}
