@@ -10,8 +10,8 @@
 //! the VM through ACPI S5. The guest finds the local APIC and I/O APIC in
 //! the MADT and runs on them (IRQ 0 through the I/O APIC, ticks from the
 //! TSC-deadline timer), with no complaint about them in its log; `sleep 5`
-//! takes five seconds of host time; a second Linux guest and a selftest
-//! run beside it. On both
+//! takes five seconds of host time; a second Linux guest (`vm create`, then
+//! `vm start`) and a selftest run beside it. On both
 //! backends: Bochs with VT-x (about 35 s to the shell) and QEMU TCG with
 //! AMD-V (about 3 s). Skipped (with a message) when the guest has not been
 //! prepared.
@@ -105,10 +105,14 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     eprintln!("{}: `sleep 5` in the guest took {slept:.2} s of host time", emu.name());
     assert!((5.0..8.0).contains(&slept), "`sleep 5` took {slept:.2} s of host time");
     // Two Linux guests and a selftest at once, time-sliced, each with its
-    // own memory and console (the second in 128 MiB: the emulated host
-    // has 512 MiB).
-    let out = m.cmd("vm run linux mem=128");
-    assert!(out.contains("vm 2 started: linux (linux, 128 MiB"), "{out}");
+    // own memory and console. The second is built by `vm create` (in 128
+    // MiB: the emulated host has 512) and waits for `vm start`.
+    let out = m.cmd("vm create web kernel=linux initrd=linux-initrd mem=128 cmdline=\"console=ttyS0 quiet\"");
+    assert!(out.contains("vm 2 created: web (linux, linux, 128 MiB); vm start 2 runs it"), "{out}");
+    assert_eq!(m.json("vm list --json")["vms"][1]["state"], "created");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!m.transcript().contains("[vm 2]"), "a created VM ran before vm start");
+    m.cmd("vm start 2");
     m.cmd("vm run selftest");
     m.wait_for("vm 3 (selftest) exited with status 1", Duration::from_secs(400));
     m.wait_for("[vm 2] linux-guest:/# ", Duration::from_secs(400));
@@ -118,7 +122,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert!(t.contains("[vm 3] selftest: PASS"), "{t}");
     assert!(!t.contains("[vm 1] second-22"), "vm 2's output reached vm 1's console:\n{t}");
     m.cmd("vm send 2 -- poweroff");
-    m.wait_for("vm 2 (linux) powered off (ACPI S5)", Duration::from_secs(120));
+    m.wait_for("vm 2 (web) powered off (ACPI S5)", Duration::from_secs(120));
     // `reboot` in the guest resets the machine: the VM starts again from
     // its image, same id, and boots to a shell again.
     let mark = m.transcript().len();

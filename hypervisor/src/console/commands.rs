@@ -48,6 +48,11 @@ const HELP: &[(&str, &str)] = &[
     ("help", "this list"),
     ("host", "CPU, memory and virtualization features"),
     ("vm run <guest> [mem=<MiB>] [mod=<file>]... [-- <cmdline>]", "start a VM from a ramdisk guest image"),
+    (
+        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [cmdline=\"...\"]",
+        "build a VM from a ramdisk kernel, stopped until vm start",
+    ),
+    ("vm start <id>", "run a VM that vm create built"),
     ("vm list", "every VM with its state and exit status"),
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
@@ -134,6 +139,23 @@ fn run<B: Backend>(
                 json: json!({ "id": id, "guest": guest, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
             })
         }
+        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline } => {
+            let modules: Vec<String> = initrd.iter().cloned().collect();
+            let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
+            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline)?;
+            let vm = m.get(id).ok_or("the VM vanished")?;
+            Ok(Reply {
+                text: format!(
+                    "vm {id} created: {name} ({kernel}, {}, {mem_mib} MiB); vm start {id} runs it",
+                    vm.protocol.name()
+                ),
+                json: json!({ "id": id, "name": name, "kernel": kernel, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
+            })
+        }
+        Command::VmStart { id } => {
+            m.start(*id)?;
+            Ok(Reply { text: format!("vm {id} started"), json: json!({ "id": id }) })
+        }
         Command::VmList => {
             let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
             let mut text = String::from("  ID  GUEST         STATE     MEM(MiB)    EXITS  STATUS");
@@ -142,7 +164,7 @@ fn run<B: Backend>(
                     "\n{:>4}  {:<12}  {:<8}  {:>8}  {:>7}  {}",
                     vm.id,
                     vm.guest,
-                    if vm.paused && vm.res.is_some() { "paused" } else { vm.state.name() },
+                    vm_state_name(vm),
                     vm.mem_bytes >> 20,
                     vm.stats.total_exits(),
                     status_text(vm)
@@ -195,6 +217,16 @@ fn run<B: Backend>(
     }
 }
 
+/// The state `vm list` shows: created and paused VMs are running ones that
+/// the scheduler passes over.
+fn vm_state_name<B: Backend>(vm: &Vm<B>) -> &'static str {
+    match () {
+        _ if vm.res.is_some() && vm.created => "created",
+        _ if vm.res.is_some() && vm.paused => "paused",
+        _ => vm.state.name(),
+    }
+}
+
 fn status_text<B: Backend>(vm: &Vm<B>) -> String {
     match &vm.state {
         RunState::Exited { status } => format!("status {status}"),
@@ -221,7 +253,7 @@ fn vm_json<B: Backend>(vm: &Vm<B>, hz: u64) -> Value {
         "guest": vm.guest,
         "protocol": vm.protocol.name(),
         "mem_mib": vm.mem_bytes >> 20,
-        "state": if vm.paused && vm.res.is_some() { "paused" } else { vm.state.name() },
+        "state": vm_state_name(vm),
         "exits": vm.stats.total_exits(),
         "run_us": ticks_to_us(vm.stats.run_ticks, hz),
     });

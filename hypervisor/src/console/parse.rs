@@ -19,6 +19,17 @@ use crate::manager::{MAX_MEM_MIB, MIN_MEM_MIB};
 pub enum Command {
     Help,
     Host,
+    /// `vm create`: a VM built and waiting for `vm start`.
+    VmCreate {
+        name: String,
+        kernel: String,
+        initrd: Option<String>,
+        mem_mib: Option<u32>,
+        cmdline: Option<String>,
+    },
+    VmStart {
+        id: u32,
+    },
     /// What the line left out is `None` (or empty): the manager fills it
     /// in by the kind of guest (`Manager::run_defaults`).
     VmRun {
@@ -79,6 +90,8 @@ impl Command {
             Command::Help => "help",
             Command::Host => "host",
             Command::VmRun { .. } => "vm run",
+            Command::VmCreate { .. } => "vm create",
+            Command::VmStart { .. } => "vm start",
             Command::VmList => "vm list",
             Command::VmStats { .. } => "vm stats",
             Command::VmStop { .. } => "vm stop",
@@ -167,6 +180,8 @@ fn parse_vm(rest: &[&str]) -> Result<Command, String> {
         "pause" => parse_id("pause", args).map(|id| Command::VmPause { id }),
         "resume" => parse_id("resume", args).map(|id| Command::VmResume { id }),
         "run" => parse_run(args),
+        "create" => parse_create(args),
+        "start" => parse_id("start", args).map(|id| Command::VmStart { id }),
         other => Err(alloc::format!(
             "vm: unknown subcommand {other:?} (run, list, stats, stop, pause, resume, send, console)"
         )),
@@ -231,6 +246,68 @@ fn parse_mem(rest: &[&str]) -> Result<Command, String> {
     }
 }
 
+/// `vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1]
+/// [cmdline="<text>"] [-- <text>]`: the command line either quoted or
+/// after `--`.
+fn parse_create(args: &[&str]) -> Result<Command, String> {
+    let (opts, mut cmdline) = match args.iter().position(|w| *w == "--") {
+        Some(i) => (&args[..i], Some(args[i + 1..].join(" "))),
+        None => (args, None),
+    };
+    let Some((&name, opts)) = opts.split_first() else {
+        return Err("vm create: missing VM name".into());
+    };
+    if name.contains('=') || name.contains('"') || name.len() > 32 {
+        return Err(alloc::format!("vm create: {name:?} is not a VM name (one word of up to 32 characters)"));
+    }
+    let (mut kernel, mut initrd, mut mem_mib) = (None, None, None);
+    let mut i = 0;
+    while i < opts.len() {
+        let opt = opts[i];
+        i += 1;
+        match opt.split_once('=') {
+            Some(("kernel", f)) if !f.is_empty() => kernel = Some(f.to_string()),
+            Some(("initrd", f)) if !f.is_empty() => initrd = Some(f.to_string()),
+            Some(("mem", v)) => mem_mib = Some(parse_mib("vm create", v)?),
+            Some(("vcpus", "1")) => {}
+            Some(("vcpus", n)) => {
+                return Err(alloc::format!("vm create: vcpus={n}: a VM has one vCPU until SMP support lands"));
+            }
+            Some(("cmdline", v)) if v.starts_with('"') => {
+                // The quoted text may span words: up to the closing quote.
+                let mut text = String::from(&v[1..]);
+                while !text.ends_with('"') {
+                    let Some(next) = opts.get(i) else {
+                        return Err("vm create: cmdline=\" has no closing quote".into());
+                    };
+                    text.push(' ');
+                    text.push_str(next);
+                    i += 1;
+                }
+                text.pop();
+                if cmdline.is_some() {
+                    return Err("vm create: the command line is given twice (cmdline= and --)".into());
+                }
+                cmdline = Some(text);
+            }
+            _ => {
+                return Err(alloc::format!(
+                    "vm create: unknown option {opt:?} (expected kernel=, initrd=, mem=, vcpus=, cmdline=\"...\")"
+                ));
+            }
+        }
+    }
+    let kernel = kernel.ok_or("vm create: missing kernel=<file>")?;
+    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline })
+}
+
+fn parse_mib(cmd: &str, v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m))
+        .ok_or_else(|| alloc::format!("{cmd}: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {v:?}"))
+}
+
 fn parse_run(args: &[&str]) -> Result<Command, String> {
     let (opts, cmdline) = match args.iter().position(|w| *w == "--") {
         Some(i) => (&args[..i], Some(args[i + 1..].join(" "))),
@@ -247,15 +324,7 @@ fn parse_run(args: &[&str]) -> Result<Command, String> {
     for opt in opts {
         match opt.split_once('=') {
             Some(("mod", name)) if !name.is_empty() => modules.push(name.to_string()),
-            Some(("mem", v)) => {
-                mem_mib = Some(v.parse::<u32>().ok().filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m)).ok_or_else(
-                    || {
-                        alloc::format!(
-                            "vm run: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {v:?}"
-                        )
-                    },
-                )?);
-            }
+            Some(("mem", v)) => mem_mib = Some(parse_mib("vm run", v)?),
             _ => {
                 return Err(alloc::format!("vm run: unknown option {opt:?} (expected mem=<MiB> or mod=<file>)"));
             }
@@ -293,6 +362,40 @@ mod tests {
         assert_eq!(ok("vm pause 2 --json").command, Command::VmPause { id: 2 });
         assert_eq!(ok("vm resume 2").command, Command::VmResume { id: 2 });
         assert_eq!(parse("   ").unwrap(), None);
+    }
+
+    #[test]
+    fn vm_create_and_start() {
+        assert_eq!(
+            ok("vm create web kernel=linux initrd=linux-initrd mem=128 vcpus=1 cmdline=\"console=ttyS0  quiet\"")
+                .command,
+            Command::VmCreate {
+                name: "web".into(),
+                kernel: "linux".into(),
+                initrd: Some("linux-initrd".into()),
+                mem_mib: Some(128),
+                cmdline: Some("console=ttyS0 quiet".into())
+            }
+        );
+        assert_eq!(
+            ok("vm create a kernel=k -- root=/dev/vda ro").command,
+            Command::VmCreate {
+                name: "a".into(),
+                kernel: "k".into(),
+                initrd: None,
+                mem_mib: None,
+                cmdline: Some("root=/dev/vda ro".into())
+            }
+        );
+        assert_eq!(ok("vm start 4").command, Command::VmStart { id: 4 });
+        assert_eq!(err("vm create web"), "vm create: missing kernel=<file>");
+        assert_eq!(err("vm create"), "vm create: missing VM name");
+        assert!(err("vm create web kernel=k vcpus=4").contains("one vCPU"));
+        assert!(err("vm create web kernel=k mem=0").contains("mem must be"));
+        assert!(err("vm create web kernel=k cmdline=\"open").contains("no closing quote"));
+        assert!(err("vm create web kernel=k cmdline=\"a\" -- b").contains("given twice"));
+        assert!(err("vm create web kernel=k disk=x").contains("unknown option"));
+        assert!(err("vm start x").contains("not a VM id"));
     }
 
     #[test]

@@ -273,6 +273,8 @@ impl<B: Backend> Manager<B> {
             devices,
             timer_tick: u64::MAX,
             paused: false,
+            created: false,
+            image: String::from(name),
             msrs: Default::default(),
             overhead_bytes: overhead,
             nested_pages,
@@ -289,12 +291,19 @@ impl<B: Backend> Manager<B> {
         let Ok(backend) = self.backend.as_mut() else { return };
         let old = &mut self.vms[index];
         release(backend, &mut self.host_mem, old);
-        let (id, guest, mem_mib, modules, cmdline) =
-            (old.id, old.guest.clone(), (old.mem_bytes >> 20) as u32, old.modules.clone(), old.cmdline.clone());
+        let (id, guest, image, mem_mib, modules, cmdline) = (
+            old.id,
+            old.guest.clone(),
+            old.image.clone(),
+            (old.mem_bytes >> 20) as u32,
+            old.modules.clone(),
+            old.cmdline.clone(),
+        );
         let (reboots, stats, paused) = (old.reboots + 1, old.stats.clone(), old.paused);
         let attached = old.devices.com1().is_raw();
-        match self.create_vm(id, &guest, mem_mib, &modules, &cmdline) {
+        match self.create_vm(id, &image, mem_mib, &modules, &cmdline) {
             Ok(mut vm) => {
+                vm.guest = guest.clone();
                 vm.reboots = reboots;
                 vm.stats.exits = stats.exits;
                 vm.stats.run_ticks = stats.run_ticks;
@@ -524,6 +533,34 @@ impl<B: Backend> Manager<B> {
         Ok(total)
     }
 
+    /// `vm create`: VM `id` is built as `run_vm_with` builds it, and
+    /// waits for `start`.
+    pub fn create_vm_stopped(
+        &mut self,
+        name: &str,
+        image: &str,
+        mem_mib: u32,
+        modules: &[String],
+        cmdline: &str,
+    ) -> Result<u32, String> {
+        let id = self.run_vm_with(image, mem_mib, modules, cmdline)?;
+        if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
+            vm.created = true;
+            vm.guest = String::from(name);
+        }
+        Ok(id)
+    }
+
+    /// `vm start`: a created VM runs.
+    pub fn start(&mut self, id: u32) -> Result<(), String> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+        if !vm.created {
+            return Err(format!("vm {id} has already started"));
+        }
+        vm.created = false;
+        Ok(())
+    }
+
     /// Pause (`true`) or resume VM `id`. A paused VM keeps its memory and
     /// devices; only the scheduler passes it over. Its clock devices keep
     /// host time, so a guest sees the pause as lost time, as after a host
@@ -532,6 +569,9 @@ impl<B: Backend> Manager<B> {
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
         if vm.res.is_none() {
             return Err(format!("vm {id} has {}", vm.state.name()));
+        }
+        if vm.created {
+            return Err(format!("vm {id} has not started (vm start {id})"));
         }
         if vm.paused == paused {
             return Err(format!("vm {id} is {}", if paused { "already paused" } else { "not paused" }));

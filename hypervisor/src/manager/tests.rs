@@ -521,3 +521,22 @@ fn vm_run_fills_in_what_a_linux_guest_needs() {
     let id = m.run_vm("tiny", 4, "x").unwrap();
     assert_eq!(m.get(id).unwrap().cmdline, "x", "only Linux kernels get the hint");
 }
+
+#[test]
+fn a_created_vm_waits_for_start() {
+    let mut m = manager(8192);
+    be(&mut m).scripts.push_back(out_str("hi\n").into_iter().chain([exit_with(0)]).collect());
+    let id = m.create_vm_stopped("web", "tiny", 4, &[], "").unwrap();
+    let mut con = Lines::default();
+    assert!(!m.run_slice(&mut con), "nothing runs before vm start");
+    assert_eq!(m.get(id).unwrap().guest, "web");
+    assert_eq!(m.get(id).unwrap().image, "tiny");
+    assert_eq!(m.set_paused(id, true).unwrap_err(), "vm 1 has not started (vm start 1)");
+    m.start(id).unwrap();
+    assert_eq!(m.start(id).unwrap_err(), "vm 1 has already started");
+    assert_eq!(m.start(9).unwrap_err(), "no VM 9");
+    run_all(&mut m, &mut con);
+    assert_eq!(m.get(id).unwrap().state, RunState::Exited { status: 1 });
+    assert!(con.text().contains("[vm 1] hi"), "{}", con.text());
+    assert!(con.text().contains("vm 1 (web) exited"), "{}", con.text());
+}

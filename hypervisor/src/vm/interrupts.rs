@@ -52,7 +52,7 @@ impl<B: Backend> Vm<B> {
     /// an interrupt is pending or its timer is due, or (no timer armed, as
     /// for the test guests) at every scheduling round.
     pub fn wants_cpu(&self, now: u64) -> bool {
-        if self.paused {
+        if self.paused || self.created {
             return false;
         }
         match self.state {

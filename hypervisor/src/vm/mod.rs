@@ -116,6 +116,11 @@ pub struct Vm<B: Backend> {
     /// outside the guest, at an instruction boundary, whenever the console
     /// runs a command: on one CPU they take turns).
     pub paused: bool,
+    /// `vm create` built it; it runs from `vm start` on.
+    pub created: bool,
+    /// The guest image it was built from (`guest` is its name, which
+    /// `vm create` may choose).
+    pub image: String,
     /// The host clock reading (TSC ticks) at which the devices' next timer
     /// interrupt is due (`u64::MAX`: none armed); see `interrupts`.
     pub timer_tick: u64,
