@@ -188,7 +188,7 @@ impl<B: Backend> Manager<B> {
         }
         let size = (mem_mib as u64) << 20;
         let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
-        let map = MemoryMap::ram_only(size).map_err(|e| format!("bad memory size: {e}"))?;
+        let map = MemoryMap::pc(size).map_err(|e| format!("bad memory size: {e}"))?;
         // The memory manager's tables for this VM come from the host heap,
         // all at once: refuse the VM unless they fit with room to spare.
         let tables = GuestMemory::<B::Format>::table_bytes(&map);
@@ -248,7 +248,9 @@ impl<B: Backend> Manager<B> {
         let overhead =
             vcpu.overhead_bytes() + mem.memory_report().overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
         let mut nested_pages = [0u64; 3];
-        for m in mem.table().mappings(&*backend.mem(), mm::GuestPhysAddr(0)..mm::GuestPhysAddr(size)) {
+        let (ranges, n) = crate::vm::boot::ram_ranges(size);
+        let top = ranges[n - 1].end;
+        for m in mem.table().mappings(&*backend.mem(), mm::GuestPhysAddr(0)..mm::GuestPhysAddr(top)) {
             nested_pages[match m.leaf.size {
                 PageSize::Size4K => 0,
                 PageSize::Size2M => 1,

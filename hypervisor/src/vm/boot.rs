@@ -102,7 +102,21 @@ fn has_multiboot_header(image: &[u8]) -> bool {
     !matches!(loader::multiboot::find_header(image), Err(loader::Error::MultibootNoHeader))
 }
 
-/// Loads `image` into guest RAM (`mem`, `ram_size` bytes from 0) and
+/// Where a PC's PCI hole starts: RAM past 3 GiB goes above 4 GiB, as
+/// `mm::vm_memory::MemoryMap::pc` lays it out, leaving the device pages
+/// (the I/O APIC at 0xfec00000, the local APIC at 0xfee00000) unbacked so
+/// accesses to them reach the devices.
+pub const LOW_RAM_END: u64 = 3 << 30;
+
+/// The guest-physical RAM ranges of a VM with `ram_size` bytes of RAM.
+pub fn ram_ranges(ram_size: u64) -> ([Range<u64>; 2], usize) {
+    let low = ram_size.min(LOW_RAM_END);
+    let high = ram_size - low;
+    ([0..low, (1 << 32)..(1 << 32) + high], if high > 0 { 2 } else { 1 })
+}
+
+/// Loads `image` into guest RAM (`mem`, `ram_size` bytes laid out by
+/// [`ram_ranges`]) and
 /// returns the initial state.
 pub fn prepare(
     image: &[u8],
@@ -116,7 +130,10 @@ pub fn prepare(
         return Err(BootError::CommandLine);
     }
     let reserved = [RESERVED];
-    let layout = RamLayout { ram_size, reserved: &reserved };
+    let (ranges, n) = ram_ranges(ram_size);
+    // The test guests' loaders know one range: the RAM below the hole.
+    let low = ranges[0].end;
+    let layout = RamLayout { ram_size: low, reserved: &reserved };
     if loader::linux::is_linux(image) {
         let initrd = match modules {
             [] => None,
@@ -125,9 +142,9 @@ pub fn prepare(
         };
         // The hypervisor keeps the low 64 KiB but lends the loader its boot
         // area for the zero page and the command line.
-        let ram = [Range { start: 0, end: ram_size }];
+        let ram = &ranges[..n];
         let kept = [Range { start: RESERVED.start, end: LINUX_BOOT_AREA.start }];
-        let config = loader::linux::Config { ram: &ram, reserved: &kept, boot_area: LINUX_BOOT_AREA, cmdline, initrd };
+        let config = loader::linux::Config { ram, reserved: &kept, boot_area: LINUX_BOOT_AREA, cmdline, initrd };
         let plan = loader::linux::plan(image, &config).map_err(BootError::Load)?;
         plan.apply(image, mem).map_err(BootError::Load)?;
         write_identity_map(mem)?;
@@ -157,7 +174,7 @@ pub fn prepare(
             mem.write(CMDLINE, &bytes).map_err(|_| BootError::Memory)?;
             CMDLINE
         };
-        let gprs = Gprs { rdi: ram_size, rsi: vm_id as u64, rdx: cmd_gpa, ..Default::default() };
+        let gprs = Gprs { rdi: low, rsi: vm_id as u64, rdx: cmd_gpa, ..Default::default() };
         Ok((long_mode_state(&plan, gprs), Protocol::Elf64))
     }
 }
@@ -266,6 +283,28 @@ mod tests {
         let base = 0x10_0000;
         let header = testutil::mb_header(0x1_0002, &[base, base, 0, 0, base + 0x40]);
         testutil::image_with_header(0x200, 0, &header)
+    }
+
+    #[test]
+    fn ram_past_3_gib_goes_above_4_gib_around_the_device_pages() {
+        assert_eq!(ram_ranges(256 << 20), ([0..256 << 20, (1 << 32)..(1 << 32)], 1));
+        assert_eq!(ram_ranges(LOW_RAM_END), ([0..LOW_RAM_END, (1 << 32)..(1 << 32)], 1));
+        let (r, n) = ram_ranges(6 << 30);
+        assert_eq!((&r[..n], n), (&[0..3 << 30, (4 << 30)..(7 << 30)][..], 2));
+        // Linux's e820 map says the same, and neither APIC page is RAM.
+        let config = loader::linux::Config {
+            ram: &r[..n],
+            reserved: &[],
+            boot_area: LINUX_BOOT_AREA,
+            cmdline: "",
+            initrd: None,
+        };
+        let map = loader::linux::e820_map(&config).unwrap();
+        let ram: alloc::vec::Vec<(u64, u64)> = map.iter().filter(|e| e.2 == 1).map(|e| (e.0, e.0 + e.1)).collect();
+        for apic in [0xfec0_0000u64, 0xfee0_0000] {
+            assert!(!ram.iter().any(|&(a, b)| (a..b).contains(&apic)), "{apic:#x} in RAM: {map:x?}");
+        }
+        assert!(ram.iter().any(|&(a, b)| a == 4 << 30 && b == 7 << 30), "{map:x?}");
     }
 
     #[test]
