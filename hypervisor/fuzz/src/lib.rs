@@ -11,6 +11,7 @@ mod elf;
 mod emulator;
 mod guest_walk;
 mod handle_exit;
+mod linux;
 pub mod input;
 mod mm_fault;
 mod multiboot;
@@ -28,6 +29,7 @@ pub use elf::elf;
 pub use emulator::emulator;
 pub use guest_walk::guest_walk;
 pub use handle_exit::handle_exit;
+pub use linux::linux;
 pub use mm_fault::mm_fault;
 pub use multiboot::multiboot;
 pub use plan::{MAX_RAM, check_plan};
@@ -46,6 +48,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("archive", archive),
     ("elf", elf),
     ("multiboot", multiboot),
+    ("linux", linux),
     ("vmx_exit", vmx_exit),
     ("svm_exit", svm_exit),
     ("svm_fetch", svm_fetch),
