@@ -219,6 +219,12 @@ pub struct DeviceSet {
     /// timer counts in guest TSC.
     tsc_offset: u64,
     tsc_hz: u64,
+    /// A port access reached a timer (the PIT, port 0x61): `update_lines`
+    /// looks at the timers again. Other accesses leave them alone, so the
+    /// exit path of a UART byte does not recompute deadlines.
+    timers_touched: bool,
+    /// COM1's IRQ 4 level as last driven.
+    com1_level: bool,
 }
 
 /// The local APIC as firmware leaves the boot processor (SeaBIOS does the
@@ -255,6 +261,8 @@ impl DeviceSet {
             ioapic: IoApic::new(IOAPIC_ID),
             tsc_offset: 0,
             tsc_hz: lapic::DEFAULT_BUS_HZ,
+            timers_touched: false,
+            com1_level: false,
         };
         for (offset, value) in FIRMWARE_LAPIC {
             let _ = set.lapic.write(offset, value, 0);
@@ -332,14 +340,26 @@ impl DeviceSet {
         }
     }
 
+    /// Whether the last port accesses reached a timer: then
+    /// [`Self::update_lines`] reads the clock, else it ignores `now_ns` (the
+    /// exit path skips reading it).
+    pub fn timers_touched(&self) -> bool {
+        self.timers_touched
+    }
+
     /// After a port access (or input for COM1): bring the interrupt lines
     /// up to date. COM1 drives IRQ 4 as a level, and the PIT's next IRQ 0
     /// is looked up again (the guest may have reprogrammed it).
     pub fn update_lines(&mut self, now_ns: u64) {
         let com1 = self.com1().irq();
-        self.set_isa_irq(4, com1);
-        self.next_timer_ns = None;
-        self.poll_timers(now_ns);
+        if com1 != self.com1_level {
+            self.com1_level = com1;
+            self.set_isa_irq(4, com1);
+        }
+        if core::mem::take(&mut self.timers_touched) {
+            self.next_timer_ns = None;
+            self.poll_timers(now_ns);
+        }
         self.refresh_intr();
     }
 
@@ -358,13 +378,17 @@ impl DeviceSet {
             self.pulse_isa_irq(0);
             self.pit().owe_ticks(edges - u64::from(!latched));
         }
-        let tsc = self.guest_tsc(now_ns);
-        self.lapic.tick(now_ns, tsc);
+        let lapic = if self.lapic.timer_armed() {
+            let tsc = self.guest_tsc(now_ns);
+            self.lapic.tick(now_ns, tsc);
+            // A deadline at or before now was delivered by `tick`; a
+            // rounding of TSC to ns could name now again: look again in 1 ns.
+            self.lapic.next_timer_deadline(now_ns, tsc).map(|t| t.max(now_ns + 1))
+        } else {
+            None
+        };
         self.refresh_intr();
         let pit = self.pit().next_irq0(now_ns).filter(|&t| t > now_ns);
-        // A deadline at or before now was delivered by `tick`; a rounding
-        // of TSC to ns could name now again: then look again in 1 ns.
-        let lapic = self.lapic.next_timer_deadline(now_ns, tsc).map(|t| t.max(now_ns + 1));
         self.next_timer_ns = match (pit, lapic) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -463,6 +487,9 @@ impl DeviceSet {
             && u64::from(size) <= rest
             && !matches!(self.devices[i].1, Device::DebugExit)
         {
+            // Reading a counter can latch or end a count: the PIT's
+            // deadlines are looked at again after it.
+            self.timers_touched |= i == PIT_INDEX;
             return PortEffect::Done(self.devices[i].1.read(port, offset, size, &now_ns));
         }
         // Nothing is on the bus at CONFIG_ADDRESS, so a dword there comes
@@ -470,6 +497,8 @@ impl DeviceSet {
         if self.claims_access(port, size) {
             return PortEffect::Done(self.pci().read_address());
         }
+        // A rare access across devices: look at the timers again after it.
+        self.timers_touched = true;
         let mut value = 0u32;
         let mut backed = false;
         for lane in 0..size.min(4) {
@@ -496,6 +525,7 @@ impl DeviceSet {
             }
             // One device decodes the whole access: one lookup.
             if u64::from(size) <= rest {
+                self.timers_touched |= i == PIT_INDEX;
                 return self.devices[i].1.write(port, offset, size, value, &now_ns);
             }
         }
@@ -503,6 +533,7 @@ impl DeviceSet {
             self.pci().write_address(value);
             return PortEffect::Done(0);
         }
+        self.timers_touched = true;
         let mut effect = PortEffect::Unbacked;
         for lane in 0..size.min(4) {
             let lane_port = port.wrapping_add(lane.into());

@@ -344,8 +344,13 @@ impl<B: Backend> Vm<B> {
         };
         // The port access may have changed an interrupt line or a timer.
         if !matches!(effect, PortEffect::Unbacked) {
-            self.devices.update_lines(now_ns());
-            self.timer_tick = self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
+            let before = self.devices.next_timer();
+            let now = if self.devices.timers_touched() { now_ns() } else { 0 };
+            self.devices.update_lines(now);
+            let after = self.devices.next_timer();
+            if after != before {
+                self.timer_tick = after.map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
+            }
         }
         let read = match effect {
             PortEffect::Exit(status) => {

@@ -430,6 +430,13 @@ impl Lapic {
         Lapic { s }
     }
 
+    /// Whether the timer may fire without a register access: a one-shot or
+    /// periodic count running, or a TSC deadline armed (cheap: the exit
+    /// path asks before computing the guest's TSC).
+    pub fn timer_armed(&self) -> bool {
+        self.s.timer.counting || self.s.timer.tsc_deadline != 0
+    }
+
     /// The spurious-interrupt vector (SVR bits 7:0), what an acknowledge
     /// with nothing to deliver gives.
     pub fn spurious_vector(&self) -> u8 {
