@@ -140,6 +140,9 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
         "PM-Timer had inconsistent results",
         "unchecked MSR access",
         "WARNING:",
+        "fail to add MMCONFIG",
+        "[Firmware Bug]",
+        "[Firmware Info]",
     ] {
         assert!(!t.contains(bad), "the guest's log has {bad:?}:\n{t}");
     }
@@ -159,6 +162,8 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
         "TSC deadline timer available",
         "clocksource: acpi_pm: mask: 0xffffff",
         "clocksource: Switched to clocksource tsc",
+        // PCI configuration space, also memory-mapped (the MCFG).
+        "PCI: MMCONFIG at [mem 0xe0000000-0xe00fffff] reserved in E820",
         "ACPI: PM: (supports S0 S5)",
         "PCI: Using configuration type 1 for base access",
         "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000",

@@ -16,6 +16,7 @@
 use super::DeviceSet;
 use super::ioapic::{IOAPIC_BASE, Message};
 use super::lapic::{self, DeliveryMode, Effect, Gp, Lint, LintRoute, Shorthand};
+use super::pci::{ECAM_BASE, ECAM_SIZE};
 
 /// The I/O APIC's pin for ISA line `irq`: the MADT overrides IRQ 0 to GSI 2
 /// (where the 8254 sits on a PC's I/O APIC); the others are identity.
@@ -111,12 +112,16 @@ impl DeviceSet {
     /// one reads the next dword for its upper half.
     pub fn mmio_read(&mut self, gpa: u64, size: u8, now_ns: u64) -> Option<u64> {
         let (page, offset) = self.mmio_target(gpa)?;
+        if let MmioPage::Ecam = page {
+            return Some(self.pci().ecam_read(offset, size));
+        }
         let dword = offset & !3;
         let lane = 8 * (offset & 3);
         let read = |this: &mut Self, at: u64| -> u64 {
             match page {
                 MmioPage::Lapic => u64::from(this.lapic.read(at, now_ns)),
                 MmioPage::IoApic => u64::from(this.ioapic.read(at)),
+                MmioPage::Ecam => 0,
             }
         };
         let mut v = read(self, dword) >> lane;
@@ -138,6 +143,10 @@ impl DeviceSet {
         let Some((page, offset)) = self.mmio_target(gpa) else {
             return false;
         };
+        if let MmioPage::Ecam = page {
+            self.pci().ecam_write(offset, size, value);
+            return true;
+        }
         if size != 4 || offset & 3 != 0 {
             return true;
         }
@@ -151,6 +160,7 @@ impl DeviceSet {
                     self.deliver(m);
                 }
             }
+            MmioPage::Ecam => {}
         }
         self.interrupts_changed(now_ns);
         true
@@ -168,7 +178,10 @@ impl DeviceSet {
         {
             return Some((MmioPage::Lapic, gpa - base));
         }
-        IOAPIC_PAGE.contains(&gpa).then(|| (MmioPage::IoApic, gpa - IOAPIC_BASE))
+        if IOAPIC_PAGE.contains(&gpa) {
+            return Some((MmioPage::IoApic, gpa - IOAPIC_BASE));
+        }
+        (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&gpa).then(|| (MmioPage::Ecam, gpa - ECAM_BASE))
     }
 
     /// A guest RDMSR of a local APIC MSR (IA32_APIC_BASE, IA32_TSC_DEADLINE,
@@ -211,4 +224,6 @@ impl DeviceSet {
 enum MmioPage {
     Lapic,
     IoApic,
+    /// PCI configuration space, memory-mapped.
+    Ecam,
 }

@@ -929,6 +929,15 @@ mod tests {
         assert_eq!(set.mmio_read(0xfee0_0033, 1, 0), Some(0x00), "version register, top byte");
         assert_eq!(set.mmio_read(0xfee0_0030, 2, 0), Some(0x0014));
         assert!(!set.claims_mmio(0xfed0_0000));
+        // The PCI host bridge through memory-mapped configuration space:
+        // IDs at 00:00.0, nothing at 00:01.0 or on bus 1, no extended space.
+        assert_eq!(set.mmio_read(pci::ECAM_BASE, 4, 0), Some(0x1237_8086));
+        assert_eq!(set.mmio_read(pci::ECAM_BASE + 2, 2, 0), Some(0x1237));
+        assert_eq!(set.mmio_read(pci::ECAM_BASE + (1 << 15), 4, 0), Some(0xffff_ffff));
+        assert_eq!(set.mmio_read(pci::ECAM_BASE + 0x100, 4, 0), Some(0));
+        assert!(!set.claims_mmio(pci::ECAM_BASE + pci::ECAM_SIZE), "bus 1 has no window");
+        assert!(set.mmio_write(pci::ECAM_BASE + 4, 2, 0x0106 | 0x40, 0));
+        assert_eq!(set.mmio_read(pci::ECAM_BASE + 4, 2, 0), Some(0x0146), "parity error response, as through 0xcfc");
         assert_eq!(set.mmio_read(0xfed0_0000, 4, 0), None);
     }
 

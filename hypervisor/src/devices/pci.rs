@@ -38,6 +38,12 @@ use super::persist::{Invalid, Persist};
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
 /// The CONFIG_DATA ports: the four bytes of the selected dword.
 pub const CONFIG_DATA: u16 = 0xcfc;
+/// The memory-mapped configuration space (ECAM) of bus 0, for what Linux
+/// calls MMCONFIG: in the PCI hole below 4 GiB (never RAM: see
+/// `vm::boot::LOW_RAM_END`), 1 MiB for the one bus. The MCFG table names it
+/// and the e820 map reserves it.
+pub const ECAM_BASE: u64 = 0xe000_0000;
+pub const ECAM_SIZE: u64 = 1 << 20;
 
 /// CONFIG_ADDRESS's enable bit: CONFIG_DATA accesses become configuration
 /// cycles.
@@ -289,6 +295,52 @@ impl PciHost {
             f.write_config(reg, u32::from(value) << (8 * lane), 1 << lane);
         }
         true
+    }
+
+    /// A read of `size` bytes (1, 2, 4; 8 as two dwords) at `offset` in the
+    /// memory-mapped configuration space (PCI Express Base 4.0, 7.2.2:
+    /// bus in bits 27:20, device 19:15, function 14:12, register 11:0).
+    /// Nothing answers past bus 0 or in an empty slot: all ones. Bytes
+    /// 0x100-0xfff of a conventional PCI function read 0 (no extended
+    /// capabilities).
+    pub fn ecam_read(&mut self, offset: u64, size: u8) -> u64 {
+        let mut v = 0u64;
+        for i in 0..u64::from(size.min(8)) {
+            v |= u64::from(self.ecam_byte(offset + i)) << (8 * i);
+        }
+        v
+    }
+
+    fn ecam_byte(&mut self, offset: u64) -> u8 {
+        let Some((function, reg)) = self.ecam_target(offset) else {
+            return 0xff;
+        };
+        if reg >= 0x100 {
+            return 0;
+        }
+        (function.read_config(reg as u8 & 0xfc) >> (8 * (reg & 3))) as u8
+    }
+
+    /// A write of the low `size` bytes of `value` at `offset` (as for
+    /// [`Self::ecam_read`]); writes nothing answers vanish.
+    pub fn ecam_write(&mut self, offset: u64, size: u8, value: u64) {
+        for i in 0..u64::from(size.min(8)) {
+            let Some((function, reg)) = self.ecam_target(offset + i) else { continue };
+            if reg < 0x100 {
+                let lane = reg & 3;
+                let byte = (value >> (8 * i)) as u8;
+                function.write_config(reg as u8 & 0xfc, u32::from(byte) << (8 * lane), 1 << lane);
+            }
+        }
+    }
+
+    fn ecam_target(&mut self, offset: u64) -> Option<(&mut PciFunction, u16)> {
+        if offset >> 20 != 0 {
+            return None;
+        }
+        let devfn = (offset >> 12) as u8;
+        let function = self.functions.iter_mut().find(|(d, _)| *d == devfn).map(|(_, f)| f)?;
+        Some((function, (offset & 0xfff) as u16))
     }
 
     fn host_bridge(&self) -> &HostBridge {

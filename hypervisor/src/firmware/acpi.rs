@@ -48,6 +48,9 @@ pub struct Config {
     pub ioapic: Option<(u8, u32)>,
     /// The local APICs' address.
     pub lapic_address: u32,
+    /// The memory-mapped PCI configuration space of bus 0 (its base), for
+    /// the MCFG table; `None`: no MCFG.
+    pub ecam: Option<u64>,
 }
 
 /// The tables, ready to copy to [`AREA_BASE`].
@@ -199,12 +202,14 @@ fn word_window(resource_type: u8, type_flags: u8, min: u16, max: u16) -> Vec<u8>
 
 /// The PCI root bridge, `\_SB.PCI0` (PNP0A03): an ACPI guest enumerates
 /// PCI only below the host bridges its namespace names (Linux scans no bus
-/// on its own once ACPI is in use). Its `_CRS` gives bus numbers 0-255 and
-/// the port ranges it forwards: everything but the configuration ports
+/// on its own once ACPI is in use). Its `_CRS` gives bus number 0 (the one
+/// bus there is, which the MCFG's configuration space covers: a wider range
+/// makes Linux note the MCFG only partly covers the bridge) and the port
+/// ranges it forwards: everything but the configuration ports
 /// 0xcf8-0xcff. No memory window yet: no function has a BAR to place.
 fn pci_root() -> Vec<u8> {
     use crate::devices::pci::{CONFIG_ADDRESS, CONFIG_DATA};
-    let mut crs = word_window(2, 0, 0, 0xff);
+    let mut crs = word_window(2, 0, 0, 0);
     crs.extend(word_window(1, 3, 0, CONFIG_ADDRESS - 1));
     crs.extend(word_window(1, 3, CONFIG_DATA + 4, 0xffff));
     crs.extend_from_slice(&[0x79, 0]); // end tag, no checksum
@@ -266,6 +271,18 @@ fn madt(config: &Config) -> Vec<u8> {
     finish(t)
 }
 
+/// The MCFG table (PCI Firmware Specification 3.2, 4.1.2): one allocation,
+/// segment 0, buses 0 to 0, at `base`.
+fn mcfg(base: u64) -> Vec<u8> {
+    let mut t = header(b"MCFG", 1, 8 + 16);
+    t.extend_from_slice(&[0; 8]);
+    t.extend_from_slice(&base.to_le_bytes());
+    t.extend_from_slice(&0u16.to_le_bytes()); // PCI segment group
+    t.extend_from_slice(&[0, 0]); // start and end bus
+    t.extend_from_slice(&[0; 4]);
+    finish(t)
+}
+
 /// Append `table` to `area` at the next `align`-aligned offset; its
 /// guest-physical address.
 fn place(area: &mut Vec<u8>, table: &[u8], align: usize) -> u64 {
@@ -285,6 +302,9 @@ pub fn build(config: &Config) -> Tables {
     let mut entries = vec![fadt];
     if !config.apic_ids.is_empty() {
         entries.push(place(&mut area, &madt(config), 16));
+    }
+    if let Some(base) = config.ecam {
+        entries.push(place(&mut area, &mcfg(base), 16));
     }
     let mut xsdt = header(b"XSDT", 1, 8 * entries.len());
     let mut rsdt = header(b"RSDT", 1, 4 * entries.len());

@@ -224,6 +224,7 @@ impl<B: Backend> Manager<B> {
                 apic_ids: alloc::vec![0],
                 ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
                 lapic_address: crate::devices::lapic::DEFAULT_BASE as u32,
+                ecam: Some(crate::devices::pci::ECAM_BASE),
             });
             let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
             boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))

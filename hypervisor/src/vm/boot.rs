@@ -143,7 +143,14 @@ pub fn prepare(
         // The hypervisor keeps the low 64 KiB but lends the loader its boot
         // area for the zero page and the command line.
         let ram = &ranges[..n];
-        let kept = [Range { start: RESERVED.start, end: LINUX_BOOT_AREA.start }];
+        // The memory-mapped PCI configuration space is reserved too: Linux
+        // uses it only where the e820 map says so (arch/x86/pci/mmconfig-
+        // shared.c, `pci_mmcfg_reserved`).
+        let ecam = crate::devices::pci::ECAM_BASE;
+        let kept = [
+            Range { start: RESERVED.start, end: LINUX_BOOT_AREA.start },
+            Range { start: ecam, end: ecam + crate::devices::pci::ECAM_SIZE },
+        ];
         let config = loader::linux::Config { ram, reserved: &kept, boot_area: LINUX_BOOT_AREA, cmdline, initrd };
         let plan = loader::linux::plan(image, &config).map_err(BootError::Load)?;
         plan.apply(image, mem).map_err(BootError::Load)?;

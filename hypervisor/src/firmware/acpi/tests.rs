@@ -28,7 +28,7 @@ fn table(t: &Tables, gpa: u64) -> &[u8] {
 }
 
 fn two_cpus() -> Config {
-    Config { apic_ids: vec![0, 1], ioapic: Some((2, 0xfec0_0000)), lapic_address: 0xfee0_0000 }
+    Config { apic_ids: vec![0, 1], ioapic: Some((2, 0xfec0_0000)), lapic_address: 0xfee0_0000, ecam: Some(0xe000_0000) }
 }
 
 #[test]
@@ -48,7 +48,11 @@ fn the_rsdp_is_where_a_bios_scan_finds_it_and_every_checksum_holds() {
     assert_eq!((&xsdt[..4], &rsdt[..4]), (&b"XSDT"[..], &b"RSDT"[..]));
     let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
     let signatures: Vec<&[u8]> = entries.iter().map(|&e| &table(&t, e)[..4]).collect();
-    assert_eq!(signatures, [&b"FACP"[..], b"APIC"]);
+    assert_eq!(signatures, [&b"FACP"[..], b"APIC", b"MCFG"]);
+    // MCFG: one allocation, base, segment 0, buses 0-0.
+    let mcfg = table(&t, entries[2]);
+    assert_eq!(mcfg.len(), 36 + 8 + 16);
+    assert_eq!((u64_at(mcfg, 44), &mcfg[52..56]), (0xe000_0000, &[0, 0, 0, 0][..]));
     for (k, &e) in entries.iter().enumerate() {
         assert_eq!(u64::from(u32_at(rsdt, 36 + 4 * k)), e, "RSDT and XSDT agree");
     }
@@ -67,7 +71,7 @@ fn the_rsdp_is_where_a_bios_scan_finds_it_and_every_checksum_holds() {
 
 #[test]
 fn without_local_apics_there_is_no_madt() {
-    let t = build(&Config { apic_ids: vec![], ioapic: None, lapic_address: 0xfee0_0000 });
+    let t = build(&Config { apic_ids: vec![], ioapic: None, lapic_address: 0xfee0_0000, ecam: None });
     let xsdt = table(&t, u64_at(&t.bytes, 24));
     assert_eq!(xsdt.len(), 36 + 8, "the FADT only");
 }
@@ -209,7 +213,7 @@ fn the_dsdt_names_the_pci_root_bridge_and_what_it_forwards() {
     assert_eq!(
         windows,
         [
-            (AddressSpaceResourceType::BusNumberRange, (0, 0xff), 0x100),
+            (AddressSpaceResourceType::BusNumberRange, (0, 0), 1),
             (AddressSpaceResourceType::IORange, (0, 0xcf7), 0xcf8),
             (AddressSpaceResourceType::IORange, (0xd00, 0xffff), 0xf300),
         ]
