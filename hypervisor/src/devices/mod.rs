@@ -568,7 +568,9 @@ impl DeviceSet {
     }
 
     /// Restore every device from `saved`: all of it is decoded and checked
-    /// first, then applied, so on error nothing changed.
+    /// first, then applied, so on error nothing changed. Call
+    /// [`Self::update_lines`] with the VM's clock afterwards: it finds the
+    /// restored timers' next deadline.
     pub fn restore(&mut self, saved: &[SavedDevice]) -> Result<(), RestoreError> {
         for (k, s) in saved.iter().enumerate() {
             if saved[..k].iter().any(|o| o.name == s.name) {
@@ -611,8 +613,12 @@ impl DeviceSet {
         }
         self.lapic.restore(lapic);
         self.ioapic.restore(ioapic);
-        // The timers and controllers were replaced wholesale: look again.
+        // The timers and controllers were replaced wholesale: the next
+        // `update_lines` (the caller's, with the clock) looks at the timers
+        // again, and COM1's line is where the restored PIC has it.
         self.next_timer_ns = None;
+        self.timers_touched = true;
+        self.com1_level = self.com1().irq();
         self.refresh_intr();
         Ok(())
     }
