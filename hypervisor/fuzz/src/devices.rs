@@ -105,6 +105,11 @@ fn step(input: &mut Input<'_>, now: &mut u64, set: &mut DeviceSet, copy: &mut De
             if !matches!(a, PortEffect::Unbacked) {
                 set.update_lines(t);
                 copy.update_lines(t);
+                // What the VM does after every exit: fire what is due. The
+                // cached deadline is only refreshed by a poll (or an access
+                // to a timer), so compare after one.
+                set.poll_timers(t);
+                copy.poll_timers(t);
                 assert_eq!(set.next_timer(), copy.next_timer(), "the next timer differs after op {op:#x}");
             }
         }
