@@ -392,6 +392,9 @@ impl<B: Backend> Vm<B> {
     /// A nested page fault: copy-on-write, page-in and the like are resolved
     /// by the memory manager and the guest retries; anything else ends the
     /// VM with a report.
+    // Out of line: its frame (and the MMIO emulator's, with a whole
+    // `GuestState`) must not grow the hot exit path's.
+    #[inline(never)]
     fn nested_page_fault(
         &mut self,
         gpa: u64,
@@ -452,6 +455,7 @@ impl<B: Backend> Vm<B> {
     /// timers are looked at again. A fault the instruction would raise
     /// goes to the guest; an instruction the emulator cannot carry out
     /// ends the VM with a report naming it.
+    #[inline(never)]
     fn emulate_mmio(
         &mut self,
         gpa: u64,
