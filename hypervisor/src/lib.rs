@@ -4,7 +4,7 @@
 
 extern crate alloc;
 
-pub mod acpi_sleep;
+pub mod acpi;
 pub mod backend;
 pub mod boot_config;
 pub mod cpuid;
@@ -12,7 +12,6 @@ pub mod devices;
 pub mod disk;
 pub mod emulator;
 pub mod firmware;
-pub mod frame_bitmap;
 pub mod hypercall;
 pub mod loader;
 pub mod manager;

@@ -1,6 +1,6 @@
 //! ATA PIO, the logic half: decoding IDENTIFY DEVICE data, choosing 28- or
 //! 48-bit commands and the register writes that issue them, reading the
-//! Status register. The port I/O is in the kernel's `platform::block::ata`.
+//! Status register. The port I/O is in the kernel's `platform::disk::ata`.
 //!
 //! References are to ATA/ATAPI-6 (T13/1410D) by clause and name: clause 7
 //! describes the registers, clause 8 the commands, clause 9 the protocols.

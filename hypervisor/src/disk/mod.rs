@@ -1,6 +1,6 @@
 //! Host disks (the device under host swap): the hardware-independent half of
 //! the kernel's block drivers. The drivers themselves (port and MMIO access)
-//! live in the kernel's `platform::block`; what can be decided without the
+//! live in the kernel's `platform::disk`; what can be decided without the
 //! hardware — decoding IDENTIFY data, building ATA register sequences,
 //! checking a disk with a test pattern — is here, unit-tested on the host.
 

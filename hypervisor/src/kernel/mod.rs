@@ -127,7 +127,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
 /// other data, else self-checked and formatted or reopened). The swap
 /// device, or why there is none.
 fn open_disk() -> Result<Swap, String> {
-    let (disk, text) = platform::block::probe();
+    let (disk, text) = platform::disk::probe();
     let Some(disk) = disk else {
         log::info!("disk: none ({text})");
         return Err(format!("no disk: {text}"));

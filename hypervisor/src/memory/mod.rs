@@ -4,6 +4,7 @@
 //! table) is an [`mm::VmMemory`] in its `Resources`; operations that need a
 //! shared service get it through [`HostMemory::with_hooks`].
 
+pub mod frames;
 pub mod reclaim;
 pub mod swap;
 

@@ -157,7 +157,7 @@ fn find_s5_at(dsdt: u64) -> Option<(u8, u8)> {
     // SAFETY: the table spans `len` bytes of firmware memory, mapped by the
     // direct map and never written by the kernel.
     let aml = unsafe { core::slice::from_raw_parts(phys_to_virt(dsdt + 36), len - 36) };
-    hypervisor::acpi_sleep::find_s5(aml)
+    hypervisor::acpi::find_s5(aml)
 }
 
 static PM1A_FALLBACK: AtomicU16 = AtomicU16::new(0);

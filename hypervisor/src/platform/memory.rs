@@ -4,7 +4,7 @@
 
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use core::sync::atomic::{AtomicU64, Ordering};
-use hypervisor::frame_bitmap::{FRAME_SIZE, FrameBitmap};
+use hypervisor::memory::frames::{FRAME_SIZE, FrameBitmap};
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 

@@ -4,8 +4,8 @@
 
 pub mod acpi;
 pub mod apic;
-pub mod block;
 pub mod cpu;
+pub mod disk;
 pub mod gdt;
 pub mod idt;
 pub mod logger;

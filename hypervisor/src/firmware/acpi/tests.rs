@@ -63,7 +63,7 @@ fn the_rsdp_is_where_a_bios_scan_finds_it_and_every_checksum_holds() {
     assert_eq!(fadt.len(), 276);
     let dsdt = table(&t, u64_at(fadt, 140));
     assert!(sums_to_zero(dsdt));
-    assert_eq!(crate::acpi_sleep::find_s5(&dsdt[36..]), Some((S5_SLP_TYP, S5_SLP_TYP)), "soft-off is findable");
+    assert_eq!(crate::acpi::find_s5(&dsdt[36..]), Some((S5_SLP_TYP, S5_SLP_TYP)), "soft-off is findable");
     let facs = u64_at(fadt, 132);
     assert_eq!(facs % 64, 0);
     assert_eq!(&t.bytes[(facs - AREA_BASE) as usize..][..4], b"FACS");
@@ -222,7 +222,7 @@ fn the_dsdt_names_the_pci_root_bridge_and_what_it_forwards() {
     let t = build(&two_cpus());
     let fadt = table(&t, u64_at(table(&t, u64_at(&t.bytes, 24)), 36));
     let dsdt = table(&t, u64_at(fadt, 140));
-    assert_eq!(crate::acpi_sleep::find_s5(&dsdt[36..]), Some((S5_SLP_TYP, S5_SLP_TYP)));
+    assert_eq!(crate::acpi::find_s5(&dsdt[36..]), Some((S5_SLP_TYP, S5_SLP_TYP)));
 }
 
 #[test]

@@ -1,4 +1,6 @@
-//! Finds the S5 (soft-off) sleep type in a DSDT without an AML interpreter.
+//! The host's ACPI, the logic half (the kernel's `platform::acpi` reads the
+//! tables): finds the S5 (soft-off) sleep type in a DSDT without an AML
+//! interpreter. The guest's tables are `firmware::acpi`.
 //!
 //! Powering off takes SLP_TYPa from the `\_S5_` package (ACPI 6.5, 7.4.2
 //! "\_Sx (System States)") written to PM1a_CNT with SLP_EN. Firmware defines
