@@ -22,6 +22,9 @@ use crate::memory::{GuestMemory, HostMemory, MIN_TARGET_PAGES};
 use crate::vm::exit::{Console, Flow};
 use crate::vm::{Resources, RunState, Vm, VmStats, boot};
 
+mod error;
+pub use error::Error;
+
 /// The VM whose slice is running (0: none), for fault reports.
 static CURRENT_VM: AtomicU32 = AtomicU32::new(0);
 
@@ -115,7 +118,7 @@ impl<B: Backend> Manager<B> {
     }
 
     /// Starts guest `name` with `mem_mib` MiB of RAM; returns its id.
-    pub fn run_vm(&mut self, name: &str, mem_mib: u32, cmdline: &str) -> Result<u32, String> {
+    pub fn run_vm(&mut self, name: &str, mem_mib: u32, cmdline: &str) -> Result<u32, Error> {
         self.run_vm_with(name, mem_mib, &[], cmdline)
     }
 
@@ -129,7 +132,7 @@ impl<B: Backend> Manager<B> {
         mem_mib: Option<u32>,
         modules: &[String],
         cmdline: Option<&str>,
-    ) -> Result<(u32, Vec<String>, String), String> {
+    ) -> Result<(u32, Vec<String>, String), Error> {
         let image = self.image(name)?;
         if !crate::loader::linux::is_linux(image) {
             return Ok((mem_mib.unwrap_or(DEFAULT_MEM_MIB), modules.to_vec(), cmdline.unwrap_or("").into()));
@@ -143,15 +146,15 @@ impl<B: Backend> Manager<B> {
         Ok((mem_mib.unwrap_or(LINUX_MEM_MIB), modules, cmdline.unwrap_or(LINUX_CMDLINE).into()))
     }
 
-    fn image(&self, name: &str) -> Result<&'static [u8], String> {
-        self.images.iter().find(|g| g.name == name).map(|g| g.bytes).ok_or_else(|| {
-            let names: Vec<&str> = self.images.iter().map(|g| g.name.as_str()).collect();
-            format!("no guest named {name:?} (available: {})", names.join(", "))
+    fn image(&self, name: &str) -> Result<&'static [u8], Error> {
+        self.images.iter().find(|g| g.name == name).map(|g| g.bytes).ok_or_else(|| Error::NoGuest {
+            name: String::from(name),
+            available: self.images.iter().map(|g| g.name.clone()).collect(),
         })
     }
 
     /// As `run_vm`, passing ramdisk files as Multiboot modules.
-    pub fn run_vm_with(&mut self, name: &str, mem_mib: u32, modules: &[String], cmdline: &str) -> Result<u32, String> {
+    pub fn run_vm_with(&mut self, name: &str, mem_mib: u32, modules: &[String], cmdline: &str) -> Result<u32, Error> {
         let id = self.next_id;
         let vm = self.create_vm(id, name, mem_mib, modules, cmdline)?;
         self.next_id += 1;
@@ -168,39 +171,34 @@ impl<B: Backend> Manager<B> {
         mem_mib: u32,
         modules: &[String],
         cmdline: &str,
-    ) -> Result<Box<Vm<B>>, String> {
+    ) -> Result<Box<Vm<B>>, Error> {
         if let Err(why) = &self.backend {
-            return Err(format!("virtualization is unavailable: {why}"));
+            return Err(Error::NoVirtualization(why.clone()));
         }
         let image = self.image(name)?;
-        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let mut mods = Vec::with_capacity(modules.len());
         for m in modules {
-            let file = self
-                .images
-                .iter()
-                .find(|g| &g.name == m)
-                .ok_or_else(|| format!("no ramdisk file {m:?} for a module"))?;
+            let file = self.images.iter().find(|g| &g.name == m).ok_or_else(|| Error::NoModule(m.clone()))?;
             mods.push(boot::Module { name: m.as_str(), data: file.bytes });
         }
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
-            return Err(format!("mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"));
+            return Err(Error::MemSize);
         }
         let size = (mem_mib as u64) << 20;
         let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
-        let map = MemoryMap::pc(size).map_err(|e| format!("bad memory size: {e}"))?;
+        let map = MemoryMap::pc(size).map_err(Error::MemoryMap)?;
         // The memory manager's tables for this VM come from the host heap,
         // all at once: refuse the VM unless they fit with room to spare.
         let tables = GuestMemory::<B::Format>::table_bytes(&map);
         let free = backend.heap_free();
         if tables.saturating_add(HEAP_RESERVE) > free {
-            return Err(format!(
-                "not enough host heap for {mem_mib} MiB of guest RAM: its per-page tables need {} KiB, {} KiB are free \
-                 and {} KiB stay reserved for the host",
-                tables >> 10,
-                free >> 10,
-                HEAP_RESERVE >> 10
-            ));
+            return Err(Error::HeapTooSmall {
+                mem_mib,
+                tables_kib: tables >> 10,
+                free_kib: free >> 10,
+                reserve_kib: HEAP_RESERVE >> 10,
+            });
         }
         let hinted;
         let cmdline = if crate::loader::linux::is_linux(image) {
@@ -210,11 +208,11 @@ impl<B: Backend> Manager<B> {
             cmdline
         };
         let alloc = backend.mem();
-        self.host_mem.ensure_sharing(alloc).map_err(|e| format!("cannot set up page sharing: {e}"))?;
+        self.host_mem.ensure_sharing(alloc).map_err(Error::Sharing)?;
         // RAM in the largest host chunks available, mapped with the largest
         // nested pages alignment allows (2 MiB or 1 GiB where it can).
-        let mem = GuestMemory::<B::Format>::new(alloc, map, config)
-            .map_err(|e| format!("cannot allocate {mem_mib} MiB of guest RAM: {e}"))?;
+        let mem =
+            GuestMemory::<B::Format>::new(alloc, map, config).map_err(|error| Error::GuestRam { mem_mib, error })?;
         let loaded = {
             let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
             // The firmware's ACPI tables in the BIOS area (the e820 map
@@ -227,7 +225,8 @@ impl<B: Backend> Manager<B> {
                 ecam: Some(crate::devices::pci::ECAM_BASE),
             });
             let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
-            boot::prepare(image, size, cmdline, &mods, id, &mut w).map_err(|e| format!("cannot load {name}: {e}"))
+            boot::prepare(image, size, cmdline, &mods, id, &mut w)
+                .map_err(|error| Error::Load { name: String::from(name), error })
         };
         let (mut state, protocol) = match loaded {
             Ok(v) => v,
@@ -243,7 +242,7 @@ impl<B: Backend> Manager<B> {
             Ok(v) => v,
             Err(e) => {
                 free_memory(backend, &mut self.host_mem, id, mem);
-                return Err(format!("cannot create the vCPU: {e}"));
+                return Err(Error::Vcpu(e));
             }
         };
         let overhead =
@@ -326,11 +325,11 @@ impl<B: Backend> Manager<B> {
 
     /// Stops VM `id` (if it still runs) and frees its memory; the record
     /// stays for `vm list`.
-    pub fn stop(&mut self, id: u32, console: &mut impl Console) -> Result<(), String> {
-        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+    pub fn stop(&mut self, id: u32, console: &mut impl Console) -> Result<(), Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.state.ended() {
-            return Err(format!("vm {id} has already {}", vm.state.name()));
+            return Err(Error::AlreadyEnded { id, state: vm.state.name() });
         }
         vm.end(RunState::Stopped { reason: String::from("by the operator") }, backend, console);
         release(backend, &mut self.host_mem, vm);
@@ -514,12 +513,12 @@ impl<B: Backend> Manager<B> {
     /// One full sharing pass over VM `id` (or every live VM): large pages
     /// an earlier pass found opportunities in and the guest has not touched
     /// since are broken up and shared first. What it did.
-    pub fn share_now(&mut self, id: Option<u32>) -> Result<ScanReport, String> {
-        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
+    pub fn share_now(&mut self, id: Option<u32>) -> Result<ScanReport, Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         if let Some(id) = id {
             match self.vms.iter().find(|v| v.id == id) {
-                None => return Err(format!("no VM {id}")),
-                Some(v) if v.res.is_none() => return Err(format!("vm {id} has {}", v.state.name())),
+                None => return Err(Error::NoVm(id)),
+                Some(v) if v.res.is_none() => return Err(Error::Ended { id, state: v.state.name() }),
                 Some(_) => {}
             }
         }
@@ -545,7 +544,7 @@ impl<B: Backend> Manager<B> {
         mem_mib: u32,
         modules: &[String],
         cmdline: &str,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, Error> {
         let id = self.run_vm_with(image, mem_mib, modules, cmdline)?;
         if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
             vm.created = true;
@@ -555,10 +554,10 @@ impl<B: Backend> Manager<B> {
     }
 
     /// `vm start`: a created VM runs.
-    pub fn start(&mut self, id: u32) -> Result<(), String> {
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+    pub fn start(&mut self, id: u32) -> Result<(), Error> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if !vm.created {
-            return Err(format!("vm {id} has already started"));
+            return Err(Error::AlreadyStarted(id));
         }
         vm.created = false;
         Ok(())
@@ -568,16 +567,16 @@ impl<B: Backend> Manager<B> {
     /// devices; only the scheduler passes it over. Its clock devices keep
     /// host time, so a guest sees the pause as lost time, as after a host
     /// that was busy.
-    pub fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), String> {
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+    pub fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), Error> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.res.is_none() {
-            return Err(format!("vm {id} has {}", vm.state.name()));
+            return Err(Error::Ended { id, state: vm.state.name() });
         }
         if vm.created {
-            return Err(format!("vm {id} has not started (vm start {id})"));
+            return Err(Error::NotStarted(id));
         }
         if vm.paused == paused {
-            return Err(format!("vm {id} is {}", if paused { "already paused" } else { "not paused" }));
+            return Err(if paused { Error::AlreadyPaused(id) } else { Error::NotPaused(id) });
         }
         vm.paused = paused;
         Ok(())
@@ -585,10 +584,10 @@ impl<B: Backend> Manager<B> {
 
     /// Attach the operator's terminal to VM `id`'s COM1: its output is
     /// kept byte for byte for [`Self::console_output`] instead of lines.
-    pub fn attach(&mut self, id: u32) -> Result<(), String> {
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+    pub fn attach(&mut self, id: u32) -> Result<(), Error> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.res.is_none() {
-            return Err(format!("vm {id} has {}", vm.state.name()));
+            return Err(Error::Ended { id, state: vm.state.name() });
         }
         vm.devices.com1().set_raw(true);
         Ok(())
@@ -614,14 +613,14 @@ impl<B: Backend> Manager<B> {
 
     /// Bytes for VM `id`'s COM1 (the operator typing): queued in the UART's
     /// receive buffer, which interrupts the guest. How many were taken.
-    pub fn send_input(&mut self, id: u32, bytes: &[u8]) -> Result<usize, String> {
-        let backend = self.backend.as_mut().map_err(|why| format!("virtualization is unavailable: {why}"))?;
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+    pub fn send_input(&mut self, id: u32, bytes: &[u8]) -> Result<usize, Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.res.is_none() {
-            return Err(format!("vm {id} has {}", vm.state.name()));
+            return Err(Error::Ended { id, state: vm.state.name() });
         }
         if vm.devices.com1().rx_room() < bytes.len() {
-            return Err(format!("vm {id}'s serial input is full: it has not read what was sent before"));
+            return Err(Error::SerialInputFull(id));
         }
         let n = vm.devices.com1().receive(bytes);
         let hz = backend.tsc_hz();
@@ -631,19 +630,19 @@ impl<B: Backend> Manager<B> {
     }
 
     /// Sets (or with `None` clears) VM `id`'s memory target in pages.
-    pub fn set_target(&mut self, id: u32, pages: Option<u64>) -> Result<(), String> {
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("no VM {id}"))?;
+    pub fn set_target(&mut self, id: u32, pages: Option<u64>) -> Result<(), Error> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         let Some(res) = vm.res.as_ref() else {
-            return Err(format!("vm {id} has {}", vm.state.name()));
+            return Err(Error::Ended { id, state: vm.state.name() });
         };
         if let Some(p) = pages {
             if p < MIN_TARGET_PAGES {
-                return Err(format!("a target must be at least {} KiB", MIN_TARGET_PAGES * 4));
+                return Err(Error::TargetTooSmall);
             }
             if p < res.mem.pages()
                 && let Some(why) = &vm.reclaim.no_swap
             {
-                return Err(format!("vm {id} cannot be held below its size: it has no swap file ({why})"));
+                return Err(Error::NoSwapFile { id, why: why.clone() });
             }
         }
         vm.reclaim.target = pages;

@@ -108,17 +108,17 @@ fn ram_that_is_not_a_multiple_of_2_mib_ends_in_4k_pages() {
 fn refusals_name_the_problem_and_leak_nothing() {
     let mut m = manager(600);
     let baseline = be(&mut m).mem.frames_in_use();
-    let e = m.run_vm("nope", 4, "").unwrap_err();
+    let e = m.run_vm("nope", 4, "").unwrap_err().to_string();
     assert!(e.contains("no guest named \"nope\"") && e.contains("tiny, other"), "{e}");
-    assert!(m.run_vm("tiny", 1, "").unwrap_err().contains("mem must be"));
-    let e = m.run_vm("tiny", 64, "").unwrap_err();
+    assert!(m.run_vm("tiny", 1, "").unwrap_err().to_string().contains("mem must be"));
+    let e = m.run_vm("tiny", 64, "").unwrap_err().to_string();
     assert!(e.contains("cannot allocate 64 MiB"), "{e}");
-    let e = m.run_vm("tiny", 2, &"x".repeat(5000)).unwrap_err();
+    let e = m.run_vm("tiny", 2, &"x".repeat(5000)).unwrap_err().to_string();
     assert!(e.contains("command line"), "{e}");
     assert_eq!(be(&mut m).mem.frames_in_use(), baseline, "failed starts free what they took");
     assert!(m.vms.is_empty());
     let mut none: Manager<MockBackend> = Manager::new(Err("no VT-x".into()), vec![]);
-    assert_eq!(none.run_vm("tiny", 4, "").unwrap_err(), "virtualization is unavailable: no VT-x");
+    assert_eq!(none.run_vm("tiny", 4, "").unwrap_err().to_string(), "virtualization is unavailable: no VT-x");
     assert!(!none.run_slice(&mut Lines::default()));
 }
 
@@ -326,8 +326,8 @@ fn stop_frees_and_refuses_twice() {
     m.stop(1, &mut con).unwrap();
     assert!(con.text().contains("vm 1 (tiny) stopped: by the operator"));
     assert_eq!(be(&mut m).mem.frames_in_use(), baseline);
-    assert_eq!(m.stop(1, &mut con).unwrap_err(), "vm 1 has already stopped");
-    assert_eq!(m.stop(7, &mut con).unwrap_err(), "no VM 7");
+    assert_eq!(m.stop(1, &mut con).unwrap_err().to_string(), "vm 1 has already stopped");
+    assert_eq!(m.stop(7, &mut con).unwrap_err().to_string(), "no VM 7");
     assert!(!m.run_slice(&mut con), "nothing left to run");
 }
 
@@ -390,7 +390,7 @@ fn a_vm_whose_tables_do_not_fit_the_heap_is_refused_before_taking_anything() {
     let frames = be(&mut m).mem.frames_in_use();
     // 16 MiB of RAM needs 4096 state bytes and words: 36 KiB and a bit.
     be(&mut m).heap_free = HEAP_RESERVE + 30 * 1024;
-    let err = m.run_vm("tiny", 16, "").unwrap_err();
+    let err = m.run_vm("tiny", 16, "").unwrap_err().to_string();
     assert_eq!(
         err,
         "not enough host heap for 16 MiB of guest RAM: its per-page tables need 36 KiB, 2078 KiB are free and \
@@ -410,10 +410,10 @@ fn typed_input_reaches_com1_and_a_full_buffer_refuses_without_queuing() {
     assert_eq!(m.send_input(1, b"ls\r"), Ok(3));
     let uart = m.vms[0].devices.com1();
     assert_eq!((uart.read(0), uart.read(0), uart.read(0)), (b'l', b's', b'\r'));
-    assert_eq!(m.send_input(9, b"x"), Err("no VM 9".into()));
+    assert_eq!(m.send_input(9, b"x"), Err(Error::NoVm(9)));
     let big = vec![b'y'; crate::devices::uart::RX_BUFFER];
     assert_eq!(m.send_input(1, &big), Ok(big.len()));
-    let err = m.send_input(1, b"z").unwrap_err();
+    let err = m.send_input(1, b"z").unwrap_err().to_string();
     assert!(err.contains("serial input is full"), "{err}");
     assert_eq!(m.vms[0].devices.com1().rx_room(), 0, "nothing of the refused input was queued");
 }
@@ -426,16 +426,16 @@ fn a_paused_vm_is_not_run_until_resumed() {
     be(&mut m).scripts.push_back(script);
     m.run_vm("tiny", 4, "").unwrap();
     m.set_paused(1, true).unwrap();
-    assert_eq!(m.set_paused(1, true).unwrap_err(), "vm 1 is already paused");
+    assert_eq!(m.set_paused(1, true).unwrap_err().to_string(), "vm 1 is already paused");
     let mut con = Lines::default();
     assert!(!m.run_slice(&mut con), "nothing to run while paused");
     assert_eq!(m.vms[0].stats.total_exits(), 0);
     m.set_paused(1, false).unwrap();
-    assert_eq!(m.set_paused(1, false).unwrap_err(), "vm 1 is not paused");
+    assert_eq!(m.set_paused(1, false).unwrap_err().to_string(), "vm 1 is not paused");
     run_all(&mut m, &mut con);
     assert_eq!(m.vms[0].state, RunState::Exited { status: 1 }, "it ran to the end, nothing lost");
-    assert_eq!(m.set_paused(1, true).unwrap_err(), "vm 1 has exited");
-    assert_eq!(m.set_paused(7, true).unwrap_err(), "no VM 7");
+    assert_eq!(m.set_paused(1, true).unwrap_err().to_string(), "vm 1 has exited");
+    assert_eq!(m.set_paused(7, true).unwrap_err().to_string(), "no VM 7");
 }
 
 #[test]
@@ -507,7 +507,7 @@ fn vm_run_fills_in_what_a_linux_guest_needs() {
     assert_eq!(d(&m, "bare", None, &[], None).1, Vec::<String>::new(), "no <name>-initrd file, no initramfs");
     assert_eq!(d(&m, "tiny", None, &[], None), (DEFAULT_MEM_MIB, Vec::new(), String::new()));
     assert_eq!(
-        m.run_defaults("nope", None, &[], None).unwrap_err(),
+        m.run_defaults("nope", None, &[], None).unwrap_err().to_string(),
         "no guest named \"nope\" (available: tiny, linux, linux-initrd, bare)"
     );
     // The kernel is told the TSC's rate (the mock clock's 1 MHz), once,
@@ -531,12 +531,29 @@ fn a_created_vm_waits_for_start() {
     assert!(!m.run_slice(&mut con), "nothing runs before vm start");
     assert_eq!(m.get(id).unwrap().guest, "web");
     assert_eq!(m.get(id).unwrap().image, "tiny");
-    assert_eq!(m.set_paused(id, true).unwrap_err(), "vm 1 has not started (vm start 1)");
+    assert_eq!(m.set_paused(id, true).unwrap_err().to_string(), "vm 1 has not started (vm start 1)");
     m.start(id).unwrap();
-    assert_eq!(m.start(id).unwrap_err(), "vm 1 has already started");
-    assert_eq!(m.start(9).unwrap_err(), "no VM 9");
+    assert_eq!(m.start(id).unwrap_err().to_string(), "vm 1 has already started");
+    assert_eq!(m.start(9).unwrap_err().to_string(), "no VM 9");
     run_all(&mut m, &mut con);
     assert_eq!(m.get(id).unwrap().state, RunState::Exited { status: 1 });
     assert!(con.text().contains("[vm 1] hi"), "{}", con.text());
     assert!(con.text().contains("vm 1 (web) exited"), "{}", con.text());
+}
+
+#[test]
+fn refusals_are_typed_and_say_why_in_one_line() {
+    let mut m = manager(8192);
+    let mut con = Lines::default();
+    assert_eq!(m.stop(7, &mut con), Err(Error::NoVm(7)));
+    assert_eq!(m.run_vm("tiny", 0, ""), Err(Error::MemSize));
+    assert!(matches!(m.run_vm("nope", 4, ""), Err(Error::NoGuest { name, .. }) if name == "nope"));
+    let id = m.run_vm("tiny", 4, "").unwrap();
+    assert_eq!(m.set_paused(id, false), Err(Error::NotPaused(id)));
+    m.stop(id, &mut con).unwrap();
+    let e = m.stop(id, &mut con).unwrap_err();
+    assert_eq!(e, Error::AlreadyEnded { id, state: "stopped" });
+    let line = String::from(e);
+    assert_eq!(line, "vm 1 has already stopped");
+    assert!(!line.contains('\n'));
 }

@@ -1,0 +1,119 @@
+//! Why the manager refused an operation: one variant per refusal, with the
+//! values that explain it, so callers can tell them apart (a migration
+//! will retry on `OutOfMemory`-like causes, not on `NoVm`). `Display` gives
+//! the one-line message the console prints.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use super::{MAX_MEM_MIB, MIN_MEM_MIB};
+use crate::memory::MIN_TARGET_PAGES;
+use crate::vm::boot::BootError;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The host has no usable VT-x or AMD-V; why not.
+    NoVirtualization(String),
+    /// No ramdisk guest image has that name.
+    NoGuest {
+        name: String,
+        available: Vec<String>,
+    },
+    /// No ramdisk file has that name, for a module.
+    NoModule(String),
+    /// Guest RAM outside `MIN_MEM_MIB..=MAX_MEM_MIB`.
+    MemSize,
+    /// The memory map for that size could not be built.
+    MemoryMap(mm::Error),
+    /// The VM's per-page tables would not leave the host its reserve.
+    HeapTooSmall {
+        mem_mib: u32,
+        tables_kib: u64,
+        free_kib: u64,
+        reserve_kib: u64,
+    },
+    /// The page-sharing index could not be set up.
+    Sharing(mm::Error),
+    /// Guest RAM could not be allocated.
+    GuestRam {
+        mem_mib: u32,
+        error: mm::Error,
+    },
+    /// The image could not be loaded.
+    Load {
+        name: String,
+        error: BootError,
+    },
+    /// The backend could not create the vCPU.
+    Vcpu(vcpu::Error),
+    /// No VM has that id.
+    NoVm(u32),
+    /// The VM has ended (its state's name).
+    Ended {
+        id: u32,
+        state: &'static str,
+    },
+    /// `vm stop` of a VM that has ended.
+    AlreadyEnded {
+        id: u32,
+        state: &'static str,
+    },
+    AlreadyStarted(u32),
+    NotStarted(u32),
+    AlreadyPaused(u32),
+    NotPaused(u32),
+    /// The guest has not read the serial input sent before.
+    SerialInputFull(u32),
+    /// A memory target below the minimum.
+    TargetTooSmall,
+    /// A target below the VM's size needs a swap file, which it lacks.
+    NoSwapFile {
+        id: u32,
+        why: String,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NoVirtualization(why) => write!(f, "virtualization is unavailable: {why}"),
+            Error::NoGuest { name, available } => {
+                write!(f, "no guest named {name:?} (available: {})", available.join(", "))
+            }
+            Error::NoModule(name) => write!(f, "no ramdisk file {name:?} for a module"),
+            Error::MemSize => write!(f, "mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"),
+            Error::MemoryMap(e) => write!(f, "bad memory size: {e}"),
+            Error::HeapTooSmall { mem_mib, tables_kib, free_kib, reserve_kib } => write!(
+                f,
+                "not enough host heap for {mem_mib} MiB of guest RAM: its per-page tables need {tables_kib} KiB, \
+                 {free_kib} KiB are free and {reserve_kib} KiB stay reserved for the host"
+            ),
+            Error::Sharing(e) => write!(f, "cannot set up page sharing: {e}"),
+            Error::GuestRam { mem_mib, error } => write!(f, "cannot allocate {mem_mib} MiB of guest RAM: {error}"),
+            Error::Load { name, error } => write!(f, "cannot load {name}: {error}"),
+            Error::Vcpu(e) => write!(f, "cannot create the vCPU: {e}"),
+            Error::NoVm(id) => write!(f, "no VM {id}"),
+            Error::Ended { id, state } => write!(f, "vm {id} has {state}"),
+            Error::AlreadyEnded { id, state } => write!(f, "vm {id} has already {state}"),
+            Error::AlreadyStarted(id) => write!(f, "vm {id} has already started"),
+            Error::NotStarted(id) => write!(f, "vm {id} has not started (vm start {id})"),
+            Error::AlreadyPaused(id) => write!(f, "vm {id} is already paused"),
+            Error::NotPaused(id) => write!(f, "vm {id} is not paused"),
+            Error::SerialInputFull(id) => {
+                write!(f, "vm {id}'s serial input is full: it has not read what was sent before")
+            }
+            Error::TargetTooSmall => write!(f, "a target must be at least {} KiB", MIN_TARGET_PAGES * 4),
+            Error::NoSwapFile { id, why } => {
+                write!(f, "vm {id} cannot be held below its size: it has no swap file ({why})")
+            }
+        }
+    }
+}
+
+/// The console's replies carry the message.
+impl From<Error> for String {
+    fn from(e: Error) -> String {
+        alloc::string::ToString::to_string(&e)
+    }
+}
