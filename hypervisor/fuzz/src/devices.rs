@@ -1,4 +1,6 @@
-//! The PC device set (`DeviceSet::pc`) under a guest's port I/O, with the
+//! The PC device set (`DeviceSet::pc`) under a guest's port I/O and its
+//! accesses to the local APIC, I/O APIC and PCI configuration pages and
+//! the APIC's MSRs, with the
 //! VM clock moving and interrupts taken, checked through saved state: every
 //! state a guest can drive the devices into must save, pass each device's
 //! own `validate` and restore, and the restored set must be the same set.
@@ -15,7 +17,7 @@
 //!
 //! Input: RAM size (one byte, MiB), then operations (see `step`).
 
-use hypervisor::devices::{DeviceSet, PortEffect, fw_cfg, pci};
+use hypervisor::devices::{DeviceSet, PortEffect, fw_cfg, lapic, pci};
 
 use crate::input::Input;
 
@@ -80,7 +82,13 @@ fn step(input: &mut Input<'_>, now: &mut u64, set: &mut DeviceSet, copy: &mut De
     *now += u64::from(input.u16()) * 1000;
     let t = *now;
     match op % 8 {
-        0..=5 => {
+        5 => {
+            device_registers(input, op, t, set, copy);
+            set.poll_timers(t);
+            copy.poll_timers(t);
+            assert_eq!(set.next_timer(), copy.next_timer(), "the next timer differs after op {op:#x}");
+        }
+        0..=4 => {
             let port = match op >> 3 & 1 {
                 0 => PORTS[input.below(PORTS.len() as u64) as usize],
                 _ => input.u16(),
@@ -125,4 +133,43 @@ fn step(input: &mut Input<'_>, now: &mut u64, set: &mut DeviceSet, copy: &mut De
         }
     }
     assert_eq!(set.interrupt_pending(), copy.interrupt_pending(), "INTR differs after op {op:#x}");
+}
+
+/// MSRs of the local APIC worth hitting: its base, the TSC deadline, and a
+/// few x2APIC registers (refused: CPUID offers no x2APIC).
+const APIC_MSRS: [u32; 5] = [lapic::IA32_APIC_BASE, lapic::IA32_TSC_DEADLINE, 0x802, 0x808, 0x838];
+
+/// One access to a device register in guest-physical memory (the local
+/// APIC's page where its base register puts it, the I/O APIC's, PCI
+/// configuration space) or to an APIC MSR, on both sets alike.
+fn device_registers(input: &mut Input<'_>, op: u8, t: u64, set: &mut DeviceSet, copy: &mut DeviceSet) {
+    if op >> 3 & 1 == 1 {
+        let msr = APIC_MSRS[input.below(APIC_MSRS.len() as u64) as usize];
+        if op >> 4 & 1 == 1 {
+            let value = match input.u8() % 4 {
+                // A plausible base: relocated, enabled or not, BSP.
+                0 => (u64::from(input.u16()) << 12) | (u64::from(input.u8()) & 0x9) << 8,
+                _ => input.u64(),
+            };
+            assert_eq!(set.lapic_write_msr(msr, value, t), copy.lapic_write_msr(msr, value, t), "wrmsr {msr:#x}");
+        } else {
+            assert_eq!(set.lapic_read_msr(msr, t), copy.lapic_read_msr(msr, t), "rdmsr {msr:#x}");
+        }
+        return;
+    }
+    let gpa = match input.u8() % 4 {
+        0 => 0xfee0_0000 + u64::from(input.u16() & 0xfff),
+        1 => 0xfec0_0000 + u64::from(input.u8() & 0x1f),
+        2 => pci::ECAM_BASE + u64::from(input.u32() & 0x1f_ffff),
+        _ => 0xfe00_0000 + u64::from(input.u32() & 0x1ff_ffff),
+    };
+    let size = [1, 2, 4, 8][usize::from(op >> 5 & 3)];
+    if op >> 4 & 1 == 1 {
+        let value = input.u64();
+        assert_eq!(set.mmio_write(gpa, size, value, t), copy.mmio_write(gpa, size, value, t), "write at {gpa:#x}");
+    } else {
+        let (a, b) = (set.mmio_read(gpa, size, t), copy.mmio_read(gpa, size, t));
+        assert_eq!(a, b, "the restored copy read {size} bytes at {gpa:#x} differently");
+        assert_eq!(a.is_some(), set.claims_mmio(gpa), "a read answered where nothing is claimed, or not");
+    }
 }
