@@ -88,10 +88,11 @@ pub struct Manager<B: Backend> {
 ///   the guest to a jiffies clock for good.
 pub fn linux_timing_hints(cmdline: &str, tsc_hz: u64) -> String {
     let mut line = String::from(cmdline);
-    if !cmdline.contains("tsc_early_khz=") {
+    let given = |key: &str| cmdline.split_whitespace().any(|w| w.starts_with(key));
+    if !given("tsc_early_khz=") {
         line.push_str(&format!(" tsc_early_khz={}", tsc_hz / 1000));
     }
-    if !cmdline.split_whitespace().any(|w| w.starts_with("tsc=")) {
+    if !given("tsc=") {
         line.push_str(" tsc=reliable");
     }
     String::from(line.trim_start())

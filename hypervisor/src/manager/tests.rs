@@ -516,6 +516,8 @@ fn vm_run_fills_in_what_a_linux_guest_needs() {
     assert_eq!(m.get(id).unwrap().cmdline, "console=ttyS0 tsc_early_khz=1000 tsc=reliable");
     let id = m.run_vm_with("linux", 8, &[], "tsc_early_khz=5").unwrap();
     assert_eq!(m.get(id).unwrap().cmdline, "tsc_early_khz=5 tsc=reliable");
+    let id = m.run_vm_with("linux", 8, &[], "notsc_early_khz=1").unwrap();
+    assert_eq!(m.get(id).unwrap().cmdline, "notsc_early_khz=1 tsc_early_khz=1000 tsc=reliable", "whole words only");
     let id = m.run_vm_with("linux", 8, &[], "tsc=unstable").unwrap();
     assert_eq!(m.get(id).unwrap().cmdline, "tsc=unstable tsc_early_khz=1000");
     let id = m.run_vm("tiny", 4, "x").unwrap();

@@ -11,7 +11,7 @@ use vcpu::{Activity, Event, ExitKind, IoAccess, MemAccess, Reg, Vcpu, VmExit};
 use mm::addr::GuestPhysAddr;
 use mm::vm_memory::{AccessKind, FaultOutcome, PageState, StateCounts};
 
-use super::interrupts::ns_to_ticks;
+use super::interrupts::deadline_ticks;
 use super::{Resources, RunState, Vm, mmio, regs};
 use crate::backend::Backend;
 use crate::devices::{self, PortEffect};
@@ -186,15 +186,14 @@ impl<B: Backend> Vm<B> {
                 vcpu.set_reg(Reg::TscOffset, offset);
                 self.devices.set_tsc_offset(offset);
                 vcpu.skip_instruction();
-                self.timer_tick = self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
+                self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz());
                 Flow::Continue
             }
             VmExit::Wrmsr { msr: index, value } => {
                 let now_ns = ticks_to_ns(backend.now(), backend.tsc_hz());
                 let done = match self.devices.lapic_write_msr(index, value, now_ns) {
                     Some(r) => {
-                        self.timer_tick =
-                            self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
+                        self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz());
                         r.is_ok()
                     }
                     None => msr::write(index, value, &mut self.msrs),
@@ -347,9 +346,8 @@ impl<B: Backend> Vm<B> {
             let before = self.devices.next_timer();
             let now = if self.devices.timers_touched() { now_ns() } else { 0 };
             self.devices.update_lines(now);
-            let after = self.devices.next_timer();
-            if after != before {
-                self.timer_tick = after.map_or(u64::MAX, |ns| ns_to_ticks(ns, backend.tsc_hz()));
+            if self.devices.next_timer() != before {
+                self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz());
             }
         }
         let read = match effect {

@@ -14,6 +14,7 @@ use vcpu::{Event, Vcpu};
 
 use super::{RunState, Vm};
 use crate::backend::Backend;
+use crate::devices::DeviceSet;
 use crate::vm::exit::ticks_to_ns;
 
 /// Nanoseconds to TSC ticks of a `hz` clock (saturating).
@@ -21,11 +22,18 @@ pub fn ns_to_ticks(ns: u64, hz: u64) -> u64 {
     (u128::from(ns) * u128::from(hz) / 1_000_000_000).min(u128::from(u64::MAX)) as u64
 }
 
+/// The devices' next timer deadline in TSC ticks of a `hz` clock
+/// (`u64::MAX`: none): what `Vm::timer_tick` caches. A free function so the
+/// exit handlers can call it while they hold the vCPU.
+pub fn deadline_ticks(devices: &DeviceSet, hz: u64) -> u64 {
+    devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, hz))
+}
+
 impl<B: Backend> Vm<B> {
     /// After a change of the devices' lines or timers (a port access):
     /// refresh the cached deadline.
     pub fn timers_changed(&mut self, hz: u64) {
-        self.timer_tick = self.devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, hz));
+        self.timer_tick = deadline_ticks(&self.devices, hz);
     }
 
     /// Fire due timers and hand a pending interrupt to the vCPU (or ask
