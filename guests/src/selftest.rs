@@ -89,6 +89,12 @@ pub fn run(boot: Boot) -> u32 {
     c.check("port i/o uart scratch", a == 0x5a && b == 0xa5, format_args!("read {a:#x} {b:#x}"));
     let none = inb(0x2e8);
     c.check("port i/o unbacked port", none == 0xff, format_args!("read {none:#x}"));
+    let (scratch, signature) = string_port_io();
+    c.check(
+        "string port i/o",
+        scratch == 3 && &signature == b"QEMU",
+        format_args!("rep outsb left scratch {scratch:#x}; rep insb read {signature:02x?} from fw_cfg"),
+    );
 
     let (start, len) = test_region(boot.ram_bytes());
     let bad = memory_pattern(start, len);
@@ -278,4 +284,21 @@ fn memory_pattern(start: u64, len: u64) -> Option<u64> {
         }
     }
     None
+}
+
+/// REP OUTSB of 1, 2, 3 to the UART's scratch register (the last stays),
+/// then REP INSB of fw_cfg's signature (item 0 through the data port).
+fn string_port_io() -> (u8, [u8; 4]) {
+    let src = [1u8, 2, 3];
+    let mut sig = [0u8; 4];
+    // SAFETY: port I/O, intercepted in a VM; OUTSB reads `src`, INSB writes
+    // `sig`, both live locals of the lengths in RCX; DF is clear (the ABI).
+    unsafe {
+        core::arch::asm!("rep outsb", in("dx") 0x3ffu16, inout("rsi") src.as_ptr() => _, inout("rcx") 3usize => _,
+            options(nostack, readonly, preserves_flags));
+        core::arch::asm!("out dx, ax", in("dx") 0x510u16, in("ax") 0u16, options(nomem, nostack, preserves_flags));
+        core::arch::asm!("rep insb", in("dx") 0x511u16, inout("rdi") sig.as_mut_ptr() => _, inout("rcx") 4usize => _,
+            options(nostack, preserves_flags));
+    }
+    (inb(0x3ff), sig)
 }

@@ -110,6 +110,7 @@ fn selftest_passes_as_elf64_and_multiboot_concurrently(emu: Emulator) {
     assert!(t.contains("[vm 2] selftest: starting (Multiboot"), "{t}");
     assert!(t.contains("cmdline \"hello multiboot\""), "{t}");
     for check in [
+        "string port i/o",
         "msr pass-through",
         "msr emulated",
         "msr refused with #GP",
@@ -153,8 +154,9 @@ fn hostile_guests_are_stopped_or_faulted_while_another_guest_finishes(emu: Emula
     m.cmd("vm run escape");
     m.cmd("vm run escape mem=4 -- write addr=0xc0000000");
     m.cmd("vm run crash mem=2");
-    // Random port I/O; bad APIC bases, a moved APIC page, then an
-    // instruction no MMIO emulator needs (an IMUL of an APIC register).
+    // Random port I/O; writes to ROM, bad APIC bases, a moved APIC page,
+    // then an instruction no MMIO emulator needs (an IMUL of an APIC
+    // register).
     m.cmd("vm run hostile mem=4 -- ports n=5000");
     m.cmd("vm run hostile mem=4 -- apic");
     m.wait_for("vm 5 (hostile) exited", GUEST_TIMEOUT);
@@ -173,6 +175,7 @@ fn hostile_guests_are_stopped_or_faulted_while_another_guest_finishes(emu: Emula
     assert!(t.contains("[vm 5] hostile: ports done: 5000 accesses"), "{t}");
     assert!(t.contains("vm 5 (hostile) exited with status 1 "), "{t}");
     for check in [
+        "writes to rom are dropped and the ram beside it written",
         "apic base as firmware left it",
         "bad apic base values and x2apic msrs raise #gp",
         "the apic page follows ia32_apic_base",

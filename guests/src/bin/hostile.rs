@@ -13,7 +13,9 @@
 //!   page moves and follows IA32_APIC_BASE; then an IMUL with its operand
 //!   in the APIC page, which no MMIO emulator needs to carry out: the VM
 //!   must be stopped with a report, and "hostile: UNREACHABLE" never
-//!   printed.
+//!   printed. Before that, writes to the firmware ROM (0xE0000-0xFFFFF:
+//!   plain, read-modify-write, exchange, at both ends) must change no ROM
+//!   byte, as on a PC, and the RAM just below it stays writable.
 #![no_std]
 #![no_main]
 
@@ -103,8 +105,42 @@ fn check(name: &str, ok: bool, detail: core::fmt::Arguments) -> u32 {
     }
 }
 
+/// The firmware ROM: the BIOS area holding the ACPI tables.
+const ROM: u64 = 0xe_0000;
+
+fn read64(addr: u64) -> u64 {
+    // SAFETY: the low 4 GiB are identity-mapped; `addr` is RAM or ROM.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+/// Writes to ROM are dropped; the RAM below it takes writes. (A write
+/// straddling RAM and ROM stops the VM with a report: the emulator
+/// carries out no access that crosses from RAM into ROM or device pages.)
+fn rom() -> u32 {
+    let probe = [ROM, ROM + 0x10, ROM + 0x1_fff8];
+    let before = probe.map(read64);
+    let below = read64(ROM - 8);
+    // SAFETY: identity-mapped RAM (below ROM) and ROM; ROM writes are
+    // dropped by the platform, the RAM write below it is this guest's own
+    // memory, unused by it.
+    unsafe {
+        core::ptr::write_volatile(ROM as *mut u8, 0x5a);
+        core::ptr::write_volatile((ROM + 0x1_fff8) as *mut u64, 0x1122_3344_5566_7788);
+        asm!("add dword ptr [{a}], 0x01010101", a = in(reg) ROM + 0x10, options(nostack));
+        asm!("xchg qword ptr [{a}], {v}", a = in(reg) ROM + 0x10, v = inout(reg) 0u64 => _, options(nostack));
+        core::ptr::write_volatile((ROM - 8) as *mut u64, !below);
+    }
+    let after = probe.map(read64);
+    let now_below = read64(ROM - 8);
+    check(
+        "writes to rom are dropped and the ram beside it written",
+        after == before && now_below == !below,
+        format_args!("rom {before:x?} -> {after:x?}; below {below:#x} -> {now_below:#x}"),
+    )
+}
+
 fn apic() -> u32 {
-    let mut failed = 0;
+    let mut failed = rom();
     let base = rdmsr(IA32_APIC_BASE);
     failed +=
         check("apic base as firmware left it", base == 0xfee0_0000 | APIC_EN | APIC_BSP, format_args!("{base:#x}"));

@@ -50,6 +50,9 @@ pub enum Error {
     /// The other memory operand of a string instruction is neither RAM nor
     /// the faulting MMIO page.
     NotRam { gpa: u64 },
+    /// The instruction at RIP is not the INS/OUTS the port exit reported
+    /// (another instruction, port, width or direction).
+    NotThePortExit,
 }
 
 impl Error {
@@ -71,7 +74,8 @@ impl Error {
             | Error::Locked
             | Error::NotTheFaultingAccess
             | Error::SplitAccess { .. }
-            | Error::NotRam { .. } => None,
+            | Error::NotRam { .. }
+            | Error::NotThePortExit => None,
         }
     }
 }
@@ -94,6 +98,7 @@ impl fmt::Display for Error {
             Error::NotTheFaultingAccess => f.write_str("Instruction does not make the faulting MMIO access"),
             Error::SplitAccess { gva } => write!(f, "MMIO access at {gva:#x} crosses a page boundary"),
             Error::NotRam { gpa } => write!(f, "String operand at {gpa:#x} is neither RAM nor the MMIO page"),
+            Error::NotThePortExit => f.write_str("Instruction is not the INS/OUTS the port exit reported"),
         }
     }
 }

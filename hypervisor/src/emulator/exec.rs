@@ -96,11 +96,11 @@ impl Gpr {
         self.num
     }
 
-    fn with_size(num: u8, size: u8) -> Gpr {
+    pub(super) fn with_size(num: u8, size: u8) -> Gpr {
         Gpr { num, size, high: false }
     }
 
-    fn read<P: Platform>(self, p: &P) -> u64 {
+    pub(super) fn read<P: Platform>(self, p: &P) -> u64 {
         let v = p.gprs().get(self.num);
         if self.high { (v >> 8) & 0xff } else { v & mask(self.size) }
     }
@@ -108,7 +108,7 @@ impl Gpr {
     /// Writes the low `size` bytes. A 32-bit write zero-extends into the
     /// whole register, 8- and 16-bit writes keep the rest (SDM Vol. 1
     /// 3.4.1.1).
-    fn write<P: Platform>(self, p: &mut P, value: u64) {
+    pub(super) fn write<P: Platform>(self, p: &mut P, value: u64) {
         let old = p.gprs().get(self.num);
         let new = match (self.size, self.high) {
             (1, true) => (old & !0xff00) | ((value & 0xff) << 8),
@@ -120,7 +120,7 @@ impl Gpr {
     }
 }
 
-fn seg_of(r: Register) -> Option<Seg> {
+pub(super) fn seg_of(r: Register) -> Option<Seg> {
     Some(match r {
         Register::ES => Seg::Es,
         Register::CS => Seg::Cs,
@@ -175,7 +175,7 @@ enum Operand {
 /// The linear address of `seg:ea`: in 64-bit mode only FS and GS add a
 /// base and the result must be canonical; elsewhere it wraps at 4 GiB
 /// (SDM Vol. 3A 3.4.4).
-fn linear<P: Platform>(p: &P, mode: Mode, seg: Seg, ea: u64) -> Result<u64, Error> {
+pub(super) fn linear<P: Platform>(p: &P, mode: Mode, seg: Seg, ea: u64) -> Result<u64, Error> {
     if mode == Mode::Bits64 {
         let base = if matches!(seg, Seg::Fs | Seg::Gs) { p.segment_base(seg) } else { 0 };
         let la = base.wrapping_add(ea);

@@ -79,6 +79,12 @@ pub struct Mock {
     pub log: Vec<DeviceAccess>,
     /// Bytes written to RAM through the platform.
     pub ram_written: usize,
+    /// Port accesses (string I/O): (port, size, write, value). Port reads
+    /// return 0x11, 0x12, ... (masked to the width).
+    pub port_log: Vec<(u16, u8, bool, u32)>,
+    /// The port write after which [`Ports::port_write`] says "stop", if any
+    /// (a write that powers the VM off).
+    pub stop_after_port_writes: Option<usize>,
     next_table: u64,
 }
 
@@ -100,6 +106,8 @@ impl Mock {
             device: DEVICE_PATTERN.to_vec(),
             log: Vec::new(),
             ram_written: 0,
+            port_log: Vec::new(),
+            stop_after_port_writes: None,
             next_table: TABLES,
         };
         if mode == Mode::Bits16 {
@@ -308,6 +316,20 @@ impl Platform for Mock {
             self.set_device(off, usize::from(size), value);
         }
         self.log.push(DeviceAccess { write: true, gpa, size, value });
+    }
+}
+
+impl super::Ports for Mock {
+    fn port_read(&mut self, port: u16, size: u8) -> u32 {
+        let value = (0x11 + self.port_log.len() as u32) & mask(size) as u32;
+        self.port_log.push((port, size, false, value));
+        value
+    }
+
+    fn port_write(&mut self, port: u16, size: u8, value: u32) -> bool {
+        self.port_log.push((port, size, true, value));
+        let writes = self.port_log.iter().filter(|a| a.2).count();
+        self.stop_after_port_writes != Some(writes)
     }
 }
 

@@ -2,7 +2,9 @@
 //! page that belongs to a device, the CPU exits with the address but not the
 //! value or the destination, so the faulting instruction is fetched,
 //! decoded (`iced-x86`) and carried out here, against a device instead of
-//! memory.
+//! memory. String port I/O (INS/OUTS, [`string_io`]) is decoded and
+//! carried out here too: its exit names the port but not the memory
+//! operand.
 //!
 //! Everything the emulator touches goes through [`Platform`]: registers,
 //! the guest's page tables, guest RAM and the device bus. The exit handler
@@ -38,11 +40,13 @@ mod exec;
 pub mod flags;
 #[doc(hidden)]
 pub mod fuzzing;
+mod port_string;
 #[cfg(test)]
 mod tests;
 
 pub use error::Error;
 pub use iced_x86::Mnemonic;
+pub use port_string::{PortExit, Ports, string_io};
 use vcpu::state::bits::{CR0_PE, EFER_LMA};
 use vcpu::{Gprs, GuestState, MemAccess, SegAttrs};
 

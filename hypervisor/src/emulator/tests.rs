@@ -787,6 +787,105 @@ fn string_address_and_count_registers_follow_the_address_size() {
     assert_eq!((m.gprs.rdi, m.gprs.rcx), (MMIO + 0x14, 0));
 }
 
+// ---- string port I/O (INS/OUTS) ----
+
+fn port_exit(port: u16, size: u8, write: bool) -> PortExit {
+    PortExit { port, size, write }
+}
+
+#[test]
+fn rep_outsb_sends_guest_memory_to_the_port() {
+    let mut m = mock64();
+    let at = DATA as usize;
+    m.ram[at..at + 5].copy_from_slice(b"hello");
+    m.gprs.rsi = DATA;
+    m.gprs.rdx = 0x3f8;
+    m.gprs.rcx = 5;
+    m.set_code(0, &[0xf3, 0x6e]); // rep outsb
+    assert_eq!(string_io(&mut m, &port_exit(0x3f8, 1, true)), Ok(Emulated { len: 2, completed: true }));
+    assert_eq!(m.port_log.iter().map(|a| a.3 as u8).collect::<Vec<_>>(), b"hello");
+    assert!(m.port_log.iter().all(|a| a.0 == 0x3f8 && a.1 == 1 && a.2));
+    assert_eq!((m.gprs.rsi, m.gprs.rcx, m.rip), (DATA + 5, 0, CODE + 2));
+    // OUTSD with an FS override reads FS:RSI; without REP RCX stays.
+    let mut m = mock64();
+    m.seg_base[Seg::Fs as usize] = DATA;
+    m.ram[at + 0x20..at + 0x24].copy_from_slice(&[1, 2, 3, 4]);
+    m.gprs.rsi = 0x20;
+    m.gprs.rdx = 0x510;
+    m.gprs.rcx = 9;
+    m.set_code(0, &[0x64, 0x6f]); // outsd fs:[rsi]
+    assert_eq!(string_io(&mut m, &port_exit(0x510, 4, true)), Ok(Emulated { len: 2, completed: true }));
+    assert_eq!(m.port_log, [(0x510, 4, true, 0x0403_0201)]);
+    assert_eq!((m.gprs.rsi, m.gprs.rcx), (0x24, 9));
+}
+
+#[test]
+fn rep_insw_fills_guest_memory_backwards_and_across_a_page() {
+    let mut m = mock64();
+    // Two words, DF set, the second straddling nothing; a word at 0xfff
+    // of a page goes in two pieces.
+    m.rflags |= DF;
+    m.gprs.rdi = DATA + 0xfff;
+    m.gprs.rdx = 0x1ce;
+    m.gprs.rcx = 2;
+    m.set_code(0, &[0xf3, 0x66, 0x6d]); // rep insw
+    assert_eq!(string_io(&mut m, &port_exit(0x1ce, 2, false)), Ok(Emulated { len: 3, completed: true }));
+    let at = (DATA + 0xffd) as usize;
+    assert_eq!(m.ram[at..at + 4], [0x12, 0x00, 0x11, 0x00]);
+    assert_eq!((m.gprs.rdi, m.gprs.rcx), (DATA + 0xffb, 0));
+    assert_eq!(m.port_log, [(0x1ce, 2, false, 0x11), (0x1ce, 2, false, 0x12)]);
+}
+
+#[test]
+fn string_io_stops_before_a_fault_and_resumes_by_reexecution() {
+    // INSB into a page with no translation after two good bytes: two
+    // iterations, RIP on the instruction, the fault left for re-execution.
+    let mut m = mock64();
+    m.gprs.rdi = HOLE - 2;
+    m.gprs.rdx = 0x60;
+    m.gprs.rcx = 5;
+    m.set_code(0, &[0xf3, 0x6c]); // rep insb
+    assert_eq!(string_io(&mut m, &port_exit(0x60, 1, false)), Ok(Emulated { len: 2, completed: false }));
+    assert_eq!((m.gprs.rdi, m.gprs.rcx, m.rip), (HOLE, 3, CODE));
+    assert_ne!(m.rflags & RF, 0);
+    assert_eq!(m.port_log.len(), 2);
+    // Re-executed: the fault comes before any port access (a UART's
+    // receive buffer is not drained for a byte that goes nowhere).
+    assert_eq!(string_io(&mut m, &port_exit(0x60, 1, false)), Err(Error::PageFault { gva: HOLE, error_code: 0b10 }));
+    assert_eq!(m.port_log.len(), 2);
+    // A port write that ends the VM stops the instruction after it.
+    let mut m = mock64();
+    m.gprs.rsi = DATA;
+    m.gprs.rdx = 0x604;
+    m.gprs.rcx = 4;
+    m.stop_after_port_writes = Some(1);
+    m.set_code(0, &[0xf3, 0x6e]);
+    assert_eq!(string_io(&mut m, &port_exit(0x604, 1, true)), Ok(Emulated { len: 2, completed: false }));
+    assert_eq!((m.port_log.len(), m.gprs.rcx), (1, 3));
+}
+
+#[test]
+fn string_io_that_is_not_the_exit_is_refused() {
+    let mut m = mock64();
+    m.gprs.rdx = 0x3f8;
+    m.gprs.rsi = DATA;
+    for (code, exit) in [
+        (&[0x6e][..], port_exit(0x3f9, 1, true)),  // another port
+        (&[0x6e][..], port_exit(0x3f8, 2, true)),  // another width
+        (&[0x6e][..], port_exit(0x3f8, 1, false)), // another direction
+        (&[0xee][..], port_exit(0x3f8, 1, true)),  // OUT DX, AL: not a string
+    ] {
+        m.set_code(0, code);
+        assert_eq!(string_io(&mut m, &exit), Err(Error::NotThePortExit), "{code:02x?}");
+    }
+    // A memory operand that is not RAM: refused before the port is touched.
+    m.gprs.rsi = MMIO;
+    m.set_code(0, &[0x6e]);
+    assert_eq!(string_io(&mut m, &port_exit(0x3f8, 1, true)), Err(Error::NotRam { gpa: MMIO }));
+    assert!(m.port_log.is_empty());
+    assert_eq!(m.rip, CODE);
+}
+
 // ---- refusals ----
 
 #[test]

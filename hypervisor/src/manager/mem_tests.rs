@@ -77,12 +77,14 @@ fn identical_vms_share_and_a_write_breaks_only_the_writers_copy() {
     let used_before = be(&mut m).mem.frames_in_use();
     let r = m.share_now(None).unwrap();
     assert_eq!(r.large_broken, 0, "{r:?}");
-    assert!(r.large_opportunities > 1900, "the first pass finds sharing inside the 2 MiB pages: {r:?}");
+    // (The first 2 MiB of each is in 4 KiB pages already: it holds the
+    // BIOS ROM.)
+    assert!(r.large_opportunities > 900, "the first pass finds sharing inside the 2 MiB pages: {r:?}");
     // The guests did not touch those pages since: the next pass breaks them up.
     let r = m.share_now(None).unwrap();
-    assert_eq!(r.large_broken, 4, "{r:?}");
+    assert_eq!(r.large_broken, 2, "{r:?}");
     assert!(r.shared_merged >= 64, "{r:?}");
-    assert!(r.zero_merged > 1000, "fresh RAM is zero pages: {r:?}");
+    assert!(r.zero_merged > 800, "fresh RAM is zero pages: {r:?}");
     let freed = used_before - be(&mut m).mem.frames_in_use();
     assert!(freed > 1500, "sharing gave {freed} frames back");
     // VM 1's pages left hints that VM 2's matched; VM 1 joins on its next pass.
@@ -160,13 +162,13 @@ fn pages_the_guest_touched_get_a_second_chance() {
     for p in 0..1024u64 {
         guest_write(&mut m, 1, p * 4096, &pattern(p));
     }
-    // The guest reads pages 100..200 through its nested table (sets their
+    // The guest reads pages 600..700 through its nested table (sets their
     // accessed bits); the hand starts at page 0.
     {
         let Manager { backend, vms, host_mem, .. } = &mut m;
         let mem = &mut vms[0].res.as_mut().unwrap().mem;
         let mut b = [0u8; 1];
-        for p in 100..200u64 {
+        for p in 600..700u64 {
             host_mem
                 .with_hooks(1, |h| {
                     mem.sim_read(&mut backend.as_mut().unwrap().mem, h, 0, GuestPhysAddr(p * 4096), &mut b)
@@ -174,20 +176,21 @@ fn pages_the_guest_touched_get_a_second_chance() {
                 .unwrap();
         }
     }
-    // RAM is mapped with 2 MiB leaves: the touched leaf (pages 0..512)
-    // gets its second chance as a whole; the hand takes the other one.
+    // Pages 512..1024 are one 2 MiB leaf: the touched leaf gets its second
+    // chance as a whole; the hand takes from the first 2 MiB (4 KiB leaves,
+    // as it holds the BIOS ROM).
     m.set_target(1, Some(1024 - 300)).unwrap();
     m.reclaim_round();
-    for p in 0..512u64 {
+    for p in 512..1024u64 {
         assert_eq!(state(&m, 1, p * 4096), PageState::Present, "page {p} shares a touched leaf");
     }
-    for p in 512..812u64 {
+    for p in 0..300u64 {
         assert_eq!(state(&m, 1, p * 4096), PageState::Swapped, "page {p}");
     }
-    // The bit is clear now: the next squeeze takes from the first leaf too.
+    // The bit is clear now: the next squeeze takes from the touched leaf too.
     m.set_target(1, Some(256)).unwrap();
     m.reclaim_round();
-    assert_eq!(state(&m, 1, 100 * 4096), PageState::Swapped);
+    assert_eq!(state(&m, 1, 650 * 4096), PageState::Swapped);
 }
 
 #[test]

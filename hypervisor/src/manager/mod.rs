@@ -212,7 +212,7 @@ impl<B: Backend> Manager<B> {
         self.host_mem.ensure_sharing(alloc).map_err(Error::Sharing)?;
         // RAM in the largest host chunks available, mapped with the largest
         // nested pages alignment allows (2 MiB or 1 GiB where it can).
-        let mem =
+        let mut mem =
             GuestMemory::<B::Format>::new(alloc, map, config).map_err(|error| Error::GuestRam { mem_mib, error })?;
         let loaded = {
             let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
@@ -236,6 +236,14 @@ impl<B: Backend> Manager<B> {
                 return Err(e);
             }
         };
+        // The BIOS area is ROM, as on a PC: the guest reads its tables but
+        // its writes there are dropped. Nothing runs on the tables yet, so
+        // there is nothing to flush.
+        let rom = mm::GuestPhysAddr(firmware::acpi::AREA_BASE);
+        if let Err(error) = mem.set_read_only(backend.mem(), rom, firmware::acpi::AREA_LEN, &mut |_| {}) {
+            free_memory(backend, &mut self.host_mem, id, mem);
+            return Err(Error::GuestRam { mem_mib, error });
+        }
         // The guest's TSC starts at 0 when the VM does (the backend adds the
         // offset to every RDTSC, RDTSCP and TSC read).
         state.tsc_offset = 0u64.wrapping_sub(backend.now());

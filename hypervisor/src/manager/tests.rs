@@ -91,7 +91,13 @@ fn the_image_and_boot_state_land_in_guest_ram() {
     let mut cmd = [0u8; 4];
     res.mem.peek(mem, mm::GuestPhysAddr(s.gprs.rdx), &mut cmd).unwrap();
     assert_eq!(&cmd, b"a b\0");
-    assert_eq!(vm.nested_pages, [0, 2, 0], "4 MiB of 2 MiB-aligned RAM: two 2 MiB pages");
+    // The BIOS ROM (0xe0000-0xfffff) splits the first 2 MiB into 4 KiB
+    // pages; the second is one 2 MiB page.
+    assert_eq!(vm.nested_pages, [512, 1, 0]);
+    let rights = |gpa| res.mem.table().translate(mem, mm::GuestPhysAddr(gpa)).unwrap().leaf.access;
+    assert!(!rights(firmware::acpi::AREA_BASE).contains(mm::paging::Access::WRITE), "the ROM is writable");
+    assert!(rights(firmware::acpi::AREA_BASE - 4096).contains(mm::paging::Access::WRITE));
+    assert!(rights(0x10_0000).contains(mm::paging::Access::WRITE));
     // Nothing outside RAM is mapped in the nested table.
     assert!(res.mem.table().translate(mem, mm::GuestPhysAddr(4 << 20)).is_none());
     assert!(res.mem.table().translate(mem, mm::GuestPhysAddr((4 << 20) - 1)).is_some());
@@ -101,7 +107,8 @@ fn the_image_and_boot_state_land_in_guest_ram() {
 fn ram_that_is_not_a_multiple_of_2_mib_ends_in_4k_pages() {
     let mut m = manager(4096);
     m.run_vm("tiny", 3, "").unwrap();
-    assert_eq!(m.get(1).unwrap().nested_pages, [256, 1, 0]);
+    // The first 2 MiB in 4 KiB pages too: it holds the BIOS ROM.
+    assert_eq!(m.get(1).unwrap().nested_pages, [768, 0, 0]);
 }
 
 #[test]

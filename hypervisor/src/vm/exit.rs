@@ -120,6 +120,7 @@ impl<B: Backend> Vm<B> {
                 vcpu.skip_instruction();
                 Flow::Continue
             }
+            VmExit::Io(io) if io.string => self.string_io(io, backend, host, console),
             VmExit::Io(io) => self.handle_io(io, backend, console),
             VmExit::Hlt => {
                 vcpu.skip_instruction();
@@ -320,10 +321,8 @@ impl<B: Backend> Vm<B> {
             return Flow::Stop;
         };
         let vcpu = &mut res.vcpu;
-        if io.string || !matches!(io.size, 1 | 2 | 4) {
-            // INS/OUTS need the guest's segments and paging; no device
-            // here needs them yet, so the guest gets #GP rather than
-            // silently wrong data.
+        if !matches!(io.size, 1 | 2 | 4) {
+            // Not a width the CPU reports: a backend decoding error.
             vcpu.inject(Event::GP0);
             self.stats.unbacked_io += 1;
             return Flow::Continue;
@@ -387,6 +386,95 @@ impl<B: Backend> Vm<B> {
         Flow::Continue
     }
 
+    /// INS/OUTS: the exit names the port but not the memory operand, so
+    /// the instruction is decoded and carried out by `emulator` (RIP past
+    /// it, or left on it between iterations of a long REP); a fault it
+    /// raises goes to the guest, and one it cannot carry out ends the VM
+    /// with a report.
+    #[inline(never)]
+    fn string_io(&mut self, io: IoAccess, backend: &mut B, host: &mut HostMemory, console: &mut impl Console) -> Flow {
+        let Some(Resources { mem, vcpu }) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let state = vcpu.state();
+        let hz = backend.tsc_hz();
+        let now_ns = ticks_to_ns(backend.now(), hz);
+        let exit = emulator::PortExit { port: io.port, size: io.size, write: io.write };
+        let devices = &mut self.devices;
+        let (result, rip, rflags, unbacked, effect) = host.with_hooks(self.id, |hooks| {
+            let mut p = mmio::VmPlatform {
+                vcpu: &mut *vcpu,
+                state: &state,
+                rip: state.rip,
+                rflags: state.rflags,
+                mem,
+                alloc: backend.mem(),
+                hooks,
+                devices,
+                now_ns,
+                accesses: 0,
+                unbacked_ports: 0,
+                port_effect: None,
+            };
+            let r = emulator::string_io(&mut p, &exit);
+            (r, p.rip, p.rflags, p.unbacked_ports, p.port_effect)
+        });
+        self.stats.unbacked_io += u64::from(unbacked);
+        let reason = match result {
+            Ok(done) => {
+                vcpu.complete_emulated(if done.completed { rip } else { state.rip }, rflags);
+                if done.completed && state.rflags & RFLAGS_TF != 0 {
+                    let dr6 = vcpu.reg(Reg::Dr6);
+                    vcpu.set_reg(Reg::Dr6, dr6 | (1 << 14));
+                    vcpu.inject(Event::DB);
+                }
+                if io.write && self.devices.com1_has_output() {
+                    for l in self.devices.com1().take_lines() {
+                        console.line(&format!("[vm {}] {l}", self.id));
+                    }
+                }
+                match effect {
+                    Some(PortEffect::Exit(status)) => {
+                        self.end(RunState::Exited { status }, backend, console);
+                        return Flow::Stop;
+                    }
+                    Some(PortEffect::PowerOff) => {
+                        self.end(RunState::PoweredOff, backend, console);
+                        return Flow::Stop;
+                    }
+                    Some(PortEffect::Reset) => {
+                        console.line(&format!("vm {} ({}) reset by the guest", self.id, self.guest));
+                        return Flow::Reset;
+                    }
+                    _ => {}
+                }
+                self.devices.update_lines(ticks_to_ns(backend.now(), hz));
+                self.timers_changed(hz);
+                return Flow::Continue;
+            }
+            Err(e) => match e.fault() {
+                Some(event) => {
+                    if let emulator::Error::PageFault { gva, .. } = e {
+                        let mut s = vcpu.state();
+                        s.cr2 = gva;
+                        let _ = vcpu.set_state(&s);
+                    }
+                    vcpu.inject(event);
+                    return Flow::Continue;
+                }
+                None => format!(
+                    "{} of port {:#x} ({} bytes) could not be carried out: {e}",
+                    if io.write { "OUTS" } else { "INS" },
+                    io.port,
+                    io.size
+                ),
+            },
+        };
+        let reason = self.with_code_bytes(format!("{reason} at rip {:#x}", state.rip), backend);
+        self.end(RunState::Stopped { reason }, backend, console);
+        Flow::Stop
+    }
+
     /// A nested page fault: copy-on-write, page-in and the like are resolved
     /// by the memory manager and the guest retries; anything else ends the
     /// VM with a report.
@@ -433,6 +521,9 @@ impl<B: Backend> Vm<B> {
                 return self.emulate_mmio(gpa, access, gva, backend, host, console);
             }
             FaultOutcome::OutsideMemory | FaultOutcome::Mmio { .. } => self.fault_report(gpa, access, gva, backend),
+            // A write to the firmware ROM: a PC drops it. The instruction
+            // is carried out with its ROM bytes left as they were.
+            FaultOutcome::ReadOnly => return self.emulate_mmio(gpa, access, gva, backend, host, console),
             FaultOutcome::Poisoned => format!("machine check: guest-physical {gpa:#x} is poisoned"),
             // Not this VM's doing as such: nothing changed, RIP still names
             // the access, and the manager decides who gives memory back.
@@ -483,6 +574,8 @@ impl<B: Backend> Vm<B> {
                 devices,
                 now_ns,
                 accesses: 0,
+                unbacked_ports: 0,
+                port_effect: None,
             };
             let r = emulator::emulate(&mut p, &fault);
             (r, p.rip, p.rflags)
@@ -517,8 +610,9 @@ impl<B: Backend> Vm<B> {
                     return Flow::Continue;
                 }
                 None => format!(
-                    "{} of device registers at guest-physical {gpa:#x} could not be emulated: {e}",
-                    access.as_str()
+                    "{} of {} at guest-physical {gpa:#x} could not be emulated: {e}",
+                    access.as_str(),
+                    if self.devices.claims_mmio(gpa) { "device registers" } else { "ROM" }
                 ),
             },
         };

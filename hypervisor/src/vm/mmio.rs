@@ -1,9 +1,10 @@
 //! A guest access to a device's registers in guest-physical memory (the
-//! local APIC's page, the I/O APIC's): the nested page fault names the
-//! address but not the value or the register, so the instruction is
-//! decoded and carried out by `emulator` through [`VmPlatform`], over the
-//! vCPU's registers, guest RAM (through `mm`, so page-ins and dirty logging
-//! apply) and the VM's devices.
+//! local APIC's page, the I/O APIC's), or a write to the firmware ROM: the
+//! nested page fault names the address but not the value or the register,
+//! so the instruction is decoded and carried out by `emulator` through
+//! [`VmPlatform`], over the vCPU's registers, guest RAM (through `mm`, so
+//! page-ins and dirty logging apply), the ROM (read as RAM, writes dropped
+//! as a PC's bus drops them) and the VM's devices.
 
 use mm::addr::GuestPhysAddr;
 use mm::hal::ContiguousAlloc;
@@ -11,8 +12,8 @@ use mm::swap::SwapSlot;
 use mm::vm_memory::Hooks;
 use vcpu::{Gprs, GuestState, MemAccess, Vcpu, walk};
 
-use crate::devices::DeviceSet;
-use crate::emulator::{Mode, PageFaultCode, Platform, Seg};
+use crate::devices::{self, DeviceSet, PortEffect};
+use crate::emulator::{Mode, PageFaultCode, Platform, Ports, Seg};
 use crate::memory::GuestMemory;
 
 /// The emulator's view of one VM at one exit.
@@ -30,6 +31,44 @@ pub struct VmPlatform<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: Contiguous
     pub now_ns: u64,
     /// Device accesses carried out, for the exit statistics.
     pub accesses: u32,
+    /// Port accesses no device decoded (string I/O).
+    pub unbacked_ports: u32,
+    /// A port access that ends or resets the VM (string I/O), for the
+    /// exit handler to act on once the instruction stopped.
+    pub port_effect: Option<PortEffect>,
+}
+
+impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Ports for VmPlatform<'_, '_, V, F, A> {
+    fn port_read(&mut self, port: u16, size: u8) -> u32 {
+        let now = self.now_ns;
+        match self.devices.pio_read(port, size, || now) {
+            PortEffect::Done(v) => v,
+            PortEffect::Unbacked => {
+                self.unbacked_ports += 1;
+                devices::unbacked_read(size)
+            }
+            // No read ends a VM today; if one did, it ends it here too.
+            effect => {
+                self.port_effect = Some(effect);
+                devices::unbacked_read(size)
+            }
+        }
+    }
+
+    fn port_write(&mut self, port: u16, size: u8, value: u32) -> bool {
+        let now = self.now_ns;
+        match self.devices.pio_write(port, size, value, || now) {
+            PortEffect::Done(_) => true,
+            PortEffect::Unbacked => {
+                self.unbacked_ports += 1;
+                true
+            }
+            effect => {
+                self.port_effect = Some(effect);
+                false
+            }
+        }
+    }
 }
 
 impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPlatform<'_, '_, V, F, A> {
@@ -107,17 +146,33 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
     }
 
     fn write_ram(&mut self, gpa: u64, data: &[u8]) -> bool {
+        if self.mem.is_read_only(GuestPhysAddr(gpa)) {
+            return true; // ROM: the write goes nowhere
+        }
         let vcpu = &mut *self.vcpu;
         self.mem.write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| vcpu.flush_nested_tlb(s)).is_ok()
     }
 
     fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
         self.accesses += 1;
+        if !self.devices.claims_mmio(gpa) && self.mem.is_read_only(GuestPhysAddr(gpa)) {
+            // ROM reads as the memory it is (an access never crosses the
+            // faulting page, so it is all ROM).
+            let mut b = [0u8; 8];
+            let n = usize::from(size).min(8);
+            return match self.read_ram(gpa, &mut b[..n]) {
+                true => u64::from_le_bytes(b),
+                false => u64::MAX,
+            };
+        }
         self.devices.mmio_read(gpa, size, self.now_ns).unwrap_or(u64::MAX)
     }
 
     fn mmio_write(&mut self, gpa: u64, size: u8, value: u64) {
         self.accesses += 1;
+        if !self.devices.claims_mmio(gpa) && self.mem.is_read_only(GuestPhysAddr(gpa)) {
+            return; // ROM: dropped
+        }
         self.devices.mmio_write(gpa, size, value, self.now_ns);
     }
 }

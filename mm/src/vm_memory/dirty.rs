@@ -445,9 +445,12 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     }
 
     fn open_range<M: PhysMem>(&mut self, mem: &M, start: u64, len: u64, inv: &mut Invalidation<F>) {
-        let Self { primary, view, states, ranges, .. } = self;
+        let Self { primary, view, states, ranges, read_only, .. } = self;
         let table = view.as_mut().unwrap_or(primary);
         let present = |gpa: u64| {
+            if read_only.iter().any(|&(s, e)| (s..e).contains(&gpa)) {
+                return false; // ROM never opens
+            }
             let r = ranges.partition_point(|r| r.gpa <= gpa).checked_sub(1).map(|i| &ranges[i]);
             r.is_some_and(|r| {
                 gpa < r.gpa + r.pages * PAGE_SIZE_4K

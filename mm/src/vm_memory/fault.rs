@@ -54,6 +54,10 @@ pub enum FaultOutcome<F: EntryFormat> {
     OutsideMemory,
     /// The page is poisoned: inject a machine check or stop the VM.
     Poisoned,
+    /// A guest write to read-only RAM (ROM, see
+    /// [`VmMemory::set_read_only`]): nothing changed; hardware drops such
+    /// a write, so the exit handler emulates the instruction without it.
+    ReadOnly,
     /// The fault could not be resolved (store or source error, host out of
     /// memory, missing hook): the page is unchanged; stop the VM or retry
     /// later.
@@ -69,6 +73,7 @@ impl<F: EntryFormat> Debug for FaultOutcome<F> {
             }
             FaultOutcome::OutsideMemory => f.write_str("OutsideMemory"),
             FaultOutcome::Poisoned => f.write_str("Poisoned"),
+            FaultOutcome::ReadOnly => f.write_str("ReadOnly"),
             FaultOutcome::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
         }
     }
@@ -109,6 +114,11 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         }
         if self.index_of(gpa.0).is_none() {
             return FaultOutcome::OutsideMemory;
+        }
+        if kind == AccessKind::Write && self.is_read_only(gpa) {
+            // Before any copy-on-write break: a ROM page never gets a
+            // private writable frame for the guest.
+            return FaultOutcome::ReadOnly;
         }
         match self.resolve_for(alloc, hooks, Some(vcpu), gpa, kind) {
             Ok(inv) => FaultOutcome::Resolved(inv),

@@ -179,6 +179,10 @@ pub struct VmMemory<F: EntryFormat, S: SlotWord = u64> {
     share: sharing::ScanState,
     balloon_target: u64,
     roots_generation: u64,
+    /// Guest-physical ranges `[start, end)` of RAM the guest may read and
+    /// execute but not write: the firmware's ROM (see
+    /// [`Self::set_read_only`]). A handful at most, so a list.
+    read_only: Vec<(u64, u64)>,
 }
 
 impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
@@ -247,7 +251,62 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
             share,
             balloon_target: 0,
             roots_generation: 0,
+            read_only: Vec::new(),
         })
+    }
+
+    /// Make `[gpa, gpa + len)` of RAM read-only to the guest, as a ROM is: it
+    /// keeps its contents (written by the host beforehand) and its state
+    /// machinery (sharing, swap), but no nested mapping ever grants it write
+    /// rights, and a guest write faults with
+    /// [`FaultOutcome::ReadOnly`](fault::FaultOutcome::ReadOnly). Host
+    /// writes ([`Self::write`]) still reach it. Fails, changing nothing, if
+    /// the range is not 4 KiB-aligned RAM.
+    pub fn set_read_only<A: FrameAlloc>(
+        &mut self,
+        alloc: &mut A,
+        gpa: GuestPhysAddr,
+        len: u64,
+        flush: &mut dyn FnMut(FlushScope),
+    ) -> Result<(), Error> {
+        let bad = Error::InvalidMemoryMap { gpa, size: len };
+        if len == 0 || !gpa.is_aligned(PAGE_SIZE_4K) || !len.is_multiple_of(PAGE_SIZE_4K) {
+            return Err(bad);
+        }
+        self.check_ram(gpa, len)?;
+        self.read_only.try_reserve(1).map_err(|_| Error::OutOfHeap { bytes: 16 })?;
+        self.read_only.push((gpa.0, gpa.0 + len));
+        let mut inv = Invalidation::none();
+        let mut result = Ok(());
+        for page in (gpa.0..gpa.0 + len).step_by(PAGE_SIZE_4K as usize) {
+            if let Some(i) = self.index_of(page)
+                && let Err(e) = self.sync_page(alloc, i, &mut inv)
+            {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_err() {
+            // Out of table frames while splitting: back to writable RAM.
+            self.read_only.pop();
+            for page in (gpa.0..gpa.0 + len).step_by(PAGE_SIZE_4K as usize) {
+                if let Some(i) = self.index_of(page) {
+                    let _ = self.sync_page(alloc, i, &mut inv);
+                }
+            }
+        }
+        inv.flush(alloc, flush);
+        result
+    }
+
+    /// Whether the guest may not write the page holding `gpa` (ROM).
+    pub fn is_read_only(&self, gpa: GuestPhysAddr) -> bool {
+        self.read_only.iter().any(|&(s, e)| (s..e).contains(&gpa.0))
+    }
+
+    /// Whether any page of `[start, end)` is read-only.
+    pub(super) fn any_read_only(&self, start: u64, end: u64) -> bool {
+        self.read_only.iter().any(|&(s, e)| s < end && start < e)
     }
 
     /// Heap bytes [`Self::new`] takes for the per-page and per-region
@@ -590,7 +649,7 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     /// Rights a `Present`/`Zero`/`Shared` page gets without dirty logging.
     fn base_rights(&self, i: usize) -> Access {
         match self.state(i) {
-            PageState::Present => Access::RWX,
+            PageState::Present if !self.is_read_only(self.gpa_of(i)) => Access::RWX,
             _ => Access::RX,
         }
     }

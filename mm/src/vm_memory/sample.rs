@@ -258,6 +258,7 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         let Some(first) = self.index_of(gpa.0) else { return false };
         self.index_of(gpa.0 + PAGE_SIZE_2M - 1) == Some(first + 511)
             && (first..first + 512).all(|i| self.states[i] == PageState::Present.code())
+            && !self.any_read_only(gpa.0, gpa.0 + PAGE_SIZE_2M)
     }
 
     /// Start a usage sample: draw `samples` random pages (seeded) and clear

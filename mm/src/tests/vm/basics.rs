@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use super::{free, g, pattern, vm};
 use crate::addr::{GuestPhysAddr, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
-use crate::paging::{EntryFormat, FlushScope, PageSize};
+use crate::paging::{Access, EntryFormat, FlushScope, PageSize};
 use crate::sim::SimPhys;
 use crate::tests::for_both_formats;
 use crate::vm_memory::{
@@ -244,8 +244,66 @@ fn states_and_counts_track_changes<F: EntryFormat>() {
     assert_eq!(sim.frames_in_use(), 0);
 }
 
+/// ROM: readable and executable, never writable by the guest (its write
+/// faults as `ReadOnly` and changes nothing), writable by the host; dirty
+/// logging and large-page merging never open it.
+fn read_only_ram_is_rom<F: EntryFormat>() {
+    let mut sim = SimPhys::new(4096);
+    let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
+    let mut hooks = Hooks::none();
+    let rom = pattern(7);
+    v.write(&mut sim, &mut hooks, g(0xE_0000), &rom, &mut |_| {}).unwrap();
+    // Misaligned, empty and non-RAM ranges are refused and change nothing.
+    for (gpa, len) in [(0xE_0800, 0x1000), (0xE_0000, 0x800), (0xE_0000, 0), (0x3F_F000, 0x2000)] {
+        assert!(v.set_read_only(&mut sim, g(gpa), len, &mut |_| {}).is_err(), "{gpa:#x}+{len:#x}");
+        assert!(!v.is_read_only(g(gpa)) || gpa == 0xE_0800);
+    }
+    assert!(!v.is_read_only(g(0xE_0000)));
+    v.set_read_only(&mut sim, g(0xE_0000), 0x2_0000, &mut |_| {}).unwrap();
+    let rights = |v: &VmMemory<F>, sim: &SimPhys, gpa| v.table().translate(sim, g(gpa)).unwrap().leaf.access;
+    for gpa in [0xE_0000, 0xF_F000] {
+        assert!(v.is_read_only(g(gpa)));
+        assert_eq!(rights(&v, &sim, gpa), Access::RX, "{gpa:#x}");
+    }
+    // Its neighbours in the same 2 MiB stay writable RAM.
+    for gpa in [0xD_F000, 0x10_0000, 0x1F_F000] {
+        assert!(!v.is_read_only(g(gpa)));
+        assert!(rights(&v, &sim, gpa).contains(Access::WRITE), "{gpa:#x}");
+    }
+    match v.handle_fault(&mut sim, &mut hooks, 0, g(0xE_0010), AccessKind::Write) {
+        FaultOutcome::ReadOnly => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(v.sim_write(&mut sim, &mut hooks, 0, g(0xE_0010), &[1]), Err(FaultOutcome::ReadOnly)));
+    let mut back = [0u8; 4096];
+    v.sim_read(&mut sim, &mut hooks, 0, g(0xE_0000), &mut back).unwrap();
+    assert_eq!(back, rom, "the guest write changed ROM");
+    assert_eq!(v.page_state(g(0xE_0000)), Some(PageState::Present));
+    // The host (a loader, a restore) still writes it.
+    v.write(&mut sim, &mut hooks, g(0xE_0000), &[9], &mut |_| {}).unwrap();
+    v.sim_read(&mut sim, &mut hooks, 0, g(0xE_0000), &mut back[..1]).unwrap();
+    assert_eq!(back[0], 9);
+    assert_eq!(rights(&v, &sim, 0xE_0000), Access::RX, "a host write opened ROM");
+    // Dirty logging by write protection opens written granules, never ROM;
+    // stopping it merges large pages again, never over ROM.
+    let cfg = DirtyLogConfig::new(PageSize::Size2M, DirtyMechanism::WriteProtect);
+    v.start_dirty_log(&mut sim, cfg, &mut |_| {}).unwrap();
+    v.sim_write(&mut sim, &mut hooks, 0, g(0x1_0000), &[1]).unwrap();
+    v.write(&mut sim, &mut hooks, g(0xE_1000), &[2], &mut |_| {}).unwrap();
+    assert_eq!(rights(&v, &sim, 0xE_1000), Access::RX);
+    assert!(rights(&v, &sim, 0x1_0000).contains(Access::WRITE));
+    v.stop_dirty_log(&mut sim, &mut |_| {}).unwrap();
+    assert_eq!(rights(&v, &sim, 0xE_0000), Access::RX);
+    assert_eq!(v.table().translate(&sim, g(0xE_0000)).unwrap().leaf.size, PageSize::Size4K);
+    assert_eq!(v.table().translate(&sim, g(PAGE_SIZE_2M)).unwrap().leaf.size, PageSize::Size2M);
+    v.check_invariants(&sim);
+    free(v, &mut sim, &mut hooks);
+    assert_eq!(sim.frames_in_use(), 0);
+}
+
 for_both_formats!(
     fault_outcomes,
+    read_only_ram_is_rom,
     host_read_write_cross_pages,
     lazy_load_fills_on_first_touch,
     poisoned_page,
