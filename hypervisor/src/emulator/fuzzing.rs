@@ -16,7 +16,7 @@ use vcpu::walk::{Paging, translate_with};
 use vcpu::{Gprs, MemAccess};
 
 use super::flags::{RF, STATUS, mask};
-use super::{Emulated, Error, MmioFault, Mode, PageFaultCode, Platform, Seg, emulate, page};
+use super::{Emulated, Error, MmioFault, Mode, PageFaultCode, Platform, PortExit, Seg, emulate, page, string_io};
 
 /// Guest RAM: guest-physical [0, RAM_SIZE).
 pub const RAM_SIZE: u64 = 0x10000;
@@ -407,11 +407,20 @@ pub fn check(data: &[u8]) -> Outcome {
             _ => 0,
         };
     }
+    let offset_in_page = input.field(2) % 4096;
+    let direction = input.byte();
     let fault = MmioFault {
-        gpa: m.device_gpa + input.field(2) % 4096,
-        access: if input.byte() & 1 == 0 { MemAccess::Read } else { MemAccess::Write },
+        gpa: m.device_gpa + offset_in_page,
+        access: if direction & 1 == 0 { MemAccess::Read } else { MemAccess::Write },
         gva: None,
     };
+    // Bit 1: a port exit (INS/OUTS) instead: DX's port (or, with bit 2,
+    // another), the width from bits 3-4.
+    let port_exit = (direction & 2 != 0).then(|| PortExit {
+        port: if direction & 4 == 0 { m.gprs.rdx as u16 } else { offset_in_page as u16 },
+        size: [1, 2, 4, 4][usize::from(direction >> 3) & 3],
+        write: direction & 1 != 0,
+    });
     // Code at the start of its page, or ending 1..15 bytes into the hole.
     let place = input.field(2);
     let offset = if place % 4 == 0 { 4096 - 1 - (place >> 8) % 15 } else { 0 };
@@ -424,6 +433,9 @@ pub fn check(data: &[u8]) -> Outcome {
     let mut bytes = [0u8; 15];
     bytes.copy_from_slice(&m.ram[at..at + 15]);
 
+    if let Some(exit) = port_exit {
+        return check_string_io(&mut m, &exit, mode, &bytes);
+    }
     let result = emulate(&mut m, &fault);
     match result {
         Err(e) => {
@@ -479,6 +491,49 @@ pub fn check(data: &[u8]) -> Outcome {
             }
             if !string {
                 assert!(m.log.len() <= 2 && m.ram_written == 0, "{:?}", m.log);
+            }
+            Outcome::Emulated(done)
+        }
+    }
+}
+
+/// The promises of [`string_io`]: on a refusal nothing changed and no port
+/// was touched; on success only RCX, RSI and RDI and RF changed, RIP moved
+/// by the length (or not at all, unfinished), no device page was touched,
+/// and every port access is the exit's port and width.
+fn check_string_io(m: &mut Mock, exit: &PortExit, mode: Mode, bytes: &[u8; 15]) -> Outcome {
+    let (gprs, rip, rflags) = (m.gprs, m.rip, m.rflags);
+    match string_io(m, exit) {
+        Err(e) => {
+            assert_eq!((m.gprs, m.rip, m.rflags), (gprs, rip, rflags), "{e:?} changed the registers");
+            assert!(m.port_log.is_empty(), "{e:?} after port accesses {:?}", m.port_log);
+            assert_eq!(m.ram_written, 0, "{e:?} after writing RAM");
+            let _ = e.fault();
+            let _ = write!(Sink, "{e}");
+            Outcome::Refused(e)
+        }
+        Ok(done) => {
+            let decoded = Decoder::try_with_ip(mode.bits(), bytes, rip, DecoderOptions::NONE).map(|mut d| d.decode());
+            let Ok(insn) = decoded else { panic!("emulated what does not decode") };
+            assert_eq!(insn.len(), usize::from(done.len), "emulated length differs from a fresh decode");
+            let ip_mask = match mode {
+                Mode::Bits16 => 0xffff,
+                Mode::Bits32 => 0xffff_ffff,
+                Mode::Bits64 => u64::MAX,
+            };
+            if done.completed {
+                assert_eq!(m.rip, rip.wrapping_add(u64::from(done.len)) & ip_mask, "RIP not advanced by the length");
+            } else {
+                assert_eq!(m.rip, rip, "an unfinished instruction moved RIP");
+                assert!(!m.port_log.is_empty(), "stopped before its first iteration without a refusal");
+            }
+            for n in (0..16u8).filter(|n| ![1, 6, 7].contains(n)) {
+                assert_eq!(m.gprs.get(n), gprs.get(n), "register {n} changed");
+            }
+            assert_eq!((m.rflags ^ rflags) & !RF, 0, "RFLAGS beyond RF changed");
+            assert!(m.log.is_empty(), "string I/O touched the device page: {:?}", m.log);
+            for &(port, size, write, _) in &m.port_log {
+                assert_eq!((port, size, write), (exit.port, exit.size, exit.write), "not the exit's port access");
             }
             Outcome::Emulated(done)
         }
