@@ -12,6 +12,29 @@ use vcpu::{GuestState, Vcpu};
 
 use crate::cpuid::{HostQuirks, Regs};
 
+/// Why the host has no virtualization backend: the console still runs,
+/// VMs cannot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// CPUID offers neither VT-x nor AMD-V.
+    NoVirtualization,
+    /// The vendor's extension is there but could not be turned on.
+    Enable {
+        /// "VT-x" or "AMD-V".
+        vendor: &'static str,
+        error: vcpu::Error,
+    },
+}
+
+impl core::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Unavailable::NoVirtualization => f.write_str("this CPU has neither VT-x nor AMD-V"),
+            Unavailable::Enable { vendor, error } => write!(f, "{vendor} could not be turned on: {error}"),
+        }
+    }
+}
+
 pub trait Backend {
     /// The nested page-table entry format (EPT or NPT).
     type Format: EntryFormat;

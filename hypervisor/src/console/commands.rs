@@ -387,7 +387,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
                 o.insert("virtualization".into(), json!({ "backend": b.name(), "features": b.features() }));
             }
             Err(why) => {
-                o.insert("virtualization".into(), json!({ "backend": null, "unavailable": why }));
+                o.insert("virtualization".into(), json!({ "backend": null, "unavailable": format!("{why}") }));
             }
         }
         o.insert("guests".into(), json!(guests));

@@ -62,7 +62,7 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             "target_met": r.target.is_none_or(|t| c.present <= t),
             "stuck": r.stuck,
             "swap_file": file.map(|(used, limit)| json!({ "used_pages": used, "limit_pages": limit })),
-            "no_swap": r.no_swap,
+            "no_swap": r.no_swap.as_ref().map(|n| format!("{n}")),
             "swapped_out": r.swapped_out,
             "swapped_in": r.swapped_in,
             "cow_breaks": r.cow_breaks,
@@ -163,7 +163,7 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             "bookkeeping_bytes": hm.sharing.as_ref().map_or(0, |s| s.bookkeeping_bytes()),
         },
         "swap": swap_json,
-        "swap_missing": if hm.swap.is_none() { Some(&hm.swap_missing) } else { None },
+        "swap_missing": if hm.swap.is_none() { Some(format!("{}", hm.swap_missing)) } else { None },
         "vms": vms,
     });
     Reply { text, json }

@@ -5,18 +5,18 @@ pub mod context;
 mod svm_backend;
 mod vmx_backend;
 
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{BootInfo, entry_point};
+use hypervisor::backend::Unavailable;
 use hypervisor::boot_config::{self, BootConfig, FaultInject};
 use hypervisor::console::{self, Edit, LineEditor, commands::After};
 use hypervisor::disk::selfcheck;
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
-use hypervisor::memory::Swap;
 use hypervisor::memory::swap::AttachError;
+use hypervisor::memory::{NoSwap, Swap};
 use hypervisor::vm::exit::Console;
 
 use crate::platform;
@@ -118,7 +118,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     } else if cpu.svm {
         serve(SvmBackend::start(), &config, images, &cpu, disk)
     } else {
-        serve::<VmxBackend>(Err(String::from("this CPU has neither VT-x nor AMD-V")), &config, images, &cpu, disk)
+        serve::<VmxBackend>(Err(Unavailable::NoVirtualization), &config, images, &cpu, disk)
     }
 }
 
@@ -126,11 +126,11 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
 /// (`Swap::attach`: classified first, refused without a write if it holds
 /// other data, else self-checked and formatted or reopened). The swap
 /// device, or why there is none.
-fn open_disk() -> Result<Swap, String> {
+fn open_disk() -> Result<Swap, NoSwap> {
     let (disk, text) = platform::disk::probe();
     let Some(disk) = disk else {
         log::info!("disk: none ({text})");
-        return Err(format!("no disk: {text}"));
+        return Err(NoSwap::NoDisk { probe: text });
     };
     log::info!("disk: {text}");
     match Swap::attach(disk, text.clone(), platform::time::micros) {
@@ -149,7 +149,7 @@ fn open_disk() -> Result<Swap, String> {
                 AttachError::Refused(_) => log::warn!("disk: {e}; the disk will not be used"),
                 _ => log::error!("disk: {e}; the disk will not be used"),
             }
-            Err(format!("{text}: {e}"))
+            Err(NoSwap::Attach { device: text, error: e })
         }
     }
 }
@@ -196,11 +196,11 @@ impl HostBackend for SvmBackend {
 
 /// The console and the VM scheduler, forever, on `backend`.
 fn serve<B: HostBackend>(
-    backend: Result<B, String>,
+    backend: Result<B, Unavailable>,
     config: &BootConfig,
     images: Vec<GuestImage>,
     cpu: &platform::cpu::CpuInfo,
-    disk: Result<Swap, String>,
+    disk: Result<Swap, NoSwap>,
 ) -> ! {
     match &backend {
         Ok(b) => {

@@ -4,7 +4,7 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use hypervisor::backend::Backend;
+use hypervisor::backend::{Backend, Unavailable};
 use hypervisor::cpuid::{HostQuirks, Regs};
 use mm::paging::{Npt, PageSize};
 use svm::{SliceTimer, SvmCpu, SvmVcpu};
@@ -22,13 +22,13 @@ pub struct SvmBackend {
 
 impl SvmBackend {
     /// Turns SVM on, or says why it cannot.
-    pub fn start() -> Result<SvmBackend, String> {
+    pub fn start() -> Result<SvmBackend, Unavailable> {
         let mut mem = HostMem;
         let timer_hz = apic::init();
         log::info!("apic timer: {} kHz, vector {:#x}", timer_hz / 1000, apic::TIMER_VECTOR);
         // SAFETY: called once, on the boot CPU, with interrupts off.
         let cpu = unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired }) }
-            .map_err(|e| alloc::format!("{e}"))?;
+            .map_err(|error| Unavailable::Enable { vendor: "AMD-V", error })?;
         let quirks = HostQuirks { rdtscp: cpu.host.tsc_aux, ..Default::default() };
         Ok(SvmBackend { cpu, mem, quirks, break_next_entry: false })
     }

@@ -3,7 +3,7 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use hypervisor::backend::Backend;
+use hypervisor::backend::{Backend, Unavailable};
 use hypervisor::cpuid::{HostQuirks, Regs};
 use mm::paging::{Ept, PageSize};
 use vcpu::GuestState;
@@ -21,10 +21,10 @@ pub struct VmxBackend {
 
 impl VmxBackend {
     /// Enters VMX operation, or says why it cannot.
-    pub fn start() -> Result<VmxBackend, String> {
+    pub fn start() -> Result<VmxBackend, Unavailable> {
         let mut mem = HostMem;
         // SAFETY: called once, on the boot CPU, with interrupts off.
-        let cpu = unsafe { VmxCpu::enable(&mut mem) }.map_err(|e| alloc::format!("{e}"))?;
+        let cpu = unsafe { VmxCpu::enable(&mut mem) }.map_err(|error| Unavailable::Enable { vendor: "VT-x", error })?;
         // SAFETY: IA32_MISC_ENABLE exists on every CPU with VMX.
         let misc = unsafe { vmx::hw::rdmsr(0x1a0) };
         let quirks = HostQuirks { fast_strings_off: misc & 1 == 0, rdtscp: cpu.controls.rdtscp };

@@ -8,13 +8,14 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use super::{MAX_MEM_MIB, MIN_MEM_MIB};
-use crate::memory::MIN_TARGET_PAGES;
+use crate::backend::Unavailable;
+use crate::memory::{MIN_TARGET_PAGES, NoSwap};
 use crate::vm::boot::BootError;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Error {
     /// The host has no usable VT-x or AMD-V; why not.
-    NoVirtualization(String),
+    NoVirtualization(Unavailable),
     /// No ramdisk guest image has that name.
     NoGuest {
         name: String,
@@ -70,7 +71,7 @@ pub enum Error {
     /// A target below the VM's size needs a swap file, which it lacks.
     NoSwapFile {
         id: u32,
-        why: String,
+        why: NoSwap,
     },
 }
 

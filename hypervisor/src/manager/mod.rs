@@ -14,7 +14,7 @@ use mm::paging::PageSize;
 use mm::vm_memory::{MemoryMap, ScanReport, VmMemoryConfig};
 use vcpu::Vcpu;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Unavailable};
 use crate::firmware;
 use crate::loader::{GuestWrite, GuestWriteError};
 use crate::memory::reclaim::{self, VmReclaim};
@@ -61,7 +61,7 @@ pub const MAX_ENDED_RECORDS: usize = 64;
 
 pub struct Manager<B: Backend> {
     /// The backend, or why there is none (no VT-x/AMD-V, disabled...).
-    pub backend: Result<B, String>,
+    pub backend: Result<B, Unavailable>,
     pub images: Vec<GuestImage>,
     pub vms: Vec<Box<Vm<B>>>,
     next_id: u32,
@@ -99,7 +99,7 @@ pub fn linux_timing_hints(cmdline: &str, tsc_hz: u64) -> String {
 }
 
 impl<B: Backend> Manager<B> {
-    pub fn new(mut backend: Result<B, String>, images: Vec<GuestImage>) -> Self {
+    pub fn new(mut backend: Result<B, Unavailable>, images: Vec<GuestImage>) -> Self {
         let slice_ticks = backend.as_ref().map_or(1_000_000, |b| (b.tsc_hz() / 100).max(10_000));
         let mut host_mem = HostMemory::default();
         if let Ok(b) = backend.as_mut() {

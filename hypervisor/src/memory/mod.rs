@@ -48,6 +48,30 @@ pub struct HostMemStats {
     pub oom_stopped: u64,
 }
 
+/// Why the host, or a VM, has no swap space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoSwap {
+    /// No swap device was given to the host.
+    NotAttached,
+    /// The disk probe found no disk; what it looked for.
+    NoDisk { probe: String },
+    /// A disk was found but not taken as the swap device.
+    Attach { device: String, error: swap::AttachError },
+    /// The swap device has no room for this VM's file (thick provisioning).
+    File(mm::Error),
+}
+
+impl core::fmt::Display for NoSwap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            NoSwap::NotAttached => f.write_str("no swap disk attached"),
+            NoSwap::NoDisk { probe } => write!(f, "no disk: {probe}"),
+            NoSwap::Attach { device, error } => write!(f, "{device}: {error}"),
+            NoSwap::File(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 pub struct HostMemory {
     /// The content index (created with the first VM: it needs a frame for
     /// the zero page).
@@ -57,7 +81,7 @@ pub struct HostMemory {
     pub scan_pages_per_round: usize,
     pub swap: Option<Swap>,
     /// Why there is no swap device, for reports.
-    pub swap_missing: String,
+    pub swap_missing: NoSwap,
     pub stats: HostMemStats,
 }
 
@@ -68,7 +92,7 @@ impl Default for HostMemory {
             sharing_enabled: false,
             scan_pages_per_round: DEFAULT_SCAN_PAGES_PER_ROUND,
             swap: None,
-            swap_missing: String::from("no swap disk attached"),
+            swap_missing: NoSwap::NotAttached,
             stats: HostMemStats::default(),
         }
     }
@@ -95,7 +119,7 @@ impl HostMemory {
     /// Give VM `vm` a swap file for up to `configured_pages -
     /// MIN_TARGET_PAGES` pages. Returns why not when it gets none (no
     /// device, or the reservation cannot hold it: thick provisioning).
-    pub fn add_vm(&mut self, vm: u32, configured_pages: u64) -> Result<(), String> {
+    pub fn add_vm(&mut self, vm: u32, configured_pages: u64) -> Result<(), NoSwap> {
         let Some(swap) = self.swap.as_mut() else {
             return Err(self.swap_missing.clone());
         };

@@ -35,7 +35,7 @@ pub struct VmReclaim {
     /// Clock hand: the next page index to consider for page-out.
     pub hand: u64,
     /// Why the VM has no swap file, if it has none.
-    pub no_swap: Option<String>,
+    pub no_swap: Option<super::NoSwap>,
     /// Why the last round could not meet the target, if it could not.
     pub stuck: Option<String>,
     /// Pages this VM has had paged out / in / copied on write.
@@ -171,7 +171,8 @@ pub fn enforce_target<F: EntryFormat, A: ContiguousAlloc>(
     if mem.state_counts().present <= target {
         policy.stuck = None;
     } else if policy.stuck.is_none() && host.swap.as_ref().and_then(|s| s.file_usage(vm)).is_none() {
-        policy.stuck = Some(policy.no_swap.clone().unwrap_or_else(|| String::from("no swap file")));
+        policy.stuck =
+            Some(policy.no_swap.as_ref().map_or_else(|| String::from("no swap file"), |n| alloc::format!("{n}")));
     }
     report
 }

@@ -9,7 +9,6 @@
 //! device reopened (its old contents are stale by the epoch bump).
 
 use alloc::boxed::Box;
-use alloc::format;
 use alloc::string::String;
 use core::fmt;
 
@@ -117,8 +116,8 @@ impl Swap {
         self.res.file(vm).ok()
     }
 
-    pub(super) fn add_vm(&mut self, spec: VmSwapSpec) -> Result<(), String> {
-        self.res.add_vm(self.pool, spec).map_err(|e| format!("{e}"))
+    pub(super) fn add_vm(&mut self, spec: VmSwapSpec) -> Result<(), super::NoSwap> {
+        self.res.add_vm(self.pool, spec).map_err(super::NoSwap::File)
     }
 
     pub(super) fn remove_vm(&mut self, vm: u32) {
