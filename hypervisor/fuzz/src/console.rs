@@ -20,8 +20,8 @@ pub fn console(data: &[u8]) {
         match &edit {
             Edit::Echo(e) if e.as_slice() == b"\x07" => overflowed = true,
             Edit::Refused(e) => {
-                assert!(overflowed, "a line that fitted was refused: {}", e.message);
-                assert!(e.message.starts_with("line too long") && !e.message.contains('\n'));
+                assert!(overflowed, "a line that fitted was refused: {}", e);
+                assert!(e.to_string().starts_with("line too long") && !e.to_string().contains('\n'));
                 overflowed = false;
             }
             Edit::Line(_) => {
@@ -43,7 +43,7 @@ pub fn console(data: &[u8]) {
                     _ => {}
                 },
                 Ok(None) => assert!(line.trim().is_empty()),
-                Err(e) => assert!(!e.message.is_empty() && !e.message.contains('\n')),
+                Err(e) => assert!(!e.to_string().is_empty() && !e.to_string().contains('\n')),
             }
         }
     }

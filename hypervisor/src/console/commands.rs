@@ -100,9 +100,9 @@ pub fn execute<B: Backend>(p: &Parsed, m: &mut Manager<B>, host: &HostStatus, co
 /// A parse error in the form the operator asked for.
 pub fn report_parse_error(e: &super::ParseError, console: &mut impl Console) {
     if e.json {
-        console.line(&json!({ "ok": false, "error": e.message }).to_string());
+        console.line(&json!({ "ok": false, "error": format!("{e}") }).to_string());
     } else {
-        console.line(&format!("error: {}", e.message));
+        console.line(&format!("error: {e}"));
     }
 }
 

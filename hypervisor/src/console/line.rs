@@ -5,11 +5,10 @@
 //! A line that grew past [`MAX_LINE`] is refused as a whole when it ends:
 //! running the prefix that fitted could turn `vm stop 12` into `vm stop 1`.
 
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::ParseError;
+use super::{ParseError, Refusal};
 
 /// Longest accepted line; further characters are refused with a bell, and
 /// the line is refused when it ends.
@@ -51,10 +50,7 @@ impl LineEditor {
                 match core::mem::take(&mut self.dropped) {
                     0 => Edit::Line(line),
                     dropped => Edit::Refused(ParseError {
-                        message: format!(
-                            "line too long ({} characters, at most {MAX_LINE}); nothing was run",
-                            line.len() + dropped
-                        ),
+                        refusal: Refusal::LineTooLong { chars: line.len() + dropped },
                         json: line.split_whitespace().any(|w| w == "--json"),
                     }),
                 }
@@ -147,8 +143,8 @@ mod tests {
         assert_eq!(out.last(), Some(&Edit::Echo(b"\x07".to_vec())), "the dropped character rings the bell");
         assert!(!e.is_empty(), "an overflowed line is still a line being typed");
         let err = refused(e.feed(b'\r'));
-        assert_eq!(err.message, "line too long (257 characters, at most 256); nothing was run");
-        assert!(!err.json && !err.message.contains('\n'));
+        assert_eq!(err.to_string(), "line too long (257 characters, at most 256); nothing was run");
+        assert!(!err.json && !err.to_string().contains('\n'));
         // The next line is unaffected.
         feed_all(&mut e, b"vm list");
         assert_eq!(e.feed(b'\r'), Edit::Line("vm list".into()));
@@ -170,7 +166,7 @@ mod tests {
             assert_eq!(e.feed(0x7f), Edit::Echo(b"\x07".to_vec()));
         }
         let err = refused(e.feed(b'\r'));
-        assert!(err.message.contains("259 characters"), "{}", err.message);
+        assert!(err.to_string().contains("259 characters"), "{err}");
         // Ctrl-C and Ctrl-U start afresh.
         feed_all(&mut e, "z".repeat(MAX_LINE + 1).as_bytes());
         feed_all(&mut e, b"\x03help");

@@ -9,7 +9,7 @@ pub mod parse;
 
 pub use commands::{HostStatus, execute};
 pub use line::{Edit, LineEditor};
-pub use parse::{Command, ParseError, Parsed, parse};
+pub use parse::{Command, ParseError, Parsed, Refusal, parse};
 
 /// What the console prints before reading a line.
 pub const PROMPT: &str = "hv> ";

@@ -114,13 +114,121 @@ pub struct Parsed {
     pub json: bool,
 }
 
-/// A refused line: the message, and whether `--json` was asked for (so
-/// the error can be printed in the same form).
+/// A refused line: why, and whether `--json` was asked for (so the error
+/// can be printed in the same form).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseError {
-    pub message: String,
+    pub refusal: Refusal,
     pub json: bool,
 }
+
+/// Why a console line was refused; `Display` is the one-line message.
+/// `cmd` is the command as typed ("vm stats", "mem target").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--json` alone.
+    Empty,
+    /// The line overflowed the console's buffer; nothing of it ran.
+    LineTooLong {
+        chars: usize,
+    },
+    UnknownCommand(String),
+    UnknownSubcommand {
+        cmd: &'static str,
+        arg: String,
+        choices: &'static str,
+    },
+    MissingSubcommand {
+        cmd: &'static str,
+        choices: &'static str,
+    },
+    UnexpectedArgument {
+        cmd: &'static str,
+        arg: String,
+    },
+    MissingId {
+        cmd: &'static str,
+    },
+    NotAnId {
+        cmd: &'static str,
+        arg: String,
+    },
+    /// The command's arguments do not fit its form: how to use it.
+    Usage {
+        cmd: &'static str,
+        usage: &'static str,
+    },
+    /// `vm send` text over [`MAX_SEND`] bytes.
+    TextTooLong,
+    PagesPerRound(String),
+    TargetMib(String),
+    MemMib {
+        cmd: &'static str,
+        arg: String,
+    },
+    MissingName {
+        cmd: &'static str,
+        what: &'static str,
+    },
+    /// `vm run`'s first word is an option, not a guest.
+    OptionBeforeGuest(String),
+    NotAVmName(String),
+    Vcpus(String),
+    UnclosedQuote,
+    CmdlineTwice,
+    MissingKernel,
+    UnknownOption {
+        cmd: &'static str,
+        opt: String,
+        expected: &'static str,
+    },
+}
+
+impl core::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Refusal::Empty => f.write_str("empty command"),
+            Refusal::LineTooLong { chars } => {
+                write!(f, "line too long ({chars} characters, at most {}); nothing was run", super::line::MAX_LINE)
+            }
+            Refusal::UnknownCommand(c) => write!(f, "unknown command {c:?} (type 'help')"),
+            Refusal::UnknownSubcommand { cmd, arg, choices } => {
+                write!(f, "{cmd}: unknown subcommand {arg:?} ({choices})")
+            }
+            Refusal::MissingSubcommand { cmd, choices } => write!(f, "{cmd}: missing subcommand ({choices})"),
+            Refusal::UnexpectedArgument { cmd, arg } => write!(f, "{cmd}: unexpected argument {arg:?}"),
+            Refusal::MissingId { cmd } => write!(f, "{cmd}: missing VM id"),
+            Refusal::NotAnId { cmd, arg } => write!(f, "{cmd}: {arg:?} is not a VM id"),
+            Refusal::Usage { cmd, usage } => write!(f, "{cmd}: use {usage}"),
+            Refusal::TextTooLong => write!(f, "vm send: the text is longer than {MAX_SEND} bytes"),
+            Refusal::PagesPerRound(n) => {
+                write!(f, "mem sharing on: pages per round must be 1..={MAX_SCAN_PAGES_PER_ROUND}, not {n:?}")
+            }
+            Refusal::TargetMib(v) => write!(f, "mem target: {v:?} is not 1..={MAX_MEM_MIB} MiB or 'none'"),
+            Refusal::MemMib { cmd, arg } => {
+                write!(f, "{cmd}: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {arg:?}")
+            }
+            Refusal::MissingName { cmd, what } => write!(f, "{cmd}: missing {what} name"),
+            Refusal::OptionBeforeGuest(o) => write!(f, "vm run: missing guest name before {o:?}"),
+            Refusal::NotAVmName(n) => write!(f, "vm create: {n:?} is not a VM name (one word of up to 32 characters)"),
+            Refusal::Vcpus(n) => write!(f, "vm create: vcpus={n}: a VM has one vCPU until SMP support lands"),
+            Refusal::UnclosedQuote => f.write_str("vm create: cmdline=\" has no closing quote"),
+            Refusal::CmdlineTwice => f.write_str("vm create: the command line is given twice (cmdline= and --)"),
+            Refusal::MissingKernel => f.write_str("vm create: missing kernel=<file>"),
+            Refusal::UnknownOption { cmd, opt, expected } => {
+                write!(f, "{cmd}: unknown option {opt:?} (expected {expected})")
+            }
+        }
+    }
+}
+
+impl core::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.refusal.fmt(f)
+    }
+}
+
+const VM_SUBCOMMANDS: &str = "run, list, stats, stop, pause, resume, send, console";
 
 /// Parses one line; `Ok(None)` for a blank line.
 pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
@@ -134,9 +242,9 @@ pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
         words.retain(|w| *w != "--json");
         words.extend(tail);
     }
-    let err = |m: String| ParseError { message: m, json };
+    let err = |refusal: Refusal| ParseError { refusal, json };
     let Some((&first, rest)) = words.split_first() else {
-        return if json { Err(err("empty command".into())) } else { Ok(None) };
+        return if json { Err(err(Refusal::Empty)) } else { Ok(None) };
     };
     let command = match first {
         "help" => no_args("help", rest, Command::Help),
@@ -144,60 +252,60 @@ pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
         "poweroff" => no_args("poweroff", rest, Command::Poweroff),
         "vm" => parse_vm(rest),
         "mem" => parse_mem(rest),
-        other => Err(alloc::format!("unknown command {other:?} (type 'help')")),
+        other => Err(Refusal::UnknownCommand(other.to_string())),
     }
     .map_err(err)?;
     Ok(Some(Parsed { command, json }))
 }
 
-fn no_args(name: &str, rest: &[&str], c: Command) -> Result<Command, String> {
+fn no_args(cmd: &'static str, rest: &[&str], c: Command) -> Result<Command, Refusal> {
     match rest.first() {
         None => Ok(c),
-        Some(extra) => Err(alloc::format!("{name}: unexpected argument {extra:?}")),
+        Some(extra) => Err(Refusal::UnexpectedArgument { cmd, arg: extra.to_string() }),
     }
 }
 
-fn parse_id(cmd: &str, rest: &[&str]) -> Result<u32, String> {
+fn vm_id(cmd: &'static str, w: &str) -> Result<u32, Refusal> {
+    w.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| Refusal::NotAnId { cmd, arg: w.to_string() })
+}
+
+fn parse_id(cmd: &'static str, rest: &[&str]) -> Result<u32, Refusal> {
     match rest {
-        [] => Err(alloc::format!("vm {cmd}: missing VM id")),
-        [id] => {
-            id.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| alloc::format!("vm {cmd}: {id:?} is not a VM id"))
-        }
-        [_, extra, ..] => Err(alloc::format!("vm {cmd}: unexpected argument {extra:?}")),
+        [] => Err(Refusal::MissingId { cmd }),
+        [id] => vm_id(cmd, id),
+        [_, extra, ..] => Err(Refusal::UnexpectedArgument { cmd, arg: extra.to_string() }),
     }
 }
 
-fn parse_vm(rest: &[&str]) -> Result<Command, String> {
+fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
     let Some((&sub, args)) = rest.split_first() else {
-        return Err("vm: missing subcommand (run, list, stats, stop, pause, resume, send, console)".into());
+        return Err(Refusal::MissingSubcommand { cmd: "vm", choices: VM_SUBCOMMANDS });
     };
     match sub {
         "list" => no_args("vm list", args, Command::VmList),
-        "stats" => parse_id("stats", args).map(|id| Command::VmStats { id }),
-        "stop" => parse_id("stop", args).map(|id| Command::VmStop { id }),
+        "stats" => parse_id("vm stats", args).map(|id| Command::VmStats { id }),
+        "stop" => parse_id("vm stop", args).map(|id| Command::VmStop { id }),
         "send" => parse_send(args),
-        "console" => parse_id("console", args).map(|id| Command::VmConsole { id }),
-        "pause" => parse_id("pause", args).map(|id| Command::VmPause { id }),
-        "resume" => parse_id("resume", args).map(|id| Command::VmResume { id }),
+        "console" => parse_id("vm console", args).map(|id| Command::VmConsole { id }),
+        "pause" => parse_id("vm pause", args).map(|id| Command::VmPause { id }),
+        "resume" => parse_id("vm resume", args).map(|id| Command::VmResume { id }),
         "run" => parse_run(args),
         "create" => parse_create(args),
-        "start" => parse_id("start", args).map(|id| Command::VmStart { id }),
-        other => Err(alloc::format!(
-            "vm: unknown subcommand {other:?} (run, list, stats, stop, pause, resume, send, console)"
-        )),
+        "start" => parse_id("vm start", args).map(|id| Command::VmStart { id }),
+        other => Err(Refusal::UnknownSubcommand { cmd: "vm", arg: other.to_string(), choices: VM_SUBCOMMANDS }),
     }
 }
 
 /// `vm send <id> -- <text>`: the words after `--`, joined by single spaces
 /// (as a guest command line is).
-fn parse_send(args: &[&str]) -> Result<Command, String> {
+fn parse_send(args: &[&str]) -> Result<Command, Refusal> {
     let Some(dashdash) = args.iter().position(|w| *w == "--") else {
-        return Err("vm send: use 'vm send <id> -- <text>'".into());
+        return Err(Refusal::Usage { cmd: "vm send", usage: "'vm send <id> -- <text>'" });
     };
-    let id = parse_id("send", &args[..dashdash])?;
+    let id = parse_id("vm send", &args[..dashdash])?;
     let text = args[dashdash + 1..].join(" ");
     if text.len() > MAX_SEND {
-        return Err(alloc::format!("vm send: the text is longer than {MAX_SEND} bytes"));
+        return Err(Refusal::TextTooLong);
     }
     Ok(Command::VmSend { id, text })
 }
@@ -208,9 +316,7 @@ pub const MAX_SEND: usize = 240;
 /// Most pages a sharing step may visit per scheduling round.
 pub const MAX_SCAN_PAGES_PER_ROUND: usize = 1 << 20;
 
-fn parse_mem(rest: &[&str]) -> Result<Command, String> {
-    let vm_id =
-        |w: &str| w.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| alloc::format!("{w:?} is not a VM id"));
+fn parse_mem(rest: &[&str]) -> Result<Command, Refusal> {
     match rest {
         [] | ["show"] => Ok(Command::MemShow),
         ["sharing", "on"] => Ok(Command::MemSharing { on: true, pages_per_round: None }),
@@ -218,47 +324,50 @@ fn parse_mem(rest: &[&str]) -> Result<Command, String> {
             Ok(p) if (1..=MAX_SCAN_PAGES_PER_ROUND).contains(&p) => {
                 Ok(Command::MemSharing { on: true, pages_per_round: Some(p) })
             }
-            _ => {
-                Err(alloc::format!("mem sharing on: pages per round must be 1..={MAX_SCAN_PAGES_PER_ROUND}, not {n:?}"))
-            }
+            _ => Err(Refusal::PagesPerRound(n.to_string())),
         },
         ["sharing", "off"] => Ok(Command::MemSharing { on: false, pages_per_round: None }),
-        ["sharing", ..] => Err("mem sharing: use 'mem sharing on [<pages per round>]' or 'mem sharing off'".into()),
+        ["sharing", ..] => Err(Refusal::Usage {
+            cmd: "mem sharing",
+            usage: "'mem sharing on [<pages per round>]' or 'mem sharing off'",
+        }),
         ["scan"] => Ok(Command::MemScan { id: None }),
-        ["scan", id] => {
-            vm_id(id).map(|id| Command::MemScan { id: Some(id) }).map_err(|e| alloc::format!("mem scan: {e}"))
-        }
+        ["scan", id] => vm_id("mem scan", id).map(|id| Command::MemScan { id: Some(id) }),
         ["target", id, v] => {
-            let id = vm_id(id).map_err(|e| alloc::format!("mem target: {e}"))?;
+            let id = vm_id("mem target", id)?;
             let mib = match *v {
                 "none" => None,
                 v => Some(
                     v.parse::<u32>()
                         .ok()
                         .filter(|m| (1..=MAX_MEM_MIB).contains(m))
-                        .ok_or_else(|| alloc::format!("mem target: {v:?} is not 1..={MAX_MEM_MIB} MiB or 'none'"))?,
+                        .ok_or_else(|| Refusal::TargetMib(v.to_string()))?,
                 ),
             };
             Ok(Command::MemTarget { id, mib })
         }
-        ["target", ..] => Err("mem target: use 'mem target <id> <MiB>|none'".into()),
-        [other, ..] => Err(alloc::format!("mem: unknown subcommand {other:?} (show, sharing, scan, target)")),
+        ["target", ..] => Err(Refusal::Usage { cmd: "mem target", usage: "'mem target <id> <MiB>|none'" }),
+        [other, ..] => Err(Refusal::UnknownSubcommand {
+            cmd: "mem",
+            arg: other.to_string(),
+            choices: "show, sharing, scan, target",
+        }),
     }
 }
 
 /// `vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1]
 /// [cmdline="<text>"] [-- <text>]`: the command line either quoted or
 /// after `--`.
-fn parse_create(args: &[&str]) -> Result<Command, String> {
+fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     let (opts, mut cmdline) = match args.iter().position(|w| *w == "--") {
         Some(i) => (&args[..i], Some(args[i + 1..].join(" "))),
         None => (args, None),
     };
     let Some((&name, opts)) = opts.split_first() else {
-        return Err("vm create: missing VM name".into());
+        return Err(Refusal::MissingName { cmd: "vm create", what: "VM" });
     };
     if name.contains('=') || name.contains('"') || name.len() > 32 {
-        return Err(alloc::format!("vm create: {name:?} is not a VM name (one word of up to 32 characters)"));
+        return Err(Refusal::NotAVmName(name.to_string()));
     }
     let (mut kernel, mut initrd, mut mem_mib) = (None, None, None);
     let mut i = 0;
@@ -271,14 +380,14 @@ fn parse_create(args: &[&str]) -> Result<Command, String> {
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm create", v)?),
             Some(("vcpus", "1")) => {}
             Some(("vcpus", n)) => {
-                return Err(alloc::format!("vm create: vcpus={n}: a VM has one vCPU until SMP support lands"));
+                return Err(Refusal::Vcpus(n.to_string()));
             }
             Some(("cmdline", v)) if v.starts_with('"') => {
                 // The quoted text may span words: up to the closing quote.
                 let mut text = String::from(&v[1..]);
                 while !text.ends_with('"') {
                     let Some(next) = opts.get(i) else {
-                        return Err("vm create: cmdline=\" has no closing quote".into());
+                        return Err(Refusal::UnclosedQuote);
                     };
                     text.push(' ');
                     text.push_str(next);
@@ -286,38 +395,40 @@ fn parse_create(args: &[&str]) -> Result<Command, String> {
                 }
                 text.pop();
                 if cmdline.is_some() {
-                    return Err("vm create: the command line is given twice (cmdline= and --)".into());
+                    return Err(Refusal::CmdlineTwice);
                 }
                 cmdline = Some(text);
             }
             _ => {
-                return Err(alloc::format!(
-                    "vm create: unknown option {opt:?} (expected kernel=, initrd=, mem=, vcpus=, cmdline=\"...\")"
-                ));
+                return Err(Refusal::UnknownOption {
+                    cmd: "vm create",
+                    opt: opt.to_string(),
+                    expected: "kernel=, initrd=, mem=, vcpus=, cmdline=\"...\"",
+                });
             }
         }
     }
-    let kernel = kernel.ok_or("vm create: missing kernel=<file>")?;
+    let kernel = kernel.ok_or(Refusal::MissingKernel)?;
     Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline })
 }
 
-fn parse_mib(cmd: &str, v: &str) -> Result<u32, String> {
+fn parse_mib(cmd: &'static str, v: &str) -> Result<u32, Refusal> {
     v.parse::<u32>()
         .ok()
         .filter(|m| (MIN_MEM_MIB..=MAX_MEM_MIB).contains(m))
-        .ok_or_else(|| alloc::format!("{cmd}: mem must be a number of MiB in {MIN_MEM_MIB}..={MAX_MEM_MIB}, not {v:?}"))
+        .ok_or_else(|| Refusal::MemMib { cmd, arg: v.to_string() })
 }
 
-fn parse_run(args: &[&str]) -> Result<Command, String> {
+fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
     let (opts, cmdline) = match args.iter().position(|w| *w == "--") {
         Some(i) => (&args[..i], Some(args[i + 1..].join(" "))),
         None => (args, None),
     };
     let Some((&guest, opts)) = opts.split_first() else {
-        return Err("vm run: missing guest name".into());
+        return Err(Refusal::MissingName { cmd: "vm run", what: "guest" });
     };
     if guest.contains('=') {
-        return Err(alloc::format!("vm run: missing guest name before {guest:?}"));
+        return Err(Refusal::OptionBeforeGuest(guest.to_string()));
     }
     let mut mem_mib = None;
     let mut modules = Vec::new();
@@ -326,7 +437,11 @@ fn parse_run(args: &[&str]) -> Result<Command, String> {
             Some(("mod", name)) if !name.is_empty() => modules.push(name.to_string()),
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm run", v)?),
             _ => {
-                return Err(alloc::format!("vm run: unknown option {opt:?} (expected mem=<MiB> or mod=<file>)"));
+                return Err(Refusal::UnknownOption {
+                    cmd: "vm run",
+                    opt: opt.to_string(),
+                    expected: "mem=<MiB> or mod=<file>",
+                });
             }
         }
     }
@@ -342,7 +457,7 @@ mod tests {
     }
 
     fn err(line: &str) -> String {
-        parse(line).unwrap_err().message
+        parse(line).unwrap_err().to_string()
     }
 
     #[test]
