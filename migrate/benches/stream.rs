@@ -89,7 +89,7 @@ fn text(rng: &mut Rng, page: &mut [u8]) {
 }
 
 fn guest() -> Guest {
-    let mut rng = Rng(2026_12_01);
+    let mut rng = Rng(20_261_201);
     let mut memory = vec![0u8; PAGES as usize * PAGE_SIZE];
     let mut class = Vec::with_capacity(PAGES as usize);
     let mut shared = Vec::new();

@@ -11,7 +11,7 @@
 //!   pages in whatever order the user needs (pre-copy sends memory first),
 //!   then `finish()`. It picks each page's encoding (zero, LZ4 block,
 //!   plain, shared) and refuses anything a reader would refuse.
-//! - [`Reader`] reads one record at a time ([`Reader::next`]), or hands
+//! - [`Reader`] reads one record at a time ([`Reader::next_record`]), or hands
 //!   every record to an [`Apply`] sink ([`Reader::apply`]). Records reach
 //!   the caller only after their checksums and ordering rules passed, but a
 //!   later record may still fail: apply to a fresh VM that has not run and

@@ -356,12 +356,14 @@ impl State {
         if !crc_ok {
             return Err(Error::Checksum { at });
         }
+        // Sequence numbers do not wrap: a stream of 2^32 records ends here.
+        let next = self.seq.checked_add(1).ok_or(Error::Malformed { at, why: "more than 2^32 records" })?;
         // The end record's digest covers the records before it.
         self.end_digest = self.digest.clone().finalize();
         self.digest.update(&crc);
-        self.seq = self.seq.wrapping_add(1);
+        self.seq = next;
         self.offset = start + (len + TRAILER_LEN) as u64;
-        self.stats.records += 1;
+        self.stats.records = next;
         Ok((frame, at))
     }
 
@@ -393,7 +395,7 @@ impl State {
         }
         match kind {
             Some(kind) => self.stats.add(kind, op.span().1, f.pos() - cur.pos),
-            None => self.stats.large_runs += 1,
+            None => self.stats.large_runs = self.stats.large_runs.saturating_add(1),
         }
         self.cursor = Some(Cursor { pos: f.pos(), ..cur });
         Ok(Some((at, op)))

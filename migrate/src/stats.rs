@@ -70,8 +70,10 @@ impl Stats {
         self.pages.iter().sum()
     }
 
+    /// Saturating: a hostile stream long enough to overflow a count must
+    /// not panic the host (overflow checks stay on in release builds).
     pub(crate) fn add(&mut self, kind: PageKind, pages: u64, bytes: usize) {
-        self.pages[kind as usize] += pages;
-        self.entry_bytes[kind as usize] += bytes as u64;
+        self.pages[kind as usize] = self.pages[kind as usize].saturating_add(pages);
+        self.entry_bytes[kind as usize] = self.entry_bytes[kind as usize].saturating_add(bytes as u64);
     }
 }

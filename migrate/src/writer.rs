@@ -248,7 +248,9 @@ impl<S: Sink> Writer<S> {
         let range = landing.range;
         if is_zero(data) {
             match &mut self.pending {
-                Pending::Zero { gfn: g, pages, range: r } if *g + u64::from(*pages) == gfn && *r == range => {
+                Pending::Zero { gfn: g, pages, range: r }
+                    if *g + u64::from(*pages) == gfn && *r == range && *pages < u32::MAX =>
+                {
                     *pages += 1;
                 }
                 _ => {
