@@ -13,6 +13,7 @@ mod guest_walk;
 mod handle_exit;
 pub mod input;
 mod linux;
+mod migrate_stream;
 mod mm_fault;
 mod multiboot;
 mod plan;
@@ -30,6 +31,7 @@ pub use emulator::emulator;
 pub use guest_walk::guest_walk;
 pub use handle_exit::handle_exit;
 pub use linux::linux;
+pub use migrate_stream::{migrate_seeds, migrate_stream};
 pub use mm_fault::mm_fault;
 pub use multiboot::multiboot;
 pub use plan::{MAX_RAM, check_plan};
@@ -58,4 +60,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("swap_format", swap_format),
     ("ata_identify", ata_identify),
     ("devices", devices),
+    ("migrate_stream", migrate_stream),
 ];
