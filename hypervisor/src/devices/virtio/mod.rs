@@ -23,21 +23,25 @@
 //! (e.g. `VirtioMmio::new(Rng::new(source))`), placed at slot `n`:
 //! [`mmio::slot`]`(n)` gives its register window and I/O APIC pin.
 //!
-//! - MMIO: claim `base..base + mmio::WINDOW` (the rest of the 4 KiB page
-//!   reads 0 and ignores writes: [`mmio::VirtioMmio::read`] does so for any
-//!   offset) and pass each access as `(gpa - base, size)`:
-//!   [`mmio::VirtioMmio::read`] / [`mmio::VirtioMmio::write`]. The page is
-//!   inside `mm`'s "pci" MMIO region of `MemoryMap::pc` (0xc000_0000 up to
-//!   the I/O APIC), so it is never RAM and exits reach the device set.
-//! - Guest memory: implement [`GuestMemory`] over the VM's RAM (`mm`), for
-//!   the writes that may reach a queue notification or a queue becoming
-//!   ready. Accesses outside RAM (MMIO, holes) must fail, never reach a
-//!   device.
+//! - MMIO: claim the slot's page (`base..base + mmio::STRIDE`; the DSDT
+//!   declares the first [`mmio::WINDOW`] bytes) and pass each access as
+//!   `(gpa - base, size)` to [`mmio::VirtioMmio::read`] /
+//!   [`mmio::VirtioMmio::write`]; offsets past the window read 0 and drop
+//!   writes. The page lies inside `mm`'s "pci" MMIO region of
+//!   `MemoryMap::pc` (0xc000_0000 up to the I/O APIC), so it is never RAM
+//!   and accesses exit to the device set.
+//! - Guest memory: implement [`GuestMemory`] over the VM's RAM (`mm`) and
+//!   pass it to every `write` (a QueueNotify or QueueReady write reaches
+//!   the rings). Accesses outside RAM (MMIO, holes) must fail, never reach
+//!   a device.
 //! - Interrupt: after every write (and after a restore), drive the slot's
 //!   I/O APIC pin to [`mmio::VirtioMmio::interrupt_asserted`]; it is a
 //!   level (the DSDT says Level, ActiveHigh), dropped when the guest
 //!   acknowledges through InterruptACK.
 //! - ACPI: add the slot to `firmware::acpi::Config::virtio_mmio`.
+//! - Entropy: implement [`rng::EntropySource`] over RDSEED/RDRAND (a few
+//!   retries, then `Err(NoEntropy)`: the request waits for the next
+//!   notification). Record/replay logs what it returns, as for RDRAND.
 //! - Saved state: [`crate::devices::Persist`] is implemented for
 //!   `VirtioMmio<D>`; add a `Device` variant so `DeviceSet::save/restore`
 //!   carry it.

@@ -310,6 +310,8 @@ fn the_handshake_refuses_what_the_spec_forbids() {
     assert_eq!((d.r(reg::QUEUE_NUM_MAX), d.r(reg::QUEUE_READY)), (0, 0));
     assert_eq!(d.r(reg::SHM_LEN_LOW), u32::MAX);
     assert_eq!(d.dev.read(reg::CONFIG, 4), 0);
+    assert_eq!(d.dev.read(0x800, 4), 0, "past the window, in the page");
+    d.dev.write(0x800, 4, 1, &mut d.mem);
     assert_eq!(d.r(reg::VENDOR_ID), mmio::VENDOR_ID);
     // Reset: all back to power-on.
     d.w(reg::STATUS, 0);
