@@ -22,9 +22,10 @@ pub const MARKER: &str = "linux-guest: init ready";
 
 /// Modules for the virtio devices the hypervisor will give its guests, in
 /// load order (their dependencies are found and loaded first). One that
-/// the kernel lacks is skipped with a note.
+/// the kernel lacks is skipped with a note. Names as the kernel reads them,
+/// `-` as `_`: `virtio_rng` is `virtio-rng.ko` (the entropy device).
 pub const WANTED_MODULES: &[&str] =
-    &["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon"];
+    &["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon", "virtio_rng"];
 
 /// Applets linked in the archive itself; `/init` adds links for all the
 /// others with `busybox --install -s`.

@@ -20,6 +20,7 @@ mod plan;
 mod svm_exit;
 mod svm_fetch;
 mod swap_format;
+mod virtio;
 mod vmx_exit;
 
 pub use archive::archive;
@@ -38,6 +39,7 @@ pub use plan::{MAX_RAM, check_plan};
 pub use svm_exit::svm_exit;
 pub use svm_fetch::svm_fetch;
 pub use swap_format::swap_format;
+pub use virtio::virtio;
 pub use vmx_exit::vmx_exit;
 
 /// A target's body: takes the fuzzer's bytes, panics on a broken promise.
@@ -61,4 +63,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ata_identify", ata_identify),
     ("devices", devices),
     ("migrate_stream", migrate_stream),
+    ("virtio", virtio),
 ];

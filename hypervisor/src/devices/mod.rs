@@ -21,6 +21,7 @@ pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod uart;
+pub mod virtio;
 
 use alloc::vec::Vec;
 

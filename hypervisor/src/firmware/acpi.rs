@@ -51,6 +51,17 @@ pub struct Config {
     /// The memory-mapped PCI configuration space of bus 0 (its base), for
     /// the MCFG table; `None`: no MCFG.
     pub ecam: Option<u64>,
+    /// virtio-mmio devices for the DSDT (`devices::virtio::mmio::slot`
+    /// gives the slots); empty: none.
+    pub virtio_mmio: Vec<VirtioMmioSlot>,
+}
+
+/// A virtio-mmio device as the DSDT describes it: its register window (a
+/// page below 4 GiB) and the I/O APIC input (GSI) it drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    pub base: u32,
+    pub gsi: u32,
 }
 
 /// The tables, ready to copy to [`AREA_BASE`].
@@ -157,6 +168,7 @@ mod aml {
     pub const NAME_OP: u8 = 0x08;
     pub const BYTE_PREFIX: u8 = 0x0a;
     pub const DWORD_PREFIX: u8 = 0x0c;
+    pub const STRING_PREFIX: u8 = 0x0d;
     pub const SCOPE_OP: u8 = 0x10;
     pub const BUFFER_OP: u8 = 0x11;
     pub const PACKAGE_OP: u8 = 0x12;
@@ -227,14 +239,89 @@ fn pci_root() -> Vec<u8> {
     package(&[aml::SCOPE_OP], &scope)
 }
 
+/// The `_HID` Linux's virtio_mmio driver matches (`virtio_mmio_acpi_match`
+/// in drivers/virtio/virtio_mmio.c; the ID Linaro registered for it).
+pub const VIRTIO_MMIO_HID: &str = "LNRO0005";
+/// Bytes of a virtio-mmio register window the `_CRS` declares (control
+/// registers and 256 bytes of configuration space, virtio 1.2 4.2.2).
+pub const VIRTIO_MMIO_WINDOW: u32 = 0x200;
+
+/// An integer as AML encodes it (20.2.3): ZeroOp, OneOp, or the smallest
+/// prefixed form.
+fn integer(v: u32) -> Vec<u8> {
+    match v {
+        0 => vec![aml::ZERO_OP],
+        1 => vec![0x01], // OneOp
+        2..=0xff => vec![aml::BYTE_PREFIX, v as u8],
+        0x100..=0xffff => {
+            let [a, b] = (v as u16).to_le_bytes();
+            vec![0x0b, a, b] // WordPrefix
+        }
+        _ => {
+            let mut t = vec![aml::DWORD_PREFIX];
+            t.extend_from_slice(&v.to_le_bytes());
+            t
+        }
+    }
+}
+
+/// `_CRS` of a virtio-mmio device: its register window and its interrupt.
+fn virtio_mmio_crs(slot: &VirtioMmioSlot) -> Vec<u8> {
+    // Memory32Fixed (ReadWrite, base, 0x200) (ASL 19.6; encoding: the
+    // 32-Bit Fixed Memory Range Descriptor, 6.4.3.4): large item 0x86,
+    // length 9, information bit 0 = read/write, base, length.
+    let mut crs = vec![0x86, 9, 0, 1];
+    crs.extend_from_slice(&slot.base.to_le_bytes());
+    crs.extend_from_slice(&VIRTIO_MMIO_WINDOW.to_le_bytes());
+    // Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive) { gsi }
+    // (ASL 19.6; the Extended Interrupt Descriptor, 6.4.3.6): large item
+    // 0x89, length 6, flags (bit 0 consumer; bit 1 clear: level; bit 2
+    // clear: active-high; bit 3 clear: exclusive), one interrupt number.
+    crs.extend_from_slice(&[0x89, 6, 0, 0b0001, 1]);
+    crs.extend_from_slice(&slot.gsi.to_le_bytes());
+    crs.extend_from_slice(&[0x79, 0]); // End Tag (6.4.2.9), no checksum
+    crs
+}
+
+/// `Device (VRnn)` for the `n`th virtio-mmio device (nn in hex).
+fn virtio_mmio_device(n: usize, slot: &VirtioMmioSlot) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let crs = virtio_mmio_crs(slot);
+    let mut buffer = vec![aml::BYTE_PREFIX, crs.len() as u8];
+    buffer.extend_from_slice(&crs);
+    let mut hid = vec![aml::STRING_PREFIX];
+    hid.extend_from_slice(VIRTIO_MMIO_HID.as_bytes());
+    hid.push(0);
+    let mut device = vec![b'V', b'R', HEX[(n >> 4) & 0xf], HEX[n & 0xf]];
+    device.extend(name(b"_HID", &hid));
+    device.extend(name(b"_UID", &integer(n as u32)));
+    device.extend(name(b"_CRS", &package(&[aml::BUFFER_OP], &buffer)));
+    package(&aml::DEVICE_OP, &device)
+}
+
+/// `Scope (\_SB) { Device (VR00) { ... } ... }` for `slots`; nothing for
+/// none.
+fn virtio_mmio_devices(slots: &[VirtioMmioSlot]) -> Vec<u8> {
+    if slots.is_empty() {
+        return Vec::new();
+    }
+    let mut scope = b"\\_SB_".to_vec();
+    for (n, slot) in slots.iter().enumerate() {
+        scope.extend(virtio_mmio_device(n, slot));
+    }
+    package(&[aml::SCOPE_OP], &scope)
+}
+
 /// The DSDT (5.2.11.1): `Name (_S5, Package () { 0, 0, 0, 0 })`, the
-/// SLP_TYP values for soft-off (7.4.2), and the PCI root bridge. AML
-/// encoded by hand (ACPI 6.5 20.2).
-fn dsdt() -> Vec<u8> {
+/// SLP_TYP values for soft-off (7.4.2), the PCI root bridge and the
+/// virtio-mmio devices. AML encoded by hand (ACPI 6.5 20.2).
+fn dsdt(config: &Config) -> Vec<u8> {
     debug_assert_eq!(S5_SLP_TYP, 0, "the AML encodes SLP_TYP 0");
+    debug_assert!(config.virtio_mmio.len() <= 0x100, "VRnn names 256 devices");
     let s5 = package(&[aml::PACKAGE_OP], &[0x04, aml::ZERO_OP, aml::ZERO_OP, aml::ZERO_OP, aml::ZERO_OP]);
     let mut aml = name(b"_S5_", &s5);
     aml.extend(pci_root());
+    aml.extend(virtio_mmio_devices(&config.virtio_mmio));
     let mut t = header(b"DSDT", 2, aml.len());
     t.extend_from_slice(&aml);
     finish(t)
@@ -297,7 +384,7 @@ pub fn build(config: &Config) -> Tables {
     // The RSDP first, 16-aligned: a scan of the BIOS area finds it at once.
     let mut area = vec![0u8; 36];
     let facs = place(&mut area, &facs(), 64);
-    let dsdt = place(&mut area, &dsdt(), 16);
+    let dsdt = place(&mut area, &dsdt(config), 16);
     let fadt = place(&mut area, &fadt(facs, dsdt), 16);
     let mut entries = vec![fadt];
     if !config.apic_ids.is_empty() {

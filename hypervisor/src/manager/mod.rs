@@ -224,6 +224,7 @@ impl<B: Backend> Manager<B> {
                 ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
                 lapic_address: crate::devices::lapic::DEFAULT_BASE as u32,
                 ecam: Some(crate::devices::pci::ECAM_BASE),
+                virtio_mmio: alloc::vec::Vec::new(),
             });
             let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
             boot::prepare(image, size, cmdline, &mods, id, &mut w)

@@ -28,7 +28,13 @@ fn table(t: &Tables, gpa: u64) -> &[u8] {
 }
 
 fn two_cpus() -> Config {
-    Config { apic_ids: vec![0, 1], ioapic: Some((2, 0xfec0_0000)), lapic_address: 0xfee0_0000, ecam: Some(0xe000_0000) }
+    Config {
+        apic_ids: vec![0, 1],
+        ioapic: Some((2, 0xfec0_0000)),
+        lapic_address: 0xfee0_0000,
+        ecam: Some(0xe000_0000),
+        virtio_mmio: vec![],
+    }
 }
 
 #[test]
@@ -71,7 +77,8 @@ fn the_rsdp_is_where_a_bios_scan_finds_it_and_every_checksum_holds() {
 
 #[test]
 fn without_local_apics_there_is_no_madt() {
-    let t = build(&Config { apic_ids: vec![], ioapic: None, lapic_address: 0xfee0_0000, ecam: None });
+    let t =
+        build(&Config { apic_ids: vec![], ioapic: None, lapic_address: 0xfee0_0000, ecam: None, virtio_mmio: vec![] });
     let xsdt = table(&t, u64_at(&t.bytes, 24));
     assert_eq!(xsdt.len(), 36 + 8, "the FADT only");
 }
@@ -233,4 +240,96 @@ fn pkg_lengths_count_their_own_bytes() {
     assert_eq!(package(&[0x10], &[0; 63])[1..3], [0x41, 0x04]);
     assert_eq!(package(&[0x10], &[0; 300])[1..3], [0x4e, 0x12], "302 = 0x12e");
     assert_eq!(package(&[0x10], &[0; 5000])[1..4], [0x8b, 0x38, 0x01], "5003 = 0x138b");
+}
+
+fn with_virtio() -> Config {
+    let slots = (0..2).map(|n| crate::devices::virtio::mmio::slot(n).unwrap()).collect();
+    Config { virtio_mmio: slots, ..two_cpus() }
+}
+
+#[test]
+fn a_virtio_mmio_device_is_encoded_as_hand_derived() {
+    let slot = VirtioMmioSlot { base: 0xd000_1000, gsi: 17 };
+    #[rustfmt::skip]
+    let expected: Vec<u8> = [
+        // DeviceOp (20.2.5.2), PkgLength 58 (the 57 bytes below and
+        // itself), NameSeg "VR01".
+        &[0x5b, 0x82, 58][..], b"VR01",
+        // Name (_HID, "LNRO0005"): NameOp, NameSeg, StringPrefix, ASCIIZ
+        // (20.2.3).
+        &[0x08], b"_HID", &[0x0d], b"LNRO0005", &[0x00],
+        // Name (_UID, 1): OneOp.
+        &[0x08], b"_UID", &[0x01],
+        // Name (_CRS, Buffer (23) { ... }): BufferOp, PkgLength 26,
+        // BytePrefix 23.
+        &[0x08], b"_CRS", &[0x11, 26, 0x0a, 23],
+        // Memory32Fixed (ReadWrite, 0xd0001000, 0x200): the 32-Bit Fixed
+        // Memory Range Descriptor (6.4.3.4): tag 0x86, length 9, _RW = 1,
+        // _BAS, _LEN.
+        &[0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x02, 0x00, 0x00],
+        // Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive) { 17 }:
+        // the Extended Interrupt Descriptor (6.4.3.6): tag 0x89, length 6,
+        // flags 0b00001 (consumer; _HE, _LL, _SHR all 0), table length 1,
+        // the GSI.
+        &[0x89, 0x06, 0x00, 0x01, 0x01, 17, 0x00, 0x00, 0x00],
+        // End Tag (6.4.2.9), checksum 0 ("treated as if it summed to zero").
+        &[0x79, 0x00],
+    ]
+    .concat();
+    assert_eq!(virtio_mmio_device(1, &slot), expected);
+    assert_eq!(virtio_mmio_device(1, &slot).len(), 3 + 57);
+    assert_eq!(&virtio_mmio_device(0x2a, &slot)[3..7], b"VR2A");
+    assert!(virtio_mmio_devices(&[]).is_empty(), "no devices, no scope");
+    assert_eq!(integer(0x1234), [0x0b, 0x34, 0x12]);
+    assert_eq!(integer(0x12345), [0x0c, 0x45, 0x23, 0x01, 0x00]);
+}
+
+#[test]
+fn a_guest_parser_finds_the_virtio_mmio_devices() {
+    use ::acpi::aml::Interpreter;
+    use ::acpi::aml::namespace::AmlName;
+    use ::acpi::aml::object::Object;
+    use ::acpi::aml::resource::{
+        InterruptPolarity, InterruptTrigger, MemoryRangeDescriptor, Resource, resource_descriptor_list,
+    };
+    use ::acpi::platform::AcpiPlatform;
+    use core::str::FromStr;
+    let (tables, area) = parsed(&build(&with_virtio()));
+    let platform = AcpiPlatform::new(tables, area).expect("a platform");
+    let aml = Interpreter::new_from_platform(&platform).expect("the DSDT loads");
+    let eval = |path: &str| aml.evaluate(AmlName::from_str(path).unwrap(), vec![]).expect(path);
+    for n in 0..2u32 {
+        let dev = format!("\\_SB.VR0{n}");
+        assert!(matches!(&*eval(&format!("{dev}._HID")), Object::String(s) if s == "LNRO0005"));
+        assert!(matches!(*eval(&format!("{dev}._UID")), Object::Integer(u) if u == u64::from(n)));
+        let crs = resource_descriptor_list(eval(&format!("{dev}._CRS"))).expect("_CRS parses");
+        let [
+            Resource::MemoryRange(MemoryRangeDescriptor::FixedLocation { is_writable, base_address, range_length }),
+            Resource::Irq(irq),
+        ] = &crs[..]
+        else {
+            panic!("{crs:?}")
+        };
+        assert!(*is_writable);
+        assert_eq!((*base_address, *range_length), (0xd000_0000 + 0x1000 * n, 0x200));
+        assert!(irq.is_consumer && !irq.is_shared && !irq.is_wake_capable);
+        assert_eq!(
+            (irq.trigger, irq.polarity, irq.irq),
+            (InterruptTrigger::Level, InterruptPolarity::ActiveHigh, 16 + n)
+        );
+    }
+    // The PCI root bridge and \_S5 are still there.
+    assert!(matches!(*eval("\\_SB.PCI0._UID"), Object::Integer(0)));
+    let t = build(&with_virtio());
+    let fadt = table(&t, u64_at(table(&t, u64_at(&t.bytes, 24)), 36));
+    let dsdt = table(&t, u64_at(fadt, 140));
+    assert!(sums_to_zero(dsdt));
+    assert_eq!(crate::acpi::find_s5(&dsdt[36..]), Some((S5_SLP_TYP, S5_SLP_TYP)));
+    // Two devices, and their scope: ScopeOp, a two-byte PkgLength, "\_SB_".
+    assert_eq!(dsdt.len() - table_dsdt_len(&build(&two_cpus())), 2 * 60 + 8);
+}
+
+fn table_dsdt_len(t: &Tables) -> usize {
+    let fadt = table(t, u64_at(table(t, u64_at(&t.bytes, 24)), 36));
+    table(t, u64_at(fadt, 140)).len()
 }
