@@ -72,6 +72,18 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
         .filter_map(|l| l.split_once("LOC:").and_then(|(_, r)| r.split_whitespace().next()?.parse().ok()))
         .collect();
     assert!(locs.len() >= 2 && locs[locs.len() - 1] > locs[locs.len() - 2], "local timer interrupts: {locs:?}");
+    // virtio-rng over virtio-mmio, found through the DSDT: the kernel's
+    // hwrng uses it, and reading it returns bytes from the host's RDRAND.
+    m.cmd("vm send 1 -- cat /sys/class/misc/hw_random/rng_current; head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' '; echo rng-$((1+1))");
+    m.wait_for("rng-2", Duration::from_secs(120));
+    let t = m.transcript();
+    assert!(t.contains("[vm 1] virtio_rng.0"), "the virtio-rng device is not the guest's hwrng:\n{t}");
+    assert!(
+        t.lines().any(|l| l
+            .strip_prefix("[vm 1] ")
+            .is_some_and(|r| r.trim().len() == 32 && r.trim().chars().all(|c| c.is_ascii_hexdigit()))),
+        "no 16 bytes from /dev/hwrng:\n{t}"
+    );
     // The terminal attached to the guest's console: keys go to its shell,
     // its output comes back byte for byte; Ctrl-] detaches.
     m.send_raw(b"vm console 1\r");

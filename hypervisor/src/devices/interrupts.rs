@@ -46,7 +46,7 @@ impl DeviceSet {
     }
 
     /// An I/O APIC message to the local APIC.
-    fn deliver(&mut self, m: Message) {
+    pub(super) fn deliver(&mut self, m: Message) {
         if matches!(m.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority)
             && self.lapic.is_destination(m.logical, m.destination.into(), false)
         {
@@ -112,8 +112,10 @@ impl DeviceSet {
     /// one reads the next dword for its upper half.
     pub fn mmio_read(&mut self, gpa: u64, size: u8, now_ns: u64) -> Option<u64> {
         let (page, offset) = self.mmio_target(gpa)?;
-        if let MmioPage::Ecam = page {
-            return Some(self.pci().ecam_read(offset, size));
+        match page {
+            MmioPage::Ecam => return Some(self.pci().ecam_read(offset, size)),
+            MmioPage::Virtio(i) => return Some(self.virtio_read(i, offset, size)),
+            _ => {}
         }
         let dword = offset & !3;
         let lane = 8 * (offset & 3);
@@ -121,7 +123,7 @@ impl DeviceSet {
             match page {
                 MmioPage::Lapic => u64::from(this.lapic.read(at, now_ns)),
                 MmioPage::IoApic => u64::from(this.ioapic.read(at)),
-                MmioPage::Ecam => 0,
+                MmioPage::Ecam | MmioPage::Virtio(_) => 0,
             }
         };
         let mut v = read(self, dword) >> lane;
@@ -143,9 +145,13 @@ impl DeviceSet {
         let Some((page, offset)) = self.mmio_target(gpa) else {
             return false;
         };
-        if let MmioPage::Ecam = page {
-            self.pci().ecam_write(offset, size, value);
-            return true;
+        match page {
+            MmioPage::Ecam => {
+                self.pci().ecam_write(offset, size, value);
+                return true;
+            }
+            MmioPage::Virtio(_) => return self.virtio_write_no_ram(gpa, size, value),
+            _ => {}
         }
         if size != 4 || offset & 3 != 0 {
             return true;
@@ -160,7 +166,7 @@ impl DeviceSet {
                     self.deliver(m);
                 }
             }
-            MmioPage::Ecam => {}
+            MmioPage::Ecam | MmioPage::Virtio(_) => {}
         }
         self.interrupts_changed(now_ns);
         true
@@ -180,6 +186,9 @@ impl DeviceSet {
         }
         if IOAPIC_PAGE.contains(&gpa) {
             return Some((MmioPage::IoApic, gpa - IOAPIC_BASE));
+        }
+        if let Some((i, offset)) = self.virtio_target(gpa) {
+            return Some((MmioPage::Virtio(i), offset));
         }
         (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&gpa).then(|| (MmioPage::Ecam, gpa - ECAM_BASE))
     }
@@ -226,4 +235,6 @@ enum MmioPage {
     IoApic,
     /// PCI configuration space, memory-mapped.
     Ecam,
+    /// The register page of `virtio[i]`.
+    Virtio(usize),
 }

@@ -22,6 +22,7 @@ pub mod pit;
 pub mod rtc;
 pub mod uart;
 pub mod virtio;
+pub mod virtio_slots;
 
 use alloc::vec::Vec;
 
@@ -226,6 +227,8 @@ pub struct DeviceSet {
     timers_touched: bool,
     /// COM1's IRQ 4 level as last driven.
     com1_level: bool,
+    /// virtio-mmio devices, in slot order.
+    virtio: Vec<virtio_slots::VirtioSlot>,
 }
 
 /// The local APIC as firmware leaves the boot processor (SeaBIOS does the
@@ -264,6 +267,7 @@ impl DeviceSet {
             tsc_hz: lapic::DEFAULT_BUS_HZ,
             timers_touched: false,
             com1_level: false,
+            virtio: Vec::new(),
         };
         for (offset, value) in FIRMWARE_LAPIC {
             let _ = set.lapic.write(offset, value, 0);
@@ -565,6 +569,7 @@ impl DeviceSet {
                 Device::DebugExit => None,
             })
             .chain([persist::save(LAPIC_NAME, &self.lapic), persist::save(IOAPIC_NAME, &self.ioapic)])
+            .chain(self.save_virtio())
             .collect()
     }
 
@@ -577,7 +582,7 @@ impl DeviceSet {
             if saved[..k].iter().any(|o| o.name == s.name) {
                 return Err(RestoreError::Duplicate(s.name.clone()));
             }
-            let controller = s.name == LAPIC_NAME || s.name == IOAPIC_NAME;
+            let controller = s.name == LAPIC_NAME || s.name == IOAPIC_NAME || self.has_virtio(&s.name);
             if !controller && !self.devices.iter().any(|(name, d)| *name == s.name && !matches!(d, Device::DebugExit)) {
                 return Err(RestoreError::UnknownDevice(s.name.clone()));
             }
@@ -599,6 +604,7 @@ impl DeviceSet {
         let find = |name: &'static str| saved.iter().find(|s| s.name == name).ok_or(RestoreError::MissingDevice(name));
         let lapic = persist::decode::<Lapic>(LAPIC_NAME, find(LAPIC_NAME)?)?;
         let ioapic = persist::decode::<IoApic>(IOAPIC_NAME, find(IOAPIC_NAME)?)?;
+        let virtio = self.decode_virtio(saved)?;
         for ((_, d), state) in self.devices.iter_mut().zip(states) {
             match (d, state) {
                 (Device::Uart(u), Some(Decoded::Uart(s))) => u.restore(s),
@@ -614,6 +620,7 @@ impl DeviceSet {
         }
         self.lapic.restore(lapic);
         self.ioapic.restore(ioapic);
+        self.restore_virtio(virtio);
         // The timers and controllers were replaced wholesale: the next
         // `update_lines` (the caller's, with the clock) looks at the timers
         // again, and COM1's line is where the restored PIC has it.

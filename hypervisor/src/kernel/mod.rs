@@ -12,6 +12,7 @@ use bootloader_api::{BootInfo, entry_point};
 use hypervisor::backend::Unavailable;
 use hypervisor::boot_config::{self, BootConfig, FaultInject};
 use hypervisor::console::{self, Edit, LineEditor, commands::After};
+use hypervisor::devices::virtio_slots::HostEntropy;
 use hypervisor::disk::selfcheck;
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
@@ -237,6 +238,12 @@ fn serve<B: HostBackend>(
     // guest's first device access.
     hypervisor::emulator::warm_up();
     let mut manager = Manager::new(backend, images);
+    if platform::random::available() {
+        manager.entropy = Some(HostEntropy(platform::random::fill));
+        log::info!("entropy: RDRAND; VMs get a virtio-rng device");
+    } else {
+        log::warn!("entropy: no RDRAND; VMs get no virtio-rng device");
+    }
     // Guests' clocks start from the host's: its Unix time when the TSC
     // (the backends' clock) was 0.
     match platform::rtc::unix_time() {

@@ -15,6 +15,7 @@ use mm::vm_memory::{MemoryMap, ScanReport, VmMemoryConfig};
 use vcpu::Vcpu;
 
 use crate::backend::{Backend, Unavailable};
+use crate::devices::virtio_slots::HostEntropy;
 use crate::firmware;
 use crate::loader::{GuestWrite, GuestWriteError};
 use crate::memory::reclaim::{self, VmReclaim};
@@ -73,6 +74,9 @@ pub struct Manager<B: Backend> {
     /// The host's Unix time when its clock (`Backend::now`) was 0: what
     /// guests' real-time clocks start from.
     pub host_epoch: u64,
+    /// The host's entropy (RDRAND), if it has any: each VM then gets a
+    /// virtio-rng device that draws from it.
+    pub entropy: Option<HostEntropy>,
 }
 
 /// What Linux is told about its TSC, unless its command line says
@@ -107,7 +111,17 @@ impl<B: Backend> Manager<B> {
             // (`run_vm` retries if this fails).
             let _ = host_mem.ensure_sharing(b.mem());
         }
-        Manager { backend, images, vms: Vec::new(), next_id: 1, cursor: 0, slice_ticks, host_mem, host_epoch: 0 }
+        Manager {
+            backend,
+            images,
+            vms: Vec::new(),
+            next_id: 1,
+            cursor: 0,
+            slice_ticks,
+            host_mem,
+            host_epoch: 0,
+            entropy: None,
+        }
     }
 
     pub fn get(&self, id: u32) -> Option<&Vm<B>> {
@@ -214,6 +228,11 @@ impl<B: Backend> Manager<B> {
         // nested pages alignment allows (2 MiB or 1 GiB where it can).
         let mut mem =
             GuestMemory::<B::Format>::new(alloc, map, config).map_err(|error| Error::GuestRam { mem_mib, error })?;
+        // The devices first: the firmware's tables list them.
+        let mut devices = crate::devices::DeviceSet::pc(self.host_epoch, size);
+        if let Some(entropy) = self.entropy {
+            devices.add_virtio_rng(entropy);
+        }
         let loaded = {
             let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
             // The firmware's ACPI tables in the BIOS area (the e820 map
@@ -224,7 +243,7 @@ impl<B: Backend> Manager<B> {
                 ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
                 lapic_address: crate::devices::lapic::DEFAULT_BASE as u32,
                 ecam: Some(crate::devices::pci::ECAM_BASE),
-                virtio_mmio: alloc::vec::Vec::new(),
+                virtio_mmio: devices.virtio_slots(),
             });
             let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
             boot::prepare(image, size, cmdline, &mods, id, &mut w)
@@ -268,7 +287,6 @@ impl<B: Backend> Manager<B> {
             }] += 1;
         }
         let phys_bits = backend.host_cpuid(0x8000_0008, 0).eax as u8;
-        let mut devices = crate::devices::DeviceSet::pc(self.host_epoch, size);
         devices.set_cpu(state.tsc_offset, backend.tsc_hz(), phys_bits.clamp(36, 52));
         let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
         let now = backend.now();

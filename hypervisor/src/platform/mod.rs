@@ -13,6 +13,7 @@ pub mod memory;
 pub mod mmio;
 pub mod pci;
 pub mod power;
+pub mod random;
 pub mod rtc;
 pub mod serial;
 pub mod time;

@@ -12,7 +12,7 @@ use mm::swap::SwapSlot;
 use mm::vm_memory::Hooks;
 use vcpu::{Gprs, GuestState, MemAccess, Vcpu, walk};
 
-use crate::devices::{self, DeviceSet, PortEffect};
+use crate::devices::{self, DeviceSet, PortEffect, virtio};
 use crate::emulator::{Mode, PageFaultCode, Platform, Ports, Seg};
 use crate::memory::GuestMemory;
 
@@ -173,6 +173,64 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
         if !self.devices.claims_mmio(gpa) && self.mem.is_read_only(GuestPhysAddr(gpa)) {
             return; // ROM: dropped
         }
+        if self.devices.is_virtio(gpa) {
+            // A queue notification or a queue made ready: the device
+            // reaches the guest's rings and buffers through `mm`.
+            let mut dma =
+                Dma { vcpu: &mut *self.vcpu, mem: &mut *self.mem, alloc: &mut *self.alloc, hooks: self.hooks };
+            self.devices.virtio_write(gpa, size, value, &mut dma);
+            return;
+        }
         self.devices.mmio_write(gpa, size, value, self.now_ns);
+    }
+}
+
+/// A device's DMA into the VM's RAM, through `mm` like the vCPU's own
+/// accesses (swapped pages come back in, writes are dirty-logged). ROM,
+/// device pages and holes are not RAM to a device.
+struct Dma<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> {
+    vcpu: &'a mut V,
+    mem: &'a mut GuestMemory<F>,
+    alloc: &'a mut A,
+    hooks: &'a mut Hooks<'h, SwapSlot>,
+}
+
+impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> virtio::GuestMemory for Dma<'_, '_, V, F, A> {
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), virtio::OutsideRam> {
+        let outside = virtio::OutsideRam { gpa, len: buf.len() as u64 };
+        if !self.is_ram(gpa, buf.len() as u64) {
+            return Err(outside);
+        }
+        let vcpu = &mut *self.vcpu;
+        self.mem
+            .read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| vcpu.flush_nested_tlb(s))
+            .map_err(|_| outside)
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), virtio::OutsideRam> {
+        let outside = virtio::OutsideRam { gpa, len: data.len() as u64 };
+        if !self.is_ram(gpa, data.len() as u64) {
+            return Err(outside);
+        }
+        let vcpu = &mut *self.vcpu;
+        self.mem
+            .write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| vcpu.flush_nested_tlb(s))
+            .map_err(|_| outside)
+    }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else { return false };
+        if len == 0 {
+            return self.mem.page_state(GuestPhysAddr(gpa)).is_some();
+        }
+        let mut page = gpa & !0xfff;
+        while page < end {
+            let g = GuestPhysAddr(page);
+            if self.mem.page_state(g).is_none() || self.mem.is_read_only(g) {
+                return false;
+            }
+            page += 0x1000;
+        }
+        true
     }
 }
