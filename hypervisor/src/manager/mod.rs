@@ -302,6 +302,7 @@ impl<B: Backend> Manager<B> {
             stats: VmStats { started_tsc: now, ..Default::default() },
             devices,
             timer_tick: u64::MAX,
+            clock_offset_ns: 0,
             paused: false,
             created: false,
             image: String::from(name),
@@ -652,7 +653,7 @@ impl<B: Backend> Manager<B> {
         }
         let n = vm.devices.com1().receive(bytes);
         let hz = backend.tsc_hz();
-        vm.devices.update_lines(crate::vm::exit::ticks_to_ns(backend.now(), hz));
+        vm.devices.update_lines(crate::vm::interrupts::vm_ns(backend.now(), hz, vm.clock_offset_ns));
         vm.timers_changed(hz);
         Ok(n)
     }

@@ -11,7 +11,7 @@ use vcpu::{Activity, Event, ExitKind, IoAccess, MemAccess, Reg, Vcpu, VmExit};
 use mm::addr::GuestPhysAddr;
 use mm::vm_memory::{AccessKind, FaultOutcome, PageState, StateCounts};
 
-use super::interrupts::deadline_ticks;
+use super::interrupts::{deadline_ticks, device_tsc_offset, vm_ns};
 use super::{Resources, RunState, Vm, mmio, regs};
 use crate::backend::Backend;
 use crate::devices::{self, PortEffect};
@@ -164,7 +164,7 @@ impl<B: Backend> Vm<B> {
                 Flow::Continue
             }
             VmExit::Rdmsr { msr: index } => {
-                let now_ns = ticks_to_ns(backend.now(), backend.tsc_hz());
+                let now_ns = vm_ns(backend.now(), backend.tsc_hz(), self.clock_offset_ns);
                 let value = match self.devices.lapic_read_msr(index, now_ns) {
                     Some(r) => r.ok(),
                     None => msr::read(index, &self.msrs),
@@ -185,16 +185,17 @@ impl<B: Backend> Vm<B> {
                 // hardware adds becomes value minus the host's TSC now.
                 let offset = value.wrapping_sub(backend.now());
                 vcpu.set_reg(Reg::TscOffset, offset);
-                self.devices.set_tsc_offset(offset);
+                let hz = backend.tsc_hz();
+                self.devices.set_tsc_offset(device_tsc_offset(offset, hz, self.clock_offset_ns));
                 vcpu.skip_instruction();
-                self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz());
+                self.timer_tick = deadline_ticks(&self.devices, hz, self.clock_offset_ns);
                 Flow::Continue
             }
             VmExit::Wrmsr { msr: index, value } => {
-                let now_ns = ticks_to_ns(backend.now(), backend.tsc_hz());
+                let now_ns = vm_ns(backend.now(), backend.tsc_hz(), self.clock_offset_ns);
                 let done = match self.devices.lapic_write_msr(index, value, now_ns) {
                     Some(r) => {
-                        self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz());
+                        self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz(), self.clock_offset_ns);
                         r.is_ok()
                     }
                     None => msr::write(index, value, &mut self.msrs),
@@ -334,7 +335,8 @@ impl<B: Backend> Vm<B> {
         };
         let value = (vcpu.gprs().rax & mask) as u32;
         // The VM's clock, for the devices that keep time (the RTC).
-        let now_ns = || ticks_to_ns(backend.now(), backend.tsc_hz());
+        let offset_ns = self.clock_offset_ns;
+        let now_ns = || vm_ns(backend.now(), backend.tsc_hz(), offset_ns);
         let effect = if io.write {
             self.devices.pio_write(io.port, io.size, value, now_ns)
         } else {
@@ -346,7 +348,7 @@ impl<B: Backend> Vm<B> {
             let now = if self.devices.timers_touched() { now_ns() } else { 0 };
             self.devices.update_lines(now);
             if self.devices.next_timer() != before {
-                self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz());
+                self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz(), offset_ns);
             }
         }
         let read = match effect {
@@ -398,7 +400,7 @@ impl<B: Backend> Vm<B> {
         };
         let state = vcpu.state();
         let hz = backend.tsc_hz();
-        let now_ns = ticks_to_ns(backend.now(), hz);
+        let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
         let exit = emulator::PortExit { port: io.port, size: io.size, write: io.write };
         let devices = &mut self.devices;
         let (result, rip, rflags, unbacked, effect) = host.with_hooks(self.id, |hooks| {
@@ -448,7 +450,7 @@ impl<B: Backend> Vm<B> {
                     }
                     _ => {}
                 }
-                self.devices.update_lines(ticks_to_ns(backend.now(), hz));
+                self.devices.update_lines(vm_ns(backend.now(), hz, self.clock_offset_ns));
                 self.timers_changed(hz);
                 return Flow::Continue;
             }
@@ -559,7 +561,7 @@ impl<B: Backend> Vm<B> {
         };
         let state = vcpu.state();
         let hz = backend.tsc_hz();
-        let now_ns = ticks_to_ns(backend.now(), hz);
+        let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
         let fault = emulator::MmioFault { gpa, access, gva };
         let devices = &mut self.devices;
         let (result, rip, rflags) = host.with_hooks(self.id, |hooks| {

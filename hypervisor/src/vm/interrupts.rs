@@ -22,25 +22,43 @@ pub fn ns_to_ticks(ns: u64, hz: u64) -> u64 {
     (u128::from(ns) * u128::from(hz) / 1_000_000_000).min(u128::from(u64::MAX)) as u64
 }
 
-/// The devices' next timer deadline in TSC ticks of a `hz` clock
+/// The VM's clock (ns) at host clock reading `host_ticks` of a `hz` clock,
+/// for a VM whose clock runs `offset_ns` ahead of the host's
+/// (`Vm::clock_offset_ns`).
+pub fn vm_ns(host_ticks: u64, hz: u64, offset_ns: i64) -> u64 {
+    (i128::from(ticks_to_ns(host_ticks, hz)) + i128::from(offset_ns)).clamp(0, i128::from(u64::MAX)) as u64
+}
+
+/// The devices' next timer deadline in host TSC ticks of a `hz` clock
 /// (`u64::MAX`: none): what `Vm::timer_tick` caches. A free function so the
 /// exit handlers can call it while they hold the vCPU.
-pub fn deadline_ticks(devices: &DeviceSet, hz: u64) -> u64 {
-    devices.next_timer().map_or(u64::MAX, |ns| ns_to_ticks(ns, hz))
+pub fn deadline_ticks(devices: &DeviceSet, hz: u64, offset_ns: i64) -> u64 {
+    devices.next_timer().map_or(u64::MAX, |ns| {
+        let host_ns = (i128::from(ns) - i128::from(offset_ns)).clamp(0, i128::from(u64::MAX)) as u64;
+        ns_to_ticks(host_ns, hz)
+    })
+}
+
+/// The offset the devices add to their clock's ticks to get the guest's
+/// TSC, for a vCPU TSC offset `tsc_offset` (guest TSC minus host TSC):
+/// the devices count from the VM's clock, `offset_ns` ahead of the host's.
+pub fn device_tsc_offset(tsc_offset: u64, hz: u64, offset_ns: i64) -> u64 {
+    let ahead = (i128::from(offset_ns) * i128::from(hz) / 1_000_000_000) as i64;
+    tsc_offset.wrapping_sub(ahead as u64)
 }
 
 impl<B: Backend> Vm<B> {
     /// After a change of the devices' lines or timers (a port access):
     /// refresh the cached deadline.
     pub fn timers_changed(&mut self, hz: u64) {
-        self.timer_tick = deadline_ticks(&self.devices, hz);
+        self.timer_tick = deadline_ticks(&self.devices, hz, self.clock_offset_ns);
     }
 
     /// Fire due timers and hand a pending interrupt to the vCPU (or ask
     /// for the window). `now` is the host clock in TSC ticks.
     pub fn deliver_interrupts(&mut self, now: u64, hz: u64) {
         if now >= self.timer_tick {
-            self.devices.poll_timers(ticks_to_ns(now, hz));
+            self.devices.poll_timers(vm_ns(now, hz, self.clock_offset_ns));
             self.timers_changed(hz);
         }
         if !self.devices.interrupt_pending() {

@@ -124,6 +124,10 @@ pub struct Vm<B: Backend> {
     /// The host clock reading (TSC ticks) at which the devices' next timer
     /// interrupt is due (`u64::MAX`: none armed); see `interrupts`.
     pub timer_tick: u64,
+    /// The VM's clock (what its devices count in, ns) minus the host's:
+    /// 0 for a VM started here; a restored VM's clock goes on from the
+    /// reading it was saved at, whatever the host's clock reads now.
+    pub clock_offset_ns: i64,
     pub msrs: MsrState,
     /// Host memory the VM's control structures use, measured at start:
     /// VMCS/VMCB and vCPU state, nested page tables, RAM bookkeeping.
