@@ -23,6 +23,8 @@ pub enum Error {
     },
     /// No ramdisk file has that name, for a module.
     NoModule(String),
+    /// The VM needs a virtio-rng device but this host has no RDRAND.
+    NoEntropy,
     /// Guest RAM outside `MIN_MEM_MIB..=MAX_MEM_MIB`.
     MemSize,
     /// The memory map for that size could not be built.
@@ -83,6 +85,9 @@ impl fmt::Display for Error {
                 write!(f, "no guest named {name:?} (available: {})", available.join(", "))
             }
             Error::NoModule(name) => write!(f, "no ramdisk file {name:?} for a module"),
+            Error::NoEntropy => {
+                f.write_str("this host has no hardware entropy (RDRAND) for the VM's virtio-rng device")
+            }
             Error::MemSize => write!(f, "mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"),
             Error::MemoryMap(e) => write!(f, "bad memory size: {e}"),
             Error::HeapTooSmall { mem_mib, tables_kib, free_kib, reserve_kib } => write!(

@@ -178,6 +178,69 @@ impl<B: Backend> Manager<B> {
         Ok(id)
     }
 
+    /// The machine of a new VM `id` with `mem_mib` MiB: its RAM (the
+    /// memory manager's tables checked against the host heap first), its
+    /// devices (virtio-rng if `with_rng`) and the firmware's ACPI tables in
+    /// the BIOS area, which is ROM as on a PC (the guest reads its tables,
+    /// its writes there are dropped). What `vm run` loads an image into and
+    /// `vm restore` a checkpoint.
+    fn machine(
+        &mut self,
+        id: u32,
+        mem_mib: u32,
+        with_rng: bool,
+    ) -> Result<(GuestMemory<B::Format>, crate::devices::DeviceSet), Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
+            return Err(Error::MemSize);
+        }
+        let entropy = match (with_rng, self.entropy) {
+            (false, _) => None,
+            (true, Some(e)) => Some(e),
+            (true, None) => return Err(Error::NoEntropy),
+        };
+        let size = (mem_mib as u64) << 20;
+        let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
+        let map = MemoryMap::pc(size).map_err(Error::MemoryMap)?;
+        // The memory manager's tables for this VM come from the host heap,
+        // all at once: refuse the VM unless they fit with room to spare.
+        let tables = GuestMemory::<B::Format>::table_bytes(&map);
+        let free = backend.heap_free();
+        if tables.saturating_add(HEAP_RESERVE) > free {
+            return Err(Error::HeapTooSmall {
+                mem_mib,
+                tables_kib: tables >> 10,
+                free_kib: free >> 10,
+                reserve_kib: HEAP_RESERVE >> 10,
+            });
+        }
+        let alloc = backend.mem();
+        self.host_mem.ensure_sharing(alloc).map_err(Error::Sharing)?;
+        // RAM in the largest host chunks available, mapped with the largest
+        // nested pages alignment allows (2 MiB or 1 GiB where it can).
+        let mut mem =
+            GuestMemory::<B::Format>::new(alloc, map, config).map_err(|error| Error::GuestRam { mem_mib, error })?;
+        let mut devices = crate::devices::DeviceSet::pc(self.host_epoch, size);
+        if let Some(entropy) = entropy {
+            devices.add_virtio_rng(entropy);
+        }
+        let acpi = firmware::acpi::build(&firmware::acpi::Config {
+            apic_ids: alloc::vec![0],
+            ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
+            lapic_address: crate::devices::lapic::DEFAULT_BASE as u32,
+            ecam: Some(crate::devices::pci::ECAM_BASE),
+            virtio_mmio: devices.virtio_slots(),
+        });
+        let _ = RamWriter { ram: mem.ram(), mem: &*alloc }.write(firmware::acpi::AREA_BASE, &acpi.bytes);
+        // Nothing runs on the tables yet: nothing to flush.
+        let rom = mm::GuestPhysAddr(firmware::acpi::AREA_BASE);
+        if let Err(error) = mem.set_read_only(alloc, rom, firmware::acpi::AREA_LEN, &mut |_| {}) {
+            free_memory(backend, &mut self.host_mem, id, mem);
+            return Err(Error::GuestRam { mem_mib, error });
+        }
+        Ok((mem, devices))
+    }
+
     /// Builds VM `id` from guest `name`: memory, image, devices, vCPU.
     fn create_vm(
         &mut self,
@@ -197,24 +260,6 @@ impl<B: Backend> Manager<B> {
             let file = self.images.iter().find(|g| &g.name == m).ok_or_else(|| Error::NoModule(m.clone()))?;
             mods.push(boot::Module { name: m.as_str(), data: file.bytes });
         }
-        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
-            return Err(Error::MemSize);
-        }
-        let size = (mem_mib as u64) << 20;
-        let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
-        let map = MemoryMap::pc(size).map_err(Error::MemoryMap)?;
-        // The memory manager's tables for this VM come from the host heap,
-        // all at once: refuse the VM unless they fit with room to spare.
-        let tables = GuestMemory::<B::Format>::table_bytes(&map);
-        let free = backend.heap_free();
-        if tables.saturating_add(HEAP_RESERVE) > free {
-            return Err(Error::HeapTooSmall {
-                mem_mib,
-                tables_kib: tables >> 10,
-                free_kib: free >> 10,
-                reserve_kib: HEAP_RESERVE >> 10,
-            });
-        }
         let hinted;
         let cmdline = if crate::loader::linux::is_linux(image) {
             hinted = linux_timing_hints(cmdline, backend.tsc_hz());
@@ -222,30 +267,13 @@ impl<B: Backend> Manager<B> {
         } else {
             cmdline
         };
+        let with_rng = self.entropy.is_some();
+        let (mem, mut devices) = self.machine(id, mem_mib, with_rng)?;
+        let size = (mem_mib as u64) << 20;
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let alloc = backend.mem();
-        self.host_mem.ensure_sharing(alloc).map_err(Error::Sharing)?;
-        // RAM in the largest host chunks available, mapped with the largest
-        // nested pages alignment allows (2 MiB or 1 GiB where it can).
-        let mut mem =
-            GuestMemory::<B::Format>::new(alloc, map, config).map_err(|error| Error::GuestRam { mem_mib, error })?;
-        // The devices first: the firmware's tables list them.
-        let mut devices = crate::devices::DeviceSet::pc(self.host_epoch, size);
-        if let Some(entropy) = self.entropy {
-            devices.add_virtio_rng(entropy);
-        }
         let loaded = {
             let mut w = RamWriter { ram: mem.ram(), mem: &*alloc };
-            // The firmware's ACPI tables in the BIOS area (the e820 map
-            // reserves it), written first so an image placed there wins:
-            // the MADT names the vCPU's local APIC and the I/O APIC.
-            let acpi = firmware::acpi::build(&firmware::acpi::Config {
-                apic_ids: alloc::vec![0],
-                ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
-                lapic_address: crate::devices::lapic::DEFAULT_BASE as u32,
-                ecam: Some(crate::devices::pci::ECAM_BASE),
-                virtio_mmio: devices.virtio_slots(),
-            });
-            let _ = w.write(firmware::acpi::AREA_BASE, &acpi.bytes);
             boot::prepare(image, size, cmdline, &mods, id, &mut w)
                 .map_err(|error| Error::Load { name: String::from(name), error })
         };
@@ -256,14 +284,6 @@ impl<B: Backend> Manager<B> {
                 return Err(e);
             }
         };
-        // The BIOS area is ROM, as on a PC: the guest reads its tables but
-        // its writes there are dropped. Nothing runs on the tables yet, so
-        // there is nothing to flush.
-        let rom = mm::GuestPhysAddr(firmware::acpi::AREA_BASE);
-        if let Err(error) = mem.set_read_only(backend.mem(), rom, firmware::acpi::AREA_LEN, &mut |_| {}) {
-            free_memory(backend, &mut self.host_mem, id, mem);
-            return Err(Error::GuestRam { mem_mib, error });
-        }
         // The guest's TSC starts at 0 when the VM does (the backend adds the
         // offset to every RDTSC, RDTSCP and TSC read).
         state.tsc_offset = 0u64.wrapping_sub(backend.now());
