@@ -25,6 +25,10 @@ pub enum Error {
     NoModule(String),
     /// The VM needs a virtio-rng device but this host has no RDRAND.
     NoEntropy,
+    /// A state stream (checkpoint) was refused: what and where.
+    Stream(migrate::Error),
+    /// A checkpoint's contents do not fit a VM here.
+    Checkpoint(super::checkpoint::Refused),
     /// Guest RAM outside `MIN_MEM_MIB..=MAX_MEM_MIB`.
     MemSize,
     /// The memory map for that size could not be built.
@@ -88,6 +92,8 @@ impl fmt::Display for Error {
             Error::NoEntropy => {
                 f.write_str("this host has no hardware entropy (RDRAND) for the VM's virtio-rng device")
             }
+            Error::Stream(e) => write!(f, "{e}"),
+            Error::Checkpoint(e) => write!(f, "{e}"),
             Error::MemSize => write!(f, "mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"),
             Error::MemoryMap(e) => write!(f, "bad memory size: {e}"),
             Error::HeapTooSmall { mem_mib, tables_kib, free_kib, reserve_kib } => write!(

@@ -772,6 +772,9 @@ fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
     }
 }
 
+pub mod checkpoint;
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod mem_tests;
 #[cfg(test)]

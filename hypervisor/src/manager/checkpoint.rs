@@ -1,0 +1,379 @@
+//! Checkpoints: a VM's whole state written as a `migrate` stream
+//! ([`Manager::save_vm`]), and a VM rebuilt from one
+//! ([`Manager::restore_vm`]), on this host or another, of either vendor.
+//!
+//! The stream carries the vCPU as the neutral `GuestState`, every device
+//! through its `Persist` state, the machine's own description (the
+//! "machine" record: guest, command line, RAM size, its clock and TSC at
+//! the save) and every page of RAM. The restored VM's clock and TSC go on
+//! from the values saved, whatever this host's clock reads: the guest sees
+//! time stand still while it was saved.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+use migrate::{Apply, Header, RamRange, Reader, Sink, Source, Stats, Vendor, Writer};
+use mm::GuestPhysAddr;
+use mm::paging::PageSize;
+use vcpu::{GuestState, Vcpu};
+
+use super::{Error, Manager, free_memory};
+use crate::backend::Backend;
+use crate::devices::SavedDevice;
+use crate::memory::GuestMemory;
+use crate::memory::reclaim::VmReclaim;
+use crate::msr::MsrState;
+use crate::vm::boot::Protocol;
+use crate::vm::interrupts::{device_tsc_offset, vm_ns};
+use crate::vm::{Resources, RunState, Vm, VmStats};
+
+/// The name of the machine's own record among the devices.
+pub const MACHINE: &str = "machine";
+/// Its layout version.
+pub const MACHINE_VERSION: u16 = 1;
+
+/// What a VM is besides its vCPU, devices and RAM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineState {
+    pub guest: String,
+    pub image: String,
+    pub cmdline: String,
+    pub modules: Vec<String>,
+    /// `Protocol::name` of how it was booted.
+    pub protocol: String,
+    pub mem_bytes: u64,
+    pub reboots: u64,
+    /// The VM's clock (ns) at the save.
+    pub clock_ns: u64,
+    /// The guest's TSC at the save.
+    pub guest_tsc: u64,
+    /// The source host's TSC rate (information: a guest restored on a host
+    /// whose TSC runs at another rate sees its TSC rate change).
+    pub tsc_hz: u64,
+    pub mtrr_def_type: u64,
+    pub misc_enable: u64,
+}
+
+fn protocol(name: &str) -> Option<Protocol> {
+    [Protocol::Elf64, Protocol::Multiboot, Protocol::Linux].into_iter().find(|p| p.name() == name)
+}
+
+/// Why a checkpoint could not be restored, besides the stream's own
+/// refusals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Not one vCPU (this hypervisor's VMs have one).
+    Vcpus(u32),
+    /// RAM not laid out as this hypervisor lays out a VM of that size.
+    RamLayout,
+    /// No "machine" record, or one that does not decode.
+    Machine,
+    /// The machine record names a boot protocol this version does not know.
+    Protocol(String),
+    /// No vCPU state in the stream.
+    NoVcpu,
+    /// The devices refused their state.
+    Devices(crate::devices::RestoreError),
+    /// Writing a page into the new VM's RAM failed.
+    Memory(mm::Error),
+}
+
+impl core::fmt::Display for Refused {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Refused::Vcpus(n) => write!(f, "the checkpoint has {n} vCPUs; VMs here have one"),
+            Refused::RamLayout => f.write_str("the checkpoint's RAM is not laid out as a VM of its size here"),
+            Refused::Machine => f.write_str("the checkpoint's machine record is missing or does not decode"),
+            Refused::Protocol(p) => write!(f, "the checkpoint's boot protocol {p:?} is unknown"),
+            Refused::NoVcpu => f.write_str("the checkpoint holds no vCPU state"),
+            Refused::Devices(e) => write!(f, "{e}"),
+            Refused::Memory(e) => write!(f, "restoring RAM: {e}"),
+        }
+    }
+}
+
+fn vendor(backend_name: &str) -> Vendor {
+    match backend_name {
+        "vmx" => Vendor::Intel,
+        "svm" => Vendor::Amd,
+        _ => Vendor::Unknown,
+    }
+}
+
+impl<B: Backend> Manager<B> {
+    /// Write VM `id`'s whole state to `sink`. The VM does not run meanwhile
+    /// (the console runs on the one CPU the VMs share), so the checkpoint
+    /// is the VM at one instruction boundary; it goes on afterwards.
+    /// Swapped-out pages are brought back in to be read.
+    pub fn save_vm<S: Sink>(&mut self, id: u32, sink: S) -> Result<(S, Stats), Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+        let Some(res) = vm.res.as_mut() else {
+            return Err(Error::Ended { id, state: vm.state.name() });
+        };
+        let state = res.vcpu.state();
+        let (hz, now) = (backend.tsc_hz(), backend.now());
+        let machine = MachineState {
+            guest: vm.guest.clone(),
+            image: vm.image.clone(),
+            cmdline: vm.cmdline.clone(),
+            modules: vm.modules.clone(),
+            protocol: String::from(vm.protocol.name()),
+            mem_bytes: vm.mem_bytes,
+            reboots: vm.reboots,
+            clock_ns: vm_ns(now, hz, vm.clock_offset_ns),
+            guest_tsc: now.wrapping_add(state.tsc_offset),
+            tsc_hz: hz,
+            mtrr_def_type: vm.msrs.mtrr_def_type,
+            misc_enable: vm.msrs.misc_enable,
+        };
+        let machine_bytes = postcard::to_allocvec(&machine).map_err(|_| Error::Checkpoint(Refused::Machine))?;
+        let devices = vm.devices.save();
+        let ram: Vec<RamRange> = crate::vm::boot::ram_ranges(vm.mem_bytes)
+            .0
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| RamRange { base: r.start, size: r.end - r.start })
+            .collect();
+        let header = Header {
+            live: false,
+            source: vendor(backend.name()),
+            vcpus: 1,
+            ram: ram.clone(),
+            devices: core::iter::once(migrate::DeviceInfo { name: String::from(MACHINE), version: MACHINE_VERSION })
+                .chain(devices.iter().map(|d| migrate::DeviceInfo { name: d.name.clone(), version: d.version }))
+                .collect(),
+        };
+        let mut w = Writer::begin(sink, &header).map_err(Error::Stream)?;
+        w.vcpu(0, &state).map_err(Error::Stream)?;
+        w.device(MACHINE, MACHINE_VERSION, &machine_bytes).map_err(Error::Stream)?;
+        for d in &devices {
+            w.device(&d.name, d.version, &d.bytes).map_err(Error::Stream)?;
+        }
+        let mem = &mut res.mem;
+        let vcpu = &mut res.vcpu;
+        let mut page = [0u8; migrate::PAGE_SIZE];
+        for r in &ram {
+            let mut gpa = r.base;
+            while gpa < r.base + r.size {
+                let g = GuestPhysAddr(gpa);
+                // A 2 MiB page of RAM travels as a run, so the restored VM
+                // can map it large again (contiguity survives).
+                let leaf = mem.table().translate(&*backend.mem(), g).map(|t| t.leaf.size);
+                if leaf == Some(PageSize::Size2M) && gpa % (2 << 20) == 0 && gpa + (2 << 20) <= r.base + r.size {
+                    w.large_run(gpa >> 12, 512).map_err(Error::Stream)?;
+                }
+                if mem.page_state(g) == Some(mm::vm_memory::PageState::Poisoned) {
+                    w.poisoned(gpa >> 12).map_err(Error::Stream)?;
+                } else {
+                    let alloc = backend.mem();
+                    self.host_mem
+                        .with_hooks(id, |h| mem.read(alloc, h, g, &mut page, &mut |s| vcpu.flush_nested_tlb(s)))
+                        .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?;
+                    w.page(gpa >> 12, &page).map_err(Error::Stream)?;
+                }
+                gpa += migrate::PAGE_SIZE as u64;
+            }
+        }
+        w.finish().map_err(Error::Stream)
+    }
+
+    /// Build a new VM from the checkpoint in `src` and start it; its id.
+    /// Every record is checked as it is applied to the new VM, which has
+    /// not run: on any refusal it is freed and nothing else changed.
+    pub fn restore_vm<R: Source>(&mut self, src: R) -> Result<u32, Error> {
+        let mut reader = Reader::open(src).map_err(Error::Stream)?;
+        let header = reader.header().clone();
+        if header.vcpus != 1 {
+            return Err(Error::Checkpoint(Refused::Vcpus(header.vcpus)));
+        }
+        let ram_bytes: u64 = header.ram.iter().map(|r| r.size).sum();
+        let (ranges, n) = crate::vm::boot::ram_ranges(ram_bytes);
+        let ours: Vec<RamRange> =
+            ranges[..n].iter().map(|r| RamRange { base: r.start, size: r.end - r.start }).collect();
+        if ours != header.ram || !ram_bytes.is_multiple_of(1 << 20) {
+            return Err(Error::Checkpoint(Refused::RamLayout));
+        }
+        let mem_mib = u32::try_from(ram_bytes >> 20).map_err(|_| Error::MemSize)?;
+        let with_rng = header.devices.iter().any(|d| d.name == "virtio-rng");
+        let id = self.next_id;
+        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng)?;
+        let applied = {
+            let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+            let alloc = backend.mem();
+            self.host_mem.with_hooks(id, |hooks| {
+                let mut sink = Restore {
+                    mem: &mut mem,
+                    alloc,
+                    hooks,
+                    vcpu: None,
+                    machine: None,
+                    devices: Vec::new(),
+                    shared: Vec::new(),
+                };
+                let r = reader.apply(&mut sink);
+                (r, sink.vcpu, sink.machine, sink.devices)
+            })
+        };
+        let (result, state, machine, saved) = applied;
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let fail = |backend: &mut B, host: &mut crate::memory::HostMemory, mem, e| {
+            free_memory(backend, host, id, mem);
+            Err(e)
+        };
+        if let Err(e) = result {
+            let e = match e {
+                migrate::ApplyError::Stream(e) => Error::Stream(e),
+                migrate::ApplyError::Sink { error, .. } => Error::Checkpoint(error),
+            };
+            return fail(backend, &mut self.host_mem, mem, e);
+        }
+        let Some(machine) = machine else {
+            return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Machine));
+        };
+        let Some(mut state) = state else {
+            return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::NoVcpu));
+        };
+        let Some(protocol) = protocol(&machine.protocol) else {
+            return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Protocol(machine.protocol)));
+        };
+        // The guest's clock and TSC go on from the saved readings.
+        let (hz, now) = (backend.tsc_hz(), backend.now());
+        let clock_offset_ns = (i128::from(machine.clock_ns) - i128::from(crate::vm::exit::ticks_to_ns(now, hz)))
+            .clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+        state.tsc_offset = machine.guest_tsc.wrapping_sub(now);
+        let phys_bits = backend.host_cpuid(0x8000_0008, 0).eax as u8;
+        let dev_tsc = device_tsc_offset(state.tsc_offset, hz, clock_offset_ns);
+        devices.set_cpu(dev_tsc, hz, phys_bits.clamp(36, 52));
+        if let Err(e) = devices.restore(&saved) {
+            return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Devices(e)));
+        }
+        devices.set_tsc_offset(dev_tsc);
+        let vcpu = match backend.create_vcpu(mem.root_for_vcpu(0), &state) {
+            Ok(v) => v,
+            Err(e) => return fail(backend, &mut self.host_mem, mem, Error::Vcpu(e)),
+        };
+        devices.update_lines(vm_ns(now, hz, clock_offset_ns));
+        let overhead =
+            vcpu.overhead_bytes() + mem.memory_report().overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
+        let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
+        let mut vm = Box::new(Vm {
+            id,
+            guest: machine.guest,
+            protocol,
+            mem_bytes: machine.mem_bytes,
+            cmdline: machine.cmdline,
+            modules: machine.modules,
+            reboots: machine.reboots,
+            state: RunState::Running,
+            stats: VmStats { started_tsc: now, ..Default::default() },
+            devices,
+            timer_tick: u64::MAX,
+            clock_offset_ns,
+            paused: false,
+            created: false,
+            image: machine.image,
+            msrs: MsrState { mtrr_def_type: machine.mtrr_def_type, misc_enable: machine.misc_enable },
+            overhead_bytes: overhead,
+            nested_pages: [0; 3],
+            reclaim,
+            res: Some(Resources { mem, vcpu }),
+        });
+        vm.timers_changed(hz);
+        self.next_id += 1;
+        self.vms.push(vm);
+        self.forget_old_records();
+        Ok(id)
+    }
+}
+
+/// Applies a checkpoint to a new VM's RAM and collects its vCPU, machine
+/// and device records.
+struct Restore<'a, 'h, F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> {
+    mem: &'a mut GuestMemory<F>,
+    alloc: &'a mut A,
+    hooks: &'a mut mm::vm_memory::Hooks<'h, mm::swap::SwapSlot>,
+    vcpu: Option<GuestState>,
+    machine: Option<MachineState>,
+    devices: Vec<SavedDevice>,
+    /// Shared contents by id: the first page that had it.
+    shared: Vec<(u32, u64)>,
+}
+
+impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Restore<'_, '_, F, A> {
+    fn write(&mut self, gfn: u64, data: &[u8]) -> Result<(), Refused> {
+        let gpa = GuestPhysAddr(gfn.checked_mul(4096).ok_or(Refused::RamLayout)?);
+        // The VM has not run: no TLB holds its translations.
+        self.mem.write(self.alloc, self.hooks, gpa, data, &mut |_| {}).map_err(Refused::Memory)
+    }
+}
+
+impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<'_, '_, F, A> {
+    type Error = Refused;
+
+    fn vcpu(&mut self, _: u32, state: GuestState) -> Result<(), Refused> {
+        self.vcpu = Some(state);
+        Ok(())
+    }
+
+    fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), Refused> {
+        if name == MACHINE {
+            if version != MACHINE_VERSION {
+                return Err(Refused::Machine);
+            }
+            let (m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
+            if !rest.is_empty() {
+                return Err(Refused::Machine);
+            }
+            self.machine = Some(m);
+        } else {
+            self.devices.push(SavedDevice { name: String::from(name), version, bytes: bytes.to_vec() });
+        }
+        Ok(())
+    }
+
+    fn large_run(&mut self, _: u64, _: u32) -> Result<(), Refused> {
+        // The new VM's RAM is mapped with the largest pages alignment
+        // allows already; the run's pages follow.
+        Ok(())
+    }
+
+    fn pages(&mut self, gfn: u64, data: &[u8]) -> Result<(), Refused> {
+        self.write(gfn, data)
+    }
+
+    fn zero(&mut self, gfn: u64, pages: u32) -> Result<(), Refused> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        for p in 0..u64::from(pages) {
+            self.write(gfn + p, &ZEROS)?;
+        }
+        Ok(())
+    }
+
+    fn shared(&mut self, gfn: u64, id: u32, data: &[u8; migrate::PAGE_SIZE]) -> Result<(), Refused> {
+        self.write(gfn, data)?;
+        self.shared.push((id, gfn));
+        Ok(())
+    }
+
+    fn shared_ref(&mut self, gfn: u64, id: u32) -> Result<(), Refused> {
+        // The content is in the new VM already, at the first page that had
+        // it: copy it from there (sharing merges them again later).
+        let first = self.shared.iter().find(|s| s.0 == id).map(|s| s.1).ok_or(Refused::RamLayout)?;
+        let mut page = [0u8; 4096];
+        let from = GuestPhysAddr(first * 4096);
+        self.mem.read(self.alloc, self.hooks, from, &mut page, &mut |_| {}).map_err(Refused::Memory)?;
+        self.write(gfn, &page)
+    }
+
+    fn poisoned(&mut self, gfn: u64) -> Result<(), Refused> {
+        let gpa = GuestPhysAddr(gfn.checked_mul(4096).ok_or(Refused::RamLayout)?);
+        self.mem.mark_poisoned(self.alloc, self.hooks, gpa, &mut |_| {}).map_err(Refused::Memory)
+    }
+
+    fn resume(&mut self) -> Result<(), Refused> {
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! Checkpoints on the host: a VM saved to a stream and restored into a new
+//! VM holds the same memory, vCPU and device state; its clock goes on from
+//! the save; damaged or foreign checkpoints are refused without leaking
+//! anything.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use mm::vm_memory::PageState;
+use vcpu::GuestState;
+
+use super::*;
+use crate::devices::virtio_slots::HostEntropy;
+use crate::testing::{MockBackend, elf_guest};
+
+fn manager(frames: usize) -> Manager<MockBackend> {
+    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
+    let mut m = Manager::new(Ok(MockBackend::new(frames)), images);
+    m.entropy = Some(HostEntropy(|b| {
+        b.fill(0x5a);
+        true
+    }));
+    m
+}
+
+fn pattern(seed: u64) -> Vec<u8> {
+    (0..4096u64).map(|i| (i.wrapping_mul(131) ^ seed) as u8).collect()
+}
+
+fn write(m: &mut Manager<MockBackend>, id: u32, gpa: u64, data: &[u8]) {
+    let Manager { backend, vms, host_mem, .. } = m;
+    let backend = backend.as_mut().unwrap();
+    let res = vms.iter_mut().find(|v| v.id == id).unwrap().res.as_mut().unwrap();
+    host_mem.with_hooks(id, |h| res.mem.write(&mut backend.mem, h, GuestPhysAddr(gpa), data, &mut |_| {})).unwrap();
+}
+
+fn peek(m: &Manager<MockBackend>, id: u32, gpa: u64) -> Vec<u8> {
+    let mut buf = vec![0; 4096];
+    let vm = m.get(id).unwrap();
+    vm.res.as_ref().unwrap().mem.peek(&m.backend.as_ref().unwrap().mem, GuestPhysAddr(gpa), &mut buf).unwrap();
+    buf
+}
+
+/// A 4 MiB VM with some of everything: data pages, its COM1 scratch
+/// register and IER set, an emulated MSR changed, the vCPU's registers.
+fn busy_vm(m: &mut Manager<MockBackend>) -> u32 {
+    let id = m.run_vm("tiny", 4, "a b").unwrap();
+    for p in 0..40u64 {
+        write(m, id, 0x20_0000 + p * 4096, &pattern(p));
+    }
+    write(m, id, 0x3f_f000, &pattern(99));
+    let vm = m.vms.iter_mut().find(|v| v.id == id).unwrap();
+    let now = || 0;
+    vm.devices.pio_write(0x3ff, 1, 0xa7, now);
+    vm.devices.pio_write(0x3f9, 1, 0x03, now);
+    vm.msrs.misc_enable = 0x1801;
+    let res = vm.res.as_mut().unwrap();
+    let mut s = res.vcpu.state();
+    s.gprs.rbx = 0x1234_5678;
+    s.cr2 = 0xdead_b000;
+    res.vcpu.set_state(&s).unwrap();
+    id
+}
+
+#[test]
+fn a_restored_vm_has_the_saved_memory_vcpu_and_devices() {
+    let mut m = manager(8192);
+    let id = busy_vm(&mut m);
+    let (stream, stats) = m.save_vm(id, Vec::new()).unwrap();
+    // 1024 pages: the 41 written and the image as data (compressed: the
+    // patterns repeat), the rest zero flags.
+    let data = stats.pages(migrate::PageKind::Normal) + stats.pages(migrate::PageKind::Compressed);
+    let zero = stats.pages(migrate::PageKind::Zero);
+    assert!(data >= 41 && data + zero == 1024, "{stats:?}");
+    assert!(stream.len() < 64 << 10, "{} bytes for 41 data pages", stream.len());
+    let verified = migrate::verify(&stream).unwrap();
+    assert_eq!(verified.header.source, migrate::Vendor::Unknown, "the mock backend is neither vendor");
+    let restored = m.restore_vm(stream.as_slice()).unwrap();
+    assert_eq!(restored, id + 1);
+    for p in 0..40u64 {
+        assert_eq!(peek(&m, restored, 0x20_0000 + p * 4096), pattern(p), "page {p}");
+    }
+    assert_eq!(peek(&m, restored, 0x3f_f000), pattern(99));
+    // The image and the ACPI tables came back with the rest of RAM.
+    assert_eq!(peek(&m, restored, 0x10_0000)[..32], [0x90; 32]);
+    assert_eq!(peek(&m, restored, crate::firmware::acpi::AREA_BASE), peek(&m, id, crate::firmware::acpi::AREA_BASE));
+    let (a, b) = (m.get(id).unwrap(), m.get(restored).unwrap());
+    let (sa, sb) = (a.res.as_ref().unwrap().vcpu.state(), b.res.as_ref().unwrap().vcpu.state());
+    assert_eq!(sb.gprs.rbx, 0x1234_5678);
+    assert_eq!(sb.cr2, 0xdead_b000);
+    assert_eq!(GuestState { tsc_offset: 0, ..sa.clone() }, GuestState { tsc_offset: 0, ..sb.clone() });
+    // Every device as saved; the PIT's "latest time seen" is the VM
+    // clock's reading when the restored VM's timers were first looked at.
+    let without_pit =
+        |d: &crate::devices::DeviceSet| d.save().into_iter().filter(|s| s.name != "pit").collect::<Vec<_>>();
+    assert_eq!(without_pit(&a.devices), without_pit(&b.devices), "device state differs");
+    assert_eq!(b.devices.save().len(), a.devices.save().len());
+    assert!(b.devices.is_virtio(0xd000_0000), "the virtio-rng device came back");
+    assert_eq!((b.guest.as_str(), b.cmdline.as_str(), b.mem_bytes), ("tiny", a.cmdline.as_str(), 4 << 20));
+    assert_eq!(b.msrs.misc_enable, 0x1801);
+    // The ROM is read-only in the restored VM too.
+    let rom = b.res.as_ref().unwrap().mem.is_read_only(GuestPhysAddr(crate::firmware::acpi::AREA_BASE));
+    assert!(rom);
+    // Its TSC goes on from the saved value: behind the source's (which ran
+    // on since the save) by the few ticks the restore took, no more.
+    let be = m.backend.as_ref().unwrap();
+    let guest_tsc = |st: &GuestState| be.clock.get().wrapping_add(st.tsc_offset);
+    let lag = guest_tsc(&sa).wrapping_sub(guest_tsc(&sb));
+    assert!(lag < 1000, "the restored TSC is {lag} ticks behind the source's");
+}
+
+#[test]
+fn a_vm_restored_after_the_host_clock_moved_keeps_its_own_clock() {
+    let mut m = manager(8192);
+    let id = busy_vm(&mut m);
+    let hz = m.backend.as_ref().unwrap().tsc_hz();
+    let at_save = crate::vm::interrupts::vm_ns(m.backend.as_ref().unwrap().clock.get(), hz, 0);
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    // Another boot of the host: its clock starts again near 0.
+    m.backend.as_mut().unwrap().clock.set(5);
+    let restored = m.restore_vm(stream.as_slice()).unwrap();
+    let vm = m.get(restored).unwrap();
+    let clock = m.backend.as_ref().unwrap().clock.get();
+    let now = crate::vm::interrupts::vm_ns(clock, hz, vm.clock_offset_ns);
+    assert!(vm.clock_offset_ns > 0, "the VM clock must run ahead of the restarted host's");
+    assert!(now >= at_save && now - at_save < 1_000_000, "VM clock {now} ns after a save at {at_save} ns");
+    // And its TSC with it.
+    let tsc = clock.wrapping_add(vm.res.as_ref().unwrap().vcpu.state().tsc_offset);
+    assert!(tsc >= at_save / 1000 && tsc < at_save / 1000 + 1000, "guest TSC {tsc}");
+}
+
+#[test]
+fn damaged_or_foreign_checkpoints_are_refused_and_leave_nothing() {
+    let mut m = manager(8192);
+    let id = busy_vm(&mut m);
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    let frames = m.backend.as_ref().unwrap().mem.frames_in_use();
+    let vms = m.vms.len();
+    let mut check = |bytes: &[u8], want: &str| {
+        let e = m.restore_vm(bytes).unwrap_err().to_string();
+        assert!(e.contains(want), "{e:?} does not say {want:?}");
+        assert!(!e.contains('\n'));
+        assert_eq!(m.backend.as_ref().unwrap().mem.frames_in_use(), frames, "{want}: frames leaked");
+        assert_eq!(m.vms.len(), vms);
+    };
+    let mut flipped = stream.clone();
+    let at = stream.len() / 2;
+    flipped[at] ^= 0x40;
+    check(&flipped, "checksum");
+    check(&stream[..stream.len() - 100], "");
+    check(b"not a checkpoint at all", "");
+    // A host without RDRAND cannot give the VM its virtio-rng back.
+    m.entropy = None;
+    let e = m.restore_vm(stream.as_slice()).unwrap_err();
+    assert_eq!(e, Error::NoEntropy);
+    assert_eq!(m.backend.as_ref().unwrap().mem.frames_in_use(), frames);
+}
+
+#[test]
+fn swapped_and_poisoned_pages_are_saved_as_what_they_are() {
+    let mut m = manager(8192);
+    let id = busy_vm(&mut m);
+    {
+        let Manager { backend, vms, host_mem, .. } = &mut m;
+        let backend = backend.as_mut().unwrap();
+        let res = vms[0].res.as_mut().unwrap();
+        host_mem
+            .with_hooks(id, |h| res.mem.mark_poisoned(&mut backend.mem, h, GuestPhysAddr(0x20_1000), &mut |_| {}))
+            .unwrap();
+    }
+    let (stream, stats) = m.save_vm(id, Vec::new()).unwrap();
+    assert_eq!(stats.pages(migrate::PageKind::Poisoned), 1, "{stats:?}");
+    let restored = m.restore_vm(stream.as_slice()).unwrap();
+    let st = m.get(restored).unwrap().res.as_ref().unwrap().mem.page_state(GuestPhysAddr(0x20_1000));
+    assert_eq!(st, Some(PageState::Poisoned));
+    assert_eq!(peek(&m, restored, 0x20_2000), pattern(2));
+}
