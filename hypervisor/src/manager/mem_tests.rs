@@ -25,8 +25,10 @@ fn manager(frames: usize) -> Manager<MockBackend> {
 
 fn with_swap(m: &mut Manager<MockBackend>, blocks: u64) -> Rc<RefCell<MemBlockStore>> {
     let disk = Rc::new(RefCell::new(MemBlockStore::new(blocks)));
-    let swap = Swap::attach(Box::new(disk.clone()), "simdisk".into(), || 0).unwrap();
+    let opts = crate::disk::space::FormatOptions::default();
+    let (swap, space) = Swap::attach(Box::new(disk.clone()), "simdisk".into(), &opts, 0, || 0).unwrap();
     m.host_mem.swap = Some(swap);
+    m.host_mem.space = Some(space);
     disk
 }
 

@@ -113,6 +113,18 @@ pub struct ExtentName {
 }
 
 impl ExtentName {
+    /// The swap extent's name, [`SWAP_NAME`].
+    pub const SWAP: ExtentName = {
+        let src = SWAP_NAME.as_bytes();
+        let mut bytes = [0; MAX_NAME];
+        let mut i = 0;
+        while i < src.len() {
+            bytes[i] = src[i];
+            i += 1;
+        }
+        ExtentName { len: src.len() as u8, bytes }
+    };
+
     pub fn new(name: &str) -> Result<Self, NameError> {
         let b = name.as_bytes();
         if b.is_empty() {
@@ -318,7 +330,16 @@ pub fn read_table(dev: &mut dyn BlockStore) -> Result<(Table, Copy, Option<CopyR
     let mut buf = vec![0u8; 2 * format::COPY_BYTES];
     dev.read(0, &mut buf)?;
     let (a, b) = buf.split_at(format::COPY_BYTES);
-    match (Table::decode(a, Copy::A, blocks), Table::decode(b, Copy::B, blocks)) {
+    choose(Table::decode(a, Copy::A, blocks), Table::decode(b, Copy::B, blocks))
+}
+
+/// Of two decoded copies, the valid one with the higher generation, and
+/// why the other was refused (if it was).
+pub fn choose(
+    a: Result<Table, CopyRefusal>,
+    b: Result<Table, CopyRefusal>,
+) -> Result<(Table, Copy, Option<CopyRefusal>), SpaceError> {
+    match (a, b) {
         (Ok(ta), Ok(tb)) if tb.generation > ta.generation => Ok((tb, Copy::B, None)),
         (Ok(ta), Ok(_)) => Ok((ta, Copy::A, None)),
         (Ok(ta), Err(why)) => Ok((ta, Copy::A, Some(why))),
@@ -356,7 +377,7 @@ impl<D: BlockStore> Space<D> {
         let disk_blocks = dev.block_count();
         let (start, blocks) = opts.swap_extent(disk_blocks)?;
         let swap = ExtentInfo {
-            name: ExtentName::new(SWAP_NAME)?,
+            name: ExtentName::SWAP,
             kind: ExtentKind::Swap,
             start,
             blocks,
