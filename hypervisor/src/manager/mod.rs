@@ -110,6 +110,13 @@ impl<B: Backend> Manager<B> {
         Manager { backend, images, vms: Vec::new(), next_id: 1, cursor: 0, slice_ticks, host_mem, host_epoch: 0 }
     }
 
+    /// The VM using data-disk extent `name`, if any: `disk delete` refuses
+    /// to free it. The hook for VM disk images; no VM attaches one yet
+    /// (virtio-block over an image is still to come), so none is in use.
+    pub fn disk_user(&self, _name: &str) -> Option<u32> {
+        None
+    }
+
     pub fn get(&self, id: u32) -> Option<&Vm<B>> {
         self.vms.iter().find(|v| v.id == id).map(|b| &**b)
     }

@@ -349,6 +349,32 @@ pub fn choose(
     }
 }
 
+/// Counts over a table, for one-line reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostSpaceSummary {
+    pub swap_blocks: u64,
+    pub images: usize,
+    pub checkpoints: usize,
+    pub largest_free: u64,
+}
+
+impl HostSpaceSummary {
+    pub fn of<D: BlockStore>(s: &Space<D>) -> Self {
+        let mut sum = HostSpaceSummary {
+            largest_free: s.free_gaps().iter().map(|g| g.1).max().unwrap_or(0),
+            ..Default::default()
+        };
+        for e in s.list() {
+            match e.kind {
+                ExtentKind::Swap => sum.swap_blocks += e.blocks,
+                ExtentKind::Image => sum.images += 1,
+                ExtentKind::Checkpoint => sum.checkpoints += 1,
+            }
+        }
+        sum
+    }
+}
+
 /// The space manager: the device and its table.
 pub struct Space<D: BlockStore> {
     dev: D,
