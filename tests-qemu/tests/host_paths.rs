@@ -64,15 +64,19 @@ fn scratch_size() -> String {
 const SELF_CHECK_OK: &str = "disk: self-check ok (write+read 9 blocks)";
 
 /// The scratch disk after the run: the self-check put back what it found
-/// (zeros on a fresh disk), and the blank disk became the swap device, so
-/// block 0 holds a swap superblock and nothing else was written (no VM ran).
+/// (zeros on a fresh disk), and the blank disk became the data disk, so
+/// blocks 0..32 hold the two copies of the extent table, block 32 (the
+/// swap extent's first) a swap superblock, and nothing else was written
+/// (no VM ran). Swap has half the disk: 64496 blocks, 7166 slots.
 fn assert_scratch_untouched(m: &Machine) {
     let scratch = std::fs::read(m.run_dir().join("scratch.img")).expect("reading the scratch disk");
     assert_eq!(scratch.len() as u64, boot::emulator::SCRATCH_BYTES);
-    assert!(scratch[512..].iter().all(|&b| b == 0), "the self-check left data on the scratch disk");
-    assert!(scratch[..512].iter().any(|&b| b != 0), "no swap superblock in block 0");
+    assert_eq!(&scratch[..7], b"HVSPACE", "no extent table in block 0");
+    assert_eq!(&scratch[16 * 512..16 * 512 + 7], b"HVSPACE", "no second table copy in block 16");
+    assert_eq!(&scratch[32 * 512..32 * 512 + 8], b"MMSWAPSB", "no swap superblock in block 32");
+    assert!(scratch[33 * 512..].iter().all(|&b| b == 0), "the self-check left data on the scratch disk");
     let t = m.transcript();
-    assert!(t.contains("swap: ") && t.contains("(Formatted), 14335 page slots (55 MiB)"), "{t}");
+    assert!(t.contains("swap: ") && t.contains("(Formatted), 7166 page slots (27 MiB)"), "{t}");
 }
 
 #[test]

@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::OnceLock;
 
+use hypervisor::disk::space::{DATA_START, FormatOptions};
 use hypervisor::manager::{GuestImage, Manager};
 use hypervisor::memory::Swap;
 use hypervisor::testing::{Lines, MockBackend, elf_guest};
@@ -105,9 +106,13 @@ pub fn handle_exit(data: &[u8]) {
     let disk = match input.below(512) {
         0 => None,
         pages => {
-            let disk = Rc::new(RefCell::new(MemBlockStore::new(1 + 9 * pages)));
-            let swap = Swap::attach(Box::new(disk.clone()), "simdisk".into(), || 0).unwrap();
+            // The extent table, then a swap extent of the whole rest: a
+            // superblock and `pages` slots, rounded up to 4 KiB.
+            let disk = Rc::new(RefCell::new(MemBlockStore::new(DATA_START + 1 + 9 * pages + 7)));
+            let opts = FormatOptions { swap_percent: 100, min_swap_blocks: 0 };
+            let (swap, space) = Swap::attach(Box::new(disk.clone()), "simdisk".into(), &opts, 0, || 0).unwrap();
             m.host_mem.swap = Some(swap);
+            m.host_mem.space = Some(space);
             Some(disk)
         }
     };
@@ -248,8 +253,9 @@ impl Host {
         match input.u8() % 4 {
             0 => {
                 let (block, offset, mask) = (u64::from(input.u16()) % blocks, input.below(512) as usize, input.u8());
-                if block > 0 {
-                    // Block 0 is the superblock, read only when attaching.
+                if block > DATA_START {
+                    // Blocks 0..32 are the extent table and block 32 the swap
+                    // superblock, read only when attaching.
                     disk.corrupt(block, offset, mask);
                 }
             }

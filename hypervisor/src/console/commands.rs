@@ -63,6 +63,9 @@ const HELP: &[(&str, &str)] = &[
     ("mem sharing on [<pages per round>] | off", "background page sharing and its scan budget"),
     ("mem scan [<id>]", "one full page-sharing pass now"),
     ("mem target <id> <MiB>|none", "hold a VM to a memory target by sharing, then swapping"),
+    ("disk [list]", "the data disk's extents: swap, VM disk images, checkpoints"),
+    ("disk create <name> <MiB>", "a VM disk image (zero-filled lazily)"),
+    ("disk delete <name>", "free an image or checkpoint (not swap, not one a VM uses)"),
     ("poweroff", "stop all VMs and power the machine off"),
 ];
 
@@ -210,6 +213,9 @@ fn run<B: Backend>(
         Command::MemSharing { on, pages_per_round } => super::mem::sharing(m, *on, *pages_per_round),
         Command::MemScan { id } => super::mem::scan(m, *id),
         Command::MemTarget { id, mib } => super::mem::target(m, *id, *mib),
+        Command::DiskList => super::disk::list(m),
+        Command::DiskCreate { name, mib } => super::disk::create(m, host, name, *mib),
+        Command::DiskDelete { name } => super::disk::delete(m, name),
         Command::Poweroff => {
             m.stop_all(console);
             Ok(Reply { text: "stopping all VMs and powering off".into(), json: json!({}) })
@@ -356,12 +362,17 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     };
     let running = m.vms.iter().filter(|v| !v.state.ended()).count();
     let guests: Vec<&str> = m.images.iter().map(|g| g.name.as_str()).collect();
+    let disk = match &m.host_mem.space {
+        Some(s) => super::disk::summary_text(s),
+        None => format!("data disk: none ({})", m.host_mem.swap_missing),
+    };
     let text = format!(
         "cpu: {} {} (family {} model {} stepping {}), {} cpu(s), apic ids {:?}\n\
          memory: {} MiB usable, {} MiB free, heap {} MiB ({} KiB used)\n\
          virtualization: {virt}\n\
          tsc: {} kHz, up {}.{:03} s\n\
-         vms: {running} live, {} ended; guests: {}",
+         vms: {running} live, {} ended; guests: {}\n\
+         {disk}",
         h.cpu_vendor,
         h.cpu_brand,
         h.family,
@@ -392,6 +403,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         }
         o.insert("guests".into(), json!(guests));
         o.insert("vms_live".into(), json!(running));
+        o.insert("disk".into(), m.host_mem.space.as_ref().map_or(Value::Null, super::disk::summary_json));
     }
     Reply { text, json: j }
 }

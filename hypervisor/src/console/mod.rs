@@ -3,6 +3,7 @@
 //! and changes nothing.
 
 pub mod commands;
+mod disk;
 pub mod line;
 mod mem;
 pub mod parse;

@@ -6,6 +6,7 @@
 //! vm list | vm stats <id> | vm stop <id>
 //! mem | mem sharing on [<pages per round>] | mem sharing off
 //! mem scan [<id>] | mem target <id> <MiB>|none
+//! disk [list] | disk create <name> <MiB> | disk delete <name>
 //! ```
 //! Every command also takes `--json` (anywhere on the line): its reply is
 //! then exactly one JSON line.
@@ -13,6 +14,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use crate::disk::space::{ExtentName, NameError};
 use crate::manager::{MAX_MEM_MIB, MIN_MEM_MIB};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +82,16 @@ pub enum Command {
         id: u32,
         mib: Option<u32>,
     },
+    /// The data disk's extents.
+    DiskList,
+    /// A VM disk image of `mib` MiB.
+    DiskCreate {
+        name: String,
+        mib: u32,
+    },
+    DiskDelete {
+        name: String,
+    },
     Poweroff,
 }
 
@@ -103,6 +115,9 @@ impl Command {
             Command::MemSharing { .. } => "mem sharing",
             Command::MemScan { .. } => "mem scan",
             Command::MemTarget { .. } => "mem target",
+            Command::DiskList => "disk list",
+            Command::DiskCreate { .. } => "disk create",
+            Command::DiskDelete { .. } => "disk delete",
             Command::Poweroff => "poweroff",
         }
     }
@@ -182,6 +197,14 @@ pub enum Refusal {
         opt: String,
         expected: &'static str,
     },
+    /// Not an extent name (`disk create`, `disk delete`).
+    DiskName {
+        cmd: &'static str,
+        name: String,
+        why: NameError,
+    },
+    /// `disk create`'s size is not 1..=[`MAX_DISK_MIB`].
+    DiskMib(String),
 }
 
 impl core::fmt::Display for Refusal {
@@ -218,6 +241,8 @@ impl core::fmt::Display for Refusal {
             Refusal::UnknownOption { cmd, opt, expected } => {
                 write!(f, "{cmd}: unknown option {opt:?} (expected {expected})")
             }
+            Refusal::DiskName { cmd, name, why } => write!(f, "{cmd}: {name:?} is not a disk name: {why}"),
+            Refusal::DiskMib(v) => write!(f, "disk create: the size must be 1..={MAX_DISK_MIB} MiB, not {v:?}"),
         }
     }
 }
@@ -252,6 +277,7 @@ pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
         "poweroff" => no_args("poweroff", rest, Command::Poweroff),
         "vm" => parse_vm(rest),
         "mem" => parse_mem(rest),
+        "disk" => parse_disk(rest),
         other => Err(Refusal::UnknownCommand(other.to_string())),
     }
     .map_err(err)?;
@@ -352,6 +378,41 @@ fn parse_mem(rest: &[&str]) -> Result<Command, Refusal> {
             arg: other.to_string(),
             choices: "show, sharing, scan, target",
         }),
+    }
+}
+
+/// Largest VM disk image `disk create` makes (1 TiB); the disk's free
+/// space is the real limit.
+pub const MAX_DISK_MIB: u32 = 1 << 20;
+
+const DISK_SUBCOMMANDS: &str = "list, create, delete";
+
+fn disk_name(cmd: &'static str, name: &str) -> Result<String, Refusal> {
+    match ExtentName::new(name) {
+        Ok(_) => Ok(name.to_string()),
+        Err(why) => Err(Refusal::DiskName { cmd, name: name.to_string(), why }),
+    }
+}
+
+fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
+    match rest {
+        [] | ["list"] => Ok(Command::DiskList),
+        ["list", extra, ..] => Err(Refusal::UnexpectedArgument { cmd: "disk list", arg: extra.to_string() }),
+        ["create", name, mib] => {
+            let name = disk_name("disk create", name)?;
+            let mib = mib
+                .parse::<u32>()
+                .ok()
+                .filter(|m| (1..=MAX_DISK_MIB).contains(m))
+                .ok_or_else(|| Refusal::DiskMib(mib.to_string()))?;
+            Ok(Command::DiskCreate { name, mib })
+        }
+        ["create", ..] => Err(Refusal::Usage { cmd: "disk create", usage: "'disk create <name> <MiB>'" }),
+        ["delete", name] => Ok(Command::DiskDelete { name: disk_name("disk delete", name)? }),
+        ["delete", ..] => Err(Refusal::Usage { cmd: "disk delete", usage: "'disk delete <name>'" }),
+        [other, ..] => {
+            Err(Refusal::UnknownSubcommand { cmd: "disk", arg: other.to_string(), choices: DISK_SUBCOMMANDS })
+        }
     }
 }
 
@@ -557,5 +618,30 @@ mod tests {
         for e in [err("frobnicate"), err("vm run selftest mem=0")] {
             assert!(!e.contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn disk_commands() {
+        assert_eq!(ok("disk").command, Command::DiskList);
+        assert_eq!(ok("disk list --json"), Parsed { command: Command::DiskList, json: true });
+        assert_eq!(ok("disk create web 64").command, Command::DiskCreate { name: "web".into(), mib: 64 });
+        assert_eq!(ok("--json disk delete web").command, Command::DiskDelete { name: "web".into() });
+        let long = "n".repeat(32);
+        assert_eq!(ok(&format!("disk create {long} 1")).command, Command::DiskCreate { name: long, mib: 1 });
+        assert_eq!(err("disk create web"), "disk create: use 'disk create <name> <MiB>'");
+        assert_eq!(err("disk create web 0"), "disk create: the size must be 1..=1048576 MiB, not \"0\"");
+        assert!(err("disk create web 1048577").contains("the size must be"));
+        assert!(err("disk create web lots").contains("the size must be"));
+        assert!(err("disk create web 1 2").contains("use 'disk create"));
+        assert_eq!(
+            err(&format!("disk create {} 1", "n".repeat(33))),
+            format!("disk create: {:?} is not a disk name: a name is at most 32 bytes, this one is 33", "n".repeat(33))
+        );
+        assert!(err("disk create caf\u{e9} 1").contains("is not printable ASCII"));
+        assert_eq!(err("disk delete"), "disk delete: use 'disk delete <name>'");
+        assert!(err("disk delete a b").contains("use 'disk delete"));
+        assert!(err("disk list x").contains("unexpected argument"));
+        assert_eq!(err("disk wipe"), "disk: unknown subcommand \"wipe\" (list, create, delete)");
+        assert!(parse("disk create x 0 --json").unwrap_err().json);
     }
 }

@@ -102,6 +102,12 @@ fn civil(unix: i64) -> Civil {
     }
 }
 
+/// "2026-11-23 10:04:05": Unix seconds as a UTC date and time, for reports.
+pub fn utc_text(unix: u64) -> alloc::string::String {
+    let c = civil(i64::try_from(unix).unwrap_or(i64::MAX / 2));
+    alloc::format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", c.year, c.month, c.day, c.hour, c.minute, c.second)
+}
+
 /// A date to seconds since 1970 (the inverse, `days_from_civil`).
 fn unix(c: Civil) -> i64 {
     let y = c.year - i64::from(c.month <= 2);

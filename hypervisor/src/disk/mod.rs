@@ -8,6 +8,7 @@ pub mod ata;
 pub mod classify;
 pub mod request;
 pub mod selfcheck;
+pub mod space;
 
 use alloc::format;
 use alloc::string::String;

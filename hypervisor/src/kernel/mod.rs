@@ -14,10 +14,11 @@ use hypervisor::boot_config::{self, BootConfig, FaultInject};
 use hypervisor::console::{self, Edit, LineEditor, commands::After};
 use hypervisor::devices::virtio_slots::HostEntropy;
 use hypervisor::disk::selfcheck;
+use hypervisor::disk::space::FormatOptions;
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
 use hypervisor::memory::swap::AttachError;
-use hypervisor::memory::{NoSwap, Swap};
+use hypervisor::memory::{HostSpace, NoSwap, Swap};
 use hypervisor::vm::exit::Console;
 
 use crate::platform;
@@ -112,7 +113,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.model,
         if cpu.nested { ", under another hypervisor" } else { "" }
     );
-    // The scratch disk becomes the host swap device.
+    // The scratch disk becomes the data disk, with host swap in its `swap` extent.
     let disk = open_disk();
     if cpu.vmx {
         serve(VmxBackend::start(), &config, images, &cpu, disk)
@@ -123,26 +124,42 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
 }
 
-/// Probes for the scratch disk and takes it over as the swap device
+/// Probes for the scratch disk and takes it over as the host's data disk
 /// (`Swap::attach`: classified first, refused without a write if it holds
-/// other data, else self-checked and formatted or reopened). The swap
-/// device, or why there is none.
-fn open_disk() -> Result<Swap, NoSwap> {
+/// other data, else self-checked on the swap extent, then its extent table
+/// formatted or reopened and swap started in the `swap` extent). The swap
+/// device and the disk's space manager, or why there are none.
+fn open_disk() -> Result<(Swap, HostSpace), NoSwap> {
     let (disk, text) = platform::disk::probe();
     let Some(disk) = disk else {
         log::info!("disk: none ({text})");
         return Err(NoSwap::NoDisk { probe: text });
     };
     log::info!("disk: {text}");
-    match Swap::attach(disk, text.clone(), platform::time::micros) {
-        Ok(swap) => {
+    // Dates the swap extent of a freshly formatted table.
+    let now = platform::rtc::unix_time().unwrap_or(0);
+    match Swap::attach(disk, text.clone(), &FormatOptions::default(), now, platform::time::micros) {
+        Ok((swap, space)) => {
             log::info!(
                 "disk: self-check ok (write+read {} blocks) at block {}, {} us with save and restore",
                 selfcheck::CHECK_BLOCKS,
                 swap.check.first,
                 swap.check.micros
             );
-            Ok(swap)
+            log::info!(
+                "disk: extent table generation {} (copy {}), {} extents, {} free",
+                space.generation(),
+                space.current_copy(),
+                space.list().len(),
+                hypervisor::disk::capacity_text(space.free_blocks())
+            );
+            if let Some(why) = space.refused_copy() {
+                log::warn!("disk: the other table copy was unusable ({why}); the next change rewrites it");
+            }
+            for name in space.dropped() {
+                log::warn!("disk: dropped {name:?}: it was never completed (a save cut short)");
+            }
+            Ok((swap, space))
         }
         Err(e) => {
             match e {
@@ -201,7 +218,7 @@ fn serve<B: HostBackend>(
     config: &BootConfig,
     images: Vec<GuestImage>,
     cpu: &platform::cpu::CpuInfo,
-    disk: Result<Swap, NoSwap>,
+    disk: Result<(Swap, HostSpace), NoSwap>,
 ) -> ! {
     match &backend {
         Ok(b) => {
@@ -254,10 +271,11 @@ fn serve<B: HostBackend>(
         None => log::warn!("rtc: the host clock is unreadable; guest clocks start at 1970"),
     }
     match disk {
-        Ok(swap) => {
+        Ok((swap, space)) => {
             let st = swap.stats();
             log::info!("swap: {} ({:?}), {} page slots ({} MiB)", swap.device, swap.attached, st.slots, st.slots >> 8);
             manager.host_mem.swap = Some(swap);
+            manager.host_mem.space = Some(space);
         }
         Err(why) => {
             log::warn!("swap: none ({why})");

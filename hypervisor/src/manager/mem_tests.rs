@@ -25,8 +25,10 @@ fn manager(frames: usize) -> Manager<MockBackend> {
 
 fn with_swap(m: &mut Manager<MockBackend>, blocks: u64) -> Rc<RefCell<MemBlockStore>> {
     let disk = Rc::new(RefCell::new(MemBlockStore::new(blocks)));
-    let swap = Swap::attach(Box::new(disk.clone()), "simdisk".into(), || 0).unwrap();
+    let opts = crate::disk::space::FormatOptions::default();
+    let (swap, space) = Swap::attach(Box::new(disk.clone()), "simdisk".into(), &opts, 0, || 0).unwrap();
     m.host_mem.swap = Some(swap);
+    m.host_mem.space = Some(space);
     disk
 }
 
@@ -393,4 +395,68 @@ fn out_of_frames_pages_out_the_vm_over_its_share_when_it_can() {
     assert_eq!(peek(&m, 1, 1 << 20, 4096).unwrap(), unique(1 << 20));
     assert_eq!(m.host_mem.stats.oom_stopped, 0);
     give_back(&mut m, eaten);
+}
+
+#[test]
+fn disk_commands_create_list_delete_and_refuse_bad_input_changing_nothing() {
+    let mut m = manager(16384);
+    let host = HostStatus { uptime_us: 3_000_000, ..Default::default() };
+    m.host_epoch = 1_700_000_000;
+    let mut con = Lines::default();
+    let mut run = |line: &str, m: &mut Manager<MockBackend>| -> String {
+        con.0.clear();
+        match parse(line) {
+            Ok(Some(p)) => {
+                execute(&p, m, &host, &mut con);
+            }
+            Ok(None) => {}
+            Err(e) => crate::console::commands::report_parse_error(&e, &mut con),
+        }
+        con.text()
+    };
+    // No disk: said in one line.
+    let out = run("disk list", &mut m);
+    assert_eq!(out.trim_end(), "error: no data disk (no swap disk attached)");
+    // A 64 MiB disk: 32 MiB swap, the rest free.
+    let disk = with_swap(&mut m, 131_072);
+    let out = run("disk create web 8", &mut m);
+    assert!(out.starts_with("disk web created: 8.0 MiB image at block "), "{out}");
+    assert!(out.contains("zero-filled lazily"), "{out}");
+    let j: serde_json::Value = serde_json::from_str(&run("disk list --json", &mut m)).unwrap();
+    assert_eq!(j["ok"], true, "{j}");
+    let ext = j["extents"].as_array().unwrap();
+    assert_eq!(ext.len(), 2, "{j}");
+    assert_eq!((&ext[0]["name"], &ext[0]["kind"]), (&"swap".into(), &"swap".into()));
+    assert_eq!(ext[1]["name"], "web");
+    assert_eq!(ext[1]["size_bytes"], 8 << 20);
+    assert_eq!(ext[1]["created"], 1_700_000_003u64);
+    assert_eq!(ext[1]["complete"], true);
+    let text = run("disk", &mut m);
+    assert!(text.contains("web") && text.contains("2023-11-14 22:13:23") && text.contains("8.0"), "{text}");
+    let host_text = run("host", &mut m);
+    assert!(
+        host_text.contains("data disk: 64.0 MiB, table generation 3 (copy B): swap 32.0 MiB, 1 images"),
+        "{host_text}"
+    );
+    // Bad input: one line each, the table does not change.
+    let writes = disk.borrow().stats().writes;
+    for (line, msg) in [
+        ("disk create web 8", "error: \"web\" already exists"),
+        ("disk create big 100", "error: no room: "),
+        ("disk create a\u{7f} 1", "is not a disk name"),
+        ("disk create x 0", "the size must be"),
+        ("disk delete swap", "error: \"swap\" is the host's swap and cannot be deleted"),
+        ("disk delete nope", "error: no extent named \"nope\""),
+        ("disk delete", "disk delete: use"),
+    ] {
+        let out = run(line, &mut m);
+        assert!(out.contains(msg), "{line}: {out}");
+        assert_eq!(out.lines().count(), 1, "{line}: {out}");
+    }
+    let j: serde_json::Value = serde_json::from_str(&run("disk delete nope --json", &mut m)).unwrap();
+    assert_eq!((&j["ok"], &j["command"]), (&false.into(), &"disk delete".into()));
+    assert_eq!(disk.borrow().stats().writes, writes, "a refused command wrote");
+    assert!(run("disk delete web", &mut m).starts_with("disk web deleted (image, 8.0 MiB freed)"));
+    let j: serde_json::Value = serde_json::from_str(&run("disk list --json", &mut m)).unwrap();
+    assert_eq!(j["extents"].as_array().unwrap().len(), 1);
 }

@@ -124,6 +124,13 @@ impl<B: Backend> Manager<B> {
         }
     }
 
+    /// The VM using data-disk extent `name`, if any: `disk delete` refuses
+    /// to free it. The hook for VM disk images; no VM attaches one yet
+    /// (virtio-block over an image is still to come), so none is in use.
+    pub fn disk_user(&self, _name: &str) -> Option<u32> {
+        None
+    }
+
     pub fn get(&self, id: u32) -> Option<&Vm<B>> {
         self.vms.iter().find(|v| v.id == id).map(|b| &**b)
     }

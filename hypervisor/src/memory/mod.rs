@@ -14,7 +14,7 @@ use mm::swap::{SwapSlot, VmSwapSpec};
 use mm::swap_hook::PageStore;
 use mm::vm_memory::{Hooks, SharingIndex, VmMemory};
 
-pub use swap::{Swap, SwapDisk};
+pub use swap::{HostSpace, SharedDisk, Swap, SwapDisk};
 
 /// A VM's memory, paging out to the host swap device.
 pub type GuestMemory<F> = VmMemory<F, SwapSlot>;
@@ -80,7 +80,11 @@ pub struct HostMemory {
     pub sharing_enabled: bool,
     pub scan_pages_per_round: usize,
     pub swap: Option<Swap>,
-    /// Why there is no swap device, for reports.
+    /// The data disk's space manager (swap runs in its `swap` extent; VM
+    /// disk images and checkpoints are its other extents). Present exactly
+    /// when `swap` is.
+    pub space: Option<HostSpace>,
+    /// Why there is no swap device (and no data disk), for reports.
     pub swap_missing: NoSwap,
     pub stats: HostMemStats,
 }
@@ -92,6 +96,7 @@ impl Default for HostMemory {
             sharing_enabled: false,
             scan_pages_per_round: DEFAULT_SCAN_PAGES_PER_ROUND,
             swap: None,
+            space: None,
             swap_missing: NoSwap::NotAttached,
             stats: HostMemStats::default(),
         }

@@ -1,35 +1,57 @@
-//! The host swap device: which disk becomes swap, and the one resource pool
-//! every VM's swap file reserves from.
+//! The host data disk and the swap device in it: which disk becomes the
+//! data disk, its extent table (`disk::space`), the swap extent, and the
+//! one resource pool every VM's swap file reserves from.
 //!
 //! Taking a disk over is careful, and decided before anything is written:
-//! [`classify`] reads block 0 (and the blank zone after it); a disk with
-//! someone else's data is refused without a single write. Only a blank
-//! disk or our own swap device gets the self-check (which restores what it
-//! overwrote) and then a superblock: the blank one is formatted, the swap
-//! device reopened (its old contents are stale by the epoch bump).
+//! [`classify`] reads the table area (and the blank zone after it); a disk
+//! with someone else's data, or with an extent table whose both copies are
+//! damaged, is refused without a single write. Only a blank disk, one with
+//! our table, or one with the older whole-disk swap superblock (reformatted:
+//! see `disk::classify`) gets the self-check, on the blocks of the swap
+//! extent (the one the table has, or the one the format will make; the
+//! check restores what it overwrote), and only then is the table written:
+//! formatted, or reopened (which drops checkpoints never closed). Swap then
+//! runs inside the `swap` extent through an `ExtentStore`, unchanged: its
+//! superblock is the extent's first block; a reopened one gets an epoch
+//! bump (old contents are stale), one that is missing or unusable inside
+//! our own extent is simply formatted.
 
 use alloc::boxed::Box;
+use alloc::rc::Rc;
 use alloc::string::String;
+use core::cell::RefCell;
 use core::fmt;
 
 use mm::swap::{BlockStore, PoolId, PoolStats, ReservationStats, SwapFile, SwapReservation, VmSwapSpec};
 
 use crate::disk::classify::{DiskKind, Foreign, classify};
 use crate::disk::selfcheck::{self, CheckError};
+use crate::disk::space::{ExtentName, ExtentStore, FormatOptions, SWAP_NAME, Space, SpaceError};
 
-/// The driver under swap (ATA PIO or virtio-blk, chosen at boot).
-pub type SwapDisk = Box<dyn BlockStore>;
+/// The data disk's driver (ATA PIO or virtio-blk, chosen at boot), shared
+/// by the space manager and the swap extent's view. The kernel runs the
+/// console and the scheduler on one CPU, so a `RefCell` is the whole of
+/// the locking.
+pub type SharedDisk = Rc<RefCell<Box<dyn BlockStore>>>;
+
+/// The device under swap: the `swap` extent of the data disk.
+pub type SwapDisk = ExtentStore<SharedDisk>;
+
+/// The data disk's space manager.
+pub type HostSpace = Space<SharedDisk>;
 
 /// How the device was taken over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
-    /// It had a valid swap superblock.
+    /// It had an extent table.
     Reopened,
-    /// It was blank and got a fresh superblock.
+    /// It was blank and got a fresh table.
     Formatted,
+    /// It held the older whole-disk swap format and got a fresh table.
+    Migrated,
 }
 
-/// Why a disk did not become the swap device.
+/// Why a disk did not become the data disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachError {
     /// Reading it to classify it failed; nothing was written.
@@ -39,7 +61,9 @@ pub enum AttachError {
     /// The boot-time self-check failed (the error says whether the old
     /// contents were restored).
     SelfCheck(CheckError),
-    /// Formatting or reopening failed.
+    /// Formatting or reopening the extent table failed.
+    Space(SpaceError),
+    /// Formatting or reopening swap in its extent failed.
     Swap(mm::Error),
 }
 
@@ -49,6 +73,7 @@ impl fmt::Display for AttachError {
             AttachError::Unreadable(e) => write!(f, "cannot read it to see what it holds: {e}; nothing written"),
             AttachError::Refused(why) => write!(f, "refused without a write: {why}"),
             AttachError::SelfCheck(e) => write!(f, "failed its self-check: {e}"),
+            AttachError::Space(e) => write!(f, "extent table: {e}"),
             AttachError::Swap(e) => write!(f, "not used for swap: {e}"),
         }
     }
@@ -57,7 +82,7 @@ impl fmt::Display for AttachError {
 /// The boot-time self-check that preceded the take-over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SelfCheck {
-    /// The first block it used.
+    /// The first block it used, on the disk (not in the extent).
     pub first: u64,
     /// How long it took, with save and restore (microseconds).
     pub micros: u64,
@@ -73,25 +98,56 @@ pub struct Swap {
 }
 
 impl Swap {
-    /// Take `dev` over as the swap device (see the module documentation);
-    /// `now_us` times the self-check.
-    pub fn attach(mut dev: SwapDisk, device: String, now_us: fn() -> u64) -> Result<Swap, AttachError> {
-        // One classification decides both whether anything may be written
-        // and, after the check, whether to format or reopen.
+    /// Take `dev` over as the data disk and start swap in its `swap`
+    /// extent (see the module documentation). `opts` lays out a disk that
+    /// gets a fresh table, `unix_now` dates its swap extent, `now_us` times
+    /// the self-check.
+    pub fn attach(
+        mut dev: Box<dyn BlockStore>,
+        device: String,
+        opts: &FormatOptions,
+        unix_now: u64,
+        now_us: fn() -> u64,
+    ) -> Result<(Swap, HostSpace), AttachError> {
+        // One classification decides whether anything may be written, where
+        // the swap extent is for the check, and whether to format or reopen.
         let kind = classify(dev.as_mut()).map_err(AttachError::Unreadable)?;
-        if let DiskKind::Foreign(why) = kind {
-            return Err(AttachError::Refused(why));
-        }
-        let start = now_us();
-        let first = selfcheck::check(dev.as_mut()).map_err(AttachError::SelfCheck)?;
-        let check = SelfCheck { first, micros: now_us().wrapping_sub(start) };
-        let (res, attached) = match kind {
-            DiskKind::Swap(_) => (SwapReservation::open(dev), Attached::Reopened),
-            _ => (SwapReservation::format(dev), Attached::Formatted),
+        let (start, blocks) = match &kind {
+            DiskKind::Foreign(why) => return Err(AttachError::Refused(*why)),
+            DiskKind::Space { table, .. } => {
+                let swap = table.extents.iter().find(|e| e.name.as_str() == SWAP_NAME);
+                let swap = swap.ok_or(AttachError::Space(SpaceError::NotFound(ExtentName::SWAP)))?;
+                (swap.start, swap.blocks)
+            }
+            DiskKind::Blank | DiskKind::OldSwap(_) => {
+                opts.swap_extent(dev.block_count()).map_err(AttachError::Space)?
+            }
+        };
+        let shared: SharedDisk = Rc::new(RefCell::new(dev));
+        let start_us = now_us();
+        let mut view = ExtentStore::new(shared.clone(), start, blocks);
+        let first = selfcheck::check(&mut view).map_err(AttachError::SelfCheck)?;
+        let check = SelfCheck { first: start + first, micros: now_us().wrapping_sub(start_us) };
+        let (space, attached) = match kind {
+            DiskKind::Space { .. } => (Space::open(shared), Attached::Reopened),
+            DiskKind::OldSwap(_) => (Space::format(shared, opts, unix_now), Attached::Migrated),
+            _ => (Space::format(shared, opts, unix_now), Attached::Formatted),
+        };
+        let space = space.map_err(AttachError::Space)?;
+        let view = || space.extent_store(SWAP_NAME).map_err(AttachError::Space);
+        let res = match attached {
+            // Reopen our own swap; if its superblock is missing or unusable
+            // (a crash between the table and the swap format), the extent is
+            // ours all the same: format it.
+            Attached::Reopened => match SwapReservation::open(view()?) {
+                Err(mm::Error::SwapDeviceRefused(_)) => SwapReservation::format(view()?),
+                other => other,
+            },
+            _ => SwapReservation::format(view()?),
         };
         let mut res = res.map_err(AttachError::Swap)?;
         let pool = res.create_pool(0);
-        Ok(Swap { res, pool, device, attached, check })
+        Ok((Swap { res, pool, device, attached, check }, space))
     }
 
     pub fn stats(&self) -> ReservationStats {
@@ -151,20 +207,74 @@ mod tests {
             self.0.borrow().raw().to_vec()
         }
     }
+    /// Half of an 8 MiB disk is swap (the 16 MiB floor is off).
+    const OPTS: FormatOptions = FormatOptions { swap_percent: 50, min_swap_blocks: 0 };
+
+    fn attach_with(d: &Shared, opts: &FormatOptions) -> Result<Swap, AttachError> {
+        Swap::attach(Box::new(d.0.clone()), "mem0".into(), opts, 1_700_000_000, no_clock).map(|(swap, _)| swap)
+    }
+
     fn attach(d: &Shared) -> Result<Swap, AttachError> {
-        Swap::attach(Box::new(d.0.clone()), "mem0".into(), no_clock)
+        attach_with(d, &FormatOptions::default())
     }
 
     #[test]
     fn a_blank_disk_is_checked_formatted_then_reopened() {
-        let s = Swap::attach(Box::new(MemBlockStore::new(4096)), "mem0".into(), no_clock).unwrap();
+        let d = Shared::new(MemBlockStore::new(16_384));
+        let (s, space) = Swap::attach(Box::new(d.0.clone()), "mem0".into(), &OPTS, 5, no_clock).unwrap();
         assert_eq!(s.attached, Attached::Formatted);
-        assert_eq!(s.check.first, 4096 - CHECK_BLOCKS);
-        assert!(s.stats().slots > 400, "{:?}", s.stats());
-        // Hand the device back and attach again: the superblock is found.
-        let dev = s.res.into_device();
-        let again = Swap::attach(dev, "mem0".into(), no_clock).unwrap();
+        let ext = space.get("swap").unwrap();
+        assert_eq!((ext.start, ext.blocks, ext.created), (32, 8176, 5));
+        // The check ran on the swap extent's last slot, not the disk's.
+        assert_eq!(s.check.first, 32 + 8176 - CHECK_BLOCKS);
+        assert_eq!(s.stats().slots, (8176 - 1) / 9);
+        // The table is in front of swap, and the rest is free for images.
+        assert_eq!(space.free_blocks(), 16_384 - 32 - 8176);
+        drop((s, space));
+        // Attach again: the table is found, swap reopened in its extent.
+        let again = attach_with(&d, &OPTS).unwrap();
         assert_eq!(again.attached, Attached::Reopened);
+        assert_eq!(again.stats().slots, (8176 - 1) / 9);
+    }
+
+    #[test]
+    fn images_survive_a_reattach_and_unclosed_checkpoints_do_not() {
+        let d = Shared::new(MemBlockStore::new(16_384));
+        let (s, mut space) = Swap::attach(Box::new(d.0.clone()), "mem0".into(), &OPTS, 5, no_clock).unwrap();
+        space.create_image("web", 2048, 6).unwrap();
+        let mut w = space.create_checkpoint("half", 4096, 7, [0; 2]).unwrap();
+        w.write_all(b"partial").unwrap();
+        drop(w);
+        drop((s, space));
+        let (s, space) = Swap::attach(Box::new(d.0.clone()), "mem0".into(), &OPTS, 8, no_clock).unwrap();
+        assert_eq!(s.attached, Attached::Reopened);
+        let names: Vec<&str> = space.list().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["swap", "web"]);
+        assert_eq!(space.dropped().len(), 1);
+    }
+
+    #[test]
+    fn an_old_whole_disk_swap_device_is_migrated_to_a_table() {
+        let d = our_swap_disk();
+        let s = attach_with(&d, &OPTS).unwrap();
+        assert_eq!(s.attached, Attached::Migrated);
+        assert_eq!(s.stats().slots, (2032 - 1) / 9);
+        let raw = d.raw();
+        assert_eq!(&raw[..7], b"HVSPACE", "block 0 now holds the table");
+    }
+
+    #[test]
+    fn a_table_with_both_copies_damaged_is_refused_without_a_write() {
+        let d = Shared::new(MemBlockStore::new(4096));
+        drop(attach_with(&d, &OPTS).unwrap());
+        d.0.borrow_mut().corrupt(3, 0, 1);
+        d.0.borrow_mut().corrupt(17, 0, 1);
+        let before = d.raw();
+        let writes = d.0.borrow().stats().writes;
+        let e = attach(&d).err().unwrap();
+        assert!(matches!(e, AttachError::Refused(Foreign::DamagedTable { .. })), "{e:?}");
+        assert_eq!(d.0.borrow().stats().writes, writes);
+        assert!(d.raw() == before);
     }
 
     /// Disks holding someone else's data, as a whole-system test would
@@ -257,8 +367,9 @@ mod tests {
         assert!(d.raw() == before, "the mismatch left the pattern behind");
 
         let d = our_swap_disk();
-        // Classification reads blocks 0 only (a superblock); the check's
-        // first read saves, the second is the read-back.
+        // Classification reads the table area once (block 0 holds an old
+        // superblock); the check's first read saves, the second is the
+        // read-back.
         d.0.borrow_mut().fail_reads_after(2, 1);
         let e = attach(&d).err().unwrap();
         assert!(matches!(e, AttachError::SelfCheck(CheckError::Failed(Fault::ReadBack(_)))), "{e:?}");
@@ -286,7 +397,7 @@ mod tests {
 
     #[test]
     fn files_reserve_thickly_from_one_pool() {
-        let mut s = Swap::attach(Box::new(MemBlockStore::new(4096)), "mem0".into(), no_clock).unwrap();
+        let mut s = attach(&Shared::new(MemBlockStore::new(4096))).unwrap();
         let slots = s.stats().slots;
         s.add_vm(VmSwapSpec { vm: 1, configured_pages: slots, reserved_pages: 10 }).unwrap();
         assert_eq!(s.pool_stats().unwrap().size, slots - 10);

@@ -1,0 +1,128 @@
+//! The `disk` commands: the data disk's extents (swap, VM disk images,
+//! checkpoints), listed, created and deleted through the space manager
+//! (`disk::space`, kept in `HostMemory::space`).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde_json::{Value, json};
+
+use super::commands::{HostStatus, Reply};
+use crate::backend::Backend;
+use crate::devices::rtc::utc_text;
+use crate::disk::space::{ExtentInfo, HostSpaceSummary};
+use crate::manager::Manager;
+use crate::memory::HostSpace;
+
+/// Bytes to MiB with one decimal ("31.5").
+fn mib_text(bytes: u64) -> String {
+    let tenths = (u128::from(bytes) * 10 + (1 << 19)) >> 20;
+    format!("{}.{}", tenths / 10, tenths % 10)
+}
+
+fn space<B: Backend>(m: &Manager<B>) -> Result<&HostSpace, String> {
+    m.host_mem.space.as_ref().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))
+}
+
+fn extent_json(e: &ExtentInfo) -> Value {
+    json!({
+        "name": e.name.as_str(),
+        "kind": e.kind.name(),
+        "start_block": e.start,
+        "blocks": e.blocks,
+        "size_bytes": e.capacity_bytes(),
+        "bytes": e.bytes,
+        "created": e.created,
+        "complete": e.complete,
+        "meta": e.meta,
+    })
+}
+
+/// The table in one JSON object (also part of `host --json`).
+pub(super) fn summary_json(s: &HostSpace) -> Value {
+    let sum = HostSpaceSummary::of(s);
+    json!({
+        "disk_blocks": s.disk_blocks(),
+        "generation": s.generation(),
+        "copy": format!("{}", s.current_copy()),
+        "extents": s.list().len(),
+        "images": sum.images,
+        "checkpoints": sum.checkpoints,
+        "swap_blocks": sum.swap_blocks,
+        "free_blocks": s.free_blocks(),
+        "largest_free_blocks": sum.largest_free,
+    })
+}
+
+/// One line for `host`.
+pub(super) fn summary_text(s: &HostSpace) -> String {
+    let sum = HostSpaceSummary::of(s);
+    format!(
+        "data disk: {} MiB, table generation {} (copy {}): swap {} MiB, {} images, {} checkpoints, {} MiB free",
+        mib_text(s.disk_blocks() * 512),
+        s.generation(),
+        s.current_copy(),
+        mib_text(sum.swap_blocks * 512),
+        sum.images,
+        sum.checkpoints,
+        mib_text(s.free_blocks() * 512)
+    )
+}
+
+/// `disk list`.
+pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
+    let s = space(m)?;
+    let mut text =
+        String::from("NAME                              KIND        SIZE(MiB)  CREATED (UTC)        COMPLETE");
+    for e in s.list() {
+        text.push_str(&format!(
+            "\n{:<32}  {:<10}  {:>9}  {}  {}",
+            e.name.as_str(),
+            e.kind.name(),
+            mib_text(e.capacity_bytes()),
+            utc_text(e.created),
+            if e.complete { "yes" } else { "no (being written)" }
+        ));
+    }
+    text.push_str(&format!(
+        "\n{} MiB free of {} MiB",
+        mib_text(s.free_blocks() * 512),
+        mib_text(s.disk_blocks() * 512)
+    ));
+    let extents: Vec<Value> = s.list().iter().map(extent_json).collect();
+    let mut j = json!({ "extents": extents });
+    if let (Value::Object(o), Value::Object(sum)) = (&mut j, summary_json(s)) {
+        o.extend(sum.into_iter().filter(|(k, _)| k != "extents"));
+    }
+    Ok(Reply { text, json: j })
+}
+
+/// `disk create <name> <MiB>`: an image, zero-filled lazily (its blocks
+/// are not written now; the device that serves it reads zeros where the
+/// guest never wrote).
+pub(super) fn create<B: Backend>(m: &mut Manager<B>, h: &HostStatus, name: &str, mib: u32) -> Result<Reply, String> {
+    let now = m.host_epoch + h.uptime_us / 1_000_000;
+    let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
+    let e = s.create_image(name, u64::from(mib) << 11, now).map_err(|e| format!("{e}"))?;
+    Ok(Reply {
+        text: format!(
+            "disk {} created: {} MiB image at block {} (zero-filled lazily: nothing written but the table)",
+            e.name,
+            mib_text(e.capacity_bytes()),
+            e.start
+        ),
+        json: extent_json(&e),
+    })
+}
+
+/// `disk delete <name>`: refused for the swap extent, and for an image a
+/// VM uses (`Manager::disk_user`).
+pub(super) fn delete<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
+    let user = m.disk_user(name);
+    let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
+    let e = s.delete(name, |_| user).map_err(|e| format!("{e}"))?;
+    Ok(Reply {
+        text: format!("disk {} deleted ({}, {} MiB freed)", e.name, e.kind.name(), mib_text(e.capacity_bytes())),
+        json: extent_json(&e),
+    })
+}
