@@ -13,7 +13,10 @@
 //!   half the region's pages shared, counted inside the region with the
 //!   SHARED_IN_RANGE hypercall, or 1 page of the VM swapped);
 //! - `seed=S`: content seed (default 0);
-//! - `passes=N`: swap mode's verification passes (default 3).
+//! - `passes=N`: swap mode's verification passes (default 3);
+//! - `hold=1`: share mode, after filling, halt until a byte arrives on COM1
+//!   (`vm send`), so the host can checkpoint the VM with the region full and
+//!   the check still to come (on this host or wherever it is restored).
 //!
 //! share: page i holds words that depend only on i and the seed (so identical
 //! VMs given the same seed have identical pages), and pages with i % 8 in
@@ -29,7 +32,7 @@
 
 use core::fmt;
 use guests::hypercall as hc;
-use guests::io::{halt_once, hypercall, hypercall_args};
+use guests::io::{halt_once, hypercall, hypercall_args, inb};
 use guests::{Boot, println};
 
 const PAGE: u64 = 4096;
@@ -53,10 +56,11 @@ struct Options {
     target: Option<u64>,
     seed: u64,
     passes: u64,
+    hold: bool,
 }
 
 fn parse(cmdline: &str) -> Result<Options, &str> {
-    let mut o = Options { mode: Mode::Share, mib: 8, wait: 2000, target: None, seed: 0, passes: 3 };
+    let mut o = Options { mode: Mode::Share, mib: 8, wait: 2000, target: None, seed: 0, passes: 3, hold: false };
     for word in cmdline.split_whitespace() {
         let (key, value) = word.split_once('=').ok_or(word)?;
         let num = || parse_u64(value).ok_or(word);
@@ -68,6 +72,7 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
             "target" => o.target = Some(num()?),
             "seed" => o.seed = num()?,
             "passes" => o.passes = num()?,
+            "hold" => o.hold = num()? != 0,
             _ => return Err(word),
         }
     }
@@ -261,7 +266,7 @@ fn main(boot: Boot) -> u32 {
     let o = match parse(boot.cmdline()) {
         Ok(o) => o,
         Err(word) => {
-            println!("memtest: error: bad option {word:?} (mode=share|swap mib= wait= target= seed= passes=)");
+            println!("memtest: error: bad option {word:?} (mode=share|swap mib= wait= target= seed= passes= hold=)");
             return 2;
         }
     };
@@ -295,6 +300,15 @@ fn share(o: &Options, region: Region, vm_id: u64) -> bool {
     let seed = o.seed;
     let sum = region.fill(|p, w| shared_content(seed, p, w));
     println!("memtest: filled {} pages ({} MiB), checksum {sum:#018x}", region.pages, o.mib);
+    if o.hold {
+        println!("memtest: holding until a byte arrives on COM1");
+        // LSR bit 0: data ready (16550).
+        while inb(0x3fd) & 1 == 0 {
+            halt_once();
+        }
+        let key = inb(0x3f8);
+        println!("memtest: released by {key:#04x}");
+    }
 
     let target = o.target.unwrap_or(region.pages / 2);
     match wait_for(|| shared_in(region), target, o.wait) {

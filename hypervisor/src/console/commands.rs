@@ -216,6 +216,10 @@ fn run<B: Backend>(
         Command::DiskList => super::disk::list(m),
         Command::DiskCreate { name, mib } => super::disk::create(m, host, name, *mib),
         Command::DiskDelete { name } => super::disk::delete(m, name),
+        Command::VmSave { id, name } => super::checkpoint::save(m, host, *id, name),
+        Command::VmRestore { name } => super::checkpoint::restore(m, name),
+        Command::VmCheckpoints => super::checkpoint::list(m),
+        Command::VmCheckpointDelete { name } => super::checkpoint::delete(m, name),
         Command::Poweroff => {
             m.stop_all(console);
             Ok(Reply { text: "stopping all VMs and powering off".into(), json: json!({}) })

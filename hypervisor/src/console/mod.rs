@@ -2,6 +2,7 @@
 //! grammar, and the replies in text or JSON. Bad input gets a one-line error
 //! and changes nothing.
 
+mod checkpoint;
 pub mod commands;
 mod disk;
 pub mod line;

@@ -92,6 +92,20 @@ pub enum Command {
     DiskDelete {
         name: String,
     },
+    /// Write VM `id`'s whole state to checkpoint `name` on the data disk.
+    VmSave {
+        id: u32,
+        name: String,
+    },
+    /// A new VM from checkpoint `name`, started.
+    VmRestore {
+        name: String,
+    },
+    /// The checkpoints on the data disk.
+    VmCheckpoints,
+    VmCheckpointDelete {
+        name: String,
+    },
     Poweroff,
 }
 
@@ -118,6 +132,10 @@ impl Command {
             Command::DiskList => "disk list",
             Command::DiskCreate { .. } => "disk create",
             Command::DiskDelete { .. } => "disk delete",
+            Command::VmSave { .. } => "vm save",
+            Command::VmRestore { .. } => "vm restore",
+            Command::VmCheckpoints => "vm checkpoints",
+            Command::VmCheckpointDelete { .. } => "vm checkpoint delete",
             Command::Poweroff => "poweroff",
         }
     }
@@ -253,7 +271,8 @@ impl core::fmt::Display for ParseError {
     }
 }
 
-const VM_SUBCOMMANDS: &str = "run, list, stats, stop, pause, resume, send, console";
+const VM_SUBCOMMANDS: &str =
+    "run, create, start, list, stats, stop, pause, resume, send, console, save, restore, checkpoints, checkpoint";
 
 /// Parses one line; `Ok(None)` for a blank line.
 pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
@@ -318,6 +337,19 @@ fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
         "run" => parse_run(args),
         "create" => parse_create(args),
         "start" => parse_id("vm start", args).map(|id| Command::VmStart { id }),
+        "save" => match args {
+            [id, name] => Ok(Command::VmSave { id: vm_id("vm save", id)?, name: disk_name("vm save", name)? }),
+            _ => Err(Refusal::Usage { cmd: "vm save", usage: "'vm save <id> <name>'" }),
+        },
+        "restore" => match args {
+            [name] => Ok(Command::VmRestore { name: disk_name("vm restore", name)? }),
+            _ => Err(Refusal::Usage { cmd: "vm restore", usage: "'vm restore <name>'" }),
+        },
+        "checkpoints" => no_args("vm checkpoints", args, Command::VmCheckpoints),
+        "checkpoint" => match args {
+            ["delete", name] => Ok(Command::VmCheckpointDelete { name: disk_name("vm checkpoint delete", name)? }),
+            _ => Err(Refusal::Usage { cmd: "vm checkpoint", usage: "'vm checkpoint delete <name>'" }),
+        },
         other => Err(Refusal::UnknownSubcommand { cmd: "vm", arg: other.to_string(), choices: VM_SUBCOMMANDS }),
     }
 }
@@ -622,6 +654,15 @@ mod tests {
 
     #[test]
     fn disk_commands() {
+        assert_eq!(ok("vm save 3 web-1").command, Command::VmSave { id: 3, name: "web-1".into() });
+        assert_eq!(ok("vm restore web-1 --json").command, Command::VmRestore { name: "web-1".into() });
+        assert_eq!(ok("vm checkpoints").command, Command::VmCheckpoints);
+        assert_eq!(ok("vm checkpoint delete a").command, Command::VmCheckpointDelete { name: "a".into() });
+        assert!(err("vm save 3").contains("use 'vm save <id> <name>'"));
+        assert!(err("vm save x a").contains("not a VM id"));
+        assert!(err("vm restore").contains("use 'vm restore <name>'"));
+        assert!(err("vm checkpoint rm a").contains("vm checkpoint delete"));
+        assert!(err("vm checkpoints now").contains("unexpected argument"));
         assert_eq!(ok("disk").command, Command::DiskList);
         assert_eq!(ok("disk list --json"), Parsed { command: Command::DiskList, json: true });
         assert_eq!(ok("disk create web 64").command, Command::DiskCreate { name: "web".into(), mib: 64 });

@@ -174,3 +174,83 @@ fn swapped_and_poisoned_pages_are_saved_as_what_they_are() {
     assert_eq!(st, Some(PageState::Poisoned));
     assert_eq!(peek(&m, restored, 0x20_2000), pattern(2));
 }
+
+/// The console commands over a simulated data disk: save, list, restore,
+/// refusals that change nothing, delete.
+#[test]
+fn console_saves_lists_restores_and_deletes_checkpoints() {
+    use crate::console::{HostStatus, execute, parse};
+    use crate::memory::Swap;
+    use crate::testing::Lines;
+    use alloc::boxed::Box;
+    use alloc::rc::Rc;
+    use alloc::string::String;
+    use core::cell::RefCell;
+    use mm::swap::MemBlockStore;
+
+    let mut m = manager(24576);
+    // A 32 MiB disk: half swap, the rest for checkpoints.
+    let disk = Rc::new(RefCell::new(MemBlockStore::new(65536)));
+    let opts = crate::disk::space::FormatOptions::default();
+    let (swap, space) = Swap::attach(Box::new(disk.clone()), "simdisk".into(), &opts, 0, || 0).unwrap();
+    m.host_mem.swap = Some(swap);
+    m.host_mem.space = Some(space);
+    m.host_epoch = 1_700_000_000;
+    let id = busy_vm(&mut m);
+    let host = HostStatus { uptime_us: 3_000_000, ..Default::default() };
+    let mut run = |line: &str, m: &mut Manager<MockBackend>| -> String {
+        let mut con = Lines::default();
+        execute(&parse(line).unwrap().unwrap(), m, &host, &mut con);
+        con.0.join("\n")
+    };
+    let out = run(&alloc::format!("vm save {id} first"), &mut m);
+    assert!(out.contains("vm 1 saved to checkpoint first:"), "{out}");
+    let out = run("vm checkpoints --json", &mut m);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &j["checkpoints"][0];
+    assert_eq!(
+        (c["name"].as_str(), c["complete"].as_bool(), c["ram_bytes"].as_u64()),
+        (Some("first"), Some(true), Some(4 << 20))
+    );
+    assert!(c["bytes"].as_u64().unwrap() > 4096, "{c}");
+    // Refusals: one line each, nothing changes.
+    let before = run("disk list --json", &mut m);
+    for (line, want) in [
+        ("vm save 1 first", "exists"),
+        ("vm save 9 other", "no VM 9"),
+        ("vm restore nothere", "nothere"),
+        ("vm restore swap", "not a checkpoint"),
+        ("vm checkpoint delete swap", "not a checkpoint"),
+    ] {
+        let out = run(line, &mut m);
+        assert!(out.starts_with("error:") && out.contains(want) && !out.contains('\n'), "{line}: {out}");
+    }
+    assert_eq!(run("disk list --json", &mut m), before, "a refusal changed the disk");
+    let out = run("vm restore first", &mut m);
+    assert!(out.contains("vm 2 restored from checkpoint first: tiny (elf64, 4 MiB), running"), "{out}");
+    assert_eq!(peek(&m, 2, 0x20_0000 + 7 * 4096), pattern(7));
+    let out = run("vm checkpoint delete first", &mut m);
+    assert!(out.contains("checkpoint first deleted"), "{out}");
+    assert!(run("vm checkpoints --json", &mut m).contains("\"checkpoints\":[]"));
+    // A checkpoint that cannot fit is refused and leaves no extent behind.
+    // 24 MiB of data LZ4 cannot shrink, in a 40 MiB VM: more than the
+    // 16 MiB left.
+    let big = m.run_vm("tiny", 40, "").unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for p in 0..(24 << 8) {
+        let page: Vec<u8> = (0..512)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        write(&mut m, big, 0x100_0000 + p * 4096, &page);
+    }
+    let out = run(&alloc::format!("vm save {big} huge"), &mut m);
+    assert!(out.starts_with("error:") && out.contains("does not fit"), "{out}");
+    let j: serde_json::Value = serde_json::from_str(&run("disk list --json", &mut m)).unwrap();
+    assert_eq!(j["extents"].as_array().unwrap().len(), 1, "only swap is left: {j}");
+    assert_eq!(j["free_blocks"], j["largest_free_blocks"], "{j}");
+}

@@ -1,0 +1,203 @@
+//! The checkpoint commands: `vm save <id> <name>` writes a VM's whole state
+//! (a `migrate` stream, `Manager::save_vm`) into a checkpoint extent of the
+//! data disk; `vm restore <name>` builds and starts a new VM from one
+//! (`Manager::restore_vm`), on this host or another of either vendor;
+//! `vm checkpoints` lists them; `vm checkpoint delete <name>` frees one.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde_json::{Value, json};
+
+use super::commands::{HostStatus, Reply};
+use crate::backend::Backend;
+use crate::devices::rtc::utc_text;
+use crate::disk::space::{ExtentInfo, ExtentKind, HostSpaceSummary, SpaceError};
+use crate::manager::Manager;
+use crate::memory::HostSpace;
+
+/// `meta[0]` of a checkpoint extent: the vendor it was saved under.
+const VENDOR_INTEL: u64 = 1;
+const VENDOR_AMD: u64 = 2;
+
+fn vendor_name(code: u64) -> &'static str {
+    match code {
+        VENDOR_INTEL => "intel",
+        VENDOR_AMD => "amd",
+        _ => "unknown",
+    }
+}
+
+fn mib_tenths(bytes: u64) -> String {
+    let tenths = (u128::from(bytes) * 10 + (1 << 19)) >> 20;
+    format!("{}.{}", tenths / 10, tenths % 10)
+}
+
+/// A checkpoint extent being written, as the stream's sink.
+struct ExtentSink<'a>(crate::disk::space::StreamWriter<'a, crate::memory::SharedDisk>);
+
+impl migrate::Sink for ExtentSink<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), migrate::IoError> {
+        self.0.write_all(bytes).map_err(|e| match e {
+            SpaceError::StreamFull { .. } => {
+                migrate::IoError("the checkpoint does not fit in the data disk's free space")
+            }
+            _ => migrate::IoError("writing the data disk failed"),
+        })
+    }
+}
+
+/// A checkpoint extent being read, as the stream's source.
+struct ExtentSource<'a>(crate::disk::space::StreamReader<'a, crate::memory::SharedDisk>);
+
+impl migrate::Source for ExtentSource<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, migrate::IoError> {
+        self.0.read(buf).map_err(|_| migrate::IoError("reading the data disk failed"))
+    }
+}
+
+fn no_disk<B: Backend>(m: &Manager<B>) -> String {
+    format!("no data disk ({})", m.host_mem.swap_missing)
+}
+
+fn checkpoint_json(e: &ExtentInfo) -> Value {
+    json!({
+        "name": e.name.as_str(),
+        "bytes": e.bytes,
+        "created": e.created,
+        "vendor": vendor_name(e.meta[0]),
+        "ram_bytes": e.meta[1],
+        "complete": e.complete,
+        "format_version": migrate::FORMAT_MAJOR,
+    })
+}
+
+/// `vm save <id> <name>`.
+pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name: &str) -> Result<Reply, String> {
+    let now_unix = m.host_epoch + h.uptime_us / 1_000_000;
+    let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
+    if vm.res.is_none() {
+        return Err(format!("vm {id} has ended ({}): nothing to save", vm.state.name()));
+    }
+    let mem_bytes = vm.mem_bytes;
+    let backend = m.backend.as_ref().map_err(|e| format!("{e}"))?;
+    let (vendor, hz, t0) = (
+        match backend.name() {
+            "vmx" => VENDOR_INTEL,
+            "svm" => VENDOR_AMD,
+            _ => 0,
+        },
+        backend.tsc_hz(),
+        backend.now(),
+    );
+    let mut space: HostSpace = m.host_mem.space.take().ok_or_else(|| no_disk(m))?;
+    // At most the RAM and its framing; at most the largest free stretch.
+    // The extent is trimmed to what was written when it is closed.
+    let room = HostSpaceSummary::of(&space).largest_free * 512;
+    let max = (mem_bytes + mem_bytes / 16 + (1 << 20)).min(room);
+    let result = match space.create_checkpoint(name, max, now_unix, [vendor, mem_bytes]) {
+        Err(e) => Err((format!("{e}"), false)),
+        Ok(writer) => match m.save_vm(id, ExtentSink(writer)) {
+            Ok((sink, stats)) => sink.0.close().map(|info| (info, stats)).map_err(|e| (format!("{e}"), true)),
+            Err(e) => Err((format!("{e}"), true)),
+        },
+    };
+    if let Err((_, true)) = result {
+        // Nothing half-written stays: the extent this save created goes (an
+        // unclosed one would also be dropped at the next boot).
+        let _ = space.delete(name, |_| None);
+    }
+    let result = result.map_err(|(e, _)| e);
+    m.host_mem.space = Some(space);
+    let (info, stats) = result?;
+    let t1 = m.backend.as_ref().map_or(t0, |b| b.now());
+    let ms = (u128::from(t1.wrapping_sub(t0)) * 1000 / u128::from(hz.max(1))) as u64;
+    use migrate::PageKind as K;
+    let pages = |k| stats.pages(k);
+    Ok(Reply {
+        text: format!(
+            "vm {id} saved to checkpoint {}: {} MiB ({} pages: {} data, {} compressed, {} zero, {} poisoned), {ms} ms",
+            info.name,
+            mib_tenths(info.bytes),
+            mem_bytes / 4096,
+            pages(K::Normal) + pages(K::Shared) + pages(K::SharedRef),
+            pages(K::Compressed),
+            pages(K::Zero),
+            pages(K::Poisoned)
+        ),
+        json: json!({
+            "id": id,
+            "checkpoint": checkpoint_json(&info),
+            "pages": {
+                "normal": pages(K::Normal),
+                "compressed": pages(K::Compressed),
+                "zero": pages(K::Zero),
+                "shared": pages(K::Shared) + pages(K::SharedRef),
+                "poisoned": pages(K::Poisoned),
+            },
+            "large_runs": stats.large_runs,
+            "ms": ms,
+        }),
+    })
+}
+
+/// `vm restore <name>`.
+pub(super) fn restore<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
+    let mut space: HostSpace = m.host_mem.space.take().ok_or_else(|| no_disk(m))?;
+    let result = match space.get(name) {
+        Ok(e) if e.kind != ExtentKind::Checkpoint => Err(format!("{name} is a {}, not a checkpoint", e.kind.name())),
+        Ok(_) => match space.read_stream(name) {
+            Ok(reader) => m.restore_vm(ExtentSource(reader)).map_err(|e| format!("checkpoint {name}: {e}")),
+            Err(e) => Err(format!("{e}")),
+        },
+        Err(e) => Err(format!("{e}")),
+    };
+    m.host_mem.space = Some(space);
+    let id = result?;
+    let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
+    Ok(Reply {
+        text: format!(
+            "vm {id} restored from checkpoint {name}: {} ({}, {} MiB), running",
+            vm.guest,
+            vm.protocol.name(),
+            vm.mem_bytes >> 20
+        ),
+        json: json!({ "id": id, "checkpoint": name, "guest": vm.guest, "mem_mib": vm.mem_bytes >> 20 }),
+    })
+}
+
+/// `vm checkpoints`.
+pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
+    let s = m.host_mem.space.as_ref().ok_or_else(|| no_disk(m))?;
+    let cps: Vec<&ExtentInfo> = s.list().iter().filter(|e| e.kind == ExtentKind::Checkpoint).collect();
+    let mut text =
+        String::from("NAME                              SIZE(MiB)  RAM(MiB)  VENDOR   CREATED (UTC)        COMPLETE");
+    for e in &cps {
+        text.push_str(&format!(
+            "\n{:<32}  {:>9}  {:>8}  {:<7}  {}  {}",
+            e.name.as_str(),
+            mib_tenths(e.bytes),
+            e.meta[1] >> 20,
+            vendor_name(e.meta[0]),
+            utc_text(e.created),
+            if e.complete { "yes" } else { "no (being written)" }
+        ));
+    }
+    let list: Vec<Value> = cps.iter().map(|e| checkpoint_json(e)).collect();
+    Ok(Reply { text, json: json!({ "checkpoints": list, "format_version": migrate::FORMAT_MAJOR }) })
+}
+
+/// `vm checkpoint delete <name>`: checkpoints only (images and swap have
+/// `disk delete`).
+pub(super) fn delete<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
+    let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
+    let e = s.get(name).map_err(|e| format!("{e}"))?;
+    if e.kind != ExtentKind::Checkpoint {
+        return Err(format!("{name} is a {}, not a checkpoint", e.kind.name()));
+    }
+    let e = s.delete(name, |_| None).map_err(|e| format!("{e}"))?;
+    Ok(Reply {
+        text: format!("checkpoint {} deleted ({} MiB freed)", e.name, mib_tenths(e.capacity_bytes())),
+        json: checkpoint_json(&e),
+    })
+}
