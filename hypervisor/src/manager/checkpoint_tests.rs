@@ -198,7 +198,7 @@ fn console_saves_lists_restores_and_deletes_checkpoints() {
     m.host_epoch = 1_700_000_000;
     let id = busy_vm(&mut m);
     let host = HostStatus { uptime_us: 3_000_000, ..Default::default() };
-    let mut run = |line: &str, m: &mut Manager<MockBackend>| -> String {
+    let run = |line: &str, m: &mut Manager<MockBackend>| -> String {
         let mut con = Lines::default();
         execute(&parse(line).unwrap().unwrap(), m, &host, &mut con);
         con.0.join("\n")
