@@ -55,6 +55,8 @@ pub fn decode(code: u64, info1: u64, info2: u64, rax: u64, rcx: u64, rdx: u64) -
         CPUID => Decoded::Exit(VmExit::Cpuid, Some(Opcode::Cpuid)),
         HLT => Decoded::Exit(VmExit::Hlt, Some(Opcode::Hlt)),
         VMMCALL => Decoded::Exit(VmExit::Hypercall, Some(Opcode::Vmmcall)),
+        // #UD, intercepted for VMCALL (a guest saved under VT-x).
+        EXCP_UD => Decoded::Exit(VmExit::InvalidOpcode, None),
         IOIO => Decoded::Io(io_access(info1), info2),
         MSR => {
             let msr = rcx as u32;

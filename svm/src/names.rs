@@ -1,6 +1,8 @@
 //! Names of #VMEXIT codes (APM Vol. 2 appendix C), for reports.
 
 pub const DR_READ: u64 = 0x20;
+/// Exception intercepts are 0x40 + vector: #UD.
+pub const EXCP_UD: u64 = 0x46;
 pub const DR_WRITE: u64 = 0x30;
 pub const INIT: u64 = 0x63;
 pub const VINTR: u64 = 0x64;

@@ -152,6 +152,9 @@ impl<M: PhysMem> SvmVcpu<M> {
         c.write(ctl::INTERCEPT_MISC1, misc1::GUEST);
         c.write(ctl::INTERCEPT_MISC2, misc2::GUEST);
         c.write(ctl::INTERCEPT_DR, vmcb::INTERCEPT_DR_ALL);
+        // #UD only: a guest saved under VT-x may execute VMCALL, which is #UD
+        // here and emulated as the hypercall (`VmExit::InvalidOpcode`).
+        c.write(ctl::INTERCEPT_EXCEPTIONS, 1u32 << 6);
         c.set_u64(ctl::IOPM_BASE_PA, cpu.io_map.0);
         c.set_u64(ctl::MSRPM_BASE_PA, cpu.msr_map.0);
         c.write(ctl::GUEST_ASID, asid);

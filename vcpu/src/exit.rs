@@ -122,6 +122,10 @@ pub enum VmExit {
     Pause,
     /// MONITOR or MWAIT, which guests are told they do not have.
     MonitorMwait,
+    /// The guest raised #UD (intercepted: a guest saved under the other
+    /// vendor uses its hypercall instruction, VMCALL or VMMCALL, which is
+    /// #UD here). RIP is at the instruction; reflect the #UD otherwise.
+    InvalidOpcode,
     /// The backend handled the exit itself (kept for the statistics).
     Handled(ExitKind),
     /// Anything else; ends the VM with this report.
@@ -154,11 +158,12 @@ pub enum ExitKind {
     InitSipi,
     Pause,
     MonitorMwait,
+    InvalidOpcode,
     Unexpected,
 }
 
 impl ExitKind {
-    pub const COUNT: usize = 21;
+    pub const COUNT: usize = 22;
     pub const ALL: [ExitKind; Self::COUNT] = [
         ExitKind::Cpuid,
         ExitKind::Io,
@@ -180,6 +185,7 @@ impl ExitKind {
         ExitKind::InitSipi,
         ExitKind::Pause,
         ExitKind::MonitorMwait,
+        ExitKind::InvalidOpcode,
         ExitKind::Unexpected,
     ];
 
@@ -205,6 +211,7 @@ impl ExitKind {
             ExitKind::InitSipi => "init_sipi",
             ExitKind::Pause => "pause",
             ExitKind::MonitorMwait => "monitor_mwait",
+            ExitKind::InvalidOpcode => "invalid_opcode",
             ExitKind::Unexpected => "unexpected",
         }
     }
@@ -233,6 +240,7 @@ impl VmExit {
             VmExit::Init | VmExit::Sipi { .. } => ExitKind::InitSipi,
             VmExit::Pause => ExitKind::Pause,
             VmExit::MonitorMwait => ExitKind::MonitorMwait,
+            VmExit::InvalidOpcode => ExitKind::InvalidOpcode,
             VmExit::Handled(k) => *k,
             VmExit::Unexpected { .. } => ExitKind::Unexpected,
         }

@@ -58,6 +58,10 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
             if kind == 2 {
                 // An NMI meant for the host arrived while the guest ran.
                 Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) })
+            } else if kind == 3 && vector == 6 {
+                // #UD, a hardware exception (type 3, SDM Vol. 3C 25.9.2):
+                // the exception bitmap intercepts it.
+                Decoded::Exit(VmExit::InvalidOpcode)
             } else {
                 unexpected(reason, f, format!(", exception vector {vector} (interruption info {info:#x})"))
             }
@@ -280,5 +284,11 @@ mod tests {
         assert_eq!(decode(1, &f, &Gprs::default()), Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(0x30) }));
         let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (2 << 8) | 2)]);
         assert_eq!(decode(0, &f, &Gprs::default()), Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) }));
+        // #UD (hardware exception, type 3), intercepted by the bitmap.
+        let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (3 << 8) | 6)]);
+        assert_eq!(decode(0, &f, &Gprs::default()), Decoded::Exit(VmExit::InvalidOpcode));
+        // Any other exception is not expected (nothing else is intercepted).
+        let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (3 << 8) | 13)]);
+        assert!(matches!(decode(0, &f, &Gprs::default()), Decoded::Exit(VmExit::Unexpected { .. })));
     }
 }

@@ -225,7 +225,9 @@ impl VmxVcpu {
         w(control::SECONDARY_PROCBASED_EXEC_CONTROLS, ctl.proc2 as u64)?;
         w(control::VMEXIT_CONTROLS, ctl.exit as u64)?;
         w(control::VMENTRY_CONTROLS, ctl.entry as u64)?;
-        w(control::EXCEPTION_BITMAP, 0)?;
+        // #UD only: a guest saved under AMD-V may execute VMMCALL, which is
+        // #UD here and emulated as the hypercall (`VmExit::InvalidOpcode`).
+        w(control::EXCEPTION_BITMAP, 1 << 6)?;
         w(control::CR3_TARGET_COUNT, 0)?;
         w(control::CR0_GUEST_HOST_MASK, ctl.cr0_mask)?;
         w(control::CR4_GUEST_HOST_MASK, ctl.cr4_mask)?;

@@ -205,6 +205,50 @@ fn hypercalls_from_user_mode_raise_ud() {
     assert_eq!(v.skipped, 0);
 }
 
+/// A #UD on the other vendor's hypercall instruction (a guest saved under
+/// AMD-V runs VMMCALL here, or one saved under VT-x VMCALL) is the
+/// hypercall; any other #UD goes back to the guest.
+#[test]
+fn the_other_vendors_hypercall_instruction_is_the_hypercall() {
+    let mut m = manager(4096);
+    be(&mut m).scripts.push_back(vec![
+        step(|g| g.rax = crate::hypercall::PING, VmExit::InvalidOpcode),
+        step(|g| g.rax = crate::hypercall::PING, VmExit::InvalidOpcode),
+        step(|g| g.rax = crate::hypercall::PING, VmExit::InvalidOpcode),
+    ]);
+    m.run_vm("tiny", 4, "").unwrap();
+    let code = |m: &mut Manager<MockBackend>, bytes: &[u8]| {
+        let Manager { backend, vms, host_mem, .. } = m;
+        let backend = backend.as_mut().unwrap();
+        let res = vms[0].res.as_mut().unwrap();
+        let rip = res.vcpu.rip();
+        host_mem
+            .with_hooks(1, |h| res.mem.write(&mut backend.mem, h, mm::GuestPhysAddr(rip), bytes, &mut |_| {}))
+            .unwrap();
+    };
+    let mut step_once = |m: &mut Manager<MockBackend>| {
+        let vm = &mut m.vms[0];
+        let backend = m.backend.as_mut().unwrap();
+        let v = &mut vm.res.as_mut().unwrap().vcpu;
+        v.load();
+        let exit = v.run();
+        vm.handle_exit(exit, backend, &mut m.host_mem, &mut Lines::default());
+        let v = &mut vm.res.as_mut().unwrap().vcpu;
+        (v.rip(), v.gprs.rax, core::mem::take(&mut v.injected))
+    };
+    for bytes in [[0x0f, 0x01, 0xd9], [0x0f, 0x01, 0xc1]] {
+        code(&mut m, &bytes);
+        let rip = m.vms[0].res.as_ref().unwrap().vcpu.rip();
+        let (after, rax, injected) = step_once(&mut m);
+        assert_eq!((after, rax, injected), (rip + 3, crate::hypercall::PING_REPLY, vec![]), "{bytes:02x?}");
+    }
+    // UD2 is no hypercall: the guest gets its #UD, RIP stays.
+    code(&mut m, &[0x0f, 0x0b, 0x90]);
+    let rip = m.vms[0].res.as_ref().unwrap().vcpu.rip();
+    let (after, _, injected) = step_once(&mut m);
+    assert_eq!((after, injected), (rip, vec![Event::UD]));
+}
+
 #[test]
 fn port_io_reads_merge() {
     let mut m = manager(4096);

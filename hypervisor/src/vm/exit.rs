@@ -138,31 +138,21 @@ impl<B: Backend> Vm<B> {
                     Flow::Stop
                 }
             }
-            VmExit::Hypercall => {
-                if vcpu.cpl() != 0 {
-                    vcpu.inject(Event::UD);
-                    return Flow::Continue;
+            VmExit::InvalidOpcode => {
+                // The other vendor's hypercall instruction (a guest saved
+                // under it and restored here) is the hypercall too, as KVM
+                // does it; any other #UD goes back to the guest.
+                let rip = vcpu.rip();
+                let code = self.read_virt(backend, rip, 3);
+                let Some(res) = self.res.as_mut() else { return Flow::Stop };
+                let vcpu = &mut res.vcpu;
+                if code == HYPERCALL_VMCALL || code == HYPERCALL_VMMCALL {
+                    return self.hypercall(Some(rip.wrapping_add(3)));
                 }
-                let g = vcpu.gprs();
-                let ctx = HcCtx {
-                    id: self.id,
-                    exits: &self.stats.exits,
-                    mem: &res.mem,
-                    page_ins: self.reclaim.swapped_in,
-                    event: core::cell::Cell::new(None),
-                };
-                let r = hypercall::dispatch(g.rax, g.rdi, g.rsi, &ctx);
-                let g = vcpu.gprs_mut();
-                g.rax = r.rax;
-                if let Some((rdi, rsi)) = r.args {
-                    (g.rdi, g.rsi) = (rdi, rsi);
-                }
-                vcpu.skip_instruction();
-                if let Some(ev) = ctx.event.get() {
-                    vcpu.inject(ev);
-                }
+                vcpu.inject(Event::UD);
                 Flow::Continue
             }
+            VmExit::Hypercall => self.hypercall(None),
             VmExit::Rdmsr { msr: index } => {
                 let now_ns = vm_ns(backend.now(), backend.tsc_hz(), self.clock_offset_ns);
                 let value = match self.devices.lapic_read_msr(index, now_ns) {
@@ -307,6 +297,10 @@ impl<B: Backend> Vm<B> {
     }
 }
 
+/// VMCALL (Intel) and VMMCALL (AMD): SDM Vol. 2C VMCALL, APM Vol. 3 VMMCALL.
+const HYPERCALL_VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
+const HYPERCALL_VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+
 /// Completes an emulated instruction: past it, or the fault it raised.
 fn complete(vcpu: &mut impl Vcpu, r: Result<(), Event>) -> Flow {
     match r {
@@ -317,6 +311,43 @@ fn complete(vcpu: &mut impl Vcpu, r: Result<(), Event>) -> Flow {
 }
 
 impl<B: Backend> Vm<B> {
+    /// VMCALL/VMMCALL (ring 0 only: #UD elsewhere, as hardware without a
+    /// hypervisor). `next`: RIP after it, when it was emulated from a #UD
+    /// (the other vendor's instruction); else the backend skips it.
+    fn hypercall(&mut self, next: Option<u64>) -> Flow {
+        let Some(res) = self.res.as_mut() else { return Flow::Stop };
+        let vcpu = &mut res.vcpu;
+        if vcpu.cpl() != 0 {
+            vcpu.inject(Event::UD);
+            return Flow::Continue;
+        }
+        let g = vcpu.gprs();
+        let ctx = HcCtx {
+            id: self.id,
+            exits: &self.stats.exits,
+            mem: &res.mem,
+            page_ins: self.reclaim.swapped_in,
+            event: core::cell::Cell::new(None),
+        };
+        let r = hypercall::dispatch(g.rax, g.rdi, g.rsi, &ctx);
+        let g = vcpu.gprs_mut();
+        g.rax = r.rax;
+        if let Some((rdi, rsi)) = r.args {
+            (g.rdi, g.rsi) = (rdi, rsi);
+        }
+        match next {
+            Some(rip) => {
+                let rflags = vcpu.rflags();
+                vcpu.complete_emulated(rip, rflags);
+            }
+            None => vcpu.skip_instruction(),
+        }
+        if let Some(ev) = ctx.event.get() {
+            vcpu.inject(ev);
+        }
+        Flow::Continue
+    }
+
     fn handle_io(&mut self, io: IoAccess, backend: &mut B, console: &mut impl Console) -> Flow {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;

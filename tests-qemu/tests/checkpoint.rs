@@ -1,0 +1,88 @@
+//! Checkpoint and restore across vendors, through the data disk: a guest
+//! that filled 8 MiB of its RAM and waits for a key is saved under AMD-V
+//! (QEMU), the machine powered off; Bochs with VT-x boots on the same disk
+//! file, lists the checkpoint and restores it; the guest goes on, checks
+//! every word it wrote and passes. The same the other way: saved under
+//! VT-x, restored under AMD-V. Damaged or missing checkpoints are refused
+//! with one line.
+
+use boot::emulator::Emulator;
+use std::time::Duration;
+use tests_qemu::Machine;
+
+const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Starts the memtest guest, waits until it holds with its region filled,
+/// saves it as `name` and checks the listing says `vendor`.
+fn fill_and_save(m: &mut Machine, id: u32, name: &str, vendor: &str) {
+    let out = m.cmd("vm run memtest mem=16 -- mode=share mib=8 wait=0 hold=1");
+    assert!(out.contains(&format!("vm {id} started: memtest")), "{out}");
+    m.wait_for(&format!("[vm {id}] memtest: holding until a byte arrives on COM1"), GUEST_TIMEOUT);
+    let out = m.cmd(&format!("vm save {id} {name}"));
+    assert!(out.contains(&format!("vm {id} saved to checkpoint {name}: ")), "{out}");
+    let list = m.json("vm checkpoints --json");
+    let cp = list["checkpoints"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned();
+    let cp = cp.unwrap_or_else(|| panic!("{name} not listed: {list}"));
+    assert_eq!((cp["vendor"].as_str(), cp["complete"].as_bool()), (Some(vendor), Some(true)), "{cp}");
+    assert_eq!(cp["ram_bytes"], 16 << 20, "{cp}");
+}
+
+/// Restores `name` as VM `id`, releases the guest and checks it passes.
+fn restore_and_finish(m: &mut Machine, name: &str, id: u32) {
+    let out = m.cmd(&format!("vm restore {name}"));
+    assert!(
+        out.contains(&format!("vm {id} restored from checkpoint {name}: memtest (elf64, 16 MiB), running")),
+        "{out}"
+    );
+    m.cmd(&format!("vm send {id} -- go"));
+    m.wait_for(&format!("vm {id} (memtest) exited"), GUEST_TIMEOUT);
+    let t = m.transcript();
+    assert!(t.contains(&format!("[vm {id}] memtest: released by 0x67")), "{t}");
+    assert!(t.contains(&format!("[vm {id}] memtest: PASS")), "{t}");
+    assert!(t.contains(&format!("vm {id} (memtest) exited with status 1 ")), "{t}");
+}
+
+#[test]
+fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
+    let dir = boot::target_dir().join("test-disks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("checkpoint-{}.img", std::process::id()));
+    std::fs::File::create(&path).unwrap().set_len(boot::emulator::SCRATCH_BYTES).unwrap();
+
+    // AMD-V: fill, save, and let this copy finish here too.
+    let mut m = Machine::boot_with_scratch(Emulator::QemuTcg, "checkpoint-amd-1", &path);
+    fill_and_save(&mut m, 1, "from-amd", "amd");
+    m.cmd("vm send 1 -- go");
+    m.wait_for("[vm 1] memtest: PASS", GUEST_TIMEOUT);
+    // Refusals: one line, nothing changes.
+    for (line, want) in [
+        ("vm restore nothere", "error: "),
+        ("vm save 1 from-amd", "error: "),
+        ("vm restore swap", "error: swap is a swap, not a checkpoint"),
+    ] {
+        let out = m.cmd(line);
+        assert!(out.trim_end().starts_with(want) && out.trim_end().lines().count() == 1, "{line}: {out}");
+    }
+    m.poweroff();
+
+    // VT-x on the same disk: the AMD checkpoint is there and goes on here;
+    // a checkpoint of its own for the way back.
+    let mut m = Machine::boot_with_scratch(Emulator::Bochs, "checkpoint-intel", &path);
+    let list = m.json("vm checkpoints --json");
+    assert_eq!(list["checkpoints"][0]["name"], "from-amd", "{list}");
+    restore_and_finish(&mut m, "from-amd", 1);
+    fill_and_save(&mut m, 2, "from-intel", "intel");
+    m.poweroff();
+
+    // Back on AMD-V: the Intel checkpoint restores and passes; then both
+    // are deleted.
+    let mut m = Machine::boot_with_scratch(Emulator::QemuTcg, "checkpoint-amd-2", &path);
+    restore_and_finish(&mut m, "from-intel", 1);
+    for name in ["from-amd", "from-intel"] {
+        let out = m.cmd(&format!("vm checkpoint delete {name}"));
+        assert!(out.contains(&format!("checkpoint {name} deleted")), "{out}");
+    }
+    assert_eq!(m.json("vm checkpoints --json")["checkpoints"], serde_json::json!([]));
+    m.poweroff();
+    std::fs::remove_file(&path).unwrap();
+}
