@@ -226,7 +226,7 @@ fn the_other_vendors_hypercall_instruction_is_the_hypercall() {
             .with_hooks(1, |h| res.mem.write(&mut backend.mem, h, mm::GuestPhysAddr(rip), bytes, &mut |_| {}))
             .unwrap();
     };
-    let mut step_once = |m: &mut Manager<MockBackend>| {
+    let step_once = |m: &mut Manager<MockBackend>| {
         let vm = &mut m.vms[0];
         let backend = m.backend.as_mut().unwrap();
         let v = &mut vm.res.as_mut().unwrap().vcpu;
