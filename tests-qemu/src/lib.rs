@@ -99,6 +99,12 @@ impl Machine {
         Self::boot_image(emulator, name, image_with(&[], files), &SessionOptions::default())
     }
 
+    /// Both: host `files` in the ramdisk, `scratch` as the scratch disk.
+    pub fn boot_with_files_and_scratch(emulator: Emulator, name: &str, files: &[ExtraFile], scratch: &Path) -> Machine {
+        let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()) };
+        Self::boot_image(emulator, name, image_with(&[], files), &options)
+    }
+
     /// Starts `img` and waits for the console. Bochs sometimes cannot start
     /// at all on a busy machine: its display library exits at once when no
     /// port in 5900-5949 is free ("RFB could not bind any port"). That is

@@ -41,7 +41,13 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     }
     let files =
         [ExtraFile { name: "linux".into(), path: kernel }, ExtraFile { name: "linux-initrd".into(), path: initrd }];
-    let mut m = Machine::boot_with_files(emu, &label(emu, "linux"), &files);
+    // A 256 MiB data disk: half is swap, the rest holds a Linux VM's
+    // checkpoint (about 34 MiB).
+    let disks = boot::target_dir().join("test-disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let scratch = disks.join(format!("{}-{}.img", label(emu, "linux"), std::process::id()));
+    std::fs::File::create(&scratch).unwrap().set_len(520 * boot::image::CYLINDER_BYTES).unwrap();
+    let mut m = Machine::boot_with_files_and_scratch(emu, &label(emu, "linux"), &files, &scratch);
     let start = Instant::now();
     // Nothing but the name: memory, initramfs and command line are the
     // defaults for a Linux kernel.
@@ -185,12 +191,31 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     ] {
         assert!(t.contains(want), "the guest's log lacks {want:?}:\n{t}");
     }
+    // A checkpoint of the running kernel: saved, then the VM powers off;
+    // restored, the same kernel goes on at its shell, its timers and its
+    // virtio-rng working.
+    let out = m.cmd("vm save 1 lx");
+    assert!(out.contains("vm 1 saved to checkpoint lx: "), "{out}");
+    eprintln!("{}: {}", emu.name(), out.lines().find(|l| l.contains("saved to checkpoint")).unwrap_or(""));
     // `poweroff` in the guest ends that VM, cleanly (ACPI S5), and only it.
     m.cmd("vm send 1 -- poweroff");
     m.wait_for("vm 1 (linux) powered off (ACPI S5)", Duration::from_secs(120));
+    let out = m.cmd("vm restore lx");
+    assert!(out.contains("vm 4 restored from checkpoint lx: linux (linux, 256 MiB), running"), "{out}");
+    m.cmd("vm send 4 -- cut -d' ' -f1 /proc/uptime; sleep 2; cut -d' ' -f1 /proc/uptime; echo back-$((40+2))");
+    m.wait_for("[vm 4] back-42", Duration::from_secs(120));
+    let ups: Vec<f64> =
+        m.transcript().lines().filter_map(|l| l.strip_prefix("[vm 4] ")?.trim().parse::<f64>().ok()).collect();
+    assert!(ups.len() >= 2 && ups[1] - ups[0] >= 1.9, "the restored guest's clock: {ups:?}");
+    m.cmd("vm send 4 -- head -c 8 /dev/hwrng | od -An -tx1 | tr -d ' '; echo rng-$((3+4))");
+    m.wait_for("[vm 4] rng-7", Duration::from_secs(120));
+    m.cmd("vm send 4 -- poweroff");
+    m.wait_for("vm 4 (linux) powered off (ACPI S5)", Duration::from_secs(120));
     let list = m.json("vm list --json");
     assert_eq!(list["vms"][0]["state"], "off", "{list}");
     assert_eq!(list["vms"][1]["state"], "off", "{list}");
+    assert_eq!(list["vms"][3]["state"], "off", "{list}");
     println!("linux under the hypervisor ({}): {secs:.1} s from `vm run` to the init marker", emu.name());
     m.poweroff();
+    std::fs::remove_file(&scratch).unwrap();
 }
