@@ -87,6 +87,7 @@ fn check_raw(v: [u64; 6]) {
                 VmExit::Init => assert_eq!(code, names::INIT),
                 // #UD for the guest: CPUID hides MONITOR/MWAIT.
                 VmExit::MonitorMwait => assert!(matches!(code, names::MONITOR | names::MWAIT | names::MWAIT_ARMED)),
+                VmExit::InvalidOpcode => assert_eq!(code, names::EXCP_UD),
                 other => panic!("decode made {other:?}"),
             }
         }

@@ -132,6 +132,8 @@ fn check_exit(raw: &Raw, basic: u16, exit: &VmExit) {
         VmExit::Xsetbv => assert_eq!(basic, 55),
         VmExit::Pause => assert_eq!(basic, 40),
         VmExit::MonitorMwait => assert!(matches!(basic, 36 | 39)),
+        // #UD intercepted through the exception bitmap (reason 0, type 3).
+        VmExit::InvalidOpcode => assert!(basic == 0 && raw.field(ro::VMEXIT_INTERRUPTION_INFO) & 0x7ff == (3 << 8) | 6),
         VmExit::InterruptWindow | VmExit::NmiWindow => panic!("the decoder reports windows as Decoded, not {exit:?}"),
         VmExit::Hlt => assert_eq!(basic, 12),
         VmExit::Hypercall => assert_eq!(basic, 18),
