@@ -16,12 +16,23 @@ use crate::disk::space::{ExtentInfo, ExtentKind, HostSpaceSummary, SpaceError};
 use crate::manager::Manager;
 use crate::memory::HostSpace;
 
-/// `meta[0]` of a checkpoint extent: the vendor it was saved under.
+/// `meta[0]` of a checkpoint extent: bits 7:0 the vendor it was saved
+/// under, bits 31:16 the stream's format version (major), 15:8 its minor
+/// version; `meta[1]`: the VM's RAM in bytes.
 const VENDOR_INTEL: u64 = 1;
 const VENDOR_AMD: u64 = 2;
 
-fn vendor_name(code: u64) -> &'static str {
-    match code {
+fn meta0(vendor: u64) -> u64 {
+    vendor | (u64::from(migrate::FORMAT_MAJOR) << 16) | (u64::from(migrate::FORMAT_MINOR) << 8)
+}
+
+/// "1.0": the format version a checkpoint was written in.
+fn format_version(meta0: u64) -> String {
+    format!("{}.{}", (meta0 >> 16) & 0xffff, (meta0 >> 8) & 0xff)
+}
+
+fn vendor_name(meta0: u64) -> &'static str {
+    match meta0 & 0xff {
         VENDOR_INTEL => "intel",
         VENDOR_AMD => "amd",
         _ => "unknown",
@@ -68,7 +79,7 @@ fn checkpoint_json(e: &ExtentInfo) -> Value {
         "vendor": vendor_name(e.meta[0]),
         "ram_bytes": e.meta[1],
         "complete": e.complete,
-        "format_version": migrate::FORMAT_MAJOR,
+        "format_version": format_version(e.meta[0]),
     })
 }
 
@@ -95,7 +106,7 @@ pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name
     // The extent is trimmed to what was written when it is closed.
     let room = HostSpaceSummary::of(&space).largest_free * 512;
     let max = (mem_bytes + mem_bytes / 16 + (1 << 20)).min(room);
-    let result = match space.create_checkpoint(name, max, now_unix, [vendor, mem_bytes]) {
+    let result = match space.create_checkpoint(name, max, now_unix, [meta0(vendor), mem_bytes]) {
         Err(e) => Err((format!("{e}"), false)),
         Ok(writer) => match m.save_vm(id, ExtentSink(writer)) {
             Ok((sink, stats)) => sink.0.close().map(|info| (info, stats)).map_err(|e| (format!("{e}"), true)),
@@ -170,21 +181,24 @@ pub(super) fn restore<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Repl
 pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
     let s = m.host_mem.space.as_ref().ok_or_else(|| no_disk(m))?;
     let cps: Vec<&ExtentInfo> = s.list().iter().filter(|e| e.kind == ExtentKind::Checkpoint).collect();
-    let mut text =
-        String::from("NAME                              SIZE(MiB)  RAM(MiB)  VENDOR   CREATED (UTC)        COMPLETE");
+    let mut text = String::from(
+        "NAME                              SIZE(MiB)  RAM(MiB)  VENDOR   FORMAT  CREATED (UTC)        COMPLETE",
+    );
     for e in &cps {
         text.push_str(&format!(
-            "\n{:<32}  {:>9}  {:>8}  {:<7}  {}  {}",
+            "\n{:<32}  {:>9}  {:>8}  {:<7}  {:<6}  {}  {}",
             e.name.as_str(),
             mib_tenths(e.bytes),
             e.meta[1] >> 20,
             vendor_name(e.meta[0]),
+            format_version(e.meta[0]),
             utc_text(e.created),
             if e.complete { "yes" } else { "no (being written)" }
         ));
     }
     let list: Vec<Value> = cps.iter().map(|e| checkpoint_json(e)).collect();
-    Ok(Reply { text, json: json!({ "checkpoints": list, "format_version": migrate::FORMAT_MAJOR }) })
+    let reads = format!("{}.{}", migrate::FORMAT_MAJOR, migrate::FORMAT_MINOR);
+    Ok(Reply { text, json: json!({ "checkpoints": list, "format_version_read": reads }) })
 }
 
 /// `vm checkpoint delete <name>`: checkpoints only (images and swap have
