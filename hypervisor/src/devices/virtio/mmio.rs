@@ -432,6 +432,15 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     /// QueueNotify: the device processes queue `v` if it runs and the queue
     /// is ready; a used buffer notification follows if the driver wants
     /// one (2.7.10).
+    /// Device-initiated work on queue `index` (host input for a receive
+    /// queue): as a notification of it, with the same checks and the same
+    /// interrupt.
+    pub fn device_work(&mut self, index: usize, mem: &mut dyn GuestMemory) {
+        if let Ok(i) = u32::try_from(index) {
+            self.notify(i, mem);
+        }
+    }
+
     fn notify(&mut self, v: u32, mem: &mut dyn GuestMemory) {
         if !self.running() {
             return;
