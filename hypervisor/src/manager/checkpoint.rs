@@ -10,6 +10,7 @@
 //! time stand still while it was saved.
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
@@ -211,7 +212,7 @@ impl<B: Backend> Manager<B> {
                     vcpu: None,
                     machine: None,
                     devices: Vec::new(),
-                    shared: Vec::new(),
+                    shared: BTreeMap::new(),
                 };
                 let r = reader.apply(&mut sink);
                 (r, sink.vcpu, sink.machine, sink.devices)
@@ -298,8 +299,9 @@ struct Restore<'a, 'h, F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> 
     vcpu: Option<GuestState>,
     machine: Option<MachineState>,
     devices: Vec<SavedDevice>,
-    /// Shared contents by id: the first page that had it.
-    shared: Vec<(u32, u64)>,
+    /// Shared contents by id: the first page that had it (a map: a hostile
+    /// stream may hold many ids and many references).
+    shared: BTreeMap<u32, u64>,
 }
 
 impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Restore<'_, '_, F, A> {
@@ -354,14 +356,14 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<
 
     fn shared(&mut self, gfn: u64, id: u32, data: &[u8; migrate::PAGE_SIZE]) -> Result<(), Refused> {
         self.write(gfn, data)?;
-        self.shared.push((id, gfn));
+        self.shared.insert(id, gfn);
         Ok(())
     }
 
     fn shared_ref(&mut self, gfn: u64, id: u32) -> Result<(), Refused> {
         // The content is in the new VM already, at the first page that had
         // it: copy it from there (sharing merges them again later).
-        let first = self.shared.iter().find(|s| s.0 == id).map(|s| s.1).ok_or(Refused::RamLayout)?;
+        let first = *self.shared.get(&id).ok_or(Refused::RamLayout)?;
         let mut page = [0u8; 4096];
         let from = GuestPhysAddr(first * 4096);
         self.mem.read(self.alloc, self.hooks, from, &mut page, &mut |_| {}).map_err(Refused::Memory)?;

@@ -301,6 +301,30 @@ impl<B: Backend> Vm<B> {
 const HYPERCALL_VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
 const HYPERCALL_VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
+/// After the emulator carried out (all or, for a REP string instruction
+/// stopped between iterations, part of) an instruction: RIP past it or
+/// still on it, RFLAGS as it left them, and, when it completed with TF
+/// set, the single-step trap (SDM Vol. 3A 18.3.1.4: DR6.BS).
+fn finish_emulated(vcpu: &mut impl Vcpu, completed: bool, before: &vcpu::GuestState, rip: u64, rflags: u64) {
+    vcpu.complete_emulated(if completed { rip } else { before.rip }, rflags);
+    if completed && before.rflags & RFLAGS_TF != 0 {
+        let dr6 = vcpu.reg(Reg::Dr6);
+        vcpu.set_reg(Reg::Dr6, dr6 | (1 << 14));
+        vcpu.inject(Event::DB);
+    }
+}
+
+/// The exception an emulated instruction raised, as hardware would; a #PF
+/// also sets CR2 (only in the whole state: a rare path).
+fn raise_emulated_fault(vcpu: &mut impl Vcpu, e: &emulator::Error, event: Event) {
+    if let emulator::Error::PageFault { gva, .. } = *e {
+        let mut s = vcpu.state();
+        s.cr2 = gva;
+        let _ = vcpu.set_state(&s);
+    }
+    vcpu.inject(event);
+}
+
 /// Completes an emulated instruction: past it, or the fault it raised.
 fn complete(vcpu: &mut impl Vcpu, r: Result<(), Event>) -> Flow {
     match r {
@@ -455,12 +479,7 @@ impl<B: Backend> Vm<B> {
         self.stats.unbacked_io += u64::from(unbacked);
         let reason = match result {
             Ok(done) => {
-                vcpu.complete_emulated(if done.completed { rip } else { state.rip }, rflags);
-                if done.completed && state.rflags & RFLAGS_TF != 0 {
-                    let dr6 = vcpu.reg(Reg::Dr6);
-                    vcpu.set_reg(Reg::Dr6, dr6 | (1 << 14));
-                    vcpu.inject(Event::DB);
-                }
+                finish_emulated(vcpu, done.completed, &state, rip, rflags);
                 if io.write && self.devices.com1_has_output() {
                     for l in self.devices.com1().take_lines() {
                         console.line(&format!("[vm {}] {l}", self.id));
@@ -487,12 +506,7 @@ impl<B: Backend> Vm<B> {
             }
             Err(e) => match e.fault() {
                 Some(event) => {
-                    if let emulator::Error::PageFault { gva, .. } = e {
-                        let mut s = vcpu.state();
-                        s.cr2 = gva;
-                        let _ = vcpu.set_state(&s);
-                    }
-                    vcpu.inject(event);
+                    raise_emulated_fault(vcpu, &e, event);
                     return Flow::Continue;
                 }
                 None => format!(
@@ -616,30 +630,13 @@ impl<B: Backend> Vm<B> {
         self.stats.mmio += 1;
         let reason = match result {
             Ok(done) => {
-                if done.completed {
-                    vcpu.complete_emulated(rip, rflags);
-                    if state.rflags & RFLAGS_TF != 0 {
-                        // The single-step trap of the emulated instruction
-                        // (SDM Vol. 3A 18.3.1.4: DR6.BS).
-                        let dr6 = vcpu.reg(Reg::Dr6);
-                        vcpu.set_reg(Reg::Dr6, dr6 | (1 << 14));
-                        vcpu.inject(Event::DB);
-                    }
-                } else {
-                    vcpu.complete_emulated(state.rip, rflags);
-                }
+                finish_emulated(vcpu, done.completed, &state, rip, rflags);
                 self.timers_changed(hz);
                 return Flow::Continue;
             }
             Err(e) => match e.fault() {
                 Some(event) => {
-                    if let emulator::Error::PageFault { gva, .. } = e {
-                        // CR2 is only in the whole state: a rare path.
-                        let mut s = vcpu.state();
-                        s.cr2 = gva;
-                        let _ = vcpu.set_state(&s);
-                    }
-                    vcpu.inject(event);
+                    raise_emulated_fault(vcpu, &e, event);
                     return Flow::Continue;
                 }
                 None => format!(

@@ -305,7 +305,7 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
     }
 
     /// Whether any page of `[start, end)` is read-only.
-    pub(super) fn any_read_only(&self, start: u64, end: u64) -> bool {
+    pub fn any_read_only(&self, start: u64, end: u64) -> bool {
         self.read_only.iter().any(|&(s, e)| s < end && start < e)
     }
 
