@@ -26,6 +26,7 @@ pub mod addr;
 mod error;
 mod guest_ram;
 pub mod hal;
+pub mod le;
 pub mod paging;
 pub mod reclaim;
 #[cfg(any(test, feature = "sim"))]

@@ -129,9 +129,9 @@ fn run<B: Backend>(
             Ok(Reply { text, json: json!({ "commands": cmds }) })
         }
         Command::Host => Ok(host_reply(m, host)),
-        Command::VmRun { guest, mem_mib, modules, cmdline } => {
+        Command::VmRun { guest, mem_mib, modules, cmdline, disk } => {
             let (mem_mib, modules, cmdline) = m.run_defaults(guest, *mem_mib, modules, cmdline.as_deref())?;
-            let id = m.run_vm_with(guest, mem_mib, &modules, &cmdline)?;
+            let id = m.run_vm_with_disk(guest, mem_mib, &modules, &cmdline, disk.as_deref())?;
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(
@@ -142,10 +142,10 @@ fn run<B: Backend>(
                 json: json!({ "id": id, "guest": guest, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
             })
         }
-        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline } => {
+        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline, disk } => {
             let modules: Vec<String> = initrd.iter().cloned().collect();
             let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
-            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline)?;
+            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref())?;
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(

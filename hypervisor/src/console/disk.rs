@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::commands::{HostStatus, Reply};
 use crate::backend::Backend;
 use crate::devices::rtc::utc_text;
+use crate::disk::image::{HEADER_BLOCKS, Image};
 use crate::disk::space::{ExtentInfo, HostSpaceSummary};
 use crate::manager::Manager;
 use crate::memory::HostSpace;
@@ -97,21 +98,38 @@ pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
     Ok(Reply { text, json: j })
 }
 
-/// `disk create <name> <MiB>`: an image, zero-filled lazily (its blocks
-/// are not written now; the device that serves it reads zeros where the
-/// guest never wrote).
+/// `disk create <name> <MiB>`: an image of that many MiB for a VM's
+/// virtio-blk disk (`vm run ... disk=<name>`). Only its header is written
+/// (`disk::image`): the rest reads as zeros until the guest writes it.
 pub(super) fn create<B: Backend>(m: &mut Manager<B>, h: &HostStatus, name: &str, mib: u32) -> Result<Reply, String> {
     let now = m.host_epoch + h.uptime_us / 1_000_000;
     let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
-    let e = s.create_image(name, u64::from(mib) << 11, now).map_err(|e| format!("{e}"))?;
+    // The header's blocks come on top of the size asked for.
+    let blocks = (u64::from(mib) << 11) + HEADER_BLOCKS;
+    let e = s.create_image(name, blocks, now).map_err(|e| format!("{e}"))?;
+    let header = s.extent_store(name).map_err(|e| format!("{e}")).and_then(|store| {
+        Image::create(store).map(|img| img.capacity()).map_err(|e| format!("cannot write its header: {e}"))
+    });
+    let capacity = match header {
+        Ok(c) => c,
+        Err(why) => {
+            // Leave nothing half-made behind.
+            let _ = s.delete(name, |_| None);
+            return Err(format!("disk {name}: {why}"));
+        }
+    };
+    let mut j = extent_json(&e);
+    if let Value::Object(o) = &mut j {
+        o.insert("capacity_bytes".into(), capacity.into());
+    }
     Ok(Reply {
         text: format!(
-            "disk {} created: {} MiB image at block {} (zero-filled lazily: nothing written but the table)",
+            "disk {} created: {} MiB image at block {} (zero-filled lazily: only its header was written)",
             e.name,
-            mib_text(e.capacity_bytes()),
+            mib_text(capacity),
             e.start
         ),
-        json: extent_json(&e),
+        json: j,
     })
 }
 

@@ -28,6 +28,8 @@ pub enum Command {
         initrd: Option<String>,
         mem_mib: Option<u32>,
         cmdline: Option<String>,
+        /// A data-disk image served as the VM's virtio-blk disk.
+        disk: Option<String>,
     },
     VmStart {
         id: u32,
@@ -42,6 +44,8 @@ pub enum Command {
         modules: Vec<String>,
         /// The guest's command line: `None` without `--`.
         cmdline: Option<String>,
+        /// A data-disk image served as the VM's virtio-blk disk.
+        disk: Option<String>,
     },
     VmList,
     VmStats {
@@ -449,7 +453,7 @@ fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
 }
 
 /// `vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1]
-/// [cmdline="<text>"] [-- <text>]`: the command line either quoted or
+/// [disk=<image>] [cmdline="<text>"] [-- <text>]`: the command line either quoted or
 /// after `--`.
 fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     let (opts, mut cmdline) = match args.iter().position(|w| *w == "--") {
@@ -462,7 +466,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     if name.contains('=') || name.contains('"') || name.len() > 32 {
         return Err(Refusal::NotAVmName(name.to_string()));
     }
-    let (mut kernel, mut initrd, mut mem_mib) = (None, None, None);
+    let (mut kernel, mut initrd, mut mem_mib, mut disk) = (None, None, None, None);
     let mut i = 0;
     while i < opts.len() {
         let opt = opts[i];
@@ -471,6 +475,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
             Some(("kernel", f)) if !f.is_empty() => kernel = Some(f.to_string()),
             Some(("initrd", f)) if !f.is_empty() => initrd = Some(f.to_string()),
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm create", v)?),
+            Some(("disk", d)) => disk = Some(disk_name("vm create", d)?),
             Some(("vcpus", "1")) => {}
             Some(("vcpus", n)) => {
                 return Err(Refusal::Vcpus(n.to_string()));
@@ -496,13 +501,13 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
                 return Err(Refusal::UnknownOption {
                     cmd: "vm create",
                     opt: opt.to_string(),
-                    expected: "kernel=, initrd=, mem=, vcpus=, cmdline=\"...\"",
+                    expected: "kernel=, initrd=, mem=, vcpus=, disk=, cmdline=\"...\"",
                 });
             }
         }
     }
     let kernel = kernel.ok_or(Refusal::MissingKernel)?;
-    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline })
+    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline, disk })
 }
 
 fn parse_mib(cmd: &'static str, v: &str) -> Result<u32, Refusal> {
@@ -523,22 +528,23 @@ fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
     if guest.contains('=') {
         return Err(Refusal::OptionBeforeGuest(guest.to_string()));
     }
-    let mut mem_mib = None;
+    let (mut mem_mib, mut disk) = (None, None);
     let mut modules = Vec::new();
     for opt in opts {
         match opt.split_once('=') {
             Some(("mod", name)) if !name.is_empty() => modules.push(name.to_string()),
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm run", v)?),
+            Some(("disk", d)) => disk = Some(disk_name("vm run", d)?),
             _ => {
                 return Err(Refusal::UnknownOption {
                     cmd: "vm run",
                     opt: opt.to_string(),
-                    expected: "mem=<MiB> or mod=<file>",
+                    expected: "mem=<MiB>, mod=<file> or disk=<image>",
                 });
             }
         }
     }
-    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline })
+    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline, disk })
 }
 
 #[cfg(test)]
@@ -582,17 +588,19 @@ mod tests {
                 kernel: "linux".into(),
                 initrd: Some("linux-initrd".into()),
                 mem_mib: Some(128),
-                cmdline: Some("console=ttyS0 quiet".into())
+                cmdline: Some("console=ttyS0 quiet".into()),
+                disk: None
             }
         );
         assert_eq!(
-            ok("vm create a kernel=k -- root=/dev/vda ro").command,
+            ok("vm create a kernel=k disk=web-root -- root=/dev/vda ro").command,
             Command::VmCreate {
                 name: "a".into(),
                 kernel: "k".into(),
                 initrd: None,
                 mem_mib: None,
-                cmdline: Some("root=/dev/vda ro".into())
+                cmdline: Some("root=/dev/vda ro".into()),
+                disk: Some("web-root".into())
             }
         );
         assert_eq!(ok("vm start 4").command, Command::VmStart { id: 4 });
@@ -602,7 +610,8 @@ mod tests {
         assert!(err("vm create web kernel=k mem=0").contains("mem must be"));
         assert!(err("vm create web kernel=k cmdline=\"open").contains("no closing quote"));
         assert!(err("vm create web kernel=k cmdline=\"a\" -- b").contains("given twice"));
-        assert!(err("vm create web kernel=k disk=x").contains("unknown option"));
+        assert!(err("vm create web kernel=k disk=").contains("disk name"), "{}", err("vm create web kernel=k disk="));
+        assert!(err("vm create web kernel=k disc=x").contains("unknown option"));
         assert!(err("vm start x").contains("not a VM id"));
     }
 
@@ -610,7 +619,7 @@ mod tests {
     fn vm_run_options_and_command_line() {
         assert_eq!(
             ok("vm run selftest").command,
-            Command::VmRun { guest: "selftest".into(), mem_mib: None, modules: Vec::new(), cmdline: None }
+            Command::VmRun { guest: "selftest".into(), mem_mib: None, modules: Vec::new(), cmdline: None, disk: None }
         );
         assert_eq!(
             ok("vm run escape mem=8 -- write addr=0x1000 --json").command,
@@ -618,14 +627,31 @@ mod tests {
                 guest: "escape".into(),
                 mem_mib: Some(8),
                 modules: Vec::new(),
-                cmdline: Some("write addr=0x1000 --json".into())
+                cmdline: Some("write addr=0x1000 --json".into()),
+                disk: None
             }
         );
         assert_eq!(
             ok("vm run k mod=a mod=b").command,
-            Command::VmRun { guest: "k".into(), mem_mib: None, modules: vec!["a".into(), "b".into()], cmdline: None }
+            Command::VmRun {
+                guest: "k".into(),
+                mem_mib: None,
+                modules: vec!["a".into(), "b".into()],
+                cmdline: None,
+                disk: None
+            }
         );
         assert!(err("vm run k mod=").contains("unknown option"));
+        assert_eq!(
+            ok("vm run linux disk=d1").command,
+            Command::VmRun {
+                guest: "linux".into(),
+                mem_mib: None,
+                modules: Vec::new(),
+                cmdline: None,
+                disk: Some("d1".into())
+            }
+        );
         assert!(!ok("vm run escape -- --json").json, "--json after -- belongs to the guest");
     }
 

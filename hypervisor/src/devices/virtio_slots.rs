@@ -3,11 +3,15 @@
 //! them, and how their interrupt lines are driven. The devices themselves
 //! are in `virtio/`.
 
+use alloc::rc::Rc;
+use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use core::fmt;
 
 use super::DeviceSet;
 use super::persist::{self, RestoreError, SavedDevice};
+use super::virtio::block::{Block, BlockBackend, BlockCounters, IoFailed};
 use super::virtio::mmio::{self, VirtioMmio};
 use super::virtio::rng::{EntropySource, NoEntropy, Rng};
 use super::virtio::{GuestMemory, OutsideRam};
@@ -40,11 +44,90 @@ impl PartialEq for HostEntropy {
 
 impl Eq for HostEntropy {}
 
+/// A disk a VM's virtio-block device serves: the host's (an image on the
+/// data disk), shared with the manager, which names it and refuses to
+/// delete it while a VM holds it. Not part of the device's state.
+#[derive(Clone)]
+pub struct HostDisk {
+    /// The image's name on the data disk.
+    pub name: String,
+    pub disk: Rc<RefCell<dyn BlockBackend>>,
+}
+
+impl HostDisk {
+    /// A stand-in with no bytes, every access failing: what a restored
+    /// VM's device serves until the checkpoint names its image
+    /// ([`DeviceSet::attach_block_backend`]).
+    pub fn detached() -> Self {
+        HostDisk { name: String::new(), disk: Rc::new(RefCell::new(Detached)) }
+    }
+}
+
+struct Detached;
+
+impl BlockBackend for Detached {
+    fn capacity(&self) -> u64 {
+        0
+    }
+    fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), IoFailed> {
+        Err(IoFailed)
+    }
+    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), IoFailed> {
+        Err(IoFailed)
+    }
+    fn flush(&mut self) -> Result<(), IoFailed> {
+        Err(IoFailed)
+    }
+}
+
+impl BlockBackend for HostDisk {
+    fn capacity(&self) -> u64 {
+        self.disk.borrow().capacity()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+        self.disk.borrow_mut().read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoFailed> {
+        self.disk.borrow_mut().write(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), IoFailed> {
+        self.disk.borrow_mut().flush()
+    }
+}
+
+impl fmt::Debug for HostDisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostDisk({})", self.name)
+    }
+}
+
+/// Two handles are alike when they are the one disk.
+impl PartialEq for HostDisk {
+    fn eq(&self, other: &Self) -> bool {
+        Rc::ptr_eq(&self.disk, &other.disk)
+    }
+}
+
+impl Eq for HostDisk {}
+
 /// A virtio device of the VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VirtioDevice {
     /// virtio-rng (device id 4).
     Rng(VirtioMmio<Rng<HostEntropy>>),
+    /// virtio-blk (device id 2).
+    Block(VirtioMmio<Block<HostDisk>>),
+}
+
+/// Runs `$body` with `$d` bound to the transport of whichever device `$v`
+/// is (every arm has the same methods; the device types differ).
+macro_rules! with_device {
+    ($v:expr, $d:ident => $body:expr) => {
+        match $v {
+            VirtioDevice::Rng($d) => $body,
+            VirtioDevice::Block($d) => $body,
+        }
+    };
 }
 
 /// One device at its slot.
@@ -97,6 +180,51 @@ impl DeviceSet {
         true
     }
 
+    /// Add a virtio-blk device over `disk` at the next free slot; `false`
+    /// if every slot is taken. It is saved as `virtio-blk`, so a VM has one.
+    pub fn add_virtio_blk(&mut self, disk: HostDisk) -> bool {
+        let slot = self.virtio.len();
+        let Some(s) = mmio::slot(slot) else { return false };
+        let serial = disk.name.clone();
+        self.virtio.push(VirtioSlot {
+            name: "virtio-blk",
+            slot,
+            base: u64::from(s.base),
+            gsi: s.gsi,
+            device: VirtioDevice::Block(VirtioMmio::new(Block::new(disk, &serial, false))),
+            level: false,
+        });
+        true
+    }
+
+    /// The disk image the VM's virtio-blk device serves, and what it did.
+    pub fn block_disk(&self) -> Option<(&str, BlockCounters)> {
+        self.virtio.iter().find_map(|v| match &v.device {
+            VirtioDevice::Block(d) => Some((d.device().backend().name.as_str(), d.device().counters())),
+            _ => None,
+        })
+    }
+
+    /// The disk the virtio-blk device serves (a reset of the VM keeps it).
+    pub fn block_backend(&self) -> Option<HostDisk> {
+        self.virtio.iter().find_map(|v| match &v.device {
+            VirtioDevice::Block(d) => Some(d.device().backend().clone()),
+            _ => None,
+        })
+    }
+
+    /// Puts `disk` under the virtio-blk device (a restore, once the
+    /// checkpoint named the image); `false` if the VM has none.
+    pub fn attach_block_backend(&mut self, disk: HostDisk) -> bool {
+        self.virtio.iter_mut().any(|v| match &mut v.device {
+            VirtioDevice::Block(d) => {
+                d.device_mut().set_backend(disk.clone());
+                true
+            }
+            _ => false,
+        })
+    }
+
     /// The slots in use, for the DSDT.
     pub fn virtio_slots(&self) -> Vec<crate::firmware::acpi::VirtioMmioSlot> {
         self.virtio.iter().filter_map(|v| mmio::slot(v.slot)).collect()
@@ -116,9 +244,7 @@ impl DeviceSet {
     }
 
     pub(super) fn virtio_read(&mut self, i: usize, offset: u64, size: u8) -> u64 {
-        match &mut self.virtio[i].device {
-            VirtioDevice::Rng(d) => d.read(offset, size),
-        }
+        with_device!(&mut self.virtio[i].device, d => d.read(offset, size))
     }
 
     /// A guest write to a virtio device's registers, with the VM's memory
@@ -127,9 +253,7 @@ impl DeviceSet {
     /// device's.
     pub fn virtio_write(&mut self, gpa: u64, size: u8, value: u64, mem: &mut dyn GuestMemory) -> bool {
         let Some((i, offset)) = self.virtio_target(gpa) else { return false };
-        match &mut self.virtio[i].device {
-            VirtioDevice::Rng(d) => d.write(offset, size, value, mem),
-        }
+        with_device!(&mut self.virtio[i].device, d => d.write(offset, size, value, mem));
         self.drive_virtio_line(i);
         true
     }
@@ -141,9 +265,7 @@ impl DeviceSet {
 
     fn drive_virtio_line(&mut self, i: usize) {
         let v = &mut self.virtio[i];
-        let level = match &v.device {
-            VirtioDevice::Rng(d) => d.interrupt_asserted(),
-        };
+        let level = with_device!(&v.device, d => d.interrupt_asserted());
         if level == v.level {
             return;
         }
@@ -157,9 +279,7 @@ impl DeviceSet {
 
     /// The virtio devices' saved states.
     pub(super) fn save_virtio(&self) -> impl Iterator<Item = SavedDevice> + '_ {
-        self.virtio.iter().map(|v| match &v.device {
-            VirtioDevice::Rng(d) => persist::save(v.name, d),
-        })
+        self.virtio.iter().map(|v| with_device!(&v.device, d => persist::save(v.name, d)))
     }
 
     /// Decode and check every virtio device's state in `saved`, without
@@ -173,6 +293,9 @@ impl DeviceSet {
                     VirtioDevice::Rng(_) => {
                         VirtioState::Rng(persist::decode::<VirtioMmio<Rng<HostEntropy>>>(v.name, s)?)
                     }
+                    VirtioDevice::Block(_) => {
+                        VirtioState::Block(persist::decode::<VirtioMmio<Block<HostDisk>>>(v.name, s)?)
+                    }
                 })
             })
             .collect()
@@ -184,12 +307,13 @@ impl DeviceSet {
         for (v, state) in self.virtio.iter_mut().zip(states) {
             match (&mut v.device, state) {
                 (VirtioDevice::Rng(d), VirtioState::Rng(s)) => d.restore(s),
+                (VirtioDevice::Block(d), VirtioState::Block(s)) => d.restore(s),
+                // decode_virtio decoded each state by its slot's device.
+                _ => unreachable!("a virtio state decoded for another device"),
             }
             // The restored I/O APIC already has the line where the device
             // had it when both were saved.
-            v.level = match &v.device {
-                VirtioDevice::Rng(d) => d.interrupt_asserted(),
-            };
+            v.level = with_device!(&v.device, d => d.interrupt_asserted());
         }
     }
 
@@ -202,6 +326,7 @@ impl DeviceSet {
 /// A decoded virtio device state.
 pub(super) enum VirtioState {
     Rng(<VirtioMmio<Rng<HostEntropy>> as super::Persist>::State),
+    Block(<VirtioMmio<Block<HostDisk>> as super::Persist>::State),
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub mod ata;
 pub mod classify;
+pub mod image;
 pub mod request;
 pub mod selfcheck;
 pub mod space;

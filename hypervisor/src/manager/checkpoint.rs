@@ -23,6 +23,7 @@ use vcpu::{GuestState, Vcpu};
 use super::{Error, Manager, free_memory};
 use crate::backend::Backend;
 use crate::devices::SavedDevice;
+use crate::devices::virtio_slots::HostDisk;
 use crate::memory::GuestMemory;
 use crate::memory::reclaim::VmReclaim;
 use crate::msr::MsrState;
@@ -33,7 +34,7 @@ use crate::vm::{Resources, RunState, Vm, VmStats};
 /// The name of the machine's own record among the devices.
 pub const MACHINE: &str = "machine";
 /// Its layout version.
-pub const MACHINE_VERSION: u16 = 1;
+pub const MACHINE_VERSION: u16 = 2;
 
 /// What a VM is besides its vCPU, devices and RAM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +56,10 @@ pub struct MachineState {
     pub tsc_hz: u64,
     pub mtrr_def_type: u64,
     pub misc_enable: u64,
+    /// The data-disk image its virtio-blk device serves (version 2 on).
+    /// The checkpoint holds the device's state, not the image's contents:
+    /// a restore attaches the image as it is then.
+    pub disk: Option<String>,
 }
 
 fn protocol(name: &str) -> Option<Protocol> {
@@ -129,6 +134,7 @@ impl<B: Backend> Manager<B> {
             tsc_hz: hz,
             mtrr_def_type: vm.msrs.mtrr_def_type,
             misc_enable: vm.msrs.misc_enable,
+            disk: vm.devices.block_disk().map(|(name, _)| String::from(name)),
         };
         let machine_bytes = postcard::to_allocvec(&machine).map_err(|_| Error::Checkpoint(Refused::Machine))?;
         let devices = vm.devices.save();
@@ -199,8 +205,11 @@ impl<B: Backend> Manager<B> {
         }
         let mem_mib = u32::try_from(ram_bytes >> 20).map_err(|_| Error::MemSize)?;
         let with_rng = header.devices.iter().any(|d| d.name == "virtio-rng");
+        // The device's slot and ACPI entry now; its image once the machine
+        // record names it.
+        let with_blk = header.devices.iter().any(|d| d.name == "virtio-blk");
         let id = self.next_id;
-        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng)?;
+        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached))?;
         let applied = {
             let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
             let alloc = backend.mem();
@@ -240,6 +249,20 @@ impl<B: Backend> Manager<B> {
         let Some(protocol) = protocol(&machine.protocol) else {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Protocol(machine.protocol)));
         };
+        match (&machine.disk, with_blk) {
+            (Some(name), true) => match self.open_disk(name) {
+                Ok(disk) => {
+                    devices.attach_block_backend(disk);
+                }
+                Err(e) => {
+                    let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+                    return fail(backend, &mut self.host_mem, mem, e);
+                }
+            },
+            (None, false) => {}
+            _ => return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Machine)),
+        }
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         // The guest's clock and TSC go on from the saved readings.
         let (hz, now) = (backend.tsc_hz(), backend.now());
         let clock_offset_ns = (i128::from(machine.clock_ns) - i128::from(crate::vm::exit::ticks_to_ns(now, hz)))

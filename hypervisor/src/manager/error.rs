@@ -9,6 +9,7 @@ use core::fmt;
 
 use super::{MAX_MEM_MIB, MIN_MEM_MIB};
 use crate::backend::Unavailable;
+use crate::disk::image::ImageError;
 use crate::memory::{MIN_TARGET_PAGES, NoSwap};
 use crate::vm::boot::BootError;
 
@@ -79,6 +80,38 @@ pub enum Error {
         id: u32,
         why: NoSwap,
     },
+    /// Data-disk image `name` cannot be a VM's disk.
+    Disk {
+        name: String,
+        /// Boxed: the reasons carry disk errors, and `Error` stays small.
+        why: alloc::boxed::Box<DiskRefusal>,
+    },
+}
+
+/// Why an image cannot be attached to a VM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DiskRefusal {
+    /// The host has no data disk (why not).
+    NoDataDisk(NoSwap),
+    NotFound,
+    /// The extent is of another kind (its name).
+    NotAnImage(&'static str),
+    /// VM `id` uses it.
+    InUse(u32),
+    /// Its header was refused, or the disk failed reading it.
+    Image(ImageError),
+}
+
+impl fmt::Display for DiskRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskRefusal::NoDataDisk(why) => write!(f, "there is no data disk ({why})"),
+            DiskRefusal::NotFound => f.write_str("no such image (disk list shows them; disk create makes one)"),
+            DiskRefusal::NotAnImage(kind) => write!(f, "it is a {kind}, not a disk image"),
+            DiskRefusal::InUse(id) => write!(f, "vm {id} uses it"),
+            DiskRefusal::Image(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -119,6 +152,7 @@ impl fmt::Display for Error {
             Error::NoSwapFile { id, why } => {
                 write!(f, "vm {id} cannot be held below its size: it has no swap file ({why})")
             }
+            Error::Disk { name, why } => write!(f, "disk {name}: {why}"),
         }
     }
 }

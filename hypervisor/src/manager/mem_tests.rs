@@ -428,7 +428,8 @@ fn disk_commands_create_list_delete_and_refuse_bad_input_changing_nothing() {
     assert_eq!(ext.len(), 2, "{j}");
     assert_eq!((&ext[0]["name"], &ext[0]["kind"]), (&"swap".into(), &"swap".into()));
     assert_eq!(ext[1]["name"], "web");
-    assert_eq!(ext[1]["size_bytes"], 8 << 20);
+    // The image and its 4 KiB header.
+    assert_eq!(ext[1]["size_bytes"], (8 << 20) + 4096);
     assert_eq!(ext[1]["created"], 1_700_000_003u64);
     assert_eq!(ext[1]["complete"], true);
     let text = run("disk", &mut m);

@@ -5,8 +5,10 @@
 
 use alloc::boxed::Box;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 use mm::GuestPhysAddr;
 use mm::GuestRam;
@@ -15,7 +17,9 @@ use mm::vm_memory::{MemoryMap, ScanReport, VmMemoryConfig};
 use vcpu::Vcpu;
 
 use crate::backend::{Backend, Unavailable};
-use crate::devices::virtio_slots::HostEntropy;
+use crate::devices::virtio_slots::{HostDisk, HostEntropy};
+use crate::disk::image::Image;
+use crate::disk::space::ExtentKind;
 use crate::firmware;
 use crate::loader::{GuestWrite, GuestWriteError};
 use crate::memory::reclaim::{self, VmReclaim};
@@ -24,7 +28,7 @@ use crate::vm::exit::{Console, Flow};
 use crate::vm::{Resources, RunState, Vm, VmStats, boot};
 
 mod error;
-pub use error::Error;
+pub use error::{DiskRefusal, Error};
 
 /// The VM whose slice is running (0: none), for fault reports.
 static CURRENT_VM: AtomicU32 = AtomicU32::new(0);
@@ -124,11 +128,41 @@ impl<B: Backend> Manager<B> {
         }
     }
 
-    /// The VM using data-disk extent `name`, if any: `disk delete` refuses
-    /// to free it. The hook for VM disk images; no VM attaches one yet
-    /// (virtio-block over an image is still to come), so none is in use.
-    pub fn disk_user(&self, _name: &str) -> Option<u32> {
-        None
+    /// The VM whose virtio-blk device serves data-disk image `name`, if
+    /// one that has not ended does: `disk delete` refuses to free it and
+    /// no second VM may attach it.
+    pub fn disk_user(&self, name: &str) -> Option<u32> {
+        self.vms
+            .iter()
+            .find(|v| v.res.is_some() && v.devices.block_disk().is_some_and(|(n, _)| n == name))
+            .map(|v| v.id)
+    }
+
+    /// Opens data-disk image `name` for a VM's virtio-blk device: it must
+    /// be an image (`disk create`) that no other VM uses.
+    pub fn open_disk(&self, name: &str) -> Result<HostDisk, Error> {
+        let refuse = |why| Err(Error::Disk { name: String::from(name), why: Box::new(why) });
+        let Some(space) = self.host_mem.space.as_ref() else {
+            return refuse(DiskRefusal::NoDataDisk(self.host_mem.swap_missing.clone()));
+        };
+        let info = match space.get(name) {
+            Ok(info) => info,
+            Err(_) => return refuse(DiskRefusal::NotFound),
+        };
+        if info.kind != ExtentKind::Image {
+            return refuse(DiskRefusal::NotAnImage(info.kind.name()));
+        }
+        if let Some(id) = self.disk_user(name) {
+            return refuse(DiskRefusal::InUse(id));
+        }
+        let store = match space.extent_store(name) {
+            Ok(s) => s,
+            Err(_) => return refuse(DiskRefusal::NotFound),
+        };
+        match Image::open(store) {
+            Ok(image) => Ok(HostDisk { name: String::from(name), disk: Rc::new(RefCell::new(image)) }),
+            Err(e) => refuse(DiskRefusal::Image(e)),
+        }
     }
 
     pub fn get(&self, id: u32) -> Option<&Vm<B>> {
@@ -177,8 +211,22 @@ impl<B: Backend> Manager<B> {
 
     /// As `run_vm`, passing ramdisk files as Multiboot modules.
     pub fn run_vm_with(&mut self, name: &str, mem_mib: u32, modules: &[String], cmdline: &str) -> Result<u32, Error> {
+        self.run_vm_with_disk(name, mem_mib, modules, cmdline, None)
+    }
+
+    /// As `run_vm_with`, with data-disk image `disk` as the VM's virtio-blk
+    /// disk (`/dev/vda` in a Linux guest).
+    pub fn run_vm_with_disk(
+        &mut self,
+        name: &str,
+        mem_mib: u32,
+        modules: &[String],
+        cmdline: &str,
+        disk: Option<&str>,
+    ) -> Result<u32, Error> {
         let id = self.next_id;
-        let vm = self.create_vm(id, name, mem_mib, modules, cmdline)?;
+        let disk = disk.map(|d| self.open_disk(d)).transpose()?;
+        let vm = self.create_vm(id, name, mem_mib, modules, cmdline, disk)?;
         self.next_id += 1;
         self.vms.push(vm);
         self.forget_old_records();
@@ -196,6 +244,7 @@ impl<B: Backend> Manager<B> {
         id: u32,
         mem_mib: u32,
         with_rng: bool,
+        disk: Option<HostDisk>,
     ) -> Result<(GuestMemory<B::Format>, crate::devices::DeviceSet), Error> {
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
@@ -231,6 +280,9 @@ impl<B: Backend> Manager<B> {
         if let Some(entropy) = entropy {
             devices.add_virtio_rng(entropy);
         }
+        if let Some(disk) = disk {
+            devices.add_virtio_blk(disk);
+        }
         let acpi = firmware::acpi::build(&firmware::acpi::Config {
             apic_ids: alloc::vec![0],
             ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
@@ -256,6 +308,7 @@ impl<B: Backend> Manager<B> {
         mem_mib: u32,
         modules: &[String],
         cmdline: &str,
+        disk: Option<HostDisk>,
     ) -> Result<Box<Vm<B>>, Error> {
         if let Err(why) = &self.backend {
             return Err(Error::NoVirtualization(why.clone()));
@@ -275,7 +328,7 @@ impl<B: Backend> Manager<B> {
             cmdline
         };
         let with_rng = self.entropy.is_some();
-        let (mem, mut devices) = self.machine(id, mem_mib, with_rng)?;
+        let (mem, mut devices) = self.machine(id, mem_mib, with_rng, disk)?;
         let size = (mem_mib as u64) << 20;
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let alloc = backend.mem();
@@ -359,7 +412,9 @@ impl<B: Backend> Manager<B> {
         );
         let (reboots, stats, paused) = (old.reboots + 1, old.stats.clone(), old.paused);
         let attached = old.devices.com1().is_raw();
-        match self.create_vm(id, &image, mem_mib, &modules, &cmdline) {
+        // The same disk, as a PC's reset keeps its drives.
+        let disk = old.devices.block_backend();
+        match self.create_vm(id, &image, mem_mib, &modules, &cmdline, disk) {
             Ok(mut vm) => {
                 vm.guest = guest.clone();
                 vm.reboots = reboots;
@@ -600,8 +655,9 @@ impl<B: Backend> Manager<B> {
         mem_mib: u32,
         modules: &[String],
         cmdline: &str,
+        disk: Option<&str>,
     ) -> Result<u32, Error> {
-        let id = self.run_vm_with(image, mem_mib, modules, cmdline)?;
+        let id = self.run_vm_with_disk(image, mem_mib, modules, cmdline, disk)?;
         if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
             vm.created = true;
             vm.guest = String::from(name);
@@ -782,6 +838,8 @@ fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
 pub mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;
+#[cfg(test)]
+mod disk_tests;
 #[cfg(test)]
 mod mem_tests;
 #[cfg(test)]

@@ -47,6 +47,7 @@ use crc::{CRC_32_ISCSI, Crc, Table};
 use super::VmId;
 use super::block::BLOCK_SIZE;
 use crate::addr::GuestPhysAddr;
+use crate::le::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 
 /// The version this code writes and the only one it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -157,29 +158,6 @@ impl core::fmt::Display for SlotRefusal {
             SlotRefusal::DataChecksum => f.write_str("the page checksum does not match"),
         }
     }
-}
-
-fn put_u16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-fn get_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn get_u32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-fn get_u64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 /// The decoded superblock.

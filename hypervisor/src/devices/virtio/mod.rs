@@ -46,6 +46,7 @@
 //!   `VirtioMmio<D>`; add a `Device` variant so `DeviceSet::save/restore`
 //!   carry it.
 
+pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod queue;

@@ -53,6 +53,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+use mm::le::{get_u32, get_u64, put_u32, put_u64};
 use mm::swap::BLOCK_SIZE;
 use mm::swap::format::crc32c;
 
@@ -173,23 +174,6 @@ pub struct Table {
     pub disk_blocks: u64,
     /// Sorted by start block, non-overlapping, names unique.
     pub extents: Vec<ExtentInfo>,
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-fn get_u32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-fn get_u64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 impl Table {

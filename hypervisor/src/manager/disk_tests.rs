@@ -1,0 +1,103 @@
+//! VM disks on the host: an image of the data disk attached to a VM's
+//! virtio-blk device (`vm run ... disk=`), held by it (no second VM, no
+//! `disk delete`), kept across a checkpoint, and what was written through
+//! it on the disk.
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec;
+use core::cell::RefCell;
+use mm::swap::MemBlockStore;
+
+use super::*;
+use crate::console::{HostStatus, execute, parse};
+use crate::devices::virtio::block::BlockBackend;
+use crate::memory::Swap;
+use crate::testing::{Lines, MockBackend, elf_guest};
+
+fn manager() -> (Manager<MockBackend>, Rc<RefCell<MemBlockStore>>) {
+    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
+    let mut m = Manager::new(Ok(MockBackend::new(16384)), images);
+    // A 32 MiB data disk: half swap.
+    let disk = Rc::new(RefCell::new(MemBlockStore::new(65536)));
+    let opts = crate::disk::space::FormatOptions::default();
+    let (swap, space) = Swap::attach(Box::new(disk.clone()), "simdisk".into(), &opts, 0, || 0).unwrap();
+    m.host_mem.swap = Some(swap);
+    m.host_mem.space = Some(space);
+    (m, disk)
+}
+
+fn run(line: &str, m: &mut Manager<MockBackend>) -> String {
+    let host = HostStatus::default();
+    let mut con = Lines::default();
+    match parse(line) {
+        Ok(Some(p)) => {
+            execute(&p, m, &host, &mut con);
+        }
+        Ok(None) => {}
+        Err(e) => crate::console::commands::report_parse_error(&e, &mut con),
+    }
+    con.text()
+}
+
+#[test]
+fn an_image_is_one_vms_disk_until_that_vm_ends() {
+    let (mut m, _) = manager();
+    assert!(run("disk create d1 2", &mut m).starts_with("disk d1 created: 2.0 MiB image"));
+    let out = run("vm run tiny mem=4 disk=d1", &mut m);
+    assert!(out.starts_with("vm 1 started"), "{out}");
+    let (name, _) = m.get(1).unwrap().devices.block_disk().expect("vm 1 has a virtio-blk disk");
+    assert_eq!(name, "d1");
+    // The DSDT lists its slot: a device at the second virtio-mmio page
+    // (the first is virtio-rng's, when the host has entropy).
+    assert_eq!(m.disk_user("d1"), Some(1));
+    // Held: not deleted, not given to another VM. Bad names refused.
+    for (line, want) in [
+        ("disk delete d1", "error: "),
+        ("vm run tiny mem=4 disk=d1", "error: disk d1: vm 1 uses it"),
+        ("vm run tiny mem=4 disk=swap", "error: disk swap: it is a swap, not a disk image"),
+        ("vm run tiny mem=4 disk=nope", "error: disk nope: no such image"),
+    ] {
+        let out = run(line, &mut m);
+        assert!(out.starts_with(want) && out.lines().count() == 1, "{line}: {out}");
+    }
+    assert!(run("disk delete d1", &mut m).contains("vm 1"), "the refusal names the user");
+    assert_eq!(m.vms.len(), 1, "a refused vm run left a VM behind");
+    // What the device writes is on the data disk: a new handle reads it.
+    let mut dev = m.get(1).unwrap().devices.block_backend().unwrap();
+    dev.write(4096, &[0xa5; 512]).unwrap();
+    run("vm stop 1", &mut m);
+    assert_eq!(m.disk_user("d1"), None, "an ended VM still holds its disk");
+    let mut again = m.open_disk("d1").unwrap();
+    let mut buf = [0u8; 1024];
+    again.read(3584, &mut buf).unwrap();
+    assert_eq!(&buf[..512], &[0; 512], "before the write: zeros");
+    assert_eq!(&buf[512..], &[0xa5; 512]);
+    assert!(run("disk delete d1", &mut m).starts_with("disk d1 deleted"));
+}
+
+#[test]
+fn a_checkpoint_names_the_disk_and_its_restore_attaches_it() {
+    let (mut m, _) = manager();
+    run("disk create d1 2", &mut m);
+    let id = m.run_vm_with_disk("tiny", 4, &[], "", Some("d1")).unwrap();
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    // While vm 1 holds the disk, the checkpoint cannot be restored.
+    let e = m.restore_vm(stream.as_slice()).unwrap_err();
+    assert_eq!(e, Error::Disk { name: "d1".into(), why: Box::new(DiskRefusal::InUse(1)) });
+    assert_eq!(m.vms.len(), 1);
+    run("vm stop 1", &mut m);
+    let restored = m.restore_vm(stream.as_slice()).unwrap();
+    let vm = m.get(restored).unwrap();
+    assert_eq!(vm.devices.block_disk().map(|(n, _)| n), Some("d1"));
+    assert_eq!(vm.devices.block_backend().unwrap().capacity(), 2 << 20, "the real image, not the stand-in");
+    assert_eq!(m.disk_user("d1"), Some(restored));
+    // Without the image the restore is refused and nothing is left.
+    run(&format!("vm stop {restored}"), &mut m);
+    assert!(run("disk delete d1", &mut m).starts_with("disk d1 deleted"));
+    let before = m.vms.len();
+    let e = m.restore_vm(stream.as_slice()).unwrap_err();
+    assert_eq!(e, Error::Disk { name: "d1".into(), why: Box::new(DiskRefusal::NotFound) });
+    assert_eq!(m.vms.len(), before);
+}
