@@ -17,6 +17,7 @@ pub mod loader;
 pub mod manager;
 pub mod memory;
 pub mod msr;
+pub mod net;
 pub mod pci;
 pub mod vm;
 

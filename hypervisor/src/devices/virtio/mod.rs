@@ -1,7 +1,7 @@
 //! The device side of virtio 1.2 (OASIS virtio spec 1.2, cs01): split
 //! virtqueues ([`queue`], 2.7), the virtio-mmio transport ([`mmio`], 4.2,
 //! register layout version 2) and the devices behind it (entropy: [`rng`],
-//! 5.4; console, block, net and balloon later).
+//! 5.4; network: [`net`], 5.1; console, block and balloon later).
 //!
 //! Why MMIO and not PCI: no BARs, capabilities or MSI-X to emulate, one I/O
 //! APIC pin per device (level-triggered), and a transport state of a few
@@ -49,6 +49,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 
