@@ -1,7 +1,8 @@
 //! The device side of virtio 1.2 (OASIS virtio spec 1.2, cs01): split
 //! virtqueues ([`queue`], 2.7), the virtio-mmio transport ([`mmio`], 4.2,
 //! register layout version 2) and the devices behind it (entropy: [`rng`],
-//! 5.4; network: [`net`], 5.1; console, block and balloon later).
+//! 5.4; console: [`console`], 5.3; block: [`block`], 5.2; network:
+//! [`net`], 5.1; memory balloon: [`balloon`], 5.5).
 //!
 //! Why MMIO and not PCI: no BARs, capabilities or MSI-X to emulate, one I/O
 //! APIC pin per device (level-triggered), and a transport state of a few
@@ -46,6 +47,7 @@
 //!   `VirtioMmio<D>`; add a `Device` variant so `DeviceSet::save/restore`
 //!   carry it.
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod mmio;
