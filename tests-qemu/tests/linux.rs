@@ -49,9 +49,12 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     std::fs::File::create(&scratch).unwrap().set_len(520 * boot::image::CYLINDER_BYTES).unwrap();
     let mut m = Machine::boot_with_files_and_scratch(emu, &label(emu, "linux"), &files, &scratch);
     let start = Instant::now();
-    // Nothing but the name: memory, initramfs and command line are the
-    // defaults for a Linux kernel.
-    let out = m.cmd("vm run linux");
+    // A disk image for it on the data disk, served by virtio-blk.
+    let out = m.cmd("disk create d1 16");
+    assert!(out.contains("disk d1 created: 16.0 MiB image"), "{out}");
+    // Nothing but the name and the disk: memory, initramfs and command
+    // line are the defaults for a Linux kernel.
+    let out = m.cmd("vm run linux disk=d1");
     assert!(out.contains("vm 1 started: linux (linux, 256 MiB"), "{out}");
     // The kernel's own messages may land inside the marker's line (both
     // write the one serial port), so wait for the kernel starting init,
@@ -90,6 +93,21 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
             .is_some_and(|r| r.trim().len() == 32 && r.trim().chars().all(|c| c.is_ascii_hexdigit()))),
         "no 16 bytes from /dev/hwrng:\n{t}"
     );
+    // virtio-blk: the image is /dev/vda, write-through, 16 MiB; a known
+    // pattern written with dd (fsync'd) reads back after the page cache
+    // is dropped, and again after a reset and after the emulator restarts.
+    let out = m.cmd("disk delete d1");
+    assert!(out.contains("error:") && out.contains("vm 1"), "a disk in use was deleted: {out}");
+    m.cmd("vm send 1 -- cat /sys/block/vda/size /sys/block/vda/queue/write_cache; echo vda-$((1+1))");
+    m.wait_for("[vm 1] vda-2", Duration::from_secs(120));
+    let t = m.transcript();
+    assert!(t.contains("[vm 1] 32768\n") && t.contains("[vm 1] write through"), "{t}");
+    m.cmd(&format!("vm send 1 -- {WRITE_PATTERN}; echo wrote-$((2+3))"));
+    m.wait_for("[vm 1] wrote-5", Duration::from_secs(240));
+    let sum = pattern_sum(&m.transcript(), "[vm 1] ", "  /tmp/p");
+    m.cmd(&format!("vm send 1 -- echo 3 > /proc/sys/vm/drop_caches; {READ_PATTERN}; echo read-$((3+3))"));
+    m.wait_for("[vm 1] read-6", Duration::from_secs(240));
+    assert_eq!(pattern_sum(&m.transcript(), "[vm 1] ", "  -"), sum, "/dev/vda did not give back what was written");
     // The terminal attached to the guest's console: keys go to its shell,
     // its output comes back byte for byte; Ctrl-] detaches.
     m.send_raw(b"vm console 1\r");
@@ -148,6 +166,11 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for_after("vm 1 (linux) restarted (reset 1)", mark, Duration::from_secs(120));
     m.wait_for_after("Run /init as init process", mark, Duration::from_secs(400));
     m.wait_for_after("linux-guest:/# ", mark, Duration::from_secs(120));
+    // The reset kept the disk and what was written to it.
+    let mark = m.transcript().len();
+    m.cmd(&format!("vm send 1 -- {READ_PATTERN}; echo reread-$((3+4))"));
+    m.wait_for_after("[vm 1] reread-7", mark, Duration::from_secs(240));
+    assert_eq!(pattern_sum(&m.transcript()[mark..], "[vm 1] ", "  -"), sum, "the data did not survive the reset");
     let t = m.transcript();
     // No complaint about the APIC, the timers or ACPI.
     for bad in [
@@ -217,5 +240,32 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert_eq!(list["vms"][3]["state"], "off", "{list}");
     println!("linux under the hypervisor ({}): {secs:.1} s from `vm run` to the init marker", emu.name());
     m.poweroff();
+    // The emulator starts again on the same disk file: the image is in
+    // the extent table, and a new VM on it reads the pattern back.
+    let mut m = Machine::boot_with_files_and_scratch(emu, &label(emu, "linux-again"), &files, &scratch);
+    let out = m.cmd("disk list");
+    assert!(out.lines().any(|l| l.starts_with("d1 ") && l.contains("image")), "{out}");
+    let out = m.cmd("vm run linux disk=d1 -- console=ttyS0 quiet");
+    assert!(out.contains("vm 1 started"), "{out}");
+    m.wait_for("linux-guest:/# ", Duration::from_secs(400));
+    m.cmd(&format!("vm send 1 -- {READ_PATTERN}; echo again-$((4+4))"));
+    m.wait_for("[vm 1] again-8", Duration::from_secs(240));
+    assert_eq!(pattern_sum(&m.transcript(), "[vm 1] ", "  -"), sum, "the data did not survive the host's restart");
+    m.poweroff();
     std::fs::remove_file(&scratch).unwrap();
+}
+
+/// 1 MiB of a known text, written at 400 KiB into /dev/vda, flushed.
+const WRITE_PATTERN: &str = "yes hypervisor-disk-pattern | head -c 1048576 > /tmp/p; md5sum /tmp/p; \
+     dd if=/tmp/p of=/dev/vda bs=4096 seek=100 conv=fsync 2>/dev/null";
+/// The same 1 MiB read back from /dev/vda, summed.
+const READ_PATTERN: &str = "dd if=/dev/vda bs=4096 skip=100 count=256 2>/dev/null | md5sum";
+
+/// The MD5 sum on a line `<prefix><32 hex digits><suffix>` of `t`.
+fn pattern_sum(t: &str, prefix: &str, suffix: &str) -> String {
+    t.lines()
+        .filter_map(|l| l.strip_prefix(prefix)?.trim_end().strip_suffix(suffix))
+        .find(|s| s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no md5sum line ending {suffix:?} in:\n{t}"))
+        .to_string()
 }

@@ -59,9 +59,9 @@ impl migrate::Sink for ExtentSink<'_> {
 }
 
 /// A checkpoint extent being read, as the stream's source.
-struct ExtentSource<'a>(crate::disk::space::StreamReader<'a, crate::memory::SharedDisk>);
+struct ExtentSource(crate::disk::space::StreamReader<crate::memory::SharedDisk>);
 
-impl migrate::Source for ExtentSource<'_> {
+impl migrate::Source for ExtentSource {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, migrate::IoError> {
         self.0.read(buf).map_err(|_| migrate::IoError("reading the data disk failed"))
     }
@@ -154,17 +154,15 @@ pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name
 
 /// `vm restore <name>`.
 pub(super) fn restore<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
-    let mut space: HostSpace = m.host_mem.space.take().ok_or_else(|| no_disk(m))?;
-    let result = match space.get(name) {
+    let space: &HostSpace = m.host_mem.space.as_ref().ok_or_else(|| no_disk(m))?;
+    let reader = match space.get(name) {
         Ok(e) if e.kind != ExtentKind::Checkpoint => Err(format!("{name} is a {}, not a checkpoint", e.kind.name())),
-        Ok(_) => match space.read_stream(name) {
-            Ok(reader) => m.restore_vm(ExtentSource(reader)).map_err(|e| format!("checkpoint {name}: {e}")),
-            Err(e) => Err(format!("{e}")),
-        },
+        Ok(_) => space.read_stream(name).map_err(|e| format!("{e}")),
         Err(e) => Err(format!("{e}")),
-    };
-    m.host_mem.space = Some(space);
-    let id = result?;
+    }?;
+    // The space manager stays in place: the restore may open the VM's
+    // disk image through it.
+    let id = m.restore_vm(ExtentSource(reader)).map_err(|e| format!("checkpoint {name}: {e}"))?;
     let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
     Ok(Reply {
         text: format!(

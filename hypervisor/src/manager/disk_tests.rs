@@ -101,3 +101,18 @@ fn a_checkpoint_names_the_disk_and_its_restore_attaches_it() {
     assert_eq!(e, Error::Disk { name: "d1".into(), why: Box::new(DiskRefusal::NotFound) });
     assert_eq!(m.vms.len(), before);
 }
+
+#[test]
+fn the_console_restores_a_vm_with_its_disk() {
+    let (mut m, _) = manager();
+    run("disk create d1 2", &mut m);
+    run("vm run tiny mem=4 disk=d1", &mut m);
+    let out = run("vm save 1 c1", &mut m);
+    assert!(out.contains("saved to checkpoint c1"), "{out}");
+    let out = run("vm restore c1", &mut m);
+    assert_eq!(out, "error: checkpoint c1: disk d1: vm 1 uses it");
+    run("vm stop 1", &mut m);
+    let out = run("vm restore c1", &mut m);
+    assert!(out.starts_with("vm 2 restored from checkpoint c1"), "{out}");
+    assert_eq!(m.disk_user("d1"), Some(2));
+}

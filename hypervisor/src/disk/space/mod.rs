@@ -515,12 +515,15 @@ impl<D: BlockStore> Space<D> {
     }
 
     /// Reads a complete extent's bytes back (a checkpoint's stream).
-    pub fn read_stream(&mut self, name: &str) -> Result<StreamReader<'_, D>, SpaceError> {
+    pub fn read_stream(&self, name: &str) -> Result<StreamReader<D>, SpaceError>
+    where
+        D: Clone,
+    {
         let info = self.get(name)?;
         if !info.complete {
             return Err(SpaceError::Incomplete(info.name));
         }
-        Ok(StreamReader::new(self, info))
+        Ok(StreamReader::new(self.dev.clone(), info))
     }
 
     /// Deletes `name`, unless it is the swap extent or `in_use` names a VM

@@ -144,17 +144,19 @@ impl<'a, D: BlockStore> StreamWriter<'a, D> {
     }
 }
 
-/// Reads a complete extent's bytes back, from the start.
-pub struct StreamReader<'a, D: BlockStore> {
-    space: &'a mut Space<D>,
+/// Reads a complete extent's bytes back, from the start. It holds its own
+/// handle on the device, not the space manager: a restore reading a
+/// checkpoint can still open the VM's disk image through the manager.
+pub struct StreamReader<D: BlockStore> {
+    dev: D,
     info: ExtentInfo,
     pos: u64,
     scratch: Vec<u8>,
 }
 
-impl<'a, D: BlockStore> StreamReader<'a, D> {
-    pub(super) fn new(space: &'a mut Space<D>, info: ExtentInfo) -> Self {
-        StreamReader { space, info, pos: 0, scratch: vec![0; BLOCK_SIZE] }
+impl<D: BlockStore> StreamReader<D> {
+    pub(super) fn new(dev: D, info: ExtentInfo) -> Self {
+        StreamReader { dev, info, pos: 0, scratch: vec![0; BLOCK_SIZE] }
     }
 
     pub fn info(&self) -> &ExtentInfo {
@@ -176,10 +178,10 @@ impl<'a, D: BlockStore> StreamReader<'a, D> {
             let left = n - done;
             let step = if off == 0 && left >= BLOCK_SIZE {
                 let len = (left / BLOCK_SIZE).min(CHUNK_BLOCKS) * BLOCK_SIZE;
-                self.space.dev().read(block, &mut buf[done..done + len])?;
+                self.dev.read(block, &mut buf[done..done + len])?;
                 len
             } else {
-                self.space.dev().read(block, &mut self.scratch)?;
+                self.dev.read(block, &mut self.scratch)?;
                 let len = left.min(BLOCK_SIZE - off);
                 buf[done..done + len].copy_from_slice(&self.scratch[off..off + len]);
                 len
