@@ -73,10 +73,12 @@ exec /sbin/init
 "#;
 
 /// busybox init's table: a shell on the console (cttyhack makes it the
-/// controlling terminal, so job control and Ctrl-C work), restarted when it
+/// controlling terminal, so job control and Ctrl-C work) and one on the
+/// virtio console `hvc0` (`vm console <id> virtio`), each restarted when it
 /// exits; `poweroff` and `reboot` sync and power off or restart.
 const INITTAB: &str = "\
 ::respawn:/bin/cttyhack /bin/sh -l
+hvc0::respawn:/bin/sh -l
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
 ";

@@ -116,6 +116,15 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for("attached-5", Duration::from_secs(120));
     m.send_raw(&[0x1d]);
     m.wait_for("[detached from vm 1]", Duration::from_secs(60));
+    // The virtio console: hvc0 has a shell of its own; a terminal attached
+    // with `vm console 1 virtio` types into it and reads what it prints.
+    m.send_raw(b"vm console 1 virtio\r");
+    m.wait_for("attached to vm 1's virtio console (hvc0); Ctrl-] detaches", Duration::from_secs(60));
+    m.send_raw(b"echo on-hvc-$((3+4)); tty\r");
+    m.wait_for("on-hvc-7", Duration::from_secs(120));
+    m.wait_for("/dev/hvc0", Duration::from_secs(60));
+    m.send_raw(&[0x1d]);
+    m.wait_for("[detached from vm 1]", Duration::from_secs(60));
     // Pause and resume: a counting loop stops while the VM is paused and
     // goes on from where it stood, nothing lost.
     m.cmd("vm send 1 -- (i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo tick-$i; sleep 1; done) &");

@@ -10,7 +10,7 @@ use vcpu::ExitKind;
 
 use super::parse::{Command, Parsed};
 use crate::backend::Backend;
-use crate::manager::Manager;
+use crate::manager::{ConsolePort, Manager};
 use crate::vm::exit::{Console, ticks_to_us};
 use crate::vm::{RunState, Vm};
 
@@ -57,7 +57,7 @@ const HELP: &[(&str, &str)] = &[
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
     ("vm send <id> -- <text>", "type a line into the VM's serial console (COM1)"),
-    ("vm console <id>", "attach this terminal to the VM's serial console (Ctrl-] detaches)"),
+    ("vm console <id> [virtio]", "attach this terminal to the VM's serial (or virtio, hvc0) console; Ctrl-] detaches"),
     ("vm pause <id> | vm resume <id>", "stop running the VM (nothing lost) / run it again"),
     ("mem", "host and per-VM memory by page state, sharing and swap"),
     ("mem sharing on [<pages per round>] | off", "background page sharing and its scan budget"),
@@ -74,7 +74,7 @@ pub fn execute<B: Backend>(p: &Parsed, m: &mut Manager<B>, host: &HostStatus, co
     let name = p.command.name();
     let result = run(&p.command, m, host, console);
     let attach = match (&p.command, &result) {
-        (Command::VmConsole { id }, Ok(_)) => Some(*id),
+        (Command::VmConsole { id, .. }, Ok(_)) => Some(*id),
         _ => None,
     };
     match (result, p.json) {
@@ -196,10 +196,14 @@ fn run<B: Backend>(
             m.set_paused(*id, false)?;
             Ok(Reply { text: format!("vm {id} resumed"), json: json!({ "id": id }) })
         }
-        Command::VmConsole { id } => {
-            m.attach(*id)?;
+        Command::VmConsole { id, port } => {
+            m.attach(*id, *port)?;
+            let which = match port {
+                ConsolePort::Serial => "console",
+                ConsolePort::Virtio => "virtio console (hvc0)",
+            };
             Ok(Reply {
-                text: format!("attached to vm {id}'s console; Ctrl-] detaches"),
+                text: format!("attached to vm {id}'s {which}; Ctrl-] detaches"),
                 json: json!({ "id": id, "detach_key": "ctrl-]" }),
             })
         }

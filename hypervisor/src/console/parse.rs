@@ -15,7 +15,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use crate::disk::space::{ExtentName, NameError};
-use crate::manager::{MAX_MEM_MIB, MIN_MEM_MIB};
+use crate::manager::{ConsolePort, MAX_MEM_MIB, MIN_MEM_MIB};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -64,6 +64,7 @@ pub enum Command {
     /// Attach the operator's terminal to the guest's serial console.
     VmConsole {
         id: u32,
+        port: crate::manager::ConsolePort,
     },
     /// A line of input for the guest's serial console (COM1).
     VmSend {
@@ -335,7 +336,11 @@ fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
         "stats" => parse_id("vm stats", args).map(|id| Command::VmStats { id }),
         "stop" => parse_id("vm stop", args).map(|id| Command::VmStop { id }),
         "send" => parse_send(args),
-        "console" => parse_id("vm console", args).map(|id| Command::VmConsole { id }),
+        "console" => match args {
+            [id, "virtio"] => vm_id("vm console", id).map(|id| Command::VmConsole { id, port: ConsolePort::Virtio }),
+            [id, "serial"] => vm_id("vm console", id).map(|id| Command::VmConsole { id, port: ConsolePort::Serial }),
+            _ => parse_id("vm console", args).map(|id| Command::VmConsole { id, port: ConsolePort::Serial }),
+        },
         "pause" => parse_id("vm pause", args).map(|id| Command::VmPause { id }),
         "resume" => parse_id("vm resume", args).map(|id| Command::VmResume { id }),
         "run" => parse_run(args),
@@ -572,7 +577,10 @@ mod tests {
             Command::VmSend { id: 3, text: "uname -r --json".into() }
         );
         assert_eq!(ok("vm send 3 --").command, Command::VmSend { id: 3, text: String::new() });
-        assert_eq!(ok("vm console 2").command, Command::VmConsole { id: 2 });
+        assert_eq!(ok("vm console 2").command, Command::VmConsole { id: 2, port: ConsolePort::Serial });
+        assert_eq!(ok("vm console 2 virtio").command, Command::VmConsole { id: 2, port: ConsolePort::Virtio });
+        assert_eq!(ok("vm console 2 serial").command, Command::VmConsole { id: 2, port: ConsolePort::Serial });
+        assert!(err("vm console 2 usb").contains("usb"));
         assert_eq!(ok("vm pause 2 --json").command, Command::VmPause { id: 2 });
         assert_eq!(ok("vm resume 2").command, Command::VmResume { id: 2 });
         assert_eq!(parse("   ").unwrap(), None);

@@ -12,6 +12,7 @@ use core::fmt;
 use super::DeviceSet;
 use super::persist::{self, RestoreError, SavedDevice};
 use super::virtio::block::{Block, BlockBackend, BlockCounters, IoFailed};
+use super::virtio::console::Console;
 use super::virtio::mmio::{self, VirtioMmio};
 use super::virtio::rng::{EntropySource, NoEntropy, Rng};
 use super::virtio::{GuestMemory, OutsideRam};
@@ -117,6 +118,8 @@ pub enum VirtioDevice {
     Rng(VirtioMmio<Rng<HostEntropy>>),
     /// virtio-blk (device id 2).
     Block(VirtioMmio<Block<HostDisk>>),
+    /// virtio-console (device id 3): `hvc0`.
+    Console(VirtioMmio<Console>),
 }
 
 /// Runs `$body` with `$d` bound to the transport of whichever device `$v`
@@ -126,6 +129,7 @@ macro_rules! with_device {
         match $v {
             VirtioDevice::Rng($d) => $body,
             VirtioDevice::Block($d) => $body,
+            VirtioDevice::Console($d) => $body,
         }
     };
 }
@@ -178,6 +182,43 @@ impl DeviceSet {
             level: false,
         });
         true
+    }
+
+    /// Add a virtio-console device at the next free slot (every VM has
+    /// one: `hvc0` in a Linux guest); `false` if every slot is taken.
+    pub fn add_virtio_console(&mut self) -> bool {
+        let slot = self.virtio.len();
+        let Some(s) = mmio::slot(slot) else { return false };
+        self.virtio.push(VirtioSlot {
+            name: "virtio-console",
+            slot,
+            base: u64::from(s.base),
+            gsi: s.gsi,
+            device: VirtioDevice::Console(VirtioMmio::new(Console::new())),
+            level: false,
+        });
+        true
+    }
+
+    /// The virtio console, if the VM has one.
+    pub fn virtio_console(&mut self) -> Option<&mut Console> {
+        self.virtio.iter_mut().find_map(|v| match &mut v.device {
+            VirtioDevice::Console(d) => Some(d.device_mut()),
+            _ => None,
+        })
+    }
+
+    /// Input for the virtio console: queued (what fits, [`Console::input`])
+    /// and moved into the guest's receive buffers now, with an interrupt
+    /// if it wants one. How many bytes were taken; `None` without a
+    /// virtio console.
+    pub fn virtio_console_input(&mut self, bytes: &[u8], mem: &mut dyn GuestMemory) -> Option<usize> {
+        let i = self.virtio.iter().position(|v| matches!(v.device, VirtioDevice::Console(_)))?;
+        let VirtioDevice::Console(d) = &mut self.virtio[i].device else { return None };
+        let n = d.device_mut().input(bytes);
+        d.device_work(0, mem);
+        self.drive_virtio_line(i);
+        Some(n)
     }
 
     /// Add a virtio-blk device over `disk` at the next free slot; `false`
@@ -296,6 +337,9 @@ impl DeviceSet {
                     VirtioDevice::Block(_) => {
                         VirtioState::Block(persist::decode::<VirtioMmio<Block<HostDisk>>>(v.name, s)?)
                     }
+                    VirtioDevice::Console(_) => {
+                        VirtioState::Console(persist::decode::<VirtioMmio<Console>>(v.name, s)?)
+                    }
                 })
             })
             .collect()
@@ -308,6 +352,7 @@ impl DeviceSet {
             match (&mut v.device, state) {
                 (VirtioDevice::Rng(d), VirtioState::Rng(s)) => d.restore(s),
                 (VirtioDevice::Block(d), VirtioState::Block(s)) => d.restore(s),
+                (VirtioDevice::Console(d), VirtioState::Console(s)) => d.restore(s),
                 // decode_virtio decoded each state by its slot's device.
                 _ => unreachable!("a virtio state decoded for another device"),
             }
@@ -327,6 +372,7 @@ impl DeviceSet {
 pub(super) enum VirtioState {
     Rng(<VirtioMmio<Rng<HostEntropy>> as super::Persist>::State),
     Block(<VirtioMmio<Block<HostDisk>> as super::Persist>::State),
+    Console(<VirtioMmio<Console> as super::Persist>::State),
 }
 
 #[cfg(test)]

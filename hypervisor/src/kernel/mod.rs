@@ -312,7 +312,7 @@ fn serve<B: HostBackend>(
                     break;
                 }
                 // A full receive buffer drops the key, as an overrun would.
-                let _ = manager.send_input(id, &[b]);
+                let _ = manager.console_input(id, &[b]);
             }
             match manager.console_output(id) {
                 Some(out) => platform::serial::write_bytes(&out),

@@ -80,6 +80,9 @@ pub enum Error {
         id: u32,
         why: NoSwap,
     },
+    /// The VM has no virtio console (it was restored from a checkpoint
+    /// made without one).
+    NoVirtioConsole(u32),
     /// Data-disk image `name` cannot be a VM's disk.
     Disk {
         name: String,
@@ -153,6 +156,7 @@ impl fmt::Display for Error {
                 write!(f, "vm {id} cannot be held below its size: it has no swap file ({why})")
             }
             Error::Disk { name, why } => write!(f, "disk {name}: {why}"),
+            Error::NoVirtioConsole(id) => write!(f, "vm {id} has no virtio console"),
         }
     }
 }

@@ -280,6 +280,7 @@ impl<B: Backend> Manager<B> {
         if let Some(entropy) = entropy {
             devices.add_virtio_rng(entropy);
         }
+        devices.add_virtio_console();
         if let Some(disk) = disk {
             devices.add_virtio_blk(disk);
         }
@@ -694,14 +695,18 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
-    /// Attach the operator's terminal to VM `id`'s COM1: its output is
-    /// kept byte for byte for [`Self::console_output`] instead of lines.
-    pub fn attach(&mut self, id: u32) -> Result<(), Error> {
+    /// Attach the operator's terminal to VM `id`'s COM1 or virtio console:
+    /// its output is kept byte for byte for [`Self::console_output`]
+    /// instead of lines, and [`Self::console_input`] types into it.
+    pub fn attach(&mut self, id: u32, port: ConsolePort) -> Result<(), Error> {
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.res.is_none() {
             return Err(Error::Ended { id, state: vm.state.name() });
         }
-        vm.devices.com1().set_raw(true);
+        match port {
+            ConsolePort::Serial => vm.devices.com1().set_raw(true),
+            ConsolePort::Virtio => vm.devices.virtio_console().ok_or(Error::NoVirtioConsole(id))?.set_attached(true),
+        }
         Ok(())
     }
 
@@ -709,6 +714,9 @@ impl<B: Backend> Manager<B> {
     pub fn detach(&mut self, id: u32) {
         if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
             vm.devices.com1().set_raw(false);
+            if let Some(c) = vm.devices.virtio_console() {
+                c.set_attached(false);
+            }
         }
     }
 
@@ -716,11 +724,29 @@ impl<B: Backend> Manager<B> {
     /// VM has ended (the terminal should detach).
     pub fn console_output(&mut self, id: u32) -> Option<Vec<u8>> {
         let vm = self.vms.iter_mut().find(|v| v.id == id)?;
-        let out = vm.devices.com1().take_raw();
+        let mut out = vm.devices.com1().take_raw();
+        if let Some(c) = vm.devices.virtio_console().filter(|c| c.is_attached()) {
+            out.extend(c.take_output());
+        }
         if vm.res.is_none() && out.is_empty() {
             return None;
         }
         Some(out)
+    }
+
+    /// The attached terminal's keys for VM `id`: to its virtio console if
+    /// that is what is attached, else to COM1 ([`Self::send_input`]).
+    pub fn console_input(&mut self, id: u32, bytes: &[u8]) -> Result<usize, Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+        if !vm.devices.virtio_console().is_some_and(|c| c.is_attached()) {
+            return self.send_input(id, bytes);
+        }
+        let n = vm
+            .virtio_console_input(bytes, backend, &mut self.host_mem)
+            .ok_or(Error::Ended { id, state: vm.state.name() })?;
+        vm.timers_changed(backend.tsc_hz());
+        Ok(n)
     }
 
     /// Bytes for VM `id`'s COM1 (the operator typing): queued in the UART's
@@ -824,6 +850,15 @@ fn free_memory<B: Backend>(backend: &mut B, host: &mut HostMemory, id: u32, mem:
         log::error!("vm {id}: {} shared pages or swap slots could not be released", report.leaked_references);
     }
     host.remove_vm(id);
+}
+
+/// Which of a VM's consoles a terminal attaches to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsolePort {
+    /// COM1, the 16550 UART (`ttyS0`).
+    Serial,
+    /// The virtio console (`hvc0`).
+    Virtio,
 }
 
 /// Frees what a VM holds: the vCPU first (nothing runs on the table after

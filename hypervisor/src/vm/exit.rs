@@ -631,6 +631,12 @@ impl<B: Backend> Vm<B> {
         let reason = match result {
             Ok(done) => {
                 finish_emulated(vcpu, done.completed, &state, rip, rflags);
+                // What the guest wrote to hvc0 (a transmit notification).
+                if let Some(c) = self.devices.virtio_console() {
+                    for l in c.take_lines() {
+                        console.line(&format!("[vm {} hvc0] {l}", self.id));
+                    }
+                }
                 self.timers_changed(hz);
                 return Flow::Continue;
             }

@@ -226,3 +226,25 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> virtio::GuestMemor
         in_ram && !self.mem.any_read_only(gpa, end)
     }
 }
+
+impl<B: crate::backend::Backend> super::Vm<B> {
+    /// Host input for the VM's virtio console (an attached terminal's
+    /// keys): into the guest's receive buffers through `mm`, as the
+    /// device's own DMA. How many bytes were taken (the rest did not fit
+    /// the device's buffer); `None` if the VM has ended or has no virtio
+    /// console.
+    pub fn virtio_console_input(
+        &mut self,
+        bytes: &[u8],
+        backend: &mut B,
+        host: &mut crate::memory::HostMemory,
+    ) -> Option<usize> {
+        let super::Resources { mem, vcpu } = self.res.as_mut()?;
+        let devices = &mut self.devices;
+        let alloc = backend.mem();
+        host.with_hooks(self.id, |hooks| {
+            let mut dma = Dma { vcpu: &mut *vcpu, mem: &mut *mem, alloc, hooks };
+            devices.virtio_console_input(bytes, &mut dma)
+        })
+    }
+}

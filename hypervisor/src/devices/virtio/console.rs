@@ -3,10 +3,13 @@
 //! queue 1 (transmitq) the guest's output to the host. Linux's
 //! `virtio_console` makes it `hvc0`.
 //!
-//! Not wired into a VM yet: the device set will place it in a virtio slot,
-//! feed it from `vm console <id> virtio` / `vm send` (through
-//! [`Console::input`] then [`VirtioMmio::device_work`](super::mmio::VirtioMmio::device_work)
-//! on queue 0) and print what [`Console::take_output`] returns.
+//! Every VM has one (`devices::virtio_slots`): its output is printed line
+//! by line as `[vm N hvc0] ...` ([`Console::take_lines`]), or byte for byte
+//! to a terminal attached with `vm console <id> virtio`
+//! ([`Console::take_output`]), whose keys come in through
+//! [`Console::input`] and then
+//! [`VirtioMmio::device_work`](super::mmio::VirtioMmio::device_work) on
+//! queue 0.
 
 use alloc::collections::VecDeque;
 use alloc::vec;
@@ -37,6 +40,9 @@ pub struct Console {
     output: VecDeque<u8>,
     /// Output bytes dropped because nobody took them.
     dropped: u64,
+    /// A terminal is attached (the host's, not the guest's state): output
+    /// is kept for [`Self::take_output`], not split into lines.
+    attached: bool,
 }
 
 impl Console {
@@ -56,6 +62,34 @@ impl Console {
     /// What the guest wrote since the last call.
     pub fn take_output(&mut self) -> Vec<u8> {
         self.output.drain(..).collect()
+    }
+
+    /// Attach (`true`) or detach a terminal.
+    pub fn set_attached(&mut self, on: bool) {
+        self.attached = on;
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
+    /// The complete lines written since the last call (up to the last
+    /// newline; the rest waits for its end), `\r` dropped, invalid UTF-8
+    /// and control characters shown as U+FFFD (a guest must not drive the
+    /// operator's terminal, as for COM1). Nothing while a terminal is
+    /// attached.
+    pub fn take_lines(&mut self) -> Vec<alloc::string::String> {
+        let Some(end) = (!self.attached).then(|| self.output.iter().rposition(|&b| b == b'\n')).flatten() else {
+            return Vec::new();
+        };
+        let bytes: Vec<u8> = self.output.drain(..=end).filter(|&b| b != b'\r').collect();
+        bytes[..bytes.len() - 1]
+            .split(|&b| b == b'\n')
+            .map(|l| {
+                let text = alloc::string::String::from_utf8_lossy(l);
+                text.chars().map(|c| if c.is_control() && c != '\t' { '\u{fffd}' } else { c }).collect()
+            })
+            .collect()
     }
 
     /// Output bytes lost because nobody took them in time.
@@ -174,6 +208,7 @@ impl Persist for Console {
         self.input = s.input.into();
         self.output = s.output.into();
         self.dropped = s.dropped;
+        self.attached = false;
     }
 }
 
@@ -266,6 +301,20 @@ mod tests {
         assert_eq!(used_idx(&mem, 0x1000), 2);
         // Input beyond what the console holds is refused.
         assert_eq!(d.device_mut().input(&[b'x'; MAX_INPUT + 10]), MAX_INPUT);
+    }
+
+    #[test]
+    fn output_is_split_into_lines_unless_a_terminal_is_attached() {
+        let (mut d, mut mem) = up();
+        mem.bytes[0x8000..0x800c].copy_from_slice(b"a\r\nbc\n\x1bd\npar");
+        desc(&mut mem, 0x2000, 0, 0x8000, 12, 0, 0);
+        publish(&mut mem, 0x2000, 0, 0);
+        d.write(reg::QUEUE_NOTIFY, 4, 1, &mut mem);
+        assert_eq!(d.device_mut().take_lines(), ["a", "bc", "\u{fffd}d"]);
+        assert!(d.device_mut().take_lines().is_empty(), "the partial line waits for its end");
+        d.device_mut().set_attached(true);
+        assert!(d.device_mut().take_lines().is_empty());
+        assert_eq!(d.device_mut().take_output(), b"par");
     }
 
     #[test]

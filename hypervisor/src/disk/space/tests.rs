@@ -364,7 +364,7 @@ fn a_checkpoint_stream_round_trips_and_is_trimmed_at_close() {
     }
     assert!(back == data);
     drop(s);
-    let mut s = Space::open(d).unwrap();
+    let s = Space::open(d).unwrap();
     let mut r = s.read_stream("cp1").unwrap();
     let mut all = vec![0; 200_000];
     assert_eq!(r.read(&mut all).unwrap(), 100_000);
