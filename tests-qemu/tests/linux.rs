@@ -125,6 +125,47 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for("/dev/hvc0", Duration::from_secs(60));
     m.send_raw(&[0x1d]);
     m.wait_for("[detached from vm 1]", Duration::from_secs(60));
+    // The balloon: `vm balloon 1 32` takes 32 MiB from the guest (its free
+    // memory drops by that much, the host's pages without frames grow),
+    // `vm balloon 1 0` gives them back. Free page reporting has meanwhile
+    // returned idle memory by itself.
+    let mem_free = |m: &mut Machine, tag: &str| -> i64 {
+        m.cmd(&format!("vm send 1 -- grep MemFree /proc/meminfo; echo {tag}-$((5+5))"));
+        m.wait_for(&format!("[vm 1] {tag}-10"), Duration::from_secs(120));
+        let t = m.transcript();
+        let line = t.lines().filter(|l| l.starts_with("[vm 1] MemFree:")).last().expect("MemFree");
+        line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("MemFree kB")
+    };
+    let balloon_holds = |m: &mut Machine, pages: u64| {
+        let start = Instant::now();
+        loop {
+            let j = m.json("vm stats 1 --json");
+            if j["balloon"]["actual_pages"] == pages {
+                return j;
+            }
+            assert!(start.elapsed() < Duration::from_secs(180), "the balloon never reached {pages} pages: {j}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let free_before = mem_free(&mut m, "mf");
+    let out = m.cmd("vm balloon 1 32");
+    assert!(out.contains("vm 1 balloon target 32 MiB"), "{out}");
+    let j = balloon_holds(&mut m, 8192);
+    assert!(j["pages"]["ballooned"].as_u64().unwrap() >= 8192, "{j}");
+    assert!(j["balloon"]["inflated"].as_u64().unwrap() >= 8192, "{j}");
+    let free_inflated = mem_free(&mut m, "mg");
+    assert!(free_before - free_inflated > 24_000, "MemFree {free_before} -> {free_inflated} kB");
+    m.cmd("vm balloon 1 0");
+    let j = balloon_holds(&mut m, 0);
+    assert_eq!(j["balloon"]["deflated"], j["balloon"]["inflated"], "{j}");
+    assert!(j["balloon"]["reported"].as_u64().unwrap() > 0, "no free page reporting: {j}");
+    let free_deflated = mem_free(&mut m, "mh");
+    assert!(free_deflated - free_inflated > 24_000, "MemFree {free_inflated} -> {free_deflated} kB after deflating");
+    eprintln!(
+        "{}: balloon: MemFree {free_before} -> {free_inflated} -> {free_deflated} kB; {} pages reported free",
+        emu.name(),
+        j["balloon"]["reported"]
+    );
     // Pause and resume: a counting loop stops while the VM is paused and
     // goes on from where it stood, nothing lost.
     m.cmd("vm send 1 -- (i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo tick-$i; sleep 1; done) &");

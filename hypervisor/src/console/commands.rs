@@ -57,6 +57,7 @@ const HELP: &[(&str, &str)] = &[
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
     ("vm send <id> -- <text>", "type a line into the VM's serial console (COM1)"),
+    ("vm balloon <id> <MiB>", "ask the VM's balloon driver to hold this much of its memory (0 gives it all back)"),
     ("vm console <id> [virtio]", "attach this terminal to the VM's serial (or virtio, hvc0) console; Ctrl-] detaches"),
     ("vm pause <id> | vm resume <id>", "stop running the VM (nothing lost) / run it again"),
     ("mem", "host and per-VM memory by page state, sharing and swap"),
@@ -191,6 +192,17 @@ fn run<B: Backend>(
         Command::VmPause { id } => {
             m.set_paused(*id, true)?;
             Ok(Reply { text: format!("vm {id} paused"), json: json!({ "id": id }) })
+        }
+        Command::VmBalloon { id, mib } => {
+            let (before, actual) = m.set_balloon(*id, *mib)?;
+            Ok(Reply {
+                text: format!(
+                    "vm {id} balloon target {mib} MiB (was {} MiB; the guest holds {} MiB in it now)",
+                    before >> 8,
+                    actual >> 8
+                ),
+                json: json!({ "id": id, "target_mib": mib, "previous_pages": before, "actual_pages": actual }),
+            })
         }
         Command::VmResume { id } => {
             m.set_paused(*id, false)?;
@@ -332,6 +344,18 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
             c.present, c.zero, c.shared, c.swapped, c.ballooned, vm.reclaim.swapped_in, vm.reclaim.cow_breaks
         ));
     }
+    if let Some(d) = vm.devices.balloon() {
+        let b = vm.stats.balloon;
+        text.push_str(&format!(
+            "\n  balloon: target {} pages, guest holds {}; pages inflated {}, deflated {}, reported free {}, refused {}",
+            d.target(),
+            d.actual(),
+            b.inflated,
+            b.deflated,
+            b.reported,
+            b.refused
+        ));
+    }
     let mut j = vm_json(vm, hz);
     if let Value::Object(o) = &mut j {
         if let Some(c) = pages {
@@ -343,6 +367,17 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
                 }),
             );
         }
+        let b = vm.stats.balloon;
+        let dev = vm.devices.balloon();
+        o.insert(
+            "balloon".into(),
+            json!({
+                "target_pages": dev.map(|d| d.target()), "actual_pages": dev.map(|d| d.actual()),
+                "inflated": b.inflated, "deflated": b.deflated, "reported": b.reported, "refused": b.refused,
+                "guest_free_bytes": dev.and_then(|d| d.stats()).and_then(|s| s.free_memory),
+                "guest_available_bytes": dev.and_then(|d| d.stats()).and_then(|s| s.available_memory),
+            }),
+        );
         o.insert("swapped_in".into(), json!(vm.reclaim.swapped_in));
         o.insert("swapped_out".into(), json!(vm.reclaim.swapped_out));
         o.insert("cow_breaks".into(), json!(vm.reclaim.cow_breaks));

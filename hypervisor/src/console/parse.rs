@@ -61,6 +61,12 @@ pub enum Command {
     VmResume {
         id: u32,
     },
+    /// `vm balloon <id> <MiB>`: how much of the VM's memory its balloon
+    /// should hold (0 deflates it all).
+    VmBalloon {
+        id: u32,
+        mib: u32,
+    },
     /// Attach the operator's terminal to the guest's serial console.
     VmConsole {
         id: u32,
@@ -130,6 +136,7 @@ impl Command {
             Command::VmConsole { .. } => "vm console",
             Command::VmPause { .. } => "vm pause",
             Command::VmResume { .. } => "vm resume",
+            Command::VmBalloon { .. } => "vm balloon",
             Command::MemShow => "mem",
             Command::MemSharing { .. } => "mem sharing",
             Command::MemScan { .. } => "mem scan",
@@ -276,8 +283,7 @@ impl core::fmt::Display for ParseError {
     }
 }
 
-const VM_SUBCOMMANDS: &str =
-    "run, create, start, list, stats, stop, pause, resume, send, console, save, restore, checkpoints, checkpoint";
+const VM_SUBCOMMANDS: &str = "run, create, start, list, stats, stop, pause, resume, send, console, balloon, save, restore, checkpoints, checkpoint";
 
 /// Parses one line; `Ok(None)` for a blank line.
 pub fn parse(line: &str) -> Result<Option<Parsed>, ParseError> {
@@ -343,6 +349,17 @@ fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
         },
         "pause" => parse_id("vm pause", args).map(|id| Command::VmPause { id }),
         "resume" => parse_id("vm resume", args).map(|id| Command::VmResume { id }),
+        "balloon" => match args {
+            [id, mib] => {
+                let id = vm_id("vm balloon", id)?;
+                let mib = mib.parse::<u32>().ok().filter(|&m| m <= MAX_MEM_MIB).ok_or(Refusal::Usage {
+                    cmd: "vm balloon",
+                    usage: "'vm balloon <id> <MiB>' with MiB up to the VM's memory (0 deflates)",
+                })?;
+                Ok(Command::VmBalloon { id, mib })
+            }
+            _ => Err(Refusal::Usage { cmd: "vm balloon", usage: "'vm balloon <id> <MiB>'" }),
+        },
         "run" => parse_run(args),
         "create" => parse_create(args),
         "start" => parse_id("vm start", args).map(|id| Command::VmStart { id }),
@@ -583,6 +600,11 @@ mod tests {
         assert!(err("vm console 2 usb").contains("usb"));
         assert_eq!(ok("vm pause 2 --json").command, Command::VmPause { id: 2 });
         assert_eq!(ok("vm resume 2").command, Command::VmResume { id: 2 });
+        assert_eq!(ok("vm balloon 2 64").command, Command::VmBalloon { id: 2, mib: 64 });
+        assert_eq!(ok("vm balloon 2 0").command, Command::VmBalloon { id: 2, mib: 0 });
+        assert!(err("vm balloon 2").contains("vm balloon: use"));
+        assert!(err("vm balloon 2 -1").contains("vm balloon: use"));
+        assert!(err("vm balloon x 1").contains("not a VM id"));
         assert_eq!(parse("   ").unwrap(), None);
     }
 

@@ -112,3 +112,21 @@ pub fn decode<D: Persist>(device: &'static str, saved: &SavedDevice) -> Result<D
     D::validate(&state).map_err(|Invalid(why)| RestoreError::Invalid { device, why })?;
     Ok(state)
 }
+
+/// A boxed device (a large one kept out of line) saves as the device.
+impl<T: Persist> Persist for alloc::boxed::Box<T> {
+    type State = T::State;
+    const STATE_VERSION: u16 = T::STATE_VERSION;
+
+    fn save(&self) -> T::State {
+        (**self).save()
+    }
+
+    fn validate(state: &T::State) -> Result<(), Invalid> {
+        T::validate(state)
+    }
+
+    fn restore(&mut self, state: T::State) {
+        (**self).restore(state)
+    }
+}

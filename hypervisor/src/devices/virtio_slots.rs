@@ -11,6 +11,7 @@ use core::fmt;
 
 use super::DeviceSet;
 use super::persist::{self, RestoreError, SavedDevice};
+use super::virtio::balloon::{Balloon, BalloonAction};
 use super::virtio::block::{Block, BlockBackend, BlockCounters, IoFailed};
 use super::virtio::console::Console;
 use super::virtio::mmio::{self, VirtioMmio};
@@ -120,6 +121,9 @@ pub enum VirtioDevice {
     Block(VirtioMmio<Block<HostDisk>>),
     /// virtio-console (device id 3): `hvc0`.
     Console(VirtioMmio<Console>),
+    /// virtio-balloon (device id 5). Boxed: its held chains and statistics
+    /// make it the largest.
+    Balloon(alloc::boxed::Box<VirtioMmio<Balloon>>),
 }
 
 /// Runs `$body` with `$d` bound to the transport of whichever device `$v`
@@ -130,6 +134,7 @@ macro_rules! with_device {
             VirtioDevice::Rng($d) => $body,
             VirtioDevice::Block($d) => $body,
             VirtioDevice::Console($d) => $body,
+            VirtioDevice::Balloon($d) => $body,
         }
     };
 }
@@ -198,6 +203,80 @@ impl DeviceSet {
             level: false,
         });
         true
+    }
+
+    /// Add a virtio-balloon device at the next free slot (every VM has
+    /// one); `false` if every slot is taken.
+    pub fn add_virtio_balloon(&mut self) -> bool {
+        let slot = self.virtio.len();
+        let Some(s) = mmio::slot(slot) else { return false };
+        self.virtio.push(VirtioSlot {
+            name: "virtio-balloon",
+            slot,
+            base: u64::from(s.base),
+            gsi: s.gsi,
+            device: VirtioDevice::Balloon(alloc::boxed::Box::new(VirtioMmio::new(Balloon::new()))),
+            level: false,
+        });
+        true
+    }
+
+    fn balloon_slot(&self) -> Option<usize> {
+        self.virtio.iter().position(|v| matches!(v.device, VirtioDevice::Balloon(_)))
+    }
+
+    /// The balloon device, if the VM has one.
+    pub fn balloon(&self) -> Option<&Balloon> {
+        self.virtio.iter().find_map(|v| match &v.device {
+            VirtioDevice::Balloon(d) => Some(d.device()),
+            _ => None,
+        })
+    }
+
+    /// Set the balloon's target (4 KiB pages): the driver hears of it
+    /// through a configuration change interrupt. `false` without a balloon.
+    pub fn balloon_set_target(&mut self, pages: u32) -> bool {
+        let Some(i) = self.balloon_slot() else { return false };
+        if let VirtioDevice::Balloon(d) = &mut self.virtio[i].device {
+            d.balloon_set_target(pages);
+        }
+        self.drive_virtio_line(i);
+        true
+    }
+
+    /// The balloon's recorded actions, oldest first; each must be applied
+    /// to `mm` before [`Self::balloon_run_queues`] (the device holds their
+    /// chains until then).
+    pub fn balloon_take_actions(&mut self) -> Vec<BalloonAction> {
+        match self.balloon_slot().map(|i| &mut self.virtio[i].device) {
+            Some(VirtioDevice::Balloon(d)) if d.device().needs_service() => d.device_mut().take_actions(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the balloon has actions or chains waiting for the host.
+    pub fn balloon_needs_service(&self) -> bool {
+        self.balloon().is_some_and(|b| b.needs_service())
+    }
+
+    /// Returns applied chains and takes new ones (then the line follows).
+    pub fn balloon_run_queues(&mut self, mem: &mut dyn GuestMemory) {
+        let Some(i) = self.balloon_slot() else { return };
+        if let VirtioDevice::Balloon(d) = &mut self.virtio[i].device {
+            d.balloon_run_queues(mem);
+        }
+        self.drive_virtio_line(i);
+    }
+
+    /// Ask the driver for fresh statistics (returns its held buffer).
+    pub fn balloon_request_stats(&mut self, mem: &mut dyn GuestMemory) -> bool {
+        let Some(i) = self.balloon_slot() else { return false };
+        let asked = match &mut self.virtio[i].device {
+            VirtioDevice::Balloon(d) => d.balloon_request_stats(mem),
+            _ => false,
+        };
+        self.drive_virtio_line(i);
+        asked
     }
 
     /// The virtio console, if the VM has one.
@@ -340,6 +419,9 @@ impl DeviceSet {
                     VirtioDevice::Console(_) => {
                         VirtioState::Console(persist::decode::<VirtioMmio<Console>>(v.name, s)?)
                     }
+                    VirtioDevice::Balloon(_) => {
+                        VirtioState::Balloon(alloc::boxed::Box::new(persist::decode::<VirtioMmio<Balloon>>(v.name, s)?))
+                    }
                 })
             })
             .collect()
@@ -353,6 +435,7 @@ impl DeviceSet {
                 (VirtioDevice::Rng(d), VirtioState::Rng(s)) => d.restore(s),
                 (VirtioDevice::Block(d), VirtioState::Block(s)) => d.restore(s),
                 (VirtioDevice::Console(d), VirtioState::Console(s)) => d.restore(s),
+                (VirtioDevice::Balloon(d), VirtioState::Balloon(s)) => d.restore(*s),
                 // decode_virtio decoded each state by its slot's device.
                 _ => unreachable!("a virtio state decoded for another device"),
             }
@@ -373,6 +456,7 @@ pub(super) enum VirtioState {
     Rng(<VirtioMmio<Rng<HostEntropy>> as super::Persist>::State),
     Block(<VirtioMmio<Block<HostDisk>> as super::Persist>::State),
     Console(<VirtioMmio<Console> as super::Persist>::State),
+    Balloon(alloc::boxed::Box<<VirtioMmio<Balloon> as super::Persist>::State>),
 }
 
 #[cfg(test)]

@@ -306,6 +306,12 @@ impl<B: Backend> Manager<B> {
             res: Some(Resources { mem, vcpu }),
         });
         vm.timers_changed(hz);
+        // Balloon chains held at the save: their actions apply here (the
+        // device saved them), then the chains go back to the driver.
+        if vm.devices.balloon_needs_service() {
+            let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+            vm.service_balloon(backend, &mut self.host_mem);
+        }
         self.next_id += 1;
         self.vms.push(vm);
         self.forget_old_records();

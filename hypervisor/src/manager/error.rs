@@ -83,6 +83,14 @@ pub enum Error {
     /// The VM has no virtio console (it was restored from a checkpoint
     /// made without one).
     NoVirtioConsole(u32),
+    /// The VM has no balloon device (restored from a checkpoint without).
+    NoBalloon(u32),
+    /// A balloon larger than the VM.
+    BalloonTooLarge {
+        id: u32,
+        mib: u32,
+        mem_mib: u32,
+    },
     /// Data-disk image `name` cannot be a VM's disk.
     Disk {
         name: String,
@@ -157,6 +165,10 @@ impl fmt::Display for Error {
             }
             Error::Disk { name, why } => write!(f, "disk {name}: {why}"),
             Error::NoVirtioConsole(id) => write!(f, "vm {id} has no virtio console"),
+            Error::NoBalloon(id) => write!(f, "vm {id} has no balloon device"),
+            Error::BalloonTooLarge { id, mib, mem_mib } => {
+                write!(f, "vm {id} has {mem_mib} MiB: its balloon cannot hold {mib} MiB")
+            }
         }
     }
 }

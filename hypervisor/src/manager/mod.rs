@@ -281,6 +281,7 @@ impl<B: Backend> Manager<B> {
             devices.add_virtio_rng(entropy);
         }
         devices.add_virtio_console();
+        devices.add_virtio_balloon();
         if let Some(disk) = disk {
             devices.add_virtio_blk(disk);
         }
@@ -695,6 +696,25 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
+    /// `vm balloon`: VM `id`'s balloon should hold `mib` MiB. Returns the
+    /// previous target and what the guest holds now (4 KiB pages); the
+    /// driver inflates or deflates on its own time.
+    pub fn set_balloon(&mut self, id: u32, mib: u32) -> Result<(u32, u32), Error> {
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+        let Some(res) = vm.res.as_mut() else {
+            return Err(Error::Ended { id, state: vm.state.name() });
+        };
+        let pages = u64::from(mib) << 8;
+        if pages > res.mem.pages() {
+            return Err(Error::BalloonTooLarge { id, mib, mem_mib: (vm.mem_bytes >> 20) as u32 });
+        }
+        let dev = vm.devices.balloon().ok_or(Error::NoBalloon(id))?;
+        let (before, actual) = (dev.target(), dev.actual());
+        res.mem.set_balloon_target(pages);
+        vm.devices.balloon_set_target(pages as u32);
+        Ok((before, actual))
+    }
+
     /// Attach the operator's terminal to VM `id`'s COM1 or virtio console:
     /// its output is kept byte for byte for [`Self::console_output`]
     /// instead of lines, and [`Self::console_input`] types into it.
@@ -870,6 +890,8 @@ fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
     }
 }
 
+#[cfg(test)]
+mod balloon_tests;
 pub mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;

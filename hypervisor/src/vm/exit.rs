@@ -637,6 +637,11 @@ impl<B: Backend> Vm<B> {
                         console.line(&format!("[vm {} hvc0] {l}", self.id));
                     }
                 }
+                // Pages the balloon driver gave up, took back or reported
+                // free: applied before the vCPU runs again.
+                if self.devices.balloon_needs_service() {
+                    self.service_balloon(backend, host);
+                }
                 self.timers_changed(hz);
                 return Flow::Continue;
             }

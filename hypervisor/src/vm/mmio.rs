@@ -228,6 +228,24 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> virtio::GuestMemor
 }
 
 impl<B: crate::backend::Backend> super::Vm<B> {
+    /// Runs `f` over the VM's devices with the VM's RAM as device DMA sees
+    /// it (through `mm`): host-initiated device work. `None` if the VM has
+    /// ended.
+    pub fn with_dma<R>(
+        &mut self,
+        backend: &mut B,
+        host: &mut crate::memory::HostMemory,
+        f: impl FnOnce(&mut DeviceSet, &mut dyn virtio::GuestMemory) -> R,
+    ) -> Option<R> {
+        let super::Resources { mem, vcpu } = self.res.as_mut()?;
+        let devices = &mut self.devices;
+        let alloc = backend.mem();
+        Some(host.with_hooks(self.id, |hooks| {
+            let mut dma = Dma { vcpu: &mut *vcpu, mem: &mut *mem, alloc, hooks };
+            f(devices, &mut dma)
+        }))
+    }
+
     /// Host input for the VM's virtio console (an attached terminal's
     /// keys): into the guest's receive buffers through `mm`, as the
     /// device's own DMA. How many bytes were taken (the rest did not fit
@@ -239,12 +257,76 @@ impl<B: crate::backend::Backend> super::Vm<B> {
         backend: &mut B,
         host: &mut crate::memory::HostMemory,
     ) -> Option<usize> {
-        let super::Resources { mem, vcpu } = self.res.as_mut()?;
-        let devices = &mut self.devices;
-        let alloc = backend.mem();
-        host.with_hooks(self.id, |hooks| {
-            let mut dma = Dma { vcpu: &mut *vcpu, mem: &mut *mem, alloc, hooks };
-            devices.virtio_console_input(bytes, &mut dma)
-        })
+        self.with_dma(backend, host, |devices, dma| devices.virtio_console_input(bytes, dma)).flatten()
+    }
+}
+
+impl<B: crate::backend::Backend> super::Vm<B> {
+    /// Applies what the guest's balloon driver asked for to `mm`, then
+    /// gives the driver its chains back (the device holds them until the
+    /// host applied them: `devices::virtio::balloon`). Inflated and
+    /// reported pages lose their host frames (a later touch backs them
+    /// afresh, zeroed); deflated ones get a fresh frame now. Call after a
+    /// write to the balloon's registers and after a restore.
+    pub fn service_balloon(&mut self, backend: &mut B, host: &mut crate::memory::HostMemory) {
+        use crate::devices::virtio::balloon::BalloonAction;
+        let Some(super::Resources { mem, vcpu }) = self.res.as_mut() else { return };
+        let (devices, stats) = (&mut self.devices, &mut self.stats.balloon);
+        // Each round applies what the last one took; a driver that keeps
+        // posting gets its next chains at its next notification.
+        for _ in 0..4 {
+            let actions = devices.balloon_take_actions();
+            let alloc = backend.mem();
+            host.with_hooks(self.id, |hooks| {
+                for action in actions {
+                    let flush = &mut |s| vcpu.flush_nested_tlb(s);
+                    match action {
+                        BalloonAction::Inflate(gpas) => {
+                            let gpas: alloc::vec::Vec<GuestPhysAddr> = gpas.into_iter().map(GuestPhysAddr).collect();
+                            let r = mem.balloon_inflate(alloc, hooks, &gpas, flush);
+                            stats.inflated += r.accepted;
+                            stats.refused += r.rejected;
+                        }
+                        BalloonAction::Deflate(gpas) => {
+                            let gpas: alloc::vec::Vec<GuestPhysAddr> = gpas.into_iter().map(GuestPhysAddr).collect();
+                            match mem.balloon_deflate(alloc, &gpas, flush) {
+                                Ok(r) => {
+                                    stats.deflated += r.accepted;
+                                    stats.refused += r.rejected;
+                                }
+                                // Out of host frames: the rest stay
+                                // ballooned and are backed when touched.
+                                Err(e) => log::warn!("vm {}: balloon deflate: {e}", self.id),
+                            }
+                        }
+                        BalloonAction::Report(ranges) => {
+                            // Only the RAM inside each range: a range's
+                            // length is the guest's to choose.
+                            let mut gpas = alloc::vec::Vec::new();
+                            for (start, len) in ranges {
+                                let end = start.saturating_add(len);
+                                for (base, size) in mem.map().ram_ranges() {
+                                    let (lo, hi) = (start.max(base.0), end.min(base.0 + size));
+                                    gpas.extend((lo..hi).step_by(4096).map(GuestPhysAddr));
+                                }
+                            }
+                            let r = mem.balloon_inflate(alloc, hooks, &gpas, flush);
+                            stats.reported += r.accepted;
+                            stats.refused += r.rejected;
+                        }
+                    }
+                }
+                let mut dma = Dma { vcpu: &mut *vcpu, mem: &mut *mem, alloc, hooks };
+                devices.balloon_run_queues(&mut dma);
+            });
+            if !devices.balloon_needs_service() {
+                break;
+            }
+        }
+    }
+
+    /// Asks the balloon driver for fresh statistics.
+    pub fn request_balloon_stats(&mut self, backend: &mut B, host: &mut crate::memory::HostMemory) -> bool {
+        self.with_dma(backend, host, |devices, dma| devices.balloon_request_stats(dma)).unwrap_or(false)
     }
 }

@@ -82,6 +82,22 @@ pub struct VmStats {
     /// Time slices that ran out (timer exit or wall-clock check) and made
     /// the VM give the CPU up.
     pub slices_expired: u64,
+    /// What the balloon did to the VM's memory.
+    pub balloon: BalloonStats,
+}
+
+/// Pages the guest's balloon driver moved, as `mm` took them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BalloonStats {
+    /// Given up (inflate) and accepted.
+    pub inflated: u64,
+    /// Taken back (deflate) and backed again.
+    pub deflated: u64,
+    /// Reported free (free page reporting) and discarded: backed afresh
+    /// when the guest touches them again.
+    pub reported: u64,
+    /// Pages `mm` refused (not RAM, already in that state, no frame).
+    pub refused: u64,
 }
 
 impl VmStats {

@@ -47,8 +47,9 @@
 //! STATS_VQ and 3 with it; the device maps indices from the negotiated
 //! features the same way ([`BalloonQueue::at`]).
 //!
-//! Not wired into a VM yet (see the module documentation of
-//! [`super`] for the steps a device needs).
+//! Every VM has one (`devices::virtio_slots`); `vm::mmio` applies its
+//! actions to `mm` (`Vm::service_balloon`) and `vm balloon <id> <MiB>` sets
+//! its target.
 
 use alloc::vec::Vec;
 use core::mem;
@@ -641,13 +642,21 @@ impl VirtioMmio<Balloon> {
             for action in self.device_mut().take_actions() {
                 apply(action);
             }
-            for q in BalloonQueue::ALL {
-                if let Some(i) = self.device().queue_index(q) {
-                    self.device_work(i, mem);
-                }
-            }
+            self.balloon_run_queues(mem);
             if self.device().s.pending.is_empty() {
                 break;
+            }
+        }
+    }
+
+    /// Step 3 alone, for a host that applies actions with the guest's
+    /// memory borrowed elsewhere (`mm` itself): every action
+    /// [`Balloon::take_actions`] returned must have been applied first.
+    /// Returns applied chains and takes new ones.
+    pub fn balloon_run_queues(&mut self, mem: &mut dyn GuestMemory) {
+        for q in BalloonQueue::ALL {
+            if let Some(i) = self.device().queue_index(q) {
+                self.device_work(i, mem);
             }
         }
     }
