@@ -89,6 +89,16 @@ pub enum Error {
         /// Boxed: the reasons carry disk errors, and `Error` stays small.
         why: alloc::boxed::Box<DiskRefusal>,
     },
+    /// A VM with this id cannot have a switch port: ports are numbered by
+    /// VM id and are 16 bits (`net::switch::PortId`).
+    NoSwitchPort(u32),
+    /// A restored NIC's MAC address is a live VM's NIC's already (the VM
+    /// it was saved from still runs): two stations with one address would
+    /// make the switch move the address back and forth.
+    MacInUse {
+        mac: [u8; 6],
+        id: u32,
+    },
 }
 
 /// Why an image cannot be attached to a VM.
@@ -157,6 +167,12 @@ impl fmt::Display for Error {
             }
             Error::Disk { name, why } => write!(f, "disk {name}: {why}"),
             Error::NoVirtioConsole(id) => write!(f, "vm {id} has no virtio console"),
+            Error::NoSwitchPort(id) => {
+                write!(f, "vm {id} cannot join a switch: ports are numbered by VM id, up to {}", u16::MAX)
+            }
+            Error::MacInUse { mac, id } => {
+                write!(f, "the NIC's MAC address {} is vm {id}'s", crate::net::switch::mac_text(mac))
+            }
         }
     }
 }

@@ -248,3 +248,35 @@ impl<B: crate::backend::Backend> super::Vm<B> {
         })
     }
 }
+
+impl<B: crate::backend::Backend> super::Vm<B> {
+    /// Frames for the VM's NIC (from its switch): into the guest's
+    /// receive buffers through `mm`, as the device's own DMA. How many the
+    /// NIC took (the rest were dropped and counted by it); `None` if the
+    /// VM has ended or has no NIC.
+    pub fn virtio_net_deliver(
+        &mut self,
+        frames: &[alloc::vec::Vec<u8>],
+        backend: &mut B,
+        host: &mut crate::memory::HostMemory,
+    ) -> Option<usize> {
+        self.with_dma(backend, host, |devices, dma| devices.virtio_net_deliver(frames, dma))?
+    }
+
+    /// Runs `f` on the VM's devices with a DMA view of its RAM (what a
+    /// device reaches guest memory through); `None` if the VM has ended.
+    pub fn with_dma<R>(
+        &mut self,
+        backend: &mut B,
+        host: &mut crate::memory::HostMemory,
+        f: impl FnOnce(&mut crate::devices::DeviceSet, &mut dyn virtio::GuestMemory) -> R,
+    ) -> Option<R> {
+        let super::Resources { mem, vcpu } = self.res.as_mut()?;
+        let devices = &mut self.devices;
+        let alloc = backend.mem();
+        Some(host.with_hooks(self.id, |hooks| {
+            let mut dma = Dma { vcpu: &mut *vcpu, mem: &mut *mem, alloc, hooks };
+            f(devices, &mut dma)
+        }))
+    }
+}
