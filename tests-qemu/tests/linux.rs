@@ -54,7 +54,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert!(out.contains("disk d1 created: 16.0 MiB image"), "{out}");
     // Nothing but the name and the disk: memory, initramfs and command
     // line are the defaults for a Linux kernel.
-    let out = m.cmd("vm run linux disk=d1");
+    let out = m.cmd("vm run linux disk=d1 net=sw0");
     assert!(out.contains("vm 1 started: linux (linux, 256 MiB"), "{out}");
     // The kernel's own messages may land inside the marker's line (both
     // write the one serial port), so wait for the kernel starting init,
@@ -193,7 +193,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     // Two Linux guests and a selftest at once, time-sliced, each with its
     // own memory and console. The second is built by `vm create` (in 128
     // MiB: the emulated host has 512) and waits for `vm start`.
-    let out = m.cmd("vm create web kernel=linux initrd=linux-initrd mem=128 cmdline=\"console=ttyS0 quiet\"");
+    let out = m.cmd("vm create web kernel=linux initrd=linux-initrd mem=128 net=sw0 cmdline=\"console=ttyS0 quiet\"");
     assert!(out.contains("vm 2 created: web (linux, linux, 128 MiB); vm start 2 runs it"), "{out}");
     assert_eq!(m.json("vm list --json")["vms"][1]["state"], "created");
     std::thread::sleep(Duration::from_secs(2));
@@ -207,6 +207,17 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     let t = m.transcript();
     assert!(t.contains("[vm 3] selftest: PASS"), "{t}");
     assert!(!t.contains("[vm 1] second-22"), "vm 2's output reached vm 1's console:\n{t}");
+    // virtio-net: both VMs are on switch sw0 (their eth0, MACs
+    // 02:00:00:00:0N:00); addressed by hand, each pings the other.
+    m.cmd("vm send 1 -- ip addr add 10.0.0.1/24 dev eth0; ip link set eth0 up; cat /sys/class/net/eth0/address");
+    m.wait_for("[vm 1] 02:00:00:00:01:00", Duration::from_secs(120));
+    m.cmd("vm send 2 -- ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; ping -c 3 -W 5 10.0.0.1");
+    m.wait_for("[vm 2] 3 packets transmitted, 3 packets received", Duration::from_secs(120));
+    m.cmd("vm send 1 -- ping -c 3 -W 5 10.0.0.2");
+    m.wait_for("[vm 1] 3 packets transmitted, 3 packets received", Duration::from_secs(120));
+    let stats = m.json("vm stats 2 --json");
+    assert_eq!(stats["nic"]["switch"], "sw0", "{stats}");
+    assert!(stats["nic"]["counters"]["rx_frames"].as_u64().unwrap() >= 6, "{stats}");
     m.cmd("vm send 2 -- poweroff");
     m.wait_for("vm 2 (web) powered off (ACPI S5)", Duration::from_secs(120));
     // `reboot` in the guest resets the machine: the VM starts again from

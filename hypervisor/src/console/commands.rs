@@ -47,9 +47,12 @@ pub const DETACH_KEY: u8 = 0x1d;
 const HELP: &[(&str, &str)] = &[
     ("help", "this list"),
     ("host", "CPU, memory and virtualization features"),
-    ("vm run <guest> [mem=<MiB>] [mod=<file>]... [-- <cmdline>]", "start a VM from a ramdisk guest image"),
     (
-        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [cmdline=\"...\"]",
+        "vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [-- <cmdline>]",
+        "start a VM from a ramdisk guest image (net=: a virtio NIC on that host switch)",
+    ),
+    (
+        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [disk=<image>] [net=<switch>] [cmdline=\"...\"]",
         "build a VM from a ramdisk kernel, stopped until vm start",
     ),
     ("vm start <id>", "run a VM that vm create built"),
@@ -130,9 +133,9 @@ fn run<B: Backend>(
             Ok(Reply { text, json: json!({ "commands": cmds }) })
         }
         Command::Host => Ok(host_reply(m, host)),
-        Command::VmRun { guest, mem_mib, modules, cmdline, disk } => {
+        Command::VmRun { guest, mem_mib, modules, cmdline, disk, net } => {
             let (mem_mib, modules, cmdline) = m.run_defaults(guest, *mem_mib, modules, cmdline.as_deref())?;
-            let id = m.run_vm_with_disk(guest, mem_mib, &modules, &cmdline, disk.as_deref())?;
+            let id = m.run_vm_with_nic(guest, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(
@@ -143,10 +146,10 @@ fn run<B: Backend>(
                 json: json!({ "id": id, "guest": guest, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
             })
         }
-        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline, disk } => {
+        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline, disk, net } => {
             let modules: Vec<String> = initrd.iter().cloned().collect();
             let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
-            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref())?;
+            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(
@@ -183,7 +186,7 @@ fn run<B: Backend>(
         Command::VmStats { id } => {
             let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
             let vm = m.get(*id).ok_or_else(|| format!("no VM {id}"))?;
-            Ok(stats_reply(vm, hz))
+            Ok(stats_reply(vm, hz, m.switch_of(*id)))
         }
         Command::VmStop { id } => {
             m.stop(*id, console)?;
@@ -300,7 +303,8 @@ fn vm_json<B: Backend>(vm: &Vm<B>, hz: u64) -> Value {
     v
 }
 
-fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
+/// `switch`: the switch the VM's NIC is on (none once it has ended).
+fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64, switch: Option<&str>) -> Reply {
     let run_us = ticks_to_us(vm.stats.run_ticks, hz);
     let wall_end = vm.stats.ended_tsc;
     let mut text = format!(
@@ -356,8 +360,25 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64) -> Reply {
             b.refused
         ));
     }
+    let nic = vm.devices.virtio_net().map(|n| (crate::net::switch::mac_text(&n.mac()), *n.counters()));
+    if let Some((mac, c)) = &nic {
+        let rx_dropped =
+            c.rx_dropped_not_ready + c.rx_dropped_inbox_full + c.rx_dropped_bad_size + c.rx_dropped_small_buffer;
+        let tx_dropped = c.tx_dropped_short + c.tx_dropped_long + c.tx_dropped_outbox_full;
+        text.push_str(&format!(
+            "\n  nic {mac} on switch {}: rx {} frames ({} bytes), tx {} frames ({} bytes); dropped rx {rx_dropped}, tx {tx_dropped}",
+            switch.unwrap_or("(none: detached)"),
+            c.rx_frames,
+            c.rx_bytes,
+            c.tx_frames,
+            c.tx_bytes,
+        ));
+    }
     let mut j = vm_json(vm, hz);
     if let Value::Object(o) = &mut j {
+        if let Some((mac, c)) = nic {
+            o.insert("nic".into(), json!({ "mac": mac, "switch": switch, "counters": c }));
+        }
         if let Some(c) = pages {
             o.insert(
                 "pages".into(),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! help | host | poweroff
-//! vm run <guest> [mem=<MiB>] [mod=<file>]... [-- <command line>]
+//! vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [-- <command line>]
 //! vm list | vm stats <id> | vm stop <id>
 //! mem | mem sharing on [<pages per round>] | mem sharing off
 //! mem scan [<id>] | mem target <id> <MiB>|none
@@ -30,6 +30,8 @@ pub enum Command {
         cmdline: Option<String>,
         /// A data-disk image served as the VM's virtio-blk disk.
         disk: Option<String>,
+        /// The host switch the VM's virtio-net NIC is on.
+        net: Option<String>,
     },
     VmStart {
         id: u32,
@@ -46,6 +48,8 @@ pub enum Command {
         cmdline: Option<String>,
         /// A data-disk image served as the VM's virtio-blk disk.
         disk: Option<String>,
+        /// The host switch the VM's virtio-net NIC is on.
+        net: Option<String>,
     },
     VmList,
     VmStats {
@@ -235,6 +239,11 @@ pub enum Refusal {
     },
     /// `disk create`'s size is not 1..=[`MAX_DISK_MIB`].
     DiskMib(String),
+    /// Not a switch name (`net=`).
+    SwitchName {
+        cmd: &'static str,
+        name: String,
+    },
 }
 
 impl core::fmt::Display for Refusal {
@@ -273,6 +282,10 @@ impl core::fmt::Display for Refusal {
             }
             Refusal::DiskName { cmd, name, why } => write!(f, "{cmd}: {name:?} is not a disk name: {why}"),
             Refusal::DiskMib(v) => write!(f, "disk create: the size must be 1..={MAX_DISK_MIB} MiB, not {v:?}"),
+            Refusal::SwitchName { cmd, name } => write!(
+                f,
+                "{cmd}: {name:?} is not a switch name (1..={MAX_SWITCH_NAME} letters, digits, '-', '_' or '.')"
+            ),
         }
     }
 }
@@ -452,6 +465,17 @@ fn disk_name(cmd: &'static str, name: &str) -> Result<String, Refusal> {
     }
 }
 
+/// Longest switch name.
+pub const MAX_SWITCH_NAME: usize = 32;
+
+/// A switch name: one short word, so listings and the checkpoint's machine
+/// record stay small and it never looks like an option.
+fn switch_name(cmd: &'static str, name: &str) -> Result<String, Refusal> {
+    let ok = (1..=MAX_SWITCH_NAME).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok { Ok(name.to_string()) } else { Err(Refusal::SwitchName { cmd, name: name.to_string() }) }
+}
+
 fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
     match rest {
         [] | ["list"] => Ok(Command::DiskList),
@@ -475,7 +499,7 @@ fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
 }
 
 /// `vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1]
-/// [disk=<image>] [cmdline="<text>"] [-- <text>]`: the command line either quoted or
+/// [disk=<image>] [net=<switch>] [cmdline="<text>"] [-- <text>]`: the command line either quoted or
 /// after `--`.
 fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     let (opts, mut cmdline) = match args.iter().position(|w| *w == "--") {
@@ -488,7 +512,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     if name.contains('=') || name.contains('"') || name.len() > 32 {
         return Err(Refusal::NotAVmName(name.to_string()));
     }
-    let (mut kernel, mut initrd, mut mem_mib, mut disk) = (None, None, None, None);
+    let (mut kernel, mut initrd, mut mem_mib, mut disk, mut net) = (None, None, None, None, None);
     let mut i = 0;
     while i < opts.len() {
         let opt = opts[i];
@@ -498,6 +522,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
             Some(("initrd", f)) if !f.is_empty() => initrd = Some(f.to_string()),
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm create", v)?),
             Some(("disk", d)) => disk = Some(disk_name("vm create", d)?),
+            Some(("net", n)) => net = Some(switch_name("vm create", n)?),
             Some(("vcpus", "1")) => {}
             Some(("vcpus", n)) => {
                 return Err(Refusal::Vcpus(n.to_string()));
@@ -523,13 +548,13 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
                 return Err(Refusal::UnknownOption {
                     cmd: "vm create",
                     opt: opt.to_string(),
-                    expected: "kernel=, initrd=, mem=, vcpus=, disk=, cmdline=\"...\"",
+                    expected: "kernel=, initrd=, mem=, vcpus=, disk=, net=, cmdline=\"...\"",
                 });
             }
         }
     }
     let kernel = kernel.ok_or(Refusal::MissingKernel)?;
-    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline, disk })
+    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline, disk, net })
 }
 
 fn parse_mib(cmd: &'static str, v: &str) -> Result<u32, Refusal> {
@@ -550,23 +575,24 @@ fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
     if guest.contains('=') {
         return Err(Refusal::OptionBeforeGuest(guest.to_string()));
     }
-    let (mut mem_mib, mut disk) = (None, None);
+    let (mut mem_mib, mut disk, mut net) = (None, None, None);
     let mut modules = Vec::new();
     for opt in opts {
         match opt.split_once('=') {
             Some(("mod", name)) if !name.is_empty() => modules.push(name.to_string()),
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm run", v)?),
             Some(("disk", d)) => disk = Some(disk_name("vm run", d)?),
+            Some(("net", n)) => net = Some(switch_name("vm run", n)?),
             _ => {
                 return Err(Refusal::UnknownOption {
                     cmd: "vm run",
                     opt: opt.to_string(),
-                    expected: "mem=<MiB>, mod=<file> or disk=<image>",
+                    expected: "mem=<MiB>, mod=<file>, disk=<image> or net=<switch>",
                 });
             }
         }
     }
-    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline, disk })
+    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline, disk, net })
 }
 
 #[cfg(test)]
@@ -619,7 +645,8 @@ mod tests {
                 initrd: Some("linux-initrd".into()),
                 mem_mib: Some(128),
                 cmdline: Some("console=ttyS0 quiet".into()),
-                disk: None
+                disk: None,
+                net: None
             }
         );
         assert_eq!(
@@ -630,7 +657,8 @@ mod tests {
                 initrd: None,
                 mem_mib: None,
                 cmdline: Some("root=/dev/vda ro".into()),
-                disk: Some("web-root".into())
+                disk: Some("web-root".into()),
+                net: None
             }
         );
         assert_eq!(ok("vm start 4").command, Command::VmStart { id: 4 });
@@ -642,6 +670,13 @@ mod tests {
         assert!(err("vm create web kernel=k cmdline=\"a\" -- b").contains("given twice"));
         assert!(err("vm create web kernel=k disk=").contains("disk name"), "{}", err("vm create web kernel=k disk="));
         assert!(err("vm create web kernel=k disc=x").contains("unknown option"));
+        match ok("vm create web kernel=k net=sw0 cmdline=\"quiet\"").command {
+            Command::VmCreate { net, cmdline, .. } => {
+                assert_eq!((net.as_deref(), cmdline.as_deref()), (Some("sw0"), Some("quiet")))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err("vm create web kernel=k net=").contains("not a switch name"));
         assert!(err("vm start x").contains("not a VM id"));
     }
 
@@ -649,7 +684,14 @@ mod tests {
     fn vm_run_options_and_command_line() {
         assert_eq!(
             ok("vm run selftest").command,
-            Command::VmRun { guest: "selftest".into(), mem_mib: None, modules: Vec::new(), cmdline: None, disk: None }
+            Command::VmRun {
+                guest: "selftest".into(),
+                mem_mib: None,
+                modules: Vec::new(),
+                cmdline: None,
+                disk: None,
+                net: None
+            }
         );
         assert_eq!(
             ok("vm run escape mem=8 -- write addr=0x1000 --json").command,
@@ -658,7 +700,8 @@ mod tests {
                 mem_mib: Some(8),
                 modules: Vec::new(),
                 cmdline: Some("write addr=0x1000 --json".into()),
-                disk: None
+                disk: None,
+                net: None
             }
         );
         assert_eq!(
@@ -668,7 +711,8 @@ mod tests {
                 mem_mib: None,
                 modules: vec!["a".into(), "b".into()],
                 cmdline: None,
-                disk: None
+                disk: None,
+                net: None
             }
         );
         assert!(err("vm run k mod=").contains("unknown option"));
@@ -679,10 +723,27 @@ mod tests {
                 mem_mib: None,
                 modules: Vec::new(),
                 cmdline: None,
-                disk: Some("d1".into())
+                disk: Some("d1".into()),
+                net: None
             }
         );
         assert!(!ok("vm run escape -- --json").json, "--json after -- belongs to the guest");
+        assert_eq!(
+            ok("vm run linux disk=d1 net=lan-0.a_b").command,
+            Command::VmRun {
+                guest: "linux".into(),
+                mem_mib: None,
+                modules: Vec::new(),
+                cmdline: None,
+                disk: Some("d1".into()),
+                net: Some("lan-0.a_b".into())
+            }
+        );
+        for bad in ["net=", "net=a/b", "net=\"x\"", &format!("net={}", "s".repeat(33))] {
+            let e = err(&format!("vm run linux {bad}"));
+            assert!(e.starts_with("vm run: ") && e.contains("is not a switch name"), "{bad}: {e}");
+        }
+        assert!(ok(&format!("vm run linux net={}", "s".repeat(32))).command != Command::Help);
     }
 
     #[test]

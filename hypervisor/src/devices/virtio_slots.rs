@@ -15,6 +15,7 @@ use super::virtio::balloon::{Balloon, BalloonAction};
 use super::virtio::block::{Block, BlockBackend, BlockCounters, IoFailed};
 use super::virtio::console::Console;
 use super::virtio::mmio::{self, VirtioMmio};
+use super::virtio::net::{self, Net};
 use super::virtio::rng::{EntropySource, NoEntropy, Rng};
 use super::virtio::{GuestMemory, OutsideRam};
 
@@ -124,6 +125,8 @@ pub enum VirtioDevice {
     /// virtio-balloon (device id 5). Boxed: its held chains and statistics
     /// make it the largest.
     Balloon(alloc::boxed::Box<VirtioMmio<Balloon>>),
+    /// virtio-net (device id 1): `eth0`, a port of a host switch.
+    Net(VirtioMmio<Net>),
 }
 
 /// Runs `$body` with `$d` bound to the transport of whichever device `$v`
@@ -135,6 +138,7 @@ macro_rules! with_device {
             VirtioDevice::Block($d) => $body,
             VirtioDevice::Console($d) => $body,
             VirtioDevice::Balloon($d) => $body,
+            VirtioDevice::Net($d) => $body,
         }
     };
 }
@@ -345,6 +349,64 @@ impl DeviceSet {
         })
     }
 
+    /// Add a virtio-net device with address `mac` at the next free slot;
+    /// `false` if every slot is taken. It is saved as `virtio-net`, so a VM
+    /// has one.
+    pub fn add_virtio_net(&mut self, mac: [u8; 6]) -> bool {
+        let slot = self.virtio.len();
+        let Some(s) = mmio::slot(slot) else { return false };
+        self.virtio.push(VirtioSlot {
+            name: "virtio-net",
+            slot,
+            base: u64::from(s.base),
+            gsi: s.gsi,
+            device: VirtioDevice::Net(VirtioMmio::new(Net::new(mac))),
+            level: false,
+        });
+        true
+    }
+
+    /// The VM's NIC, if it has one (its MAC and counters).
+    pub fn virtio_net(&self) -> Option<&Net> {
+        self.virtio.iter().find_map(|v| match &v.device {
+            VirtioDevice::Net(d) => Some(d.device()),
+            _ => None,
+        })
+    }
+
+    /// Whether the NIC holds frames the guest sent that the host has not
+    /// taken yet.
+    pub fn net_frames_waiting(&self) -> bool {
+        self.virtio_net().is_some_and(|n| n.pending_tx() > 0)
+    }
+
+    /// The frames the guest transmitted since the last call, oldest first
+    /// (none without a NIC): what the host's switch forwards.
+    pub fn take_net_frames(&mut self) -> Vec<Vec<u8>> {
+        self.virtio
+            .iter_mut()
+            .find_map(|v| match &mut v.device {
+                VirtioDevice::Net(d) => Some(d.device_mut().take_frames()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Frames for the NIC (from the switch): queued (those the device
+    /// takes, [`Net::deliver`]) and moved into the guest's receive buffers
+    /// now, with an interrupt if it wants one. How many were taken; `None`
+    /// without a NIC.
+    pub fn virtio_net_deliver(&mut self, frames: &[Vec<u8>], mem: &mut dyn GuestMemory) -> Option<usize> {
+        let i = self.virtio.iter().position(|v| matches!(v.device, VirtioDevice::Net(_)))?;
+        let VirtioDevice::Net(d) = &mut self.virtio[i].device else { return None };
+        let taken = frames.iter().filter(|f| d.device_mut().deliver(f)).count();
+        // One pass over the receive ring for the whole batch, and at most
+        // one interrupt (2.7.10 lets the device batch used buffers).
+        d.device_work(net::RX_QUEUE, mem);
+        self.drive_virtio_line(i);
+        Some(taken)
+    }
+
     /// The slots in use, for the DSDT.
     pub fn virtio_slots(&self) -> Vec<crate::firmware::acpi::VirtioMmioSlot> {
         self.virtio.iter().filter_map(|v| mmio::slot(v.slot)).collect()
@@ -422,6 +484,7 @@ impl DeviceSet {
                     VirtioDevice::Balloon(_) => {
                         VirtioState::Balloon(alloc::boxed::Box::new(persist::decode::<VirtioMmio<Balloon>>(v.name, s)?))
                     }
+                    VirtioDevice::Net(_) => VirtioState::Net(persist::decode::<VirtioMmio<Net>>(v.name, s)?),
                 })
             })
             .collect()
@@ -436,6 +499,7 @@ impl DeviceSet {
                 (VirtioDevice::Block(d), VirtioState::Block(s)) => d.restore(s),
                 (VirtioDevice::Console(d), VirtioState::Console(s)) => d.restore(s),
                 (VirtioDevice::Balloon(d), VirtioState::Balloon(s)) => d.restore(*s),
+                (VirtioDevice::Net(d), VirtioState::Net(s)) => d.restore(s),
                 // decode_virtio decoded each state by its slot's device.
                 _ => unreachable!("a virtio state decoded for another device"),
             }
@@ -457,6 +521,7 @@ pub(super) enum VirtioState {
     Block(<VirtioMmio<Block<HostDisk>> as super::Persist>::State),
     Console(<VirtioMmio<Console> as super::Persist>::State),
     Balloon(alloc::boxed::Box<<VirtioMmio<Balloon> as super::Persist>::State>),
+    Net(<VirtioMmio<Net> as super::Persist>::State),
 }
 
 #[cfg(test)]

@@ -60,6 +60,10 @@ pub struct MachineState {
     /// The checkpoint holds the device's state, not the image's contents:
     /// a restore attaches the image as it is then.
     pub disk: Option<String>,
+    /// The switch its virtio-net NIC is on (version 2 on): a restore
+    /// attaches the new VM to the switch of that name here, made if need
+    /// be. The NIC's MAC travels in its device state.
+    pub net: Option<String>,
 }
 
 fn protocol(name: &str) -> Option<Protocol> {
@@ -114,6 +118,7 @@ impl<B: Backend> Manager<B> {
     /// is the VM at one instruction boundary; it goes on afterwards.
     /// Swapped-out pages are brought back in to be read.
     pub fn save_vm<S: Sink>(&mut self, id: u32, sink: S) -> Result<(S, Stats), Error> {
+        let net = self.switch_of(id).map(String::from);
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         let Some(res) = vm.res.as_mut() else {
@@ -135,6 +140,7 @@ impl<B: Backend> Manager<B> {
             mtrr_def_type: vm.msrs.mtrr_def_type,
             misc_enable: vm.msrs.misc_enable,
             disk: vm.devices.block_disk().map(|(name, _)| String::from(name)),
+            net,
         };
         let machine_bytes = postcard::to_allocvec(&machine).map_err(|_| Error::Checkpoint(Refused::Machine))?;
         let devices = vm.devices.save();
@@ -208,8 +214,15 @@ impl<B: Backend> Manager<B> {
         // The device's slot and ACPI entry now; its image once the machine
         // record names it.
         let with_blk = header.devices.iter().any(|d| d.name == "virtio-blk");
+        // The NIC's slot now; its MAC comes with its state, its switch
+        // with the machine record.
+        let with_net = header.devices.iter().any(|d| d.name == "virtio-net");
         let id = self.next_id;
-        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached))?;
+        if with_net {
+            super::switch_port(id)?;
+        }
+        let nic = with_net.then(|| crate::net::switch::mac_for(id, 0));
+        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic)?;
         let applied = {
             let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
             let alloc = backend.mem();
@@ -262,6 +275,11 @@ impl<B: Backend> Manager<B> {
             (None, false) => {}
             _ => return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Machine)),
         }
+        // A NIC is always on a switch, and only a NIC is.
+        if machine.net.is_some() != with_net {
+            let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+            return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Machine));
+        }
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         // The guest's clock and TSC go on from the saved readings.
         let (hz, now) = (backend.tsc_hz(), backend.now());
@@ -273,6 +291,15 @@ impl<B: Backend> Manager<B> {
         devices.set_cpu(dev_tsc, hz, phys_bits.clamp(36, 52));
         if let Err(e) = devices.restore(&saved) {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Devices(e)));
+        }
+        // The NIC keeps the MAC its guest saw. The VM it was saved from may
+        // still run with it: refuse rather than put one address on two
+        // ports.
+        if let Some(mac) = devices.virtio_net().map(|n| n.mac())
+            && let Some(other) =
+                self.vms.iter().find(|v| v.res.is_some() && v.devices.virtio_net().is_some_and(|n| n.mac() == mac))
+        {
+            return fail(backend, &mut self.host_mem, mem, Error::MacInUse { mac, id: other.id });
         }
         devices.set_tsc_offset(dev_tsc);
         let vcpu = match backend.create_vcpu(mem.root_for_vcpu(0), &state) {
@@ -314,6 +341,9 @@ impl<B: Backend> Manager<B> {
         }
         self.next_id += 1;
         self.vms.push(vm);
+        if let (Some(net), Ok(port)) = (machine.net, crate::net::switch::PortId::try_from(id)) {
+            self.switches.entry(net).or_default().attach(port, false);
+        }
         self.forget_old_records();
         Ok(id)
     }

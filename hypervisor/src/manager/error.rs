@@ -97,6 +97,16 @@ pub enum Error {
         /// Boxed: the reasons carry disk errors, and `Error` stays small.
         why: alloc::boxed::Box<DiskRefusal>,
     },
+    /// A VM with this id cannot have a switch port: ports are numbered by
+    /// VM id and are 16 bits (`net::switch::PortId`).
+    NoSwitchPort(u32),
+    /// A restored NIC's MAC address is a live VM's NIC's already (the VM
+    /// it was saved from still runs): two stations with one address would
+    /// make the switch move the address back and forth.
+    MacInUse {
+        mac: [u8; 6],
+        id: u32,
+    },
 }
 
 /// Why an image cannot be attached to a VM.
@@ -168,6 +178,12 @@ impl fmt::Display for Error {
             Error::NoBalloon(id) => write!(f, "vm {id} has no balloon device"),
             Error::BalloonTooLarge { id, mib, mem_mib } => {
                 write!(f, "vm {id} has {mem_mib} MiB: its balloon cannot hold {mib} MiB")
+            }
+            Error::NoSwitchPort(id) => {
+                write!(f, "vm {id} cannot join a switch: ports are numbered by VM id, up to {}", u16::MAX)
+            }
+            Error::MacInUse { mac, id } => {
+                write!(f, "the NIC's MAC address {} is vm {id}'s", crate::net::switch::mac_text(mac))
             }
         }
     }

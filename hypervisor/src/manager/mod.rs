@@ -4,6 +4,7 @@
 //! vCPUs and simulated memory.
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
@@ -24,6 +25,7 @@ use crate::firmware;
 use crate::loader::{GuestWrite, GuestWriteError};
 use crate::memory::reclaim::{self, VmReclaim};
 use crate::memory::{GuestMemory, HostMemory, MIN_TARGET_PAGES};
+use crate::net::switch::{self, PortId, Switch};
 use crate::vm::exit::{Console, Flow};
 use crate::vm::{Resources, RunState, Vm, VmStats, boot};
 
@@ -81,6 +83,10 @@ pub struct Manager<B: Backend> {
     /// The host's entropy (RDRAND), if it has any: each VM then gets a
     /// virtio-rng device that draws from it.
     pub entropy: Option<HostEntropy>,
+    /// The host's switches by name (`net=<name>`), each made when a first
+    /// VM joins it. A VM's port is its id; it is attached while the VM
+    /// lives (a reset included) and detached when it ends.
+    pub switches: BTreeMap<String, Switch>,
 }
 
 /// What Linux is told about its TSC, unless its command line says
@@ -125,6 +131,7 @@ impl<B: Backend> Manager<B> {
             host_mem,
             host_epoch: 0,
             entropy: None,
+            switches: BTreeMap::new(),
         }
     }
 
@@ -224,13 +231,69 @@ impl<B: Backend> Manager<B> {
         cmdline: &str,
         disk: Option<&str>,
     ) -> Result<u32, Error> {
+        self.run_vm_with_nic(name, mem_mib, modules, cmdline, disk, None)
+    }
+
+    /// As `run_vm_with_disk`, with a virtio-net NIC (`eth0` in a Linux
+    /// guest) on switch `net` when given: its MAC is
+    /// `switch::mac_for(id, 0)`, its port the VM's id.
+    pub fn run_vm_with_nic(
+        &mut self,
+        name: &str,
+        mem_mib: u32,
+        modules: &[String],
+        cmdline: &str,
+        disk: Option<&str>,
+        net: Option<&str>,
+    ) -> Result<u32, Error> {
         let id = self.next_id;
+        let port = net.map(|_| switch_port(id)).transpose()?;
         let disk = disk.map(|d| self.open_disk(d)).transpose()?;
-        let vm = self.create_vm(id, name, mem_mib, modules, cmdline, disk)?;
+        let vm = self.create_vm(id, name, mem_mib, modules, cmdline, disk, port.is_some())?;
         self.next_id += 1;
         self.vms.push(vm);
+        if let (Some(net), Some(port)) = (net, port) {
+            self.switches.entry(String::from(net)).or_default().attach(port, false);
+        }
         self.forget_old_records();
         Ok(id)
+    }
+
+    /// The switch VM `id`'s NIC is on, while the VM lives.
+    pub fn switch_of(&self, id: u32) -> Option<&str> {
+        let port = PortId::try_from(id).ok()?;
+        self.switches.iter().find(|(_, s)| s.counters(port).is_some()).map(|(name, _)| name.as_str())
+    }
+
+    /// Frames VM `index` transmitted (its NIC's outbox), through its
+    /// switch to the NICs of the VMs the switch names, each batch into
+    /// their receive buffers at once. Frames of a VM on no switch are
+    /// dropped, as a NIC without a cable sends into nothing. Frames cross
+    /// VMs, so this runs between slices, never inside one VM's exit.
+    fn forward_frames(&mut self, index: usize) {
+        let Ok(backend) = self.backend.as_mut() else { return };
+        let Some(vm) = self.vms.get_mut(index) else { return };
+        let frames = vm.devices.take_net_frames();
+        if frames.is_empty() {
+            return;
+        }
+        let Ok(port) = PortId::try_from(vm.id) else { return };
+        let Some(sw) = self.switches.values_mut().find(|s| s.counters(port).is_some()) else { return };
+        // The switch ages its table in milliseconds of host time.
+        let now_ms = crate::vm::exit::ticks_to_ns(backend.now(), backend.tsc_hz()) / 1_000_000;
+        let mut out: BTreeMap<PortId, Vec<Vec<u8>>> = BTreeMap::new();
+        for f in frames {
+            for p in sw.forward(port, &f, now_ms) {
+                out.entry(p).or_default().push(f.clone());
+            }
+        }
+        for (p, frames) in out {
+            // Ports are detached when their VM ends; a port without a live
+            // VM drops what it is sent.
+            if let Some(to) = self.vms.iter_mut().find(|v| v.id == u32::from(p) && v.res.is_some()) {
+                to.virtio_net_deliver(&frames, backend, &mut self.host_mem);
+            }
+        }
     }
 
     /// The machine of a new VM `id` with `mem_mib` MiB: its RAM (the
@@ -245,6 +308,7 @@ impl<B: Backend> Manager<B> {
         mem_mib: u32,
         with_rng: bool,
         disk: Option<HostDisk>,
+        nic: Option<switch::Mac>,
     ) -> Result<(GuestMemory<B::Format>, crate::devices::DeviceSet), Error> {
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
@@ -285,6 +349,10 @@ impl<B: Backend> Manager<B> {
         if let Some(disk) = disk {
             devices.add_virtio_blk(disk);
         }
+        // After every other slot: a restore rebuilds them in this order.
+        if let Some(mac) = nic {
+            devices.add_virtio_net(mac);
+        }
         let acpi = firmware::acpi::build(&firmware::acpi::Config {
             apic_ids: alloc::vec![0],
             ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
@@ -302,7 +370,9 @@ impl<B: Backend> Manager<B> {
         Ok((mem, devices))
     }
 
-    /// Builds VM `id` from guest `name`: memory, image, devices, vCPU.
+    /// Builds VM `id` from guest `name`: memory, image, devices (a NIC if
+    /// `with_nic`), vCPU.
+    #[allow(clippy::too_many_arguments)]
     fn create_vm(
         &mut self,
         id: u32,
@@ -311,6 +381,7 @@ impl<B: Backend> Manager<B> {
         modules: &[String],
         cmdline: &str,
         disk: Option<HostDisk>,
+        with_nic: bool,
     ) -> Result<Box<Vm<B>>, Error> {
         if let Err(why) = &self.backend {
             return Err(Error::NoVirtualization(why.clone()));
@@ -330,7 +401,8 @@ impl<B: Backend> Manager<B> {
             cmdline
         };
         let with_rng = self.entropy.is_some();
-        let (mem, mut devices) = self.machine(id, mem_mib, with_rng, disk)?;
+        let nic = with_nic.then(|| switch::mac_for(id, 0));
+        let (mem, mut devices) = self.machine(id, mem_mib, with_rng, disk, nic)?;
         let size = (mem_mib as u64) << 20;
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let alloc = backend.mem();
@@ -414,10 +486,19 @@ impl<B: Backend> Manager<B> {
         );
         let (reboots, stats, paused) = (old.reboots + 1, old.stats.clone(), old.paused);
         let attached = old.devices.com1().is_raw();
-        // The same disk, as a PC's reset keeps its drives.
+        // The same disk, as a PC's reset keeps its drives, and the same NIC
+        // on the same switch.
         let disk = old.devices.block_backend();
-        match self.create_vm(id, &image, mem_mib, &modules, &cmdline, disk) {
+        let with_nic = old.devices.virtio_net().is_some();
+        let net = self.switch_of(id).map(String::from);
+        // Whatever happens, the old guest's MACs are forgotten: the new one
+        // announces itself afresh (ARP), maybe from other addresses.
+        detach_port(&mut self.switches, id);
+        match self.create_vm(id, &image, mem_mib, &modules, &cmdline, disk, with_nic) {
             Ok(mut vm) => {
+                if let (Some(net), Ok(port)) = (net, PortId::try_from(id)) {
+                    self.switches.entry(net).or_default().attach(port, false);
+                }
                 vm.guest = guest.clone();
                 vm.reboots = reboots;
                 vm.stats.exits = stats.exits;
@@ -446,6 +527,7 @@ impl<B: Backend> Manager<B> {
         }
         vm.end(RunState::Stopped { reason: String::from("by the operator") }, backend, console);
         release(backend, &mut self.host_mem, vm);
+        detach_port(&mut self.switches, id);
         Ok(())
     }
 
@@ -528,11 +610,16 @@ impl<B: Backend> Manager<B> {
             res.vcpu.put();
         }
         CURRENT_VM.store(0, Ordering::Relaxed);
-        if flow == Flow::Stop && vm.state.ended() {
-            release(backend, &mut self.host_mem, vm);
+        let (id, ended) = (vm.id, flow == Flow::Stop && vm.state.ended());
+        // What the NIC sent in this slice goes out before anything else
+        // (a guest's last frames before it powers off included).
+        self.forward_frames(i);
+        if ended {
+            let Ok(backend) = self.backend.as_mut() else { return true };
+            release(backend, &mut self.host_mem, &mut self.vms[i]);
+            detach_port(&mut self.switches, id);
         }
         if flow == Flow::OutOfMemory {
-            let id = vm.id;
             self.relieve_memory_pressure(id, console);
         }
         if flow == Flow::Reset {
@@ -600,6 +687,7 @@ impl<B: Backend> Manager<B> {
         host.stats.oom_stopped += 1;
         vm.end(RunState::Stopped { reason }, backend, console);
         release(backend, host, vm);
+        detach_port(&mut self.switches, victim);
     }
 
     /// Memory work between scheduling rounds: a background sharing step
@@ -650,6 +738,7 @@ impl<B: Backend> Manager<B> {
 
     /// `vm create`: VM `id` is built as `run_vm_with` builds it, and
     /// waits for `start`.
+    #[allow(clippy::too_many_arguments)]
     pub fn create_vm_stopped(
         &mut self,
         name: &str,
@@ -658,8 +747,9 @@ impl<B: Backend> Manager<B> {
         modules: &[String],
         cmdline: &str,
         disk: Option<&str>,
+        net: Option<&str>,
     ) -> Result<u32, Error> {
-        let id = self.run_vm_with_disk(image, mem_mib, modules, cmdline, disk)?;
+        let id = self.run_vm_with_nic(image, mem_mib, modules, cmdline, disk, net)?;
         if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
             vm.created = true;
             vm.guest = String::from(name);
@@ -881,6 +971,22 @@ pub enum ConsolePort {
     Virtio,
 }
 
+/// VM `id`'s switch port, as a number (`Error::NoSwitchPort` past them).
+fn switch_port(id: u32) -> Result<PortId, Error> {
+    PortId::try_from(id).map_err(|_| Error::NoSwitchPort(id))
+}
+
+/// Detach VM `id` from its switch (it ended, or resets): the switch
+/// forgets the MACs learned on its port. Switches stay when empty (a VM
+/// may join again; they are a few bytes).
+fn detach_port(switches: &mut BTreeMap<String, Switch>, id: u32) {
+    if let Ok(port) = PortId::try_from(id) {
+        for s in switches.values_mut() {
+            s.detach(port);
+        }
+    }
+}
+
 /// Frees what a VM holds: the vCPU first (nothing runs on the table after
 /// that), then its memory.
 fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
@@ -899,6 +1005,8 @@ mod checkpoint_tests;
 mod disk_tests;
 #[cfg(test)]
 mod mem_tests;
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -620,7 +620,7 @@ fn vm_run_fills_in_what_a_linux_guest_needs() {
 fn a_created_vm_waits_for_start() {
     let mut m = manager(8192);
     be(&mut m).scripts.push_back(out_str("hi\n").into_iter().chain([exit_with(0)]).collect());
-    let id = m.create_vm_stopped("web", "tiny", 4, &[], "", None).unwrap();
+    let id = m.create_vm_stopped("web", "tiny", 4, &[], "", None, None).unwrap();
     let mut con = Lines::default();
     assert!(!m.run_slice(&mut con), "nothing runs before vm start");
     assert_eq!(m.get(id).unwrap().guest, "web");

@@ -90,6 +90,12 @@ pub fn mac_for(vm_id: u32, nic: u8) -> Mac {
     [0x02, a, b, c, d, nic]
 }
 
+/// `mac` as text: six lower-case hex octets joined by colons.
+pub fn mac_text(mac: &Mac) -> alloc::string::String {
+    let [a, b, c, d, e, f] = mac;
+    alloc::format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
 /// A RARP broadcast from `mac` (EtherType 0x8035, RFC 903 "request
 /// reverse", no addresses), padded to Ethernet's 60-byte minimum: a frame
 /// every switch learns `mac` from and every host ignores. Sent on a
@@ -415,6 +421,11 @@ mod tests {
         assert!(s.attach(9, true));
         assert!(!s.attach(9, false), "attached twice");
         s
+    }
+
+    #[test]
+    fn mac_text_is_colon_separated_hex() {
+        assert_eq!(mac_text(&mac_for(0x0102_03ff, 1)), "02:01:02:03:ff:01");
     }
 
     #[test]

@@ -643,6 +643,13 @@ impl<B: Backend> Vm<B> {
                     self.service_balloon(backend, host);
                 }
                 self.timers_changed(hz);
+                // Frames the NIC took from a transmit notification: the
+                // manager forwards them between slices, so end this one
+                // now rather than hold them (and their replies) for the
+                // rest of it.
+                if self.devices.net_frames_waiting() {
+                    return Flow::Yield;
+                }
                 return Flow::Continue;
             }
             Err(e) => match e.fault() {

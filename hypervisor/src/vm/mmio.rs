@@ -330,3 +330,18 @@ impl<B: crate::backend::Backend> super::Vm<B> {
         self.with_dma(backend, host, |devices, dma| devices.balloon_request_stats(dma)).unwrap_or(false)
     }
 }
+
+impl<B: crate::backend::Backend> super::Vm<B> {
+    /// Frames for the VM's NIC (from its switch): into the guest's
+    /// receive buffers through `mm`, as the device's own DMA. How many the
+    /// NIC took (the rest were dropped and counted by it); `None` if the
+    /// VM has ended or has no NIC.
+    pub fn virtio_net_deliver(
+        &mut self,
+        frames: &[alloc::vec::Vec<u8>],
+        backend: &mut B,
+        host: &mut crate::memory::HostMemory,
+    ) -> Option<usize> {
+        self.with_dma(backend, host, |devices, dma| devices.virtio_net_deliver(frames, dma))?
+    }
+}

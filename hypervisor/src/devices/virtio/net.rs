@@ -36,13 +36,15 @@
 //! buffers point the wrong way breaks the ring protocol (2.7.4.2; the
 //! transport then sets DEVICE_NEEDS_RESET).
 //!
-//! Not wired into a VM yet: the device set will place it in a virtio slot
-//! (`VirtioMmio::new(Net::new(switch::mac_for(vm, nic)))`), attach it to
-//! the host's switch, and after each transmit notification pass
-//! [`Net::take_frames`] through `Switch::forward`, [`Net::deliver`] each
-//! frame to the NICs the switch names, then run their receive queue
+//! Wiring (`vm run ... net=<switch>`): the device set places it in a
+//! virtio slot with `switch::mac_for(vm, 0)`; the manager attaches the VM
+//! to the named switch (port = VM id), and after a VM's exit in which it
+//! transmitted passes [`Net::take_frames`] through `Switch::forward`,
+//! [`Net::deliver`]s each frame to the NICs the switch names, runs their
+//! receive queue
 //! ([`VirtioMmio::device_work`](super::mmio::VirtioMmio::device_work) on
-//! queue [`RX_QUEUE`]) and drive their interrupt lines.
+//! queue [`RX_QUEUE`]) and drives their interrupt lines
+//! (`Manager::forward_frames`).
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -163,6 +165,11 @@ impl Net {
     /// Frames delivered that wait for receive buffers.
     pub fn pending_rx(&self) -> usize {
         self.inbox.len()
+    }
+
+    /// Frames the guest sent that wait for [`Self::take_frames`].
+    pub fn pending_tx(&self) -> usize {
+        self.outbox.len()
     }
 
     /// Queue `frame` (an Ethernet frame, no header) for the guest; whether
