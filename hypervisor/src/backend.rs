@@ -52,6 +52,8 @@ pub trait Backend {
     /// Bytes of the host heap still free (the memory manager's per-VM
     /// tables come from it).
     fn heap_free(&self) -> u64;
+    /// Free 4 KiB host frames (what `mem target host` keeps up).
+    fn free_frames(&self) -> u64;
 
     /// A vCPU in the nested table rooted at `nested_root`, starting at
     /// `state`.

@@ -259,6 +259,9 @@ impl Backend for MockBackend {
     fn heap_free(&self) -> u64 {
         self.heap_free
     }
+    fn free_frames(&self) -> u64 {
+        (self.mem.frame_count() - self.mem.frames_in_use()) as u64
+    }
     fn create_vcpu(&mut self, _root: mm::HostPhysAddr, state: &GuestState) -> Result<MockVcpu, vcpu::Error> {
         self.created += 1;
         let script = self.scripts.pop_front().unwrap_or_default();

@@ -50,6 +50,20 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         if let Some(why) = &r.stuck {
             rows.push_str(&format!("\n      target not met: {why}"));
         }
+        if let Some(p) = &r.planned {
+            rows.push_str(&format!(
+                "\n      host plan: balloon +{}, swap {}, share-scan {} pages; classes: {} idle, {} active, {} zero, {} duplicate, {} shared; {}",
+                p.action.balloon_pages,
+                p.action.swap_pages,
+                p.action.share_scan_pages,
+                p.classes.idle,
+                p.classes.active,
+                p.classes.zero,
+                p.classes.duplicate,
+                p.classes.shared,
+                p.why
+            ));
+        }
         vms.push(json!({
             "id": vm.id,
             "guest": vm.guest,
@@ -67,6 +81,15 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             "swapped_in": r.swapped_in,
             "cow_breaks": r.cow_breaks,
             "bookkeeping_bytes": res.mem.bookkeeping_bytes(),
+            "balloon_driver": vm.devices.balloon().is_some_and(|b| b.negotiated() != 0),
+            "host_plan": r.planned.map(|p| json!({
+                "balloon_pages": p.action.balloon_pages,
+                "swap_pages": p.action.swap_pages,
+                "share_scan_pages": p.action.share_scan_pages,
+                "class": { "idle": p.classes.idle, "active": p.classes.active, "zero": p.classes.zero,
+                           "duplicate": p.classes.duplicate, "shared": p.classes.shared },
+                "why": p.why,
+            })),
         }));
     }
     let share = hm.sharing.as_ref().map(|s| s.stats()).unwrap_or_default();
@@ -132,6 +155,9 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             st.out_of_memory, st.oom_stopped
         ));
     }
+    if let Some(t) = hm.host_target {
+        text.push_str(&format!("\nhost target: {} MiB free (planned about once a second)", t >> 8));
+    }
     text.push_str("\n  ID  GUEST        MiB  PRESENT   ZERO  SHARED  SWAPPED  BALLOONED   TARGET  SWAP FILE (pages)");
     if live.is_empty() {
         text.push_str("\n  (no live VMs)");
@@ -148,6 +174,7 @@ pub(super) fn show<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             "bookkeeping_bytes_per_gib": books_per_gib,
             "out_of_memory": st.out_of_memory,
             "oom_stopped": st.oom_stopped,
+            "target_free_pages": hm.host_target,
         },
         "sharing": {
             "enabled": hm.sharing_enabled,
@@ -217,6 +244,20 @@ pub(super) fn scan<B: Backend>(m: &mut Manager<B>, id: Option<u32>) -> Result<Re
 }
 
 /// `mem target <id> <MiB>|none`.
+/// `mem target host <MiB>|none`.
+pub(super) fn host_target<B: Backend>(m: &mut Manager<B>, mib: Option<u32>) -> Reply {
+    let pages = mib.map(|v| u64::from(v) << 8);
+    m.set_host_target(pages);
+    let text = match mib {
+        Some(v) => format!(
+            "host target: {v} MiB free; met across VMs by sharing, then ballooning (guests with a balloon driver) \
+             or swapping (the others)"
+        ),
+        None => String::from("host target: none (balloons and VM targets set so far stay)"),
+    };
+    Reply { text, json: json!({ "target_free_pages": pages }) }
+}
+
 pub(super) fn target<B: Backend>(m: &mut Manager<B>, id: u32, mib: Option<u32>) -> Result<Reply, String> {
     let pages = mib.map(|v| u64::from(v) << 8);
     m.set_target(id, pages)?;

@@ -93,6 +93,10 @@ pub enum Command {
         id: Option<u32>,
     },
     /// A VM's memory target in MiB (`None`: no target).
+    /// `mem target host`: free host memory to keep, across VMs.
+    MemHostTarget {
+        mib: Option<u32>,
+    },
     MemTarget {
         id: u32,
         mib: Option<u32>,
@@ -144,7 +148,7 @@ impl Command {
             Command::MemShow => "mem",
             Command::MemSharing { .. } => "mem sharing",
             Command::MemScan { .. } => "mem scan",
-            Command::MemTarget { .. } => "mem target",
+            Command::MemTarget { .. } | Command::MemHostTarget { .. } => "mem target",
             Command::DiskList => "disk list",
             Command::DiskCreate { .. } => "disk create",
             Command::DiskDelete { .. } => "disk delete",
@@ -430,6 +434,18 @@ fn parse_mem(rest: &[&str]) -> Result<Command, Refusal> {
         }),
         ["scan"] => Ok(Command::MemScan { id: None }),
         ["scan", id] => vm_id("mem scan", id).map(|id| Command::MemScan { id: Some(id) }),
+        ["target", "host", v] => {
+            let mib = match *v {
+                "none" => None,
+                v => Some(
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|m| (1..=MAX_MEM_MIB).contains(m))
+                        .ok_or_else(|| Refusal::TargetMib(v.to_string()))?,
+                ),
+            };
+            Ok(Command::MemHostTarget { mib })
+        }
         ["target", id, v] => {
             let id = vm_id("mem target", id)?;
             let mib = match *v {
@@ -443,7 +459,10 @@ fn parse_mem(rest: &[&str]) -> Result<Command, Refusal> {
             };
             Ok(Command::MemTarget { id, mib })
         }
-        ["target", ..] => Err(Refusal::Usage { cmd: "mem target", usage: "'mem target <id> <MiB>|none'" }),
+        ["target", ..] => Err(Refusal::Usage {
+            cmd: "mem target",
+            usage: "'mem target <id> <MiB>|none' or 'mem target host <MiB>|none'",
+        }),
         [other, ..] => Err(Refusal::UnknownSubcommand {
             cmd: "mem",
             arg: other.to_string(),

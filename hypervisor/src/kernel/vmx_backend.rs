@@ -98,4 +98,7 @@ impl Backend for VmxBackend {
     fn heap_free(&self) -> u64 {
         crate::platform::memory::heap_free()
     }
+    fn free_frames(&self) -> u64 {
+        crate::platform::memory::free_bytes() / 4096
+    }
 }

@@ -169,3 +169,66 @@ fn inflate_takes_frames_deflate_gives_them_back_and_reports_discard() {
     dma(&mut m, id, |_, mem| mem.write(0x28_0000, &[1; 8]).unwrap());
     assert_eq!(state(&m, id, 0x28_0000), PageState::Present);
 }
+
+#[test]
+fn a_host_target_balloons_the_guest_with_a_driver_and_swaps_the_one_without() {
+    use crate::console::{HostStatus, execute, parse};
+    use crate::memory::Swap;
+    use crate::testing::Lines;
+    use alloc::boxed::Box;
+    use alloc::rc::Rc;
+    use core::cell::RefCell;
+    use mm::swap::MemBlockStore;
+
+    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
+    let mut m = Manager::new(Ok(MockBackend::new(8192)), images);
+    let disk = Rc::new(RefCell::new(MemBlockStore::new(65536)));
+    let opts = crate::disk::space::FormatOptions::default();
+    let (swap, space) = Swap::attach(Box::new(disk), "simdisk".into(), &opts, 0, || 0).unwrap();
+    m.host_mem.swap = Some(swap);
+    m.host_mem.space = Some(space);
+    let with_driver = m.run_vm("tiny", 8, "").unwrap();
+    let without = m.run_vm("tiny", 8, "").unwrap();
+    driver_up(&mut m, with_driver);
+    // Both VMs' RAM is present (the mock backs it all at start).
+    let free = m.backend.as_ref().unwrap().free_frames();
+    let run = |line: &str, m: &mut Manager<MockBackend>| {
+        let mut con = Lines::default();
+        execute(&parse(line).unwrap().unwrap(), m, &HostStatus::default(), &mut con);
+        con.text()
+    };
+    // About 4 MiB more free than now (the MiB rounds down).
+    let want_mib = (free >> 8) + 4;
+    let out = run(&format!("mem target host {want_mib}"), &mut m);
+    assert!(out.starts_with(&format!("host target: {want_mib} MiB free")), "{out}");
+    let plan = m.host_reclaim_round().expect("a planning round");
+    assert!(plan.need > 768 && plan.planned == plan.need, "{plan:?}");
+    let a = m.get(with_driver).unwrap();
+    let note = a.reclaim.planned.expect("a plan note");
+    assert!(note.action.balloon_pages > 0 && note.action.swap_pages == 0, "{note:?}");
+    assert!(note.why.starts_with("balloon"), "{note:?}");
+    assert_eq!(u64::from(a.devices.balloon().unwrap().target()), note.action.balloon_pages);
+    let b = m.get(without).unwrap();
+    let note = b.reclaim.planned.expect("a plan note");
+    assert!(note.action.swap_pages > 0 && note.action.balloon_pages == 0, "{note:?}");
+    assert_eq!(note.why, "swap: its guest has no balloon driver");
+    assert!(b.reclaim.target.is_some());
+    // The next scheduling rounds swap the second VM out.
+    m.reclaim_round();
+    assert!(state_counts(&m, without).swapped > 0, "the VM without a balloon was not swapped");
+    assert_eq!(state_counts(&m, with_driver).swapped, 0, "the VM with a balloon was swapped");
+    // `mem` says what was planned and why, in text and JSON.
+    let text = run("mem", &mut m);
+    assert!(text.contains("host target: ") && text.contains("swap: its guest has no balloon driver"), "{text}");
+    let j: serde_json::Value = serde_json::from_str(&run("mem --json", &mut m)).unwrap();
+    assert_eq!(j["vms"][0]["balloon_driver"], true, "{j}");
+    assert_eq!(j["vms"][1]["host_plan"]["why"], "swap: its guest has no balloon driver", "{j}");
+    // Within a second of the last round nothing is planned again.
+    assert!(m.host_reclaim_round().is_none());
+    run("mem target host none", &mut m);
+    assert_eq!(m.host_mem.host_target, None);
+}
+
+fn state_counts(m: &Manager<MockBackend>, id: u32) -> mm::vm_memory::StateCounts {
+    m.get(id).unwrap().res.as_ref().unwrap().mem.state_counts()
+}

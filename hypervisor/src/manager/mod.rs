@@ -694,6 +694,7 @@ impl<B: Backend> Manager<B> {
     /// over every live VM while sharing is on, and one round of target
     /// enforcement for VMs over their target.
     pub fn reclaim_round(&mut self) {
+        self.host_reclaim_round();
         let Ok(backend) = self.backend.as_mut() else {
             return;
         };
@@ -1003,6 +1004,7 @@ pub mod checkpoint;
 mod checkpoint_tests;
 #[cfg(test)]
 mod disk_tests;
+mod host_reclaim;
 #[cfg(test)]
 mod mem_tests;
 #[cfg(test)]

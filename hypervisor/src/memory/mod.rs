@@ -87,6 +87,11 @@ pub struct HostMemory {
     /// Why there is no swap device (and no data disk), for reports.
     pub swap_missing: NoSwap,
     pub stats: HostMemStats,
+    /// `mem target host`: free host pages to keep, met across VMs by
+    /// `mm::reclaim::plan` (`manager::host_reclaim`).
+    pub host_target: Option<u64>,
+    /// Host clock reading (TSC) of the next planning round.
+    pub next_plan_tsc: u64,
 }
 
 impl Default for HostMemory {
@@ -99,6 +104,8 @@ impl Default for HostMemory {
             space: None,
             swap_missing: NoSwap::NotAttached,
             stats: HostMemStats::default(),
+            host_target: None,
+            next_plan_tsc: 0,
         }
     }
 }

@@ -44,6 +44,17 @@ pub struct VmReclaim {
     pub cow_breaks: u64,
     /// Guest accesses that found the host out of frames.
     pub out_of_memory: u64,
+    /// What the last host-wide planning round decided for this VM, and why.
+    pub planned: Option<PlanNote>,
+}
+
+/// One VM's part of a host-wide plan (`mem target host`), for `mem`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanNote {
+    pub classes: mm::reclaim::UsageClasses,
+    pub action: mm::reclaim::Action,
+    /// Why it was reclaimed from this way.
+    pub why: &'static str,
 }
 
 /// What a VM holds and may hold when the host runs out of frames.
