@@ -13,7 +13,7 @@
 //! scheduling round), and sharing scans the VM. What each VM was given and
 //! why is kept for `mem`.
 
-use mm::reclaim::{self, Action, GuestMemStats, ReclaimConfig, UsageEstimate, VmReclaimInput};
+use mm::reclaim::{self, Action, GuestMemStats, ReclaimConfig, VmReclaimInput};
 use vcpu::Vcpu;
 
 use super::Manager;
@@ -24,6 +24,8 @@ use crate::memory::reclaim::{PlanNote, share_step};
 /// Below this share of the target, ballooning is too slow: the plan swaps
 /// (the planner's emergency mark).
 const EMERGENCY_PERCENT: u64 = 25;
+/// Pages whose accessed bits one usage sample watches per VM.
+const USAGE_SAMPLES: usize = 256;
 
 impl<B: Backend> Manager<B> {
     /// `mem target host`: keep `pages` host pages free (`None` stops
@@ -51,7 +53,19 @@ impl<B: Backend> Manager<B> {
         };
         let mut inputs = alloc::vec::Vec::new();
         for vm in self.vms.iter_mut() {
-            let Some(res) = vm.res.as_ref() else { continue };
+            let Some(res) = vm.res.as_mut() else { continue };
+            // Usage classes from access bits: the sample started last round
+            // ends now (pages the guest touched since are active), and the
+            // next one starts.
+            if res.mem.sampling_active()
+                && let Ok(e) = res.mem.finish_usage_sample(&*backend.mem())
+            {
+                vm.reclaim.usage = Some(e.into());
+            }
+            let vcpu = &mut res.vcpu;
+            res.mem.start_usage_sample(backend.mem(), now ^ u64::from(vm.id), USAGE_SAMPLES, &mut |s| {
+                vcpu.flush_nested_tlb(s)
+            });
             let c = res.mem.state_counts();
             let pages = res.mem.pages();
             // A balloon counts once its driver negotiated features: a guest
@@ -73,9 +87,9 @@ impl<B: Backend> Manager<B> {
                 resident_pages: c.present + c.zero + c.shared,
                 swapped_pages: c.swapped,
                 balloon,
-                // No access sampling yet: the planner treats the VM as all
+                // Until a sample finished, the planner treats the VM as all
                 // active unless the guest's own figures say otherwise.
-                estimate: UsageEstimate::default(),
+                estimate: vm.reclaim.usage.unwrap_or_default(),
                 guest,
             });
         }

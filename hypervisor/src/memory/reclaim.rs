@@ -46,6 +46,9 @@ pub struct VmReclaim {
     pub out_of_memory: u64,
     /// What the last host-wide planning round decided for this VM, and why.
     pub planned: Option<PlanNote>,
+    /// The last finished usage sample (access bits over random pages
+    /// between two planning rounds), for the planner's usage classes.
+    pub usage: Option<mm::reclaim::UsageEstimate>,
 }
 
 /// One VM's part of a host-wide plan (`mem target host`), for `mem`.
