@@ -159,6 +159,9 @@ fn hostile_guests_are_stopped_or_faulted_while_another_guest_finishes(emu: Emula
     // register).
     m.cmd("vm run hostile mem=4 -- ports n=5000");
     m.cmd("vm run hostile mem=4 -- apic");
+    // Broken virtio rings: the device needs a reset, then works again.
+    m.cmd("vm run hostile mem=4 -- virtio");
+    m.wait_for("vm 7 (hostile) exited", GUEST_TIMEOUT);
     m.wait_for("vm 5 (hostile) exited", GUEST_TIMEOUT);
     m.wait_for("vm 6 (hostile) stopped", GUEST_TIMEOUT);
     m.wait_for("vm 2 (escape) stopped", GUEST_TIMEOUT);
@@ -183,6 +186,15 @@ fn hostile_guests_are_stopped_or_faulted_while_another_guest_finishes(emu: Emula
         assert!(t.contains(&format!("[vm 6] hostile: ok   {check}")), "{check}: {t}");
     }
     assert!(!t.contains("hostile: UNREACHABLE"), "{t}");
+    for check in [
+        "a looping descriptor chain needs a reset",
+        "a buffer outside ram needs a reset",
+        "after a reset the device serves a good chain",
+    ] {
+        assert!(t.contains(&format!("[vm 7] hostile: ok   {check}")), "{check}: {t}");
+    }
+    assert!(t.contains("[vm 7 hvc0] hostile: hvc0 works after a reset"), "{t}");
+    assert!(t.contains("vm 7 (hostile) exited with status 1 "), "{t}");
     assert!(
         t.contains(
             "vm 6 (hostile) stopped: read of device registers at guest-physical 0xfee00030 could not be emulated"
@@ -196,7 +208,7 @@ fn hostile_guests_are_stopped_or_faulted_while_another_guest_finishes(emu: Emula
     assert!(s["unbacked_io"].as_u64().unwrap() > 1000, "most random ports decode to nothing: {s}");
     // The host is fine: it still starts and runs guests.
     m.cmd("vm run selftest mem=4");
-    m.wait_for("vm 7 (selftest) exited with status 1", GUEST_TIMEOUT);
+    m.wait_for("vm 8 (selftest) exited with status 1", GUEST_TIMEOUT);
     m.poweroff();
 }
 

@@ -16,6 +16,13 @@
 //!   printed. Before that, writes to the firmware ROM (0xE0000-0xFFFFF:
 //!   plain, read-modify-write, exchange, at both ends) must change no ROM
 //!   byte, as on a PC, and the RAM just below it stays writable.
+//! - `virtio`: breaks the rings of its virtio console (found by probing the
+//!   virtio-mmio slots): a descriptor chain that loops, then a buffer on the
+//!   local APIC's page; each must put the device in DEVICE_NEEDS_RESET with
+//!   guest memory untouched. After a reset the device must work again: a
+//!   line sent through its transmit queue reaches the host's console as
+//!   `[vm N hvc0] hostile: hvc0 works after a reset`. Exits 0 if every
+//!   check passed.
 #![no_std]
 #![no_main]
 
@@ -175,6 +182,132 @@ fn apic() -> u32 {
     1
 }
 
+/// virtio-mmio registers (virtio 1.2 4.2.2) and the slots the hypervisor
+/// places devices in (one 4 KiB page each from 0xd000_0000).
+mod vio {
+    pub const SLOTS: u64 = 0xd000_0000;
+    pub const MAGIC: u64 = 0x000;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const NEEDS_RESET: u32 = 0x40;
+    /// The guest's rings: queue q at RING + 0x1000 q (descriptors, avail at
+    /// +0x100, used at +0x200), buffers at +0x800.
+    pub const RING: u64 = 0x38_0000;
+}
+
+fn w32(addr: u64, v: u32) {
+    // SAFETY: identity-mapped; a device register or this guest's own RAM.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+}
+
+fn w16(addr: u64, v: u16) {
+    // SAFETY: as in `w32`, this guest's own RAM.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, v) }
+}
+
+fn w64(addr: u64, v: u64) {
+    // SAFETY: as in `w32`, this guest's own RAM.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
+}
+
+/// The virtio console's register page, if there is one.
+fn find_console() -> Option<u64> {
+    (0..8)
+        .map(|n| vio::SLOTS + n * 0x1000)
+        .find(|&b| read32(b + vio::MAGIC) == 0x7472_6976 && read32(b + vio::DEVICE_ID) == 3)
+}
+
+/// Reset, the handshake with VERSION_1 only, both queues of 8 entries on
+/// zeroed rings, DRIVER_OK.
+fn console_up(base: u64) {
+    for a in (vio::RING..vio::RING + 0x2000).step_by(8) {
+        w64(a, 0);
+    }
+    w32(base + vio::STATUS, 0);
+    w32(base + vio::STATUS, 1);
+    w32(base + vio::STATUS, 3);
+    w32(base + vio::DRIVER_FEATURES_SEL, 1);
+    w32(base + vio::DRIVER_FEATURES, 1);
+    w32(base + vio::DRIVER_FEATURES_SEL, 0);
+    w32(base + vio::DRIVER_FEATURES, 0);
+    w32(base + vio::STATUS, 3 | 8);
+    for q in 0..2u32 {
+        let ring = vio::RING + 0x1000 * u64::from(q);
+        w32(base + vio::QUEUE_SEL, q);
+        w32(base + vio::QUEUE_NUM, 8);
+        w32(base + vio::QUEUE_DESC_LOW, ring as u32);
+        w32(base + vio::QUEUE_DRIVER_LOW, (ring + 0x100) as u32);
+        w32(base + vio::QUEUE_DEVICE_LOW, (ring + 0x200) as u32);
+        w32(base + vio::QUEUE_READY, 1);
+    }
+    w32(base + vio::STATUS, 3 | 8 | 4);
+}
+
+/// One descriptor of the transmit queue's table, published as the first
+/// chain, then a notification.
+fn transmit(base: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    let ring = vio::RING + 0x1000;
+    let d = ring + 16 * u64::from(index);
+    w64(d, addr);
+    w32(d + 8, len);
+    w16(d + 12, flags);
+    w16(d + 14, next);
+    w16(ring + 0x100 + 4, index);
+    w16(ring + 0x100 + 2, 1);
+    w32(base + vio::QUEUE_NOTIFY, 1);
+}
+
+fn virtio() -> u32 {
+    let Some(base) = find_console() else {
+        println!("hostile: FAIL no virtio console in the virtio-mmio slots");
+        return 1;
+    };
+    let mut failed = 0;
+    let status = || read32(base + vio::STATUS);
+    // A chain that loops: descriptor 0 is its own next.
+    console_up(base);
+    let used_before = read64(vio::RING + 0x1200);
+    transmit(base, 0, vio::RING + 0x1800, 4, 1, 0);
+    failed += check(
+        "a looping descriptor chain needs a reset",
+        status() & vio::NEEDS_RESET != 0 && read64(vio::RING + 0x1200) == used_before,
+        format_args!("status {:#x}", status()),
+    );
+    // A buffer on the local APIC's page, not RAM.
+    console_up(base);
+    transmit(base, 0, 0xfee0_0000, 16, 0, 0);
+    failed += check(
+        "a buffer outside ram needs a reset",
+        status() & vio::NEEDS_RESET != 0,
+        format_args!("status {:#x}", status()),
+    );
+    // Reset and set up right: it works again.
+    console_up(base);
+    let text = b"hostile: hvc0 works after a reset\n";
+    for (i, b) in text.iter().enumerate() {
+        // SAFETY: this guest's own RAM (the buffer area of the rings).
+        unsafe { core::ptr::write_volatile((vio::RING + 0x1800 + i as u64) as *mut u8, *b) };
+    }
+    transmit(base, 0, vio::RING + 0x1800, text.len() as u32, 0, 0);
+    let used = read32(vio::RING + 0x1200) >> 16;
+    failed += check(
+        "after a reset the device serves a good chain",
+        status() & vio::NEEDS_RESET == 0 && used == 1,
+        format_args!("status {:#x}, used idx {used}", status()),
+    );
+    println!("hostile: {failed} virtio checks failed");
+    u32::from(failed != 0)
+}
+
 fn main(boot: Boot) -> u32 {
     trap::install();
     let cmdline = boot.cmdline();
@@ -183,8 +316,9 @@ fn main(boot: Boot) -> u32 {
     match words.next() {
         Some("ports") => ports(count.unwrap_or(20_000)),
         Some("apic") => apic(),
+        Some("virtio") => virtio(),
         other => {
-            println!("hostile: unknown mode {other:?} (ports, apic)");
+            println!("hostile: unknown mode {other:?} (ports, apic, virtio)");
             2
         }
     }
