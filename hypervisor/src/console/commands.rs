@@ -69,7 +69,7 @@ const HELP: &[(&str, &str)] = &[
     ("mem target <id> <MiB>|none", "hold a VM to a memory target by sharing, then swapping"),
     ("mem target host <MiB>|none", "keep this much host memory free: sharing, then balloon or swap per VM"),
     ("disk [list]", "the data disk's extents: swap, VM disk images, checkpoints"),
-    ("disk create <name> <MiB>", "a VM disk image (zero-filled lazily)"),
+    ("disk create <name> <MiB> [from=<file>]", "a VM disk image, zero-filled lazily or a copy of a ramdisk file"),
     ("disk delete <name>", "free an image or checkpoint (not swap, not one a VM uses)"),
     ("poweroff", "stop all VMs and power the machine off"),
 ];
@@ -235,7 +235,7 @@ fn run<B: Backend>(
         Command::MemTarget { id, mib } => super::mem::target(m, *id, *mib),
         Command::MemHostTarget { mib } => Ok(super::mem::host_target(m, *mib)),
         Command::DiskList => super::disk::list(m),
-        Command::DiskCreate { name, mib } => super::disk::create(m, host, name, *mib),
+        Command::DiskCreate { name, mib, from } => super::disk::create(m, host, name, *mib, from.as_deref()),
         Command::DiskDelete { name } => super::disk::delete(m, name),
         Command::VmSave { id, name } => super::checkpoint::save(m, host, *id, name),
         Command::VmRestore { name } => super::checkpoint::restore(m, name),

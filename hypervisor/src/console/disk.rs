@@ -98,17 +98,39 @@ pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
     Ok(Reply { text, json: j })
 }
 
-/// `disk create <name> <MiB>`: an image of that many MiB for a VM's
-/// virtio-blk disk (`vm run ... disk=<name>`). Only its header is written
-/// (`disk::image`): the rest reads as zeros until the guest writes it.
-pub(super) fn create<B: Backend>(m: &mut Manager<B>, h: &HostStatus, name: &str, mib: u32) -> Result<Reply, String> {
+/// `disk create <name> <MiB> [from=<file>]`: an image of that many MiB for
+/// a VM's virtio-blk disk (`vm run ... disk=<name>`). Only its header is
+/// written (`disk::image`): the rest reads as zeros until the guest writes
+/// it; with `from=`, the ramdisk file's bytes are its start (the last
+/// block zero-padded).
+pub(super) fn create<B: Backend>(
+    m: &mut Manager<B>,
+    h: &HostStatus,
+    name: &str,
+    mib: u32,
+    from: Option<&str>,
+) -> Result<Reply, String> {
     let now = m.host_epoch + h.uptime_us / 1_000_000;
+    let source: Option<&'static [u8]> = match from {
+        None => None,
+        Some(f) => {
+            let bytes = m.image_bytes(f).ok_or_else(|| format!("no ramdisk file {f:?} to copy"))?;
+            if bytes.len() as u64 > u64::from(mib) << 20 {
+                return Err(format!("{f} is {} bytes: more than {mib} MiB", bytes.len()));
+            }
+            Some(bytes)
+        }
+    };
     let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
     // The header's blocks come on top of the size asked for.
     let blocks = (u64::from(mib) << 11) + HEADER_BLOCKS;
     let e = s.create_image(name, blocks, now).map_err(|e| format!("{e}"))?;
     let header = s.extent_store(name).map_err(|e| format!("{e}")).and_then(|store| {
-        Image::create(store).map(|img| img.capacity()).map_err(|e| format!("cannot write its header: {e}"))
+        let mut img = Image::create(store).map_err(|e| format!("cannot write its header: {e}"))?;
+        if let Some(bytes) = source {
+            copy_into(&mut img, bytes).map_err(|e| format!("cannot copy {}: {e}", from.unwrap_or("")))?;
+        }
+        Ok(img.capacity())
     });
     let capacity = match header {
         Ok(c) => c,
@@ -121,16 +143,34 @@ pub(super) fn create<B: Backend>(m: &mut Manager<B>, h: &HostStatus, name: &str,
     let mut j = extent_json(&e);
     if let Value::Object(o) = &mut j {
         o.insert("capacity_bytes".into(), capacity.into());
+        o.insert("copied_bytes".into(), source.map_or(0, |b| b.len()).into());
     }
+    let how = match (from, source) {
+        (Some(f), Some(b)) => format!("{} bytes copied from {f}, the rest zero-filled lazily", b.len()),
+        _ => String::from("zero-filled lazily: only its header was written"),
+    };
     Ok(Reply {
-        text: format!(
-            "disk {} created: {} MiB image at block {} (zero-filled lazily: only its header was written)",
-            e.name,
-            mib_text(capacity),
-            e.start
-        ),
+        text: format!("disk {} created: {} MiB image at block {} ({how})", e.name, mib_text(capacity), e.start),
         json: j,
     })
+}
+
+/// Writes `bytes` at the start of `img` in 64 KiB requests, the last one
+/// padded with zeros to whole blocks, then flushes.
+fn copy_into<D: mm::swap::BlockStore>(img: &mut Image<D>, bytes: &[u8]) -> Result<(), crate::disk::image::ImageError> {
+    const CHUNK: usize = 64 * 1024;
+    let block = mm::swap::BLOCK_SIZE;
+    for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+        let offset = (i * CHUNK) as u64;
+        if chunk.len().is_multiple_of(block) {
+            img.write(offset, chunk)?;
+        } else {
+            let mut padded = alloc::vec![0u8; chunk.len().next_multiple_of(block)];
+            padded[..chunk.len()].copy_from_slice(chunk);
+            img.write(offset, &padded)?;
+        }
+    }
+    img.flush()
 }
 
 /// `disk delete <name>`: refused for the swap extent, and for an image a

@@ -103,10 +103,12 @@ pub enum Command {
     },
     /// The data disk's extents.
     DiskList,
-    /// A VM disk image of `mib` MiB.
+    /// A VM disk image of `mib` MiB, starting as a copy of ramdisk file
+    /// `from` if given.
     DiskCreate {
         name: String,
         mib: u32,
+        from: Option<String>,
     },
     DiskDelete {
         name: String,
@@ -499,16 +501,32 @@ fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
     match rest {
         [] | ["list"] => Ok(Command::DiskList),
         ["list", extra, ..] => Err(Refusal::UnexpectedArgument { cmd: "disk list", arg: extra.to_string() }),
-        ["create", name, mib] => {
+        ["create", name, mib, opts @ ..] if opts.len() <= 1 => {
             let name = disk_name("disk create", name)?;
             let mib = mib
                 .parse::<u32>()
                 .ok()
                 .filter(|m| (1..=MAX_DISK_MIB).contains(m))
                 .ok_or_else(|| Refusal::DiskMib(mib.to_string()))?;
-            Ok(Command::DiskCreate { name, mib })
+            let from = match opts {
+                [] => None,
+                [o] => match o.strip_prefix("from=") {
+                    Some(f) if !f.is_empty() => Some(f.to_string()),
+                    _ => {
+                        return Err(Refusal::UnknownOption {
+                            cmd: "disk create",
+                            opt: o.to_string(),
+                            expected: "from=<ramdisk file>",
+                        });
+                    }
+                },
+                _ => None,
+            };
+            Ok(Command::DiskCreate { name, mib, from })
         }
-        ["create", ..] => Err(Refusal::Usage { cmd: "disk create", usage: "'disk create <name> <MiB>'" }),
+        ["create", ..] => {
+            Err(Refusal::Usage { cmd: "disk create", usage: "'disk create <name> <MiB> [from=<ramdisk file>]'" })
+        }
         ["delete", name] => Ok(Command::DiskDelete { name: disk_name("disk delete", name)? }),
         ["delete", ..] => Err(Refusal::Usage { cmd: "disk delete", usage: "'disk delete <name>'" }),
         [other, ..] => {
@@ -801,15 +819,24 @@ mod tests {
         assert!(err("vm checkpoints now").contains("unexpected argument"));
         assert_eq!(ok("disk").command, Command::DiskList);
         assert_eq!(ok("disk list --json"), Parsed { command: Command::DiskList, json: true });
-        assert_eq!(ok("disk create web 64").command, Command::DiskCreate { name: "web".into(), mib: 64 });
+        assert_eq!(ok("disk create web 64").command, Command::DiskCreate { name: "web".into(), mib: 64, from: None });
+        assert_eq!(
+            ok("disk create web 64 from=rootfs").command,
+            Command::DiskCreate { name: "web".into(), mib: 64, from: Some("rootfs".into()) }
+        );
+        assert!(err("disk create web 64 size=3").contains("unknown option"));
+        assert!(err("disk create web 64 from=a b").contains("disk create: use"));
         assert_eq!(ok("--json disk delete web").command, Command::DiskDelete { name: "web".into() });
         let long = "n".repeat(32);
-        assert_eq!(ok(&format!("disk create {long} 1")).command, Command::DiskCreate { name: long, mib: 1 });
-        assert_eq!(err("disk create web"), "disk create: use 'disk create <name> <MiB>'");
+        assert_eq!(
+            ok(&format!("disk create {long} 1")).command,
+            Command::DiskCreate { name: long, mib: 1, from: None }
+        );
+        assert_eq!(err("disk create web"), "disk create: use 'disk create <name> <MiB> [from=<ramdisk file>]'");
         assert_eq!(err("disk create web 0"), "disk create: the size must be 1..=1048576 MiB, not \"0\"");
         assert!(err("disk create web 1048577").contains("the size must be"));
         assert!(err("disk create web lots").contains("the size must be"));
-        assert!(err("disk create web 1 2").contains("use 'disk create"));
+        assert!(err("disk create web 1 2").contains("unknown option"));
         assert_eq!(
             err(&format!("disk create {} 1", "n".repeat(33))),
             format!("disk create: {:?} is not a disk name: a name is at most 32 bytes, this one is 33", "n".repeat(33))

@@ -116,3 +116,25 @@ fn the_console_restores_a_vm_with_its_disk() {
     assert!(out.starts_with("vm 2 restored from checkpoint c1"), "{out}");
     assert_eq!(m.disk_user("d1"), Some(2));
 }
+
+#[test]
+fn an_image_can_start_as_a_copy_of_a_ramdisk_file() {
+    let (mut m, _) = manager();
+    let file = m.image_bytes("tiny").unwrap();
+    let out = run("disk create d2 1 from=tiny", &mut m);
+    assert!(out.contains(&format!("{} bytes copied from tiny", file.len())), "{out}");
+    let mut img = m.open_disk("d2").unwrap();
+    let padded = file.len().next_multiple_of(512);
+    let mut buf = vec![0xffu8; padded + 512];
+    img.read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..file.len()], file, "the copy differs from the file");
+    assert!(buf[file.len()..].iter().all(|&b| b == 0), "past the copy the image reads zero");
+    for (line, want) in [
+        ("disk create d3 1 from=nope", "error: no ramdisk file \"nope\" to copy"),
+        ("disk create d2 1 from=tiny", "already exists"),
+    ] {
+        let out = run(line, &mut m);
+        assert!(out.starts_with("error:") && out.contains(want), "{line}: {out}");
+    }
+    assert!(m.open_disk("d3").is_err(), "a refused create left an image");
+}

@@ -209,6 +209,11 @@ impl<B: Backend> Manager<B> {
         Ok((mem_mib.unwrap_or(LINUX_MEM_MIB), modules, cmdline.unwrap_or(LINUX_CMDLINE).into()))
     }
 
+    /// The bytes of ramdisk file `name`.
+    pub fn image_bytes(&self, name: &str) -> Option<&'static [u8]> {
+        self.images.iter().find(|g| g.name == name).map(|g| g.bytes)
+    }
+
     fn image(&self, name: &str) -> Result<&'static [u8], Error> {
         self.images.iter().find(|g| g.name == name).map(|g| g.bytes).ok_or_else(|| Error::NoGuest {
             name: String::from(name),
