@@ -29,10 +29,10 @@
 //!   bytes; balloon: every action is non-empty, within a chain's bound and
 //!   made of 4 KiB-aligned page frames (or whole-page ranges).
 //!
-//! One known device bug is let through rather than asserted on, so the
-//! balloon can still be fuzzed past it: see [`Fuzzed::known_refusal`] and
-//! `Balloon`'s (a head published twice is held twice, a state the balloon's
-//! own `validate` refuses; `regressions/virtio/` keeps the input).
+//! `regressions/virtio/balloon-same-head-published-twice` keeps the input
+//! of the one device bug this target found (a head published twice was
+//! held twice, a state the balloon's own `validate` refuses; the device
+//! now refuses the second copy and needs a reset).
 //!
 //! Structure: the guest's side is one generic driver over
 //! `VirtioMmio<D>`; what differs per device is the [`Fuzzed`] trait: its
@@ -58,7 +58,7 @@ use hypervisor::devices::virtio::net::{self, Net};
 use hypervisor::devices::virtio::queue::VIRTQ_DESC_F_NEXT;
 use hypervisor::devices::virtio::rng::{Rng, TestSource};
 use hypervisor::devices::virtio::{VecMemory, VirtioDevice, VirtioMmio, feature};
-use hypervisor::devices::{Persist, RestoreError, persist};
+use hypervisor::devices::{Persist, persist};
 
 use crate::input::Input;
 
@@ -148,13 +148,6 @@ trait Fuzzed: VirtioDevice + Persist + Clone + PartialEq + Debug + Sized {
 
     /// Do it, as the VM wiring would.
     fn host(dev: &mut VirtioMmio<Self>, mem: &mut VecMemory, op: &Self::HostOp) -> Answer;
-
-    /// A refusal of a state the guest reached that is a known, reported
-    /// device bug: the run ends there instead of failing, so fuzzing can
-    /// go on past it. Each one names its regression input.
-    fn known_refusal(_: &RestoreError) -> bool {
-        false
-    }
 
     /// Device-specific promises about `op`, which took the device from
     /// `before` to `after` and answered `answer`.
@@ -414,16 +407,6 @@ impl Fuzzed for Balloon {
         }
     }
 
-    /// KNOWN BUG (2026-12-02, `regressions/virtio/balloon-same-head-published-twice`):
-    /// a guest that publishes one descriptor head twice in the available
-    /// ring of inflateq, deflateq or reporting_vq gets the chain held twice
-    /// (`take_chains` does not look at what it already holds), a state
-    /// `Balloon::validate` refuses, so that VM's state cannot be restored.
-    /// Drop this once the device refuses the second copy.
-    fn known_refusal(e: &RestoreError) -> bool {
-        *e == RestoreError::Invalid { device: Self::NAME, why: "a chain is held twice" }
-    }
-
     fn check(_: &VirtioMmio<Self>, _: &VirtioMmio<Self>, _: &Op<BalloonOp>, answer: &Answer) {
         let Answer::Actions(actions) = answer else { return };
         let page = |gpa: u64| gpa.is_multiple_of(balloon::PAGE_SIZE);
@@ -500,7 +483,7 @@ fn run<D: Fuzzed>(input: &mut Input<'_>, first: u8, device: D) {
     let mut steps = 0;
     while !input.is_empty() && steps < MAX_STEPS {
         for op in ops(input, &side, features) {
-            let Some(mut copy) = restored(&side) else { return };
+            let mut copy = restored(&side);
             let needed_reset = side.dev.status() & status::DEVICE_NEEDS_RESET != 0;
             let before = side.clone();
             let (a, b) = (side.apply(&op), copy.apply(&op));
@@ -542,19 +525,18 @@ fn accepted_features(first: u8, offered: u64) -> u64 {
 }
 
 /// A fresh device given `side`'s saved state: it must take it and save it
-/// back unchanged. `None` for a known device bug ([`Fuzzed::known_refusal`]).
-fn restored<D: Fuzzed>(side: &Side<D>) -> Option<Side<D>> {
+/// back unchanged.
+fn restored<D: Fuzzed>(side: &Side<D>) -> Side<D> {
     let saved = persist::save(D::NAME, &side.dev);
     let state = match persist::decode::<VirtioMmio<D>>(D::NAME, &saved) {
         Ok(s) => s,
-        Err(e) if D::known_refusal(&e) => return None,
         Err(e) => panic!("a state the guest reached was refused: {e}"),
     };
     let mut dev = VirtioMmio::new(D::fresh(side.dev.device()));
     dev.restore(state);
     assert_eq!(persist::save(D::NAME, &dev), saved, "restored state saves differently");
     D::carry_host(side.dev.device(), dev.device_mut());
-    Some(Side { dev, mem: side.mem.clone() })
+    Side { dev, mem: side.mem.clone() }
 }
 
 /// The next operation's actions.

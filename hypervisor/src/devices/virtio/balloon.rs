@@ -421,6 +421,13 @@ impl Balloon {
         // `balloon_service` runs the queue again).
         while self.held() < MAX_HELD {
             let Some(chain) = queue.pop(mem)? else { return Ok(()) };
+            // A head the device still holds, published again: the driver
+            // broke the ring protocol (two copies would apply twice and
+            // could not be saved).
+            if self.s.pending.iter().any(|p| p.action.queue() == q && p.head == chain.head) {
+                queue.undo_pop();
+                return Err(QueueError::HeadInUse { head: chain.head });
+            }
             let parsed = match q {
                 BalloonQueue::Inflate => read_pfns(&chain, mem).map(|p| p.map(BalloonAction::Inflate)),
                 BalloonQueue::Deflate => read_pfns(&chain, mem).map(|p| p.map(BalloonAction::Deflate)),
@@ -961,6 +968,25 @@ mod tests {
         drv.post(2, &[(BUF, 0x1000, false)]);
         drv.notify(2);
         assert!(drv.needs_reset());
+    }
+
+    #[test]
+    fn a_held_chain_published_again_needs_a_reset() {
+        // Found by the `virtio` fuzz target: the second copy was held too,
+        // a state no restore accepts.
+        let mut drv = Driver::up(0);
+        let len = drv.put_pfns(BUF, &[0x10]);
+        let head = drv.post(0, &[(BUF, len, false)]);
+        let avail = (base(0) + 0x800) as usize;
+        let slot = avail + 4 + 2 * usize::from(drv.avail[0] % SIZE);
+        drv.mem.bytes[slot..slot + 2].copy_from_slice(&head.to_le_bytes());
+        drv.avail[0] += 1;
+        drv.mem.bytes[avail + 2..avail + 4].copy_from_slice(&drv.avail[0].to_le_bytes());
+        drv.notify(0);
+        assert!(drv.needs_reset());
+        let state = drv.d.device().save();
+        assert_eq!(state.pending.len(), 1, "the chain is held once");
+        assert_eq!(Balloon::validate(&state), Ok(()));
     }
 
     #[test]

@@ -110,6 +110,9 @@ pub enum QueueError {
     Direction,
     /// The chain is too short for what the device needs to read or write.
     TooShort { needed: u32, found: u32 },
+    /// The driver made a chain available again before the device used it
+    /// (2.7.13: the device owns a chain until it is in the used ring).
+    HeadInUse { head: u16 },
     /// A ring access failed: the RAM under it went away.
     Memory(OutsideRam),
 }
@@ -145,6 +148,7 @@ impl fmt::Display for QueueError {
             QueueError::ChainTooLarge => write!(f, "Descriptor chain exceeds 4 GiB"),
             QueueError::Direction => write!(f, "Buffers point the wrong way for the device"),
             QueueError::TooShort { needed, found } => write!(f, "Chain has {found} bytes, the device needs {needed}"),
+            QueueError::HeadInUse { head } => write!(f, "Chain {head} made available again before it was used"),
             QueueError::Memory(e) => write!(f, "Ring access failed: {e}"),
         }
     }
