@@ -133,7 +133,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
         m.cmd(&format!("vm send 1 -- grep MemFree /proc/meminfo; echo {tag}-$((5+5))"));
         m.wait_for(&format!("[vm 1] {tag}-10"), Duration::from_secs(120));
         let t = m.transcript();
-        let line = t.lines().filter(|l| l.starts_with("[vm 1] MemFree:")).last().expect("MemFree");
+        let line = t.lines().rfind(|l| l.starts_with("[vm 1] MemFree:")).expect("MemFree");
         line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("MemFree kB")
     };
     let balloon_holds = |m: &mut Machine, pages: u64| {
@@ -279,8 +279,12 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     // restored, the same kernel goes on at its shell, its timers and its
     // virtio-rng working.
     let out = m.cmd("vm save 1 lx");
-    assert!(out.contains("vm 1 saved to checkpoint lx: "), "{out}");
+    assert!(out.contains("vm 1 saved to checkpoint lx: ") && out.contains("disk d1 copied to image lx~disk"), "{out}");
     eprintln!("{}: {}", emu.name(), out.lines().find(|l| l.contains("saved to checkpoint")).unwrap_or(""));
+    // After the save the guest overwrites its pattern; the restore brings
+    // the disk back to the instant of the save.
+    m.cmd("vm send 1 -- dd if=/dev/zero of=/dev/vda bs=4096 seek=100 count=256 conv=fsync 2>/dev/null; echo zeroed-$((1+8))");
+    m.wait_for("[vm 1] zeroed-9", Duration::from_secs(240));
     // `poweroff` in the guest ends that VM, cleanly (ACPI S5), and only it.
     m.cmd("vm send 1 -- poweroff");
     m.wait_for("vm 1 (linux) powered off (ACPI S5)", Duration::from_secs(120));
@@ -293,6 +297,12 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert!(ups.len() >= 2 && ups[1] - ups[0] >= 1.9, "the restored guest's clock: {ups:?}");
     m.cmd("vm send 4 -- head -c 8 /dev/hwrng | od -An -tx1 | tr -d ' '; echo rng-$((3+4))");
     m.wait_for("[vm 4] rng-7", Duration::from_secs(120));
+    // Its disk is the snapshot's (read past its page cache, which the
+    // checkpoint also holds).
+    let mark = m.transcript().len();
+    m.cmd(&format!("vm send 4 -- echo 3 > /proc/sys/vm/drop_caches; {READ_PATTERN}; echo snap-$((5+5))"));
+    m.wait_for_after("[vm 4] snap-10", mark, Duration::from_secs(240));
+    assert_eq!(pattern_sum(&m.transcript()[mark..], "[vm 4] ", "  -"), sum, "the restore did not bring the disk back");
     m.cmd("vm send 4 -- poweroff");
     m.wait_for("vm 4 (linux) powered off (ACPI S5)", Duration::from_secs(120));
     let list = m.json("vm list --json");

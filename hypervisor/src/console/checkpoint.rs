@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::commands::{HostStatus, Reply};
 use crate::backend::Backend;
 use crate::devices::rtc::utc_text;
+use crate::disk::image::Image;
 use crate::disk::space::{ExtentInfo, ExtentKind, HostSpaceSummary, SpaceError};
 use crate::manager::Manager;
 use crate::memory::HostSpace;
@@ -83,12 +84,47 @@ fn checkpoint_json(e: &ExtentInfo) -> Value {
     })
 }
 
-/// `vm save <id> <name>`.
+/// The image holding checkpoint `name`'s copy of its VM's disk.
+fn disk_snapshot_name(name: &str) -> String {
+    format!("{name}~disk")
+}
+
+/// Copies image `disk` into a new image `snap` of the same size; on any
+/// failure nothing of `snap` is left.
+fn snapshot_disk(space: &mut HostSpace, disk: &str, snap: &str, now: u64) -> Result<(), String> {
+    let blocks = space.get(disk).map_err(|e| format!("{e}"))?.blocks;
+    space.create_image(snap, blocks, now).map_err(|e| format!("disk snapshot {snap}: {e}"))?;
+    let copied = (|| {
+        let mut dst =
+            Image::create(space.extent_store(snap).map_err(|e| format!("{e}"))?).map_err(|e| format!("{e}"))?;
+        let mut src = Image::open(space.extent_store(disk).map_err(|e| format!("{e}"))?).map_err(|e| format!("{e}"))?;
+        dst.copy_from(&mut src).map_err(|e| format!("{e}"))
+    })();
+    if let Err(e) = copied {
+        let _ = space.delete(snap, |_| None);
+        return Err(format!("disk snapshot {snap}: {e}"));
+    }
+    Ok(())
+}
+
+/// `vm save <id> <name>`. A VM with a disk image also gets the image
+/// copied, at the same instant, into image `<name>~disk` (its initialised
+/// part: a disk the guest barely used costs little); `vm restore` puts it
+/// back.
 pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name: &str) -> Result<Reply, String> {
     let now_unix = m.host_epoch + h.uptime_us / 1_000_000;
     let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
     if vm.res.is_none() {
         return Err(format!("vm {id} has ended ({}): nothing to save", vm.state.name()));
+    }
+    let disk = vm.devices.block_disk().map(|(d, _)| String::from(d));
+    let snap = disk_snapshot_name(name);
+    if disk.is_some() {
+        crate::disk::space::ExtentName::new(&snap)
+            .map_err(|e| format!("vm {id} has a disk, whose snapshot {snap:?} cannot be named: {e}"))?;
+        if m.host_mem.space.as_ref().is_some_and(|s| s.get(&snap).is_ok()) {
+            return Err(format!("{snap:?} already exists (a disk snapshot)"));
+        }
     }
     let mem_bytes = vm.mem_bytes;
     let backend = m.backend.as_ref().map_err(|e| format!("{e}"))?;
@@ -113,6 +149,12 @@ pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name
             Err(e) => Err((format!("{e}"), true)),
         },
     };
+    // The disk at the same instant: the VM has not run since its state
+    // was taken.
+    let result = match (result, &disk) {
+        (Ok(r), Some(d)) => snapshot_disk(&mut space, d, &snap, now_unix).map(|()| r).map_err(|e| (e, true)),
+        (r, _) => r,
+    };
     if let Err((_, true)) = result {
         // Nothing half-written stays: the extent this save created goes (an
         // unclosed one would also be dropped at the next boot).
@@ -121,13 +163,14 @@ pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name
     let result = result.map_err(|(e, _)| e);
     m.host_mem.space = Some(space);
     let (info, stats) = result?;
+    let snapped = disk.as_ref().map(|d| format!("; disk {d} copied to image {snap}")).unwrap_or_default();
     let t1 = m.backend.as_ref().map_or(t0, |b| b.now());
     let ms = (u128::from(t1.wrapping_sub(t0)) * 1000 / u128::from(hz.max(1))) as u64;
     use migrate::PageKind as K;
     let pages = |k| stats.pages(k);
     Ok(Reply {
         text: format!(
-            "vm {id} saved to checkpoint {}: {} MiB ({} pages: {} data, {} compressed, {} zero, {} poisoned), {ms} ms",
+            "vm {id} saved to checkpoint {}: {} MiB ({} pages: {} data, {} compressed, {} zero, {} poisoned), {ms} ms{snapped}",
             info.name,
             mib_tenths(info.bytes),
             mem_bytes / 4096,
@@ -148,6 +191,7 @@ pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name
             },
             "large_runs": stats.large_runs,
             "ms": ms,
+            "disk_snapshot": disk.as_ref().map(|_| snap.clone()),
         }),
     })
 }
@@ -160,9 +204,14 @@ pub(super) fn restore<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Repl
         Ok(_) => space.read_stream(name).map_err(|e| format!("{e}")),
         Err(e) => Err(format!("{e}")),
     }?;
-    // The space manager stays in place: the restore may open the VM's
-    // disk image through it.
-    let id = m.restore_vm(ExtentSource(reader)).map_err(|e| format!("checkpoint {name}: {e}"))?;
+    // The disk as it was at the save, if the checkpoint has a copy.
+    let snap = disk_snapshot_name(name);
+    let snapshot = space.get(&snap).ok().filter(|e| e.kind == ExtentKind::Image).map(|_| snap);
+    // The space manager stays in place: the restore opens the VM's disk
+    // image through it.
+    let id = m
+        .restore_vm_with_disk(ExtentSource(reader), snapshot.as_deref())
+        .map_err(|e| format!("checkpoint {name}: {e}"))?;
     let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
     Ok(Reply {
         text: format!(
@@ -202,14 +251,18 @@ pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
 /// `vm checkpoint delete <name>`: checkpoints only (images and swap have
 /// `disk delete`).
 pub(super) fn delete<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
+    let snap_user = m.disk_user(&disk_snapshot_name(name));
     let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
     let e = s.get(name).map_err(|e| format!("{e}"))?;
     if e.kind != ExtentKind::Checkpoint {
         return Err(format!("{name} is a {}, not a checkpoint", e.kind.name()));
     }
     let e = s.delete(name, |_| None).map_err(|e| format!("{e}"))?;
+    // Its disk snapshot goes with it (unless a VM was given it as a disk).
+    let snap = s.delete(&disk_snapshot_name(name), |_| snap_user).ok();
+    let freed = e.capacity_bytes() + snap.map_or(0, |x| x.capacity_bytes());
     Ok(Reply {
-        text: format!("checkpoint {} deleted ({} MiB freed)", e.name, mib_tenths(e.capacity_bytes())),
+        text: format!("checkpoint {} deleted ({} MiB freed)", e.name, mib_tenths(freed)),
         json: checkpoint_json(&e),
     })
 }

@@ -186,6 +186,31 @@ impl<D: BlockStore> Image<D> {
     pub fn flush(&mut self) -> Result<(), ImageError> {
         Ok(self.dev.flush()?)
     }
+
+    /// Makes this image hold exactly what `src` holds: `src`'s initialised
+    /// prefix is copied and becomes this image's (what lay beyond it here
+    /// reads as zeros again). A checkpoint's disk snapshot is made this way
+    /// from the VM's image, and a restore puts it back. Refused when `src`
+    /// holds more than this image can.
+    pub fn copy_from<E: BlockStore>(&mut self, src: &mut Image<E>) -> Result<(), ImageError> {
+        let len = src.initialised;
+        if len > self.capacity {
+            return Err(ImageError::OutOfRange { offset: 0, len });
+        }
+        let mut buf = vec![0u8; ZERO_CHUNK];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(ZERO_CHUNK as u64) as usize;
+            src.read(at, &mut buf[..n])?;
+            self.dev.write(HEADER_BLOCKS + at / BS, &buf[..n])?;
+            at += n as u64;
+        }
+        self.dev.flush()?;
+        self.dev.write(0, &encode(self.capacity, len))?;
+        self.dev.flush()?;
+        self.initialised = len;
+        Ok(())
+    }
 }
 
 /// A VM's virtio-blk device serves the image; failures are logged here
@@ -322,6 +347,26 @@ mod tests {
         assert!(matches!(Image::open(d.clone()), Err(ImageError::BadSizes { .. })));
         let small = Rc::new(RefCell::new(MemBlockStore::new(HEADER_BLOCKS)));
         assert_eq!(Image::create(small).unwrap_err(), ImageError::TooSmall { blocks: HEADER_BLOCKS });
+    }
+
+    #[test]
+    fn copy_from_makes_an_image_hold_exactly_the_others_contents() {
+        let (a, b) = (dirty_disk(), dirty_disk());
+        let mut src = Image::create(a).unwrap();
+        src.write(4096, &[1; 4096]).unwrap();
+        let mut dst = Image::create(b.clone()).unwrap();
+        dst.write(0, &[9; 65536]).unwrap();
+        dst.copy_from(&mut src).unwrap();
+        assert_eq!(dst.initialised(), 8192);
+        let mut dst = Image::open(b).unwrap();
+        let mut buf = vec![0xffu8; 65536];
+        dst.read(0, &mut buf).unwrap();
+        assert_eq!(&buf[..4096], &[0; 4096][..], "the source's zero gap");
+        assert_eq!(&buf[4096..8192], &[1; 4096][..]);
+        assert!(buf[8192..].iter().all(|&x| x == 0), "the old contents past the source's prefix are gone");
+        let small = Rc::new(RefCell::new(MemBlockStore::new(16)));
+        let mut tiny = Image::create(small).unwrap();
+        assert!(tiny.copy_from(&mut dst).is_err());
     }
 
     #[test]

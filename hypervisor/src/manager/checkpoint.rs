@@ -197,6 +197,13 @@ impl<B: Backend> Manager<B> {
     /// Every record is checked as it is applied to the new VM, which has
     /// not run: on any refusal it is freed and nothing else changed.
     pub fn restore_vm<R: Source>(&mut self, src: R) -> Result<u32, Error> {
+        self.restore_vm_with_disk(src, None)
+    }
+
+    /// As [`Self::restore_vm`]; the VM's disk image (the checkpoint names
+    /// it) first gets the contents of image `disk_snapshot`, if given: the
+    /// disk as it was when the checkpoint was taken.
+    pub fn restore_vm_with_disk<R: Source>(&mut self, src: R, disk_snapshot: Option<&str>) -> Result<u32, Error> {
         let mut reader = Reader::open(src).map_err(Error::Stream)?;
         let header = reader.header().clone();
         if header.vcpus != 1 {
@@ -263,7 +270,10 @@ impl<B: Backend> Manager<B> {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Protocol(machine.protocol)));
         };
         match (&machine.disk, with_blk) {
-            (Some(name), true) => match self.open_disk(name) {
+            (Some(name), true) => match disk_snapshot
+                .map_or(Ok(()), |snap| self.copy_image(name, snap))
+                .and_then(|()| self.open_disk(name))
+            {
                 Ok(disk) => {
                     devices.attach_block_backend(disk);
                 }

@@ -118,6 +118,39 @@ fn the_console_restores_a_vm_with_its_disk() {
 }
 
 #[test]
+fn a_checkpoint_keeps_the_disk_as_it_was_and_restore_puts_it_back() {
+    let (mut m, _) = manager();
+    run("disk create d1 2", &mut m);
+    run("vm run tiny mem=4 disk=d1", &mut m);
+    let mut dev = m.get(1).unwrap().devices.block_backend().unwrap();
+    dev.write(8192, &[0xa1; 1024]).unwrap();
+    let out = run("vm save 1 c1", &mut m);
+    assert!(out.contains("saved to checkpoint c1") && out.contains("disk d1 copied to image c1~disk"), "{out}");
+    // The guest goes on writing after the save.
+    dev.write(8192, &[0xb2; 512]).unwrap();
+    dev.write(1 << 20, &[0xb2; 512]).unwrap();
+    run("vm stop 1", &mut m);
+    let out = run("vm restore c1", &mut m);
+    assert!(out.starts_with("vm 2 restored from checkpoint c1"), "{out}");
+    let mut back = m.get(2).unwrap().devices.block_backend().unwrap();
+    let mut buf = vec![0u8; 1024];
+    back.read(8192, &mut buf).unwrap();
+    assert_eq!(buf, [0xa1; 1024], "the restored disk is not the one of the save");
+    back.read(1 << 20, &mut buf).unwrap();
+    assert_eq!(buf, [0; 1024], "a write after the save survived the restore");
+    // Deleting the checkpoint frees its disk copy too; a name too long
+    // for the copy is refused before anything is written.
+    run("vm stop 2", &mut m);
+    assert!(run("vm checkpoint delete c1", &mut m).starts_with("checkpoint c1 deleted"));
+    assert!(run("disk list", &mut m).lines().all(|l| !l.starts_with("c1")), "{}", run("disk list", &mut m));
+    run("vm run tiny mem=4 disk=d1", &mut m);
+    let long = "n".repeat(30);
+    let out = run(&format!("vm save 3 {long}"), &mut m);
+    assert!(out.starts_with("error: vm 3 has a disk") && out.lines().count() == 1, "{out}");
+    assert!(run("disk list", &mut m).lines().all(|l| !l.starts_with("nnn")));
+}
+
+#[test]
 fn an_image_can_start_as_a_copy_of_a_ramdisk_file() {
     let (mut m, _) = manager();
     let file = m.image_bytes("tiny").unwrap();

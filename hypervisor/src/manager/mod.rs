@@ -145,6 +145,31 @@ impl<B: Backend> Manager<B> {
             .map(|v| v.id)
     }
 
+    /// Makes image `disk` hold exactly what image `from` holds (a
+    /// checkpoint's disk snapshot taken or put back). `disk` must not be in
+    /// use by a VM; `from` may be (the VM is not running: the console and
+    /// the VMs share one CPU).
+    pub fn copy_image(&self, disk: &str, from: &str) -> Result<(), Error> {
+        let refuse = |name: &str, why| Error::Disk { name: String::from(name), why: Box::new(why) };
+        let Some(space) = self.host_mem.space.as_ref() else {
+            return Err(refuse(disk, DiskRefusal::NoDataDisk(self.host_mem.swap_missing.clone())));
+        };
+        if let Some(id) = self.disk_user(disk) {
+            return Err(refuse(disk, DiskRefusal::InUse(id)));
+        }
+        let open = |name: &str| {
+            match space.get(name) {
+                Ok(info) if info.kind == ExtentKind::Image => {}
+                Ok(info) => return Err(refuse(name, DiskRefusal::NotAnImage(info.kind.name()))),
+                Err(_) => return Err(refuse(name, DiskRefusal::NotFound)),
+            }
+            let store = space.extent_store(name).map_err(|_| refuse(name, DiskRefusal::NotFound))?;
+            Image::open(store).map_err(|e| refuse(name, DiskRefusal::Image(e)))
+        };
+        let (mut dst, mut src) = (open(disk)?, open(from)?);
+        dst.copy_from(&mut src).map_err(|e| refuse(disk, DiskRefusal::Image(e)))
+    }
+
     /// Opens data-disk image `name` for a VM's virtio-blk device: it must
     /// be an image (`disk create`) that no other VM uses.
     pub fn open_disk(&self, name: &str) -> Result<HostDisk, Error> {
