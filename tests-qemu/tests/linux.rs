@@ -322,6 +322,35 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.cmd(&format!("vm send 1 -- {READ_PATTERN}; echo again-$((4+4))"));
     m.wait_for("[vm 1] again-8", Duration::from_secs(240));
     assert_eq!(pattern_sum(&m.transcript(), "[vm 1] ", "  -"), sum, "the data did not survive the host's restart");
+    // A host-wide free-memory target beside a guest without a balloon
+    // driver (memtest): the planner balloons Linux and swaps memtest, which
+    // still checks every word it wrote. The target asks for a little more
+    // than Linux's lead over memtest, so the water-filling reaches both.
+    let out = m.cmd("vm run memtest mem=16 -- mode=swap mib=8 wait=2000000");
+    assert!(out.contains("vm 2 started"), "{out}");
+    m.wait_for("[vm 2] memtest: filled", Duration::from_secs(240));
+    let j = m.json("mem --json");
+    let present = |id: u64| -> u64 {
+        let vms = j["vms"].as_array().unwrap();
+        vms.iter().find(|v| v["id"] == id).unwrap()["pages"]["present"].as_u64().unwrap()
+    };
+    let free_pages = j["host"]["free_bytes"].as_u64().unwrap() / 4096;
+    let want_mib = (free_pages + present(1).saturating_sub(present(2)) + 2048) / 256 + 1;
+    let out = m.cmd(&format!("mem target host {want_mib}"));
+    assert!(out.contains(&format!("host target: {want_mib} MiB free")), "{out}");
+    m.wait_for("vm 2 (memtest) exited", Duration::from_secs(600));
+    let t = m.transcript();
+    assert!(t.contains("[vm 2] memtest: PASS") && t.contains("vm 2 (memtest) exited with status 1 "), "{t}");
+    let swapped: u64 = t
+        .lines()
+        .find_map(|l| l.split_once("[vm 2] memtest: ")?.1.split_once(" pages swapped after")?.0.parse().ok())
+        .expect("memtest's swap line");
+    assert!(swapped > 0, "memtest, without a balloon driver, was not swapped:\n{t}");
+    let s = m.json("vm stats 1 --json");
+    assert!(s["balloon"]["target_pages"].as_u64().unwrap() > 0, "the planner did not balloon Linux: {s}");
+    let plan = &m.json("mem --json")["vms"][0]["host_plan"];
+    assert!(plan["why"].is_string(), "mem shows no plan for vm 1: {plan}");
+    eprintln!("{}: host target {want_mib} MiB: memtest swapped {swapped} pages; vm 1 {}", emu.name(), s["balloon"]);
     m.poweroff();
     std::fs::remove_file(&scratch).unwrap();
 }
