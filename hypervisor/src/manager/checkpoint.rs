@@ -80,6 +80,9 @@ pub enum Refused {
     RamLayout,
     /// No "machine" record, or one that does not decode.
     Machine,
+    /// A machine record of another layout version (one written before
+    /// the disk and switch names joined it, say).
+    MachineVersion(u16),
     /// The machine record names a boot protocol this version does not know.
     Protocol(String),
     /// No vCPU state in the stream.
@@ -96,6 +99,12 @@ impl core::fmt::Display for Refused {
             Refused::Vcpus(n) => write!(f, "the checkpoint has {n} vCPUs; VMs here have one"),
             Refused::RamLayout => f.write_str("the checkpoint's RAM is not laid out as a VM of its size here"),
             Refused::Machine => f.write_str("the checkpoint's machine record is missing or does not decode"),
+            Refused::MachineVersion(v) => {
+                write!(
+                    f,
+                    "the checkpoint's machine record is version {v}; this hypervisor reads version {MACHINE_VERSION}"
+                )
+            }
             Refused::Protocol(p) => write!(f, "the checkpoint's boot protocol {p:?} is unknown"),
             Refused::NoVcpu => f.write_str("the checkpoint holds no vCPU state"),
             Refused::Devices(e) => write!(f, "{e}"),
@@ -392,7 +401,7 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<
     fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), Refused> {
         if name == MACHINE {
             if version != MACHINE_VERSION {
-                return Err(Refused::Machine);
+                return Err(Refused::MachineVersion(version));
             }
             let (m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
             if !rest.is_empty() {

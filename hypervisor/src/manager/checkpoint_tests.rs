@@ -133,6 +133,7 @@ fn damaged_or_foreign_checkpoints_are_refused_and_leave_nothing() {
     let mut m = manager(8192);
     let id = busy_vm(&mut m);
     let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    let state = m.get(id).unwrap().res.as_ref().unwrap().vcpu.state();
     let frames = m.backend.as_ref().unwrap().mem.frames_in_use();
     let vms = m.vms.len();
     let mut check = |bytes: &[u8], want: &str| {
@@ -148,6 +149,16 @@ fn damaged_or_foreign_checkpoints_are_refused_and_leave_nothing() {
     check(&flipped, "checksum");
     check(&stream[..stream.len() - 100], "");
     check(b"not a checkpoint at all", "");
+    // A machine record of another layout version (here 1, before the disk
+    // and switch names joined it) is named as such.
+    let header = migrate::Reader::open(stream.as_slice()).unwrap().header().clone();
+    let header =
+        migrate::Header { devices: vec![migrate::DeviceInfo { name: "machine".into(), version: 1 }], ..header };
+    let mut w = migrate::Writer::begin(Vec::new(), &header).unwrap();
+    w.vcpu(0, &state).unwrap();
+    w.device("machine", 1, &[0; 16]).unwrap();
+    let (old, _) = w.finish().unwrap();
+    check(&old, "machine record is version 1; this hypervisor reads version 2");
     // A host without RDRAND cannot give the VM its virtio-rng back.
     m.entropy = None;
     let e = m.restore_vm(stream.as_slice()).unwrap_err();
