@@ -437,28 +437,12 @@ fn parse_mem(rest: &[&str]) -> Result<Command, Refusal> {
         ["scan"] => Ok(Command::MemScan { id: None }),
         ["scan", id] => vm_id("mem scan", id).map(|id| Command::MemScan { id: Some(id) }),
         ["target", "host", v] => {
-            let mib = match *v {
-                "none" => None,
-                v => Some(
-                    v.parse::<u32>()
-                        .ok()
-                        .filter(|m| (1..=MAX_MEM_MIB).contains(m))
-                        .ok_or_else(|| Refusal::TargetMib(v.to_string()))?,
-                ),
-            };
+            let mib = target_mib(v)?;
             Ok(Command::MemHostTarget { mib })
         }
         ["target", id, v] => {
             let id = vm_id("mem target", id)?;
-            let mib = match *v {
-                "none" => None,
-                v => Some(
-                    v.parse::<u32>()
-                        .ok()
-                        .filter(|m| (1..=MAX_MEM_MIB).contains(m))
-                        .ok_or_else(|| Refusal::TargetMib(v.to_string()))?,
-                ),
-            };
+            let mib = target_mib(v)?;
             Ok(Command::MemTarget { id, mib })
         }
         ["target", ..] => Err(Refusal::Usage {
@@ -495,6 +479,18 @@ fn switch_name(cmd: &'static str, name: &str) -> Result<String, Refusal> {
     let ok = (1..=MAX_SWITCH_NAME).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok { Ok(name.to_string()) } else { Err(Refusal::SwitchName { cmd, name: name.to_string() }) }
+}
+
+/// A memory target: MiB in `1..=MAX_MEM_MIB`, or `none`.
+fn target_mib(v: &str) -> Result<Option<u32>, Refusal> {
+    if v == "none" {
+        return Ok(None);
+    }
+    v.parse::<u32>()
+        .ok()
+        .filter(|m| (1..=MAX_MEM_MIB).contains(m))
+        .map(Some)
+        .ok_or_else(|| Refusal::TargetMib(v.to_string()))
 }
 
 fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
@@ -804,6 +800,18 @@ mod tests {
         for e in [err("frobnicate"), err("vm run selftest mem=0")] {
             assert!(!e.contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn mem_targets_per_vm_and_for_the_host() {
+        assert_eq!(ok("mem target 2 64").command, Command::MemTarget { id: 2, mib: Some(64) });
+        assert_eq!(ok("mem target 2 none").command, Command::MemTarget { id: 2, mib: None });
+        assert_eq!(ok("mem target host 128").command, Command::MemHostTarget { mib: Some(128) });
+        assert_eq!(ok("mem target host none").command, Command::MemHostTarget { mib: None });
+        for bad in ["mem target 2 0", "mem target host 0", "mem target host lots"] {
+            assert!(err(bad).contains("is not 1..="), "{bad}: {}", err(bad));
+        }
+        assert!(err("mem target host").contains("mem target: use"));
     }
 
     #[test]
