@@ -105,6 +105,11 @@ pub enum Error {
     DirtyLogState { running: bool },
     /// Access sampling is already running (start) or not running (finish).
     SamplingState { running: bool },
+    /// A memory snapshot is already running (start, dirty logging) or not
+    /// running (take, stop).
+    SnapshotState { running: bool },
+    /// The snapshot already handed this page out.
+    SnapshotTaken(GuestPhysAddr),
     /// A vCPU index beyond the 64 this crate tracks.
     InvalidVcpu(usize),
     /// A granularity the operation does not support.
@@ -207,6 +212,9 @@ impl fmt::Display for Error {
             Error::DirtyLogState { running: false } => f.write_str("Dirty logging is not running"),
             Error::SamplingState { running: true } => f.write_str("Access sampling is already running"),
             Error::SamplingState { running: false } => f.write_str("Access sampling is not running"),
+            Error::SnapshotState { running: true } => f.write_str("A memory snapshot is already running"),
+            Error::SnapshotState { running: false } => f.write_str("No memory snapshot is running"),
+            Error::SnapshotTaken(gpa) => write!(f, "The snapshot already handed out the page at {gpa}"),
             Error::InvalidVcpu(n) => write!(f, "vCPU {n} is beyond the 64 vCPUs memory tracking supports"),
             Error::UnsupportedGranularity(size) => write!(f, "{size} granularity is not supported here"),
             Error::BadBlockBuffer { len } => {

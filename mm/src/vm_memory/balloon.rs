@@ -75,6 +75,9 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
             }
             let backing = self.backing(i);
             if Self::missing_hook(&backing, hooks).is_some()
+                // A running snapshot keeps what the page held (a page it
+                // cannot keep, a swapped one, stays with the guest).
+                || self.snapshot_preserve(alloc, i).is_err()
                 || self.transition(alloc, i, PageState::Ballooned, false, None, &mut inv).is_err()
             {
                 report.rejected += 1;

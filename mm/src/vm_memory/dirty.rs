@@ -244,6 +244,10 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         if self.dirty.is_some() {
             return Err(Error::DirtyLogState { running: true });
         }
+        if self.snapshot.is_some() {
+            // Both own the write right of every page.
+            return Err(Error::SnapshotState { running: true });
+        }
         if !matches!(config.granule, PageSize::Size4K | PageSize::Size2M) {
             return Err(Error::UnsupportedGranularity(config.granule));
         }
@@ -295,7 +299,7 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
 
     /// Split every leaf larger than `granule` in the primary table; returns
     /// the split leaves.
-    fn split_above<A: FrameAlloc>(
+    pub(super) fn split_above<A: FrameAlloc>(
         &mut self,
         alloc: &mut A,
         granule: PageSize,

@@ -150,6 +150,13 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         let i = self.index_of(gpa.0).ok_or(Error::NotGuestRam(gpa))?;
         let page = gpa.align_down(PAGE_SIZE_4K);
         let mut inv = Invalidation::none();
+        // A write the running snapshot must see the old contents of: copy
+        // them aside before anything changes (a swapped or not-loaded
+        // page's contents are in a frame only once it is in, below).
+        let snapshot = kind == AccessKind::Write && self.snapshot_pending(i);
+        if snapshot && !matches!(self.state(i), PageState::Swapped | PageState::NotLoaded) {
+            self.snapshot_preserve(alloc, i)?;
+        }
         match self.state(i) {
             PageState::Poisoned => return Err(Error::PagePoisoned(page)),
             PageState::Ballooned => {
@@ -167,6 +174,11 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
                 self.sync_page(alloc, i, &mut inv)?;
                 combine(&mut inv, Invalidation::of_range(page, PAGE_SIZE_4K));
             }
+        }
+        if snapshot && self.snapshot_pending(i) && self.state(i) == PageState::Present {
+            // Brought in above with the write still refused.
+            self.snapshot_preserve(alloc, i)?;
+            self.sync_page(alloc, i, &mut inv)?;
         }
         if kind == AccessKind::Write && self.state(i) == PageState::Present {
             self.log_write(&*alloc, vcpu, i, &mut inv);

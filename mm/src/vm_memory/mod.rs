@@ -40,6 +40,7 @@ mod fault;
 mod map;
 mod sample;
 mod sharing;
+mod snapshot;
 mod state;
 mod swapout;
 
@@ -53,6 +54,7 @@ pub use fault::{AccessKind, FaultOutcome, PageSource};
 pub use map::{Lookup, MemoryMap, MmioId, Region, RegionKind};
 pub use sample::{RankedRegion, SampledRegion, UsageEstimate};
 pub use sharing::{LargePageSharing, ScanReport, SharingIndex, SharingStats};
+pub use snapshot::{SnapshotStats, Taken};
 pub use state::{PageState, StateCounts};
 
 use self::state::{Override, REPLACED};
@@ -171,6 +173,8 @@ pub struct VmMemory<F: EntryFormat, S: SlotWord = u64> {
     /// One past the highest RAM address.
     ram_end: u64,
     dirty: Option<dirty::DirtyLog>,
+    /// A copy-on-write snapshot being read out (live checkpoint).
+    snapshot: Option<snapshot::Snapshot>,
     sampling: Option<Vec<u64>>,
     usage: Option<sample::UsageSample>,
     /// Per 2 MiB region of `[0, ram_end)`: decayed accessed-bit count of
@@ -245,6 +249,7 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
             zero_frame: None,
             ram_end,
             dirty: None,
+            snapshot: None,
             sampling: None,
             usage: None,
             heat,
@@ -418,6 +423,9 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         if let Some(log) = &self.dirty {
             bytes += log.bookkeeping_bytes();
         }
+        if let Some(s) = &self.snapshot {
+            bytes += s.bookkeeping_bytes();
+        }
         if let Some(s) = &self.sampling {
             bytes += (s.capacity() * 8) as u64;
         }
@@ -518,6 +526,16 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
             let n = (PAGE_SIZE_4K as usize - off).min(data.len() - done);
             if self.state(i) != PageState::Present {
                 self.resolve_host(alloc, hooks, GuestPhysAddr(cur), AccessKind::Write, flush)?;
+            }
+            if self.snapshot_pending(i) {
+                // A running snapshot keeps the contents this write
+                // replaces; then the page is open to the guest again (only
+                // a right added: no shootdown needed).
+                self.snapshot_preserve(alloc, i)?;
+                let mut inv = Invalidation::none();
+                let synced = self.sync_page(alloc, i, &mut inv);
+                inv.flush(alloc, |_| {});
+                synced?;
             }
             let hpa = self.own_frame(i).ok_or(Error::NotGuestRam(GuestPhysAddr(cur)))?;
             let dst = alloc.phys_to_ptr(HostPhysAddr(hpa.0 + off as u64));
@@ -674,6 +692,10 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         {
             rights -= Access::WRITE;
         }
+        if self.snapshot_pending(i) {
+            // A snapshot still needs its contents: the first write faults.
+            rights -= Access::WRITE;
+        }
         Some((hpa, rights))
     }
 
@@ -721,7 +743,11 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         // Not while dirty logging runs: merging ORs 512 dirty bits into one
         // and would need the granule's uniform write protection (KVM, too,
         // only recovers large pages once logging stops).
-        if PageSize::Size2M > self.primary.max_page_size() || self.dirty.is_some() || !self.mergeable_2m(gpa) {
+        if PageSize::Size2M > self.primary.max_page_size()
+            || self.dirty.is_some()
+            || self.snapshot.is_some()
+            || !self.mergeable_2m(gpa)
+        {
             return false;
         }
         let mut merged = false;
@@ -808,7 +834,9 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         flush: &mut dyn FnMut(FlushScope),
     ) -> FreeReport {
         let mut report = FreeReport::default();
-        let Self { primary, view, ram, states, words, ranges, .. } = self;
+        let mut this = self;
+        this.drop_snapshot(alloc);
+        let Self { primary, view, ram, states, words, ranges, .. } = this;
         let mut inv = primary.destroy();
         if let Some(view) = view {
             inv = inv.combine(view.destroy());

@@ -6,6 +6,7 @@ mod model;
 mod reclaim;
 mod sampling;
 mod sharing;
+mod snapshot;
 
 use alloc::vec::Vec;
 use core::cell::RefCell;
