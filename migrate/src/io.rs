@@ -21,6 +21,12 @@ pub trait Sink {
     fn write(&mut self, bytes: &[u8]) -> Result<(), IoError>;
 }
 
+impl<T: Sink + ?Sized> Sink for alloc::boxed::Box<T> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), IoError> {
+        (**self).write(bytes)
+    }
+}
+
 /// Where a [`crate::Reader`] gets the stream.
 pub trait Source {
     /// Reads up to `buf.len()` bytes into `buf` and says how many; `Ok(0)`

@@ -214,6 +214,13 @@ impl<S: Sink> Writer<S> {
         Ok((self.sink, self.stats))
     }
 
+    /// The sink, between calls: a caller staging the stream in a buffer
+    /// drains it from here (records reach the sink whole, as they are
+    /// finished; the open memory record stays in the writer).
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
     /// What has been written so far.
     pub fn stats(&self) -> &Stats {
         &self.stats

@@ -4,6 +4,7 @@
 //! (`Manager::restore_vm`), on this host or another of either vendor;
 //! `vm checkpoints` lists them; `vm checkpoint delete <name>` frees one.
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -15,7 +16,8 @@ use crate::devices::rtc::utc_text;
 use crate::disk::image::Image;
 use crate::disk::space::{ExtentInfo, ExtentKind, HostSpaceSummary, SpaceError};
 use crate::manager::Manager;
-use crate::memory::HostSpace;
+use crate::manager::save_job::{SaveTarget, Saved};
+use crate::memory::{HostMemory, HostSpace};
 
 /// `meta[0]` of a checkpoint extent: bits 7:0 the vendor it was saved
 /// under, bits 31:16 the stream's format version (major), 15:8 its minor
@@ -45,18 +47,90 @@ fn mib_tenths(bytes: u64) -> String {
     format!("{}.{}", tenths / 10, tenths % 10)
 }
 
-/// A checkpoint extent being written, as the stream's sink.
-struct ExtentSink<'a>(crate::disk::space::StreamWriter<'a, crate::memory::SharedDisk>);
+/// A checkpoint extent being written: the stream's target, and what the
+/// save leaves besides (the disk snapshot) to be kept or removed with it.
+struct ExtentTarget {
+    writer: Option<crate::disk::space::StreamWriter<crate::memory::SharedDisk>>,
+    name: String,
+    /// The disk snapshot image made for this checkpoint, if any, and the
+    /// image it copies.
+    snap: Option<(String, String)>,
+    id: u32,
+    mem_bytes: u64,
+}
 
-impl migrate::Sink for ExtentSink<'_> {
+impl migrate::Sink for ExtentTarget {
     fn write(&mut self, bytes: &[u8]) -> Result<(), migrate::IoError> {
-        self.0.write_all(bytes).map_err(|e| match e {
+        let w = self.writer.as_mut().ok_or(migrate::IoError("the checkpoint was closed"))?;
+        w.write_all(bytes).map_err(|e| match e {
             SpaceError::StreamFull { .. } => {
                 migrate::IoError("the checkpoint does not fit in the data disk's free space")
             }
             _ => migrate::IoError("writing the data disk failed"),
         })
     }
+}
+
+impl SaveTarget for ExtentTarget {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn commit(mut self: Box<Self>, host: &mut HostMemory, saved: &Saved) -> Result<String, String> {
+        let Some(space) = host.space.as_mut() else {
+            return Err(String::from("the data disk went away"));
+        };
+        let Some(w) = self.writer.take() else { return Err(String::from("the checkpoint was closed")) };
+        match w.close(space) {
+            Ok(info) => Ok(saved_line(self.id, &info, self.mem_bytes, &saved.stats, self.snap.as_ref())),
+            Err(e) => {
+                self.discard(space);
+                Err(format!("{e}"))
+            }
+        }
+    }
+
+    fn abort(mut self: Box<Self>, host: &mut HostMemory) {
+        if let Some(space) = host.space.as_mut() {
+            self.discard(space);
+        }
+    }
+}
+
+impl ExtentTarget {
+    /// Nothing half-written stays: the extent this save created and its
+    /// disk snapshot go (an unclosed extent would also be dropped at the
+    /// next boot).
+    fn discard(&mut self, space: &mut HostSpace) {
+        self.writer = None;
+        let _ = space.delete(&self.name, |_| None);
+        if let Some((_, snap)) = self.snap.take() {
+            let _ = space.delete(&snap, |_| None);
+        }
+    }
+}
+
+/// "vm 1 saved to checkpoint x: 1.2 MiB (4096 pages: ...)".
+fn saved_line(
+    id: u32,
+    info: &ExtentInfo,
+    mem_bytes: u64,
+    stats: &migrate::Stats,
+    snap: Option<&(String, String)>,
+) -> String {
+    use migrate::PageKind as K;
+    let pages = |k| stats.pages(k);
+    let snapped = snap.map(|(d, s)| format!("; disk {d} copied to image {s}")).unwrap_or_default();
+    format!(
+        "vm {id} saved to checkpoint {}: {} MiB ({} pages: {} data, {} compressed, {} zero, {} poisoned){snapped}",
+        info.name,
+        mib_tenths(info.bytes),
+        mem_bytes / 4096,
+        pages(K::Normal) + pages(K::Shared) + pages(K::SharedRef),
+        pages(K::Compressed),
+        pages(K::Zero),
+        pages(K::Poisoned)
+    )
 }
 
 /// A checkpoint extent being read, as the stream's source.
@@ -107,15 +181,27 @@ fn snapshot_disk(space: &mut HostSpace, disk: &str, snap: &str, now: u64) -> Res
     Ok(())
 }
 
-/// `vm save <id> <name>`. A VM with a disk image also gets the image
-/// copied, at the same instant, into image `<name>~disk` (its initialised
-/// part: a disk the guest barely used costs little); `vm restore` puts it
-/// back.
-pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name: &str) -> Result<Reply, String> {
+/// `vm save <id> <name> [live]`. A VM with a disk image also gets the
+/// image copied, at the same instant, into image `<name>~disk` (its
+/// initialised part: a disk the guest barely used costs little); `vm
+/// restore` puts it back. Paused: everything before the VM runs again.
+/// Live: the VM runs on once its vCPU, devices and disk are captured and
+/// its memory is under a copy-on-write snapshot; the memory is written
+/// between time slices and a line says when the checkpoint is complete.
+pub(super) fn save<B: Backend>(
+    m: &mut Manager<B>,
+    h: &HostStatus,
+    id: u32,
+    name: &str,
+    live: bool,
+) -> Result<Reply, String> {
     let now_unix = m.host_epoch + h.uptime_us / 1_000_000;
     let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
     if vm.res.is_none() {
         return Err(format!("vm {id} has ended ({}): nothing to save", vm.state.name()));
+    }
+    if let Some((other, _)) = m.live_save() {
+        return Err(format!("a live save of vm {other} is running; one at a time"));
     }
     let disk = vm.devices.block_disk().map(|(d, _)| String::from(d));
     let snap = disk_snapshot_name(name);
@@ -128,57 +214,66 @@ pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name
     }
     let mem_bytes = vm.mem_bytes;
     let backend = m.backend.as_ref().map_err(|e| format!("{e}"))?;
-    let (vendor, hz, t0) = (
+    let (vendor, hz) = (
         match backend.name() {
             "vmx" => VENDOR_INTEL,
             "svm" => VENDOR_AMD,
             _ => 0,
         },
         backend.tsc_hz(),
-        backend.now(),
     );
-    let mut space: HostSpace = m.host_mem.space.take().ok_or_else(|| no_disk(m))?;
+    let space: &mut HostSpace =
+        m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
     // At most the RAM and its framing; at most the largest free stretch.
     // The extent is trimmed to what was written when it is closed.
-    let room = HostSpaceSummary::of(&space).largest_free * 512;
+    let room = HostSpaceSummary::of(space).largest_free * 512;
     let max = (mem_bytes + mem_bytes / 16 + (1 << 20)).min(room);
-    let result = match space.create_checkpoint(name, max, now_unix, [meta0(vendor), mem_bytes]) {
-        Err(e) => Err((format!("{e}"), false)),
-        Ok(writer) => match m.save_vm(id, ExtentSink(writer)) {
-            Ok((sink, stats)) => sink.0.close().map(|info| (info, stats)).map_err(|e| (format!("{e}"), true)),
-            Err(e) => Err((format!("{e}"), true)),
-        },
-    };
-    // The disk at the same instant: the VM has not run since its state
-    // was taken.
-    let result = match (result, &disk) {
-        (Ok(r), Some(d)) => snapshot_disk(&mut space, d, &snap, now_unix).map(|()| r).map_err(|e| (e, true)),
-        (r, _) => r,
-    };
-    if let Err((_, true)) = result {
-        // Nothing half-written stays: the extent this save created goes (an
-        // unclosed one would also be dropped at the next boot).
-        let _ = space.delete(name, |_| None);
+    let writer =
+        space.create_checkpoint(name, max, now_unix, [meta0(vendor), mem_bytes]).map_err(|e| format!("{e}"))?;
+    let mut target =
+        Box::new(ExtentTarget { writer: Some(writer), name: String::from(name), snap: None, id, mem_bytes });
+    // The disk at the instant of the save: the VM does not run during
+    // this command.
+    if let Some(d) = &disk {
+        let space = m.host_mem.space.as_mut().expect("taken above");
+        if let Err(e) = snapshot_disk(space, d, &snap, now_unix) {
+            target.abort(&mut m.host_mem);
+            return Err(e);
+        }
+        target.snap = Some((d.clone(), snap.clone()));
     }
-    let result = result.map_err(|(e, _)| e);
-    m.host_mem.space = Some(space);
-    let (info, stats) = result?;
-    let snapped = disk.as_ref().map(|d| format!("; disk {d} copied to image {snap}")).unwrap_or_default();
-    let t1 = m.backend.as_ref().map_or(t0, |b| b.now());
-    let ms = (u128::from(t1.wrapping_sub(t0)) * 1000 / u128::from(hz.max(1))) as u64;
+    if live {
+        let done = String::new();
+        let pause = m.start_live_save(id, target, done).map_err(|e| format!("{e}"))?;
+        let us = u128::from(pause) * 1_000_000 / u128::from(hz.max(1));
+        let snapped = disk.as_ref().map(|d| format!("; disk {d} copied to image {snap}")).unwrap_or_default();
+        return Ok(Reply {
+            text: format!(
+                "vm {id}: live save to checkpoint {name} started (paused {us} us{snapped}); the VM runs on while its memory is written"
+            ),
+            json: json!({ "id": id, "checkpoint": name, "live": true, "pause_us": us as u64, "disk_snapshot": disk.as_ref().map(|_| snap.clone()) }),
+        });
+    }
+    let result = (|| {
+        let mut job = m.begin_save(id, false)?;
+        while !m.save_step(&mut job, u64::MAX, &mut target)? {}
+        m.finish_save(job, &mut target)
+    })();
+    let saved = match result {
+        Ok(s) => s,
+        Err(e) => {
+            target.abort(&mut m.host_mem);
+            return Err(format!("{e}"));
+        }
+    };
+    let line = target.commit(&mut m.host_mem, &saved)?;
+    let info = m.host_mem.space.as_ref().and_then(|s| s.get(name).ok()).ok_or_else(|| format!("{name} vanished"))?;
+    let stats = &saved.stats;
     use migrate::PageKind as K;
     let pages = |k| stats.pages(k);
+    let ms = (u128::from(saved.total_ticks) * 1000 / u128::from(hz.max(1))) as u64;
     Ok(Reply {
-        text: format!(
-            "vm {id} saved to checkpoint {}: {} MiB ({} pages: {} data, {} compressed, {} zero, {} poisoned), {ms} ms{snapped}",
-            info.name,
-            mib_tenths(info.bytes),
-            mem_bytes / 4096,
-            pages(K::Normal) + pages(K::Shared) + pages(K::SharedRef),
-            pages(K::Compressed),
-            pages(K::Zero),
-            pages(K::Poisoned)
-        ),
+        text: crate::manager::save_job::report(&saved, line, hz),
         json: json!({
             "id": id,
             "checkpoint": checkpoint_json(&info),
@@ -191,6 +286,7 @@ pub(super) fn save<B: Backend>(m: &mut Manager<B>, h: &HostStatus, id: u32, name
             },
             "large_runs": stats.large_runs,
             "ms": ms,
+            "staged_writes": saved.drains,
             "disk_snapshot": disk.as_ref().map(|_| snap.clone()),
         }),
     })
@@ -252,10 +348,15 @@ pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
 /// `disk delete`).
 pub(super) fn delete<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
     let snap_user = m.disk_user(&disk_snapshot_name(name));
+    let live = m.live_save_target();
+    let live = live.as_deref();
     let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
     let e = s.get(name).map_err(|e| format!("{e}"))?;
     if e.kind != ExtentKind::Checkpoint {
         return Err(format!("{name} is a {}, not a checkpoint", e.kind.name()));
+    }
+    if !e.complete && live == Some(name) {
+        return Err(format!("checkpoint {name} is being written by a live save"));
     }
     let e = s.delete(name, |_| None).map_err(|e| format!("{e}"))?;
     // Its disk snapshot goes with it (unless a VM was given it as a disk).

@@ -237,7 +237,7 @@ fn run<B: Backend>(
         Command::DiskList => super::disk::list(m),
         Command::DiskCreate { name, mib, from } => super::disk::create(m, host, name, *mib, from.as_deref()),
         Command::DiskDelete { name } => super::disk::delete(m, name),
-        Command::VmSave { id, name } => super::checkpoint::save(m, host, *id, name),
+        Command::VmSave { id, name, live } => super::checkpoint::save(m, host, *id, name, *live),
         Command::VmRestore { name } => super::checkpoint::restore(m, name),
         Command::VmCheckpoints => super::checkpoint::list(m),
         Command::VmCheckpointDelete { name } => super::checkpoint::delete(m, name),

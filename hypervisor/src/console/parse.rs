@@ -113,10 +113,12 @@ pub enum Command {
     DiskDelete {
         name: String,
     },
-    /// Write VM `id`'s whole state to checkpoint `name` on the data disk.
+    /// Write VM `id`'s whole state to checkpoint `name` on the data disk;
+    /// `live`: while the VM runs (copy-on-write).
     VmSave {
         id: u32,
         name: String,
+        live: bool,
     },
     /// A new VM from checkpoint `name`, started.
     VmRestore {
@@ -382,10 +384,14 @@ fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
         "run" => parse_run(args),
         "create" => parse_create(args),
         "start" => parse_id("vm start", args).map(|id| Command::VmStart { id }),
-        "save" => match args {
-            [id, name] => Ok(Command::VmSave { id: vm_id("vm save", id)?, name: disk_name("vm save", name)? }),
-            _ => Err(Refusal::Usage { cmd: "vm save", usage: "'vm save <id> <name>'" }),
-        },
+        "save" => {
+            let live = match args {
+                [_, _] | [_, _, "paused"] => false,
+                [_, _, "live"] => true,
+                _ => return Err(Refusal::Usage { cmd: "vm save", usage: "'vm save <id> <name> [paused|live]'" }),
+            };
+            Ok(Command::VmSave { id: vm_id("vm save", args[0])?, name: disk_name("vm save", args[1])?, live })
+        }
         "restore" => match args {
             [name] => Ok(Command::VmRestore { name: disk_name("vm restore", name)? }),
             _ => Err(Refusal::Usage { cmd: "vm restore", usage: "'vm restore <name>'" }),
@@ -816,11 +822,14 @@ mod tests {
 
     #[test]
     fn disk_commands() {
-        assert_eq!(ok("vm save 3 web-1").command, Command::VmSave { id: 3, name: "web-1".into() });
+        assert_eq!(ok("vm save 3 web-1").command, Command::VmSave { id: 3, name: "web-1".into(), live: false });
+        assert_eq!(ok("vm save 3 a paused").command, Command::VmSave { id: 3, name: "a".into(), live: false });
+        assert_eq!(ok("vm save 3 a live").command, Command::VmSave { id: 3, name: "a".into(), live: true });
+        assert!(err("vm save 3 a lively").contains("use 'vm save <id> <name> [paused|live]'"));
         assert_eq!(ok("vm restore web-1 --json").command, Command::VmRestore { name: "web-1".into() });
         assert_eq!(ok("vm checkpoints").command, Command::VmCheckpoints);
         assert_eq!(ok("vm checkpoint delete a").command, Command::VmCheckpointDelete { name: "a".into() });
-        assert!(err("vm save 3").contains("use 'vm save <id> <name>'"));
+        assert!(err("vm save 3").contains("use 'vm save <id> <name> [paused|live]'"));
         assert!(err("vm save x a").contains("not a VM id"));
         assert!(err("vm restore").contains("use 'vm restore <name>'"));
         assert!(err("vm checkpoint rm a").contains("vm checkpoint delete"));

@@ -330,6 +330,7 @@ fn serve<B: HostBackend>(
             } else {
                 core::hint::spin_loop();
             }
+            manager.checkpoint_round(&mut con);
             continue;
         }
         while let Some(b) = platform::serial::try_read() {
@@ -366,6 +367,9 @@ fn serve<B: HostBackend>(
         } else {
             core::hint::spin_loop();
         }
+        // A live save writes between time slices, also while no VM wants
+        // the CPU.
+        manager.checkpoint_round(&mut con);
     }
 }
 

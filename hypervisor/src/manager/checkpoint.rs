@@ -15,9 +15,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use migrate::{Apply, Header, RamRange, Reader, Sink, Source, Stats, Vendor, Writer};
+use migrate::{Apply, RamRange, Reader, Sink, Source, Stats};
 use mm::GuestPhysAddr;
-use mm::paging::PageSize;
 use vcpu::{GuestState, Vcpu};
 
 use super::{Error, Manager, free_memory};
@@ -113,93 +112,17 @@ impl core::fmt::Display for Refused {
     }
 }
 
-fn vendor(backend_name: &str) -> Vendor {
-    match backend_name {
-        "vmx" => Vendor::Intel,
-        "svm" => Vendor::Amd,
-        _ => Vendor::Unknown,
-    }
-}
-
 impl<B: Backend> Manager<B> {
     /// Write VM `id`'s whole state to `sink`. The VM does not run meanwhile
     /// (the console runs on the one CPU the VMs share), so the checkpoint
     /// is the VM at one instruction boundary; it goes on afterwards.
-    /// Swapped-out pages are brought back in to be read.
-    pub fn save_vm<S: Sink>(&mut self, id: u32, sink: S) -> Result<(S, Stats), Error> {
-        let net = self.switch_of(id).map(String::from);
-        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
-        let Some(res) = vm.res.as_mut() else {
-            return Err(Error::Ended { id, state: vm.state.name() });
-        };
-        let state = res.vcpu.state();
-        let (hz, now) = (backend.tsc_hz(), backend.now());
-        let machine = MachineState {
-            guest: vm.guest.clone(),
-            image: vm.image.clone(),
-            cmdline: vm.cmdline.clone(),
-            modules: vm.modules.clone(),
-            protocol: String::from(vm.protocol.name()),
-            mem_bytes: vm.mem_bytes,
-            reboots: vm.reboots,
-            clock_ns: vm_ns(now, hz, vm.clock_offset_ns),
-            guest_tsc: now.wrapping_add(state.tsc_offset),
-            tsc_hz: hz,
-            mtrr_def_type: vm.msrs.mtrr_def_type,
-            misc_enable: vm.msrs.misc_enable,
-            disk: vm.devices.block_disk().map(|(name, _)| String::from(name)),
-            net,
-        };
-        let machine_bytes = postcard::to_allocvec(&machine).map_err(|_| Error::Checkpoint(Refused::Machine))?;
-        let devices = vm.devices.save();
-        let ram: Vec<RamRange> = crate::vm::boot::ram_ranges(vm.mem_bytes)
-            .0
-            .iter()
-            .filter(|r| !r.is_empty())
-            .map(|r| RamRange { base: r.start, size: r.end - r.start })
-            .collect();
-        let header = Header {
-            live: false,
-            source: vendor(backend.name()),
-            vcpus: 1,
-            ram: ram.clone(),
-            devices: core::iter::once(migrate::DeviceInfo { name: String::from(MACHINE), version: MACHINE_VERSION })
-                .chain(devices.iter().map(|d| migrate::DeviceInfo { name: d.name.clone(), version: d.version }))
-                .collect(),
-        };
-        let mut w = Writer::begin(sink, &header).map_err(Error::Stream)?;
-        w.vcpu(0, &state).map_err(Error::Stream)?;
-        w.device(MACHINE, MACHINE_VERSION, &machine_bytes).map_err(Error::Stream)?;
-        for d in &devices {
-            w.device(&d.name, d.version, &d.bytes).map_err(Error::Stream)?;
-        }
-        let mem = &mut res.mem;
-        let vcpu = &mut res.vcpu;
-        let mut page = [0u8; migrate::PAGE_SIZE];
-        for r in &ram {
-            let mut gpa = r.base;
-            while gpa < r.base + r.size {
-                let g = GuestPhysAddr(gpa);
-                // A 2 MiB page of RAM travels as a run, so the restored VM
-                // can map it large again (contiguity survives).
-                let leaf = mem.table().translate(&*backend.mem(), g).map(|t| t.leaf.size);
-                if leaf == Some(PageSize::Size2M) && gpa % (2 << 20) == 0 && gpa + (2 << 20) <= r.base + r.size {
-                    w.large_run(gpa >> 12, 512).map_err(Error::Stream)?;
-                }
-                if mem.page_state(g) == Some(mm::vm_memory::PageState::Poisoned) {
-                    w.poisoned(gpa >> 12).map_err(Error::Stream)?;
-                } else {
-                    let alloc = backend.mem();
-                    self.host_mem
-                        .with_hooks(id, |h| mem.read(alloc, h, g, &mut page, &mut |s| vcpu.flush_nested_tlb(s)))
-                        .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?;
-                    w.page(gpa >> 12, &page).map_err(Error::Stream)?;
-                }
-                gpa += migrate::PAGE_SIZE as u64;
-            }
-        }
-        w.finish().map_err(Error::Stream)
+    /// Swapped-out pages are brought back in to be read. (A paused save;
+    /// `save_job` has the steps and the live save.)
+    pub fn save_vm<S: Sink>(&mut self, id: u32, mut sink: S) -> Result<(S, Stats), Error> {
+        let mut job = self.begin_save(id, false)?;
+        while !self.save_step(&mut job, u64::MAX, &mut sink)? {}
+        let saved = self.finish_save(job, &mut sink)?;
+        Ok((sink, saved.stats))
     }
 
     /// Build a new VM from the checkpoint in `src` and start it; its id.

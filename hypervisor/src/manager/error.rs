@@ -30,6 +30,8 @@ pub enum Error {
     Stream(migrate::Error),
     /// A checkpoint's contents do not fit a VM here.
     Checkpoint(super::checkpoint::Refused),
+    /// A live save (of that VM) is running already: one at a time.
+    SaveRunning(u32),
     /// Guest RAM outside `MIN_MEM_MIB..=MAX_MEM_MIB`.
     MemSize,
     /// The memory map for that size could not be built.
@@ -148,6 +150,7 @@ impl fmt::Display for Error {
             }
             Error::Stream(e) => write!(f, "{e}"),
             Error::Checkpoint(e) => write!(f, "{e}"),
+            Error::SaveRunning(id) => write!(f, "a live save of vm {id} is running; one at a time"),
             Error::MemSize => write!(f, "mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"),
             Error::MemoryMap(e) => write!(f, "bad memory size: {e}"),
             Error::HeapTooSmall { mem_mib, tables_kib, free_kib, reserve_kib } => write!(

@@ -87,6 +87,8 @@ pub struct Manager<B: Backend> {
     /// VM joins it. A VM's port is its id; it is attached while the VM
     /// lives (a reset included) and detached when it ends.
     pub switches: BTreeMap<String, Switch>,
+    /// The live save in progress (`vm save ... live`), one at a time.
+    pub live_save: Option<save_job::LiveSave>,
 }
 
 /// What Linux is told about its TSC, unless its command line says
@@ -132,6 +134,7 @@ impl<B: Backend> Manager<B> {
             host_epoch: 0,
             entropy: None,
             switches: BTreeMap::new(),
+            live_save: None,
         }
     }
 
@@ -503,6 +506,8 @@ impl<B: Backend> Manager<B> {
     /// (what a PC's reset does, firmware included). If it cannot be
     /// rebuilt, it ends with the reason.
     fn reboot_vm(&mut self, index: usize, console: &mut impl Console) {
+        // A live save of it completes from the memory it still has.
+        self.complete_live_save_of(self.vms[index].id, console);
         let Ok(backend) = self.backend.as_mut() else { return };
         let old = &mut self.vms[index];
         release(backend, &mut self.host_mem, old);
@@ -550,6 +555,9 @@ impl<B: Backend> Manager<B> {
     /// Stops VM `id` (if it still runs) and frees its memory; the record
     /// stays for `vm list`.
     pub fn stop(&mut self, id: u32, console: &mut impl Console) -> Result<(), Error> {
+        if self.vms.iter().any(|v| v.id == id && !v.state.ended()) {
+            self.complete_live_save_of(id, console);
+        }
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.state.ended() {
@@ -645,6 +653,7 @@ impl<B: Backend> Manager<B> {
         // (a guest's last frames before it powers off included).
         self.forward_frames(i);
         if ended {
+            self.complete_live_save_of(id, console);
             let Ok(backend) = self.backend.as_mut() else { return true };
             release(backend, &mut self.host_mem, &mut self.vms[i]);
             detach_port(&mut self.switches, id);
@@ -665,6 +674,13 @@ impl<B: Backend> Manager<B> {
     /// (the faulting one only if it is that VM, or no VM is over): the VM
     /// that grabbed the frames pays, not the one that asked next.
     pub fn relieve_memory_pressure(&mut self, faulting: u32, console: &mut impl Console) {
+        if self.live_save.is_some() {
+            // The live save's copies hold frames until written: writing
+            // them gives the frames back, and a write waiting for a copy
+            // goes on once its page is written.
+            self.checkpoint_round(console);
+            return;
+        }
         let Ok(backend) = self.backend.as_mut() else {
             return;
         };
@@ -1039,6 +1055,9 @@ mod host_reclaim;
 mod mem_tests;
 #[cfg(test)]
 mod net_tests;
+pub mod save_job;
+#[cfg(test)]
+mod save_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -508,10 +508,13 @@ impl<D: BlockStore> Space<D> {
         max_bytes: u64,
         now: u64,
         meta: [u64; 2],
-    ) -> Result<StreamWriter<'_, D>, SpaceError> {
+    ) -> Result<StreamWriter<D>, SpaceError>
+    where
+        D: Clone,
+    {
         let blocks = max_bytes.div_ceil(BLOCK_SIZE as u64);
         let info = self.create(name, ExtentKind::Checkpoint, blocks, now, meta, false)?;
-        Ok(StreamWriter::new(self, info))
+        Ok(StreamWriter::new(self.dev.clone(), info))
     }
 
     /// Reads a complete extent's bytes back (a checkpoint's stream).
@@ -609,7 +612,8 @@ impl<D: BlockStore> Space<D> {
         Ok(())
     }
 
-    /// The device (tests and the stream writer/reader).
+    /// The device (tests).
+    #[cfg(test)]
     fn dev(&mut self) -> &mut D {
         &mut self.dev
     }

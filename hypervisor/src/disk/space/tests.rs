@@ -347,7 +347,7 @@ fn a_checkpoint_stream_round_trips_and_is_trimmed_at_close() {
     }
     w.write_all(&data[at..]).unwrap();
     assert_eq!(w.len(), 100_000);
-    let info = w.close().unwrap();
+    let info = w.close(&mut s).unwrap();
     assert!(info.complete);
     assert_eq!((info.bytes, info.blocks, info.created, info.meta), (100_000, 200, 77, [2, 0xfeed]));
     assert_eq!(s.free_blocks(), free_before - 200, "the tail went back");
@@ -390,8 +390,9 @@ fn a_stream_is_bounded_and_an_unclosed_one_is_dropped_on_open() {
     drop(s);
     // Abort deletes at once; an empty stream closes to one 4 KiB unit.
     let mut s = Space::open(d).unwrap();
-    s.create_checkpoint("gone", 4096, 0, [0; 2]).unwrap().abort().unwrap();
-    let info = s.create_checkpoint("empty", 1 << 20, 0, [0; 2]).unwrap().close().unwrap();
+    s.create_checkpoint("gone", 4096, 0, [0; 2]).unwrap().abort(&mut s).unwrap();
+    let w = s.create_checkpoint("empty", 1 << 20, 0, [0; 2]).unwrap();
+    let info = w.close(&mut s).unwrap();
     assert_eq!((info.bytes, info.blocks), (0, 8));
     assert_eq!(names(&s), ["swap", "empty"]);
     assert_eq!(s.read_stream("empty").unwrap().read(&mut [0; 16]).unwrap(), 0);

@@ -60,8 +60,12 @@ impl<D: BlockStore> BlockStore for ExtentStore<D> {
 /// marks the extent complete. Dropped without `close` (or after an I/O
 /// error), the extent stays incomplete: listed as such, and dropped by the
 /// next [`Space::open`]; [`abort`](Self::abort) deletes it at once.
-pub struct StreamWriter<'a, D: BlockStore> {
-    space: &'a mut Space<D>,
+///
+/// It holds its own handle on the device, not the space manager, so a
+/// save can run in the background while other commands use the table;
+/// `close` and `abort` take the manager back.
+pub struct StreamWriter<D: BlockStore> {
+    dev: D,
     info: ExtentInfo,
     /// Bytes accepted so far.
     bytes: u64,
@@ -69,9 +73,9 @@ pub struct StreamWriter<'a, D: BlockStore> {
     partial: Vec<u8>,
 }
 
-impl<'a, D: BlockStore> StreamWriter<'a, D> {
-    pub(super) fn new(space: &'a mut Space<D>, info: ExtentInfo) -> Self {
-        StreamWriter { space, info, bytes: 0, partial: Vec::with_capacity(BLOCK_SIZE) }
+impl<D: BlockStore> StreamWriter<D> {
+    pub(super) fn new(dev: D, info: ExtentInfo) -> Self {
+        StreamWriter { dev, info, bytes: 0, partial: Vec::with_capacity(BLOCK_SIZE) }
     }
 
     /// The extent as created (incomplete, at its maximum size).
@@ -103,7 +107,7 @@ impl<'a, D: BlockStore> StreamWriter<'a, D> {
             data = &data[take..];
             if self.partial.len() == BLOCK_SIZE {
                 let at = block(self.bytes - (self.bytes % BLOCK_SIZE as u64));
-                self.space.dev().write(at, &self.partial)?;
+                self.dev.write(at, &self.partial)?;
                 self.partial.clear();
             }
             self.bytes += take as u64;
@@ -111,7 +115,7 @@ impl<'a, D: BlockStore> StreamWriter<'a, D> {
         // Whole blocks straight from the caller's buffer.
         while data.len() >= BLOCK_SIZE {
             let n = (data.len() / BLOCK_SIZE).min(CHUNK_BLOCKS) * BLOCK_SIZE;
-            self.space.dev().write(block(self.bytes), &data[..n])?;
+            self.dev.write(block(self.bytes), &data[..n])?;
             data = &data[n..];
             self.bytes += n as u64;
         }
@@ -122,16 +126,16 @@ impl<'a, D: BlockStore> StreamWriter<'a, D> {
 
     /// Finishes the stream: the last block (zero padded), a flush, then the
     /// table records the length, the trimmed size and the complete flag.
-    pub fn close(mut self) -> Result<ExtentInfo, SpaceError> {
+    pub fn close(mut self, space: &mut Space<D>) -> Result<ExtentInfo, SpaceError> {
         if !self.partial.is_empty() {
             let at = self.info.start + self.bytes / BLOCK_SIZE as u64;
             self.partial.resize(BLOCK_SIZE, 0);
-            self.space.dev().write(at, &self.partial)?;
+            self.dev.write(at, &self.partial)?;
         }
-        self.space.dev().flush()?;
+        self.dev.flush()?;
         let bytes = self.bytes;
         let used = bytes.div_ceil(BLOCK_SIZE as u64).next_multiple_of(super::ALIGN_BLOCKS).max(super::ALIGN_BLOCKS);
-        self.space.update(self.info.name, |e| {
+        space.update(self.info.name, |e| {
             e.blocks = used.min(e.blocks);
             e.bytes = bytes;
             e.complete = true;
@@ -139,8 +143,8 @@ impl<'a, D: BlockStore> StreamWriter<'a, D> {
     }
 
     /// Gives up: deletes the extent.
-    pub fn abort(self) -> Result<(), SpaceError> {
-        self.space.delete(self.info.name.as_str(), |_| None).map(|_| ())
+    pub fn abort(self, space: &mut Space<D>) -> Result<(), SpaceError> {
+        space.delete(self.info.name.as_str(), |_| None).map(|_| ())
     }
 }
 

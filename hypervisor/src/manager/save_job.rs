@@ -1,0 +1,427 @@
+//! Saving a VM's state stream in steps: paused (every step at once, the
+//! VM stopped meanwhile) or live (seed 003: the VM runs between steps, its
+//! memory under an `mm` copy-on-write snapshot, so the stream is the VM
+//! at the instant the save began).
+//!
+//! The stream goes through a bounded staging buffer (seed 001): records
+//! are appended to it, and only a full buffer is written to the target,
+//! in one piece, so the data disk sees few large writes however small the
+//! records are. A live save runs [`PAGES_PER_STEP`] pages per scheduling
+//! round ([`Manager::checkpoint_round`]); the VM's pause is only the time
+//! to capture its vCPU and devices and to write-protect its memory, not
+//! its size.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use migrate::{Header, IoError, RamRange, Sink, Stats, Vendor, Writer};
+use mm::GuestPhysAddr;
+use mm::paging::PageSize;
+use mm::vm_memory::{PageState, SnapshotStats, Taken};
+use vcpu::Vcpu;
+
+use super::checkpoint::{MACHINE, MACHINE_VERSION, MachineState, Refused};
+use super::{Error, Manager};
+use crate::backend::Backend;
+use crate::memory::HostMemory;
+use crate::vm::exit::Console;
+use crate::vm::interrupts::vm_ns;
+
+/// Bytes the staging buffer holds before it is written out.
+pub const STAGING_BYTES: usize = 1 << 20;
+
+/// Guest pages a live save writes per scheduling round: 8 MiB, a few
+/// milliseconds of copying and compressing between two time slices.
+pub const PAGES_PER_STEP: u64 = 2048;
+
+/// The staging buffer (seed 001): the stream's records are appended here,
+/// and [`SaveJob`] writes it to the target once it holds
+/// [`STAGING_BYTES`] (and at the end), in one piece. It grows past the
+/// bound by at most one record (a memory record is about 256 KiB).
+#[derive(Default)]
+pub struct Staging {
+    buf: Vec<u8>,
+}
+
+impl Sink for Staging {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), IoError> {
+        self.buf.try_reserve(bytes.len()).map_err(|_| IoError("no host memory for the staging buffer"))?;
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Where a background save's stream goes, and how it is made complete
+/// (the checkpoint extent's close) or thrown away.
+pub trait SaveTarget: Sink {
+    /// The checkpoint's name.
+    fn name(&self) -> &str;
+    /// Everything was written: make it durable and complete. A line for
+    /// the operator on success.
+    fn commit(self: Box<Self>, host: &mut HostMemory, saved: &Saved) -> Result<String, String>;
+    /// The save failed: leave nothing that looks complete.
+    fn abort(self: Box<Self>, host: &mut HostMemory);
+}
+
+/// A save in progress.
+pub struct SaveJob {
+    pub id: u32,
+    pub live: bool,
+    writer: Writer<Staging>,
+    /// Writes the target received, and their bytes.
+    pub drains: u64,
+    pub bytes: u64,
+    ram: Vec<RamRange>,
+    /// Next RAM range and address to write.
+    range: usize,
+    gpa: u64,
+    /// When the save began, and how long the VM was held at the start.
+    pub started: u64,
+    pub pause_ticks: u64,
+    /// Steps taken and the longest one (a live VM waits during a step).
+    pub steps: u64,
+    pub longest_step_ticks: u64,
+    /// The snapshot's counters when the memory was all written.
+    pub snapshot: Option<SnapshotStats>,
+}
+
+/// What a finished save reports.
+pub struct Saved {
+    pub stats: Stats,
+    pub live: bool,
+    pub pause_ticks: u64,
+    pub total_ticks: u64,
+    pub steps: u64,
+    pub longest_step_ticks: u64,
+    /// Storage writes the staging buffer made, and their bytes.
+    pub drains: u64,
+    pub bytes: u64,
+    /// Pages copied before the guest (or a device) changed them.
+    pub copies: u64,
+}
+
+fn vendor(backend_name: &str) -> Vendor {
+    match backend_name {
+        "vmx" => Vendor::Intel,
+        "svm" => Vendor::Amd,
+        _ => Vendor::Unknown,
+    }
+}
+
+impl<B: Backend> Manager<B> {
+    /// Start saving VM `id` into `target`: its vCPU, machine record and
+    /// devices now, at one instruction boundary; its memory by
+    /// [`Self::save_step`]. `live` puts the memory under a copy-on-write
+    /// snapshot so the VM may run between steps.
+    pub fn begin_save(&mut self, id: u32, live: bool) -> Result<SaveJob, Error> {
+        let net = self.switch_of(id).map(String::from);
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let started = backend.now();
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+        let Some(res) = vm.res.as_mut() else {
+            return Err(Error::Ended { id, state: vm.state.name() });
+        };
+        let state = res.vcpu.state();
+        let (hz, now) = (backend.tsc_hz(), backend.now());
+        let machine = MachineState {
+            guest: vm.guest.clone(),
+            image: vm.image.clone(),
+            cmdline: vm.cmdline.clone(),
+            modules: vm.modules.clone(),
+            protocol: String::from(vm.protocol.name()),
+            mem_bytes: vm.mem_bytes,
+            reboots: vm.reboots,
+            clock_ns: vm_ns(now, hz, vm.clock_offset_ns),
+            guest_tsc: now.wrapping_add(state.tsc_offset),
+            tsc_hz: hz,
+            mtrr_def_type: vm.msrs.mtrr_def_type,
+            misc_enable: vm.msrs.misc_enable,
+            disk: vm.devices.block_disk().map(|(name, _)| String::from(name)),
+            net,
+        };
+        let machine_bytes = postcard::to_allocvec(&machine).map_err(|_| Error::Checkpoint(Refused::Machine))?;
+        let devices = vm.devices.save();
+        let ram: Vec<RamRange> = crate::vm::boot::ram_ranges(vm.mem_bytes)
+            .0
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| RamRange { base: r.start, size: r.end - r.start })
+            .collect();
+        let header = Header {
+            live: false,
+            source: vendor(backend.name()),
+            vcpus: 1,
+            ram: ram.clone(),
+            devices: core::iter::once(migrate::DeviceInfo { name: String::from(MACHINE), version: MACHINE_VERSION })
+                .chain(devices.iter().map(|d| migrate::DeviceInfo { name: d.name.clone(), version: d.version }))
+                .collect(),
+        };
+        let mut w = Writer::begin(Staging::default(), &header).map_err(Error::Stream)?;
+        w.vcpu(0, &state).map_err(Error::Stream)?;
+        w.device(MACHINE, MACHINE_VERSION, &machine_bytes).map_err(Error::Stream)?;
+        for d in &devices {
+            w.device(&d.name, d.version, &d.bytes).map_err(Error::Stream)?;
+        }
+        if live {
+            let vcpu = &mut res.vcpu;
+            res.mem
+                .start_snapshot(backend.mem(), &mut |s| vcpu.flush_nested_tlb(s))
+                .map_err(|e| Error::Checkpoint(Refused::Memory(e)))?;
+        }
+        let pause_ticks = backend.now().wrapping_sub(started);
+        let gpa = ram.first().map_or(0, |r| r.base);
+        Ok(SaveJob {
+            id,
+            live,
+            writer: w,
+            drains: 0,
+            bytes: 0,
+            ram,
+            range: 0,
+            gpa,
+            started,
+            pause_ticks,
+            steps: 0,
+            longest_step_ticks: 0,
+            snapshot: None,
+        })
+    }
+
+    /// Write about `pages` more pages of the VM's memory (a 2 MiB run is
+    /// never cut), the staging buffer going to `target` each time it is
+    /// full; whether all memory is written.
+    pub fn save_step(&mut self, job: &mut SaveJob, pages: u64, target: &mut impl Sink) -> Result<bool, Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let t0 = backend.now();
+        let id = job.id;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+        let Some(res) = vm.res.as_mut() else {
+            return Err(Error::Ended { id, state: vm.state.name() });
+        };
+        let (mem, vcpu) = (&mut res.mem, &mut res.vcpu);
+        let w = &mut job.writer;
+        let mut page = [0u8; migrate::PAGE_SIZE];
+        let mut done = 0u64;
+        let mut run_left = 0u64;
+        while let Some(r) = job.ram.get(job.range) {
+            let end = r.base + r.size;
+            if job.gpa >= end {
+                job.range += 1;
+                if let Some(next) = job.ram.get(job.range) {
+                    job.gpa = next.base;
+                }
+                continue;
+            }
+            if done >= pages && run_left == 0 {
+                break;
+            }
+            let gpa = job.gpa;
+            let g = GuestPhysAddr(gpa);
+            if run_left == 0 && gpa.is_multiple_of(2 << 20) && gpa + (2 << 20) <= end {
+                // A 2 MiB page of RAM travels as a run, so the restored VM
+                // can map it large again (contiguity survives).
+                let large = if job.live {
+                    mem.snapshot_was_large(g)
+                } else {
+                    mem.table().translate(&*backend.mem(), g).map(|t| t.leaf.size) == Some(PageSize::Size2M)
+                };
+                if large {
+                    w.large_run(gpa >> 12, 512).map_err(Error::Stream)?;
+                    run_left = 512;
+                }
+            }
+            let alloc = backend.mem();
+            let flush = &mut |s| vcpu.flush_nested_tlb(s);
+            let taken = if job.live {
+                self.host_mem
+                    .with_hooks(id, |h| mem.snapshot_take(alloc, h, g, &mut page, flush))
+                    .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?
+            } else if mem.page_state(g) == Some(PageState::Poisoned) {
+                Taken::Poisoned
+            } else {
+                self.host_mem
+                    .with_hooks(id, |h| mem.read(alloc, h, g, &mut page, flush))
+                    .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?;
+                Taken::Data
+            };
+            match taken {
+                Taken::Poisoned => w.poisoned(gpa >> 12).map_err(Error::Stream)?,
+                Taken::Data => w.page(gpa >> 12, &page).map_err(Error::Stream)?,
+            }
+            job.gpa += migrate::PAGE_SIZE as u64;
+            run_left = run_left.saturating_sub(1);
+            done += 1;
+            if w.sink_mut().buf.len() >= STAGING_BYTES {
+                drain(w.sink_mut(), target, &mut job.drains, &mut job.bytes)?;
+            }
+        }
+        let finished = job.range >= job.ram.len();
+        if finished && job.live {
+            job.snapshot = mem.snapshot_stats();
+        }
+        let ticks = backend.now().wrapping_sub(t0);
+        job.steps += 1;
+        job.longest_step_ticks = job.longest_step_ticks.max(ticks);
+        Ok(finished)
+    }
+
+    /// Close the stream of a save whose memory is all written: the end
+    /// record, the staging buffer's last write, the snapshot's end.
+    pub fn finish_save(&mut self, job: SaveJob, target: &mut impl Sink) -> Result<Saved, Error> {
+        let (copies, live) = (job.snapshot.map_or(0, |s| s.copies), job.live);
+        if live {
+            self.stop_snapshot(job.id);
+        }
+        let (mut drains, mut bytes) = (job.drains, job.bytes);
+        let (mut staging, stats) = job.writer.finish().map_err(Error::Stream)?;
+        drain(&mut staging, target, &mut drains, &mut bytes)?;
+        let now = self.backend.as_ref().map_or(job.started, |b| b.now());
+        Ok(Saved {
+            stats,
+            live,
+            pause_ticks: job.pause_ticks,
+            total_ticks: now.wrapping_sub(job.started),
+            steps: job.steps,
+            longest_step_ticks: job.longest_step_ticks,
+            drains,
+            bytes,
+            copies,
+        })
+    }
+
+    /// Give a save up (the caller discards what its target holds).
+    pub fn abort_save(&mut self, job: SaveJob) {
+        if job.live {
+            self.stop_snapshot(job.id);
+        }
+    }
+
+    /// End VM `id`'s memory snapshot, if it still has one.
+    fn stop_snapshot(&mut self, id: u32) {
+        let Ok(backend) = self.backend.as_mut() else { return };
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else { return };
+        if let Some(res) = vm.res.as_mut() {
+            let vcpu = &mut res.vcpu;
+            let _ = res.mem.stop_snapshot(backend.mem(), &mut |s| vcpu.flush_nested_tlb(s));
+        }
+    }
+
+    /// Start a live save of VM `id` into `target`, run by
+    /// [`Self::checkpoint_round`]; `done` is said when it ends. One at a
+    /// time. The VM's pause (ticks). Refused, `target` aborted.
+    pub fn start_live_save(&mut self, id: u32, target: Box<dyn SaveTarget>, done: String) -> Result<u64, Error> {
+        let started = match &self.live_save {
+            Some(other) => Err(Error::SaveRunning(other.job.id)),
+            None => self.begin_save(id, true),
+        };
+        match started {
+            Ok(job) => {
+                let pause = job.pause_ticks;
+                self.live_save = Some(LiveSave { job, target, done });
+                Ok(pause)
+            }
+            Err(e) => {
+                target.abort(&mut self.host_mem);
+                Err(e)
+            }
+        }
+    }
+
+    /// The name of the checkpoint a live save is writing.
+    pub fn live_save_target(&self) -> Option<String> {
+        self.live_save.as_ref().map(|s| String::from(s.target.name()))
+    }
+
+    /// The running live save: VM id and the snapshot's counters.
+    pub fn live_save(&self) -> Option<(u32, Option<SnapshotStats>)> {
+        let job = &self.live_save.as_ref()?.job;
+        let stats = self.get(job.id).and_then(|v| v.res.as_ref()).and_then(|r| r.mem.snapshot_stats());
+        Some((job.id, stats))
+    }
+
+    /// One step of the running live save (between scheduling rounds);
+    /// when its memory is all written, the stream is closed and committed
+    /// and the operator told.
+    pub fn checkpoint_round(&mut self, console: &mut impl Console) {
+        self.live_save_step(PAGES_PER_STEP, console);
+    }
+
+    /// Finish VM `id`'s live save now, before its memory goes (the VM
+    /// resets or ends): the checkpoint stays the instant the save began.
+    pub fn complete_live_save_of(&mut self, id: u32, console: &mut impl Console) {
+        if self.live_save.as_ref().is_some_and(|s| s.job.id == id) {
+            self.live_save_step(u64::MAX, console);
+        }
+    }
+
+    fn live_save_step(&mut self, pages: u64, console: &mut impl Console) {
+        let Some(LiveSave { mut job, mut target, done }) = self.live_save.take() else { return };
+        let id = job.id;
+        let step = self.save_step(&mut job, pages, &mut target);
+        let result = match step {
+            Ok(false) => {
+                self.live_save = Some(LiveSave { job, target, done });
+                return;
+            }
+            Ok(true) => self.finish_save(job, &mut target),
+            Err(e) => {
+                self.abort_save(job);
+                Err(e)
+            }
+        };
+        let hz = self.tsc_hz();
+        match result {
+            Ok(saved) => match target.commit(&mut self.host_mem, &saved) {
+                Ok(what) => console.line(&format!("{done}{}", report(&saved, what, hz))),
+                Err(e) => console.line(&format!("vm {id}: live save failed, nothing kept: {e}")),
+            },
+            Err(e) => {
+                target.abort(&mut self.host_mem);
+                console.line(&format!("vm {id}: live save failed, nothing kept: {e}"));
+            }
+        }
+    }
+
+    fn tsc_hz(&self) -> u64 {
+        self.backend.as_ref().map_or(1, |b| b.tsc_hz()).max(1)
+    }
+}
+
+/// "pause 3 ms, total 210 ms, ..." for a finished save.
+pub fn report(s: &Saved, what: String, hz: u64) -> String {
+    let ms = |t: u64| u128::from(t) * 1000 / u128::from(hz.max(1));
+    let us = |t: u64| u128::from(t) * 1_000_000 / u128::from(hz.max(1));
+    format!(
+        "{what}; {}: pause {} us, total {} ms, {} steps (longest {} us), {} pages copied on write, {} staged writes of {} bytes",
+        if s.live { "live" } else { "paused" },
+        us(s.pause_ticks),
+        ms(s.total_ticks),
+        s.steps,
+        us(s.longest_step_ticks),
+        s.copies,
+        s.drains,
+        s.bytes
+    )
+}
+
+/// The running live save.
+pub struct LiveSave {
+    job: SaveJob,
+    target: Box<dyn SaveTarget>,
+    /// What to say before the report when it ends.
+    done: String,
+}
+
+/// Writes what `staging` holds to `target`, in one piece.
+fn drain(staging: &mut Staging, target: &mut impl Sink, drains: &mut u64, bytes: &mut u64) -> Result<(), Error> {
+    if staging.buf.is_empty() {
+        return Ok(());
+    }
+    target.write(&staging.buf).map_err(|error| Error::Stream(migrate::Error::Io { offset: *bytes, error }))?;
+    *drains += 1;
+    *bytes += staging.buf.len() as u64;
+    staging.buf.clear();
+    Ok(())
+}
