@@ -5,7 +5,7 @@
 //! command line or a region that does not fit in RAM.
 //!
 //! Command line (`key=value` words):
-//! - `mode=share|swap` (default `share`);
+//! - `mode=share|swap|live` (default `share`);
 //! - `mib=N`: region size (default 8), from 4 MiB guest-physical (or the
 //!   first page above the image, if that is higher);
 //! - `wait=N`: at most N HLT rounds of waiting (default 2000);
@@ -23,6 +23,16 @@
 //! {1, 2} are all zero (a quarter: the zero frame). After the wait, every
 //! even page gets one VM-specific word (breaking copy-on-write, half of the
 //! zero pages included); then every word of every page is checked.
+//!
+//! live: for live checkpoints. The region's first page holds one word,
+//! `round << 32 | cursor`, written in one store; the other pages are
+//! rewritten over and over, in order, each whole page with words of the
+//! next round, the header word stepping past it after each page. So at any
+//! instant pages `1..cursor` hold round `round + 1` and pages
+//! `cursor..` round `round` (the page being written, a mix). Between pages
+//! it reads COM1: `c` checks that every page agrees with the header (a
+//! checkpoint that is not one instant, some pages newer or older than its
+//! header, fails) and goes on; `q` checks and exits.
 //!
 //! swap: page contents depend on the page, the seed and the VM id, so no
 //! sharing can help; after the wait the region is checked in several passes
@@ -47,6 +57,7 @@ const SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
 enum Mode {
     Share,
     Swap,
+    Live,
 }
 
 struct Options {
@@ -67,6 +78,7 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
         match key {
             "mode" if value == "share" => o.mode = Mode::Share,
             "mode" if value == "swap" => o.mode = Mode::Swap,
+            "mode" if value == "live" => o.mode = Mode::Live,
             "mib" => o.mib = num()?,
             "wait" => o.wait = num()?,
             "target" => o.target = Some(num()?),
@@ -266,7 +278,9 @@ fn main(boot: Boot) -> u32 {
     let o = match parse(boot.cmdline()) {
         Ok(o) => o,
         Err(word) => {
-            println!("memtest: error: bad option {word:?} (mode=share|swap mib= wait= target= seed= passes= hold=)");
+            println!(
+                "memtest: error: bad option {word:?} (mode=share|swap|live mib= wait= target= seed= passes= hold=)"
+            );
             return 2;
         }
     };
@@ -281,12 +295,17 @@ fn main(boot: Boot) -> u32 {
         }
     };
     let region = Region { start, pages: (end - start) / PAGE };
-    let mode = if o.mode == Mode::Share { "share" } else { "swap" };
+    let mode = match o.mode {
+        Mode::Share => "share",
+        Mode::Swap => "swap",
+        Mode::Live => "live",
+    };
     println!("memtest: mode={mode} region {start:#x}..{end:#x} ({} pages)", region.pages);
     let vm_id = hypercall(hc::VM_ID, 0, 0);
     let passed = match o.mode {
         Mode::Share => share(&o, region, vm_id),
         Mode::Swap => swap(&o, region, vm_id),
+        Mode::Live => live(&o, region),
     };
     if passed { 0 } else { 1 }
 }
@@ -372,6 +391,62 @@ fn swap(o: &Options, region: Region, vm_id: u64) -> bool {
         return false;
     }
     bad.report()
+}
+
+/// live mode: data page `p`'s word `w` in round `r`.
+fn live_content(seed: u64, r: u64, p: u64, w: u64) -> u64 {
+    mix(seed ^ mix(p ^ (r << 40))) ^ w.wrapping_mul(SPREAD)
+}
+
+fn live(o: &Options, region: Region) -> bool {
+    if region.pages < 2 {
+        println!("memtest: error: live mode needs at least 2 pages");
+        return false;
+    }
+    let seed = o.seed;
+    let header = |r: u64, c: u64| (r << 32) | c;
+    // Round 0 everywhere, cursor at the first data page.
+    region.write(0, 0, header(0, 1));
+    for p in 1..region.pages {
+        for w in 0..WORDS {
+            region.write(p, w, live_content(seed, 0, p, w));
+        }
+    }
+    println!("memtest: live: rewriting {} pages in rounds; c checks, q checks and exits", region.pages - 1);
+    let mut checks = 0u64;
+    loop {
+        let h = region.read(0, 0);
+        let (round, cursor) = (h >> 32, h & 0xffff_ffff);
+        // Between pages: the header says exactly what every page holds.
+        if inb(0x3fd) & 1 != 0 {
+            let key = inb(0x3f8);
+            if key == b'c' || key == b'q' {
+                checks += 1;
+                let bad = region.verify(|p, w| match p {
+                    0 if w == 0 => h,
+                    0 => 0,
+                    p if p < cursor => live_content(seed, round + 1, p, w),
+                    p => live_content(seed, round, p, w),
+                });
+                println!(
+                    "memtest: live check {checks}: round {round} cursor {cursor}, {} pages{}",
+                    region.pages - 1,
+                    if bad.first.is_none() { " agree with the header" } else { "" }
+                );
+                let passed = bad.report();
+                if key == b'q' || !passed {
+                    return passed;
+                }
+            }
+        }
+        // The next page, whole, then the header past it (one store).
+        let p = cursor;
+        for w in 0..WORDS {
+            region.write(p, w, live_content(seed, round + 1, p, w));
+        }
+        let next = if p + 1 == region.pages { header(round + 1, 1) } else { header(round, p + 1) };
+        region.write(0, 0, next);
+    }
 }
 
 guests::entry!(main);
