@@ -325,9 +325,13 @@ fn serve<B: HostBackend>(
                 con.release();
                 crate::print!("{}", console::PROMPT);
             }
-            if manager.run_slice(&mut con) {
+            let ran = manager.run_slice(&mut con);
+            if ran {
                 manager.reclaim_round();
-            } else {
+            }
+            // Lazily restored VMs converge also while every VM idles.
+            manager.lazy_fill_round(&mut con);
+            if !ran {
                 core::hint::spin_loop();
             }
             continue;
@@ -361,9 +365,13 @@ fn serve<B: HostBackend>(
             }
             con.hold = !editor.is_empty();
         }
-        if manager.run_slice(&mut con) {
+        let ran = manager.run_slice(&mut con);
+        if ran {
             manager.reclaim_round();
-        } else {
+        }
+        // Lazily restored VMs converge also while every VM idles.
+        manager.lazy_fill_round(&mut con);
+        if !ran {
             core::hint::spin_loop();
         }
     }
