@@ -17,6 +17,10 @@
 //!   later record may still fail: apply to a fresh VM that has not run and
 //!   drop it on error, or first check a whole in-memory stream with
 //!   [`verify`].
+//! - [`index::index`] reads a stream as `apply` does but only notes which
+//!   memory record holds each data page; [`index::RecordView`] reads one
+//!   record back later, checks it again and takes pages out of it (lazy
+//!   restore).
 //!
 //! Nothing in the stream names a VMCS or VMCB: vCPUs travel as the neutral
 //! [`vcpu::GuestState`], so a stream written on an Intel host restores on an
@@ -30,6 +34,7 @@ mod checker;
 mod checksum;
 mod error;
 mod header;
+pub mod index;
 mod io;
 mod page;
 mod reader;

@@ -102,6 +102,45 @@ pub fn put_large(b: &mut Vec<u8>, gfn: u64, pages: u32) {
     b.extend_from_slice(&pages.to_le_bytes());
 }
 
+/// Steps over the entry at the cursor without decompressing it, checking
+/// its shape (tag, lengths, counts) as [`decode`] does: its tag, first
+/// frame, pages and shared id (0 unless a shared entry or reference).
+pub fn skip(f: &mut Fields<'_>) -> Result<(u8, u64, u64, u32), &'static str> {
+    let short = "memory entry cut short";
+    let tag = f.u8().ok_or(short)?;
+    let gfn = f.u64().ok_or(short)?;
+    Ok(match tag {
+        TAG_PAGE => {
+            f.bytes(PAGE_SIZE).ok_or(short)?;
+            (tag, gfn, 1, 0)
+        }
+        TAG_ZERO | TAG_LARGE => {
+            let pages = f.u32().ok_or(short)?;
+            if tag == TAG_ZERO && pages == 0 {
+                return Err("empty zero run");
+            }
+            (tag, gfn, if tag == TAG_ZERO { u64::from(pages) } else { 0 }, 0)
+        }
+        TAG_LZ4 => {
+            let pages = f.u8().ok_or(short)?;
+            if pages == 0 || pages > MAX_BLOCK_PAGES {
+                return Err("LZ4 block page count out of range");
+            }
+            let len = f.u32().ok_or(short)?;
+            f.bytes(len as usize).ok_or(short)?;
+            (tag, gfn, u64::from(pages), 0)
+        }
+        TAG_SHARED => {
+            let id = f.u32().ok_or(short)?;
+            f.bytes(PAGE_SIZE).ok_or(short)?;
+            (tag, gfn, 1, id)
+        }
+        TAG_SHARED_REF => (tag, gfn, 1, f.u32().ok_or(short)?),
+        TAG_POISONED => (tag, gfn, 1, 0),
+        _ => return Err("unknown memory entry tag"),
+    })
+}
+
 /// Decodes the entry at the cursor. LZ4 blocks are expanded into `block`
 /// (at most `MAX_BLOCK_PAGES` pages, whatever the entry claims). Returns
 /// the entry and how its pages travelled, for the statistics.

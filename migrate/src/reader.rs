@@ -182,6 +182,13 @@ impl<R: Source> Reader<R> {
         &self.st.stats
     }
 
+    /// Stream bytes read so far (the prologue included): where the record
+    /// after the last one read starts. With [`crate::At::offset`] of a
+    /// record, its byte range (what a lazy restore reads back).
+    pub fn offset(&self) -> u64 {
+        self.st.offset
+    }
+
     /// The source, positioned after the last record read.
     pub fn into_source(self) -> R {
         self.src

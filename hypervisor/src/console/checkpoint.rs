@@ -16,6 +16,7 @@ use crate::devices::rtc::utc_text;
 use crate::disk::image::Image;
 use crate::disk::space::{ExtentInfo, ExtentKind, HostSpaceSummary, SpaceError};
 use crate::manager::Manager;
+use crate::manager::checkpoint::LazyFrom;
 use crate::manager::save_job::{SaveTarget, Saved};
 use crate::memory::{HostMemory, HostSpace};
 
@@ -292,32 +293,78 @@ pub(super) fn save<B: Backend>(
     })
 }
 
-/// `vm restore <name>`.
-pub(super) fn restore<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
+/// `vm restore <name> [lazy [fill=<pages/s>]]`. Lazily, the VM runs as
+/// soon as the checkpoint has been read and checked once; its data pages
+/// stay on disk until touched or filled in the background at `lazy` pages
+/// a second.
+pub(super) fn restore<B: Backend>(m: &mut Manager<B>, name: &str, lazy: Option<u32>) -> Result<Reply, String> {
     let space: &HostSpace = m.host_mem.space.as_ref().ok_or_else(|| no_disk(m))?;
     let reader = match space.get(name) {
         Ok(e) if e.kind != ExtentKind::Checkpoint => Err(format!("{name} is a {}, not a checkpoint", e.kind.name())),
         Ok(_) => space.read_stream(name).map_err(|e| format!("{e}")),
         Err(e) => Err(format!("{e}")),
     }?;
+    // The extent again, as a block store the lazy VM's faults read
+    // single records from (its own handle on the disk, as the reader's).
+    let from = match lazy {
+        Some(fill_rate) => Some(LazyFrom {
+            checkpoint: String::from(name),
+            store: Box::new(space.extent_store(name).map_err(|e| format!("{e}"))?),
+            fill_rate,
+        }),
+        None => None,
+    };
     // The disk as it was at the save, if the checkpoint has a copy.
     let snap = disk_snapshot_name(name);
     let snapshot = space.get(&snap).ok().filter(|e| e.kind == ExtentKind::Image).map(|_| snap);
     // The space manager stays in place: the restore opens the VM's disk
     // image through it.
-    let id = m
-        .restore_vm_with_disk(ExtentSource(reader), snapshot.as_deref())
-        .map_err(|e| format!("checkpoint {name}: {e}"))?;
+    let restored = match from {
+        Some(from) => m.restore_vm_lazy(ExtentSource(reader), snapshot.as_deref(), from),
+        None => m.restore_vm_with_disk(ExtentSource(reader), snapshot.as_deref()),
+    };
+    let id = restored.map_err(|e| format!("checkpoint {name}: {e}"))?;
     let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
+    let progress = m.lazy_progress(id);
+    let lazily = progress
+        .map(|p| {
+            format!(
+                "; lazy: {} of {} pages left on disk, filled at {} pages/s",
+                p.on_disk,
+                vm.mem_bytes >> 12,
+                p.fill_rate
+            )
+        })
+        .unwrap_or_default();
     Ok(Reply {
         text: format!(
-            "vm {id} restored from checkpoint {name}: {} ({}, {} MiB), running",
+            "vm {id} restored from checkpoint {name}: {} ({}, {} MiB), running{lazily}",
             vm.guest,
             vm.protocol.name(),
             vm.mem_bytes >> 20
         ),
-        json: json!({ "id": id, "checkpoint": name, "guest": vm.guest, "mem_mib": vm.mem_bytes >> 20 }),
+        json: json!({
+            "id": id,
+            "checkpoint": name,
+            "guest": vm.guest,
+            "mem_mib": vm.mem_bytes >> 20,
+            "lazy": progress.is_some(),
+            "pages_on_disk": progress.map_or(0, |p| p.on_disk),
+            "fill_pages_per_sec": progress.map(|p| p.fill_rate),
+        }),
     })
+}
+
+/// Why checkpoint `name` may not be freed now: a lazily restored VM still
+/// reads pages from it.
+pub(super) fn lazy_user<B: Backend>(m: &Manager<B>, name: &str) -> Result<(), String> {
+    match m.host_mem.checkpoint_user(name) {
+        Some(id) => Err(format!(
+            "checkpoint {name} is in use by vm {id}: its lazy restore still reads {} pages from it (wait for the fill, or stop the VM)",
+            m.lazy_progress(id).map_or(0, |p| p.on_disk)
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `vm checkpoints`.
@@ -347,6 +394,7 @@ pub(super) fn list<B: Backend>(m: &Manager<B>) -> Result<Reply, String> {
 /// `vm checkpoint delete <name>`: checkpoints only (images and swap have
 /// `disk delete`).
 pub(super) fn delete<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
+    lazy_user(m, name)?;
     let snap_user = m.disk_user(&disk_snapshot_name(name));
     let live = m.live_save_target();
     let live = live.as_deref();

@@ -68,6 +68,12 @@ const HELP: &[(&str, &str)] = &[
     ("mem scan [<id>]", "one full page-sharing pass now"),
     ("mem target <id> <MiB>|none", "hold a VM to a memory target by sharing, then swapping"),
     ("mem target host <MiB>|none", "keep this much host memory free: sharing, then balloon or swap per VM"),
+    ("vm save <id> <name>", "write the VM's whole state to checkpoint <name> on the data disk"),
+    (
+        "vm restore <name> [lazy [fill=<pages/s>]]",
+        "a new VM from a checkpoint; lazy: it runs at once, pages load on first touch and in the background",
+    ),
+    ("vm checkpoints | vm checkpoint delete <name>", "list checkpoints / free one"),
     ("disk [list]", "the data disk's extents: swap, VM disk images, checkpoints"),
     ("disk create <name> <MiB> [from=<file>]", "a VM disk image, zero-filled lazily or a copy of a ramdisk file"),
     ("disk delete <name>", "free an image or checkpoint (not swap, not one a VM uses)"),
@@ -187,7 +193,7 @@ fn run<B: Backend>(
         Command::VmStats { id } => {
             let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
             let vm = m.get(*id).ok_or_else(|| format!("no VM {id}"))?;
-            Ok(stats_reply(vm, hz, m.switch_of(*id)))
+            Ok(stats_reply(vm, hz, m.switch_of(*id), m.lazy_progress(*id)))
         }
         Command::VmStop { id } => {
             m.stop(*id, console)?;
@@ -238,7 +244,7 @@ fn run<B: Backend>(
         Command::DiskCreate { name, mib, from } => super::disk::create(m, host, name, *mib, from.as_deref()),
         Command::DiskDelete { name } => super::disk::delete(m, name),
         Command::VmSave { id, name, live } => super::checkpoint::save(m, host, *id, name, *live),
-        Command::VmRestore { name } => super::checkpoint::restore(m, name),
+        Command::VmRestore { name, lazy } => super::checkpoint::restore(m, name, *lazy),
         Command::VmCheckpoints => super::checkpoint::list(m),
         Command::VmCheckpointDelete { name } => super::checkpoint::delete(m, name),
         Command::Poweroff => {
@@ -306,7 +312,13 @@ fn vm_json<B: Backend>(vm: &Vm<B>, hz: u64) -> Value {
 }
 
 /// `switch`: the switch the VM's NIC is on (none once it has ended).
-fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64, switch: Option<&str>) -> Reply {
+/// `lazy`: a lazily restored VM's fill, as of now.
+fn stats_reply<B: Backend>(
+    vm: &Vm<B>,
+    hz: u64,
+    switch: Option<&str>,
+    lazy: Option<crate::memory::lazy::LazyProgress>,
+) -> Reply {
     let run_us = ticks_to_us(vm.stats.run_ticks, hz);
     let wall_end = vm.stats.ended_tsc;
     let mut text = format!(
@@ -348,6 +360,26 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64, switch: Option<&str>) -> Reply {
         text.push_str(&format!(
             "\n  memory pages: {} present, {} zero, {} shared, {} swapped, {} ballooned; {} swapped in, {} copy-on-write breaks",
             c.present, c.zero, c.shared, c.swapped, c.ballooned, vm.reclaim.swapped_in, vm.reclaim.cow_breaks
+        ));
+    }
+    // Time to the first guest instruction: from the command that built the
+    // VM (`vm run`, `vm restore`) to its first VM entry.
+    let first_entry = vm.stats.first_entry_tsc.map(|t| t.saturating_sub(vm.stats.requested_tsc));
+    if let Some(t) = first_entry {
+        let us = ticks_to_us(t, hz);
+        text.push_str(&format!(
+            "\n  first guest entry: {}.{:03} ms after the command ({t} TSC ticks)",
+            us / 1000,
+            us % 1000
+        ));
+    }
+    if let Some(p) = &lazy {
+        text.push_str(&format!(
+            "\n  lazy restore: {} of {} pages on disk{}; {}",
+            p.on_disk,
+            p.pages_at_start,
+            if p.complete { " (fill complete)" } else { "" },
+            crate::manager::lazy::progress_text(p)
         ));
     }
     if let Some(d) = vm.devices.balloon() {
@@ -399,6 +431,19 @@ fn stats_reply<B: Backend>(vm: &Vm<B>, hz: u64, switch: Option<&str>) -> Reply {
                 "inflated": b.inflated, "deflated": b.deflated, "reported": b.reported, "refused": b.refused,
                 "guest_free_bytes": dev.and_then(|d| d.stats()).and_then(|s| s.free_memory),
                 "guest_available_bytes": dev.and_then(|d| d.stats()).and_then(|s| s.available_memory),
+            }),
+        );
+        o.insert("first_entry_ticks".into(), json!(first_entry));
+        o.insert("first_entry_us".into(), json!(first_entry.map(|t| ticks_to_us(t, hz))));
+        o.insert(
+            "lazy".into(),
+            lazy.map_or(Value::Null, |p| {
+                json!({
+                    "pages_on_disk": p.on_disk, "pages_at_start": p.pages_at_start, "faults": p.faults,
+                    "by_fault": p.by_fault, "by_readahead": p.by_readahead, "by_background": p.by_background,
+                    "records_read": p.records_read, "bytes_read": p.bytes_read,
+                    "fill_pages_per_sec": p.fill_rate, "complete": p.complete,
+                })
             }),
         );
         o.insert("swapped_in".into(), json!(vm.reclaim.swapped_in));

@@ -173,9 +173,11 @@ fn copy_into<D: mm::swap::BlockStore>(img: &mut Image<D>, bytes: &[u8]) -> Resul
     img.flush()
 }
 
-/// `disk delete <name>`: refused for the swap extent, and for an image a
-/// VM uses (`Manager::disk_user`).
+/// `disk delete <name>`: refused for the swap extent, for an image a VM
+/// uses (`Manager::disk_user`) and for a checkpoint a lazily restored VM
+/// still reads.
 pub(super) fn delete<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
+    super::checkpoint::lazy_user(m, name)?;
     let user = m.disk_user(name);
     let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
     let e = s.delete(name, |_| user).map_err(|e| format!("{e}"))?;

@@ -120,9 +120,12 @@ pub enum Command {
         name: String,
         live: bool,
     },
-    /// A new VM from checkpoint `name`, started.
+    /// A new VM from checkpoint `name`, started; with `lazy`, its pages
+    /// stay on disk until touched or filled in the background at that
+    /// many pages a second (0: only when touched).
     VmRestore {
         name: String,
+        lazy: Option<u32>,
     },
     /// The checkpoints on the data disk.
     VmCheckpoints,
@@ -247,6 +250,8 @@ pub enum Refusal {
     },
     /// `disk create`'s size is not 1..=[`MAX_DISK_MIB`].
     DiskMib(String),
+    /// `vm restore ... lazy fill=`'s rate is not a number.
+    FillRate(String),
     /// Not a switch name (`net=`).
     SwitchName {
         cmd: &'static str,
@@ -290,6 +295,9 @@ impl core::fmt::Display for Refusal {
             }
             Refusal::DiskName { cmd, name, why } => write!(f, "{cmd}: {name:?} is not a disk name: {why}"),
             Refusal::DiskMib(v) => write!(f, "disk create: the size must be 1..={MAX_DISK_MIB} MiB, not {v:?}"),
+            Refusal::FillRate(v) => {
+                write!(f, "vm restore: fill= takes pages per second (0: only when touched), not {v:?}")
+            }
             Refusal::SwitchName { cmd, name } => write!(
                 f,
                 "{cmd}: {name:?} is not a switch name (1..={MAX_SWITCH_NAME} letters, digits, '-', '_' or '.')"
@@ -392,10 +400,20 @@ fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
             };
             Ok(Command::VmSave { id: vm_id("vm save", args[0])?, name: disk_name("vm save", args[1])?, live })
         }
-        "restore" => match args {
-            [name] => Ok(Command::VmRestore { name: disk_name("vm restore", name)? }),
-            _ => Err(Refusal::Usage { cmd: "vm restore", usage: "'vm restore <name>'" }),
-        },
+        "restore" => {
+            const USAGE: Refusal =
+                Refusal::Usage { cmd: "vm restore", usage: "'vm restore <name> [lazy [fill=<pages per second>]]'" };
+            let (name, lazy) = match args {
+                [name] => (name, None),
+                [name, "lazy"] => (name, Some(crate::memory::lazy::DEFAULT_FILL_PAGES_PER_SEC)),
+                [name, "lazy", fill] => {
+                    let rate = fill.strip_prefix("fill=").ok_or(USAGE)?;
+                    (name, Some(rate.parse::<u32>().map_err(|_| Refusal::FillRate(String::from(rate)))?))
+                }
+                _ => return Err(USAGE),
+            };
+            Ok(Command::VmRestore { name: disk_name("vm restore", name)?, lazy })
+        }
         "checkpoints" => no_args("vm checkpoints", args, Command::VmCheckpoints),
         "checkpoint" => match args {
             ["delete", name] => Ok(Command::VmCheckpointDelete { name: disk_name("vm checkpoint delete", name)? }),
@@ -826,12 +844,20 @@ mod tests {
         assert_eq!(ok("vm save 3 a paused").command, Command::VmSave { id: 3, name: "a".into(), live: false });
         assert_eq!(ok("vm save 3 a live").command, Command::VmSave { id: 3, name: "a".into(), live: true });
         assert!(err("vm save 3 a lively").contains("use 'vm save <id> <name> [paused|live]'"));
-        assert_eq!(ok("vm restore web-1 --json").command, Command::VmRestore { name: "web-1".into() });
+        assert_eq!(ok("vm restore web-1 --json").command, Command::VmRestore { name: "web-1".into(), lazy: None });
+        assert_eq!(
+            ok("vm restore web-1 lazy").command,
+            Command::VmRestore { name: "web-1".into(), lazy: Some(crate::memory::lazy::DEFAULT_FILL_PAGES_PER_SEC) }
+        );
+        assert_eq!(ok("vm restore a lazy fill=0").command, Command::VmRestore { name: "a".into(), lazy: Some(0) });
+        assert!(err("vm restore a lazy fill=lots").contains("fill= takes pages per second"));
+        assert!(err("vm restore a eager").contains("use 'vm restore <name> [lazy"));
+        assert!(err("vm restore a lazy 5").contains("use 'vm restore <name> [lazy"));
         assert_eq!(ok("vm checkpoints").command, Command::VmCheckpoints);
         assert_eq!(ok("vm checkpoint delete a").command, Command::VmCheckpointDelete { name: "a".into() });
         assert!(err("vm save 3").contains("use 'vm save <id> <name> [paused|live]'"));
         assert!(err("vm save x a").contains("not a VM id"));
-        assert!(err("vm restore").contains("use 'vm restore <name>'"));
+        assert!(err("vm restore").contains("use 'vm restore <name> [lazy"));
         assert!(err("vm checkpoint rm a").contains("vm checkpoint delete"));
         assert!(err("vm checkpoints now").contains("unexpected argument"));
         assert_eq!(ok("disk").command, Command::DiskList);

@@ -325,9 +325,13 @@ fn serve<B: HostBackend>(
                 con.release();
                 crate::print!("{}", console::PROMPT);
             }
-            if manager.run_slice(&mut con) {
+            let ran = manager.run_slice(&mut con);
+            if ran {
                 manager.reclaim_round();
-            } else {
+            }
+            // Lazily restored VMs converge also while every VM idles.
+            manager.lazy_fill_round(&mut con);
+            if !ran {
                 core::hint::spin_loop();
             }
             manager.checkpoint_round(&mut con);
@@ -362,9 +366,13 @@ fn serve<B: HostBackend>(
             }
             con.hold = !editor.is_empty();
         }
-        if manager.run_slice(&mut con) {
+        let ran = manager.run_slice(&mut con);
+        if ran {
             manager.reclaim_round();
-        } else {
+        }
+        // Lazily restored VMs converge also while every VM idles.
+        manager.lazy_fill_round(&mut con);
+        if !ran {
             core::hint::spin_loop();
         }
         // A live save writes between time slices, also while no VM wants

@@ -24,6 +24,7 @@ use crate::backend::Backend;
 use crate::devices::SavedDevice;
 use crate::devices::virtio_slots::HostDisk;
 use crate::memory::GuestMemory;
+use crate::memory::lazy::{LazyProgress, LazySource};
 use crate::memory::reclaim::VmReclaim;
 use crate::msr::MsrState;
 use crate::vm::boot::Protocol;
@@ -90,6 +91,8 @@ pub enum Refused {
     Devices(crate::devices::RestoreError),
     /// Writing a page into the new VM's RAM failed.
     Memory(mm::Error),
+    /// No heap for a lazy restore's page index (one word per page).
+    LazyIndex { bytes: u64 },
 }
 
 impl core::fmt::Display for Refused {
@@ -108,6 +111,9 @@ impl core::fmt::Display for Refused {
             Refused::NoVcpu => f.write_str("the checkpoint holds no vCPU state"),
             Refused::Devices(e) => write!(f, "{e}"),
             Refused::Memory(e) => write!(f, "restoring RAM: {e}"),
+            Refused::LazyIndex { bytes } => {
+                write!(f, "no heap for a lazy restore's page index ({} KiB); restore it eagerly", bytes.div_ceil(1024))
+            }
         }
     }
 }
@@ -136,6 +142,32 @@ impl<B: Backend> Manager<B> {
     /// it) first gets the contents of image `disk_snapshot`, if given: the
     /// disk as it was when the checkpoint was taken.
     pub fn restore_vm_with_disk<R: Source>(&mut self, src: R, disk_snapshot: Option<&str>) -> Result<u32, Error> {
+        self.restore(src, disk_snapshot, None)
+    }
+
+    /// As [`Self::restore_vm_with_disk`], lazily: the stream is read and
+    /// checked whole as for an eager restore (a damaged checkpoint is
+    /// refused before the VM exists), vCPU, devices, zero and poisoned
+    /// pages are applied, and the pages whose content is data start not
+    /// loaded: the VM runs at once and they come from `from.store` (the
+    /// checkpoint's extent, stream byte 0 at its block 0) when touched, or
+    /// from the background fill ([`Self::lazy_fill_round`]).
+    pub fn restore_vm_lazy<R: Source>(
+        &mut self,
+        src: R,
+        disk_snapshot: Option<&str>,
+        from: LazyFrom,
+    ) -> Result<u32, Error> {
+        self.restore(src, disk_snapshot, Some(from))
+    }
+
+    fn restore<R: Source>(
+        &mut self,
+        src: R,
+        disk_snapshot: Option<&str>,
+        lazy: Option<LazyFrom>,
+    ) -> Result<u32, Error> {
+        let requested = self.backend.as_ref().map_or(0, |b| b.now());
         let mut reader = Reader::open(src).map_err(Error::Stream)?;
         let header = reader.header().clone();
         if header.vcpus != 1 {
@@ -149,6 +181,14 @@ impl<B: Backend> Manager<B> {
             return Err(Error::Checkpoint(Refused::RamLayout));
         }
         let mem_mib = u32::try_from(ram_bytes >> 20).map_err(|_| Error::MemSize)?;
+        // Before the VM's memory: a host short of heap refuses here.
+        let mut index = match &lazy {
+            Some(_) => Some(
+                migrate::index::PageIndex::new(&header)
+                    .map_err(|e| Error::Checkpoint(Refused::LazyIndex { bytes: e.bytes }))?,
+            ),
+            None => None,
+        };
         let with_rng = header.devices.iter().any(|d| d.name == "virtio-rng");
         // The device's slot and ACPI entry now; its image once the machine
         // record names it.
@@ -175,7 +215,11 @@ impl<B: Backend> Manager<B> {
                     devices: Vec::new(),
                     shared: BTreeMap::new(),
                 };
-                let r = reader.apply(&mut sink);
+                let r = match index.as_mut() {
+                    // Data pages are only indexed: they stay on disk.
+                    Some(index) => migrate::index::index(&mut reader, index, &mut sink),
+                    None => reader.apply(&mut sink),
+                };
                 (r, sink.vcpu, sink.machine, sink.devices)
             })
         };
@@ -191,6 +235,17 @@ impl<B: Backend> Manager<B> {
                 migrate::ApplyError::Sink { error, .. } => Error::Checkpoint(error),
             };
             return fail(backend, &mut self.host_mem, mem, e);
+        }
+        // Every record passed: the pages a record holds start not loaded
+        // (they keep their frames; the first touch fills them). The VM has
+        // not run, so no TLB holds its translations.
+        if let Some(index) = &index {
+            let alloc = backend.mem();
+            for (gfn, pages) in index.held_runs() {
+                if let Err(e) = mem.mark_not_loaded(alloc, GuestPhysAddr(gfn << 12), pages << 12, &mut |_| {}) {
+                    return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Memory(e)));
+                }
+            }
         }
         let Some(machine) = machine else {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Machine));
@@ -252,6 +307,23 @@ impl<B: Backend> Manager<B> {
         let overhead =
             vcpu.overhead_bytes() + mem.memory_report().overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
         let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
+        // From here on nothing fails: the source joins the VM's hooks
+        // before anything (the balloon below, the guest) touches its RAM.
+        let on_disk = mem.state_counts().not_loaded;
+        let lazy_progress = match (lazy, index) {
+            (Some(from), Some(index)) => {
+                let mut source = LazySource::new(from.checkpoint, from.store, index, from.fill_rate);
+                source.progress.pages_at_start = on_disk;
+                source.progress.on_disk = on_disk;
+                source.next_fill_tsc = now;
+                let progress = source.progress;
+                if on_disk > 0 {
+                    self.host_mem.lazy.insert(id, source);
+                }
+                Some(LazyProgress { complete: on_disk == 0, ..progress })
+            }
+            _ => None,
+        };
         let mut vm = Box::new(Vm {
             id,
             guest: machine.guest,
@@ -261,7 +333,7 @@ impl<B: Backend> Manager<B> {
             modules: machine.modules,
             reboots: machine.reboots,
             state: RunState::Running,
-            stats: VmStats { started_tsc: now, ..Default::default() },
+            stats: VmStats { started_tsc: now, requested_tsc: requested, lazy: lazy_progress, ..Default::default() },
             devices,
             timer_tick: u64::MAX,
             clock_offset_ns,
@@ -289,6 +361,17 @@ impl<B: Backend> Manager<B> {
         self.forget_old_records();
         Ok(id)
     }
+}
+
+/// Where a lazily restored VM's pages come from: the checkpoint (named in
+/// reports and protected from deletion while in use) and its extent as a
+/// block store, stream byte 0 at block 0.
+pub struct LazyFrom {
+    pub checkpoint: String,
+    pub store: Box<dyn mm::swap::BlockStore>,
+    /// Background fill rate, pages per second (0: pages load only when
+    /// touched).
+    pub fill_rate: u32,
 }
 
 /// Applies a checkpoint to a new VM's RAM and collects its vCPU, machine

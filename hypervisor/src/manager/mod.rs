@@ -486,7 +486,9 @@ impl<B: Backend> Manager<B> {
             modules: modules.to_vec(),
             reboots: 0,
             state: RunState::Running,
-            stats: VmStats { started_tsc: now, ..Default::default() },
+            // `vm run`'s time to first entry counts from the VM being
+            // built (its image loaded): one clock read less on this path.
+            stats: VmStats { started_tsc: now, requested_tsc: now, ..Default::default() },
             devices,
             timer_tick: u64::MAX,
             clock_offset_ns: 0,
@@ -591,6 +593,7 @@ impl<B: Backend> Manager<B> {
         self.cursor = (i + 1) % n.max(1);
         let vm = &mut self.vms[i];
         vm.state = RunState::Running;
+        vm.stats.first_entry_tsc.get_or_insert(now);
         CURRENT_VM.store(vm.id, Ordering::Relaxed);
         let flow = {
             // The slice ends early enough for the VM's next timer
@@ -1051,6 +1054,9 @@ mod checkpoint_tests;
 #[cfg(test)]
 mod disk_tests;
 mod host_reclaim;
+pub mod lazy;
+#[cfg(test)]
+mod lazy_tests;
 #[cfg(test)]
 mod mem_tests;
 #[cfg(test)]

@@ -5,14 +5,16 @@
 //! shared service get it through [`HostMemory::with_hooks`].
 
 pub mod frames;
+pub mod lazy;
 pub mod reclaim;
 pub mod swap;
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use mm::hal::FrameAlloc;
 use mm::swap::{SwapSlot, VmSwapSpec};
 use mm::swap_hook::PageStore;
-use mm::vm_memory::{Hooks, SharingIndex, VmMemory};
+use mm::vm_memory::{Hooks, PageSource, SharingIndex, VmMemory};
 
 pub use swap::{HostSpace, SharedDisk, Swap, SwapDisk};
 
@@ -92,6 +94,9 @@ pub struct HostMemory {
     pub host_target: Option<u64>,
     /// Host clock reading (TSC) of the next planning round.
     pub next_plan_tsc: u64,
+    /// The page sources of lazily restored VMs, by VM id, until their
+    /// last page is loaded (`vm restore <name> lazy`).
+    pub lazy: BTreeMap<u32, lazy::LazySource>,
 }
 
 impl Default for HostMemory {
@@ -106,6 +111,7 @@ impl Default for HostMemory {
             stats: HostMemStats::default(),
             host_target: None,
             next_plan_tsc: 0,
+            lazy: BTreeMap::new(),
         }
     }
 }
@@ -120,12 +126,28 @@ impl HostMemory {
     }
 
     /// Run `f` with the hooks VM `vm`'s memory operations need: the sharing
-    /// index and the VM's swap file (when it has one).
+    /// index, the VM's swap file (when it has one) and, for a lazily
+    /// restored VM, its checkpoint as the page source: guest faults and
+    /// device accesses (virtio DMA through `VmMemory::read`/`write`) alike
+    /// load not-loaded pages through it.
     pub fn with_hooks<R>(&mut self, vm: u32, f: impl FnOnce(&mut Hooks<'_, SwapSlot>) -> R) -> R {
         let mut file = self.swap.as_mut().and_then(|s| s.file(vm));
         let store = file.as_mut().map(|f| f as &mut dyn PageStore<Slot = SwapSlot>);
-        let mut hooks = Hooks { sharing: self.sharing.as_mut(), store, source: None };
+        let source = self.lazy.get_mut(&vm).map(|s| s as &mut dyn PageSource);
+        let mut hooks = Hooks { sharing: self.sharing.as_mut(), store, source };
         f(&mut hooks)
+    }
+
+    /// Why VM `vm`'s lazy restore could not read a page, if it failed: one
+    /// line naming the checkpoint, the page and the record.
+    pub fn lazy_failure(&self, vm: u32) -> Option<&str> {
+        self.lazy.get(&vm).and_then(|s| s.failure.as_deref())
+    }
+
+    /// The VM still reading checkpoint `name` lazily, if any: the
+    /// checkpoint may not be deleted until its fill completes.
+    pub fn checkpoint_user(&self, name: &str) -> Option<u32> {
+        self.lazy.iter().find(|(_, s)| s.checkpoint == name).map(|(&id, _)| id)
     }
 
     /// Give VM `vm` a swap file for up to `configured_pages -
@@ -139,8 +161,10 @@ impl HostMemory {
         swap.add_vm(spec)
     }
 
-    /// Drop VM `vm`'s swap file (after its memory was freed).
+    /// Drop VM `vm`'s swap file and lazy-restore source (after its memory
+    /// was freed).
     pub fn remove_vm(&mut self, vm: u32) {
+        self.lazy.remove(&vm);
         if let Some(swap) = self.swap.as_mut() {
             swap.remove_vm(vm);
         }

@@ -578,6 +578,11 @@ impl<B: Backend> Vm<B> {
                 self.reclaim.out_of_memory += 1;
                 return Flow::OutOfMemory;
             }
+            // A lazy restore's checkpoint could not give the page: its
+            // report names the checkpoint, the page and the record.
+            FaultOutcome::Failed(mm::Error::PageSourceFailed(_)) if host.lazy_failure(self.id).is_some() => {
+                String::from(host.lazy_failure(self.id).unwrap_or_default())
+            }
             FaultOutcome::Failed(e) => {
                 format!("{} of guest-physical {gpa:#x} could not be resolved: {e}", access.as_str())
             }

@@ -75,6 +75,15 @@ pub struct VmStats {
     pub run_ticks: u64,
     pub started_tsc: u64,
     pub ended_tsc: Option<u64>,
+    /// Host clock reading when the command that built the VM began (`vm
+    /// run`, `vm restore`): with `first_entry_tsc`, the time to its first
+    /// guest instruction.
+    pub requested_tsc: u64,
+    /// Host clock reading at its first VM entry.
+    pub first_entry_tsc: Option<u64>,
+    /// A lazily restored VM's fill: pages on disk, how the others came in
+    /// (kept once the fill completes).
+    pub lazy: Option<crate::memory::lazy::LazyProgress>,
     /// Reads and writes of ports no device decodes.
     pub unbacked_io: u64,
     /// Accesses to device registers in guest-physical memory (emulated).

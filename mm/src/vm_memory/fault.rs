@@ -7,12 +7,12 @@ use core::fmt::Debug;
 
 use crate::swap_hook::SlotWord;
 
-use super::state::{Override, REPLACED};
+use super::state::{KIND_MASK, Override, REPLACED};
 use super::{Hooks, Lookup, MmioId, PageState, VmMemory, combine, write_frame};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
 use crate::hal::{ContiguousAlloc, FrameAlloc, PhysMem};
-use crate::paging::{Access, EntryFormat, Invalidation};
+use crate::paging::{Access, EntryFormat, FlushScope, Invalidation};
 
 /// What the faulting access tried to do (from the exit qualification /
 /// EXITINFO1).
@@ -91,6 +91,15 @@ pub trait PageSource {
     /// a whole 2 MiB block is then mapped with one large page again.
     fn block_pages(&self) -> u32 {
         1
+    }
+
+    /// A load starts at the page `gpa`, the one a vCPU or the host
+    /// touched; [`Self::block_pages`] and then [`Self::fill`] for each
+    /// not-loaded page of its block follow. A source learns the access
+    /// pattern here (to size its read-ahead) and which fill is the touched
+    /// page and which are read-ahead.
+    fn touched(&mut self, gpa: GuestPhysAddr) {
+        let _ = gpa;
     }
 }
 
@@ -297,8 +306,9 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         inv: &mut Invalidation<F>,
     ) -> Result<(), Error> {
         let source = hooks.source.as_deref_mut().ok_or(Error::MissingHook("page source"))?;
-        let block = source.block_pages().clamp(1, 512).next_power_of_two() as u64;
         let gpa = self.gpa_of(i);
+        source.touched(gpa);
+        let block = source.block_pages().clamp(1, 512).next_power_of_two() as u64;
         let start = gpa.align_down(block * PAGE_SIZE_4K);
         let mut buf = [0u8; 4096];
         for p in 0..block {
@@ -325,10 +335,47 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
                 return Err(e);
             }
         }
-        if block * PAGE_SIZE_4K == PAGE_SIZE_2M {
-            self.try_merge_2m(&*alloc, start, inv);
-        }
+        // The 2 MiB region this load completed (by one 512-page block, or
+        // by the last of several smaller ones) maps large again, as it was
+        // before its pages were marked not loaded; best effort.
+        self.try_merge_2m(&*alloc, gpa.align_down(PAGE_SIZE_2M), inv);
         Ok(())
+    }
+
+    /// Load the first `NotLoaded` page at or after `from` (and the
+    /// not-loaded pages of its block, as a fault would) from
+    /// `hooks.source`, then flush through `flush`: a background fill that
+    /// converges a lazily restored VM to fully loaded. Returns the page
+    /// loaded, or `None` when no page from `from` on is still not loaded.
+    /// On error that page stays not loaded.
+    pub fn load_next_not_loaded<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        from: GuestPhysAddr,
+        flush: &mut dyn FnMut(FlushScope),
+    ) -> Result<Option<GuestPhysAddr>, Error> {
+        if self.counts.not_loaded == 0 {
+            return Ok(None);
+        }
+        let first = match self.range_of(from.0) {
+            Some(_) => self.index_of(from.0).unwrap_or(0),
+            // Before, between or after the RAM ranges: the next range's
+            // first page, if any.
+            None => match self.ranges.iter().find(|r| r.gpa > from.0) {
+                Some(r) => r.first,
+                None => return Ok(None),
+            },
+        };
+        let code = PageState::NotLoaded.code();
+        let Some(i) = self.states[first..].iter().position(|&s| s & KIND_MASK == code).map(|p| first + p) else {
+            return Ok(None);
+        };
+        let gpa = self.gpa_of(i);
+        let mut inv = Invalidation::none();
+        let loaded = self.load(alloc, hooks, i, &mut inv);
+        inv.flush(alloc, &mut *flush);
+        loaded.map(|()| Some(gpa))
     }
 
     /// A write by `vcpu` (or the host) to `Present` page `i`: log it and,

@@ -170,6 +170,71 @@ fn lazy_load_fills_on_first_touch<F: EntryFormat>() {
     assert_eq!(sim.frames_in_use(), 0);
 }
 
+/// A source that records which pages were touched and sizes its blocks
+/// by a script, as a lazy restore's read-ahead does.
+struct Recorder {
+    touched: Vec<u64>,
+    fills: Vec<u64>,
+    block: u32,
+}
+
+impl PageSource for Recorder {
+    fn fill(&mut self, gpa: GuestPhysAddr, page: &mut [u8; 4096]) -> Result<(), Error> {
+        self.fills.push(gpa.0);
+        *page = pattern(gpa.0);
+        Ok(())
+    }
+
+    fn block_pages(&self) -> u32 {
+        self.block
+    }
+
+    fn touched(&mut self, gpa: GuestPhysAddr) {
+        self.touched.push(gpa.0);
+    }
+}
+
+fn background_fill_converges_and_maps_large_again<F: EntryFormat>() {
+    let mut sim = SimPhys::new(8192);
+    let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
+    v.mark_not_loaded(&mut sim, g(0), 4 << 20, &mut |_| {}).unwrap();
+    let mut src = Recorder { touched: Vec::new(), fills: Vec::new(), block: 16 };
+    let mut hooks = Hooks { source: Some(&mut src), ..Hooks::none() };
+    // A touch in the middle of a block: the source hears of that page
+    // first, then fills the whole aligned block of 16.
+    let mut buf = [0u8; 4096];
+    v.sim_read(&mut sim, &mut hooks, 0, g(0x2_3000), &mut buf).unwrap();
+    assert_eq!(buf, pattern(0x2_3000));
+    assert_eq!(src.touched, [0x2_3000]);
+    assert_eq!(src.fills, (0x2_0000..0x3_0000).step_by(4096).collect::<Vec<u64>>());
+    let mut hooks = Hooks { source: Some(&mut src), ..Hooks::none() };
+    // The background fill: page by page from a cursor, each a block.
+    let mut from = g(0);
+    let mut loads = 0;
+    while let Some(at) = v.load_next_not_loaded(&mut sim, &mut hooks, from, &mut |_| {}).unwrap() {
+        assert_eq!(v.page_state(at), Some(PageState::Present));
+        from = at;
+        loads += 1;
+    }
+    assert_eq!(loads, 1024 / 16 - 1, "one load per block of 16, the touched block aside");
+    assert_eq!(v.state_counts().not_loaded, 0);
+    assert_eq!(src.fills.len(), 1024, "every page filled once");
+    // Blocks of 16 completing a 2 MiB region map it large again.
+    for at in [0, PAGE_SIZE_2M] {
+        assert_eq!(v.table().translate(&sim, g(at)).unwrap().leaf.size, PageSize::Size2M, "{at:#x}");
+    }
+    let mut p = [0u8; 4096];
+    v.peek(&sim, g(0x3f_f000), &mut p).unwrap();
+    assert_eq!(p, pattern(0x3f_f000));
+    // Nothing left: none, from anywhere (outside RAM included).
+    let mut hooks = Hooks { source: Some(&mut src), ..Hooks::none() };
+    assert_eq!(v.load_next_not_loaded(&mut sim, &mut hooks, g(0), &mut |_| {}).unwrap(), None);
+    assert_eq!(v.load_next_not_loaded(&mut sim, &mut hooks, g(1 << 40), &mut |_| {}).unwrap(), None);
+    v.check_invariants(&sim);
+    free(v, &mut sim, &mut Hooks::none());
+    assert_eq!(sim.frames_in_use(), 0);
+}
+
 fn poisoned_page<F: EntryFormat>() {
     let mut sim = SimPhys::new(4096);
     let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
@@ -306,6 +371,7 @@ for_both_formats!(
     read_only_ram_is_rom,
     host_read_write_cross_pages,
     lazy_load_fills_on_first_touch,
+    background_fill_converges_and_maps_large_again,
     poisoned_page,
     bookkeeping_under_a_quarter_percent,
     states_and_counts_track_changes,
