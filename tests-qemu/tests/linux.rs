@@ -285,16 +285,25 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     ] {
         assert!(t.contains(want), "the guest's log lacks {want:?}:\n{t}");
     }
-    // A checkpoint of the running kernel: saved, then the VM powers off;
+    // A live checkpoint of the running kernel: the VM runs on while its
+    // memory and disk are copied (copy-on-write); then it powers off;
     // restored, the same kernel goes on at its shell, its timers and its
     // virtio-rng working.
-    let out = m.cmd("vm save 1 lx");
-    assert!(out.contains("vm 1 saved to checkpoint lx: ") && out.contains("disk d1 copied to image lx~disk"), "{out}");
-    eprintln!("{}: {}", emu.name(), out.lines().find(|l| l.contains("saved to checkpoint")).unwrap_or(""));
-    // After the save the guest overwrites its pattern; the restore brings
-    // the disk back to the instant of the save.
+    let out = m.cmd("vm save 1 lx live");
+    assert!(
+        out.contains("vm 1: live save to checkpoint lx started")
+            && out.contains("disk d1 to image lx~disk, copy-on-write"),
+        "{out}"
+    );
+    // While the save runs the guest overwrites its pattern; the restore
+    // brings the disk back to the instant of the save.
     m.cmd("vm send 1 -- dd if=/dev/zero of=/dev/vda bs=4096 seek=100 count=256 conv=fsync 2>/dev/null; echo zeroed-$((1+8))");
+    m.wait_for("vm 1 saved to checkpoint lx: ", Duration::from_secs(240));
     m.wait_for("[vm 1] zeroed-9", Duration::from_secs(240));
+    let t = m.transcript();
+    let saved = t.lines().find(|l| l.contains("vm 1 saved to checkpoint lx: ")).unwrap();
+    assert!(saved.contains("; live: ") && saved.contains("; disk: "), "{saved}");
+    eprintln!("{}: {saved}", emu.name());
     // `poweroff` in the guest ends that VM, cleanly (ACPI S5), and only it.
     m.cmd("vm send 1 -- poweroff");
     m.wait_for("vm 1 (linux) powered off (ACPI S5)", Duration::from_secs(120));

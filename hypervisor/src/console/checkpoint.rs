@@ -6,18 +6,21 @@
 
 use alloc::boxed::Box;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use serde_json::{Value, json};
 
 use super::commands::{HostStatus, Reply};
 use crate::backend::Backend;
 use crate::devices::rtc::utc_text;
+use crate::disk::cow::DiskSnapshot;
 use crate::disk::image::Image;
 use crate::disk::space::{ExtentInfo, ExtentKind, HostSpaceSummary, SpaceError};
 use crate::manager::Manager;
 use crate::manager::checkpoint::LazyFrom;
-use crate::manager::save_job::{SaveTarget, Saved};
+use crate::manager::save_job::{LiveDisk, SaveTarget, Saved};
 use crate::memory::{HostMemory, HostSpace};
 
 /// `meta[0]` of a checkpoint extent: bits 7:0 the vendor it was saved
@@ -160,7 +163,7 @@ fn checkpoint_json(e: &ExtentInfo) -> Value {
 }
 
 /// The image holding checkpoint `name`'s copy of its VM's disk.
-fn disk_snapshot_name(name: &str) -> String {
+pub(super) fn disk_snapshot_name(name: &str) -> String {
     format!("{name}~disk")
 }
 
@@ -180,6 +183,29 @@ fn snapshot_disk(space: &mut HostSpace, disk: &str, snap: &str, now: u64) -> Res
         return Err(format!("disk snapshot {snap}: {e}"));
     }
     Ok(())
+}
+
+/// A new image `snap` the size of VM disk `disk`, and the copy-on-write
+/// snapshot that fills it from the VM's disk as it is now; on failure
+/// nothing of `snap` is left.
+fn cow_disk<B: Backend>(m: &mut Manager<B>, disk: &str, snap: &str, now: u64) -> Result<LiveDisk, String> {
+    let vm = m.vms.iter().find(|v| v.devices.block_disk().is_some_and(|(d, _)| d == disk));
+    let original = vm.and_then(|v| v.devices.block_backend()).ok_or_else(|| format!("no VM serves disk {disk}"))?;
+    let space = m.host_mem.space.as_mut().ok_or_else(|| String::from("no data disk"))?;
+    let blocks = space.get(disk).map_err(|e| format!("{e}"))?.blocks;
+    space.create_image(snap, blocks, now).map_err(|e| format!("disk snapshot {snap}: {e}"))?;
+    let made = space
+        .extent_store(snap)
+        .map_err(|e| format!("{e}"))
+        .and_then(|store| Image::create(store).map_err(|e| format!("{e}")))
+        .and_then(|image| DiskSnapshot::new(original.disk.clone(), image).map_err(|e| format!("{e}")));
+    match made {
+        Ok(s) => Ok(LiveDisk { snap: Rc::new(RefCell::new(s)), original }),
+        Err(e) => {
+            let _ = space.delete(snap, |_| None);
+            Err(format!("disk snapshot {snap}: {e}"))
+        }
+    }
 }
 
 /// `vm save <id> <name> [live]`. A VM with a disk image also gets the
@@ -233,6 +259,32 @@ pub(super) fn save<B: Backend>(
         space.create_checkpoint(name, max, now_unix, [meta0(vendor), mem_bytes]).map_err(|e| format!("{e}"))?;
     let mut target =
         Box::new(ExtentTarget { writer: Some(writer), name: String::from(name), snap: None, id, mem_bytes });
+    if live {
+        // The disk at the instant of the save, copy-on-write: its snapshot
+        // image fills while the VM runs.
+        let live_disk = match &disk {
+            None => None,
+            Some(d) => match cow_disk(m, d, &snap, now_unix) {
+                Ok(ld) => {
+                    target.snap = Some((d.clone(), snap.clone()));
+                    Some(ld)
+                }
+                Err(e) => {
+                    target.abort(&mut m.host_mem);
+                    return Err(e);
+                }
+            },
+        };
+        let pause = m.start_live_save(id, target, String::new(), live_disk).map_err(|e| format!("{e}"))?;
+        let us = u128::from(pause) * 1_000_000 / u128::from(hz.max(1));
+        let snapped = disk.as_ref().map(|d| format!("; disk {d} to image {snap}, copy-on-write")).unwrap_or_default();
+        return Ok(Reply {
+            text: format!(
+                "vm {id}: live save to checkpoint {name} started (paused {us} us{snapped}); the VM runs on while its memory is written"
+            ),
+            json: json!({ "id": id, "checkpoint": name, "live": true, "pause_us": us as u64, "disk_snapshot": disk.as_ref().map(|_| snap.clone()) }),
+        });
+    }
     // The disk at the instant of the save: the VM does not run during
     // this command.
     if let Some(d) = &disk {
@@ -242,18 +294,6 @@ pub(super) fn save<B: Backend>(
             return Err(e);
         }
         target.snap = Some((d.clone(), snap.clone()));
-    }
-    if live {
-        let done = String::new();
-        let pause = m.start_live_save(id, target, done).map_err(|e| format!("{e}"))?;
-        let us = u128::from(pause) * 1_000_000 / u128::from(hz.max(1));
-        let snapped = disk.as_ref().map(|d| format!("; disk {d} copied to image {snap}")).unwrap_or_default();
-        return Ok(Reply {
-            text: format!(
-                "vm {id}: live save to checkpoint {name} started (paused {us} us{snapped}); the VM runs on while its memory is written"
-            ),
-            json: json!({ "id": id, "checkpoint": name, "live": true, "pause_us": us as u64, "disk_snapshot": disk.as_ref().map(|_| snap.clone()) }),
-        });
     }
     let result = (|| {
         let mut job = m.begin_save(id, false)?;

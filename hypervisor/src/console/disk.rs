@@ -178,6 +178,11 @@ fn copy_into<D: mm::swap::BlockStore>(img: &mut Image<D>, bytes: &[u8]) -> Resul
 /// still reads.
 pub(super) fn delete<B: Backend>(m: &mut Manager<B>, name: &str) -> Result<Reply, String> {
     super::checkpoint::lazy_user(m, name)?;
+    if let Some(cp) = m.live_save_target()
+        && (name == cp || name == super::checkpoint::disk_snapshot_name(&cp))
+    {
+        return Err(format!("{name} is being written by the live save of checkpoint {cp}"));
+    }
     let user = m.disk_user(name);
     let s = m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
     let e = s.delete(name, |_| user).map_err(|e| format!("{e}"))?;

@@ -87,6 +87,9 @@ impl BlockBackend for HostDisk {
     fn capacity(&self) -> u64 {
         self.disk.borrow().capacity()
     }
+    fn initialised(&self) -> u64 {
+        self.disk.borrow().initialised()
+    }
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
         self.disk.borrow_mut().read(offset, buf)
     }

@@ -182,6 +182,26 @@ impl<D: BlockStore> Image<D> {
         Ok(())
     }
 
+    /// Writes `data` at `offset` (whole blocks) without moving the
+    /// initialised prefix: for an image being filled as a whole (a disk
+    /// snapshot), which [`Self::set_initialised`] completes. Until then
+    /// what was written reads as zeros.
+    pub fn write_raw(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check(offset, data.len())?;
+        Ok(self.dev.write(HEADER_BLOCKS + offset / BS, data)?)
+    }
+
+    /// Everything below `len` was written (by [`Self::write_raw`]): make
+    /// it durable, then record it as the initialised prefix.
+    pub fn set_initialised(&mut self, len: u64) -> Result<(), ImageError> {
+        self.check(0, len as usize)?;
+        self.dev.flush()?;
+        self.dev.write(0, &encode(self.capacity, len))?;
+        self.dev.flush()?;
+        self.initialised = len;
+        Ok(())
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&mut self) -> Result<(), ImageError> {
         Ok(self.dev.flush()?)
@@ -218,6 +238,10 @@ impl<D: BlockStore> Image<D> {
 impl<D: BlockStore> BlockBackend for Image<D> {
     fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    fn initialised(&self) -> u64 {
+        self.initialised
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {

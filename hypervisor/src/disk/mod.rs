@@ -6,6 +6,7 @@
 
 pub mod ata;
 pub mod classify;
+pub mod cow;
 pub mod image;
 pub mod request;
 pub mod selfcheck;

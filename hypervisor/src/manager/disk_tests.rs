@@ -171,3 +171,46 @@ fn an_image_can_start_as_a_copy_of_a_ramdisk_file() {
     }
     assert!(m.open_disk("d3").is_err(), "a refused create left an image");
 }
+
+#[test]
+fn a_live_save_snapshots_the_disk_copy_on_write_while_the_guest_writes_it() {
+    let (mut m, _) = manager();
+    run("disk create d1 2", &mut m);
+    run("vm run tiny mem=4 disk=d1", &mut m);
+    let mut dev = m.get(1).unwrap().devices.block_backend().unwrap();
+    // 320 KiB: five 64 KiB chunks of the instant.
+    for (i, at) in (0..320 * 1024).step_by(64 * 1024).enumerate() {
+        dev.write(at, &vec![0xa0 + i as u8; 64 * 1024]).unwrap();
+    }
+    let out = run("vm save 1 c1 live", &mut m);
+    assert!(out.contains("live save to checkpoint c1 started") && out.contains("disk d1 to image c1~disk"), "{out}");
+    // The guest writes its disk while the save runs: through the device's
+    // backend, which copies first.
+    let mut now = m.get(1).unwrap().devices.block_backend().unwrap();
+    now.write(3 * 64 * 1024 + 512, &[0xee; 1024]).unwrap();
+    assert!(run("disk delete c1~disk", &mut m).starts_with("error: c1~disk is being written by the live save"));
+    let mut con = Lines::default();
+    let mut rounds = 0;
+    while m.live_save.is_some() {
+        m.checkpoint_round(&mut con);
+        rounds += 1;
+        assert!(rounds < 50);
+    }
+    let t = con.0.join("\n");
+    assert!(t.contains("vm 1 saved to checkpoint c1: ") && t.contains("; live: "), "{t}");
+    assert!(t.contains("; disk: 1 chunks copied before the guest overwrote them, 4 in the background"), "{t}");
+    // The device serves the disk itself again, with the guest's write.
+    let mut after = m.get(1).unwrap().devices.block_backend().unwrap();
+    let mut buf = vec![0u8; 1024];
+    after.read(3 * 64 * 1024 + 512, &mut buf).unwrap();
+    assert_eq!(buf, [0xee; 1024]);
+    assert!(after == dev, "the original disk is attached again");
+    run("vm stop 1", &mut m);
+    let out = run("vm restore c1", &mut m);
+    assert!(out.starts_with("vm 2 restored from checkpoint c1"), "{out}");
+    let mut back = m.get(2).unwrap().devices.block_backend().unwrap();
+    for i in 0..5u64 {
+        back.read(i * 64 * 1024 + 512, &mut buf).unwrap();
+        assert_eq!(buf, [0xa0 + i as u8; 1024], "chunk {i} is not the instant's");
+    }
+}

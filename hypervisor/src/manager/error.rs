@@ -32,6 +32,8 @@ pub enum Error {
     Checkpoint(super::checkpoint::Refused),
     /// A live save (of that VM) is running already: one at a time.
     SaveRunning(u32),
+    /// A live save's copy of the VM's disk failed.
+    DiskSnapshot(crate::disk::cow::CopyFailed),
     /// Guest RAM outside `MIN_MEM_MIB..=MAX_MEM_MIB`.
     MemSize,
     /// The memory map for that size could not be built.
@@ -151,6 +153,7 @@ impl fmt::Display for Error {
             Error::Stream(e) => write!(f, "{e}"),
             Error::Checkpoint(e) => write!(f, "{e}"),
             Error::SaveRunning(id) => write!(f, "a live save of vm {id} is running; one at a time"),
+            Error::DiskSnapshot(e) => write!(f, "disk snapshot: {e}"),
             Error::MemSize => write!(f, "mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"),
             Error::MemoryMap(e) => write!(f, "bad memory size: {e}"),
             Error::HeapTooSmall { mem_mib, tables_kib, free_kib, reserve_kib } => write!(

@@ -24,8 +24,15 @@ use vcpu::Vcpu;
 
 use super::checkpoint::{MACHINE, MACHINE_VERSION, MachineState, Refused};
 use super::{Error, Manager};
+use alloc::rc::Rc;
+use core::cell::RefCell;
+
 use crate::backend::Backend;
+use crate::devices::virtio_slots::HostDisk;
+use crate::disk::cow::{CowDisk, DiskSnapshot};
+use crate::disk::space::ExtentStore;
 use crate::memory::HostMemory;
+use crate::memory::SharedDisk;
 use crate::vm::exit::Console;
 use crate::vm::interrupts::vm_ns;
 
@@ -314,7 +321,13 @@ impl<B: Backend> Manager<B> {
     /// Start a live save of VM `id` into `target`, run by
     /// [`Self::checkpoint_round`]; `done` is said when it ends. One at a
     /// time. The VM's pause (ticks). Refused, `target` aborted.
-    pub fn start_live_save(&mut self, id: u32, target: Box<dyn SaveTarget>, done: String) -> Result<u64, Error> {
+    pub fn start_live_save(
+        &mut self,
+        id: u32,
+        target: Box<dyn SaveTarget>,
+        done: String,
+        disk: Option<LiveDisk>,
+    ) -> Result<u64, Error> {
         let started = match &self.live_save {
             Some(other) => Err(Error::SaveRunning(other.job.id)),
             None => self.begin_save(id, true),
@@ -322,7 +335,16 @@ impl<B: Backend> Manager<B> {
         match started {
             Ok(job) => {
                 let pause = job.pause_ticks;
-                self.live_save = Some(LiveSave { job, target, done });
+                if let (Some(d), Some(vm)) = (&disk, self.vms.iter_mut().find(|v| v.id == id)) {
+                    // From now on every guest write to the disk first
+                    // copies what it overwrites into the snapshot.
+                    let cow = CowDisk(d.snap.clone());
+                    vm.devices.attach_block_backend(HostDisk {
+                        name: d.original.name.clone(),
+                        disk: Rc::new(RefCell::new(cow)),
+                    });
+                }
+                self.live_save = Some(LiveSave { job, target, done, disk, memory_done: false });
                 Ok(pause)
             }
             Err(e) => {
@@ -360,24 +382,54 @@ impl<B: Backend> Manager<B> {
     }
 
     fn live_save_step(&mut self, pages: u64, console: &mut impl Console) {
-        let Some(LiveSave { mut job, mut target, done }) = self.live_save.take() else { return };
+        let Some(LiveSave { mut job, mut target, done, disk, memory_done }) = self.live_save.take() else { return };
         let id = job.id;
-        let step = self.save_step(&mut job, pages, &mut target);
+        let step = if memory_done { Ok(true) } else { self.save_step(&mut job, pages, &mut target) };
+        // The disk's copy advances with the memory: 1 MiB per step.
+        let disk_step =
+            disk.as_ref().map_or(Ok(true), |d| d.snap.borrow_mut().step(if pages == u64::MAX { u64::MAX } else { 16 }));
+        let step = match (step, disk_step) {
+            (Ok(m), Ok(d)) => Ok((m, d)),
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(Error::DiskSnapshot(e)),
+        };
         let result = match step {
-            Ok(false) => {
-                self.live_save = Some(LiveSave { job, target, done });
+            Ok((memory_done, false)) | Ok((memory_done @ false, _)) => {
+                self.live_save = Some(LiveSave { job, target, done, disk, memory_done });
                 return;
             }
-            Ok(true) => self.finish_save(job, &mut target),
+            Ok((true, true)) => {
+                let finished = disk.as_ref().map_or(Ok(0), |d| d.snap.borrow_mut().finish());
+                match finished {
+                    Ok(_) => self.finish_save(job, &mut target),
+                    Err(e) => {
+                        self.abort_save(job);
+                        Err(Error::DiskSnapshot(e))
+                    }
+                }
+            }
             Err(e) => {
                 self.abort_save(job);
                 Err(e)
             }
         };
+        // The VM's device serves its disk directly again.
+        let disk_note = disk.map(|d| {
+            if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
+                vm.devices.attach_block_backend(d.original.clone());
+            }
+            let s = d.snap.borrow();
+            format!(
+                "; disk: {} chunks copied before the guest overwrote them, {} in the background",
+                s.before_write, s.background
+            )
+        });
         let hz = self.tsc_hz();
         match result {
             Ok(saved) => match target.commit(&mut self.host_mem, &saved) {
-                Ok(what) => console.line(&format!("{done}{}", report(&saved, what, hz))),
+                Ok(what) => {
+                    console.line(&format!("{done}{}{}", report(&saved, what, hz), disk_note.unwrap_or_default()))
+                }
                 Err(e) => console.line(&format!("vm {id}: live save failed, nothing kept: {e}")),
             },
             Err(e) => {
@@ -415,6 +467,16 @@ pub struct LiveSave {
     target: Box<dyn SaveTarget>,
     /// What to say before the report when it ends.
     done: String,
+    disk: Option<LiveDisk>,
+    /// All memory is written (the disk's copy may still run).
+    memory_done: bool,
+}
+
+/// The VM's disk under a copy-on-write snapshot for a live save.
+pub struct LiveDisk {
+    pub snap: Rc<RefCell<DiskSnapshot<ExtentStore<SharedDisk>>>>,
+    /// What the VM's device served before (and serves again after).
+    pub original: HostDisk,
 }
 
 /// Writes what `staging` holds to `target`, in one piece.

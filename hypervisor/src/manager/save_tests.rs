@@ -115,10 +115,10 @@ fn a_live_save_is_the_instant_it_began_while_the_vm_writes_on() {
         dma_write(&mut m, id, 0x40_0000 + p * 4096, &pattern(p));
     }
     let target = MemTarget::default();
-    let pause = m.start_live_save(id, Box::new(target.clone()), String::new()).unwrap();
+    let pause = m.start_live_save(id, Box::new(target.clone()), String::new(), None).unwrap();
     assert!(pause < m.backend.as_ref().unwrap().tsc_hz(), "paused {pause} ticks");
     assert!(matches!(
-        m.start_live_save(id, Box::new(MemTarget::default()), String::new()),
+        m.start_live_save(id, Box::new(MemTarget::default()), String::new(), None),
         Err(Error::SaveRunning(i)) if i == id
     ));
     let mut con = Lines::default();
@@ -164,7 +164,7 @@ fn a_vm_that_ends_during_a_live_save_is_saved_first_and_a_failed_save_leaves_not
     let id = m.run_vm("tiny", 16, "").unwrap();
     dma_write(&mut m, id, 0x30_0000, &pattern(5));
     let target = MemTarget::default();
-    m.start_live_save(id, Box::new(target.clone()), String::new()).unwrap();
+    m.start_live_save(id, Box::new(target.clone()), String::new(), None).unwrap();
     guest_write(&mut m, id, 0x30_0000, &[0; 64]);
     let mut con = Lines::default();
     m.stop(id, &mut con).unwrap();
@@ -177,7 +177,7 @@ fn a_vm_that_ends_during_a_live_save_is_saved_first_and_a_failed_save_leaves_not
     // The target fails: aborted, said, the VM runs on unchanged
     // and without its snapshot.
     let target = MemTarget { fail_after: Some(0), ..MemTarget::default() };
-    m.start_live_save(restored, Box::new(target.clone()), String::new()).unwrap();
+    m.start_live_save(restored, Box::new(target.clone()), String::new(), None).unwrap();
     let mut con = Lines::default();
     for _ in 0..20 {
         m.checkpoint_round(&mut con);

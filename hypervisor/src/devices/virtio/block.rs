@@ -94,6 +94,11 @@ pub struct IoFailed;
 pub trait BlockBackend {
     /// Bytes the guest sees: a multiple of [`SECTOR`].
     fn capacity(&self) -> u64;
+    /// Bytes from the start that hold data; the rest reads as zeros (a
+    /// snapshot of the disk copies only these).
+    fn initialised(&self) -> u64 {
+        self.capacity()
+    }
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed>;
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoFailed>;
     /// Make completed writes durable.
