@@ -249,32 +249,37 @@ pub(super) fn save<B: Backend>(
         },
         backend.tsc_hz(),
     );
-    let space: &mut HostSpace =
-        m.host_mem.space.as_mut().ok_or_else(|| format!("no data disk ({})", m.host_mem.swap_missing))?;
+    if m.host_mem.space.is_none() {
+        return Err(format!("no data disk ({})", m.host_mem.swap_missing));
+    }
+    // A live save's disk snapshot image comes first: the checkpoint's
+    // extent takes the largest free stretch until it is closed.
+    let live_disk = match (&disk, live) {
+        (Some(d), true) => Some(cow_disk(m, d, &snap, now_unix)?),
+        _ => None,
+    };
+    let space: &mut HostSpace = m.host_mem.space.as_mut().expect("checked above");
     // At most the RAM and its framing; at most the largest free stretch.
     // The extent is trimmed to what was written when it is closed.
     let room = HostSpaceSummary::of(space).largest_free * 512;
     let max = (mem_bytes + mem_bytes / 16 + (1 << 20)).min(room);
-    let writer =
-        space.create_checkpoint(name, max, now_unix, [meta0(vendor), mem_bytes]).map_err(|e| format!("{e}"))?;
+    let writer = match space.create_checkpoint(name, max, now_unix, [meta0(vendor), mem_bytes]) {
+        Ok(w) => w,
+        Err(e) => {
+            if live_disk.is_some() {
+                let _ = space.delete(&snap, |_| None);
+            }
+            return Err(format!("{e}"));
+        }
+    };
     let mut target =
         Box::new(ExtentTarget { writer: Some(writer), name: String::from(name), snap: None, id, mem_bytes });
     if live {
         // The disk at the instant of the save, copy-on-write: its snapshot
         // image fills while the VM runs.
-        let live_disk = match &disk {
-            None => None,
-            Some(d) => match cow_disk(m, d, &snap, now_unix) {
-                Ok(ld) => {
-                    target.snap = Some((d.clone(), snap.clone()));
-                    Some(ld)
-                }
-                Err(e) => {
-                    target.abort(&mut m.host_mem);
-                    return Err(e);
-                }
-            },
-        };
+        if let (Some(d), Some(_)) = (&disk, &live_disk) {
+            target.snap = Some((d.clone(), snap.clone()));
+        }
         let pause = m.start_live_save(id, target, String::new(), live_disk).map_err(|e| format!("{e}"))?;
         let us = u128::from(pause) * 1_000_000 / u128::from(hz.max(1));
         let snapped = disk.as_ref().map(|d| format!("; disk {d} to image {snap}, copy-on-write")).unwrap_or_default();
