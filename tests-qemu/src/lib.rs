@@ -205,6 +205,13 @@ impl Machine {
         self.s().run_dir.clone()
     }
 
+    /// Kills the emulator at once, as a power cut would: nothing the
+    /// hypervisor had not written by then reaches the disk file.
+    pub fn pull_the_plug(mut self) {
+        let s = self.session.take().expect("session");
+        s.finish(Some(Duration::ZERO)).tidy();
+    }
+
     /// Powers off and checks that the machine ended cleanly; keeps the
     /// logs otherwise.
     pub fn poweroff(mut self) -> Outcome {

@@ -1,7 +1,8 @@
 //! The host data disk's space manager in the running hypervisor: a VM disk
 //! image made with `disk create` is in the extent table on the disk, so it
 //! is still there after the machine is restarted on the same disk file;
-//! `disk delete` frees it, and swap keeps its extent throughout.
+//! `disk delete` frees it, and swap keeps its extent throughout. A live
+//! save cut short by a power failure leaves no checkpoint behind.
 
 use boot::emulator::Emulator;
 use tests_qemu::{Machine, label, on_both_backends};
@@ -44,7 +45,16 @@ fn a_disk_image_survives_a_restart_and_is_deleted(emu: Emulator) {
     assert_eq!(out.trim_end(), "error: \"swap\" is the host's swap and cannot be deleted");
     let host = m.json("host --json");
     assert_eq!(host["disk"]["images"], 1, "{host}");
-    m.poweroff();
+    // The power fails during a live save: its checkpoint is listed as
+    // being written until then, and is gone, not complete, after.
+    let out = m.cmd("vm run memtest mem=32 -- mode=live mib=24");
+    assert!(out.contains("vm 1 started"), "{out}");
+    m.wait_for("[vm 1] memtest: live: rewriting", std::time::Duration::from_secs(240));
+    let out = m.cmd("vm save 1 cut live");
+    assert!(out.contains("live save to checkpoint cut started"), "{out}");
+    let list = m.json("vm checkpoints --json");
+    assert_eq!(list["checkpoints"][0]["complete"], false, "{list}");
+    m.pull_the_plug();
 
     // The same disk again: the table is reopened, the image is still there.
     let mut m = Machine::boot_with_scratch(emu, &format!("{name}-2"), &path);
@@ -53,6 +63,8 @@ fn a_disk_image_survives_a_restart_and_is_deleted(emu: Emulator) {
     let list = m.json("disk list --json");
     assert_eq!(names(&list), ["swap", "web"], "{list}");
     assert_eq!(list["extents"][1]["created"], web["created"]);
+    assert_eq!(m.json("vm checkpoints --json")["checkpoints"], serde_json::json!([]));
+    assert!(t.contains("disk: dropped \"cut\": it was never completed (a save cut short)"), "{t}");
     let text = m.cmd("disk list");
     assert!(text.lines().any(|l| l.starts_with("web ") && l.contains("image") && l.ends_with("yes")), "{text}");
     let out = m.cmd("disk delete web");
