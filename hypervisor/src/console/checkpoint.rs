@@ -252,11 +252,18 @@ pub(super) fn save<B: Backend>(
     if m.host_mem.space.is_none() {
         return Err(format!("no data disk ({})", m.host_mem.swap_missing));
     }
-    // A live save's disk snapshot image comes first: the checkpoint's
-    // extent takes the largest free stretch until it is closed.
+    // The disk snapshot image comes first: the checkpoint's extent takes
+    // the largest free stretch until it is closed. Paused, the disk is
+    // copied now (the VM does not run during this command); live, it is
+    // copied on write while the VM runs.
     let live_disk = match (&disk, live) {
         (Some(d), true) => Some(cow_disk(m, d, &snap, now_unix)?),
-        _ => None,
+        (Some(d), false) => {
+            let space = m.host_mem.space.as_mut().expect("checked above");
+            snapshot_disk(space, d, &snap, now_unix)?;
+            None
+        }
+        (None, _) => None,
     };
     let space: &mut HostSpace = m.host_mem.space.as_mut().expect("checked above");
     // At most the RAM and its framing; at most the largest free stretch.
@@ -266,20 +273,17 @@ pub(super) fn save<B: Backend>(
     let writer = match space.create_checkpoint(name, max, now_unix, [meta0(vendor), mem_bytes]) {
         Ok(w) => w,
         Err(e) => {
-            if live_disk.is_some() {
+            if disk.is_some() {
                 let _ = space.delete(&snap, |_| None);
             }
             return Err(format!("{e}"));
         }
     };
-    let mut target =
-        Box::new(ExtentTarget { writer: Some(writer), name: String::from(name), snap: None, id, mem_bytes });
+    // The snapshot image goes with the checkpoint, kept or removed.
+    let snap_of = disk.as_ref().map(|d| (d.clone(), snap.clone()));
+    let target =
+        Box::new(ExtentTarget { writer: Some(writer), name: String::from(name), snap: snap_of, id, mem_bytes });
     if live {
-        // The disk at the instant of the save, copy-on-write: its snapshot
-        // image fills while the VM runs.
-        if let (Some(d), Some(_)) = (&disk, &live_disk) {
-            target.snap = Some((d.clone(), snap.clone()));
-        }
         let pause = m.start_live_save(id, target, String::new(), live_disk).map_err(|e| format!("{e}"))?;
         let us = u128::from(pause) * 1_000_000 / u128::from(hz.max(1));
         let snapped = disk.as_ref().map(|d| format!("; disk {d} to image {snap}, copy-on-write")).unwrap_or_default();
@@ -290,16 +294,7 @@ pub(super) fn save<B: Backend>(
             json: json!({ "id": id, "checkpoint": name, "live": true, "pause_us": us as u64, "disk_snapshot": disk.as_ref().map(|_| snap.clone()) }),
         });
     }
-    // The disk at the instant of the save: the VM does not run during
-    // this command.
-    if let Some(d) = &disk {
-        let space = m.host_mem.space.as_mut().expect("taken above");
-        if let Err(e) = snapshot_disk(space, d, &snap, now_unix) {
-            target.abort(&mut m.host_mem);
-            return Err(e);
-        }
-        target.snap = Some((d.clone(), snap.clone()));
-    }
+    let mut target = target;
     let result = (|| {
         let mut job = m.begin_save(id, false)?;
         while !m.save_step(&mut job, u64::MAX, &mut target)? {}

@@ -214,3 +214,22 @@ fn a_live_save_snapshots_the_disk_copy_on_write_while_the_guest_writes_it() {
         assert_eq!(buf, [0xa0 + i as u8; 1024], "chunk {i} is not the instant's");
     }
 }
+
+#[test]
+fn a_save_of_a_vm_larger_than_the_free_space_still_snapshots_its_disk() {
+    // The checkpoint's extent takes the whole free stretch until closed:
+    // the disk snapshot must be made before it, paused and live.
+    let (mut m, _) = manager();
+    run("disk create d1 2", &mut m);
+    run("vm run tiny mem=24 disk=d1", &mut m);
+    let out = run("vm save 1 c1", &mut m);
+    assert!(out.contains("saved to checkpoint c1") && out.contains("disk d1 copied to image c1~disk"), "{out}");
+    assert!(run("vm checkpoint delete c1", &mut m).starts_with("checkpoint c1 deleted"));
+    let out = run("vm save 1 c2 live", &mut m);
+    assert!(out.contains("live save to checkpoint c2 started"), "{out}");
+    let mut con = Lines::default();
+    while m.live_save.is_some() {
+        m.checkpoint_round(&mut con);
+    }
+    assert!(con.0.iter().any(|l| l.contains("vm 1 saved to checkpoint c2: ")), "{:?}", con.0);
+}
