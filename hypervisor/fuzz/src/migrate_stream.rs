@@ -14,7 +14,11 @@
 //!   defined before use, in order; large runs aligned and filled in order;
 //!   resume only in a live stream; counts equal to the end record's;
 //! - an accepted stream of modest size, re-encoded by the writer from what
-//!   it applied, verifies and applies to the same VM.
+//!   it applied, verifies and applies to the same VM;
+//! - indexed for a lazy restore (`migrate::index`), it gives the same
+//!   vCPUs, devices and counts, and each data page read back from the one
+//!   record the index names equals what apply wrote; a flipped byte in that
+//!   record is refused.
 //!
 //! And on the input as a writer script (header shape, then operations:
 //! pages of several contents, shared pages, poisoned pages, large-page
@@ -229,6 +233,7 @@ fn check_reader(data: &[u8]) {
             assert_eq!(model.large_runs.len() as u64, stats.large_runs);
             if model.complete() {
                 reencode(&model);
+                check_index(data, &model);
             }
         }
         (Err(Error::TrailingBytes { offset }), Ok(_)) => assert_eq!(*offset as usize, data.len() - rest),
@@ -237,6 +242,89 @@ fn check_reader(data: &[u8]) {
             check_error(a, data.len());
         }
         _ => panic!("verify {verified:?} but apply {applied:?}"),
+    }
+}
+
+/// A lazy restore's view of an accepted stream: `migrate::index` reads it
+/// to the same verdict and counts, and every data page the model holds
+/// comes back from the record the index names, read back on its own
+/// (`RecordView`); a byte flipped in that record is refused.
+fn check_index(data: &[u8], model: &Model) {
+    let ram: u64 = model.header().ram.iter().map(|r| r.pages()).sum();
+    if ram > MODEL_PAGES * 16 {
+        return; // one word per page of RAM: keep the fuzzer's memory small
+    }
+    let mut idx = migrate::index::PageIndex::new(model.header()).expect("a small index");
+    let mut src = data;
+    let mut reader = Reader::open(&mut src).unwrap();
+    let mut rest = Rest::default();
+    let stats = migrate::index::index(&mut reader, &mut idx, &mut rest).unwrap_or_else(|e| panic!("index: {e:?}"));
+    assert_eq!(stats.total_pages(), model.applied);
+    assert_eq!(rest.vcpus, model.vcpus);
+    assert_eq!(rest.devices, model.devices);
+    let mut out = [0u8; PAGE_SIZE];
+    let mut flipped_one = false;
+    for (&gfn, page) in &model.pages {
+        match (page, idx.locate(gfn)) {
+            (Page::Data(d), Some((span, content))) => {
+                let bytes = &data[span.offset as usize..span.offset as usize + span.len as usize];
+                let mut view = migrate::index::RecordView::check(bytes, &span).unwrap();
+                view.page(content, &mut out).unwrap();
+                assert!(out[..] == d[..], "page {gfn:#x} read back from record {} differs", span.seq);
+                if !flipped_one {
+                    flipped_one = true;
+                    let mut bad = bytes.to_vec();
+                    let at = (gfn as usize).wrapping_mul(31) % bad.len();
+                    bad[at] ^= 0x10;
+                    assert!(migrate::index::RecordView::check(&bad, &span).is_err(), "a flipped byte {at} passed");
+                }
+            }
+            (Page::Data(_), None) => panic!("data page {gfn:#x} has no record in the index"),
+            (Page::Zero | Page::Poisoned, Some(_)) => panic!("page {gfn:#x} sent last as zero/poisoned is indexed"),
+            (Page::Zero | Page::Poisoned, None) => {}
+        }
+    }
+}
+
+/// What an index hands its consumer besides the data pages (which it
+/// keeps): vCPUs and devices collected, the rest taken as is (the model
+/// checked the stream's rules already).
+#[derive(Default)]
+struct Rest {
+    vcpus: BTreeMap<u32, GuestState>,
+    devices: BTreeMap<String, (u16, Vec<u8>)>,
+}
+
+impl Apply for Rest {
+    type Error = ();
+    fn vcpu(&mut self, index: u32, state: GuestState) -> Result<(), ()> {
+        self.vcpus.insert(index, state);
+        Ok(())
+    }
+    fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), ()> {
+        self.devices.insert(name.to_string(), (version, bytes.to_vec()));
+        Ok(())
+    }
+    fn large_run(&mut self, _: u64, _: u32) -> Result<(), ()> {
+        Ok(())
+    }
+    fn pages(&mut self, gfn: u64, _: &[u8]) -> Result<(), ()> {
+        panic!("the index handed data page {gfn:#x} to its consumer")
+    }
+    fn zero(&mut self, _: u64, _: u32) -> Result<(), ()> {
+        Ok(())
+    }
+    fn shared(&mut self, gfn: u64, _: u32, _: &[u8; PAGE_SIZE]) -> Result<(), ()> {
+        panic!("the index handed shared page {gfn:#x} to its consumer")
+    }
+    fn shared_ref(&mut self, gfn: u64, _: u32) -> Result<(), ()> {
+        panic!("the index handed shared reference {gfn:#x} to its consumer")
+    }
+    fn poisoned(&mut self, _: u64) -> Result<(), ()> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), ()> {
+        Ok(())
     }
 }
 
