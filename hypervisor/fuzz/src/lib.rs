@@ -7,6 +7,7 @@ mod archive;
 mod ata_identify;
 mod console;
 mod devices;
+mod disk_format;
 mod elf;
 mod emulator;
 mod guest_walk;
@@ -27,6 +28,7 @@ pub use archive::archive;
 pub use ata_identify::ata_identify;
 pub use console::console;
 pub use devices::devices;
+pub use disk_format::disk_format;
 pub use elf::elf;
 pub use emulator::emulator;
 pub use guest_walk::guest_walk;
@@ -60,6 +62,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("handle_exit", handle_exit),
     ("mm_fault", mm_fault),
     ("swap_format", swap_format),
+    ("disk_format", disk_format),
     ("ata_identify", ata_identify),
     ("devices", devices),
     ("migrate_stream", migrate_stream),
