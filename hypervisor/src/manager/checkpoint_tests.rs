@@ -159,6 +159,22 @@ fn damaged_or_foreign_checkpoints_are_refused_and_leave_nothing() {
     w.device("machine", 1, &[0; 16]).unwrap();
     let (old, _) = w.finish().unwrap();
     check(&old, "machine record is version 1; this hypervisor reads version 2");
+    // A stream from a future format version, its prologue intact.
+    let mut future = stream.clone();
+    future[8..10].copy_from_slice(&(migrate::FORMAT_MAJOR + 1).to_le_bytes());
+    let sum = mm::swap::format::crc32c(&future[..16]);
+    future[16..20].copy_from_slice(&sum.to_le_bytes());
+    check(&future, &alloc::format!("version {}.", migrate::FORMAT_MAJOR + 1));
+    // A checkpoint that claims more memory than this host has (48 GiB, laid
+    // out as a VM of that size is): refused before any page is applied.
+    let (ranges, n) = crate::vm::boot::ram_ranges(48 << 30);
+    let ram = ranges[..n].iter().map(|r| migrate::RamRange { base: r.start, size: r.end - r.start }).collect();
+    let header = migrate::Reader::open(stream.as_slice()).unwrap().header().clone();
+    // Its configuration is enough: the VM's memory is refused before any
+    // record after it is read.
+    let mut w = migrate::Writer::begin(Vec::new(), &migrate::Header { ram, ..header }).unwrap();
+    let huge = w.sink_mut().clone();
+    check(&huge, "49152 MiB");
     // A host without RDRAND cannot give the VM its virtio-rng back.
     m.entropy = None;
     let e = m.restore_vm(stream.as_slice()).unwrap_err();
