@@ -68,7 +68,10 @@ const HELP: &[(&str, &str)] = &[
     ("mem scan [<id>]", "one full page-sharing pass now"),
     ("mem target <id> <MiB>|none", "hold a VM to a memory target by sharing, then swapping"),
     ("mem target host <MiB>|none", "keep this much host memory free: sharing, then balloon or swap per VM"),
-    ("vm save <id> <name>", "write the VM's whole state to checkpoint <name> on the data disk"),
+    (
+        "vm save <id> <name> [paused|live]",
+        "write the VM's whole state to checkpoint <name> on the data disk (live: while it runs, copy-on-write)",
+    ),
     (
         "vm restore <name> [lazy [fill=<pages/s>]]",
         "a new VM from a checkpoint; lazy: it runs at once, pages load on first touch and in the background",
