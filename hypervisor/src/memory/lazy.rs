@@ -8,7 +8,7 @@
 //! usually about 256 KiB) is read back from the checkpoint extent in one
 //! disk request, its checksums are checked again (the disk may have
 //! changed since), and the page and the not-loaded pages of its block are
-//! filled from it; the last few records stay cached for the next pages.
+//! filled from it; the record stays cached for the next pages.
 //!
 //! Read-ahead follows the access pattern: a touch loads an aligned block of
 //! `FAULT_BLOCK` pages; a touch landing in the block right after the last
@@ -73,10 +73,6 @@ enum Mode {
     Background,
 }
 
-/// Records kept read and checked: at most about 1 MiB of heap per lazily
-/// restored VM (records are cut near 256 KiB).
-const CACHED_RECORDS: usize = 4;
-
 /// A lazily restored VM's page source. See the module documentation.
 pub struct LazySource {
     /// The checkpoint it reads (named in reports; it may not be deleted
@@ -85,10 +81,8 @@ pub struct LazySource {
     /// The checkpoint extent, block 0 = stream byte 0.
     store: Box<dyn BlockStore>,
     index: PageIndex,
-    /// The records last read, checked, most recent last: faults and the
-    /// background fill interleave, so one cached record was read again
-    /// and again (a fill read twice the stream).
-    cached: Vec<RecordView>,
+    /// The record last read, checked: (its index span's offset, the view).
+    cached: Option<RecordView>,
     /// Buffer for record reads (whole 512-byte blocks around a record).
     buf: Vec<u8>,
     mode: Mode,
@@ -128,7 +122,7 @@ impl LazySource {
             checkpoint,
             store,
             index,
-            cached: Vec::new(),
+            cached: None,
             buf: Vec::new(),
             mode: Mode::Demand,
             touched: None,
@@ -150,14 +144,10 @@ impl LazySource {
     /// The view of the record with index span `span`, read and checked
     /// (or the cached one).
     fn record(&mut self, span: &migrate::index::RecordSpan) -> Result<&mut RecordView, String> {
-        if let Some(i) = self.cached.iter().position(|v| v.span() == span) {
-            let view = self.cached.remove(i);
-            self.cached.push(view);
-            return self.cached.last_mut().ok_or_else(String::new);
+        if self.cached.as_ref().is_some_and(|v| v.span() == span) {
+            return self.cached.as_mut().ok_or_else(String::new);
         }
-        if self.cached.len() >= CACHED_RECORDS {
-            self.cached.remove(0);
-        }
+        self.cached = None;
         let bs = BLOCK_SIZE as u64;
         let first = span.offset / bs;
         let end = (span.offset + u64::from(span.len)).div_ceil(bs);
@@ -173,8 +163,7 @@ impl LazySource {
         let at = (span.offset - first * bs) as usize;
         let bytes = &self.buf[at..at + span.len as usize];
         let view = RecordView::check(bytes, span).map_err(|e| format!("{e}"))?;
-        self.cached.push(view);
-        self.cached.last_mut().ok_or_else(String::new)
+        Ok(self.cached.insert(view))
     }
 }
 
