@@ -836,6 +836,23 @@ mod tests {
     }
 
     #[test]
+    fn cpuid_profiles() {
+        let pinned = |line: &str| match ok(line).command {
+            Command::VmRun { pin_cpuid, .. } | Command::VmCreate { pin_cpuid, .. } => pin_cpuid,
+            other => panic!("{other:?}"),
+        };
+        assert!(pinned("vm run memtest cpuid=pinned -- hold=1"));
+        assert!(!pinned("vm run memtest cpuid=host"));
+        assert!(!pinned("vm run memtest -- cpuid=pinned"), "after --: the guest's");
+        assert!(pinned("vm create web kernel=k cpuid=pinned"));
+        assert!(!pinned("vm create web kernel=k"));
+        for line in ["vm run memtest cpuid=", "vm run memtest cpuid=Pinned", "vm create web kernel=k cpuid=intel"] {
+            let e = err(line);
+            assert!(e.contains("cpuid= takes host (the default) or pinned") && !e.contains('\n'), "{line}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_input_is_one_line_errors() {
         assert_eq!(err("frobnicate"), "unknown command \"frobnicate\" (type 'help')");
         assert!(err("vm").contains("missing subcommand"));

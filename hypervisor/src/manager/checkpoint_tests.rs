@@ -329,6 +329,29 @@ fn a_pinned_vm_keeps_its_cpuid_on_another_host_and_an_unpinned_one_does_not() {
     assert_eq!(m.get(a).unwrap().cpuid.describe(), desc);
     assert_eq!(m.get(b).unwrap().cpuid.describe(), "host");
     assert_eq!(cpuid_exit(&mut m, b, 0), amd_lookalike_cpuid(0, 0), "unpinned: this host's vendor");
+    // The console shows the profile.
+    let mut con = crate::testing::Lines::default();
+    let host = crate::console::HostStatus::default();
+    let p = crate::console::parse(&alloc::format!("vm stats {a} --json")).unwrap().unwrap();
+    crate::console::execute(&p, &mut m, &host, &mut con);
+    let j: serde_json::Value = serde_json::from_str(&con.0[0]).unwrap();
+    assert_eq!(j["cpuid"], "pinned (GenuineIntel, 6/140)", "{j}");
+    let p = crate::console::parse("vm run tiny cpuid=pinned").unwrap().unwrap();
+    crate::console::execute(&p, &mut m, &host, &mut con);
+    let p = crate::console::parse("vm list --json").unwrap().unwrap();
+    crate::console::execute(&p, &mut m, &host, &mut con);
+    let j: serde_json::Value = serde_json::from_str(con.0.last().unwrap()).unwrap();
+    let profiles: Vec<&str> = j["vms"].as_array().unwrap().iter().map(|v| v["cpuid"].as_str().unwrap()).collect();
+    assert_eq!(
+        profiles,
+        [
+            "pinned (GenuineIntel, 6/140)",
+            "host",
+            "pinned (GenuineIntel, 6/140)",
+            "host",
+            "pinned (AuthenticAMD, 25/33)"
+        ]
+    );
     // OSXSAVE still follows the vCPU's CR4.
     let res = m.vms.iter_mut().find(|v| v.id == a).unwrap().res.as_mut().unwrap();
     res.vcpu.set_reg(vcpu::Reg::Cr4, res.vcpu.reg(vcpu::Reg::Cr4) | vcpu::state::bits::CR4_OSXSAVE);
