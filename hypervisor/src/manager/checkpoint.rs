@@ -143,7 +143,8 @@ impl core::fmt::Display for Refused {
             Refused::MachineVersion(v) => {
                 write!(
                     f,
-                    "the checkpoint's machine record is version {v}; this hypervisor reads version {MACHINE_VERSION}"
+                    "the checkpoint's machine record is version {v}; this hypervisor reads version {MACHINE_VERSION} \
+                     (and {MACHINE_VERSION_NO_CPUID})"
                 )
             }
             Refused::Cpuid(what) => {

@@ -434,3 +434,64 @@ fn machine_records_of_version_2_decode_as_host_cpuid() {
     bad.extend(postcard::to_allocvec(&RawProfile::Pinned(RawTable { entries })).unwrap());
     assert_eq!(MachineState::decode(3, &bad), Err(Refused::Machine));
 }
+
+/// Copies a stream record by record into a writer, the machine record
+/// rewritten in the version-2 layout (no CPUID profile).
+struct AsVersion2(migrate::Writer<Vec<u8>>);
+
+impl migrate::Apply for AsVersion2 {
+    type Error = migrate::Error;
+    fn vcpu(&mut self, index: u32, state: GuestState) -> Result<(), migrate::Error> {
+        self.0.vcpu(index, &state)
+    }
+    fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), migrate::Error> {
+        if name == checkpoint::MACHINE {
+            let m = MachineState::decode(version, bytes).unwrap();
+            assert_eq!(m.cpuid, crate::cpuid::Profile::Host, "a version-2 record cannot hold a table");
+            let v3 = postcard::to_allocvec(&m).unwrap();
+            return self.0.device(name, 2, &v3[..v3.len() - 1]);
+        }
+        self.0.device(name, version, bytes)
+    }
+    fn large_run(&mut self, gfn: u64, pages: u32) -> Result<(), migrate::Error> {
+        self.0.large_run(gfn, pages)
+    }
+    fn pages(&mut self, gfn: u64, data: &[u8]) -> Result<(), migrate::Error> {
+        for (i, page) in data.as_chunks::<4096>().0.iter().enumerate() {
+            self.0.page(gfn + i as u64, page)?;
+        }
+        Ok(())
+    }
+    fn zero(&mut self, gfn: u64, pages: u32) -> Result<(), migrate::Error> {
+        (0..u64::from(pages)).try_for_each(|p| self.0.page(gfn + p, &[0; 4096]))
+    }
+    fn shared(&mut self, _: u64, _: u32, _: &[u8; 4096]) -> Result<(), migrate::Error> {
+        unreachable!("no sharing in these VMs")
+    }
+    fn shared_ref(&mut self, _: u64, _: u32) -> Result<(), migrate::Error> {
+        unreachable!("no sharing in these VMs")
+    }
+    fn poisoned(&mut self, gfn: u64) -> Result<(), migrate::Error> {
+        self.0.poisoned(gfn)
+    }
+    fn resume(&mut self) -> Result<(), migrate::Error> {
+        self.0.resume()
+    }
+}
+
+#[test]
+fn a_version_2_checkpoint_restores_as_a_host_cpuid_vm() {
+    let mut m = manager(16384);
+    let id = busy_vm(&mut m);
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    let mut reader = migrate::Reader::open(stream.as_slice()).unwrap();
+    let mut header = reader.header().clone();
+    header.devices.iter_mut().filter(|d| d.name == checkpoint::MACHINE).for_each(|d| d.version = 2);
+    let mut copy = AsVersion2(migrate::Writer::begin(Vec::new(), &header).unwrap());
+    reader.apply(&mut copy).unwrap();
+    let (old, _) = copy.0.finish().unwrap();
+    let restored = m.restore_vm(old.as_slice()).unwrap();
+    let vm = m.get(restored).unwrap();
+    assert_eq!((vm.cpuid.describe().as_str(), vm.guest.as_str(), vm.msrs.misc_enable), ("host", "tiny", 0x1801));
+    assert_eq!(peek(&m, restored, 0x20_0000 + 5 * 4096), pattern(5));
+}
