@@ -3,6 +3,17 @@
 //! and a vendor leaf at 0x40000000 (the range reserved for hypervisors, see
 //! the Intel SDM Vol. 2A CPUID "Hypervisor" note and Linux's
 //! Documentation/virt/kvm/x86/cpuid.rst for the convention).
+//!
+//! A VM answers either from the host (`cpuid=host`: [`guest_cpuid`] on
+//! every exit, so a checkpoint restored on another host, of the other
+//! vendor say, sees that host's CPUID) or from a [`Table`] taken when it
+//! was created (`cpuid=pinned`), which travels in its checkpoints; only the
+//! fields that describe the vCPU itself ([`vcpu_fields`]) follow the vCPU.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
 
 /// The signature in EBX:ECX:EDX of leaf 0x40000000.
 pub const SIGNATURE: &[u8; 12] = b"RustyHVType1";
@@ -12,7 +23,7 @@ pub const HV_MAX_LEAF: u32 = 0x4000_0001;
 /// Interface version in leaf 0x40000001 EAX.
 pub const HV_VERSION: u32 = 1;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Regs {
     pub eax: u32,
     pub ebx: u32,
@@ -171,6 +182,291 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
     r
 }
 
+/// The fields of an answer that describe the vCPU asking rather than the
+/// machine, set the same under either profile: CPUID.1:ECX.OSXSAVE mirrors
+/// CR4.OSXSAVE (SDM Vol. 2A CPUID, table 3-10), and the APIC IDs are the
+/// vCPU's local APIC's: leaf 1 EBX[31:24] (initial APIC ID), leaves 0xB
+/// and 0x1F EDX (x2APIC ID, SDM Vol. 2A CPUID) and AMD's Fn8000_001E EAX
+/// (extended APIC ID, APM Vol. 3 E.4.16). A leaf that answers all zeros
+/// (absent, or hidden) stays so.
+pub fn vcpu_fields(leaf: u32, mut r: Regs, osxsave: bool, apic_id: u32) -> Regs {
+    match leaf {
+        1 => {
+            r.ecx = (r.ecx & !ECX_OSXSAVE) | if osxsave { ECX_OSXSAVE } else { 0 };
+            r.ebx = (r.ebx & 0x00ff_ffff) | ((apic_id & 0xff) << 24);
+        }
+        0xb | 0x1f if r != Regs::default() => r.edx = apic_id,
+        0x8000_001e if r != Regs::default() => r.eax = apic_id,
+        _ => {}
+    }
+    r
+}
+
+/// Subleaves a table probes per leaf: 0xD has one per XSAVE state
+/// component (bits 0..62 of XCR0 and IA32_XSS, SDM Vol. 1 13.2), the other
+/// indexed leaves (4, 7, 0xB, 0x1F, 0x8000001D...) fewer.
+const SUBLEAVES: u32 = 64;
+/// Leaves a table takes per range (basic, hypervisor, extended): CPUs have
+/// a few dozen; the bound keeps a table small whatever leaf 0 says.
+const LEAVES_PER_RANGE: u32 = 0x100;
+/// Entries a well-formed table has at most: a capture stays far below it,
+/// a checkpoint's table above it is refused.
+pub const MAX_ENTRIES: usize = 4096;
+
+/// One answer of a [`Table`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub leaf: u32,
+    /// `None`: the leaf's answer does not depend on ECX.
+    pub subleaf: Option<u32>,
+    pub regs: Regs,
+}
+
+/// A VM's whole guest-visible CPUID, taken once (`cpuid=pinned`): the
+/// answers [`guest_cpuid`] gave on the host the VM was created on, which
+/// the VM keeps wherever it is restored. Plain data, sorted by leaf and
+/// subleaf; leaves and subleaves it lacks answer all zeros, as AMD CPUs
+/// answer a leaf above the maximum (Intel CPUs answer the highest basic
+/// leaf's data instead, SDM Vol. 2A CPUID; software checks the maximum
+/// first).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Table {
+    entries: Vec<Entry>,
+}
+
+/// Which CPUID a VM sees.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Profile {
+    /// [`guest_cpuid`] of the host it runs on, asked at every exit.
+    #[default]
+    Host,
+    /// The table taken when it was created.
+    Pinned(Table),
+}
+
+impl Profile {
+    /// The guest's answer for `leaf`/`subleaf`, before [`vcpu_fields`];
+    /// `host` gives [`guest_cpuid`] on this host.
+    pub fn answer(&self, leaf: u32, subleaf: u32, host: impl FnOnce() -> Regs) -> Regs {
+        match self {
+            Profile::Host => host(),
+            Profile::Pinned(t) => t.answer(leaf, subleaf),
+        }
+    }
+
+    /// `host`, or `pinned (<vendor>, <family>/<model>)`, as `vm stats`
+    /// shows it.
+    pub fn describe(&self) -> String {
+        match self {
+            Profile::Host => String::from("host"),
+            Profile::Pinned(t) => {
+                let (family, model) = t.family_model();
+                format!("pinned ({}, {family}/{model})", t.vendor())
+            }
+        }
+    }
+}
+
+impl Table {
+    /// Every answer `cpuid` (a guest's CPUID on this host) gives: the basic
+    /// leaves up to leaf 0's maximum, the hypervisor leaves up to
+    /// 0x40000000's, the extended leaves up to 0x80000000's. A leaf whose
+    /// answer changes with the subleaf keeps each subleaf that is not all
+    /// zeros (an invalid subleaf answers zeros: SDM Vol. 2A CPUID leaves 4,
+    /// 7, 0xD); probing rather than naming the indexed leaves keeps this
+    /// free of any one vendor's list.
+    pub fn capture(cpuid: impl Fn(u32, u32) -> Regs) -> Table {
+        let mut entries = Vec::new();
+        for base in [0, HV_LEAF, 0x8000_0000] {
+            let max = cpuid(base, 0).eax;
+            let last = if max >= base { max.min(base + LEAVES_PER_RANGE - 1) } else { base };
+            for leaf in base..=last {
+                let first = cpuid(leaf, 0);
+                let subs: Vec<Regs> = (1..SUBLEAVES).map(|s| cpuid(leaf, s)).collect();
+                if subs.iter().all(|r| *r == first) {
+                    if first != Regs::default() {
+                        entries.push(Entry { leaf, subleaf: None, regs: first });
+                    }
+                    continue;
+                }
+                for (s, regs) in core::iter::once(first).chain(subs).enumerate() {
+                    if regs != Regs::default() {
+                        entries.push(Entry { leaf, subleaf: Some(s as u32), regs });
+                    }
+                }
+            }
+        }
+        entries.truncate(MAX_ENTRIES);
+        Table { entries }
+    }
+
+    /// A table of these entries, if well formed (see
+    /// [`Self::is_well_formed`]).
+    pub fn from_entries(entries: Vec<Entry>) -> Option<Table> {
+        let t = Table { entries };
+        t.is_well_formed().then_some(t)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Sorted by leaf then subleaf without repeats, a leaf either flat or
+    /// indexed, at most [`MAX_ENTRIES`]: what [`Self::answer`]'s binary
+    /// searches need. A checkpoint's table is checked with this before use.
+    pub fn is_well_formed(&self) -> bool {
+        self.entries.len() <= MAX_ENTRIES
+            && self.entries.windows(2).all(|w| {
+                (w[0].leaf, w[0].subleaf) < (w[1].leaf, w[1].subleaf)
+                    && !(w[0].leaf == w[1].leaf && w[0].subleaf.is_none())
+            })
+    }
+
+    /// The answer for `leaf`/`subleaf` (zeros where the table has none).
+    pub fn answer(&self, leaf: u32, subleaf: u32) -> Regs {
+        let key = |e: &Entry| (e.leaf, e.subleaf);
+        let find = |k| self.entries.binary_search_by_key(&k, key).ok().map(|i| self.entries[i].regs);
+        find((leaf, None)).or_else(|| find((leaf, Some(subleaf)))).unwrap_or_default()
+    }
+
+    /// The vendor string of leaf 0 (EBX, EDX, ECX), printable ASCII only.
+    pub fn vendor(&self) -> String {
+        let r = self.answer(0, 0);
+        [r.ebx, r.edx, r.ecx]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .map(|b| if b.is_ascii_graphic() { char::from(b) } else { '?' })
+            .collect()
+    }
+
+    /// DisplayFamily and DisplayModel of leaf 1 EAX (SDM Vol. 2A CPUID,
+    /// figure 3-6; APM Vol. 3 E.4.1 adds the extended model for family 0xF
+    /// only, and AMD has no family 6 with an extended model).
+    pub fn family_model(&self) -> (u32, u32) {
+        let eax = self.answer(1, 0).eax;
+        let base = (eax >> 8) & 0xf;
+        let family = if base == 0xf { base + ((eax >> 20) & 0xff) } else { base };
+        let model = (eax >> 4) & 0xf;
+        let model = if base == 6 || base == 0xf { model | (((eax >> 16) & 0xf) << 4) } else { model };
+        (family, model)
+    }
+
+    /// What this table shows that a host offering `offered` (its
+    /// [`guest_cpuid`]) cannot honour: feature bits in the registers that
+    /// list instructions and state the guest runs natively, and an XSAVE
+    /// area larger than the host gives guests. Empty: the host can run a
+    /// VM pinned to it.
+    pub fn unsupported(&self, offered: impl Fn(u32, u32) -> Regs) -> Vec<Unsupported> {
+        use Reg32::*;
+        // Leaf 1 ECX/EDX, leaf 7.0 EBX/ECX/EDX and 7.1 EAX, 0x80000001
+        // ECX/EDX: instruction-set and paging features; 0xD.0 EDX:EAX: the
+        // XCR0 bits the guest may set; 0xD.1 EAX: XSAVEOPT, XSAVEC,
+        // XGETBV1, XSAVES.
+        const FEATURES: [(u32, u32, Reg32); 11] = [
+            (1, 0, Ecx),
+            (1, 0, Edx),
+            (7, 0, Ebx),
+            (7, 0, Ecx),
+            (7, 0, Edx),
+            (7, 1, Eax),
+            (0xd, 0, Eax),
+            (0xd, 0, Edx),
+            (0xd, 1, Eax),
+            (0x8000_0001, 0, Ecx),
+            (0x8000_0001, 0, Edx),
+        ];
+        let mut out = Vec::new();
+        for (leaf, subleaf, reg) in FEATURES {
+            let mut have = reg.of(offered(leaf, subleaf));
+            if (leaf, reg) == (0x8000_0001, Edx) {
+                // AMD repeats these leaf-1 EDX features here (APM Vol. 3
+                // E.4.2, CPUID Fn8000_0001_EDX); Intel reserves the bits.
+                // The feature is the same one: a host that offers it in
+                // leaf 1 honours it here.
+                have |= offered(1, 0).edx & EXT_EDX_LEAF1_COPIES;
+            }
+            let bits = reg.of(self.answer(leaf, subleaf)) & !have;
+            if bits != 0 {
+                out.push(Unsupported::Bits { leaf, subleaf, reg, bits });
+            }
+        }
+        // XSAVE sizes (0xD.0 EBX for the XCR0 bits set, ECX for all it
+        // offers): the guest sizes its XSAVE buffers by them, and the
+        // vCPU's saved state holds only what this host offers guests
+        // (x87 and SSE: 576 bytes, SDM Vol. 1 13.4). A table that shows
+        // more describes state this host cannot keep.
+        let host = offered(0xd, 0).ecx;
+        let pinned = self.answer(0xd, 0);
+        if pinned.ebx.max(pinned.ecx) > host {
+            out.push(Unsupported::XsaveSize { pinned: pinned.ebx.max(pinned.ecx), host });
+        }
+        out
+    }
+}
+
+/// AMD's copies of leaf-1 EDX features in 0x80000001 EDX: bits 0-9, 12-17,
+/// 23 and 24 (APM Vol. 3 E.4.2).
+const EXT_EDX_LEAF1_COPIES: u32 = 0x0183_f3ff;
+
+/// A 32-bit result register of CPUID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg32 {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+impl Reg32 {
+    fn of(self, r: Regs) -> u32 {
+        match self {
+            Reg32::Eax => r.eax,
+            Reg32::Ebx => r.ebx,
+            Reg32::Ecx => r.ecx,
+            Reg32::Edx => r.edx,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Reg32::Eax => "EAX",
+            Reg32::Ebx => "EBX",
+            Reg32::Ecx => "ECX",
+            Reg32::Edx => "EDX",
+        }
+    }
+}
+
+/// Why a host cannot honour a pinned table ([`Table::unsupported`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unsupported {
+    /// Bits the table shows in a feature register that the host does not
+    /// offer.
+    Bits { leaf: u32, subleaf: u32, reg: Reg32, bits: u32 },
+    /// The table's largest XSAVE area (0xD.0 EBX or ECX) exceeds the
+    /// host's for guests (its 0xD.0 ECX).
+    XsaveSize { pinned: u32, host: u32 },
+}
+
+impl core::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Unsupported::Bits { leaf, subleaf, reg, bits } => {
+                write!(f, "leaf {leaf:#x}.{subleaf} {} bits {bits:#010x} (", reg.name())?;
+                let mut sep = "";
+                for b in (0..32).filter(|b| bits & (1 << b) != 0) {
+                    write!(f, "{sep}{b}")?;
+                    sep = ", ";
+                }
+                f.write_str(")")
+            }
+            Unsupported::XsaveSize { pinned, host } => {
+                write!(f, "leaf 0xd.0 XSAVE area of {pinned} bytes, more than this host's {host}")
+            }
+        }
+    }
+}
+
 /// CR4 bits a guest may set: those of the features its CPUID reports (SDM
 /// Vol. 3A 2.5 and the CPUID feature each bit belongs to), never VMXE or
 /// SMXE. `cpuid` answers as the guest's CPUID does.
@@ -194,6 +490,7 @@ pub fn cr4_allowed(cpuid: impl Fn(u32, u32) -> Regs) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     const ALL: Regs = Regs { eax: !0, ebx: !0, ecx: !0, edx: !0 };
 
@@ -273,6 +570,131 @@ mod tests {
         let none = HostQuirks::default();
         assert_eq!(guest_cpuid(0x8000_0001, 0, ALL, none).edx & EXT_EDX_RDTSCP, 0);
         assert_eq!(guest_cpuid(7, 0, ALL, none).ecx & L7_ECX_RDPID, 0);
+    }
+
+    /// A host's raw CPUID: an AMD CPU with leaves up to 0xD (7 with two
+    /// subleaves, 0xD with x87/SSE/AVX) and extended leaves up to
+    /// 0x80000008, the vendor and brand strings in their leaves.
+    fn amd_host(leaf: u32, sub: u32) -> Regs {
+        let r = |eax, ebx, ecx, edx| Regs { eax, ebx, ecx, edx };
+        match (leaf, sub) {
+            (0, _) => r(0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65),
+            // Family 0x19 (0xf + 0xa), model 0x21; APIC id 3.
+            (1, _) => r(0x00a2_0f10, 0x0310_0800, 0x7ed8_320b, 0x178b_fbff),
+            (7, 0) => r(1, 0x219c_97a9, 0x0040_069c, 0x10),
+            (7, 1) => r(0, 0, 0, 0),
+            (0xd, 0) => r(7, 832, 832, 0),
+            (0xd, 1) => r(0xf, 0, 0, 0),
+            (0xd, 2) => r(256, 576, 0, 0),
+            (0x8000_0000, _) => r(0x8000_0008, 0x6874_7541, 0x444d_4163, 0x6974_6e65),
+            (0x8000_0001, _) => r(0x00a2_0f10, 0, 0x7574_f3ff, 0x2fd3_fbff),
+            (0x8000_0002..=0x8000_0004, _) => r(leaf, leaf + 1, leaf + 2, leaf + 3),
+            _ => Regs::default(),
+        }
+    }
+
+    fn guest_of(host: fn(u32, u32) -> Regs) -> impl Fn(u32, u32) -> Regs {
+        move |l, s| guest_cpuid(l, s, host(l, s), HostQuirks::default())
+    }
+
+    #[test]
+    fn a_table_holds_every_leaf_and_subleaf_the_guest_sees() {
+        let guest = guest_of(amd_host);
+        let t = Table::capture(&guest);
+        assert!(t.is_well_formed());
+        for leaf in (0..=0x10).chain(HV_LEAF..=HV_LEAF + 2).chain(0x8000_0000..=0x8000_000a) {
+            for sub in [0, 1, 2, 63, 64, 0xffff_ffff] {
+                // Out of the range the capture probed, an indexed leaf's
+                // subleaf answers zeros, as an invalid one does.
+                let want = if sub >= SUBLEAVES && matches!(leaf, 7 | 0xd) { Regs::default() } else { guest(leaf, sub) };
+                assert_eq!(t.answer(leaf, sub), want, "leaf {leaf:#x}.{sub}");
+            }
+        }
+        // Leaf 7 varies with the subleaf (guest_cpuid zeros 7.1): kept as
+        // indexed; leaf 1 does not: one entry; zero leaves are left out.
+        let subs = |leaf| t.entries().iter().filter(|e| e.leaf == leaf).map(|e| e.subleaf).collect::<Vec<_>>();
+        assert_eq!(subs(7), [Some(0)]);
+        assert_eq!(subs(1), [None]);
+        assert_eq!(subs(0xd), [Some(0)], "x87 and SSE only: no subleaf 1 or 2");
+        assert!(subs(5).is_empty());
+        assert_eq!(t.answer(HV_LEAF, 0).eax, HV_MAX_LEAF, "the hypervisor leaves");
+        assert!(t.entries().len() < 64, "{} entries", t.entries().len());
+        let p = Profile::Pinned(t);
+        assert_eq!(p.describe(), "pinned (AuthenticAMD, 25/33)");
+        assert_eq!(Profile::Host.describe(), "host");
+        assert_eq!(p.answer(0, 0, || unreachable!("a pinned VM does not ask the host")), guest(0, 0));
+        // Postcard round trip, as in a checkpoint.
+        let bytes = postcard::to_allocvec(&p).unwrap();
+        assert_eq!(postcard::from_bytes::<Profile>(&bytes).unwrap(), p);
+    }
+
+    #[test]
+    fn the_vcpus_own_fields_follow_the_vcpu() {
+        let t = Table::capture(guest_of(amd_host));
+        let l1 = t.answer(1, 0);
+        assert_eq!((l1.ebx >> 24, l1.ecx & ECX_OSXSAVE), (0, 0));
+        let r = vcpu_fields(1, l1, true, 5);
+        assert_eq!((r.ebx >> 24, r.ecx & ECX_OSXSAVE, r.ebx & 0xff_ffff), (5, ECX_OSXSAVE, l1.ebx & 0xff_ffff));
+        assert_eq!(vcpu_fields(1, r, false, 0), l1);
+        let topo = Regs { eax: 1, ebx: 1, ecx: 0x100, edx: 9 };
+        assert_eq!(vcpu_fields(0xb, topo, false, 2).edx, 2);
+        assert_eq!(vcpu_fields(0x8000_001e, Regs { eax: 9, ebx: 1, ..Default::default() }, false, 0).eax, 0);
+        assert_eq!(vcpu_fields(0x1f, Regs::default(), false, 7), Regs::default(), "an absent leaf stays absent");
+    }
+
+    #[test]
+    fn a_host_that_lacks_a_pinned_feature_is_named_bit_by_bit() {
+        let t = Table::capture(guest_of(amd_host));
+        assert_eq!(t.unsupported(guest_of(amd_host)), Vec::new(), "the host it was taken on");
+        // An Intel host without SSE4a, LZCNT (0x80000001 ECX 5, 6) and
+        // SHA (7.0 EBX 29), and without AMD's copies of leaf-1 features
+        // in 0x80000001 EDX, which it has in leaf 1.
+        fn intel(leaf: u32, sub: u32) -> Regs {
+            let mut r = amd_host(leaf, sub);
+            match (leaf, sub) {
+                (7, 0) => r.ebx &= !(1 << 29),
+                (0x8000_0001, _) => {
+                    r.ecx &= !((1 << 5) | (1 << 6));
+                    r.edx &= !EXT_EDX_LEAF1_COPIES;
+                }
+                _ => {}
+            }
+            r
+        }
+        let missing = t.unsupported(guest_of(intel));
+        let text: Vec<String> = missing.iter().map(|m| format!("{m}")).collect();
+        assert_eq!(
+            text,
+            ["leaf 0x7.0 EBX bits 0x20000000 (29)", "leaf 0x80000001.0 ECX bits 0x00000060 (5, 6)"],
+            "{missing:?}"
+        );
+        // A table offering more XSAVE state than the host keeps for guests.
+        let mut entries = t.entries().to_vec();
+        let xsave = entries.iter_mut().find(|e| e.leaf == 0xd).unwrap();
+        xsave.regs = Regs { eax: 7, ebx: 832, ecx: 832, edx: 0 };
+        let big = Table::from_entries(entries).unwrap();
+        let missing = big.unsupported(guest_of(amd_host));
+        assert_eq!(
+            missing,
+            [
+                Unsupported::Bits { leaf: 0xd, subleaf: 0, reg: Reg32::Eax, bits: 4 },
+                Unsupported::XsaveSize { pinned: 832, host: 576 }
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_tables_are_not_tables() {
+        let e = |leaf, subleaf| Entry { leaf, subleaf, regs: Regs { eax: 1, ..Default::default() } };
+        assert!(Table::from_entries(vec![e(0, None), e(1, None), e(7, Some(0)), e(7, Some(1))]).is_some());
+        assert!(Table::from_entries(vec![e(1, None), e(0, None)]).is_none(), "unsorted");
+        assert!(Table::from_entries(vec![e(1, None), e(1, None)]).is_none(), "repeated");
+        assert!(Table::from_entries(vec![e(7, None), e(7, Some(0))]).is_none(), "flat and indexed");
+        assert!(Table::from_entries((0..=MAX_ENTRIES as u32).map(|l| e(l, None)).collect()).is_none());
+        // Whatever a hostile table holds, answers are lookups.
+        let t = Table::default();
+        assert_eq!(t.answer(0xffff_ffff, 0xffff_ffff), Regs::default());
+        assert_eq!(t.vendor(), "????????????");
     }
 
     #[test]

@@ -221,6 +221,20 @@ pub struct MockBackend {
     /// `put_filter`).
     pub state_filter: Option<fn(&mut GuestState)>,
     pub put_filter: Option<fn(&mut GuestState)>,
+    /// The host's CPUID ([`intel_host_cpuid`] unless a test moves the VM
+    /// to another host).
+    pub cpuid: fn(u32, u32) -> Regs,
+}
+
+/// A plausible Intel host: VMX in leaf 1, max leaf 0x16.
+pub fn intel_host_cpuid(leaf: u32, subleaf: u32) -> Regs {
+    match leaf {
+        0 => Regs { eax: 0x16, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69 },
+        1 => Regs { eax: 0x806c1, ebx: 0x0010_0800, ecx: 0x7ffa_fbbf, edx: 0xbfeb_fbff },
+        // XSAVE with x87, SSE and AVX.
+        0xd if subleaf == 0 => Regs { eax: 7, ebx: 576, ecx: 832, edx: 0 },
+        _ => Regs::default(),
+    }
 }
 
 impl MockBackend {
@@ -235,6 +249,7 @@ impl MockBackend {
             heap_free: 64 << 20,
             state_filter: None,
             put_filter: None,
+            cpuid: intel_host_cpuid,
         }
     }
 }
@@ -274,15 +289,8 @@ impl Backend for MockBackend {
     fn destroy_vcpu(&mut self, _v: MockVcpu) {
         self.destroyed += 1;
     }
-    fn host_cpuid(&self, leaf: u32, _subleaf: u32) -> Regs {
-        // A plausible Intel host: VMX in leaf 1, max leaf 0x16.
-        match leaf {
-            0 => Regs { eax: 0x16, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69 },
-            1 => Regs { eax: 0x806c1, ebx: 0x0010_0800, ecx: 0x7ffa_fbbf, edx: 0xbfeb_fbff },
-            // XSAVE with x87, SSE and AVX.
-            0xd if _subleaf == 0 => Regs { eax: 7, ebx: 576, ecx: 832, edx: 0 },
-            _ => Regs::default(),
-        }
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> Regs {
+        (self.cpuid)(leaf, subleaf)
     }
     fn quirks(&self) -> HostQuirks {
         HostQuirks::default()

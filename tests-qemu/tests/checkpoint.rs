@@ -8,6 +8,13 @@
 //! meanwhile). Damaged or missing checkpoints are refused with one line.
 //! A live save (the VM running while its memory is written) is one
 //! instant, checked by the guest on both copies.
+//!
+//! CPUID: the guests crossing vendors are not pinned, and their CPUID hash
+//! changes with the vendor. A third, `cpuid=pinned` under AMD-V, is
+//! refused under VT-x (QEMU's AMD CPU has SSE4a and 3DNow!, Bochs' Tiger
+//! Lake neither; the other way, Tiger Lake has SHA, RDSEED, GFNI... that
+//! QEMU's TCG lacks), and restored under AMD-V after the round trip, its
+//! hash the one it printed at start.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
@@ -15,11 +22,25 @@ use tests_qemu::Machine;
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Starts the memtest guest, waits until it holds with its region filled,
-/// saves it as `name` and checks the listing says `vendor`.
-fn fill_and_save(m: &mut Machine, id: u32, name: &str, vendor: &str) {
-    let out = m.cmd("vm run memtest mem=16 -- mode=share mib=8 wait=0 hold=1");
+/// The hash VM `id`'s memtest printed after `what` (`cpuid` at start,
+/// `cpuid after release`).
+fn cpuid_hash(m: &Machine, id: u32, what: &str) -> String {
+    let t = m.transcript();
+    let prefix = format!("[vm {id}] memtest: {what} ");
+    let line = t.lines().find_map(|l| l.split_once(&prefix).map(|(_, h)| h.trim().to_string()));
+    let hash = line.unwrap_or_else(|| panic!("no {prefix:?} line: {t}"));
+    assert_eq!(hash.len(), 16, "{hash:?}");
+    hash
+}
+
+/// Starts the memtest guest with CPUID profile `cpuid`, waits until it
+/// holds with its region filled, saves it as `name` and checks the listing
+/// says `vendor`; the CPUID hash it printed at start.
+fn fill_and_save(m: &mut Machine, id: u32, name: &str, vendor: &str, cpuid: &str) -> String {
+    let out = m.cmd(&format!("vm run memtest mem=16 cpuid={cpuid} -- mode=share mib=8 wait=0 hold=1"));
     assert!(out.contains(&format!("vm {id} started: memtest")), "{out}");
+    let profile = m.json(&format!("vm stats {id} --json"))["cpuid"].as_str().unwrap_or_default().to_string();
+    assert!(profile.starts_with(cpuid), "{profile}");
     m.wait_for(&format!("[vm {id}] memtest: holding until a byte arrives on COM1"), GUEST_TIMEOUT);
     let out = m.cmd(&format!("vm save {id} {name}"));
     assert!(out.contains(&format!("vm {id} saved to checkpoint {name}: ")), "{out}");
@@ -28,10 +49,12 @@ fn fill_and_save(m: &mut Machine, id: u32, name: &str, vendor: &str) {
     let cp = cp.unwrap_or_else(|| panic!("{name} not listed: {list}"));
     assert_eq!((cp["vendor"].as_str(), cp["complete"].as_bool()), (Some(vendor), Some(true)), "{cp}");
     assert_eq!(cp["ram_bytes"], 16 << 20, "{cp}");
+    cpuid_hash(m, id, "cpuid")
 }
 
-/// Restores `name` as VM `id`, releases the guest and checks it passes.
-fn restore_and_finish(m: &mut Machine, name: &str, id: u32) {
+/// Restores `name` as VM `id`, releases the guest and checks it passes;
+/// the CPUID hash it printed once released.
+fn restore_and_finish(m: &mut Machine, name: &str, id: u32) -> String {
     let out = m.cmd(&format!("vm restore {name}"));
     assert!(
         out.contains(&format!("vm {id} restored from checkpoint {name}: memtest (elf64, 16 MiB), running")),
@@ -43,6 +66,7 @@ fn restore_and_finish(m: &mut Machine, name: &str, id: u32) {
     assert!(t.contains(&format!("[vm {id}] memtest: released by 0x67")), "{t}");
     assert!(t.contains(&format!("[vm {id}] memtest: PASS")), "{t}");
     assert!(t.contains(&format!("vm {id} (memtest) exited with status 1 ")), "{t}");
+    cpuid_hash(m, id, "cpuid after release")
 }
 
 /// A live save of a guest that rewrites 24 MiB over and over: the VM runs
@@ -139,10 +163,13 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
 
     // AMD-V: fill, save, and let this copy finish here too.
     let mut m = Machine::boot_with_scratch(Emulator::QemuTcg, "checkpoint-amd-1", &path);
-    fill_and_save(&mut m, 1, "from-amd", "amd");
+    let amd = fill_and_save(&mut m, 1, "from-amd", "amd", "host");
     m.cmd("vm send 1 -- go");
     m.wait_for("[vm 1] memtest: PASS", GUEST_TIMEOUT);
+    assert_eq!(cpuid_hash(&m, 1, "cpuid after release"), amd);
     live_save_and_restore(&mut m, 2, "live-amd", 3);
+    let amd_pinned = fill_and_save(&mut m, 4, "pinned-amd", "amd", "pinned");
+    assert_eq!(amd_pinned, amd, "pinning changes nothing on the host it was taken on");
     // Refusals: one line, nothing changes.
     for (line, want) in [
         ("vm restore nothere", "error: "),
@@ -159,14 +186,24 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     let mut m = Machine::boot_with_scratch(Emulator::Bochs, "checkpoint-intel", &path);
     let list = m.json("vm checkpoints --json");
     assert_eq!(list["checkpoints"][0]["name"], "from-amd", "{list}");
-    restore_and_finish(&mut m, "from-amd", 1);
-    fill_and_save(&mut m, 2, "from-intel", "intel");
+    // Not pinned: the guest sees this host's CPUID (the vendor string
+    // first), as the README says.
+    let after = restore_and_finish(&mut m, "from-amd", 1);
+    assert_ne!(after, amd, "an unpinned VM's CPUID did not change with the vendor");
+    // Pinned: this host cannot give it all its table shows. One line,
+    // nothing created (the next VM is 2).
+    let out = m.cmd("vm restore pinned-amd");
+    let want = "error: checkpoint pinned-amd: the checkpoint's pinned CPUID shows what this host cannot give \
+                its guests: leaf 0x";
+    assert!(out.trim_end().starts_with(want) && out.trim_end().lines().count() == 1, "{out}");
+    let intel = fill_and_save(&mut m, 2, "from-intel", "intel", "host");
     m.poweroff();
 
-    // Back on AMD-V: the Intel checkpoint restores and passes; then both
-    // are deleted.
+    // Back on AMD-V: the Intel checkpoint restores and passes, its CPUID
+    // changed; the pinned one restores with its own; then all are deleted.
     let mut m = Machine::boot_with_scratch(Emulator::QemuTcg, "checkpoint-amd-2", &path);
-    restore_and_finish(&mut m, "from-intel", 1);
+    let after = restore_and_finish(&mut m, "from-intel", 1);
+    assert_ne!(after, intel, "an unpinned VM's CPUID did not change with the vendor");
     // And lazily: time to the first guest instruction, eager against lazy
     // (docs/benchmarks.md).
     let eager_us = m.json("vm stats 1 --json")["first_entry_us"].as_u64().unwrap_or(0);
@@ -174,7 +211,10 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     eprintln!(
         "first guest entry after vm restore (QEMU TCG, 16 MiB memtest): eager {eager_us} us, lazy {lazy_us} us with {on_disk} pages on disk"
     );
-    for name in ["from-amd", "from-intel"] {
+    assert_eq!(restore_and_finish(&mut m, "pinned-amd", 3), amd_pinned);
+    let profile = m.json("vm stats 3 --json")["cpuid"].as_str().unwrap_or_default().to_string();
+    assert!(profile.starts_with("pinned (AuthenticAMD, "), "{profile}");
+    for name in ["from-amd", "from-intel", "pinned-amd"] {
         let out = m.cmd(&format!("vm checkpoint delete {name}"));
         assert!(out.contains(&format!("checkpoint {name} deleted")), "{out}");
     }

@@ -18,6 +18,12 @@
 //!   (`vm send`), so the host can checkpoint the VM with the region full and
 //!   the check still to come (on this host or wherever it is restored).
 //!
+//! Every mode prints `memtest: cpuid <hash>` at start, a hash of what CPUID
+//! says about the machine (leaves 0, 1, 7.0 and 0x80000000-4; without leaf
+//! 1's APIC ID and OSXSAVE, which describe the vCPU and its CR4), and
+//! `hold=1` prints it again once released (`cpuid after release`): a
+//! checkpoint restored on another host shows whether the CPUID changed.
+//!
 //! share: page i holds words that depend only on i and the seed (so identical
 //! VMs given the same seed have identical pages), and pages with i % 8 in
 //! {1, 2} are all zero (a quarter: the zero frame). After the wait, every
@@ -42,7 +48,7 @@
 
 use core::fmt;
 use guests::hypercall as hc;
-use guests::io::{halt_once, hypercall, hypercall_args, inb};
+use guests::io::{cpuid, halt_once, hypercall, hypercall_args, inb};
 use guests::{Boot, println};
 
 const PAGE: u64 = 4096;
@@ -125,6 +131,25 @@ fn mix(mut x: u64) -> u64 {
     x ^= x >> 32;
     x = x.wrapping_mul(0xd6e8_feb8_6659_fd93);
     x ^ (x >> 32)
+}
+
+/// A hash of the machine's CPUID (see the module comment).
+fn cpuid_hash() -> u64 {
+    let leaves = [(0, 0), (1, 0), (7, 0), (0x8000_0000, 0), (0x8000_0001, 0)];
+    let brand = [(0x8000_0002, 0), (0x8000_0003, 0), (0x8000_0004, 0)];
+    let mut h = 0;
+    for (leaf, sub) in leaves.into_iter().chain(brand) {
+        let mut r = cpuid(leaf, sub);
+        if leaf == 1 {
+            // Initial APIC ID (EBX[31:24]) and OSXSAVE (ECX[27]).
+            r.ebx &= 0x00ff_ffff;
+            r.ecx &= !(1 << 27);
+        }
+        for w in [r.eax, r.ebx, r.ecx, r.edx] {
+            h = mix(h ^ u64::from(w));
+        }
+    }
+    h
 }
 
 /// The guest-physical region under test, in whole pages.
@@ -301,6 +326,7 @@ fn main(boot: Boot) -> u32 {
         Mode::Live => "live",
     };
     println!("memtest: mode={mode} region {start:#x}..{end:#x} ({} pages)", region.pages);
+    println!("memtest: cpuid {:016x}", cpuid_hash());
     let vm_id = hypercall(hc::VM_ID, 0, 0);
     let passed = match o.mode {
         Mode::Share => share(&o, region, vm_id),
@@ -327,6 +353,7 @@ fn share(o: &Options, region: Region, vm_id: u64) -> bool {
         }
         let key = inb(0x3f8);
         println!("memtest: released by {key:#04x}");
+        println!("memtest: cpuid after release {:016x}", cpuid_hash());
     }
 
     let target = o.target.unwrap_or(region.pages / 2);

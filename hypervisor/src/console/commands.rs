@@ -48,11 +48,11 @@ const HELP: &[(&str, &str)] = &[
     ("help", "this list"),
     ("host", "CPU, memory and virtualization features"),
     (
-        "vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [-- <cmdline>]",
-        "start a VM from a ramdisk guest image (net=: a virtio NIC on that host switch)",
+        "vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [cpuid=host|pinned] [-- <cmdline>]",
+        "start a VM from a ramdisk guest image (net=: a virtio NIC on that host switch; cpuid=pinned: it keeps this host's CPUID wherever restored)",
     ),
     (
-        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [disk=<image>] [net=<switch>] [cmdline=\"...\"]",
+        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [disk=<image>] [net=<switch>] [cpuid=host|pinned] [cmdline=\"...\"]",
         "build a VM from a ramdisk kernel, stopped until vm start",
     ),
     ("vm start <id>", "run a VM that vm create built"),
@@ -143,9 +143,13 @@ fn run<B: Backend>(
             Ok(Reply { text, json: json!({ "commands": cmds }) })
         }
         Command::Host => Ok(host_reply(m, host)),
-        Command::VmRun { guest, mem_mib, modules, cmdline, disk, net } => {
+        Command::VmRun { guest, mem_mib, modules, cmdline, disk, net, pin_cpuid } => {
             let (mem_mib, modules, cmdline) = m.run_defaults(guest, *mem_mib, modules, cmdline.as_deref())?;
             let id = m.run_vm_with_nic(guest, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
+            // Before it first runs (the scheduler runs after the command).
+            if *pin_cpuid {
+                m.pin_cpuid(id)?;
+            }
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(
@@ -156,10 +160,13 @@ fn run<B: Backend>(
                 json: json!({ "id": id, "guest": guest, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
             })
         }
-        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline, disk, net } => {
+        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline, disk, net, pin_cpuid } => {
             let modules: Vec<String> = initrd.iter().cloned().collect();
             let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
             let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
+            if *pin_cpuid {
+                m.pin_cpuid(id)?;
+            }
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
                 text: format!(
@@ -296,6 +303,7 @@ fn vm_json<B: Backend>(vm: &Vm<B>, hz: u64) -> Value {
         "state": vm_state_name(vm),
         "exits": vm.stats.total_exits(),
         "run_us": ticks_to_us(vm.stats.run_ticks, hz),
+        "cpuid": vm.cpuid.describe(),
     });
     if let Value::Object(o) = &mut v {
         match &vm.state {
@@ -344,6 +352,7 @@ fn stats_reply<B: Backend>(
         }
         by_reason.insert(k.name().into(), json!(n));
     }
+    text.push_str(&format!("\n  cpuid: {}", vm.cpuid.describe()));
     text.push_str(&format!(
         "\n  nested page table: {} x 1 GiB, {} x 2 MiB, {} x 4 KiB pages",
         vm.nested_pages[2], vm.nested_pages[1], vm.nested_pages[0]

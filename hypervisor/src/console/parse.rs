@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! help | host | poweroff
-//! vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [-- <command line>]
+//! vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [cpuid=host|pinned] [-- <command line>]
 //! vm list | vm stats <id> | vm stop <id>
 //! mem | mem sharing on [<pages per round>] | mem sharing off
 //! mem scan [<id>] | mem target <id> <MiB>|none
@@ -32,6 +32,8 @@ pub enum Command {
         disk: Option<String>,
         /// The host switch the VM's virtio-net NIC is on.
         net: Option<String>,
+        /// `cpuid=pinned`: the VM keeps the CPUID it is created with.
+        pin_cpuid: bool,
     },
     VmStart {
         id: u32,
@@ -50,6 +52,8 @@ pub enum Command {
         disk: Option<String>,
         /// The host switch the VM's virtio-net NIC is on.
         net: Option<String>,
+        /// `cpuid=pinned`: the VM keeps the CPUID it is created with.
+        pin_cpuid: bool,
     },
     VmList,
     VmStats {
@@ -257,6 +261,11 @@ pub enum Refusal {
         cmd: &'static str,
         name: String,
     },
+    /// `cpuid=` is neither `host` nor `pinned`.
+    CpuidProfile {
+        cmd: &'static str,
+        value: String,
+    },
 }
 
 impl core::fmt::Display for Refusal {
@@ -295,6 +304,9 @@ impl core::fmt::Display for Refusal {
             }
             Refusal::DiskName { cmd, name, why } => write!(f, "{cmd}: {name:?} is not a disk name: {why}"),
             Refusal::DiskMib(v) => write!(f, "disk create: the size must be 1..={MAX_DISK_MIB} MiB, not {v:?}"),
+            Refusal::CpuidProfile { cmd, value } => {
+                write!(f, "{cmd}: cpuid= takes host (the default) or pinned, not {value:?}")
+            }
             Refusal::FillRate(v) => {
                 write!(f, "vm restore: fill= takes pages per second (0: only when touched), not {v:?}")
             }
@@ -556,8 +568,8 @@ fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
 }
 
 /// `vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1]
-/// [disk=<image>] [net=<switch>] [cmdline="<text>"] [-- <text>]`: the command line either quoted or
-/// after `--`.
+/// [disk=<image>] [net=<switch>] [cpuid=host|pinned] [cmdline="<text>"] [-- <text>]`: the command
+/// line either quoted or after `--`.
 fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     let (opts, mut cmdline) = match args.iter().position(|w| *w == "--") {
         Some(i) => (&args[..i], Some(args[i + 1..].join(" "))),
@@ -570,6 +582,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
         return Err(Refusal::NotAVmName(name.to_string()));
     }
     let (mut kernel, mut initrd, mut mem_mib, mut disk, mut net) = (None, None, None, None, None);
+    let mut pin_cpuid = false;
     let mut i = 0;
     while i < opts.len() {
         let opt = opts[i];
@@ -580,6 +593,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm create", v)?),
             Some(("disk", d)) => disk = Some(disk_name("vm create", d)?),
             Some(("net", n)) => net = Some(switch_name("vm create", n)?),
+            Some(("cpuid", v)) => pin_cpuid = cpuid_profile("vm create", v)?,
             Some(("vcpus", "1")) => {}
             Some(("vcpus", n)) => {
                 return Err(Refusal::Vcpus(n.to_string()));
@@ -605,13 +619,22 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
                 return Err(Refusal::UnknownOption {
                     cmd: "vm create",
                     opt: opt.to_string(),
-                    expected: "kernel=, initrd=, mem=, vcpus=, disk=, net=, cmdline=\"...\"",
+                    expected: "kernel=, initrd=, mem=, vcpus=, disk=, net=, cpuid=, cmdline=\"...\"",
                 });
             }
         }
     }
     let kernel = kernel.ok_or(Refusal::MissingKernel)?;
-    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline, disk, net })
+    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline, disk, net, pin_cpuid })
+}
+
+/// `cpuid=host|pinned`: whether to pin.
+fn cpuid_profile(cmd: &'static str, v: &str) -> Result<bool, Refusal> {
+    match v {
+        "host" => Ok(false),
+        "pinned" => Ok(true),
+        _ => Err(Refusal::CpuidProfile { cmd, value: v.to_string() }),
+    }
 }
 
 fn parse_mib(cmd: &'static str, v: &str) -> Result<u32, Refusal> {
@@ -633,6 +656,7 @@ fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
         return Err(Refusal::OptionBeforeGuest(guest.to_string()));
     }
     let (mut mem_mib, mut disk, mut net) = (None, None, None);
+    let mut pin_cpuid = false;
     let mut modules = Vec::new();
     for opt in opts {
         match opt.split_once('=') {
@@ -640,16 +664,17 @@ fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm run", v)?),
             Some(("disk", d)) => disk = Some(disk_name("vm run", d)?),
             Some(("net", n)) => net = Some(switch_name("vm run", n)?),
+            Some(("cpuid", v)) => pin_cpuid = cpuid_profile("vm run", v)?,
             _ => {
                 return Err(Refusal::UnknownOption {
                     cmd: "vm run",
                     opt: opt.to_string(),
-                    expected: "mem=<MiB>, mod=<file>, disk=<image> or net=<switch>",
+                    expected: "mem=<MiB>, mod=<file>, disk=<image>, net=<switch> or cpuid=host|pinned",
                 });
             }
         }
     }
-    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline, disk, net })
+    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline, disk, net, pin_cpuid })
 }
 
 #[cfg(test)]
@@ -703,7 +728,8 @@ mod tests {
                 mem_mib: Some(128),
                 cmdline: Some("console=ttyS0 quiet".into()),
                 disk: None,
-                net: None
+                net: None,
+                pin_cpuid: false
             }
         );
         assert_eq!(
@@ -715,7 +741,8 @@ mod tests {
                 mem_mib: None,
                 cmdline: Some("root=/dev/vda ro".into()),
                 disk: Some("web-root".into()),
-                net: None
+                net: None,
+                pin_cpuid: false
             }
         );
         assert_eq!(ok("vm start 4").command, Command::VmStart { id: 4 });
@@ -747,7 +774,8 @@ mod tests {
                 modules: Vec::new(),
                 cmdline: None,
                 disk: None,
-                net: None
+                net: None,
+                pin_cpuid: false
             }
         );
         assert_eq!(
@@ -758,7 +786,8 @@ mod tests {
                 modules: Vec::new(),
                 cmdline: Some("write addr=0x1000 --json".into()),
                 disk: None,
-                net: None
+                net: None,
+                pin_cpuid: false
             }
         );
         assert_eq!(
@@ -769,7 +798,8 @@ mod tests {
                 modules: vec!["a".into(), "b".into()],
                 cmdline: None,
                 disk: None,
-                net: None
+                net: None,
+                pin_cpuid: false
             }
         );
         assert!(err("vm run k mod=").contains("unknown option"));
@@ -781,7 +811,8 @@ mod tests {
                 modules: Vec::new(),
                 cmdline: None,
                 disk: Some("d1".into()),
-                net: None
+                net: None,
+                pin_cpuid: false
             }
         );
         assert!(!ok("vm run escape -- --json").json, "--json after -- belongs to the guest");
@@ -793,7 +824,8 @@ mod tests {
                 modules: Vec::new(),
                 cmdline: None,
                 disk: Some("d1".into()),
-                net: Some("lan-0.a_b".into())
+                net: Some("lan-0.a_b".into()),
+                pin_cpuid: false
             }
         );
         for bad in ["net=", "net=a/b", "net=\"x\"", &format!("net={}", "s".repeat(33))] {
@@ -801,6 +833,23 @@ mod tests {
             assert!(e.starts_with("vm run: ") && e.contains("is not a switch name"), "{bad}: {e}");
         }
         assert!(ok(&format!("vm run linux net={}", "s".repeat(32))).command != Command::Help);
+    }
+
+    #[test]
+    fn cpuid_profiles() {
+        let pinned = |line: &str| match ok(line).command {
+            Command::VmRun { pin_cpuid, .. } | Command::VmCreate { pin_cpuid, .. } => pin_cpuid,
+            other => panic!("{other:?}"),
+        };
+        assert!(pinned("vm run memtest cpuid=pinned -- hold=1"));
+        assert!(!pinned("vm run memtest cpuid=host"));
+        assert!(!pinned("vm run memtest -- cpuid=pinned"), "after --: the guest's");
+        assert!(pinned("vm create web kernel=k cpuid=pinned"));
+        assert!(!pinned("vm create web kernel=k"));
+        for line in ["vm run memtest cpuid=", "vm run memtest cpuid=Pinned", "vm create web kernel=k cpuid=intel"] {
+            let e = err(line);
+            assert!(e.contains("cpuid= takes host (the default) or pinned") && !e.contains('\n'), "{line}: {e}");
+        }
     }
 
     #[test]

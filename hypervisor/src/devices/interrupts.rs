@@ -195,6 +195,10 @@ impl DeviceSet {
 
     /// A guest RDMSR of a local APIC MSR (IA32_APIC_BASE, IA32_TSC_DEADLINE,
     /// the x2APIC range); `None` for an MSR that is not the APIC's.
+    pub fn apic_id(&self) -> u32 {
+        self.lapic.id()
+    }
+
     pub fn lapic_read_msr(&mut self, msr: u32, now_ns: u64) -> Option<Result<u64, Gp>> {
         lapic::Lapic::handles_msr(msr).then(|| self.lapic.read_msr(msr, now_ns))
     }

@@ -5,7 +5,7 @@
 //! The stream carries the vCPU as the neutral `GuestState`, every device
 //! through its `Persist` state, the machine's own description (the
 //! "machine" record: guest, command line, RAM size, its clock and TSC at
-//! the save) and every page of RAM. The restored VM's clock and TSC go on
+//! the save, its CPUID profile) and every page of RAM. The restored VM's clock and TSC go on
 //! from the values saved, whatever this host's clock reads: the guest sees
 //! time stand still while it was saved.
 
@@ -33,8 +33,11 @@ use crate::vm::{Resources, RunState, Vm, VmStats};
 
 /// The name of the machine's own record among the devices.
 pub const MACHINE: &str = "machine";
-/// Its layout version.
-pub const MACHINE_VERSION: u16 = 2;
+/// Its layout version: 3 added the CPUID profile. Version 2 records (the
+/// same layout without it) still restore, as `cpuid=host` VMs.
+pub const MACHINE_VERSION: u16 = 3;
+/// The layout before the CPUID profile.
+const MACHINE_VERSION_NO_CPUID: u16 = 2;
 
 /// What a VM is besides its vCPU, devices and RAM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +67,39 @@ pub struct MachineState {
     /// attaches the new VM to the switch of that name here, made if need
     /// be. The NIC's MAC travels in its device state.
     pub net: Option<String>,
+    /// The CPUID it sees (version 3 on): a pinned table goes on as it is,
+    /// once this host is found able to honour it.
+    pub cpuid: crate::cpuid::Profile,
+}
+
+impl MachineState {
+    /// The record of layout `version` in `bytes`, whole and well formed.
+    pub fn decode(version: u16, bytes: &[u8]) -> Result<MachineState, Refused> {
+        let mut v2;
+        let bytes = match version {
+            MACHINE_VERSION => bytes,
+            // Version 3 only appended the profile, and postcard writes an
+            // enum as its variant index (a varint) before any data
+            // (postcard wire format, "enum"): one 0 byte is
+            // `Profile::Host`, what a VM restored from version 2 sees.
+            MACHINE_VERSION_NO_CPUID => {
+                v2 = Vec::with_capacity(bytes.len() + 1);
+                v2.extend_from_slice(bytes);
+                v2.push(0);
+                &v2
+            }
+            other => return Err(Refused::MachineVersion(other)),
+        };
+        let (m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
+        let table_ok = match &m.cpuid {
+            crate::cpuid::Profile::Host => true,
+            crate::cpuid::Profile::Pinned(t) => t.is_well_formed(),
+        };
+        if !rest.is_empty() || !table_ok {
+            return Err(Refused::Machine);
+        }
+        Ok(m)
+    }
 }
 
 fn protocol(name: &str) -> Option<Protocol> {
@@ -80,9 +116,12 @@ pub enum Refused {
     RamLayout,
     /// No "machine" record, or one that does not decode.
     Machine,
-    /// A machine record of another layout version (one written before
-    /// the disk and switch names joined it, say).
+    /// A machine record of a layout version this hypervisor does not read
+    /// (one written before the disk and switch names joined it, say).
     MachineVersion(u16),
+    /// The checkpoint's pinned CPUID shows what this host cannot give
+    /// its guests (every such register, or the XSAVE size).
+    Cpuid(Vec<crate::cpuid::Unsupported>),
     /// The machine record names a boot protocol this version does not know.
     Protocol(String),
     /// No vCPU state in the stream.
@@ -104,8 +143,18 @@ impl core::fmt::Display for Refused {
             Refused::MachineVersion(v) => {
                 write!(
                     f,
-                    "the checkpoint's machine record is version {v}; this hypervisor reads version {MACHINE_VERSION}"
+                    "the checkpoint's machine record is version {v}; this hypervisor reads version {MACHINE_VERSION} \
+                     (and {MACHINE_VERSION_NO_CPUID})"
                 )
+            }
+            Refused::Cpuid(what) => {
+                f.write_str("the checkpoint's pinned CPUID shows what this host cannot give its guests: ")?;
+                let mut sep = "";
+                for w in what {
+                    write!(f, "{sep}{w}")?;
+                    sep = "; ";
+                }
+                Ok(())
             }
             Refused::Protocol(p) => write!(f, "the checkpoint's boot protocol {p:?} is unknown"),
             Refused::NoVcpu => f.write_str("the checkpoint holds no vCPU state"),
@@ -256,6 +305,15 @@ impl<B: Backend> Manager<B> {
         let Some(protocol) = protocol(&machine.protocol) else {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Protocol(machine.protocol)));
         };
+        // A pinned VM runs natively what its table shows: this host must
+        // offer all of it.
+        if let crate::cpuid::Profile::Pinned(table) = &machine.cpuid {
+            let missing =
+                table.unsupported(|l, s| crate::cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks()));
+            if !missing.is_empty() {
+                return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Cpuid(missing)));
+            }
+        }
         match (&machine.disk, with_blk) {
             (Some(name), true) => match disk_snapshot
                 .map_or(Ok(()), |snap| self.copy_image(name, snap))
@@ -344,6 +402,7 @@ impl<B: Backend> Manager<B> {
             overhead_bytes: overhead,
             nested_pages: [0; 3],
             reclaim,
+            cpuid: machine.cpuid,
             res: Some(Resources { mem, vcpu }),
         });
         vm.timers_changed(hz);
@@ -406,14 +465,7 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<
 
     fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), Refused> {
         if name == MACHINE {
-            if version != MACHINE_VERSION {
-                return Err(Refused::MachineVersion(version));
-            }
-            let (m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
-            if !rest.is_empty() {
-                return Err(Refused::Machine);
-            }
-            self.machine = Some(m);
+            self.machine = Some(MachineState::decode(version, bytes)?);
         } else {
             self.devices.push(SavedDevice { name: String::from(name), version, bytes: bytes.to_vec() });
         }

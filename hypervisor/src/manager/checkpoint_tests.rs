@@ -11,6 +11,7 @@ use vcpu::GuestState;
 use super::*;
 use crate::devices::virtio_slots::HostEntropy;
 use crate::testing::{MockBackend, elf_guest};
+use checkpoint::{MachineState, Refused};
 
 fn manager(frames: usize) -> Manager<MockBackend> {
     let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
@@ -158,7 +159,7 @@ fn damaged_or_foreign_checkpoints_are_refused_and_leave_nothing() {
     w.vcpu(0, &state).unwrap();
     w.device("machine", 1, &[0; 16]).unwrap();
     let (old, _) = w.finish().unwrap();
-    check(&old, "machine record is version 1; this hypervisor reads version 2");
+    check(&old, "machine record is version 1; this hypervisor reads version 3");
     // A stream from a future format version, its prologue intact.
     let mut future = stream.clone();
     future[8..10].copy_from_slice(&(migrate::FORMAT_MAJOR + 1).to_le_bytes());
@@ -284,4 +285,229 @@ fn console_saves_lists_restores_and_deletes_checkpoints() {
     let j: serde_json::Value = serde_json::from_str(&run("disk list --json", &mut m)).unwrap();
     assert_eq!(j["extents"].as_array().unwrap().len(), 1, "only swap is left: {j}");
     assert_eq!(j["free_blocks"], j["largest_free_blocks"], "{j}");
+}
+
+/// The same host with AMD's vendor string and family: every feature the
+/// Intel mock host offers.
+fn amd_lookalike_cpuid(leaf: u32, sub: u32) -> crate::cpuid::Regs {
+    let mut r = crate::testing::intel_host_cpuid(leaf, sub);
+    match leaf {
+        0 => (r.ebx, r.edx, r.ecx) = (0x6874_7541, 0x6974_6e65, 0x444d_4163),
+        1 => r.eax = 0x00a2_0f10,
+        _ => {}
+    }
+    r
+}
+
+/// As `amd_lookalike_cpuid` without SSE3 and PCLMULQDQ (leaf 1 ECX 0, 1).
+fn amd_without_sse3_cpuid(leaf: u32, sub: u32) -> crate::cpuid::Regs {
+    let mut r = amd_lookalike_cpuid(leaf, sub);
+    if leaf == 1 {
+        r.ecx &= !3;
+    }
+    r
+}
+
+/// VM `id`'s answer to CPUID `leaf` through its exit handler.
+fn cpuid_exit(m: &mut Manager<MockBackend>, id: u32, leaf: u32) -> crate::cpuid::Regs {
+    let Manager { backend, vms, host_mem, .. } = m;
+    let backend = backend.as_mut().unwrap();
+    let vm = vms.iter_mut().find(|v| v.id == id).unwrap();
+    let vcpu = &mut vm.res.as_mut().unwrap().vcpu;
+    vcpu.load();
+    (vcpu.gprs.rax, vcpu.gprs.rcx) = (u64::from(leaf), 0);
+    let flow = vm.handle_exit(vcpu::VmExit::Cpuid, backend, host_mem, &mut crate::testing::Lines::default());
+    assert_eq!(flow, crate::vm::exit::Flow::Continue);
+    let g = vm.res.as_ref().unwrap().vcpu.gprs;
+    crate::cpuid::Regs { eax: g.rax as u32, ebx: g.rbx as u32, ecx: g.rcx as u32, edx: g.rdx as u32 }
+}
+
+#[test]
+fn a_pinned_vm_keeps_its_cpuid_on_another_host_and_an_unpinned_one_does_not() {
+    let mut m = manager(16384);
+    let pinned = busy_vm(&mut m);
+    m.pin_cpuid(pinned).unwrap();
+    let host = busy_vm(&mut m);
+    let intel = cpuid_exit(&mut m, host, 0);
+    assert_eq!(cpuid_exit(&mut m, pinned, 0), intel);
+    let leaf1 = cpuid_exit(&mut m, pinned, 1);
+    let desc = m.get(pinned).unwrap().cpuid.describe();
+    assert_eq!(desc, "pinned (GenuineIntel, 6/140)");
+    let (pinned_cp, _) = m.save_vm(pinned, Vec::new()).unwrap();
+    let (host_cp, _) = m.save_vm(host, Vec::new()).unwrap();
+    // The other vendor's host.
+    m.backend.as_mut().unwrap().cpuid = amd_lookalike_cpuid;
+    assert_eq!(cpuid_exit(&mut m, pinned, 0), intel, "the table answers, not this host");
+    assert_ne!(cpuid_exit(&mut m, host, 0), intel);
+    let a = m.restore_vm(pinned_cp.as_slice()).unwrap();
+    let b = m.restore_vm(host_cp.as_slice()).unwrap();
+    assert_eq!((cpuid_exit(&mut m, a, 0), cpuid_exit(&mut m, a, 1)), (intel, leaf1));
+    assert_eq!(m.get(a).unwrap().cpuid.describe(), desc);
+    assert_eq!(m.get(b).unwrap().cpuid.describe(), "host");
+    assert_eq!(cpuid_exit(&mut m, b, 0), amd_lookalike_cpuid(0, 0), "unpinned: this host's vendor");
+    // The console shows the profile.
+    let mut con = crate::testing::Lines::default();
+    let host = crate::console::HostStatus::default();
+    let p = crate::console::parse(&alloc::format!("vm stats {a} --json")).unwrap().unwrap();
+    crate::console::execute(&p, &mut m, &host, &mut con);
+    let j: serde_json::Value = serde_json::from_str(&con.0[0]).unwrap();
+    assert_eq!(j["cpuid"], "pinned (GenuineIntel, 6/140)", "{j}");
+    let p = crate::console::parse("vm run tiny cpuid=pinned").unwrap().unwrap();
+    crate::console::execute(&p, &mut m, &host, &mut con);
+    let p = crate::console::parse("vm list --json").unwrap().unwrap();
+    crate::console::execute(&p, &mut m, &host, &mut con);
+    let j: serde_json::Value = serde_json::from_str(con.0.last().unwrap()).unwrap();
+    let profiles: Vec<&str> = j["vms"].as_array().unwrap().iter().map(|v| v["cpuid"].as_str().unwrap()).collect();
+    assert_eq!(
+        profiles,
+        [
+            "pinned (GenuineIntel, 6/140)",
+            "host",
+            "pinned (GenuineIntel, 6/140)",
+            "host",
+            "pinned (AuthenticAMD, 25/33)"
+        ]
+    );
+    // OSXSAVE still follows the vCPU's CR4.
+    let res = m.vms.iter_mut().find(|v| v.id == a).unwrap().res.as_mut().unwrap();
+    res.vcpu.set_reg(vcpu::Reg::Cr4, res.vcpu.reg(vcpu::Reg::Cr4) | vcpu::state::bits::CR4_OSXSAVE);
+    assert_eq!(cpuid_exit(&mut m, a, 1).ecx, leaf1.ecx | (1 << 27));
+}
+
+#[test]
+fn a_host_that_cannot_honour_a_pinned_cpuid_refuses_the_restore() {
+    let mut m = manager(16384);
+    let id = busy_vm(&mut m);
+    m.pin_cpuid(id).unwrap();
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    m.backend.as_mut().unwrap().cpuid = amd_without_sse3_cpuid;
+    let frames = m.backend.as_ref().unwrap().mem.frames_in_use();
+    let (vms, next) = (m.vms.len(), m.next_id);
+    let e = m.restore_vm(stream.as_slice()).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "the checkpoint's pinned CPUID shows what this host cannot give its guests: leaf 0x1.0 ECX bits 0x00000003 (0, 1)"
+    );
+    assert_eq!((m.vms.len(), m.next_id), (vms, next), "nothing was created");
+    assert_eq!(m.backend.as_ref().unwrap().mem.frames_in_use(), frames, "frames leaked");
+    // The same checkpoint unpinned restores there.
+    m.vms.iter_mut().find(|v| v.id == id).unwrap().cpuid = crate::cpuid::Profile::Host;
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    assert!(m.restore_vm(stream.as_slice()).is_ok());
+}
+
+#[test]
+fn machine_records_of_version_2_decode_as_host_cpuid() {
+    let mut m = manager(8192);
+    let id = busy_vm(&mut m);
+    m.pin_cpuid(id).unwrap();
+    let vm = m.get(id).unwrap();
+    let table = match &vm.cpuid {
+        crate::cpuid::Profile::Pinned(t) => t.clone(),
+        crate::cpuid::Profile::Host => unreachable!(),
+    };
+    let state = MachineState {
+        guest: "tiny".into(),
+        image: "tiny".into(),
+        cmdline: "a b".into(),
+        modules: vec!["m".into()],
+        protocol: "elf64".into(),
+        mem_bytes: 4 << 20,
+        reboots: 2,
+        clock_ns: 5,
+        guest_tsc: 6,
+        tsc_hz: 7,
+        mtrr_def_type: 8,
+        misc_enable: 9,
+        disk: Some("d".into()),
+        net: None,
+        cpuid: crate::cpuid::Profile::Host,
+    };
+    // Version 2: the same fields without the profile.
+    let v3 = postcard::to_allocvec(&state).unwrap();
+    let v2 = &v3[..v3.len() - 1];
+    assert_eq!(MachineState::decode(2, v2), Ok(state.clone()));
+    assert_eq!(MachineState::decode(3, &v3), Ok(state.clone()));
+    assert_eq!(MachineState::decode(3, v2), Err(Refused::Machine), "version 3 without its profile");
+    assert_eq!(MachineState::decode(2, &v3), Err(Refused::Machine), "a trailing byte");
+    assert_eq!(MachineState::decode(4, &v3), Err(Refused::MachineVersion(4)));
+    let pinned = MachineState { cpuid: crate::cpuid::Profile::Pinned(table.clone()), ..state.clone() };
+    let bytes = postcard::to_allocvec(&pinned).unwrap();
+    assert_eq!(MachineState::decode(3, &bytes), Ok(pinned));
+    // A table out of order does not decode.
+    let mut entries = table.entries().to_vec();
+    entries.swap(0, 1);
+    #[derive(serde::Serialize)]
+    struct RawTable {
+        entries: Vec<crate::cpuid::Entry>,
+    }
+    #[derive(serde::Serialize)]
+    enum RawProfile {
+        _Host,
+        Pinned(RawTable),
+    }
+    let mut bad = v2.to_vec();
+    bad.extend(postcard::to_allocvec(&RawProfile::Pinned(RawTable { entries })).unwrap());
+    assert_eq!(MachineState::decode(3, &bad), Err(Refused::Machine));
+}
+
+/// Copies a stream record by record into a writer, the machine record
+/// rewritten in the version-2 layout (no CPUID profile).
+struct AsVersion2(migrate::Writer<Vec<u8>>);
+
+impl migrate::Apply for AsVersion2 {
+    type Error = migrate::Error;
+    fn vcpu(&mut self, index: u32, state: GuestState) -> Result<(), migrate::Error> {
+        self.0.vcpu(index, &state)
+    }
+    fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), migrate::Error> {
+        if name == checkpoint::MACHINE {
+            let m = MachineState::decode(version, bytes).unwrap();
+            assert_eq!(m.cpuid, crate::cpuid::Profile::Host, "a version-2 record cannot hold a table");
+            let v3 = postcard::to_allocvec(&m).unwrap();
+            return self.0.device(name, 2, &v3[..v3.len() - 1]);
+        }
+        self.0.device(name, version, bytes)
+    }
+    fn large_run(&mut self, gfn: u64, pages: u32) -> Result<(), migrate::Error> {
+        self.0.large_run(gfn, pages)
+    }
+    fn pages(&mut self, gfn: u64, data: &[u8]) -> Result<(), migrate::Error> {
+        for (i, page) in data.as_chunks::<4096>().0.iter().enumerate() {
+            self.0.page(gfn + i as u64, page)?;
+        }
+        Ok(())
+    }
+    fn zero(&mut self, gfn: u64, pages: u32) -> Result<(), migrate::Error> {
+        (0..u64::from(pages)).try_for_each(|p| self.0.page(gfn + p, &[0; 4096]))
+    }
+    fn shared(&mut self, _: u64, _: u32, _: &[u8; 4096]) -> Result<(), migrate::Error> {
+        unreachable!("no sharing in these VMs")
+    }
+    fn shared_ref(&mut self, _: u64, _: u32) -> Result<(), migrate::Error> {
+        unreachable!("no sharing in these VMs")
+    }
+    fn poisoned(&mut self, gfn: u64) -> Result<(), migrate::Error> {
+        self.0.poisoned(gfn)
+    }
+    fn resume(&mut self) -> Result<(), migrate::Error> {
+        self.0.resume()
+    }
+}
+
+#[test]
+fn a_version_2_checkpoint_restores_as_a_host_cpuid_vm() {
+    let mut m = manager(16384);
+    let id = busy_vm(&mut m);
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    let mut reader = migrate::Reader::open(stream.as_slice()).unwrap();
+    let mut header = reader.header().clone();
+    header.devices.iter_mut().filter(|d| d.name == checkpoint::MACHINE).for_each(|d| d.version = 2);
+    let mut copy = AsVersion2(migrate::Writer::begin(Vec::new(), &header).unwrap());
+    reader.apply(&mut copy).unwrap();
+    let (old, _) = copy.0.finish().unwrap();
+    let restored = m.restore_vm(old.as_slice()).unwrap();
+    let vm = m.get(restored).unwrap();
+    assert_eq!((vm.cpuid.describe().as_str(), vm.guest.as_str(), vm.msrs.misc_enable), ("host", "tiny", 0x1801));
+    assert_eq!(peek(&m, restored, 0x20_0000 + 5 * 4096), pattern(5));
 }

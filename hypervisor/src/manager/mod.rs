@@ -499,6 +499,7 @@ impl<B: Backend> Manager<B> {
             overhead_bytes: overhead,
             nested_pages,
             reclaim,
+            cpuid: Default::default(),
             res: Some(Resources { mem, vcpu }),
         }))
     }
@@ -522,6 +523,8 @@ impl<B: Backend> Manager<B> {
             old.cmdline.clone(),
         );
         let (reboots, stats, paused) = (old.reboots + 1, old.stats.clone(), old.paused);
+        // A reset keeps the CPU, and so the CPUID, the VM had.
+        let cpuid = old.cpuid.clone();
         let attached = old.devices.com1().is_raw();
         // The same disk, as a PC's reset keeps its drives, and the same NIC
         // on the same switch.
@@ -537,6 +540,7 @@ impl<B: Backend> Manager<B> {
                     self.switches.entry(net).or_default().attach(port, false);
                 }
                 vm.guest = guest.clone();
+                vm.cpuid = cpuid;
                 vm.reboots = reboots;
                 vm.stats.exits = stats.exits;
                 vm.stats.run_ticks = stats.run_ticks;
@@ -805,6 +809,19 @@ impl<B: Backend> Manager<B> {
             vm.guest = String::from(name);
         }
         Ok(id)
+    }
+
+    /// `cpuid=pinned`: VM `id`, built and not yet run, answers CPUID from
+    /// now on from the table of what it would be told on this host, here
+    /// and wherever its checkpoints are restored.
+    pub fn pin_cpuid(&mut self, id: u32) -> Result<(), Error> {
+        let backend = self.backend.as_ref().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+        let table = crate::cpuid::Table::capture(|l, s| {
+            crate::cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks())
+        });
+        vm.cpuid = crate::cpuid::Profile::Pinned(table);
+        Ok(())
     }
 
     /// `vm start`: a created VM runs.

@@ -148,6 +148,7 @@ impl<B: Backend> Manager<B> {
             misc_enable: vm.msrs.misc_enable,
             disk: vm.devices.block_disk().map(|(name, _)| String::from(name)),
             net,
+            cpuid: vm.cpuid.clone(),
         };
         let machine_bytes = postcard::to_allocvec(&machine).map_err(|_| Error::Checkpoint(Refused::Machine))?;
         let devices = vm.devices.save();

@@ -107,11 +107,9 @@ impl<B: Backend> Vm<B> {
             VmExit::Cpuid => {
                 let g = vcpu.gprs();
                 let (leaf, sub) = (g.rax as u32, g.rcx as u32);
-                let mut r = cpuid::guest_cpuid(leaf, sub, backend.host_cpuid(leaf, sub), backend.quirks());
-                if leaf == 1 && vcpu.reg(Reg::Cr4) & CR4_OSXSAVE != 0 {
-                    // OSXSAVE mirrors the guest's CR4 (SDM Vol. 2A CPUID).
-                    r.ecx |= 1 << 27;
-                }
+                let r = Self::cpuid_answer(&self.cpuid, backend, leaf, sub);
+                let osxsave = vcpu.reg(Reg::Cr4) & CR4_OSXSAVE != 0;
+                let r = cpuid::vcpu_fields(leaf, r, osxsave, self.devices.apic_id());
                 let g = vcpu.gprs_mut();
                 g.rax = r.eax as u64;
                 g.rbx = r.ebx as u64;
@@ -226,8 +224,10 @@ impl<B: Backend> Vm<B> {
             // device model with an interrupt for this vCPU injects it here.
             VmExit::InterruptWindow | VmExit::NmiWindow => Flow::Continue,
             VmExit::CrAccess { cr, access } => {
-                let allowed =
-                    cpuid::cr4_allowed(|l, s| cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks()));
+                // What the guest's CPUID shows and, for a pinned table
+                // (checked against this host at restore), the host too.
+                let allowed = cpuid::cr4_allowed(|l, s| Self::cpuid_answer(&self.cpuid, backend, l, s))
+                    & cpuid::cr4_allowed(|l, s| cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks()));
                 let r = regs::cr_access(vcpu, cr, access, allowed);
                 if cr == 8 && matches!(access, vcpu::CrAccess::MovTo { .. }) && r.is_ok() {
                     // CR8 is the local APIC's TPR[7:4] (SDM Vol. 3A 11.8.6.1).
@@ -240,8 +240,11 @@ impl<B: Backend> Vm<B> {
                 complete(vcpu, r)
             }
             VmExit::Xsetbv => {
-                let l = backend.host_cpuid(0xd, 0);
-                let host_mask = ((l.edx as u64) << 32) | l.eax as u64;
+                // XCR0 bits the guest's CPUID offers (a pinned table's
+                // within this host's: checked at restore) and the host has.
+                let mask = |l: cpuid::Regs| ((l.edx as u64) << 32) | l.eax as u64;
+                let host_mask =
+                    mask(backend.host_cpuid(0xd, 0)) & mask(Self::cpuid_answer(&self.cpuid, backend, 0xd, 0));
                 let r = regs::xsetbv(vcpu, host_mask);
                 complete(vcpu, r)
             }

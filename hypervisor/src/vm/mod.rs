@@ -161,10 +161,22 @@ pub struct Vm<B: Backend> {
     pub nested_pages: [u64; 3],
     /// Memory target, swap file and paging counters.
     pub reclaim: VmReclaim,
+    /// The CPUID it sees: this host's, or the table pinned when it was
+    /// created (`cpuid=pinned`), kept across resets and checkpoints.
+    pub cpuid: crate::cpuid::Profile,
     pub res: Option<Resources<B>>,
 }
 
 impl<B: Backend> Vm<B> {
+    /// The guest's CPUID answer for `leaf`/`subleaf` under `profile` (a
+    /// VM's; a function of the field so exit handlers may hold its vCPU),
+    /// before the vCPU's own fields ([`crate::cpuid::vcpu_fields`]).
+    pub fn cpuid_answer(profile: &crate::cpuid::Profile, backend: &B, leaf: u32, subleaf: u32) -> crate::cpuid::Regs {
+        profile.answer(leaf, subleaf, || {
+            crate::cpuid::guest_cpuid(leaf, subleaf, backend.host_cpuid(leaf, subleaf), backend.quirks())
+        })
+    }
+
     /// Up to `len` bytes at guest-virtual `gva` (through the guest's page
     /// tables), for reports; stops at the first unreadable byte.
     pub fn read_virt(&self, backend: &mut B, gva: u64, len: usize) -> Vec<u8> {
