@@ -242,6 +242,9 @@ pub enum Profile {
     Host,
     /// The table taken when it was created.
     Pinned(Table),
+    /// The table taken when it was created, its features cut to
+    /// [`Table::portable`]'s set, which hosts of both vendors offer.
+    Portable(Table),
 }
 
 impl Profile {
@@ -250,7 +253,7 @@ impl Profile {
     pub fn answer(&self, leaf: u32, subleaf: u32, host: impl FnOnce() -> Regs) -> Regs {
         match self {
             Profile::Host => host(),
-            Profile::Pinned(t) => t.answer(leaf, subleaf),
+            Profile::Pinned(t) | Profile::Portable(t) => t.answer(leaf, subleaf),
         }
     }
 
@@ -263,6 +266,18 @@ impl Profile {
                 let (family, model) = t.family_model();
                 format!("pinned ({}, {family}/{model})", t.vendor())
             }
+            Profile::Portable(t) => {
+                let (family, model) = t.family_model();
+                format!("portable ({}, {family}/{model})", t.vendor())
+            }
+        }
+    }
+
+    /// The table a VM keeps, if it keeps one.
+    pub fn table(&self) -> Option<&Table> {
+        match self {
+            Profile::Host => None,
+            Profile::Pinned(t) | Profile::Portable(t) => Some(t),
         }
     }
 }
@@ -298,6 +313,70 @@ impl Table {
         }
         entries.truncate(MAX_ENTRIES);
         Table { entries }
+    }
+
+    /// This table with its features cut to a set both vendors' hosts
+    /// offer (`cpuid=portable`): x86-64-v2 (SSE3 to SSE4.2, SSSE3,
+    /// POPCNT, CX16, LAHF) with PCLMULQDQ, AES, MOVBE, RDRAND, FSGSBASE,
+    /// BMI1/2, ADX, SMEP, SMAP, LZCNT, XSAVE of x87 and SSE state only, and
+    /// the long-mode basics; vendor-only extensions (SSE4a, 3DNow!, PCID,
+    /// INVPCID, RDSEED, SHA, the AVX-512 family, ...) are hidden. The
+    /// vendor string, family and model stay the creating host's: the guest
+    /// sees them unchanged wherever it is restored. Bits the creating host
+    /// lacks stay clear (this only removes).
+    pub fn portable(mut self) -> Table {
+        // Leaf 1 ECX: SSE3 0, PCLMULQDQ 1, SSSE3 9, CX16 13, SSE4.1 19,
+        // SSE4.2 20, x2APIC 21, MOVBE 22, POPCNT 23, TSC-deadline 24, AES
+        // 25, XSAVE 26, OSXSAVE 27, RDRAND 30, hypervisor 31 (SDM Vol. 2A
+        // table 3-10).
+        const L1_ECX: u32 = 0xcff8_2203;
+        // Leaf 1 EDX: FPU 0, DE 2, PSE 3, TSC 4, MSR 5, PAE 6, MCE 7, CX8
+        // 8, APIC 9, SEP 11, MTRR 12, PGE 13, MCA 14, CMOV 15, PAT 16,
+        // PSE-36 17, CLFSH 19, MMX 23, FXSR 24, SSE 25, SSE2 26 (table 3-11).
+        const L1_EDX: u32 = 0x078b_fbfd;
+        // Leaf 7.0 EBX: FSGSBASE 0, BMI1 3, SMEP 7, BMI2 8, ADX 19, SMAP 20.
+        const L7_EBX: u32 = 0x0018_0189;
+        // 0x80000001 ECX: LAHF/SAHF 0, LZCNT 5; EDX: SYSCALL 11, NX 20,
+        // 1-GByte pages 26, RDTSCP 27, LM 29 (APM Vol. 3 E.4.2).
+        const E1_ECX: u32 = 0x0000_0021;
+        const E1_EDX: u32 = 0x2c10_0800;
+        // XCR0: x87 and SSE; their XSAVE area is 576 bytes (SDM Vol. 1 13.4).
+        const XSAVE_LEGACY: u32 = 576;
+        self.entries.retain(|e| {
+            !(e.leaf == 0xd && e.subleaf.is_some_and(|s| s >= 2)) && !(e.leaf == 7 && e.subleaf.is_some_and(|s| s >= 1))
+        });
+        for e in &mut self.entries {
+            let r = &mut e.regs;
+            match (e.leaf, e.subleaf.unwrap_or(0)) {
+                (1, _) => {
+                    r.ecx &= L1_ECX;
+                    r.edx &= L1_EDX;
+                }
+                (7, 0) => {
+                    // EAX: the highest subleaf, now 0.
+                    r.eax = 0;
+                    r.ebx &= L7_EBX;
+                    r.ecx = 0;
+                    r.edx = 0;
+                }
+                (7, _) => *r = Regs::default(),
+                (0xd, 0) => {
+                    r.eax &= 0b11;
+                    r.edx = 0;
+                    r.ebx = r.ebx.min(XSAVE_LEGACY);
+                    r.ecx = r.ecx.min(XSAVE_LEGACY);
+                }
+                (0xd, 1) => *r = Regs::default(),
+                (0x8000_0001, _) => {
+                    r.ecx &= E1_ECX;
+                    r.edx &= E1_EDX;
+                }
+                _ => {}
+            }
+        }
+        // A leaf left all zeros is what a missing entry answers.
+        self.entries.retain(|e| e.regs != Regs::default());
+        self
     }
 
     /// A table of these entries, if well formed (see
@@ -681,6 +760,58 @@ mod tests {
                 Unsupported::XsaveSize { pinned: 832, host: 576 }
             ]
         );
+    }
+
+    #[test]
+    fn a_portable_table_keeps_what_both_vendors_offer() {
+        // An Intel host as Bochs' Tiger Lake differs from QEMU's AMD CPU:
+        // no SSE4a, CmpLegacy, AltMovCr8 (0x80000001 ECX 6, 1, 4), no
+        // 3DNow!/MmxExt (EDX 31, 30, 22), no ERMS (7.0 EBX 9); but SHA and
+        // RDSEED (7.0 EBX 29, 18) the AMD one lacks.
+        fn amd(leaf: u32, sub: u32) -> Regs {
+            let mut r = amd_host(leaf, sub);
+            if (leaf, sub) == (7, 0) {
+                r.ebx &= !((1 << 29) | (1 << 18));
+            }
+            r
+        }
+        fn intel(leaf: u32, sub: u32) -> Regs {
+            let mut r = amd_host(leaf, sub);
+            match (leaf, sub) {
+                (0, _) => (r.ebx, r.edx, r.ecx) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e), // GenuineIntel
+                (7, 0) => r.ebx = (r.ebx & !(1 << 9)) | (1 << 29) | (1 << 18),
+                (0x8000_0001, _) => {
+                    r.ecx &= !((1 << 1) | (1 << 4) | (1 << 6));
+                    r.edx &= !((1 << 31) | (1 << 30) | (1 << 22));
+                }
+                _ => {}
+            }
+            r
+        }
+        let pinned = Table::capture(guest_of(amd));
+        assert!(!pinned.unsupported(guest_of(intel)).is_empty(), "pinned: refused on the other vendor");
+        let portable = Table::capture(guest_of(amd)).portable();
+        assert!(portable.is_well_formed());
+        assert_eq!(portable.unsupported(guest_of(intel)), Vec::new());
+        assert_eq!(portable.unsupported(guest_of(amd)), Vec::new());
+        // The other way round too.
+        let back = Table::capture(guest_of(intel)).portable();
+        assert_eq!(back.unsupported(guest_of(amd)), Vec::new());
+        // It keeps the creating host's identity and the common features,
+        // and hides the vendor-only ones.
+        assert_eq!(portable.vendor(), "AuthenticAMD");
+        assert_eq!(portable.family_model(), (25, 33));
+        assert_eq!(portable.answer(0, 0), guest_of(amd)(0, 0));
+        let l1 = portable.answer(1, 0);
+        assert_eq!(l1.ecx & ((1 << 20) | (1 << 23)), (1 << 20) | (1 << 23), "SSE4.2 and POPCNT");
+        assert_eq!(portable.answer(0x8000_0001, 0).ecx & (1 << 6), 0, "SSE4a hidden");
+        assert_eq!(portable.answer(0x8000_0001, 0).edx & (1 << 29), 1 << 29, "long mode");
+        assert_eq!(back.answer(7, 0).ebx & ((1 << 29) | (1 << 18)), 0, "SHA and RDSEED hidden");
+        assert_eq!(portable.answer(0xd, 0), Regs { eax: 3, ebx: 576, ecx: 576, edx: 0 });
+        let p = Profile::Portable(portable);
+        assert!(p.describe().starts_with("portable (AuthenticAMD, 25/33)"), "{}", p.describe());
+        let bytes = postcard::to_allocvec(&p).unwrap();
+        assert_eq!(postcard::from_bytes::<Profile>(&bytes).unwrap(), p);
     }
 
     #[test]

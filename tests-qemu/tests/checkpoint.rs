@@ -14,7 +14,8 @@
 //! refused under VT-x (QEMU's AMD CPU has SSE4a and 3DNow!, Bochs' Tiger
 //! Lake neither; the other way, Tiger Lake has SHA, RDSEED, GFNI... that
 //! QEMU's TCG lacks), and restored under AMD-V after the round trip, its
-//! hash the one it printed at start.
+//! hash the one it printed at start. A fourth, `cpuid=portable` (cut to
+//! what both vendors offer), restores under VT-x with the same hash.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
@@ -170,6 +171,8 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     live_save_and_restore(&mut m, 2, "live-amd", 3);
     let amd_pinned = fill_and_save(&mut m, 4, "pinned-amd", "amd", "pinned");
     assert_eq!(amd_pinned, amd, "pinning changes nothing on the host it was taken on");
+    let amd_portable = fill_and_save(&mut m, 5, "portable-amd", "amd", "portable");
+    assert_ne!(amd_portable, amd, "portable hides the AMD-only features");
     // Refusals: one line, nothing changes.
     for (line, want) in [
         ("vm restore nothere", "error: "),
@@ -196,7 +199,11 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     let want = "error: checkpoint pinned-amd: the checkpoint's pinned CPUID shows what this host cannot give \
                 its guests: leaf 0x";
     assert!(out.trim_end().starts_with(want) && out.trim_end().lines().count() == 1, "{out}");
-    let intel = fill_and_save(&mut m, 2, "from-intel", "intel", "host");
+    // Portable: it has only what both vendors offer, and sees no change.
+    assert_eq!(restore_and_finish(&mut m, "portable-amd", 2), amd_portable, "a portable VM's CPUID changed");
+    let profile = m.json("vm stats 2 --json")["cpuid"].as_str().unwrap_or_default().to_string();
+    assert!(profile.starts_with("portable (AuthenticAMD, "), "{profile}");
+    let intel = fill_and_save(&mut m, 3, "from-intel", "intel", "host");
     m.poweroff();
 
     // Back on AMD-V: the Intel checkpoint restores and passes, its CPUID
@@ -214,7 +221,7 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     assert_eq!(restore_and_finish(&mut m, "pinned-amd", 3), amd_pinned);
     let profile = m.json("vm stats 3 --json")["cpuid"].as_str().unwrap_or_default().to_string();
     assert!(profile.starts_with("pinned (AuthenticAMD, "), "{profile}");
-    for name in ["from-amd", "from-intel", "pinned-amd"] {
+    for name in ["from-amd", "from-intel", "pinned-amd", "portable-amd"] {
         let out = m.cmd(&format!("vm checkpoint delete {name}"));
         assert!(out.contains(&format!("checkpoint {name} deleted")), "{out}");
     }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use vcpu::ExitKind;
 
-use super::parse::{Command, Parsed};
+use super::parse::{Command, CpuidChoice, Parsed};
 use crate::backend::Backend;
 use crate::manager::{ConsolePort, Manager};
 use crate::vm::exit::{Console, ticks_to_us};
@@ -48,11 +48,11 @@ const HELP: &[(&str, &str)] = &[
     ("help", "this list"),
     ("host", "CPU, memory and virtualization features"),
     (
-        "vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [cpuid=host|pinned] [-- <cmdline>]",
-        "start a VM from a ramdisk guest image (net=: a virtio NIC on that host switch; cpuid=pinned: it keeps this host's CPUID wherever restored)",
+        "vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [cpuid=host|pinned|portable] [-- <cmdline>]",
+        "start a VM from a ramdisk guest image (net=: a virtio NIC on that host switch; cpuid=pinned: it keeps this host's CPUID wherever restored; portable: the same, cut to features both vendors offer)",
     ),
     (
-        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [disk=<image>] [net=<switch>] [cpuid=host|pinned] [cmdline=\"...\"]",
+        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [disk=<image>] [net=<switch>] [cpuid=host|pinned|portable] [cmdline=\"...\"]",
         "build a VM from a ramdisk kernel, stopped until vm start",
     ),
     ("vm start <id>", "run a VM that vm create built"),
@@ -147,8 +147,8 @@ fn run<B: Backend>(
             let (mem_mib, modules, cmdline) = m.run_defaults(guest, *mem_mib, modules, cmdline.as_deref())?;
             let id = m.run_vm_with_nic(guest, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
             // Before it first runs (the scheduler runs after the command).
-            if *pin_cpuid {
-                m.pin_cpuid(id)?;
+            if *pin_cpuid != CpuidChoice::Host {
+                m.pin_cpuid(id, *pin_cpuid == CpuidChoice::Portable)?;
             }
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {
@@ -164,8 +164,8 @@ fn run<B: Backend>(
             let modules: Vec<String> = initrd.iter().cloned().collect();
             let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
             let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
-            if *pin_cpuid {
-                m.pin_cpuid(id)?;
+            if *pin_cpuid != CpuidChoice::Host {
+                m.pin_cpuid(id, *pin_cpuid == CpuidChoice::Portable)?;
             }
             let vm = m.get(id).ok_or("the VM vanished")?;
             Ok(Reply {

@@ -33,7 +33,7 @@ pub enum Command {
         /// The host switch the VM's virtio-net NIC is on.
         net: Option<String>,
         /// `cpuid=pinned`: the VM keeps the CPUID it is created with.
-        pin_cpuid: bool,
+        pin_cpuid: CpuidChoice,
     },
     VmStart {
         id: u32,
@@ -53,7 +53,7 @@ pub enum Command {
         /// The host switch the VM's virtio-net NIC is on.
         net: Option<String>,
         /// `cpuid=pinned`: the VM keeps the CPUID it is created with.
-        pin_cpuid: bool,
+        pin_cpuid: CpuidChoice,
     },
     VmList,
     VmStats {
@@ -305,7 +305,7 @@ impl core::fmt::Display for Refusal {
             Refusal::DiskName { cmd, name, why } => write!(f, "{cmd}: {name:?} is not a disk name: {why}"),
             Refusal::DiskMib(v) => write!(f, "disk create: the size must be 1..={MAX_DISK_MIB} MiB, not {v:?}"),
             Refusal::CpuidProfile { cmd, value } => {
-                write!(f, "{cmd}: cpuid= takes host (the default) or pinned, not {value:?}")
+                write!(f, "{cmd}: cpuid= takes host (the default), pinned or portable, not {value:?}")
             }
             Refusal::FillRate(v) => {
                 write!(f, "vm restore: fill= takes pages per second (0: only when touched), not {v:?}")
@@ -582,7 +582,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
         return Err(Refusal::NotAVmName(name.to_string()));
     }
     let (mut kernel, mut initrd, mut mem_mib, mut disk, mut net) = (None, None, None, None, None);
-    let mut pin_cpuid = false;
+    let mut pin_cpuid = CpuidChoice::Host;
     let mut i = 0;
     while i < opts.len() {
         let opt = opts[i];
@@ -628,11 +628,22 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline, disk, net, pin_cpuid })
 }
 
-/// `cpuid=host|pinned`: whether to pin.
-fn cpuid_profile(cmd: &'static str, v: &str) -> Result<bool, Refusal> {
+/// `cpuid=host|pinned|portable`: which CPUID a new VM sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuidChoice {
+    /// This host's, at every CPUID.
+    Host,
+    /// This host's as the VM is created, kept wherever it goes.
+    Pinned,
+    /// As `Pinned`, cut to features both vendors' hosts offer.
+    Portable,
+}
+
+fn cpuid_profile(cmd: &'static str, v: &str) -> Result<CpuidChoice, Refusal> {
     match v {
-        "host" => Ok(false),
-        "pinned" => Ok(true),
+        "host" => Ok(CpuidChoice::Host),
+        "pinned" => Ok(CpuidChoice::Pinned),
+        "portable" => Ok(CpuidChoice::Portable),
         _ => Err(Refusal::CpuidProfile { cmd, value: v.to_string() }),
     }
 }
@@ -656,7 +667,7 @@ fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
         return Err(Refusal::OptionBeforeGuest(guest.to_string()));
     }
     let (mut mem_mib, mut disk, mut net) = (None, None, None);
-    let mut pin_cpuid = false;
+    let mut pin_cpuid = CpuidChoice::Host;
     let mut modules = Vec::new();
     for opt in opts {
         match opt.split_once('=') {
@@ -729,7 +740,7 @@ mod tests {
                 cmdline: Some("console=ttyS0 quiet".into()),
                 disk: None,
                 net: None,
-                pin_cpuid: false
+                pin_cpuid: CpuidChoice::Host
             }
         );
         assert_eq!(
@@ -742,7 +753,7 @@ mod tests {
                 cmdline: Some("root=/dev/vda ro".into()),
                 disk: Some("web-root".into()),
                 net: None,
-                pin_cpuid: false
+                pin_cpuid: CpuidChoice::Host
             }
         );
         assert_eq!(ok("vm start 4").command, Command::VmStart { id: 4 });
@@ -775,7 +786,7 @@ mod tests {
                 cmdline: None,
                 disk: None,
                 net: None,
-                pin_cpuid: false
+                pin_cpuid: CpuidChoice::Host
             }
         );
         assert_eq!(
@@ -787,7 +798,7 @@ mod tests {
                 cmdline: Some("write addr=0x1000 --json".into()),
                 disk: None,
                 net: None,
-                pin_cpuid: false
+                pin_cpuid: CpuidChoice::Host
             }
         );
         assert_eq!(
@@ -799,7 +810,7 @@ mod tests {
                 cmdline: None,
                 disk: None,
                 net: None,
-                pin_cpuid: false
+                pin_cpuid: CpuidChoice::Host
             }
         );
         assert!(err("vm run k mod=").contains("unknown option"));
@@ -812,7 +823,7 @@ mod tests {
                 cmdline: None,
                 disk: Some("d1".into()),
                 net: None,
-                pin_cpuid: false
+                pin_cpuid: CpuidChoice::Host
             }
         );
         assert!(!ok("vm run escape -- --json").json, "--json after -- belongs to the guest");
@@ -825,7 +836,7 @@ mod tests {
                 cmdline: None,
                 disk: Some("d1".into()),
                 net: Some("lan-0.a_b".into()),
-                pin_cpuid: false
+                pin_cpuid: CpuidChoice::Host
             }
         );
         for bad in ["net=", "net=a/b", "net=\"x\"", &format!("net={}", "s".repeat(33))] {
@@ -841,14 +852,20 @@ mod tests {
             Command::VmRun { pin_cpuid, .. } | Command::VmCreate { pin_cpuid, .. } => pin_cpuid,
             other => panic!("{other:?}"),
         };
-        assert!(pinned("vm run memtest cpuid=pinned -- hold=1"));
-        assert!(!pinned("vm run memtest cpuid=host"));
-        assert!(!pinned("vm run memtest -- cpuid=pinned"), "after --: the guest's");
-        assert!(pinned("vm create web kernel=k cpuid=pinned"));
-        assert!(!pinned("vm create web kernel=k"));
+        use CpuidChoice::*;
+        assert_eq!(pinned("vm run memtest cpuid=pinned -- hold=1"), Pinned);
+        assert_eq!(pinned("vm run memtest cpuid=portable"), Portable);
+        assert_eq!(pinned("vm run memtest cpuid=host"), Host);
+        assert_eq!(pinned("vm run memtest -- cpuid=pinned"), Host, "after --: the guest's");
+        assert_eq!(pinned("vm create web kernel=k cpuid=pinned"), Pinned);
+        assert_eq!(pinned("vm create web kernel=k cpuid=portable"), Portable);
+        assert_eq!(pinned("vm create web kernel=k"), Host);
         for line in ["vm run memtest cpuid=", "vm run memtest cpuid=Pinned", "vm create web kernel=k cpuid=intel"] {
             let e = err(line);
-            assert!(e.contains("cpuid= takes host (the default) or pinned") && !e.contains('\n'), "{line}: {e}");
+            assert!(
+                e.contains("cpuid= takes host (the default), pinned or portable") && !e.contains('\n'),
+                "{line}: {e}"
+            );
         }
     }
 

@@ -91,10 +91,7 @@ impl MachineState {
             other => return Err(Refused::MachineVersion(other)),
         };
         let (m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
-        let table_ok = match &m.cpuid {
-            crate::cpuid::Profile::Host => true,
-            crate::cpuid::Profile::Pinned(t) => t.is_well_formed(),
-        };
+        let table_ok = m.cpuid.table().is_none_or(|t| t.is_well_formed());
         if !rest.is_empty() || !table_ok {
             return Err(Refused::Machine);
         }
@@ -307,7 +304,7 @@ impl<B: Backend> Manager<B> {
         };
         // A pinned VM runs natively what its table shows: this host must
         // offer all of it.
-        if let crate::cpuid::Profile::Pinned(table) = &machine.cpuid {
+        if let Some(table) = machine.cpuid.table() {
             let missing =
                 table.unsupported(|l, s| crate::cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks()));
             if !missing.is_empty() {

@@ -326,7 +326,7 @@ fn cpuid_exit(m: &mut Manager<MockBackend>, id: u32, leaf: u32) -> crate::cpuid:
 fn a_pinned_vm_keeps_its_cpuid_on_another_host_and_an_unpinned_one_does_not() {
     let mut m = manager(16384);
     let pinned = busy_vm(&mut m);
-    m.pin_cpuid(pinned).unwrap();
+    m.pin_cpuid(pinned, false).unwrap();
     let host = busy_vm(&mut m);
     let intel = cpuid_exit(&mut m, host, 0);
     assert_eq!(cpuid_exit(&mut m, pinned, 0), intel);
@@ -378,7 +378,7 @@ fn a_pinned_vm_keeps_its_cpuid_on_another_host_and_an_unpinned_one_does_not() {
 fn a_host_that_cannot_honour_a_pinned_cpuid_refuses_the_restore() {
     let mut m = manager(16384);
     let id = busy_vm(&mut m);
-    m.pin_cpuid(id).unwrap();
+    m.pin_cpuid(id, false).unwrap();
     let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
     m.backend.as_mut().unwrap().cpuid = amd_without_sse3_cpuid;
     let frames = m.backend.as_ref().unwrap().mem.frames_in_use();
@@ -400,12 +400,9 @@ fn a_host_that_cannot_honour_a_pinned_cpuid_refuses_the_restore() {
 fn machine_records_of_version_2_decode_as_host_cpuid() {
     let mut m = manager(8192);
     let id = busy_vm(&mut m);
-    m.pin_cpuid(id).unwrap();
+    m.pin_cpuid(id, false).unwrap();
     let vm = m.get(id).unwrap();
-    let table = match &vm.cpuid {
-        crate::cpuid::Profile::Pinned(t) => t.clone(),
-        crate::cpuid::Profile::Host => unreachable!(),
-    };
+    let table = vm.cpuid.table().expect("pinned").clone();
     let state = MachineState {
         guest: "tiny".into(),
         image: "tiny".into(),

@@ -813,14 +813,19 @@ impl<B: Backend> Manager<B> {
 
     /// `cpuid=pinned`: VM `id`, built and not yet run, answers CPUID from
     /// now on from the table of what it would be told on this host, here
-    /// and wherever its checkpoints are restored.
-    pub fn pin_cpuid(&mut self, id: u32) -> Result<(), Error> {
+    /// and wherever its checkpoints are restored (`portable`: cut to the
+    /// features hosts of both vendors offer, [`crate::cpuid::Table::portable`]).
+    pub fn pin_cpuid(&mut self, id: u32, portable: bool) -> Result<(), Error> {
         let backend = self.backend.as_ref().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         let table = crate::cpuid::Table::capture(|l, s| {
             crate::cpuid::guest_cpuid(l, s, backend.host_cpuid(l, s), backend.quirks())
         });
-        vm.cpuid = crate::cpuid::Profile::Pinned(table);
+        vm.cpuid = if portable {
+            crate::cpuid::Profile::Portable(table.portable())
+        } else {
+            crate::cpuid::Profile::Pinned(table)
+        };
         Ok(())
     }
 
