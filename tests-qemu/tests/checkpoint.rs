@@ -15,7 +15,9 @@
 //! Lake neither; the other way, Tiger Lake has SHA, RDSEED, GFNI... that
 //! QEMU's TCG lacks), and restored under AMD-V after the round trip, its
 //! hash the one it printed at start. A fourth, `cpuid=portable` (cut to
-//! what both vendors offer), restores under VT-x with the same hash.
+//! what both vendors offer), restores under VT-x with the same hash. A
+//! checkpoint with one bit flipped on the disk file is refused under VT-x
+//! with one line naming the record.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
@@ -173,6 +175,13 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     assert_eq!(amd_pinned, amd, "pinning changes nothing on the host it was taken on");
     let amd_portable = fill_and_save(&mut m, 5, "portable-amd", "amd", "portable");
     assert_ne!(amd_portable, amd, "portable hides the AMD-only features");
+    // A second save of it, to be damaged on the disk file while the
+    // machine is off.
+    let out = m.cmd("vm save 5 damaged");
+    assert!(out.contains("vm 5 saved to checkpoint damaged: "), "{out}");
+    let disk = m.json("disk list --json");
+    let extent = disk["extents"].as_array().unwrap().iter().find(|e| e["name"] == "damaged").cloned().unwrap();
+    let flip_at = extent["start_block"].as_u64().unwrap() * 512 + extent["bytes"].as_u64().unwrap() / 2;
     // Refusals: one line, nothing changes.
     for (line, want) in [
         ("vm restore nothere", "error: "),
@@ -183,6 +192,17 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
         assert!(out.trim_end().starts_with(want) && out.trim_end().lines().count() == 1, "{line}: {out}");
     }
     m.poweroff();
+    // One bit flipped in the middle of a checkpoint, as a failing disk
+    // would.
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(flip_at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(flip_at)).unwrap();
+        f.write_all(&[b[0] ^ 0x08]).unwrap();
+    }
 
     // VT-x on the same disk: the AMD checkpoint is there and goes on here;
     // a checkpoint of its own for the way back.
@@ -199,6 +219,16 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     let want = "error: checkpoint pinned-amd: the checkpoint's pinned CPUID shows what this host cannot give \
                 its guests: leaf 0x";
     assert!(out.trim_end().starts_with(want) && out.trim_end().lines().count() == 1, "{out}");
+    // The damaged checkpoint is refused with one line naming the record,
+    // and nothing is created (the next VM is still 2).
+    let out = m.cmd("vm restore damaged");
+    assert!(
+        out.trim_end().starts_with("error: checkpoint damaged: ")
+            && out.contains("checksum")
+            && out.contains(" record ")
+            && out.trim_end().lines().count() == 1,
+        "{out}"
+    );
     // Portable: it has only what both vendors offer, and sees no change.
     assert_eq!(restore_and_finish(&mut m, "portable-amd", 2), amd_portable, "a portable VM's CPUID changed");
     let profile = m.json("vm stats 2 --json")["cpuid"].as_str().unwrap_or_default().to_string();
@@ -221,7 +251,7 @@ fn a_checkpoint_taken_on_one_vendor_restores_on_the_other() {
     assert_eq!(restore_and_finish(&mut m, "pinned-amd", 3), amd_pinned);
     let profile = m.json("vm stats 3 --json")["cpuid"].as_str().unwrap_or_default().to_string();
     assert!(profile.starts_with("pinned (AuthenticAMD, "), "{profile}");
-    for name in ["from-amd", "from-intel", "pinned-amd", "portable-amd"] {
+    for name in ["from-amd", "from-intel", "pinned-amd", "portable-amd", "damaged"] {
         let out = m.cmd(&format!("vm checkpoint delete {name}"));
         assert!(out.contains(&format!("checkpoint {name} deleted")), "{out}");
     }
