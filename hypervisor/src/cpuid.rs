@@ -59,6 +59,9 @@ const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 // Leaf 1 EDX (table 3-11).
+/// FMA and F16C are VEX-encoded: they need the AVX state (YMM, XCR0 bit
+/// 2) that guests cannot enable here (SDM Vol. 1 14.3, 14.4).
+const ECX_NEEDS_AVX: u32 = (1 << 12) | (1 << 29);
 const EDX_VME: u32 = 1 << 1;
 const EDX_DE: u32 = 1 << 2;
 const EDX_PSE: u32 = 1 << 3;
@@ -94,6 +97,15 @@ const L7_ECX_CET_SS: u32 = 1 << 7;
 /// 4 levels, so a guest must not turn on a fifth.
 const L7_ECX_LA57: u32 = 1 << 16;
 const L7_ECX_RDPID: u32 = 1 << 22;
+/// VEX/EVEX-only extensions, which need the AVX or AVX-512 state guests
+/// cannot enable: AVX512_VBMI 1, VBMI2 6, VAES 9, VPCLMULQDQ 10,
+/// AVX512_VNNI 11, BITALG 12, VPOPCNTDQ 14 (SDM Vol. 2A CPUID, table 3-8).
+const L7_ECX_NEEDS_AVX: u32 = (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
+/// PKS: CR4.PKS (bit 24) is not among the bits a guest may set here
+/// (`cr4_allowed`), so the feature must not be shown.
+const L7_ECX_PKS: u32 = 1 << 31;
+/// AVX512_4VNNIW 2, 4FMAPS 3, VP2INTERSECT 8, FP16 23.
+const L7_EDX_NEEDS_AVX: u32 = (1 << 2) | (1 << 3) | (1 << 8) | (1 << 23);
 const L7_EDX_CET_IBT: u32 = 1 << 20;
 /// AMX: tile state is XSAVE state too.
 const L7_EDX_AMX: u32 = (1 << 22) | (1 << 24) | (1 << 25);
@@ -103,6 +115,9 @@ const L7_EDX_FSRM: u32 = 1 << 4;
 const L7_EDX_SPEC: u32 = (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29) | (1 << 31);
 // 0x80000001 ECX and EDX.
 const EXT_ECX_SVM: u32 = 1 << 2;
+/// AMD's XOP and FMA4: VEX-like encodings on the YMM state (APM Vol. 3
+/// E.4.2).
+const EXT_ECX_NEEDS_AVX: u32 = (1 << 11) | (1 << 16);
 const EXT_EDX_RDTSCP: u32 = 1 << 27;
 /// The XSAVE area's size for what XCR0 may enable (x87 and SSE): the
 /// 512-byte legacy region and the 64-byte header (SDM Vol. 1 13.4).
@@ -125,7 +140,8 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
                 | ECX_PDCM
                 | ECX_X2APIC
                 | ECX_OSXSAVE
-                | ECX_AVX);
+                | ECX_AVX
+                | ECX_NEEDS_AVX);
             r.ecx |= ECX_HYPERVISOR;
             // The local APIC (xAPIC; x2APIC hidden: Linux would not use it
             // without interrupt remapping) with its TSC-deadline timer.
@@ -152,11 +168,11 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
         7 => {
             if subleaf == 0 {
                 r.ebx &= !(L7_EBX_AVX2 | L7_EBX_AVX512 | L7_EBX_TSC_ADJUST | L7_EBX_MPX);
-                r.ecx &= !(L7_ECX_WAITPKG | L7_ECX_PKU | L7_ECX_CET_SS | L7_ECX_LA57);
+                r.ecx &= !(L7_ECX_WAITPKG | L7_ECX_PKU | L7_ECX_CET_SS | L7_ECX_LA57 | L7_ECX_NEEDS_AVX | L7_ECX_PKS);
                 if !quirks.rdtscp {
                     r.ecx &= !L7_ECX_RDPID;
                 }
-                r.edx &= !(L7_EDX_SPEC | L7_EDX_CET_IBT | L7_EDX_AMX);
+                r.edx &= !(L7_EDX_SPEC | L7_EDX_CET_IBT | L7_EDX_AMX | L7_EDX_NEEDS_AVX);
                 if quirks.fast_strings_off {
                     r.ebx &= !L7_EBX_ERMS;
                     r.edx &= !L7_EDX_FSRM;
@@ -172,7 +188,7 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
         0x4000_0001 => r = Regs { eax: HV_VERSION, ..Default::default() },
         0x4000_0002..=0x4fff_ffff => r = Regs::default(),
         0x8000_0001 => {
-            r.ecx &= !EXT_ECX_SVM;
+            r.ecx &= !(EXT_ECX_SVM | EXT_ECX_NEEDS_AVX);
             if !quirks.rdtscp {
                 r.edx &= !EXT_EDX_RDTSCP;
             }
@@ -639,6 +655,19 @@ mod tests {
         let r = guest_cpuid(7, 0, ALL, HostQuirks::default());
         assert_eq!(r.ecx & (L7_ECX_PKU | L7_ECX_CET_SS), 0);
         assert_eq!(r.ebx & (L7_EBX_MPX | L7_EBX_TSC_ADJUST), 0);
+    }
+
+    #[test]
+    fn features_that_need_avx_state_or_cr4_pks_are_hidden() {
+        let q = HostQuirks::default();
+        assert_eq!(guest_cpuid(1, 0, ALL, q).ecx & ((1 << 12) | (1 << 29)), 0, "FMA, F16C");
+        let r = guest_cpuid(7, 0, ALL, q);
+        assert_eq!(r.ecx & (L7_ECX_NEEDS_AVX | L7_ECX_PKS), 0);
+        assert_ne!(r.ecx & (1 << 8), 0, "GFNI has legacy SSE encodings: kept");
+        assert_eq!(r.edx & L7_EDX_NEEDS_AVX, 0);
+        assert_eq!(guest_cpuid(0x8000_0001, 0, ALL, q).ecx & ((1 << 11) | (1 << 16)), 0, "XOP, FMA4");
+        let allowed = cr4_allowed(|l, s| guest_cpuid(l, s, ALL, q));
+        assert_eq!(allowed & (1 << 24), 0, "CR4.PKS");
     }
 
     #[test]

@@ -202,8 +202,9 @@ fn run<B: Backend>(
         }
         Command::VmStats { id } => {
             let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
+            let now = m.nested_pages_now(*id);
             let vm = m.get(*id).ok_or_else(|| format!("no VM {id}"))?;
-            Ok(stats_reply(vm, hz, m.switch_of(*id), m.lazy_progress(*id)))
+            Ok(stats_reply(vm, hz, m.switch_of(*id), m.lazy_progress(*id), now))
         }
         Command::VmStop { id } => {
             m.stop(*id, console)?;
@@ -329,6 +330,7 @@ fn stats_reply<B: Backend>(
     hz: u64,
     switch: Option<&str>,
     lazy: Option<crate::memory::lazy::LazyProgress>,
+    nested_now: Option<[u64; 3]>,
 ) -> Reply {
     let run_us = ticks_to_us(vm.stats.run_ticks, hz);
     let wall_end = vm.stats.ended_tsc;
@@ -353,10 +355,12 @@ fn stats_reply<B: Backend>(
         by_reason.insert(k.name().into(), json!(n));
     }
     text.push_str(&format!("\n  cpuid: {}", vm.cpuid.describe()));
-    text.push_str(&format!(
-        "\n  nested page table: {} x 1 GiB, {} x 2 MiB, {} x 4 KiB pages",
-        vm.nested_pages[2], vm.nested_pages[1], vm.nested_pages[0]
-    ));
+    let leaves = |n: [u64; 3]| format!("{} x 1 GiB, {} x 2 MiB, {} x 4 KiB pages", n[2], n[1], n[0]);
+    text.push_str(&format!("\n  nested page table at start: {}", leaves(vm.nested_pages)));
+    if let Some(n) = nested_now {
+        // Sharing, swap, snapshots and lazy loads split and merge leaves.
+        text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
+    }
     text.push_str(&format!(
         "\n  time slices used up: {}\n  unbacked port accesses: {}\n  device register accesses (emulated): {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
@@ -471,6 +475,10 @@ fn stats_reply<B: Backend>(
         o.insert(
             "nested_pages".into(),
             json!({ "4k": vm.nested_pages[0], "2m": vm.nested_pages[1], "1g": vm.nested_pages[2] }),
+        );
+        o.insert(
+            "nested_pages_now".into(),
+            nested_now.map_or(Value::Null, |n| json!({ "4k": n[0], "2m": n[1], "1g": n[2] })),
         );
         o.insert("ended".into(), json!(wall_end.is_some()));
     }

@@ -397,7 +397,7 @@ impl<B: Backend> Manager<B> {
             image: machine.image,
             msrs: MsrState { mtrr_def_type: machine.mtrr_def_type, misc_enable: machine.misc_enable },
             overhead_bytes: overhead,
-            nested_pages: [0; 3],
+            nested_pages: super::nested_leaves(&mem, &*backend.mem(), machine.mem_bytes),
             reclaim,
             cpuid: machine.cpuid,
             res: Some(Resources { mem, vcpu }),

@@ -463,16 +463,7 @@ impl<B: Backend> Manager<B> {
         };
         let overhead =
             vcpu.overhead_bytes() + mem.memory_report().overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
-        let mut nested_pages = [0u64; 3];
-        let (ranges, n) = crate::vm::boot::ram_ranges(size);
-        let top = ranges[n - 1].end;
-        for m in mem.table().mappings(&*backend.mem(), mm::GuestPhysAddr(0)..mm::GuestPhysAddr(top)) {
-            nested_pages[match m.leaf.size {
-                PageSize::Size4K => 0,
-                PageSize::Size2M => 1,
-                PageSize::Size1G => 2,
-            }] += 1;
-        }
+        let nested_pages = nested_leaves(&mem, &*backend.mem(), size);
         let phys_bits = backend.host_cpuid(0x8000_0008, 0).eax as u8;
         devices.set_cpu(state.tsc_offset, backend.tsc_hz(), phys_bits.clamp(36, 52));
         let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
@@ -811,6 +802,15 @@ impl<B: Backend> Manager<B> {
         Ok(id)
     }
 
+    /// VM `id`'s nested-page-table leaves mapping RAM now (4 KiB, 2 MiB,
+    /// 1 GiB), if it still has memory.
+    pub fn nested_pages_now(&mut self, id: u32) -> Option<[u64; 3]> {
+        let backend = self.backend.as_mut().ok()?;
+        let vm = self.vms.iter().find(|v| v.id == id)?;
+        let res = vm.res.as_ref()?;
+        Some(nested_leaves(&res.mem, &*backend.mem(), vm.mem_bytes))
+    }
+
     /// `cpuid=pinned`: VM `id`, built and not yet run, answers CPUID from
     /// now on from the table of what it would be told on this host, here
     /// and wherever its checkpoints are restored (`portable`: cut to the
@@ -1090,3 +1090,23 @@ mod save_tests;
 mod tests;
 #[cfg(test)]
 mod vcpu_tests;
+
+/// The leaves of `mem`'s nested page table that map RAM of a VM of
+/// `mem_bytes`, by size: 4 KiB, 2 MiB, 1 GiB.
+pub fn nested_leaves<M: mm::hal::PhysMem>(
+    mem: &GuestMemory<impl mm::paging::EntryFormat>,
+    phys: &M,
+    mem_bytes: u64,
+) -> [u64; 3] {
+    let mut leaves = [0u64; 3];
+    let (ranges, n) = crate::vm::boot::ram_ranges(mem_bytes);
+    let top = ranges[..n].last().map_or(0, |r| r.end);
+    for m in mem.table().mappings(phys, mm::GuestPhysAddr(0)..mm::GuestPhysAddr(top)) {
+        leaves[match m.leaf.size {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => 1,
+            PageSize::Size1G => 2,
+        }] += 1;
+    }
+    leaves
+}

@@ -114,8 +114,12 @@ fn a_live_save_is_the_instant_it_began_while_the_vm_writes_on() {
     for p in 0..1024u64 {
         dma_write(&mut m, id, 0x40_0000 + p * 4096, &pattern(p));
     }
+    let large_at_start = m.nested_pages_now(id).unwrap()[1];
+    assert!(large_at_start > 0, "a 24 MiB VM is mapped with 2 MiB pages");
     let target = MemTarget::default();
     let pause = m.start_live_save(id, Box::new(target.clone()), String::new(), None).unwrap();
+    // The snapshot protects every page on its own: no large leaf while it runs.
+    assert_eq!(m.nested_pages_now(id).unwrap()[1], 0);
     assert!(pause < m.backend.as_ref().unwrap().tsc_hz(), "paused {pause} ticks");
     assert!(matches!(
         m.start_live_save(id, Box::new(MemTarget::default()), String::new(), None),
@@ -149,12 +153,17 @@ fn a_live_save_is_the_instant_it_began_while_the_vm_writes_on() {
     assert!(writes.len() >= 2, "{writes:?}");
     assert!(writes[..writes.len() - 1].iter().all(|&n| n >= STAGING_BYTES), "{writes:?}");
     let restored = m.restore_vm(stream.as_slice()).unwrap();
+    // Its table as built, counted as for a VM started here.
+    let now = m.nested_pages_now(restored).unwrap();
+    assert_eq!(m.get(restored).unwrap().nested_pages, now);
+    assert!(m.get(restored).unwrap().nested_pages[1] > 0);
     for p in 0..1024u64 {
         assert_eq!(peek(&m, restored, 0x40_0000 + p * 4096), pattern(p), "page {p}");
     }
     // The snapshot is over: writes need no copy, large pages are back.
     let vm = m.get(id).unwrap();
     assert!(vm.res.as_ref().unwrap().mem.snapshot_stats().is_none());
+    assert!(m.nested_pages_now(id).unwrap()[1] > 0, "large pages merged again");
     guest_write(&mut m, id, 0x40_0000, &[1; 8]);
 }
 
