@@ -104,7 +104,7 @@ impl<D: BlockStore> DiskSnapshot<D> {
     /// The guest is about to write `[offset, offset + len)`: copy the
     /// chunks it touches that still hold the instant's data.
     fn before_guest_write(&mut self, offset: u64, len: u64) {
-        if self.failed.is_some() || offset >= self.limit {
+        if self.failed.is_some() || offset >= self.limit || len == 0 {
             return;
         }
         let last = (offset.saturating_add(len).min(self.limit) - 1) / CHUNK;
@@ -216,6 +216,8 @@ mod tests {
         assert_eq!(snap.borrow().before_write, 1);
         assert!(!snap.borrow_mut().step(2).unwrap());
         vm.write(0, &[0xcc; 512]).unwrap(); // copied already: no copy
+        assert_eq!(snap.borrow().before_write, 1);
+        let _ = vm.write(0, &[]); // an empty write copies nothing (and must not underflow)
         assert_eq!(snap.borrow().before_write, 1);
         assert_eq!(snap.borrow_mut().finish().unwrap(), 300 * 1024);
         assert_eq!(snap.borrow().background, 4);
