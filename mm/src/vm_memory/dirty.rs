@@ -425,21 +425,28 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
             }
         }
         // Pages may have changed state while logging; merging re-checks.
-        for &(gpa, size) in &log.split {
+        self.remerge(&*alloc, &log.split, &mut inv);
+        inv.flush(alloc, &mut *flush);
+        Ok(())
+    }
+
+    /// Map with large leaves again, where possible, what
+    /// [`Self::split_above`] split (`split`): when dirty logging or a
+    /// snapshot stops.
+    pub(super) fn remerge<M: PhysMem>(&mut self, mem: &M, split: &[(u64, PageSize)], inv: &mut Invalidation<F>) {
+        for &(gpa, size) in split {
             let mut at = gpa;
             while at < gpa + size.bytes() {
-                self.try_merge_2m(&*alloc, GuestPhysAddr(at), &mut inv);
+                self.try_merge_2m(mem, GuestPhysAddr(at), inv);
                 at += PAGE_SIZE_2M;
             }
             if size == PageSize::Size1G
-                && let Ok(i) = self.primary.merge(&*alloc, GuestPhysAddr(gpa), PageSize::Size1G)
+                && let Ok(i) = self.primary.merge(mem, GuestPhysAddr(gpa), PageSize::Size1G)
             {
-                combine(&mut inv, i);
+                combine(inv, i);
             }
         }
-        debug_assert!(log.split.iter().all(|&(g, s)| g % PAGE_SIZE_2M == 0 && s.bytes() <= PAGE_SIZE_1G));
-        inv.flush(alloc, &mut *flush);
-        Ok(())
+        debug_assert!(split.iter().all(|&(g, s)| g % PAGE_SIZE_2M == 0 && s.bytes() <= PAGE_SIZE_1G));
     }
 
     /// Give write rights back to the `Present` pages of `[start, start+len)`

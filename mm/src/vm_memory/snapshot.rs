@@ -28,7 +28,7 @@
 use alloc::vec::Vec;
 
 use super::{PageState, VmMemory, combine, filled_vec, read_frame, write_frame};
-use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
 use crate::hal::{ContiguousAlloc, FrameAlloc};
 use crate::paging::{Access, EntryFormat, FlushScope, Invalidation, PageSize};
@@ -234,19 +234,7 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         for (gpa, size) in ranges {
             self.open_for_writes(&*alloc, gpa.0, size, &mut inv);
         }
-        for &(gpa, size) in &s.split {
-            let mut at = gpa;
-            while at < gpa + size.bytes() {
-                self.try_merge_2m(&*alloc, GuestPhysAddr(at), &mut inv);
-                at += PAGE_SIZE_2M;
-            }
-            if size == PageSize::Size1G
-                && let Ok(i) = self.primary.merge(&*alloc, GuestPhysAddr(gpa), PageSize::Size1G)
-            {
-                combine(&mut inv, i);
-            }
-        }
-        debug_assert!(s.split.iter().all(|&(g, z)| g % PAGE_SIZE_2M == 0 && z.bytes() <= PAGE_SIZE_1G));
+        self.remerge(&*alloc, &s.split, &mut inv);
         inv.flush(alloc, &mut *flush);
         Ok(stats)
     }
