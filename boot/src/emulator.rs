@@ -239,7 +239,7 @@ fn bochsrc(disk: &Path, scratch: &Path, serial_port: u16, run_dir: &Path, model:
     Ok(format!(
         "# written by boot/ for one run
 megs: {MACHINE_MEM_MIB}
-cpu: model={model}, count=1, ips=100000000, ignore_bad_msrs=1
+cpu: model={model}, count=2, ips=100000000, ignore_bad_msrs=1
 clock: sync=none, time0=1
 romimage: file={OVMF}, address=0xffe00000
 vgaromimage: file=/usr/share/vgabios/vgabios.bin

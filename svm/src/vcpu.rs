@@ -6,7 +6,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use mm::addr::HostPhysAddr;
 use mm::hal::{FrameAlloc, PhysMem};
 use mm::paging::FlushScope;
@@ -22,12 +22,9 @@ use crate::fetch::{self, Opcode};
 use crate::vmcb::{self, Vmcb, ctl, misc1, misc2, save, vintr};
 use crate::{entry, hw, names};
 
-/// The vCPU (its VMCB address) whose DR0-DR3 are in this CPU's debug
-/// registers, 0 if none. The VMCB holds DR6 and DR7 but not DR0-DR3 (APM
-/// Vol. 2 table B-2), and VMRUN and #VMEXIT do not switch them; the host
-/// never uses them (its DR7 is 0x400), so a vCPU's values are written when
-/// it is loaded after another vCPU's, not on every entry.
-static DR_OWNER: AtomicU64 = AtomicU64::new(0);
+// Whose DR0-DR3 are in this CPU's debug registers is per CPU
+// (`vcpu::cpu_local::CpuLocal::dr_owner`): the VMCB holds DR6 and DR7 only
+// (APM Vol. 2 table B-2) and the host never uses the others.
 
 #[repr(C, align(16))]
 struct FxArea([u8; 512]);
@@ -187,7 +184,8 @@ impl<M: PhysMem> SvmVcpu<M> {
         cpu.free_asid(self.asid);
         // A later vCPU may get this VMCB frame: it must not find the debug
         // registers marked as its own.
-        let _ = DR_OWNER.compare_exchange(self.vmcb_pa.0, 0, Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            vcpu::cpu_local::get().dr_owner.compare_exchange(self.vmcb_pa.0, 0, Ordering::Relaxed, Ordering::Relaxed);
         // SAFETY: the VMCB is ours and no CPU runs it.
         unsafe { alloc.free_frame(self.vmcb_pa) };
     }
@@ -443,13 +441,13 @@ impl<M: PhysMem> SvmVcpu<M> {
 
     /// Writes DR0-DR3 into the CPU unless they are already there.
     fn load_debug_registers(&mut self) {
-        if DR_OWNER.load(Ordering::Relaxed) != self.vmcb_pa.0 {
+        if vcpu::cpu_local::get().dr_owner.load(Ordering::Relaxed) != self.vmcb_pa.0 {
             for (n, &v) in self.dr.iter().enumerate() {
                 // SAFETY: values checked canonical by `set_state`/the MOV DR
                 // handler; the host runs with breakpoints disabled.
                 unsafe { hw::write_dr(n as u8, v) };
             }
-            DR_OWNER.store(self.vmcb_pa.0, Ordering::Relaxed);
+            vcpu::cpu_local::get().dr_owner.store(self.vmcb_pa.0, Ordering::Relaxed);
         }
     }
 
@@ -698,7 +696,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
                 }
             }
             self.switch_xcr0(self.xcr0);
-            DR_OWNER.store(0, Ordering::Relaxed);
+            vcpu::cpu_local::get().dr_owner.store(0, Ordering::Relaxed);
             self.load_debug_registers();
         }
         self.activity = s.activity;
@@ -734,7 +732,7 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
     fn set_reg(&mut self, r: Reg, v: u64) {
         let dr = |n: usize, this: &mut Self| {
             this.dr[n] = v;
-            if this.loaded && DR_OWNER.load(Ordering::Relaxed) == this.vmcb_pa.0 {
+            if this.loaded && vcpu::cpu_local::get().dr_owner.load(Ordering::Relaxed) == this.vmcb_pa.0 {
                 // SAFETY: the caller checked the value as MOV DR would.
                 unsafe { hw::write_dr(n as u8, v) };
             }

@@ -71,8 +71,22 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
         Emulator::QemuTcg => assert!(!amd_extras && !host.contains("nrips"), "{host}"),
         _ => {}
     }
+    // Both emulators have two CPUs (QEMU from its MADT, Bochs, which has
+    // no ACPI tables under OVMF, by broadcast): the AP came up, turned its
+    // own virtualization on and answers calls; a nested-TLB flush reached
+    // every CPU.
+    assert!(host.contains(&format!("  cpu 0: apic 0, boot (console, management, VMs), {backend} on")), "{host}");
+    assert!(host.contains(&format!("  cpu 1: apic 1, idle, {backend} on, answers a call in ")), "{host}");
+    assert!(host.contains("  shootdown: nested-TLB flush on all 2 cpus in "), "{host}");
+    let boot_log = m.transcript();
+    assert!(boot_log.contains("smp: 2 cpu(s) online"), "{boot_log}");
     let j = m.json("host --json");
     assert_eq!(j["ok"], true);
+    assert_eq!(j["cpus"], 2, "{j}");
+    let cpus = j["host_cpus"].as_array().unwrap();
+    assert_eq!(cpus.len(), 2, "{j}");
+    assert!(cpus[1]["call_ticks"].as_u64().unwrap() > 0, "{j}");
+    assert!(j["shootdown_ticks"].as_u64().unwrap() > 0, "{j}");
     assert_eq!(j["virtualization"]["backend"], backend);
     assert!(j["guests"].as_array().unwrap().iter().any(|g| g == "selftest"), "{j}");
     assert!(j["mem_usable_bytes"].as_u64().unwrap() > 64 << 20);

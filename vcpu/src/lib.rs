@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+pub mod cpu_local;
 pub mod events;
 pub mod exit;
 pub mod state;

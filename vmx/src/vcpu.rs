@@ -6,7 +6,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use mm::addr::HostPhysAddr;
 use mm::hal::FrameAlloc;
 use mm::paging::FlushScope;
@@ -27,16 +27,9 @@ use crate::hw::{self, vmread, vmwrite};
 use crate::{ar, entry, names};
 use vcpu::Vcpu as _;
 
-/// The VMCS this CPU has current (physical address), 0 if none.
-static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
-
-/// The vCPU (its VMCS address) whose DR0-DR3 and DR6 are in this CPU's
-/// debug registers, 0 if none. The VMCS holds only DR7 (SDM Vol. 3C
-/// 25.4.1), and neither entry nor exit switches the others; the host never
-/// uses them (it runs with DR7 = 0x400, which VM exit sets, 28.5.1), so a
-/// vCPU's values are written when it is loaded after another vCPU's, not on
-/// every entry.
-static DR_OWNER: AtomicU64 = AtomicU64::new(0);
+// The VMCS current on this CPU and the owner of its debug registers are
+// per CPU: `vcpu::cpu_local` (the VMCS holds only DR7, SDM Vol. 3C 25.4.1;
+// the host never uses DR0-DR3/DR6 and runs with DR7 = 0x400, 28.5.1).
 
 #[repr(C, align(16))]
 pub(crate) struct FxArea(pub(crate) [u8; 512]);
@@ -166,7 +159,7 @@ impl VmxVcpu {
             // SAFETY: the VMCS was never launched; clear it before freeing.
             unsafe {
                 let _ = hw::vmclear(vmcs.0);
-                CURRENT_VMCS.store(0, Ordering::Relaxed);
+                vcpu::cpu_local::get().current_vmcs.store(0, Ordering::Relaxed);
                 alloc.free_frame(vmcs);
             }
             cpu.free_vpid(v.vpid);
@@ -191,10 +184,16 @@ impl VmxVcpu {
         // SAFETY: clearing a VMCS we own; afterwards nothing references it.
         unsafe {
             let _ = hw::vmclear(self.vmcs.0);
-            let _ = CURRENT_VMCS.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
+            let _ = vcpu::cpu_local::get().current_vmcs.compare_exchange(
+                self.vmcs.0,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             // A later vCPU may get this VMCS frame: it must not find the
             // debug registers marked as its own.
-            let _ = DR_OWNER.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
+            let _ =
+                vcpu::cpu_local::get().dr_owner.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
             alloc.free_frame(self.vmcs);
         }
         cpu.free_vpid(self.vpid);
@@ -209,7 +208,7 @@ impl VmxVcpu {
             hw::vmclear(self.vmcs.0).map_err(|e| fail("VMCLEAR", e))?;
             hw::vmptrld(self.vmcs.0).map_err(|e| fail("VMPTRLD", e))?;
         }
-        CURRENT_VMCS.store(self.vmcs.0, Ordering::Relaxed);
+        vcpu::cpu_local::get().current_vmcs.store(self.vmcs.0, Ordering::Relaxed);
         let ctl = &self.ctl;
         let gdt = hw::sgdt();
         let idt = hw::sidt();
@@ -281,10 +280,10 @@ impl VmxVcpu {
 
     /// Makes this VMCS current if it is not.
     fn make_current(&self) {
-        if CURRENT_VMCS.load(Ordering::Relaxed) != self.vmcs.0 {
+        if vcpu::cpu_local::get().current_vmcs.load(Ordering::Relaxed) != self.vmcs.0 {
             // SAFETY: our VMCS, initialised by `setup`.
             if unsafe { hw::vmptrld(self.vmcs.0) }.is_ok() {
-                CURRENT_VMCS.store(self.vmcs.0, Ordering::Relaxed);
+                vcpu::cpu_local::get().current_vmcs.store(self.vmcs.0, Ordering::Relaxed);
             }
         }
     }
@@ -300,7 +299,7 @@ impl VmxVcpu {
     #[inline(always)]
     fn read_hot(&self, field: u32) -> u64 {
         debug_assert_eq!(
-            CURRENT_VMCS.load(Ordering::Relaxed),
+            vcpu::cpu_local::get().current_vmcs.load(Ordering::Relaxed),
             self.vmcs.0,
             "exit-path access to a VMCS that is not current"
         );
@@ -311,7 +310,7 @@ impl VmxVcpu {
     #[inline(always)]
     fn write_hot(&mut self, field: u32, value: u64) {
         debug_assert_eq!(
-            CURRENT_VMCS.load(Ordering::Relaxed),
+            vcpu::cpu_local::get().current_vmcs.load(Ordering::Relaxed),
             self.vmcs.0,
             "exit-path access to a VMCS that is not current"
         );
@@ -449,7 +448,7 @@ impl VmxVcpu {
 
     /// Writes DR0-DR3 and DR6 into the CPU unless they are already there.
     fn load_debug_registers(&mut self) {
-        if DR_OWNER.load(Ordering::Relaxed) != self.vmcs.0 {
+        if vcpu::cpu_local::get().dr_owner.load(Ordering::Relaxed) != self.vmcs.0 {
             for (n, &v) in self.dr.iter().enumerate() {
                 // SAFETY: values checked canonical by `set_state`/the MOV DR
                 // handler; the host runs with breakpoints disabled.
@@ -457,14 +456,18 @@ impl VmxVcpu {
             }
             // SAFETY: bits 63:32 checked clear.
             unsafe { hw::write_dr(6, self.dr6) };
-            DR_OWNER.store(self.vmcs.0, Ordering::Relaxed);
+            vcpu::cpu_local::get().dr_owner.store(self.vmcs.0, Ordering::Relaxed);
         }
     }
 
     /// Guest DR6: the CPU's while this vCPU is loaded (a #DB in the guest
     /// changes it without an exit).
     fn guest_dr6(&self) -> u64 {
-        if self.loaded && DR_OWNER.load(Ordering::Relaxed) == self.vmcs.0 { hw::read_dr(6) } else { self.dr6 }
+        if self.loaded && vcpu::cpu_local::get().dr_owner.load(Ordering::Relaxed) == self.vmcs.0 {
+            hw::read_dr(6)
+        } else {
+            self.dr6
+        }
     }
 
     /// The guest's FPU: from the CPU while loaded.
@@ -816,7 +819,7 @@ impl vcpu::Vcpu for VmxVcpu {
                     hw::xsetbv0(self.xcr0);
                 }
             }
-            DR_OWNER.store(0, Ordering::Relaxed);
+            vcpu::cpu_local::get().dr_owner.store(0, Ordering::Relaxed);
             self.load_debug_registers();
         }
         self.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
@@ -852,7 +855,7 @@ impl vcpu::Vcpu for VmxVcpu {
             } else {
                 this.dr[n as usize] = v;
             }
-            if this.loaded && DR_OWNER.load(Ordering::Relaxed) == this.vmcs.0 {
+            if this.loaded && vcpu::cpu_local::get().dr_owner.load(Ordering::Relaxed) == this.vmcs.0 {
                 // SAFETY: the caller checked the value as MOV DR would.
                 unsafe { hw::write_dr(n, v) };
             }

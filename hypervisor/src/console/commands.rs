@@ -29,6 +29,48 @@ pub struct HostStatus {
     pub heap_used_bytes: u64,
     pub tsc_hz: u64,
     pub uptime_us: u64,
+    /// Every host CPU that came up, boot CPU first (JSON `host_cpus`;
+    /// `cpus` is their number).
+    #[serde(rename = "host_cpus")]
+    pub cpus: Vec<CpuStatus>,
+    /// TSC ticks for one nested-TLB flush on every CPU (a shootdown's cost),
+    /// measured when the status was taken.
+    pub shootdown_ticks: Option<u64>,
+}
+
+/// One host CPU in the `host` report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CpuStatus {
+    pub index: u32,
+    pub apic_id: u32,
+    /// What it does: "boot" (console, management and VMs) or "idle".
+    pub role: String,
+    /// Its virtualization instance: "vmx on", "svm on", or why not.
+    pub virt: String,
+    /// TSC ticks from posting an empty call to it to its answer (IPI,
+    /// wake-up, answer), measured when the status was taken; none for the
+    /// CPU taking it, or one that did not answer.
+    pub call_ticks: Option<u64>,
+}
+
+/// The `host` report's CPU lines (empty when the status lists no CPUs).
+fn cpus_text(h: &HostStatus) -> String {
+    let mut t = String::new();
+    for c in &h.cpus {
+        t.push_str(&format!("  cpu {}: apic {}, {}, {}", c.index, c.apic_id, c.role, c.virt));
+        if let Some(ticks) = c.call_ticks {
+            t.push_str(&format!(", answers a call in {ticks} ticks ({} us)", ticks * 1_000_000 / h.tsc_hz.max(1)));
+        }
+        t.push('\n');
+    }
+    if let Some(ticks) = h.shootdown_ticks {
+        t.push_str(&format!(
+            "  shootdown: nested-TLB flush on all {} cpus in {ticks} ticks ({} us)\n",
+            h.cpus.len(),
+            ticks * 1_000_000 / h.tsc_hz.max(1)
+        ));
+    }
+    t
 }
 
 /// What the kernel must do after a command.
@@ -497,8 +539,10 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         Some(s) => super::disk::summary_text(s),
         None => format!("data disk: none ({})", m.host_mem.swap_missing),
     };
+    let cpus = cpus_text(h);
     let text = format!(
         "cpu: {} {} (family {} model {} stepping {}), {} cpu(s), apic ids {:?}\n\
+         {cpus}\
          memory: {} MiB usable, {} MiB free, heap {} MiB ({} KiB used)\n\
          virtualization: {virt}\n\
          tsc: {} kHz, up {}.{:03} s\n\
@@ -509,8 +553,8 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         h.family,
         h.model,
         h.stepping,
-        h.apic_ids.len(),
-        h.apic_ids,
+        h.cpus.len().max(h.apic_ids.len()),
+        if h.cpus.is_empty() { h.apic_ids.clone() } else { h.cpus.iter().map(|c| c.apic_id).collect() },
         mib(h.mem_usable_bytes),
         mib(h.mem_free_bytes),
         mib(h.heap_bytes),
@@ -523,7 +567,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     );
     let mut j = serde_json::to_value(h).unwrap_or(Value::Null);
     if let Value::Object(o) = &mut j {
-        o.insert("cpus".into(), json!(h.apic_ids.len()));
+        o.insert("cpus".into(), json!(h.cpus.len().max(h.apic_ids.len())));
         match &m.backend {
             Ok(b) => {
                 o.insert("virtualization".into(), json!({ "backend": b.name(), "features": b.features() }));

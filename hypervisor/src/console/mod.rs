@@ -9,7 +9,7 @@ pub mod line;
 mod mem;
 pub mod parse;
 
-pub use commands::{HostStatus, execute};
+pub use commands::{CpuStatus, HostStatus, execute};
 pub use line::{Edit, LineEditor};
 pub use parse::{Command, ParseError, Parsed, Refusal, parse};
 

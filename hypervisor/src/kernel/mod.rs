@@ -2,9 +2,11 @@
 //! VM scheduler on the boot CPU.
 
 pub mod context;
+mod cpus;
 mod svm_backend;
 mod vmx_backend;
 
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use bootloader_api::config::{BootloaderConfig, Mapping};
@@ -71,6 +73,7 @@ impl Console for Serial {
 fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     platform::serial::init();
     platform::gdt::init();
+    platform::smp::init_boot_cpu();
     platform::idt::init();
     platform::time::init();
     platform::logger::init(log::LevelFilter::Info);
@@ -113,6 +116,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.model,
         if cpu.nested { ", under another hypervisor" } else { "" }
     );
+    // Before the boot CPU's own virtualization: the APs copy its control
+    // registers, which must not carry VMXE/SVME yet.
+    cpus::start(&acpi.apic_ids);
     // The scratch disk becomes the data disk, with host swap in its `swap` extent.
     let disk = open_disk();
     if cpu.vmx {
@@ -254,6 +260,10 @@ fn serve<B: HostBackend>(
     // The MMIO instruction decoder's tables, built now rather than at a
     // guest's first device access.
     hypervisor::emulator::warm_up();
+    let boot_virt = match &backend {
+        Ok(b) => format!("{} on", b.name()),
+        Err(why) => format!("virtualization off: {why}"),
+    };
     let mut manager = Manager::new(backend, images);
     if platform::random::available() {
         manager.entropy = Some(HostEntropy(platform::random::fill));
@@ -282,13 +292,13 @@ fn serve<B: HostBackend>(
             manager.host_mem.swap_missing = why;
         }
     }
-    let status = || host_status(cpu);
+    let status = |line: &str| host_status(cpu, &boot_virt, line);
     let mut con = Serial::default();
     // The VM whose serial console the terminal is attached to, if any.
     let mut attached = None;
     for cmd in &config.autorun {
         crate::println!("{}{cmd}", console::PROMPT);
-        match run_line(cmd, &mut manager, &status(), &mut con) {
+        match run_line(cmd, &mut manager, &status(cmd), &mut con) {
             After::PowerOff => power_off(),
             After::Attach(id) => attached = Some(id),
             After::Nothing => {}
@@ -347,7 +357,7 @@ fn serve<B: HostBackend>(
                 Edit::Line(line) => {
                     crate::println!();
                     con.release();
-                    match run_line(&line, &mut manager, &status(), &mut con) {
+                    match run_line(&line, &mut manager, &status(&line), &mut con) {
                         After::PowerOff => power_off(),
                         After::Attach(id) => {
                             attached = Some(id);
@@ -421,8 +431,11 @@ fn read_ramdisk(ramdisk: &'static [u8]) -> (BootConfig, Vec<GuestImage>) {
     (config, images)
 }
 
-fn host_status(cpu: &platform::cpu::CpuInfo) -> console::HostStatus {
+/// What `host` reports. The CPUs are asked (and timed) only for `host`.
+fn host_status(cpu: &platform::cpu::CpuInfo, boot_virt: &str, line: &str) -> console::HostStatus {
     let mem = platform::memory::info();
+    let asks_host = matches!(console::parse(line), Ok(Some(console::Parsed { command: console::Command::Host, .. })));
+    let (cpus, shootdown_ticks) = if asks_host { cpus::status(boot_virt) } else { (Vec::new(), None) };
     console::HostStatus {
         cpu_vendor: cpu.vendor.clone(),
         cpu_brand: cpu.brand.clone(),
@@ -436,6 +449,8 @@ fn host_status(cpu: &platform::cpu::CpuInfo) -> console::HostStatus {
         heap_used_bytes: platform::memory::heap_used() as u64,
         tsc_hz: platform::time::tsc_hz(),
         uptime_us: platform::time::micros(),
+        cpus,
+        shootdown_ticks,
     }
 }
 

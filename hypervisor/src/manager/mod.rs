@@ -10,7 +10,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::Ordering;
 use mm::GuestPhysAddr;
 use mm::GuestRam;
 use mm::paging::PageSize;
@@ -32,12 +32,9 @@ use crate::vm::{Resources, RunState, Vm, VmStats, boot};
 mod error;
 pub use error::{DiskRefusal, Error};
 
-/// The VM whose slice is running (0: none), for fault reports.
-static CURRENT_VM: AtomicU32 = AtomicU32::new(0);
-
 /// The VM this CPU is running or handling an exit for, if any.
 pub fn current_vm() -> Option<u32> {
-    match CURRENT_VM.load(Ordering::Relaxed) {
+    match vcpu::cpu_local::get().current_vm.load(Ordering::Relaxed) {
         0 => None,
         id => Some(id),
     }
@@ -589,7 +586,7 @@ impl<B: Backend> Manager<B> {
         let vm = &mut self.vms[i];
         vm.state = RunState::Running;
         vm.stats.first_entry_tsc.get_or_insert(now);
-        CURRENT_VM.store(vm.id, Ordering::Relaxed);
+        vcpu::cpu_local::get().current_vm.store(vm.id, Ordering::Relaxed);
         let flow = {
             // The slice ends early enough for the VM's next timer
             // interrupt to be delivered on time.
@@ -645,7 +642,7 @@ impl<B: Backend> Manager<B> {
         if let Some(res) = vm.res.as_mut() {
             res.vcpu.put();
         }
-        CURRENT_VM.store(0, Ordering::Relaxed);
+        vcpu::cpu_local::get().current_vm.store(0, Ordering::Relaxed);
         let (id, ended) = (vm.id, flow == Flow::Stop && vm.state.ended());
         // What the NIC sent in this slice goes out before anything else
         // (a guest's last frames before it powers off included).

@@ -20,7 +20,13 @@ const IA32_APIC_BASE: u32 = 0x1b;
 const BASE_ENABLE: u64 = 1 << 11;
 const BASE_X2APIC: u64 = 1 << 10;
 
+const REG_ID: u32 = 0x20;
 const REG_EOI: u32 = 0xb0;
+const REG_ICR_LOW: u32 = 0x300;
+const REG_ICR_HIGH: u32 = 0x310;
+/// ICR delivery status: the previous IPI is still being sent (xAPIC only,
+/// SDM Vol. 3A 11.6.1).
+const ICR_PENDING: u32 = 1 << 12;
 const REG_SVR: u32 = 0xf0;
 const REG_LVT_TIMER: u32 = 0x320;
 const REG_INITIAL_COUNT: u32 = 0x380;
@@ -31,7 +37,6 @@ static BASE: AtomicU64 = AtomicU64::new(0);
 static X2APIC: AtomicBool = AtomicBool::new(false);
 /// Timer counts per TSC tick, as a 32.32 fixed-point number.
 static RATE: AtomicU64 = AtomicU64::new(0);
-static FIRED: AtomicU64 = AtomicU64::new(0);
 
 fn read(reg: u32) -> u32 {
     if X2APIC.load(Ordering::Relaxed) {
@@ -56,39 +61,89 @@ fn write(reg: u32, v: u32) {
     }
 }
 
-/// Enables the APIC and calibrates its timer. Returns the timer's rate in
-/// counts per second.
-pub fn init() -> u64 {
+/// Enables this CPU's APIC (software-enabled, spurious vector set) so it
+/// can send and take IPIs. The boot CPU's mode (xAPIC or x2APIC, as the
+/// firmware left it) is the mode of all: an AP switches to x2APIC if the
+/// boot CPU is in it (SDM Vol. 3A 11.12.5).
+pub fn enable() {
     let mut msr = x86_64::registers::model_specific::Msr::new(IA32_APIC_BASE);
     // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU; setting the global
-    // enable bit keeps the firmware's base address.
-    let base = unsafe {
-        let v = msr.read();
+    // enable bit (then, on an AP, x2APIC mode like the boot CPU's) keeps
+    // the firmware's base address, and xAPIC -> x2APIC is a legal change.
+    unsafe {
+        let mut v = msr.read();
         if v & BASE_ENABLE == 0 {
-            msr.write(v | BASE_ENABLE);
+            v |= BASE_ENABLE;
+            msr.write(v);
         }
-        v
-    };
-    X2APIC.store(base & BASE_X2APIC != 0, Ordering::Relaxed);
-    BASE.store(base & 0x000f_ffff_ffff_f000, Ordering::Relaxed);
+        if BASE.load(Ordering::Relaxed) == 0 {
+            X2APIC.store(v & BASE_X2APIC != 0, Ordering::Relaxed);
+            BASE.store(v & 0x000f_ffff_ffff_f000, Ordering::Relaxed);
+        } else if X2APIC.load(Ordering::Relaxed) && v & BASE_X2APIC == 0 {
+            msr.write(v | BASE_X2APIC);
+        }
+    }
     write(REG_SVR, 0x100 | SPURIOUS_VECTOR);
+}
+
+/// This CPU's APIC ID.
+pub fn id() -> u32 {
+    if X2APIC.load(Ordering::Relaxed) { read(REG_ID) } else { read(REG_ID) >> 24 }
+}
+
+/// Sends an IPI: `low` is the ICR's low word (vector, delivery mode,
+/// level, shorthand), `dest` the destination APIC ID (ignored with a
+/// shorthand). Waits for the previous IPI to leave first (xAPIC).
+pub fn send_ipi(dest: u32, low: u32) {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: the x2APIC ICR is one 64-bit MSR, destination in the high
+        // half (SDM Vol. 3A 11.12.9); any IPI is a legal write.
+        unsafe { x86_64::registers::model_specific::Msr::new(0x830).write(((dest as u64) << 32) | low as u64) }
+    } else {
+        wait_icr_idle();
+        write(REG_ICR_HIGH, dest << 24);
+        write(REG_ICR_LOW, low);
+        wait_icr_idle();
+    }
+}
+
+fn wait_icr_idle() {
+    let start = time::rdtsc();
+    let limit = time::tsc_hz() / 100;
+    while read(REG_ICR_LOW) & ICR_PENDING != 0 && time::rdtsc() - start < limit {
+        core::hint::spin_loop();
+    }
+}
+
+/// Ends the interrupt being handled.
+pub fn eoi() {
+    write(REG_EOI, 0);
+}
+
+/// Enables this CPU's APIC and its timer, calibrated against the TSC on
+/// the first CPU to ask (all count at the same rate). Returns the timer's
+/// rate in counts per second.
+pub fn init() -> u64 {
+    enable();
     write(REG_DIVIDE, 0b1011); // divide by 1
     // One-shot, masked while calibrating.
     write(REG_LVT_TIMER, (1 << 16) | TIMER_VECTOR as u32);
     let tsc_hz = time::tsc_hz().max(1);
-    let window = (tsc_hz / 1000).max(10_000);
-    write(REG_INITIAL_COUNT, u32::MAX);
-    let start = time::rdtsc();
-    while time::rdtsc() - start < window {
-        core::hint::spin_loop();
+    if RATE.load(Ordering::Relaxed) == 0 {
+        let window = (tsc_hz / 1000).max(10_000);
+        write(REG_INITIAL_COUNT, u32::MAX);
+        let start = time::rdtsc();
+        while time::rdtsc() - start < window {
+            core::hint::spin_loop();
+        }
+        let counted = u32::MAX - read(REG_CURRENT_COUNT);
+        let elapsed = time::rdtsc() - start;
+        write(REG_INITIAL_COUNT, 0);
+        let rate = ((counted as u128) << 32) / elapsed.max(1) as u128;
+        RATE.store(rate.max(1) as u64, Ordering::Relaxed);
     }
-    let counted = u32::MAX - read(REG_CURRENT_COUNT);
-    let elapsed = time::rdtsc() - start;
-    write(REG_INITIAL_COUNT, 0);
-    let rate = ((counted as u128) << 32) / elapsed.max(1) as u128;
-    RATE.store(rate.max(1) as u64, Ordering::Relaxed);
     write(REG_LVT_TIMER, TIMER_VECTOR as u32);
-    ((counted as u128 * tsc_hz as u128) / elapsed.max(1) as u128) as u64
+    ((RATE.load(Ordering::Relaxed) as u128 * tsc_hz as u128) >> 32) as u64
 }
 
 /// Fires the timer interrupt at TSC `deadline` (or at once if it passed).
@@ -98,12 +153,12 @@ pub fn arm(deadline: u64) {
     write(REG_INITIAL_COUNT, count as u32);
 }
 
-/// How many timer interrupts the host has taken.
+/// How many timer interrupts this CPU has taken.
 pub fn fired() -> u64 {
-    FIRED.load(Ordering::Relaxed)
+    vcpu::cpu_local::get().timer_fired.load(Ordering::Relaxed)
 }
 
 pub extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
-    FIRED.fetch_add(1, Ordering::Relaxed);
+    vcpu::cpu_local::get().timer_fired.fetch_add(1, Ordering::Relaxed);
     write(REG_EOI, 0);
 }

@@ -1,7 +1,10 @@
-//! GDT and TSS. The TSS carries the interrupt stack tables: exceptions that
-//! can strike with a broken stack (double fault, NMI, machine check) switch to
-//! a known-good one.
+//! GDT and TSS, one of each per CPU (a TSS is busy while loaded, and each
+//! CPU needs its own interrupt stacks). The TSS carries the interrupt stack
+//! tables: exceptions that can strike with a broken stack (double fault,
+//! NMI, machine check) switch to a known-good one.
 
+use alloc::boxed::Box;
+use core::cell::UnsafeCell;
 use spin::Once;
 use x86_64::VirtAddr;
 use x86_64::instructions::segmentation::{CS, DS, ES, FS, GS, SS, Segment};
@@ -16,50 +19,89 @@ pub const MACHINE_CHECK_IST: u16 = 2;
 
 const IST_STACK_SIZE: usize = 16 * 1024;
 
-/// Only its address is used: the CPU switches to it.
-#[repr(align(16))]
-struct Stack(#[allow(dead_code)] [u8; IST_STACK_SIZE]);
+/// One CPU's three interrupt stacks. Only the CPU uses them, as stacks:
+/// Rust code never reads or writes them, so sharing the address is sound.
+#[repr(C, align(16))]
+pub struct IstStacks(UnsafeCell<[[u8; IST_STACK_SIZE]; 3]>);
 
-static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
+// SAFETY: see the type: nothing but the CPU touches the bytes.
+unsafe impl Sync for IstStacks {}
 
-static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
+impl IstStacks {
+    const fn new() -> IstStacks {
+        IstStacks(UnsafeCell::new([[0; IST_STACK_SIZE]; 3]))
+    }
 
-#[derive(Clone, Copy)]
-struct Selectors {
+    fn top(&self, i: usize) -> VirtAddr {
+        VirtAddr::new(self.0.get() as u64 + ((i + 1) * IST_STACK_SIZE) as u64)
+    }
+}
+
+/// The boot CPU's, in the kernel image: it needs them before the heap exists.
+static BOOT_IST: IstStacks = IstStacks::new();
+static BOOT_TSS: Once<TaskStateSegment> = Once::new();
+static BOOT_GDT: Once<CpuGdt> = Once::new();
+
+pub struct CpuGdt {
+    gdt: GlobalDescriptorTable,
     code: SegmentSelector,
     data: SegmentSelector,
     tss: SegmentSelector,
 }
 
+fn tss_with(ist: &'static IstStacks) -> TaskStateSegment {
+    let mut tss = TaskStateSegment::new();
+    for (i, slot) in [DOUBLE_FAULT_IST, NMI_IST, MACHINE_CHECK_IST].iter().enumerate() {
+        tss.interrupt_stack_table[*slot as usize] = ist.top(i);
+    }
+    tss
+}
+
+fn gdt_with(tss: &'static TaskStateSegment) -> CpuGdt {
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let tss = gdt.append(Descriptor::tss_segment(tss));
+    CpuGdt { gdt, code, data, tss }
+}
+
+/// The boot CPU's tables, loaded.
 pub fn init() {
-    let tss = TSS.call_once(|| {
-        let mut tss = TaskStateSegment::new();
-        for (i, slot) in [DOUBLE_FAULT_IST, NMI_IST, MACHINE_CHECK_IST].iter().enumerate() {
-            // SAFETY: the IST stacks are only ever used by the CPU as stacks;
-            // taking their address does not create a reference.
-            let base = unsafe { core::ptr::addr_of!(IST_STACKS[i]) } as u64;
-            tss.interrupt_stack_table[*slot as usize] = VirtAddr::new(base + IST_STACK_SIZE as u64);
-        }
-        tss
-    });
-    let (gdt, sel) = GDT.call_once(|| {
-        let mut gdt = GlobalDescriptorTable::new();
-        let code = gdt.append(Descriptor::kernel_code_segment());
-        let data = gdt.append(Descriptor::kernel_data_segment());
-        let tss = gdt.append(Descriptor::tss_segment(tss));
-        (gdt, Selectors { code, data, tss })
-    });
-    gdt.load();
+    let tss = BOOT_TSS.call_once(|| tss_with(&BOOT_IST));
+    load(BOOT_GDT.call_once(|| gdt_with(tss)));
+}
+
+/// Fresh tables for an application processor, from the heap, loaded. They
+/// live as long as the kernel: a CPU is never taken offline.
+pub fn init_ap() {
+    // Zeroed in place: 48 KiB would not fit on the AP's stack to be moved.
+    let layout = core::alloc::Layout::new::<IstStacks>();
+    // SAFETY: IstStacks is plain bytes, valid all-zero; the pointer is
+    // checked, comes from the global allocator with IstStacks' layout and
+    // is never freed.
+    let ist: &'static IstStacks = unsafe {
+        let p = alloc::alloc::alloc_zeroed(layout) as *mut IstStacks;
+        assert!(!p.is_null(), "no heap for an AP's interrupt stacks");
+        &*p
+    };
+    let tss: &'static TaskStateSegment = Box::leak(Box::new(tss_with(ist)));
+    load(Box::leak(Box::new(gdt_with(tss))));
+}
+
+fn load(g: &'static CpuGdt) {
+    g.gdt.load();
     // SAFETY: the selectors index descriptors of the GDT just loaded, which
-    // is 'static; reloading them leaves the flat 64-bit address space as is.
+    // is 'static; reloading them leaves the flat 64-bit address space as
+    // is. The TSS is this CPU's alone, so it is not busy elsewhere. GS is
+    // reloaded before GS base is written (`cpu_local::install`): loading a
+    // selector would clear the base.
     unsafe {
-        CS::set_reg(sel.code);
-        SS::set_reg(sel.data);
-        DS::set_reg(sel.data);
-        ES::set_reg(sel.data);
+        CS::set_reg(g.code);
+        SS::set_reg(g.data);
+        DS::set_reg(g.data);
+        ES::set_reg(g.data);
         FS::set_reg(SegmentSelector(0));
         GS::set_reg(SegmentSelector(0));
-        load_tss(sel.tss);
+        load_tss(g.tss);
     }
 }

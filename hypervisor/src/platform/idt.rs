@@ -101,9 +101,15 @@ pub fn init() {
             idt[i].set_handler_fn(unexpected_interrupt);
         }
         idt[super::apic::TIMER_VECTOR].set_handler_fn(super::apic::timer_interrupt);
+        idt[super::smp::WAKE_VECTOR].set_handler_fn(super::smp::wake_interrupt);
         idt
     });
     idt.load();
+}
+
+/// Loads the IDT `init` built on this CPU (an AP): one table serves all.
+pub fn load() {
+    IDT.get().expect("the boot CPU builds the IDT first").load();
 }
 
 fn fatal(vector: u8, label: &str, code: Option<u64>, frame: &InterruptStackFrame) -> ! {

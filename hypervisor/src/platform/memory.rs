@@ -23,6 +23,12 @@ pub struct MemoryInfo {
 
 static INFO: Mutex<MemoryInfo> = Mutex::new(MemoryInfo { usable_bytes: 0, heap_bytes: 0 });
 
+/// A free page of conventional memory below 640 KiB (0: none), kept for
+/// the APs' real-mode start code: a SIPI names a page below 1 MiB (SDM
+/// Vol. 3A 9.4.4.1).
+static TRAMPOLINE_PAGE: AtomicU64 = AtomicU64::new(0);
+const CONVENTIONAL_END: u64 = 0xa0000;
+
 /// Below 1 MiB stays out of the pool: legacy BIOS data, and the place SMP
 /// bring-up will need for its real-mode trampoline.
 const LOW_MEMORY_END: u64 = 1 << 20;
@@ -70,6 +76,12 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
         bitmap.add_free(r.start, r.end);
     }
     bitmap.reserve(0, LOW_MEMORY_END);
+    // Page 0 stays out: it holds the real-mode interrupt vectors.
+    if let Some(r) = usable()
+        .find(|r| r.start.max(FRAME_SIZE).next_multiple_of(FRAME_SIZE) + FRAME_SIZE <= r.end.min(CONVENTIONAL_END))
+    {
+        TRAMPOLINE_PAGE.store(r.start.max(FRAME_SIZE).next_multiple_of(FRAME_SIZE), Ordering::Relaxed);
+    }
     bitmap.reserve(home, home + bytes_pages);
 
     let heap_size = (total / 8).clamp(4 << 20, HEAP_SMALL_MAX).max(total / HEAP_RAM_SHARE) & !(FRAME_SIZE - 1);
@@ -79,6 +91,15 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) {
     unsafe { HEAP.lock().init(phys_to_virt(heap), heap_size as usize) };
     *FRAMES.lock() = Some(bitmap);
     *INFO.lock() = MemoryInfo { usable_bytes: total, heap_bytes: heap_size };
+}
+
+/// The page below 640 KiB kept for the APs' start code, if the firmware
+/// left one free.
+pub fn trampoline_page() -> Option<u64> {
+    match TRAMPOLINE_PAGE.load(Ordering::Relaxed) {
+        0 => None,
+        pa => Some(pa),
+    }
 }
 
 pub fn info() -> MemoryInfo {

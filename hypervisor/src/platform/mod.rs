@@ -16,4 +16,5 @@ pub mod power;
 pub mod random;
 pub mod rtc;
 pub mod serial;
+pub mod smp;
 pub mod time;

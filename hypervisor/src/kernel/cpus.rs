@@ -1,0 +1,141 @@
+//! The host's CPUs as the kernel runs them. Every AP turns its own
+//! virtualization on when it starts (VMXON region or host save area per CPU:
+//! SDM Vol. 3C 24.7, APM Vol. 2 15.30.4) and then waits for calls; the boot
+//! CPU runs the console, the management loop and the VMs. The `host`
+//! report asks each CPU for an answer and times it, and times one
+//! nested-TLB flush on every CPU (what a shootdown costs).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use spin::Mutex;
+use svm::{SliceTimer, SvmCpu};
+use vmx::VmxCpu;
+
+use crate::platform::smp::{self, Cpu, MAX_CPUS};
+use crate::platform::{apic, cpu, memory::HostMem, time};
+use hypervisor::console::CpuStatus;
+
+/// A CPU's virtualization instance, kept while the CPU lives: it owns the
+/// CPU's VMXON region or host save area and what its vCPUs share.
+pub enum CpuVirt {
+    Vmx(VmxCpu),
+    // Held for what it owns (the host save area EFER.SVME points the CPU
+    // at); read once vCPUs run on APs.
+    #[allow(dead_code)]
+    Svm(SvmCpu),
+}
+
+/// The APs' instances by CPU index (the boot CPU's is its backend's).
+static VIRT: [Mutex<Option<CpuVirt>>; MAX_CPUS] = [const { Mutex::new(None) }; MAX_CPUS];
+
+/// Starts the APs the MADT lists (or whichever answer a broadcast) and
+/// logs the outcome.
+pub fn start(apic_ids: &[u32]) {
+    apic::enable();
+    smp::this_cpu().local.apic_id.store(apic::id(), core::sync::atomic::Ordering::Relaxed);
+    smp::set_ap_main(ap_main);
+    let t0 = time::micros();
+    match smp::start_aps(apic_ids) {
+        Ok(n) => {
+            let ids: Vec<u32> = smp::cpus().map(|c| c.apic_id()).collect();
+            let how = if apic_ids.len() > 1 { "from the MADT" } else { "by broadcast (no MADT)" };
+            log::info!("smp: {} cpu(s) online {how}, apic ids {ids:?}, started in {} us", n + 1, time::micros() - t0);
+            for c in smp::cpus().skip(1) {
+                match c.virt.get() {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => log::warn!("smp: cpu {}: virtualization off: {e}", c.index()),
+                    None => log::warn!("smp: cpu {}: did not report its virtualization", c.index()),
+                }
+            }
+        }
+        Err(why) => log::warn!("smp: APs not started ({why:?}); running on the boot CPU only"),
+    }
+}
+
+/// On each AP as it starts, before it serves calls.
+fn ap_main(c: &'static Cpu) {
+    let info = cpu::detect();
+    let mut mem = HostMem;
+    let virt = if info.vmx {
+        // SAFETY: once on this CPU, ring 0, interrupts off.
+        unsafe { VmxCpu::enable(&mut mem) }.map(CpuVirt::Vmx)
+    } else if info.svm {
+        apic::init();
+        // SAFETY: as above.
+        unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired }) }.map(CpuVirt::Svm)
+    } else {
+        Err(vcpu::Error::Unsupported("neither VT-x nor AMD-V"))
+    };
+    let report = match virt {
+        Ok(v) => {
+            let name = match &v {
+                CpuVirt::Vmx(_) => "vmx on",
+                CpuVirt::Svm(_) => "svm on",
+            };
+            *VIRT[c.index() as usize].lock() = Some(v);
+            Ok(String::from(name))
+        }
+        Err(e) => Err(format!("{e}")),
+    };
+    c.virt.call_once(|| report);
+}
+
+/// A call that does nothing: the round trip is the IPI and the wake-up.
+fn nothing(_: u64) -> u64 {
+    0
+}
+
+/// Flushes this CPU's nested translations for every VM: INVEPT
+/// all-context under VT-x (SDM Vol. 3C 30.3); under AMD-V there is no
+/// instruction for it, so this CPU's next VMRUN flushes (TLB_CONTROL) and
+/// the call is the cost of reaching the CPU. `boot_vmx`: the boot CPU's
+/// backend is VT-x (its instance is the backend's, not in `VIRT`).
+fn flush_nested(boot_vmx: u64) -> u64 {
+    let i = smp::this_cpu().index() as usize;
+    let vmx = if i == 0 {
+        boot_vmx == 1
+    } else {
+        matches!(VIRT[i].lock().as_ref(), Some(CpuVirt::Vmx(c)) if c.caps.invept_all())
+    };
+    if vmx {
+        // SAFETY: VMX is on on this CPU (it has a VmxCpu, or it is the boot
+        // CPU with the VT-x backend); INVEPT type 2 needs no descriptor
+        // contents.
+        return unsafe { vmx::hw::invept(2, 0) }.is_err() as u64;
+    }
+    0
+}
+
+/// The `host` report's CPU lines, measured now.
+pub fn status(boot_virt: &str) -> (Vec<CpuStatus>, Option<u64>) {
+    let all: Vec<&'static Cpu> = smp::cpus().collect();
+    let mut out = Vec::new();
+    for c in &all {
+        let call_ticks = if c.index() == 0 {
+            None
+        } else {
+            let t0 = time::rdtsc();
+            smp::run_on(&[*c], nothing, 0, 100_000)[0].map(|_| time::rdtsc() - t0)
+        };
+        let virt = match (c.index(), c.virt.get()) {
+            (0, _) => String::from(boot_virt),
+            (_, Some(Ok(v))) => v.clone(),
+            (_, Some(Err(e))) => format!("virtualization off: {e}"),
+            (_, None) => String::from("virtualization not reported"),
+        };
+        out.push(CpuStatus {
+            index: c.index(),
+            apic_id: c.apic_id(),
+            role: String::from(if c.index() == 0 { "boot (console, management, VMs)" } else { "idle" }),
+            virt,
+            call_ticks,
+        });
+    }
+    let shootdown = (all.len() > 1 && boot_virt.ends_with(" on")).then(|| {
+        let t0 = time::rdtsc();
+        let r = smp::run_on(&all, flush_nested, boot_virt.starts_with("vmx") as u64, 100_000);
+        r.iter().all(|x| *x == Some(0)).then(|| time::rdtsc() - t0)
+    });
+    (out, shootdown.flatten())
+}
