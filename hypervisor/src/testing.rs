@@ -203,6 +203,9 @@ impl Vcpu for MockVcpu {
             f(&mut self.state);
         }
     }
+    fn release(&mut self) {
+        assert!(!self.loaded, "release while loaded");
+    }
     fn flush_nested_tlb(&mut self, _: FlushScope) {}
 }
 

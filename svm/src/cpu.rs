@@ -225,6 +225,7 @@ impl SvmCpu {
             hw::wrmsr(MSR_VM_HSAVE_PA, hsave.0);
             hw::vmsave(host_vmcb.0);
         }
+        vcpu::cpu_local::get().svm_host_vmcb.store(host_vmcb.0, core::sync::atomic::Ordering::Relaxed);
         Ok(SvmCpu { caps, host, hsave, host_vmcb, msr_map, io_map, timer, next_asid: 1, free_asids: Vec::new() })
     }
 

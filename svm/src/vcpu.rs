@@ -43,7 +43,10 @@ pub struct SvmVcpu<M: PhysMem> {
     gprs: Gprs,
     vmcb_pa: HostPhysAddr,
     vmcb: Vmcb,
-    host_vmcb: u64,
+    /// The host CPU (index) it last ran on: arriving on another, its ASID's
+    /// translations there may be stale (a flush while it ran elsewhere
+    /// reached only that CPU), so the first VMRUN flushes.
+    last_cpu: u32,
     asid: u32,
     shared_asid: bool,
     /// TLB_CONTROL for the next VMRUN (a flush is pending).
@@ -115,7 +118,7 @@ impl<M: PhysMem> SvmVcpu<M> {
             gprs: state.gprs,
             vmcb_pa,
             vmcb,
-            host_vmcb: cpu.host_vmcb.0,
+            last_cpu: vcpu::cpu_local::get().index,
             asid,
             shared_asid,
             // The ASID may have served an earlier vCPU: start clean.
@@ -502,13 +505,20 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         }
         self.vmcb.set_u64(save::RAX, self.gprs.rax);
         self.vmcb.set_u64(save::RSP, self.gprs.rsp);
+        let here = vcpu::cpu_local::get();
+        if self.last_cpu != here.index {
+            self.last_cpu = here.index;
+            self.flush = self.flush_value;
+            self.code.invalidate();
+        }
         let tlb = if self.shared_asid { self.flush_value } else { core::mem::take(&mut self.flush) };
         self.vmcb.write(ctl::TLB_CONTROL, tlb);
         self.skip = Skip::None;
-        // SAFETY: SVM is on (the vCPU exists), the VMCB is complete, the
-        // host VMCB holds the host's VMSAVE state, and `gprs` outlives the
-        // call.
-        unsafe { entry::svm_run(&mut self.gprs, self.vmcb_pa.0, self.host_vmcb) };
+        // SAFETY: SVM is on on this CPU (vCPUs run only where an SvmCpu
+        // exists, which stored this CPU's host VMCB), the VMCB is complete,
+        // the host VMCB holds this CPU's VMSAVE state, and `gprs` outlives
+        // the call.
+        unsafe { entry::svm_run(&mut self.gprs, self.vmcb_pa.0, here.svm_host_vmcb.load(Ordering::Relaxed)) };
         self.gprs.rax = self.vmcb.u64(save::RAX);
         self.gprs.rsp = self.vmcb.u64(save::RSP);
         self.vmcb.set_u64(ctl::EVENT_INJ, 0);
@@ -813,6 +823,14 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         // No per-address nested flush exists: drop the ASID's translations.
         self.flush = self.flush_value;
         self.code.invalidate();
+    }
+
+    fn release(&mut self) {
+        // The VMCB is plain memory any CPU may VMRUN; only the debug
+        // registers this CPU holds for the vCPU stay behind (stale once it
+        // runs elsewhere). The TLB is flushed where it arrives (`run`).
+        let _ =
+            vcpu::cpu_local::get().dr_owner.compare_exchange(self.vmcb_pa.0, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn load(&mut self) {

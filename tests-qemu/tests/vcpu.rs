@@ -1,6 +1,7 @@
 //! The vCPU model on both backends (Bochs with VT-x, QEMU TCG with AMD-V):
 //! the conformance check of `hypervisor::vm::conformance` (`set_state`
-//! then `state` gives back every field) run by the kernel at boot, and
+//! then `state` gives back every field) and the move of a vCPU between host
+//! CPUs, both run by the kernel at boot, and
 //! event delivery seen from a guest (`irqtest`): queued interrupts wait for
 //! RFLAGS.IF = 1 and the end of the STI shadow, NMIs for the NMI handler's
 //! IRET.
@@ -30,6 +31,16 @@ fn set_state_then_state_gives_back_every_field(emu: Emulator) {
     assert!(t.contains("vcpu-state: ok   activity WaitForSipi (the whole state)"), "{t}");
     assert!(!t.contains("vcpu-state: FAIL"), "{t}");
     assert!(t.contains("vcpu-state: PASS ("), "{t}");
+    // Both emulators have two CPUs: a vCPU made on the boot CPU entered its
+    // guest on CPU 0, 1, 0, 1 (released between), each time exiting to that
+    // CPU's own host state with the same nested page fault, state intact.
+    let moves: Vec<&str> = t.lines().filter(|l| l.starts_with("vcpu-move: entered on cpu ")).collect();
+    assert_eq!(moves.len(), 4, "{t}");
+    for (line, cpu) in moves.iter().zip([0, 1, 0, 1]) {
+        assert!(line.starts_with(&format!("vcpu-move: entered on cpu {cpu}: nested page fault at 0x")), "{line}");
+        assert!(!line.contains("WRONG"), "{line}");
+    }
+    assert!(t.contains("vcpu-move: PASS"), "{t}");
     // The x87 pointers are the only fields a CPU may clear (documented in
     // `hypervisor::vm::conformance`); say which this emulator cleared.
     for l in t.lines().filter(|l| l.starts_with("vcpu-state: note ") || l.starts_with("vcpu-state: PASS")) {

@@ -35,6 +35,11 @@ pub struct CpuLocal {
     /// The VM this CPU is running or handling an exit for (0: none), for
     /// fault reports.
     pub current_vm: AtomicU32,
+    /// AMD-V: the VMCB this CPU's own host state (FS, GS, TR, LDTR, the
+    /// syscall MSRs) is VMSAVEd to and VMLOADed from around each VMRUN
+    /// (APM Vol. 2 15.5.2), 0 before SVM is on here. Per CPU, because GS
+    /// base and TR differ between CPUs and a vCPU may run on any.
+    pub svm_host_vmcb: AtomicU64,
     /// Host timer interrupts this CPU took: the AMD-V backend's slice timer
     /// compares it around VMRUN to tell a slice's end from other exits.
     pub timer_fired: AtomicU64,
@@ -49,6 +54,7 @@ impl CpuLocal {
             current_vmcs: AtomicU64::new(0),
             dr_owner: AtomicU64::new(0),
             current_vm: AtomicU32::new(0),
+            svm_host_vmcb: AtomicU64::new(0),
             timer_fired: AtomicU64::new(0),
         }
     }

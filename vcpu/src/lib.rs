@@ -152,6 +152,13 @@ pub trait Vcpu {
     fn load(&mut self);
     /// Saves what `load` loaded; another vCPU may run afterwards.
     fn put(&mut self);
+    /// Lets the vCPU be used on another host CPU next: called (after `put`)
+    /// on the CPU it last ran on, which gives up what it caches of the vCPU
+    /// (VT-x: VMCLEAR writes the VMCS back to memory, SDM Vol. 3C 25.11.1;
+    /// both: whose debug registers the CPU holds). Its next `load`, on any
+    /// CPU, makes it that CPU's, flushing translations it may have left
+    /// there earlier.
+    fn release(&mut self);
 
     /// Drops cached nested translations for this vCPU (after the nested
     /// page table changed).
@@ -210,6 +217,9 @@ impl<T: Vcpu + ?Sized> Vcpu for alloc::boxed::Box<T> {
     }
     fn nmi_window_open(&self) -> bool {
         (**self).nmi_window_open()
+    }
+    fn release(&mut self) {
+        (**self).release()
     }
     fn set_time_slice(&mut self, ticks: u64) {
         (**self).set_time_slice(ticks)

@@ -6,6 +6,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use core::cell::Cell;
 use core::sync::atomic::Ordering;
 use mm::addr::HostPhysAddr;
 use mm::hal::FrameAlloc;
@@ -52,11 +53,18 @@ const TYPE_HW_EXCEPTION: u64 = 3;
 const TYPE_SOFT_INT: u64 = 4;
 const TYPE_PRIV_SOFT_EXCEPTION: u64 = 5;
 const TYPE_SOFT_EXCEPTION: u64 = 6;
+/// `active_on` when the VMCS is active on no CPU.
+const NO_CPU: u32 = u32::MAX;
 
 pub struct VmxVcpu {
     gprs: Gprs,
     vmcs: HostPhysAddr,
-    launched: bool,
+    /// The host CPU (index) the VMCS is active on, [`NO_CPU`] once cleared:
+    /// a VMCS may be current on one CPU at a time, and must be VMCLEARed
+    /// there before another loads it (SDM Vol. 3C 25.1, 25.11.1).
+    active_on: Cell<u32>,
+    /// VMLAUNCH has run since the VMCS was last cleared (then VMRESUME).
+    launched: Cell<bool>,
     vpid: u16,
     eptp: u64,
     ctl: Controls,
@@ -126,7 +134,8 @@ impl VmxVcpu {
         let mut v = Box::new(VmxVcpu {
             gprs: state.gprs,
             vmcs,
-            launched: false,
+            active_on: Cell::new(NO_CPU),
+            launched: Cell::new(false),
             vpid: if ctl.vpid { cpu.alloc_vpid() } else { 0 },
             eptp: ctl.eptp(ept_root.0),
             ctl,
@@ -181,7 +190,15 @@ impl VmxVcpu {
     /// # Safety
     /// The vCPU is not running and will not be used again.
     pub unsafe fn destroy(self: Box<Self>, cpu: &mut VmxCpu, alloc: &mut impl FrameAlloc) {
-        // SAFETY: clearing a VMCS we own; afterwards nothing references it.
+        let on = self.active_on.get();
+        assert!(
+            on == NO_CPU || on == vcpu::cpu_local::get().index,
+            "VMCS {:#x} destroyed on cpu {} while active on cpu {on}",
+            self.vmcs.0,
+            vcpu::cpu_local::get().index
+        );
+        // SAFETY: clearing a VMCS we own, active here or nowhere;
+        // afterwards nothing references it.
         unsafe {
             let _ = hw::vmclear(self.vmcs.0);
             let _ = vcpu::cpu_local::get().current_vmcs.compare_exchange(
@@ -210,10 +227,6 @@ impl VmxVcpu {
         }
         vcpu::cpu_local::get().current_vmcs.store(self.vmcs.0, Ordering::Relaxed);
         let ctl = &self.ctl;
-        let gdt = hw::sgdt();
-        let idt = hw::sidt();
-        let [cs, ss, ds, es, fs, gs, tr] = hw::selectors();
-        let tr_base = tss_base(gdt.base, tr);
         let w = |field: u32, value: u64| -> Result<(), Error> {
             // SAFETY: the VMCS is current; each field below exists on every
             // CPU that passed `controls::derive`.
@@ -245,7 +258,28 @@ impl VmxVcpu {
         w(guest::IA32_DEBUGCTL_FULL, 0)?;
         w(guest::VMX_PREEMPTION_TIMER_VALUE, u32::MAX as u64)?;
 
-        // Host state: what the CPU returns to on every exit (SDM 26.2.3).
+        self.active_on.set(vcpu::cpu_local::get().index);
+        // SAFETY: the VMCS is current (above).
+        unsafe { self.write_host_state() }
+    }
+
+    /// The host state, what the CPU returns to on every exit (SDM Vol. 3C
+    /// 26.2.3): this CPU's own GDT, TSS and GS base among it, so it is
+    /// written again whenever the vCPU arrives on another CPU.
+    ///
+    /// # Safety
+    /// VMX operation; this vCPU's VMCS is current on this CPU.
+    unsafe fn write_host_state(&self) -> Result<(), Error> {
+        let fail = |what: &str, e: hw::VmFail| Error::Hardware(format!("{what}: {e}"));
+        let gdt = hw::sgdt();
+        let idt = hw::sidt();
+        let [cs, ss, ds, es, fs, gs, tr] = hw::selectors();
+        let tr_base = tss_base(gdt.base, tr);
+        let w = |field: u32, value: u64| -> Result<(), Error> {
+            // SAFETY: (caller) the VMCS is current; host-state fields exist
+            // on every VMX CPU.
+            unsafe { hw::vmwrite_checked(field, value) }.map_err(|e| fail(&format!("VMWRITE {field:#x}"), e))
+        };
         w(host::CR0, hw::read_cr0())?;
         w(host::CR3, hw::read_cr3())?;
         w(host::CR4, hw::read_cr4())?;
@@ -278,12 +312,41 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// Makes this VMCS current if it is not.
+    /// Makes this VMCS current on this CPU if it is not. Arriving from
+    /// another CPU (released there), it gets this CPU's host state, must
+    /// be launched again, and drops translations it may have left here
+    /// from an earlier stay (a flush while it ran elsewhere reached only
+    /// that CPU).
     fn make_current(&self) {
-        if vcpu::cpu_local::get().current_vmcs.load(Ordering::Relaxed) != self.vmcs.0 {
-            // SAFETY: our VMCS, initialised by `setup`.
-            if unsafe { hw::vmptrld(self.vmcs.0) }.is_ok() {
-                vcpu::cpu_local::get().current_vmcs.store(self.vmcs.0, Ordering::Relaxed);
+        let here = vcpu::cpu_local::get();
+        if here.current_vmcs.load(Ordering::Relaxed) == self.vmcs.0 {
+            return;
+        }
+        let on = self.active_on.get();
+        // Loading a VMCS active on another CPU corrupts it: the scheduler
+        // releases a vCPU before moving it. A host bug, not a guest's: loud.
+        assert!(
+            on == NO_CPU || on == here.index,
+            "VMCS {:#x} is active on cpu {on}; cpu {} may not load it before it is released there",
+            self.vmcs.0,
+            here.index
+        );
+        // SAFETY: our VMCS, initialised by `setup`, active nowhere else.
+        if unsafe { hw::vmptrld(self.vmcs.0) }.is_err() {
+            return;
+        }
+        here.current_vmcs.store(self.vmcs.0, Ordering::Relaxed);
+        if on == NO_CPU {
+            self.active_on.set(here.index);
+            self.launched.set(false);
+            // SAFETY: the VMCS is current; host state as at `setup`, for
+            // this CPU. INVEPT of this vCPU's context (all of them if the
+            // single form is missing) is always allowed in VMX operation.
+            unsafe {
+                if let Err(e) = self.write_host_state() {
+                    panic!("VMCS {:#x}: host state on cpu {}: {e}", self.vmcs.0, here.index);
+                }
+                let _ = if self.ctl.invept_single { hw::invept(1, self.eptp) } else { hw::invept(2, 0) };
             }
         }
     }
@@ -585,7 +648,7 @@ impl vcpu::Vcpu for VmxVcpu {
             }
             vmwrite(guest::RSP, self.gprs.rsp);
             self.cr2.load(&mut hw::Cr2);
-            let rc = entry::vmx_run(&mut self.gprs, self.launched as u64);
+            let rc = entry::vmx_run(&mut self.gprs, self.launched.get() as u64);
             // Before anything else can fault: the guest's page-fault address.
             self.cr2.save(&hw::Cr2);
             rc
@@ -599,7 +662,7 @@ impl vcpu::Vcpu for VmxVcpu {
             };
             return VmExit::EntryFailed { report: self.entry_report(what) };
         }
-        self.launched = true;
+        self.launched.set(true);
         // SAFETY: after an exit the VMCS is current.
         let reason = unsafe {
             self.gprs.rsp = vmread(guest::RSP);
@@ -941,6 +1004,24 @@ impl vcpu::Vcpu for VmxVcpu {
         // INVEPT has no per-address form: drop the whole context.
         // SAFETY: VMX operation; the INVEPT type was checked at start-up.
         let _ = unsafe { if self.ctl.invept_single { hw::invept(1, self.eptp) } else { hw::invept(2, 0) } };
+    }
+
+    fn release(&mut self) {
+        let here = vcpu::cpu_local::get();
+        if self.active_on.get() != here.index {
+            return;
+        }
+        // SAFETY: the VMCS is ours and active on this CPU; VMCLEAR writes
+        // its data back to memory and makes it clear (not launched), so any
+        // CPU may load it next (SDM Vol. 3C 25.11.1).
+        if unsafe { hw::vmclear(self.vmcs.0) }.is_ok() {
+            self.active_on.set(NO_CPU);
+            self.launched.set(false);
+            let _ = here.current_vmcs.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        // DR0-DR3 and DR6 here stop being the vCPU's: it may change them
+        // elsewhere.
+        let _ = here.dr_owner.compare_exchange(self.vmcs.0, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn load(&mut self) {

@@ -139,3 +139,95 @@ pub fn status(boot_virt: &str) -> (Vec<CpuStatus>, Option<u64>) {
     });
     (out, shootdown.flatten())
 }
+
+/// One step of the move check, run on whichever CPU it is sent to.
+struct MoveStep<V> {
+    vcpu: *mut V,
+    /// What the exit was (kind and guest-physical address), on which CPU,
+    /// and whether the CPU's own per-CPU words were in place after it.
+    seen: Option<(String, u32, bool)>,
+}
+
+fn move_step<V: vcpu::Vcpu>(arg: u64) -> u64 {
+    // SAFETY: `vcpu_move_check` passes a live MoveStep and waits for this
+    // call to answer before it touches the step or the vCPU again.
+    let step = unsafe { &mut *(arg as *mut MoveStep<V>) };
+    // SAFETY: as above: the vCPU is used by one CPU at a time.
+    let v = unsafe { &mut *step.vcpu };
+    v.load();
+    v.set_time_slice(time::tsc_hz());
+    let exit = v.run();
+    v.put();
+    v.release();
+    let what = match exit {
+        vcpu::VmExit::NestedPageFault { gpa, .. } => format!("nested page fault at {gpa:#x}"),
+        other => format!("{:?}", other.kind()),
+    };
+    // GS base came back as this CPU's (the exit restored the host state
+    // written for this CPU, not the one the vCPU was created on).
+    let here = vcpu::cpu_local::get();
+    let own = core::ptr::eq(here, &smp::this_cpu().local) && here.index == smp::this_cpu().index();
+    step.seen = Some((what, here.index, own));
+    0
+}
+
+/// A vCPU created on the boot CPU enters its guest there, on the next CPU,
+/// and on the boot CPU again (released between: VMCLEAR/VMPTRLD under
+/// VT-x, the host save area and a TLB flush under AMD-V). Its nested table
+/// is empty, so each entry ends at once in a nested page fault at the same
+/// address, and its state stays what it was. Run at boot with the vCPU
+/// conformance check; prints one line per entry and PASS or FAIL.
+pub fn vcpu_move_check<B: hypervisor::backend::Backend>(b: &mut B, out: &mut impl FnMut(&str)) -> bool {
+    use mm::hal::FrameAlloc;
+    let all: Vec<&'static Cpu> = smp::cpus().collect();
+    if all.len() < 2 {
+        out("vcpu-move: skipped (one cpu)");
+        return true;
+    }
+    let Some(root) = b.mem().alloc_frame() else {
+        out("vcpu-move: FAIL no host frame for a nested table");
+        return false;
+    };
+    let start = hypervisor::vm::conformance::start_state();
+    let mut v = match b.create_vcpu(root, &start) {
+        Ok(v) => v,
+        Err(e) => {
+            out(&format!("vcpu-move: FAIL cannot create a vCPU: {e}"));
+            // SAFETY: our frame; no vCPU uses it.
+            unsafe { b.mem().free_frame(root) };
+            return false;
+        }
+    };
+    let before = vcpu::Vcpu::state(&v);
+    let mut ok = true;
+    let mut first: Option<String> = None;
+    for target in [all[0], all[1], all[0], all[1]] {
+        let mut step = MoveStep { vcpu: &mut v as *mut B::Vcpu, seen: None };
+        let arg = &mut step as *mut MoveStep<B::Vcpu> as u64;
+        if target.index() == 0 {
+            move_step::<B::Vcpu>(arg);
+        } else if smp::run_on(&[target], move_step::<B::Vcpu>, arg, 2_000_000)[0].is_none() {
+            out(&format!("vcpu-move: FAIL cpu {} did not answer", target.index()));
+            ok = false;
+            break;
+        }
+        let Some((what, cpu, own)) = step.seen else { continue };
+        let same = *first.get_or_insert_with(|| what.clone()) == what;
+        let right = cpu == target.index() && own && same && what.starts_with("nested page fault");
+        out(&format!(
+            "vcpu-move: entered on cpu {cpu}: {what}{}",
+            if right { "" } else { " (WRONG: expected the same fault, on this cpu's own host state)" }
+        ));
+        ok &= right;
+    }
+    let after = vcpu::Vcpu::state(&v);
+    if after != before {
+        out("vcpu-move: FAIL the vCPU's state changed across the moves");
+        ok = false;
+    }
+    b.destroy_vcpu(v);
+    // SAFETY: the vCPU that used the frame as its nested root is gone.
+    unsafe { b.mem().free_frame(root) };
+    out(if ok { "vcpu-move: PASS" } else { "vcpu-move: FAIL" });
+    ok
+}

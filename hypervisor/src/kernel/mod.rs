@@ -254,6 +254,7 @@ fn serve<B: HostBackend>(
         && let Ok(b) = backend.as_mut()
     {
         hypervisor::vm::conformance::run_on(b, &mut |line: &str| crate::println!("{line}"));
+        cpus::vcpu_move_check(b, &mut |line: &str| crate::println!("{line}"));
     }
     let names: Vec<&str> = images.iter().map(|g| g.name.as_str()).collect();
     log::info!("guests in the ramdisk: {}", names.join(", "));
