@@ -25,6 +25,10 @@ pub enum Emulator {
     /// QEMU TCG with `-icount shift=0`: the guest-visible TSC follows the
     /// emulated instruction count, so cycle figures repeat (benchmarks).
     QemuIcount,
+    /// QEMU TCG (AMD-V) with two NUMA nodes: CPU 0 and the first half of
+    /// memory on node 0, CPU 1 and the second half on node 1 (the firmware
+    /// publishes them in an ACPI SRAT).
+    QemuNuma,
     /// QEMU TCG with SVM switched off (`-cpu max,-svm`): a machine without
     /// hardware virtualization.
     QemuNoVirt,
@@ -39,11 +43,12 @@ impl Emulator {
             "bochs-amd" => Some(Emulator::BochsAmd),
             "qemu" | "qemu-tcg" => Some(Emulator::QemuTcg),
             "qemu-icount" => Some(Emulator::QemuIcount),
+            "qemu-numa" => Some(Emulator::QemuNuma),
             "qemu-novirt" => Some(Emulator::QemuNoVirt),
             "qemu-kvm" | "kvm" => Some(Emulator::QemuKvm),
             "auto" => None,
             other => bail!(
-                "unknown emulator {other:?}: use bochs, bochs-amd, qemu, qemu-icount, qemu-novirt, qemu-kvm or auto"
+                "unknown emulator {other:?}: use bochs, bochs-amd, qemu, qemu-icount, qemu-numa, qemu-novirt, qemu-kvm or auto"
             ),
         })
     }
@@ -54,6 +59,7 @@ impl Emulator {
             Emulator::BochsAmd => "bochs-amd",
             Emulator::QemuTcg => "qemu-tcg",
             Emulator::QemuIcount => "qemu-icount",
+            Emulator::QemuNuma => "qemu-numa",
             Emulator::QemuNoVirt => "qemu-novirt",
             Emulator::QemuKvm => "qemu-kvm",
         }
@@ -63,7 +69,7 @@ impl Emulator {
     pub fn backend(self) -> &'static str {
         match self {
             Emulator::Bochs => "vmx",
-            Emulator::QemuTcg | Emulator::QemuIcount | Emulator::BochsAmd => "svm",
+            Emulator::QemuTcg | Emulator::QemuIcount | Emulator::QemuNuma | Emulator::BochsAmd => "svm",
             Emulator::QemuKvm => "the host CPU's",
             Emulator::QemuNoVirt => "none",
         }
@@ -193,13 +199,22 @@ pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u1
                 .spawn()
                 .context("starting bochs (apt-get install bochs bochsbios vgabios)")?
         }
-        Emulator::QemuTcg | Emulator::QemuIcount | Emulator::QemuNoVirt | Emulator::QemuKvm => {
+        Emulator::QemuTcg | Emulator::QemuIcount | Emulator::QemuNuma | Emulator::QemuNoVirt | Emulator::QemuKvm => {
             let mut cmd = Command::new("qemu-system-x86_64");
             cmd.args(["-machine", "q35", "-m", &MACHINE_MEM_MIB.to_string(), "-smp", "2"]);
             match emu {
                 Emulator::QemuKvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
                 Emulator::QemuIcount => cmd.args(["-accel", "tcg", "-cpu", "max", "-icount", "shift=0"]),
                 Emulator::QemuNoVirt => cmd.args(["-accel", "tcg", "-cpu", "max,-svm"]),
+                Emulator::QemuNuma => {
+                    let half = format!("{}M", MACHINE_MEM_MIB / 2);
+                    cmd.args(["-accel", "tcg", "-cpu", "max"]);
+                    for n in 0..2 {
+                        cmd.args(["-object", &format!("memory-backend-ram,id=m{n},size={half}")]);
+                        cmd.args(["-numa", &format!("node,nodeid={n},cpus={n},memdev=m{n}")]);
+                    }
+                    &mut cmd
+                }
                 _ => cmd.args(["-accel", "tcg", "-cpu", "max"]),
             };
             cmd.args(["-bios", OVMF])

@@ -66,4 +66,10 @@ pub trait Backend {
     /// The time-stamp counter and its rate.
     fn now(&self) -> u64;
     fn tsc_hz(&self) -> u64;
+
+    /// Free bytes of host memory on NUMA node `node` (`crate::numa`).
+    fn free_bytes_on(&self, node: u32) -> u64;
+    /// Frame allocations on this CPU take node `node`'s memory first from
+    /// now on (`None`: any node's).
+    fn prefer_node(&mut self, node: Option<u32>);
 }

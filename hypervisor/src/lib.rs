@@ -18,6 +18,7 @@ pub mod manager;
 pub mod memory;
 pub mod msr;
 pub mod net;
+pub mod numa;
 pub mod pci;
 pub mod vm;
 

@@ -227,6 +227,10 @@ pub struct MockBackend {
     /// The host's CPUID ([`intel_host_cpuid`] unless a test moves the VM
     /// to another host).
     pub cpuid: fn(u32, u32) -> Regs,
+    /// Free bytes per NUMA node (`free_bytes_on`), and every node
+    /// `prefer_node` was given, in order.
+    pub node_free: Vec<(u32, u64)>,
+    pub preferred: core::cell::RefCell<Vec<Option<u32>>>,
 }
 
 /// A plausible Intel host: VMX in leaf 1, max leaf 0x16.
@@ -253,6 +257,8 @@ impl MockBackend {
             state_filter: None,
             put_filter: None,
             cpuid: intel_host_cpuid,
+            node_free: Vec::new(),
+            preferred: core::cell::RefCell::new(Vec::new()),
         }
     }
 }
@@ -305,6 +311,12 @@ impl Backend for MockBackend {
     }
     fn tsc_hz(&self) -> u64 {
         1_000_000
+    }
+    fn free_bytes_on(&self, node: u32) -> u64 {
+        self.node_free.iter().find(|(n, _)| *n == node).map_or(0, |(_, b)| *b)
+    }
+    fn prefer_node(&mut self, node: Option<u32>) {
+        self.preferred.borrow_mut().push(node);
     }
 }
 

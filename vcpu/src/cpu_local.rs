@@ -13,6 +13,9 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+/// `alloc_node` when allocations may come from any node.
+pub const NO_NODE: u32 = u32::MAX;
+
 /// One CPU's words. `#[repr(C)]` because [`get`] finds it through its first
 /// field.
 #[repr(C)]
@@ -40,6 +43,10 @@ pub struct CpuLocal {
     /// (APM Vol. 2 15.5.2), 0 before SVM is on here. Per CPU, because GS
     /// base and TR differ between CPUs and a vCPU may run on any.
     pub svm_host_vmcb: AtomicU64,
+    /// The NUMA node whose memory this CPU's frame allocations take first
+    /// ([`NO_NODE`]: any): set to a VM's node while the CPU builds or runs
+    /// it, so the pages the VM touches come from its node.
+    pub alloc_node: AtomicU32,
     /// Host timer interrupts this CPU took: the AMD-V backend's slice timer
     /// compares it around VMRUN to tell a slice's end from other exits.
     pub timer_fired: AtomicU64,
@@ -55,6 +62,7 @@ impl CpuLocal {
             dr_owner: AtomicU64::new(0),
             current_vm: AtomicU32::new(0),
             svm_host_vmcb: AtomicU64::new(0),
+            alloc_node: AtomicU32::new(NO_NODE),
             timer_fired: AtomicU64::new(0),
         }
     }

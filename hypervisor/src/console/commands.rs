@@ -245,8 +245,13 @@ fn run<B: Backend>(
         Command::VmStats { id } => {
             let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());
             let now = m.nested_pages_now(*id);
+            let by_node = m.pages_by_node(*id);
             let vm = m.get(*id).ok_or_else(|| format!("no VM {id}"))?;
-            Ok(stats_reply(vm, hz, m.switch_of(*id), m.lazy_progress(*id), now))
+            let mut r = stats_reply(vm, hz, m.switch_of(*id), m.lazy_progress(*id), now);
+            if m.numa.is_numa() {
+                numa_stats(&mut r, vm.node, &by_node);
+            }
+            Ok(r)
         }
         Command::VmStop { id } => {
             m.stop(*id, console)?;
@@ -527,6 +532,25 @@ fn stats_reply<B: Backend>(
     Reply { text, json: j }
 }
 
+/// `vm stats` on a NUMA host: the VM's node and where its pages are.
+fn numa_stats(r: &mut Reply, node: Option<u32>, by_node: &[(Option<u32>, u64)]) {
+    let home = node.map_or(String::from("none (spread)"), |n| format!("{n}"));
+    let pages: Vec<String> = by_node
+        .iter()
+        .map(|(n, p)| match n {
+            Some(n) => format!("{p} on node {n}"),
+            None => format!("{p} outside every node"),
+        })
+        .collect();
+    r.text.push_str(&format!("\n  numa node: {home}; pages (4 KiB): {}", pages.join(", ")));
+    if let Value::Object(o) = &mut r.json {
+        o.insert("numa_node".into(), json!(node));
+        let map: serde_json::Map<String, Value> =
+            by_node.iter().map(|(n, p)| (n.map_or(String::from("none"), |n| format!("{n}")), json!(p))).collect();
+        o.insert("pages_by_node".into(), Value::Object(map));
+    }
+}
+
 fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let mib = |b: u64| b >> 20;
     let virt = match &m.backend {
@@ -539,7 +563,17 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         Some(s) => super::disk::summary_text(s),
         None => format!("data disk: none ({})", m.host_mem.swap_missing),
     };
-    let cpus = cpus_text(h);
+    let mut cpus = cpus_text(h);
+    for n in &m.numa.nodes {
+        let free = m.backend.as_ref().map_or(0, |b| b.free_bytes_on(n.id));
+        cpus.push_str(&format!(
+            "  numa node {}: cpus (apic) {:?}, {} MiB, {} MiB free\n",
+            n.id,
+            n.apic_ids,
+            mib(n.bytes()),
+            mib(free)
+        ));
+    }
     let text = format!(
         "cpu: {} {} (family {} model {} stepping {}), {} cpu(s), apic ids {:?}\n\
          {cpus}\

@@ -116,6 +116,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         cpu.model,
         if cpu.nested { ", under another hypervisor" } else { "" }
     );
+    platform::memory::set_numa(acpi.numa.clone());
+    for n in &acpi.numa.nodes {
+        log::info!("numa: node {}: cpus (apic) {:?}, {} MiB in {:x?}", n.id, n.apic_ids, n.bytes() >> 20, n.ranges);
+    }
     // Before the boot CPU's own virtualization: the APs copy its control
     // registers, which must not carry VMXE/SVME yet.
     cpus::start(&acpi.apic_ids);
@@ -266,6 +270,9 @@ fn serve<B: HostBackend>(
         Err(why) => format!("virtualization off: {why}"),
     };
     let mut manager = Manager::new(backend, images);
+    if let Some(t) = platform::memory::numa() {
+        manager.numa = t.clone();
+    }
     if platform::random::available() {
         manager.entropy = Some(HostEntropy(platform::random::fill));
         log::info!("entropy: RDRAND; VMs get a virtio-rng device");

@@ -101,4 +101,12 @@ impl Backend for VmxBackend {
     fn free_frames(&self) -> u64 {
         crate::platform::memory::free_bytes() / 4096
     }
+
+    fn free_bytes_on(&self, node: u32) -> u64 {
+        crate::platform::memory::free_bytes_on(node)
+    }
+    fn prefer_node(&mut self, node: Option<u32>) {
+        let n = node.unwrap_or(vcpu::cpu_local::NO_NODE);
+        vcpu::cpu_local::get().alloc_node.store(n, core::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -247,7 +247,8 @@ impl<B: Backend> Manager<B> {
             super::switch_port(id)?;
         }
         let nic = with_net.then(|| crate::net::switch::mac_for(id, 0));
-        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic)?;
+        let (mut mem, mut devices, node) =
+            self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic)?;
         let applied = {
             let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
             let alloc = backend.mem();
@@ -399,6 +400,7 @@ impl<B: Backend> Manager<B> {
             overhead_bytes: overhead,
             nested_pages: super::nested_leaves(&mem, &*backend.mem(), machine.mem_bytes),
             reclaim,
+            node,
             cpuid: machine.cpuid,
             res: Some(Resources { mem, vcpu }),
         });

@@ -86,6 +86,8 @@ pub struct Manager<B: Backend> {
     pub switches: BTreeMap<String, Switch>,
     /// The live save in progress (`vm save ... live`), one at a time.
     pub live_save: Option<save_job::LiveSave>,
+    /// The host's NUMA nodes (none without an SRAT): where VMs go.
+    pub numa: crate::numa::Topology,
 }
 
 /// What Linux is told about its TSC, unless its command line says
@@ -132,6 +134,7 @@ impl<B: Backend> Manager<B> {
             entropy: None,
             switches: BTreeMap::new(),
             live_save: None,
+            numa: crate::numa::Topology::default(),
         }
     }
 
@@ -339,7 +342,7 @@ impl<B: Backend> Manager<B> {
         with_rng: bool,
         disk: Option<HostDisk>,
         nic: Option<switch::Mac>,
-    ) -> Result<(GuestMemory<B::Format>, crate::devices::DeviceSet), Error> {
+    ) -> Result<(GuestMemory<B::Format>, crate::devices::DeviceSet, Option<u32>), Error> {
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
             return Err(Error::MemSize);
@@ -364,12 +367,20 @@ impl<B: Backend> Manager<B> {
                 reserve_kib: HEAP_RESERVE >> 10,
             });
         }
-        let alloc = backend.mem();
-        self.host_mem.ensure_sharing(alloc).map_err(Error::Sharing)?;
+        self.host_mem.ensure_sharing(backend.mem()).map_err(Error::Sharing)?;
+        // The VM's NUMA node (`crate::numa`): its RAM comes from there.
+        let free: Vec<(u32, u64)> = self.numa.nodes.iter().map(|n| (n.id, backend.free_bytes_on(n.id))).collect();
+        let node = match crate::numa::place(&self.numa, size, &free) {
+            crate::numa::Placement::Node(n) => Some(n),
+            crate::numa::Placement::Spread => None,
+        };
+        backend.prefer_node(node);
         // RAM in the largest host chunks available, mapped with the largest
         // nested pages alignment allows (2 MiB or 1 GiB where it can).
-        let mut mem =
-            GuestMemory::<B::Format>::new(alloc, map, config).map_err(|error| Error::GuestRam { mem_mib, error })?;
+        let mem = GuestMemory::<B::Format>::new(backend.mem(), map, config);
+        backend.prefer_node(None);
+        let mut mem = mem.map_err(|error| Error::GuestRam { mem_mib, error })?;
+        let alloc = backend.mem();
         let mut devices = crate::devices::DeviceSet::pc(self.host_epoch, size);
         if let Some(entropy) = entropy {
             devices.add_virtio_rng(entropy);
@@ -397,7 +408,7 @@ impl<B: Backend> Manager<B> {
             free_memory(backend, &mut self.host_mem, id, mem);
             return Err(Error::GuestRam { mem_mib, error });
         }
-        Ok((mem, devices))
+        Ok((mem, devices, node))
     }
 
     /// Builds VM `id` from guest `name`: memory, image, devices (a NIC if
@@ -432,7 +443,7 @@ impl<B: Backend> Manager<B> {
         };
         let with_rng = self.entropy.is_some();
         let nic = with_nic.then(|| switch::mac_for(id, 0));
-        let (mem, mut devices) = self.machine(id, mem_mib, with_rng, disk, nic)?;
+        let (mem, mut devices, node) = self.machine(id, mem_mib, with_rng, disk, nic)?;
         let size = (mem_mib as u64) << 20;
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let alloc = backend.mem();
@@ -487,6 +498,7 @@ impl<B: Backend> Manager<B> {
             overhead_bytes: overhead,
             nested_pages,
             reclaim,
+            node,
             cpuid: Default::default(),
             res: Some(Resources { mem, vcpu }),
         }))
@@ -594,6 +606,8 @@ impl<B: Backend> Manager<B> {
             let Some(res) = vm.res.as_mut() else {
                 return false;
             };
+            // Pages the guest touches first in this slice come from its node.
+            backend.prefer_node(vm.node);
             res.vcpu.load();
             res.vcpu.set_time_slice(slice);
             let mut slice_end = now.saturating_add(slice);
@@ -641,6 +655,9 @@ impl<B: Backend> Manager<B> {
         };
         if let Some(res) = vm.res.as_mut() {
             res.vcpu.put();
+        }
+        if let Ok(b) = self.backend.as_mut() {
+            b.prefer_node(None);
         }
         vcpu::cpu_local::get().current_vm.store(0, Ordering::Relaxed);
         let (id, ended) = (vm.id, flow == Flow::Stop && vm.state.ended());
@@ -806,6 +823,21 @@ impl<B: Backend> Manager<B> {
         let vm = self.vms.iter().find(|v| v.id == id)?;
         let res = vm.res.as_ref()?;
         Some(nested_leaves(&res.mem, &*backend.mem(), vm.mem_bytes))
+    }
+
+    /// How many 4 KiB pages of VM `id`'s RAM sit on each NUMA node (`None`:
+    /// outside every node the SRAT names), by its nested page table.
+    pub fn pages_by_node(&mut self, id: u32) -> Vec<(Option<u32>, u64)> {
+        let Ok(backend) = self.backend.as_mut() else { return Vec::new() };
+        let Some(vm) = self.vms.iter().find(|v| v.id == id) else { return Vec::new() };
+        let Some(res) = vm.res.as_ref() else { return Vec::new() };
+        let (ranges, n) = crate::vm::boot::ram_ranges(vm.mem_bytes);
+        let top = ranges[..n].last().map_or(0, |r| r.end);
+        let mut counts: BTreeMap<Option<u32>, u64> = BTreeMap::new();
+        for m in res.mem.table().mappings(&*backend.mem(), GuestPhysAddr(0)..GuestPhysAddr(top)) {
+            *counts.entry(self.numa.node_of_addr(m.leaf.hpa.0)).or_default() += m.leaf.size.bytes() / 4096;
+        }
+        counts.into_iter().collect()
     }
 
     /// `cpuid=pinned`: VM `id`, built and not yet run, answers CPUID from

@@ -651,3 +651,44 @@ fn refusals_are_typed_and_say_why_in_one_line() {
     assert_eq!(line, "vm 1 has already stopped");
     assert!(!line.contains('\n'));
 }
+
+#[test]
+fn a_vm_is_placed_on_the_numa_node_with_most_room_and_its_pages_come_from_there() {
+    use crate::numa::{CpuAffinity, MemoryAffinity, Topology};
+    let mut m = manager(8192);
+    // Two nodes; the simulated frames all sit in node 0's range, so the
+    // page count by node says "node 0" whatever the preference was.
+    m.numa = Topology::from_srat(
+        &[CpuAffinity { apic_id: 0, node: 0, enabled: true }, CpuAffinity { apic_id: 1, node: 1, enabled: true }],
+        &[
+            MemoryAffinity { base: 0, length: 1 << 40, node: 0, enabled: true, non_volatile: false },
+            MemoryAffinity { base: 1 << 40, length: 1 << 40, node: 1, enabled: true, non_volatile: false },
+        ],
+    );
+    be(&mut m).node_free = vec![(0, 8 << 20), (1, 12 << 20)];
+    let mut script = out_str("x");
+    script.push(exit_with(0));
+    be(&mut m).scripts.push_back(script);
+    let id = m.run_vm("tiny", 4, "").unwrap();
+    assert_eq!(m.get(id).unwrap().node, Some(1), "node 1 has the most room");
+    // RAM was allocated with node 1 preferred, then the preference dropped.
+    assert_eq!(be(&mut m).preferred.borrow()[..2], [Some(1), None]);
+    let by_node = m.pages_by_node(id);
+    assert_eq!(by_node.iter().map(|(_, p)| p).sum::<u64>(), 4 << 8, "{by_node:?}");
+    let mut con = Lines::default();
+    run_all(&mut m, &mut con);
+    // Every slice ran with the VM's node preferred, and dropped it after.
+    let prefs = be(&mut m).preferred.borrow().clone();
+    assert!(prefs.len() >= 4, "{prefs:?}");
+    for pair in prefs[2..].chunks(2) {
+        assert_eq!(pair, [Some(1), None], "{prefs:?}");
+    }
+    // A VM no node holds is spread; so is every VM on a one-node host.
+    be(&mut m).scripts.push_back(vec![exit_with(0)]);
+    let big = m.run_vm("tiny", 16, "").unwrap();
+    assert_eq!(m.get(big).unwrap().node, None);
+    m.numa = Topology::default();
+    be(&mut m).scripts.push_back(vec![exit_with(0)]);
+    let one = m.run_vm("tiny", 4, "").unwrap();
+    assert_eq!(m.get(one).unwrap().node, None);
+}

@@ -98,9 +98,51 @@ impl<'a> FrameBitmap<'a> {
         None
     }
 
+    /// One frame inside physical range [start, end) (a NUMA node's memory),
+    /// if one is free there.
+    pub fn alloc_in(&mut self, start: u64, end: u64) -> Option<u64> {
+        let (first, last) = (start.div_ceil(FRAME_SIZE), (end / FRAME_SIZE).min(self.frames));
+        if self.free == 0 || first >= last {
+            return None;
+        }
+        // Next fit within the range when the hint is in it.
+        let from = if (first..last).contains(&self.hint) { self.hint } else { first };
+        let found = self.first_clear(from, last).or_else(|| self.first_clear(first, from))?;
+        self.set(found);
+        self.free -= 1;
+        self.hint = found + 1;
+        Some(found * FRAME_SIZE)
+    }
+
+    /// The first free frame in [from, to), a word at a time.
+    fn first_clear(&self, from: u64, to: u64) -> Option<u64> {
+        let mut f = from;
+        while f < to {
+            let word = self.bits[(f / 64) as usize] | ((1u64 << (f % 64)) - 1);
+            if word != !0 {
+                let g = (f / 64) * 64 + (!word).trailing_zeros() as u64;
+                return (g < to).then_some(g);
+            }
+            f = (f / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Free frames inside [start, end).
+    pub fn free_frames_in(&self, start: u64, end: u64) -> u64 {
+        let (first, last) = (start.div_ceil(FRAME_SIZE), (end / FRAME_SIZE).min(self.frames));
+        (first..last).filter(|&f| !self.test(f)).count() as u64
+    }
+
     /// `size` bytes of contiguous frames starting at a multiple of `align`
     /// (both multiples of 4 KiB, align a power of two).
     pub fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<u64> {
+        self.alloc_contiguous_in(size, align, 0, u64::MAX)
+    }
+
+    /// As [`alloc_contiguous`](Self::alloc_contiguous), the run inside
+    /// physical range [start, end).
+    pub fn alloc_contiguous_in(&mut self, size: u64, align: u64, start: u64, end: u64) -> Option<u64> {
         if size == 0 || !size.is_multiple_of(FRAME_SIZE) || !align.is_power_of_two() || align < FRAME_SIZE {
             return None;
         }
@@ -109,8 +151,9 @@ impl<'a> FrameBitmap<'a> {
         if count > self.free {
             return None;
         }
-        let mut f = 0;
-        while f + count <= self.frames {
+        let last = (end / FRAME_SIZE).min(self.frames);
+        let mut f = start.div_ceil(FRAME_SIZE).next_multiple_of(step);
+        while f + count <= last {
             match (f..f + count).find(|&g| self.test(g)) {
                 None => {
                     for g in f..f + count {
@@ -170,6 +213,32 @@ mod tests {
 
     fn bitmap(storage: &mut Vec<u64>) -> FrameBitmap<'_> {
         FrameBitmap::new(storage.as_mut_slice())
+    }
+
+    #[test]
+    fn allocations_in_a_range_stay_in_it() {
+        let mut storage = vec![0u64; FrameBitmap::words_for(64 * MB)];
+        let mut b = bitmap(&mut storage);
+        b.add_free(MB, 64 * MB);
+        let (lo, hi) = (32 * MB, 48 * MB);
+        let before = b.free_frames_in(lo, hi);
+        assert_eq!(before, 16 * MB / FRAME_SIZE);
+        for _ in 0..before {
+            let f = b.alloc_in(lo, hi).unwrap();
+            assert!((lo..hi).contains(&f), "{f:#x}");
+        }
+        assert_eq!(b.alloc_in(lo, hi), None, "the range is full");
+        assert_eq!(b.free_frames_in(lo, hi), 0);
+        // Elsewhere is untouched, and a freed frame in the range comes back.
+        assert_eq!(b.free_frames(), (63 * MB - 16 * MB) / FRAME_SIZE);
+        b.free(lo + 5 * FRAME_SIZE).unwrap();
+        assert_eq!(b.alloc_in(lo, hi), Some(lo + 5 * FRAME_SIZE));
+        // Unaligned bounds take whole frames only; an empty range has none.
+        assert_eq!(b.alloc_in(MB + 1, MB + FRAME_SIZE + 1), None);
+        assert_eq!(b.alloc_in(hi, lo), None);
+        let run = b.alloc_contiguous_in(2 * MB, 2 * MB, 50 * MB, 60 * MB).unwrap();
+        assert!(run >= 50 * MB && run + 2 * MB <= 60 * MB && run.is_multiple_of(2 * MB), "{run:#x}");
+        assert_eq!(b.alloc_contiguous_in(2 * MB, 2 * MB, 40 * MB, 44 * MB), None, "inside the full range");
     }
 
     #[test]

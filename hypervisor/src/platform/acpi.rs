@@ -1,5 +1,6 @@
-//! ACPI through the `acpi` crate: CPUs and APIC IDs from the MADT, and the
-//! soft-off path (PM1 control blocks from the FADT, SLP_TYP from `\_S5`).
+//! ACPI through the `acpi` crate: CPUs and APIC IDs from the MADT, NUMA
+//! nodes from the SRAT, and the soft-off path (PM1 control blocks from the
+//! FADT, SLP_TYP from `\_S5`).
 
 use acpi::platform::InterruptModel;
 use acpi::sdt::fadt::Fadt;
@@ -98,6 +99,8 @@ pub struct AcpiInfo {
     pub pm1b_cnt: Option<u16>,
     /// SLP_TYPa/b for S5.
     pub s5: Option<(u8, u8)>,
+    /// The NUMA nodes (empty without an SRAT).
+    pub numa: hypervisor::numa::Topology,
 }
 
 static INFO: spin::Once<AcpiInfo> = spin::Once::new();
@@ -142,6 +145,17 @@ fn parse(rsdp: u64) -> Result<AcpiInfo, acpi::AcpiError> {
         if let Ok(dsdt) = fadt.dsdt_address() {
             info.s5 = find_s5_at(dsdt as u64);
         }
+    }
+    if let Some(srat) = tables.find_table::<acpi::sdt::srat::Srat>() {
+        let pa = srat.physical_start as u64;
+        // SAFETY: the SRAT the firmware listed, mapped by the direct map;
+        // its length is in its header (ACPI 6.5 5.2.6), bounded here.
+        let bytes = unsafe {
+            let len = (phys_to_virt(pa + 4) as *const u32).read_unaligned().min(1 << 20) as usize;
+            core::slice::from_raw_parts(phys_to_virt(pa), len)
+        };
+        let (cpus, memory) = hypervisor::numa::parse_srat(bytes);
+        info.numa = hypervisor::numa::Topology::from_srat(&cpus, &memory);
     }
     Ok(info)
 }

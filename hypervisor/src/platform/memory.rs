@@ -5,6 +5,7 @@
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use core::sync::atomic::{AtomicU64, Ordering};
 use hypervisor::memory::frames::{FRAME_SIZE, FrameBitmap};
+use hypervisor::numa::Topology;
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 
@@ -118,16 +119,60 @@ pub fn heap_free() -> u64 {
     HEAP.lock().free() as u64
 }
 
-/// A zeroed 4 KiB frame.
+/// The NUMA nodes, from the SRAT (none: one node).
+static NUMA: spin::Once<Topology> = spin::Once::new();
+
+pub fn set_numa(topology: Topology) {
+    NUMA.call_once(|| topology);
+}
+
+pub fn numa() -> Option<&'static Topology> {
+    NUMA.get().filter(|t| t.is_numa())
+}
+
+/// The memory ranges this CPU's allocations try first: its preferred
+/// node's (`CpuLocal::alloc_node`), if it has one.
+fn preferred_ranges() -> &'static [(u64, u64)] {
+    let node = vcpu::cpu_local::get().alloc_node.load(Ordering::Relaxed);
+    match (node, numa()) {
+        (vcpu::cpu_local::NO_NODE, _) | (_, None) => &[],
+        (n, Some(t)) => t.node(n).map_or(&[], |n| n.ranges.as_slice()),
+    }
+}
+
+/// Free bytes on NUMA node `node`.
+pub fn free_bytes_on(node: u32) -> u64 {
+    let Some(n) = numa().and_then(|t| t.node(node)) else { return 0 };
+    let frames = FRAMES.lock();
+    let Some(b) = frames.as_ref() else { return 0 };
+    n.ranges.iter().map(|&(s, e)| b.free_frames_in(s, e)).sum::<u64>() * FRAME_SIZE
+}
+
+/// A zeroed 4 KiB frame: from this CPU's preferred node if it has room,
+/// else from anywhere.
 pub fn alloc_frame() -> Option<u64> {
-    let pa = FRAMES.lock().as_mut()?.alloc()?;
+    let ranges = preferred_ranges();
+    let pa = {
+        let mut frames = FRAMES.lock();
+        let b = frames.as_mut()?;
+        ranges.iter().find_map(|&(s, e)| b.alloc_in(s, e)).or_else(|| b.alloc())?
+    };
     zero(pa, FRAME_SIZE);
     Some(pa)
 }
 
-/// `size` bytes of zeroed contiguous memory aligned to `align`.
+/// `size` bytes of zeroed contiguous memory aligned to `align`, on the
+/// preferred node first as `alloc_frame`.
 pub fn alloc_contiguous(size: u64, align: u64) -> Option<u64> {
-    let pa = FRAMES.lock().as_mut()?.alloc_contiguous(size, align)?;
+    let ranges = preferred_ranges();
+    let pa = {
+        let mut frames = FRAMES.lock();
+        let b = frames.as_mut()?;
+        ranges
+            .iter()
+            .find_map(|&(s, e)| b.alloc_contiguous_in(size, align, s, e))
+            .or_else(|| b.alloc_contiguous(size, align))?
+    };
     zero(pa, size);
     Some(pa)
 }

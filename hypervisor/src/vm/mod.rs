@@ -161,6 +161,10 @@ pub struct Vm<B: Backend> {
     pub nested_pages: [u64; 3],
     /// Memory target, swap file and paging counters.
     pub reclaim: VmReclaim,
+    /// The host NUMA node its memory comes from and its vCPUs belong on
+    /// (`crate::numa`); none when the host has one node or no node could
+    /// hold it.
+    pub node: Option<u32>,
     /// The CPUID it sees: this host's, or the table pinned when it was
     /// created (`cpuid=pinned`), kept across resets and checkpoints.
     pub cpuid: crate::cpuid::Profile,
