@@ -63,6 +63,9 @@ pub const HEAP_RESERVE: u64 = 2 << 20;
 /// Ended VMs kept for `vm list` before the oldest are forgotten.
 pub const MAX_ENDED_RECORDS: usize = 64;
 
+/// A VM's memory, devices and NUMA node, built before its vCPU.
+type Machine<B> = (GuestMemory<<B as Backend>::Format>, crate::devices::DeviceSet, Option<u32>);
+
 pub struct Manager<B: Backend> {
     /// The backend, or why there is none (no VT-x/AMD-V, disabled...).
     pub backend: Result<B, Unavailable>,
@@ -342,7 +345,7 @@ impl<B: Backend> Manager<B> {
         with_rng: bool,
         disk: Option<HostDisk>,
         nic: Option<switch::Mac>,
-    ) -> Result<(GuestMemory<B::Format>, crate::devices::DeviceSet, Option<u32>), Error> {
+    ) -> Result<Machine<B>, Error> {
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
             return Err(Error::MemSize);
