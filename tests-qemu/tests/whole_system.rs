@@ -77,7 +77,7 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
     // every CPU.
     assert!(host.contains(&format!("  cpu 0: apic 0, boot (console, management, VMs), {backend} on")), "{host}");
     assert!(host.contains(&format!("  cpu 1: apic 1, idle, {backend} on, answers a call in ")), "{host}");
-    assert!(host.contains("  shootdown: nested-TLB flush on all 2 cpus in "), "{host}");
+    assert!(host.contains("  shootdown: nested-TLB flush on all 2 cpu(s) in "), "{host}");
     let boot_log = m.transcript();
     assert!(boot_log.contains("smp: 2 cpu(s) online"), "{boot_log}");
     let j = m.json("host --json");

@@ -65,7 +65,7 @@ fn cpus_text(h: &HostStatus) -> String {
     }
     if let Some(ticks) = h.shootdown_ticks {
         t.push_str(&format!(
-            "  shootdown: nested-TLB flush on all {} cpus in {ticks} ticks ({} us)\n",
+            "  shootdown: nested-TLB flush on all {} cpu(s) in {ticks} ticks ({} us)\n",
             h.cpus.len(),
             ticks * 1_000_000 / h.tsc_hz.max(1)
         ));

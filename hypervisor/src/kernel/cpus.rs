@@ -132,7 +132,7 @@ pub fn status(boot_virt: &str) -> (Vec<CpuStatus>, Option<u64>) {
             call_ticks,
         });
     }
-    let shootdown = (all.len() > 1 && boot_virt.ends_with(" on")).then(|| {
+    let shootdown = boot_virt.ends_with(" on").then(|| {
         let t0 = time::rdtsc();
         let r = smp::run_on(&all, flush_nested, boot_virt.starts_with("vmx") as u64, 100_000);
         r.iter().all(|x| *x == Some(0)).then(|| time::rdtsc() - t0)
