@@ -152,6 +152,22 @@ pub fn create_scratch_disk(run_dir: &Path) -> Result<PathBuf> {
 /// machine's writes reach the file; Bochs needs a whole number of 16 x 63
 /// cylinders), else a fresh one in `run_dir`. Logs go to `run_dir`.
 pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u16, run_dir: &Path) -> Result<Child> {
+    spawn_with_nic(emu, disk, scratch, serial_port, run_dir, None)
+}
+
+/// [`spawn`], with an `e1000` on one end of a host link (QEMU only; see
+/// `link`).
+pub fn spawn_with_nic(
+    emu: Emulator,
+    disk: &Path,
+    scratch: Option<&Path>,
+    serial_port: u16,
+    run_dir: &Path,
+    nic: Option<&crate::link::NicEnd>,
+) -> Result<Child> {
+    if nic.is_some() && !emu.is_qemu() {
+        bail!("a host link is only set up for QEMU (Bochs' socket ethmod needs a network namespace)");
+    }
     std::fs::create_dir_all(run_dir)?;
     let scratch = match scratch {
         Some(p) => {
@@ -216,6 +232,7 @@ pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u1
                 .arg(format!("tcp:127.0.0.1:{serial_port}"))
                 .args(["-display", "none", "-no-reboot", "-monitor", "none"])
                 .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+                .args(nic.map(|n| n.qemu_args()).unwrap_or_default())
                 .args(["-d", "guest_errors,cpu_reset", "-D"])
                 .arg(run_dir.join("qemu.log"))
                 .current_dir(run_dir)
