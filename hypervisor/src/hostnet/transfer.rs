@@ -53,7 +53,11 @@ pub fn pattern(i: u64) -> u8 {
 pub struct Outcome {
     pub peer: String,
     pub bytes: u64,
+    /// From the connection being open to the reply (sender) or from accept
+    /// to the reply sent (receiver).
     pub micros: u64,
+    /// Sender: ARP and the TCP handshake before that (0 for the receiver).
+    pub connect_micros: u64,
     pub crc32: u32,
     /// Receiver: checksum and pattern matched. Sender: the receiver said so.
     pub verified: bool,
@@ -82,6 +86,8 @@ struct Sender {
     reply: [u8; REPLY],
     reply_got: usize,
     started_us: u64,
+    /// When the handshake completed.
+    open_us: Option<u64>,
     progress_us: u64,
     counters: Counters,
 }
@@ -166,6 +172,7 @@ impl Service {
             reply: [0; REPLY],
             reply_got: 0,
             started_us: now_us,
+            open_us: None,
             progress_us: now_us,
             counters,
         });
@@ -247,7 +254,8 @@ impl Service {
         counters: Counters,
         report: &mut dyn FnMut(&str),
     ) {
-        let micros = now_us.saturating_sub(s.started_us);
+        let open = s.open_us.unwrap_or(now_us);
+        let (connect_micros, micros) = (open.saturating_sub(s.started_us), now_us.saturating_sub(open));
         let crc = s.crc.clone().finalize();
         let (fin, fout) = delta(counters, s.counters);
         let reply_ok = result.is_ok();
@@ -262,6 +270,7 @@ impl Service {
                     peer: format!("{}", s.to),
                     bytes: s.len,
                     micros,
+                    connect_micros,
                     crc32: crc,
                     verified,
                     frames_in: fin,
@@ -270,11 +279,12 @@ impl Service {
                 if verified {
                     self.stats.sends_ok += 1;
                     format!(
-                        "net send: {} bytes to {} in {} ({}), {fout} frames out, {fin} in, crc32 {crc:#010x} verified by the receiver",
+                        "net send: {} bytes to {} in {} ({}) after {} connecting, {fout} frames out, {fin} in, crc32 {crc:#010x} verified by the receiver",
                         s.len,
                         s.to,
                         secs(micros),
-                        rate(s.len, micros)
+                        rate(s.len, micros),
+                        secs(connect_micros)
                     )
                 } else {
                     self.stats.sends_failed += 1;
@@ -314,6 +324,7 @@ impl Service {
                     peer: r.peer.clone(),
                     bytes: r.len,
                     micros,
+                    connect_micros: 0,
                     crc32: crc,
                     verified,
                     frames_in: fin,
@@ -380,6 +391,9 @@ fn step_sender(s: &mut Sender, t: &mut impl Transport, now_us: u64) -> Result<bo
     let total = HEADER + s.len + TRAILER;
     let mut buf = vec![0u8; CHUNK];
     let before = (s.pos, s.reply_got);
+    if s.open_us.is_none() && t.state(s.stream) != StreamState::Connecting {
+        s.open_us = Some(now_us);
+    }
     for _ in 0..CHUNKS_PER_POLL {
         if s.pos >= total {
             break;
