@@ -38,22 +38,35 @@ fn two_qemu_hosts_transfer_verified_data() {
     let out = b.cmd("net listen 7000");
     assert!(out.contains("listening for transfers on port 7000"), "{out}");
     let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
+    // Wall-clock time on this machine, beside each hypervisor's own (its
+    // TSC, calibrated against the PIT at boot, which drifts under TCG on a
+    // loaded machine).
+    let started = std::time::Instant::now();
     let out = a.cmd(&format!("net send 10.0.7.2:7000 {bytes}"));
     assert!(out.contains(&format!("net: sending {bytes} bytes to 10.0.7.2:7000")), "{out}");
     let limit = Duration::from_secs(300);
     a.wait_for_after("net send: ", from_a, limit);
     b.wait_for_after("net listen: ", from_b, limit);
+    let wall = started.elapsed().as_secs_f64();
     // Reports arrive asynchronously, after the prompt on its line.
     let report = |t: String, from: usize, what: &str| {
         t[from..].lines().find_map(|l| l.find(what).map(|i| l[i..].to_string())).unwrap_or_default()
     };
     let (sent, got) = (report(a.transcript(), from_a, "net send: "), report(b.transcript(), from_b, "net listen: "));
     eprintln!("[host-link] {sent}\n[host-link] {got}");
+    let tsc = |m: &mut Machine| m.json("host --json")["tsc_hz"].as_u64().unwrap_or(0) / 1_000_000;
+    eprintln!(
+        "[host-link] wall clock: {bytes} bytes in {wall:.2} s from the command to both reports ({:.2} MB/s), tsc a {} MHz b {} MHz",
+        bytes as f64 / wall / 1e6,
+        tsc(&mut a),
+        tsc(&mut b)
+    );
     assert!(sent.contains("verified by the receiver"), "{sent}");
     assert!(got.contains("matches, pattern ok"), "{got}");
 
     // Both sides agree on the checksum; the counters saw the data.
     let (na, nb) = (a.json("net --json"), b.json("net --json"));
+    eprintln!("[host-link] a: {}\n[host-link] b: {}", na["counters"], nb["counters"]);
     let (s, r) = (&na["transfers"]["last_send"], &nb["transfers"]["last_receive"]);
     assert_eq!(
         (&s["verified"], &r["verified"], &s["bytes"], &r["bytes"]),

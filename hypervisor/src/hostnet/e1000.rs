@@ -154,8 +154,17 @@ pub struct E1000<H: Hw> {
     tx_tail: usize,
     tx_clean: usize,
     tx_busy: usize,
+    /// Descriptors given back / queued since the tail register was last
+    /// written: tails move once per batch, not per frame (each write is an
+    /// MMIO access the emulator handles), and at every `flush`.
+    rx_unposted: usize,
+    tx_unposted: usize,
     counters: Counters,
 }
+
+/// Descriptors per tail write at most; well under a ring, so the device
+/// never waits long for descriptors the driver already has ready.
+const TAIL_BATCH: usize = 16;
 
 impl<H: Hw> E1000<H> {
     /// Resets the device and sets up both rings, following 14.3 (general
@@ -237,6 +246,8 @@ impl<H: Hw> E1000<H> {
             tx_tail: 0,
             tx_clean: 0,
             tx_busy: 0,
+            rx_unposted: 0,
+            tx_unposted: 0,
             counters: Counters::default(),
         })
     }
@@ -252,9 +263,29 @@ impl<H: Hw> E1000<H> {
         let mut d = [0u8; DESC];
         d[0..8].copy_from_slice(&(self.rx_bufs + (i * BUF) as u64).to_le_bytes());
         self.hw.dma_write(self.rx_ring + (i * DESC) as u64, &d);
-        // The descriptor is written before the tail moves: x86 keeps stores
-        // in order, and `Hw::write` is an uncached MMIO store.
-        self.hw.write(reg::RDT, i as u32);
+        self.rx_unposted += 1;
+        if self.rx_unposted >= TAIL_BATCH {
+            self.post_rx();
+        }
+    }
+
+    /// Moves RDT past every descriptor given back. The descriptors were
+    /// written before the tail moves: x86 keeps stores in order, and
+    /// `Hw::write` is an uncached MMIO store.
+    fn post_rx(&mut self) {
+        if self.rx_unposted > 0 {
+            // The last descriptor given back is the one before `rx_next`.
+            self.hw.write(reg::RDT, ((self.rx_next + RX_RING - 1) % RX_RING) as u32);
+            self.rx_unposted = 0;
+        }
+    }
+
+    /// Moves TDT past every queued frame (see `post_rx` for the order).
+    fn post_tx(&mut self) {
+        if self.tx_unposted > 0 {
+            self.hw.write(reg::TDT, self.tx_tail as u32);
+            self.tx_unposted = 0;
+        }
     }
 
     /// Reclaims transmit descriptors the device is done with (DD set,
@@ -386,9 +417,10 @@ impl<H: Hw> Nic for E1000<H> {
         self.hw.dma_write(self.tx_ring + (i * DESC) as u64, &d);
         self.tx_tail = (i + 1) % TX_RING;
         self.tx_busy += 1;
-        // Buffer and descriptor are in memory before the tail moves (see
-        // `rx_give_back`).
-        self.hw.write(reg::TDT, self.tx_tail as u32);
+        self.tx_unposted += 1;
+        if self.tx_unposted >= TAIL_BATCH {
+            self.post_tx();
+        }
         self.counters.tx_frames += 1;
         self.counters.tx_bytes += frame.len() as u64;
         true
@@ -396,6 +428,11 @@ impl<H: Hw> Nic for E1000<H> {
 
     fn counters(&self) -> Counters {
         self.counters
+    }
+
+    fn flush(&mut self) {
+        self.post_tx();
+        self.post_rx();
     }
 }
 
@@ -603,6 +640,9 @@ mod tests {
             let len = nic.recv(&mut buf).expect("a frame");
             assert_eq!(&buf[..len], &f[..]);
             assert_eq!(nic.recv(&mut buf), None);
+            if n % 3 == 0 {
+                nic.flush();
+            }
         }
         assert_eq!(nic.counters().rx_frames, (3 * RX_RING + 5) as u64);
     }
@@ -622,6 +662,8 @@ mod tests {
         }
         assert_eq!(got, RX_RING - 1);
         assert_eq!(nic.counters().rx_missed, 4);
+        nic.flush();
+        assert_eq!(dev.borrow().regs[&reg::RDT], (RX_RING - 2) as u32);
         // The ring works again afterwards.
         assert!(dev.borrow_mut().deliver(&frame(64, 9)));
         assert_eq!(nic.recv(&mut buf), Some(64));
@@ -659,6 +701,9 @@ mod tests {
         for f in &frames {
             assert!(nic.send(f));
         }
+        // Tails move in batches; `flush` posts the rest.
+        assert!(dev.borrow().sent.len() >= frames.len() - TAIL_BATCH);
+        nic.flush();
         assert_eq!(dev.borrow().sent, frames);
         assert_eq!(nic.counters().tx_frames, frames.len() as u64);
         assert!(!nic.send(&[0u8; 10]));
@@ -675,6 +720,7 @@ mod tests {
             assert!(nic.send(&frame(64, 0)));
             sent += 1;
         }
+        nic.flush();
         assert_eq!(sent, TX_RING - 1);
         assert!(!nic.send(&frame(64, 0)));
         assert_eq!(nic.counters().tx_dropped, 1);

@@ -52,6 +52,9 @@ pub trait Nic {
     /// Queues `frame`; false (and counted as a drop) if it cannot.
     fn send(&mut self, frame: &[u8]) -> bool;
     fn counters(&self) -> Counters;
+    /// Hands the device everything queued or given back so far (a NIC may
+    /// batch that); called at the end of every poll.
+    fn flush(&mut self) {}
 }
 
 /// Largest Ethernet frame the stack builds (MTU 1500 plus the header).
@@ -231,6 +234,7 @@ impl<N: Nic> HostNet<N> {
         let mut tcp = tcp::Tcp { iface: &mut self.iface, sockets: &mut self.sockets };
         self.service.poll(&mut tcp, now_us, counters, report);
         self.egress(now);
+        self.phy.nic.flush();
     }
 
     fn egress(&mut self, now: Instant) {

@@ -78,9 +78,10 @@ pub trait Transport {
     fn peer(&self, s: StreamId) -> Option<SocketAddrV4>;
 }
 
-/// Socket buffers: 64 KiB each way, the most a TCP window can advertise
-/// without window scaling.
-pub const SOCKET_BUFFER: usize = 64 * 1024;
+/// Socket buffers: 256 KiB each way (smoltcp scales the window past 64
+/// KiB, RFC 7323), so a few milliseconds of emulated round trip do not
+/// cap a transfer at window / RTT.
+pub const SOCKET_BUFFER: usize = 256 * 1024;
 /// At most this many sockets (listening and connected) at once, so a peer
 /// opening connections cannot exhaust the heap.
 pub const MAX_SOCKETS: usize = 16;
@@ -113,8 +114,11 @@ impl Sockets {
             tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
         );
         s.set_timeout(Some(TIMEOUT));
-        // Bulk transfers: no Nagle delay for the last short segment.
+        // Bulk transfers: no Nagle delay for the last short segment, and
+        // no delayed ACK: the ACKs of one poll's frames go out together
+        // anyway, and a held-back ACK stalls a sender waiting for window.
         s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
         Ok(s)
     }
 
