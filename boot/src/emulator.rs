@@ -165,8 +165,9 @@ pub fn spawn_with_nic(
     run_dir: &Path,
     nic: Option<&crate::link::NicEnd>,
 ) -> Result<Child> {
-    if nic.is_some() && !emu.is_qemu() {
-        bail!("a host link is only set up for QEMU (Bochs' socket ethmod needs a network namespace)");
+    if nic.is_some() && !emu.is_qemu() && !crate::link::in_private_netns() {
+        // Its socket ethmod binds 0.0.0.0 (see `link`).
+        bail!("a Bochs host on a link runs only inside a private network namespace");
     }
     std::fs::create_dir_all(run_dir)?;
     let scratch = match scratch {
@@ -184,7 +185,14 @@ pub fn spawn_with_nic(
         Emulator::Bochs | Emulator::BochsAmd => {
             let rc = run_dir.join("bochsrc");
             let model = if emu == Emulator::BochsAmd { "ryzen" } else { "tigerlake" };
-            std::fs::write(&rc, bochsrc(disk, &scratch, serial_port, run_dir, model)?)?;
+            let mut text = bochsrc(disk, &scratch, serial_port, run_dir, model)?;
+            if let Some(nic) = nic {
+                // The e1000 in the first free PCI slot of the i440fx.
+                text =
+                    text.replace("pci: enabled=1, chipset=i440fx\n", "pci: enabled=1, chipset=i440fx, slot1=e1000\n");
+                text.push_str(&nic.bochs_line()?);
+            }
+            std::fs::write(&rc, text)?;
             // The debugger starts stopped; "c" runs. BOCHS_DEBUGGER_CMDS may
             // name a file of debugger commands to use instead (breakpoints,
             // `trace on`, stepping: how the exit path is measured).

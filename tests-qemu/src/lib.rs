@@ -149,6 +149,27 @@ impl Machine {
         (a, b)
     }
 
+    /// A Bochs host (VT-x) and a QEMU host (AMD-V) on one Ethernet link:
+    /// UDP on loopback inside a private network namespace the calling
+    /// thread enters first (`boot::link::enter_private_netns`: root only;
+    /// the consoles' sockets and Bochs' display port live there too).
+    pub fn boot_cross_pair(name: &str, config_bochs: &[&str], config_qemu: &[&str]) -> (Machine, Machine) {
+        boot::link::enter_private_netns().unwrap_or_else(|e| panic!("[{name}] {e:#}"));
+        let (end_b, end_q) = boot::link::cross_pair(47011);
+        let start = |emu, suffix: &str, config: &[&str], nic| {
+            let options = SessionOptions { nic: Some(nic), ..Default::default() };
+            Self::start_image(emu, &format!("{name}-{suffix}"), image(config), &options)
+        };
+        let b = start(Emulator::Bochs, "vmx", config_bochs, end_b);
+        let q = start(Emulator::QemuTcg, "svm", config_qemu, end_q);
+        for m in [&b, &q] {
+            if m.s().wait_for(boot::session::READY, 0, Duration::from_secs(400)).is_err() {
+                panic!("[{}] timed out after 400s waiting for {:?}", m.name, boot::session::READY);
+            }
+        }
+        (b, q)
+    }
+
     /// Starts the emulator without waiting for the console.
     pub fn start(emulator: Emulator, name: &str, config: &[&str]) -> Machine {
         Self::start_image(emulator, name, image(config), &SessionOptions::default())
