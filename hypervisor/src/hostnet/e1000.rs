@@ -436,8 +436,8 @@ impl<H: Hw> Nic for E1000<H> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod sim {
+#[cfg(any(test, feature = "testing"))]
+pub mod sim {
     //! A simulated 82540EM: a register file and DMA memory, and a device
     //! side that fills receive descriptors and consumes transmit ones the
     //! way 3.2.6 and 3.3.4 describe — or, on request, the way a broken or
@@ -446,11 +446,13 @@ pub(crate) mod sim {
     use super::*;
     use alloc::vec;
     use alloc::vec::Vec;
-    use std::collections::HashMap;
+    use alloc::collections::BTreeMap;
+    use alloc::rc::Rc;
+    use core::cell::{Cell, RefCell};
 
     #[derive(Default)]
     pub struct SimE1000 {
-        pub regs: HashMap<u32, u32>,
+        pub regs: BTreeMap<u32, u32>,
         pub mem: Vec<u8>,
         /// Frames the device sent, in order.
         pub sent: Vec<Vec<u8>>,
@@ -517,8 +519,8 @@ pub(crate) mod sim {
     /// `SimE1000` as the driver's `Hw`; with `hold_tx`, transmit
     /// descriptors stay unprocessed (a stalled device).
     pub struct SimHw {
-        pub dev: std::rc::Rc<std::cell::RefCell<SimE1000>>,
-        pub hold_tx: std::rc::Rc<std::cell::Cell<bool>>,
+        pub dev: Rc<RefCell<SimE1000>>,
+        pub hold_tx: Rc<Cell<bool>>,
     }
 
     impl Hw for SimHw {
@@ -580,8 +582,8 @@ pub(crate) mod sim {
         fn delay_us(&mut self, _us: u64) {}
     }
 
-    pub fn new_sim(mac: [u8; 6]) -> (E1000<SimHw>, std::rc::Rc<std::cell::RefCell<SimE1000>>) {
-        let dev = std::rc::Rc::new(std::cell::RefCell::new(SimE1000::new(mac)));
+    pub fn new_sim(mac: [u8; 6]) -> (E1000<SimHw>, Rc<RefCell<SimE1000>>) {
+        let dev = Rc::new(RefCell::new(SimE1000::new(mac)));
         let hw = SimHw { dev: dev.clone(), hold_tx: Default::default() };
         (E1000::new(hw).expect("sim init"), dev)
     }
