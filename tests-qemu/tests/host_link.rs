@@ -2,8 +2,8 @@
 //! Ethernet link, each hypervisor driving its e1000 itself. One boot pair
 //! serves every check (CI time): the address from `hypervisor.cfg` and from
 //! the console, a refused bad address, a verified 4 MiB transfer with its
-//! throughput, the frame counters, and a transfer to a port nobody listens
-//! on failing cleanly.
+//! throughput, the frame counters, ping, and a transfer to a port nobody
+//! listens on failing cleanly.
 
 use std::time::Duration;
 use tests_qemu::Machine;
@@ -79,6 +79,11 @@ fn two_qemu_hosts_transfer_verified_data() {
     // Full-size frames: at least one per 1460 bytes of TCP payload.
     assert!(count(&na, "tx_frames") >= bytes / 1460 && count(&nb, "rx_frames") >= bytes / 1460, "{na}\n{nb}");
     assert_eq!((count(&na, "rx_dropped"), count(&nb, "rx_dropped")), (0, 0), "{na}\n{nb}");
+
+    // B answers pings by itself.
+    let from_a = a.transcript().len();
+    assert!(a.cmd("net ping 10.0.7.2 3").contains("net: pinging 10.0.7.2 3 times"));
+    a.wait_for_after("net ping: 10.0.7.2: 3 sent, 3 received", from_a, Duration::from_secs(60));
 
     // Nobody listens on 7001: B resets the connection, A reports it.
     let from_a = a.transcript().len();

@@ -5,7 +5,8 @@
 //! net [show]                          link, MAC, address, counters, transfers
 //! net host ip=<a.b.c.d>/<len>         the host's address
 //! net listen <port>                   accept test transfers on <port>
-//! net send <a.b.c.d>:<port> <bytes>   send <bytes> (k/m suffix: KiB/MiB) of the test pattern
+//! net send <a.b.c.d>:<port> <bytes>   send <bytes> (k/m/g suffix: KiB/MiB/GiB) of the test pattern
+//! net ping <a.b.c.d> [count]          ICMP echo, 3 requests unless told
 //! ```
 //! Each takes `--json`. Bad input gets a one-line error and changes nothing.
 
@@ -16,8 +17,11 @@ use core::net::SocketAddrV4;
 use serde_json::{Value, json};
 use smoltcp::wire::Ipv4Cidr;
 
-use super::{HostNet, Nic, mac_text, parse_cidr, tcp::parse_endpoint, transfer::MAX_BYTES};
+use super::{
+    HostNet, Nic, mac_text, parse_cidr, ping::MAX_COUNT as MAX_PINGS, tcp::parse_endpoint, transfer::MAX_BYTES,
+};
 use crate::vm::exit::Console;
+use core::net::Ipv4Addr;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetCommand {
@@ -25,6 +29,7 @@ pub enum NetCommand {
     Host(Ipv4Cidr),
     Listen(u16),
     Send(SocketAddrV4, u64),
+    Ping(Ipv4Addr, u16),
 }
 
 impl NetCommand {
@@ -34,6 +39,7 @@ impl NetCommand {
             NetCommand::Host(_) => "net host",
             NetCommand::Listen(_) => "net listen",
             NetCommand::Send(..) => "net send",
+            NetCommand::Ping(..) => "net ping",
         }
     }
 }
@@ -43,7 +49,8 @@ pub const HELP: &[(&str, &str)] = &[
     ("net [show]", "the host's NIC: link, MAC, address, frame counters, test transfers"),
     ("net host ip=<a.b.c.d>/<len>", "set the host's IPv4 address"),
     ("net listen <port>", "accept test transfers on <port> (each is verified and reported)"),
-    ("net send <a.b.c.d>:<port> <bytes>[k|m]", "send a verified test transfer to a listening host"),
+    ("net send <a.b.c.d>:<port> <bytes>[k|m|g]", "send a verified test transfer to a listening host"),
+    ("net ping <a.b.c.d> [count]", "ICMP echo requests (3 unless told, at most 100), replies with round trips"),
 ];
 
 /// A parsed `net` line and whether `--json` was given.
@@ -81,8 +88,24 @@ fn parse_args(args: &[&str]) -> Result<NetCommand, String> {
             })?;
             Ok(NetCommand::Send(to, n))
         }
-        ["send", ..] => Err(String::from("net send: usage: 'net send <a.b.c.d>:<port> <bytes>[k|m]'")),
-        [other, ..] => Err(format!("net: unknown subcommand {other:?} (show, host, listen, send)")),
+        ["send", ..] => Err(String::from("net send: usage: 'net send <a.b.c.d>:<port> <bytes>[k|m|g]'")),
+        ["ping", to, count @ ..] if count.len() <= 1 => {
+            let addr: Ipv4Addr = to.parse().map_err(|_| format!("net ping: {to:?} is not an IPv4 address"))?;
+            if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+                return Err(format!("net ping: {to:?} is not a host address"));
+            }
+            let n = match count {
+                [c] => c
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PINGS).contains(n))
+                    .ok_or_else(|| format!("net ping: {c:?}: the count must be 1-{MAX_PINGS}"))?,
+                _ => 3,
+            };
+            Ok(NetCommand::Ping(addr, n))
+        }
+        ["ping", ..] => Err(String::from("net ping: usage: 'net ping <a.b.c.d> [count]'")),
+        [other, ..] => Err(format!("net: unknown subcommand {other:?} (show, host, listen, send, ping)")),
     }
 }
 
@@ -140,6 +163,10 @@ fn run<N: Nic>(cmd: &NetCommand, net: &mut HostNet<N>, now_us: u64) -> Result<(S
         NetCommand::Listen(port) => {
             net.listen(*port)?;
             Ok((format!("net: listening for transfers on port {port}"), json!({ "port": port })))
+        }
+        NetCommand::Ping(to, n) => {
+            net.ping(*to, *n, now_us)?;
+            Ok((format!("net: pinging {to} {n} times"), json!({ "to": to.to_string(), "count": n })))
         }
         NetCommand::Send(to, n) => {
             net.send(*to, *n, now_us)?;
@@ -226,6 +253,8 @@ mod tests {
             NetCommand::Send(parse_endpoint("10.0.0.2:7000").unwrap(), 4 << 20)
         );
         assert_eq!(ok("net send 10.0.0.2:7000 123").0, NetCommand::Send(parse_endpoint("10.0.0.2:7000").unwrap(), 123));
+        assert_eq!(ok("net ping 10.0.0.2").0, NetCommand::Ping(Ipv4Addr::new(10, 0, 0, 2), 3));
+        assert_eq!(ok("net ping 10.0.0.2 100").0, NetCommand::Ping(Ipv4Addr::new(10, 0, 0, 2), 100));
         assert_eq!(
             ok("net send 10.0.0.2:7000 1g").0,
             NetCommand::Send(parse_endpoint("10.0.0.2:7000").unwrap(), 1 << 30)
@@ -246,6 +275,12 @@ mod tests {
             ("net send 10.0.0.2:7000 m", "byte count"),
             ("net send 10.0.0.2:7000 99999999999999999999k", "byte count"),
             ("net frob", "unknown subcommand"),
+            ("net ping", "usage"),
+            ("net ping 10.0.0.2 3 4", "usage"),
+            ("net ping 10.0.0.2 0", "count must be"),
+            ("net ping 10.0.0.2 101", "count must be"),
+            ("net ping 10.0.0.256", "not an IPv4"),
+            ("net ping 255.255.255.255", "not a host"),
         ] {
             let e = err(bad);
             assert!(e.contains(says) && !e.contains('\n'), "{bad:?}: {e:?}");

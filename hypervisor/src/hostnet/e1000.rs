@@ -444,10 +444,10 @@ pub mod sim {
     //! hostile device would.
 
     use super::*;
-    use alloc::vec;
-    use alloc::vec::Vec;
     use alloc::collections::BTreeMap;
     use alloc::rc::Rc;
+    use alloc::vec;
+    use alloc::vec::Vec;
     use core::cell::{Cell, RefCell};
 
     #[derive(Default)]

@@ -9,10 +9,12 @@
 //! - [`tcp`]: byte streams (connect, listen, read, write, close) over
 //!   smoltcp TCP, the transport migration can reuse;
 //! - [`transfer`]: the `net listen` / `net send` test transfer;
+//! - [`ping`]: `net ping` (the host answers pings itself);
 //! - [`console`]: the `net` commands.
 
 pub mod console;
 pub mod e1000;
+pub mod ping;
 pub mod tcp;
 pub mod transfer;
 
@@ -136,6 +138,9 @@ pub struct HostNet<N: Nic> {
     iface: Interface,
     sockets: tcp::Sockets,
     pub service: transfer::Service,
+    ping: Option<ping::Ping>,
+    /// ICMP identifier of the next `net ping`.
+    ping_ident: u16,
     /// Text naming the device (`"82540EM 0000:00:02.0"`), for `net`.
     pub device: alloc::string::String,
 }
@@ -158,6 +163,8 @@ impl<N: Nic> HostNet<N> {
             iface,
             sockets: tcp::Sockets::new(SocketSet::new(Vec::new()), seed),
             service: transfer::Service::default(),
+            ping: None,
+            ping_ident: seed as u16,
             device,
         }
     }
@@ -207,6 +214,19 @@ impl<N: Nic> HostNet<N> {
         self.service.send(&mut tcp, to, len, now_us, counters)
     }
 
+    /// `net ping`: `count` echo requests to `to`, reported by `poll`.
+    pub fn ping(&mut self, to: Ipv4Addr, count: u16, now_us: u64) -> Result<(), alloc::string::String> {
+        if self.ping.is_some() {
+            return Err("a ping is already running".into());
+        }
+        if self.addr().is_none() {
+            return Err(alloc::format!("{}", tcp::NetError::NoAddress));
+        }
+        self.ping_ident = self.ping_ident.wrapping_add(1);
+        self.ping = Some(ping::Ping::start(&mut self.sockets.set, to, count, self.ping_ident, now_us));
+        Ok(())
+    }
+
     /// The TCP transport, for services that stream (migration).
     pub fn tcp(&mut self) -> tcp::Tcp<'_> {
         tcp::Tcp { iface: &mut self.iface, sockets: &mut self.sockets }
@@ -233,6 +253,11 @@ impl<N: Nic> HostNet<N> {
         let counters = self.phy.nic.counters();
         let mut tcp = tcp::Tcp { iface: &mut self.iface, sockets: &mut self.sockets };
         self.service.poll(&mut tcp, now_us, counters, report);
+        if let Some(p) = &mut self.ping
+            && p.poll(&mut self.sockets.set, now_us, report)
+        {
+            self.ping = None;
+        }
         self.egress(now);
         self.phy.nic.flush();
     }
