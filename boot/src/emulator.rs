@@ -158,6 +158,23 @@ pub fn create_scratch_disk(run_dir: &Path) -> Result<PathBuf> {
 /// machine's writes reach the file; Bochs needs a whole number of 16 x 63
 /// cylinders), else a fresh one in `run_dir`. Logs go to `run_dir`.
 pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u16, run_dir: &Path) -> Result<Child> {
+    spawn_with_nic(emu, disk, scratch, serial_port, run_dir, None)
+}
+
+/// [`spawn`], with an `e1000` on one end of a host link (QEMU only; see
+/// `link`).
+pub fn spawn_with_nic(
+    emu: Emulator,
+    disk: &Path,
+    scratch: Option<&Path>,
+    serial_port: u16,
+    run_dir: &Path,
+    nic: Option<&crate::link::NicEnd>,
+) -> Result<Child> {
+    if nic.is_some() && !emu.is_qemu() && !crate::link::in_private_netns() {
+        // Its socket ethmod binds 0.0.0.0 (see `link`).
+        bail!("a Bochs host on a link runs only inside a private network namespace");
+    }
     std::fs::create_dir_all(run_dir)?;
     let scratch = match scratch {
         Some(p) => {
@@ -174,7 +191,14 @@ pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u1
         Emulator::Bochs | Emulator::BochsAmd => {
             let rc = run_dir.join("bochsrc");
             let model = if emu == Emulator::BochsAmd { "ryzen" } else { "tigerlake" };
-            std::fs::write(&rc, bochsrc(disk, &scratch, serial_port, run_dir, model)?)?;
+            let mut text = bochsrc(disk, &scratch, serial_port, run_dir, model)?;
+            if let Some(nic) = nic {
+                // The e1000 in the first free PCI slot of the i440fx.
+                text =
+                    text.replace("pci: enabled=1, chipset=i440fx\n", "pci: enabled=1, chipset=i440fx, slot1=e1000\n");
+                text.push_str(&nic.bochs_line()?);
+            }
+            std::fs::write(&rc, text)?;
             // The debugger starts stopped; "c" runs. BOCHS_DEBUGGER_CMDS may
             // name a file of debugger commands to use instead (breakpoints,
             // `trace on`, stepping: how the exit path is measured).
@@ -231,6 +255,7 @@ pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u1
                 .arg(format!("tcp:127.0.0.1:{serial_port}"))
                 .args(["-display", "none", "-no-reboot", "-monitor", "none"])
                 .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+                .args(nic.map(|n| n.qemu_args()).unwrap_or_default())
                 .args(["-d", "guest_errors,cpu_reset", "-D"])
                 .arg(run_dir.join("qemu.log"))
                 .current_dir(run_dir)

@@ -6,6 +6,7 @@
 pub mod emulator;
 pub mod image;
 pub mod initramfs;
+pub mod link;
 pub mod script;
 pub mod session;
 

@@ -59,6 +59,11 @@ enum Cmd {
         /// `vm run NAME` starts it, `mod=NAME` passes it as a module.
         #[arg(long = "file", value_name = "NAME=PATH")]
         files: Vec<ExtraFile>,
+        /// Give the machine an e1000 on side a or b of a link whose sockets
+        /// live in DIR (QEMU only): start one machine with DIR:a, another
+        /// with DIR:b, and they share an Ethernet segment on this machine.
+        #[arg(long, value_name = "DIR:a|b")]
+        link: Option<String>,
     },
     /// Build the Linux guest's initramfs from unpacked Debian packages
     /// (scripts/guest-linux runs this); the file is rewritten only if its
@@ -107,7 +112,7 @@ fn real_main() -> Result<()> {
             println!("{}", img.disk.display());
             Ok(())
         }
-        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, scratch_disk, files } => {
+        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, scratch_disk, files, link } => {
             let steps = match &script {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
                 None => None,
@@ -130,7 +135,12 @@ fn real_main() -> Result<()> {
                 ..Default::default()
             })?;
             eprintln!("[boot] starting {} on {}", emu.name(), img.disk.display());
-            let options = SessionOptions { scratch_disk };
+            let nic = match link.as_deref().map(|l| l.rsplit_once(':')) {
+                None => None,
+                Some(Some((dir, side))) => Some(boot::link::end_of(std::path::Path::new(dir), side)?),
+                Some(None) => anyhow::bail!("--link takes DIR:a or DIR:b"),
+            };
+            let options = SessionOptions { scratch_disk, nic };
             let mut session = Session::start_with(emu, &img.disk, "run", true, &options)?;
             let driven = match &steps {
                 Some(steps) => session.run_steps(steps),

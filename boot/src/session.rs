@@ -36,6 +36,8 @@ pub struct SessionOptions {
     /// An existing raw image to use as the scratch disk, in place, instead
     /// of a fresh blank one in the run directory.
     pub scratch_disk: Option<PathBuf>,
+    /// An `e1000` on one end of a link to another host (`link`).
+    pub nic: Option<crate::link::NicEnd>,
 }
 
 pub struct Session {
@@ -137,7 +139,8 @@ impl Session {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the console socket")?;
         let port = listener.local_addr()?.port();
         let run_dir = emulator::new_run_dir(name, emu)?;
-        let mut child = emulator::spawn(emu, disk, options.scratch_disk.as_deref(), port, &run_dir)?;
+        let mut child =
+            emulator::spawn_with_nic(emu, disk, options.scratch_disk.as_deref(), port, &run_dir, options.nic.as_ref())?;
         listener.set_nonblocking(true)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let stream = loop {

@@ -20,6 +20,8 @@ pub struct BootConfig {
     pub fault_inject: Option<FaultInject>,
     /// Run the vCPU conformance check (`vm::conformance`) at boot.
     pub vcpu_conformance: bool,
+    /// The host's own IPv4 address (`net_host_ip = 10.0.0.1/24`).
+    pub net_host_ip: Option<smoltcp::wire::Ipv4Cidr>,
 }
 
 /// A failure the hypervisor provokes on purpose (test images only).
@@ -71,6 +73,10 @@ pub fn parse(text: &str) -> (BootConfig, Vec<String>) {
                 "false" => cfg.vcpu_conformance = false,
                 _ => problems.push(alloc::format!("line {}: expected true or false, not {value:?}", n + 1)),
             },
+            "net_host_ip" => match crate::hostnet::parse_cidr(value) {
+                Ok(c) => cfg.net_host_ip = Some(c),
+                Err(e) => problems.push(alloc::format!("line {}: net_host_ip {value:?}: {e}", n + 1)),
+            },
             "autorun" if !value.is_empty() => cfg.autorun.push(value.to_string()),
             _ => problems.push(alloc::format!("line {}: unknown key {key:?}", n + 1)),
         }
@@ -108,5 +114,8 @@ mod tests {
         let (cfg, problems) = parse("vcpu_conformance = true\nvcpu_conformance = yes\n");
         assert!(cfg.vcpu_conformance);
         assert_eq!(problems, ["line 2: expected true or false, not \"yes\""]);
+        let (cfg, problems) = parse("net_host_ip = 10.0.0.2/24\nnet_host_ip = 10.0.0.0/24\n");
+        assert_eq!(cfg.net_host_ip.map(|c| c.to_string()).as_deref(), Some("10.0.0.2/24"));
+        assert_eq!(problems, ["line 2: net_host_ip \"10.0.0.0/24\": the network's own or broadcast address"]);
     }
 }

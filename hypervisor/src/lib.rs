@@ -12,6 +12,7 @@ pub mod devices;
 pub mod disk;
 pub mod emulator;
 pub mod firmware;
+pub mod hostnet;
 pub mod hypercall;
 pub mod loader;
 pub mod manager;

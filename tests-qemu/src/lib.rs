@@ -90,7 +90,7 @@ impl Machine {
     /// Boots the test image with `scratch`, an existing raw image, as its
     /// scratch disk (used in place, so the test can inspect it afterwards).
     pub fn boot_with_scratch(emulator: Emulator, name: &str, scratch: &Path) -> Machine {
-        let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()) };
+        let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()), ..Default::default() };
         Self::boot_image(emulator, name, image(&[]), &options)
     }
 
@@ -101,7 +101,7 @@ impl Machine {
 
     /// Both: host `files` in the ramdisk, `scratch` as the scratch disk.
     pub fn boot_with_files_and_scratch(emulator: Emulator, name: &str, files: &[ExtraFile], scratch: &Path) -> Machine {
-        let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()) };
+        let options = SessionOptions { scratch_disk: Some(scratch.to_path_buf()), ..Default::default() };
         Self::boot_image(emulator, name, image_with(&[], files), &options)
     }
 
@@ -127,6 +127,47 @@ impl Machine {
             panic!("[{name}] timed out after 120s waiting for {:?}", boot::session::READY);
         }
         unreachable!("the last attempt either returned or panicked")
+    }
+
+    /// Two QEMU hosts on one Ethernet link (`boot::link`: an e1000 each,
+    /// unix datagram sockets on this machine only), booted together with
+    /// extra `hypervisor.cfg` lines each. `name` labels both runs.
+    pub fn boot_linked_pair(name: &str, config_a: &[&str], config_b: &[&str]) -> (Machine, Machine) {
+        let dir = boot::target_dir().join("runs").join(format!("{name}-link-{}", std::process::id()));
+        let (end_a, end_b) = boot::link::pair(&dir).unwrap_or_else(|e| panic!("[{name}] setting up the link: {e:#}"));
+        let start = |suffix: &str, config: &[&str], nic| {
+            let options = SessionOptions { nic: Some(nic), ..Default::default() };
+            Self::start_image(Emulator::QemuTcg, &format!("{name}-{suffix}"), image(config), &options)
+        };
+        let a = start("a", config_a, end_a);
+        let b = start("b", config_b, end_b);
+        for m in [&a, &b] {
+            if m.s().wait_for(boot::session::READY, 0, Duration::from_secs(180)).is_err() {
+                panic!("[{}] timed out after 180s waiting for {:?}", m.name, boot::session::READY);
+            }
+        }
+        (a, b)
+    }
+
+    /// A Bochs host (VT-x) and a QEMU host (AMD-V) on one Ethernet link:
+    /// UDP on loopback inside a private network namespace the calling
+    /// thread enters first (`boot::link::enter_private_netns`: root only;
+    /// the consoles' sockets and Bochs' display port live there too).
+    pub fn boot_cross_pair(name: &str, config_bochs: &[&str], config_qemu: &[&str]) -> (Machine, Machine) {
+        boot::link::enter_private_netns().unwrap_or_else(|e| panic!("[{name}] {e:#}"));
+        let (end_b, end_q) = boot::link::cross_pair(47011);
+        let start = |emu, suffix: &str, config: &[&str], nic| {
+            let options = SessionOptions { nic: Some(nic), ..Default::default() };
+            Self::start_image(emu, &format!("{name}-{suffix}"), image(config), &options)
+        };
+        let b = start(Emulator::Bochs, "vmx", config_bochs, end_b);
+        let q = start(Emulator::QemuTcg, "svm", config_qemu, end_q);
+        for m in [&b, &q] {
+            if m.s().wait_for(boot::session::READY, 0, Duration::from_secs(400)).is_err() {
+                panic!("[{}] timed out after 400s waiting for {:?}", m.name, boot::session::READY);
+            }
+        }
+        (b, q)
     }
 
     /// Starts the emulator without waiting for the console.

@@ -12,6 +12,7 @@ mod elf;
 mod emulator;
 mod guest_walk;
 mod handle_exit;
+mod hostnet;
 pub mod input;
 mod linux;
 mod migrate_stream;
@@ -33,6 +34,7 @@ pub use elf::elf;
 pub use emulator::emulator;
 pub use guest_walk::guest_walk;
 pub use handle_exit::handle_exit;
+pub use hostnet::hostnet;
 pub use linux::linux;
 pub use migrate_stream::{migrate_seeds, migrate_stream};
 pub use mm_fault::mm_fault;
@@ -50,6 +52,7 @@ pub type Target = fn(&[u8]);
 /// Every target by name (the `[[bin]]` names in Cargo.toml).
 pub const TARGETS: &[(&str, Target)] = &[
     ("console", console),
+    ("hostnet", hostnet),
     ("emulator", emulator),
     ("archive", archive),
     ("elf", elf),

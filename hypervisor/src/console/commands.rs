@@ -178,10 +178,12 @@ fn run<B: Backend>(
 ) -> Result<Reply, String> {
     match c {
         Command::Help => {
-            let width = HELP.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
-            let text = HELP.iter().map(|(c, d)| format!("  {c:<width$}  {d}")).collect::<Vec<_>>().join("\n");
+            // The host network's commands (`hostnet::console`) run beside these.
+            let all = || HELP.iter().chain(crate::hostnet::console::HELP);
+            let width = all().map(|(c, _)| c.len()).max().unwrap_or(0);
+            let text = all().map(|(c, d)| format!("  {c:<width$}  {d}")).collect::<Vec<_>>().join("\n");
             let text = format!("commands (add --json to any for one JSON line):\n{text}");
-            let cmds: Vec<Value> = HELP.iter().map(|(c, d)| json!({ "usage": c, "summary": d })).collect();
+            let cmds: Vec<Value> = all().map(|(c, d)| json!({ "usage": c, "summary": d })).collect();
             Ok(Reply { text, json: json!({ "commands": cmds }) })
         }
         Command::Host => Ok(host_reply(m, host)),

@@ -17,6 +17,7 @@ use hypervisor::console::{self, Edit, LineEditor, commands::After};
 use hypervisor::devices::virtio_slots::HostEntropy;
 use hypervisor::disk::selfcheck;
 use hypervisor::disk::space::FormatOptions;
+use hypervisor::hostnet;
 use hypervisor::loader::archive::Archive;
 use hypervisor::manager::{GuestImage, Manager};
 use hypervisor::memory::swap::AttachError;
@@ -302,11 +303,12 @@ fn serve<B: HostBackend>(
     }
     let status = |line: &str| host_status(cpu, &boot_virt, line);
     let mut con = Serial::default();
+    let mut net = start_net(config);
     // The VM whose serial console the terminal is attached to, if any.
     let mut attached = None;
     for cmd in &config.autorun {
         crate::println!("{}{cmd}", console::PROMPT);
-        match run_line(cmd, &mut manager, &status(cmd), &mut con) {
+        match run_line(cmd, &mut manager, &status(cmd), &mut con, &mut net) {
             After::PowerOff => power_off(),
             After::Attach(id) => attached = Some(id),
             After::Nothing => {}
@@ -353,6 +355,7 @@ fn serve<B: HostBackend>(
                 core::hint::spin_loop();
             }
             manager.checkpoint_round(&mut con);
+            poll_net(&mut net, &mut con);
             continue;
         }
         while let Some(b) = platform::serial::try_read() {
@@ -365,7 +368,7 @@ fn serve<B: HostBackend>(
                 Edit::Line(line) => {
                     crate::println!();
                     con.release();
-                    match run_line(&line, &mut manager, &status(&line), &mut con) {
+                    match run_line(&line, &mut manager, &status(&line), &mut con, &mut net) {
                         After::PowerOff => power_off(),
                         After::Attach(id) => {
                             attached = Some(id);
@@ -396,10 +399,58 @@ fn serve<B: HostBackend>(
         // A live save writes between time slices, also while no VM wants
         // the CPU.
         manager.checkpoint_round(&mut con);
+        poll_net(&mut net, &mut con);
     }
 }
 
-fn run_line<B: Backend>(line: &str, m: &mut Manager<B>, status: &console::HostStatus, con: &mut Serial) -> After {
+/// The host's own network (`hostnet`): the NIC, if there is one, with the
+/// address from `hypervisor.cfg`.
+fn start_net(config: &BootConfig) -> Option<platform::net::HostNic> {
+    match platform::net::start() {
+        Ok(mut n) => {
+            let st = n.status();
+            if let Some(cidr) = config.net_host_ip {
+                n.set_addr(cidr);
+            }
+            log::info!(
+                "net: {}, mac {}, link {}, ip {}",
+                n.device,
+                hostnet::mac_text(&st.mac),
+                if st.link_up { "up" } else { "down" },
+                config.net_host_ip.map_or_else(|| String::from("none"), |c| alloc::format!("{c}"))
+            );
+            Some(n)
+        }
+        Err(why) => {
+            log::info!("net: none ({why})");
+            None
+        }
+    }
+}
+
+/// One round of the host network: frames in and out, transfers moved on,
+/// finished ones reported.
+fn poll_net(net: &mut Option<platform::net::HostNic>, con: &mut Serial) {
+    if let Some(n) = net {
+        n.poll(platform::time::micros(), &mut |line| con.line(line));
+    }
+}
+
+fn run_line<B: Backend>(
+    line: &str,
+    m: &mut Manager<B>,
+    status: &console::HostStatus,
+    con: &mut Serial,
+    net: &mut Option<platform::net::HostNic>,
+) -> After {
+    // `net ...`: the host's own network, beside the VM console's commands.
+    if let Some(parsed) = hostnet::console::parse(line) {
+        match parsed {
+            Ok(p) => hostnet::console::execute(&p, net.as_mut(), platform::time::micros(), con),
+            Err(e) => hostnet::console::report_parse_error(&e, con),
+        }
+        return After::Nothing;
+    }
     match console::parse(line) {
         Ok(Some(p)) => console::execute(&p, m, status, con),
         Ok(None) => After::Nothing,

@@ -11,6 +11,7 @@ pub mod idt;
 pub mod logger;
 pub mod memory;
 pub mod mmio;
+pub mod net;
 pub mod pci;
 pub mod power;
 pub mod random;
