@@ -45,7 +45,7 @@ fn a_cpu_exception_in_the_hypervisor_is_reported_and_powers_off_with_failure() {
         "error code 0x0",
         "cr2=0x00007fffdead0000",
         "rip=0x",
-        "context: host",
+        "context: cpu 0 (apic 0): host",
         "code at rip:",
         "hypervisor: power off (failure)",
     ] {
