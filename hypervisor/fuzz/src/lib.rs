@@ -15,6 +15,7 @@ mod handle_exit;
 mod hostnet;
 pub mod input;
 mod linux;
+mod machine_record;
 mod migrate_stream;
 mod mm_fault;
 mod multiboot;
@@ -36,6 +37,7 @@ pub use guest_walk::guest_walk;
 pub use handle_exit::handle_exit;
 pub use hostnet::hostnet;
 pub use linux::linux;
+pub use machine_record::{machine_record, machine_seeds};
 pub use migrate_stream::{migrate_seeds, migrate_stream};
 pub use mm_fault::mm_fault;
 pub use multiboot::multiboot;
@@ -69,5 +71,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ata_identify", ata_identify),
     ("devices", devices),
     ("migrate_stream", migrate_stream),
+    ("machine_record", machine_record),
     ("virtio", virtio),
 ];
