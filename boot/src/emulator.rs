@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// The most CPUs a machine may be given (`--cpus`).
+pub const MAX_CPUS: u32 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Emulator {
@@ -73,6 +75,14 @@ impl Emulator {
             Emulator::QemuKvm => "the host CPU's",
             Emulator::QemuNoVirt => "none",
         }
+    }
+
+    /// CPUs a machine gets unless asked otherwise: two in QEMU (its idle
+    /// second CPU costs nothing); one in Bochs, which emulates every CPU in
+    /// one thread, a halted one included (two made a Bochs test 28% slower),
+    /// so only the tests of SMP itself ask it for two.
+    pub fn default_cpus(self) -> u32 {
+        if self.is_qemu() { 2 } else { 1 }
     }
 
     /// Whether this is one of the QEMU variants.
@@ -158,11 +168,12 @@ pub fn create_scratch_disk(run_dir: &Path) -> Result<PathBuf> {
 /// machine's writes reach the file; Bochs needs a whole number of 16 x 63
 /// cylinders), else a fresh one in `run_dir`. Logs go to `run_dir`.
 pub fn spawn(emu: Emulator, disk: &Path, scratch: Option<&Path>, serial_port: u16, run_dir: &Path) -> Result<Child> {
-    spawn_with_nic(emu, disk, scratch, serial_port, run_dir, None)
+    spawn_with_nic(emu, disk, scratch, serial_port, run_dir, None, None)
 }
 
 /// [`spawn`], with an `e1000` on one end of a host link (QEMU only; see
-/// `link`).
+/// `link`), and `cpus` CPUs instead of the emulator's default
+/// ([`Emulator::default_cpus`]).
 pub fn spawn_with_nic(
     emu: Emulator,
     disk: &Path,
@@ -170,7 +181,12 @@ pub fn spawn_with_nic(
     serial_port: u16,
     run_dir: &Path,
     nic: Option<&crate::link::NicEnd>,
+    cpus: Option<u32>,
 ) -> Result<Child> {
+    let cpus = cpus.unwrap_or(emu.default_cpus());
+    if !(1..=MAX_CPUS).contains(&cpus) {
+        bail!("{cpus} CPUs: the machines here have 1 to {MAX_CPUS}");
+    }
     if nic.is_some() && !emu.is_qemu() && !crate::link::in_private_netns() {
         // Its socket ethmod binds 0.0.0.0 (see `link`).
         bail!("a Bochs host on a link runs only inside a private network namespace");
@@ -191,7 +207,7 @@ pub fn spawn_with_nic(
         Emulator::Bochs | Emulator::BochsAmd => {
             let rc = run_dir.join("bochsrc");
             let model = if emu == Emulator::BochsAmd { "ryzen" } else { "tigerlake" };
-            let mut text = bochsrc(disk, &scratch, serial_port, run_dir, model)?;
+            let mut text = bochsrc(disk, &scratch, serial_port, run_dir, model, cpus)?;
             if let Some(nic) = nic {
                 // The e1000 in the first free PCI slot of the i440fx.
                 text =
@@ -225,7 +241,7 @@ pub fn spawn_with_nic(
         }
         Emulator::QemuTcg | Emulator::QemuIcount | Emulator::QemuNuma | Emulator::QemuNoVirt | Emulator::QemuKvm => {
             let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.args(["-machine", "q35", "-m", &MACHINE_MEM_MIB.to_string(), "-smp", "2"]);
+            cmd.args(["-machine", "q35", "-m", &MACHINE_MEM_MIB.to_string(), "-smp", &cpus.to_string()]);
             match emu {
                 Emulator::QemuKvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
                 Emulator::QemuIcount => cmd.args(["-accel", "tcg", "-cpu", "max", "-icount", "shift=0"]),
@@ -268,7 +284,7 @@ pub fn spawn_with_nic(
     Ok(child)
 }
 
-fn bochsrc(disk: &Path, scratch: &Path, serial_port: u16, run_dir: &Path, model: &str) -> Result<String> {
+fn bochsrc(disk: &Path, scratch: &Path, serial_port: u16, run_dir: &Path, model: &str, cpus: u32) -> Result<String> {
     let len = std::fs::metadata(disk)?.len();
     let cylinders = len / crate::image::CYLINDER_BYTES;
     let scratch_len = std::fs::metadata(scratch)?.len();
@@ -279,7 +295,7 @@ fn bochsrc(disk: &Path, scratch: &Path, serial_port: u16, run_dir: &Path, model:
     Ok(format!(
         "# written by boot/ for one run
 megs: {MACHINE_MEM_MIB}
-cpu: model={model}, count=2, ips=100000000, ignore_bad_msrs=1
+cpu: model={model}, count={cpus}, ips=100000000, ignore_bad_msrs=1
 clock: sync=none, time0=1
 romimage: file={OVMF}, address=0xffe00000
 vgaromimage: file=/usr/share/vgabios/vgabios.bin

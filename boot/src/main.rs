@@ -64,6 +64,10 @@ enum Cmd {
         /// with DIR:b, and they share an Ethernet segment on this machine.
         #[arg(long, value_name = "DIR:a|b")]
         link: Option<String>,
+        /// CPUs (1-8; default 2 in QEMU, 1 in Bochs, which emulates every
+        /// CPU in one thread).
+        #[arg(long)]
+        cpus: Option<u32>,
     },
     /// Build the Linux guest's initramfs from unpacked Debian packages
     /// (scripts/guest-linux runs this); the file is rewritten only if its
@@ -112,7 +116,7 @@ fn real_main() -> Result<()> {
             println!("{}", img.disk.display());
             Ok(())
         }
-        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, scratch_disk, files, link } => {
+        Cmd::Run { emulator, script, timeout, mut autorun, log_level, keep_logs, scratch_disk, files, link, cpus } => {
             let steps = match &script {
                 Some(p) => Some(boot::script::parse(&std::fs::read_to_string(p)?)?),
                 None => None,
@@ -140,7 +144,7 @@ fn real_main() -> Result<()> {
                 Some(Some((dir, side))) => Some(boot::link::end_of(std::path::Path::new(dir), side)?),
                 Some(None) => anyhow::bail!("--link takes DIR:a or DIR:b"),
             };
-            let options = SessionOptions { scratch_disk, nic };
+            let options = SessionOptions { scratch_disk, nic, cpus };
             let mut session = Session::start_with(emu, &img.disk, "run", true, &options)?;
             let driven = match &steps {
                 Some(steps) => session.run_steps(steps),

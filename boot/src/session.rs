@@ -38,6 +38,8 @@ pub struct SessionOptions {
     pub scratch_disk: Option<PathBuf>,
     /// An `e1000` on one end of a link to another host (`link`).
     pub nic: Option<crate::link::NicEnd>,
+    /// CPUs, if not the emulator's default (`Emulator::default_cpus`).
+    pub cpus: Option<u32>,
 }
 
 pub struct Session {
@@ -139,8 +141,15 @@ impl Session {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the console socket")?;
         let port = listener.local_addr()?.port();
         let run_dir = emulator::new_run_dir(name, emu)?;
-        let mut child =
-            emulator::spawn_with_nic(emu, disk, options.scratch_disk.as_deref(), port, &run_dir, options.nic.as_ref())?;
+        let mut child = emulator::spawn_with_nic(
+            emu,
+            disk,
+            options.scratch_disk.as_deref(),
+            port,
+            &run_dir,
+            options.nic.as_ref(),
+            options.cpus,
+        )?;
         listener.set_nonblocking(true)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let stream = loop {

@@ -87,6 +87,13 @@ impl Machine {
         Self::boot_image(emulator, name, image(config), &SessionOptions::default())
     }
 
+    /// As `boot_with`, with two CPUs in Bochs too (QEMU has two anyway):
+    /// for the tests of SMP itself.
+    pub fn boot_smp(emulator: Emulator, name: &str, config: &[&str]) -> Machine {
+        let options = SessionOptions { cpus: Some(2), ..Default::default() };
+        Self::boot_image(emulator, name, image(config), &options)
+    }
+
     /// Boots the test image with `scratch`, an existing raw image, as its
     /// scratch disk (used in place, so the test can inspect it afterwards).
     pub fn boot_with_scratch(emulator: Emulator, name: &str, scratch: &Path) -> Machine {

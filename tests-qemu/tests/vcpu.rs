@@ -15,7 +15,7 @@ const TIMEOUT: Duration = Duration::from_secs(240);
 on_both_backends!(set_state_then_state_gives_back_every_field, a_guest_sees_events_and_exits_as_hardware_gives_them);
 
 fn set_state_then_state_gives_back_every_field(emu: Emulator) {
-    let m = Machine::boot_with(emu, &label(emu, "vcpu-state"), &["vcpu_conformance = true"]);
+    let m = Machine::boot_smp(emu, &label(emu, "vcpu-state"), &["vcpu_conformance = true"]);
     let t = m.transcript();
     let backend = emu.backend();
     assert!(t.contains(&format!("vcpu-state: checking the {backend} backend")), "{t}");
@@ -31,7 +31,7 @@ fn set_state_then_state_gives_back_every_field(emu: Emulator) {
     assert!(t.contains("vcpu-state: ok   activity WaitForSipi (the whole state)"), "{t}");
     assert!(!t.contains("vcpu-state: FAIL"), "{t}");
     assert!(t.contains("vcpu-state: PASS ("), "{t}");
-    // Both emulators have two CPUs: a vCPU made on the boot CPU entered its
+    // Two CPUs (Bochs asked for them): a vCPU made on the boot CPU entered its
     // guest on CPU 0, 1, 0, 1 (released between), each time exiting to that
     // CPU's own host state with the same nested page fault, state intact.
     let moves: Vec<&str> = t.lines().filter(|l| l.starts_with("vcpu-move: entered on cpu ")).collect();

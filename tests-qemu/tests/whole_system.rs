@@ -53,7 +53,7 @@ fn svm(emu: Emulator) -> bool {
 }
 
 fn boot_host_report_and_json_forms(emu: Emulator) {
-    let mut m = Machine::boot(emu, &label(emu, "host"));
+    let mut m = Machine::boot_smp(emu, &label(emu, "host"), &[]);
     let host = m.cmd("host");
     let (backend, features): (&str, &[&str]) = if svm(emu) {
         ("svm", &["npt", "lapic-timer-slicing", "asids="])
@@ -71,7 +71,7 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
         Emulator::QemuTcg => assert!(!amd_extras && !host.contains("nrips"), "{host}"),
         _ => {}
     }
-    // Both emulators have two CPUs (QEMU from its MADT, Bochs, which has
+    // Both emulators get two CPUs here (QEMU from its MADT, Bochs, which has
     // no ACPI tables under OVMF, by broadcast): the AP came up, turned its
     // own virtualization on and answers calls; a nested-TLB flush reached
     // every CPU.
