@@ -92,7 +92,10 @@ impl MachineState {
         };
         let (m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
         let table_ok = m.cpuid.table().is_none_or(|t| t.is_well_formed());
-        if !rest.is_empty() || !table_ok {
+        // Version 2 had no profile: bytes that only make one with the 0
+        // appended above are not a version-2 record (found by fuzzing).
+        let v2_ok = version != MACHINE_VERSION_NO_CPUID || m.cpuid == crate::cpuid::Profile::Host;
+        if !rest.is_empty() || !table_ok || !v2_ok {
             return Err(Refused::Machine);
         }
         Ok(m)

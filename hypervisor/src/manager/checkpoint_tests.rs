@@ -431,6 +431,14 @@ fn machine_records_of_version_2_decode_as_host_cpuid() {
     let pinned = MachineState { cpuid: crate::cpuid::Profile::Pinned(table.clone()), ..state.clone() };
     let bytes = postcard::to_allocvec(&pinned).unwrap();
     assert_eq!(MachineState::decode(3, &bytes), Ok(pinned));
+    // Version 2 had no profile: a "version 2" record whose bytes, with the
+    // 0 the reader appends, spell one (a pinned profile missing its last
+    // byte, here an empty table) is refused, not read as pinned.
+    let empty = MachineState { cpuid: crate::cpuid::Profile::Pinned(crate::cpuid::Table::default()), ..state.clone() };
+    let smuggled = postcard::to_allocvec(&empty).unwrap();
+    assert_eq!(smuggled.last(), Some(&0), "the empty table's length");
+    assert_eq!(MachineState::decode(3, &smuggled), Ok(empty));
+    assert_eq!(MachineState::decode(2, &smuggled[..smuggled.len() - 1]), Err(Refused::Machine));
     // A table out of order does not decode.
     let mut entries = table.entries().to_vec();
     entries.swap(0, 1);
