@@ -143,9 +143,9 @@ fn run<B: Backend>(
             Ok(Reply { text, json: json!({ "commands": cmds }) })
         }
         Command::Host => Ok(host_reply(m, host)),
-        Command::VmRun { guest, mem_mib, modules, cmdline, disk, net, pin_cpuid } => {
+        Command::VmRun { guest, mem_mib, vcpus, modules, cmdline, disk, net, pin_cpuid } => {
             let (mem_mib, modules, cmdline) = m.run_defaults(guest, *mem_mib, modules, cmdline.as_deref())?;
-            let id = m.run_vm_with_nic(guest, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
+            let id = m.run_vm_smp(guest, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref(), *vcpus)?;
             // Before it first runs (the scheduler runs after the command).
             if *pin_cpuid != CpuidChoice::Host {
                 m.pin_cpuid(id, *pin_cpuid == CpuidChoice::Portable)?;
@@ -160,10 +160,10 @@ fn run<B: Backend>(
                 json: json!({ "id": id, "guest": guest, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
             })
         }
-        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline, disk, net, pin_cpuid } => {
+        Command::VmCreate { name, kernel, initrd, mem_mib, vcpus, cmdline, disk, net, pin_cpuid } => {
             let modules: Vec<String> = initrd.iter().cloned().collect();
             let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
-            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
+            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref(), *vcpus)?;
             if *pin_cpuid != CpuidChoice::Host {
                 m.pin_cpuid(id, *pin_cpuid == CpuidChoice::Portable)?;
             }

@@ -247,7 +247,7 @@ impl<B: Backend> Manager<B> {
             super::switch_port(id)?;
         }
         let nic = with_net.then(|| crate::net::switch::mac_for(id, 0));
-        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic)?;
+        let (mut mem, mut devices) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic, 1)?;
         let applied = {
             let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
             let alloc = backend.mem();
@@ -400,7 +400,8 @@ impl<B: Backend> Manager<B> {
             nested_pages: super::nested_leaves(&mem, &*backend.mem(), machine.mem_bytes),
             reclaim,
             cpuid: machine.cpuid,
-            res: Some(Resources { mem, vcpu }),
+            next_vcpu: 0,
+            res: Some(Resources::new(mem, vcpu)),
         });
         vm.timers_changed(hz);
         // Balloon chains held at the save: their actions apply here (the
