@@ -354,6 +354,11 @@ fn stats_reply<B: Backend>(
         }
         by_reason.insert(k.name().into(), json!(n));
     }
+    // Each vCPU: its state machine's state and what it did (an ended VM
+    // has freed its vCPUs: none).
+    for line in vm.vcpu_lines() {
+        text.push_str(&format!("\n  {line}"));
+    }
     text.push_str(&format!("\n  cpuid: {}", vm.cpuid.describe()));
     let leaves = |n: [u64; 3]| format!("{} x 1 GiB, {} x 2 MiB, {} x 4 KiB pages", n[2], n[1], n[0]);
     text.push_str(&format!("\n  nested page table at start: {}", leaves(vm.nested_pages)));
@@ -426,6 +431,20 @@ fn stats_reply<B: Backend>(
     }
     let mut j = vm_json(vm, hz);
     if let Value::Object(o) = &mut j {
+        let vcpus: Vec<Value> = vm.res.as_ref().map_or(Vec::new(), |r| {
+            r.vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    json!({
+                        "index": i, "apic_id": i, "state": s.state.name(), "exits": s.stats.exits,
+                        "run_ticks": s.stats.run_ticks, "slices": s.stats.slices, "wakeups": s.stats.wakeups,
+                        "last_host_cpu": s.stats.last_host_cpu,
+                    })
+                })
+                .collect()
+        });
+        o.insert("vcpus".into(), Value::Array(vcpus));
         if let Some((mac, c)) = nic {
             o.insert("nic".into(), json!({ "mac": mac, "switch": switch, "counters": c }));
         }
