@@ -163,7 +163,16 @@ fn run<B: Backend>(
         Command::VmCreate { name, kernel, initrd, mem_mib, vcpus, cmdline, disk, net, pin_cpuid } => {
             let modules: Vec<String> = initrd.iter().cloned().collect();
             let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
-            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref(), *vcpus)?;
+            let id = m.create_vm_stopped(
+                name,
+                kernel,
+                mem_mib,
+                &modules,
+                &cmdline,
+                disk.as_deref(),
+                net.as_deref(),
+                *vcpus,
+            )?;
             if *pin_cpuid != CpuidChoice::Host {
                 m.pin_cpuid(id, *pin_cpuid == CpuidChoice::Portable)?;
             }
@@ -431,19 +440,16 @@ fn stats_reply<B: Backend>(
     }
     let mut j = vm_json(vm, hz);
     if let Value::Object(o) = &mut j {
-        let vcpus: Vec<Value> = vm.res.as_ref().map_or(Vec::new(), |r| {
-            r.vcpus
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    json!({
-                        "index": i, "apic_id": i, "state": s.state.name(), "exits": s.stats.exits,
-                        "run_ticks": s.stats.run_ticks, "slices": s.stats.slices, "wakeups": s.stats.wakeups,
-                        "last_host_cpu": s.stats.last_host_cpu,
-                    })
+        let vcpus: Vec<Value> = vm
+            .vcpu_report()
+            .into_iter()
+            .map(|(i, state, s)| {
+                json!({
+                    "index": i, "apic_id": i, "state": state, "exits": s.exits, "run_ticks": s.run_ticks,
+                    "slices": s.slices, "wakeups": s.wakeups, "last_host_cpu": s.last_host_cpu,
                 })
-                .collect()
-        });
+            })
+            .collect();
         o.insert("vcpus".into(), Value::Array(vcpus));
         if let Some((mac, c)) = nic {
             o.insert("nic".into(), json!({ "mac": mac, "switch": switch, "counters": c }));

@@ -19,10 +19,10 @@
 //! it), and lowest-priority arbitration (the first APIC selected takes the
 //! interrupt, which the SDM allows, 11.6.2.4, as "model specific").
 
-use super::{DeviceSet, Signals};
 use super::ioapic::{IOAPIC_BASE, Message};
 use super::lapic::{self, DeliveryMode, Effect, Gp, Lint, LintRoute, Shorthand};
 use super::pci::{ECAM_BASE, ECAM_SIZE};
+use super::{DeviceSet, Signals};
 
 /// The I/O APIC's pin for ISA line `irq`: the MADT overrides IRQ 0 to GSI 2
 /// (where the 8254 sits on a PC's I/O APIC); the others are identity.

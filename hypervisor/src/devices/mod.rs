@@ -20,6 +20,8 @@ pub mod persist;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
+#[cfg(test)]
+mod smp_tests;
 pub mod uart;
 pub mod virtio;
 pub mod virtio_slots;
@@ -313,7 +315,8 @@ impl DeviceSet {
         // New devices go after the ones above: the indices stay valid.
         // CONFIG_ADDRESS is not on the bus: see `pio_read`.
         let _ = set.add_pio("pci", &[(pci::CONFIG_DATA, 4)], Device::Pci(PciHost::new()));
-        let _ = set.add_pio("fw-cfg", &[(fw_cfg::SELECTOR_PORT, 2)], Device::FwCfg(FwCfg::new(ram_bytes, vcpus as u16)));
+        let _ =
+            set.add_pio("fw-cfg", &[(fw_cfg::SELECTOR_PORT, 2)], Device::FwCfg(FwCfg::new(ram_bytes, vcpus as u16)));
         debug_assert!(matches!(set.devices[PIC_INDEX].1, Device::Pic(_)));
         debug_assert!(matches!(set.devices[PIT_INDEX].1, Device::Pit(_)));
         debug_assert!(matches!(set.devices[PCI_INDEX].1, Device::Pci(_)));

@@ -39,7 +39,10 @@ pub enum Error {
     /// `vcpus=` out of range (the value given).
     VcpuCount(u32),
     /// `vm save` of a VM with several vCPUs (checkpoints hold one).
-    SaveSmp { id: u32, vcpus: usize },
+    SaveSmp {
+        id: u32,
+        vcpus: usize,
+    },
     /// The memory map for that size could not be built.
     MemoryMap(mm::Error),
     /// The VM's per-page tables would not leave the host its reserve.

@@ -645,7 +645,8 @@ impl<B: Backend> Manager<B> {
         let n = self.vms.len();
         let now = backend.now();
         let hz = backend.tsc_hz();
-        let Some((i, v)) = (0..n).map(|k| (self.cursor + k) % n).find_map(|i| Some((i, self.vms[i].pick_vcpu(now, hz)?)))
+        let Some((i, v)) =
+            (0..n).map(|k| (self.cursor + k) % n).find_map(|i| Some((i, self.vms[i].pick_vcpu(now, hz)?)))
         else {
             return false;
         };
@@ -1153,6 +1154,7 @@ fn detach_port(switches: &mut BTreeMap<String, Switch>, id: u32) {
 fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
     vm.stop_vcpus();
     if let Some(res) = vm.res.take() {
+        vm.stats.ended_vcpus = res.vcpus.iter().map(|s| s.stats.clone()).collect();
         for slot in res.vcpus {
             backend.destroy_vcpu(slot.vcpu);
         }
@@ -1178,6 +1180,8 @@ mod net_tests;
 pub mod save_job;
 #[cfg(test)]
 mod save_tests;
+#[cfg(test)]
+mod smp_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

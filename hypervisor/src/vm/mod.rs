@@ -97,6 +97,8 @@ pub struct VmStats {
     pub slices_expired: u64,
     /// What the balloon did to the VM's memory.
     pub balloon: BalloonStats,
+    /// Each vCPU's, kept when the VM ends and its vCPUs are freed.
+    pub ended_vcpus: Vec<VcpuStats>,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.

@@ -6,11 +6,12 @@
 
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 use vcpu::{Event, Vcpu};
 
 use super::interrupts::vm_ns;
 use super::vcpu_state::{Parked, VcpuEvent, VcpuState};
-use super::{RunState, Vm};
+use super::{RunState, VcpuStats, Vm};
 use crate::backend::Backend;
 use crate::vm::exit::Console;
 
@@ -171,20 +172,29 @@ impl<B: Backend> Vm<B> {
         }
     }
 
+    /// Each vCPU's index (= APIC ID), state and counters, for `vm stats`;
+    /// an ended VM's as they were when it ended.
+    pub fn vcpu_report(&self) -> Vec<(usize, &'static str, VcpuStats)> {
+        match self.res.as_ref() {
+            Some(res) => res.vcpus.iter().enumerate().map(|(i, s)| (i, s.state.name(), s.stats.clone())).collect(),
+            None => self
+                .stats
+                .ended_vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i, VcpuState::Stopped.name(), s.clone()))
+                .collect(),
+        }
+    }
+
     /// One line per vCPU for `vm stats`.
-    pub fn vcpu_lines(&self) -> alloc::vec::Vec<String> {
-        let Some(res) = self.res.as_ref() else { return alloc::vec::Vec::new() };
-        res.vcpus
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
+    pub fn vcpu_lines(&self) -> Vec<String> {
+        self.vcpu_report()
+            .into_iter()
+            .map(|(i, state, s)| {
                 format!(
-                    "vcpu {i}: {}, {} exits, {} slices, {} wake-ups, last on host cpu {}",
-                    s.state.name(),
-                    s.stats.exits,
-                    s.stats.slices,
-                    s.stats.wakeups,
-                    s.stats.last_host_cpu
+                    "vcpu {i}: {state}, {} exits, {} slices, {} wake-ups from hlt, last on host cpu {}",
+                    s.exits, s.slices, s.wakeups, s.last_host_cpu
                 )
             })
             .collect()

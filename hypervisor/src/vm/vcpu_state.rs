@@ -50,7 +50,9 @@ pub enum VcpuState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VcpuEvent {
     /// Its VM starts; the bootstrap processor runs, an AP waits for a SIPI.
-    Start { bsp: bool },
+    Start {
+        bsp: bool,
+    },
     /// The scheduler gives it a host CPU.
     Enter,
     /// It gives the host CPU up (slice over, yield), still runnable.
