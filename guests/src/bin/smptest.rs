@@ -330,7 +330,7 @@ fn main(_boot: Boot) -> u32 {
         // SAFETY: stack `ap` is this AP's alone; the slot is read by the
         // AP the SIPI below starts, before the next AP is started.
         unsafe {
-            let top = (&raw mut AP_STACKS.0[ap]) as u64 + 16384;
+            let top = (&raw mut AP_STACKS) as u64 + (ap as u64 + 1) * 16384;
             let start = &raw const smp_tramp_start as u64;
             ((TRAMP + (&raw const tr_stack as u64 - start)) as *mut u64).write_volatile(top);
         }

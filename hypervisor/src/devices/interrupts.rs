@@ -89,7 +89,7 @@ impl DeviceSet {
     /// (nothing here handles SMM; ExtINT through the I/O APIC is left out).
     fn send(&mut self, targets: u32, mode: DeliveryMode, vector: u8, level: bool, init_deassert: bool) {
         let targets = match mode {
-            DeliveryMode::LowestPriority => targets & targets.wrapping_neg(),
+            DeliveryMode::LowestPriority => targets.isolate_lowest_one(),
             _ => targets,
         };
         for i in 0..self.lapics.len() {

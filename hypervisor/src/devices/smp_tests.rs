@@ -180,9 +180,9 @@ fn init_sipi_and_nmi_become_signals_for_the_vm() {
     assert_eq!(set.take_signals(1), Signals { nmi: false, init: true, sipi: None });
     // NMI to all but self.
     send(&mut set, 1, 0, (3 << 18) | 0x0400);
-    assert_eq!(set.take_signals(0).nmi, true);
+    assert!(set.take_signals(0).nmi);
     assert_eq!(set.take_signals(1), Signals::default());
-    assert_eq!(set.take_signals(2).nmi, true);
+    assert!(set.take_signals(2).nmi);
     // INIT to self by destination: the sender parks itself, and the
     // scheduler hears of it.
     let _ = set.take_kicked();
@@ -210,7 +210,7 @@ fn the_io_apic_routes_to_its_destination_and_the_pic_to_vcpu_0() {
     assert_eq!(set.acknowledge_interrupt(), 0x30);
     // Unmask the PIC (IRQ 1) and mask the pin: only vCPU 0 sees INTR (its
     // LINT0 is ExtINT, as firmware leaves the BSP).
-    assert!(set.mmio_write(0xfec0_0000, 4, 0x10 + 2 * 1, 0));
+    assert!(set.mmio_write(0xfec0_0000, 4, 0x10 + 2, 0));
     assert!(set.mmio_write(0xfec0_0010, 4, 1 << 16, 0));
     set.pio_write(0x21, 1, 0xfd, || 0);
     set.set_isa_irq(1, true);
