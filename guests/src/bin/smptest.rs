@@ -184,19 +184,22 @@ fn wait(limit: u64, done: impl Fn() -> bool) -> bool {
 }
 
 /// Halts with interrupts on until `done` (an IPI wakes it): `sti; hlt`
-/// has no window between the check and the halt (the STI shadow).
-fn halt_until(done: impl Fn() -> bool) {
-    loop {
+/// has no window between the check and the halt (the STI shadow). At most
+/// `rounds` halts: the BSP, with no timer armed, is also woken at every
+/// scheduling round, so a lost IPI ends in a FAIL, not a hang.
+fn halt_until(rounds: u64, done: impl Fn() -> bool) -> bool {
+    for _ in 0..rounds {
         // SAFETY: toggling IF in a guest that handles the IPI vector.
         unsafe { asm!("cli", options(nomem, nostack)) };
         if done() {
             // SAFETY: as above.
             unsafe { asm!("sti", options(nomem, nostack)) };
-            return;
+            return true;
         }
         // SAFETY: as above.
         unsafe { asm!("sti; hlt", options(nomem, nostack)) };
     }
+    done()
 }
 
 fn count_own(id: usize) {
@@ -228,10 +231,12 @@ extern "C" fn ap_main() -> ! {
     }
     ALIVE.fetch_add(1, SeqCst);
     count_own(id);
-    wait(u64::MAX, || GO_IPI.load(SeqCst));
+    // In turn, by APIC ID: two IPIs of one vector pending at the BSP at
+    // once would set the same IRR bit (SDM Vol. 3A 11.8.4) and count once.
+    wait(u64::MAX, || GO_IPI.load(SeqCst) && IPIS[0].load(SeqCst) as usize + 1 >= id);
     send_ipi(0, IPI_VECTOR as u32);
     // The BSP's IPI and its broadcast: two.
-    halt_until(|| IPIS[id].load(SeqCst) >= 2);
+    halt_until(u64::MAX, || IPIS[id].load(SeqCst) >= 2);
     wait(u64::MAX, || GO_STRESS.load(SeqCst));
     stress();
     loop {
@@ -364,7 +369,7 @@ fn main(_boot: Boot) -> u32 {
     unsafe { asm!("sti", options(nomem, nostack)) };
     GO_IPI.store(true, SeqCst);
     let want = cpus as u32 - 1;
-    halt_until(|| IPIS[0].load(SeqCst) >= want);
+    halt_until(20_000, || IPIS[0].load(SeqCst) >= want);
     c.check(
         "every ap sent the bsp an ipi",
         IPIS[0].load(SeqCst) == want,
