@@ -174,3 +174,35 @@ fn bad_vcpu_counts_and_smp_saves_are_refused() {
     let one = m.run_vm_smp("tiny", 4, &[], "", None, None, 1).unwrap();
     assert!(m.begin_save(one, false).is_ok(), "one vCPU saves as before");
 }
+
+/// One console line, as the operator types it; what it printed.
+fn console(line: &str, m: &mut Manager<MockBackend>) -> String {
+    use crate::console::commands::report_parse_error;
+    use crate::console::{HostStatus, execute};
+    let mut con = Lines::default();
+    match crate::console::parse::parse(line) {
+        Ok(Some(p)) => {
+            execute(&p, m, &HostStatus::default(), &mut con);
+        }
+        Ok(None) => {}
+        Err(e) => report_parse_error(&e, &mut con),
+    }
+    con.0.join("\n")
+}
+
+#[test]
+fn the_console_takes_vcpus_shows_each_and_refuses_what_it_cannot_do() {
+    let mut m = manager();
+    let out = console("vm run tiny vcpus=0", &mut m);
+    assert_eq!(out, "error: vm run: vcpus must be a number in 1..=8, not \"0\"");
+    assert!(m.vms.is_empty(), "nothing started");
+    let out = console("vm run tiny vcpus=3", &mut m);
+    assert!(out.starts_with("vm 1 started"), "{out}");
+    let stats = console("vm stats 1", &mut m);
+    for (i, state) in [(0, "runnable"), (1, "wait-for-sipi"), (2, "wait-for-sipi")] {
+        assert!(stats.contains(&format!("\n  vcpu {i}: {state}, 0 exits")), "{stats}");
+    }
+    assert!(stats.contains("last on host cpu 0"), "{stats}");
+    let out = console("vm save 1 cp", &mut m);
+    assert_eq!(out, "error: vm 1 has 3 vCPUs; checkpoints hold one vCPU for now, so it cannot be saved");
+}
