@@ -229,7 +229,7 @@ pub(super) fn save<B: Backend>(
     }
     if vm.vcpu_count() > 1 {
         // Before anything is written to the data disk.
-        return Err(crate::manager::Error::SaveSmp { id, vcpus: vm.vcpu_count() }.to_string());
+        return Err(format!("{}", crate::manager::Error::SaveSmp { id, vcpus: vm.vcpu_count() }));
     }
     if let Some((other, _)) = m.live_save() {
         return Err(format!("a live save of vm {other} is running; one at a time"));
