@@ -64,7 +64,7 @@ impl DeviceSet {
         let mut mask = 0;
         for (i, l) in self.lapics.iter().enumerate() {
             if l.is_destination(logical, destination, wide) {
-                mask |= 1 << i;
+                mask |= super::bit(i);
             }
         }
         mask
@@ -73,8 +73,8 @@ impl DeviceSet {
     /// The vCPUs an IPI from the current vCPU reaches (SDM Vol. 3A 11.6.1,
     /// destination shorthand).
     pub fn ipi_targets(&self, ipi: &lapic::Ipi) -> u32 {
-        let all = (1u32 << self.lapics.len()) - 1;
-        let me = 1u32 << self.cur;
+        let all = super::bit(self.lapics.len()).wrapping_sub(1);
+        let me = self.cur_bit;
         match ipi.shorthand {
             Shorthand::SelfOnly => me,
             Shorthand::AllIncludingSelf => all,
@@ -93,12 +93,12 @@ impl DeviceSet {
             _ => targets,
         };
         for i in 0..self.lapics.len() {
-            if targets & (1 << i) == 0 {
+            if targets & super::bit(i) == 0 {
                 continue;
             }
             let mut signal = |f: &mut dyn FnMut(&mut Signals)| {
                 f(&mut self.signals[i]);
-                self.signalled |= 1 << i;
+                self.signalled |= super::bit(i);
             };
             match mode {
                 DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
@@ -130,7 +130,7 @@ impl DeviceSet {
             Effect::None => {}
             Effect::Ipi(ipi) => {
                 let targets = self.ipi_targets(&ipi);
-                let me = 1u32 << self.cur;
+                let me = self.cur_bit;
                 self.kicked |= targets & !me != 0 || (targets & me != 0 && ipi.mode == DeliveryMode::Init);
                 // IPIs are edge-triggered whatever the trigger bit says on
                 // an xAPIC (11.6.1, Table 11-3 note 2).
@@ -147,16 +147,19 @@ impl DeviceSet {
     /// Whether the PIC's INTR reaches vCPU 0 (the BSP: only it has the
     /// PIC wired to LINT0).
     fn pic_connected(&self) -> bool {
-        self.lapics[0].lint(Lint::Lint0) == LintRoute::ExtInt
+        self.lapics.first().is_some_and(|l| l.lint(Lint::Lint0) == LintRoute::ExtInt)
     }
 
     /// Recompute the cached "an interrupt waits" flags.
     pub(super) fn refresh_intr(&mut self) {
         let pic = self.pic_connected() && self.pic().output();
         let mut intr = u32::from(pic);
-        for (i, l) in self.lapics.iter().enumerate() {
-            if l.pending_vector().is_some() {
-                intr |= 1 << i;
+        if let [bsp, aps @ ..] = self.lapics.as_slice() {
+            intr |= u32::from(bsp.pending_vector().is_some());
+            for (i, l) in aps.iter().enumerate() {
+                if l.pending_vector().is_some() {
+                    intr |= super::bit(i + 1);
+                }
             }
         }
         self.intr = intr;

@@ -224,8 +224,11 @@ pub struct DeviceSet {
     /// between them.
     lapics: Vec<Lapic>,
     /// The vCPU whose exit is being handled: its APIC page, APIC MSRs, CR8
-    /// and interrupt acknowledge are the ones the accessors below reach.
+    /// and interrupt acknowledge are the ones the accessors below reach;
+    /// `cur_bit` is its bit in the masks (kept to spare the exit path a
+    /// checked shift).
     cur: usize,
+    cur_bit: u32,
     /// NMIs, INITs and startup IPIs sent to each vCPU and not yet acted
     /// on by the VM ([`Self::take_signals`]); `signalled` has bit i set
     /// when `signals[i]` holds any.
@@ -247,6 +250,12 @@ pub struct DeviceSet {
     com1_level: bool,
     /// virtio-mmio devices, in slot order.
     virtio: Vec<virtio_slots::VirtioSlot>,
+}
+
+/// vCPU `index`'s bit in the per-vCPU masks (none past 31: `MAX_VCPUS`
+/// is far below).
+fn bit(index: usize) -> u32 {
+    u32::try_from(index).ok().and_then(|i| 1u32.checked_shl(i)).unwrap_or(0)
 }
 
 /// What IPIs asked of one vCPU beyond its local APIC's IRR, for the VM to
@@ -291,6 +300,7 @@ impl DeviceSet {
             intr: 0,
             lapics: Vec::new(),
             cur: 0,
+            cur_bit: 1,
             signals: alloc::vec![Signals::default(); vcpus],
             signalled: 0,
             kicked: false,
@@ -352,7 +362,7 @@ impl DeviceSet {
         for (offset, value) in FIRMWARE_LAPIC {
             let _ = self.lapics[0].write(offset, value, 0);
         }
-        self.cur = 0;
+        self.set_current(0);
     }
 
     /// How many vCPUs (local APICs) the VM has.
@@ -366,6 +376,7 @@ impl DeviceSet {
     pub fn set_current(&mut self, index: usize) {
         if index < self.lapics.len() {
             self.cur = index;
+            self.cur_bit = bit(index);
         }
     }
 
@@ -486,13 +497,13 @@ impl DeviceSet {
 
     /// Whether the interrupt controllers assert INTR to the current vCPU.
     pub fn interrupt_pending(&self) -> bool {
-        self.intr & (1 << self.cur) != 0
+        self.intr & self.cur_bit != 0
     }
 
     /// Whether an interrupt waits for vCPU `index` (what wakes it from
     /// HLT), NMIs, INITs and SIPIs included.
     pub fn interrupt_pending_for(&self, index: usize) -> bool {
-        index < 32 && (self.intr | self.signalled) & (1 << index) != 0
+        (self.intr | self.signalled) & bit(index) != 0
     }
 
     /// Whether IPIs left NMIs, INITs or SIPIs for some vCPU.
@@ -509,7 +520,7 @@ impl DeviceSet {
     /// Takes what IPIs left for vCPU `index`.
     pub fn take_signals(&mut self, index: usize) -> Signals {
         let Some(s) = self.signals.get_mut(index) else { return Signals::default() };
-        self.signalled &= !(1 << index);
+        self.signalled &= !bit(index);
         core::mem::take(s)
     }
 
@@ -724,7 +735,7 @@ impl DeviceSet {
         // Saved VMs have one vCPU (`vm save` refuses others).
         self.lapics.truncate(1);
         self.signals.truncate(1);
-        self.cur = 0;
+        self.set_current(0);
         self.lapics[0].restore(lapic);
         self.ioapic.restore(ioapic);
         self.restore_virtio(virtio);

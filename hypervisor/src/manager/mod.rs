@@ -690,7 +690,8 @@ impl<B: Backend> Manager<B> {
                 let t1 = backend.now();
                 vm.stats.run_ticks += t1.wrapping_sub(t0);
                 t0 = t1;
-                vm.stats.exits[exit.kind() as usize] += 1;
+                let kind = exit.kind();
+                vm.stats.exits[kind as usize] += 1;
                 crate::trace_exit(vm.id, &exit);
                 let preempted = matches!(exit, vcpu::VmExit::Preempted);
                 let flow = vm.handle_exit(exit, backend, &mut self.host_mem, console);
@@ -698,9 +699,10 @@ impl<B: Backend> Manager<B> {
                     vm.stats.slices_expired += preempted as u64;
                     break flow;
                 }
-                // An IPI for another vCPU (or an INIT for this one): let
-                // the scheduler act on it now rather than at the slice's end.
-                if vm.devices.take_kicked() {
+                // An IPI for another vCPU (or an INIT for this one; only an
+                // APIC write sends one): let the scheduler act on it now
+                // rather than at the slice's end.
+                if matches!(kind, vcpu::ExitKind::NestedPageFault | vcpu::ExitKind::Wrmsr) && vm.devices.take_kicked() {
                     break Flow::Yield;
                 }
                 vm.deliver_interrupts(t1, backend.tsc_hz());

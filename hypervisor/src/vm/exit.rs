@@ -120,31 +120,7 @@ impl<B: Backend> Vm<B> {
             }
             VmExit::Io(io) if io.string => self.string_io(io, backend, host, console),
             VmExit::Io(io) => self.handle_io(io, backend, console),
-            VmExit::Hlt => {
-                vcpu.skip_instruction();
-                let (irq_on, rip) = (vcpu.rflags() & RFLAGS_IF != 0, vcpu.rip());
-                let smp = res.vcpus.len() > 1;
-                if !irq_on && !smp {
-                    self.end(RunState::Halted { rip }, backend, console);
-                    return Flow::Stop;
-                }
-                // With several vCPUs the VM's state is the summary of
-                // theirs (`smp::after_slice`): another may still run, or
-                // wake this one (only with an NMI or INIT if its
-                // interrupts are off).
-                let slot = &mut res.vcpus[res.cur];
-                slot.state.apply(super::VcpuEvent::Hlt);
-                slot.halted_irq_off = !irq_on;
-                if !smp {
-                    self.state = RunState::Waiting;
-                }
-                // An idle guest has said all it will for now: show a
-                // line it left open (a shell prompt waits for input).
-                if let Some(partial) = self.devices.com1().take_partial() {
-                    console.line(&format!("[vm {}] {partial}", self.id));
-                }
-                Flow::Yield
-            }
+            VmExit::Hlt => self.hlt(backend, console),
             VmExit::InvalidOpcode => {
                 // The other vendor's hypercall instruction (a guest saved
                 // under it and restored here) is the hypercall too, as KVM
@@ -216,6 +192,38 @@ impl<B: Backend> Vm<B> {
             }
             other => self.handle_vcpu_exit(other, backend, console),
         }
+    }
+
+    /// HLT: the vCPU halts until an interrupt for it (`smp::pick_vcpu`).
+    /// Out of line: the hot handler's frame stays small.
+    #[inline(never)]
+    fn hlt(&mut self, backend: &mut B, console: &mut impl Console) -> Flow {
+        let Some(res) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let vcpu = res.vcpu();
+        vcpu.skip_instruction();
+        let (irq_on, rip) = (vcpu.rflags() & RFLAGS_IF != 0, vcpu.rip());
+        let smp = res.vcpus.len() > 1;
+        if !irq_on && !smp {
+            self.end(RunState::Halted { rip }, backend, console);
+            return Flow::Stop;
+        }
+        // With several vCPUs the VM's state is the summary of theirs
+        // (`smp::after_slice`): another may still run, or wake this one
+        // (only with an NMI or INIT if its interrupts are off).
+        let slot = &mut res.vcpus[res.cur];
+        slot.state.apply(super::VcpuEvent::Hlt);
+        slot.halted_irq_off = !irq_on;
+        if !smp {
+            self.state = RunState::Waiting;
+        }
+        // An idle guest has said all it will for now: show a line it left
+        // open (a shell prompt waits for input).
+        if let Some(partial) = self.devices.com1().take_partial() {
+            console.line(&format!("[vm {}] {partial}", self.id));
+        }
+        Flow::Yield
     }
 
     /// The exits of the vCPU model: windows, register instructions, cache
