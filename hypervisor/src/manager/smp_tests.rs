@@ -206,3 +206,46 @@ fn the_console_takes_vcpus_shows_each_and_refuses_what_it_cannot_do() {
     let out = console("vm save 1 cp", &mut m);
     assert_eq!(out, "error: vm 1 has 3 vCPUs; checkpoints hold one vCPU for now, so it cannot be saved");
 }
+
+#[test]
+fn init_to_itself_parks_the_sender_and_a_vm_left_with_no_runner_ends() {
+    let mut m = manager();
+    // A one-vCPU VM INITs itself by its own APIC ID: nothing is left to
+    // send it a SIPI.
+    m.backend.as_mut().unwrap().scripts.push_back(vec![apic_write(ICR_HIGH, 0), apic_write(ICR_LOW, 0x4500)]);
+    let id = m.run_vm("tiny", 4, "").unwrap();
+    let mut con = Lines::default();
+    assert!(m.run_slice(&mut con));
+    let vm = m.get(id).unwrap();
+    assert!(
+        matches!(&vm.state, RunState::Stopped { reason } if reason.contains("waits for a startup IPI")),
+        "{:?}",
+        vm.state
+    );
+    assert!(!m.run_slice(&mut con), "nothing left to run");
+}
+
+#[test]
+fn any_sipi_vector_starts_the_ap_there() {
+    for vector in [0x00u8, 0x9f, 0xff] {
+        let mut m = manager();
+        let b = m.backend.as_mut().unwrap();
+        b.scripts.push_back(vec![
+            apic_write(ICR_HIGH, 1 << 24),
+            apic_write(ICR_LOW, 0x4500),
+            apic_write(ICR_LOW, 0x0600 | u32::from(vector)),
+        ]);
+        // An INIT and SIPI to an APIC ID no vCPU has change nothing.
+        b.scripts.push_back(vec![]);
+        let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+        let mut con = Lines::default();
+        for _ in 0..3 {
+            m.run_slice(&mut con);
+        }
+        let ap = &m.get(id).unwrap().res.as_ref().unwrap().vcpus[1];
+        assert_ne!(ap.state, VcpuState::WaitForSipi, "vector {vector:#x}");
+        let s = &ap.vcpu.state;
+        assert_eq!((s.cs.selector, s.cs.base, s.rip), (u16::from(vector) << 8, u64::from(vector) << 12, 0));
+        assert_eq!(s.activity, vcpu::Activity::Active);
+    }
+}

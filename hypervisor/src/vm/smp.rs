@@ -101,8 +101,8 @@ impl<B: Backend> Vm<B> {
     }
 
     /// After vCPU `i`'s slice: it gives the CPU up (unless it halted or
-    /// was parked by an INIT) and, for a VM of several vCPUs, the VM's
-    /// state becomes the summary of theirs. A VM none of whose vCPUs can
+    /// was parked by an INIT) and the VM's state becomes the summary of
+    /// its vCPUs' (for one vCPU, what the exit handlers already set). A VM none of whose vCPUs can
     /// ever run again (each halted with interrupts off or waiting for a
     /// SIPI nobody can send) ends, as a one-vCPU VM halted with interrupts
     /// off does. Returns whether it ended.
@@ -116,7 +116,9 @@ impl<B: Backend> Vm<B> {
         {
             slot.state.apply(VcpuEvent::Leave);
         }
-        if res.vcpus.len() == 1 || self.state.ended() {
+        // Ended, or halted for good by its exit handler (one vCPU, HLT with
+        // interrupts off): nothing to summarise.
+        if !self.state.runnable() {
             return false;
         }
         let live = |s: &super::VcpuSlot<B::Vcpu>| match s.state {
