@@ -514,7 +514,15 @@ impl<B: Backend> Manager<B> {
                 }
             }
         }
-        let overhead = slots.iter().map(|s| s.vcpu.overhead_bytes()).sum::<u64>()
+        let res = match Resources::<B>::with_vcpus(mem, slots) {
+            Ok(r) => r,
+            Err(mem) => {
+                free_memory(backend, &mut self.host_mem, id, mem);
+                return Err(Error::VcpuCount(0));
+            }
+        };
+        let mem = &res.mem;
+        let overhead = res.vcpus.iter().map(|s| s.vcpu.overhead_bytes()).sum::<u64>()
             + mem.memory_report().overhead_bytes()
             + core::mem::size_of::<Vm<B>>() as u64;
         let nested_pages = nested_leaves(&mem, &*backend.mem(), size);
@@ -546,7 +554,7 @@ impl<B: Backend> Manager<B> {
             reclaim,
             cpuid: Default::default(),
             next_vcpu: 0,
-            res: Some(Resources { mem, vcpus: slots, cur: 0 }),
+            res: Some(res),
         }))
     }
 
@@ -664,7 +672,7 @@ impl<B: Backend> Manager<B> {
             let Some(res) = vm.res.as_mut() else {
                 return false;
             };
-            res.cur = v;
+            res.set_cur(v);
             let slot = &mut res.vcpus[v];
             slot.state.apply(crate::vm::VcpuEvent::Enter);
             slot.stats.slices += 1;
@@ -1157,7 +1165,7 @@ fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
     vm.stop_vcpus();
     if let Some(res) = vm.res.take() {
         vm.stats.ended_vcpus = res.vcpus.iter().map(|s| s.stats.clone()).collect();
-        for slot in res.vcpus {
+        for slot in res.vcpus.into_vec() {
             backend.destroy_vcpu(slot.vcpu);
         }
         free_memory(backend, host, vm.id, res.mem);

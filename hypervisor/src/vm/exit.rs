@@ -212,7 +212,7 @@ impl<B: Backend> Vm<B> {
         // With several vCPUs the VM's state is the summary of theirs
         // (`smp::after_slice`): another may still run, or wake this one
         // (only with an NMI or INIT if its interrupts are off).
-        let slot = &mut res.vcpus[res.cur];
+        let slot = &mut res.vcpus[res.cur()];
         slot.state.apply(super::VcpuEvent::Hlt);
         slot.halted_irq_off = !irq_on;
         if !smp {

@@ -13,6 +13,7 @@ pub mod smp;
 pub mod vcpu_state;
 use vcpu::walk;
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use mm::addr::GuestPhysAddr;
@@ -163,21 +164,49 @@ pub fn flush_all<V: Vcpu>(vcpus: &mut [VcpuSlot<V>], scope: mm::paging::FlushSco
 pub struct Resources<B: Backend> {
     /// RAM, page states and the nested page table.
     pub mem: GuestMemory<B::Format>,
-    /// Its vCPUs, vCPU 0 the bootstrap processor; never empty.
-    pub vcpus: Vec<VcpuSlot<B::Vcpu>>,
-    /// The vCPU being run or whose exit is being handled.
-    pub cur: usize,
+    /// Its vCPUs, vCPU 0 the bootstrap processor: never empty, and a boxed
+    /// slice, so its length never changes (`vcpu` relies on both).
+    pub vcpus: Box<[VcpuSlot<B::Vcpu>]>,
+    /// The vCPU being run or whose exit is being handled: always below
+    /// `vcpus.len()` (set only by `new`, `with_vcpus` and `set_cur`).
+    cur: usize,
 }
 
 impl<B: Backend> Resources<B> {
     /// A VM's resources with one vCPU, runnable.
     pub fn new(mem: GuestMemory<B::Format>, vcpu: B::Vcpu) -> Self {
-        Resources { mem, vcpus: alloc::vec![VcpuSlot::new(vcpu, VcpuState::Runnable)], cur: 0 }
+        Resources { mem, vcpus: alloc::vec![VcpuSlot::new(vcpu, VcpuState::Runnable)].into_boxed_slice(), cur: 0 }
     }
 
-    /// The current vCPU (see `cur`).
+    /// A VM's resources with these vCPUs (`None` if there are none).
+    pub fn with_vcpus(
+        mem: GuestMemory<B::Format>,
+        vcpus: Vec<VcpuSlot<B::Vcpu>>,
+    ) -> Result<Self, GuestMemory<B::Format>> {
+        if vcpus.is_empty() {
+            return Err(mem);
+        }
+        Ok(Resources { mem, vcpus: vcpus.into_boxed_slice(), cur: 0 })
+    }
+
+    /// Makes vCPU `index` the current one (out of range: no change).
+    pub fn set_cur(&mut self, index: usize) {
+        if index < self.vcpus.len() {
+            self.cur = index;
+        }
+    }
+
+    /// The current vCPU's index.
+    pub fn cur(&self) -> usize {
+        self.cur
+    }
+
+    /// The current vCPU (see `cur`). On every exit, twice: unchecked.
     pub fn vcpu(&mut self) -> &mut B::Vcpu {
-        &mut self.vcpus[self.cur].vcpu
+        // SAFETY: `cur < vcpus.len()`: `vcpus` is a non-empty boxed slice
+        // whose length cannot change, and `cur` is 0 at construction and
+        // set only by `set_cur`, which checks it against that length.
+        unsafe { &mut self.vcpus.get_unchecked_mut(self.cur).vcpu }
     }
 
     /// The current vCPU, to read.
