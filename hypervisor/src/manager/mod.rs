@@ -525,7 +525,7 @@ impl<B: Backend> Manager<B> {
         let overhead = res.vcpus.iter().map(|s| s.vcpu.overhead_bytes()).sum::<u64>()
             + mem.memory_report().overhead_bytes()
             + core::mem::size_of::<Vm<B>>() as u64;
-        let nested_pages = nested_leaves(&mem, &*backend.mem(), size);
+        let nested_pages = nested_leaves(mem, &*backend.mem(), size);
         let phys_bits = backend.host_cpuid(0x8000_0008, 0).eax as u8;
         devices.set_cpu(state.tsc_offset, backend.tsc_hz(), phys_bits.clamp(36, 52));
         let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
