@@ -517,7 +517,7 @@ impl<B: Backend> Manager<B> {
         let res = match Resources::<B>::with_vcpus(mem, slots) {
             Ok(r) => r,
             Err(mem) => {
-                free_memory(backend, &mut self.host_mem, id, mem);
+                free_memory(backend, &mut self.host_mem, id, *mem);
                 return Err(Error::VcpuCount(0));
             }
         };

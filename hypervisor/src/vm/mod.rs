@@ -178,13 +178,14 @@ impl<B: Backend> Resources<B> {
         Resources { mem, vcpus: alloc::vec![VcpuSlot::new(vcpu, VcpuState::Runnable)].into_boxed_slice(), cur: 0 }
     }
 
-    /// A VM's resources with these vCPUs (`None` if there are none).
+    /// A VM's resources with these vCPUs; with none, the memory back (in
+    /// a box: the error stays small).
     pub fn with_vcpus(
         mem: GuestMemory<B::Format>,
         vcpus: Vec<VcpuSlot<B::Vcpu>>,
-    ) -> Result<Self, GuestMemory<B::Format>> {
+    ) -> Result<Self, Box<GuestMemory<B::Format>>> {
         if vcpus.is_empty() {
-            return Err(mem);
+            return Err(Box::new(mem));
         }
         Ok(Resources { mem, vcpus: vcpus.into_boxed_slice(), cur: 0 })
     }
