@@ -10,8 +10,8 @@
 //! the VM through ACPI S5. The guest finds the local APIC and I/O APIC in
 //! the MADT and runs on them (IRQ 0 through the I/O APIC, ticks from the
 //! TSC-deadline timer), with no complaint about them in its log; `sleep 5`
-//! takes five seconds of host time; a second Linux guest (`vm create` with
-//! two vCPUs, then `vm start`; `nproc` says 2) and a selftest run beside it. On both
+//! takes five seconds of host time; a second Linux guest (`vm create`, then
+//! `vm start`) and a selftest run beside it. On both
 //! backends: Bochs with VT-x (about 35 s to the shell) and QEMU TCG with
 //! AMD-V (about 3 s). Skipped (with a message) when the guest has not been
 //! prepared.
@@ -192,10 +192,8 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert!((5.0..8.0).contains(&slept), "`sleep 5` took {slept:.2} s of host time");
     // Two Linux guests and a selftest at once, time-sliced, each with its
     // own memory and console. The second is built by `vm create` (in 128
-    // MiB: the emulated host has 512), with two vCPUs, and waits for `vm
-    // start`.
-    let out =
-        m.cmd("vm create web kernel=linux initrd=linux-initrd mem=128 vcpus=2 net=sw0 cmdline=\"console=ttyS0 quiet\"");
+    // MiB: the emulated host has 512) and waits for `vm start`.
+    let out = m.cmd("vm create web kernel=linux initrd=linux-initrd mem=128 net=sw0 cmdline=\"console=ttyS0 quiet\"");
     assert!(out.contains("vm 2 created: web (linux, linux, 128 MiB); vm start 2 runs it"), "{out}");
     assert_eq!(m.json("vm list --json")["vms"][1]["state"], "created");
     std::thread::sleep(Duration::from_secs(2));
@@ -206,13 +204,6 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for("[vm 2] linux-guest:/# ", Duration::from_secs(400));
     m.cmd("vm send 2 -- echo second-$((20+2)) && grep -c ^processor /proc/cpuinfo");
     m.wait_for("[vm 2] second-22", Duration::from_secs(120));
-    // Its two vCPUs: Linux started the AP (INIT-SIPI-SIPI) and uses both.
-    m.cmd("vm send 2 -- echo nproc-$(nproc)-$((1+1))");
-    m.wait_for("[vm 2] nproc-2-2", Duration::from_secs(120));
-    let vcpus = m.json("vm stats 2 --json")["vcpus"].clone();
-    eprintln!("{}: linux with 2 vCPUs: {vcpus}", emu.name());
-    assert_eq!(vcpus.as_array().map(|v| v.len()), Some(2), "{vcpus}");
-    assert!(vcpus[1]["exits"].as_u64().unwrap() > 0, "the AP never ran: {vcpus}");
     let t = m.transcript();
     assert!(t.contains("[vm 3] selftest: PASS"), "{t}");
     assert!(!t.contains("[vm 1] second-22"), "vm 2's output reached vm 1's console:\n{t}");
