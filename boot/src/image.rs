@@ -11,7 +11,7 @@ pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
 
 /// Guest binaries of the `guests` package that go into the ramdisk.
 pub const GUESTS: &[&str] =
-    &["selftest", "selftest-mb", "escape", "crash", "exitbench", "memtest", "cr2", "vcputest", "hostile"];
+    &["selftest", "selftest-mb", "escape", "crash", "exitbench", "memtest", "cr2", "vcputest", "hostile", "smptest"];
 
 /// The configuration file's name in the ramdisk.
 pub const CONFIG_NAME: &str = "hypervisor.cfg";

@@ -187,9 +187,9 @@ fn run<B: Backend>(
             Ok(Reply { text, json: json!({ "commands": cmds }) })
         }
         Command::Host => Ok(host_reply(m, host)),
-        Command::VmRun { guest, mem_mib, modules, cmdline, disk, net, pin_cpuid } => {
+        Command::VmRun { guest, mem_mib, vcpus, modules, cmdline, disk, net, pin_cpuid } => {
             let (mem_mib, modules, cmdline) = m.run_defaults(guest, *mem_mib, modules, cmdline.as_deref())?;
-            let id = m.run_vm_with_nic(guest, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
+            let id = m.run_vm_smp(guest, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref(), *vcpus)?;
             // Before it first runs (the scheduler runs after the command).
             if *pin_cpuid != CpuidChoice::Host {
                 m.pin_cpuid(id, *pin_cpuid == CpuidChoice::Portable)?;
@@ -204,10 +204,19 @@ fn run<B: Backend>(
                 json: json!({ "id": id, "guest": guest, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
             })
         }
-        Command::VmCreate { name, kernel, initrd, mem_mib, cmdline, disk, net, pin_cpuid } => {
+        Command::VmCreate { name, kernel, initrd, mem_mib, vcpus, cmdline, disk, net, pin_cpuid } => {
             let modules: Vec<String> = initrd.iter().cloned().collect();
             let (mem_mib, modules, cmdline) = m.run_defaults(kernel, *mem_mib, &modules, cmdline.as_deref())?;
-            let id = m.create_vm_stopped(name, kernel, mem_mib, &modules, &cmdline, disk.as_deref(), net.as_deref())?;
+            let id = m.create_vm_stopped(
+                name,
+                kernel,
+                mem_mib,
+                &modules,
+                &cmdline,
+                disk.as_deref(),
+                net.as_deref(),
+                *vcpus,
+            )?;
             if *pin_cpuid != CpuidChoice::Host {
                 m.pin_cpuid(id, *pin_cpuid == CpuidChoice::Portable)?;
             }
@@ -403,6 +412,11 @@ fn stats_reply<B: Backend>(
         }
         by_reason.insert(k.name().into(), json!(n));
     }
+    // Each vCPU: its state machine's state and what it did (an ended VM
+    // has freed its vCPUs: none).
+    for line in vm.vcpu_lines() {
+        text.push_str(&format!("\n  {line}"));
+    }
     text.push_str(&format!("\n  cpuid: {}", vm.cpuid.describe()));
     let leaves = |n: [u64; 3]| format!("{} x 1 GiB, {} x 2 MiB, {} x 4 KiB pages", n[2], n[1], n[0]);
     text.push_str(&format!("\n  nested page table at start: {}", leaves(vm.nested_pages)));
@@ -475,6 +489,17 @@ fn stats_reply<B: Backend>(
     }
     let mut j = vm_json(vm, hz);
     if let Value::Object(o) = &mut j {
+        let vcpus: Vec<Value> = vm
+            .vcpu_report()
+            .into_iter()
+            .map(|(i, state, s)| {
+                json!({
+                    "index": i, "apic_id": i, "state": state, "exits": s.exits, "run_ticks": s.run_ticks,
+                    "slices": s.slices, "wakeups": s.wakeups, "last_host_cpu": s.last_host_cpu,
+                })
+            })
+            .collect();
+        o.insert("vcpus".into(), Value::Array(vcpus));
         if let Some((mac, c)) = nic {
             o.insert("nic".into(), json!({ "mac": mac, "switch": switch, "counters": c }));
         }

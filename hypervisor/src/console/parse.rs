@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! help | host | poweroff
-//! vm run <guest> [mem=<MiB>] [mod=<file>]... [disk=<image>] [net=<switch>] [cpuid=host|pinned] [-- <command line>]
+//! vm run <guest> [mem=<MiB>] [vcpus=<n>] [mod=<file>]... [disk=<image>] [net=<switch>] [cpuid=host|pinned] [-- <command line>]
 //! vm list | vm stats <id> | vm stop <id>
 //! mem | mem sharing on [<pages per round>] | mem sharing off
 //! mem scan [<id>] | mem target <id> <MiB>|none
@@ -27,6 +27,8 @@ pub enum Command {
         kernel: String,
         initrd: Option<String>,
         mem_mib: Option<u32>,
+        /// `vcpus=`: 1..=`MAX_VCPUS`, default 1.
+        vcpus: u32,
         cmdline: Option<String>,
         /// A data-disk image served as the VM's virtio-blk disk.
         disk: Option<String>,
@@ -43,6 +45,8 @@ pub enum Command {
     VmRun {
         guest: String,
         mem_mib: Option<u32>,
+        /// `vcpus=`: 1..=`MAX_VCPUS`, default 1.
+        vcpus: u32,
         /// Ramdisk files passed as Multiboot modules (or, for a Linux guest, its
         /// one initramfs).
         modules: Vec<String>,
@@ -237,7 +241,11 @@ pub enum Refusal {
     /// `vm run`'s first word is an option, not a guest.
     OptionBeforeGuest(String),
     NotAVmName(String),
-    Vcpus(String),
+    /// `vcpus=` is not 1..=`MAX_VCPUS`.
+    Vcpus {
+        cmd: &'static str,
+        arg: String,
+    },
     UnclosedQuote,
     CmdlineTwice,
     MissingKernel,
@@ -295,7 +303,9 @@ impl core::fmt::Display for Refusal {
             Refusal::MissingName { cmd, what } => write!(f, "{cmd}: missing {what} name"),
             Refusal::OptionBeforeGuest(o) => write!(f, "vm run: missing guest name before {o:?}"),
             Refusal::NotAVmName(n) => write!(f, "vm create: {n:?} is not a VM name (one word of up to 32 characters)"),
-            Refusal::Vcpus(n) => write!(f, "vm create: vcpus={n}: a VM has one vCPU until SMP support lands"),
+            Refusal::Vcpus { cmd, arg } => {
+                write!(f, "{cmd}: vcpus must be a number in 1..={}, not {arg:?}", crate::devices::MAX_VCPUS)
+            }
             Refusal::UnclosedQuote => f.write_str("vm create: cmdline=\" has no closing quote"),
             Refusal::CmdlineTwice => f.write_str("vm create: the command line is given twice (cmdline= and --)"),
             Refusal::MissingKernel => f.write_str("vm create: missing kernel=<file>"),
@@ -583,6 +593,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
     }
     let (mut kernel, mut initrd, mut mem_mib, mut disk, mut net) = (None, None, None, None, None);
     let mut pin_cpuid = CpuidChoice::Host;
+    let mut vcpus = 1;
     let mut i = 0;
     while i < opts.len() {
         let opt = opts[i];
@@ -594,10 +605,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
             Some(("disk", d)) => disk = Some(disk_name("vm create", d)?),
             Some(("net", n)) => net = Some(switch_name("vm create", n)?),
             Some(("cpuid", v)) => pin_cpuid = cpuid_profile("vm create", v)?,
-            Some(("vcpus", "1")) => {}
-            Some(("vcpus", n)) => {
-                return Err(Refusal::Vcpus(n.to_string()));
-            }
+            Some(("vcpus", n)) => vcpus = parse_vcpus("vm create", n)?,
             Some(("cmdline", v)) if v.starts_with('"') => {
                 // The quoted text may span words: up to the closing quote.
                 let mut text = String::from(&v[1..]);
@@ -625,7 +633,7 @@ fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
         }
     }
     let kernel = kernel.ok_or(Refusal::MissingKernel)?;
-    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, cmdline, disk, net, pin_cpuid })
+    Ok(Command::VmCreate { name: name.to_string(), kernel, initrd, mem_mib, vcpus, cmdline, disk, net, pin_cpuid })
 }
 
 /// `cpuid=host|pinned|portable`: which CPUID a new VM sees.
@@ -648,6 +656,13 @@ fn cpuid_profile(cmd: &'static str, v: &str) -> Result<CpuidChoice, Refusal> {
     }
 }
 
+fn parse_vcpus(cmd: &'static str, v: &str) -> Result<u32, Refusal> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| (1..=crate::devices::MAX_VCPUS as u32).contains(n))
+        .ok_or_else(|| Refusal::Vcpus { cmd, arg: v.to_string() })
+}
+
 fn parse_mib(cmd: &'static str, v: &str) -> Result<u32, Refusal> {
     v.parse::<u32>()
         .ok()
@@ -668,11 +683,13 @@ fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
     }
     let (mut mem_mib, mut disk, mut net) = (None, None, None);
     let mut pin_cpuid = CpuidChoice::Host;
+    let mut vcpus = 1;
     let mut modules = Vec::new();
     for opt in opts {
         match opt.split_once('=') {
             Some(("mod", name)) if !name.is_empty() => modules.push(name.to_string()),
             Some(("mem", v)) => mem_mib = Some(parse_mib("vm run", v)?),
+            Some(("vcpus", n)) => vcpus = parse_vcpus("vm run", n)?,
             Some(("disk", d)) => disk = Some(disk_name("vm run", d)?),
             Some(("net", n)) => net = Some(switch_name("vm run", n)?),
             Some(("cpuid", v)) => pin_cpuid = cpuid_profile("vm run", v)?,
@@ -680,12 +697,12 @@ fn parse_run(args: &[&str]) -> Result<Command, Refusal> {
                 return Err(Refusal::UnknownOption {
                     cmd: "vm run",
                     opt: opt.to_string(),
-                    expected: "mem=<MiB>, mod=<file>, disk=<image>, net=<switch> or cpuid=host|pinned",
+                    expected: "mem=<MiB>, vcpus=<n>, mod=<file>, disk=<image>, net=<switch> or cpuid=host|pinned",
                 });
             }
         }
     }
-    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, modules, cmdline, disk, net, pin_cpuid })
+    Ok(Command::VmRun { guest: guest.to_string(), mem_mib, vcpus, modules, cmdline, disk, net, pin_cpuid })
 }
 
 #[cfg(test)]
@@ -734,6 +751,7 @@ mod tests {
                 .command,
             Command::VmCreate {
                 name: "web".into(),
+                vcpus: 1,
                 kernel: "linux".into(),
                 initrd: Some("linux-initrd".into()),
                 mem_mib: Some(128),
@@ -747,6 +765,7 @@ mod tests {
             ok("vm create a kernel=k disk=web-root -- root=/dev/vda ro").command,
             Command::VmCreate {
                 name: "a".into(),
+                vcpus: 1,
                 kernel: "k".into(),
                 initrd: None,
                 mem_mib: None,
@@ -759,7 +778,20 @@ mod tests {
         assert_eq!(ok("vm start 4").command, Command::VmStart { id: 4 });
         assert_eq!(err("vm create web"), "vm create: missing kernel=<file>");
         assert_eq!(err("vm create"), "vm create: missing VM name");
-        assert!(err("vm create web kernel=k vcpus=4").contains("one vCPU"));
+        match ok("vm create web kernel=k vcpus=4").command {
+            Command::VmCreate { vcpus, .. } => assert_eq!(vcpus, 4),
+            other => panic!("{other:?}"),
+        }
+        for bad in ["0", "9", "-1", "x", "", "4294967297"] {
+            let e = err(&format!("vm create web kernel=k vcpus={bad}"));
+            assert_eq!(e, format!("vm create: vcpus must be a number in 1..=8, not {bad:?}"));
+            let e = err(&format!("vm run memtest vcpus={bad}"));
+            assert_eq!(e, format!("vm run: vcpus must be a number in 1..=8, not {bad:?}"));
+        }
+        match ok("vm run memtest vcpus=8 mem=32").command {
+            Command::VmRun { vcpus, mem_mib, .. } => assert_eq!((vcpus, mem_mib), (8, Some(32))),
+            other => panic!("{other:?}"),
+        }
         assert!(err("vm create web kernel=k mem=0").contains("mem must be"));
         assert!(err("vm create web kernel=k cmdline=\"open").contains("no closing quote"));
         assert!(err("vm create web kernel=k cmdline=\"a\" -- b").contains("given twice"));
@@ -781,6 +813,7 @@ mod tests {
             ok("vm run selftest").command,
             Command::VmRun {
                 guest: "selftest".into(),
+                vcpus: 1,
                 mem_mib: None,
                 modules: Vec::new(),
                 cmdline: None,
@@ -793,6 +826,7 @@ mod tests {
             ok("vm run escape mem=8 -- write addr=0x1000 --json").command,
             Command::VmRun {
                 guest: "escape".into(),
+                vcpus: 1,
                 mem_mib: Some(8),
                 modules: Vec::new(),
                 cmdline: Some("write addr=0x1000 --json".into()),
@@ -805,6 +839,7 @@ mod tests {
             ok("vm run k mod=a mod=b").command,
             Command::VmRun {
                 guest: "k".into(),
+                vcpus: 1,
                 mem_mib: None,
                 modules: vec!["a".into(), "b".into()],
                 cmdline: None,
@@ -818,6 +853,7 @@ mod tests {
             ok("vm run linux disk=d1").command,
             Command::VmRun {
                 guest: "linux".into(),
+                vcpus: 1,
                 mem_mib: None,
                 modules: Vec::new(),
                 cmdline: None,
@@ -831,6 +867,7 @@ mod tests {
             ok("vm run linux disk=d1 net=lan-0.a_b").command,
             Command::VmRun {
                 guest: "linux".into(),
+                vcpus: 1,
                 mem_mib: None,
                 modules: Vec::new(),
                 cmdline: None,

@@ -8,15 +8,21 @@
 //! globally disabled. An ExtINT interrupt bypasses the local APIC's
 //! priorities, as on hardware, so it is offered first.
 //!
+//! With several vCPUs, each has a local APIC (APIC ID = vCPU index); the
+//! PIC's INTR goes to vCPU 0's LINT0 only, as a PC wires it to the BSP.
+//! IPIs reach every APIC the shorthand or destination selects (SDM Vol. 3A
+//! 11.6.1-11.6.2): fixed ones into IRR; NMI, INIT and SIPI are left as
+//! [`Signals`] for the VM to carry out on the target vCPU.
+//!
 //! Left out for now: an I/O APIC entry in ExtINT mode (Linux falls back to
-//! it only when IRQ 0 through pin 2 fails its check), NMI and SMI sources
-//! (nothing on this board raises them), and INIT/SIPI (one vCPU per VM:
-//! its own INIT IPIs go nowhere).
+//! it only when IRQ 0 through pin 2 fails its check), SMI (nothing raises
+//! it), and lowest-priority arbitration (the first APIC selected takes the
+//! interrupt, which the SDM allows, 11.6.2.4, as "model specific").
 
-use super::DeviceSet;
 use super::ioapic::{IOAPIC_BASE, Message};
 use super::lapic::{self, DeliveryMode, Effect, Gp, Lint, LintRoute, Shorthand};
 use super::pci::{ECAM_BASE, ECAM_SIZE};
+use super::{DeviceSet, Signals};
 
 /// The I/O APIC's pin for ISA line `irq`: the MADT overrides IRQ 0 to GSI 2
 /// (where the 8254 sits on a PC's I/O APIC); the others are identity.
@@ -45,29 +51,90 @@ impl DeviceSet {
         self.set_isa_irq(irq, false);
     }
 
-    /// An I/O APIC message to the local APIC.
+    /// An I/O APIC message to the local APICs it names.
     pub(super) fn deliver(&mut self, m: Message) {
-        if matches!(m.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority)
-            && self.lapic.is_destination(m.logical, m.destination.into(), false)
-        {
-            self.lapic.accept(m.vector, m.level_triggered);
+        let targets = self.destinations(m.logical, m.destination.into(), false);
+        self.send(targets, m.mode, m.vector, m.level_triggered, false);
+    }
+
+    /// The vCPUs (bit i: vCPU i) whose APIC a message in `logical` or
+    /// physical mode to `destination` selects; IDs that no vCPU has select
+    /// no one (SDM Vol. 3A 11.6.2).
+    pub fn destinations(&self, logical: bool, destination: u32, wide: bool) -> u32 {
+        let mut mask = 0;
+        for (i, l) in self.lapics.iter().enumerate() {
+            if l.is_destination(logical, destination, wide) {
+                mask |= super::bit(i);
+            }
+        }
+        mask
+    }
+
+    /// The vCPUs an IPI from the current vCPU reaches (SDM Vol. 3A 11.6.1,
+    /// destination shorthand).
+    pub fn ipi_targets(&self, ipi: &lapic::Ipi) -> u32 {
+        let all = super::bit(self.lapics.len()).wrapping_sub(1);
+        let me = self.cur_bit;
+        match ipi.shorthand {
+            Shorthand::SelfOnly => me,
+            Shorthand::AllIncludingSelf => all,
+            Shorthand::AllExcludingSelf => all & !me,
+            Shorthand::None => self.destinations(ipi.logical, ipi.destination, ipi.x2apic),
         }
     }
 
-    /// What a local APIC register write asks for: an IPI (to itself, the
-    /// only APIC in the VM) or an EOI broadcast to the I/O APIC.
+    /// Delivers a `mode` message to the vCPUs in `targets`: fixed ones
+    /// into IRR, lowest-priority ones to the first target, NMI, INIT and
+    /// SIPI as signals for the VM. SMI and ExtINT messages are dropped
+    /// (nothing here handles SMM; ExtINT through the I/O APIC is left out).
+    fn send(&mut self, targets: u32, mode: DeliveryMode, vector: u8, level: bool, init_deassert: bool) {
+        let targets = match mode {
+            DeliveryMode::LowestPriority => targets.isolate_lowest_one(),
+            _ => targets,
+        };
+        for i in 0..self.lapics.len() {
+            if targets & super::bit(i) == 0 {
+                continue;
+            }
+            let mut signal = |f: &mut dyn FnMut(&mut Signals)| {
+                f(&mut self.signals[i]);
+                self.signalled |= super::bit(i);
+            };
+            match mode {
+                DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
+                    self.lapics[i].accept(vector, level);
+                }
+                DeliveryMode::Nmi => signal(&mut |s| s.nmi = true),
+                // The de-assert Linux sends after an INIT does nothing on
+                // an integrated APIC (SDM 11.6.1).
+                DeliveryMode::Init if init_deassert => {}
+                DeliveryMode::Init => {
+                    // INIT resets the target's APIC but for its ID (SDM
+                    // 11.4.7.3); a SIPI before this INIT is void.
+                    self.lapics[i].init();
+                    signal(&mut |s| {
+                        s.init = true;
+                        s.sipi = None;
+                    });
+                }
+                DeliveryMode::StartUp => signal(&mut |s| s.sipi = Some(vector)),
+                DeliveryMode::Smi | DeliveryMode::ExtInt => {}
+            }
+        }
+    }
+
+    /// What a local APIC register write asks for: an IPI or an EOI
+    /// broadcast to the I/O APIC.
     fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::None => {}
             Effect::Ipi(ipi) => {
-                let to_self = match ipi.shorthand {
-                    Shorthand::SelfOnly | Shorthand::AllIncludingSelf => true,
-                    Shorthand::AllExcludingSelf => false,
-                    Shorthand::None => self.lapic.is_destination(ipi.logical, ipi.destination, ipi.x2apic),
-                };
-                if to_self && matches!(ipi.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) {
-                    self.lapic.accept(ipi.vector, false);
-                }
+                let targets = self.ipi_targets(&ipi);
+                let me = self.cur_bit;
+                self.kicked |= targets & !me != 0 || (targets & me != 0 && ipi.mode == DeliveryMode::Init);
+                // IPIs are edge-triggered whatever the trigger bit says on
+                // an xAPIC (11.6.1, Table 11-3 note 2).
+                self.send(targets, ipi.mode, ipi.vector, false, ipi.is_init_deassert());
             }
             Effect::EoiBroadcast(vector) => {
                 for m in self.ioapic.eoi(vector) {
@@ -77,15 +144,25 @@ impl DeviceSet {
         }
     }
 
-    /// Whether the PIC's INTR reaches the CPU.
+    /// Whether the PIC's INTR reaches vCPU 0 (the BSP: only it has the
+    /// PIC wired to LINT0).
     fn pic_connected(&self) -> bool {
-        self.lapic.lint(Lint::Lint0) == LintRoute::ExtInt
+        self.lapics.first().is_some_and(|l| l.lint(Lint::Lint0) == LintRoute::ExtInt)
     }
 
-    /// Recompute the cached "an interrupt waits" flag.
+    /// Recompute the cached "an interrupt waits" flags.
     pub(super) fn refresh_intr(&mut self) {
         let pic = self.pic_connected() && self.pic().output();
-        self.intr = pic || self.lapic.pending_vector().is_some();
+        let mut intr = u32::from(pic);
+        if let [bsp, aps @ ..] = self.lapics.as_slice() {
+            intr |= u32::from(bsp.pending_vector().is_some());
+            for (i, l) in aps.iter().enumerate() {
+                if l.pending_vector().is_some() {
+                    intr |= super::bit(i + 1);
+                }
+            }
+        }
+        self.intr = intr;
     }
 
     /// The interrupt acknowledge cycle: the vector to inject, the PIC's
@@ -93,13 +170,13 @@ impl DeviceSet {
     /// ISR). With neither (nothing was pending), the local APIC's spurious
     /// vector, as hardware gives when a request vanishes.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
-        let vector = if self.pic_connected() && self.pic().output() {
+        let vector = if self.cur == 0 && self.pic_connected() && self.pic().output() {
             self.acknowledge_pic()
-        } else if let Some(v) = self.lapic.pending_vector() {
-            self.lapic.acknowledge(v);
+        } else if let Some(v) = self.cur_lapic().pending_vector() {
+            self.cur_lapic().acknowledge(v);
             v
         } else {
-            self.lapic.spurious_vector()
+            self.cur_lapic().spurious_vector()
         };
         self.refresh_intr();
         vector
@@ -121,7 +198,7 @@ impl DeviceSet {
         let lane = 8 * (offset & 3);
         let read = |this: &mut Self, at: u64| -> u64 {
             match page {
-                MmioPage::Lapic => u64::from(this.lapic.read(at, now_ns)),
+                MmioPage::Lapic => u64::from(this.cur_lapic().read(at, now_ns)),
                 MmioPage::IoApic => u64::from(this.ioapic.read(at)),
                 MmioPage::Ecam | MmioPage::Virtio(_) => 0,
             }
@@ -158,7 +235,7 @@ impl DeviceSet {
         }
         match page {
             MmioPage::Lapic => {
-                let effect = self.lapic.write(offset, value as u32, now_ns);
+                let effect = self.cur_lapic().write(offset, value as u32, now_ns);
                 self.apply(effect);
             }
             MmioPage::IoApic => {
@@ -179,7 +256,7 @@ impl DeviceSet {
     }
 
     fn mmio_target(&self, gpa: u64) -> Option<(MmioPage, u64)> {
-        if let Some(base) = self.lapic.mmio_base()
+        if let Some(base) = self.lapics[self.cur].mmio_base()
             && (base..base + 0x1000).contains(&gpa)
         {
             return Some((MmioPage::Lapic, gpa - base));
@@ -196,11 +273,11 @@ impl DeviceSet {
     /// A guest RDMSR of a local APIC MSR (IA32_APIC_BASE, IA32_TSC_DEADLINE,
     /// the x2APIC range); `None` for an MSR that is not the APIC's.
     pub fn apic_id(&self) -> u32 {
-        self.lapic.id()
+        self.lapics[self.cur].id()
     }
 
     pub fn lapic_read_msr(&mut self, msr: u32, now_ns: u64) -> Option<Result<u64, Gp>> {
-        lapic::Lapic::handles_msr(msr).then(|| self.lapic.read_msr(msr, now_ns))
+        lapic::Lapic::handles_msr(msr).then(|| self.cur_lapic().read_msr(msr, now_ns))
     }
 
     /// A guest WRMSR of a local APIC MSR; `None` for one that is not.
@@ -213,14 +290,14 @@ impl DeviceSet {
             // 11.12.1).
             return Some(Err(Gp));
         }
-        let r = self.lapic.write_msr(msr, value, now_ns).map(|effect| self.apply(effect));
+        let r = self.cur_lapic().write_msr(msr, value, now_ns).map(|effect| self.apply(effect));
         self.interrupts_changed(now_ns);
         Some(r)
     }
 
     /// The task priority the guest set with MOV CR8 (CR8 is TPR[7:4]).
     pub fn set_cr8(&mut self, cr8: u64) {
-        self.lapic.set_tpr((cr8 as u8 & 0xf) << 4);
+        self.cur_lapic().set_tpr((cr8 as u8 & 0xf) << 4);
         self.refresh_intr();
     }
 

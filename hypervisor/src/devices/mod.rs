@@ -20,6 +20,8 @@ pub mod persist;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
+#[cfg(test)]
+mod smp_tests;
 pub mod uart;
 pub mod virtio;
 pub mod virtio_slots;
@@ -70,9 +72,10 @@ const PIC_INDEX: usize = 2;
 const PIT_INDEX: usize = 3;
 const PCI_INDEX: usize = 6;
 
-/// The vCPUs fw_cfg reports. One for now: SMP will pass the VM's vCPU
-/// count to `DeviceSet::pc` instead.
-const VCPUS: u16 = 1;
+/// The most vCPUs a VM can have (`vm run ... vcpus=<n>`): the per-vCPU
+/// interrupt masks below are `u32`s, and 8 keeps flat logical destinations
+/// (one bit per APIC, SDM Vol. 3A 11.6.2.2) able to name every vCPU.
+pub const MAX_VCPUS: usize = 8;
 
 /// The CMOS clock's index and data ports.
 pub const RTC_BASE: u16 = 0x70;
@@ -210,12 +213,30 @@ pub struct DeviceSet {
     /// When the PIT's next IRQ 0 edge is due (VM clock, ns), if armed: a
     /// cache so that most exits check one number instead of the timer.
     next_timer_ns: Option<u64>,
-    /// Whether an interrupt waits for the vCPU, from the PIC or the local
-    /// APIC (kept up to date by every change of their inputs or state, so
-    /// the exit path reads one flag).
-    intr: bool,
-    /// The vCPU's local APIC (each vCPU will have its own).
-    lapic: Lapic,
+    /// Which vCPUs an interrupt waits for (bit i: vCPU i), from the PIC
+    /// (vCPU 0 only) or their local APIC (kept up to date by every change
+    /// of their inputs or state, so the exit path reads one word).
+    intr: u32,
+    /// The local APICs, one per vCPU: index = APIC ID = vCPU index. They
+    /// sit with the I/O APIC and the PIC because an IPI from one reaches
+    /// the others, all within one exit on this one host CPU; vCPUs on
+    /// several host CPUs will need each APIC with its vCPU and a mailbox
+    /// between them.
+    lapics: Vec<Lapic>,
+    /// The vCPU whose exit is being handled: its APIC page, APIC MSRs, CR8
+    /// and interrupt acknowledge are the ones the accessors below reach;
+    /// `cur_bit` is its bit in the masks (kept to spare the exit path a
+    /// checked shift).
+    cur: usize,
+    cur_bit: u32,
+    /// NMIs, INITs and startup IPIs sent to each vCPU and not yet acted
+    /// on by the VM ([`Self::take_signals`]); `signalled` has bit i set
+    /// when `signals[i]` holds any.
+    signals: Vec<Signals>,
+    signalled: u32,
+    /// An IPI reached a vCPU other than the sender, or an INIT the sender:
+    /// the scheduler should act on it before the slice ends.
+    kicked: bool,
     ioapic: IoApic,
     /// The guest's TSC minus the host's, and the TSC's rate: a TSC-deadline
     /// timer counts in guest TSC.
@@ -229,6 +250,22 @@ pub struct DeviceSet {
     com1_level: bool,
     /// virtio-mmio devices, in slot order.
     virtio: Vec<virtio_slots::VirtioSlot>,
+}
+
+/// vCPU `index`'s bit in the per-vCPU masks (none past 31: `MAX_VCPUS`
+/// is far below).
+fn bit(index: usize) -> u32 {
+    u32::try_from(index).ok().and_then(|i| 1u32.checked_shl(i)).unwrap_or(0)
+}
+
+/// What IPIs asked of one vCPU beyond its local APIC's IRR, for the VM to
+/// carry out on the vCPU itself (SDM Vol. 3A 11.6.1, delivery modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signals {
+    pub nmi: bool,
+    pub init: bool,
+    /// The vector of the last startup IPI.
+    pub sipi: Option<u8>,
 }
 
 /// The local APIC as firmware leaves the boot processor (SeaBIOS does the
@@ -249,19 +286,24 @@ impl DeviceSet {
     /// 440FX host bridge on bus 0, and fw_cfg at 0x510 (telling
     /// `ram_bytes` and the vCPUs).
     pub fn pc(host_epoch: u64, ram_bytes: u64) -> Self {
-        let lapic = Lapic::new(LapicConfig {
-            id: 0,
-            bsp: true,
-            bus_hz: lapic::DEFAULT_BUS_HZ,
-            tsc_hz: lapic::DEFAULT_BUS_HZ,
-            phys_addr_bits: 36,
-        });
+        Self::pc_smp(host_epoch, ram_bytes, 1)
+    }
+
+    /// As [`Self::pc`], for `vcpus` vCPUs (1 to [`MAX_VCPUS`]; clamped):
+    /// a local APIC each, and fw_cfg tells their number.
+    pub fn pc_smp(host_epoch: u64, ram_bytes: u64, vcpus: usize) -> Self {
+        let vcpus = vcpus.clamp(1, MAX_VCPUS);
         let mut set = DeviceSet {
             devices: Vec::new(),
             pio: Bus::default(),
             next_timer_ns: None,
-            intr: false,
-            lapic,
+            intr: 0,
+            lapics: Vec::new(),
+            cur: 0,
+            cur_bit: 1,
+            signals: alloc::vec![Signals::default(); vcpus],
+            signalled: 0,
+            kicked: false,
             ioapic: IoApic::new(IOAPIC_ID),
             tsc_offset: 0,
             tsc_hz: lapic::DEFAULT_BUS_HZ,
@@ -269,9 +311,7 @@ impl DeviceSet {
             com1_level: false,
             virtio: Vec::new(),
         };
-        for (offset, value) in FIRMWARE_LAPIC {
-            let _ = set.lapic.write(offset, value, 0);
-        }
+        set.build_lapics(vcpus, 36);
         // Fixed, non-overlapping ranges: these inserts cannot fail. COM1
         // first: `com1()` finds it at COM1_INDEX.
         let _ = set.add_pio("com1", &[(COM1_BASE, 8)], Device::Uart(Uart::default()));
@@ -285,7 +325,8 @@ impl DeviceSet {
         // New devices go after the ones above: the indices stay valid.
         // CONFIG_ADDRESS is not on the bus: see `pio_read`.
         let _ = set.add_pio("pci", &[(pci::CONFIG_DATA, 4)], Device::Pci(PciHost::new()));
-        let _ = set.add_pio("fw-cfg", &[(fw_cfg::SELECTOR_PORT, 2)], Device::FwCfg(FwCfg::new(ram_bytes, VCPUS)));
+        let _ =
+            set.add_pio("fw-cfg", &[(fw_cfg::SELECTOR_PORT, 2)], Device::FwCfg(FwCfg::new(ram_bytes, vcpus as u16)));
         debug_assert!(matches!(set.devices[PIC_INDEX].1, Device::Pic(_)));
         debug_assert!(matches!(set.devices[PIT_INDEX].1, Device::Pit(_)));
         debug_assert!(matches!(set.devices[PCI_INDEX].1, Device::Pci(_)));
@@ -299,16 +340,60 @@ impl DeviceSet {
     pub fn set_cpu(&mut self, tsc_offset: u64, tsc_hz: u64, phys_addr_bits: u8) {
         self.tsc_offset = tsc_offset;
         self.tsc_hz = tsc_hz.max(1);
-        self.lapic = Lapic::new(LapicConfig {
-            id: 0,
-            bsp: true,
-            bus_hz: lapic::DEFAULT_BUS_HZ,
-            tsc_hz: self.tsc_hz,
-            phys_addr_bits,
-        });
+        self.build_lapics(self.lapics.len().max(1), phys_addr_bits);
+    }
+
+    /// `n` local APICs in their power-on state, APIC ID = index, the
+    /// first the BSP; the BSP's as firmware leaves it. APs' stay as reset
+    /// leaves them (software-disabled, LVTs masked: SDM Vol. 3A 11.4.7.1)
+    /// for the guest's own start-up code to set up.
+    fn build_lapics(&mut self, n: usize, phys_addr_bits: u8) {
+        self.lapics = (0..n)
+            .map(|i| {
+                Lapic::new(LapicConfig {
+                    id: i as u32,
+                    bsp: i == 0,
+                    bus_hz: lapic::DEFAULT_BUS_HZ,
+                    tsc_hz: self.tsc_hz,
+                    phys_addr_bits,
+                })
+            })
+            .collect();
         for (offset, value) in FIRMWARE_LAPIC {
-            let _ = self.lapic.write(offset, value, 0);
+            let _ = self.lapics[0].write(offset, value, 0);
         }
+        self.set_current(0);
+    }
+
+    /// How many vCPUs (local APICs) the VM has.
+    pub fn vcpu_count(&self) -> usize {
+        self.lapics.len()
+    }
+
+    /// Route the accessors that act for "the vCPU" (APIC page and MSRs,
+    /// CR8, interrupt acknowledge, [`Self::interrupt_pending`]) to vCPU
+    /// `index` (out of range: left as it was).
+    pub fn set_current(&mut self, index: usize) {
+        if index < self.lapics.len() {
+            self.cur = index;
+            self.cur_bit = bit(index);
+        }
+    }
+
+    /// The vCPU the accessors act for.
+    pub fn current(&self) -> usize {
+        self.cur
+    }
+
+    /// Local APIC `index`, if the VM has that many vCPUs.
+    pub fn lapic(&self, index: usize) -> Option<&Lapic> {
+        self.lapics.get(index)
+    }
+
+    fn cur_lapic(&mut self) -> &mut Lapic {
+        // `cur` is only ever set below `lapics.len()`, which never shrinks
+        // below 1 (`build_lapics`).
+        &mut self.lapics[self.cur]
     }
 
     /// The guest wrote its TSC: the backend's offset changed.
@@ -383,15 +468,20 @@ impl DeviceSet {
             self.pulse_isa_irq(0);
             self.pit().owe_ticks(edges - u64::from(!latched));
         }
-        let lapic = if self.lapic.timer_armed() {
+        let mut lapic: Option<u64> = None;
+        for i in 0..self.lapics.len() {
+            if !self.lapics[i].timer_armed() {
+                continue;
+            }
             let tsc = self.guest_tsc(now_ns);
-            self.lapic.tick(now_ns, tsc);
+            let l = &mut self.lapics[i];
+            l.tick(now_ns, tsc);
             // A deadline at or before now was delivered by `tick`; a
             // rounding of TSC to ns could name now again: look again in 1 ns.
-            self.lapic.next_timer_deadline(now_ns, tsc).map(|t| t.max(now_ns + 1))
-        } else {
-            None
-        };
+            if let Some(t) = l.next_timer_deadline(now_ns, tsc).map(|t| t.max(now_ns + 1)) {
+                lapic = Some(lapic.map_or(t, |d| d.min(t)));
+            }
+        }
         self.refresh_intr();
         let pit = self.pit().next_irq0(now_ns).filter(|&t| t > now_ns);
         self.next_timer_ns = match (pit, lapic) {
@@ -405,9 +495,33 @@ impl DeviceSet {
         self.next_timer_ns
     }
 
-    /// Whether the interrupt controller asserts INTR to the vCPU.
+    /// Whether the interrupt controllers assert INTR to the current vCPU.
     pub fn interrupt_pending(&self) -> bool {
-        self.intr
+        self.intr & self.cur_bit != 0
+    }
+
+    /// Whether an interrupt waits for vCPU `index` (what wakes it from
+    /// HLT), NMIs, INITs and SIPIs included.
+    pub fn interrupt_pending_for(&self, index: usize) -> bool {
+        (self.intr | self.signalled) & bit(index) != 0
+    }
+
+    /// Whether IPIs left NMIs, INITs or SIPIs for some vCPU.
+    pub fn has_signals(&self) -> bool {
+        self.signalled != 0
+    }
+
+    /// Whether an IPI since the last call wants the scheduler (see
+    /// `kicked`); clears it.
+    pub fn take_kicked(&mut self) -> bool {
+        core::mem::take(&mut self.kicked)
+    }
+
+    /// Takes what IPIs left for vCPU `index`.
+    pub fn take_signals(&mut self, index: usize) -> Signals {
+        let Some(s) = self.signals.get_mut(index) else { return Signals::default() };
+        self.signalled &= !bit(index);
+        core::mem::take(s)
     }
 
     /// The PIC's interrupt acknowledge cycle: its vector.
@@ -568,7 +682,7 @@ impl DeviceSet {
                 // Stateless: nothing to carry.
                 Device::DebugExit => None,
             })
-            .chain([persist::save(LAPIC_NAME, &self.lapic), persist::save(IOAPIC_NAME, &self.ioapic)])
+            .chain([persist::save(LAPIC_NAME, &self.lapics[0]), persist::save(IOAPIC_NAME, &self.ioapic)])
             .chain(self.save_virtio())
             .collect()
     }
@@ -618,7 +732,11 @@ impl DeviceSet {
                 _ => {}
             }
         }
-        self.lapic.restore(lapic);
+        // Saved VMs have one vCPU (`vm save` refuses others).
+        self.lapics.truncate(1);
+        self.signals.truncate(1);
+        self.set_current(0);
+        self.lapics[0].restore(lapic);
         self.ioapic.restore(ioapic);
         self.restore_virtio(virtio);
         // The timers and controllers were replaced wholesale: the next

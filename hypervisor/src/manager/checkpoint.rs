@@ -251,7 +251,7 @@ impl<B: Backend> Manager<B> {
         }
         let nic = with_net.then(|| crate::net::switch::mac_for(id, 0));
         let (mut mem, mut devices, node) =
-            self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic)?;
+            self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic, 1)?;
         let applied = {
             let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
             let alloc = backend.mem();
@@ -405,7 +405,8 @@ impl<B: Backend> Manager<B> {
             reclaim,
             node,
             cpuid: machine.cpuid,
-            res: Some(Resources { mem, vcpu }),
+            next_vcpu: 0,
+            res: Some(Resources::new(mem, vcpu)),
         });
         vm.timers_changed(hz);
         // Balloon chains held at the save: their actions apply here (the

@@ -55,10 +55,10 @@ fn busy_vm(m: &mut Manager<MockBackend>) -> u32 {
     vm.devices.pio_write(0x3f9, 1, 0x03, now);
     vm.msrs.misc_enable = 0x1801;
     let res = vm.res.as_mut().unwrap();
-    let mut s = res.vcpu.state();
+    let mut s = res.vcpu_ref().state();
     s.gprs.rbx = 0x1234_5678;
     s.cr2 = 0xdead_b000;
-    res.vcpu.set_state(&s).unwrap();
+    res.vcpu().set_state(&s).unwrap();
     id
 }
 
@@ -85,7 +85,7 @@ fn a_restored_vm_has_the_saved_memory_vcpu_and_devices() {
     assert_eq!(peek(&m, restored, 0x10_0000)[..32], [0x90; 32]);
     assert_eq!(peek(&m, restored, crate::firmware::acpi::AREA_BASE), peek(&m, id, crate::firmware::acpi::AREA_BASE));
     let (a, b) = (m.get(id).unwrap(), m.get(restored).unwrap());
-    let (sa, sb) = (a.res.as_ref().unwrap().vcpu.state(), b.res.as_ref().unwrap().vcpu.state());
+    let (sa, sb) = (a.res.as_ref().unwrap().vcpu_ref().state(), b.res.as_ref().unwrap().vcpu_ref().state());
     assert_eq!(sb.gprs.rbx, 0x1234_5678);
     assert_eq!(sb.cr2, 0xdead_b000);
     assert_eq!(GuestState { tsc_offset: 0, ..sa.clone() }, GuestState { tsc_offset: 0, ..sb.clone() });
@@ -125,7 +125,7 @@ fn a_vm_restored_after_the_host_clock_moved_keeps_its_own_clock() {
     assert!(vm.clock_offset_ns > 0, "the VM clock must run ahead of the restarted host's");
     assert!(now >= at_save && now - at_save < 1_000_000, "VM clock {now} ns after a save at {at_save} ns");
     // And its TSC with it.
-    let tsc = clock.wrapping_add(vm.res.as_ref().unwrap().vcpu.state().tsc_offset);
+    let tsc = clock.wrapping_add(vm.res.as_ref().unwrap().vcpu_ref().state().tsc_offset);
     assert!(tsc >= at_save / 1000 && tsc < at_save / 1000 + 1000, "guest TSC {tsc}");
 }
 
@@ -134,7 +134,7 @@ fn damaged_or_foreign_checkpoints_are_refused_and_leave_nothing() {
     let mut m = manager(8192);
     let id = busy_vm(&mut m);
     let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
-    let state = m.get(id).unwrap().res.as_ref().unwrap().vcpu.state();
+    let state = m.get(id).unwrap().res.as_ref().unwrap().vcpu_ref().state();
     let frames = m.backend.as_ref().unwrap().mem.frames_in_use();
     let vms = m.vms.len();
     let mut check = |bytes: &[u8], want: &str| {
@@ -313,12 +313,12 @@ fn cpuid_exit(m: &mut Manager<MockBackend>, id: u32, leaf: u32) -> crate::cpuid:
     let Manager { backend, vms, host_mem, .. } = m;
     let backend = backend.as_mut().unwrap();
     let vm = vms.iter_mut().find(|v| v.id == id).unwrap();
-    let vcpu = &mut vm.res.as_mut().unwrap().vcpu;
+    let vcpu = &mut vm.res.as_mut().unwrap().vcpu();
     vcpu.load();
     (vcpu.gprs.rax, vcpu.gprs.rcx) = (u64::from(leaf), 0);
     let flow = vm.handle_exit(vcpu::VmExit::Cpuid, backend, host_mem, &mut crate::testing::Lines::default());
     assert_eq!(flow, crate::vm::exit::Flow::Continue);
-    let g = vm.res.as_ref().unwrap().vcpu.gprs;
+    let g = vm.res.as_ref().unwrap().vcpu_ref().gprs;
     crate::cpuid::Regs { eax: g.rax as u32, ebx: g.rbx as u32, ecx: g.rcx as u32, edx: g.rdx as u32 }
 }
 
@@ -370,7 +370,8 @@ fn a_pinned_vm_keeps_its_cpuid_on_another_host_and_an_unpinned_one_does_not() {
     );
     // OSXSAVE still follows the vCPU's CR4.
     let res = m.vms.iter_mut().find(|v| v.id == a).unwrap().res.as_mut().unwrap();
-    res.vcpu.set_reg(vcpu::Reg::Cr4, res.vcpu.reg(vcpu::Reg::Cr4) | vcpu::state::bits::CR4_OSXSAVE);
+    let cr4 = res.vcpu_ref().reg(vcpu::Reg::Cr4);
+    res.vcpu().set_reg(vcpu::Reg::Cr4, cr4 | vcpu::state::bits::CR4_OSXSAVE);
     assert_eq!(cpuid_exit(&mut m, a, 1).ecx, leaf1.ecx | (1 << 27));
 }
 

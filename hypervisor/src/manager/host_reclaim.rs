@@ -14,7 +14,6 @@
 //! why is kept for `mem`.
 
 use mm::reclaim::{self, Action, GuestMemStats, ReclaimConfig, VmReclaimInput};
-use vcpu::Vcpu;
 
 use super::Manager;
 use crate::backend::Backend;
@@ -62,9 +61,9 @@ impl<B: Backend> Manager<B> {
             {
                 vm.reclaim.usage = Some(e.into());
             }
-            let vcpu = &mut res.vcpu;
+            let vcpus = &mut res.vcpus;
             res.mem.start_usage_sample(backend.mem(), now ^ u64::from(vm.id), USAGE_SAMPLES, &mut |s| {
-                vcpu.flush_nested_tlb(s)
+                crate::vm::flush_all(vcpus, s)
             });
             let c = res.mem.state_counts();
             let pages = res.mem.pages();
@@ -113,10 +112,10 @@ impl<B: Backend> Manager<B> {
                 vm.reclaim.target = Some(vm.reclaim.target.map_or(target, |t| t.min(target)));
             }
             if action.share_scan_pages > 0 {
-                let vcpu = &mut res.vcpu;
+                let vcpus = &mut res.vcpus;
                 let budget = action.share_scan_pages as usize;
                 share_step(&mut res.mem, backend.mem(), &mut self.host_mem, budget, 0, &mut |s| {
-                    vcpu.flush_nested_tlb(s)
+                    crate::vm::flush_all(vcpus, s)
                 });
             }
         }

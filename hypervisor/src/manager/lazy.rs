@@ -15,7 +15,6 @@ use crate::backend::Backend;
 use crate::memory::lazy::{BACKGROUND_BLOCK, LazyProgress};
 use crate::vm::exit::Console;
 use crate::vm::{Resources, RunState};
-use vcpu::Vcpu;
 
 /// Pages the background fill loads per VM and round at most: four loads of
 /// `BACKGROUND_BLOCK` pages, which bounds how long a round keeps the CPU
@@ -42,7 +41,7 @@ impl<B: Backend> Manager<B> {
                 host_mem.lazy.remove(&id);
                 continue;
             };
-            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            let Some(Resources { mem, vcpus, .. }) = vm.res.as_mut() else { continue };
             let Some(src) = host_mem.lazy.get_mut(&id) else { continue };
             let due = src.failure.is_none() && src.progress.fill_rate > 0 && now >= src.next_fill_tsc;
             let (rate, mut from) = (src.progress.fill_rate, src.fill_cursor);
@@ -54,7 +53,7 @@ impl<B: Backend> Manager<B> {
                 while failed.is_none() && before - mem.state_counts().not_loaded < FILL_PAGES_PER_ROUND {
                     let alloc = backend.mem();
                     let loaded = host_mem.with_hooks(id, |h| {
-                        mem.load_next_not_loaded(alloc, h, from, &mut |s| vcpu.flush_nested_tlb(s))
+                        mem.load_next_not_loaded(alloc, h, from, &mut |s| crate::vm::flush_all(vcpus, s))
                     });
                     match loaded {
                         Ok(Some(at)) => from = at,

@@ -282,10 +282,49 @@ impl<B: Backend> Manager<B> {
         disk: Option<&str>,
         net: Option<&str>,
     ) -> Result<u32, Error> {
+        self.run_vm_smp(name, mem_mib, modules, cmdline, disk, net, 1)
+    }
+
+    /// As `run_vm_with_nic`, with `vcpus` vCPUs (1 to
+    /// [`crate::devices::MAX_VCPUS`]): vCPU 0 starts at the image's entry,
+    /// the others wait for the guest's INIT and startup IPIs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_vm_smp(
+        &mut self,
+        name: &str,
+        mem_mib: u32,
+        modules: &[String],
+        cmdline: &str,
+        disk: Option<&str>,
+        net: Option<&str>,
+        vcpus: u32,
+    ) -> Result<u32, Error> {
+        let id = self.spawn(name, mem_mib, modules, cmdline, disk, net, vcpus)?;
+        if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
+            vm.start_vcpus();
+        }
+        Ok(id)
+    }
+
+    /// Builds a VM and adds it, its vCPUs created but not started.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        &mut self,
+        name: &str,
+        mem_mib: u32,
+        modules: &[String],
+        cmdline: &str,
+        disk: Option<&str>,
+        net: Option<&str>,
+        vcpus: u32,
+    ) -> Result<u32, Error> {
+        if !(1..=crate::devices::MAX_VCPUS as u32).contains(&vcpus) {
+            return Err(Error::VcpuCount(vcpus));
+        }
         let id = self.next_id;
         let port = net.map(|_| switch_port(id)).transpose()?;
         let disk = disk.map(|d| self.open_disk(d)).transpose()?;
-        let vm = self.create_vm(id, name, mem_mib, modules, cmdline, disk, port.is_some())?;
+        let vm = self.create_vm(id, name, mem_mib, modules, cmdline, disk, port.is_some(), vcpus as usize)?;
         self.next_id += 1;
         self.vms.push(vm);
         if let (Some(net), Some(port)) = (net, port) {
@@ -345,6 +384,7 @@ impl<B: Backend> Manager<B> {
         with_rng: bool,
         disk: Option<HostDisk>,
         nic: Option<switch::Mac>,
+        vcpus: usize,
     ) -> Result<Machine<B>, Error> {
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mem_mib) {
@@ -356,7 +396,7 @@ impl<B: Backend> Manager<B> {
             (true, None) => return Err(Error::NoEntropy),
         };
         let size = (mem_mib as u64) << 20;
-        let config = VmMemoryConfig { id, vcpus: 1, max_page_size: backend.max_page_size() };
+        let config = VmMemoryConfig { id, vcpus, max_page_size: backend.max_page_size() };
         let map = MemoryMap::pc(size).map_err(Error::MemoryMap)?;
         // The memory manager's tables for this VM come from the host heap,
         // all at once: refuse the VM unless they fit with room to spare.
@@ -384,7 +424,7 @@ impl<B: Backend> Manager<B> {
         backend.prefer_node(None);
         let mut mem = mem.map_err(|error| Error::GuestRam { mem_mib, error })?;
         let alloc = backend.mem();
-        let mut devices = crate::devices::DeviceSet::pc(self.host_epoch, size);
+        let mut devices = crate::devices::DeviceSet::pc_smp(self.host_epoch, size, vcpus);
         if let Some(entropy) = entropy {
             devices.add_virtio_rng(entropy);
         }
@@ -398,7 +438,8 @@ impl<B: Backend> Manager<B> {
             devices.add_virtio_net(mac);
         }
         let acpi = firmware::acpi::build(&firmware::acpi::Config {
-            apic_ids: alloc::vec![0],
+            // APIC ID = vCPU index (`DeviceSet::pc_smp`).
+            apic_ids: (0..vcpus as u8).collect(),
             ioapic: Some((crate::devices::IOAPIC_ID, crate::devices::ioapic::IOAPIC_BASE as u32)),
             lapic_address: crate::devices::lapic::DEFAULT_BASE as u32,
             ecam: Some(crate::devices::pci::ECAM_BASE),
@@ -426,6 +467,7 @@ impl<B: Backend> Manager<B> {
         cmdline: &str,
         disk: Option<HostDisk>,
         with_nic: bool,
+        vcpus: usize,
     ) -> Result<Box<Vm<B>>, Error> {
         if let Err(why) = &self.backend {
             return Err(Error::NoVirtualization(why.clone()));
@@ -446,7 +488,7 @@ impl<B: Backend> Manager<B> {
         };
         let with_rng = self.entropy.is_some();
         let nic = with_nic.then(|| switch::mac_for(id, 0));
-        let (mem, mut devices, node) = self.machine(id, mem_mib, with_rng, disk, nic)?;
+        let (mem, mut devices, node) = self.machine(id, mem_mib, with_rng, disk, nic, vcpus)?;
         let size = (mem_mib as u64) << 20;
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let alloc = backend.mem();
@@ -465,16 +507,36 @@ impl<B: Backend> Manager<B> {
         // The guest's TSC starts at 0 when the VM does (the backend adds the
         // offset to every RDTSC, RDTSCP and TSC read).
         state.tsc_offset = 0u64.wrapping_sub(backend.now());
-        let vcpu = match backend.create_vcpu(mem.root_for_vcpu(0), &state) {
-            Ok(v) => v,
-            Err(e) => {
-                free_memory(backend, &mut self.host_mem, id, mem);
-                return Err(Error::Vcpu(e));
+        // The APs are built in the state INIT leaves, made valid for the
+        // backend as started at vector 0: they wait for a SIPI (vCPU state
+        // machine) and are given the real start state then.
+        let mut ap_state = state.after_init();
+        ap_state.start_at_sipi(0);
+        let mut slots = Vec::with_capacity(vcpus);
+        for i in 0..vcpus {
+            match backend.create_vcpu(mem.root_for_vcpu(i), if i == 0 { &state } else { &ap_state }) {
+                Ok(v) => slots.push(crate::vm::VcpuSlot::new(v, crate::vm::VcpuState::Created)),
+                Err(e) => {
+                    for s in slots {
+                        backend.destroy_vcpu(s.vcpu);
+                    }
+                    free_memory(backend, &mut self.host_mem, id, mem);
+                    return Err(Error::Vcpu(e));
+                }
+            }
+        }
+        let res = match Resources::<B>::with_vcpus(mem, slots) {
+            Ok(r) => r,
+            Err(mem) => {
+                free_memory(backend, &mut self.host_mem, id, *mem);
+                return Err(Error::VcpuCount(0));
             }
         };
-        let overhead =
-            vcpu.overhead_bytes() + mem.memory_report().overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
-        let nested_pages = nested_leaves(&mem, &*backend.mem(), size);
+        let mem = &res.mem;
+        let overhead = res.vcpus.iter().map(|s| s.vcpu.overhead_bytes()).sum::<u64>()
+            + mem.memory_report().overhead_bytes()
+            + core::mem::size_of::<Vm<B>>() as u64;
+        let nested_pages = nested_leaves(mem, &*backend.mem(), size);
         let phys_bits = backend.host_cpuid(0x8000_0008, 0).eax as u8;
         devices.set_cpu(state.tsc_offset, backend.tsc_hz(), phys_bits.clamp(36, 52));
         let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
@@ -503,7 +565,8 @@ impl<B: Backend> Manager<B> {
             reclaim,
             node,
             cpuid: Default::default(),
-            res: Some(Resources { mem, vcpu }),
+            next_vcpu: 0,
+            res: Some(res),
         }))
     }
 
@@ -526,6 +589,7 @@ impl<B: Backend> Manager<B> {
             old.cmdline.clone(),
         );
         let (reboots, stats, paused) = (old.reboots + 1, old.stats.clone(), old.paused);
+        let vcpus = old.devices.vcpu_count();
         // A reset keeps the CPU, and so the CPUID, the VM had.
         let cpuid = old.cpuid.clone();
         let attached = old.devices.com1().is_raw();
@@ -537,8 +601,12 @@ impl<B: Backend> Manager<B> {
         // Whatever happens, the old guest's MACs are forgotten: the new one
         // announces itself afresh (ARP), maybe from other addresses.
         detach_port(&mut self.switches, id);
-        match self.create_vm(id, &image, mem_mib, &modules, &cmdline, disk, with_nic) {
+        match self.create_vm(id, &image, mem_mib, &modules, &cmdline, disk, with_nic, vcpus) {
             Ok(mut vm) => {
+                vm.start_vcpus();
+                if paused {
+                    vm.pause_vcpus(true);
+                }
                 if let (Some(net), Ok(port)) = (net, PortId::try_from(id)) {
                     self.switches.entry(net).or_default().attach(port, false);
                 }
@@ -586,20 +654,27 @@ impl<B: Backend> Manager<B> {
         }
     }
 
-    /// Runs the next runnable VM for one time slice. Returns false when
-    /// nothing could run.
+    /// Runs the next runnable vCPU for one time slice: VMs round-robin,
+    /// and within a VM its vCPUs round-robin (`Vm::pick_vcpu`, which
+    /// passes halted vCPUs over until an interrupt for them is pending).
+    /// Returns false when nothing could run.
     pub fn run_slice(&mut self, console: &mut impl Console) -> bool {
         let Ok(backend) = self.backend.as_mut() else {
             return false;
         };
         let n = self.vms.len();
         let now = backend.now();
-        let Some(i) = (0..n).map(|k| (self.cursor + k) % n).find(|&i| self.vms[i].wants_cpu(now)) else {
+        let hz = backend.tsc_hz();
+        let Some((i, v)) =
+            (0..n).map(|k| (self.cursor + k) % n).find_map(|i| Some((i, self.vms[i].pick_vcpu(now, hz)?)))
+        else {
             return false;
         };
         self.cursor = (i + 1) % n.max(1);
         let vm = &mut self.vms[i];
         vm.state = RunState::Running;
+        vm.next_vcpu = v + 1;
+        vm.devices.set_current(v);
         vm.stats.first_entry_tsc.get_or_insert(now);
         vcpu::cpu_local::get().current_vm.store(vm.id, Ordering::Relaxed);
         let flow = {
@@ -609,10 +684,17 @@ impl<B: Backend> Manager<B> {
             let Some(res) = vm.res.as_mut() else {
                 return false;
             };
+            res.set_cur(v);
+            let slot = &mut res.vcpus[v];
+            slot.state.apply(crate::vm::VcpuEvent::Enter);
+            slot.stats.slices += 1;
+            slot.stats.last_host_cpu = vcpu::cpu_local::get().index;
+            let exits_before = vm.stats.total_exits();
+            let ticks_before = vm.stats.run_ticks;
             // Pages the guest touches first in this slice come from its node.
             backend.prefer_node(vm.node);
-            res.vcpu.load();
-            res.vcpu.set_time_slice(slice);
+            res.vcpu().load();
+            res.vcpu().set_time_slice(slice);
             let mut slice_end = now.saturating_add(slice);
             vm.deliver_interrupts(now, backend.tsc_hz());
             // The preemption timer counts guest time only; a VM that exits
@@ -620,23 +702,30 @@ impl<B: Backend> Manager<B> {
             // wall-clock time, or the console and other VMs starve.
             let mut t0 = backend.now();
             let deadline = t0.saturating_add(self.slice_ticks);
-            loop {
+            let flow = loop {
                 // Not `map` into an `Option<VmExit>`: that moves the exit
                 // once more on every exit.
                 let Some(res) = vm.res.as_mut() else { break Flow::Stop };
-                let exit = res.vcpu.run();
+                let exit = res.vcpu().run();
                 // One clock read per exit: it ends this run and starts the
                 // next, so exit handling counts as the VM's time.
                 let t1 = backend.now();
                 vm.stats.run_ticks += t1.wrapping_sub(t0);
                 t0 = t1;
-                vm.stats.exits[exit.kind() as usize] += 1;
+                let kind = exit.kind();
+                vm.stats.exits[kind as usize] += 1;
                 crate::trace_exit(vm.id, &exit);
                 let preempted = matches!(exit, vcpu::VmExit::Preempted);
                 let flow = vm.handle_exit(exit, backend, &mut self.host_mem, console);
                 if flow != Flow::Continue {
                     vm.stats.slices_expired += preempted as u64;
                     break flow;
+                }
+                // An IPI for another vCPU (or an INIT for this one; only an
+                // APIC write sends one): let the scheduler act on it now
+                // rather than at the slice's end.
+                if matches!(kind, vcpu::ExitKind::NestedPageFault | vcpu::ExitKind::Wrmsr) && vm.devices.take_kicked() {
+                    break Flow::Yield;
                 }
                 vm.deliver_interrupts(t1, backend.tsc_hz());
                 // The guest moved its timer earlier than the slice's end
@@ -646,7 +735,7 @@ impl<B: Backend> Manager<B> {
                 let timer = vm.timer_tick.max(t1.saturating_add(MIN_SLICE_TICKS));
                 if timer < slice_end {
                     if let Some(res) = vm.res.as_mut() {
-                        res.vcpu.set_time_slice(timer - t1);
+                        res.vcpu().set_time_slice(timer - t1);
                     }
                     slice_end = timer;
                 }
@@ -654,15 +743,21 @@ impl<B: Backend> Manager<B> {
                     vm.stats.slices_expired += 1;
                     break Flow::Yield;
                 }
+            };
+            if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
+                slot.stats.exits += vm.stats.total_exits() - exits_before;
+                slot.stats.run_ticks += vm.stats.run_ticks - ticks_before;
             }
+            flow
         };
         if let Some(res) = vm.res.as_mut() {
-            res.vcpu.put();
+            res.vcpu().put();
         }
-        if let Ok(b) = self.backend.as_mut() {
-            b.prefer_node(None);
-        }
+        backend.prefer_node(None);
         vcpu::cpu_local::get().current_vm.store(0, Ordering::Relaxed);
+        // Its vCPU leaves; a VM of several vCPUs that none can run again ends.
+        let smp_ended = flow != Flow::Reset && vm.after_slice(v, backend, console);
+        let flow = if smp_ended { Flow::Stop } else { flow };
         let (id, ended) = (vm.id, flow == Flow::Stop && vm.state.ended());
         // What the NIC sent in this slice goes out before anything else
         // (a guest's last frames before it powers off included).
@@ -703,10 +798,10 @@ impl<B: Backend> Manager<B> {
         host.stats.out_of_memory += 1;
         let mut freed = 0;
         for vm in self.vms.iter_mut() {
-            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            let Some(Resources { mem, vcpus, .. }) = vm.res.as_mut() else { continue };
             let r =
                 reclaim::share_step(mem, backend.mem(), host, reclaim::PRESSURE_SCAN_PAGES, usize::MAX, &mut |scope| {
-                    vcpu.flush_nested_tlb(scope)
+                    crate::vm::flush_all(vcpus, scope)
                 });
             // A first merge of two twins costs a frame for the shared copy.
             freed += r.frames_freed.saturating_sub(r.promoted);
@@ -727,9 +822,9 @@ impl<B: Backend> Manager<B> {
         let over = reclaim::over_entitlement(&claims);
         for &(id, pages) in &over {
             let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else { continue };
-            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            let Some(Resources { mem, vcpus, .. }) = vm.res.as_mut() else { continue };
             freed += reclaim::page_out_some(id, mem, &mut vm.reclaim, pages, backend.mem(), host, &mut |scope| {
-                vcpu.flush_nested_tlb(scope)
+                crate::vm::flush_all(vcpus, scope)
             });
         }
         if freed > 0 {
@@ -761,8 +856,8 @@ impl<B: Backend> Manager<B> {
         };
         let host = &mut self.host_mem;
         for vm in self.vms.iter_mut() {
-            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
-            let flush = &mut |scope| vcpu.flush_nested_tlb(scope);
+            let Some(Resources { mem, vcpus, .. }) = vm.res.as_mut() else { continue };
+            let flush = &mut |scope| crate::vm::flush_all(vcpus, scope);
             // Targets first: their clock reads accessed bits that the
             // sharing scan's large-page analysis clears.
             reclaim::enforce_target(vm.id, mem, &mut vm.reclaim, backend.mem(), host, flush);
@@ -788,10 +883,10 @@ impl<B: Backend> Manager<B> {
         let host = &mut self.host_mem;
         let mut total = ScanReport::default();
         for vm in self.vms.iter_mut().filter(|v| id.is_none_or(|id| v.id == id)) {
-            let Some(Resources { mem, vcpu }) = vm.res.as_mut() else { continue };
+            let Some(Resources { mem, vcpus, .. }) = vm.res.as_mut() else { continue };
             let pages = mem.pages() as usize;
             let r = reclaim::share_step(mem, backend.mem(), host, pages, usize::MAX, &mut |scope| {
-                vcpu.flush_nested_tlb(scope)
+                crate::vm::flush_all(vcpus, scope)
             });
             total += r;
         }
@@ -810,8 +905,9 @@ impl<B: Backend> Manager<B> {
         cmdline: &str,
         disk: Option<&str>,
         net: Option<&str>,
+        vcpus: u32,
     ) -> Result<u32, Error> {
-        let id = self.run_vm_with_nic(image, mem_mib, modules, cmdline, disk, net)?;
+        let id = self.spawn(image, mem_mib, modules, cmdline, disk, net, vcpus)?;
         if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
             vm.created = true;
             vm.guest = String::from(name);
@@ -868,6 +964,7 @@ impl<B: Backend> Manager<B> {
             return Err(Error::AlreadyStarted(id));
         }
         vm.created = false;
+        vm.start_vcpus();
         Ok(())
     }
 
@@ -887,6 +984,7 @@ impl<B: Backend> Manager<B> {
             return Err(if paused { Error::AlreadyPaused(id) } else { Error::NotPaused(id) });
         }
         vm.paused = paused;
+        vm.pause_vcpus(paused);
         Ok(())
     }
 
@@ -1094,8 +1192,12 @@ fn detach_port(switches: &mut BTreeMap<String, Switch>, id: u32) {
 /// Frees what a VM holds: the vCPU first (nothing runs on the table after
 /// that), then its memory.
 fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
+    vm.stop_vcpus();
     if let Some(res) = vm.res.take() {
-        backend.destroy_vcpu(res.vcpu);
+        vm.stats.ended_vcpus = res.vcpus.iter().map(|s| s.stats.clone()).collect();
+        for slot in res.vcpus.into_vec() {
+            backend.destroy_vcpu(slot.vcpu);
+        }
         free_memory(backend, host, vm.id, res.mem);
     }
 }
@@ -1118,6 +1220,8 @@ mod net_tests;
 pub mod save_job;
 #[cfg(test)]
 mod save_tests;
+#[cfg(test)]
+mod smp_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

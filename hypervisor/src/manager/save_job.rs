@@ -131,7 +131,10 @@ impl<B: Backend> Manager<B> {
         let Some(res) = vm.res.as_mut() else {
             return Err(Error::Ended { id, state: vm.state.name() });
         };
-        let state = res.vcpu.state();
+        if res.vcpus.len() > 1 {
+            return Err(Error::SaveSmp { id, vcpus: res.vcpus.len() });
+        }
+        let state = res.vcpu_ref().state();
         let (hz, now) = (backend.tsc_hz(), backend.now());
         let machine = MachineState {
             guest: vm.guest.clone(),
@@ -174,9 +177,9 @@ impl<B: Backend> Manager<B> {
             w.device(&d.name, d.version, &d.bytes).map_err(Error::Stream)?;
         }
         if live {
-            let vcpu = &mut res.vcpu;
+            let vcpus = &mut res.vcpus;
             res.mem
-                .start_snapshot(backend.mem(), &mut |s| vcpu.flush_nested_tlb(s))
+                .start_snapshot(backend.mem(), &mut |s| crate::vm::flush_all(vcpus, s))
                 .map_err(|e| Error::Checkpoint(Refused::Memory(e)))?;
         }
         let pause_ticks = backend.now().wrapping_sub(started);
@@ -209,7 +212,7 @@ impl<B: Backend> Manager<B> {
         let Some(res) = vm.res.as_mut() else {
             return Err(Error::Ended { id, state: vm.state.name() });
         };
-        let (mem, vcpu) = (&mut res.mem, &mut res.vcpu);
+        let (mem, vcpus) = (&mut res.mem, &mut res.vcpus);
         let w = &mut job.writer;
         let mut page = [0u8; migrate::PAGE_SIZE];
         let mut done = 0u64;
@@ -242,7 +245,7 @@ impl<B: Backend> Manager<B> {
                 }
             }
             let alloc = backend.mem();
-            let flush = &mut |s| vcpu.flush_nested_tlb(s);
+            let flush = &mut |s| crate::vm::flush_all(vcpus, s);
             let taken = if job.live {
                 self.host_mem
                     .with_hooks(id, |h| mem.snapshot_take(alloc, h, g, &mut page, flush))
@@ -314,8 +317,8 @@ impl<B: Backend> Manager<B> {
         let Ok(backend) = self.backend.as_mut() else { return };
         let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else { return };
         if let Some(res) = vm.res.as_mut() {
-            let vcpu = &mut res.vcpu;
-            let _ = res.mem.stop_snapshot(backend.mem(), &mut |s| vcpu.flush_nested_tlb(s));
+            let vcpus = &mut res.vcpus;
+            let _ = res.mem.stop_snapshot(backend.mem(), &mut |s| crate::vm::flush_all(vcpus, s));
         }
     }
 

@@ -81,7 +81,7 @@ fn the_image_and_boot_state_land_in_guest_ram() {
     m.run_vm("tiny", 4, "a b").unwrap();
     let vm = m.get(1).unwrap();
     let res = vm.res.as_ref().unwrap();
-    let s = res.vcpu.state();
+    let s = res.vcpu_ref().state();
     assert_eq!(s.rip, 0x10_0000);
     assert_eq!((s.gprs.rdi, s.gprs.rsi), (4 << 20, 1));
     let mut code = [0u8; 32];
@@ -161,11 +161,11 @@ fn cpuid_hypercall_and_msr_exits_complete_or_fault() {
     let backend = m.backend.as_mut().unwrap();
     let host = &mut m.host_mem;
     let res = vm.res.as_mut().unwrap();
-    res.vcpu.load();
+    res.vcpu().load();
     let mut step_once = |vm: &mut Vm<MockBackend>| {
-        let exit = vm.res.as_mut().unwrap().vcpu.run();
+        let exit = vm.res.as_mut().unwrap().vcpus[0].vcpu.run();
         assert_eq!(vm.handle_exit(exit, backend, host, &mut con), Flow::Continue);
-        let v = &vm.res.as_ref().unwrap().vcpu;
+        let v = &vm.res.as_ref().unwrap().vcpus[0].vcpu;
         (v.gprs, v.injected.clone(), v.skipped)
     };
     // CPUID 0x40000000: the vendor signature in EBX:ECX:EDX.
@@ -194,12 +194,12 @@ fn hypercalls_from_user_mode_raise_ud() {
     m.run_vm("tiny", 4, "").unwrap();
     let vm = &mut m.vms[0];
     let backend = m.backend.as_mut().unwrap();
-    let v = &mut vm.res.as_mut().unwrap().vcpu;
+    let v = &mut vm.res.as_mut().unwrap().vcpu();
     v.cpl = 3;
     v.load();
     let exit = v.run();
     vm.handle_exit(exit, backend, &mut m.host_mem, &mut Lines::default());
-    let v = &vm.res.as_ref().unwrap().vcpu;
+    let v = &vm.res.as_ref().unwrap().vcpus[0].vcpu;
     assert_eq!(v.injected, vec![Event::UD]);
     assert_eq!(v.gprs.rax, 0, "no result delivered");
     assert_eq!(v.skipped, 0);
@@ -221,7 +221,7 @@ fn the_other_vendors_hypercall_instruction_is_the_hypercall() {
         let Manager { backend, vms, host_mem, .. } = m;
         let backend = backend.as_mut().unwrap();
         let res = vms[0].res.as_mut().unwrap();
-        let rip = res.vcpu.rip();
+        let rip = res.vcpu_ref().rip();
         host_mem
             .with_hooks(1, |h| res.mem.write(&mut backend.mem, h, mm::GuestPhysAddr(rip), bytes, &mut |_| {}))
             .unwrap();
@@ -229,22 +229,22 @@ fn the_other_vendors_hypercall_instruction_is_the_hypercall() {
     let step_once = |m: &mut Manager<MockBackend>| {
         let vm = &mut m.vms[0];
         let backend = m.backend.as_mut().unwrap();
-        let v = &mut vm.res.as_mut().unwrap().vcpu;
+        let v = &mut vm.res.as_mut().unwrap().vcpu();
         v.load();
         let exit = v.run();
         vm.handle_exit(exit, backend, &mut m.host_mem, &mut Lines::default());
-        let v = &mut vm.res.as_mut().unwrap().vcpu;
+        let v = &mut vm.res.as_mut().unwrap().vcpu();
         (v.rip(), v.gprs.rax, core::mem::take(&mut v.injected))
     };
     for bytes in [[0x0f, 0x01, 0xd9], [0x0f, 0x01, 0xc1]] {
         code(&mut m, &bytes);
-        let rip = m.vms[0].res.as_ref().unwrap().vcpu.rip();
+        let rip = m.vms[0].res.as_ref().unwrap().vcpu_ref().rip();
         let (after, rax, injected) = step_once(&mut m);
         assert_eq!((after, rax, injected), (rip + 3, crate::hypercall::PING_REPLY, vec![]), "{bytes:02x?}");
     }
     // UD2 is no hypercall: the guest gets its #UD, RIP stays.
     code(&mut m, &[0x0f, 0x0b, 0x90]);
-    let rip = m.vms[0].res.as_ref().unwrap().vcpu.rip();
+    let rip = m.vms[0].res.as_ref().unwrap().vcpu_ref().rip();
     let (after, _, injected) = step_once(&mut m);
     assert_eq!((after, injected), (rip, vec![Event::UD]));
 }
@@ -261,12 +261,12 @@ fn port_io_reads_merge() {
     m.run_vm("tiny", 4, "").unwrap();
     let vm = &mut m.vms[0];
     let backend = m.backend.as_mut().unwrap();
-    vm.res.as_mut().unwrap().vcpu.load();
+    vm.res.as_mut().unwrap().vcpus[0].vcpu.load();
     let mut rax = Vec::new();
     for _ in 0..4 {
-        let exit = vm.res.as_mut().unwrap().vcpu.run();
+        let exit = vm.res.as_mut().unwrap().vcpus[0].vcpu.run();
         assert_eq!(vm.handle_exit(exit, backend, &mut m.host_mem, &mut Lines::default()), Flow::Continue);
-        rax.push(vm.res.as_ref().unwrap().vcpu.gprs.rax);
+        rax.push(vm.res.as_ref().unwrap().vcpu_ref().gprs.rax);
     }
     assert_eq!(rax[0], 0xdead_beef_1234_56ff, "8-bit IN merges into AL");
     assert_eq!(rax[1], 0xffff_ffff, "32-bit IN zero-extends");
@@ -306,7 +306,7 @@ fn string_port_io_is_carried_out_over_guest_memory() {
     let t = con.text();
     assert!(t.contains("[vm 1] hi"), "{t}");
     let v = &m.vms[0];
-    let g = v.res.as_ref().map(|r| r.vcpu.gprs);
+    let g = v.res.as_ref().map(|r| r.vcpus[0].vcpu.gprs);
     assert!(g.is_none() || g.is_some_and(|g| g.rsi == 0x20_0003 && g.rcx == 0), "{g:?}");
     assert!(
         t.contains("stopped: OUTS of port 0x3f8 (1 bytes) could not be carried out: Instruction is not the INS/OUTS the port exit reported at rip 0x100002"),
@@ -566,7 +566,7 @@ fn a_guest_timer_programmed_mid_slice_shortens_the_slice() {
     let mut con = Lines::default();
     m.run_slice(&mut con);
     let vm = m.get(1).unwrap();
-    let slice = vm.res.as_ref().unwrap().vcpu.slice;
+    let slice = vm.res.as_ref().unwrap().vcpus[0].vcpu.slice;
     assert!(m.slice_ticks >= 10_000, "{}", m.slice_ticks);
     assert!(
         (900..1100).contains(&slice),
@@ -620,7 +620,7 @@ fn vm_run_fills_in_what_a_linux_guest_needs() {
 fn a_created_vm_waits_for_start() {
     let mut m = manager(8192);
     be(&mut m).scripts.push_back(out_str("hi\n").into_iter().chain([exit_with(0)]).collect());
-    let id = m.create_vm_stopped("web", "tiny", 4, &[], "", None, None).unwrap();
+    let id = m.create_vm_stopped("web", "tiny", 4, &[], "", None, None, 1).unwrap();
     let mut con = Lines::default();
     assert!(!m.run_slice(&mut con), "nothing runs before vm start");
     assert_eq!(m.get(id).unwrap().guest, "web");

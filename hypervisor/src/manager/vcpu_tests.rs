@@ -47,12 +47,12 @@ fn drive(script: Vec<Step>, mut each: impl FnMut(usize, &MockVcpu, Flow)) -> Man
     let vm = &mut m.vms[0];
     let backend = m.backend.as_mut().unwrap();
     let mut con = Lines::default();
-    vm.res.as_mut().unwrap().vcpu.load();
+    vm.res.as_mut().unwrap().vcpus[0].vcpu.load();
     for i in 0..n {
-        let exit = vm.res.as_mut().unwrap().vcpu.run();
+        let exit = vm.res.as_mut().unwrap().vcpus[0].vcpu.run();
         let flow = vm.handle_exit(exit, backend, &mut m.host_mem, &mut con);
         let Some(res) = vm.res.as_ref() else { break };
-        each(i, &res.vcpu, flow);
+        each(i, &res.vcpus[0].vcpu, flow);
         if flow == Flow::Stop {
             break;
         }
@@ -113,7 +113,7 @@ fn window_exits_come_when_the_guest_can_take_the_event() {
     m.run_vm("tiny", 4, "").unwrap();
     let vm = &mut m.vms[0];
     let backend = m.backend.as_mut().unwrap();
-    let v = &mut vm.res.as_mut().unwrap().vcpu;
+    let v = &mut vm.res.as_mut().unwrap().vcpu();
     v.load();
     v.rflags = RFLAGS_FIXED;
     v.state.nmi_blocked = true;
@@ -122,7 +122,7 @@ fn window_exits_come_when_the_guest_can_take_the_event() {
     v.request_nmi_window();
     let mut exits = Vec::new();
     for _ in 0..6 {
-        let e = vm.res.as_mut().unwrap().vcpu.run();
+        let e = vm.res.as_mut().unwrap().vcpus[0].vcpu.run();
         exits.push(e.clone());
         assert_eq!(vm.handle_exit(e, backend, &mut m.host_mem, &mut Lines::default()), Flow::Continue);
     }
@@ -131,7 +131,7 @@ fn window_exits_come_when_the_guest_can_take_the_event() {
         vec![VmExit::Cpuid, VmExit::Cpuid, VmExit::InterruptWindow, VmExit::Cpuid, VmExit::Cpuid, VmExit::NmiWindow],
         "each window once, when it opened"
     );
-    let v = &mut vm.res.as_mut().unwrap().vcpu;
+    let v = &mut vm.res.as_mut().unwrap().vcpu();
     assert!(v.interrupt_window_open() && v.nmi_window_open());
     v.inject(Event::Interrupt { vector: 0x30 });
     assert!(!v.interrupt_window_open(), "an interrupt waits for delivery");

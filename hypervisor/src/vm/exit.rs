@@ -102,7 +102,7 @@ impl<B: Backend> Vm<B> {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let vcpu = &mut res.vcpu;
+        let vcpu = res.vcpu();
         match exit {
             VmExit::Cpuid => {
                 let g = vcpu.gprs();
@@ -120,22 +120,7 @@ impl<B: Backend> Vm<B> {
             }
             VmExit::Io(io) if io.string => self.string_io(io, backend, host, console),
             VmExit::Io(io) => self.handle_io(io, backend, console),
-            VmExit::Hlt => {
-                vcpu.skip_instruction();
-                if vcpu.rflags() & RFLAGS_IF != 0 {
-                    self.state = RunState::Waiting;
-                    // An idle guest has said all it will for now: show a
-                    // line it left open (a shell prompt waits for input).
-                    if let Some(partial) = self.devices.com1().take_partial() {
-                        console.line(&format!("[vm {}] {partial}", self.id));
-                    }
-                    Flow::Yield
-                } else {
-                    let rip = vcpu.rip();
-                    self.end(RunState::Halted { rip }, backend, console);
-                    Flow::Stop
-                }
-            }
+            VmExit::Hlt => self.hlt(backend, console),
             VmExit::InvalidOpcode => {
                 // The other vendor's hypercall instruction (a guest saved
                 // under it and restored here) is the hypercall too, as KVM
@@ -143,7 +128,7 @@ impl<B: Backend> Vm<B> {
                 let rip = vcpu.rip();
                 let code = self.read_virt(backend, rip, 3);
                 let Some(res) = self.res.as_mut() else { return Flow::Stop };
-                let vcpu = &mut res.vcpu;
+                let vcpu = res.vcpu();
                 if code == HYPERCALL_VMCALL || code == HYPERCALL_VMMCALL {
                     return self.hypercall(Some(rip.wrapping_add(3)));
                 }
@@ -209,6 +194,38 @@ impl<B: Backend> Vm<B> {
         }
     }
 
+    /// HLT: the vCPU halts until an interrupt for it (`smp::pick_vcpu`).
+    /// Out of line: the hot handler's frame stays small.
+    #[inline(never)]
+    fn hlt(&mut self, backend: &mut B, console: &mut impl Console) -> Flow {
+        let Some(res) = self.res.as_mut() else {
+            return Flow::Stop;
+        };
+        let vcpu = res.vcpu();
+        vcpu.skip_instruction();
+        let (irq_on, rip) = (vcpu.rflags() & RFLAGS_IF != 0, vcpu.rip());
+        let smp = res.vcpus.len() > 1;
+        if !irq_on && !smp {
+            self.end(RunState::Halted { rip }, backend, console);
+            return Flow::Stop;
+        }
+        // With several vCPUs the VM's state is the summary of theirs
+        // (`smp::after_slice`): another may still run, or wake this one
+        // (only with an NMI or INIT if its interrupts are off).
+        let slot = &mut res.vcpus[res.cur()];
+        slot.state.apply(super::VcpuEvent::Hlt);
+        slot.halted_irq_off = !irq_on;
+        if !smp {
+            self.state = RunState::Waiting;
+        }
+        // An idle guest has said all it will for now: show a line it left
+        // open (a shell prompt waits for input).
+        if let Some(partial) = self.devices.com1().take_partial() {
+            console.line(&format!("[vm {}] {partial}", self.id));
+        }
+        Flow::Yield
+    }
+
     /// The exits of the vCPU model: windows, register instructions, cache
     /// flushes, MONITOR/MWAIT, PAUSE, INIT/SIPI. Apart from the hot path
     /// (CPUID, port I/O, hypercalls), which stays small for it.
@@ -218,7 +235,7 @@ impl<B: Backend> Vm<B> {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let vcpu = &mut res.vcpu;
+        let vcpu = res.vcpu();
         match exit {
             // The backend delivers queued events when the window opens; a
             // device model with an interrupt for this vCPU injects it here.
@@ -343,7 +360,7 @@ impl<B: Backend> Vm<B> {
     /// (the other vendor's instruction); else the backend skips it.
     fn hypercall(&mut self, next: Option<u64>) -> Flow {
         let Some(res) = self.res.as_mut() else { return Flow::Stop };
-        let vcpu = &mut res.vcpu;
+        let (mem, vcpu) = res.split();
         if vcpu.cpl() != 0 {
             vcpu.inject(Event::UD);
             return Flow::Continue;
@@ -352,7 +369,7 @@ impl<B: Backend> Vm<B> {
         let ctx = HcCtx {
             id: self.id,
             exits: &self.stats.exits,
-            mem: &res.mem,
+            mem: &*mem,
             page_ins: self.reclaim.swapped_in,
             event: core::cell::Cell::new(None),
         };
@@ -379,7 +396,7 @@ impl<B: Backend> Vm<B> {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let vcpu = &mut res.vcpu;
+        let vcpu = res.vcpu();
         if !matches!(io.size, 1 | 2 | 4) {
             // Not a width the CPU reports: a backend decoding error.
             vcpu.inject(Event::GP0);
@@ -453,17 +470,19 @@ impl<B: Backend> Vm<B> {
     /// with a report.
     #[inline(never)]
     fn string_io(&mut self, io: IoAccess, backend: &mut B, host: &mut HostMemory, console: &mut impl Console) -> Flow {
-        let Some(Resources { mem, vcpu }) = self.res.as_mut() else {
+        let Some(Resources { mem, vcpus, cur }) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let state = vcpu.state();
+        let cur = *cur;
+        let state = vcpus[cur].vcpu.state();
         let hz = backend.tsc_hz();
         let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
         let exit = emulator::PortExit { port: io.port, size: io.size, write: io.write };
         let devices = &mut self.devices;
         let (result, rip, rflags, unbacked, effect) = host.with_hooks(self.id, |hooks| {
             let mut p = mmio::VmPlatform {
-                vcpu: &mut *vcpu,
+                vcpus: &mut *vcpus,
+                cur,
                 state: &state,
                 rip: state.rip,
                 rflags: state.rflags,
@@ -482,7 +501,7 @@ impl<B: Backend> Vm<B> {
         self.stats.unbacked_io += u64::from(unbacked);
         let reason = match result {
             Ok(done) => {
-                finish_emulated(vcpu, done.completed, &state, rip, rflags);
+                finish_emulated(&mut vcpus[cur].vcpu, done.completed, &state, rip, rflags);
                 if io.write && self.devices.com1_has_output() {
                     for l in self.devices.com1().take_lines() {
                         console.line(&format!("[vm {}] {l}", self.id));
@@ -509,7 +528,7 @@ impl<B: Backend> Vm<B> {
             }
             Err(e) => match e.fault() {
                 Some(event) => {
-                    raise_emulated_fault(vcpu, &e, event);
+                    raise_emulated_fault(&mut vcpus[cur].vcpu, &e, event);
                     return Flow::Continue;
                 }
                 None => format!(
@@ -540,7 +559,7 @@ impl<B: Backend> Vm<B> {
         host: &mut HostMemory,
         console: &mut impl Console,
     ) -> Flow {
-        let Some(Resources { mem, vcpu }) = self.res.as_mut() else {
+        let Some(Resources { mem, vcpus, .. }) = self.res.as_mut() else {
             return Flow::Stop;
         };
         let kind = match access {
@@ -553,7 +572,7 @@ impl<B: Backend> Vm<B> {
             host.with_hooks(self.id, |hooks| mem.handle_fault(backend.mem(), hooks, 0, GuestPhysAddr(gpa), kind));
         let reason = match outcome {
             FaultOutcome::Resolved(inv) => {
-                inv.flush(backend.mem(), |scope| vcpu.flush_nested_tlb(scope));
+                inv.flush(backend.mem(), |scope| super::flush_all(vcpus, scope));
                 match before {
                     Some(PageState::Swapped) => {
                         self.reclaim.swapped_in += 1;
@@ -609,17 +628,19 @@ impl<B: Backend> Vm<B> {
         host: &mut HostMemory,
         console: &mut impl Console,
     ) -> Flow {
-        let Some(Resources { mem, vcpu }) = self.res.as_mut() else {
+        let Some(Resources { mem, vcpus, cur }) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let state = vcpu.state();
+        let cur = *cur;
+        let state = vcpus[cur].vcpu.state();
         let hz = backend.tsc_hz();
         let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
         let fault = emulator::MmioFault { gpa, access, gva };
         let devices = &mut self.devices;
         let (result, rip, rflags) = host.with_hooks(self.id, |hooks| {
             let mut p = mmio::VmPlatform {
-                vcpu: &mut *vcpu,
+                vcpus: &mut *vcpus,
+                cur,
                 state: &state,
                 rip: state.rip,
                 rflags: state.rflags,
@@ -638,7 +659,7 @@ impl<B: Backend> Vm<B> {
         self.stats.mmio += 1;
         let reason = match result {
             Ok(done) => {
-                finish_emulated(vcpu, done.completed, &state, rip, rflags);
+                finish_emulated(&mut vcpus[cur].vcpu, done.completed, &state, rip, rflags);
                 // What the guest wrote to hvc0 (a transmit notification).
                 if let Some(c) = self.devices.virtio_console() {
                     for l in c.take_lines() {
@@ -662,7 +683,7 @@ impl<B: Backend> Vm<B> {
             }
             Err(e) => match e.fault() {
                 Some(event) => {
-                    raise_emulated_fault(vcpu, &e, event);
+                    raise_emulated_fault(&mut vcpus[cur].vcpu, &e, event);
                     return Flow::Continue;
                 }
                 None => format!(
@@ -687,7 +708,7 @@ impl<B: Backend> Vm<B> {
             "{} of guest-physical {gpa:#x} {} at rip {:#x}",
             access.as_str(),
             if inside { "not permitted" } else { "outside its memory" },
-            res.vcpu.rip()
+            res.vcpu_ref().rip()
         );
         if let Some(la) = gva {
             r.push_str(&format!(" (guest-linear {la:#x})"));
@@ -697,7 +718,7 @@ impl<B: Backend> Vm<B> {
 
     fn with_code_bytes(&self, mut report: String, backend: &mut B) -> String {
         let Some(res) = &self.res else { return report };
-        let bytes = self.read_virt(backend, res.vcpu.rip(), 15);
+        let bytes = self.read_virt(backend, res.vcpu_ref().rip(), 15);
         if !bytes.is_empty() {
             report.push_str("; code at rip:");
             for b in bytes {

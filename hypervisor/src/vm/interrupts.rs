@@ -12,7 +12,7 @@
 
 use vcpu::{Event, Vcpu};
 
-use super::{RunState, Vm};
+use super::Vm;
 use crate::backend::Backend;
 use crate::devices::DeviceSet;
 use crate::vm::exit::ticks_to_ns;
@@ -65,28 +65,12 @@ impl<B: Backend> Vm<B> {
             return;
         }
         let Some(res) = self.res.as_mut() else { return };
-        if res.vcpu.interrupt_window_open() {
+        let vcpu = res.vcpu();
+        if vcpu.interrupt_window_open() {
             let vector = self.devices.acknowledge_interrupt();
-            res.vcpu.inject(Event::Interrupt { vector });
+            vcpu.inject(Event::Interrupt { vector });
         } else {
-            res.vcpu.request_interrupt_window();
-        }
-    }
-
-    /// Whether the scheduler should run this VM now (host clock `now`, TSC
-    /// ticks): a running VM always; one halted with interrupts enabled when
-    /// an interrupt is pending or its timer is due, or (no timer armed, as
-    /// for the test guests) at every scheduling round.
-    pub fn wants_cpu(&self, now: u64) -> bool {
-        if self.paused || self.created {
-            return false;
-        }
-        match self.state {
-            RunState::Running => true,
-            RunState::Waiting => {
-                self.devices.interrupt_pending() || self.timer_tick == u64::MAX || now >= self.timer_tick
-            }
-            _ => false,
+            vcpu.request_interrupt_window();
         }
     }
 

@@ -18,7 +18,10 @@ use crate::memory::GuestMemory;
 
 /// The emulator's view of one VM at one exit.
 pub struct VmPlatform<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> {
-    pub vcpu: &'a mut V,
+    /// The VM's vCPUs (a nested-TLB flush reaches them all) and the one
+    /// whose instruction is emulated.
+    pub vcpus: &'a mut [super::VcpuSlot<V>],
+    pub cur: usize,
     /// The vCPU's state at the exit: mode, segments and paging for the
     /// decoder and the page walk (the instruction cannot change them).
     pub state: &'a GuestState,
@@ -73,11 +76,11 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Ports for VmPlatfo
 
 impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPlatform<'_, '_, V, F, A> {
     fn gprs(&self) -> &Gprs {
-        self.vcpu.gprs()
+        self.vcpus[self.cur].vcpu.gprs()
     }
 
     fn gprs_mut(&mut self) -> &mut Gprs {
-        self.vcpu.gprs_mut()
+        self.vcpus[self.cur].vcpu.gprs_mut()
     }
 
     fn rip(&self) -> u64 {
@@ -141,16 +144,16 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
     }
 
     fn read_ram(&mut self, gpa: u64, buf: &mut [u8]) -> bool {
-        let vcpu = &mut *self.vcpu;
-        self.mem.read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| vcpu.flush_nested_tlb(s)).is_ok()
+        let vcpus = &mut *self.vcpus;
+        self.mem.read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| super::flush_all(vcpus, s)).is_ok()
     }
 
     fn write_ram(&mut self, gpa: u64, data: &[u8]) -> bool {
         if self.mem.is_read_only(GuestPhysAddr(gpa)) {
             return true; // ROM: the write goes nowhere
         }
-        let vcpu = &mut *self.vcpu;
-        self.mem.write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| vcpu.flush_nested_tlb(s)).is_ok()
+        let vcpus = &mut *self.vcpus;
+        self.mem.write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| super::flush_all(vcpus, s)).is_ok()
     }
 
     fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
@@ -177,7 +180,7 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
             // A queue notification or a queue made ready: the device
             // reaches the guest's rings and buffers through `mm`.
             let mut dma =
-                Dma { vcpu: &mut *self.vcpu, mem: &mut *self.mem, alloc: &mut *self.alloc, hooks: self.hooks };
+                Dma { vcpus: &mut *self.vcpus, mem: &mut *self.mem, alloc: &mut *self.alloc, hooks: self.hooks };
             self.devices.virtio_write(gpa, size, value, &mut dma);
             return;
         }
@@ -189,7 +192,7 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
 /// accesses (swapped pages come back in, writes are dirty-logged). ROM,
 /// device pages and holes are not RAM to a device.
 struct Dma<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> {
-    vcpu: &'a mut V,
+    vcpus: &'a mut [super::VcpuSlot<V>],
     mem: &'a mut GuestMemory<F>,
     alloc: &'a mut A,
     hooks: &'a mut Hooks<'h, SwapSlot>,
@@ -201,9 +204,9 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> virtio::GuestMemor
         if !self.is_ram(gpa, buf.len() as u64) {
             return Err(outside);
         }
-        let vcpu = &mut *self.vcpu;
+        let vcpus = &mut *self.vcpus;
         self.mem
-            .read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| vcpu.flush_nested_tlb(s))
+            .read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| super::flush_all(vcpus, s))
             .map_err(|_| outside)
     }
 
@@ -212,9 +215,9 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> virtio::GuestMemor
         if !self.is_ram(gpa, data.len() as u64) {
             return Err(outside);
         }
-        let vcpu = &mut *self.vcpu;
+        let vcpus = &mut *self.vcpus;
         self.mem
-            .write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| vcpu.flush_nested_tlb(s))
+            .write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| super::flush_all(vcpus, s))
             .map_err(|_| outside)
     }
 
@@ -237,11 +240,11 @@ impl<B: crate::backend::Backend> super::Vm<B> {
         host: &mut crate::memory::HostMemory,
         f: impl FnOnce(&mut DeviceSet, &mut dyn virtio::GuestMemory) -> R,
     ) -> Option<R> {
-        let super::Resources { mem, vcpu } = self.res.as_mut()?;
+        let super::Resources { mem, vcpus, .. } = self.res.as_mut()?;
         let devices = &mut self.devices;
         let alloc = backend.mem();
         Some(host.with_hooks(self.id, |hooks| {
-            let mut dma = Dma { vcpu: &mut *vcpu, mem: &mut *mem, alloc, hooks };
+            let mut dma = Dma { vcpus: &mut *vcpus, mem: &mut *mem, alloc, hooks };
             f(devices, &mut dma)
         }))
     }
@@ -270,7 +273,7 @@ impl<B: crate::backend::Backend> super::Vm<B> {
     /// write to the balloon's registers and after a restore.
     pub fn service_balloon(&mut self, backend: &mut B, host: &mut crate::memory::HostMemory) {
         use crate::devices::virtio::balloon::BalloonAction;
-        let Some(super::Resources { mem, vcpu }) = self.res.as_mut() else { return };
+        let Some(super::Resources { mem, vcpus, .. }) = self.res.as_mut() else { return };
         let (devices, stats) = (&mut self.devices, &mut self.stats.balloon);
         // Each round applies what the last one took; a driver that keeps
         // posting gets its next chains at its next notification.
@@ -279,7 +282,7 @@ impl<B: crate::backend::Backend> super::Vm<B> {
             let alloc = backend.mem();
             host.with_hooks(self.id, |hooks| {
                 for action in actions {
-                    let flush = &mut |s| vcpu.flush_nested_tlb(s);
+                    let flush = &mut |s| super::flush_all(vcpus, s);
                     match action {
                         BalloonAction::Inflate(gpas) => {
                             let gpas: alloc::vec::Vec<GuestPhysAddr> = gpas.into_iter().map(GuestPhysAddr).collect();
@@ -316,7 +319,7 @@ impl<B: crate::backend::Backend> super::Vm<B> {
                         }
                     }
                 }
-                let mut dma = Dma { vcpu: &mut *vcpu, mem: &mut *mem, alloc, hooks };
+                let mut dma = Dma { vcpus: &mut *vcpus, mem: &mut *mem, alloc, hooks };
                 devices.balloon_run_queues(&mut dma);
             });
             if !devices.balloon_needs_service() {

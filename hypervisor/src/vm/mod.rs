@@ -1,6 +1,7 @@
-//! One virtual machine: its RAM and nested page table (from `mm`), its vCPU
-//! (from the backend), its devices, and what it has done. Exit handling is
-//! in `exit`; creating and scheduling VMs is the manager's job.
+//! One virtual machine: its RAM and nested page table (from `mm`), its vCPUs
+//! (from the backend, each with its scheduling state: `vcpu_state`), its
+//! devices, and what it has done. Exit handling is in `exit`; creating and
+//! scheduling VMs is the manager's job.
 
 pub mod boot;
 pub mod conformance;
@@ -8,12 +9,16 @@ pub mod exit;
 pub mod interrupts;
 pub mod mmio;
 pub mod regs;
+pub mod smp;
+pub mod vcpu_state;
 use vcpu::walk;
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use mm::addr::GuestPhysAddr;
 use vcpu::{ExitKind, Vcpu};
+pub use vcpu_state::{VcpuEvent, VcpuState};
 
 use crate::backend::Backend;
 use crate::devices::DeviceSet;
@@ -93,6 +98,8 @@ pub struct VmStats {
     pub slices_expired: u64,
     /// What the balloon did to the VM's memory.
     pub balloon: BalloonStats,
+    /// Each vCPU's, kept when the VM ends and its vCPUs are freed.
+    pub ended_vcpus: Vec<VcpuStats>,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.
@@ -115,11 +122,103 @@ impl VmStats {
     }
 }
 
+/// What one vCPU has done (`vm stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStats {
+    pub exits: u64,
+    /// TSC ticks in its slices.
+    pub run_ticks: u64,
+    /// Slices it was given.
+    pub slices: u64,
+    /// Times an interrupt woke it from HLT.
+    pub wakeups: u64,
+    /// The host CPU it last ran on (all run on CPU 0 for now).
+    pub last_host_cpu: u32,
+}
+
+/// One vCPU: the backend's object and what only this vCPU has. Its local
+/// APIC is `DeviceSet::lapic(index)` (see `devices::interrupts`).
+pub struct VcpuSlot<V> {
+    pub vcpu: V,
+    pub state: VcpuState,
+    /// Halted with RFLAGS.IF clear: only an NMI, INIT or SIPI wakes it.
+    pub halted_irq_off: bool,
+    pub stats: VcpuStats,
+}
+
+impl<V> VcpuSlot<V> {
+    pub fn new(vcpu: V, state: VcpuState) -> Self {
+        VcpuSlot { vcpu, state, halted_irq_off: false, stats: VcpuStats::default() }
+    }
+}
+
+/// Flushes cached nested translations on every vCPU of a VM (the nested
+/// page table is the VM's, shared by them all).
+pub fn flush_all<V: Vcpu>(vcpus: &mut [VcpuSlot<V>], scope: mm::paging::FlushScope) {
+    for s in vcpus {
+        s.vcpu.flush_nested_tlb(scope);
+    }
+}
+
 /// What a live VM holds; dropped (and returned to the host) when it ends.
 pub struct Resources<B: Backend> {
     /// RAM, page states and the nested page table.
     pub mem: GuestMemory<B::Format>,
-    pub vcpu: B::Vcpu,
+    /// Its vCPUs, vCPU 0 the bootstrap processor: never empty, and a boxed
+    /// slice, so its length never changes (`vcpu` relies on both).
+    pub vcpus: Box<[VcpuSlot<B::Vcpu>]>,
+    /// The vCPU being run or whose exit is being handled: always below
+    /// `vcpus.len()` (set only by `new`, `with_vcpus` and `set_cur`).
+    cur: usize,
+}
+
+impl<B: Backend> Resources<B> {
+    /// A VM's resources with one vCPU, runnable.
+    pub fn new(mem: GuestMemory<B::Format>, vcpu: B::Vcpu) -> Self {
+        Resources { mem, vcpus: alloc::vec![VcpuSlot::new(vcpu, VcpuState::Runnable)].into_boxed_slice(), cur: 0 }
+    }
+
+    /// A VM's resources with these vCPUs; with none, the memory back (in
+    /// a box: the error stays small).
+    pub fn with_vcpus(
+        mem: GuestMemory<B::Format>,
+        vcpus: Vec<VcpuSlot<B::Vcpu>>,
+    ) -> Result<Self, Box<GuestMemory<B::Format>>> {
+        if vcpus.is_empty() {
+            return Err(Box::new(mem));
+        }
+        Ok(Resources { mem, vcpus: vcpus.into_boxed_slice(), cur: 0 })
+    }
+
+    /// Makes vCPU `index` the current one (out of range: no change).
+    pub fn set_cur(&mut self, index: usize) {
+        if index < self.vcpus.len() {
+            self.cur = index;
+        }
+    }
+
+    /// The current vCPU's index.
+    pub fn cur(&self) -> usize {
+        self.cur
+    }
+
+    /// The current vCPU (see `cur`). On every exit, twice: unchecked.
+    pub fn vcpu(&mut self) -> &mut B::Vcpu {
+        // SAFETY: `cur < vcpus.len()`: `vcpus` is a non-empty boxed slice
+        // whose length cannot change, and `cur` is 0 at construction and
+        // set only by `set_cur`, which checks it against that length.
+        unsafe { &mut self.vcpus.get_unchecked_mut(self.cur).vcpu }
+    }
+
+    /// The current vCPU, to read.
+    pub fn vcpu_ref(&self) -> &B::Vcpu {
+        &self.vcpus[self.cur].vcpu
+    }
+
+    /// The memory and the current vCPU at once.
+    pub fn split(&mut self) -> (&mut GuestMemory<B::Format>, &mut B::Vcpu) {
+        (&mut self.mem, &mut self.vcpus[self.cur].vcpu)
+    }
 }
 
 pub struct Vm<B: Backend> {
@@ -168,6 +267,8 @@ pub struct Vm<B: Backend> {
     /// The CPUID it sees: this host's, or the table pinned when it was
     /// created (`cpuid=pinned`), kept across resets and checkpoints.
     pub cpuid: crate::cpuid::Profile,
+    /// The vCPU the scheduler looks at first next time (round-robin).
+    pub next_vcpu: usize,
     pub res: Option<Resources<B>>,
 }
 
@@ -187,7 +288,7 @@ impl<B: Backend> Vm<B> {
         let Some(res) = &self.res else {
             return Vec::new();
         };
-        let state = res.vcpu.state();
+        let state = res.vcpu_ref().state();
         let mem = backend.mem();
         // `peek` never faults pages in: a report must not change the VM.
         let read64 = |gpa: u64| {

@@ -1,0 +1,413 @@
+//! Guest SMP: the BSP finds how many CPUs it has (fw_cfg's NB_CPUS and the
+//! MADT's processor entries must agree), starts every AP with INIT-SIPI-SIPI
+//! through a real-mode trampoline (SDM Vol. 3A 9.4.4.1, 11.6.1), each AP
+//! goes to 64-bit mode and reports in; every vCPU counts in its own memory;
+//! every AP sends a fixed IPI to the BSP and the BSP one to every AP (each
+//! handler counts), then one all-excluding-self broadcast; an atomic-
+//! increment stress from all vCPUs must reach the exact total.
+//!
+//! Prints one line per check and `smptest: PASS`/`FAIL`; exits 0 or 1.
+#![no_std]
+#![no_main]
+#![feature(abi_x86_interrupt)]
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use guests::io::{cpuid, inb};
+use guests::{Boot, println, trap};
+
+/// Where the trampoline is copied: startup IPI vector 0x20 starts an AP
+/// at 2000:0000, physical 0x20000 (free RAM below 640 KiB).
+const TRAMP: u64 = 0x20000;
+const SIPI_VECTOR: u32 = (TRAMP >> 12) as u32;
+const LAPIC: u64 = 0xfee0_0000;
+const IPI_VECTOR: u8 = 0x40;
+const MAX_CPUS: usize = 8;
+/// Increments per vCPU in the stress.
+const STRESS: u64 = 100_000;
+/// Writes per vCPU to its own counter.
+const OWN: u64 = 10_000;
+
+// The AP trampoline: entered in real mode at TRAMP (CS = TRAMP >> 4, IP = 0)
+// in the state INIT leaves (SDM Vol. 3A 10.1.1, table 10-1); loads its own
+// GDT, enters protected mode, then long mode with the BSP's page tables
+// (the BSP patches tr_cr3, tr_stack and tr_entry before each SIPI), and
+// calls tr_entry on tr_stack. Addresses inside are TRAMP-based.
+global_asm!(
+    ".section .rodata.smp_tramp, \"a\"",
+    ".balign 16",
+    ".global smp_tramp_start",
+    "smp_tramp_start:",
+    ".code16",
+    "    cli",
+    "    cld",
+    "    movw %cs, %ax",
+    "    movw %ax, %ds",
+    "    lgdtl tr_gdtr - smp_tramp_start",
+    "    movl %cr0, %eax",
+    // Caches on (CD, NW clear), protection on.
+    "    andl $0x9fffffff, %eax",
+    "    orl $1, %eax",
+    "    movl %eax, %cr0",
+    "    ljmpl $0x18, $(0x20000 + tr_prot - smp_tramp_start)",
+    ".code32",
+    "tr_prot:",
+    "    movw $0x10, %ax",
+    "    movw %ax, %ds",
+    "    movw %ax, %es",
+    "    movw %ax, %ss",
+    "    movl (0x20000 + tr_cr3 - smp_tramp_start), %eax",
+    "    movl %eax, %cr3",
+    "    movl %cr4, %eax",
+    "    orl $0x20, %eax",
+    "    movl %eax, %cr4",
+    "    movl $0xC0000080, %ecx",
+    "    rdmsr",
+    "    orl $0x100, %eax",
+    "    wrmsr",
+    "    movl %cr0, %eax",
+    "    orl $0x80000000, %eax",
+    "    movl %eax, %cr0",
+    "    ljmpl $0x08, $(0x20000 + tr_long - smp_tramp_start)",
+    ".code64",
+    "tr_long:",
+    "    movw $0x10, %ax",
+    "    movw %ax, %ds",
+    "    movw %ax, %es",
+    "    movw %ax, %ss",
+    "    xorw %ax, %ax",
+    "    movw %ax, %fs",
+    "    movw %ax, %gs",
+    "    movq tr_stack(%rip), %rsp",
+    "    movq tr_entry(%rip), %rax",
+    "    call *%rax",
+    "1:  cli",
+    "    hlt",
+    "    jmp 1b",
+    ".balign 8",
+    "tr_gdt:",
+    "    .quad 0",
+    "    .quad 0x00af9b000000ffff",
+    "    .quad 0x00cf93000000ffff",
+    "    .quad 0x00cf9b000000ffff",
+    "tr_gdtr:",
+    "    .word 4 * 8 - 1",
+    "    .long 0x20000 + tr_gdt - smp_tramp_start",
+    ".balign 8",
+    ".global tr_cr3",
+    "tr_cr3: .quad 0",
+    ".global tr_stack",
+    "tr_stack: .quad 0",
+    ".global tr_entry",
+    "tr_entry: .quad 0",
+    ".global smp_tramp_end",
+    "smp_tramp_end:",
+    ".text",
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    static smp_tramp_start: u8;
+    static smp_tramp_end: u8;
+    static tr_cr3: u8;
+    static tr_stack: u8;
+    static tr_entry: u8;
+}
+
+/// APs that reached `ap_main`.
+static ALIVE: AtomicU32 = AtomicU32::new(0);
+/// Fixed IPIs each vCPU's handler took, by APIC ID.
+static IPIS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Each vCPU's own counter (plain writes: only its vCPU touches it).
+static mut OWN_COUNT: [u64; MAX_CPUS] = [0; MAX_CPUS];
+static OWN_DONE: AtomicU32 = AtomicU32::new(0);
+static GO_IPI: AtomicBool = AtomicBool::new(false);
+static GO_STRESS: AtomicBool = AtomicBool::new(false);
+static SHARED: AtomicU64 = AtomicU64::new(0);
+static STRESS_DONE: AtomicU32 = AtomicU32::new(0);
+/// The BSP's IDTR, for the APs to load.
+static IDTR: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+#[repr(C, align(16))]
+struct Stacks([[u8; 16384]; MAX_CPUS]);
+static mut AP_STACKS: Stacks = Stacks([[0; 16384]; MAX_CPUS]);
+
+/// What the CPU pushes for an interrupt in 64-bit mode (SDM Vol. 3A 7.14.4).
+#[repr(C)]
+struct Frame {
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+fn lapic_read(reg: u64) -> u32 {
+    // SAFETY: the local APIC page is identity-mapped; its registers are
+    // 32-bit and read with one aligned access (SDM Vol. 3A 11.4.1).
+    unsafe { core::ptr::read_volatile((LAPIC + reg) as *const u32) }
+}
+
+fn lapic_write(reg: u64, v: u32) {
+    // SAFETY: as for `lapic_read`.
+    unsafe { core::ptr::write_volatile((LAPIC + reg) as *mut u32, v) }
+}
+
+fn apic_id() -> usize {
+    (lapic_read(0x20) >> 24) as usize
+}
+
+/// Sends an IPI: ICR high (destination) first, then low, whose write sends
+/// (SDM Vol. 3A 11.6.1).
+fn send_ipi(dest: u32, low: u32) {
+    lapic_write(0x310, dest << 24);
+    lapic_write(0x300, low);
+}
+
+extern "x86-interrupt" fn ipi_handler(_f: Frame) {
+    let id = apic_id();
+    if let Some(c) = IPIS.get(id) {
+        c.fetch_add(1, SeqCst);
+    }
+    lapic_write(0xb0, 0);
+}
+
+/// Spins until `done` or about `limit` iterations passed.
+fn wait(limit: u64, done: impl Fn() -> bool) -> bool {
+    for _ in 0..limit {
+        if done() {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    done()
+}
+
+/// Halts with interrupts on until `done` (an IPI wakes it): `sti; hlt`
+/// has no window between the check and the halt (the STI shadow). At most
+/// `rounds` halts: the BSP, with no timer armed, is also woken at every
+/// scheduling round, so a lost IPI ends in a FAIL, not a hang.
+fn halt_until(rounds: u64, done: impl Fn() -> bool) -> bool {
+    for _ in 0..rounds {
+        // SAFETY: toggling IF in a guest that handles the IPI vector.
+        unsafe { asm!("cli", options(nomem, nostack)) };
+        if done() {
+            // SAFETY: as above.
+            unsafe { asm!("sti", options(nomem, nostack)) };
+            return true;
+        }
+        // SAFETY: as above.
+        unsafe { asm!("sti; hlt", options(nomem, nostack)) };
+    }
+    done()
+}
+
+fn count_own(id: usize) {
+    for i in 0..OWN {
+        // SAFETY: slot `id` is this vCPU's alone.
+        unsafe { core::ptr::write_volatile(&raw mut OWN_COUNT[id], i + 1) };
+    }
+    OWN_DONE.fetch_add(1, SeqCst);
+}
+
+fn stress() {
+    for _ in 0..STRESS {
+        SHARED.fetch_add(1, SeqCst);
+    }
+    STRESS_DONE.fetch_add(1, SeqCst);
+}
+
+extern "C" fn ap_main() -> ! {
+    let idtr = [IDTR[0].load(SeqCst), IDTR[1].load(SeqCst)];
+    // SAFETY: the BSP's IDT, loaded as it stored it (10-byte pseudo-descriptor).
+    unsafe { asm!("lidt [{}]", in(reg) idtr.as_ptr(), options(nostack)) };
+    // Software-enable the local APIC, spurious vector 0xff (SDM 11.4.7.1):
+    // after INIT it accepts no fixed interrupts.
+    lapic_write(0xf0, 0x1ff);
+    let id = apic_id();
+    let cpuid_id = (cpuid(1, 0).ebx >> 24) as usize;
+    if cpuid_id != id {
+        println!("smptest: FAIL ap apic id {id} but cpuid says {cpuid_id}");
+    }
+    ALIVE.fetch_add(1, SeqCst);
+    count_own(id);
+    // In turn, by APIC ID: two IPIs of one vector pending at the BSP at
+    // once would set the same IRR bit (SDM Vol. 3A 11.8.4) and count once.
+    wait(u64::MAX, || GO_IPI.load(SeqCst) && IPIS[0].load(SeqCst) as usize + 1 >= id);
+    send_ipi(0, IPI_VECTOR as u32);
+    // The BSP's IPI and its broadcast: two.
+    halt_until(u64::MAX, || IPIS[id].load(SeqCst) >= 2);
+    wait(u64::MAX, || GO_STRESS.load(SeqCst));
+    stress();
+    loop {
+        // SAFETY: parks this vCPU for good.
+        unsafe { asm!("cli; hlt", options(nomem, nostack)) };
+    }
+}
+
+/// fw_cfg's NB_CPUS (QEMU's fw_cfg interface: selector 0x510, data 0x511).
+fn fw_cfg_cpus() -> u16 {
+    // SAFETY: port I/O to fw_cfg; the selector is a 16-bit port.
+    unsafe { asm!("out dx, ax", in("dx") 0x510u16, in("ax") 0x0005u16, options(nomem, nostack)) };
+    u16::from_le_bytes([inb(0x511), inb(0x511)])
+}
+
+fn read_phys<T: Copy>(addr: u64) -> T {
+    // SAFETY: low guest-physical memory is identity-mapped; callers read
+    // ACPI tables the hypervisor put in the BIOS area and RAM.
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+/// Enabled processor local APIC entries in the MADT (ACPI 6.5 5.2.12),
+/// found from the RSDP in 0xE0000-0xFFFFF through the RSDT.
+fn madt_cpus() -> Option<u32> {
+    let rsdp = (0xe0000u64..0x100000).step_by(16).find(|&a| read_phys::<[u8; 8]>(a) == *b"RSD PTR ")?;
+    let rsdt = read_phys::<u32>(rsdp + 16) as u64;
+    let len = read_phys::<u32>(rsdt + 4) as u64;
+    let madt = (rsdt + 36..rsdt + len)
+        .step_by(4)
+        .map(|e| read_phys::<u32>(e) as u64)
+        .find(|&t| read_phys::<[u8; 4]>(t) == *b"APIC")?;
+    let end = madt + read_phys::<u32>(madt + 4) as u64;
+    let (mut at, mut n) = (madt + 44, 0);
+    while at + 2 <= end {
+        let (kind, elen) = (read_phys::<u8>(at), read_phys::<u8>(at + 1) as u64);
+        if elen < 2 {
+            return None;
+        }
+        if kind == 0 && read_phys::<u32>(at + 4) & 1 != 0 {
+            n += 1;
+        }
+        at += elen;
+    }
+    Some(n)
+}
+
+struct Checks {
+    failed: u32,
+    total: u32,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, ok: bool, detail: core::fmt::Arguments) {
+        self.total += 1;
+        if ok {
+            println!("smptest: ok   {name}");
+        } else {
+            self.failed += 1;
+            println!("smptest: FAIL {name}: {detail}");
+        }
+    }
+}
+
+fn main(_boot: Boot) -> u32 {
+    let mut c = Checks { failed: 0, total: 0 };
+    let cpus = fw_cfg_cpus() as usize;
+    let madt = madt_cpus();
+    println!("smptest: {cpus} cpus (fw_cfg), {madt:?} in the MADT");
+    c.check("fw_cfg and the madt agree", madt == Some(cpus as u32), format_args!("{cpus} vs {madt:?}"));
+    c.check("bsp has apic id 0", apic_id() == 0, format_args!("{}", apic_id()));
+    if !(1..=MAX_CPUS).contains(&cpus) {
+        println!("smptest: FAIL cpu count {cpus}");
+        return 1;
+    }
+    trap::install();
+    trap::set_handler(IPI_VECTOR, ipi_handler as *const () as u64);
+    let mut idtr = [0u64; 2];
+    // SAFETY: SIDT stores 10 bytes into `idtr`.
+    unsafe { asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack)) };
+    IDTR[0].store(idtr[0], SeqCst);
+    IDTR[1].store(idtr[1], SeqCst);
+
+    // SAFETY: the trampoline's symbols are in this image; TRAMP is free RAM
+    // below 1 MiB that nothing else uses; the patched slots are inside it.
+    unsafe {
+        let start = &raw const smp_tramp_start as u64;
+        let len = &raw const smp_tramp_end as u64 - start;
+        core::ptr::copy_nonoverlapping(start as *const u8, TRAMP as *mut u8, len as usize);
+        let slot = |sym: *const u8| (TRAMP + (sym as u64 - start)) as *mut u64;
+        let cr3: u64;
+        asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack));
+        slot(&raw const tr_cr3).write_volatile(cr3);
+        slot(&raw const tr_entry).write_volatile(ap_main as *const () as u64);
+    }
+    for ap in 1..cpus {
+        // SAFETY: stack `ap` is this AP's alone; the slot is read by the
+        // AP the SIPI below starts, before the next AP is started.
+        unsafe {
+            let top = (&raw mut AP_STACKS) as u64 + (ap as u64 + 1) * 16384;
+            let start = &raw const smp_tramp_start as u64;
+            ((TRAMP + (&raw const tr_stack as u64 - start)) as *mut u64).write_volatile(top);
+        }
+        // INIT (assert), then two startup IPIs (SDM Vol. 3A 9.4.4.1; the
+        // second is ignored by an AP already started).
+        send_ipi(ap as u32, 0x4500);
+        send_ipi(ap as u32, 0x0600 | SIPI_VECTOR);
+        send_ipi(ap as u32, 0x0600 | SIPI_VECTOR);
+        let up = wait(1 << 32, || ALIVE.load(SeqCst) >= ap as u32);
+        c.check("ap started in 64-bit mode", up, format_args!("ap {ap} did not report in"));
+        if !up {
+            break;
+        }
+    }
+    let aps = ALIVE.load(SeqCst);
+    println!("smptest: {aps} aps started");
+    c.check("every ap started", aps as usize == cpus - 1, format_args!("{aps} of {}", cpus - 1));
+
+    count_own(0);
+    let counted = wait(1 << 32, || OWN_DONE.load(SeqCst) as usize == cpus);
+    // SAFETY: every vCPU finished writing its slot (OWN_DONE).
+    let own = unsafe { core::ptr::read_volatile(&raw const OWN_COUNT) };
+    c.check(
+        "each vcpu counted in its own memory",
+        counted && own[..cpus].iter().all(|&v| v == OWN),
+        format_args!("{:?}", &own[..cpus]),
+    );
+
+    // IPIs: each AP to the BSP; the BSP to each AP; then one broadcast.
+    // SAFETY: the IPI handler is installed.
+    unsafe { asm!("sti", options(nomem, nostack)) };
+    GO_IPI.store(true, SeqCst);
+    let want = cpus as u32 - 1;
+    halt_until(20_000, || IPIS[0].load(SeqCst) >= want);
+    c.check(
+        "every ap sent the bsp an ipi",
+        IPIS[0].load(SeqCst) == want,
+        format_args!("{} of {want}", IPIS[0].load(SeqCst)),
+    );
+    for ap in 1..cpus {
+        send_ipi(ap as u32, IPI_VECTOR as u32);
+    }
+    // A second IPI of the same vector before the first is taken would
+    // only set the same IRR bit again (SDM Vol. 3A 11.8.4): wait first.
+    let first = wait(1 << 28, || (1..cpus).all(|i| IPIS[i].load(SeqCst) >= 1));
+    // All excluding self (ICR shorthand 11b).
+    send_ipi(0, (3 << 18) | IPI_VECTOR as u32);
+    let got = first && wait(1 << 28, || (1..cpus).all(|i| IPIS[i].load(SeqCst) >= 2));
+    let counts: [u32; MAX_CPUS] = core::array::from_fn(|i| IPIS[i].load(SeqCst));
+    c.check(
+        "the bsp's ipi and broadcast reached every ap",
+        got && (1..cpus).all(|i| counts[i] == 2) && counts[0] == want,
+        format_args!("{:?}", &counts[..cpus]),
+    );
+
+    GO_STRESS.store(true, SeqCst);
+    stress();
+    let done = wait(1 << 32, || STRESS_DONE.load(SeqCst) as usize == cpus);
+    let total = SHARED.load(SeqCst);
+    println!("smptest: stress total {total}");
+    c.check(
+        "atomic increments from every vcpu reach the exact total",
+        done && total == STRESS * cpus as u64,
+        format_args!("{total}, want {}", STRESS * cpus as u64),
+    );
+    if c.failed == 0 {
+        println!("smptest: PASS ({} checks, {cpus} vcpus)", c.total);
+        0
+    } else {
+        println!("smptest: FAIL ({} of {} checks)", c.failed, c.total);
+        1
+    }
+}
+
+guests::entry!(main);

@@ -1,0 +1,204 @@
+//! A VM's vCPUs between slices: which one runs next, what IPIs did to them
+//! (NMI, INIT, startup IPI), pause and resume, and the VM's state as the
+//! summary of theirs. Every state change goes through
+//! [`super::vcpu_state`]. All vCPUs take turns on this one host CPU, so
+//! whenever this runs none of them is in the guest.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use vcpu::{Event, Vcpu};
+
+use super::interrupts::vm_ns;
+use super::vcpu_state::{Parked, VcpuEvent, VcpuState};
+use super::{RunState, VcpuStats, Vm};
+use crate::backend::Backend;
+use crate::vm::exit::Console;
+
+impl<B: Backend> Vm<B> {
+    /// How many vCPUs the VM has (0 once it ended).
+    pub fn vcpu_count(&self) -> usize {
+        self.res.as_ref().map_or(0, |r| r.vcpus.len())
+    }
+
+    /// The vCPU the scheduler should run now (host clock `now`, TSC ticks
+    /// of a `hz` clock), round-robin from the one after the last run, or
+    /// `None`. Due timers fire and IPIs' signals are carried out first,
+    /// and a halted vCPU with an interrupt pending wakes: a halted vCPU
+    /// costs one check here and nothing else.
+    ///
+    /// vCPU 0 keeps what a one-vCPU VM always did: halted with interrupts
+    /// enabled it also runs when its timer is due or, with no timer armed,
+    /// at every round (test guests poll with HLT; HLT then returns as if
+    /// woken, which the architecture allows).
+    pub fn pick_vcpu(&mut self, now: u64, hz: u64) -> Option<usize> {
+        if self.paused || self.created || !self.state.runnable() {
+            return None;
+        }
+        let timer_due = now >= self.timer_tick;
+        let no_timer = self.timer_tick == u64::MAX;
+        if timer_due {
+            self.devices.poll_timers(vm_ns(now, hz, self.clock_offset_ns));
+            self.timers_changed(hz);
+        }
+        if self.devices.has_signals() {
+            self.take_signals();
+        }
+        let res = self.res.as_mut()?;
+        let n = res.vcpus.len();
+        for k in 0..n {
+            let i = (self.next_vcpu + k) % n;
+            let slot = &mut res.vcpus[i];
+            if slot.state == VcpuState::Halted && !slot.halted_irq_off {
+                let legacy = i == 0 && (timer_due || no_timer);
+                if legacy || self.devices.interrupt_pending_for(i) {
+                    slot.state.apply(VcpuEvent::Wake);
+                    slot.stats.wakeups += 1;
+                }
+            }
+            if slot.state.runnable() {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Carries out what IPIs left for each vCPU (SDM Vol. 3A 11.6.1): INIT
+    /// parks it in wait-for-SIPI; a startup IPI to a vCPU that waits for
+    /// one starts it in real mode at vector × 4 KiB (11.4.4.1; APM Vol. 2
+    /// 16.5), others ignore it; an NMI is queued and wakes a halted vCPU
+    /// (one waiting for a SIPI ignores it: INIT blocks NMIs, 11.4.4.1 note).
+    pub fn take_signals(&mut self) {
+        let Some(res) = self.res.as_mut() else { return };
+        for i in 0..res.vcpus.len() {
+            let sig = self.devices.take_signals(i);
+            let slot = &mut res.vcpus[i];
+            if slot.state == VcpuState::Stopped {
+                continue;
+            }
+            if sig.init {
+                slot.state.apply(VcpuEvent::Init);
+                slot.halted_irq_off = false;
+            }
+            let waits = matches!(slot.state, VcpuState::WaitForSipi | VcpuState::Paused(Parked::WaitForSipi));
+            if let Some(vector) = sig.sipi.filter(|_| waits) {
+                // The INIT state (SDM Vol. 3A 10.1.1, table 10-1; APM Vol. 2
+                // 14.1.3), started at the vector. The backend never sees
+                // wait-for-SIPI: this vCPU is not run until now.
+                let mut s = slot.vcpu.state().after_init();
+                s.start_at_sipi(vector);
+                match slot.vcpu.set_state(&s) {
+                    Ok(()) => slot.state.apply(VcpuEvent::Sipi),
+                    Err(e) => log::warn!("vm {}: vCPU {i} cannot start at SIPI vector {vector:#x}: {e}", self.id),
+                }
+            }
+            if sig.nmi && !waits {
+                slot.vcpu.inject(Event::Nmi);
+                slot.halted_irq_off = false;
+                slot.state.apply(VcpuEvent::Wake);
+            }
+        }
+    }
+
+    /// After vCPU `i`'s slice: it gives the CPU up (unless it halted or
+    /// was parked by an INIT) and the VM's state becomes the summary of
+    /// its vCPUs' (for one vCPU, what the exit handlers already set). A VM none of whose vCPUs can
+    /// ever run again (each halted with interrupts off or waiting for a
+    /// SIPI nobody can send) ends, as a one-vCPU VM halted with interrupts
+    /// off does. Returns whether it ended.
+    pub fn after_slice(&mut self, i: usize, backend: &mut B, console: &mut impl Console) -> bool {
+        if self.devices.has_signals() {
+            self.take_signals();
+        }
+        let Some(res) = self.res.as_mut() else { return false };
+        if let Some(slot) = res.vcpus.get_mut(i)
+            && slot.state == VcpuState::Running
+        {
+            slot.state.apply(VcpuEvent::Leave);
+        }
+        // Ended, or halted for good by its exit handler (one vCPU, HLT with
+        // interrupts off): nothing to summarise.
+        if !self.state.runnable() {
+            return false;
+        }
+        let live = |s: &super::VcpuSlot<B::Vcpu>| match s.state {
+            VcpuState::Runnable | VcpuState::Running => Some(true),
+            VcpuState::Halted if !s.halted_irq_off => Some(false),
+            _ => None,
+        };
+        if res.vcpus.iter().any(|s| live(s) == Some(true)) {
+            self.state = RunState::Running;
+        } else if res.vcpus.iter().any(|s| live(s) == Some(false)) {
+            self.state = RunState::Waiting;
+        } else {
+            let dead_halt = res.vcpus.iter().all(|s| s.halted_irq_off);
+            let rip = res.vcpus[0].vcpu.state().rip;
+            let end = if dead_halt {
+                RunState::Halted { rip }
+            } else {
+                RunState::Stopped {
+                    reason: String::from(
+                        "every vCPU is halted with interrupts disabled or waits for a startup IPI: nothing can wake them",
+                    ),
+                }
+            };
+            self.end(end, backend, console);
+            return true;
+        }
+        false
+    }
+
+    /// `vm pause` (`true`) and resume: every vCPU is outside the guest when
+    /// the console runs (one host CPU), so each goes to paused at once.
+    pub fn pause_vcpus(&mut self, paused: bool) {
+        let Some(res) = self.res.as_mut() else { return };
+        let event = if paused { VcpuEvent::Pause } else { VcpuEvent::Resume };
+        for s in &mut res.vcpus {
+            s.state.apply(event);
+        }
+    }
+
+    /// `vm start` of a created VM: the BSP runs, the APs wait for a SIPI.
+    pub fn start_vcpus(&mut self) {
+        let Some(res) = self.res.as_mut() else { return };
+        for (i, s) in res.vcpus.iter_mut().enumerate() {
+            s.state.apply(VcpuEvent::Start { bsp: i == 0 });
+        }
+    }
+
+    /// Every vCPU stops (the VM ended).
+    pub fn stop_vcpus(&mut self) {
+        let Some(res) = self.res.as_mut() else { return };
+        for s in &mut res.vcpus {
+            s.state.apply(VcpuEvent::Stop);
+        }
+    }
+
+    /// Each vCPU's index (= APIC ID), state and counters, for `vm stats`;
+    /// an ended VM's as they were when it ended.
+    pub fn vcpu_report(&self) -> Vec<(usize, &'static str, VcpuStats)> {
+        match self.res.as_ref() {
+            Some(res) => res.vcpus.iter().enumerate().map(|(i, s)| (i, s.state.name(), s.stats.clone())).collect(),
+            None => self
+                .stats
+                .ended_vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i, VcpuState::Stopped.name(), s.clone()))
+                .collect(),
+        }
+    }
+
+    /// One line per vCPU for `vm stats`.
+    pub fn vcpu_lines(&self) -> Vec<String> {
+        self.vcpu_report()
+            .into_iter()
+            .map(|(i, state, s)| {
+                format!(
+                    "vcpu {i}: {state}, {} exits, {} slices, {} wake-ups from hlt, last on host cpu {}",
+                    s.exits, s.slices, s.wakeups, s.last_host_cpu
+                )
+            })
+            .collect()
+    }
+}
