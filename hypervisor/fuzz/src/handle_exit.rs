@@ -269,12 +269,12 @@ impl Host {
     /// Runs slices until VM `i` has taken the exits scripted for it.
     fn deliver(&mut self, i: usize, exit: VmExit) {
         let vm = &mut self.m.vms[i];
-        let vcpu = &mut vm.res.as_mut().unwrap().vcpu;
+        let vcpu = vm.res.as_mut().unwrap().vcpu();
         let mut exit = Some(exit);
         vcpu.script.push_back(Box::new(move |_| exit.take().expect("one exit per step")));
         for _ in 0..=self.m.vms.len() {
             let vm = &self.m.vms[i];
-            if vm.res.as_ref().is_none_or(|r| r.vcpu.script.is_empty()) {
+            if vm.res.as_ref().is_none_or(|r| r.vcpu_ref().script.is_empty()) {
                 return;
             }
             let id = vm.id;
@@ -357,7 +357,7 @@ impl Host {
             },
             _ => {
                 // The guest's paging state is its own: the report walks it.
-                let vcpu = &mut self.m.vms[i].res.as_mut().unwrap().vcpu;
+                let vcpu = self.m.vms[i].res.as_mut().unwrap().vcpu();
                 vcpu.state.cr0 = input.u64();
                 vcpu.state.cr3 = input.u64() % (pages * 4096);
                 vcpu.state.cr4 = input.u64();
@@ -367,7 +367,7 @@ impl Host {
             }
         };
         // Registers as the guest left them.
-        let vcpu = &mut self.m.vms[i].res.as_mut().unwrap().vcpu;
+        let vcpu = self.m.vms[i].res.as_mut().unwrap().vcpu();
         vcpu.gprs = Gprs {
             rax: match input.u8() % 4 {
                 0 => input.below(6),
@@ -389,7 +389,7 @@ impl Host {
     fn exit_and_check(&mut self, i: usize, exit: VmExit) {
         let vm = &self.m.vms[i];
         let (id, res) = (vm.id, vm.res.as_ref().unwrap());
-        let v = &res.vcpu;
+        let v = res.vcpu_ref();
         let b = Before {
             gprs: v.gprs,
             skipped: v.skipped,
@@ -459,7 +459,7 @@ impl Host {
         if exit.kind() != ExitKind::Preempted {
             assert_eq!(vm.stats.exits[exit.kind() as usize], b.exits + 1, "{exit:?} not counted");
         }
-        let v = &vm.res.as_ref().unwrap().vcpu;
+        let v = vm.res.as_ref().unwrap().vcpu_ref();
         let skipped = v.skipped - b.skipped;
         let injected = &v.injected[b.injected..];
         assert_eq!(v.state.rip, b.rip + 2 * u64::from(skipped));
