@@ -212,7 +212,7 @@ impl<B: Backend> Vm<B> {
         // With several vCPUs the VM's state is the summary of theirs
         // (`smp::after_slice`): another may still run, or wake this one
         // (only with an NMI or INIT if its interrupts are off).
-        let slot = &mut res.vcpus[res.cur()];
+        let slot = res.vcpus.current_mut();
         slot.state.apply(super::VcpuEvent::Hlt);
         slot.halted_irq_off = !irq_on;
         if !smp {
@@ -470,10 +470,10 @@ impl<B: Backend> Vm<B> {
     /// with a report.
     #[inline(never)]
     fn string_io(&mut self, io: IoAccess, backend: &mut B, host: &mut HostMemory, console: &mut impl Console) -> Flow {
-        let Some(Resources { mem, vcpus, cur }) = self.res.as_mut() else {
+        let Some(Resources { mem, vcpus }) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let cur = *cur;
+        let cur = vcpus.cur();
         let state = vcpus[cur].vcpu.state();
         let hz = backend.tsc_hz();
         let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
@@ -628,10 +628,10 @@ impl<B: Backend> Vm<B> {
         host: &mut HostMemory,
         console: &mut impl Console,
     ) -> Flow {
-        let Some(Resources { mem, vcpus, cur }) = self.res.as_mut() else {
+        let Some(Resources { mem, vcpus }) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let cur = *cur;
+        let cur = vcpus.cur();
         let state = vcpus[cur].vcpu.state();
         let hz = backend.tsc_hz();
         let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);

@@ -160,39 +160,25 @@ pub fn flush_all<V: Vcpu>(vcpus: &mut [VcpuSlot<V>], scope: mm::paging::FlushSco
     }
 }
 
-/// What a live VM holds; dropped (and returned to the host) when it ends.
-pub struct Resources<B: Backend> {
-    /// RAM, page states and the nested page table.
-    pub mem: GuestMemory<B::Format>,
-    /// Its vCPUs, vCPU 0 the bootstrap processor: never empty, and a boxed
-    /// slice, so its length never changes (`vcpu` relies on both).
-    pub vcpus: Box<[VcpuSlot<B::Vcpu>]>,
-    /// The vCPU being run or whose exit is being handled: always below
-    /// `vcpus.len()` (set only by `new`, `with_vcpus` and `set_cur`).
+/// A VM's vCPUs and which of them is current (being run, or whose exit is
+/// being handled). The slots are never empty and never change length, and
+/// the current index is always below that length: both are private, so the
+/// exit path takes the current vCPU without a bounds check. The slots are
+/// a slice to everyone else (`Deref`), which cannot change its length.
+pub struct VcpuSlots<V> {
+    slots: Box<[VcpuSlot<V>]>,
     cur: usize,
 }
 
-impl<B: Backend> Resources<B> {
-    /// A VM's resources with one vCPU, runnable.
-    pub fn new(mem: GuestMemory<B::Format>, vcpu: B::Vcpu) -> Self {
-        Resources { mem, vcpus: alloc::vec![VcpuSlot::new(vcpu, VcpuState::Runnable)].into_boxed_slice(), cur: 0 }
-    }
-
-    /// A VM's resources with these vCPUs; with none, the memory back (in
-    /// a box: the error stays small).
-    pub fn with_vcpus(
-        mem: GuestMemory<B::Format>,
-        vcpus: Vec<VcpuSlot<B::Vcpu>>,
-    ) -> Result<Self, Box<GuestMemory<B::Format>>> {
-        if vcpus.is_empty() {
-            return Err(Box::new(mem));
-        }
-        Ok(Resources { mem, vcpus: vcpus.into_boxed_slice(), cur: 0 })
+impl<V> VcpuSlots<V> {
+    /// `slots`, vCPU 0 current; `None` if there are none.
+    pub fn new(slots: Vec<VcpuSlot<V>>) -> Option<Self> {
+        (!slots.is_empty()).then(|| VcpuSlots { slots: slots.into_boxed_slice(), cur: 0 })
     }
 
     /// Makes vCPU `index` the current one (out of range: no change).
     pub fn set_cur(&mut self, index: usize) {
-        if index < self.vcpus.len() {
+        if index < self.slots.len() {
             self.cur = index;
         }
     }
@@ -202,22 +188,89 @@ impl<B: Backend> Resources<B> {
         self.cur
     }
 
-    /// The current vCPU (see `cur`). On every exit, twice: unchecked.
+    /// The current vCPU's slot. On every exit, twice: unchecked.
+    pub fn current_mut(&mut self) -> &mut VcpuSlot<V> {
+        // SAFETY: `cur < slots.len()`: `slots` is non-empty (`new`) and,
+        // private and boxed, never changes length; `cur` starts at 0 and
+        // only `set_cur` changes it, after checking it against that length.
+        unsafe { self.slots.get_unchecked_mut(self.cur) }
+    }
+
+    pub fn current(&self) -> &VcpuSlot<V> {
+        &self.slots[self.cur]
+    }
+
+    /// The slots, to free the vCPUs.
+    pub fn into_vec(self) -> Vec<VcpuSlot<V>> {
+        self.slots.into_vec()
+    }
+}
+
+impl<V> core::ops::Deref for VcpuSlots<V> {
+    type Target = [VcpuSlot<V>];
+    fn deref(&self) -> &[VcpuSlot<V>] {
+        &self.slots
+    }
+}
+
+impl<V> core::ops::DerefMut for VcpuSlots<V> {
+    fn deref_mut(&mut self) -> &mut [VcpuSlot<V>] {
+        &mut self.slots
+    }
+}
+
+/// What a live VM holds; dropped (and returned to the host) when it ends.
+pub struct Resources<B: Backend> {
+    /// RAM, page states and the nested page table.
+    pub mem: GuestMemory<B::Format>,
+    /// Its vCPUs, vCPU 0 the bootstrap processor.
+    pub vcpus: VcpuSlots<B::Vcpu>,
+}
+
+impl<B: Backend> Resources<B> {
+    /// A VM's resources with one vCPU, runnable.
+    pub fn new(mem: GuestMemory<B::Format>, vcpu: B::Vcpu) -> Self {
+        let slots =
+            VcpuSlots { slots: alloc::vec![VcpuSlot::new(vcpu, VcpuState::Runnable)].into_boxed_slice(), cur: 0 };
+        Resources { mem, vcpus: slots }
+    }
+
+    /// A VM's resources with these vCPUs; with none, the memory back (in
+    /// a box: the error stays small).
+    pub fn with_vcpus(
+        mem: GuestMemory<B::Format>,
+        vcpus: Vec<VcpuSlot<B::Vcpu>>,
+    ) -> Result<Self, Box<GuestMemory<B::Format>>> {
+        match VcpuSlots::new(vcpus) {
+            Some(vcpus) => Ok(Resources { mem, vcpus }),
+            None => Err(Box::new(mem)),
+        }
+    }
+
+    /// Makes vCPU `index` the current one (out of range: no change).
+    pub fn set_cur(&mut self, index: usize) {
+        self.vcpus.set_cur(index)
+    }
+
+    /// The current vCPU's index.
+    pub fn cur(&self) -> usize {
+        self.vcpus.cur()
+    }
+
+    /// The current vCPU (see `cur`).
+    #[inline(always)]
     pub fn vcpu(&mut self) -> &mut B::Vcpu {
-        // SAFETY: `cur < vcpus.len()`: `vcpus` is a non-empty boxed slice
-        // whose length cannot change, and `cur` is 0 at construction and
-        // set only by `set_cur`, which checks it against that length.
-        unsafe { &mut self.vcpus.get_unchecked_mut(self.cur).vcpu }
+        &mut self.vcpus.current_mut().vcpu
     }
 
     /// The current vCPU, to read.
     pub fn vcpu_ref(&self) -> &B::Vcpu {
-        &self.vcpus[self.cur].vcpu
+        &self.vcpus.current().vcpu
     }
 
     /// The memory and the current vCPU at once.
     pub fn split(&mut self) -> (&mut GuestMemory<B::Format>, &mut B::Vcpu) {
-        (&mut self.mem, &mut self.vcpus[self.cur].vcpu)
+        (&mut self.mem, &mut self.vcpus.current_mut().vcpu)
     }
 }
 

@@ -153,7 +153,7 @@ impl<B: Backend> Vm<B> {
     pub fn pause_vcpus(&mut self, paused: bool) {
         let Some(res) = self.res.as_mut() else { return };
         let event = if paused { VcpuEvent::Pause } else { VcpuEvent::Resume };
-        for s in &mut res.vcpus {
+        for s in res.vcpus.iter_mut() {
             s.state.apply(event);
         }
     }
@@ -169,7 +169,7 @@ impl<B: Backend> Vm<B> {
     /// Every vCPU stops (the VM ended).
     pub fn stop_vcpus(&mut self) {
         let Some(res) = self.res.as_mut() else { return };
-        for s in &mut res.vcpus {
+        for s in res.vcpus.iter_mut() {
             s.state.apply(VcpuEvent::Stop);
         }
     }
