@@ -317,11 +317,21 @@ impl VmxVcpu {
     /// be launched again, and drops translations it may have left here
     /// from an earlier stay (a flush while it ran elsewhere reached only
     /// that CPU).
+    #[inline(always)]
     fn make_current(&self) {
-        let here = vcpu::cpu_local::get();
-        if here.current_vmcs.load(Ordering::Relaxed) == self.vmcs.0 {
-            return;
+        // The common case, on every VMCS access outside the exit path's
+        // hot reads: already current here. One GS-relative load.
+        if vcpu::cpu_local::get().current_vmcs.load(Ordering::Relaxed) != self.vmcs.0 {
+            self.load_here();
         }
+    }
+
+    /// `make_current`'s rare part: VMPTRLD, and the arrival work when the
+    /// VMCS comes from another CPU.
+    #[cold]
+    #[inline(never)]
+    fn load_here(&self) {
+        let here = vcpu::cpu_local::get();
         let on = self.active_on.get();
         // Loading a VMCS active on another CPU corrupts it: the scheduler
         // releases a vCPU before moving it. A host bug, not a guest's: loud.
