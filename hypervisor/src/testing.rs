@@ -41,6 +41,8 @@ pub struct MockVcpu {
     pub loaded: bool,
     pub slice: u64,
     pub runs: u32,
+    /// Times `release` was called (the scheduler lets another CPU load it).
+    pub releases: u32,
     /// Changes what `state` returns (tests of the conformance check).
     pub state_filter: Option<fn(&mut GuestState)>,
     /// Changes the state at `put`, as a CPU's save can (same tests).
@@ -62,6 +64,7 @@ impl MockVcpu {
             loaded: false,
             slice: 0,
             runs: 0,
+            releases: 0,
             state_filter: None,
             put_filter: None,
         }
@@ -205,6 +208,7 @@ impl Vcpu for MockVcpu {
     }
     fn release(&mut self) {
         assert!(!self.loaded, "release while loaded");
+        self.releases += 1;
     }
     fn flush_nested_tlb(&mut self, _: FlushScope) {}
 }

@@ -76,7 +76,7 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
     // own virtualization on and answers calls; a nested-TLB flush reached
     // every CPU.
     assert!(host.contains(&format!("  cpu 0: apic 0, boot (console, management, VMs), {backend} on")), "{host}");
-    assert!(host.contains(&format!("  cpu 1: apic 1, idle, {backend} on, answers a call in ")), "{host}");
+    assert!(host.contains(&format!("  cpu 1: apic 1, VMs (0 slices), {backend} on, answers a call in ")), "{host}");
     assert!(host.contains("  shootdown: nested-TLB flush on all 2 cpu(s) in "), "{host}");
     let boot_log = m.transcript();
     assert!(boot_log.contains("smp: 2 cpu(s) online"), "{boot_log}");
@@ -109,6 +109,40 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
     let j = m.json("vm stop 1 --json");
     assert_eq!(j["ok"], false, "stopping an exited VM is refused");
     assert!(j["error"].as_str().unwrap().contains("already exited"));
+
+    // Three VMs at once: each round runs one on each CPU. The AP handles
+    // the exits that touch only its VM and leaves nested page faults and
+    // string I/O to the boot CPU; with three VMs on two CPUs, vCPUs move
+    // between the CPUs (VMCLEAR and VMPTRLD under VT-x, the other CPU's
+    // host state under AMD-V). selftest covers most exit kinds, smptest
+    // IPIs and shared memory across its 4 vCPUs.
+    m.cmd("vm run smptest vcpus=4");
+    m.cmd("vm run selftest");
+    m.cmd("vm run selftest-mb");
+    m.wait_for("vm 2 (smptest) exited", GUEST_TIMEOUT);
+    m.wait_for("vm 3 (selftest) exited", GUEST_TIMEOUT);
+    m.wait_for("vm 4 (selftest-mb) exited", GUEST_TIMEOUT);
+    let t = m.transcript();
+    assert!(t.contains("[vm 2] smptest: PASS (10 checks, 4 vcpus)"), "{t}");
+    assert!(t.contains("[vm 3] selftest: PASS"), "{t}");
+    assert!(t.contains("[vm 4] selftest: PASS"), "{t}");
+    let j = m.json("host --json");
+    let role = j["host_cpus"][1]["role"].as_str().unwrap_or_default().to_string();
+    let slices: u64 =
+        role.strip_prefix("VMs (").and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(slices > 0, "cpu 1 ran no slice: {j}");
+    let (mut on_ap, mut moves) = (0, 0);
+    for id in [2, 3, 4] {
+        let s = m.json(&format!("vm stats {id} --json"));
+        for v in s["vcpus"].as_array().unwrap() {
+            on_ap += v["host_cpus"].as_str().unwrap().split(',').any(|c| c == "1") as u32;
+            moves += v["moves"].as_u64().unwrap();
+        }
+        eprintln!("{}/{}: vm {id} vcpus: {}", emu.name(), emu.backend(), s["vcpus"]);
+    }
+    assert!(on_ap > 0, "no vCPU ran on cpu 1");
+    assert!(moves > 0, "no vCPU moved between the CPUs");
+    eprintln!("{}/{}: cpu 1: {role}", emu.name(), emu.backend());
     m.poweroff();
 }
 

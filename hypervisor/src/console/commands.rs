@@ -496,6 +496,7 @@ fn stats_reply<B: Backend>(
                 json!({
                     "index": i, "apic_id": i, "state": state, "exits": s.exits, "run_ticks": s.run_ticks,
                     "slices": s.slices, "wakeups": s.wakeups, "last_host_cpu": s.last_host_cpu,
+                    "host_cpus": s.host_cpu_list(), "moves": s.moves,
                 })
             })
             .collect();

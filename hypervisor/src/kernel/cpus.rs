@@ -8,7 +8,11 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use spin::Mutex;
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU64, Ordering};
+use hypervisor::cpuid::HostQuirks;
+use hypervisor::manager::rounds::{AwaySlice, SliceCpus};
+use spin::{Mutex, Once};
 use svm::{SliceTimer, SvmCpu};
 use vmx::VmxCpu;
 
@@ -16,18 +20,101 @@ use crate::platform::smp::{self, Cpu, MAX_CPUS};
 use crate::platform::{apic, cpu, memory::HostMem, time};
 use hypervisor::console::CpuStatus;
 
+use super::HostBackend;
+
 /// A CPU's virtualization instance, kept while the CPU lives: it owns the
-/// CPU's VMXON region or host save area and what its vCPUs share.
+/// CPU's VMXON region or host save area and what its vCPUs share. An AP's
+/// is lent to the backend instance that runs a slice there.
 pub enum CpuVirt {
     Vmx(VmxCpu),
-    // Held for what it owns (the host save area EFER.SVME points the CPU
-    // at); read once vCPUs run on APs.
-    #[allow(dead_code)]
     Svm(SvmCpu),
 }
 
 /// The APs' instances by CPU index (the boot CPU's is its backend's).
 static VIRT: [Mutex<Option<CpuVirt>>; MAX_CPUS] = [const { Mutex::new(None) }; MAX_CPUS];
+
+/// Slices each CPU ran for VMs (the boot CPU's are not counted here).
+static SLICES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// The boot CPU's quirks, which every AP's backend instance reports too.
+static BOOT_QUIRKS: Once<HostQuirks> = Once::new();
+
+/// The APs as the scheduler's other CPUs (`manager::rounds`): each with
+/// its virtualization on takes one VM's slice at a time.
+pub struct Aps<B> {
+    cpus: Vec<&'static Cpu>,
+    /// The ticket of the slice each is running.
+    busy: Vec<Option<u64>>,
+    _backend: PhantomData<B>,
+}
+
+impl<B: HostBackend> Aps<B> {
+    pub fn new(quirks: HostQuirks) -> Aps<B> {
+        BOOT_QUIRKS.call_once(|| quirks);
+        let cpus: Vec<&'static Cpu> = smp::cpus().skip(1).filter(|c| matches!(c.virt.get(), Some(Ok(_)))).collect();
+        let busy = alloc::vec![None; cpus.len()];
+        Aps { cpus, busy, _backend: PhantomData }
+    }
+}
+
+// SAFETY: `start` posts each job to one AP, which runs it once
+// (`ap_slice`); `join` returns only when every posted job's CPU answered,
+// and the answer is read with Acquire against the AP's Release.
+unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
+    fn free(&self) -> usize {
+        self.busy.iter().filter(|b| b.is_none()).count()
+    }
+
+    fn start(&mut self, job: *mut AwaySlice<B>) -> bool {
+        for (k, c) in self.cpus.iter().enumerate() {
+            if self.busy[k].is_some() {
+                continue;
+            }
+            if let Some(ticket) = smp::post(c, ap_slice::<B>, job as u64) {
+                self.busy[k] = Some(ticket);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn join(&mut self) {
+        let t0 = time::micros();
+        let mut warned = 0;
+        for (k, c) in self.cpus.iter().enumerate() {
+            let Some(ticket) = self.busy[k] else { continue };
+            while smp::answer(c, ticket).is_none() {
+                core::hint::spin_loop();
+                // A slice ends by its deadline; an AP that does not come
+                // back is a host bug. Say so (the VM it holds cannot be
+                // touched, so there is nothing else to do but wait).
+                let waited = (time::micros() - t0) / 5_000_000;
+                if waited > warned {
+                    warned = waited;
+                    log::warn!("smp: cpu {} has not finished its slice for {} s", c.index(), waited * 5);
+                }
+            }
+            self.busy[k] = None;
+        }
+    }
+}
+
+/// Runs a VM's slice on this AP, with a backend instance made of the AP's
+/// own virtualization (lent back to `VIRT` afterwards). Returns 1 if it
+/// could not (no instance of the boot CPU's vendor here): the job is left
+/// untouched and its VM waits for its next turn.
+fn ap_slice<B: HostBackend>(arg: u64) -> u64 {
+    let i = smp::this_cpu().index() as usize;
+    let quirks = BOOT_QUIRKS.get().copied().unwrap_or_default();
+    let Some(mut backend) = B::on_ap(&mut VIRT[i].lock(), quirks) else { return 1 };
+    // SAFETY: `Aps::start` handed this job to this CPU alone, and the boot
+    // CPU reads it (and touches its VM) only after `join` saw this call
+    // answered.
+    unsafe { (*(arg as *mut AwaySlice<B>)).run(&mut backend) };
+    *VIRT[i].lock() = Some(backend.into_virt());
+    SLICES[i].fetch_add(1, Ordering::Relaxed);
+    0
+}
 
 /// Starts the APs the MADT lists (or whichever answer a broadcast) and
 /// logs the outcome.
@@ -127,7 +214,13 @@ pub fn status(boot_virt: &str) -> (Vec<CpuStatus>, Option<u64>) {
         out.push(CpuStatus {
             index: c.index(),
             apic_id: c.apic_id(),
-            role: String::from(if c.index() == 0 { "boot (console, management, VMs)" } else { "idle" }),
+            role: if c.index() == 0 {
+                String::from("boot (console, management, VMs)")
+            } else if matches!(c.virt.get(), Some(Ok(_))) {
+                format!("VMs ({} slices)", SLICES[c.index() as usize].load(Ordering::Relaxed))
+            } else {
+                String::from("idle")
+            },
             virt,
             call_ticks,
         });

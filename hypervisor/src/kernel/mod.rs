@@ -14,6 +14,7 @@ use bootloader_api::{BootInfo, entry_point};
 use hypervisor::backend::Unavailable;
 use hypervisor::boot_config::{self, BootConfig, FaultInject};
 use hypervisor::console::{self, Edit, LineEditor, commands::After};
+use hypervisor::cpuid::HostQuirks;
 use hypervisor::devices::virtio_slots::HostEntropy;
 use hypervisor::disk::selfcheck;
 use hypervisor::disk::space::FormatOptions;
@@ -185,11 +186,19 @@ fn open_disk() -> Result<(Swap, HostSpace), NoSwap> {
 
 /// A backend as the kernel drives it: the VM layer's interface plus the
 /// start-up report and the test hook for a failing entry.
-trait HostBackend: Backend {
+pub(crate) trait HostBackend: Backend {
     /// "VT-x" or "AMD-V".
     const VENDOR: &'static str;
     fn log_caps(&self);
     fn break_next_entry(&mut self);
+    /// This backend on an AP, made of the AP's own virtualization instance
+    /// (taken from `slot`) and the boot CPU's quirks; `None`, with `slot`
+    /// untouched, if the instance is not this vendor's.
+    fn on_ap(slot: &mut Option<cpus::CpuVirt>, quirks: HostQuirks) -> Option<Self>
+    where
+        Self: Sized;
+    /// The AP's instance back, for the next slice.
+    fn into_virt(self) -> cpus::CpuVirt;
 }
 
 impl HostBackend for VmxBackend {
@@ -211,6 +220,18 @@ impl HostBackend for VmxBackend {
     fn break_next_entry(&mut self) {
         self.break_next_entry = true;
     }
+    fn on_ap(slot: &mut Option<cpus::CpuVirt>, quirks: HostQuirks) -> Option<Self> {
+        match slot.take() {
+            Some(cpus::CpuVirt::Vmx(c)) => Some(VmxBackend::on_ap(c, quirks)),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+    fn into_virt(self) -> cpus::CpuVirt {
+        cpus::CpuVirt::Vmx(self.into_cpu())
+    }
 }
 
 impl HostBackend for SvmBackend {
@@ -220,6 +241,18 @@ impl HostBackend for SvmBackend {
     }
     fn break_next_entry(&mut self) {
         self.break_next_entry = true;
+    }
+    fn on_ap(slot: &mut Option<cpus::CpuVirt>, quirks: HostQuirks) -> Option<Self> {
+        match slot.take() {
+            Some(cpus::CpuVirt::Svm(c)) => Some(SvmBackend::on_ap(c, quirks)),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+    fn into_virt(self) -> cpus::CpuVirt {
+        cpus::CpuVirt::Svm(self.into_cpu())
     }
 }
 
@@ -270,6 +303,7 @@ fn serve<B: HostBackend>(
         Ok(b) => format!("{} on", b.name()),
         Err(why) => format!("virtualization off: {why}"),
     };
+    let mut aps = cpus::Aps::<B>::new(backend.as_ref().map(|b| b.quirks()).unwrap_or_default());
     let mut manager = Manager::new(backend, images);
     if let Some(t) = platform::memory::numa() {
         manager.numa = t.clone();
@@ -345,7 +379,7 @@ fn serve<B: HostBackend>(
                 con.release();
                 crate::print!("{}", console::PROMPT);
             }
-            let ran = manager.run_slice(&mut con);
+            let ran = manager.run_round(&mut con, &mut aps);
             if ran {
                 manager.reclaim_round();
             }
@@ -387,7 +421,7 @@ fn serve<B: HostBackend>(
             }
             con.hold = !editor.is_empty();
         }
-        let ran = manager.run_slice(&mut con);
+        let ran = manager.run_round(&mut con, &mut aps);
         if ran {
             manager.reclaim_round();
         }

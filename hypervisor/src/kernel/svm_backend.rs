@@ -33,6 +33,17 @@ impl SvmBackend {
         Ok(SvmBackend { cpu, mem, quirks, break_next_entry: false })
     }
 
+    /// An AP's instance: the AP's own host save area and host VMCB, with
+    /// the boot CPU's quirks (a guest sees the same CPUID on whichever CPU
+    /// it runs).
+    pub fn on_ap(cpu: SvmCpu, quirks: HostQuirks) -> SvmBackend {
+        SvmBackend { cpu, mem: HostMem, quirks, break_next_entry: false }
+    }
+
+    pub fn into_cpu(self) -> SvmCpu {
+        self.cpu
+    }
+
     pub fn caps(&self) -> &svm::SvmCaps {
         &self.cpu.caps
     }

@@ -31,6 +31,16 @@ impl VmxBackend {
         Ok(VmxBackend { cpu, mem, quirks, break_next_entry: false })
     }
 
+    /// An AP's instance: the AP's own VMX operation, with the boot CPU's
+    /// quirks (a guest sees the same CPUID on whichever CPU it runs).
+    pub fn on_ap(cpu: VmxCpu, quirks: HostQuirks) -> VmxBackend {
+        VmxBackend { cpu, mem: HostMem, quirks, break_next_entry: false }
+    }
+
+    pub fn into_cpu(self) -> VmxCpu {
+        self.cpu
+    }
+
     pub fn caps(&self) -> &vmx::caps::VmxCaps {
         &self.cpu.caps
     }

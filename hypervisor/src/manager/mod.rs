@@ -26,7 +26,9 @@ use crate::loader::{GuestWrite, GuestWriteError};
 use crate::memory::reclaim::{self, VmReclaim};
 use crate::memory::{GuestMemory, HostMemory, MIN_TARGET_PAGES};
 use crate::net::switch::{self, PortId, Switch};
-use crate::vm::exit::{Console, Flow};
+use crate::vm::exit::Console;
+#[cfg(test)]
+use crate::vm::exit::Flow;
 use crate::vm::{Resources, RunState, Vm, VmStats, boot};
 
 mod error;
@@ -654,129 +656,6 @@ impl<B: Backend> Manager<B> {
         }
     }
 
-    /// Runs the next runnable vCPU for one time slice: VMs round-robin,
-    /// and within a VM its vCPUs round-robin (`Vm::pick_vcpu`, which
-    /// passes halted vCPUs over until an interrupt for them is pending).
-    /// Returns false when nothing could run.
-    pub fn run_slice(&mut self, console: &mut impl Console) -> bool {
-        let Ok(backend) = self.backend.as_mut() else {
-            return false;
-        };
-        let n = self.vms.len();
-        let now = backend.now();
-        let hz = backend.tsc_hz();
-        let Some((i, v)) =
-            (0..n).map(|k| (self.cursor + k) % n).find_map(|i| Some((i, self.vms[i].pick_vcpu(now, hz)?)))
-        else {
-            return false;
-        };
-        self.cursor = (i + 1) % n.max(1);
-        let vm = &mut self.vms[i];
-        vm.state = RunState::Running;
-        vm.next_vcpu = v + 1;
-        vm.devices.set_current(v);
-        vm.stats.first_entry_tsc.get_or_insert(now);
-        vcpu::cpu_local::get().current_vm.store(vm.id, Ordering::Relaxed);
-        let flow = {
-            // The slice ends early enough for the VM's next timer
-            // interrupt to be delivered on time.
-            let slice = self.slice_ticks.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS));
-            let Some(res) = vm.res.as_mut() else {
-                return false;
-            };
-            res.set_cur(v);
-            let slot = &mut res.vcpus[v];
-            slot.state.apply(crate::vm::VcpuEvent::Enter);
-            slot.stats.slices += 1;
-            slot.stats.last_host_cpu = vcpu::cpu_local::get().index;
-            let exits_before = vm.stats.total_exits();
-            let ticks_before = vm.stats.run_ticks;
-            // Pages the guest touches first in this slice come from its node.
-            backend.prefer_node(vm.node);
-            res.vcpu().load();
-            res.vcpu().set_time_slice(slice);
-            let mut slice_end = now.saturating_add(slice);
-            vm.deliver_interrupts(now, backend.tsc_hz());
-            // The preemption timer counts guest time only; a VM that exits
-            // all the time must still give the CPU up after a slice of
-            // wall-clock time, or the console and other VMs starve.
-            let mut t0 = backend.now();
-            let deadline = t0.saturating_add(self.slice_ticks);
-            let flow = loop {
-                // Not `map` into an `Option<VmExit>`: that moves the exit
-                // once more on every exit.
-                let Some(res) = vm.res.as_mut() else { break Flow::Stop };
-                let exit = res.vcpu().run();
-                // One clock read per exit: it ends this run and starts the
-                // next, so exit handling counts as the VM's time.
-                let t1 = backend.now();
-                vm.stats.run_ticks += t1.wrapping_sub(t0);
-                t0 = t1;
-                let kind = exit.kind();
-                vm.stats.exits[kind as usize] += 1;
-                crate::trace_exit(vm.id, &exit);
-                let preempted = matches!(exit, vcpu::VmExit::Preempted);
-                let flow = vm.handle_exit(exit, backend, &mut self.host_mem, console);
-                if flow != Flow::Continue {
-                    vm.stats.slices_expired += preempted as u64;
-                    break flow;
-                }
-                // An IPI for another vCPU (or an INIT for this one; only an
-                // APIC write sends one): let the scheduler act on it now
-                // rather than at the slice's end.
-                if matches!(kind, vcpu::ExitKind::NestedPageFault | vcpu::ExitKind::Wrmsr) && vm.devices.take_kicked() {
-                    break Flow::Yield;
-                }
-                vm.deliver_interrupts(t1, backend.tsc_hz());
-                // The guest moved its timer earlier than the slice's end
-                // (reprogrammed a counter): end the slice in time for it,
-                // or a guest that spins waiting for that interrupt gets it
-                // only when the slice runs out.
-                let timer = vm.timer_tick.max(t1.saturating_add(MIN_SLICE_TICKS));
-                if timer < slice_end {
-                    if let Some(res) = vm.res.as_mut() {
-                        res.vcpu().set_time_slice(timer - t1);
-                    }
-                    slice_end = timer;
-                }
-                if t1 >= deadline {
-                    vm.stats.slices_expired += 1;
-                    break Flow::Yield;
-                }
-            };
-            if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
-                slot.stats.exits += vm.stats.total_exits() - exits_before;
-                slot.stats.run_ticks += vm.stats.run_ticks - ticks_before;
-            }
-            flow
-        };
-        if let Some(res) = vm.res.as_mut() {
-            res.vcpu().put();
-        }
-        backend.prefer_node(None);
-        vcpu::cpu_local::get().current_vm.store(0, Ordering::Relaxed);
-        // Its vCPU leaves; a VM of several vCPUs that none can run again ends.
-        let smp_ended = flow != Flow::Reset && vm.after_slice(v, backend, console);
-        let flow = if smp_ended { Flow::Stop } else { flow };
-        let (id, ended) = (vm.id, flow == Flow::Stop && vm.state.ended());
-        // What the NIC sent in this slice goes out before anything else
-        // (a guest's last frames before it powers off included).
-        self.forward_frames(i);
-        if ended {
-            self.complete_live_save_of(id, console);
-            let Ok(backend) = self.backend.as_mut() else { return true };
-            release(backend, &mut self.host_mem, &mut self.vms[i]);
-            detach_port(&mut self.switches, id);
-        }
-        if flow == Flow::OutOfMemory {
-            self.relieve_memory_pressure(id, console);
-        }
-        if flow == Flow::Reset {
-            self.reboot_vm(i, console);
-        }
-        true
-    }
-
     /// A guest access of VM `faulting` found no free frame (it retries when
     /// it runs next). Get frames back: a sharing pass over every VM, then
     /// page-outs from the VMs over their entitlement, furthest over first.
@@ -1217,6 +1096,9 @@ mod lazy_tests;
 mod mem_tests;
 #[cfg(test)]
 mod net_tests;
+pub mod rounds;
+#[cfg(test)]
+mod rounds_tests;
 pub mod save_job;
 #[cfg(test)]
 mod save_tests;

@@ -53,6 +53,11 @@ pub struct Cpu {
 }
 
 impl Cpu {
+    /// A call was posted that it has not answered yet.
+    fn busy(&self) -> bool {
+        self.asked.load(Ordering::Acquire) != self.answered.load(Ordering::Acquire)
+    }
+
     const fn new(index: u32, apic_id: u32) -> Cpu {
         Cpu {
             local: CpuLocal::new(index, apic_id),
@@ -477,6 +482,28 @@ pub extern "x86-interrupt" fn wake_interrupt(_frame: InterruptStackFrame) {
     apic::eoi();
 }
 
+/// Starts `f(arg)` on `cpu` without waiting for it: the ticket to ask
+/// [`answer`] with, or `None` if the CPU is offline, is this one, or has a
+/// call still to answer.
+pub fn post(cpu: &'static Cpu, f: fn(u64) -> u64, arg: u64) -> Option<u64> {
+    let _one_caller = CALLS.lock();
+    if cpu.index() == cpu_local::get().index || !cpu.online.load(Ordering::Acquire) || cpu.busy() {
+        return None;
+    }
+    cpu.call.store(f as usize, Ordering::Relaxed);
+    cpu.arg.store(arg, Ordering::Relaxed);
+    let n = cpu.asked.fetch_add(1, Ordering::Release) + 1;
+    // Fixed delivery, physical destination, assert.
+    apic::send_ipi(cpu.apic_id(), WAKE_VECTOR as u32 | 1 << 14);
+    Some(n)
+}
+
+/// What the call [`post`] gave `ticket` for returned, once it has run
+/// (its writes are then visible here: Acquire against the CPU's Release).
+pub fn answer(cpu: &Cpu, ticket: u64) -> Option<u64> {
+    (cpu.answered.load(Ordering::Acquire) == ticket).then(|| cpu.result.load(Ordering::Relaxed))
+}
+
 /// Runs `f(arg)` on each of `cpus` at once (the caller's own CPU directly)
 /// and waits up to `timeout_us` for all: each one's result, or `None` for a
 /// CPU that did not answer in time (it may still run the call later).
@@ -485,7 +512,9 @@ pub fn run_on(cpus: &[&'static Cpu], f: fn(u64) -> u64, arg: u64, timeout_us: u6
     let me = cpu_local::get().index;
     let mut asked = Vec::with_capacity(cpus.len());
     for c in cpus {
-        if c.index() == me || !c.online.load(Ordering::Acquire) {
+        // A CPU still busy with a posted call (a slice) is not asked: its
+        // mailbox holds one call at a time.
+        if c.index() == me || !c.online.load(Ordering::Acquire) || c.busy() {
             asked.push(0);
             continue;
         }

@@ -92,6 +92,7 @@ impl<F: EntryFormat> hypercall::Context for HcCtx<'_, F> {
 
 impl<B: Backend> Vm<B> {
     /// Handles one exit of this (live) VM.
+    #[inline(always)]
     pub fn handle_exit(
         &mut self,
         exit: VmExit,
@@ -99,6 +100,29 @@ impl<B: Backend> Vm<B> {
         host: &mut HostMemory,
         console: &mut impl Console,
     ) -> Flow {
+        match exit {
+            VmExit::Io(io) if io.string => self.string_io(io, backend, host, console),
+            VmExit::NestedPageFault { gpa, access, gva } => {
+                self.nested_page_fault(gpa, access, gva, backend, host, console)
+            }
+            other => self.handle_vm_exit(other, backend, console),
+        }
+    }
+
+    /// Whether handling `exit` needs the host's shared state (host memory:
+    /// sharing, swap, frames; the disks and switches behind MMIO devices),
+    /// which only the boot CPU touches. The rest, [`Vm::handle_vm_exit`],
+    /// reads and writes this VM alone.
+    pub fn exit_needs_host(exit: &VmExit) -> bool {
+        matches!(exit, VmExit::NestedPageFault { .. } | VmExit::Io(IoAccess { string: true, .. }))
+    }
+
+    /// Handles an exit for which [`Vm::exit_needs_host`] is false: it
+    /// touches this VM's vCPUs, devices and memory only (no host memory
+    /// parameter, so it cannot reach the host's), which is what lets a CPU
+    /// that holds the VM alone for a slice handle it (`manager::rounds`).
+    #[inline(always)]
+    pub fn handle_vm_exit(&mut self, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Flow {
         let Some(res) = self.res.as_mut() else {
             return Flow::Stop;
         };
@@ -118,7 +142,6 @@ impl<B: Backend> Vm<B> {
                 vcpu.skip_instruction();
                 Flow::Continue
             }
-            VmExit::Io(io) if io.string => self.string_io(io, backend, host, console),
             VmExit::Io(io) => self.handle_io(io, backend, console),
             VmExit::Hlt => self.hlt(backend, console),
             VmExit::InvalidOpcode => {
@@ -179,9 +202,6 @@ impl<B: Backend> Vm<B> {
                     vcpu.inject(Event::GP0);
                 }
                 Flow::Continue
-            }
-            VmExit::NestedPageFault { gpa, access, gva } => {
-                self.nested_page_fault(gpa, access, gva, backend, host, console)
             }
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => Flow::Continue,
             VmExit::Preempted => Flow::Yield,

@@ -14,6 +14,7 @@ pub mod vcpu_state;
 use vcpu::walk;
 
 use alloc::boxed::Box;
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use mm::addr::GuestPhysAddr;
@@ -132,8 +133,29 @@ pub struct VcpuStats {
     pub slices: u64,
     /// Times an interrupt woke it from HLT.
     pub wakeups: u64,
-    /// The host CPU it last ran on (all run on CPU 0 for now).
+    /// The host CPU it last ran on.
     pub last_host_cpu: u32,
+    /// Every host CPU it ran on, a bit each (CPUs past 63 share bit 63).
+    pub host_cpus: u64,
+    /// Slices it ran on another host CPU than the one before.
+    pub moves: u64,
+}
+
+impl VcpuStats {
+    /// Notes a slice on host CPU `cpu`.
+    pub fn ran_on(&mut self, cpu: u32) {
+        if self.host_cpus != 0 && cpu != self.last_host_cpu {
+            self.moves += 1;
+        }
+        self.last_host_cpu = cpu;
+        self.host_cpus |= 1 << cpu.min(63);
+    }
+
+    /// "0,1": the host CPUs it ran on.
+    pub fn host_cpu_list(&self) -> String {
+        let cpus: Vec<String> = (0..64).filter(|b| self.host_cpus & (1 << b) != 0).map(|b| format!("{b}")).collect();
+        if cpus.is_empty() { String::from("none") } else { cpus.join(",") }
+    }
 }
 
 /// One vCPU: the backend's object and what only this vCPU has. Its local

@@ -195,8 +195,13 @@ impl<B: Backend> Vm<B> {
             .into_iter()
             .map(|(i, state, s)| {
                 format!(
-                    "vcpu {i}: {state}, {} exits, {} slices, {} wake-ups from hlt, last on host cpu {}",
-                    s.exits, s.slices, s.wakeups, s.last_host_cpu
+                    "vcpu {i}: {state}, {} exits, {} slices, {} wake-ups from hlt, last on host cpu {}, ran on host cpus {} ({} moves)",
+                    s.exits,
+                    s.slices,
+                    s.wakeups,
+                    s.last_host_cpu,
+                    s.host_cpu_list(),
+                    s.moves
                 )
             })
             .collect()

@@ -1,0 +1,419 @@
+//! Time slices, on this CPU and on the host's other CPUs.
+//!
+//! A slice runs one vCPU of one VM until its time is up, it halts, or an
+//! exit needs the scheduler. [`Manager::run_slice`] runs one on the calling
+//! (boot) CPU. [`Manager::run_round`] runs several at once: one VM stays on
+//! the boot CPU and each other runnable VM gets a CPU of its own from a
+//! [`SliceCpus`] (the kernel's APs), which holds that VM alone until the
+//! slice ends (`docs/smp.md`, "VMs on other CPUs"):
+//!
+//! - The boot CPU touches nothing of a VM that is away: the round's own
+//!   slice is of another VM, and everything else (console commands,
+//!   management, frames between VMs, a VM's end) waits for
+//!   [`SliceCpus::join`].
+//! - The other CPU handles the exits that touch only the VM
+//!   ([`Vm::handle_vm_exit`]); an exit that needs the host's shared state
+//!   (a nested page fault: host memory, sharing, swap, and the disks and
+//!   switches behind MMIO; string I/O) ends the slice and is handled on
+//!   the boot CPU after the join.
+//! - The vCPU is released at the end of every slice away (VMCLEAR under
+//!   VT-x), and released on the boot CPU before it goes away, so it can be
+//!   loaded wherever it runs next.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+use vcpu::{Vcpu, VmExit};
+
+use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
+use crate::backend::Backend;
+use crate::memory::HostMemory;
+use crate::vm::exit::{Console, Flow};
+use crate::vm::{RunState, Vm};
+
+/// Where the exits a slice cannot handle itself go.
+trait ExitHost<B: Backend> {
+    /// Handles `exit`, or gives it back for the boot CPU.
+    fn handle(
+        &mut self,
+        vm: &mut Vm<B>,
+        exit: VmExit,
+        backend: &mut B,
+        console: &mut impl Console,
+    ) -> Result<Flow, VmExit>;
+}
+
+/// On the boot CPU, which owns the host's memory: every exit.
+impl<B: Backend> ExitHost<B> for HostMemory {
+    #[inline(always)]
+    fn handle(
+        &mut self,
+        vm: &mut Vm<B>,
+        exit: VmExit,
+        backend: &mut B,
+        console: &mut impl Console,
+    ) -> Result<Flow, VmExit> {
+        Ok(vm.handle_exit(exit, backend, self, console))
+    }
+}
+
+/// On another CPU: what touches only the VM.
+struct Away;
+
+impl<B: Backend> ExitHost<B> for Away {
+    #[inline(always)]
+    fn handle(
+        &mut self,
+        vm: &mut Vm<B>,
+        exit: VmExit,
+        backend: &mut B,
+        console: &mut impl Console,
+    ) -> Result<Flow, VmExit> {
+        if Vm::<B>::exit_needs_host(&exit) {
+            return Err(exit);
+        }
+        Ok(vm.handle_vm_exit(exit, backend, console))
+    }
+}
+
+/// How a slice ended.
+pub struct SliceEnd {
+    pub flow: Flow,
+    /// An exit left for the boot CPU (slices away only).
+    pub deferred: Option<VmExit>,
+}
+
+/// Console lines a slice away produced, printed by the boot CPU after the
+/// join (the serial port is the boot CPU's).
+#[derive(Default)]
+pub struct Lines(pub Vec<String>);
+
+impl Console for Lines {
+    fn line(&mut self, text: &str) {
+        self.0.push(String::from(text));
+    }
+}
+
+/// One vCPU's slice on another CPU. The boot CPU makes it, hands it to a
+/// [`SliceCpus`], and reads it back only after [`SliceCpus::join`].
+pub struct AwaySlice<B: Backend> {
+    /// The VM, the other CPU's alone until the join (a pointer: the boot
+    /// CPU keeps its `Box` in the VM table and does not touch it).
+    vm: *mut Vm<B>,
+    index: usize,
+    vcpu: usize,
+    slice_ticks: u64,
+    /// Set by [`AwaySlice::run`].
+    end: Option<SliceEnd>,
+    lines: Lines,
+    /// The host CPU that ran it.
+    cpu: u32,
+}
+
+impl<B: Backend> AwaySlice<B> {
+    /// Runs the slice on the calling CPU, with that CPU's own backend
+    /// instance.
+    ///
+    /// # Safety
+    /// Called once, by the one CPU the job was handed to, between
+    /// [`SliceCpus::start`] and the return of [`SliceCpus::join`]: the VM
+    /// is then this CPU's alone (the boot CPU does not touch it).
+    pub unsafe fn run(&mut self, backend: &mut B) {
+        // SAFETY: the caller's contract: nothing else uses the VM now.
+        let vm = unsafe { &mut *self.vm };
+        self.cpu = vcpu::cpu_local::get().index;
+        let end = run_body(vm, self.vcpu, backend, &mut Away, &mut self.lines, self.slice_ticks);
+        // Any CPU may load it next.
+        if let Some(res) = vm.res.as_mut() {
+            res.vcpu().release();
+        }
+        self.end = Some(end);
+    }
+
+    /// The VM this slice is of (its index in the VM table).
+    pub fn vm_index(&self) -> usize {
+        self.index
+    }
+}
+
+/// The host's other CPUs, as the scheduler uses them: each takes one
+/// [`AwaySlice`] at a time.
+///
+/// # Safety
+/// An implementation runs each started job exactly once, on one CPU, by
+/// calling [`AwaySlice::run`] with that CPU's backend instance, and
+/// [`SliceCpus::join`] returns only after every started job's `run` has
+/// returned (with its writes visible to the caller).
+pub unsafe trait SliceCpus<B: Backend> {
+    /// How many CPUs could take a slice now.
+    fn free(&self) -> usize;
+    /// Starts `job` on a free CPU; false if none is free (the job was not
+    /// touched). `job` must stay where it is until [`SliceCpus::join`].
+    fn start(&mut self, job: *mut AwaySlice<B>) -> bool;
+    /// Waits for every started job.
+    fn join(&mut self);
+}
+
+/// No other CPUs: every slice runs on the boot CPU.
+pub struct NoOtherCpus;
+
+// SAFETY: it starts nothing.
+unsafe impl<B: Backend> SliceCpus<B> for NoOtherCpus {
+    fn free(&self) -> usize {
+        0
+    }
+    fn start(&mut self, _: *mut AwaySlice<B>) -> bool {
+        false
+    }
+    fn join(&mut self) {}
+}
+
+/// One vCPU's slice: enters the guest until the slice is over or an exit
+/// needs the scheduler (or, away, the boot CPU). Everything it touches is
+/// the VM's, the backend (this CPU's) and the host memory or `Away`.
+#[inline(always)]
+fn run_body<B: Backend, H: ExitHost<B>>(
+    vm: &mut Vm<B>,
+    v: usize,
+    backend: &mut B,
+    host: &mut H,
+    console: &mut impl Console,
+    slice_ticks: u64,
+) -> SliceEnd {
+    let now = backend.now();
+    vm.state = RunState::Running;
+    vm.next_vcpu = v + 1;
+    vm.devices.set_current(v);
+    vm.stats.first_entry_tsc.get_or_insert(now);
+    let here = vcpu::cpu_local::get();
+    here.current_vm.store(vm.id, Ordering::Relaxed);
+    // The slice ends early enough for the VM's next timer interrupt to be
+    // delivered on time.
+    let slice = slice_ticks.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS));
+    let Some(res) = vm.res.as_mut() else {
+        here.current_vm.store(0, Ordering::Relaxed);
+        return SliceEnd { flow: Flow::Stop, deferred: None };
+    };
+    res.set_cur(v);
+    let slot = &mut res.vcpus[v];
+    slot.state.apply(crate::vm::VcpuEvent::Enter);
+    slot.stats.slices += 1;
+    slot.stats.ran_on(here.index);
+    let exits_before = vm.stats.total_exits();
+    let ticks_before = vm.stats.run_ticks;
+    // Pages the guest touches first in this slice come from its node.
+    backend.prefer_node(vm.node);
+    res.vcpu().load();
+    res.vcpu().set_time_slice(slice);
+    let mut slice_end = now.saturating_add(slice);
+    vm.deliver_interrupts(now, backend.tsc_hz());
+    // The preemption timer counts guest time only; a VM that exits all the
+    // time must still give the CPU up after a slice of wall-clock time, or
+    // the console and other VMs starve.
+    let mut t0 = backend.now();
+    let deadline = t0.saturating_add(slice_ticks);
+    let mut deferred = None;
+    let flow = loop {
+        // Not `map` into an `Option<VmExit>`: that moves the exit once more
+        // on every exit.
+        let Some(res) = vm.res.as_mut() else { break Flow::Stop };
+        let exit = res.vcpu().run();
+        // One clock read per exit: it ends this run and starts the next, so
+        // exit handling counts as the VM's time.
+        let t1 = backend.now();
+        vm.stats.run_ticks += t1.wrapping_sub(t0);
+        t0 = t1;
+        let kind = exit.kind();
+        vm.stats.exits[kind as usize] += 1;
+        crate::trace_exit(vm.id, &exit);
+        let preempted = matches!(exit, VmExit::Preempted);
+        let flow = match host.handle(vm, exit, backend, console) {
+            Ok(flow) => flow,
+            Err(exit) => {
+                deferred = Some(exit);
+                break Flow::Yield;
+            }
+        };
+        if flow != Flow::Continue {
+            vm.stats.slices_expired += preempted as u64;
+            break flow;
+        }
+        // An IPI for another vCPU (or an INIT for this one; only an APIC
+        // write sends one): let the scheduler act on it now rather than at
+        // the slice's end.
+        if matches!(kind, vcpu::ExitKind::NestedPageFault | vcpu::ExitKind::Wrmsr) && vm.devices.take_kicked() {
+            break Flow::Yield;
+        }
+        vm.deliver_interrupts(t1, backend.tsc_hz());
+        // The guest moved its timer earlier than the slice's end
+        // (reprogrammed a counter): end the slice in time for it, or a guest
+        // that spins waiting for that interrupt gets it only when the slice
+        // runs out.
+        let timer = vm.timer_tick.max(t1.saturating_add(MIN_SLICE_TICKS));
+        if timer < slice_end {
+            if let Some(res) = vm.res.as_mut() {
+                res.vcpu().set_time_slice(timer - t1);
+            }
+            slice_end = timer;
+        }
+        if t1 >= deadline {
+            vm.stats.slices_expired += 1;
+            break Flow::Yield;
+        }
+    };
+    if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
+        slot.stats.exits += vm.stats.total_exits() - exits_before;
+        slot.stats.run_ticks += vm.stats.run_ticks - ticks_before;
+    }
+    if let Some(res) = vm.res.as_mut() {
+        res.vcpu().put();
+    }
+    backend.prefer_node(None);
+    here.current_vm.store(0, Ordering::Relaxed);
+    SliceEnd { flow, deferred }
+}
+
+impl<B: Backend> Manager<B> {
+    /// The next runnable vCPU after the cursor, of a VM not in `taken`:
+    /// VMs round-robin, and within a VM its vCPUs round-robin
+    /// (`Vm::pick_vcpu`, which passes halted vCPUs over until an
+    /// interrupt for them is pending).
+    fn pick(&mut self, now: u64, hz: u64, taken: &[(usize, usize)]) -> Option<(usize, usize)> {
+        let n = self.vms.len();
+        let found = (0..n)
+            .map(|k| (self.cursor + k) % n)
+            .filter(|i| !taken.iter().any(|(t, _)| t == i))
+            .find_map(|i| Some((i, self.vms[i].pick_vcpu(now, hz)?)))?;
+        self.cursor = (found.0 + 1) % n.max(1);
+        Some(found)
+    }
+
+    /// Runs the next runnable vCPU for one time slice on this CPU. Returns
+    /// false when nothing could run.
+    pub fn run_slice(&mut self, console: &mut impl Console) -> bool {
+        self.run_round(console, &mut NoOtherCpus)
+    }
+
+    /// Runs one time slice on this CPU and, at the same time, one on each
+    /// free CPU of `cpus` for another runnable VM; then waits for them all
+    /// and finishes every slice here. One VM (or one free CPU) is a plain
+    /// slice here: a vCPU moves only when there is work for two CPUs.
+    /// Returns false when nothing could run.
+    pub fn run_round(&mut self, console: &mut impl Console, cpus: &mut impl SliceCpus<B>) -> bool {
+        let Ok(backend) = self.backend.as_ref() else {
+            return false;
+        };
+        let (now, hz) = (backend.now(), backend.tsc_hz());
+        let mut picks: Vec<(usize, usize)> = Vec::new();
+        let Some(first) = self.pick(now, hz, &picks) else {
+            return false;
+        };
+        picks.push(first);
+        let free = cpus.free();
+        while picks.len() <= free {
+            let Some(p) = self.pick(now, hz, &picks) else { break };
+            picks.push(p);
+        }
+        // The slice that stays here: a vCPU that last ran here (it is still
+        // loaded here, nothing to move), else the first pick.
+        let me = vcpu::cpu_local::get().index;
+        let home = picks
+            .iter()
+            .position(|&(i, v)| {
+                self.vms[i].res.as_ref().and_then(|r| r.vcpus.get(v)).map(|s| s.stats.last_host_cpu) == Some(me)
+            })
+            .unwrap_or(0);
+        let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
+        for (k, &(i, v)) in picks.iter().enumerate() {
+            if k == home {
+                continue;
+            }
+            let vm = &mut self.vms[i];
+            let Some(res) = vm.res.as_mut() else { continue };
+            // It may still be loaded here from an earlier slice.
+            if let Some(slot) = res.vcpus.get_mut(v) {
+                slot.vcpu.release();
+            }
+            away.push(AwaySlice {
+                vm: &raw mut **vm,
+                index: i,
+                vcpu: v,
+                slice_ticks: self.slice_ticks,
+                end: None,
+                lines: Lines::default(),
+                cpu: me,
+            });
+        }
+        // Each job stays in place (the vector is not touched) until the join.
+        let started: Vec<bool> = away.iter_mut().map(|job| cpus.start(job)).collect();
+        let (i, v) = picks[home];
+        let end = {
+            let Ok(backend) = self.backend.as_mut() else {
+                cpus.join();
+                return false;
+            };
+            run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks)
+        };
+        cpus.join();
+        self.finish_slice(i, v, end.flow, console);
+        for (job, started) in away.into_iter().zip(started) {
+            for l in &job.lines.0 {
+                console.line(l);
+            }
+            // A job no CPU took: its VM simply waits for its next turn.
+            let Some(end) = job.end.filter(|_| started) else { continue };
+            let flow = match end.deferred {
+                Some(exit) => self.handle_deferred(job.index, job.vcpu, exit, console),
+                None => end.flow,
+            };
+            self.finish_slice(job.index, job.vcpu, flow, console);
+        }
+        true
+    }
+
+    /// An exit a slice away left for this CPU: handled here, where the
+    /// host's memory is, with the vCPU loaded here for it.
+    fn handle_deferred(&mut self, i: usize, v: usize, exit: VmExit, console: &mut impl Console) -> Flow {
+        let Ok(backend) = self.backend.as_mut() else { return Flow::Stop };
+        let vm = &mut self.vms[i];
+        let Some(res) = vm.res.as_mut() else { return Flow::Stop };
+        res.set_cur(v);
+        vm.devices.set_current(v);
+        res.vcpu().load();
+        vcpu::cpu_local::get().current_vm.store(vm.id, Ordering::Relaxed);
+        let flow = vm.handle_exit(exit, backend, &mut self.host_mem, console);
+        vcpu::cpu_local::get().current_vm.store(0, Ordering::Relaxed);
+        if let Some(res) = vm.res.as_mut() {
+            res.vcpu().put();
+        }
+        // The slice is over either way: a `Continue` only means the VM
+        // may run on.
+        if flow == Flow::Continue { Flow::Yield } else { flow }
+    }
+
+    /// What follows a slice, on this CPU: the vCPU's state, frames the VM
+    /// sent, and the VM's end, reset or memory pressure.
+    fn finish_slice(&mut self, i: usize, v: usize, flow: Flow, console: &mut impl Console) {
+        let Ok(backend) = self.backend.as_mut() else { return };
+        let vm = &mut self.vms[i];
+        // Its vCPU leaves; a VM of several vCPUs that none can run again ends.
+        let smp_ended = flow != Flow::Reset && vm.after_slice(v, backend, console);
+        let flow = if smp_ended { Flow::Stop } else { flow };
+        let (id, ended) = (vm.id, flow == Flow::Stop && vm.state.ended());
+        // What the NIC sent in this slice goes out before anything else (a
+        // guest's last frames before it powers off included).
+        self.forward_frames(i);
+        if ended {
+            self.complete_live_save_of(id, console);
+            let Ok(backend) = self.backend.as_mut() else { return };
+            release(backend, &mut self.host_mem, &mut self.vms[i]);
+            detach_port(&mut self.switches, id);
+        }
+        if flow == Flow::OutOfMemory {
+            self.relieve_memory_pressure(id, console);
+        }
+        if flow == Flow::Reset {
+            self.reboot_vm(i, console);
+        }
+    }
+}

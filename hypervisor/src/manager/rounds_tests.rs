@@ -1,0 +1,138 @@
+//! Rounds of slices on several CPUs, with a stand-in for the kernel's APs
+//! that runs each job at the join with a backend instance of its own: the
+//! VM away handles the exits that touch only it, leaves the rest for the
+//! boot CPU, and its console lines come out after the join.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use vcpu::{ExitKind, IoAccess, MemAccess, VmExit};
+
+use super::rounds::{AwaySlice, SliceCpus};
+use super::*;
+use crate::testing::{Lines, MockBackend, Step, elf_guest};
+
+/// One other CPU, with its own backend instance (its clock shows what it
+/// handled).
+struct OneOtherCpu {
+    backend: MockBackend,
+    job: Option<*mut AwaySlice<MockBackend>>,
+    ran: Vec<usize>,
+}
+
+// SAFETY: each started job runs once, in `join`, before it returns.
+unsafe impl SliceCpus<MockBackend> for OneOtherCpu {
+    fn free(&self) -> usize {
+        usize::from(self.job.is_none())
+    }
+    fn start(&mut self, job: *mut AwaySlice<MockBackend>) -> bool {
+        if self.job.is_some() {
+            return false;
+        }
+        self.job = Some(job);
+        true
+    }
+    fn join(&mut self) {
+        if let Some(job) = self.job.take() {
+            // SAFETY: the manager keeps the job in place until this returns
+            // and touches its VM only afterwards.
+            let job = unsafe { &mut *job };
+            self.ran.push(job.vm_index());
+            // SAFETY: as above.
+            unsafe { job.run(&mut self.backend) };
+        }
+    }
+}
+
+fn manager() -> Manager<MockBackend> {
+    // `mov [rax], ecx` over and over: a scripted MMIO write decodes as one
+    // wherever RIP is.
+    let code: Vec<u8> = [0x89u8, 0x08].repeat(64);
+    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&code) }];
+    Manager::new(Ok(MockBackend::new(16384)), images)
+}
+
+fn exit(e: VmExit) -> Step {
+    Box::new(move |_| e.clone())
+}
+
+/// `out 0x3f8, al` with `byte` in AL.
+fn com1(byte: u8) -> Step {
+    Box::new(move |v| {
+        v.gprs.rax = u64::from(byte);
+        VmExit::Io(IoAccess { port: 0x3f8, size: 1, write: true, string: false, rep: false })
+    })
+}
+
+/// A guest write of `value` to the local APIC's task-priority register.
+fn tpr_write(value: u32) -> Step {
+    Box::new(move |v| {
+        v.gprs.rax = 0xfee0_0080;
+        v.gprs.rcx = u64::from(value);
+        VmExit::NestedPageFault { gpa: 0xfee0_0080, access: MemAccess::Write, gva: Some(0xfee0_0080) }
+    })
+}
+
+fn vcpu_of(m: &Manager<MockBackend>, id: u32) -> &crate::testing::MockVcpu {
+    &m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].vcpu
+}
+
+#[test]
+fn a_second_vm_runs_on_the_other_cpu_and_leaves_it_what_needs_the_host() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 stays here: CPUIDs until its slice is over.
+    b.scripts.push_back((0..64).map(|_| exit(VmExit::Cpuid)).collect());
+    // VM 2 goes away: a CPUID and a line on COM1 (its own devices), then
+    // an APIC write, which is MMIO (a nested page fault: the boot CPU's),
+    // then more it must not get to in this slice.
+    let mut away: Vec<Step> = vec![exit(VmExit::Cpuid)];
+    away.extend(b"hi\n".iter().map(|&c| com1(c)));
+    away.push(tpr_write(0x20));
+    away.push(exit(VmExit::Cpuid));
+    b.scripts.push_back(away);
+    let one = m.run_vm("tiny", 4, "").unwrap();
+    let two = m.run_vm("tiny", 4, "").unwrap();
+    // Slices short enough that VM 1's CPUIDs outlast one.
+    m.slice_ticks = 200;
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [1], "VM 2 (index 1) went to the other CPU");
+    assert!(other.backend.clock.get() > 0, "the other CPU's own backend handled its exits");
+
+    let v2 = vcpu_of(&m, two);
+    assert_eq!(v2.releases, 2, "released before it left and when its slice ended");
+    assert!(!v2.loaded);
+    let vm2 = m.get(two).unwrap();
+    assert_eq!(vm2.stats.exits[ExitKind::Cpuid as usize], 1);
+    assert_eq!(vm2.stats.exits[ExitKind::NestedPageFault as usize], 1);
+    assert_eq!(vm2.devices.lapic(0).unwrap().tpr(), 0x20, "the APIC write was carried out here");
+    assert_eq!(v2.skipped, 4, "CPUID and three OUTs completed (the MMIO write by the emulator)");
+    assert_eq!(v2.script.len(), 1, "the slice ended at the exit left for the boot CPU");
+    assert!(con.0.iter().any(|l| l == "[vm 2] hi"), "{:?}", con.0);
+
+    let vm1 = m.get(one).unwrap();
+    let cpuids = vm1.stats.exits[ExitKind::Cpuid as usize];
+    assert!(cpuids > 0 && cpuids < 64, "VM 1 ran here for one slice: {cpuids}");
+    assert_eq!(vcpu_of(&m, one).releases, 0, "VM 1 never moved");
+
+    // Next round: VM 1 stays here again (it last ran here), VM 2 goes on
+    // on the other CPU to its end of script.
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [1, 1]);
+    assert_eq!(m.get(two).unwrap().stats.exits[ExitKind::Cpuid as usize], 2);
+}
+
+#[test]
+fn one_runnable_vm_stays_on_the_boot_cpu() {
+    let mut m = manager();
+    m.backend.as_mut().unwrap().scripts.push_back(vec![exit(VmExit::Cpuid), exit(VmExit::Cpuid)]);
+    let id = m.run_vm("tiny", 4, "").unwrap();
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(other.ran.is_empty(), "nothing to move for");
+    assert_eq!(vcpu_of(&m, id).releases, 0);
+    assert!(m.get(id).unwrap().stats.exits[ExitKind::Cpuid as usize] >= 1);
+}
