@@ -12,7 +12,7 @@
 //!   management, frames between VMs, a VM's end) waits for
 //!   [`SliceCpus::join`].
 //! - The other CPU handles the exits that touch only the VM
-//!   ([`Vm::handle_vm_exit`]); an exit that needs the host's shared state
+//!   (`Vm::handle_exit_with` without the host's memory); an exit that needs the host's shared state
 //!   (a nested page fault: host memory, sharing, swap, and the disks and
 //!   switches behind MMIO; string I/O) ends the slice and is handled on
 //!   the boot CPU after the join.
@@ -28,51 +28,45 @@ use vcpu::{Vcpu, VmExit};
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
 use crate::backend::Backend;
 use crate::memory::HostMemory;
-use crate::vm::exit::{Console, Flow};
+use crate::vm::exit::{Console, Flow, NoHost};
 use crate::vm::{RunState, Vm};
 
-/// Where the exits a slice cannot handle itself go.
-trait ExitHost<B: Backend> {
-    /// Handles `exit`, or gives it back for the boot CPU.
-    fn handle(
-        &mut self,
-        vm: &mut Vm<B>,
-        exit: VmExit,
-        backend: &mut B,
-        console: &mut impl Console,
-    ) -> Result<Flow, VmExit>;
+/// Where a slice's exits are handled.
+trait SliceHost<B: Backend> {
+    /// Handles `exit`, or keeps it for the boot CPU (`None`).
+    fn handle(&mut self, vm: &mut Vm<B>, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Option<Flow>;
+    /// The exit kept for the boot CPU, if any.
+    fn take_deferred(&mut self) -> Option<VmExit>;
 }
 
 /// On the boot CPU, which owns the host's memory: every exit.
-impl<B: Backend> ExitHost<B> for HostMemory {
+impl<B: Backend> SliceHost<B> for HostMemory {
     #[inline(always)]
-    fn handle(
-        &mut self,
-        vm: &mut Vm<B>,
-        exit: VmExit,
-        backend: &mut B,
-        console: &mut impl Console,
-    ) -> Result<Flow, VmExit> {
-        Ok(vm.handle_exit(exit, backend, self, console))
+    fn handle(&mut self, vm: &mut Vm<B>, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Option<Flow> {
+        Some(vm.handle_exit(exit, backend, self, console))
+    }
+    fn take_deferred(&mut self) -> Option<VmExit> {
+        None
     }
 }
 
 /// On another CPU: what touches only the VM.
-struct Away;
+#[derive(Default)]
+struct Away {
+    deferred: Option<VmExit>,
+}
 
-impl<B: Backend> ExitHost<B> for Away {
+impl<B: Backend> SliceHost<B> for Away {
     #[inline(always)]
-    fn handle(
-        &mut self,
-        vm: &mut Vm<B>,
-        exit: VmExit,
-        backend: &mut B,
-        console: &mut impl Console,
-    ) -> Result<Flow, VmExit> {
+    fn handle(&mut self, vm: &mut Vm<B>, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Option<Flow> {
         if Vm::<B>::exit_needs_host(&exit) {
-            return Err(exit);
+            self.deferred = Some(exit);
+            return None;
         }
-        Ok(vm.handle_vm_exit(exit, backend, console))
+        Some(vm.handle_exit_with(exit, backend, NoHost, console))
+    }
+    fn take_deferred(&mut self) -> Option<VmExit> {
+        self.deferred.take()
     }
 }
 
@@ -122,7 +116,7 @@ impl<B: Backend> AwaySlice<B> {
         // SAFETY: the caller's contract: nothing else uses the VM now.
         let vm = unsafe { &mut *self.vm };
         self.cpu = vcpu::cpu_local::get().index;
-        let end = run_body(vm, self.vcpu, backend, &mut Away, &mut self.lines, self.slice_ticks);
+        let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, self.slice_ticks);
         // Any CPU may load it next.
         if let Some(res) = vm.res.as_mut() {
             res.vcpu().release();
@@ -171,8 +165,10 @@ unsafe impl<B: Backend> SliceCpus<B> for NoOtherCpus {
 /// One vCPU's slice: enters the guest until the slice is over or an exit
 /// needs the scheduler (or, away, the boot CPU). Everything it touches is
 /// the VM's, the backend (this CPU's) and the host memory or `Away`.
-#[inline(always)]
-fn run_body<B: Backend, H: ExitHost<B>>(
+// Out of line: the exit loop gets a frame of its own, whatever the round
+// around it holds.
+#[inline(never)]
+fn run_body<B: Backend, H: SliceHost<B>>(
     vm: &mut Vm<B>,
     v: usize,
     backend: &mut B,
@@ -212,7 +208,6 @@ fn run_body<B: Backend, H: ExitHost<B>>(
     // the console and other VMs starve.
     let mut t0 = backend.now();
     let deadline = t0.saturating_add(slice_ticks);
-    let mut deferred = None;
     let flow = loop {
         // Not `map` into an `Option<VmExit>`: that moves the exit once more
         // on every exit.
@@ -227,12 +222,8 @@ fn run_body<B: Backend, H: ExitHost<B>>(
         vm.stats.exits[kind as usize] += 1;
         crate::trace_exit(vm.id, &exit);
         let preempted = matches!(exit, VmExit::Preempted);
-        let flow = match host.handle(vm, exit, backend, console) {
-            Ok(flow) => flow,
-            Err(exit) => {
-                deferred = Some(exit);
-                break Flow::Yield;
-            }
+        let Some(flow) = host.handle(vm, exit, backend, console) else {
+            break Flow::Yield;
         };
         if flow != Flow::Continue {
             vm.stats.slices_expired += preempted as u64;
@@ -270,7 +261,7 @@ fn run_body<B: Backend, H: ExitHost<B>>(
     }
     backend.prefer_node(None);
     here.current_vm.store(0, Ordering::Relaxed);
-    SliceEnd { flow, deferred }
+    SliceEnd { flow, deferred: host.take_deferred() }
 }
 
 impl<B: Backend> Manager<B> {
