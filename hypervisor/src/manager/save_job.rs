@@ -96,6 +96,11 @@ pub struct SaveJob {
 }
 
 impl SaveJob {
+    /// Pages written to the stream so far (repeats counted).
+    pub fn pages_written(&self) -> u64 {
+        self.writer.stats().total_pages()
+    }
+
     fn new(id: u32, live: bool, writer: Writer<Staging>, ram: Vec<RamRange>, started: u64, pause_ticks: u64) -> Self {
         let gpa = ram.first().map_or(0, |r| r.base);
         SaveJob {
@@ -563,7 +568,7 @@ pub fn report(s: &Saved, what: String, hz: u64) -> String {
 
 /// The running live save.
 pub struct LiveSave {
-    job: SaveJob,
+    pub(super) job: SaveJob,
     target: Box<dyn SaveTarget>,
     /// What to say before the report when it ends.
     done: String,
