@@ -243,32 +243,16 @@ impl<B: Backend> Manager<B> {
             }
             Phase::Confirming => {}
         }
-        pump(o, t, now_us)?;
-        if o.phase == Phase::Confirming {
-            let mut buf = [0u8; 64];
-            loop {
-                let n = t.read(o.stream, &mut buf).map_err(|_| {
-                    String::from("the destination closed the connection without confirming the VM runs there")
-                })?;
-                if n == 0 {
-                    break;
-                }
-                o.reply.extend_from_slice(&buf[..n]);
-                if o.reply.len() > MAX_REPLY {
-                    return Err(String::from("the destination's answer is not a migration answer"));
-                }
-            }
-            if let Some(end) = o.reply.iter().position(|&b| b == b'\n') {
-                let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
-                if let Some(n) = line.strip_prefix(REPLY_OK) {
-                    return n.trim().parse().map(Some).map_err(|_| format!("the destination answered {line:?}"));
-                }
-                if let Some(why) = line.strip_prefix(REPLY_REFUSED) {
-                    return Err(format!("the destination refused the stream: {why}"));
-                }
-                return Err(format!("the destination answered {line:?}"));
-            }
+        let pumped = pump(o, t, now_us);
+        // The destination may have answered already (a refusal comes
+        // while the source still sends): its answer says more than a
+        // write refused by a closed connection.
+        if (pumped.is_err() || o.phase == Phase::Confirming)
+            && let Some(answer) = read_answer(o, t)?
+        {
+            return answer.map(Some);
         }
+        pumped?;
         if (o.status.bytes_on_wire, o.reply.len()) != before {
             o.progress_us = now_us;
         } else if now_us.saturating_sub(o.progress_us) > IDLE_US {
@@ -468,6 +452,41 @@ impl<B: Backend> Manager<B> {
         o.status.error = Some(why);
         self.migration.last.insert(id, o.status);
     }
+}
+
+/// The destination's answer line, once it is whole: `Ok(id)` for OK.
+/// `Ok(None)`: not yet; `Err`: the connection closed without one.
+fn read_answer(o: &mut Outgoing, t: &mut impl Transport) -> Result<Option<Result<u32, String>>, String> {
+    let mut buf = [0u8; 64];
+    let mut closed = false;
+    loop {
+        let Ok(n) = t.read(o.stream, &mut buf) else {
+            // Its answer may have come just before the close.
+            closed = true;
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        o.reply.extend_from_slice(&buf[..n]);
+        if o.reply.len() > MAX_REPLY {
+            return Err(String::from("the destination's answer is not a migration answer"));
+        }
+    }
+    if let Some(end) = o.reply.iter().position(|&b| b == b'\n') {
+        let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
+        if let Some(n) = line.strip_prefix(REPLY_OK) {
+            return Ok(Some(n.trim().parse().map_err(|_| format!("the destination answered {line:?}"))));
+        }
+        if let Some(why) = line.strip_prefix(REPLY_REFUSED) {
+            return Ok(Some(Err(format!("the destination refused the stream: {why}"))));
+        }
+        return Ok(Some(Err(format!("the destination answered {line:?}"))));
+    }
+    if closed && o.phase == Phase::Confirming {
+        return Err(String::from("the destination closed the connection without confirming the VM runs there"));
+    }
+    Ok(None)
 }
 
 /// Hands produced bytes to the connection, within the bandwidth limit;
