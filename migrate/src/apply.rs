@@ -120,23 +120,33 @@ impl<R: Source> Reader<R> {
     /// Hands every remaining record to `sink`, up to and including the end
     /// record; returns what the stream held.
     pub fn apply<A: Apply>(&mut self, sink: &mut A) -> Result<Stats, ApplyError<A::Error>> {
-        let refused = |at| move |error| ApplyError::Sink { at, error };
         loop {
-            let Some((at, record)) = self.next_record()? else {
-                return Ok(*self.stats());
-            };
-            match record {
-                Record::Vcpu { index, state } => sink.vcpu(index, *state).map_err(refused(at))?,
-                Record::Device { name, version, bytes } => sink.device(name, version, bytes).map_err(refused(at))?,
-                Record::Memory(mut m) => {
-                    while let Some((at, o)) = m.next_entry()? {
-                        op(sink, o).map_err(refused(at))?;
-                    }
-                }
-                Record::Resume => sink.resume().map_err(refused(at))?,
-                Record::End(stats) => return Ok(stats),
+            if let Some(stats) = self.apply_next(sink)? {
+                return Ok(stats);
             }
         }
+    }
+
+    /// Hands the next record to `sink`: `Some(stats)` once the end record
+    /// was read (or had been). A stream arriving in pieces (a migration's
+    /// connection) calls this once per record that has arrived whole.
+    pub fn apply_next<A: Apply>(&mut self, sink: &mut A) -> Result<Option<Stats>, ApplyError<A::Error>> {
+        let refused = |at| move |error| ApplyError::Sink { at, error };
+        let Some((at, record)) = self.next_record()? else {
+            return Ok(Some(*self.stats()));
+        };
+        match record {
+            Record::Vcpu { index, state } => sink.vcpu(index, *state).map_err(refused(at))?,
+            Record::Device { name, version, bytes } => sink.device(name, version, bytes).map_err(refused(at))?,
+            Record::Memory(mut m) => {
+                while let Some((at, o)) = m.next_entry()? {
+                    op(sink, o).map_err(refused(at))?;
+                }
+            }
+            Record::Resume => sink.resume().map_err(refused(at))?,
+            Record::End(stats) => return Ok(Some(stats)),
+        }
+        Ok(None)
     }
 }
 

@@ -48,7 +48,7 @@ pub use header::{DeviceInfo, Header, RamRange, Vendor};
 pub use io::{IoError, Sink, Source};
 pub use page::MemOp;
 pub use reader::{MemoryRecord, Reader, Record};
-pub use record::Kind;
+pub use record::{FRAME_LEN, Kind, PROLOGUE_LEN, record_len};
 pub use stats::{PageKind, Stats};
 pub use writer::Writer;
 

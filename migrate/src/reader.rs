@@ -194,6 +194,12 @@ impl<R: Source> Reader<R> {
         self.src
     }
 
+    /// The source, to add bytes to one that is a buffer (a stream arriving
+    /// over a connection).
+    pub fn source_mut(&mut self) -> &mut R {
+        &mut self.src
+    }
+
     /// The next record and where it is; `None` after the end record.
     pub fn next_record(&mut self) -> Result<Option<(At, Record<'_>)>, Error> {
         if self.st.failed {

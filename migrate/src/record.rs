@@ -134,6 +134,14 @@ impl Frame {
     }
 }
 
+/// Bytes the record starting at `b` (its frame header) takes in all,
+/// frame and checksum included; `None` when the frame header is damaged
+/// or names an over-long payload (a reader refuses it at once). Lets a
+/// receiver wait until a whole record has arrived before it reads it.
+pub fn record_len(b: &[u8; FRAME_LEN]) -> Option<usize> {
+    Frame::decode(b).ok().map(|f| FRAME_LEN + f.len as usize + TRAILER_LEN)
+}
+
 /// The payload checksum: over the encoded frame header and the payload.
 pub fn payload_crc(frame: &[u8; FRAME_LEN], payload: &[u8]) -> u32 {
     let mut d = digest();

@@ -528,3 +528,36 @@ fn a_failing_sink_is_reported_with_its_offset() {
     let e = w.vcpu(0, &vcpu_state(0)).unwrap_err();
     assert!(matches!(e, Error::Io { error: migrate::IoError("disk full"), .. }), "{e}");
 }
+
+/// A stream arriving in pieces (a migration's connection): `record_len`
+/// says when a whole record is there, `apply_next` applies one record at
+/// a time and ends where `apply` ends; a damaged frame header has no
+/// length, so a receiver hands it on at once and the reader refuses it.
+#[test]
+fn records_applied_one_at_a_time_as_they_arrive() {
+    use migrate::{Discard, FRAME_LEN, PROLOGUE_LEN, record_len};
+    let s = small_stream();
+    let whole = verify(&s).unwrap().stats;
+    // Walk the records by their lengths: they end exactly at the stream's end.
+    let (mut at, mut records) = (PROLOGUE_LEN, 0);
+    while at < s.len() {
+        at += record_len(s[at..at + FRAME_LEN].try_into().unwrap()).unwrap();
+        records += 1;
+    }
+    assert_eq!((at, records), (s.len(), whole.records));
+    let mut src = &s[..];
+    let mut r = Reader::open(&mut src).unwrap();
+    let mut steps = 0;
+    let stats = loop {
+        steps += 1;
+        if let Some(stats) = r.apply_next(&mut Discard).unwrap() {
+            break stats;
+        }
+    };
+    assert_eq!((stats, steps), (whole, whole.records - 1));
+    let mut damaged = s.clone();
+    damaged[PROLOGUE_LEN + 9] ^= 1;
+    assert_eq!(record_len(damaged[PROLOGUE_LEN..PROLOGUE_LEN + FRAME_LEN].try_into().unwrap()), None);
+    let mut src = &damaged[..];
+    assert!(matches!(Reader::open(&mut src), Err(Error::FrameChecksum { .. })));
+}

@@ -40,6 +40,14 @@
 //! checkpoint that is not one instant, some pages newer or older than its
 //! header, fails) and goes on; `q` checks and exits.
 //!
+//! dirty: for live migration; live mode's pages and header, rewritten at
+//! `rate=N` pages per millisecond (0: as fast as it can; the TSC is
+//! calibrated against PIT counter 2 at start), and the longest gap
+//! between two page writes measured with RDTSC: the pause the guest saw
+//! (a migration's switch-over, or any time the host did not run it).
+//! `c` on COM1 checks every page against the header and prints the
+//! longest pause; `q` checks and exits.
+//!
 //! swap: page contents depend on the page, the seed and the VM id, so no
 //! sharing can help; after the wait the region is checked in several passes
 //! (with one HLT between them) and its checksum compared.
@@ -48,7 +56,7 @@
 
 use core::fmt;
 use guests::hypercall as hc;
-use guests::io::{cpuid, halt_once, hypercall, hypercall_args, inb};
+use guests::io::{cpuid, halt_once, hypercall, hypercall_args, inb, outb, rdtsc};
 use guests::{Boot, println};
 
 const PAGE: u64 = 4096;
@@ -64,6 +72,7 @@ enum Mode {
     Share,
     Swap,
     Live,
+    Dirty,
 }
 
 struct Options {
@@ -74,10 +83,13 @@ struct Options {
     seed: u64,
     passes: u64,
     hold: bool,
+    /// dirty mode: pages per millisecond (0: unlimited).
+    rate: u64,
 }
 
 fn parse(cmdline: &str) -> Result<Options, &str> {
-    let mut o = Options { mode: Mode::Share, mib: 8, wait: 2000, target: None, seed: 0, passes: 3, hold: false };
+    let mut o =
+        Options { mode: Mode::Share, mib: 8, wait: 2000, target: None, seed: 0, passes: 3, hold: false, rate: 0 };
     for word in cmdline.split_whitespace() {
         let (key, value) = word.split_once('=').ok_or(word)?;
         let num = || parse_u64(value).ok_or(word);
@@ -85,6 +97,8 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
             "mode" if value == "share" => o.mode = Mode::Share,
             "mode" if value == "swap" => o.mode = Mode::Swap,
             "mode" if value == "live" => o.mode = Mode::Live,
+            "mode" if value == "dirty" => o.mode = Mode::Dirty,
+            "rate" => o.rate = num()?,
             "mib" => o.mib = num()?,
             "wait" => o.wait = num()?,
             "target" => o.target = Some(num()?),
@@ -304,7 +318,7 @@ fn main(boot: Boot) -> u32 {
         Ok(o) => o,
         Err(word) => {
             println!(
-                "memtest: error: bad option {word:?} (mode=share|swap|live mib= wait= target= seed= passes= hold=)"
+                "memtest: error: bad option {word:?} (mode=share|swap|live|dirty mib= wait= target= seed= passes= hold= rate=)"
             );
             return 2;
         }
@@ -324,6 +338,7 @@ fn main(boot: Boot) -> u32 {
         Mode::Share => "share",
         Mode::Swap => "swap",
         Mode::Live => "live",
+        Mode::Dirty => "dirty",
     };
     println!("memtest: mode={mode} region {start:#x}..{end:#x} ({} pages)", region.pages);
     println!("memtest: cpuid {:016x}", cpuid_hash());
@@ -332,6 +347,7 @@ fn main(boot: Boot) -> u32 {
         Mode::Share => share(&o, region, vm_id),
         Mode::Swap => swap(&o, region, vm_id),
         Mode::Live => live(&o, region),
+        Mode::Dirty => live(&o, region),
     };
     if passed { 0 } else { 1 }
 }
@@ -439,9 +455,28 @@ fn live(o: &Options, region: Region) -> bool {
             region.write(p, w, live_content(seed, 0, p, w));
         }
     }
-    println!("memtest: live: rewriting {} pages in rounds; c checks, q checks and exits", region.pages - 1);
+    let dirty = o.mode == Mode::Dirty;
+    let khz = if dirty { tsc_khz() } else { 0 };
+    if dirty {
+        println!("memtest: dirty: {} pages at {} pages/ms (0: unlimited), tsc {khz} kHz", region.pages - 1, o.rate);
+    } else {
+        println!("memtest: live: rewriting {} pages in rounds; c checks, q checks and exits", region.pages - 1);
+    }
     let mut checks = 0u64;
+    // Rate limit: pages written since `t_start`, allowed `rate` per ms.
+    let (t_start, mut written) = (rdtsc(), 0u64);
+    let (mut last, mut longest) = (rdtsc(), 0u64);
     loop {
+        let now = rdtsc();
+        longest = longest.max(now.wrapping_sub(last));
+        last = now;
+        if dirty && o.rate > 0 && written >= (now.wrapping_sub(t_start) / khz.max(1) + 1) * o.rate {
+            // Ahead of the rate: spin (a HLT would wait for the next
+            // timer tick, and count as a pause).
+            core::hint::spin_loop();
+            continue;
+        }
+        written += 1;
         let h = region.read(0, 0);
         let (round, cursor) = (h >> 32, h & 0xffff_ffff);
         // Between pages: the header says exactly what every page holds.
@@ -460,10 +495,15 @@ fn live(o: &Options, region: Region) -> bool {
                     region.pages - 1,
                     if bad.first.is_none() { " agree with the header" } else { "" }
                 );
+                if dirty {
+                    println!("memtest: dirty: {written} page writes, longest pause {} us", longest * 1000 / khz.max(1));
+                }
                 let passed = bad.report();
                 if key == b'q' || !passed {
                     return passed;
                 }
+                // The check's own time is not a pause.
+                last = rdtsc();
             }
         }
         // The next page, whole, then the header past it (one store).
@@ -474,6 +514,21 @@ fn live(o: &Options, region: Region) -> bool {
         let next = if p + 1 == region.pages { header(round + 1, 1) } else { header(round, p + 1) };
         region.write(0, 0, next);
     }
+}
+
+/// The TSC's rate in kHz, from 10 ms of PIT counter 2 (1.193182 MHz):
+/// gate on (port 0x61 bit 0), speaker off, mode 0 counts down once and
+/// raises its output (port 0x61 bit 5) at zero.
+fn tsc_khz() -> u64 {
+    const COUNT: u16 = 11932;
+    let gate = inb(0x61);
+    outb(0x61, (gate & !0x02) | 0x01);
+    outb(0x43, 0xb0);
+    outb(0x42, COUNT as u8);
+    outb(0x42, (COUNT >> 8) as u8);
+    let t0 = rdtsc();
+    while inb(0x61) & 0x20 == 0 {}
+    (rdtsc() - t0) / 10
 }
 
 guests::entry!(main);

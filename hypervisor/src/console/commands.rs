@@ -179,7 +179,8 @@ fn run<B: Backend>(
     match c {
         Command::Help => {
             // The host network's commands (`hostnet::console`) run beside these.
-            let all = || HELP.iter().chain(crate::hostnet::console::HELP);
+            let all =
+                || HELP.iter().chain(crate::hostnet::console::HELP).chain(crate::manager::migration::command::HELP);
             let width = all().map(|(c, _)| c.len()).max().unwrap_or(0);
             let text = all().map(|(c, d)| format!("  {c:<width$}  {d}")).collect::<Vec<_>>().join("\n");
             let text = format!("commands (add --json to any for one JSON line):\n{text}");

@@ -390,6 +390,7 @@ fn serve<B: HostBackend>(
             }
             manager.checkpoint_round(&mut con);
             poll_net(&mut net, &mut con);
+            manager.migration_round(net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
             continue;
         }
         while let Some(b) = platform::serial::try_read() {
@@ -434,6 +435,9 @@ fn serve<B: HostBackend>(
         // the CPU.
         manager.checkpoint_round(&mut con);
         poll_net(&mut net, &mut con);
+        // Migrations move between rounds too (after the NIC's poll, so
+        // what they write goes out in the next one).
+        manager.migration_round(net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
     }
 }
 
@@ -482,6 +486,15 @@ fn run_line<B: Backend>(
         match parsed {
             Ok(p) => hostnet::console::execute(&p, net.as_mut(), platform::time::micros(), con),
             Err(e) => hostnet::console::report_parse_error(&e, con),
+        }
+        return After::Nothing;
+    }
+    // `migrate listen`, `vm migrate`: the VMs and the host network both.
+    if let Some(parsed) = hypervisor::manager::migration::command::parse(line) {
+        use hypervisor::manager::migration::command;
+        match parsed {
+            Ok(p) => command::execute(&p, m, net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), con),
+            Err(e) => command::report_parse_error(&e, con),
         }
         return After::Nothing;
     }

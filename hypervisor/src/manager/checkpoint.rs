@@ -15,7 +15,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
-use migrate::{Apply, RamRange, Reader, Sink, Source, Stats};
+use migrate::{Apply, Header, RamRange, Reader, Sink, Source, Stats};
 use mm::GuestPhysAddr;
 use vcpu::{GuestState, Vcpu};
 
@@ -219,17 +219,7 @@ impl<B: Backend> Manager<B> {
         let requested = self.backend.as_ref().map_or(0, |b| b.now());
         let mut reader = Reader::open(src).map_err(Error::Stream)?;
         let header = reader.header().clone();
-        if header.vcpus != 1 {
-            return Err(Error::Checkpoint(Refused::Vcpus(header.vcpus)));
-        }
-        let ram_bytes: u64 = header.ram.iter().map(|r| r.size).sum();
-        let (ranges, n) = crate::vm::boot::ram_ranges(ram_bytes);
-        let ours: Vec<RamRange> =
-            ranges[..n].iter().map(|r| RamRange { base: r.start, size: r.end - r.start }).collect();
-        if ours != header.ram || !ram_bytes.is_multiple_of(1 << 20) {
-            return Err(Error::Checkpoint(Refused::RamLayout));
-        }
-        let mem_mib = u32::try_from(ram_bytes >> 20).map_err(|_| Error::MemSize)?;
+        let mem_mib = check_shape(&header)?;
         // Before the VM's memory: a host short of heap refuses here.
         let mut index = match &lazy {
             Some(_) => Some(
@@ -238,6 +228,30 @@ impl<B: Backend> Manager<B> {
             ),
             None => None,
         };
+        let mut rb = self.begin_rebuild(&header, mem_mib, requested)?;
+        let result = self.with_rebuild_sink(&mut rb, |sink| match index.as_mut() {
+            // Data pages are only indexed: they stay on disk.
+            Some(index) => migrate::index::index(&mut reader, index, sink),
+            None => reader.apply(sink),
+        });
+        let result = result.and_then(|r| {
+            r.map_err(|e| match e {
+                migrate::ApplyError::Stream(e) => Error::Stream(e),
+                migrate::ApplyError::Sink { error, .. } => Error::Checkpoint(error),
+            })
+        });
+        if let Err(e) = result {
+            self.abandon_rebuild(rb);
+            return Err(e);
+        }
+        self.finish_rebuild(rb, disk_snapshot, lazy.zip(index))
+    }
+
+    /// A new VM of `header`'s shape (`mem_mib` from [`check_shape`]): its
+    /// memory and devices, empty, for the stream's records to fill
+    /// ([`Self::with_rebuild_sink`]). It takes id `self.next_id` (the
+    /// caller reserves it if other VMs may start meanwhile).
+    pub(super) fn begin_rebuild(&mut self, header: &Header, mem_mib: u32, requested: u64) -> Result<Rebuild<B>, Error> {
         let with_rng = header.devices.iter().any(|d| d.name == "virtio-rng");
         // The device's slot and ACPI entry now; its image once the machine
         // record names it.
@@ -250,46 +264,51 @@ impl<B: Backend> Manager<B> {
             super::switch_port(id)?;
         }
         let nic = with_net.then(|| crate::net::switch::mac_for(id, 0));
-        let (mut mem, mut devices, node) =
-            self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic, 1)?;
-        let applied = {
-            let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
-            let alloc = backend.mem();
-            self.host_mem.with_hooks(id, |hooks| {
-                let mut sink = Restore {
-                    mem: &mut mem,
-                    alloc,
-                    hooks,
-                    vcpu: None,
-                    machine: None,
-                    devices: Vec::new(),
-                    shared: BTreeMap::new(),
-                };
-                let r = match index.as_mut() {
-                    // Data pages are only indexed: they stay on disk.
-                    Some(index) => migrate::index::index(&mut reader, index, &mut sink),
-                    None => reader.apply(&mut sink),
-                };
-                (r, sink.vcpu, sink.machine, sink.devices)
-            })
-        };
-        let (result, state, machine, saved) = applied;
+        let (mem, devices, node) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic, 1)?;
+        Ok(Rebuild { id, requested, mem, devices, node, with_blk, with_net, got: Collected::default() })
+    }
+
+    /// Runs `f` with the sink that applies records to `rb` (its RAM, and
+    /// its vCPU, machine and device records kept for the finish).
+    pub(super) fn with_rebuild_sink<T>(
+        &mut self,
+        rb: &mut Rebuild<B>,
+        f: impl for<'x, 'h> FnOnce(&mut Restore<'x, 'h, B::Format, B::Mem>) -> T,
+    ) -> Result<T, Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let alloc = backend.mem();
+        let Rebuild { id, mem, got, .. } = rb;
+        Ok(self.host_mem.with_hooks(*id, |hooks| f(&mut Restore { mem, alloc, hooks, got })))
+    }
+
+    /// Gives up a VM being rebuilt: its memory goes back, nothing else
+    /// changed.
+    pub(super) fn abandon_rebuild(&mut self, rb: Rebuild<B>) {
+        if let Ok(backend) = self.backend.as_mut() {
+            free_memory(backend, &mut self.host_mem, rb.id, rb.mem);
+        }
+    }
+
+    /// Every record was applied: build the VM and start it; its id. On a
+    /// refusal its memory is freed.
+    pub(super) fn finish_rebuild(
+        &mut self,
+        rb: Rebuild<B>,
+        disk_snapshot: Option<&str>,
+        lazy: Option<(LazyFrom, migrate::index::PageIndex)>,
+    ) -> Result<u32, Error> {
+        let Rebuild { id, requested, mut mem, mut devices, node, with_blk, with_net, got } = rb;
+        let Collected { vcpu: state, machine, devices: saved, .. } = got;
+        let index = lazy.as_ref().map(|(_, i)| i);
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let fail = |backend: &mut B, host: &mut crate::memory::HostMemory, mem, e| {
             free_memory(backend, host, id, mem);
             Err(e)
         };
-        if let Err(e) = result {
-            let e = match e {
-                migrate::ApplyError::Stream(e) => Error::Stream(e),
-                migrate::ApplyError::Sink { error, .. } => Error::Checkpoint(error),
-            };
-            return fail(backend, &mut self.host_mem, mem, e);
-        }
         // Every record passed: the pages a record holds start not loaded
         // (they keep their frames; the first touch fills them). The VM has
         // not run, so no TLB holds its translations.
-        if let Some(index) = &index {
+        if let Some(index) = index {
             let alloc = backend.mem();
             for (gfn, pages) in index.held_runs() {
                 if let Err(e) = mem.mark_not_loaded(alloc, GuestPhysAddr(gfn << 12), pages << 12, &mut |_| {}) {
@@ -369,8 +388,8 @@ impl<B: Backend> Manager<B> {
         // From here on nothing fails: the source joins the VM's hooks
         // before anything (the balloon below, the guest) touches its RAM.
         let on_disk = mem.state_counts().not_loaded;
-        let lazy_progress = match (lazy, index) {
-            (Some(from), Some(index)) => {
+        let lazy_progress = match lazy {
+            Some((from, index)) => {
                 let mut source = LazySource::new(from.checkpoint, from.store, index, from.fill_rate);
                 source.progress.pages_at_start = on_disk;
                 source.progress.on_disk = on_disk;
@@ -415,7 +434,7 @@ impl<B: Backend> Manager<B> {
             let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
             vm.service_balloon(backend, &mut self.host_mem);
         }
-        self.next_id += 1;
+        self.next_id = self.next_id.max(id + 1);
         self.vms.push(vm);
         if let (Some(net), Ok(port)) = (machine.net, crate::net::switch::PortId::try_from(id)) {
             self.switches.entry(net).or_default().attach(port, false);
@@ -423,6 +442,46 @@ impl<B: Backend> Manager<B> {
         self.forget_old_records();
         Ok(id)
     }
+}
+
+/// The stream's VM shape checked against what VMs here are: one vCPU,
+/// RAM laid out as for a VM of its size. Its RAM in MiB.
+pub(super) fn check_shape(header: &Header) -> Result<u32, Error> {
+    if header.vcpus != 1 {
+        return Err(Error::Checkpoint(Refused::Vcpus(header.vcpus)));
+    }
+    let ram_bytes: u64 = header.ram.iter().map(|r| r.size).sum();
+    let (ranges, n) = crate::vm::boot::ram_ranges(ram_bytes);
+    let ours: Vec<RamRange> = ranges[..n].iter().map(|r| RamRange { base: r.start, size: r.end - r.start }).collect();
+    if ours != header.ram || !ram_bytes.is_multiple_of(1 << 20) {
+        return Err(Error::Checkpoint(Refused::RamLayout));
+    }
+    u32::try_from(ram_bytes >> 20).map_err(|_| Error::MemSize)
+}
+
+/// A VM being rebuilt from a stream (a restore, or a migration's
+/// destination while the stream arrives): memory and devices made, not
+/// yet a VM; nothing of it runs.
+pub struct Rebuild<B: Backend> {
+    pub(super) id: u32,
+    requested: u64,
+    mem: GuestMemory<B::Format>,
+    devices: crate::devices::DeviceSet,
+    node: Option<u32>,
+    with_blk: bool,
+    with_net: bool,
+    got: Collected,
+}
+
+/// What the records gave besides RAM, kept until the VM is built.
+#[derive(Default)]
+struct Collected {
+    vcpu: Option<GuestState>,
+    machine: Option<MachineState>,
+    devices: Vec<SavedDevice>,
+    /// Shared contents by id: the first page that had it (a map: a hostile
+    /// stream may hold many ids and many references).
+    shared: BTreeMap<u32, u64>,
 }
 
 /// Where a lazily restored VM's pages come from: the checkpoint (named in
@@ -438,16 +497,11 @@ pub struct LazyFrom {
 
 /// Applies a checkpoint to a new VM's RAM and collects its vCPU, machine
 /// and device records.
-struct Restore<'a, 'h, F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> {
+pub(super) struct Restore<'a, 'h, F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> {
     mem: &'a mut GuestMemory<F>,
     alloc: &'a mut A,
     hooks: &'a mut mm::vm_memory::Hooks<'h, mm::swap::SwapSlot>,
-    vcpu: Option<GuestState>,
-    machine: Option<MachineState>,
-    devices: Vec<SavedDevice>,
-    /// Shared contents by id: the first page that had it (a map: a hostile
-    /// stream may hold many ids and many references).
-    shared: BTreeMap<u32, u64>,
+    got: &'a mut Collected,
 }
 
 impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Restore<'_, '_, F, A> {
@@ -462,15 +516,15 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<
     type Error = Refused;
 
     fn vcpu(&mut self, _: u32, state: GuestState) -> Result<(), Refused> {
-        self.vcpu = Some(state);
+        self.got.vcpu = Some(state);
         Ok(())
     }
 
     fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), Refused> {
         if name == MACHINE {
-            self.machine = Some(MachineState::decode(version, bytes)?);
+            self.got.machine = Some(MachineState::decode(version, bytes)?);
         } else {
-            self.devices.push(SavedDevice { name: String::from(name), version, bytes: bytes.to_vec() });
+            self.got.devices.push(SavedDevice { name: String::from(name), version, bytes: bytes.to_vec() });
         }
         Ok(())
     }
@@ -495,14 +549,14 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<
 
     fn shared(&mut self, gfn: u64, id: u32, data: &[u8; migrate::PAGE_SIZE]) -> Result<(), Refused> {
         self.write(gfn, data)?;
-        self.shared.insert(id, gfn);
+        self.got.shared.insert(id, gfn);
         Ok(())
     }
 
     fn shared_ref(&mut self, gfn: u64, id: u32) -> Result<(), Refused> {
         // The content is in the new VM already, at the first page that had
         // it: copy it from there (sharing merges them again later).
-        let first = *self.shared.get(&id).ok_or(Refused::RamLayout)?;
+        let first = *self.got.shared.get(&id).ok_or(Refused::RamLayout)?;
         let mut page = [0u8; 4096];
         let from = GuestPhysAddr(first * 4096);
         self.mem.read(self.alloc, self.hooks, from, &mut page, &mut |_| {}).map_err(Refused::Memory)?;

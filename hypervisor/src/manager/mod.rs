@@ -93,6 +93,8 @@ pub struct Manager<B: Backend> {
     pub live_save: Option<save_job::LiveSave>,
     /// The host's NUMA nodes (none without an SRAT): where VMs go.
     pub numa: crate::numa::Topology,
+    /// Live migrations to and from this host (`vm migrate`, `migrate listen`).
+    pub migration: migration::Migrations<B>,
 }
 
 /// What Linux is told about its TSC, unless its command line says
@@ -140,6 +142,7 @@ impl<B: Backend> Manager<B> {
             switches: BTreeMap::new(),
             live_save: None,
             numa: crate::numa::Topology::default(),
+            migration: Default::default(),
         }
     }
 
@@ -1094,6 +1097,7 @@ pub mod lazy;
 mod lazy_tests;
 #[cfg(test)]
 mod mem_tests;
+pub mod migration;
 #[cfg(test)]
 mod net_tests;
 pub mod rounds;

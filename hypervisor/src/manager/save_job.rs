@@ -95,6 +95,52 @@ pub struct SaveJob {
     pub snapshot: Option<SnapshotStats>,
 }
 
+impl SaveJob {
+    /// Pages written to the stream so far (repeats counted).
+    pub fn pages_written(&self) -> u64 {
+        self.writer.stats().total_pages()
+    }
+
+    fn new(id: u32, live: bool, writer: Writer<Staging>, ram: Vec<RamRange>, started: u64, pause_ticks: u64) -> Self {
+        let gpa = ram.first().map_or(0, |r| r.base);
+        SaveJob {
+            id,
+            live,
+            writer,
+            drains: 0,
+            bytes: 0,
+            ram,
+            range: 0,
+            gpa,
+            started,
+            pause_ticks,
+            steps: 0,
+            longest_step_ticks: 0,
+            snapshot: None,
+        }
+    }
+}
+
+/// A VM's state but its memory, taken at one instruction boundary
+/// ([`Manager::capture`]).
+pub(super) struct Captured {
+    /// The stream header listing it (not live).
+    pub header: Header,
+    state: vcpu::GuestState,
+    machine_bytes: Vec<u8>,
+    devices: Vec<crate::devices::SavedDevice>,
+}
+
+/// Writes the vCPU, machine and device records of `c`.
+pub(super) fn write_captured(w: &mut Writer<Staging>, c: &Captured) -> Result<(), Error> {
+    w.vcpu(0, &c.state).map_err(Error::Stream)?;
+    w.device(MACHINE, MACHINE_VERSION, &c.machine_bytes).map_err(Error::Stream)?;
+    for d in &c.devices {
+        w.device(&d.name, d.version, &d.bytes).map_err(Error::Stream)?;
+    }
+    Ok(())
+}
+
 /// What a finished save reports.
 pub struct Saved {
     pub stats: Stats,
@@ -124,9 +170,27 @@ impl<B: Backend> Manager<B> {
     /// [`Self::save_step`]. `live` puts the memory under a copy-on-write
     /// snapshot so the VM may run between steps.
     pub fn begin_save(&mut self, id: u32, live: bool) -> Result<SaveJob, Error> {
+        let started = self.backend.as_ref().map_err(|why| Error::NoVirtualization(why.clone()))?.now();
+        let captured = self.capture(id)?;
+        let mut w = Writer::begin(Staging::default(), &captured.header).map_err(Error::Stream)?;
+        write_captured(&mut w, &captured)?;
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        if live {
+            let res = self.vms.iter_mut().find(|v| v.id == id).and_then(|v| v.res.as_mut()).ok_or(Error::NoVm(id))?;
+            let vcpus = &mut res.vcpus;
+            res.mem
+                .start_snapshot(backend.mem(), &mut |s| crate::vm::flush_all(vcpus, s))
+                .map_err(|e| Error::Checkpoint(Refused::Memory(e)))?;
+        }
+        let pause_ticks = backend.now().wrapping_sub(started);
+        Ok(SaveJob::new(id, live, w, captured.header.ram, started, pause_ticks))
+    }
+
+    /// VM `id`'s vCPU, machine record and devices now, at one instruction
+    /// boundary, and the stream header that lists them (not live).
+    pub(super) fn capture(&mut self, id: u32) -> Result<Captured, Error> {
         let net = self.switch_of(id).map(String::from);
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
-        let started = backend.now();
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         let Some(res) = vm.res.as_mut() else {
             return Err(Error::Ended { id, state: vm.state.name() });
@@ -165,40 +229,12 @@ impl<B: Backend> Manager<B> {
             live: false,
             source: vendor(backend.name()),
             vcpus: 1,
-            ram: ram.clone(),
+            ram,
             devices: core::iter::once(migrate::DeviceInfo { name: String::from(MACHINE), version: MACHINE_VERSION })
                 .chain(devices.iter().map(|d| migrate::DeviceInfo { name: d.name.clone(), version: d.version }))
                 .collect(),
         };
-        let mut w = Writer::begin(Staging::default(), &header).map_err(Error::Stream)?;
-        w.vcpu(0, &state).map_err(Error::Stream)?;
-        w.device(MACHINE, MACHINE_VERSION, &machine_bytes).map_err(Error::Stream)?;
-        for d in &devices {
-            w.device(&d.name, d.version, &d.bytes).map_err(Error::Stream)?;
-        }
-        if live {
-            let vcpus = &mut res.vcpus;
-            res.mem
-                .start_snapshot(backend.mem(), &mut |s| crate::vm::flush_all(vcpus, s))
-                .map_err(|e| Error::Checkpoint(Refused::Memory(e)))?;
-        }
-        let pause_ticks = backend.now().wrapping_sub(started);
-        let gpa = ram.first().map_or(0, |r| r.base);
-        Ok(SaveJob {
-            id,
-            live,
-            writer: w,
-            drains: 0,
-            bytes: 0,
-            ram,
-            range: 0,
-            gpa,
-            started,
-            pause_ticks,
-            steps: 0,
-            longest_step_ticks: 0,
-            snapshot: None,
-        })
+        Ok(Captured { header, state, machine_bytes, devices })
     }
 
     /// Write about `pages` more pages of the VM's memory (a 2 MiB run is
@@ -244,24 +280,7 @@ impl<B: Backend> Manager<B> {
                     run_left = 512;
                 }
             }
-            let alloc = backend.mem();
-            let flush = &mut |s| crate::vm::flush_all(vcpus, s);
-            let taken = if job.live {
-                self.host_mem
-                    .with_hooks(id, |h| mem.snapshot_take(alloc, h, g, &mut page, flush))
-                    .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?
-            } else if mem.page_state(g) == Some(PageState::Poisoned) {
-                Taken::Poisoned
-            } else {
-                self.host_mem
-                    .with_hooks(id, |h| mem.read(alloc, h, g, &mut page, flush))
-                    .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?;
-                Taken::Data
-            };
-            match taken {
-                Taken::Poisoned => w.poisoned(gpa >> 12).map_err(Error::Stream)?,
-                Taken::Data => w.page(gpa >> 12, &page).map_err(Error::Stream)?,
-            }
+            write_page(w, &mut self.host_mem, backend, mem, vcpus, id, job.live, gpa, &mut page)?;
             job.gpa += migrate::PAGE_SIZE as u64;
             run_left = run_left.saturating_sub(1);
             done += 1;
@@ -303,6 +322,53 @@ impl<B: Backend> Manager<B> {
             bytes,
             copies,
         })
+    }
+
+    /// Begin VM `id`'s live-migration stream: the live header only. Its
+    /// memory follows by [`Self::save_step`] (every page, read as it is
+    /// now: the VM runs under dirty logging, not a snapshot) and
+    /// [`Self::save_pages`] (pages written since), its vCPU and devices
+    /// at the end ([`Self::finish_migration_stream`]).
+    pub(super) fn begin_migration_stream(&mut self, id: u32) -> Result<SaveJob, Error> {
+        let started = self.backend.as_ref().map_err(|why| Error::NoVirtualization(why.clone()))?.now();
+        let mut header = self.capture(id)?.header;
+        header.live = true;
+        let w = Writer::begin(Staging::default(), &header).map_err(Error::Stream)?;
+        Ok(SaveJob::new(id, false, w, header.ram, started, 0))
+    }
+
+    /// Write pages `gfns` of the job's VM again (later copies win), the
+    /// staging buffer going to `target` each time it is full.
+    pub(super) fn save_pages(&mut self, job: &mut SaveJob, gfns: &[u64], target: &mut impl Sink) -> Result<(), Error> {
+        let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
+        let id = job.id;
+        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+        let Some(res) = vm.res.as_mut() else {
+            return Err(Error::Ended { id, state: vm.state.name() });
+        };
+        let mut page = [0u8; migrate::PAGE_SIZE];
+        for &gfn in gfns {
+            let w = &mut job.writer;
+            write_page(w, &mut self.host_mem, backend, &mut res.mem, &mut res.vcpus, id, false, gfn << 12, &mut page)?;
+            if w.sink_mut().buf.len() >= STAGING_BYTES {
+                drain(w.sink_mut(), target, &mut job.drains, &mut job.bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand what the staging buffer holds to `target` now (a connection
+    /// that should not wait for a full buffer).
+    pub(super) fn flush_save(&mut self, job: &mut SaveJob, target: &mut impl Sink) -> Result<(), Error> {
+        drain(job.writer.sink_mut(), target, &mut job.drains, &mut job.bytes)
+    }
+
+    /// The switch-over's end of a migration stream: the VM's vCPU,
+    /// machine record and devices now (it is paused), then the end record.
+    pub(super) fn finish_migration_stream(&mut self, mut job: SaveJob, target: &mut impl Sink) -> Result<Saved, Error> {
+        let captured = self.capture(job.id)?;
+        write_captured(&mut job.writer, &captured)?;
+        self.finish_save(job, target)
     }
 
     /// Give a save up (the caller discards what its target holds).
@@ -448,6 +514,41 @@ impl<B: Backend> Manager<B> {
     }
 }
 
+/// Writes guest page `gpa` of VM `id` to `w`: its contents (from the
+/// snapshot for a live save), or that it is poisoned.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_page<B: Backend>(
+    w: &mut Writer<Staging>,
+    host_mem: &mut HostMemory,
+    backend: &mut B,
+    mem: &mut crate::memory::GuestMemory<B::Format>,
+    vcpus: &mut [crate::vm::VcpuSlot<B::Vcpu>],
+    id: u32,
+    live: bool,
+    gpa: u64,
+    page: &mut [u8; migrate::PAGE_SIZE],
+) -> Result<(), Error> {
+    let g = GuestPhysAddr(gpa);
+    let alloc = backend.mem();
+    let flush = &mut |s| crate::vm::flush_all(vcpus, s);
+    let taken = if live {
+        host_mem
+            .with_hooks(id, |h| mem.snapshot_take(alloc, h, g, page, flush))
+            .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?
+    } else if mem.page_state(g) == Some(PageState::Poisoned) {
+        Taken::Poisoned
+    } else {
+        host_mem
+            .with_hooks(id, |h| mem.read(alloc, h, g, page, flush))
+            .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?;
+        Taken::Data
+    };
+    match taken {
+        Taken::Poisoned => w.poisoned(gpa >> 12).map_err(Error::Stream),
+        Taken::Data => w.page(gpa >> 12, page).map_err(Error::Stream),
+    }
+}
+
 /// "pause 3 ms, total 210 ms, ..." for a finished save.
 pub fn report(s: &Saved, what: String, hz: u64) -> String {
     let ms = |t: u64| u128::from(t) * 1000 / u128::from(hz.max(1));
@@ -467,7 +568,7 @@ pub fn report(s: &Saved, what: String, hz: u64) -> String {
 
 /// The running live save.
 pub struct LiveSave {
-    job: SaveJob,
+    pub(super) job: SaveJob,
     target: Box<dyn SaveTarget>,
     /// What to say before the report when it ends.
     done: String,

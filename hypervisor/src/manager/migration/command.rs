@@ -1,0 +1,204 @@
+//! The migration console commands (they need the host network as well
+//! as the VMs, so the kernel routes them here beside `net`):
+//!
+//! ```text
+//! migrate listen [port]                         accept migrations (default port 7070)
+//! vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [corrupt_at=<byte>]
+//! vm migrate status <id>                        progress, or how the last one ended
+//! ```
+//! Each takes `--json`. `corrupt_at=` is a test aid: it flips that byte of
+//! the stream on the wire, so the destination's refusal can be tested.
+//! Bad input gets a one-line error and changes nothing.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use serde_json::{Value, json};
+
+use super::DEFAULT_PORT;
+use super::source::{DEFAULT_DOWNTIME_MS, Options, Status};
+use crate::backend::Backend;
+use crate::hostnet::tcp::{Transport, parse_endpoint};
+use crate::manager::Manager;
+use crate::vm::exit::Console;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrateCommand {
+    Listen(u16),
+    Start(u32, Options),
+    Status(u32),
+}
+
+/// Help lines for the console's `help`.
+pub const HELP: &[(&str, &str)] = &[
+    ("migrate listen [port]", "accept live migrations on <port> (7070 unless told), one at a time"),
+    (
+        "vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>]",
+        "live-migrate VM <id> (pre-copy) to a listening host; freed here once it runs there",
+    ),
+    ("vm migrate status <id>", "a migration's progress, or how the last one ended"),
+];
+
+/// A parsed line and whether `--json` was given.
+pub type Parsed = (MigrateCommand, bool);
+
+/// `None` if `line` is not a migration command; else the command or the
+/// one-line refusal (and whether JSON was asked for).
+pub fn parse(line: &str) -> Option<Result<Parsed, (String, bool)>> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let json = words.contains(&"--json");
+    let args: Vec<&str> = words.iter().copied().filter(|w| *w != "--json").collect();
+    let r = match args.as_slice() {
+        ["migrate", rest @ ..] => parse_listen(rest),
+        ["vm", "migrate", rest @ ..] => parse_migrate(rest),
+        _ => return None,
+    };
+    Some(r.map(|c| (c, json)).map_err(|e| (e, json)))
+}
+
+fn parse_listen(args: &[&str]) -> Result<MigrateCommand, String> {
+    match args {
+        ["listen"] => Ok(MigrateCommand::Listen(DEFAULT_PORT)),
+        ["listen", port] => match port.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(MigrateCommand::Listen(p)),
+            _ => Err(format!("migrate listen: {port:?} is not a port (1-65535)")),
+        },
+        _ => Err(String::from("migrate: usage: 'migrate listen [port]'")),
+    }
+}
+
+fn parse_id(s: &str) -> Result<u32, String> {
+    s.parse().map_err(|_| format!("vm migrate: {s:?} is not a VM id"))
+}
+
+fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
+    const USAGE: &str = "vm migrate: usage: 'vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>]' or 'vm migrate status <id>'";
+    match args {
+        ["status", id] => Ok(MigrateCommand::Status(parse_id(id)?)),
+        [id, host, opts @ ..] if *id != "status" => {
+            let id = parse_id(id)?;
+            let with_port = if host.contains(':') { String::from(*host) } else { format!("{host}:{DEFAULT_PORT}") };
+            let to = parse_endpoint(&with_port).map_err(|e| format!("vm migrate: {host:?}: {e}"))?;
+            let mut o = Options { to, downtime_ms: DEFAULT_DOWNTIME_MS, bandwidth_mib: None, corrupt_at: None };
+            for opt in opts {
+                let (key, value) =
+                    opt.split_once('=').ok_or_else(|| format!("vm migrate: {opt:?}: expected key=value"))?;
+                let num = |max: u64| {
+                    value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|&n| n >= 1 && n <= max)
+                        .ok_or_else(|| format!("vm migrate: {opt:?}: expected a number 1-{max}"))
+                };
+                match key {
+                    "downtime" => o.downtime_ms = num(60_000)? as u32,
+                    "bandwidth" => o.bandwidth_mib = Some(num(100_000)? as u32),
+                    "corrupt_at" => {
+                        o.corrupt_at =
+                            Some(value.parse().map_err(|_| format!("vm migrate: {opt:?}: not a byte offset"))?)
+                    }
+                    _ => return Err(format!("vm migrate: unknown option {key:?} (downtime, bandwidth)")),
+                }
+            }
+            Ok(MigrateCommand::Start(id, o))
+        }
+        _ => Err(String::from(USAGE)),
+    }
+}
+
+/// Runs a parsed command (`t`: the host network, `None` without a NIC)
+/// and prints its reply: text lines, or one JSON line.
+pub fn execute<B: Backend, T: Transport>(
+    p: &Parsed,
+    m: &mut Manager<B>,
+    t: Option<&mut T>,
+    now_us: u64,
+    out: &mut impl Console,
+) {
+    let (cmd, json) = p;
+    let name = match cmd {
+        MigrateCommand::Listen(_) => "migrate listen",
+        MigrateCommand::Start(..) => "vm migrate",
+        MigrateCommand::Status(_) => "vm migrate status",
+    };
+    let result = run(cmd, m, t, now_us);
+    match (result, json) {
+        (Ok((text, _)), false) => text.lines().for_each(|l| out.line(l)),
+        (Ok((_, extra)), true) => {
+            let mut v = json!({ "ok": true, "command": name });
+            if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+                o.extend(e);
+            }
+            out.line(&v.to_string());
+        }
+        (Err(e), false) => out.line(&format!("error: {name}: {e}")),
+        (Err(e), true) => out.line(&json!({ "ok": false, "command": name, "error": e }).to_string()),
+    }
+}
+
+/// A refusal from [`parse`], in the form asked for.
+pub fn report_parse_error(e: &(String, bool), out: &mut impl Console) {
+    if e.1 {
+        out.line(&json!({ "ok": false, "error": e.0 }).to_string());
+    } else {
+        out.line(&format!("error: {}", e.0));
+    }
+}
+
+fn run<B: Backend, T: Transport>(
+    cmd: &MigrateCommand,
+    m: &mut Manager<B>,
+    t: Option<&mut T>,
+    now_us: u64,
+) -> Result<(String, Value), String> {
+    const NO_NET: &str = "no network device (no 82540EM on the PCI bus, or it failed to start)";
+    match cmd {
+        MigrateCommand::Listen(port) => {
+            m.listen_migrations(*port, t.ok_or(NO_NET)?)?;
+            Ok((format!("migrate: listening for migrations on port {port}"), json!({ "port": port })))
+        }
+        MigrateCommand::Start(id, o) => {
+            m.start_migration(*id, o.clone(), t.ok_or(NO_NET)?, now_us)?;
+            let bw = o.bandwidth_mib.map_or_else(|| String::from("unlimited"), |b| format!("{b} MiB/s"));
+            Ok((
+                format!(
+                    "vm {id}: migrating to {} (pre-copy, downtime {} ms, bandwidth {bw}); \
+                     'vm migrate status {id}' shows progress, the result follows",
+                    o.to, o.downtime_ms
+                ),
+                json!({ "id": id, "to": o.to.to_string() }),
+            ))
+        }
+        MigrateCommand::Status(id) => {
+            let s = m.migration_status(*id).ok_or_else(|| format!("vm {id} has not migrated from this host"))?;
+            Ok((status_text(s), serde_json::to_value(s).unwrap_or(Value::Null)))
+        }
+    }
+}
+
+fn status_text(s: &Status) -> String {
+    let mut t = format!(
+        "vm {}: migration to {}: {}, iteration {}, {} pages sent, {} bytes on the wire, {} dirty in the last round, \
+         expected downtime {} ms at {} KiB/s, {} ms elapsed",
+        s.id,
+        s.to,
+        s.state,
+        s.iteration,
+        s.pages_sent,
+        s.bytes_on_wire,
+        s.dirty_pages_last_round,
+        s.expected_downtime_ms,
+        s.rate_bytes_per_s / 1024,
+        s.elapsed_ms
+    );
+    if let Some(d) = s.downtime_ms {
+        t.push_str(&format!("; downtime {d} ms"));
+    }
+    if let Some(v) = s.destination_vm {
+        t.push_str(&format!("; vm {v} there"));
+    }
+    if let Some(e) = &s.error {
+        t.push_str(&format!("; error: {e}"));
+    }
+    t
+}

@@ -1,0 +1,288 @@
+//! The receiving side (`migrate listen [port]`): one connection at a
+//! time; its stream is applied record by record, as whole records arrive,
+//! to a new VM that does not run (`checkpoint::Rebuild`, the restore's
+//! own code). Only a stream that ends correctly (end record: count,
+//! bytes and digest agree) becomes a running VM; then the source is told
+//! `HVMIGRATE OK <id>`. A refused stream (another format version, a
+//! checksum, a VM this host cannot run) or a connection that ends early
+//! drops the partial VM, with one line saying why.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use migrate::{FRAME_LEN, IoError, PROLOGUE_LEN, Reader, Source, record_len};
+
+use super::{IDLE_US, REPLY_OK, REPLY_REFUSED};
+use crate::backend::Backend;
+use crate::hostnet::tcp::{StreamId, Transport};
+use crate::manager::checkpoint::{Rebuild, check_shape};
+use crate::manager::{Error, Manager};
+use crate::vm::exit::Console;
+
+/// Bytes read from the connection per round at most, and most held
+/// unapplied: a little more than the largest record (1 MiB).
+const READ_PER_ROUND: usize = 512 * 1024;
+const MAX_BUFFERED: usize = 2 << 20;
+/// Records applied per round at most (each up to 1 MiB, usually 256 KiB),
+/// so other VMs and the console keep their time.
+const RECORDS_PER_ROUND: usize = 8;
+
+/// Listening for migrations, and the one arriving.
+pub struct Incoming<B: Backend> {
+    pub port: u16,
+    conn: Option<Conn<B>>,
+    /// Migrations received and refused since listening began.
+    pub received: u64,
+    pub refused: u64,
+}
+
+impl<B: Backend> Incoming<B> {
+    pub fn new(port: u16) -> Self {
+        Incoming { port, conn: None, received: 0, refused: 0 }
+    }
+
+    /// Whether a stream is arriving.
+    pub fn busy(&self) -> bool {
+        self.conn.is_some()
+    }
+}
+
+/// One arriving stream.
+struct Conn<B: Backend> {
+    stream: StreamId,
+    peer: String,
+    inbox: Inbox,
+    reader: Option<Reader<Inbox>>,
+    vm: Option<Rebuild<B>>,
+    progress_us: u64,
+    started_us: u64,
+}
+
+/// Received bytes not yet read by the stream reader.
+#[derive(Default)]
+struct Inbox {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Inbox {
+    fn unread(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos >= MAX_BUFFERED {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Whether the next record (after `skip` bytes: the prologue) is here
+    /// whole, or its frame header is damaged (the reader refuses it now).
+    fn record_ready(&self, skip: usize) -> bool {
+        let Some(frame) = self.unread().get(skip..skip + FRAME_LEN) else { return false };
+        let frame: &[u8; FRAME_LEN] = frame.try_into().expect("FRAME_LEN bytes");
+        record_len(frame).is_none_or(|n| self.unread().len() >= skip + n)
+    }
+}
+
+impl Source for Inbox {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, IoError> {
+        let n = buf.len().min(self.buf.len() - self.pos);
+        buf[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// How a stream ended.
+enum Outcome {
+    Running(u32),
+    Refused(String),
+    /// The connection broke: nobody to answer.
+    Lost(String),
+}
+
+impl<B: Backend> Manager<B> {
+    /// `migrate listen [port]`: accept migrations on `port` from now on.
+    pub fn listen_migrations(&mut self, port: u16, t: &mut impl Transport) -> Result<(), String> {
+        if let Some(i) = &self.migration.incoming {
+            return Err(format!("already listening on port {}", i.port));
+        }
+        t.listen(port).map_err(|e| format!("port {port}: {e}"))?;
+        self.migration.incoming = Some(Incoming::new(port));
+        Ok(())
+    }
+
+    /// One step of the incoming side: accept, read, apply, answer.
+    pub(super) fn incoming_round(&mut self, t: &mut impl Transport, now_us: u64, console: &mut impl Console) {
+        self.migration.reap(t, now_us);
+        let Some(mut inc) = self.migration.incoming.take() else { return };
+        while let Some(stream) = t.accept(inc.port) {
+            let peer = t.peer(stream).map_or_else(|| String::from("?"), |p| format!("{p}"));
+            if inc.conn.is_some() {
+                console.line(&format!("migrate: refused {peer}: a migration is already arriving"));
+                refuse(t, stream, "a migration is already arriving here");
+                self.migration.closing.push((stream, now_us + 5_000_000));
+                continue;
+            }
+            console.line(&format!("migrate: receiving a VM from {peer}"));
+            inc.conn = Some(Conn {
+                stream,
+                peer,
+                inbox: Inbox::default(),
+                reader: None,
+                vm: None,
+                progress_us: now_us,
+                started_us: now_us,
+            });
+        }
+        if let Some(mut c) = inc.conn.take() {
+            match self.receive(&mut c, t, now_us) {
+                None => inc.conn = Some(c),
+                Some(outcome) => {
+                    let ms = now_us.saturating_sub(c.started_us) / 1000;
+                    let bytes = c.reader.as_ref().map_or(0, |r| r.offset());
+                    if let Some(vm) = c.vm.take() {
+                        self.abandon_rebuild(vm);
+                    }
+                    match outcome {
+                        Outcome::Running(id) => {
+                            inc.received += 1;
+                            let _ = t.write(c.stream, format!("{REPLY_OK}{id}\n").as_bytes());
+                            t.close(c.stream);
+                            self.migration.closing.push((c.stream, now_us + 5_000_000));
+                            let guest = self.get(id).map_or_else(String::new, |v| v.guest.clone());
+                            console.line(&format!(
+                                "migrate: vm {id} ({guest}) arrived from {} ({bytes} bytes in {ms} ms) and runs",
+                                c.peer
+                            ));
+                        }
+                        Outcome::Refused(why) => {
+                            inc.refused += 1;
+                            refuse(t, c.stream, &why);
+                            self.migration.closing.push((c.stream, now_us + 5_000_000));
+                            console.line(&format!(
+                                "migrate: refused the stream from {}: {why}; the partial VM is dropped",
+                                c.peer
+                            ));
+                        }
+                        Outcome::Lost(why) => {
+                            inc.refused += 1;
+                            t.abort(c.stream);
+                            console.line(&format!(
+                                "migrate: the stream from {} ended early: {why}; the partial VM is dropped",
+                                c.peer
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        self.migration.incoming = Some(inc);
+    }
+
+    /// Reads what arrived and applies the records that are whole; the
+    /// outcome once the stream is over.
+    fn receive(&mut self, c: &mut Conn<B>, t: &mut impl Transport, now_us: u64) -> Option<Outcome> {
+        let mut buf = [0u8; 16 * 1024];
+        let mut got = 0;
+        let mut closed = false;
+        while got < READ_PER_ROUND && c.inbox.unread().len() < MAX_BUFFERED {
+            match t.read(c.stream, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    match &mut c.reader {
+                        Some(r) => r.source_mut().push(&buf[..n]),
+                        None => c.inbox.push(&buf[..n]),
+                    }
+                }
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if got > 0 {
+            c.progress_us = now_us;
+        }
+        if c.reader.is_none() {
+            // The prologue and the configuration: the VM's shape.
+            if !c.inbox.record_ready(PROLOGUE_LEN) {
+                return self.stalled(c, closed, now_us);
+            }
+            let reader = match Reader::open(core::mem::take(&mut c.inbox)) {
+                Ok(r) => r,
+                Err(e) => return Some(Outcome::Refused(format!("{e}"))),
+            };
+            let header = reader.header().clone();
+            c.reader = Some(reader);
+            if !header.live {
+                return Some(Outcome::Refused(String::from("not a live-migration stream (a checkpoint?)")));
+            }
+            let requested = self.backend.as_ref().map_or(0, |b| b.now());
+            match check_shape(&header).and_then(|mib| self.begin_rebuild(&header, mib, requested)) {
+                Ok(vm) => {
+                    // Its id is taken now: VMs started meanwhile get others.
+                    self.next_id = self.next_id.max(vm.id + 1);
+                    c.vm = Some(vm);
+                }
+                Err(e) => return Some(Outcome::Refused(format!("{e}"))),
+            }
+        }
+        for _ in 0..RECORDS_PER_ROUND {
+            let (Some(reader), Some(vm)) = (c.reader.as_mut(), c.vm.as_mut()) else { return None };
+            if !reader.source_mut().record_ready(0) {
+                break;
+            }
+            let applied = self.with_rebuild_sink(vm, |sink| reader.apply_next(sink));
+            match applied {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(_))) => {
+                    let vm = c.vm.take().expect("checked above");
+                    return Some(match self.finish_rebuild(vm, None, None) {
+                        Ok(id) => Outcome::Running(id),
+                        Err(e) => Outcome::Refused(format!("{e}")),
+                    });
+                }
+                Ok(Err(e)) => {
+                    let e = match e {
+                        migrate::ApplyError::Stream(e) => Error::Stream(e),
+                        migrate::ApplyError::Sink { error, .. } => Error::Checkpoint(error),
+                    };
+                    return Some(Outcome::Refused(format!("{e}")));
+                }
+                Err(e) => return Some(Outcome::Refused(format!("{e}"))),
+            }
+        }
+        self.stalled(c, closed, now_us)
+    }
+
+    /// Nothing more to apply now: over if the connection is, or idle too long.
+    fn stalled(&self, c: &Conn<B>, closed: bool, now_us: u64) -> Option<Outcome> {
+        let at = c.reader.as_ref().map_or(0, |r| r.offset());
+        if closed {
+            return Some(Outcome::Lost(format!(
+                "the connection closed after {at} applied bytes, before the end record"
+            )));
+        }
+        if now_us.saturating_sub(c.progress_us) > IDLE_US {
+            return Some(Outcome::Lost(format!("no data for {} s after {at} bytes", IDLE_US / 1_000_000)));
+        }
+        None
+    }
+}
+
+/// Tells the source why (best effort: the line fits any send buffer) and
+/// closes.
+fn refuse(t: &mut impl Transport, s: StreamId, why: &str) {
+    let line = format!("{REPLY_REFUSED}{}\n", why.replace('\n', " "));
+    let _ = t.write(s, line.as_bytes());
+    t.close(s);
+}

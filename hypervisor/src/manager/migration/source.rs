@@ -1,0 +1,519 @@
+//! The sending side of a pre-copy migration (`vm migrate`), one step per
+//! scheduling round ([`Manager::migration_round`]) so the VM keeps running:
+//!
+//! 1. connect; start `mm`'s dirty log (write protection, 4 KiB);
+//! 2. round 1: every page of RAM, [`PAGES_PER_STEP`] per step, as the
+//!    live save does (`save_step`);
+//! 3. round k: the pages the guest wrote meanwhile (harvested from the
+//!    log), until what is still dirty can be sent within the downtime
+//!    limit at the rate measured so far, or after [`MAX_ITERATIONS`];
+//! 4. switch-over: pause the VM, send the last dirty pages, its vCPU,
+//!    machine and devices and the end record; wait for the destination's
+//!    OK; only then stop the VM here and free it.
+//!
+//! Any failure before the OK (refused, reset, silence, the VM ended)
+//! stops the dirty log, resumes the VM if the migration paused it, and
+//! says so in one line: the VM runs on here.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::net::SocketAddrV4;
+use serde::Serialize;
+
+use migrate::{IoError, Sink};
+use mm::paging::PageSize;
+use mm::vm_memory::{DirtyBitmap, DirtyLogConfig, DirtyMechanism};
+
+use super::{IDLE_US, MAX_REPLY, REPLY_OK, REPLY_REFUSED};
+use crate::backend::Backend;
+use crate::hostnet::tcp::{StreamId, StreamState, Transport};
+use crate::manager::save_job::{PAGES_PER_STEP, SaveJob};
+use crate::manager::{Error, Manager};
+use crate::vm::RunState;
+use crate::vm::exit::Console;
+
+/// Dirty rounds after the first full copy before the switch-over happens
+/// whatever remains (a guest that dirties faster than the link sends
+/// would never converge).
+pub const MAX_ITERATIONS: u32 = 30;
+/// The stream is produced only while less than this waits to go out, so
+/// what is sent is recent and the heap holds little.
+const LOW_WATER: usize = 512 * 1024;
+/// Bytes handed to the connection per round at most.
+const WRITE_PER_ROUND: usize = 256 * 1024;
+/// Giving up on a connection that does not open.
+const CONNECT_US: u64 = 10_000_000;
+
+/// What `vm migrate` was asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub to: SocketAddrV4,
+    /// The pause the switch-over may take, at the measured rate.
+    pub downtime_ms: u32,
+    /// Limit on the stream's rate, MiB/s (none: as fast as TCP goes).
+    pub bandwidth_mib: Option<u32>,
+    /// Test aid: flip byte `n` of the stream as it goes on the wire, so
+    /// the destination's refusal of a corrupt stream can be tested.
+    pub corrupt_at: Option<u64>,
+}
+
+/// Default downtime limit (QEMU's default max downtime is 300 ms).
+pub const DEFAULT_DOWNTIME_MS: u32 = 300;
+
+/// A migration's progress (`vm migrate status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub id: u32,
+    pub to: String,
+    /// connecting, precopy, switchover, completed or failed.
+    pub state: &'static str,
+    /// Memory rounds begun: 1 is the full copy, later ones dirty pages.
+    pub iteration: u32,
+    pub pages_sent: u64,
+    pub bytes_on_wire: u64,
+    /// Pages found dirty at the last harvest.
+    pub dirty_pages_last_round: u64,
+    /// Time to send those at the measured rate.
+    pub expected_downtime_ms: u64,
+    /// Bytes per second the destination acknowledged since the start.
+    pub rate_bytes_per_s: u64,
+    pub elapsed_ms: u64,
+    /// Source-side pause: from pausing the VM to the destination's OK.
+    pub downtime_ms: Option<u64>,
+    /// The VM's id on the destination, once it runs there.
+    pub destination_vm: Option<u32>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Copying,
+    Confirming,
+}
+
+/// A migration in progress.
+pub struct Outgoing {
+    pub status: Status,
+    opts: Options,
+    stream: StreamId,
+    phase: Phase,
+    job: Option<SaveJob>,
+    /// Stream bytes produced and not yet taken by the connection.
+    out: Outbox,
+    /// Full copy done: what is left to send are dirty pages.
+    bulk_done: bool,
+    /// Dirty pages of the current round still to send.
+    dirty: Vec<u64>,
+    bitmap: DirtyBitmap,
+    /// The migration paused the VM (so a failure resumes it).
+    paused_by_us: bool,
+    started_us: u64,
+    open_us: u64,
+    pause_us: u64,
+    progress_us: u64,
+    reply: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Outbox {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+impl Sink for Outbox {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), IoError> {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        self.buf.try_reserve(bytes.len()).map_err(|_| IoError("no host memory for the migration's buffer"))?;
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+impl<B: Backend> Manager<B> {
+    /// `vm migrate`: start migrating VM `id`; the outcome is reported by
+    /// [`Self::migration_round`]. Refused (nothing changed) if a migration
+    /// runs, the VM is not one that can move, or the connection cannot
+    /// be started.
+    pub fn start_migration(
+        &mut self,
+        id: u32,
+        opts: Options,
+        t: &mut impl Transport,
+        now_us: u64,
+    ) -> Result<(), String> {
+        if let Some(o) = &self.migration.out {
+            return Err(format!("vm {} is already migrating (one at a time)", o.status.id));
+        }
+        let vm = self.get(id).ok_or_else(|| format!("{}", Error::NoVm(id)))?;
+        let Some(res) = vm.res.as_ref() else {
+            return Err(format!("{}", Error::Ended { id, state: vm.state.name() }));
+        };
+        if res.vcpus.len() > 1 {
+            return Err(format!("{}", Error::SaveSmp { id, vcpus: res.vcpus.len() }));
+        }
+        if vm.created {
+            return Err(format!("{}", Error::NotStarted(id)));
+        }
+        if self.live_save.as_ref().is_some_and(|s| s.job.id == id) {
+            return Err(format!("vm {id} is being saved live; migrate it when the save is done"));
+        }
+        if res.mem.dirty_logging().is_some() {
+            return Err(format!("vm {id}'s memory is already dirty-logged"));
+        }
+        let stream = t.connect(opts.to).map_err(|e| format!("{}: {e}", opts.to))?;
+        self.migration.out = Some(Outgoing {
+            status: Status { id, to: format!("{}", opts.to), state: "connecting", ..Default::default() },
+            opts,
+            stream,
+            phase: Phase::Connecting,
+            job: None,
+            out: Outbox::default(),
+            bulk_done: false,
+            dirty: Vec::new(),
+            bitmap: DirtyBitmap::new(),
+            paused_by_us: false,
+            started_us: now_us,
+            open_us: now_us,
+            pause_us: now_us,
+            progress_us: now_us,
+            reply: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// `vm migrate status`: the running migration of VM `id`, or its last.
+    pub fn migration_status(&self, id: u32) -> Option<&Status> {
+        self.migration.out.as_ref().map(|o| &o.status).filter(|s| s.id == id).or(self.migration.last.get(&id))
+    }
+
+    /// One step of the running migrations (between scheduling rounds, also
+    /// while no VM wants the CPU): the outgoing one and the incoming one.
+    /// `t` is the host network (`None`: no NIC, nothing can move).
+    pub fn migration_round<T: Transport>(&mut self, t: Option<&mut T>, now_us: u64, console: &mut impl Console) {
+        let Some(t) = t else { return };
+        self.incoming_round(t, now_us, console);
+        let Some(mut o) = self.migration.out.take() else { return };
+        match self.outgoing_step(&mut o, t, now_us) {
+            Ok(None) => {
+                o.status.elapsed_ms = now_us.saturating_sub(o.started_us) / 1000;
+                self.migration.out = Some(o);
+            }
+            Ok(Some(dest)) => self.complete_outgoing(o, dest, t, now_us, console),
+            Err(why) => self.fail_outgoing(o, why, t, now_us, console),
+        }
+    }
+
+    fn outgoing_step(&mut self, o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<Option<u32>, String> {
+        let id = o.status.id;
+        let alive = self.get(id).and_then(|v| v.res.as_ref()).map(|r| r.mem.dirty_logging().is_some());
+        match (alive, o.phase) {
+            (None, _) => return Err(format!("vm {id} ended during the migration")),
+            // A reset gives the VM fresh memory, without the log.
+            (Some(false), Phase::Copying) => return Err(format!("vm {id} was reset during the migration")),
+            _ => {}
+        }
+        let before = (o.status.bytes_on_wire, o.reply.len());
+        match o.phase {
+            Phase::Connecting => match t.state(o.stream) {
+                StreamState::Connecting if now_us.saturating_sub(o.started_us) > CONNECT_US => {
+                    return Err(String::from("the connection did not open in 10 s"));
+                }
+                StreamState::Connecting => return Ok(None),
+                StreamState::Open => {
+                    self.open_outgoing(o, now_us)?;
+                    o.progress_us = now_us;
+                }
+                _ => return Err(String::from("the connection was refused (is the destination listening?)")),
+            },
+            Phase::Copying => {
+                if o.out.pending() < LOW_WATER {
+                    self.produce(o, now_us)?;
+                }
+            }
+            Phase::Confirming => {}
+        }
+        let pumped = pump(o, t, now_us);
+        // The destination may have answered already (a refusal comes
+        // while the source still sends): its answer says more than a
+        // write refused by a closed connection.
+        if (pumped.is_err() || o.phase == Phase::Confirming)
+            && let Some(answer) = read_answer(o, t)?
+        {
+            return answer.map(Some);
+        }
+        pumped?;
+        if (o.status.bytes_on_wire, o.reply.len()) != before {
+            o.progress_us = now_us;
+        } else if now_us.saturating_sub(o.progress_us) > IDLE_US {
+            return Err(format!("no progress for {} s", IDLE_US / 1_000_000));
+        }
+        Ok(None)
+    }
+
+    /// The connection is open: dirty logging on, the stream's header out.
+    fn open_outgoing(&mut self, o: &mut Outgoing, now_us: u64) -> Result<(), String> {
+        let id = o.status.id;
+        let backend = self.backend.as_mut().map_err(|why| format!("{}", Error::NoVirtualization(why.clone())))?;
+        let res = self.vms.iter_mut().find(|v| v.id == id).and_then(|v| v.res.as_mut());
+        let res = res.ok_or_else(|| format!("vm {id} ended during the migration"))?;
+        let vcpus = &mut res.vcpus;
+        let config = DirtyLogConfig::new(PageSize::Size4K, DirtyMechanism::WriteProtect);
+        res.mem
+            .start_dirty_log(backend.mem(), config, &mut |s| crate::vm::flush_all(vcpus, s))
+            .map_err(|e| format!("dirty logging: {e:?}"))?;
+        match self.begin_migration_stream(id) {
+            Ok(job) => o.job = Some(job),
+            Err(e) => {
+                self.stop_dirty_log(id);
+                return Err(format!("{e}"));
+            }
+        }
+        o.phase = Phase::Copying;
+        o.status.state = "precopy";
+        o.status.iteration = 1;
+        o.open_us = now_us;
+        Ok(())
+    }
+
+    /// One step of stream production: a piece of the full copy, a piece
+    /// of the current dirty round, or (once everything sent so far is
+    /// out) the next harvest and maybe the switch-over.
+    fn produce(&mut self, o: &mut Outgoing, now_us: u64) -> Result<(), String> {
+        let Some(mut job) = o.job.take() else { return Ok(()) };
+        let r = self.produce_with(o, &mut job, now_us);
+        if o.phase == Phase::Copying {
+            o.job = Some(job);
+        } else if r.is_ok() {
+            // The switch-over: the last pages, the state and the end.
+            let gfns = core::mem::take(&mut o.dirty);
+            self.save_pages(&mut job, &gfns, &mut o.out).map_err(|e| format!("{e}"))?;
+            let saved = self.finish_migration_stream(job, &mut o.out).map_err(|e| format!("{e}"))?;
+            o.status.pages_sent = saved.stats.total_pages();
+        }
+        r
+    }
+
+    fn produce_with(&mut self, o: &mut Outgoing, job: &mut SaveJob, now_us: u64) -> Result<(), String> {
+        let e = |e: Error| format!("{e}");
+        if !o.bulk_done {
+            o.bulk_done = self.save_step(job, PAGES_PER_STEP, &mut o.out).map_err(e)?;
+            self.flush_save(job, &mut o.out).map_err(e)?;
+            o.status.pages_sent = job.pages_written();
+            return Ok(());
+        }
+        if !o.dirty.is_empty() {
+            let n = o.dirty.len().min(PAGES_PER_STEP as usize);
+            let gfns: Vec<u64> = o.dirty.drain(..n).collect();
+            self.save_pages(job, &gfns, &mut o.out).map_err(e)?;
+            self.flush_save(job, &mut o.out).map_err(e)?;
+            o.status.pages_sent = job.pages_written();
+            return Ok(());
+        }
+        if o.out.pending() > 0 {
+            // Harvest once the round is on the wire: the rate is then the
+            // link's, and the next round starts from what is really sent.
+            return Ok(());
+        }
+        self.harvest(o)?;
+        let dirty = o.dirty.len() as u64;
+        let elapsed = now_us.saturating_sub(o.open_us).max(1);
+        let rate = (u128::from(o.status.bytes_on_wire) * 1_000_000 / u128::from(elapsed)) as u64;
+        let rate = o.opts.bandwidth_mib.map_or(rate, |b| rate.min(u64::from(b) << 20)).max(1);
+        o.status.rate_bytes_per_s = rate;
+        o.status.dirty_pages_last_round = dirty;
+        o.status.expected_downtime_ms = dirty * migrate::PAGE_SIZE as u64 * 1000 / rate;
+        if o.status.expected_downtime_ms <= u64::from(o.opts.downtime_ms) || o.status.iteration >= MAX_ITERATIONS {
+            self.switch_over(o, now_us)?;
+        } else {
+            o.status.iteration += 1;
+        }
+        Ok(())
+    }
+
+    /// Pause the VM and take the last dirty pages; the caller writes them
+    /// with the VM's state.
+    fn switch_over(&mut self, o: &mut Outgoing, now_us: u64) -> Result<(), String> {
+        let id = o.status.id;
+        if self.get(id).is_some_and(|v| !v.paused) {
+            self.set_paused(id, true).map_err(|e| format!("{e}"))?;
+            o.paused_by_us = true;
+        }
+        o.pause_us = now_us;
+        let mut last = core::mem::take(&mut o.dirty);
+        self.harvest(o)?;
+        last.append(&mut o.dirty);
+        last.sort_unstable();
+        last.dedup();
+        o.dirty = last;
+        self.stop_dirty_log(id);
+        o.phase = Phase::Confirming;
+        o.status.state = "switchover";
+        Ok(())
+    }
+
+    /// The pages written since the last harvest, into `o.dirty`.
+    fn harvest(&mut self, o: &mut Outgoing) -> Result<(), String> {
+        let id = o.status.id;
+        let backend = self.backend.as_mut().map_err(|why| format!("{}", Error::NoVirtualization(why.clone())))?;
+        let res = self.vms.iter_mut().find(|v| v.id == id).and_then(|v| v.res.as_mut());
+        let res = res.ok_or_else(|| format!("vm {id} ended during the migration"))?;
+        let vcpus = &mut res.vcpus;
+        res.mem
+            .harvest_dirty(backend.mem(), &mut o.bitmap, &mut |s| crate::vm::flush_all(vcpus, s))
+            .map_err(|e| format!("dirty log: {e:?}"))?;
+        // The bitmap covers guest-physical space up to the end of RAM,
+        // holes included: keep the pages that are RAM.
+        let ranges = crate::vm::boot::ram_ranges(self.get(id).map_or(0, |v| v.mem_bytes));
+        let ram = &ranges.0[..ranges.1];
+        o.dirty.extend(o.bitmap.iter().map(|g| g.0).filter(|g| ram.iter().any(|r| r.contains(g))).map(|g| g >> 12));
+        Ok(())
+    }
+
+    /// Ends VM `id`'s dirty log, if it has one.
+    fn stop_dirty_log(&mut self, id: u32) {
+        let Ok(backend) = self.backend.as_mut() else { return };
+        if let Some(res) = self.vms.iter_mut().find(|v| v.id == id).and_then(|v| v.res.as_mut())
+            && res.mem.dirty_logging().is_some()
+        {
+            let vcpus = &mut res.vcpus;
+            let _ = res.mem.stop_dirty_log(backend.mem(), &mut |s| crate::vm::flush_all(vcpus, s));
+        }
+    }
+
+    /// The destination runs the VM: it ends here, its memory freed.
+    fn complete_outgoing(
+        &mut self,
+        mut o: Outgoing,
+        dest: u32,
+        t: &mut impl Transport,
+        now_us: u64,
+        console: &mut impl Console,
+    ) {
+        let id = o.status.id;
+        t.close(o.stream);
+        self.migration.closing.push((o.stream, now_us + 5_000_000));
+        let downtime = now_us.saturating_sub(o.pause_us) / 1000;
+        o.status.downtime_ms = Some(downtime);
+        o.status.state = "completed";
+        o.status.destination_vm = Some(dest);
+        o.status.elapsed_ms = now_us.saturating_sub(o.started_us) / 1000;
+        if let Ok(backend) = self.backend.as_mut()
+            && let Some(vm) = self.vms.iter_mut().find(|v| v.id == id)
+        {
+            let reason = format!("migrated to {} (vm {dest} there)", o.status.to);
+            vm.end(RunState::Stopped { reason }, backend, console);
+            super::super::release(backend, &mut self.host_mem, vm);
+            super::super::detach_port(&mut self.switches, id);
+        }
+        let s = &o.status;
+        console.line(&format!(
+            "vm {id}: migrated to {} (vm {dest} there) in {} ms: {} iterations, {} pages, {} bytes on the wire, \
+             downtime {downtime} ms (pause to confirmation); freed here",
+            s.to, s.elapsed_ms, s.iteration, s.pages_sent, s.bytes_on_wire
+        ));
+        self.migration.last.insert(id, o.status);
+    }
+
+    /// Anything went wrong before the destination's OK: the VM runs on.
+    fn fail_outgoing(
+        &mut self,
+        mut o: Outgoing,
+        why: String,
+        t: &mut impl Transport,
+        now_us: u64,
+        console: &mut impl Console,
+    ) {
+        let id = o.status.id;
+        t.abort(o.stream);
+        if let Some(job) = o.job.take() {
+            self.abort_save(job);
+        }
+        self.stop_dirty_log(id);
+        let resumed = o.paused_by_us && self.set_paused(id, false).is_ok();
+        o.status.state = "failed";
+        o.status.elapsed_ms = now_us.saturating_sub(o.started_us) / 1000;
+        let runs = if self.get(id).is_some_and(|v| v.res.is_some()) {
+            if resumed { "; the VM resumed here" } else { "; the VM runs on here" }
+        } else {
+            ""
+        };
+        console.line(&format!("vm {id}: migration to {} failed: {why}{runs}", o.status.to));
+        o.status.error = Some(why);
+        self.migration.last.insert(id, o.status);
+    }
+}
+
+/// The destination's answer line, once it is whole: `Ok(id)` for OK.
+/// `Ok(None)`: not yet; `Err`: the connection closed without one.
+fn read_answer(o: &mut Outgoing, t: &mut impl Transport) -> Result<Option<Result<u32, String>>, String> {
+    let mut buf = [0u8; 64];
+    let mut closed = false;
+    loop {
+        let Ok(n) = t.read(o.stream, &mut buf) else {
+            // Its answer may have come just before the close.
+            closed = true;
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        o.reply.extend_from_slice(&buf[..n]);
+        if o.reply.len() > MAX_REPLY {
+            return Err(String::from("the destination's answer is not a migration answer"));
+        }
+    }
+    if let Some(end) = o.reply.iter().position(|&b| b == b'\n') {
+        let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
+        if let Some(n) = line.strip_prefix(REPLY_OK) {
+            return Ok(Some(n.trim().parse().map_err(|_| format!("the destination answered {line:?}"))));
+        }
+        if let Some(why) = line.strip_prefix(REPLY_REFUSED) {
+            return Ok(Some(Err(format!("the destination refused the stream: {why}"))));
+        }
+        return Ok(Some(Err(format!("the destination answered {line:?}"))));
+    }
+    if closed && o.phase == Phase::Confirming {
+        return Err(String::from("the destination closed the connection without confirming the VM runs there"));
+    }
+    Ok(None)
+}
+
+/// Hands produced bytes to the connection, within the bandwidth limit;
+/// the test aid `corrupt_at` flips one byte on the way.
+fn pump(o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<(), String> {
+    let mut room = WRITE_PER_ROUND;
+    if let Some(mib) = o.opts.bandwidth_mib {
+        let allowed = u128::from(mib) * (1 << 20) * u128::from(now_us.saturating_sub(o.open_us)) / 1_000_000;
+        // A round's worth of burst allowed from the start.
+        let allowed = allowed as u64 + (64 << 10);
+        room = room.min(allowed.saturating_sub(o.status.bytes_on_wire) as usize);
+    }
+    let n = o.out.pending().min(room);
+    if n == 0 {
+        return Ok(());
+    }
+    let at = o.status.bytes_on_wire;
+    let mut chunk = &o.out.buf[o.out.pos..o.out.pos + n];
+    let flipped;
+    if let Some(c) = o.opts.corrupt_at.filter(|&c| c >= at && c < at + n as u64) {
+        let mut copy = chunk.to_vec();
+        copy[(c - at) as usize] ^= 0xff;
+        flipped = copy;
+        chunk = &flipped;
+    }
+    let wrote = t.write(o.stream, chunk).map_err(|_| String::from("the connection was closed or reset"))?;
+    o.out.pos += wrote;
+    o.status.bytes_on_wire += wrote as u64;
+    Ok(())
+}

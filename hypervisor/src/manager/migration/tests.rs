@@ -1,0 +1,340 @@
+//! Migration between two simulated hosts (`hostnet::link`: two NICs on an
+//! in-memory cable, each host a manager over the mock backend): the VM
+//! moves with every write its guest made during pre-copy, the source frees
+//! it only after the destination runs it; a cut link, a corrupt byte and
+//! another format version each leave the source VM running and no VM on
+//! the destination.
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::command::{MigrateCommand, parse};
+use super::source::Options;
+use crate::backend::Backend;
+use crate::hostnet::HostNet;
+use crate::hostnet::link::{End, hosts};
+use crate::hostnet::tcp::{Transport, parse_endpoint};
+use crate::manager::{GuestImage, Manager};
+use crate::testing::{Lines, MockBackend, elf_guest};
+use mm::GuestPhysAddr;
+
+const RAM_MIB: u32 = 8;
+const BASE: u64 = 0x40_0000;
+const PAGES: u64 = 512;
+
+fn manager() -> Manager<MockBackend> {
+    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
+    Manager::new(Ok(MockBackend::new(8192)), images)
+}
+
+/// Page contents for page `p` in generation `g`.
+fn content(p: u64, g: u64) -> Vec<u8> {
+    let mut x = (p << 20 | g).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A write as the guest's vCPU makes it: through the nested tables, so
+/// the dirty log's write protection sees it.
+fn guest_write(m: &mut Manager<MockBackend>, id: u32, gpa: u64, data: &[u8]) {
+    let Manager { backend, vms, host_mem, .. } = m;
+    let backend = backend.as_mut().unwrap();
+    let res = vms.iter_mut().find(|v| v.id == id).unwrap().res.as_mut().unwrap();
+    host_mem.with_hooks(id, |h| res.mem.sim_write(&mut backend.mem, h, 0, GuestPhysAddr(gpa), data)).unwrap();
+}
+
+fn peek(m: &Manager<MockBackend>, id: u32, gpa: u64) -> Vec<u8> {
+    let mut buf = vec![0; 4096];
+    let vm = m.get(id).unwrap();
+    vm.res.as_ref().unwrap().mem.peek(&m.backend.as_ref().unwrap().mem, GuestPhysAddr(gpa), &mut buf).unwrap();
+    buf
+}
+
+/// Two hosts, a VM on the first whose region holds generation 0, the
+/// second listening.
+struct Pair {
+    a: HostNet<End>,
+    b: HostNet<End>,
+    ma: Manager<MockBackend>,
+    mb: Manager<MockBackend>,
+    id: u32,
+    /// The generation each page of the region holds.
+    gens: Vec<u64>,
+    now: u64,
+    la: Lines,
+    lb: Lines,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let (a, mut b) = hosts();
+        let (mut ma, mut mb) = (manager(), manager());
+        let id = ma.run_vm("tiny", RAM_MIB, "").unwrap();
+        for p in 0..PAGES {
+            guest_write(&mut ma, id, BASE + p * 4096, &content(p, 0));
+        }
+        mb.listen_migrations(super::DEFAULT_PORT, &mut b.tcp()).unwrap();
+        Pair { a, b, ma, mb, id, gens: vec![0; PAGES as usize], now: 0, la: Lines::default(), lb: Lines::default() }
+    }
+
+    fn migrate(&mut self, o: Options) {
+        self.ma.start_migration(self.id, o, &mut self.a.tcp(), self.now).unwrap();
+    }
+
+    /// One round of both hosts, `step_us` apart; the guest rewrites
+    /// `dirty` pages first if it runs.
+    fn round(&mut self, step_us: u64, dirty: u64) {
+        self.now += step_us;
+        let running = self.ma.get(self.id).is_some_and(|v| v.res.is_some() && !v.paused);
+        if running {
+            for k in 0..dirty {
+                let p = (self.now / step_us * 7 + k * 13) % PAGES;
+                self.gens[p as usize] += 1;
+                guest_write(&mut self.ma, self.id, BASE + p * 4096, &content(p, self.gens[p as usize]));
+            }
+        }
+        let mut sink = |_: &str| {};
+        self.a.poll(self.now, &mut sink);
+        self.b.poll(self.now, &mut sink);
+        self.ma.migration_round(Some(&mut self.a.tcp()), self.now, &mut self.la);
+        self.mb.migration_round(Some(&mut self.b.tcp()), self.now, &mut self.lb);
+    }
+
+    fn run_until(&mut self, step_us: u64, dirty: u64, max: usize, done: impl Fn(&Pair) -> bool) {
+        for _ in 0..max {
+            self.round(step_us, dirty);
+            if done(self) {
+                return;
+            }
+        }
+        panic!("not done after {max} rounds: a {:?} b {:?}", self.la.0, self.lb.0);
+    }
+
+    /// The region on VM `id` of `m` holds the generations written.
+    fn check_region(&self, m: &Manager<MockBackend>, id: u32) {
+        for p in 0..PAGES {
+            assert!(peek(m, id, BASE + p * 4096) == content(p, self.gens[p as usize]), "page {p} differs");
+        }
+    }
+
+    fn source_runs_on(&self) {
+        let vm = self.ma.get(self.id).unwrap();
+        let res = vm.res.as_ref().expect("the source VM still has its memory");
+        assert!(!vm.paused, "the source VM was left paused");
+        assert!(res.mem.dirty_logging().is_none(), "the dirty log was left running");
+        assert!(self.ma.migration.out.is_none());
+        self.check_region(&self.ma, self.id);
+    }
+
+    fn destination_has_no_vm(&self) {
+        assert!(self.mb.vms.is_empty(), "the destination kept a VM");
+        assert!(!self.mb.migration.incoming.as_ref().unwrap().busy());
+    }
+}
+
+fn to_b() -> Options {
+    Options { to: parse_endpoint("10.0.0.2:7070").unwrap(), downtime_ms: 300, bandwidth_mib: None, corrupt_at: None }
+}
+
+#[test]
+fn precopy_moves_the_vm_with_every_write_and_frees_it_after_the_confirmation() {
+    let mut p = Pair::new();
+    let free_before = p.ma.backend.as_ref().unwrap().free_frames();
+    // A tight downtime limit at a slow rate: several dirty rounds.
+    p.migrate(Options { downtime_ms: 1, bandwidth_mib: Some(8), ..to_b() });
+    assert!(p.ma.start_migration(p.id, to_b(), &mut p.a.tcp(), 0).unwrap_err().contains("already migrating"));
+    p.run_until(1000, 4, 20_000, |p| {
+        p.la.0.iter().any(|l| l.contains("migrated to")) || p.la.0.iter().any(|l| l.contains("failed"))
+    });
+    for _ in 0..50 {
+        p.round(1000, 0);
+    }
+    let line = p.la.0.iter().find(|l| l.starts_with("vm 1: migrated to")).unwrap_or_else(|| panic!("{:?}", p.la.0));
+    assert!(line.contains("10.0.0.2:7070 (vm 1 there)") && line.contains("freed here"), "{line}");
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!(s.state, "completed");
+    assert!(s.iteration >= 2, "only {} iterations", s.iteration);
+    assert!(s.pages_sent > u64::from(RAM_MIB) * 256, "{s:?}");
+    assert!(s.bytes_on_wire > 0 && s.downtime_ms.is_some() && s.destination_vm == Some(1));
+    // The source VM ended and gave its memory back.
+    let vm = p.ma.get(p.id).unwrap();
+    assert!(vm.res.is_none() && vm.state.ended());
+    assert!(p.ma.backend.as_ref().unwrap().free_frames() > free_before);
+    // The destination runs it, with every page as the guest last wrote it.
+    assert!(p.lb.0.iter().any(|l| l.starts_with("migrate: vm 1 (tiny) arrived from 10.0.0.1:")), "{:?}", p.lb.0);
+    let dest = p.mb.get(1).expect("the VM on the destination");
+    assert!(dest.res.is_some() && !dest.paused && !dest.state.ended());
+    p.check_region(&p.mb, 1);
+    assert!(p.gens.iter().any(|&g| g > 1), "the guest rewrote pages during the migration");
+    // The listener takes another.
+    assert!(!p.mb.migration.incoming.as_ref().unwrap().busy());
+    assert_eq!(p.mb.migration.incoming.as_ref().unwrap().received, 1);
+}
+
+#[test]
+fn a_cut_link_leaves_the_vm_running_at_the_source_and_none_at_the_destination() {
+    let mut p = Pair::new();
+    let frames = p.mb.backend.as_ref().unwrap().free_frames();
+    p.migrate(Options { bandwidth_mib: Some(4), ..to_b() });
+    p.run_until(1000, 2, 5000, |p| p.ma.migration_status(p.id).is_some_and(|s| s.bytes_on_wire > 300_000));
+    assert!(p.ma.get(p.id).unwrap().res.as_ref().unwrap().mem.dirty_logging().is_some());
+    assert!(p.mb.migration.incoming.as_ref().unwrap().busy());
+    // The cable is cut both ways (the destination's host dies, as far as
+    // either side can tell).
+    p.a.nic().drop_every = 1;
+    p.b.nic().drop_every = 1;
+    p.run_until(10_000, 2, 5000, |p| p.ma.migration.out.is_none() && !p.mb.migration.incoming.as_ref().unwrap().busy());
+    let line = p.la.0.last().unwrap();
+    assert!(line.starts_with("vm 1: migration to 10.0.0.2:7070 failed:") && line.ends_with("runs on here"), "{line}");
+    assert!(p.lb.0.iter().any(|l| l.contains("ended early") && l.contains("partial VM is dropped")), "{:?}", p.lb.0);
+    assert_eq!(p.ma.migration_status(p.id).unwrap().state, "failed");
+    p.source_runs_on();
+    p.destination_has_no_vm();
+    assert_eq!(p.mb.backend.as_ref().unwrap().free_frames(), frames, "the partial VM's memory was freed");
+}
+
+#[test]
+fn a_corrupt_byte_is_refused_naming_the_record_and_the_vm_runs_on() {
+    let mut p = Pair::new();
+    p.migrate(Options { corrupt_at: Some(100_000), ..to_b() });
+    p.run_until(1000, 2, 20_000, |p| p.ma.migration.out.is_none());
+    let refused = p.lb.0.iter().find(|l| l.contains("refused the stream")).unwrap_or_else(|| panic!("{:?}", p.lb.0));
+    assert!(refused.contains("(memory)") && refused.contains("checksum"), "{refused}");
+    let line = p.la.0.last().unwrap();
+    assert!(line.contains("the destination refused the stream") && line.contains("checksum"), "{line}");
+    p.source_runs_on();
+    p.destination_has_no_vm();
+    // It can go again, uncorrupted, over the same listener.
+    p.migrate(to_b());
+    p.run_until(1000, 2, 20_000, |p| p.ma.migration.out.is_none());
+    assert_eq!(p.ma.migration_status(p.id).unwrap().state, "completed", "{:?} {:?}", p.la.0, p.lb.0);
+    let dest = p.mb.vms.iter().find(|v| v.res.is_some()).unwrap().id;
+    p.check_region(&p.mb, dest);
+}
+
+/// CRC-32C (Castagnoli), bitwise: the stream's prologue checksum.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn a_stream_of_another_format_version_or_a_checkpoint_is_refused() {
+    let mut p = Pair::new();
+    let ours = p.ma.save_vm(p.id, Vec::new()).unwrap().0;
+    let mut v2 = ours.clone();
+    v2[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let sum = crc32c(&v2[..16]);
+    v2[16..20].copy_from_slice(&sum.to_le_bytes());
+    for (bytes, says) in [(&v2, "version 2"), (&ours, "not a live-migration stream")] {
+        let s = p.a.tcp().connect(parse_endpoint("10.0.0.2:7070").unwrap()).unwrap();
+        p.lb.0.clear();
+        let mut sent = 0;
+        let mut reply = Vec::new();
+        for _ in 0..2000 {
+            p.round(1000, 0);
+            if sent < bytes.len() {
+                sent += p.a.tcp().write(s, &bytes[sent..]).unwrap_or(0);
+            }
+            let mut buf = [0u8; 256];
+            if let Ok(n) = p.a.tcp().read(s, &mut buf) {
+                reply.extend_from_slice(&buf[..n]);
+            }
+            if reply.ends_with(b"\n") {
+                break;
+            }
+        }
+        let reply = String::from_utf8(reply).unwrap();
+        assert!(reply.starts_with(super::REPLY_REFUSED) && reply.contains(says), "{reply:?}");
+        assert!(p.lb.0.iter().any(|l| l.contains("refused the stream") && l.contains(says)), "{:?}", p.lb.0);
+        p.a.tcp().abort(s);
+        p.destination_has_no_vm();
+    }
+}
+
+#[test]
+fn commands_parse_and_refuse_bad_input() {
+    assert_eq!(parse("vm list"), None);
+    assert_eq!(parse("migrate listen").unwrap().unwrap().0, MigrateCommand::Listen(7070));
+    assert_eq!(parse("migrate listen 9000 --json").unwrap().unwrap(), (MigrateCommand::Listen(9000), true));
+    assert_eq!(parse("vm migrate status 3").unwrap().unwrap().0, MigrateCommand::Status(3));
+    let MigrateCommand::Start(3, o) = parse("vm migrate 3 10.0.0.2 downtime=50 bandwidth=20").unwrap().unwrap().0
+    else {
+        panic!()
+    };
+    assert_eq!((o.to.port(), o.downtime_ms, o.bandwidth_mib, o.corrupt_at), (7070, 50, Some(20), None));
+    let MigrateCommand::Start(1, o) = parse("vm migrate 1 10.0.0.2:7100 corrupt_at=9").unwrap().unwrap().0 else {
+        panic!()
+    };
+    assert_eq!((o.to.port(), o.corrupt_at), (7100, Some(9)));
+    for bad in [
+        "migrate",
+        "migrate listen 0",
+        "migrate listen x",
+        "migrate frob",
+        "vm migrate",
+        "vm migrate 1",
+        "vm migrate x 10.0.0.2",
+        "vm migrate 1 10.0.0.300",
+        "vm migrate 1 10.0.0.2:0",
+        "vm migrate 1 10.0.0.2 downtime=0",
+        "vm migrate 1 10.0.0.2 bandwidth=x",
+        "vm migrate 1 10.0.0.2 speed=1",
+        "vm migrate 1 10.0.0.2 downtime",
+        "vm migrate status",
+        "vm migrate status x",
+    ] {
+        let e = parse(bad).unwrap().unwrap_err().0;
+        assert!(!e.contains('\n') && !e.is_empty(), "{bad:?}: {e:?}");
+    }
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let (mut a, _b) = hosts();
+    let mut m = manager();
+    let mut out = Lines::default();
+    let run = |line: &str, m: &mut Manager<MockBackend>, a: &mut HostNet<End>, out: &mut Lines| {
+        super::command::execute(&parse(line).unwrap().unwrap(), m, Some(&mut a.tcp()), 0, out);
+    };
+    run("vm migrate 7 10.0.0.2", &mut m, &mut a, &mut out);
+    assert_eq!(out.0.last().unwrap(), "error: vm migrate: no VM 7");
+    let id = m.run_vm("tiny", RAM_MIB, "").unwrap();
+    let mut bare = HostNet::new(crate::hostnet::link::pair().0, "c".into(), 0, 3);
+    super::command::execute(
+        &parse("vm migrate 1 10.0.0.2").unwrap().unwrap(),
+        &mut m,
+        Some(&mut bare.tcp()),
+        0,
+        &mut out,
+    );
+    assert!(out.0.last().unwrap().contains("no address"), "{:?}", out.0);
+    assert!(m.migration.out.is_none());
+    run("vm migrate status 1 --json", &mut m, &mut a, &mut out);
+    assert!(out.0.last().unwrap().contains("\"ok\":false"));
+    run("migrate listen", &mut m, &mut a, &mut out);
+    run("migrate listen 7071", &mut m, &mut a, &mut out);
+    assert_eq!(out.0.last().unwrap(), "error: migrate listen: already listening on port 7070");
+    super::command::execute::<MockBackend, crate::hostnet::tcp::Tcp>(
+        &parse("vm migrate 1 10.0.0.2").unwrap().unwrap(),
+        &mut m,
+        None,
+        0,
+        &mut out,
+    );
+    assert!(out.0.last().unwrap().contains("no network device"));
+    assert!(m.get(id).unwrap().res.as_ref().unwrap().mem.dirty_logging().is_none());
+}

@@ -1,0 +1,110 @@
+//! Live migration (pre-copy) between two QEMU hosts (AMD-V, TCG) on one
+//! Ethernet link. One boot pair serves every check (CI time):
+//!
+//! 1. a corrupt byte on the wire (`corrupt_at=`, the test aid): B refuses
+//!    the stream naming the record, A's VM runs on;
+//! 2. memtest in `mode=dirty` (rewriting pages at a set rate, checking
+//!    every page against its header) moves A -> B: its check passes on B,
+//!    its longest pause is printed, A freed the VM only once B confirmed
+//!    (A's VM ended naming B's id, which only B's answer carries);
+//! 3. B's emulator is killed during pre-copy of a second VM: A's VM runs
+//!    on and its check still passes.
+//!
+//! `MIGRATION_RATE` (pages per ms, default 1) and `MIGRATION_MIB` (region,
+//! default 8) set the guest for benchmarks (docs/benchmarks.md).
+
+use std::time::{Duration, Instant};
+use tests_qemu::{Machine, vm_entry};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The text after `what` on the first line holding it, after byte `from`.
+fn report(t: &str, from: usize, what: &str) -> String {
+    t[from..].lines().find_map(|l| l.find(what).map(|i| l[i..].to_string())).unwrap_or_default()
+}
+
+#[test]
+fn precopy_between_two_qemu_hosts() {
+    let (rate, mib) = (env("MIGRATION_RATE", 1), env("MIGRATION_MIB", 8));
+    let mem = mib + 8;
+    let limit = Duration::from_secs(300);
+    let (mut a, mut b) =
+        Machine::boot_linked_pair("migration", &["net_host_ip = 10.0.8.1/24"], &["net_host_ip = 10.0.8.2/24"]);
+    let out = b.cmd("migrate listen");
+    assert!(out.contains("migrate: listening for migrations on port 7070"), "{out}");
+    let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=7"));
+    assert!(out.contains("vm 1"), "{out}");
+    a.wait_for("memtest: dirty: ", Duration::from_secs(120));
+
+    // 1. A corrupt byte (inside the first memory records): refused by B
+    // naming the record; the VM runs on at A.
+    let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
+    let out = a.cmd("vm migrate 1 10.0.8.2 corrupt_at=300000");
+    assert!(out.contains("vm 1: migrating to 10.0.8.2:7070"), "{out}");
+    a.wait_for_after("vm 1: migration to 10.0.8.2:7070 failed", from_a, limit);
+    b.wait_for_after("migrate: refused the stream from 10.0.8.1", from_b, limit);
+    let refused = report(&b.transcript(), from_b, "migrate: refused the stream");
+    eprintln!("[migration] B: {refused}\n[migration] A: {}", report(&a.transcript(), from_a, "vm 1: migration"));
+    assert!(refused.contains("checksum") && refused.contains("record"), "{refused}");
+    assert_eq!(vm_entry(&a.json("vm list --json"), 1)["state"], "running");
+    let on_b = b.json("vm list --json");
+    assert!(on_b["vms"].as_array().is_none_or(|v| v.is_empty()), "{on_b}");
+
+    // 2. The real move.
+    let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
+    let started = Instant::now();
+    a.cmd("vm migrate 1 10.0.8.2 downtime=300");
+    b.wait_for_after("migrate: vm ", from_b, limit);
+    a.wait_for_after("vm 1: migrated to 10.0.8.2:7070", from_a, limit);
+    let wall = started.elapsed().as_secs_f64();
+    let (done, arrived) =
+        (report(&a.transcript(), from_a, "vm 1: migrated to"), report(&b.transcript(), from_b, "migrate: vm "));
+    eprintln!("[migration] A: {done}\n[migration] B: {arrived}\n[migration] wall clock {wall:.2} s");
+    assert!(arrived.contains("arrived from 10.0.8.1") && arrived.contains("and runs"), "{arrived}");
+    let status = a.json("vm migrate status 1 --json");
+    eprintln!("[migration] status: {status}");
+    assert_eq!(status["state"], "completed", "{status}");
+    let there = status["destination_vm"].as_u64().expect("the VM's id on B");
+    assert!(status["iteration"].as_u64().unwrap() >= 2 && status["pages_sent"].as_u64().unwrap() >= mem * 256);
+    // A freed it, naming B's id: it learned it only from B's answer.
+    let gone = vm_entry(&a.json("vm list --json"), 1);
+    assert_ne!(gone["state"], "running", "{gone}");
+    assert_eq!(vm_entry(&b.json("vm list --json"), there)["state"], "running");
+    // The guest's check passes on B; its longest pause.
+    let from_b = b.transcript().len();
+    b.cmd(&format!("vm send {there} -- c"));
+    b.wait_for_after("memtest: PASS", from_b, limit);
+    let t = b.transcript();
+    let pause = report(&t, from_b, "memtest: dirty: ");
+    eprintln!("[migration] guest on B: {} / {pause}", report(&t, from_b, "memtest: live check"));
+    assert!(pause.contains("longest pause"), "{pause}");
+
+    // 3. B dies during pre-copy of a second VM (slowed to 1 MiB/s so
+    // pre-copy lasts): the VM runs on at A.
+    let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=8"));
+    let id = if out.contains("vm 2") { 2 } else { panic!("{out}") };
+    a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
+    let from_a = a.transcript().len();
+    a.cmd(&format!("vm migrate {id} 10.0.8.2 bandwidth=1"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = a.json(&format!("vm migrate status {id} --json"));
+        if s["state"] == "precopy" && s["bytes_on_wire"].as_u64().unwrap_or(0) > 1 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline && s["state"] != "failed", "{s}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    b.pull_the_plug();
+    a.wait_for_after(&format!("vm {id}: migration to 10.0.8.2:7070 failed"), from_a, limit);
+    eprintln!("[migration] A: {}", report(&a.transcript(), from_a, &format!("vm {id}: migration")));
+    let s = a.json(&format!("vm migrate status {id} --json"));
+    assert_eq!(s["state"], "failed", "{s}");
+    assert_eq!(vm_entry(&a.json("vm list --json"), id)["state"], "running");
+    let from_a = a.transcript().len();
+    a.cmd(&format!("vm send {id} -- c"));
+    a.wait_for_after("memtest: PASS", from_a, limit);
+    a.poweroff();
+}
