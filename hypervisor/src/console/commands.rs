@@ -453,6 +453,18 @@ fn stats_reply<B: Backend>(
             us % 1000
         ));
     }
+    // From the command to the end: with other VMs on the same CPU the
+    // guest gets part of it; with a CPU each, nearly all.
+    let lifetime = wall_end.map(|e| e.saturating_sub(vm.stats.requested_tsc));
+    if let Some(t) = lifetime.filter(|&t| t > 0) {
+        let us = ticks_to_us(t, hz);
+        text.push_str(&format!(
+            "\n  lifetime: {}.{:03} ms from the command to its end, {}% of it in the guest",
+            us / 1000,
+            us % 1000,
+            u128::from(vm.stats.run_ticks) * 100 / u128::from(t)
+        ));
+    }
     if let Some(p) = &lazy {
         text.push_str(&format!(
             "\n  lazy restore: {} of {} pages on disk{}; {}",
@@ -526,6 +538,7 @@ fn stats_reply<B: Backend>(
             }),
         );
         o.insert("first_entry_ticks".into(), json!(first_entry));
+        o.insert("lifetime_ticks".into(), json!(lifetime));
         o.insert("first_entry_us".into(), json!(first_entry.map(|t| ticks_to_us(t, hz))));
         o.insert(
             "lazy".into(),
