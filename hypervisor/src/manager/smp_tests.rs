@@ -235,3 +235,27 @@ fn any_sipi_vector_starts_the_ap_there() {
         assert_eq!(s.activity, vcpu::Activity::Active);
     }
 }
+
+#[test]
+fn an_ap_halting_while_the_bsp_is_mid_line_does_not_cut_the_line() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // The BSP is preempted mid-line, then halts (idle: the line shows).
+    b.scripts.push_back(vec![exit(VmExit::Preempted), hlt(RFLAGS_FIXED | RFLAGS_IF)]);
+    b.scripts.push_back(vec![hlt(RFLAGS_FIXED | RFLAGS_IF)]);
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+    let vm = m.vms.iter_mut().find(|v| v.id == id).unwrap();
+    for b in b"smptest: PASS (11 chec" {
+        vm.devices.pio_write(0x3f8, 1, u32::from(*b), || 0);
+    }
+    vm.res.as_mut().unwrap().vcpus[1].state = VcpuState::Runnable;
+    vm.next_vcpu = 1;
+    let mut con = Lines::default();
+    m.run_slice(&mut con);
+    assert_eq!(states(&m, id), [VcpuState::Runnable, VcpuState::Halted], "the AP halted first");
+    assert!(con.0.iter().all(|l| !l.contains("chec")), "the BSP's line was cut: {:?}", con.0);
+    for _ in 0..4 {
+        m.run_slice(&mut con);
+    }
+    assert!(con.0.iter().any(|l| l == &format!("[vm {id}] smptest: PASS (11 chec")), "{:?}", con.0);
+}
