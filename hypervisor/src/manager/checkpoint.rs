@@ -535,7 +535,9 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<
     type Error = Refused;
 
     fn vcpu(&mut self, index: u32, state: GuestState) -> Result<(), Refused> {
-        let slot = self.vcpus.get_mut(index as usize).ok_or(Refused::Vcpus(index))?;
+        // The reader's checker refuses an index past the header's count
+        // before this sees it; refused here too rather than trusted.
+        let slot = self.vcpus.get_mut(index as usize).ok_or(Refused::Vcpus(index.saturating_add(1)))?;
         *slot = Some(state);
         Ok(())
     }
