@@ -6,6 +6,15 @@
 //! handler counts), then one all-excluding-self broadcast; an atomic-
 //! increment stress from all vCPUs must reach the exact total.
 //!
+//! With `hold=1` (for checkpoints of a VM with several vCPUs) the stress
+//! is a run instead: after the IPI checks every AP increments the shared
+//! counter and its own in a loop, without end, and the BSP prints
+//! `smptest: holding until a byte arrives on COM1` and halts until one
+//! does (`vm send`), the VM meanwhile saved and restored elsewhere. Once
+//! released: every AP must still advance its count, the shared counter
+//! must equal the sum of the APs' own once they stop (no increment lost
+//! or doubled), and IPIs must still flow both ways.
+//!
 //! Prints one line per check and `smptest: PASS`/`FAIL`; exits 0 or 1.
 #![no_std]
 #![no_main]
@@ -125,6 +134,15 @@ static GO_IPI: AtomicBool = AtomicBool::new(false);
 static GO_STRESS: AtomicBool = AtomicBool::new(false);
 static SHARED: AtomicU64 = AtomicU64::new(0);
 static STRESS_DONE: AtomicU32 = AtomicU32::new(0);
+/// `hold=1`: the APs run until `STOP`; each counts its increments of
+/// `SHARED` in `MINE`, and says when it is running and when it stopped.
+static HOLD: AtomicBool = AtomicBool::new(false);
+static MINE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static RUNNING: AtomicU32 = AtomicU32::new(0);
+static STOP: AtomicBool = AtomicBool::new(false);
+static STOPPED: AtomicU32 = AtomicU32::new(0);
+/// Fixed IPIs each AP sends the BSP after the release, in turn.
+static GO_IPI_AGAIN: AtomicBool = AtomicBool::new(false);
 /// The BSP's IDTR, for the APs to load.
 static IDTR: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
@@ -217,6 +235,76 @@ fn stress() {
     STRESS_DONE.fetch_add(1, SeqCst);
 }
 
+/// An AP's part of `hold=1`: increments until told to stop, then the
+/// IPIs after the release: the BSP's (a third), then one back, in turn by
+/// APIC ID as before.
+fn hold_run(id: usize) {
+    RUNNING.fetch_add(1, SeqCst);
+    while !STOP.load(SeqCst) {
+        SHARED.fetch_add(1, SeqCst);
+        MINE[id].fetch_add(1, SeqCst);
+    }
+    STOPPED.fetch_add(1, SeqCst);
+    halt_until(u64::MAX, || IPIS[id].load(SeqCst) >= 3);
+    let before = IPI_BASE.load(SeqCst);
+    wait(u64::MAX, || GO_IPI_AGAIN.load(SeqCst) && IPIS[0].load(SeqCst) + 1 >= before + id as u32);
+    send_ipi(0, IPI_VECTOR as u32);
+}
+
+/// The BSP's IPI count when the IPIs after the release began.
+static IPI_BASE: AtomicU32 = AtomicU32::new(0);
+
+/// The BSP's part of `hold=1`, after the IPI checks: waits for every AP
+/// to run, holds until a byte arrives on COM1, then checks the run.
+fn hold(c: &mut Checks, cpus: usize) {
+    HOLD.store(true, SeqCst);
+    GO_STRESS.store(true, SeqCst);
+    let aps = cpus as u32 - 1;
+    let running = wait(1 << 32, || RUNNING.load(SeqCst) == aps);
+    c.check("every ap runs", running, format_args!("{} of {aps}", RUNNING.load(SeqCst)));
+    println!("smptest: holding until a byte arrives on COM1");
+    // LSR bit 0: data ready (16550). The BSP halts meanwhile (woken at
+    // every scheduling round, having no timer), the APs run.
+    while inb(0x3fd) & 1 == 0 {
+        // SAFETY: interrupts on with the IPI handler installed.
+        unsafe { asm!("sti; hlt", options(nomem, nostack)) };
+    }
+    let key = inb(0x3f8);
+    let at_release: [u64; MAX_CPUS] = core::array::from_fn(|i| MINE[i].load(SeqCst));
+    println!("smptest: released by {key:#04x}");
+    let went_on = wait(1 << 32, || (1..cpus).all(|i| MINE[i].load(SeqCst) >= at_release[i] + 1000));
+    c.check(
+        "every ap went on counting after the release",
+        went_on,
+        format_args!("{:?} at the release", &at_release[1..cpus]),
+    );
+    STOP.store(true, SeqCst);
+    let stopped = wait(1 << 32, || STOPPED.load(SeqCst) == aps);
+    let total = SHARED.load(SeqCst);
+    let sum: u64 = (1..cpus).map(|i| MINE[i].load(SeqCst)).sum();
+    println!("smptest: hold total {total}, the aps' own counts add up to {sum}");
+    c.check(
+        "atomic increments from every vcpu reach the exact total",
+        stopped && total == sum && sum > 0,
+        format_args!("{total}, want {sum}"),
+    );
+    // IPIs after the release: the BSP to each AP, each AP back in turn.
+    IPI_BASE.store(IPIS[0].load(SeqCst), SeqCst);
+    for ap in 1..cpus {
+        send_ipi(ap as u32, IPI_VECTOR as u32);
+    }
+    GO_IPI_AGAIN.store(true, SeqCst);
+    let base = IPI_BASE.load(SeqCst);
+    halt_until(20_000, || IPIS[0].load(SeqCst) >= base + aps);
+    let got = wait(1 << 28, || (1..cpus).all(|i| IPIS[i].load(SeqCst) >= 3));
+    let counts: [u32; MAX_CPUS] = core::array::from_fn(|i| IPIS[i].load(SeqCst));
+    c.check(
+        "ipis flow both ways after the release",
+        got && counts[0] == base + aps && (1..cpus).all(|i| counts[i] == 3),
+        format_args!("{:?}", &counts[..cpus]),
+    );
+}
+
 extern "C" fn ap_main() -> ! {
     let idtr = [IDTR[0].load(SeqCst), IDTR[1].load(SeqCst)];
     // SAFETY: the BSP's IDT, loaded as it stored it (10-byte pseudo-descriptor).
@@ -238,7 +326,11 @@ extern "C" fn ap_main() -> ! {
     // The BSP's IPI and its broadcast: two.
     halt_until(u64::MAX, || IPIS[id].load(SeqCst) >= 2);
     wait(u64::MAX, || GO_STRESS.load(SeqCst));
-    stress();
+    if HOLD.load(SeqCst) {
+        hold_run(id);
+    } else {
+        stress();
+    }
     loop {
         // SAFETY: parks this vCPU for good.
         unsafe { asm!("cli; hlt", options(nomem, nostack)) };
@@ -300,8 +392,9 @@ impl Checks {
     }
 }
 
-fn main(_boot: Boot) -> u32 {
+fn main(boot: Boot) -> u32 {
     let mut c = Checks { failed: 0, total: 0 };
+    let hold_mode = boot.cmdline().split_whitespace().any(|w| w == "hold=1");
     let cpus = fw_cfg_cpus() as usize;
     let madt = madt_cpus();
     println!("smptest: {cpus} cpus (fw_cfg), {madt:?} in the MADT");
@@ -391,6 +484,10 @@ fn main(_boot: Boot) -> u32 {
         format_args!("{:?}", &counts[..cpus]),
     );
 
+    if hold_mode {
+        hold(&mut c, cpus);
+        return verdict(&c, cpus);
+    }
     GO_STRESS.store(true, SeqCst);
     stress();
     let done = wait(1 << 32, || STRESS_DONE.load(SeqCst) as usize == cpus);
@@ -401,6 +498,10 @@ fn main(_boot: Boot) -> u32 {
         done && total == STRESS * cpus as u64,
         format_args!("{total}, want {}", STRESS * cpus as u64),
     );
+    verdict(&c, cpus)
+}
+
+fn verdict(c: &Checks, cpus: usize) -> u32 {
     if c.failed == 0 {
         println!("smptest: PASS ({} checks, {cpus} vcpus)", c.total);
         0

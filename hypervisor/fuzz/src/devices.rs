@@ -1,6 +1,8 @@
-//! The PC device set (`DeviceSet::pc`) under a guest's port I/O and its
-//! accesses to the local APIC, I/O APIC and PCI configuration pages and
-//! the APIC's MSRs, with the
+//! The PC device set (`DeviceSet::pc_smp`, 1 to `MAX_VCPUS` vCPUs) under
+//! a guest's port I/O and its accesses to the local APIC, I/O APIC and PCI
+//! configuration pages and the APIC's MSRs, from any of its vCPUs (IPIs
+//! through the ICR routed between their local APICs; the VM taking the
+//! NMIs, INITs and SIPIs they leave), with the
 //! VM clock moving and interrupts taken, checked through saved state: every
 //! state a guest can drive the devices into must save, pass each device's
 //! own `validate` and restore, and the restored set must be the same set.
@@ -9,15 +11,19 @@
 //! - no panic;
 //! - lanes of a read that no device decodes read all ones (a dword at
 //!   CONFIG_ADDRESS, claimed whole by the PCI host bridge, aside);
-//! - the set's saved state restores into a fresh set (so `validate`
-//!   accepts every reachable state), which saves the same bytes;
+//! - the set's saved state restores into a fresh set of as many vCPUs (so
+//!   `validate` accepts every reachable state of every local APIC), which
+//!   saves the same bytes; the signals IPIs left travel beside it, as a
+//!   checkpoint's machine record carries them;
 //! - that copy then answers the next access exactly as the original does,
-//!   and agrees on the interrupt line and, once both have looked again
-//!   (a restore drops the cached deadline), the next timer deadline.
+//!   and agrees on the interrupt line and what waits for each vCPU and,
+//!   once both have looked again (a restore drops the cached deadline),
+//!   the next timer deadline.
 //!
-//! Input: RAM size (one byte, MiB), then operations (see `step`).
+//! Input: RAM size (one byte, MiB), the vCPU count (one byte), then
+//! operations (see `step`).
 
-use hypervisor::devices::{DeviceSet, PortEffect, fw_cfg, lapic, pci};
+use hypervisor::devices::{DeviceSet, MAX_VCPUS, PortEffect, fw_cfg, lapic, pci};
 
 use crate::input::Input;
 
@@ -54,11 +60,12 @@ const PORTS: [u16; 24] = [
 pub fn devices(data: &[u8]) {
     let mut input = Input::new(data);
     let ram = (1 + u64::from(input.u8())) << 20;
-    let mut set = DeviceSet::pc(0, ram);
+    let vcpus = 1 + usize::from(input.u8()) % MAX_VCPUS;
+    let mut set = DeviceSet::pc_smp(0, ram, vcpus);
     let mut now = 0u64;
     let mut steps = 0;
     while !input.is_empty() && steps < MAX_STEPS {
-        let mut copy = restored(&set, ram);
+        let mut copy = restored(&set, ram, vcpus);
         step(&mut input, &mut now, &mut set, &mut copy);
         steps += 1;
     }
@@ -66,13 +73,17 @@ pub fn devices(data: &[u8]) {
 
 /// A fresh set given `set`'s saved state: it must take it, and save it back
 /// unchanged.
-fn restored(set: &DeviceSet, ram: u64) -> DeviceSet {
+fn restored(set: &DeviceSet, ram: u64, vcpus: usize) -> DeviceSet {
     let saved = set.save();
-    let mut copy = DeviceSet::pc(0, ram);
+    let mut copy = DeviceSet::pc_smp(0, ram, vcpus);
     if let Err(e) = copy.restore(&saved) {
         panic!("a state the guest reached was refused: {e}");
     }
     assert_eq!(copy.save(), saved, "restored state saves differently");
+    for i in 0..vcpus {
+        copy.set_signals(i, set.signals(i));
+    }
+    copy.set_current(set.current());
     copy
 }
 
@@ -126,14 +137,36 @@ fn step(input: &mut Input<'_>, now: &mut u64, set: &mut DeviceSet, copy: &mut De
             copy.poll_timers(t);
             assert_eq!(set.next_timer(), copy.next_timer(), "the next timer differs after op {op:#x}");
         }
-        _ => {
-            if set.interrupt_pending() {
-                assert_eq!(set.acknowledge_interrupt(), copy.acknowledge_interrupt());
+        _ => match op >> 3 & 3 {
+            // Another vCPU's exit: its APIC page, MSRs and interrupt
+            // acknowledge from now on.
+            1 => {
+                let i = input.below(set.vcpu_count() as u64) as usize;
+                set.set_current(i);
+                copy.set_current(i);
+                assert_eq!(set.current(), i);
             }
-        }
+            // The VM acting on what IPIs left a vCPU.
+            2 => {
+                let i = input.below(set.vcpu_count() as u64) as usize;
+                assert_eq!(set.take_signals(i), copy.take_signals(i), "vCPU {i}'s signals");
+            }
+            _ => {
+                if set.interrupt_pending() {
+                    assert_eq!(set.acknowledge_interrupt(), copy.acknowledge_interrupt());
+                }
+            }
+        },
     }
     assert_eq!(set.interrupt_pending(), copy.interrupt_pending(), "INTR differs after op {op:#x}");
+    assert_eq!(set.has_signals(), copy.has_signals(), "signals differ after op {op:#x}");
+    for i in 0..set.vcpu_count() {
+        assert_eq!(set.interrupt_pending_for(i), copy.interrupt_pending_for(i), "vCPU {i} after op {op:#x}");
+    }
 }
+
+/// Local APIC registers worth hitting more often than at random.
+const APIC_REGS: [u64; 8] = [0x300, 0x310, 0x300, 0x310, 0xf0, 0xb0, 0xd0, 0xe0];
 
 /// MSRs of the local APIC worth hitting: its base, the TSC deadline, and a
 /// few x2APIC registers (refused: CPUID offers no x2APIC).
@@ -157,8 +190,11 @@ fn device_registers(input: &mut Input<'_>, op: u8, t: u64, set: &mut DeviceSet, 
         }
         return;
     }
-    let gpa = match input.u8() % 4 {
+    let gpa = match input.u8() % 6 {
         0 => 0xfee0_0000 + u64::from(input.u16() & 0xfff),
+        // The registers IPIs and their delivery turn on: the ICR (high
+        // half first: the low half's write sends), SVR, EOI, TPR, LDR, DFR.
+        4 | 5 => 0xfee0_0000 + APIC_REGS[input.below(APIC_REGS.len() as u64) as usize],
         1 => 0xfec0_0000 + u64::from(input.u8() & 0x1f),
         2 => pci::ECAM_BASE + u64::from(input.u32() & 0x1f_ffff),
         _ => 0xfe00_0000 + u64::from(input.u32() & 0x1ff_ffff),

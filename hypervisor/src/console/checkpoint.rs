@@ -227,10 +227,6 @@ pub(super) fn save<B: Backend>(
     if vm.res.is_none() {
         return Err(format!("vm {id} has ended ({}): nothing to save", vm.state.name()));
     }
-    if vm.vcpu_count() > 1 {
-        // Before anything is written to the data disk.
-        return Err(format!("{}", crate::manager::Error::SaveSmp { id, vcpus: vm.vcpu_count() }));
-    }
     if let Some((other, _)) = m.live_save() {
         return Err(format!("a live save of vm {other} is running; one at a time"));
     }

@@ -53,8 +53,11 @@ fn once(f: impl Fn() -> u64) -> impl Fn() -> u64 {
     }
 }
 
-/// The interrupt controllers' names in saved state (they sit on no port).
-const LAPIC_NAME: &str = "lapic0";
+/// The interrupt controllers' names in saved state (they sit on no port):
+/// local APIC `i` (vCPU `i`'s) is `LAPIC_NAMES[i]`. A one-vCPU VM saves
+/// `lapic0` alone, as before VMs had several.
+pub const LAPIC_NAMES: [&str; MAX_VCPUS] =
+    ["lapic0", "lapic1", "lapic2", "lapic3", "lapic4", "lapic5", "lapic6", "lapic7"];
 const IOAPIC_NAME: &str = "ioapic";
 
 /// The debug-exit port: a write of V ends the VM with status (V << 1) | 1,
@@ -517,6 +520,24 @@ impl DeviceSet {
         core::mem::take(&mut self.kicked)
     }
 
+    /// What IPIs left for vCPU `index` and it has not acted on yet (a
+    /// checkpoint carries it), without taking it.
+    pub fn signals(&self, index: usize) -> Signals {
+        self.signals.get(index).copied().unwrap_or_default()
+    }
+
+    /// Puts back what [`Self::signals`] read (a restore, after
+    /// [`Self::restore`]); out of range: nothing.
+    pub fn set_signals(&mut self, index: usize, signals: Signals) {
+        let Some(s) = self.signals.get_mut(index) else { return };
+        *s = signals;
+        if signals == Signals::default() {
+            self.signalled &= !bit(index);
+        } else {
+            self.signalled |= bit(index);
+        }
+    }
+
     /// Takes what IPIs left for vCPU `index`.
     pub fn take_signals(&mut self, index: usize) -> Signals {
         let Some(s) = self.signals.get_mut(index) else { return Signals::default() };
@@ -682,7 +703,8 @@ impl DeviceSet {
                 // Stateless: nothing to carry.
                 Device::DebugExit => None,
             })
-            .chain([persist::save(LAPIC_NAME, &self.lapics[0]), persist::save(IOAPIC_NAME, &self.ioapic)])
+            .chain(self.lapics.iter().zip(LAPIC_NAMES).map(|(l, name)| persist::save(name, l)))
+            .chain([persist::save(IOAPIC_NAME, &self.ioapic)])
             .chain(self.save_virtio())
             .collect()
     }
@@ -696,7 +718,8 @@ impl DeviceSet {
             if saved[..k].iter().any(|o| o.name == s.name) {
                 return Err(RestoreError::Duplicate(s.name.clone()));
             }
-            let controller = s.name == LAPIC_NAME || s.name == IOAPIC_NAME || self.has_virtio(&s.name);
+            let lapic = LAPIC_NAMES[..self.lapics.len()].contains(&s.name.as_str());
+            let controller = lapic || s.name == IOAPIC_NAME || self.has_virtio(&s.name);
             if !controller && !self.devices.iter().any(|(name, d)| *name == s.name && !matches!(d, Device::DebugExit)) {
                 return Err(RestoreError::UnknownDevice(s.name.clone()));
             }
@@ -716,7 +739,17 @@ impl DeviceSet {
             });
         }
         let find = |name: &'static str| saved.iter().find(|s| s.name == name).ok_or(RestoreError::MissingDevice(name));
-        let lapic = persist::decode::<Lapic>(LAPIC_NAME, find(LAPIC_NAME)?)?;
+        // One local APIC per vCPU, each with its own ID: the destinations
+        // of IPIs and interrupts are matched against it, and vCPU `i`'s
+        // APIC is the one with ID `i`.
+        let mut lapics = Vec::with_capacity(self.lapics.len());
+        for (i, name) in LAPIC_NAMES.into_iter().enumerate().take(self.lapics.len()) {
+            let state = persist::decode::<Lapic>(name, find(name)?)?;
+            if state.id != i as u32 {
+                return Err(RestoreError::Invalid { device: name, why: "the APIC ID is not its vCPU's index" });
+            }
+            lapics.push(state);
+        }
         let ioapic = persist::decode::<IoApic>(IOAPIC_NAME, find(IOAPIC_NAME)?)?;
         let virtio = self.decode_virtio(saved)?;
         for ((_, d), state) in self.devices.iter_mut().zip(states) {
@@ -732,11 +765,15 @@ impl DeviceSet {
                 _ => {}
             }
         }
-        // Saved VMs have one vCPU (`vm save` refuses others).
-        self.lapics.truncate(1);
-        self.signals.truncate(1);
+        for (l, state) in self.lapics.iter_mut().zip(lapics) {
+            l.restore(state);
+        }
+        // IPIs not yet acted on travel with the vCPUs' scheduling state
+        // (`set_signals`); none is left from before.
+        self.signals.iter_mut().for_each(|s| *s = Signals::default());
+        self.signalled = 0;
+        self.kicked = false;
         self.set_current(0);
-        self.lapics[0].restore(lapic);
         self.ioapic.restore(ioapic);
         self.restore_virtio(virtio);
         // The timers and controllers were replaced wholesale: the next

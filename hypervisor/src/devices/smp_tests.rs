@@ -241,3 +241,41 @@ fn hostile_icr_values_never_panic() {
         let _ = set.take_kicked();
     }
 }
+
+#[test]
+fn every_vcpus_apic_saves_and_restores_and_a_mismatched_set_is_refused() {
+    let mut set = smp(4);
+    // vCPU 2: 0x61 in service, 0x72 requested; vCPU 3 a logical ID.
+    send(&mut set, 0, 2, 0x61);
+    set.lapics[2].accept(0x61, false);
+    set.set_current(2);
+    assert_eq!(set.acknowledge_interrupt(), 0x61);
+    set.lapics[2].accept(0x72, false);
+    set.set_current(3);
+    assert!(set.mmio_write(0xfee0_00d0, 4, 0x0800_0000, 0));
+    let saved = set.save();
+    let names: Vec<&str> = saved.iter().map(|s| s.name.as_str()).filter(|n| n.starts_with("lapic")).collect();
+    assert_eq!(names, ["lapic0", "lapic1", "lapic2", "lapic3"]);
+    let mut copy = DeviceSet::pc_smp(0, 16 << 20, 4);
+    copy.restore(&saved).unwrap();
+    assert_eq!(copy.save(), saved);
+    assert!(copy.interrupt_pending_for(2) && !copy.interrupt_pending_for(1), "0x72 waits for vCPU 2 alone");
+    assert_eq!(copy.current(), 0);
+    // Fewer vCPUs than APICs saved, a vCPU's APIC missing, or one whose
+    // ID is another vCPU's: refused, nothing changed.
+    let mut two = DeviceSet::pc_smp(0, 16 << 20, 2);
+    let before = two.save();
+    assert_eq!(two.restore(&saved), Err(RestoreError::UnknownDevice("lapic2".into())));
+    assert_eq!(two.save(), before);
+    let missing: Vec<SavedDevice> = saved.iter().filter(|s| s.name != "lapic3").cloned().collect();
+    assert_eq!(copy.restore(&missing), Err(RestoreError::MissingDevice("lapic3")));
+    let mut swapped = saved.clone();
+    let l1 = swapped.iter().position(|s| s.name == "lapic1").unwrap();
+    let l0 = swapped.iter().position(|s| s.name == "lapic0").unwrap();
+    swapped[l1].bytes = swapped[l0].bytes.clone();
+    assert_eq!(
+        copy.restore(&swapped),
+        Err(RestoreError::Invalid { device: "lapic1", why: "the APIC ID is not its vCPU's index" })
+    );
+    assert_eq!(copy.save(), saved, "nothing changed");
+}

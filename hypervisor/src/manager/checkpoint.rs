@@ -2,7 +2,8 @@
 //! ([`Manager::save_vm`]), and a VM rebuilt from one
 //! ([`Manager::restore_vm`]), on this host or another, of either vendor.
 //!
-//! The stream carries the vCPU as the neutral `GuestState`, every device
+//! The stream carries each vCPU as the neutral `GuestState` (and its
+//! scheduling state in the machine record: `checkpoint_smp`), every device
 //! through its `Persist` state, the machine's own description (the
 //! "machine" record: guest, command line, RAM size, its clock and TSC at
 //! the save, its CPUID profile) and every page of RAM. The restored VM's clock and TSC go on
@@ -19,6 +20,7 @@ use migrate::{Apply, Header, RamRange, Reader, Sink, Source, Stats};
 use mm::GuestPhysAddr;
 use vcpu::{GuestState, Vcpu};
 
+pub use super::checkpoint_smp::{SavedRun, SavedVcpu};
 use super::{Error, Manager, free_memory};
 use crate::backend::Backend;
 use crate::devices::SavedDevice;
@@ -33,9 +35,13 @@ use crate::vm::{Resources, RunState, Vm, VmStats};
 
 /// The name of the machine's own record among the devices.
 pub const MACHINE: &str = "machine";
-/// Its layout version: 3 added the CPUID profile. Version 2 records (the
-/// same layout without it) still restore, as `cpuid=host` VMs.
-pub const MACHINE_VERSION: u16 = 3;
+/// Its layout version: 3 added the CPUID profile, 4 each vCPU's
+/// scheduling state (`checkpoint_smp`). Version 2 and 3 records (the same
+/// layout without them; written for VMs of one vCPU) still restore: as
+/// `cpuid=host` VMs, their vCPU runnable.
+pub const MACHINE_VERSION: u16 = 4;
+/// The layout before the vCPUs' scheduling state.
+const MACHINE_VERSION_ONE_VCPU: u16 = 3;
 /// The layout before the CPUID profile.
 const MACHINE_VERSION_NO_CPUID: u16 = 2;
 
@@ -70,33 +76,50 @@ pub struct MachineState {
     /// The CPUID it sees (version 3 on): a pinned table goes on as it is,
     /// once this host is found able to honour it.
     pub cpuid: crate::cpuid::Profile,
+    /// Each vCPU's scheduling state, vCPU 0 first (version 4 on: one per
+    /// vCPU record; older records, of one vCPU, read as
+    /// [`SavedVcpu::legacy`]).
+    pub vcpus: Vec<SavedVcpu>,
 }
 
 impl MachineState {
     /// The record of layout `version` in `bytes`, whole and well formed.
     pub fn decode(version: u16, bytes: &[u8]) -> Result<MachineState, Refused> {
-        let mut v2;
-        let bytes = match version {
-            MACHINE_VERSION => bytes,
-            // Version 3 only appended the profile, and postcard writes an
-            // enum as its variant index (a varint) before any data
-            // (postcard wire format, "enum"): one 0 byte is
-            // `Profile::Host`, what a VM restored from version 2 sees.
-            MACHINE_VERSION_NO_CPUID => {
-                v2 = Vec::with_capacity(bytes.len() + 1);
-                v2.extend_from_slice(bytes);
-                v2.push(0);
-                &v2
-            }
+        // Each version only appended a field, and postcard writes an enum
+        // as its variant index and a sequence as its length, both varints,
+        // before any data (postcard wire format, "enum", "seq"): one 0
+        // byte is `Profile::Host` (what a VM restored from version 2
+        // sees), another an empty vCPU list (read as one runnable vCPU).
+        let appended: &[u8] = match version {
+            MACHINE_VERSION => &[],
+            MACHINE_VERSION_ONE_VCPU => &[0],
+            MACHINE_VERSION_NO_CPUID => &[0, 0],
             other => return Err(Refused::MachineVersion(other)),
         };
-        let (m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
+        let mut whole;
+        let bytes = if appended.is_empty() {
+            bytes
+        } else {
+            whole = Vec::with_capacity(bytes.len() + appended.len());
+            whole.extend_from_slice(bytes);
+            whole.extend_from_slice(appended);
+            &whole
+        };
+        let (mut m, rest) = postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| Refused::Machine)?;
         let table_ok = m.cpuid.table().is_none_or(|t| t.is_well_formed());
-        // Version 2 had no profile: bytes that only make one with the 0
-        // appended above are not a version-2 record (found by fuzzing).
-        let v2_ok = version != MACHINE_VERSION_NO_CPUID || m.cpuid == crate::cpuid::Profile::Host;
-        if !rest.is_empty() || !table_ok || !v2_ok {
+        // Bytes that only make a record with the zeros appended above are
+        // not one of the older version (found by fuzzing): version 2 had
+        // no profile, neither had a vCPU list.
+        let old_ok = match version {
+            MACHINE_VERSION_NO_CPUID => m.cpuid == crate::cpuid::Profile::Host && m.vcpus.is_empty(),
+            MACHINE_VERSION_ONE_VCPU => m.vcpus.is_empty(),
+            _ => (1..=crate::devices::MAX_VCPUS).contains(&m.vcpus.len()),
+        };
+        if !rest.is_empty() || !table_ok || !old_ok {
             return Err(Refused::Machine);
+        }
+        if version != MACHINE_VERSION {
+            m.vcpus = SavedVcpu::legacy();
         }
         Ok(m)
     }
@@ -110,8 +133,12 @@ fn protocol(name: &str) -> Option<Protocol> {
 /// refusals.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refused {
-    /// Not one vCPU (this hypervisor's VMs have one).
+    /// More vCPUs than a VM here may have (the stream's header allows up
+    /// to `migrate::limits::MAX_VCPUS`).
     Vcpus(u32),
+    /// vCPU records (the header's count) and the machine record's vCPUs
+    /// disagree.
+    VcpuRecords { records: u32, machine: u32 },
     /// RAM not laid out as this hypervisor lays out a VM of that size.
     RamLayout,
     /// No "machine" record, or one that does not decode.
@@ -137,14 +164,19 @@ pub enum Refused {
 impl core::fmt::Display for Refused {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Refused::Vcpus(n) => write!(f, "the checkpoint has {n} vCPUs; VMs here have one"),
+            Refused::Vcpus(n) => {
+                write!(f, "the checkpoint has {n} vCPUs; VMs here have 1 to {}", crate::devices::MAX_VCPUS)
+            }
+            Refused::VcpuRecords { records, machine } => {
+                write!(f, "the checkpoint has {records} vCPU records but its machine record describes {machine} vCPUs")
+            }
             Refused::RamLayout => f.write_str("the checkpoint's RAM is not laid out as a VM of its size here"),
             Refused::Machine => f.write_str("the checkpoint's machine record is missing or does not decode"),
             Refused::MachineVersion(v) => {
                 write!(
                     f,
                     "the checkpoint's machine record is version {v}; this hypervisor reads version {MACHINE_VERSION} \
-                     (and {MACHINE_VERSION_NO_CPUID})"
+                     (and {MACHINE_VERSION_ONE_VCPU}, {MACHINE_VERSION_NO_CPUID})"
                 )
             }
             Refused::Cpuid(what) => {
@@ -264,8 +296,11 @@ impl<B: Backend> Manager<B> {
             super::switch_port(id)?;
         }
         let nic = with_net.then(|| crate::net::switch::mac_for(id, 0));
-        let (mem, devices, node) = self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic, 1)?;
-        Ok(Rebuild { id, requested, mem, devices, node, with_blk, with_net, got: Collected::default() })
+        let vcpus = header.vcpus as usize;
+        let (mem, devices, node) =
+            self.machine(id, mem_mib, with_rng, with_blk.then(HostDisk::detached), nic, vcpus)?;
+        let got = Collected { vcpus: alloc::vec![None; vcpus], ..Default::default() };
+        Ok(Rebuild { id, requested, mem, devices, node, with_blk, with_net, got })
     }
 
     /// Runs `f` with the sink that applies records to `rb` (its RAM, and
@@ -298,7 +333,7 @@ impl<B: Backend> Manager<B> {
         lazy: Option<(LazyFrom, migrate::index::PageIndex)>,
     ) -> Result<u32, Error> {
         let Rebuild { id, requested, mut mem, mut devices, node, with_blk, with_net, got } = rb;
-        let Collected { vcpu: state, machine, devices: saved, .. } = got;
+        let Collected { vcpus: states, machine, devices: saved, .. } = got;
         let index = lazy.as_ref().map(|(_, i)| i);
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let fail = |backend: &mut B, host: &mut crate::memory::HostMemory, mem, e| {
@@ -319,9 +354,20 @@ impl<B: Backend> Manager<B> {
         let Some(machine) = machine else {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Machine));
         };
-        let Some(mut state) = state else {
+        // The stream's checker saw every vCPU index once; the machine
+        // record must describe as many.
+        let Some(mut states) = states.into_iter().collect::<Option<Vec<GuestState>>>() else {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::NoVcpu));
         };
+        if machine.vcpus.len() != states.len() {
+            let (records, machine) = (states.len() as u32, machine.vcpus.len() as u32);
+            return fail(
+                backend,
+                &mut self.host_mem,
+                mem,
+                Error::Checkpoint(Refused::VcpuRecords { records, machine }),
+            );
+        }
         let Some(protocol) = protocol(&machine.protocol) else {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Protocol(machine.protocol)));
         };
@@ -360,9 +406,14 @@ impl<B: Backend> Manager<B> {
         let (hz, now) = (backend.tsc_hz(), backend.now());
         let clock_offset_ns = (i128::from(machine.clock_ns) - i128::from(crate::vm::exit::ticks_to_ns(now, hz)))
             .clamp(i64::MIN.into(), i64::MAX.into()) as i64;
-        state.tsc_offset = machine.guest_tsc.wrapping_sub(now);
+        // vCPU 0's TSC is the guest's; the others keep their distance
+        // from it (a guest may have written one vCPU's TSC).
+        let saved_tsc0 = states[0].tsc_offset;
+        for s in &mut states {
+            s.tsc_offset = machine.guest_tsc.wrapping_sub(now).wrapping_add(s.tsc_offset.wrapping_sub(saved_tsc0));
+        }
         let phys_bits = backend.host_cpuid(0x8000_0008, 0).eax as u8;
-        let dev_tsc = device_tsc_offset(state.tsc_offset, hz, clock_offset_ns);
+        let dev_tsc = device_tsc_offset(states[0].tsc_offset, hz, clock_offset_ns);
         devices.set_cpu(dev_tsc, hz, phys_bits.clamp(36, 52));
         if let Err(e) = devices.restore(&saved) {
             return fail(backend, &mut self.host_mem, mem, Error::Checkpoint(Refused::Devices(e)));
@@ -377,17 +428,39 @@ impl<B: Backend> Manager<B> {
             return fail(backend, &mut self.host_mem, mem, Error::MacInUse { mac, id: other.id });
         }
         devices.set_tsc_offset(dev_tsc);
-        let vcpu = match backend.create_vcpu(mem.root_for_vcpu(0), &state) {
-            Ok(v) => v,
-            Err(e) => return fail(backend, &mut self.host_mem, mem, Error::Vcpu(e)),
+        // Each vCPU where it was: its registers, its scheduling state, the
+        // IPIs it had not acted on yet.
+        let mut slots = Vec::with_capacity(states.len());
+        for (i, (state, sched)) in states.iter().zip(&machine.vcpus).enumerate() {
+            match backend.create_vcpu(mem.root_for_vcpu(i), state) {
+                Ok(v) => {
+                    let (run, irq_off) = sched.state();
+                    let mut slot = crate::vm::VcpuSlot::new(v, run);
+                    slot.halted_irq_off = irq_off;
+                    slots.push(slot);
+                    devices.set_signals(i, sched.signals());
+                }
+                Err(e) => {
+                    for s in slots {
+                        backend.destroy_vcpu(s.vcpu);
+                    }
+                    return fail(backend, &mut self.host_mem, mem, Error::Vcpu(e));
+                }
+            }
+        }
+        let res = match Resources::<B>::with_vcpus(mem, slots) {
+            Ok(r) => r,
+            // Never: the header has 1 to MAX_VCPUS vCPUs.
+            Err(mem) => return fail(backend, &mut self.host_mem, *mem, Error::Checkpoint(Refused::NoVcpu)),
         };
         devices.update_lines(vm_ns(now, hz, clock_offset_ns));
-        let overhead =
-            vcpu.overhead_bytes() + mem.memory_report().overhead_bytes() + core::mem::size_of::<Vm<B>>() as u64;
-        let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, mem.pages()).err(), ..Default::default() };
+        let overhead = res.vcpus.iter().map(|s| s.vcpu.overhead_bytes()).sum::<u64>()
+            + res.mem.memory_report().overhead_bytes()
+            + core::mem::size_of::<Vm<B>>() as u64;
+        let reclaim = VmReclaim { no_swap: self.host_mem.add_vm(id, res.mem.pages()).err(), ..Default::default() };
         // From here on nothing fails: the source joins the VM's hooks
         // before anything (the balloon below, the guest) touches its RAM.
-        let on_disk = mem.state_counts().not_loaded;
+        let on_disk = res.mem.state_counts().not_loaded;
         let lazy_progress = match lazy {
             Some((from, index)) => {
                 let mut source = LazySource::new(from.checkpoint, from.store, index, from.fill_rate);
@@ -420,12 +493,12 @@ impl<B: Backend> Manager<B> {
             image: machine.image,
             msrs: MsrState { mtrr_def_type: machine.mtrr_def_type, misc_enable: machine.misc_enable },
             overhead_bytes: overhead,
-            nested_pages: super::nested_leaves(&mem, &*backend.mem(), machine.mem_bytes),
+            nested_pages: super::nested_leaves(&res.mem, &*backend.mem(), machine.mem_bytes),
             reclaim,
             node,
             cpuid: machine.cpuid,
             next_vcpu: 0,
-            res: Some(Resources::new(mem, vcpu)),
+            res: Some(res),
         });
         vm.timers_changed(hz);
         // Balloon chains held at the save: their actions apply here (the
@@ -444,10 +517,10 @@ impl<B: Backend> Manager<B> {
     }
 }
 
-/// The stream's VM shape checked against what VMs here are: one vCPU,
-/// RAM laid out as for a VM of its size. Its RAM in MiB.
+/// The stream's VM shape checked against what VMs here are: 1 to
+/// `MAX_VCPUS` vCPUs, RAM laid out as for a VM of its size. Its RAM in MiB.
 pub(super) fn check_shape(header: &Header) -> Result<u32, Error> {
-    if header.vcpus != 1 {
+    if !(1..=crate::devices::MAX_VCPUS).contains(&(header.vcpus as usize)) {
         return Err(Error::Checkpoint(Refused::Vcpus(header.vcpus)));
     }
     let ram_bytes: u64 = header.ram.iter().map(|r| r.size).sum();
@@ -476,7 +549,9 @@ pub struct Rebuild<B: Backend> {
 /// What the records gave besides RAM, kept until the VM is built.
 #[derive(Default)]
 struct Collected {
-    vcpu: Option<GuestState>,
+    /// Each vCPU's registers by index (the checker allows each index below
+    /// the header's count once).
+    vcpus: Vec<Option<GuestState>>,
     machine: Option<MachineState>,
     devices: Vec<SavedDevice>,
     /// Shared contents by id: the first page that had it (a map: a hostile
@@ -515,8 +590,11 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Restore<'_, '_, F,
 impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<'_, '_, F, A> {
     type Error = Refused;
 
-    fn vcpu(&mut self, _: u32, state: GuestState) -> Result<(), Refused> {
-        self.got.vcpu = Some(state);
+    fn vcpu(&mut self, index: u32, state: GuestState) -> Result<(), Refused> {
+        // The reader's checker refuses an index past the header's count
+        // before this sees it; refused here too rather than trusted.
+        let slot = self.got.vcpus.get_mut(index as usize).ok_or(Refused::Vcpus(index.saturating_add(1)))?;
+        *slot = Some(state);
         Ok(())
     }
 

@@ -159,7 +159,7 @@ fn damaged_or_foreign_checkpoints_are_refused_and_leave_nothing() {
     w.vcpu(0, &state).unwrap();
     w.device("machine", 1, &[0; 16]).unwrap();
     let (old, _) = w.finish().unwrap();
-    check(&old, "machine record is version 1; this hypervisor reads version 3");
+    check(&old, "machine record is version 1; this hypervisor reads version 4 (and 3, 2)");
     // A stream from a future format version, its prologue intact.
     let mut future = stream.clone();
     future[8..10].copy_from_slice(&(migrate::FORMAT_MAJOR + 1).to_le_bytes());
@@ -420,25 +420,40 @@ fn machine_records_of_version_2_decode_as_host_cpuid() {
         disk: Some("d".into()),
         net: None,
         cpuid: crate::cpuid::Profile::Host,
+        vcpus: Vec::new(),
     };
-    // Version 2: the same fields without the profile.
-    let v3 = postcard::to_allocvec(&state).unwrap();
+    // Versions 2 and 3: the same fields without the vCPU list, and
+    // without the profile; both read as one runnable vCPU.
+    let v4_empty = postcard::to_allocvec(&state).unwrap();
+    let v3 = &v4_empty[..v4_empty.len() - 1];
     let v2 = &v3[..v3.len() - 1];
-    assert_eq!(MachineState::decode(2, v2), Ok(state.clone()));
-    assert_eq!(MachineState::decode(3, &v3), Ok(state.clone()));
+    let one = MachineState { vcpus: checkpoint::SavedVcpu::legacy(), ..state.clone() };
+    assert_eq!(MachineState::decode(2, v2), Ok(one.clone()));
+    assert_eq!(MachineState::decode(3, v3), Ok(one.clone()));
     assert_eq!(MachineState::decode(3, v2), Err(Refused::Machine), "version 3 without its profile");
-    assert_eq!(MachineState::decode(2, &v3), Err(Refused::Machine), "a trailing byte");
-    assert_eq!(MachineState::decode(4, &v3), Err(Refused::MachineVersion(4)));
+    assert_eq!(MachineState::decode(2, v3), Err(Refused::Machine), "a trailing byte");
+    assert_eq!(MachineState::decode(4, v3), Err(Refused::Machine), "version 4 without its vCPUs");
+    assert_eq!(MachineState::decode(4, &v4_empty), Err(Refused::Machine), "version 4 with no vCPU");
+    assert_eq!(MachineState::decode(5, v3), Err(Refused::MachineVersion(5)));
+    let v4 = postcard::to_allocvec(&one).unwrap();
+    assert_eq!(MachineState::decode(4, &v4), Ok(one.clone()));
+    assert_eq!(MachineState::decode(3, &v4), Err(Refused::Machine), "a version 4 record is not version 3");
+    let nine = MachineState { vcpus: [one.vcpus[0]; 9].to_vec(), ..state.clone() };
+    let bytes = postcard::to_allocvec(&nine).unwrap();
+    assert_eq!(MachineState::decode(4, &bytes), Err(Refused::Machine), "more vCPUs than a VM can have");
     let pinned = MachineState { cpuid: crate::cpuid::Profile::Pinned(table.clone()), ..state.clone() };
     let bytes = postcard::to_allocvec(&pinned).unwrap();
-    assert_eq!(MachineState::decode(3, &bytes), Ok(pinned));
+    let pinned = MachineState { vcpus: one.vcpus.clone(), ..pinned };
+    assert_eq!(MachineState::decode(3, &bytes[..bytes.len() - 1]), Ok(pinned));
     // Version 2 had no profile: a "version 2" record whose bytes, with the
     // 0 the reader appends, spell one (a pinned profile missing its last
     // byte, here an empty table) is refused, not read as pinned.
     let empty = MachineState { cpuid: crate::cpuid::Profile::Pinned(crate::cpuid::Table::default()), ..state.clone() };
     let smuggled = postcard::to_allocvec(&empty).unwrap();
+    let smuggled = &smuggled[..smuggled.len() - 1];
     assert_eq!(smuggled.last(), Some(&0), "the empty table's length");
-    assert_eq!(MachineState::decode(3, &smuggled), Ok(empty));
+    let empty = MachineState { vcpus: one.vcpus.clone(), ..empty };
+    assert_eq!(MachineState::decode(3, smuggled), Ok(empty));
     assert_eq!(MachineState::decode(2, &smuggled[..smuggled.len() - 1]), Err(Refused::Machine));
     // A table out of order does not decode.
     let mut entries = table.entries().to_vec();
@@ -455,13 +470,17 @@ fn machine_records_of_version_2_decode_as_host_cpuid() {
     let mut bad = v2.to_vec();
     bad.extend(postcard::to_allocvec(&RawProfile::Pinned(RawTable { entries })).unwrap());
     assert_eq!(MachineState::decode(3, &bad), Err(Refused::Machine));
+    bad.push(1);
+    bad.extend(postcard::to_allocvec(&one.vcpus[0]).unwrap());
+    assert_eq!(MachineState::decode(4, &bad), Err(Refused::Machine));
 }
 
 /// Copies a stream record by record into a writer, the machine record
-/// rewritten in the version-2 layout (no CPUID profile).
-struct AsVersion2(migrate::Writer<Vec<u8>>);
+/// rewritten in the layout of version 2 (no CPUID profile, no vCPU list)
+/// or 3 (no vCPU list).
+pub(super) struct AsVersion(pub migrate::Writer<Vec<u8>>, pub u16);
 
-impl migrate::Apply for AsVersion2 {
+impl migrate::Apply for AsVersion {
     type Error = migrate::Error;
     fn vcpu(&mut self, index: u32, state: GuestState) -> Result<(), migrate::Error> {
         self.0.vcpu(index, &state)
@@ -469,9 +488,13 @@ impl migrate::Apply for AsVersion2 {
     fn device(&mut self, name: &str, version: u16, bytes: &[u8]) -> Result<(), migrate::Error> {
         if name == checkpoint::MACHINE {
             let m = MachineState::decode(version, bytes).unwrap();
-            assert_eq!(m.cpuid, crate::cpuid::Profile::Host, "a version-2 record cannot hold a table");
-            let v3 = postcard::to_allocvec(&m).unwrap();
-            return self.0.device(name, 2, &v3[..v3.len() - 1]);
+            assert!(self.1 == 3 || m.cpuid == crate::cpuid::Profile::Host, "a version-2 record cannot hold a table");
+            // Version 4 without its vCPUs ends in the empty list's 0;
+            // version 3 is that without the 0, version 2 without the
+            // profile's 0 as well.
+            let v4 = postcard::to_allocvec(&MachineState { vcpus: Vec::new(), ..m }).unwrap();
+            let cut = usize::from(4 - self.1);
+            return self.0.device(name, self.1, &v4[..v4.len() - cut]);
         }
         self.0.device(name, version, bytes)
     }
@@ -506,14 +529,42 @@ fn a_version_2_checkpoint_restores_as_a_host_cpuid_vm() {
     let mut m = manager(16384);
     let id = busy_vm(&mut m);
     let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
-    let mut reader = migrate::Reader::open(stream.as_slice()).unwrap();
-    let mut header = reader.header().clone();
-    header.devices.iter_mut().filter(|d| d.name == checkpoint::MACHINE).for_each(|d| d.version = 2);
-    let mut copy = AsVersion2(migrate::Writer::begin(Vec::new(), &header).unwrap());
-    reader.apply(&mut copy).unwrap();
-    let (old, _) = copy.0.finish().unwrap();
+    let old = as_version(&stream, 2);
     let restored = m.restore_vm(old.as_slice()).unwrap();
     let vm = m.get(restored).unwrap();
     assert_eq!((vm.cpuid.describe().as_str(), vm.guest.as_str(), vm.msrs.misc_enable), ("host", "tiny", 0x1801));
+    assert_eq!(peek(&m, restored, 0x20_0000 + 5 * 4096), pattern(5));
+}
+
+/// `stream` with its machine record in the layout of `version` (2 or 3).
+pub(super) fn as_version(stream: &[u8], version: u16) -> Vec<u8> {
+    let mut reader = migrate::Reader::open(stream).unwrap();
+    let mut header = reader.header().clone();
+    header.devices.iter_mut().filter(|d| d.name == checkpoint::MACHINE).for_each(|d| d.version = version);
+    let mut copy = AsVersion(migrate::Writer::begin(Vec::new(), &header).unwrap(), version);
+    reader.apply(&mut copy).unwrap();
+    copy.0.finish().unwrap().0
+}
+
+#[test]
+fn a_version_3_checkpoint_of_one_vcpu_still_restores_its_vcpu_runnable() {
+    let mut m = manager(16384);
+    let id = busy_vm(&mut m);
+    m.pin_cpuid(id, false).unwrap();
+    // Halted: a version-4 record says so, a version-3 one cannot.
+    let vm = m.vms.iter_mut().find(|v| v.id == id).unwrap();
+    vm.res.as_mut().unwrap().vcpus[0].state = crate::vm::VcpuState::Halted;
+    let (stream, _) = m.save_vm(id, Vec::new()).unwrap();
+    let new = m.restore_vm(stream.as_slice()).unwrap();
+    assert_eq!(m.get(new).unwrap().res.as_ref().unwrap().vcpus[0].state, crate::vm::VcpuState::Halted);
+    let old = as_version(&stream, 3);
+    assert_eq!(migrate::Reader::open(old.as_slice()).unwrap().header().devices[0].version, 3);
+    let restored = m.restore_vm(old.as_slice()).unwrap();
+    let vm = m.get(restored).unwrap();
+    assert_eq!(vm.cpuid.describe(), m.get(id).unwrap().cpuid.describe(), "version 3 kept the pinned profile");
+    assert_eq!(vm.msrs.misc_enable, 0x1801);
+    let res = vm.res.as_ref().unwrap();
+    assert_eq!((res.vcpus.len(), res.vcpus[0].state), (1, crate::vm::VcpuState::Runnable));
+    assert_eq!(res.vcpu_ref().state().gprs.rbx, 0x1234_5678);
     assert_eq!(peek(&m, restored, 0x20_0000 + 5 * 4096), pattern(5));
 }

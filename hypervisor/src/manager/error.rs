@@ -38,11 +38,6 @@ pub enum Error {
     MemSize,
     /// `vcpus=` out of range (the value given).
     VcpuCount(u32),
-    /// `vm save` of a VM with several vCPUs (checkpoints hold one).
-    SaveSmp {
-        id: u32,
-        vcpus: usize,
-    },
     /// The memory map for that size could not be built.
     MemoryMap(mm::Error),
     /// The VM's per-page tables would not leave the host its reserve.
@@ -163,9 +158,6 @@ impl fmt::Display for Error {
             Error::DiskSnapshot(e) => write!(f, "disk snapshot: {e}"),
             Error::MemSize => write!(f, "mem must be {MIN_MEM_MIB}..={MAX_MEM_MIB} MiB"),
             Error::VcpuCount(n) => write!(f, "vcpus must be 1..={} (got {n})", crate::devices::MAX_VCPUS),
-            Error::SaveSmp { id, vcpus } => {
-                write!(f, "vm {id} has {vcpus} vCPUs; checkpoints hold one vCPU for now, so it cannot be saved")
-            }
             Error::MemoryMap(e) => write!(f, "bad memory size: {e}"),
             Error::HeapTooSmall { mem_mib, tables_kib, free_kib, reserve_kib } => write!(
                 f,

@@ -264,3 +264,39 @@ fn damage_after_the_start_stops_that_vm_with_a_report_and_the_host_goes_on() {
     assert!(run(&mut m, "vm stats 1").starts_with("vm 1 (tiny"));
     assert!(run(&mut m, "vm checkpoint delete cp").contains("deleted"));
 }
+
+#[test]
+fn a_vm_of_several_vcpus_saves_and_restores_lazily_through_the_console() {
+    let (mut m, _disk) = manager();
+    let out = run(&mut m, "vm run tiny mem=6 vcpus=3");
+    assert!(out.starts_with("vm 1 started"), "{out}");
+    for p in 0..64u64 {
+        write(&mut m, 1, 2 * MIB + p * 4096, &content(p));
+    }
+    let vm = m.vms.iter_mut().find(|v| v.id == 1).unwrap();
+    let res = vm.res.as_mut().unwrap();
+    res.vcpus[1].state = crate::vm::VcpuState::Halted;
+    let out = run(&mut m, "vm save 1 cp live");
+    assert!(out.contains("live save to checkpoint cp started"), "{out}");
+    let mut con = Lines::default();
+    for _ in 0..64 {
+        if m.live_save().is_none() {
+            break;
+        }
+        m.checkpoint_round(&mut con);
+    }
+    assert!(con.text().contains("vm 1 saved to checkpoint cp: "), "{}", con.text());
+    let list = json(&mut m, "vm checkpoints --json");
+    assert_eq!(list["checkpoints"][0]["complete"], true, "{list}");
+    let out = run(&mut m, "vm restore cp lazy fill=0");
+    assert!(out.contains("vm 2 restored from checkpoint cp: tiny (elf64, 6 MiB), running; lazy: "), "{out}");
+    let states: Vec<_> = m.get(2).unwrap().res.as_ref().unwrap().vcpus.iter().map(|s| s.state).collect();
+    use crate::vm::VcpuState::*;
+    assert_eq!(states, [Runnable, Halted, WaitForSipi]);
+    assert_eq!(state(&m, 2, 2 * MIB + 7 * 4096), PageState::NotLoaded);
+    let mut con = Lines::default();
+    assert_eq!(touch(&mut m, 2, 2 * MIB + 7 * 4096, &mut con), crate::vm::exit::Flow::Continue);
+    assert_eq!(page_of(&m, 2, 2 * MIB + 7 * 4096).unwrap(), content(7));
+    let stats = run(&mut m, "vm stats 2");
+    assert!(stats.contains("vcpu 1: halted") && stats.contains("vcpu 2: wait-for-sipi"), "{stats}");
+}

@@ -1087,6 +1087,9 @@ fn release<B: Backend>(backend: &mut B, host: &mut HostMemory, vm: &mut Vm<B>) {
 #[cfg(test)]
 mod balloon_tests;
 pub mod checkpoint;
+mod checkpoint_smp;
+#[cfg(test)]
+mod checkpoint_smp_tests;
 #[cfg(test)]
 mod checkpoint_tests;
 #[cfg(test)]

@@ -22,7 +22,7 @@ use mm::paging::PageSize;
 use mm::vm_memory::{PageState, SnapshotStats, Taken};
 use vcpu::Vcpu;
 
-use super::checkpoint::{MACHINE, MACHINE_VERSION, MachineState, Refused};
+use super::checkpoint::{MACHINE, MACHINE_VERSION, MachineState, Refused, SavedVcpu};
 use super::{Error, Manager};
 use alloc::rc::Rc;
 use core::cell::RefCell;
@@ -126,14 +126,17 @@ impl SaveJob {
 pub(super) struct Captured {
     /// The stream header listing it (not live).
     pub header: Header,
-    state: vcpu::GuestState,
+    /// Every vCPU's registers, by index.
+    states: Vec<vcpu::GuestState>,
     machine_bytes: Vec<u8>,
     devices: Vec<crate::devices::SavedDevice>,
 }
 
 /// Writes the vCPU, machine and device records of `c`.
 pub(super) fn write_captured(w: &mut Writer<Staging>, c: &Captured) -> Result<(), Error> {
-    w.vcpu(0, &c.state).map_err(Error::Stream)?;
+    for (i, s) in c.states.iter().enumerate() {
+        w.vcpu(i as u32, s).map_err(Error::Stream)?;
+    }
     w.device(MACHINE, MACHINE_VERSION, &c.machine_bytes).map_err(Error::Stream)?;
     for d in &c.devices {
         w.device(&d.name, d.version, &d.bytes).map_err(Error::Stream)?;
@@ -165,7 +168,7 @@ fn vendor(backend_name: &str) -> Vendor {
 }
 
 impl<B: Backend> Manager<B> {
-    /// Start saving VM `id` into `target`: its vCPU, machine record and
+    /// Start saving VM `id` into `target`: its vCPUs, machine record and
     /// devices now, at one instruction boundary; its memory by
     /// [`Self::save_step`]. `live` puts the memory under a copy-on-write
     /// snapshot so the VM may run between steps.
@@ -195,10 +198,12 @@ impl<B: Backend> Manager<B> {
         let Some(res) = vm.res.as_mut() else {
             return Err(Error::Ended { id, state: vm.state.name() });
         };
-        if res.vcpus.len() > 1 {
-            return Err(Error::SaveSmp { id, vcpus: res.vcpus.len() });
-        }
-        let state = res.vcpu_ref().state();
+        // Every vCPU's registers (vendor-neutral), vCPU 0's TSC the
+        // guest's; their scheduling state goes in the machine record.
+        let states: Vec<vcpu::GuestState> = res.vcpus.iter().map(|s| s.vcpu.state()).collect();
+        let sched: Vec<SavedVcpu> =
+            res.vcpus.iter().enumerate().map(|(i, s)| SavedVcpu::capture(i, s, &vm.devices)).collect();
+        let state = &states[0];
         let (hz, now) = (backend.tsc_hz(), backend.now());
         let machine = MachineState {
             guest: vm.guest.clone(),
@@ -216,6 +221,7 @@ impl<B: Backend> Manager<B> {
             disk: vm.devices.block_disk().map(|(name, _)| String::from(name)),
             net,
             cpuid: vm.cpuid.clone(),
+            vcpus: sched,
         };
         let machine_bytes = postcard::to_allocvec(&machine).map_err(|_| Error::Checkpoint(Refused::Machine))?;
         let devices = vm.devices.save();
@@ -228,13 +234,13 @@ impl<B: Backend> Manager<B> {
         let header = Header {
             live: false,
             source: vendor(backend.name()),
-            vcpus: 1,
+            vcpus: states.len() as u32,
             ram,
             devices: core::iter::once(migrate::DeviceInfo { name: String::from(MACHINE), version: MACHINE_VERSION })
                 .chain(devices.iter().map(|d| migrate::DeviceInfo { name: d.name.clone(), version: d.version }))
                 .collect(),
         };
-        Ok(Captured { header, state, machine_bytes, devices })
+        Ok(Captured { header, states, machine_bytes, devices })
     }
 
     /// Write about `pages` more pages of the VM's memory (a 2 MiB run is

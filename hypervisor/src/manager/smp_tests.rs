@@ -1,7 +1,8 @@
 //! A VM of several scripted vCPUs through the manager's scheduler: APs
 //! wait for INIT and SIPI and start at the vector, halted vCPUs are passed
-//! over until an IPI for them is pending, pause parks every vCPU, a VM
-//! none of whose vCPUs can run again ends, and `vm save` refuses SMP VMs.
+//! over until an IPI for them is pending, pause parks every vCPU, and a VM
+//! none of whose vCPUs can run again ends. (Checkpoints of such VMs:
+//! `checkpoint_smp_tests`.)
 
 use alloc::boxed::Box;
 use alloc::vec;
@@ -154,25 +155,12 @@ fn a_vm_whose_vcpus_can_never_run_again_ends() {
 }
 
 #[test]
-fn bad_vcpu_counts_and_smp_saves_are_refused() {
+fn bad_vcpu_counts_are_refused() {
     let mut m = manager();
     for n in [0, 9, u32::MAX] {
         assert_eq!(m.run_vm_smp("tiny", 4, &[], "", None, None, n), Err(Error::VcpuCount(n)));
     }
     assert!(m.vms.is_empty() && m.backend.as_ref().unwrap().created == 0, "nothing was built");
-    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
-    match m.begin_save(id, false) {
-        Err(e @ Error::SaveSmp { vcpus: 2, .. }) => {
-            assert_eq!(
-                e.to_string(),
-                format!("vm {id} has 2 vCPUs; checkpoints hold one vCPU for now, so it cannot be saved")
-            )
-        }
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("saved an SMP VM"),
-    }
-    let one = m.run_vm_smp("tiny", 4, &[], "", None, None, 1).unwrap();
-    assert!(m.begin_save(one, false).is_ok(), "one vCPU saves as before");
 }
 
 /// One console line, as the operator types it; what it printed.
@@ -203,8 +191,6 @@ fn the_console_takes_vcpus_shows_each_and_refuses_what_it_cannot_do() {
         assert!(stats.contains(&format!("\n  vcpu {i}: {state}, 0 exits")), "{stats}");
     }
     assert!(stats.contains("last on host cpu 0"), "{stats}");
-    let out = console("vm save 1 cp", &mut m);
-    assert_eq!(out, "error: vm 1 has 3 vCPUs; checkpoints hold one vCPU for now, so it cannot be saved");
 }
 
 #[test]
@@ -248,4 +234,28 @@ fn any_sipi_vector_starts_the_ap_there() {
         assert_eq!((s.cs.selector, s.cs.base, s.rip), (u16::from(vector) << 8, u64::from(vector) << 12, 0));
         assert_eq!(s.activity, vcpu::Activity::Active);
     }
+}
+
+#[test]
+fn an_ap_halting_while_the_bsp_is_mid_line_does_not_cut_the_line() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // The BSP is preempted mid-line, then halts (idle: the line shows).
+    b.scripts.push_back(vec![exit(VmExit::Preempted), hlt(RFLAGS_FIXED | RFLAGS_IF)]);
+    b.scripts.push_back(vec![hlt(RFLAGS_FIXED | RFLAGS_IF)]);
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+    let vm = m.vms.iter_mut().find(|v| v.id == id).unwrap();
+    for b in b"smptest: PASS (11 chec" {
+        vm.devices.pio_write(0x3f8, 1, u32::from(*b), || 0);
+    }
+    vm.res.as_mut().unwrap().vcpus[1].state = VcpuState::Runnable;
+    vm.next_vcpu = 1;
+    let mut con = Lines::default();
+    m.run_slice(&mut con);
+    assert_eq!(states(&m, id), [VcpuState::Runnable, VcpuState::Halted], "the AP halted first");
+    assert!(con.0.iter().all(|l| !l.contains("chec")), "the BSP's line was cut: {:?}", con.0);
+    for _ in 0..4 {
+        m.run_slice(&mut con);
+    }
+    assert!(con.0.iter().any(|l| l == &format!("[vm {id}] smptest: PASS (11 chec")), "{:?}", con.0);
 }

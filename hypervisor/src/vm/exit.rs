@@ -269,8 +269,11 @@ impl<B: Backend> Vm<B> {
             self.state = RunState::Waiting;
         }
         // An idle guest has said all it will for now: show a line it left
-        // open (a shell prompt waits for input).
-        if let Some(partial) = self.devices.com1().take_partial() {
+        // open (a shell prompt waits for input). Idle: no vCPU left to
+        // run; another vCPU may be in the middle of a line (an AP halting
+        // while the BSP prints cut its lines in two).
+        let idle = !res.vcpus.iter().any(|s| matches!(s.state, super::VcpuState::Runnable | super::VcpuState::Running));
+        if idle && let Some(partial) = self.devices.com1().take_partial() {
             console.line(&format!("[vm {}] {partial}", self.id));
         }
         Flow::Yield

@@ -159,9 +159,6 @@ impl<B: Backend> Manager<B> {
         let Some(res) = vm.res.as_ref() else {
             return Err(format!("{}", Error::Ended { id, state: vm.state.name() }));
         };
-        if res.vcpus.len() > 1 {
-            return Err(format!("{}", Error::SaveSmp { id, vcpus: res.vcpus.len() }));
-        }
         if vm.created {
             return Err(format!("{}", Error::NotStarted(id)));
         }

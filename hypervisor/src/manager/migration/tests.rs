@@ -74,9 +74,13 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
+        Pair::with_vcpus(1)
+    }
+
+    fn with_vcpus(n: u32) -> Pair {
         let (a, mut b) = hosts();
         let (mut ma, mut mb) = (manager(), manager());
-        let id = ma.run_vm("tiny", RAM_MIB, "").unwrap();
+        let id = ma.run_vm_smp("tiny", RAM_MIB, &[], "", None, None, n).unwrap();
         for p in 0..PAGES {
             guest_write(&mut ma, id, BASE + p * 4096, &content(p, 0));
         }
@@ -337,4 +341,24 @@ fn refusals_change_nothing() {
     );
     assert!(out.0.last().unwrap().contains("no network device"));
     assert!(m.get(id).unwrap().res.as_ref().unwrap().mem.dirty_logging().is_none());
+}
+
+#[test]
+fn a_vm_of_three_vcpus_arrives_with_every_vcpu_where_it_was() {
+    let mut p = Pair::with_vcpus(3);
+    // The APs wait for their SIPI at the source: so they must at the
+    // destination, each with its own registers.
+    let before: Vec<(crate::vm::VcpuState, u64)> = {
+        let res = p.ma.get(p.id).unwrap().res.as_ref().unwrap();
+        res.vcpus.iter().map(|s| (s.state, s.vcpu.state.rip)).collect()
+    };
+    p.migrate(to_b());
+    p.run_until(1000, 2, 20_000, |p| p.la.0.iter().any(|l| l.contains("migrated to") || l.contains("failed")));
+    assert!(p.la.0.iter().any(|l| l.starts_with("vm 1: migrated to")), "{:?} {:?}", p.la.0, p.lb.0);
+    let dest = p.mb.get(1).expect("the VM on the destination");
+    let res = dest.res.as_ref().unwrap();
+    let after: Vec<(crate::vm::VcpuState, u64)> = res.vcpus.iter().map(|s| (s.state, s.vcpu.state.rip)).collect();
+    assert_eq!(after.len(), 3);
+    assert_eq!(after[1..], before[1..], "the APs still wait for their SIPI where they were");
+    p.check_region(&p.mb, 1);
 }
