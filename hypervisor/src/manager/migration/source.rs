@@ -305,10 +305,10 @@ impl<B: Backend> Manager<B> {
         let pumped = pump(o, t, now_us);
         // The destination may have answered already (a refusal comes
         // while the source still sends): its answer says more than a
-        // write refused by a closed connection.
-        if (pumped.is_err() || o.phase == Phase::Confirming)
-            && let Some(answer) = read_answer(o, t)?
-        {
+        // write refused by a closed connection, or than a connection
+        // that takes nothing more (a peer that closed may still accept
+        // what is in flight, and the source would wait for the idle limit).
+        if let Some(answer) = read_answer(o, t)? {
             return answer.map(Some);
         }
         pumped?;
