@@ -46,8 +46,11 @@ fn precopy_between_two_qemu_hosts() {
     a.wait_for_after("vm 1: migration to 10.0.8.2:7070 failed", from_a, limit);
     b.wait_for_after("migrate: refused the stream from 10.0.8.1", from_b, limit);
     let refused = report(&b.transcript(), from_b, "migrate: refused the stream");
-    eprintln!("[migration] B: {refused}\n[migration] A: {}", report(&a.transcript(), from_a, "vm 1: migration"));
+    let failed = report(&a.transcript(), from_a, "vm 1: migration");
+    eprintln!("[migration] B: {refused}\n[migration] A: {failed}");
     assert!(refused.contains("checksum") && refused.contains("record"), "{refused}");
+    // A learned why from B's answer (not from a silent connection).
+    assert!(failed.contains("the destination refused the stream") && failed.contains("checksum"), "{failed}");
     assert_eq!(vm_entry(&a.json("vm list --json"), 1)["state"], "running");
     let on_b = b.json("vm list --json");
     assert!(on_b["vms"].as_array().is_none_or(|v| v.is_empty()), "{on_b}");

@@ -41,8 +41,9 @@
 //! header, fails) and goes on; `q` checks and exits.
 //!
 //! dirty: for live migration; live mode's pages and header, rewritten at
-//! `rate=N` pages per millisecond (0: as fast as it can; the TSC is
-//! calibrated against PIT counter 2 at start), and the longest gap
+//! `rate=N` pages per millisecond or `pps=N` pages per second (0: as
+//! fast as it can; the TSC is calibrated against PIT counter 2 at start),
+//! and the longest gap
 //! between two page writes measured with RDTSC: the pause the guest saw
 //! (a migration's switch-over, or any time the host did not run it).
 //! `c` on COM1 checks every page against the header and prints the
@@ -83,13 +84,15 @@ struct Options {
     seed: u64,
     passes: u64,
     hold: bool,
-    /// dirty mode: pages per millisecond (0: unlimited).
-    rate: u64,
+    /// dirty mode: pages per second (0: unlimited); `rate=` sets it in
+    /// pages per millisecond, `pps=` per second (below 1 page/ms: a slow
+    /// link, as Bochs' is, can then still outrun the guest).
+    rate_pps: u64,
 }
 
 fn parse(cmdline: &str) -> Result<Options, &str> {
     let mut o =
-        Options { mode: Mode::Share, mib: 8, wait: 2000, target: None, seed: 0, passes: 3, hold: false, rate: 0 };
+        Options { mode: Mode::Share, mib: 8, wait: 2000, target: None, seed: 0, passes: 3, hold: false, rate_pps: 0 };
     for word in cmdline.split_whitespace() {
         let (key, value) = word.split_once('=').ok_or(word)?;
         let num = || parse_u64(value).ok_or(word);
@@ -98,7 +101,8 @@ fn parse(cmdline: &str) -> Result<Options, &str> {
             "mode" if value == "swap" => o.mode = Mode::Swap,
             "mode" if value == "live" => o.mode = Mode::Live,
             "mode" if value == "dirty" => o.mode = Mode::Dirty,
-            "rate" => o.rate = num()?,
+            "rate" => o.rate_pps = num()?.saturating_mul(1000),
+            "pps" => o.rate_pps = num()?,
             "mib" => o.mib = num()?,
             "wait" => o.wait = num()?,
             "target" => o.target = Some(num()?),
@@ -318,7 +322,7 @@ fn main(boot: Boot) -> u32 {
         Ok(o) => o,
         Err(word) => {
             println!(
-                "memtest: error: bad option {word:?} (mode=share|swap|live|dirty mib= wait= target= seed= passes= hold= rate=)"
+                "memtest: error: bad option {word:?} (mode=share|swap|live|dirty mib= wait= target= seed= passes= hold= rate= pps=)"
             );
             return 2;
         }
@@ -458,19 +462,22 @@ fn live(o: &Options, region: Region) -> bool {
     let dirty = o.mode == Mode::Dirty;
     let khz = if dirty { tsc_khz() } else { 0 };
     if dirty {
-        println!("memtest: dirty: {} pages at {} pages/ms (0: unlimited), tsc {khz} kHz", region.pages - 1, o.rate);
+        println!("memtest: dirty: {} pages at {} pages/s (0: unlimited), tsc {khz} kHz", region.pages - 1, o.rate_pps);
     } else {
         println!("memtest: live: rewriting {} pages in rounds; c checks, q checks and exits", region.pages - 1);
     }
     let mut checks = 0u64;
-    // Rate limit: pages written since `t_start`, allowed `rate` per ms.
+    // Rate limit: pages written since `t_start`, allowed `rate_pps` per
+    // second (counted in whole ms, at least one page of burst).
     let (t_start, mut written) = (rdtsc(), 0u64);
     let (mut last, mut longest) = (rdtsc(), 0u64);
     loop {
         let now = rdtsc();
         longest = longest.max(now.wrapping_sub(last));
         last = now;
-        if dirty && o.rate > 0 && written >= (now.wrapping_sub(t_start) / khz.max(1) + 1) * o.rate {
+        let ms = now.wrapping_sub(t_start) / khz.max(1);
+        let allowed = ms.saturating_mul(o.rate_pps) / 1000 + (o.rate_pps / 1000).max(1);
+        if dirty && o.rate_pps > 0 && written >= allowed {
             // Ahead of the rate: spin (a HLT would wait for the next
             // timer tick, and count as a pause).
             core::hint::spin_loop();

@@ -113,6 +113,14 @@ pub enum Error {
         mac: [u8; 6],
         id: u32,
     },
+    /// VM `id` is migrating to `to`; `switching`: it is paused for the
+    /// switch-over and waits for the destination's confirmation, when no
+    /// change may reach it (the destination runs what was sent).
+    Migrating {
+        id: u32,
+        to: String,
+        switching: bool,
+    },
 }
 
 /// Why an image cannot be attached to a VM.
@@ -194,6 +202,15 @@ impl fmt::Display for Error {
             Error::MacInUse { mac, id } => {
                 write!(f, "the NIC's MAC address {} is vm {id}'s", crate::net::switch::mac_text(mac))
             }
+            Error::Migrating { id, to, switching: true } => write!(
+                f,
+                "vm {id} is in the switch-over of its migration to {to}, waiting for the destination to confirm: \
+                 it cannot change until the migration completes or fails ('vm migrate status {id}')"
+            ),
+            Error::Migrating { id, to, switching: false } => write!(
+                f,
+                "vm {id} is migrating to {to} (pre-copy): try again once the migration has ended ('vm migrate status {id}')"
+            ),
         }
     }
 }

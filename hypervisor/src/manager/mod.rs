@@ -635,8 +635,12 @@ impl<B: Backend> Manager<B> {
     }
 
     /// Stops VM `id` (if it still runs) and frees its memory; the record
-    /// stays for `vm list`.
+    /// stays for `vm list`. During a migration's pre-copy this cancels
+    /// the migration (the next migration round ends it, the destination
+    /// drops its partial VM); during its switch-over it is refused (the
+    /// destination may run the VM already).
     pub fn stop(&mut self, id: u32, console: &mut impl Console) -> Result<(), Error> {
+        self.migration_lock(id, false)?;
         if self.vms.iter().any(|v| v.id == id && !v.state.ended()) {
             self.complete_live_save_of(id, console);
         }
@@ -648,6 +652,7 @@ impl<B: Backend> Manager<B> {
         vm.end(RunState::Stopped { reason: String::from("by the operator") }, backend, console);
         release(backend, &mut self.host_mem, vm);
         detach_port(&mut self.switches, id);
+        self.cancel_migration_of(id, "the VM was stopped by the operator");
         Ok(())
     }
 
@@ -854,7 +859,10 @@ impl<B: Backend> Manager<B> {
     /// devices; only the scheduler passes it over. Its clock devices keep
     /// host time, so a guest sees the pause as lost time, as after a host
     /// that was busy.
+    /// Refused while a migration of the VM is in its switch-over (it
+    /// paused the VM and resumes it only if the migration fails).
     pub fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), Error> {
+        self.migration_lock(id, false)?;
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.res.is_none() {
             return Err(Error::Ended { id, state: vm.state.name() });
@@ -874,6 +882,8 @@ impl<B: Backend> Manager<B> {
     /// previous target and what the guest holds now (4 KiB pages); the
     /// driver inflates or deflates on its own time.
     pub fn set_balloon(&mut self, id: u32, mib: u32) -> Result<(u32, u32), Error> {
+        // The balloon's state went with the switch-over's capture.
+        self.migration_lock(id, false)?;
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         let Some(res) = vm.res.as_mut() else {
             return Err(Error::Ended { id, state: vm.state.name() });
@@ -931,6 +941,7 @@ impl<B: Backend> Manager<B> {
     /// The attached terminal's keys for VM `id`: to its virtio console if
     /// that is what is attached, else to COM1 ([`Self::send_input`]).
     pub fn console_input(&mut self, id: u32, bytes: &[u8]) -> Result<usize, Error> {
+        self.migration_lock(id, false)?;
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if !vm.devices.virtio_console().is_some_and(|c| c.is_attached()) {
@@ -945,7 +956,10 @@ impl<B: Backend> Manager<B> {
 
     /// Bytes for VM `id`'s COM1 (the operator typing): queued in the UART's
     /// receive buffer, which interrupts the guest. How many were taken.
+    /// Refused during a migration's switch-over: the UART's state has
+    /// been captured, input now would be lost with the source's copy.
     pub fn send_input(&mut self, id: u32, bytes: &[u8]) -> Result<usize, Error> {
+        self.migration_lock(id, false)?;
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
         if vm.res.is_none() {

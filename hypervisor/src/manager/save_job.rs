@@ -172,7 +172,10 @@ impl<B: Backend> Manager<B> {
     /// devices now, at one instruction boundary; its memory by
     /// [`Self::save_step`]. `live` puts the memory under a copy-on-write
     /// snapshot so the VM may run between steps.
+    /// Refused while VM `id` migrates (its memory is dirty-logged, and a
+    /// checkpoint of a VM about to run elsewhere would be a second copy).
     pub fn begin_save(&mut self, id: u32, live: bool) -> Result<SaveJob, Error> {
+        self.migration_lock(id, true)?;
         let started = self.backend.as_ref().map_err(|why| Error::NoVirtualization(why.clone()))?.now();
         let captured = self.capture(id)?;
         let mut w = Writer::begin(Staging::default(), &captured.header).map_err(Error::Stream)?;
@@ -370,10 +373,15 @@ impl<B: Backend> Manager<B> {
     }
 
     /// The switch-over's end of a migration stream: the VM's vCPU,
-    /// machine record and devices now (it is paused), then the end record.
-    pub(super) fn finish_migration_stream(&mut self, mut job: SaveJob, target: &mut impl Sink) -> Result<Saved, Error> {
-        let captured = self.capture(job.id)?;
-        write_captured(&mut job.writer, &captured)?;
+    /// machine record and devices as captured when it was paused, then
+    /// the end record.
+    pub(super) fn finish_migration_stream(
+        &mut self,
+        mut job: SaveJob,
+        captured: &Captured,
+        target: &mut impl Sink,
+    ) -> Result<Saved, Error> {
+        write_captured(&mut job.writer, captured)?;
         self.finish_save(job, target)
     }
 

@@ -149,6 +149,11 @@ impl<B: Backend> Manager<B> {
                     let ms = now_us.saturating_sub(c.started_us) / 1000;
                     let bytes = c.reader.as_ref().map_or(0, |r| r.offset());
                     if let Some(vm) = c.vm.take() {
+                        // A stream that did not become a VM gives its id
+                        // back, unless a VM started meanwhile took a later one.
+                        if self.next_id == vm.id + 1 {
+                            self.next_id = vm.id;
+                        }
                         self.abandon_rebuild(vm);
                     }
                     match outcome {

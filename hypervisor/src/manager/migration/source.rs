@@ -7,13 +7,19 @@
 //! 3. round k: the pages the guest wrote meanwhile (harvested from the
 //!    log), until what is still dirty can be sent within the downtime
 //!    limit at the rate measured so far, or after [`MAX_ITERATIONS`];
-//! 4. switch-over: pause the VM, send the last dirty pages, its vCPU,
-//!    machine and devices and the end record; wait for the destination's
-//!    OK; only then stop the VM here and free it.
+//! 4. switch-over: pause the VM, capture its vCPU, machine and devices,
+//!    send the last dirty pages (streamed as the connection drains, so
+//!    the buffer stays small whatever a guest that did not converge left
+//!    dirty), the captured state and the end record;
+//! 5. confirming: wait for the destination's OK; only then stop the VM
+//!    here and free it.
 //!
 //! Any failure before the OK (refused, reset, silence, the VM ended)
 //! stops the dirty log, resumes the VM if the migration paused it, and
-//! says so in one line: the VM runs on here.
+//! says so in one line: the VM runs on here. From the switch-over on, the
+//! operator cannot change the VM ([`Manager::migration_lock`]): the
+//! destination may already run what was sent. `vm stop` during pre-copy
+//! cancels the migration.
 
 use alloc::format;
 use alloc::string::String;
@@ -28,7 +34,7 @@ use mm::vm_memory::{DirtyBitmap, DirtyLogConfig, DirtyMechanism};
 use super::{IDLE_US, MAX_REPLY, REPLY_OK, REPLY_REFUSED};
 use crate::backend::Backend;
 use crate::hostnet::tcp::{StreamId, StreamState, Transport};
-use crate::manager::save_job::{PAGES_PER_STEP, SaveJob};
+use crate::manager::save_job::{Captured, PAGES_PER_STEP, SaveJob};
 use crate::manager::{Error, Manager};
 use crate::vm::RunState;
 use crate::vm::exit::Console;
@@ -38,8 +44,10 @@ use crate::vm::exit::Console;
 /// would never converge).
 pub const MAX_ITERATIONS: u32 = 30;
 /// The stream is produced only while less than this waits to go out, so
-/// what is sent is recent and the heap holds little.
-const LOW_WATER: usize = 512 * 1024;
+/// what is sent is recent and the heap holds little: at most this plus
+/// one step ([`PAGES_PER_STEP`] pages and their framing, or the staging
+/// buffer's 1 MiB) is ever buffered, the switch-over included.
+pub(super) const LOW_WATER: usize = 512 * 1024;
 /// Bytes handed to the connection per round at most.
 const WRITE_PER_ROUND: usize = 256 * 1024;
 /// Giving up on a connection that does not open.
@@ -66,7 +74,9 @@ pub const DEFAULT_DOWNTIME_MS: u32 = 300;
 pub struct Status {
     pub id: u32,
     pub to: String,
-    /// connecting, precopy, switchover, completed or failed.
+    /// connecting, precopy, switchover (the VM paused, the last pages
+    /// going out), confirming (all sent, waiting for the destination's
+    /// answer), completed or failed.
     pub state: &'static str,
     /// Memory rounds begun: 1 is the full copy, later ones dirty pages.
     pub iteration: u32,
@@ -84,12 +94,17 @@ pub struct Status {
     /// The VM's id on the destination, once it runs there.
     pub destination_vm: Option<u32>,
     pub error: Option<String>,
+    /// The most stream bytes this host held waiting for the connection.
+    pub buffer_peak_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Connecting,
     Copying,
+    /// The VM paused and captured; the last dirty pages still going out.
+    SwitchingOver,
+    /// Everything sent: waiting for the destination's answer.
     Confirming,
 }
 
@@ -107,6 +122,11 @@ pub struct Outgoing {
     /// Dirty pages of the current round still to send.
     dirty: Vec<u64>,
     bitmap: DirtyBitmap,
+    /// The VM's vCPU, machine and devices, taken when it was paused for
+    /// the switch-over; written after its last pages.
+    captured: Option<Captured>,
+    /// Why the operator cancelled it (`vm stop` during pre-copy).
+    cancelled: Option<&'static str>,
     /// The migration paused the VM (so a failure resumes it).
     paused_by_us: bool,
     started_us: u64,
@@ -116,10 +136,16 @@ pub struct Outgoing {
     reply: Vec<u8>,
 }
 
+/// Stream bytes produced and not yet taken by the connection. What was
+/// taken is dropped at the next write, so the buffer holds only what is
+/// pending: production stops at [`LOW_WATER`], the bound is that plus one
+/// step.
 #[derive(Default)]
 struct Outbox {
     buf: Vec<u8>,
     pos: usize,
+    /// The most bytes it held.
+    peak: usize,
 }
 
 impl Outbox {
@@ -130,12 +156,12 @@ impl Outbox {
 
 impl Sink for Outbox {
     fn write(&mut self, bytes: &[u8]) -> Result<(), IoError> {
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        }
+        // Less than LOW_WATER is pending when a step writes: a cheap move.
+        self.buf.drain(..self.pos);
+        self.pos = 0;
         self.buf.try_reserve(bytes.len()).map_err(|_| IoError("no host memory for the migration's buffer"))?;
         self.buf.extend_from_slice(bytes);
+        self.peak = self.peak.max(self.buf.len());
         Ok(())
     }
 }
@@ -179,6 +205,8 @@ impl<B: Backend> Manager<B> {
             bulk_done: false,
             dirty: Vec::new(),
             bitmap: DirtyBitmap::new(),
+            captured: None,
+            cancelled: None,
             paused_by_us: false,
             started_us: now_us,
             open_us: now_us,
@@ -192,6 +220,28 @@ impl<B: Backend> Manager<B> {
     /// `vm migrate status`: the running migration of VM `id`, or its last.
     pub fn migration_status(&self, id: u32) -> Option<&Status> {
         self.migration.out.as_ref().map(|o| &o.status).filter(|s| s.id == id).or(self.migration.last.get(&id))
+    }
+
+    /// Refuses an operator's change to VM `id` while it migrates: during
+    /// the switch-over and confirmation always (the destination may run
+    /// what was sent; the copies would diverge), during pre-copy too if
+    /// `precopy_too` (an operation that cannot go with the dirty log).
+    pub(crate) fn migration_lock(&self, id: u32, precopy_too: bool) -> Result<(), Error> {
+        let Some(o) = self.migration.out.as_ref().filter(|o| o.status.id == id) else { return Ok(()) };
+        let switching = matches!(o.phase, Phase::SwitchingOver | Phase::Confirming);
+        if switching || precopy_too {
+            return Err(Error::Migrating { id, to: o.status.to.clone(), switching });
+        }
+        Ok(())
+    }
+
+    /// Cancels VM `id`'s migration if it is in pre-copy (the caller made
+    /// sure it is not past it): the next round fails it with `why`,
+    /// closing the connection so the destination drops its partial VM.
+    pub(crate) fn cancel_migration_of(&mut self, id: u32, why: &'static str) {
+        if let Some(o) = self.migration.out.as_mut().filter(|o| o.status.id == id) {
+            o.cancelled = Some(why);
+        }
     }
 
     /// One step of the running migrations (between scheduling rounds, also
@@ -213,6 +263,9 @@ impl<B: Backend> Manager<B> {
 
     fn outgoing_step(&mut self, o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<Option<u32>, String> {
         let id = o.status.id;
+        if let Some(why) = o.cancelled {
+            return Err(format!("cancelled: {why}"));
+        }
         let alive = self.get(id).and_then(|v| v.res.as_ref()).map(|r| r.mem.dirty_logging().is_some());
         match (alive, o.phase) {
             (None, _) => return Err(format!("vm {id} ended during the migration")),
@@ -238,15 +291,21 @@ impl<B: Backend> Manager<B> {
                     self.produce(o, now_us)?;
                 }
             }
+            Phase::SwitchingOver => {
+                if o.out.pending() < LOW_WATER {
+                    self.switch_step(o)?;
+                }
+            }
             Phase::Confirming => {}
         }
+        o.status.buffer_peak_bytes = o.out.peak as u64;
         let pumped = pump(o, t, now_us);
         // The destination may have answered already (a refusal comes
         // while the source still sends): its answer says more than a
-        // write refused by a closed connection.
-        if (pumped.is_err() || o.phase == Phase::Confirming)
-            && let Some(answer) = read_answer(o, t)?
-        {
+        // write refused by a closed connection, or than a connection
+        // that takes nothing more (a peer that closed may still accept
+        // what is in flight, and the source would wait for the idle limit).
+        if let Some(answer) = read_answer(o, t)? {
             return answer.map(Some);
         }
         pumped?;
@@ -289,16 +348,30 @@ impl<B: Backend> Manager<B> {
     fn produce(&mut self, o: &mut Outgoing, now_us: u64) -> Result<(), String> {
         let Some(mut job) = o.job.take() else { return Ok(()) };
         let r = self.produce_with(o, &mut job, now_us);
-        if o.phase == Phase::Copying {
-            o.job = Some(job);
-        } else if r.is_ok() {
-            // The switch-over: the last pages, the state and the end.
-            let gfns = core::mem::take(&mut o.dirty);
-            self.save_pages(&mut job, &gfns, &mut o.out).map_err(|e| format!("{e}"))?;
-            let saved = self.finish_migration_stream(job, &mut o.out).map_err(|e| format!("{e}"))?;
-            o.status.pages_sent = saved.stats.total_pages();
-        }
+        o.job = Some(job);
         r
+    }
+
+    /// One step of the switch-over's stream: a piece of the last dirty
+    /// pages (the VM is paused: they no longer change), then, once they
+    /// are all written, the captured state and the end record.
+    fn switch_step(&mut self, o: &mut Outgoing) -> Result<(), String> {
+        let e = |e: Error| format!("{e}");
+        let Some(mut job) = o.job.take() else { return Ok(()) };
+        if !o.dirty.is_empty() {
+            let n = o.dirty.len().min(PAGES_PER_STEP as usize);
+            let gfns: Vec<u64> = o.dirty.drain(..n).collect();
+            let r = self.save_pages(&mut job, &gfns, &mut o.out).and_then(|()| self.flush_save(&mut job, &mut o.out));
+            o.status.pages_sent = job.pages_written();
+            o.job = Some(job);
+            return r.map_err(e);
+        }
+        let captured = o.captured.take().ok_or("the switch-over's state was not captured")?;
+        let saved = self.finish_migration_stream(job, &captured, &mut o.out).map_err(e)?;
+        o.status.pages_sent = saved.stats.total_pages();
+        o.phase = Phase::Confirming;
+        o.status.state = "confirming";
+        Ok(())
     }
 
     fn produce_with(&mut self, o: &mut Outgoing, job: &mut SaveJob, now_us: u64) -> Result<(), String> {
@@ -338,8 +411,8 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
-    /// Pause the VM and take the last dirty pages; the caller writes them
-    /// with the VM's state.
+    /// Pause the VM, capture its state and take the last dirty pages;
+    /// [`Self::switch_step`] writes them, piece by piece.
     fn switch_over(&mut self, o: &mut Outgoing, now_us: u64) -> Result<(), String> {
         let id = o.status.id;
         if self.get(id).is_some_and(|v| !v.paused) {
@@ -347,6 +420,9 @@ impl<B: Backend> Manager<B> {
             o.paused_by_us = true;
         }
         o.pause_us = now_us;
+        // At the pause: the guest's clock goes on from here on the
+        // destination, however long the last pages take to go out.
+        o.captured = Some(self.capture(id).map_err(|e| format!("{e}"))?);
         let mut last = core::mem::take(&mut o.dirty);
         self.harvest(o)?;
         last.append(&mut o.dirty);
@@ -354,7 +430,7 @@ impl<B: Backend> Manager<B> {
         last.dedup();
         o.dirty = last;
         self.stop_dirty_log(id);
-        o.phase = Phase::Confirming;
+        o.phase = Phase::SwitchingOver;
         o.status.state = "switchover";
         Ok(())
     }

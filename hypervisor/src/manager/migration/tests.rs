@@ -23,9 +23,9 @@ const RAM_MIB: u32 = 8;
 const BASE: u64 = 0x40_0000;
 const PAGES: u64 = 512;
 
-fn manager() -> Manager<MockBackend> {
+fn manager(frames: usize) -> Manager<MockBackend> {
     let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
-    Manager::new(Ok(MockBackend::new(8192)), images)
+    Manager::new(Ok(MockBackend::new(frames)), images)
 }
 
 /// Page contents for page `p` in generation `g`.
@@ -74,13 +74,19 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        Pair::with_vcpus(1)
+        Pair::with(RAM_MIB, 8192, 1)
     }
 
     fn with_vcpus(n: u32) -> Pair {
+        Pair::with(RAM_MIB, 8192, n)
+    }
+
+    /// A VM of `mib` MiB and `vcpus` vCPUs, on hosts of `frames` 4 KiB
+    /// frames each.
+    fn with(mib: u32, frames: usize, vcpus: u32) -> Pair {
         let (a, mut b) = hosts();
-        let (mut ma, mut mb) = (manager(), manager());
-        let id = ma.run_vm_smp("tiny", RAM_MIB, &[], "", None, None, n).unwrap();
+        let (mut ma, mut mb) = (manager(frames), manager(frames));
+        let id = ma.run_vm_smp("tiny", mib, &[], "", None, None, vcpus).unwrap();
         for p in 0..PAGES {
             guest_write(&mut ma, id, BASE + p * 4096, &content(p, 0));
         }
@@ -215,11 +221,13 @@ fn a_corrupt_byte_is_refused_naming_the_record_and_the_vm_runs_on() {
     assert!(line.contains("the destination refused the stream") && line.contains("checksum"), "{line}");
     p.source_runs_on();
     p.destination_has_no_vm();
-    // It can go again, uncorrupted, over the same listener.
+    // It can go again, uncorrupted, over the same listener; the refused
+    // stream used up no id there.
     p.migrate(to_b());
     p.run_until(1000, 2, 20_000, |p| p.ma.migration.out.is_none());
     assert_eq!(p.ma.migration_status(p.id).unwrap().state, "completed", "{:?} {:?}", p.la.0, p.lb.0);
     let dest = p.mb.vms.iter().find(|v| v.res.is_some()).unwrap().id;
+    assert_eq!(dest, 1);
     p.check_region(&p.mb, dest);
 }
 
@@ -309,7 +317,7 @@ fn commands_parse_and_refuse_bad_input() {
 #[test]
 fn refusals_change_nothing() {
     let (mut a, _b) = hosts();
-    let mut m = manager();
+    let mut m = manager(8192);
     let mut out = Lines::default();
     let run = |line: &str, m: &mut Manager<MockBackend>, a: &mut HostNet<End>, out: &mut Lines| {
         super::command::execute(&parse(line).unwrap().unwrap(), m, Some(&mut a.tcp()), 0, out);
@@ -360,5 +368,98 @@ fn a_vm_of_three_vcpus_arrives_with_every_vcpu_where_it_was() {
     let after: Vec<(crate::vm::VcpuState, u64)> = res.vcpus.iter().map(|s| (s.state, s.vcpu.state.rip)).collect();
     assert_eq!(after.len(), 3);
     assert_eq!(after[1..], before[1..], "the APs still wait for their SIPI where they were");
+    p.check_region(&p.mb, 1);
+}
+
+/// Runs `line` on `m`'s console; what it printed.
+fn console(m: &mut Manager<MockBackend>, line: &str) -> String {
+    let mut con = Lines::default();
+    let parsed = crate::console::parse(line).unwrap().unwrap();
+    crate::console::execute(&parsed, m, &crate::console::HostStatus::default(), &mut con);
+    con.text()
+}
+
+#[test]
+fn the_source_vm_cannot_change_from_the_switch_over_on() {
+    let mut p = Pair::new();
+    p.migrate(to_b());
+    p.run_until(1000, 2, 20_000, |p| {
+        p.ma.migration_status(p.id).is_some_and(|s| s.state == "switchover" || s.state == "confirming")
+    });
+    assert!(p.ma.get(p.id).unwrap().paused);
+    // Each is refused with one line, and changes nothing.
+    for line in ["vm resume 1", "vm pause 1", "vm stop 1", "vm balloon 1 2", "vm send 1 -- x"] {
+        let out = console(&mut p.ma, line);
+        assert!(
+            out.starts_with("error: vm 1 is in the switch-over of its migration to 10.0.0.2:7070")
+                && !out.contains('\n'),
+            "{line}: {out:?}"
+        );
+        let vm = p.ma.get(p.id).unwrap();
+        assert!(vm.paused && vm.res.is_some(), "{line} changed the VM");
+    }
+    assert!(matches!(p.ma.begin_save(p.id, true), Err(crate::manager::Error::Migrating { switching: true, .. })));
+    // The migration goes on and completes; the guest's pages arrive.
+    p.run_until(1000, 0, 20_000, |p| p.ma.migration.out.is_none());
+    assert_eq!(p.ma.migration_status(p.id).unwrap().state, "completed", "{:?} {:?}", p.la.0, p.lb.0);
+    p.check_region(&p.mb, 1);
+}
+
+#[test]
+fn stop_during_pre_copy_cancels_the_migration_and_save_waits_for_its_end() {
+    let mut p = Pair::new();
+    p.migrate(Options { bandwidth_mib: Some(4), ..to_b() });
+    p.run_until(1000, 2, 5000, |p| p.ma.migration_status(p.id).is_some_and(|s| s.bytes_on_wire > 100_000));
+    assert_eq!(p.ma.migration_status(p.id).unwrap().state, "precopy");
+    // Pause and resume are the operator's to give during pre-copy; a
+    // checkpoint is not.
+    assert_eq!(console(&mut p.ma, "vm pause 1"), "vm 1 paused");
+    assert_eq!(console(&mut p.ma, "vm resume 1"), "vm 1 resumed");
+    let e = p.ma.begin_save(p.id, false).map(|_| ()).unwrap_err();
+    assert!(format!("{e}").starts_with("vm 1 is migrating to 10.0.0.2:7070 (pre-copy)"), "{e}");
+    assert!(p.ma.get(p.id).unwrap().res.as_ref().unwrap().mem.dirty_logging().is_some());
+    assert!(console(&mut p.ma, "vm stop 1").ends_with("\nvm 1 stopped"));
+    p.run_until(1000, 0, 5000, |p| p.ma.migration.out.is_none() && !p.mb.migration.incoming.as_ref().unwrap().busy());
+    let line = p.la.0.last().unwrap();
+    assert_eq!(line, "vm 1: migration to 10.0.0.2:7070 failed: cancelled: the VM was stopped by the operator");
+    assert_eq!(p.ma.migration_status(p.id).unwrap().state, "failed");
+    assert!(p.lb.0.iter().any(|l| l.contains("partial VM is dropped")), "{:?}", p.lb.0);
+    p.destination_has_no_vm();
+}
+
+#[test]
+fn the_switch_over_streams_a_large_dirty_set_through_a_small_buffer() {
+    // 24 MiB of RAM; the guest marks 16 MiB of it during the first round,
+    // and the downtime limit lets the switch-over follow that round: its
+    // dirty set is 16 MiB, several times what the buffer may hold.
+    const MARKED: u64 = 4096;
+    let first = BASE + PAGES * 4096;
+    let mark = |p: u64| (p * 0x9e37_79b9 + 1).to_le_bytes();
+    let mut p = Pair::with(24, 24_576, 1);
+    p.migrate(Options { downtime_ms: 60_000, ..to_b() });
+    let mut marked = false;
+    for _ in 0..100_000 {
+        if !marked && p.ma.migration_status(p.id).is_some_and(|s| s.state == "precopy") {
+            for k in 0..MARKED {
+                guest_write(&mut p.ma, p.id, first + k * 4096, &mark(k));
+            }
+            marked = true;
+        }
+        p.round(1000, 0);
+        if p.ma.migration.out.is_none() {
+            break;
+        }
+    }
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!((s.state, s.iteration), ("completed", 1), "{s:?} {:?} {:?}", p.la.0, p.lb.0);
+    assert!(s.dirty_pages_last_round >= MARKED, "{s:?}");
+    // LOW_WATER pending plus one step (2 MiB of pages and their framing).
+    let bound = (super::source::LOW_WATER + (3 << 20)) as u64;
+    assert!(s.buffer_peak_bytes > 0 && s.buffer_peak_bytes < bound, "{} bytes held", s.buffer_peak_bytes);
+    let dest = p.mb.get(1).expect("the VM on the destination");
+    assert!(!dest.paused && dest.res.is_some());
+    for k in 0..MARKED {
+        assert_eq!(peek(&p.mb, 1, first + k * 4096)[..8], mark(k), "page {k}");
+    }
     p.check_region(&p.mb, 1);
 }
