@@ -142,6 +142,13 @@ pub fn kvm_works() -> bool {
     false
 }
 
+/// QEMU's TCG with one host thread for all the emulated CPUs: the host's
+/// VMs run on every CPU, and with a thread per CPU (MTTCG) one emulated
+/// host takes two host cores whenever two VMs run, starving the emulator
+/// beside it (tests run two at a time on 2-core machines: a Bochs Linux
+/// boot next to a QEMU one went from under to over its 600 s limit).
+const TCG: &str = "tcg,thread=single";
+
 /// Guest RAM of the emulated machine (MiB).
 pub const MACHINE_MEM_MIB: u32 = 512;
 
@@ -245,17 +252,17 @@ pub fn spawn_with_nic(
             match emu {
                 Emulator::QemuKvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
                 Emulator::QemuIcount => cmd.args(["-accel", "tcg", "-cpu", "max", "-icount", "shift=0"]),
-                Emulator::QemuNoVirt => cmd.args(["-accel", "tcg", "-cpu", "max,-svm"]),
+                Emulator::QemuNoVirt => cmd.args(["-accel", TCG, "-cpu", "max,-svm"]),
                 Emulator::QemuNuma => {
                     let half = format!("{}M", MACHINE_MEM_MIB / 2);
-                    cmd.args(["-accel", "tcg", "-cpu", "max"]);
+                    cmd.args(["-accel", TCG, "-cpu", "max"]);
                     for n in 0..2 {
                         cmd.args(["-object", &format!("memory-backend-ram,id=m{n},size={half}")]);
                         cmd.args(["-numa", &format!("node,nodeid={n},cpus={n},memdev=m{n}")]);
                     }
                     &mut cmd
                 }
-                _ => cmd.args(["-accel", "tcg", "-cpu", "max"]),
+                _ => cmd.args(["-accel", TCG, "-cpu", "max"]),
             };
             cmd.args(["-bios", OVMF])
                 .arg("-drive")

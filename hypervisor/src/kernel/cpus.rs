@@ -79,20 +79,14 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
     }
 
     fn join(&mut self) {
-        let t0 = time::micros();
-        let mut warned = 0;
         for (k, c) in self.cpus.iter().enumerate() {
             let Some(ticket) = self.busy[k] else { continue };
+            // Halted until the AP's answer wakes this CPU: under emulation
+            // a spinning boot CPU would take a host core from the AP. A
+            // slice ends by its deadline; an AP that never answers is a
+            // host bug, and the VM it holds could not be touched anyway.
             while smp::answer(c, ticket).is_none() {
-                core::hint::spin_loop();
-                // A slice ends by its deadline; an AP that does not come
-                // back is a host bug. Say so (the VM it holds cannot be
-                // touched, so there is nothing else to do but wait).
-                let waited = (time::micros() - t0) / 5_000_000;
-                if waited > warned {
-                    warned = waited;
-                    log::warn!("smp: cpu {} has not finished its slice for {} s", c.index(), waited * 5);
-                }
+                smp::halt_until_woken();
             }
             self.busy[k] = None;
         }
