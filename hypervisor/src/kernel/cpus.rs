@@ -122,6 +122,12 @@ pub fn start(apic_ids: &[u32]) {
             let ids: Vec<u32> = smp::cpus().map(|c| c.apic_id()).collect();
             let how = if apic_ids.len() > 1 { "from the MADT" } else { "by broadcast (no MADT)" };
             log::info!("smp: {} cpu(s) online {how}, apic ids {ids:?}, started in {} us", n + 1, time::micros() - t0);
+            // Each AP reports once its virtualization is on; under a
+            // single-threaded emulator that comes well after the start.
+            let t1 = time::micros();
+            while smp::cpus().skip(1).any(|c| c.virt.get().is_none()) && time::micros() - t1 < 2_000_000 {
+                core::hint::spin_loop();
+            }
             for c in smp::cpus().skip(1) {
                 match c.virt.get() {
                     Some(Ok(_)) => {}
