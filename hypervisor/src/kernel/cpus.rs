@@ -81,12 +81,14 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
     fn join(&mut self) {
         for (k, c) in self.cpus.iter().enumerate() {
             let Some(ticket) = self.busy[k] else { continue };
-            // Halted until the AP's answer wakes this CPU: under emulation
-            // a spinning boot CPU would take a host core from the AP. A
-            // slice ends by its deadline; an AP that never answers is a
-            // host bug, and the VM it holds could not be touched anyway.
+            // Spinning, not halted: a wake-up IPI from the AP would reach
+            // this CPU while it may still run its own guest slice, and a
+            // Linux guest under AMD-V died of that in a test (an interrupt
+            // exit at the wrong moment). A slice ends by its deadline; an
+            // AP that never answers is a host bug, and the VM it holds
+            // could not be touched anyway.
             while smp::answer(c, ticket).is_none() {
-                smp::halt_until_woken();
+                core::hint::spin_loop();
             }
             self.busy[k] = None;
         }

@@ -50,9 +50,6 @@ pub struct Cpu {
     call: AtomicUsize,
     arg: AtomicU64,
     result: AtomicU64,
-    /// The APIC ID of the CPU that posted the call: woken when it is
-    /// answered (`halt_until_woken`).
-    caller: AtomicU32,
 }
 
 impl Cpu {
@@ -71,7 +68,6 @@ impl Cpu {
             call: AtomicUsize::new(0),
             arg: AtomicU64::new(0),
             result: AtomicU64::new(0),
-            caller: AtomicU32::new(0),
         }
     }
 
@@ -472,8 +468,6 @@ fn serve_calls(cpu: &'static Cpu) -> ! {
             let f: fn(u64) -> u64 = unsafe { core::mem::transmute(f) };
             cpu.result.store(f(cpu.arg.load(Ordering::Relaxed)), Ordering::Relaxed);
             cpu.answered.store(asked, Ordering::Release);
-            // The caller may be halted waiting for it (`halt_until_woken`).
-            apic::send_ipi(cpu.caller.load(Ordering::Relaxed), WAKE_VECTOR as u32 | 1 << 14);
             continue;
         }
         // STI's one-instruction shadow covers HLT: a wake IPI that arrived
@@ -498,21 +492,10 @@ pub fn post(cpu: &'static Cpu, f: fn(u64) -> u64, arg: u64) -> Option<u64> {
     }
     cpu.call.store(f as usize, Ordering::Relaxed);
     cpu.arg.store(arg, Ordering::Relaxed);
-    cpu.caller.store(cpu_local::get().apic_id.load(Ordering::Relaxed), Ordering::Relaxed);
     let n = cpu.asked.fetch_add(1, Ordering::Release) + 1;
     // Fixed delivery, physical destination, assert.
     apic::send_ipi(cpu.apic_id(), WAKE_VECTOR as u32 | 1 << 14);
     Some(n)
-}
-
-/// Halts this CPU until an interrupt arrives: a CPU that answers a call
-/// this one posted sends one. An emulated host then gives this CPU's time
-/// to the CPUs that work, instead of spinning.
-pub fn halt_until_woken() {
-    // SAFETY: STI's one-instruction shadow covers HLT, so a wake-up sent
-    // after the caller's last check is taken in the HLT and ends it (SDM
-    // Vol. 2B STI); the handlers only count or acknowledge.
-    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
 /// What the call [`post`] gave `ticket` for returned, once it has run
@@ -537,7 +520,6 @@ pub fn run_on(cpus: &[&'static Cpu], f: fn(u64) -> u64, arg: u64, timeout_us: u6
         }
         c.call.store(f as usize, Ordering::Relaxed);
         c.arg.store(arg, Ordering::Relaxed);
-        c.caller.store(cpu_local::get().apic_id.load(Ordering::Relaxed), Ordering::Relaxed);
         let n = c.asked.fetch_add(1, Ordering::Release) + 1;
         asked.push(n);
         // Fixed delivery, physical destination, assert.
