@@ -320,6 +320,11 @@ impl Session {
         Ok(())
     }
 
+    /// How long the emulator has been running.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Waits for the power-off line (or the emulator's end) and stops the
     /// emulator; `timeout` counts from the start of the run.
     pub fn finish(mut self, timeout: Option<Duration>) -> Outcome {

@@ -151,10 +151,16 @@ pub fn allow_msrs(map: &mut [u8; 8192], passthrough: &[(u32, bool, bool)]) {
 /// `fired` counts the interrupts taken, so a vCPU can tell whether the
 /// interrupt it armed was spent while the host ran (taken at STGI after an
 /// unrelated exit) and must be armed again before the guest runs.
+///
+/// `nudge` raises a host interrupt on this CPU at once (a self-IPI whose
+/// handler only acknowledges it): pending while the host runs with
+/// interrupts off, it ends the guest's next run at its first instruction
+/// boundary (see [`SvmCpu::nudge_after_interrupt`]).
 #[derive(Clone, Copy)]
 pub struct SliceTimer {
     pub arm: fn(deadline_tsc: u64),
     pub fired: fn() -> u64,
+    pub nudge: fn(),
 }
 
 pub struct SvmCpu {
@@ -166,6 +172,19 @@ pub struct SvmCpu {
     pub msr_map: HostPhysAddr,
     pub io_map: HostPhysAddr,
     pub timer: SliceTimer,
+    /// Every VMRUN that injects an external interrupt is followed at once
+    /// by a host interrupt (`SliceTimer::nudge`), so the guest exits right
+    /// after the delivery. For QEMU's TCG (7.2): it delivers an injected
+    /// interrupt inside VMRUN but leaves the vector as the CPU's pending
+    /// exception, and delivers it a second time, whatever the guest's
+    /// RFLAGS.IF, when its execution loop is next asked to stop (the
+    /// round-robin kick of single-threaded TCG, every 100 ms; icount's
+    /// budget) before an exit or an interrupt replaced it. A Linux guest
+    /// then took its timer interrupt twice, the second at the handler's
+    /// first instruction, and died ("Fatal exception in interrupt"). An
+    /// exit clears that state. Recognised by what no AMD CPU since 2010
+    /// lacks: NRIP save, under another hypervisor (CPUID.1:ECX[31]).
+    pub nudge_after_interrupt: bool,
     next_asid: u32,
     free_asids: Vec<u32>,
 }
@@ -226,7 +245,19 @@ impl SvmCpu {
             hw::vmsave(host_vmcb.0);
         }
         vcpu::cpu_local::get().svm_host_vmcb.store(host_vmcb.0, core::sync::atomic::Ordering::Relaxed);
-        Ok(SvmCpu { caps, host, hsave, host_vmcb, msr_map, io_map, timer, next_asid: 1, free_asids: Vec::new() })
+        let nested = core::arch::x86_64::__cpuid(1).ecx & (1 << 31) != 0;
+        Ok(SvmCpu {
+            caps,
+            host,
+            hsave,
+            host_vmcb,
+            msr_map,
+            io_map,
+            timer,
+            nudge_after_interrupt: nested && !caps.nrips,
+            next_asid: 1,
+            free_asids: Vec::new(),
+        })
     }
 
     /// An ASID for a new vCPU, and whether it is the shared one.
@@ -264,6 +295,7 @@ impl SvmCpu {
             (c.page_1g, "npt-1g"),
             (self.host.tsc_aux, "rdtscp"),
             (self.host.xcr0.is_some(), "xsave"),
+            (self.nudge_after_interrupt, "nudge-after-interrupt"),
         ] {
             if on {
                 f.push(String::from(name));

@@ -57,6 +57,8 @@ pub struct SvmVcpu<M: PhysMem> {
     skip: Skip,
     deadline: u64,
     timer: crate::cpu::SliceTimer,
+    /// `SvmCpu::nudge_after_interrupt`.
+    nudge_after_interrupt: bool,
     /// `timer.fired()` when the slice timer was last armed.
     armed_gen: u64,
     /// The guest's code bytes, for instruction lengths without NRIPS.
@@ -129,6 +131,7 @@ impl<M: PhysMem> SvmVcpu<M> {
             skip: Skip::None,
             deadline: u64::MAX,
             timer: cpu.timer,
+            nudge_after_interrupt: cpu.nudge_after_interrupt,
             armed_gen: 0,
             code: CodeReader::new(mem),
             host: cpu.host,
@@ -514,6 +517,9 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
         let tlb = if self.shared_asid { self.flush_value } else { core::mem::take(&mut self.flush) };
         self.vmcb.write(ctl::TLB_CONTROL, tlb);
         self.skip = Skip::None;
+        if self.nudge_after_interrupt && vmcb::is_external_interrupt(self.vmcb.u64(ctl::EVENT_INJ)) {
+            (self.timer.nudge)();
+        }
         // SAFETY: SVM is on on this CPU (vCPUs run only where an SvmCpu
         // exists, which stored this CPU's host VMCB), the VMCB is complete,
         // the host VMCB holds this CPU's VMSAVE state, and `gprs` outlives

@@ -194,6 +194,11 @@ pub fn encode_event(ev: Event, protected_mode: bool) -> u64 {
     }
 }
 
+/// Whether an EVENTINJ value injects an external interrupt (type 0).
+pub fn is_external_interrupt(v: u64) -> bool {
+    v & (event::VALID | 0x700) == event::VALID | (event::TYPE_INTR << 8)
+}
+
 /// Decodes EXITINTINFO; `None` when not valid. A software interrupt comes
 /// back with length 0: only the caller knows it (see `SvmVcpu`).
 pub fn decode_event(v: u64) -> Option<Event> {
@@ -459,6 +464,12 @@ mod tests {
             assert_eq!(decode_event(encode_event(ev, true)), Some(ev));
         }
         assert_eq!(decode_event(0x30), None, "not valid");
+        // Only an external interrupt gets the nudge (`SvmCpu::nudge_after_interrupt`).
+        assert!(is_external_interrupt(encode_event(Event::Interrupt { vector: 0xec }, true)));
+        for ev in [Event::GP0, Event::Nmi, Event::SoftwareInterrupt { vector: 0x80, len: 2 }] {
+            assert!(!is_external_interrupt(encode_event(ev, true)), "{ev:?}");
+        }
+        assert!(!is_external_interrupt(0xec), "not valid");
         assert_eq!(encode_event(Event::GP0, true), 0x8000_0b0d);
         assert_eq!(encode_event(Event::GP0, false), 0x8000_030d, "no error code in real mode");
         assert_eq!(

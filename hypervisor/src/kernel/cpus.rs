@@ -152,7 +152,8 @@ fn ap_main(c: &'static Cpu) {
     } else if info.svm {
         apic::init();
         // SAFETY: as above.
-        unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired }) }.map(CpuVirt::Svm)
+        unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired, nudge: apic::nudge }) }
+            .map(CpuVirt::Svm)
     } else {
         Err(vcpu::Error::Unsupported("neither VT-x nor AMD-V"))
     };

@@ -27,8 +27,9 @@ impl SvmBackend {
         let timer_hz = apic::init();
         log::info!("apic timer: {} kHz, vector {:#x}", timer_hz / 1000, apic::TIMER_VECTOR);
         // SAFETY: called once, on the boot CPU, with interrupts off.
-        let cpu = unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired }) }
-            .map_err(|error| Unavailable::Enable { vendor: "AMD-V", error })?;
+        let cpu =
+            unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired, nudge: apic::nudge }) }
+                .map_err(|error| Unavailable::Enable { vendor: "AMD-V", error })?;
         let quirks = HostQuirks { rdtscp: cpu.host.tsc_aux, ..Default::default() };
         Ok(SvmBackend { cpu, mem, quirks, break_next_entry: false })
     }

@@ -153,6 +153,15 @@ pub fn arm(deadline: u64) {
     write(REG_INITIAL_COUNT, count as u32);
 }
 
+/// Sends this CPU an interrupt (a self-IPI on `smp::WAKE_VECTOR`, whose
+/// handler only acknowledges it). With interrupts off it stays pending, so
+/// the next guest entry exits at once (`SvmCpu::nudge_after_interrupt`).
+pub fn nudge() {
+    // Fixed delivery, destination shorthand "self" (ICR bits 19:18 = 01,
+    // SDM Vol. 3A 11.6.1).
+    send_ipi(0, super::smp::WAKE_VECTOR as u32 | (1 << 14) | (0b01 << 18));
+}
+
 /// How many timer interrupts this CPU has taken.
 pub fn fired() -> u64 {
     vcpu::cpu_local::get().timer_fired.load(Ordering::Relaxed)
