@@ -16,6 +16,7 @@ mod hostnet;
 pub mod input;
 mod linux;
 mod machine_record;
+mod migrate_incoming;
 mod migrate_stream;
 mod mm_fault;
 mod multiboot;
@@ -38,6 +39,7 @@ pub use handle_exit::handle_exit;
 pub use hostnet::hostnet;
 pub use linux::linux;
 pub use machine_record::{machine_record, machine_seeds};
+pub use migrate_incoming::{migrate_incoming, migrate_incoming_seeds};
 pub use migrate_stream::{migrate_seeds, migrate_stream};
 pub use mm_fault::mm_fault;
 pub use multiboot::multiboot;
@@ -71,6 +73,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ata_identify", ata_identify),
     ("devices", devices),
     ("migrate_stream", migrate_stream),
+    ("migrate_incoming", migrate_incoming),
     ("machine_record", machine_record),
     ("virtio", virtio),
 ];

@@ -296,14 +296,16 @@ fn ip(a: Ipv4Addr) -> IpAddress {
     IpAddress::Ipv4(a)
 }
 
-#[cfg(test)]
-pub(crate) mod link {
-    //! Two [`Nic`]s joined by an in-memory cable, optionally lossy.
+#[cfg(any(test, feature = "testing"))]
+pub mod link {
+    //! Two [`Nic`]s joined by an in-memory cable, optionally lossy (for
+    //! tests and the fuzz targets).
 
     use super::*;
     use alloc::collections::VecDeque;
-    use std::cell::RefCell;
-    use std::rc::Rc;
+    use alloc::rc::Rc;
+    use alloc::vec::Vec;
+    use core::cell::RefCell;
 
     type Wire = Rc<RefCell<VecDeque<Vec<u8>>>>;
 

@@ -266,6 +266,13 @@ impl<B: Backend> Manager<B> {
                 Err(e) => return Some(Outcome::Refused(format!("{e}"))),
             }
         }
+        // A sender may close its side right after the end record: whole
+        // records still buffered are applied in the next rounds first.
+        let buffered = c.reader.as_mut().is_some_and(|r| r.source_mut().record_ready(0));
+        if buffered {
+            c.progress_us = now_us;
+            return None;
+        }
         self.stalled(c, closed, now_us)
     }
 
