@@ -133,21 +133,9 @@ pub fn execute<B: Backend>(p: &Parsed, m: &mut Manager<B>, host: &HostStatus, co
         (Command::VmConsole { id, .. }, Ok(_)) => Some(*id),
         _ => None,
     };
-    match (result, p.json) {
-        (Ok(reply), false) => {
-            for l in reply.text.lines() {
-                console.line(l);
-            }
-        }
-        (Ok(reply), true) => {
-            let mut v = json!({ "ok": true, "command": name });
-            if let (Value::Object(o), Value::Object(extra)) = (&mut v, reply.json) {
-                o.extend(extra);
-            }
-            console.line(&v.to_string());
-        }
-        (Err(e), false) => console.line(&format!("error: {e}")),
-        (Err(e), true) => console.line(&json!({ "ok": false, "command": name, "error": e }).to_string()),
+    match result {
+        Ok(r) => super::reply::print(console, name, p.json, false, Ok((&r.text, r.json))),
+        Err(e) => super::reply::print(console, name, p.json, false, Err(&e)),
     }
     match (attach, &p.command) {
         (Some(id), _) => After::Attach(id),
@@ -158,11 +146,7 @@ pub fn execute<B: Backend>(p: &Parsed, m: &mut Manager<B>, host: &HostStatus, co
 
 /// A parse error in the form the operator asked for.
 pub fn report_parse_error(e: &super::ParseError, console: &mut impl Console) {
-    if e.json {
-        console.line(&json!({ "ok": false, "error": format!("{e}") }).to_string());
-    } else {
-        console.line(&format!("error: {e}"));
-    }
+    super::reply::print_parse_error(console, &format!("{e}"), e.json);
 }
 
 pub(super) struct Reply {

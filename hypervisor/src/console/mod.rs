@@ -8,6 +8,7 @@ mod disk;
 pub mod line;
 mod mem;
 pub mod parse;
+pub mod reply;
 
 pub use commands::{CpuStatus, HostStatus, execute};
 pub use line::{Edit, LineEditor};

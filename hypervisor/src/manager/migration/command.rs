@@ -122,27 +122,15 @@ pub fn execute<B: Backend, T: Transport>(
         MigrateCommand::Status(_) => "vm migrate status",
     };
     let result = run(cmd, m, t, now_us);
-    match (result, json) {
-        (Ok((text, _)), false) => text.lines().for_each(|l| out.line(l)),
-        (Ok((_, extra)), true) => {
-            let mut v = json!({ "ok": true, "command": name });
-            if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
-                o.extend(e);
-            }
-            out.line(&v.to_string());
-        }
-        (Err(e), false) => out.line(&format!("error: {name}: {e}")),
-        (Err(e), true) => out.line(&json!({ "ok": false, "command": name, "error": e }).to_string()),
+    match result {
+        Ok((text, fields)) => crate::console::reply::print(out, name, *json, true, Ok((&text, fields))),
+        Err(e) => crate::console::reply::print(out, name, *json, true, Err(&e)),
     }
 }
 
 /// A refusal from [`parse`], in the form asked for.
 pub fn report_parse_error(e: &(String, bool), out: &mut impl Console) {
-    if e.1 {
-        out.line(&json!({ "ok": false, "error": e.0 }).to_string());
-    } else {
-        out.line(&format!("error: {}", e.0));
-    }
+    crate::console::reply::print_parse_error(out, &e.0, e.1);
 }
 
 fn run<B: Backend, T: Transport>(
