@@ -669,7 +669,8 @@ impl<B: Backend> Manager<B> {
     /// page-outs from the VMs over their entitlement, furthest over first.
     /// If that frees nothing, stop the VM furthest over its entitlement
     /// (the faulting one only if it is that VM, or no VM is over): the VM
-    /// that grabbed the frames pays, not the one that asked next.
+    /// that grabbed the frames pays, not the one that asked next. A VM in
+    /// a migration's switch-over is never stopped.
     pub fn relieve_memory_pressure(&mut self, faulting: u32, console: &mut impl Console) {
         if self.live_save.is_some() {
             // The live save's copies hold frames until written: writing
@@ -678,6 +679,9 @@ impl<B: Backend> Manager<B> {
             self.checkpoint_round(console);
             return;
         }
+        // Never the VM in a migration's switch-over: the destination may
+        // already run it, and a refused stream must find it here.
+        let spared = self.switching_over();
         let Ok(backend) = self.backend.as_mut() else {
             return;
         };
@@ -717,14 +721,17 @@ impl<B: Backend> Manager<B> {
         if freed > 0 {
             return;
         }
-        let (victim, reason) = match over.first() {
+        let (victim, reason) = match over.iter().find(|&&(id, _)| Some(id) != spared) {
             Some(&(id, pages)) => (
                 id,
                 format!(
                     "the host ran out of memory and nothing could be reclaimed; this VM held {pages} pages beyond its share"
                 ),
             ),
-            None => (faulting, String::from("the host ran out of memory and nothing could be reclaimed")),
+            None if Some(faulting) != spared => {
+                (faulting, String::from("the host ran out of memory and nothing could be reclaimed"))
+            }
+            None => return,
         };
         let Some(vm) = self.vms.iter_mut().find(|v| v.id == victim) else { return };
         host.stats.oom_stopped += 1;

@@ -235,6 +235,13 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
+    /// The VM in the switch-over of its migration (paused, perhaps already
+    /// running at the destination), if any.
+    pub(crate) fn switching_over(&self) -> Option<u32> {
+        let o = self.migration.out.as_ref()?;
+        matches!(o.phase, Phase::SwitchingOver | Phase::Confirming).then_some(o.status.id)
+    }
+
     /// Cancels VM `id`'s migration if it is in pre-copy (the caller made
     /// sure it is not past it): the next round fails it with `why`,
     /// closing the connection so the destination drops its partial VM.

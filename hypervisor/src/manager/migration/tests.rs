@@ -399,6 +399,13 @@ fn the_source_vm_cannot_change_from_the_switch_over_on() {
         assert!(vm.paused && vm.res.is_some(), "{line} changed the VM");
     }
     assert!(matches!(p.ma.begin_save(p.id, true), Err(crate::manager::Error::Migrating { switching: true, .. })));
+    // Nor does the host's last resort against running out of memory stop
+    // it (after the passes that share what can be shared).
+    for _ in 0..50 {
+        p.ma.relieve_memory_pressure(p.id, &mut p.la);
+    }
+    let vm = p.ma.get(p.id).unwrap();
+    assert!(vm.paused && vm.res.is_some() && !vm.state.ended(), "out of memory stopped the VM in its switch-over");
     // The migration goes on and completes; the guest's pages arrive.
     p.run_until(1000, 0, 20_000, |p| p.ma.migration.out.is_none());
     assert_eq!(p.ma.migration_status(p.id).unwrap().state, "completed", "{:?} {:?}", p.la.0, p.lb.0);
