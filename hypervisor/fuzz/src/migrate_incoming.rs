@@ -41,7 +41,10 @@ const SEND_ROUNDS: usize = 20_000;
 const WAIT_ROUNDS: usize = 200;
 
 fn manager() -> Manager<MockBackend> {
-    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
+    // One image for every run (`elf_guest` leaks its bytes on purpose).
+    static IMAGE: OnceLock<&'static [u8]> = OnceLock::new();
+    let bytes = *IMAGE.get_or_init(|| elf_guest(&[0x90; 32]));
+    let images = vec![GuestImage { name: "tiny".into(), bytes }];
     Manager::new(Ok(MockBackend::new(FRAMES)), images)
 }
 
