@@ -218,6 +218,13 @@ pub fn vcpu_fields(leaf: u32, mut r: Regs, osxsave: bool, apic_id: u32) -> Regs 
     r
 }
 
+/// Whether [`vcpu_fields`] changes anything in `leaf`: the exit path reads
+/// CR4 (two VMREADs under VT-x) and the local APIC's ID only for these.
+#[inline]
+pub fn describes_vcpu(leaf: u32) -> bool {
+    matches!(leaf, 1 | 0xb | 0x1f | 0x8000_001e)
+}
+
 /// Subleaves a table probes per leaf: 0xD has one per XSAVE state
 /// component (bits 0..62 of XCR0 and IA32_XSS, SDM Vol. 1 13.2), the other
 /// indexed leaves (4, 7, 0xB, 0x1F, 0x8000001D...) fewer.
@@ -748,6 +755,14 @@ mod tests {
         assert_eq!(vcpu_fields(0xb, topo, false, 2).edx, 2);
         assert_eq!(vcpu_fields(0x8000_001e, Regs { eax: 9, ebx: 1, ..Default::default() }, false, 0).eax, 0);
         assert_eq!(vcpu_fields(0x1f, Regs::default(), false, 7), Regs::default(), "an absent leaf stays absent");
+        // Every leaf the exit path skips is one this leaves alone.
+        let any = Regs { eax: 1, ebx: 2, ecx: 3, edx: 4 };
+        for leaf in (0..0x40).chain(0x4000_0000..0x4000_0010).chain(0x8000_0000..0x8000_0030) {
+            if !describes_vcpu(leaf) {
+                assert_eq!(vcpu_fields(leaf, any, true, 9), any, "leaf {leaf:#x}");
+                assert_eq!(vcpu_fields(leaf, any, false, 0), any, "leaf {leaf:#x}");
+            }
+        }
     }
 
     #[test]

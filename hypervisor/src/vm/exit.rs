@@ -153,8 +153,12 @@ impl<B: Backend> Vm<B> {
                 let g = vcpu.gprs();
                 let (leaf, sub) = (g.rax as u32, g.rcx as u32);
                 let r = Self::cpuid_answer(&self.cpuid, backend, leaf, sub);
-                let osxsave = vcpu.reg(Reg::Cr4) & CR4_OSXSAVE != 0;
-                let r = cpuid::vcpu_fields(leaf, r, osxsave, self.devices.apic_id());
+                let r = if cpuid::describes_vcpu(leaf) {
+                    let osxsave = vcpu.reg(Reg::Cr4) & CR4_OSXSAVE != 0;
+                    cpuid::vcpu_fields(leaf, r, osxsave, self.devices.apic_id())
+                } else {
+                    r
+                };
                 let g = vcpu.gprs_mut();
                 g.rax = r.eax as u64;
                 g.rbx = r.ebx as u64;
