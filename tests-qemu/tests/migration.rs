@@ -7,7 +7,11 @@
 //!    every page against its header) moves A -> B: its check passes on B,
 //!    its longest pause is printed, A freed the VM only once B confirmed
 //!    (A's VM ended naming B's id, which only B's answer carries);
-//! 3. B's emulator is killed during pre-copy of a second VM: A's VM runs
+//! 3. a guest that dirties memory faster than the link sends (4 pages per
+//!    ms, above the link's rate) is throttled (auto-converge) until its
+//!    dirty set fits the downtime limit: it moves before the 30-round cap,
+//!    and its check passes on B;
+//! 4. B's emulator is killed during pre-copy of another VM: A's VM runs
 //!    on and its check still passes.
 //!
 //! `MIGRATION_RATE` (pages per ms, default 1) and `MIGRATION_MIB` (region,
@@ -84,10 +88,39 @@ fn precopy_between_two_qemu_hosts() {
     eprintln!("[migration] guest on B: {} / {pause}", report(&t, from_b, "memtest: live check"));
     assert!(pause.contains("longest pause"), "{pause}");
 
-    // 3. B dies during pre-copy of a second VM (slowed to 1 MiB/s so
+    // 3. Faster than the link: throttled until it converges.
+    let fast = env("MIGRATION_FAST_RATE", 4);
+    let from_a = a.transcript().len();
+    let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={fast} seed=9"));
+    assert!(out.contains("vm 2"), "{out}");
+    a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
+    let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
+    let started = Instant::now();
+    a.cmd("vm migrate 2 10.0.8.2 downtime=300");
+    a.wait_for_after("vm 2: migrated to 10.0.8.2:7070", from_a, limit);
+    let wall = started.elapsed().as_secs_f64();
+    let done = report(&a.transcript(), from_a, "vm 2: migrated to");
+    let status = a.json("vm migrate status 2 --json");
+    eprintln!("[migration] rate {fast}: A: {done}\n[migration] status: {status}\n[migration] wall clock {wall:.2} s");
+    assert_eq!(status["state"], "completed", "{status}");
+    let throttle = status["throttle_pct"].as_u64().unwrap();
+    assert!(throttle >= 20, "not throttled: {status}");
+    assert!(done.contains(&format!("throttled up to {throttle}%")), "{done}");
+    assert!(status["iteration"].as_u64().unwrap() < 30, "converged before the round cap: {status}");
+    assert!(status["expected_downtime_ms"].as_u64().unwrap() <= 300, "{status}");
+    let there = status["destination_vm"].as_u64().unwrap();
+    let arrived = report(&b.transcript(), from_b, "migrate: vm ");
+    assert!(arrived.contains("and runs"), "{arrived}");
+    let from_b = b.transcript().len();
+    b.cmd(&format!("vm send {there} -- c"));
+    b.wait_for_after("memtest: PASS", from_b, limit);
+    eprintln!("[migration] rate {fast} guest on B: {}", report(&b.transcript(), from_b, "memtest: dirty: "));
+
+    // 4. B dies during pre-copy of another VM (slowed to 1 MiB/s so
     // pre-copy lasts): the VM runs on at A.
+    let from_a = a.transcript().len();
     let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=8"));
-    let id = if out.contains("vm 2") { 2 } else { panic!("{out}") };
+    let id = if out.contains("vm 3") { 3 } else { panic!("{out}") };
     a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
     let from_a = a.transcript().len();
     a.cmd(&format!("vm migrate {id} 10.0.8.2 bandwidth=1"));

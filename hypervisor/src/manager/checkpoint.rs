@@ -489,6 +489,7 @@ impl<B: Backend> Manager<B> {
             timer_tick: u64::MAX,
             clock_offset_ns,
             paused: false,
+            throttle: Default::default(),
             created: false,
             image: machine.image,
             msrs: MsrState { mtrr_def_type: machine.mtrr_def_type, misc_enable: machine.misc_enable },

@@ -562,6 +562,7 @@ impl<B: Backend> Manager<B> {
             timer_tick: u64::MAX,
             clock_offset_ns: 0,
             paused: false,
+            throttle: Default::default(),
             created: false,
             image: String::from(name),
             msrs: Default::default(),

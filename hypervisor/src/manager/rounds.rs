@@ -177,6 +177,9 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     slice_ticks: u64,
 ) -> SliceEnd {
     let now = backend.now();
+    // A throttled VM (a migration's auto-converge) gets short slices, so
+    // the pauses between them are short too.
+    let slice_ticks = slice_ticks.min(vm.throttle.slice_cap(backend.tsc_hz()));
     vm.state = RunState::Running;
     vm.next_vcpu = v + 1;
     vm.devices.set_current(v);
@@ -252,6 +255,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
             break Flow::Yield;
         }
     };
+    vm.throttle.after_slice(vm.stats.run_ticks - ticks_before, backend.now());
     if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
         slot.stats.exits += vm.stats.total_exits() - exits_before;
         slot.stats.run_ticks += vm.stats.run_ticks - ticks_before;

@@ -692,3 +692,41 @@ fn a_vm_is_placed_on_the_numa_node_with_most_room_and_its_pages_come_from_there(
     let one = m.run_vm("tiny", 4, "").unwrap();
     assert_eq!(m.get(one).unwrap().node, None);
 }
+
+#[test]
+fn a_throttled_vm_runs_only_its_share_of_the_time_in_short_slices() {
+    // Two guests spinning without exits: each slice runs to its end.
+    let mut m = manager(4096);
+    m.run_vm("tiny", 4, "").unwrap();
+    m.run_vm("tiny", 4, "").unwrap();
+    // Each clock read is 1 ms of the mock's 1 MHz TSC, so a slice's few
+    // reads are a few ms of run time, and the throttled VM's time out is
+    // several of the other's slices.
+    be(&mut m).tick = 1000;
+    m.vms[1].throttle.set(90);
+    let mut con = Lines::default();
+    let hz = be(&mut m).tsc_hz();
+    let start = be(&mut m).clock.get();
+    for _ in 0..2000 {
+        m.run_slice(&mut con);
+    }
+    let wall = be(&mut m).clock.get() - start;
+    // The throttled VM ran a tenth of the time or less (it also waits its
+    // turn behind the other); the other ran whenever it could.
+    let share = |i: usize| m.vms[i].stats.run_ticks * 100 / wall;
+    assert!((1..=10).contains(&share(1)), "ran {}% of the time", share(1));
+    assert!(share(0) > 2 * share(1), "{}% vs {}%", share(0), share(1));
+    // Its slices are 2 ms at most; the other's are the usual.
+    let slice = |i: usize| m.vms[i].res.as_ref().unwrap().vcpus[0].vcpu.slice;
+    assert_eq!(slice(1), hz * crate::vm::throttle::SLICE_US / 1_000_000);
+    assert!(slice(0) > slice(1), "{} vs {}", slice(0), slice(1));
+    // Lifted: both get the CPU alike again.
+    m.vms[1].throttle.set(0);
+    let (a, b) = (m.vms[0].stats.run_ticks, m.vms[1].stats.run_ticks);
+    for _ in 0..400 {
+        m.run_slice(&mut con);
+    }
+    let (a, b) = (m.vms[0].stats.run_ticks - a, m.vms[1].stats.run_ticks - b);
+    let sl = |i: usize| m.vms[i].res.as_ref().unwrap().vcpus[0].stats.slices;
+    assert!(a.abs_diff(b) * 10 <= a.max(b), "{a} vs {b}; slices {} {}", sl(0), sl(1));
+}

@@ -10,6 +10,7 @@ pub mod interrupts;
 pub mod mmio;
 pub mod regs;
 pub mod smp;
+pub mod throttle;
 pub mod vcpu_state;
 use vcpu::walk;
 
@@ -315,6 +316,9 @@ pub struct Vm<B: Backend> {
     /// outside the guest, at an instruction boundary, whenever the console
     /// runs a command: on one CPU they take turns).
     pub paused: bool,
+    /// CPU share taken away by a migration that does not converge
+    /// (`throttle`): the scheduler runs it only its share of the time.
+    pub throttle: throttle::Throttle,
     /// `vm create` built it; it runs from `vm start` on.
     pub created: bool,
     /// The guest image it was built from (`guest` is its name, which

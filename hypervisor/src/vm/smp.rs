@@ -32,7 +32,7 @@ impl<B: Backend> Vm<B> {
     /// at every round (test guests poll with HLT; HLT then returns as if
     /// woken, which the architecture allows).
     pub fn pick_vcpu(&mut self, now: u64, hz: u64) -> Option<usize> {
-        if self.paused || self.created || !self.state.runnable() {
+        if self.paused || self.created || !self.state.runnable() || !self.throttle.allows(now) {
             return None;
         }
         let timer_due = now >= self.timer_tick;

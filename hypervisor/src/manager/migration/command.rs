@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! migrate listen [port]                         accept migrations (default port 7070)
-//! vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [corrupt_at=<byte>]
+//! vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>] [corrupt_at=<byte>]
 //! vm migrate status <id>                        progress, or how the last one ended
 //! ```
 //! Each takes `--json`. `corrupt_at=` is a test aid: it flips that byte of
@@ -21,6 +21,7 @@ use crate::backend::Backend;
 use crate::hostnet::tcp::{Transport, parse_endpoint};
 use crate::manager::Manager;
 use crate::vm::exit::Console;
+use crate::vm::throttle::MAX_PCT;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MigrateCommand {
@@ -33,8 +34,8 @@ pub enum MigrateCommand {
 pub const HELP: &[(&str, &str)] = &[
     ("migrate listen [port]", "accept live migrations on <port> (7070 unless told), one at a time"),
     (
-        "vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>]",
-        "live-migrate VM <id> (pre-copy) to a listening host; freed here once it runs there",
+        "vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]",
+        "live-migrate VM <id> (pre-copy; slowed by up to throttle=, 99 unless told, 0: never, if it does not converge) to a listening host; freed here once it runs there",
     ),
     ("vm migrate status <id>", "a migration's progress, or how the last one ended"),
 ];
@@ -72,14 +73,20 @@ fn parse_id(s: &str) -> Result<u32, String> {
 }
 
 fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
-    const USAGE: &str = "vm migrate: usage: 'vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>]' or 'vm migrate status <id>'";
+    const USAGE: &str = "vm migrate: usage: 'vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]' or 'vm migrate status <id>'";
     match args {
         ["status", id] => Ok(MigrateCommand::Status(parse_id(id)?)),
         [id, host, opts @ ..] if *id != "status" => {
             let id = parse_id(id)?;
             let with_port = if host.contains(':') { String::from(*host) } else { format!("{host}:{DEFAULT_PORT}") };
             let to = parse_endpoint(&with_port).map_err(|e| format!("vm migrate: {host:?}: {e}"))?;
-            let mut o = Options { to, downtime_ms: DEFAULT_DOWNTIME_MS, bandwidth_mib: None, corrupt_at: None };
+            let mut o = Options {
+                to,
+                downtime_ms: DEFAULT_DOWNTIME_MS,
+                bandwidth_mib: None,
+                throttle_max: MAX_PCT,
+                corrupt_at: None,
+            };
             for opt in opts {
                 let (key, value) =
                     opt.split_once('=').ok_or_else(|| format!("vm migrate: {opt:?}: expected key=value"))?;
@@ -93,11 +100,16 @@ fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
                 match key {
                     "downtime" => o.downtime_ms = num(60_000)? as u32,
                     "bandwidth" => o.bandwidth_mib = Some(num(100_000)? as u32),
+                    "throttle" => {
+                        o.throttle_max = value.parse::<u8>().ok().filter(|&n| n <= MAX_PCT).ok_or_else(|| {
+                            format!("vm migrate: {opt:?}: expected the most CPU time to take, 0-{MAX_PCT} (percent)")
+                        })?
+                    }
                     "corrupt_at" => {
                         o.corrupt_at =
                             Some(value.parse().map_err(|_| format!("vm migrate: {opt:?}: not a byte offset"))?)
                     }
-                    _ => return Err(format!("vm migrate: unknown option {key:?} (downtime, bandwidth)")),
+                    _ => return Err(format!("vm migrate: unknown option {key:?} (downtime, bandwidth, throttle)")),
                 }
             }
             Ok(MigrateCommand::Start(id, o))
@@ -148,9 +160,14 @@ fn run<B: Backend, T: Transport>(
         MigrateCommand::Start(id, o) => {
             m.start_migration(*id, o.clone(), t.ok_or(NO_NET)?, now_us)?;
             let bw = o.bandwidth_mib.map_or_else(|| String::from("unlimited"), |b| format!("{b} MiB/s"));
+            let throttle = if o.throttle_max == 0 {
+                String::from("never throttled")
+            } else {
+                format!("throttled up to {}%", o.throttle_max)
+            };
             Ok((
                 format!(
-                    "vm {id}: migrating to {} (pre-copy, downtime {} ms, bandwidth {bw}); \
+                    "vm {id}: migrating to {} (pre-copy, downtime {} ms, bandwidth {bw}, {throttle} if it does not converge); \
                      'vm migrate status {id}' shows progress, the result follows",
                     o.to, o.downtime_ms
                 ),
@@ -179,6 +196,9 @@ fn status_text(s: &Status) -> String {
         s.rate_bytes_per_s / 1024,
         s.elapsed_ms
     );
+    if s.throttle_pct > 0 {
+        t.push_str(&format!("; throttled {}%", s.throttle_pct));
+    }
     if let Some(d) = s.downtime_ms {
         t.push_str(&format!("; downtime {d} ms"));
     }

@@ -6,7 +6,11 @@
 //!    live save does (`save_step`);
 //! 3. round k: the pages the guest wrote meanwhile (harvested from the
 //!    log), until what is still dirty can be sent within the downtime
-//!    limit at the rate measured so far, or after [`MAX_ITERATIONS`];
+//!    limit at the rate measured so far, or after [`MAX_ITERATIONS`]; a
+//!    round whose dirty set did not shrink by a tenth throttles the VM
+//!    (auto-converge: 20 % of its CPU time taken, 10 more per such round,
+//!    up to `throttle=`), so a guest that writes faster than the link
+//!    sends still converges;
 //! 4. switch-over: pause the VM, capture its vCPU, machine and devices,
 //!    send the last dirty pages (streamed as the connection drains, so
 //!    the buffer stays small whatever a guest that did not converge left
@@ -61,6 +65,10 @@ pub struct Options {
     pub downtime_ms: u32,
     /// Limit on the stream's rate, MiB/s (none: as fast as TCP goes).
     pub bandwidth_mib: Option<u32>,
+    /// The most CPU time (percent) auto-converge may take from a VM that
+    /// does not converge; 0: never throttle (switch over after
+    /// [`MAX_ITERATIONS`] whatever remains).
+    pub throttle_max: u8,
     /// Test aid: flip byte `n` of the stream as it goes on the wire, so
     /// the destination's refusal of a corrupt stream can be tested.
     pub corrupt_at: Option<u64>,
@@ -68,6 +76,13 @@ pub struct Options {
 
 /// Default downtime limit (QEMU's default max downtime is 300 ms).
 pub const DEFAULT_DOWNTIME_MS: u32 = 300;
+/// Auto-converge's first throttle and its step per round that did not
+/// converge (QEMU's `cpu-throttle-initial` and `-increment` defaults).
+pub const THROTTLE_INITIAL: u8 = 20;
+pub const THROTTLE_STEP: u8 = 10;
+/// A round converges when its dirty set is below this share (in tenths)
+/// of the last one's.
+const CONVERGING_TENTHS: u64 = 9;
 
 /// A migration's progress (`vm migrate status`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -96,6 +111,9 @@ pub struct Status {
     pub error: Option<String>,
     /// The most stream bytes this host held waiting for the connection.
     pub buffer_peak_bytes: u64,
+    /// CPU time (percent) taken from the VM by auto-converge, now or (once
+    /// the migration ended) at its highest.
+    pub throttle_pct: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +139,8 @@ pub struct Outgoing {
     bulk_done: bool,
     /// Dirty pages of the current round still to send.
     dirty: Vec<u64>,
+    /// Pages found dirty at the harvest before the last one.
+    last_dirty: Option<u64>,
     bitmap: DirtyBitmap,
     /// The VM's vCPU, machine and devices, taken when it was paused for
     /// the switch-over; written after its last pages.
@@ -204,6 +224,7 @@ impl<B: Backend> Manager<B> {
             out: Outbox::default(),
             bulk_done: false,
             dirty: Vec::new(),
+            last_dirty: None,
             bitmap: DirtyBitmap::new(),
             captured: None,
             cancelled: None,
@@ -413,9 +434,34 @@ impl<B: Backend> Manager<B> {
         if o.status.expected_downtime_ms <= u64::from(o.opts.downtime_ms) || o.status.iteration >= MAX_ITERATIONS {
             self.switch_over(o, now_us)?;
         } else {
+            if o.last_dirty.is_some_and(|last| dirty * 10 >= last * CONVERGING_TENTHS) {
+                self.throttle_up(o);
+            }
+            o.last_dirty = Some(dirty);
             o.status.iteration += 1;
         }
         Ok(())
+    }
+
+    /// Auto-converge: the dirty set stopped shrinking, so the VM gets less
+    /// CPU time (and writes less) in the next rounds.
+    fn throttle_up(&mut self, o: &mut Outgoing) {
+        let now = o.status.throttle_pct;
+        let next = if now == 0 { THROTTLE_INITIAL } else { now.saturating_add(THROTTLE_STEP) };
+        let next = next.min(o.opts.throttle_max).min(crate::vm::throttle::MAX_PCT);
+        if next > now
+            && let Some(vm) = self.vms.iter_mut().find(|v| v.id == o.status.id)
+        {
+            vm.throttle.set(next);
+            o.status.throttle_pct = next;
+        }
+    }
+
+    /// The VM runs at full speed again (the migration ended).
+    fn unthrottle(&mut self, id: u32) {
+        if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
+            vm.throttle.set(0);
+        }
     }
 
     /// Pause the VM, capture its state and take the last dirty pages;
@@ -483,6 +529,7 @@ impl<B: Backend> Manager<B> {
         let id = o.status.id;
         t.close(o.stream);
         self.migration.closing.push((o.stream, now_us + 5_000_000));
+        self.unthrottle(id);
         let downtime = now_us.saturating_sub(o.pause_us) / 1000;
         o.status.downtime_ms = Some(downtime);
         o.status.state = "completed";
@@ -499,8 +546,13 @@ impl<B: Backend> Manager<B> {
         let s = &o.status;
         console.line(&format!(
             "vm {id}: migrated to {} (vm {dest} there) in {} ms: {} iterations, {} pages, {} bytes on the wire, \
-             downtime {downtime} ms (pause to confirmation); freed here",
-            s.to, s.elapsed_ms, s.iteration, s.pages_sent, s.bytes_on_wire
+             downtime {downtime} ms (pause to confirmation){}; freed here",
+            s.to,
+            s.elapsed_ms,
+            s.iteration,
+            s.pages_sent,
+            s.bytes_on_wire,
+            if s.throttle_pct > 0 { format!(", throttled up to {}%", s.throttle_pct) } else { String::new() }
         ));
         self.migration.last.insert(id, o.status);
     }
@@ -520,6 +572,7 @@ impl<B: Backend> Manager<B> {
             self.abort_save(job);
         }
         self.stop_dirty_log(id);
+        self.unthrottle(id);
         let resumed = o.paused_by_us && self.set_paused(id, false).is_ok();
         o.status.state = "failed";
         o.status.elapsed_ms = now_us.saturating_sub(o.started_us) / 1000;

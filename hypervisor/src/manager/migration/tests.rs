@@ -31,12 +31,13 @@ fn manager(frames: usize) -> Manager<MockBackend> {
 /// Page contents for page `p` in generation `g`.
 fn content(p: u64, g: u64) -> Vec<u8> {
     let mut x = (p << 20 | g).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..4096)
-        .map(|_| {
+    // A word at a time: the tests write many pages.
+    (0..512)
+        .flat_map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()
         })
         .collect()
 }
@@ -70,6 +71,11 @@ struct Pair {
     now: u64,
     la: Lines,
     lb: Lines,
+    /// The pages of the region the guest rewrites (the first `span`).
+    span: u64,
+    /// Hundredths of a page the throttled guest still owes (it writes
+    /// `dirty × (100 - throttle %)` hundredths per round).
+    owed: u64,
 }
 
 impl Pair {
@@ -91,7 +97,19 @@ impl Pair {
             guest_write(&mut ma, id, BASE + p * 4096, &content(p, 0));
         }
         mb.listen_migrations(super::DEFAULT_PORT, &mut b.tcp()).unwrap();
-        Pair { a, b, ma, mb, id, gens: vec![0; PAGES as usize], now: 0, la: Lines::default(), lb: Lines::default() }
+        Pair {
+            a,
+            b,
+            ma,
+            mb,
+            id,
+            gens: vec![0; PAGES as usize],
+            now: 0,
+            la: Lines::default(),
+            lb: Lines::default(),
+            owed: 0,
+            span: PAGES,
+        }
     }
 
     fn migrate(&mut self, o: Options) {
@@ -99,13 +117,19 @@ impl Pair {
     }
 
     /// One round of both hosts, `step_us` apart; the guest rewrites
-    /// `dirty` pages first if it runs.
+    /// `dirty` pages first if it runs, fewer if it is throttled (it gets
+    /// that much less CPU time: `manager::rounds` and `vm::throttle`).
     fn round(&mut self, step_us: u64, dirty: u64) {
         self.now += step_us;
-        let running = self.ma.get(self.id).is_some_and(|v| v.res.is_some() && !v.paused);
+        let vm = self.ma.get(self.id);
+        let running = vm.is_some_and(|v| v.res.is_some() && !v.paused);
+        let throttle = vm.map_or(0, |v| u64::from(v.throttle.pct()));
         if running {
+            self.owed += dirty * (100 - throttle);
+            let dirty = self.owed / 100;
+            self.owed %= 100;
             for k in 0..dirty {
-                let p = (self.now / step_us * 7 + k * 13) % PAGES;
+                let p = (self.now / step_us * 7 + k * 13) % self.span;
                 self.gens[p as usize] += 1;
                 guest_write(&mut self.ma, self.id, BASE + p * 4096, &content(p, self.gens[p as usize]));
             }
@@ -150,7 +174,13 @@ impl Pair {
 }
 
 fn to_b() -> Options {
-    Options { to: parse_endpoint("10.0.0.2:7070").unwrap(), downtime_ms: 300, bandwidth_mib: None, corrupt_at: None }
+    Options {
+        to: parse_endpoint("10.0.0.2:7070").unwrap(),
+        downtime_ms: 300,
+        bandwidth_mib: None,
+        throttle_max: 99,
+        corrupt_at: None,
+    }
 }
 
 #[test]
@@ -469,4 +499,73 @@ fn the_switch_over_streams_a_large_dirty_set_through_a_small_buffer() {
         assert_eq!(peek(&p.mb, 1, first + k * 4096)[..8], mark(k), "page {k}");
     }
     p.check_region(&p.mb, 1);
+}
+
+#[test]
+fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
+    // 4 pages per ms (16 per 4 ms round) over 64 pages, against a link of
+    // 2 pages per ms and a 10 ms limit (20 pages): every dirty round finds
+    // the 64 pages again.: every dirty round
+    // finds the whole region again.
+    let fast = |throttle_max| Options { bandwidth_mib: Some(8), downtime_ms: 10, throttle_max, ..to_b() };
+    let mut p = Pair::new();
+    p.span = 64;
+    p.migrate(fast(0));
+    p.run_until(4000, 16, 50_000, |p| p.ma.migration.out.is_none());
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!(s.state, "completed", "{:?}", p.la.0);
+    assert_eq!(s.iteration, super::source::MAX_ITERATIONS, "throttle=0: only the round cap ends it");
+    assert_eq!(s.throttle_pct, 0);
+    assert!(s.expected_downtime_ms > 10, "it never converged: {s:?}");
+    p.check_region(&p.mb, 1);
+
+    let mut p = Pair::new();
+    p.span = 64;
+    p.migrate(fast(99));
+    let mut seen: Vec<u8> = Vec::new();
+    for _ in 0..50_000 {
+        p.round(4000, 16);
+        let pct = p.ma.get(p.id).map_or(0, |v| v.throttle.pct());
+        if p.ma.migration.out.is_none() {
+            break;
+        }
+        if seen.last() != Some(&pct) {
+            seen.push(pct);
+        }
+    }
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!(s.state, "completed", "{:?}", p.la.0);
+    // 20 %, then 10 more per round that did not converge.
+    let want: Vec<u8> = [0].into_iter().chain((20..=99).step_by(10)).take(seen.len()).collect();
+    assert_eq!(seen, want);
+    assert!(s.throttle_pct >= 20 && s.throttle_pct == *seen.last().unwrap(), "{s:?}");
+    assert!(s.iteration < super::source::MAX_ITERATIONS, "converged before the cap: {s:?}");
+    assert!(s.expected_downtime_ms <= 10, "{s:?}");
+    let line = p.la.0.iter().find(|l| l.starts_with("vm 1: migrated to")).unwrap();
+    assert!(line.contains(&format!("throttled up to {}%", s.throttle_pct)), "{line}");
+    eprintln!("throttled {seen:?}: {s:?}");
+    p.check_region(&p.mb, 1);
+
+    // Up to 40 % only: the throttle stops there.
+    let mut p = Pair::new();
+    p.span = 64;
+    p.migrate(fast(40));
+    p.run_until(4000, 16, 50_000, |p| p.ma.migration.out.is_none());
+    assert_eq!(p.ma.migration_status(p.id).unwrap().throttle_pct, 40);
+}
+
+#[test]
+fn a_failed_migration_gives_the_vm_its_full_speed_back() {
+    let mut p = Pair::new();
+    p.span = 64;
+    p.migrate(Options { bandwidth_mib: Some(8), downtime_ms: 10, ..to_b() });
+    p.run_until(4000, 16, 50_000, |p| p.ma.get(p.id).is_some_and(|v| v.throttle.pct() > 0));
+    p.a.nic().drop_every = 1;
+    p.b.nic().drop_every = 1;
+    p.run_until(10_000, 1, 5000, |p| p.ma.migration.out.is_none());
+    let s = p.ma.migration_status(p.id).unwrap();
+    assert_eq!(s.state, "failed");
+    assert!(s.throttle_pct > 0, "the status keeps the highest throttle");
+    assert_eq!(p.ma.get(p.id).unwrap().throttle.pct(), 0, "the VM runs at full speed again");
+    p.source_runs_on();
 }
