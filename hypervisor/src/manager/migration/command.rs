@@ -183,8 +183,8 @@ fn run<B: Backend, T: Transport>(
 
 fn status_text(s: &Status) -> String {
     let mut t = format!(
-        "vm {}: migration to {}: {}, iteration {}, {} pages sent, {} bytes on the wire, {} dirty in the last round, \
-         expected downtime {} ms at {} KiB/s, {} ms elapsed",
+        "vm {}: migration to {}: {}, iteration {}, {} pages sent, {} bytes on the wire, {} dirty in the last round \
+         ({} pages/s), expected downtime {} ms at {} KiB/s, {} ms elapsed",
         s.id,
         s.to,
         s.state,
@@ -192,6 +192,7 @@ fn status_text(s: &Status) -> String {
         s.pages_sent,
         s.bytes_on_wire,
         s.dirty_pages_last_round,
+        s.dirty_rate_pages_per_s,
         s.expected_downtime_ms,
         s.rate_bytes_per_s / 1024,
         s.elapsed_ms

@@ -99,6 +99,9 @@ pub struct Status {
     pub bytes_on_wire: u64,
     /// Pages found dirty at the last harvest.
     pub dirty_pages_last_round: u64,
+    /// Those pages over the time since the harvest before: how fast the
+    /// guest dirties memory (pages per second).
+    pub dirty_rate_pages_per_s: u64,
     /// Time to send those at the measured rate.
     pub expected_downtime_ms: u64,
     /// Bytes per second the destination acknowledged since the start.
@@ -141,6 +144,8 @@ pub struct Outgoing {
     dirty: Vec<u64>,
     /// Pages found dirty at the harvest before the last one.
     last_dirty: Option<u64>,
+    /// When the last harvest (or the full copy's start) was.
+    harvest_us: u64,
     bitmap: DirtyBitmap,
     /// The VM's vCPU, machine and devices, taken when it was paused for
     /// the switch-over; written after its last pages.
@@ -225,6 +230,7 @@ impl<B: Backend> Manager<B> {
             bulk_done: false,
             dirty: Vec::new(),
             last_dirty: None,
+            harvest_us: now_us,
             bitmap: DirtyBitmap::new(),
             captured: None,
             cancelled: None,
@@ -367,6 +373,7 @@ impl<B: Backend> Manager<B> {
         o.status.state = "precopy";
         o.status.iteration = 1;
         o.open_us = now_us;
+        o.harvest_us = now_us;
         Ok(())
     }
 
@@ -430,6 +437,9 @@ impl<B: Backend> Manager<B> {
         let rate = o.opts.bandwidth_mib.map_or(rate, |b| rate.min(u64::from(b) << 20)).max(1);
         o.status.rate_bytes_per_s = rate;
         o.status.dirty_pages_last_round = dirty;
+        let round_us = now_us.saturating_sub(o.harvest_us).max(1);
+        o.status.dirty_rate_pages_per_s = dirty.saturating_mul(1_000_000) / round_us;
+        o.harvest_us = now_us;
         o.status.expected_downtime_ms = dirty * migrate::PAGE_SIZE as u64 * 1000 / rate;
         if o.status.expected_downtime_ms <= u64::from(o.opts.downtime_ms) || o.status.iteration >= MAX_ITERATIONS {
             self.switch_over(o, now_us)?;

@@ -523,6 +523,7 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     p.span = 64;
     p.migrate(fast(99));
     let mut seen: Vec<u8> = Vec::new();
+    let mut rates: Vec<u64> = Vec::new();
     for _ in 0..50_000 {
         p.round(4000, 16);
         let pct = p.ma.get(p.id).map_or(0, |v| v.throttle.pct());
@@ -532,7 +533,16 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
         if seen.last() != Some(&pct) {
             seen.push(pct);
         }
+        let rate = p.ma.migration_status(p.id).unwrap().dirty_rate_pages_per_s;
+        if rate > 0 && rates.last() != Some(&rate) {
+            rates.push(rate);
+        }
     }
+    // The status's dirty rate shows the throttle working: it falls to
+    // half of its peak (4 pages per ms unthrottled) or less.
+    let peak = rates.iter().copied().max().unwrap_or(0);
+    assert_eq!(peak, 4000, "dirty rates {rates:?}");
+    assert!(rates.iter().any(|&r| r <= peak / 2), "dirty rates {rates:?}");
     let s = p.ma.migration_status(p.id).unwrap().clone();
     assert_eq!(s.state, "completed", "{:?}", p.la.0);
     // 20 %, then 10 more per round that did not converge.
