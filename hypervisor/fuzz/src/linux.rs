@@ -36,8 +36,14 @@ pub fn linux(data: &[u8]) {
     let initrd = (initrd_len > 0).then(|| &image[..image.len().min(initrd_len)]);
     let cmdline: String =
         String::from_utf8_lossy(&image[..image.len().min(usize::from(params[7] % 128))]).replace('\0', "");
-    let ram = [0..ram_size];
-    let config = Config { ram: &ram, reserved: &reserved, boot_area: BOOT_AREA, cmdline: &cmdline, initrd };
+    let ram = 0..ram_size;
+    let config = Config {
+        ram: core::slice::from_ref(&ram),
+        reserved: &reserved,
+        boot_area: BOOT_AREA,
+        cmdline: &cmdline,
+        initrd,
+    };
     let Ok(plan) = plan(image, &config) else {
         return;
     };

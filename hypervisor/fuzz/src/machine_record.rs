@@ -59,7 +59,7 @@ pub fn machine_record(data: &[u8]) {
             let _ = t.answer(leaf, sub);
         }
         for e in t.entries().iter().take(16) {
-            let _ = m.cpuid.answer(e.leaf, e.subleaf.unwrap_or(0), || Regs::default());
+            let _ = m.cpuid.answer(e.leaf, e.subleaf.unwrap_or(0), Regs::default);
         }
         let _ = (t.vendor(), t.family_model(), m.cpuid.describe());
         // A table offers all it shows, except XSAVE sizes that contradict

@@ -31,7 +31,7 @@
 //!
 //! Seeds (`seeds/migrate_stream/`) are streams the writer made, regenerated
 //! by `cargo test --manifest-path hypervisor/fuzz/Cargo.toml
-//! --no-default-features -- --ignored write_migrate_seeds`.
+//! --no-default-features -- --ignored write_seeds`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -478,7 +478,7 @@ fn check_writer(data: &[u8]) {
                 want.large_runs.push((start, 512));
                 let every = 1 + u64::from(input.u8());
                 for gfn in start..start + 512 {
-                    let p = if (gfn - start) % every == 0 { content(&mut input) } else { [0; PAGE_SIZE] };
+                    let p = if (gfn - start).is_multiple_of(every) { content(&mut input) } else { [0; PAGE_SIZE] };
                     w.page(gfn, &p).unwrap();
                     want.pages.insert(gfn, Page::Data(p.to_vec()));
                 }
