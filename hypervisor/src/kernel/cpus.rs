@@ -43,17 +43,20 @@ static BOOT_QUIRKS: Once<HostQuirks> = Once::new();
 /// its virtualization on takes one VM's slice at a time.
 pub struct Aps<B> {
     cpus: Vec<&'static Cpu>,
+    /// Each one's NUMA node (the SRAT's; `None` without one).
+    nodes: Vec<Option<u32>>,
     /// The ticket of the slice each is running.
     busy: Vec<Option<u64>>,
     _backend: PhantomData<B>,
 }
 
 impl<B: HostBackend> Aps<B> {
-    pub fn new(quirks: HostQuirks) -> Aps<B> {
+    pub fn new(quirks: HostQuirks, numa: Option<&hypervisor::numa::Topology>) -> Aps<B> {
         BOOT_QUIRKS.call_once(|| quirks);
         let cpus: Vec<&'static Cpu> = smp::cpus().skip(1).filter(|c| matches!(c.virt.get(), Some(Ok(_)))).collect();
+        let nodes = cpus.iter().map(|c| numa.and_then(|t| t.node_of_cpu(c.apic_id()))).collect();
         let busy = alloc::vec![None; cpus.len()];
-        Aps { cpus, busy, _backend: PhantomData }
+        Aps { cpus, nodes, busy, _backend: PhantomData }
     }
 }
 
@@ -66,7 +69,13 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
     }
 
     fn start(&mut self, job: *mut AwaySlice<B>) -> bool {
-        for (k, c) in self.cpus.iter().enumerate() {
+        // SAFETY: the caller's job, in place and not yet handed to a CPU.
+        let node = unsafe { (*job).node() };
+        // A free CPU of the VM's node first (NUMA placement), then any.
+        let mut order: Vec<usize> = (0..self.cpus.len()).collect();
+        order.sort_by_key(|&k| node.is_some() && self.nodes[k] != node);
+        for k in order {
+            let c = self.cpus[k];
             if self.busy[k].is_some() {
                 continue;
             }

@@ -303,7 +303,8 @@ fn serve<B: HostBackend>(
         Ok(b) => format!("{} on", b.name()),
         Err(why) => format!("virtualization off: {why}"),
     };
-    let mut aps = cpus::Aps::<B>::new(backend.as_ref().map(|b| b.quirks()).unwrap_or_default());
+    let mut aps =
+        cpus::Aps::<B>::new(backend.as_ref().map(|b| b.quirks()).unwrap_or_default(), platform::memory::numa());
     let mut manager = Manager::new(backend, images);
     if let Some(t) = platform::memory::numa() {
         manager.numa = t.clone();

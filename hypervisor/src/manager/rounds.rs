@@ -102,9 +102,16 @@ pub struct AwaySlice<B: Backend> {
     lines: Lines,
     /// The host CPU that ran it.
     cpu: u32,
+    /// The VM's NUMA node: a CPU of that node takes it if one is free.
+    node: Option<u32>,
 }
 
 impl<B: Backend> AwaySlice<B> {
+    /// The NUMA node whose CPUs should run it, if the VM has one.
+    pub fn node(&self) -> Option<u32> {
+        self.node
+    }
+
     /// Runs the slice on the calling CPU, with that CPU's own backend
     /// instance.
     ///
@@ -268,6 +275,34 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     SliceEnd { flow, deferred: host.take_deferred() }
 }
 
+/// What decides which picked slice the boot CPU keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct HomeFit {
+    /// The VM's NUMA node (`None`: not placed on one).
+    pub node: Option<u32>,
+    /// Its vCPU last ran on this CPU.
+    pub last_here: bool,
+}
+
+/// The pick this CPU runs itself (NUMA placement, issue 11): a VM of this
+/// CPU's node before one without a node, and that before a VM of another
+/// node, which should go to a CPU of its own; among equals, one whose vCPU
+/// last ran here (nothing to move), then the first. Without NUMA (no node
+/// anywhere) that is "last ran here, else the first", as before.
+pub fn choose_home(fits: &[HomeFit], my_node: Option<u32>) -> usize {
+    let rank = |f: &HomeFit| {
+        let node = match (f.node, my_node) {
+            (Some(n), Some(m)) if n == m => 2,
+            (None, _) | (_, None) => 1,
+            _ => 0,
+        };
+        (node, f.last_here)
+    };
+    // The first of the best (`max_by_key` would give the last).
+    let best = fits.iter().map(rank).max().unwrap_or((1, false));
+    fits.iter().position(|f| rank(f) == best).unwrap_or(0)
+}
+
 impl<B: Backend> Manager<B> {
     /// The next runnable vCPU after the cursor, of a VM not in `taken`:
     /// VMs round-robin, and within a VM its vCPUs round-robin
@@ -309,15 +344,20 @@ impl<B: Backend> Manager<B> {
             let Some(p) = self.pick(now, hz, &picks) else { break };
             picks.push(p);
         }
-        // The slice that stays here: a vCPU that last ran here (it is still
-        // loaded here, nothing to move), else the first pick.
-        let me = vcpu::cpu_local::get().index;
-        let home = picks
+        // The slice that stays here: by NUMA node, then one whose vCPU
+        // last ran here (still loaded here, nothing to move).
+        let here = vcpu::cpu_local::get();
+        let me = here.index;
+        let my_node = self.numa.node_of_cpu(here.apic_id.load(Ordering::Relaxed));
+        let fits: Vec<HomeFit> = picks
             .iter()
-            .position(|&(i, v)| {
-                self.vms[i].res.as_ref().and_then(|r| r.vcpus.get(v)).map(|s| s.stats.last_host_cpu) == Some(me)
+            .map(|&(i, v)| HomeFit {
+                node: self.vms[i].node,
+                last_here: self.vms[i].res.as_ref().and_then(|r| r.vcpus.get(v)).map(|s| s.stats.last_host_cpu)
+                    == Some(me),
             })
-            .unwrap_or(0);
+            .collect();
+        let home = choose_home(&fits, my_node);
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
         for (k, &(i, v)) in picks.iter().enumerate() {
             if k == home {
@@ -337,6 +377,7 @@ impl<B: Backend> Manager<B> {
                 end: None,
                 lines: Lines::default(),
                 cpu: me,
+                node: vm.node,
             });
         }
         // Each job stays in place (the vector is not touched) until the join.

@@ -136,3 +136,57 @@ fn one_runnable_vm_stays_on_the_boot_cpu() {
     assert_eq!(vcpu_of(&m, id).releases, 0);
     assert!(m.get(id).unwrap().stats.exits[ExitKind::Cpuid as usize] >= 1);
 }
+
+#[test]
+fn the_boot_cpu_keeps_the_pick_of_its_own_numa_node() {
+    use super::rounds::{HomeFit, choose_home};
+    let fit = |node, last_here| HomeFit { node, last_here };
+    // Without NUMA: the one that last ran here, else the first.
+    assert_eq!(choose_home(&[fit(None, false), fit(None, true)], None), 1);
+    assert_eq!(choose_home(&[fit(None, false), fit(None, false)], None), 0);
+    // This CPU is on node 0: a node-0 VM beats one that last ran here.
+    assert_eq!(choose_home(&[fit(Some(1), true), fit(Some(0), false)], Some(0)), 1);
+    // No node-0 VM: one without a node before one of another node.
+    assert_eq!(choose_home(&[fit(Some(1), true), fit(None, false)], Some(0)), 1);
+    // Among equals, last ran here.
+    assert_eq!(choose_home(&[fit(Some(0), false), fit(Some(0), true)], Some(0)), 1);
+    // Only other nodes' VMs: the boot CPU still runs one (the first).
+    assert_eq!(choose_home(&[fit(Some(1), false), fit(Some(2), false)], Some(0)), 0);
+}
+
+#[test]
+fn a_vm_of_the_other_cpus_numa_node_moves_there_when_that_cpu_is_free() {
+    use crate::numa::{CpuAffinity, MemoryAffinity, Topology};
+    let mut m = manager();
+    // This CPU (APIC ID 0) is node 0, the other node 1.
+    m.numa = Topology::from_srat(
+        &[CpuAffinity { apic_id: 0, node: 0, enabled: true }, CpuAffinity { apic_id: 1, node: 1, enabled: true }],
+        &[
+            MemoryAffinity { base: 0, length: 1 << 40, node: 0, enabled: true, non_volatile: false },
+            MemoryAffinity { base: 1 << 40, length: 1 << 40, node: 1, enabled: true, non_volatile: false },
+        ],
+    );
+    let b = m.backend.as_mut().unwrap();
+    b.node_free = vec![(0, 8 << 20), (1, 12 << 20)];
+    b.scripts.push_back((0..64).map(|_| exit(VmExit::Cpuid)).collect());
+    b.scripts.push_back((0..64).map(|_| exit(VmExit::Cpuid)).collect());
+    // VM 1 lands on node 1 (most room) and runs here alone first.
+    let one = m.run_vm("tiny", 4, "").unwrap();
+    assert_eq!(m.get(one).unwrap().node, Some(1));
+    m.slice_ticks = 200;
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(other.ran.is_empty(), "alone, it runs here");
+    // VM 2 lands on node 0 (now with more room): from then on VM 1 runs
+    // on node 1's CPU and VM 2 here, though VM 1 last ran here.
+    m.backend.as_mut().unwrap().node_free = vec![(0, 8 << 20), (1, 4 << 20)];
+    let two = m.run_vm("tiny", 4, "").unwrap();
+    assert_eq!(m.get(two).unwrap().node, Some(0));
+    for _ in 0..3 {
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    assert_eq!(other.ran, [0, 0, 0], "VM 1 (index 0) on the other CPU every round");
+    assert_eq!(vcpu_of(&m, one).releases, 6, "released before each slice away and at its end");
+    assert_eq!(vcpu_of(&m, two).releases, 0, "VM 2 never left this CPU");
+}
