@@ -142,6 +142,11 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
     let slices: u64 =
         role.strip_prefix("VMs (").and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(slices > 0, "cpu 1 ran no slice: {j}");
+    // The scheduler's cost per round is reported (docs/benchmarks.md).
+    let sc = &j["scheduler"];
+    assert!(sc["rounds"].as_u64().unwrap() > 0 && sc["slices_away"].as_u64().unwrap() > 0, "{sc}");
+    assert!(sc["overhead_ticks_per_round"].as_u64().unwrap() > 0, "{sc}");
+    eprintln!("{}/{}: scheduler: {sc}", emu.name(), emu.backend());
     let (mut on_ap, mut moves) = (0, 0);
     for id in [2, 3, 4] {
         let s = m.json(&format!("vm stats {id} --json"));

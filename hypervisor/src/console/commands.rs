@@ -600,6 +600,18 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             mib(free)
         ));
     }
+    let sc = &m.sched;
+    let per = |t: u64| t / sc.rounds.max(1);
+    cpus.push_str(&format!(
+        "  scheduler: {} rounds, {} slices ({} on other cpus); per round {} ticks scheduling, \
+         {} in the boot cpu's slice, {} waiting for the others\n",
+        sc.rounds,
+        sc.slices,
+        sc.slices_away,
+        sc.overhead_per_round(),
+        per(sc.slice_ticks),
+        per(sc.join_ticks)
+    ));
     let text = format!(
         "cpu: {} {} (family {} model {} stepping {}), {} cpu(s), apic ids {:?}\n\
          {cpus}\
@@ -638,6 +650,11 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         }
         o.insert("guests".into(), json!(guests));
         o.insert("vms_live".into(), json!(running));
+        let mut sched = serde_json::to_value(sc).unwrap_or(Value::Null);
+        if let Value::Object(so) = &mut sched {
+            so.insert("overhead_ticks_per_round".into(), json!(sc.overhead_per_round()));
+        }
+        o.insert("scheduler".into(), sched);
         o.insert("disk".into(), m.host_mem.space.as_ref().map_or(Value::Null, super::disk::summary_json));
     }
     Reply { text, json: j }

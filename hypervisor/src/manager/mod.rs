@@ -95,6 +95,8 @@ pub struct Manager<B: Backend> {
     pub numa: crate::numa::Topology,
     /// Live migrations to and from this host (`vm migrate`, `migrate listen`).
     pub migration: migration::Migrations<B>,
+    /// What the scheduler's rounds cost (`host`).
+    pub sched: rounds::SchedStats,
 }
 
 /// What Linux is told about its TSC, unless its command line says
@@ -143,6 +145,7 @@ impl<B: Backend> Manager<B> {
             live_save: None,
             numa: crate::numa::Topology::default(),
             migration: Default::default(),
+            sched: Default::default(),
         }
     }
 

@@ -275,6 +275,30 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     SliceEnd { flow, deferred: host.take_deferred() }
 }
 
+/// The scheduler's own cost, summed over its rounds (TSC ticks of the
+/// boot CPU): what a round spends outside guest slices is picking,
+/// posting the slices away, and finishing every slice after the join.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SchedStats {
+    pub rounds: u64,
+    /// Slices run, on the boot CPU and away.
+    pub slices: u64,
+    pub slices_away: u64,
+    /// Whole rounds, from the first pick to the last slice finished.
+    pub round_ticks: u64,
+    /// The boot CPU's own slices (`run_body`), exits handled included.
+    pub slice_ticks: u64,
+    /// Waiting in the join for the other CPUs' slices.
+    pub join_ticks: u64,
+}
+
+impl SchedStats {
+    /// Ticks per round spent scheduling (neither in a slice nor waiting).
+    pub fn overhead_per_round(&self) -> u64 {
+        (self.round_ticks.saturating_sub(self.slice_ticks).saturating_sub(self.join_ticks)) / self.rounds.max(1)
+    }
+}
+
 /// What decides which picked slice the boot CPU keeps.
 #[derive(Clone, Copy, Debug)]
 pub struct HomeFit {
@@ -338,6 +362,7 @@ impl<B: Backend> Manager<B> {
         let Some(first) = self.pick(now, hz, &picks) else {
             return false;
         };
+        let round_start = now;
         picks.push(first);
         let free = cpus.free();
         while picks.len() <= free {
@@ -383,14 +408,17 @@ impl<B: Backend> Manager<B> {
         // Each job stays in place (the vector is not touched) until the join.
         let started: Vec<bool> = away.iter_mut().map(|job| cpus.start(job)).collect();
         let (i, v) = picks[home];
-        let end = {
+        let (end, slice_ticks, joined) = {
             let Ok(backend) = self.backend.as_mut() else {
                 cpus.join();
                 return false;
             };
-            run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks)
+            let t0 = backend.now();
+            let end = run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks);
+            let t1 = backend.now();
+            cpus.join();
+            (end, t1 - t0, backend.now() - t1)
         };
-        cpus.join();
         self.finish_slice(i, v, end.flow, console);
         for (job, started) in away.into_iter().zip(started) {
             for l in &job.lines.0 {
@@ -403,6 +431,15 @@ impl<B: Backend> Manager<B> {
                 None => end.flow,
             };
             self.finish_slice(job.index, job.vcpu, flow, console);
+            self.sched.slices_away += 1;
+        }
+        let s = &mut self.sched;
+        s.rounds += 1;
+        s.slices = s.slices_away + s.rounds;
+        s.slice_ticks += slice_ticks;
+        s.join_ticks += joined;
+        if let Ok(b) = self.backend.as_ref() {
+            s.round_ticks += b.now().saturating_sub(round_start);
         }
         true
     }

@@ -8,7 +8,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use vcpu::{ExitKind, IoAccess, MemAccess, VmExit};
 
-use super::rounds::{AwaySlice, SliceCpus};
+use super::rounds::{AwaySlice, NoOtherCpus, SliceCpus};
 use super::*;
 use crate::testing::{Lines, MockBackend, Step, elf_guest};
 
@@ -122,6 +122,14 @@ fn a_second_vm_runs_on_the_other_cpu_and_leaves_it_what_needs_the_host() {
     assert!(m.run_round(&mut con, &mut other));
     assert_eq!(other.ran, [1, 1]);
     assert_eq!(m.get(two).unwrap().stats.exits[ExitKind::Cpuid as usize], 2);
+
+    // What the two rounds cost: every tick of a round is the boot CPU's
+    // slice, the join, or scheduling.
+    let s = m.sched;
+    assert_eq!((s.rounds, s.slices, s.slices_away), (2, 4, 2));
+    assert!(s.slice_ticks > 0 && s.round_ticks > s.slice_ticks + s.join_ticks, "{s:?}");
+    assert!(s.overhead_per_round() > 0, "{s:?}");
+    assert!(!m.run_round(&mut con, &mut NoOtherCpus) || m.sched.rounds == 3);
 }
 
 #[test]
