@@ -290,6 +290,9 @@ pub struct SchedStats {
     pub slice_ticks: u64,
     /// Waiting in the join for the other CPUs' slices.
     pub join_ticks: u64,
+    /// Before the boot CPU's slice: picking, releasing and posting the
+    /// slices that go away.
+    pub start_ticks: u64,
 }
 
 impl SchedStats {
@@ -414,6 +417,7 @@ impl<B: Backend> Manager<B> {
                 return false;
             };
             let t0 = backend.now();
+            self.sched.start_ticks += t0.saturating_sub(round_start);
             let end = run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks);
             let t1 = backend.now();
             cpus.join();
