@@ -234,6 +234,9 @@ impl Apply for Ram {
         self.page(gfn).fill(0);
         Ok(())
     }
+    fn pending(&mut self, _: u64, _: u32) -> Result<(), ()> {
+        Ok(())
+    }
     fn resume(&mut self) -> Result<(), ()> {
         Ok(())
     }

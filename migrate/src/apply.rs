@@ -41,6 +41,9 @@ pub trait Apply {
     fn shared_ref(&mut self, gfn: u64, id: u32) -> Result<(), Self::Error>;
     /// Page `gfn` was lost to an uncorrectable memory error at the source.
     fn poisoned(&mut self, gfn: u64) -> Result<(), Self::Error>;
+    /// Post-copy: the `pages` pages from `gfn` on come after the resume
+    /// record; keep them from the guest until they do.
+    fn pending(&mut self, gfn: u64, pages: u32) -> Result<(), Self::Error>;
     /// Every vCPU and device has arrived (live migration): the VM may run.
     fn resume(&mut self) -> Result<(), Self::Error>;
 }
@@ -74,6 +77,9 @@ impl Apply for Discard {
         Ok(())
     }
     fn poisoned(&mut self, _: u64) -> Result<(), Infallible> {
+        Ok(())
+    }
+    fn pending(&mut self, _: u64, _: u32) -> Result<(), Infallible> {
         Ok(())
     }
     fn resume(&mut self) -> Result<(), Infallible> {
@@ -144,6 +150,11 @@ impl<R: Source> Reader<R> {
                 }
             }
             Record::Resume => sink.resume().map_err(refused(at))?,
+            Record::Pending(runs) => {
+                for (gfn, pages) in runs {
+                    sink.pending(gfn, pages).map_err(refused(at))?;
+                }
+            }
             Record::End(stats) => return Ok(Some(stats)),
         }
         Ok(None)

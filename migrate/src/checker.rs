@@ -12,6 +12,8 @@
 //! - Shared contents are numbered 0, 1, 2, ... in the order they are sent;
 //!   a reference names one already sent.
 //! - Memory lies inside the configured RAM ranges, each entry inside one.
+//! - Pending runs (post-copy) only in a live stream, before the resume
+//!   record, each inside one RAM range.
 
 use alloc::string::String;
 use alloc::vec;
@@ -148,6 +150,20 @@ impl Checker {
             self.run = if closed_run { None } else { Some((next, end)) };
         }
         Ok(Landing { range, closed_run })
+    }
+
+    /// Post-copy: `pages` pages from `gfn` on come after the resume record.
+    pub fn pending(&mut self, gfn: u64, pages: u32, at: At) -> Result<(), Error> {
+        if !self.live {
+            return Err(Error::Order { at, why: "pending pages in a stream that is not live" });
+        }
+        if self.resumed {
+            return Err(Error::Order { at, why: "pending pages after the resume record" });
+        }
+        if pages == 0 {
+            return Err(Error::Malformed { at, why: "empty pending run" });
+        }
+        self.in_ram(gfn, u64::from(pages), at).map(|_| ())
     }
 
     pub fn resume(&mut self, at: At) -> Result<(), Error> {

@@ -239,6 +239,13 @@ pub fn index<R: Source, A: Apply>(
                 }
             }
             Record::Resume => sink.resume().map_err(refused(at))?,
+            // Only in a live stream (the checker refuses it elsewhere): a
+            // checkpoint being indexed never has one.
+            Record::Pending(runs) => {
+                for (gfn, pages) in runs {
+                    sink.pending(gfn, pages).map_err(refused(at))?;
+                }
+            }
             Record::End(stats) => {
                 // Later references win, as later pages do.
                 index.aliases.sort_by_key(|&(g, _)| g);

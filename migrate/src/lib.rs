@@ -60,9 +60,11 @@ pub const MAGIC: [u8; 8] = *b"HVSTATE\n";
 
 /// The format version this code writes. A reader refuses another major
 /// version; a higher minor version only adds optional records (kinds with
-/// [`Kind::OPTIONAL`] set), which this reader skips.
+/// [`Kind::OPTIONAL`] set), which this reader skips, or records only a
+/// newer feature writes and an older reader must refuse (1.1: post-copy's
+/// pending record, `Kind::Pending`).
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 
 /// The layout version of [`vcpu::GuestState`] as it travels (postcard).
 /// Bump it when `GuestState` changes shape: the test
@@ -89,6 +91,9 @@ pub mod limits {
     /// Guest-physical addresses stay below 2^52 (the architectural
     /// MAXPHYADDR limit, SDM Vol. 3A 4.1.4).
     pub const MAX_GPA_BITS: u32 = 52;
+    /// Page runs in one pending record (12 bytes each: within the payload
+    /// cap).
+    pub const MAX_PENDING_RUNS: usize = 65536;
     /// Distinct shared contents in one stream.
     pub const MAX_SHARED_IDS: u32 = 1 << 24;
 }

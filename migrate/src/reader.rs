@@ -42,6 +42,9 @@ pub enum Record<'a> {
     /// Live migration: every vCPU and device has arrived; the VM may run.
     /// Memory after this is post-copy.
     Resume,
+    /// Post-copy: runs of pages (first frame, count) whose content comes
+    /// after the resume record.
+    Pending(Vec<(u64, u32)>),
     /// The stream is complete and consistent.
     End(Stats),
 }
@@ -224,6 +227,7 @@ impl<R: Source> Reader<R> {
             },
             Parsed::Memory => Record::Memory(MemoryRecord { st }),
             Parsed::Resume => Record::Resume,
+            Parsed::Pending(runs) => Record::Pending(runs),
             Parsed::End(stats) => Record::End(stats),
         };
         Ok(Some((at, record)))
@@ -291,6 +295,25 @@ impl<R: Source> Reader<R> {
                 st.checker.resume(at)?;
                 Parsed::Resume
             }
+            Kind::Pending => {
+                let bad = Error::Malformed { at, why: "pending record not a whole number of runs" };
+                if st.payload.is_empty() || st.payload.len() % 12 != 0 {
+                    return Err(bad);
+                }
+                let n = st.payload.len() / 12;
+                if n > crate::limits::MAX_PENDING_RUNS {
+                    return Err(Error::Malformed { at, why: "too many pending runs in one record" });
+                }
+                let mut runs = Vec::with_capacity(n);
+                let mut f = Fields::new(&st.payload);
+                while let (Some(gfn), Some(pages)) = (f.u64(), f.u32()) {
+                    st.checker.pending(gfn, pages, at)?;
+                    runs.push((gfn, pages));
+                }
+                st.stats.pending_pages =
+                    st.stats.pending_pages.saturating_add(runs.iter().map(|&(_, p)| u64::from(p)).sum::<u64>());
+                Parsed::Pending(runs)
+            }
             Kind::End => {
                 st.checker.end(at)?;
                 let end =
@@ -329,6 +352,7 @@ enum Parsed {
     },
     Memory,
     Resume,
+    Pending(Vec<(u64, u32)>),
     End(Stats),
 }
 

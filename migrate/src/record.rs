@@ -28,6 +28,9 @@ pub enum Kind {
     /// Live migration: everything the destination needs to run the VM has
     /// been sent; memory records after it are post-copy pages.
     Resume,
+    /// Post-copy: runs of pages whose content comes after the resume
+    /// record; the destination must not let the guest see them before.
+    Pending,
     /// The last record: the count and digest of all records before it.
     End,
     /// A kind this reader does not know.
@@ -47,6 +50,7 @@ impl Kind {
             Kind::Device => 0x03,
             Kind::Memory => 0x04,
             Kind::Resume => 0x05,
+            Kind::Pending => 0x06,
             Kind::End => 0x0f,
             Kind::Other(c) => c,
         }
@@ -59,6 +63,7 @@ impl Kind {
             0x03 => Kind::Device,
             0x04 => Kind::Memory,
             0x05 => Kind::Resume,
+            0x06 => Kind::Pending,
             0x0f => Kind::End,
             c => Kind::Other(c),
         }
@@ -76,6 +81,7 @@ impl Kind {
             Kind::Device => "device",
             Kind::Memory => "memory",
             Kind::Resume => "resume",
+            Kind::Pending => "pending pages",
             Kind::End => "end",
             Kind::Other(c) if c & Kind::OPTIONAL != 0 => "unknown optional",
             Kind::Other(_) => "unknown",

@@ -50,6 +50,9 @@ pub struct Stats {
     pub vcpus: u32,
     pub devices: u32,
     pub large_runs: u64,
+    /// Post-copy: pages the pending records said come after the resume
+    /// record (saturating).
+    pub pending_pages: u64,
     pages: [u64; 6],
     entry_bytes: [u64; 6],
 }

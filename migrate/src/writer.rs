@@ -200,6 +200,29 @@ impl<S: Sink> Writer<S> {
         })
     }
 
+    /// Post-copy: the pages of `runs` (first frame, count) come after the
+    /// resume record; until then the destination keeps them from the
+    /// guest. Only in a live stream, before [`Writer::resume`]. Large
+    /// lists go out as several records.
+    pub fn pending(&mut self, runs: &[(u64, u32)]) -> Result<(), Error> {
+        self.guard(|w| {
+            w.flush_memory()?;
+            for chunk in runs.chunks(crate::limits::MAX_PENDING_RUNS) {
+                let at = w.at(Kind::Pending);
+                w.checker.record(Kind::Pending, at)?;
+                let mut payload = Vec::with_capacity(chunk.len() * 12);
+                for &(gfn, pages) in chunk {
+                    w.checker.pending(gfn, pages, at)?;
+                    payload.extend_from_slice(&gfn.to_le_bytes());
+                    payload.extend_from_slice(&pages.to_le_bytes());
+                }
+                w.emit(Kind::Pending, &payload)?;
+                w.stats.pending_pages += chunk.iter().map(|&(_, p)| u64::from(p)).sum::<u64>();
+            }
+            Ok(())
+        })
+    }
+
     /// Writes the end record; returns the sink and what the stream holds.
     pub fn finish(mut self) -> Result<(S, Stats), Error> {
         self.guard(|w| {

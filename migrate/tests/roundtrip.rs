@@ -71,6 +71,7 @@ fn typed_records_come_in_stream_order() {
                 }
             }
             Record::Resume => order.push("resume".into()),
+            Record::Pending(runs) => order.push(format!("pending {}", runs.len())),
             Record::End(stats) => {
                 order.push("end".into());
                 assert_eq!(stats.records, at.record + 1);
@@ -137,6 +138,67 @@ fn live_stream_precopy_then_postcopy() {
     assert_eq!(sink.vm.pages[&100], Page::Data(text_page(100).to_vec()));
     assert_eq!(sink.vm.pages[&101], Page::Poisoned);
     assert_eq!(sink.vm.vcpus.len(), 2);
+}
+
+#[test]
+fn postcopy_pending_runs_come_before_the_resume_and_their_pages_after() {
+    // Hybrid: a pre-copy round, then the pages dirtied since are listed as
+    // pending (their old copies must not reach the guest) and follow the
+    // resume record.
+    let h = header(1, &[("com1", 1)], true);
+    let mut w = Writer::begin(Vec::new(), &h).unwrap();
+    for gfn in 0..16 {
+        w.page(gfn, &text_page(gfn)).unwrap();
+    }
+    w.pending(&[(2, 3), (9, 1)]).unwrap();
+    w.vcpu(0, &vcpu_state(0)).unwrap();
+    w.device("com1", 1, b"uart").unwrap();
+    w.resume().unwrap();
+    for gfn in [2, 3, 4, 9] {
+        w.page(gfn, &text_page(500 + gfn)).unwrap();
+    }
+    let (stream, written) = w.finish().unwrap();
+    assert_eq!(written.pending_pages, 4);
+
+    let mut sink = ModelSink::default();
+    let read = Reader::open(&stream[..]).unwrap().apply(&mut sink).unwrap();
+    assert_eq!(read, written);
+    assert_eq!(sink.vm.pending, vec![(2, 3), (9, 1)]);
+    assert_eq!(sink.vm.pages[&3], Page::Data(text_page(503).to_vec()));
+}
+
+#[test]
+fn pending_runs_are_refused_outside_a_live_stream_after_the_resume_and_outside_ram() {
+    let h = header(1, &[], false);
+    let mut w = Writer::begin(Vec::new(), &h).unwrap();
+    let e = w.pending(&[(0, 1)]).unwrap_err();
+    assert!(format!("{e}").contains("pending pages in a stream that is not live"), "{e}");
+
+    let h = header(1, &[], true);
+    let mut w = Writer::begin(Vec::new(), &h).unwrap();
+    let e = w.pending(&[(0, 0)]).unwrap_err();
+    assert!(format!("{e}").contains("empty pending run"), "{e}");
+    let mut w = Writer::begin(Vec::new(), &h).unwrap();
+    assert!(matches!(w.pending(&[(u64::MAX - 1, 4)]), Err(migrate::Error::OutsideRam { .. })));
+    let mut w = Writer::begin(Vec::new(), &h).unwrap();
+    w.vcpu(0, &vcpu_state(0)).unwrap();
+    w.resume().unwrap();
+    let e = w.pending(&[(0, 1)]).unwrap_err();
+    assert!(format!("{e}").contains("pending pages after the resume record"), "{e}");
+
+    // A forged pending record after the resume, with valid checksums, is
+    // refused by the reader too.
+    let mut w = Writer::begin(Vec::new(), &h).unwrap();
+    w.pending(&[(1, 2)]).unwrap();
+    w.vcpu(0, &vcpu_state(0)).unwrap();
+    w.resume().unwrap();
+    let (stream, _) = w.finish().unwrap();
+    let (pro, mut recs) = unforge(&stream);
+    let pending = recs.remove(1);
+    recs.insert(3, pending);
+    let forged = forge(&pro, &recs);
+    let e = verify(&forged).unwrap_err();
+    assert!(format!("{e}").contains("pending pages after the resume record"), "{e}");
 }
 
 #[test]

@@ -101,6 +101,10 @@ pub enum Error {
     PageStoreCorrupt { gpa: GuestPhysAddr },
     /// A lazy-load page source could not supply a page.
     PageSourceFailed(GuestPhysAddr),
+    /// The page source does not have the page yet (post-copy: it is on its
+    /// way from the migration's source host). Nothing changed; the access
+    /// can be retried once it arrives.
+    PageInTransit(GuestPhysAddr),
     /// Dirty logging is already running (start) or not running (harvest, stop).
     DirtyLogState { running: bool },
     /// Access sampling is already running (start) or not running (finish).
@@ -208,6 +212,7 @@ impl fmt::Display for Error {
                 write!(f, "The stored copy of the page at {gpa} is corrupt (checksum or header mismatch)")
             }
             Error::PageSourceFailed(gpa) => write!(f, "The page source could not supply the page at {gpa}"),
+            Error::PageInTransit(gpa) => write!(f, "The page at {gpa} has not arrived yet (post-copy)"),
             Error::DirtyLogState { running: true } => f.write_str("Dirty logging is already running"),
             Error::DirtyLogState { running: false } => f.write_str("Dirty logging is not running"),
             Error::SamplingState { running: true } => f.write_str("Access sampling is already running"),

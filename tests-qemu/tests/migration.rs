@@ -11,7 +11,10 @@
 //!    ms, above the link's rate) is throttled (auto-converge) until its
 //!    dirty set fits the downtime limit: it moves before the 30-round cap,
 //!    and its check passes on B;
-//! 4. B's emulator is killed during pre-copy of another VM: A's VM runs
+//! 4. post-copy (`mode=postcopy`): the VM runs on B at once, its pages
+//!    follow (those it touches asked for first), its check passes on B and
+//!    A frees it after the last page;
+//! 5. B's emulator is killed during pre-copy of another VM: A's VM runs
 //!    on and its check still passes.
 //!
 //! `MIGRATION_RATE` (pages per ms, default 1) and `MIGRATION_MIB` (region,
@@ -116,11 +119,46 @@ fn precopy_between_two_qemu_hosts() {
     b.wait_for_after("memtest: PASS", from_b, limit);
     eprintln!("[migration] rate {fast} guest on B: {}", report(&b.transcript(), from_b, "memtest: dirty: "));
 
-    // 4. B dies during pre-copy of another VM (slowed to 1 MiB/s so
+    // 4. Post-copy: the VM runs on B at once and its pages follow, those
+    // it touches there asked for ahead of the rest; its check passes on B,
+    // and A frees it only after the last page.
+    let from_a = a.transcript().len();
+    let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=11"));
+    assert!(out.contains("vm 3"), "{out}");
+    a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
+    let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
+    let started = Instant::now();
+    let out = a.cmd("vm migrate 3 10.0.8.2 mode=postcopy");
+    assert!(out.contains("post-copy"), "{out}");
+    b.wait_for_after("(post-copy: ", from_b, limit);
+    let resumed = started.elapsed().as_secs_f64();
+    a.wait_for_after("vm 3: migrated to 10.0.8.2:7070", from_a, limit);
+    b.wait_for_after("has all its memory", from_b, limit);
+    let wall = started.elapsed().as_secs_f64();
+    let t = b.transcript();
+    let (runs, all) = (report(&t, from_b, "runs here after"), report(&t, from_b, "has all its memory"));
+    let status = a.json("vm migrate status 3 --json");
+    eprintln!(
+        "[migration] post-copy: B: {runs} ({resumed:.2} s after the command)\n[migration] B: {all}\n[migration] \
+         status: {status}\n[migration] wall clock {wall:.2} s"
+    );
+    assert_eq!((status["state"].as_str(), status["mode"].as_str()), (Some("completed"), Some("postcopy")), "{status}");
+    assert!(status["postcopy_pages"].as_u64().unwrap() >= mem * 256, "all of RAM followed the resume: {status}");
+    assert_eq!(status["postcopy_pages_left"], 0, "{status}");
+    assert!(status["demand_requests"].as_u64().unwrap() >= 1, "the guest touched pages before the push: {status}");
+    assert!(all.contains("asked for by a touch"), "{all}");
+    let there = status["destination_vm"].as_u64().unwrap();
+    assert_ne!(vm_entry(&a.json("vm list --json"), 3)["state"], "running");
+    let from_b = b.transcript().len();
+    b.cmd(&format!("vm send {there} -- c"));
+    b.wait_for_after("memtest: PASS", from_b, limit);
+    eprintln!("[migration] post-copy guest on B: {}", report(&b.transcript(), from_b, "memtest: dirty: "));
+
+    // 5. B dies during pre-copy of another VM (slowed to 1 MiB/s so
     // pre-copy lasts): the VM runs on at A.
     let from_a = a.transcript().len();
     let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=8"));
-    let id = if out.contains("vm 3") { 3 } else { panic!("{out}") };
+    let id = if out.contains("vm 4") { 4 } else { panic!("{out}") };
     a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
     let from_a = a.transcript().len();
     a.cmd(&format!("vm migrate {id} 10.0.8.2 bandwidth=1"));

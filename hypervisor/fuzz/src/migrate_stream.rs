@@ -163,6 +163,11 @@ impl Apply for Model {
         self.set(gfn, Page::Poisoned);
         Ok(())
     }
+    fn pending(&mut self, gfn: u64, pages: u32) -> Result<(), ()> {
+        assert!(self.header().live && !self.resumed && self.run.is_none() && pages > 0);
+        self.in_ram(gfn, u64::from(pages));
+        Ok(())
+    }
     fn resume(&mut self) -> Result<(), ()> {
         assert!(self.header().live && !self.resumed && self.run.is_none());
         assert_eq!(self.vcpus.len() as u32, self.header().vcpus);
@@ -321,6 +326,9 @@ impl Apply for Rest {
         panic!("the index handed shared reference {gfn:#x} to its consumer")
     }
     fn poisoned(&mut self, _: u64) -> Result<(), ()> {
+        Ok(())
+    }
+    fn pending(&mut self, _: u64, _: u32) -> Result<(), ()> {
         Ok(())
     }
     fn resume(&mut self) -> Result<(), ()> {
@@ -619,9 +627,12 @@ pub fn migrate_seeds() -> Vec<(&'static str, Vec<u8>)> {
         w.page(gfn, &text(gfn as u8)).unwrap();
     }
     w.page(3, &text(33)).unwrap();
+    // Hybrid: pages dirtied since their copy come after the resume.
+    w.pending(&[(3, 1), (20, 2)]).unwrap();
     w.vcpu(0, &GuestState::default()).unwrap();
     w.device("com1", 1, b"uart").unwrap();
     w.resume().unwrap();
+    w.page(3, &text(34)).unwrap();
     w.page(20, &text(20)).unwrap();
     w.poisoned(21).unwrap();
     seeds.push(("live-precopy-resume-postcopy", w.finish().unwrap().0));

@@ -547,6 +547,14 @@ pub struct Rebuild<B: Backend> {
     got: Collected,
 }
 
+impl<B: Backend> Rebuild<B> {
+    /// The stream's resume record was applied: with post-copy, the VM
+    /// runs from here on while its pending pages follow.
+    pub(super) fn resumed(&self) -> bool {
+        self.got.resumed
+    }
+}
+
 /// What the records gave besides RAM, kept until the VM is built.
 #[derive(Default)]
 struct Collected {
@@ -558,6 +566,8 @@ struct Collected {
     /// Shared contents by id: the first page that had it (a map: a hostile
     /// stream may hold many ids and many references).
     shared: BTreeMap<u32, u64>,
+    /// The resume record came (live migration): the VM may run now.
+    resumed: bool,
 }
 
 /// Where a lazily restored VM's pages come from: the checkpoint (named in
@@ -647,7 +657,18 @@ impl<F: mm::paging::EntryFormat, A: mm::hal::ContiguousAlloc> Apply for Restore<
         self.mem.mark_poisoned(self.alloc, self.hooks, gpa, &mut |_| {}).map_err(Refused::Memory)
     }
 
+    fn pending(&mut self, gfn: u64, pages: u32) -> Result<(), Refused> {
+        // Post-copy: what arrived of these pages before (a pre-copy round)
+        // is stale; they come after the resume record. Until then the
+        // guest must not see them: not loaded, filled on arrival
+        // (`memory::postcopy`). The VM has not run: no TLB to flush.
+        let gpa = GuestPhysAddr(gfn.checked_mul(4096).ok_or(Refused::RamLayout)?);
+        self.mem.mark_not_loaded(self.alloc, gpa, u64::from(pages) << 12, &mut |_| {}).map_err(Refused::Memory)?;
+        Ok(())
+    }
+
     fn resume(&mut self) -> Result<(), Refused> {
+        self.got.resumed = true;
         Ok(())
     }
 }

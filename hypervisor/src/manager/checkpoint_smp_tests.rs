@@ -301,6 +301,9 @@ fn streams_whose_vcpus_or_local_apics_do_not_fit_are_refused_with_one_line() {
         fn poisoned(&mut self, gfn: u64) -> Result<(), migrate::Error> {
             self.0.poisoned(gfn)
         }
+        fn pending(&mut self, gfn: u64, pages: u32) -> Result<(), migrate::Error> {
+            self.0.pending(gfn, pages)
+        }
         fn resume(&mut self) -> Result<(), migrate::Error> {
             self.0.resume()
         }

@@ -241,7 +241,7 @@ fn console_saves_lists_restores_and_deletes_checkpoints() {
         (Some("first"), Some(true), Some(4 << 20))
     );
     assert!(c["bytes"].as_u64().unwrap() > 4096, "{c}");
-    assert_eq!(c["format_version"], "1.0", "{c}");
+    assert_eq!(c["format_version"], "1.1", "{c}");
     assert_eq!(c["vendor"], "unknown", "the mock backend is neither vendor: {c}");
     let text = run("vm checkpoints", &mut m);
     assert!(text.lines().nth(1).is_some_and(|l| l.starts_with("first ") && l.contains(" 1.0 ")), "{text}");
@@ -518,6 +518,9 @@ impl migrate::Apply for AsVersion {
     }
     fn poisoned(&mut self, gfn: u64) -> Result<(), migrate::Error> {
         self.0.poisoned(gfn)
+    }
+    fn pending(&mut self, gfn: u64, pages: u32) -> Result<(), migrate::Error> {
+        self.0.pending(&[(gfn, pages)])
     }
     fn resume(&mut self) -> Result<(), migrate::Error> {
         self.0.resume()

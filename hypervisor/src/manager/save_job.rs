@@ -385,6 +385,23 @@ impl<B: Backend> Manager<B> {
         self.finish_save(job, target)
     }
 
+    /// Post-copy's switch-over: the pages of `pending` (runs of frames)
+    /// come later; the VM's vCPU, machine and devices as captured; the
+    /// resume record, after which the destination runs the VM. All of it
+    /// goes to `target` now.
+    pub(super) fn resume_migration_stream(
+        &mut self,
+        job: &mut SaveJob,
+        pending: &[(u64, u32)],
+        captured: &Captured,
+        target: &mut impl Sink,
+    ) -> Result<(), Error> {
+        job.writer.pending(pending).map_err(Error::Stream)?;
+        write_captured(&mut job.writer, captured)?;
+        job.writer.resume().map_err(Error::Stream)?;
+        self.flush_save(job, target)
+    }
+
     /// Give a save up (the caller discards what its target holds).
     pub fn abort_save(&mut self, job: SaveJob) {
         if job.live {

@@ -6,6 +6,7 @@
 
 pub mod frames;
 pub mod lazy;
+pub mod postcopy;
 pub mod reclaim;
 pub mod swap;
 
@@ -97,6 +98,9 @@ pub struct HostMemory {
     /// The page sources of lazily restored VMs, by VM id, until their
     /// last page is loaded (`vm restore <name> lazy`).
     pub lazy: BTreeMap<u32, lazy::LazySource>,
+    /// The page sources of VMs that arrived by post-copy migration, by VM
+    /// id, until their last page came from the source host.
+    pub postcopy: BTreeMap<u32, postcopy::PostcopyPages>,
 }
 
 impl Default for HostMemory {
@@ -112,6 +116,7 @@ impl Default for HostMemory {
             host_target: None,
             next_plan_tsc: 0,
             lazy: BTreeMap::new(),
+            postcopy: BTreeMap::new(),
         }
     }
 }
@@ -133,7 +138,10 @@ impl HostMemory {
     pub fn with_hooks<R>(&mut self, vm: u32, f: impl FnOnce(&mut Hooks<'_, SwapSlot>) -> R) -> R {
         let mut file = self.swap.as_mut().and_then(|s| s.file(vm));
         let store = file.as_mut().map(|f| f as &mut dyn PageStore<Slot = SwapSlot>);
-        let source = self.lazy.get_mut(&vm).map(|s| s as &mut dyn PageSource);
+        let source = match self.lazy.get_mut(&vm) {
+            Some(s) => Some(s as &mut dyn PageSource),
+            None => self.postcopy.get_mut(&vm).map(|s| s as &mut dyn PageSource),
+        };
         let mut hooks = Hooks { sharing: self.sharing.as_mut(), store, source };
         f(&mut hooks)
     }
@@ -165,6 +173,7 @@ impl HostMemory {
     /// was freed).
     pub fn remove_vm(&mut self, vm: u32) {
         self.lazy.remove(&vm);
+        self.postcopy.remove(&vm);
         if let Some(swap) = self.swap.as_mut() {
             swap.remove_vm(vm);
         }

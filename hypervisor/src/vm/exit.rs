@@ -663,6 +663,12 @@ impl<B: Backend> Vm<B> {
                 self.reclaim.out_of_memory += 1;
                 return Flow::OutOfMemory;
             }
+            // Post-copy: the page is still at the migration's source. The
+            // vCPU waits (RIP still names the access) until it arrives.
+            FaultOutcome::Failed(mm::Error::PageInTransit(at)) => {
+                vcpus.current_mut().awaiting_page = Some(at.0 >> 12);
+                return Flow::Yield;
+            }
             // A lazy restore's checkpoint could not give the page: its
             // report names the checkpoint, the page and the record.
             FaultOutcome::Failed(mm::Error::PageSourceFailed(_)) if host.lazy_failure(self.id).is_some() => {

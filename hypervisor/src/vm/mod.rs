@@ -166,12 +166,16 @@ pub struct VcpuSlot<V> {
     pub state: VcpuState,
     /// Halted with RFLAGS.IF clear: only an NMI, INIT or SIPI wakes it.
     pub halted_irq_off: bool,
+    /// Post-copy: the guest frame it touched that is still on its way from
+    /// the migration's source. It does not run until that page is here
+    /// (then it retries the access: RIP still names it).
+    pub awaiting_page: Option<u64>,
     pub stats: VcpuStats,
 }
 
 impl<V> VcpuSlot<V> {
     pub fn new(vcpu: V, state: VcpuState) -> Self {
-        VcpuSlot { vcpu, state, halted_irq_off: false, stats: VcpuStats::default() }
+        VcpuSlot { vcpu, state, halted_irq_off: false, awaiting_page: None, stats: VcpuStats::default() }
     }
 }
 

@@ -56,7 +56,7 @@ impl<B: Backend> Vm<B> {
                     slot.stats.wakeups += 1;
                 }
             }
-            if slot.state.runnable() {
+            if slot.state.runnable() && slot.awaiting_page.is_none() {
                 return Some(i);
             }
         }

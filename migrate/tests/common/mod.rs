@@ -27,6 +27,8 @@ pub struct Model {
     pub devices: BTreeMap<String, (u16, Vec<u8>)>,
     pub pages: BTreeMap<u64, Page>,
     pub large_runs: Vec<(u64, u32)>,
+    /// Post-copy's pending runs, in stream order.
+    pub pending: Vec<(u64, u32)>,
     pub resumed: bool,
 }
 
@@ -83,6 +85,10 @@ impl Apply for ModelSink {
     }
     fn poisoned(&mut self, gfn: u64) -> Result<(), String> {
         self.vm.pages.insert(gfn, Page::Poisoned);
+        Ok(())
+    }
+    fn pending(&mut self, gfn: u64, pages: u32) -> Result<(), String> {
+        self.vm.pending.push((gfn, pages));
         Ok(())
     }
     fn resume(&mut self) -> Result<(), String> {

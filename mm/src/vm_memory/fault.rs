@@ -342,6 +342,27 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         Ok(())
     }
 
+    /// Load page `gpa` now if it is `NotLoaded` (post-copy: its content
+    /// just arrived, and the source hands it out in `fill`), then flush
+    /// through `flush`. `Ok(false)`: the page is in another state (loaded
+    /// already, or not RAM), and nothing changed.
+    pub fn load_page<A: ContiguousAlloc>(
+        &mut self,
+        alloc: &mut A,
+        hooks: &mut Hooks<'_, S>,
+        gpa: GuestPhysAddr,
+        flush: &mut dyn FnMut(FlushScope),
+    ) -> Result<bool, Error> {
+        let Some(i) = self.index_of(gpa.0) else { return Ok(false) };
+        if self.state(i) != PageState::NotLoaded {
+            return Ok(false);
+        }
+        let mut inv = Invalidation::none();
+        let loaded = self.load(alloc, hooks, i, &mut inv);
+        inv.flush(alloc, &mut *flush);
+        loaded.map(|()| true)
+    }
+
     /// Load the first `NotLoaded` page at or after `from` (and the
     /// not-loaded pages of its block, as a fault would) from
     /// `hooks.source`, then flush through `flush`: a background fill that

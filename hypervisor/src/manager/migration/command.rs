@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! migrate listen [port]                         accept migrations (default port 7070)
-//! vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>] [corrupt_at=<byte>]
+//! vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>] [corrupt_at=<byte>]
 //! vm migrate status <id>                        progress, or how the last one ended
 //! ```
 //! Each takes `--json`. `corrupt_at=` is a test aid: it flips that byte of
@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 use serde_json::{Value, json};
 
 use super::DEFAULT_PORT;
-use super::source::{DEFAULT_DOWNTIME_MS, Options, Status};
+use super::source::{DEFAULT_DOWNTIME_MS, Mode, Options, Status};
 use crate::backend::Backend;
 use crate::hostnet::tcp::{Transport, parse_endpoint};
 use crate::manager::Manager;
@@ -34,8 +34,8 @@ pub enum MigrateCommand {
 pub const HELP: &[(&str, &str)] = &[
     ("migrate listen [port]", "accept live migrations on <port> (7070 unless told), one at a time"),
     (
-        "vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]",
-        "live-migrate VM <id> (pre-copy; slowed by up to throttle=, 99 unless told, 0: never, if it does not converge) to a listening host; freed here once it runs there",
+        "vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]",
+        "live-migrate VM <id> to a listening host (pre-copy unless told; pre-copy slowed by up to throttle=, 99 unless told, 0: never, if it does not converge; hybrid goes post-copy instead); freed here once it runs there with all its memory",
     ),
     ("vm migrate status <id>", "a migration's progress, or how the last one ended"),
 ];
@@ -73,7 +73,7 @@ fn parse_id(s: &str) -> Result<u32, String> {
 }
 
 fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
-    const USAGE: &str = "vm migrate: usage: 'vm migrate <id> <a.b.c.d>[:port] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]' or 'vm migrate status <id>'";
+    const USAGE: &str = "vm migrate: usage: 'vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]' or 'vm migrate status <id>'";
     match args {
         ["status", id] => Ok(MigrateCommand::Status(parse_id(id)?)),
         [id, host, opts @ ..] if *id != "status" => {
@@ -86,6 +86,7 @@ fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
                 bandwidth_mib: None,
                 throttle_max: MAX_PCT,
                 corrupt_at: None,
+                mode: Mode::Precopy,
             };
             for opt in opts {
                 let (key, value) =
@@ -105,11 +106,23 @@ fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
                             format!("vm migrate: {opt:?}: expected the most CPU time to take, 0-{MAX_PCT} (percent)")
                         })?
                     }
+                    "mode" => {
+                        o.mode = match value {
+                            "precopy" => Mode::Precopy,
+                            "postcopy" => Mode::Postcopy,
+                            "hybrid" => Mode::Hybrid,
+                            _ => return Err(format!("vm migrate: {opt:?}: mode is precopy, postcopy or hybrid")),
+                        }
+                    }
                     "corrupt_at" => {
                         o.corrupt_at =
                             Some(value.parse().map_err(|_| format!("vm migrate: {opt:?}: not a byte offset"))?)
                     }
-                    _ => return Err(format!("vm migrate: unknown option {key:?} (downtime, bandwidth, throttle)")),
+                    _ => {
+                        return Err(format!(
+                            "vm migrate: unknown option {key:?} (mode, downtime, bandwidth, throttle)"
+                        ));
+                    }
                 }
             }
             Ok(MigrateCommand::Start(id, o))
@@ -160,16 +173,24 @@ fn run<B: Backend, T: Transport>(
         MigrateCommand::Start(id, o) => {
             m.start_migration(*id, o.clone(), t.ok_or(NO_NET)?, now_us)?;
             let bw = o.bandwidth_mib.map_or_else(|| String::from("unlimited"), |b| format!("{b} MiB/s"));
-            let throttle = if o.throttle_max == 0 {
-                String::from("never throttled")
-            } else {
-                format!("throttled up to {}%", o.throttle_max)
+            let how = match o.mode {
+                Mode::Postcopy => String::from("post-copy: it runs there at once, its pages follow"),
+                Mode::Hybrid => {
+                    format!("hybrid, downtime {} ms: post-copy once pre-copy stops converging", o.downtime_ms)
+                }
+                Mode::Precopy if o.throttle_max == 0 => {
+                    format!("pre-copy, downtime {} ms, never throttled", o.downtime_ms)
+                }
+                Mode::Precopy => format!(
+                    "pre-copy, downtime {} ms, throttled up to {}% if it does not converge",
+                    o.downtime_ms, o.throttle_max
+                ),
             };
             Ok((
                 format!(
-                    "vm {id}: migrating to {} (pre-copy, downtime {} ms, bandwidth {bw}, {throttle} if it does not converge); \
-                     'vm migrate status {id}' shows progress, the result follows",
-                    o.to, o.downtime_ms
+                    "vm {id}: migrating to {} ({how}, bandwidth {bw}); 'vm migrate status {id}' shows progress, the \
+                     result follows",
+                    o.to
                 ),
                 json!({ "id": id, "to": o.to.to_string() }),
             ))
@@ -199,6 +220,12 @@ fn status_text(s: &Status) -> String {
     );
     if s.throttle_pct > 0 {
         t.push_str(&format!("; throttled {}%", s.throttle_pct));
+    }
+    if s.postcopy_pages > 0 {
+        t.push_str(&format!(
+            "; post-copy: {} of {} pages left, {} asked for by the destination",
+            s.postcopy_pages_left, s.postcopy_pages, s.demand_requests
+        ));
     }
     if let Some(d) = s.downtime_ms {
         t.push_str(&format!("; downtime {d} ms"));

@@ -55,6 +55,10 @@ struct Conn<B: Backend> {
     inbox: Inbox,
     reader: Option<Reader<Inbox>>,
     vm: Option<Rebuild<B>>,
+    /// Post-copy: the VM runs here (its id) while its pages arrive, and
+    /// page requests not yet taken by the connection.
+    running: Option<u32>,
+    requests: Vec<u8>,
     progress_us: u64,
     started_us: u64,
 }
@@ -103,6 +107,11 @@ impl Source for Inbox {
 /// How a stream ended.
 enum Outcome {
     Running(u32),
+    /// Post-copy completed: every page of the running VM is here.
+    PostcopyDone(u32, String),
+    /// Post-copy failed (a refusal or the connection): the VM, which ran
+    /// here, is paused with its missing pages at the source.
+    PostcopyBroken(u32, String),
     Refused(String),
     /// The connection broke: nobody to answer.
     Lost(String),
@@ -138,12 +147,14 @@ impl<B: Backend> Manager<B> {
                 inbox: Inbox::default(),
                 reader: None,
                 vm: None,
+                running: None,
+                requests: Vec::new(),
                 progress_us: now_us,
                 started_us: now_us,
             });
         }
         if let Some(mut c) = inc.conn.take() {
-            match self.receive(&mut c, t, now_us) {
+            match self.receive(&mut c, t, now_us, console) {
                 None => inc.conn = Some(c),
                 Some(outcome) => {
                     let ms = now_us.saturating_sub(c.started_us) / 1000;
@@ -157,6 +168,35 @@ impl<B: Backend> Manager<B> {
                         self.abandon_rebuild(vm);
                     }
                     match outcome {
+                        Outcome::PostcopyDone(id, what) => {
+                            inc.received += 1;
+                            let _ = t.write(c.stream, format!("{REPLY_OK}{id}\n").as_bytes());
+                            t.close(c.stream);
+                            self.migration.closing.push((c.stream, now_us + 5_000_000));
+                            console.line(&format!(
+                                "migrate: vm {id} from {} has all its memory ({bytes} bytes in {ms} ms): {what}",
+                                c.peer
+                            ));
+                        }
+                        Outcome::PostcopyBroken(id, why) => {
+                            inc.refused += 1;
+                            refuse(t, c.stream, &why);
+                            self.migration.closing.push((c.stream, now_us + 5_000_000));
+                            // Its vCPUs may not run on without pages the
+                            // source still holds: paused, for the operator.
+                            if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
+                                vm.paused = true;
+                            }
+                            let left = self
+                                .get(id)
+                                .and_then(|v| v.res.as_ref())
+                                .map_or(0, |r| r.mem.state_counts().not_loaded);
+                            console.line(&format!(
+                                "migrate: post-copy of vm {id} from {} broke: {why}; vm {id} is paused here, {left} of \
+                                 its pages are still only at the source",
+                                c.peer
+                            ));
+                        }
                         Outcome::Running(id) => {
                             inc.received += 1;
                             let _ = t.write(c.stream, format!("{REPLY_OK}{id}\n").as_bytes());
@@ -194,7 +234,13 @@ impl<B: Backend> Manager<B> {
 
     /// Reads what arrived and applies the records that are whole; the
     /// outcome once the stream is over.
-    fn receive(&mut self, c: &mut Conn<B>, t: &mut impl Transport, now_us: u64) -> Option<Outcome> {
+    fn receive(
+        &mut self,
+        c: &mut Conn<B>,
+        t: &mut impl Transport,
+        now_us: u64,
+        console: &mut impl Console,
+    ) -> Option<Outcome> {
         let mut buf = [0u8; 16 * 1024];
         let mut got = 0;
         let mut closed = false;
@@ -242,12 +288,43 @@ impl<B: Backend> Manager<B> {
             }
         }
         for _ in 0..RECORDS_PER_ROUND {
-            let (Some(reader), Some(vm)) = (c.reader.as_mut(), c.vm.as_mut()) else { return None };
+            let reader = c.reader.as_mut()?;
             if !reader.source_mut().record_ready(0) {
                 break;
             }
+            if let Some(id) = c.running {
+                match self.apply_postcopy(id, reader, now_us) {
+                    Ok(false) => continue,
+                    Ok(true) => {
+                        return Some(match self.end_postcopy(id) {
+                            Ok(what) => Outcome::PostcopyDone(id, what),
+                            Err(why) => Outcome::PostcopyBroken(id, why),
+                        });
+                    }
+                    Err(why) => return Some(Outcome::PostcopyBroken(id, why)),
+                }
+            }
+            let vm = c.vm.as_mut()?;
             let applied = self.with_rebuild_sink(vm, |sink| reader.apply_next(sink));
             match applied {
+                Ok(Ok(None)) if vm.resumed() => {
+                    // Post-copy: the VM runs from here on; the pages it
+                    // lacks follow.
+                    let vm = c.vm.take().expect("checked above");
+                    let id = match self.finish_rebuild(vm, None, None) {
+                        Ok(id) => id,
+                        Err(e) => return Some(Outcome::Refused(format!("{e}"))),
+                    };
+                    let missing = self.begin_postcopy(id, &c.peer);
+                    c.running = Some(id);
+                    let guest = self.get(id).map_or_else(String::new, |v| v.guest.clone());
+                    let (at, ms) = (reader.offset(), now_us.saturating_sub(c.started_us) / 1000);
+                    console.line(&format!(
+                        "migrate: vm {id} ({guest}) from {} runs here after {at} bytes in {ms} ms (post-copy: {missing} \
+                         pages still at the source)",
+                        c.peer
+                    ));
+                }
                 Ok(Ok(None)) => {}
                 Ok(Ok(Some(_))) => {
                     let vm = c.vm.take().expect("checked above");
@@ -266,6 +343,18 @@ impl<B: Backend> Manager<B> {
                 Err(e) => return Some(Outcome::Refused(format!("{e}"))),
             }
         }
+        if let Some(id) = c.running {
+            // Pages its vCPUs (or devices) touched while missing: asked
+            // for ahead of the source's background push.
+            let asked = self.postcopy_requests(id, now_us);
+            c.requests.extend_from_slice(&asked);
+            if !c.requests.is_empty() {
+                match t.write(c.stream, &c.requests) {
+                    Ok(n) => drop(c.requests.drain(..n)),
+                    Err(_) => closed = true,
+                }
+            }
+        }
         // A sender may close its side right after the end record: whole
         // records still buffered are applied in the next rounds first.
         let buffered = c.reader.as_mut().is_some_and(|r| r.source_mut().record_ready(0));
@@ -279,15 +368,17 @@ impl<B: Backend> Manager<B> {
     /// Nothing more to apply now: over if the connection is, or idle too long.
     fn stalled(&self, c: &Conn<B>, closed: bool, now_us: u64) -> Option<Outcome> {
         let at = c.reader.as_ref().map_or(0, |r| r.offset());
-        if closed {
-            return Some(Outcome::Lost(format!(
-                "the connection closed after {at} applied bytes, before the end record"
-            )));
-        }
-        if now_us.saturating_sub(c.progress_us) > IDLE_US {
-            return Some(Outcome::Lost(format!("no data for {} s after {at} bytes", IDLE_US / 1_000_000)));
-        }
-        None
+        let why = if closed {
+            format!("the connection closed after {at} applied bytes, before the end record")
+        } else if now_us.saturating_sub(c.progress_us) > IDLE_US {
+            format!("no data for {} s after {at} bytes", IDLE_US / 1_000_000)
+        } else {
+            return None;
+        };
+        Some(match c.running {
+            Some(id) => Outcome::PostcopyBroken(id, why),
+            None => Outcome::Lost(why),
+        })
     }
 }
 

@@ -19,8 +19,11 @@
 
 pub mod command;
 pub mod destination;
+mod postcopy;
 pub mod source;
 
+#[cfg(test)]
+mod postcopy_tests;
 #[cfg(test)]
 mod tests;
 

@@ -72,6 +72,33 @@ pub struct Options {
     /// Test aid: flip byte `n` of the stream as it goes on the wire, so
     /// the destination's refusal of a corrupt stream can be tested.
     pub corrupt_at: Option<u64>,
+    pub mode: Mode,
+}
+
+/// How memory moves (`mode=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// All of it before the VM runs at the destination (rounds of dirty
+    /// pages while it runs here, the rest during the pause).
+    #[default]
+    Precopy,
+    /// None of it first: the VM pauses here at once, its vCPU and devices
+    /// go over, it runs there, and every page follows, a page the guest
+    /// touches there first ahead of the rest.
+    Postcopy,
+    /// Pre-copy rounds until the dirty set fits the downtime limit or stops
+    /// shrinking; then what is still dirty goes post-copy.
+    Hybrid,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
 }
 
 /// Default downtime limit (QEMU's default max downtime is 300 ms).
@@ -117,6 +144,17 @@ pub struct Status {
     /// CPU time (percent) taken from the VM by auto-converge, now or (once
     /// the migration ended) at its highest.
     pub throttle_pct: u8,
+    /// precopy, postcopy or hybrid.
+    pub mode: &'static str,
+    /// Post-copy: the pages the destination did not have when it resumed
+    /// the VM, those still to send, and those it asked for first (a guest
+    /// touch there).
+    pub postcopy_pages: u64,
+    pub postcopy_pages_left: u64,
+    pub demand_requests: u64,
+    /// The resume record went out: the destination may run the VM, so
+    /// this copy is never resumed by the migration.
+    pub destination_may_run: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,9 +163,94 @@ enum Phase {
     Copying,
     /// The VM paused and captured; the last dirty pages still going out.
     SwitchingOver,
+    /// Post-copy: the VM runs at the destination (paused here); its
+    /// pages still here go out, those it asks for first.
+    Postcopy,
     /// Everything sent: waiting for the destination's answer.
     Confirming,
 }
+
+/// Post-copy: the guest frames still to send, as a bitmap over RAM's
+/// frame numbers (one bit a page: 32 KiB per GiB), with a cursor for the
+/// background push.
+#[derive(Default)]
+struct Left {
+    bits: Vec<u64>,
+    count: u64,
+    cursor: u64,
+}
+
+impl Left {
+    fn new(gfns: &[u64]) -> Left {
+        let top = gfns.iter().max().map_or(0, |&g| g + 1);
+        let mut l = Left { bits: alloc::vec![0; top.div_ceil(64) as usize], count: 0, cursor: 0 };
+        for &g in gfns {
+            l.insert(g);
+        }
+        l
+    }
+
+    fn insert(&mut self, g: u64) {
+        let (w, b) = ((g / 64) as usize, g % 64);
+        if self.bits[w] & (1 << b) == 0 {
+            self.bits[w] |= 1 << b;
+            self.count += 1;
+        }
+    }
+
+    /// Takes `g` out: whether it was still to send.
+    fn take(&mut self, g: u64) -> bool {
+        let (w, b) = ((g / 64) as usize, g % 64);
+        match self.bits.get_mut(w) {
+            Some(word) if *word & (1 << b) != 0 => {
+                *word &= !(1 << b);
+                self.count -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes up to `n` frames from the cursor on (in order, so neighbours
+    /// travel together and compress).
+    fn take_next(&mut self, n: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        let words = self.bits.len() as u64;
+        let mut w = self.cursor / 64;
+        while out.len() < n && self.count > 0 && w < words {
+            let word = self.bits[w as usize];
+            if word == 0 {
+                w += 1;
+                continue;
+            }
+            let g = w * 64 + u64::from(word.trailing_zeros());
+            self.take(g);
+            out.push(g);
+        }
+        self.cursor = w * 64;
+        out
+    }
+
+    /// As runs of consecutive frames, for the pending records.
+    fn runs(gfns: &[u64]) -> Vec<(u64, u32)> {
+        let mut runs: Vec<(u64, u32)> = Vec::new();
+        for &g in gfns {
+            match runs.last_mut() {
+                Some((first, n)) if *first + u64::from(*n) == g && *n < u32::MAX => *n += 1,
+                _ => runs.push((g, 1)),
+            }
+        }
+        runs
+    }
+}
+
+/// Post-copy: the outbox is refilled with background pages only below
+/// this, and by this many pages at a time, so a page the destination asks
+/// for waits behind little (pre-copy's [`LOW_WATER`] is 512 KiB).
+const POSTCOPY_LOW_WATER: usize = 64 * 1024;
+const POSTCOPY_STEP: usize = 32;
+/// The destination's request for a page: the line, then the frame number.
+pub const REQUEST_PAGE: &str = "HVMIGRATE PAGE ";
 
 /// A migration in progress.
 pub struct Outgoing {
@@ -154,6 +277,12 @@ pub struct Outgoing {
     cancelled: Option<&'static str>,
     /// The migration paused the VM (so a failure resumes it).
     paused_by_us: bool,
+    /// Post-copy: pages still to send, pages asked for, and the stream
+    /// offset after the resume record (once the connection took that, the
+    /// destination may run the VM).
+    left: Left,
+    demand: Vec<u64>,
+    resume_at: Option<u64>,
     started_us: u64,
     open_us: u64,
     pause_us: u64,
@@ -221,7 +350,13 @@ impl<B: Backend> Manager<B> {
         }
         let stream = t.connect(opts.to).map_err(|e| format!("{}: {e}", opts.to))?;
         self.migration.out = Some(Outgoing {
-            status: Status { id, to: format!("{}", opts.to), state: "connecting", ..Default::default() },
+            status: Status {
+                id,
+                to: format!("{}", opts.to),
+                state: "connecting",
+                mode: opts.mode.name(),
+                ..Default::default()
+            },
             opts,
             stream,
             phase: Phase::Connecting,
@@ -235,6 +370,9 @@ impl<B: Backend> Manager<B> {
             captured: None,
             cancelled: None,
             paused_by_us: false,
+            left: Left::default(),
+            demand: Vec::new(),
+            resume_at: None,
             started_us: now_us,
             open_us: now_us,
             pause_us: now_us,
@@ -255,7 +393,7 @@ impl<B: Backend> Manager<B> {
     /// `precopy_too` (an operation that cannot go with the dirty log).
     pub(crate) fn migration_lock(&self, id: u32, precopy_too: bool) -> Result<(), Error> {
         let Some(o) = self.migration.out.as_ref().filter(|o| o.status.id == id) else { return Ok(()) };
-        let switching = matches!(o.phase, Phase::SwitchingOver | Phase::Confirming);
+        let switching = matches!(o.phase, Phase::SwitchingOver | Phase::Postcopy | Phase::Confirming);
         if switching || precopy_too {
             return Err(Error::Migrating { id, to: o.status.to.clone(), switching });
         }
@@ -266,7 +404,7 @@ impl<B: Backend> Manager<B> {
     /// running at the destination), if any.
     pub(crate) fn switching_over(&self) -> Option<u32> {
         let o = self.migration.out.as_ref()?;
-        matches!(o.phase, Phase::SwitchingOver | Phase::Confirming).then_some(o.status.id)
+        matches!(o.phase, Phase::SwitchingOver | Phase::Postcopy | Phase::Confirming).then_some(o.status.id)
     }
 
     /// Cancels VM `id`'s migration if it is in pre-copy (the caller made
@@ -330,6 +468,7 @@ impl<B: Backend> Manager<B> {
                     self.switch_step(o)?;
                 }
             }
+            Phase::Postcopy => self.postcopy_step(o)?,
             Phase::Confirming => {}
         }
         o.status.buffer_peak_bytes = o.out.peak as u64;
@@ -374,6 +513,14 @@ impl<B: Backend> Manager<B> {
         o.status.iteration = 1;
         o.open_us = now_us;
         o.harvest_us = now_us;
+        if o.opts.mode == Mode::Postcopy {
+            // Nothing before: every page of RAM follows the resume.
+            let ranges = crate::vm::boot::ram_ranges(self.get(id).map_or(0, |v| v.mem_bytes));
+            o.dirty = ranges.0[..ranges.1].iter().flat_map(|r| (r.start >> 12)..(r.end >> 12)).collect();
+            o.bulk_done = true;
+            self.switch_over(o, now_us)?;
+            self.start_postcopy(o)?;
+        }
         Ok(())
     }
 
@@ -384,7 +531,11 @@ impl<B: Backend> Manager<B> {
         let Some(mut job) = o.job.take() else { return Ok(()) };
         let r = self.produce_with(o, &mut job, now_us);
         o.job = Some(job);
-        r
+        r?;
+        if o.phase == Phase::SwitchingOver && o.opts.mode != Mode::Precopy {
+            self.start_postcopy(o)?;
+        }
+        Ok(())
     }
 
     /// One step of the switch-over's stream: a piece of the last dirty
@@ -445,6 +596,10 @@ impl<B: Backend> Manager<B> {
             self.switch_over(o, now_us)?;
         } else {
             if o.last_dirty.is_some_and(|last| dirty * 10 >= last * CONVERGING_TENTHS) {
+                if o.opts.mode == Mode::Hybrid {
+                    // Not converging: the rest goes post-copy.
+                    return self.switch_over(o, now_us);
+                }
                 self.throttle_up(o);
             }
             o.last_dirty = Some(dirty);
@@ -493,9 +648,59 @@ impl<B: Backend> Manager<B> {
         last.dedup();
         o.dirty = last;
         self.stop_dirty_log(id);
+        // Post-copy and hybrid go on with `start_postcopy` (the caller's:
+        // the stream's job may be in its hands).
         o.phase = Phase::SwitchingOver;
         o.status.state = "switchover";
         Ok(())
+    }
+
+    /// Post-copy's switch-over: the pages still dirty are listed as
+    /// pending, the captured state and the resume record go out, and from
+    /// then on the destination runs the VM while its pages follow.
+    fn start_postcopy(&mut self, o: &mut Outgoing) -> Result<(), String> {
+        let e = |e: Error| format!("{e}");
+        let Some(mut job) = o.job.take() else { return Err(String::from("the migration's stream is gone")) };
+        let captured = o.captured.take().ok_or("the switch-over's state was not captured")?;
+        let gfns = core::mem::take(&mut o.dirty);
+        let r = self.resume_migration_stream(&mut job, &Left::runs(&gfns), &captured, &mut o.out);
+        o.job = Some(job);
+        r.map_err(e)?;
+        o.left = Left::new(&gfns);
+        o.resume_at = Some(o.status.bytes_on_wire + o.out.pending() as u64);
+        o.status.postcopy_pages = o.left.count;
+        o.status.postcopy_pages_left = o.left.count;
+        o.phase = Phase::Postcopy;
+        o.status.state = "postcopy";
+        Ok(())
+    }
+
+    /// One step of post-copy: the pages the destination asked for, then
+    /// (while little waits to go out) the next of the rest; once none is
+    /// left, the end record.
+    fn postcopy_step(&mut self, o: &mut Outgoing) -> Result<(), String> {
+        let e = |e: Error| format!("{e}");
+        let Some(mut job) = o.job.take() else { return Ok(()) };
+        let mut asked: Vec<u64> = core::mem::take(&mut o.demand).into_iter().filter(|&g| o.left.take(g)).collect();
+        if o.out.pending() < POSTCOPY_LOW_WATER {
+            asked.extend(o.left.take_next(POSTCOPY_STEP));
+        }
+        let r = if !asked.is_empty() {
+            self.save_pages(&mut job, &asked, &mut o.out).and_then(|()| self.flush_save(&mut job, &mut o.out))
+        } else if o.left.count == 0 {
+            let saved = self.finish_save(job, &mut o.out).map_err(e)?;
+            o.status.pages_sent = saved.stats.total_pages();
+            o.status.postcopy_pages_left = 0;
+            o.phase = Phase::Confirming;
+            o.status.state = "confirming";
+            return Ok(());
+        } else {
+            Ok(())
+        };
+        o.status.pages_sent = job.pages_written();
+        o.status.postcopy_pages_left = o.left.count;
+        o.job = Some(job);
+        r.map_err(e)
     }
 
     /// The pages written since the last harvest, into `o.dirty`.
@@ -583,9 +788,23 @@ impl<B: Backend> Manager<B> {
         }
         self.stop_dirty_log(id);
         self.unthrottle(id);
-        let resumed = o.paused_by_us && self.set_paused(id, false).is_ok();
         o.status.state = "failed";
         o.status.elapsed_ms = now_us.saturating_sub(o.started_us) / 1000;
+        if o.status.destination_may_run {
+            // Post-copy: the destination may run the VM on what it got, so
+            // this copy must not run too (two diverging copies of one
+            // guest). It stays paused with every page, the ones the
+            // destination still lacks included, for the operator.
+            console.line(&format!(
+                "vm {id}: migration to {} failed during post-copy: {why}; the destination may be running the VM: \
+                 it stays paused here, holding the {} pages the destination has not received",
+                o.status.to, o.status.postcopy_pages_left
+            ));
+            o.status.error = Some(why);
+            self.migration.last.insert(id, o.status);
+            return;
+        }
+        let resumed = o.paused_by_us && self.set_paused(id, false).is_ok();
         let runs = if self.get(id).is_some_and(|v| v.res.is_some()) {
             if resumed { "; the VM resumed here" } else { "; the VM runs on here" }
         } else {
@@ -612,6 +831,18 @@ fn read_answer(o: &mut Outgoing, t: &mut impl Transport) -> Result<Option<Result
             break;
         }
         o.reply.extend_from_slice(&buf[..n]);
+        // Post-copy's page requests come before the answer: take them.
+        while let Some(end) = o.reply.iter().position(|&b| b == b'\n') {
+            let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
+            let Some(gfn) = line.strip_prefix(REQUEST_PAGE) else { break };
+            let gfn = gfn.trim().parse::<u64>().map_err(|_| format!("the destination asked for {line:?}"))?;
+            if o.phase != Phase::Postcopy {
+                return Err(format!("the destination asked for page {gfn:#x} outside post-copy"));
+            }
+            o.demand.push(gfn);
+            o.status.demand_requests += 1;
+            o.reply.drain(..=end);
+        }
         if o.reply.len() > MAX_REPLY {
             return Err(String::from("the destination's answer is not a migration answer"));
         }
@@ -658,5 +889,8 @@ fn pump(o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<(), Str
     let wrote = t.write(o.stream, chunk).map_err(|_| String::from("the connection was closed or reset"))?;
     o.out.pos += wrote;
     o.status.bytes_on_wire += wrote as u64;
+    if o.resume_at.is_some_and(|r| o.status.bytes_on_wire >= r) {
+        o.status.destination_may_run = true;
+    }
     Ok(())
 }

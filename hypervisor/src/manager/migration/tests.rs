@@ -10,7 +10,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::command::{MigrateCommand, parse};
-use super::source::Options;
+use super::source::{Mode, Options};
 use crate::backend::Backend;
 use crate::hostnet::HostNet;
 use crate::hostnet::link::{End, hosts};
@@ -19,17 +19,17 @@ use crate::manager::{GuestImage, Manager};
 use crate::testing::{Lines, MockBackend, elf_guest};
 use mm::GuestPhysAddr;
 
-const RAM_MIB: u32 = 8;
-const BASE: u64 = 0x40_0000;
-const PAGES: u64 = 512;
+pub(super) const RAM_MIB: u32 = 8;
+pub(super) const BASE: u64 = 0x40_0000;
+pub(super) const PAGES: u64 = 512;
 
-fn manager(frames: usize) -> Manager<MockBackend> {
+pub(super) fn manager(frames: usize) -> Manager<MockBackend> {
     let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
     Manager::new(Ok(MockBackend::new(frames)), images)
 }
 
 /// Page contents for page `p` in generation `g`.
-fn content(p: u64, g: u64) -> Vec<u8> {
+pub(super) fn content(p: u64, g: u64) -> Vec<u8> {
     let mut x = (p << 20 | g).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     // A word at a time: the tests write many pages.
     (0..512)
@@ -44,14 +44,14 @@ fn content(p: u64, g: u64) -> Vec<u8> {
 
 /// A write as the guest's vCPU makes it: through the nested tables, so
 /// the dirty log's write protection sees it.
-fn guest_write(m: &mut Manager<MockBackend>, id: u32, gpa: u64, data: &[u8]) {
+pub(super) fn guest_write(m: &mut Manager<MockBackend>, id: u32, gpa: u64, data: &[u8]) {
     let Manager { backend, vms, host_mem, .. } = m;
     let backend = backend.as_mut().unwrap();
     let res = vms.iter_mut().find(|v| v.id == id).unwrap().res.as_mut().unwrap();
     host_mem.with_hooks(id, |h| res.mem.sim_write(&mut backend.mem, h, 0, GuestPhysAddr(gpa), data)).unwrap();
 }
 
-fn peek(m: &Manager<MockBackend>, id: u32, gpa: u64) -> Vec<u8> {
+pub(super) fn peek(m: &Manager<MockBackend>, id: u32, gpa: u64) -> Vec<u8> {
     let mut buf = vec![0; 4096];
     let vm = m.get(id).unwrap();
     vm.res.as_ref().unwrap().mem.peek(&m.backend.as_ref().unwrap().mem, GuestPhysAddr(gpa), &mut buf).unwrap();
@@ -60,26 +60,26 @@ fn peek(m: &Manager<MockBackend>, id: u32, gpa: u64) -> Vec<u8> {
 
 /// Two hosts, a VM on the first whose region holds generation 0, the
 /// second listening.
-struct Pair {
-    a: HostNet<End>,
-    b: HostNet<End>,
-    ma: Manager<MockBackend>,
-    mb: Manager<MockBackend>,
-    id: u32,
+pub(super) struct Pair {
+    pub(super) a: HostNet<End>,
+    pub(super) b: HostNet<End>,
+    pub(super) ma: Manager<MockBackend>,
+    pub(super) mb: Manager<MockBackend>,
+    pub(super) id: u32,
     /// The generation each page of the region holds.
-    gens: Vec<u64>,
-    now: u64,
-    la: Lines,
-    lb: Lines,
+    pub(super) gens: Vec<u64>,
+    pub(super) now: u64,
+    pub(super) la: Lines,
+    pub(super) lb: Lines,
     /// The pages of the region the guest rewrites (the first `span`).
-    span: u64,
+    pub(super) span: u64,
     /// Hundredths of a page the throttled guest still owes (it writes
     /// `dirty × (100 - throttle %)` hundredths per round).
-    owed: u64,
+    pub(super) owed: u64,
 }
 
 impl Pair {
-    fn new() -> Pair {
+    pub(super) fn new() -> Pair {
         Pair::with(RAM_MIB, 8192, 1)
     }
 
@@ -89,7 +89,7 @@ impl Pair {
 
     /// A VM of `mib` MiB and `vcpus` vCPUs, on hosts of `frames` 4 KiB
     /// frames each.
-    fn with(mib: u32, frames: usize, vcpus: u32) -> Pair {
+    pub(super) fn with(mib: u32, frames: usize, vcpus: u32) -> Pair {
         let (a, mut b) = hosts();
         let (mut ma, mut mb) = (manager(frames), manager(frames));
         let id = ma.run_vm_smp("tiny", mib, &[], "", None, None, vcpus).unwrap();
@@ -112,14 +112,14 @@ impl Pair {
         }
     }
 
-    fn migrate(&mut self, o: Options) {
+    pub(super) fn migrate(&mut self, o: Options) {
         self.ma.start_migration(self.id, o, &mut self.a.tcp(), self.now).unwrap();
     }
 
     /// One round of both hosts, `step_us` apart; the guest rewrites
     /// `dirty` pages first if it runs, fewer if it is throttled (it gets
     /// that much less CPU time: `manager::rounds` and `vm::throttle`).
-    fn round(&mut self, step_us: u64, dirty: u64) {
+    pub(super) fn round(&mut self, step_us: u64, dirty: u64) {
         self.now += step_us;
         let vm = self.ma.get(self.id);
         let running = vm.is_some_and(|v| v.res.is_some() && !v.paused);
@@ -141,7 +141,7 @@ impl Pair {
         self.mb.migration_round(Some(&mut self.b.tcp()), self.now, &mut self.lb);
     }
 
-    fn run_until(&mut self, step_us: u64, dirty: u64, max: usize, done: impl Fn(&Pair) -> bool) {
+    pub(super) fn run_until(&mut self, step_us: u64, dirty: u64, max: usize, done: impl Fn(&Pair) -> bool) {
         for _ in 0..max {
             self.round(step_us, dirty);
             if done(self) {
@@ -152,7 +152,7 @@ impl Pair {
     }
 
     /// The region on VM `id` of `m` holds the generations written.
-    fn check_region(&self, m: &Manager<MockBackend>, id: u32) {
+    pub(super) fn check_region(&self, m: &Manager<MockBackend>, id: u32) {
         for p in 0..PAGES {
             assert!(peek(m, id, BASE + p * 4096) == content(p, self.gens[p as usize]), "page {p} differs");
         }
@@ -173,13 +173,14 @@ impl Pair {
     }
 }
 
-fn to_b() -> Options {
+pub(super) fn to_b() -> Options {
     Options {
         to: parse_endpoint("10.0.0.2:7070").unwrap(),
         downtime_ms: 300,
         bandwidth_mib: None,
         throttle_max: 99,
         corrupt_at: None,
+        mode: Mode::Precopy,
     }
 }
 
@@ -321,7 +322,14 @@ fn commands_parse_and_refuse_bad_input() {
     let MigrateCommand::Start(1, o) = parse("vm migrate 1 10.0.0.2:7100 corrupt_at=9").unwrap().unwrap().0 else {
         panic!()
     };
-    assert_eq!((o.to.port(), o.corrupt_at), (7100, Some(9)));
+    assert_eq!((o.to.port(), o.corrupt_at, o.mode), (7100, Some(9), Mode::Precopy));
+    for (word, mode) in [("postcopy", Mode::Postcopy), ("hybrid", Mode::Hybrid), ("precopy", Mode::Precopy)] {
+        let MigrateCommand::Start(1, o) = parse(&format!("vm migrate 1 10.0.0.2 mode={word}")).unwrap().unwrap().0
+        else {
+            panic!()
+        };
+        assert_eq!(o.mode, mode);
+    }
     for bad in [
         "migrate",
         "migrate listen 0",
@@ -336,6 +344,7 @@ fn commands_parse_and_refuse_bad_input() {
         "vm migrate 1 10.0.0.2 bandwidth=x",
         "vm migrate 1 10.0.0.2 speed=1",
         "vm migrate 1 10.0.0.2 downtime",
+        "vm migrate 1 10.0.0.2 mode=lazy",
         "vm migrate status",
         "vm migrate status x",
     ] {

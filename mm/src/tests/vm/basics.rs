@@ -235,6 +235,58 @@ fn background_fill_converges_and_maps_large_again<F: EntryFormat>() {
     assert_eq!(sim.frames_in_use(), 0);
 }
 
+/// Post-copy: a source that has only the pages that "arrived".
+struct Arrivals {
+    have: Vec<u64>,
+}
+
+impl PageSource for Arrivals {
+    fn fill(&mut self, gpa: GuestPhysAddr, page: &mut [u8; 4096]) -> Result<(), Error> {
+        if !self.have.contains(&gpa.0) {
+            return Err(Error::PageInTransit(gpa));
+        }
+        *page = pattern(gpa.0);
+        Ok(())
+    }
+}
+
+fn postcopy_pages_wait_in_transit_then_load_as_they_arrive<F: EntryFormat>() {
+    let mut sim = SimPhys::new(8192);
+    let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
+    v.mark_not_loaded(&mut sim, g(0), 2 << 20, &mut |_| {}).unwrap();
+    let mut src = Arrivals { have: Vec::new() };
+    // A touch before the page arrived: in transit, nothing changed.
+    let mut hooks = Hooks { source: Some(&mut src), ..Hooks::none() };
+    assert!(matches!(
+        v.handle_fault(&mut sim, &mut hooks, 0, g(0x3000), AccessKind::Write),
+        FaultOutcome::Failed(Error::PageInTransit(a)) if a == g(0x3000)
+    ));
+    assert_eq!(v.page_state(g(0x3000)), Some(PageState::NotLoaded));
+    // It arrives: loaded now, the others still wait.
+    src.have.push(0x3000);
+    let mut hooks = Hooks { source: Some(&mut src), ..Hooks::none() };
+    assert!(v.load_page(&mut sim, &mut hooks, g(0x3000), &mut |_| {}).unwrap());
+    assert_eq!(v.page_state(g(0x3000)), Some(PageState::Present));
+    assert_eq!(v.state_counts().not_loaded, 511);
+    // A second copy of it (or a page outside RAM) changes nothing.
+    assert!(!v.load_page(&mut sim, &mut hooks, g(0x3000), &mut |_| {}).unwrap());
+    assert!(!v.load_page(&mut sim, &mut hooks, g(1 << 40), &mut |_| {}).unwrap());
+    let mut p = [0u8; 4096];
+    v.peek(&sim, g(0x3000), &mut p).unwrap();
+    assert_eq!(p, pattern(0x3000));
+    // The rest arrive one by one: the region maps with a 2 MiB page again.
+    src.have.extend((0..512u64).map(|i| i * 4096));
+    let mut hooks = Hooks { source: Some(&mut src), ..Hooks::none() };
+    for i in 0..512u64 {
+        v.load_page(&mut sim, &mut hooks, g(i * 4096), &mut |_| {}).unwrap();
+    }
+    assert_eq!(v.state_counts().not_loaded, 0);
+    assert_eq!(v.table().translate(&sim, g(0)).unwrap().leaf.size, PageSize::Size2M);
+    v.check_invariants(&sim);
+    free(v, &mut sim, &mut Hooks::none());
+    assert_eq!(sim.frames_in_use(), 0);
+}
+
 fn poisoned_page<F: EntryFormat>() {
     let mut sim = SimPhys::new(4096);
     let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
@@ -372,6 +424,7 @@ for_both_formats!(
     host_read_write_cross_pages,
     lazy_load_fills_on_first_touch,
     background_fill_converges_and_maps_large_again,
+    postcopy_pages_wait_in_transit_then_load_as_they_arrive,
     poisoned_page,
     bookkeeping_under_a_quarter_percent,
     states_and_counts_track_changes,

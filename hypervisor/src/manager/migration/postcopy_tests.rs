@@ -1,0 +1,115 @@
+//! Post-copy and hybrid migration between two simulated hosts (the
+//! harness of `tests.rs`): the VM runs at the destination before its
+//! memory is there, a page it touches is asked for ahead of the rest, a
+//! page it wrote there is never overwritten by the push, and a link that
+//! breaks leaves both copies paused rather than two copies running.
+
+use alloc::vec;
+
+use super::source::{Mode, Options};
+use super::tests::{BASE, PAGES, Pair, RAM_MIB, content, guest_write, peek, to_b};
+use crate::backend::Backend;
+use crate::manager::Manager;
+use crate::testing::MockBackend;
+use mm::GuestPhysAddr;
+use mm::vm_memory::{FaultOutcome, PageState};
+
+/// A read as the guest's vCPU makes it on VM `id`: `false` while the page
+/// is still on its way (post-copy).
+fn guest_reads(m: &mut Manager<MockBackend>, id: u32, gpa: u64) -> bool {
+    let Manager { backend, vms, host_mem, .. } = m;
+    let backend = backend.as_mut().unwrap();
+    let res = vms.iter_mut().find(|v| v.id == id).unwrap().res.as_mut().unwrap();
+    let mut buf = vec![0; 4096];
+    match host_mem.with_hooks(id, |h| res.mem.sim_read(&mut backend.mem, h, 0, GuestPhysAddr(gpa), &mut buf)) {
+        Ok(()) => true,
+        Err(FaultOutcome::Failed(mm::Error::PageInTransit(_))) => false,
+        Err(e) => panic!("read of {gpa:#x}: {e:?}"),
+    }
+}
+
+fn state(m: &Manager<MockBackend>, id: u32, gpa: u64) -> Option<PageState> {
+    m.get(id)?.res.as_ref()?.mem.page_state(GuestPhysAddr(gpa))
+}
+
+#[test]
+fn postcopy_runs_the_vm_at_once_serves_touched_pages_first_and_frees_the_source_after_the_last() {
+    let mut p = Pair::new();
+    let free_before = p.ma.backend.as_ref().unwrap().free_frames();
+    // Slow enough that the push takes many rounds.
+    p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(4), ..to_b() });
+    p.run_until(1000, 4, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
+    let line = p.lb.0.iter().find(|l| l.contains("runs here")).unwrap();
+    assert!(line.starts_with("migrate: vm 1 (tiny) from 10.0.0.1:") && line.contains("post-copy:"), "{line}");
+    // The source paused its copy at the start: nothing was sent before.
+    assert!(p.ma.get(p.id).unwrap().paused);
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!((s.state, s.mode), ("postcopy", "postcopy"));
+    assert_eq!(s.postcopy_pages, u64::from(RAM_MIB) * 256, "every page of RAM follows the resume");
+    assert!(s.destination_may_run);
+    // The guest there touches the last page of the region, far from the
+    // push's cursor: missing, asked for, then there with its contents.
+    let last = BASE + (PAGES - 1) * 4096;
+    assert_eq!(state(&p.mb, 1, last), Some(PageState::NotLoaded));
+    assert!(!guest_reads(&mut p.mb, 1, last), "a page not yet here is in transit");
+    p.run_until(1000, 0, 200, |p| state(&p.mb, 1, last) == Some(PageState::Present));
+    assert!(guest_reads(&mut p.mb, 1, last));
+    assert_eq!(peek(&p.mb, 1, last), content(PAGES - 1, p.gens[PAGES as usize - 1]));
+    assert!(p.ma.migration_status(p.id).unwrap().demand_requests >= 1);
+    // It came ahead of the push: the pages after it are not here yet.
+    assert_eq!(state(&p.mb, 1, last + 4096), Some(PageState::NotLoaded), "the touched page came ahead of the push");
+    // The guest there writes that page: the push must not overwrite it.
+    guest_write(&mut p.mb, 1, last, &content(PAGES - 1, 99));
+    p.run_until(1000, 0, 20_000, |p| p.ma.migration.out.is_none());
+    let done = p.la.0.iter().find(|l| l.starts_with("vm 1: migrated to")).unwrap_or_else(|| panic!("{:?}", p.la.0));
+    assert!(done.contains("freed here"), "{done}");
+    let all = p.lb.0.iter().find(|l| l.contains("has all its memory")).unwrap_or_else(|| panic!("{:?}", p.lb.0));
+    assert!(all.contains("1 asked for by a touch") || all.contains("asked for by a touch"), "{all}");
+    let pc = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!((pc.state, pc.postcopy_pages_left), ("completed", 0));
+    assert!(p.ma.get(p.id).unwrap().res.is_none());
+    assert!(p.ma.backend.as_ref().unwrap().free_frames() > free_before);
+    // Every page there is as the source had it, but the one written there.
+    assert_eq!(p.mb.get(1).unwrap().res.as_ref().unwrap().mem.state_counts().not_loaded, 0);
+    assert!(p.mb.host_mem.postcopy.is_empty());
+    for q in 0..PAGES - 1 {
+        assert!(peek(&p.mb, 1, BASE + q * 4096) == content(q, p.gens[q as usize]), "page {q}");
+    }
+    assert_eq!(peek(&p.mb, 1, last), content(PAGES - 1, 99));
+}
+
+#[test]
+fn hybrid_goes_postcopy_when_precopy_stops_converging() {
+    let mut p = Pair::new();
+    // The guest dirties more per round than the link sends: pre-copy alone
+    // would throttle it; hybrid switches to post-copy instead.
+    p.migrate(Options { mode: Mode::Hybrid, bandwidth_mib: Some(8), downtime_ms: 1, ..to_b() });
+    p.run_until(1000, 24, 50_000, |p| p.ma.migration.out.is_none());
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!(s.state, "completed", "{:?} {:?}", p.la.0, p.lb.0);
+    assert!(s.iteration >= 2 && s.postcopy_pages > 0, "{s:?}");
+    assert!(s.postcopy_pages <= PAGES, "only the dirty set went post-copy, not all RAM: {s:?}");
+    assert_eq!(s.throttle_pct, 0, "never throttled");
+    // Every write the guest made on the source is there.
+    p.check_region(&p.mb, 1);
+}
+
+#[test]
+fn a_link_that_breaks_during_postcopy_leaves_both_copies_paused() {
+    let mut p = Pair::new();
+    p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(2), ..to_b() });
+    p.run_until(1000, 0, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
+    p.run_until(1000, 0, 5000, |p| p.ma.migration_status(p.id).is_some_and(|s| s.postcopy_pages_left < 1500));
+    p.a.nic().drop_every = 1;
+    p.b.nic().drop_every = 1;
+    p.run_until(10_000, 0, 5000, |p| p.ma.migration.out.is_none() && !p.mb.migration.incoming.as_ref().unwrap().busy());
+    let a = p.la.0.last().unwrap();
+    assert!(a.contains("failed during post-copy") && a.contains("stays paused here"), "{a}");
+    let vm = p.ma.get(p.id).unwrap();
+    assert!(vm.paused && vm.res.is_some(), "the source keeps its copy, paused");
+    let b = p.lb.0.last().unwrap();
+    assert!(b.contains("post-copy of vm 1") && b.contains("is paused here"), "{b}");
+    assert!(p.mb.get(1).unwrap().paused);
+    let missing = p.mb.get(1).unwrap().res.as_ref().unwrap().mem.state_counts().not_loaded;
+    assert!(missing > 0 && b.contains(&format!("{missing} of its pages")), "{b}");
+}
