@@ -33,7 +33,7 @@ fn meta0(vendor: u64) -> u64 {
     vendor | (u64::from(migrate::FORMAT_MAJOR) << 16) | (u64::from(migrate::FORMAT_MINOR) << 8)
 }
 
-/// "1.0": the format version a checkpoint was written in.
+/// "1.1": the format version a checkpoint was written in.
 fn format_version(meta0: u64) -> String {
     format!("{}.{}", (meta0 >> 16) & 0xffff, (meta0 >> 8) & 0xff)
 }

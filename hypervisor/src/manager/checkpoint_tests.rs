@@ -244,7 +244,7 @@ fn console_saves_lists_restores_and_deletes_checkpoints() {
     assert_eq!(c["format_version"], "1.1", "{c}");
     assert_eq!(c["vendor"], "unknown", "the mock backend is neither vendor: {c}");
     let text = run("vm checkpoints", &mut m);
-    assert!(text.lines().nth(1).is_some_and(|l| l.starts_with("first ") && l.contains(" 1.0 ")), "{text}");
+    assert!(text.lines().nth(1).is_some_and(|l| l.starts_with("first ") && l.contains(" 1.1 ")), "{text}");
     // Refusals: one line each, nothing changes.
     let before = run("disk list --json", &mut m);
     for (line, want) in [
