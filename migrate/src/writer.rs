@@ -223,6 +223,13 @@ impl<S: Sink> Writer<S> {
         })
     }
 
+    /// Sends the memory held back now, as a record of its own (post-copy:
+    /// a page the destination waits for must not wait for the record to
+    /// fill up).
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.guard(|w| w.flush_memory())
+    }
+
     /// Writes the end record; returns the sink and what the stream holds.
     pub fn finish(mut self) -> Result<(S, Stats), Error> {
         self.guard(|w| {

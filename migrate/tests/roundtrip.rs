@@ -268,3 +268,24 @@ fn a_one_gib_run_is_accepted_and_zero_pages_stay_flags() {
     assert_eq!(sink.vm.large_runs, [(first, 262_144)]);
     assert_eq!(sink.vm.pages.len(), 262_144);
 }
+
+#[test]
+fn flush_sends_the_held_back_pages_as_a_record_of_their_own() {
+    let h = header(1, &[], true);
+    let mut w = Writer::begin(Vec::new(), &h).unwrap();
+    w.page(5, &text_page(5)).unwrap();
+    let before = w.sink_mut().len();
+    w.flush().unwrap();
+    assert!(w.sink_mut().len() > before, "the page went out with the flush");
+    w.flush().unwrap();
+    w.page(6, &text_page(6)).unwrap();
+    w.vcpu(0, &vcpu_state(0)).unwrap();
+    let (stream, _) = w.finish().unwrap();
+    let mut sink = ModelSink::default();
+    Reader::open(&stream[..]).unwrap().apply(&mut sink).unwrap();
+    assert_eq!(sink.vm.pages[&5], Page::Data(text_page(5).to_vec()));
+    assert_eq!(sink.vm.pages[&6], Page::Data(text_page(6).to_vec()));
+    // Configuration, two memory records (an empty flush sends none), the
+    // vCPU, the end.
+    assert_eq!(records(&stream).len(), 5);
+}

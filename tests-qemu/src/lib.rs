@@ -156,6 +156,20 @@ impl Machine {
         (a, b)
     }
 
+    /// Cuts (`up == false`) or restores the link of the pair
+    /// [`Machine::boot_linked_pair`] made as `name`, as a pulled cable
+    /// would: each QEMU sends its frames to the other's socket by path,
+    /// so moving both paths aside drops every frame until they are back.
+    pub fn set_link_up(name: &str, up: bool) {
+        let dir = boot::target_dir().join("runs").join(format!("{name}-link-{}", std::process::id()));
+        for end in ["a.sock", "b.sock"] {
+            let (live, aside) = (dir.join(end), dir.join(format!("{end}.down")));
+            let (from, to) = if up { (aside, live) } else { (live, aside) };
+            std::fs::rename(&from, &to)
+                .unwrap_or_else(|e| panic!("[{name}] {} -> {}: {e}", from.display(), to.display()));
+        }
+    }
+
     /// A Bochs host (VT-x) and a QEMU host (AMD-V) on one Ethernet link:
     /// UDP on loopback inside a private network namespace the calling
     /// thread enters first (`boot::link::enter_private_netns`: root only;

@@ -120,34 +120,65 @@ fn precopy_between_two_qemu_hosts() {
     eprintln!("[migration] rate {fast} guest on B: {}", report(&b.transcript(), from_b, "memtest: dirty: "));
 
     // 4. Post-copy: the VM runs on B at once and its pages follow, those
-    // it touches there asked for ahead of the rest; its check passes on B,
-    // and A frees it only after the last page.
+    // it touches there asked for ahead of the rest (slowed to 1 MiB/s so
+    // it lasts). The link is cut meanwhile: both copies wait paused, A
+    // holding the pages B lacks; when it comes back A connects again and
+    // sends them. The guest's check passes on B, and A frees the VM only
+    // after the last page.
     let from_a = a.transcript().len();
     let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=11"));
     assert!(out.contains("vm 3"), "{out}");
     a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
     let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
     let started = Instant::now();
-    let out = a.cmd("vm migrate 3 10.0.8.2 mode=postcopy");
+    let out = a.cmd("vm migrate 3 10.0.8.2 mode=postcopy bandwidth=1");
     assert!(out.contains("post-copy"), "{out}");
     b.wait_for_after("(post-copy: ", from_b, limit);
     let resumed = started.elapsed().as_secs_f64();
+    // The guest there has asked for a page, and pages are still to come.
+    loop {
+        let s = a.json("vm migrate status 3 --json");
+        if s["demand_requests"].as_u64().unwrap_or(0) >= 1 && s["postcopy_pages_left"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(s["state"] == "postcopy" && started.elapsed() < limit, "{s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Machine::set_link_up("migration", false);
+    a.wait_for_after("lost its connection", from_a, limit);
+    b.wait_for_after("broke:", from_b, limit);
+    let (lost, broke) =
+        (report(&a.transcript(), from_a, "vm 3: post-copy"), report(&b.transcript(), from_b, "migrate: post-copy"));
+    eprintln!("[migration] link cut: A: {lost}\n[migration] B: {broke}");
+    assert!(lost.contains("stays paused here"), "{lost}");
+    assert!(broke.contains("is paused here"), "{broke}");
+    assert_eq!(vm_entry(&a.json("vm list --json"), 3)["state"], "paused");
+    let on_b = b.json("vm list --json");
+    let id_b = on_b["vms"].as_array().unwrap().iter().find(|v| v["state"] == "paused").expect("B's copy, paused")["id"]
+        .clone();
+    Machine::set_link_up("migration", true);
     a.wait_for_after("vm 3: migrated to 10.0.8.2:7070", from_a, limit);
     b.wait_for_after("has all its memory", from_b, limit);
     let wall = started.elapsed().as_secs_f64();
     let t = b.transcript();
-    let (runs, all) = (report(&t, from_b, "runs here after"), report(&t, from_b, "has all its memory"));
+    let (runs, again, all) = (
+        report(&t, from_b, "runs here after"),
+        report(&t, from_b, "connected again"),
+        report(&t, from_b, "has all its memory"),
+    );
     let status = a.json("vm migrate status 3 --json");
     eprintln!(
-        "[migration] post-copy: B: {runs} ({resumed:.2} s after the command)\n[migration] B: {all}\n[migration] \
-         status: {status}\n[migration] wall clock {wall:.2} s"
+        "[migration] post-copy: B: {runs} ({resumed:.2} s after the command)\n[migration] B: {again}\n[migration] B: \
+         {all}\n[migration] status: {status}\n[migration] wall clock {wall:.2} s (the cut included)"
     );
     assert_eq!((status["state"].as_str(), status["mode"].as_str()), (Some("completed"), Some("postcopy")), "{status}");
     assert!(status["postcopy_pages"].as_u64().unwrap() >= mem * 256, "all of RAM followed the resume: {status}");
     assert_eq!(status["postcopy_pages_left"], 0, "{status}");
-    assert!(status["demand_requests"].as_u64().unwrap() >= 1, "the guest touched pages before the push: {status}");
+    assert!(status["recoveries"].as_u64().unwrap() >= 1, "{status}");
     assert!(all.contains("asked for by a touch"), "{all}");
-    let there = status["destination_vm"].as_u64().unwrap();
+    assert_eq!(status["destination_vm"], id_b, "{status}");
+    let there = id_b.as_u64().unwrap();
+    assert_eq!(vm_entry(&b.json("vm list --json"), there)["state"], "running");
     assert_ne!(vm_entry(&a.json("vm list --json"), 3)["state"], "running");
     let from_b = b.transcript().len();
     b.cmd(&format!("vm send {there} -- c"));

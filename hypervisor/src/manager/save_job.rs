@@ -366,6 +366,13 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
+    /// Close the open memory record and hand everything to `target` now
+    /// (post-copy: a page the destination waits for goes at once).
+    pub(super) fn flush_pages(&mut self, job: &mut SaveJob, target: &mut impl Sink) -> Result<(), Error> {
+        job.writer.flush().map_err(Error::Stream)?;
+        self.flush_save(job, target)
+    }
+
     /// Hand what the staging buffer holds to `target` now (a connection
     /// that should not wait for a full buffer).
     pub(super) fn flush_save(&mut self, job: &mut SaveJob, target: &mut impl Sink) -> Result<(), Error> {

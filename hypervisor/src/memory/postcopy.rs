@@ -94,6 +94,14 @@ impl PostcopyPages {
         ask
     }
 
+    /// The connection that carried the requests broke: every awaited
+    /// page is asked for again on the next.
+    pub fn ask_again(&mut self) {
+        for asked in self.wanted.values_mut() {
+            *asked = None;
+        }
+    }
+
     /// Page `gfn` came without data (poisoned at the source): nobody
     /// waits for its contents any more.
     pub fn settled(&mut self, gfn: u64) {

@@ -10,6 +10,7 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::net::Ipv4Addr;
 
 use migrate::{FRAME_LEN, IoError, PROLOGUE_LEN, Reader, Source, record_len};
 
@@ -35,11 +36,18 @@ pub struct Incoming<B: Backend> {
     /// Migrations received and refused since listening began.
     pub received: u64,
     pub refused: u64,
+    /// Post-copy VMs whose connection broke, paused until their source
+    /// (by address) connects again: (VM id, source address, whether the
+    /// break paused it: an operator's pause stays).
+    pub orphans: Vec<(u32, Ipv4Addr, bool)>,
+    /// The last post-copy VMs that completed, by source address: a source
+    /// that lost the OK line and connects again is told again.
+    done: Vec<(Ipv4Addr, u32)>,
 }
 
 impl<B: Backend> Incoming<B> {
     pub fn new(port: u16) -> Self {
-        Incoming { port, conn: None, received: 0, refused: 0 }
+        Incoming { port, conn: None, received: 0, refused: 0, orphans: Vec::new(), done: Vec::new() }
     }
 
     /// Whether a stream is arriving.
@@ -52,6 +60,11 @@ impl<B: Backend> Incoming<B> {
 struct Conn<B: Backend> {
     stream: StreamId,
     peer: String,
+    /// The source's address (recovery matches on it).
+    ip: Option<Ipv4Addr>,
+    /// Post-copy recovery: this connection carries the rest of a broken
+    /// post-copy (its state records are passed over).
+    recovering: bool,
     inbox: Inbox,
     reader: Option<Reader<Inbox>>,
     vm: Option<Rebuild<B>>,
@@ -133,6 +146,7 @@ impl<B: Backend> Manager<B> {
         self.migration.reap(t, now_us);
         let Some(mut inc) = self.migration.incoming.take() else { return };
         while let Some(stream) = t.accept(inc.port) {
+            let ip = t.peer(stream).map(|p| *p.ip());
             let peer = t.peer(stream).map_or_else(|| String::from("?"), |p| format!("{p}"));
             if inc.conn.is_some() {
                 console.line(&format!("migrate: refused {peer}: a migration is already arriving"));
@@ -144,6 +158,8 @@ impl<B: Backend> Manager<B> {
             inc.conn = Some(Conn {
                 stream,
                 peer,
+                ip,
+                recovering: false,
                 inbox: Inbox::default(),
                 reader: None,
                 vm: None,
@@ -154,7 +170,7 @@ impl<B: Backend> Manager<B> {
             });
         }
         if let Some(mut c) = inc.conn.take() {
-            match self.receive(&mut c, t, now_us, console) {
+            match self.receive(&mut c, &mut inc, t, now_us, console) {
                 None => inc.conn = Some(c),
                 Some(outcome) => {
                     let ms = now_us.saturating_sub(c.started_us) / 1000;
@@ -170,6 +186,13 @@ impl<B: Backend> Manager<B> {
                     match outcome {
                         Outcome::PostcopyDone(id, what) => {
                             inc.received += 1;
+                            if let Some(ip) = c.ip {
+                                inc.done.retain(|&(a, _)| a != ip);
+                                inc.done.push((ip, id));
+                                if inc.done.len() > 8 {
+                                    inc.done.remove(0);
+                                }
+                            }
                             let _ = t.write(c.stream, format!("{REPLY_OK}{id}\n").as_bytes());
                             t.close(c.stream);
                             self.migration.closing.push((c.stream, now_us + 5_000_000));
@@ -184,8 +207,15 @@ impl<B: Backend> Manager<B> {
                             self.migration.closing.push((c.stream, now_us + 5_000_000));
                             // Its vCPUs may not run on without pages the
                             // source still holds: paused, for the operator.
-                            if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) {
+                            let mut by_us = false;
+                            if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id && !v.paused) {
                                 vm.paused = true;
+                                vm.pause_vcpus(true);
+                                by_us = true;
+                            }
+                            if let Some(ip) = c.ip {
+                                inc.orphans.retain(|&(v, ..)| v != id);
+                                inc.orphans.push((id, ip, by_us));
                             }
                             let left = self
                                 .get(id)
@@ -193,7 +223,7 @@ impl<B: Backend> Manager<B> {
                                 .map_or(0, |r| r.mem.state_counts().not_loaded);
                             console.line(&format!(
                                 "migrate: post-copy of vm {id} from {} broke: {why}; vm {id} is paused here, {left} of \
-                                 its pages are still only at the source",
+                                 its pages are still only at the source; it goes on when the source connects again",
                                 c.peer
                             ));
                         }
@@ -237,6 +267,7 @@ impl<B: Backend> Manager<B> {
     fn receive(
         &mut self,
         c: &mut Conn<B>,
+        inc: &mut Incoming<B>,
         t: &mut impl Transport,
         now_us: u64,
         console: &mut impl Console,
@@ -262,6 +293,64 @@ impl<B: Backend> Manager<B> {
         }
         if got > 0 {
             c.progress_us = now_us;
+        }
+        if c.reader.is_none() && c.running.is_none() && !c.inbox.unread().starts_with(&migrate::MAGIC) {
+            // Post-copy recovery: the rest of a broken post-copy follows.
+            let line = super::source::RECOVER.as_bytes();
+            if c.inbox.unread().len() < line.len() {
+                return self.stalled(c, closed, now_us);
+            }
+            if !c.inbox.unread().starts_with(line) {
+                return Some(Outcome::Refused(String::from("not a migration stream")));
+            }
+            c.inbox.pos += line.len();
+            if let Some(&(_, id)) = inc.done.iter().find(|&&(ip, _)| Some(ip) == c.ip) {
+                // Its post-copy completed; the source lost the OK.
+                return Some(Outcome::Running(id));
+            }
+            let Some(at) = inc.orphans.iter().position(|&(_, ip, _)| Some(ip) == c.ip) else {
+                return Some(Outcome::Refused(String::from("no broken post-copy from this host")));
+            };
+            let (id, _, by_us) = inc.orphans.remove(at);
+            if self.get(id).is_none_or(|v| v.res.is_none()) {
+                return Some(Outcome::Refused(format!("vm {id}, whose post-copy broke, ended here")));
+            }
+            let missing = self.postcopy_missing(id);
+            c.requests.extend_from_slice(format!("{}{}\n", super::source::MISSING, missing.len()).as_bytes());
+            for g in &missing {
+                c.requests.extend_from_slice(&g.to_le_bytes());
+            }
+            c.running = Some(id);
+            c.recovering = true;
+            if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id && v.paused && by_us) {
+                vm.paused = false;
+                vm.pause_vcpus(false);
+            }
+            console.line(&format!(
+                "migrate: {} connected again: vm {id} runs on, the source sends its {} missing pages",
+                c.peer,
+                missing.len()
+            ));
+        }
+        if c.reader.is_none() && c.running.is_some() {
+            // A recovery's stream: the VM's shape must be this VM's. It
+            // comes once the list of missing pages went out.
+            closed |= send_requests(c, t);
+            if !c.inbox.record_ready(PROLOGUE_LEN) {
+                return self.stalled(c, closed, now_us);
+            }
+            let reader = match Reader::open(core::mem::take(&mut c.inbox)) {
+                Ok(r) => r,
+                Err(e) => return Some(Outcome::Refused(format!("{e}"))),
+            };
+            let id = c.running.unwrap_or_default();
+            let ranges = crate::vm::boot::ram_ranges(self.get(id).map_or(0, |v| v.mem_bytes));
+            let ram: u64 = ranges.0[..ranges.1].iter().map(|r| r.end - r.start).sum();
+            let h = reader.header();
+            if !h.live || h.ram.iter().map(|r| r.pages() * 4096).sum::<u64>() != ram {
+                return Some(Outcome::Refused(String::from("the recovery stream is not this VM's")));
+            }
+            c.reader = Some(reader);
         }
         if c.reader.is_none() {
             // The prologue and the configuration: the VM's shape.
@@ -293,7 +382,7 @@ impl<B: Backend> Manager<B> {
                 break;
             }
             if let Some(id) = c.running {
-                match self.apply_postcopy(id, reader, now_us) {
+                match self.apply_postcopy(id, reader, now_us, c.recovering) {
                     Ok(false) => continue,
                     Ok(true) => {
                         return Some(match self.end_postcopy(id) {
@@ -348,12 +437,7 @@ impl<B: Backend> Manager<B> {
             // for ahead of the source's background push.
             let asked = self.postcopy_requests(id, now_us);
             c.requests.extend_from_slice(&asked);
-            if !c.requests.is_empty() {
-                match t.write(c.stream, &c.requests) {
-                    Ok(n) => drop(c.requests.drain(..n)),
-                    Err(_) => closed = true,
-                }
-            }
+            closed |= send_requests(c, t);
         }
         // A sender may close its side right after the end record: whole
         // records still buffered are applied in the next rounds first.
@@ -379,6 +463,21 @@ impl<B: Backend> Manager<B> {
             Some(id) => Outcome::PostcopyBroken(id, why),
             None => Outcome::Lost(why),
         })
+    }
+}
+
+/// Hands the connection what waits to go to the source (page requests, a
+/// recovery's list of missing pages); whether the connection is gone.
+fn send_requests<B: Backend>(c: &mut Conn<B>, t: &mut impl Transport) -> bool {
+    if c.requests.is_empty() {
+        return false;
+    }
+    match t.write(c.stream, &c.requests) {
+        Ok(n) => {
+            c.requests.drain(..n);
+            false
+        }
+        Err(_) => true,
     }
 }
 

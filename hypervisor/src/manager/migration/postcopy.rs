@@ -24,6 +24,9 @@ use crate::vm::Resources;
 /// Applies post-copy memory records to a running VM.
 struct Arrivals<'a, B: Backend> {
     id: u32,
+    /// A recovery's stream: its state records (and resume) are passed
+    /// over; the VM has run since the first stream's.
+    recovering: bool,
     res: &'a mut Resources<B>,
     alloc: &'a mut B::Mem,
     host: &'a mut HostMemory,
@@ -60,16 +63,16 @@ impl<B: Backend> Apply for Arrivals<'_, B> {
     // The stream's checker refuses state, pending runs and a second resume
     // after the resume record before a sink sees them; refused here too.
     fn vcpu(&mut self, _: u32, _: GuestState) -> Result<(), String> {
-        Err(String::from(AFTER_RESUME))
+        if self.recovering { Ok(()) } else { Err(String::from(AFTER_RESUME)) }
     }
     fn device(&mut self, _: &str, _: u16, _: &[u8]) -> Result<(), String> {
-        Err(String::from(AFTER_RESUME))
+        if self.recovering { Ok(()) } else { Err(String::from(AFTER_RESUME)) }
     }
     fn pending(&mut self, _: u64, _: u32) -> Result<(), String> {
         Err(String::from(AFTER_RESUME))
     }
     fn resume(&mut self) -> Result<(), String> {
-        Err(String::from(AFTER_RESUME))
+        if self.recovering { Ok(()) } else { Err(String::from(AFTER_RESUME)) }
     }
     fn large_run(&mut self, _: u64, _: u32) -> Result<(), String> {
         // Loading the last page of a 2 MiB region maps it large again.
@@ -126,12 +129,13 @@ impl<B: Backend> Manager<B> {
         id: u32,
         reader: &mut migrate::Reader<R>,
         now_us: u64,
+        recovering: bool,
     ) -> Result<bool, String> {
         let backend = self.backend.as_mut().map_err(|why| format!("{why}"))?;
         let alloc = backend.mem();
         let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or_else(|| format!("vm {id} ended here"))?;
         let res = vm.res.as_mut().ok_or_else(|| format!("vm {id} ended here"))?;
-        let mut sink = Arrivals::<B> { id, res, alloc, host: &mut self.host_mem, now_us };
+        let mut sink = Arrivals::<B> { id, recovering, res, alloc, host: &mut self.host_mem, now_us };
         let applied = reader.apply_next(&mut sink);
         // Whatever happened, vCPUs whose page is here run again.
         self.wake_postcopy_waiters(id);
@@ -140,6 +144,23 @@ impl<B: Backend> Manager<B> {
             Err(migrate::ApplyError::Stream(e)) => Err(format!("{e}")),
             Err(migrate::ApplyError::Sink { at, error }) => Err(format!("{error} (applying {at})")),
         }
+    }
+
+    /// Post-copy recovery: the pages VM `id` still lacks (the source sends
+    /// them on the new connection); the ones its vCPUs wait for are asked
+    /// for again, first.
+    pub(super) fn postcopy_missing(&mut self, id: u32) -> Vec<u64> {
+        if let Some(pc) = self.host_mem.postcopy.get_mut(&id) {
+            pc.ask_again();
+        }
+        let Some(vm) = self.get(id) else { return Vec::new() };
+        let Some(res) = vm.res.as_ref() else { return Vec::new() };
+        let ranges = crate::vm::boot::ram_ranges(vm.mem_bytes);
+        ranges.0[..ranges.1]
+            .iter()
+            .flat_map(|r| (r.start >> 12)..(r.end >> 12))
+            .filter(|&g| res.mem.page_state(GuestPhysAddr(g << 12)) == Some(PageState::NotLoaded))
+            .collect()
     }
 
     /// vCPUs of VM `id` that waited for a page that is now here may run.

@@ -94,22 +94,63 @@ fn hybrid_goes_postcopy_when_precopy_stops_converging() {
     p.check_region(&p.mb, 1);
 }
 
-#[test]
-fn a_link_that_breaks_during_postcopy_leaves_both_copies_paused() {
+/// Post-copy to B, slowed so it lasts, cut once B runs the VM and part of
+/// its pages went over.
+fn postcopy_then_cut() -> Pair {
     let mut p = Pair::new();
     p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(2), ..to_b() });
     p.run_until(1000, 0, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
     p.run_until(1000, 0, 5000, |p| p.ma.migration_status(p.id).is_some_and(|s| s.postcopy_pages_left < 1500));
     p.a.nic().drop_every = 1;
     p.b.nic().drop_every = 1;
-    p.run_until(10_000, 0, 5000, |p| p.ma.migration.out.is_none() && !p.mb.migration.incoming.as_ref().unwrap().busy());
-    let a = p.la.0.last().unwrap();
-    assert!(a.contains("failed during post-copy") && a.contains("stays paused here"), "{a}");
+    p
+}
+
+#[test]
+fn a_postcopy_whose_link_breaks_waits_with_both_copies_paused_and_goes_on_when_it_comes_back() {
+    let mut p = postcopy_then_cut();
+    p.run_until(10_000, 0, 5000, |p| {
+        p.ma.migration_status(p.id).is_some_and(|s| s.state == "reconnecting")
+            && !p.mb.migration.incoming.as_ref().unwrap().orphans.is_empty()
+    });
+    let a = p.la.0.iter().find(|l| l.contains("lost its connection")).unwrap();
+    assert!(a.contains("stays paused here") && a.contains("connecting again"), "{a}");
     let vm = p.ma.get(p.id).unwrap();
     assert!(vm.paused && vm.res.is_some(), "the source keeps its copy, paused");
-    let b = p.lb.0.last().unwrap();
+    let b = p.lb.0.iter().find(|l| l.contains("broke")).unwrap();
     assert!(b.contains("post-copy of vm 1") && b.contains("is paused here"), "{b}");
     assert!(p.mb.get(1).unwrap().paused);
     let missing = p.mb.get(1).unwrap().res.as_ref().unwrap().mem.state_counts().not_loaded;
     assert!(missing > 0 && b.contains(&format!("{missing} of its pages")), "{b}");
+    // Nothing moves while the link is down.
+    for _ in 0..300 {
+        p.round(10_000, 0);
+    }
+    assert_eq!(p.mb.get(1).unwrap().res.as_ref().unwrap().mem.state_counts().not_loaded, missing);
+    // The link comes back: the source connects again, B says what it
+    // lacks, runs the VM on, and the rest arrives.
+    p.a.nic().drop_every = 0;
+    p.b.nic().drop_every = 0;
+    p.run_until(10_000, 0, 20_000, |p| p.ma.migration.out.is_none());
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!((s.state, s.postcopy_pages_left), ("completed", 0), "{s:?} {:?} {:?}", p.la.0, p.lb.0);
+    assert!(s.recoveries >= 1, "{s:?}");
+    assert!(p.lb.0.iter().any(|l| l.contains("connected again: vm 1 runs on")), "{:?}", p.lb.0);
+    assert!(p.lb.0.iter().any(|l| l.contains("has all its memory")), "{:?}", p.lb.0);
+    let dest = p.mb.get(1).unwrap();
+    assert!(!dest.paused && dest.res.as_ref().unwrap().mem.state_counts().not_loaded == 0);
+    p.check_region(&p.mb, 1);
+    assert!(p.ma.get(p.id).unwrap().res.is_none(), "freed at the source after B had every page");
+}
+
+#[test]
+fn a_postcopy_whose_link_never_comes_back_fails_with_both_copies_paused() {
+    let mut p = postcopy_then_cut();
+    p.run_until(100_000, 0, 10_000, |p| p.ma.migration.out.is_none());
+    let a = p.la.0.last().unwrap();
+    assert!(a.contains("failed during post-copy") && a.contains("stays paused here"), "{a}");
+    let vm = p.ma.get(p.id).unwrap();
+    assert!(vm.paused && vm.res.is_some());
+    assert_eq!(p.ma.migration_status(p.id).unwrap().state, "failed");
+    assert!(p.mb.get(1).unwrap().paused);
 }

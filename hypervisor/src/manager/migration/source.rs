@@ -155,6 +155,8 @@ pub struct Status {
     /// The resume record went out: the destination may run the VM, so
     /// this copy is never resumed by the migration.
     pub destination_may_run: bool,
+    /// Post-copy connections lost and made again.
+    pub recoveries: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +168,10 @@ enum Phase {
     /// Post-copy: the VM runs at the destination (paused here); its
     /// pages still here go out, those it asks for first.
     Postcopy,
+    /// Post-copy lost its connection: trying to connect again.
+    Reconnecting,
+    /// Connected again: asked the destination which pages it lacks.
+    Recovering,
     /// Everything sent: waiting for the destination's answer.
     Confirming,
 }
@@ -251,6 +257,15 @@ const POSTCOPY_LOW_WATER: usize = 64 * 1024;
 const POSTCOPY_STEP: usize = 32;
 /// The destination's request for a page: the line, then the frame number.
 pub const REQUEST_PAGE: &str = "HVMIGRATE PAGE ";
+/// Post-copy recovery: the source's first line on a new connection, and
+/// the destination's answer (the count, a newline, then that many frame
+/// numbers as 8-byte little-endian words: the pages it still lacks).
+pub const RECOVER: &str = "HVMIGRATE RECOVER\n";
+pub const MISSING: &str = "HVMIGRATE MISSING ";
+/// Post-copy recovery: a new connection is tried this often, for this long
+/// after the link was lost (then the migration fails, both copies paused).
+const RECONNECT_US: u64 = 1_000_000;
+const RECOVER_FOR_US: u64 = 300_000_000;
 
 /// A migration in progress.
 pub struct Outgoing {
@@ -283,6 +298,11 @@ pub struct Outgoing {
     left: Left,
     demand: Vec<u64>,
     resume_at: Option<u64>,
+    /// Post-copy recovery: when the link was lost, the next connection
+    /// attempt, and when the current attempt began.
+    lost_us: u64,
+    next_try_us: u64,
+    try_us: u64,
     started_us: u64,
     open_us: u64,
     pause_us: u64,
@@ -373,6 +393,9 @@ impl<B: Backend> Manager<B> {
             left: Left::default(),
             demand: Vec::new(),
             resume_at: None,
+            lost_us: 0,
+            next_try_us: 0,
+            try_us: 0,
             started_us: now_us,
             open_us: now_us,
             pause_us: now_us,
@@ -393,7 +416,7 @@ impl<B: Backend> Manager<B> {
     /// `precopy_too` (an operation that cannot go with the dirty log).
     pub(crate) fn migration_lock(&self, id: u32, precopy_too: bool) -> Result<(), Error> {
         let Some(o) = self.migration.out.as_ref().filter(|o| o.status.id == id) else { return Ok(()) };
-        let switching = matches!(o.phase, Phase::SwitchingOver | Phase::Postcopy | Phase::Confirming);
+        let switching = !matches!(o.phase, Phase::Connecting | Phase::Copying);
         if switching || precopy_too {
             return Err(Error::Migrating { id, to: o.status.to.clone(), switching });
         }
@@ -404,7 +427,7 @@ impl<B: Backend> Manager<B> {
     /// running at the destination), if any.
     pub(crate) fn switching_over(&self) -> Option<u32> {
         let o = self.migration.out.as_ref()?;
-        matches!(o.phase, Phase::SwitchingOver | Phase::Postcopy | Phase::Confirming).then_some(o.status.id)
+        (!matches!(o.phase, Phase::Connecting | Phase::Copying)).then_some(o.status.id)
     }
 
     /// Cancels VM `id`'s migration if it is in pre-copy (the caller made
@@ -429,8 +452,128 @@ impl<B: Backend> Manager<B> {
                 self.migration.out = Some(o);
             }
             Ok(Some(dest)) => self.complete_outgoing(o, dest, t, now_us, console),
+            // Post-copy: the destination runs the VM on what it got; the
+            // rest is only here. Connect again and send what it lacks.
+            Err(why)
+                if o.status.destination_may_run
+                    && o.cancelled.is_none()
+                    && self.get(o.status.id).is_some_and(|v| v.res.is_some())
+                    && (matches!(o.phase, Phase::Postcopy | Phase::Confirming)
+                        || matches!(o.phase, Phase::Reconnecting | Phase::Recovering)
+                            && now_us.saturating_sub(o.lost_us) < RECOVER_FOR_US) =>
+            {
+                if matches!(o.phase, Phase::Postcopy | Phase::Confirming) {
+                    console.line(&format!(
+                        "vm {}: post-copy to {} lost its connection: {why}; the VM stays paused here with the {} \
+                         pages the destination may lack; connecting again",
+                        o.status.id, o.status.to, o.status.postcopy_pages_left
+                    ));
+                    o.lost_us = now_us;
+                }
+                // What went wrong last, for `vm migrate status` meanwhile.
+                o.status.error = Some(why);
+                self.lose_link(&mut o, t, now_us);
+                self.migration.out = Some(o);
+            }
             Err(why) => self.fail_outgoing(o, why, t, now_us, console),
         }
+    }
+
+    /// Post-copy's connection is gone: drop it and its stream, and try a
+    /// new one from the next second on.
+    fn lose_link(&mut self, o: &mut Outgoing, t: &mut impl Transport, now_us: u64) {
+        t.abort(o.stream);
+        if let Some(job) = o.job.take() {
+            self.abort_save(job);
+        }
+        o.out = Outbox::default();
+        o.demand.clear();
+        o.reply.clear();
+        o.phase = Phase::Reconnecting;
+        o.status.state = "reconnecting";
+        o.next_try_us = now_us + RECONNECT_US;
+    }
+
+    /// Post-copy recovery: connect, say so, read which pages the
+    /// destination lacks, then send them on a new stream (its state
+    /// records again, which the destination passes over: its VM has run).
+    fn recover_step(&mut self, o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<Option<u32>, String> {
+        if o.phase == Phase::Reconnecting {
+            if now_us < o.next_try_us {
+                return Ok(None);
+            }
+            o.stream = t.connect(o.opts.to).map_err(|e| format!("{}: {e}", o.opts.to))?;
+            o.phase = Phase::Recovering;
+            o.try_us = now_us;
+            return Ok(None);
+        }
+        match t.state(o.stream) {
+            StreamState::Connecting if now_us.saturating_sub(o.try_us) <= CONNECT_US => return Ok(None),
+            StreamState::Open if o.try_us != 0 => {
+                let n = t.write(o.stream, RECOVER.as_bytes()).map_err(|_| String::from("the connection was reset"))?;
+                if n != RECOVER.len() {
+                    return Err(String::from("the new connection took less than one line"));
+                }
+                o.try_us = 0;
+            }
+            StreamState::Open => {}
+            _ => return Err(String::from("the destination did not take a new connection")),
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match t.read(o.stream, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => o.reply.extend_from_slice(&buf[..n]),
+                Err(_) => return Err(String::from("the destination closed the new connection")),
+            }
+        }
+        let Some(end) = o.reply.iter().position(|&b| b == b'\n') else {
+            if o.reply.len() > MAX_REPLY {
+                return Err(String::from("the destination's answer is not a recovery answer"));
+            }
+            return Ok(None);
+        };
+        let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
+        // It had every page already (the OK was what the link lost).
+        if let Some(n) = line.strip_prefix(REPLY_OK) {
+            return n.trim().parse().map(Some).map_err(|_| format!("the destination answered {line:?}"));
+        }
+        let Some(count) = line.strip_prefix(MISSING) else {
+            return Err(format!("the destination answered {line:?}"));
+        };
+        let ram = crate::vm::boot::ram_ranges(self.get(o.status.id).map_or(0, |v| v.mem_bytes));
+        let pages: u64 = ram.0[..ram.1].iter().map(|r| (r.end - r.start) >> 12).sum();
+        let count = count.trim().parse::<u64>().ok().filter(|&c| c <= pages).ok_or(format!("bad answer {line:?}"))?;
+        let body = &o.reply[end + 1..];
+        if (body.len() as u64) < count * 8 {
+            return Ok(None);
+        }
+        let mut gfns = Vec::with_capacity(count as usize);
+        for w in body[..(count * 8) as usize].as_chunks::<8>().0 {
+            let g = u64::from_le_bytes(*w);
+            if !ram.0[..ram.1].iter().any(|r| r.contains(&(g << 12))) {
+                return Err(format!("the destination asked for page {g:#x}, outside the VM's RAM"));
+            }
+            gfns.push(g);
+        }
+        // Page requests may follow the list.
+        o.reply.drain(..end + 1 + (count * 8) as usize);
+        // A new stream: the header, the state again, the resume, then the
+        // pages the destination lacks.
+        let id = o.status.id;
+        let e = |e: Error| format!("{e}");
+        let mut job = self.begin_migration_stream(id).map_err(e)?;
+        let captured = self.capture(id).map_err(e)?;
+        let r = self.resume_migration_stream(&mut job, &[], &captured, &mut o.out);
+        o.job = Some(job);
+        r.map_err(e)?;
+        o.left = Left::new(&gfns);
+        o.status.postcopy_pages_left = o.left.count;
+        o.status.recoveries += 1;
+        o.phase = Phase::Postcopy;
+        o.status.state = "postcopy";
+        o.progress_us = now_us;
+        Ok(None)
     }
 
     fn outgoing_step(&mut self, o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<Option<u32>, String> {
@@ -444,6 +587,9 @@ impl<B: Backend> Manager<B> {
             // A reset gives the VM fresh memory, without the log.
             (Some(false), Phase::Copying) => return Err(format!("vm {id} was reset during the migration")),
             _ => {}
+        }
+        if matches!(o.phase, Phase::Reconnecting | Phase::Recovering) {
+            return self.recover_step(o, t, now_us);
         }
         let before = (o.status.bytes_on_wire, o.reply.len());
         match o.phase {
@@ -470,6 +616,7 @@ impl<B: Backend> Manager<B> {
             }
             Phase::Postcopy => self.postcopy_step(o)?,
             Phase::Confirming => {}
+            Phase::Reconnecting | Phase::Recovering => {}
         }
         o.status.buffer_peak_bytes = o.out.peak as u64;
         let pumped = pump(o, t, now_us);
@@ -686,7 +833,7 @@ impl<B: Backend> Manager<B> {
             asked.extend(o.left.take_next(POSTCOPY_STEP));
         }
         let r = if !asked.is_empty() {
-            self.save_pages(&mut job, &asked, &mut o.out).and_then(|()| self.flush_save(&mut job, &mut o.out))
+            self.save_pages(&mut job, &asked, &mut o.out).and_then(|()| self.flush_pages(&mut job, &mut o.out))
         } else if o.left.count == 0 {
             let saved = self.finish_save(job, &mut o.out).map_err(e)?;
             o.status.pages_sent = saved.stats.total_pages();
@@ -831,22 +978,13 @@ fn read_answer(o: &mut Outgoing, t: &mut impl Transport) -> Result<Option<Result
             break;
         }
         o.reply.extend_from_slice(&buf[..n]);
-        // Post-copy's page requests come before the answer: take them.
-        while let Some(end) = o.reply.iter().position(|&b| b == b'\n') {
-            let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
-            let Some(gfn) = line.strip_prefix(REQUEST_PAGE) else { break };
-            let gfn = gfn.trim().parse::<u64>().map_err(|_| format!("the destination asked for {line:?}"))?;
-            if o.phase != Phase::Postcopy {
-                return Err(format!("the destination asked for page {gfn:#x} outside post-copy"));
-            }
-            o.demand.push(gfn);
-            o.status.demand_requests += 1;
-            o.reply.drain(..=end);
-        }
+        take_requests(o)?;
         if o.reply.len() > MAX_REPLY {
             return Err(String::from("the destination's answer is not a migration answer"));
         }
     }
+    // Requests left over from a recovery's answer.
+    take_requests(o)?;
     if let Some(end) = o.reply.iter().position(|&b| b == b'\n') {
         let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
         if let Some(n) = line.strip_prefix(REPLY_OK) {
@@ -861,6 +999,23 @@ fn read_answer(o: &mut Outgoing, t: &mut impl Transport) -> Result<Option<Result
         return Err(String::from("the destination closed the connection without confirming the VM runs there"));
     }
     Ok(None)
+}
+
+/// Post-copy's page requests, which come before the answer: taken out of
+/// what the destination sent.
+fn take_requests(o: &mut Outgoing) -> Result<(), String> {
+    while let Some(end) = o.reply.iter().position(|&b| b == b'\n') {
+        let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
+        let Some(gfn) = line.strip_prefix(REQUEST_PAGE) else { break };
+        let gfn = gfn.trim().parse::<u64>().map_err(|_| format!("the destination asked for {line:?}"))?;
+        if o.phase != Phase::Postcopy {
+            return Err(format!("the destination asked for page {gfn:#x} outside post-copy"));
+        }
+        o.demand.push(gfn);
+        o.status.demand_requests += 1;
+        o.reply.drain(..=end);
+    }
+    Ok(())
 }
 
 /// Hands produced bytes to the connection, within the bandwidth limit;
