@@ -542,7 +542,7 @@ impl<B: Backend> Vm<B> {
         let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
         let exit = emulator::PortExit { port: io.port, size: io.size, write: io.write };
         let devices = &mut self.devices;
-        let (result, rip, rflags, unbacked, effect) = host.with_hooks(self.id, |hooks| {
+        let (result, rip, rflags, unbacked, effect, in_transit) = host.with_hooks(self.id, |hooks| {
             let mut p = mmio::VmPlatform {
                 vcpus: &mut *vcpus,
                 cur,
@@ -557,11 +557,16 @@ impl<B: Backend> Vm<B> {
                 accesses: 0,
                 unbacked_ports: 0,
                 port_effect: None,
+                in_transit: None,
             };
             let r = emulator::string_io(&mut p, &exit);
-            (r, p.rip, p.rflags, p.unbacked_ports, p.port_effect)
+            (r, p.rip, p.rflags, p.unbacked_ports, p.port_effect, p.in_transit)
         });
         self.stats.unbacked_io += u64::from(unbacked);
+        if let (Err(_), Some(gfn)) = (&result, in_transit) {
+            vcpus[cur].awaiting_page = Some(gfn);
+            return Flow::Yield;
+        }
         let reason = match result {
             Ok(done) => {
                 finish_emulated(&mut vcpus[cur].vcpu, done.completed, &state, rip, rflags);
@@ -706,7 +711,7 @@ impl<B: Backend> Vm<B> {
         let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
         let fault = emulator::MmioFault { gpa, access, gva };
         let devices = &mut self.devices;
-        let (result, rip, rflags) = host.with_hooks(self.id, |hooks| {
+        let (result, rip, rflags, in_transit) = host.with_hooks(self.id, |hooks| {
             let mut p = mmio::VmPlatform {
                 vcpus: &mut *vcpus,
                 cur,
@@ -721,11 +726,18 @@ impl<B: Backend> Vm<B> {
                 accesses: 0,
                 unbacked_ports: 0,
                 port_effect: None,
+                in_transit: None,
             };
             let r = emulator::emulate(&mut p, &fault);
-            (r, p.rip, p.rflags)
+            (r, p.rip, p.rflags, p.in_transit)
         });
         self.stats.mmio += 1;
+        // Post-copy: a page the instruction needs is not here yet. Nothing
+        // was carried out; the vCPU waits for it and runs it again.
+        if let (Err(_), Some(gfn)) = (&result, in_transit) {
+            vcpus[cur].awaiting_page = Some(gfn);
+            return Flow::Yield;
+        }
         let reason = match result {
             Ok(done) => {
                 finish_emulated(&mut vcpus[cur].vcpu, done.completed, &state, rip, rflags);

@@ -39,6 +39,25 @@ pub struct VmPlatform<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: Contiguous
     /// A port access that ends or resets the VM (string I/O), for the
     /// exit handler to act on once the instruction stopped.
     pub port_effect: Option<PortEffect>,
+    /// Post-copy: a guest frame the instruction needed (its bytes, an
+    /// operand, a page table) that is still on its way from the
+    /// migration's source. The instruction was not carried out; the vCPU
+    /// waits for the page and runs it again.
+    pub in_transit: Option<u64>,
+}
+
+impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> VmPlatform<'_, '_, V, F, A> {
+    /// Notes a page in transit; whether the access went through.
+    fn went(&mut self, r: Result<(), mm::Error>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(mm::Error::PageInTransit(g)) => {
+                self.in_transit = Some(g.0 >> 12);
+                false
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Ports for VmPlatform<'_, '_, V, F, A> {
@@ -121,12 +140,33 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
     /// racing table change would give it). Permissions are not checked
     /// again: the CPU checked them before the access faulted.
     fn translate(&mut self, gva: u64, access: MemAccess) -> Result<u64, PageFaultCode> {
-        let (mem, alloc) = (&*self.mem, &*self.alloc);
+        // A page-table page that is not resident (swapped out, or not yet
+        // loaded: lazy restore, post-copy) is brought in as any host read
+        // would, rather than read as absent (which would fault the guest
+        // for a translation it has).
+        let walking =
+            core::cell::RefCell::new((&mut *self.mem, &mut *self.alloc, &mut *self.hooks, &mut *self.vcpus, None));
         let read64 = |gpa: u64| {
+            let mut w = walking.borrow_mut();
+            let (mem, alloc, hooks, vcpus, transit) = &mut *w;
             let mut b = [0u8; 8];
-            mem.peek(alloc, GuestPhysAddr(gpa), &mut b).ok().map(|_| u64::from_le_bytes(b))
+            if mem.peek(&**alloc, GuestPhysAddr(gpa), &mut b).is_ok() {
+                return Some(u64::from_le_bytes(b));
+            }
+            match mem.read(*alloc, hooks, GuestPhysAddr(gpa), &mut b, &mut |s| super::flush_all(vcpus, s)) {
+                Ok(()) => Some(u64::from_le_bytes(b)),
+                Err(mm::Error::PageInTransit(g)) => {
+                    *transit = Some(g.0 >> 12);
+                    None
+                }
+                Err(_) => None,
+            }
         };
-        walk::translate(self.state, gva, read64).ok_or_else(|| {
+        let walked = walk::translate(self.state, gva, read64);
+        if let Some(g) = walking.into_inner().4 {
+            self.in_transit = Some(g);
+        }
+        walked.ok_or_else(|| {
             // Not present; W/R, U/S and I/D as the access was (SDM Vol. 3A
             // 4.7).
             let mut code = 0;
@@ -145,7 +185,8 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
 
     fn read_ram(&mut self, gpa: u64, buf: &mut [u8]) -> bool {
         let vcpus = &mut *self.vcpus;
-        self.mem.read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| super::flush_all(vcpus, s)).is_ok()
+        let r = self.mem.read(self.alloc, self.hooks, GuestPhysAddr(gpa), buf, &mut |s| super::flush_all(vcpus, s));
+        self.went(r)
     }
 
     fn write_ram(&mut self, gpa: u64, data: &[u8]) -> bool {
@@ -153,7 +194,8 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
             return true; // ROM: the write goes nowhere
         }
         let vcpus = &mut *self.vcpus;
-        self.mem.write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| super::flush_all(vcpus, s)).is_ok()
+        let r = self.mem.write(self.alloc, self.hooks, GuestPhysAddr(gpa), data, &mut |s| super::flush_all(vcpus, s));
+        self.went(r)
     }
 
     fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {

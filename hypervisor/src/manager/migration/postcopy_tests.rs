@@ -154,3 +154,60 @@ fn a_postcopy_whose_link_never_comes_back_fails_with_both_copies_paused() {
     assert_eq!(p.ma.migration_status(p.id).unwrap().state, "failed");
     assert!(p.mb.get(1).unwrap().paused);
 }
+
+/// Post-copy to B until the VM runs there, nothing of its memory yet sent
+/// (a slow link).
+fn running_on_b_without_pages() -> Pair {
+    let mut p = Pair::new();
+    p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(1), ..to_b() });
+    p.run_until(1000, 0, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
+    p
+}
+
+fn exit_on_b(p: &mut Pair, exit: vcpu::VmExit) -> crate::vm::exit::Flow {
+    let Manager { backend, vms, host_mem, .. } = &mut p.mb;
+    let vm = vms.iter_mut().find(|v| v.id == 1).unwrap();
+    vm.handle_exit(exit, backend.as_mut().unwrap(), host_mem, &mut crate::testing::Lines::default())
+}
+
+fn awaiting(p: &Pair) -> Option<u64> {
+    p.mb.get(1).unwrap().res.as_ref().unwrap().vcpus[0].awaiting_page
+}
+
+#[test]
+fn a_vcpu_that_touches_a_missing_page_waits_without_running_until_it_arrives() {
+    let mut p = running_on_b_without_pages();
+    let gpa = BASE + 300 * 4096;
+    assert_eq!(state(&p.mb, 1, gpa), Some(PageState::NotLoaded));
+    let flow = exit_on_b(&mut p, vcpu::VmExit::NestedPageFault { gpa, access: vcpu::MemAccess::Write, gva: None });
+    assert_eq!(flow, crate::vm::exit::Flow::Yield, "the vCPU waits; the VM is not stopped");
+    assert_eq!(awaiting(&p), Some(gpa >> 12));
+    let (now, hz) = (p.mb.backend.as_ref().unwrap().now(), p.mb.backend.as_ref().unwrap().tsc_hz());
+    let vm = p.mb.vms.iter_mut().find(|v| v.id == 1).unwrap();
+    assert!(!vm.state.ended());
+    assert_eq!(vm.pick_vcpu(now, hz), None, "a waiting vCPU costs no CPU");
+    // Its page is asked for and comes ahead of the rest.
+    p.run_until(1000, 0, 2000, |p| awaiting(p).is_none());
+    assert_eq!(state(&p.mb, 1, gpa), Some(PageState::Present));
+    assert!(p.ma.migration_status(p.id).unwrap().demand_requests >= 1);
+    let vm = p.mb.vms.iter_mut().find(|v| v.id == 1).unwrap();
+    assert_eq!(vm.pick_vcpu(now, hz), Some(0));
+}
+
+#[test]
+fn an_emulated_instruction_whose_bytes_are_missing_waits_instead_of_faulting_the_guest() {
+    let mut p = running_on_b_without_pages();
+    // A device-register access (the local APIC's page): the instruction is
+    // fetched from guest memory, which is not here yet.
+    let rip = p.mb.get(1).unwrap().res.as_ref().unwrap().vcpus[0].vcpu.state.rip;
+    let flow =
+        exit_on_b(&mut p, vcpu::VmExit::NestedPageFault { gpa: 0xfee0_0080, access: vcpu::MemAccess::Read, gva: None });
+    assert_eq!(flow, crate::vm::exit::Flow::Yield);
+    let waiting = awaiting(&p).expect("waits for a page");
+    assert_eq!(state(&p.mb, 1, waiting << 12), Some(PageState::NotLoaded));
+    let vcpu = &p.mb.get(1).unwrap().res.as_ref().unwrap().vcpus[0].vcpu;
+    assert_eq!(vcpu.state.rip, rip, "nothing was carried out");
+    assert!(vcpu.injected.is_empty(), "no fault was raised in the guest");
+    p.run_until(1000, 0, 2000, |p| awaiting(p).is_none());
+    assert!(!p.mb.get(1).unwrap().state.ended());
+}
