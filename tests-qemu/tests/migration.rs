@@ -27,6 +27,13 @@ fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// VM `id`'s nested page table now: (2 MiB leaves, 4 KiB leaves).
+fn nested_now(m: &mut Machine, id: u64) -> (u64, u64) {
+    let s = m.json(&format!("vm stats {id} --json"));
+    let n = &s["nested_pages_now"];
+    (n["2m"].as_u64().unwrap_or_else(|| panic!("{s}")), n["4k"].as_u64().unwrap_or_else(|| panic!("{s}")))
+}
+
 /// The text after `what` on the first line holding it, after byte `from`.
 fn report(t: &str, from: usize, what: &str) -> String {
     t[from..].lines().find_map(|l| l.find(what).map(|i| l[i..].to_string())).unwrap_or_default()
@@ -63,6 +70,7 @@ fn precopy_between_two_qemu_hosts() {
     assert!(on_b["vms"].as_array().is_none_or(|v| v.is_empty()), "{on_b}");
 
     // 2. The real move.
+    let large_on_a = nested_now(&mut a, 1);
     let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
     let started = Instant::now();
     a.cmd("vm migrate 1 10.0.8.2 downtime=300");
@@ -82,6 +90,10 @@ fn precopy_between_two_qemu_hosts() {
     let gone = vm_entry(&a.json("vm list --json"), 1);
     assert_ne!(gone["state"], "running", "{gone}");
     assert_eq!(vm_entry(&b.json("vm list --json"), there)["state"], "running");
+    // Large pages kept: what was 2 MiB-mapped on A is 2 MiB-mapped on B.
+    let large_on_b = nested_now(&mut b, there);
+    eprintln!("[migration] nested leaves (2 MiB, 4 KiB): A before {large_on_a:?}, B after {large_on_b:?}");
+    assert!(large_on_a.0 > 0 && large_on_b.0 >= large_on_a.0, "A {large_on_a:?} B {large_on_b:?}");
     // The guest's check passes on B; its longest pause.
     let from_b = b.transcript().len();
     b.cmd(&format!("vm send {there} -- c"));
@@ -129,6 +141,7 @@ fn precopy_between_two_qemu_hosts() {
     let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=11"));
     assert!(out.contains("vm 3"), "{out}");
     a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
+    let large_on_a = nested_now(&mut a, 3);
     let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
     let started = Instant::now();
     let out = a.cmd("vm migrate 3 10.0.8.2 mode=postcopy bandwidth=1");
@@ -180,6 +193,11 @@ fn precopy_between_two_qemu_hosts() {
     let there = id_b.as_u64().unwrap();
     assert_eq!(vm_entry(&b.json("vm list --json"), there)["state"], "running");
     assert_ne!(vm_entry(&a.json("vm list --json"), 3)["state"], "running");
+    // Post-copy splits what it marks missing; each 2 MiB region maps large
+    // again once its last page is in.
+    let large_on_b = nested_now(&mut b, there);
+    eprintln!("[migration] post-copy nested leaves (2 MiB, 4 KiB): A before {large_on_a:?}, B after {large_on_b:?}");
+    assert!(large_on_a.0 > 0 && large_on_b.0 >= large_on_a.0, "A {large_on_a:?} B {large_on_b:?}");
     let from_b = b.transcript().len();
     b.cmd(&format!("vm send {there} -- c"));
     b.wait_for_after("memtest: PASS", from_b, limit);

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! migrate listen [port]                         accept migrations (default port 7070)
-//! vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>] [corrupt_at=<byte>]
+//! vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [connections=1|2] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>] [corrupt_at=<byte>]
 //! vm migrate status <id>                        progress, or how the last one ended
 //! ```
 //! Each takes `--json`. `corrupt_at=` is a test aid: it flips that byte of
@@ -34,7 +34,7 @@ pub enum MigrateCommand {
 pub const HELP: &[(&str, &str)] = &[
     ("migrate listen [port]", "accept live migrations on <port> (7070 unless told), one at a time"),
     (
-        "vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]",
+        "vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [connections=1|2] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]",
         "live-migrate VM <id> to a listening host (pre-copy unless told; pre-copy slowed by up to throttle=, 99 unless told, 0: never, if it does not converge; hybrid goes post-copy instead); freed here once it runs there with all its memory",
     ),
     ("vm migrate status <id>", "a migration's progress, or how the last one ended"),
@@ -73,7 +73,7 @@ fn parse_id(s: &str) -> Result<u32, String> {
 }
 
 fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
-    const USAGE: &str = "vm migrate: usage: 'vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]' or 'vm migrate status <id>'";
+    const USAGE: &str = "vm migrate: usage: 'vm migrate <id> <a.b.c.d>[:port] [mode=precopy|postcopy|hybrid] [connections=1|2] [downtime=<ms>] [bandwidth=<MiB/s>] [throttle=<max %>]' or 'vm migrate status <id>'";
     match args {
         ["status", id] => Ok(MigrateCommand::Status(parse_id(id)?)),
         [id, host, opts @ ..] if *id != "status" => {
@@ -87,6 +87,7 @@ fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
                 throttle_max: MAX_PCT,
                 corrupt_at: None,
                 mode: Mode::Precopy,
+                connections: 2,
             };
             for opt in opts {
                 let (key, value) =
@@ -106,6 +107,18 @@ fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
                             format!("vm migrate: {opt:?}: expected the most CPU time to take, 0-{MAX_PCT} (percent)")
                         })?
                     }
+                    "connections" => {
+                        o.connections = match value {
+                            "1" => 1,
+                            "2" => 2,
+                            _ => {
+                                return Err(format!(
+                                    "vm migrate: {opt:?}: 1 (one connection) or 2 (post-copy: a second one for the \
+                                     pages the destination asks for)"
+                                ));
+                            }
+                        }
+                    }
                     "mode" => {
                         o.mode = match value {
                             "precopy" => Mode::Precopy,
@@ -120,7 +133,7 @@ fn parse_migrate(args: &[&str]) -> Result<MigrateCommand, String> {
                     }
                     _ => {
                         return Err(format!(
-                            "vm migrate: unknown option {key:?} (mode, downtime, bandwidth, throttle)"
+                            "vm migrate: unknown option {key:?} (mode, connections, downtime, bandwidth, throttle)"
                         ));
                     }
                 }

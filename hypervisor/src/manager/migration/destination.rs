@@ -43,11 +43,27 @@ pub struct Incoming<B: Backend> {
     /// The last post-copy VMs that completed, by source address: a source
     /// that lost the OK line and connects again is told again.
     done: Vec<(Ipv4Addr, u32)>,
+    /// A second connection while one arrives: post-copy's connection for
+    /// the pages the VM asked for, once its first line says so.
+    side: Option<DemandIn>,
+}
+
+/// Post-copy's second connection from the source: a stream of its own
+/// (the VM's state again, passed over, then the pages the VM asked for),
+/// applied to the running VM like the first's pages.
+struct DemandIn {
+    stream: StreamId,
+    ip: Option<Ipv4Addr>,
+    inbox: Inbox,
+    reader: Option<Reader<Inbox>>,
+    /// Its first line came.
+    known: bool,
+    started_us: u64,
 }
 
 impl<B: Backend> Incoming<B> {
     pub fn new(port: u16) -> Self {
-        Incoming { port, conn: None, received: 0, refused: 0, orphans: Vec::new(), done: Vec::new() }
+        Incoming { port, conn: None, received: 0, refused: 0, orphans: Vec::new(), done: Vec::new(), side: None }
     }
 
     /// Whether a stream is arriving.
@@ -148,6 +164,19 @@ impl<B: Backend> Manager<B> {
         while let Some(stream) = t.accept(inc.port) {
             let ip = t.peer(stream).map(|p| *p.ip());
             let peer = t.peer(stream).map_or_else(|| String::from("?"), |p| format!("{p}"));
+            if inc.conn.is_some() && inc.side.is_none() {
+                // Perhaps the running post-copy's second connection: its
+                // first line says.
+                inc.side = Some(DemandIn {
+                    stream,
+                    ip,
+                    inbox: Inbox::default(),
+                    reader: None,
+                    known: false,
+                    started_us: now_us,
+                });
+                continue;
+            }
             if inc.conn.is_some() {
                 console.line(&format!("migrate: refused {peer}: a migration is already arriving"));
                 refuse(t, stream, "a migration is already arriving here");
@@ -169,6 +198,8 @@ impl<B: Backend> Manager<B> {
                 started_us: now_us,
             });
         }
+        let main = inc.conn.as_ref().map(|c| (c.running, c.ip));
+        self.demand_round(&mut inc.side, main, t, now_us, console);
         if let Some(mut c) = inc.conn.take() {
             match self.receive(&mut c, &mut inc, t, now_us, console) {
                 None => inc.conn = Some(c),
@@ -385,6 +416,9 @@ impl<B: Backend> Manager<B> {
                 match self.apply_postcopy(id, reader, now_us, c.recovering) {
                     Ok(false) => continue,
                     Ok(true) => {
+                        // The source ends this stream only once the second
+                        // one's bytes were acknowledged: they are here.
+                        while self.demand_round(&mut inc.side, Some((Some(id), c.ip)), t, now_us, console) > 0 {}
                         return Some(match self.end_postcopy(id) {
                             Ok(what) => Outcome::PostcopyDone(id, what),
                             Err(why) => Outcome::PostcopyBroken(id, why),
@@ -463,6 +497,117 @@ impl<B: Backend> Manager<B> {
             Some(id) => Outcome::PostcopyBroken(id, why),
             None => Outcome::Lost(why),
         })
+    }
+}
+
+impl<B: Backend> Manager<B> {
+    /// One step of post-copy's second connection (`main`: the running
+    /// post-copy's VM and source): its first line, its stream's start,
+    /// then its records; the records it applied. It never fails the
+    /// migration: one that is not what it says, or breaks, is dropped.
+    fn demand_round(
+        &mut self,
+        side: &mut Option<DemandIn>,
+        main: Option<(Option<u32>, Option<Ipv4Addr>)>,
+        t: &mut impl Transport,
+        now_us: u64,
+        console: &mut impl Console,
+    ) -> usize {
+        let Some(mut d) = side.take() else { return 0 };
+        let mut buf = [0u8; 16 * 1024];
+        let mut closed = false;
+        let mut got = 0;
+        while got < READ_PER_ROUND {
+            match t.read(d.stream, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    match &mut d.reader {
+                        Some(r) => r.source_mut().push(&buf[..n]),
+                        None => d.inbox.push(&buf[..n]),
+                    }
+                }
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let id = match main {
+            Some((Some(id), ip)) if ip == d.ip => id,
+            // Its first connection's resume record is not applied yet.
+            Some((None, ip)) if ip == d.ip && now_us.saturating_sub(d.started_us) < 10_000_000 && !closed => {
+                *side = Some(d);
+                return 0;
+            }
+            _ => {
+                // Not the running post-copy's (or it ended): the one
+                // connection at a time rule.
+                refuse(t, d.stream, "a migration is already arriving here");
+                self.migration.closing.push((d.stream, now_us + 5_000_000));
+                return 0;
+            }
+        };
+        if !d.known {
+            let line = super::source::DEMAND.as_bytes();
+            if d.inbox.unread().len() < line.len() {
+                if closed || now_us.saturating_sub(d.started_us) > 10_000_000 {
+                    t.abort(d.stream);
+                } else {
+                    *side = Some(d);
+                }
+                return 0;
+            }
+            if !d.inbox.unread().starts_with(line) {
+                refuse(t, d.stream, "a migration is already arriving here");
+                self.migration.closing.push((d.stream, now_us + 5_000_000));
+                return 0;
+            }
+            d.inbox.pos += line.len();
+            d.known = true;
+        }
+        if d.reader.is_none() {
+            if !d.inbox.record_ready(PROLOGUE_LEN) {
+                if closed {
+                    t.abort(d.stream);
+                } else {
+                    *side = Some(d);
+                }
+                return 0;
+            }
+            match Reader::open(core::mem::take(&mut d.inbox)) {
+                Ok(r) if r.header().live => d.reader = Some(r),
+                _ => {
+                    console.line("migrate: post-copy's second connection sent no live stream; dropped");
+                    t.abort(d.stream);
+                    return 0;
+                }
+            }
+        }
+        let mut applied = 0;
+        while let Some(reader) = d.reader.as_mut()
+            && reader.source_mut().record_ready(0)
+        {
+            match self.apply_postcopy(id, reader, now_us, true) {
+                Ok(false) => applied += 1,
+                Ok(true) => {
+                    t.close(d.stream);
+                    self.migration.closing.push((d.stream, now_us + 5_000_000));
+                    return applied + 1;
+                }
+                Err(why) => {
+                    console.line(&format!("migrate: post-copy's second connection dropped: {why}"));
+                    t.abort(d.stream);
+                    return applied;
+                }
+            }
+        }
+        if closed {
+            t.abort(d.stream);
+        } else {
+            *side = Some(d);
+        }
+        applied
     }
 }
 

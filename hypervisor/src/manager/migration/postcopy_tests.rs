@@ -34,10 +34,18 @@ fn state(m: &Manager<MockBackend>, id: u32, gpa: u64) -> Option<PageState> {
 
 #[test]
 fn postcopy_runs_the_vm_at_once_serves_touched_pages_first_and_frees_the_source_after_the_last() {
+    for connections in [2, 1] {
+        postcopy_moves_the_vm(connections);
+    }
+}
+
+/// `connections`: 2 sends the pages asked for on a second connection,
+/// 1 on the one, ahead of the next batch.
+fn postcopy_moves_the_vm(connections: u8) {
     let mut p = Pair::new();
     let free_before = p.ma.backend.as_ref().unwrap().free_frames();
     // Slow enough that the push takes many rounds.
-    p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(4), ..to_b() });
+    p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(4), connections, ..to_b() });
     p.run_until(1000, 4, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
     let line = p.lb.0.iter().find(|l| l.contains("runs here")).unwrap();
     assert!(line.starts_with("migrate: vm 1 (tiny) from 10.0.0.1:") && line.contains("post-copy:"), "{line}");
@@ -55,7 +63,13 @@ fn postcopy_runs_the_vm_at_once_serves_touched_pages_first_and_frees_the_source_
     p.run_until(1000, 0, 200, |p| state(&p.mb, 1, last) == Some(PageState::Present));
     assert!(guest_reads(&mut p.mb, 1, last));
     assert_eq!(peek(&p.mb, 1, last), content(PAGES - 1, p.gens[PAGES as usize - 1]));
-    assert!(p.ma.migration_status(p.id).unwrap().demand_requests >= 1);
+    let s = p.ma.migration_status(p.id).unwrap();
+    assert!(s.demand_requests >= 1);
+    if connections == 2 {
+        assert!(s.demand_connection && s.demand_pages_sent >= 1, "the second connection carried it: {s:?}");
+    } else {
+        assert_eq!((s.demand_connection, s.demand_pages_sent), (false, 0), "{s:?}");
+    }
     // It came ahead of the push: the pages after it are not here yet.
     assert_eq!(state(&p.mb, 1, last + 4096), Some(PageState::NotLoaded), "the touched page came ahead of the push");
     // The guest there writes that page: the push must not overwrite it.

@@ -73,6 +73,10 @@ pub struct Options {
     /// the destination's refusal of a corrupt stream can be tested.
     pub corrupt_at: Option<u64>,
     pub mode: Mode,
+    /// Post-copy: 2 opens a second connection for the pages the
+    /// destination asks for, so they never wait behind the bulk push; 1
+    /// sends them on the one connection, ahead of the next batch.
+    pub connections: u8,
 }
 
 /// How memory moves (`mode=`).
@@ -157,6 +161,10 @@ pub struct Status {
     pub destination_may_run: bool,
     /// Post-copy connections lost and made again.
     pub recoveries: u32,
+    /// Post-copy: the second connection, for pages asked for, is up; the
+    /// pages it carried.
+    pub demand_connection: bool,
+    pub demand_pages_sent: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +209,15 @@ impl Left {
         if self.bits[w] & (1 << b) == 0 {
             self.bits[w] |= 1 << b;
             self.count += 1;
+        }
+    }
+
+    /// Puts `g` back (a connection that carried it broke); a frame past
+    /// the map was never in it.
+    fn put_back(&mut self, g: u64) {
+        if ((g / 64) as usize) < self.bits.len() {
+            self.insert(g);
+            self.cursor = self.cursor.min(g & !63);
         }
     }
 
@@ -262,10 +279,30 @@ pub const REQUEST_PAGE: &str = "HVMIGRATE PAGE ";
 /// numbers as 8-byte little-endian words: the pages it still lacks).
 pub const RECOVER: &str = "HVMIGRATE RECOVER\n";
 pub const MISSING: &str = "HVMIGRATE MISSING ";
+/// Post-copy: the first line of the second connection, which carries the
+/// pages the destination asked for (a stream of its own after the line).
+pub const DEMAND: &str = "HVMIGRATE DEMAND\n";
 /// Post-copy recovery: a new connection is tried this often, for this long
 /// after the link was lost (then the migration fails, both copies paused).
 const RECONNECT_US: u64 = 1_000_000;
 const RECOVER_FOR_US: u64 = 300_000_000;
+
+/// Post-copy's second connection: the pages the destination asked for go
+/// here, on a stream of their own (its header, the VM's state again, which
+/// the destination passes over, the resume record, then pages), so they
+/// never wait behind the bulk push on the first connection.
+struct DemandChannel {
+    stream: StreamId,
+    job: Option<SaveJob>,
+    out: Outbox,
+    /// Its first line and its stream's start went out: pages may go.
+    ready: bool,
+    /// Its end record was written (the migration's pages are all out).
+    ended: bool,
+    opened_us: u64,
+    /// Pages sent on it: put back into the bulk set if it breaks.
+    sent: Vec<u64>,
+}
 
 /// A migration in progress.
 pub struct Outgoing {
@@ -298,6 +335,9 @@ pub struct Outgoing {
     left: Left,
     demand: Vec<u64>,
     resume_at: Option<u64>,
+    /// Post-copy's second connection, and whether it was tried.
+    channel: Option<DemandChannel>,
+    channel_tried: bool,
     /// Post-copy recovery: when the link was lost, the next connection
     /// attempt, and when the current attempt began.
     lost_us: u64,
@@ -393,6 +433,8 @@ impl<B: Backend> Manager<B> {
             left: Left::default(),
             demand: Vec::new(),
             resume_at: None,
+            channel: None,
+            channel_tried: false,
             lost_us: 0,
             next_try_us: 0,
             try_us: 0,
@@ -489,6 +531,9 @@ impl<B: Backend> Manager<B> {
         o.out = Outbox::default();
         o.demand.clear();
         o.reply.clear();
+        self.drop_channel(o, t);
+        // The recovery's connections are tried afresh.
+        o.channel_tried = false;
         o.phase = Phase::Reconnecting;
         o.status.state = "reconnecting";
         o.next_try_us = now_us + RECONNECT_US;
@@ -614,7 +659,7 @@ impl<B: Backend> Manager<B> {
                     self.switch_step(o)?;
                 }
             }
-            Phase::Postcopy => self.postcopy_step(o)?,
+            Phase::Postcopy => self.postcopy_step(o, t, now_us)?,
             Phase::Confirming => {}
             Phase::Reconnecting | Phase::Recovering => {}
         }
@@ -825,8 +870,15 @@ impl<B: Backend> Manager<B> {
     /// One step of post-copy: the pages the destination asked for, then
     /// (while little waits to go out) the next of the rest; once none is
     /// left, the end record.
-    fn postcopy_step(&mut self, o: &mut Outgoing) -> Result<(), String> {
+    fn postcopy_step(&mut self, o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<(), String> {
         let e = |e: Error| format!("{e}");
+        // Only frames of the VM's RAM are ever sent (a request for another
+        // would make the stream's writer refuse, and fail the migration).
+        let ranges = crate::vm::boot::ram_ranges(self.get(o.status.id).map_or(0, |v| v.mem_bytes));
+        o.demand.retain(|&g| ranges.0[..ranges.1].iter().any(|r| r.contains(&g.saturating_mul(4096))));
+        o.demand.sort_unstable();
+        o.demand.dedup();
+        let may_end = self.channel_step(o, t, now_us);
         let Some(mut job) = o.job.take() else { return Ok(()) };
         let mut asked: Vec<u64> = core::mem::take(&mut o.demand).into_iter().filter(|&g| o.left.take(g)).collect();
         if o.out.pending() < POSTCOPY_LOW_WATER {
@@ -834,7 +886,7 @@ impl<B: Backend> Manager<B> {
         }
         let r = if !asked.is_empty() {
             self.save_pages(&mut job, &asked, &mut o.out).and_then(|()| self.flush_pages(&mut job, &mut o.out))
-        } else if o.left.count == 0 {
+        } else if o.left.count == 0 && may_end {
             let saved = self.finish_save(job, &mut o.out).map_err(e)?;
             o.status.pages_sent = saved.stats.total_pages();
             o.status.postcopy_pages_left = 0;
@@ -848,6 +900,118 @@ impl<B: Backend> Manager<B> {
         o.status.postcopy_pages_left = o.left.count;
         o.job = Some(job);
         r.map_err(e)
+    }
+
+    /// Post-copy's second connection: opened once, its stream started when
+    /// it is up, the pages asked for sent on it, and (once every page is
+    /// out) its end record, acknowledged before the first connection's
+    /// end record goes. Whether the first connection may end (as far as
+    /// this one goes). A channel that fails is dropped and its pages go
+    /// back to the bulk set: the migration never fails for it.
+    fn channel_step(&mut self, o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> bool {
+        if o.channel.is_none() && !o.channel_tried && o.opts.connections >= 2 {
+            o.channel_tried = true;
+            o.channel = t.connect(o.opts.to).ok().map(|stream| DemandChannel {
+                stream,
+                job: None,
+                out: Outbox::default(),
+                ready: false,
+                ended: false,
+                opened_us: now_us,
+                sent: Vec::new(),
+            });
+        }
+        let Some(mut ch) = o.channel.take() else { return true };
+        match self.run_channel(o, &mut ch, t, now_us) {
+            Ok(end_main) => {
+                o.status.demand_connection = ch.ready;
+                if end_main {
+                    t.close(ch.stream);
+                    self.migration.closing.push((ch.stream, now_us + 5_000_000));
+                    o.status.demand_connection = false;
+                } else {
+                    o.channel = Some(ch);
+                }
+                end_main
+            }
+            Err(()) => {
+                o.channel = Some(ch);
+                self.drop_channel(o, t);
+                true
+            }
+        }
+    }
+
+    /// One step of the second connection; `Ok(true)` once its stream ended
+    /// and every byte of it was acknowledged (the first may end now).
+    fn run_channel(
+        &mut self,
+        o: &mut Outgoing,
+        ch: &mut DemandChannel,
+        t: &mut impl Transport,
+        now_us: u64,
+    ) -> Result<bool, ()> {
+        if !ch.ready {
+            if o.left.count == 0 && o.demand.is_empty() {
+                return Err(()); // everything went on the first already
+            }
+            match t.state(ch.stream) {
+                StreamState::Connecting if now_us.saturating_sub(ch.opened_us) <= CONNECT_US => return Ok(false),
+                StreamState::Open => {}
+                _ => return Err(()),
+            }
+            if t.write(ch.stream, DEMAND.as_bytes()) != Ok(DEMAND.len()) {
+                return Err(());
+            }
+            let id = o.status.id;
+            let mut job = self.begin_migration_stream(id).map_err(|_| ())?;
+            let captured = self.capture(id).map_err(|_| ())?;
+            let r = self.resume_migration_stream(&mut job, &[], &captured, &mut ch.out);
+            ch.job = Some(job);
+            r.map_err(|_| ())?;
+            ch.ready = true;
+        }
+        if !o.demand.is_empty() && !ch.ended {
+            let asked = core::mem::take(&mut o.demand);
+            for &g in &asked {
+                // Sent here, so not again in bulk (unless this breaks).
+                o.left.take(g);
+            }
+            let mut job = ch.job.take().ok_or(())?;
+            let r =
+                self.save_pages(&mut job, &asked, &mut ch.out).and_then(|()| self.flush_pages(&mut job, &mut ch.out));
+            ch.job = Some(job);
+            r.map_err(|_| ())?;
+            o.status.demand_pages_sent += asked.len() as u64;
+            ch.sent.extend(asked);
+        }
+        if o.left.count == 0 && o.demand.is_empty() && !ch.ended {
+            let job = ch.job.take().ok_or(())?;
+            self.finish_save(job, &mut ch.out).map_err(|_| ())?;
+            ch.ended = true;
+        }
+        let n = ch.out.pending();
+        if n > 0 {
+            let wrote = t.write(ch.stream, &ch.out.buf[ch.out.pos..ch.out.pos + n]).map_err(|_| ())?;
+            ch.out.pos += wrote;
+            o.status.bytes_on_wire += wrote as u64;
+        }
+        Ok(ch.ended && ch.out.pending() == 0 && t.unacked(ch.stream) == 0)
+    }
+
+    /// The second connection is given up: what it carried goes again in
+    /// bulk (the destination passes over pages it has).
+    fn drop_channel(&mut self, o: &mut Outgoing, t: &mut impl Transport) {
+        let Some(mut ch) = o.channel.take() else { return };
+        t.abort(ch.stream);
+        if let Some(job) = ch.job.take() {
+            self.abort_save(job);
+        }
+        for g in ch.sent {
+            o.left.put_back(g);
+        }
+        o.status.postcopy_pages_left = o.left.count;
+        o.status.demand_connection = false;
     }
 
     /// The pages written since the last harvest, into `o.dirty`.

@@ -181,6 +181,7 @@ pub(super) fn to_b() -> Options {
         throttle_max: 99,
         corrupt_at: None,
         mode: Mode::Precopy,
+        connections: 2,
     }
 }
 
