@@ -18,7 +18,8 @@
 //!    on and its check still passes.
 //!
 //! `MIGRATION_RATE` (pages per ms, default 1) and `MIGRATION_MIB` (region,
-//! default 8) set the guest for benchmarks (docs/benchmarks.md).
+//! default 8) set the guest for benchmarks (docs/benchmarks.md), and
+//! `MIGRATION_CONNECTIONS` (1 or 2, default 2) part 4's post-copy.
 
 use std::time::{Duration, Instant};
 use tests_qemu::{Machine, vm_entry};
@@ -144,7 +145,8 @@ fn precopy_between_two_qemu_hosts() {
     let large_on_a = nested_now(&mut a, 3);
     let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
     let started = Instant::now();
-    let out = a.cmd("vm migrate 3 10.0.8.2 mode=postcopy bandwidth=1");
+    let connections = env("MIGRATION_CONNECTIONS", 2);
+    let out = a.cmd(&format!("vm migrate 3 10.0.8.2 mode=postcopy bandwidth=1 connections={connections}"));
     assert!(out.contains("post-copy"), "{out}");
     b.wait_for_after("(post-copy: ", from_b, limit);
     let resumed = started.elapsed().as_secs_f64();

@@ -43,10 +43,14 @@ pub struct Incoming<B: Backend> {
     /// The last post-copy VMs that completed, by source address: a source
     /// that lost the OK line and connects again is told again.
     done: Vec<(Ipv4Addr, u32)>,
-    /// A second connection while one arrives: post-copy's connection for
-    /// the pages the VM asked for, once its first line says so.
-    side: Option<DemandIn>,
+    /// More connections while one arrives, oldest first: post-copy's
+    /// connection for the pages the VM asked for, or a source's recovery,
+    /// once their first line says so.
+    sides: Vec<DemandIn>,
 }
+
+/// Connections held beside the one arriving, at most.
+const MAX_SIDES: usize = 4;
 
 /// Post-copy's second connection from the source: a stream of its own
 /// (the VM's state again, passed over, then the pages the VM asked for),
@@ -58,12 +62,14 @@ struct DemandIn {
     reader: Option<Reader<Inbox>>,
     /// Its first line came.
     known: bool,
+    /// Its first line is a recovery's: it replaces the connection held.
+    recover: bool,
     started_us: u64,
 }
 
 impl<B: Backend> Incoming<B> {
     pub fn new(port: u16) -> Self {
-        Incoming { port, conn: None, received: 0, refused: 0, orphans: Vec::new(), done: Vec::new(), side: None }
+        Incoming { port, conn: None, received: 0, refused: 0, orphans: Vec::new(), done: Vec::new(), sides: Vec::new() }
     }
 
     /// Whether a stream is arriving.
@@ -164,15 +170,16 @@ impl<B: Backend> Manager<B> {
         while let Some(stream) = t.accept(inc.port) {
             let ip = t.peer(stream).map(|p| *p.ip());
             let peer = t.peer(stream).map_or_else(|| String::from("?"), |p| format!("{p}"));
-            if inc.conn.is_some() && inc.side.is_none() {
-                // Perhaps the running post-copy's second connection: its
-                // first line says.
-                inc.side = Some(DemandIn {
+            if inc.conn.is_some() && inc.sides.len() < MAX_SIDES {
+                // Perhaps the running post-copy's second connection, or its
+                // source connecting again: its first line says.
+                inc.sides.push(DemandIn {
                     stream,
                     ip,
                     inbox: Inbox::default(),
                     reader: None,
                     known: false,
+                    recover: false,
                     started_us: now_us,
                 });
                 continue;
@@ -199,7 +206,38 @@ impl<B: Backend> Manager<B> {
             });
         }
         let main = inc.conn.as_ref().map(|c| (c.running, c.ip));
-        self.demand_round(&mut inc.side, main, t, now_us, console);
+        self.sides_round(&mut inc.sides, main, t, now_us, console);
+        if let Some(at) = inc.sides.iter().position(|d| d.recover)
+            && let Some(old) = inc.conn.take()
+        {
+            // The source connected again while this host still held its
+            // old connection (it had not seen it break): the source has
+            // dropped that one, so it is over (and any second connection
+            // of its); the new one recovers.
+            let d = inc.sides.remove(at);
+            for stale in inc.sides.drain(..) {
+                t.abort(stale.stream);
+            }
+            if let Some(id) = old.running {
+                self.break_postcopy(&mut inc, &old, id, "the source connected again", t, now_us, console);
+            } else {
+                t.abort(old.stream);
+            }
+            let peer = t.peer(d.stream).map_or_else(|| String::from("?"), |p| format!("{p}"));
+            inc.conn = Some(Conn {
+                stream: d.stream,
+                peer,
+                ip: d.ip,
+                recovering: false,
+                inbox: d.inbox,
+                reader: None,
+                vm: None,
+                running: None,
+                requests: Vec::new(),
+                progress_us: now_us,
+                started_us: now_us,
+            });
+        }
         if let Some(mut c) = inc.conn.take() {
             match self.receive(&mut c, &mut inc, t, now_us, console) {
                 None => inc.conn = Some(c),
@@ -233,30 +271,7 @@ impl<B: Backend> Manager<B> {
                             ));
                         }
                         Outcome::PostcopyBroken(id, why) => {
-                            inc.refused += 1;
-                            refuse(t, c.stream, &why);
-                            self.migration.closing.push((c.stream, now_us + 5_000_000));
-                            // Its vCPUs may not run on without pages the
-                            // source still holds: paused, for the operator.
-                            let mut by_us = false;
-                            if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id && !v.paused) {
-                                vm.paused = true;
-                                vm.pause_vcpus(true);
-                                by_us = true;
-                            }
-                            if let Some(ip) = c.ip {
-                                inc.orphans.retain(|&(v, ..)| v != id);
-                                inc.orphans.push((id, ip, by_us));
-                            }
-                            let left = self
-                                .get(id)
-                                .and_then(|v| v.res.as_ref())
-                                .map_or(0, |r| r.mem.state_counts().not_loaded);
-                            console.line(&format!(
-                                "migrate: post-copy of vm {id} from {} broke: {why}; vm {id} is paused here, {left} of \
-                                 its pages are still only at the source; it goes on when the source connects again",
-                                c.peer
-                            ));
+                            self.break_postcopy(&mut inc, &c, id, &why, t, now_us, console);
                         }
                         Outcome::Running(id) => {
                             inc.received += 1;
@@ -418,7 +433,7 @@ impl<B: Backend> Manager<B> {
                     Ok(true) => {
                         // The source ends this stream only once the second
                         // one's bytes were acknowledged: they are here.
-                        while self.demand_round(&mut inc.side, Some((Some(id), c.ip)), t, now_us, console) > 0 {}
+                        while self.sides_round(&mut inc.sides, Some((Some(id), c.ip)), t, now_us, console) > 0 {}
                         return Some(match self.end_postcopy(id) {
                             Ok(what) => Outcome::PostcopyDone(id, what),
                             Err(why) => Outcome::PostcopyBroken(id, why),
@@ -501,6 +516,65 @@ impl<B: Backend> Manager<B> {
 }
 
 impl<B: Backend> Manager<B> {
+    /// Post-copy of VM `id` over `c` broke: the connection goes, the VM
+    /// waits paused (its vCPUs may not run on without pages the source
+    /// still holds) until the source connects again.
+    #[allow(clippy::too_many_arguments)]
+    fn break_postcopy(
+        &mut self,
+        inc: &mut Incoming<B>,
+        c: &Conn<B>,
+        id: u32,
+        why: &str,
+        t: &mut impl Transport,
+        now_us: u64,
+        console: &mut impl Console,
+    ) {
+        inc.refused += 1;
+        refuse(t, c.stream, why);
+        self.migration.closing.push((c.stream, now_us + 5_000_000));
+        let mut by_us = false;
+        if let Some(vm) = self.vms.iter_mut().find(|v| v.id == id && !v.paused) {
+            vm.paused = true;
+            vm.pause_vcpus(true);
+            by_us = true;
+        }
+        if let Some(ip) = c.ip {
+            inc.orphans.retain(|&(v, ..)| v != id);
+            inc.orphans.push((id, ip, by_us));
+        }
+        let left = self.get(id).and_then(|v| v.res.as_ref()).map_or(0, |r| r.mem.state_counts().not_loaded);
+        console.line(&format!(
+            "migrate: post-copy of vm {id} from {} broke: {why}; vm {id} is paused here, {left} of its pages are \
+             still only at the source; it goes on when the source connects again",
+            c.peer
+        ));
+    }
+
+    /// One step of every connection beside the arriving one; the records
+    /// they applied. A newer second connection replaces an older one (the
+    /// source opens one per stream).
+    fn sides_round(
+        &mut self,
+        sides: &mut Vec<DemandIn>,
+        main: Option<(Option<u32>, Option<Ipv4Addr>)>,
+        t: &mut impl Transport,
+        now_us: u64,
+        console: &mut impl Console,
+    ) -> usize {
+        let mut applied = 0;
+        for d in core::mem::take(sides) {
+            let mut slot = Some(d);
+            applied += self.demand_round(&mut slot, main, t, now_us, console);
+            sides.extend(slot);
+        }
+        while sides.iter().filter(|d| d.known).count() > 1 {
+            let Some(at) = sides.iter().position(|d| d.known) else { break };
+            t.abort(sides.remove(at).stream);
+        }
+        applied
+    }
+
     /// One step of post-copy's second connection (`main`: the running
     /// post-copy's VM and source): its first line, its stream's start,
     /// then its records; the records it applied. It never fails the
@@ -550,6 +624,11 @@ impl<B: Backend> Manager<B> {
         };
         if !d.known {
             let line = super::source::DEMAND.as_bytes();
+            if d.inbox.unread().starts_with(super::source::RECOVER.as_bytes()) {
+                d.recover = true;
+                *side = Some(d);
+                return 0;
+            }
             if d.inbox.unread().len() < line.len() {
                 if closed || now_us.saturating_sub(d.started_us) > 10_000_000 {
                     t.abort(d.stream);

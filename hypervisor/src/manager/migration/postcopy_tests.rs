@@ -225,3 +225,72 @@ fn an_emulated_instruction_whose_bytes_are_missing_waits_instead_of_faulting_the
     p.run_until(1000, 0, 2000, |p| awaiting(p).is_none());
     assert!(!p.mb.get(1).unwrap().state.ended());
 }
+
+#[test]
+fn pages_asked_for_while_the_last_ones_are_in_flight_do_not_break_the_migration() {
+    for connections in [1, 2] {
+        let mut p = Pair::new();
+        p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(8), connections, ..to_b() });
+        p.run_until(1000, 0, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
+        // Each round the guest there touches the last page still missing:
+        // the push reaches it last, so requests keep coming until the end,
+        // some for pages already on the wire.
+        for _ in 0..20_000 {
+            let last = {
+                let res = p.mb.get(1).unwrap().res.as_ref().unwrap();
+                (0..u64::from(RAM_MIB) * 256)
+                    .rev()
+                    .find(|&g| res.mem.page_state(GuestPhysAddr(g << 12)) == Some(PageState::NotLoaded))
+            };
+            if let Some(g) = last {
+                guest_reads(&mut p.mb, 1, g << 12);
+            }
+            p.round(1000, 0);
+            if p.ma.migration.out.is_none() {
+                break;
+            }
+        }
+        let s = p.ma.migration_status(p.id).unwrap();
+        assert_eq!((s.state, s.recoveries), ("completed", 0), "{connections}: {s:?} {:?}", p.la.0);
+        assert!(s.demand_requests > 10, "{s:?}");
+    }
+}
+
+#[test]
+fn a_source_that_connects_again_replaces_the_connection_the_destination_still_holds() {
+    use crate::hostnet::tcp::{StreamState, Transport, parse_endpoint};
+    let mut p = Pair::new();
+    p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(2), ..to_b() });
+    p.run_until(1000, 0, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
+    // A connection from the source's host that says it recovers, while B
+    // still holds the running one (as when B has not seen it break): B
+    // takes the new one and breaks the old.
+    let s = p.a.tcp().connect(parse_endpoint("10.0.0.2:7070").unwrap()).unwrap();
+    for _ in 0..100 {
+        if p.a.tcp().state(s) == StreamState::Open {
+            break;
+        }
+        p.round(1000, 0);
+    }
+    assert_eq!(p.a.tcp().write(s, super::source::RECOVER.as_bytes()), Ok(super::source::RECOVER.len()));
+    p.run_until(1000, 0, 100, |p| p.lb.0.iter().any(|l| l.contains("broke")));
+    let broke = p.lb.0.iter().find(|l| l.contains("broke")).unwrap();
+    assert!(broke.contains("the source connected again"), "{broke}");
+    let mut answer = vec![0u8; 64];
+    for _ in 0..100 {
+        if p.a.tcp().read(s, &mut answer).is_ok_and(|n| n > 0) {
+            break;
+        }
+        p.round(1000, 0);
+    }
+    assert!(answer.starts_with(super::source::MISSING.as_bytes()), "{answer:?}");
+    p.a.tcp().abort(s);
+    // The real source lost its connection (B refused it): it connects
+    // again, replaces the impostor's the same way, and finishes.
+    p.run_until(10_000, 0, 5000, |p| p.ma.migration.out.is_none());
+    let st = p.ma.migration_status(p.id).unwrap().clone();
+    assert_eq!(st.state, "completed", "{st:?} {:?} {:?}", p.la.0, p.lb.0);
+    assert!(st.recoveries >= 1);
+    p.check_region(&p.mb, 1);
+    assert!(!p.mb.get(1).unwrap().paused);
+}

@@ -1172,10 +1172,13 @@ fn take_requests(o: &mut Outgoing) -> Result<(), String> {
         let line = core::str::from_utf8(&o.reply[..end]).unwrap_or("");
         let Some(gfn) = line.strip_prefix(REQUEST_PAGE) else { break };
         let gfn = gfn.trim().parse::<u64>().map_err(|_| format!("the destination asked for {line:?}"))?;
-        if o.phase != Phase::Postcopy {
-            return Err(format!("the destination asked for page {gfn:#x} outside post-copy"));
+        match o.phase {
+            Phase::Postcopy => o.demand.push(gfn),
+            // Every page is out already: the one asked for is on its way
+            // (a vCPU touched it while it was on the wire).
+            Phase::Confirming => {}
+            _ => return Err(format!("the destination asked for page {gfn:#x} outside post-copy")),
         }
-        o.demand.push(gfn);
         o.status.demand_requests += 1;
         o.reply.drain(..=end);
     }
