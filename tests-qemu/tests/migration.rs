@@ -66,6 +66,10 @@ fn cut_during_postcopy(
     let on_b = b.json("vm list --json");
     let id_b = on_b["vms"].as_array().unwrap().iter().find(|v| v["state"] == "paused").expect("B's copy, paused")["id"]
         .clone();
+    // Which side holds which pages: B says how many it lacks.
+    let pc = b.json(&format!("vm stats {id_b} --json"))["postcopy"].clone();
+    eprintln!("[migration] B during the cut: {pc}");
+    assert!(pc["pages_missing"].as_u64().unwrap() > 0 && pc["from"].as_str().unwrap().starts_with("10.0.8.1:"), "{pc}");
     Machine::set_link_up("migration", true);
     id_b
 }

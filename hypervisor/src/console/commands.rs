@@ -247,6 +247,9 @@ fn run<B: Backend>(
             if m.numa.is_numa() {
                 numa_stats(&mut r, vm.node, &by_node);
             }
+            if let Some(p) = m.postcopy_state(*id) {
+                postcopy_stats(&mut r, &p);
+            }
             Ok(r)
         }
         Command::VmStop { id } => {
@@ -364,6 +367,35 @@ fn vm_json<B: Backend>(vm: &Vm<B>, hz: u64) -> Value {
         }
     }
     v
+}
+
+/// A VM that arrived by post-copy and still lacks pages: which, and how
+/// its touches of them went.
+fn postcopy_stats(r: &mut Reply, p: &crate::manager::PostcopyState) {
+    let g = &p.progress;
+    r.text.push_str(&format!(
+        "\n  post-copy from {}: {} of {} pages still only at the source, {} vCPU(s) waiting for one; {} asked for \
+         by a touch (wait mean {} us, max {} us), {} pushed",
+        p.from,
+        p.missing,
+        g.pages_at_start,
+        p.vcpus_waiting,
+        g.demand_pages,
+        g.fault_wait_us_mean(),
+        g.fault_wait_us_max,
+        g.pushed_pages
+    ));
+    if let Some(o) = r.json.as_object_mut() {
+        o.insert(
+            "postcopy".into(),
+            json!({
+                "from": p.from, "pages_missing": p.missing, "pages_at_start": g.pages_at_start,
+                "vcpus_waiting": p.vcpus_waiting, "faults": g.faults, "demand_pages": g.demand_pages,
+                "pushed_pages": g.pushed_pages, "wait_mean_us": g.fault_wait_us_mean(),
+                "wait_max_us": g.fault_wait_us_max,
+            }),
+        );
+    }
 }
 
 /// `switch`: the switch the VM's NIC is on (none once it has ended).

@@ -33,6 +33,7 @@ use crate::vm::{Resources, RunState, Vm, VmStats, boot};
 
 mod error;
 pub use error::{DiskRefusal, Error};
+pub use migration::postcopy::PostcopyState;
 
 /// The VM this CPU is running or handling an exit for, if any.
 pub fn current_vm() -> Option<u32> {

@@ -19,7 +19,7 @@
 
 pub mod command;
 pub mod destination;
-mod postcopy;
+pub mod postcopy;
 pub mod source;
 
 #[cfg(test)]

@@ -113,7 +113,30 @@ impl<B: Backend> Apply for Arrivals<'_, B> {
     }
 }
 
+/// `vm stats` of a VM that arrived by post-copy and still lacks pages.
+#[derive(Clone, Debug)]
+pub struct PostcopyState {
+    /// The source host.
+    pub from: String,
+    pub progress: crate::memory::postcopy::PostcopyProgress,
+    /// Pages still only at the source, and vCPUs waiting for one.
+    pub missing: u64,
+    pub vcpus_waiting: usize,
+}
+
 impl<B: Backend> Manager<B> {
+    /// VM `id`'s post-copy, while pages are still to come.
+    pub fn postcopy_state(&self, id: u32) -> Option<PostcopyState> {
+        let pc = self.host_mem.postcopy.get(&id)?;
+        let res = self.get(id)?.res.as_ref()?;
+        Some(PostcopyState {
+            from: pc.from.clone(),
+            progress: pc.progress,
+            missing: res.mem.state_counts().not_loaded,
+            vcpus_waiting: res.vcpus.iter().filter(|s| s.awaiting_page.is_some()).count(),
+        })
+    }
+
     /// The VM `id` was just built from a stream whose resume record came:
     /// its pending pages are missing until they arrive from `from`.
     pub(super) fn begin_postcopy(&mut self, id: u32, from: &str) -> u64 {

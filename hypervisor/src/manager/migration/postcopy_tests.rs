@@ -76,11 +76,12 @@ fn postcopy_moves_the_vm(connections: u8) {
     guest_write(&mut p.mb, 1, last, &content(PAGES - 1, 99));
     p.run_until(1000, 0, 20_000, |p| p.ma.migration.out.is_none());
     let done = p.la.0.iter().find(|l| l.starts_with("vm 1: migrated to")).unwrap_or_else(|| panic!("{:?}", p.la.0));
-    assert!(done.contains("freed here"), "{done}");
+    assert!(done.contains("freed here") && done.contains("pages post-copy"), "{done}");
     let all = p.lb.0.iter().find(|l| l.contains("has all its memory")).unwrap_or_else(|| panic!("{:?}", p.lb.0));
     assert!(all.contains("1 asked for by a touch") || all.contains("asked for by a touch"), "{all}");
     let pc = p.ma.migration_status(p.id).unwrap().clone();
     assert_eq!((pc.state, pc.postcopy_pages_left), ("completed", 0));
+    assert!(pc.switchover_ms.is_some_and(|s| s < pc.downtime_ms.unwrap()), "{pc:?}");
     assert!(p.ma.get(p.id).unwrap().res.is_none());
     assert!(p.ma.backend.as_ref().unwrap().free_frames() > free_before);
     // Every page there is as the source had it, but the one written there.
@@ -196,6 +197,9 @@ fn a_vcpu_that_touches_a_missing_page_waits_without_running_until_it_arrives() {
     let flow = exit_on_b(&mut p, vcpu::VmExit::NestedPageFault { gpa, access: vcpu::MemAccess::Write, gva: None });
     assert_eq!(flow, crate::vm::exit::Flow::Yield, "the vCPU waits; the VM is not stopped");
     assert_eq!(awaiting(&p), Some(gpa >> 12));
+    // The operator sees it (`vm stats`).
+    let st = p.mb.postcopy_state(1).unwrap();
+    assert!(st.from.starts_with("10.0.0.1:") && st.vcpus_waiting == 1 && st.missing > 0, "{st:?}");
     let (now, hz) = (p.mb.backend.as_ref().unwrap().now(), p.mb.backend.as_ref().unwrap().tsc_hz());
     let vm = p.mb.vms.iter_mut().find(|v| v.id == 1).unwrap();
     assert!(!vm.state.ended());
@@ -206,6 +210,7 @@ fn a_vcpu_that_touches_a_missing_page_waits_without_running_until_it_arrives() {
     assert!(p.ma.migration_status(p.id).unwrap().demand_requests >= 1);
     let vm = p.mb.vms.iter_mut().find(|v| v.id == 1).unwrap();
     assert_eq!(vm.pick_vcpu(now, hz), Some(0));
+    assert_eq!(p.mb.postcopy_state(1).unwrap().vcpus_waiting, 0);
 }
 
 #[test]

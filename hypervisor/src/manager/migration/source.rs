@@ -159,6 +159,10 @@ pub struct Status {
     /// The resume record went out: the destination may run the VM, so
     /// this copy is never resumed by the migration.
     pub destination_may_run: bool,
+    /// Post-copy: from the pause here to the resume record on the wire
+    /// (the VM's state transferred; the guest's pause, give or take the
+    /// destination's build), where `downtime_ms` runs to the OK.
+    pub switchover_ms: Option<u64>,
     /// Post-copy connections lost and made again.
     pub recoveries: u32,
     /// Post-copy: the second connection, for pages asked for, is up; the
@@ -1070,9 +1074,18 @@ impl<B: Backend> Manager<B> {
             super::super::detach_port(&mut self.switches, id);
         }
         let s = &o.status;
+        let pause = match s.switchover_ms {
+            Some(sw) => format!(
+                "switch-over {sw} ms (pause to the resume record on the wire), {} pages post-copy{}, all confirmed \
+                 {downtime} ms after the pause",
+                s.postcopy_pages,
+                if s.recoveries > 0 { format!(" over {} reconnection(s)", s.recoveries) } else { String::new() }
+            ),
+            None => format!("downtime {downtime} ms (pause to confirmation)"),
+        };
         console.line(&format!(
             "vm {id}: migrated to {} (vm {dest} there) in {} ms: {} iterations, {} pages, {} bytes on the wire, \
-             downtime {downtime} ms (pause to confirmation){}; freed here",
+             {pause}{}; freed here",
             s.to,
             s.elapsed_ms,
             s.iteration,
@@ -1211,8 +1224,9 @@ fn pump(o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<(), Str
     let wrote = t.write(o.stream, chunk).map_err(|_| String::from("the connection was closed or reset"))?;
     o.out.pos += wrote;
     o.status.bytes_on_wire += wrote as u64;
-    if o.resume_at.is_some_and(|r| o.status.bytes_on_wire >= r) {
+    if o.resume_at.is_some_and(|r| o.status.bytes_on_wire >= r) && !o.status.destination_may_run {
         o.status.destination_may_run = true;
+        o.status.switchover_ms = Some(now_us.saturating_sub(o.pause_us) / 1000);
     }
     Ok(())
 }
