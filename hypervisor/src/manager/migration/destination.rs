@@ -37,9 +37,8 @@ pub struct Incoming<B: Backend> {
     pub received: u64,
     pub refused: u64,
     /// Post-copy VMs whose connection broke, paused until their source
-    /// (by address) connects again: (VM id, source address, whether the
-    /// break paused it: an operator's pause stays).
-    pub orphans: Vec<(u32, Ipv4Addr, bool)>,
+    /// (by address) connects again.
+    pub orphans: Vec<Orphan>,
     /// The last post-copy VMs that completed, by source address: a source
     /// that lost the OK line and connects again is told again.
     done: Vec<(Ipv4Addr, u32)>,
@@ -47,6 +46,20 @@ pub struct Incoming<B: Backend> {
     /// connection for the pages the VM asked for, or a source's recovery,
     /// once their first line says so.
     sides: Vec<DemandIn>,
+}
+
+/// A post-copy VM whose connection broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Orphan {
+    pub vm: u32,
+    /// The source's address (its recovery is matched on it).
+    pub ip: Ipv4Addr,
+    /// The break paused it (an operator's pause stays on recovery).
+    pub paused_by_break: bool,
+    /// When its first connection began, and the stream bytes its
+    /// connections carried so far (for the report at the end).
+    pub since_us: u64,
+    pub bytes: u64,
 }
 
 /// Connections held beside the one arriving, at most.
@@ -87,6 +100,10 @@ struct Conn<B: Backend> {
     /// Post-copy recovery: this connection carries the rest of a broken
     /// post-copy (its state records are passed over).
     recovering: bool,
+    /// When the migration's first connection began and the stream bytes
+    /// earlier connections carried (a recovery's report covers them all).
+    since_us: u64,
+    earlier_bytes: u64,
     inbox: Inbox,
     reader: Option<Reader<Inbox>>,
     vm: Option<Rebuild<B>>,
@@ -196,6 +213,8 @@ impl<B: Backend> Manager<B> {
                 peer,
                 ip,
                 recovering: false,
+                since_us: now_us,
+                earlier_bytes: 0,
                 inbox: Inbox::default(),
                 reader: None,
                 vm: None,
@@ -229,6 +248,8 @@ impl<B: Backend> Manager<B> {
                 peer,
                 ip: d.ip,
                 recovering: false,
+                since_us: now_us,
+                earlier_bytes: 0,
                 inbox: d.inbox,
                 reader: None,
                 vm: None,
@@ -242,8 +263,8 @@ impl<B: Backend> Manager<B> {
             match self.receive(&mut c, &mut inc, t, now_us, console) {
                 None => inc.conn = Some(c),
                 Some(outcome) => {
-                    let ms = now_us.saturating_sub(c.started_us) / 1000;
-                    let bytes = c.reader.as_ref().map_or(0, |r| r.offset());
+                    let ms = now_us.saturating_sub(c.since_us) / 1000;
+                    let bytes = c.earlier_bytes + c.reader.as_ref().map_or(0, |r| r.offset());
                     if let Some(vm) = c.vm.take() {
                         // A stream that did not become a VM gives its id
                         // back, unless a VM started meanwhile took a later one.
@@ -354,10 +375,12 @@ impl<B: Backend> Manager<B> {
                 // Its post-copy completed; the source lost the OK.
                 return Some(Outcome::Running(id));
             }
-            let Some(at) = inc.orphans.iter().position(|&(_, ip, _)| Some(ip) == c.ip) else {
+            let Some(at) = inc.orphans.iter().position(|o| Some(o.ip) == c.ip) else {
                 return Some(Outcome::Refused(String::from("no broken post-copy from this host")));
             };
-            let (id, _, by_us) = inc.orphans.remove(at);
+            let Orphan { vm: id, paused_by_break: by_us, since_us, bytes, .. } = inc.orphans.remove(at);
+            c.since_us = since_us;
+            c.earlier_bytes = bytes;
             if self.get(id).is_none_or(|v| v.res.is_none()) {
                 return Some(Outcome::Refused(format!("vm {id}, whose post-copy broke, ended here")));
             }
@@ -540,8 +563,9 @@ impl<B: Backend> Manager<B> {
             by_us = true;
         }
         if let Some(ip) = c.ip {
-            inc.orphans.retain(|&(v, ..)| v != id);
-            inc.orphans.push((id, ip, by_us));
+            inc.orphans.retain(|o| o.vm != id);
+            let bytes = c.earlier_bytes + c.reader.as_ref().map_or(0, |r| r.offset());
+            inc.orphans.push(Orphan { vm: id, ip, paused_by_break: by_us, since_us: c.since_us, bytes });
         }
         let left = self.get(id).and_then(|v| v.res.as_ref()).map_or(0, |r| r.mem.state_counts().not_loaded);
         console.line(&format!(

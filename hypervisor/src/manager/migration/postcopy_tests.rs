@@ -146,12 +146,27 @@ fn a_postcopy_whose_link_breaks_waits_with_both_copies_paused_and_goes_on_when_i
     // lacks, runs the VM on, and the rest arrives.
     p.a.nic().drop_every = 0;
     p.b.nic().drop_every = 0;
+    p.run_until(10_000, 0, 2000, |p| p.ma.migration_status(p.id).is_some_and(|s| s.recoveries == 1));
+    // The bandwidth limit (2 MiB/s) counts from the reconnection: the
+    // outage earned no burst.
+    let before = p.ma.migration_status(p.id).unwrap().bytes_on_wire;
+    for _ in 0..50 {
+        p.round(10_000, 0);
+    }
+    let sent = p.ma.migration_status(p.id).unwrap().bytes_on_wire - before;
+    assert!(sent <= (1 << 20) + (128 << 10), "{sent} bytes in 0.5 s at 2 MiB/s");
     p.run_until(10_000, 0, 20_000, |p| p.ma.migration.out.is_none());
     let s = p.ma.migration_status(p.id).unwrap().clone();
     assert_eq!((s.state, s.postcopy_pages_left), ("completed", 0), "{s:?} {:?} {:?}", p.la.0, p.lb.0);
     assert!(s.recoveries >= 1, "{s:?}");
     assert!(p.lb.0.iter().any(|l| l.contains("connected again: vm 1 runs on")), "{:?}", p.lb.0);
-    assert!(p.lb.0.iter().any(|l| l.contains("has all its memory")), "{:?}", p.lb.0);
+    // Its report covers both connections: time from the first, the cut
+    // included.
+    let all = p.lb.0.iter().find(|l| l.contains("has all its memory")).unwrap_or_else(|| panic!("{:?}", p.lb.0));
+    let ms: u64 = all.split(" bytes in ").nth(1).and_then(|r| r.split(" ms").next()).unwrap().parse().unwrap();
+    assert!(ms > 20_000, "{all}");
+    let s = p.ma.migration_status(p.id).unwrap();
+    assert!(s.rate_bytes_per_s > 0, "{s:?}");
     let dest = p.mb.get(1).unwrap();
     assert!(!dest.paused && dest.res.as_ref().unwrap().mem.state_counts().not_loaded == 0);
     p.check_region(&p.mb, 1);

@@ -349,6 +349,9 @@ pub struct Outgoing {
     try_us: u64,
     started_us: u64,
     open_us: u64,
+    /// The bandwidth limit counts from here: the connection's opening,
+    /// or a recovery's (an outage earns no burst), with the bytes then.
+    budget_from: (u64, u64),
     pause_us: u64,
     progress_us: u64,
     reply: Vec<u8>,
@@ -444,6 +447,7 @@ impl<B: Backend> Manager<B> {
             try_us: 0,
             started_us: now_us,
             open_us: now_us,
+            budget_from: (now_us, 0),
             pause_us: now_us,
             progress_us: now_us,
             reply: Vec::new(),
@@ -619,6 +623,7 @@ impl<B: Backend> Manager<B> {
         o.left = Left::new(&gfns);
         o.status.postcopy_pages_left = o.left.count;
         o.status.recoveries += 1;
+        o.budget_from = (now_us, o.status.bytes_on_wire);
         o.phase = Phase::Postcopy;
         o.status.state = "postcopy";
         o.progress_us = now_us;
@@ -708,6 +713,7 @@ impl<B: Backend> Manager<B> {
         o.status.state = "precopy";
         o.status.iteration = 1;
         o.open_us = now_us;
+        o.budget_from = (now_us, o.status.bytes_on_wire);
         o.harvest_us = now_us;
         if o.opts.mode == Mode::Postcopy {
             // Nothing before: every page of RAM follows the resume.
@@ -902,6 +908,8 @@ impl<B: Backend> Manager<B> {
         };
         o.status.pages_sent = job.pages_written();
         o.status.postcopy_pages_left = o.left.count;
+        let elapsed = now_us.saturating_sub(o.open_us).max(1);
+        o.status.rate_bytes_per_s = (u128::from(o.status.bytes_on_wire) * 1_000_000 / u128::from(elapsed)) as u64;
         o.job = Some(job);
         r.map_err(e)
     }
@@ -1203,10 +1211,11 @@ fn take_requests(o: &mut Outgoing) -> Result<(), String> {
 fn pump(o: &mut Outgoing, t: &mut impl Transport, now_us: u64) -> Result<(), String> {
     let mut room = WRITE_PER_ROUND;
     if let Some(mib) = o.opts.bandwidth_mib {
-        let allowed = u128::from(mib) * (1 << 20) * u128::from(now_us.saturating_sub(o.open_us)) / 1_000_000;
+        let (since, base) = o.budget_from;
+        let allowed = u128::from(mib) * (1 << 20) * u128::from(now_us.saturating_sub(since)) / 1_000_000;
         // A round's worth of burst allowed from the start.
         let allowed = allowed as u64 + (64 << 10);
-        room = room.min(allowed.saturating_sub(o.status.bytes_on_wire) as usize);
+        room = room.min(allowed.saturating_sub(o.status.bytes_on_wire - base) as usize);
     }
     let n = o.out.pending().min(room);
     if n == 0 {
