@@ -14,7 +14,9 @@
 //! 4. post-copy (`mode=postcopy`): the VM runs on B at once, its pages
 //!    follow (those it touches asked for first), its check passes on B and
 //!    A frees it after the last page;
-//! 5. B's emulator is killed during pre-copy of another VM: A's VM runs
+//! 5. hybrid (`mode=hybrid`) with the guest of part 3: pre-copy rounds,
+//!    then post-copy once the dirty set stops shrinking, no throttle;
+//! 6. B's emulator is killed during pre-copy of another VM: A's VM runs
 //!    on and its check still passes.
 //!
 //! `MIGRATION_RATE` (pages per ms, default 1) and `MIGRATION_MIB` (region,
@@ -231,11 +233,38 @@ fn precopy_between_two_qemu_hosts() {
     b.wait_for_after("memtest: PASS", from_b, limit);
     eprintln!("[migration] post-copy guest on B: {}", report(&b.transcript(), from_b, "memtest: dirty: "));
 
-    // 5. B dies during pre-copy of another VM (slowed to 1 MiB/s so
+    // 5. Hybrid: a guest that dirties faster than the link sends (as in
+    // part 3) gets pre-copy rounds until its dirty set stops shrinking,
+    // then the rest goes post-copy instead of a throttle; its check passes
+    // on B.
+    let from_a = a.transcript().len();
+    let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={fast} seed=12"));
+    assert!(out.contains("vm 4"), "{out}");
+    a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
+    let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
+    let started = Instant::now();
+    a.cmd("vm migrate 4 10.0.8.2 mode=hybrid downtime=300");
+    a.wait_for_after("vm 4: migrated to 10.0.8.2:7070", from_a, limit);
+    b.wait_for_after("has all its memory", from_b, limit);
+    let wall = started.elapsed().as_secs_f64();
+    let status = a.json("vm migrate status 4 --json");
+    let done = report(&a.transcript(), from_a, "vm 4: migrated to");
+    eprintln!("[migration] hybrid: A: {done}\n[migration] status: {status}\n[migration] wall clock {wall:.2} s");
+    assert_eq!((status["state"].as_str(), status["mode"].as_str()), (Some("completed"), Some("hybrid")), "{status}");
+    let post = status["postcopy_pages"].as_u64().unwrap();
+    assert!(status["iteration"].as_u64().unwrap() >= 2 && post > 0 && post < mem * 256, "{status}");
+    assert_eq!(status["throttle_pct"], 0, "{status}");
+    let there = status["destination_vm"].as_u64().unwrap();
+    let from_b = b.transcript().len();
+    b.cmd(&format!("vm send {there} -- c"));
+    b.wait_for_after("memtest: PASS", from_b, limit);
+    eprintln!("[migration] hybrid guest on B: {}", report(&b.transcript(), from_b, "memtest: dirty: "));
+
+    // 6. B dies during pre-copy of another VM (slowed to 1 MiB/s so
     // pre-copy lasts): the VM runs on at A.
     let from_a = a.transcript().len();
     let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=8"));
-    let id = if out.contains("vm 4") { 4 } else { panic!("{out}") };
+    let id = if out.contains("vm 5") { 5 } else { panic!("{out}") };
     a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
     let from_a = a.transcript().len();
     a.cmd(&format!("vm migrate {id} 10.0.8.2 bandwidth=1"));
