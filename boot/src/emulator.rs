@@ -276,7 +276,10 @@ pub fn spawn_with_nic(
                 .args(["-device", "virtio-blk-pci,drive=scratch"])
                 .arg("-serial")
                 .arg(format!("tcp:127.0.0.1:{serial_port}"))
-                .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+                // The monitor on a socket in the run directory (relative:
+                // QEMU runs there, and a unix socket path has 108 bytes at
+                // most): tests inject machine checks through it (`mce`).
+                .args(["-display", "none", "-no-reboot", "-monitor", "unix:monitor.sock,server=on,wait=off"])
                 .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
                 .args(nic.map(|n| n.qemu_args()).unwrap_or_default())
                 .args(["-d", "guest_errors,cpu_reset", "-D"])

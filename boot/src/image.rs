@@ -10,8 +10,19 @@ use std::process::Command;
 pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
 
 /// Guest binaries of the `guests` package that go into the ramdisk.
-pub const GUESTS: &[&str] =
-    &["selftest", "selftest-mb", "escape", "crash", "exitbench", "memtest", "cr2", "vcputest", "hostile", "smptest"];
+pub const GUESTS: &[&str] = &[
+    "selftest",
+    "selftest-mb",
+    "escape",
+    "crash",
+    "exitbench",
+    "memtest",
+    "cr2",
+    "vcputest",
+    "hostile",
+    "smptest",
+    "mcetest",
+];
 
 /// The configuration file's name in the ramdisk.
 pub const CONFIG_NAME: &str = "hypervisor.cfg";

@@ -1,5 +1,5 @@
 //! A minimal IDT so a test can run an instruction that should fault (#DB,
-//! #UD, #GP, #PF) and observe the fault instead of dying: `probe` arms a handler
+//! #UD, #GP, #PF, #MC) and observe the fault instead of dying: `probe` arms a handler
 //! that records the vector and resumes after the faulting instruction, whose
 //! length the caller gives.
 
@@ -24,6 +24,10 @@ global_asm!(
     ".global trap_ud",
     "trap_ud:",
     "    push 6",
+    "    jmp 2f",
+    ".global trap_mc",
+    "trap_mc:",
+    "    push 18",
     "    jmp 2f",
     ".global trap_pf",
     "trap_pf:",
@@ -53,6 +57,7 @@ global_asm!(
 unsafe extern "C" {
     fn trap_db();
     fn trap_ud();
+    fn trap_mc();
     fn trap_gp();
     fn trap_pf();
 }
@@ -89,6 +94,7 @@ pub fn install() {
             (6usize, trap_ud as *const () as u64),
             (13, trap_gp as *const () as u64),
             (14, trap_pf as *const () as u64),
+            (18, trap_mc as *const () as u64),
         ] {
             let (lo, hi) = gate(handler, cs);
             idt.0[vector * 2] = lo;

@@ -16,6 +16,7 @@ pub mod hostnet;
 pub mod hypercall;
 pub mod loader;
 pub mod manager;
+pub mod mca;
 pub mod memory;
 pub mod msr;
 pub mod net;

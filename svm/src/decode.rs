@@ -57,6 +57,9 @@ pub fn decode(code: u64, info1: u64, info2: u64, rax: u64, rcx: u64, rdx: u64) -
         VMMCALL => Decoded::Exit(VmExit::Hypercall, Some(Opcode::Vmmcall)),
         // #UD, intercepted for VMCALL (a guest saved under VT-x).
         EXCP_UD => Decoded::Exit(VmExit::InvalidOpcode, None),
+        // A host machine check while the guest ran: the host's handler
+        // takes it (`vcpu::machine_check`), the guest is interrupted.
+        EXCP_MC => Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(vcpu::machine_check::VECTOR) }, None),
         IOIO => Decoded::Io(io_access(info1), info2),
         MSR => {
             let msr = rcx as u32;
@@ -122,6 +125,11 @@ pub fn io_access(info1: u64) -> IoAccess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_machine_check_interrupts_the_guest() {
+        assert_eq!(decode(EXCP_MC, 0, 0, 0, 0, 0), Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(18) }, None));
+    }
 
     #[test]
     fn io_exit_information() {

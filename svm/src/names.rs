@@ -3,6 +3,8 @@
 pub const DR_READ: u64 = 0x20;
 /// Exception intercepts are 0x40 + vector: #UD.
 pub const EXCP_UD: u64 = 0x46;
+/// Exception 18 (#MC), intercepted (APM Vol. 2 table C-1: 0x40 + vector).
+pub const EXCP_MC: u64 = 0x52;
 pub const DR_WRITE: u64 = 0x30;
 pub const INIT: u64 = 0x63;
 pub const VINTR: u64 = 0x64;

@@ -155,9 +155,10 @@ impl<M: PhysMem> SvmVcpu<M> {
         c.write(ctl::INTERCEPT_MISC1, misc1::GUEST);
         c.write(ctl::INTERCEPT_MISC2, misc2::GUEST);
         c.write(ctl::INTERCEPT_DR, vmcb::INTERCEPT_DR_ALL);
-        // #UD only: a guest saved under VT-x may execute VMCALL, which is #UD
-        // here and emulated as the hypercall (`VmExit::InvalidOpcode`).
-        c.write(ctl::INTERCEPT_EXCEPTIONS, 1u32 << 6);
+        // #UD: a guest saved under VT-x may execute VMCALL, which is #UD
+        // here and emulated as the hypercall (`VmExit::InvalidOpcode`). #MC:
+        // a host machine check goes to the host (`vcpu::machine_check`).
+        c.write(ctl::INTERCEPT_EXCEPTIONS, (1u32 << 6) | (1 << vcpu::machine_check::VECTOR));
         c.set_u64(ctl::IOPM_BASE_PA, cpu.io_map.0);
         c.set_u64(ctl::MSRPM_BASE_PA, cpu.msr_map.0);
         c.write(ctl::GUEST_ASID, asid);
@@ -545,6 +546,9 @@ impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
             Decoded::Exit(e, op) => {
                 if let Some(op) = op {
                     self.set_skip(op);
+                }
+                if e == (VmExit::ExternalInterrupt { vector: Some(vcpu::machine_check::VECTOR) }) {
+                    vcpu::machine_check::deliver_to_host();
                 }
                 e
             }

@@ -224,6 +224,38 @@ impl Machine {
         }
     }
 
+    /// Runs a command on QEMU's monitor (the emulator's, not the
+    /// hypervisor's console: `mce ...` injects a machine check) and returns
+    /// what it printed.
+    pub fn monitor(&mut self, command: &str) -> String {
+        use std::io::{Read, Write};
+        assert!(self.emulator.is_qemu(), "[{}] only QEMU has a monitor", self.name);
+        let path = self.s().run_dir.join("monitor.sock");
+        let mut sock = std::os::unix::net::UnixStream::connect(&path)
+            .unwrap_or_else(|e| panic!("[{}] monitor {}: {e}", self.name, path.display()));
+        sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut text = Vec::new();
+        let mut prompts = 0;
+        let mut sent = false;
+        let mut buf = [0u8; 4096];
+        while prompts < 2 {
+            let n = sock.read(&mut buf).unwrap_or_else(|e| panic!("[{}] monitor: {e}", self.name));
+            assert!(n > 0, "[{}] the monitor closed: {}", self.name, String::from_utf8_lossy(&text));
+            text.extend_from_slice(&buf[..n]);
+            prompts = String::from_utf8_lossy(&text).matches("(qemu) ").count();
+            if prompts == 1 && !sent {
+                sock.write_all(format!("{command}\n").as_bytes()).expect("monitor write");
+                sent = true;
+            }
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
+        eprintln!("[{}] monitor: {command}", self.name);
+        // The monitor echoes the line as typed (with its line editor's
+        // escapes) up to the newline; what it answered follows.
+        let answer = text.split("(qemu) ").nth(1).unwrap_or_default();
+        answer.split_once("\r\n").map_or("", |(_, a)| a).to_string()
+    }
+
     /// Types `bytes` at once (keys for a guest after `vm console`).
     pub fn send_raw(&mut self, bytes: &[u8]) {
         let name = self.name.clone();

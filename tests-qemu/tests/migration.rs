@@ -16,7 +16,13 @@
 //!    A frees it after the last page;
 //! 5. hybrid (`mode=hybrid`) with the guest of part 3: pre-copy rounds,
 //!    then post-copy once the dirty set stops shrinking, no throttle;
-//! 6. B's emulator is killed during pre-copy of another VM: A's VM runs
+//! 6. a host memory error: QEMU's monitor injects an uncorrected error
+//!    (`mce`) into A's idle CPU 1 at the host frame of a guest page; A's
+//!    #MC handler reads the bank and the page is poisoned. The VM migrates
+//!    with the page as poisoned (never as data); on B the guest touches it,
+//!    gets a machine check naming the page, retires it, and every other
+//!    page checks out;
+//! 7. B's emulator is killed during pre-copy of another VM: A's VM runs
 //!    on and its check still passes.
 //!
 //! `MIGRATION_RATE` (pages per ms, default 1) and `MIGRATION_MIB` (region,
@@ -260,11 +266,61 @@ fn precopy_between_two_qemu_hosts() {
     b.wait_for_after("memtest: PASS", from_b, limit);
     eprintln!("[migration] hybrid guest on B: {}", report(&b.transcript(), from_b, "memtest: dirty: "));
 
-    // 6. B dies during pre-copy of another VM (slowed to 1 MiB/s so
+    // 6. A memory error on A's host CPU 1 (idle: one VM runs on the boot
+    // CPU) in the frame of the guest's page 7, then the move.
+    let from_a = a.transcript().len();
+    let out = a.cmd("vm run mcetest mem=16 -- pages=64 seed=5");
+    assert!(out.contains("vm 5"), "{out}");
+    a.wait_for_after("mcetest: ready 0x400000 64", from_a, Duration::from_secs(120));
+    let lost = 0x40_0000 + 7 * 4096;
+    let page = a.json(&format!("vm page 5 {lost:#x} --json"));
+    let frame = page["host_frame"].as_u64().unwrap_or_else(|| panic!("{page}"));
+    let from_a = a.transcript().len();
+    // Uncorrected, action optional, address valid (QEMU's example status),
+    // RIPV|MCIP; MISC 0x86: a physical address valid from bit 6.
+    let said = a.monitor(&format!("mce 1 4 0xbd000000000000c0 0x5 {:#x} 0x86", frame + 0x40));
+    assert!(!said.contains("disabled") && !said.contains("triple fault"), "QEMU: {said}");
+    a.wait_for_after("machine check: cpu 1 bank 4", from_a, limit);
+    let mc = report(&a.transcript(), from_a, "machine check: cpu 1");
+    eprintln!("[migration] A: {mc}");
+    assert!(
+        mc.contains(&format!("host-physical {:#x}", frame + 0x40))
+            && mc.contains(&format!("poisoned vm 5 page {lost:#x}")),
+        "{mc}"
+    );
+    assert_eq!(a.json(&format!("vm page 5 {lost:#x} --json"))["state"], "poisoned");
+    assert_eq!(a.json("host --json")["machine_checks"]["pages_poisoned"], 1);
+    let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
+    a.cmd("vm migrate 5 10.0.8.2");
+    a.wait_for_after("vm 5: migrated to 10.0.8.2:7070", from_a, limit);
+    let status = a.json("vm migrate status 5 --json");
+    eprintln!(
+        "[migration] memory error: A: {}\n[migration] status: {status}",
+        report(&a.transcript(), from_a, "vm 5: migrated to")
+    );
+    let there = status["destination_vm"].as_u64().unwrap();
+    b.wait_for_after("and runs", from_b, limit);
+    let pages = b.json(&format!("vm stats {there} --json"))["pages"].clone();
+    assert_eq!(pages["poisoned"], 1, "the page arrived poisoned: {pages}");
+    let from_b = b.transcript().len();
+    b.cmd(&format!("vm send {there} -- q"));
+    b.wait_for_after("mcetest: check:", from_b, limit);
+    let t = b.transcript();
+    let (given, seen, check) = (
+        report(&t, from_b, "machine check delivered"),
+        report(&t, from_b, "mcetest: machine check at"),
+        report(&t, from_b, "mcetest: check:"),
+    );
+    eprintln!("[migration] B: {given}\n[migration] guest on B: {seen}\n[migration] guest on B: {check}");
+    assert!(given.contains(&format!("guest-physical {lost:#x} is poisoned")), "{given}");
+    assert!(seen.contains(&format!("machine check at {lost:#x}")) && seen.contains("page 7 retired"), "{seen}");
+    assert!(check.contains("63 good, 1 retired, 0 bad: PASS"), "{check}");
+
+    // 7. B dies during pre-copy of another VM (slowed to 1 MiB/s so
     // pre-copy lasts): the VM runs on at A.
     let from_a = a.transcript().len();
     let out = a.cmd(&format!("vm run memtest mem={mem} -- mode=dirty mib={mib} rate={rate} seed=8"));
-    let id = if out.contains("vm 5") { 5 } else { panic!("{out}") };
+    let id = if out.contains("vm 6") { 6 } else { panic!("{out}") };
     a.wait_for_after("memtest: dirty: ", from_a, Duration::from_secs(120));
     let from_a = a.transcript().len();
     a.cmd(&format!("vm migrate {id} 10.0.8.2 bandwidth=1"));

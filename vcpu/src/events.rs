@@ -36,6 +36,8 @@ impl Event {
     pub const GP0: Event = Event::Exception { vector: 13, error_code: Some(0) };
     /// #UD.
     pub const UD: Event = Event::Exception { vector: 6, error_code: None };
+    /// #MC: a machine check (the cause is in the MCA banks).
+    pub const MC: Event = Event::Exception { vector: 18, error_code: None };
     /// #DB (a fault or trap; the cause is in DR6).
     pub const DB: Event = Event::Exception { vector: 1, error_code: None };
 

@@ -346,6 +346,7 @@ pub mod bits {
     pub const CR0_TS: u64 = 1 << 3;
     pub const CR4_DE: u64 = 1 << 3;
     pub const CR4_PAE: u64 = 1 << 5;
+    pub const CR4_MCE: u64 = 1 << 6;
     pub const CR4_PGE: u64 = 1 << 7;
     pub const CR4_OSFXSR: u64 = 1 << 9;
     pub const CR4_OSXMMEXCPT: u64 = 1 << 10;

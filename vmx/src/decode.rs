@@ -47,6 +47,12 @@ pub const IA32_EFER: u32 = 0xC000_0080;
 /// Decodes exit reason `raw_reason` (the full 32-bit field).
 pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
     let reason = (raw_reason & 0xffff) as u16;
+    // A machine check during VM entry (exit reason 41, an entry failure):
+    // the host's, handled as one during the guest's run; the entry is
+    // tried again.
+    if reason == 41 {
+        return Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(vcpu::machine_check::VECTOR) });
+    }
     if raw_reason & (1 << 31) != 0 {
         return Decoded::EntryFailure { reason, qualification: f.read(ro::EXIT_QUALIFICATION) };
     }
@@ -58,6 +64,10 @@ pub fn decode(raw_reason: u32, f: &impl Fields, gprs: &Gprs) -> Decoded {
             if kind == 2 {
                 // An NMI meant for the host arrived while the guest ran.
                 Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(2) })
+            } else if kind == 3 && vector == vcpu::machine_check::VECTOR {
+                // A host machine check while the guest ran (the bitmap
+                // intercepts #MC): the host's handler takes it.
+                Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(vector) })
             } else if kind == 3 && vector == 6 {
                 // #UD, a hardware exception (type 3, SDM Vol. 3C 25.9.2):
                 // the exception bitmap intercepts it.
@@ -287,6 +297,13 @@ mod tests {
         // #UD (hardware exception, type 3), intercepted by the bitmap.
         let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (3 << 8) | 6)]);
         assert_eq!(decode(0, &f, &Gprs::default()), Decoded::Exit(VmExit::InvalidOpcode));
+        // A host machine check while the guest ran, or during VM entry
+        // (reason 41 with the entry-failure bit): the host's, as an
+        // interrupt the backend raises for the host's handler.
+        let mc = Decoded::Exit(VmExit::ExternalInterrupt { vector: Some(18) });
+        let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (3 << 8) | 18)]);
+        assert_eq!(decode(0, &f, &Gprs::default()), mc);
+        assert_eq!(decode((1 << 31) | 41, &f, &Gprs::default()), mc);
         // Any other exception is not expected (nothing else is intercepted).
         let f = fields(&[(ro::VMEXIT_INTERRUPTION_INFO, (1 << 31) | (3 << 8) | 13)]);
         assert!(matches!(decode(0, &f, &Gprs::default()), Decoded::Exit(VmExit::Unexpected { .. })));

@@ -237,9 +237,10 @@ impl VmxVcpu {
         w(control::SECONDARY_PROCBASED_EXEC_CONTROLS, ctl.proc2 as u64)?;
         w(control::VMEXIT_CONTROLS, ctl.exit as u64)?;
         w(control::VMENTRY_CONTROLS, ctl.entry as u64)?;
-        // #UD only: a guest saved under AMD-V may execute VMMCALL, which is
-        // #UD here and emulated as the hypercall (`VmExit::InvalidOpcode`).
-        w(control::EXCEPTION_BITMAP, 1 << 6)?;
+        // #UD: a guest saved under AMD-V may execute VMMCALL, which is #UD
+        // here and emulated as the hypercall (`VmExit::InvalidOpcode`). #MC:
+        // a host machine check goes to the host (`vcpu::machine_check`).
+        w(control::EXCEPTION_BITMAP, (1 << 6) | (1 << vcpu::machine_check::VECTOR))?;
         w(control::CR3_TARGET_COUNT, 0)?;
         w(control::CR0_GUEST_HOST_MASK, ctl.cr0_mask)?;
         w(control::CR4_GUEST_HOST_MASK, ctl.cr4_mask)?;
@@ -683,6 +684,9 @@ impl vcpu::Vcpu for VmxVcpu {
             Decoded::Exit(e) => {
                 if matches!(e, VmExit::NestedPageFault { .. } | VmExit::ExternalInterrupt { .. } | VmExit::Preempted) {
                     self.requeue_interrupted_event();
+                }
+                if e == (VmExit::ExternalInterrupt { vector: Some(vcpu::machine_check::VECTOR) }) {
+                    vcpu::machine_check::deliver_to_host();
                 }
                 e
             }

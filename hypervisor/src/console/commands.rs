@@ -102,6 +102,7 @@ const HELP: &[(&str, &str)] = &[
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
     ("vm send <id> -- <text>", "type a line into the VM's serial console (COM1)"),
+    ("vm page <id> <gpa>", "one guest page: its state and the host frame holding it"),
     ("vm balloon <id> <MiB>", "ask the VM's balloon driver to hold this much of its memory (0 gives it all back)"),
     ("vm console <id> [virtio]", "attach this terminal to the VM's serial (or virtio, hvc0) console; Ctrl-] detaches"),
     ("vm pause <id> | vm resume <id>", "stop running the VM (nothing lost) / run it again"),
@@ -260,6 +261,7 @@ fn run<B: Backend>(
             m.set_paused(*id, true)?;
             Ok(Reply { text: format!("vm {id} paused"), json: json!({ "id": id }) })
         }
+        Command::VmPage { id, gpa } => super::mem::page(m, *id, *gpa),
         Command::VmBalloon { id, mib } => {
             let (before, actual) = m.set_balloon(*id, *mib)?;
             Ok(Reply {
@@ -454,9 +456,12 @@ fn stats_reply<B: Backend>(
     let pages = vm.res.as_ref().map(|r| r.mem.state_counts());
     if let Some(c) = pages {
         text.push_str(&format!(
-            "\n  memory pages: {} present, {} zero, {} shared, {} swapped, {} ballooned; {} swapped in, {} copy-on-write breaks",
-            c.present, c.zero, c.shared, c.swapped, c.ballooned, vm.reclaim.swapped_in, vm.reclaim.cow_breaks
+            "\n  memory pages: {} present, {} zero, {} shared, {} swapped, {} ballooned, {} poisoned; {} swapped in, {} copy-on-write breaks",
+            c.present, c.zero, c.shared, c.swapped, c.ballooned, c.poisoned, vm.reclaim.swapped_in, vm.reclaim.cow_breaks
         ));
+    }
+    if vm.stats.machine_checks > 0 {
+        text.push_str(&format!("\n  machine checks given to the guest: {}", vm.stats.machine_checks));
     }
     // Time to the first guest instruction: from the command that built the
     // VM (`vm run`, `vm restore`) to its first VM entry.
@@ -553,6 +558,7 @@ fn stats_reply<B: Backend>(
                 "guest_available_bytes": dev.and_then(|d| d.stats()).and_then(|s| s.available_memory),
             }),
         );
+        o.insert("machine_checks".into(), json!(vm.stats.machine_checks));
         o.insert("first_entry_ticks".into(), json!(first_entry));
         o.insert("lifetime_ticks".into(), json!(lifetime));
         o.insert("first_entry_us".into(), json!(first_entry.map(|t| ticks_to_us(t, hz))));
@@ -651,6 +657,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
          memory: {} MiB usable, {} MiB free, heap {} MiB ({} KiB used)\n\
          virtualization: {virt}\n\
          tsc: {} kHz, up {}.{:03} s\n\
+         machine checks: {} errors, {} uncorrected memory errors, {} guest pages poisoned, {} lost (log full)\n\
          vms: {running} live, {} ended; guests: {}\n\
          {disk}",
         h.cpu_vendor,
@@ -667,6 +674,10 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         h.tsc_hz / 1000,
         h.uptime_us / 1_000_000,
         (h.uptime_us / 1000) % 1000,
+        m.machine_checks.errors,
+        m.machine_checks.memory_errors,
+        m.machine_checks.pages_poisoned,
+        crate::mca::host::HOST_ERRORS.lost(),
         m.vms.len() - running,
         guests.join(", ")
     );
@@ -688,6 +699,14 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
             so.insert("overhead_ticks_per_round".into(), json!(sc.overhead_per_round()));
         }
         o.insert("scheduler".into(), sched);
+        let mc = &m.machine_checks;
+        o.insert(
+            "machine_checks".into(),
+            json!({
+                "errors": mc.errors, "memory_errors": mc.memory_errors, "pages_poisoned": mc.pages_poisoned,
+                "lost": crate::mca::host::HOST_ERRORS.lost(),
+            }),
+        );
         o.insert("disk".into(), m.host_mem.space.as_ref().map_or(Value::Null, super::disk::summary_json));
     }
     Reply { text, json: j }

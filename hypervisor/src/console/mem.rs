@@ -271,3 +271,20 @@ pub(super) fn target<B: Backend>(m: &mut Manager<B>, id: u32, mib: Option<u32>) 
     };
     Ok(Reply { text, json: json!({ "id": id, "target_pages": pages }) })
 }
+
+/// `vm page <id> <gpa>`: the page's state and the host frame holding its
+/// contents (to match a host machine check's address to a guest page, or
+/// the other way round).
+pub(super) fn page<B: Backend>(m: &Manager<B>, id: u32, gpa: u64) -> Result<Reply, String> {
+    let vm = m.get(id).ok_or_else(|| format!("no VM {id}"))?;
+    let res = vm.res.as_ref().ok_or_else(|| format!("vm {id} has ended: its memory is gone"))?;
+    let at = mm::addr::GuestPhysAddr(gpa);
+    let state = res.mem.page_state(at).ok_or_else(|| format!("{gpa:#x} is not RAM of vm {id}"))?;
+    let frame = res.mem.page_frame(at).map(|f| f.0);
+    let page = gpa & !(PAGE - 1);
+    let text = match frame {
+        Some(f) => format!("vm {id} page {page:#x}: {}, host frame {f:#x}", state.name()),
+        None => format!("vm {id} page {page:#x}: {}, no host frame", state.name()),
+    };
+    Ok(Reply { text, json: json!({ "id": id, "gpa": page, "state": state.name(), "host_frame": frame }) })
+}

@@ -89,6 +89,11 @@ pub enum Command {
         id: u32,
         text: String,
     },
+    /// `vm page <id> <gpa>`: one guest page's state and host frame.
+    VmPage {
+        id: u32,
+        gpa: u64,
+    },
     /// Host and per-VM memory by page state.
     MemShow,
     /// Background page sharing on (with a scan budget) or off.
@@ -160,6 +165,7 @@ impl Command {
             Command::VmPause { .. } => "vm pause",
             Command::VmResume { .. } => "vm resume",
             Command::VmBalloon { .. } => "vm balloon",
+            Command::VmPage { .. } => "vm page",
             Command::MemShow => "mem",
             Command::MemSharing { .. } => "mem sharing",
             Command::MemScan { .. } => "mem scan",
@@ -410,6 +416,21 @@ fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
                 Ok(Command::VmBalloon { id, mib })
             }
             _ => Err(Refusal::Usage { cmd: "vm balloon", usage: "'vm balloon <id> <MiB>'" }),
+        },
+        "page" => match args {
+            [id, gpa] => {
+                let id = vm_id("vm page", id)?;
+                let gpa = match gpa.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                    None => gpa.parse::<u64>().ok(),
+                };
+                let gpa = gpa.ok_or(Refusal::Usage {
+                    cmd: "vm page",
+                    usage: "'vm page <id> <guest-physical address>' (decimal, or hex with 0x)",
+                })?;
+                Ok(Command::VmPage { id, gpa })
+            }
+            _ => Err(Refusal::Usage { cmd: "vm page", usage: "'vm page <id> <guest-physical address>'" }),
         },
         "run" => parse_run(args),
         "create" => parse_create(args),
@@ -738,6 +759,10 @@ mod tests {
         assert_eq!(ok("vm resume 2").command, Command::VmResume { id: 2 });
         assert_eq!(ok("vm balloon 2 64").command, Command::VmBalloon { id: 2, mib: 64 });
         assert_eq!(ok("vm balloon 2 0").command, Command::VmBalloon { id: 2, mib: 0 });
+        assert_eq!(ok("vm page 2 0x5000").command, Command::VmPage { id: 2, gpa: 0x5000 });
+        assert_eq!(ok("vm page 2 4096").command, Command::VmPage { id: 2, gpa: 4096 });
+        assert!(err("vm page 2 0xzz").contains("vm page <id> <guest-physical address>"));
+        assert!(err("vm page 2").contains("vm page"));
         assert!(err("vm balloon 2").contains("vm balloon: use"));
         assert!(err("vm balloon 2 -1").contains("vm balloon: use"));
         assert!(err("vm balloon x 1").contains("not a VM id"));

@@ -28,6 +28,7 @@ pub mod virtio_slots;
 
 use alloc::vec::Vec;
 
+use crate::mca::vmce::{VirtualMca, VmceState};
 use acpi_pm::AcpiPm;
 pub use bus::Bus;
 use fw_cfg::FwCfg;
@@ -59,6 +60,8 @@ fn once(f: impl Fn() -> u64) -> impl Fn() -> u64 {
 pub const LAPIC_NAMES: [&str; MAX_VCPUS] =
     ["lapic0", "lapic1", "lapic2", "lapic3", "lapic4", "lapic5", "lapic6", "lapic7"];
 const IOAPIC_NAME: &str = "ioapic";
+/// The machine-check banks' name in saved state.
+const MCA_NAME: &str = "mca";
 
 /// The debug-exit port: a write of V ends the VM with status (V << 1) | 1,
 /// like QEMU's `isa-debug-exit` device, so test kernels written for QEMU
@@ -253,6 +256,8 @@ pub struct DeviceSet {
     com1_level: bool,
     /// virtio-mmio devices, in slot order.
     virtio: Vec<virtio_slots::VirtioSlot>,
+    /// The machine-check banks (`crate::mca::vmce`).
+    mca: VirtualMca,
 }
 
 /// vCPU `index`'s bit in the per-vCPU masks (none past 31: `MAX_VCPUS`
@@ -313,6 +318,7 @@ impl DeviceSet {
             timers_touched: false,
             com1_level: false,
             virtio: Vec::new(),
+            mca: VirtualMca::default(),
         };
         set.build_lapics(vcpus, 36);
         // Fixed, non-overlapping ranges: these inserts cannot fail. COM1
@@ -688,6 +694,11 @@ impl DeviceSet {
         effect
     }
 
+    /// The VM's machine-check banks.
+    pub fn mca(&mut self) -> &mut VirtualMca {
+        &mut self.mca
+    }
+
     /// Every device's state.
     pub fn save(&self) -> Vec<SavedDevice> {
         self.devices
@@ -704,7 +715,7 @@ impl DeviceSet {
                 Device::DebugExit => None,
             })
             .chain(self.lapics.iter().zip(LAPIC_NAMES).map(|(l, name)| persist::save(name, l)))
-            .chain([persist::save(IOAPIC_NAME, &self.ioapic)])
+            .chain([persist::save(IOAPIC_NAME, &self.ioapic), persist::save(MCA_NAME, &self.mca)])
             .chain(self.save_virtio())
             .collect()
     }
@@ -719,7 +730,7 @@ impl DeviceSet {
                 return Err(RestoreError::Duplicate(s.name.clone()));
             }
             let lapic = LAPIC_NAMES[..self.lapics.len()].contains(&s.name.as_str());
-            let controller = lapic || s.name == IOAPIC_NAME || self.has_virtio(&s.name);
+            let controller = lapic || s.name == IOAPIC_NAME || s.name == MCA_NAME || self.has_virtio(&s.name);
             if !controller && !self.devices.iter().any(|(name, d)| *name == s.name && !matches!(d, Device::DebugExit)) {
                 return Err(RestoreError::UnknownDevice(s.name.clone()));
             }
@@ -751,6 +762,12 @@ impl DeviceSet {
             lapics.push(state);
         }
         let ioapic = persist::decode::<IoApic>(IOAPIC_NAME, find(IOAPIC_NAME)?)?;
+        // Streams from before the banks were modelled have none: fresh
+        // banks, as at power-on.
+        let mca = match saved.iter().find(|s| s.name == MCA_NAME) {
+            Some(s) => persist::decode::<VirtualMca>(MCA_NAME, s)?,
+            None => VmceState::default(),
+        };
         let virtio = self.decode_virtio(saved)?;
         for ((_, d), state) in self.devices.iter_mut().zip(states) {
             match (d, state) {
@@ -775,6 +792,7 @@ impl DeviceSet {
         self.kicked = false;
         self.set_current(0);
         self.ioapic.restore(ioapic);
+        self.mca.restore(mca);
         self.restore_virtio(virtio);
         // The timers and controllers were replaced wholesale: the next
         // `update_lines` (the caller's, with the clock) looks at the timers
@@ -943,10 +961,14 @@ mod tests {
         let names: Vec<&str> = saved.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["com1", "rtc", "pic", "pit", "acpi-pm", "pci", "fw-cfg", "lapic0", "ioapic"],
+            ["com1", "rtc", "pic", "pit", "acpi-pm", "pci", "fw-cfg", "lapic0", "ioapic", "mca"],
             "all but the debug-exit port, which has no state"
         );
         let mut b = DeviceSet::pc(0, 16 << 20);
+        // A stream from before the machine-check banks: fresh banks.
+        b.mca().write_msr(crate::mca::bank_msr(0, 2), 0x1234).unwrap();
+        b.restore(&saved[..9]).unwrap();
+        assert_eq!(b.mca().read_msr(crate::mca::bank_msr(0, 2)), 0);
         b.restore(&saved).unwrap();
         assert_eq!(b.save(), saved, "a restored set saves what it was given");
         assert_eq!(b.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x11));

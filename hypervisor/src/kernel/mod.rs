@@ -81,6 +81,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     platform::logger::init(log::LevelFilter::Info);
     crate::println!();
     log::info!("hypervisor {} starting", env!("CARGO_PKG_VERSION"));
+    match platform::mce::enable() {
+        0 => log::warn!("machine checks: this CPU has no machine-check architecture"),
+        n => log::info!("machine checks: {n} banks reporting on every cpu"),
+    }
 
     let phys_offset = boot_info.physical_memory_offset.into_option().expect("bootloader maps physical memory");
     platform::memory::init(&boot_info.memory_regions, phys_offset);
@@ -384,6 +388,7 @@ fn serve<B: HostBackend>(
             if ran {
                 manager.reclaim_round();
             }
+            manager.machine_check_round(&mut con);
             // Lazily restored VMs converge also while every VM idles.
             manager.lazy_fill_round(&mut con);
             if !ran {
@@ -427,6 +432,9 @@ fn serve<B: HostBackend>(
         if ran {
             manager.reclaim_round();
         }
+        // Host machine checks: the pages they cost are poisoned before
+        // anything else reads them.
+        manager.machine_check_round(&mut con);
         // Lazily restored VMs converge also while every VM idles.
         manager.lazy_fill_round(&mut con);
         if !ran {

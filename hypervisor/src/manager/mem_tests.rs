@@ -292,7 +292,7 @@ fn mem_commands_report_and_refuse_bad_input_changing_nothing() {
     assert!(j["swap"]["slots"].as_u64().unwrap() > 800);
     let j: serde_json::Value = serde_json::from_str(&run("vm stats 1 --json", &mut m)).unwrap();
     assert!(j["pages"]["zero"].as_u64().unwrap() > 900, "{j}");
-    assert!(run("vm stats 1", &mut m).contains(" zero, 0 shared, 0 swapped, 0 ballooned; 0 swapped in"));
+    assert!(run("vm stats 1", &mut m).contains(" zero, 0 shared, 0 swapped, 0 ballooned, 0 poisoned; 0 swapped in"));
     let out = run("mem target 2 none --json", &mut m);
     assert!(out.contains("\"target_pages\":null"), "{out}");
 }

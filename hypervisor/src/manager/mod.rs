@@ -83,6 +83,8 @@ pub struct Manager<B: Backend> {
     /// The host's Unix time when its clock (`Backend::now`) was 0: what
     /// guests' real-time clocks start from.
     pub host_epoch: u64,
+    /// What host machine checks did (`machine_check`).
+    pub machine_checks: machine_check::MachineCheckStats,
     /// The host's entropy (RDRAND), if it has any: each VM then gets a
     /// virtio-rng device that draws from it.
     pub entropy: Option<HostEntropy>,
@@ -141,6 +143,7 @@ impl<B: Backend> Manager<B> {
             slice_ticks,
             host_mem,
             host_epoch: 0,
+            machine_checks: Default::default(),
             entropy: None,
             switches: BTreeMap::new(),
             live_save: None,
@@ -1124,6 +1127,9 @@ mod host_reclaim;
 pub mod lazy;
 #[cfg(test)]
 mod lazy_tests;
+pub mod machine_check;
+#[cfg(test)]
+mod machine_check_tests;
 #[cfg(test)]
 mod mem_tests;
 pub mod migration;

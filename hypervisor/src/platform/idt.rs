@@ -1,4 +1,5 @@
-//! The IDT. Every CPU exception is fatal in the hypervisor: it prints the
+//! The IDT. Every CPU exception but a survivable machine check (`mce`) is
+//! fatal in the hypervisor: it prints the
 //! vector, error code, RIP, CR2 and the faulting context (which VM, if any, the
 //! CPU was serving), then powers off with a failure status. Faults in guests
 //! never arrive here: they are VM exits.
@@ -53,8 +54,9 @@ extern "x86-interrupt" fn double_fault(frame: InterruptStackFrame, code: u64) ->
     fatal(8, "#DF double fault", Some(code), &frame);
 }
 
-extern "x86-interrupt" fn machine_check(frame: InterruptStackFrame) -> ! {
-    fatal(18, "#MC machine check", None, &frame);
+/// A machine check the host cannot survive (`mce::machine_check` decided).
+pub fn fatal_machine_check(frame: &InterruptStackFrame) -> ! {
+    fatal(18, "#MC machine check", None, frame);
 }
 
 extern "x86-interrupt" fn page_fault(frame: InterruptStackFrame, code: PageFaultErrorCode) {
@@ -95,7 +97,13 @@ pub fn init() {
         unsafe {
             idt.double_fault.set_handler_fn(double_fault).set_stack_index(gdt::DOUBLE_FAULT_IST);
             idt.non_maskable_interrupt.set_handler_fn(nmi).set_stack_index(gdt::NMI_IST);
-            idt.machine_check.set_handler_fn(machine_check).set_stack_index(gdt::MACHINE_CHECK_IST);
+            // The handler returns after a survivable error, so it is not the
+            // crate's diverging kind: installed by address. SAFETY (also):
+            // it is an `extern "x86-interrupt"` function taking the frame,
+            // what the CPU's #MC delivery (no error code) expects.
+            idt.machine_check
+                .set_handler_addr(x86_64::VirtAddr::new(super::mce::machine_check as *const () as u64))
+                .set_stack_index(gdt::MACHINE_CHECK_IST);
         }
         for i in 32..=255u8 {
             idt[i].set_handler_fn(unexpected_interrupt);

@@ -9,6 +9,7 @@ pub mod disk;
 pub mod gdt;
 pub mod idt;
 pub mod logger;
+pub mod mce;
 pub mod memory;
 pub mod mmio;
 pub mod net;

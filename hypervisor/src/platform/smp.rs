@@ -448,6 +448,8 @@ extern "C" fn ap_entry(slot: u32) -> ! {
     // SAFETY: ring 0, on the CPU `cpu` describes, before anything here
     // reads cpu_local.
     unsafe { cpu_local::install(&cpu.local) };
+    // Its machine checks reach the handler (banks are per CPU).
+    super::mce::enable();
     register(cpu, index);
     cpu.online.store(true, Ordering::Release);
     if let Some(main) = AP_MAIN.get() {

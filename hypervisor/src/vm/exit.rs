@@ -5,7 +5,7 @@
 
 use alloc::format;
 use alloc::string::String;
-use vcpu::state::bits::{CR4_OSXSAVE, RFLAGS_IF, RFLAGS_TF};
+use vcpu::state::bits::{CR4_MCE, CR4_OSXSAVE, RFLAGS_IF, RFLAGS_TF};
 use vcpu::{Activity, Event, ExitKind, IoAccess, MemAccess, Reg, Vcpu, VmExit};
 
 use mm::addr::GuestPhysAddr;
@@ -15,6 +15,7 @@ use super::interrupts::{deadline_ticks, device_tsc_offset, vm_ns};
 use super::{Resources, RunState, Vm, mmio, regs};
 use crate::backend::Backend;
 use crate::devices::{self, PortEffect};
+use crate::mca::vmce::VirtualMca;
 use crate::memory::{GuestMemory, HostMemory};
 use crate::{cpuid, emulator};
 use crate::{hypercall, msr};
@@ -193,6 +194,7 @@ impl<B: Backend> Vm<B> {
                 let now_ns = vm_ns(backend.now(), backend.tsc_hz(), self.clock_offset_ns);
                 let value = match self.devices.lapic_read_msr(index, now_ns) {
                     Some(r) => r.ok(),
+                    None if VirtualMca::handles_msr(index) => Some(self.devices.mca().read_msr(index)),
                     None => msr::read(index, &self.msrs),
                 };
                 match value {
@@ -224,6 +226,7 @@ impl<B: Backend> Vm<B> {
                         self.timer_tick = deadline_ticks(&self.devices, backend.tsc_hz(), self.clock_offset_ns);
                         r.is_ok()
                     }
+                    None if VirtualMca::handles_msr(index) => self.devices.mca().write_msr(index, value).is_ok(),
                     None => msr::write(index, value, &mut self.msrs),
                 };
                 if done {
@@ -661,7 +664,32 @@ impl<B: Backend> Vm<B> {
             // A write to the firmware ROM: a PC drops it. The instruction
             // is carried out with its ROM bytes left as they were.
             FaultOutcome::ReadOnly => return self.emulate_mmio(gpa, access, gva, backend, host, console),
-            FaultOutcome::Poisoned => format!("machine check: guest-physical {gpa:#x} is poisoned"),
+            // The page's contents were lost to an uncorrectable memory
+            // error: the guest gets the machine check hardware would give
+            // (RIP still at the access), or is stopped if it cannot take
+            // one.
+            FaultOutcome::Poisoned => {
+                let vcpu = &mut vcpus.current_mut().vcpu;
+                let cr4_mce = vcpu.reg(Reg::Cr4) & CR4_MCE != 0;
+                match self.devices.mca().consume(gpa, access == MemAccess::Execute, cr4_mce) {
+                    Ok(()) => {
+                        vcpu.inject(Event::MC);
+                        self.stats.machine_checks += 1;
+                        // A guest that keeps touching it cannot flood the
+                        // console: the first few are told, all are counted.
+                        if self.stats.machine_checks <= 8 {
+                            console.line(&format!(
+                                "vm {}: machine check delivered: guest-physical {gpa:#x} is poisoned ({} at rip {:#x})",
+                                self.id,
+                                access.as_str(),
+                                vcpu.rip()
+                            ));
+                        }
+                        return Flow::Continue;
+                    }
+                    Err(why) => format!("machine check: guest-physical {gpa:#x} is poisoned and {why}"),
+                }
+            }
             // Not this VM's doing as such: nothing changed, RIP still names
             // the access, and the manager decides who gives memory back.
             FaultOutcome::Failed(mm::Error::OutOfHostFrames | mm::Error::OutOfTableMemory) => {

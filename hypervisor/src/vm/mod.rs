@@ -102,6 +102,8 @@ pub struct VmStats {
     pub balloon: BalloonStats,
     /// Each vCPU's, kept when the VM ends and its vCPUs are freed.
     pub ended_vcpus: Vec<VcpuStats>,
+    /// Machine checks given to the guest (it touched a poisoned page).
+    pub machine_checks: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.

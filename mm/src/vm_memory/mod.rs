@@ -394,6 +394,32 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
         self.index_of(gpa.0).map(|i| self.state(i))
     }
 
+    /// The guest pages whose contents live in the 4 KiB host frame holding
+    /// `hpa`: the page that owns it (or is waiting to be loaded into it), or
+    /// every page of this VM sharing it, the zero frame included. For a host
+    /// machine check, which names a physical address: a scan of the state
+    /// table, as such errors are rare.
+    pub fn pages_in_frame(&self, hpa: HostPhysAddr) -> Vec<GuestPhysAddr> {
+        let frame = Some(HostPhysAddr(hpa.0 & !(PAGE_SIZE_4K - 1)));
+        (0..self.states.len()).filter(|&i| self.contents_frame(i) == frame).map(|i| self.gpa_of(i)).collect()
+    }
+
+    /// The host frame holding the contents of the page at `gpa`: its own,
+    /// a shared one or the zero frame; `None` for a page that has none
+    /// (swapped, ballooned, poisoned) or outside RAM.
+    pub fn page_frame(&self, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
+        self.index_of(gpa.0).and_then(|i| self.contents_frame(i))
+    }
+
+    fn contents_frame(&self, i: usize) -> Option<HostPhysAddr> {
+        match self.state(i) {
+            PageState::Present | PageState::NotLoaded => self.own_frame(i),
+            PageState::Zero => self.zero_frame,
+            PageState::Shared => self.override_frame(i),
+            _ => None,
+        }
+    }
+
     /// How many pages are in each state (kept up to date, O(1)).
     pub fn state_counts(&self) -> StateCounts {
         self.counts

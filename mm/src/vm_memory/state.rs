@@ -55,6 +55,19 @@ impl PageState {
         PageState::ALL[(code & KIND_MASK) as usize]
     }
 
+    /// The state's name in reports (`present`, `zero`, ... `not-loaded`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PageState::Present => "present",
+            PageState::Zero => "zero",
+            PageState::Shared => "shared",
+            PageState::Ballooned => "ballooned",
+            PageState::Swapped => "swapped",
+            PageState::Poisoned => "poisoned",
+            PageState::NotLoaded => "not-loaded",
+        }
+    }
+
     /// Whether the page holds guest data in a host frame (and so can be read
     /// without a page source or store).
     pub fn is_resident(self) -> bool {

@@ -4,7 +4,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::{free, g, pattern, vm};
-use crate::addr::{GuestPhysAddr, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
 use crate::error::Error;
 use crate::paging::{Access, EntryFormat, FlushScope, PageSize};
 use crate::sim::SimPhys;
@@ -292,11 +292,18 @@ fn poisoned_page<F: EntryFormat>() {
     let mut v = vm::<F>(&mut sim, 1, 4, PageSize::Size2M);
     let mut hooks = Hooks::none();
     v.write(&mut sim, &mut hooks, g(0x3000), b"important", &mut |_| {}).unwrap();
+    // A host machine check names a frame: it leads back to the one page in it.
+    let frame = v.ram().gpa_to_hpa(g(0x3000)).unwrap();
+    assert_eq!(v.pages_in_frame(HostPhysAddr(frame.0 + 0x123)), [g(0x3000)]);
+    assert!(v.pages_in_frame(HostPhysAddr(0xdead_0000)).is_empty());
+    assert_eq!(v.page_frame(g(0x3fff)), Some(frame));
     v.mark_poisoned(&mut sim, &mut hooks, g(0x3123), &mut |_| {}).unwrap();
     assert_eq!(v.page_state(g(0x3000)), Some(PageState::Poisoned));
     assert!(matches!(v.handle_fault(&mut sim, &mut hooks, 0, g(0x3000), AccessKind::Read), FaultOutcome::Poisoned));
     assert!(matches!(v.peek(&sim, g(0x3000), &mut [0u8; 1]), Err(Error::PagePoisoned(_))));
     assert!(matches!(v.write(&mut sim, &mut hooks, g(0x3000), &[1], &mut |_| {}), Err(Error::PagePoisoned(_))));
+    assert!(v.pages_in_frame(frame).is_empty(), "a poisoned page is nobody's contents any more");
+    assert_eq!(v.page_frame(g(0x3000)), None);
     // The rest of the (split) large page still works.
     let mut b = [0u8; 9];
     v.sim_read(&mut sim, &mut hooks, 0, g(0x4000), &mut b).unwrap();

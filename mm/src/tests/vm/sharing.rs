@@ -30,6 +30,7 @@ fn zero_pages_share_one_frame<F: EntryFormat>() {
     let zero = hooks.sharing.as_deref().unwrap().zero_frame();
     let t = v.table().translate(&sim, g(0)).unwrap();
     assert_eq!(t.hpa, zero);
+    assert_eq!(v.pages_in_frame(zero).len(), 509, "the zero frame holds every zero page");
     assert_eq!(t.leaf.access, Access::RX);
     v.check_invariants(&sim);
     // A write to a zero page gives it a private frame; the others stay.
@@ -260,6 +261,8 @@ fn a_poisoned_shared_frame_is_never_taken_over<F: EntryFormat>() {
     }
     assert_eq!(v.page_state(g(11 * PAGE_SIZE_4K)), Some(PageState::Shared));
     let frame = v.table().translate(&sim, g(11 * PAGE_SIZE_4K)).unwrap().hpa;
+    // A machine check on the shared frame names both pages in it.
+    assert_eq!(v.pages_in_frame(frame), [g(10 * PAGE_SIZE_4K), g(11 * PAGE_SIZE_4K)]);
     v.mark_poisoned(&mut sim, &mut hooks, g(10 * PAGE_SIZE_4K), &mut |_| {}).unwrap();
     let out = v.handle_fault(&mut sim, &mut hooks, 0, g(11 * PAGE_SIZE_4K), AccessKind::Write);
     assert!(matches!(out, FaultOutcome::Poisoned), "{out:?}");
