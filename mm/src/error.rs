@@ -105,6 +105,12 @@ pub enum Error {
     /// way from the migration's source host). Nothing changed; the access
     /// can be retried once it arrives.
     PageInTransit(GuestPhysAddr),
+    /// Reading the page hit an uncorrectable memory error in its frame
+    /// (the host's machine-check-safe copy failed). [`VmMemory::read`]
+    /// poisons the page and reports [`Error::PagePoisoned`] instead.
+    ///
+    /// [`VmMemory::read`]: crate::vm_memory::VmMemory::read
+    MemoryError(GuestPhysAddr),
     /// Dirty logging is already running (start) or not running (harvest, stop).
     DirtyLogState { running: bool },
     /// Access sampling is already running (start) or not running (finish).
@@ -213,6 +219,7 @@ impl fmt::Display for Error {
             }
             Error::PageSourceFailed(gpa) => write!(f, "The page source could not supply the page at {gpa}"),
             Error::PageInTransit(gpa) => write!(f, "The page at {gpa} has not arrived yet (post-copy)"),
+            Error::MemoryError(gpa) => write!(f, "Reading the page at {gpa} hit an uncorrectable memory error"),
             Error::DirtyLogState { running: true } => f.write_str("Dirty logging is already running"),
             Error::DirtyLogState { running: false } => f.write_str("Dirty logging is not running"),
             Error::SamplingState { running: true } => f.write_str("Access sampling is already running"),

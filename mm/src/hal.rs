@@ -16,6 +16,10 @@
 
 use crate::addr::HostPhysAddr;
 
+/// A host read hit an uncorrectable memory error ([`PhysMem::copy_checked`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryError;
+
 /// Access to host physical memory through a direct map.
 ///
 /// # Safety
@@ -31,6 +35,22 @@ use crate::addr::HostPhysAddr;
 pub unsafe trait PhysMem {
     /// Where the host can read and write the byte at physical address `pa`.
     fn phys_to_ptr(&self, pa: HostPhysAddr) -> *mut u8;
+
+    /// Copy `dst.len()` bytes from `pa` (inside one allocation, as for
+    /// `phys_to_ptr`) into `dst`, surviving an uncorrectable memory error
+    /// in the source: `Err(MemoryError)` when the copy hit one (what `dst` holds is
+    /// then unspecified). The kernel's copy is machine-check safe (a #MC
+    /// during it fails the copy instead of the host); this default is a
+    /// plain volatile copy that never fails.
+    fn copy_checked(&self, pa: HostPhysAddr, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let src = self.phys_to_ptr(pa);
+        for (i, b) in dst.iter_mut().enumerate() {
+            // SAFETY: the caller keeps `[pa, pa + dst.len())` inside one
+            // live allocation, which the trait's contract maps linearly.
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+        Ok(())
+    }
 }
 
 /// An allocator of 4 KiB host frames (for page tables and small guest-RAM

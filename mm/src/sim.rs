@@ -45,6 +45,9 @@ pub struct SimPhys {
     /// Allocations still allowed to succeed; `None` means unlimited.
     budget: Option<u64>,
     contiguous: bool,
+    /// Frames whose reads fail `copy_checked` (an uncorrectable memory
+    /// error, as the kernel's machine-check-safe copy reports it).
+    bad: alloc::collections::BTreeSet<u64>,
 }
 
 // SAFETY: `SimPhys` exclusively owns its heap block; the raw pointer is only
@@ -83,6 +86,7 @@ impl SimPhys {
             frees: 0,
             budget: None,
             contiguous: true,
+            bad: Default::default(),
         }
     }
 
@@ -127,6 +131,12 @@ impl SimPhys {
     }
 
     /// Whether `pa` lies inside the simulated memory.
+    /// From now on, reads of the frame holding `pa` fail `copy_checked`, as
+    /// a frame hit by an uncorrectable memory error does.
+    pub fn set_bad(&mut self, pa: HostPhysAddr) {
+        self.bad.insert(pa.0 >> 12);
+    }
+
     pub fn contains(&self, pa: HostPhysAddr) -> bool {
         pa.0 >= self.base.0 && pa.0 - self.base.0 < self.len_bytes()
     }
@@ -201,6 +211,19 @@ unsafe impl PhysMem for SimPhys {
         let offset = (pa.0 - self.base.0) as usize;
         // SAFETY: `offset` is inside the block (checked above).
         unsafe { self.mem.as_ptr().cast::<u8>().add(offset) }
+    }
+
+    fn copy_checked(&self, pa: HostPhysAddr, dst: &mut [u8]) -> Result<(), crate::hal::MemoryError> {
+        let (first, last) = (pa.0 >> 12, (pa.0 + dst.len().max(1) as u64 - 1) >> 12);
+        if self.bad.range(first..=last).next().is_some() {
+            return Err(crate::hal::MemoryError);
+        }
+        let src = self.phys_to_ptr(pa);
+        for (i, b) in dst.iter_mut().enumerate() {
+            // SAFETY: inside the block (the caller stays in one allocation).
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+        Ok(())
     }
 }
 

@@ -203,6 +203,25 @@ fn swapped_and_poisoned_pages_are_saved_as_what_they_are() {
     assert_eq!(peek(&m, restored, 0x20_2000), pattern(2));
 }
 
+/// A frame with an uncorrectable memory error that nobody knew of: the
+/// save's read of it fails (the kernel's copy is machine-check safe), the
+/// page is poisoned and saved as such, and the save completes.
+#[test]
+fn a_memory_error_met_while_saving_poisons_the_page_and_the_save_goes_on() {
+    let mut m = manager(8192);
+    let id = busy_vm(&mut m);
+    let gpa = GuestPhysAddr(0x20_3000);
+    let frame = m.vms[0].res.as_ref().unwrap().mem.page_frame(gpa).unwrap();
+    m.backend.as_mut().unwrap().mem.set_bad(frame);
+    let (stream, stats) = m.save_vm(id, Vec::new()).unwrap();
+    assert_eq!(stats.pages(migrate::PageKind::Poisoned), 1, "{stats:?}");
+    assert_eq!(m.vms[0].res.as_ref().unwrap().mem.page_state(gpa), Some(PageState::Poisoned));
+    let restored = m.restore_vm(stream.as_slice()).unwrap();
+    let st = m.get(restored).unwrap().res.as_ref().unwrap().mem.page_state(gpa);
+    assert_eq!(st, Some(PageState::Poisoned));
+    assert_eq!(peek(&m, restored, 0x20_2000), pattern(2));
+}
+
 /// The console commands over a simulated data disk: save, list, restore,
 /// refusals that change nothing, delete.
 #[test]

@@ -569,17 +569,22 @@ pub(super) fn write_page<B: Backend>(
     let g = GuestPhysAddr(gpa);
     let alloc = backend.mem();
     let flush = &mut |s| crate::vm::flush_all(vcpus, s);
+    // A read that hits an uncorrectable memory error poisons the page (the
+    // host's copy is machine-check safe): it goes out as poisoned, never
+    // as data, and the save or migration goes on.
     let taken = if live {
-        host_mem
-            .with_hooks(id, |h| mem.snapshot_take(alloc, h, g, page, flush))
-            .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?
+        match host_mem.with_hooks(id, |h| mem.snapshot_take(alloc, h, g, page, flush)) {
+            Err(mm::Error::PagePoisoned(_)) => Taken::Poisoned,
+            other => other.map_err(|error| Error::Checkpoint(Refused::Memory(error)))?,
+        }
     } else if mem.page_state(g) == Some(PageState::Poisoned) {
         Taken::Poisoned
     } else {
-        host_mem
-            .with_hooks(id, |h| mem.read(alloc, h, g, page, flush))
-            .map_err(|error| Error::Checkpoint(Refused::Memory(error)))?;
-        Taken::Data
+        match host_mem.with_hooks(id, |h| mem.read(alloc, h, g, page, flush)) {
+            Ok(()) => Taken::Data,
+            Err(mm::Error::PagePoisoned(_)) => Taken::Poisoned,
+            Err(error) => return Err(Error::Checkpoint(Refused::Memory(error))),
+        }
     };
     match taken {
         Taken::Poisoned => w.poisoned(gpa >> 12).map_err(Error::Stream),

@@ -13,6 +13,45 @@ use x86_64::registers::control::{Cr4, Cr4Flags};
 use x86_64::registers::model_specific::Msr;
 use x86_64::structures::idt::InterruptStackFrame;
 
+// The machine-check-safe copy: `rep movsb` from the source, with a fixup
+// the #MC handler sends it to when a machine check interrupts that very
+// instruction (the error was in what it read). SysV: rdi dst, rsi src, rdx
+// length; returns 0 when all was copied, 1 when the copy was cut short.
+// Hand-written: no crate offers a machine-check-safe copy for bare metal.
+core::arch::global_asm!(
+    ".global hv_mc_safe_copy",
+    "hv_mc_safe_copy:",
+    "    mov rcx, rdx",
+    ".global hv_mc_safe_copy_insn",
+    "hv_mc_safe_copy_insn:",
+    "    rep movsb",
+    "    xor eax, eax",
+    "    ret",
+    ".global hv_mc_safe_copy_fixup",
+    "hv_mc_safe_copy_fixup:",
+    "    mov eax, 1",
+    "    ret",
+);
+
+unsafe extern "C" {
+    fn hv_mc_safe_copy(dst: *mut u8, src: *const u8, len: usize) -> u64;
+    fn hv_mc_safe_copy_insn();
+    fn hv_mc_safe_copy_fixup();
+}
+
+/// Copy `dst.len()` bytes from `src`, surviving a machine check in the
+/// source: `false` if one cut the copy short (the #MC handler logged the
+/// error; the manager poisons the pages in the frame).
+///
+/// # Safety
+///
+/// `src` is valid for reads of `dst.len()` bytes and not written through a
+/// Rust reference meanwhile.
+pub unsafe fn copy_mc_safe(dst: &mut [u8], src: *const u8) -> bool {
+    // SAFETY: the caller's contract for `src`; `dst` is a whole slice.
+    unsafe { hv_mc_safe_copy(dst.as_mut_ptr(), src, dst.len()) == 0 }
+}
+
 /// Banks the boot CPU reported (0: no machine-check architecture).
 static BANKS: AtomicU32 = AtomicU32::new(0);
 /// More banks than any CPU has had; a larger count is not trusted.
@@ -56,12 +95,18 @@ pub fn enable() -> u32 {
 }
 
 /// The #MC handler (on its own IST stack). It returns when every error was
-/// survivable, which needs the restart IP valid (RIPV).
-pub extern "x86-interrupt" fn machine_check(frame: InterruptStackFrame) {
+/// survivable: with the restart IP valid (RIPV), or inside the
+/// machine-check-safe copy, which it sends to its fixup.
+pub extern "x86-interrupt" fn machine_check(mut frame: InterruptStackFrame) {
     let cpu = vcpu::cpu_local::get().index;
+    let in_copy = frame.instruction_pointer.as_u64() == hv_mc_safe_copy_insn as *const () as u64;
+    let ctx = if in_copy { Context::SafeCopy } else { Context::Host };
     let mcg_status = rdmsr(MCG_STATUS);
     let banks = (rdmsr(MCG_CAP) & cap::COUNT_MASK).min(MAX_BANKS) as u32;
     let mut fatal = None;
+    // An error the interrupted instruction consumed (action required): if
+    // that instruction is the safe copy, it was the copy's source.
+    let mut consumed = false;
     for bank in 0..banks {
         let st = rdmsr(bank_msr(bank, 1));
         if st & status::VAL == 0 {
@@ -69,12 +114,13 @@ pub extern "x86-interrupt" fn machine_check(frame: InterruptStackFrame) {
         }
         let addr = if st & status::ADDRV != 0 { rdmsr(bank_msr(bank, 2)) } else { 0 };
         let misc = if st & status::MISCV != 0 { rdmsr(bank_msr(bank, 3)) } else { 0 };
-        let action = assess(mcg_status, st, addr, misc, Context::Host);
+        let action = assess(mcg_status, st, addr, misc, ctx);
         let e = BankError { cpu, bank, mcg_status, status: st, addr, misc, action };
         if let Action::Fatal(_) = action {
             fatal = Some(e);
             continue;
         }
+        consumed |= st & status::AR != 0 && matches!(action, Action::Poison(_));
         HOST_ERRORS.push(e);
         wrmsr(bank_msr(bank, 1), 0);
     }
@@ -89,7 +135,17 @@ pub extern "x86-interrupt" fn machine_check(frame: InterruptStackFrame) {
         ));
         super::idt::fatal_machine_check(&frame);
     }
-    if mcg_status & mcg::RIPV == 0 {
+    if in_copy && consumed {
+        // The copy read the bad data: it fails instead of the host.
+        // SAFETY: the frame is this handler's own; the new RIP is the
+        // copy's fixup, which returns to the copy's caller with the same
+        // stack the interrupted `rep movsb` had.
+        unsafe {
+            frame
+                .as_mut()
+                .update(|f| f.instruction_pointer = x86_64::VirtAddr::new(hv_mc_safe_copy_fixup as *const () as u64))
+        };
+    } else if mcg_status & mcg::RIPV == 0 {
         super::serial::force_write_fmt(format_args!(
             "\n!!! hypervisor: machine check on cpu {cpu} with no restart IP (mcg_status {mcg_status:#x})\n"
         ));

@@ -202,6 +202,15 @@ unsafe impl mm::hal::PhysMem for HostMem {
     fn phys_to_ptr(&self, pa: mm::HostPhysAddr) -> *mut u8 {
         phys_to_virt(pa.0)
     }
+
+    /// Guest memory is read with the machine-check-safe copy: a frame with
+    /// an uncorrectable error fails the read (and the page is poisoned)
+    /// instead of taking the host down.
+    fn copy_checked(&self, pa: mm::HostPhysAddr, dst: &mut [u8]) -> Result<(), mm::hal::MemoryError> {
+        // SAFETY: the caller keeps the range inside one live allocation,
+        // which the direct map covers.
+        if unsafe { super::mce::copy_mc_safe(dst, phys_to_virt(pa.0)) } { Ok(()) } else { Err(mm::hal::MemoryError) }
+    }
 }
 
 // SAFETY: frames come zeroed from the bitmap allocator, each handed out once.

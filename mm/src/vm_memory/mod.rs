@@ -494,11 +494,11 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
                 }
                 PageState::Present | PageState::Zero | PageState::Shared => {
                     let hpa = self.mapped_hpa(i).ok_or(Error::NotGuestRam(GuestPhysAddr(cur)))?;
-                    let src = mem.phys_to_ptr(HostPhysAddr(hpa.0 + off as u64));
-                    // SAFETY: `hpa` is a live frame backing this page (its
-                    // state says so), valid for the page's 4 KiB by the
-                    // `PhysMem` contract; `off + n <= 4096`.
-                    unsafe { copy_from_guest(src, out) };
+                    // `hpa` is a live frame backing this page (its state
+                    // says so) and `off + n <= 4096`: inside one frame. A
+                    // memory error in it fails the copy, not the host.
+                    mem.copy_checked(HostPhysAddr(hpa.0 + off as u64), out)
+                        .map_err(|_| Error::MemoryError(GuestPhysAddr(cur)))?;
                 }
             }
             done += n;
@@ -526,7 +526,16 @@ impl<F: EntryFormat, S: SlotWord> VmMemory<F, S> {
             }
             page += PAGE_SIZE_4K;
         }
-        self.peek(&*alloc, gpa, buf)
+        match self.peek(&*alloc, gpa, buf) {
+            // Its frame is bad: the page's contents are lost. Poisoned, it
+            // is never read or mapped again (a guest touch gets a machine
+            // check), and the caller learns it as such.
+            Err(Error::MemoryError(at)) => {
+                self.mark_poisoned(alloc, hooks, at, flush)?;
+                Err(Error::PagePoisoned(at.align_down(PAGE_SIZE_4K)))
+            }
+            other => other,
+        }
     }
 
     /// Copy `data` into guest memory at `gpa` as a guest write would:
@@ -1062,11 +1071,14 @@ fn sync_table<F: EntryFormat, A: FrameAlloc>(
     }
 }
 
-/// Volatile copy out of guest memory (the guest may change it concurrently).
+/// Volatile copy out of guest memory (the guest may change it concurrently),
+/// for the simulated vCPU accesses (hosts read through
+/// [`PhysMem::copy_checked`]).
 ///
 /// # Safety
 ///
 /// `src` is valid for reads of `dst.len()` bytes.
+#[cfg(any(test, feature = "sim"))]
 pub(crate) unsafe fn copy_from_guest(src: *const u8, dst: &mut [u8]) {
     for (i, b) in dst.iter_mut().enumerate() {
         // SAFETY: `i < dst.len()`, inside the valid range.

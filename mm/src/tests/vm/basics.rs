@@ -304,14 +304,23 @@ fn poisoned_page<F: EntryFormat>() {
     assert!(matches!(v.write(&mut sim, &mut hooks, g(0x3000), &[1], &mut |_| {}), Err(Error::PagePoisoned(_))));
     assert!(v.pages_in_frame(frame).is_empty(), "a poisoned page is nobody's contents any more");
     assert_eq!(v.page_frame(g(0x3000)), None);
+    // A host read that hits a memory error in the frame (the kernel's
+    // machine-check-safe copy fails): the page is poisoned, the read says so.
+    let bad = v.page_frame(g(0x5000)).unwrap();
+    sim.set_bad(bad);
+    let mut b = [0u8; 16];
+    assert!(matches!(v.peek(&sim, g(0x4ff8), &mut b), Err(Error::MemoryError(at)) if at == g(0x5000)));
+    assert_eq!(v.read(&mut sim, &mut hooks, g(0x4ff8), &mut b, &mut |_| {}), Err(Error::PagePoisoned(g(0x5000))));
+    assert_eq!(v.page_state(g(0x5000)), Some(PageState::Poisoned));
+    assert_eq!(v.page_state(g(0x4000)), Some(PageState::Present));
     // The rest of the (split) large page still works.
     let mut b = [0u8; 9];
     v.sim_read(&mut sim, &mut hooks, 0, g(0x4000), &mut b).unwrap();
     v.check_invariants(&sim);
     // SAFETY: simulated tables; nothing runs on them.
     let report = unsafe { v.free(&mut sim, &mut hooks, &mut |_| {}) };
-    assert_eq!(report.quarantined_frames, 1);
-    assert_eq!(sim.frames_in_use(), 1, "the poisoned frame stays out of the pool");
+    assert_eq!(report.quarantined_frames, 2);
+    assert_eq!(sim.frames_in_use(), 2, "the poisoned frames stay out of the pool");
 }
 
 /// The manager's own memory stays under a quarter percent of guest RAM, with
