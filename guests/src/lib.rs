@@ -13,6 +13,7 @@
 
 pub mod hypercall;
 pub mod io;
+pub mod memtest;
 pub mod multiboot;
 pub mod selftest;
 pub mod serial;

@@ -121,6 +121,13 @@ pub enum Error {
         to: String,
         switching: bool,
     },
+    /// VM `id` arrived by post-copy and `missing` of its pages are still
+    /// to come from `from`: a copy of it now would lack them.
+    Arriving {
+        id: u32,
+        missing: u64,
+        from: String,
+    },
 }
 
 /// Why an image cannot be attached to a VM.
@@ -210,6 +217,11 @@ impl fmt::Display for Error {
             Error::Migrating { id, to, switching: false } => write!(
                 f,
                 "vm {id} is migrating to {to} (pre-copy): try again once the migration has ended ('vm migrate status {id}')"
+            ),
+            Error::Arriving { id, missing, from } => write!(
+                f,
+                "vm {id} is still arriving by post-copy ({missing} pages to come from {from}): try again once it has \
+                 all its memory ('vm stats {id}')"
             ),
         }
     }

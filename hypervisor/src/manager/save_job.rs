@@ -173,9 +173,11 @@ impl<B: Backend> Manager<B> {
     /// [`Self::save_step`]. `live` puts the memory under a copy-on-write
     /// snapshot so the VM may run between steps.
     /// Refused while VM `id` migrates (its memory is dirty-logged, and a
-    /// checkpoint of a VM about to run elsewhere would be a second copy).
+    /// checkpoint of a VM about to run elsewhere would be a second copy),
+    /// or still arrives by post-copy (its missing pages are elsewhere).
     pub fn begin_save(&mut self, id: u32, live: bool) -> Result<SaveJob, Error> {
         self.migration_lock(id, true)?;
+        self.arriving_lock(id)?;
         let started = self.backend.as_ref().map_err(|why| Error::NoVirtualization(why.clone()))?.now();
         let captured = self.capture(id)?;
         let mut w = Writer::begin(Staging::default(), &captured.header).map_err(Error::Stream)?;

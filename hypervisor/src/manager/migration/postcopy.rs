@@ -137,6 +137,16 @@ impl<B: Backend> Manager<B> {
         })
     }
 
+    /// Refuses a save or a migration of VM `id` while it arrives by
+    /// post-copy: pages it lacks are at the source, so the copy would lack
+    /// them too.
+    pub(crate) fn arriving_lock(&self, id: u32) -> Result<(), crate::manager::Error> {
+        match self.postcopy_state(id) {
+            Some(st) => Err(crate::manager::Error::Arriving { id, missing: st.missing, from: st.from }),
+            None => Ok(()),
+        }
+    }
+
     /// The VM `id` was just built from a stream whose resume record came:
     /// its pending pages are missing until they arrive from `from`.
     pub(super) fn begin_postcopy(&mut self, id: u32, from: &str) -> u64 {

@@ -229,6 +229,18 @@ fn a_vcpu_that_touches_a_missing_page_waits_without_running_until_it_arrives() {
 }
 
 #[test]
+fn a_vm_still_arriving_is_not_saved_or_migrated_on_until_it_has_all_its_memory() {
+    let mut p = running_on_b_without_pages();
+    let refused = p.mb.begin_save(1, false).map(|_| ()).unwrap_err();
+    assert!(matches!(refused, crate::manager::Error::Arriving { id: 1, missing, .. } if missing > 0), "{refused:?}");
+    let why = p.mb.start_migration(1, to_b(), &mut p.b.tcp(), p.now).unwrap_err();
+    assert!(why.contains("still arriving by post-copy") && why.contains("pages to come from 10.0.0.1:"), "{why}");
+    assert!(p.mb.migration_status(1).is_none(), "nothing started");
+    p.run_until(10_000, 0, 5000, |p| p.lb.0.iter().any(|l| l.contains("has all its memory")));
+    assert_eq!(p.mb.arriving_lock(1), Ok(()));
+}
+
+#[test]
 fn an_emulated_instruction_whose_bytes_are_missing_waits_instead_of_faulting_the_guest() {
     let mut p = running_on_b_without_pages();
     // A device-register access (the local APIC's page): the instruction is

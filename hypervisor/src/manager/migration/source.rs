@@ -409,6 +409,7 @@ impl<B: Backend> Manager<B> {
         if vm.created {
             return Err(format!("{}", Error::NotStarted(id)));
         }
+        self.arriving_lock(id).map_err(|e| format!("{e}"))?;
         if self.live_save.as_ref().is_some_and(|s| s.job.id == id) {
             return Err(format!("vm {id} is being saved live; migrate it when the save is done"));
         }
