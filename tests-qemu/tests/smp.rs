@@ -1,10 +1,12 @@
 //! Guests with several vCPUs on both backends (Bochs with VT-x, QEMU TCG
-//! with AMD-V), time-sliced on the one host CPU: `smptest` with 2 and then
+//! with AMD-V), on a host of two CPUs: `smptest` with 2 and then
 //! 4 vCPUs starts its APs with INIT-SIPI-SIPI through a real-mode
 //! trampoline, counts on every vCPU, exchanges IPIs (AP to BSP, BSP to AP,
 //! a broadcast) and runs an atomic-increment stress to the exact total;
 //! `vm stats` shows every vCPU. A one-vCPU run of the same guest passes
-//! too, and a bad `vcpus=` is refused without starting anything.
+//! too, and a bad `vcpus=` is refused without starting anything. Then two
+//! vCPUs that compute run side by side on the two host CPUs, a pause stops
+//! every vCPU, and their shared count is exact.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
@@ -15,7 +17,7 @@ const TIMEOUT: Duration = Duration::from_secs(400);
 on_both_backends!(smptest_passes_with_1_2_and_4_vcpus);
 
 fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
-    let mut m = Machine::boot(emu, &label(emu, "smp"));
+    let mut m = Machine::boot_smp(emu, &label(emu, "smp"), &[]);
     let e = m.cmd("vm run smptest vcpus=9");
     assert!(e.contains("vm run: vcpus must be a number in 1..=8, not \"9\""), "{e}");
     assert!(m.cmd("vm list").contains("no VMs"), "{}", m.transcript());
@@ -45,10 +47,72 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
         for (i, v) in vcpus.iter().enumerate() {
             assert_eq!(v["apic_id"], i, "{s}");
             assert_eq!(v["state"], "stopped", "{s}");
-            assert_eq!(v["last_host_cpu"], 0, "{s}");
             assert!(v["exits"].as_u64().unwrap() > 0, "vcpu {i} never exited: {s}");
         }
+        eprintln!(
+            "{}/{}: smptest vcpus={n}: {} slices beside a sibling",
+            emu.name(),
+            emu.backend(),
+            s["parallel_slices"]
+        );
         eprintln!("{}/{}: smptest vcpus={n}: {}", emu.name(), emu.backend(), s["vcpus"]);
     }
+    vcpus_compute_on_both_host_cpus_and_pause_stops_them(&mut m, emu, 4);
     m.poweroff();
+}
+
+/// `smptest hold=1` with 3 vCPUs as VM `id`: its two APs increment a shared
+/// counter without exits while the BSP halts, so the two run as siblings,
+/// one on each host CPU, at once. Paused, none of them advances; resumed
+/// and released, the shared total is exact.
+fn vcpus_compute_on_both_host_cpus_and_pause_stops_them(m: &mut Machine, emu: Emulator, id: u32) {
+    let out = m.cmd("vm run smptest vcpus=3 -- hold=1");
+    assert!(out.contains(&format!("vm {id} started: smptest")), "{out}");
+    m.wait_for(&format!("[vm {id}] smptest: holding until a byte arrives on COM1"), TIMEOUT);
+    let stats = |m: &mut Machine| m.json(&format!("vm stats {id} --json"));
+    let start = std::time::Instant::now();
+    let s = loop {
+        let s = stats(m);
+        if s["parallel_slices"].as_u64().unwrap() >= 4 {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the APs never ran side by side: {s}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let vcpus = s["vcpus"].as_array().expect("vcpus");
+    let on_cpu1 = vcpus.iter().filter(|v| v["host_cpus"].as_str().unwrap().contains('1')).count();
+    assert!(on_cpu1 >= 1, "no vCPU ran on host CPU 1: {s}");
+    let host = m.json("host --json");
+    assert!(host["scheduler"]["sibling_slices"].as_u64().unwrap() >= 4, "{host}");
+    // Paused while both APs compute: nothing of any vCPU moves.
+    assert!(m.cmd(&format!("vm pause {id}")).contains(&format!("vm {id} paused")));
+    let counts = |s: &serde_json::Value| -> Vec<(u64, u64)> {
+        s["vcpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["exits"].as_u64().unwrap(), v["run_ticks"].as_u64().unwrap()))
+            .collect()
+    };
+    let paused = counts(&stats(m));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(counts(&stats(m)), paused, "a vCPU ran while its VM was paused");
+    m.cmd(&format!("vm resume {id}"));
+    m.cmd(&format!("vm send {id} -- go"));
+    m.wait_for(&format!("vm {id} (smptest) exited"), TIMEOUT);
+    let t = m.transcript();
+    for check in
+        ["every ap went on counting after the release", "atomic increments from every vcpu reach the exact total"]
+    {
+        assert!(t.contains(&format!("[vm {id}] smptest: ok   {check}")), "vm {id}: {check}: {t}");
+    }
+    assert!(t.contains(&format!("vm {id} (smptest) exited with status 1 (0x1)")), "{t}");
+    let s = stats(m);
+    let line = t.lines().find(|l| l.contains(&format!("[vm {id}] smptest: hold total "))).unwrap_or_default();
+    eprintln!(
+        "{}/{}: hold=1, 3 vcpus: {} slices beside a sibling; {line}",
+        emu.name(),
+        emu.backend(),
+        s["parallel_slices"]
+    );
 }

@@ -444,8 +444,9 @@ fn stats_reply<B: Backend>(
         text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
     }
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  unbacked port accesses: {}\n  device register accesses (emulated): {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  slices beside another of its vcpus: {}\n  unbacked port accesses: {}\n  device register accesses (emulated): {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
+        vm.stats.parallel_slices,
         vm.stats.unbacked_io,
         vm.stats.mmio,
         vm.devices.com1_bytes_out(),
@@ -581,6 +582,7 @@ fn stats_reply<B: Backend>(
         o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
         o.insert("mmio".into(), json!(vm.stats.mmio));
         o.insert("slices_expired".into(), json!(vm.stats.slices_expired));
+        o.insert("parallel_slices".into(), json!(vm.stats.parallel_slices));
         o.insert("uart_bytes_out".into(), json!(vm.devices.com1_bytes_out()));
         o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));
         o.insert(
@@ -641,11 +643,12 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let sc = &m.sched;
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
-        "  scheduler: {} rounds, {} slices ({} on other cpus); per round {} ticks scheduling ({} before the \
+        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu); per round {} ticks scheduling ({} before the \
          boot cpu's slice), {} in the boot cpu's slice, {} waiting for the others\n",
         sc.rounds,
         sc.slices,
         sc.slices_away,
+        sc.sibling_slices,
         sc.overhead_per_round(),
         per(sc.start_ticks),
         per(sc.slice_ticks),

@@ -19,17 +19,32 @@
 //! - The vCPU is released at the end of every slice away (VMCLEAR under
 //!   VT-x), and released on the boot CPU before it goes away, so it can be
 //!   loaded wherever it runs next.
+//!
+//! **Siblings.** When CPUs are left over, further vCPUs of a VM already
+//! picked join the round, if each of them ran out its last slice (it
+//! computes; see [`crate::vm::VcpuSlot::computing`]). Then every slice of
+//! that VM in the round, the boot CPU's included, is a [`Sibling`]: it
+//! holds its vCPU's slot and reads the VM's CPUID profile, nothing else of
+//! the VM, so several CPUs hold one VM at once without sharing anything
+//! mutable. A sibling handles only what touches its vCPU alone (CPUID,
+//! host interrupts, the end of its time); any other exit (an APIC or
+//! device access, HLT, an MSR) ends its slice and is handled on the boot
+//! CPU after the join, with the whole VM. Interrupts for it are delivered
+//! on the boot CPU before the round, and its slice ends in time for the
+//! VM's next timer interrupt. Nested mappings change only between rounds,
+//! and every vCPU away is released at its slice's end, so the flush on
+//! arrival covers siblings as it covers VMs away.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
-use vcpu::{Vcpu, VmExit};
+use vcpu::{ExitKind, Vcpu, VmExit};
 
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
 use crate::backend::Backend;
 use crate::memory::HostMemory;
-use crate::vm::exit::{Console, Flow, NoHost};
-use crate::vm::{RunState, Vm};
+use crate::vm::exit::{Console, Flow, NoHost, cpuid_exit};
+use crate::vm::{RunState, VcpuSlot, Vm};
 
 /// Where a slice's exits are handled.
 trait SliceHost<B: Backend> {
@@ -88,12 +103,31 @@ impl Console for Lines {
     }
 }
 
-/// One vCPU's slice on another CPU. The boot CPU makes it, hands it to a
-/// [`SliceCpus`], and reads it back only after [`SliceCpus::join`].
+/// One vCPU of a VM that has several in the round: all a sibling slice
+/// may touch (see the module's "Siblings").
+pub struct Sibling<B: Backend> {
+    /// Its slot, this job's alone until the join (the others of the round
+    /// hold other slots of the VM; nobody holds the VM).
+    slot: *mut VcpuSlot<B::Vcpu>,
+    /// The VM's CPUID answers, read by every sibling, written by none.
+    cpuid: *const crate::cpuid::Profile,
+    apic_id: u32,
+    vm_id: u32,
+    /// What it did, added to the VM's counters after the join.
+    exits: [u64; ExitKind::COUNT],
+    run_ticks: u64,
+    expired: bool,
+}
+
+/// One vCPU's slice on another CPU, or a sibling's on any CPU. The boot
+/// CPU makes it, hands it to a [`SliceCpus`] (or runs it itself), and
+/// reads it back only after [`SliceCpus::join`].
 pub struct AwaySlice<B: Backend> {
     /// The VM, the other CPU's alone until the join (a pointer: the boot
-    /// CPU keeps its `Box` in the VM table and does not touch it).
+    /// CPU keeps its `Box` in the VM table and does not touch it). Null
+    /// for a sibling, which reaches only its own slot.
     vm: *mut Vm<B>,
+    sibling: Option<Sibling<B>>,
     index: usize,
     vcpu: usize,
     slice_ticks: u64,
@@ -120,9 +154,16 @@ impl<B: Backend> AwaySlice<B> {
     /// [`SliceCpus::start`] and the return of [`SliceCpus::join`]: the VM
     /// is then this CPU's alone (the boot CPU does not touch it).
     pub unsafe fn run(&mut self, backend: &mut B) {
+        self.cpu = vcpu::cpu_local::get().index;
+        if let Some(s) = self.sibling.as_mut() {
+            // SAFETY: the caller's contract; the boot CPU made the slot
+            // and profile pointers from the live VM and touches neither
+            // the slot nor the profile until the join.
+            self.end = Some(unsafe { run_sibling(s, backend, self.slice_ticks, self.node) });
+            return;
+        }
         // SAFETY: the caller's contract: nothing else uses the VM now.
         let vm = unsafe { &mut *self.vm };
-        self.cpu = vcpu::cpu_local::get().index;
         let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, self.slice_ticks);
         // Any CPU may load it next.
         if let Some(res) = vm.res.as_mut() {
@@ -135,6 +176,66 @@ impl<B: Backend> AwaySlice<B> {
     pub fn vm_index(&self) -> usize {
         self.index
     }
+}
+
+/// A sibling's slice (see the module's "Siblings"): the vCPU in the
+/// guest until its time is up or an exit needs more than the vCPU.
+///
+/// # Safety
+/// `s.slot` and `s.cpuid` point into a live VM; until this returns nothing
+/// else touches that slot, and nothing writes the profile.
+#[inline(never)]
+unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u64, node: Option<u32>) -> SliceEnd {
+    // SAFETY: the caller's contract.
+    let (slot, profile) = unsafe { (&mut *s.slot, &*s.cpuid) };
+    let here = vcpu::cpu_local::get();
+    here.current_vm.store(s.vm_id, Ordering::Relaxed);
+    slot.state.apply(crate::vm::VcpuEvent::Enter);
+    slot.stats.slices += 1;
+    slot.stats.ran_on(here.index);
+    backend.prefer_node(node);
+    slot.vcpu.load();
+    slot.vcpu.set_time_slice(slice);
+    let mut t0 = backend.now();
+    let deadline = t0.saturating_add(slice);
+    let (exits_before, ticks_before) = (s.exits.iter().sum::<u64>(), s.run_ticks);
+    let deferred = loop {
+        let exit = slot.vcpu.run();
+        let t1 = backend.now();
+        s.run_ticks += t1.wrapping_sub(t0);
+        t0 = t1;
+        s.exits[exit.kind() as usize] += 1;
+        crate::trace_exit(s.vm_id, &exit);
+        match exit {
+            VmExit::Cpuid => cpuid_exit(&mut slot.vcpu, profile, backend, s.apic_id),
+            VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => {}
+            VmExit::Preempted => {
+                s.expired = true;
+                break None;
+            }
+            other => break Some(other),
+        }
+        if t1 >= deadline {
+            s.expired = true;
+            break None;
+        }
+    };
+    slot.computing = s.expired;
+    slot.stats.exits += s.exits.iter().sum::<u64>() - exits_before;
+    slot.stats.run_ticks += s.run_ticks - ticks_before;
+    slot.vcpu.put();
+    // Any CPU may load it next, the boot CPU for a deferred exit included.
+    slot.vcpu.release();
+    backend.prefer_node(None);
+    here.current_vm.store(0, Ordering::Relaxed);
+    SliceEnd { flow: Flow::Yield, deferred }
+}
+
+/// A sibling's part of its job, and its slice, until the job is built.
+struct SiblingPart<B: Backend> {
+    vm: usize,
+    vcpu: usize,
+    part: Option<(Sibling<B>, u64)>,
 }
 
 /// The host's other CPUs, as the scheduler uses them: each takes one
@@ -218,6 +319,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     // the console and other VMs starve.
     let mut t0 = backend.now();
     let deadline = t0.saturating_add(slice_ticks);
+    let mut expired = false;
     let flow = loop {
         // Not `map` into an `Option<VmExit>`: that moves the exit once more
         // on every exit.
@@ -236,6 +338,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
             break Flow::Yield;
         };
         if flow != Flow::Continue {
+            expired = preempted;
             vm.stats.slices_expired += preempted as u64;
             break flow;
         }
@@ -258,12 +361,14 @@ fn run_body<B: Backend, H: SliceHost<B>>(
             slice_end = timer;
         }
         if t1 >= deadline {
+            expired = true;
             vm.stats.slices_expired += 1;
             break Flow::Yield;
         }
     };
     vm.throttle.after_slice(vm.stats.run_ticks - ticks_before, backend.now());
     if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
+        slot.computing = expired;
         slot.stats.exits += vm.stats.total_exits() - exits_before;
         slot.stats.run_ticks += vm.stats.run_ticks - ticks_before;
     }
@@ -284,6 +389,8 @@ pub struct SchedStats {
     /// Slices run, on the boot CPU and away.
     pub slices: u64,
     pub slices_away: u64,
+    /// Slices run beside another vCPU of the same VM (siblings).
+    pub sibling_slices: u64,
     /// Whole rounds, from the first pick to the last slice finished.
     pub round_ticks: u64,
     /// The boot CPU's own slices (`run_body`), exits handled included.
@@ -352,10 +459,11 @@ impl<B: Backend> Manager<B> {
     }
 
     /// Runs one time slice on this CPU and, at the same time, one on each
-    /// free CPU of `cpus` for another runnable VM; then waits for them all
-    /// and finishes every slice here. One VM (or one free CPU) is a plain
-    /// slice here: a vCPU moves only when there is work for two CPUs.
-    /// Returns false when nothing could run.
+    /// free CPU of `cpus` for another runnable VM or a sibling vCPU of one
+    /// (see the module's "Siblings"); then waits for them all and finishes
+    /// every slice here. One vCPU (or one free CPU) is a plain slice here:
+    /// a vCPU moves only when there is work for two CPUs. Returns false
+    /// when nothing could run.
     pub fn run_round(&mut self, console: &mut impl Console, cpus: &mut impl SliceCpus<B>) -> bool {
         let Ok(backend) = self.backend.as_ref() else {
             return false;
@@ -372,6 +480,7 @@ impl<B: Backend> Manager<B> {
             let Some(p) = self.pick(now, hz, &picks) else { break };
             picks.push(p);
         }
+        self.pick_siblings(&mut picks, free + 1);
         // The slice that stays here: by NUMA node, then one whose vCPU
         // last ran here (still loaded here, nothing to move).
         let here = vcpu::cpu_local::get();
@@ -386,30 +495,49 @@ impl<B: Backend> Manager<B> {
             })
             .collect();
         let home = choose_home(&fits, my_node);
+        let mut siblings = self.prepare_siblings(&picks, now, hz);
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
+        let mut home_sibling: Option<AwaySlice<B>> = None;
         for (k, &(i, v)) in picks.iter().enumerate() {
-            if k == home {
-                continue;
-            }
-            let vm = &mut self.vms[i];
-            let Some(res) = vm.res.as_mut() else { continue };
-            // It may still be loaded here from an earlier slice.
-            if let Some(slot) = res.vcpus.get_mut(v) {
-                slot.vcpu.release();
-            }
-            away.push(AwaySlice {
-                vm: &raw mut **vm,
+            let mut job = AwaySlice {
+                vm: core::ptr::null_mut(),
+                sibling: None,
                 index: i,
                 vcpu: v,
                 slice_ticks: self.slice_ticks,
                 end: None,
                 lines: Lines::default(),
                 cpu: me,
-                node: vm.node,
-            });
+                node: self.vms[i].node,
+            };
+            // A sibling's VM is not touched again before the join (its
+            // slot pointers must stay the last word on it).
+            if let Some(entry) = siblings.iter_mut().find(|e| (e.vm, e.vcpu) == (i, v)) {
+                // Released and given its interrupts by `prepare_siblings`;
+                // each pick is there once, so each part is taken once.
+                let Some((part, slice)) = entry.part.take() else { continue };
+                job.sibling = Some(part);
+                job.slice_ticks = slice;
+            } else if k == home {
+                continue;
+            } else {
+                let vm = &mut self.vms[i];
+                let Some(res) = vm.res.as_mut() else { continue };
+                // It may still be loaded here from an earlier slice.
+                if let Some(slot) = res.vcpus.get_mut(v) {
+                    slot.vcpu.release();
+                }
+                job.vm = &raw mut **vm;
+            }
+            if k == home {
+                home_sibling = Some(job);
+            } else {
+                away.push(job);
+            }
         }
         // Each job stays in place (the vector is not touched) until the join.
         let started: Vec<bool> = away.iter_mut().map(|job| cpus.start(job)).collect();
+        let slices = 1 + started.iter().filter(|&&s| s).count() as u64;
         let (i, v) = picks[home];
         let (end, slice_ticks, joined) = {
             let Ok(backend) = self.backend.as_mut() else {
@@ -418,34 +546,132 @@ impl<B: Backend> Manager<B> {
             };
             let t0 = backend.now();
             self.sched.start_ticks += t0.saturating_sub(round_start);
-            let end = run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks);
+            let end = match home_sibling.as_mut() {
+                Some(job) => {
+                    // SAFETY: this CPU runs the job once, now; its slot is
+                    // no other job's, and the VM is nobody's until the join.
+                    unsafe { job.run(backend) };
+                    None
+                }
+                None => Some(run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks)),
+            };
             let t1 = backend.now();
             cpus.join();
             (end, t1 - t0, backend.now() - t1)
         };
-        self.finish_slice(i, v, end.flow, console);
-        for (job, started) in away.into_iter().zip(started) {
+        if let Some(end) = end {
+            self.finish_slice(i, v, end.flow, console);
+        }
+        let home_job = home_sibling.into_iter().map(|job| (job, true, false));
+        let away_jobs = away.into_iter().zip(started).map(|(job, started)| (job, started, true));
+        for (job, started, went_away) in home_job.chain(away_jobs) {
             for l in &job.lines.0 {
                 console.line(l);
             }
             // A job no CPU took: its VM simply waits for its next turn.
             let Some(end) = job.end.filter(|_| started) else { continue };
+            if let Some(s) = &job.sibling {
+                self.count_sibling(job.index, s);
+            }
             let flow = match end.deferred {
                 Some(exit) => self.handle_deferred(job.index, job.vcpu, exit, console),
                 None => end.flow,
             };
             self.finish_slice(job.index, job.vcpu, flow, console);
-            self.sched.slices_away += 1;
+            self.sched.slices_away += u64::from(went_away);
         }
         let s = &mut self.sched;
         s.rounds += 1;
-        s.slices = s.slices_away + s.rounds;
+        s.slices += slices;
         s.slice_ticks += slice_ticks;
         s.join_ticks += joined;
         if let Ok(b) = self.backend.as_ref() {
             s.round_ticks += b.now().saturating_sub(round_start);
         }
         true
+    }
+
+    /// Adds to `picks` (one per VM so far) further vCPUs of the VMs in it,
+    /// up to `cpus` picks in all: a vCPU joins its sibling when both ran
+    /// out their last slice (they compute). One that ended its slice at an
+    /// exit would, beside a sibling, end it at its first exit that needs
+    /// the VM and pay a round for it, so it runs alone with its VM.
+    fn pick_siblings(&mut self, picks: &mut Vec<(usize, usize)>, cpus: usize) {
+        for k in 0..picks.len() {
+            let (i, v) = picks[k];
+            let vm = &self.vms[i];
+            let Some(res) = vm.res.as_ref() else { continue };
+            // A throttled VM's share is per slice: it runs one at a time.
+            if vm.throttle.pct() > 0 || !res.vcpus.get(v).is_some_and(|s| s.computing) {
+                continue;
+            }
+            let n = res.vcpus.len();
+            for u in (1..n).map(|d| (v + d) % n) {
+                if picks.len() >= cpus {
+                    return;
+                }
+                let s = &res.vcpus[u];
+                if s.computing && s.state.runnable() && s.awaiting_page.is_none() {
+                    picks.push((i, u));
+                }
+            }
+        }
+    }
+
+    /// Readies the VMs of which `picks` holds several vCPUs: each such
+    /// vCPU gets its pending interrupts here (the devices are the VM's,
+    /// which a sibling does not reach) and is released to go anywhere.
+    /// Returns each sibling's job part, with its slice: short enough for
+    /// the VM's next timer interrupt. Taking the slot and profile pointers
+    /// is the last this CPU does with such a VM before the join.
+    fn prepare_siblings(&mut self, picks: &[(usize, usize)], now: u64, hz: u64) -> Vec<SiblingPart<B>> {
+        let mut out = Vec::new();
+        for (k, &(i, _)) in picks.iter().enumerate() {
+            // Each VM once, at its first pick, and only with several.
+            if picks[..k].iter().any(|p| p.0 == i) || picks.iter().filter(|p| p.0 == i).count() < 2 {
+                continue;
+            }
+            let vm = &mut self.vms[i];
+            let mine: Vec<usize> = picks.iter().filter(|p| p.0 == i).map(|p| p.1).collect();
+            vm.state = RunState::Running;
+            vm.stats.first_entry_tsc.get_or_insert(now);
+            for &v in &mine {
+                let Some(res) = vm.res.as_mut() else { break };
+                res.set_cur(v);
+                vm.devices.set_current(v);
+                vm.deliver_interrupts(now, hz);
+                if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
+                    slot.vcpu.release();
+                }
+            }
+            vm.next_vcpu = mine.iter().max().map_or(0, |m| m + 1);
+            let slice = self.slice_ticks.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS));
+            let apic_ids: Vec<u32> = mine.iter().map(|&v| vm.devices.lapic(v).map_or(v as u32, |l| l.id())).collect();
+            let (vm_id, cpuid) = (vm.id, &raw const vm.cpuid);
+            let Some(res) = vm.res.as_mut() else { continue };
+            let base = res.vcpus.as_mut_ptr();
+            for (&v, apic_id) in mine.iter().zip(apic_ids) {
+                // SAFETY: `v` indexes the slots (picked from them), so the
+                // pointer stays inside the boxed slice.
+                let slot = unsafe { base.add(v) };
+                let s =
+                    Sibling { slot, cpuid, apic_id, vm_id, exits: [0; ExitKind::COUNT], run_ticks: 0, expired: false };
+                out.push(SiblingPart { vm: i, vcpu: v, part: Some((s, slice)) });
+            }
+        }
+        out
+    }
+
+    /// A sibling's counters, into its VM's (on this CPU, after the join).
+    fn count_sibling(&mut self, i: usize, s: &Sibling<B>) {
+        let vm = &mut self.vms[i];
+        for (total, n) in vm.stats.exits.iter_mut().zip(s.exits) {
+            *total += n;
+        }
+        vm.stats.run_ticks += s.run_ticks;
+        vm.stats.slices_expired += u64::from(s.expired);
+        vm.stats.parallel_slices += 1;
+        self.sched.sibling_slices += 1;
     }
 
     /// An exit a slice away left for this CPU: handled here, where the

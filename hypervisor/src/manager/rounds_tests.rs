@@ -198,3 +198,63 @@ fn a_vm_of_the_other_cpus_numa_node_moves_there_when_that_cpu_is_free() {
     assert_eq!(vcpu_of(&m, one).releases, 6, "released before each slice away and at its end");
     assert_eq!(vcpu_of(&m, two).releases, 0, "VM 2 never left this CPU");
 }
+
+#[test]
+fn computing_vcpus_of_one_vm_run_at_once_and_leave_the_rest_to_the_boot_cpu() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // vCPU 0 spins without exits (out of script: every run is preempted).
+    b.scripts.push_back(Vec::new());
+    // vCPU 1 runs out one slice alone, then, beside vCPU 0, two CPUIDs
+    // (its own) and an APIC write (the VM's devices: the boot CPU's).
+    b.scripts.push_back(vec![
+        exit(VmExit::Preempted),
+        exit(VmExit::Cpuid),
+        exit(VmExit::Cpuid),
+        tpr_write(0x20),
+        exit(VmExit::Cpuid),
+    ]);
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+    // As if the guest had started its AP, where vCPU 0 starts (the image's
+    // code, which the emulator decodes for the APIC write).
+    let res = m.vms[0].res.as_mut().unwrap();
+    let start = res.vcpus[0].vcpu.state();
+    res.vcpus[1].vcpu.set_state(&start).unwrap();
+    res.vcpus[1].state = crate::vm::VcpuState::Runnable;
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    // Rounds 1 and 2: neither vCPU has run out a slice yet, so each runs
+    // alone, here.
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(other.ran.is_empty(), "a vCPU not known to compute went away: {:?}", other.ran);
+    let slots = |m: &Manager<MockBackend>| {
+        let r = m.get(id).unwrap().res.as_ref().unwrap();
+        (r.vcpus[0].computing, r.vcpus[1].computing)
+    };
+    assert_eq!(slots(&m), (true, true), "both ran out their slices");
+
+    // Round 3: both at once, vCPU 1 on the other CPU with its own backend.
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [0], "vCPU 1 of VM index 0 went to the other CPU");
+    assert!(other.backend.clock.get() > 0, "the other CPU's backend ran it");
+    let vm = m.get(id).unwrap();
+    assert_eq!(vm.stats.parallel_slices, 2);
+    assert_eq!(vm.stats.exits[ExitKind::Cpuid as usize], 2, "its CPUIDs, handled where it ran");
+    assert_eq!(vm.stats.exits[ExitKind::NestedPageFault as usize], 1);
+    assert_eq!(vm.devices.lapic(1).unwrap().tpr(), 0x20, "the APIC write, carried out here after the join");
+    assert_eq!(vm.devices.lapic(0).unwrap().tpr(), 0, "on vCPU 1's APIC, not vCPU 0's");
+    let v1 = &vm.res.as_ref().unwrap().vcpus[1];
+    assert_eq!(v1.vcpu.skipped, 2, "two CPUIDs completed away; the APIC write by the emulator");
+    assert_eq!(v1.vcpu.script.len(), 1, "its slice ended at the exit left for the boot CPU");
+    assert!(!v1.vcpu.loaded);
+    assert_eq!(v1.stats.slices, 2);
+    assert_eq!(slots(&m), (true, false), "vCPU 1 ended its slice at an exit");
+    let s = m.sched;
+    assert_eq!((s.rounds, s.slices, s.slices_away, s.sibling_slices), (3, 4, 1, 2), "{s:?}");
+
+    // Round 4: vCPU 1 no longer computes, so vCPU 0 runs alone again.
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [0]);
+    assert_eq!(m.sched.sibling_slices, 2);
+}

@@ -26,6 +26,29 @@ pub trait Console {
     fn line(&mut self, text: &str);
 }
 
+/// CPUID: the VM's answer (`profile`) with this vCPU's own fields (its
+/// APIC ID `apic_id`, OSXSAVE from its CR4), and the instruction completed.
+/// It touches only the vCPU, so a vCPU running beside its siblings handles
+/// it where it runs (`manager::rounds`).
+#[inline(always)]
+pub fn cpuid_exit<B: Backend>(vcpu: &mut B::Vcpu, profile: &cpuid::Profile, backend: &B, apic_id: u32) {
+    let g = vcpu.gprs();
+    let (leaf, sub) = (g.rax as u32, g.rcx as u32);
+    let r = Vm::<B>::cpuid_answer(profile, backend, leaf, sub);
+    let r = if cpuid::describes_vcpu(leaf) {
+        let osxsave = vcpu.reg(Reg::Cr4) & CR4_OSXSAVE != 0;
+        cpuid::vcpu_fields(leaf, r, osxsave, apic_id)
+    } else {
+        r
+    };
+    let g = vcpu.gprs_mut();
+    g.rax = r.eax as u64;
+    g.rbx = r.ebx as u64;
+    g.rcx = r.ecx as u64;
+    g.rdx = r.edx as u64;
+    vcpu.skip_instruction();
+}
+
 /// Nanoseconds for `ticks` of a `hz` clock (no overflow for any input).
 pub fn ticks_to_ns(ticks: u64, hz: u64) -> u64 {
     (u128::from(ticks) * 1_000_000_000 / u128::from(hz.max(1))).min(u128::from(u64::MAX)) as u64
@@ -151,21 +174,7 @@ impl<B: Backend> Vm<B> {
         let vcpu = res.vcpu();
         match exit {
             VmExit::Cpuid => {
-                let g = vcpu.gprs();
-                let (leaf, sub) = (g.rax as u32, g.rcx as u32);
-                let r = Self::cpuid_answer(&self.cpuid, backend, leaf, sub);
-                let r = if cpuid::describes_vcpu(leaf) {
-                    let osxsave = vcpu.reg(Reg::Cr4) & CR4_OSXSAVE != 0;
-                    cpuid::vcpu_fields(leaf, r, osxsave, self.devices.apic_id())
-                } else {
-                    r
-                };
-                let g = vcpu.gprs_mut();
-                g.rax = r.eax as u64;
-                g.rbx = r.ebx as u64;
-                g.rcx = r.ecx as u64;
-                g.rdx = r.edx as u64;
-                vcpu.skip_instruction();
+                cpuid_exit(vcpu, &self.cpuid, backend, self.devices.apic_id());
                 Flow::Continue
             }
             VmExit::Io(io) if io.string => match host.memory() {

@@ -104,6 +104,9 @@ pub struct VmStats {
     pub ended_vcpus: Vec<VcpuStats>,
     /// Machine checks given to the guest (it touched a poisoned page).
     pub machine_checks: u64,
+    /// Slices run at the same time as another of its vCPUs, on another
+    /// host CPU (`manager::rounds`, "siblings").
+    pub parallel_slices: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.
@@ -172,12 +175,23 @@ pub struct VcpuSlot<V> {
     /// the migration's source. It does not run until that page is here
     /// (then it retries the access: RIP still names it).
     pub awaiting_page: Option<u64>,
+    /// Its last slice ran out its time rather than ending at an exit (it
+    /// computes): it may run beside its siblings on other host CPUs
+    /// (`manager::rounds`, "siblings").
+    pub computing: bool,
     pub stats: VcpuStats,
 }
 
 impl<V> VcpuSlot<V> {
     pub fn new(vcpu: V, state: VcpuState) -> Self {
-        VcpuSlot { vcpu, state, halted_irq_off: false, awaiting_page: None, stats: VcpuStats::default() }
+        VcpuSlot {
+            vcpu,
+            state,
+            halted_irq_off: false,
+            awaiting_page: None,
+            computing: false,
+            stats: VcpuStats::default(),
+        }
     }
 }
 
@@ -227,6 +241,12 @@ impl<V> VcpuSlots<V> {
 
     pub fn current(&self) -> &VcpuSlot<V> {
         &self.slots[self.cur]
+    }
+
+    /// The first slot, for pointers to several slots at once (each
+    /// `base.add(i)` with `i < len()`): the slots never move (boxed).
+    pub fn as_mut_ptr(&mut self) -> *mut VcpuSlot<V> {
+        self.slots.as_mut_ptr()
     }
 
     /// The slots, to free the vCPUs.
