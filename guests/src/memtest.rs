@@ -303,14 +303,19 @@ impl Mismatches {
 
     /// Prints PASS, or FAIL with the first mismatch; whether it passed.
     fn report(&self) -> bool {
+        self.report_as("memtest")
+    }
+
+    /// `report`, for the program `who`.
+    fn report_as(&self, who: &str) -> bool {
         match &self.first {
             None => {
-                println!("memtest: PASS");
+                println!("{who}: PASS");
                 true
             }
             Some(m) => {
                 println!(
-                    "memtest: FAIL page {:#x} offset {}: expected {:#018x} found {:#018x} ({} mismatched reads)",
+                    "{who}: FAIL page {:#x} offset {}: expected {:#018x} found {:#018x} ({} mismatched reads)",
                     m.gpa, m.offset, m.want, m.found, self.count
                 );
                 false
@@ -450,26 +455,104 @@ fn live_content(seed: u64, r: u64, p: u64, w: u64) -> u64 {
     mix(seed ^ mix(p ^ (r << 40))) ^ w.wrapping_mul(SPREAD)
 }
 
+/// One writer of live mode's pattern over a region (see the module's
+/// `live`): memtest runs one, `smptest live=1` one per vCPU, each on its own
+/// pages. Between two [`LiveWriter::step`]s the header word says exactly
+/// what every page holds, which [`LiveWriter::check`] verifies.
+pub struct LiveWriter {
+    region: Region,
+    seed: u64,
+}
+
+/// What [`LiveWriter::check`] found.
+pub struct LiveCheck {
+    pub round: u64,
+    pub cursor: u64,
+    bad: Mismatches,
+}
+
+impl LiveCheck {
+    /// Every word agrees with the header.
+    pub fn agrees(&self) -> bool {
+        self.bad.first.is_none()
+    }
+
+    /// Prints `<who>: PASS`, or `<who>: FAIL` with the first word that
+    /// disagrees; whether it passed.
+    pub fn report(&self, who: &str) -> bool {
+        self.bad.report_as(who)
+    }
+}
+
+impl LiveWriter {
+    /// Writes round 0 over `pages` pages (at least 2) from `start`, header
+    /// first, and returns the writer.
+    ///
+    /// # Safety
+    /// The pages are guest RAM, identity-mapped, used by nothing else.
+    pub unsafe fn new(start: u64, pages: u64, seed: u64) -> Option<Self> {
+        if pages < 2 {
+            return None;
+        }
+        let region = Region { start, pages };
+        region.write(0, 0, live_header(0, 1));
+        for p in 1..pages {
+            for w in 0..WORDS {
+                region.write(p, w, live_content(seed, 0, p, w));
+            }
+        }
+        Some(LiveWriter { region, seed })
+    }
+
+    /// Data pages (the header page aside).
+    pub fn pages(&self) -> u64 {
+        self.region.pages - 1
+    }
+
+    /// The next page, whole, in the next round, then the header past it
+    /// (one store).
+    pub fn step(&self) {
+        let h = self.region.read(0, 0);
+        let (round, p) = (h >> 32, h & 0xffff_ffff);
+        for w in 0..WORDS {
+            self.region.write(p, w, live_content(self.seed, round + 1, p, w));
+        }
+        let next = if p + 1 == self.region.pages { live_header(round + 1, 1) } else { live_header(round, p + 1) };
+        self.region.write(0, 0, next);
+    }
+
+    /// Every page against the header: pages before the cursor hold the
+    /// next round, the others this one.
+    pub fn check(&self) -> LiveCheck {
+        let h = self.region.read(0, 0);
+        let (round, cursor) = (h >> 32, h & 0xffff_ffff);
+        let bad = self.region.verify(|p, w| match p {
+            0 if w == 0 => h,
+            0 => 0,
+            p if p < cursor => live_content(self.seed, round + 1, p, w),
+            p => live_content(self.seed, round, p, w),
+        });
+        LiveCheck { round, cursor, bad }
+    }
+}
+
+/// live mode's header word: `round << 32 | cursor`.
+fn live_header(round: u64, cursor: u64) -> u64 {
+    (round << 32) | cursor
+}
+
 fn live(o: &Options, region: Region) -> bool {
-    if region.pages < 2 {
+    // SAFETY: `main` checked the region (see `Region::write`).
+    let Some(writer) = (unsafe { LiveWriter::new(region.start, region.pages, o.seed) }) else {
         println!("memtest: error: live mode needs at least 2 pages");
         return false;
-    }
-    let seed = o.seed;
-    let header = |r: u64, c: u64| (r << 32) | c;
-    // Round 0 everywhere, cursor at the first data page.
-    region.write(0, 0, header(0, 1));
-    for p in 1..region.pages {
-        for w in 0..WORDS {
-            region.write(p, w, live_content(seed, 0, p, w));
-        }
-    }
+    };
     let dirty = o.mode == Mode::Dirty;
     let khz = if dirty { tsc_khz() } else { 0 };
     if dirty {
-        println!("memtest: dirty: {} pages at {} pages/s (0: unlimited), tsc {khz} kHz", region.pages - 1, o.rate_pps);
+        println!("memtest: dirty: {} pages at {} pages/s (0: unlimited), tsc {khz} kHz", writer.pages(), o.rate_pps);
     } else {
-        println!("memtest: live: rewriting {} pages in rounds; c checks, q checks and exits", region.pages - 1);
+        println!("memtest: live: rewriting {} pages in rounds; c checks, q checks and exits", writer.pages());
     }
     let mut checks = 0u64;
     // Rate limit: pages written since `t_start`, allowed `rate_pps` per
@@ -489,28 +572,23 @@ fn live(o: &Options, region: Region) -> bool {
             continue;
         }
         written += 1;
-        let h = region.read(0, 0);
-        let (round, cursor) = (h >> 32, h & 0xffff_ffff);
         // Between pages: the header says exactly what every page holds.
         if inb(0x3fd) & 1 != 0 {
             let key = inb(0x3f8);
             if key == b'c' || key == b'q' {
                 checks += 1;
-                let bad = region.verify(|p, w| match p {
-                    0 if w == 0 => h,
-                    0 => 0,
-                    p if p < cursor => live_content(seed, round + 1, p, w),
-                    p => live_content(seed, round, p, w),
-                });
+                let c = writer.check();
                 println!(
-                    "memtest: live check {checks}: round {round} cursor {cursor}, {} pages{}",
-                    region.pages - 1,
-                    if bad.first.is_none() { " agree with the header" } else { "" }
+                    "memtest: live check {checks}: round {} cursor {}, {} pages{}",
+                    c.round,
+                    c.cursor,
+                    writer.pages(),
+                    if c.agrees() { " agree with the header" } else { "" }
                 );
                 if dirty {
                     println!("memtest: dirty: {written} page writes, longest pause {} us", longest * 1000 / khz.max(1));
                 }
-                let passed = bad.report();
+                let passed = c.report("memtest");
                 if key == b'q' || !passed {
                     return passed;
                 }
@@ -518,13 +596,7 @@ fn live(o: &Options, region: Region) -> bool {
                 last = rdtsc();
             }
         }
-        // The next page, whole, then the header past it (one store).
-        let p = cursor;
-        for w in 0..WORDS {
-            region.write(p, w, live_content(seed, round + 1, p, w));
-        }
-        let next = if p + 1 == region.pages { header(round + 1, 1) } else { header(round, p + 1) };
-        region.write(0, 0, next);
+        writer.step();
     }
 }
 

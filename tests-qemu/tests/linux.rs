@@ -12,7 +12,8 @@
 //! TSC-deadline timer), with no complaint about them in its log; `sleep 5`
 //! takes five seconds of host time; a second Linux guest (`vm create`, then
 //! `vm start`) and a selftest run beside it. Under QEMU also: after the
-//! emulator restarts, a new VM reads its disk image back, and a host-wide
+//! emulator restarts, a new VM with two vCPUs reads its disk image back
+//! (`nproc` 2, two busy loops use both CPUs), and a host-wide
 //! memory target balloons Linux and swaps a guest without a balloon. On both
 //! backends: Bochs with VT-x (about 35 s to the shell) and QEMU TCG with
 //! AMD-V (about 3 s). Skipped (with a message) when the guest has not been
@@ -348,12 +349,35 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     let mut m = Machine::boot_with_files_and_scratch(emu, &label(emu, "linux-again"), &files, &scratch);
     let out = m.cmd("disk list");
     assert!(out.lines().any(|l| l.starts_with("d1 ") && l.contains("image")), "{out}");
-    let out = m.cmd("vm run linux disk=d1 -- console=ttyS0 quiet");
+    let out = m.cmd("vm run linux disk=d1 vcpus=2 -- console=ttyS0 quiet");
     assert!(out.contains("vm 1 started"), "{out}");
     m.wait_for("linux-guest:/# ", Duration::from_secs(400));
     m.cmd(&format!("vm send 1 -- {READ_PATTERN}; echo again-$((4+4))"));
     m.wait_for("[vm 1] again-8", Duration::from_secs(240));
     assert_eq!(pattern_sum(&m.transcript(), "[vm 1] ", "  -"), sum, "the data did not survive the host's restart");
+    // With two vCPUs: `nproc` shows both, and two busy loops started at
+    // once each take a CPU (both CPUs' user time grows).
+    m.cmd(&format!("vm send 1 -- echo nproc-$(nproc); {CPU_TIMES}"));
+    m.cmd(&format!("vm send 1 -- {TWO_LOOPS}; {CPU_TIMES}; echo par-$((2+2))"));
+    m.wait_for("[vm 1] par-4", Duration::from_secs(300));
+    let t = m.transcript();
+    assert!(t.contains("[vm 1] nproc-2"), "{t}");
+    let times: Vec<(u64, u64)> = t
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.strip_prefix("[vm 1] user ")?.split_once(' ')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect();
+    assert_eq!(times.len(), 2, "{t}");
+    assert!(times[1].0 > times[0].0 && times[1].1 > times[0].1, "the loops did not run on both CPUs: {times:?}");
+    let s = m.json("vm stats 1 --json");
+    let cpus: Vec<&str> = s["vcpus"].as_array().unwrap().iter().map(|v| v["host_cpus"].as_str().unwrap()).collect();
+    eprintln!(
+        "{}: two busy loops on 2 vCPUs: user ticks {times:?}; vCPUs on host cpus {cpus:?}, {} slices beside a sibling",
+        emu.name(),
+        s["parallel_slices"]
+    );
     // A host-wide free-memory target beside a guest without a balloon
     // driver (memtest): the planner balloons Linux and swaps memtest, which
     // still checks every word it wrote. The target asks for a little more
@@ -386,6 +410,11 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.poweroff();
     std::fs::remove_file(&scratch).unwrap();
 }
+
+/// `user <cpu0> <cpu1>`: each CPU's user time so far (/proc/stat, ticks).
+const CPU_TIMES: &str = "echo user $(grep '^cpu[01] ' /proc/stat | cut -d' ' -f2)";
+/// Two shell loops at once, waited for.
+const TWO_LOOPS: &str = "for c in 1 2; do (i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done) & done; wait";
 
 /// 1 MiB of a known text, written at 400 KiB into /dev/vda, flushed.
 const WRITE_PATTERN: &str = "yes hypervisor-disk-pattern | head -c 1048576 > /tmp/p; md5sum /tmp/p; \

@@ -15,6 +15,17 @@
 //! must equal the sum of the APs' own once they stop (no increment lost
 //! or doubled), and IPIs must still flow both ways.
 //!
+//! With `live=1` (for live saves and migrations of a VM whose vCPUs all
+//! write memory) every vCPU, the BSP included, runs memtest's live pattern
+//! on pages of its own (`guests::memtest::LiveWriter`: pages rewritten in
+//! rounds behind a header word that says what each holds) without end.
+//! The BSP reads COM1 every 16 pages: at `c` every vCPU checks its pages
+//! against its header between two of its pages, and the BSP prints each
+//! one's result (`smptest: live check N: vcpu i round r cursor c: agree`);
+//! `q` does the same and ends the run. A copy of the VM that is not one
+//! instant, or a dirty log that missed a write of any vCPU, shows as a
+//! page that disagrees with its header.
+//!
 //! Prints one line per check and `smptest: PASS`/`FAIL`; exits 0 or 1.
 #![no_std]
 #![no_main]
@@ -251,6 +262,117 @@ fn hold_run(id: usize) {
     send_ipi(0, IPI_VECTOR as u32);
 }
 
+/// `live=1`: pages per vCPU (a header page and 255 data pages).
+const LIVE_PAGES: u64 = 256;
+/// Where vCPU 0's pages start (the others' follow): above the image.
+const LIVE_BASE: u64 = 4 << 20;
+/// APs that filled their pages and write on.
+static LIVE_READY: AtomicU32 = AtomicU32::new(0);
+/// The BSP's check requests, counted: each vCPU checks when it changes.
+static LIVE_GEN: AtomicU32 = AtomicU32::new(0);
+/// Set before the last request: the APs park after it.
+static LIVE_QUIT: AtomicBool = AtomicBool::new(false);
+/// Per vCPU: the request it last answered, whether its pages agreed then,
+/// and its header's round and cursor.
+static LIVE_DONE: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+static LIVE_AGREED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static LIVE_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// vCPU `id`'s live writer over its own pages.
+fn live_writer(id: usize) -> Option<guests::memtest::LiveWriter> {
+    let start = LIVE_BASE.max(guests::image_end().next_multiple_of(4096)) + id as u64 * LIVE_PAGES * 4096;
+    // SAFETY: `live` checked that every vCPU's pages lie in RAM above the
+    // image; each vCPU's are its own.
+    unsafe { guests::memtest::LiveWriter::new(start, LIVE_PAGES, 0x5eed + id as u64) }
+}
+
+/// Answers check request `request` for vCPU `id` (see the module's `live=1`).
+fn live_answer(id: usize, w: &guests::memtest::LiveWriter, request: u32) {
+    let c = w.check();
+    if !c.agrees() {
+        c.report("smptest: live");
+    }
+    LIVE_AGREED[id].store(c.agrees(), SeqCst);
+    LIVE_AT[id].store((c.round << 32) | c.cursor, SeqCst);
+    LIVE_DONE[id].store(request, SeqCst);
+}
+
+/// An AP's part of `live=1`: writes its pages without end, checking them
+/// at each request, until the last.
+fn live_run(id: usize) {
+    let Some(w) = live_writer(id) else { return };
+    LIVE_READY.fetch_add(1, SeqCst);
+    let mut seen = 0;
+    loop {
+        let request = LIVE_GEN.load(SeqCst);
+        if request != seen {
+            seen = request;
+            live_answer(id, &w, request);
+            if LIVE_QUIT.load(SeqCst) {
+                return;
+            }
+        }
+        w.step();
+    }
+}
+
+/// The BSP's part of `live=1`, after the IPI checks.
+fn live(c: &mut Checks, cpus: usize, ram: u64) {
+    let end = LIVE_BASE.max(guests::image_end().next_multiple_of(4096)) + cpus as u64 * LIVE_PAGES * 4096;
+    if end > ram {
+        c.check("live pages fit in ram", false, format_args!("they end at {end:#x}, ram at {ram:#x}"));
+        return;
+    }
+    LIVE.store(true, SeqCst);
+    GO_STRESS.store(true, SeqCst);
+    let Some(w) = live_writer(0) else { return };
+    let aps = cpus as u32 - 1;
+    let ready = wait(1 << 32, || LIVE_READY.load(SeqCst) == aps);
+    c.check("every ap writes its pages", ready, format_args!("{} of {aps}", LIVE_READY.load(SeqCst)));
+    println!("smptest: live: {cpus} vcpus rewriting {} pages each; c checks, q checks and exits", w.pages());
+    let mut pages = 0u64;
+    loop {
+        w.step();
+        pages += 1;
+        if pages % 16 != 0 || inb(0x3fd) & 1 == 0 {
+            continue;
+        }
+        let key = inb(0x3f8);
+        if key != b'c' && key != b'q' {
+            continue;
+        }
+        if key == b'q' {
+            LIVE_QUIT.store(true, SeqCst);
+        }
+        let request = LIVE_GEN.fetch_add(1, SeqCst) + 1;
+        live_answer(0, &w, request);
+        let answered = wait(1 << 32, || (1..cpus).all(|i| LIVE_DONE[i].load(SeqCst) == request));
+        for i in 0..cpus {
+            let at = LIVE_AT[i].load(SeqCst);
+            let agreed = LIVE_AGREED[i].load(SeqCst) && LIVE_DONE[i].load(SeqCst) == request;
+            let verdict = if agreed { "agree" } else { "DISAGREE" };
+            println!(
+                "smptest: live check {request}: vcpu {i} round {} cursor {}: {verdict}",
+                at >> 32,
+                at & 0xffff_ffff
+            );
+        }
+        let all = answered && (0..cpus).all(|i| LIVE_AGREED[i].load(SeqCst));
+        c.check(
+            "every vcpu's pages agree with its header",
+            all,
+            format_args!("check {request}{}", if answered { "" } else { ": not every vcpu answered" }),
+        );
+        if key == b'q' || !all {
+            LIVE_QUIT.store(true, SeqCst);
+            return;
+        }
+    }
+}
+
+/// `live=1`: the APs write pages instead of the stress.
+static LIVE: AtomicBool = AtomicBool::new(false);
+
 /// The BSP's IPI count when the IPIs after the release began.
 static IPI_BASE: AtomicU32 = AtomicU32::new(0);
 
@@ -328,6 +450,8 @@ extern "C" fn ap_main() -> ! {
     wait(u64::MAX, || GO_STRESS.load(SeqCst));
     if HOLD.load(SeqCst) {
         hold_run(id);
+    } else if LIVE.load(SeqCst) {
+        live_run(id);
     } else {
         stress();
     }
@@ -395,6 +519,7 @@ impl Checks {
 fn main(boot: Boot) -> u32 {
     let mut c = Checks { failed: 0, total: 0 };
     let hold_mode = boot.cmdline().split_whitespace().any(|w| w == "hold=1");
+    let live_mode = boot.cmdline().split_whitespace().any(|w| w == "live=1");
     let cpus = fw_cfg_cpus() as usize;
     let madt = madt_cpus();
     println!("smptest: {cpus} cpus (fw_cfg), {madt:?} in the MADT");
@@ -486,6 +611,10 @@ fn main(boot: Boot) -> u32 {
 
     if hold_mode {
         hold(&mut c, cpus);
+        return verdict(&c, cpus);
+    }
+    if live_mode {
+        live(&mut c, cpus, boot.ram_bytes());
         return verdict(&c, cpus);
     }
     GO_STRESS.store(true, SeqCst);
