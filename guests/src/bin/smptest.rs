@@ -26,6 +26,11 @@
 //! instant, or a dirty log that missed a write of any vCPU, shows as a
 //! page that disagrees with its header.
 //!
+//! With `pingpong=N` (a benchmark) the BSP and AP 1, both spinning with
+//! interrupts on, then bounce an IPI N times (BSP to AP 1, which answers
+//! at once) and the BSP prints the round trip in TSC ticks (mean, least,
+//! most) before the stress.
+//!
 //! Prints one line per check and `smptest: PASS`/`FAIL`; exits 0 or 1.
 #![no_std]
 #![no_main]
@@ -33,7 +38,7 @@
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
-use guests::io::{cpuid, inb};
+use guests::io::{cpuid, inb, rdtsc};
 use guests::{Boot, println, trap};
 
 /// Where the trampoline is copied: startup IPI vector 0x20 starts an AP
@@ -370,6 +375,49 @@ fn live(c: &mut Checks, cpus: usize, ram: u64) {
     }
 }
 
+/// `pingpong=N`: round trips asked for (0: none).
+static PINGS: AtomicU32 = AtomicU32::new(0);
+
+/// AP 1's part of `pingpong=N`: answers each IPI from the BSP with one.
+fn pong_run() {
+    let pings = PINGS.load(SeqCst);
+    // Read before the BSP may ping (it waits for PONG_READY).
+    let base = IPIS[1].load(SeqCst);
+    PONG_READY.store(true, SeqCst);
+    for i in 1..=pings {
+        wait(u64::MAX, || IPIS[1].load(SeqCst) >= base + i);
+        send_ipi(0, IPI_VECTOR as u32);
+    }
+}
+
+/// The BSP's part of `pingpong=N`: N round trips to AP 1, timed.
+fn ping(c: &mut Checks, pings: u32) {
+    let (mut total, mut least, mut most) = (0u64, u64::MAX, 0u64);
+    let base = IPIS[0].load(SeqCst);
+    GO_PING.store(true, SeqCst);
+    let ready = wait(1 << 32, || PONG_READY.load(SeqCst));
+    let mut done = 0;
+    for i in (1..=pings).take_while(|_| ready) {
+        let t0 = rdtsc();
+        send_ipi(1, IPI_VECTOR as u32);
+        if !wait(1 << 32, || IPIS[0].load(SeqCst) >= base + i) {
+            break;
+        }
+        let t = rdtsc().wrapping_sub(t0);
+        (total, least, most) = (total + t, least.min(t), most.max(t));
+        done = i;
+    }
+    println!(
+        "smptest: ipi round trip bsp -> ap 1 -> bsp: mean {} ticks, least {least}, most {most} ({done} round trips)",
+        total / u64::from(done.max(1))
+    );
+    c.check("every ipi round trip completed", done == pings, format_args!("{done} of {pings}"));
+}
+
+/// `pingpong=N`: AP 1 may start answering; it has read its count.
+static GO_PING: AtomicBool = AtomicBool::new(false);
+static PONG_READY: AtomicBool = AtomicBool::new(false);
+
 /// `live=1`: the APs write pages instead of the stress.
 static LIVE: AtomicBool = AtomicBool::new(false);
 
@@ -447,6 +495,10 @@ extern "C" fn ap_main() -> ! {
     send_ipi(0, IPI_VECTOR as u32);
     // The BSP's IPI and its broadcast: two.
     halt_until(u64::MAX, || IPIS[id].load(SeqCst) >= 2);
+    if id == 1 && PINGS.load(SeqCst) > 0 {
+        wait(u64::MAX, || GO_PING.load(SeqCst));
+        pong_run();
+    }
     wait(u64::MAX, || GO_STRESS.load(SeqCst));
     if HOLD.load(SeqCst) {
         hold_run(id);
@@ -520,6 +572,15 @@ fn main(boot: Boot) -> u32 {
     let mut c = Checks { failed: 0, total: 0 };
     let hold_mode = boot.cmdline().split_whitespace().any(|w| w == "hold=1");
     let live_mode = boot.cmdline().split_whitespace().any(|w| w == "live=1");
+    let pings = boot
+        .cmdline()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pingpong=")?.parse::<u32>().ok())
+        .unwrap_or(0);
+    // Before any AP starts: each reads it once its IPI checks are done.
+    // Only beside the stress (`hold=1` and `live=1` have their own runs).
+    let pings = if hold_mode || live_mode { 0 } else { pings };
+    PINGS.store(pings, SeqCst);
     let cpus = fw_cfg_cpus() as usize;
     let madt = madt_cpus();
     println!("smptest: {cpus} cpus (fw_cfg), {madt:?} in the MADT");
@@ -616,6 +677,9 @@ fn main(boot: Boot) -> u32 {
     if live_mode {
         live(&mut c, cpus, boot.ram_bytes());
         return verdict(&c, cpus);
+    }
+    if pings > 0 && cpus > 1 {
+        ping(&mut c, pings);
     }
     GO_STRESS.store(true, SeqCst);
     stress();
