@@ -20,6 +20,21 @@ use crate::vm::exit::Console;
 /// have before exiting).
 pub type Step = Box<dyn FnMut(&mut MockVcpu) -> VmExit>;
 
+/// A step that changes the vCPU (registers, RFLAGS) then exits.
+pub fn step(f: impl Fn(&mut MockVcpu) + 'static, exit: VmExit) -> Step {
+    Box::new(move |v| {
+        f(v);
+        exit.clone()
+    })
+}
+
+/// A manager on the mock (4096 pages) with one guest image, `tiny`: 32
+/// NOPs, whose exits the vCPUs' scripts decide.
+pub fn tiny_manager() -> crate::manager::Manager<MockBackend> {
+    let images = alloc::vec![crate::manager::GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
+    crate::manager::Manager::new(Ok(MockBackend::new(4096)), images)
+}
+
 /// A vCPU whose guest is a script. Its state is a `GuestState`; events go
 /// through the same queue and entry plan as on the backends
 /// (`vcpu::events`): before each step, the event the guest can take is

@@ -228,32 +228,12 @@ impl Machine {
     /// hypervisor's console: `mce ...` injects a machine check) and returns
     /// what it printed.
     pub fn monitor(&mut self, command: &str) -> String {
-        use std::io::{Read, Write};
         assert!(self.emulator.is_qemu(), "[{}] only QEMU has a monitor", self.name);
         let path = self.s().run_dir.join("monitor.sock");
-        let mut sock = std::os::unix::net::UnixStream::connect(&path)
+        let sock = std::os::unix::net::UnixStream::connect(&path)
             .unwrap_or_else(|e| panic!("[{}] monitor {}: {e}", self.name, path.display()));
-        sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let mut text = Vec::new();
-        let mut prompts = 0;
-        let mut sent = false;
-        let mut buf = [0u8; 4096];
-        while prompts < 2 {
-            let n = sock.read(&mut buf).unwrap_or_else(|e| panic!("[{}] monitor: {e}", self.name));
-            assert!(n > 0, "[{}] the monitor closed: {}", self.name, String::from_utf8_lossy(&text));
-            text.extend_from_slice(&buf[..n]);
-            prompts = String::from_utf8_lossy(&text).matches("(qemu) ").count();
-            if prompts == 1 && !sent {
-                sock.write_all(format!("{command}\n").as_bytes()).expect("monitor write");
-                sent = true;
-            }
-        }
-        let text = String::from_utf8_lossy(&text).into_owned();
         eprintln!("[{}] monitor: {command}", self.name);
-        // The monitor echoes the line as typed (with its line editor's
-        // escapes) up to the newline; what it answered follows.
-        let answer = text.split("(qemu) ").nth(1).unwrap_or_default();
-        answer.split_once("\r\n").map_or("", |(_, a)| a).to_string()
+        monitor_command(sock, &self.name, command)
     }
 
     /// Types `bytes` at once (keys for a guest after `vm console`).
@@ -338,4 +318,27 @@ pub fn vm_entry(list: &serde_json::Value, id: u64) -> serde_json::Value {
         .and_then(|v| v.iter().find(|e| e["id"] == id))
         .cloned()
         .unwrap_or_else(|| panic!("no vm {id} in {list}"))
+}
+
+/// Runs one QEMU monitor (HMP) `command` over `sock` and returns what it
+/// answered (without the echoed line and the prompts; `name` labels
+/// failures). The monitor prints a prompt, echoes the line as typed (with
+/// its line editor's escapes) up to the newline, then answers and prompts
+/// again.
+pub fn monitor_command(mut sock: std::os::unix::net::UnixStream, name: &str, command: &str) -> String {
+    use std::io::{Read, Write};
+    sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let (mut text, mut buf, mut sent) = (Vec::new(), [0u8; 4096], false);
+    while String::from_utf8_lossy(&text).matches("(qemu) ").count() < 2 {
+        let n = sock.read(&mut buf).unwrap_or_else(|e| panic!("[{name}] monitor: {e}"));
+        assert!(n > 0, "[{name}] the monitor closed: {}", String::from_utf8_lossy(&text));
+        text.extend_from_slice(&buf[..n]);
+        if !sent && String::from_utf8_lossy(&text).contains("(qemu) ") {
+            sock.write_all(format!("{command}\n").as_bytes()).expect("monitor write");
+            sent = true;
+        }
+    }
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let answer = text.split("(qemu) ").nth(1).unwrap_or_default();
+    answer.split_once("\r\n").map_or("", |(_, a)| a).replace('\r', "")
 }

@@ -572,11 +572,8 @@ fn main(boot: Boot) -> u32 {
     let mut c = Checks { failed: 0, total: 0 };
     let hold_mode = boot.cmdline().split_whitespace().any(|w| w == "hold=1");
     let live_mode = boot.cmdline().split_whitespace().any(|w| w == "live=1");
-    let pings = boot
-        .cmdline()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("pingpong=")?.parse::<u32>().ok())
-        .unwrap_or(0);
+    let pings =
+        boot.cmdline().split_whitespace().find_map(|w| w.strip_prefix("pingpong=")?.parse::<u32>().ok()).unwrap_or(0);
     // Before any AP starts: each reads it once its IPI checks are done.
     // Only beside the stress (`hold=1` and `live=1` have their own runs).
     let pings = if hold_mode || live_mode { 0 } else { pings };

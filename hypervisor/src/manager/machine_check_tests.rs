@@ -4,7 +4,6 @@
 //! stopped with a report when it cannot take one; errors elsewhere are
 //! reported and change nothing.
 
-use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use mm::addr::GuestPhysAddr;
@@ -15,21 +14,9 @@ use vcpu::{Event, MemAccess, Vcpu, VmExit};
 use super::*;
 use crate::mca::host::{Action, BankError};
 use crate::mca::{bank_msr, mcg};
-use crate::testing::{Lines, MockBackend, MockVcpu, Step, elf_guest};
+use crate::testing::{Lines, MockBackend, Step, step, tiny_manager as manager};
 
 const PAGE: u64 = 0x5000;
-
-fn manager() -> Manager<MockBackend> {
-    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
-    Manager::new(Ok(MockBackend::new(4096)), images)
-}
-
-fn step(f: impl Fn(&mut MockVcpu) + 'static, exit: VmExit) -> Step {
-    Box::new(move |v| {
-        f(v);
-        exit.clone()
-    })
-}
 
 /// What QEMU's `mce` puts in a bank for an action-optional memory error
 /// at host-physical `hpa`, as the #MC handler hands it over.

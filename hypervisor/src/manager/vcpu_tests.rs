@@ -4,7 +4,6 @@
 //! and the register, cache, MONITOR/MWAIT, PAUSE, INIT and TSC exits are
 //! completed or refused as hardware would.
 
-use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use vcpu::state::bits::*;
@@ -12,20 +11,7 @@ use vcpu::{CrAccess, Event, Reg, Vcpu, VmExit};
 
 use super::*;
 use crate::hypercall as hc;
-use crate::testing::{Lines, MockBackend, MockVcpu, Step, elf_guest};
-
-fn manager() -> Manager<MockBackend> {
-    let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&[0x90; 32]) }];
-    Manager::new(Ok(MockBackend::new(4096)), images)
-}
-
-/// A step that changes the vCPU (registers, RFLAGS) then exits.
-fn step(f: impl Fn(&mut MockVcpu) + 'static, exit: VmExit) -> Step {
-    Box::new(move |v| {
-        f(v);
-        exit.clone()
-    })
-}
+use crate::testing::{Lines, MockBackend, MockVcpu, Step, step, tiny_manager as manager};
 
 fn queue_interrupt(vector: u64, rflags: u64) -> Step {
     step(

@@ -72,21 +72,7 @@ impl Qemu {
 
     /// One monitor command's answer.
     fn monitor(&self, command: &str) -> String {
-        let mut s = self.socket("monitor");
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let (mut text, mut buf, mut sent) = (Vec::new(), [0u8; 4096], false);
-        while String::from_utf8_lossy(&text).matches("(qemu) ").count() < 2 {
-            let n = s.read(&mut buf).expect("monitor read");
-            assert!(n > 0, "[{}] the monitor closed", self.name);
-            text.extend_from_slice(&buf[..n]);
-            if !sent && String::from_utf8_lossy(&text).contains("(qemu) ") {
-                s.write_all(format!("{command}\n").as_bytes()).expect("monitor write");
-                sent = true;
-            }
-        }
-        let text = String::from_utf8_lossy(&text).into_owned();
-        let answer = text.split("(qemu) ").nth(1).unwrap_or_default();
-        answer.split_once("\r\n").map_or("", |(_, a)| a).replace('\r', "")
+        tests_qemu::monitor_command(self.socket("monitor"), self.name, command)
     }
 }
 
