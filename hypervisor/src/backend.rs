@@ -72,4 +72,10 @@ pub trait Backend {
     /// Frame allocations on this CPU take node `node`'s memory first from
     /// now on (`None`: any node's).
     fn prefer_node(&mut self, node: Option<u32>);
+    /// Interrupts host CPU `cpu` (by index): a guest running there exits
+    /// (an external interrupt) and its slice's loop looks at why. None
+    /// where there are no other CPUs.
+    fn kick(&self, cpu: u32) {
+        let _ = cpu;
+    }
 }

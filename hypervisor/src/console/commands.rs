@@ -643,12 +643,13 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let sc = &m.sched;
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
-        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu); per round {} ticks scheduling ({} before the \
+        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling); per round {} ticks scheduling ({} before the \
          boot cpu's slice), {} in the boot cpu's slice, {} waiting for the others\n",
         sc.rounds,
         sc.slices,
         sc.slices_away,
         sc.sibling_slices,
+        sc.kicked_slices,
         sc.overhead_per_round(),
         per(sc.start_ticks),
         per(sc.slice_ticks),

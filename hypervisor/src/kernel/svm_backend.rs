@@ -119,4 +119,7 @@ impl Backend for SvmBackend {
         let n = node.unwrap_or(vcpu::cpu_local::NO_NODE);
         vcpu::cpu_local::get().alloc_node.store(n, core::sync::atomic::Ordering::Relaxed);
     }
+    fn kick(&self, cpu: u32) {
+        crate::platform::smp::kick(cpu);
+    }
 }

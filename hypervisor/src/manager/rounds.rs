@@ -29,15 +29,19 @@
 //! mutable. A sibling handles only what touches its vCPU alone (CPUID,
 //! host interrupts, the end of its time); any other exit (an APIC or
 //! device access, HLT, an MSR) ends its slice and is handled on the boot
-//! CPU after the join, with the whole VM. Interrupts for it are delivered
+//! CPU after the join, with the whole VM. Such an exit also ends the round
+//! for the VM's other siblings ([`Gang`]): each stops at its next exit, and
+//! a kick (an IPI to its host CPU) makes that exit come at once, so the
+//! boot CPU gets to the exit without waiting for their slices to run out. Interrupts for it are delivered
 //! on the boot CPU before the round, and its slice ends in time for the
 //! VM's next timer interrupt. Nested mappings change only between rounds,
 //! and every vCPU away is released at its slice's end, so the flush on
 //! arrival covers siblings as it covers VMs away.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use vcpu::{ExitKind, Vcpu, VmExit};
 
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
@@ -103,9 +107,61 @@ impl Console for Lines {
     }
 }
 
+/// What the siblings of one VM share in a round: whether the round is over
+/// for them (one left an exit for the boot CPU, which handles it only
+/// after the join), and the host CPU each runs on, to kick.
+pub struct Gang {
+    over: AtomicBool,
+    cpus: [AtomicU32; crate::devices::MAX_VCPUS],
+}
+
+/// `Gang::cpus` before its sibling started.
+const NO_CPU: u32 = u32::MAX;
+
+impl Gang {
+    fn new() -> Self {
+        Gang { over: AtomicBool::new(false), cpus: [const { AtomicU32::new(NO_CPU) }; crate::devices::MAX_VCPUS] }
+    }
+
+    /// Sibling `k` runs on `cpu` from now on; whether the round is already
+    /// over for it. (SeqCst here and in `end`: either this sees `over`, or
+    /// `end` sees this CPU and kicks it.)
+    fn join(&self, k: usize, cpu: u32) -> bool {
+        if let Some(c) = self.cpus.get(k) {
+            c.store(cpu, Ordering::SeqCst);
+        }
+        self.over.load(Ordering::SeqCst)
+    }
+
+    /// Ends the round for every sibling: each stops at its next exit, and
+    /// the kick makes that exit come now.
+    fn end<B: Backend>(&self, me: u32, backend: &B) {
+        self.over.store(true, Ordering::SeqCst);
+        for c in &self.cpus {
+            let c = c.load(Ordering::SeqCst);
+            if c != NO_CPU && c != me {
+                backend.kick(c);
+            }
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
+    }
+}
+
 /// One vCPU of a VM that has several in the round: all a sibling slice
 /// may touch (see the module's "Siblings").
 pub struct Sibling<B: Backend> {
+    /// Its VM's siblings' shared word (boxed by the round, alive until the
+    /// join) and its place there.
+    gang: *const Gang,
+    place: usize,
+    /// It entered the guest (a sibling whose round was over before it
+    /// started does not).
+    ran: bool,
+    /// Its slice ended early because another sibling's did.
+    kicked: bool,
     /// Its slot, this job's alone until the join (the others of the round
     /// hold other slots of the VM; nobody holds the VM).
     slot: *mut VcpuSlot<B::Vcpu>,
@@ -186,9 +242,17 @@ impl<B: Backend> AwaySlice<B> {
 /// else touches that slot, and nothing writes the profile.
 #[inline(never)]
 unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u64, node: Option<u32>) -> SliceEnd {
-    // SAFETY: the caller's contract.
-    let (slot, profile) = unsafe { (&mut *s.slot, &*s.cpuid) };
+    // SAFETY: the caller's contract (the gang, boxed by the round, lives
+    // until the join).
+    let (slot, profile, gang) = unsafe { (&mut *s.slot, &*s.cpuid, &*s.gang) };
     let here = vcpu::cpu_local::get();
+    if gang.join(s.place, here.index) {
+        // Another sibling already left an exit for the boot CPU: the
+        // round is over for this VM before this one started.
+        s.kicked = true;
+        return SliceEnd { flow: Flow::Yield, deferred: None };
+    }
+    s.ran = true;
     here.current_vm.store(s.vm_id, Ordering::Relaxed);
     slot.state.apply(crate::vm::VcpuEvent::Enter);
     slot.stats.slices += 1;
@@ -200,6 +264,10 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
     let deadline = t0.saturating_add(slice);
     let (exits_before, ticks_before) = (s.exits.iter().sum::<u64>(), s.run_ticks);
     let deferred = loop {
+        if gang.over() {
+            s.kicked = true;
+            break None;
+        }
         let exit = slot.vcpu.run();
         let t1 = backend.now();
         s.run_ticks += t1.wrapping_sub(t0);
@@ -213,14 +281,20 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
                 s.expired = true;
                 break None;
             }
-            other => break Some(other),
+            other => {
+                // The boot CPU handles it after the join: end the others'
+                // slices now rather than let them run out.
+                gang.end(here.index, backend);
+                break Some(other);
+            }
         }
         if t1 >= deadline {
             s.expired = true;
             break None;
         }
     };
-    slot.computing = s.expired;
+    // Cut short by a sibling, it was computing all the same.
+    slot.computing = s.expired || (s.kicked && slot.computing);
     slot.stats.exits += s.exits.iter().sum::<u64>() - exits_before;
     slot.stats.run_ticks += s.run_ticks - ticks_before;
     slot.vcpu.put();
@@ -391,6 +465,9 @@ pub struct SchedStats {
     pub slices_away: u64,
     /// Slices run beside another vCPU of the same VM (siblings).
     pub sibling_slices: u64,
+    /// Sibling slices ended early (or not started) because another sibling
+    /// of their VM left an exit for the boot CPU.
+    pub kicked_slices: u64,
     /// Whole rounds, from the first pick to the last slice finished.
     pub round_ticks: u64,
     /// The boot CPU's own slices (`run_body`), exits handled included.
@@ -495,7 +572,9 @@ impl<B: Backend> Manager<B> {
             })
             .collect();
         let home = choose_home(&fits, my_node);
-        let mut siblings = self.prepare_siblings(&picks, now, hz);
+        // Each gang VM's shared word, kept until every job is finished.
+        let mut gangs: Vec<Box<Gang>> = Vec::new();
+        let mut siblings = self.prepare_siblings(&picks, now, hz, &mut gangs);
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
         let mut home_sibling: Option<AwaySlice<B>> = None;
         for (k, &(i, v)) in picks.iter().enumerate() {
@@ -624,7 +703,13 @@ impl<B: Backend> Manager<B> {
     /// Returns each sibling's job part, with its slice: short enough for
     /// the VM's next timer interrupt. Taking the slot and profile pointers
     /// is the last this CPU does with such a VM before the join.
-    fn prepare_siblings(&mut self, picks: &[(usize, usize)], now: u64, hz: u64) -> Vec<SiblingPart<B>> {
+    fn prepare_siblings(
+        &mut self,
+        picks: &[(usize, usize)],
+        now: u64,
+        hz: u64,
+        gangs: &mut Vec<Box<Gang>>,
+    ) -> Vec<SiblingPart<B>> {
         let mut out = Vec::new();
         for (k, &(i, _)) in picks.iter().enumerate() {
             // Each VM once, at its first pick, and only with several.
@@ -650,12 +735,26 @@ impl<B: Backend> Manager<B> {
             let (vm_id, cpuid) = (vm.id, &raw const vm.cpuid);
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
-            for (&v, apic_id) in mine.iter().zip(apic_ids) {
+            let gang = Box::new(Gang::new());
+            let gang_ptr: *const Gang = &*gang;
+            gangs.push(gang);
+            for (place, (&v, apic_id)) in mine.iter().zip(apic_ids).enumerate() {
                 // SAFETY: `v` indexes the slots (picked from them), so the
                 // pointer stays inside the boxed slice.
                 let slot = unsafe { base.add(v) };
-                let s =
-                    Sibling { slot, cpuid, apic_id, vm_id, exits: [0; ExitKind::COUNT], run_ticks: 0, expired: false };
+                let s = Sibling {
+                    gang: gang_ptr,
+                    place,
+                    ran: false,
+                    kicked: false,
+                    slot,
+                    cpuid,
+                    apic_id,
+                    vm_id,
+                    exits: [0; ExitKind::COUNT],
+                    run_ticks: 0,
+                    expired: false,
+                };
                 out.push(SiblingPart { vm: i, vcpu: v, part: Some((s, slice)) });
             }
         }
@@ -670,8 +769,9 @@ impl<B: Backend> Manager<B> {
         }
         vm.stats.run_ticks += s.run_ticks;
         vm.stats.slices_expired += u64::from(s.expired);
-        vm.stats.parallel_slices += 1;
-        self.sched.sibling_slices += 1;
+        vm.stats.parallel_slices += u64::from(s.ran);
+        self.sched.sibling_slices += u64::from(s.ran);
+        self.sched.kicked_slices += u64::from(s.kicked);
     }
 
     /// An exit a slice away left for this CPU: handled here, where the

@@ -258,3 +258,35 @@ fn computing_vcpus_of_one_vm_run_at_once_and_leave_the_rest_to_the_boot_cpu() {
     assert_eq!(other.ran, [0]);
     assert_eq!(m.sched.sibling_slices, 2);
 }
+
+#[test]
+fn a_sibling_that_leaves_an_exit_for_the_boot_cpu_ends_the_round_for_the_others() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // vCPU 0 runs out a slice, then (beside vCPU 1) writes its APIC.
+    b.scripts.push_back(vec![exit(VmExit::Preempted), tpr_write(0x30)]);
+    // vCPU 1 runs out a slice, then would run CPUIDs.
+    b.scripts.push_back(vec![exit(VmExit::Preempted), exit(VmExit::Cpuid), exit(VmExit::Cpuid)]);
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+    let res = m.vms[0].res.as_mut().unwrap();
+    let start = res.vcpus[0].vcpu.state();
+    res.vcpus[1].vcpu.set_state(&start).unwrap();
+    res.vcpus[1].state = crate::vm::VcpuState::Runnable;
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    // Round 3: vCPU 0 here leaves its APIC write for after the join, which
+    // ends the round for vCPU 1 (the stand-in CPU starts it only then).
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [0], "vCPU 1's job was handed to the other CPU");
+    let vm = m.get(id).unwrap();
+    assert_eq!(vm.devices.lapic(0).unwrap().tpr(), 0x30);
+    let v1 = &vm.res.as_ref().unwrap().vcpus[1];
+    assert_eq!(v1.vcpu.script.len(), 2, "vCPU 1 did not enter the guest once the round was over");
+    assert_eq!(v1.stats.slices, 1, "its slice of round 3 did not count");
+    assert!(v1.computing, "cut short, it still computes");
+    assert_eq!(vm.stats.parallel_slices, 1, "only vCPU 0 ran beside a sibling");
+    let s = m.sched;
+    assert_eq!((s.sibling_slices, s.kicked_slices), (1, 1), "{s:?}");
+}

@@ -484,6 +484,19 @@ pub extern "x86-interrupt" fn wake_interrupt(_frame: InterruptStackFrame) {
     apic::eoi();
 }
 
+/// Interrupts CPU `index` with the wake vector, whose handler only
+/// acknowledges it: a guest running there exits (external interrupt; the
+/// host runs with interrupts off, so one arriving between two guest runs
+/// ends the next at once). Unknown or this CPU: nothing.
+pub fn kick(index: u32) {
+    if index == cpu_local::get().index {
+        return;
+    }
+    if let Some(c) = cpus().find(|c| c.index() == index) {
+        apic::send_ipi(c.apic_id(), WAKE_VECTOR as u32 | 1 << 14);
+    }
+}
+
 /// Starts `f(arg)` on `cpu` without waiting for it: the ticket to ask
 /// [`answer`] with, or `None` if the CPU is offline, is this one, or has a
 /// call still to answer.
