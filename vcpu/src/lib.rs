@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod cpu_local;
 pub mod events;
 pub mod exit;
+pub mod host_interrupt;
 pub mod machine_check;
 pub mod state;
 pub mod walk;

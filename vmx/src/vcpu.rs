@@ -685,8 +685,13 @@ impl vcpu::Vcpu for VmxVcpu {
                 if matches!(e, VmExit::NestedPageFault { .. } | VmExit::ExternalInterrupt { .. } | VmExit::Preempted) {
                     self.requeue_interrupted_event();
                 }
-                if e == (VmExit::ExternalInterrupt { vector: Some(vcpu::machine_check::VECTOR) }) {
-                    vcpu::machine_check::deliver_to_host();
+                match e {
+                    VmExit::ExternalInterrupt { vector: Some(vcpu::machine_check::VECTOR) } => {
+                        vcpu::machine_check::deliver_to_host()
+                    }
+                    // Acknowledged by the exit: the host's handler runs now.
+                    VmExit::ExternalInterrupt { vector: Some(v) } => vcpu::host_interrupt::deliver_to_host(v),
+                    _ => {}
                 }
                 e
             }

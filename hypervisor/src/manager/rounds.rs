@@ -703,6 +703,9 @@ impl<B: Backend> Manager<B> {
     /// Returns each sibling's job part, with its slice: short enough for
     /// the VM's next timer interrupt. Taking the slot and profile pointers
     /// is the last this CPU does with such a VM before the join.
+    // Boxed: the siblings hold pointers to their gang, which must not move
+    // when the vector grows.
+    #[allow(clippy::vec_box)]
     fn prepare_siblings(
         &mut self,
         picks: &[(usize, usize)],
