@@ -138,16 +138,18 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: Regs, quirks: HostQuirks) -> R
                 | ECX_EST
                 | ECX_TM2
                 | ECX_PDCM
-                | ECX_X2APIC
                 | ECX_OSXSAVE
                 | ECX_AVX
                 | ECX_NEEDS_AVX);
             r.ecx |= ECX_HYPERVISOR;
-            // The local APIC (xAPIC; x2APIC hidden: Linux would not use it
-            // without interrupt remapping) with its TSC-deadline timer.
+            // The local APIC, xAPIC and x2APIC (`devices::lapic`; the
+            // hardware's does not matter), with its TSC-deadline timer.
+            // Linux without interrupt remapping stays in xAPIC mode unless
+            // it knows the hypervisor (arch/x86/kernel/apic/apic.c,
+            // `try_to_enable_x2apic`); other guests may switch.
             r.edx &= !(EDX_DS | EDX_ACPI | EDX_TM | EDX_PBE);
             r.edx |= EDX_APIC;
-            r.ecx |= ECX_TSC_DEADLINE;
+            r.ecx |= ECX_TSC_DEADLINE | ECX_X2APIC;
             // One logical processor, initial APIC id 0.
             r.ebx = (r.ebx & 0xffff) | (1 << 16);
         }
@@ -638,18 +640,19 @@ mod tests {
     }
 
     #[test]
-    fn leaf1_reports_one_cpu_with_an_xapic_and_its_tsc_deadline_timer() {
+    fn leaf1_reports_one_cpu_with_an_x2apic_and_its_tsc_deadline_timer() {
         let r = guest_cpuid(1, 0, ALL, HostQuirks::default());
         assert_eq!(r.ebx >> 16, 1);
         assert_eq!(r.ebx >> 24, 0, "initial APIC id 0");
         assert_ne!(r.edx & EDX_APIC, 0);
-        assert_eq!(r.ecx & (ECX_X2APIC | ECX_TSC_DEADLINE), ECX_TSC_DEADLINE);
+        assert_eq!(r.ecx & (ECX_X2APIC | ECX_TSC_DEADLINE), ECX_X2APIC | ECX_TSC_DEADLINE);
         assert_eq!(r.ecx & (ECX_MONITOR | ECX_AVX), 0, "no MONITOR/MWAIT, no AVX");
         assert_eq!(r.ecx & ECX_OSXSAVE, 0, "OSXSAVE follows the guest's CR4 (set by the exit handler)");
         assert_ne!(r.ecx & ECX_XSAVE, 0);
         assert_eq!(guest_cpuid(5, 0, ALL, HostQuirks::default()), Regs::default(), "no MONITOR leaf");
         let r = guest_cpuid(1, 0, Regs::default(), HostQuirks::default());
         assert_ne!(r.edx & EDX_APIC, 0, "whatever the host says");
+        assert_ne!(r.ecx & ECX_X2APIC, 0, "the x2APIC is emulated, not the host's");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! 4 vCPUs starts its APs with INIT-SIPI-SIPI through a real-mode
 //! trampoline, counts on every vCPU, exchanges IPIs (AP to BSP, BSP to AP,
 //! a broadcast) and runs an atomic-increment stress to the exact total;
-//! `vm stats` shows every vCPU. A one-vCPU run of the same guest passes
+//! `vm stats` shows every vCPU. The 2-vCPU run is in x2APIC mode and
+//! bounces IPIs between its two vCPUs while both compute: they run as
+//! siblings, each handling its own APIC's MSRs where it runs, and the
+//! IPIs are posted from one to the other. A one-vCPU run of the same guest passes
 //! too, and a bad `vcpus=` is refused without starting anything. Then two
 //! vCPUs that compute run side by side on the two host CPUs, a pause stops
 //! every vCPU, and their shared count is exact.
@@ -21,8 +24,8 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
     let e = m.cmd("vm run smptest vcpus=9");
     assert!(e.contains("vm run: vcpus must be a number in 1..=8, not \"9\""), "{e}");
     assert!(m.cmd("vm list").contains("no VMs"), "{}", m.transcript());
-    for (id, n) in [(1, 2), (2, 4), (3, 1)] {
-        m.cmd(&format!("vm run smptest vcpus={n}"));
+    for (id, n, args) in [(1, 2, "x2apic=1 pingpong=20"), (2, 4, ""), (3, 1, "")] {
+        m.cmd(&format!("vm run smptest vcpus={n} -- {args}"));
         m.wait_for(&format!("vm {id} (smptest) exited"), TIMEOUT);
         let t = m.transcript();
         for check in [
@@ -39,7 +42,9 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
         assert!(t.contains(&format!("[vm {id}] smptest: {n} cpus (fw_cfg), Some({n}) in the MADT")), "{t}");
         assert!(t.contains(&format!("[vm {id}] smptest: {} aps started", n - 1)), "{t}");
         assert!(t.contains(&format!("[vm {id}] smptest: stress total {}", 100_000 * n)), "{t}");
-        assert!(t.contains(&format!("[vm {id}] smptest: PASS ({} checks, {n} vcpus)", 6 + n)), "{t}");
+        let x2apic = args.contains("x2apic=1");
+        let checks = 6 + n + if x2apic { 2 } else { 0 };
+        assert!(t.contains(&format!("[vm {id}] smptest: PASS ({checks} checks, {n} vcpus)")), "{t}");
         assert!(t.contains(&format!("vm {id} (smptest) exited with status 1 (0x1)")), "{t}");
         let s = m.json(&format!("vm stats {id} --json"));
         let vcpus = s["vcpus"].as_array().expect("vcpus");
@@ -49,11 +54,24 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
             assert_eq!(v["state"], "stopped", "{s}");
             assert!(v["exits"].as_u64().unwrap() > 0, "vcpu {i} never exited: {s}");
         }
+        if x2apic {
+            for check in ["cpuid offers x2apic and the apic enters x2apic mode", "every ipi round trip completed"] {
+                assert!(t.contains(&format!("[vm {id}] smptest: ok   {check}")), "vm {id}: {check}: {t}");
+            }
+            // The round trips ran between siblings: IPIs posted where the
+            // sender ran, EOIs and ICR writes handled there.
+            assert!(s["posted_ipis"].as_u64().unwrap() >= 1, "no IPI went from sibling to sibling: {s}");
+            assert!(s["sibling_apic_accesses"].as_u64().unwrap() >= 2, "{s}");
+            let trip =
+                t.lines().find(|l| l.contains(&format!("[vm {id}] smptest: ipi round trip"))).unwrap_or_default();
+            eprintln!("{}/{}: x2apic, 2 vcpus: {trip}", emu.name(), emu.backend());
+        }
         eprintln!(
-            "{}/{}: smptest vcpus={n}: {} slices beside a sibling",
+            "{}/{}: smptest vcpus={n} {args}: {} slices beside a sibling, {} ipis posted between them",
             emu.name(),
             emu.backend(),
-            s["parallel_slices"]
+            s["parallel_slices"],
+            s["posted_ipis"]
         );
         eprintln!("{}/{}: smptest vcpus={n}: {}", emu.name(), emu.backend(), s["vcpus"]);
     }

@@ -31,6 +31,11 @@
 //! at once) and the BSP prints the round trip in TSC ticks (mean, least,
 //! most) before the stress.
 //!
+//! With `x2apic=1` every vCPU switches its local APIC to x2APIC mode
+//! first (CPUID must offer it; SDM Vol. 3A 11.12) and from then on reaches
+//! it through MSRs: the ICR is one 64-bit MSR with a 32-bit destination,
+//! and INIT, SIPI, the IPIs and EOIs all go that way.
+//!
 //! Prints one line per check and `smptest: PASS`/`FAIL`; exits 0 or 1.
 #![no_std]
 #![no_main]
@@ -38,7 +43,7 @@
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
-use guests::io::{cpuid, inb, rdtsc};
+use guests::io::{cpuid, inb, rdmsr, rdtsc, wrmsr};
 use guests::{Boot, println, trap};
 
 /// Where the trampoline is copied: startup IPI vector 0x20 starts an AP
@@ -176,24 +181,55 @@ struct Frame {
     ss: u64,
 }
 
+/// `x2apic=1`: the local APIC is in x2APIC mode, reached through MSRs.
+static X2APIC: AtomicBool = AtomicBool::new(false);
+
+/// IA32_APIC_BASE and its x2APIC enable bit (SDM Vol. 3A 11.12.1).
+const APIC_BASE_MSR: u32 = 0x1b;
+const APIC_BASE_EXTD: u64 = 1 << 10;
+
 fn lapic_read(reg: u64) -> u32 {
+    if X2APIC.load(SeqCst) {
+        // Register at offset `reg` is MSR 0x800 + reg / 16 (Table 11-6).
+        return rdmsr(0x800 + (reg >> 4) as u32) as u32;
+    }
     // SAFETY: the local APIC page is identity-mapped; its registers are
     // 32-bit and read with one aligned access (SDM Vol. 3A 11.4.1).
     unsafe { core::ptr::read_volatile((LAPIC + reg) as *const u32) }
 }
 
 fn lapic_write(reg: u64, v: u32) {
+    if X2APIC.load(SeqCst) {
+        wrmsr(0x800 + (reg >> 4) as u32, u64::from(v));
+        return;
+    }
     // SAFETY: as for `lapic_read`.
     unsafe { core::ptr::write_volatile((LAPIC + reg) as *mut u32, v) }
 }
 
+/// Switches this vCPU's APIC to x2APIC mode (xAPIC to x2APIC is a legal
+/// change, 11.12.5); whether it took.
+fn enter_x2apic() -> bool {
+    wrmsr(APIC_BASE_MSR, rdmsr(APIC_BASE_MSR) | APIC_BASE_EXTD);
+    rdmsr(APIC_BASE_MSR) & APIC_BASE_EXTD != 0
+}
+
 fn apic_id() -> usize {
+    if X2APIC.load(SeqCst) {
+        // The x2APIC ID register is the whole 32-bit ID (11.12.5.1).
+        return lapic_read(0x20) as usize;
+    }
     (lapic_read(0x20) >> 24) as usize
 }
 
 /// Sends an IPI: ICR high (destination) first, then low, whose write sends
-/// (SDM Vol. 3A 11.6.1).
+/// (SDM Vol. 3A 11.6.1); in x2APIC mode one write of both halves, the
+/// destination in bits 63:32 (11.12.9).
 fn send_ipi(dest: u32, low: u32) {
+    if X2APIC.load(SeqCst) {
+        wrmsr(0x830, (u64::from(dest) << 32) | u64::from(low));
+        return;
+    }
     lapic_write(0x310, dest << 24);
     lapic_write(0x300, low);
 }
@@ -479,6 +515,9 @@ extern "C" fn ap_main() -> ! {
     let idtr = [IDTR[0].load(SeqCst), IDTR[1].load(SeqCst)];
     // SAFETY: the BSP's IDT, loaded as it stored it (10-byte pseudo-descriptor).
     unsafe { asm!("lidt [{}]", in(reg) idtr.as_ptr(), options(nostack)) };
+    if X2APIC.load(SeqCst) && !enter_x2apic() {
+        println!("smptest: FAIL an ap's apic did not enter x2apic mode");
+    }
     // Software-enable the local APIC, spurious vector 0xff (SDM 11.4.7.1):
     // after INIT it accepts no fixed interrupts.
     lapic_write(0xf0, 0x1ff);
@@ -578,6 +617,12 @@ fn main(boot: Boot) -> u32 {
     // Only beside the stress (`hold=1` and `live=1` have their own runs).
     let pings = if hold_mode || live_mode { 0 } else { pings };
     PINGS.store(pings, SeqCst);
+    if boot.cmdline().split_whitespace().any(|w| w == "x2apic=1") {
+        let offered = cpuid(1, 0).ecx & (1 << 21) != 0;
+        let entered = offered && enter_x2apic();
+        c.check("cpuid offers x2apic and the apic enters x2apic mode", entered, format_args!("cpuid {offered}"));
+        X2APIC.store(entered, SeqCst);
+    }
     let cpus = fw_cfg_cpus() as usize;
     let madt = madt_cpus();
     println!("smptest: {cpus} cpus (fw_cfg), {madt:?} in the MADT");

@@ -30,11 +30,30 @@ pub const fn ioapic_pin(irq: u8) -> usize {
     if irq == 0 { 2 } else { irq as usize }
 }
 
-/// IA32_APIC_BASE.EXTD.
-const X2APIC_ENABLE: u64 = 1 << 10;
-
 /// The I/O APIC's register page.
 const IOAPIC_PAGE: core::ops::Range<u64> = IOAPIC_BASE..IOAPIC_BASE + 0x1000;
+
+/// The vCPUs (bit i: vCPU i, `routes` in vCPU order) a message in
+/// `logical` or physical mode to `destination` selects (SDM Vol. 3A 11.6.2).
+pub fn destinations(routes: impl Iterator<Item = lapic::Route>, logical: bool, destination: u32, wide: bool) -> u32 {
+    routes
+        .enumerate()
+        .filter(|(_, r)| r.is_destination(logical, destination, wide))
+        .fold(0, |m, (i, _)| m | super::bit(i))
+}
+
+/// The vCPUs an IPI from vCPU `me` reaches (SDM Vol. 3A 11.6.1,
+/// destination shorthand), `routes` in vCPU order.
+pub fn ipi_targets(routes: impl ExactSizeIterator<Item = lapic::Route>, me: usize, ipi: &lapic::Ipi) -> u32 {
+    let all = super::bit(routes.len()).wrapping_sub(1);
+    let me = super::bit(me);
+    match ipi.shorthand {
+        Shorthand::SelfOnly => me,
+        Shorthand::AllIncludingSelf => all,
+        Shorthand::AllExcludingSelf => all & !me,
+        Shorthand::None => destinations(routes, ipi.logical, ipi.destination, ipi.x2apic),
+    }
+}
 
 impl DeviceSet {
     /// Drive ISA line `irq` to `high` on both controllers.
@@ -61,26 +80,18 @@ impl DeviceSet {
     /// physical mode to `destination` selects; IDs that no vCPU has select
     /// no one (SDM Vol. 3A 11.6.2).
     pub fn destinations(&self, logical: bool, destination: u32, wide: bool) -> u32 {
-        let mut mask = 0;
-        for (i, l) in self.lapics.iter().enumerate() {
-            if l.is_destination(logical, destination, wide) {
-                mask |= super::bit(i);
-            }
-        }
-        mask
+        destinations(self.lapics.iter().map(lapic::Lapic::route), logical, destination, wide)
     }
 
-    /// The vCPUs an IPI from the current vCPU reaches (SDM Vol. 3A 11.6.1,
-    /// destination shorthand).
+    /// The vCPUs an IPI from the current vCPU reaches.
     pub fn ipi_targets(&self, ipi: &lapic::Ipi) -> u32 {
-        let all = super::bit(self.lapics.len()).wrapping_sub(1);
-        let me = self.cur_bit;
-        match ipi.shorthand {
-            Shorthand::SelfOnly => me,
-            Shorthand::AllIncludingSelf => all,
-            Shorthand::AllExcludingSelf => all & !me,
-            Shorthand::None => self.destinations(ipi.logical, ipi.destination, ipi.x2apic),
-        }
+        ipi_targets(self.lapics.iter().map(lapic::Lapic::route), self.cur, ipi)
+    }
+
+    /// Each vCPU's [`lapic::Route`], by vCPU index: what routing its
+    /// siblings' IPIs needs while they run on other host CPUs.
+    pub fn routes(&self) -> impl Iterator<Item = lapic::Route> + '_ {
+        self.lapics.iter().map(lapic::Lapic::route)
     }
 
     /// Delivers a `mode` message to the vCPUs in `targets`: fixed ones
@@ -142,6 +153,18 @@ impl DeviceSet {
                 }
             }
         }
+    }
+
+    /// A local APIC that ended a level-triggered `vector` where its vCPU
+    /// ran beside its siblings: the EOI reaches the I/O APIC now.
+    pub fn eoi_broadcast(&mut self, vector: u8) {
+        self.apply(Effect::EoiBroadcast(vector));
+        self.refresh_intr();
+    }
+
+    /// Whether the PIC asserts INTR at vCPU 0 now.
+    pub fn pic_intr(&mut self) -> bool {
+        self.pic_connected() && self.pic().output()
     }
 
     /// Whether the PIC's INTR reaches vCPU 0 (the BSP: only it has the
@@ -285,11 +308,6 @@ impl DeviceSet {
         if !lapic::Lapic::handles_msr(msr) {
             return None;
         }
-        if msr == lapic::IA32_APIC_BASE && value & X2APIC_ENABLE != 0 {
-            // CPUID offers no x2APIC: enabling it is a #GP (SDM Vol. 3A
-            // 11.12.1).
-            return Some(Err(Gp));
-        }
         let r = self.cur_lapic().write_msr(msr, value, now_ns).map(|effect| self.apply(effect));
         self.interrupts_changed(now_ns);
         Some(r)
@@ -303,7 +321,7 @@ impl DeviceSet {
 
     /// After the guest changed an interrupt controller: timers may have
     /// moved and interrupts become deliverable.
-    fn interrupts_changed(&mut self, now_ns: u64) {
+    pub(super) fn interrupts_changed(&mut self, now_ns: u64) {
         self.next_timer_ns = None;
         self.poll_timers(now_ns);
         self.refresh_intr();

@@ -13,6 +13,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod fw_cfg;
 mod interrupts;
+pub use interrupts::ipi_targets;
 pub mod ioapic;
 pub mod lapic;
 pub mod pci;
@@ -260,9 +261,24 @@ pub struct DeviceSet {
     mca: VirtualMca,
 }
 
+/// The guest's TSC at a VM time: [`DeviceSet::guest_tsc_clock`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestTsc {
+    hz: u64,
+    offset: u64,
+}
+
+impl GuestTsc {
+    /// The guest's TSC at VM time `now_ns`.
+    pub fn at(&self, now_ns: u64) -> u64 {
+        let host = (u128::from(now_ns) * u128::from(self.hz) / 1_000_000_000) as u64;
+        host.wrapping_add(self.offset)
+    }
+}
+
 /// vCPU `index`'s bit in the per-vCPU masks (none past 31: `MAX_VCPUS`
 /// is far below).
-fn bit(index: usize) -> u32 {
+pub(crate) fn bit(index: usize) -> u32 {
     u32::try_from(index).ok().and_then(|i| 1u32.checked_shl(i)).unwrap_or(0)
 }
 
@@ -405,6 +421,44 @@ impl DeviceSet {
         &mut self.lapics[self.cur]
     }
 
+    /// Local APIC `index`, to change (`None` past the VM's vCPUs).
+    pub fn lapic_mut(&mut self, index: usize) -> Option<&mut Lapic> {
+        self.lapics.get_mut(index)
+    }
+
+    /// The local APICs, by vCPU index, for a round's siblings: each reaches
+    /// its own alone while it runs (`manager::rounds`). The pointer holds
+    /// while no vCPU is added or removed.
+    pub fn lapics_ptr(&mut self) -> *mut Lapic {
+        self.lapics.as_mut_ptr()
+    }
+
+    /// After siblings changed their local APICs where they ran: timers and
+    /// the cached "an interrupt waits" flags are looked up again.
+    pub fn lapics_changed(&mut self, now_ns: u64) {
+        self.interrupts_changed(now_ns);
+    }
+
+    /// The guest's TSC as the devices compute it, copied for a sibling that
+    /// runs its own APIC's timer.
+    pub fn guest_tsc_clock(&self) -> GuestTsc {
+        GuestTsc { hz: self.tsc_hz, offset: self.tsc_offset }
+    }
+
+    /// The next timer interrupt (VM clock, ns) of the PIT and of the local
+    /// APICs not in `mask` (bit i: vCPU i), whose vCPUs keep their own
+    /// timers while they run as siblings.
+    pub fn next_timer_outside(&mut self, now_ns: u64, mask: u32) -> Option<u64> {
+        let tsc = self.guest_tsc(now_ns);
+        let lapics = self.lapics.iter().enumerate().filter(|&(i, l)| mask & bit(i) == 0 && l.timer_armed());
+        let lapic = lapics.filter_map(|(_, l)| l.next_timer_deadline(now_ns, tsc)).min();
+        let pit = self.pit().next_irq0(now_ns).filter(|&t| t > now_ns);
+        match (pit, lapic) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The guest wrote its TSC: the backend's offset changed.
     pub fn set_tsc_offset(&mut self, tsc_offset: u64) {
         self.tsc_offset = tsc_offset;
@@ -413,8 +467,7 @@ impl DeviceSet {
 
     /// The guest's TSC at VM time `now_ns` (the host's TSC in ns).
     fn guest_tsc(&self, now_ns: u64) -> u64 {
-        let host = (u128::from(now_ns) * u128::from(self.tsc_hz) / 1_000_000_000) as u64;
-        host.wrapping_add(self.tsc_offset)
+        self.guest_tsc_clock().at(now_ns)
     }
 
     fn pic(&mut self) -> &mut Pic {
@@ -1162,8 +1215,13 @@ mod tests {
         assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, 0xfed0_0000 | (1 << 11) | (1 << 8), 0), Some(Ok(())));
         assert!(set.claims_mmio(0xfed0_0030) && !set.claims_mmio(0xfee0_0030));
         assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, 1 << 45, 0), Some(Err(lapic::Gp)), "past MAXPHYADDR");
-        let x2apic = 0xfee0_0000 | (1 << 11) | (1 << 10);
-        assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, x2apic, 0), Some(Err(lapic::Gp)), "CPUID has no x2APIC");
+        // x2APIC mode (CPUID offers it): the page is no longer decoded, the
+        // registers are MSRs, and there is no way back to xAPIC mode.
+        let x2apic = 0xfed0_0000 | (1 << 11) | (1 << 10) | (1 << 8);
+        assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, x2apic, 0), Some(Ok(())));
+        assert!(!set.claims_mmio(0xfed0_0030));
+        assert_eq!(set.lapic_read_msr(0x803, 0), Some(Ok(u64::from(lapic::VERSION))));
+        assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, x2apic & !(1 << 10), 0), Some(Err(lapic::Gp)));
     }
 
     #[test]

@@ -128,11 +128,11 @@ fn logical_flat_and_cluster_destinations() {
 #[test]
 fn x2apic_icr_msr_uses_32_bit_destinations() {
     let mut set = smp(4);
-    // CPUID does not offer x2APIC, so the guest cannot switch; put the
-    // APICs in x2APIC mode directly to check the routing of its ICR.
-    for l in &mut set.lapics {
-        let base = l.apic_base();
-        l.set_apic_base(base | (1 << 10)).unwrap();
+    // Each vCPU switches its APIC to x2APIC mode, as a guest does.
+    for i in 0..4 {
+        set.set_current(i);
+        let base = set.lapic_read_msr(lapic::IA32_APIC_BASE, 0).unwrap().unwrap();
+        assert_eq!(set.lapic_write_msr(lapic::IA32_APIC_BASE, base | (1 << 10), 0), Some(Ok(())));
     }
     set.set_current(0);
     let icr = |dest: u64, low: u64| (dest << 32) | low;

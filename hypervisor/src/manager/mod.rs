@@ -1141,6 +1141,7 @@ mod rounds_tests;
 pub mod save_job;
 #[cfg(test)]
 mod save_tests;
+pub mod sibling_apic;
 #[cfg(test)]
 mod smp_tests;
 #[cfg(test)]

@@ -24,19 +24,24 @@
 //! picked join the round, if each of them ran out its last slice (it
 //! computes; see [`crate::vm::VcpuSlot::computing`]). Then every slice of
 //! that VM in the round, the boot CPU's included, is a [`Sibling`]: it
-//! holds its vCPU's slot and reads the VM's CPUID profile, nothing else of
-//! the VM, so several CPUs hold one VM at once without sharing anything
-//! mutable. A sibling handles only what touches its vCPU alone (CPUID,
-//! host interrupts, the end of its time); any other exit (an APIC or
-//! device access, HLT, an MSR) ends its slice and is handled on the boot
-//! CPU after the join, with the whole VM. Such an exit also ends the round
-//! for the VM's other siblings ([`Gang`]): each stops at its next exit, and
-//! a kick (an IPI to its host CPU) makes that exit come at once, so the
-//! boot CPU gets to the exit without waiting for their slices to run out. Interrupts for it are delivered
-//! on the boot CPU before the round, and its slice ends in time for the
-//! VM's next timer interrupt. Nested mappings change only between rounds,
-//! and every vCPU away is released at its slice's end, so the flush on
-//! arrival covers siblings as it covers VMs away.
+//! holds its vCPU's slot and local APIC and reads the VM's CPUID profile,
+//! nothing else of the VM, so several CPUs hold one VM at once without
+//! sharing anything mutable but the [`Gang`]'s atomics. A sibling handles
+//! what touches its vCPU alone: CPUID, host interrupts, the end of its
+//! time, and its APIC's MSRs, timer and interrupts, with fixed IPIs to the
+//! other vCPUs posted to them ([`super::sibling_apic`]). Any other exit (a
+//! device access or the xAPIC page, HLT, another MSR, INIT or SIPI) ends
+//! its slice and is handled on the boot CPU after the join, with the whole
+//! VM. Such an exit also ends the round for the VM's other siblings: each
+//! stops at its next exit, and a kick (an IPI to its host CPU) makes that
+//! exit come at once, so the boot CPU gets to the exit without waiting for
+//! their slices to run out. The boot CPU delivers the VM's device
+//! interrupts before the round, the slice ends in time for the VM's next
+//! timer outside the siblings' APICs, and after the join the boot CPU
+//! takes in what the siblings left ([`Manager`]'s `absorb_gang`). Nested
+//! mappings change only between rounds, and every vCPU away is released
+//! at its slice's end, so the flush on arrival covers siblings as it
+//! covers VMs away.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -44,10 +49,13 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use vcpu::{ExitKind, Vcpu, VmExit};
 
+use super::sibling_apic::{Outbox, PostedIrr, SiblingApic};
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
 use crate::backend::Backend;
+use crate::devices::lapic::Route;
 use crate::memory::HostMemory;
 use crate::vm::exit::{Console, Flow, NoHost, cpuid_exit};
+use crate::vm::interrupts::{ns_to_ticks, vm_ns};
 use crate::vm::{RunState, VcpuSlot, Vm};
 
 /// Where a slice's exits are handled.
@@ -109,28 +117,52 @@ impl Console for Lines {
 
 /// What the siblings of one VM share in a round: whether the round is over
 /// for them (one left an exit for the boot CPU, which handles it only
-/// after the join), and the host CPU each runs on, to kick.
+/// after the join), the host CPU each runs on (to kick), the interrupts
+/// they post to each other, and every vCPU's APIC routing as the round
+/// began. Indexed by vCPU.
 pub struct Gang {
+    /// The VM (its index in the VM table).
+    vm: usize,
     over: AtomicBool,
     cpus: [AtomicU32; crate::devices::MAX_VCPUS],
+    /// Fixed interrupts for each vCPU, from its siblings' IPIs.
+    posted: [PostedIrr; crate::devices::MAX_VCPUS],
+    /// Level-triggered vectors the siblings ended, for the I/O APIC.
+    eois: PostedIrr,
+    routes: Vec<Route>,
 }
 
-/// `Gang::cpus` before its sibling started.
+/// `Gang::cpus` of a vCPU not running (yet, or any more).
 const NO_CPU: u32 = u32::MAX;
 
 impl Gang {
-    fn new() -> Self {
-        Gang { over: AtomicBool::new(false), cpus: [const { AtomicU32::new(NO_CPU) }; crate::devices::MAX_VCPUS] }
+    fn new(vm: usize, routes: Vec<Route>) -> Self {
+        Gang {
+            vm,
+            over: AtomicBool::new(false),
+            cpus: [const { AtomicU32::new(NO_CPU) }; crate::devices::MAX_VCPUS],
+            posted: Default::default(),
+            eois: PostedIrr::default(),
+            routes,
+        }
     }
 
-    /// Sibling `k` runs on `cpu` from now on; whether the round is already
-    /// over for it. (SeqCst here and in `end`: either this sees `over`, or
-    /// `end` sees this CPU and kicks it.)
-    fn join(&self, k: usize, cpu: u32) -> bool {
-        if let Some(c) = self.cpus.get(k) {
+    /// vCPU `v` runs on `cpu` from now on; whether the round is already
+    /// over for it. (SeqCst here and in `end` and `post`: either this sees
+    /// `over` or a posted vector, or the other side sees this CPU and
+    /// kicks it.)
+    fn join(&self, v: usize, cpu: u32) -> bool {
+        if let Some(c) = self.cpus.get(v) {
             c.store(cpu, Ordering::SeqCst);
         }
         self.over.load(Ordering::SeqCst)
+    }
+
+    /// vCPU `v` left the guest for the round: nobody need kick it.
+    fn leave(&self, v: usize) {
+        if let Some(c) = self.cpus.get(v) {
+            c.store(NO_CPU, Ordering::SeqCst);
+        }
     }
 
     /// Ends the round for every sibling: each stops at its next exit, and
@@ -145,8 +177,38 @@ impl Gang {
         }
     }
 
+    /// A fixed interrupt for vCPU `v`, from a sibling on host CPU `me`:
+    /// posted, and `v`'s host CPU kicked if it runs it now.
+    fn post<B: Backend>(&self, v: usize, vector: u8, me: u32, backend: &B) {
+        let Some(p) = self.posted.get(v) else { return };
+        p.post(vector);
+        let c = self.cpus[v].load(Ordering::SeqCst);
+        if c != NO_CPU && c != me {
+            backend.kick(c);
+        }
+    }
+
     fn over(&self) -> bool {
         self.over.load(Ordering::Relaxed)
+    }
+}
+
+/// A sibling's way to its gang, from host CPU `cpu`.
+struct GangOutbox<'a, B: Backend> {
+    gang: &'a Gang,
+    cpu: u32,
+    backend: &'a B,
+}
+
+impl<B: Backend> Outbox for GangOutbox<'_, B> {
+    fn routes(&self) -> &[Route] {
+        &self.gang.routes
+    }
+    fn post(&self, vcpu: usize, vector: u8) {
+        self.gang.post(vcpu, vector, self.cpu, self.backend);
+    }
+    fn eoi(&self, vector: u8) {
+        self.gang.eois.post(vector);
     }
 }
 
@@ -154,9 +216,10 @@ impl Gang {
 /// may touch (see the module's "Siblings").
 pub struct Sibling<B: Backend> {
     /// Its VM's siblings' shared word (boxed by the round, alive until the
-    /// join) and its place there.
+    /// join).
     gang: *const Gang,
-    place: usize,
+    /// Its vCPU's index.
+    vcpu: usize,
     /// It entered the guest (a sibling whose round was over before it
     /// started does not).
     ran: bool,
@@ -165,6 +228,8 @@ pub struct Sibling<B: Backend> {
     /// Its slot, this job's alone until the join (the others of the round
     /// hold other slots of the VM; nobody holds the VM).
     slot: *mut VcpuSlot<B::Vcpu>,
+    /// Its local APIC, likewise its alone.
+    apic: SiblingApic,
     /// The VM's CPUID answers, read by every sibling, written by none.
     cpuid: *const crate::cpuid::Profile,
     apic_id: u32,
@@ -235,20 +300,24 @@ impl<B: Backend> AwaySlice<B> {
 }
 
 /// A sibling's slice (see the module's "Siblings"): the vCPU in the
-/// guest until its time is up or an exit needs more than the vCPU.
+/// guest until its time is up or an exit needs more than the vCPU and its
+/// local APIC.
 ///
 /// # Safety
-/// `s.slot` and `s.cpuid` point into a live VM; until this returns nothing
-/// else touches that slot, and nothing writes the profile.
+/// `s.slot`, `s.apic` and `s.cpuid` point into a live VM; until this
+/// returns nothing else touches that slot or APIC, and nothing writes the
+/// profile.
 #[inline(never)]
 unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u64, node: Option<u32>) -> SliceEnd {
     // SAFETY: the caller's contract (the gang, boxed by the round, lives
     // until the join).
     let (slot, profile, gang) = unsafe { (&mut *s.slot, &*s.cpuid, &*s.gang) };
     let here = vcpu::cpu_local::get();
-    if gang.join(s.place, here.index) {
+    let me = s.vcpu;
+    if gang.join(me, here.index) {
         // Another sibling already left an exit for the boot CPU: the
         // round is over for this VM before this one started.
+        gang.leave(me);
         s.kicked = true;
         return SliceEnd { flow: Flow::Yield, deferred: None };
     }
@@ -259,27 +328,57 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
     slot.stats.ran_on(here.index);
     backend.prefer_node(node);
     slot.vcpu.load();
-    slot.vcpu.set_time_slice(slice);
     let mut t0 = backend.now();
     let deadline = t0.saturating_add(slice);
+    // Its own APIC's timer is its own to deliver: the slice stops for it
+    // (and goes on after it) when it comes first.
+    s.apic.refresh_timer(t0);
+    let mut armed = s.apic.timer;
+    slot.vcpu.set_time_slice(deadline.min(armed).saturating_sub(t0));
     let (exits_before, ticks_before) = (s.exits.iter().sum::<u64>(), s.run_ticks);
     let deferred = loop {
         if gang.over() {
             s.kicked = true;
             break None;
         }
+        s.apic.deliver(&gang.posted[me], &mut slot.vcpu);
         let exit = slot.vcpu.run();
         let t1 = backend.now();
         s.run_ticks += t1.wrapping_sub(t0);
         t0 = t1;
         s.exits[exit.kind() as usize] += 1;
         crate::trace_exit(s.vm_id, &exit);
+        let preempted = matches!(exit, VmExit::Preempted);
         match exit {
             VmExit::Cpuid => cpuid_exit(&mut slot.vcpu, profile, backend, s.apic_id),
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => {}
+            VmExit::InterruptWindow if s.apic.owns_window() => {}
+            // Stopped for its APIC's timer, not the slice's end (a timer
+            // that fires a little early is re-armed below).
+            VmExit::Preempted if s.apic.timer < deadline && t1 < deadline => {}
             VmExit::Preempted => {
                 s.expired = true;
                 break None;
+            }
+            VmExit::Rdmsr { msr } if let Some(r) = s.apic.rdmsr(msr, t1) => {
+                let vcpu = &mut slot.vcpu;
+                match r {
+                    Ok(v) => {
+                        let g = vcpu.gprs_mut();
+                        g.rax = v & 0xffff_ffff;
+                        g.rdx = v >> 32;
+                        vcpu.skip_instruction();
+                    }
+                    Err(_) => vcpu.inject(vcpu::Event::GP0),
+                }
+            }
+            VmExit::Wrmsr { msr, value }
+                if let Some(r) = s.apic.wrmsr(msr, value, t1, me, &GangOutbox { gang, cpu: here.index, backend }) =>
+            {
+                match r {
+                    Ok(()) => slot.vcpu.skip_instruction(),
+                    Err(_) => slot.vcpu.inject(vcpu::Event::GP0),
+                }
             }
             other => {
                 // The boot CPU handles it after the join: end the others'
@@ -288,11 +387,19 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
                 break Some(other);
             }
         }
+        if s.apic.timer <= t1 {
+            s.apic.tick(t1);
+        }
+        if s.apic.timer != armed || preempted {
+            armed = s.apic.timer;
+            slot.vcpu.set_time_slice(deadline.min(armed).saturating_sub(t1));
+        }
         if t1 >= deadline {
             s.expired = true;
             break None;
         }
     };
+    gang.leave(me);
     // Cut short by a sibling, it was computing all the same.
     slot.computing = s.expired || (s.kicked && slot.computing);
     slot.stats.exits += s.exits.iter().sum::<u64>() - exits_before;
@@ -641,6 +748,9 @@ impl<B: Backend> Manager<B> {
         if let Some(end) = end {
             self.finish_slice(i, v, end.flow, console);
         }
+        for gang in &gangs {
+            self.absorb_gang(gang);
+        }
         let home_job = home_sibling.into_iter().map(|job| (job, true, false));
         let away_jobs = away.into_iter().zip(started).map(|(job, started)| (job, started, true));
         for (job, started, went_away) in home_job.chain(away_jobs) {
@@ -733,24 +843,40 @@ impl<B: Backend> Manager<B> {
                 }
             }
             vm.next_vcpu = mine.iter().max().map_or(0, |m| m + 1);
-            let slice = self.slice_ticks.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS));
+            // Each sibling keeps its own APIC's timer: the slice ends in
+            // time for the others (the PIT, vCPUs not in the round).
+            let mask = mine.iter().fold(0, |m, &v| m | crate::devices::bit(v));
+            let now_ns = vm_ns(now, hz, vm.clock_offset_ns);
+            let outside = vm.devices.next_timer_outside(now_ns, mask).map_or(u64::MAX, |ns| {
+                let host_ns = (i128::from(ns) - i128::from(vm.clock_offset_ns)).clamp(0, i128::from(u64::MAX)) as u64;
+                ns_to_ticks(host_ns, hz).saturating_sub(now)
+            });
+            let slice = self.slice_ticks.min(outside.max(MIN_SLICE_TICKS));
             let apic_ids: Vec<u32> = mine.iter().map(|&v| vm.devices.lapic(v).map_or(v as u32, |l| l.id())).collect();
-            let (vm_id, cpuid) = (vm.id, &raw const vm.cpuid);
+            // The PIC's INTR is vCPU 0's (`DeviceSet::acknowledge_interrupt`).
+            let pic = vm.devices.pic_intr();
+            let (vm_id, cpuid, offset_ns) = (vm.id, &raw const vm.cpuid, vm.clock_offset_ns);
+            let tsc = vm.devices.guest_tsc_clock();
+            let lapics = vm.devices.lapics_ptr();
+            let gang = Box::new(Gang::new(i, vm.devices.routes().collect()));
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
-            let gang = Box::new(Gang::new());
             let gang_ptr: *const Gang = &*gang;
             gangs.push(gang);
-            for (place, (&v, apic_id)) in mine.iter().zip(apic_ids).enumerate() {
-                // SAFETY: `v` indexes the slots (picked from them), so the
-                // pointer stays inside the boxed slice.
-                let slot = unsafe { base.add(v) };
+            for (&v, apic_id) in mine.iter().zip(apic_ids) {
+                // SAFETY: `v` indexes the slots (picked from them), and the
+                // VM has an APIC per slot, so both pointers stay inside
+                // their boxed slices; each sibling gets its own vCPU's, and
+                // the VM is not touched until the join.
+                let (slot, apic) =
+                    unsafe { (base.add(v), SiblingApic::new(lapics.add(v), hz, offset_ns, tsc, v == 0 && pic)) };
                 let s = Sibling {
                     gang: gang_ptr,
-                    place,
+                    vcpu: v,
                     ran: false,
                     kicked: false,
                     slot,
+                    apic,
                     cpuid,
                     apic_id,
                     vm_id,
@@ -764,6 +890,28 @@ impl<B: Backend> Manager<B> {
         out
     }
 
+    /// After the join, what a VM's siblings left in their gang: interrupts
+    /// posted to vCPUs that did not take them (not running, or posted
+    /// after their last look) go into their APICs, the EOIs owed to the
+    /// I/O APIC reach it, and what the devices cache about the APICs
+    /// (timers, pending interrupts: what wakes a halted vCPU) is looked
+    /// up again.
+    fn absorb_gang(&mut self, gang: &Gang) {
+        let Ok(backend) = self.backend.as_ref() else { return };
+        let (now, hz) = (backend.now(), backend.tsc_hz());
+        let vm = &mut self.vms[gang.vm];
+        for (v, posted) in gang.posted.iter().enumerate() {
+            if let Some(lapic) = vm.devices.lapic_mut(v) {
+                posted.take(|vector| {
+                    lapic.accept(vector, false);
+                });
+            }
+        }
+        gang.eois.take(|vector| vm.devices.eoi_broadcast(vector));
+        vm.devices.lapics_changed(vm_ns(now, hz, vm.clock_offset_ns));
+        vm.timers_changed(hz);
+    }
+
     /// A sibling's counters, into its VM's (on this CPU, after the join).
     fn count_sibling(&mut self, i: usize, s: &Sibling<B>) {
         let vm = &mut self.vms[i];
@@ -773,6 +921,8 @@ impl<B: Backend> Manager<B> {
         vm.stats.run_ticks += s.run_ticks;
         vm.stats.slices_expired += u64::from(s.expired);
         vm.stats.parallel_slices += u64::from(s.ran);
+        vm.stats.sibling_apic_accesses += s.apic.handled;
+        vm.stats.posted_ipis += s.apic.posted;
         self.sched.sibling_slices += u64::from(s.ran);
         self.sched.kicked_slices += u64::from(s.kicked);
     }

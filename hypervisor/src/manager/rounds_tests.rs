@@ -77,6 +77,19 @@ fn vcpu_of(m: &Manager<MockBackend>, id: u32) -> &crate::testing::MockVcpu {
     &m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].vcpu
 }
 
+/// A VM of four vCPUs whose vCPUs 0 and 1 run `scripts` (vCPU 1 started
+/// where vCPU 0 starts, the image's code, as if the guest had started its
+/// AP), and a stand-in for one other CPU.
+fn two_vcpu_vm(m: &mut Manager<MockBackend>, scripts: [Vec<Step>; 2]) -> (u32, OneOtherCpu) {
+    m.backend.as_mut().unwrap().scripts.extend(scripts);
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+    let res = m.vms[0].res.as_mut().unwrap();
+    let start = res.vcpus[0].vcpu.state();
+    res.vcpus[1].vcpu.set_state(&start).unwrap();
+    res.vcpus[1].state = crate::vm::VcpuState::Runnable;
+    (id, OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() })
+}
+
 #[test]
 fn a_second_vm_runs_on_the_other_cpu_and_leaves_it_what_needs_the_host() {
     let mut m = manager();
@@ -202,26 +215,13 @@ fn a_vm_of_the_other_cpus_numa_node_moves_there_when_that_cpu_is_free() {
 #[test]
 fn computing_vcpus_of_one_vm_run_at_once_and_leave_the_rest_to_the_boot_cpu() {
     let mut m = manager();
-    let b = m.backend.as_mut().unwrap();
     // vCPU 0 spins without exits (out of script: every run is preempted).
-    b.scripts.push_back(Vec::new());
     // vCPU 1 runs out one slice alone, then, beside vCPU 0, two CPUIDs
-    // (its own) and an APIC write (the VM's devices: the boot CPU's).
-    b.scripts.push_back(vec![
-        exit(VmExit::Preempted),
-        exit(VmExit::Cpuid),
-        exit(VmExit::Cpuid),
-        tpr_write(0x20),
-        exit(VmExit::Cpuid),
-    ]);
-    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
-    // As if the guest had started its AP, where vCPU 0 starts (the image's
-    // code, which the emulator decodes for the APIC write).
-    let res = m.vms[0].res.as_mut().unwrap();
-    let start = res.vcpus[0].vcpu.state();
-    res.vcpus[1].vcpu.set_state(&start).unwrap();
-    res.vcpus[1].state = crate::vm::VcpuState::Runnable;
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    // (its own) and an xAPIC write (the emulator decodes it, with the VM's
+    // memory: the boot CPU's).
+    let v1 =
+        vec![exit(VmExit::Preempted), exit(VmExit::Cpuid), exit(VmExit::Cpuid), tpr_write(0x20), exit(VmExit::Cpuid)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [Vec::new(), v1]);
     let mut con = Lines::default();
     // Rounds 1 and 2: neither vCPU has run out a slice yet, so each runs
     // alone, here.
@@ -262,17 +262,11 @@ fn computing_vcpus_of_one_vm_run_at_once_and_leave_the_rest_to_the_boot_cpu() {
 #[test]
 fn a_sibling_that_leaves_an_exit_for_the_boot_cpu_ends_the_round_for_the_others() {
     let mut m = manager();
-    let b = m.backend.as_mut().unwrap();
-    // vCPU 0 runs out a slice, then (beside vCPU 1) writes its APIC.
-    b.scripts.push_back(vec![exit(VmExit::Preempted), tpr_write(0x30)]);
+    // vCPU 0 runs out a slice, then (beside vCPU 1) writes its APIC page.
     // vCPU 1 runs out a slice, then would run CPUIDs.
-    b.scripts.push_back(vec![exit(VmExit::Preempted), exit(VmExit::Cpuid), exit(VmExit::Cpuid)]);
-    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
-    let res = m.vms[0].res.as_mut().unwrap();
-    let start = res.vcpus[0].vcpu.state();
-    res.vcpus[1].vcpu.set_state(&start).unwrap();
-    res.vcpus[1].state = crate::vm::VcpuState::Runnable;
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let v0 = vec![exit(VmExit::Preempted), tpr_write(0x30)];
+    let v1 = vec![exit(VmExit::Preempted), exit(VmExit::Cpuid), exit(VmExit::Cpuid)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert!(m.run_round(&mut con, &mut other));
@@ -289,4 +283,72 @@ fn a_sibling_that_leaves_an_exit_for_the_boot_cpu_ends_the_round_for_the_others(
     assert_eq!(vm.stats.parallel_slices, 1, "only vCPU 0 ran beside a sibling");
     let s = m.sched;
     assert_eq!((s.sibling_slices, s.kicked_slices), (1, 1), "{s:?}");
+}
+
+fn wrmsr(msr: u32, value: u64) -> Step {
+    exit(VmExit::Wrmsr { msr, value })
+}
+
+#[test]
+fn siblings_in_x2apic_mode_run_their_own_apics_and_post_ipis_to_each_other() {
+    let mut m = manager();
+    // Beside vCPU 1, vCPU 0 (here) sends it a fixed IPI (x2APIC ICR,
+    // destination in bits 63:32), sends itself one, starts a one-shot timer
+    // of 1 ns (LVT timer vector 0x42, divide by 1, initial count 1) and
+    // ends the interrupt it took.
+    let v0 = vec![
+        exit(VmExit::Preempted),
+        wrmsr(0x830, (1 << 32) | 0x40),
+        wrmsr(0x83f, 0x41),
+        wrmsr(0x832, 0x42),
+        wrmsr(0x83e, 0b1011),
+        wrmsr(0x838, 1),
+        exit(VmExit::Cpuid),
+        wrmsr(0x80b, 0),
+        exit(VmExit::Cpuid),
+    ];
+    // vCPU 1 (on the other CPU) ends the interrupt it was posted, then
+    // sends vCPU 0 an NMI: that changes another vCPU's state, the boot
+    // CPU's to do.
+    let v1 = vec![exit(VmExit::Preempted), wrmsr(0x80b, 0), exit(VmExit::Cpuid), wrmsr(0x830, 0x400)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
+    let vm = &mut m.vms[0];
+    for v in 0..2 {
+        // What the guest does first: x2APIC mode, the APIC software-enabled,
+        // interrupts on.
+        vm.devices.set_current(v);
+        let base = vm.devices.lapic_read_msr(0x1b, 0).unwrap().unwrap();
+        assert_eq!(vm.devices.lapic_write_msr(0x1b, base | (1 << 10), 0), Some(Ok(())));
+        assert_eq!(vm.devices.lapic_write_msr(0x80f, 0x1ff, 0), Some(Ok(())));
+        vm.res.as_mut().unwrap().vcpus[v].vcpu.rflags |= 0x200;
+    }
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    assert_eq!(m.sched.sibling_slices, 2, "round 3 ran both at once");
+    let vm = m.get(id).unwrap();
+    let vcpus = &vm.res.as_ref().unwrap().vcpus;
+    let took = |v: usize| -> Vec<u8> {
+        vcpus[v]
+            .vcpu
+            .delivered
+            .iter()
+            .filter_map(|e| match e {
+                vcpu::Event::Interrupt { vector } => Some(*vector),
+                _ => None,
+            })
+            .collect()
+    };
+    // 0x42 waits for the EOI of 0x41: the same priority class.
+    assert_eq!(took(0), [0x41, 0x42], "its self-IPI, then its timer's interrupt after the EOI");
+    assert_eq!(took(1), [0x40], "the IPI vCPU 0 posted, taken at its first entry");
+    assert_eq!(vm.devices.lapic(1).unwrap().ppr(), 0, "its EOI, carried out where it ran");
+    assert_eq!(vm.devices.lapic(0).unwrap().ppr(), 0x40, "0x42 still in service");
+    assert!(vcpus[0].vcpu.script.is_empty() && vcpus[1].vcpu.script.is_empty());
+    assert!(vcpus[0].computing && !vcpus[1].computing, "vCPU 1's slice ended at the NMI");
+    assert_eq!(vm.stats.posted_ipis, 1);
+    assert_eq!(vm.stats.exits[ExitKind::Wrmsr as usize], 8);
+    assert_eq!(vm.stats.sibling_apic_accesses, 7, "every WRMSR but the NMI's, handled where it ran");
+    assert_eq!(vcpus[0].vcpu.injected.last(), Some(&vcpu::Event::Nmi), "sent by the boot CPU after the join");
 }

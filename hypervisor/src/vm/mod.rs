@@ -107,6 +107,11 @@ pub struct VmStats {
     /// Slices run at the same time as another of its vCPUs, on another
     /// host CPU (`manager::rounds`, "siblings").
     pub parallel_slices: u64,
+    /// Local APIC accesses (x2APIC MSRs, the TSC deadline) a sibling
+    /// handled where it ran, and IPIs it posted to another vCPU there
+    /// (`manager::sibling_apic`).
+    pub sibling_apic_accesses: u64,
+    pub posted_ipis: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.

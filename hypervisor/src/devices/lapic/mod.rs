@@ -355,6 +355,52 @@ pub struct LapicState {
     pub timer: TimerState,
 }
 
+/// What decides whether a LAPIC is a message's destination (SDM 11.6.2):
+/// [`Lapic::route`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    mode: Mode,
+    id: u32,
+    /// The xAPIC LDR (bits 31:24 kept).
+    ldr: u32,
+    dfr_model: u8,
+}
+
+impl Route {
+    /// See [`Lapic::is_destination`].
+    pub fn is_destination(&self, logical: bool, destination: u32, wide: bool) -> bool {
+        let broadcast = if wide { u32::MAX } else { 0xff };
+        match self.mode {
+            Mode::Disabled => false,
+            _ if destination == broadcast => true,
+            Mode::X2Apic if logical => {
+                // 11.12.10.2: cluster in bits 31:16, member bitmap in 15:0.
+                let ldr = x2apic_ldr(self.id);
+                destination >> 16 == ldr >> 16 && destination & ldr & 0xffff != 0
+            }
+            Mode::X2Apic => destination == self.id,
+            Mode::XApic if logical => {
+                let (dest, ldr) = (destination as u8, (self.ldr >> 24) as u8);
+                if destination > 0xff {
+                    false
+                } else if self.dfr_model == 0xf {
+                    // Flat model (11.6.2.2): a bitmap of up to 8 APICs.
+                    dest & ldr != 0
+                } else {
+                    // Cluster model: cluster in bits 7:4, members in 3:0.
+                    dest >> 4 == ldr >> 4 && dest & ldr & 0xf != 0
+                }
+            }
+            Mode::XApic => destination == self.id & 0xff,
+        }
+    }
+}
+
+/// The x2APIC logical ID, derived from the x2APIC ID (SDM 11.12.10.2).
+fn x2apic_ldr(id: u32) -> u32 {
+    ((id >> 4) << 16) | (1 << (id & 0xf))
+}
+
 /// A vCPU's local APIC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lapic {
@@ -625,35 +671,21 @@ impl Lapic {
     /// shorthands are the caller's (it knows the sender). A disabled APIC
     /// is no one's destination.
     pub fn is_destination(&self, logical: bool, destination: u32, wide: bool) -> bool {
-        let broadcast = if wide { u32::MAX } else { 0xff };
-        match self.mode() {
-            Mode::Disabled => false,
-            _ if destination == broadcast => true,
-            Mode::X2Apic if logical => {
-                // 11.12.10.2: cluster in bits 31:16, member bitmap in 15:0.
-                let ldr = self.x2apic_ldr();
-                destination >> 16 == ldr >> 16 && destination & ldr & 0xffff != 0
-            }
-            Mode::X2Apic => destination == self.s.id,
-            Mode::XApic if logical => {
-                let (dest, ldr) = (destination as u8, (self.s.ldr >> 24) as u8);
-                if destination > 0xff {
-                    false
-                } else if self.s.dfr_model == 0xf {
-                    // Flat model (11.6.2.2): a bitmap of up to 8 APICs.
-                    dest & ldr != 0
-                } else {
-                    // Cluster model: cluster in bits 7:4, members in 3:0.
-                    dest >> 4 == ldr >> 4 && dest & ldr & 0xf != 0
-                }
-            }
-            Mode::XApic => destination == self.s.id & 0xff,
-        }
+        self.route().is_destination(logical, destination, wide)
     }
 
-    /// The x2APIC logical ID, derived from the x2APIC ID (SDM 11.12.10.2).
-    fn x2apic_ldr(&self) -> u32 {
-        ((self.s.id >> 4) << 16) | (1 << (self.s.id & 0xf))
+    /// What routing a message to this APIC reads of it, copied: another
+    /// host CPU routes a sibling vCPU's IPIs with it while this vCPU runs
+    /// (`manager::rounds`). It changes only with IA32_APIC_BASE and the
+    /// xAPIC's LDR and DFR.
+    pub fn route(&self) -> Route {
+        Route { mode: self.mode(), id: self.s.id, ldr: self.s.ldr, dfr_model: self.s.dfr_model }
+    }
+
+    /// Whether an EOI now would end a level-triggered interrupt, which the
+    /// caller then broadcasts to the I/O APICs ([`Effect::EoiBroadcast`]).
+    pub fn eoi_broadcasts(&self) -> bool {
+        highest(&self.s.isr).is_some_and(|v| bit_test(&self.s.tmr, v))
     }
 
     /// Log an error (SDM 11.5.3) and raise the error interrupt if its LVT
@@ -962,7 +994,7 @@ impl Lapic {
                 let reg = (msr - 0x800) << 4;
                 match reg {
                     REG_ID => Ok(u64::from(self.s.id)),
-                    REG_LDR => Ok(u64::from(self.x2apic_ldr())),
+                    REG_LDR => Ok(u64::from(x2apic_ldr(self.s.id))),
                     REG_ICR_LOW => Ok(self.s.icr),
                     _ => self.read_common(reg, now_ns).map(u64::from).ok_or(Gp),
                 }
