@@ -1142,6 +1142,7 @@ pub mod save_job;
 #[cfg(test)]
 mod save_tests;
 pub mod sibling_apic;
+pub mod sibling_mmio;
 #[cfg(test)]
 mod smp_tests;
 #[cfg(test)]

@@ -50,13 +50,17 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use vcpu::{ExitKind, Vcpu, VmExit};
 
 use super::sibling_apic::{Outbox, PostedIrr, SiblingApic};
+use super::sibling_mmio::ApicPage;
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
 use crate::backend::Backend;
 use crate::devices::lapic::Route;
+use crate::emulator::MmioFault;
+use crate::memory::GuestMemory;
 use crate::memory::HostMemory;
 use crate::vm::exit::{Console, Flow, NoHost, cpuid_exit};
 use crate::vm::interrupts::{ns_to_ticks, vm_ns};
 use crate::vm::{RunState, VcpuSlot, Vm};
+use core::cell::Cell;
 
 /// Where a slice's exits are handled.
 trait SliceHost<B: Backend> {
@@ -177,14 +181,18 @@ impl Gang {
         }
     }
 
-    /// A fixed interrupt for vCPU `v`, from a sibling on host CPU `me`:
-    /// posted, and `v`'s host CPU kicked if it runs it now.
-    fn post<B: Backend>(&self, v: usize, vector: u8, me: u32, backend: &B) {
-        let Some(p) = self.posted.get(v) else { return };
-        p.post(vector);
-        let c = self.cpus[v].load(Ordering::SeqCst);
-        if c != NO_CPU && c != me {
-            backend.kick(c);
+    /// Kicks the host CPUs that run the vCPUs in `vcpus` (bit i: vCPU
+    /// i), after vectors were posted to them from host CPU `me`. (SeqCst:
+    /// see `join`; the posts came first.)
+    fn kick_posted<B: Backend>(&self, vcpus: u32, me: u32, backend: &B) {
+        let mut left = vcpus;
+        while left != 0 {
+            let v = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let c = self.cpus.get(v).map_or(NO_CPU, |c| c.load(Ordering::SeqCst));
+            if c != NO_CPU && c != me {
+                backend.kick(c);
+            }
         }
     }
 
@@ -193,19 +201,28 @@ impl Gang {
     }
 }
 
-/// A sibling's way to its gang, from host CPU `cpu`.
-struct GangOutbox<'a, B: Backend> {
+/// A sibling's way to its gang: vectors posted, and the vCPUs they went
+/// to, whose CPUs the sibling kicks once the access is done.
+struct GangOutbox<'a> {
     gang: &'a Gang,
-    cpu: u32,
-    backend: &'a B,
+    posted_to: Cell<u32>,
 }
 
-impl<B: Backend> Outbox for GangOutbox<'_, B> {
+impl<'a> GangOutbox<'a> {
+    fn new(gang: &'a Gang) -> Self {
+        GangOutbox { gang, posted_to: Cell::new(0) }
+    }
+}
+
+impl Outbox for GangOutbox<'_> {
     fn routes(&self) -> &[Route] {
         &self.gang.routes
     }
     fn post(&self, vcpu: usize, vector: u8) {
-        self.gang.post(vcpu, vector, self.cpu, self.backend);
+        if let Some(p) = self.gang.posted.get(vcpu) {
+            p.post(vector);
+            self.posted_to.set(self.posted_to.get() | crate::devices::bit(vcpu));
+        }
     }
     fn eoi(&self, vector: u8) {
         self.gang.eois.post(vector);
@@ -230,6 +247,9 @@ pub struct Sibling<B: Backend> {
     slot: *mut VcpuSlot<B::Vcpu>,
     /// Its local APIC, likewise its alone.
     apic: SiblingApic,
+    /// The VM's memory, read (never written) by every sibling: the
+    /// instruction of an xAPIC access and its page walk.
+    mem: *const GuestMemory<B::Format>,
     /// The VM's CPUID answers, read by every sibling, written by none.
     cpuid: *const crate::cpuid::Profile,
     apic_id: u32,
@@ -349,6 +369,7 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
         s.exits[exit.kind() as usize] += 1;
         crate::trace_exit(s.vm_id, &exit);
         let preempted = matches!(exit, VmExit::Preempted);
+        let out = GangOutbox::new(gang);
         match exit {
             VmExit::Cpuid => cpuid_exit(&mut slot.vcpu, profile, backend, s.apic_id),
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => {}
@@ -372,20 +393,34 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
                     Err(_) => vcpu.inject(vcpu::Event::GP0),
                 }
             }
-            VmExit::Wrmsr { msr, value }
-                if let Some(r) = s.apic.wrmsr(msr, value, t1, me, &GangOutbox { gang, cpu: here.index, backend }) =>
-            {
-                match r {
-                    Ok(()) => slot.vcpu.skip_instruction(),
-                    Err(_) => slot.vcpu.inject(vcpu::Event::GP0),
-                }
-            }
+            VmExit::Wrmsr { msr, value } if let Some(r) = s.apic.wrmsr(msr, value, t1, me, &out) => match r {
+                Ok(()) => slot.vcpu.skip_instruction(),
+                Err(_) => slot.vcpu.inject(vcpu::Event::GP0),
+            },
+            VmExit::NestedPageFault { gpa, access, gva }
+                if s.apic.owns_page(gpa) && {
+                    let page = ApicPage {
+                        vcpu: &mut slot.vcpu,
+                        // SAFETY: the caller's contract: until the join the
+                        // VM's memory is only read, by its siblings.
+                        mem: unsafe { &*s.mem },
+                        phys: backend.mem(),
+                        apic: &mut s.apic,
+                        me,
+                        out: &out,
+                    };
+                    page.emulate(MmioFault { gpa, access, gva }, t1)
+                } => {}
             other => {
                 // The boot CPU handles it after the join: end the others'
                 // slices now rather than let them run out.
                 gang.end(here.index, backend);
                 break Some(other);
             }
+        }
+        let to = out.posted_to.take();
+        if to != 0 {
+            gang.kick_posted(to, here.index, backend);
         }
         if s.apic.timer <= t1 {
             s.apic.tick(t1);
@@ -861,6 +896,7 @@ impl<B: Backend> Manager<B> {
             let gang = Box::new(Gang::new(i, vm.devices.routes().collect()));
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
+            let mem: *const GuestMemory<B::Format> = &res.mem;
             let gang_ptr: *const Gang = &*gang;
             gangs.push(gang);
             for (&v, apic_id) in mine.iter().zip(apic_ids) {
@@ -877,6 +913,7 @@ impl<B: Backend> Manager<B> {
                     kicked: false,
                     slot,
                     apic,
+                    mem,
                     cpuid,
                     apic_id,
                     vm_id,

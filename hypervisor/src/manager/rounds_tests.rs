@@ -10,6 +10,7 @@ use vcpu::{ExitKind, IoAccess, MemAccess, VmExit};
 
 use super::rounds::{AwaySlice, NoOtherCpus, SliceCpus};
 use super::*;
+use crate::devices::lapic::Mode;
 use crate::testing::{Lines, MockBackend, Step, elf_guest};
 
 /// One other CPU, with its own backend instance (its clock shows what it
@@ -66,12 +67,26 @@ fn com1(byte: u8) -> Step {
 
 /// A guest write of `value` to the local APIC's task-priority register.
 fn tpr_write(value: u32) -> Step {
+    apic_write(0x80, value)
+}
+
+/// A guest write of `value` to the xAPIC register at `offset` (`mov [rax],
+/// ecx`, the image's code).
+fn apic_write(offset: u64, value: u32) -> Step {
     Box::new(move |v| {
-        v.gprs.rax = 0xfee0_0080;
+        let gpa = 0xfee0_0000 + offset;
+        v.gprs.rax = gpa;
         v.gprs.rcx = u64::from(value);
-        VmExit::NestedPageFault { gpa: 0xfee0_0080, access: MemAccess::Write, gva: Some(0xfee0_0080) }
+        VmExit::NestedPageFault { gpa, access: MemAccess::Write, gva: Some(gpa) }
     })
 }
+
+fn wrmsr(msr: u32, value: u64) -> Step {
+    exit(VmExit::Wrmsr { msr, value })
+}
+
+/// IA32_APIC_BASE with the APIC enabled in x2APIC mode at the usual page.
+const X2APIC_BASE: u64 = 0xfee0_0000 | (1 << 11) | (1 << 10);
 
 fn vcpu_of(m: &Manager<MockBackend>, id: u32) -> &crate::testing::MockVcpu {
     &m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].vcpu
@@ -217,10 +232,15 @@ fn computing_vcpus_of_one_vm_run_at_once_and_leave_the_rest_to_the_boot_cpu() {
     let mut m = manager();
     // vCPU 0 spins without exits (out of script: every run is preempted).
     // vCPU 1 runs out one slice alone, then, beside vCPU 0, two CPUIDs
-    // (its own) and an xAPIC write (the emulator decodes it, with the VM's
-    // memory: the boot CPU's).
-    let v1 =
-        vec![exit(VmExit::Preempted), exit(VmExit::Cpuid), exit(VmExit::Cpuid), tpr_write(0x20), exit(VmExit::Cpuid)];
+    // (its own) and a switch of its APIC to x2APIC mode (IA32_APIC_BASE
+    // changes how IPIs reach it: the boot CPU's, with the whole VM).
+    let v1 = vec![
+        exit(VmExit::Preempted),
+        exit(VmExit::Cpuid),
+        exit(VmExit::Cpuid),
+        wrmsr(0x1b, X2APIC_BASE),
+        exit(VmExit::Cpuid),
+    ];
     let (id, mut other) = two_vcpu_vm(&mut m, [Vec::new(), v1]);
     let mut con = Lines::default();
     // Rounds 1 and 2: neither vCPU has run out a slice yet, so each runs
@@ -241,11 +261,12 @@ fn computing_vcpus_of_one_vm_run_at_once_and_leave_the_rest_to_the_boot_cpu() {
     let vm = m.get(id).unwrap();
     assert_eq!(vm.stats.parallel_slices, 2);
     assert_eq!(vm.stats.exits[ExitKind::Cpuid as usize], 2, "its CPUIDs, handled where it ran");
-    assert_eq!(vm.stats.exits[ExitKind::NestedPageFault as usize], 1);
-    assert_eq!(vm.devices.lapic(1).unwrap().tpr(), 0x20, "the APIC write, carried out here after the join");
-    assert_eq!(vm.devices.lapic(0).unwrap().tpr(), 0, "on vCPU 1's APIC, not vCPU 0's");
+    assert_eq!(vm.stats.exits[ExitKind::Wrmsr as usize], 1);
+    assert_eq!(vm.stats.sibling_apic_accesses, 0);
+    assert_eq!(vm.devices.lapic(1).unwrap().mode(), Mode::X2Apic, "the WRMSR, carried out here after the join");
+    assert_eq!(vm.devices.lapic(0).unwrap().mode(), Mode::XApic, "on vCPU 1's APIC, not vCPU 0's");
     let v1 = &vm.res.as_ref().unwrap().vcpus[1];
-    assert_eq!(v1.vcpu.skipped, 2, "two CPUIDs completed away; the APIC write by the emulator");
+    assert_eq!(v1.vcpu.skipped, 3, "two CPUIDs completed away, the WRMSR here");
     assert_eq!(v1.vcpu.script.len(), 1, "its slice ended at the exit left for the boot CPU");
     assert!(!v1.vcpu.loaded);
     assert_eq!(v1.stats.slices, 2);
@@ -262,20 +283,20 @@ fn computing_vcpus_of_one_vm_run_at_once_and_leave_the_rest_to_the_boot_cpu() {
 #[test]
 fn a_sibling_that_leaves_an_exit_for_the_boot_cpu_ends_the_round_for_the_others() {
     let mut m = manager();
-    // vCPU 0 runs out a slice, then (beside vCPU 1) writes its APIC page.
-    // vCPU 1 runs out a slice, then would run CPUIDs.
-    let v0 = vec![exit(VmExit::Preempted), tpr_write(0x30)];
+    // vCPU 0 runs out a slice, then (beside vCPU 1) switches its APIC to
+    // x2APIC mode. vCPU 1 runs out a slice, then would run CPUIDs.
+    let v0 = vec![exit(VmExit::Preempted), wrmsr(0x1b, X2APIC_BASE)];
     let v1 = vec![exit(VmExit::Preempted), exit(VmExit::Cpuid), exit(VmExit::Cpuid)];
     let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert!(m.run_round(&mut con, &mut other));
-    // Round 3: vCPU 0 here leaves its APIC write for after the join, which
-    // ends the round for vCPU 1 (the stand-in CPU starts it only then).
+    // Round 3: vCPU 0 here leaves its WRMSR for after the join, which ends
+    // the round for vCPU 1 (the stand-in CPU starts it only then).
     assert!(m.run_round(&mut con, &mut other));
     assert_eq!(other.ran, [0], "vCPU 1's job was handed to the other CPU");
     let vm = m.get(id).unwrap();
-    assert_eq!(vm.devices.lapic(0).unwrap().tpr(), 0x30);
+    assert_eq!(vm.devices.lapic(0).unwrap().mode(), Mode::X2Apic);
     let v1 = &vm.res.as_ref().unwrap().vcpus[1];
     assert_eq!(v1.vcpu.script.len(), 2, "vCPU 1 did not enter the guest once the round was over");
     assert_eq!(v1.stats.slices, 1, "its slice of round 3 did not count");
@@ -283,10 +304,6 @@ fn a_sibling_that_leaves_an_exit_for_the_boot_cpu_ends_the_round_for_the_others(
     assert_eq!(vm.stats.parallel_slices, 1, "only vCPU 0 ran beside a sibling");
     let s = m.sched;
     assert_eq!((s.sibling_slices, s.kicked_slices), (1, 1), "{s:?}");
-}
-
-fn wrmsr(msr: u32, value: u64) -> Step {
-    exit(VmExit::Wrmsr { msr, value })
 }
 
 #[test]
@@ -351,4 +368,47 @@ fn siblings_in_x2apic_mode_run_their_own_apics_and_post_ipis_to_each_other() {
     assert_eq!(vm.stats.exits[ExitKind::Wrmsr as usize], 8);
     assert_eq!(vm.stats.sibling_apic_accesses, 7, "every WRMSR but the NMI's, handled where it ran");
     assert_eq!(vcpus[0].vcpu.injected.last(), Some(&vcpu::Event::Nmi), "sent by the boot CPU after the join");
+}
+
+#[test]
+fn a_sibling_in_xapic_mode_decodes_its_own_apic_accesses_where_it_runs() {
+    let mut m = manager();
+    // Beside vCPU 1, vCPU 0 (here, where the VM's memory is the mock's)
+    // writes its xAPIC page: a fixed IPI to vCPU 1 (ICR high, then low),
+    // its TPR, then its LDR, which changes how IPIs reach it: the boot
+    // CPU's, which ends the round for vCPU 1 before it starts.
+    let v0 = vec![
+        exit(VmExit::Preempted),
+        apic_write(0x310, 1 << 24),
+        apic_write(0x300, 0x41),
+        tpr_write(0x20),
+        apic_write(0xd0, 1 << 24),
+    ];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, vec![exit(VmExit::Preempted)]]);
+    let vm = &mut m.vms[0];
+    for v in 0..2 {
+        // Software-enabled, as the guest does first.
+        vm.devices.set_current(v);
+        assert!(vm.devices.mmio_write(0xfee0_00f0, 4, 0x1ff, 0));
+    }
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    let rip = m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].vcpu.state.rip;
+    assert!(m.run_round(&mut con, &mut other));
+    let vm = m.get(id).unwrap();
+    let v0 = &vm.res.as_ref().unwrap().vcpus[0];
+    assert_eq!(v0.vcpu.state.rip, rip + 8, "four `mov [rax], ecx` carried out");
+    assert_eq!(vm.stats.exits[ExitKind::NestedPageFault as usize], 4);
+    assert_eq!(vm.stats.sibling_apic_accesses, 3, "the ICR halves and the TPR, where it ran");
+    assert_eq!(vm.stats.mmio, 1, "the LDR write, emulated by the boot CPU after the join");
+    assert_eq!(vm.devices.lapic(0).unwrap().tpr(), 0x20);
+    assert_eq!(vm.stats.posted_ipis, 1);
+    // vCPU 1 never ran in round 3: the boot CPU took the posted IPI into
+    // its APIC after the join.
+    assert_eq!(vm.res.as_ref().unwrap().vcpus[1].stats.slices, 1);
+    assert_eq!(vm.devices.lapic(1).unwrap().pending_vector(), Some(0x41));
+    assert_eq!(m.sched.kicked_slices, 1);
+    let ldr = m.vms[0].devices.mmio_read(0xfee0_00d0, 4, 0);
+    assert_eq!(ldr, Some(1 << 24), "vCPU 0's LDR");
 }

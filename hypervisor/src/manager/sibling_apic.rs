@@ -166,6 +166,68 @@ impl SiblingApic {
         !self.pic
     }
 
+    /// What an APIC write asks for: a fixed IPI to itself goes into its
+    /// IRR, one to another vCPU to `out`, as does an EOI of a
+    /// level-triggered vector.
+    fn apply(&mut self, effect: Effect, me: usize, out: &impl Outbox) {
+        match effect {
+            Effect::None => {}
+            Effect::EoiBroadcast(v) => out.eoi(v),
+            Effect::Ipi(ipi) => {
+                let mut targets = ipi_targets(out.routes().iter().copied(), me, &ipi);
+                if ipi.mode == DeliveryMode::LowestPriority {
+                    targets = targets.isolate_lowest_one();
+                }
+                while targets != 0 {
+                    let t = targets.trailing_zeros() as usize;
+                    targets &= targets - 1;
+                    if t == me {
+                        self.lapic().accept(ipi.vector, false);
+                    } else {
+                        out.post(t, ipi.vector);
+                        self.posted += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `gpa` is in its APIC's xAPIC page (xAPIC mode only).
+    pub fn owns_page(&mut self, gpa: u64) -> bool {
+        self.lapic().mmio_base() == Some(gpa & !0xfff)
+    }
+
+    /// A 32-bit read of the xAPIC register at `offset`.
+    pub fn mmio_read(&mut self, offset: u64, now: u64) -> u32 {
+        let ns = self.now_ns(now);
+        self.handled += 1;
+        self.lapic().read(offset, ns)
+    }
+
+    /// A 32-bit write of the xAPIC register at `offset`, for vCPU `me`;
+    /// false, changing nothing, if it is not the sibling's to do: LDR and
+    /// DFR (they change the routes the others use) and an ICR write other
+    /// than a fixed or lowest-priority IPI (it changes another vCPU).
+    pub fn mmio_write(&mut self, offset: u64, value: u32, now: u64, me: usize, out: &impl Outbox) -> bool {
+        const LDR: u64 = 0xd0;
+        const DFR: u64 = 0xe0;
+        const ICR_LOW: u64 = 0x300;
+        let fixed =
+            matches!(DeliveryMode::from_bits(value >> 8), Some(DeliveryMode::Fixed | DeliveryMode::LowestPriority));
+        if offset == LDR || offset == DFR || (offset == ICR_LOW && !fixed) {
+            return false;
+        }
+        let ns = self.now_ns(now);
+        self.handled += 1;
+        let effect = self.lapic().write(offset, value, ns);
+        self.apply(effect, me, out);
+        if offset != 0xb0 && offset != ICR_LOW {
+            // A timer register may have moved (not the EOI, the hot one).
+            self.refresh_timer(now);
+        }
+        true
+    }
+
     /// RDMSR: `None` if the MSR is not the APIC's.
     pub fn rdmsr(&mut self, msr: u32, now: u64) -> Option<Result<u64, Gp>> {
         if !Lapic::handles_msr(msr) {
@@ -193,31 +255,7 @@ impl SiblingApic {
         }
         let ns = self.now_ns(now);
         self.handled += 1;
-        let done = match self.lapic().write_msr(msr, value, ns) {
-            Err(gp) => Err(gp),
-            Ok(Effect::None) => Ok(()),
-            Ok(Effect::EoiBroadcast(v)) => {
-                out.eoi(v);
-                Ok(())
-            }
-            Ok(Effect::Ipi(ipi)) => {
-                let mut targets = ipi_targets(out.routes().iter().copied(), me, &ipi);
-                if ipi.mode == DeliveryMode::LowestPriority {
-                    targets = targets.isolate_lowest_one();
-                }
-                while targets != 0 {
-                    let t = targets.trailing_zeros() as usize;
-                    targets &= targets - 1;
-                    if t == me {
-                        self.lapic().accept(ipi.vector, false);
-                    } else {
-                        out.post(t, ipi.vector);
-                        self.posted += 1;
-                    }
-                }
-                Ok(())
-            }
-        };
+        let done = self.lapic().write_msr(msr, value, ns).map(|effect| self.apply(effect, me, out));
         // A timer register or the deadline may have moved.
         if msr != X2APIC_EOI && msr != X2APIC_ICR {
             self.refresh_timer(now);

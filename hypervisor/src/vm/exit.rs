@@ -394,7 +394,7 @@ const HYPERCALL_VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 /// stopped between iterations, part of) an instruction: RIP past it or
 /// still on it, RFLAGS as it left them, and, when it completed with TF
 /// set, the single-step trap (SDM Vol. 3A 18.3.1.4: DR6.BS).
-fn finish_emulated(vcpu: &mut impl Vcpu, completed: bool, before: &vcpu::GuestState, rip: u64, rflags: u64) {
+pub(crate) fn finish_emulated(vcpu: &mut impl Vcpu, completed: bool, before: &vcpu::GuestState, rip: u64, rflags: u64) {
     vcpu.complete_emulated(if completed { rip } else { before.rip }, rflags);
     if completed && before.rflags & RFLAGS_TF != 0 {
         let dr6 = vcpu.reg(Reg::Dr6);
