@@ -429,6 +429,8 @@ fn pong_run() {
 /// The BSP's part of `pingpong=N`: N round trips to AP 1, timed.
 fn ping(c: &mut Checks, pings: u32) {
     let (mut total, mut least, mut most) = (0u64, u64::MAX, 0u64);
+    // The first 256 round trips, for the median.
+    let mut times = [0u64; 256];
     let base = IPIS[0].load(SeqCst);
     GO_PING.store(true, SeqCst);
     let ready = wait(1 << 32, || PONG_READY.load(SeqCst));
@@ -441,10 +443,16 @@ fn ping(c: &mut Checks, pings: u32) {
         }
         let t = rdtsc().wrapping_sub(t0);
         (total, least, most) = (total + t, least.min(t), most.max(t));
+        if let Some(slot) = times.get_mut(i as usize - 1) {
+            *slot = t;
+        }
         done = i;
     }
+    let kept = &mut times[..(done as usize).min(256)];
+    kept.sort_unstable();
+    let median = kept.get(kept.len() / 2).copied().unwrap_or(0);
     println!(
-        "smptest: ipi round trip bsp -> ap 1 -> bsp: mean {} ticks, least {least}, most {most} ({done} round trips)",
+        "smptest: ipi round trip bsp -> ap 1 -> bsp: mean {} ticks, median {median}, least {least}, most {most} ({done} round trips)",
         total / u64::from(done.max(1))
     );
     c.check("every ipi round trip completed", done == pings, format_args!("{done} of {pings}"));

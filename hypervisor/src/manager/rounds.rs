@@ -28,9 +28,10 @@
 //! nothing else of the VM, so several CPUs hold one VM at once without
 //! sharing anything mutable but the [`Gang`]'s atomics. A sibling handles
 //! what touches its vCPU alone: CPUID, host interrupts, the end of its
-//! time, and its APIC's MSRs, timer and interrupts, with fixed IPIs to the
-//! other vCPUs posted to them ([`super::sibling_apic`]). Any other exit (a
-//! device access or the xAPIC page, HLT, another MSR, INIT or SIPI) ends
+//! time, and its APIC's MSRs, xAPIC page ([`super::sibling_mmio`]), timer
+//! and interrupts, with fixed IPIs to the other vCPUs posted to them
+//! ([`super::sibling_apic`]). Any other exit (a device access, HLT,
+//! another MSR, INIT or SIPI, a fault on RAM) ends
 //! its slice and is handled on the boot CPU after the join, with the whole
 //! VM. Such an exit also ends the round for the VM's other siblings: each
 //! stops at its next exit, and a kick (an IPI to its host CPU) makes that

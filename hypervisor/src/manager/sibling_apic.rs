@@ -1,6 +1,6 @@
 //! A sibling's own local APIC, where the sibling runs (`rounds`,
-//! "Siblings"): the accesses a guest in x2APIC mode makes by WRMSR and
-//! RDMSR (EOI, TPR, the timer, IA32_TSC_DEADLINE, the ICR), its timer's
+//! "Siblings"): its registers (x2APIC MSRs and IA32_TSC_DEADLINE by WRMSR
+//! and RDMSR; xAPIC registers as `sibling_mmio` decodes them), its timer's
 //! interrupts, and fixed IPIs to the VM's other vCPUs, posted to them.
 //!
 //! Each sibling holds its vCPU's [`Lapic`] alone for the round; nothing of
@@ -10,11 +10,11 @@
 //! (at once: the kick is an external interrupt) takes the posted vectors
 //! into its APIC and injects them. A target not running takes them from
 //! the boot CPU after the join, which then wakes it if it halted. Routing
-//! uses each vCPU's [`Route`] as the round began: only an IA32_APIC_BASE
-//! write changes a route in x2APIC mode, and that one is left to the boot
-//! CPU. Also left to it: NMI, INIT and SIPI IPIs (they change another
-//! vCPU's state), and everything of the xAPIC page (an MMIO access needs
-//! the instruction decoded, with the VM's memory).
+//! uses each vCPU's [`Route`] as the round began: only IA32_APIC_BASE and
+//! the xAPIC LDR and DFR change a route, and those writes are left to the
+//! boot CPU. Also left to it: NMI, INIT and SIPI IPIs (they change another
+//! vCPU's state). xAPIC page accesses come here decoded
+//! (`super::sibling_mmio`).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use vcpu::{Event, Vcpu};
