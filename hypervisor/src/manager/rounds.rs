@@ -355,7 +355,7 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
     // (and goes on after it) when it comes first.
     s.apic.refresh_timer(t0);
     let mut armed = s.apic.timer;
-    slot.vcpu.set_time_slice(deadline.min(armed).saturating_sub(t0));
+    slot.vcpu.set_time_slice(entry_budget(t0, armed, deadline));
     let (exits_before, ticks_before) = (s.exits.iter().sum::<u64>(), s.run_ticks);
     let deferred = loop {
         if gang.over() {
@@ -428,7 +428,7 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
         }
         if s.apic.timer != armed || preempted {
             armed = s.apic.timer;
-            slot.vcpu.set_time_slice(deadline.min(armed).saturating_sub(t1));
+            slot.vcpu.set_time_slice(entry_budget(t1, armed, deadline));
         }
         if t1 >= deadline {
             s.expired = true;
@@ -446,6 +446,15 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
     backend.prefer_node(None);
     here.current_vm.store(0, Ordering::Relaxed);
     SliceEnd { flow: Flow::Yield, deferred }
+}
+
+/// How long a sibling may stay in the guest from `now`: until its APIC's
+/// timer (`armed`) or the slice's end, but never less than
+/// `MIN_SLICE_TICKS` for a timer (a timer due at once, or programmed with a
+/// tiny period, still lets the guest run between its interrupts).
+fn entry_budget(now: u64, armed: u64, deadline: u64) -> u64 {
+    let to_timer = armed.saturating_sub(now).max(MIN_SLICE_TICKS);
+    deadline.saturating_sub(now).min(to_timer)
 }
 
 /// A sibling's part of its job, and its slice, until the job is built.
