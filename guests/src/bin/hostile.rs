@@ -8,9 +8,12 @@
 //!   width, direction, port and value, except the few ports whose purpose
 //!   is to end the VM (debug exit, ACPI soft-off, reset) and COM1; then
 //!   prints a checksum of what it read and exits 0.
-//! - `apic`: IA32_APIC_BASE with reserved bits and with x2APIC (not offered
-//!   by CPUID) must #GP, as must an x2APIC MSR in xAPIC mode; the APIC
-//!   page moves and follows IA32_APIC_BASE; then an IMUL with its operand
+//! - `apic`: IA32_APIC_BASE with reserved bits must #GP, as must an x2APIC
+//!   MSR in xAPIC mode; x2APIC mode (CPUID offers it) must be reachable,
+//!   with its MSRs, and its illegal transitions (straight back to xAPIC,
+//!   EN clear with EXTD set, disabled straight to x2APIC) must #GP, the way
+//!   back going through disabled (SDM Vol. 3A 11.12.5); the APIC page
+//!   moves and follows IA32_APIC_BASE; then an IMUL with its operand
 //!   in the APIC page, which no MMIO emulator needs to carry out: the VM
 //!   must be stopped with a report, and "hostile: UNREACHABLE" never
 //!   printed. Before that, writes to the firmware ROM (0xE0000-0xFFFFF:
@@ -152,15 +155,39 @@ fn apic() -> u32 {
     failed +=
         check("apic base as firmware left it", base == 0xfee0_0000 | APIC_EN | APIC_BSP, format_args!("{base:#x}"));
     let reserved = trap::probe(2, || wrmsr(IA32_APIC_BASE, base | (1 << 63)));
-    let x2apic_offered = cpuid(1, 0).ecx & (1 << 21) != 0;
-    let x2apic = trap::probe(2, || wrmsr(IA32_APIC_BASE, base | APIC_EXTD));
     let x2_msr = trap::probe(2, || {
         rdmsr(0x802);
     });
     failed += check(
         "bad apic base values and x2apic msrs raise #gp",
-        reserved == Some(13) && !x2apic_offered && x2apic == Some(13) && x2_msr == Some(13),
-        format_args!("reserved bit {reserved:?}, x2apic {x2apic:?} (offered {x2apic_offered}), msr 0x802 {x2_msr:?}"),
+        reserved == Some(13) && x2_msr == Some(13),
+        format_args!("reserved bit {reserved:?}, msr 0x802 in xapic mode {x2_msr:?}"),
+    );
+    // x2APIC mode and back (SDM Vol. 3A 11.12.5, Figure 11-27).
+    let offered = cpuid(1, 0).ecx & (1 << 21) != 0;
+    let to_x2apic = trap::probe(2, || wrmsr(IA32_APIC_BASE, base | APIC_EXTD));
+    let mut id = u64::MAX;
+    let id_read = trap::probe(2, || id = rdmsr(0x802));
+    let straight_back = trap::probe(2, || wrmsr(IA32_APIC_BASE, base));
+    let extd_alone = trap::probe(2, || wrmsr(IA32_APIC_BASE, (base & !APIC_EN) | APIC_EXTD));
+    let disable = trap::probe(2, || wrmsr(IA32_APIC_BASE, base & !(APIC_EN | APIC_EXTD)));
+    let disabled_to_x2apic = trap::probe(2, || wrmsr(IA32_APIC_BASE, base | APIC_EXTD));
+    let to_xapic = trap::probe(2, || wrmsr(IA32_APIC_BASE, base));
+    failed += check(
+        "x2apic mode has its msrs and is left only through disabled",
+        offered
+            && to_x2apic.is_none()
+            && id_read.is_none()
+            && id == 0
+            && straight_back == Some(13)
+            && extd_alone == Some(13)
+            && disable.is_none()
+            && disabled_to_x2apic == Some(13)
+            && to_xapic.is_none()
+            && rdmsr(IA32_APIC_BASE) == base,
+        format_args!(
+            "offered {offered}, enter {to_x2apic:?}, id {id:#x} ({id_read:?}), back {straight_back:?}, extd alone {extd_alone:?}, disable {disable:?}, disabled to x2apic {disabled_to_x2apic:?}, to xapic {to_xapic:?}"
+        ),
     );
     let version = read32(0xfee0_0000 + VERSION_REG);
     wrmsr(IA32_APIC_BASE, 0xfed0_0000 | APIC_EN | APIC_BSP);
