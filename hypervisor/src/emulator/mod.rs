@@ -101,6 +101,20 @@ pub enum Seg {
     Gs,
 }
 
+impl Seg {
+    /// The segment's base in a vCPU's state at an exit.
+    pub fn base_in(self, s: &GuestState) -> u64 {
+        match self {
+            Seg::Es => s.es.base,
+            Seg::Cs => s.cs.base,
+            Seg::Ss => s.ss.base,
+            Seg::Ds => s.ds.base,
+            Seg::Fs => s.fs.base,
+            Seg::Gs => s.gs.base,
+        }
+    }
+}
+
 /// The failed translation of a guest-virtual address: the #PF error code
 /// (P, W/R, U/S, RSVD, I/D; SDM Vol. 3A 4.7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -383,21 +383,11 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
                 break None;
             }
             VmExit::Rdmsr { msr } if let Some(r) = s.apic.rdmsr(msr, t1) => {
-                let vcpu = &mut slot.vcpu;
-                match r {
-                    Ok(v) => {
-                        let g = vcpu.gprs_mut();
-                        g.rax = v & 0xffff_ffff;
-                        g.rdx = v >> 32;
-                        vcpu.skip_instruction();
-                    }
-                    Err(_) => vcpu.inject(vcpu::Event::GP0),
-                }
+                crate::vm::exit::complete_rdmsr(&mut slot.vcpu, r.ok());
             }
-            VmExit::Wrmsr { msr, value } if let Some(r) = s.apic.wrmsr(msr, value, t1, me, &out) => match r {
-                Ok(()) => slot.vcpu.skip_instruction(),
-                Err(_) => slot.vcpu.inject(vcpu::Event::GP0),
-            },
+            VmExit::Wrmsr { msr, value } if let Some(r) = s.apic.wrmsr(msr, value, t1, me, &out) => {
+                crate::vm::exit::complete_wrmsr(&mut slot.vcpu, r.is_ok());
+            }
             VmExit::NestedPageFault { gpa, access, gva }
                 if s.apic.owns_page(gpa) && {
                     let page = ApicPage {

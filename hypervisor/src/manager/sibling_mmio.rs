@@ -111,15 +111,7 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, M: PhysMem, O: Outbox> Platform for Si
     }
 
     fn segment_base(&self, seg: Seg) -> u64 {
-        let s = self.state;
-        match seg {
-            Seg::Es => s.es.base,
-            Seg::Cs => s.cs.base,
-            Seg::Ss => s.ss.base,
-            Seg::Ds => s.ds.base,
-            Seg::Fs => s.fs.base,
-            Seg::Gs => s.gs.base,
-        }
+        seg.base_in(self.state)
     }
 
     /// Resident tables only: a walk that needs more is the boot CPU's.

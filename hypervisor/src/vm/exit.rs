@@ -206,15 +206,7 @@ impl<B: Backend> Vm<B> {
                     None if VirtualMca::handles_msr(index) => Some(self.devices.mca().read_msr(index)),
                     None => msr::read(index, &self.msrs),
                 };
-                match value {
-                    Some(v) => {
-                        let g = vcpu.gprs_mut();
-                        g.rax = v & 0xffff_ffff;
-                        g.rdx = v >> 32;
-                        vcpu.skip_instruction();
-                    }
-                    None => vcpu.inject(Event::GP0),
-                }
+                complete_rdmsr(vcpu, value);
                 Flow::Continue
             }
             VmExit::Wrmsr { msr: msr::IA32_TSC, value } => {
@@ -238,11 +230,7 @@ impl<B: Backend> Vm<B> {
                     None if VirtualMca::handles_msr(index) => self.devices.mca().write_msr(index, value).is_ok(),
                     None => msr::write(index, value, &mut self.msrs),
                 };
-                if done {
-                    vcpu.skip_instruction();
-                } else {
-                    vcpu.inject(Event::GP0);
-                }
+                complete_wrmsr(vcpu, done);
                 Flow::Continue
             }
             VmExit::NestedPageFault { gpa, access, gva } => match host.memory() {
@@ -400,6 +388,29 @@ pub(crate) fn finish_emulated(vcpu: &mut impl Vcpu, completed: bool, before: &vc
         let dr6 = vcpu.reg(Reg::Dr6);
         vcpu.set_reg(Reg::Dr6, dr6 | (1 << 14));
         vcpu.inject(Event::DB);
+    }
+}
+
+/// Completes a RDMSR: the value in EDX:EAX and RIP past it, or #GP for an
+/// MSR that has none (SDM Vol. 2B, RDMSR).
+pub(crate) fn complete_rdmsr(vcpu: &mut impl Vcpu, value: Option<u64>) {
+    match value {
+        Some(v) => {
+            let g = vcpu.gprs_mut();
+            g.rax = v & 0xffff_ffff;
+            g.rdx = v >> 32;
+            vcpu.skip_instruction();
+        }
+        None => vcpu.inject(Event::GP0),
+    }
+}
+
+/// Completes a WRMSR: RIP past it, or #GP for a write refused.
+pub(crate) fn complete_wrmsr(vcpu: &mut impl Vcpu, done: bool) {
+    if done {
+        vcpu.skip_instruction();
+    } else {
+        vcpu.inject(Event::GP0);
     }
 }
 

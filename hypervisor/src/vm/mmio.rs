@@ -123,15 +123,7 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
     }
 
     fn segment_base(&self, seg: Seg) -> u64 {
-        let s = self.state;
-        match seg {
-            Seg::Es => s.es.base,
-            Seg::Cs => s.cs.base,
-            Seg::Ss => s.ss.base,
-            Seg::Ds => s.ds.base,
-            Seg::Fs => s.fs.base,
-            Seg::Gs => s.gs.base,
-        }
+        seg.base_in(self.state)
     }
 
     /// The walk reads the guest's tables without bringing pages in: the CPU
