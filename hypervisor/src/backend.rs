@@ -78,4 +78,12 @@ pub trait Backend {
     fn kick(&self, cpu: u32) {
         let _ = cpu;
     }
+    /// Halts this CPU until host time `until` (TSC) or an interrupt, a
+    /// [`Backend::kick`] included, whichever comes first; it may return
+    /// earlier. A kick sent since the caller last looked ends it at once
+    /// (the host runs with interrupts off, so the kick waits pending). By
+    /// default it returns at once: the caller's loop spins.
+    fn halt_until(&self, until: u64) {
+        let _ = until;
+    }
 }

@@ -236,6 +236,8 @@ pub struct MockBackend {
     pub destroyed: u32,
     /// The clock: advances by `tick` on every read.
     pub clock: Cell<u64>,
+    /// `halt_until` calls (a halted sibling waiting on this CPU).
+    pub halts: Cell<u64>,
     pub tick: u64,
     /// What `heap_free` answers (tests of the heap-room check).
     pub heap_free: u64,
@@ -271,6 +273,7 @@ impl MockBackend {
             created: 0,
             destroyed: 0,
             clock: Cell::new(0),
+            halts: Cell::new(0),
             tick: 10,
             heap_free: 64 << 20,
             state_filter: None,
@@ -336,6 +339,11 @@ impl Backend for MockBackend {
     }
     fn prefer_node(&mut self, node: Option<u32>) {
         self.preferred.borrow_mut().push(node);
+    }
+    /// Nothing can interrupt a stand-in CPU: it sleeps to `until`.
+    fn halt_until(&self, until: u64) {
+        self.halts.set(self.halts.get() + 1);
+        self.clock.set(self.clock.get().max(until));
     }
 }
 

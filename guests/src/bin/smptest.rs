@@ -29,7 +29,8 @@
 //! With `pingpong=N` (a benchmark) the BSP and AP 1, both spinning with
 //! interrupts on, then bounce an IPI N times (BSP to AP 1, which answers
 //! at once) and the BSP prints the round trip in TSC ticks (mean, least,
-//! most) before the stress.
+//! most) before the stress. With `halt=1` as well both wait for each
+//! IPI halted (`sti; hlt`) instead of spinning, as an idle kernel does.
 //!
 //! With `x2apic=1` every vCPU switches its local APIC to x2APIC mode
 //! first (CPUID must offer it; SDM Vol. 3A 11.12) and from then on reaches
@@ -414,6 +415,15 @@ fn live(c: &mut Checks, cpus: usize, ram: u64) {
 /// `pingpong=N`: round trips asked for (0: none).
 static PINGS: AtomicU32 = AtomicU32::new(0);
 
+/// `halt=1`: pingpong waits halted.
+static PING_HALTS: AtomicBool = AtomicBool::new(false);
+
+/// Pingpong's wait for `done`: spinning (about `limit` iterations) or
+/// halted (at most `limit >> 16` halts; each lasts until an interrupt).
+fn ping_wait(limit: u64, done: impl Fn() -> bool) -> bool {
+    if PING_HALTS.load(SeqCst) { halt_until(limit >> 16, done) } else { wait(limit, done) }
+}
+
 /// AP 1's part of `pingpong=N`: answers each IPI from the BSP with one.
 fn pong_run() {
     let pings = PINGS.load(SeqCst);
@@ -421,7 +431,7 @@ fn pong_run() {
     let base = IPIS[1].load(SeqCst);
     PONG_READY.store(true, SeqCst);
     for i in 1..=pings {
-        wait(u64::MAX, || IPIS[1].load(SeqCst) >= base + i);
+        ping_wait(u64::MAX, || IPIS[1].load(SeqCst) >= base + i);
         send_ipi(0, IPI_VECTOR as u32);
     }
 }
@@ -438,7 +448,7 @@ fn ping(c: &mut Checks, pings: u32) {
     for i in (1..=pings).take_while(|_| ready) {
         let t0 = rdtsc();
         send_ipi(1, IPI_VECTOR as u32);
-        if !wait(1 << 32, || IPIS[0].load(SeqCst) >= base + i) {
+        if !ping_wait(1 << 32, || IPIS[0].load(SeqCst) >= base + i) {
             break;
         }
         let t = rdtsc().wrapping_sub(t0);
@@ -625,6 +635,7 @@ fn main(boot: Boot) -> u32 {
     // Only beside the stress (`hold=1` and `live=1` have their own runs).
     let pings = if hold_mode || live_mode { 0 } else { pings };
     PINGS.store(pings, SeqCst);
+    PING_HALTS.store(boot.cmdline().split_whitespace().any(|w| w == "halt=1"), SeqCst);
     if boot.cmdline().split_whitespace().any(|w| w == "x2apic=1") {
         let offered = cpuid(1, 0).ecx & (1 << 21) != 0;
         let entered = offered && enter_x2apic();

@@ -155,11 +155,12 @@ pub fn start(apic_ids: &[u32]) {
 fn ap_main(c: &'static Cpu) {
     let info = cpu::detect();
     let mut mem = HostMem;
+    // AMD-V's slice timer, and what wakes a halted sibling on either.
+    apic::init();
     let virt = if info.vmx {
         // SAFETY: once on this CPU, ring 0, interrupts off.
         unsafe { VmxCpu::enable(&mut mem) }.map(CpuVirt::Vmx)
     } else if info.svm {
-        apic::init();
         // SAFETY: as above.
         unsafe { SvmCpu::enable(&mut mem, SliceTimer { arm: apic::arm, fired: apic::fired, nudge: apic::nudge }) }
             .map(CpuVirt::Svm)

@@ -122,4 +122,7 @@ impl Backend for SvmBackend {
     fn kick(&self, cpu: u32) {
         crate::platform::smp::kick(cpu);
     }
+    fn halt_until(&self, until: u64) {
+        crate::platform::smp::halt_until(until);
+    }
 }

@@ -23,6 +23,9 @@ impl VmxBackend {
     /// Enters VMX operation, or says why it cannot.
     pub fn start() -> Result<VmxBackend, Unavailable> {
         let mut mem = HostMem;
+        // The slice timer is VT-x's own; the APIC timer wakes a halted
+        // sibling (`Backend::halt_until`).
+        crate::platform::apic::init();
         // SAFETY: called once, on the boot CPU, with interrupts off.
         let cpu = unsafe { VmxCpu::enable(&mut mem) }.map_err(|error| Unavailable::Enable { vendor: "VT-x", error })?;
         // SAFETY: IA32_MISC_ENABLE exists on every CPU with VMX.
@@ -121,5 +124,8 @@ impl Backend for VmxBackend {
     }
     fn kick(&self, cpu: u32) {
         crate::platform::smp::kick(cpu);
+    }
+    fn halt_until(&self, until: u64) {
+        crate::platform::smp::halt_until(until);
     }
 }

@@ -30,8 +30,11 @@
 //! what touches its vCPU alone: CPUID, host interrupts, the end of its
 //! time, and its APIC's MSRs, xAPIC page ([`super::sibling_mmio`]), timer
 //! and interrupts, with fixed IPIs to the other vCPUs posted to them
-//! ([`super::sibling_apic`]). Any other exit (a device access, HLT,
-//! another MSR, INIT or SIPI, a fault on RAM) ends
+//! ([`super::sibling_apic`]). A HLT with interrupts on waits on the
+//! sibling's CPU (halted until a kick or its timer) for a vector posted to
+//! it or its timer's; the last sibling to halt or go ends the round for
+//! the halted ones. Any other exit (a device access, HLT with interrupts
+//! off, another MSR, INIT or SIPI, a fault on RAM) ends
 //! its slice and is handled on the boot CPU after the join, with the whole
 //! VM. Such an exit also ends the round for the VM's other siblings: each
 //! stops at its next exit, and a kick (an IPI to its host CPU) makes that
@@ -129,6 +132,10 @@ pub struct Gang {
     /// The VM (its index in the VM table).
     vm: usize,
     over: AtomicBool,
+    /// Siblings not halted: every one of the round at first (started or
+    /// not), less those halted or gone. The last to halt or go ends the
+    /// round for the halted ones, which would otherwise wait for nothing.
+    awake: AtomicU32,
     cpus: [AtomicU32; crate::devices::MAX_VCPUS],
     /// Fixed interrupts for each vCPU, from its siblings' IPIs.
     posted: [PostedIrr; crate::devices::MAX_VCPUS],
@@ -141,10 +148,11 @@ pub struct Gang {
 const NO_CPU: u32 = u32::MAX;
 
 impl Gang {
-    fn new(vm: usize, routes: Vec<Route>) -> Self {
+    fn new(vm: usize, siblings: u32, routes: Vec<Route>) -> Self {
         Gang {
             vm,
             over: AtomicBool::new(false),
+            awake: AtomicU32::new(siblings),
             cpus: [const { AtomicU32::new(NO_CPU) }; crate::devices::MAX_VCPUS],
             posted: Default::default(),
             eois: PostedIrr::default(),
@@ -163,11 +171,36 @@ impl Gang {
         self.over.load(Ordering::SeqCst)
     }
 
-    /// vCPU `v` left the guest for the round: nobody need kick it.
-    fn leave(&self, v: usize) {
+    /// vCPU `v` left the guest for the round (`awake`: not halted):
+    /// nobody need kick it.
+    fn leave<B: Backend>(&self, v: usize, awake: bool, me: u32, backend: &B) {
         if let Some(c) = self.cpus.get(v) {
             c.store(NO_CPU, Ordering::SeqCst);
         }
+        if awake {
+            self.doze(me, backend);
+        }
+    }
+
+    /// A sibling halts (or goes): whether it was the last one awake, in
+    /// which case the round is over for those halted. Not while a vector
+    /// waits for a sibling in the guest (it was kicked and will wake), nor
+    /// if one woke meanwhile: a halted sibling counts itself awake before
+    /// it takes its vectors (`halt_here`), so with SeqCst throughout,
+    /// either this sees the vector, or the count again above zero.
+    fn doze<B: Backend>(&self, me: u32, backend: &B) -> bool {
+        let last = self.awake.fetch_sub(1, Ordering::SeqCst) == 1
+            && !self.posted.iter().zip(&self.cpus).any(|(p, c)| c.load(Ordering::SeqCst) != NO_CPU && p.any())
+            && self.awake.load(Ordering::SeqCst) == 0;
+        if last {
+            self.end(me, backend);
+        }
+        last
+    }
+
+    /// A halted sibling wakes (before it takes its vectors; see `doze`).
+    fn wake(&self) {
+        self.awake.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Ends the round for every sibling: each stops at its next exit, and
@@ -259,6 +292,11 @@ pub struct Sibling<B: Backend> {
     exits: [u64; ExitKind::COUNT],
     run_ticks: u64,
     expired: bool,
+    /// HLTs it waited out on its CPU, those a vector ended there, and
+    /// whether its slice ended with the vCPU halted.
+    halts: u64,
+    woken: u64,
+    ended_halted: bool,
 }
 
 /// One vCPU's slice on another CPU, or a sibling's on any CPU. The boot
@@ -338,7 +376,7 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
     if gang.join(me, here.index) {
         // Another sibling already left an exit for the boot CPU: the
         // round is over for this VM before this one started.
-        gang.leave(me);
+        gang.leave(me, true, here.index, backend);
         s.kicked = true;
         return SliceEnd { flow: Flow::Yield, deferred: None };
     }
@@ -357,6 +395,8 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
     let mut armed = s.apic.timer;
     slot.vcpu.set_time_slice(entry_budget(t0, armed, deadline));
     let (exits_before, ticks_before) = (s.exits.iter().sum::<u64>(), s.run_ticks);
+    // It halted and the round ended before anything woke it.
+    let mut halted = false;
     let deferred = loop {
         if gang.over() {
             s.kicked = true;
@@ -374,7 +414,23 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
         match exit {
             VmExit::Cpuid => cpuid_exit(&mut slot.vcpu, profile, backend, s.apic_id),
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => {}
-            VmExit::InterruptWindow if s.apic.owns_window() => {}
+            VmExit::InterruptWindow if s.apic.delivers() => {}
+            // Halted with interrupts on: it waits here for a vector posted
+            // to it or its timer, rather than end the round for the VM.
+            VmExit::Hlt if s.apic.delivers() && slot.vcpu.rflags() & vcpu::state::bits::RFLAGS_IF != 0 => {
+                slot.vcpu.skip_instruction();
+                s.halts += 1;
+                if !halt_here(s, gang, &*backend, deadline) {
+                    halted = true;
+                    break None;
+                }
+                s.woken += 1;
+                // The wait may have used this CPU's timer: set the slice's
+                // again.
+                armed = s.apic.timer;
+                slot.vcpu.set_time_slice(entry_budget(backend.now(), armed, deadline));
+                continue;
+            }
             // Stopped for its APIC's timer, not the slice's end (a timer
             // that fires a little early is re-armed below).
             VmExit::Preempted if s.apic.timer < deadline && t1 < deadline => {}
@@ -425,9 +481,16 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
             break None;
         }
     };
-    gang.leave(me);
+    gang.leave(me, !halted, here.index, backend);
+    if halted {
+        // As the boot CPU's HLT handler leaves it (`Vm::hlt`): interrupts
+        // on, so what the boot CPU delivers wakes it.
+        slot.state.apply(crate::vm::VcpuEvent::Hlt);
+        slot.halted_irq_off = false;
+        s.ended_halted = true;
+    }
     // Cut short by a sibling, it was computing all the same.
-    slot.computing = s.expired || (s.kicked && slot.computing);
+    slot.computing = halted || s.expired || (s.kicked && slot.computing);
     slot.stats.exits += s.exits.iter().sum::<u64>() - exits_before;
     slot.stats.run_ticks += s.run_ticks - ticks_before;
     slot.vcpu.put();
@@ -436,6 +499,43 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
     backend.prefer_node(None);
     here.current_vm.store(0, Ordering::Relaxed);
     SliceEnd { flow: Flow::Yield, deferred }
+}
+
+/// A sibling whose vCPU halted waits on its CPU (halting it until a kick or
+/// the next due time) for what wakes the vCPU: a vector posted to it, or
+/// its APIC's timer. Whether it woke; if not, the slice's time ran out or
+/// the round ended (another sibling's exit for the boot CPU, or no
+/// sibling left awake), and the vCPU stays halted.
+fn halt_here<B: Backend>(s: &mut Sibling<B>, gang: &Gang, backend: &B, deadline: u64) -> bool {
+    let (me, cpu) = (s.vcpu, vcpu::cpu_local::get().index);
+    if s.apic.wakes(&gang.posted[me]) {
+        return true;
+    }
+    if gang.doze(cpu, backend) {
+        return false;
+    }
+    loop {
+        let now = backend.now();
+        if s.apic.timer <= now {
+            s.apic.tick(now);
+        }
+        // After the timer: its interrupt may be the one.
+        if gang.posted[me].any() || s.apic.deliverable() {
+            gang.wake();
+            if s.apic.wakes(&gang.posted[me]) {
+                return true;
+            }
+            // Masked by the processor priority: halted still.
+            if gang.doze(cpu, backend) {
+                return false;
+            }
+            continue;
+        }
+        if gang.over() || now >= deadline {
+            return false;
+        }
+        backend.halt_until(s.apic.timer.min(deadline));
+    }
 }
 
 /// How long a sibling may stay in the guest from `now`: until its APIC's
@@ -536,6 +636,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     let mut t0 = backend.now();
     let deadline = t0.saturating_add(slice_ticks);
     let mut expired = false;
+    let mut last = ExitKind::Preempted;
     let flow = loop {
         // Not `map` into an `Option<VmExit>`: that moves the exit once more
         // on every exit.
@@ -547,6 +648,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
         vm.stats.run_ticks += t1.wrapping_sub(t0);
         t0 = t1;
         let kind = exit.kind();
+        last = kind;
         vm.stats.exits[kind as usize] += 1;
         crate::trace_exit(vm.id, &exit);
         let preempted = matches!(exit, VmExit::Preempted);
@@ -584,7 +686,10 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     };
     vm.throttle.after_slice(vm.stats.run_ticks - ticks_before, backend.now());
     if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
-        slot.computing = expired;
+        // Halted with interrupts on: beside a sibling it would wait for its
+        // interrupt where it runs, as it did here.
+        let idle = last == ExitKind::Hlt && slot.state == crate::vm::VcpuState::Halted && !slot.halted_irq_off;
+        slot.computing = expired || idle;
         slot.stats.exits += vm.stats.total_exits() - exits_before;
         slot.stats.run_ticks += vm.stats.run_ticks - ticks_before;
     }
@@ -786,6 +891,9 @@ impl<B: Backend> Manager<B> {
         for gang in &gangs {
             self.absorb_gang(gang);
         }
+        // VMs of which a sibling ended its slice halted: idle, they may have
+        // a line to show.
+        let mut halted_vms: Vec<usize> = Vec::new();
         let home_job = home_sibling.into_iter().map(|job| (job, true, false));
         let away_jobs = away.into_iter().zip(started).map(|(job, started)| (job, started, true));
         for (job, started, went_away) in home_job.chain(away_jobs) {
@@ -796,6 +904,9 @@ impl<B: Backend> Manager<B> {
             let Some(end) = job.end.filter(|_| started) else { continue };
             if let Some(s) = &job.sibling {
                 self.count_sibling(job.index, s);
+                if s.ended_halted && !halted_vms.contains(&job.index) {
+                    halted_vms.push(job.index);
+                }
             }
             let flow = match end.deferred {
                 Some(exit) => self.handle_deferred(job.index, job.vcpu, exit, console),
@@ -803,6 +914,9 @@ impl<B: Backend> Manager<B> {
             };
             self.finish_slice(job.index, job.vcpu, flow, console);
             self.sched.slices_away += u64::from(went_away);
+        }
+        for i in halted_vms {
+            self.vms[i].show_partial_if_idle(console);
         }
         let s = &mut self.sched;
         s.rounds += 1;
@@ -817,7 +931,8 @@ impl<B: Backend> Manager<B> {
 
     /// Adds to `picks` (one per VM so far) further vCPUs of the VMs in it,
     /// up to `cpus` picks in all: a vCPU joins its sibling when both ran
-    /// out their last slice (they compute). One that ended its slice at an
+    /// out their last slice or ended it halted (they compute, or wait for
+    /// IPIs; `VcpuSlot::computing`). One that ended its slice at another
     /// exit would, beside a sibling, end it at its first exit that needs
     /// the VM and pay a round for it, so it runs alone with its VM.
     fn pick_siblings(&mut self, picks: &mut Vec<(usize, usize)>, cpus: usize) {
@@ -893,7 +1008,7 @@ impl<B: Backend> Manager<B> {
             let (vm_id, cpuid, offset_ns) = (vm.id, &raw const vm.cpuid, vm.clock_offset_ns);
             let tsc = vm.devices.guest_tsc_clock();
             let lapics = vm.devices.lapics_ptr();
-            let gang = Box::new(Gang::new(i, vm.devices.routes().collect()));
+            let gang = Box::new(Gang::new(i, mine.len() as u32, vm.devices.routes().collect()));
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
             let mem: *const GuestMemory<B::Format> = &res.mem;
@@ -920,6 +1035,9 @@ impl<B: Backend> Manager<B> {
                     exits: [0; ExitKind::COUNT],
                     run_ticks: 0,
                     expired: false,
+                    halts: 0,
+                    woken: 0,
+                    ended_halted: false,
                 };
                 out.push(SiblingPart { vm: i, vcpu: v, part: Some((s, slice)) });
             }
@@ -960,6 +1078,8 @@ impl<B: Backend> Manager<B> {
         vm.stats.parallel_slices += u64::from(s.ran);
         vm.stats.sibling_apic_accesses += s.apic.handled;
         vm.stats.posted_ipis += s.apic.posted;
+        vm.stats.sibling_halts += s.halts;
+        vm.stats.sibling_wakes += s.woken;
         self.sched.sibling_slices += u64::from(s.ran);
         self.sched.kicked_slices += u64::from(s.kicked);
     }
@@ -1008,5 +1128,39 @@ impl<B: Backend> Manager<B> {
         if flow == Flow::Reset {
             self.reboot_vm(i, console);
         }
+    }
+}
+
+#[cfg(test)]
+mod gang_tests {
+    use super::{Gang, NO_CPU};
+    use crate::testing::MockBackend;
+    use core::sync::atomic::Ordering;
+
+    #[test]
+    fn the_last_sibling_to_halt_ends_the_round_unless_a_vector_waits_for_one_in_the_guest() {
+        let b = MockBackend::new(16);
+        let gang = Gang::new(0, 2, alloc::vec::Vec::new());
+        assert!(!gang.join(0, 0) && !gang.join(1, 1));
+        // vCPU 1 posts to vCPU 0 and halts; vCPU 0, halted before it saw
+        // the vector, is not counted awake: still not the last, as vCPU 0
+        // will wake for the vector.
+        assert!(!gang.doze(0, &b), "vCPU 0 halts first: vCPU 1 is awake");
+        gang.posted[0].post(0x40);
+        assert!(!gang.doze(1, &b), "a vector waits for halted vCPU 0");
+        assert!(!gang.over());
+        // vCPU 0 wakes for it (counted before it takes it), then halts
+        // again: now it is the last, with nothing waiting.
+        gang.wake();
+        assert!(gang.posted[0].take(|_| {}));
+        assert!(gang.doze(0, &b), "nothing awake, nothing posted");
+        assert!(gang.over());
+        // A vector for a vCPU no longer in the guest does not hold a round.
+        let gang = Gang::new(0, 2, alloc::vec::Vec::new());
+        assert!(!gang.join(0, 0) && !gang.join(1, 1));
+        gang.posted[1].post(0x41);
+        gang.cpus[1].store(NO_CPU, Ordering::SeqCst);
+        assert!(!gang.doze(1, &b));
+        assert!(gang.doze(0, &b), "vCPU 1 left: its vector waits for the boot CPU");
     }
 }

@@ -370,6 +370,99 @@ fn siblings_in_x2apic_mode_run_their_own_apics_and_post_ipis_to_each_other() {
     assert_eq!(vcpus[0].vcpu.injected.last(), Some(&vcpu::Event::Nmi), "sent by the boot CPU after the join");
 }
 
+/// Both vCPUs of a `two_vcpu_vm` in x2APIC mode, software-enabled, with
+/// interrupts on: what the guest does first.
+fn x2apic_on(m: &mut Manager<MockBackend>) {
+    let vm = &mut m.vms[0];
+    for v in 0..2 {
+        vm.devices.set_current(v);
+        let base = vm.devices.lapic_read_msr(0x1b, 0).unwrap().unwrap();
+        assert_eq!(vm.devices.lapic_write_msr(0x1b, base | (1 << 10), 0), Some(Ok(())));
+        assert_eq!(vm.devices.lapic_write_msr(0x80f, 0x1ff, 0), Some(Ok(())));
+        vm.res.as_mut().unwrap().vcpus[v].vcpu.rflags |= 0x200;
+    }
+}
+
+/// The vectors a mock vCPU was injected, in order.
+fn interrupts_taken(vcpu: &crate::testing::MockVcpu) -> Vec<u8> {
+    vcpu.delivered
+        .iter()
+        .filter_map(|e| match e {
+            vcpu::Event::Interrupt { vector } => Some(*vector),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_halted_sibling_waits_where_it_runs_and_a_posted_ipi_wakes_it_there() {
+    let mut m = manager();
+    // vCPU 0 (here, first) posts vCPU 1 a fixed IPI; vCPU 1 (the other
+    // CPU, after it), with interrupts off, cannot take it at its entry; it
+    // does `sti; hlt`: the vector is waiting, so it wakes at once, takes
+    // it and ends it, all without leaving its CPU.
+    let v0 = vec![exit(VmExit::Preempted), wrmsr(0x830, (1 << 32) | 0x40), exit(VmExit::Cpuid)];
+    let sti_hlt: Step = Box::new(|v| {
+        v.rflags |= 0x200;
+        VmExit::Hlt
+    });
+    let v1 = vec![exit(VmExit::Preempted), sti_hlt, wrmsr(0x80b, 0), exit(VmExit::Cpuid)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
+    x2apic_on(&mut m);
+    m.vms[0].res.as_mut().unwrap().vcpus[1].vcpu.rflags &= !0x200;
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    assert_eq!(m.sched.sibling_slices, 2, "round 3 ran both at once");
+    let vm = m.get(id).unwrap();
+    let vcpus = &vm.res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[1].vcpu), [0x40], "woken by the posted IPI, and given it");
+    assert!(vcpus[1].vcpu.script.is_empty(), "it ran on past the HLT in the same slice");
+    assert_eq!(vcpus[1].vcpu.skipped, 3, "HLT, WRMSR, CPUID completed");
+    assert_eq!(vcpus[1].state, crate::vm::VcpuState::Runnable);
+    assert!(vcpus[1].computing, "a wait it woke from does not end its slice");
+    assert_eq!((vm.stats.sibling_halts, vm.stats.sibling_wakes), (1, 1));
+    assert_eq!(other.backend.halts.get(), 0, "nothing to wait for: the vector was there");
+    assert_eq!(vm.devices.lapic(1).unwrap().ppr(), 0, "its EOI, carried out where it ran");
+}
+
+#[test]
+fn a_halted_sibling_waits_out_its_slice_and_the_last_to_halt_ends_the_round() {
+    let mut m = manager();
+    // vCPU 0 (here, first) halts: vCPU 1 has not run yet, so it waits on
+    // this CPU until the slice's end and stays halted. vCPU 1 (after it)
+    // sends it an IPI and halts too, the last awake: the round ends there,
+    // without a wait. The IPI reaches vCPU 0's APIC after the join and
+    // wakes it for the next round.
+    let v0 = vec![exit(VmExit::Preempted), exit(VmExit::Hlt), exit(VmExit::Cpuid)];
+    let v1 = vec![exit(VmExit::Preempted), wrmsr(0x830, 0x41), exit(VmExit::Hlt), exit(VmExit::Cpuid)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
+    x2apic_on(&mut m);
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    assert_eq!(m.sched.sibling_slices, 2, "round 3 ran both at once");
+    {
+        let vm = m.get(id).unwrap();
+        let vcpus = &vm.res.as_ref().unwrap().vcpus;
+        assert_eq!(vcpus[0].state, crate::vm::VcpuState::Halted, "the round ended before anything woke it");
+        assert_eq!(vcpus[1].state, crate::vm::VcpuState::Halted);
+        assert!(vcpus[0].computing && vcpus[1].computing, "halted with interrupts on: siblings again once woken");
+        assert_eq!(vcpus[1].vcpu.script.len(), 1, "vCPU 1 stopped at its HLT");
+        assert_eq!((vm.stats.sibling_halts, vm.stats.sibling_wakes), (2, 0));
+        assert!(interrupts_taken(&vcpus[0].vcpu).is_empty());
+    }
+    assert_eq!(m.backend.as_ref().unwrap().halts.get(), 1, "vCPU 0 waited on this CPU");
+    assert_eq!(other.backend.halts.get(), 0, "the last to halt does not wait");
+    // The posted vector woke vCPU 0: it runs, alone, and takes it.
+    assert!(m.run_round(&mut con, &mut other));
+    let vcpus = &m.get(id).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[0].vcpu), [0x41]);
+    assert!(vcpus[0].vcpu.script.is_empty());
+}
+
 #[test]
 fn a_sibling_in_xapic_mode_decodes_its_own_apic_accesses_where_it_runs() {
     let mut m = manager();

@@ -46,6 +46,11 @@ impl PostedIrr {
         self.0[usize::from(vector >> 6)].fetch_or(1 << (vector & 63), Ordering::SeqCst);
     }
 
+    /// Whether a vector waits to be taken.
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|w| w.load(Ordering::SeqCst) != 0)
+    }
+
     /// Takes every vector posted so far, handing each to `f`; whether
     /// there was one.
     pub fn take(&self, mut f: impl FnMut(u8)) -> bool {
@@ -160,9 +165,26 @@ impl SiblingApic {
         }
     }
 
-    /// Whether an interrupt-window exit is this sibling's to fill (not the
-    /// PIC's, which the boot CPU delivers).
-    pub fn owns_window(&self) -> bool {
+    /// Whether its halted vCPU wakes: the vectors posted to it go into
+    /// IRR, and one is deliverable (above the processor priority; SDM Vol.
+    /// 3A 11.8.3.1: a masked or lower-priority vector leaves HLT halted).
+    pub fn wakes(&mut self, posted: &PostedIrr) -> bool {
+        let lapic = self.lapic();
+        posted.take(|v| {
+            lapic.accept(v, false);
+        });
+        self.deliverable()
+    }
+
+    /// Whether an interrupt in IRR is above the processor priority.
+    pub fn deliverable(&mut self) -> bool {
+        self.lapic().pending_vector().is_some()
+    }
+
+    /// Whether this sibling delivers its interrupts itself: an interrupt
+    /// window to fill, a HLT to wait out. Not while the PIC's vector (the
+    /// boot CPU's to deliver) comes first.
+    pub fn delivers(&self) -> bool {
         !self.pic
     }
 

@@ -153,6 +153,11 @@ pub fn arm(deadline: u64) {
     write(REG_INITIAL_COUNT, count as u32);
 }
 
+/// Stops the timer (a count of 0; SDM Vol. 3A 11.5.4).
+pub fn disarm() {
+    write(REG_INITIAL_COUNT, 0);
+}
+
 /// Sends this CPU an interrupt (a self-IPI on `smp::WAKE_VECTOR`, whose
 /// handler only acknowledges it). With interrupts off it stays pending, so
 /// the next guest entry exits at once (`SvmCpu::nudge_after_interrupt`).

@@ -480,6 +480,17 @@ fn serve_calls(cpu: &'static Cpu) -> ! {
     }
 }
 
+/// Halts this CPU until TSC `until` or an interrupt: a kick, or the APIC
+/// timer armed for `until` (`Backend::halt_until`).
+pub fn halt_until(until: u64) {
+    apic::arm(until);
+    // STI's shadow covers HLT: a kick that arrived while interrupts were off
+    // is taken in the HLT and ends it, so none is missed (SDM Vol. 2B STI).
+    // SAFETY: the wake and timer handlers only count and acknowledge.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    apic::disarm();
+}
+
 pub extern "x86-interrupt" fn wake_interrupt(_frame: InterruptStackFrame) {
     apic::eoi();
 }

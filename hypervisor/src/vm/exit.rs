@@ -272,15 +272,20 @@ impl<B: Backend> Vm<B> {
         if !smp {
             self.state = RunState::Waiting;
         }
-        // An idle guest has said all it will for now: show a line it left
-        // open (a shell prompt waits for input). Idle: no vCPU left to
-        // run; another vCPU may be in the middle of a line (an AP halting
-        // while the BSP prints cut its lines in two).
+        self.show_partial_if_idle(console);
+        Flow::Yield
+    }
+
+    /// An idle guest has said all it will for now: shows a line it left
+    /// open (a shell prompt waits for input). Idle: no vCPU left to run;
+    /// another vCPU may be in the middle of a line (an AP halting while the
+    /// BSP prints cut its lines in two).
+    pub(crate) fn show_partial_if_idle(&mut self, console: &mut impl Console) {
+        let Some(res) = self.res.as_ref() else { return };
         let idle = !res.vcpus.iter().any(|s| matches!(s.state, super::VcpuState::Runnable | super::VcpuState::Running));
         if idle && let Some(partial) = self.devices.com1().take_partial() {
             console.line(&format!("[vm {}] {partial}", self.id));
         }
-        Flow::Yield
     }
 
     /// The exits of the vCPU model: windows, register instructions, cache

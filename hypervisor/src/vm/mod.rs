@@ -112,6 +112,11 @@ pub struct VmStats {
     /// (`manager::sibling_apic`).
     pub sibling_apic_accesses: u64,
     pub posted_ipis: u64,
+    /// HLTs a sibling waited out on its host CPU, and how many of them a
+    /// posted IPI or its APIC's timer ended there (the others ended with
+    /// the round).
+    pub sibling_halts: u64,
+    pub sibling_wakes: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.
@@ -180,9 +185,10 @@ pub struct VcpuSlot<V> {
     /// the migration's source. It does not run until that page is here
     /// (then it retries the access: RIP still names it).
     pub awaiting_page: Option<u64>,
-    /// Its last slice ran out its time rather than ending at an exit (it
-    /// computes): it may run beside its siblings on other host CPUs
-    /// (`manager::rounds`, "siblings").
+    /// Its last slice ran out its time, or ended halted with interrupts on,
+    /// rather than at an exit that needs the VM (it computes, or waits for
+    /// IPIs): it may run beside its siblings on other host CPUs, where a
+    /// HLT waits for what wakes it (`manager::rounds`, "siblings").
     pub computing: bool,
     pub stats: VcpuStats,
 }
