@@ -6,7 +6,9 @@
 //! `vm stats` shows every vCPU. The 2-vCPU run is in x2APIC mode and
 //! bounces IPIs between its two vCPUs while both compute: they run as
 //! siblings, each handling its own APIC's MSRs where it runs, and the
-//! IPIs are posted from one to the other. A one-vCPU run of the same guest passes
+//! IPIs are posted from one to the other. Once more with both vCPUs
+//! waiting for each IPI halted (`halt=1`): the halts are waited out where
+//! the vCPUs run, and the posted IPIs wake them there. A one-vCPU run of the same guest passes
 //! too, and a bad `vcpus=` is refused without starting anything. Then two
 //! vCPUs that compute run side by side on the two host CPUs, a pause stops
 //! every vCPU, and their shared count is exact.
@@ -24,7 +26,8 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
     let e = m.cmd("vm run smptest vcpus=9");
     assert!(e.contains("vm run: vcpus must be a number in 1..=8, not \"9\""), "{e}");
     assert!(m.cmd("vm list").contains("no VMs"), "{}", m.transcript());
-    for (id, n, args) in [(1, 2, "x2apic=1 pingpong=20"), (2, 4, ""), (3, 1, "")] {
+    for (id, n, args) in [(1, 2, "x2apic=1 pingpong=20"), (2, 4, ""), (3, 1, ""), (4, 2, "x2apic=1 pingpong=20 halt=1")]
+    {
         m.cmd(&format!("vm run smptest vcpus={n} -- {args}"));
         m.wait_for(&format!("vm {id} (smptest) exited"), TIMEOUT);
         let t = m.transcript();
@@ -62,9 +65,15 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
             // sender ran, EOIs and ICR writes handled there.
             assert!(s["posted_ipis"].as_u64().unwrap() >= 1, "no IPI went from sibling to sibling: {s}");
             assert!(s["sibling_apic_accesses"].as_u64().unwrap() >= 2, "{s}");
+            if args.contains("halt=1") {
+                // Each side halts for most IPIs; a HLT that ended the round
+                // instead (the way before) would be woken on the boot CPU.
+                let (halts, woken) = (s["sibling_halts"].as_u64().unwrap(), s["sibling_wakes"].as_u64().unwrap());
+                assert!(woken >= 5 && halts >= woken, "halted siblings not woken where they ran: {s}");
+            }
             let trip =
                 t.lines().find(|l| l.contains(&format!("[vm {id}] smptest: ipi round trip"))).unwrap_or_default();
-            eprintln!("{}/{}: x2apic, 2 vcpus: {trip}", emu.name(), emu.backend());
+            eprintln!("{}/{}: 2 vcpus, {args}: {trip}", emu.name(), emu.backend());
         }
         eprintln!(
             "{}/{}: smptest vcpus={n} {args}: {} slices beside a sibling, {} ipis posted between them",
@@ -75,7 +84,7 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
         );
         eprintln!("{}/{}: smptest vcpus={n}: {}", emu.name(), emu.backend(), s["vcpus"]);
     }
-    vcpus_compute_on_both_host_cpus_and_pause_stops_them(&mut m, emu, 4);
+    vcpus_compute_on_both_host_cpus_and_pause_stops_them(&mut m, emu, 5);
     m.poweroff();
 }
 
