@@ -262,6 +262,16 @@ impl Machine {
         }
     }
 
+    /// `wait_for`, but on a timeout first asks the hypervisor `diagnose`
+    /// (a `vm stats` that shows why a guest went quiet: each vCPU's state
+    /// and local APIC) and puts the answer in the panic.
+    pub fn wait_for_or_report(&mut self, text: &str, timeout: Duration, diagnose: &str) {
+        if let Err(e) = self.s().wait_for(text, 0, timeout) {
+            let report = self.cmd(diagnose);
+            panic!("[{}] {e:#}\n{diagnose}:\n{report}", self.name);
+        }
+    }
+
     /// Waits until `text` appears in the console output after byte `from`
     /// of the transcript (for text a guest prints more than once).
     pub fn wait_for_after(&self, text: &str, from: usize, timeout: Duration) {

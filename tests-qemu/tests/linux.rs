@@ -66,7 +66,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.wait_for(&boot::initramfs::MARKER[..16], Duration::from_secs(60));
     let secs = start.elapsed().as_secs_f64();
     // The shell: a prompt, commands typed into COM1 run, output comes back.
-    m.wait_for("linux-guest:/# ", Duration::from_secs(120));
+    m.wait_for_or_report("linux-guest:/# ", Duration::from_secs(120), "vm stats 1");
     let out = m.cmd("vm send 1 -- uname -r");
     assert!(out.contains("bytes sent to vm 1"), "{out}");
     m.wait_for("6.1.0-", Duration::from_secs(120));
@@ -351,7 +351,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert!(out.lines().any(|l| l.starts_with("d1 ") && l.contains("image")), "{out}");
     let out = m.cmd("vm run linux disk=d1 vcpus=2 -- console=ttyS0 quiet");
     assert!(out.contains("vm 1 started"), "{out}");
-    m.wait_for("linux-guest:/# ", Duration::from_secs(400));
+    m.wait_for_or_report("linux-guest:/# ", Duration::from_secs(400), "vm stats 1");
     m.cmd(&format!("vm send 1 -- {READ_PATTERN}; echo again-$((4+4))"));
     m.wait_for("[vm 1] again-8", Duration::from_secs(240));
     assert_eq!(pattern_sum(&m.transcript(), "[vm 1] ", "  -"), sum, "the data did not survive the host's restart");

@@ -109,6 +109,11 @@ fn vcpus_compute_on_both_host_cpus_and_pause_stops_them(m: &mut Machine, emu: Em
     let vcpus = s["vcpus"].as_array().expect("vcpus");
     let on_cpu1 = vcpus.iter().filter(|v| v["host_cpus"].as_str().unwrap().contains('1')).count();
     assert!(on_cpu1 >= 1, "no vCPU ran on host CPU 1: {s}");
+    // Each vCPU's local APIC at a glance: enabled, nothing left in service
+    // by the APs, which count without interrupts.
+    for v in &vcpus[1..] {
+        assert_eq!((v["apic"]["isr"].is_null(), v["apic"]["ppr"].as_u64()), (true, Some(0)), "{s}");
+    }
     let host = m.json("host --json");
     assert!(host["scheduler"]["sibling_slices"].as_u64().unwrap() >= 4, "{host}");
     // Paused while both APs compute: nothing of any vCPU moves.

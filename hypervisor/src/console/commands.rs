@@ -244,7 +244,9 @@ fn run<B: Backend>(
             let now = m.nested_pages_now(*id);
             let by_node = m.pages_by_node(*id);
             let vm = m.get(*id).ok_or_else(|| format!("no VM {id}"))?;
-            let mut r = stats_reply(vm, hz, m.switch_of(*id), m.lazy_progress(*id), now);
+            let now_ns =
+                m.backend.as_ref().map_or(0, |b| crate::vm::interrupts::vm_ns(b.now(), hz, vm.clock_offset_ns));
+            let mut r = stats_reply(vm, hz, m.switch_of(*id), m.lazy_progress(*id), now, now_ns);
             if m.numa.is_numa() {
                 numa_stats(&mut r, vm.node, &by_node);
             }
@@ -408,6 +410,7 @@ fn stats_reply<B: Backend>(
     switch: Option<&str>,
     lazy: Option<crate::memory::lazy::LazyProgress>,
     nested_now: Option<[u64; 3]>,
+    now_ns: u64,
 ) -> Reply {
     let run_us = ticks_to_us(vm.stats.run_ticks, hz);
     let wall_end = vm.stats.ended_tsc;
@@ -433,7 +436,7 @@ fn stats_reply<B: Backend>(
     }
     // Each vCPU: its state machine's state and what it did (an ended VM
     // has freed its vCPUs: none).
-    for line in vm.vcpu_lines() {
+    for line in vm.vcpu_lines(now_ns) {
         text.push_str(&format!("\n  {line}"));
     }
     text.push_str(&format!("\n  cpuid: {}", vm.cpuid.describe()));
@@ -536,6 +539,7 @@ fn stats_reply<B: Backend>(
                     "index": i, "apic_id": i, "state": state, "exits": s.exits, "run_ticks": s.run_ticks,
                     "slices": s.slices, "wakeups": s.wakeups, "last_host_cpu": s.last_host_cpu,
                     "host_cpus": s.host_cpu_list(), "moves": s.moves,
+                    "apic": vm.res.as_ref().and_then(|_| vm.devices.apic_summary(i, now_ns)),
                 })
             })
             .collect();

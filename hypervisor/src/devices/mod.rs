@@ -439,6 +439,11 @@ impl DeviceSet {
         self.interrupts_changed(now_ns);
     }
 
+    /// vCPU `index`'s local APIC at a glance, at VM time `now_ns`.
+    pub fn apic_summary(&self, index: usize, now_ns: u64) -> Option<lapic::Summary> {
+        self.lapics.get(index).map(|l| l.summary(now_ns, self.guest_tsc(now_ns)))
+    }
+
     /// The guest's TSC as the devices compute it, copied for a sibling that
     /// runs its own APIC's timer.
     pub fn guest_tsc_clock(&self) -> GuestTsc {

@@ -112,7 +112,7 @@ fn aps_start_at_sipi_halted_vcpus_cost_nothing_and_ipis_wake_them() {
     let ap = &m.get(id).unwrap().res.as_ref().unwrap().vcpus[1];
     assert_eq!(ap.stats.wakeups, 1, "the IPI woke it");
     assert!(ap.vcpu.delivered.contains(&Event::Interrupt { vector: 0x41 }), "{:?}", ap.vcpu.delivered);
-    let report = m.get(id).unwrap().vcpu_lines();
+    let report = m.get(id).unwrap().vcpu_lines(0);
     assert_eq!(report.len(), 2);
     assert!(report[1].starts_with("vcpu 1: ") && report[1].contains("1 wake-ups from hlt"), "{report:?}");
 }
@@ -149,8 +149,8 @@ fn a_vm_whose_vcpus_can_never_run_again_ends() {
         "{:?}",
         vm.state
     );
-    assert_eq!(vm.vcpu_lines().len(), 2, "the vCPUs' counts outlive them");
-    assert!(vm.vcpu_lines()[0].starts_with("vcpu 0: stopped"));
+    assert_eq!(vm.vcpu_lines(0).len(), 2, "the vCPUs' counts outlive them");
+    assert!(vm.vcpu_lines(0)[0].starts_with("vcpu 0: stopped"));
     assert_eq!(m.backend.as_ref().unwrap().destroyed, 2, "both vCPUs freed");
 }
 

@@ -189,13 +189,18 @@ impl<B: Backend> Vm<B> {
         }
     }
 
-    /// One line per vCPU for `vm stats`.
-    pub fn vcpu_lines(&self) -> Vec<String> {
+    /// One line per vCPU for `vm stats`, with its local APIC at VM time
+    /// `now_ns` while the VM lives.
+    pub fn vcpu_lines(&self, now_ns: u64) -> Vec<String> {
         self.vcpu_report()
             .into_iter()
             .map(|(i, state, s)| {
+                let apic = match self.res.as_ref().and_then(|_| self.devices.apic_summary(i, now_ns)) {
+                    Some(a) => format!("; apic: {a}"),
+                    None => String::new(),
+                };
                 format!(
-                    "vcpu {i}: {state}, {} exits, {} slices, {} wake-ups from hlt, last on host cpu {}, ran on host cpus {} ({} moves)",
+                    "vcpu {i}: {state}, {} exits, {} slices, {} wake-ups from hlt, last on host cpu {}, ran on host cpus {} ({} moves){apic}",
                     s.exits,
                     s.slices,
                     s.wakeups,

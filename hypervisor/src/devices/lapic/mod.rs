@@ -429,6 +429,41 @@ fn bits_word(bits: &[u64; 4], word: u32) -> u32 {
     (bits[(word / 2) as usize] >> (32 * (word % 2))) as u32
 }
 
+/// A local APIC's interrupt state at a glance ([`Lapic::summary`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// The highest vector in service and the highest requested.
+    pub isr: Option<u8>,
+    pub irr: Option<u8>,
+    pub tpr: u8,
+    pub ppr: u8,
+    pub lvt_timer: u32,
+    /// IA32_TSC_DEADLINE (0: not armed).
+    pub tsc_deadline: u64,
+    /// When the timer is next due, in ns from now (`None`: not armed, or
+    /// masked in a counting mode).
+    pub timer_in_ns: Option<u64>,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = |v: Option<u8>| v.map_or_else(|| alloc::string::String::from("-"), |v| alloc::format!("{v:#04x}"));
+        write!(
+            f,
+            "isr {}, irr {}, tpr {:#04x}, ppr {:#04x}, lvt timer {:#x}, ",
+            v(self.isr),
+            v(self.irr),
+            self.tpr,
+            self.ppr,
+            self.lvt_timer
+        )?;
+        match self.timer_in_ns {
+            Some(ns) => write!(f, "timer due in {} us", ns / 1000),
+            None => write!(f, "timer not armed"),
+        }
+    }
+}
+
 /// The timer modes of LVT timer bits 18:17 (SDM 11.5.4.1, Table 11-2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TimerMode {
@@ -518,6 +553,21 @@ impl Lapic {
     /// Set the TPR (a CR8 write, or the TPR shadow after a VM exit).
     pub fn set_tpr(&mut self, tpr: u8) {
         self.s.tpr = tpr;
+    }
+
+    /// What `vm stats` shows of it: enough to see why a vCPU takes no
+    /// interrupts (a vector left in service, a masked timer, a deadline far
+    /// off), at VM time `now_ns` with the guest's TSC `guest_tsc`.
+    pub fn summary(&self, now_ns: u64, guest_tsc: u64) -> Summary {
+        Summary {
+            isr: highest(&self.s.isr),
+            irr: highest(&self.s.irr),
+            tpr: self.s.tpr,
+            ppr: self.ppr(),
+            lvt_timer: self.s.lvt[LVT_TIMER],
+            tsc_deadline: self.s.timer.tsc_deadline,
+            timer_in_ns: self.next_timer_deadline(now_ns, guest_tsc).map(|t| t.saturating_sub(now_ns)),
+        }
     }
 
     /// The processor priority (SDM 11.8.3.1): the TPR if its class is at
