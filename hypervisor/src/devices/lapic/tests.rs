@@ -972,10 +972,7 @@ fn the_summary_shows_a_vector_left_in_service_and_when_the_timer_is_due() {
     let s = l.summary(100, 1000);
     assert_eq!((s.isr, s.irr, s.ppr, s.lvt_timer, s.tsc_deadline), (Some(0xec), Some(0xfd), 0xe0, 0x4_00ec, 5000));
     assert_eq!(s.timer_in_ns, Some(2000));
-    assert_eq!(
-        s.to_string(),
-        "isr 0xec, irr 0xfd, tpr 0x00, ppr 0xe0, lvt timer 0x400ec, timer due in 2 us"
-    );
+    assert_eq!(s.to_string(), "isr 0xec, irr 0xfd, tpr 0x00, ppr 0xe0, lvt timer 0x400ec, timer due in 2 us");
     wm(&mut l, IA32_TSC_DEADLINE, 0, 0);
     assert_eq!(l.summary(100, 1000).timer_in_ns, None);
 }
