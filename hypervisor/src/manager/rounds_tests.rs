@@ -329,16 +329,9 @@ fn siblings_in_x2apic_mode_run_their_own_apics_and_post_ipis_to_each_other() {
     // CPU's to do.
     let v1 = vec![exit(VmExit::Preempted), wrmsr(0x80b, 0), exit(VmExit::Cpuid), wrmsr(0x830, 0x400)];
     let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
-    let vm = &mut m.vms[0];
-    for v in 0..2 {
-        // What the guest does first: x2APIC mode, the APIC software-enabled,
-        // interrupts on.
-        vm.devices.set_current(v);
-        let base = vm.devices.lapic_read_msr(0x1b, 0).unwrap().unwrap();
-        assert_eq!(vm.devices.lapic_write_msr(0x1b, base | (1 << 10), 0), Some(Ok(())));
-        assert_eq!(vm.devices.lapic_write_msr(0x80f, 0x1ff, 0), Some(Ok(())));
-        vm.res.as_mut().unwrap().vcpus[v].vcpu.rflags |= 0x200;
-    }
+    // What the guest does first: x2APIC mode, the APIC software-enabled,
+    // interrupts on.
+    x2apic_on(&mut m);
     let mut con = Lines::default();
     for _ in 0..3 {
         assert!(m.run_round(&mut con, &mut other));
@@ -346,17 +339,7 @@ fn siblings_in_x2apic_mode_run_their_own_apics_and_post_ipis_to_each_other() {
     assert_eq!(m.sched.sibling_slices, 2, "round 3 ran both at once");
     let vm = m.get(id).unwrap();
     let vcpus = &vm.res.as_ref().unwrap().vcpus;
-    let took = |v: usize| -> Vec<u8> {
-        vcpus[v]
-            .vcpu
-            .delivered
-            .iter()
-            .filter_map(|e| match e {
-                vcpu::Event::Interrupt { vector } => Some(*vector),
-                _ => None,
-            })
-            .collect()
-    };
+    let took = |v: usize| interrupts_taken(&vcpus[v].vcpu);
     // 0x42 waits for the EOI of 0x41: the same priority class.
     assert_eq!(took(0), [0x41, 0x42], "its self-IPI, then its timer's interrupt after the EOI");
     assert_eq!(took(1), [0x40], "the IPI vCPU 0 posted, taken at its first entry");
