@@ -142,7 +142,8 @@ impl DeviceSet {
             Effect::Ipi(ipi) => {
                 let targets = self.ipi_targets(&ipi);
                 let me = self.cur_bit;
-                self.kicked |= targets & !me != 0 || (targets & me != 0 && ipi.mode == DeliveryMode::Init);
+                let init_me = if ipi.mode == DeliveryMode::Init { me } else { 0 };
+                self.kicked |= targets & (!me | init_me);
                 // IPIs are edge-triggered whatever the trigger bit says on
                 // an xAPIC (11.6.1, Table 11-3 note 2).
                 self.send(targets, ipi.mode, ipi.vector, false, ipi.is_init_deassert());

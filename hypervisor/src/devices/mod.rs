@@ -241,9 +241,10 @@ pub struct DeviceSet {
     /// when `signals[i]` holds any.
     signals: Vec<Signals>,
     signalled: u32,
-    /// An IPI reached a vCPU other than the sender, or an INIT the sender:
-    /// the scheduler should act on it before the slice ends.
-    kicked: bool,
+    /// The vCPUs (bit i: vCPU i) an IPI reached other than the sender, and
+    /// the sender if that was an INIT: the scheduler should act on it
+    /// before the slice ends.
+    kicked: u32,
     ioapic: IoApic,
     /// The guest's TSC minus the host's, and the TSC's rate: a TSC-deadline
     /// timer counts in guest TSC.
@@ -327,7 +328,7 @@ impl DeviceSet {
             cur_bit: 1,
             signals: alloc::vec![Signals::default(); vcpus],
             signalled: 0,
-            kicked: false,
+            kicked: 0,
             ioapic: IoApic::new(IOAPIC_ID),
             tsc_offset: 0,
             tsc_hz: lapic::DEFAULT_BUS_HZ,
@@ -578,9 +579,9 @@ impl DeviceSet {
         self.signalled != 0
     }
 
-    /// Whether an IPI since the last call wants the scheduler (see
-    /// `kicked`); clears it.
-    pub fn take_kicked(&mut self) -> bool {
+    /// The vCPUs IPIs since the last call reached that want the scheduler
+    /// (see `kicked`; none: 0); clears them.
+    pub fn take_kicked(&mut self) -> u32 {
         core::mem::take(&mut self.kicked)
     }
 
@@ -847,7 +848,7 @@ impl DeviceSet {
         // (`set_signals`); none is left from before.
         self.signals.iter_mut().for_each(|s| *s = Signals::default());
         self.signalled = 0;
-        self.kicked = false;
+        self.kicked = 0;
         self.set_current(0);
         self.ioapic.restore(ioapic);
         self.mca.restore(mca);

@@ -88,8 +88,8 @@ fn ipis_to_other_vcpus_kick_the_scheduler_and_wake_halted_ones() {
     assert!(!set.interrupt_pending_for(0));
     assert!(set.mmio_write(ICR_HIGH, 4, 0, 0));
     assert!(set.mmio_write(ICR_LOW, 4, 0x41, 0));
-    assert!(set.take_kicked(), "an IPI for another vCPU");
-    assert!(!set.take_kicked(), "taken");
+    assert_eq!(set.take_kicked(), 0b01, "an IPI for another vCPU");
+    assert_eq!(set.take_kicked(), 0, "taken");
     assert!(set.interrupt_pending_for(0) && !set.interrupt_pending_for(1));
     assert!(!set.interrupt_pending(), "not the current vCPU's");
     set.set_current(0);
@@ -97,7 +97,7 @@ fn ipis_to_other_vcpus_kick_the_scheduler_and_wake_halted_ones() {
     assert_eq!(set.acknowledge_interrupt(), 0x41);
     // A self IPI is no reason to end the slice.
     assert!(set.mmio_write(ICR_LOW, 4, (1 << 18) | 0x42, 0));
-    assert!(!set.take_kicked());
+    assert_eq!(set.take_kicked(), 0);
     assert!(!set.interrupt_pending_for(31) && !set.interrupt_pending_for(usize::MAX));
 }
 
@@ -187,7 +187,7 @@ fn init_sipi_and_nmi_become_signals_for_the_vm() {
     // scheduler hears of it.
     let _ = set.take_kicked();
     send(&mut set, 1, 1, 0x4500);
-    assert!(set.take_kicked());
+    assert_eq!(set.take_kicked(), 0b10);
     assert!(set.take_signals(1).init);
     assert_eq!(set.take_signals(7), Signals::default(), "no such vCPU");
 }

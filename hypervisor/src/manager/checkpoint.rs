@@ -499,6 +499,7 @@ impl<B: Backend> Manager<B> {
             node,
             cpuid: machine.cpuid,
             next_vcpu: 0,
+            ipi_waiting: 0,
             res: Some(res),
         });
         vm.timers_changed(hz);

@@ -579,6 +579,7 @@ impl<B: Backend> Manager<B> {
             node,
             cpuid: Default::default(),
             next_vcpu: 0,
+            ipi_waiting: 0,
             res: Some(res),
         }))
     }

@@ -144,16 +144,32 @@ pub struct Gang {
     routes: Vec<Route>,
 }
 
-/// `Gang::cpus` of a vCPU not running (yet, or any more).
+/// `Gang::cpus` of a vCPU not in the guest for this round: not one of the
+/// round's siblings, or one whose slice is over.
 const NO_CPU: u32 = u32::MAX;
+/// `Gang::cpus` of a sibling of the round that has not started yet: it
+/// takes what is posted to it when it does.
+const NOT_YET: u32 = u32::MAX - 1;
+
+/// A `Gang::cpus` value naming a host CPU.
+fn on_cpu(c: u32) -> bool {
+    c < NOT_YET
+}
 
 impl Gang {
-    fn new(vm: usize, siblings: u32, routes: Vec<Route>) -> Self {
+    /// The gang of the vCPUs `members` (indexes) of VM `vm`.
+    fn new(vm: usize, members: &[usize], routes: Vec<Route>) -> Self {
+        let cpus = [const { AtomicU32::new(NO_CPU) }; crate::devices::MAX_VCPUS];
+        for &v in members {
+            if let Some(c) = cpus.get(v) {
+                c.store(NOT_YET, Ordering::Relaxed);
+            }
+        }
         Gang {
             vm,
             over: AtomicBool::new(false),
-            awake: AtomicU32::new(siblings),
-            cpus: [const { AtomicU32::new(NO_CPU) }; crate::devices::MAX_VCPUS],
+            awake: AtomicU32::new(members.len() as u32),
+            cpus,
             posted: Default::default(),
             eois: PostedIrr::default(),
             routes,
@@ -209,7 +225,7 @@ impl Gang {
         self.over.store(true, Ordering::SeqCst);
         for c in &self.cpus {
             let c = c.load(Ordering::SeqCst);
-            if c != NO_CPU && c != me {
+            if on_cpu(c) && c != me {
                 backend.kick(c);
             }
         }
@@ -217,17 +233,22 @@ impl Gang {
 
     /// Kicks the host CPUs that run the vCPUs in `vcpus` (bit i: vCPU
     /// i), after vectors were posted to them from host CPU `me`. (SeqCst:
-    /// see `join`; the posts came first.)
-    fn kick_posted<B: Backend>(&self, vcpus: u32, me: u32, backend: &B) {
-        let mut left = vcpus;
+    /// see `join`; the posts came first.) Returns those of them not in the
+    /// guest for this round, whose vectors wait for the boot CPU.
+    fn kick_posted<B: Backend>(&self, vcpus: u32, me: u32, backend: &B) -> u32 {
+        let (mut left, mut away) = (vcpus, 0);
         while left != 0 {
             let v = left.trailing_zeros() as usize;
             left &= left - 1;
             let c = self.cpus.get(v).map_or(NO_CPU, |c| c.load(Ordering::SeqCst));
-            if c != NO_CPU && c != me {
+            if on_cpu(c) && c != me {
                 backend.kick(c);
             }
+            if c == NO_CPU {
+                away |= crate::devices::bit(v);
+            }
         }
+        away
     }
 
     fn over(&self) -> bool {
@@ -297,6 +318,8 @@ pub struct Sibling<B: Backend> {
     halts: u64,
     woken: u64,
     ended_halted: bool,
+    /// Its slice ended at an IPI it sent to a vCPU not in the guest.
+    ipi_away: bool,
 }
 
 /// One vCPU's slice on another CPU, or a sibling's on any CPU. The boot
@@ -466,8 +489,13 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
             }
         }
         let to = out.posted_to.take();
-        if to != 0 {
-            gang.kick_posted(to, here.index, backend);
+        // An IPI for a vCPU not in the guest now: it takes the vector only
+        // after the join, so end this slice rather than risk a second IPI
+        // of the same vector meeting the first in its IRR; the scheduler
+        // runs that vCPU first next (`Vm::ipi_waiting`).
+        if to != 0 && gang.kick_posted(to, here.index, backend) != 0 {
+            s.ipi_away = true;
+            break None;
         }
         if s.apic.timer <= t1 {
             s.apic.tick(t1);
@@ -489,8 +517,9 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
         slot.halted_irq_off = false;
         s.ended_halted = true;
     }
-    // Cut short by a sibling, it was computing all the same.
-    slot.computing = halted || s.expired || (s.kicked && slot.computing);
+    // Cut short by a sibling, it was computing all the same; ended for its
+    // own IPI, it would have posted that where it runs (as it did).
+    slot.computing = halted || s.expired || s.ipi_away || (s.kicked && slot.computing);
     slot.stats.exits += s.exits.iter().sum::<u64>() - exits_before;
     slot.stats.run_ticks += s.run_ticks - ticks_before;
     slot.vcpu.put();
@@ -605,7 +634,6 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     // the pauses between them are short too.
     let slice_ticks = slice_ticks.min(vm.throttle.slice_cap(backend.tsc_hz()));
     vm.state = RunState::Running;
-    vm.next_vcpu = v + 1;
     vm.devices.set_current(v);
     vm.stats.first_entry_tsc.get_or_insert(now);
     let here = vcpu::cpu_local::get();
@@ -637,6 +665,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     let deadline = t0.saturating_add(slice_ticks);
     let mut expired = false;
     let mut last = ExitKind::Preempted;
+    let mut ipi_sent = false;
     let flow = loop {
         // Not `map` into an `Option<VmExit>`: that moves the exit once more
         // on every exit.
@@ -663,8 +692,14 @@ fn run_body<B: Backend, H: SliceHost<B>>(
         // An IPI for another vCPU (or an INIT for this one; only an APIC
         // write sends one): let the scheduler act on it now rather than at
         // the slice's end.
-        if matches!(kind, vcpu::ExitKind::NestedPageFault | vcpu::ExitKind::Wrmsr) && vm.devices.take_kicked() {
-            break Flow::Yield;
+        if matches!(kind, vcpu::ExitKind::NestedPageFault | vcpu::ExitKind::Wrmsr) {
+            let targets = vm.devices.take_kicked();
+            if targets != 0 {
+                // They run first next (`Vm::ipi_waiting`).
+                vm.ipi_waiting |= targets & !crate::devices::bit(v);
+                ipi_sent = true;
+                break Flow::Yield;
+            }
         }
         vm.deliver_interrupts(t1, backend.tsc_hz());
         // The guest moved its timer earlier than the slice's end
@@ -686,10 +721,11 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     };
     vm.throttle.after_slice(vm.stats.run_ticks - ticks_before, backend.now());
     if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
-        // Halted with interrupts on: beside a sibling it would wait for its
-        // interrupt where it runs, as it did here.
+        // Halted with interrupts on, or ended to let the target of its IPI
+        // run: beside a sibling it would wait for its interrupt, or post
+        // the IPI, where it runs.
         let idle = last == ExitKind::Hlt && slot.state == crate::vm::VcpuState::Halted && !slot.halted_irq_off;
-        slot.computing = expired || idle;
+        slot.computing = expired || idle || ipi_sent;
         slot.stats.exits += vm.stats.total_exits() - exits_before;
         slot.stats.run_ticks += vm.stats.run_ticks - ticks_before;
     }
@@ -1008,7 +1044,7 @@ impl<B: Backend> Manager<B> {
             let (vm_id, cpuid, offset_ns) = (vm.id, &raw const vm.cpuid, vm.clock_offset_ns);
             let tsc = vm.devices.guest_tsc_clock();
             let lapics = vm.devices.lapics_ptr();
-            let gang = Box::new(Gang::new(i, mine.len() as u32, vm.devices.routes().collect()));
+            let gang = Box::new(Gang::new(i, &mine, vm.devices.routes().collect()));
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
             let mem: *const GuestMemory<B::Format> = &res.mem;
@@ -1038,6 +1074,7 @@ impl<B: Backend> Manager<B> {
                     halts: 0,
                     woken: 0,
                     ended_halted: false,
+                    ipi_away: false,
                 };
                 out.push(SiblingPart { vm: i, vcpu: v, part: Some((s, slice)) });
             }
@@ -1057,9 +1094,12 @@ impl<B: Backend> Manager<B> {
         let vm = &mut self.vms[gang.vm];
         for (v, posted) in gang.posted.iter().enumerate() {
             if let Some(lapic) = vm.devices.lapic_mut(v) {
-                posted.take(|vector| {
+                let waiting = posted.take(|vector| {
                     lapic.accept(vector, false);
                 });
+                if waiting {
+                    vm.ipi_waiting |= crate::devices::bit(v);
+                }
             }
         }
         gang.eois.take(|vector| vm.devices.eoi_broadcast(vector));
@@ -1140,7 +1180,7 @@ mod gang_tests {
     #[test]
     fn the_last_sibling_to_halt_ends_the_round_unless_a_vector_waits_for_one_in_the_guest() {
         let b = MockBackend::new(16);
-        let gang = Gang::new(0, 2, alloc::vec::Vec::new());
+        let gang = Gang::new(0, &[0, 1], alloc::vec::Vec::new());
         assert!(!gang.join(0, 0) && !gang.join(1, 1));
         // vCPU 1 posts to vCPU 0 and halts; vCPU 0, halted before it saw
         // the vector, is not counted awake: still not the last, as vCPU 0
@@ -1156,7 +1196,7 @@ mod gang_tests {
         assert!(gang.doze(0, &b), "nothing awake, nothing posted");
         assert!(gang.over());
         // A vector for a vCPU no longer in the guest does not hold a round.
-        let gang = Gang::new(0, 2, alloc::vec::Vec::new());
+        let gang = Gang::new(0, &[0, 1], alloc::vec::Vec::new());
         assert!(!gang.join(0, 0) && !gang.join(1, 1));
         gang.posted[1].post(0x41);
         gang.cpus[1].store(NO_CPU, Ordering::SeqCst);

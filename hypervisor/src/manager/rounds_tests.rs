@@ -92,16 +92,25 @@ fn vcpu_of(m: &Manager<MockBackend>, id: u32) -> &crate::testing::MockVcpu {
     &m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].vcpu
 }
 
-/// A VM of four vCPUs whose vCPUs 0 and 1 run `scripts` (vCPU 1 started
-/// where vCPU 0 starts, the image's code, as if the guest had started its
-/// AP), and a stand-in for one other CPU.
+/// A VM of two vCPUs that run `scripts` (vCPU 1 started where vCPU 0
+/// starts, the image's code, as if the guest had started its AP), and a
+/// stand-in for one other CPU.
 fn two_vcpu_vm(m: &mut Manager<MockBackend>, scripts: [Vec<Step>; 2]) -> (u32, OneOtherCpu) {
+    smp_vm(m, scripts.into())
+}
+
+/// A VM of a vCPU per script, every AP started where vCPU 0 starts, and a
+/// stand-in for one other CPU.
+fn smp_vm(m: &mut Manager<MockBackend>, scripts: Vec<Vec<Step>>) -> (u32, OneOtherCpu) {
+    let n = scripts.len();
     m.backend.as_mut().unwrap().scripts.extend(scripts);
-    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, n as u32).unwrap();
     let res = m.vms[0].res.as_mut().unwrap();
     let start = res.vcpus[0].vcpu.state();
-    res.vcpus[1].vcpu.set_state(&start).unwrap();
-    res.vcpus[1].state = crate::vm::VcpuState::Runnable;
+    for slot in &mut res.vcpus[1..] {
+        slot.vcpu.set_state(&start).unwrap();
+        slot.state = crate::vm::VcpuState::Runnable;
+    }
     (id, OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() })
 }
 
@@ -357,7 +366,7 @@ fn siblings_in_x2apic_mode_run_their_own_apics_and_post_ipis_to_each_other() {
 /// interrupts on: what the guest does first.
 fn x2apic_on(m: &mut Manager<MockBackend>) {
     let vm = &mut m.vms[0];
-    for v in 0..2 {
+    for v in 0..vm.vcpu_count() {
         vm.devices.set_current(v);
         let base = vm.devices.lapic_read_msr(0x1b, 0).unwrap().unwrap();
         assert_eq!(vm.devices.lapic_write_msr(0x1b, base | (1 << 10), 0), Some(Ok(())));
@@ -411,13 +420,14 @@ fn a_halted_sibling_waits_where_it_runs_and_a_posted_ipi_wakes_it_there() {
 }
 
 #[test]
-fn a_halted_sibling_waits_out_its_slice_and_the_last_to_halt_ends_the_round() {
+fn a_halted_sibling_waits_out_its_slice_and_an_ipi_for_it_then_ends_the_senders() {
     let mut m = manager();
     // vCPU 0 (here, first) halts: vCPU 1 has not run yet, so it waits on
     // this CPU until the slice's end and stays halted. vCPU 1 (after it)
-    // sends it an IPI and halts too, the last awake: the round ends there,
-    // without a wait. The IPI reaches vCPU 0's APIC after the join and
-    // wakes it for the next round.
+    // sends it an IPI: vCPU 0 is no longer in the guest and takes it only
+    // after the join, so vCPU 1's slice ends there (a second IPI of the
+    // vector would meet the first in vCPU 0's IRR), and vCPU 0, woken by
+    // it, goes first in the next round.
     let v0 = vec![exit(VmExit::Preempted), exit(VmExit::Hlt), exit(VmExit::Cpuid)];
     let v1 = vec![exit(VmExit::Preempted), wrmsr(0x830, 0x41), exit(VmExit::Hlt), exit(VmExit::Cpuid)];
     let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
@@ -431,19 +441,22 @@ fn a_halted_sibling_waits_out_its_slice_and_the_last_to_halt_ends_the_round() {
         let vm = m.get(id).unwrap();
         let vcpus = &vm.res.as_ref().unwrap().vcpus;
         assert_eq!(vcpus[0].state, crate::vm::VcpuState::Halted, "the round ended before anything woke it");
-        assert_eq!(vcpus[1].state, crate::vm::VcpuState::Halted);
-        assert!(vcpus[0].computing && vcpus[1].computing, "halted with interrupts on: siblings again once woken");
-        assert_eq!(vcpus[1].vcpu.script.len(), 1, "vCPU 1 stopped at its HLT");
-        assert_eq!((vm.stats.sibling_halts, vm.stats.sibling_wakes), (2, 0));
+        assert_eq!(vcpus[1].state, crate::vm::VcpuState::Runnable);
+        assert!(vcpus[0].computing && vcpus[1].computing, "halted, or stopped at its IPI: siblings again");
+        assert_eq!(vcpus[1].vcpu.script.len(), 2, "vCPU 1 stopped right after its IPI");
+        assert_eq!((vm.stats.sibling_halts, vm.stats.sibling_wakes, vm.stats.posted_ipis), (1, 0, 1));
         assert!(interrupts_taken(&vcpus[0].vcpu).is_empty());
+        assert_eq!(vm.ipi_waiting, 0b01, "vCPU 0 goes first");
     }
     assert_eq!(m.backend.as_ref().unwrap().halts.get(), 1, "vCPU 0 waited on this CPU");
-    assert_eq!(other.backend.halts.get(), 0, "the last to halt does not wait");
-    // The posted vector woke vCPU 0: it runs, alone, and takes it.
+    assert_eq!(other.backend.halts.get(), 0);
+    // The posted vector woke vCPU 0: it runs first and takes it.
     assert!(m.run_round(&mut con, &mut other));
-    let vcpus = &m.get(id).unwrap().res.as_ref().unwrap().vcpus;
+    let vm = m.get(id).unwrap();
+    let vcpus = &vm.res.as_ref().unwrap().vcpus;
     assert_eq!(interrupts_taken(&vcpus[0].vcpu), [0x41]);
     assert!(vcpus[0].vcpu.script.is_empty());
+    assert_eq!(vm.ipi_waiting, 0);
 }
 
 #[test]
@@ -487,4 +500,89 @@ fn a_sibling_in_xapic_mode_decodes_its_own_apic_accesses_where_it_runs() {
     assert_eq!(m.sched.kicked_slices, 1);
     let ldr = m.vms[0].devices.mmio_read(0xfee0_00d0, 4, 0);
     assert_eq!(ldr, Some(1 << 24), "vCPU 0's LDR");
+}
+
+#[test]
+fn a_vcpu_whose_slice_ended_at_an_ipi_it_sent_or_halted_runs_beside_its_sibling_next() {
+    let mut m = manager();
+    // Alone on the boot CPU, vCPU 0 halts with interrupts on, then vCPU 1
+    // sends it an IPI (its slice ends so the target can run): beside each
+    // other both would have handled that where they run, so both count as
+    // computing, and with vCPU 0 woken they run side by side.
+    let v0 = vec![exit(VmExit::Hlt), wrmsr(0x80b, 0)];
+    let v1 = vec![wrmsr(0x830, 0x40)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
+    x2apic_on(&mut m);
+    let computing = |m: &Manager<MockBackend>, v: usize| m.get(id).unwrap().res.as_ref().unwrap().vcpus[v].computing;
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut NoOtherCpus));
+    assert!(computing(&m, 0), "its slice ended halted, interrupts on");
+    assert!(m.run_round(&mut con, &mut NoOtherCpus));
+    assert!(computing(&m, 1), "its slice ended at the IPI it sent");
+    assert_eq!(m.sched.sibling_slices, 0);
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(m.sched.sibling_slices, 2, "woken by the IPI, vCPU 0 runs beside vCPU 1");
+    let vcpus = &m.get(id).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[0].vcpu), [0x40]);
+}
+
+#[test]
+fn the_target_of_an_ipi_runs_before_the_sender_can_send_it_another() {
+    let mut m = manager();
+    // Three vCPUs on one CPU: vCPU 0 sends vCPU 2 an IPI, and its slice
+    // ends there. vCPU 2 runs next, ahead of vCPU 1 (the round-robin's
+    // next): a second IPI of the vector before vCPU 2 took the first
+    // would have met it in one IRR bit.
+    let ipi_to_2 = || wrmsr(0x830, (2 << 32) | 0x41);
+    let v0 = vec![ipi_to_2(), exit(VmExit::Cpuid)];
+    let (id, _) = smp_vm(&mut m, vec![v0, vec![], vec![]]);
+    x2apic_on(&mut m);
+    let mut con = Lines::default();
+    let slices = |m: &Manager<MockBackend>| -> Vec<u64> {
+        m.get(id).unwrap().res.as_ref().unwrap().vcpus.iter().map(|s| s.stats.slices).collect()
+    };
+    assert!(m.run_round(&mut con, &mut NoOtherCpus));
+    assert_eq!(slices(&m), [1, 0, 0]);
+    assert_eq!(m.get(id).unwrap().ipi_waiting, 0b100);
+    assert!(m.run_round(&mut con, &mut NoOtherCpus));
+    assert_eq!(slices(&m), [1, 0, 1], "the target first");
+    let vcpus = &m.get(id).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[2].vcpu), [0x41]);
+    assert!(m.run_round(&mut con, &mut NoOtherCpus));
+    assert_eq!(slices(&m), [1, 1, 1], "then round-robin");
+}
+
+#[test]
+fn a_sibling_that_ipis_a_vcpu_not_in_the_round_ends_its_slice_and_the_target_runs_next() {
+    let mut m = manager();
+    // vCPUs 0 and 1 compute side by side (vCPU 2 too, but there are only
+    // two CPUs). vCPU 1 sends vCPU 2 an IPI twice: the first ends its
+    // slice, so the second waits until vCPU 2, first in the next round,
+    // took the first.
+    let ipi_to_2 = || wrmsr(0x830, (2 << 32) | 0x41);
+    let v0 = vec![exit(VmExit::Preempted), exit(VmExit::Preempted)];
+    let v1 = vec![exit(VmExit::Preempted), ipi_to_2(), ipi_to_2()];
+    let v2 = vec![exit(VmExit::Preempted), exit(VmExit::Preempted)];
+    let (id, mut other) = smp_vm(&mut m, vec![v0, v1, v2]);
+    x2apic_on(&mut m);
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        assert!(m.run_round(&mut con, &mut NoOtherCpus));
+    }
+    // Every vCPU ran out a slice: all compute.
+    assert!(m.get(id).unwrap().res.as_ref().unwrap().vcpus.iter().all(|s| s.computing));
+    m.vms[0].next_vcpu = 0;
+    assert!(m.run_round(&mut con, &mut other));
+    {
+        let vm = m.get(id).unwrap();
+        let vcpus = &vm.res.as_ref().unwrap().vcpus;
+        assert_eq!(vcpus[1].vcpu.script.len(), 1, "its slice ended at the first IPI");
+        assert!(vcpus[1].computing);
+        assert_eq!(vm.stats.posted_ipis, 1);
+        assert_eq!(vm.ipi_waiting, 0b100);
+    }
+    assert!(m.run_round(&mut con, &mut other));
+    let vcpus = &m.get(id).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[2].vcpu), [0x41], "vCPU 2 ran first and took it");
+    assert_eq!(vcpus[1].vcpu.script.len(), 1, "not yet vCPU 1's second IPI");
 }

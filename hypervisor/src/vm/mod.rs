@@ -385,6 +385,11 @@ pub struct Vm<B: Backend> {
     pub cpuid: crate::cpuid::Profile,
     /// The vCPU the scheduler looks at first next time (round-robin).
     pub next_vcpu: usize,
+    /// vCPUs (bit i: vCPU i) sent an IPI while they were not running: the
+    /// scheduler runs them before the round-robin's next, so that the
+    /// sender cannot send the same vector again before they take it (two
+    /// would meet in one IRR bit). A hint, not saved state.
+    pub ipi_waiting: u32,
     pub res: Option<Resources<B>>,
 }
 

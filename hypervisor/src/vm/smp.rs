@@ -1,8 +1,8 @@
 //! A VM's vCPUs between slices: which one runs next, what IPIs did to them
 //! (NMI, INIT, startup IPI), pause and resume, and the VM's state as the
 //! summary of theirs. Every state change goes through
-//! [`super::vcpu_state`]. All vCPUs take turns on this one host CPU, so
-//! whenever this runs none of them is in the guest.
+//! [`super::vcpu_state`]. This runs on the boot CPU between rounds
+//! (`manager::rounds`), when none of them is in the guest.
 
 use alloc::format;
 use alloc::string::String;
@@ -23,9 +23,10 @@ impl<B: Backend> Vm<B> {
 
     /// The vCPU the scheduler should run now (host clock `now`, TSC ticks
     /// of a `hz` clock), round-robin from the one after the last run, or
-    /// `None`. Due timers fire and IPIs' signals are carried out first,
-    /// and a halted vCPU with an interrupt pending wakes: a halted vCPU
-    /// costs one check here and nothing else.
+    /// `None`; a vCPU an IPI waits for (`ipi_waiting`) before that. Due
+    /// timers fire and IPIs' signals are carried out first, and every
+    /// halted vCPU with an interrupt pending wakes: a halted vCPU costs one
+    /// check here and nothing else.
     ///
     /// vCPU 0 keeps what a one-vCPU VM always did: halted with interrupts
     /// enabled it also runs when its timer is due or, with no timer armed,
@@ -46,21 +47,38 @@ impl<B: Backend> Vm<B> {
         }
         let res = self.res.as_mut()?;
         let n = res.vcpus.len();
-        for k in 0..n {
-            let i = (self.next_vcpu + k) % n;
-            let slot = &mut res.vcpus[i];
-            if slot.state == VcpuState::Halted && !slot.halted_irq_off {
-                let legacy = i == 0 && (timer_due || no_timer);
-                if legacy || self.devices.interrupt_pending_for(i) {
-                    slot.state.apply(VcpuEvent::Wake);
-                    slot.stats.wakeups += 1;
-                }
+        let devices = &self.devices;
+        let wake = |i: usize, slot: &mut crate::vm::VcpuSlot<B::Vcpu>, legacy: bool| {
+            if slot.state == VcpuState::Halted && !slot.halted_irq_off && (legacy || devices.interrupt_pending_for(i)) {
+                slot.state.apply(VcpuEvent::Wake);
+                slot.stats.wakeups += 1;
             }
-            if slot.state.runnable() && slot.awaiting_page.is_none() {
-                return Some(i);
-            }
+        };
+        // Every halted vCPU an interrupt waits for wakes now, not only those
+        // the search below reaches: the round's siblings are picked from the
+        // runnable ones.
+        for (i, slot) in res.vcpus.iter_mut().enumerate() {
+            wake(i, slot, false);
         }
-        None
+        let can_run = |s: &crate::vm::VcpuSlot<B::Vcpu>| s.state.runnable() && s.awaiting_page.is_none();
+        let waiting = self.ipi_waiting;
+        let order = (0..n).map(|k| (self.next_vcpu + k) % n);
+        // The round-robin goes on from where it was after a vCPU an IPI
+        // waited for, or vCPUs nobody sends IPIs to would wait behind those
+        // that get them.
+        let pick = match order.clone().find(|&i| waiting & crate::devices::bit(i) != 0 && can_run(&res.vcpus[i])) {
+            Some(i) => i,
+            None => {
+                let i = order.into_iter().find(|&i| {
+                    wake(i, &mut res.vcpus[i], i == 0 && (timer_due || no_timer));
+                    can_run(&res.vcpus[i])
+                })?;
+                self.next_vcpu = i + 1;
+                i
+            }
+        };
+        self.ipi_waiting &= !crate::devices::bit(pick);
+        Some(pick)
     }
 
     /// Carries out what IPIs left for each vCPU (SDM Vol. 3A 11.6.1): INIT
