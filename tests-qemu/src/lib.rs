@@ -140,14 +140,25 @@ impl Machine {
     /// unix datagram sockets on this machine only), booted together with
     /// extra `hypervisor.cfg` lines each. `name` labels both runs.
     pub fn boot_linked_pair(name: &str, config_a: &[&str], config_b: &[&str]) -> (Machine, Machine) {
+        Self::boot_linked_pair_with_files(name, config_a, config_b, &[])
+    }
+
+    /// As [`Machine::boot_linked_pair`], with host `files_a` in A's ramdisk
+    /// (a guest that starts on A and moves to B).
+    pub fn boot_linked_pair_with_files(
+        name: &str,
+        config_a: &[&str],
+        config_b: &[&str],
+        files_a: &[ExtraFile],
+    ) -> (Machine, Machine) {
         let dir = boot::target_dir().join("runs").join(format!("{name}-link-{}", std::process::id()));
         let (end_a, end_b) = boot::link::pair(&dir).unwrap_or_else(|e| panic!("[{name}] setting up the link: {e:#}"));
-        let start = |suffix: &str, config: &[&str], nic| {
+        let start = |suffix: &str, config: &[&str], files: &[ExtraFile], nic| {
             let options = SessionOptions { nic: Some(nic), ..Default::default() };
-            Self::start_image(Emulator::QemuTcg, &format!("{name}-{suffix}"), image(config), &options)
+            Self::start_image(Emulator::QemuTcg, &format!("{name}-{suffix}"), image_with(config, files), &options)
         };
-        let a = start("a", config_a, end_a);
-        let b = start("b", config_b, end_b);
+        let a = start("a", config_a, files_a, end_a);
+        let b = start("b", config_b, &[], end_b);
         for m in [&a, &b] {
             if m.s().wait_for(boot::session::READY, 0, Duration::from_secs(180)).is_err() {
                 panic!("[{}] timed out after 180s waiting for {:?}", m.name, boot::session::READY);
