@@ -269,7 +269,11 @@ impl DeviceSet {
     /// Returns applied chains and takes new ones (then the line follows).
     pub fn balloon_run_queues(&mut self, mem: &mut dyn GuestMemory) {
         let Some(i) = self.balloon_slot() else { return };
-        if let VirtioDevice::Balloon(d) = &mut self.virtio[i].device {
+        // Post-copy: not while a ring or buffer is on its way (the next
+        // notification or service tries again).
+        if let VirtioDevice::Balloon(d) = &mut self.virtio[i].device
+            && d.queues_here(mem)
+        {
             d.balloon_run_queues(mem);
         }
         self.drive_virtio_line(i);
@@ -279,7 +283,7 @@ impl DeviceSet {
     pub fn balloon_request_stats(&mut self, mem: &mut dyn GuestMemory) -> bool {
         let Some(i) = self.balloon_slot() else { return false };
         let asked = match &mut self.virtio[i].device {
-            VirtioDevice::Balloon(d) => d.balloon_request_stats(mem),
+            VirtioDevice::Balloon(d) if d.queues_here(mem) => d.balloon_request_stats(mem),
             _ => false,
         };
         self.drive_virtio_line(i);
@@ -302,7 +306,11 @@ impl DeviceSet {
         let i = self.virtio.iter().position(|v| matches!(v.device, VirtioDevice::Console(_)))?;
         let VirtioDevice::Console(d) = &mut self.virtio[i].device else { return None };
         let n = d.device_mut().input(bytes);
-        d.device_work(0, mem);
+        // Post-copy: with a receive buffer still on its way the input
+        // waits in the device for the next input or notification.
+        if d.queue_here(0, mem) {
+            d.device_work(0, mem);
+        }
         self.drive_virtio_line(i);
         Some(n)
     }
@@ -404,8 +412,12 @@ impl DeviceSet {
         let VirtioDevice::Net(d) = &mut self.virtio[i].device else { return None };
         let taken = frames.iter().filter(|f| d.device_mut().deliver(f)).count();
         // One pass over the receive ring for the whole batch, and at most
-        // one interrupt (2.7.10 lets the device batch used buffers).
-        d.device_work(net::RX_QUEUE, mem);
+        // one interrupt (2.7.10 lets the device batch used buffers). With a
+        // receive buffer still on its way (post-copy) the frames wait in
+        // the device, as for a full ring.
+        if d.queue_here(net::RX_QUEUE, mem) {
+            d.device_work(net::RX_QUEUE, mem);
+        }
         self.drive_virtio_line(i);
         Some(taken)
     }
@@ -441,6 +453,14 @@ impl DeviceSet {
         with_device!(&mut self.virtio[i].device, d => d.write(offset, size, value, mem));
         self.drive_virtio_line(i);
         true
+    }
+
+    /// Whether a guest write to a virtio device's registers can be carried
+    /// out with the memory `mem` reaches now (see
+    /// [`VirtioMmio::write_can_go`]); true for an address no device holds.
+    pub fn virtio_write_can_go(&self, gpa: u64, size: u8, value: u64, mem: &mut dyn GuestMemory) -> bool {
+        let Some((i, offset)) = self.virtio_target(gpa) else { return true };
+        with_device!(&self.virtio[i].device, d => d.write_can_go(offset, size, value, mem))
     }
 
     /// A register write without the VM's memory (see [`NoRam`]).

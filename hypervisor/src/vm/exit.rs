@@ -586,6 +586,7 @@ impl<B: Backend> Vm<B> {
                 unbacked_ports: 0,
                 port_effect: None,
                 in_transit: None,
+                device_waits: None,
             };
             let r = emulator::string_io(&mut p, &exit);
             (r, p.rip, p.rflags, p.unbacked_ports, p.port_effect, p.in_transit)
@@ -764,7 +765,7 @@ impl<B: Backend> Vm<B> {
         let now_ns = vm_ns(backend.now(), hz, self.clock_offset_ns);
         let fault = emulator::MmioFault { gpa, access, gva };
         let devices = &mut self.devices;
-        let (result, rip, rflags, in_transit) = host.with_hooks(self.id, |hooks| {
+        let (result, rip, rflags, in_transit, device_waits) = host.with_hooks(self.id, |hooks| {
             let mut p = mmio::VmPlatform {
                 vcpus: &mut *vcpus,
                 cur,
@@ -780,14 +781,22 @@ impl<B: Backend> Vm<B> {
                 unbacked_ports: 0,
                 port_effect: None,
                 in_transit: None,
+                device_waits: None,
             };
             let r = emulator::emulate(&mut p, &fault);
-            (r, p.rip, p.rflags, p.in_transit)
+            (r, p.rip, p.rflags, p.in_transit, p.device_waits)
         });
         self.stats.mmio += 1;
-        // Post-copy: a page the instruction needs is not here yet. Nothing
-        // was carried out; the vCPU waits for it and runs it again.
-        if let (Err(_), Some(gfn)) = (&result, in_transit) {
+        // Post-copy: a page the instruction needs is not here yet (its
+        // bytes, an operand, a page table), or one a virtio notification
+        // it makes would reach (the device write was held back; a plain
+        // store, it changed nothing else). It is not carried out; the vCPU
+        // waits for the page and runs it again.
+        let waits = match (&result, in_transit, device_waits) {
+            (_, _, Some(gfn)) | (Err(_), Some(gfn), None) => Some(gfn),
+            _ => None,
+        };
+        if let Some(gfn) = waits {
             vcpus[cur].awaiting_page = Some(gfn);
             return Flow::Yield;
         }

@@ -44,6 +44,10 @@ pub struct VmPlatform<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: Contiguous
     /// migration's source. The instruction was not carried out; the vCPU
     /// waits for the page and runs it again.
     pub in_transit: Option<u64>,
+    /// Post-copy: a device write (a virtio notification) held back because
+    /// what the device would reach is not all here; the frame asked for.
+    /// The instruction is not completed: the vCPU waits and runs it again.
+    pub device_waits: Option<u64>,
 }
 
 impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> VmPlatform<'_, '_, V, F, A> {
@@ -213,8 +217,24 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> Platform for VmPla
         if self.devices.is_virtio(gpa) {
             // A queue notification or a queue made ready: the device
             // reaches the guest's rings and buffers through `mm`.
-            let mut dma =
-                Dma { vcpus: &mut *self.vcpus, mem: &mut *self.mem, alloc: &mut *self.alloc, hooks: self.hooks };
+            let paged = self.hooks.source.is_some();
+            let mut dma = Dma {
+                vcpus: &mut *self.vcpus,
+                mem: &mut *self.mem,
+                alloc: &mut *self.alloc,
+                hooks: self.hooks,
+                in_transit: None,
+            };
+            // Pages may be elsewhere (post-copy): the write waits, not
+            // carried out, until what the device would reach is here; the
+            // dry run asked for the first page missing.
+            if paged
+                && !self.devices.virtio_write_can_go(gpa, size, value, &mut dma)
+                && let Some(gfn) = dma.in_transit
+            {
+                self.device_waits = Some(gfn);
+                return;
+            }
             self.devices.virtio_write(gpa, size, value, &mut dma);
             return;
         }
@@ -230,6 +250,8 @@ struct Dma<'a, 'h, V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> {
     mem: &'a mut GuestMemory<F>,
     alloc: &'a mut A,
     hooks: &'a mut Hooks<'h, SwapSlot>,
+    /// The first page `here` found on its way (post-copy), asked for.
+    in_transit: Option<u64>,
 }
 
 impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> virtio::GuestMemory for Dma<'_, '_, V, F, A> {
@@ -255,6 +277,28 @@ impl<V: Vcpu, F: mm::paging::EntryFormat, A: ContiguousAlloc> virtio::GuestMemor
             .map_err(|_| outside)
     }
 
+    /// Page by page (the caller bounds the pages: `Queue::here`): a byte
+    /// of each is read through `mm`, which brings a swapped page in and
+    /// asks the migration's source for one not loaded yet.
+    fn here(&mut self, gpa: u64, len: u64) -> bool {
+        if !self.is_ram(gpa, len) {
+            return true;
+        }
+        let (first, last) = (gpa >> 12, (gpa + len.max(1) - 1) >> 12);
+        for gfn in first..=last.min(first + virtio::queue::MAX_PAGES_CHECKED) {
+            let vcpus = &mut *self.vcpus;
+            let mut b = [0u8; 1];
+            let r = self
+                .mem
+                .read(self.alloc, self.hooks, GuestPhysAddr(gfn << 12), &mut b, &mut |s| super::flush_all(vcpus, s));
+            if let Err(mm::Error::PageInTransit(g)) = r {
+                self.in_transit.get_or_insert(g.0 >> 12);
+                return false;
+            }
+        }
+        true
+    }
+
     /// One range check, whatever the length: a guest's descriptor may
     /// claim gigabytes, and a per-page walk would let it burn host time.
     fn is_ram(&self, gpa: u64, len: u64) -> bool {
@@ -278,7 +322,7 @@ impl<B: crate::backend::Backend> super::Vm<B> {
         let devices = &mut self.devices;
         let alloc = backend.mem();
         Some(host.with_hooks(self.id, |hooks| {
-            let mut dma = Dma { vcpus: &mut *vcpus, mem: &mut *mem, alloc, hooks };
+            let mut dma = Dma { vcpus: &mut *vcpus, mem: &mut *mem, alloc, hooks, in_transit: None };
             f(devices, &mut dma)
         }))
     }
@@ -353,7 +397,7 @@ impl<B: crate::backend::Backend> super::Vm<B> {
                         }
                     }
                 }
-                let mut dma = Dma { vcpus: &mut *vcpus, mem: &mut *mem, alloc, hooks };
+                let mut dma = Dma { vcpus: &mut *vcpus, mem: &mut *mem, alloc, hooks, in_transit: None };
                 devices.balloon_run_queues(&mut dma);
             });
             if !devices.balloon_needs_service() {

@@ -429,6 +429,28 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
+    /// Whether a driver write of `value` at `offset` can be served with the
+    /// memory `mem` reaches now: a notification of a ready queue of a
+    /// running device needs its rings and available buffers here
+    /// ([`Queue::here`]; post-copy: they may still be on their way, and
+    /// the write should wait for them). Other writes touch no memory but
+    /// the rings' bounds.
+    pub fn write_can_go(&self, offset: u64, size: u8, value: u64, mem: &mut dyn GuestMemory) -> bool {
+        offset != reg::QUEUE_NOTIFY || size != 4 || self.queue_here(value as u32 as usize, mem)
+    }
+
+    /// Whether device work on queue `index` (a notification of it, or host
+    /// input for it) would find what it needs here; true if there is no
+    /// such work (the device does not run, or the queue is not ready).
+    pub fn queue_here(&self, index: usize, mem: &mut dyn GuestMemory) -> bool {
+        !self.running() || self.queues.get(index).filter(|q| q.state.ready).is_none_or(|q| q.here(mem))
+    }
+
+    /// Whether every ready queue's work would find what it needs here.
+    pub fn queues_here(&self, mem: &mut dyn GuestMemory) -> bool {
+        (0..self.queues.len()).all(|i| self.queue_here(i, mem))
+    }
+
     /// QueueNotify: the device processes queue `v` if it runs and the queue
     /// is ready; a used buffer notification follows if the driver wants
     /// one (2.7.10).

@@ -78,6 +78,14 @@ pub trait GuestMemory {
     /// Whether `len` bytes from `gpa` are all guest RAM (a check before
     /// anything is touched, so a bad chain is refused whole).
     fn is_ram(&self, gpa: u64, len: u64) -> bool;
+    /// Whether every page of `len` bytes from `gpa` can be reached now:
+    /// false when one is still on its way to this host (a post-copy
+    /// migration's), which the implementation then asks for. Work that
+    /// would need it must wait ([`Queue::here`]). RAM that is not there at
+    /// all is the ring walk's to refuse: true.
+    fn here(&mut self, _gpa: u64, _len: u64) -> bool {
+        true
+    }
 }
 
 /// An access that reached beyond guest RAM.

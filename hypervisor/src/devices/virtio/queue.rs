@@ -209,6 +209,51 @@ pub struct Queue {
     indirect: bool,
 }
 
+/// Most pages [`Queue::here`] looks at for one queue.
+pub const MAX_PAGES_CHECKED: u64 = 4096;
+
+/// Guest memory for [`Queue::here`]'s dry run: reads as they are, writes
+/// only checked (never made), and a read that failed because its page is
+/// on its way noted.
+struct DryRun<'a> {
+    mem: &'a mut dyn GuestMemory,
+    away: bool,
+    budget: u64,
+}
+
+impl DryRun<'_> {
+    /// Whether `len` bytes at `gpa` are here (true once the budget of pages
+    /// is spent).
+    fn check(&mut self, gpa: u64, len: u64) -> bool {
+        let pages = ((gpa & 0xfff) + len.min(u64::from(u32::MAX))).div_ceil(4096);
+        if pages > self.budget {
+            self.budget = 0;
+            return true;
+        }
+        self.budget -= pages;
+        self.mem.here(gpa, len)
+    }
+}
+
+impl GuestMemory for DryRun<'_> {
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), OutsideRam> {
+        let r = self.mem.read(gpa, buf);
+        if r.is_err() && !self.mem.here(gpa, buf.len() as u64) {
+            self.away = true;
+        }
+        r
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), OutsideRam> {
+        let len = data.len() as u64;
+        if self.mem.is_ram(gpa, len) { Ok(()) } else { Err(OutsideRam { gpa, len }) }
+    }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        self.mem.is_ram(gpa, len)
+    }
+}
+
 /// `vring_need_event` (2.7.10): whether moving the used idx from `old` to
 /// `new` passed `event`, in 16-bit modular arithmetic.
 pub fn need_event(event: u16, new: u16, old: u16) -> bool {
@@ -332,6 +377,34 @@ impl Queue {
         let chain = self.walk(mem, head)?;
         self.state.next_avail = self.state.next_avail.wrapping_add(1);
         Ok(Some(chain))
+    }
+
+    /// Whether everything serving the chains available now would reach is
+    /// here ([`GuestMemory::here`]): the rings, any indirect tables, and
+    /// every chain's buffers, found by a dry run on a copy of the queue
+    /// (nothing is written, and this queue does not move). A protocol
+    /// error ends the dry run; the real run reports it. At most
+    /// [`MAX_PAGES_CHECKED`] pages are looked at: past that the device goes
+    /// ahead as it would without post-copy (a chain may claim gigabytes).
+    pub fn here(&self, mem: &mut dyn GuestMemory) -> bool {
+        let mut dry = DryRun { mem, away: false, budget: MAX_PAGES_CHECKED };
+        let s = &self.state;
+        let parts = [(Part::Descriptors, s.desc), (Part::Available, s.driver), (Part::Used, s.device)];
+        if !parts.iter().all(|&(part, gpa)| dry.check(gpa, Self::part_len(part, s.size))) {
+            return false;
+        }
+        let mut copy = self.clone();
+        for _ in 0..s.size {
+            match copy.pop(&mut dry) {
+                Ok(Some(chain)) => {
+                    if !chain.readable.iter().chain(&chain.writable).all(|b| dry.check(b.gpa, b.len.into())) {
+                        return false;
+                    }
+                }
+                _ => break,
+            }
+        }
+        !dry.away
     }
 
     /// Put the last popped chain back (the device could not serve it now).

@@ -326,3 +326,98 @@ fn a_source_that_connects_again_replaces_the_connection_the_destination_still_ho
     p.check_region(&p.mb, 1);
     assert!(!p.mb.get(1).unwrap().paused);
 }
+
+/// The virtio console's register page on host `m`'s VM `id`.
+fn console_base(m: &mut Manager<MockBackend>, id: u32) -> u64 {
+    use crate::devices::virtio::mmio::reg;
+    let Manager { backend, vms, host_mem, .. } = m;
+    let vm = vms.iter_mut().find(|v| v.id == id).unwrap();
+    vm.with_dma(backend.as_mut().unwrap(), host_mem, |d, _| {
+        d.virtio_slots().iter().map(|s| u64::from(s.base)).find(|&b| d.mmio_read(b + reg::DEVICE_ID, 4, 0) == Some(3))
+    })
+    .flatten()
+    .expect("every VM has a virtio console")
+}
+
+#[test]
+fn a_virtio_notification_waits_until_the_rings_and_buffers_it_reaches_are_here() {
+    use crate::devices::virtio::feature::VERSION_1;
+    use crate::devices::virtio::mmio::{reg, status};
+    // On A, the guest's driver brings its virtio console up, puts a line
+    // in a transmit buffer and makes it available (rings at 0x20_0000,
+    // the buffer at 0x30_0000), but the notification comes only once the
+    // VM runs on B, where none of those pages is yet.
+    let mut p = Pair::new();
+    let base = console_base(&mut p.ma, 1);
+    let regs = |p: &mut Pair, writes: &[(u64, u32)]| {
+        let Manager { backend, vms, host_mem, .. } = &mut p.ma;
+        let vm = vms.iter_mut().find(|v| v.id == 1).unwrap();
+        vm.with_dma(backend.as_mut().unwrap(), host_mem, |d, mem| {
+            for &(offset, v) in writes {
+                assert!(d.virtio_write(base + offset, 4, v.into(), mem));
+            }
+        });
+    };
+    let (ring, buf, line) = (0x20_0000u64, 0x30_0000u64, b"hello from b\n");
+    let driver = status::ACKNOWLEDGE | status::DRIVER;
+    regs(
+        &mut p,
+        &[
+            (reg::STATUS, driver),
+            (reg::DRIVER_FEATURES_SEL, 1),
+            (reg::DRIVER_FEATURES, (VERSION_1 >> 32) as u32),
+            (reg::STATUS, driver | status::FEATURES_OK),
+            (reg::QUEUE_SEL, 1),
+            (reg::QUEUE_NUM, 8),
+            (reg::QUEUE_DESC_LOW, ring as u32),
+            (reg::QUEUE_DRIVER_LOW, (ring + 0x1000) as u32),
+            (reg::QUEUE_DEVICE_LOW, (ring + 0x2000) as u32),
+            (reg::QUEUE_READY, 1),
+            (reg::STATUS, driver | status::FEATURES_OK | status::DRIVER_OK),
+        ],
+    );
+    let mut desc = [0u8; 16];
+    desc[..8].copy_from_slice(&buf.to_le_bytes());
+    desc[8..12].copy_from_slice(&(line.len() as u32).to_le_bytes());
+    guest_write(&mut p.ma, 1, ring, &desc);
+    guest_write(&mut p.ma, 1, ring + 0x1000, &[0, 0, 1, 0, 0, 0]);
+    guest_write(&mut p.ma, 1, buf, line);
+    // The notification: `mov [rax], ecx` at RIP (identity-mapped).
+    let rip = p.ma.get(1).unwrap().res.as_ref().unwrap().vcpus[0].vcpu.state.rip;
+    guest_write(&mut p.ma, 1, rip, &[0x89, 0x08]);
+    p.migrate(Options { mode: Mode::Postcopy, bandwidth_mib: Some(1), ..to_b() });
+    p.run_until(1000, 0, 5000, |p| p.lb.0.iter().any(|l| l.contains("runs here")));
+    for gpa in [ring, ring + 0x1000, buf] {
+        assert_eq!(state(&p.mb, 1, gpa), Some(PageState::NotLoaded));
+    }
+    let notify = base + reg::QUEUE_NOTIFY;
+    let mut waits = Vec::new();
+    let mut lines = crate::testing::Lines::default();
+    loop {
+        assert!(waits.len() < 8, "still waiting after {waits:x?}");
+        let Manager { backend, vms, host_mem, .. } = &mut p.mb;
+        let vm = vms.iter_mut().find(|v| v.id == 1).unwrap();
+        let v = &mut vm.res.as_mut().unwrap().vcpus[0].vcpu;
+        (v.gprs.rax, v.gprs.rcx) = (notify, 1);
+        let exit = vcpu::VmExit::NestedPageFault { gpa: notify, access: vcpu::MemAccess::Write, gva: Some(notify) };
+        let flow = vm.handle_exit(exit, backend.as_mut().unwrap(), host_mem, &mut lines);
+        let Some(gfn) = awaiting(&p) else {
+            assert_eq!(flow, crate::vm::exit::Flow::Continue);
+            break;
+        };
+        // Nothing carried out: RIP on the instruction, the used ring not
+        // written.
+        assert_eq!(p.mb.get(1).unwrap().res.as_ref().unwrap().vcpus[0].vcpu.state.rip, rip);
+        waits.push(gfn << 12);
+        p.run_until(1000, 0, 2000, |p| awaiting(p).is_none());
+    }
+    // It waited for the code, then for what the device reaches (the
+    // rings, the buffer), each asked for ahead of the push; then the
+    // device read the line and marked the chain used.
+    assert!(waits.contains(&(rip & !0xfff)), "{waits:x?}");
+    assert!(waits.iter().any(|&g| g == ring || g == ring + 0x1000 || g == ring + 0x2000 || g == buf), "{waits:x?}");
+    assert!(lines.0.iter().any(|l| l.contains("hello from b")), "{:?}", lines.0);
+    let used_idx = u16::from_le_bytes(peek(&p.mb, 1, ring + 0x2000)[2..4].try_into().unwrap());
+    assert_eq!(used_idx, 1, "the chain was used once");
+    assert_eq!(p.mb.get(1).unwrap().res.as_ref().unwrap().vcpus[0].vcpu.state.rip, rip + 2);
+}
