@@ -1,6 +1,6 @@
 //! A Linux guest moves between two QEMU hosts (AMD-V, TCG) by pre-copy,
 //! while it runs: the Debian kernel of `scripts/guest-linux` with its
-//! initramfs shell boots on A; a shell loop prints a numbered beat every
+//! initramfs shell boots on A with two vCPUs; a shell loop prints a numbered beat every
 //! second and a file in its tmpfs holds a mark. After the move its console
 //! answers on B: the beats go on from where they were (the same processes,
 //! not a new boot), the file is there, the clock went on, A freed the VM
@@ -50,17 +50,21 @@ fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
         &["net_host_ip = 10.0.9.2/24"],
         &files,
     );
+    let t0 = Instant::now();
+    let at = |what: &str| eprintln!("[migration-linux] {:6.1} s: {what}", t0.elapsed().as_secs_f64());
     let out = b.cmd("migrate listen");
     assert!(out.contains("migrate: listening for migrations on port 7070"), "{out}");
-    let out = a.cmd("vm run linux mem=128 -- console=ttyS0 quiet");
+    let out = a.cmd("vm run linux mem=128 vcpus=2 -- console=ttyS0 quiet");
     assert!(out.contains("vm 1 started: linux (linux, 128 MiB"), "{out}");
     a.wait_for_or_report("linux-guest:/# ", Duration::from_secs(400), "vm stats 1");
+    at("the shell's prompt on A");
     a.cmd("vm send 1 -- echo moved-with-me > /tmp/mark; (i=0; while :; do i=$((i+1)); echo beat-$i; sleep 1; done) &");
     a.cmd("vm send 1 -- echo up=$(cut -d' ' -f1 /proc/uptime) before-$((100+1))");
     a.wait_for("before-101", Duration::from_secs(120));
     a.wait_for("beat-3", Duration::from_secs(120));
     let up_a = uptime_at(&a.transcript(), "before-101").expect("the guest's uptime on A");
 
+    at("beats on A");
     let nested_a = nested_now(&mut a, 1);
     let (from_a, from_b) = (a.transcript().len(), b.transcript().len());
     let started = Instant::now();
@@ -81,14 +85,19 @@ fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
     eprintln!("[migration-linux] nested leaves on A before: {nested_a}, on B after: {nested_b}");
     assert!(nested_a["2m"].as_u64() > Some(0) && nested_b["2m"].as_u64() >= nested_a["2m"].as_u64(), "{nested_b}");
 
+    at("moved to B");
     // On B: the beats go on from A's last, and the shell answers.
     let from_b = b.transcript().len();
     b.wait_for_after(&format!("beat-{}", last_beat_on_a + 2), from_b, Duration::from_secs(120));
-    b.cmd(&format!("vm send {there} -- cat /tmp/mark; echo up=$(cut -d' ' -f1 /proc/uptime) after-$((40+2))"));
+    b.cmd(&format!(
+        "vm send {there} -- cat /tmp/mark; echo cpus=$(grep -c ^processor /proc/cpuinfo); \
+         echo up=$(cut -d' ' -f1 /proc/uptime) after-$((40+2))"
+    ));
     b.wait_for_after("after-42", from_b, Duration::from_secs(120));
     let t = b.transcript();
     let on_b = &t[from_b..];
     assert!(on_b.contains(&format!("[vm {there}] moved-with-me")), "the guest's tmpfs did not move:\n{on_b}");
+    assert!(on_b.contains(&format!("[vm {there}] cpus=2")), "both vCPUs came along:\n{on_b}");
     let after: Vec<u64> = beats(on_b);
     assert!(
         after.first().is_some_and(|&n| n > 1 && n <= last_beat_on_a + 2),
@@ -101,6 +110,7 @@ fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
     );
     assert!(up_b > up_a, "the guest's clock went back: {up_a} then {up_b}");
 
+    at("B's shell answered");
     // Back to A by post-copy: it runs on A at once, its pages follow.
     let out = a.cmd("migrate listen");
     assert!(out.contains("migrate: listening for migrations on port 7070"), "{out}");
@@ -115,6 +125,7 @@ fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
     eprintln!("[migration-linux] post-copy status: {status}\n[migration-linux] wall clock {wall:.2} s");
     assert_eq!(status["state"], "completed", "{status}");
     let back = status["destination_vm"].as_u64().expect("the VM's id on A");
+    at("back on A");
     let last_beat_on_b = beats(&b.transcript()).last().copied().expect("beats on B");
     let from_a = a.transcript().len();
     a.wait_for_after(&format!("beat-{}", last_beat_on_b + 2), from_a, Duration::from_secs(120));
