@@ -76,11 +76,13 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
             eprintln!("{}/{}: 2 vcpus, {args}: {trip}", emu.name(), emu.backend());
         }
         eprintln!(
-            "{}/{}: smptest vcpus={n} {args}: {} slices beside a sibling, {} ipis posted between them",
+            "{}/{}: smptest vcpus={n} {args}: {} slices beside a sibling, {} ipis posted between them, \
+             {} slices ended at an ipi for a vcpu not running",
             emu.name(),
             emu.backend(),
             s["parallel_slices"],
-            s["posted_ipis"]
+            s["posted_ipis"],
+            s["sibling_ipi_ends"]
         );
         eprintln!("{}/{}: smptest vcpus={n}: {}", emu.name(), emu.backend(), s["vcpus"]);
     }

@@ -447,13 +447,14 @@ fn stats_reply<B: Backend>(
         text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
     }
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there)\n  unbacked port accesses: {}\n  device register accesses (emulated): {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running)\n  unbacked port accesses: {}\n  device register accesses (emulated): {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.parallel_slices,
         vm.stats.sibling_apic_accesses,
         vm.stats.posted_ipis,
         vm.stats.sibling_halts,
         vm.stats.sibling_wakes,
+        vm.stats.sibling_ipi_ends,
         vm.stats.unbacked_io,
         vm.stats.mmio,
         vm.devices.com1_bytes_out(),
@@ -595,6 +596,7 @@ fn stats_reply<B: Backend>(
         o.insert("posted_ipis".into(), json!(vm.stats.posted_ipis));
         o.insert("sibling_halts".into(), json!(vm.stats.sibling_halts));
         o.insert("sibling_wakes".into(), json!(vm.stats.sibling_wakes));
+        o.insert("sibling_ipi_ends".into(), json!(vm.stats.sibling_ipi_ends));
         o.insert("uart_bytes_out".into(), json!(vm.devices.com1_bytes_out()));
         o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));
         o.insert(

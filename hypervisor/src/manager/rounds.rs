@@ -1120,6 +1120,7 @@ impl<B: Backend> Manager<B> {
         vm.stats.posted_ipis += s.apic.posted;
         vm.stats.sibling_halts += s.halts;
         vm.stats.sibling_wakes += s.woken;
+        vm.stats.sibling_ipi_ends += u64::from(s.ipi_away);
         self.sched.sibling_slices += u64::from(s.ran);
         self.sched.kicked_slices += u64::from(s.kicked);
     }
@@ -1173,7 +1174,7 @@ impl<B: Backend> Manager<B> {
 
 #[cfg(test)]
 mod gang_tests {
-    use super::{Gang, NO_CPU};
+    use super::{Gang, NO_CPU, NOT_YET};
     use crate::testing::MockBackend;
     use core::sync::atomic::Ordering;
 
@@ -1202,5 +1203,21 @@ mod gang_tests {
         gang.cpus[1].store(NO_CPU, Ordering::SeqCst);
         assert!(!gang.doze(1, &b));
         assert!(gang.doze(0, &b), "vCPU 1 left: its vector waits for the boot CPU");
+    }
+
+    #[test]
+    fn a_post_is_away_only_for_a_vcpu_not_of_the_round_or_gone_from_it() {
+        let b = MockBackend::new(16);
+        // vCPUs 0 and 1 are the round's; 2 is not.
+        let gang = Gang::new(0, &[0, 1], alloc::vec::Vec::new());
+        assert_eq!(gang.cpus[1].load(Ordering::SeqCst), NOT_YET);
+        assert!(!gang.join(0, 0));
+        // vCPU 1 has not started: it takes the vector when it does.
+        assert_eq!(gang.kick_posted(0b010, 0, &b), 0);
+        assert_eq!(gang.kick_posted(0b100, 0, &b), 0b100, "vCPU 2 is not in the round");
+        assert!(!gang.join(1, 1));
+        assert_eq!(gang.kick_posted(0b110, 0, &b), 0b100, "vCPU 1 runs on CPU 1: kicked, not away");
+        gang.leave(1, true, 1, &b);
+        assert_eq!(gang.kick_posted(0b010, 0, &b), 0b010, "its slice is over");
     }
 }

@@ -117,6 +117,9 @@ pub struct VmStats {
     /// the round).
     pub sibling_halts: u64,
     pub sibling_wakes: u64,
+    /// Sibling slices that ended at an IPI for a vCPU not in the guest,
+    /// so that it runs before a second one (`manager::rounds`).
+    pub sibling_ipi_ends: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.
