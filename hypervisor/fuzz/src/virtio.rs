@@ -8,6 +8,9 @@
 //! device's own operations (see [`Fuzzed`]).
 //!
 //! Checks, after every operation:
+//! - before every register write, the post-copy dry run of what it would
+//!   reach (`VirtioMmio::write_can_go`) writes no guest memory and leaves
+//!   the device as it was;
 //! - no panic; the device touches guest RAM only through `VecMemory`
 //!   (accesses outside it fail);
 //! - the interrupt line is InterruptStatus != 0; DRIVER_OK never stands
@@ -439,6 +442,13 @@ impl<D: Fuzzed> Side<D> {
         match *op {
             Op::Read(offset, size) => Answer::Value(self.dev.read(offset, size)),
             Op::Write(offset, size, value) => {
+                // The post-copy dry run of what the write would reach
+                // walks the same hostile rings and changes nothing.
+                let before = self.mem.bytes.clone();
+                let state = self.dev.save();
+                let _ = self.dev.write_can_go(offset, size, value, &mut self.mem);
+                assert!(self.mem.bytes == before, "the dry run of {offset:#x} wrote guest memory");
+                assert_eq!(self.dev.save(), state, "the dry run of {offset:#x} changed the device");
                 self.dev.write(offset, size, value, &mut self.mem);
                 Answer::Nothing
             }
