@@ -50,7 +50,15 @@ fn manager() -> Manager<MockBackend> {
 
 fn to_b() -> Options {
     let to = parse_endpoint(&format!("10.0.0.2:{DEFAULT_PORT}")).unwrap();
-    Options { to, downtime_ms: 300, bandwidth_mib: None, throttle_max: 99, corrupt_at: None, mode: Default::default(), connections: 2 }
+    Options {
+        to,
+        downtime_ms: 300,
+        bandwidth_mib: None,
+        throttle_max: 99,
+        corrupt_at: None,
+        mode: Default::default(),
+        connections: 2,
+    }
 }
 
 /// What a real source sends for a small VM: a migration to a host that
