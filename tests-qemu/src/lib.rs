@@ -63,6 +63,26 @@ fn image_with(extra: &[&str], files: &[ExtraFile]) -> Image {
         .clone()
 }
 
+/// The Debian kernel and initramfs `scripts/guest-linux` prepares
+/// (`target/guests/linux/`), or `None` after a line saying the test is
+/// skipped without them.
+pub fn linux_guest() -> Option<(PathBuf, PathBuf)> {
+    let dir = boot::target_dir().join("guests/linux");
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    if !kernel.exists() || !initrd.exists() {
+        println!("skipped: no Linux guest in {} (scripts/guest-linux prepares it)", dir.display());
+        return None;
+    }
+    Some((kernel, initrd))
+}
+
+/// [`linux_guest`] as the hypervisor's ramdisk files `linux` and
+/// `linux-initrd` (what `vm run linux` boots).
+pub fn linux_guest_files() -> Option<[ExtraFile; 2]> {
+    let (kernel, initrd) = linux_guest()?;
+    Some([ExtraFile { name: "linux".into(), path: kernel }, ExtraFile { name: "linux-initrd".into(), path: initrd }])
+}
+
 /// The test image's boot disk (built on first use).
 pub fn boot_disk() -> PathBuf {
     image(&[]).disk

@@ -20,7 +20,6 @@
 //! prepared.
 
 use boot::emulator::Emulator;
-use boot::image::ExtraFile;
 use std::time::{Duration, Instant};
 use tests_qemu::{Machine, label, on_both_backends};
 
@@ -36,14 +35,7 @@ fn last_tick(t: &str) -> u64 {
 }
 
 fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
-    let dir = boot::target_dir().join("guests/linux");
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    if !kernel.exists() || !initrd.exists() {
-        println!("skipped: no Linux guest in {} (scripts/guest-linux prepares it)", dir.display());
-        return;
-    }
-    let files =
-        [ExtraFile { name: "linux".into(), path: kernel }, ExtraFile { name: "linux-initrd".into(), path: initrd }];
+    let Some(files) = tests_qemu::linux_guest_files() else { return };
     // A 256 MiB data disk: half is swap, the rest holds a Linux VM's
     // checkpoint (about 34 MiB).
     let disks = boot::target_dir().join("test-disks");

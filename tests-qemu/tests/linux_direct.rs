@@ -39,12 +39,7 @@ impl Console {
 
 #[test]
 fn debian_kernel_boots_directly_under_qemu_to_a_shell() {
-    let dir = boot::target_dir().join("guests/linux");
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    if !kernel.exists() || !initrd.exists() {
-        println!("skipped: no Linux guest in {} (scripts/guest-linux prepares it)", dir.display());
-        return;
-    }
+    let Some((kernel, initrd)) = tests_qemu::linux_guest() else { return };
     let start = Instant::now();
     let deadline = start + TIMEOUT;
     let mut qemu = Command::new("qemu-system-x86_64")

@@ -39,16 +39,7 @@ fn nested_now(m: &mut Machine, id: u64) -> serde_json::Value {
 
 #[test]
 fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
-    let dir = boot::target_dir().join("guests/linux");
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    if !kernel.exists() || !initrd.exists() {
-        println!("skipped: no Linux guest in {} (scripts/guest-linux prepares it)", dir.display());
-        return;
-    }
-    let files = [
-        boot::image::ExtraFile { name: "linux".into(), path: kernel },
-        boot::image::ExtraFile { name: "linux-initrd".into(), path: initrd },
-    ];
+    let Some(files) = tests_qemu::linux_guest_files() else { return };
     let limit = Duration::from_secs(300);
     let (mut a, mut b) = Machine::boot_linked_pair_with_files(
         "migration-linux",
