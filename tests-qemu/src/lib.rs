@@ -171,6 +171,18 @@ impl Machine {
         config_b: &[&str],
         files_a: &[ExtraFile],
     ) -> (Machine, Machine) {
+        Self::boot_linked_pair_with_files_each(name, config_a, config_b, files_a, &[])
+    }
+
+    /// As [`Machine::boot_linked_pair_with_files`], with `files_b` in B's
+    /// ramdisk too (guests on both hosts).
+    pub fn boot_linked_pair_with_files_each(
+        name: &str,
+        config_a: &[&str],
+        config_b: &[&str],
+        files_a: &[ExtraFile],
+        files_b: &[ExtraFile],
+    ) -> (Machine, Machine) {
         let dir = boot::target_dir().join("runs").join(format!("{name}-link-{}", std::process::id()));
         let (end_a, end_b) = boot::link::pair(&dir).unwrap_or_else(|e| panic!("[{name}] setting up the link: {e:#}"));
         let start = |suffix: &str, config: &[&str], files: &[ExtraFile], nic| {
@@ -178,7 +190,7 @@ impl Machine {
             Self::start_image(Emulator::QemuTcg, &format!("{name}-{suffix}"), image_with(config, files), &options)
         };
         let a = start("a", config_a, files_a, end_a);
-        let b = start("b", config_b, &[], end_b);
+        let b = start("b", config_b, files_b, end_b);
         for m in [&a, &b] {
             if m.s().wait_for(boot::session::READY, 0, Duration::from_secs(180)).is_err() {
                 panic!("[{}] timed out after 180s waiting for {:?}", m.name, boot::session::READY);

@@ -543,9 +543,17 @@ pub const MAX_SWITCH_NAME: usize = 32;
 /// A switch name: one short word, so listings and the checkpoint's machine
 /// record stay small and it never looks like an option.
 fn switch_name(cmd: &'static str, name: &str) -> Result<String, Refusal> {
-    let ok = (1..=MAX_SWITCH_NAME).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok { Ok(name.to_string()) } else { Err(Refusal::SwitchName { cmd, name: name.to_string() }) }
+    if valid_switch_name(name) {
+        Ok(name.to_string())
+    } else {
+        Err(Refusal::SwitchName { cmd, name: name.to_string() })
+    }
+}
+
+/// Whether `name` is a switch name (also `net uplink`'s).
+pub fn valid_switch_name(name: &str) -> bool {
+    (1..=MAX_SWITCH_NAME).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// A memory target: MiB in `1..=MAX_MEM_MIB`, or `none`.

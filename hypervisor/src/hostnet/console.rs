@@ -7,6 +7,7 @@
 //! net listen <port>                   accept test transfers on <port>
 //! net send <a.b.c.d>:<port> <bytes>   send <bytes> (k/m/g suffix: KiB/MiB/GiB) of the test pattern
 //! net ping <a.b.c.d> [count]          ICMP echo, 3 requests unless told
+//! net uplink <switch>|off             the NIC as a VM switch's uplink (`net::uplink`)
 //! ```
 //! Each takes `--json`. Bad input gets a one-line error and changes nothing.
 
@@ -30,6 +31,9 @@ pub enum NetCommand {
     Listen(u16),
     Send(SocketAddrV4, u64),
     Ping(Ipv4Addr, u16),
+    /// `net uplink <switch>|off`: run by the manager, which holds the
+    /// switches (`Manager::uplink_command`).
+    Uplink(Option<String>),
 }
 
 impl NetCommand {
@@ -40,6 +44,7 @@ impl NetCommand {
             NetCommand::Listen(_) => "net listen",
             NetCommand::Send(..) => "net send",
             NetCommand::Ping(..) => "net ping",
+            NetCommand::Uplink(_) => "net uplink",
         }
     }
 }
@@ -51,6 +56,7 @@ pub const HELP: &[(&str, &str)] = &[
     ("net listen <port>", "accept test transfers on <port> (each is verified and reported)"),
     ("net send <a.b.c.d>:<port> <bytes>[k|m|g]", "send a verified test transfer to a listening host"),
     ("net ping <a.b.c.d> [count]", "ICMP echo requests (3 unless told, at most 100), replies with round trips"),
+    ("net uplink <switch>|off", "make the NIC the uplink of a VM switch (the host's stack joins it), or not"),
 ];
 
 /// A parsed `net` line and whether `--json` was given.
@@ -105,7 +111,15 @@ fn parse_args(args: &[&str]) -> Result<NetCommand, String> {
             Ok(NetCommand::Ping(addr, n))
         }
         ["ping", ..] => Err(String::from("net ping: usage: 'net ping <a.b.c.d> [count]'")),
-        [other, ..] => Err(format!("net: unknown subcommand {other:?} (show, host, listen, send, ping)")),
+        ["uplink", "off"] => Ok(NetCommand::Uplink(None)),
+        ["uplink", name] if crate::console::parse::valid_switch_name(name) => {
+            Ok(NetCommand::Uplink(Some(String::from(*name))))
+        }
+        ["uplink", name] => {
+            Err(format!("net uplink: {name:?} is not a switch name (1-32 letters, digits, '-', '_', '.')"))
+        }
+        ["uplink", ..] => Err(String::from("net uplink: usage: 'net uplink <switch>' or 'net uplink off'")),
+        [other, ..] => Err(format!("net: unknown subcommand {other:?} (show, host, listen, send, ping, uplink)")),
     }
 }
 
@@ -163,6 +177,7 @@ fn run<N: Nic>(cmd: &NetCommand, net: &mut HostNet<N>, now_us: u64) -> Result<(S
                 json!({ "to": to.to_string(), "bytes": n }),
             ))
         }
+        NetCommand::Uplink(_) => Err(String::from("the VM manager runs this command, not the NIC alone")),
     }
 }
 
@@ -194,6 +209,13 @@ fn show<N: Nic>(net: &mut HostNet<N>) -> (String, Value) {
         stats.receives_ok,
         stats.receives_failed,
     );
+    let text = match &st.uplink {
+        Some((sw, b)) => format!(
+            "{text}\nuplink of switch {sw} (promiscuous): {} frames to the host's stack, {} from it, {} dropped",
+            b.to_stack, b.from_stack, b.dropped
+        ),
+        None => text,
+    };
     let j = json!({
         "device": net.device,
         "link_up": st.link_up,
@@ -204,6 +226,7 @@ fn show<N: Nic>(net: &mut HostNet<N>) -> (String, Value) {
         "sending": sending,
         "receiving": receiving,
         "transfers": stats,
+        "uplink": st.uplink.as_ref().map(|(sw, b)| json!({ "switch": sw, "bridge": b })),
     });
     (text, j)
 }
@@ -269,11 +292,16 @@ mod tests {
             ("net ping 10.0.0.2 101", "count must be"),
             ("net ping 10.0.0.256", "not an IPv4"),
             ("net ping 255.255.255.255", "not a host"),
+            ("net uplink", "usage"),
+            ("net uplink a b", "usage"),
+            ("net uplink sw/0", "not a switch name"),
         ] {
             let e = err(bad);
             assert!(e.contains(says) && !e.contains('\n'), "{bad:?}: {e:?}");
         }
         assert!(parse("net bogus --json").unwrap().unwrap_err().1);
+        assert_eq!(ok("net uplink lan").0, NetCommand::Uplink(Some("lan".into())));
+        assert_eq!(ok("net uplink off --json"), (NetCommand::Uplink(None), true));
     }
 
     #[test]

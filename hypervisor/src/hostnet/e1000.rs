@@ -65,6 +65,9 @@ const RAH_AV: u32 = 1 << 31;
 const RCTL_EN: u32 = 1 << 1;
 const RCTL_BAM: u32 = 1 << 15;
 const RCTL_SECRC: u32 = 1 << 26;
+/// RCTL unicast and multicast promiscuous: every frame on the wire.
+const RCTL_UPE: u32 = 1 << 3;
+const RCTL_MPE: u32 = 1 << 4;
 /// TCTL (13.4.33): enable, pad short packets, collision threshold 0x0f and
 /// full-duplex collision distance 0x40, as 14.5 recommends.
 const TCTL_EN: u32 = 1 << 1;
@@ -434,6 +437,11 @@ impl<H: Hw> Nic for E1000<H> {
         self.post_tx();
         self.post_rx();
     }
+
+    fn set_promiscuous(&mut self, on: bool) {
+        let rctl = self.hw.read(reg::RCTL) & !(RCTL_UPE | RCTL_MPE);
+        self.hw.write(reg::RCTL, if on { rctl | RCTL_UPE | RCTL_MPE } else { rctl });
+    }
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -616,6 +624,17 @@ mod tests {
         assert_ne!(d.regs[&reg::TCTL] & TCTL_EN, 0);
         assert_eq!(d.regs[&reg::RAH0] & RAH_AV, RAH_AV);
         assert_eq!(d.regs[&reg::RDBAL] % 16, 0);
+        assert_eq!(d.regs[&reg::RCTL] & (RCTL_UPE | RCTL_MPE), 0, "only its own MAC and broadcast");
+    }
+
+    #[test]
+    fn promiscuous_mode_sets_and_clears_only_its_two_bits() {
+        let (mut nic, dev) = new_sim(MAC);
+        let rctl = dev.borrow().regs[&reg::RCTL];
+        nic.set_promiscuous(true);
+        assert_eq!(dev.borrow().regs[&reg::RCTL], rctl | RCTL_UPE | RCTL_MPE);
+        nic.set_promiscuous(false);
+        assert_eq!(dev.borrow().regs[&reg::RCTL], rctl);
     }
 
     #[test]

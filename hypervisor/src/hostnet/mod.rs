@@ -18,6 +18,7 @@ pub mod ping;
 pub mod tcp;
 pub mod transfer;
 
+use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::net::Ipv4Addr;
@@ -57,6 +58,9 @@ pub trait Nic {
     /// Hands the device everything queued or given back so far (a NIC may
     /// batch that); called at the end of every poll.
     fn flush(&mut self) {}
+    /// Takes every frame on the wire, not only those for its own MAC (as a
+    /// switch's uplink); a NIC without the mode ignores it.
+    fn set_promiscuous(&mut self, _on: bool) {}
 }
 
 /// Largest Ethernet frame the stack builds (MTU 1500 plus the header).
@@ -64,11 +68,35 @@ const FRAME_MAX: usize = 1514;
 
 /// A [`Nic`] as smoltcp's `Device`. Received frames are copied out of the
 /// NIC's buffer before smoltcp parses them, so a device that rewrites a
-/// buffer afterwards cannot change what the stack already checked.
+/// buffer afterwards cannot change what the stack already checked. While
+/// the NIC is a switch's uplink (`bridge`), the stack reads and writes the
+/// bridge's queues instead and the switch moves frames (`net::uplink`).
 pub struct Phy<N: Nic> {
     pub nic: N,
     rx: Vec<u8>,
     tx: Vec<u8>,
+    bridge: Option<Bridge>,
+}
+
+/// The host stack's side of the switch while the NIC is its uplink.
+#[derive(Default)]
+struct Bridge {
+    /// The switch's name, for `net`.
+    switch: alloc::string::String,
+    /// Frames the switch sent to the host's port.
+    inbox: VecDeque<Vec<u8>>,
+    /// Frames the stack sent, for the switch.
+    outbox: VecDeque<Vec<u8>>,
+    counters: BridgeCounters,
+}
+
+/// What went between the host's stack and its switch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BridgeCounters {
+    pub to_stack: u64,
+    pub from_stack: u64,
+    /// Frames for the stack dropped for a full inbox.
+    pub dropped: u64,
 }
 
 pub struct PhyRx<'a>(&'a [u8]);
@@ -76,6 +104,8 @@ pub struct PhyRx<'a>(&'a [u8]);
 pub struct PhyTx<'a, N: Nic> {
     nic: &'a mut N,
     buf: &'a mut Vec<u8>,
+    /// The bridge's outbox, when bridged: the frame goes there, not out.
+    outbox: Option<&'a mut Bridge>,
 }
 
 impl RxToken for PhyRx<'_> {
@@ -90,8 +120,16 @@ impl<N: Nic> TxToken for PhyTx<'_, N> {
             self.buf.resize(len, 0);
         }
         let r = f(&mut self.buf[..len]);
-        // A frame the NIC refuses is counted there; TCP resends it.
-        self.nic.send(&self.buf[..len]);
+        match self.outbox {
+            Some(b) => {
+                b.outbox.push_back(self.buf[..len].to_vec());
+                b.counters.from_stack += 1;
+            }
+            // A frame the NIC refuses is counted there; TCP resends it.
+            None => {
+                self.nic.send(&self.buf[..len]);
+            }
+        }
         r
     }
 }
@@ -107,12 +145,24 @@ impl<N: Nic> Device for Phy<N> {
         Self: 'a;
 
     fn receive(&mut self, _now: Instant) -> Option<(PhyRx<'_>, PhyTx<'_, N>)> {
-        let n = self.nic.recv(&mut self.rx)?;
-        Some((PhyRx(&self.rx[..n]), PhyTx { nic: &mut self.nic, buf: &mut self.tx }))
+        let n = match &mut self.bridge {
+            Some(b) => {
+                let f = b.inbox.pop_front()?;
+                let n = f.len().min(self.rx.len());
+                self.rx[..n].copy_from_slice(&f[..n]);
+                n
+            }
+            None => self.nic.recv(&mut self.rx)?,
+        };
+        Some((PhyRx(&self.rx[..n]), PhyTx { nic: &mut self.nic, buf: &mut self.tx, outbox: self.bridge.as_mut() }))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<PhyTx<'_, N>> {
-        if self.nic.can_send() { Some(PhyTx { nic: &mut self.nic, buf: &mut self.tx }) } else { None }
+        let room = match &self.bridge {
+            Some(b) => b.outbox.len() < crate::net::uplink::MAX_QUEUED,
+            None => self.nic.can_send(),
+        };
+        if room { Some(PhyTx { nic: &mut self.nic, buf: &mut self.tx, outbox: self.bridge.as_mut() }) } else { None }
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -130,6 +180,9 @@ pub struct Status {
     pub mac: [u8; 6],
     pub addr: Option<Ipv4Cidr>,
     pub counters: Counters,
+    /// The switch whose uplink the NIC is, and what went between it and
+    /// the host's stack.
+    pub uplink: Option<(alloc::string::String, BridgeCounters)>,
 }
 
 /// The host's interface, its sockets and the transfer service.
@@ -154,7 +207,7 @@ impl<N: Nic> HostNet<N> {
     /// `seed` varies TCP's initial sequence numbers and ports per boot.
     pub fn new(nic: N, device: alloc::string::String, now_us: u64, seed: u64) -> Self {
         let mac = nic.mac();
-        let mut phy = Phy { nic, rx: vec![0; e1000::BUF], tx: vec![0; e1000::BUF] };
+        let mut phy = Phy { nic, rx: vec![0; e1000::BUF], tx: vec![0; e1000::BUF], bridge: None };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         config.random_seed = seed;
         let iface = Interface::new(config, &mut phy, instant(now_us));
@@ -194,7 +247,21 @@ impl<N: Nic> HostNet<N> {
             mac: self.phy.nic.mac(),
             addr: self.addr(),
             counters: self.phy.nic.counters(),
+            uplink: self.phy.bridge.as_ref().map(|b| (b.switch.clone(), b.counters)),
         }
+    }
+
+    /// Makes the NIC switch `name`'s uplink (promiscuous, the stack behind
+    /// the switch: `net::uplink`), or (`None`) the stack's alone again.
+    /// Frames still queued either way are dropped; TCP resends them.
+    pub fn set_uplink(&mut self, name: Option<&str>) {
+        self.phy.nic.set_promiscuous(name.is_some());
+        self.phy.bridge = name.map(|n| Bridge { switch: n.into(), ..Bridge::default() });
+    }
+
+    /// The switch whose uplink the NIC is.
+    pub fn uplink(&self) -> Option<&str> {
+        self.phy.bridge.as_ref().map(|b| b.switch.as_str())
     }
 
     pub fn nic(&mut self) -> &mut N {
@@ -239,7 +306,10 @@ impl<N: Nic> HostNet<N> {
     pub fn poll(&mut self, now_us: u64, report: &mut dyn FnMut(&str)) {
         let now = instant(now_us);
         self.iface.poll_maintenance(now);
-        for _ in 0..64 {
+        // Bridged, the switch fills the inbox up to its bound between
+        // polls: take all of it, or the next round's frames find it full.
+        let budget = if self.phy.bridge.is_some() { crate::net::uplink::MAX_QUEUED } else { 64 };
+        for _ in 0..budget {
             use smoltcp::iface::PollIngressSingleResult;
             if self.iface.poll_ingress_single(now, &mut self.phy, &mut self.sockets.set)
                 == PollIngressSingleResult::None
@@ -268,6 +338,38 @@ impl<N: Nic> HostNet<N> {
                 break;
             }
         }
+    }
+}
+
+/// The uplink's host side: the NIC's frames, and the stack's through the
+/// bridge's queues. Only meaningful while bridged (`set_uplink`).
+impl<N: Nic> crate::net::uplink::UplinkPort for HostNet<N> {
+    fn take_wire(&mut self) -> Option<Vec<u8>> {
+        let n = self.phy.nic.recv(&mut self.phy.rx)?;
+        Some(self.phy.rx[..n].to_vec())
+    }
+
+    fn take_host(&mut self) -> Option<Vec<u8>> {
+        self.phy.bridge.as_mut()?.outbox.pop_front()
+    }
+
+    fn to_wire(&mut self, frame: &[u8]) {
+        // A full ring drops the frame, counted by the NIC as tx_dropped.
+        self.phy.nic.send(frame);
+    }
+
+    fn to_host(&mut self, frame: Vec<u8>) {
+        let Some(b) = self.phy.bridge.as_mut() else { return };
+        if b.inbox.len() < crate::net::uplink::MAX_QUEUED {
+            b.inbox.push_back(frame);
+            b.counters.to_stack += 1;
+        } else {
+            b.counters.dropped += 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        self.phy.nic.flush();
     }
 }
 

@@ -395,7 +395,7 @@ fn serve<B: HostBackend>(
                 core::hint::spin_loop();
             }
             manager.checkpoint_round(&mut con);
-            poll_net(&mut net, &mut con);
+            poll_net(&mut net, &mut manager, &mut con);
             manager.migration_round(net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
             continue;
         }
@@ -443,7 +443,7 @@ fn serve<B: HostBackend>(
         // A live save writes between time slices, also while no VM wants
         // the CPU.
         manager.checkpoint_round(&mut con);
-        poll_net(&mut net, &mut con);
+        poll_net(&mut net, &mut manager, &mut con);
         // Migrations move between rounds too (after the NIC's poll, so
         // what they write goes out in the next one).
         manager.migration_round(net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
@@ -477,9 +477,14 @@ fn start_net(config: &BootConfig) -> Option<platform::net::HostNic> {
 
 /// One round of the host network: frames in and out, transfers moved on,
 /// finished ones reported.
-fn poll_net(net: &mut Option<platform::net::HostNic>, con: &mut Serial) {
+/// With the NIC a switch's uplink, the switch moves frames before the
+/// stack's poll (the wire's to the stack and the VMs) and after it (the
+/// stack's out), so a reply leaves in the same round.
+fn poll_net<B: Backend>(net: &mut Option<platform::net::HostNic>, m: &mut Manager<B>, con: &mut Serial) {
     if let Some(n) = net {
+        m.uplink_round(n);
         n.poll(platform::time::micros(), &mut |line| con.line(line));
+        m.uplink_round(n);
     }
 }
 
@@ -493,6 +498,10 @@ fn run_line<B: Backend>(
     // `net ...`: the host's own network, beside the VM console's commands.
     if let Some(parsed) = hostnet::console::parse(line) {
         match parsed {
+            // The uplink joins the NIC to a VM switch: the manager's too.
+            Ok((hostnet::console::NetCommand::Uplink(name), json)) => {
+                m.uplink_command(name.as_deref(), json, net.as_mut(), con)
+            }
             Ok(p) => hostnet::console::execute(&p, net.as_mut(), platform::time::micros(), con),
             Err(e) => hostnet::console::report_parse_error(&e, con),
         }

@@ -513,6 +513,9 @@ impl<B: Backend> Manager<B> {
         self.vms.push(vm);
         if let (Some(net), Ok(port)) = (machine.net, crate::net::switch::PortId::try_from(id)) {
             self.switches.entry(net).or_default().attach(port, false);
+            // Switches (this one, those beyond its uplink) learn the VM's
+            // MAC here before it runs: it may have been elsewhere.
+            self.announce(id);
         }
         self.forget_old_records();
         Ok(id)

@@ -100,6 +100,9 @@ pub struct Manager<B: Backend> {
     pub migration: migration::Migrations<B>,
     /// What the scheduler's rounds cost (`host`).
     pub sched: rounds::SchedStats,
+    /// The switch whose uplink the host's NIC is (`net uplink`), and the
+    /// frames its VMs sent to the host side, for the next `uplink_round`.
+    pub uplink: uplink::Uplink,
 }
 
 /// What Linux is told about its TSC, unless its command line says
@@ -150,6 +153,7 @@ impl<B: Backend> Manager<B> {
             numa: crate::numa::Topology::default(),
             migration: Default::default(),
             sched: Default::default(),
+            uplink: Default::default(),
         }
     }
 
@@ -336,7 +340,8 @@ impl<B: Backend> Manager<B> {
         let id = self.next_id;
         let port = net.map(|_| switch_port(id)).transpose()?;
         let disk = disk.map(|d| self.open_disk(d)).transpose()?;
-        let vm = self.create_vm(id, name, mem_mib, modules, cmdline, disk, port.is_some(), vcpus as usize)?;
+        let nic = net.map(|n| self.uplink.mac_for(id, n));
+        let vm = self.create_vm(id, name, mem_mib, modules, cmdline, disk, nic, vcpus as usize)?;
         self.next_id += 1;
         self.vms.push(vm);
         if let (Some(net), Some(port)) = (net, port) {
@@ -368,15 +373,27 @@ impl<B: Backend> Manager<B> {
         let Some(sw) = self.switches.values_mut().find(|s| s.counters(port).is_some()) else { return };
         // The switch ages its table in milliseconds of host time.
         let now_ms = crate::vm::exit::ticks_to_ns(backend.now(), backend.tsc_hz()) / 1_000_000;
-        let mut out: BTreeMap<PortId, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut out = crate::net::uplink::ToVms::new();
         for f in frames {
             for p in sw.forward(port, &f, now_ms) {
-                out.entry(p).or_default().push(f.clone());
+                if crate::net::uplink::is_host_side(p) {
+                    // The NIC and the host's stack are not reachable from
+                    // inside a round: the next `uplink_round` sends these.
+                    self.uplink.queue(p, f.clone());
+                } else {
+                    out.entry(p).or_default().push(f.clone());
+                }
             }
         }
+        self.deliver_frames(out);
+    }
+
+    /// Frames the switch sent to VM ports, each port's batch into its VM's
+    /// receive buffers at once. Ports are detached when their VM ends; a
+    /// port without a live VM drops what it is sent.
+    fn deliver_frames(&mut self, out: crate::net::uplink::ToVms) {
+        let Ok(backend) = self.backend.as_mut() else { return };
         for (p, frames) in out {
-            // Ports are detached when their VM ends; a port without a live
-            // VM drops what it is sent.
             if let Some(to) = self.vms.iter_mut().find(|v| v.id == u32::from(p) && v.res.is_some()) {
                 to.virtio_net_deliver(&frames, backend, &mut self.host_mem);
             }
@@ -478,7 +495,7 @@ impl<B: Backend> Manager<B> {
         modules: &[String],
         cmdline: &str,
         disk: Option<HostDisk>,
-        with_nic: bool,
+        nic: Option<switch::Mac>,
         vcpus: usize,
     ) -> Result<Box<Vm<B>>, Error> {
         if let Err(why) = &self.backend {
@@ -499,7 +516,6 @@ impl<B: Backend> Manager<B> {
             cmdline
         };
         let with_rng = self.entropy.is_some();
-        let nic = with_nic.then(|| switch::mac_for(id, 0));
         let (mem, mut devices, node) = self.machine(id, mem_mib, with_rng, disk, nic, vcpus)?;
         let size = (mem_mib as u64) << 20;
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
@@ -610,12 +626,12 @@ impl<B: Backend> Manager<B> {
         // The same disk, as a PC's reset keeps its drives, and the same NIC
         // on the same switch.
         let disk = old.devices.block_backend();
-        let with_nic = old.devices.virtio_net().is_some();
+        let nic = old.devices.virtio_net().map(|n| n.mac());
         let net = self.switch_of(id).map(String::from);
         // Whatever happens, the old guest's MACs are forgotten: the new one
         // announces itself afresh (ARP), maybe from other addresses.
         detach_port(&mut self.switches, id);
-        match self.create_vm(id, &image, mem_mib, &modules, &cmdline, disk, with_nic, vcpus) {
+        match self.create_vm(id, &image, mem_mib, &modules, &cmdline, disk, nic, vcpus) {
             Ok(mut vm) => {
                 vm.start_vcpus();
                 if paused {
@@ -1087,7 +1103,8 @@ pub enum ConsolePort {
 
 /// VM `id`'s switch port, as a number (`Error::NoSwitchPort` past them).
 fn switch_port(id: u32) -> Result<PortId, Error> {
-    PortId::try_from(id).map_err(|_| Error::NoSwitchPort(id))
+    // The top two port numbers are the host's NIC and its stack.
+    PortId::try_from(id).ok().filter(|&p| !crate::net::uplink::is_host_side(p)).ok_or(Error::NoSwitchPort(id))
 }
 
 /// Detach VM `id` from its switch (it ended, or resets): the switch
@@ -1148,6 +1165,7 @@ pub mod sibling_mmio;
 mod smp_tests;
 #[cfg(test)]
 mod tests;
+pub mod uplink;
 #[cfg(test)]
 mod vcpu_tests;
 

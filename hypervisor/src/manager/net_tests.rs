@@ -342,3 +342,66 @@ fn a_checkpoint_keeps_the_switch_and_the_mac() {
     assert!(m.get(rc).unwrap().devices.virtio_net().is_none());
     assert_eq!(m.switch_of(rc), None);
 }
+
+#[test]
+fn the_host_nic_as_uplink_carries_a_vms_frames_both_ways_and_a_restored_vm_announces_itself() {
+    use crate::hostnet::Nic;
+    use crate::hostnet::link::{End, hosts};
+    use crate::net::uplink::{HOST, UPLINK, host_tag, tagged_mac};
+    let mut m = manager();
+    let mut con = Lines::default();
+    // No NIC: refused, nothing made.
+    m.uplink_command::<End>(Some("lan"), false, None, &mut con);
+    assert_eq!(con.text(), "error: net uplink: no network device (no 82540EM on the PCI bus, or it failed to start)");
+    assert!(m.switches.is_empty() && m.uplink.switch.is_none());
+    // Host A's NIC (02:00:00:00:00:01) and a station beyond the wire.
+    let (mut host, mut peer) = hosts();
+    m.uplink_command(Some("lan"), true, Some(&mut host), &mut con);
+    assert!(con.text().contains(r#""uplink":"lan""#), "{}", con.text());
+    assert_eq!(m.switches["lan"].ports().collect::<Vec<_>>(), [HOST, UPLINK]);
+    assert_eq!(host.uplink(), Some("lan"));
+    // A VM on the uplinked switch gets the host's tag; one elsewhere not.
+    let a = m.run_vm_with_nic("tiny", 4, &[], "", None, Some("lan")).unwrap();
+    let b = m.run_vm_with_nic("tiny", 4, &[], "", None, Some("sw0")).unwrap();
+    let mac_a = tagged_mac(host_tag(&host.nic().mac()), a, 0);
+    assert_eq!(mac_a[0], 0x06);
+    assert_eq!(m.get(a).unwrap().devices.virtio_net().unwrap().mac(), mac_a);
+    assert_eq!(m.get(b).unwrap().devices.virtio_net().unwrap().mac(), mac_for(b, 0));
+
+    // Out: a broadcast from VM a reaches the wire at the next round.
+    let mut da = Driver::up(&mut m, a);
+    da.post_rx(&mut m, 4);
+    let hello = frame(BROADCAST, mac_a, b"who has 10.0.0.2");
+    da.queue_tx(&mut m, &hello);
+    da.w(&mut m, reg::QUEUE_NOTIFY, net::TX_QUEUE as u32);
+    let i = m.vms.iter().position(|v| v.id == a).unwrap();
+    m.forward_frames(i);
+    m.uplink_round(&mut host);
+    let mut wire = vec![0u8; 2048];
+    let n = peer.nic().recv(&mut wire).expect("the broadcast on the wire");
+    assert_eq!(wire[..n], hello[..]);
+    // In: the station answers the VM's MAC; the VM gets it, the stack not.
+    let reply = frame(mac_a, peer.nic().mac(), &[0x5a; 64]);
+    peer.nic().send(&reply);
+    m.uplink_round(&mut host);
+    assert_eq!(da.received(&mut m), [reply]);
+    let (_, bridge) = host.status().uplink.unwrap();
+    assert_eq!((bridge.to_stack, bridge.dropped), (1, 0), "only the VM's broadcast reached the host's stack");
+
+    // Restored (as a migration's destination does): the VM's port
+    // announces its MAC, out of the uplink too.
+    let (stream, _) = m.save_vm(a, Vec::new()).unwrap();
+    m.stop(a, &mut con).unwrap();
+    let r = m.restore_vm(stream.as_slice()).unwrap();
+    assert_eq!(m.switches["lan"].lookup(&mac_a, 0), Some(r as PortId));
+    m.uplink_round(&mut host);
+    let n = peer.nic().recv(&mut wire).expect("the announcement on the wire");
+    assert_eq!(wire[..n], crate::net::switch::announce(mac_a)[..]);
+
+    // Off: the switch loses both host ports, the NIC is the stack's.
+    con.0.clear();
+    m.uplink_command(None, false, Some(&mut host), &mut con);
+    assert_eq!(con.text(), "net: the NIC is the host's alone");
+    assert_eq!(m.switches["lan"].ports().collect::<Vec<_>>(), [r as PortId]);
+    assert_eq!(host.uplink(), None);
+}

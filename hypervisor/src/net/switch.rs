@@ -24,7 +24,7 @@
 //! default — [`DEFAULT_MAX_AGE`] is 802.1D's recommended 300 s), so the
 //! switch is deterministic under record/replay and in tests.
 //!
-//! # The uplink (for the migration work; not wired yet)
+//! # The uplink (`super::uplink` wires it: `net uplink <switch>`)
 //!
 //! A port attached with `uplink = true` stands for the host's physical NIC:
 //! it is bounded only by the whole table (it fronts a LAN of many MACs),
@@ -49,8 +49,9 @@
 //! (IEEE 802, a unicast address no vendor assigns), then the 32-bit VM id
 //! big-endian, then the NIC's index. Distinct `(vm_id, nic)` pairs give
 //! distinct addresses, so two VMs of one host never collide. The first
-//! octet's upper six bits are left zero: they are where a per-host tag goes
-//! once several hosts share a LAN through their uplinks. A migrated VM
+//! octet's upper six bits are left zero here: a VM on the switch with the
+//! host's uplink gets the host's tag there (`super::uplink::tagged_mac`),
+//! so several hosts can share a LAN through their uplinks. A migrated VM
 //! keeps the MAC it was created with (its guest saw it), whatever its id
 //! on the destination; the destination can check it is free with
 //! [`Switch::lookup`].
