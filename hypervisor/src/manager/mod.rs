@@ -363,13 +363,30 @@ impl<B: Backend> Manager<B> {
     /// dropped, as a NIC without a cable sends into nothing. Frames cross
     /// VMs, so this runs between slices, never inside one VM's exit.
     fn forward_frames(&mut self, index: usize) {
-        let Ok(backend) = self.backend.as_mut() else { return };
         let Some(vm) = self.vms.get_mut(index) else { return };
-        let frames = vm.devices.take_net_frames();
+        let mut frames = vm.devices.take_net_frames();
         if frames.is_empty() {
             return;
         }
         let Ok(port) = PortId::try_from(vm.id) else { return };
+        let own_mac = vm.devices.virtio_net().map(|n| n.mac());
+        // Port security on the switch that faces the LAN: a VM sends only
+        // from its own MAC there, or it could pose as the host or another
+        // host and have the host's traffic (a migration's memory) sent to it.
+        let on_lan = self.uplink.switch.is_some() && self.switch_of(u32::from(port)) == self.uplink.switch.as_deref();
+        if on_lan {
+            let before = frames.len();
+            frames.retain(|f| f.get(6..12) == own_mac.as_ref().map(|m| &m[..]));
+            self.uplink.spoofed += (before - frames.len()) as u64;
+        }
+        self.send_from_port(port, frames);
+    }
+
+    /// `frames` into the switch at `port`, and out where it sends them:
+    /// into VMs' receive buffers now, to the host side (NIC, host stack)
+    /// at the next `uplink_round`, which the scheduler's rounds cannot reach.
+    fn send_from_port(&mut self, port: PortId, frames: Vec<Vec<u8>>) {
+        let Ok(backend) = self.backend.as_mut() else { return };
         let Some(sw) = self.switches.values_mut().find(|s| s.counters(port).is_some()) else { return };
         // The switch ages its table in milliseconds of host time.
         let now_ms = crate::vm::exit::ticks_to_ns(backend.now(), backend.tsc_hz()) / 1_000_000;
@@ -377,8 +394,6 @@ impl<B: Backend> Manager<B> {
         for f in frames {
             for p in sw.forward(port, &f, now_ms) {
                 if crate::net::uplink::is_host_side(p) {
-                    // The NIC and the host's stack are not reachable from
-                    // inside a round: the next `uplink_round` sends these.
                     self.uplink.queue(p, f.clone());
                 } else {
                     out.entry(p).or_default().push(f.clone());

@@ -380,6 +380,15 @@ fn the_host_nic_as_uplink_carries_a_vms_frames_both_ways_and_a_restored_vm_annou
     let mut wire = vec![0u8; 2048];
     let n = peer.nic().recv(&mut wire).expect("the broadcast on the wire");
     assert_eq!(wire[..n], hello[..]);
+    // Posing as the peer (to have the host's frames for it) is dropped:
+    // on the LAN's switch a VM sends only from its own MAC.
+    da.queue_tx(&mut m, &frame(BROADCAST, peer.nic().mac(), b"i am the peer"));
+    da.w(&mut m, reg::QUEUE_NOTIFY, net::TX_QUEUE as u32);
+    m.forward_frames(i);
+    m.uplink_round(&mut host);
+    assert!(peer.nic().recv(&mut wire).is_none(), "nothing on the wire");
+    assert_eq!(m.uplink.spoofed, 1);
+    assert_eq!(m.switches["lan"].lookup(&peer.nic().mac(), 0), None);
     // In: the station answers the VM's MAC; the VM gets it, the stack not.
     let reply = frame(mac_a, peer.nic().mac(), &[0x5a; 64]);
     peer.nic().send(&reply);

@@ -11,7 +11,7 @@ use super::Manager;
 use crate::backend::Backend;
 use crate::hostnet::{HostNet, Nic};
 use crate::net::switch::{self, Mac, PortId};
-use crate::net::uplink::{self, HOST, MAX_QUEUED, ToVms, UPLINK, UplinkPort};
+use crate::net::uplink::{self, HOST, MAX_QUEUED, UPLINK, UplinkPort};
 use crate::vm::exit::Console;
 
 /// Which switch the host's NIC is the uplink of, and what waits for it.
@@ -26,6 +26,9 @@ pub struct Uplink {
     pending: Vec<(PortId, Vec<u8>)>,
     /// Frames dropped for a full `pending`.
     pub dropped: u64,
+    /// Frames a VM on the uplinked switch sent from a MAC not its own,
+    /// dropped (`Manager::forward_frames`).
+    pub spoofed: u64,
 }
 
 impl Uplink {
@@ -90,19 +93,7 @@ impl<B: Backend> Manager<B> {
     pub(super) fn announce(&mut self, id: u32) {
         let Some(mac) = self.get(id).and_then(|v| v.devices.virtio_net().map(|n| n.mac())) else { return };
         let Ok(port) = PortId::try_from(id) else { return };
-        let Ok(backend) = self.backend.as_mut() else { return };
-        let now_ms = crate::vm::exit::ticks_to_ns(backend.now(), backend.tsc_hz()) / 1_000_000;
-        let Some(sw) = self.switches.values_mut().find(|s| s.counters(port).is_some()) else { return };
-        let mut to_vms = ToVms::new();
-        let frame = switch::announce(mac);
-        for p in sw.forward(port, &frame, now_ms) {
-            if uplink::is_host_side(p) {
-                self.uplink.queue(p, frame.clone());
-            } else {
-                to_vms.entry(p).or_default().push(frame.clone());
-            }
-        }
-        self.deliver_frames(to_vms);
+        self.send_from_port(port, alloc::vec![switch::announce(mac)]);
     }
 
     /// `net uplink <switch>|off`: both sides (this switch and the NIC's

@@ -19,6 +19,10 @@
 //!   the host's own VMs as well as other hosts.
 //! - A VM on this switch gets the host's tag in its MAC ([`tagged_mac`]),
 //!   so two hosts' VM 1 do not collide on the LAN.
+//! - A VM on this switch sends only from its own MAC
+//!   (`Manager::forward_frames`): posing as the host or the peer host, it
+//!   could otherwise have the host's traffic (a migration's memory) sent
+//!   to it.
 //! - A VM that arrives by migration keeps its MAC; its new switch sends
 //!   [`super::switch::announce`] from its port, so this switch and the ones
 //!   beyond the wire learn where it went.
