@@ -54,7 +54,7 @@
 //! (with one HLT between them) and its checksum compared.
 use crate::hypercall as hc;
 use crate::io::{cpuid, halt_once, hypercall, hypercall_args, inb, outb, rdtsc};
-use crate::{Boot, println};
+use crate::{Boot, print, println};
 use core::fmt;
 
 const PAGE: u64 = 4096;
@@ -559,9 +559,24 @@ fn live(o: &Options, region: Region) -> bool {
     // second (counted in whole ms, at least one page of burst).
     let (t_start, mut written) = (rdtsc(), 0u64);
     let (mut last, mut longest) = (rdtsc(), 0u64);
+    // Where the pauses fell: the four longest (start in ms since the
+    // start, length in TSC ticks) and how many passed 5, 10 and 20 ms, so
+    // a migration's pauses can be told apart (one switch-over, or a
+    // pre-copy step after another).
+    let mut worst = [(0u64, 0u64); 4];
+    let mut over = [0u64; 3];
     loop {
         let now = rdtsc();
-        longest = longest.max(now.wrapping_sub(last));
+        let gap = now.wrapping_sub(last);
+        longest = longest.max(gap);
+        if dirty && khz > 0 {
+            for (n, ms) in over.iter_mut().zip([5, 10, 20]) {
+                *n += u64::from(gap >= ms * khz);
+            }
+            if let Some(w) = worst.iter_mut().min_by_key(|w| w.1).filter(|w| gap > w.1) {
+                *w = (last.wrapping_sub(t_start) / khz, gap);
+            }
+        }
         last = now;
         let ms = now.wrapping_sub(t_start) / khz.max(1);
         let allowed = ms.saturating_mul(o.rate_pps) / 1000 + (o.rate_pps / 1000).max(1);
@@ -587,6 +602,15 @@ fn live(o: &Options, region: Region) -> bool {
                 );
                 if dirty {
                     println!("memtest: dirty: {written} page writes, longest pause {} us", longest * 1000 / khz.max(1));
+                    worst.sort_unstable_by_key(|w| w.0);
+                    print!(
+                        "memtest: dirty: pauses over 5/10/20 ms: {}/{}/{}; the longest at",
+                        over[0], over[1], over[2]
+                    );
+                    for (at, ticks) in worst.iter().filter(|w| w.1 > 0) {
+                        print!(" {at} ms ({} us)", ticks * 1000 / khz.max(1));
+                    }
+                    println!();
                 }
                 let passed = c.report("memtest");
                 if key == b'q' || !passed {

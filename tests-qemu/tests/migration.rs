@@ -131,6 +131,7 @@ fn precopy_between_two_qemu_hosts() {
     assert!(arrived.contains("arrived from 10.0.8.1") && arrived.contains("and runs"), "{arrived}");
     let status = a.json("vm migrate status 1 --json");
     eprintln!("[migration] status: {status}");
+    eprintln!("[migration] A's longest net poll: {} us", a.json("net --json")["longest_poll_us"]);
     assert_eq!(status["state"], "completed", "{status}");
     let there = status["destination_vm"].as_u64().expect("the VM's id on B");
     assert!(status["iteration"].as_u64().unwrap() >= 2 && status["pages_sent"].as_u64().unwrap() >= mem * 256);
@@ -148,7 +149,11 @@ fn precopy_between_two_qemu_hosts() {
     b.wait_for_after("memtest: PASS", from_b, limit);
     let t = b.transcript();
     let pause = report(&t, from_b, "memtest: dirty: ");
-    eprintln!("[migration] guest on B: {} / {pause}", report(&t, from_b, "memtest: live check"));
+    eprintln!(
+        "[migration] guest on B: {} / {pause} / {}",
+        report(&t, from_b, "memtest: live check"),
+        report(&t, from_b, "memtest: dirty: pauses")
+    );
     assert!(pause.contains("longest pause"), "{pause}");
 
     // 3. Faster than the link: throttled until it converges.

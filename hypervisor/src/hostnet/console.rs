@@ -226,6 +226,7 @@ fn show<N: Nic>(net: &mut HostNet<N>) -> (String, Value) {
         "sending": sending,
         "receiving": receiving,
         "transfers": stats,
+        "longest_poll_us": net.longest_poll_us,
         "uplink": st.uplink.as_ref().map(|(sw, b)| json!({ "switch": sw, "bridge": b })),
     });
     (text, j)

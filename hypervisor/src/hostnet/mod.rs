@@ -196,6 +196,9 @@ pub struct HostNet<N: Nic> {
     ping_ident: u16,
     /// Text naming the device (`"82540EM 0000:00:02.0"`), for `net`.
     pub device: alloc::string::String,
+    /// The longest `poll` (microseconds, the caller's clock): while it
+    /// runs, no guest on the boot CPU does.
+    pub longest_poll_us: u64,
 }
 
 /// smoltcp's clock from the host's microseconds since boot.
@@ -219,6 +222,7 @@ impl<N: Nic> HostNet<N> {
             ping: None,
             ping_ident: seed as u16,
             device,
+            longest_poll_us: 0,
         }
     }
 

@@ -483,7 +483,9 @@ fn start_net(config: &BootConfig) -> Option<platform::net::HostNic> {
 fn poll_net<B: Backend>(net: &mut Option<platform::net::HostNic>, m: &mut Manager<B>, con: &mut Serial) {
     if let Some(n) = net {
         m.uplink_round(n);
-        n.poll(platform::time::micros(), &mut |line| con.line(line));
+        let began = platform::time::micros();
+        n.poll(began, &mut |line| con.line(line));
+        n.longest_poll_us = n.longest_poll_us.max(platform::time::micros().saturating_sub(began));
         m.uplink_round(n);
     }
 }

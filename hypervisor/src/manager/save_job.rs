@@ -85,6 +85,9 @@ pub struct SaveJob {
     /// Next RAM range and address to write.
     range: usize,
     gpa: u64,
+    /// Pages of the 2 MiB run in progress still to write (a step may end
+    /// inside a run: a step's length is the guest's pause).
+    run_left: u64,
     /// When the save began, and how long the VM was held at the start.
     pub started: u64,
     pub pause_ticks: u64,
@@ -112,6 +115,7 @@ impl SaveJob {
             ram,
             range: 0,
             gpa,
+            run_left: 0,
             started,
             pause_ticks,
             steps: 0,
@@ -248,9 +252,10 @@ impl<B: Backend> Manager<B> {
         Ok(Captured { header, states, machine_bytes, devices })
     }
 
-    /// Write about `pages` more pages of the VM's memory (a 2 MiB run is
-    /// never cut), the staging buffer going to `target` each time it is
-    /// full; whether all memory is written.
+    /// Write `pages` more pages of the VM's memory (a 2 MiB run may go
+    /// on in the next step: its pages follow its marker in order, whenever
+    /// they are written), the staging buffer going to `target` each time
+    /// it is full; whether all memory is written.
     pub fn save_step(&mut self, job: &mut SaveJob, pages: u64, target: &mut impl Sink) -> Result<bool, Error> {
         let backend = self.backend.as_mut().map_err(|why| Error::NoVirtualization(why.clone()))?;
         let t0 = backend.now();
@@ -263,7 +268,6 @@ impl<B: Backend> Manager<B> {
         let w = &mut job.writer;
         let mut page = [0u8; migrate::PAGE_SIZE];
         let mut done = 0u64;
-        let mut run_left = 0u64;
         while let Some(r) = job.ram.get(job.range) {
             let end = r.base + r.size;
             if job.gpa >= end {
@@ -273,12 +277,12 @@ impl<B: Backend> Manager<B> {
                 }
                 continue;
             }
-            if done >= pages && run_left == 0 {
+            if done >= pages {
                 break;
             }
             let gpa = job.gpa;
             let g = GuestPhysAddr(gpa);
-            if run_left == 0 && gpa.is_multiple_of(2 << 20) && gpa + (2 << 20) <= end {
+            if job.run_left == 0 && gpa.is_multiple_of(2 << 20) && gpa + (2 << 20) <= end {
                 // A 2 MiB page of RAM travels as a run, so the restored VM
                 // can map it large again (contiguity survives).
                 let large = if job.live {
@@ -288,12 +292,12 @@ impl<B: Backend> Manager<B> {
                 };
                 if large {
                     w.large_run(gpa >> 12, 512).map_err(Error::Stream)?;
-                    run_left = 512;
+                    job.run_left = 512;
                 }
             }
             write_page(w, &mut self.host_mem, backend, mem, vcpus, id, job.live, gpa, &mut page)?;
             job.gpa += migrate::PAGE_SIZE as u64;
-            run_left = run_left.saturating_sub(1);
+            job.run_left = job.run_left.saturating_sub(1);
             done += 1;
             if w.sink_mut().buf.len() >= STAGING_BYTES {
                 drain(w.sink_mut(), target, &mut job.drains, &mut job.bytes)?;

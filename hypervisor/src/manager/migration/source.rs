@@ -52,6 +52,11 @@ pub const MAX_ITERATIONS: u32 = 30;
 /// one step ([`PAGES_PER_STEP`] pages and their framing, or the staging
 /// buffer's 1 MiB) is ever buffered, the switch-over included.
 pub(super) const LOW_WATER: usize = 512 * 1024;
+/// How long one pre-copy step may take (microseconds of host time), and
+/// the pieces it is cut in: the guest's pause per step (with one CPU for
+/// both) against the migration's share of the CPU while the guest is busy.
+const STEP_BUDGET_US: u64 = 2_000;
+const STEP_CHUNK: usize = 8;
 /// Bytes handed to the connection per round at most.
 const WRITE_PER_ROUND: usize = 256 * 1024;
 /// Giving up on a connection that does not open.
@@ -165,6 +170,10 @@ pub struct Status {
     pub switchover_ms: Option<u64>,
     /// Post-copy connections lost and made again.
     pub recoveries: u32,
+    /// The longest source step (producing stream bytes and handing them
+    /// to TCP), in microseconds: while it runs, no guest on the boot CPU
+    /// does, so it bounds the pauses pre-copy costs them.
+    pub longest_step_us: u64,
     /// Post-copy: the second connection, for pages asked for, is up; the
     /// pages it carried.
     pub demand_connection: bool,
@@ -493,11 +502,19 @@ impl<B: Backend> Manager<B> {
     /// One step of the running migrations (between scheduling rounds, also
     /// while no VM wants the CPU): the outgoing one and the incoming one.
     /// `t` is the host network (`None`: no NIC, nothing can move).
+    /// The host's clock in microseconds (0 without virtualization).
+    fn clock_us(&self) -> u64 {
+        self.backend.as_ref().map_or(0, |b| crate::vm::exit::ticks_to_ns(b.now(), b.tsc_hz()) / 1000)
+    }
+
     pub fn migration_round<T: Transport>(&mut self, t: Option<&mut T>, now_us: u64, console: &mut impl Console) {
         let Some(t) = t else { return };
         self.incoming_round(t, now_us, console);
         let Some(mut o) = self.migration.out.take() else { return };
-        match self.outgoing_step(&mut o, t, now_us) {
+        let began = self.clock_us();
+        let step = self.outgoing_step(&mut o, t, now_us);
+        o.status.longest_step_us = o.status.longest_step_us.max(self.clock_us().saturating_sub(began));
+        match step {
             Ok(None) => {
                 o.status.elapsed_ms = now_us.saturating_sub(o.started_us) / 1000;
                 self.migration.out = Some(o);
@@ -765,16 +782,25 @@ impl<B: Backend> Manager<B> {
 
     fn produce_with(&mut self, o: &mut Outgoing, job: &mut SaveJob, now_us: u64) -> Result<(), String> {
         let e = |e: Error| format!("{e}");
-        if !o.bulk_done {
-            o.bulk_done = self.save_step(job, PAGES_PER_STEP, &mut o.out).map_err(e)?;
-            self.flush_save(job, &mut o.out).map_err(e)?;
-            o.status.pages_sent = job.pages_written();
-            return Ok(());
-        }
-        if !o.dirty.is_empty() {
-            let n = o.dirty.len().min(PAGES_PER_STEP as usize);
-            let gfns: Vec<u64> = o.dirty.drain(..n).collect();
-            self.save_pages(job, &gfns, &mut o.out).map_err(e)?;
+        if !o.bulk_done || !o.dirty.is_empty() {
+            // Pieces of STEP_CHUNK pages until the step's time is up: the
+            // VM does not run meanwhile (one CPU does both), so the step's
+            // length is the pause pre-copy costs the guest.
+            let began = self.clock_us();
+            loop {
+                if !o.bulk_done {
+                    o.bulk_done = self.save_step(job, STEP_CHUNK as u64, &mut o.out).map_err(e)?;
+                } else if !o.dirty.is_empty() {
+                    let n = o.dirty.len().min(STEP_CHUNK);
+                    let gfns: Vec<u64> = o.dirty.drain(..n).collect();
+                    self.save_pages(job, &gfns, &mut o.out).map_err(e)?;
+                } else {
+                    break;
+                }
+                if self.clock_us().saturating_sub(began) >= STEP_BUDGET_US || o.out.pending() >= LOW_WATER {
+                    break;
+                }
+            }
             self.flush_save(job, &mut o.out).map_err(e)?;
             o.status.pages_sent = job.pages_written();
             return Ok(());

@@ -589,3 +589,25 @@ fn a_failed_migration_gives_the_vm_its_full_speed_back() {
     assert_eq!(p.ma.get(p.id).unwrap().throttle.pct(), 0, "the VM runs at full speed again");
     p.source_runs_on();
 }
+
+#[test]
+fn a_precopy_step_ends_at_its_time_budget_so_the_guest_is_not_kept_waiting() {
+    // A slow host: every clock read is 250 µs later (the mock's clock runs
+    // at 1 MHz), so a step uses up its 2 ms after a few pieces of 8 pages.
+    let mut p = Pair::new();
+    p.ma.backend.as_mut().unwrap().tick = 250;
+    p.migrate(to_b());
+    p.run_until(1000, 0, 20_000, |p| p.la.0.iter().any(|l| l.contains("migrated to") || l.contains("failed")));
+    assert!(p.la.0.iter().any(|l| l.starts_with("vm 1: migrated to")), "{:?}", p.la.0);
+    p.check_region(&p.mb, 1);
+    let s = p.ma.migration_status(p.id).unwrap().clone();
+    // One piece is a page read, a clock read per page and the step's own:
+    // well under the 512 pages (128 ms here) a step took before.
+    assert!(s.longest_step_us >= 2_000 && s.longest_step_us < 12_000, "{s:?}");
+    // Fast host, same VM: the step is not cut short.
+    let mut q = Pair::new();
+    q.migrate(to_b());
+    q.run_until(1000, 0, 20_000, |p| p.la.0.iter().any(|l| l.contains("migrated to") || l.contains("failed")));
+    let fast = q.ma.migration_status(q.id).unwrap().clone();
+    assert!(fast.longest_step_us < s.longest_step_us, "{fast:?}");
+}
