@@ -22,6 +22,9 @@ pub struct BootConfig {
     pub vcpu_conformance: bool,
     /// The host's own IPv4 address (`net_host_ip = 10.0.0.1/24`).
     pub net_host_ip: Option<smoltcp::wire::Ipv4Cidr>,
+    /// The VM switch whose uplink the host's NIC is from boot on
+    /// (`net_uplink = lan`, as `net uplink lan`).
+    pub net_uplink: Option<String>,
 }
 
 /// A failure the hypervisor provokes on purpose (test images only).
@@ -77,6 +80,8 @@ pub fn parse(text: &str) -> (BootConfig, Vec<String>) {
                 Ok(c) => cfg.net_host_ip = Some(c),
                 Err(e) => problems.push(alloc::format!("line {}: net_host_ip {value:?}: {e}", n + 1)),
             },
+            "net_uplink" if crate::console::parse::valid_switch_name(value) => cfg.net_uplink = Some(value.to_string()),
+            "net_uplink" => problems.push(alloc::format!("line {}: net_uplink {value:?}: not a switch name", n + 1)),
             "autorun" if !value.is_empty() => cfg.autorun.push(value.to_string()),
             _ => problems.push(alloc::format!("line {}: unknown key {key:?}", n + 1)),
         }
@@ -117,5 +122,8 @@ mod tests {
         let (cfg, problems) = parse("net_host_ip = 10.0.0.2/24\nnet_host_ip = 10.0.0.0/24\n");
         assert_eq!(cfg.net_host_ip.map(|c| c.to_string()).as_deref(), Some("10.0.0.2/24"));
         assert_eq!(problems, ["line 2: net_host_ip \"10.0.0.0/24\": the network's own or broadcast address"]);
+        let (cfg, problems) = parse("net_uplink = lan\nnet_uplink = a/b\n");
+        assert_eq!(cfg.net_uplink.as_deref(), Some("lan"));
+        assert_eq!(problems, ["line 2: net_uplink \"a/b\": not a switch name"]);
     }
 }

@@ -1,7 +1,8 @@
 //! A TCP stream a Linux guest serves goes on while the guest moves to
 //! another host (two QEMU hosts, AMD-V, TCG, joined by their e1000s).
 //!
-//! Each host's NIC is the uplink of its switch `lan` (`net uplink lan`), so
+//! Each host's NIC is the uplink of its switch `lan` (A: `net uplink lan`
+//! on the console; B: `net_uplink = lan` in its `hypervisor.cfg`), so
 //! the hosts' own stacks, their VMs and the wire are one LAN:
 //!
 //! - a Linux guest on A (10.0.9.11) serves `nc -l`; a Linux guest on B
@@ -38,14 +39,14 @@ fn a_tcp_stream_a_linux_guest_serves_goes_on_while_it_moves_to_another_host() {
     let (mut a, mut b) = Machine::boot_linked_pair_with_files_each(
         "migration-tcp",
         &["net_host_ip = 10.0.9.1/24"],
-        &["net_host_ip = 10.0.9.2/24"],
+        &["net_host_ip = 10.0.9.2/24", "net_uplink = lan"],
         &files,
         &files,
     );
-    for m in [&mut a, &mut b] {
-        let out = m.cmd("net uplink lan");
-        assert!(out.contains("net: the NIC is the uplink of switch lan (promiscuous)"), "{out}");
-    }
+    // A by the console, B by its hypervisor.cfg.
+    let out = a.cmd("net uplink lan");
+    assert!(out.contains("net: the NIC is the uplink of switch lan (promiscuous)"), "{out}");
+    assert!(b.transcript().contains("net: the NIC is the uplink of switch lan (promiscuous)"), "{}", b.transcript());
     let out = b.cmd("migrate listen");
     assert!(out.contains("migrate: listening"), "{out}");
     let out = a.cmd("vm run linux mem=128 net=lan -- console=ttyS0 quiet");

@@ -343,6 +343,11 @@ fn serve<B: HostBackend>(
     let status = |line: &str| host_status(cpu, &boot_virt, line);
     let mut con = Serial::default();
     let mut net = start_net(config);
+    if let Some(name) = &config.net_uplink {
+        // Before the autorun commands, so VMs they start on it get the
+        // host's MAC tag.
+        manager.uplink_command(Some(name), false, net.as_mut(), &mut con);
+    }
     // The VM whose serial console the terminal is attached to, if any.
     let mut attached = None;
     for cmd in &config.autorun {
