@@ -24,6 +24,7 @@ mod plan;
 mod svm_exit;
 mod svm_fetch;
 mod swap_format;
+mod uplink;
 mod virtio;
 mod vmx_exit;
 
@@ -47,6 +48,7 @@ pub use plan::{MAX_RAM, check_plan};
 pub use svm_exit::svm_exit;
 pub use svm_fetch::svm_fetch;
 pub use swap_format::swap_format;
+pub use uplink::uplink;
 pub use virtio::virtio;
 pub use vmx_exit::vmx_exit;
 
@@ -76,4 +78,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("migrate_incoming", migrate_incoming),
     ("machine_record", machine_record),
     ("virtio", virtio),
+    ("uplink", uplink),
 ];
