@@ -119,6 +119,12 @@ impl Sockets {
         // anyway, and a held-back ACK stalls a sender waiting for window.
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
+        // Congestion control (RFC 5681): without it a sender puts its whole
+        // window (256 KiB) on the wire at once, and a slow receiver (Bochs'
+        // NIC takes about a frame per emulated millisecond) drops most of
+        // it again and again, until the retransmission timer has backed off
+        // to many seconds.
+        s.set_congestion_control(tcp::CongestionControl::Reno);
         Ok(s)
     }
 
