@@ -254,6 +254,10 @@ pub struct DeviceSet {
     /// looks at the timers again. Other accesses leave them alone, so the
     /// exit path of a UART byte does not recompute deadlines.
     timers_touched: bool,
+    /// The last port access reached COM1 alone, whose only effect on the
+    /// interrupt controllers is its IRQ 4 level: [`Self::lines_may_have_changed`]
+    /// can then answer from that level instead of a recomputation.
+    com1_only: bool,
     /// COM1's IRQ 4 level as last driven.
     com1_level: bool,
     /// virtio-mmio devices, in slot order.
@@ -333,6 +337,7 @@ impl DeviceSet {
             tsc_offset: 0,
             tsc_hz: lapic::DEFAULT_BUS_HZ,
             timers_touched: false,
+            com1_only: false,
             com1_level: false,
             virtio: Vec::new(),
             mca: VirtualMca::default(),
@@ -503,6 +508,15 @@ impl DeviceSet {
     /// exit path skips reading it).
     pub fn timers_touched(&self) -> bool {
         self.timers_touched
+    }
+
+    /// Whether the last port access may have changed an interrupt line or
+    /// a timer, so that [`Self::update_lines`] must run: always, unless it
+    /// reached COM1 alone and COM1's line is where it was (the exit path of
+    /// a UART byte then skips recomputing the controllers' outputs).
+    #[inline]
+    pub fn lines_may_have_changed(&mut self) -> bool {
+        !self.com1_only || self.timers_touched || self.com1().irq() != self.com1_level
     }
 
     /// After a port access (or input for COM1): bring the interrupt lines
@@ -695,8 +709,10 @@ impl DeviceSet {
             // Reading a counter can latch or end a count: the PIT's
             // deadlines are looked at again after it.
             self.timers_touched |= i == PIT_INDEX;
+            self.com1_only = i == COM1_INDEX;
             return PortEffect::Done(self.devices[i].1.read(port, offset, size, &now_ns));
         }
+        self.com1_only = false;
         // Nothing is on the bus at CONFIG_ADDRESS, so a dword there comes
         // here, off the usual path.
         if self.claims_access(port, size) {
@@ -731,9 +747,11 @@ impl DeviceSet {
             // One device decodes the whole access: one lookup.
             if u64::from(size) <= rest {
                 self.timers_touched |= i == PIT_INDEX;
+                self.com1_only = i == COM1_INDEX;
                 return self.devices[i].1.write(port, offset, size, value, &now_ns);
             }
         }
+        self.com1_only = false;
         if self.claims_access(port, size) {
             self.pci().write_address(value);
             return PortEffect::Done(0);
@@ -1096,6 +1114,39 @@ mod tests {
         set.update_lines(due);
         set.pio_write(0x20, 1, 0x20, || due);
         assert!(!set.interrupt_pending());
+    }
+
+    #[test]
+    fn only_a_port_access_that_can_move_a_line_asks_for_the_lines_to_be_recomputed() {
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        assert!(set.lines_may_have_changed(), "the PIC");
+        set.update_lines(0);
+        // COM1's scratch register, written and read: no line moves.
+        set.pio_write(COM1_BASE + 7, 1, 0x5a, || 0);
+        assert!(!set.lines_may_have_changed());
+        assert_eq!(set.pio_read(COM1_BASE + 7, 1, || 0), PortEffect::Done(0x5a));
+        assert!(!set.lines_may_have_changed());
+        // A mask write, a PIT access: always.
+        set.pio_write(0x21, 1, 0x00, || 0);
+        assert!(set.lines_may_have_changed(), "the PIC's mask");
+        set.update_lines(0);
+        set.pio_write(0x43, 1, 0x34, || 0);
+        assert!(set.lines_may_have_changed(), "the PIT");
+        set.update_lines(0);
+        // COM1 raising IRQ 4 (OUT2, then THRE enabled): its level moved.
+        set.pio_write(COM1_BASE + 4, 1, 0x08, || 0);
+        set.update_lines(0);
+        set.pio_write(COM1_BASE + 1, 1, 0x02, || 0);
+        assert!(set.lines_may_have_changed(), "IRQ 4 went up");
+        set.update_lines(0);
+        assert!(set.interrupt_pending());
+        assert_eq!(set.acknowledge_interrupt(), 0x34, "IRQ 4");
+        // Its line stays up while the scratch register is used again.
+        set.pio_write(COM1_BASE + 7, 1, 0x33, || 0);
+        assert!(!set.lines_may_have_changed());
     }
 
     /// A 10 ms PIT tick into a PIC at vectors 0x30/0x38; returns when the

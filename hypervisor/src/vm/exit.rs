@@ -509,7 +509,7 @@ impl<B: Backend> Vm<B> {
             self.devices.pio_read(io.port, io.size, now_ns)
         };
         // The port access may have changed an interrupt line or a timer.
-        if !matches!(effect, PortEffect::Unbacked) {
+        if !matches!(effect, PortEffect::Unbacked) && self.devices.lines_may_have_changed() {
             let before = self.devices.next_timer();
             let now = if self.devices.timers_touched() { now_ns() } else { 0 };
             self.devices.update_lines(now);

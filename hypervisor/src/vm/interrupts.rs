@@ -56,7 +56,18 @@ impl<B: Backend> Vm<B> {
 
     /// Fire due timers and hand a pending interrupt to the vCPU (or ask
     /// for the window). `now` is the host clock in TSC ticks.
+    // Runs after every exit: the usual answer, nothing due and nothing
+    // pending, is two compares here instead of a call (Bochs VT-x: 16
+    // instructions of prologue and epilogue per exit).
+    #[inline(always)]
     pub fn deliver_interrupts(&mut self, now: u64, hz: u64) {
+        if now >= self.timer_tick || self.devices.interrupt_pending() {
+            self.fire_and_deliver(now, hz);
+        }
+    }
+
+    #[inline(never)]
+    fn fire_and_deliver(&mut self, now: u64, hz: u64) {
         if now >= self.timer_tick {
             self.devices.poll_timers(vm_ns(now, hz, self.clock_offset_ns));
             self.timers_changed(hz);
