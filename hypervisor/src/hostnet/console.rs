@@ -211,8 +211,9 @@ fn show<N: Nic>(net: &mut HostNet<N>) -> (String, Value) {
     );
     let text = match &st.uplink {
         Some((sw, b)) => format!(
-            "{text}\nuplink of switch {sw} (promiscuous): {} frames to the host's stack, {} from it, {} dropped",
-            b.to_stack, b.from_stack, b.dropped
+            "{text}\nuplink of switch {sw} (promiscuous): {} frames to the host's stack, {} from it, {} dropped; \
+             from VMs, dropped: {} from a MAC not their own, {} for a full queue",
+            b.to_stack, b.from_stack, b.dropped, b.spoofed, b.vm_frames_dropped
         ),
         None => text,
     };

@@ -97,6 +97,11 @@ pub struct BridgeCounters {
     pub from_stack: u64,
     /// Frames for the stack dropped for a full inbox.
     pub dropped: u64,
+    /// The switch's side, as the VM manager last reported it
+    /// (`UplinkPort::switch_counters`): frames from VMs on the switch
+    /// dropped for a MAC not their own, and for a full queue to the host.
+    pub spoofed: u64,
+    pub vm_frames_dropped: u64,
 }
 
 pub struct PhyRx<'a>(&'a [u8]);
@@ -374,6 +379,12 @@ impl<N: Nic> crate::net::uplink::UplinkPort for HostNet<N> {
 
     fn flush(&mut self) {
         self.phy.nic.flush();
+    }
+
+    fn switch_counters(&mut self, spoofed: u64, dropped: u64) {
+        if let Some(b) = self.phy.bridge.as_mut() {
+            (b.counters.spoofed, b.counters.vm_frames_dropped) = (spoofed, dropped);
+        }
     }
 }
 

@@ -388,6 +388,7 @@ fn the_host_nic_as_uplink_carries_a_vms_frames_both_ways_and_a_restored_vm_annou
     m.uplink_round(&mut host);
     assert!(peer.nic().recv(&mut wire).is_none(), "nothing on the wire");
     assert_eq!(m.uplink.spoofed, 1);
+    assert_eq!(host.status().uplink.map(|(_, b)| b.spoofed), Some(1), "what `net` shows");
     assert_eq!(m.switches["lan"].lookup(&peer.nic().mac(), 0), None);
     // In: the station answers the VM's MAC; the VM gets it, the stack not.
     let reply = frame(mac_a, peer.nic().mac(), &[0x5a; 64]);

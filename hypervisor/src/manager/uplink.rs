@@ -82,6 +82,7 @@ impl<B: Backend> Manager<B> {
         let Some(sw) = self.switches.get_mut(name) else { return };
         let now_ms = crate::vm::exit::ticks_to_ns(backend.now(), backend.tsc_hz()) / 1_000_000;
         let to_vms = uplink::exchange(sw, port, &mut self.uplink.pending, now_ms);
+        port.switch_counters(self.uplink.spoofed, self.uplink.dropped);
         self.deliver_frames(to_vms);
     }
 

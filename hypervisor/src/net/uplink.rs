@@ -76,6 +76,10 @@ pub trait UplinkPort {
     fn to_host(&mut self, frame: Vec<u8>);
     /// Hands the NIC what was queued this round.
     fn flush(&mut self) {}
+    /// The switch side's counts so far, for `net`: frames VMs sent from a
+    /// MAC not their own, and frames for the host side dropped for a full
+    /// queue (both dropped by the manager, which the NIC never sees).
+    fn switch_counters(&mut self, _spoofed: u64, _dropped: u64) {}
 }
 
 /// Frames for VM ports, by port, each batch delivered at once.
