@@ -162,6 +162,9 @@ fn main() {
     // with the first mismatch).
     let check = wait_line(&mut sb, &mut seen_b, "memtest: live check", Duration::from_secs(60));
     let pause = wait_line(&mut sb, &mut seen_b, "memtest: dirty: ", Duration::from_secs(60));
+    // Where its pauses fell (a line of its own since 2026-12-03).
+    let pauses = wait_line(&mut sb, &mut seen_b, "memtest: dirty: pauses over", Duration::from_secs(60));
+    let pause = format!("{pause} / {pauses}");
     let verdict = wait_line(&mut sb, &mut seen_b, "memtest: ", Duration::from_secs(60));
     assert!(verdict.contains("PASS"), "the guest's check on B: {check} / {verdict}");
     println!(
