@@ -118,6 +118,17 @@ fn vcpus_compute_on_both_host_cpus_and_pause_stops_them(m: &mut Machine, emu: Em
     }
     let host = m.json("host --json");
     assert!(host["scheduler"]["sibling_slices"].as_u64().unwrap() >= 4, "{host}");
+    // The boot CPU halts while it waits for CPU 1's slices, and CPU 1's
+    // answer wakes it: were that wake-up lost, most halts would end at the
+    // millisecond backstop instead, without the answer.
+    let role = host["host_cpus"][0]["role"].as_str().unwrap_or_default().to_string();
+    let number_after = |what: &str| -> u64 {
+        let at = role.find(what).map_or(role.len(), |i| i + what.len());
+        role[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap_or(0)
+    };
+    let (halts, woken) = (number_after("halted "), number_after("times for other CPUs' slices, "));
+    eprintln!("{}/{}: boot CPU: {halts} halts in the join, {woken} ended by the answer", emu.name(), emu.backend());
+    assert!(halts < 10 || woken * 2 >= halts, "the boot CPU's halts mostly ended without the answer: {role}");
     // Paused while both APs compute: nothing of any vCPU moves.
     assert!(m.cmd(&format!("vm pause {id}")).contains(&format!("vm {id} paused")));
     let counts = |s: &serde_json::Value| -> Vec<(u64, u64)> {

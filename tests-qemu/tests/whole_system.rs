@@ -66,7 +66,13 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
     // no ACPI tables under OVMF, by broadcast): the AP came up, turned its
     // own virtualization on and answers calls; a nested-TLB flush reached
     // every CPU.
-    assert!(host.contains(&format!("  cpu 0: apic 0, boot (console, management, VMs), {backend} on")), "{host}");
+    assert!(
+        host.contains(&format!(
+            "  cpu 0: apic 0, boot (console, management, VMs; halted 0 times for other CPUs' slices, 0 woken by their \
+             end), {backend} on"
+        )),
+        "{host}"
+    );
     assert!(host.contains(&format!("  cpu 1: apic 1, VMs (0 slices), {backend} on, answers a call in ")), "{host}");
     assert!(host.contains("  shootdown: nested-TLB flush on all 2 cpu(s) in "), "{host}");
     let boot_log = m.transcript();

@@ -90,14 +90,14 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
     fn join(&mut self) {
         for (k, c) in self.cpus.iter().enumerate() {
             let Some(ticket) = self.busy[k] else { continue };
-            // Spinning, not halted: a wake-up IPI from the AP would reach
-            // this CPU while it may still run its own guest slice, and a
-            // Linux guest under AMD-V died of that in a test (an interrupt
-            // exit at the wrong moment). A slice ends by its deadline; an
-            // AP that never answers is a host bug, and the VM it holds
-            // could not be touched anyway.
+            // Halted, not spinning: the AP wakes this CPU when it answers
+            // (only while this CPU waits here, so no wake-up reaches a
+            // guest slice of its own), and a millisecond's timer is the
+            // backstop. A slice ends by its deadline; an AP that never
+            // answers is a host bug, and the VM it holds could not be
+            // touched anyway.
             while smp::answer(c, ticket).is_none() {
-                core::hint::spin_loop();
+                smp::await_answer(c, ticket);
             }
             self.busy[k] = None;
         }
@@ -228,7 +228,11 @@ pub fn status(boot_virt: &str) -> (Vec<CpuStatus>, Option<u64>) {
             index: c.index(),
             apic_id: c.apic_id(),
             role: if c.index() == 0 {
-                String::from("boot (console, management, VMs)")
+                let (halts, answered) = c.awaits();
+                format!(
+                    "boot (console, management, VMs; halted {halts} times for other CPUs' slices, {answered} \
+                     woken by their end)"
+                )
             } else if matches!(c.virt.get(), Some(Ok(_))) {
                 format!("VMs ({} slices)", SLICES[c.index() as usize].load(Ordering::Relaxed))
             } else {

@@ -50,6 +50,15 @@ pub struct Cpu {
     call: AtomicUsize,
     arg: AtomicU64,
     result: AtomicU64,
+    /// The CPU that posted the call in the mailbox: told when it is
+    /// answered, if it halts for that ([`await_answer`]).
+    caller: AtomicU32,
+    /// This CPU halts until a call it posted is answered.
+    awaiting: AtomicBool,
+    /// Its waits in [`await_answer`] that halted, and those the answer's
+    /// wake-up ended (the rest ended at the backstop timer).
+    awaits: AtomicU64,
+    awaits_answered: AtomicU64,
 }
 
 impl Cpu {
@@ -68,11 +77,20 @@ impl Cpu {
             call: AtomicUsize::new(0),
             arg: AtomicU64::new(0),
             result: AtomicU64::new(0),
+            caller: AtomicU32::new(0),
+            awaiting: AtomicBool::new(false),
+            awaits: AtomicU64::new(0),
+            awaits_answered: AtomicU64::new(0),
         }
     }
 
     pub fn index(&self) -> u32 {
         self.local.index
+    }
+
+    /// Waits for another CPU's answer that halted, and those its wake-up ended.
+    pub fn awaits(&self) -> (u64, u64) {
+        (self.awaits.load(Ordering::Relaxed), self.awaits_answered.load(Ordering::Relaxed))
     }
 
     pub fn apic_id(&self) -> u32 {
@@ -469,7 +487,16 @@ fn serve_calls(cpu: &'static Cpu) -> ! {
             // before moving `asked` on with Release.
             let f: fn(u64) -> u64 = unsafe { core::mem::transmute(f) };
             cpu.result.store(f(cpu.arg.load(Ordering::Relaxed)), Ordering::Relaxed);
-            cpu.answered.store(asked, Ordering::Release);
+            // SeqCst, then `awaiting` SeqCst: with `await_answer`'s two in
+            // the other order, either the caller sees the answer before it
+            // halts or this CPU sees it halting and wakes it.
+            cpu.answered.store(asked, Ordering::SeqCst);
+            let caller = cpu.caller.load(Ordering::Relaxed);
+            if let Some(c) = cpus().find(|c| c.index() == caller)
+                && c.awaiting.load(Ordering::SeqCst)
+            {
+                apic::send_ipi(c.apic_id(), WAKE_VECTOR as u32 | 1 << 14);
+            }
             continue;
         }
         // STI's one-instruction shadow covers HLT: a wake IPI that arrived
@@ -518,10 +545,40 @@ pub fn post(cpu: &'static Cpu, f: fn(u64) -> u64, arg: u64) -> Option<u64> {
     }
     cpu.call.store(f as usize, Ordering::Relaxed);
     cpu.arg.store(arg, Ordering::Relaxed);
+    cpu.caller.store(cpu_local::get().index, Ordering::Relaxed);
     let n = cpu.asked.fetch_add(1, Ordering::Release) + 1;
     // Fixed delivery, physical destination, assert.
     apic::send_ipi(cpu.apic_id(), WAKE_VECTOR as u32 | 1 << 14);
     Some(n)
+}
+
+/// Halts this CPU until `cpu` answers the call [`post`] gave `ticket` for:
+/// the answering CPU wakes a caller that waits, and a millisecond's timer
+/// is the backstop for a lost wake-up. Under an emulator that runs every
+/// CPU on one thread, a caller that spun here took that thread from the
+/// CPU it waits for.
+pub fn await_answer(cpu: &Cpu, ticket: u64) {
+    let me = this_cpu();
+    let mut halted = false;
+    loop {
+        // SeqCst both: see `serve_calls`.
+        me.awaiting.store(true, Ordering::SeqCst);
+        if cpu.answered.load(Ordering::SeqCst) == ticket {
+            break;
+        }
+        let backstop = time::rdtsc().saturating_add(time::tsc_hz() / 1000);
+        halt_until(backstop);
+        halted = true;
+        if cpu.answered.load(Ordering::Acquire) == ticket {
+            // Woken by the answer, not by the backstop.
+            if time::rdtsc() < backstop {
+                me.awaits_answered.fetch_add(1, Ordering::Relaxed);
+            }
+            break;
+        }
+    }
+    me.awaiting.store(false, Ordering::Relaxed);
+    me.awaits.fetch_add(u64::from(halted), Ordering::Relaxed);
 }
 
 /// What the call [`post`] gave `ticket` for returned, once it has run
@@ -546,6 +603,7 @@ pub fn run_on(cpus: &[&'static Cpu], f: fn(u64) -> u64, arg: u64, timeout_us: u6
         }
         c.call.store(f as usize, Ordering::Relaxed);
         c.arg.store(arg, Ordering::Relaxed);
+        c.caller.store(me, Ordering::Relaxed);
         let n = c.asked.fetch_add(1, Ordering::Release) + 1;
         asked.push(n);
         // Fixed delivery, physical destination, assert.
