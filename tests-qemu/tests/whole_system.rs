@@ -142,6 +142,7 @@ fn boot_host_report_and_json_forms(emu: Emulator) {
     let sc = &j["scheduler"];
     assert!(sc["rounds"].as_u64().unwrap() > 0 && sc["slices_away"].as_u64().unwrap() > 0, "{sc}");
     assert!(sc["overhead_ticks_per_round"].as_u64().unwrap() > 0, "{sc}");
+    assert!(sc["longest_round_ticks"].as_u64().unwrap() > 0, "{sc}");
     eprintln!("{}/{}: scheduler: {sc}", emu.name(), emu.backend());
     let (mut on_ap, mut moves) = (0, 0);
     for id in [2, 3, 4] {

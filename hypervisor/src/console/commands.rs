@@ -658,7 +658,8 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
         "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling); per round {} ticks scheduling ({} before the \
-         boot cpu's slice), {} in the boot cpu's slice, {} waiting for the others\n",
+         boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} in the boot cpu's slice, {} waiting \
+         for the others; the longest round {} ticks\n",
         sc.rounds,
         sc.slices,
         sc.slices_away,
@@ -666,8 +667,12 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         sc.kicked_slices,
         sc.overhead_per_round(),
         per(sc.start_ticks),
+        per(sc.lines_ticks),
+        per(sc.deferred_ticks),
+        sc.deferred_exits,
         per(sc.slice_ticks),
-        per(sc.join_ticks)
+        per(sc.join_ticks),
+        sc.longest_round_ticks
     ));
     let text = format!(
         "cpu: {} {} (family {} model {} stepping {}), {} cpu(s), apic ids {:?}\n\

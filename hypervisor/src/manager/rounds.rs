@@ -760,6 +760,14 @@ pub struct SchedStats {
     /// Before the boot CPU's slice: picking, releasing and posting the
     /// slices that go away.
     pub start_ticks: u64,
+    /// After the join, apart from scheduling proper: printing the console
+    /// lines the slices away left, and handling the exits they left to the
+    /// boot CPU (`deferred_exits` of them: nested page faults, string I/O).
+    pub lines_ticks: u64,
+    pub deferred_ticks: u64,
+    pub deferred_exits: u64,
+    /// The longest round.
+    pub longest_round_ticks: u64,
 }
 
 impl SchedStats {
@@ -932,10 +940,13 @@ impl<B: Backend> Manager<B> {
         let mut halted_vms: Vec<usize> = Vec::new();
         let home_job = home_sibling.into_iter().map(|job| (job, true, false));
         let away_jobs = away.into_iter().zip(started).map(|(job, started)| (job, started, true));
+        let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
         for (job, started, went_away) in home_job.chain(away_jobs) {
+            let t = clock(self);
             for l in &job.lines.0 {
                 console.line(l);
             }
+            self.sched.lines_ticks += clock(self).saturating_sub(t);
             // A job no CPU took: its VM simply waits for its next turn.
             let Some(end) = job.end.filter(|_| started) else { continue };
             if let Some(s) = &job.sibling {
@@ -945,7 +956,13 @@ impl<B: Backend> Manager<B> {
                 }
             }
             let flow = match end.deferred {
-                Some(exit) => self.handle_deferred(job.index, job.vcpu, exit, console),
+                Some(exit) => {
+                    let t = clock(self);
+                    let flow = self.handle_deferred(job.index, job.vcpu, exit, console);
+                    self.sched.deferred_ticks += clock(self).saturating_sub(t);
+                    self.sched.deferred_exits += 1;
+                    flow
+                }
                 None => end.flow,
             };
             self.finish_slice(job.index, job.vcpu, flow, console);
@@ -960,7 +977,9 @@ impl<B: Backend> Manager<B> {
         s.slice_ticks += slice_ticks;
         s.join_ticks += joined;
         if let Ok(b) = self.backend.as_ref() {
-            s.round_ticks += b.now().saturating_sub(round_start);
+            let round = b.now().saturating_sub(round_start);
+            s.round_ticks += round;
+            s.longest_round_ticks = s.longest_round_ticks.max(round);
         }
         true
     }

@@ -166,6 +166,14 @@ fn a_second_vm_runs_on_the_other_cpu_and_leaves_it_what_needs_the_host() {
     assert_eq!((s.rounds, s.slices, s.slices_away), (2, 4, 2));
     assert!(s.slice_ticks > 0 && s.round_ticks > s.slice_ticks + s.join_ticks, "{s:?}");
     assert!(s.overhead_per_round() > 0, "{s:?}");
+    // Of the scheduling: the one exit VM 2 left (the APIC write) and the
+    // lines it printed, each timed apart; the longest round is at least
+    // the mean.
+    assert_eq!(s.deferred_exits, 1, "{s:?}");
+    assert!(s.deferred_ticks > 0 && s.lines_ticks > 0, "{s:?}");
+    let outside = s.round_ticks - s.slice_ticks - s.join_ticks;
+    assert!(s.start_ticks + s.lines_ticks + s.deferred_ticks < outside, "{s:?}");
+    assert!(s.longest_round_ticks * 2 >= s.round_ticks && s.longest_round_ticks < s.round_ticks, "{s:?}");
     assert!(!m.run_round(&mut con, &mut NoOtherCpus) || m.sched.rounds == 3);
 }
 
