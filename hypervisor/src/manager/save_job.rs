@@ -104,6 +104,11 @@ impl SaveJob {
         self.writer.stats().total_pages()
     }
 
+    /// What the stream holds so far, by kind of page.
+    pub fn stream_stats(&self) -> &migrate::Stats {
+        self.writer.stats()
+    }
+
     fn new(id: u32, live: bool, writer: Writer<Staging>, ram: Vec<RamRange>, started: u64, pause_ticks: u64) -> Self {
         let gpa = ram.first().map_or(0, |r| r.base);
         SaveJob {

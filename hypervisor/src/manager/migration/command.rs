@@ -217,13 +217,16 @@ fn run<B: Backend, T: Transport>(
 
 fn status_text(s: &Status) -> String {
     let mut t = format!(
-        "vm {}: migration to {}: {}, iteration {}, {} pages sent, {} bytes on the wire, {} dirty in the last round \
-         ({} pages/s), expected downtime {} ms at {} KiB/s, {} ms elapsed",
+        "vm {}: migration to {}: {}, iteration {}, {} pages sent ({} raw, {} zero, {} compressed), {} bytes on the wire, \
+         {} dirty in the last round ({} pages/s), expected downtime {} ms at {} KiB/s, {} ms elapsed",
         s.id,
         s.to,
         s.state,
         s.iteration,
         s.pages_sent,
+        s.sent.raw_pages,
+        s.sent.zero_pages,
+        s.sent.compressed_pages,
         s.bytes_on_wire,
         s.dirty_pages_last_round,
         s.dirty_rate_pages_per_s,

@@ -178,6 +178,46 @@ pub struct Status {
     /// pages it carried.
     pub demand_connection: bool,
     pub demand_pages_sent: u64,
+    /// `pages_sent` by how each travelled, and the bytes of their entries.
+    pub sent: Sent,
+}
+
+/// The pages a migration sent, by kind (`migrate::PageKind`): whole pages
+/// (`raw`), zero flags, LZ4 (`compressed`), shared contents and references
+/// to them, poisoned pages (metadata only). Bytes are those of the stream's
+/// memory entries (the data and the few bytes that name each page).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Sent {
+    pub raw_pages: u64,
+    pub raw_bytes: u64,
+    pub zero_pages: u64,
+    pub compressed_pages: u64,
+    pub compressed_bytes: u64,
+    pub shared_pages: u64,
+    pub poisoned_pages: u64,
+}
+
+impl Sent {
+    fn of(s: &migrate::Stats) -> Sent {
+        use migrate::PageKind as K;
+        Sent {
+            raw_pages: s.pages(K::Normal),
+            raw_bytes: s.page_bytes(K::Normal),
+            zero_pages: s.pages(K::Zero),
+            compressed_pages: s.pages(K::Compressed),
+            compressed_bytes: s.page_bytes(K::Compressed),
+            shared_pages: s.pages(K::Shared) + s.pages(K::SharedRef),
+            poisoned_pages: s.pages(K::Poisoned),
+        }
+    }
+}
+
+impl Status {
+    /// The stream's page counts, after a step wrote more.
+    fn note_sent(&mut self, s: &migrate::Stats) {
+        self.pages_sent = s.total_pages();
+        self.sent = Sent::of(s);
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -768,13 +808,13 @@ impl<B: Backend> Manager<B> {
             let n = o.dirty.len().min(PAGES_PER_STEP as usize);
             let gfns: Vec<u64> = o.dirty.drain(..n).collect();
             let r = self.save_pages(&mut job, &gfns, &mut o.out).and_then(|()| self.flush_save(&mut job, &mut o.out));
-            o.status.pages_sent = job.pages_written();
+            o.status.note_sent(job.stream_stats());
             o.job = Some(job);
             return r.map_err(e);
         }
         let captured = o.captured.take().ok_or("the switch-over's state was not captured")?;
         let saved = self.finish_migration_stream(job, &captured, &mut o.out).map_err(e)?;
-        o.status.pages_sent = saved.stats.total_pages();
+        o.status.note_sent(&saved.stats);
         o.phase = Phase::Confirming;
         o.status.state = "confirming";
         Ok(())
@@ -802,7 +842,7 @@ impl<B: Backend> Manager<B> {
                 }
             }
             self.flush_save(job, &mut o.out).map_err(e)?;
-            o.status.pages_sent = job.pages_written();
+            o.status.note_sent(job.stream_stats());
             return Ok(());
         }
         if o.out.pending() > 0 {
@@ -925,7 +965,7 @@ impl<B: Backend> Manager<B> {
             self.save_pages(&mut job, &asked, &mut o.out).and_then(|()| self.flush_pages(&mut job, &mut o.out))
         } else if o.left.count == 0 && may_end {
             let saved = self.finish_save(job, &mut o.out).map_err(e)?;
-            o.status.pages_sent = saved.stats.total_pages();
+            o.status.note_sent(&saved.stats);
             o.status.postcopy_pages_left = 0;
             o.phase = Phase::Confirming;
             o.status.state = "confirming";
@@ -933,7 +973,7 @@ impl<B: Backend> Manager<B> {
         } else {
             Ok(())
         };
-        o.status.pages_sent = job.pages_written();
+        o.status.note_sent(job.stream_stats());
         o.status.postcopy_pages_left = o.left.count;
         let elapsed = now_us.saturating_sub(o.open_us).max(1);
         o.status.rate_bytes_per_s = (u128::from(o.status.bytes_on_wire) * 1_000_000 / u128::from(elapsed)) as u64;
@@ -1119,12 +1159,18 @@ impl<B: Backend> Manager<B> {
             None => format!("downtime {downtime} ms (pause to confirmation)"),
         };
         console.line(&format!(
-            "vm {id}: migrated to {} (vm {dest} there) in {} ms: {} iterations, {} pages, {} bytes on the wire, \
-             {pause}{}; freed here",
+            "vm {id}: migrated to {} (vm {dest} there) in {} ms: {} iterations, {} pages ({} raw, {} zero, {} compressed \
+             into {} bytes, {} shared, {} poisoned), {} bytes on the wire, {pause}{}; freed here",
             s.to,
             s.elapsed_ms,
             s.iteration,
             s.pages_sent,
+            s.sent.raw_pages,
+            s.sent.zero_pages,
+            s.sent.compressed_pages,
+            s.sent.compressed_bytes,
+            s.sent.shared_pages,
+            s.sent.poisoned_pages,
             s.bytes_on_wire,
             if s.throttle_pct > 0 { format!(", throttled up to {}%", s.throttle_pct) } else { String::new() }
         ));

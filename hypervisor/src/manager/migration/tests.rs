@@ -205,6 +205,16 @@ fn precopy_moves_the_vm_with_every_write_and_frees_it_after_the_confirmation() {
     assert!(s.iteration >= 2, "only {} iterations", s.iteration);
     assert!(s.pages_sent > u64::from(RAM_MIB) * 256, "{s:?}");
     assert!(s.bytes_on_wire > 0 && s.downtime_ms.is_some() && s.destination_vm == Some(1));
+    // Every page is counted by how it went: the guest's written pages as
+    // data (raw or LZ4), the rest of its RAM as zero flags.
+    let k = s.sent;
+    let by_kind = k.raw_pages + k.zero_pages + k.compressed_pages + k.shared_pages + k.poisoned_pages;
+    assert_eq!(by_kind, s.pages_sent, "{k:?}");
+    assert!(k.zero_pages > 0 && k.raw_pages + k.compressed_pages > 0, "{k:?}");
+    // An entry is its page and a few bytes naming it.
+    assert!((k.raw_pages * 4096..k.raw_pages * 4200).contains(&k.raw_bytes), "{k:?}");
+    assert!(k.compressed_bytes < k.compressed_pages * 4096 || k.compressed_pages == 0, "{k:?}");
+    assert!(line.contains(&format!("{} raw, {} zero", k.raw_pages, k.zero_pages)), "{line}");
     // The source VM ended and gave its memory back.
     let vm = p.ma.get(p.id).unwrap();
     assert!(vm.res.is_none() && vm.state.ended());
