@@ -175,15 +175,18 @@ fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
     let emu = Emulator::QemuTcg;
     let mut m = Machine::boot(emu, "smp-live");
     assert!(m.cmd("mem sharing on 1024").contains("sharing on"));
+    let phase = std::time::Instant::now();
     let out = m.cmd("vm run smptest mem=16 vcpus=3 -- live=1");
     assert!(out.contains("vm 1 started: smptest"), "{out}");
     m.wait_for("[vm 1] smptest: live: 3 vcpus rewriting 255 pages each", TIMEOUT);
+    eprintln!("its 3 vcpus write after {:.1} s", phase.elapsed().as_secs_f64());
     let stats = |m: &mut Machine, id: u32| m.json(&format!("vm stats {id} --json"));
     let wait_until = |m: &mut Machine, what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
         let start = std::time::Instant::now();
         loop {
             let s = stats(m, 1);
             if ok(&s) {
+                eprintln!("{what}: no longer so after {:.1} s", start.elapsed().as_secs_f64());
                 return s;
             }
             assert!(start.elapsed() < Duration::from_secs(120), "{what}: {s}");
@@ -192,8 +195,10 @@ fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
     };
     wait_until(&mut m, "the vCPUs never ran side by side", &|s| s["parallel_slices"].as_u64().unwrap() >= 4);
     let check = |m: &mut Machine, id: u32, n: u32, key: &str| {
+        let start = std::time::Instant::now();
         m.cmd(&format!("vm send {id} -- {key}"));
         m.wait_for(&format!("[vm {id}] smptest: live check {n}: vcpu 2 "), TIMEOUT);
+        eprintln!("vm {id}: check {n} answered in {:.1} s", start.elapsed().as_secs_f64());
         let t = m.transcript();
         for v in 0..3 {
             let line = t
@@ -219,7 +224,9 @@ fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
     // A live save while all three write: the copy is one instant.
     let out = m.cmd("vm save 1 smp-live live");
     assert!(out.contains("vm 1: live save to checkpoint smp-live started"), "{out}");
+    let phase = std::time::Instant::now();
     m.wait_for("vm 1 saved to checkpoint smp-live: ", TIMEOUT);
+    eprintln!("saved after {:.1} s", phase.elapsed().as_secs_f64());
     check(&mut m, 1, 2, "c");
     let s = stats(&mut m, 1);
     eprintln!("{}: {} slices beside a sibling", emu.name(), s["parallel_slices"]);
@@ -227,7 +234,9 @@ fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
     let out = m.cmd("vm restore smp-live");
     assert!(out.contains("vm 2 restored from checkpoint smp-live: smptest"), "{out}");
     check(&mut m, 2, 2, "q");
+    let phase = std::time::Instant::now();
     m.wait_for("vm 2 (smptest) exited", TIMEOUT);
+    eprintln!("vm 2 ended {:.1} s after its last check", phase.elapsed().as_secs_f64());
     let t = m.transcript();
     assert!(t.contains("[vm 2] smptest: PASS"), "{t}");
     assert!(t.contains("vm 2 (smptest) exited with status 1 (0x1)"), "{t}");
