@@ -90,10 +90,10 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
     fn join(&mut self) {
         for (k, c) in self.cpus.iter().enumerate() {
             let Some(ticket) = self.busy[k] else { continue };
-            // Halted, not spinning: the AP wakes this CPU when it answers
-            // (only while this CPU waits here, so no wake-up reaches a
-            // guest slice of its own), and a millisecond's timer is the
-            // backstop. A slice ends by its deadline; an AP that never
+            // Halted, not spinning: the AP wakes this CPU when it answers,
+            // only while this CPU waits here (one that comes in a race just
+            // after costs its next guest slice one exit, as a kick does),
+            // and a millisecond's timer is the backstop. A slice ends by its deadline; an AP that never
             // answers is a host bug, and the VM it holds could not be
             // touched anyway.
             while smp::answer(c, ticket).is_none() {

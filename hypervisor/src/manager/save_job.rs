@@ -99,11 +99,6 @@ pub struct SaveJob {
 }
 
 impl SaveJob {
-    /// Pages written to the stream so far (repeats counted).
-    pub fn pages_written(&self) -> u64 {
-        self.writer.stats().total_pages()
-    }
-
     /// What the stream holds so far, by kind of page.
     pub fn stream_stats(&self) -> &migrate::Stats {
         self.writer.stats()

@@ -206,7 +206,7 @@ impl Sent {
             zero_pages: s.pages(K::Zero),
             compressed_pages: s.pages(K::Compressed),
             compressed_bytes: s.page_bytes(K::Compressed),
-            shared_pages: s.pages(K::Shared) + s.pages(K::SharedRef),
+            shared_pages: s.pages(K::Shared).saturating_add(s.pages(K::SharedRef)),
             poisoned_pages: s.pages(K::Poisoned),
         }
     }
