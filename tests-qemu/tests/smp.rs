@@ -11,7 +11,8 @@
 //! the vCPUs run, and the posted IPIs wake them there. A one-vCPU run of the same guest passes
 //! too, and a bad `vcpus=` is refused without starting anything. Then two
 //! vCPUs that compute run side by side on the two host CPUs, a pause stops
-//! every vCPU, and their shared count is exact.
+//! every vCPU, and their shared count is exact. Last, an idle VM beside
+//! two busy ones: the CPU whose VM halts takes a spare slice of another.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
@@ -87,7 +88,30 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
         eprintln!("{}/{}: smptest vcpus={n}: {}", emu.name(), emu.backend(), s["vcpus"]);
     }
     vcpus_compute_on_both_host_cpus_and_pause_stops_them(&mut m, emu, 5);
+    a_cpu_whose_vm_halts_takes_a_spare_slice(&mut m, emu, 6);
     m.poweroff();
+}
+
+/// An idle VM (`smptest tick=N`: a millisecond timer, halted between the
+/// ticks) as VM `id` beside two busy ones on two host CPUs: each round has
+/// a CPU for two of the three, and the CPU whose VM halts early takes the
+/// third as a spare slice for the rest of the round rather than idle.
+fn a_cpu_whose_vm_halts_takes_a_spare_slice(m: &mut Machine, emu: Emulator, id: u32) {
+    let spares = |m: &mut Machine| m.json("host --json")["scheduler"]["spare_slices"].as_u64().unwrap();
+    let before = spares(m);
+    assert!(m.cmd("vm run smptest -- tick=300").contains(&format!("vm {id} started")));
+    m.cmd("vm run exitbench -- n=5000");
+    m.cmd("vm run exitbench -- n=5000");
+    for (k, name) in [(0, "smptest"), (1, "exitbench"), (2, "exitbench")] {
+        m.wait_for(&format!("vm {} ({name}) exited", id + k), TIMEOUT);
+    }
+    let t = m.transcript();
+    assert!(t.contains(&format!("[vm {id}] smptest: PASS (ticks)")), "{t}");
+    let taken = spares(m) - before;
+    let host = m.cmd("host");
+    let line = host.lines().find(|l| l.contains("scheduler:")).unwrap_or_default();
+    eprintln!("{}/{}: idle vm beside two busy ones: {taken} spare slices taken;{line}", emu.name(), emu.backend());
+    assert!(taken > 0, "no CPU took a spare slice while the idle VM halted: {host}");
 }
 
 /// `smptest hold=1` with 3 vCPUs as VM `id`: its two APs increment a shared

@@ -32,6 +32,9 @@
 //! most) before the stress. With `halt=1` as well both wait for each
 //! IPI halted (`sti; hlt`) instead of spinning, as an idle kernel does.
 //!
+//! With `tick=N` it is an idle guest instead (`tick_run`): N millisecond
+//! ticks of its APIC timer, halted between them.
+//!
 //! With `x2apic=1` every vCPU switches its local APIC to x2APIC mode
 //! first (CPUID must offer it; SDM Vol. 3A 11.12) and from then on reaches
 //! it through MSRs: the ICR is one 64-bit MSR with a 32-bit destination,
@@ -241,6 +244,36 @@ extern "x86-interrupt" fn ipi_handler(_f: Frame) {
         c.fetch_add(1, SeqCst);
     }
     lapic_write(0xb0, 0);
+}
+
+/// Local-APIC timer interrupts `tick_run` took.
+static TICKS: AtomicU64 = AtomicU64::new(0);
+const TICK_VECTOR: u8 = 0x41;
+
+extern "x86-interrupt" fn tick_handler(_f: Frame) {
+    TICKS.fetch_add(1, SeqCst);
+    lapic_write(0xb0, 0);
+}
+
+/// `tick=N`: an idle guest, as a tickful kernel with nothing to do is. Its
+/// APIC timer fires every millisecond (periodic, divide by 1, 10^6 counts
+/// of the 1 GHz bus the hypervisor models) and it halts between the ticks,
+/// N of them; then it prints how long they took on its TSC. Beside busy
+/// VMs it is the VM whose slices end early (benchmarks of the scheduler).
+fn tick_run(n: u64) -> u32 {
+    trap::set_handler(TICK_VECTOR, tick_handler as *const () as u64);
+    // Software-enable the APIC (SVR bit 8), then the timer (SDM Vol. 3A
+    // 11.5.4): divide by 1, periodic, the initial count last.
+    lapic_write(0xf0, 0x1ff);
+    lapic_write(0x3e0, 0xb);
+    lapic_write(0x320, u32::from(TICK_VECTOR) | (1 << 17));
+    let t0 = rdtsc();
+    lapic_write(0x380, 1_000_000);
+    while !halt_until(1, || TICKS.load(SeqCst) >= n) {}
+    lapic_write(0x380, 0);
+    println!("smptest: {n} timer ticks halted through in {} tsc ticks", rdtsc() - t0);
+    println!("smptest: PASS (ticks)");
+    0
 }
 
 /// Spins until `done` or about `limit` iterations passed.
@@ -653,6 +686,9 @@ fn main(boot: Boot) -> u32 {
     }
     trap::install();
     trap::set_handler(IPI_VECTOR, ipi_handler as *const () as u64);
+    if let Some(n) = boot.cmdline().split_whitespace().find_map(|w| w.strip_prefix("tick=")?.parse::<u64>().ok()) {
+        return tick_run(n);
+    }
     let mut idtr = [0u64; 2];
     // SAFETY: SIDT stores 10 bytes into `idtr`.
     unsafe { asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack)) };

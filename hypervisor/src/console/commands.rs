@@ -657,7 +657,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let sc = &m.sched;
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
-        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling); per round {} ticks scheduling ({} before the \
+        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early); per round {} ticks scheduling ({} before the \
          boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} in the boot cpu's slice, {} waiting \
          for the others; the longest round {} ticks\n",
         sc.rounds,
@@ -665,6 +665,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         sc.slices_away,
         sc.sibling_slices,
         sc.kicked_slices,
+        sc.spare_slices,
         sc.overhead_per_round(),
         per(sc.start_ticks),
         per(sc.lines_ticks),

@@ -20,6 +20,11 @@
 //!   VT-x), and released on the boot CPU before it goes away, so it can be
 //!   loaded wherever it runs next.
 //!
+//! **Spares.** With more runnable VMs than CPUs, the round also offers
+//! the ones left over as [`Spares`]: a CPU whose slice ends early (its
+//! vCPU halts, or leaves an exit for the boot CPU) runs one, as a VM
+//! away, for what is left of the round instead of idling to the join.
+//!
 //! **Siblings.** When CPUs are left over, further vCPUs of a VM already
 //! picked join the round, if each of them ran out its last slice (it
 //! computes; see [`crate::vm::VcpuSlot::computing`]). Then every slice of
@@ -64,7 +69,7 @@ use crate::memory::HostMemory;
 use crate::vm::exit::{Console, Flow, NoHost, cpuid_exit};
 use crate::vm::interrupts::{ns_to_ticks, vm_ns};
 use crate::vm::{RunState, VcpuSlot, Vm};
-use core::cell::Cell;
+use core::cell::{Cell, UnsafeCell};
 
 /// Where a slice's exits are handled.
 trait SliceHost<B: Backend> {
@@ -339,8 +344,13 @@ pub struct AwaySlice<B: Backend> {
     lines: Lines,
     /// The host CPU that ran it.
     cpu: u32,
+    /// It ran on another CPU than the boot CPU.
+    away: bool,
     /// The VM's NUMA node: a CPU of that node takes it if one is free.
     node: Option<u32>,
+    /// The round's spare slices, which this job's CPU takes after its own
+    /// slice while the round has time left (null for a spare itself).
+    spares: *const Spares<B>,
 }
 
 impl<B: Backend> AwaySlice<B> {
@@ -363,21 +373,98 @@ impl<B: Backend> AwaySlice<B> {
             // and profile pointers from the live VM and touches neither
             // the slot nor the profile until the join.
             self.end = Some(unsafe { run_sibling(s, backend, self.slice_ticks, self.node) });
-            return;
+        } else {
+            // SAFETY: the caller's contract: nothing else uses the VM now.
+            let vm = unsafe { &mut *self.vm };
+            let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, self.slice_ticks);
+            // Any CPU may load it next.
+            if let Some(res) = vm.res.as_mut() {
+                res.vcpu().release();
+            }
+            self.end = Some(end);
         }
-        // SAFETY: the caller's contract: nothing else uses the VM now.
-        let vm = unsafe { &mut *self.vm };
-        let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, self.slice_ticks);
-        // Any CPU may load it next.
-        if let Some(res) = vm.res.as_mut() {
-            res.vcpu().release();
+        // SAFETY: the round keeps its spares in place until the join (or
+        // the pointer is null), and this CPU runs nothing else of the
+        // round meanwhile: its own job is over.
+        if let Some(spares) = unsafe { self.spares.as_ref() } {
+            // SAFETY: as above.
+            unsafe { spares.run_here(backend, self.away) };
         }
-        self.end = Some(end);
     }
 
     /// The VM this slice is of (its index in the VM table).
     pub fn vm_index(&self) -> usize {
         self.index
+    }
+}
+
+/// The slices a round offers beyond one per CPU (`docs/smp.md`, "Spare
+/// slices"): further runnable VMs, each a job like a VM away. A CPU whose
+/// own slice ends early (its vCPU halted, left an exit for the boot CPU,
+/// or its VM ended) takes one for what is left of the round rather than
+/// idle until the join, and then another, until none is left or the
+/// round's time is up. Each CPU first looks for a vCPU that last ran on
+/// it (nothing to move), then of its NUMA node, then takes any. A spare no
+/// CPU took waits for the next round, where it goes first.
+pub struct Spares<B: Backend> {
+    /// Each job in place until the join; a CPU touches one only after its
+    /// `claimed` flag became its own.
+    jobs: Vec<UnsafeCell<AwaySlice<B>>>,
+    claimed: Vec<AtomicBool>,
+    /// Where each job's vCPU last ran and its VM's node, for the choice
+    /// (read-only while the round runs).
+    last_cpu: Vec<Option<u32>>,
+    nodes: Vec<Option<u32>>,
+    /// The host's CPUs by NUMA node (APIC ID, node), from the SRAT.
+    cpu_nodes: Vec<(u32, u32)>,
+    /// The round's end: a spare runs until then, never past it.
+    deadline: u64,
+    /// Less time than this left is not worth a vCPU's move.
+    min_ticks: u64,
+}
+
+impl<B: Backend> Spares<B> {
+    /// Takes spare slices on the calling CPU until none is left or the
+    /// round's time is up.
+    ///
+    /// # Safety
+    /// Called between the round's start and its join by a CPU that runs
+    /// no other job of the round meanwhile.
+    unsafe fn run_here(&self, backend: &mut B, away: bool) {
+        let here = vcpu::cpu_local::get();
+        let apic = here.apic_id.load(Ordering::Relaxed);
+        let node = self.cpu_nodes.iter().find(|c| c.0 == apic).map(|c| c.1);
+        loop {
+            let left = self.deadline.saturating_sub(backend.now());
+            if left < self.min_ticks {
+                return;
+            }
+            let Some(k) = self.claim(here.index, node) else { return };
+            // SAFETY: the compare-exchange in `claim` made job `k` this
+            // CPU's alone; the boot CPU reads it only after the join.
+            let job = unsafe { &mut *self.jobs[k].get() };
+            job.slice_ticks = left;
+            job.away = away;
+            // SAFETY: as above; its VM is in no other job of the round.
+            unsafe { job.run(backend) };
+        }
+    }
+
+    /// The spare this CPU takes: one whose vCPU last ran here, else one of
+    /// this CPU's node, else the first left.
+    fn claim(&self, me: u32, node: Option<u32>) -> Option<usize> {
+        let free = |k: &usize| !self.claimed[*k].load(Ordering::Relaxed);
+        let mine = (0..self.jobs.len()).filter(free).find(|&k| self.last_cpu[k] == Some(me));
+        let near = || (0..self.jobs.len()).filter(free).find(|&k| node.is_some() && self.nodes[k] == node);
+        let order = mine.into_iter().chain(near()).chain(0..self.jobs.len());
+        order
+            .into_iter()
+            .find(|&k| self.claimed[k].compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok())
+    }
+
+    /// Whether a CPU took spare `k` (read after the join).
+    fn taken(&self, k: usize) -> bool {
+        self.claimed[k].load(Ordering::Acquire)
     }
 }
 
@@ -751,6 +838,9 @@ pub struct SchedStats {
     /// Sibling slices ended early (or not started) because another sibling
     /// of their VM left an exit for the boot CPU.
     pub kicked_slices: u64,
+    /// Spare slices: taken by a CPU whose own slice of the round ended
+    /// early (`Spares`).
+    pub spare_slices: u64,
     /// Whole rounds, from the first pick to the last slice finished.
     pub round_ticks: u64,
     /// The boot CPU's own slices (`run_body`), exits handled included.
@@ -849,6 +939,9 @@ impl<B: Backend> Manager<B> {
             picks.push(p);
         }
         self.pick_siblings(&mut picks, free + 1);
+        // Every CPU has a pick: further VMs for a CPU whose slice ends early.
+        let spare_picks =
+            if free > 0 && picks.len() == free + 1 { self.pick_spares(now, hz, &picks, free + 1) } else { Vec::new() };
         // The slice that stays here: by NUMA node, then one whose vCPU
         // last ran here (still loaded here, nothing to move).
         let here = vcpu::cpu_local::get();
@@ -866,6 +959,8 @@ impl<B: Backend> Manager<B> {
         // Each gang VM's shared word, kept until every job is finished.
         let mut gangs: Vec<Box<Gang>> = Vec::new();
         let mut siblings = self.prepare_siblings(&picks, now, hz, &mut gangs);
+        let spares = (!spare_picks.is_empty()).then(|| self.prepare_spares(&spare_picks, now, me));
+        let spares_ptr: *const Spares<B> = spares.as_deref().map_or(core::ptr::null(), |s| s);
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
         let mut home_sibling: Option<AwaySlice<B>> = None;
         for (k, &(i, v)) in picks.iter().enumerate() {
@@ -878,7 +973,9 @@ impl<B: Backend> Manager<B> {
                 end: None,
                 lines: Lines::default(),
                 cpu: me,
+                away: k != home,
                 node: self.vms[i].node,
+                spares: spares_ptr,
             };
             // A sibling's VM is not touched again before the join (its
             // slot pointers must stay the last word on it).
@@ -923,7 +1020,15 @@ impl<B: Backend> Manager<B> {
                     unsafe { job.run(backend) };
                     None
                 }
-                None => Some(run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks)),
+                None => {
+                    let end = run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks);
+                    if let Some(spares) = spares.as_deref() {
+                        // SAFETY: the spares stay in place until the join,
+                        // and this CPU's own slice of the round is over.
+                        unsafe { spares.run_here(backend, false) };
+                    }
+                    Some(end)
+                }
             };
             let t1 = backend.now();
             cpus.join();
@@ -938,10 +1043,13 @@ impl<B: Backend> Manager<B> {
         // VMs of which a sibling ended its slice halted: idle, they may have
         // a line to show.
         let mut halted_vms: Vec<usize> = Vec::new();
-        let home_job = home_sibling.into_iter().map(|job| (job, true, false));
-        let away_jobs = away.into_iter().zip(started).map(|(job, started)| (job, started, true));
+        let home_job = home_sibling.into_iter().map(|job| (job, true));
+        let away_jobs = away.into_iter().zip(started);
+        let spare_jobs = spares.map(|sp| self.spares_taken(*sp, &spare_picks)).unwrap_or_default();
+        let spares_taken = spare_jobs.len() as u64;
         let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
-        for (job, started, went_away) in home_job.chain(away_jobs) {
+        for (job, started) in home_job.chain(away_jobs).chain(spare_jobs.into_iter().map(|job| (job, true))) {
+            let went_away = job.away;
             let t = clock(self);
             for l in &job.lines.0 {
                 console.line(l);
@@ -973,7 +1081,8 @@ impl<B: Backend> Manager<B> {
         }
         let s = &mut self.sched;
         s.rounds += 1;
-        s.slices += slices;
+        s.slices += slices + spares_taken;
+        s.spare_slices += spares_taken;
         s.slice_ticks += slice_ticks;
         s.join_ticks += joined;
         if let Ok(b) = self.backend.as_ref() {
@@ -982,6 +1091,87 @@ impl<B: Backend> Manager<B> {
             s.longest_round_ticks = s.longest_round_ticks.max(round);
         }
         true
+    }
+
+    /// Up to `max` more runnable vCPUs, of VMs not in `picks`, as the
+    /// round's spares; each with whether an IPI waited for it (picking it
+    /// cleared that, and a spare no CPU takes gets it back).
+    fn pick_spares(&mut self, now: u64, hz: u64, picks: &[(usize, usize)], max: usize) -> Vec<(usize, usize, bool)> {
+        let waiting: Vec<u32> = self.vms.iter().map(|vm| vm.ipi_waiting).collect();
+        let mut taken = picks.to_vec();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((i, v)) = self.pick(now, hz, &taken) else { break };
+            taken.push((i, v));
+            out.push((i, v, waiting.get(i).is_some_and(|w| w & crate::devices::bit(v) != 0)));
+        }
+        out
+    }
+
+    /// The round's spare jobs (see [`Spares`]): each vCPU released here
+    /// (it may still be loaded on this CPU), its VM not touched again
+    /// before the join.
+    fn prepare_spares(&mut self, picks: &[(usize, usize, bool)], now: u64, me: u32) -> Box<Spares<B>> {
+        let mut jobs = Vec::with_capacity(picks.len());
+        let (mut last_cpu, mut nodes) = (Vec::new(), Vec::new());
+        for &(i, v, _) in picks {
+            let vm = &mut self.vms[i];
+            let mut last = None;
+            if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(v)) {
+                slot.vcpu.release();
+                last = (slot.stats.host_cpus != 0).then_some(slot.stats.last_host_cpu);
+            }
+            last_cpu.push(last);
+            nodes.push(vm.node);
+            jobs.push(UnsafeCell::new(AwaySlice {
+                vm: &raw mut **vm,
+                sibling: None,
+                index: i,
+                vcpu: v,
+                slice_ticks: self.slice_ticks,
+                end: None,
+                lines: Lines::default(),
+                cpu: me,
+                away: false,
+                node: vm.node,
+                spares: core::ptr::null(),
+            }));
+        }
+        let claimed = jobs.iter().map(|_| AtomicBool::new(false)).collect();
+        let cpu_nodes = self.numa.nodes.iter().flat_map(|n| n.apic_ids.iter().map(move |&a| (a, n.id))).collect();
+        Box::new(Spares {
+            jobs,
+            claimed,
+            last_cpu,
+            nodes,
+            cpu_nodes,
+            deadline: now.saturating_add(self.slice_ticks),
+            min_ticks: (self.slice_ticks / 8).max(MIN_SLICE_TICKS),
+        })
+    }
+
+    /// After the join: the spare jobs a CPU took, to finish like any slice
+    /// away. Those none took go first next: the cursor comes back to the
+    /// first, and each gets back its place among its VM's vCPUs and the
+    /// IPI that waited for it.
+    fn spares_taken(&mut self, spares: Spares<B>, picks: &[(usize, usize, bool)]) -> Vec<AwaySlice<B>> {
+        let taken: Vec<bool> = (0..picks.len()).map(|k| spares.taken(k)).collect();
+        let mut first_left = None;
+        for (&(i, v, waiting), &took) in picks.iter().zip(&taken) {
+            if took {
+                continue;
+            }
+            first_left.get_or_insert(i);
+            let vm = &mut self.vms[i];
+            vm.next_vcpu = v;
+            if waiting {
+                vm.ipi_waiting |= crate::devices::bit(v);
+            }
+        }
+        if let Some(i) = first_left {
+            self.cursor = i;
+        }
+        spares.jobs.into_iter().zip(taken).filter(|(_, took)| *took).map(|(job, _)| job.into_inner()).collect()
     }
 
     /// Adds to `picks` (one per VM so far) further vCPUs of the VMs in it,

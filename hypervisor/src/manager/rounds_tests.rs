@@ -594,3 +594,94 @@ fn a_sibling_that_ipis_a_vcpu_not_in_the_round_ends_its_slice_and_the_target_run
     assert_eq!(interrupts_taken(&vcpus[2].vcpu), [0x41], "vCPU 2 ran first and took it");
     assert_eq!(vcpus[1].vcpu.script.len(), 1, "not yet vCPU 1's second IPI");
 }
+
+/// `sti; hlt`: a vCPU that waits for an interrupt.
+fn sti_hlt() -> Step {
+    Box::new(|v| {
+        v.rflags |= 0x200;
+        VmExit::Hlt
+    })
+}
+
+fn cpuids(n: usize) -> Vec<Step> {
+    (0..n).map(|_| exit(VmExit::Cpuid)).collect()
+}
+
+fn cpuid_exits(m: &Manager<MockBackend>, id: u32) -> u64 {
+    m.get(id).unwrap().stats.exits[ExitKind::Cpuid as usize]
+}
+
+#[test]
+fn the_boot_cpu_takes_a_spare_slice_when_its_own_vcpu_halts() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 (here) halts at once; VM 2 (the other CPU) computes; VM 3 is
+    // the round's spare.
+    b.scripts.push_back(vec![sti_hlt()]);
+    b.scripts.push_back(cpuids(400));
+    b.scripts.push_back(cpuids(400));
+    let (one, two, three) =
+        (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [1], "VM 2 went to the other CPU");
+    assert_eq!(m.get(one).unwrap().res.as_ref().unwrap().vcpus[0].state, crate::vm::VcpuState::Halted);
+    let (c2, c3) = (cpuid_exits(&m, two), cpuid_exits(&m, three));
+    assert!(c2 > 0, "VM 2 ran its slice away");
+    assert!(c3 > 20, "VM 3 ran on this CPU for the rest of the round: {c3} CPUIDs");
+    assert!(c3 < 400, "but not past the round's end: {c3}");
+    let s = m.sched;
+    assert_eq!((s.rounds, s.slices, s.slices_away, s.spare_slices), (1, 3, 1, 1), "{s:?}");
+    assert_eq!(vcpu_of(&m, three).releases, 2, "released before the round and after its spare slice");
+}
+
+#[test]
+fn another_cpu_whose_vcpu_halts_takes_the_spare_slice() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 (here) computes through the round; VM 2 (the other CPU) halts
+    // at once, and that CPU then runs VM 3.
+    b.scripts.push_back(cpuids(400));
+    b.scripts.push_back(vec![sti_hlt()]);
+    b.scripts.push_back(cpuids(400));
+    let (_, two, three) =
+        (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [1]);
+    assert_eq!(m.get(two).unwrap().res.as_ref().unwrap().vcpus[0].state, crate::vm::VcpuState::Halted);
+    assert!(cpuid_exits(&m, three) > 20, "VM 3 ran on the other CPU after VM 2 halted");
+    let s = m.sched;
+    assert_eq!((s.slices, s.slices_away, s.spare_slices), (3, 2, 1), "{s:?}");
+    let stats = &m.get(three).unwrap().res.as_ref().unwrap().vcpus[0].stats;
+    assert_eq!(stats.slices, 1);
+}
+
+#[test]
+fn a_spare_no_cpu_took_goes_first_in_the_next_round() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // Three VMs that compute: every round has two CPUs busy to its end, so
+    // its spare waits, and goes first next.
+    for _ in 0..3 {
+        b.scripts.push_back(cpuids(400));
+    }
+    let ids: Vec<u32> = (0..3).map(|_| m.run_vm("tiny", 4, "").unwrap()).collect();
+    m.slice_ticks = 2000;
+    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(cpuid_exits(&m, ids[2]), 0, "VM 3 was the spare, and nobody had time for it");
+    assert_eq!(m.sched.spare_slices, 0);
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(cpuid_exits(&m, ids[2]) > 0, "VM 3 ran in the next round");
+    // Over three rounds every VM ran in two: the rotation is kept.
+    assert!(m.run_round(&mut con, &mut other));
+    let slices: Vec<u64> =
+        ids.iter().map(|&id| m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].stats.slices).collect();
+    assert_eq!(slices, [2, 2, 2]);
+}
