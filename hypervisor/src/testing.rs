@@ -285,6 +285,20 @@ impl MockBackend {
     }
 }
 
+impl MockBackend {
+    /// Another CPU of the same host: its own clock, the same physical
+    /// memory (a view that allocates nothing).
+    ///
+    /// # Safety
+    /// `self` outlives the one returned.
+    pub unsafe fn beside(&self) -> MockBackend {
+        let mut other = MockBackend::new(1);
+        // SAFETY: the caller's contract.
+        other.mem = unsafe { self.mem.view() };
+        other
+    }
+}
+
 impl Backend for MockBackend {
     type Format = Ept;
     type Vcpu = MockVcpu;

@@ -48,6 +48,8 @@ pub struct SimPhys {
     /// Frames whose reads fail `copy_checked` (an uncorrectable memory
     /// error, as the kernel's machine-check-safe copy reports it).
     bad: alloc::collections::BTreeSet<u64>,
+    /// It owns the block (false: a [`SimPhys::view`] of another's).
+    owner: bool,
 }
 
 // SAFETY: `SimPhys` exclusively owns its heap block; the raw pointer is only
@@ -87,6 +89,30 @@ impl SimPhys {
             budget: None,
             contiguous: true,
             bad: Default::default(),
+            owner: true,
+        }
+    }
+
+    /// A second handle on the same frames, as another CPU sees the one
+    /// physical memory: it reads and writes them, and allocates nothing
+    /// (every allocation fails), so the owner's bookkeeping stays whole.
+    ///
+    /// # Safety
+    /// `self` outlives the view.
+    pub unsafe fn view(&self) -> SimPhys {
+        SimPhys {
+            mem: self.mem,
+            base: self.base,
+            slots: self.slots.clone(),
+            chunks: BTreeMap::new(),
+            next: 0,
+            in_use: 0,
+            allocations: 0,
+            frees: 0,
+            budget: Some(0),
+            contiguous: self.contiguous,
+            bad: self.bad.clone(),
+            owner: false,
         }
     }
 
@@ -184,6 +210,9 @@ impl SimPhys {
 
 impl Drop for SimPhys {
     fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
         let layout = Layout::array::<Frame>(self.slots.len()).expect("checked in with_base");
         // SAFETY: `mem` came from `alloc_zeroed` with this same layout.
         unsafe { dealloc(self.mem.as_ptr().cast(), layout) };

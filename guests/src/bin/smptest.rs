@@ -260,7 +260,10 @@ extern "x86-interrupt" fn tick_handler(_f: Frame) {
 /// of the 1 GHz bus the hypervisor models) and it halts between the ticks,
 /// N of them; then it prints how long they took on its TSC. Beside busy
 /// VMs it is the VM whose slices end early (benchmarks of the scheduler).
-fn tick_run(n: u64) -> u32 {
+/// With `spin=1` it is a busy one instead: it counts in a loop between the
+/// ticks, as a kernel with work to do, and prints how far it counted (the
+/// CPU time it got; each tick's EOI is an exit to the local APIC's page).
+fn tick_run(n: u64, spin: bool) -> u32 {
     trap::set_handler(TICK_VECTOR, tick_handler as *const () as u64);
     // Software-enable the APIC (SVR bit 8), then the timer (SDM Vol. 3A
     // 11.5.4): divide by 1, periodic, the initial count last.
@@ -269,9 +272,19 @@ fn tick_run(n: u64) -> u32 {
     lapic_write(0x320, u32::from(TICK_VECTOR) | (1 << 17));
     let t0 = rdtsc();
     lapic_write(0x380, 1_000_000);
-    while !halt_until(1, || TICKS.load(SeqCst) >= n) {}
+    let mut counted = 0u64;
+    if spin {
+        // SAFETY: the timer's vector has its handler.
+        unsafe { asm!("sti", options(nomem, nostack)) };
+        while TICKS.load(SeqCst) < n {
+            counted = core::hint::black_box(counted + 1);
+        }
+    } else {
+        while !halt_until(1, || TICKS.load(SeqCst) >= n) {}
+    }
     lapic_write(0x380, 0);
-    println!("smptest: {n} timer ticks halted through in {} tsc ticks", rdtsc() - t0);
+    let how = if spin { "counted through" } else { "halted through" };
+    println!("smptest: {n} timer ticks {how} in {} tsc ticks, {counted} counted", rdtsc() - t0);
     println!("smptest: PASS (ticks)");
     0
 }
@@ -687,7 +700,8 @@ fn main(boot: Boot) -> u32 {
     trap::install();
     trap::set_handler(IPI_VECTOR, ipi_handler as *const () as u64);
     if let Some(n) = boot.cmdline().split_whitespace().find_map(|w| w.strip_prefix("tick=")?.parse::<u64>().ok()) {
-        return tick_run(n);
+        let spin = boot.cmdline().split_whitespace().any(|w| w == "spin=1");
+        return tick_run(n, spin);
     }
     let mut idtr = [0u64; 2];
     // SAFETY: SIDT stores 10 bytes into `idtr`.

@@ -447,7 +447,7 @@ fn stats_reply<B: Backend>(
         text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
     }
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running)\n  unbacked port accesses: {}\n  device register accesses (emulated): {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.parallel_slices,
         vm.stats.sibling_apic_accesses,
@@ -457,6 +457,7 @@ fn stats_reply<B: Backend>(
         vm.stats.sibling_ipi_ends,
         vm.stats.unbacked_io,
         vm.stats.mmio,
+        vm.stats.mmio_away,
         vm.devices.com1_bytes_out(),
         vm.overhead_bytes,
         vm.overhead_bytes.div_ceil(1024),
@@ -590,6 +591,7 @@ fn stats_reply<B: Backend>(
         o.insert("run_ticks".into(), json!(vm.stats.run_ticks));
         o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
         o.insert("mmio".into(), json!(vm.stats.mmio));
+        o.insert("mmio_away".into(), json!(vm.stats.mmio_away));
         o.insert("slices_expired".into(), json!(vm.stats.slices_expired));
         o.insert("parallel_slices".into(), json!(vm.stats.parallel_slices));
         o.insert("sibling_apic_accesses".into(), json!(vm.stats.sibling_apic_accesses));

@@ -279,6 +279,13 @@ impl DeviceSet {
         self.mmio_target(gpa).is_some()
     }
 
+    /// Whether `gpa` is in the current vCPU's local APIC page (xAPIC mode)
+    /// or the I/O APIC's: registers of this VM's alone, which no host
+    /// resource stands behind.
+    pub fn interrupt_controller_page(&self, gpa: u64) -> bool {
+        matches!(self.mmio_target(gpa), Some((MmioPage::Lapic | MmioPage::IoApic, _)))
+    }
+
     fn mmio_target(&self, gpa: u64) -> Option<(MmioPage, u64)> {
         if let Some(base) = self.lapics[self.cur].mmio_base()
             && (base..base + 0x1000).contains(&gpa)

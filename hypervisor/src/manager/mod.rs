@@ -1160,6 +1160,7 @@ mod host_reclaim;
 pub mod lazy;
 #[cfg(test)]
 mod lazy_tests;
+pub mod local_mmio;
 pub mod machine_check;
 #[cfg(test)]
 mod machine_check_tests;
@@ -1175,7 +1176,6 @@ pub mod save_job;
 #[cfg(test)]
 mod save_tests;
 pub mod sibling_apic;
-pub mod sibling_mmio;
 #[cfg(test)]
 mod smp_tests;
 #[cfg(test)]

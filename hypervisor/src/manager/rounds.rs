@@ -33,7 +33,7 @@
 //! nothing else of the VM, so several CPUs hold one VM at once without
 //! sharing anything mutable but the [`Gang`]'s atomics. A sibling handles
 //! what touches its vCPU alone: CPUID, host interrupts, the end of its
-//! time, and its APIC's MSRs, xAPIC page ([`super::sibling_mmio`]), timer
+//! time, and its APIC's MSRs, xAPIC page ([`super::local_mmio`]), timer
 //! and interrupts, with fixed IPIs to the other vCPUs posted to them
 //! ([`super::sibling_apic`]). A HLT with interrupts on waits on the
 //! sibling's CPU (halted until a kick or its timer) for a vector posted to
@@ -58,8 +58,8 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use vcpu::{ExitKind, Vcpu, VmExit};
 
+use super::local_mmio::{InterruptPages, LocalMmio, SiblingApicPage};
 use super::sibling_apic::{Outbox, PostedIrr, SiblingApic};
-use super::sibling_mmio::ApicPage;
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
 use crate::backend::Backend;
 use crate::devices::lapic::Route;
@@ -100,6 +100,13 @@ impl<B: Backend> SliceHost<B> for Away {
     #[inline(always)]
     fn handle(&mut self, vm: &mut Vm<B>, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Option<Flow> {
         if Vm::<B>::exit_needs_host(&exit) {
+            // Its interrupt controllers are the VM's alone: carried out
+            // here, or the VM pays a round per EOI.
+            if let VmExit::NestedPageFault { gpa, access, gva } = exit
+                && interrupt_mmio_here(vm, MmioFault { gpa, access, gva }, backend)
+            {
+                return Some(Flow::Continue);
+            }
             self.deferred = Some(exit);
             return None;
         }
@@ -108,6 +115,35 @@ impl<B: Backend> SliceHost<B> for Away {
     fn take_deferred(&mut self) -> Option<VmExit> {
         self.deferred.take()
     }
+}
+
+/// A VM away's access to its local APIC's page or its I/O APIC's, carried
+/// out on the CPU it runs on (`local_mmio`); whether it was (if not,
+/// nothing changed and the boot CPU handles the exit after the join).
+/// Only a page that is not the guest's RAM: a local APIC moved onto RAM
+/// is left to the boot CPU, whose fault handler decides which it is.
+#[inline(never)]
+fn interrupt_mmio_here<B: Backend>(vm: &mut Vm<B>, fault: MmioFault, backend: &mut B) -> bool {
+    let Some(res) = vm.res.as_mut() else { return false };
+    let mem = &res.mem;
+    if mem.page_state(mm::addr::GuestPhysAddr(fault.gpa)).is_some() || !vm.devices.interrupt_controller_page(fault.gpa)
+    {
+        return false;
+    }
+    let (now, hz, offset) = (backend.now(), backend.tsc_hz(), vm.clock_offset_ns);
+    let access = LocalMmio {
+        vcpu: &mut res.vcpus.current_mut().vcpu,
+        mem,
+        phys: backend.mem(),
+        devices: InterruptPages { devices: &mut vm.devices, to_ns: |t| vm_ns(t, hz, offset) },
+    };
+    if !access.emulate(fault, now) {
+        return false;
+    }
+    vm.stats.mmio += 1;
+    vm.stats.mmio_away += 1;
+    vm.timers_changed(hz);
+    true
 }
 
 /// How a slice ended.
@@ -556,15 +592,13 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
             }
             VmExit::NestedPageFault { gpa, access, gva }
                 if s.apic.owns_page(gpa) && {
-                    let page = ApicPage {
+                    let page = LocalMmio {
                         vcpu: &mut slot.vcpu,
                         // SAFETY: the caller's contract: until the join the
                         // VM's memory is only read, by its siblings.
                         mem: unsafe { &*s.mem },
                         phys: backend.mem(),
-                        apic: &mut s.apic,
-                        me,
-                        out: &out,
+                        devices: SiblingApicPage { apic: &mut s.apic, me, out: &out },
                     };
                     page.emulate(MmioFault { gpa, access, gva }, t1)
                 } => {}

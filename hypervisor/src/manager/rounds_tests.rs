@@ -45,6 +45,15 @@ unsafe impl SliceCpus<MockBackend> for OneOtherCpu {
     }
 }
 
+/// A stand-in for another CPU of `m`'s host (the same memory, a clock of
+/// its own).
+fn other_cpu(m: &Manager<MockBackend>) -> OneOtherCpu {
+    // SAFETY: every test declares its manager before its stand-in, which
+    // is therefore dropped first.
+    let backend = unsafe { m.backend.as_ref().unwrap().beside() };
+    OneOtherCpu { backend, job: None, ran: Vec::new() }
+}
+
 fn manager() -> Manager<MockBackend> {
     // `mov [rax], ecx` over and over: a scripted MMIO write decodes as one
     // wherever RIP is.
@@ -111,7 +120,7 @@ fn smp_vm(m: &mut Manager<MockBackend>, scripts: Vec<Vec<Step>>) -> (u32, OneOth
         slot.vcpu.set_state(&start).unwrap();
         slot.state = crate::vm::VcpuState::Runnable;
     }
-    (id, OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() })
+    (id, other_cpu(m))
 }
 
 #[test]
@@ -120,19 +129,21 @@ fn a_second_vm_runs_on_the_other_cpu_and_leaves_it_what_needs_the_host() {
     let b = m.backend.as_mut().unwrap();
     // VM 1 stays here: CPUIDs until its slice is over.
     b.scripts.push_back((0..64).map(|_| exit(VmExit::Cpuid)).collect());
-    // VM 2 goes away: a CPUID and a line on COM1 (its own devices), then
-    // an APIC write, which is MMIO (a nested page fault: the boot CPU's),
+    // VM 2 goes away: a CPUID, a line on COM1 and a write to its local
+    // APIC's page (its own devices), then a first write to a page of its
+    // RAM (a nested page fault that needs a host frame: the boot CPU's),
     // then more it must not get to in this slice.
     let mut away: Vec<Step> = vec![exit(VmExit::Cpuid)];
     away.extend(b"hi\n".iter().map(|&c| com1(c)));
     away.push(tpr_write(0x20));
+    away.push(exit(VmExit::NestedPageFault { gpa: 0x30_0000, access: MemAccess::Write, gva: None }));
     away.push(exit(VmExit::Cpuid));
     b.scripts.push_back(away);
     let one = m.run_vm("tiny", 4, "").unwrap();
     let two = m.run_vm("tiny", 4, "").unwrap();
     // Slices short enough that VM 1's CPUIDs outlast one.
     m.slice_ticks = 200;
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut other = other_cpu(&m);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert_eq!(other.ran, [1], "VM 2 (index 1) went to the other CPU");
@@ -143,8 +154,9 @@ fn a_second_vm_runs_on_the_other_cpu_and_leaves_it_what_needs_the_host() {
     assert!(!v2.loaded);
     let vm2 = m.get(two).unwrap();
     assert_eq!(vm2.stats.exits[ExitKind::Cpuid as usize], 1);
-    assert_eq!(vm2.stats.exits[ExitKind::NestedPageFault as usize], 1);
-    assert_eq!(vm2.devices.lapic(0).unwrap().tpr(), 0x20, "the APIC write was carried out here");
+    assert_eq!(vm2.stats.exits[ExitKind::NestedPageFault as usize], 2);
+    assert_eq!(vm2.devices.lapic(0).unwrap().tpr(), 0x20);
+    assert_eq!((vm2.stats.mmio, vm2.stats.mmio_away), (1, 1), "the APIC write was carried out on the other CPU");
     assert_eq!(v2.skipped, 4, "CPUID and three OUTs completed (the MMIO write by the emulator)");
     assert_eq!(v2.script.len(), 1, "the slice ended at the exit left for the boot CPU");
     assert!(con.0.iter().any(|l| l == "[vm 2] hi"), "{:?}", con.0);
@@ -182,7 +194,7 @@ fn one_runnable_vm_stays_on_the_boot_cpu() {
     let mut m = manager();
     m.backend.as_mut().unwrap().scripts.push_back(vec![exit(VmExit::Cpuid), exit(VmExit::Cpuid)]);
     let id = m.run_vm("tiny", 4, "").unwrap();
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut other = other_cpu(&m);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert!(other.ran.is_empty(), "nothing to move for");
@@ -227,7 +239,7 @@ fn a_vm_of_the_other_cpus_numa_node_moves_there_when_that_cpu_is_free() {
     let one = m.run_vm("tiny", 4, "").unwrap();
     assert_eq!(m.get(one).unwrap().node, Some(1));
     m.slice_ticks = 200;
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut other = other_cpu(&m);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert!(other.ran.is_empty(), "alone, it runs here");
@@ -623,7 +635,7 @@ fn the_boot_cpu_takes_a_spare_slice_when_its_own_vcpu_halts() {
     let (one, two, three) =
         (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
     m.slice_ticks = 2000;
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut other = other_cpu(&m);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert_eq!(other.ran, [1], "VM 2 went to the other CPU");
@@ -649,7 +661,7 @@ fn another_cpu_whose_vcpu_halts_takes_the_spare_slice() {
     let (_, two, three) =
         (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
     m.slice_ticks = 2000;
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut other = other_cpu(&m);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert_eq!(other.ran, [1]);
@@ -672,7 +684,7 @@ fn a_spare_no_cpu_took_goes_first_in_the_next_round() {
     }
     let ids: Vec<u32> = (0..3).map(|_| m.run_vm("tiny", 4, "").unwrap()).collect();
     m.slice_ticks = 2000;
-    let mut other = OneOtherCpu { backend: MockBackend::new(64), job: None, ran: Vec::new() };
+    let mut other = other_cpu(&m);
     let mut con = Lines::default();
     assert!(m.run_round(&mut con, &mut other));
     assert_eq!(cpuid_exits(&m, ids[2]), 0, "VM 3 was the spare, and nobody had time for it");

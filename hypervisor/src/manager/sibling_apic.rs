@@ -1,6 +1,6 @@
 //! A sibling's own local APIC, where the sibling runs (`rounds`,
 //! "Siblings"): its registers (x2APIC MSRs and IA32_TSC_DEADLINE by WRMSR
-//! and RDMSR; xAPIC registers as `sibling_mmio` decodes them), its timer's
+//! and RDMSR; xAPIC registers as `local_mmio` decodes them), its timer's
 //! interrupts, and fixed IPIs to the VM's other vCPUs, posted to them.
 //!
 //! Each sibling holds its vCPU's [`Lapic`] alone for the round; nothing of
@@ -14,7 +14,7 @@
 //! the xAPIC LDR and DFR change a route, and those writes are left to the
 //! boot CPU. Also left to it: NMI, INIT and SIPI IPIs (they change another
 //! vCPU's state). xAPIC page accesses come here decoded
-//! (`super::sibling_mmio`).
+//! (`super::local_mmio`).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use vcpu::{Event, Vcpu};

@@ -95,6 +95,10 @@ pub struct VmStats {
     pub unbacked_io: u64,
     /// Accesses to device registers in guest-physical memory (emulated).
     pub mmio: u64,
+    /// Of those, accesses to its interrupt controllers' pages carried out
+    /// on another CPU than the boot CPU, where a slice of the VM ran
+    /// (`manager::local_mmio`).
+    pub mmio_away: u64,
     /// Time slices that ran out (timer exit or wall-clock check) and made
     /// the VM give the CPU up.
     pub slices_expired: u64,
