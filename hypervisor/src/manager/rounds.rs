@@ -382,6 +382,10 @@ pub struct AwaySlice<B: Backend> {
     cpu: u32,
     /// It ran on another CPU than the boot CPU.
     away: bool,
+    /// When the boot CPU's own slice of the round is due to end: a VM
+    /// away of one vCPU goes on past its own timer's interrupts until
+    /// then, rather than leave its CPU idle for the rest of the round.
+    until: Option<u64>,
     /// The VM's NUMA node: a CPU of that node takes it if one is free.
     node: Option<u32>,
     /// The round's spare slices, which this job's CPU takes after its own
@@ -412,7 +416,8 @@ impl<B: Backend> AwaySlice<B> {
         } else {
             // SAFETY: the caller's contract: nothing else uses the VM now.
             let vm = unsafe { &mut *self.vm };
-            let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, self.slice_ticks);
+            let end =
+                run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, self.slice_ticks, self.until);
             // Any CPU may load it next.
             if let Some(res) = vm.res.as_mut() {
                 res.vcpu().release();
@@ -480,6 +485,7 @@ impl<B: Backend> Spares<B> {
             // CPU's alone; the boot CPU reads it only after the join.
             let job = unsafe { &mut *self.jobs[k].get() };
             job.slice_ticks = left;
+            job.until = Some(self.deadline);
             job.away = away;
             // SAFETY: as above; its VM is in no other job of the round.
             unsafe { job.run(backend) };
@@ -749,6 +755,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     host: &mut H,
     console: &mut impl Console,
     slice_ticks: u64,
+    until: Option<u64>,
 ) -> SliceEnd {
     let now = backend.now();
     // A throttled VM (a migration's auto-converge) gets short slices, so
@@ -783,7 +790,10 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     // time must still give the CPU up after a slice of wall-clock time, or
     // the console and other VMs starve.
     let mut t0 = backend.now();
-    let deadline = t0.saturating_add(slice_ticks);
+    let deadline = t0.saturating_add(slice_ticks).min(until.unwrap_or(u64::MAX));
+    // Its own timer's interrupts are delivered within the slice (one vCPU:
+    // an interrupt for another would need the scheduler).
+    let goes_on = until.is_some() && vm.res.as_ref().is_some_and(|r| r.vcpus.len() == 1);
     let mut expired = false;
     let mut last = ExitKind::Preempted;
     let mut ipi_sent = false;
@@ -802,8 +812,16 @@ fn run_body<B: Backend, H: SliceHost<B>>(
         vm.stats.exits[kind as usize] += 1;
         crate::trace_exit(vm.id, &exit);
         let preempted = matches!(exit, VmExit::Preempted);
-        let Some(flow) = host.handle(vm, exit, backend, console) else {
-            break Flow::Yield;
+        // Stopped for its own timer before the slice's end: the interrupt
+        // is delivered below, and it goes on.
+        let own_timer = goes_on && preempted && t1.saturating_add(MIN_SLICE_TICKS) < deadline;
+        let flow = if own_timer {
+            Flow::Continue
+        } else {
+            let Some(flow) = host.handle(vm, exit, backend, console) else {
+                break Flow::Yield;
+            };
+            flow
         };
         if flow != Flow::Continue {
             expired = preempted;
@@ -828,11 +846,11 @@ fn run_body<B: Backend, H: SliceHost<B>>(
         // that spins waiting for that interrupt gets it only when the slice
         // runs out.
         let timer = vm.timer_tick.max(t1.saturating_add(MIN_SLICE_TICKS));
-        if timer < slice_end {
+        if timer < slice_end || own_timer {
+            slice_end = timer.min(deadline);
             if let Some(res) = vm.res.as_mut() {
-                res.vcpu().set_time_slice(timer - t1);
+                res.vcpu().set_time_slice(slice_end.saturating_sub(t1).max(MIN_SLICE_TICKS));
             }
-            slice_end = timer;
         }
         if t1 >= deadline {
             expired = true;
@@ -993,6 +1011,17 @@ impl<B: Backend> Manager<B> {
         // Each gang VM's shared word, kept until every job is finished.
         let mut gangs: Vec<Box<Gang>> = Vec::new();
         let mut siblings = self.prepare_siblings(&picks, now, hz, &mut gangs);
+        // When the slice that stays here is due to end (it may end sooner):
+        // a VM away computes on until then.
+        let (hi, hv) = picks[home];
+        let home_end = match siblings.iter().find(|e| (e.vm, e.vcpu) == (hi, hv)).and_then(|e| e.part.as_ref()) {
+            Some((_, slice)) => now.saturating_add(*slice),
+            None => {
+                let vm = &self.vms[hi];
+                let slice = self.slice_ticks.min(vm.throttle.slice_cap(hz));
+                now.saturating_add(slice.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS)))
+            }
+        };
         let spares = (!spare_picks.is_empty()).then(|| self.prepare_spares(&spare_picks, now, me));
         let spares_ptr: *const Spares<B> = spares.as_deref().map_or(core::ptr::null(), |s| s);
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
@@ -1008,6 +1037,7 @@ impl<B: Backend> Manager<B> {
                 lines: Lines::default(),
                 cpu: me,
                 away: k != home,
+                until: Some(home_end),
                 node: self.vms[i].node,
                 spares: spares_ptr,
             };
@@ -1055,7 +1085,8 @@ impl<B: Backend> Manager<B> {
                     None
                 }
                 None => {
-                    let end = run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks);
+                    let end =
+                        run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks, None);
                     if let Some(spares) = spares.as_deref() {
                         // SAFETY: the spares stay in place until the join,
                         // and this CPU's own slice of the round is over.
@@ -1167,6 +1198,7 @@ impl<B: Backend> Manager<B> {
                 lines: Lines::default(),
                 cpu: me,
                 away: false,
+                until: None,
                 node: vm.node,
                 spares: core::ptr::null(),
             }));

@@ -697,3 +697,26 @@ fn a_spare_no_cpu_took_goes_first_in_the_next_round() {
         ids.iter().map(|&id| m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].stats.slices).collect();
     assert_eq!(slices, [2, 2, 2]);
 }
+
+#[test]
+fn a_vm_away_stopped_for_its_own_timer_goes_on_until_the_boot_cpus_slice_ends() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 (here) computes through the round. VM 2 (away) stops for its
+    // timer (a preemption long before the round's end), then computes.
+    b.scripts.push_back(cpuids(400));
+    let mut two_script = vec![exit(VmExit::Preempted)];
+    two_script.extend(cpuids(400));
+    b.scripts.push_back(two_script);
+    let (_, two) = (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    let mut other = other_cpu(&m);
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(other.ran, [1]);
+    let vm2 = m.get(two).unwrap();
+    assert_eq!(vm2.stats.exits[ExitKind::Preempted as usize], 1);
+    assert!(cpuid_exits(&m, two) > 20, "it went on past its timer in the same slice");
+    assert_eq!(vm2.stats.slices_expired, 1, "and ran to the round's end");
+    assert_eq!(vm2.res.as_ref().unwrap().vcpus[0].stats.slices, 1);
+}
