@@ -661,7 +661,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     cpus.push_str(&format!(
         "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early); per round {} ticks scheduling ({} before the \
          boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} in the boot cpu's slice, {} waiting \
-         for the others; the longest round {} ticks\n",
+         for the others; the longest round {} ticks; with nothing to run, halted {} times for {} ms\n",
         sc.rounds,
         sc.slices,
         sc.slices_away,
@@ -675,7 +675,9 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         sc.deferred_exits,
         per(sc.slice_ticks),
         per(sc.join_ticks),
-        sc.longest_round_ticks
+        sc.longest_round_ticks,
+        sc.idle_halts,
+        sc.idle_ticks / (h.tsc_hz / 1000).max(1)
     ));
     let text = format!(
         "cpu: {} {} (family {} model {} stepping {}), {} cpu(s), apic ids {:?}\n\

@@ -397,7 +397,7 @@ fn serve<B: HostBackend>(
             // Lazily restored VMs converge also while every VM idles.
             manager.lazy_fill_round(&mut con);
             if !ran {
-                core::hint::spin_loop();
+                idle(&mut manager);
             }
             manager.checkpoint_round(&mut con);
             poll_net(&mut net, &mut manager, &mut con);
@@ -443,7 +443,7 @@ fn serve<B: HostBackend>(
         // Lazily restored VMs converge also while every VM idles.
         manager.lazy_fill_round(&mut con);
         if !ran {
-            core::hint::spin_loop();
+            idle(&mut manager);
         }
         // A live save writes between time slices, also while no VM wants
         // the CPU.
@@ -453,6 +453,26 @@ fn serve<B: HostBackend>(
         // what they write goes out in the next one).
         manager.migration_round(net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
     }
+}
+
+/// Nothing could run: the boot CPU halts until the earliest VM timer, at
+/// most a millisecond (the console and the NIC are polled, not
+/// interrupt-driven), so an idle host costs no CPU time. Not while work
+/// moves at every turn of the loop (a live save, a lazy fill, a
+/// migration): that only spins once.
+fn idle<B: HostBackend>(manager: &mut Manager<B>) {
+    let Some(until) = manager.idle_until() else {
+        core::hint::spin_loop();
+        return;
+    };
+    let t0 = platform::time::rdtsc();
+    let poll = t0.saturating_add(platform::time::tsc_hz() / 1000);
+    if until <= t0 {
+        return;
+    }
+    platform::smp::halt_until(until.min(poll));
+    manager.sched.idle_halts += 1;
+    manager.sched.idle_ticks += platform::time::rdtsc().saturating_sub(t0);
 }
 
 /// The host's own network (`hostnet`): the NIC, if there is one, with the

@@ -910,6 +910,10 @@ pub struct SchedStats {
     pub deferred_exits: u64,
     /// The longest round.
     pub longest_round_ticks: u64,
+    /// Times the boot CPU halted with nothing to run (`Manager::idle_until`),
+    /// and for how long.
+    pub idle_halts: u64,
+    pub idle_ticks: u64,
 }
 
 impl SchedStats {
@@ -960,6 +964,19 @@ impl<B: Backend> Manager<B> {
             .find_map(|i| Some((i, self.vms[i].pick_vcpu(now, hz)?)))?;
         self.cursor = (found.0 + 1) % n.max(1);
         Some(found)
+    }
+
+    /// With nothing runnable: until when the boot CPU may halt, the
+    /// earliest timer of a VM (`u64::MAX` if none has one; the caller
+    /// still wakes to poll the console and the NIC). `None` while work
+    /// moves at every turn of the main loop: a live save, a lazy restore's
+    /// fill, a migration.
+    pub fn idle_until(&self) -> Option<u64> {
+        if self.live_save.is_some() || !self.host_mem.lazy.is_empty() || self.migration.busy() {
+            return None;
+        }
+        let live = self.vms.iter().filter(|vm| !vm.state.ended() && !vm.paused && !vm.created);
+        Some(live.map(|vm| vm.timer_tick).min().unwrap_or(u64::MAX))
     }
 
     /// Runs the next runnable vCPU for one time slice on this CPU. Returns

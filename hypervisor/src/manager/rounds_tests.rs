@@ -720,3 +720,22 @@ fn a_vm_away_stopped_for_its_own_timer_goes_on_until_the_boot_cpus_slice_ends() 
     assert_eq!(vm2.stats.slices_expired, 1, "and ran to the round's end");
     assert_eq!(vm2.res.as_ref().unwrap().vcpus[0].stats.slices, 1);
 }
+
+#[test]
+fn with_nothing_to_run_the_boot_cpu_may_halt_until_the_first_vm_timer_unless_work_moves() {
+    let mut m = manager();
+    assert_eq!(m.idle_until(), Some(u64::MAX), "no VM: only the console and the NIC to poll");
+    m.backend.as_mut().unwrap().scripts.push_back(vec![sti_hlt()]);
+    m.backend.as_mut().unwrap().scripts.push_back(vec![sti_hlt()]);
+    let (one, two) = (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.vms[0].timer_tick = 5_000;
+    m.vms[1].timer_tick = 3_000;
+    assert_eq!(m.idle_until(), Some(3_000), "the earliest timer");
+    // A paused VM's timer waits for its resume.
+    m.vms[1].paused = true;
+    assert_eq!(m.idle_until(), Some(5_000));
+    m.vms[1].paused = false;
+    assert!(m.stop(two, &mut Lines::default()).is_ok());
+    assert_eq!(m.idle_until(), Some(5_000), "an ended VM has no timer");
+    let _ = one;
+}

@@ -198,3 +198,17 @@ fn a_vm_that_ends_during_a_live_save_is_saved_first_and_a_failed_save_leaves_not
     assert!(vm.res.is_some() && vm.res.as_ref().unwrap().mem.snapshot_stats().is_none());
     assert_eq!(peek(&m, restored, 0x30_0000), pattern(5));
 }
+
+#[test]
+fn the_boot_cpu_does_not_halt_idle_while_a_live_save_moves() {
+    let mut m = manager(16384);
+    let id = m.run_vm("tiny", 8, "").unwrap();
+    assert!(m.idle_until().is_some());
+    m.start_live_save(id, Box::new(MemTarget::default()), String::new(), None).unwrap();
+    assert_eq!(m.idle_until(), None, "the save moves at every turn of the main loop");
+    let mut con = crate::testing::Lines::default();
+    while m.live_save.is_some() {
+        m.checkpoint_round(&mut con);
+    }
+    assert!(m.idle_until().is_some());
+}

@@ -57,6 +57,12 @@ impl<B: crate::backend::Backend> Default for Migrations<B> {
 }
 
 impl<B: crate::backend::Backend> Migrations<B> {
+    /// Whether a migration (either way, or a stream's close) is under way:
+    /// it moves at every turn of the main loop.
+    pub fn busy(&self) -> bool {
+        self.out.is_some() || self.incoming.is_some() || !self.closing.is_empty()
+    }
+
     /// Frees closed streams; resets those whose peer never finished.
     fn reap(&mut self, t: &mut impl crate::hostnet::tcp::Transport, now_us: u64) {
         self.closing.retain(|&(s, deadline)| {
