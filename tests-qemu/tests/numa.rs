@@ -62,6 +62,8 @@ fn each_vm_gets_all_its_memory_from_the_node_with_most_room() {
     eprintln!("numa: vm 3 (node 1) vcpu: {v3}\nnuma: vm 4 (node 0) vcpu: {v4}");
     assert_eq!(v3["last_host_cpu"], 1, "the node-1 VM runs on node 1's CPU: {v3}");
     assert!(v3["host_cpus"].as_str().unwrap().split(',').any(|c| c == "1"), "{v3}");
+    // It began on the boot CPU: a running guest's vCPU moved.
+    assert!(v3["moves"].as_u64().unwrap() >= 1, "{v3}");
     assert_eq!(v4["host_cpus"], "0", "the node-0 VM never left node 0's CPU: {v4}");
     m.poweroff();
 }
