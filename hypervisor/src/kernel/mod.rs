@@ -341,6 +341,9 @@ fn serve<B: HostBackend>(
         }
     }
     let status = |line: &str| host_status(cpu, &boot_virt, line);
+    // This CPU's APIC timer ends its idle halts (`idle`); the backends set
+    // it up too, but a host without virtualization has none.
+    platform::apic::init();
     let mut con = Serial::default();
     let mut net = start_net(config);
     if let Some(name) = &config.net_uplink {
