@@ -1513,3 +1513,56 @@ mod gang_tests {
         assert_eq!(gang.kick_posted(0b010, 0, &b), 0b010, "its slice is over");
     }
 }
+
+#[cfg(test)]
+mod spares_tests {
+    use super::{AwaySlice, Lines, Spares};
+    use crate::testing::MockBackend;
+    use alloc::vec::Vec;
+    use core::cell::UnsafeCell;
+    use core::sync::atomic::AtomicBool;
+
+    /// Spares whose vCPUs last ran on `last` and whose VMs are on `nodes`
+    /// (jobs that are never run: only the choice is tested).
+    fn spares(last: &[Option<u32>], nodes: &[Option<u32>]) -> Spares<MockBackend> {
+        let job = |i: usize| AwaySlice::<MockBackend> {
+            vm: core::ptr::null_mut(),
+            sibling: None,
+            index: i,
+            vcpu: 0,
+            slice_ticks: 0,
+            end: None,
+            lines: Lines::default(),
+            cpu: 0,
+            away: false,
+            until: None,
+            node: nodes[i],
+            spares: core::ptr::null(),
+        };
+        Spares {
+            jobs: (0..last.len()).map(|i| UnsafeCell::new(job(i))).collect(),
+            claimed: last.iter().map(|_| AtomicBool::new(false)).collect(),
+            last_cpu: last.to_vec(),
+            nodes: nodes.to_vec(),
+            cpu_nodes: Vec::new(),
+            deadline: 0,
+            min_ticks: 0,
+        }
+    }
+
+    #[test]
+    fn a_cpu_takes_the_spare_that_last_ran_there_then_one_of_its_node_then_the_first_left() {
+        // Spare 0: no history, node 1. Spare 1: last on CPU 2, node 0.
+        // Spare 2: last on CPU 1, node 0.
+        let s = spares(&[None, Some(2), Some(1)], &[Some(1), Some(0), Some(0)]);
+        assert_eq!(s.claim(1, Some(1)), Some(2), "CPU 1's own vCPU first, whatever its node");
+        assert_eq!(s.claim(1, Some(0)), Some(1), "then one of CPU 1's node");
+        assert_eq!(s.claim(3, Some(0)), Some(0), "then the first left");
+        assert_eq!(s.claim(2, None), None, "each spare is taken once");
+        assert!((0..3).all(|k| s.taken(k)));
+        // Without NUMA nodes: the first left.
+        let s = spares(&[None, None], &[None, None]);
+        assert_eq!(s.claim(0, None), Some(0));
+        assert_eq!(s.claim(1, None), Some(1));
+    }
+}
