@@ -394,6 +394,25 @@ pub struct AwaySlice<B: Backend> {
 }
 
 impl<B: Backend> AwaySlice<B> {
+    /// Vcpu `vcpu` of the VM at `index` in the table, for `slice_ticks`,
+    /// made on CPU `cpu`; the caller gives it its VM or sibling part.
+    fn new(index: usize, vcpu: usize, slice_ticks: u64, cpu: u32, node: Option<u32>) -> Self {
+        AwaySlice {
+            vm: core::ptr::null_mut(),
+            sibling: None,
+            index,
+            vcpu,
+            slice_ticks,
+            end: None,
+            lines: Lines::default(),
+            cpu,
+            away: false,
+            until: None,
+            node,
+            spares: core::ptr::null(),
+        }
+    }
+
     /// The NUMA node whose CPUs should run it, if the VM has one.
     pub fn node(&self) -> Option<u32> {
         self.node
@@ -1044,20 +1063,10 @@ impl<B: Backend> Manager<B> {
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
         let mut home_sibling: Option<AwaySlice<B>> = None;
         for (k, &(i, v)) in picks.iter().enumerate() {
-            let mut job = AwaySlice {
-                vm: core::ptr::null_mut(),
-                sibling: None,
-                index: i,
-                vcpu: v,
-                slice_ticks: self.slice_ticks,
-                end: None,
-                lines: Lines::default(),
-                cpu: me,
-                away: k != home,
-                until: Some(home_end),
-                node: self.vms[i].node,
-                spares: spares_ptr,
-            };
+            let mut job = AwaySlice::new(i, v, self.slice_ticks, me, self.vms[i].node);
+            job.away = k != home;
+            job.until = Some(home_end);
+            job.spares = spares_ptr;
             // A sibling's VM is not touched again before the join (its
             // slot pointers must stay the last word on it).
             if let Some(entry) = siblings.iter_mut().find(|e| (e.vm, e.vcpu) == (i, v)) {
@@ -1205,20 +1214,9 @@ impl<B: Backend> Manager<B> {
             }
             last_cpu.push(last);
             nodes.push(vm.node);
-            jobs.push(UnsafeCell::new(AwaySlice {
-                vm: &raw mut **vm,
-                sibling: None,
-                index: i,
-                vcpu: v,
-                slice_ticks: self.slice_ticks,
-                end: None,
-                lines: Lines::default(),
-                cpu: me,
-                away: false,
-                until: None,
-                node: vm.node,
-                spares: core::ptr::null(),
-            }));
+            let mut job = AwaySlice::new(i, v, self.slice_ticks, me, vm.node);
+            job.vm = &raw mut **vm;
+            jobs.push(UnsafeCell::new(job));
         }
         let claimed = jobs.iter().map(|_| AtomicBool::new(false)).collect();
         let cpu_nodes = self.numa.nodes.iter().flat_map(|n| n.apic_ids.iter().map(move |&a| (a, n.id))).collect();
@@ -1516,7 +1514,7 @@ mod gang_tests {
 
 #[cfg(test)]
 mod spares_tests {
-    use super::{AwaySlice, Lines, Spares};
+    use super::{AwaySlice, Spares};
     use crate::testing::MockBackend;
     use alloc::vec::Vec;
     use core::cell::UnsafeCell;
@@ -1525,20 +1523,7 @@ mod spares_tests {
     /// Spares whose vCPUs last ran on `last` and whose VMs are on `nodes`
     /// (jobs that are never run: only the choice is tested).
     fn spares(last: &[Option<u32>], nodes: &[Option<u32>]) -> Spares<MockBackend> {
-        let job = |i: usize| AwaySlice::<MockBackend> {
-            vm: core::ptr::null_mut(),
-            sibling: None,
-            index: i,
-            vcpu: 0,
-            slice_ticks: 0,
-            end: None,
-            lines: Lines::default(),
-            cpu: 0,
-            away: false,
-            until: None,
-            node: nodes[i],
-            spares: core::ptr::null(),
-        };
+        let job = |i: usize| AwaySlice::<MockBackend>::new(i, 0, 0, 0, nodes[i]);
         Spares {
             jobs: (0..last.len()).map(|i| UnsafeCell::new(job(i))).collect(),
             claimed: last.iter().map(|_| AtomicBool::new(false)).collect(),
