@@ -777,17 +777,14 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     until: Option<u64>,
 ) -> SliceEnd {
     let now = backend.now();
-    // A throttled VM (a migration's auto-converge) gets short slices, so
-    // the pauses between them are short too.
+    // A throttled VM's cap bounds the wall-clock deadline below too.
     let slice_ticks = slice_ticks.min(vm.throttle.slice_cap(backend.tsc_hz()));
     vm.state = RunState::Running;
     vm.devices.set_current(v);
     vm.stats.first_entry_tsc.get_or_insert(now);
     let here = vcpu::cpu_local::get();
     here.current_vm.store(vm.id, Ordering::Relaxed);
-    // The slice ends early enough for the VM's next timer interrupt to be
-    // delivered on time.
-    let slice = slice_ticks.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS));
+    let slice = planned_slice(vm, now, backend.tsc_hz(), slice_ticks);
     let Some(res) = vm.res.as_mut() else {
         here.current_vm.store(0, Ordering::Relaxed);
         return SliceEnd { flow: Flow::Stop, deferred: None };
@@ -893,6 +890,15 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     backend.prefer_node(None);
     here.current_vm.store(0, Ordering::Relaxed);
     SliceEnd { flow, deferred: host.take_deferred() }
+}
+
+/// How long a slice of `vm` starting at `now` is set to run (it may end
+/// sooner): at most `slice_ticks`, less for a throttled VM (a migration's
+/// auto-converge: short slices keep the pauses between them short), and
+/// ending in time for the VM's next timer interrupt.
+fn planned_slice<B: Backend>(vm: &Vm<B>, now: u64, hz: u64, slice_ticks: u64) -> u64 {
+    let slice_ticks = slice_ticks.min(vm.throttle.slice_cap(hz));
+    slice_ticks.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS))
 }
 
 /// The scheduler's own cost, summed over its rounds (TSC ticks of the
@@ -1052,11 +1058,7 @@ impl<B: Backend> Manager<B> {
         let (hi, hv) = picks[home];
         let home_end = match siblings.iter().find(|e| (e.vm, e.vcpu) == (hi, hv)).and_then(|e| e.part.as_ref()) {
             Some((_, slice)) => now.saturating_add(*slice),
-            None => {
-                let vm = &self.vms[hi];
-                let slice = self.slice_ticks.min(vm.throttle.slice_cap(hz));
-                now.saturating_add(slice.min(vm.ticks_to_timer(now).max(MIN_SLICE_TICKS)))
-            }
+            None => now.saturating_add(planned_slice(&self.vms[hi], now, hz, self.slice_ticks)),
         };
         let spares = (!spare_picks.is_empty()).then(|| self.prepare_spares(&spare_picks, now, me));
         let spares_ptr: *const Spares<B> = spares.as_deref().map_or(core::ptr::null(), |s| s);
