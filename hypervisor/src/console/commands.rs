@@ -97,7 +97,7 @@ const HELP: &[(&str, &str)] = &[
         "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [disk=<image>] [net=<switch>] [cpuid=host|pinned|portable] [cmdline=\"...\"]",
         "build a VM from a ramdisk kernel, stopped until vm start",
     ),
-    ("vm start <id>", "run a VM that vm create built"),
+    ("vm start <id>...", "run VMs that vm create built, together"),
     ("vm list", "every VM with its state and exit status"),
     ("vm stats <id>", "exits by reason, run time, host memory overhead"),
     ("vm stop <id>", "stop a VM and free its memory"),
@@ -215,9 +215,10 @@ fn run<B: Backend>(
                 json: json!({ "id": id, "name": name, "kernel": kernel, "protocol": vm.protocol.name(), "mem_mib": mem_mib }),
             })
         }
-        Command::VmStart { id } => {
-            m.start(*id)?;
-            Ok(Reply { text: format!("vm {id} started"), json: json!({ "id": id }) })
+        Command::VmStart { ids } => {
+            m.start(ids)?;
+            let text = ids.iter().map(|id| format!("vm {id} started")).collect::<Vec<_>>().join("\n");
+            Ok(Reply { text, json: json!({ "ids": ids }) })
         }
         Command::VmList => {
             let hz = m.backend.as_ref().map_or(1, |b| b.tsc_hz());

@@ -37,8 +37,9 @@ pub enum Command {
         /// `cpuid=pinned`: the VM keeps the CPUID it is created with.
         pin_cpuid: CpuidChoice,
     },
+    /// `vm start <id>...`: one or more created VMs, started together.
     VmStart {
-        id: u32,
+        ids: Vec<u32>,
     },
     /// What the line left out is `None` (or empty): the manager fills it
     /// in by the kind of guest (`Manager::run_defaults`).
@@ -434,7 +435,11 @@ fn parse_vm(rest: &[&str]) -> Result<Command, Refusal> {
         },
         "run" => parse_run(args),
         "create" => parse_create(args),
-        "start" => parse_id("vm start", args).map(|id| Command::VmStart { id }),
+        "start" if args.is_empty() => Err(Refusal::MissingId { cmd: "vm start" }),
+        "start" => {
+            let ids = args.iter().map(|a| vm_id("vm start", a)).collect::<Result<Vec<u32>, Refusal>>()?;
+            Ok(Command::VmStart { ids })
+        }
         "save" => {
             let live = match args {
                 [_, _] | [_, _, "paused"] => false,
@@ -808,7 +813,10 @@ mod tests {
                 pin_cpuid: CpuidChoice::Host
             }
         );
-        assert_eq!(ok("vm start 4").command, Command::VmStart { id: 4 });
+        assert_eq!(ok("vm start 4").command, Command::VmStart { ids: vec![4] });
+        assert_eq!(ok("vm start 4 2").command, Command::VmStart { ids: vec![4, 2] });
+        assert!(parse("vm start").is_err());
+        assert!(parse("vm start 4 x").is_err(), "a bad id refuses the whole line");
         assert_eq!(err("vm create web"), "vm create: missing kernel=<file>");
         assert_eq!(err("vm create"), "vm create: missing VM name");
         match ok("vm create web kernel=k vcpus=4").command {

@@ -891,14 +891,20 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
-    /// `vm start`: a created VM runs.
-    pub fn start(&mut self, id: u32) -> Result<(), Error> {
-        let vm = self.vms.iter_mut().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
-        if !vm.created {
-            return Err(Error::AlreadyStarted(id));
+    /// `vm start`: created VMs run, from the same round on (so a group
+    /// that works together starts together). Every id is checked first:
+    /// one that is not a created VM refuses the lot and starts none.
+    pub fn start(&mut self, ids: &[u32]) -> Result<(), Error> {
+        for (i, &id) in ids.iter().enumerate() {
+            let vm = self.vms.iter().find(|v| v.id == id).ok_or(Error::NoVm(id))?;
+            if !vm.created || ids[..i].contains(&id) {
+                return Err(Error::AlreadyStarted(id));
+            }
         }
-        vm.created = false;
-        vm.start_vcpus();
+        for vm in self.vms.iter_mut().filter(|v| ids.contains(&v.id)) {
+            vm.created = false;
+            vm.start_vcpus();
+        }
         Ok(())
     }
 

@@ -130,7 +130,7 @@ fn pause_parks_every_vcpu_and_resume_puts_each_back() {
     // `vm create`: every vCPU created until `vm start`.
     let c = m.create_vm_stopped("web", "tiny", 4, &[], "", None, None, 2).unwrap();
     assert_eq!(states(&m, c), [VcpuState::Created, VcpuState::Created]);
-    m.start(c).unwrap();
+    m.start(&[c]).unwrap();
     assert_eq!(states(&m, c), [VcpuState::Runnable, VcpuState::WaitForSipi]);
 }
 

@@ -626,9 +626,11 @@ fn a_created_vm_waits_for_start() {
     assert_eq!(m.get(id).unwrap().guest, "web");
     assert_eq!(m.get(id).unwrap().image, "tiny");
     assert_eq!(m.set_paused(id, true).unwrap_err().to_string(), "vm 1 has not started (vm start 1)");
-    m.start(id).unwrap();
-    assert_eq!(m.start(id).unwrap_err().to_string(), "vm 1 has already started");
-    assert_eq!(m.start(9).unwrap_err().to_string(), "no VM 9");
+    assert_eq!(m.start(&[id, 9]).unwrap_err().to_string(), "no VM 9");
+    assert_eq!(m.start(&[id, id]).unwrap_err().to_string(), "vm 1 has already started");
+    assert!(m.get(id).unwrap().created, "a refused line starts none of its VMs");
+    m.start(&[id]).unwrap();
+    assert_eq!(m.start(&[id]).unwrap_err().to_string(), "vm 1 has already started");
     run_all(&mut m, &mut con);
     assert_eq!(m.get(id).unwrap().state, RunState::Exited { status: 1 });
     assert!(con.text().contains("[vm 1] hi"), "{}", con.text());
