@@ -499,13 +499,21 @@ impl<M: PhysMem> SvmVcpu<M> {
 
 impl<M: PhysMem> vcpu::Vcpu for SvmVcpu<M> {
     fn run(&mut self) -> VmExit {
+        // The slice's end is looked at before any event is planned: an
+        // event `prepare_events` puts in EVENT_INJ is out of `injected` and
+        // `queue`, so it must go in at this very VMRUN. Returned before it,
+        // the event was invisible to `state` and to `interrupt_window_open`,
+        // and the next plan overwrote it: an interrupt the local APIC had
+        // put in service never reached the guest, which never ended it
+        // (a Linux CPU without timer interrupts, ISR 0xec stuck, seen after
+        // a migration and under load).
+        if self.slice_timer_spent() {
+            return VmExit::Preempted;
+        }
         if self.event_work
             && let Some(exit) = self.prepare_events()
         {
             return exit;
-        }
-        if self.slice_timer_spent() {
-            return VmExit::Preempted;
         }
         self.vmcb.set_u64(save::RAX, self.gprs.rax);
         self.vmcb.set_u64(save::RSP, self.gprs.rsp);

@@ -309,7 +309,14 @@ impl Machine {
     /// (a `vm stats` that shows why a guest went quiet: each vCPU's state
     /// and local APIC) and puts the answer in the panic.
     pub fn wait_for_or_report(&mut self, text: &str, timeout: Duration, diagnose: &str) {
-        if let Err(e) = self.s().wait_for(text, 0, timeout) {
+        self.wait_for_after_or_report(text, 0, timeout, diagnose);
+    }
+
+    /// As [`Machine::wait_for_after`], and on a timeout the failure also
+    /// shows what the console command `diagnose` answers (`vm stats <id>`:
+    /// each vCPU's state and local APIC, for a guest that stopped).
+    pub fn wait_for_after_or_report(&mut self, text: &str, from: usize, timeout: Duration, diagnose: &str) {
+        if let Err(e) = self.s().wait_for(text, from, timeout) {
             let report = self.cmd(diagnose);
             panic!("[{}] {e:#}\n{diagnose}:\n{report}", self.name);
         }

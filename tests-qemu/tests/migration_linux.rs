@@ -57,8 +57,8 @@ fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
     at("the shell's prompt on A");
     a.cmd("vm send 1 -- echo moved-with-me > /tmp/mark; (i=0; while :; do i=$((i+1)); echo beat-$i; sleep 1; done) &");
     a.cmd("vm send 1 -- echo up=$(cut -d' ' -f1 /proc/uptime) before-$((100+1))");
-    a.wait_for("before-101", Duration::from_secs(120));
-    a.wait_for("beat-3", Duration::from_secs(120));
+    a.wait_for_or_report("before-101", Duration::from_secs(120), "vm stats 1");
+    a.wait_for_or_report("beat-3", Duration::from_secs(120), "vm stats 1");
     let up_a = uptime_at(&a.transcript(), "before-101").expect("the guest's uptime on A");
 
     at("beats on A");
@@ -86,12 +86,17 @@ fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
     at("moved to B");
     // On B: the beats go on from A's last, and the shell answers.
     let from_b = b.transcript().len();
-    b.wait_for_after(&format!("beat-{}", last_beat_on_a + 2), from_b, Duration::from_secs(120));
+    b.wait_for_after_or_report(
+        &format!("beat-{}", last_beat_on_a + 2),
+        from_b,
+        Duration::from_secs(120),
+        &format!("vm stats {there}"),
+    );
     b.cmd(&format!(
         "vm send {there} -- cat /tmp/mark; echo cpus=$(grep -c ^processor /proc/cpuinfo); \
          echo up=$(cut -d' ' -f1 /proc/uptime) after-$((40+2))"
     ));
-    b.wait_for_after("after-42", from_b, Duration::from_secs(120));
+    b.wait_for_after_or_report("after-42", from_b, Duration::from_secs(120), &format!("vm stats {there}"));
     let t = b.transcript();
     let on_b = &t[from_b..];
     assert!(on_b.contains(&format!("[vm {there}] moved-with-me")), "the guest's tmpfs did not move:\n{on_b}");
@@ -128,9 +133,14 @@ fn a_running_linux_guest_moves_to_another_host_and_its_shell_answers_there() {
     at("back on A");
     let last_beat_on_b = beats(&b.transcript()).last().copied().expect("beats on B");
     let from_a = a.transcript().len();
-    a.wait_for_after(&format!("beat-{}", last_beat_on_b + 2), from_a, Duration::from_secs(120));
+    a.wait_for_after_or_report(
+        &format!("beat-{}", last_beat_on_b + 2),
+        from_a,
+        Duration::from_secs(120),
+        &format!("vm stats {back}"),
+    );
     a.cmd(&format!("vm send {back} -- cat /tmp/mark; head -c 8 /dev/hwrng | od -An -tx1; echo home-$((40+3))"));
-    a.wait_for_after("home-43", from_a, Duration::from_secs(120));
+    a.wait_for_after_or_report("home-43", from_a, Duration::from_secs(120), &format!("vm stats {back}"));
     let t = a.transcript();
     let home = &t[from_a..];
     assert!(home.contains(&format!("[vm {back}] moved-with-me")), "{home}");
