@@ -448,7 +448,7 @@ fn stats_reply<B: Backend>(
         text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
     }
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  exits of its slices on other cpus handled by the boot cpu while the slice waited: {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.parallel_slices,
         vm.stats.sibling_apic_accesses,
@@ -459,6 +459,7 @@ fn stats_reply<B: Backend>(
         vm.stats.unbacked_io,
         vm.stats.mmio,
         vm.stats.mmio_away,
+        vm.stats.host_calls,
         vm.devices.com1_bytes_out(),
         vm.overhead_bytes,
         vm.overhead_bytes.div_ceil(1024),
@@ -593,6 +594,7 @@ fn stats_reply<B: Backend>(
         o.insert("unbacked_io".into(), json!(vm.stats.unbacked_io));
         o.insert("mmio".into(), json!(vm.stats.mmio));
         o.insert("mmio_away".into(), json!(vm.stats.mmio_away));
+        o.insert("host_calls".into(), json!(vm.stats.host_calls));
         o.insert("slices_expired".into(), json!(vm.stats.slices_expired));
         o.insert("parallel_slices".into(), json!(vm.stats.parallel_slices));
         o.insert("sibling_apic_accesses".into(), json!(vm.stats.sibling_apic_accesses));
@@ -661,7 +663,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
         "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early); per round {} ticks scheduling ({} before the \
-         boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} in the boot cpu's slice, {} waiting \
+         boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} exits of slices away handled by the boot cpu while they waited, {} in the boot cpu's slice, {} waiting \
          for the others; the longest round {} ticks; with nothing to run, halted {} times for {} ms\n",
         sc.rounds,
         sc.slices,
@@ -674,6 +676,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         per(sc.lines_ticks),
         per(sc.deferred_ticks),
         sc.deferred_exits,
+        sc.host_calls,
         per(sc.slice_ticks),
         per(sc.join_ticks),
         sc.longest_round_ticks,

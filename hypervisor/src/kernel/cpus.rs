@@ -87,20 +87,26 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
         false
     }
 
-    fn join(&mut self) {
+    fn join(&mut self, serve: &mut dyn FnMut()) {
         for (k, c) in self.cpus.iter().enumerate() {
             let Some(ticket) = self.busy[k] else { continue };
             // Halted, not spinning: the AP wakes this CPU when it answers,
             // only while this CPU waits here (one that comes in a race just
             // after costs its next guest slice one exit, as a kick does),
-            // and a millisecond's timer is the backstop. A slice ends by its deadline; an AP that never
-            // answers is a host bug, and the VM it holds could not be
-            // touched anyway.
+            // and a millisecond's timer is the backstop. A slice ends by
+            // its deadline; an AP that never answers is a host bug, and
+            // the VM it holds could not be touched anyway. A kick from an
+            // AP that asks a host call also ends the halt: served here.
             while smp::answer(c, ticket).is_none() {
+                serve();
                 smp::await_answer(c, ticket);
             }
             self.busy[k] = None;
         }
+    }
+
+    fn takes_calls(&self) -> bool {
+        true
     }
 }
 

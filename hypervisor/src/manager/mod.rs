@@ -1162,6 +1162,7 @@ mod checkpoint_smp_tests;
 mod checkpoint_tests;
 #[cfg(test)]
 mod disk_tests;
+pub mod host_calls;
 mod host_reclaim;
 pub mod lazy;
 #[cfg(test)]

@@ -58,6 +58,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use vcpu::{ExitKind, Vcpu, VmExit};
 
+use super::host_calls::{Call, HostCalls};
 use super::local_mmio::{InterruptPages, LocalMmio, SiblingApicPage};
 use super::sibling_apic::{Outbox, PostedIrr, SiblingApic};
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
@@ -77,6 +78,12 @@ trait SliceHost<B: Backend> {
     fn handle(&mut self, vm: &mut Vm<B>, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Option<Flow>;
     /// The exit kept for the boot CPU, if any.
     fn take_deferred(&mut self) -> Option<VmExit>;
+    /// Handles the host calls CPUs away asked (the boot CPU only, which
+    /// owns the host's memory); how many.
+    fn serve(&mut self, calls: &HostCalls<B>, backend: &mut B) -> u32 {
+        let _ = (calls, backend);
+        0
+    }
 }
 
 /// On the boot CPU, which owns the host's memory: every exit.
@@ -88,6 +95,36 @@ impl<B: Backend> SliceHost<B> for HostMemory {
     fn take_deferred(&mut self) -> Option<VmExit> {
         None
     }
+    fn serve(&mut self, calls: &HostCalls<B>, backend: &mut B) -> u32 {
+        calls.serve(backend, |call, b| serve_call(call, b, self))
+    }
+}
+
+/// A host call (see [`super::host_calls`]), on the boot CPU: the exit is
+/// handled as after the join, with the vCPU loaded here, and released
+/// again for the CPU that asked.
+fn serve_call<B: Backend>(call: &mut Call<B>, backend: &mut B, host: &mut HostMemory) {
+    // SAFETY: the asker touches neither the VM nor its lines until the
+    // answer (`HostCalls::ask`), and the boot CPU no other part of that VM
+    // before the join.
+    let (vm, lines) = unsafe { (&mut *call.vm, &mut *call.lines) };
+    let Some(exit) = call.exit.take() else { return };
+    let Some(res) = vm.res.as_mut() else {
+        call.flow = Flow::Stop;
+        return;
+    };
+    res.set_cur(call.vcpu);
+    vm.devices.set_current(call.vcpu);
+    res.vcpu().load();
+    let here = vcpu::cpu_local::get();
+    let was = here.current_vm.swap(vm.id, Ordering::Relaxed);
+    call.flow = vm.handle_exit(exit, backend, host, lines);
+    if let Some(res) = vm.res.as_mut() {
+        res.vcpu().put();
+        res.vcpu().release();
+    }
+    here.current_vm.store(was, Ordering::Relaxed);
+    vm.stats.host_calls += 1;
 }
 
 /// On another CPU: what touches only the VM.
@@ -391,6 +428,13 @@ pub struct AwaySlice<B: Backend> {
     /// The round's spare slices, which this job's CPU takes after its own
     /// slice while the round has time left (null for a spare itself).
     spares: *const Spares<B>,
+    /// The round's host calls and this job's slot there: away, an exit
+    /// for the boot CPU is handled by it while the round runs (null: it
+    /// waits for the join).
+    calls: *const HostCalls<B>,
+    call_slot: usize,
+    /// Exits the boot CPU handled for it that way.
+    host_calls: u64,
 }
 
 impl<B: Backend> AwaySlice<B> {
@@ -410,6 +454,9 @@ impl<B: Backend> AwaySlice<B> {
             until: None,
             node,
             spares: core::ptr::null(),
+            calls: core::ptr::null(),
+            call_slot: 0,
+            host_calls: 0,
         }
     }
 
@@ -434,14 +481,7 @@ impl<B: Backend> AwaySlice<B> {
             self.end = Some(unsafe { run_sibling(s, backend, self.slice_ticks, self.node) });
         } else {
             // SAFETY: the caller's contract: nothing else uses the VM now.
-            let vm = unsafe { &mut *self.vm };
-            let end =
-                run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, self.slice_ticks, self.until);
-            // Any CPU may load it next.
-            if let Some(res) = vm.res.as_mut() {
-                res.vcpu().release();
-            }
-            self.end = Some(end);
+            self.end = Some(unsafe { self.run_away(backend) });
         }
         // SAFETY: the round keeps its spares in place until the join (or
         // the pointer is null), and this CPU runs nothing else of the
@@ -449,6 +489,64 @@ impl<B: Backend> AwaySlice<B> {
         if let Some(spares) = unsafe { self.spares.as_ref() } {
             // SAFETY: as above.
             unsafe { spares.run_here(backend, self.away) };
+        }
+    }
+
+    /// The slice of a VM (not a sibling): its exits for the boot CPU go
+    /// to it as host calls while the round runs, when the job is away and
+    /// the round takes them (else the first ends the slice, as before).
+    ///
+    /// # Safety
+    /// As [`AwaySlice::run`].
+    unsafe fn run_away(&mut self, backend: &mut B) -> SliceEnd {
+        let start = backend.now();
+        let deadline = start.saturating_add(self.slice_ticks).min(self.until.unwrap_or(u64::MAX));
+        let mut slice = self.slice_ticks;
+        loop {
+            // SAFETY: the caller's contract: nothing else uses the VM now
+            // (nor during a host call, which has it only while this waits
+            // with no reference to it alive).
+            let vm = unsafe { &mut *self.vm };
+            let limits = Limits { slice_ticks: slice, until: self.until, calls: None, resumed: self.host_calls > 0 };
+            let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, limits);
+            // Any CPU may load it next (the boot CPU for a host call too).
+            if let Some(res) = vm.res.as_mut() {
+                res.vcpu().release();
+            }
+            let left = deadline.saturating_sub(backend.now());
+            // SAFETY: the round keeps its host calls in place until the
+            // join (or the pointer is null).
+            let calls = unsafe { self.calls.as_ref() }.filter(|_| self.away && left >= MIN_SLICE_TICKS);
+            let (Some(calls), Some(exit)) = (calls, end.deferred.as_ref()) else { return end };
+            let call = Call {
+                vm: self.vm,
+                vcpu: self.vcpu,
+                exit: Some(exit.clone()),
+                lines: &raw mut self.lines,
+                flow: Flow::Yield,
+                cpu: vcpu::cpu_local::get().index,
+            };
+            // SAFETY: the slot is this job's; `vm` (the reference above) is
+            // not used again, and the lines are not touched, until the
+            // answer.
+            let Some(flow) = (unsafe { calls.ask(self.call_slot, call, backend) }) else { return end };
+            self.host_calls += 1;
+            if flow != Flow::Continue {
+                return SliceEnd { flow, deferred: None };
+            }
+            // SAFETY: answered: the VM is this CPU's again.
+            let vm = unsafe { &mut *self.vm };
+            // An IPI the exit sent to another of its vCPUs: the scheduler
+            // runs that one first next, as `run_body` does.
+            let kicked = vm.devices.take_kicked() & !crate::devices::bit(self.vcpu);
+            if kicked != 0 {
+                vm.ipi_waiting |= kicked;
+                return SliceEnd { flow: Flow::Yield, deferred: None };
+            }
+            slice = deadline.saturating_sub(backend.now());
+            if slice < MIN_SLICE_TICKS {
+                return SliceEnd { flow: Flow::Yield, deferred: None };
+            }
         }
     }
 
@@ -743,8 +841,16 @@ pub unsafe trait SliceCpus<B: Backend> {
     /// Starts `job` on a free CPU; false if none is free (the job was not
     /// touched). `job` must stay where it is until [`SliceCpus::join`].
     fn start(&mut self, job: *mut AwaySlice<B>) -> bool;
-    /// Waits for every started job.
-    fn join(&mut self);
+    /// Waits for every started job, calling `serve` whenever it may have
+    /// host calls to answer (the jobs' CPUs kick this one when they ask).
+    fn join(&mut self, serve: &mut dyn FnMut());
+    /// Whether its jobs may ask the boot CPU to handle an exit while the
+    /// round runs ([`HostCalls`]): only if they run on other CPUs while
+    /// the boot CPU goes on (a stand-in that runs them in `join` on the
+    /// calling thread would wait for itself).
+    fn takes_calls(&self) -> bool {
+        false
+    }
 }
 
 /// No other CPUs: every slice runs on the boot CPU.
@@ -758,7 +864,7 @@ unsafe impl<B: Backend> SliceCpus<B> for NoOtherCpus {
     fn start(&mut self, _: *mut AwaySlice<B>) -> bool {
         false
     }
-    fn join(&mut self) {}
+    fn join(&mut self, _: &mut dyn FnMut()) {}
 }
 
 /// One vCPU's slice: enters the guest until the slice is over or an exit
@@ -773,9 +879,9 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     backend: &mut B,
     host: &mut H,
     console: &mut impl Console,
-    slice_ticks: u64,
-    until: Option<u64>,
+    limits: Limits<'_, B>,
 ) -> SliceEnd {
+    let Limits { slice_ticks, until, calls, resumed } = limits;
     let now = backend.now();
     // A throttled VM's cap bounds the wall-clock deadline below too.
     let slice_ticks = slice_ticks.min(vm.throttle.slice_cap(backend.tsc_hz()));
@@ -791,9 +897,11 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     };
     res.set_cur(v);
     let slot = &mut res.vcpus[v];
-    slot.state.apply(crate::vm::VcpuEvent::Enter);
-    slot.stats.slices += 1;
-    slot.stats.ran_on(here.index);
+    if !resumed {
+        slot.state.apply(crate::vm::VcpuEvent::Enter);
+        slot.stats.slices += 1;
+        slot.stats.ran_on(here.index);
+    }
     let exits_before = vm.stats.total_exits();
     let ticks_before = vm.stats.run_ticks;
     // Pages the guest touches first in this slice come from its node.
@@ -856,6 +964,24 @@ fn run_body<B: Backend, H: SliceHost<B>>(
                 break Flow::Yield;
             }
         }
+        if let Some(calls) = calls
+            && calls.asked()
+        {
+            // A CPU away waits for an exit of its VM to be handled here:
+            // this vCPU steps aside for it (its FPU and lazy MSRs are in
+            // the CPU), and the time is not this VM's.
+            if let Some(res) = vm.res.as_mut() {
+                res.vcpu().put();
+            }
+            host.serve(calls, backend);
+            if let Some(res) = vm.res.as_mut() {
+                res.set_cur(v);
+                res.vcpu().load();
+            }
+            vm.devices.set_current(v);
+            here.current_vm.store(vm.id, Ordering::Relaxed);
+            t0 = backend.now();
+        }
         vm.deliver_interrupts(t1, backend.tsc_hz());
         // The guest moved its timer earlier than the slice's end
         // (reprogrammed a counter): end the slice in time for it, or a guest
@@ -890,6 +1016,19 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     backend.prefer_node(None);
     here.current_vm.store(0, Ordering::Relaxed);
     SliceEnd { flow, deferred: host.take_deferred() }
+}
+
+/// What bounds a slice in [`run_body`].
+struct Limits<'a, B: Backend> {
+    /// At most this long (less for a throttled VM or an earlier timer).
+    slice_ticks: u64,
+    /// The boot CPU's slice end a VM away of one vCPU computes on to.
+    until: Option<u64>,
+    /// On the boot CPU: the round's host calls, served at its exits.
+    calls: Option<&'a HostCalls<B>>,
+    /// The same slice goes on after a host call (its vCPU entered it
+    /// already).
+    resumed: bool,
 }
 
 /// How long a slice of `vm` starting at `now` is set to run (it may end
@@ -933,6 +1072,9 @@ pub struct SchedStats {
     pub lines_ticks: u64,
     pub deferred_ticks: u64,
     pub deferred_exits: u64,
+    /// Exits of slices away the boot CPU handled while the round ran
+    /// (host calls), each instead of an end of that slice.
+    pub host_calls: u64,
     /// The longest round.
     pub longest_round_ticks: u64,
     /// Times the boot CPU halted with nothing to run (`Manager::idle_until`),
@@ -1060,7 +1202,20 @@ impl<B: Backend> Manager<B> {
             Some((_, slice)) => now.saturating_add(*slice),
             None => now.saturating_add(planned_slice(&self.vms[hi], now, hz, self.slice_ticks)),
         };
-        let spares = (!spare_picks.is_empty()).then(|| self.prepare_spares(&spare_picks, now, me));
+        let mut spares = (!spare_picks.is_empty()).then(|| self.prepare_spares(&spare_picks, now, me));
+        // One host-call slot per job that may run away: the picks, then
+        // the spares.
+        let n_spares = spares.as_ref().map_or(0, |sp| sp.jobs.len());
+        let calls: Option<Box<HostCalls<B>>> =
+            cpus.takes_calls().then(|| Box::new(HostCalls::new(picks.len() + n_spares, me)));
+        let calls_ptr: *const HostCalls<B> = calls.as_deref().map_or(core::ptr::null(), |c| c);
+        if let Some(sp) = spares.as_mut() {
+            for (k, job) in sp.jobs.iter_mut().enumerate() {
+                let job = job.get_mut();
+                job.calls = calls_ptr;
+                job.call_slot = picks.len() + k;
+            }
+        }
         let spares_ptr: *const Spares<B> = spares.as_deref().map_or(core::ptr::null(), |s| s);
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
         let mut home_sibling: Option<AwaySlice<B>> = None;
@@ -1069,6 +1224,8 @@ impl<B: Backend> Manager<B> {
             job.away = k != home;
             job.until = Some(home_end);
             job.spares = spares_ptr;
+            job.calls = calls_ptr;
+            job.call_slot = k;
             // A sibling's VM is not touched again before the join (its
             // slot pointers must stay the last word on it).
             if let Some(entry) = siblings.iter_mut().find(|e| (e.vm, e.vcpu) == (i, v)) {
@@ -1100,11 +1257,12 @@ impl<B: Backend> Manager<B> {
         let (i, v) = picks[home];
         let (end, slice_ticks, joined) = {
             let Ok(backend) = self.backend.as_mut() else {
-                cpus.join();
+                cpus.join(&mut || {});
                 return false;
             };
             let t0 = backend.now();
             self.sched.start_ticks += t0.saturating_sub(round_start);
+            let calls = calls.as_deref();
             let end = match home_sibling.as_mut() {
                 Some(job) => {
                     // SAFETY: this CPU runs the job once, now; its slot is
@@ -1113,8 +1271,8 @@ impl<B: Backend> Manager<B> {
                     None
                 }
                 None => {
-                    let end =
-                        run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, self.slice_ticks, None);
+                    let limits = Limits { slice_ticks: self.slice_ticks, until: None, calls, resumed: false };
+                    let end = run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, limits);
                     if let Some(spares) = spares.as_deref() {
                         // SAFETY: the spares stay in place until the join,
                         // and this CPU's own slice of the round is over.
@@ -1124,7 +1282,13 @@ impl<B: Backend> Manager<B> {
                 }
             };
             let t1 = backend.now();
-            cpus.join();
+            // Waiting, it serves the host calls of the CPUs it waits for.
+            let host_mem = &mut self.host_mem;
+            cpus.join(&mut || {
+                if let Some(c) = calls {
+                    host_mem.serve(c, backend);
+                }
+            });
             (end, t1 - t0, backend.now() - t1)
         };
         if let Some(end) = end {
@@ -1143,6 +1307,7 @@ impl<B: Backend> Manager<B> {
         let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
         for (job, started) in home_job.chain(away_jobs).chain(spare_jobs.into_iter().map(|job| (job, true))) {
             let went_away = job.away;
+            self.sched.host_calls += job.host_calls;
             let t = clock(self);
             for l in &job.lines.0 {
                 console.line(l);

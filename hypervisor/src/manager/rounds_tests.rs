@@ -33,7 +33,7 @@ unsafe impl SliceCpus<MockBackend> for OneOtherCpu {
         self.job = Some(job);
         true
     }
-    fn join(&mut self) {
+    fn join(&mut self, _: &mut dyn FnMut()) {
         if let Some(job) = self.job.take() {
             // SAFETY: the manager keeps the job in place until this returns
             // and touches its VM only afterwards.
@@ -738,4 +738,122 @@ fn with_nothing_to_run_the_boot_cpu_may_halt_until_the_first_vm_timer_unless_wor
     assert!(m.stop(two, &mut Lines::default()).is_ok());
     assert_eq!(m.idle_until(), Some(5_000), "an ended VM has no timer");
     let _ = one;
+}
+
+/// One other CPU that runs its job on a thread of its own from `start`,
+/// while the calling thread goes on with its own slice and then waits in
+/// `join`, serving host calls, as the kernel's APs and boot CPU do.
+struct ThreadCpu {
+    backend: MockBackend,
+    running: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A job and the stand-in CPU's backend, handed to its thread.
+struct ThreadJob(*mut AwaySlice<MockBackend>, *mut MockBackend);
+// SAFETY: the round keeps the job in place until `join` returns, and the
+// backend is the stand-in's, used by nobody else while the thread runs.
+unsafe impl Send for ThreadJob {}
+
+// SAFETY: each started job runs once, on the thread, and `join` returns
+// only after that thread ended (its writes visible through the join).
+unsafe impl SliceCpus<MockBackend> for ThreadCpu {
+    fn free(&self) -> usize {
+        usize::from(self.running.is_none())
+    }
+    fn start(&mut self, job: *mut AwaySlice<MockBackend>) -> bool {
+        if self.running.is_some() {
+            return false;
+        }
+        let j = ThreadJob(job, &raw mut self.backend);
+        self.running = Some(std::thread::spawn(move || {
+            let j = j;
+            // SAFETY: see `ThreadJob`.
+            unsafe { (*j.0).run(&mut *j.1) };
+        }));
+        true
+    }
+    fn join(&mut self, serve: &mut dyn FnMut()) {
+        let Some(t) = self.running.take() else { return };
+        while !t.is_finished() {
+            serve();
+            std::thread::yield_now();
+        }
+        t.join().unwrap();
+    }
+    fn takes_calls(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn an_exit_a_vm_away_leaves_to_the_boot_cpu_is_handled_while_its_slice_waits_and_it_goes_on() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 stays here: CPUIDs, its slice long enough to serve a call in it.
+    b.scripts.push_back((0..2000).map(|_| exit(VmExit::Cpuid)).collect());
+    // VM 2 goes away: a line on COM1, a first write to a page of its RAM
+    // (a nested page fault that needs a host frame: the boot CPU's), then
+    // more in the same slice.
+    let mut away: Vec<Step> = b"hi\n".iter().map(|&c| com1(c)).collect();
+    away.push(exit(VmExit::NestedPageFault { gpa: 0x30_0000, access: MemAccess::Write, gva: None }));
+    away.extend(b"ok\n".iter().map(|&c| com1(c)));
+    away.push(exit(VmExit::Cpuid));
+    // And it waits for an interrupt: the slice ends there.
+    away.push(sti_hlt());
+    b.scripts.push_back(away);
+    let one = m.run_vm("tiny", 4, "").unwrap();
+    let two = m.run_vm("tiny", 4, "").unwrap();
+    // Long: the stand-in's clock jumps a millisecond at each look while
+    // its job waits for the answer (the mock's `halt_until`).
+    m.slice_ticks = 1 << 40;
+    // SAFETY: `m` outlives the stand-in (declared first).
+    let backend = unsafe { m.backend.as_ref().unwrap().beside() };
+    let mut other = ThreadCpu { backend, running: None };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+
+    let vm2 = m.get(two).unwrap();
+    assert_eq!(vm2.stats.host_calls, 1, "the fault was a host call");
+    assert_eq!(m.sched.host_calls, 1);
+    assert_eq!(m.sched.deferred_exits, 0, "nothing was left for after the join");
+    assert_eq!(vm2.stats.exits[ExitKind::Cpuid as usize], 1, "it went on after the call, in the same slice");
+    let v2 = vcpu_of(&m, two);
+    assert!(v2.script.is_empty(), "the whole script ran in one slice");
+    assert!(!v2.loaded, "released where it ended");
+    assert_eq!(vm2.stats.exits[ExitKind::NestedPageFault as usize], 1);
+    // The lines come out in the guest's order, around the call.
+    let hi = con.0.iter().position(|l| l == "[vm 2] hi");
+    let ok = con.0.iter().position(|l| l == "[vm 2] ok");
+    assert!(hi.is_some() && ok > hi, "{:?}", con.0);
+    // VM 1 ran here throughout, loaded again after any call it stepped
+    // aside for (the mock refuses a run without a load).
+    assert!(m.get(one).unwrap().stats.exits[ExitKind::Cpuid as usize] > 0);
+}
+
+#[test]
+fn a_host_call_that_stops_the_vm_ends_its_slice_and_the_vm_as_after_the_join() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    b.scripts.push_back(cpuids(2000));
+    // VM 2 reads guest-physical memory it does not have: the boot CPU
+    // stops it; nothing after runs.
+    b.scripts.push_back(vec![
+        exit(VmExit::Cpuid),
+        exit(VmExit::NestedPageFault { gpa: 0xc000_0000, access: MemAccess::Read, gva: None }),
+        exit(VmExit::Cpuid),
+    ]);
+    m.run_vm("tiny", 4, "").unwrap();
+    let two = m.run_vm("tiny", 4, "").unwrap();
+    m.slice_ticks = 1 << 40;
+    // SAFETY: `m` outlives the stand-in (declared first).
+    let backend = unsafe { m.backend.as_ref().unwrap().beside() };
+    let mut other = ThreadCpu { backend, running: None };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    let vm2 = m.get(two).unwrap();
+    assert_eq!(vm2.stats.host_calls, 1);
+    assert!(matches!(vm2.state, RunState::Stopped { .. }), "{:?}", vm2.state);
+    assert!(vm2.res.is_none(), "released after the join, as any VM that ends");
+    assert_eq!(cpuid_exits(&m, two), 1, "nothing ran after the fault");
+    assert!(con.0.iter().any(|l| l.contains("vm 2 (tiny) stopped: read of guest-physical 0xc0000000")), "{:?}", con.0);
 }

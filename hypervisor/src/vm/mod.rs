@@ -99,6 +99,10 @@ pub struct VmStats {
     /// on another CPU than the boot CPU, where a slice of the VM ran
     /// (`manager::local_mmio`).
     pub mmio_away: u64,
+    /// Exits of its slices on another CPU that the boot CPU handled while
+    /// the slice waited (host calls: faults on RAM, virtio registers,
+    /// string I/O), instead of the slice ending for them.
+    pub host_calls: u64,
     /// Time slices that ran out (timer exit or wall-clock check) and made
     /// the VM give the CPU up.
     pub slices_expired: u64,
