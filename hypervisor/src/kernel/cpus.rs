@@ -97,10 +97,8 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
             // its deadline; an AP that never answers is a host bug, and
             // the VM it holds could not be touched anyway. A kick from an
             // AP that asks a host call also ends the halt: served here.
-            while smp::answer(c, ticket).is_none() {
-                serve();
-                smp::await_answer(c, ticket);
-            }
+            serve();
+            smp::await_answer(c, ticket, &mut *serve);
             self.busy[k] = None;
         }
     }

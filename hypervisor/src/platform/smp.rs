@@ -552,32 +552,35 @@ pub fn post(cpu: &'static Cpu, f: fn(u64) -> u64, arg: u64) -> Option<u64> {
     Some(n)
 }
 
-/// Halts this CPU until `cpu` answers the call [`post`] gave `ticket` for,
-/// or until anything else wakes it (a kick: the caller may have work, and
-/// looks again): the answering CPU wakes a caller that waits, and a
-/// millisecond's timer is the backstop for a lost wake-up. Under an
-/// emulator that runs every CPU on one thread, a caller that spun here
-/// took that thread from the CPU it waits for.
-pub fn await_answer(cpu: &Cpu, ticket: u64) {
+/// Halts this CPU until `cpu` answers the call [`post`] gave `ticket` for:
+/// the answering CPU wakes a caller that waits, and a millisecond's timer
+/// is the backstop for a lost wake-up. Under an emulator that runs every
+/// CPU on one thread, a caller that spun here took that thread from the
+/// CPU it waits for. `woken` runs after every halt: whatever else woke
+/// this CPU (a kick from a CPU that asks it something) is done there.
+pub fn await_answer(cpu: &Cpu, ticket: u64, mut woken: impl FnMut()) {
     let me = this_cpu();
-    // SeqCst both: see `serve_calls`.
-    me.awaiting.store(true, Ordering::SeqCst);
-    if cpu.answered.load(Ordering::SeqCst) != ticket {
+    let mut halted = false;
+    loop {
+        // SeqCst both: see `serve_calls`.
+        me.awaiting.store(true, Ordering::SeqCst);
+        if cpu.answered.load(Ordering::SeqCst) == ticket {
+            break;
+        }
         let backstop = time::rdtsc().saturating_add(time::tsc_hz() / 1000);
         halt_until(backstop);
-        me.awaits.fetch_add(1, Ordering::Relaxed);
-        // Woken by the answer, not by the backstop or a kick.
-        if cpu.answered.load(Ordering::Acquire) == ticket && time::rdtsc() < backstop {
-            me.awaits_answered.fetch_add(1, Ordering::Relaxed);
+        halted = true;
+        if cpu.answered.load(Ordering::Acquire) == ticket {
+            // Woken by the answer, not by the backstop.
+            if time::rdtsc() < backstop {
+                me.awaits_answered.fetch_add(1, Ordering::Relaxed);
+            }
+            break;
         }
+        woken();
     }
     me.awaiting.store(false, Ordering::Relaxed);
-}
-
-/// What the call [`post`] gave `ticket` for returned, once it has run
-/// (its writes are then visible here: Acquire against the CPU's Release).
-pub fn answer(cpu: &Cpu, ticket: u64) -> Option<u64> {
-    (cpu.answered.load(Ordering::Acquire) == ticket).then(|| cpu.result.load(Ordering::Relaxed))
+    me.awaits.fetch_add(u64::from(halted), Ordering::Relaxed);
 }
 
 /// Runs `f(arg)` on each of `cpus` at once (the caller's own CPU directly)
