@@ -92,7 +92,29 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
     vcpus_compute_on_both_host_cpus_and_pause_stops_them(&mut m, emu, 5);
     a_cpu_whose_vm_halts_takes_a_spare_slice(&mut m, emu, 6);
     a_busy_vm_away_takes_its_ticks_where_it_runs(&mut m, emu, 9);
+    device_reads_of_a_vm_away_are_host_calls(&mut m, emu, 11);
     m.poweroff();
+}
+
+/// A busy VM (`exitbench`, VM `id`, stopped at the end) keeps the boot
+/// CPU; a second `exitbench` with its row of ECAM reads (VM `id + 1`) runs
+/// on CPU 1, where each read is a nested page fault only the boot CPU can
+/// handle: it asks the boot CPU (a host call) and its slice goes on,
+/// rather than waiting for the round's end per read.
+fn device_reads_of_a_vm_away_are_host_calls(m: &mut Machine, emu: Emulator, id: u32) {
+    assert!(m.cmd("vm run exitbench -- n=100000000").contains(&format!("vm {id} started")));
+    assert!(m.cmd("vm run exitbench -- n=300 mmio=1").contains(&format!("vm {} started", id + 1)));
+    m.wait_for(&format!("vm {} (exitbench) exited with status 1", id + 1), TIMEOUT);
+    let s = m.json(&format!("vm stats {} --json", id + 1));
+    m.cmd(&format!("vm stop {id}"));
+    let t = m.transcript();
+    let ecam = t.lines().find(|l| l.contains(&format!("[vm {}] exitbench: ecam ", id + 1))).unwrap_or_default();
+    let calls = s["host_calls"].as_u64().unwrap();
+    eprintln!("{}/{}: {ecam}; {calls} host calls", emu.name(), emu.backend());
+    assert!(!ecam.is_empty(), "no ecam row: {t}");
+    // Most of the 300 reads ran on CPU 1 (the first VM is busy on the
+    // boot CPU throughout).
+    assert!(calls >= 150, "the reads away were not host calls: {s}");
 }
 
 /// Two busy VMs with a millisecond APIC timer each (`smptest tick=N

@@ -58,12 +58,15 @@ pub struct HostCalls<B: Backend> {
     asked: AtomicU32,
     /// The boot CPU, which the asker kicks.
     boot: u32,
+    /// Calls served at an exit of the boot CPU's own slice (the rest were
+    /// served while it waited in the join).
+    pub served_in_slice: AtomicU32,
 }
 
 impl<B: Backend> HostCalls<B> {
     pub fn new(slots: usize, boot: u32) -> Self {
         let slots = (0..slots).map(|_| Slot { state: AtomicU8::new(FREE), call: UnsafeCell::new(None) }).collect();
-        HostCalls { slots, asked: AtomicU32::new(0), boot }
+        HostCalls { slots, asked: AtomicU32::new(0), boot, served_in_slice: AtomicU32::new(0) }
     }
 
     /// Whether a call waits to be served.

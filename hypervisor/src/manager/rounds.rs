@@ -433,8 +433,10 @@ pub struct AwaySlice<B: Backend> {
     /// waits for the join).
     calls: *const HostCalls<B>,
     call_slot: usize,
-    /// Exits the boot CPU handled for it that way.
+    /// Exits the boot CPU handled for it that way, and how long it
+    /// waited for their answers (TSC ticks of its CPU).
     host_calls: u64,
+    call_ticks: u64,
 }
 
 impl<B: Backend> AwaySlice<B> {
@@ -457,6 +459,7 @@ impl<B: Backend> AwaySlice<B> {
             calls: core::ptr::null(),
             call_slot: 0,
             host_calls: 0,
+            call_ticks: 0,
         }
     }
 
@@ -529,8 +532,10 @@ impl<B: Backend> AwaySlice<B> {
             // SAFETY: the slot is this job's; `vm` (the reference above) is
             // not used again, and the lines are not touched, until the
             // answer.
+            let asked = backend.now();
             let Some(flow) = (unsafe { calls.ask(self.call_slot, call, backend) }) else { return end };
             self.host_calls += 1;
+            self.call_ticks += backend.now().saturating_sub(asked);
             if flow != Flow::Continue {
                 return SliceEnd { flow, deferred: None };
             }
@@ -973,7 +978,8 @@ fn run_body<B: Backend, H: SliceHost<B>>(
             if let Some(res) = vm.res.as_mut() {
                 res.vcpu().put();
             }
-            host.serve(calls, backend);
+            let served = host.serve(calls, backend);
+            calls.served_in_slice.fetch_add(served, Ordering::Relaxed);
             if let Some(res) = vm.res.as_mut() {
                 res.set_cur(v);
                 res.vcpu().load();
@@ -1075,6 +1081,12 @@ pub struct SchedStats {
     /// Exits of slices away the boot CPU handled while the round ran
     /// (host calls), each instead of an end of that slice.
     pub host_calls: u64,
+    /// What the slices away waited for those answers, in all (ticks of
+    /// their CPUs' TSCs).
+    pub host_call_ticks: u64,
+    /// Of those calls, the ones the boot CPU served at an exit of its own
+    /// slice (the others, while it waited in the join).
+    pub host_calls_in_slice: u64,
     /// The longest round.
     pub longest_round_ticks: u64,
     /// Times the boot CPU halted with nothing to run (`Manager::idle_until`),
@@ -1291,6 +1303,9 @@ impl<B: Backend> Manager<B> {
             });
             (end, t1 - t0, backend.now() - t1)
         };
+        if let Some(c) = calls.as_deref() {
+            self.sched.host_calls_in_slice += u64::from(c.served_in_slice.load(Ordering::Relaxed));
+        }
         if let Some(end) = end {
             self.finish_slice(i, v, end.flow, console);
         }
@@ -1308,6 +1323,7 @@ impl<B: Backend> Manager<B> {
         for (job, started) in home_job.chain(away_jobs).chain(spare_jobs.into_iter().map(|job| (job, true))) {
             let went_away = job.away;
             self.sched.host_calls += job.host_calls;
+            self.sched.host_call_ticks += job.call_ticks;
             let t = clock(self);
             for l in &job.lines.0 {
                 console.line(l);
