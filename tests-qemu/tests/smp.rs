@@ -96,25 +96,46 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
     m.poweroff();
 }
 
-/// A busy VM (`exitbench`, VM `id`, stopped at the end) keeps the boot
-/// CPU; a second `exitbench` with its row of ECAM reads (VM `id + 1`) runs
-/// on CPU 1, where each read is a nested page fault only the boot CPU can
-/// handle: it asks the boot CPU (a host call) and its slice goes on,
-/// rather than waiting for the round's end per read.
+/// A busy VM (VM `id`, stopped at the end) keeps the boot CPU; an
+/// `exitbench` with its row of ECAM reads (VM `id + 1`) runs on CPU 1,
+/// where each read is a nested page fault only the boot CPU can handle: it
+/// asks the boot CPU (a host call), which serves it at its next exit (the
+/// kick makes one), and its slice goes on, rather than waiting for the
+/// round's end per read.
+///
+/// The busy VM suits the emulator. Bochs makes no external-interrupt exit
+/// of a guest running with interrupts off, so there it is `smptest tick=N
+/// spin=1`, which counts with them on (and ends the boot CPU's slice at
+/// its 1 ms timer). QEMU runs both CPUs on one thread and CPU 1 mostly
+/// while the boot CPU waits in the join: there it is `exitbench` (full
+/// 10 ms slices), so that CPU 1 has time left in a slice when it asks.
 fn device_reads_of_a_vm_away_are_host_calls(m: &mut Machine, emu: Emulator, id: u32) {
-    assert!(m.cmd("vm run exitbench -- n=100000000").contains(&format!("vm {id} started")));
+    let in_slice = |m: &mut Machine| m.json("host --json")["scheduler"]["host_calls_in_slice"].as_u64().unwrap();
+    let before = in_slice(m);
+    let bochs = emu.name().starts_with("bochs");
+    let busy = if bochs { "vm run smptest -- tick=100000 spin=1" } else { "vm run exitbench -- n=100000000" };
+    assert!(m.cmd(busy).contains(&format!("vm {id} started")));
     assert!(m.cmd("vm run exitbench -- n=300 mmio=1").contains(&format!("vm {} started", id + 1)));
     m.wait_for(&format!("vm {} (exitbench) exited with status 1", id + 1), TIMEOUT);
     let s = m.json(&format!("vm stats {} --json", id + 1));
+    let served_in_slice = in_slice(m) - before;
     m.cmd(&format!("vm stop {id}"));
     let t = m.transcript();
     let ecam = t.lines().find(|l| l.contains(&format!("[vm {}] exitbench: ecam ", id + 1))).unwrap_or_default();
     let calls = s["host_calls"].as_u64().unwrap();
-    eprintln!("{}/{}: {ecam}; {calls} host calls", emu.name(), emu.backend());
+    eprintln!(
+        "{}/{}: {ecam}; {calls} host calls, {served_in_slice} served in the boot cpu's slice",
+        emu.name(),
+        emu.backend()
+    );
     assert!(!ecam.is_empty(), "no ecam row: {t}");
-    // Most of the 300 reads ran on CPU 1 (the first VM is busy on the
-    // boot CPU throughout).
-    assert!(calls >= 150, "the reads away were not host calls: {s}");
+    assert!(served_in_slice > 0, "no read away was served in the boot CPU's slice: {s}");
+    // A read whose slice has too little time left waits for the round's
+    // end as before. Under Bochs, which interleaves its CPUs finely, that
+    // is rare: nearly all 300 are host calls (298 seen). Under QEMU about
+    // half are (151-155 seen; `docs/smp.md`, "Host calls").
+    let least = if bochs { 200 } else { 40 };
+    assert!(calls >= least, "the reads away were not host calls: {s}");
 }
 
 /// Two busy VMs with a millisecond APIC timer each (`smptest tick=N
