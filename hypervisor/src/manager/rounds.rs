@@ -510,8 +510,7 @@ impl<B: Backend> AwaySlice<B> {
             // (nor during a host call, which has it only while this waits
             // with no reference to it alive).
             let vm = unsafe { &mut *self.vm };
-            let limits = Limits { slice_ticks: slice, until: self.until, calls: None, resumed: self.host_calls > 0 };
-            let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, limits);
+            let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, slice, self.until, None);
             // Any CPU may load it next (the boot CPU for a host call too).
             if let Some(res) = vm.res.as_mut() {
                 res.vcpu().release();
@@ -529,10 +528,10 @@ impl<B: Backend> AwaySlice<B> {
                 flow: Flow::Yield,
                 cpu: vcpu::cpu_local::get().index,
             };
+            let asked = backend.now();
             // SAFETY: the slot is this job's; `vm` (the reference above) is
             // not used again, and the lines are not touched, until the
             // answer.
-            let asked = backend.now();
             let Some(flow) = (unsafe { calls.ask(self.call_slot, call, backend) }) else { return end };
             self.host_calls += 1;
             self.call_ticks += backend.now().saturating_sub(asked);
@@ -551,6 +550,11 @@ impl<B: Backend> AwaySlice<B> {
             slice = deadline.saturating_sub(backend.now());
             if slice < MIN_SLICE_TICKS {
                 return SliceEnd { flow: Flow::Yield, deferred: None };
+            }
+            // It left its CPU for the call (released); `run_body` enters it
+            // again.
+            if let Some(slot) = vm.res.as_mut().and_then(|r| r.vcpus.get_mut(self.vcpu)) {
+                slot.state.apply(crate::vm::VcpuEvent::Leave);
             }
         }
     }
@@ -878,15 +882,17 @@ unsafe impl<B: Backend> SliceCpus<B> for NoOtherCpus {
 // Out of line: the exit loop gets a frame of its own, whatever the round
 // around it holds.
 #[inline(never)]
+#[allow(clippy::too_many_arguments)]
 fn run_body<B: Backend, H: SliceHost<B>>(
     vm: &mut Vm<B>,
     v: usize,
     backend: &mut B,
     host: &mut H,
     console: &mut impl Console,
-    limits: Limits<'_, B>,
+    slice_ticks: u64,
+    until: Option<u64>,
+    calls: Option<&HostCalls<B>>,
 ) -> SliceEnd {
-    let Limits { slice_ticks, until, calls, resumed } = limits;
     let now = backend.now();
     // A throttled VM's cap bounds the wall-clock deadline below too.
     let slice_ticks = slice_ticks.min(vm.throttle.slice_cap(backend.tsc_hz()));
@@ -902,11 +908,9 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     };
     res.set_cur(v);
     let slot = &mut res.vcpus[v];
-    if !resumed {
-        slot.state.apply(crate::vm::VcpuEvent::Enter);
-        slot.stats.slices += 1;
-        slot.stats.ran_on(here.index);
-    }
+    slot.state.apply(crate::vm::VcpuEvent::Enter);
+    slot.stats.slices += 1;
+    slot.stats.ran_on(here.index);
     let exits_before = vm.stats.total_exits();
     let ticks_before = vm.stats.run_ticks;
     // Pages the guest touches first in this slice come from its node.
@@ -969,24 +973,12 @@ fn run_body<B: Backend, H: SliceHost<B>>(
                 break Flow::Yield;
             }
         }
-        if let Some(calls) = calls
+        // An AP that asks a host call kicks this CPU: the kick's exit.
+        if kind == ExitKind::ExternalInterrupt
+            && let Some(calls) = calls
             && calls.asked()
         {
-            // A CPU away waits for an exit of its VM to be handled here:
-            // this vCPU steps aside for it (its FPU and lazy MSRs are in
-            // the CPU), and the time is not this VM's.
-            if let Some(res) = vm.res.as_mut() {
-                res.vcpu().put();
-            }
-            let served = host.serve(calls, backend);
-            calls.served_in_slice.fetch_add(served, Ordering::Relaxed);
-            if let Some(res) = vm.res.as_mut() {
-                res.set_cur(v);
-                res.vcpu().load();
-            }
-            vm.devices.set_current(v);
-            here.current_vm.store(vm.id, Ordering::Relaxed);
-            t0 = backend.now();
+            t0 = serve_in_slice(vm, v, backend, host, calls);
         }
         vm.deliver_interrupts(t1, backend.tsc_hz());
         // The guest moved its timer earlier than the slice's end
@@ -1024,17 +1016,32 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     SliceEnd { flow, deferred: host.take_deferred() }
 }
 
-/// What bounds a slice in [`run_body`].
-struct Limits<'a, B: Backend> {
-    /// At most this long (less for a throttled VM or an earlier timer).
-    slice_ticks: u64,
-    /// The boot CPU's slice end a VM away of one vCPU computes on to.
-    until: Option<u64>,
-    /// On the boot CPU: the round's host calls, served at its exits.
-    calls: Option<&'a HostCalls<B>>,
-    /// The same slice goes on after a host call (its vCPU entered it
-    /// already).
-    resumed: bool,
+/// A CPU away waits for an exit of its VM to be handled here, at an exit
+/// of this CPU's own slice of `vm` (vCPU `v`): this vCPU steps aside for
+/// it (its FPU and lazy MSRs are in the CPU) and comes back. Returns the
+/// clock after, where the slice's own time goes on (the call's time is
+/// not this VM's). Out of line and cold: the exit loop stays as it was.
+#[cold]
+#[inline(never)]
+fn serve_in_slice<B: Backend, H: SliceHost<B>>(
+    vm: &mut Vm<B>,
+    v: usize,
+    backend: &mut B,
+    host: &mut H,
+    calls: &HostCalls<B>,
+) -> u64 {
+    if let Some(res) = vm.res.as_mut() {
+        res.vcpu().put();
+    }
+    let served = host.serve(calls, backend);
+    calls.served_in_slice.fetch_add(served, Ordering::Relaxed);
+    if let Some(res) = vm.res.as_mut() {
+        res.set_cur(v);
+        res.vcpu().load();
+    }
+    vm.devices.set_current(v);
+    vcpu::cpu_local::get().current_vm.store(vm.id, Ordering::Relaxed);
+    backend.now()
 }
 
 /// How long a slice of `vm` starting at `now` is set to run (it may end
@@ -1218,8 +1225,10 @@ impl<B: Backend> Manager<B> {
         // One host-call slot per job that may run away: the picks, then
         // the spares.
         let n_spares = spares.as_ref().map_or(0, |sp| sp.jobs.len());
-        let calls: Option<Box<HostCalls<B>>> =
-            cpus.takes_calls().then(|| Box::new(HostCalls::new(picks.len() + n_spares, me)));
+        // Only with a job that may run away (a lone VM stays here: no
+        // allocation on its path).
+        let calls: Option<Box<HostCalls<B>>> = (cpus.takes_calls() && picks.len() + n_spares > 1)
+            .then(|| Box::new(HostCalls::new(picks.len() + n_spares, me)));
         let calls_ptr: *const HostCalls<B> = calls.as_deref().map_or(core::ptr::null(), |c| c);
         if let Some(sp) = spares.as_mut() {
             for (k, job) in sp.jobs.iter_mut().enumerate() {
@@ -1283,8 +1292,16 @@ impl<B: Backend> Manager<B> {
                     None
                 }
                 None => {
-                    let limits = Limits { slice_ticks: self.slice_ticks, until: None, calls, resumed: false };
-                    let end = run_body(&mut self.vms[i], v, backend, &mut self.host_mem, console, limits);
+                    let end = run_body(
+                        &mut self.vms[i],
+                        v,
+                        backend,
+                        &mut self.host_mem,
+                        console,
+                        self.slice_ticks,
+                        None,
+                        calls,
+                    );
                     if let Some(spares) = spares.as_deref() {
                         // SAFETY: the spares stay in place until the join,
                         // and this CPU's own slice of the round is over.
