@@ -785,6 +785,20 @@ unsafe impl SliceCpus<MockBackend> for ThreadCpu {
     }
 }
 
+/// One round of `m` with a [`ThreadCpu`] for the second VM; the console's
+/// lines.
+fn round_beside_a_thread(m: &mut Manager<MockBackend>) -> Lines {
+    // Long: the stand-in's clock jumps a millisecond at each look while
+    // its job waits for the answer (the mock's `halt_until`).
+    m.slice_ticks = 1 << 40;
+    // SAFETY: the stand-in is dropped before `m`, at the end of this call.
+    let backend = unsafe { m.backend.as_ref().unwrap().beside() };
+    let mut other = ThreadCpu { backend, running: None };
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    con
+}
+
 #[test]
 fn an_exit_a_vm_away_leaves_to_the_boot_cpu_is_handled_while_its_slice_waits_and_it_goes_on() {
     let mut m = manager();
@@ -803,14 +817,7 @@ fn an_exit_a_vm_away_leaves_to_the_boot_cpu_is_handled_while_its_slice_waits_and
     b.scripts.push_back(away);
     let one = m.run_vm("tiny", 4, "").unwrap();
     let two = m.run_vm("tiny", 4, "").unwrap();
-    // Long: the stand-in's clock jumps a millisecond at each look while
-    // its job waits for the answer (the mock's `halt_until`).
-    m.slice_ticks = 1 << 40;
-    // SAFETY: `m` outlives the stand-in (declared first).
-    let backend = unsafe { m.backend.as_ref().unwrap().beside() };
-    let mut other = ThreadCpu { backend, running: None };
-    let mut con = Lines::default();
-    assert!(m.run_round(&mut con, &mut other));
+    let con = round_beside_a_thread(&mut m);
 
     let vm2 = m.get(two).unwrap();
     assert_eq!(vm2.stats.host_calls, 1, "the fault was a host call");
@@ -844,12 +851,7 @@ fn a_host_call_that_stops_the_vm_ends_its_slice_and_the_vm_as_after_the_join() {
     ]);
     m.run_vm("tiny", 4, "").unwrap();
     let two = m.run_vm("tiny", 4, "").unwrap();
-    m.slice_ticks = 1 << 40;
-    // SAFETY: `m` outlives the stand-in (declared first).
-    let backend = unsafe { m.backend.as_ref().unwrap().beside() };
-    let mut other = ThreadCpu { backend, running: None };
-    let mut con = Lines::default();
-    assert!(m.run_round(&mut con, &mut other));
+    let con = round_beside_a_thread(&mut m);
     let vm2 = m.get(two).unwrap();
     assert_eq!(vm2.stats.host_calls, 1);
     assert!(matches!(vm2.state, RunState::Stopped { .. }), "{:?}", vm2.state);
