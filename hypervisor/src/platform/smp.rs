@@ -536,7 +536,7 @@ pub fn kick(index: u32) {
 }
 
 /// Starts `f(arg)` on `cpu` without waiting for it: the ticket to ask
-/// [`answer`] with, or `None` if the CPU is offline, is this one, or has a
+/// [`await_answer`] with, or `None` if the CPU is offline, is this one, or has a
 /// call still to answer.
 pub fn post(cpu: &'static Cpu, f: fn(u64) -> u64, arg: u64) -> Option<u64> {
     let _one_caller = CALLS.lock();
