@@ -58,6 +58,8 @@ pub struct MockVcpu {
     pub runs: u32,
     /// Times `release` was called (the scheduler lets another CPU load it).
     pub releases: u32,
+    /// Times its cached nested translations were flushed.
+    pub nested_flushes: u32,
     /// Changes what `state` returns (tests of the conformance check).
     pub state_filter: Option<fn(&mut GuestState)>,
     /// Changes the state at `put`, as a CPU's save can (same tests).
@@ -80,6 +82,7 @@ impl MockVcpu {
             slice: 0,
             runs: 0,
             releases: 0,
+            nested_flushes: 0,
             state_filter: None,
             put_filter: None,
         }
@@ -225,7 +228,9 @@ impl Vcpu for MockVcpu {
         assert!(!self.loaded, "release while loaded");
         self.releases += 1;
     }
-    fn flush_nested_tlb(&mut self, _: FlushScope) {}
+    fn flush_nested_tlb(&mut self, _: FlushScope) {
+        self.nested_flushes += 1;
+    }
 }
 
 pub struct MockBackend {

@@ -448,7 +448,7 @@ fn stats_reply<B: Backend>(
         text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
     }
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  exits of its slices on other cpus handled by the boot cpu while the slice waited: {}\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  exits of its slices on other cpus handled by the boot cpu while the slice waited: {}\n  faults on ram beside a sibling fixed while the round ran: {} ({} shot down on the siblings' cpus)\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.parallel_slices,
         vm.stats.sibling_apic_accesses,
@@ -460,6 +460,8 @@ fn stats_reply<B: Backend>(
         vm.stats.mmio,
         vm.stats.mmio_away,
         vm.stats.host_calls,
+        vm.stats.sibling_faults,
+        vm.stats.shootdowns,
         vm.devices.com1_bytes_out(),
         vm.overhead_bytes,
         vm.overhead_bytes.div_ceil(1024),
@@ -595,6 +597,8 @@ fn stats_reply<B: Backend>(
         o.insert("mmio".into(), json!(vm.stats.mmio));
         o.insert("mmio_away".into(), json!(vm.stats.mmio_away));
         o.insert("host_calls".into(), json!(vm.stats.host_calls));
+        o.insert("sibling_faults".into(), json!(vm.stats.sibling_faults));
+        o.insert("shootdowns".into(), json!(vm.stats.shootdowns));
         o.insert("slices_expired".into(), json!(vm.stats.slices_expired));
         o.insert("parallel_slices".into(), json!(vm.stats.parallel_slices));
         o.insert("sibling_apic_accesses".into(), json!(vm.stats.sibling_apic_accesses));
@@ -663,7 +667,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
         "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early); per round {} ticks scheduling ({} before the \
-         boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} exits of slices away handled by the boot cpu while they waited ({} ticks each, {} of them at an exit of its own slice), {} in the boot cpu's slice, {} waiting \
+         boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} exits of slices away handled by the boot cpu while they waited ({} ticks each, {} of them at an exit of its own slice), {} nested-mapping shootdowns ({} ticks each, {} waited for a sibling in the guest), {} in the boot cpu's slice, {} waiting \
          for the others; the longest round {} ticks; with nothing to run, halted {} times for {} ms\n",
         sc.rounds,
         sc.slices,
@@ -679,6 +683,9 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         sc.host_calls,
         sc.host_call_ticks / sc.host_calls.max(1),
         sc.host_calls_in_slice,
+        sc.shootdowns,
+        sc.shootdown_ticks / sc.shootdowns.max(1),
+        sc.shootdown_waits,
         per(sc.slice_ticks),
         per(sc.join_ticks),
         sc.longest_round_ticks,

@@ -20,10 +20,11 @@
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
-use vcpu::VmExit;
+use vcpu::{MemAccess, VmExit};
 
-use super::rounds::Lines;
+use super::rounds::{Gang, Lines};
 use crate::backend::Backend;
+use crate::memory::GuestMemory;
 use crate::vm::Vm;
 use crate::vm::exit::Flow;
 
@@ -33,7 +34,8 @@ const ANSWERED: u8 = 2;
 
 /// One exit a CPU away asks the boot CPU to handle.
 pub struct Call<B: Backend> {
-    /// The VM and the vCPU that exited (released by the asker).
+    /// The VM and the vCPU that exited (released by the asker). Null for
+    /// a sibling's fault, which reaches only the VM's memory (`fault`).
     pub vm: *mut Vm<B>,
     pub vcpu: usize,
     pub exit: Option<VmExit>,
@@ -44,6 +46,26 @@ pub struct Call<B: Backend> {
     pub flow: Flow,
     /// The asking CPU, kicked with the answer.
     pub cpu: u32,
+    /// A sibling's nested page fault on the VM's RAM: the boot CPU resolves
+    /// it in the VM's memory alone, the other siblings running on.
+    pub fault: Option<SiblingFault<B>>,
+}
+
+/// A sibling's nested page fault on RAM (`rounds::serve_fault`). The
+/// sibling keeps its vCPU loaded: the boot CPU touches only the VM's
+/// memory, under the gang's lock.
+pub struct SiblingFault<B: Backend> {
+    pub mem: *mut GuestMemory<B::Format>,
+    pub gang: *const Gang,
+    pub vm_id: u32,
+    pub gpa: u64,
+    pub access: MemAccess,
+    /// The answer: the mapping was fixed (the sibling retries the access);
+    /// if not, nothing changed and the exit waits for the join.
+    pub resolved: bool,
+    /// What fixing it took, for the VM's counters.
+    pub swapped_in: bool,
+    pub cow_break: bool,
 }
 
 struct Slot<B: Backend> {
@@ -76,14 +98,15 @@ impl<B: Backend> HostCalls<B> {
 
     /// Asks the boot CPU to handle `call` and waits (halted, woken by the
     /// answer's kick; a millisecond's timer is the backstop) for its
-    /// answer, the flow the handler gave. An unknown slot answers
+    /// answer: the call back, with the flow the handler gave (and a
+    /// fault's outcome). An unknown slot answers
     /// `None` at once, having asked nothing.
     ///
     /// # Safety
     /// Slot `k` is the calling job's alone, and until this returns the
     /// caller touches neither `call.vm` nor `call.lines` (the boot CPU
-    /// handles the exit with them).
-    pub unsafe fn ask(&self, k: usize, call: Call<B>, backend: &B) -> Option<Flow> {
+    /// handles the exit with them), nor a fault's memory.
+    pub unsafe fn ask(&self, k: usize, call: Call<B>, backend: &B) -> Option<Call<B>> {
         let slot = self.slots.get(k)?;
         // SAFETY: FREE: nobody else reads or writes the call now.
         unsafe { *slot.call.get() = Some(call) };
@@ -98,9 +121,9 @@ impl<B: Backend> HostCalls<B> {
         }
         // SAFETY: ANSWERED, seen with Acquire: the boot CPU is done with
         // the call and touches it no more.
-        let flow = unsafe { (*slot.call.get()).take() }.map(|c| c.flow);
+        let answer = unsafe { (*slot.call.get()).take() };
         slot.state.store(FREE, Ordering::Relaxed);
-        flow
+        answer
     }
 
     /// On the boot CPU: handles every call asked with `handle`, which

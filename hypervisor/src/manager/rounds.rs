@@ -55,10 +55,10 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use vcpu::{ExitKind, Vcpu, VmExit};
 
-use super::host_calls::{Call, HostCalls};
+use super::host_calls::{Call, HostCalls, SiblingFault};
 use super::local_mmio::{InterruptPages, LocalMmio, SiblingApicPage};
 use super::sibling_apic::{Outbox, PostedIrr, SiblingApic};
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
@@ -104,6 +104,11 @@ impl<B: Backend> SliceHost<B> for HostMemory {
 /// handled as after the join, with the vCPU loaded here, and released
 /// again for the CPU that asked.
 fn serve_call<B: Backend>(call: &mut Call<B>, backend: &mut B, host: &mut HostMemory) {
+    if let Some(f) = call.fault.as_mut() {
+        serve_fault(f, call.vcpu, backend, host);
+        call.flow = if f.resolved { Flow::Continue } else { Flow::Yield };
+        return;
+    }
     // SAFETY: the asker touches neither the VM nor its lines until the
     // answer (`HostCalls::ask`), and the boot CPU no other part of that VM
     // before the join.
@@ -125,6 +130,48 @@ fn serve_call<B: Backend>(call: &mut Call<B>, backend: &mut B, host: &mut HostMe
     }
     here.current_vm.store(was, Ordering::Relaxed);
     vm.stats.host_calls += 1;
+}
+
+/// A sibling's nested page fault on RAM, on the boot CPU, while the VM's
+/// other siblings run on (`docs/smp.md`, "Shootdowns"): the memory manager
+/// resolves it (a first touch, copy-on-write, swap-in, the dirty log's
+/// write protection) with no sibling reading the VM's memory meanwhile,
+/// and a change to a mapping other vCPUs may have cached is shot down on
+/// their CPUs before anything it unmapped is freed. Anything else (no
+/// frame left, a page still at a migration's source, a write to ROM, a
+/// poisoned page) changes nothing: `resolved` stays false and the exit is
+/// handled after the join with the whole VM, as before.
+fn serve_fault<B: Backend>(f: &mut SiblingFault<B>, v: usize, backend: &mut B, host: &mut HostMemory) {
+    use mm::vm_memory::{AccessKind, FaultOutcome, PageState};
+    // SAFETY: the round boxed the gang and keeps it until the join.
+    let gang = unsafe { &*f.gang };
+    let me = vcpu::cpu_local::get().index;
+    let kind = match f.access {
+        vcpu::MemAccess::Read => AccessKind::Read,
+        vcpu::MemAccess::Write => AccessKind::Write,
+        vcpu::MemAccess::Execute => AccessKind::Execute,
+    };
+    let gpa = mm::addr::GuestPhysAddr(f.gpa);
+    gang.writing_memory(|| {
+        // SAFETY: no `&mut Vm` exists while the round runs; the siblings
+        // read the VM's memory only under the gang's lock, held here, and
+        // this CPU is the only writer.
+        let mem = unsafe { &mut *f.mem };
+        let before = mem.page_state(gpa);
+        let outcome = host.with_hooks(f.vm_id, |hooks| mem.handle_fault(backend.mem(), hooks, v, gpa, kind));
+        let FaultOutcome::Resolved(inv) = outcome else { return };
+        if !inv.is_none() {
+            gang.shoot_down(me, backend);
+        }
+        // After every CPU dropped the old translations: tables it unmapped
+        // may go.
+        inv.flush(backend.mem(), |_| {});
+        f.resolved = true;
+        f.swapped_in = before == Some(PageState::Swapped);
+        f.cow_break = kind == AccessKind::Write && matches!(before, Some(PageState::Zero | PageState::Shared));
+        host.stats.swapped_in += u64::from(f.swapped_in);
+        host.stats.cow_breaks += u64::from(f.cow_break);
+    });
 }
 
 /// On another CPU: what touches only the VM.
@@ -220,7 +267,26 @@ pub struct Gang {
     /// Level-triggered vectors the siblings ended, for the I/O APIC.
     eois: PostedIrr,
     routes: Vec<Route>,
+    /// Nested-mapping changes the boot CPU made for a sibling's fault while
+    /// the round ran (see [`Gang::shoot_down`]).
+    flush_gen: AtomicU64,
+    /// Per vCPU: [`OUT`] while it is not in the guest, else the
+    /// `flush_gen` its nested translations are flushed up to.
+    inside: [AtomicU64; crate::devices::MAX_VCPUS],
+    /// Readers of the VM's memory (siblings decoding an xAPIC access) and
+    /// [`MEM_WRITER`] while the boot CPU changes it for a fault.
+    mem_lock: AtomicU32,
+    /// Shootdowns, and the boot CPU's ticks waiting in them for siblings
+    /// to leave the guest (added to the counters after the join).
+    shootdowns: AtomicU64,
+    shootdown_ticks: AtomicU64,
+    shootdown_waits: AtomicU64,
 }
+
+/// `Gang::inside` of a vCPU not in the guest.
+const OUT: u64 = u64::MAX;
+/// `Gang::mem_lock` held by the boot CPU.
+const MEM_WRITER: u32 = 1 << 31;
 
 /// `Gang::cpus` of a vCPU not in the guest for this round: not one of the
 /// round's siblings, or one whose slice is over.
@@ -251,7 +317,111 @@ impl Gang {
             posted: Default::default(),
             eois: PostedIrr::default(),
             routes,
+            flush_gen: AtomicU64::new(0),
+            inside: [const { AtomicU64::new(OUT) }; crate::devices::MAX_VCPUS],
+            mem_lock: AtomicU32::new(0),
+            shootdowns: AtomicU64::new(0),
+            shootdown_ticks: AtomicU64::new(0),
+            shootdown_waits: AtomicU64::new(0),
         }
+    }
+
+    /// Just before vCPU `v` enters the guest: whether it must flush its
+    /// nested translations first (a shootdown since `seen`, which this
+    /// moves on). From here until [`Gang::left_guest`] it counts as in
+    /// the guest with translations as new as `seen`. (SeqCst here and in
+    /// `shoot_down`: either this sees the new generation before it
+    /// enters, or the boot CPU sees it inside with an older one and kicks
+    /// it out.)
+    fn entering(&self, v: usize, seen: &mut u64) -> bool {
+        let Some(inside) = self.inside.get(v) else { return false };
+        let mut flush = false;
+        loop {
+            let g = self.flush_gen.load(Ordering::SeqCst);
+            if g != *seen {
+                *seen = g;
+                flush = true;
+            }
+            inside.store(*seen, Ordering::SeqCst);
+            if self.flush_gen.load(Ordering::SeqCst) == *seen {
+                return flush;
+            }
+        }
+    }
+
+    /// vCPU `v` is out of the guest (after its exit).
+    fn left_guest(&self, v: usize) {
+        if let Some(inside) = self.inside.get(v) {
+            inside.store(OUT, Ordering::SeqCst);
+        }
+    }
+
+    /// The boot CPU changed the VM's nested mappings: every sibling in the
+    /// guest with older translations is kicked out and waited for (it
+    /// flushes before it enters again, as does every sibling out of the
+    /// guest now). Returns when no CPU can use a translation from before
+    /// the change, so the caller may free what the change unmapped.
+    /// Siblings that are halted, asking or not yet started are out of the
+    /// guest: nobody waits for them.
+    fn shoot_down<B: Backend>(&self, me: u32, backend: &B) {
+        let t0 = backend.now();
+        let g = self.flush_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        let stale = |v: usize| {
+            let s = self.inside[v].load(Ordering::SeqCst);
+            s != OUT && s < g
+        };
+        let mut pending = 0u32;
+        for (v, cpu) in self.cpus.iter().enumerate() {
+            if stale(v) {
+                let c = cpu.load(Ordering::SeqCst);
+                if on_cpu(c) && c != me {
+                    backend.kick(c);
+                }
+                pending |= crate::devices::bit(v);
+            }
+        }
+        if pending != 0 {
+            self.shootdown_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        while pending != 0 {
+            let v = pending.trailing_zeros() as usize;
+            if !stale(v) {
+                pending &= !crate::devices::bit(v);
+            } else {
+                core::hint::spin_loop();
+            }
+        }
+        self.shootdowns.fetch_add(1, Ordering::Relaxed);
+        self.shootdown_ticks.fetch_add(backend.now().saturating_sub(t0), Ordering::Relaxed);
+    }
+
+    /// Runs `f` while the boot CPU does not change the VM's memory.
+    fn reading_memory<R>(&self, f: impl FnOnce() -> R) -> R {
+        loop {
+            let n = self.mem_lock.load(Ordering::Relaxed);
+            if n & MEM_WRITER == 0
+                && self.mem_lock.compare_exchange_weak(n, n + 1, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        let r = f();
+        self.mem_lock.fetch_sub(1, Ordering::Release);
+        r
+    }
+
+    /// Runs `f` (the boot CPU's change of the VM's memory) with no sibling
+    /// reading it.
+    fn writing_memory<R>(&self, f: impl FnOnce() -> R) -> R {
+        // New readers wait from here on; those inside finish.
+        self.mem_lock.fetch_or(MEM_WRITER, Ordering::Acquire);
+        while self.mem_lock.load(Ordering::Acquire) != MEM_WRITER {
+            core::hint::spin_loop();
+        }
+        let r = f();
+        self.mem_lock.store(0, Ordering::Release);
+        r
     }
 
     /// vCPU `v` runs on `cpu` from now on; whether the round is already
@@ -380,9 +550,20 @@ pub struct Sibling<B: Backend> {
     slot: *mut VcpuSlot<B::Vcpu>,
     /// Its local APIC, likewise its alone.
     apic: SiblingApic,
-    /// The VM's memory, read (never written) by every sibling: the
-    /// instruction of an xAPIC access and its page walk.
-    mem: *const GuestMemory<B::Format>,
+    /// The VM's memory, read by every sibling (the instruction of an
+    /// xAPIC access and its page walk) and written by the boot CPU for a
+    /// sibling's fault, each under the gang's lock.
+    mem: *mut GuestMemory<B::Format>,
+    /// The gang's shootdown generation its translations are flushed up to.
+    seen_gen: u64,
+    /// Its faults on RAM the boot CPU fixed while the round ran: asked as
+    /// host calls (and the ticks it waited for them), or handled in place
+    /// (a sibling on the boot CPU); what they took.
+    host_calls: u64,
+    call_ticks: u64,
+    faults_in_place: u64,
+    swapped_in: u64,
+    cow_breaks: u64,
     /// The VM's CPUID answers, read by every sibling, written by none.
     cpuid: *const crate::cpuid::Profile,
     apic_id: u32,
@@ -476,12 +657,34 @@ impl<B: Backend> AwaySlice<B> {
     /// [`SliceCpus::start`] and the return of [`SliceCpus::join`]: the VM
     /// is then this CPU's alone (the boot CPU does not touch it).
     pub unsafe fn run(&mut self, backend: &mut B) {
+        // SAFETY: the caller's contract.
+        unsafe { self.run_with(backend, None) }
+    }
+
+    /// As [`AwaySlice::run`], on the boot CPU with the host's memory: a
+    /// sibling there fixes its faults on RAM in place, and serves the
+    /// host calls of the CPUs away at its exits.
+    ///
+    /// # Safety
+    /// As [`AwaySlice::run`].
+    unsafe fn run_home(&mut self, backend: &mut B, host: &mut HostMemory) {
+        // SAFETY: the caller's contract.
+        unsafe { self.run_with(backend, Some(host)) }
+    }
+
+    /// # Safety
+    /// As [`AwaySlice::run`].
+    unsafe fn run_with(&mut self, backend: &mut B, host: Option<&mut HostMemory>) {
         self.cpu = vcpu::cpu_local::get().index;
         if let Some(s) = self.sibling.as_mut() {
+            // SAFETY: the round keeps its host calls in place until the
+            // join (or the pointer is null).
+            let calls = unsafe { self.calls.as_ref() };
+            let host = SiblingHost { calls, slot: self.call_slot, memory: host };
             // SAFETY: the caller's contract; the boot CPU made the slot
             // and profile pointers from the live VM and touches neither
             // the slot nor the profile until the join.
-            self.end = Some(unsafe { run_sibling(s, backend, self.slice_ticks, self.node) });
+            self.end = Some(unsafe { run_sibling(s, backend, self.slice_ticks, self.node, host) });
         } else {
             // SAFETY: the caller's contract: nothing else uses the VM now.
             self.end = Some(unsafe { self.run_away(backend) });
@@ -527,12 +730,13 @@ impl<B: Backend> AwaySlice<B> {
                 lines: &raw mut self.lines,
                 flow: Flow::Yield,
                 cpu: vcpu::cpu_local::get().index,
+                fault: None,
             };
             let asked = backend.now();
             // SAFETY: the slot is this job's; `vm` (the reference above) is
             // not used again, and the lines are not touched, until the
             // answer.
-            let Some(flow) = (unsafe { calls.ask(self.call_slot, call, backend) }) else { return end };
+            let Some(Call { flow, .. }) = (unsafe { calls.ask(self.call_slot, call, backend) }) else { return end };
             self.host_calls += 1;
             self.call_ticks += backend.now().saturating_sub(asked);
             if flow != Flow::Continue {
@@ -645,7 +849,13 @@ impl<B: Backend> Spares<B> {
 /// returns nothing else touches that slot or APIC, and nothing writes the
 /// profile.
 #[inline(never)]
-unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u64, node: Option<u32>) -> SliceEnd {
+unsafe fn run_sibling<B: Backend>(
+    s: &mut Sibling<B>,
+    backend: &mut B,
+    slice: u64,
+    node: Option<u32>,
+    mut host: SiblingHost<'_, B>,
+) -> SliceEnd {
     // SAFETY: the caller's contract (the gang, boxed by the round, lives
     // until the join).
     let (slot, profile, gang) = unsafe { (&mut *s.slot, &*s.cpuid, &*s.gang) };
@@ -681,7 +891,13 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
             break None;
         }
         s.apic.deliver(&gang.posted[me], &mut slot.vcpu);
+        if gang.entering(me, &mut s.seen_gen) {
+            // The boot CPU changed a nested mapping since this CPU last
+            // looked: what it cached goes before the guest runs again.
+            slot.vcpu.flush_nested_tlb(mm::paging::FlushScope::All);
+        }
         let exit = slot.vcpu.run();
+        gang.left_guest(me);
         let t1 = backend.now();
         s.run_ticks += t1.wrapping_sub(t0);
         t0 = t1;
@@ -691,6 +907,16 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
         let out = GangOutbox::new(gang);
         match exit {
             VmExit::Cpuid => cpuid_exit(&mut slot.vcpu, profile, backend, s.apic_id),
+            // A CPU away that asks a host call kicks the boot CPU: the
+            // kick's exit, where a sibling here serves it.
+            VmExit::ExternalInterrupt { .. } if host.memory.is_some() && host.calls.is_some_and(|c| c.asked()) => {
+                slot.vcpu.put();
+                host.serve(backend);
+                slot.vcpu.load();
+                here.current_vm.store(s.vm_id, Ordering::Relaxed);
+                // The call's time is not this VM's.
+                t0 = backend.now();
+            }
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => {}
             VmExit::InterruptWindow if s.apic.delivers() => {}
             // Halted with interrupts on: it waits here for a vector posted
@@ -723,17 +949,23 @@ unsafe fn run_sibling<B: Backend>(s: &mut Sibling<B>, backend: &mut B, slice: u6
                 crate::vm::exit::complete_wrmsr(&mut slot.vcpu, r.is_ok());
             }
             VmExit::NestedPageFault { gpa, access, gva }
-                if s.apic.owns_page(gpa) && {
-                    let page = LocalMmio {
-                        vcpu: &mut slot.vcpu,
-                        // SAFETY: the caller's contract: until the join the
-                        // VM's memory is only read, by its siblings.
-                        mem: unsafe { &*s.mem },
-                        phys: backend.mem(),
-                        devices: SiblingApicPage { apic: &mut s.apic, me, out: &out },
-                    };
-                    page.emulate(MmioFault { gpa, access, gva }, t1)
-                } => {}
+                if s.apic.owns_page(gpa)
+                    && gang.reading_memory(|| {
+                        let page = LocalMmio {
+                            vcpu: &mut slot.vcpu,
+                            // SAFETY: the caller's contract: until the join
+                            // the VM's memory is read by its siblings and
+                            // written by the boot CPU, under the gang's
+                            // lock, held here.
+                            mem: unsafe { &*s.mem },
+                            phys: backend.mem(),
+                            devices: SiblingApicPage { apic: &mut s.apic, me, out: &out },
+                        };
+                        page.emulate(MmioFault { gpa, access, gva }, t1)
+                    }) => {}
+            // A fault on RAM: fixed by the boot CPU while the others run on.
+            VmExit::NestedPageFault { gpa, access, .. }
+                if sibling_fault(s, gpa, access, backend, &mut host, deadline) => {}
             other => {
                 // The boot CPU handles it after the join: end the others'
                 // slices now rather than let them run out.
@@ -818,6 +1050,93 @@ fn halt_here<B: Backend>(s: &mut Sibling<B>, gang: &Gang, backend: &B, deadline:
         }
         backend.halt_until(s.apic.timer.min(deadline));
     }
+}
+
+/// Where a sibling's faults on RAM are fixed while its round runs.
+struct SiblingHost<'a, B: Backend> {
+    /// The round's host calls and the job's slot there (none: the round
+    /// takes no calls, and such a fault waits for the join).
+    calls: Option<&'a HostCalls<B>>,
+    slot: usize,
+    /// The host's memory, on the boot CPU: its sibling fixes its own
+    /// faults in place and serves the calls of the others.
+    memory: Option<&'a mut HostMemory>,
+}
+
+impl<B: Backend> SiblingHost<'_, B> {
+    /// On the boot CPU: serves the calls asked.
+    #[cold]
+    #[inline(never)]
+    fn serve(&mut self, backend: &mut B) {
+        let (Some(calls), Some(host)) = (self.calls, self.memory.as_deref_mut()) else { return };
+        let served = SliceHost::serve(host, calls, backend);
+        calls.served_in_slice.fetch_add(served, Ordering::Relaxed);
+    }
+}
+
+/// A sibling's nested page fault at `gpa`: if it is on RAM, the boot CPU
+/// fixes it while the round runs (in place on the boot CPU, as a host call
+/// from elsewhere, if the slice has time left for it). Whether it was
+/// fixed (the guest retries the access); if not, nothing changed and the
+/// exit waits for the join with the whole VM.
+#[cold]
+#[inline(never)]
+fn sibling_fault<B: Backend>(
+    s: &mut Sibling<B>,
+    gpa: u64,
+    access: vcpu::MemAccess,
+    backend: &mut B,
+    host: &mut SiblingHost<'_, B>,
+    deadline: u64,
+) -> bool {
+    // SAFETY: the round boxed the gang and keeps it until the join.
+    let gang = unsafe { &*s.gang };
+    let ram = gang.reading_memory(|| {
+        // SAFETY: read under the gang's lock (see `Sibling::mem`).
+        let mem = unsafe { &*s.mem };
+        matches!(mem.map().lookup(mm::addr::GuestPhysAddr(gpa)), mm::vm_memory::Lookup::Ram)
+    });
+    if !ram {
+        return false;
+    }
+    let mut fault = SiblingFault {
+        mem: s.mem,
+        gang: s.gang,
+        vm_id: s.vm_id,
+        gpa,
+        access,
+        resolved: false,
+        swapped_in: false,
+        cow_break: false,
+    };
+    let t0 = backend.now();
+    if let Some(memory) = host.memory.as_deref_mut() {
+        serve_fault(&mut fault, s.vcpu, backend, memory);
+        s.faults_in_place += u64::from(fault.resolved);
+    } else {
+        let Some(calls) = host.calls.filter(|_| deadline.saturating_sub(t0) >= MIN_SLICE_TICKS) else {
+            return false;
+        };
+        let call = Call {
+            vm: core::ptr::null_mut(),
+            vcpu: s.vcpu,
+            exit: None,
+            lines: core::ptr::null_mut(),
+            flow: Flow::Yield,
+            cpu: vcpu::cpu_local::get().index,
+            fault: Some(fault),
+        };
+        // SAFETY: the slot is this job's; this touches the VM's memory no
+        // more until the answer.
+        let Some(answer) = (unsafe { calls.ask(host.slot, call, backend) }) else { return false };
+        let Some(answered) = answer.fault else { return false };
+        fault = answered;
+        s.host_calls += 1;
+        s.call_ticks += backend.now().saturating_sub(t0);
+    }
+    s.swapped_in += u64::from(fault.swapped_in);
+    s.cow_breaks += u64::from(fault.cow_break);
+    fault.resolved
 }
 
 /// How long a sibling may stay in the guest from `now`: until its APIC's
@@ -1094,6 +1413,13 @@ pub struct SchedStats {
     /// Of those calls, the ones the boot CPU served at an exit of its own
     /// slice (the others, while it waited in the join).
     pub host_calls_in_slice: u64,
+    /// Nested-mapping shootdowns: the boot CPU changed a mapping for a
+    /// sibling's fault while other siblings of the VM ran (`Gang::shoot_down`);
+    /// of them, those that waited for a sibling in the guest to leave it;
+    /// and the boot CPU's ticks in them, in all.
+    pub shootdowns: u64,
+    pub shootdown_waits: u64,
+    pub shootdown_ticks: u64,
     /// The longest round.
     pub longest_round_ticks: u64,
     /// Times the boot CPU halted with nothing to run (`Manager::idle_until`),
@@ -1288,7 +1614,7 @@ impl<B: Backend> Manager<B> {
                 Some(job) => {
                     // SAFETY: this CPU runs the job once, now; its slot is
                     // no other job's, and the VM is nobody's until the join.
-                    unsafe { job.run(backend) };
+                    unsafe { job.run_home(backend, &mut self.host_mem) };
                     None
                 }
                 None => {
@@ -1537,7 +1863,7 @@ impl<B: Backend> Manager<B> {
             let gang = Box::new(Gang::new(i, &mine, vm.devices.routes().collect()));
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
-            let mem: *const GuestMemory<B::Format> = &res.mem;
+            let mem: *mut GuestMemory<B::Format> = &raw mut res.mem;
             let gang_ptr: *const Gang = &*gang;
             gangs.push(gang);
             for (&v, apic_id) in mine.iter().zip(apic_ids) {
@@ -1555,6 +1881,12 @@ impl<B: Backend> Manager<B> {
                     slot,
                     apic,
                     mem,
+                    seen_gen: 0,
+                    host_calls: 0,
+                    call_ticks: 0,
+                    faults_in_place: 0,
+                    swapped_in: 0,
+                    cow_breaks: 0,
                     cpuid,
                     apic_id,
                     vm_id,
@@ -1595,6 +1927,19 @@ impl<B: Backend> Manager<B> {
         gang.eois.take(|vector| vm.devices.eoi_broadcast(vector));
         vm.devices.lapics_changed(vm_ns(now, hz, vm.clock_offset_ns));
         vm.timers_changed(hz);
+        // The round changed nested mappings: vCPUs not in it may have
+        // cached the old ones on a CPU they come back to (AMD-V keeps an
+        // ASID's translations on a CPU across VMRUNs).
+        if gang.flush_gen.load(Ordering::Acquire) != 0
+            && let Some(res) = vm.res.as_mut()
+        {
+            crate::vm::flush_all(&mut res.vcpus, mm::paging::FlushScope::All);
+        }
+        let shootdowns = gang.shootdowns.load(Ordering::Relaxed);
+        vm.stats.shootdowns += shootdowns;
+        self.sched.shootdowns += shootdowns;
+        self.sched.shootdown_waits += gang.shootdown_waits.load(Ordering::Relaxed);
+        self.sched.shootdown_ticks += gang.shootdown_ticks.load(Ordering::Relaxed);
     }
 
     /// A sibling's counters, into its VM's (on this CPU, after the join).
@@ -1611,6 +1956,12 @@ impl<B: Backend> Manager<B> {
         vm.stats.sibling_halts += s.halts;
         vm.stats.sibling_wakes += s.woken;
         vm.stats.sibling_ipi_ends += u64::from(s.ipi_away);
+        vm.stats.host_calls += s.host_calls;
+        vm.stats.sibling_faults += s.host_calls + s.faults_in_place;
+        vm.reclaim.swapped_in += s.swapped_in;
+        vm.reclaim.cow_breaks += s.cow_breaks;
+        self.sched.host_calls += s.host_calls;
+        self.sched.host_call_ticks += s.call_ticks;
         self.sched.sibling_slices += u64::from(s.ran);
         self.sched.kicked_slices += u64::from(s.kicked);
     }
@@ -1667,6 +2018,61 @@ mod gang_tests {
     use super::{Gang, NO_CPU, NOT_YET};
     use crate::testing::MockBackend;
     use core::sync::atomic::Ordering;
+
+    #[test]
+    fn a_shootdown_waits_for_a_sibling_in_the_guest_and_each_flushes_before_it_enters_again() {
+        use core::sync::atomic::AtomicBool;
+        let b = MockBackend::new(16);
+        let gang = Gang::new(0, &[0, 1, 2], alloc::vec::Vec::new());
+        assert!(!gang.join(0, 0) && !gang.join(1, 1) && !gang.join(2, 2));
+        let (mut seen0, mut seen2) = (0, 0);
+        assert!(!gang.entering(0, &mut seen0), "nothing changed yet: no flush");
+        gang.left_guest(0);
+        // vCPU 2 is in the guest (on another thread), vCPU 0 out of it.
+        assert!(!gang.entering(2, &mut seen2));
+        let left = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                left.store(true, Ordering::SeqCst);
+                gang.left_guest(2);
+            });
+            gang.shoot_down(0, &b);
+            assert!(left.load(Ordering::SeqCst), "returned only after vCPU 2 left the guest");
+        });
+        assert_eq!(gang.shootdown_waits.load(Ordering::Relaxed), 1);
+        // Both flush before they enter again, once.
+        assert!(gang.entering(0, &mut seen0) && gang.entering(2, &mut seen2));
+        assert!(!gang.entering(2, &mut seen2));
+        gang.left_guest(0);
+        gang.left_guest(2);
+        // Nobody in the guest with an old view: nothing to wait for.
+        gang.shoot_down(0, &b);
+        assert_eq!(gang.shootdowns.load(Ordering::Relaxed), 2);
+        assert_eq!(gang.shootdown_waits.load(Ordering::Relaxed), 1);
+        // vCPU 1, which had not entered yet, flushes at its first entry.
+        let mut seen1 = 0;
+        assert!(gang.entering(1, &mut seen1));
+    }
+
+    #[test]
+    fn the_memory_lock_keeps_readers_out_while_the_boot_cpu_writes() {
+        use core::sync::atomic::AtomicBool;
+        let gang = Gang::new(0, &[0, 1], alloc::vec::Vec::new());
+        let writing = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            gang.writing_memory(|| {
+                writing.store(true, Ordering::SeqCst);
+                t.spawn(|| {
+                    gang.reading_memory(|| assert!(!writing.load(Ordering::SeqCst), "read during a write"));
+                });
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                writing.store(false, Ordering::SeqCst);
+            });
+        });
+        assert_eq!(gang.mem_lock.load(Ordering::SeqCst), 0);
+        assert_eq!(gang.reading_memory(|| 7), 7);
+    }
 
     #[test]
     fn the_last_sibling_to_halt_ends_the_round_unless_a_vector_waits_for_one_in_the_guest() {

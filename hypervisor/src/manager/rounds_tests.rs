@@ -859,3 +859,48 @@ fn a_host_call_that_stops_the_vm_ends_its_slice_and_the_vm_as_after_the_join() {
     assert_eq!(cpuid_exits(&m, two), 1, "nothing ran after the fault");
     assert!(con.0.iter().any(|l| l.contains("vm 2 (tiny) stopped: read of guest-physical 0xc0000000")), "{:?}", con.0);
 }
+
+#[test]
+fn siblings_faults_on_ram_are_fixed_while_the_round_runs_and_a_changed_mapping_is_shot_down() {
+    let mut m = manager();
+    // Each vCPU runs out a slice alone first (so both compute), then,
+    // side by side, writes the same page of RAM and a page of its own
+    // (faults that need host frames: the boot CPU's), and goes on.
+    let write = |gpa: u64| exit(VmExit::NestedPageFault { gpa, access: MemAccess::Write, gva: None });
+    let script = |own: u64| {
+        vec![exit(VmExit::Preempted), write(0x30_0000), exit(VmExit::Cpuid), write(own), exit(VmExit::Cpuid)]
+    };
+    let (id, mut other) = two_vcpu_vm(&mut m, [script(0x31_0000), script(0x32_0000)]);
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    let flushes = |m: &Manager<MockBackend>| {
+        let r = m.get(id).unwrap().res.as_ref().unwrap();
+        [r.vcpus[0].vcpu.nested_flushes, r.vcpus[1].vcpu.nested_flushes]
+    };
+    let before = flushes(&m);
+    // Round 3: side by side, one of them on a thread of its own.
+    let _ = round_beside_a_thread(&mut m);
+
+    let vm = m.get(id).unwrap();
+    assert_eq!(vm.stats.parallel_slices, 2, "both ran as siblings");
+    assert_eq!(m.sched.deferred_exits, 0, "no fault waited for the join");
+    assert_eq!(vm.stats.sibling_faults, 4, "every fault fixed while the round ran");
+    assert_eq!(vm.stats.host_calls, 2, "the sibling away asked for its two; the boot CPU's fixed its own in place");
+    for slot in vm.res.as_ref().unwrap().vcpus.iter() {
+        assert!(slot.vcpu.script.is_empty(), "each went on after its faults, in the same slice");
+    }
+    assert_eq!(vm.stats.exits[ExitKind::Cpuid as usize], 4);
+    // Each write replaced a mapping the other vCPU may hold (the zero
+    // page's; for the second writer of the shared page, a translation the
+    // first writer's fix made stale): shot down on every CPU that may
+    // hold it, and every vCPU flushes again after the round.
+    assert!(vm.stats.shootdowns >= 1, "{:?}", vm.stats);
+    assert_eq!(vm.stats.shootdowns, m.sched.shootdowns);
+    let after = flushes(&m);
+    assert!(after[0] > before[0] && after[1] > before[1], "{before:?} -> {after:?}");
+    assert!(
+        m.get(id).unwrap().res.as_ref().unwrap().mem.page_state(mm::addr::GuestPhysAddr(0x32_0000))
+            == Some(mm::vm_memory::PageState::Present)
+    );
+}

@@ -103,6 +103,14 @@ pub struct VmStats {
     /// the slice waited (host calls: faults on RAM, virtio registers,
     /// string I/O), instead of the slice ending for them.
     pub host_calls: u64,
+    /// Nested page faults on RAM of vCPUs running beside a sibling that
+    /// the boot CPU fixed while the round ran (host calls from other CPUs,
+    /// or in place on the boot CPU), each instead of an end of the round
+    /// for every sibling.
+    pub sibling_faults: u64,
+    /// Of those fixes, the ones that changed a mapping siblings may have
+    /// cached: shot down on their CPUs before the guest went on.
+    pub shootdowns: u64,
     /// Time slices that ran out (timer exit or wall-clock check) and made
     /// the VM give the CPU up.
     pub slices_expired: u64,
