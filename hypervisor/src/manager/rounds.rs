@@ -916,6 +916,7 @@ unsafe fn run_sibling<B: Backend>(
                 here.current_vm.store(s.vm_id, Ordering::Relaxed);
                 // The call's time is not this VM's.
                 t0 = backend.now();
+                slot.vcpu.set_time_slice(entry_budget(t0, armed, deadline));
             }
             VmExit::ExternalInterrupt { .. } | VmExit::Handled(_) => {}
             VmExit::InterruptWindow if s.apic.delivers() => {}
@@ -965,7 +966,12 @@ unsafe fn run_sibling<B: Backend>(
                     }) => {}
             // A fault on RAM: fixed by the boot CPU while the others run on.
             VmExit::NestedPageFault { gpa, access, .. }
-                if sibling_fault(s, gpa, access, backend, &mut host, deadline) => {}
+                if sibling_fault(s, gpa, access, backend, &mut host, deadline) =>
+            {
+                // Waiting for the answer halted this CPU, which disarms
+                // its timer (the slice's, under AMD-V): set it again.
+                slot.vcpu.set_time_slice(entry_budget(backend.now(), armed, deadline));
+            }
             other => {
                 // The boot CPU handles it after the join: end the others'
                 // slices now rather than let them run out.
