@@ -333,7 +333,21 @@ fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
     eprintln!("saved after {:.1} s", phase.elapsed().as_secs_f64());
     check(&mut m, 1, 2, "c");
     let s = stats(&mut m, 1);
-    eprintln!("{}: {} slices beside a sibling", emu.name(), s["parallel_slices"]);
+    eprintln!(
+        "{}: {} slices beside a sibling; {} faults on ram beside a sibling fixed while the round ran, {} of them shot down",
+        emu.name(),
+        s["parallel_slices"],
+        s["sibling_faults"],
+        s["shootdowns"]
+    );
+    // Their faults (swap-ins, copy-on-write breaks of pages sharing
+    // merged, the dirty log's write protection) were fixed while the
+    // others ran on, and the mappings they replaced were shot down on the
+    // other siblings' CPUs: the checks above agree all the same.
+    assert!(s["sibling_faults"].as_u64().unwrap() >= 10, "{s}");
+    assert!(s["shootdowns"].as_u64().unwrap() >= 1, "{s}");
+    let host = m.json("host --json");
+    assert!(host["scheduler"]["shootdowns"].as_u64().unwrap() >= s["shootdowns"].as_u64().unwrap(), "{host}");
     m.cmd("vm stop 1");
     let out = m.cmd("vm restore smp-live");
     assert!(out.contains("vm 2 restored from checkpoint smp-live: smptest"), "{out}");

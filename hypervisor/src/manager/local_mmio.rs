@@ -5,10 +5,11 @@
 //! address but not the value, so the instruction is fetched, decoded and
 //! executed by the `emulator`, as on the boot CPU, over what may be
 //! touched there: the vCPU, the registers of [`LocalDevices`] and a
-//! read-only view of the VM's memory (`VmMemory::peek`). Nested mappings
-//! do not change during a round, and the CPU has just fetched this
-//! instruction through the same page tables, so the code and the tables
-//! are resident.
+//! read-only view of the VM's memory (`VmMemory::peek`; a sibling reads it
+//! under its gang's lock, as the boot CPU may fix another sibling's fault
+//! meanwhile). The CPU has just fetched this instruction through the same
+//! page tables, so the code and the tables are normally resident; if not,
+//! the access is the boot CPU's.
 //!
 //! Anything more goes to the boot CPU with nothing changed (registers as
 //! they were, RIP on the instruction): a page that is not resident, a

@@ -38,8 +38,13 @@
 //! ([`super::sibling_apic`]). A HLT with interrupts on waits on the
 //! sibling's CPU (halted until a kick or its timer) for a vector posted to
 //! it or its timer's; the last sibling to halt or go ends the round for
-//! the halted ones. Any other exit (a device access, HLT with interrupts
-//! off, another MSR, INIT or SIPI, a fault on RAM) ends
+//! the halted ones. A nested page fault on RAM is fixed by the boot CPU
+//! in the VM's memory alone while the others run on (a host call from
+//! another CPU, in place on the boot CPU), and a mapping it changes that
+//! others may have cached is shot down on their CPUs ([`Gang::shoot_down`])
+//! before the guest goes on. Any other exit (a device access, HLT with
+//! interrupts off, another MSR, INIT or SIPI, a fault the memory manager
+//! cannot fix at once) ends
 //! its slice and is handled on the boot CPU after the join, with the whole
 //! VM. Such an exit also ends the round for the VM's other siblings: each
 //! stops at its next exit, and a kick (an IPI to its host CPU) makes that
@@ -47,10 +52,10 @@
 //! their slices to run out. The boot CPU delivers the VM's device
 //! interrupts before the round, the slice ends in time for the VM's next
 //! timer outside the siblings' APICs, and after the join the boot CPU
-//! takes in what the siblings left ([`Manager`]'s `absorb_gang`). Nested
-//! mappings change only between rounds, and every vCPU away is released
-//! at its slice's end, so the flush on arrival covers siblings as it
-//! covers VMs away.
+//! takes in what the siblings left ([`Manager`]'s `absorb_gang`). Outside
+//! a sibling's fault, nested mappings change only between rounds, and
+//! every vCPU away is released at its slice's end, so the flush on
+//! arrival covers them.
 
 use alloc::boxed::Box;
 use alloc::string::String;
