@@ -667,7 +667,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
         "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early); per round {} ticks scheduling ({} before the \
-         boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} exits of slices away handled by the boot cpu while they waited ({} ticks each, {} of them at an exit of its own slice), {} nested-mapping shootdowns ({} ticks each, {} waited for a sibling in the guest), {} in the boot cpu's slice, {} waiting \
+         boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} exits of slices away handled by the boot cpu while they waited ({} ticks each, {} of them at an exit of its own slice), {} nested-mapping shootdowns ({} ticks each; {} waited for a sibling in the guest to leave it, {} ticks each), {} in the boot cpu's slice, {} waiting \
          for the others; the longest round {} ticks; with nothing to run, halted {} times for {} ms\n",
         sc.rounds,
         sc.slices,
@@ -686,6 +686,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         sc.shootdowns,
         sc.shootdown_ticks / sc.shootdowns.max(1),
         sc.shootdown_waits,
+        sc.shootdown_wait_ticks / sc.shootdown_waits.max(1),
         per(sc.slice_ticks),
         per(sc.join_ticks),
         sc.longest_round_ticks,

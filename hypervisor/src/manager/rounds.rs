@@ -286,6 +286,7 @@ pub struct Gang {
     shootdowns: AtomicU64,
     shootdown_ticks: AtomicU64,
     shootdown_waits: AtomicU64,
+    shootdown_wait_ticks: AtomicU64,
 }
 
 /// `Gang::inside` of a vCPU not in the guest.
@@ -328,6 +329,7 @@ impl Gang {
             shootdowns: AtomicU64::new(0),
             shootdown_ticks: AtomicU64::new(0),
             shootdown_waits: AtomicU64::new(0),
+            shootdown_wait_ticks: AtomicU64::new(0),
         }
     }
 
@@ -385,9 +387,7 @@ impl Gang {
                 pending |= crate::devices::bit(v);
             }
         }
-        if pending != 0 {
-            self.shootdown_waits.fetch_add(1, Ordering::Relaxed);
-        }
+        let waited = pending != 0;
         while pending != 0 {
             let v = pending.trailing_zeros() as usize;
             if !stale(v) {
@@ -396,8 +396,13 @@ impl Gang {
                 core::hint::spin_loop();
             }
         }
+        let ticks = backend.now().saturating_sub(t0);
         self.shootdowns.fetch_add(1, Ordering::Relaxed);
-        self.shootdown_ticks.fetch_add(backend.now().saturating_sub(t0), Ordering::Relaxed);
+        self.shootdown_ticks.fetch_add(ticks, Ordering::Relaxed);
+        if waited {
+            self.shootdown_waits.fetch_add(1, Ordering::Relaxed);
+            self.shootdown_wait_ticks.fetch_add(ticks, Ordering::Relaxed);
+        }
     }
 
     /// Runs `f` while the boot CPU does not change the VM's memory.
@@ -1427,10 +1432,11 @@ pub struct SchedStats {
     /// Nested-mapping shootdowns: the boot CPU changed a mapping for a
     /// sibling's fault while other siblings of the VM ran (`Gang::shoot_down`);
     /// of them, those that waited for a sibling in the guest to leave it;
-    /// and the boot CPU's ticks in them, in all.
+    /// and the boot CPU's ticks in them, in all and in those that waited.
     pub shootdowns: u64,
     pub shootdown_waits: u64,
     pub shootdown_ticks: u64,
+    pub shootdown_wait_ticks: u64,
     /// The longest round.
     pub longest_round_ticks: u64,
     /// Times the boot CPU halted with nothing to run (`Manager::idle_until`),
@@ -1951,6 +1957,7 @@ impl<B: Backend> Manager<B> {
         self.sched.shootdowns += shootdowns;
         self.sched.shootdown_waits += gang.shootdown_waits.load(Ordering::Relaxed);
         self.sched.shootdown_ticks += gang.shootdown_ticks.load(Ordering::Relaxed);
+        self.sched.shootdown_wait_ticks += gang.shootdown_wait_ticks.load(Ordering::Relaxed);
     }
 
     /// A sibling's counters, into its VM's (on this CPU, after the join).
