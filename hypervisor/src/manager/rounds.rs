@@ -1155,6 +1155,19 @@ fn sibling_fault<B: Backend>(
     fault.resolved
 }
 
+/// Where a VM's round-robin goes on after a round of its vCPUs `mine`
+/// (the first pick first) out of `n`: at the first vCPU after the first
+/// pick that was not in the round, so one left out (not computing) is the
+/// first pick next and runs; with every vCPU in the round, after the last.
+/// (Going on after the highest in the round, as before 2026-12-04, passed
+/// over a vCPU between two computing ones for good: 4 vCPUs on 4 CPUs,
+/// vCPU 1 not computing, ran rounds of 0, 2 and 3 without end while the
+/// guest waited for vCPU 1.)
+fn next_after_gang(mine: &[usize], n: usize) -> usize {
+    let Some(&first) = mine.first() else { return 0 };
+    (1..n).map(|d| (first + d) % n).find(|v| !mine.contains(v)).unwrap_or_else(|| (first + 1) % n.max(1))
+}
+
 /// How long a sibling may stay in the guest from `now`: until its APIC's
 /// timer (`armed`) or the slice's end, but never less than
 /// `MIN_SLICE_TICKS` for a timer (a timer due at once, or programmed with a
@@ -1861,7 +1874,7 @@ impl<B: Backend> Manager<B> {
                     slot.vcpu.release();
                 }
             }
-            vm.next_vcpu = mine.iter().max().map_or(0, |m| m + 1);
+            vm.next_vcpu = next_after_gang(&mine, vm.res.as_ref().map_or(0, |r| r.vcpus.len()));
             // Each sibling keeps its own APIC's timer: the slice ends in
             // time for the others (the PIT, vCPUs not in the round).
             let mask = mine.iter().fold(0, |m, &v| m | crate::devices::bit(v));
@@ -2071,6 +2084,21 @@ mod gang_tests {
         // vCPU 1, which had not entered yet, flushes at its first entry.
         let mut seen1 = 0;
         assert!(gang.entering(1, &mut seen1));
+    }
+
+    #[test]
+    fn a_vcpu_left_out_of_a_gang_is_the_next_first_pick() {
+        use super::next_after_gang;
+        // 4 vCPUs, vCPU 1 left out between computing ones: it goes next.
+        assert_eq!(next_after_gang(&[0, 2, 3], 4), 1);
+        assert_eq!(next_after_gang(&[2, 3, 0], 4), 1);
+        // Fewer CPUs than vCPUs, all computing: the rest in turn.
+        assert_eq!(next_after_gang(&[0, 1], 3), 2);
+        assert_eq!(next_after_gang(&[2, 0], 3), 1);
+        assert_eq!(next_after_gang(&[1, 2], 3), 0);
+        // Every vCPU in the round: after the first pick.
+        assert_eq!(next_after_gang(&[3, 0, 1, 2], 4), 0);
+        assert_eq!(next_after_gang(&[], 4), 0);
     }
 
     #[test]

@@ -904,3 +904,27 @@ fn siblings_faults_on_ram_are_fixed_while_the_round_runs_and_a_changed_mapping_i
             == Some(mm::vm_memory::PageState::Present)
     );
 }
+
+#[test]
+fn a_vcpu_that_does_not_compute_between_two_that_do_still_gets_its_turn() {
+    let mut m = manager();
+    // Three vCPUs that spin (out of script: every run is preempted).
+    let (id, mut other) = smp_vm(&mut m, vec![Vec::new(), Vec::new(), Vec::new()]);
+    let mut con = Lines::default();
+    {
+        let res = m.vms[0].res.as_mut().unwrap();
+        res.vcpus[0].computing = true;
+        res.vcpus[1].computing = false;
+        res.vcpus[2].computing = true;
+    }
+    // Round 1: vCPUs 0 and 2 side by side (vCPU 1 does not compute).
+    assert!(m.run_round(&mut con, &mut other));
+    let slices = |m: &Manager<MockBackend>| {
+        let r = m.get(id).unwrap().res.as_ref().unwrap();
+        [r.vcpus[0].stats.slices, r.vcpus[1].stats.slices, r.vcpus[2].stats.slices]
+    };
+    assert_eq!(slices(&m), [1, 0, 1]);
+    // Round 2: vCPU 1's turn, not vCPU 0's again (it waited for good).
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(slices(&m)[1], 1, "{:?}", slices(&m));
+}
