@@ -26,7 +26,7 @@ use super::rounds::{Gang, Lines};
 use crate::backend::Backend;
 use crate::memory::GuestMemory;
 use crate::vm::Vm;
-use crate::vm::exit::Flow;
+use crate::vm::exit::{FaultTook, Flow};
 
 const FREE: u8 = 0;
 const ASKED: u8 = 1;
@@ -64,8 +64,7 @@ pub struct SiblingFault<B: Backend> {
     /// if not, nothing changed and the exit waits for the join.
     pub resolved: bool,
     /// What fixing it took, for the VM's counters.
-    pub swapped_in: bool,
-    pub cow_break: bool,
+    pub took: FaultTook,
 }
 
 struct Slot<B: Backend> {

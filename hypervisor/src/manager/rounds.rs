@@ -147,15 +147,11 @@ fn serve_call<B: Backend>(call: &mut Call<B>, backend: &mut B, host: &mut HostMe
 /// poisoned page) changes nothing: `resolved` stays false and the exit is
 /// handled after the join with the whole VM, as before.
 fn serve_fault<B: Backend>(f: &mut SiblingFault<B>, v: usize, backend: &mut B, host: &mut HostMemory) {
-    use mm::vm_memory::{AccessKind, FaultOutcome, PageState};
+    use mm::vm_memory::FaultOutcome;
     // SAFETY: the round boxed the gang and keeps it until the join.
     let gang = unsafe { &*f.gang };
     let me = vcpu::cpu_local::get().index;
-    let kind = match f.access {
-        vcpu::MemAccess::Read => AccessKind::Read,
-        vcpu::MemAccess::Write => AccessKind::Write,
-        vcpu::MemAccess::Execute => AccessKind::Execute,
-    };
+    let kind = crate::vm::exit::access_kind(f.access);
     let gpa = mm::addr::GuestPhysAddr(f.gpa);
     gang.writing_memory(|| {
         // SAFETY: no `&mut Vm` exists while the round runs; the siblings
@@ -172,10 +168,9 @@ fn serve_fault<B: Backend>(f: &mut SiblingFault<B>, v: usize, backend: &mut B, h
         // may go.
         inv.flush(backend.mem(), |_| {});
         f.resolved = true;
-        f.swapped_in = before == Some(PageState::Swapped);
-        f.cow_break = kind == AccessKind::Write && matches!(before, Some(PageState::Zero | PageState::Shared));
-        host.stats.swapped_in += u64::from(f.swapped_in);
-        host.stats.cow_breaks += u64::from(f.cow_break);
+        f.took = crate::vm::exit::FaultTook::of(before, kind);
+        host.stats.swapped_in += u64::from(f.took.swap_in);
+        host.stats.cow_breaks += u64::from(f.took.cow_break);
     });
 }
 
@@ -1122,8 +1117,7 @@ fn sibling_fault<B: Backend>(
         gpa,
         access,
         resolved: false,
-        swapped_in: false,
-        cow_break: false,
+        took: Default::default(),
     };
     let t0 = backend.now();
     if let Some(memory) = host.memory.as_deref_mut() {
@@ -1150,8 +1144,8 @@ fn sibling_fault<B: Backend>(
         s.host_calls += 1;
         s.call_ticks += backend.now().saturating_sub(t0);
     }
-    s.swapped_in += u64::from(fault.swapped_in);
-    s.cow_breaks += u64::from(fault.cow_break);
+    s.swapped_in += u64::from(fault.took.swap_in);
+    s.cow_breaks += u64::from(fault.took.cow_break);
     fault.resolved
 }
 

@@ -137,6 +137,33 @@ impl HostAccess for NoHost {
     }
 }
 
+/// The memory manager's kind of a faulting access.
+pub fn access_kind(access: MemAccess) -> AccessKind {
+    match access {
+        MemAccess::Read => AccessKind::Read,
+        MemAccess::Write => AccessKind::Write,
+        MemAccess::Execute => AccessKind::Execute,
+    }
+}
+
+/// What fixing a fault took, for the counters: a page brought back from
+/// swap, or a copy-on-write break of a zero or shared page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultTook {
+    pub swap_in: bool,
+    pub cow_break: bool,
+}
+
+impl FaultTook {
+    /// Of a fault of `kind` fixed on a page that was in state `before`.
+    pub fn of(before: Option<PageState>, kind: AccessKind) -> Self {
+        FaultTook {
+            swap_in: before == Some(PageState::Swapped),
+            cow_break: kind == AccessKind::Write && matches!(before, Some(PageState::Zero | PageState::Shared)),
+        }
+    }
+}
+
 impl<B: Backend> Vm<B> {
     /// Handles one exit of this (live) VM.
     #[inline(always)]
@@ -659,28 +686,18 @@ impl<B: Backend> Vm<B> {
         let Some(Resources { mem, vcpus, .. }) = self.res.as_mut() else {
             return Flow::Stop;
         };
-        let kind = match access {
-            MemAccess::Read => AccessKind::Read,
-            MemAccess::Write => AccessKind::Write,
-            MemAccess::Execute => AccessKind::Execute,
-        };
+        let kind = access_kind(access);
         let before = mem.page_state(GuestPhysAddr(gpa));
         let outcome =
             host.with_hooks(self.id, |hooks| mem.handle_fault(backend.mem(), hooks, 0, GuestPhysAddr(gpa), kind));
         let reason = match outcome {
             FaultOutcome::Resolved(inv) => {
                 inv.flush(backend.mem(), |scope| super::flush_all(vcpus, scope));
-                match before {
-                    Some(PageState::Swapped) => {
-                        self.reclaim.swapped_in += 1;
-                        host.stats.swapped_in += 1;
-                    }
-                    Some(PageState::Zero | PageState::Shared) if kind == AccessKind::Write => {
-                        self.reclaim.cow_breaks += 1;
-                        host.stats.cow_breaks += 1;
-                    }
-                    _ => {}
-                }
+                let took = FaultTook::of(before, kind);
+                self.reclaim.swapped_in += u64::from(took.swap_in);
+                self.reclaim.cow_breaks += u64::from(took.cow_break);
+                host.stats.swapped_in += u64::from(took.swap_in);
+                host.stats.cow_breaks += u64::from(took.cow_break);
                 return Flow::Continue;
             }
             FaultOutcome::OutsideMemory | FaultOutcome::Mmio { .. } if self.devices.claims_mmio(gpa) => {
