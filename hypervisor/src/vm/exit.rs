@@ -688,8 +688,10 @@ impl<B: Backend> Vm<B> {
         };
         let kind = access_kind(access);
         let before = mem.page_state(GuestPhysAddr(gpa));
+        // The faulting vCPU: a dirty log traced per vCPU logs only its own.
+        let cur = vcpus.cur();
         let outcome =
-            host.with_hooks(self.id, |hooks| mem.handle_fault(backend.mem(), hooks, 0, GuestPhysAddr(gpa), kind));
+            host.with_hooks(self.id, |hooks| mem.handle_fault(backend.mem(), hooks, cur, GuestPhysAddr(gpa), kind));
         let reason = match outcome {
             FaultOutcome::Resolved(inv) => {
                 inv.flush(backend.mem(), |scope| super::flush_all(vcpus, scope));
