@@ -83,8 +83,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     let t = m.transcript();
     assert!(t.contains("[vm 1] virtio_rng.0"), "the virtio-rng device is not the guest's hwrng:\n{t}");
     assert!(
-        t.lines().any(|l| l
-            .strip_prefix("[vm 1] ")
+        t.lines().any(|l| guest_text(l, "[vm 1] ")
             .is_some_and(|r| r.trim().len() == 32 && r.trim().chars().all(|c| c.is_ascii_hexdigit()))),
         "no 16 bytes from /dev/hwrng:\n{t}"
     );
@@ -319,7 +318,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     m.cmd("vm send 4 -- cut -d' ' -f1 /proc/uptime; sleep 2; cut -d' ' -f1 /proc/uptime; echo back-$((40+2))");
     m.wait_for("[vm 4] back-42", Duration::from_secs(120));
     let ups: Vec<f64> =
-        m.transcript().lines().filter_map(|l| l.strip_prefix("[vm 4] ")?.trim().parse::<f64>().ok()).collect();
+        m.transcript().lines().filter_map(|l| guest_text(l, "[vm 4] ")?.trim().parse::<f64>().ok()).collect();
     assert!(ups.len() >= 2 && ups[1] - ups[0] >= 1.9, "the restored guest's clock: {ups:?}");
     m.cmd("vm send 4 -- head -c 8 /dev/hwrng | od -An -tx1 | tr -d ' '; echo rng-$((3+4))");
     m.wait_for("[vm 4] rng-7", Duration::from_secs(120));
@@ -367,7 +366,7 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     let times: Vec<(u64, u64)> = t
         .lines()
         .filter_map(|l| {
-            let (a, b) = l.strip_prefix("[vm 1] user ")?.split_once(' ')?;
+            let (a, b) = guest_text(l, "[vm 1] user ")?.split_once(' ')?;
             Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
         })
         .collect();
@@ -425,9 +424,16 @@ const WRITE_PATTERN: &str = "yes hypervisor-disk-pattern | head -c 1048576 > /tm
 const READ_PATTERN: &str = "dd if=/dev/vda bs=4096 skip=100 count=256 2>/dev/null | md5sum";
 
 /// The MD5 sum on a line `<prefix><32 hex digits><suffix>` of `t`.
+/// What follows `prefix` (a guest's "[vm N] ") on a console line. A guest
+/// line that arrives just after the console printed its prompt follows the
+/// prompt ("hv> [vm 1] ...") on the same line.
+fn guest_text<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    line.strip_prefix(prefix).or_else(|| line.strip_prefix("hv> ")?.strip_prefix(prefix))
+}
+
 fn pattern_sum(t: &str, prefix: &str, suffix: &str) -> String {
     t.lines()
-        .filter_map(|l| l.strip_prefix(prefix)?.trim_end().strip_suffix(suffix))
+        .filter_map(|l| guest_text(l, prefix)?.trim_end().strip_suffix(suffix))
         .find(|s| s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()))
         .unwrap_or_else(|| panic!("no md5sum line ending {suffix:?} in:\n{t}"))
         .to_string()
