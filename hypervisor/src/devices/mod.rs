@@ -102,6 +102,17 @@ pub enum PortEffect {
     Reset,
 }
 
+/// A port access [`DeviceSet::pio_alone`] carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alone {
+    /// What an `in` read (0 for an `out`).
+    pub value: u32,
+    /// COM1's interrupt line is no longer where the controllers last saw
+    /// it: [`DeviceSet::update_lines`] must run before the guest can see
+    /// the interrupt (or stop seeing it).
+    pub line_moved: bool,
+}
+
 /// Every device model a VM can have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -771,6 +782,43 @@ impl DeviceSet {
         effect
     }
 
+    /// A port access carried out by one device whose registers reach no
+    /// other device, vCPU or host state: COM1, the CMOS clock, and reads of
+    /// the ACPI PM block (the PM timer; its writes can power off or reset).
+    /// What a vCPU running beside its siblings may do under the VM's
+    /// device lock while the interrupt controllers are the siblings'
+    /// (`manager::rounds`). `write`: the value an `out` writes; `None` for
+    /// an `in`. Returns `None`, having touched nothing, for any other
+    /// access (another device, one across devices, no device), which the
+    /// caller leaves to [`Self::pio_read`] / [`Self::pio_write`] with the
+    /// whole VM. Touches `devices` only, never `lapics`: the caller may
+    /// hold the APICs elsewhere.
+    pub fn pio_alone(&mut self, port: u16, size: u8, write: Option<u32>, now_ns: impl Fn() -> u64) -> Option<Alone> {
+        let (i, offset, rest) = self.pio.find_with_rest(port.into())?;
+        let alone = match self.devices[i].1 {
+            Device::Uart(_) | Device::Rtc(_) => true,
+            Device::AcpiPm(_) => write.is_none(),
+            _ => false,
+        };
+        if !alone || u64::from(size) > rest || !matches!(size, 1 | 2 | 4) {
+            return None;
+        }
+        let now = once(now_ns);
+        let now_ns = || now();
+        let value = match write {
+            Some(v) => {
+                // Neither device asks anything of the platform on a write.
+                let _ = self.devices[i].1.write(port, offset, size, v, &now_ns);
+                0
+            }
+            None => self.devices[i].1.read(port, offset, size, &now_ns),
+        };
+        // COM1 drives IRQ 4; the others no line (the PM block's SCI is
+        // not wired, and its writes are not taken here).
+        let line_moved = i == COM1_INDEX && self.com1().irq() != self.com1_level;
+        Some(Alone { value, line_moved })
+    }
+
     /// The VM's machine-check banks.
     pub fn mca(&mut self) -> &mut VirtualMca {
         &mut self.mca
@@ -1114,6 +1162,60 @@ mod tests {
         set.update_lines(due);
         set.pio_write(0x20, 1, 0x20, || due);
         assert!(!set.interrupt_pending());
+    }
+
+    #[test]
+    fn a_port_access_alone_reaches_com1_the_clock_and_pm_timer_reads_and_says_when_a_line_moved() {
+        use crate::firmware::acpi::{PM_TMR, PM1A_CNT};
+        let mut set = DeviceSet::pc(0, 16 << 20);
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        set.update_lines(0);
+        // COM1's line status: transmitter empty, nothing moved.
+        let lsr = set.pio_alone(COM1_BASE + 5, 1, None, || 0);
+        assert_eq!(lsr, Some(Alone { value: 0x60, line_moved: false }));
+        // Its scratch register, written then read back.
+        assert_eq!(set.pio_alone(COM1_BASE + 7, 1, Some(0x5a), || 0), Some(Alone { value: 0, line_moved: false }));
+        assert_eq!(set.pio_alone(COM1_BASE + 7, 1, None, || 0).map(|a| a.value), Some(0x5a));
+        // Bytes out reach the console's lines as from `pio_write`.
+        for &b in b"hi\n" {
+            assert!(set.pio_alone(COM1_BASE, 1, Some(b.into()), || 0).is_some());
+        }
+        assert!(set.com1_has_output());
+        assert_eq!(set.com1().take_lines(), ["hi"]);
+        // The CMOS clock's index and data; the PM timer, read at 1 s.
+        assert!(set.pio_alone(RTC_BASE, 1, Some(0x0a), || 0).is_some());
+        assert!(set.pio_alone(RTC_BASE + 1, 1, None, || 0).is_some());
+        let tmr = set.pio_alone(PM_TMR, 4, None, || 1_000_000_000).unwrap().value;
+        assert_eq!(u64::from(tmr), acpi_pm::PM_TIMER_HZ & 0xff_ffff);
+        // Not alone: a write to the PM block (it can power off), the PIC,
+        // the PIT, PCI, fw_cfg, the debug-exit port, no device; nothing
+        // of them moved.
+        let before = set.save();
+        for (port, write) in [
+            (PM1A_CNT, Some(0x2000)),
+            (0x21, None),
+            (0x21, Some(0xff)),
+            (0x40, None),
+            (0x43, Some(0x34)),
+            (pci::CONFIG_DATA, None),
+            (fw_cfg::DATA_PORT, None),
+            (EXIT_PORT, Some(1)),
+            (0x3e8, None),
+        ] {
+            assert_eq!(set.pio_alone(port, 1, write, || 0), None, "port {port:#x}");
+        }
+        assert_eq!(set.pio_alone(COM1_BASE + 7, 3, None, || 0), None, "not a width the CPU reports");
+        assert_eq!(set.save(), before, "refused accesses touched nothing");
+        // OUT2 and THRE enabled: COM1's IRQ 4 rises, which the caller must
+        // hand to the controllers.
+        assert_eq!(set.pio_alone(COM1_BASE + 4, 1, Some(0x08), || 0).map(|a| a.line_moved), Some(false));
+        assert_eq!(set.pio_alone(COM1_BASE + 1, 1, Some(0x02), || 0).map(|a| a.line_moved), Some(true));
+        assert!(!set.interrupt_pending(), "not before the lines are updated");
+        set.update_lines(0);
+        assert!(set.interrupt_pending());
+        assert_eq!(set.acknowledge_interrupt(), 0x34, "IRQ 4");
     }
 
     #[test]

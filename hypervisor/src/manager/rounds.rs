@@ -68,6 +68,7 @@ use super::local_mmio::{InterruptPages, LocalMmio, SiblingApicPage};
 use super::sibling_apic::{Outbox, PostedIrr, SiblingApic};
 use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
 use crate::backend::Backend;
+use crate::devices::DeviceSet;
 use crate::devices::lapic::Route;
 use crate::emulator::MmioFault;
 use crate::memory::GuestMemory;
@@ -282,6 +283,57 @@ pub struct Gang {
     shootdown_ticks: AtomicU64,
     shootdown_waits: AtomicU64,
     shootdown_wait_ticks: AtomicU64,
+    /// The VM's devices, for siblings' port accesses that reach nothing
+    /// else (`DeviceSet::pio_alone`).
+    devices: GangDevices,
+}
+
+/// The VM's devices as its siblings reach them in a round: one at a time,
+/// under a lock, and never its local APICs (each sibling holds its own;
+/// `DeviceSet::pio_alone` touches the device models alone). Nothing else
+/// touches the devices until the join: no `&mut Vm` exists meanwhile.
+struct GangDevices {
+    set: *mut DeviceSet,
+    lock: AtomicBool,
+    /// Console lines the accesses completed, in the order the lock gave
+    /// them (the guest's order), printed after the join.
+    lines: UnsafeCell<Vec<String>>,
+    /// COM1's interrupt line moved: the boot CPU brings the interrupt
+    /// controllers up to date after the join.
+    line_moved: AtomicBool,
+}
+
+// SAFETY: `set` and `lines` are reached only in `GangDevices::with`,
+// under `lock` (Acquire on taking it, Release on giving it back), and
+// `set` points at a VM's devices that nothing else touches until the
+// round's join, after which the gang is read on the boot CPU alone.
+unsafe impl Sync for GangDevices {}
+
+impl GangDevices {
+    /// Devices that are no VM's: every access is left to the boot CPU.
+    fn none() -> Self {
+        GangDevices {
+            set: core::ptr::null_mut(),
+            lock: AtomicBool::new(false),
+            lines: UnsafeCell::new(Vec::new()),
+            line_moved: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on the devices and the round's console lines, alone.
+    fn with<R>(&self, f: impl FnOnce(&mut DeviceSet, &mut Vec<String>) -> R) -> Option<R> {
+        if self.set.is_null() {
+            return None;
+        }
+        while self.lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the lock is held (see the `Sync` impl), and `set` is
+        // the VM's, alive until the join (`prepare_siblings`).
+        let r = unsafe { f(&mut *self.set, &mut *self.lines.get()) };
+        self.lock.store(false, Ordering::Release);
+        Some(r)
+    }
 }
 
 /// `Gang::inside` of a vCPU not in the guest.
@@ -325,6 +377,7 @@ impl Gang {
             shootdown_ticks: AtomicU64::new(0),
             shootdown_waits: AtomicU64::new(0),
             shootdown_wait_ticks: AtomicU64::new(0),
+            devices: GangDevices::none(),
         }
     }
 
@@ -569,6 +622,12 @@ pub struct Sibling<B: Backend> {
     faults_in_place: u64,
     swapped_in: u64,
     cow_breaks: u64,
+    /// Port accesses it carried out where it ran (`sibling_pio`), and
+    /// whether its slice ended because one moved COM1's interrupt line.
+    pio_here: u64,
+    line_moved: bool,
+    /// The VM's clock offset, for the devices that keep time.
+    clock_offset_ns: i64,
     /// The VM's CPUID answers, read by every sibling, written by none.
     cpuid: *const crate::cpuid::Profile,
     apic_id: u32,
@@ -977,6 +1036,20 @@ unsafe fn run_sibling<B: Backend>(
                 // its timer (the slice's, under AMD-V): set it again.
                 slot.vcpu.set_time_slice(entry_budget(backend.now(), armed, deadline));
             }
+            // A port access to a device that reaches nothing else (COM1
+            // polled or written, the CMOS clock, the PM timer): here.
+            VmExit::Io(io) if let Some(moved) = sibling_pio(&mut slot.vcpu, gang, io, backend, s) => {
+                s.pio_here += 1;
+                if moved {
+                    // COM1's interrupt line moved, and the interrupt
+                    // controllers are the boot CPU's: it raises (or
+                    // lowers) the line after the join, which this makes
+                    // come now.
+                    gang.end(here.index, backend);
+                    s.line_moved = true;
+                    break None;
+                }
+            }
             other => {
                 // The boot CPU handles it after the join: end the others'
                 // slices now rather than let them run out.
@@ -1024,6 +1097,43 @@ unsafe fn run_sibling<B: Backend>(
     backend.prefer_node(None);
     here.current_vm.store(0, Ordering::Relaxed);
     SliceEnd { flow: Flow::Yield, deferred }
+}
+
+/// A sibling's `in` or `out` (not the string forms) of a device that
+/// reaches no other device, vCPU or host state (`DeviceSet::pio_alone`),
+/// carried out where it runs under the gang's device lock: a vCPU that
+/// polls COM1 or reads the PM timer beside its siblings no longer ends
+/// their slices for it. Whether COM1's interrupt line moved (the boot
+/// CPU's to carry to the controllers); `None` with nothing done for any
+/// other access, which the boot CPU handles after the join.
+fn sibling_pio<B: Backend>(
+    vcpu: &mut B::Vcpu,
+    gang: &Gang,
+    io: vcpu::IoAccess,
+    backend: &B,
+    s: &Sibling<B>,
+) -> Option<bool> {
+    if io.string {
+        return None;
+    }
+    let value = (vcpu.gprs().rax & crate::vm::exit::io_mask(io.size)) as u32;
+    let (vm_id, offset_ns) = (s.vm_id, s.clock_offset_ns);
+    let now_ns = || vm_ns(backend.now(), backend.tsc_hz(), offset_ns);
+    let done = gang.devices.with(|devices, lines| {
+        let done = devices.pio_alone(io.port, io.size, io.write.then_some(value), now_ns)?;
+        if io.write && devices.com1_has_output() {
+            lines.extend(devices.com1().take_lines().into_iter().map(|l| alloc::format!("[vm {vm_id}] {l}")));
+        }
+        Some(done)
+    })??;
+    if !io.write {
+        crate::vm::exit::complete_in(vcpu, io.size, done.value);
+    }
+    vcpu.skip_instruction();
+    if done.line_moved {
+        gang.devices.line_moved.store(true, Ordering::Relaxed);
+    }
+    Some(done.line_moved)
 }
 
 /// A sibling whose vCPU halted waits on its CPU (halting it until a kick or
@@ -1677,7 +1787,7 @@ impl<B: Backend> Manager<B> {
             self.finish_slice(i, v, end.flow, console);
         }
         for gang in &gangs {
-            self.absorb_gang(gang);
+            self.absorb_gang(gang, console);
         }
         // VMs of which a sibling ended its slice halted: idle, they may have
         // a line to show.
@@ -1884,7 +1994,10 @@ impl<B: Backend> Manager<B> {
             let (vm_id, cpuid, offset_ns) = (vm.id, &raw const vm.cpuid, vm.clock_offset_ns);
             let tsc = vm.devices.guest_tsc_clock();
             let lapics = vm.devices.lapics_ptr();
-            let gang = Box::new(Gang::new(i, &mine, vm.devices.routes().collect()));
+            let mut gang = Box::new(Gang::new(i, &mine, vm.devices.routes().collect()));
+            // The siblings reach the devices (not the APICs, whose
+            // pointers were taken above) under the gang's lock.
+            gang.devices.set = &raw mut vm.devices;
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
             let mem: *mut GuestMemory<B::Format> = &raw mut res.mem;
@@ -1911,6 +2024,9 @@ impl<B: Backend> Manager<B> {
                     faults_in_place: 0,
                     swapped_in: 0,
                     cow_breaks: 0,
+                    pio_here: 0,
+                    line_moved: false,
+                    clock_offset_ns: offset_ns,
                     cpuid,
                     apic_id,
                     vm_id,
@@ -1934,10 +2050,19 @@ impl<B: Backend> Manager<B> {
     /// I/O APIC reach it, and what the devices cache about the APICs
     /// (timers, pending interrupts: what wakes a halted vCPU) is looked
     /// up again.
-    fn absorb_gang(&mut self, gang: &Gang) {
+    fn absorb_gang(&mut self, gang: &Gang, console: &mut impl Console) {
         let Ok(backend) = self.backend.as_ref() else { return };
         let (now, hz) = (backend.now(), backend.tsc_hz());
         let vm = &mut self.vms[gang.vm];
+        // What the siblings' port accesses printed, in the guest's order.
+        let _ = gang.devices.with(|_, lines| {
+            for l in lines.drain(..) {
+                console.line(&l);
+            }
+        });
+        if gang.devices.line_moved.load(Ordering::Relaxed) {
+            vm.devices.update_lines(vm_ns(now, hz, vm.clock_offset_ns));
+        }
         for (v, posted) in gang.posted.iter().enumerate() {
             if let Some(lapic) = vm.devices.lapic_mut(v) {
                 let waiting = posted.take(|vector| {
@@ -1981,6 +2106,8 @@ impl<B: Backend> Manager<B> {
         vm.stats.sibling_halts += s.halts;
         vm.stats.sibling_wakes += s.woken;
         vm.stats.sibling_ipi_ends += u64::from(s.ipi_away);
+        vm.stats.sibling_pio += s.pio_here;
+        vm.stats.sibling_line_ends += u64::from(s.line_moved);
         vm.stats.host_calls += s.host_calls;
         vm.stats.sibling_faults += s.host_calls + s.faults_in_place;
         vm.reclaim.swapped_in += s.swapped_in;

@@ -928,3 +928,93 @@ fn a_vcpu_that_does_not_compute_between_two_that_do_still_gets_its_turn() {
     assert!(m.run_round(&mut con, &mut other));
     assert_eq!(slices(&m)[1], 1, "{:?}", slices(&m));
 }
+
+/// `in al, dx` from `port`.
+fn port_in(port: u16) -> Step {
+    exit(VmExit::Io(IoAccess { port, size: 1, write: false, string: false, rep: false }))
+}
+
+/// `out dx, al` of `byte` to `port`.
+fn port_out(port: u16, byte: u8) -> Step {
+    Box::new(move |v| {
+        v.gprs.rax = u64::from(byte);
+        VmExit::Io(IoAccess { port, size: 1, write: true, string: false, rep: false })
+    })
+}
+
+#[test]
+fn siblings_poll_and_write_com1_where_they_run_and_their_lines_keep_the_guests_order() {
+    let mut m = manager();
+    // Each runs out a slice alone (so both compute); then, side by side,
+    // vCPU 0 polls COM1's line status and prints a line, vCPU 1 (on a
+    // thread of its own) reads the PM timer and the CMOS clock and prints
+    // one, each between CPUIDs.
+    let lsr = crate::devices::COM1_BASE + 5;
+    let pm_tmr = crate::firmware::acpi::PM_TMR;
+    let mut v0 = vec![exit(VmExit::Preempted)];
+    v0.extend((0..20).map(|_| port_in(lsr)));
+    v0.extend(b"zero\n".iter().map(|&c| com1(c)));
+    v0.push(exit(VmExit::Cpuid));
+    let mut v1 = vec![exit(VmExit::Preempted), port_in(pm_tmr), port_out(0x70, 0x0a), port_in(0x71)];
+    v1.extend(b"one\n".iter().map(|&c| com1(c)));
+    v1.push(exit(VmExit::Cpuid));
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    let con = round_beside_a_thread(&mut m);
+
+    let vm = m.get(id).unwrap();
+    assert_eq!(vm.stats.parallel_slices, 2, "both ran as siblings");
+    assert_eq!(m.sched.deferred_exits, 0, "no port access waited for the join");
+    assert_eq!(m.sched.kicked_slices, 0, "nobody's slice was cut short");
+    assert_eq!(vm.stats.sibling_pio, 20 + 5 + 3 + 4, "{:?}", vm.stats);
+    assert_eq!(vm.stats.sibling_line_ends, 0);
+    for slot in vm.res.as_ref().unwrap().vcpus.iter() {
+        assert!(slot.vcpu.script.is_empty(), "each ran its whole script in one slice");
+        assert!(slot.computing, "and still computes");
+    }
+    assert!(con.0.iter().any(|l| l == "[vm 1] zero"), "{:?}", con.0);
+    assert!(con.0.iter().any(|l| l == "[vm 1] one"), "{:?}", con.0);
+    assert_eq!(vm.devices.com1_bytes_out(), 9);
+}
+
+#[test]
+fn a_siblings_port_access_that_moves_com1s_line_ends_the_round_and_the_line_reaches_the_pic() {
+    let mut m = manager();
+    // vCPU 0, beside vCPU 1, enables COM1's transmitter-empty interrupt
+    // (OUT2, then IER): IRQ 4 rises, which only the boot CPU can carry to
+    // the interrupt controllers.
+    let v0 = vec![
+        exit(VmExit::Preempted),
+        port_out(crate::devices::COM1_BASE + 4, 0x08),
+        port_out(crate::devices::COM1_BASE + 1, 0x02),
+        exit(VmExit::Cpuid),
+    ];
+    let v1 = vec![exit(VmExit::Preempted)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    // The PIC as Linux sets it up: vectors 0x30.., all unmasked.
+    {
+        let vm = m.vms[0].as_mut();
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            vm.devices.pio_write(port, 1, v, || 0);
+        }
+        vm.devices.update_lines(0);
+        assert!(!vm.devices.interrupt_pending());
+    }
+    assert!(m.run_round(&mut con, &mut other));
+    let vm = m.get(id).unwrap();
+    // The stand-in CPU starts vCPU 1 only in the join, when the round is
+    // already over for it.
+    assert_eq!(vm.stats.parallel_slices, 1);
+    assert_eq!(m.sched.kicked_slices, 1, "vCPU 1's slice ended with the round");
+    assert_eq!((vm.stats.sibling_pio, vm.stats.sibling_line_ends), (2, 1), "{:?}", vm.stats);
+    assert_eq!(m.sched.deferred_exits, 0, "the access was carried out where it ran");
+    let v0 = &vm.res.as_ref().unwrap().vcpus[0];
+    assert_eq!(v0.vcpu.script.len(), 1, "its slice ended at the write that moved the line");
+    assert!(!v0.computing, "it runs with its whole VM next");
+    assert!(vm.devices.interrupt_pending_for(0), "IRQ 4 reached the PIC (vCPU 0's INTR) after the join");
+}

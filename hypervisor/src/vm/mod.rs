@@ -136,6 +136,12 @@ pub struct VmStats {
     /// Sibling slices that ended at an IPI for a vCPU not in the guest,
     /// so that it runs before a second one (`manager::rounds`).
     pub sibling_ipi_ends: u64,
+    /// Port accesses a sibling carried out where it ran (COM1, the CMOS
+    /// clock, the PM timer's reads: `DeviceSet::pio_alone`), each instead
+    /// of an end of the round; and the sibling slices one of them ended
+    /// because it moved COM1's interrupt line.
+    pub sibling_pio: u64,
+    pub sibling_line_ends: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.
