@@ -375,9 +375,12 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     let s = m.json("vm stats 1 --json");
     let cpus: Vec<&str> = s["vcpus"].as_array().unwrap().iter().map(|v| v["host_cpus"].as_str().unwrap()).collect();
     eprintln!(
-        "{}: two busy loops on 2 vCPUs: user ticks {times:?}; vCPUs on host cpus {cpus:?}, {} slices beside a sibling",
+        "{}: two busy loops on 2 vCPUs: user ticks {times:?}; vCPUs on host cpus {cpus:?}, {} slices beside a sibling, \
+         {} port accesses carried out there, {} of those slices ended by a moved interrupt line",
         emu.name(),
-        s["parallel_slices"]
+        s["parallel_slices"],
+        s["sibling_pio"],
+        s["sibling_line_ends"]
     );
     // A host-wide free-memory target beside a guest without a balloon
     // driver (memtest): the planner balloons Linux and swaps memtest, which
