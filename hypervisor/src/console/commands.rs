@@ -448,7 +448,7 @@ fn stats_reply<B: Backend>(
         text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
     }
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running, {} port accesses carried out there, {} slices ended by one that moved an interrupt line)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  exits of its slices on other cpus handled by the boot cpu while the slice waited: {}\n  faults on ram beside a sibling fixed while the round ran: {} ({} shot down on the siblings' cpus)\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running, {} port accesses carried out there, {} interrupt-line moves carried there, {} slices ended by one that moved a line the boot cpu carries)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  exits of its slices on other cpus handled by the boot cpu while the slice waited: {}\n  faults on ram beside a sibling fixed while the round ran: {} ({} shot down on the siblings' cpus)\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.parallel_slices,
         vm.stats.sibling_apic_accesses,
@@ -457,6 +457,7 @@ fn stats_reply<B: Backend>(
         vm.stats.sibling_wakes,
         vm.stats.sibling_ipi_ends,
         vm.stats.sibling_pio,
+        vm.stats.sibling_lines,
         vm.stats.sibling_line_ends,
         vm.stats.unbacked_io,
         vm.stats.mmio,
@@ -610,6 +611,7 @@ fn stats_reply<B: Backend>(
         o.insert("sibling_ipi_ends".into(), json!(vm.stats.sibling_ipi_ends));
         o.insert("sibling_pio".into(), json!(vm.stats.sibling_pio));
         o.insert("sibling_line_ends".into(), json!(vm.stats.sibling_line_ends));
+        o.insert("sibling_lines".into(), json!(vm.stats.sibling_lines));
         o.insert("uart_bytes_out".into(), json!(vm.devices.com1_bytes_out()));
         o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));
         o.insert(

@@ -70,6 +70,53 @@ impl DeviceSet {
         self.set_isa_irq(irq, false);
     }
 
+    /// COM1's line as a vCPU running beside its siblings moved it
+    /// ([`DeviceSet::pio_alone`]), carried to both controllers where that
+    /// vCPU runs, when all that follows is fixed (or lowest-priority)
+    /// edge-triggered interrupts for local APICs: `post` hands each to
+    /// its vCPU (`routes`: every vCPU's route as the round began). Not if
+    /// the PIC's INTR would change (vCPU 0's ExtINT, the boot CPU's to
+    /// deliver), nor if the I/O APIC would send a level-triggered message
+    /// (its remote IRR waits for an EOI) or one of another mode: then it
+    /// returns false having touched nothing, and [`Self::update_lines`]
+    /// does it later with the whole VM. Touches the controllers, never
+    /// `lapics` (the siblings hold them).
+    pub fn com1_line_alone(&mut self, routes: &[lapic::Route], mut post: impl FnMut(usize, u8)) -> bool {
+        let level = self.com1().irq();
+        if level == self.com1_level {
+            return true;
+        }
+        // Tried on copies first (both are a few words): a refusal leaves
+        // the controllers as they were.
+        let mut pic = self.pic().clone();
+        pic.set_irq(4, level);
+        if pic.output() != self.pic().output() {
+            return false;
+        }
+        let mut ioapic = self.ioapic.clone();
+        let message = ioapic.set_irq(ioapic_pin(4), level);
+        if message
+            .is_some_and(|m| m.level_triggered || !matches!(m.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority))
+        {
+            return false;
+        }
+        *self.pic() = pic;
+        self.ioapic = ioapic;
+        self.com1_level = level;
+        if let Some(m) = message {
+            let mut targets = destinations(routes.iter().copied(), m.logical, m.destination.into(), false);
+            if m.mode == DeliveryMode::LowestPriority {
+                // As `send`: the first APIC selected (11.6.2.4).
+                targets = targets.isolate_lowest_one();
+            }
+            while targets != 0 {
+                post(targets.trailing_zeros() as usize, m.vector);
+                targets &= targets - 1;
+            }
+        }
+        true
+    }
+
     /// An I/O APIC message to the local APICs it names.
     pub(super) fn deliver(&mut self, m: Message) {
         let targets = self.destinations(m.logical, m.destination.into(), false);

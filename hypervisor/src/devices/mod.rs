@@ -1219,6 +1219,57 @@ mod tests {
     }
 
     #[test]
+    fn com1s_line_is_carried_alone_only_to_fixed_edge_interrupts_and_a_refusal_changes_nothing() {
+        let mut set = DeviceSet::pc_smp(0, 16 << 20, 2);
+        let routes: Vec<lapic::Route> = set.routes().collect();
+        // The PIC initialised and masked; OUT2 on.
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xff)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        set.pio_write(COM1_BASE + 4, 1, 0x08, || 0);
+        set.update_lines(0);
+        let pin4 = |set: &mut DeviceSet, low: u64, high: u64| {
+            for (reg, value) in [(0x18, low), (0x19, high)] {
+                assert!(set.mmio_write(0xfec0_0000, 4, reg, 0));
+                assert!(set.mmio_write(0xfec0_0010, 4, value, 0));
+            }
+        };
+        let mut posted = Vec::new();
+        // Level-triggered (bit 15): refused, nothing changed.
+        pin4(&mut set, 0x8024, 1 << 24);
+        assert!(set.pio_alone(COM1_BASE + 1, 1, Some(0x02), || 0).unwrap().line_moved);
+        let before = set.save();
+        assert!(!set.com1_line_alone(&routes, |v, vector| posted.push((v, vector))));
+        assert!(posted.is_empty());
+        assert_eq!(set.save(), before);
+        // Edge-triggered, fixed, to APIC ID 1: posted to vCPU 1.
+        pin4(&mut set, 0x24, 1 << 24);
+        assert!(set.com1_line_alone(&routes, |v, vector| posted.push((v, vector))));
+        assert_eq!(posted, [(1, 0x24)]);
+        set.update_lines(0);
+        assert!(!set.interrupt_pending_for(1), "posted, not put in its APIC here, nor sent again");
+        // The line falls: nothing to send.
+        assert!(set.pio_alone(COM1_BASE + 1, 1, Some(0x00), || 0).unwrap().line_moved);
+        assert!(set.com1_line_alone(&routes, |v, vector| posted.push((v, vector))));
+        assert_eq!(posted.len(), 1);
+        // With the PIC's IRQ 4 unmasked, a rise would raise its INTR
+        // (vCPU 0's ExtINT): refused, nothing changed.
+        let mut set = DeviceSet::pc_smp(0, 16 << 20, 2);
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xef)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        set.pio_write(COM1_BASE + 4, 1, 0x08, || 0);
+        set.update_lines(0);
+        assert!(set.pio_alone(COM1_BASE + 1, 1, Some(0x02), || 0).unwrap().line_moved);
+        let before = set.save();
+        assert!(!set.com1_line_alone(&routes, |v, vector| posted.push((v, vector))));
+        assert_eq!(set.save(), before);
+        assert_eq!(posted.len(), 1);
+        set.update_lines(0);
+        assert!(set.interrupt_pending_for(0), "the boot CPU's update raises it");
+    }
+
+    #[test]
     fn only_a_port_access_that_can_move_a_line_asks_for_the_lines_to_be_recomputed() {
         let mut set = DeviceSet::pc(0, 16 << 20);
         for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {

@@ -626,6 +626,8 @@ pub struct Sibling<B: Backend> {
     /// whether its slice ended because one moved COM1's interrupt line.
     pio_here: u64,
     line_moved: bool,
+    /// Moves of COM1's line it carried to the controllers where it ran.
+    lines_here: u64,
     /// The VM's clock offset, for the devices that keep time.
     clock_offset_ns: i64,
     /// The VM's CPUID answers, read by every sibling, written by none.
@@ -1038,16 +1040,21 @@ unsafe fn run_sibling<B: Backend>(
             }
             // A port access to a device that reaches nothing else (COM1
             // polled or written, the CMOS clock, the PM timer): here.
-            VmExit::Io(io) if let Some(moved) = sibling_pio(&mut slot.vcpu, gang, io, backend, s) => {
+            VmExit::Io(io) if let Some(line) = sibling_pio(&mut slot.vcpu, gang, io, backend, s, &out) => {
                 s.pio_here += 1;
-                if moved {
-                    // COM1's interrupt line moved, and the interrupt
-                    // controllers are the boot CPU's: it raises (or
-                    // lowers) the line after the join, which this makes
-                    // come now.
-                    gang.end(here.index, backend);
-                    s.line_moved = true;
-                    break None;
+                match line {
+                    Line::Still => {}
+                    // Its interrupts were posted like IPIs (kicked below).
+                    Line::Carried => s.lines_here += 1,
+                    Line::Left => {
+                        // COM1's line moved, and what it reaches is the
+                        // boot CPU's (vCPU 0's ExtINT, a level-triggered
+                        // entry): it carries the line after the join,
+                        // which this makes come now.
+                        gang.end(here.index, backend);
+                        s.line_moved = true;
+                        break None;
+                    }
                 }
             }
             other => {
@@ -1099,41 +1106,61 @@ unsafe fn run_sibling<B: Backend>(
     SliceEnd { flow: Flow::Yield, deferred }
 }
 
+/// What became of COM1's interrupt line after a sibling's port access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Line {
+    /// Where it was.
+    Still,
+    /// Moved, and carried to the controllers where the sibling runs: the
+    /// interrupts it sent are posted to their vCPUs.
+    Carried,
+    /// Moved, and left to the boot CPU (`DeviceSet::com1_line_alone`
+    /// refused): the round must end for it.
+    Left,
+}
+
 /// A sibling's `in` or `out` (not the string forms) of a device that
 /// reaches no other device, vCPU or host state (`DeviceSet::pio_alone`),
 /// carried out where it runs under the gang's device lock: a vCPU that
 /// polls COM1 or reads the PM timer beside its siblings no longer ends
-/// their slices for it. Whether COM1's interrupt line moved (the boot
-/// CPU's to carry to the controllers); `None` with nothing done for any
-/// other access, which the boot CPU handles after the join.
+/// their slices for it. A moved COM1 line is carried to the interrupt
+/// controllers there too when it only sends fixed interrupts, posted to
+/// their vCPUs through `out`. `None` with nothing done for any other
+/// access, which the boot CPU handles after the join.
 fn sibling_pio<B: Backend>(
     vcpu: &mut B::Vcpu,
     gang: &Gang,
     io: vcpu::IoAccess,
     backend: &B,
     s: &Sibling<B>,
-) -> Option<bool> {
+    out: &GangOutbox<'_>,
+) -> Option<Line> {
     if io.string {
         return None;
     }
     let value = (vcpu.gprs().rax & crate::vm::exit::io_mask(io.size)) as u32;
     let (vm_id, offset_ns) = (s.vm_id, s.clock_offset_ns);
     let now_ns = || vm_ns(backend.now(), backend.tsc_hz(), offset_ns);
-    let done = gang.devices.with(|devices, lines| {
+    let (done, line) = gang.devices.with(|devices, lines| {
         let done = devices.pio_alone(io.port, io.size, io.write.then_some(value), now_ns)?;
         if io.write && devices.com1_has_output() {
             lines.extend(devices.com1().take_lines().into_iter().map(|l| alloc::format!("[vm {vm_id}] {l}")));
         }
-        Some(done)
+        let line = match done.line_moved {
+            false => Line::Still,
+            true if devices.com1_line_alone(&gang.routes, |v, vector| out.post(v, vector)) => Line::Carried,
+            true => Line::Left,
+        };
+        Some((done, line))
     })??;
     if !io.write {
         crate::vm::exit::complete_in(vcpu, io.size, done.value);
     }
     vcpu.skip_instruction();
-    if done.line_moved {
+    if line == Line::Left {
         gang.devices.line_moved.store(true, Ordering::Relaxed);
     }
-    Some(done.line_moved)
+    Some(line)
 }
 
 /// A sibling whose vCPU halted waits on its CPU (halting it until a kick or
@@ -2026,6 +2053,7 @@ impl<B: Backend> Manager<B> {
                     cow_breaks: 0,
                     pio_here: 0,
                     line_moved: false,
+                    lines_here: 0,
                     clock_offset_ns: offset_ns,
                     cpuid,
                     apic_id,
@@ -2108,6 +2136,7 @@ impl<B: Backend> Manager<B> {
         vm.stats.sibling_ipi_ends += u64::from(s.ipi_away);
         vm.stats.sibling_pio += s.pio_here;
         vm.stats.sibling_line_ends += u64::from(s.line_moved);
+        vm.stats.sibling_lines += s.lines_here;
         vm.stats.host_calls += s.host_calls;
         vm.stats.sibling_faults += s.host_calls + s.faults_in_place;
         vm.reclaim.swapped_in += s.swapped_in;

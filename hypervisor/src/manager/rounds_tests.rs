@@ -1018,3 +1018,42 @@ fn a_siblings_port_access_that_moves_com1s_line_ends_the_round_and_the_line_reac
     assert!(!v0.computing, "it runs with its whole VM next");
     assert!(vm.devices.interrupt_pending_for(0), "IRQ 4 reached the PIC (vCPU 0's INTR) after the join");
 }
+
+#[test]
+fn a_siblings_com1_interrupt_through_the_io_apic_is_posted_where_it_runs_and_the_round_goes_on() {
+    let mut m = manager();
+    // As Linux with the I/O APIC: the PIC masked, pin 4 edge-triggered,
+    // fixed, vector 0x24, to APIC ID 1. vCPU 0 (here) enables COM1's
+    // transmitter-empty interrupt beside vCPU 1 (on the other CPU), which
+    // ends it.
+    let com = crate::devices::COM1_BASE;
+    let v0 = vec![exit(VmExit::Preempted), port_out(com + 4, 0x08), port_out(com + 1, 0x02), exit(VmExit::Cpuid)];
+    let v1 = vec![exit(VmExit::Preempted), wrmsr(0x80b, 0), exit(VmExit::Cpuid)];
+    let (id, mut other) = two_vcpu_vm(&mut m, [v0, v1]);
+    x2apic_on(&mut m);
+    {
+        let d = &mut m.vms[0].devices;
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xff)] {
+            d.pio_write(port, 1, v, || 0);
+        }
+        for (reg, value) in [(0x18, 0x24), (0x19, 1 << 24)] {
+            assert!(d.mmio_write(0xfec0_0000, 4, reg, 0));
+            assert!(d.mmio_write(0xfec0_0010, 4, value, 0));
+        }
+        d.update_lines(0);
+    }
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    assert_eq!(m.sched.sibling_slices, 2, "round 3 ran both at once");
+    let vm = m.get(id).unwrap();
+    assert_eq!((vm.stats.sibling_pio, vm.stats.sibling_lines, vm.stats.sibling_line_ends), (2, 1, 0), "{:?}", vm.stats);
+    assert_eq!(m.sched.deferred_exits, 0);
+    let vcpus = &vm.res.as_ref().unwrap().vcpus;
+    assert!(vcpus[0].vcpu.script.is_empty(), "vCPU 0 went on after the write that raised the line");
+    assert!(vcpus[0].computing);
+    assert_eq!(interrupts_taken(&vcpus[1].vcpu), [0x24], "IRQ 4, posted to vCPU 1 and taken at its entry");
+    assert_eq!(vm.devices.lapic(1).unwrap().ppr(), 0, "and ended there");
+    assert!(!vm.devices.interrupt_pending_for(0) && !vm.devices.interrupt_pending_for(1), "nothing left over");
+}

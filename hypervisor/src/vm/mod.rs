@@ -142,6 +142,9 @@ pub struct VmStats {
     /// because it moved COM1's interrupt line.
     pub sibling_pio: u64,
     pub sibling_line_ends: u64,
+    /// Moves of COM1's interrupt line a sibling carried to the interrupt
+    /// controllers where it ran (its interrupts posted to their vCPUs).
+    pub sibling_lines: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.
