@@ -1040,7 +1040,10 @@ unsafe fn run_sibling<B: Backend>(
             }
             // A port access to a device that reaches nothing else (COM1
             // polled or written, the CMOS clock, the PM timer): here.
-            VmExit::Io(io) if let Some(line) = sibling_pio(&mut slot.vcpu, gang, io, backend, s, &out) => {
+            VmExit::Io(io)
+                if let Some(line) =
+                    sibling_pio(&mut slot.vcpu, gang, io, &*backend, (s.vm_id, s.clock_offset_ns), &out) =>
+            {
                 s.pio_here += 1;
                 match line {
                     Line::Still => {}
@@ -1128,20 +1131,25 @@ enum Line {
 /// their vCPUs through `out`. `None` with nothing done for any other
 /// access, which the boot CPU handles after the join.
 fn sibling_pio<B: Backend>(
-    vcpu: &mut B::Vcpu,
+    vcpu: &mut impl Vcpu,
     gang: &Gang,
     io: vcpu::IoAccess,
     backend: &B,
-    s: &Sibling<B>,
+    (vm_id, offset_ns): (u32, i64),
     out: &GangOutbox<'_>,
 ) -> Option<Line> {
     if io.string {
         return None;
     }
     let value = (vcpu.gprs().rax & crate::vm::exit::io_mask(io.size)) as u32;
-    let (vm_id, offset_ns) = (s.vm_id, s.clock_offset_ns);
     let now_ns = || vm_ns(backend.now(), backend.tsc_hz(), offset_ns);
     let (done, line) = gang.devices.with(|devices, lines| {
+        // A line left for the boot CPU: every later access waits for it
+        // too, so that one moving the line back cannot hide the edge
+        // before the boot CPU carries it.
+        if gang.devices.line_moved.load(Ordering::Relaxed) {
+            return None;
+        }
         let done = devices.pio_alone(io.port, io.size, io.write.then_some(value), now_ns)?;
         if io.write && devices.com1_has_output() {
             lines.extend(devices.com1().take_lines().into_iter().map(|l| alloc::format!("[vm {vm_id}] {l}")));
@@ -1149,7 +1157,10 @@ fn sibling_pio<B: Backend>(
         let line = match done.line_moved {
             false => Line::Still,
             true if devices.com1_line_alone(&gang.routes, |v, vector| out.post(v, vector)) => Line::Carried,
-            true => Line::Left,
+            true => {
+                gang.devices.line_moved.store(true, Ordering::Relaxed);
+                Line::Left
+            }
         };
         Some((done, line))
     })??;
@@ -1157,9 +1168,6 @@ fn sibling_pio<B: Backend>(
         crate::vm::exit::complete_in(vcpu, io.size, done.value);
     }
     vcpu.skip_instruction();
-    if line == Line::Left {
-        gang.devices.line_moved.store(true, Ordering::Relaxed);
-    }
     Some(line)
 }
 
@@ -2199,6 +2207,40 @@ mod gang_tests {
     use super::{Gang, NO_CPU, NOT_YET};
     use crate::testing::MockBackend;
     use core::sync::atomic::Ordering;
+
+    #[test]
+    fn after_a_line_left_for_the_boot_cpu_siblings_leave_it_their_accesses_too_so_no_edge_is_lost() {
+        use super::{GangOutbox, Line, sibling_pio};
+        use crate::devices::{COM1_BASE, DeviceSet};
+        use crate::testing::MockVcpu;
+        use vcpu::IoAccess;
+        let b = MockBackend::new(16);
+        let mut set = DeviceSet::pc_smp(0, 16 << 20, 2);
+        // The PIC unmasked (a rise of IRQ 4 raises vCPU 0's INTR: the
+        // boot CPU's to carry), COM1's OUT2 on.
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            set.pio_write(port, 1, v, || 0);
+        }
+        set.pio_write(COM1_BASE + 4, 1, 0x08, || 0);
+        set.update_lines(0);
+        let mut gang = Gang::new(0, &[0, 1], set.routes().collect());
+        gang.devices.set = &raw mut set;
+        let out = GangOutbox::new(&gang);
+        let mut v = MockVcpu::new(&Default::default());
+        let io = |port: u16, write: bool| IoAccess { port, size: 1, write, string: false, rep: false };
+        // vCPU 0 enables the transmitter-empty interrupt: IRQ 4 rises,
+        // left to the boot CPU.
+        v.gprs.rax = 0x02;
+        assert_eq!(sibling_pio(&mut v, &gang, io(COM1_BASE + 1, true), &b, (1, 0), &out), Some(Line::Left));
+        // vCPU 1's read of IIR would acknowledge it and lower the line
+        // before the boot CPU saw it rise: left to the boot CPU, undone.
+        assert_eq!(sibling_pio(&mut v, &gang, io(COM1_BASE + 2, false), &b, (1, 0), &out), None);
+        // After the join: the rise first, then the read.
+        drop(gang);
+        set.update_lines(0);
+        assert!(set.interrupt_pending_for(0), "the edge reached the PIC");
+        assert_eq!(set.pio_read(COM1_BASE + 2, 1, || 0), crate::devices::PortEffect::Done(0x02));
+    }
 
     #[test]
     fn a_shootdown_waits_for_a_sibling_in_the_guest_and_each_flushes_before_it_enters_again() {
