@@ -334,6 +334,12 @@ impl GangDevices {
         self.lock.store(false, Ordering::Release);
         Some(r)
     }
+
+    /// The console lines the round's accesses completed (after the join:
+    /// the devices are the VM's again, and are not reached here).
+    fn take_lines(&mut self) -> Vec<String> {
+        core::mem::take(self.lines.get_mut())
+    }
 }
 
 /// `Gang::inside` of a vCPU not in the guest.
@@ -1821,7 +1827,7 @@ impl<B: Backend> Manager<B> {
         if let Some(end) = end {
             self.finish_slice(i, v, end.flow, console);
         }
-        for gang in &gangs {
+        for gang in &mut gangs {
             self.absorb_gang(gang, console);
         }
         // VMs of which a sibling ended its slice halted: idle, they may have
@@ -2086,16 +2092,14 @@ impl<B: Backend> Manager<B> {
     /// I/O APIC reach it, and what the devices cache about the APICs
     /// (timers, pending interrupts: what wakes a halted vCPU) is looked
     /// up again.
-    fn absorb_gang(&mut self, gang: &Gang, console: &mut impl Console) {
+    fn absorb_gang(&mut self, gang: &mut Gang, console: &mut impl Console) {
+        // What the siblings' port accesses printed, in the guest's order.
+        for l in gang.devices.take_lines() {
+            console.line(&l);
+        }
         let Ok(backend) = self.backend.as_ref() else { return };
         let (now, hz) = (backend.now(), backend.tsc_hz());
         let vm = &mut self.vms[gang.vm];
-        // What the siblings' port accesses printed, in the guest's order.
-        let _ = gang.devices.with(|_, lines| {
-            for l in lines.drain(..) {
-                console.line(&l);
-            }
-        });
         if gang.devices.line_moved.load(Ordering::Relaxed) {
             vm.devices.update_lines(vm_ns(now, hz, vm.clock_offset_ns));
         }
