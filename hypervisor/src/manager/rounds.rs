@@ -746,13 +746,13 @@ impl<B: Backend> AwaySlice<B> {
 
     /// # Safety
     /// As [`AwaySlice::run`].
-    unsafe fn run_with(&mut self, backend: &mut B, host: Option<&mut HostMemory>) {
+    unsafe fn run_with(&mut self, backend: &mut B, mut host: Option<&mut HostMemory>) {
         self.cpu = vcpu::cpu_local::get().index;
         if let Some(s) = self.sibling.as_mut() {
             // SAFETY: the round keeps its host calls in place until the
             // join (or the pointer is null).
             let calls = unsafe { self.calls.as_ref() };
-            let host = SiblingHost { calls, slot: self.call_slot, memory: host };
+            let host = SiblingHost { calls, slot: self.call_slot, memory: host.as_deref_mut() };
             // SAFETY: the caller's contract; the boot CPU made the slot
             // and profile pointers from the live VM and touches neither
             // the slot nor the profile until the join.
@@ -766,8 +766,31 @@ impl<B: Backend> AwaySlice<B> {
         // round meanwhile: its own job is over.
         if let Some(spares) = unsafe { self.spares.as_ref() } {
             // SAFETY: as above.
-            unsafe { spares.run_here(backend, self.away) };
+            unsafe { spares.run_here(backend, self.away, host) };
         }
+    }
+
+    /// A spare slice the boot CPU takes, run as the boot CPU runs its own
+    /// pick: with the host's memory, so that its exits are all handled
+    /// in place (faults on RAM, virtio, string I/O), and serving the
+    /// other CPUs' host calls at its exits; before 2026-12-04 the first
+    /// such exit ended the spare, and the calls waited for the join.
+    ///
+    /// # Safety
+    /// As [`AwaySlice::run`].
+    unsafe fn run_spare_home(&mut self, backend: &mut B, host: &mut HostMemory) {
+        self.cpu = vcpu::cpu_local::get().index;
+        // SAFETY: the round keeps its host calls in place until the join
+        // (or the pointer is null).
+        let calls = unsafe { self.calls.as_ref() };
+        // SAFETY: the caller's contract: nothing else uses the VM now.
+        let vm = unsafe { &mut *self.vm };
+        let end = run_body(vm, self.vcpu, backend, host, &mut self.lines, self.slice_ticks, self.until, calls);
+        // Any CPU may load it next.
+        if let Some(res) = vm.res.as_mut() {
+            res.vcpu().release();
+        }
+        self.end = Some(end);
     }
 
     /// The slice of a VM (not a sibling): its exits for the boot CPU go
@@ -873,7 +896,7 @@ impl<B: Backend> Spares<B> {
     /// # Safety
     /// Called between the round's start and its join by a CPU that runs
     /// no other job of the round meanwhile.
-    unsafe fn run_here(&self, backend: &mut B, away: bool) {
+    unsafe fn run_here(&self, backend: &mut B, away: bool, mut host: Option<&mut HostMemory>) {
         let here = vcpu::cpu_local::get();
         let apic = here.apic_id.load(Ordering::Relaxed);
         let node = self.cpu_nodes.iter().find(|c| c.0 == apic).map(|c| c.1);
@@ -889,8 +912,12 @@ impl<B: Backend> Spares<B> {
             job.slice_ticks = left;
             job.until = Some(self.deadline);
             job.away = away;
-            // SAFETY: as above; its VM is in no other job of the round.
-            unsafe { job.run(backend) };
+            match host.as_deref_mut() {
+                // SAFETY: as above; its VM is in no other job of the round.
+                Some(host) => unsafe { job.run_spare_home(backend, host) },
+                // SAFETY: as above.
+                None => unsafe { job.run(backend) },
+            }
         }
     }
 
@@ -1806,7 +1833,7 @@ impl<B: Backend> Manager<B> {
                     if let Some(spares) = spares.as_deref() {
                         // SAFETY: the spares stay in place until the join,
                         // and this CPU's own slice of the round is over.
-                        unsafe { spares.run_here(backend, false) };
+                        unsafe { spares.run_here(backend, false, Some(&mut self.host_mem)) };
                     }
                     Some(end)
                 }

@@ -1057,3 +1057,32 @@ fn a_siblings_com1_interrupt_through_the_io_apic_is_posted_where_it_runs_and_the
     assert_eq!(vm.devices.lapic(1).unwrap().ppr(), 0, "and ended there");
     assert!(!vm.devices.interrupt_pending_for(0) && !vm.devices.interrupt_pending_for(1), "nothing left over");
 }
+
+#[test]
+fn a_spare_the_boot_cpu_takes_has_its_faults_fixed_in_place_and_goes_on() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 (here) halts at once; VM 2 (the other CPU) computes; VM 3, the
+    // round's spare, first writes a page of its RAM (a nested page fault
+    // that needs a host frame), then computes.
+    b.scripts.push_back(vec![sti_hlt()]);
+    b.scripts.push_back(cpuids(400));
+    let mut three = vec![exit(VmExit::NestedPageFault { gpa: 0x30_0000, access: MemAccess::Write, gva: None })];
+    three.extend(cpuids(400));
+    b.scripts.push_back(three);
+    let (_, _, three) =
+        (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    let mut other = other_cpu(&m);
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(m.sched.spare_slices, 1, "{:?}", m.sched);
+    assert_eq!(m.sched.deferred_exits, 0, "the fault did not wait for the join");
+    let vm3 = m.get(three).unwrap();
+    assert_eq!(
+        vm3.res.as_ref().unwrap().mem.page_state(mm::addr::GuestPhysAddr(0x30_0000)),
+        Some(mm::vm_memory::PageState::Present)
+    );
+    assert!(cpuid_exits(&m, three) > 20, "VM 3 went on after its fault, in the same spare slice");
+    assert_eq!(vcpu_of(&m, three).releases, 2, "released before the round and after its spare slice");
+}
