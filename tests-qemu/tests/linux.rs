@@ -376,12 +376,14 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     let cpus: Vec<&str> = s["vcpus"].as_array().unwrap().iter().map(|v| v["host_cpus"].as_str().unwrap()).collect();
     eprintln!(
         "{}: two busy loops on 2 vCPUs: user ticks {times:?}; vCPUs on host cpus {cpus:?}, {} slices beside a sibling, \
-         {} port accesses carried out there, {} com1 line moves carried there, {} of those slices ended by a moved line",
+         {} port accesses carried out there, {} com1 line moves carried there, {} of those slices ended by a moved line, \
+         {} halted vcpus woken by a sibling's ipi and run at once",
         emu.name(),
         s["parallel_slices"],
         s["sibling_pio"],
         s["sibling_lines"],
-        s["sibling_line_ends"]
+        s["sibling_line_ends"],
+        s["standby_wakes"]
     );
     // Its console (the 8250 driver polls LSR between bytes) is driven
     // where each vCPU runs, not at the cost of the other's slice

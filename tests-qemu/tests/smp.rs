@@ -80,12 +80,13 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
         }
         eprintln!(
             "{}/{}: smptest vcpus={n} {args}: {} slices beside a sibling, {} ipis posted between them, \
-             {} slices ended at an ipi for a vcpu not running, {} port accesses carried out by siblings",
+             {} slices ended at an ipi for a vcpu not running ({} woke a halted one there), {} port accesses carried out by siblings",
             emu.name(),
             emu.backend(),
             s["parallel_slices"],
             s["posted_ipis"],
             s["sibling_ipi_ends"],
+            s["standby_wakes"],
             s["sibling_pio"]
         );
         eprintln!("{}/{}: smptest vcpus={n}: {}", emu.name(), emu.backend(), s["vcpus"]);

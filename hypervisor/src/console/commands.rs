@@ -448,7 +448,7 @@ fn stats_reply<B: Backend>(
         text.push_str(&format!("\n  nested page table now: {}", leaves(n)));
     }
     text.push_str(&format!(
-        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running, {} port accesses carried out there, {} interrupt-line moves carried there, {} slices ended by one that moved a line the boot cpu carries)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  exits of its slices on other cpus handled by the boot cpu while the slice waited: {}\n  faults on ram beside a sibling fixed while the round ran: {} ({} shot down on the siblings' cpus)\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
+        "\n  time slices used up: {}\n  slices beside another of its vcpus: {} ({} apic accesses handled there, {} ipis posted between them, {} halts waited out there, {} of them woken there, {} ended at an ipi for a vcpu not running, {} halted vcpus woken by such an ipi and run at once on the sender's cpu, {} port accesses carried out there, {} interrupt-line moves carried there, {} slices ended by one that moved a line the boot cpu carries)\n  unbacked port accesses: {}\n  device register accesses (emulated): {} ({} of them on another cpu, where the vm ran)\n  exits of its slices on other cpus handled by the boot cpu while the slice waited: {}\n  faults on ram beside a sibling fixed while the round ran: {} ({} shot down on the siblings' cpus)\n  uart bytes out: {}\n  host memory overhead: {} bytes ({} KiB) besides {} MiB of RAM",
         vm.stats.slices_expired,
         vm.stats.parallel_slices,
         vm.stats.sibling_apic_accesses,
@@ -456,6 +456,7 @@ fn stats_reply<B: Backend>(
         vm.stats.sibling_halts,
         vm.stats.sibling_wakes,
         vm.stats.sibling_ipi_ends,
+        vm.stats.standby_wakes,
         vm.stats.sibling_pio,
         vm.stats.sibling_lines,
         vm.stats.sibling_line_ends,
@@ -612,6 +613,7 @@ fn stats_reply<B: Backend>(
         o.insert("sibling_pio".into(), json!(vm.stats.sibling_pio));
         o.insert("sibling_line_ends".into(), json!(vm.stats.sibling_line_ends));
         o.insert("sibling_lines".into(), json!(vm.stats.sibling_lines));
+        o.insert("standby_wakes".into(), json!(vm.stats.standby_wakes));
         o.insert("uart_bytes_out".into(), json!(vm.devices.com1_bytes_out()));
         o.insert("overhead_bytes".into(), json!(vm.overhead_bytes));
         o.insert(
@@ -672,7 +674,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let sc = &m.sched;
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
-        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early); per round {} ticks scheduling ({} before the \
+        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early, {} halted vcpus run at once on the cpu of a sibling's ipi); per round {} ticks scheduling ({} before the \
          boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} exits of slices away handled by the boot cpu while they waited ({} ticks each, {} of them at an exit of its own slice), {} nested-mapping shootdowns ({} ticks each; {} waited for a sibling in the guest to leave it, {} ticks each), {} in the boot cpu's slice, {} waiting \
          for the others; the longest round {} ticks; with nothing to run, halted {} times for {} ms\n",
         sc.rounds,
@@ -681,6 +683,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         sc.sibling_slices,
         sc.kicked_slices,
         sc.spare_slices,
+        sc.standby_slices,
         sc.overhead_per_round(),
         per(sc.start_ticks),
         per(sc.lines_ticks),

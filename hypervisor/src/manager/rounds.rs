@@ -286,6 +286,11 @@ pub struct Gang {
     /// The VM's devices, for siblings' port accesses that reach nothing
     /// else (`DeviceSet::pio_alone`).
     devices: GangDevices,
+    /// vCPUs of the VM not in the round but halted with interrupts on,
+    /// prepared as standby parts (bit i: vCPU i), and those a CPU took
+    /// ([`Gang::claim_standby`]).
+    standby: u32,
+    standby_claimed: AtomicU32,
 }
 
 /// The VM's devices as its siblings reach them in a round: one at a time,
@@ -384,7 +389,27 @@ impl Gang {
             shootdown_waits: AtomicU64::new(0),
             shootdown_wait_ticks: AtomicU64::new(0),
             devices: GangDevices::none(),
+            standby: 0,
+            standby_claimed: AtomicU32::new(0),
         }
+    }
+
+    /// A CPU whose sibling slice ends at an IPI for the vCPUs `targets`
+    /// (not in the guest) takes one of them that waits in standby, if any:
+    /// it counts as awake from here (before the sender leaves, so that the
+    /// sender being the last awake does not end the round for it).
+    fn claim_standby(&self, targets: u32) -> Option<usize> {
+        let mut left = targets & self.standby;
+        while left != 0 {
+            let v = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let bit = crate::devices::bit(v);
+            if self.standby_claimed.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
+                self.awake.fetch_add(1, Ordering::SeqCst);
+                return Some(v);
+            }
+        }
+        None
     }
 
     /// Just before vCPU `v` enters the guest: whether it must flush its
@@ -651,6 +676,12 @@ pub struct Sibling<B: Backend> {
     ended_halted: bool,
     /// Its slice ended at an IPI it sent to a vCPU not in the guest.
     ipi_away: bool,
+    /// Then, the target it took from standby to run next on its CPU.
+    standby_next: Option<usize>,
+    /// It ran from standby (woken by a sibling's IPI on that one's CPU).
+    from_standby: bool,
+    /// When its slice was due to end: a standby it takes runs until then.
+    deadline: u64,
 }
 
 /// One vCPU's slice on another CPU, or a sibling's on any CPU. The boot
@@ -681,6 +712,9 @@ pub struct AwaySlice<B: Backend> {
     /// The round's spare slices, which this job's CPU takes after its own
     /// slice while the round has time left (null for a spare itself).
     spares: *const Spares<B>,
+    /// The round's standby siblings, one of which this job's CPU takes
+    /// when its sibling slice ends at an IPI for it (null: none).
+    standbys: *const Standbys<B>,
     /// The round's host calls and this job's slot there: away, an exit
     /// for the boot CPU is handled by it while the round runs (null: it
     /// waits for the join).
@@ -709,6 +743,7 @@ impl<B: Backend> AwaySlice<B> {
             until: None,
             node,
             spares: core::ptr::null(),
+            standbys: core::ptr::null(),
             calls: core::ptr::null(),
             call_slot: 0,
             host_calls: 0,
@@ -752,11 +787,25 @@ impl<B: Backend> AwaySlice<B> {
             // SAFETY: the round keeps its host calls in place until the
             // join (or the pointer is null).
             let calls = unsafe { self.calls.as_ref() };
-            let host = SiblingHost { calls, slot: self.call_slot, memory: host.as_deref_mut() };
+            let calls_host = SiblingHost { calls, slot: self.call_slot, memory: host.as_deref_mut() };
             // SAFETY: the caller's contract; the boot CPU made the slot
             // and profile pointers from the live VM and touches neither
             // the slot nor the profile until the join.
-            self.end = Some(unsafe { run_sibling(s, backend, self.slice_ticks, self.node, host) });
+            self.end = Some(unsafe { run_sibling(s, backend, self.slice_ticks, self.node, calls_host) });
+            // A chain (a standby's own IPI wakes another) runs here in
+            // turn, each claimed once per round. A standby's own job has no
+            // `standbys`: the caller of `Standbys::run` runs what it claimed.
+            // SAFETY: the round keeps its standbys in place until the join
+            // (or the pointer is null).
+            if let Some(standbys) = unsafe { self.standbys.as_ref() } {
+                let mut next = s.standby_next.take().map(|v| (v, s.deadline));
+                while let Some((v, deadline)) = next {
+                    // SAFETY: this CPU claimed vCPU `v` in its gang
+                    // (`Gang::claim_standby`), which makes its part this
+                    // CPU's alone; the round has not joined yet.
+                    next = unsafe { standbys.run(self.index, v, deadline, backend, host.as_deref_mut()) };
+                }
+            }
         } else {
             // SAFETY: the caller's contract: nothing else uses the VM now.
             self.end = Some(unsafe { self.run_away(backend) });
@@ -939,6 +988,68 @@ impl<B: Backend> Spares<B> {
     }
 }
 
+/// The round's standby siblings: vCPUs of its gang VMs halted with
+/// interrupts on and not picked, each prepared as a sibling part (slot and
+/// APIC pointers, released) that no CPU runs unless a sibling's IPI
+/// wakes it (`Gang::claim_standby`): then the sender's CPU runs it at
+/// once for the rest of its slice, rather than leave the vector for the
+/// next round.
+pub struct Standbys<B: Backend> {
+    /// (VM index, vCPU) of each job, read by every CPU, written by none.
+    keys: Vec<(usize, usize)>,
+    jobs: Vec<UnsafeCell<AwaySlice<B>>>,
+    ran: Vec<AtomicBool>,
+}
+
+impl<B: Backend> Standbys<B> {
+    /// Runs the standby part of vCPU `v` of the VM at `vm`, claimed by
+    /// this CPU in its gang, until `deadline`. Returns the standby its own
+    /// IPI claimed in turn, with its deadline, for the caller to run next
+    /// (a loop, not a recursion: each one's frame is left first).
+    ///
+    /// # Safety
+    /// Called by the CPU that claimed it (`Gang::claim_standby`, once per
+    /// vCPU and round), between the round's start and its join.
+    unsafe fn run(
+        &self,
+        vm: usize,
+        v: usize,
+        deadline: u64,
+        backend: &mut B,
+        host: Option<&mut HostMemory>,
+    ) -> Option<(usize, u64)> {
+        let k = self.keys.iter().position(|&key| key == (vm, v))?;
+        self.ran[k].store(true, Ordering::Relaxed);
+        // SAFETY: the claim made job `k` this CPU's alone; the boot CPU
+        // reads it only after the join.
+        let job = unsafe { &mut *self.jobs[k].get() };
+        job.slice_ticks = deadline.saturating_sub(backend.now());
+        // Made on the boot CPU (`job.cpu` until it runs).
+        job.away = vcpu::cpu_local::get().index != job.cpu;
+        if let Some(part) = job.sibling.as_mut() {
+            // SAFETY: the part's slot is this job's alone (see above).
+            let slot = unsafe { &mut *part.slot };
+            slot.state.apply(crate::vm::VcpuEvent::Wake);
+            slot.stats.wakeups += 1;
+        }
+        // SAFETY: as above. (Its own `standbys` and `spares` are null: it
+        // runs nothing after itself.)
+        unsafe { job.run_with(backend, host) };
+        let part = job.sibling.as_mut()?;
+        part.standby_next.take().map(|next| (next, part.deadline))
+    }
+
+    /// After the join: the standby jobs a CPU ran.
+    fn taken(self) -> Vec<AwaySlice<B>> {
+        self.jobs
+            .into_iter()
+            .zip(self.ran)
+            .filter(|(_, r)| r.load(Ordering::Relaxed))
+            .map(|(j, _)| j.into_inner())
+            .collect()
+    }
+}
+
 /// A sibling's slice (see the module's "Siblings"): the vCPU in the
 /// guest until its time is up or an exit needs more than the vCPU and its
 /// local APIC.
@@ -976,6 +1087,7 @@ unsafe fn run_sibling<B: Backend>(
     slot.vcpu.load();
     let mut t0 = backend.now();
     let deadline = t0.saturating_add(slice);
+    s.deadline = deadline;
     // Its own APIC's timer is its own to deliver: the slice stops for it
     // (and goes on after it) when it comes first.
     s.apic.refresh_timer(t0);
@@ -1105,8 +1217,14 @@ unsafe fn run_sibling<B: Backend>(
         // after the join, so end this slice rather than risk a second IPI
         // of the same vector meeting the first in its IRR; the scheduler
         // runs that vCPU first next (`Vm::ipi_waiting`).
-        if to != 0 && gang.kick_posted(to, here.index, backend) != 0 {
+        let away = if to != 0 { gang.kick_posted(to, here.index, backend) } else { 0 };
+        if away != 0 {
             s.ipi_away = true;
+            // A target halted in standby runs here at once, for the rest
+            // of this slice, instead of at the next round.
+            if t1.saturating_add(MIN_SLICE_TICKS) < deadline {
+                s.standby_next = gang.claim_standby(away);
+            }
             break None;
         }
         if s.apic.timer <= t1 {
@@ -1590,6 +1708,9 @@ pub struct SchedStats {
     /// Spare slices: taken by a CPU whose own slice of the round ended
     /// early (`Spares`).
     pub spare_slices: u64,
+    /// Standby siblings a sibling's IPI woke on the sender's CPU
+    /// (`Standbys`).
+    pub standby_slices: u64,
     /// Whole rounds, from the first pick to the last slice finished.
     pub round_ticks: u64,
     /// The boot CPU's own slices (`run_body`), exits handled included.
@@ -1741,7 +1862,7 @@ impl<B: Backend> Manager<B> {
         let home = choose_home(&fits, my_node);
         // Each gang VM's shared word, kept until every job is finished.
         let mut gangs: Vec<Box<Gang>> = Vec::new();
-        let mut siblings = self.prepare_siblings(&picks, now, hz, &mut gangs);
+        let (mut siblings, standby_parts) = self.prepare_siblings(&picks, now, hz, &mut gangs);
         // When the slice that stays here is due to end (it may end sooner):
         // a VM away computes on until then.
         let (hi, hv) = picks[home];
@@ -1753,11 +1874,27 @@ impl<B: Backend> Manager<B> {
         // One host-call slot per job that may run away: the picks, then
         // the spares.
         let n_spares = spares.as_ref().map_or(0, |sp| sp.jobs.len());
+        let n_standby = standby_parts.len();
         // Only with a job that may run away (a lone VM stays here: no
         // allocation on its path).
         let calls: Option<Box<HostCalls<B>>> = (cpus.takes_calls() && picks.len() + n_spares > 1)
-            .then(|| Box::new(HostCalls::new(picks.len() + n_spares, me)));
+            .then(|| Box::new(HostCalls::new(picks.len() + n_spares + n_standby, me)));
         let calls_ptr: *const HostCalls<B> = calls.as_deref().map_or(core::ptr::null(), |c| c);
+        let standbys: Option<Box<Standbys<B>>> = (n_standby > 0).then(|| {
+            let mut keys = Vec::with_capacity(n_standby);
+            let mut jobs = Vec::with_capacity(n_standby);
+            for (k, SiblingPart { vm: i, vcpu: v, part }) in standby_parts.into_iter().enumerate() {
+                let mut job = AwaySlice::new(i, v, self.slice_ticks, me, self.vms[i].node);
+                job.sibling = part.map(|(s, _)| s);
+                job.calls = calls_ptr;
+                job.call_slot = picks.len() + n_spares + k;
+                keys.push((i, v));
+                jobs.push(UnsafeCell::new(job));
+            }
+            let ran = jobs.iter().map(|_| AtomicBool::new(false)).collect();
+            Box::new(Standbys { keys, jobs, ran })
+        });
+        let standbys_ptr: *const Standbys<B> = standbys.as_deref().map_or(core::ptr::null(), |s| s);
         if let Some(sp) = spares.as_mut() {
             for (k, job) in sp.jobs.iter_mut().enumerate() {
                 let job = job.get_mut();
@@ -1773,6 +1910,7 @@ impl<B: Backend> Manager<B> {
             job.away = k != home;
             job.until = Some(home_end);
             job.spares = spares_ptr;
+            job.standbys = standbys_ptr;
             job.calls = calls_ptr;
             job.call_slot = k;
             // A sibling's VM is not touched again before the join (its
@@ -1864,8 +2002,11 @@ impl<B: Backend> Manager<B> {
         let away_jobs = away.into_iter().zip(started);
         let spare_jobs = spares.map(|sp| self.spares_taken(*sp, &spare_picks)).unwrap_or_default();
         let spares_taken = spare_jobs.len() as u64;
+        let standby_jobs = standbys.map(|st| st.taken()).unwrap_or_default();
+        let standbys_taken = standby_jobs.len() as u64;
         let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
-        for (job, started) in home_job.chain(away_jobs).chain(spare_jobs.into_iter().map(|job| (job, true))) {
+        let later_jobs = spare_jobs.into_iter().chain(standby_jobs).map(|job| (job, true));
+        for (job, started) in home_job.chain(away_jobs).chain(later_jobs) {
             let went_away = job.away;
             self.sched.host_calls += job.host_calls;
             self.sched.host_call_ticks += job.call_ticks;
@@ -1900,8 +2041,9 @@ impl<B: Backend> Manager<B> {
         }
         let s = &mut self.sched;
         s.rounds += 1;
-        s.slices += slices + spares_taken;
+        s.slices += slices + spares_taken + standbys_taken;
         s.spare_slices += spares_taken;
+        s.standby_slices += standbys_taken;
         s.slice_ticks += slice_ticks;
         s.join_ticks += joined;
         if let Ok(b) = self.backend.as_ref() {
@@ -2026,8 +2168,9 @@ impl<B: Backend> Manager<B> {
         now: u64,
         hz: u64,
         gangs: &mut Vec<Box<Gang>>,
-    ) -> Vec<SiblingPart<B>> {
+    ) -> (Vec<SiblingPart<B>>, Vec<SiblingPart<B>>) {
         let mut out = Vec::new();
+        let mut standbys = Vec::new();
         for (k, &(i, _)) in picks.iter().enumerate() {
             // Each VM once, at its first pick, and only with several.
             if picks[..k].iter().any(|p| p.0 == i) || picks.iter().filter(|p| p.0 == i).count() < 2 {
@@ -2046,6 +2189,25 @@ impl<B: Backend> Manager<B> {
                     slot.vcpu.release();
                 }
             }
+            // Halted with interrupts on and not in the round: standby, for
+            // a sibling's IPI to wake on the sender's CPU (released, as
+            // any CPU may run it).
+            let standby: Vec<usize> = match vm.res.as_mut() {
+                Some(r) if vm.throttle.pct() == 0 => (0..r.vcpus.len())
+                    .filter(|u| !mine.contains(u))
+                    .filter(|&u| {
+                        let slot = &mut r.vcpus[u];
+                        let idle = slot.state == crate::vm::VcpuState::Halted
+                            && !slot.halted_irq_off
+                            && slot.awaiting_page.is_none();
+                        if idle {
+                            slot.vcpu.release();
+                        }
+                        idle
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
             vm.next_vcpu = next_after_gang(&mine, vm.res.as_ref().map_or(0, |r| r.vcpus.len()));
             // Each sibling keeps its own APIC's timer: the slice ends in
             // time for the others (the PIT, vCPUs not in the round).
@@ -2056,7 +2218,10 @@ impl<B: Backend> Manager<B> {
                 ns_to_ticks(host_ns, hz).saturating_sub(now)
             });
             let slice = self.slice_ticks.min(outside.max(MIN_SLICE_TICKS));
-            let apic_ids: Vec<u32> = mine.iter().map(|&v| vm.devices.lapic(v).map_or(v as u32, |l| l.id())).collect();
+            let parts: Vec<(usize, bool)> =
+                mine.iter().map(|&v| (v, false)).chain(standby.iter().map(|&u| (u, true))).collect();
+            let apic_ids: Vec<u32> =
+                parts.iter().map(|&(v, _)| vm.devices.lapic(v).map_or(v as u32, |l| l.id())).collect();
             // The PIC's INTR is vCPU 0's (`DeviceSet::acknowledge_interrupt`).
             let pic = vm.devices.pic_intr();
             let (vm_id, cpuid, offset_ns) = (vm.id, &raw const vm.cpuid, vm.clock_offset_ns);
@@ -2066,12 +2231,13 @@ impl<B: Backend> Manager<B> {
             // The siblings reach the devices (not the APICs, whose
             // pointers were taken above) under the gang's lock.
             gang.devices.set = &raw mut vm.devices;
+            gang.standby = standby.iter().fold(0, |m, &u| m | crate::devices::bit(u));
             let Some(res) = vm.res.as_mut() else { continue };
             let base = res.vcpus.as_mut_ptr();
             let mem: *mut GuestMemory<B::Format> = &raw mut res.mem;
             let gang_ptr: *const Gang = &*gang;
             gangs.push(gang);
-            for (&v, apic_id) in mine.iter().zip(apic_ids) {
+            for (&(v, from_standby), apic_id) in parts.iter().zip(apic_ids) {
                 // SAFETY: `v` indexes the slots (picked from them), and the
                 // VM has an APIC per slot, so both pointers stay inside
                 // their boxed slices; each sibling gets its own vCPU's, and
@@ -2106,11 +2272,15 @@ impl<B: Backend> Manager<B> {
                     woken: 0,
                     ended_halted: false,
                     ipi_away: false,
+                    standby_next: None,
+                    from_standby,
+                    deadline: 0,
                 };
-                out.push(SiblingPart { vm: i, vcpu: v, part: Some((s, slice)) });
+                let part = SiblingPart { vm: i, vcpu: v, part: Some((s, slice)) };
+                if from_standby { standbys.push(part) } else { out.push(part) }
             }
         }
-        out
+        (out, standbys)
     }
 
     /// After the join, what a VM's siblings left in their gang: interrupts
@@ -2173,6 +2343,7 @@ impl<B: Backend> Manager<B> {
         vm.stats.sibling_halts += s.halts;
         vm.stats.sibling_wakes += s.woken;
         vm.stats.sibling_ipi_ends += u64::from(s.ipi_away);
+        vm.stats.standby_wakes += u64::from(s.from_standby && s.ran);
         vm.stats.sibling_pio += s.pio_here;
         vm.stats.sibling_line_ends += u64::from(s.line_moved);
         vm.stats.sibling_lines += s.lines_here;

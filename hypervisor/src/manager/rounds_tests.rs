@@ -1086,3 +1086,41 @@ fn a_spare_the_boot_cpu_takes_has_its_faults_fixed_in_place_and_goes_on() {
     assert!(cpuid_exits(&m, three) > 20, "VM 3 went on after its fault, in the same spare slice");
     assert_eq!(vcpu_of(&m, three).releases, 2, "released before the round and after its spare slice");
 }
+
+#[test]
+fn a_halted_vcpu_a_siblings_ipi_wakes_runs_at_once_on_the_senders_cpu() {
+    let mut m = manager();
+    // vCPUs 0 and 1 compute side by side; vCPU 2 waits halted (interrupts
+    // on) outside the round. vCPU 0 sends it an IPI: its slice ends there,
+    // and its CPU runs vCPU 2 at once, which takes the vector, ends it and
+    // goes on, all in the same round.
+    let v0 = vec![exit(VmExit::Preempted), wrmsr(0x830, (2 << 32) | 0x41), exit(VmExit::Cpuid)];
+    let v1 = vec![exit(VmExit::Preempted)];
+    let v2 = vec![exit(VmExit::Preempted), wrmsr(0x80b, 0), exit(VmExit::Cpuid)];
+    let (id, mut other) = smp_vm(&mut m, vec![v0, v1, v2]);
+    x2apic_on(&mut m);
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        assert!(m.run_round(&mut con, &mut NoOtherCpus));
+    }
+    {
+        let vm = &mut m.vms[0];
+        vm.next_vcpu = 0;
+        let slot = &mut vm.res.as_mut().unwrap().vcpus[2];
+        slot.state = crate::vm::VcpuState::Halted;
+        slot.halted_irq_off = false;
+    }
+    assert!(m.run_round(&mut con, &mut other));
+    let vm = m.get(id).unwrap();
+    let vcpus = &vm.res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[2].vcpu), [0x41], "woken and given the IPI in the same round");
+    assert!(vcpus[2].vcpu.script.is_empty(), "it ran on past the EOI");
+    assert_eq!(vm.devices.lapic(2).unwrap().ppr(), 0, "its EOI, carried out where it ran");
+    assert_eq!(vcpus[2].state, crate::vm::VcpuState::Runnable);
+    assert_eq!(vcpus[2].stats.wakeups, 1);
+    assert_eq!(vcpus[0].vcpu.script.len(), 1, "the sender's slice ended at the IPI");
+    assert_eq!((vm.stats.sibling_ipi_ends, vm.stats.standby_wakes), (1, 1), "{:?}", vm.stats);
+    assert_eq!(vm.ipi_waiting, 0, "nothing left for the next round");
+    assert_eq!(m.sched.standby_slices, 1);
+    assert_eq!(other.ran, [0], "vCPU 1 ran on the other CPU meanwhile");
+}

@@ -145,6 +145,9 @@ pub struct VmStats {
     /// Moves of COM1's interrupt line a sibling carried to the interrupt
     /// controllers where it ran (its interrupts posted to their vCPUs).
     pub sibling_lines: u64,
+    /// Its vCPUs halted outside the round that a sibling's IPI woke and
+    /// ran at once on the sender's CPU (standby siblings).
+    pub standby_wakes: u64,
 }
 
 /// Pages the guest's balloon driver moved, as `mm` took them.
