@@ -42,6 +42,17 @@ pub fn destinations(routes: impl Iterator<Item = lapic::Route>, logical: bool, d
         .fold(0, |m, (i, _)| m | super::bit(i))
 }
 
+/// Which of the selected vCPUs `targets` a `mode` message goes to: all of
+/// them, but a lowest-priority one goes to the first selected, which the
+/// SDM allows as "model specific" arbitration (Vol. 3A 11.6.2.4). The one
+/// rule for the boot CPU's delivery and a sibling's.
+pub fn delivered_to(targets: u32, mode: DeliveryMode) -> u32 {
+    match mode {
+        DeliveryMode::LowestPriority => targets.isolate_lowest_one(),
+        _ => targets,
+    }
+}
+
 /// The vCPUs an IPI from vCPU `me` reaches (SDM Vol. 3A 11.6.1,
 /// destination shorthand), `routes` in vCPU order.
 pub fn ipi_targets(routes: impl ExactSizeIterator<Item = lapic::Route>, me: usize, ipi: &lapic::Ipi) -> u32 {
@@ -104,11 +115,8 @@ impl DeviceSet {
         self.ioapic = ioapic;
         self.com1_level = level;
         if let Some(m) = message {
-            let mut targets = destinations(routes.iter().copied(), m.logical, m.destination.into(), false);
-            if m.mode == DeliveryMode::LowestPriority {
-                // As `send`: the first APIC selected (11.6.2.4).
-                targets = targets.isolate_lowest_one();
-            }
+            let selected = destinations(routes.iter().copied(), m.logical, m.destination.into(), false);
+            let mut targets = delivered_to(selected, m.mode);
             while targets != 0 {
                 post(targets.trailing_zeros() as usize, m.vector);
                 targets &= targets - 1;
@@ -146,10 +154,7 @@ impl DeviceSet {
     /// SIPI as signals for the VM. SMI and ExtINT messages are dropped
     /// (nothing here handles SMM; ExtINT through the I/O APIC is left out).
     fn send(&mut self, targets: u32, mode: DeliveryMode, vector: u8, level: bool, init_deassert: bool) {
-        let targets = match mode {
-            DeliveryMode::LowestPriority => targets.isolate_lowest_one(),
-            _ => targets,
-        };
+        let targets = delivered_to(targets, mode);
         for i in 0..self.lapics.len() {
             if targets & super::bit(i) == 0 {
                 continue;

@@ -13,7 +13,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod fw_cfg;
 mod interrupts;
-pub use interrupts::ipi_targets;
+pub use interrupts::{delivered_to, ipi_targets};
 pub mod ioapic;
 pub mod lapic;
 pub mod pci;

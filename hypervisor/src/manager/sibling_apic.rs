@@ -196,10 +196,8 @@ impl SiblingApic {
             Effect::None => {}
             Effect::EoiBroadcast(v) => out.eoi(v),
             Effect::Ipi(ipi) => {
-                let mut targets = ipi_targets(out.routes().iter().copied(), me, &ipi);
-                if ipi.mode == DeliveryMode::LowestPriority {
-                    targets = targets.isolate_lowest_one();
-                }
+                let selected = ipi_targets(out.routes().iter().copied(), me, &ipi);
+                let mut targets = crate::devices::delivered_to(selected, ipi.mode);
                 while targets != 0 {
                     let t = targets.trailing_zeros() as usize;
                     targets &= targets - 1;
