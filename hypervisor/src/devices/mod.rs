@@ -102,6 +102,15 @@ pub enum PortEffect {
     Reset,
 }
 
+/// The master 8259 as Linux initialises it (ICW1-ICW4: vectors 0x30..,
+/// the slave on IR2, 8086 mode), then `imr` as its mask: for tests.
+#[cfg(test)]
+pub(crate) fn init_pic_as_linux(set: &mut DeviceSet, imr: u8) {
+    for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, u32::from(imr))] {
+        set.pio_write(port, 1, v, || 0);
+    }
+}
+
 /// A port access [`DeviceSet::pio_alone`] carried out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Alone {
@@ -1130,9 +1139,7 @@ mod tests {
     fn the_pit_and_com1_raise_their_irqs_through_the_pic() {
         let mut set = DeviceSet::pc(0, 16 << 20);
         // Linux's 8259 init: vectors 0x30/0x38, cascade on IR2, all unmasked.
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
-            set.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut set, 0x00);
         for (port, v) in [(0xa0, 0x11), (0xa1, 0x38), (0xa1, 0x02), (0xa1, 0x01), (0xa1, 0x00)] {
             set.pio_write(port, 1, v, || 0);
         }
@@ -1168,9 +1175,7 @@ mod tests {
     fn a_port_access_alone_reaches_com1_the_clock_and_pm_timer_reads_and_says_when_a_line_moved() {
         use crate::firmware::acpi::{PM_TMR, PM1A_CNT};
         let mut set = DeviceSet::pc(0, 16 << 20);
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
-            set.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut set, 0x00);
         set.update_lines(0);
         // COM1's line status: transmitter empty, nothing moved.
         let lsr = set.pio_alone(COM1_BASE + 5, 1, None, || 0);
@@ -1223,9 +1228,7 @@ mod tests {
         let mut set = DeviceSet::pc_smp(0, 16 << 20, 2);
         let routes: Vec<lapic::Route> = set.routes().collect();
         // The PIC initialised and masked; OUT2 on.
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xff)] {
-            set.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut set, 0xff);
         set.pio_write(COM1_BASE + 4, 1, 0x08, || 0);
         set.update_lines(0);
         let pin4 = |set: &mut DeviceSet, low: u64, high: u64| {
@@ -1255,9 +1258,7 @@ mod tests {
         // With the PIC's IRQ 4 unmasked, a rise would raise its INTR
         // (vCPU 0's ExtINT): refused, nothing changed.
         let mut set = DeviceSet::pc_smp(0, 16 << 20, 2);
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xef)] {
-            set.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut set, 0xef);
         set.pio_write(COM1_BASE + 4, 1, 0x08, || 0);
         set.update_lines(0);
         assert!(set.pio_alone(COM1_BASE + 1, 1, Some(0x02), || 0).unwrap().line_moved);
@@ -1272,9 +1273,7 @@ mod tests {
     #[test]
     fn only_a_port_access_that_can_move_a_line_asks_for_the_lines_to_be_recomputed() {
         let mut set = DeviceSet::pc(0, 16 << 20);
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
-            set.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut set, 0x00);
         assert!(set.lines_may_have_changed(), "the PIC");
         set.update_lines(0);
         // COM1's scratch register, written and read: no line moves.
@@ -1306,9 +1305,7 @@ mod tests {
     /// first tick is due.
     fn ticking_pc() -> (DeviceSet, u64) {
         let mut set = DeviceSet::pc(0, 16 << 20);
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
-            set.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut set, 0x00);
         for (port, v) in [(0x43, 0x34), (0x40, 0x9c), (0x40, 0x2e)] {
             set.pio_write(port, 1, v, || 0);
         }

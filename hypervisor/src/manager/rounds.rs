@@ -2420,9 +2420,7 @@ mod gang_tests {
         let mut set = DeviceSet::pc_smp(0, 16 << 20, 2);
         // The PIC unmasked (a rise of IRQ 4 raises vCPU 0's INTR: the
         // boot CPU's to carry), COM1's OUT2 on.
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
-            set.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut set, 0x00);
         set.pio_write(COM1_BASE + 4, 1, 0x08, || 0);
         set.update_lines(0);
         let mut gang = Gang::new(0, &[0, 1], set.routes().collect());

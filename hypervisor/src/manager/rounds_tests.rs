@@ -999,9 +999,7 @@ fn a_siblings_port_access_that_moves_com1s_line_ends_the_round_and_the_line_reac
     // The PIC as Linux sets it up: vectors 0x30.., all unmasked.
     {
         let vm = m.vms[0].as_mut();
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
-            vm.devices.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(&mut vm.devices, 0x00);
         vm.devices.update_lines(0);
         assert!(!vm.devices.interrupt_pending());
     }
@@ -1033,9 +1031,7 @@ fn a_siblings_com1_interrupt_through_the_io_apic_is_posted_where_it_runs_and_the
     x2apic_on(&mut m);
     {
         let d = &mut m.vms[0].devices;
-        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0xff)] {
-            d.pio_write(port, 1, v, || 0);
-        }
+        crate::devices::init_pic_as_linux(d, 0xff);
         for (reg, value) in [(0x18, 0x24), (0x19, 1 << 24)] {
             assert!(d.mmio_write(0xfec0_0000, 4, reg, 0));
             assert!(d.mmio_write(0xfec0_0010, 4, value, 0));
