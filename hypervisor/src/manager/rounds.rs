@@ -2192,22 +2192,18 @@ impl<B: Backend> Manager<B> {
             // Halted with interrupts on and not in the round: standby, for
             // a sibling's IPI to wake on the sender's CPU (released, as
             // any CPU may run it).
-            let standby: Vec<usize> = match vm.res.as_mut() {
-                Some(r) if vm.throttle.pct() == 0 => (0..r.vcpus.len())
-                    .filter(|u| !mine.contains(u))
-                    .filter(|&u| {
-                        let slot = &mut r.vcpus[u];
-                        let idle = slot.state == crate::vm::VcpuState::Halted
-                            && !slot.halted_irq_off
-                            && slot.awaiting_page.is_none();
-                        if idle {
-                            slot.vcpu.release();
-                        }
-                        idle
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
+            let mut standby = Vec::new();
+            if let Some(r) = vm.res.as_mut().filter(|_| vm.throttle.pct() == 0) {
+                for (u, slot) in r.vcpus.iter_mut().enumerate() {
+                    let idle = slot.state == crate::vm::VcpuState::Halted
+                        && !slot.halted_irq_off
+                        && slot.awaiting_page.is_none();
+                    if idle && !mine.contains(&u) {
+                        slot.vcpu.release();
+                        standby.push(u);
+                    }
+                }
+            }
             vm.next_vcpu = next_after_gang(&mine, vm.res.as_ref().map_or(0, |r| r.vcpus.len()));
             // Each sibling keeps its own APIC's timer: the slice ends in
             // time for the others (the PIT, vCPUs not in the round).
