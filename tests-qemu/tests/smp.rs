@@ -161,6 +161,12 @@ fn device_reads_of_a_vm_away_are_host_calls(m: &mut Machine, emu: Emulator, id: 
 /// away would wait for the round's end after every tick (it counted 84
 /// times less than the other in Bochs).
 fn a_busy_vm_away_takes_its_ticks_where_it_runs(m: &mut Machine, emu: Emulator, id: u32) {
+    let went_on = |m: &mut Machine| {
+        let h = m.json("host --json");
+        let s = &h["scheduler"];
+        (s["rounds_on"].as_u64().unwrap(), s["slices_on_away"].as_u64().unwrap())
+    };
+    let before = went_on(m);
     for k in 0..2 {
         assert!(m.cmd("vm run smptest -- tick=200 spin=1").contains(&format!("vm {} started", id + k)));
     }
@@ -185,6 +191,17 @@ fn a_busy_vm_away_takes_its_ticks_where_it_runs(m: &mut Machine, emu: Emulator, 
     assert!(away > 0, "the VM away did not end its ticks where it ran: {away}");
     let (lo, hi) = (counted[0].min(counted[1]), counted[0].max(counted[1]));
     assert!(lo > 0 && lo * 5 >= hi, "one VM got far less of its CPU: {counted:?}");
+    // Two VMs on two CPUs, nothing else to run: the rounds went on past the
+    // boot CPU's slice, and the VM away ran slice after slice there
+    // (`docs/smp.md`, "Rounds that go on").
+    let after = went_on(m);
+    let (rounds_on, slices_on_away) = (after.0 - before.0, after.1 - before.1);
+    eprintln!(
+        "{}/{}: {rounds_on} rounds went on, {slices_on_away} slices away past the first",
+        emu.name(),
+        emu.backend()
+    );
+    assert!(rounds_on > 0 && slices_on_away > 0, "no round went on: {after:?} after {before:?}");
 }
 
 /// An idle VM (`smptest tick=N`: a millisecond timer, halted between the

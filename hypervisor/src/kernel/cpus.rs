@@ -47,6 +47,10 @@ pub struct Aps<B> {
     nodes: Vec<Option<u32>>,
     /// The ticket of the slice each is running.
     busy: Vec<Option<u64>>,
+    /// Set by the main loop while something it polls between rounds (the
+    /// host NIC, an attached console) wants rounds to end with the boot
+    /// CPU's slice (`SliceCpus::wanted`).
+    pub short_rounds: bool,
     _backend: PhantomData<B>,
 }
 
@@ -56,7 +60,7 @@ impl<B: HostBackend> Aps<B> {
         let cpus: Vec<&'static Cpu> = smp::cpus().skip(1).filter(|c| matches!(c.virt.get(), Some(Ok(_)))).collect();
         let nodes = cpus.iter().map(|c| numa.and_then(|t| t.node_of_cpu(c.apic_id()))).collect();
         let busy = alloc::vec![None; cpus.len()];
-        Aps { cpus, nodes, busy, _backend: PhantomData }
+        Aps { cpus, nodes, busy, short_rounds: false, _backend: PhantomData }
     }
 }
 
@@ -105,6 +109,31 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
 
     fn takes_calls(&self) -> bool {
         true
+    }
+
+    fn goes_on(&self) -> bool {
+        true
+    }
+
+    fn all_running(&self) -> bool {
+        self.busy.iter().zip(&self.cpus).all(|(b, c)| b.is_none_or(|ticket| !smp::answered(c, ticket)))
+    }
+
+    fn wanted(&mut self) -> bool {
+        self.short_rounds || crate::platform::serial::rx_ready()
+    }
+
+    fn doze(&mut self, until: u64, serve: &mut dyn FnMut()) {
+        smp::doze(until, || self.all_running());
+        serve();
+    }
+
+    fn kick_running(&self) {
+        for (b, c) in self.busy.iter().zip(&self.cpus) {
+            if b.is_some() {
+                smp::kick(c.index());
+            }
+        }
     }
 }
 

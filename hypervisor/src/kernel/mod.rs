@@ -392,6 +392,9 @@ fn serve<B: HostBackend>(
                 con.release();
                 crate::print!("{}", console::PROMPT);
             }
+            // Keys and output go to and from the attached guest between
+            // rounds: each round ends with the boot CPU's slice.
+            aps.short_rounds = true;
             let ran = manager.run_round(&mut con, &mut aps);
             if ran {
                 manager.reclaim_round();
@@ -436,6 +439,9 @@ fn serve<B: HostBackend>(
             }
             con.hold = !editor.is_empty();
         }
+        // A host on a network polls its NIC between rounds: each round ends
+        // with the boot CPU's slice (`docs/smp.md`, "Rounds that go on").
+        aps.short_rounds = net.as_ref().is_some_and(|n| n.addr().is_some()) || manager.uplink.switch.is_some();
         let ran = manager.run_round(&mut con, &mut aps);
         if ran {
             manager.reclaim_round();

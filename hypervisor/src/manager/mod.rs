@@ -1176,6 +1176,7 @@ mod mem_tests;
 pub mod migration;
 #[cfg(test)]
 mod net_tests;
+mod round_on;
 pub mod rounds;
 #[cfg(test)]
 mod rounds_tests;

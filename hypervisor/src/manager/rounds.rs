@@ -66,7 +66,7 @@ use vcpu::{ExitKind, Vcpu, VmExit};
 use super::host_calls::{Call, HostCalls, SiblingFault};
 use super::local_mmio::{InterruptPages, LocalMmio, SiblingApicPage};
 use super::sibling_apic::{Outbox, PostedIrr, SiblingApic};
-use super::{MIN_SLICE_TICKS, Manager, detach_port, release};
+use super::{MIN_SLICE_TICKS, Manager, detach_port, release, round_on};
 use crate::backend::Backend;
 use crate::devices::DeviceSet;
 use crate::devices::lapic::Route;
@@ -79,7 +79,7 @@ use crate::vm::{RunState, VcpuSlot, Vm};
 use core::cell::{Cell, UnsafeCell};
 
 /// Where a slice's exits are handled.
-trait SliceHost<B: Backend> {
+pub(super) trait SliceHost<B: Backend> {
     /// Handles `exit`, or keeps it for the boot CPU (`None`).
     fn handle(&mut self, vm: &mut Vm<B>, exit: VmExit, backend: &mut B, console: &mut impl Console) -> Option<Flow>;
     /// The exit kept for the boot CPU, if any.
@@ -724,6 +724,13 @@ pub struct AwaySlice<B: Backend> {
     /// waited for their answers (TSC ticks of its CPU).
     host_calls: u64,
     call_ticks: u64,
+    /// A round that goes on: its end, which the boot CPU sets when it
+    /// wants every VM home, read here after each slice that ran out and at
+    /// each kick (null: the job ends with its slice, as in every round
+    /// before 2026-12-05).
+    round_end: *const AtomicU64,
+    /// Slices it ran after its first, the round going on.
+    slices_on: u64,
 }
 
 impl<B: Backend> AwaySlice<B> {
@@ -748,6 +755,8 @@ impl<B: Backend> AwaySlice<B> {
             call_slot: 0,
             host_calls: 0,
             call_ticks: 0,
+            round_end: core::ptr::null(),
+            slices_on: 0,
         }
     }
 
@@ -834,7 +843,7 @@ impl<B: Backend> AwaySlice<B> {
         let calls = unsafe { self.calls.as_ref() };
         // SAFETY: the caller's contract: nothing else uses the VM now.
         let vm = unsafe { &mut *self.vm };
-        let end = run_body(vm, self.vcpu, backend, host, &mut self.lines, self.slice_ticks, self.until, calls);
+        let end = run_body(vm, self.vcpu, backend, host, &mut self.lines, self.slice_ticks, self.until, calls, None);
         // Any CPU may load it next.
         if let Some(res) = vm.res.as_mut() {
             res.vcpu().release();
@@ -850,17 +859,42 @@ impl<B: Backend> AwaySlice<B> {
     /// As [`AwaySlice::run`].
     unsafe fn run_away(&mut self, backend: &mut B) -> SliceEnd {
         let start = backend.now();
-        let deadline = start.saturating_add(self.slice_ticks).min(self.until.unwrap_or(u64::MAX));
+        let mut deadline = start.saturating_add(self.slice_ticks).min(self.until.unwrap_or(u64::MAX));
         let mut slice = self.slice_ticks;
+        // SAFETY: the round keeps its end in place until the join (or the
+        // pointer is null).
+        let round_end = unsafe { self.round_end.as_ref() };
         loop {
             // SAFETY: the caller's contract: nothing else uses the VM now
             // (nor during a host call, which has it only while this waits
             // with no reference to it alive).
             let vm = unsafe { &mut *self.vm };
-            let end = run_body(vm, self.vcpu, backend, &mut Away::default(), &mut self.lines, slice, self.until, None);
+            let end = run_body(
+                vm,
+                self.vcpu,
+                backend,
+                &mut Away::default(),
+                &mut self.lines,
+                slice,
+                self.until,
+                None,
+                round_end,
+            );
             // Any CPU may load it next (the boot CPU for a host call too).
             if let Some(res) = vm.res.as_mut() {
                 res.vcpu().release();
+            }
+            // The round goes on: another slice here, with nothing the boot
+            // CPU must see between the two.
+            if let Some(round_end) = round_end
+                && let Some(until) = goes_on_after(vm, self.vcpu, &end, round_end, backend.now())
+            {
+                self.slices_on += 1;
+                self.until = Some(until);
+                let now = backend.now();
+                deadline = now.saturating_add(self.slice_ticks).min(until);
+                slice = deadline - now;
+                continue;
             }
             let left = deadline.saturating_sub(backend.now());
             // SAFETY: the round keeps its host calls in place until the
@@ -911,6 +945,30 @@ impl<B: Backend> AwaySlice<B> {
     pub fn vm_index(&self) -> usize {
         self.index
     }
+}
+
+/// Whether a VM away whose slice `end` just returned runs another in a
+/// round that goes on, and until when: only a slice that ran out with its
+/// vCPU still runnable and nothing for the boot CPU (no exit left to it,
+/// no frame to forward, no device signal), while the round's end leaves
+/// room for one. The vCPU leaves its CPU for the next entry.
+fn goes_on_after<B: Backend>(vm: &mut Vm<B>, v: usize, end: &SliceEnd, round_end: &AtomicU64, now: u64) -> Option<u64> {
+    if end.flow != Flow::Yield || end.deferred.is_some() || !vm.state.runnable() {
+        return None;
+    }
+    if vm.devices.has_signals() || vm.devices.net_frames_waiting() {
+        return None;
+    }
+    let until = round_end.load(Ordering::Acquire);
+    if until < now.saturating_add(MIN_SLICE_TICKS) {
+        return None;
+    }
+    let slot = vm.res.as_mut()?.vcpus.get_mut(v)?;
+    if slot.state != crate::vm::VcpuState::Running {
+        return None;
+    }
+    slot.state.apply(crate::vm::VcpuEvent::Leave);
+    Some(until)
 }
 
 /// The slices a round offers beyond one per CPU (`docs/smp.md`, "Spare
@@ -1498,6 +1556,31 @@ pub unsafe trait SliceCpus<B: Backend> {
     fn takes_calls(&self) -> bool {
         false
     }
+    /// Whether its jobs may go on past the boot CPU's slice, the round
+    /// lasting while nothing needs every VM home (`docs/smp.md`, "Rounds
+    /// that go on"). Then the methods below must be real.
+    fn goes_on(&self) -> bool {
+        false
+    }
+    /// Whether every job started in the round is still running (none has
+    /// returned).
+    fn all_running(&self) -> bool {
+        false
+    }
+    /// Whether something outside the VMs wants the boot CPU's loop between
+    /// rounds now (console input, a host NIC to poll, an attached console).
+    fn wanted(&mut self) -> bool {
+        true
+    }
+    /// Halts this CPU until host time `until`, a job's return or a kick,
+    /// whichever comes first (it may return sooner), then calls `serve`.
+    fn doze(&mut self, until: u64, serve: &mut dyn FnMut()) {
+        let _ = until;
+        serve();
+    }
+    /// Interrupts the CPUs running the round's jobs: a guest there exits
+    /// at once and its slice looks at the round's end again.
+    fn kick_running(&self) {}
 }
 
 /// No other CPUs: every slice runs on the boot CPU.
@@ -1521,7 +1604,7 @@ unsafe impl<B: Backend> SliceCpus<B> for NoOtherCpus {
 // around it holds.
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
-fn run_body<B: Backend, H: SliceHost<B>>(
+pub(super) fn run_body<B: Backend, H: SliceHost<B>>(
     vm: &mut Vm<B>,
     v: usize,
     backend: &mut B,
@@ -1530,6 +1613,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     slice_ticks: u64,
     until: Option<u64>,
     calls: Option<&HostCalls<B>>,
+    cut: Option<&AtomicU64>,
 ) -> SliceEnd {
     let now = backend.now();
     // A throttled VM's cap bounds the wall-clock deadline below too.
@@ -1561,7 +1645,7 @@ fn run_body<B: Backend, H: SliceHost<B>>(
     // time must still give the CPU up after a slice of wall-clock time, or
     // the console and other VMs starve.
     let mut t0 = backend.now();
-    let deadline = t0.saturating_add(slice_ticks).min(until.unwrap_or(u64::MAX));
+    let mut deadline = t0.saturating_add(slice_ticks).min(until.unwrap_or(u64::MAX));
     // Its own timer's interrupts are delivered within the slice (one vCPU:
     // an interrupt for another would need the scheduler).
     let goes_on = until.is_some() && vm.res.as_ref().is_some_and(|r| r.vcpus.len() == 1);
@@ -1617,6 +1701,13 @@ fn run_body<B: Backend, H: SliceHost<B>>(
             && calls.asked()
         {
             t0 = serve_in_slice(vm, v, backend, host, calls);
+        }
+        // A round that goes on ends when the boot CPU says so, and kicks
+        // this CPU to make it heard (`SliceCpus::kick_running`).
+        if kind == ExitKind::ExternalInterrupt
+            && let Some(cut) = cut
+        {
+            deadline = deadline.min(cut.load(Ordering::Acquire));
         }
         vm.deliver_interrupts(t1, backend.tsc_hz());
         // The guest moved its timer earlier than the slice's end
@@ -1711,6 +1802,12 @@ pub struct SchedStats {
     /// Standby siblings a sibling's IPI woke on the sender's CPU
     /// (`Standbys`).
     pub standby_slices: u64,
+    /// Rounds that went on past the boot CPU's slice (`round_on`), and the
+    /// slices run in them after the first on each CPU: on the boot CPU, and
+    /// by the jobs away.
+    pub rounds_on: u64,
+    pub slices_on_here: u64,
+    pub slices_on_away: u64,
     /// Whole rounds, from the first pick to the last slice finished.
     pub round_ticks: u64,
     /// The boot CPU's own slices (`run_body`), exits handled included.
@@ -1791,7 +1888,7 @@ impl<B: Backend> Manager<B> {
     /// VMs round-robin, and within a VM its vCPUs round-robin
     /// (`Vm::pick_vcpu`, which passes halted vCPUs over until an
     /// interrupt for them is pending).
-    fn pick(&mut self, now: u64, hz: u64, taken: &[(usize, usize)]) -> Option<(usize, usize)> {
+    pub(super) fn pick(&mut self, now: u64, hz: u64, taken: &[(usize, usize)]) -> Option<(usize, usize)> {
         let n = self.vms.len();
         let found = (0..n)
             .map(|k| (self.cursor + k) % n)
@@ -1871,6 +1968,16 @@ impl<B: Backend> Manager<B> {
             None => now.saturating_add(planned_slice(&self.vms[hi], now, hz, self.slice_ticks)),
         };
         let mut spares = (!spare_picks.is_empty()).then(|| self.prepare_spares(&spare_picks, now, me));
+        // A round that goes on past the boot CPU's slice (`round_on`): every
+        // runnable vCPU has a CPU, and nothing between rounds waits.
+        let limit = round_start.saturating_add(self.slice_ticks.saturating_mul(round_on::MAX_ROUND_SLICES));
+        let round_end: Option<Box<AtomicU64>> = (cpus.goes_on()
+            && picks.len() > 1
+            && spare_picks.is_empty()
+            && !self.work_between_rounds()
+            && !cpus.wanted())
+        .then(|| Box::new(AtomicU64::new(limit)));
+        let round_end_ptr: *const AtomicU64 = round_end.as_deref().map_or(core::ptr::null(), |r| r);
         // One host-call slot per job that may run away: the picks, then
         // the spares.
         let n_spares = spares.as_ref().map_or(0, |sp| sp.jobs.len());
@@ -1905,6 +2012,9 @@ impl<B: Backend> Manager<B> {
         let spares_ptr: *const Spares<B> = spares.as_deref().map_or(core::ptr::null(), |s| s);
         let mut away: Vec<AwaySlice<B>> = Vec::with_capacity(picks.len() - 1);
         let mut home_sibling: Option<AwaySlice<B>> = None;
+        // Whether a job may go on (read here: once started, a job is its
+        // CPU's until the join).
+        let mut jobs_go_on = false;
         for (k, &(i, v)) in picks.iter().enumerate() {
             let mut job = AwaySlice::new(i, v, self.slice_ticks, me, self.vms[i].node);
             job.away = k != home;
@@ -1924,6 +2034,10 @@ impl<B: Backend> Manager<B> {
             } else if k == home {
                 continue;
             } else {
+                if !round_end_ptr.is_null() && self.may_go_on(i) {
+                    job.round_end = round_end_ptr;
+                    jobs_go_on = true;
+                }
                 let vm = &mut self.vms[i];
                 let Some(res) = vm.res.as_mut() else { continue };
                 // It may still be loaded here from an earlier slice.
@@ -1942,7 +2056,7 @@ impl<B: Backend> Manager<B> {
         let started: Vec<bool> = away.iter_mut().map(|job| cpus.start(job)).collect();
         let slices = 1 + started.iter().filter(|&&s| s).count() as u64;
         let (i, v) = picks[home];
-        let (end, slice_ticks, joined) = {
+        let (mut end, slice_ticks, t1) = {
             let Ok(backend) = self.backend.as_mut() else {
                 cpus.join(&mut || {});
                 return false;
@@ -1967,6 +2081,7 @@ impl<B: Backend> Manager<B> {
                         self.slice_ticks,
                         None,
                         calls,
+                        None,
                     );
                     if let Some(spares) = spares.as_deref() {
                         // SAFETY: the spares stay in place until the join,
@@ -1977,20 +2092,52 @@ impl<B: Backend> Manager<B> {
                 }
             };
             let t1 = backend.now();
+            (end, t1 - t0, t1)
+        };
+        let calls_ref = calls.as_deref();
+        // The round goes on if a job may, and the boot CPU's own slice ended
+        // with nothing for the other VMs: finished now, its VM is picked
+        // again with the rest.
+        let mut went_on = round_on::WentOn::default();
+        if let Some(round_end) = round_end.as_deref() {
+            let home_alone =
+                home_sibling.is_none() && end.as_ref().is_some_and(|e| round_on::ends_alone(&self.vms[i], e));
+            if jobs_go_on
+                && home_alone
+                && let Some(e) = end.take()
+            {
+                self.finish_slice(i, v, e.flow, console);
+                let mut taken: Vec<(usize, usize)> = picks.iter().copied().filter(|&p| p != (i, v)).collect();
+                went_on = self.go_on(cpus, round_end, limit, &mut taken, calls_ref, console);
+            } else {
+                round_end.store(0, Ordering::Release);
+                cpus.kick_running();
+            }
+        }
+        let (slice_ticks, joined) = {
+            let Ok(backend) = self.backend.as_mut() else {
+                cpus.join(&mut || {});
+                return false;
+            };
+            // The clock read once more only after a round that could go on.
+            let t1 = if round_end.is_some() { backend.now() } else { t1 };
             // Waiting, it serves the host calls of the CPUs it waits for.
             let host_mem = &mut self.host_mem;
             cpus.join(&mut || {
-                if let Some(c) = calls {
+                if let Some(c) = calls_ref {
                     host_mem.serve(c, backend);
                 }
             });
-            (end, t1 - t0, backend.now() - t1)
+            (slice_ticks + went_on.slice_ticks, backend.now() - t1 + went_on.doze_ticks)
         };
         if let Some(c) = calls.as_deref() {
             self.sched.host_calls_in_slice += u64::from(c.served_in_slice.load(Ordering::Relaxed));
         }
         if let Some(end) = end {
             self.finish_slice(i, v, end.flow, console);
+        }
+        if let Some((li, lv, flow)) = went_on.left {
+            self.finish_slice(li, lv, flow, console);
         }
         for gang in &mut gangs {
             self.absorb_gang(gang, console);
@@ -2006,8 +2153,10 @@ impl<B: Backend> Manager<B> {
         let standbys_taken = standby_jobs.len() as u64;
         let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
         let later_jobs = spare_jobs.into_iter().chain(standby_jobs).map(|job| (job, true));
+        let mut slices_on_away = 0;
         for (job, started) in home_job.chain(away_jobs).chain(later_jobs) {
             let went_away = job.away;
+            slices_on_away += job.slices_on;
             self.sched.host_calls += job.host_calls;
             self.sched.host_call_ticks += job.call_ticks;
             let t = clock(self);
@@ -2041,7 +2190,10 @@ impl<B: Backend> Manager<B> {
         }
         let s = &mut self.sched;
         s.rounds += 1;
-        s.slices += slices + spares_taken + standbys_taken;
+        s.slices += slices + spares_taken + standbys_taken + went_on.slices + slices_on_away;
+        s.rounds_on += u64::from(went_on.slices + slices_on_away > 0);
+        s.slices_on_here += went_on.slices;
+        s.slices_on_away += slices_on_away;
         s.spare_slices += spares_taken;
         s.standby_slices += standbys_taken;
         s.slice_ticks += slice_ticks;
@@ -2375,7 +2527,7 @@ impl<B: Backend> Manager<B> {
 
     /// What follows a slice, on this CPU: the vCPU's state, frames the VM
     /// sent, and the VM's end, reset or memory pressure.
-    fn finish_slice(&mut self, i: usize, v: usize, flow: Flow, console: &mut impl Console) {
+    pub(super) fn finish_slice(&mut self, i: usize, v: usize, flow: Flow, console: &mut impl Console) {
         let Ok(backend) = self.backend.as_mut() else { return };
         let vm = &mut self.vms[i];
         // Its vCPU leaves; a VM of several vCPUs that none can run again ends.

@@ -1120,3 +1120,181 @@ fn a_halted_vcpu_a_siblings_ipi_wakes_runs_at_once_on_the_senders_cpu() {
     assert_eq!(m.sched.standby_slices, 1);
     assert_eq!(other.ran, [0], "vCPU 1 ran on the other CPU meanwhile");
 }
+
+/// One other CPU whose job may go on past the boot CPU's slice
+/// (`SliceCpus::goes_on`). It runs the job in `join`, as [`OneOtherCpu`],
+/// but from the boot CPU's time at `start` (its clock set back to then),
+/// as if it had run beside the boot CPU; the job counts as running until
+/// the join. The console wants the boot CPU from the `wanted_at`-th look.
+struct GoingOnCpu {
+    backend: MockBackend,
+    /// The boot CPU's backend, for its clock at `start`.
+    boot: *const MockBackend,
+    started_at: u64,
+    job: Option<*mut AwaySlice<MockBackend>>,
+    looks: u32,
+    wanted_at: u32,
+    kicks: core::cell::Cell<u32>,
+}
+
+// SAFETY: each started job runs once, in `join`, before it returns.
+unsafe impl SliceCpus<MockBackend> for GoingOnCpu {
+    fn free(&self) -> usize {
+        usize::from(self.job.is_none())
+    }
+    fn start(&mut self, job: *mut AwaySlice<MockBackend>) -> bool {
+        if self.job.is_some() {
+            return false;
+        }
+        // SAFETY: the manager (declared before the stand-in) outlives it,
+        // and the test runs on one thread.
+        self.started_at = unsafe { (*self.boot).clock.get() };
+        self.job = Some(job);
+        true
+    }
+    fn join(&mut self, _: &mut dyn FnMut()) {
+        if let Some(job) = self.job.take() {
+            self.backend.clock.set(self.started_at);
+            // SAFETY: the manager keeps the job in place until this returns
+            // and touches its VM only afterwards.
+            unsafe { (*job).run(&mut self.backend) };
+        }
+    }
+    fn goes_on(&self) -> bool {
+        true
+    }
+    fn all_running(&self) -> bool {
+        self.job.is_some()
+    }
+    fn wanted(&mut self) -> bool {
+        self.looks += 1;
+        self.looks >= self.wanted_at
+    }
+    fn doze(&mut self, until: u64, serve: &mut dyn FnMut()) {
+        // SAFETY: as in `start`; the boot CPU's clock is what it waits on.
+        unsafe { (*self.boot).halt_until(until) };
+        serve();
+    }
+    fn kick_running(&self) {
+        self.kicks.set(self.kicks.get() + 1);
+    }
+}
+
+fn going_on_cpu(m: &Manager<MockBackend>, wanted_at: u32) -> GoingOnCpu {
+    let boot = m.backend.as_ref().unwrap();
+    // SAFETY: every test declares its manager before its stand-in.
+    let backend = unsafe { boot.beside() };
+    GoingOnCpu { backend, boot, started_at: 0, job: None, looks: 0, wanted_at, kicks: Default::default() }
+}
+
+fn slices_of(m: &Manager<MockBackend>, id: u32) -> u64 {
+    m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].stats.slices
+}
+
+/// VMs that compute, each exit a CPUID, for longer than any round.
+fn computing_vms(m: &mut Manager<MockBackend>, n: usize) -> Vec<u32> {
+    for _ in 0..n {
+        m.backend.as_mut().unwrap().scripts.push_back(cpuids(20_000));
+    }
+    (0..n).map(|_| m.run_vm("tiny", 4, "").unwrap()).collect()
+}
+
+#[test]
+fn with_a_cpu_for_every_runnable_vcpu_the_round_goes_on_until_the_console_wants_the_boot_cpu() {
+    let mut m = manager();
+    // Two VMs that compute: one for each of the two CPUs, and nothing waits.
+    let ids = computing_vms(&mut m, 2);
+    m.slice_ticks = 2000;
+    // Looks: before the round, then one before each further slice here;
+    // the fourth finds console input.
+    let mut other = going_on_cpu(&m, 4);
+    let mut con = Lines::default();
+    assert!(m.run_round(&mut con, &mut other));
+    let s = m.sched;
+    assert_eq!((s.rounds, s.rounds_on, s.slices_on_here), (1, 1, 2), "{s:?}");
+    assert_eq!(slices_of(&m, ids[0]), 3, "VM 1 ran three slices here in the one round");
+    assert!(s.slices_on_away >= 1, "VM 2 went on past its first slice on the other CPU: {s:?}");
+    assert_eq!(slices_of(&m, ids[1]), 1 + s.slices_on_away);
+    assert_eq!(s.slices, 3 + 1 + s.slices_on_away);
+    assert_eq!(other.kicks.get(), 1, "the round's end was made heard on the other CPU");
+    let vm2 = m.get(ids[1]).unwrap();
+    assert_eq!(vm2.res.as_ref().unwrap().vcpus[0].state, crate::vm::VcpuState::Runnable);
+    // Both computed about as long: the round's end cut VM 2's last slice.
+    let (a, b) = (m.vms[0].stats.run_ticks, m.vms[1].stats.run_ticks);
+    assert!(a.abs_diff(b) * 4 <= a.max(b), "{a} vs {b} ticks in the guest");
+    // With the console quiet from the start, the round lasts its most.
+    let mut quiet = going_on_cpu(&m, u32::MAX);
+    let before = m.sched;
+    assert!(m.run_round(&mut con, &mut quiet));
+    let here = m.sched.slices_on_here - before.slices_on_here;
+    assert_eq!(here, super::round_on::MAX_ROUND_SLICES - 1, "{:?}", m.sched);
+    assert_eq!(m.sched.rounds, 2);
+}
+
+#[test]
+fn a_round_with_a_vm_waiting_for_a_cpu_ends_with_the_boot_cpus_slice_and_the_vms_rotate() {
+    let mut m = manager();
+    let ids = computing_vms(&mut m, 3);
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        let mut other = going_on_cpu(&m, u32::MAX);
+        assert!(m.run_round(&mut con, &mut other));
+        assert_eq!(other.kicks.get(), 0, "nothing went on, nothing to end");
+    }
+    assert_eq!(m.sched.rounds_on, 0);
+    let slices: Vec<u64> = ids.iter().map(|&id| slices_of(&m, id)).collect();
+    assert_eq!(slices, [2, 2, 2], "three VMs on two CPUs still rotate");
+}
+
+#[test]
+fn a_vm_here_that_wakes_while_the_round_goes_on_runs_and_then_the_round_ends_for_the_rotation() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 computes here, VM 2 away; VM 3 is halted, its timer due during
+    // the boot CPU's second slice.
+    b.scripts.push_back(cpuids(20_000));
+    b.scripts.push_back(cpuids(20_000));
+    let mut three_script = vec![sti_hlt()];
+    three_script.extend(cpuids(20_000));
+    b.scripts.push_back(three_script);
+    let (one, _, three) =
+        (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    m.cursor = 2;
+    let mut con = Lines::default();
+    // VM 3 halts first, in a slice of its own.
+    assert!(m.run_slice(&mut con));
+    assert_eq!(m.get(three).unwrap().res.as_ref().unwrap().vcpus[0].state, crate::vm::VcpuState::Halted);
+    let now = m.backend.as_ref().unwrap().clock.get();
+    m.vms[2].timer_tick = now + 3000;
+    let before = (slices_of(&m, one), slices_of(&m, three));
+    let mut other = going_on_cpu(&m, u32::MAX);
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(slices_of(&m, three), before.1 + 1, "VM 3 ran here once its timer was due");
+    // Then two VMs here wanted the CPU: the round ended rather than run
+    // them by turns beside a VM away that kept its CPU.
+    assert!(slices_of(&m, one) - before.0 <= 2, "{:?}", m.sched);
+    assert_eq!((m.sched.rounds_on, other.kicks.get()), (1, 1));
+}
+
+#[test]
+fn a_vm_away_stops_going_on_at_a_halt() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 2 (away) computes for a few slices, then halts.
+    b.scripts.push_back(cpuids(20_000));
+    let mut two_script = cpuids(300);
+    two_script.push(sti_hlt());
+    two_script.extend(cpuids(20_000));
+    b.scripts.push_back(two_script);
+    let (_, two) = (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    assert!(m.run_round(&mut con, &mut other));
+    let vm2 = m.get(two).unwrap();
+    assert_eq!(vm2.res.as_ref().unwrap().vcpus[0].state, crate::vm::VcpuState::Halted, "{:?}", m.sched);
+    assert_eq!(cpuid_exits(&m, two), 300, "it stopped at the halt");
+    assert!(slices_of(&m, two) > 1, "after going on past its first slice");
+}

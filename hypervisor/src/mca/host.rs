@@ -182,6 +182,12 @@ impl ErrorLog {
         }
     }
 
+    /// Whether an error waits to be taken (a round that goes on ends for
+    /// it: the pages it costs are poisoned before the guests read on).
+    pub fn waiting(&self) -> bool {
+        self.slots.iter().any(|s| s.state.load(Ordering::Acquire) == READY)
+    }
+
     /// Errors dropped because the log was full.
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)

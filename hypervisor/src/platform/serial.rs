@@ -68,6 +68,17 @@ pub fn try_read() -> Option<u8> {
     PORT.lock().as_mut().and_then(|p| p.try_receive().ok())
 }
 
+/// Whether a received byte waits, without taking it: the line status
+/// register's data-ready bit (16550 LSR bit 0).
+pub fn rx_ready() -> bool {
+    let _port = PORT.lock();
+    // SAFETY: COM1's line status register; a read clears only its error
+    // bits, which the driver does not use, and the lock keeps the driver's
+    // own accesses out meanwhile.
+    let lsr: u8 = unsafe { x86_64::instructions::port::PortReadOnly::new(COM1 + 5).read() };
+    lsr & 1 != 0
+}
+
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => ($crate::platform::serial::write_fmt(format_args!($($arg)*)));

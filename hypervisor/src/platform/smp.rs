@@ -583,6 +583,25 @@ pub fn await_answer(cpu: &Cpu, ticket: u64, mut woken: impl FnMut()) {
     me.awaits.fetch_add(u64::from(halted), Ordering::Relaxed);
 }
 
+/// Whether `cpu` answered the call [`post`] gave `ticket` for.
+pub fn answered(cpu: &Cpu, ticket: u64) -> bool {
+    cpu.answered.load(Ordering::Acquire) == ticket
+}
+
+/// Halts this CPU until TSC `until`, a kick, or the answer of a call it
+/// posted (the answering CPU wakes a caller marked waiting, as in
+/// [`await_answer`]); not at all if `still_waiting` says the wait is over
+/// once this CPU is marked.
+pub fn doze(until: u64, still_waiting: impl Fn() -> bool) {
+    let me = this_cpu();
+    // SeqCst both: see `serve_calls`.
+    me.awaiting.store(true, Ordering::SeqCst);
+    if still_waiting() {
+        halt_until(until);
+    }
+    me.awaiting.store(false, Ordering::Relaxed);
+}
+
 /// Runs `f(arg)` on each of `cpus` at once (the caller's own CPU directly)
 /// and waits up to `timeout_us` for all: each one's result, or `None` for a
 /// CPU that did not answer in time (it may still run the call later).
