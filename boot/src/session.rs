@@ -225,12 +225,34 @@ impl Session {
         Ok(offset)
     }
 
+    /// Why the console ended early, for an error message: the emulator's
+    /// exit status once it is gone (QEMU's debug-exit port gives 3 for the
+    /// hypervisor's failure power-off), or nothing while it still runs.
+    fn why_closed(&mut self) -> String {
+        if !self.out.0.lock().unwrap().closed {
+            return String::new();
+        }
+        // The console closes just before the process is reaped.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return format!(": the console closed, the emulator ended ({st})"),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => return String::from(": the console closed, the emulator still running"),
+            }
+        }
+    }
+
     /// Sends one console line once the hypervisor is at its prompt; returns
     /// the transcript offset where the command's output begins.
     pub fn send_line(&mut self, line: &str, timeout: Duration) -> Result<usize> {
         let need = self.prompts_at_send.map_or(1, |n| n + 1);
         if !self.wait_until(timeout, |t| t.matches(PROMPT).count() >= need) {
-            bail!("the console showed no prompt within {}s (before sending {line:?})", timeout.as_secs());
+            bail!(
+                "the console showed no prompt within {}s (before sending {line:?}){}",
+                timeout.as_secs(),
+                self.why_closed()
+            );
         }
         let (count, offset) = {
             let g = self.out.0.lock().unwrap();
@@ -248,7 +270,7 @@ impl Session {
         let from = self.send_line(line, timeout)?;
         let need = self.prompts_at_send.unwrap_or(0) + 1;
         if !self.wait_until(timeout, |t| t.matches(PROMPT).count() >= need) {
-            bail!("no prompt within {}s after {line:?}", timeout.as_secs());
+            bail!("no prompt within {}s after {line:?}{}", timeout.as_secs(), self.why_closed());
         }
         let t = self.transcript();
         let body = &t[from..];

@@ -127,7 +127,10 @@ impl<B: Backend> Manager<B> {
                     // Nothing of its own to run: halted until a VM here has
                     // a timer due (at most a millisecond, for the console),
                     // a job returns, or a CPU asks a host call.
+                    // (Not in the past: a timer due that no pick took, a
+                    // throttled VM's, would make this a spin.)
                     let until = self.home_timer(taken).min(now.saturating_add(hz / 1000)).min(limit);
+                    let until = until.max(now.saturating_add(MIN_SLICE_TICKS));
                     let (Ok(backend), host) = (self.backend.as_mut(), &mut self.host_mem) else { break };
                     let t0 = backend.now();
                     cpus.doze(until, &mut || {

@@ -886,14 +886,16 @@ impl<B: Backend> AwaySlice<B> {
             }
             // The round goes on: another slice here, with nothing the boot
             // CPU must see between the two.
+            // (One clock read for the check and the next slice: a CPU held up
+            // between two reads must not find the end behind it.)
+            let now = backend.now();
             if let Some(round_end) = round_end
-                && let Some(until) = goes_on_after(vm, self.vcpu, &end, round_end, backend.now())
+                && let Some(until) = goes_on_after(vm, self.vcpu, &end, round_end, now)
             {
                 self.slices_on += 1;
                 self.until = Some(until);
-                let now = backend.now();
                 deadline = now.saturating_add(self.slice_ticks).min(until);
-                slice = deadline - now;
+                slice = deadline.saturating_sub(now);
                 continue;
             }
             let left = deadline.saturating_sub(backend.now());
@@ -2110,8 +2112,13 @@ impl<B: Backend> Manager<B> {
                 let mut taken: Vec<(usize, usize)> = picks.iter().copied().filter(|&p| p != (i, v)).collect();
                 went_on = self.go_on(cpus, round_end, limit, &mut taken, calls_ref, console);
             } else {
-                round_end.store(0, Ordering::Release);
-                cpus.kick_running();
+                // The jobs end with the boot CPU's slice, as in a round that
+                // does not go on; one that went on already (this CPU's
+                // slice ran past that end) is kicked to hear it.
+                round_end.store(home_end, Ordering::Release);
+                if self.backend.as_ref().is_ok_and(|b| b.now() >= home_end) {
+                    cpus.kick_running();
+                }
             }
         }
         let (slice_ticks, joined) = {

@@ -1298,3 +1298,26 @@ fn a_vm_away_stops_going_on_at_a_halt() {
     assert_eq!(cpuid_exits(&m, two), 300, "it stopped at the halt");
     assert!(slices_of(&m, two) > 1, "after going on past its first slice");
 }
+
+#[test]
+fn a_round_whose_boot_cpu_slice_ends_its_vm_does_not_go_on() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 1 (here) computes a little, then ends (the debug-exit port): its
+    // end reaches the host's memory, so the round ends with it.
+    let mut one_script = cpuids(50);
+    one_script.push(Box::new(|v: &mut crate::testing::MockVcpu| {
+        v.gprs.rax = 0;
+        VmExit::Io(IoAccess { port: 0xf4, size: 4, write: true, string: false, rep: false })
+    }));
+    b.scripts.push_back(one_script);
+    b.scripts.push_back(cpuids(20_000));
+    let (one, two) = (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.get(one).unwrap().state.ended());
+    assert_eq!(slices_of(&m, two), 1, "VM 2 ran its one slice: {:?}", m.sched);
+    assert_eq!((m.sched.rounds_on, m.sched.slices_on_away), (0, 0));
+}
