@@ -128,6 +128,10 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
         serve();
     }
 
+    fn poll(&self) -> fn() -> bool {
+        || crate::platform::serial::rx_ready() || hypervisor::mca::host::HOST_ERRORS.waiting()
+    }
+
     fn kick_running(&self) {
         for (b, c) in self.busy.iter().zip(&self.cpus) {
             if b.is_some() {

@@ -163,7 +163,7 @@ impl<B: Backend> Manager<B> {
     }
 
     /// The earliest timer of a VM outside `taken` (`u64::MAX`: none).
-    fn home_timer(&self, taken: &[(usize, usize)]) -> u64 {
+    pub(super) fn home_timer(&self, taken: &[(usize, usize)]) -> u64 {
         let home = |i: &usize| !taken.iter().any(|(t, _)| t == i);
         (0..self.vms.len())
             .filter(home)

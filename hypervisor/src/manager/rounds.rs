@@ -291,6 +291,11 @@ pub struct Gang {
     /// ([`Gang::claim_standby`]).
     standby: u32,
     standby_claimed: AtomicU32,
+    /// A round that goes on (`round_on`): its siblings run slice after
+    /// slice until `on_until` (the gang's latest end; 0 once the boot CPU
+    /// ends the round). Fixed when the gang is made.
+    goes_on: bool,
+    on_until: AtomicU64,
 }
 
 /// The VM's devices as its siblings reach them in a round: one at a time,
@@ -391,6 +396,8 @@ impl Gang {
             devices: GangDevices::none(),
             standby: 0,
             standby_claimed: AtomicU32::new(0),
+            goes_on: false,
+            on_until: AtomicU64::new(0),
         }
     }
 
@@ -591,6 +598,28 @@ impl Gang {
     fn over(&self) -> bool {
         self.over.load(Ordering::Relaxed)
     }
+
+    /// In a round that goes on, until when its siblings may run (0 once
+    /// the round is to end); `None` in a round that does not.
+    fn going_on_until(&self) -> Option<u64> {
+        self.goes_on.then(|| self.on_until.load(Ordering::SeqCst))
+    }
+
+    /// The boot CPU ends a round that goes on: each sibling's slice ends
+    /// at its next look (a kick makes that now), as in a round that does
+    /// not; unlike [`Gang::end`], not as if a sibling had cut it short.
+    fn stop_going_on<B: Backend>(&self, me: u32, backend: &B) {
+        if !self.goes_on {
+            return;
+        }
+        self.on_until.store(0, Ordering::SeqCst);
+        for c in &self.cpus {
+            let c = c.load(Ordering::SeqCst);
+            if on_cpu(c) && c != me {
+                backend.kick(c);
+            }
+        }
+    }
 }
 
 /// A sibling's way to its gang: vectors posted, and the vCPUs they went
@@ -682,6 +711,12 @@ pub struct Sibling<B: Backend> {
     from_standby: bool,
     /// When its slice was due to end: a standby it takes runs until then.
     deadline: u64,
+    /// Slices it ran after its first, the round going on.
+    slices_on: u64,
+    /// On the boot CPU in a round that goes on: whether something wants
+    /// the boot CPU between rounds (`SliceCpus::poll`), looked at before
+    /// each further slice.
+    poll: Option<fn() -> bool>,
 }
 
 /// One vCPU's slice on another CPU, or a sibling's on any CPU. The boot
@@ -1146,7 +1181,7 @@ unsafe fn run_sibling<B: Backend>(
     backend.prefer_node(node);
     slot.vcpu.load();
     let mut t0 = backend.now();
-    let deadline = t0.saturating_add(slice);
+    let mut deadline = t0.saturating_add(slice);
     s.deadline = deadline;
     // Its own APIC's timer is its own to deliver: the slice stops for it
     // (and goes on after it) when it comes first.
@@ -1175,6 +1210,7 @@ unsafe fn run_sibling<B: Backend>(
         s.exits[exit.kind() as usize] += 1;
         crate::trace_exit(s.vm_id, &exit);
         let preempted = matches!(exit, VmExit::Preempted);
+        let kind = exit.kind();
         let out = GangOutbox::new(gang);
         match exit {
             VmExit::Cpuid => cpuid_exit(&mut slot.vcpu, profile, backend, s.apic_id),
@@ -1196,7 +1232,7 @@ unsafe fn run_sibling<B: Backend>(
             VmExit::Hlt if s.apic.delivers() && slot.vcpu.rflags() & vcpu::state::bits::RFLAGS_IF != 0 => {
                 slot.vcpu.skip_instruction();
                 s.halts += 1;
-                if !halt_here(s, gang, &*backend, deadline) {
+                if !halt_here(s, gang, &*backend, &mut deadline, slice) {
                     halted = true;
                     break None;
                 }
@@ -1210,10 +1246,17 @@ unsafe fn run_sibling<B: Backend>(
             // Stopped for its APIC's timer, not the slice's end (a timer
             // that fires a little early is re-armed below).
             VmExit::Preempted if s.apic.timer < deadline && t1 < deadline => {}
-            VmExit::Preempted => {
-                s.expired = true;
-                break None;
-            }
+            VmExit::Preempted => match sibling_goes_on(s, gang, t1, slice, &*backend) {
+                // The round goes on: another slice (armed below).
+                Some(next) => {
+                    deadline = next;
+                    slot.stats.slices += 1;
+                }
+                None => {
+                    s.expired = true;
+                    break None;
+                }
+            },
             VmExit::Rdmsr { msr } if let Some(r) = s.apic.rdmsr(msr, t1) => {
                 crate::vm::exit::complete_rdmsr(&mut slot.vcpu, r.ok());
             }
@@ -1290,13 +1333,29 @@ unsafe fn run_sibling<B: Backend>(
         if s.apic.timer <= t1 {
             s.apic.tick(t1);
         }
-        if s.apic.timer != armed || preempted {
-            armed = s.apic.timer;
-            slot.vcpu.set_time_slice(entry_budget(t1, armed, deadline));
+        // A round that goes on ends when the boot CPU says so, and kicks
+        // this CPU to make it heard (`Gang::stop_going_on`).
+        if kind == ExitKind::ExternalInterrupt
+            && let Some(until) = gang.going_on_until()
+        {
+            deadline = deadline.min(until);
         }
         if t1 >= deadline {
-            s.expired = true;
-            break None;
+            match sibling_goes_on(s, gang, t1, slice, &*backend) {
+                Some(next) => {
+                    deadline = next;
+                    slot.stats.slices += 1;
+                }
+                None => {
+                    s.expired = true;
+                    break None;
+                }
+            }
+        }
+        if s.apic.timer != armed || preempted || s.deadline != deadline {
+            armed = s.apic.timer;
+            s.deadline = deadline;
+            slot.vcpu.set_time_slice(entry_budget(t1, armed, deadline));
         }
     };
     gang.leave(me, !halted, here.index, backend);
@@ -1387,7 +1446,7 @@ fn sibling_pio<B: Backend>(
 /// its APIC's timer. Whether it woke; if not, the slice's time ran out or
 /// the round ended (another sibling's exit for the boot CPU, or no
 /// sibling left awake), and the vCPU stays halted.
-fn halt_here<B: Backend>(s: &mut Sibling<B>, gang: &Gang, backend: &B, deadline: u64) -> bool {
+fn halt_here<B: Backend>(s: &mut Sibling<B>, gang: &Gang, backend: &B, deadline: &mut u64, slice: u64) -> bool {
     let (me, cpu) = (s.vcpu, vcpu::cpu_local::get().index);
     if s.apic.wakes(&gang.posted[me]) {
         return true;
@@ -1412,11 +1471,42 @@ fn halt_here<B: Backend>(s: &mut Sibling<B>, gang: &Gang, backend: &B, deadline:
             }
             continue;
         }
-        if gang.over() || now >= deadline {
+        if gang.over() {
             return false;
         }
-        backend.halt_until(s.apic.timer.min(deadline));
+        // A round that goes on: it waits on, slice after slice, until the
+        // boot CPU ends the round (then at once: the kick ended the halt).
+        if let Some(until) = gang.going_on_until() {
+            *deadline = (*deadline).min(until);
+        }
+        if now >= *deadline {
+            match sibling_goes_on(s, gang, now, slice, backend) {
+                Some(next) => *deadline = next,
+                None => return false,
+            }
+        }
+        backend.halt_until(s.apic.timer.min(*deadline));
     }
+}
+
+/// A sibling whose slice is up, in a round that goes on (`round_on`):
+/// the end of its next slice, or `None` when the round ends for it (not
+/// going on, its gang over, the round's end reached, or on the boot CPU
+/// something wanting it between rounds, which ends the round for the
+/// others too).
+fn sibling_goes_on<B: Backend>(s: &mut Sibling<B>, gang: &Gang, now: u64, slice: u64, backend: &B) -> Option<u64> {
+    let until = gang.going_on_until()?;
+    if gang.over() || until < now.saturating_add(MIN_SLICE_TICKS) {
+        return None;
+    }
+    if let Some(poll) = s.poll
+        && poll()
+    {
+        gang.stop_going_on(vcpu::cpu_local::get().index, backend);
+        return None;
+    }
+    s.slices_on += 1;
+    Some(until.min(now.saturating_add(slice)))
 }
 
 /// Where a sibling's faults on RAM are fixed while its round runs.
@@ -1583,6 +1673,13 @@ pub unsafe trait SliceCpus<B: Backend> {
     /// Interrupts the CPUs running the round's jobs: a guest there exits
     /// at once and its slice looks at the round's end again.
     fn kick_running(&self) {}
+    /// What the boot CPU's own sibling looks at before each further slice
+    /// of a round that goes on: whether console input or a host machine
+    /// check wants the boot CPU (a plain function: the sibling runs where
+    /// `self` is not at hand).
+    fn poll(&self) -> fn() -> bool {
+        || true
+    }
 }
 
 /// No other CPUs: every slice runs on the boot CPU.
@@ -1961,7 +2058,18 @@ impl<B: Backend> Manager<B> {
         let home = choose_home(&fits, my_node);
         // Each gang VM's shared word, kept until every job is finished.
         let mut gangs: Vec<Box<Gang>> = Vec::new();
-        let (mut siblings, standby_parts) = self.prepare_siblings(&picks, now, hz, &mut gangs);
+        // A round that goes on past the boot CPU's slice (`round_on`): every
+        // runnable vCPU has a CPU, and nothing between rounds waits.
+        let limit = round_start.saturating_add(self.slice_ticks.saturating_mul(round_on::MAX_ROUND_SLICES));
+        let goes_on = cpus.goes_on()
+            && picks.len() > 1
+            && spare_picks.is_empty()
+            && !self.work_between_rounds()
+            && !cpus.wanted();
+        // Siblings go on until a VM no CPU holds has a timer due at the
+        // latest (the boot CPU, in its own sibling, does not pick others).
+        let gangs_until = goes_on.then(|| limit.min(self.home_timer(&picks)));
+        let (mut siblings, standby_parts) = self.prepare_siblings(&picks, now, hz, &mut gangs, gangs_until);
         // When the slice that stays here is due to end (it may end sooner):
         // a VM away computes on until then.
         let (hi, hv) = picks[home];
@@ -1970,15 +2078,7 @@ impl<B: Backend> Manager<B> {
             None => now.saturating_add(planned_slice(&self.vms[hi], now, hz, self.slice_ticks)),
         };
         let mut spares = (!spare_picks.is_empty()).then(|| self.prepare_spares(&spare_picks, now, me));
-        // A round that goes on past the boot CPU's slice (`round_on`): every
-        // runnable vCPU has a CPU, and nothing between rounds waits.
-        let limit = round_start.saturating_add(self.slice_ticks.saturating_mul(round_on::MAX_ROUND_SLICES));
-        let round_end: Option<Box<AtomicU64>> = (cpus.goes_on()
-            && picks.len() > 1
-            && spare_picks.is_empty()
-            && !self.work_between_rounds()
-            && !cpus.wanted())
-        .then(|| Box::new(AtomicU64::new(limit)));
+        let round_end: Option<Box<AtomicU64>> = goes_on.then(|| Box::new(AtomicU64::new(limit)));
         let round_end_ptr: *const AtomicU64 = round_end.as_deref().map_or(core::ptr::null(), |r| r);
         // One host-call slot per job that may run away: the picks, then
         // the spares.
@@ -2016,7 +2116,7 @@ impl<B: Backend> Manager<B> {
         let mut home_sibling: Option<AwaySlice<B>> = None;
         // Whether a job may go on (read here: once started, a job is its
         // CPU's until the join).
-        let mut jobs_go_on = false;
+        let mut jobs_go_on = gangs.iter().any(|g| g.goes_on);
         for (k, &(i, v)) in picks.iter().enumerate() {
             let mut job = AwaySlice::new(i, v, self.slice_ticks, me, self.vms[i].node);
             job.away = k != home;
@@ -2030,7 +2130,12 @@ impl<B: Backend> Manager<B> {
             if let Some(entry) = siblings.iter_mut().find(|e| (e.vm, e.vcpu) == (i, v)) {
                 // Released and given its interrupts by `prepare_siblings`;
                 // each pick is there once, so each part is taken once.
-                let Some((part, slice)) = entry.part.take() else { continue };
+                let Some((mut part, slice)) = entry.part.take() else { continue };
+                // The boot CPU's own looks out for what wants it between
+                // rounds before each further slice.
+                if k == home && goes_on {
+                    part.poll = Some(cpus.poll());
+                }
                 job.sibling = Some(part);
                 job.slice_ticks = slice;
             } else if k == home {
@@ -2120,6 +2225,12 @@ impl<B: Backend> Manager<B> {
                     cpus.kick_running();
                 }
             }
+            // Siblings that went on end too.
+            if let Ok(backend) = self.backend.as_ref() {
+                for gang in &gangs {
+                    gang.stop_going_on(me, backend);
+                }
+            }
         }
         let (slice_ticks, joined) = {
             let Ok(backend) = self.backend.as_mut() else {
@@ -2160,10 +2271,15 @@ impl<B: Backend> Manager<B> {
         let standbys_taken = standby_jobs.len() as u64;
         let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
         let later_jobs = spare_jobs.into_iter().chain(standby_jobs).map(|job| (job, true));
-        let mut slices_on_away = 0;
+        let (mut slices_on_away, mut slices_on_here) = (0, went_on.slices);
         for (job, started) in home_job.chain(away_jobs).chain(later_jobs) {
             let went_away = job.away;
-            slices_on_away += job.slices_on;
+            let on = job.slices_on + job.sibling.as_ref().map_or(0, |s| s.slices_on);
+            if went_away {
+                slices_on_away += on;
+            } else {
+                slices_on_here += on;
+            }
             self.sched.host_calls += job.host_calls;
             self.sched.host_call_ticks += job.call_ticks;
             let t = clock(self);
@@ -2197,9 +2313,9 @@ impl<B: Backend> Manager<B> {
         }
         let s = &mut self.sched;
         s.rounds += 1;
-        s.slices += slices + spares_taken + standbys_taken + went_on.slices + slices_on_away;
-        s.rounds_on += u64::from(went_on.slices + slices_on_away > 0);
-        s.slices_on_here += went_on.slices;
+        s.slices += slices + spares_taken + standbys_taken + slices_on_here + slices_on_away;
+        s.rounds_on += u64::from(slices_on_here + slices_on_away > 0);
+        s.slices_on_here += slices_on_here;
         s.slices_on_away += slices_on_away;
         s.spare_slices += spares_taken;
         s.standby_slices += standbys_taken;
@@ -2327,6 +2443,7 @@ impl<B: Backend> Manager<B> {
         now: u64,
         hz: u64,
         gangs: &mut Vec<Box<Gang>>,
+        goes_on_until: Option<u64>,
     ) -> (Vec<SiblingPart<B>>, Vec<SiblingPart<B>>) {
         let mut out = Vec::new();
         let mut standbys = Vec::new();
@@ -2383,6 +2500,17 @@ impl<B: Backend> Manager<B> {
             let tsc = vm.devices.guest_tsc_clock();
             let lapics = vm.devices.lapics_ptr();
             let mut gang = Box::new(Gang::new(i, &mine, vm.devices.routes().collect()));
+            // A round that goes on: its siblings too, until the VM's next
+            // timer outside their APICs at the latest (the boot CPU
+            // delivers that one); not a throttled VM's, whose share is
+            // counted per slice.
+            if let Some(until) = goes_on_until.filter(|_| vm.throttle.pct() == 0) {
+                let until = until.min(now.saturating_add(outside));
+                if until > now.saturating_add(slice) {
+                    gang.goes_on = true;
+                    gang.on_until.store(until, Ordering::Relaxed);
+                }
+            }
             // The siblings reach the devices (not the APICs, whose
             // pointers were taken above) under the gang's lock.
             gang.devices.set = &raw mut vm.devices;
@@ -2430,6 +2558,8 @@ impl<B: Backend> Manager<B> {
                     standby_next: None,
                     from_standby,
                     deadline: 0,
+                    slices_on: 0,
+                    poll: None,
                 };
                 let part = SiblingPart { vm: i, vcpu: v, part: Some((s, slice)) };
                 if from_standby { standbys.push(part) } else { out.push(part) }

@@ -1135,6 +1135,11 @@ struct GoingOnCpu {
     looks: u32,
     wanted_at: u32,
     kicks: core::cell::Cell<u32>,
+    /// Runs each job at once in `start` (as if it ran before the boot
+    /// CPU's own slice), not in `join`.
+    eager: bool,
+    /// What the boot CPU's own sibling finds before each further slice.
+    poll: fn() -> bool,
 }
 
 // SAFETY: each started job runs once, in `join`, before it returns.
@@ -1149,6 +1154,13 @@ unsafe impl SliceCpus<MockBackend> for GoingOnCpu {
         // SAFETY: the manager (declared before the stand-in) outlives it,
         // and the test runs on one thread.
         self.started_at = unsafe { (*self.boot).clock.get() };
+        if self.eager {
+            self.backend.clock.set(self.started_at);
+            // SAFETY: as in `join`: the manager keeps the job in place and
+            // touches its VM only after the join.
+            unsafe { (*job).run(&mut self.backend) };
+            return true;
+        }
         self.job = Some(job);
         true
     }
@@ -1178,13 +1190,26 @@ unsafe impl SliceCpus<MockBackend> for GoingOnCpu {
     fn kick_running(&self) {
         self.kicks.set(self.kicks.get() + 1);
     }
+    fn poll(&self) -> fn() -> bool {
+        self.poll
+    }
 }
 
 fn going_on_cpu(m: &Manager<MockBackend>, wanted_at: u32) -> GoingOnCpu {
     let boot = m.backend.as_ref().unwrap();
     // SAFETY: every test declares its manager before its stand-in.
     let backend = unsafe { boot.beside() };
-    GoingOnCpu { backend, boot, started_at: 0, job: None, looks: 0, wanted_at, kicks: Default::default() }
+    GoingOnCpu {
+        backend,
+        boot,
+        started_at: 0,
+        job: None,
+        looks: 0,
+        wanted_at,
+        kicks: Default::default(),
+        eager: false,
+        poll: || false,
+    }
 }
 
 fn slices_of(m: &Manager<MockBackend>, id: u32) -> u64 {
@@ -1320,4 +1345,55 @@ fn a_round_whose_boot_cpu_slice_ends_its_vm_does_not_go_on() {
     assert!(m.get(one).unwrap().state.ended());
     assert_eq!(slices_of(&m, two), 1, "VM 2 ran its one slice: {:?}", m.sched);
     assert_eq!((m.sched.rounds_on, m.sched.slices_on_away), (0, 0));
+}
+
+/// A VM of two vCPUs that compute, each run alone first (so each is known
+/// to compute), and a going-on stand-in for the other CPU.
+fn two_computing_vcpus(m: &mut Manager<MockBackend>) -> (u32, GoingOnCpu) {
+    let (id, _) = smp_vm(m, vec![cpuids(20_000), cpuids(20_000)]);
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(m, u32::MAX);
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    assert_eq!(m.sched.sibling_slices, 0, "each ran alone first");
+    (id, other)
+}
+
+#[test]
+fn siblings_whose_vcpus_all_compute_go_on_slice_after_slice_on_every_cpu() {
+    let mut m = manager();
+    let (id, mut other) = two_computing_vcpus(&mut m);
+    // vCPU 1's sibling runs first (as if beside the boot CPU's), then
+    // vCPU 0's here; nothing wants the boot CPU.
+    other.eager = true;
+    let before = m.sched;
+    assert!(m.run_round(&mut Lines::default(), &mut other));
+    let s = m.sched;
+    assert_eq!(s.sibling_slices - before.sibling_slices, 2, "{s:?}");
+    assert_eq!(s.rounds_on - before.rounds_on, 1);
+    let max_on = super::round_on::MAX_ROUND_SLICES - 1;
+    assert_eq!(s.slices_on_here - before.slices_on_here, max_on, "the boot CPU's sibling ran the whole round");
+    let away = s.slices_on_away - before.slices_on_away;
+    assert!(away + 1 >= max_on && away <= max_on, "and the other CPU's about as long: {away} more slices");
+    let r = m.get(id).unwrap().res.as_ref().unwrap();
+    assert_eq!(r.vcpus[0].stats.slices, 1 + 1 + max_on, "a slice alone, then the round's");
+    assert_eq!(r.vcpus[1].stats.slices, 1 + 1 + away);
+    assert!(m.get(id).unwrap().stats.exits[ExitKind::Cpuid as usize] > 0, "they computed");
+}
+
+#[test]
+fn the_boot_cpus_sibling_ends_a_round_that_goes_on_when_the_console_wants_the_cpu() {
+    let mut m = manager();
+    let (_, mut other) = two_computing_vcpus(&mut m);
+    // Console input waits: the boot CPU's sibling stops at its slice's
+    // end and ends the round for vCPU 1's too, which runs (in the join)
+    // after the round's end was set.
+    other.poll = || true;
+    let before = m.sched;
+    assert!(m.run_round(&mut Lines::default(), &mut other));
+    let s = m.sched;
+    assert_eq!(s.sibling_slices - before.sibling_slices, 2, "{s:?}");
+    assert_eq!((s.rounds_on, s.slices_on_here, s.slices_on_away), (0, 0, 0), "{s:?}");
+    assert_eq!(s.kicked_slices, before.kicked_slices, "not as if a sibling had cut it short");
 }
