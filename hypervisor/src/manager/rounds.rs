@@ -1479,8 +1479,11 @@ fn halt_here<B: Backend>(s: &mut Sibling<B>, gang: &Gang, backend: &B, deadline:
         if let Some(until) = gang.going_on_until() {
             *deadline = (*deadline).min(until);
         }
+        // (Not the boot CPU's own: halted at its slice's end, it leaves,
+        // and the boot CPU serves the others' host calls and runs its own
+        // VMs while they go on.)
         if now >= *deadline {
-            match sibling_goes_on(s, gang, now, slice, backend) {
+            match sibling_goes_on(s, gang, now, slice, backend).filter(|_| s.poll.is_none()) {
                 Some(next) => *deadline = next,
                 None => return false,
             }
@@ -2209,12 +2212,18 @@ impl<B: Backend> Manager<B> {
         if let Some(round_end) = round_end.as_deref() {
             let home_alone =
                 home_sibling.is_none() && end.as_ref().is_some_and(|e| round_on::ends_alone(&self.vms[i], e));
+            // Or its own sibling halted at its slice's end while the others
+            // go on: it waits beside them, serving their host calls.
+            let home_halted = home_sibling.as_ref().and_then(|j| j.sibling.as_ref()).is_some_and(|s| s.ended_halted);
             if jobs_go_on
                 && home_alone
                 && let Some(e) = end.take()
             {
                 self.finish_slice(i, v, e.flow, console);
                 let mut taken: Vec<(usize, usize)> = picks.iter().copied().filter(|&p| p != (i, v)).collect();
+                went_on = self.go_on(cpus, round_end, limit, &mut taken, calls_ref, console);
+            } else if jobs_go_on && home_halted {
+                let mut taken = picks.clone();
                 went_on = self.go_on(cpus, round_end, limit, &mut taken, calls_ref, console);
             } else {
                 // The jobs end with the boot CPU's slice, as in a round that
