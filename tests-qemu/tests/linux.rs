@@ -373,17 +373,23 @@ fn debian_kernel_boots_under_the_hypervisor_to_a_shell(emu: Emulator) {
     assert_eq!(times.len(), 2, "{t}");
     assert!(times[1].0 > times[0].0 && times[1].1 > times[0].1, "the loops did not run on both CPUs: {times:?}");
     let s = m.json("vm stats 1 --json");
+    let sched = m.json("host --json")["scheduler"].clone();
     let cpus: Vec<&str> = s["vcpus"].as_array().unwrap().iter().map(|v| v["host_cpus"].as_str().unwrap()).collect();
     eprintln!(
         "{}: two busy loops on 2 vCPUs: user ticks {times:?}; vCPUs on host cpus {cpus:?}, {} slices beside a sibling, \
          {} port accesses carried out there, {} com1 line moves carried there, {} of those slices ended by a moved line, \
-         {} halted vcpus woken by a sibling's ipi and run at once",
+         {} halted vcpus woken by a sibling's ipi and run at once; {} of {} rounds went on ({} more slices on the boot cpu, \
+         {} on the other)",
         emu.name(),
         s["parallel_slices"],
         s["sibling_pio"],
         s["sibling_lines"],
         s["sibling_line_ends"],
-        s["standby_wakes"]
+        s["standby_wakes"],
+        sched["rounds_on"],
+        sched["rounds"],
+        sched["slices_on_here"],
+        sched["slices_on_away"]
     );
     // Its console (the 8250 driver polls LSR between bytes) is driven
     // where each vCPU runs, not at the cost of the other's slice
