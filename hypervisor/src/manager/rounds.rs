@@ -1246,17 +1246,9 @@ unsafe fn run_sibling<B: Backend>(
             // Stopped for its APIC's timer, not the slice's end (a timer
             // that fires a little early is re-armed below).
             VmExit::Preempted if s.apic.timer < deadline && t1 < deadline => {}
-            VmExit::Preempted => match sibling_goes_on(s, gang, t1, slice, &*backend) {
-                // The round goes on: another slice (armed below).
-                Some(next) => {
-                    deadline = next;
-                    slot.stats.slices += 1;
-                }
-                None => {
-                    s.expired = true;
-                    break None;
-                }
-            },
+            // Its slice is up (a timer that fired a little early counts):
+            // it ends below, or goes on in a round that goes on.
+            VmExit::Preempted => deadline = deadline.min(t1),
             VmExit::Rdmsr { msr } if let Some(r) = s.apic.rdmsr(msr, t1) => {
                 crate::vm::exit::complete_rdmsr(&mut slot.vcpu, r.ok());
             }
