@@ -231,6 +231,8 @@ fn a_cpu_whose_vm_halts_takes_a_spare_slice(m: &mut Machine, emu: Emulator, id: 
 /// one on each host CPU, at once. Paused, none of them advances; resumed
 /// and released, the shared total is exact.
 fn vcpus_compute_on_both_host_cpus_and_pause_stops_them(m: &mut Machine, emu: Emulator, id: u32) {
+    let siblings_on = |m: &mut Machine| m.json("host --json")["scheduler"]["slices_on_away"].as_u64().unwrap();
+    let on_before = siblings_on(m);
     let out = m.cmd("vm run smptest vcpus=3 -- hold=1");
     assert!(out.contains(&format!("vm {id} started: smptest")), "{out}");
     m.wait_for(&format!("[vm {id}] smptest: holding until a byte arrives on COM1"), TIMEOUT);
@@ -252,6 +254,12 @@ fn vcpus_compute_on_both_host_cpus_and_pause_stops_them(m: &mut Machine, emu: Em
     for v in &vcpus[1..] {
         assert_eq!((v["apic"]["isr"].is_null(), v["apic"]["ppr"].as_u64()), (true, Some(0)), "{s}");
     }
+    // Left alone for a second, the two APs go on side by side past the
+    // boot CPU's slices (`docs/smp.md`, "Siblings go on too").
+    std::thread::sleep(Duration::from_secs(1));
+    let on = siblings_on(m) - on_before;
+    eprintln!("{}/{}: hold=1: {on} sibling slices on the other cpu past the boot cpu's", emu.name(), emu.backend());
+    assert!(on > 0, "the siblings never went on past the boot CPU's slice");
     let host = m.json("host --json");
     assert!(host["scheduler"]["sibling_slices"].as_u64().unwrap() >= 4, "{host}");
     // The boot CPU halts while it waits for CPU 1's slices, and CPU 1's

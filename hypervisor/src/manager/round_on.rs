@@ -71,6 +71,20 @@ impl<B: Backend> Manager<B> {
             || self.vms.iter().any(|vm| vm.reclaim.target.is_some())
     }
 
+    /// Whether a VM in `picks` has a runnable vCPU the round left out (more
+    /// computing vCPUs than CPUs): then the round does not go on, so the
+    /// VM's round-robin gives that one its turn next round.
+    pub(super) fn vcpus_left_out(&self, picks: &[(usize, usize)]) -> bool {
+        picks.iter().any(|&(i, _)| {
+            self.vms[i].res.as_ref().is_some_and(|r| {
+                r.vcpus
+                    .iter()
+                    .enumerate()
+                    .any(|(u, s)| s.state.runnable() && s.awaiting_page.is_none() && !picks.contains(&(i, u)))
+            })
+        })
+    }
+
     /// Whether a job of the VM at `i` may go on past its first slice: a VM
     /// of one vCPU (its timer's interrupts are its own) that is not
     /// throttled (a throttled VM sits out a share after each slice).

@@ -2059,6 +2059,7 @@ impl<B: Backend> Manager<B> {
         let goes_on = cpus.goes_on()
             && picks.len() > 1
             && spare_picks.is_empty()
+            && !self.vcpus_left_out(&picks)
             && !self.work_between_rounds()
             && !cpus.wanted();
         // Siblings go on until a VM no CPU holds has a timer due at the

@@ -1407,3 +1407,22 @@ fn the_boot_cpus_sibling_ends_a_round_that_goes_on_when_the_console_wants_the_cp
     assert_eq!((s.rounds_on, s.slices_on_here, s.slices_on_away), (0, 0, 0), "{s:?}");
     assert_eq!(s.kicked_slices, before.kicked_slices, "not as if a sibling had cut it short");
 }
+
+#[test]
+fn a_vm_with_more_computing_vcpus_than_cpus_does_not_go_on_so_the_one_left_out_gets_its_turn() {
+    let mut m = manager();
+    let (id, _) = smp_vm(&mut m, vec![cpuids(20_000), cpuids(20_000), cpuids(20_000)]);
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    other.eager = true;
+    for _ in 0..6 {
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    let s = m.sched;
+    assert!(s.sibling_slices > 0, "two of the three ran side by side: {s:?}");
+    assert_eq!((s.rounds_on, s.slices_on_here, s.slices_on_away), (0, 0, 0), "{s:?}");
+    let slices: Vec<u64> = m.get(id).unwrap().res.as_ref().unwrap().vcpus.iter().map(|v| v.stats.slices).collect();
+    let (lo, hi) = (slices.iter().min().unwrap(), slices.iter().max().unwrap());
+    assert!(hi - lo <= 1, "each vCPU got its turn: {slices:?}");
+}
