@@ -211,6 +211,8 @@ impl Session {
         };
         if self.wait_until(timeout, complete) {
             Ok(())
+        } else if self.out.0.lock().unwrap().closed {
+            bail!("the console closed (the emulator ended) while waiting for {text:?}")
         } else {
             bail!("timed out after {}s waiting for {text:?}", timeout.as_secs())
         }

@@ -20,6 +20,11 @@
 //!   VT-x), and released on the boot CPU before it goes away, so it can be
 //!   loaded wherever it runs next.
 //!
+//! **Going on.** When every runnable vCPU has a CPU and nothing between
+//! rounds needs the VMs home, the round does not end with the boot CPU's
+//! slice: the jobs away and siblings run slice after slice, and the boot
+//! CPU runs its own VMs, until it ends the round ([`super::round_on`]).
+//!
 //! **Spares.** With more runnable VMs than CPUs, the round also offers
 //! the ones left over as [`Spares`]: a CPU whose slice ends early (its
 //! vCPU halts, or leaves an exit for the boot CPU) runs one, as a VM
