@@ -23,7 +23,7 @@
 //! **Going on.** When every runnable vCPU has a CPU and nothing between
 //! rounds needs the VMs home, the round does not end with the boot CPU's
 //! slice: the jobs away and siblings run slice after slice, and the boot
-//! CPU runs its own VMs, until it ends the round ([`super::round_on`]).
+//! CPU runs its own VMs, until it ends the round (`manager/round_on.rs`).
 //!
 //! **Spares.** With more runnable VMs than CPUs, the round also offers
 //! the ones left over as [`Spares`]: a CPU whose slice ends early (its
