@@ -90,8 +90,7 @@ impl<B: Backend> Manager<B> {
     /// throttled (a throttled VM sits out a share after each slice).
     pub(super) fn may_go_on(&self, i: usize) -> bool {
         let Some(vm) = self.vms.get(i) else { return false };
-        let Ok(backend) = self.backend.as_ref() else { return false };
-        vm.res.as_ref().is_some_and(|r| r.vcpus.len() == 1) && vm.throttle.slice_cap(backend.tsc_hz()) == u64::MAX
+        vm.res.as_ref().is_some_and(|r| r.vcpus.len() == 1) && vm.throttle.pct() == 0
     }
 
     /// After the boot CPU's own slice of a round that goes on (finished
@@ -176,7 +175,8 @@ impl<B: Backend> Manager<B> {
             .count()
     }
 
-    /// The earliest timer of a VM outside `taken` (`u64::MAX`: none).
+    /// The earliest timer of a live VM outside `taken` (`u64::MAX`: none;
+    /// a paused VM's waits for its resume).
     pub(super) fn home_timer(&self, taken: &[(usize, usize)]) -> u64 {
         let home = |i: &usize| !taken.iter().any(|(t, _)| t == i);
         (0..self.vms.len())

@@ -572,6 +572,11 @@ impl Gang {
     /// the kick makes that exit come now.
     fn end<B: Backend>(&self, me: u32, backend: &B) {
         self.over.store(true, Ordering::SeqCst);
+        self.kick_all(me, backend);
+    }
+
+    /// Kicks every CPU (other than `me`) running one of its siblings.
+    fn kick_all<B: Backend>(&self, me: u32, backend: &B) {
         for c in &self.cpus {
             let c = c.load(Ordering::SeqCst);
             if on_cpu(c) && c != me {
@@ -618,12 +623,7 @@ impl Gang {
             return;
         }
         self.on_until.store(0, Ordering::SeqCst);
-        for c in &self.cpus {
-            let c = c.load(Ordering::SeqCst);
-            if on_cpu(c) && c != me {
-                backend.kick(c);
-            }
-        }
+        self.kick_all(me, backend);
     }
 }
 
@@ -995,10 +995,7 @@ impl<B: Backend> AwaySlice<B> {
 /// no frame to forward, no device signal), while the round's end leaves
 /// room for one. The vCPU leaves its CPU for the next entry.
 fn goes_on_after<B: Backend>(vm: &mut Vm<B>, v: usize, end: &SliceEnd, round_end: &AtomicU64, now: u64) -> Option<u64> {
-    if end.flow != Flow::Yield || end.deferred.is_some() || !vm.state.runnable() {
-        return None;
-    }
-    if vm.devices.has_signals() || vm.devices.net_frames_waiting() {
+    if !round_on::ends_alone(vm, end) || !vm.state.runnable() || vm.devices.has_signals() {
         return None;
     }
     let until = round_end.load(Ordering::Acquire);
@@ -2006,8 +2003,7 @@ impl<B: Backend> Manager<B> {
         if self.live_save.is_some() || !self.host_mem.lazy.is_empty() || self.migration.busy() {
             return None;
         }
-        let live = self.vms.iter().filter(|vm| !vm.state.ended() && !vm.paused && !vm.created);
-        Some(live.map(|vm| vm.timer_tick).min().unwrap_or(u64::MAX))
+        Some(self.home_timer(&[]))
     }
 
     /// Runs the next runnable vCPU for one time slice on this CPU. Returns
