@@ -2254,6 +2254,18 @@ impl<B: Backend> Manager<B> {
         if let Some(c) = calls.as_deref() {
             self.sched.host_calls_in_slice += u64::from(c.served_in_slice.load(Ordering::Relaxed));
         }
+        // What the slices away printed first: it ran before the end of this
+        // CPU's last slice, whose finishing may print (a VM's end); in a
+        // round that went on, that is up to 8 slices later.
+        if round_end.is_some() {
+            let t = self.backend.as_ref().map_or(0, |b| b.now());
+            for job in away.iter_mut() {
+                for l in job.lines.0.drain(..) {
+                    console.line(&l);
+                }
+            }
+            self.sched.lines_ticks += self.backend.as_ref().map_or(0, |b| b.now()).saturating_sub(t);
+        }
         if let Some(end) = end {
             self.finish_slice(i, v, end.flow, console);
         }
