@@ -316,6 +316,9 @@ struct GangDevices {
     /// COM1's interrupt line moved: the boot CPU brings the interrupt
     /// controllers up to date after the join.
     line_moved: AtomicBool,
+    /// `lines` has one: the gang stops going on, so the boot CPU prints it
+    /// within a slice (read without the lock).
+    has_lines: AtomicBool,
 }
 
 // SAFETY: `set` and `lines` are reached only in `GangDevices::with`,
@@ -332,6 +335,7 @@ impl GangDevices {
             lock: AtomicBool::new(false),
             lines: UnsafeCell::new(Vec::new()),
             line_moved: AtomicBool::new(false),
+            has_lines: AtomicBool::new(false),
         }
     }
 
@@ -930,7 +934,7 @@ impl<B: Backend> AwaySlice<B> {
             // between two reads must not find the end behind it.)
             let now = backend.now();
             if let Some(round_end) = round_end
-                && let Some(until) = goes_on_after(vm, self.vcpu, &end, round_end, now)
+                && let Some(until) = goes_on_after(vm, self.vcpu, &end, &self.lines, round_end, now)
             {
                 self.slices_on += 1;
                 self.until = Some(until);
@@ -992,10 +996,22 @@ impl<B: Backend> AwaySlice<B> {
 /// Whether a VM away whose slice `end` just returned runs another in a
 /// round that goes on, and until when: only a slice that ran out with its
 /// vCPU still runnable and nothing for the boot CPU (no exit left to it,
-/// no frame to forward, no device signal), while the round's end leaves
-/// room for one. The vCPU leaves its CPU for the next entry.
-fn goes_on_after<B: Backend>(vm: &mut Vm<B>, v: usize, end: &SliceEnd, round_end: &AtomicU64, now: u64) -> Option<u64> {
-    if !round_on::ends_alone(vm, end) || !vm.state.runnable() || vm.devices.has_signals() {
+/// no frame to forward, no device signal, no console line to print:
+/// `lines` is what the job holds), while the round's end leaves room for
+/// one. The vCPU leaves its CPU for the next entry.
+///
+/// (A line held for a round that goes on would come out up to 8 slices
+/// late, after lines the boot CPU's VMs printed meanwhile: a VM away
+/// would look as if it had not run beside them.)
+fn goes_on_after<B: Backend>(
+    vm: &mut Vm<B>,
+    v: usize,
+    end: &SliceEnd,
+    lines: &Lines,
+    round_end: &AtomicU64,
+    now: u64,
+) -> Option<u64> {
+    if !round_on::ends_alone(vm, end) || !vm.state.runnable() || vm.devices.has_signals() || !lines.0.is_empty() {
         return None;
     }
     let until = round_end.load(Ordering::Acquire);
@@ -1417,6 +1433,9 @@ fn sibling_pio<B: Backend>(
         let done = devices.pio_alone(io.port, io.size, io.write.then_some(value), now_ns)?;
         if io.write && devices.com1_has_output() {
             lines.extend(devices.com1().take_lines().into_iter().map(|l| alloc::format!("[vm {vm_id}] {l}")));
+            if !lines.is_empty() {
+                gang.devices.has_lines.store(true, Ordering::Relaxed);
+            }
         }
         let line = match done.line_moved {
             false => Line::Still,
@@ -1493,7 +1512,8 @@ fn halt_here<B: Backend>(s: &mut Sibling<B>, gang: &Gang, backend: &B, deadline:
 /// others too).
 fn sibling_goes_on<B: Backend>(s: &mut Sibling<B>, gang: &Gang, now: u64, slice: u64, backend: &B) -> Option<u64> {
     let until = gang.going_on_until()?;
-    if gang.over() || until < now.saturating_add(MIN_SLICE_TICKS) {
+    // A console line waits for the boot CPU: it comes out at the join.
+    if gang.over() || until < now.saturating_add(MIN_SLICE_TICKS) || gang.devices.has_lines.load(Ordering::Relaxed) {
         return None;
     }
     if let Some(poll) = s.poll

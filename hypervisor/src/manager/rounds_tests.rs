@@ -1335,6 +1335,31 @@ fn a_vm_away_stops_going_on_at_a_halt() {
 }
 
 #[test]
+fn a_vm_away_stops_going_on_after_the_slice_that_printed_a_line_so_the_line_comes_out_then() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VM 2 (away) computes for a few slices, prints a line, and computes
+    // on for longer than any round.
+    b.scripts.push_back(cpuids(20_000));
+    let mut two_script = cpuids(300);
+    two_script.extend(b"hi\n".iter().map(|&c| com1(c)));
+    two_script.extend(cpuids(20_000));
+    b.scripts.push_back(two_script);
+    let (_, two) = (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    other.eager = true;
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(con.0.iter().any(|l| l == "[vm 2] hi"), "{:?}", con.0);
+    let slices = slices_of(&m, two);
+    assert!(slices > 1, "it went on before the line: {:?}", m.sched);
+    // Held on for the whole round, the line would have come out 8 slices
+    // late, after whatever the boot CPU's VMs printed meanwhile.
+    assert!(slices < super::round_on::MAX_ROUND_SLICES, "it went on past its line: {slices} slices");
+}
+
+#[test]
 fn a_round_whose_boot_cpu_slice_ends_its_vm_does_not_go_on() {
     let mut m = manager();
     let b = m.backend.as_mut().unwrap();
@@ -1390,6 +1415,35 @@ fn siblings_whose_vcpus_all_compute_go_on_slice_after_slice_on_every_cpu() {
     assert_eq!(r.vcpus[0].stats.slices, 1 + 1 + max_on, "a slice alone, then the round's");
     assert_eq!(r.vcpus[1].stats.slices, 1 + 1 + away);
     assert!(m.get(id).unwrap().stats.exits[ExitKind::Cpuid as usize] > 0, "they computed");
+}
+
+#[test]
+fn siblings_stop_going_on_once_one_printed_a_line_so_the_line_comes_out_then() {
+    let mut m = manager();
+    // vCPU 1 computes, prints a line (COM1, carried out where it runs),
+    // and computes on.
+    let mut one = cpuids(900);
+    one.extend(b"hi\n".iter().map(|&c| com1(c)));
+    one.extend(cpuids(20_000));
+    let (id, _) = smp_vm(&mut m, vec![cpuids(20_000), one]);
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    // Each runs alone first (so each is known to compute).
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(m.run_round(&mut con, &mut other));
+    assert!(!con.0.iter().any(|l| l.contains("hi")), "not yet: {:?}", con.0);
+    other.eager = true;
+    let before = m.sched;
+    assert!(m.run_round(&mut con, &mut other));
+    let s = m.sched;
+    assert_eq!(s.sibling_slices - before.sibling_slices, 2, "{s:?}");
+    assert!(con.0.iter().any(|l| l == &format!("[vm {id}] hi")), "{:?}", con.0);
+    let away = s.slices_on_away - before.slices_on_away;
+    assert!(away >= 1, "vCPU 1 went on before its line: {s:?}");
+    // Held for the whole round, the line would come out 8 slices late.
+    assert!(away < super::round_on::MAX_ROUND_SLICES - 2, "vCPU 1 went on past its line: {away} more slices");
+    assert!(m.get(id).unwrap().stats.sibling_pio >= 3, "the line was written where vCPU 1 ran");
 }
 
 #[test]
