@@ -14,7 +14,8 @@
 //! every vCPU, and their shared count is exact. Last, an idle VM beside
 //! two busy ones: the CPU whose VM halts takes a spare slice of another;
 //! and two busy VMs with a timer each, the one away from the boot CPU
-//! ending its ticks' interrupts where it runs.
+//! ending its ticks' interrupts where it runs; and three busy VMs on the
+//! two CPUs, which share them through the run queue.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
@@ -108,7 +109,39 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
     a_cpu_whose_vm_halts_takes_a_spare_slice(&mut m, emu, 6);
     a_busy_vm_away_takes_its_ticks_where_it_runs(&mut m, emu, 9);
     device_reads_of_a_vm_away_are_host_calls(&mut m, emu, 11);
+    more_busy_vms_than_cpus_share_the_run_queue(&mut m, emu, 13);
     m.poweroff();
+}
+
+/// Three busy VMs (`exitbench`, VMs `id` to `id + 2`) on two host CPUs:
+/// the rounds are rounds of the run queue (`docs/smp.md`, "The run
+/// queue"), in which both CPUs take slices of all three by turns, and each
+/// VM finishes its work.
+fn more_busy_vms_than_cpus_share_the_run_queue(m: &mut Machine, emu: Emulator, id: u32) {
+    let queue = |m: &mut Machine| {
+        let s = &m.json("host --json")["scheduler"];
+        let n = |k: &str| s[k].as_u64().unwrap();
+        (n("queue_rounds"), n("queue_slices"), n("queue_slices_here"))
+    };
+    let before = queue(m);
+    for k in 0..3 {
+        assert!(m.cmd("vm run exitbench -- n=20000").contains(&format!("vm {} started", id + k)));
+    }
+    for k in 0..3 {
+        m.wait_for(&format!("vm {} (exitbench) exited with status 1", id + k), TIMEOUT);
+    }
+    let list = m.json("vm list --json");
+    let ms: Vec<u64> =
+        (0..3).map(|k| tests_qemu::vm_entry(&list, u64::from(id + k))["run_us"].as_u64().unwrap() / 1000).collect();
+    let after = queue(m);
+    let (rounds, slices, here) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+    eprintln!(
+        "{}/{}: three busy vms on two cpus: {rounds} rounds of the run queue, {slices} slices ({here} on the boot cpu); {ms:?} ms in guest",
+        emu.name(),
+        emu.backend()
+    );
+    assert!(rounds > 0, "no round of the run queue: {after:?} after {before:?}");
+    assert!(here > 0 && slices > here, "both CPUs took slices from the queue: {after:?} after {before:?}");
 }
 
 /// A busy VM (VM `id`, stopped at the end) keeps the boot CPU; an
@@ -207,9 +240,14 @@ fn a_busy_vm_away_takes_its_ticks_where_it_runs(m: &mut Machine, emu: Emulator, 
 /// An idle VM (`smptest tick=N`: a millisecond timer, halted between the
 /// ticks) as VM `id` beside two busy ones on two host CPUs: each round has
 /// a CPU for two of the three, and the CPU whose VM halts early takes the
-/// third as a spare slice for the rest of the round rather than idle.
+/// third rather than idle: as a spare slice for the rest of the round, or,
+/// in a round where all three were runnable at its start (a round of the
+/// run queue, since 2026-12-05), as the queue's next job.
 fn a_cpu_whose_vm_halts_takes_a_spare_slice(m: &mut Machine, emu: Emulator, id: u32) {
-    let spares = |m: &mut Machine| m.json("host --json")["scheduler"]["spare_slices"].as_u64().unwrap();
+    let spares = |m: &mut Machine| {
+        let s = &m.json("host --json")["scheduler"];
+        s["spare_slices"].as_u64().unwrap() + s["queue_rounds"].as_u64().unwrap()
+    };
     let before = spares(m);
     assert!(m.cmd("vm run smptest -- tick=300").contains(&format!("vm {id} started")));
     m.cmd("vm run exitbench -- n=5000");
@@ -222,8 +260,12 @@ fn a_cpu_whose_vm_halts_takes_a_spare_slice(m: &mut Machine, emu: Emulator, id: 
     let taken = spares(m) - before;
     let host = m.cmd("host");
     let line = host.lines().find(|l| l.contains("scheduler:")).unwrap_or_default();
-    eprintln!("{}/{}: idle vm beside two busy ones: {taken} spare slices taken;{line}", emu.name(), emu.backend());
-    assert!(taken > 0, "no CPU took a spare slice while the idle VM halted: {host}");
+    eprintln!(
+        "{}/{}: idle vm beside two busy ones: {taken} spare slices taken or rounds of the run queue;{line}",
+        emu.name(),
+        emu.backend()
+    );
+    assert!(taken > 0, "no CPU took a spare slice or a job of the run queue while the idle VM halted: {host}");
 }
 
 /// `smptest hold=1` with 3 vCPUs as VM `id`: its two APs increment a shared

@@ -1180,6 +1180,7 @@ mod round_on;
 pub mod rounds;
 #[cfg(test)]
 mod rounds_tests;
+mod run_queue;
 pub mod save_job;
 #[cfg(test)]
 mod save_tests;

@@ -164,7 +164,7 @@ impl<B: Backend> Manager<B> {
 
     /// VMs outside `taken` that want a CPU now (a second one means VMs wait
     /// for a CPU: the round ends, and the next one rotates them).
-    fn home_runnable(&self, taken: &[(usize, usize)], now: u64) -> usize {
+    pub(super) fn home_runnable(&self, taken: &[(usize, usize)], now: u64) -> usize {
         let home = |i: &usize| !taken.iter().any(|(t, _)| t == i);
         (0..self.vms.len())
             .filter(home)

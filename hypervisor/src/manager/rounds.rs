@@ -775,6 +775,12 @@ pub struct AwaySlice<B: Backend> {
     round_end: *const AtomicU64,
     /// Slices it ran after its first, the round going on.
     slices_on: u64,
+    /// A job of a round's run queue: the queue and its place there (null
+    /// otherwise); and whether its last slice gave its CPU back for
+    /// another job (it is free again).
+    queue: *const Spares<B>,
+    queue_slot: usize,
+    paused: bool,
 }
 
 impl<B: Backend> AwaySlice<B> {
@@ -801,7 +807,19 @@ impl<B: Backend> AwaySlice<B> {
             call_ticks: 0,
             round_end: core::ptr::null(),
             slices_on: 0,
+            queue: core::ptr::null(),
+            queue_slot: 0,
+            paused: false,
         }
+    }
+
+    /// A CPU's way into a round's run queue `queue` (made on CPU `cpu`):
+    /// no VM of its own; it takes the queue's jobs until none is left.
+    pub(super) fn into_queue(queue: *const Spares<B>, cpu: u32) -> Self {
+        let mut job = AwaySlice::new(usize::MAX, 0, 0, cpu, None);
+        job.spares = queue;
+        job.away = true;
+        job
     }
 
     /// The NUMA node whose CPUs should run it, if the VM has one.
@@ -859,10 +877,11 @@ impl<B: Backend> AwaySlice<B> {
                     next = unsafe { standbys.run(self.index, v, deadline, backend, host.as_deref_mut()) };
                 }
             }
-        } else {
+        } else if !self.vm.is_null() {
             // SAFETY: the caller's contract: nothing else uses the VM now.
             self.end = Some(unsafe { self.run_away(backend) });
         }
+        // (Else a CPU's way into a round's run queue: no VM of its own.)
         // SAFETY: the round keeps its spares in place until the join (or
         // the pointer is null), and this CPU runs nothing else of the
         // round meanwhile: its own job is over.
@@ -936,6 +955,13 @@ impl<B: Backend> AwaySlice<B> {
             if let Some(round_end) = round_end
                 && let Some(until) = goes_on_after(vm, self.vcpu, &end, &self.lines, round_end, now)
             {
+                // A run queue's job gives its CPU to one that waits.
+                // SAFETY: the round keeps its queue in place until the join
+                // (or the pointer is null).
+                if unsafe { self.queue.as_ref() }.is_some_and(|q| q.others_wait(self.queue_slot)) {
+                    self.paused = true;
+                    return end;
+                }
                 self.slices_on += 1;
                 self.until = Some(until);
                 deadline = now.saturating_add(self.slice_ticks).min(until);
@@ -1034,6 +1060,11 @@ fn goes_on_after<B: Backend>(
 /// round's time is up. Each CPU first looks for a vCPU that last ran on
 /// it (nothing to move), then of its NUMA node, then takes any. A spare no
 /// CPU took waits for the next round, where it goes first.
+///
+/// In a round of the run queue (`manager/run_queue.rs`) every runnable VM
+/// is such a job, and a job is taken again and again: one whose slice ran
+/// out with nothing for the boot CPU gives its CPU back while another job
+/// waits (it is free again, and the job that waited longest goes next).
 pub struct Spares<B: Backend> {
     /// Each job in place until the join; a CPU touches one only after its
     /// `claimed` flag became its own.
@@ -1049,6 +1080,23 @@ pub struct Spares<B: Backend> {
     deadline: u64,
     /// Less time than this left is not worth a vCPU's move.
     min_ticks: u64,
+    /// The round's end, in a round of the run queue (null: spares of
+    /// another round, each taken once, until `deadline`).
+    queue_end: *const AtomicU64,
+    /// Per job: a CPU ran it (in a run queue a job may be free again
+    /// after), and its turn: when it was last given back, counted in
+    /// `turns` (the longest waiting goes first; at first its place in the
+    /// round-robin). A count, not a clock: the CPUs' clocks need not agree.
+    ran: Vec<AtomicBool>,
+    freed_at: Vec<AtomicU64>,
+    turns: AtomicU64,
+    /// A slice of the run queue (then the job is given back if another
+    /// waits), and the slices taken from it, all CPUs together.
+    slice_ticks: u64,
+    queue_slices: AtomicU64,
+    /// A job holds console lines: the boot CPU ends the run queue's round
+    /// at its next look, so they come out within a slice or so.
+    lines_waiting: AtomicBool,
 }
 
 impl<B: Backend> Spares<B> {
@@ -1063,30 +1111,161 @@ impl<B: Backend> Spares<B> {
         let apic = here.apic_id.load(Ordering::Relaxed);
         let node = self.cpu_nodes.iter().find(|c| c.0 == apic).map(|c| c.1);
         loop {
-            let left = self.deadline.saturating_sub(backend.now());
-            if left < self.min_ticks {
-                return;
-            }
-            let Some(k) = self.claim(here.index, node) else { return };
-            // SAFETY: the compare-exchange in `claim` made job `k` this
-            // CPU's alone; the boot CPU reads it only after the join.
+            let Some(k) = self.take(backend, here.index, node, away) else { return };
+            // SAFETY: `take` made job `k` this CPU's alone until it is given
+            // back; the boot CPU reads it only after the join.
             let job = unsafe { &mut *self.jobs[k].get() };
-            job.slice_ticks = left;
-            job.until = Some(self.deadline);
-            job.away = away;
             match host.as_deref_mut() {
-                // SAFETY: as above; its VM is in no other job of the round.
+                // SAFETY: `take` made the job this CPU's alone; its VM is
+                // in no other job of the round.
                 Some(host) => unsafe { job.run_spare_home(backend, host) },
                 // SAFETY: as above.
                 None => unsafe { job.run(backend) },
             }
+            self.give_back_if_paused(k, job);
         }
     }
 
+    /// Claims the next job for this CPU and readies it for what is left of
+    /// the round (a slice at most, in a run queue); the job is then the
+    /// caller's alone until it is given back.
+    fn take(&self, backend: &B, me: u32, node: Option<u32>, away: bool) -> Option<usize> {
+        let end = self.end();
+        let left = end.saturating_sub(backend.now());
+        if left < self.min_ticks {
+            return None;
+        }
+        let k = self.claim(me, node)?;
+        self.queue_slices.fetch_add(u64::from(self.is_queue()), Ordering::Relaxed);
+        // SAFETY: the compare-exchange in `claim` made job `k` this CPU's
+        // alone until it is given back; the boot CPU reads it only after
+        // the join.
+        let job = unsafe { &mut *self.jobs[k].get() };
+        job.slice_ticks = if self.is_queue() { left.min(self.slice_ticks) } else { left };
+        job.until = Some(end);
+        job.away = away;
+        job.paused = false;
+        Some(k)
+    }
+
+    /// After a job's run: one that paused (a run queue's slice ran out with
+    /// nothing for the boot CPU, its vCPU left) is free again for any CPU.
+    fn give_back_if_paused(&self, k: usize, job: &mut AwaySlice<B>) {
+        if !job.lines.0.is_empty() {
+            self.lines_waiting.store(true, Ordering::Relaxed);
+        }
+        if job.paused {
+            self.freed_at[k].store(self.turns.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+            // The job's last write before another CPU may take it.
+            self.claimed[k].store(false, Ordering::Release);
+        }
+    }
+
+    /// The boot CPU's turn in a run queue: one slice of the job that waited
+    /// longest, with the host's memory (as [`Spares::run_here`]), given
+    /// back after it if it may go on. False: no job was free.
+    ///
+    /// # Safety
+    /// As [`Spares::run_here`].
+    pub(super) unsafe fn run_one_home(&self, backend: &mut B, host: &mut HostMemory, node: Option<u32>) -> bool {
+        let me = vcpu::cpu_local::get().index;
+        let Some(k) = self.take(backend, me, node, false) else { return false };
+        // SAFETY: `take` made job `k` this CPU's alone until it is given
+        // back; the boot CPU's own reads of it are this.
+        let job = unsafe { &mut *self.jobs[k].get() };
+        // SAFETY: as above.
+        unsafe { job.run_spare_home(backend, host) };
+        // SAFETY: as above: the VM is this job's, and the job this CPU's.
+        let vm = unsafe { &mut *job.vm };
+        // Given back whatever the time (a job free at the round's end is
+        // simply not taken again), so the end it reads is never reached.
+        let never = AtomicU64::new(u64::MAX);
+        if let Some(end) = job.end.as_ref()
+            && goes_on_after(vm, job.vcpu, end, &job.lines, &never, backend.now()).is_some()
+        {
+            job.paused = true;
+        }
+        self.give_back_if_paused(k, job);
+        true
+    }
+
+    /// Makes these jobs a round's run queue (`manager/run_queue.rs`) that
+    /// ends at `round_end`, each job with its slot in `calls` (null: none);
+    /// returns the queue's address for the CPUs' ways into it.
+    pub(super) fn make_queue(&mut self, round_end: &AtomicU64, calls: *const HostCalls<B>) -> *const Spares<B> {
+        self.queue_end = round_end;
+        let me: *const Spares<B> = self;
+        for (k, job) in self.jobs.iter_mut().enumerate() {
+            let job = job.get_mut();
+            job.calls = calls;
+            job.call_slot = k;
+            job.queue = me;
+            job.queue_slot = k;
+            job.round_end = round_end;
+        }
+        me
+    }
+
+    /// Whether this is a round's run queue.
+    fn is_queue(&self) -> bool {
+        !self.queue_end.is_null()
+    }
+
+    /// Until when jobs run: the round's end (a run queue's, as the boot
+    /// CPU last set it), else the planned deadline.
+    fn end(&self) -> u64 {
+        // SAFETY: the round keeps its end in place until the join.
+        unsafe { self.queue_end.as_ref() }.map_or(self.deadline, |e| e.load(Ordering::Acquire))
+    }
+
+    /// Whether a job other than `k` waits for a CPU (a run queue's job
+    /// then gives its CPU back at its slice's end).
+    fn others_wait(&self, k: usize) -> bool {
+        (0..self.jobs.len()).any(|j| j != k && !self.claimed[j].load(Ordering::Relaxed))
+    }
+
+    /// The job that waited longest at the round's end, if one waited
+    /// (after the join): the next round's round-robin starts with it.
+    pub(super) fn longest_waiting(&self) -> Option<usize> {
+        (0..self.jobs.len())
+            .filter(|&k| !self.claimed[k].load(Ordering::Acquire))
+            .min_by_key(|&k| self.freed_at[k].load(Ordering::Relaxed))
+    }
+
+    /// Whether a job holds console lines for the boot CPU to print.
+    pub(super) fn lines_waiting(&self) -> bool {
+        self.lines_waiting.load(Ordering::Relaxed)
+    }
+
+    /// The slices a run queue's CPUs took, in all (after the join).
+    pub(super) fn queue_slices(&self) -> u64 {
+        self.queue_slices.load(Ordering::Relaxed)
+    }
+
     /// The spare this CPU takes: one whose vCPU last ran here, else one of
-    /// this CPU's node, else the first left.
+    /// this CPU's node, else the first left. In a run queue: the one that
+    /// waited longest, of this CPU's node (or of none) before others.
     fn claim(&self, me: u32, node: Option<u32>) -> Option<usize> {
+        let k = self.claim_free(me, node)?;
+        self.ran[k].store(true, Ordering::Relaxed);
+        Some(k)
+    }
+
+    fn claim_free(&self, me: u32, node: Option<u32>) -> Option<usize> {
         let free = |k: &usize| !self.claimed[*k].load(Ordering::Relaxed);
+        if self.is_queue() {
+            // (No allocation here: this runs on every CPU at every slice's
+            // end. A lost race looks again; each loss is another CPU's win.)
+            let far = |k: usize| node.is_some() && self.nodes[k].is_some() && self.nodes[k] != node;
+            loop {
+                let k = (0..self.jobs.len())
+                    .filter(free)
+                    .min_by_key(|&k| (far(k), self.freed_at[k].load(Ordering::Relaxed)))?;
+                if self.claimed[k].compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    return Some(k);
+                }
+            }
+        }
         let mine = (0..self.jobs.len()).filter(free).find(|&k| self.last_cpu[k] == Some(me));
         let near = || (0..self.jobs.len()).filter(free).find(|&k| node.is_some() && self.nodes[k] == node);
         let order = mine.into_iter().chain(near()).chain(0..self.jobs.len());
@@ -1097,7 +1276,7 @@ impl<B: Backend> Spares<B> {
 
     /// Whether a CPU took spare `k` (read after the join).
     fn taken(&self, k: usize) -> bool {
-        self.claimed[k].load(Ordering::Acquire)
+        self.ran[k].load(Ordering::Acquire)
     }
 }
 
@@ -1918,6 +2097,13 @@ pub struct SchedStats {
     /// Standby siblings a sibling's IPI woke on the sender's CPU
     /// (`Standbys`).
     pub standby_slices: u64,
+    /// Rounds of the run queue (`run_queue`): the slices taken from it
+    /// (by the boot CPU: `queue_slices_here`), and the VMs that ran in
+    /// them, summed over the rounds.
+    pub queue_rounds: u64,
+    pub queue_slices: u64,
+    pub queue_slices_here: u64,
+    pub queue_vms: u64,
     /// Rounds that went on past the boot CPU's slice (`round_on`), and the
     /// slices run in them after the first on each CPU: on the boot CPU, and
     /// by the jobs away.
@@ -2056,8 +2242,23 @@ impl<B: Backend> Manager<B> {
         }
         self.pick_siblings(&mut picks, free + 1);
         // Every CPU has a pick: further VMs for a CPU whose slice ends early.
-        let spare_picks =
-            if free > 0 && picks.len() == free + 1 { self.pick_spares(now, hz, &picks, free + 1) } else { Vec::new() };
+        // (Up to four VMs per CPU in all when each pick may make a run
+        // queue with them; beyond, rounds rotate the VMs as before.)
+        let max_spares = match picks.iter().all(|&(i, _)| self.may_go_on(i)) && cpus.goes_on() {
+            true => 3 * (free + 1),
+            false => free + 1,
+        };
+        let spare_picks = if free > 0 && picks.len() == free + 1 {
+            self.pick_spares(now, hz, &picks, max_spares)
+        } else {
+            Vec::new()
+        };
+        // More VMs than CPUs, each of one vCPU: a round of the run queue.
+        if self.queue_fits(cpus, &picks, &spare_picks, now) {
+            let jobs: Vec<(usize, usize, bool)> =
+                picks.iter().map(|&(i, v)| (i, v, false)).chain(spare_picks.iter().copied()).collect();
+            return self.run_queue_round(console, cpus, &jobs, round_start);
+        }
         // The slice that stays here: by NUMA node, then one whose vCPU
         // last ran here (still loaded here, nothing to move).
         let here = vcpu::cpu_local::get();
@@ -2295,19 +2496,48 @@ impl<B: Backend> Manager<B> {
         for gang in &mut gangs {
             self.absorb_gang(gang, console);
         }
-        // VMs of which a sibling ended its slice halted: idle, they may have
-        // a line to show.
-        let mut halted_vms: Vec<usize> = Vec::new();
         let home_job = home_sibling.into_iter().map(|job| (job, true));
         let away_jobs = away.into_iter().zip(started);
         let spare_jobs = spares.map(|sp| self.spares_taken(*sp, &spare_picks)).unwrap_or_default();
         let spares_taken = spare_jobs.len() as u64;
         let standby_jobs = standbys.map(|st| st.taken()).unwrap_or_default();
         let standbys_taken = standby_jobs.len() as u64;
-        let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
         let later_jobs = spare_jobs.into_iter().chain(standby_jobs).map(|job| (job, true));
-        let (mut slices_on_away, mut slices_on_here) = (0, went_on.slices);
-        for (job, started) in home_job.chain(away_jobs).chain(later_jobs) {
+        let (slices_on_away, slices_on_here) = self.finish_jobs(home_job.chain(away_jobs).chain(later_jobs), console);
+        let slices_on_here = slices_on_here + went_on.slices;
+        let s = &mut self.sched;
+        s.rounds += 1;
+        s.slices += slices + spares_taken + standbys_taken + slices_on_here + slices_on_away;
+        s.rounds_on += u64::from(slices_on_here + slices_on_away > 0);
+        s.slices_on_here += slices_on_here;
+        s.slices_on_away += slices_on_away;
+        s.spare_slices += spares_taken;
+        s.standby_slices += standbys_taken;
+        s.slice_ticks += slice_ticks;
+        s.join_ticks += joined;
+        if let Ok(b) = self.backend.as_ref() {
+            let round = b.now().saturating_sub(round_start);
+            s.round_ticks += round;
+            s.longest_round_ticks = s.longest_round_ticks.max(round);
+        }
+        true
+    }
+
+    /// After the join: finishes each job a CPU ran (`true` beside it):
+    /// prints its lines, handles the exit it left to the boot CPU, ends
+    /// its slice. Returns the slices the jobs ran after their first, away
+    /// and on the boot CPU.
+    pub(super) fn finish_jobs(
+        &mut self,
+        jobs: impl IntoIterator<Item = (AwaySlice<B>, bool)>,
+        console: &mut impl Console,
+    ) -> (u64, u64) {
+        // VMs of which a sibling ended its slice halted: idle, they may have
+        // a line to show.
+        let mut halted_vms: Vec<usize> = Vec::new();
+        let clock = |m: &Self| m.backend.as_ref().map_or(0, |b| b.now());
+        let (mut slices_on_away, mut slices_on_here) = (0, 0);
+        for (job, started) in jobs {
             let went_away = job.away;
             let on = job.slices_on + job.sibling.as_ref().map_or(0, |s| s.slices_on);
             if went_away {
@@ -2346,22 +2576,7 @@ impl<B: Backend> Manager<B> {
         for i in halted_vms {
             self.vms[i].show_partial_if_idle(console);
         }
-        let s = &mut self.sched;
-        s.rounds += 1;
-        s.slices += slices + spares_taken + standbys_taken + slices_on_here + slices_on_away;
-        s.rounds_on += u64::from(slices_on_here + slices_on_away > 0);
-        s.slices_on_here += slices_on_here;
-        s.slices_on_away += slices_on_away;
-        s.spare_slices += spares_taken;
-        s.standby_slices += standbys_taken;
-        s.slice_ticks += slice_ticks;
-        s.join_ticks += joined;
-        if let Ok(b) = self.backend.as_ref() {
-            let round = b.now().saturating_sub(round_start);
-            s.round_ticks += round;
-            s.longest_round_ticks = s.longest_round_ticks.max(round);
-        }
-        true
+        (slices_on_away, slices_on_here)
     }
 
     /// Up to `max` more runnable vCPUs, of VMs not in `picks`, as the
@@ -2382,7 +2597,7 @@ impl<B: Backend> Manager<B> {
     /// The round's spare jobs (see [`Spares`]): each vCPU released here
     /// (it may still be loaded on this CPU), its VM not touched again
     /// before the join.
-    fn prepare_spares(&mut self, picks: &[(usize, usize, bool)], now: u64, me: u32) -> Box<Spares<B>> {
+    pub(super) fn prepare_spares(&mut self, picks: &[(usize, usize, bool)], now: u64, me: u32) -> Box<Spares<B>> {
         let mut jobs = Vec::with_capacity(picks.len());
         let (mut last_cpu, mut nodes) = (Vec::new(), Vec::new());
         for &(i, v, _) in picks {
@@ -2408,6 +2623,13 @@ impl<B: Backend> Manager<B> {
             cpu_nodes,
             deadline: now.saturating_add(self.slice_ticks),
             min_ticks: (self.slice_ticks / 8).max(MIN_SLICE_TICKS),
+            queue_end: core::ptr::null(),
+            ran: (0..picks.len()).map(|_| AtomicBool::new(false)).collect(),
+            freed_at: (0..picks.len() as u64).map(AtomicU64::new).collect(),
+            turns: AtomicU64::new(picks.len() as u64),
+            slice_ticks: self.slice_ticks,
+            queue_slices: AtomicU64::new(0),
+            lines_waiting: AtomicBool::new(false),
         })
     }
 
@@ -2415,7 +2637,7 @@ impl<B: Backend> Manager<B> {
     /// away. Those none took go first next: the cursor comes back to the
     /// first, and each gets back its place among its VM's vCPUs and the
     /// IPI that waited for it.
-    fn spares_taken(&mut self, spares: Spares<B>, picks: &[(usize, usize, bool)]) -> Vec<AwaySlice<B>> {
+    pub(super) fn spares_taken(&mut self, spares: Spares<B>, picks: &[(usize, usize, bool)]) -> Vec<AwaySlice<B>> {
         let taken: Vec<bool> = (0..picks.len()).map(|k| spares.taken(k)).collect();
         let mut first_left = None;
         for (&(i, v, waiting), &took) in picks.iter().zip(&taken) {
@@ -2882,7 +3104,7 @@ mod spares_tests {
     use crate::testing::MockBackend;
     use alloc::vec::Vec;
     use core::cell::UnsafeCell;
-    use core::sync::atomic::AtomicBool;
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     /// Spares whose vCPUs last ran on `last` and whose VMs are on `nodes`
     /// (jobs that are never run: only the choice is tested).
@@ -2896,7 +3118,37 @@ mod spares_tests {
             cpu_nodes: Vec::new(),
             deadline: 0,
             min_ticks: 0,
+            queue_end: core::ptr::null(),
+            ran: last.iter().map(|_| AtomicBool::new(false)).collect(),
+            freed_at: (0..last.len() as u64).map(AtomicU64::new).collect(),
+            turns: AtomicU64::new(last.len() as u64),
+            slice_ticks: 0,
+            queue_slices: AtomicU64::new(0),
+            lines_waiting: AtomicBool::new(false),
         }
+    }
+
+    #[test]
+    fn a_run_queue_gives_the_cpu_to_the_job_that_waited_longest_of_its_node_first() {
+        let end = AtomicU64::new(u64::MAX);
+        // Jobs 0 and 1 on node 0, job 2 on node 1, job 3 on none.
+        let mut s = spares(&[Some(1), Some(1), Some(1), Some(1)], &[Some(0), Some(0), Some(1), None]);
+        s.queue_end = &end;
+        assert_eq!(s.claim(1, Some(1)), Some(2), "its node's first, though job 0 waited longer");
+        assert_eq!(s.claim(1, Some(1)), Some(3), "then a job of no node: not the one it last ran");
+        assert_eq!(s.claim(1, Some(1)), Some(0), "then another node's, longest waiting first");
+        assert!(s.others_wait(0), "job 1 waits");
+        assert!(!s.others_wait(1), "job 1 alone waits");
+        // Job 2 given back now, job 0 later: job 2 goes first.
+        s.freed_at[2].store(100, Ordering::Relaxed);
+        s.claimed[2].store(false, Ordering::Release);
+        s.freed_at[0].store(200, Ordering::Relaxed);
+        s.claimed[0].store(false, Ordering::Release);
+        assert_eq!(s.claim(5, None), Some(1), "job 1 waited since the round's start");
+        assert_eq!(s.claim(5, None), Some(2));
+        assert_eq!(s.claim(5, None), Some(0));
+        assert_eq!(s.claim(5, None), None, "each runs on one CPU at a time");
+        assert!((0..4).all(|k| s.taken(k)));
     }
 
     #[test]
