@@ -2151,6 +2151,13 @@ pub struct SchedStats {
 }
 
 impl SchedStats {
+    /// Counts a round that lasted `ticks`.
+    pub(super) fn round_ended(&mut self, ticks: u64) {
+        self.rounds += 1;
+        self.round_ticks += ticks;
+        self.longest_round_ticks = self.longest_round_ticks.max(ticks);
+    }
+
     /// Ticks per round spent scheduling (neither in a slice nor waiting).
     pub fn overhead_per_round(&self) -> u64 {
         (self.round_ticks.saturating_sub(self.slice_ticks).saturating_sub(self.join_ticks)) / self.rounds.max(1)
@@ -2505,8 +2512,9 @@ impl<B: Backend> Manager<B> {
         let later_jobs = spare_jobs.into_iter().chain(standby_jobs).map(|job| (job, true));
         let (slices_on_away, slices_on_here) = self.finish_jobs(home_job.chain(away_jobs).chain(later_jobs), console);
         let slices_on_here = slices_on_here + went_on.slices;
+        let now = self.backend.as_ref().map_or(round_start, |b| b.now());
         let s = &mut self.sched;
-        s.rounds += 1;
+        s.round_ended(now.saturating_sub(round_start));
         s.slices += slices + spares_taken + standbys_taken + slices_on_here + slices_on_away;
         s.rounds_on += u64::from(slices_on_here + slices_on_away > 0);
         s.slices_on_here += slices_on_here;
@@ -2515,11 +2523,6 @@ impl<B: Backend> Manager<B> {
         s.standby_slices += standbys_taken;
         s.slice_ticks += slice_ticks;
         s.join_ticks += joined;
-        if let Ok(b) = self.backend.as_ref() {
-            let round = b.now().saturating_sub(round_start);
-            s.round_ticks += round;
-            s.longest_round_ticks = s.longest_round_ticks.max(round);
-        }
         true
     }
 

@@ -1226,6 +1226,14 @@ fn slices_of(m: &Manager<MockBackend>, id: u32) -> u64 {
     m.get(id).unwrap().res.as_ref().unwrap().vcpus[0].stats.slices
 }
 
+/// `n` CPUIDs, then "hi" on COM1, then CPUIDs for longer than any round.
+fn prints_hi_after(n: usize) -> Vec<Step> {
+    let mut script = cpuids(n);
+    script.extend(b"hi\n".iter().map(|&c| com1(c)));
+    script.extend(cpuids(20_000));
+    script
+}
+
 /// VMs that compute, each exit a CPUID, for longer than any round.
 fn computing_vms(m: &mut Manager<MockBackend>, n: usize) -> Vec<u32> {
     for _ in 0..n {
@@ -1304,10 +1312,7 @@ fn a_line_a_vm_prints_ends_the_round_of_the_run_queue_so_it_comes_out_then() {
     let mut m = manager();
     let b = m.backend.as_mut().unwrap();
     b.scripts.push_back(cpuids(20_000));
-    let mut two_script = cpuids(100);
-    two_script.extend(b"hi\n".iter().map(|&c| com1(c)));
-    two_script.extend(cpuids(20_000));
-    b.scripts.push_back(two_script);
+    b.scripts.push_back(prints_hi_after(100));
     b.scripts.push_back(cpuids(20_000));
     let (_, two, _) =
         (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
@@ -1407,10 +1412,7 @@ fn a_vm_away_stops_going_on_after_the_slice_that_printed_a_line_so_the_line_come
     // VM 2 (away) computes for a few slices, prints a line, and computes
     // on for longer than any round.
     b.scripts.push_back(cpuids(20_000));
-    let mut two_script = cpuids(300);
-    two_script.extend(b"hi\n".iter().map(|&c| com1(c)));
-    two_script.extend(cpuids(20_000));
-    b.scripts.push_back(two_script);
+    b.scripts.push_back(prints_hi_after(300));
     let (_, two) = (m.run_vm("tiny", 4, "").unwrap(), m.run_vm("tiny", 4, "").unwrap());
     m.slice_ticks = 2000;
     let mut con = Lines::default();
@@ -1488,10 +1490,7 @@ fn siblings_stop_going_on_once_one_printed_a_line_so_the_line_comes_out_then() {
     let mut m = manager();
     // vCPU 1 computes, prints a line (COM1, carried out where it runs),
     // and computes on.
-    let mut one = cpuids(900);
-    one.extend(b"hi\n".iter().map(|&c| com1(c)));
-    one.extend(cpuids(20_000));
-    let (id, _) = smp_vm(&mut m, vec![cpuids(20_000), one]);
+    let (id, _) = smp_vm(&mut m, vec![cpuids(20_000), prints_hi_after(900)]);
     m.slice_ticks = 2000;
     let mut con = Lines::default();
     let mut other = going_on_cpu(&m, u32::MAX);

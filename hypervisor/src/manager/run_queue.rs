@@ -145,8 +145,9 @@ impl<B: Backend> Manager<B> {
         }
         let ran = done.len() as u64;
         let (on_away, on_here) = self.finish_jobs(done.into_iter().map(|job| (job, true)), console);
+        let now = self.backend.as_ref().map_or(round_start, |b| b.now());
         let s = &mut self.sched;
-        s.rounds += 1;
+        s.round_ended(now.saturating_sub(round_start));
         s.queue_rounds += 1;
         s.queue_slices += slices;
         s.queue_slices_here += here_slices;
@@ -156,11 +157,6 @@ impl<B: Backend> Manager<B> {
         s.queue_vms += ran;
         s.slice_ticks += t1.saturating_sub(t0);
         s.join_ticks += joined;
-        if let Ok(b) = self.backend.as_ref() {
-            let round = b.now().saturating_sub(round_start);
-            s.round_ticks += round;
-            s.longest_round_ticks = s.longest_round_ticks.max(round);
-        }
         true
     }
 }
