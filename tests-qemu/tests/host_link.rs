@@ -2,8 +2,9 @@
 //! Ethernet link, each hypervisor driving its e1000 itself. One boot pair
 //! serves every check (CI time): the address from `hypervisor.cfg` and from
 //! the console, a refused bad address, a verified 4 MiB transfer with its
-//! throughput, the frame counters, ping, and a transfer to a port nobody
-//! listens on failing cleanly.
+//! throughput, the frame counters, ping (also to a host whose rounds go on
+//! beside two busy VMs), and a transfer to a port nobody listens on failing
+//! cleanly.
 
 use std::time::Duration;
 use tests_qemu::Machine;
@@ -80,10 +81,27 @@ fn two_qemu_hosts_transfer_verified_data() {
     assert!(count(&na, "tx_frames") >= bytes / 1460 && count(&nb, "rx_frames") >= bytes / 1460, "{na}\n{nb}");
     assert_eq!((count(&na, "rx_dropped"), count(&nb, "rx_dropped")), (0, 0), "{na}\n{nb}");
 
-    // B answers pings by itself.
+    // B answers pings by itself, also while two busy VMs keep both its
+    // CPUs: its network quiet, its rounds go on past the boot CPU's slice,
+    // and each echo request that arrives ends one (`docs/smp.md`, "Rounds
+    // that go on").
+    let rounds_on = |m: &mut Machine| m.json("host --json")["scheduler"]["rounds_on"].as_u64().unwrap();
+    let before = rounds_on(&mut b);
+    for id in [1, 2] {
+        assert!(b.cmd("vm run exitbench -- n=100000000").contains(&format!("vm {id} started")));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     let from_a = a.transcript().len();
     assert!(a.cmd("net ping 10.0.7.2 3").contains("net: pinging 10.0.7.2 3 times"));
     a.wait_for_after("net ping: 10.0.7.2: 3 sent, 3 received", from_a, Duration::from_secs(60));
+    let on = rounds_on(&mut b) - before;
+    let t = a.transcript();
+    let rtts: Vec<&str> = t[from_a..].lines().filter_map(|l| l.split("net ping: reply from ").nth(1)).collect();
+    eprintln!("[host-link] b with two busy vms: {on} rounds went on; replies {rtts:?}");
+    assert!(on > 0, "B's rounds never went on with its network quiet");
+    for id in [1, 2] {
+        b.cmd(&format!("vm stop {id}"));
+    }
 
     // Nobody listens on 7001: B resets the connection, A reports it.
     let from_a = a.transcript().len();

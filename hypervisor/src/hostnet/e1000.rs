@@ -397,6 +397,14 @@ impl<H: Hw> Nic for E1000<H> {
         }
     }
 
+    /// The next receive descriptor's DD bit (3.2.3.1): the device wrote a
+    /// frame there. One 1-byte read of the ring; nothing is taken.
+    fn rx_pending(&mut self) -> bool {
+        let mut status = [0u8; 1];
+        self.hw.dma_read(self.rx_ring + (self.rx_next * DESC) as u64 + 12, &mut status);
+        status[0] & RX_DD != 0
+    }
+
     fn can_send(&mut self) -> bool {
         self.tx_reclaim();
         self.tx_busy < TX_RING - 1
@@ -625,6 +633,18 @@ mod tests {
         assert_eq!(d.regs[&reg::RAH0] & RAH_AV, RAH_AV);
         assert_eq!(d.regs[&reg::RDBAL] % 16, 0);
         assert_eq!(d.regs[&reg::RCTL] & (RCTL_UPE | RCTL_MPE), 0, "only its own MAC and broadcast");
+    }
+
+    #[test]
+    fn a_frame_received_is_pending_until_taken() {
+        let (mut nic, dev) = new_sim(MAC);
+        assert!(!nic.rx_pending());
+        assert!(dev.borrow_mut().deliver(&frame(60, 1)));
+        assert!(nic.rx_pending(), "the device wrote the next descriptor");
+        assert!(nic.rx_pending(), "looking takes nothing");
+        let mut buf = vec![0u8; BUF];
+        assert_eq!(nic.recv(&mut buf), Some(60));
+        assert!(!nic.rx_pending(), "taken");
     }
 
     #[test]

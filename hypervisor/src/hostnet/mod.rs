@@ -50,6 +50,9 @@ pub trait Nic {
     fn link_up(&mut self) -> bool;
     /// The next received frame into `buf`: its length, or `None`.
     fn recv(&mut self, buf: &mut [u8]) -> Option<usize>;
+    /// Whether a received frame waits for `recv` (read without taking
+    /// it): a host whose rounds go on ends one for it.
+    fn rx_pending(&mut self) -> bool;
     /// Whether `send` has room for a frame now.
     fn can_send(&mut self) -> bool;
     /// Queues `frame`; false (and counted as a drop) if it cannot.
@@ -206,6 +209,12 @@ pub struct HostNet<N: Nic> {
     pub longest_poll_us: u64,
 }
 
+/// How long a quiet host's network may go unpolled: rounds go on for at
+/// most 8 slices (80 ms) anyway, and no TCP timer of the stack needs
+/// better (its retransmits start at 1 s, delayed ACKs are 10 ms but only
+/// follow a frame in, which ends the round).
+pub const QUIET_US: u64 = 100_000;
+
 /// smoltcp's clock from the host's microseconds since boot.
 fn instant(now_us: u64) -> Instant {
     Instant::from_micros(now_us.min(i64::MAX as u64) as i64)
@@ -301,6 +310,31 @@ impl<N: Nic> HostNet<N> {
         self.ping_ident = self.ping_ident.wrapping_add(1);
         self.ping = Some(ping::Ping::start(&mut self.sockets.set, to, count, self.ping_ident, now_us));
         Ok(())
+    }
+
+    /// Whether nothing of the host's network needs a poll before `now_us +
+    /// QUIET_US`: no frame waits in the NIC or the bridge's queues, no
+    /// ping or transfer runs, and no timer of the stack falls due sooner.
+    /// Then the host's rounds may go on past the boot CPU's slice
+    /// (`docs/smp.md`, "Rounds that go on"), and a frame that arrives ends
+    /// one ([`HostNet::rx_pending`]).
+    pub fn quiet(&mut self, now_us: u64) -> bool {
+        self.ping.is_none()
+            && self.service.active() == (0, 0)
+            && self.phy.bridge.as_ref().is_none_or(|b| b.inbox.is_empty() && b.outbox.is_empty())
+            && self.iface.poll_delay(instant(now_us), &self.sockets.set).is_none_or(|d| d.total_micros() >= QUIET_US)
+            && !self.phy.nic.rx_pending()
+    }
+
+    /// Whether the host uses its network: it has an address, or the NIC is
+    /// a switch's uplink (else the frames it receives go nowhere).
+    pub fn in_use(&self) -> bool {
+        self.addr().is_some() || self.phy.bridge.is_some()
+    }
+
+    /// Whether a frame waits in the NIC.
+    pub fn rx_pending(&mut self) -> bool {
+        self.phy.nic.rx_pending()
     }
 
     /// The TCP transport, for services that stream (migration).
@@ -463,6 +497,9 @@ pub mod link {
             self.counters.rx_bytes += f.len() as u64;
             Some(f.len())
         }
+        fn rx_pending(&mut self) -> bool {
+            !self.rx.borrow().is_empty()
+        }
         fn can_send(&mut self) -> bool {
             self.tx.borrow().len() < 256
         }
@@ -539,6 +576,36 @@ mod tests {
         ] {
             assert!(parse_cidr(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// A host whose network needs nothing is quiet (its rounds may go on);
+    /// a frame in, a ping or a transfer running, or a TCP timer soon, is
+    /// not.
+    #[test]
+    fn a_host_network_is_quiet_only_while_nothing_waits_or_runs() {
+        let (mut a, mut b) = hosts();
+        let mut now = 0;
+        assert!(a.in_use() && a.quiet(now) && b.quiet(now));
+        // A ping: running on `a` (its timer due), a frame pending on `b`.
+        a.ping(Ipv4Addr::new(10, 0, 0, 2), 2, now).unwrap();
+        assert!(!a.quiet(now), "a ping runs");
+        now += 1000;
+        a.poll(now, &mut |_| {});
+        assert!(b.rx_pending() && !b.quiet(now), "b has a frame to take");
+        let mut lines = Vec::new();
+        run(&mut a, &mut b, &mut now, 3000, &mut lines);
+        assert!(lines.iter().any(|l| l.contains("2 received")), "{lines:?}");
+        assert!(a.quiet(now) && b.quiet(now), "the ping is over and nothing waits: {lines:?}");
+        // A listener alone is quiet; a transfer running is not.
+        b.listen(7000).unwrap();
+        assert!(b.quiet(now));
+        a.send(core::net::SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 7000), 100_000, now).unwrap();
+        assert!(!a.quiet(now), "a transfer runs");
+        run(&mut a, &mut b, &mut now, 3000, &mut lines);
+        assert!(lines.iter().any(|l| l.starts_with("b: ") && l.contains("received")), "{lines:?}");
+        // Unconfigured, a NIC is not in use (its frames go nowhere).
+        let (c, _) = pair();
+        assert!(!HostNet::new(c, "c".into(), 0, 3).in_use());
     }
 
     /// An echo request from 10.0.0.9 is answered through the NIC, as

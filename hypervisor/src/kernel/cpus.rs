@@ -48,9 +48,12 @@ pub struct Aps<B> {
     /// The ticket of the slice each is running.
     busy: Vec<Option<u64>>,
     /// Set by the main loop while something it polls between rounds (the
-    /// host NIC, an attached console) wants rounds to end with the boot
-    /// CPU's slice (`SliceCpus::wanted`).
+    /// host's network while busy, an attached console) wants rounds to end
+    /// with the boot CPU's slice (`SliceCpus::wanted`).
     pub short_rounds: bool,
+    /// The host's NIC (the main loop's between rounds): a frame it received
+    /// ends a round that goes on.
+    pub net: Option<crate::platform::net::HostNic>,
     _backend: PhantomData<B>,
 }
 
@@ -60,7 +63,7 @@ impl<B: HostBackend> Aps<B> {
         let cpus: Vec<&'static Cpu> = smp::cpus().skip(1).filter(|c| matches!(c.virt.get(), Some(Ok(_)))).collect();
         let nodes = cpus.iter().map(|c| numa.and_then(|t| t.node_of_cpu(c.apic_id()))).collect();
         let busy = alloc::vec![None; cpus.len()];
-        Aps { cpus, nodes, busy, short_rounds: false, _backend: PhantomData }
+        Aps { cpus, nodes, busy, short_rounds: false, net: None, _backend: PhantomData }
     }
 }
 
@@ -120,7 +123,9 @@ unsafe impl<B: HostBackend> SliceCpus<B> for Aps<B> {
     }
 
     fn wanted(&mut self) -> bool {
-        self.short_rounds || crate::platform::serial::rx_ready()
+        self.short_rounds
+            || crate::platform::serial::rx_ready()
+            || self.net.as_mut().is_some_and(|n| n.in_use() && n.rx_pending())
     }
 
     fn doze(&mut self, until: u64, serve: &mut dyn FnMut()) {

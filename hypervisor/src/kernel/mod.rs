@@ -345,17 +345,19 @@ fn serve<B: HostBackend>(
     // it up too, but a host without virtualization has none.
     platform::apic::init();
     let mut con = Serial::default();
-    let mut net = start_net(config);
+    // The APs hold the host's NIC: a round that goes on looks at it
+    // (`Aps::wanted`).
+    aps.net = start_net(config);
     if let Some(name) = &config.net_uplink {
         // Before the autorun commands, so VMs they start on it get the
         // host's MAC tag.
-        manager.uplink_command(Some(name), false, net.as_mut(), &mut con);
+        manager.uplink_command(Some(name), false, aps.net.as_mut(), &mut con);
     }
     // The VM whose serial console the terminal is attached to, if any.
     let mut attached = None;
     for cmd in &config.autorun {
         crate::println!("{}{cmd}", console::PROMPT);
-        match run_line(cmd, &mut manager, &status(cmd), &mut con, &mut net) {
+        match run_line(cmd, &mut manager, &status(cmd), &mut con, &mut aps.net) {
             After::PowerOff => power_off(),
             After::Attach(id) => attached = Some(id),
             After::Nothing => {}
@@ -406,8 +408,8 @@ fn serve<B: HostBackend>(
                 idle(&mut manager);
             }
             manager.checkpoint_round(&mut con);
-            poll_net(&mut net, &mut manager, &mut con);
-            manager.migration_round(net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
+            poll_net(&mut aps.net, &mut manager, &mut con);
+            manager.migration_round(aps.net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
             continue;
         }
         while let Some(b) = platform::serial::try_read() {
@@ -420,7 +422,7 @@ fn serve<B: HostBackend>(
                 Edit::Line(line) => {
                     crate::println!();
                     con.release();
-                    match run_line(&line, &mut manager, &status(&line), &mut con, &mut net) {
+                    match run_line(&line, &mut manager, &status(&line), &mut con, &mut aps.net) {
                         After::PowerOff => power_off(),
                         After::Attach(id) => {
                             attached = Some(id);
@@ -439,9 +441,12 @@ fn serve<B: HostBackend>(
             }
             con.hold = !editor.is_empty();
         }
-        // A host on a network polls its NIC between rounds: each round ends
-        // with the boot CPU's slice (`docs/smp.md`, "Rounds that go on").
-        aps.short_rounds = net.as_ref().is_some_and(|n| n.addr().is_some()) || manager.uplink.switch.is_some();
+        // A host on a network polls its NIC between rounds: while its
+        // network is busy each round ends with the boot CPU's slice; while
+        // it is quiet a round may go on, and a frame that arrives ends it
+        // (`docs/smp.md`, "Rounds that go on").
+        let now_us = platform::time::micros();
+        aps.short_rounds = !manager.uplink_idle() || aps.net.as_mut().is_some_and(|n| n.in_use() && !n.quiet(now_us));
         let ran = manager.run_round(&mut con, &mut aps);
         if ran {
             manager.reclaim_round();
@@ -457,10 +462,10 @@ fn serve<B: HostBackend>(
         // A live save writes between time slices, also while no VM wants
         // the CPU.
         manager.checkpoint_round(&mut con);
-        poll_net(&mut net, &mut manager, &mut con);
+        poll_net(&mut aps.net, &mut manager, &mut con);
         // Migrations move between rounds too (after the NIC's poll, so
         // what they write goes out in the next one).
-        manager.migration_round(net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
+        manager.migration_round(aps.net.as_mut().map(|n| n.tcp()).as_mut(), platform::time::micros(), &mut con);
     }
 }
 

@@ -76,6 +76,12 @@ impl<B: Backend> Manager<B> {
     /// One round of the uplink (the main loop, between scheduler rounds,
     /// around the host stack's poll): what VMs sent out, then frames from
     /// the wire and from the host's stack through the switch.
+    /// Whether no VM frame waits for the uplink (the host's rounds may go
+    /// on; a VM that sends ends its slice's round anyway).
+    pub fn uplink_idle(&self) -> bool {
+        self.uplink.pending.is_empty()
+    }
+
     pub fn uplink_round(&mut self, port: &mut impl UplinkPort) {
         let Some(name) = &self.uplink.switch else { return };
         let Ok(backend) = self.backend.as_mut() else { return };
