@@ -674,7 +674,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
     let sc = &m.sched;
     let per = |t: u64| t / sc.rounds.max(1);
     cpus.push_str(&format!(
-        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early, {} halted vcpus run at once on the cpu of a sibling's ipi); {} rounds went on past the boot cpu's slice ({} more slices there, {} on other cpus); {} rounds of the run queue (more vms than cpus: {} slices, {} of them on the boot cpu, {} vms run); per round {} ticks scheduling ({} before the \
+        "  scheduler: {} rounds, {} slices ({} on other cpus, {} beside a sibling vcpu, {} cut short by a sibling, {} spares taken by a cpu whose own slice ended early, {} halted vcpus run at once on the cpu of a sibling's ipi); {} rounds went on past the boot cpu's slice ({} more slices there, {} on other cpus); {} rounds of the run queue (more vms than cpus: {} slices, {} of them on the boot cpu, {} vms run, {} woken there for their timers); per round {} ticks scheduling ({} before the \
          boot cpu's slice; {} printing the lines of slices away, {} on the {} exits they left to the boot cpu), {} exits of slices away handled by the boot cpu while they waited ({} ticks each, {} of them at an exit of its own slice), {} nested-mapping shootdowns ({} ticks each; {} waited for a sibling in the guest to leave it, {} ticks each), {} in the boot cpu's slice, {} waiting \
          for the others; the longest round {} ticks; with nothing to run, halted {} times for {} ms\n",
         sc.rounds,
@@ -691,6 +691,7 @@ fn host_reply<B: Backend>(m: &Manager<B>, h: &HostStatus) -> Reply {
         sc.queue_slices,
         sc.queue_slices_here,
         sc.queue_vms,
+        sc.queue_wakes,
         sc.overhead_per_round(),
         per(sc.start_ticks),
         per(sc.lines_ticks),

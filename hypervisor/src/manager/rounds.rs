@@ -958,7 +958,7 @@ impl<B: Backend> AwaySlice<B> {
                 // A run queue's job gives its CPU to one that waits.
                 // SAFETY: the round keeps its queue in place until the join
                 // (or the pointer is null).
-                if unsafe { self.queue.as_ref() }.is_some_and(|q| q.others_wait(self.queue_slot)) {
+                if unsafe { self.queue.as_ref() }.is_some_and(|q| q.others_wait(self.queue_slot, now)) {
                     self.paused = true;
                     return end;
                 }
@@ -1052,6 +1052,17 @@ fn goes_on_after<B: Backend>(
     Some(until)
 }
 
+/// Until when a run queue's job sleeps after its slice `end`: its one
+/// vCPU halted with interrupts on, waiting for its timer, and nothing of
+/// the slice for the boot CPU (as [`goes_on_after`]). `None`: it does not
+/// sleep (it runs on, or is done for the round).
+fn asleep_until<B: Backend>(vm: &Vm<B>, v: usize, end: &SliceEnd, lines: &Lines) -> Option<u64> {
+    let slot = vm.res.as_ref()?.vcpus.get(v)?;
+    let halted = slot.state == crate::vm::VcpuState::Halted && !slot.halted_irq_off;
+    let alone = round_on::ends_alone(vm, end) && !vm.devices.has_signals() && lines.0.is_empty();
+    (halted && alone && !vm.state.ended() && !vm.paused && vm.timer_tick != u64::MAX).then_some(vm.timer_tick)
+}
+
 /// The slices a round offers beyond one per CPU (`docs/smp.md`, "Spare
 /// slices"): further runnable VMs, each a job like a VM away. A CPU whose
 /// own slice ends early (its vCPU halted, left an exit for the boot CPU,
@@ -1094,6 +1105,10 @@ pub struct Spares<B: Backend> {
     /// waits), and the slices taken from it, all CPUs together.
     slice_ticks: u64,
     queue_slices: AtomicU64,
+    /// Per job: asleep until this host time (its VM halted for its timer;
+    /// 0: due), and how many a CPU woke.
+    not_before: Vec<AtomicU64>,
+    woken: AtomicU64,
     /// A job holds console lines: the boot CPU ends the run queue's round
     /// at its next look, so they come out within a slice or so.
     lines_waiting: AtomicBool,
@@ -1111,7 +1126,17 @@ impl<B: Backend> Spares<B> {
         let apic = here.apic_id.load(Ordering::Relaxed);
         let node = self.cpu_nodes.iter().find(|c| c.0 == apic).map(|c| c.1);
         loop {
-            let Some(k) = self.take(backend, here.index, node, away) else { return };
+            let Some(k) = self.take(backend, here.index, node, away) else {
+                // Nothing to take now: in a run queue, wait for a VM asleep
+                // to be due (or the round's end: its kick ends the halt).
+                match self.next_wake().filter(|&w| w < self.end()) {
+                    Some(wake) if self.end().saturating_sub(backend.now()) >= self.min_ticks => {
+                        backend.halt_until(wake);
+                        continue;
+                    }
+                    _ => return,
+                }
+            };
             // SAFETY: `take` made job `k` this CPU's alone until it is given
             // back; the boot CPU reads it only after the join.
             let job = unsafe { &mut *self.jobs[k].get() };
@@ -1122,7 +1147,8 @@ impl<B: Backend> Spares<B> {
                 // SAFETY: as above.
                 None => unsafe { job.run(backend) },
             }
-            self.give_back_if_paused(k, job);
+            // SAFETY: as above (the job is still this CPU's).
+            unsafe { self.give_back(k, job) };
         }
     }
 
@@ -1130,17 +1156,36 @@ impl<B: Backend> Spares<B> {
     /// the round (a slice at most, in a run queue); the job is then the
     /// caller's alone until it is given back.
     fn take(&self, backend: &B, me: u32, node: Option<u32>, away: bool) -> Option<usize> {
-        let end = self.end();
-        let left = end.saturating_sub(backend.now());
-        if left < self.min_ticks {
-            return None;
-        }
-        let k = self.claim(me, node)?;
+        let (job, k, left, end) = loop {
+            let end = self.end();
+            let now = backend.now();
+            let left = end.saturating_sub(now);
+            if left < self.min_ticks {
+                return None;
+            }
+            let k = self.claim(me, node, now)?;
+            // SAFETY: the compare-exchange in `claim` made job `k` this
+            // CPU's alone until it is given back; the boot CPU reads it
+            // only after the join.
+            let job = unsafe { &mut *self.jobs[k].get() };
+            if self.not_before[k].swap(0, Ordering::Relaxed) == 0 {
+                break (job, k, left, end);
+            }
+            // A VM asleep (halted for its timer), now due: its timers fire
+            // and its vCPU wakes, here (the VM is the job's alone).
+            // SAFETY: as above; a job of a run queue always has its VM.
+            let vm = unsafe { &mut *job.vm };
+            if vm.pick_vcpu(now, backend.tsc_hz()) == Some(job.vcpu) {
+                self.woken.fetch_add(1, Ordering::Relaxed);
+                break (job, k, left, end);
+            }
+            // Not woken (its timer moved on): asleep again, if it has a timer.
+            if vm.timer_tick != u64::MAX {
+                self.not_before[k].store(vm.timer_tick.max(1), Ordering::Relaxed);
+                self.claimed[k].store(false, Ordering::Release);
+            }
+        };
         self.queue_slices.fetch_add(u64::from(self.is_queue()), Ordering::Relaxed);
-        // SAFETY: the compare-exchange in `claim` made job `k` this CPU's
-        // alone until it is given back; the boot CPU reads it only after
-        // the join.
-        let job = unsafe { &mut *self.jobs[k].get() };
         job.slice_ticks = if self.is_queue() { left.min(self.slice_ticks) } else { left };
         job.until = Some(end);
         job.away = away;
@@ -1149,12 +1194,25 @@ impl<B: Backend> Spares<B> {
     }
 
     /// After a job's run: one that paused (a run queue's slice ran out with
-    /// nothing for the boot CPU, its vCPU left) is free again for any CPU.
-    fn give_back_if_paused(&self, k: usize, job: &mut AwaySlice<B>) {
+    /// nothing for the boot CPU, its vCPU left) is free again for any CPU;
+    /// one whose vCPU halted for its timer, with nothing else for the boot
+    /// CPU, is asleep until that timer (`not_before`), then free.
+    ///
+    /// # Safety
+    /// The job is the caller's (taken, not given back yet).
+    unsafe fn give_back(&self, k: usize, job: &mut AwaySlice<B>) {
         if !job.lines.0.is_empty() {
             self.lines_waiting.store(true, Ordering::Relaxed);
         }
-        if job.paused {
+        let asleep = match (self.is_queue(), job.end.as_ref()) {
+            // SAFETY: the caller's contract: the job's VM is this CPU's.
+            (true, Some(end)) if !job.paused => asleep_until(unsafe { &*job.vm }, job.vcpu, end, &job.lines),
+            _ => None,
+        };
+        if job.paused || asleep.is_some() {
+            // (At least 1: 0 means due now. A timer already due wakes it at
+            // once, on whichever CPU takes it.)
+            self.not_before[k].store(asleep.map_or(0, |t| t.max(1)), Ordering::Relaxed);
             self.freed_at[k].store(self.turns.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
             // The job's last write before another CPU may take it.
             self.claimed[k].store(false, Ordering::Release);
@@ -1185,15 +1243,28 @@ impl<B: Backend> Spares<B> {
         {
             job.paused = true;
         }
-        self.give_back_if_paused(k, job);
+        // SAFETY: as above.
+        unsafe { self.give_back(k, job) };
         true
     }
 
     /// Makes these jobs a round's run queue (`manager/run_queue.rs`) that
     /// ends at `round_end`, each job with its slot in `calls` (null: none);
     /// returns the queue's address for the CPUs' ways into it.
-    pub(super) fn make_queue(&mut self, round_end: &AtomicU64, calls: *const HostCalls<B>) -> *const Spares<B> {
+    /// `asleep`: per job, the host time until which its VM sleeps (halted
+    /// for its timer; 0: runnable now).
+    pub(super) fn make_queue(
+        &mut self,
+        round_end: &AtomicU64,
+        calls: *const HostCalls<B>,
+        asleep: &[u64],
+    ) -> *const Spares<B> {
         self.queue_end = round_end;
+        for (k, &t) in asleep.iter().enumerate() {
+            if let Some(n) = self.not_before.get_mut(k) {
+                *n.get_mut() = t;
+            }
+        }
         let me: *const Spares<B> = self;
         for (k, job) in self.jobs.iter_mut().enumerate() {
             let job = job.get_mut();
@@ -1218,18 +1289,37 @@ impl<B: Backend> Spares<B> {
         unsafe { self.queue_end.as_ref() }.map_or(self.deadline, |e| e.load(Ordering::Acquire))
     }
 
+    /// Whether job `k` is free and due at `now` (not asleep).
+    fn due(&self, k: usize, now: u64) -> bool {
+        !self.claimed[k].load(Ordering::Relaxed) && self.not_before[k].load(Ordering::Relaxed) <= now
+    }
+
     /// Whether a job other than `k` waits for a CPU (a run queue's job
     /// then gives its CPU back at its slice's end).
-    fn others_wait(&self, k: usize) -> bool {
-        (0..self.jobs.len()).any(|j| j != k && !self.claimed[j].load(Ordering::Relaxed))
+    fn others_wait(&self, k: usize, now: u64) -> bool {
+        (0..self.jobs.len()).any(|j| j != k && self.due(j, now))
+    }
+
+    /// When the first job asleep is due (`None`: none is asleep).
+    pub(super) fn next_wake(&self) -> Option<u64> {
+        (0..self.jobs.len())
+            .filter(|&k| !self.claimed[k].load(Ordering::Relaxed))
+            .map(|k| self.not_before[k].load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .min()
     }
 
     /// The job that waited longest at the round's end, if one waited
     /// (after the join): the next round's round-robin starts with it.
     pub(super) fn longest_waiting(&self) -> Option<usize> {
         (0..self.jobs.len())
-            .filter(|&k| !self.claimed[k].load(Ordering::Acquire))
+            .filter(|&k| !self.claimed[k].load(Ordering::Acquire) && self.not_before[k].load(Ordering::Relaxed) == 0)
             .min_by_key(|&k| self.freed_at[k].load(Ordering::Relaxed))
+    }
+
+    /// VMs asleep that a CPU woke for their timer (after the join).
+    pub(super) fn woken(&self) -> u64 {
+        self.woken.load(Ordering::Relaxed)
     }
 
     /// Whether a job holds console lines for the boot CPU to print.
@@ -1245,13 +1335,13 @@ impl<B: Backend> Spares<B> {
     /// The spare this CPU takes: one whose vCPU last ran here, else one of
     /// this CPU's node, else the first left. In a run queue: the one that
     /// waited longest, of this CPU's node (or of none) before others.
-    fn claim(&self, me: u32, node: Option<u32>) -> Option<usize> {
-        let k = self.claim_free(me, node)?;
+    fn claim(&self, me: u32, node: Option<u32>, now: u64) -> Option<usize> {
+        let k = self.claim_free(me, node, now)?;
         self.ran[k].store(true, Ordering::Relaxed);
         Some(k)
     }
 
-    fn claim_free(&self, me: u32, node: Option<u32>) -> Option<usize> {
+    fn claim_free(&self, me: u32, node: Option<u32>, now: u64) -> Option<usize> {
         let free = |k: &usize| !self.claimed[*k].load(Ordering::Relaxed);
         if self.is_queue() {
             // (No allocation here: this runs on every CPU at every slice's
@@ -1259,7 +1349,7 @@ impl<B: Backend> Spares<B> {
             let far = |k: usize| node.is_some() && self.nodes[k].is_some() && self.nodes[k] != node;
             loop {
                 let k = (0..self.jobs.len())
-                    .filter(free)
+                    .filter(|&k| self.due(k, now))
                     .min_by_key(|&k| (far(k), self.freed_at[k].load(Ordering::Relaxed)))?;
                 if self.claimed[k].compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     return Some(k);
@@ -2104,6 +2194,9 @@ pub struct SchedStats {
     pub queue_slices: u64,
     pub queue_slices_here: u64,
     pub queue_vms: u64,
+    /// VMs asleep in a run queue (halted for their timers) that a CPU
+    /// woke and ran when the timer was due (`Spares::take`).
+    pub queue_wakes: u64,
     /// Rounds that went on past the boot CPU's slice (`round_on`), and the
     /// slices run in them after the first on each CPU: on the boot CPU, and
     /// by the jobs away.
@@ -2260,11 +2353,12 @@ impl<B: Backend> Manager<B> {
         } else {
             Vec::new()
         };
-        // More VMs than CPUs, each of one vCPU: a round of the run queue.
-        if self.queue_fits(cpus, &picks, &spare_picks, now) {
-            let jobs: Vec<(usize, usize, bool)> =
-                picks.iter().map(|&(i, v)| (i, v, false)).chain(spare_picks.iter().copied()).collect();
-            return self.run_queue_round(console, cpus, &jobs, round_start);
+        // More VMs than CPUs, each of one vCPU (some maybe asleep for their
+        // timers): a round of the run queue.
+        if free > 0
+            && let Some(queue) = self.queue_jobs(cpus, &picks, &spare_picks, now)
+        {
+            return self.run_queue_round(console, cpus, queue, round_start);
         }
         // The slice that stays here: by NUMA node, then one whose vCPU
         // last ran here (still loaded here, nothing to move).
@@ -2632,6 +2726,8 @@ impl<B: Backend> Manager<B> {
             turns: AtomicU64::new(picks.len() as u64),
             slice_ticks: self.slice_ticks,
             queue_slices: AtomicU64::new(0),
+            not_before: picks.iter().map(|_| AtomicU64::new(0)).collect(),
+            woken: AtomicU64::new(0),
             lines_waiting: AtomicBool::new(false),
         })
     }
@@ -3127,6 +3223,8 @@ mod spares_tests {
             turns: AtomicU64::new(last.len() as u64),
             slice_ticks: 0,
             queue_slices: AtomicU64::new(0),
+            not_before: last.iter().map(|_| AtomicU64::new(0)).collect(),
+            woken: AtomicU64::new(0),
             lines_waiting: AtomicBool::new(false),
         }
     }
@@ -3137,20 +3235,20 @@ mod spares_tests {
         // Jobs 0 and 1 on node 0, job 2 on node 1, job 3 on none.
         let mut s = spares(&[Some(1), Some(1), Some(1), Some(1)], &[Some(0), Some(0), Some(1), None]);
         s.queue_end = &end;
-        assert_eq!(s.claim(1, Some(1)), Some(2), "its node's first, though job 0 waited longer");
-        assert_eq!(s.claim(1, Some(1)), Some(3), "then a job of no node: not the one it last ran");
-        assert_eq!(s.claim(1, Some(1)), Some(0), "then another node's, longest waiting first");
-        assert!(s.others_wait(0), "job 1 waits");
-        assert!(!s.others_wait(1), "job 1 alone waits");
+        assert_eq!(s.claim(1, Some(1), 0), Some(2), "its node's first, though job 0 waited longer");
+        assert_eq!(s.claim(1, Some(1), 0), Some(3), "then a job of no node: not the one it last ran");
+        assert_eq!(s.claim(1, Some(1), 0), Some(0), "then another node's, longest waiting first");
+        assert!(s.others_wait(0, 0), "job 1 waits");
+        assert!(!s.others_wait(1, 0), "job 1 alone waits");
         // Job 2 given back now, job 0 later: job 2 goes first.
         s.freed_at[2].store(100, Ordering::Relaxed);
         s.claimed[2].store(false, Ordering::Release);
         s.freed_at[0].store(200, Ordering::Relaxed);
         s.claimed[0].store(false, Ordering::Release);
-        assert_eq!(s.claim(5, None), Some(1), "job 1 waited since the round's start");
-        assert_eq!(s.claim(5, None), Some(2));
-        assert_eq!(s.claim(5, None), Some(0));
-        assert_eq!(s.claim(5, None), None, "each runs on one CPU at a time");
+        assert_eq!(s.claim(5, None, 0), Some(1), "job 1 waited since the round's start");
+        assert_eq!(s.claim(5, None, 0), Some(2));
+        assert_eq!(s.claim(5, None, 0), Some(0));
+        assert_eq!(s.claim(5, None, 0), None, "each runs on one CPU at a time");
         assert!((0..4).all(|k| s.taken(k)));
     }
 
@@ -3159,14 +3257,14 @@ mod spares_tests {
         // Spare 0: no history, node 1. Spare 1: last on CPU 2, node 0.
         // Spare 2: last on CPU 1, node 0.
         let s = spares(&[None, Some(2), Some(1)], &[Some(1), Some(0), Some(0)]);
-        assert_eq!(s.claim(1, Some(1)), Some(2), "CPU 1's own vCPU first, whatever its node");
-        assert_eq!(s.claim(1, Some(0)), Some(1), "then one of CPU 1's node");
-        assert_eq!(s.claim(3, Some(0)), Some(0), "then the first left");
-        assert_eq!(s.claim(2, None), None, "each spare is taken once");
+        assert_eq!(s.claim(1, Some(1), 0), Some(2), "CPU 1's own vCPU first, whatever its node");
+        assert_eq!(s.claim(1, Some(0), 0), Some(1), "then one of CPU 1's node");
+        assert_eq!(s.claim(3, Some(0), 0), Some(0), "then the first left");
+        assert_eq!(s.claim(2, None, 0), None, "each spare is taken once");
         assert!((0..3).all(|k| s.taken(k)));
         // Without NUMA nodes: the first left.
         let s = spares(&[None, None], &[None, None]);
-        assert_eq!(s.claim(0, None), Some(0));
-        assert_eq!(s.claim(1, None), Some(1));
+        assert_eq!(s.claim(0, None, 0), Some(0));
+        assert_eq!(s.claim(1, None, 0), Some(1));
     }
 }

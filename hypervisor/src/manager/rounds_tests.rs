@@ -1385,6 +1385,40 @@ fn a_vm_here_that_wakes_while_the_round_goes_on_runs_and_then_the_round_ends_for
 }
 
 #[test]
+fn a_vm_asleep_in_the_run_queue_wakes_at_its_timer_where_a_cpu_is_free_and_then_takes_its_turns() {
+    let mut m = manager();
+    let b = m.backend.as_mut().unwrap();
+    // VMs 1 to 3 compute (more than the two CPUs: a run queue); VM 4
+    // halts for its timer, due during the round, then computes.
+    for _ in 0..3 {
+        b.scripts.push_back(cpuids(20_000));
+    }
+    let mut four_script = vec![sti_hlt()];
+    four_script.extend(cpuids(20_000));
+    b.scripts.push_back(four_script);
+    let ids: Vec<u32> = (0..4).map(|_| m.run_vm("tiny", 4, "").unwrap()).collect();
+    m.slice_ticks = 2000;
+    m.cursor = 3;
+    let mut con = Lines::default();
+    // VM 4 halts first, in a slice of its own.
+    assert!(m.run_slice(&mut con));
+    assert_eq!(m.get(ids[3]).unwrap().res.as_ref().unwrap().vcpus[0].state, crate::vm::VcpuState::Halted);
+    let now = m.backend.as_ref().unwrap().clock.get();
+    m.vms[3].timer_tick = now + 3000;
+    let before: Vec<u64> = ids.iter().map(|&id| slices_of(&m, id)).collect();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    assert!(m.run_round(&mut con, &mut other));
+    // One round of the run queue, VM 4 in it asleep: woken at its timer,
+    // it then took its turns with the others, the round going on.
+    let s = m.sched;
+    assert_eq!((s.queue_rounds, s.queue_wakes), (1, 1), "{s:?}");
+    let ran: Vec<u64> = ids.iter().zip(&before).map(|(&id, b)| slices_of(&m, id) - b).collect();
+    assert!(ran.iter().all(|&n| n >= 2), "every VM took turns: {ran:?}");
+    assert_eq!(m.get(ids[3]).unwrap().stats.exits[ExitKind::Hlt as usize], 1, "it halted once, and woke in the round");
+    assert_eq!(other.kicks.get(), 1);
+}
+
+#[test]
 fn a_vm_away_stops_going_on_at_a_halt() {
     let mut m = manager();
     let b = m.backend.as_mut().unwrap();
