@@ -16,8 +16,11 @@
 //! `MAX_ROUND_SLICES` slices' time.
 //!
 //! Which VMs make a queue: VMs of one vCPU, not throttled (`may_go_on`),
-//! every runnable VM among them (the round's picks and its spares: at
-//! most two per CPU), and nothing between rounds waits.
+//! more runnable than CPUs, every runnable VM among them (the round's
+//! picks and its spares: at most four per CPU), and nothing between rounds
+//! waits. VMs of one vCPU halted for their timers are jobs too, asleep
+//! until then (`Spares::not_before`): the CPU that takes one when it is due
+//! wakes it; a CPU with nothing to take halts until one is due.
 //!
 //! What stays true: a job is one CPU's from its claim until it is given
 //! back (a compare-exchange, then a release store); the boot CPU touches
