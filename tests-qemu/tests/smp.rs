@@ -14,8 +14,8 @@
 //! every vCPU, and their shared count is exact. Last, an idle VM beside
 //! two busy ones: the CPU whose VM halts takes a spare slice of another;
 //! and two busy VMs with a timer each, the one away from the boot CPU
-//! ending its ticks' interrupts where it runs; and three busy VMs on the
-//! two CPUs, which share them through the run queue.
+//! ending its ticks' interrupts where it runs; and three busy VMs and an
+//! idle one on the two CPUs, which share them through the run queue.
 
 use boot::emulator::Emulator;
 use std::time::Duration;
@@ -113,35 +113,42 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
     m.poweroff();
 }
 
-/// Three busy VMs (`exitbench`, VMs `id` to `id + 2`) on two host CPUs:
-/// the rounds are rounds of the run queue (`docs/smp.md`, "The run
-/// queue"), in which both CPUs take slices of all three by turns, and each
-/// VM finishes its work.
+/// Three busy VMs (`exitbench`, VMs `id + 1` to `id + 3`) and an idle one
+/// (`smptest tick=200`, VM `id`) on two host CPUs: the rounds are rounds
+/// of the run queue (`docs/smp.md`, "The run queue"), in which both CPUs
+/// take slices of all three by turns, the idle VM asleep in the queue
+/// between its ticks and woken by whichever CPU takes it when its timer
+/// is due; each VM finishes its work.
 fn more_busy_vms_than_cpus_share_the_run_queue(m: &mut Machine, emu: Emulator, id: u32) {
     let queue = |m: &mut Machine| {
         let s = &m.json("host --json")["scheduler"];
         let n = |k: &str| s[k].as_u64().unwrap();
-        (n("queue_rounds"), n("queue_slices"), n("queue_slices_here"))
+        [n("queue_rounds"), n("queue_slices"), n("queue_slices_here"), n("queue_wakes")]
     };
     let before = queue(m);
-    for k in 0..3 {
+    assert!(m.cmd("vm run smptest -- tick=200").contains(&format!("vm {id} started")));
+    for k in 1..4 {
         assert!(m.cmd("vm run exitbench -- n=20000").contains(&format!("vm {} started", id + k)));
     }
-    for k in 0..3 {
+    for k in 1..4 {
         m.wait_for(&format!("vm {} (exitbench) exited with status 1", id + k), TIMEOUT);
     }
+    m.wait_for(&format!("vm {id} (smptest) exited with status 1"), TIMEOUT);
+    assert!(m.transcript().contains(&format!("[vm {id}] smptest: PASS (ticks)")), "{}", m.transcript());
     let list = m.json("vm list --json");
     let ms: Vec<u64> =
-        (0..3).map(|k| tests_qemu::vm_entry(&list, u64::from(id + k))["run_us"].as_u64().unwrap() / 1000).collect();
+        (1..4).map(|k| tests_qemu::vm_entry(&list, u64::from(id + k))["run_us"].as_u64().unwrap() / 1000).collect();
     let after = queue(m);
-    let (rounds, slices, here) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+    let [rounds, slices, here, wakes] = [0, 1, 2, 3].map(|k| after[k] - before[k]);
     eprintln!(
-        "{}/{}: three busy vms on two cpus: {rounds} rounds of the run queue, {slices} slices ({here} on the boot cpu); {ms:?} ms in guest",
+        "{}/{}: three busy vms and an idle one on two cpus: {rounds} rounds of the run queue, {slices} slices ({here} on the boot cpu), \
+         the idle vm woken {wakes} times there; {ms:?} ms in guest",
         emu.name(),
         emu.backend()
     );
     assert!(rounds > 0, "no round of the run queue: {after:?} after {before:?}");
     assert!(here > 0 && slices > here, "both CPUs took slices from the queue: {after:?} after {before:?}");
+    assert!(wakes > 0, "the idle VM was never woken asleep in the queue: {after:?} after {before:?}");
 }
 
 /// A busy VM (VM `id`, stopped at the end) keeps the boot CPU; an
