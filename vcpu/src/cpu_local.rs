@@ -50,6 +50,9 @@ pub struct CpuLocal {
     /// Host timer interrupts this CPU took: the AMD-V backend's slice timer
     /// compares it around VMRUN to tell a slice's end from other exits.
     pub timer_fired: AtomicU64,
+    /// vCPU slices this CPU ran: each entry of a vCPU for a slice, and
+    /// each further slice of one that goes on (for `host`).
+    pub slices: AtomicU64,
 }
 
 impl CpuLocal {
@@ -64,6 +67,7 @@ impl CpuLocal {
             svm_host_vmcb: AtomicU64::new(0),
             alloc_node: AtomicU32::new(NO_NODE),
             timer_fired: AtomicU64::new(0),
+            slices: AtomicU64::new(0),
         }
     }
 }

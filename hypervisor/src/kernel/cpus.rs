@@ -9,7 +9,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use hypervisor::cpuid::HostQuirks;
 use hypervisor::manager::rounds::{AwaySlice, SliceCpus};
 use spin::{Mutex, Once};
@@ -32,9 +32,6 @@ pub enum CpuVirt {
 
 /// The APs' instances by CPU index (the boot CPU's is its backend's).
 static VIRT: [Mutex<Option<CpuVirt>>; MAX_CPUS] = [const { Mutex::new(None) }; MAX_CPUS];
-
-/// Slices each CPU ran for VMs (the boot CPU's are not counted here).
-static SLICES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 /// The boot CPU's quirks, which every AP's backend instance reports too.
 static BOOT_QUIRKS: Once<HostQuirks> = Once::new();
@@ -159,7 +156,6 @@ fn ap_slice<B: HostBackend>(arg: u64) -> u64 {
     // answered.
     unsafe { (*(arg as *mut AwaySlice<B>)).run(&mut backend) };
     *VIRT[i].lock() = Some(backend.into_virt());
-    SLICES[i].fetch_add(1, Ordering::Relaxed);
     0
 }
 
@@ -276,7 +272,9 @@ pub fn status(boot_virt: &str) -> (Vec<CpuStatus>, Option<u64>) {
                      woken by their end)"
                 )
             } else if matches!(c.virt.get(), Some(Ok(_))) {
-                format!("VMs ({} slices)", SLICES[c.index() as usize].load(Ordering::Relaxed))
+                // Every vCPU slice it ran, further slices of a round that
+                // goes on and of a run queue included (`CpuLocal::slices`).
+                format!("VMs ({} slices)", c.local.slices.load(Ordering::Relaxed))
             } else {
                 String::from("idle")
             },

@@ -1464,6 +1464,7 @@ unsafe fn run_sibling<B: Backend>(
     here.current_vm.store(s.vm_id, Ordering::Relaxed);
     slot.state.apply(crate::vm::VcpuEvent::Enter);
     slot.stats.slices += 1;
+    here.slices.fetch_add(1, Ordering::Relaxed);
     slot.stats.ran_on(here.index);
     backend.prefer_node(node);
     slot.vcpu.load();
@@ -1624,6 +1625,7 @@ unsafe fn run_sibling<B: Backend>(
                 Some(next) => {
                     deadline = next;
                     slot.stats.slices += 1;
+                    vcpu::cpu_local::get().slices.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
                     s.expired = true;
@@ -2017,6 +2019,7 @@ pub(super) fn run_body<B: Backend, H: SliceHost<B>>(
     let slot = &mut res.vcpus[v];
     slot.state.apply(crate::vm::VcpuEvent::Enter);
     slot.stats.slices += 1;
+    here.slices.fetch_add(1, Ordering::Relaxed);
     slot.stats.ran_on(here.index);
     let exits_before = vm.stats.total_exits();
     let ticks_before = vm.stats.run_ticks;
