@@ -138,21 +138,9 @@ impl<B: Backend> Manager<B> {
                 }
                 None => {
                     // Nothing of its own to run: halted until a VM here has
-                    // a timer due (at most a millisecond, for the console),
-                    // a job returns, or a CPU asks a host call.
-                    // (Not in the past: a timer due that no pick took, a
-                    // throttled VM's, would make this a spin.)
-                    let until = self.home_timer(taken).min(now.saturating_add(hz / 1000)).min(limit);
-                    let until = until.max(now.saturating_add(MIN_SLICE_TICKS));
-                    let (Ok(backend), host) = (self.backend.as_mut(), &mut self.host_mem) else { break };
-                    let t0 = backend.now();
-                    cpus.doze(until, &mut || {
-                        if let Some(c) = calls {
-                            use super::rounds::SliceHost;
-                            host.serve(c, backend);
-                        }
-                    });
-                    on.doze_ticks += backend.now().saturating_sub(t0);
+                    // a timer due, a job returns, or a CPU asks a host call.
+                    let wake = self.home_timer(taken);
+                    on.doze_ticks += self.doze_serving(cpus, wake, limit, calls);
                 }
             }
         }
@@ -160,6 +148,30 @@ impl<B: Backend> Manager<B> {
         round_end.store(now, Ordering::Release);
         cpus.kick_running();
         on
+    }
+
+    /// Halts the boot CPU, in a round that goes on with nothing of its own
+    /// to run, until `wake` (at most a millisecond, for the console; not
+    /// past `limit`; and at least a minimum slice: a wake already due that
+    /// nothing takes, a throttled VM's timer, would make it a spin),
+    /// serving the other CPUs' host calls. Returns the ticks it dozed.
+    pub(super) fn doze_serving(
+        &mut self,
+        cpus: &mut impl SliceCpus<B>,
+        wake: u64,
+        limit: u64,
+        calls: Option<&HostCalls<B>>,
+    ) -> u64 {
+        use super::rounds::SliceHost;
+        let (Ok(backend), host) = (self.backend.as_mut(), &mut self.host_mem) else { return 0 };
+        let now = backend.now();
+        let until = wake.min(now.saturating_add(backend.tsc_hz() / 1000)).min(limit);
+        cpus.doze(until.max(now.saturating_add(MIN_SLICE_TICKS)), &mut || {
+            if let Some(c) = calls {
+                host.serve(c, backend);
+            }
+        });
+        backend.now().saturating_sub(now)
     }
 
     /// VMs outside `taken` that want a CPU now (a second one means VMs wait

@@ -1037,7 +1037,7 @@ fn goes_on_after<B: Backend>(
     round_end: &AtomicU64,
     now: u64,
 ) -> Option<u64> {
-    if !round_on::ends_alone(vm, end) || !vm.state.runnable() || vm.devices.has_signals() || !lines.0.is_empty() {
+    if !ended_alone(vm, end, lines) || !vm.state.runnable() {
         return None;
     }
     let until = round_end.load(Ordering::Acquire);
@@ -1057,10 +1057,27 @@ fn goes_on_after<B: Backend>(
 /// the slice for the boot CPU (as [`goes_on_after`]). `None`: it does not
 /// sleep (it runs on, or is done for the round).
 fn asleep_until<B: Backend>(vm: &Vm<B>, v: usize, end: &SliceEnd, lines: &Lines) -> Option<u64> {
+    if !ended_alone(vm, end, lines) {
+        return None;
+    }
+    halted_for_timer(vm, v)
+}
+
+/// Whether a slice's `end` left nothing for the boot CPU: it reaches only
+/// its VM (`round_on::ends_alone`), no device signal waits, and the job
+/// holds no console line to print.
+fn ended_alone<B: Backend>(vm: &Vm<B>, end: &SliceEnd, lines: &Lines) -> bool {
+    round_on::ends_alone(vm, end) && !vm.devices.has_signals() && lines.0.is_empty()
+}
+
+/// The host time vCPU `v` of `vm` sleeps until: halted with interrupts on,
+/// waiting for the VM's timer (set), the VM live and not paused. `None`
+/// otherwise.
+pub(super) fn halted_for_timer<B: Backend>(vm: &Vm<B>, v: usize) -> Option<u64> {
     let slot = vm.res.as_ref()?.vcpus.get(v)?;
-    let halted = slot.state == crate::vm::VcpuState::Halted && !slot.halted_irq_off;
-    let alone = round_on::ends_alone(vm, end) && !vm.devices.has_signals() && lines.0.is_empty();
-    (halted && alone && !vm.state.ended() && !vm.paused && vm.timer_tick != u64::MAX).then_some(vm.timer_tick)
+    let halted = slot.state == crate::vm::VcpuState::Halted && !slot.halted_irq_off && slot.awaiting_page.is_none();
+    let live = !vm.state.ended() && !vm.paused && !vm.created;
+    (halted && live && vm.timer_tick != u64::MAX).then_some(vm.timer_tick)
 }
 
 /// The slices a round offers beyond one per CPU (`docs/smp.md`, "Spare
@@ -1179,9 +1196,11 @@ impl<B: Backend> Spares<B> {
                 self.woken.fetch_add(1, Ordering::Relaxed);
                 break (job, k, left, end);
             }
-            // Not woken (its timer moved on): asleep again, if it has a timer.
-            if vm.timer_tick != u64::MAX {
-                self.not_before[k].store(vm.timer_tick.max(1), Ordering::Relaxed);
+            // Not woken (its timer moved on): asleep again until a timer
+            // still to come; else done for the round (kept claimed), so
+            // no CPU takes it again and again while nothing changes.
+            if vm.timer_tick != u64::MAX && vm.timer_tick > now {
+                self.not_before[k].store(vm.timer_tick, Ordering::Relaxed);
                 self.claimed[k].store(false, Ordering::Release);
             }
         };

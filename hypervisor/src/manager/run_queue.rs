@@ -34,7 +34,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::host_calls::HostCalls;
 use super::round_on::MAX_ROUND_SLICES;
-use super::rounds::{AwaySlice, SliceCpus, SliceHost};
+use super::rounds::{AwaySlice, SliceCpus, SliceHost, halted_for_timer};
 use super::{MIN_SLICE_TICKS, Manager};
 use crate::backend::Backend;
 use crate::mca::host::HOST_ERRORS;
@@ -98,13 +98,7 @@ impl<B: Backend> Manager<B> {
         (0..self.vms.len())
             .filter(|i| !taken.iter().any(|(t, _)| t == i))
             .filter(|&i| self.may_go_on(i))
-            .filter_map(|i| {
-                let vm = &self.vms[i];
-                let slot = vm.res.as_ref()?.vcpus.first()?;
-                let halted = slot.state == crate::vm::VcpuState::Halted && !slot.halted_irq_off;
-                let live = !vm.state.ended() && !vm.paused && !vm.created && slot.awaiting_page.is_none();
-                (halted && live && vm.timer_tick != u64::MAX).then_some((i, vm.timer_tick))
-            })
+            .filter_map(|i| Some((i, halted_for_timer(&self.vms[i], 0)?)))
             .collect()
     }
 
@@ -166,15 +160,7 @@ impl<B: Backend> Manager<B> {
             // millisecond, for the console), serving the CPUs' host calls;
             // with none asleep, the round is over.
             let Some(wake) = queue.next_wake().filter(|&w| w < limit) else { break };
-            let hz = backend.tsc_hz();
-            let until = wake.min(now.saturating_add(hz / 1000)).max(now.saturating_add(MIN_SLICE_TICKS));
-            let host = &mut self.host_mem;
-            let calls_ref = calls.as_deref();
-            cpus.doze(until, &mut || {
-                if let Some(c) = calls_ref {
-                    host.serve(c, backend);
-                }
-            });
+            self.doze_serving(cpus, wake, limit, calls.as_deref());
         }
         let Ok(backend) = self.backend.as_mut() else {
             cpus.join(&mut || {});
