@@ -2364,10 +2364,10 @@ impl<B: Backend> Manager<B> {
         }
         self.pick_siblings(&mut picks, free + 1);
         // Every CPU has a pick: further VMs for a CPU whose slice ends early.
-        // (Up to four VMs per CPU in all when each pick may make a run
-        // queue with them; beyond, rounds rotate the VMs as before.)
+        // (Every runnable VM when each pick may make a run queue with them:
+        // the queue holds them all, however many per CPU.)
         let max_spares = match picks.iter().all(|&(i, _)| self.may_go_on(i)) && cpus.goes_on() {
-            true => 3 * (free + 1),
+            true => self.vms.len(),
             false => free + 1,
         };
         let spare_picks = if free > 0 && picks.len() == free + 1 {

@@ -55,11 +55,15 @@ fn other_cpu(m: &Manager<MockBackend>) -> OneOtherCpu {
 }
 
 fn manager() -> Manager<MockBackend> {
+    manager_with_frames(16384)
+}
+
+fn manager_with_frames(frames: usize) -> Manager<MockBackend> {
     // `mov [rax], ecx` over and over: a scripted MMIO write decodes as one
     // wherever RIP is.
     let code: Vec<u8> = [0x89u8, 0x08].repeat(64);
     let images = vec![GuestImage { name: "tiny".into(), bytes: elf_guest(&code) }];
-    Manager::new(Ok(MockBackend::new(16384)), images)
+    Manager::new(Ok(MockBackend::new(frames)), images)
 }
 
 fn exit(e: VmExit) -> Step {
@@ -1276,13 +1280,16 @@ fn with_a_cpu_for_every_runnable_vcpu_the_round_goes_on_until_the_console_wants_
 
 #[test]
 fn more_computing_vms_than_cpus_share_a_run_queue_and_each_gets_its_part() {
-    for n in [3, 5, 8] {
+    // (12 and 20: more than four per CPU, which rotated round by round
+    // before 2026-12-05.)
+    for n in [3, 5, 8, 12, 20] {
         share_a_run_queue(n);
     }
 }
 
 fn share_a_run_queue(n: usize) {
-    let mut m = manager();
+    // (Room for 20 VMs of 4 MiB.)
+    let mut m = manager_with_frames(32768);
     let ids = computing_vms(&mut m, n);
     m.slice_ticks = 2000;
     let mut con = Lines::default();

@@ -17,7 +17,7 @@
 //!
 //! Which VMs make a queue: VMs of one vCPU, not throttled (`may_go_on`),
 //! more runnable than CPUs, every runnable VM among them (the round's
-//! picks and its spares: at most four per CPU), and nothing between rounds
+//! picks and its spares, however many per CPU), and nothing between rounds
 //! waits. VMs of one vCPU halted for their timers are jobs too, asleep
 //! until then (`Spares::not_before`): the CPU that takes one when it is due
 //! wakes it; a CPU with nothing to take halts until one is due.
