@@ -8,9 +8,10 @@
 //! is pure cost: each CPU would run the same vCPU again. Such a round
 //! goes on instead:
 //!
-//! - each job away whose VM may (one vCPU, not throttled, not a sibling
-//!   or a spare) runs slice after slice on its CPU, each one's end
-//!   needing nothing of the boot CPU (`rounds::goes_on_after`);
+//! - each job away whose VM may (not throttled, one vCPU or one runnable
+//!   while the others want no CPU, not a sibling or a spare) runs slice
+//!   after slice on its CPU, each one's end needing nothing of the boot
+//!   CPU (`rounds::goes_on_after`);
 //! - the boot CPU runs slices of the VMs no job holds, from the same
 //!   round-robin (its own run queue), each finished at once;
 //! - the round ends when something wants every VM home (console input,
@@ -85,12 +86,24 @@ impl<B: Backend> Manager<B> {
         })
     }
 
-    /// Whether a job of the VM at `i` may go on past its first slice: a VM
-    /// of one vCPU (its timer's interrupts are its own) that is not
-    /// throttled (a throttled VM sits out a share after each slice).
-    pub(super) fn may_go_on(&self, i: usize) -> bool {
+    /// Whether a job of the VM at `i` may go on past its first slice (host
+    /// clock `now`): a VM not throttled (a throttled VM sits out a share
+    /// after each slice) with one vCPU, or with one runnable vCPU while no
+    /// other wants a CPU (`Vm::others_want_cpu`: the others halted with
+    /// nothing pending, waiting for a SIPI, or stopped). Such a job stops
+    /// going on when another of its vCPUs comes to want a CPU
+    /// (`rounds::goes_on_after`).
+    pub(super) fn may_go_on(&self, i: usize, now: u64) -> bool {
         let Some(vm) = self.vms.get(i) else { return false };
-        vm.res.as_ref().is_some_and(|r| r.vcpus.len() == 1) && vm.throttle.pct() == 0
+        let Some(res) = vm.res.as_ref() else { return false };
+        let alone = match res.vcpus.len() {
+            1 => true,
+            _ => match res.vcpus.iter().position(|s| s.state.runnable()) {
+                Some(v) => !vm.others_want_cpu(v, now),
+                None => false,
+            },
+        };
+        alone && vm.throttle.pct() == 0
     }
 
     /// After the boot CPU's own slice of a round that goes on (finished

@@ -953,7 +953,7 @@ impl<B: Backend> AwaySlice<B> {
             // between two reads must not find the end behind it.)
             let now = backend.now();
             if let Some(round_end) = round_end
-                && let Some(until) = goes_on_after(vm, self.vcpu, &end, &self.lines, round_end, now)
+                && let Some(until) = goes_on_after(vm, self.vcpu, &end, &self.lines, round_end, now, backend.tsc_hz())
             {
                 // A run queue's job gives its CPU to one that waits.
                 // SAFETY: the round keeps its queue in place until the join
@@ -1024,7 +1024,10 @@ impl<B: Backend> AwaySlice<B> {
 /// vCPU still runnable and nothing for the boot CPU (no exit left to it,
 /// no frame to forward, no device signal, no console line to print:
 /// `lines` is what the job holds), while the round's end leaves room for
-/// one. The vCPU leaves its CPU for the next entry.
+/// one. The vCPU leaves its CPU for the next entry. In a VM of several
+/// vCPUs, also only while no other of its vCPUs wants a CPU
+/// (`Vm::others_want_cpu_after_timers`, on the host clock's rate `hz`):
+/// one that does needs the round's end to be picked.
 ///
 /// (A line held for a round that goes on would come out up to 8 slices
 /// late, after lines the boot CPU's VMs printed meanwhile: a VM away
@@ -1036,8 +1039,9 @@ fn goes_on_after<B: Backend>(
     lines: &Lines,
     round_end: &AtomicU64,
     now: u64,
+    hz: u64,
 ) -> Option<u64> {
-    if !ended_alone(vm, end, lines) || !vm.state.runnable() {
+    if !ended_alone(vm, end, lines) || !vm.state.runnable() || vm.others_want_cpu_after_timers(v, now, hz) {
         return None;
     }
     let until = round_end.load(Ordering::Acquire);
@@ -1071,10 +1075,15 @@ fn ended_alone<B: Backend>(vm: &Vm<B>, end: &SliceEnd, lines: &Lines) -> bool {
 }
 
 /// The host time vCPU `v` of `vm` sleeps until: halted with interrupts on,
-/// waiting for the VM's timer (set), the VM live and not paused. `None`
-/// otherwise.
+/// waiting for the VM's timer (set), the VM live and not paused, and its
+/// only vCPU (the VM's timer may be another vCPU's, which the CPU that
+/// wakes the job would not run). `None` otherwise.
 pub(super) fn halted_for_timer<B: Backend>(vm: &Vm<B>, v: usize) -> Option<u64> {
-    let slot = vm.res.as_ref()?.vcpus.get(v)?;
+    let res = vm.res.as_ref()?;
+    if res.vcpus.len() != 1 {
+        return None;
+    }
+    let slot = res.vcpus.get(v)?;
     let halted = slot.state == crate::vm::VcpuState::Halted && !slot.halted_irq_off && slot.awaiting_page.is_none();
     let live = !vm.state.ended() && !vm.paused && !vm.created;
     (halted && live && vm.timer_tick != u64::MAX).then_some(vm.timer_tick)
@@ -1126,9 +1135,11 @@ pub struct Spares<B: Backend> {
     /// 0: due), and how many a CPU woke.
     not_before: Vec<AtomicU64>,
     woken: AtomicU64,
-    /// A job holds console lines: the boot CPU ends the run queue's round
-    /// at its next look, so they come out within a slice or so.
-    lines_waiting: AtomicBool,
+    /// A job holds console lines, or a job of a VM of several vCPUs is
+    /// done for the round (its other vCPUs, or its next timer, need a pick
+    /// between rounds): the boot CPU ends the run queue's round at its next
+    /// look, so this comes within a slice or so.
+    home_wanted: AtomicBool,
 }
 
 impl<B: Backend> Spares<B> {
@@ -1221,13 +1232,17 @@ impl<B: Backend> Spares<B> {
     /// The job is the caller's (taken, not given back yet).
     unsafe fn give_back(&self, k: usize, job: &mut AwaySlice<B>) {
         if !job.lines.0.is_empty() {
-            self.lines_waiting.store(true, Ordering::Relaxed);
+            self.home_wanted.store(true, Ordering::Relaxed);
         }
-        let asleep = match (self.is_queue(), job.end.as_ref()) {
-            // SAFETY: the caller's contract: the job's VM is this CPU's.
-            (true, Some(end)) if !job.paused => asleep_until(unsafe { &*job.vm }, job.vcpu, end, &job.lines),
+        // SAFETY: the caller's contract: the job's VM is this CPU's.
+        let vm = unsafe { job.vm.as_ref() };
+        let asleep = match (self.is_queue(), job.end.as_ref(), vm) {
+            (true, Some(end), Some(vm)) if !job.paused => asleep_until(vm, job.vcpu, end, &job.lines),
             _ => None,
         };
+        if self.is_queue() && !job.paused && asleep.is_none() && vm.is_some_and(|vm| vm.vcpu_count() > 1) {
+            self.home_wanted.store(true, Ordering::Relaxed);
+        }
         if job.paused || asleep.is_some() {
             // (At least 1: 0 means due now. A timer already due wakes it at
             // once, on whichever CPU takes it.)
@@ -1258,7 +1273,7 @@ impl<B: Backend> Spares<B> {
         // simply not taken again), so the end it reads is never reached.
         let never = AtomicU64::new(u64::MAX);
         if let Some(end) = job.end.as_ref()
-            && goes_on_after(vm, job.vcpu, end, &job.lines, &never, backend.now()).is_some()
+            && goes_on_after(vm, job.vcpu, end, &job.lines, &never, backend.now(), backend.tsc_hz()).is_some()
         {
             job.paused = true;
         }
@@ -1341,9 +1356,10 @@ impl<B: Backend> Spares<B> {
         self.woken.load(Ordering::Relaxed)
     }
 
-    /// Whether a job holds console lines for the boot CPU to print.
-    pub(super) fn lines_waiting(&self) -> bool {
-        self.lines_waiting.load(Ordering::Relaxed)
+    /// Whether a job holds console lines for the boot CPU to print, or is
+    /// of a VM of several vCPUs and done for the round (see `home_wanted`).
+    pub(super) fn home_wanted(&self) -> bool {
+        self.home_wanted.load(Ordering::Relaxed)
     }
 
     /// The slices a run queue's CPUs took, in all (after the join).
@@ -2366,7 +2382,7 @@ impl<B: Backend> Manager<B> {
         // Every CPU has a pick: further VMs for a CPU whose slice ends early.
         // (Every runnable VM when each pick may make a run queue with them:
         // the queue holds them all, however many per CPU.)
-        let max_spares = match picks.iter().all(|&(i, _)| self.may_go_on(i)) && cpus.goes_on() {
+        let max_spares = match picks.iter().all(|&(i, _)| self.may_go_on(i, now)) && cpus.goes_on() {
             true => self.vms.len(),
             false => free + 1,
         };
@@ -2482,7 +2498,7 @@ impl<B: Backend> Manager<B> {
             } else if k == home {
                 continue;
             } else {
-                if !round_end_ptr.is_null() && self.may_go_on(i) {
+                if !round_end_ptr.is_null() && self.may_go_on(i, now) {
                     job.round_end = round_end_ptr;
                     jobs_go_on = true;
                 }
@@ -2750,7 +2766,7 @@ impl<B: Backend> Manager<B> {
             queue_slices: AtomicU64::new(0),
             not_before: picks.iter().map(|_| AtomicU64::new(0)).collect(),
             woken: AtomicU64::new(0),
-            lines_waiting: AtomicBool::new(false),
+            home_wanted: AtomicBool::new(false),
         })
     }
 
@@ -3247,7 +3263,7 @@ mod spares_tests {
             queue_slices: AtomicU64::new(0),
             not_before: last.iter().map(|_| AtomicU64::new(0)).collect(),
             woken: AtomicU64::new(0),
-            lines_waiting: AtomicBool::new(false),
+            home_wanted: AtomicBool::new(false),
         }
     }
 

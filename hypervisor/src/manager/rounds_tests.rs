@@ -1586,3 +1586,100 @@ fn a_vm_with_more_computing_vcpus_than_cpus_does_not_go_on_so_the_one_left_out_g
     let (lo, hi) = (slices.iter().min().unwrap(), slices.iter().max().unwrap());
     assert!(hi - lo <= 1, "each vCPU got its turn: {slices:?}");
 }
+
+/// A VM of two vCPUs (`scripts`), vCPU 1 halted with interrupts on and
+/// both in x2APIC mode, made first; then `busy` VMs that compute.
+fn halted_ap_vm_and_busy_vms(m: &mut Manager<MockBackend>, scripts: [Vec<Step>; 2], busy: usize) -> (u32, Vec<u32>) {
+    m.backend.as_mut().unwrap().scripts.extend(scripts);
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 2).unwrap();
+    let res = m.vms[0].res.as_mut().unwrap();
+    let start = res.vcpus[0].vcpu.state();
+    res.vcpus[1].vcpu.set_state(&start).unwrap();
+    res.vcpus[1].state = crate::vm::VcpuState::Halted;
+    x2apic_on(m);
+    (id, computing_vms(m, busy))
+}
+
+#[test]
+fn a_vm_of_several_vcpus_with_one_running_takes_its_turns_in_the_run_queue() {
+    let mut m = manager();
+    // VM 1 has two vCPUs: vCPU 0 computes, vCPU 1 waits for an interrupt
+    // that does not come. VMs 2 and 3 compute: three VMs on two CPUs.
+    let (smp, ids) = halted_ap_vm_and_busy_vms(&mut m, [cpuids(20_000), cpuids(10)], 2);
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    for _ in 0..3 {
+        let mut other = going_on_cpu(&m, u32::MAX);
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    let s = m.sched;
+    assert_eq!((s.rounds, s.queue_rounds, s.queue_vms), (3, 3, 9), "the VM of two vCPUs was a job of each: {s:?}");
+    let slices: Vec<u64> = [smp].iter().chain(&ids).map(|&id| slices_of(&m, id)).collect();
+    let (lo, hi) = (*slices.iter().min().unwrap(), *slices.iter().max().unwrap());
+    assert!(hi - lo <= 1, "the three VMs share the two CPUs evenly: {slices:?}");
+    let vcpus = &m.get(smp).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!((vcpus[1].state, vcpus[1].stats.slices), (crate::vm::VcpuState::Halted, 0));
+}
+
+#[test]
+fn a_job_of_a_vm_of_several_vcpus_ends_the_run_queues_round_when_another_of_its_vcpus_wants_a_cpu() {
+    let mut m = manager();
+    // vCPU 0 computes, then sends vCPU 1 (halted) an IPI a little way
+    // into its first slice.
+    let mut v0 = cpuids(50);
+    v0.push(wrmsr(0x830, (1 << 32) | 0x41));
+    v0.extend(cpuids(20_000));
+    let (smp, _) = halted_ap_vm_and_busy_vms(&mut m, [v0, cpuids(20_000)], 2);
+    m.slice_ticks = 2000;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    assert!(m.run_round(&mut con, &mut other));
+    let s = m.sched;
+    assert_eq!(s.queue_rounds, 1, "{s:?}");
+    // The boot CPU took VM 1 first: its slice ended at the IPI, and the
+    // round at the boot CPU's next look rather than after 8 slices.
+    assert!(s.queue_slices_here <= 2, "{s:?}");
+    assert_eq!(m.get(smp).unwrap().ipi_waiting, 0b10);
+    // VMs 2 and 3, which waited, go first; then VM 1 with both its vCPUs.
+    for _ in 0..2 {
+        let mut other = going_on_cpu(&m, u32::MAX);
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    let vcpus = &m.get(smp).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[1].vcpu), [0x41], "vCPU 1 ran and took it: {:?}", m.sched);
+}
+
+#[test]
+fn a_vm_of_several_vcpus_away_goes_on_until_the_timer_of_another_of_its_vcpus_is_due() {
+    let mut m = manager();
+    // VM 1: vCPU 0 computes, vCPU 1 is halted with a one-shot timer (vector
+    // 0x42) due in 5 ms, two and a half slices; VM 2 computes.
+    let (smp, _) = halted_ap_vm_and_busy_vms(&mut m, [cpuids(20_000), cpuids(20_000)], 1);
+    m.slice_ticks = 2000;
+    let hz = m.backend.as_ref().unwrap().tsc_hz();
+    let now_ns = crate::vm::interrupts::vm_ns(m.backend.as_ref().unwrap().clock.get(), hz, m.vms[0].clock_offset_ns);
+    let vm = &mut m.vms[0];
+    vm.devices.set_current(1);
+    for (msr, value) in [(0x832, 0x42), (0x83e, 0b1011), (0x838, 5_000_000)] {
+        assert_eq!(vm.devices.lapic_write_msr(msr, value, now_ns), Some(Ok(())));
+    }
+    vm.timers_changed(hz);
+    // VM 2 first: it stays here, and VM 1 goes away.
+    m.cursor = 1;
+    let mut con = Lines::default();
+    let mut other = going_on_cpu(&m, u32::MAX);
+    assert!(m.run_round(&mut con, &mut other));
+    let s = m.sched;
+    let vcpus = &m.get(smp).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!(s.rounds_on, 1, "{s:?}");
+    // It went on past its first slice, and stopped at vCPU 1's timer
+    // rather than after 8 slices.
+    assert!((2..=4).contains(&vcpus[0].stats.slices), "{:?} {s:?}", vcpus[0].stats.slices);
+    assert_eq!(vcpus[1].stats.slices, 0);
+    for _ in 0..2 {
+        let mut other = going_on_cpu(&m, u32::MAX);
+        assert!(m.run_round(&mut con, &mut other));
+    }
+    let vcpus = &m.get(smp).unwrap().res.as_ref().unwrap().vcpus;
+    assert_eq!(interrupts_taken(&vcpus[1].vcpu), [0x42], "vCPU 1 then ran and took its timer's interrupt");
+}

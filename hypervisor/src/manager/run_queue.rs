@@ -15,7 +15,9 @@
 //! lines to print, a VM outside the queue with a timer due, or
 //! `MAX_ROUND_SLICES` slices' time.
 //!
-//! Which VMs make a queue: VMs of one vCPU, not throttled (`may_go_on`),
+//! Which VMs make a queue: VMs not throttled, of one vCPU or of one runnable
+//! vCPU while their others want no CPU (`may_go_on`; a job of such a VM
+//! that is done for the round ends it, for its other vCPUs' sake),
 //! more runnable than CPUs, every runnable VM among them (the round's
 //! picks and its spares, however many per CPU), and nothing between rounds
 //! waits. VMs of one vCPU halted for their timers are jobs too, asleep
@@ -50,7 +52,7 @@ pub(super) struct QueueJobs {
 impl<B: Backend> Manager<B> {
     /// The jobs of a run queue, if the round's `picks` and `spares` make
     /// one: with the VMs asleep for their timers (`asleep_vms`), more VMs
-    /// than CPUs, each of one vCPU and not throttled, every runnable VM
+    /// than CPUs, each that may go on (`may_go_on`), every runnable VM
     /// among them, and nothing waiting between rounds. Each job with when
     /// it is due (0: now).
     pub(super) fn queue_jobs(
@@ -66,14 +68,14 @@ impl<B: Backend> Manager<B> {
         // the boot CPU, where rounds the other's ticks ended cut it: 30 %
         // slower in Bochs, 2026-12-05. Checked first: a lone VM's round
         // allocates nothing here.)
-        if spares.is_empty() || !cpus.goes_on() || !picks.iter().all(|&(i, _)| self.may_go_on(i)) {
+        if spares.is_empty() || !cpus.goes_on() || !picks.iter().all(|&(i, _)| self.may_go_on(i, now)) {
             return None;
         }
         let mut all: Vec<(usize, usize)> =
             picks.iter().copied().chain(spares.iter().map(|&(i, v, _)| (i, v))).collect();
-        let asleep = self.asleep_vms(&all);
+        let asleep = self.asleep_vms(&all, now);
         all.extend(asleep.iter().map(|&(i, _)| (i, 0)));
-        let fits = all.iter().all(|&(i, _)| self.may_go_on(i))
+        let fits = all.iter().all(|&(i, _)| self.may_go_on(i, now))
             && self.home_runnable(&all, now) == 0
             && self.home_timer(&all) > now
             && !self.work_between_rounds()
@@ -94,10 +96,10 @@ impl<B: Backend> Manager<B> {
     /// VMs outside `taken` asleep for their timer: one vCPU, halted with
     /// interrupts on, a timer set, not throttled, paused or ended; each
     /// with its timer (host time).
-    fn asleep_vms(&self, taken: &[(usize, usize)]) -> Vec<(usize, u64)> {
+    fn asleep_vms(&self, taken: &[(usize, usize)], now: u64) -> Vec<(usize, u64)> {
         (0..self.vms.len())
             .filter(|i| !taken.iter().any(|(t, _)| t == i))
-            .filter(|&i| self.may_go_on(i))
+            .filter(|&i| self.may_go_on(i, now))
             .filter_map(|i| Some((i, halted_for_timer(&self.vms[i], 0)?)))
             .collect()
     }
@@ -144,7 +146,7 @@ impl<B: Backend> Manager<B> {
                 || !cpus.all_running()
                 || cpus.wanted()
                 || HOST_ERRORS.waiting()
-                || queue.lines_waiting()
+                || queue.home_wanted()
                 || self.home_timer(&taken) <= now
             {
                 break;

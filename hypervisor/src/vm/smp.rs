@@ -81,6 +81,45 @@ impl<B: Backend> Vm<B> {
         Some(pick)
     }
 
+    /// Whether a vCPU other than `v` wants a host CPU now (host clock
+    /// `now`): one runnable or running, one waiting for a lazily restored
+    /// page, one an IPI waits for, an NMI, INIT or SIPI not carried out, or
+    /// one halted with interrupts on and an interrupt pending (vCPU 0 also
+    /// when the VM's timer is due or none is armed, as [`Vm::pick_vcpu`]
+    /// wakes it). While none does, a job of vCPU `v` is the whole VM's
+    /// work and may go on alone (`manager::round_on`, `manager::run_queue`).
+    pub fn others_want_cpu(&self, v: usize, now: u64) -> bool {
+        let Some(res) = self.res.as_ref() else { return false };
+        if self.ipi_waiting & !crate::devices::bit(v) != 0 || self.devices.has_signals() {
+            return true;
+        }
+        let vcpu0_wakes = now >= self.timer_tick || self.timer_tick == u64::MAX;
+        res.vcpus.iter().enumerate().filter(|&(u, _)| u != v).any(|(u, s)| {
+            let wakes = !s.halted_irq_off && (self.devices.interrupt_pending_for(u) || (u == 0 && vcpu0_wakes));
+            s.awaiting_page.is_some()
+                || match s.state {
+                    VcpuState::Runnable | VcpuState::Running => true,
+                    VcpuState::Halted => wakes,
+                    _ => false,
+                }
+        })
+    }
+
+    /// As [`Vm::others_want_cpu`] after the VM's due timers fired (`hz`:
+    /// the host clock's rate): a timer of another vCPU that fell due in
+    /// vCPU `v`'s slice counts. Only for a VM of several vCPUs (one of one
+    /// vCPU: `false`, nothing fired).
+    pub fn others_want_cpu_after_timers(&mut self, v: usize, now: u64, hz: u64) -> bool {
+        if self.vcpu_count() < 2 {
+            return false;
+        }
+        if now >= self.timer_tick {
+            self.devices.poll_timers(vm_ns(now, hz, self.clock_offset_ns));
+            self.timers_changed(hz);
+        }
+        self.others_want_cpu(v, now)
+    }
+
     /// Carries out what IPIs left for each vCPU (SDM Vol. 3A 11.6.1): INIT
     /// parks it in wait-for-SIPI; a startup IPI to a vCPU that waits for
     /// one starts it in real mode at vector × 4 KiB (11.4.4.1; APM Vol. 2
