@@ -23,7 +23,7 @@ use tests_qemu::{Machine, label, on_both_backends};
 
 const TIMEOUT: Duration = Duration::from_secs(400);
 
-on_both_backends!(smptest_passes_with_1_2_and_4_vcpus);
+on_both_backends!(smptest_passes_with_1_2_and_4_vcpus, every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save);
 
 fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
     let mut m = Machine::boot_smp(emu, &label(emu, "smp"), &[]);
@@ -118,7 +118,9 @@ fn smptest_passes_with_1_2_and_4_vcpus(emu: Emulator) {
 /// of the run queue (`docs/smp.md`, "The run queue"), in which both CPUs
 /// take slices of all three by turns, the idle VM asleep in the queue
 /// between its ticks and woken by whichever CPU takes it when its timer
-/// is due; each VM finishes its work.
+/// is due; each VM finishes its work. The last busy VM has two vCPUs, of
+/// which only the first runs (`exitbench` never starts its AP): a job of
+/// the queue as the others are (since 2026-12-05).
 fn more_busy_vms_than_cpus_share_the_run_queue(m: &mut Machine, emu: Emulator, id: u32) {
     let queue = |m: &mut Machine| {
         let s = &m.json("host --json")["scheduler"];
@@ -127,8 +129,9 @@ fn more_busy_vms_than_cpus_share_the_run_queue(m: &mut Machine, emu: Emulator, i
     };
     let before = queue(m);
     assert!(m.cmd("vm run smptest -- tick=200").contains(&format!("vm {id} started")));
-    for k in 1..4 {
-        assert!(m.cmd("vm run exitbench -- n=20000").contains(&format!("vm {} started", id + k)));
+    for (k, vcpus) in [(1, 1), (2, 1), (3, 2)] {
+        let out = m.cmd(&format!("vm run exitbench vcpus={vcpus} -- n=20000"));
+        assert!(out.contains(&format!("vm {} started", id + k)), "{out}");
     }
     for k in 1..4 {
         m.wait_for(&format!("vm {} (exitbench) exited with status 1", id + k), TIMEOUT);
@@ -367,18 +370,24 @@ fn vcpus_compute_on_both_host_cpus_and_pause_stops_them(m: &mut Machine, emu: Em
 /// (the dirty log write-protecting its pages as all three write). At each
 /// check every vCPU's pages agree with its header word, on the source
 /// and in the restored copy: no write of any vCPU was lost by the swap,
-/// and the dirty log missed none (the copy is one instant). QEMU TCG
-/// (AMD-V) only: the mechanisms are vendor-neutral and Bochs is slow.
-#[test]
-fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
-    let emu = Emulator::QemuTcg;
-    let mut m = Machine::boot(emu, "smp-live");
+/// and the dirty log missed none (the copy is one instant). On both
+/// backends: EPT and NPT differ in their entries' bits and in their
+/// flushes (INVEPT, ASID); Bochs, slow, runs two vCPUs, QEMU three.
+
+fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save(emu: Emulator) {
+    // vCPUs, the memory target (MiB) below what they write (255 pages
+    // each, and the guest's own), and the pages to see swapped out first.
+    let (vcpus, target, swaps) = match emu {
+        Emulator::Bochs => (2, 1, 256),
+        _ => (3, 3, 1024),
+    };
+    let mut m = Machine::boot_smp(emu, &label(emu, "smp-live"), &[]);
     assert!(m.cmd("mem sharing on 1024").contains("sharing on"));
     let phase = std::time::Instant::now();
-    let out = m.cmd("vm run smptest mem=16 vcpus=3 -- live=1");
+    let out = m.cmd(&format!("vm run smptest mem=16 vcpus={vcpus} -- live=1"));
     assert!(out.contains("vm 1 started: smptest"), "{out}");
-    m.wait_for("[vm 1] smptest: live: 3 vcpus rewriting 255 pages each", TIMEOUT);
-    eprintln!("its 3 vcpus write after {:.1} s", phase.elapsed().as_secs_f64());
+    m.wait_for(&format!("[vm 1] smptest: live: {vcpus} vcpus rewriting 255 pages each"), TIMEOUT);
+    eprintln!("its {vcpus} vcpus write after {:.1} s", phase.elapsed().as_secs_f64());
     let stats = |m: &mut Machine, id: u32| m.json(&format!("vm stats {id} --json"));
     let wait_until = |m: &mut Machine, what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
         let start = std::time::Instant::now();
@@ -396,10 +405,10 @@ fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
     let check = |m: &mut Machine, id: u32, n: u32, key: &str| {
         let start = std::time::Instant::now();
         m.cmd(&format!("vm send {id} -- {key}"));
-        m.wait_for(&format!("[vm {id}] smptest: live check {n}: vcpu 2 "), TIMEOUT);
+        m.wait_for(&format!("[vm {id}] smptest: live check {n}: vcpu {} ", vcpus - 1), TIMEOUT);
         eprintln!("vm {id}: check {n} answered in {:.1} s", start.elapsed().as_secs_f64());
         let t = m.transcript();
-        for v in 0..3 {
+        for v in 0..vcpus {
             let line = t
                 .lines()
                 .find(|l| l.contains(&format!("[vm {id}] smptest: live check {n}: vcpu {v} ")))
@@ -407,20 +416,21 @@ fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save() {
             assert!(line.ends_with(": agree"), "{line}\n{t}");
         }
     };
-    // Held to 3 MiB while its three vCPUs keep rewriting 3 MiB: pages go
-    // out and come back all the time.
-    assert!(m.cmd("mem target 1 3").contains("vm 1: target 3 MiB"));
-    wait_until(&mut m, "too little was swapped", &|s| s["swapped_out"].as_u64().unwrap_or(0) > 1024);
+    // Held below what its vCPUs keep rewriting: pages go out and come back
+    // all the time.
+    let out = m.cmd(&format!("mem target 1 {target}"));
+    assert!(out.contains(&format!("vm 1: target {target} MiB")), "{out}");
+    wait_until(&mut m, "too little was swapped", &|s| s["swapped_out"].as_u64().unwrap_or(0) > swaps);
     check(&mut m, 1, 1, "c");
     let s = stats(&mut m, 1);
     eprintln!(
-        "{}: under a 3 MiB target with 3 vcpus writing: {} pages swapped out, {} in",
+        "{}: under a {target} MiB target with {vcpus} vcpus writing: {} pages swapped out, {} in",
         emu.name(),
         s["swapped_out"],
         s["swapped_in"]
     );
     assert!(m.cmd("mem target 1 none").contains("vm 1"));
-    // A live save while all three write: the copy is one instant.
+    // A live save while all of them write: the copy is one instant.
     let out = m.cmd("vm save 1 smp-live live");
     assert!(out.contains("vm 1: live save to checkpoint smp-live started"), "{out}");
     let phase = std::time::Instant::now();
