@@ -373,7 +373,6 @@ fn vcpus_compute_on_both_host_cpus_and_pause_stops_them(m: &mut Machine, emu: Em
 /// and the dirty log missed none (the copy is one instant). On both
 /// backends: EPT and NPT differ in their entries' bits and in their
 /// flushes (INVEPT, ASID); Bochs, slow, runs two vCPUs, QEMU three.
-
 fn every_vcpu_writing_memory_survives_sharing_swap_and_a_live_save(emu: Emulator) {
     // vCPUs, the memory target (MiB) below what they write (255 pages
     // each, and the guest's own), and the pages to see swapped out first.
