@@ -94,7 +94,7 @@ const HELP: &[(&str, &str)] = &[
         "start a VM from a ramdisk guest image (net=: a virtio NIC on that host switch; cpuid=pinned: it keeps this host's CPUID wherever restored; portable: the same, cut to features both vendors offer)",
     ),
     (
-        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1] [disk=<image>] [net=<switch>] [cpuid=host|pinned|portable] [cmdline=\"...\"]",
+        "vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=<n>] [disk=<image>] [net=<switch>] [cpuid=host|pinned|portable] [cmdline=\"...\"]",
         "build a VM from a ramdisk kernel, stopped until vm start",
     ),
     ("vm start <id>...", "run VMs that vm create built, together"),

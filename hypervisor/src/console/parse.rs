@@ -611,7 +611,7 @@ fn parse_disk(rest: &[&str]) -> Result<Command, Refusal> {
     }
 }
 
-/// `vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=1]
+/// `vm create <name> kernel=<file> [initrd=<file>] [mem=<MiB>] [vcpus=<n>]
 /// [disk=<image>] [net=<switch>] [cpuid=host|pinned] [cmdline="<text>"] [-- <text>]`: the command
 /// line either quoted or after `--`.
 fn parse_create(args: &[&str]) -> Result<Command, Refusal> {
