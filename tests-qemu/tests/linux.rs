@@ -11,7 +11,7 @@
 //! the MADT and runs on them (IRQ 0 through the I/O APIC, ticks from the
 //! TSC-deadline timer), with no complaint about them in its log; `sleep 5`
 //! takes five seconds of host time; a second Linux guest (`vm create`, then
-//! `vm start`) and a selftest run beside it. Under QEMU also: after the
+//! `vm start`), of two vCPUs (`nproc` 2), and a selftest run beside it. Under QEMU also: after the
 //! emulator restarts, a new VM with two vCPUs reads its disk image back
 //! (`nproc` 2, two busy loops use both CPUs), and a host-wide
 //! memory target balloons Linux and swaps a guest without a balloon. On both
