@@ -259,3 +259,43 @@ fn an_ap_halting_while_the_bsp_is_mid_line_does_not_cut_the_line() {
     }
     assert!(con.0.iter().any(|l| l == &format!("[vm {id}] smptest: PASS (11 chec")), "{:?}", con.0);
 }
+
+#[test]
+fn another_vcpu_wants_a_cpu_only_when_it_could_run() {
+    let mut m = manager();
+    m.backend.as_mut().unwrap().scripts.extend([Vec::new(), Vec::new(), Vec::new()]);
+    let id = m.run_vm_smp("tiny", 4, &[], "", None, None, 3).unwrap();
+    let now = m.backend.as_ref().unwrap().clock.get();
+    let vm = m.vms.iter_mut().find(|vm| vm.id == id).unwrap();
+    // vCPU 0 runs; 1 and 2 wait for a SIPI: nothing wants a CPU.
+    vm.timer_tick = now + 1_000_000;
+    assert!(!vm.others_want_cpu(0, now));
+    // Halted with interrupts off: still nothing (an NMI would be a signal).
+    let res = vm.res.as_mut().unwrap();
+    res.vcpus[1].state = VcpuState::Halted;
+    res.vcpus[1].halted_irq_off = true;
+    assert!(!vm.others_want_cpu(0, now));
+    // An IPI waits for vCPU 2, or vCPU 1 waits for a restored page.
+    vm.ipi_waiting = 0b100;
+    assert!(vm.others_want_cpu(0, now));
+    vm.ipi_waiting = 0b1;
+    assert!(!vm.others_want_cpu(0, now), "an IPI for the one that runs is its own");
+    vm.ipi_waiting = 0;
+    vm.res.as_mut().unwrap().vcpus[1].awaiting_page = Some(0x1000);
+    assert!(vm.others_want_cpu(0, now));
+    let res = vm.res.as_mut().unwrap();
+    res.vcpus[1].awaiting_page = None;
+    // Runnable.
+    res.vcpus[2].state = VcpuState::Runnable;
+    assert!(vm.others_want_cpu(0, now));
+    vm.res.as_mut().unwrap().vcpus[2].state = VcpuState::WaitForSipi;
+    // vCPU 0 halted with interrupts on, seen from vCPU 1: it wakes when the
+    // VM's timer is due or none is armed (as `pick_vcpu` wakes it).
+    let res = vm.res.as_mut().unwrap();
+    res.vcpus[0].state = VcpuState::Halted;
+    res.vcpus[0].halted_irq_off = false;
+    assert!(!vm.others_want_cpu(1, now));
+    assert!(vm.others_want_cpu(1, now + 1_000_000));
+    vm.timer_tick = u64::MAX;
+    assert!(vm.others_want_cpu(1, now));
+}
