@@ -66,12 +66,19 @@ impl<B: Backend> Vm<B> {
         }
     }
 
-    #[inline(never)]
-    fn fire_and_deliver(&mut self, now: u64, hz: u64) {
+    /// Fires the device timers due at host time `now` (TSC ticks of a
+    /// `hz` clock) and refreshes the cached deadline; nothing if none is.
+    #[inline(always)]
+    pub fn fire_due_timers(&mut self, now: u64, hz: u64) {
         if now >= self.timer_tick {
             self.devices.poll_timers(vm_ns(now, hz, self.clock_offset_ns));
             self.timers_changed(hz);
         }
+    }
+
+    #[inline(never)]
+    fn fire_and_deliver(&mut self, now: u64, hz: u64) {
+        self.fire_due_timers(now, hz);
         if !self.devices.interrupt_pending() {
             return;
         }

@@ -9,7 +9,6 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use vcpu::{Event, Vcpu};
 
-use super::interrupts::vm_ns;
 use super::vcpu_state::{Parked, VcpuEvent, VcpuState};
 use super::{RunState, VcpuStats, Vm};
 use crate::backend::Backend;
@@ -38,10 +37,7 @@ impl<B: Backend> Vm<B> {
         }
         let timer_due = now >= self.timer_tick;
         let no_timer = self.timer_tick == u64::MAX;
-        if timer_due {
-            self.devices.poll_timers(vm_ns(now, hz, self.clock_offset_ns));
-            self.timers_changed(hz);
-        }
+        self.fire_due_timers(now, hz);
         if self.devices.has_signals() {
             self.take_signals();
         }
@@ -113,10 +109,7 @@ impl<B: Backend> Vm<B> {
         if self.vcpu_count() < 2 {
             return false;
         }
-        if now >= self.timer_tick {
-            self.devices.poll_timers(vm_ns(now, hz, self.clock_offset_ns));
-            self.timers_changed(hz);
-        }
+        self.fire_due_timers(now, hz);
         self.others_want_cpu(v, now)
     }
 
